@@ -1,0 +1,29 @@
+/*
+ * src/api: the public entry points. Validates arguments, owns the communicator object and
+ * calls down into a backend (src/cpu, later src/cuda and src/net) and src/core.
+ */
+#ifndef EPX_API_H
+#define EPX_API_H
+
+#include "../core/core.h"
+#include "../cpu/cpu.h"
+
+struct epx_comm {
+    int rank, nranks;
+    int local_rank, local_size, host, num_hosts;
+    int backend;
+    int64_t timeout_ms;
+    uint64_t nonce;
+    epx__boot_t *boot;
+    epx__cpu_t *cpu;
+    epx_status_t async_error; /* set once a timeout or peer failure broke the comm */
+    int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
+    epx__errbuf_t err;
+};
+
+/* Validate `comm` and that it is still healthy; on error return the status to give back. */
+epx_status_t epx__comm_check(epx_comm_t comm);
+/* Record `st` from a backend call: timeouts and peer failures break the comm. */
+epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st);
+
+#endif /* EPX_API_H */

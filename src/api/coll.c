@@ -1,0 +1,134 @@
+/* alltoall, alltoallv, barrier: argument checks, then the backend. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+
+size_t epx_dtype_size(epx_dtype_t dtype)
+{
+    static const size_t sizes[EPX_NUM_DTYPES] = {1, 4, 8, 2, 2, 4, 1};
+    return (unsigned)dtype < EPX_NUM_DTYPES ? sizes[dtype] : 0;
+}
+
+const char *epx_dtype_name(epx_dtype_t dtype)
+{
+    static const char *names[EPX_NUM_DTYPES] = {"u8", "i32", "i64", "f16", "bf16", "f32", "fp8_e4m3"};
+    return (unsigned)dtype < EPX_NUM_DTYPES ? names[dtype] : "unknown";
+}
+
+/* Convert per-peer element counts/displacements to bytes; check signs, overflow and
+ * pointers. `what` names the side ("send"/"recv"). Fills bytes[] and displ[] and the byte
+ * extent [lo, hi) actually touched (lo = hi = 0 when nothing is). */
+static epx_status_t epx__check_side(epx_comm_t c, const char *what, const void *buf, const int64_t *counts,
+                                    const int64_t *displs, size_t es, int64_t *bytes, int64_t *displ, int64_t *lo,
+                                    int64_t *hi)
+{
+    *lo = INT64_MAX;
+    *hi = 0;
+    if (!counts || !displs)
+        return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "%scounts or %s displacements is NULL", what, what);
+    for (int p = 0; p < c->nranks; p++) {
+        if (counts[p] < 0)
+            return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "%scounts[%d] = %lld is negative", what, p,
+                             (long long)counts[p]);
+        if (displs[p] < 0)
+            return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "%s displacement [%d] = %lld is negative", what, p,
+                             (long long)displs[p]);
+        if (counts[p] > INT64_MAX / (int64_t)es || displs[p] > INT64_MAX / (int64_t)es ||
+            counts[p] * (int64_t)es > INT64_MAX - displs[p] * (int64_t)es)
+            return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "%s count/displacement [%d] = %lld/%lld overflows",
+                             what, p, (long long)counts[p], (long long)displs[p]);
+        bytes[p] = counts[p] * (int64_t)es;
+        displ[p] = displs[p] * (int64_t)es;
+        if (bytes[p] > 0) {
+            *lo = EPX__MIN(*lo, displ[p]);
+            *hi = EPX__MAX(*hi, displ[p] + bytes[p]);
+        }
+    }
+    if (*hi == 0) {
+        *lo = 0;
+        return EPX_SUCCESS;
+    }
+    if (!buf) return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "%s buffer is NULL but has data", what);
+    if ((uintptr_t)buf % es)
+        return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "%s buffer %p is not aligned to its %zu-byte elements",
+                         what, buf, es);
+    if ((uint64_t)*hi > UINTPTR_MAX - (uintptr_t)buf)
+        return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "%s buffer range wraps the address space", what);
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__check_xfer(epx_comm_t c, const void *send, const int64_t *sendcounts,
+                                    const int64_t *sdispls, void *recv, const int64_t *recvcounts,
+                                    const int64_t *rdispls, epx_dtype_t dtype, void *stream, epx__cpu_xfer_t *x)
+{
+    int64_t *sb = c->scratch, *sd = sb + c->nranks, *rb = sd + c->nranks, *rd = rb + c->nranks;
+    size_t es = epx_dtype_size(dtype);
+    if (es == 0) return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "dtype = %d is not an epx_dtype_t", (int)dtype);
+    if (stream) return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
+    int64_t slo, shi, rlo, rhi;
+    EPX__CHECK(epx__check_side(c, "send", send, sendcounts, sdispls, es, sb, sd, &slo, &shi));
+    EPX__CHECK(epx__check_side(c, "recv", recv, recvcounts, rdispls, es, rb, rd, &rlo, &rhi));
+    if (shi > slo && rhi > rlo) {
+        uintptr_t s0 = (uintptr_t)send + (uintptr_t)slo, s1 = (uintptr_t)send + (uintptr_t)shi;
+        uintptr_t r0 = (uintptr_t)recv + (uintptr_t)rlo, r1 = (uintptr_t)recv + (uintptr_t)rhi;
+        if (s0 < r1 && r0 < s1)
+            return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "send and recv buffers overlap");
+    }
+    if (sb[c->rank] != rb[c->rank])
+        return epx__fail(&c->err, EPX_ERR_MISMATCH, "rank %d sends itself %lld elements but expects %lld", c->rank,
+                         (long long)sendcounts[c->rank], (long long)recvcounts[c->rank]);
+    *x = (epx__cpu_xfer_t){send, sb, sd, recv, rb, rd};
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int64_t *sendcounts, const int64_t *sdispls,
+                           void *recv, const int64_t *recvcounts, const int64_t *rdispls, epx_dtype_t dtype,
+                           void *stream)
+{
+    EPX__CHECK(epx__comm_check(comm));
+    epx__cpu_xfer_t x;
+    epx_status_t local =
+        epx__check_xfer(comm, send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype, stream, &x);
+    epx_status_t st = epx__cpu_alltoallv(comm->cpu, local == EPX_SUCCESS ? &x : NULL, local, &comm->err);
+    return epx__comm_result(comm, st);
+}
+
+epx_status_t epx_alltoall(epx_comm_t comm, const void *send, void *recv, size_t count, epx_dtype_t dtype,
+                          void *stream)
+{
+    EPX__CHECK(epx__comm_check(comm));
+    int n = comm->nranks;
+    /* Counts and displacements in elements, after the byte arrays in scratch. */
+    int64_t counts[64], displs[64];
+    int64_t *cnt = counts, *dsp = displs;
+    if (n > 64) {
+        cnt = malloc(2 * sizeof(int64_t) * (size_t)n);
+        if (!cnt) return epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
+        dsp = cnt + n;
+    }
+    epx_status_t local = EPX_SUCCESS;
+    if (count > (size_t)INT64_MAX / (size_t)n)
+        local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "count = %zu overflows", count);
+    for (int p = 0; p < n; p++) {
+        cnt[p] = local == EPX_SUCCESS ? (int64_t)count : 0;
+        dsp[p] = local == EPX_SUCCESS ? (int64_t)count * p : 0;
+    }
+    epx__cpu_xfer_t x;
+    if (local == EPX_SUCCESS) local = epx__check_xfer(comm, send, cnt, dsp, recv, cnt, dsp, dtype, stream, &x);
+    epx_status_t st = epx__cpu_alltoallv(comm->cpu, local == EPX_SUCCESS ? &x : NULL, local, &comm->err);
+    if (cnt != counts) free(cnt);
+    return epx__comm_result(comm, st);
+}
+
+epx_status_t epx_barrier(epx_comm_t comm, void *stream)
+{
+    EPX__CHECK(epx__comm_check(comm));
+    epx_status_t local = EPX_SUCCESS;
+    if (stream) local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
+    int64_t *z = comm->scratch;
+    memset(z, 0, 4 * sizeof(int64_t) * (size_t)comm->nranks);
+    epx__cpu_xfer_t x = {NULL, z, z, NULL, z, z};
+    epx_status_t st = epx__cpu_alltoallv(comm->cpu, local == EPX_SUCCESS ? &x : NULL, local, &comm->err);
+    return epx__comm_result(comm, st);
+}

@@ -1,0 +1,279 @@
+/* Communicator creation, topology, teardown, registered memory. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "api.h"
+
+/* What every rank tells the others at creation. */
+typedef struct {
+    char hostname[64];
+    uint64_t host_hash; /* hostname + boot id: ranks that can share memory */
+    uint64_t config_hash;
+    int32_t pid;
+    int32_t backend;
+    int32_t version;
+    int32_t pad;
+} epx__rank_info_t;
+
+static uint64_t epx__host_hash(char *hostname, size_t len)
+{
+    memset(hostname, 0, len);
+    gethostname(hostname, len - 1);
+    uint64_t h = epx__hash64(hostname, strlen(hostname), 0);
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        char boot[64] = {0};
+        if (fgets(boot, sizeof boot, f)) h = epx__hash64(boot, strlen(boot), h);
+        fclose(f);
+    }
+    return h;
+}
+
+static epx_status_t epx__resolve_backend(const epx_config_t *cfg, int *backend)
+{
+    int b = cfg->backend;
+    if (b == EPX_UNSET) {
+        const char *s = epx__param_str(EPX__P_BACKEND);
+        if (!strcasecmp(s, "cpu"))
+            b = EPX_BACKEND_CPU;
+        else if (!strcasecmp(s, "cuda"))
+            b = EPX_BACKEND_CUDA;
+        else if (!strcasecmp(s, "auto"))
+            b = EPX_BACKEND_AUTO;
+        else
+            return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "EPX_BACKEND=%s: expected auto, cpu or cuda", s);
+    }
+    if (b == EPX_BACKEND_AUTO) b = EPX_BACKEND_CPU;
+    if (b == EPX_BACKEND_CUDA)
+        return epx__fail(NULL, EPX_ERR_UNSUPPORTED, "the CUDA backend is not available in this build");
+    if (b != EPX_BACKEND_CPU) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "cfg.backend = %d is not an epx_backend_t", b);
+    *backend = b;
+    return EPX_SUCCESS;
+}
+
+/* Group ranks into hosts: blocks of EPX_LOCAL_SIZE, or by host hash. */
+static void epx__topology(epx_comm_t c, const epx__rank_info_t *all)
+{
+    int64_t ls = epx__param_int(EPX__P_LOCAL_SIZE);
+    if (ls > 0) {
+        c->local_size = (int)EPX__MIN(ls, (int64_t)c->nranks);
+        c->host = c->rank / c->local_size;
+        c->local_rank = c->rank % c->local_size;
+        c->num_hosts = (c->nranks + c->local_size - 1) / c->local_size;
+        if (c->host == c->num_hosts - 1 && c->nranks % c->local_size) c->local_size = c->nranks % c->local_size;
+        return;
+    }
+    c->num_hosts = 0;
+    c->local_rank = c->local_size = 0;
+    for (int r = 0; r < c->nranks; r++) {
+        bool first = true;
+        for (int q = 0; q < r; q++) first = first && all[q].host_hash != all[r].host_hash;
+        if (first) {
+            if (all[r].host_hash == all[c->rank].host_hash) c->host = c->num_hosts;
+            c->num_hosts++;
+        }
+        if (all[r].host_hash == all[c->rank].host_hash) {
+            if (r < c->rank) c->local_rank++;
+            c->local_size++;
+        }
+    }
+}
+
+epx_status_t epx_get_unique_id(epx_unique_id_t *id)
+{
+    if (!id) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "id is NULL");
+    return epx__boot_create_id(id, NULL);
+}
+
+epx_status_t epx_unique_id_to_string(const epx_unique_id_t *id, char *buf, size_t len)
+{
+    if (!id || !buf) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "id or buf is NULL");
+    return epx__id_format(id, buf, len);
+}
+
+epx_status_t epx_unique_id_from_string(const char *text, epx_unique_id_t *id)
+{
+    if (!id || !text) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "text or id is NULL");
+    return epx__id_parse(text, id);
+}
+
+epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx_unique_id_t *id,
+                                const epx_config_t *user_cfg)
+{
+    if (!out) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
+    *out = NULL;
+    if (!id) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "id is NULL");
+    if (nranks < 1) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "nranks = %d must be >= 1", nranks);
+    if (rank < 0 || rank >= nranks)
+        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "rank = %d is outside [0, %d)", rank, nranks);
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    if (user_cfg) {
+        if (user_cfg->size < offsetof(epx_config_t, device) + sizeof(int) || user_cfg->size > sizeof cfg)
+            return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT,
+                             "cfg.size = %zu: start the config from EPX_CONFIG_INITIALIZER", user_cfg->size);
+        memcpy(&cfg, user_cfg, user_cfg->size);
+    }
+    int backend;
+    EPX__CHECK(epx__resolve_backend(&cfg, &backend));
+    int64_t timeout_ms = cfg.timeout_ms == EPX_UNSET ? epx__param_int(EPX__P_TIMEOUT_MS) : cfg.timeout_ms;
+    if (timeout_ms <= 0)
+        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "timeout_ms = %lld must be > 0", (long long)timeout_ms);
+
+    epx_status_t st = EPX_SUCCESS;
+    epx__rank_info_t mine, *all = NULL;
+    epx_comm_t c = calloc(1, sizeof *c);
+    if (!c) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    c->rank = rank;
+    c->nranks = nranks;
+    c->backend = backend;
+    c->timeout_ms = timeout_ms;
+    c->nonce = epx__id_nonce(id);
+    epx__log_set_rank(rank);
+
+    memset(&mine, 0, sizeof mine);
+    mine.host_hash = epx__host_hash(mine.hostname, sizeof mine.hostname);
+    mine.pid = (int32_t)getpid();
+    mine.backend = backend;
+    mine.version = EPX_VERSION_CODE;
+    mine.config_hash = epx__hash64(&mine.backend, 2 * sizeof(int32_t), 0);
+    all = calloc((size_t)nranks, sizeof *all);
+    c->scratch = calloc(4 * (size_t)nranks, sizeof(int64_t));
+    if (!all || !c->scratch) {
+        st = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+        goto fail;
+    }
+    EPX__CHECK_GOTO(epx__boot_init(&c->boot, nranks, rank, id, &mine, sizeof mine, all, timeout_ms, &c->err), st, fail);
+    for (int r = 0; r < nranks; r++) {
+        if (all[r].config_hash != mine.config_hash) {
+            st = epx__fail(&c->err, EPX_ERR_MISMATCH,
+                           "rank %d's configuration differs from rank %d's (backend %d vs %d, version %d vs %d)", r,
+                           rank, all[r].backend, backend, all[r].version, EPX_VERSION_CODE);
+            goto fail;
+        }
+    }
+    epx__topology(c, all);
+    for (int r = 0; r < nranks; r++) {
+        if (all[r].host_hash != mine.host_hash) {
+            st = epx__fail(&c->err, EPX_ERR_UNSUPPORTED,
+                           "rank %d is on host %s, rank %d on %s: CPU communicators across hosts need the MPI "
+                           "engine, not built here",
+                           r, all[r].hostname, rank, mine.hostname);
+            goto fail;
+        }
+    }
+    EPX__CHECK_GOTO(epx__cpu_create(&c->cpu, c->boot, rank, nranks, c->nonce, timeout_ms, &c->err), st, fail);
+    free(all);
+    EPX_INFO(INIT, "rank %d/%d: comm ready (host %d/%d, local %d/%d)", rank, nranks, c->host, c->num_hosts,
+             c->local_rank, c->local_size);
+    *out = c;
+    return EPX_SUCCESS;
+fail:
+    free(all);
+    epx__boot_close(c->boot);
+    free(c->scratch);
+    free(c);
+    return st;
+}
+
+epx_status_t epx_comm_init_from_env(epx_comm_t *comm, const epx_config_t *cfg)
+{
+    int64_t rank = epx__param_int(EPX__P_RANK), nranks = epx__param_int(EPX__P_NRANKS);
+    const char *text = epx__param_str(EPX__P_UNIQUE_ID);
+    if (comm) *comm = NULL;
+    if (nranks < 1 || nranks > (1 << 20) || rank < 0 || rank >= nranks || !text[0])
+        return epx__fail(NULL, EPX_ERR_INVALID_USAGE,
+                         "EPX_RANK, EPX_NRANKS and EPX_UNIQUE_ID must be set (run under epx-run); got %lld, %lld, \"%s\"",
+                         (long long)rank, (long long)nranks, text);
+    epx_unique_id_t id;
+    EPX__CHECK(epx__id_parse(text, &id));
+    return epx_comm_init_rank(comm, (int)nranks, (int)rank, &id, cfg);
+}
+
+static void epx__comm_free(epx_comm_t c, bool abort)
+{
+    epx__cpu_destroy(c->cpu, abort);
+    epx__boot_close(c->boot);
+    free(c->scratch);
+    free(c);
+}
+
+epx_status_t epx_comm_destroy(epx_comm_t comm)
+{
+    if (comm) epx__comm_free(comm, comm->async_error != EPX_SUCCESS);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_comm_abort(epx_comm_t comm)
+{
+    if (comm) epx__comm_free(comm, true);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__comm_check(epx_comm_t comm)
+{
+    if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
+    if (comm->async_error != EPX_SUCCESS)
+        return epx__fail(&comm->err, comm->async_error,
+                         "the communicator is broken by an earlier error; abort it and create a new one");
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)
+{
+    if (st == EPX_ERR_TIMEOUT || st == EPX_ERR_PEER_FAILURE || st == EPX_ERR_ABORTED) comm->async_error = st;
+    return st;
+}
+
+epx_status_t epx_comm_rank(epx_comm_t comm, int *rank)
+{
+    if (!comm || !rank) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or rank is NULL");
+    *rank = comm->rank;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_comm_size(epx_comm_t comm, int *nranks)
+{
+    if (!comm || !nranks) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or nranks is NULL");
+    *nranks = comm->nranks;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_comm_info(epx_comm_t comm, epx_comm_info_t *info)
+{
+    if (!comm || !info) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or info is NULL");
+    info->rank = comm->rank;
+    info->nranks = comm->nranks;
+    info->local_rank = comm->local_rank;
+    info->local_size = comm->local_size;
+    info->host = comm->host;
+    info->num_hosts = comm->num_hosts;
+    info->backend = comm->backend;
+    return EPX_SUCCESS;
+}
+
+const char *epx_comm_get_last_error(epx_comm_t comm) { return comm ? comm->err.msg : epx_get_last_error(); }
+
+epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *async_error)
+{
+    if (!comm || !async_error) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or async_error is NULL");
+    *async_error = comm->async_error;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_mem_alloc(epx_comm_t comm, size_t bytes, void **ptr)
+{
+    EPX__CHECK(epx__comm_check(comm));
+    if (!ptr) return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "ptr is NULL");
+    *ptr = NULL;
+    return epx__cpu_mem_alloc(comm->cpu, bytes, ptr, &comm->err);
+}
+
+epx_status_t epx_mem_free(epx_comm_t comm, void *ptr)
+{
+    if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
+    if (!ptr) return EPX_SUCCESS;
+    return epx__cpu_mem_free(comm->cpu, ptr, &comm->err);
+}

@@ -1,0 +1,605 @@
+/*
+ * Bootstrap: an NCCL-style rendezvous over TCP.
+ *
+ * epx_get_unique_id() starts a listener thread; the id carries its address, port and a
+ * random nonce. Every rank connects, sends a hello (nonce, nranks, rank, info blob); when
+ * all ranks have arrived the listener sends the table of all blobs to everybody and exits.
+ * Rank 0 also listens on a socket of its own (its address travels in the table); the other
+ * ranks connect to it and the resulting star carries the bootstrap collectives (allgather,
+ * barrier) for the communicator's lifetime. Every read and write has a deadline; a closed
+ * socket reads as a failed peer.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <ifaddrs.h>
+#include <inttypes.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core.h"
+
+#define EPX__ID_MAGIC 0x31585045u /* "EPX1" */
+#define EPX__HELLO_MAGIC 0x4f4c4548u
+#define EPX__MAX_INFO (64u << 10)
+#define EPX__MAX_RANKS (1 << 20)
+
+typedef struct {
+    uint32_t magic;
+    uint16_t port;
+    uint8_t family; /* 4 or 6 */
+    uint8_t pad;
+    uint8_t addr[16];
+    uint64_t nonce;
+} epx__id_t;
+_Static_assert(sizeof(epx__id_t) <= EPX_UNIQUE_ID_BYTES, "id too large");
+
+typedef struct {
+    uint32_t magic;
+    uint32_t info_len;
+    uint64_t nonce;
+    int32_t nranks;
+    int32_t rank;
+} epx__hello_t;
+
+typedef struct {
+    int32_t status; /* epx_status_t */
+    int32_t nranks;
+} epx__reply_t;
+
+/* What the bootstrap itself prepends to every rank's info blob. */
+typedef struct {
+    struct sockaddr_storage listen_addr; /* rank 0's star listener; unused elsewhere */
+} epx__boot_info_t;
+
+struct epx__boot {
+    int nranks, rank;
+    uint64_t nonce;
+    int64_t timeout_ms;
+    int *fds; /* rank 0: one per rank (fds[0] unused); others: fds[0] = socket to rank 0 */
+};
+
+/* ---- Socket helpers --------------------------------------------------------------- */
+
+static int epx__ms_left(uint64_t deadline)
+{
+    uint64_t now = epx__now_ns();
+    if (now >= deadline) return 0;
+    uint64_t ms = (deadline - now) / 1000000ull + 1;
+    return ms > 60000 ? 60000 : (int)ms;
+}
+
+static epx_status_t epx__sock_io(int fd, void *buf, size_t len, bool sending, uint64_t deadline,
+                                 epx__errbuf_t *err, const char *what)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = sending ? send(fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT)
+                            : recv(fd, p, len, MSG_DONTWAIT);
+        if (n > 0) {
+            p += n;
+            len -= (size_t)n;
+            continue;
+        }
+        if (n == 0 && !sending)
+            return epx__fail(err, EPX_ERR_PEER_FAILURE, "bootstrap: %s: connection closed by peer",
+                             what);
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return epx__fail(err, EPX_ERR_PEER_FAILURE, "bootstrap: %s: %s", what,
+                             strerror(errno));
+        int left = epx__ms_left(deadline);
+        if (left == 0)
+            return epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap: %s: timed out", what);
+        struct pollfd pfd = {fd, (short)(sending ? POLLOUT : POLLIN), 0};
+        poll(&pfd, 1, left);
+    }
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__send_all(int fd, const void *buf, size_t len, uint64_t deadline,
+                                  epx__errbuf_t *err, const char *what)
+{
+    return epx__sock_io(fd, (void *)buf, len, true, deadline, err, what);
+}
+
+static epx_status_t epx__recv_all(int fd, void *buf, size_t len, uint64_t deadline,
+                                  epx__errbuf_t *err, const char *what)
+{
+    return epx__sock_io(fd, buf, len, false, deadline, err, what);
+}
+
+/* Accept one connection before the deadline; -1 on timeout or error. */
+static int epx__accept_until(int lfd, uint64_t deadline)
+{
+    for (;;) {
+        int left = epx__ms_left(deadline);
+        if (left == 0) return -1;
+        struct pollfd pfd = {lfd, POLLIN, 0};
+        int r = poll(&pfd, 1, left);
+        if (r < 0 && errno != EINTR) return -1;
+        if (r <= 0) continue;
+        int fd = accept(lfd, NULL, NULL);
+        if (fd >= 0) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            return fd;
+        }
+        if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) return -1;
+    }
+}
+
+/* Address of the interface named by EPX_SOCKET_IFNAME (IPv4 preferred). */
+static epx_status_t epx__if_addr(struct sockaddr_storage *ss, socklen_t *sslen, epx__errbuf_t *err)
+{
+    const char *ifname = epx__param_str(EPX__P_SOCKET_IFNAME);
+    struct ifaddrs *ifs = NULL, *v6 = NULL, *v4 = NULL;
+    if (getifaddrs(&ifs) != 0)
+        return epx__fail(err, EPX_ERR_SYSTEM, "getifaddrs: %s", strerror(errno));
+    for (struct ifaddrs *i = ifs; i; i = i->ifa_next) {
+        if (!i->ifa_addr || strcmp(i->ifa_name, ifname) != 0) continue;
+        if (i->ifa_addr->sa_family == AF_INET && !v4) v4 = i;
+        if (i->ifa_addr->sa_family == AF_INET6 && !v6) v6 = i;
+    }
+    struct ifaddrs *pick = v4 ? v4 : v6;
+    if (!pick) {
+        freeifaddrs(ifs);
+        return epx__fail(err, EPX_ERR_SYSTEM, "EPX_SOCKET_IFNAME=%s: no such interface with an IP address",
+                         ifname);
+    }
+    memset(ss, 0, sizeof *ss);
+    *sslen = pick->ifa_addr->sa_family == AF_INET ? sizeof(struct sockaddr_in)
+                                                  : sizeof(struct sockaddr_in6);
+    memcpy(ss, pick->ifa_addr, *sslen);
+    freeifaddrs(ifs);
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__listen(int *lfd_out, struct sockaddr_storage *ss, epx__errbuf_t *err)
+{
+    socklen_t sslen;
+    EPX__CHECK(epx__if_addr(ss, &sslen, err));
+    if (ss->ss_family == AF_INET)
+        ((struct sockaddr_in *)ss)->sin_port = 0;
+    else
+        ((struct sockaddr_in6 *)ss)->sin6_port = 0;
+    int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return epx__fail(err, EPX_ERR_SYSTEM, "socket: %s", strerror(errno));
+    if (bind(fd, (struct sockaddr *)ss, sslen) != 0 || listen(fd, 4096) != 0 ||
+        getsockname(fd, (struct sockaddr *)ss, &sslen) != 0) {
+        int e = errno;
+        close(fd);
+        return epx__fail(err, EPX_ERR_SYSTEM, "bootstrap listen: %s", strerror(e));
+    }
+    *lfd_out = fd;
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__connect_until(const struct sockaddr_storage *ss, uint64_t deadline,
+                                       int *fd_out, epx__errbuf_t *err, const char *what)
+{
+    socklen_t len = ss->ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+    int delay_ms = 1;
+    for (;;) {
+        int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) return epx__fail(err, EPX_ERR_SYSTEM, "socket: %s", strerror(errno));
+        if (connect(fd, (const struct sockaddr *)ss, len) == 0) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            *fd_out = fd;
+            return EPX_SUCCESS;
+        }
+        int e = errno;
+        close(fd);
+        if (e != ECONNREFUSED && e != EINTR && e != ETIMEDOUT && e != EAGAIN)
+            return epx__fail(err, EPX_ERR_SYSTEM, "bootstrap: connect to %s: %s", what, strerror(e));
+        if (epx__ms_left(deadline) == 0)
+            return epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap: connect to %s: %s (timed out)", what,
+                             strerror(e));
+        usleep((useconds_t)delay_ms * 1000);
+        if (delay_ms < 100) delay_ms *= 2;
+    }
+}
+
+/* ---- Unique id -------------------------------------------------------------------- */
+
+static void epx__id_to_sockaddr(const epx__id_t *id, struct sockaddr_storage *ss)
+{
+    memset(ss, 0, sizeof *ss);
+    if (id->family == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons(id->port);
+        memcpy(&a->sin_addr, id->addr, 4);
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(id->port);
+        memcpy(&a->sin6_addr, id->addr, 16);
+    }
+}
+
+static bool epx__id_valid(const epx__id_t *id)
+{
+    return id->magic == EPX__ID_MAGIC && (id->family == 4 || id->family == 6) && id->port != 0;
+}
+
+uint64_t epx__id_nonce(const epx_unique_id_t *id)
+{
+    epx__id_t v;
+    memcpy(&v, id->internal, sizeof v);
+    return v.nonce;
+}
+
+epx_status_t epx__id_format(const epx_unique_id_t *uid, char *buf, size_t len)
+{
+    epx__id_t id;
+    memcpy(&id, uid->internal, sizeof id);
+    if (!epx__id_valid(&id))
+        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "unique id is not valid (not from epx_get_unique_id?)");
+    char host[INET6_ADDRSTRLEN];
+    inet_ntop(id.family == 4 ? AF_INET : AF_INET6, id.addr, host, sizeof host);
+    int n = snprintf(buf, len, id.family == 4 ? "epx1:%s:%u:%016" PRIx64 : "epx1:[%s]:%u:%016" PRIx64,
+                     host, (unsigned)id.port, id.nonce);
+    if (n < 0 || (size_t)n >= len)
+        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "buffer of %zu bytes too small for the id", len);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__id_parse(const char *text, epx_unique_id_t *uid)
+{
+    epx__id_t id;
+    memset(&id, 0, sizeof id);
+    size_t tlen = strnlen(text, EPX_UNIQUE_ID_STRLEN);
+    if (tlen >= EPX_UNIQUE_ID_STRLEN || strncmp(text, "epx1:", 5) != 0) goto bad;
+    const char *p = text + 5;
+    char host[INET6_ADDRSTRLEN + 1];
+    const char *host_end;
+    if (*p == '[') {
+        host_end = strchr(p, ']');
+        if (!host_end || host_end[1] != ':' || (size_t)(host_end - p - 1) >= sizeof host) goto bad;
+        memcpy(host, p + 1, (size_t)(host_end - p - 1));
+        host[host_end - p - 1] = '\0';
+        if (inet_pton(AF_INET6, host, id.addr) != 1) goto bad;
+        id.family = 6;
+        p = host_end + 2;
+    } else {
+        host_end = strchr(p, ':');
+        if (!host_end || (size_t)(host_end - p) >= sizeof host) goto bad;
+        memcpy(host, p, (size_t)(host_end - p));
+        host[host_end - p] = '\0';
+        if (inet_pton(AF_INET, host, id.addr) != 1) goto bad;
+        id.family = 4;
+        p = host_end + 1;
+    }
+    unsigned port = 0;
+    int digits = 0;
+    while (*p >= '0' && *p <= '9' && digits < 6) {
+        port = port * 10 + (unsigned)(*p++ - '0');
+        digits++;
+    }
+    if (digits == 0 || port == 0 || port > 65535 || *p != ':') goto bad;
+    p++;
+    uint64_t nonce = 0;
+    for (int i = 0; i < 16; i++) {
+        char c = p[i];
+        int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (v < 0) goto bad;
+        nonce = nonce << 4 | (uint64_t)v;
+    }
+    if (p[16] != '\0') goto bad;
+    id.magic = EPX__ID_MAGIC;
+    id.port = (uint16_t)port;
+    id.nonce = nonce;
+    memset(uid, 0, sizeof *uid);
+    memcpy(uid->internal, &id, sizeof id);
+    return EPX_SUCCESS;
+bad:
+    return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT,
+                     "unique id text \"%.*s\" is malformed (expected epx1:ADDR:PORT:16-hex-nonce)", 80,
+                     text);
+}
+
+/* ---- Rendezvous listener ---------------------------------------------------------- */
+
+typedef struct {
+    int lfd;
+    uint64_t nonce;
+} epx__root_args_t;
+
+typedef struct {
+    int fd;
+    int rank;
+} epx__root_conn_t;
+
+static void epx__root_reply_all(epx__root_conn_t *c, int n, epx_status_t st, int nranks,
+                                const char *table, size_t table_len, uint64_t deadline)
+{
+    epx__reply_t reply = {st, nranks};
+    for (int i = 0; i < n; i++) {
+        if (c[i].fd < 0) continue;
+        if (epx__send_all(c[i].fd, &reply, sizeof reply, deadline, NULL, "reply") == EPX_SUCCESS &&
+            st == EPX_SUCCESS)
+            epx__send_all(c[i].fd, table, table_len, deadline, NULL, "table");
+        close(c[i].fd);
+    }
+}
+
+static void *epx__root_main(void *argp)
+{
+    epx__root_args_t args = *(epx__root_args_t *)argp;
+    free(argp);
+    uint64_t deadline = epx__deadline_after_ms(EPX__MAX(epx__param_int(EPX__P_TIMEOUT_MS), 1000));
+    epx__root_conn_t *conns = NULL;
+    char *table = NULL;
+    int nranks = -1, arrived = 0;
+    uint32_t info_len = 0;
+    epx_status_t st = EPX_SUCCESS;
+
+    while (nranks < 0 || arrived < nranks) {
+        int fd = epx__accept_until(args.lfd, deadline);
+        if (fd < 0) {
+            st = EPX_ERR_TIMEOUT;
+            break;
+        }
+        epx__hello_t h;
+        uint64_t hello_deadline = epx__deadline_after_ms(10000);
+        if (epx__recv_all(fd, &h, sizeof h, hello_deadline, NULL, "hello") != EPX_SUCCESS ||
+            h.magic != EPX__HELLO_MAGIC || h.nonce != args.nonce) {
+            close(fd); /* a stray or stale connection: ignore it */
+            continue;
+        }
+        if (nranks < 0) {
+            if (h.nranks < 1 || h.nranks > EPX__MAX_RANKS || h.info_len > EPX__MAX_INFO) {
+                close(fd);
+                continue;
+            }
+            nranks = h.nranks;
+            info_len = h.info_len;
+            conns = calloc((size_t)nranks, sizeof *conns);
+            table = calloc((size_t)nranks, info_len);
+            if (!conns || !table) {
+                close(fd);
+                st = EPX_ERR_NO_MEMORY;
+                break;
+            }
+            for (int i = 0; i < nranks; i++) conns[i].fd = -1;
+        }
+        bool ok = h.nranks == nranks && h.info_len == info_len && h.rank >= 0 && h.rank < nranks &&
+                  conns[h.rank].fd < 0;
+        if (ok)
+            ok = epx__recv_all(fd, table + (size_t)h.rank * info_len, info_len, hello_deadline, NULL,
+                               "info") == EPX_SUCCESS;
+        if (!ok) {
+            /* Ranks disagree (nranks, info size) or a rank appears twice: fail everyone. */
+            epx__reply_t reply = {EPX_ERR_MISMATCH, nranks};
+            epx__send_all(fd, &reply, sizeof reply, hello_deadline, NULL, "reply");
+            close(fd);
+            st = EPX_ERR_MISMATCH;
+            break;
+        }
+        conns[h.rank].fd = fd;
+        conns[h.rank].rank = h.rank;
+        arrived++;
+    }
+    if (conns)
+        epx__root_reply_all(conns, nranks, st, nranks, table, (size_t)nranks * info_len,
+                            epx__deadline_after_ms(10000));
+    free(conns);
+    free(table);
+    close(args.lfd);
+    return NULL;
+}
+
+epx_status_t epx__boot_create_id(epx_unique_id_t *uid, epx__errbuf_t *err)
+{
+    struct sockaddr_storage ss;
+    int lfd;
+    EPX__CHECK(epx__listen(&lfd, &ss, err));
+    epx__id_t id;
+    memset(&id, 0, sizeof id);
+    id.magic = EPX__ID_MAGIC;
+    id.nonce = epx__random64();
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        id.family = 4;
+        id.port = ntohs(a->sin_port);
+        memcpy(id.addr, &a->sin_addr, 4);
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        id.family = 6;
+        id.port = ntohs(a->sin6_port);
+        memcpy(id.addr, &a->sin6_addr, 16);
+    }
+    epx__root_args_t *args = malloc(sizeof *args);
+    if (!args) {
+        close(lfd);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap: out of memory");
+    }
+    args->lfd = lfd;
+    args->nonce = id.nonce;
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&th, &attr, epx__root_main, args);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        free(args);
+        close(lfd);
+        return epx__fail(err, EPX_ERR_SYSTEM, "bootstrap: pthread_create: %s", strerror(rc));
+    }
+    memset(uid, 0, sizeof *uid);
+    memcpy(uid->internal, &id, sizeof id);
+    EPX_INFO(BOOT, "unique id created, listener on port %u", (unsigned)id.port);
+    return EPX_SUCCESS;
+}
+
+/* ---- Rank side -------------------------------------------------------------------- */
+
+static void epx__boot_free(epx__boot_t *b)
+{
+    if (!b) return;
+    if (b->fds) {
+        int n = b->rank == 0 ? b->nranks : 1;
+        for (int i = 0; i < n; i++)
+            if (b->fds[i] >= 0) close(b->fds[i]);
+    }
+    free(b->fds);
+    free(b);
+}
+
+void epx__boot_close(epx__boot_t *boot) { epx__boot_free(boot); }
+
+/* Rendezvous with the listener: send the hello and our blob, get everyone's. */
+static epx_status_t epx__boot_rendezvous(const epx__id_t *id, int nranks, int rank, const void *blob,
+                                         size_t blob_len, void *table, uint64_t deadline,
+                                         epx__errbuf_t *err)
+{
+    struct sockaddr_storage root;
+    epx__id_to_sockaddr(id, &root);
+    int fd;
+    EPX__CHECK(epx__connect_until(&root, deadline, &fd, err, "the rendezvous listener"));
+    epx__hello_t h = {EPX__HELLO_MAGIC, (uint32_t)blob_len, id->nonce, nranks, rank};
+    epx_status_t st;
+    epx__reply_t reply;
+    EPX__CHECK_GOTO(epx__send_all(fd, &h, sizeof h, deadline, err, "hello"), st, out);
+    EPX__CHECK_GOTO(epx__send_all(fd, blob, blob_len, deadline, err, "hello"), st, out);
+    EPX__CHECK_GOTO(epx__recv_all(fd, &reply, sizeof reply, deadline, err, "rendezvous reply"), st, out);
+    if (reply.status != EPX_SUCCESS) {
+        st = epx__fail(err, (epx_status_t)reply.status,
+                       "bootstrap: rendezvous failed (%s): do all ranks pass the same nranks (%d here) "
+                       "and distinct ranks?",
+                       epx_status_name((epx_status_t)reply.status), nranks);
+        goto out;
+    }
+    EPX__CHECK_GOTO(epx__recv_all(fd, table, (size_t)nranks * blob_len, deadline, err, "rendezvous table"),
+                    st, out);
+out:
+    close(fd);
+    return st;
+}
+
+epx_status_t epx__boot_init(epx__boot_t **boot_out, int nranks, int rank, const epx_unique_id_t *uid,
+                            const void *info, size_t info_len, void *all_info, int64_t timeout_ms,
+                            epx__errbuf_t *err)
+{
+    epx__id_t id;
+    memcpy(&id, uid->internal, sizeof id);
+    if (!epx__id_valid(&id))
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "unique id is not valid (not from epx_get_unique_id?)");
+    if (info_len > EPX__MAX_INFO - sizeof(epx__boot_info_t))
+        return epx__fail(err, EPX_ERR_INTERNAL, "bootstrap info too large");
+
+    uint64_t deadline = epx__deadline_after_ms(timeout_ms);
+    epx_status_t st = EPX_SUCCESS;
+    int lfd = -1;
+    size_t blob_len = sizeof(epx__boot_info_t) + info_len;
+    char *blob = calloc(1, blob_len);
+    char *table = calloc((size_t)nranks, blob_len);
+    epx__boot_t *b = calloc(1, sizeof *b);
+    if (!blob || !table || !b) {
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap: out of memory");
+        goto out;
+    }
+    b->nranks = nranks;
+    b->rank = rank;
+    b->nonce = id.nonce;
+    b->timeout_ms = timeout_ms;
+    b->fds = malloc(sizeof(int) * (size_t)(rank == 0 ? nranks : 1));
+    if (!b->fds) {
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < (rank == 0 ? nranks : 1); i++) b->fds[i] = -1;
+
+    epx__boot_info_t *mine = (epx__boot_info_t *)blob;
+    if (rank == 0 && nranks > 1) EPX__CHECK_GOTO(epx__listen(&lfd, &mine->listen_addr, err), st, out);
+    memcpy(blob + sizeof(epx__boot_info_t), info, info_len);
+    EPX__CHECK_GOTO(epx__boot_rendezvous(&id, nranks, rank, blob, blob_len, table, deadline, err), st, out);
+
+    /* Build the star around rank 0. */
+    struct {
+        uint64_t nonce;
+        int32_t rank;
+        int32_t pad;
+    } star_hello = {id.nonce, rank, 0};
+    if (rank == 0) {
+        for (int got = 0; got < nranks - 1;) {
+            int fd = epx__accept_until(lfd, deadline);
+            if (fd < 0) {
+                st = epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap: only %d of %d ranks connected to rank 0",
+                               got + 1, nranks);
+                goto out;
+            }
+            if (epx__recv_all(fd, &star_hello, sizeof star_hello, deadline, NULL, "star hello") !=
+                    EPX_SUCCESS ||
+                star_hello.nonce != id.nonce || star_hello.rank <= 0 || star_hello.rank >= nranks ||
+                b->fds[star_hello.rank] >= 0) {
+                close(fd);
+                continue;
+            }
+            b->fds[star_hello.rank] = fd;
+            got++;
+        }
+    } else {
+        const epx__boot_info_t *r0 = (const epx__boot_info_t *)table;
+        EPX__CHECK_GOTO(epx__connect_until(&r0->listen_addr, deadline, &b->fds[0], err, "rank 0"), st, out);
+        EPX__CHECK_GOTO(epx__send_all(b->fds[0], &star_hello, sizeof star_hello, deadline, err, "star hello"),
+                        st, out);
+    }
+    for (int r = 0; r < nranks; r++)
+        memcpy((char *)all_info + (size_t)r * info_len, table + (size_t)r * blob_len + sizeof(epx__boot_info_t),
+               info_len);
+    EPX_INFO(BOOT, "rank %d of %d: bootstrap done", rank, nranks);
+out:
+    if (lfd >= 0) close(lfd);
+    free(blob);
+    free(table);
+    if (st != EPX_SUCCESS) {
+        epx__boot_free(b);
+        b = NULL;
+    }
+    *boot_out = b;
+    return st;
+}
+
+epx_status_t epx__boot_allgather(epx__boot_t *b, const void *mine, void *all, size_t len,
+                                 epx__errbuf_t *err)
+{
+    uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
+    memmove((char *)all + (size_t)b->rank * len, mine, len);
+    if (b->nranks == 1) return EPX_SUCCESS;
+    size_t total = (size_t)b->nranks * len;
+    if (b->rank != 0) {
+        EPX__CHECK(epx__send_all(b->fds[0], mine, len, deadline, err, "allgather to rank 0"));
+        return epx__recv_all(b->fds[0], all, total, deadline, err, "allgather from rank 0");
+    }
+    for (int r = 1; r < b->nranks; r++) {
+        epx_status_t st = epx__recv_all(b->fds[r], (char *)all + (size_t)r * len, len, deadline, err,
+                                        "allgather from a rank");
+        if (st != EPX_SUCCESS)
+            return epx__fail(err, st, "bootstrap allgather: rank %d did not answer (%s)", r,
+                             epx_status_name(st));
+    }
+    for (int r = 1; r < b->nranks; r++)
+        EPX__CHECK(epx__send_all(b->fds[r], all, total, deadline, err, "allgather to a rank"));
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__boot_barrier(epx__boot_t *b, epx__errbuf_t *err)
+{
+    char one = 1;
+    char *all = malloc((size_t)b->nranks);
+    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap: out of memory");
+    epx_status_t st = epx__boot_allgather(b, &one, all, 1, err);
+    free(all);
+    return st;
+}

@@ -1,0 +1,154 @@
+/*
+ * src/core: services every other layer may use — status and error messages, logging,
+ * the tunables registry, clocks and deadlines, the TCP bootstrap. Nothing here knows
+ * about communicators' backends; nothing here calls upward.
+ */
+#ifndef EPX_CORE_H
+#define EPX_CORE_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "epx.h"
+
+#define EPX__ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define EPX__MIN(a, b) ((a) < (b) ? (a) : (b))
+#define EPX__MAX(a, b) ((a) > (b) ? (a) : (b))
+#define EPX__ALIGN_UP(x, a) (((x) + ((a)-1)) / (a) * (a))
+#define EPX__CACHELINE 64
+
+/* ---- Errors: a message buffer per communicator plus one per thread ---------------- */
+
+#define EPX__ERRMSG_LEN 512
+typedef struct {
+    char msg[EPX__ERRMSG_LEN];
+} epx__errbuf_t;
+
+/* Format the message into `buf` (may be NULL) and the calling thread's buffer, log it
+ * (WARN for system/peer errors, INFO for argument errors), and return `status`. */
+epx_status_t epx__fail(epx__errbuf_t *buf, epx_status_t status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Propagate: evaluate an epx_status_t expression, jump to `label` on error. */
+#define EPX__CHECK_GOTO(expr, st, label)                                                   \
+    do {                                                                                   \
+        (st) = (expr);                                                                     \
+        if ((st) < 0) goto label;                                                          \
+    } while (0)
+#define EPX__CHECK(expr)                                                                   \
+    do {                                                                                   \
+        epx_status_t epx__st_ = (expr);                                                    \
+        if (epx__st_ < 0) return epx__st_;                                                 \
+    } while (0)
+
+/* ---- Logging ---------------------------------------------------------------------- */
+
+typedef enum { EPX__LOG_NONE = 0, EPX__LOG_WARN = 1, EPX__LOG_INFO = 2, EPX__LOG_TRACE = 3 } epx__log_level_t;
+
+#define EPX__SUBSYS_MAP(X)                                                                 \
+    X(INIT, 0x1)                                                                           \
+    X(BOOT, 0x2)                                                                           \
+    X(SHM, 0x4)                                                                            \
+    X(COLL, 0x8)                                                                           \
+    X(MOE, 0x10)                                                                           \
+    X(CUDA, 0x20)                                                                          \
+    X(NET, 0x40)
+typedef enum {
+#define EPX__SUBSYS_ENUM_(name, bit) EPX__SUB_##name = bit,
+    EPX__SUBSYS_MAP(EPX__SUBSYS_ENUM_)
+#undef EPX__SUBSYS_ENUM_
+} epx__subsys_t;
+
+bool epx__log_enabled(epx__log_level_t level, epx__subsys_t subsys);
+void epx__log(epx__log_level_t level, epx__subsys_t subsys, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Rank shown in log lines of this process (-1 = unknown). */
+void epx__log_set_rank(int rank);
+
+#define EPX__LOG_(lvl, sub, ...)                                                           \
+    do {                                                                                   \
+        if (epx__log_enabled(lvl, EPX__SUB_##sub)) epx__log(lvl, EPX__SUB_##sub, __VA_ARGS__); \
+    } while (0)
+#define EPX_WARN(sub, ...) EPX__LOG_(EPX__LOG_WARN, sub, __VA_ARGS__)
+#define EPX_INFO(sub, ...) EPX__LOG_(EPX__LOG_INFO, sub, __VA_ARGS__)
+#define EPX_TRACE(sub, ...) EPX__LOG_(EPX__LOG_TRACE, sub, __VA_ARGS__)
+
+/* ---- Tunables: one table, read once ------------------------------------------------ */
+
+/* X(id, env name, type, default, description). Types: INT, SIZE (K/M/G suffix), STR. */
+#define EPX__PARAM_MAP(X)                                                                  \
+    X(TIMEOUT_MS, "EPX_TIMEOUT_MS", INT, "300000",                                         \
+      "bound in ms on every wait for a peer; past it the call fails with EPX_ERR_TIMEOUT") \
+    X(DEBUG, "EPX_DEBUG", STR, "WARN", "log level: NONE, WARN, INFO or TRACE")             \
+    X(DEBUG_SUBSYS, "EPX_DEBUG_SUBSYS", STR, "ALL",                                        \
+      "log subsystems, comma separated: INIT,BOOT,SHM,COLL,MOE,CUDA,NET or ALL; ^X drops X") \
+    X(DEBUG_FILE, "EPX_DEBUG_FILE", STR, "",                                               \
+      "log to this file instead of stderr (%h = hostname, %p = pid)")                      \
+    X(SOCKET_IFNAME, "EPX_SOCKET_IFNAME", STR, "lo",                                       \
+      "network interface the bootstrap listens on (set it for several hosts)")             \
+    X(LOCAL_SIZE, "EPX_LOCAL_SIZE", INT, "0",                                              \
+      "ranks per host; 0 = group ranks by hostname; >0 simulates hosts of that many ranks") \
+    X(BACKEND, "EPX_BACKEND", STR, "auto", "backend: auto, cpu or cuda")                   \
+    X(CPU_EAGER_BYTES, "EPX_CPU_EAGER_BYTES", SIZE, "16K",                                 \
+      "CPU: messages up to this size per peer are copied through a preallocated slot")     \
+    X(CPU_SPIN, "EPX_CPU_SPIN", INT, "4000",                                               \
+      "CPU: polls of a peer's flag before yielding the core, then sleeping on a futex")    \
+    X(CPU_CMA, "EPX_CPU_CMA", INT, "1",                                                    \
+      "CPU: 1 = read unregistered send buffers with process_vm_readv; 0 = staging copy")   \
+    X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \
+    X(NRANKS, "EPX_NRANKS", INT, "0", "number of ranks (set by epx-run)")                  \
+    X(UNIQUE_ID, "EPX_UNIQUE_ID", STR, "", "rendezvous id, text form (set by epx-run)")
+
+typedef enum {
+#define EPX__PARAM_ENUM_(id, env, type, def, desc) EPX__P_##id,
+    EPX__PARAM_MAP(EPX__PARAM_ENUM_)
+#undef EPX__PARAM_ENUM_
+    EPX__P_COUNT
+} epx__param_id_t;
+
+int64_t epx__param_int(epx__param_id_t id);
+const char *epx__param_str(epx__param_id_t id);
+/* Parse "123", "64K", "1M", "2G" (binary multiples). false on garbage or overflow. */
+bool epx__parse_size(const char *text, int64_t *out);
+
+/* ---- Time -------------------------------------------------------------------------- */
+
+uint64_t epx__now_ns(void);
+/* Deadline `ms` from now (ms <= 0: already passed). */
+uint64_t epx__deadline_after_ms(int64_t ms);
+
+/* ---- Misc ------------------------------------------------------------------------ */
+
+uint64_t epx__hash64(const void *data, size_t len, uint64_t seed);
+/* Random 64-bit value from the OS. */
+uint64_t epx__random64(void);
+
+/* ---- Bootstrap: rendezvous over TCP, then a star of sockets around rank 0 ------------ */
+
+typedef struct epx__boot epx__boot_t;
+
+/* Start the rendezvous listener thread and fill `id`. */
+epx_status_t epx__boot_create_id(epx_unique_id_t *id, epx__errbuf_t *err);
+
+/* Collective: meet the other ranks through the listener named by `id`. Each rank gives
+ * `info` (info_len bytes, the same length on all ranks); on success `all_info` holds
+ * nranks * info_len bytes, rank-major. */
+epx_status_t epx__boot_init(epx__boot_t **boot, int nranks, int rank, const epx_unique_id_t *id,
+                            const void *info, size_t info_len, void *all_info, int64_t timeout_ms,
+                            epx__errbuf_t *err);
+
+/* Collective over the star: everyone gets everyone's `len` bytes (rank-major). */
+epx_status_t epx__boot_allgather(epx__boot_t *boot, const void *mine, void *all, size_t len,
+                                 epx__errbuf_t *err);
+epx_status_t epx__boot_barrier(epx__boot_t *boot, epx__errbuf_t *err);
+void epx__boot_close(epx__boot_t *boot);
+
+/* Parse/format the id's text form; both validate every field. */
+epx_status_t epx__id_parse(const char *text, epx_unique_id_t *id);
+epx_status_t epx__id_format(const epx_unique_id_t *id, char *buf, size_t len);
+/* The id's nonce, used to name this communicator's shared objects. */
+uint64_t epx__id_nonce(const epx_unique_id_t *id);
+
+#endif /* EPX_CORE_H */

@@ -1,0 +1,42 @@
+/* Clocks, deadlines, hashing, OS randomness. */
+#include <fcntl.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core.h"
+
+uint64_t epx__now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t epx__deadline_after_ms(int64_t ms)
+{
+    uint64_t now = epx__now_ns();
+    if (ms <= 0) return now;
+    return now + (uint64_t)ms * 1000000ull;
+}
+
+uint64_t epx__hash64(const void *data, size_t len, uint64_t seed)
+{
+    /* FNV-1a, 64 bit, seeded. */
+    const unsigned char *p = data;
+    uint64_t h = 0xcbf29ce484222325ull ^ seed;
+    for (size_t i = 0; i < len; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+uint64_t epx__random64(void)
+{
+    uint64_t v = 0;
+    if (getrandom(&v, sizeof v, 0) == (ssize_t)sizeof v) return v;
+    /* Fallback: time and pid mixed; only used to name objects, not for security. */
+    uint64_t seed = epx__now_ns() ^ ((uint64_t)getpid() << 32);
+    return epx__hash64(&seed, sizeof seed, 0x9e3779b97f4a7c15ull);
+}

@@ -1,0 +1,150 @@
+/*
+ * CPU backend: alltoallv by pulling (see the protocol in cpu.h).
+ */
+#include <stddef.h>
+#include <string.h>
+
+#include "shm.h"
+
+/* Describe where each peer can read what I send it; copies small messages into my eager
+ * slots and, when the send buffer is neither registered nor readable with
+ * process_vm_readv, stages the large ones in a registered region. Returns through
+ * `exposed` whether peers will read memory the caller owns (then we must wait for them). */
+static epx_status_t epx__publish_sends(epx__cpu_t *c, const epx__cpu_xfer_t *x, uint32_t seq, bool *exposed,
+                                       epx__errbuf_t *err)
+{
+    int me = c->rank;
+    *exposed = false;
+    /* Extent of the send buffer that peers read beyond the eager path. */
+    int64_t lo = INT64_MAX, hi = 0, staged = 0;
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == me || x->send_bytes[p] <= (int64_t)c->eager_bytes) continue;
+        lo = EPX__MIN(lo, x->send_displ[p]);
+        hi = EPX__MAX(hi, x->send_displ[p] + x->send_bytes[p]);
+        staged += x->send_bytes[p];
+    }
+    epx__loc_t big = {EPX__LOC_NONE, 0, 0, 0};
+    char *stage = NULL;
+    if (staged > 0) {
+        const char *first = (const char *)x->send + lo;
+        if (epx__region_find(c, first, (size_t)(hi - lo), &big)) {
+            big.addr -= (uint64_t)lo; /* so that addr + displ is the offset in the region */
+            *exposed = true;
+        } else if (c->cma_ok) {
+            big.kind = EPX__LOC_CMA;
+            big.addr = (uint64_t)(uintptr_t)x->send;
+            *exposed = true;
+        } else {
+            void *base;
+            EPX__CHECK(epx__staging_get(c, (size_t)staged, &base, &big, err));
+            stage = base;
+            *exposed = true; /* the next operation may rewrite the staging region */
+        }
+    }
+    int64_t stage_off = 0;
+    for (int p = 0; p < c->nranks; p++) {
+        epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
+        d->send_bytes = x->send_bytes[p];
+        d->recv_bytes = x->recv_bytes[p];
+        d->loc = (epx__loc_t){EPX__LOC_NONE, 0, 0, 0};
+        if (p == me || x->send_bytes[p] == 0) continue;
+        const char *src = (const char *)x->send + x->send_displ[p];
+        if (x->send_bytes[p] <= (int64_t)c->eager_bytes) {
+            memcpy(epx__seg_eager(c->seg, c->nranks, c->eager_bytes, seq, p), src, (size_t)x->send_bytes[p]);
+            d->loc.kind = EPX__LOC_EAGER;
+        } else if (stage) {
+            memcpy(stage + stage_off, src, (size_t)x->send_bytes[p]);
+            d->loc = big;
+            d->loc.addr += (uint64_t)stage_off;
+            stage_off += x->send_bytes[p];
+        } else {
+            d->loc = big;
+            d->loc.addr += (uint64_t)x->send_displ[p];
+        }
+    }
+    return EPX_SUCCESS;
+}
+
+/* Both sides of every pair this rank is part of must agree; and nobody may have rejected
+ * its arguments. Checked before anything is written. */
+static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
+{
+    int me = c->rank;
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == me) continue;
+        const epx__op_hdr_t *op = epx__seg_op(c->peers[p].hdr, c->nranks, seq);
+        if (op->status != EPX_SUCCESS)
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID,
+                             "rank %d rejected its arguments (%s); nothing was exchanged", p,
+                             epx_status_name((epx_status_t)op->status));
+    }
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == me) continue;
+        const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
+        const epx__desc_t *mine = epx__seg_desc(c->seg, c->nranks, seq, p);
+        if (theirs->send_bytes != mine->recv_bytes)
+            return epx__fail(err, EPX_ERR_MISMATCH,
+                             "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
+                             p, (long long)theirs->send_bytes, me, (long long)mine->recv_bytes);
+        if (theirs->recv_bytes != mine->send_bytes)
+            return epx__fail(err, EPX_ERR_MISMATCH,
+                             "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
+                             me, (long long)mine->send_bytes, p, (long long)theirs->recv_bytes);
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_status_t local_status,
+                                epx__errbuf_t *err)
+{
+    const uint32_t seq = ++c->seq;
+    const int me = c->rank;
+    const uint64_t deadline = epx__deadline_after_ms(c->timeout_ms);
+    epx__seg_hdr_t *h = c->seg;
+    epx_status_t st;
+    bool exposed = false;
+
+    /* 1. Peers are done with operation seq-2, which used the same parity block. */
+    EPX__CHECK(epx__flag_wait_all(c, offsetof(epx__seg_hdr_t, done), seq - 2, deadline, "completion", err));
+
+    /* 2-3. Publish and post. A failure here is local and is posted as such. */
+    epx__op_hdr_t *op = epx__seg_op(c->seg, c->nranks, seq);
+    if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, seq, &exposed, err);
+    op->status = local_status;
+    op->seq = seq;
+    epx__flag_post(&h->post, seq);
+
+    st = epx__flag_wait_all(c, offsetof(epx__seg_hdr_t, post), seq, deadline, "arrival", err);
+    if (st != EPX_SUCCESS) return st; /* broken: no done, peers will fail too */
+
+    /* 4. Validate, then pull. */
+    if (local_status != EPX_SUCCESS)
+        st = local_status;
+    else
+        st = epx__check_peers(c, seq, err);
+    if (st == EPX_SUCCESS) {
+        if (x->send_bytes[me] > 0)
+            memcpy((char *)x->recv + x->recv_displ[me], (const char *)x->send + x->send_displ[me],
+                   (size_t)x->send_bytes[me]);
+        for (int i = 1; i < c->nranks && st == EPX_SUCCESS; i++) {
+            int p = (me + i) % c->nranks;
+            const epx__desc_t *d = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
+            if (d->send_bytes == 0) continue;
+            if (d->loc.kind == EPX__LOC_REGION && (d->loc.addr > d->loc.region_size ||
+                                                   (uint64_t)d->send_bytes > d->loc.region_size - d->loc.addr)) {
+                st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d published a region range out of bounds", p);
+                break;
+            }
+            st = epx__peer_read(c, p, &d->loc, seq, 0, (char *)x->recv + x->recv_displ[p], (size_t)d->send_bytes,
+                                err);
+        }
+    }
+
+    /* 5. Done; if peers read memory the caller owns, it must stay put until they finish. */
+    epx__flag_post(&h->done, seq);
+    if (exposed) {
+        epx_status_t w = epx__flag_wait_all(c, offsetof(epx__seg_hdr_t, done), seq, deadline, "completion", err);
+        if (st == EPX_SUCCESS) st = w;
+    }
+    return st;
+}

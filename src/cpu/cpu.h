@@ -1,0 +1,56 @@
+/*
+ * src/cpu: the CPU backend for the ranks of one host — POSIX shared memory between
+ * processes, copies and reductions on the CPU. Uses src/core only.
+ *
+ * Protocol. Every rank owns one shared segment holding its flags, a descriptor block per
+ * operation parity and an eager slot per (parity, peer). An operation with sequence number
+ * n (the same on every rank: collectives are called in the same order) runs in rounds:
+ *   1. wait until every peer has finished operation n-2 (its `done` >= n-2), so the parity
+ *      block of n may be rewritten;
+ *   2. write the descriptors (what I send to each peer and where it can be read, what I
+ *      expect from it) and, for small messages, the data into my eager slots;
+ *   3. publish `post` = n (release), then acquire every peer's post >= n;
+ *   4. validate both sides of every pair, then *pull*: copy what each peer sends me
+ *      straight from where it lies (eager slot, a registered region mapped here, or the
+ *      peer's private memory through process_vm_readv) into my receive buffer;
+ *   5. publish `done` = n; if peers read my own memory, wait for their done >= n.
+ * Every wait spins briefly, then yields, then sleeps on a futex; it ends with
+ * EPX_ERR_TIMEOUT at the deadline and EPX_ERR_PEER_FAILURE as soon as the peer's process
+ * is gone or has aborted.
+ */
+#ifndef EPX_CPU_H
+#define EPX_CPU_H
+
+#include "../core/core.h"
+
+typedef struct epx__cpu epx__cpu_t;
+
+/* Collective over `boot`: create, map and cross-check the segments of all ranks. All ranks
+ * must be on this host. */
+epx_status_t epx__cpu_create(epx__cpu_t **cpu, epx__boot_t *boot, int rank, int nranks,
+                             uint64_t nonce, int64_t timeout_ms, epx__errbuf_t *err);
+/* Local. With `abort`, peers waiting on this rank fail promptly with EPX_ERR_PEER_FAILURE. */
+void epx__cpu_destroy(epx__cpu_t *cpu, bool abort);
+
+/* Registered memory: shared-memory regions peers map on first use. */
+epx_status_t epx__cpu_mem_alloc(epx__cpu_t *cpu, size_t bytes, void **ptr, epx__errbuf_t *err);
+epx_status_t epx__cpu_mem_free(epx__cpu_t *cpu, void *ptr, epx__errbuf_t *err);
+
+/* One alltoallv in bytes. All arrays have nranks entries; callers have validated them
+ * (non-negative, no overflow, no overlap of send and recv). */
+typedef struct {
+    const void *send;
+    const int64_t *send_bytes, *send_displ;
+    void *recv;
+    const int64_t *recv_bytes, *recv_displ;
+} epx__cpu_xfer_t;
+
+/* Run one exchange. `local_status` != EPX_SUCCESS means this rank rejected its own
+ * arguments (already reported in err): it still takes part, so that every rank returns
+ * without writing anything — the others with EPX_ERR_REMOTE_INVALID. `x` may then be
+ * NULL. A count that disagrees with the peer's fails both ranks of the pair with
+ * EPX_ERR_MISMATCH, before anything is written there. */
+epx_status_t epx__cpu_alltoallv(epx__cpu_t *cpu, const epx__cpu_xfer_t *x, epx_status_t local_status,
+                                epx__errbuf_t *err);
+
+#endif /* EPX_CPU_H */

@@ -1,0 +1,464 @@
+/*
+ * CPU backend: segments, flags and waits, registered regions, reads of peer memory.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "shm.h"
+
+/* A word whose address and value every peer knows, to test process_vm_readv. */
+static volatile uint64_t epx__cma_probe_word;
+
+/* ---- Layout ----------------------------------------------------------------------- */
+
+static size_t epx__hdr_bytes(void) { return EPX__ALIGN_UP(sizeof(epx__seg_hdr_t), EPX__CACHELINE); }
+static size_t epx__op_block_bytes(int nranks)
+{
+    return sizeof(epx__op_hdr_t) + (size_t)nranks * sizeof(epx__desc_t);
+}
+
+epx__op_hdr_t *epx__seg_op(void *seg, int nranks, uint32_t seq)
+{
+    return (epx__op_hdr_t *)((char *)seg + epx__hdr_bytes() + (seq & 1u) * epx__op_block_bytes(nranks));
+}
+
+epx__desc_t *epx__seg_desc(void *seg, int nranks, uint32_t seq, int peer)
+{
+    return (epx__desc_t *)((char *)epx__seg_op(seg, nranks, seq) + sizeof(epx__op_hdr_t)) + peer;
+}
+
+char *epx__seg_eager(void *seg, int nranks, size_t eager_bytes, uint32_t seq, int peer)
+{
+    size_t base = epx__hdr_bytes() + 2 * epx__op_block_bytes(nranks);
+    return (char *)seg + base + ((size_t)(seq & 1u) * (size_t)nranks + (size_t)peer) * eager_bytes;
+}
+
+static size_t epx__seg_size(int nranks, size_t eager_bytes)
+{
+    size_t b = epx__hdr_bytes() + 2 * epx__op_block_bytes(nranks) + 2 * (size_t)nranks * eager_bytes;
+    return EPX__ALIGN_UP(b, 4096);
+}
+
+static void epx__seg_name(char *buf, size_t len, uint64_t nonce, int rank)
+{
+    snprintf(buf, len, "/epx-%016" PRIx64 "-%d-seg", nonce, rank);
+}
+
+static void epx__region_name(char *buf, size_t len, uint64_t nonce, int rank, uint32_t id)
+{
+    snprintf(buf, len, "/epx-%016" PRIx64 "-%d-m%u", nonce, rank, id);
+}
+
+/* ---- Flags ------------------------------------------------------------------------ */
+
+static long epx__futex(_Atomic uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
+{
+    return syscall(SYS_futex, (uint32_t *)addr, op, val, ts, NULL, 0);
+}
+
+void epx__flag_post(epx__flag_t *flag, uint32_t value)
+{
+    atomic_store_explicit(&flag->value, value, memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&flag->waiters, memory_order_relaxed))
+        epx__futex(&flag->value, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* Is the process `pid` gone (or a zombie)? */
+static bool epx__pid_dead(int pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT || errno == ESRCH;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return true;
+    buf[n] = '\0';
+    char *paren = strrchr(buf, ')');
+    if (!paren || paren[1] != ' ') return false;
+    return paren[2] == 'Z' || paren[2] == 'X';
+}
+
+/* Has `peer` failed? Checked while waiting on it, at most every few milliseconds. */
+static epx_status_t epx__peer_check(epx__cpu_t *c, int peer, const char *what, uint32_t target,
+                                    epx__errbuf_t *err)
+{
+    epx__peer_t *p = &c->peers[peer];
+    if (atomic_load_explicit(&p->hdr->aborted.value, memory_order_acquire))
+        return epx__fail(err, EPX_ERR_PEER_FAILURE, "rank %d aborted its communicator while rank %d waited for its %s of operation %u",
+                         peer, c->rank, what, target);
+    uint64_t now = epx__now_ns();
+    if (now - p->liveness_check_ns > 2000000ull) {
+        p->liveness_check_ns = now;
+        if (epx__pid_dead(p->hdr->pid))
+            return epx__fail(err, EPX_ERR_PEER_FAILURE, "rank %d (pid %d) died while rank %d waited for its %s of operation %u",
+                             peer, p->hdr->pid, c->rank, what, target);
+    }
+    return EPX_SUCCESS;
+}
+
+static inline void epx__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t target,
+                            uint64_t deadline, const char *what, epx__errbuf_t *err)
+{
+    for (int i = 0; i < c->spin; i++) {
+        if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
+            return EPX_SUCCESS;
+        epx__cpu_relax();
+    }
+    for (unsigned iter = 0;; iter++) {
+        uint32_t v = atomic_load_explicit(&flag->value, memory_order_acquire);
+        if (epx__seq_geq(v, target)) return EPX_SUCCESS;
+        EPX__CHECK(epx__peer_check(c, peer, what, target, err));
+        if (epx__now_ns() >= deadline)
+            return epx__fail(err, EPX_ERR_TIMEOUT,
+                             "rank %d timed out after %" PRId64 " ms waiting for rank %d's %s of operation %u (it is at %u)",
+                             c->rank, c->timeout_ms, peer, what, target, v);
+        if (iter < 64) {
+            sched_yield();
+            continue;
+        }
+        /* Sleep until the peer posts (it wakes us) or 5 ms pass (to re-check liveness). */
+        atomic_fetch_add_explicit(&flag->waiters, 1, memory_order_seq_cst);
+        v = atomic_load_explicit(&flag->value, memory_order_seq_cst);
+        if (!epx__seq_geq(v, target)) {
+            struct timespec ts = {0, 5000000};
+            epx__futex(&flag->value, FUTEX_WAIT, v, &ts);
+        }
+        atomic_fetch_sub_explicit(&flag->waiters, 1, memory_order_relaxed);
+    }
+}
+
+epx_status_t epx__flag_wait_all(epx__cpu_t *c, size_t flag_offset, uint32_t target, uint64_t deadline,
+                                const char *what, epx__errbuf_t *err)
+{
+    for (int i = 1; i < c->nranks; i++) {
+        int peer = (c->rank + i) % c->nranks;
+        epx__flag_t *f = (epx__flag_t *)((char *)c->peers[peer].hdr + flag_offset);
+        EPX__CHECK(epx__flag_wait(c, peer, f, target, deadline, what, err));
+    }
+    return EPX_SUCCESS;
+}
+
+/* ---- Create / destroy --------------------------------------------------------------- */
+
+static epx_status_t epx__map_shm(const char *name, size_t bytes, bool create, int prot, void **out,
+                                 epx__errbuf_t *err)
+{
+    int fd = shm_open(name, create ? (O_CREAT | O_EXCL | O_RDWR) : (prot & PROT_WRITE ? O_RDWR : O_RDONLY),
+                      0600);
+    if (fd < 0) return epx__fail(err, EPX_ERR_SYSTEM, "shm_open %s: %s", name, strerror(errno));
+    if (create && ftruncate(fd, (off_t)bytes) != 0) {
+        int e = errno;
+        close(fd);
+        shm_unlink(name);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "ftruncate %s to %zu bytes: %s", name, bytes, strerror(e));
+    }
+    void *p = mmap(NULL, bytes, prot, MAP_SHARED, fd, 0);
+    int e = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        if (create) shm_unlink(name);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "mmap %s (%zu bytes): %s", name, bytes, strerror(e));
+    }
+    *out = p;
+    return EPX_SUCCESS;
+}
+
+static bool epx__cma_probe(const epx__seg_hdr_t *peer_hdr, uint64_t expect)
+{
+    uint64_t v = 0;
+    struct iovec l = {&v, sizeof v}, r = {(void *)(uintptr_t)peer_hdr->cma_probe_addr, sizeof v};
+    ssize_t n = process_vm_readv(peer_hdr->pid, &l, 1, &r, 1, 0);
+    return n == (ssize_t)sizeof v && v == expect;
+}
+
+epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int nranks, uint64_t nonce,
+                             int64_t timeout_ms, epx__errbuf_t *err)
+{
+    epx_status_t st = EPX_SUCCESS;
+    char name[96];
+    bool created = false;
+    uint8_t *cma_all = NULL;
+    epx__cpu_t *c = calloc(1, sizeof *c);
+    if (!c) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    c->rank = rank;
+    c->nranks = nranks;
+    c->nonce = nonce;
+    c->timeout_ms = timeout_ms;
+    c->next_region_id = 1;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    c->spin = (int)epx__param_int(EPX__P_CPU_SPIN);
+    if (ncpu > 0 && nranks > ncpu) c->spin = EPX__MIN(c->spin, 64); /* oversubscribed: yield early */
+    int64_t eager = epx__param_int(EPX__P_CPU_EAGER_BYTES);
+    c->eager_bytes = (size_t)EPX__ALIGN_UP(EPX__MIN(EPX__MAX(eager, 0), (int64_t)(1 << 20)), EPX__CACHELINE);
+    c->seg_bytes = epx__seg_size(nranks, c->eager_bytes);
+    c->peers = calloc((size_t)nranks, sizeof *c->peers);
+    if (!c->peers) {
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        goto fail;
+    }
+
+    epx__seg_name(name, sizeof name, nonce, rank);
+    EPX__CHECK_GOTO(epx__map_shm(name, c->seg_bytes, true, PROT_READ | PROT_WRITE, &c->seg, err), st, fail);
+    created = true;
+    epx__seg_hdr_t *h = c->seg;
+    epx__cma_probe_word = nonce ^ 0x5a5a5a5a5a5a5a5aull;
+    h->rank = rank;
+    h->nranks = nranks;
+    h->pid = (int32_t)getpid();
+    h->nonce = nonce;
+    h->cma_probe_addr = (uint64_t)(uintptr_t)&epx__cma_probe_word;
+    h->eager_bytes = c->eager_bytes;
+    atomic_store_explicit(&h->post.value, 0, memory_order_relaxed);
+    atomic_store_explicit(&h->done.value, 0, memory_order_relaxed);
+    atomic_store_explicit(&h->aborted.value, 0, memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst);
+    h->magic = EPX__SEG_MAGIC;
+
+    EPX__CHECK_GOTO(epx__boot_barrier(boot, err), st, fail);
+    for (int p = 0; p < nranks; p++) {
+        if (p == rank) {
+            c->peers[p].hdr = c->seg;
+            continue;
+        }
+        void *m;
+        epx__seg_name(name, sizeof name, nonce, p);
+        EPX__CHECK_GOTO(epx__map_shm(name, c->seg_bytes, false, PROT_READ | PROT_WRITE, &m, err), st, fail);
+        c->peers[p].hdr = m;
+        const epx__seg_hdr_t *ph = m;
+        if (ph->magic != EPX__SEG_MAGIC || ph->nonce != nonce || ph->rank != p || ph->nranks != nranks ||
+            ph->eager_bytes != c->eager_bytes) {
+            st = epx__fail(err, EPX_ERR_MISMATCH,
+                           "rank %d's shared segment disagrees (EPX_CPU_EAGER_BYTES or nranks differ between ranks?)",
+                           p);
+            goto fail;
+        }
+    }
+
+    /* process_vm_readv is used only when every pair can use it. */
+    uint8_t cma_mine = epx__param_int(EPX__P_CPU_CMA) != 0;
+    for (int p = 0; p < nranks && cma_mine; p++)
+        if (p != rank) cma_mine = epx__cma_probe(c->peers[p].hdr, nonce ^ 0x5a5a5a5a5a5a5a5aull);
+    cma_all = malloc((size_t)nranks);
+    if (!cma_all) {
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        goto fail;
+    }
+    EPX__CHECK_GOTO(epx__boot_allgather(boot, &cma_mine, cma_all, 1, err), st, fail);
+    c->cma_ok = true;
+    for (int p = 0; p < nranks; p++) c->cma_ok = c->cma_ok && cma_all[p];
+
+    /* Everyone has mapped everyone: the names can go. */
+    EPX__CHECK_GOTO(epx__boot_barrier(boot, err), st, fail);
+    epx__seg_name(name, sizeof name, nonce, rank);
+    shm_unlink(name);
+    created = false;
+    free(cma_all);
+    EPX_INFO(SHM, "rank %d: %d ranks mapped, segment %zu bytes, eager %zu bytes/peer, cma %s", rank, nranks,
+             c->seg_bytes, c->eager_bytes, c->cma_ok ? "on" : "off");
+    *out = c;
+    return EPX_SUCCESS;
+
+fail:
+    free(cma_all);
+    if (created) {
+        epx__seg_name(name, sizeof name, nonce, rank);
+        shm_unlink(name);
+    }
+    epx__cpu_destroy(c, true);
+    *out = NULL;
+    return st;
+}
+
+void epx__cpu_destroy(epx__cpu_t *c, bool abort)
+{
+    if (!c) return;
+    if (c->seg && abort) {
+        epx__seg_hdr_t *h = c->seg;
+        epx__flag_post(&h->aborted, 1);
+        /* Wake peers asleep on my flags so they see the abort at once. */
+        epx__futex(&h->post.value, FUTEX_WAKE, INT_MAX, NULL);
+        epx__futex(&h->done.value, FUTEX_WAKE, INT_MAX, NULL);
+    }
+    if (c->peers) {
+        for (int p = 0; p < c->nranks; p++) {
+            for (int i = 0; i < EPX__MAX_PEER_REGIONS; i++)
+                if (c->peers[p].regions[i].base) munmap(c->peers[p].regions[i].base, c->peers[p].regions[i].size);
+            if (p != c->rank && c->peers[p].hdr) munmap(c->peers[p].hdr, c->seg_bytes);
+        }
+    }
+    char name[96];
+    for (int i = 0; i < c->num_regions; i++) {
+        epx__region_name(name, sizeof name, c->nonce, c->rank, c->regions[i].id);
+        shm_unlink(name);
+        munmap(c->regions[i].base, c->regions[i].size);
+    }
+    if (c->seg) munmap(c->seg, c->seg_bytes);
+    free(c->regions);
+    free(c->peers);
+    free(c);
+}
+
+/* ---- Registered regions --------------------------------------------------------------- */
+
+epx_status_t epx__cpu_mem_alloc(epx__cpu_t *c, size_t bytes, void **ptr, epx__errbuf_t *err)
+{
+    if (c->num_regions == c->cap_regions) {
+        int cap = c->cap_regions ? 2 * c->cap_regions : 8;
+        epx__region_t *r = realloc(c->regions, sizeof *r * (size_t)cap);
+        if (!r) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        c->regions = r;
+        c->cap_regions = cap;
+    }
+    size_t size = EPX__ALIGN_UP(EPX__MAX(bytes, (size_t)1), 4096);
+    uint32_t id = c->next_region_id++;
+    char name[96];
+    epx__region_name(name, sizeof name, c->nonce, c->rank, id);
+    void *base = NULL;
+    EPX__CHECK(epx__map_shm(name, size, true, PROT_READ | PROT_WRITE, &base, err));
+    c->regions[c->num_regions++] = (epx__region_t){id, base, size, 0};
+    *ptr = base;
+    EPX_TRACE(SHM, "registered region %u: %zu bytes", id, size);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cpu_mem_free(epx__cpu_t *c, void *ptr, epx__errbuf_t *err)
+{
+    for (int i = 0; i < c->num_regions; i++) {
+        if (c->regions[i].base != ptr) continue;
+        char name[96];
+        epx__region_name(name, sizeof name, c->nonce, c->rank, c->regions[i].id);
+        shm_unlink(name);
+        munmap(c->regions[i].base, c->regions[i].size);
+        if (ptr == c->staging) c->staging = NULL, c->staging_bytes = 0;
+        c->regions[i] = c->regions[--c->num_regions];
+        return EPX_SUCCESS;
+    }
+    return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "epx_mem_free: %p was not returned by epx_mem_alloc on this communicator",
+                     ptr);
+}
+
+bool epx__region_find(epx__cpu_t *c, const void *p, size_t len, epx__loc_t *loc)
+{
+    uintptr_t a = (uintptr_t)p;
+    for (int i = 0; i < c->num_regions; i++) {
+        uintptr_t b = (uintptr_t)c->regions[i].base;
+        if (a >= b && a - b <= c->regions[i].size && len <= c->regions[i].size - (a - b)) {
+            loc->kind = EPX__LOC_REGION;
+            loc->region_id = c->regions[i].id;
+            loc->region_size = c->regions[i].size;
+            loc->addr = a - b;
+            return true;
+        }
+    }
+    return false;
+}
+
+epx_status_t epx__staging_get(epx__cpu_t *c, size_t bytes, void **base, epx__loc_t *loc, epx__errbuf_t *err)
+{
+    if (c->staging_bytes < bytes) {
+        if (c->staging) EPX__CHECK(epx__cpu_mem_free(c, c->staging, err));
+        size_t want = EPX__MAX(bytes, 2 * c->staging_bytes);
+        EPX__CHECK(epx__cpu_mem_alloc(c, want, &c->staging, err));
+        c->staging_bytes = EPX__ALIGN_UP(want, 4096);
+    }
+    *base = c->staging;
+    bool found = epx__region_find(c, c->staging, 0, loc);
+    (void)found;
+    return EPX_SUCCESS;
+}
+
+/* ---- Reading peers --------------------------------------------------------------------- */
+
+static epx_status_t epx__peer_region(epx__cpu_t *c, int peer, const epx__loc_t *loc, const char **base,
+                                     epx__errbuf_t *err)
+{
+    epx__peer_t *p = &c->peers[peer];
+    epx__region_t *victim = &p->regions[0];
+    for (int i = 0; i < EPX__MAX_PEER_REGIONS; i++) {
+        epx__region_t *r = &p->regions[i];
+        if (r->base && r->id == loc->region_id && r->size == loc->region_size) {
+            r->last_use = ++c->use_clock;
+            *base = r->base;
+            return EPX_SUCCESS;
+        }
+        if (!r->base || (victim->base && r->last_use < victim->last_use)) victim = r;
+    }
+    if (victim->base) munmap(victim->base, victim->size);
+    victim->base = NULL;
+    char name[96];
+    epx__region_name(name, sizeof name, c->nonce, peer, loc->region_id);
+    void *m = NULL;
+    EPX__CHECK(epx__map_shm(name, loc->region_size, false, PROT_READ, &m, err));
+    *victim = (epx__region_t){loc->region_id, m, loc->region_size, ++c->use_clock};
+    *base = m;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, const char **base,
+                           epx__errbuf_t *err)
+{
+    switch (loc->kind) {
+    case EPX__LOC_EAGER:
+        *base = epx__seg_eager(c->peers[peer].hdr, c->nranks, c->eager_bytes, seq, c->rank);
+        return EPX_SUCCESS;
+    case EPX__LOC_REGION:
+        EPX__CHECK(epx__peer_region(c, peer, loc, base, err));
+        *base += loc->addr;
+        return EPX_SUCCESS;
+    default:
+        *base = NULL;
+        return EPX_SUCCESS;
+    }
+}
+
+epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, uint64_t off, void *dst,
+                            size_t len, epx__errbuf_t *err)
+{
+    if (len == 0) return EPX_SUCCESS;
+    if (loc->kind == EPX__LOC_CMA) {
+        char *d = dst;
+        uint64_t src = loc->addr + off;
+        while (len > 0) {
+            struct iovec l = {d, len}, r = {(void *)(uintptr_t)src, len};
+            ssize_t n = process_vm_readv(c->peers[peer].hdr->pid, &l, 1, &r, 1, 0);
+            if (n <= 0) {
+                if (n < 0 && errno == EINTR) continue;
+                return epx__fail(err, EPX_ERR_PEER_FAILURE, "process_vm_readv from rank %d: %s", peer,
+                                 n < 0 ? strerror(errno) : "no progress");
+            }
+            d += n;
+            src += (uint64_t)n;
+            len -= (size_t)n;
+        }
+        return EPX_SUCCESS;
+    }
+    const char *base;
+    EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
+    if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published nothing to read", peer);
+    memcpy(dst, base + off, len);
+    return EPX_SUCCESS;
+}

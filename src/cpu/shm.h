@@ -1,0 +1,126 @@
+/*
+ * Internals of the CPU backend shared by its operations: the segment layout, the flag
+ * waits, registered regions and reads of peer memory. See cpu.h for the protocol.
+ */
+#ifndef EPX_CPU_SHM_H
+#define EPX_CPU_SHM_H
+
+#include <stdatomic.h>
+#include <sys/types.h>
+
+#include "cpu.h"
+
+#define EPX__SEG_MAGIC 0x47455358u
+#define EPX__MAX_PEER_REGIONS 32
+
+/* Where a peer can read bytes of mine. */
+typedef enum {
+    EPX__LOC_NONE = 0,   /* nothing to read */
+    EPX__LOC_EAGER = 1,  /* my eager slot [parity][reader] */
+    EPX__LOC_REGION = 2, /* a registered region: id, size, offset */
+    EPX__LOC_CMA = 3     /* my private memory at `addr`, read with process_vm_readv */
+} epx__loc_kind_t;
+
+typedef struct {
+    uint32_t kind;
+    uint32_t region_id;
+    uint64_t region_size;
+    uint64_t addr; /* region offset (REGION) or virtual address (CMA) */
+} epx__loc_t;
+
+/* Per (operation parity, peer): what I send the peer and what I expect from it. */
+typedef struct {
+    int64_t send_bytes;
+    int64_t recv_bytes;
+    epx__loc_t loc;
+    char pad_[EPX__CACHELINE - 2 * sizeof(int64_t) - sizeof(epx__loc_t)];
+} epx__desc_t;
+_Static_assert(sizeof(epx__desc_t) == EPX__CACHELINE, "descriptor is one cache line");
+
+typedef struct {
+    _Alignas(EPX__CACHELINE) _Atomic uint32_t value;
+    _Atomic uint32_t waiters;
+} epx__flag_t;
+
+typedef struct {
+    _Alignas(EPX__CACHELINE) int32_t status; /* the poster's own verdict on its arguments */
+    uint32_t seq;
+} epx__op_hdr_t;
+
+typedef struct {
+    uint32_t magic;
+    int32_t rank, nranks;
+    int32_t pid;
+    uint64_t nonce;
+    uint64_t cma_probe_addr; /* address of a known word, to test process_vm_readv */
+    uint64_t eager_bytes;
+    epx__flag_t post;
+    epx__flag_t done;
+    epx__flag_t aborted;
+} epx__seg_hdr_t;
+
+typedef struct {
+    uint32_t id;
+    void *base;
+    size_t size;
+    uint64_t last_use;
+} epx__region_t;
+
+typedef struct {
+    epx__seg_hdr_t *hdr; /* the peer's segment, mapped here */
+    epx__region_t regions[EPX__MAX_PEER_REGIONS]; /* its regions mapped here (cache) */
+    uint64_t liveness_check_ns;
+} epx__peer_t;
+
+struct epx__cpu {
+    int rank, nranks;
+    uint64_t nonce;
+    int64_t timeout_ms;
+    int spin;
+    size_t eager_bytes;
+    bool cma_ok;
+    uint32_t seq; /* last operation number */
+
+    void *seg;        /* my segment */
+    size_t seg_bytes; /* every segment has this size */
+    epx__peer_t *peers;
+
+    epx__region_t *regions; /* my registered regions */
+    int num_regions, cap_regions;
+    uint32_t next_region_id;
+    void *staging; /* a registered region for staging unregistered sends */
+    size_t staging_bytes;
+    uint64_t use_clock;
+};
+
+/* Segment layout. */
+epx__op_hdr_t *epx__seg_op(void *seg, int nranks, uint32_t seq);
+epx__desc_t *epx__seg_desc(void *seg, int nranks, uint32_t seq, int peer);
+char *epx__seg_eager(void *seg, int nranks, size_t eager_bytes, uint32_t seq, int peer);
+
+/* Sequence numbers wrap: a >= b in the window sense. */
+static inline bool epx__seq_geq(uint32_t a, uint32_t b) { return (int32_t)(a - b) >= 0; }
+
+/* Publish `value` on a flag (release) and wake sleepers. */
+void epx__flag_post(epx__flag_t *flag, uint32_t value);
+/* Wait until `flag` (in peer's segment) >= target. TIMEOUT / PEER_FAILURE on failure. */
+epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t target,
+                            uint64_t deadline, const char *what, epx__errbuf_t *err);
+/* Wait for the flag at the same place in every peer's segment. */
+epx_status_t epx__flag_wait_all(epx__cpu_t *c, size_t flag_offset, uint32_t target, uint64_t deadline,
+                                const char *what, epx__errbuf_t *err);
+
+/* Find my registered region holding [p, p+len); fill `loc` (addr = offset). */
+bool epx__region_find(epx__cpu_t *c, const void *p, size_t len, epx__loc_t *loc);
+/* A registered region of at least `bytes` to stage unregistered sends. */
+epx_status_t epx__staging_get(epx__cpu_t *c, size_t bytes, void **base, epx__loc_t *loc,
+                              epx__errbuf_t *err);
+
+/* Copy `len` bytes at offset `off` of what `peer` published in `loc` into `dst`. */
+epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, uint64_t off,
+                            void *dst, size_t len, epx__errbuf_t *err);
+/* Make `loc` directly addressable here if it can be (eager, region); NULL for CMA. */
+epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq,
+                           const char **base, epx__errbuf_t *err);
+
+#endif /* EPX_CPU_SHM_H */

@@ -1,0 +1,148 @@
+/*
+ * src/core in one process: status strings, dtypes, tunables, size parsing, the unique id's
+ * text form (round trip and malformed input), and the bootstrap with ranks as threads
+ * (allgather, barrier, a rank-count mismatch that fails every rank).
+ */
+#include <pthread.h>
+#include <string.h>
+
+#include "core/core.h"
+#include "testlib.h"
+
+static void test_status(void)
+{
+    ASSERT(strcmp(epx_status_string(EPX_SUCCESS), "success") == 0);
+    ASSERT(strcmp(epx_status_name(EPX_ERR_TIMEOUT), "EPX_ERR_TIMEOUT") == 0);
+    ASSERT(strcmp(epx_status_string((epx_status_t)12345), "unknown status") == 0);
+    ASSERT_EQ(epx_get_version(), EPX_VERSION_CODE);
+    ASSERT_EQ(epx_dtype_size(EPX_BF16), 2);
+    ASSERT_EQ(epx_dtype_size(EPX_FP8_E4M3), 1);
+    ASSERT_EQ(epx_dtype_size(EPX_I64), 8);
+    ASSERT_EQ(epx_dtype_size((epx_dtype_t)99), 0);
+    ASSERT(strcmp(epx_dtype_name(EPX_FP8_E4M3), "fp8_e4m3") == 0);
+}
+
+static void test_params(void)
+{
+    int64_t v;
+    ASSERT(epx__parse_size("64K", &v) && v == 65536);
+    ASSERT(epx__parse_size("3M", &v) && v == 3 << 20);
+    ASSERT(epx__parse_size("2G", &v) && v == 2ll << 30);
+    ASSERT(epx__parse_size("17", &v) && v == 17);
+    ASSERT(!epx__parse_size("", &v));
+    ASSERT(!epx__parse_size("-1", &v));
+    ASSERT(!epx__parse_size("12X", &v));
+    ASSERT(!epx__parse_size("99999999999999999999G", &v));
+    ASSERT(epx_param_count() >= 10);
+    bool seen_timeout = false;
+    for (int i = 0; i < epx_param_count(); i++) {
+        epx_param_info_t p;
+        ASSERT_OK(epx_param_get(i, &p));
+        ASSERT(p.name && strncmp(p.name, "EPX_", 4) == 0 && p.description[0]);
+        seen_timeout |= strcmp(p.name, "EPX_TIMEOUT_MS") == 0;
+    }
+    ASSERT(seen_timeout);
+    epx_param_info_t p;
+    ASSERT_STATUS(epx_param_get(-1, &p), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_param_get(epx_param_count(), &p), EPX_ERR_INVALID_ARGUMENT);
+}
+
+static void test_ids(void)
+{
+    epx_unique_id_t id, back;
+    char text[EPX_UNIQUE_ID_STRLEN];
+    ASSERT_OK(epx_get_unique_id(&id));
+    ASSERT_OK(epx_unique_id_to_string(&id, text, sizeof text));
+    ASSERT(strncmp(text, "epx1:127.0.0.1:", 15) == 0);
+    ASSERT_OK(epx_unique_id_from_string(text, &back));
+    ASSERT(memcmp(&id, &back, sizeof id) == 0);
+    ASSERT_OK(epx_unique_id_from_string("epx1:[::1]:80:00000000000000ff", &back));
+    ASSERT_STATUS(epx_unique_id_to_string(&id, text, 10), EPX_ERR_INVALID_ARGUMENT);
+    static const char *bad[] = {"", "epx1:", "epx2:127.0.0.1:80:0123456789abcdef", "epx1:127.0.0.1:0:0123456789abcdef",
+                                "epx1:127.0.0.1:65536:0123456789abcdef", "epx1:127.0.0.1:80:0123456789abcde",
+                                "epx1:127.0.0.1:80:0123456789abcdefa", "epx1:300.0.0.1:80:0123456789abcdef",
+                                "epx1:[::1:80:0123456789abcdef", "epx1:127.0.0.1::0123456789abcdef",
+                                "epx1:127.0.0.1:80:0123456789abcdeg", "epx1:127.0.0.1:80"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ASSERT_STATUS(epx_unique_id_from_string(bad[i], &back), EPX_ERR_INVALID_ARGUMENT);
+    epx_unique_id_t zero;
+    memset(&zero, 0, sizeof zero);
+    epx_comm_t comm;
+    ASSERT_STATUS(epx_comm_init_rank(&comm, 1, 0, &zero, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_comm_init_rank(&comm, 2, 2, &id, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_comm_init_rank(&comm, 0, 0, &id, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_comm_init_rank(NULL, 1, 0, &id, NULL), EPX_ERR_INVALID_ARGUMENT);
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.size = 3;
+    ASSERT_STATUS(epx_comm_init_rank(&comm, 1, 0, &id, &cfg), EPX_ERR_INVALID_ARGUMENT);
+    cfg = (epx_config_t)EPX_CONFIG_INITIALIZER;
+    cfg.timeout_ms = -5;
+    ASSERT_STATUS(epx_comm_init_rank(&comm, 1, 0, &id, &cfg), EPX_ERR_INVALID_ARGUMENT);
+}
+
+typedef struct {
+    epx_unique_id_t id;
+    int rank, nranks_claimed;
+    epx_status_t status;
+} boot_arg_t;
+
+static void *boot_thread(void *argp)
+{
+    boot_arg_t *a = argp;
+    int info = 1000 + a->rank, all[8];
+    epx__boot_t *boot;
+    epx__errbuf_t err;
+    a->status = epx__boot_init(&boot, a->nranks_claimed, a->rank, &a->id, &info, sizeof info, all, 5000, &err);
+    if (a->status != EPX_SUCCESS) return NULL;
+    for (int r = 0; r < a->nranks_claimed; r++) ASSERT_EQ(all[r], 1000 + r);
+    int mine = a->rank * 7, got[8];
+    ASSERT_OK(epx__boot_allgather(boot, &mine, got, sizeof mine, &err));
+    for (int r = 0; r < a->nranks_claimed; r++) ASSERT_EQ(got[r], r * 7);
+    ASSERT_OK(epx__boot_barrier(boot, &err));
+    epx__boot_close(boot);
+    return NULL;
+}
+
+static void run_boot(int nranks, const int *claimed, epx_status_t expect)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    pthread_t th[8];
+    boot_arg_t args[8];
+    for (int r = 0; r < nranks; r++) {
+        args[r] = (boot_arg_t){id, r, claimed[r], EPX_SUCCESS};
+        pthread_create(&th[r], NULL, boot_thread, &args[r]);
+    }
+    for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
+    for (int r = 0; r < nranks; r++) ASSERT_STATUS(args[r].status, expect);
+}
+
+int main(void)
+{
+    test_rank = 0;
+    test_status();
+    test_params();
+    test_ids();
+    int four[] = {4, 4, 4, 4};
+    run_boot(4, four, EPX_SUCCESS);
+    int one[] = {1};
+    run_boot(1, one, EPX_SUCCESS);
+    /* Rank 1 claims 3 ranks while the others claim 2: every rank fails, none hangs. */
+    int differ[] = {2, 3};
+    run_boot(2, differ, EPX_ERR_MISMATCH);
+    /* A single-rank communicator works end to end. */
+    epx_unique_id_t id;
+    epx_comm_t comm;
+    ASSERT_OK(epx_get_unique_id(&id));
+    ASSERT_OK(epx_comm_init_rank(&comm, 1, 0, &id, NULL));
+    epx_comm_info_t info;
+    ASSERT_OK(epx_comm_info(comm, &info));
+    ASSERT_EQ(info.nranks, 1);
+    ASSERT_EQ(info.num_hosts, 1);
+    int x = 42, y = 0;
+    ASSERT_OK(epx_alltoall(comm, &x, &y, 1, EPX_I32, NULL));
+    ASSERT_EQ(y, 42);
+    ASSERT_OK(epx_comm_destroy(comm));
+    test_done(8);
+    return 0;
+}

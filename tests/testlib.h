@@ -1,0 +1,71 @@
+/*
+ * Test helpers: assertion macros that report file/line/rank and exit non-zero, a seeded
+ * RNG, and the communicator every multi-rank test starts from.
+ */
+#ifndef EPX_TESTLIB_H
+#define EPX_TESTLIB_H
+
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "epx.h"
+
+extern int test_rank;
+
+#define TEST_FAIL_(...)                                                                       \
+    do {                                                                                      \
+        fprintf(stderr, "FAIL %s:%d (rank %d): ", __FILE__, __LINE__, test_rank);             \
+        fprintf(stderr, __VA_ARGS__);                                                         \
+        fprintf(stderr, "\n");                                                                \
+        fflush(stderr);                                                                       \
+        fflush(stdout);                                                                       \
+        _Exit(1);                                                                             \
+    } while (0)
+
+#define ASSERT(cond)                                                                          \
+    do {                                                                                      \
+        if (!(cond)) TEST_FAIL_("%s", #cond);                                                 \
+    } while (0)
+#define ASSERT_EQ(a, b)                                                                       \
+    do {                                                                                      \
+        long long a_ = (long long)(a), b_ = (long long)(b);                                   \
+        if (a_ != b_) TEST_FAIL_("%s == %s (%lld vs %lld)", #a, #b, a_, b_);                  \
+    } while (0)
+#define ASSERT_OK(expr)                                                                       \
+    do {                                                                                      \
+        epx_status_t s_ = (expr);                                                             \
+        if (s_ != EPX_SUCCESS)                                                                \
+            TEST_FAIL_("%s -> %s: %s", #expr, epx_status_name(s_), epx_get_last_error());     \
+    } while (0)
+#define ASSERT_STATUS(expr, want)                                                             \
+    do {                                                                                      \
+        epx_status_t s_ = (expr);                                                             \
+        if (s_ != (want))                                                                     \
+            TEST_FAIL_("%s -> %s, expected %s (%s)", #expr, epx_status_name(s_),              \
+                       epx_status_name(want), epx_get_last_error());                          \
+    } while (0)
+
+/* splitmix64: deterministic across ranks for the same seed. */
+static inline uint64_t test_rand(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static inline uint64_t test_mix(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
+{
+    uint64_t s = a * 0x100000001b3ull ^ (b << 21) ^ (c << 42) ^ d * 0x9e3779b97f4a7c15ull;
+    return test_rand(&s);
+}
+
+/* Create the communicator from the epx-run environment (sets test_rank). */
+epx_comm_t test_comm_from_env(int *rank, int *nranks);
+
+/* Every test prints one closing line through this: "N passed, 0 failed". */
+void test_done(int passed);
+
+#endif

@@ -1,0 +1,53 @@
+/*
+ * epx-bench internals: options, the per-rank context and shared helpers (timing, max over
+ * ranks, JSON output). One file per benchmark (bench_alltoall.c, ...).
+ */
+#ifndef EPX_BENCH_H
+#define EPX_BENCH_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "epx.h"
+
+typedef struct {
+    const char *op; /* "alltoall", "moe" */
+    int ranks;
+    const char *backend;
+    int64_t min_bytes, max_bytes;
+    double factor;
+    int iters, warmup;
+    int check;
+    const char *json;
+    const char *baseline; /* auto, mpi, none */
+    bool unregistered;
+    double timeout_s;
+} bench_opts_t;
+
+typedef struct {
+    bench_opts_t opt;
+    epx_comm_t comm;
+    int rank, nranks;
+    bool mpi; /* MPI is initialised: baselines run */
+} bench_ctx_t;
+
+/* Monotonic time in microseconds. */
+double bench_now_us(void);
+/* Median of v[0..n) (reorders v). */
+double bench_median(double *v, int n);
+/* Max / sum of `v` over all ranks (collective). */
+double bench_max(bench_ctx_t *b, double v);
+double bench_sum(bench_ctx_t *b, double v);
+/* Barrier through epx (collective). */
+void bench_barrier(bench_ctx_t *b);
+/* Abort the whole run with a message (all ranks die; the launcher reports it). */
+void bench_die(bench_ctx_t *b, const char *what, epx_status_t st);
+
+#ifdef EPX_HAVE_MPI
+#include <mpi.h>
+#endif
+
+int bench_alltoall(bench_ctx_t *b);
+
+#endif

@@ -1,0 +1,162 @@
+/* epx-bench alltoall: epx_alltoall vs MPI_Alltoall on the same bytes, in the same run. */
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench.h"
+
+/* The 32-bit value rank `src` sends to rank `dst` at element `i`. */
+static uint32_t pattern(int src, int dst, int64_t i)
+{
+    uint64_t x = ((uint64_t)(uint32_t)src << 48) ^ ((uint64_t)(uint32_t)dst << 32) ^ (uint64_t)i;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 29;
+    return (uint32_t)x;
+}
+
+static void fill(uint32_t *send, int me, int nranks, int64_t count)
+{
+    for (int p = 0; p < nranks; p++)
+        for (int64_t i = 0; i < count; i++) send[(int64_t)p * count + i] = pattern(me, p, i);
+}
+
+static int64_t verify(const uint32_t *recv, int me, int nranks, int64_t count)
+{
+    int64_t wrong = 0;
+    for (int p = 0; p < nranks; p++)
+        for (int64_t i = 0; i < count; i++) wrong += recv[(int64_t)p * count + i] != pattern(p, me, i);
+    return wrong;
+}
+
+typedef epx_status_t (*a2a_fn)(bench_ctx_t *b, const void *send, void *recv, int64_t count);
+
+static epx_status_t run_epx(bench_ctx_t *b, const void *send, void *recv, int64_t count)
+{
+    return epx_alltoall(b->comm, send, recv, (size_t)count, EPX_F32, NULL);
+}
+
+#ifdef EPX_HAVE_MPI
+static epx_status_t run_mpi(bench_ctx_t *b, const void *send, void *recv, int64_t count)
+{
+    (void)b;
+    return MPI_Alltoall(send, (int)count, MPI_FLOAT, recv, (int)count, MPI_FLOAT, MPI_COMM_WORLD) == MPI_SUCCESS
+               ? EPX_SUCCESS
+               : EPX_ERR_MPI;
+}
+static void mpi_barrier(bench_ctx_t *b)
+{
+    (void)b;
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+#endif
+
+/* One size: a checked run on poisoned output, warm-up, then timed iterations each after a
+ * barrier. Returns the median over iterations of this rank's time (us). */
+static double measure(bench_ctx_t *b, a2a_fn fn, void (*barrier)(bench_ctx_t *), const uint32_t *send,
+                      uint32_t *recv, int64_t count, int64_t *wrong, const char *name)
+{
+    size_t bytes = (size_t)count * (size_t)b->nranks * 4;
+    *wrong = 0;
+    if (b->opt.check) {
+        memset(recv, 0xA5, bytes);
+        epx_status_t st = fn(b, send, recv, count);
+        if (st != EPX_SUCCESS) bench_die(b, name, st);
+        *wrong = verify(recv, b->rank, b->nranks, count);
+    }
+    for (int i = 0; i < b->opt.warmup; i++) {
+        epx_status_t st = fn(b, send, recv, count);
+        if (st != EPX_SUCCESS) bench_die(b, name, st);
+    }
+    double *t = malloc(sizeof(double) * (size_t)b->opt.iters);
+    for (int i = 0; i < b->opt.iters; i++) {
+        barrier(b);
+        double t0 = bench_now_us();
+        epx_status_t st = fn(b, send, recv, count);
+        t[i] = bench_now_us() - t0;
+        if (st != EPX_SUCCESS) bench_die(b, name, st);
+    }
+    double med = bench_median(t, b->opt.iters);
+    free(t);
+    return med;
+}
+
+int bench_alltoall(bench_ctx_t *b)
+{
+    const bench_opts_t *o = &b->opt;
+    int R = b->nranks;
+    int64_t max_count = o->max_bytes / (4 * R);
+    if (max_count < 1) max_count = 1;
+    size_t max_bytes = (size_t)max_count * (size_t)R * 4;
+    uint32_t *send = NULL, *recv = malloc(max_bytes);
+    epx_status_t st = EPX_SUCCESS;
+    if (o->unregistered)
+        send = malloc(max_bytes);
+    else
+        st = epx_mem_alloc(b->comm, max_bytes, (void **)&send);
+    if (st != EPX_SUCCESS || !send || !recv) bench_die(b, "buffer allocation", st ? st : EPX_ERR_NO_MEMORY);
+
+    FILE *json = NULL;
+    if (b->rank == 0) {
+        printf("# epx-bench alltoall: backend %s, %d ranks, f32, %d iterations (median, max over ranks), %d warm-up, "
+               "%s send buffers, baseline %s\n",
+               o->backend, R, o->iters, o->warmup, o->unregistered ? "malloc" : "registered",
+               b->mpi ? "MPI_Alltoall" : "none");
+        printf("# %12s %10s %10s %10s %7s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong");
+        if (b->mpi) printf(" | %10s %7s %8s", "mpi_us", "#wrong", "speedup");
+        printf("\n");
+        if (o->json && !(json = fopen(o->json, "w"))) perror(o->json);
+        if (json) fprintf(json, "[");
+    }
+    int nsizes = 0;
+    for (double s = (double)o->min_bytes; s <= (double)o->max_bytes * 1.0000001; s *= o->factor) nsizes++;
+    int idx = 0, any_wrong = 0;
+    double sweep_start = bench_now_us();
+    for (double s = (double)o->min_bytes; idx < nsizes; s *= o->factor, idx++) {
+        int64_t count = (int64_t)s / (4 * R);
+        int64_t bytes = count * 4 * R;
+        fill(send, b->rank, R, count);
+        int64_t wrong;
+        double t = measure(b, run_epx, bench_barrier, send, recv, count, &wrong, "epx_alltoall");
+        t = bench_max(b, t);
+        double wrong_all = bench_sum(b, (double)wrong);
+        double mt = 0, mwrong_all = 0;
+#ifdef EPX_HAVE_MPI
+        if (b->mpi) {
+            int64_t mwrong;
+            mt = bench_max(b, measure(b, run_mpi, mpi_barrier, send, recv, count, &mwrong, "MPI_Alltoall"));
+            mwrong_all = bench_sum(b, (double)mwrong);
+        }
+#endif
+        any_wrong |= wrong_all > 0 || mwrong_all > 0;
+        if (b->rank == 0) {
+            double algbw = t > 0 ? (double)bytes / t / 1e3 : 0;
+            double busbw = algbw * (R - 1) / R;
+            printf("  %12" PRId64 " %10.2f %10.3f %10.3f %7.0f", bytes, t, algbw, busbw, wrong_all);
+            if (b->mpi) printf(" | %10.2f %7.0f %7.2fx", mt, mwrong_all, t > 0 ? mt / t : 0);
+            printf("\n");
+            fflush(stdout);
+            if (json)
+                fprintf(json,
+                        "%s\n  {\"op\": \"alltoall\", \"backend\": \"%s\", \"ranks\": %d, \"bytes\": %" PRId64
+                        ", \"time_us\": %.3f, \"algbw_gbs\": %.4f, \"busbw_gbs\": %.4f, \"wrong\": %.0f, "
+                        "\"baseline\": \"%s\", \"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f}",
+                        idx ? "," : "", o->backend, R, bytes, t, algbw, busbw, wrong_all,
+                        b->mpi ? "MPI_Alltoall" : "none", b->mpi ? mt : 0.0, mwrong_all);
+            if (nsizes > 4)
+                fprintf(stderr, "# progress: %d/%d sizes, %.1f s\n", idx + 1, nsizes,
+                        (bench_now_us() - sweep_start) / 1e6);
+        }
+    }
+    if (json) {
+        fprintf(json, "\n]\n");
+        fclose(json);
+    }
+    if (b->rank == 0 && any_wrong) printf("# FAILED: wrong values found\n");
+    if (o->unregistered)
+        free(send);
+    else
+        epx_mem_free(b->comm, send);
+    free(recv);
+    return any_wrong ? 1 : 0;
+}

@@ -1,0 +1,258 @@
+/*
+ * epx-bench: benchmarks with the nccl-tests interface and a baseline in the same run.
+ *
+ *   epx-bench alltoall --ranks N --backend cpu -b MIN -e MAX -f FACTOR -n ITERS -w WARMUP
+ *                      -c 1 [--json FILE] [--baseline auto|mpi|none] [--unregistered]
+ *
+ * Started by hand, it launches its own ranks: through mpiexec when built with MPI (so that
+ * MPI_Alltoall runs on the same bytes in the same processes), else with the epx launcher.
+ * Under epx-run or mpiexec it runs as one rank.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "launch.h"
+
+double bench_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e6 * (double)ts.tv_sec + 1e-3 * (double)ts.tv_nsec;
+}
+
+static int bench_cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+double bench_median(double *v, int n)
+{
+    if (n <= 0) return 0;
+    qsort(v, (size_t)n, sizeof *v, bench_cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void bench_die(bench_ctx_t *b, const char *what, epx_status_t st)
+{
+    fprintf(stderr, "epx-bench: rank %d: %s failed: %s (%s)\n", b->rank, what, epx_status_name(st),
+            b->comm ? epx_comm_get_last_error(b->comm) : epx_get_last_error());
+    fflush(stderr);
+    if (b->comm) epx_comm_abort(b->comm);
+    _exit(3);
+}
+
+static void bench_gather(bench_ctx_t *b, double v, double *all)
+{
+    double *send = malloc(sizeof(double) * (size_t)b->nranks);
+    for (int i = 0; i < b->nranks; i++) send[i] = v;
+    epx_status_t st = epx_alltoall(b->comm, send, all, 1, EPX_I64, NULL);
+    free(send);
+    if (st != EPX_SUCCESS) bench_die(b, "gather of results", st);
+}
+
+double bench_max(bench_ctx_t *b, double v)
+{
+    double *all = malloc(sizeof(double) * (size_t)b->nranks), m = -INFINITY;
+    bench_gather(b, v, all);
+    for (int i = 0; i < b->nranks; i++) m = all[i] > m ? all[i] : m;
+    free(all);
+    return m;
+}
+
+double bench_sum(bench_ctx_t *b, double v)
+{
+    double *all = malloc(sizeof(double) * (size_t)b->nranks), s = 0;
+    bench_gather(b, v, all);
+    for (int i = 0; i < b->nranks; i++) s += all[i];
+    free(all);
+    return s;
+}
+
+void bench_barrier(bench_ctx_t *b)
+{
+    epx_status_t st = epx_barrier(b->comm, NULL);
+    if (st != EPX_SUCCESS) bench_die(b, "barrier", st);
+}
+
+static int usage(void)
+{
+    fprintf(stderr,
+            "usage: epx-bench alltoall [options]\n"
+            "  --ranks N          ranks to launch (default 2; ignored under epx-run/mpiexec)\n"
+            "  --backend cpu      backend (cpu)\n"
+            "  -b, --minbytes S   smallest size, bytes sent per rank (K/M/G suffixes; default 1K)\n"
+            "  -e, --maxbytes S   largest size (default 64M)\n"
+            "  -f, --stepfactor F size multiplier (default 4)\n"
+            "  -n, --iters N      timed iterations per size (default 20)\n"
+            "  -w, --warmup N     untimed iterations per size (default 5)\n"
+            "  -c, --check 0|1    verify every element (default 1)\n"
+            "  --json FILE        write the results as a JSON list\n"
+            "  --baseline B       auto (MPI when built with it), mpi, none\n"
+            "  --unregistered     send from malloc memory instead of epx_mem_alloc memory\n"
+            "  --timeout SEC      launcher timeout (default 1800)\n");
+    return 2;
+}
+
+static bool parse_size(const char *s, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || v < 0) return false;
+    double m = 1;
+    if (*end == 'K' || *end == 'k') m = 1024.0, end++;
+    else if (*end == 'M' || *end == 'm') m = 1048576.0, end++;
+    else if (*end == 'G' || *end == 'g') m = 1073741824.0, end++;
+    if (*end == 'B') end++;
+    if (*end) return false;
+    *out = (int64_t)(v * m);
+    return true;
+}
+
+static int parse_args(int argc, char **argv, bench_opts_t *o)
+{
+    *o = (bench_opts_t){.op = NULL, .ranks = 2, .backend = "cpu", .min_bytes = 1024, .max_bytes = 64 << 20,
+                        .factor = 4, .iters = 20, .warmup = 5, .check = 1, .json = NULL, .baseline = "auto",
+                        .unregistered = false, .timeout_s = 1800};
+    if (argc < 2) return usage();
+    o->op = argv[1];
+    if (strcmp(o->op, "alltoall") != 0) {
+        fprintf(stderr, "epx-bench: unknown benchmark '%s'\n", o->op);
+        return usage();
+    }
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define OPT(s, l) (!strcmp(a, s) || !strcmp(a, l))
+        if (!strcmp(a, "--unregistered")) {
+            o->unregistered = true;
+            continue;
+        }
+        if (!v) {
+            fprintf(stderr, "epx-bench: %s needs a value\n", a);
+            return usage();
+        }
+        i++;
+        bool ok = true;
+        if (OPT("-r", "--ranks")) o->ranks = atoi(v), ok = o->ranks >= 1 && o->ranks <= 1024;
+        else if (!strcmp(a, "--backend")) o->backend = v, ok = !strcmp(v, "cpu");
+        else if (OPT("-b", "--minbytes")) ok = parse_size(v, &o->min_bytes);
+        else if (OPT("-e", "--maxbytes")) ok = parse_size(v, &o->max_bytes);
+        else if (OPT("-f", "--stepfactor")) o->factor = atof(v), ok = o->factor > 1;
+        else if (OPT("-n", "--iters")) o->iters = atoi(v), ok = o->iters >= 1;
+        else if (OPT("-w", "--warmup")) o->warmup = atoi(v), ok = o->warmup >= 0;
+        else if (OPT("-c", "--check")) o->check = atoi(v);
+        else if (!strcmp(a, "--json")) o->json = v;
+        else if (!strcmp(a, "--baseline")) o->baseline = v, ok = !strcmp(v, "auto") || !strcmp(v, "mpi") || !strcmp(v, "none");
+        else if (!strcmp(a, "--timeout")) o->timeout_s = atof(v);
+        else {
+            fprintf(stderr, "epx-bench: unknown option %s\n", a);
+            return usage();
+        }
+#undef OPT
+        if (!ok) {
+            fprintf(stderr, "epx-bench: bad value for %s: %s\n", a, v);
+            return usage();
+        }
+    }
+    if (o->max_bytes < o->min_bytes) o->max_bytes = o->min_bytes;
+    return 0;
+}
+
+static bool under_mpi(void)
+{
+    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
+}
+
+/* Re-run this command as N ranks: under mpiexec when MPI baselines are wanted, else with
+ * the epx launcher. */
+static int launch_self(bench_opts_t *o, int argc, char **argv)
+{
+    static char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) {
+        perror("epx-bench: readlink /proc/self/exe");
+        return 1;
+    }
+    self[n] = '\0';
+    char **args = calloc((size_t)argc + 16, sizeof *args);
+#ifdef EPX_HAVE_MPI
+    if (strcmp(o->baseline, "none") != 0 && access(EPX_MPIEXEC, X_OK) == 0) {
+        static char nbuf[16];
+        snprintf(nbuf, sizeof nbuf, "%d", o->ranks);
+        int k = 0;
+        args[k++] = EPX_MPIEXEC;
+        args[k++] = "-n";
+        args[k++] = nbuf;
+#ifdef OMPI_MAJOR_VERSION
+        args[k++] = "--oversubscribe";
+        args[k++] = "--bind-to";
+        args[k++] = "none";
+        if (geteuid() == 0) args[k++] = "--allow-run-as-root";
+#endif
+        args[k++] = self;
+        for (int i = 1; i < argc; i++) args[k++] = argv[i];
+        fflush(stdout);
+        execv(EPX_MPIEXEC, args);
+        fprintf(stderr, "epx-bench: cannot run %s (%s); launching without MPI\n", EPX_MPIEXEC, strerror(errno));
+    }
+#endif
+    if (!strcmp(o->baseline, "mpi")) {
+        fprintf(stderr, "epx-bench: --baseline mpi needs a build with MPI and mpiexec\n");
+        return 1;
+    }
+    args[0] = self;
+    for (int i = 1; i < argc; i++) args[i] = argv[i];
+    args[argc] = NULL;
+    int rc = epx_launch(o->ranks, o->timeout_s, args);
+    free(args);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    bench_ctx_t b = {0};
+    int rc = parse_args(argc, argv, &b.opt);
+    if (rc) return rc;
+    bool in_epx_run = getenv("EPX_RANK") != NULL;
+    if (!in_epx_run && !under_mpi()) return launch_self(&b.opt, argc, argv);
+
+    epx_status_t st;
+    if (in_epx_run) {
+        st = epx_comm_init_from_env(&b.comm, NULL);
+    } else {
+#ifdef EPX_HAVE_MPI
+        MPI_Init(&argc, &argv);
+        MPI_Comm_rank(MPI_COMM_WORLD, &b.rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &b.nranks);
+        epx_unique_id_t id;
+        if (b.rank == 0 && epx_get_unique_id(&id) != EPX_SUCCESS) bench_die(&b, "epx_get_unique_id", EPX_ERR_SYSTEM);
+        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+        st = epx_comm_init_rank(&b.comm, b.nranks, b.rank, &id, NULL);
+        b.mpi = strcmp(b.opt.baseline, "none") != 0;
+#else
+        fprintf(stderr, "epx-bench: started by mpiexec but built without MPI\n");
+        return 1;
+#endif
+    }
+    if (st != EPX_SUCCESS) bench_die(&b, "communicator creation", st);
+    epx_comm_rank(b.comm, &b.rank);
+    epx_comm_size(b.comm, &b.nranks);
+
+    rc = bench_alltoall(&b);
+
+    epx_comm_destroy(b.comm);
+#ifdef EPX_HAVE_MPI
+    if (!in_epx_run) MPI_Finalize();
+#endif
+    fflush(stdout);
+    return rc;
+}

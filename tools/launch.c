@@ -1,0 +1,221 @@
+/* Local launcher (see launch.h). */
+#include "launch.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "epx.h"
+
+typedef struct {
+    pid_t pid;
+    int fd[2];      /* stdout, stderr pipes (read ends), -1 once closed */
+    char *line[2];  /* pending partial line */
+    size_t len[2], cap[2];
+    int exited, status;
+} epx__rank_proc_t;
+
+static double epx__now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void epx__write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Emit every complete line of the buffer, prefixed; keep the rest. With `flush`, emit it
+ * all (a last line without newline gets one). */
+static void epx__emit(epx__rank_proc_t *r, int rank, int s, int flush)
+{
+    char prefix[32];
+    int plen = snprintf(prefix, sizeof prefix, "[%d] ", rank);
+    size_t start = 0;
+    for (size_t i = 0; i < r->len[s]; i++) {
+        if (r->line[s][i] != '\n') continue;
+        epx__write_all(s ? 2 : 1, prefix, (size_t)plen);
+        epx__write_all(s ? 2 : 1, r->line[s] + start, i + 1 - start);
+        start = i + 1;
+    }
+    if (flush && start < r->len[s]) {
+        epx__write_all(s ? 2 : 1, prefix, (size_t)plen);
+        epx__write_all(s ? 2 : 1, r->line[s] + start, r->len[s] - start);
+        epx__write_all(s ? 2 : 1, "\n", 1);
+        start = r->len[s];
+    }
+    memmove(r->line[s], r->line[s] + start, r->len[s] - start);
+    r->len[s] -= start;
+}
+
+static void epx__kill_all(epx__rank_proc_t *ranks, int n, int sig)
+{
+    for (int i = 0; i < n; i++)
+        if (ranks[i].pid > 0 && !ranks[i].exited) kill(-ranks[i].pid, sig), kill(ranks[i].pid, sig);
+}
+
+/* Remove shared-memory names a killed rank could not unlink: /dev/shm/epx-<nonce>-*. */
+static void epx__cleanup_shm(const char *id_text)
+{
+    const char *nonce = strrchr(id_text, ':');
+    if (!nonce) return;
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "epx-%s-", nonce + 1);
+    DIR *d = opendir("/dev/shm");
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) {
+            char path[512];
+            snprintf(path, sizeof path, "/dev/shm/%s", e->d_name);
+            unlink(path);
+        }
+    }
+    closedir(d);
+}
+
+int epx_launch(int nranks, double timeout_s, char *const argv[])
+{
+    epx_unique_id_t id;
+    char id_text[EPX_UNIQUE_ID_STRLEN];
+    if (epx_get_unique_id(&id) != EPX_SUCCESS || epx_unique_id_to_string(&id, id_text, sizeof id_text) != EPX_SUCCESS) {
+        fprintf(stderr, "epx-run: cannot create a unique id: %s\n", epx_get_last_error());
+        return 1;
+    }
+    epx__rank_proc_t *ranks = calloc((size_t)nranks, sizeof *ranks);
+    if (!ranks) return 1;
+    fflush(stdout);
+    fflush(stderr);
+    int started = 0, result = 0;
+    for (int r = 0; r < nranks; r++) {
+        int out[2], err[2];
+        if (pipe(out) != 0 || pipe(err) != 0) {
+            perror("epx-run: pipe");
+            result = 1;
+            break;
+        }
+        pid_t pid = fork();
+        if (pid < 0) {
+            perror("epx-run: fork");
+            result = 1;
+            break;
+        }
+        if (pid == 0) {
+            setpgid(0, 0);
+            dup2(out[1], 1);
+            dup2(err[1], 2);
+            close(out[0]), close(out[1]), close(err[0]), close(err[1]);
+            char buf[32];
+            snprintf(buf, sizeof buf, "%d", r);
+            setenv("EPX_RANK", buf, 1);
+            setenv("EPX_LOCAL_RANK", buf, 1);
+            snprintf(buf, sizeof buf, "%d", nranks);
+            setenv("EPX_NRANKS", buf, 1);
+            setenv("EPX_UNIQUE_ID", id_text, 1);
+            execvp(argv[0], argv);
+            fprintf(stderr, "epx-run: cannot run %s: %s\n", argv[0], strerror(errno));
+            fflush(stderr);
+            _exit(127);
+        }
+        setpgid(pid, pid);
+        close(out[1]);
+        close(err[1]);
+        ranks[r].pid = pid;
+        ranks[r].fd[0] = out[0];
+        ranks[r].fd[1] = err[0];
+        started++;
+    }
+
+    double deadline = timeout_s > 0 ? epx__now_s() + timeout_s : 0;
+    int alive = started, open_fds = 2 * started, killed = result != 0;
+    double kill_time = killed ? epx__now_s() : 0;
+    if (killed) epx__kill_all(ranks, started, SIGTERM);
+    struct pollfd *pfd = calloc((size_t)(2 * nranks), sizeof *pfd);
+    while (alive > 0 || open_fds > 0) {
+        int n = 0;
+        for (int r = 0; r < started; r++)
+            for (int s = 0; s < 2; s++)
+                if (ranks[r].fd[s] >= 0) pfd[n++] = (struct pollfd){ranks[r].fd[s], POLLIN, 0};
+        poll(pfd, (nfds_t)n, 50);
+        for (int r = 0; r < started; r++) {
+            for (int s = 0; s < 2; s++) {
+                epx__rank_proc_t *rp = &ranks[r];
+                if (rp->fd[s] < 0) continue;
+                for (;;) {
+                    struct pollfd one = {rp->fd[s], POLLIN, 0};
+                    if (poll(&one, 1, 0) <= 0) break;
+                    if (rp->cap[s] - rp->len[s] < 4096) {
+                        rp->cap[s] = rp->cap[s] ? 2 * rp->cap[s] : 8192;
+                        rp->line[s] = realloc(rp->line[s], rp->cap[s]);
+                    }
+                    ssize_t k = read(rp->fd[s], rp->line[s] + rp->len[s], rp->cap[s] - rp->len[s]);
+                    if (k < 0 && errno == EINTR) continue;
+                    if (k <= 0) {
+                        epx__emit(rp, r, s, 1);
+                        close(rp->fd[s]);
+                        rp->fd[s] = -1;
+                        open_fds--;
+                        break;
+                    }
+                    rp->len[s] += (size_t)k;
+                    epx__emit(rp, r, s, 0);
+                }
+            }
+        }
+        int status;
+        pid_t pid;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+            for (int r = 0; r < started; r++) {
+                if (ranks[r].pid != pid) continue;
+                ranks[r].exited = 1;
+                ranks[r].status = status;
+                alive--;
+                int failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+                if (failed && !killed) {
+                    if (WIFSIGNALED(status))
+                        fprintf(stderr, "epx-run: rank %d killed by signal %d; stopping the others\n", r, WTERMSIG(status));
+                    else
+                        fprintf(stderr, "epx-run: rank %d exited with %d; stopping the others\n", r, WEXITSTATUS(status));
+                    result = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+                    killed = 1;
+                    kill_time = epx__now_s();
+                    epx__kill_all(ranks, started, SIGTERM);
+                }
+            }
+        }
+        if (!killed && deadline > 0 && epx__now_s() > deadline) {
+            fprintf(stderr, "epx-run: timeout after %.0f s; killing all ranks\n", timeout_s);
+            result = 124;
+            killed = 1;
+            kill_time = epx__now_s();
+            epx__kill_all(ranks, started, SIGTERM);
+        }
+        if (killed && alive > 0 && epx__now_s() - kill_time > 2.0) epx__kill_all(ranks, started, SIGKILL);
+        /* Stop reading pipes that stay open after every rank is gone (grandchildren). */
+        if (alive == 0 && open_fds > 0 && killed && epx__now_s() - kill_time > 5.0) break;
+    }
+    free(pfd);
+    for (int r = 0; r < started; r++) {
+        free(ranks[r].line[0]);
+        free(ranks[r].line[1]);
+    }
+    free(ranks);
+    epx__cleanup_shm(id_text);
+    return result;
+}

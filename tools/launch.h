@@ -1,0 +1,14 @@
+/*
+ * Local launcher shared by epx-run and epx-bench: fork N ranks of a program with the
+ * bootstrap environment (EPX_RANK, EPX_NRANKS, EPX_LOCAL_RANK, EPX_UNIQUE_ID), prefix each
+ * line they print with "[rank] ", and stop them all when one fails or time runs out.
+ */
+#ifndef EPX_LAUNCH_H
+#define EPX_LAUNCH_H
+
+/* Run argv[0] (searched in PATH) with argv as N ranks. timeout_s <= 0: none.
+ * Returns 0 when every rank exited 0; 124 on timeout; otherwise the first failing rank's
+ * exit code (128 + signal for a signal), or 1. */
+int epx_launch(int nranks, double timeout_s, char *const argv[]);
+
+#endif
