@@ -81,6 +81,25 @@ static double measure(bench_ctx_t *b, a2a_fn fn, void (*barrier)(bench_ctx_t *),
     return med;
 }
 
+/* Median time of one memcpy of `bytes` on rank 0 while the others wait (the floor a
+ * single-copy exchange is compared with). Returns it on every rank. */
+static double measure_memcpy(bench_ctx_t *b, void *dst, const void *src, size_t bytes)
+{
+    double med = 0;
+    bench_barrier(b);
+    if (b->rank == 0) {
+        double *t = malloc(sizeof(double) * (size_t)b->opt.iters);
+        for (int i = 0; i < b->opt.warmup + b->opt.iters; i++) {
+            double t0 = bench_now_us();
+            memcpy(dst, src, bytes);
+            if (i >= b->opt.warmup) t[i - b->opt.warmup] = bench_now_us() - t0;
+        }
+        med = bench_median(t, b->opt.iters);
+        free(t);
+    }
+    return bench_max(b, med);
+}
+
 int bench_alltoall(bench_ctx_t *b)
 {
     const bench_opts_t *o = &b->opt;
@@ -102,7 +121,8 @@ int bench_alltoall(bench_ctx_t *b)
                "%s send buffers, baseline %s\n",
                o->backend, R, o->iters, o->warmup, o->unregistered ? "malloc" : "registered",
                b->mpi ? "MPI_Alltoall" : "none");
-        printf("# %12s %10s %10s %10s %7s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong");
+        printf("# %12s %10s %10s %10s %7s %10s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong",
+               "memcpy_us");
         if (b->mpi) printf(" | %10s %7s %8s", "mpi_us", "#wrong", "speedup");
         printf("\n");
         if (o->json && !(json = fopen(o->json, "w"))) perror(o->json);
@@ -120,6 +140,7 @@ int bench_alltoall(bench_ctx_t *b)
         double t = measure(b, run_epx, bench_barrier, send, recv, count, &wrong, "epx_alltoall");
         t = bench_max(b, t);
         double wrong_all = bench_sum(b, (double)wrong);
+        double mc = measure_memcpy(b, recv, send, (size_t)bytes);
         double mt = 0, mwrong_all = 0;
 #ifdef EPX_HAVE_MPI
         if (b->mpi) {
@@ -132,7 +153,7 @@ int bench_alltoall(bench_ctx_t *b)
         if (b->rank == 0) {
             double algbw = t > 0 ? (double)bytes / t / 1e3 : 0;
             double busbw = algbw * (R - 1) / R;
-            printf("  %12" PRId64 " %10.2f %10.3f %10.3f %7.0f", bytes, t, algbw, busbw, wrong_all);
+            printf("  %12" PRId64 " %10.2f %10.3f %10.3f %7.0f %10.2f", bytes, t, algbw, busbw, wrong_all, mc);
             if (b->mpi) printf(" | %10.2f %7.0f %7.2fx", mt, mwrong_all, t > 0 ? mt / t : 0);
             printf("\n");
             fflush(stdout);
@@ -140,9 +161,9 @@ int bench_alltoall(bench_ctx_t *b)
                 fprintf(json,
                         "%s\n  {\"op\": \"alltoall\", \"backend\": \"%s\", \"ranks\": %d, \"bytes\": %" PRId64
                         ", \"time_us\": %.3f, \"algbw_gbs\": %.4f, \"busbw_gbs\": %.4f, \"wrong\": %.0f, "
-                        "\"baseline\": \"%s\", \"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f}",
+                        "\"baseline\": \"%s\", \"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f, \"memcpy_time_us\": %.3f}",
                         idx ? "," : "", o->backend, R, bytes, t, algbw, busbw, wrong_all,
-                        b->mpi ? "MPI_Alltoall" : "none", b->mpi ? mt : 0.0, mwrong_all);
+                        b->mpi ? "MPI_Alltoall" : "none", b->mpi ? mt : 0.0, mwrong_all, mc);
             if (nsizes > 4)
                 fprintf(stderr, "# progress: %d/%d sizes, %.1f s\n", idx + 1, nsizes,
                         (bench_now_us() - sweep_start) / 1e6);

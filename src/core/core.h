@@ -93,8 +93,10 @@ void epx__log_set_rank(int rank);
     X(BACKEND, "EPX_BACKEND", STR, "auto", "backend: auto, cpu or cuda")                   \
     X(CPU_EAGER_BYTES, "EPX_CPU_EAGER_BYTES", SIZE, "16K",                                 \
       "CPU: messages up to this size per peer are copied through a preallocated slot")     \
-    X(CPU_SPIN, "EPX_CPU_SPIN", INT, "4000",                                               \
-      "CPU: polls of a peer's flag before yielding the core, then sleeping on a futex")    \
+    X(CPU_SPIN_US, "EPX_CPU_SPIN_US", INT, "50",                                           \
+      "CPU: microseconds a wait polls its flag before it starts yielding the core")        \
+    X(CPU_YIELD_MS, "EPX_CPU_YIELD_MS", INT, "20",                                         \
+      "CPU: milliseconds a wait yields the core between polls before it sleeps on a futex") \
     X(CPU_CMA, "EPX_CPU_CMA", INT, "1",                                                    \
       "CPU: 1 = read unregistered send buffers with process_vm_readv; 0 = staging copy")   \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \

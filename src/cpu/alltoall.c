@@ -72,11 +72,10 @@ static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t 
     int me = c->rank;
     for (int p = 0; p < c->nranks; p++) {
         if (p == me) continue;
-        const epx__op_hdr_t *op = epx__seg_op(c->peers[p].hdr, c->nranks, seq);
-        if (op->status != EPX_SUCCESS)
-            return epx__fail(err, EPX_ERR_REMOTE_INVALID,
-                             "rank %d rejected its arguments (%s); nothing was exchanged", p,
-                             epx_status_name((epx_status_t)op->status));
+        const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
+        if (theirs->status != EPX_SUCCESS)
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was exchanged",
+                             p, epx_status_name((epx_status_t)theirs->status));
     }
     for (int p = 0; p < c->nranks; p++) {
         if (p == me) continue;
@@ -97,6 +96,8 @@ static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t 
 epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_status_t local_status,
                                 epx__errbuf_t *err)
 {
+    /* Peers finished their reads of operation seq-2 (same parity) before they posted
+     * seq-1, which this rank saw before it returned from seq-1: the block is free. */
     const uint32_t seq = ++c->seq;
     const int me = c->rank;
     const uint64_t deadline = epx__deadline_after_ms(c->timeout_ms);
@@ -104,20 +105,18 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
     epx_status_t st;
     bool exposed = false;
 
-    /* 1. Peers are done with operation seq-2, which used the same parity block. */
-    EPX__CHECK(epx__flag_wait_all(c, offsetof(epx__seg_hdr_t, done), seq - 2, deadline, "completion", err));
-
-    /* 2-3. Publish and post. A failure here is local and is posted as such. */
-    epx__op_hdr_t *op = epx__seg_op(c->seg, c->nranks, seq);
+    /* Publish and post. A failure here is local and is posted as such. */
     if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, seq, &exposed, err);
-    op->status = local_status;
-    op->seq = seq;
-    epx__flag_post(&h->post, seq);
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == me) continue;
+        epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
+        d->status = local_status;
+        epx__flag_post(&d->post, seq);
+    }
+    st = epx__wait_posts(c, seq, deadline, err);
+    if (st != EPX_SUCCESS) return st; /* broken: peers will fail too */
 
-    st = epx__flag_wait_all(c, offsetof(epx__seg_hdr_t, post), seq, deadline, "arrival", err);
-    if (st != EPX_SUCCESS) return st; /* broken: no done, peers will fail too */
-
-    /* 4. Validate, then pull. */
+    /* Validate, then pull. */
     if (local_status != EPX_SUCCESS)
         st = local_status;
     else
@@ -140,10 +139,10 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
         }
     }
 
-    /* 5. Done; if peers read memory the caller owns, it must stay put until they finish. */
+    /* Done; if peers read memory the caller owns, it must stay put until they finish. */
     epx__flag_post(&h->done, seq);
     if (exposed) {
-        epx_status_t w = epx__flag_wait_all(c, offsetof(epx__seg_hdr_t, done), seq, deadline, "completion", err);
+        epx_status_t w = epx__wait_dones(c, seq, deadline, err);
         if (st == EPX_SUCCESS) st = w;
     }
     return st;

@@ -2,19 +2,20 @@
  * src/cpu: the CPU backend for the ranks of one host — POSIX shared memory between
  * processes, copies and reductions on the CPU. Uses src/core only.
  *
- * Protocol. Every rank owns one shared segment holding its flags, a descriptor block per
- * operation parity and an eager slot per (parity, peer). An operation with sequence number
- * n (the same on every rank: collectives are called in the same order) runs in rounds:
- *   1. wait until every peer has finished operation n-2 (its `done` >= n-2), so the parity
- *      block of n may be rewritten;
- *   2. write the descriptors (what I send to each peer and where it can be read, what I
- *      expect from it) and, for small messages, the data into my eager slots;
- *   3. publish `post` = n (release), then acquire every peer's post >= n;
- *   4. validate both sides of every pair, then *pull*: copy what each peer sends me
- *      straight from where it lies (eager slot, a registered region mapped here, or the
- *      peer's private memory through process_vm_readv) into my receive buffer;
- *   5. publish `done` = n; if peers read my own memory, wait for their done >= n.
- * Every wait spins briefly, then yields, then sleeps on a futex; it ends with
+ * Protocol. Every rank owns one shared segment holding a `done` flag, an `aborted` flag, a
+ * descriptor line per (operation parity, reader) and an eager slot per (parity, reader).
+ * An operation with sequence number n (the same on every rank: collectives are called in
+ * the same order) goes:
+ *   1. write, for each peer, what I send it and where it can read it (my eager slot for
+ *      small messages, a registered region, or my private memory through
+ *      process_vm_readv), what I expect from it, and my verdict on my own arguments; then
+ *      publish the operation number in that line (release);
+ *   2. acquire every peer's line for me, validate both sides of every pair, then *pull*:
+ *      copy what each peer sends me straight from where it lies into my receive buffer;
+ *   3. publish `done` = n; if peers read memory the caller owns, wait for their done >= n.
+ * A rank posts n+1 only after finishing its reads of n, and a rank starts n+2 only after
+ * seeing every post of n+1: so the parity block of n is never rewritten while read.
+ * Every wait polls briefly, then yields, then sleeps on a futex; it ends with
  * EPX_ERR_TIMEOUT at the deadline and EPX_ERR_PEER_FAILURE as soon as the peer's process
  * is gone or has aborted.
  */

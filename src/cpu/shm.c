@@ -25,19 +25,11 @@ static volatile uint64_t epx__cma_probe_word;
 /* ---- Layout ----------------------------------------------------------------------- */
 
 static size_t epx__hdr_bytes(void) { return EPX__ALIGN_UP(sizeof(epx__seg_hdr_t), EPX__CACHELINE); }
-static size_t epx__op_block_bytes(int nranks)
-{
-    return sizeof(epx__op_hdr_t) + (size_t)nranks * sizeof(epx__desc_t);
-}
-
-epx__op_hdr_t *epx__seg_op(void *seg, int nranks, uint32_t seq)
-{
-    return (epx__op_hdr_t *)((char *)seg + epx__hdr_bytes() + (seq & 1u) * epx__op_block_bytes(nranks));
-}
+static size_t epx__op_block_bytes(int nranks) { return (size_t)nranks * sizeof(epx__desc_t); }
 
 epx__desc_t *epx__seg_desc(void *seg, int nranks, uint32_t seq, int peer)
 {
-    return (epx__desc_t *)((char *)epx__seg_op(seg, nranks, seq) + sizeof(epx__op_hdr_t)) + peer;
+    return (epx__desc_t *)((char *)seg + epx__hdr_bytes() + (seq & 1u) * epx__op_block_bytes(nranks)) + peer;
 }
 
 char *epx__seg_eager(void *seg, int nranks, size_t eager_bytes, uint32_t seq, int peer)
@@ -123,12 +115,20 @@ static inline void epx__cpu_relax(void)
 epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t target,
                             uint64_t deadline, const char *what, epx__errbuf_t *err)
 {
-    for (int i = 0; i < c->spin; i++) {
+    /* Poll (fast path), then poll and yield the core, then sleep on the futex. */
+    for (int i = 0; i < 64; i++) {
         if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
             return EPX_SUCCESS;
         epx__cpu_relax();
     }
-    for (unsigned iter = 0;; iter++) {
+    uint64_t start = epx__now_ns();
+    for (unsigned i = 0;; i++) {
+        if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
+            return EPX_SUCCESS;
+        epx__cpu_relax();
+        if ((i & 63) == 0 && epx__now_ns() - start >= c->spin_ns) break;
+    }
+    for (;;) {
         uint32_t v = atomic_load_explicit(&flag->value, memory_order_acquire);
         if (epx__seq_geq(v, target)) return EPX_SUCCESS;
         EPX__CHECK(epx__peer_check(c, peer, what, target, err));
@@ -136,7 +136,7 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t
             return epx__fail(err, EPX_ERR_TIMEOUT,
                              "rank %d timed out after %" PRId64 " ms waiting for rank %d's %s of operation %u (it is at %u)",
                              c->rank, c->timeout_ms, peer, what, target, v);
-        if (iter < 64) {
+        if (epx__now_ns() - start < c->spin_ns + c->yield_ns) {
             sched_yield();
             continue;
         }
@@ -151,13 +151,21 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t
     }
 }
 
-epx_status_t epx__flag_wait_all(epx__cpu_t *c, size_t flag_offset, uint32_t target, uint64_t deadline,
-                                const char *what, epx__errbuf_t *err)
+epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
 {
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
-        epx__flag_t *f = (epx__flag_t *)((char *)c->peers[peer].hdr + flag_offset);
-        EPX__CHECK(epx__flag_wait(c, peer, f, target, deadline, what, err));
+        epx__desc_t *d = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq, c->rank);
+        EPX__CHECK(epx__flag_wait(c, peer, &d->post, seq, deadline, "arrival", err));
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
+{
+    for (int i = 1; i < c->nranks; i++) {
+        int peer = (c->rank + i) % c->nranks;
+        EPX__CHECK(epx__flag_wait(c, peer, &c->peers[peer].hdr->done, seq, deadline, "completion", err));
     }
     return EPX_SUCCESS;
 }
@@ -210,8 +218,9 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     c->timeout_ms = timeout_ms;
     c->next_region_id = 1;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    c->spin = (int)epx__param_int(EPX__P_CPU_SPIN);
-    if (ncpu > 0 && nranks > ncpu) c->spin = EPX__MIN(c->spin, 64); /* oversubscribed: yield early */
+    c->spin_ns = (uint64_t)EPX__MAX(epx__param_int(EPX__P_CPU_SPIN_US), 0) * 1000u;
+    c->yield_ns = (uint64_t)EPX__MAX(epx__param_int(EPX__P_CPU_YIELD_MS), 0) * 1000000u;
+    if (ncpu > 0 && nranks > ncpu) c->spin_ns = EPX__MIN(c->spin_ns, 2000u); /* oversubscribed: yield early */
     int64_t eager = epx__param_int(EPX__P_CPU_EAGER_BYTES);
     c->eager_bytes = (size_t)EPX__ALIGN_UP(EPX__MIN(EPX__MAX(eager, 0), (int64_t)(1 << 20)), EPX__CACHELINE);
     c->seg_bytes = epx__seg_size(nranks, c->eager_bytes);
@@ -232,7 +241,6 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     h->nonce = nonce;
     h->cma_probe_addr = (uint64_t)(uintptr_t)&epx__cma_probe_word;
     h->eager_bytes = c->eager_bytes;
-    atomic_store_explicit(&h->post.value, 0, memory_order_relaxed);
     atomic_store_explicit(&h->done.value, 0, memory_order_relaxed);
     atomic_store_explicit(&h->aborted.value, 0, memory_order_relaxed);
     atomic_thread_fence(memory_order_seq_cst);
@@ -300,8 +308,10 @@ void epx__cpu_destroy(epx__cpu_t *c, bool abort)
         epx__seg_hdr_t *h = c->seg;
         epx__flag_post(&h->aborted, 1);
         /* Wake peers asleep on my flags so they see the abort at once. */
-        epx__futex(&h->post.value, FUTEX_WAKE, INT_MAX, NULL);
         epx__futex(&h->done.value, FUTEX_WAKE, INT_MAX, NULL);
+        for (uint32_t par = 0; par < 2; par++)
+            for (int p = 0; p < c->nranks; p++)
+                epx__futex(&epx__seg_desc(c->seg, c->nranks, par, p)->post.value, FUTEX_WAKE, INT_MAX, NULL);
     }
     if (c->peers) {
         for (int p = 0; p < c->nranks; p++) {

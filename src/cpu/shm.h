@@ -28,24 +28,23 @@ typedef struct {
     uint64_t addr; /* region offset (REGION) or virtual address (CMA) */
 } epx__loc_t;
 
-/* Per (operation parity, peer): what I send the peer and what I expect from it. */
 typedef struct {
+    _Atomic uint32_t value;
+    _Atomic uint32_t waiters; /* sleepers on `value`: the poster wakes them */
+} epx__flag_t;
+
+/* Per (operation parity, reader): one cache line that the reader acquires — the post flag
+ * (the operation number), my verdict on my own arguments, what I send the reader and
+ * where it can read it, and what I expect from the reader. */
+typedef struct {
+    _Alignas(EPX__CACHELINE) epx__flag_t post;
+    int32_t status;
+    uint32_t pad_;
     int64_t send_bytes;
     int64_t recv_bytes;
     epx__loc_t loc;
-    char pad_[EPX__CACHELINE - 2 * sizeof(int64_t) - sizeof(epx__loc_t)];
 } epx__desc_t;
 _Static_assert(sizeof(epx__desc_t) == EPX__CACHELINE, "descriptor is one cache line");
-
-typedef struct {
-    _Alignas(EPX__CACHELINE) _Atomic uint32_t value;
-    _Atomic uint32_t waiters;
-} epx__flag_t;
-
-typedef struct {
-    _Alignas(EPX__CACHELINE) int32_t status; /* the poster's own verdict on its arguments */
-    uint32_t seq;
-} epx__op_hdr_t;
 
 typedef struct {
     uint32_t magic;
@@ -54,9 +53,8 @@ typedef struct {
     uint64_t nonce;
     uint64_t cma_probe_addr; /* address of a known word, to test process_vm_readv */
     uint64_t eager_bytes;
-    epx__flag_t post;
-    epx__flag_t done;
-    epx__flag_t aborted;
+    _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
+    _Alignas(EPX__CACHELINE) epx__flag_t aborted;
 } epx__seg_hdr_t;
 
 typedef struct {
@@ -76,7 +74,7 @@ struct epx__cpu {
     int rank, nranks;
     uint64_t nonce;
     int64_t timeout_ms;
-    int spin;
+    uint64_t spin_ns, yield_ns; /* how long a wait polls, then yields, before sleeping */
     size_t eager_bytes;
     bool cma_ok;
     uint32_t seq; /* last operation number */
@@ -94,7 +92,6 @@ struct epx__cpu {
 };
 
 /* Segment layout. */
-epx__op_hdr_t *epx__seg_op(void *seg, int nranks, uint32_t seq);
 epx__desc_t *epx__seg_desc(void *seg, int nranks, uint32_t seq, int peer);
 char *epx__seg_eager(void *seg, int nranks, size_t eager_bytes, uint32_t seq, int peer);
 
@@ -106,9 +103,10 @@ void epx__flag_post(epx__flag_t *flag, uint32_t value);
 /* Wait until `flag` (in peer's segment) >= target. TIMEOUT / PEER_FAILURE on failure. */
 epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t target,
                             uint64_t deadline, const char *what, epx__errbuf_t *err);
-/* Wait for the flag at the same place in every peer's segment. */
-epx_status_t epx__flag_wait_all(epx__cpu_t *c, size_t flag_offset, uint32_t target, uint64_t deadline,
-                                const char *what, epx__errbuf_t *err);
+/* Wait for every peer's post of operation `seq` to me (descriptor lines). */
+epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
+/* Wait for every peer's done >= seq. */
+epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
 
 /* Find my registered region holding [p, p+len); fill `loc` (addr = offset). */
 bool epx__region_find(epx__cpu_t *c, const void *p, size_t len, epx__loc_t *loc);
