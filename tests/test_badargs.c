@@ -1,1 +1,148 @@
-int main(void){return 0;}
+/*
+ * Bad arguments: each case is passed by one rank while the others pass valid arguments.
+ * The bad rank gets a specific status, the others EPX_ERR_REMOTE_INVALID (or MISMATCH for
+ * the pair whose counts disagree), nobody's output changes, and a valid exchange works
+ * right after every case.
+ */
+#include <string.h>
+
+#include "testlib.h"
+
+#define NMAX 16
+#define COUNT 8
+
+static int me, R;
+static epx_comm_t comm;
+static int32_t send_buf[NMAX * COUNT + 8], recv_buf[NMAX * COUNT + 8];
+static int64_t counts[NMAX], displs[NMAX];
+
+static void reset(void)
+{
+    for (int i = 0; i < NMAX * COUNT + 8; i++) send_buf[i] = me * 100000 + i;
+    memset(recv_buf, 0xA5, sizeof recv_buf);
+    for (int p = 0; p < R; p++) counts[p] = COUNT, displs[p] = (int64_t)p * COUNT;
+}
+
+static void expect_untouched(const char *what)
+{
+    const uint8_t *b = (const uint8_t *)recv_buf;
+    for (size_t i = 0; i < sizeof recv_buf; i++)
+        if (b[i] != 0xA5) TEST_FAIL_("case %s: recv byte %zu changed after a failed call", what, i);
+}
+
+static void valid_exchange(void)
+{
+    reset();
+    ASSERT_OK(epx_alltoallv(comm, send_buf, counts, displs, recv_buf, counts, displs, EPX_I32, NULL));
+    for (int p = 0; p < R; p++)
+        for (int i = 0; i < COUNT; i++) ASSERT_EQ(recv_buf[p * COUNT + i], p * 100000 + me * COUNT + i);
+}
+
+typedef enum {
+    NULL_SEND, NULL_RECV, NULL_COUNTS, NULL_DISPLS, NEG_COUNT, NEG_DISPL, HUGE_COUNT, BAD_DTYPE, STREAM,
+    OVERLAP, MISALIGNED, NCASES
+} bad_case_t;
+static const char *names[] = {"NULL send", "NULL recv", "NULL counts", "NULL displs", "negative count",
+                              "negative displacement", "overflowing count", "unknown dtype", "non-NULL stream",
+                              "overlapping buffers", "misaligned buffer"};
+
+static epx_status_t call_case(bad_case_t k, bool bad)
+{
+    const void *s = send_buf;
+    void *r = recv_buf;
+    const int64_t *sc = counts, *sd = displs, *rc = counts, *rd = displs;
+    int64_t mod[NMAX];
+    memcpy(mod, counts, sizeof mod);
+    epx_dtype_t dt = EPX_I32;
+    void *stream = NULL;
+    if (bad) {
+        switch (k) {
+        case NULL_SEND: s = NULL; break;
+        case NULL_RECV: r = NULL; break;
+        case NULL_COUNTS: sc = NULL; break;
+        case NULL_DISPLS: rd = NULL; break;
+        case NEG_COUNT: mod[(me + 1) % R] = -1, sc = mod; break;
+        case NEG_DISPL: mod[0] = -4, sd = mod; break;
+        case HUGE_COUNT: mod[(me + 1) % R] = INT64_MAX / 2, sc = mod; break;
+        case BAD_DTYPE: dt = (epx_dtype_t)42; break;
+        case STREAM: stream = (void *)0x1; break;
+        case OVERLAP: r = (void *)(send_buf + 4); break;
+        case MISALIGNED: s = (const char *)send_buf + 1; break;
+        default: break;
+        }
+    }
+    return epx_alltoallv(comm, s, sc, sd, r, rc, rd, dt, stream);
+}
+
+int main(void)
+{
+    comm = test_comm_from_env(&me, &R);
+    ASSERT(R <= NMAX);
+    int passed = 0;
+    for (int k = 0; k < NCASES; k++) {
+        int bad_rank = k % R;
+        reset();
+        epx_status_t st = call_case((bad_case_t)k, me == bad_rank);
+        epx_status_t want = me == bad_rank ? EPX_ERR_INVALID_ARGUMENT : EPX_ERR_REMOTE_INVALID;
+        if (st != want)
+            TEST_FAIL_("case %s: got %s, expected %s (%s)", names[k], epx_status_name(st), epx_status_name(want),
+                       epx_comm_get_last_error(comm));
+        ASSERT(strlen(epx_comm_get_last_error(comm)) > 0);
+        if (k != OVERLAP || me != bad_rank) expect_untouched(names[k]);
+        valid_exchange();
+        passed++;
+    }
+    /* Counts that disagree between rank a (sends 3 to b) and rank b (expects COUNT). */
+    if (R >= 2) {
+        int a = 0, bb = R - 1;
+        reset();
+        int64_t sc[NMAX];
+        memcpy(sc, counts, sizeof sc);
+        if (me == a) sc[bb] = 3;
+        epx_status_t st = epx_alltoallv(comm, send_buf, sc, displs, recv_buf, counts, displs, EPX_I32, NULL);
+        if (me == a || me == bb) {
+            ASSERT_STATUS(st, EPX_ERR_MISMATCH);
+            expect_untouched("mismatch");
+        } else {
+            ASSERT_OK(st);
+        }
+        valid_exchange();
+        passed++;
+    }
+    /* Self counts that disagree are caught locally. */
+    {
+        reset();
+        int64_t rc[NMAX];
+        memcpy(rc, counts, sizeof rc);
+        rc[me] = COUNT - 1;
+        epx_status_t st = epx_alltoallv(comm, send_buf, counts, displs, recv_buf, rc, displs, EPX_I32, NULL);
+        ASSERT(st == EPX_ERR_MISMATCH || (R > 1 && st == EPX_ERR_REMOTE_INVALID));
+        expect_untouched("self mismatch");
+        valid_exchange();
+        passed++;
+    }
+    /* alltoall and barrier with bad arguments on every rank at once. */
+    reset();
+    ASSERT_STATUS(epx_alltoall(comm, send_buf, recv_buf, 1, (epx_dtype_t)-1, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_alltoall(comm, NULL, recv_buf, 1, EPX_I32, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_alltoall(comm, send_buf, recv_buf, SIZE_MAX / 2, EPX_I32, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_barrier(comm, (void *)0x1), EPX_ERR_INVALID_ARGUMENT);
+    expect_untouched("alltoall");
+    ASSERT_OK(epx_alltoall(comm, send_buf, recv_buf, 0, EPX_I32, NULL));
+    expect_untouched("alltoall of 0");
+    valid_exchange();
+    passed++;
+    /* Local calls. */
+    ASSERT_STATUS(epx_alltoall(NULL, send_buf, recv_buf, 1, EPX_I32, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_mem_free(comm, send_buf), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_mem_alloc(comm, 16, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_comm_rank(comm, NULL), EPX_ERR_INVALID_ARGUMENT);
+    valid_exchange();
+    passed++;
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+    ASSERT_OK(epx_comm_destroy(comm));
+    test_done(passed);
+    return 0;
+}

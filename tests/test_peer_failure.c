@@ -1,1 +1,112 @@
-int main(void){return 0;}
+/*
+ * A dead, stalled or aborting peer: the survivors return EPX_ERR_PEER_FAILURE or
+ * EPX_ERR_TIMEOUT within the configured timeout instead of hanging, the communicator then
+ * reports the error, and a new communicator works. Forks its own ranks (epx-run would stop
+ * the survivors as soon as one rank dies).
+ */
+#include <signal.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "launch.h"
+#include "testlib.h"
+
+#define NR 3
+#define TIMEOUT_MS 1500
+
+typedef enum { DIE_BETWEEN, KILLED_DURING, STALL, ABORT } scenario_t;
+static const char *names[] = {"dies between calls", "killed during a large exchange", "stalls", "aborts"};
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+/* Rank `rank` of one scenario; rank NR-1 misbehaves. Exit 0 = behaved as expected. */
+static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
+{
+    test_rank = rank;
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.timeout_ms = TIMEOUT_MS;
+    epx_comm_t comm;
+    ASSERT_OK(epx_comm_init_rank(&comm, NR, rank, id, &cfg));
+    size_t count = sc == KILLED_DURING ? (16u << 20) : 64;
+    uint8_t *send, *recv = malloc(count * NR);
+    ASSERT_OK(epx_mem_alloc(comm, count * NR, (void **)&send));
+    memset(send, rank, count * NR);
+    for (int i = 0; i < 2; i++) ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_U8, NULL));
+    bool bad = rank == NR - 1;
+    if (bad) {
+        switch (sc) {
+        case DIE_BETWEEN: _exit(0);
+        case KILLED_DURING: for (;;) epx_alltoall(comm, send, recv, count, EPX_U8, NULL); /* parent kills us */
+        case STALL: sleep(3 * TIMEOUT_MS / 1000 + 2); _exit(0);
+        case ABORT: usleep(100000); epx_comm_abort(comm); _exit(0);
+        }
+    }
+    double t0 = now_ms();
+    epx_status_t st = EPX_SUCCESS;
+    for (int i = 0; i < 1000 && st == EPX_SUCCESS; i++) {
+        t0 = now_ms();
+        st = epx_alltoall(comm, send, recv, count, EPX_U8, NULL);
+    }
+    double waited = now_ms() - t0;
+    epx_status_t want = sc == STALL ? EPX_ERR_TIMEOUT : EPX_ERR_PEER_FAILURE;
+    /* A survivor may also see the other survivor's failure first (it stopped answering). */
+    if (st != want && !(st == EPX_ERR_TIMEOUT || st == EPX_ERR_PEER_FAILURE))
+        TEST_FAIL_("%s: got %s (%s)", names[sc], epx_status_name(st), epx_comm_get_last_error(comm));
+    if (sc != STALL && st != EPX_ERR_PEER_FAILURE)
+        TEST_FAIL_("%s: got %s, expected EPX_ERR_PEER_FAILURE (%s)", names[sc], epx_status_name(st),
+                   epx_comm_get_last_error(comm));
+    if (waited > TIMEOUT_MS + 1000) TEST_FAIL_("%s: took %.0f ms, timeout is %d ms", names[sc], waited, TIMEOUT_MS);
+    printf("rank %d, peer %s: %s after %.0f ms: %s\n", rank, names[sc], epx_status_name(st), waited,
+           epx_comm_get_last_error(comm));
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT(async == EPX_ERR_PEER_FAILURE || async == EPX_ERR_TIMEOUT);
+    ASSERT_STATUS(epx_alltoall(comm, send, recv, count, EPX_U8, NULL), async); /* stays broken, no hang */
+    ASSERT_OK(epx_comm_abort(comm));
+    free(recv);
+    fflush(stdout);
+    return 0;
+}
+
+static void run_scenario(scenario_t sc)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    fflush(stdout);
+    pid_t pids[NR];
+    for (int r = 0; r < NR; r++) {
+        pids[r] = fork();
+        ASSERT(pids[r] >= 0);
+        if (pids[r] == 0) _exit(rank_main(sc, r, &id));
+    }
+    if (sc == KILLED_DURING) {
+        usleep(400000);
+        kill(pids[NR - 1], SIGKILL);
+    }
+    for (int r = 0; r < NR; r++) {
+        int status;
+        waitpid(pids[r], &status, 0);
+        bool ok = r == NR - 1 ? true : WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        if (!ok) TEST_FAIL_("scenario '%s': rank %d failed (status 0x%x)", names[sc], r, status);
+    }
+    char text[EPX_UNIQUE_ID_STRLEN];
+    ASSERT_OK(epx_unique_id_to_string(&id, text, sizeof text));
+    epx_launch_cleanup_shm(text); /* the dead rank's registered region */
+}
+
+int main(void)
+{
+    test_rank = 0;
+    for (int sc = DIE_BETWEEN; sc <= ABORT; sc++) run_scenario((scenario_t)sc);
+    /* After all that, a fresh communicator works. */
+    run_scenario(ABORT);
+    test_done(5);
+    return 0;
+}

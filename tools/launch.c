@@ -70,8 +70,7 @@ static void epx__kill_all(epx__rank_proc_t *ranks, int n, int sig)
         if (ranks[i].pid > 0 && !ranks[i].exited) kill(-ranks[i].pid, sig), kill(ranks[i].pid, sig);
 }
 
-/* Remove shared-memory names a killed rank could not unlink: /dev/shm/epx-<nonce>-*. */
-static void epx__cleanup_shm(const char *id_text)
+void epx_launch_cleanup_shm(const char *id_text)
 {
     const char *nonce = strrchr(id_text, ':');
     if (!nonce) return;
@@ -216,6 +215,6 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
         free(ranks[r].line[1]);
     }
     free(ranks);
-    epx__cleanup_shm(id_text);
+    epx_launch_cleanup_shm(id_text);
     return result;
 }

@@ -11,4 +11,8 @@
  * exit code (128 + signal for a signal), or 1. */
 int epx_launch(int nranks, double timeout_s, char *const argv[]);
 
+/* Remove the shared-memory names that ranks of the communicator with this unique id (text
+ * form) left behind when they were killed: /dev/shm/epx-<nonce>-*. */
+void epx_launch_cleanup_shm(const char *id_text);
+
 #endif
