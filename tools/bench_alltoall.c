@@ -51,34 +51,46 @@ static void mpi_barrier(bench_ctx_t *b)
 }
 #endif
 
-/* One size: a checked run on poisoned output, warm-up, then timed iterations each after a
- * barrier. Returns the median over iterations of this rank's time (us). */
-static double measure(bench_ctx_t *b, a2a_fn fn, void (*barrier)(bench_ctx_t *), const uint32_t *send,
-                      uint32_t *recv, int64_t count, int64_t *wrong, const char *name)
+/* One contender of a size: how to run it and what it measured. */
+typedef struct {
+    const char *name;
+    a2a_fn fn;
+    void (*barrier)(bench_ctx_t *);
+    double median_us; /* this rank's median */
+    int64_t wrong;
+} contender_t;
+
+/* One size: a checked run of each contender on poisoned output, warm-up, then timed
+ * iterations, each after a barrier, alternating between the contenders so that the
+ * machine's noise falls on all of them alike. */
+static void measure(bench_ctx_t *b, contender_t *cs, int ncs, const uint32_t *send, uint32_t *recv, int64_t count)
 {
     size_t bytes = (size_t)count * (size_t)b->nranks * 4;
-    *wrong = 0;
-    if (b->opt.check) {
-        memset(recv, 0xA5, bytes);
-        epx_status_t st = fn(b, send, recv, count);
-        if (st != EPX_SUCCESS) bench_die(b, name, st);
-        *wrong = verify(recv, b->rank, b->nranks, count);
+    int iters = b->opt.iters;
+    double *t = malloc(sizeof(double) * (size_t)(iters * ncs));
+    for (int k = 0; k < ncs; k++) {
+        cs[k].wrong = 0;
+        if (b->opt.check) {
+            memset(recv, 0xA5, bytes);
+            epx_status_t st = cs[k].fn(b, send, recv, count);
+            if (st != EPX_SUCCESS) bench_die(b, cs[k].name, st);
+            cs[k].wrong = verify(recv, b->rank, b->nranks, count);
+        }
+        for (int i = 0; i < b->opt.warmup; i++) {
+            epx_status_t st = cs[k].fn(b, send, recv, count);
+            if (st != EPX_SUCCESS) bench_die(b, cs[k].name, st);
+        }
     }
-    for (int i = 0; i < b->opt.warmup; i++) {
-        epx_status_t st = fn(b, send, recv, count);
-        if (st != EPX_SUCCESS) bench_die(b, name, st);
-    }
-    double *t = malloc(sizeof(double) * (size_t)b->opt.iters);
-    for (int i = 0; i < b->opt.iters; i++) {
-        barrier(b);
-        double t0 = bench_now_us();
-        epx_status_t st = fn(b, send, recv, count);
-        t[i] = bench_now_us() - t0;
-        if (st != EPX_SUCCESS) bench_die(b, name, st);
-    }
-    double med = bench_median(t, b->opt.iters);
+    for (int i = 0; i < iters; i++)
+        for (int k = 0; k < ncs; k++) {
+            cs[k].barrier(b);
+            double t0 = bench_now_us();
+            epx_status_t st = cs[k].fn(b, send, recv, count);
+            t[k * iters + i] = bench_now_us() - t0;
+            if (st != EPX_SUCCESS) bench_die(b, cs[k].name, st);
+        }
+    for (int k = 0; k < ncs; k++) cs[k].median_us = bench_median(t + k * iters, iters);
     free(t);
-    return med;
 }
 
 /* Median time of one memcpy of `bytes` on rank 0 while the others wait (the floor a
@@ -136,19 +148,20 @@ int bench_alltoall(bench_ctx_t *b)
         int64_t count = (int64_t)s / (4 * R);
         int64_t bytes = count * 4 * R;
         fill(send, b->rank, R, count);
-        int64_t wrong;
-        double t = measure(b, run_epx, bench_barrier, send, recv, count, &wrong, "epx_alltoall");
-        t = bench_max(b, t);
-        double wrong_all = bench_sum(b, (double)wrong);
-        double mc = measure_memcpy(b, recv, send, (size_t)bytes);
-        double mt = 0, mwrong_all = 0;
+        contender_t cs[2] = {{"epx_alltoall", run_epx, bench_barrier, 0, 0}};
+        int ncs = 1;
 #ifdef EPX_HAVE_MPI
-        if (b->mpi) {
-            int64_t mwrong;
-            mt = bench_max(b, measure(b, run_mpi, mpi_barrier, send, recv, count, &mwrong, "MPI_Alltoall"));
-            mwrong_all = bench_sum(b, (double)mwrong);
-        }
+        if (b->mpi) cs[ncs++] = (contender_t){"MPI_Alltoall", run_mpi, mpi_barrier, 0, 0};
 #endif
+        measure(b, cs, ncs, send, recv, count);
+        double t = bench_max(b, cs[0].median_us);
+        double wrong_all = bench_sum(b, (double)cs[0].wrong);
+        double mt = 0, mwrong_all = 0;
+        if (ncs > 1) {
+            mt = bench_max(b, cs[1].median_us);
+            mwrong_all = bench_sum(b, (double)cs[1].wrong);
+        }
+        double mc = measure_memcpy(b, recv, send, (size_t)bytes);
         any_wrong |= wrong_all > 0 || mwrong_all > 0;
         if (b->rank == 0) {
             double algbw = t > 0 ? (double)bytes / t / 1e3 : 0;
