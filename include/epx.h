@@ -226,6 +226,171 @@ EPX_API epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int6
                            const int64_t *sdispls, void *recv, const int64_t *recvcounts,
                            const int64_t *rdispls, epx_dtype_t dtype, void *stream);
 
+/* ---- MoE dispatch / combine --------------------------------------------------------
+ *
+ * Shapes: T tokens on this rank (0 <= T <= max_tokens_per_rank, may differ per rank), hidden
+ * H, top-k K (<= max_topk), E experts, R ranks, L = E / R local experts; expert e lives on
+ * rank e / L. topk_idx[T, K] is int32 or int64 (cfg.index_dtype), -1 = no expert;
+ * topk_weights[T, K] float32. FP8 tokens carry float32 scales [rows, ceil(H / 128)]: the
+ * value of element h is fp8[h] * scale[h / 128].
+ *
+ * High-throughput (rank-major): each token travels once to each rank holding at least one
+ * of its experts; received rows are ordered by (source rank, source token) — deterministic.
+ * Combine sums, for each token, its rows from every rank it went to, in float32 in
+ * ascending rank order, then casts: the same inputs give the same bits on every backend.
+ *
+ * Low-latency (expert-major, static shapes): rank q receives recv_x[L, R * max_tokens, H];
+ * the rows of local expert l are packed at the front, recv_count[l] of them, grouped by
+ * source rank in ascending order. Within a source's group the CPU backend orders tokens
+ * ascending; GPU backends may order them by arrival (the slot sources say which is where).
+ * Combine: out[t] = sum over k in ascending order of w[t,k] * y[e_k][slot(t,k)] (float32).
+ *
+ * Every MoE call is collective over the communicator. Bad input (an expert id >= E or
+ * < -1, T > max_tokens, K > max_topk, a NULL or misaligned pointer, too small an output)
+ * fails on every rank before anything is written: the offending rank gets
+ * EPX_ERR_INVALID_ARGUMENT with the argument (and token) named, the others
+ * EPX_ERR_REMOTE_INVALID; the communicator stays usable.
+ */
+
+typedef enum { EPX_MOE_HIGH_THROUGHPUT = 0, EPX_MOE_LOW_LATENCY = 1 } epx_moe_mode_t;
+
+/* How low-latency FP8 dispatch stores its per-128-channel scales. */
+typedef enum {
+    EPX_SCALE_F32 = 0,  /* float32 amax / 448 */
+    EPX_SCALE_UE8M0 = 1 /* one byte: the biased exponent of a power of two >= amax / 448 */
+} epx_scale_format_t;
+
+typedef struct {
+    size_t size;              /* sizeof(epx_moe_config_t), set by the initializer */
+    int version;              /* EPX_VERSION_CODE, set by the initializer */
+    int hidden;               /* H >= 1 */
+    int max_tokens_per_rank;  /* >= T on every call */
+    int num_experts;          /* E, a multiple of the number of ranks */
+    int max_topk;             /* K of every call is <= this (at most EPX_MOE_MAX_TOPK) */
+    int dtype;                /* token dtype of dispatch: EPX_BF16, EPX_F16, EPX_F32, EPX_FP8_E4M3 */
+    int combine_dtype;        /* combine input/output: EPX_BF16, EPX_F16, EPX_F32; EPX_UNSET =
+                                 dtype, or EPX_BF16 when dtype is FP8 */
+    int index_dtype;          /* topk_idx: EPX_I32 or EPX_I64 */
+    int mode;                 /* epx_moe_mode_t */
+    int expert_alignment;     /* num_recv_tokens_per_expert rounded up to it (>= 1) */
+    int ll_fp8;               /* low-latency: quantise bf16 input to FP8 during dispatch */
+    int scale_format;         /* epx_scale_format_t for ll_fp8 */
+    int num_sms;              /* GPU: SM budget (EPX_UNSET = default) */
+} epx_moe_config_t;
+
+#define EPX_MOE_MAX_TOPK 16
+#define EPX_MOE_CONFIG_INITIALIZER                                                            \
+    { sizeof(epx_moe_config_t), EPX_VERSION_CODE, 0, 0, 0, 0, EPX_BF16, EPX_UNSET, EPX_I64,   \
+      EPX_MOE_HIGH_THROUGHPUT, 1, 0, EPX_SCALE_F32, EPX_UNSET }
+
+typedef struct epx_moe *epx_moe_t;
+/* The routing of one dispatch, reused by its combine and by cached dispatches. */
+typedef struct epx_moe_handle *epx_moe_handle_t;
+
+/* Collective: create the MoE context. Fails on every rank with EPX_ERR_MISMATCH when the
+ * ranks' configurations differ, EPX_ERR_INVALID_ARGUMENT when this one is invalid. */
+EPX_API epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_moe_t *moe);
+/* Local; handles must be freed first. NULL is accepted. */
+EPX_API epx_status_t epx_moe_destroy(epx_moe_t moe);
+/* Rows a high-throughput dispatch can receive at most: R * max_tokens_per_rank. */
+EPX_API epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows);
+
+/* Local: the layout of this rank's routing. Any output may be NULL.
+ * num_tokens_per_rank[R]: tokens with at least one expert on each rank (once per rank);
+ * num_tokens_per_expert[E]: tokens routed to each expert (once per token);
+ * is_token_in_rank[T, R]: 1 where the token goes to the rank, else 0. */
+EPX_API epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens, int topk,
+                                    int32_t *num_tokens_per_rank, int32_t *num_tokens_per_expert,
+                                    uint8_t *is_token_in_rank, void *stream);
+
+typedef struct {
+    const void *x;            /* [T, H] cfg.dtype */
+    const float *x_scales;    /* [T, ceil(H/128)] when dtype is FP8, else NULL */
+    const void *topk_idx;     /* [T, K] cfg.index_dtype */
+    const float *topk_weights; /* [T, K], may be NULL (then recv_topk_weights is not written) */
+    int num_tokens;           /* T */
+    int topk;                 /* K */
+} epx_moe_dispatch_in_t;
+
+typedef struct {
+    void *recv_x;                   /* [capacity, H] cfg.dtype */
+    float *recv_x_scales;           /* [capacity, ceil(H/128)] for FP8, else NULL */
+    void *recv_topk_idx;            /* [capacity, K] local expert ids, -1 elsewhere; may be NULL */
+    float *recv_topk_weights;       /* [capacity, K], 0 elsewhere; may be NULL */
+    int32_t *recv_src_rank;         /* [capacity] source rank of each row; may be NULL */
+    int32_t *recv_src_token;        /* [capacity] token index on the source rank; may be NULL */
+    int32_t *num_recv_tokens_per_expert; /* [L] rows per local expert, aligned; may be NULL */
+    int64_t capacity;               /* rows available in the row outputs */
+    int64_t num_recv_tokens;        /* out: N, the rows received */
+} epx_moe_dispatch_out_t;
+
+/* High-throughput dispatch. On success *handle is a new handle holding the routing. */
+EPX_API epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in,
+                                      epx_moe_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
+
+/* Dispatch new token data along the routing of `handle` (e.g. the backward pass of a
+ * combine): in->x (and x_scales) only; topk fields are ignored. Writes recv_x (and
+ * recv_x_scales) in the same row order; other outputs are left as they are. */
+EPX_API epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
+                                             epx_moe_dispatch_out_t *out, void *stream);
+
+typedef struct {
+    const void *y;             /* [N, H] cfg.combine_dtype, rows in recv_x order */
+    const float *topk_weights; /* [N, K] to combine alongside, or NULL */
+} epx_moe_combine_in_t;
+
+typedef struct {
+    void *out;                 /* [T, H] cfg.combine_dtype */
+    float *out_topk_weights;   /* [T, K] sum of the rows' weights, or NULL */
+} epx_moe_combine_out_t;
+
+/* High-throughput combine along `handle` (see the ordering guarantee above). */
+EPX_API epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_combine_in_t *in,
+                                     epx_moe_combine_out_t *out, void *stream);
+
+typedef struct {
+    const void *x;        /* [T, H] cfg.dtype (bf16 when ll_fp8) */
+    const void *topk_idx; /* [T, K] cfg.index_dtype */
+    int num_tokens;       /* T <= max_tokens_per_rank */
+    int topk;             /* K */
+} epx_moe_ll_dispatch_in_t;
+
+typedef struct {
+    void *recv_x;           /* [L, R*max_tokens, H]: FP8 when ll_fp8, else cfg.dtype */
+    void *recv_x_scales;    /* [L, R*max_tokens, ceil(H/128)] float or UE8M0 bytes (ll_fp8) */
+    int32_t *recv_count;    /* [L] rows of each local expert */
+    int32_t *recv_src_rank; /* [L, R*max_tokens] source rank of each slot, -1 past recv_count */
+    int32_t *recv_src_token; /* [L, R*max_tokens] token on the source rank, -1 past recv_count */
+} epx_moe_ll_dispatch_out_t;
+
+/* Low-latency dispatch; *handle receives the slot of every (token, k). */
+EPX_API epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in,
+                                         epx_moe_ll_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
+
+typedef struct {
+    const void *y;             /* [L, R*max_tokens, H] bf16 expert outputs, slot layout of dispatch */
+    const float *topk_weights; /* [T, K] */
+} epx_moe_ll_combine_in_t;
+
+/* Low-latency combine: out[T, H] bf16 (combine_dtype). */
+EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in,
+                                        void *out, void *stream);
+
+/* Free a handle (local). NULL is accepted. */
+EPX_API epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle);
+
+/* Rows received by the dispatch that made `handle` (host value). */
+EPX_API epx_status_t epx_moe_handle_num_recv_tokens(epx_moe_handle_t handle, int64_t *rows);
+
+/* ---- Element conversions (round to nearest even; FP8 saturates to +-448) ------------ */
+
+EPX_API float epx_bf16_to_float(uint16_t v);
+EPX_API uint16_t epx_float_to_bf16(float f);
+EPX_API float epx_f16_to_float(uint16_t v);
+EPX_API uint16_t epx_float_to_f16(float f);
+EPX_API float epx_fp8_e4m3_to_float(uint8_t v);
+EPX_API uint8_t epx_float_to_fp8_e4m3(float f);
+
 #ifdef __cplusplus
 }
 #endif
