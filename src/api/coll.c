@@ -4,18 +4,6 @@
 
 #include "api.h"
 
-size_t epx_dtype_size(epx_dtype_t dtype)
-{
-    static const size_t sizes[EPX_NUM_DTYPES] = {1, 4, 8, 2, 2, 4, 1};
-    return (unsigned)dtype < EPX_NUM_DTYPES ? sizes[dtype] : 0;
-}
-
-const char *epx_dtype_name(epx_dtype_t dtype)
-{
-    static const char *names[EPX_NUM_DTYPES] = {"u8", "i32", "i64", "f16", "bf16", "f32", "fp8_e4m3"};
-    return (unsigned)dtype < EPX_NUM_DTYPES ? names[dtype] : "unknown";
-}
-
 /* Convert per-peer element counts/displacements to bytes; check signs, overflow and
  * pointers. `what` names the side ("send"/"recv"). Fills bytes[] and displ[] and the byte
  * extent [lo, hi) actually touched (lo = hi = 0 when nothing is). */

@@ -127,6 +127,55 @@ uint64_t epx__hash64(const void *data, size_t len, uint64_t seed);
 /* Random 64-bit value from the OS. */
 uint64_t epx__random64(void);
 
+/* ---- Element types and conversions (dtype.c) ------------------------------------------ */
+
+/* Float32 value of element i of a row of `dtype` (BF16, F16, F32, FP8_E4M3). */
+float epx__load_float(const void *row, epx_dtype_t dtype, size_t i);
+/* Store a float32 as element i of a row of `dtype` (round to nearest even). */
+void epx__store_float(void *row, epx_dtype_t dtype, size_t i, float v);
+
+#define EPX__FP8_BLOCK 128
+#define EPX__FP8_MAX 448.0f
+/* Quantise one bf16 row of H channels to FP8 e4m3 with one scale per 128 channels:
+ * amax = max |x| over the block (at least 1e-4); EPX_SCALE_F32: scale = amax / 448,
+ * q = e4m3(x * (448 / amax)); EPX_SCALE_UE8M0: scale = the smallest power of two
+ * >= amax / 448, stored as its biased exponent byte, q = e4m3(x / scale).
+ * Every operation is a single IEEE float32 operation, so other backends can match bits. */
+void epx__fp8_quantize_row(const uint16_t *x, int hidden, int scale_format, uint8_t *q, void *scales);
+
+/* ---- Routing (routing.c) ------------------------------------------------------------- */
+
+/* topk_idx entry (t, k) as int64, for index dtype EPX_I32 or EPX_I64. */
+static inline int64_t epx__topk_at(const void *topk_idx, epx_dtype_t index_dtype, int64_t t, int topk, int k)
+{
+    return index_dtype == EPX_I32 ? ((const int32_t *)topk_idx)[t * topk + k]
+                                  : ((const int64_t *)topk_idx)[t * topk + k];
+}
+
+/* Check every entry is in [-1, num_experts); on failure name the first bad (t, k). */
+epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk,
+                                int num_experts, epx__errbuf_t *err);
+
+/* Convert topk to int32 (validated input). */
+void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk, int32_t *out);
+
+/* Layout of int32 routing: tokens per rank (once per rank), tokens per expert (once per
+ * token), is_token_in_rank[T, R]. Any output may be NULL. */
+void epx__layout_i32(const int32_t *topk, int num_tokens, int topk_k, int num_experts, int nranks,
+                     int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank);
+
+/* A validated MoE configuration, as the backends see it. */
+typedef struct {
+    int nranks, rank;
+    int hidden, max_tokens, num_experts, local_experts, max_topk;
+    epx_dtype_t dtype, combine_dtype, index_dtype;
+    int mode, alignment, ll_fp8, scale_format;
+    size_t row_bytes;         /* hidden * size(dtype) */
+    size_t scale_cols;        /* ceil(hidden / 128) */
+    size_t combine_row_bytes; /* hidden * size(combine_dtype) */
+    size_t ll_slots;          /* nranks * max_tokens: slots per local expert (low latency) */
+} epx__moe_shape_t;
+
 /* ---- Bootstrap: rendezvous over TCP, then a star of sockets around rank 0 ------------ */
 
 typedef struct epx__boot epx__boot_t;

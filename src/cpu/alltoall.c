@@ -70,13 +70,7 @@ static epx_status_t epx__publish_sends(epx__cpu_t *c, const epx__cpu_xfer_t *x, 
 static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
 {
     int me = c->rank;
-    for (int p = 0; p < c->nranks; p++) {
-        if (p == me) continue;
-        const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
-        if (theirs->status != EPX_SUCCESS)
-            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was exchanged",
-                             p, epx_status_name((epx_status_t)theirs->status));
-    }
+    EPX__CHECK(epx__op_check_remote(c, seq, err));
     for (int p = 0; p < c->nranks; p++) {
         if (p == me) continue;
         const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
@@ -101,18 +95,12 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
     const uint32_t seq = ++c->seq;
     const int me = c->rank;
     const uint64_t deadline = epx__deadline_after_ms(c->timeout_ms);
-    epx__seg_hdr_t *h = c->seg;
     epx_status_t st;
     bool exposed = false;
 
     /* Publish and post. A failure here is local and is posted as such. */
     if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, seq, &exposed, err);
-    for (int p = 0; p < c->nranks; p++) {
-        if (p == me) continue;
-        epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
-        d->status = local_status;
-        epx__flag_post(&d->post, seq);
-    }
+    epx__op_post(c, seq, local_status);
     st = epx__wait_posts(c, seq, deadline, err);
     if (st != EPX_SUCCESS) return st; /* broken: peers will fail too */
 
@@ -140,10 +128,5 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
     }
 
     /* Done; if peers read memory the caller owns, it must stay put until they finish. */
-    epx__flag_post(&h->done, seq);
-    if (exposed) {
-        epx_status_t w = epx__wait_dones(c, seq, deadline, err);
-        if (st == EPX_SUCCESS) st = w;
-    }
-    return st;
+    return epx__op_finish(c, seq, exposed, st, deadline, err);
 }

@@ -54,4 +54,33 @@ typedef struct {
 epx_status_t epx__cpu_alltoallv(epx__cpu_t *cpu, const epx__cpu_xfer_t *x, epx_status_t local_status,
                                 epx__errbuf_t *err);
 
+/* ---- MoE (moe.c). Arguments were validated by the caller; `local_status` != success means
+ * this rank rejected its own arguments: it takes part so that every rank fails alike. ---- */
+
+typedef struct epx__cpu_moe epx__cpu_moe_t;
+typedef struct epx__cpu_moe_handle epx__cpu_moe_handle_t;
+
+/* Collective: allocate this rank's board (a registered region peers read the routing
+ * from) and learn the others'. EPX_ERR_MISMATCH when config hashes differ. */
+epx_status_t epx__cpu_moe_create(epx__cpu_t *c, const epx__moe_shape_t *shape, uint64_t config_hash,
+                                 epx_status_t local_status, epx__cpu_moe_t **moe, epx__errbuf_t *err);
+void epx__cpu_moe_destroy(epx__cpu_moe_t *m);
+
+epx_status_t epx__cpu_moe_dispatch(epx__cpu_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                   epx_status_t local_status, epx__cpu_moe_handle_t **handle, epx__errbuf_t *err);
+epx_status_t epx__cpu_moe_dispatch_cached(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h,
+                                          const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                          epx_status_t local_status, epx__errbuf_t *err);
+epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h, const epx_moe_combine_in_t *in,
+                                  epx_moe_combine_out_t *out, epx_status_t local_status, epx__errbuf_t *err);
+epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                      epx_moe_ll_dispatch_out_t *out, epx_status_t local_status,
+                                      epx__cpu_moe_handle_t **handle, epx__errbuf_t *err);
+epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h,
+                                     const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local_status,
+                                     epx__errbuf_t *err);
+void epx__cpu_moe_handle_free(epx__cpu_moe_handle_t *h);
+int64_t epx__cpu_moe_handle_rows(const epx__cpu_moe_handle_t *h);
+int epx__cpu_moe_handle_tokens(const epx__cpu_moe_handle_t *h);
+
 #endif /* EPX_CPU_H */

@@ -428,9 +428,34 @@ static epx_status_t epx__peer_region(epx__cpu_t *c, int peer, const epx__loc_t *
     return EPX_SUCCESS;
 }
 
+/* My own exposed buffer, addressed directly. */
+static epx_status_t epx__self_map(epx__cpu_t *c, const epx__loc_t *loc, uint32_t seq, const char **base,
+                                  epx__errbuf_t *err)
+{
+    switch (loc->kind) {
+    case EPX__LOC_EAGER:
+        *base = epx__seg_eager(c->seg, c->nranks, c->eager_bytes, seq, c->rank);
+        return EPX_SUCCESS;
+    case EPX__LOC_CMA:
+        *base = (const char *)(uintptr_t)loc->addr;
+        return EPX_SUCCESS;
+    case EPX__LOC_REGION:
+        for (int i = 0; i < c->num_regions; i++)
+            if (c->regions[i].id == loc->region_id) {
+                *base = (const char *)c->regions[i].base + loc->addr;
+                return EPX_SUCCESS;
+            }
+        return epx__fail(err, EPX_ERR_INTERNAL, "own region %u not found", loc->region_id);
+    default:
+        *base = NULL;
+        return EPX_SUCCESS;
+    }
+}
+
 epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, const char **base,
                            epx__errbuf_t *err)
 {
+    if (peer == c->rank) return epx__self_map(c, loc, seq, base, err);
     switch (loc->kind) {
     case EPX__LOC_EAGER:
         *base = epx__seg_eager(c->peers[peer].hdr, c->nranks, c->eager_bytes, seq, c->rank);
@@ -449,7 +474,7 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
                             size_t len, epx__errbuf_t *err)
 {
     if (len == 0) return EPX_SUCCESS;
-    if (loc->kind == EPX__LOC_CMA) {
+    if (loc->kind == EPX__LOC_CMA && peer != c->rank) {
         char *d = dst;
         uint64_t src = loc->addr + off;
         while (len > 0) {
@@ -470,5 +495,120 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
     EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
     if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published nothing to read", peer);
     memcpy(dst, base + off, len);
+    return EPX_SUCCESS;
+}
+
+/* ---- One operation ---------------------------------------------------------------------- */
+
+void epx__op_post(epx__cpu_t *c, uint32_t seq, epx_status_t status)
+{
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == c->rank) continue;
+        epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
+        d->status = status;
+        epx__flag_post(&d->post, seq);
+    }
+}
+
+epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
+{
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == c->rank) continue;
+        const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);
+        if (theirs->status != EPX_SUCCESS)
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
+                             epx_status_name((epx_status_t)theirs->status));
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, uint64_t deadline,
+                            epx__errbuf_t *err)
+{
+    epx__flag_post(&((epx__seg_hdr_t *)c->seg)->done, seq);
+    if (exposed) {
+        epx_status_t w = epx__wait_dones(c, seq, deadline, err);
+        if (st == EPX_SUCCESS) st = w;
+    }
+    return st;
+}
+
+epx_status_t epx__expose_buffers(epx__cpu_t *c, epx__expose_t *bufs, int n, bool *exposed, epx__errbuf_t *err)
+{
+    size_t staged = 0;
+    for (int i = 0; i < n; i++) {
+        bufs[i].loc = (epx__loc_t){EPX__LOC_NONE, 0, 0, 0};
+        if (!bufs[i].ptr || bufs[i].bytes == 0) continue;
+        if (epx__region_find(c, bufs[i].ptr, bufs[i].bytes, &bufs[i].loc)) {
+            *exposed = true;
+        } else if (c->cma_ok) {
+            bufs[i].loc = (epx__loc_t){EPX__LOC_CMA, 0, 0, (uint64_t)(uintptr_t)bufs[i].ptr};
+            *exposed = true;
+        } else {
+            staged += EPX__ALIGN_UP(bufs[i].bytes, EPX__CACHELINE);
+        }
+    }
+    if (staged == 0) return EPX_SUCCESS;
+    void *base;
+    epx__loc_t sl;
+    EPX__CHECK(epx__staging_get(c, staged, &base, &sl, err));
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        if (!bufs[i].ptr || bufs[i].bytes == 0 || bufs[i].loc.kind != EPX__LOC_NONE) continue;
+        memcpy((char *)base + off, bufs[i].ptr, bufs[i].bytes);
+        bufs[i].loc = sl;
+        bufs[i].loc.addr += off;
+        off += EPX__ALIGN_UP(bufs[i].bytes, EPX__CACHELINE);
+    }
+    *exposed = true; /* the next operation may rewrite the staging region */
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__peer_rows_copy(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, const int64_t *offsets,
+                                 int64_t n, size_t row_bytes, char *dst, size_t dst_stride, epx__errbuf_t *err)
+{
+    if (n <= 0 || row_bytes == 0) return EPX_SUCCESS;
+    if (loc->kind != EPX__LOC_CMA || peer == c->rank) {
+        const char *base;
+        EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
+        if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from", peer);
+        for (int64_t i = 0; i < n; i++) memcpy(dst + (size_t)i * dst_stride, base + offsets[i], row_bytes);
+        return EPX_SUCCESS;
+    }
+    /* process_vm_readv in batches of up to IOV_MAX rows. */
+    enum { BATCH = 1024 };
+    struct iovec l[BATCH], r[BATCH];
+    for (int64_t i = 0; i < n;) {
+        int k = 0;
+        for (; k < BATCH && i + k < n; k++) {
+            l[k] = (struct iovec){dst + (size_t)(i + k) * dst_stride, row_bytes};
+            r[k] = (struct iovec){(void *)(uintptr_t)(loc->addr + (uint64_t)offsets[i + k]), row_bytes};
+        }
+        size_t want = (size_t)k * row_bytes;
+        ssize_t got = process_vm_readv(c->peers[peer].hdr->pid, l, (unsigned long)k, r, (unsigned long)k, 0);
+        if (got < 0 && errno == EINTR) continue;
+        if (got != (ssize_t)want) {
+            /* Partial: finish row by row through the single-range reader. */
+            for (int j = 0; j < k; j++)
+                EPX__CHECK(epx__peer_read(c, peer, loc, seq, (uint64_t)offsets[i + j], dst + (size_t)(i + j) * dst_stride,
+                                          row_bytes, err));
+        }
+        i += k;
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__peer_rows_ptrs(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, const int64_t *offsets,
+                                 int64_t n, size_t row_bytes, char *scratch, const char **ptrs, epx__errbuf_t *err)
+{
+    if (loc->kind == EPX__LOC_CMA && peer != c->rank) {
+        EPX__CHECK(epx__peer_rows_copy(c, peer, loc, seq, offsets, n, row_bytes, scratch, row_bytes, err));
+        for (int64_t i = 0; i < n; i++) ptrs[i] = scratch + (size_t)i * row_bytes;
+        return EPX_SUCCESS;
+    }
+    const char *base;
+    EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
+    if (!base && n > 0) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from", peer);
+    for (int64_t i = 0; i < n; i++) ptrs[i] = base + offsets[i];
     return EPX_SUCCESS;
 }

@@ -108,6 +108,38 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
 /* Wait for every peer's done >= seq. */
 epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
 
+/* ---- One collective operation (see the protocol in cpu.h) ---- */
+
+/* Post operation `seq` to every peer with my verdict on my arguments (descriptor fields
+ * other than the flag and status must already be written). */
+void epx__op_post(epx__cpu_t *c, uint32_t seq, epx_status_t status);
+/* After epx__wait_posts: EPX_ERR_REMOTE_INVALID if any peer rejected its arguments. */
+epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err);
+/* Publish done = seq and, when peers read memory the caller owns (`exposed`), wait until
+ * they all finished. Returns `st`, or the wait's error when st was a success. */
+epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, uint64_t deadline,
+                            epx__errbuf_t *err);
+
+/* Buffers of mine that peers will read during one operation. */
+typedef struct {
+    const void *ptr;
+    size_t bytes;
+    epx__loc_t loc; /* out */
+} epx__expose_t;
+/* Fill each buffer's location: its registered region, else my memory for
+ * process_vm_readv, else a copy in the staging region. Sets *exposed when peers will read
+ * memory the caller owns or the staging region (then epx__op_finish must wait for them). */
+epx_status_t epx__expose_buffers(epx__cpu_t *c, epx__expose_t *bufs, int n, bool *exposed, epx__errbuf_t *err);
+
+/* Copy n rows of `row_bytes` from what `peer` exposed at `loc` (row i at byte offset
+ * offsets[i]) to dst + i * dst_stride. */
+epx_status_t epx__peer_rows_copy(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, const int64_t *offsets,
+                                 int64_t n, size_t row_bytes, char *dst, size_t dst_stride, epx__errbuf_t *err);
+/* Pointers to n rows of `peer` at `loc`: straight into the mapping when it is mapped here,
+ * else gathered into `scratch` (n * row_bytes). */
+epx_status_t epx__peer_rows_ptrs(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, const int64_t *offsets,
+                                 int64_t n, size_t row_bytes, char *scratch, const char **ptrs, epx__errbuf_t *err);
+
 /* Find my registered region holding [p, p+len); fill `loc` (addr = offset). */
 bool epx__region_find(epx__cpu_t *c, const void *p, size_t len, epx__loc_t *loc);
 /* A registered region of at least `bytes` to stage unregistered sends. */
@@ -117,7 +149,8 @@ epx_status_t epx__staging_get(epx__cpu_t *c, size_t bytes, void **base, epx__loc
 /* Copy `len` bytes at offset `off` of what `peer` published in `loc` into `dst`. */
 epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, uint64_t off,
                             void *dst, size_t len, epx__errbuf_t *err);
-/* Make `loc` directly addressable here if it can be (eager, region); NULL for CMA. */
+/* Make `loc` directly addressable here if it can be (eager, region, and anything of my
+ * own when peer is this rank); NULL for a peer's CMA location. */
 epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq,
                            const char **base, epx__errbuf_t *err);
 

@@ -1,0 +1,352 @@
+/* MoE entry points: configuration and argument checks, handles, then the backend. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+
+struct epx_moe {
+    epx_comm_t comm;
+    epx__moe_shape_t shape;
+    epx__cpu_moe_t *cpu;
+};
+
+struct epx_moe_handle {
+    epx_moe_t moe;
+    int mode;
+    epx__cpu_moe_handle_t *cpu;
+};
+
+static bool epx__is_token_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32 || d == EPX_FP8_E4M3; }
+static bool epx__is_combine_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32; }
+
+/* Check a configuration and derive the shape the backends use. */
+static epx_status_t epx__moe_shape(epx_comm_t c, const epx_moe_config_t *u, epx__moe_shape_t *s)
+{
+    epx__errbuf_t *err = &c->err;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    if (!u) return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg is NULL");
+    if (u->size < offsetof(epx_moe_config_t, num_sms) + sizeof(int) || u->size > sizeof cfg)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.size = %zu: start from EPX_MOE_CONFIG_INITIALIZER", u->size);
+    memcpy(&cfg, u, u->size);
+    if (cfg.hidden < 1) return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.hidden = %d must be >= 1", cfg.hidden);
+    if (cfg.max_tokens_per_rank < 0 || cfg.max_tokens_per_rank > (1 << 24))
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.max_tokens_per_rank = %d is outside [0, 2^24]",
+                         cfg.max_tokens_per_rank);
+    if (cfg.num_experts < 1 || cfg.num_experts % c->nranks != 0)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.num_experts = %d must be a positive multiple of the %d ranks",
+                         cfg.num_experts, c->nranks);
+    if (cfg.max_topk < 1 || cfg.max_topk > EPX_MOE_MAX_TOPK)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.max_topk = %d is outside [1, %d]", cfg.max_topk,
+                         EPX_MOE_MAX_TOPK);
+    if (!epx__is_token_dtype(cfg.dtype))
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.dtype = %d: use EPX_BF16, EPX_F16, EPX_F32 or EPX_FP8_E4M3",
+                         cfg.dtype);
+    if (cfg.combine_dtype == EPX_UNSET) cfg.combine_dtype = cfg.dtype == EPX_FP8_E4M3 ? EPX_BF16 : cfg.dtype;
+    if (!epx__is_combine_dtype(cfg.combine_dtype))
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.combine_dtype = %d: use EPX_BF16, EPX_F16 or EPX_F32",
+                         cfg.combine_dtype);
+    if (cfg.index_dtype != EPX_I32 && cfg.index_dtype != EPX_I64)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.index_dtype = %d: use EPX_I32 or EPX_I64", cfg.index_dtype);
+    if (cfg.mode != EPX_MOE_HIGH_THROUGHPUT && cfg.mode != EPX_MOE_LOW_LATENCY)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.mode = %d is not an epx_moe_mode_t", cfg.mode);
+    if (cfg.expert_alignment < 1)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.expert_alignment = %d must be >= 1", cfg.expert_alignment);
+    if (cfg.ll_fp8 && (cfg.mode != EPX_MOE_LOW_LATENCY || cfg.dtype != EPX_BF16))
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.ll_fp8 needs mode EPX_MOE_LOW_LATENCY and dtype EPX_BF16");
+    if (cfg.scale_format != EPX_SCALE_F32 && cfg.scale_format != EPX_SCALE_UE8M0)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.scale_format = %d is not an epx_scale_format_t",
+                         cfg.scale_format);
+    if (cfg.mode == EPX_MOE_LOW_LATENCY && cfg.dtype == EPX_FP8_E4M3)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "low-latency dispatch takes bf16/f16/f32 tokens (set ll_fp8 to quantise bf16 to FP8)");
+    *s = (epx__moe_shape_t){0};
+    s->nranks = c->nranks;
+    s->rank = c->rank;
+    s->hidden = cfg.hidden;
+    s->max_tokens = cfg.max_tokens_per_rank;
+    s->num_experts = cfg.num_experts;
+    s->local_experts = cfg.num_experts / c->nranks;
+    s->max_topk = cfg.max_topk;
+    s->dtype = (epx_dtype_t)cfg.dtype;
+    s->combine_dtype = (epx_dtype_t)cfg.combine_dtype;
+    s->index_dtype = (epx_dtype_t)cfg.index_dtype;
+    s->mode = cfg.mode;
+    s->alignment = cfg.expert_alignment;
+    s->ll_fp8 = cfg.ll_fp8 != 0;
+    s->scale_format = cfg.scale_format;
+    s->row_bytes = (size_t)cfg.hidden * epx_dtype_size(s->dtype);
+    s->scale_cols = (size_t)(cfg.hidden + EPX__FP8_BLOCK - 1) / EPX__FP8_BLOCK;
+    s->combine_row_bytes = (size_t)cfg.hidden * epx_dtype_size(s->combine_dtype);
+    s->ll_slots = (size_t)c->nranks * (size_t)cfg.max_tokens_per_rank;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_moe_t *out)
+{
+    EPX__CHECK(epx__comm_check(comm));
+    if (!out) return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
+    *out = NULL;
+    epx_moe_t m = calloc(1, sizeof *m);
+    if (!m) return epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
+    m->comm = comm;
+    epx_status_t local = epx__moe_shape(comm, cfg, &m->shape);
+    uint64_t hash = epx__hash64(&m->shape.hidden, sizeof m->shape - offsetof(epx__moe_shape_t, hidden), 0);
+    epx_status_t st = epx__cpu_moe_create(comm->cpu, &m->shape, hash, local, &m->cpu, &comm->err);
+    if (st == EPX_ERR_REMOTE_INVALID && local != EPX_SUCCESS) st = local;
+    st = epx__comm_result(comm, st);
+    if (st != EPX_SUCCESS) {
+        free(m);
+        return st;
+    }
+    *out = m;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_moe_destroy(epx_moe_t moe)
+{
+    if (!moe) return EPX_SUCCESS;
+    epx__cpu_moe_destroy(moe->cpu);
+    free(moe);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows)
+{
+    if (!moe || !rows) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe or rows is NULL");
+    *rows = (int64_t)moe->shape.nranks * moe->shape.max_tokens;
+    return EPX_SUCCESS;
+}
+
+/* ---- Argument checks ------------------------------------------------------------------- */
+
+#define EPX__REQUIRE(cond, ...)                                                                     \
+    do {                                                                                            \
+        if (!(cond)) return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, __VA_ARGS__);                  \
+    } while (0)
+
+static bool epx__aligned(const void *p, size_t a) { return ((uintptr_t)p % a) == 0; }
+
+/* A buffer that must be there (when `needed`) and aligned to its elements. */
+static epx_status_t epx__check_buf(epx__errbuf_t *err, const char *name, const void *p, bool needed, size_t align)
+{
+    EPX__REQUIRE(!needed || p, "%s is NULL", name);
+    EPX__REQUIRE(!p || epx__aligned(p, align), "%s = %p is not aligned to %zu bytes", name, p, align);
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__check_tokens(const epx__moe_shape_t *s, epx__errbuf_t *err, int T, int K)
+{
+    EPX__REQUIRE(T >= 0 && T <= s->max_tokens, "num_tokens = %d is outside [0, max_tokens_per_rank = %d]", T,
+                 s->max_tokens);
+    EPX__REQUIRE(K >= 1 && K <= s->max_topk, "topk = %d is outside [1, max_topk = %d]", K, s->max_topk);
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__check_routing(const epx__moe_shape_t *s, epx__errbuf_t *err, const void *topk_idx, int T, int K)
+{
+    size_t is = epx_dtype_size(s->index_dtype);
+    EPX__CHECK(epx__check_buf(err, "topk_idx", topk_idx, T > 0, is));
+    return epx__topk_validate(topk_idx, s->index_dtype, T, K, s->num_experts, err);
+}
+
+static epx_status_t epx__check_dispatch(const epx__moe_shape_t *s, epx__errbuf_t *err, const epx_moe_dispatch_in_t *in,
+                                        const epx_moe_dispatch_out_t *out, bool cached)
+{
+    EPX__REQUIRE(in && out, "in or out is NULL");
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    int T = in->num_tokens;
+    size_t es = epx_dtype_size(s->dtype);
+    if (!cached) {
+        EPX__CHECK(epx__check_tokens(s, err, T, in->topk));
+        EPX__CHECK(epx__check_routing(s, err, in->topk_idx, T, in->topk));
+        EPX__CHECK(epx__check_buf(err, "in.topk_weights", in->topk_weights, false, 4));
+    }
+    EPX__CHECK(epx__check_buf(err, "in.x", in->x, T > 0, es));
+    EPX__CHECK(epx__check_buf(err, "in.x_scales", in->x_scales, fp8 && T > 0, 4));
+    EPX__REQUIRE(out->capacity >= 0, "out.capacity = %lld is negative", (long long)out->capacity);
+    bool rows = out->capacity > 0;
+    EPX__CHECK(epx__check_buf(err, "out.recv_x", out->recv_x, rows, es));
+    EPX__CHECK(epx__check_buf(err, "out.recv_x_scales", out->recv_x_scales, fp8 && rows, 4));
+    if (cached) return EPX_SUCCESS;
+    EPX__CHECK(epx__check_buf(err, "out.recv_topk_idx", out->recv_topk_idx, false, epx_dtype_size(s->index_dtype)));
+    EPX__CHECK(epx__check_buf(err, "out.recv_topk_weights", out->recv_topk_weights, false, 4));
+    EPX__CHECK(epx__check_buf(err, "out.recv_src_rank", out->recv_src_rank, false, 4));
+    EPX__CHECK(epx__check_buf(err, "out.recv_src_token", out->recv_src_token, false, 4));
+    return epx__check_buf(err, "out.num_recv_tokens_per_expert", out->num_recv_tokens_per_expert, false, 4);
+}
+
+static epx_status_t epx__check_moe_call(epx_moe_t moe, void *stream, int mode)
+{
+    if (!moe) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
+    EPX__CHECK(epx__comm_check(moe->comm));
+    epx__errbuf_t *err = &moe->comm->err;
+    EPX__REQUIRE(!stream, "stream must be NULL on the CPU backend");
+    if (moe->shape.mode != mode)
+        return epx__fail(err, EPX_ERR_INVALID_USAGE, "this MoE context was created for %s mode",
+                         moe->shape.mode == EPX_MOE_LOW_LATENCY ? "low-latency" : "high-throughput");
+    return EPX_SUCCESS;
+}
+
+/* The local verdict on a call whose context is valid: `st` from the checks. A handle of
+ * another context or mode is rejected here too. */
+static epx_status_t epx__check_handle(epx_moe_t moe, epx_moe_handle_t h, int mode)
+{
+    epx__errbuf_t *err = &moe->comm->err;
+    EPX__REQUIRE(h, "handle is NULL");
+    EPX__REQUIRE(h->moe == moe && h->mode == mode, "handle was made by another MoE context or mode");
+    return EPX_SUCCESS;
+}
+
+/* ---- Calls ----------------------------------------------------------------------------- */
+
+epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
+                            int32_t *per_expert, uint8_t *in_rank, void *stream)
+{
+    if (!moe) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
+    epx__errbuf_t *err = &moe->comm->err;
+    const epx__moe_shape_t *s = &moe->shape;
+    EPX__REQUIRE(!stream, "stream must be NULL on the CPU backend");
+    EPX__CHECK(epx__check_tokens(s, err, num_tokens, topk));
+    EPX__CHECK(epx__check_routing(s, err, topk_idx, num_tokens, topk));
+    EPX__CHECK(epx__check_buf(err, "num_tokens_per_rank", per_rank, false, 4));
+    EPX__CHECK(epx__check_buf(err, "num_tokens_per_expert", per_expert, false, 4));
+    int32_t *idx = malloc(sizeof(int32_t) * (size_t)EPX__MAX(num_tokens * topk, 1));
+    if (!idx) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx__topk_to_i32(topk_idx, s->index_dtype, num_tokens, topk, idx);
+    epx__layout_i32(idx, num_tokens, topk, s->num_experts, s->nranks, per_rank, per_expert, in_rank);
+    free(idx);
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu, epx_moe_handle_t *out)
+{
+    epx_moe_handle_t h = calloc(1, sizeof *h);
+    if (!h) {
+        epx__cpu_moe_handle_free(cpu);
+        return epx__fail(&moe->comm->err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    h->moe = moe;
+    h->mode = mode;
+    h->cpu = cpu;
+    *out = h;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                              epx_moe_handle_t *handle, void *stream)
+{
+    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
+    epx__errbuf_t *err = &moe->comm->err;
+    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
+                                : epx__check_dispatch(&moe->shape, err, in, out, false);
+    if (local == EPX_SUCCESS && !handle) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "handle is NULL");
+    epx__cpu_moe_handle_t *h = NULL;
+    epx_status_t st = epx__cpu_moe_dispatch(moe->cpu, in, out, local, &h, err);
+    st = epx__comm_result(moe->comm, st);
+    if (st != EPX_SUCCESS) return st;
+    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, handle);
+}
+
+epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
+                                     epx_moe_dispatch_out_t *out, void *stream)
+{
+    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
+    epx__errbuf_t *err = &moe->comm->err;
+    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
+                                : epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
+    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, true);
+    if (local == EPX_SUCCESS && in->num_tokens != epx__cpu_moe_handle_tokens(handle->cpu))
+        local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in.num_tokens = %d but the handle routed %d tokens",
+                          in->num_tokens, epx__cpu_moe_handle_tokens(handle->cpu));
+    if (local == EPX_SUCCESS && out->capacity < epx__cpu_moe_handle_rows(handle->cpu))
+        local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld but the handle received %lld rows",
+                          (long long)out->capacity, (long long)epx__cpu_moe_handle_rows(handle->cpu));
+    epx_status_t st = epx__cpu_moe_dispatch_cached(moe->cpu, local == EPX_SUCCESS ? handle->cpu : NULL, in, out, local, err);
+    return epx__comm_result(moe->comm, st);
+}
+
+epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_combine_in_t *in,
+                             epx_moe_combine_out_t *out, void *stream)
+{
+    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
+    epx__errbuf_t *err = &moe->comm->err;
+    const epx__moe_shape_t *s = &moe->shape;
+    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
+                                : epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
+    if (local == EPX_SUCCESS && (!in || !out)) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in or out is NULL");
+    if (local == EPX_SUCCESS) {
+        size_t es = epx_dtype_size(s->combine_dtype);
+        int64_t rows = epx__cpu_moe_handle_rows(handle->cpu);
+        int T = epx__cpu_moe_handle_tokens(handle->cpu);
+        local = epx__check_buf(err, "in.y", in->y, rows > 0, es);
+        if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.topk_weights", in->topk_weights, false, 4);
+        if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out", out->out, T > 0, es);
+        if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out_topk_weights", out->out_topk_weights, false, 4);
+    }
+    epx_status_t st = epx__cpu_moe_combine(moe->cpu, local == EPX_SUCCESS ? handle->cpu : NULL, in, out, local, err);
+    return epx__comm_result(moe->comm, st);
+}
+
+epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in, epx_moe_ll_dispatch_out_t *out,
+                                 epx_moe_handle_t *handle, void *stream)
+{
+    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_LOW_LATENCY));
+    epx__errbuf_t *err = &moe->comm->err;
+    const epx__moe_shape_t *s = &moe->shape;
+    epx_status_t local = EPX_SUCCESS;
+    if (stream) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
+    if (local == EPX_SUCCESS && (!in || !out || !handle))
+        local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in, out or handle is NULL");
+    if (local == EPX_SUCCESS) local = epx__check_tokens(s, err, in->num_tokens, in->topk);
+    if (local == EPX_SUCCESS) local = epx__check_routing(s, err, in->topk_idx, in->num_tokens, in->topk);
+    if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.x", in->x, in->num_tokens > 0, epx_dtype_size(s->dtype));
+    bool slots = s->ll_slots > 0;
+    if (local == EPX_SUCCESS)
+        local = epx__check_buf(err, "out.recv_x", out->recv_x, slots, s->ll_fp8 ? 1 : epx_dtype_size(s->dtype));
+    if (local == EPX_SUCCESS)
+        local = epx__check_buf(err, "out.recv_x_scales", out->recv_x_scales, s->ll_fp8 && slots,
+                               s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4);
+    if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_count", out->recv_count, false, 4);
+    if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_rank", out->recv_src_rank, false, 4);
+    if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_token", out->recv_src_token, false, 4);
+    epx__cpu_moe_handle_t *h = NULL;
+    epx_status_t st = epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
+    st = epx__comm_result(moe->comm, st);
+    if (st != EPX_SUCCESS) return st;
+    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, handle);
+}
+
+epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
+                                void *stream)
+{
+    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_LOW_LATENCY));
+    epx__errbuf_t *err = &moe->comm->err;
+    const epx__moe_shape_t *s = &moe->shape;
+    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
+                                : epx__check_handle(moe, handle, EPX_MOE_LOW_LATENCY);
+    if (local == EPX_SUCCESS && !in) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in is NULL");
+    if (local == EPX_SUCCESS) {
+        int T = epx__cpu_moe_handle_tokens(handle->cpu);
+        size_t es = epx_dtype_size(s->combine_dtype);
+        local = epx__check_buf(err, "in.y", in->y, s->ll_slots > 0, es);
+        if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.topk_weights", in->topk_weights, T > 0, 4);
+        if (local == EPX_SUCCESS) local = epx__check_buf(err, "out", out, T > 0, es);
+    }
+    epx_status_t st = epx__cpu_moe_ll_combine(moe->cpu, local == EPX_SUCCESS ? handle->cpu : NULL, in, out, local, err);
+    return epx__comm_result(moe->comm, st);
+}
+
+epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
+{
+    if (!handle) return EPX_SUCCESS;
+    epx__cpu_moe_handle_free(handle->cpu);
+    free(handle);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_moe_handle_num_recv_tokens(epx_moe_handle_t handle, int64_t *rows)
+{
+    if (!handle || !rows) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "handle or rows is NULL");
+    *rows = handle->mode == EPX_MOE_HIGH_THROUGHPUT ? epx__cpu_moe_handle_rows(handle->cpu) : 0;
+    return EPX_SUCCESS;
+}

@@ -1,0 +1,826 @@
+/*
+ * CPU backend: MoE dispatch and combine, high-throughput and low-latency.
+ *
+ * Every rank owns a *board*, a registered region with one section per operation parity.
+ * An operation writes its section — the operation kind, T, K, its routing (top-k as
+ * int32, weights, tokens per rank and per expert) and where its token buffers can be read
+ * — then posts (the protocol of cpu.h). After acquiring every post, each rank reads the
+ * boards it needs and pulls its rows straight from the sources' buffers: every byte is
+ * copied once, by the rank that receives it, in parallel on all ranks. All ranks see the
+ * same boards, so checks that involve several ranks (output capacity, consistent calls)
+ * reach the same verdict everywhere before anything is written.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "shm.h"
+
+enum { EPX__OP_DISPATCH = 1, EPX__OP_CACHED, EPX__OP_COMBINE, EPX__OP_LL_DISPATCH, EPX__OP_LL_COMBINE };
+static const char *const epx__op_names[] = {"?", "dispatch", "cached dispatch", "combine", "low-latency dispatch",
+                                            "low-latency combine"};
+
+/* Tokens of a combine processed together (bounds the gather scratch). */
+#define EPX__CHUNK 32
+
+typedef struct {
+    int32_t op;
+    int32_t num_tokens;
+    int32_t topk;
+    int32_t has_weights;
+    uint32_t routing_id; /* the dispatch that made the handle (cached dispatch, combines) */
+    int32_t pad_;
+    int64_t capacity;
+    epx__loc_t x, scales, y, weights;
+} epx__board_hdr_t;
+
+typedef struct {
+    epx__board_hdr_t *hdr;
+    int32_t *per_rank;   /* [R] tokens to each rank */
+    int32_t *per_expert; /* [E] tokens to each expert */
+    int32_t *topk;       /* [max_tokens, max_topk] */
+    float *weights;      /* [max_tokens, max_topk] */
+} epx__board_t;
+
+struct epx__cpu_moe {
+    epx__cpu_t *cpu;
+    epx__moe_shape_t s;
+    size_t section_bytes; /* one parity of a board */
+    void *board;          /* mine: 2 sections */
+    epx__loc_t *boards;   /* [R] where each rank's board is */
+    int64_t *offsets;     /* scratch: [R * max_tokens] row offsets */
+    int32_t *tokens;      /* scratch: [R * max_tokens] token ids */
+    char *scratch;        /* gather space for rows read with process_vm_readv */
+    size_t scratch_bytes;
+};
+
+struct epx__cpu_moe_handle {
+    uint32_t id; /* the operation number of the dispatch that made it */
+    int mode;
+    int num_tokens, topk;
+    int64_t rows; /* received rows (high-throughput) */
+    /* High-throughput: where my tokens went, and where my rows came from. */
+    int32_t *send_row;   /* [T, R]: row in rank r's output, -1 if not sent there */
+    int64_t *recv_start; /* [R] first row from each source */
+    int64_t *recv_count; /* [R] rows from each source */
+    int32_t *recv_token; /* [rows] token index on the source */
+    /* Low-latency: my routing and the slot of each (token, k). */
+    int32_t *topk_idx; /* [T, K] */
+    int32_t *slot;     /* [T, K]: slot in expert topk_idx's region, -1 for no expert */
+};
+
+/* ---- Boards ----------------------------------------------------------------------------- */
+
+static size_t epx__board_section_bytes(const epx__moe_shape_t *s)
+{
+    size_t b = EPX__ALIGN_UP(sizeof(epx__board_hdr_t), EPX__CACHELINE);
+    b += EPX__ALIGN_UP(sizeof(int32_t) * (size_t)s->nranks, EPX__CACHELINE);
+    b += EPX__ALIGN_UP(sizeof(int32_t) * (size_t)s->num_experts, EPX__CACHELINE);
+    b += 2 * EPX__ALIGN_UP(sizeof(int32_t) * (size_t)s->max_tokens * (size_t)s->max_topk, EPX__CACHELINE);
+    return b;
+}
+
+static epx__board_t epx__board_at(const epx__cpu_moe_t *m, const char *base, uint32_t seq)
+{
+    const epx__moe_shape_t *s = &m->s;
+    char *p = (char *)base + (seq & 1u) * m->section_bytes;
+    epx__board_t b;
+    b.hdr = (epx__board_hdr_t *)p;
+    p += EPX__ALIGN_UP(sizeof(epx__board_hdr_t), EPX__CACHELINE);
+    b.per_rank = (int32_t *)p;
+    p += EPX__ALIGN_UP(sizeof(int32_t) * (size_t)s->nranks, EPX__CACHELINE);
+    b.per_expert = (int32_t *)p;
+    p += EPX__ALIGN_UP(sizeof(int32_t) * (size_t)s->num_experts, EPX__CACHELINE);
+    b.topk = (int32_t *)p;
+    p += EPX__ALIGN_UP(sizeof(int32_t) * (size_t)s->max_tokens * (size_t)s->max_topk, EPX__CACHELINE);
+    b.weights = (float *)p;
+    return b;
+}
+
+/* Every rank's board section of operation `seq` (after the posts were acquired). */
+static epx_status_t epx__boards_read(epx__cpu_moe_t *m, uint32_t seq, epx__board_t *out, epx__errbuf_t *err)
+{
+    for (int p = 0; p < m->s.nranks; p++) {
+        const char *base = m->board;
+        if (p != m->s.rank) EPX__CHECK(epx__peer_map(m->cpu, p, &m->boards[p], seq, &base, err));
+        out[p] = epx__board_at(m, base, seq);
+    }
+    return EPX_SUCCESS;
+}
+
+/* All ranks must be making the same call: same kind, same top-k, same routing. */
+static epx_status_t epx__boards_agree(const epx__cpu_moe_t *m, const epx__board_t *b, epx__errbuf_t *err)
+{
+    const epx__board_hdr_t *me = b[m->s.rank].hdr;
+    for (int p = 0; p < m->s.nranks; p++) {
+        const epx__board_hdr_t *h = b[p].hdr;
+        if (h->op != me->op)
+            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d called %s while rank %d called %s", p,
+                             epx__op_names[h->op >= 1 && h->op <= 5 ? h->op : 0], m->s.rank, epx__op_names[me->op]);
+        if (h->topk != me->topk)
+            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d passed topk = %d, rank %d passed %d", p, h->topk, m->s.rank,
+                             me->topk);
+        if (h->routing_id != me->routing_id)
+            return epx__fail(err, EPX_ERR_MISMATCH,
+                             "rank %d passed the handle of another dispatch than rank %d (operation %u vs %u)", p,
+                             m->s.rank, h->routing_id, me->routing_id);
+        if (h->has_weights != me->has_weights)
+            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d %s topk_weights, rank %d %s", p,
+                             h->has_weights ? "passed" : "did not pass", m->s.rank, me->has_weights ? "did" : "did not");
+    }
+    return EPX_SUCCESS;
+}
+
+/* Does token t of a board go to rank q (high-throughput) / to expert e (low-latency)? */
+static inline bool epx__goes_to_rank(const int32_t *topk, int K, int64_t t, int L, int q)
+{
+    for (int k = 0; k < K; k++) {
+        int32_t e = topk[t * K + k];
+        if (e >= 0 && e / L == q) return true;
+    }
+    return false;
+}
+
+static inline bool epx__goes_to_expert(const int32_t *topk, int K, int64_t t, int e)
+{
+    for (int k = 0; k < K; k++)
+        if (topk[t * K + k] == e) return true;
+    return false;
+}
+
+static epx_status_t epx__scratch(epx__cpu_moe_t *m, size_t bytes, epx__errbuf_t *err)
+{
+    if (m->scratch_bytes >= bytes) return EPX_SUCCESS;
+    free(m->scratch);
+    m->scratch = malloc(bytes);
+    m->scratch_bytes = m->scratch ? bytes : 0;
+    return m->scratch ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory (%zu bytes of scratch)", bytes);
+}
+
+/* ---- Create / destroy ------------------------------------------------------------------- */
+
+epx_status_t epx__cpu_moe_create(epx__cpu_t *c, const epx__moe_shape_t *shape, uint64_t config_hash,
+                                 epx_status_t local_status, epx__cpu_moe_t **out, epx__errbuf_t *err)
+{
+    int R = c->nranks;
+    epx_status_t st = EPX_SUCCESS;
+    epx__cpu_moe_t *m = calloc(1, sizeof *m);
+    struct card {
+        uint64_t hash;
+        epx__loc_t board;
+    } *cards = calloc(2 * (size_t)R, sizeof *cards);
+    int64_t *counts = calloc(2 * (size_t)R, sizeof *counts);
+    if (!m || !cards || !counts) {
+        free(m), free(cards), free(counts);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    m->cpu = c;
+    m->s = *shape;
+    if (local_status == EPX_SUCCESS) {
+        m->section_bytes = EPX__ALIGN_UP(epx__board_section_bytes(shape), 4096);
+        size_t rows = (size_t)R * (size_t)EPX__MAX(shape->max_tokens, 1);
+        m->boards = calloc((size_t)R, sizeof *m->boards);
+        m->offsets = calloc(rows, sizeof *m->offsets);
+        m->tokens = calloc(rows, sizeof *m->tokens);
+        if (!m->boards || !m->offsets || !m->tokens)
+            local_status = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        else
+            local_status = epx__cpu_mem_alloc(c, 2 * m->section_bytes, &m->board, err);
+    }
+    /* One exchange: every rank's config hash and board location. */
+    struct card mine = {config_hash, {EPX__LOC_NONE, 0, 0, 0}};
+    if (local_status == EPX_SUCCESS) epx__region_find(c, m->board, 2 * m->section_bytes, &mine.board);
+    int64_t *cnt = counts, *dsp = counts + R;
+    for (int p = 0; p < R; p++) {
+        cards[p] = mine;
+        cnt[p] = (int64_t)sizeof mine;
+        dsp[p] = (int64_t)sizeof mine * p;
+    }
+    epx__cpu_xfer_t x = {cards, cnt, dsp, cards + R, cnt, dsp};
+    st = epx__cpu_alltoallv(c, local_status == EPX_SUCCESS ? &x : NULL, local_status, err);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        if (cards[R + p].hash != config_hash)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, c->rank);
+        else
+            m->boards[p] = cards[R + p].board;
+    }
+    free(cards);
+    free(counts);
+    if (st != EPX_SUCCESS) {
+        epx__cpu_moe_destroy(m);
+        return st;
+    }
+    *out = m;
+    return EPX_SUCCESS;
+}
+
+void epx__cpu_moe_destroy(epx__cpu_moe_t *m)
+{
+    if (!m) return;
+    if (m->board) epx__cpu_mem_free(m->cpu, m->board, NULL);
+    free(m->boards);
+    free(m->offsets);
+    free(m->tokens);
+    free(m->scratch);
+    free(m);
+}
+
+void epx__cpu_moe_handle_free(epx__cpu_moe_handle_t *h)
+{
+    if (!h) return;
+    free(h->send_row);
+    free(h->recv_start);
+    free(h->recv_count);
+    free(h->recv_token);
+    free(h->topk_idx);
+    free(h->slot);
+    free(h);
+}
+
+int64_t epx__cpu_moe_handle_rows(const epx__cpu_moe_handle_t *h) { return h->rows; }
+int epx__cpu_moe_handle_tokens(const epx__cpu_moe_handle_t *h) { return h->num_tokens; }
+
+/* ---- Operation skeleton -------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t seq;
+    uint64_t deadline;
+    bool exposed;
+    epx__board_t mine;
+} epx__op_t;
+
+static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
+{
+    op->seq = ++m->cpu->seq;
+    op->deadline = epx__deadline_after_ms(m->cpu->timeout_ms);
+    op->exposed = false;
+    op->mine = epx__board_at(m, m->board, op->seq);
+    memset(op->mine.hdr, 0, sizeof *op->mine.hdr);
+    op->mine.hdr->op = kind;
+}
+
+/* Post, acquire every post, check everyone's verdict and that the calls agree, and read
+ * the boards. A failure before the posts are acquired breaks the communicator (returned as
+ * is); later ones are ordinary statuses and the operation is then finished by the caller. */
+static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t local, epx__board_t *boards,
+                                 bool *broken, epx__errbuf_t *err)
+{
+    epx__op_post(m->cpu, op->seq, local);
+    epx_status_t st = epx__wait_posts(m->cpu, op->seq, op->deadline, err);
+    *broken = st != EPX_SUCCESS;
+    if (st != EPX_SUCCESS) return st;
+    if (local != EPX_SUCCESS) return local;
+    EPX__CHECK(epx__op_check_remote(m->cpu, op->seq, err));
+    EPX__CHECK(epx__boards_read(m, op->seq, boards, err));
+    return epx__boards_agree(m, boards, err);
+}
+
+/* ---- Rows ---------------------------------------------------------------------------------- */
+
+/* Accumulate a row of `dtype` into float32 acc (acc[h] = acc[h] + x[h]). */
+static void epx__acc_row(float *acc, const void *row, epx_dtype_t dtype, int H)
+{
+    if (dtype == EPX_BF16) {
+        const uint16_t *r = row;
+        for (int h = 0; h < H; h++) {
+            uint32_t u = (uint32_t)r[h] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            acc[h] += f;
+        }
+    } else if (dtype == EPX_F32) {
+        const float *r = row;
+        for (int h = 0; h < H; h++) acc[h] += r[h];
+    } else {
+        for (int h = 0; h < H; h++) acc[h] += epx__load_float(row, dtype, (size_t)h);
+    }
+}
+
+static void epx__store_row(void *row, epx_dtype_t dtype, const float *acc, int H)
+{
+    if (dtype == EPX_F32) {
+        memcpy(row, acc, sizeof(float) * (size_t)H);
+    } else if (dtype == EPX_BF16) {
+        uint16_t *r = row;
+        for (int h = 0; h < H; h++) r[h] = epx_float_to_bf16(acc[h]);
+    } else {
+        for (int h = 0; h < H; h++) epx__store_float(row, dtype, (size_t)h, acc[h]);
+    }
+}
+
+/* Work space of epx__gather_ptrs for up to `cap` rows. */
+typedef struct {
+    int64_t cap;
+    int64_t *offs;
+    int32_t *idx;
+    const char **tmp;
+} epx__gather_t;
+
+static epx_status_t epx__gather_init(epx__gather_t *g, int64_t cap, epx__errbuf_t *err)
+{
+    g->cap = cap;
+    g->offs = malloc(sizeof *g->offs * (size_t)cap);
+    g->idx = malloc(sizeof *g->idx * (size_t)cap);
+    g->tmp = malloc(sizeof *g->tmp * (size_t)cap);
+    if (g->offs && g->idx && g->tmp) return EPX_SUCCESS;
+    free(g->offs), free(g->idx), free(g->tmp);
+    g->offs = NULL, g->idx = NULL, g->tmp = NULL;
+    return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+}
+
+static void epx__gather_free(epx__gather_t *g) { free(g->offs), free(g->idx), free(g->tmp); }
+
+/* Pointers to rows of several ranks: entry i is the row at byte offset offsets[i] of what
+ * rank ranks[i] exposed at locs[ranks[i]] (n <= g->cap). Rows that must be read with
+ * process_vm_readv land in the scratch space. */
+static epx_status_t epx__gather_ptrs(epx__cpu_moe_t *m, epx__gather_t *g, uint32_t seq, const epx__loc_t *const *locs,
+                                     const int32_t *ranks, const int64_t *offsets, int64_t n, size_t row_bytes,
+                                     const char **ptrs, epx__errbuf_t *err)
+{
+    EPX__CHECK(epx__scratch(m, (size_t)n * row_bytes, err));
+    size_t used = 0;
+    for (int p = 0; p < m->s.nranks; p++) {
+        int64_t k = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (ranks[i] == p) g->offs[k] = offsets[i], g->idx[k++] = (int32_t)i;
+        if (k == 0) continue;
+        EPX__CHECK(epx__peer_rows_ptrs(m->cpu, p, locs[p], seq, g->offs, k, row_bytes, m->scratch + used, g->tmp, err));
+        for (int64_t j = 0; j < k; j++) ptrs[g->idx[j]] = g->tmp[j];
+        used += (size_t)k * row_bytes;
+    }
+    return EPX_SUCCESS;
+}
+
+/* ---- High-throughput dispatch ---------------------------------------------------------------- */
+
+/* Write my part of a dispatch (routing and where my tokens are) into my board. */
+static epx_status_t epx__dispatch_publish(epx__cpu_moe_t *m, epx__op_t *op, const epx_moe_dispatch_in_t *in,
+                                          const epx_moe_dispatch_out_t *out, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    epx__board_t *b = &op->mine;
+    int T = in->num_tokens, K = in->topk;
+    b->hdr->num_tokens = T;
+    b->hdr->topk = K;
+    b->hdr->has_weights = in->topk_weights != NULL;
+    b->hdr->capacity = out->capacity;
+    epx__topk_to_i32(in->topk_idx, s->index_dtype, T, K, b->topk);
+    if (in->topk_weights) memcpy(b->weights, in->topk_weights, sizeof(float) * (size_t)T * (size_t)K);
+    epx__layout_i32(b->topk, T, K, s->num_experts, s->nranks, b->per_rank, b->per_expert, NULL);
+    epx__expose_t bufs[2] = {{in->x, (size_t)T * s->row_bytes, {0, 0, 0, 0}},
+                             {s->dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, (size_t)T * s->scale_cols * 4, {0, 0, 0, 0}}};
+    EPX__CHECK(epx__expose_buffers(m->cpu, bufs, 2, &op->exposed, err));
+    b->hdr->x = bufs[0].loc;
+    b->hdr->scales = bufs[1].loc;
+    return EPX_SUCCESS;
+}
+
+/* Every rank's output must hold what it receives; all ranks reach the same verdict. */
+static epx_status_t epx__check_capacity(const epx__cpu_moe_t *m, const epx__board_t *b, int64_t *mine,
+                                        epx__errbuf_t *err)
+{
+    int R = m->s.nranks;
+    for (int q = 0; q < R; q++) {
+        int64_t n = 0;
+        for (int p = 0; p < R; p++) n += b[p].per_rank[q];
+        if (q == m->s.rank) *mine = n;
+    }
+    for (int q = 0; q < R; q++) {
+        int64_t n = 0;
+        for (int p = 0; p < R; p++) n += b[p].per_rank[q];
+        if (n > b[q].hdr->capacity) {
+            if (q == m->s.rank)
+                return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                                 "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells)",
+                                 (long long)b[q].hdr->capacity, (long long)n);
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity (%lld rows) is below the %lld it receives",
+                             q, (long long)b[q].hdr->capacity, (long long)n);
+        }
+    }
+    return EPX_SUCCESS;
+}
+
+/* Pull the rows of source p along a list of its tokens into rows [row, row + n). */
+static epx_status_t epx__pull_token_rows(epx__cpu_moe_t *m, uint32_t seq, int p, const epx__board_t *bp,
+                                         const int32_t *tokens, int64_t n, int64_t row, epx_moe_dispatch_out_t *out,
+                                         epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    for (int64_t i = 0; i < n; i++) m->offsets[i] = (int64_t)tokens[i] * (int64_t)s->row_bytes;
+    EPX__CHECK(epx__peer_rows_copy(m->cpu, p, &bp->hdr->x, seq, m->offsets, n, s->row_bytes,
+                                   (char *)out->recv_x + (size_t)row * s->row_bytes, s->row_bytes, err));
+    if (s->dtype == EPX_FP8_E4M3 && out->recv_x_scales) {
+        size_t sb = s->scale_cols * sizeof(float);
+        for (int64_t i = 0; i < n; i++) m->offsets[i] = (int64_t)tokens[i] * (int64_t)sb;
+        EPX__CHECK(epx__peer_rows_copy(m->cpu, p, &bp->hdr->scales, seq, m->offsets, n, sb,
+                                       (char *)(out->recv_x_scales + (size_t)row * s->scale_cols), sb, err));
+    }
+    return EPX_SUCCESS;
+}
+
+static void epx__write_index(void *idx, epx_dtype_t dt, int64_t i, int64_t v)
+{
+    if (dt == EPX_I32)
+        ((int32_t *)idx)[i] = (int32_t)v;
+    else
+        ((int64_t *)idx)[i] = v;
+}
+
+/* Receive side of a dispatch: pull every row, fill the per-row outputs and the handle. */
+static epx_status_t epx__dispatch_receive(epx__cpu_moe_t *m, uint32_t seq, const epx__board_t *b,
+                                          epx_moe_dispatch_out_t *out, epx__cpu_moe_handle_t *h, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    int R = s->nranks, L = s->local_experts, q = s->rank, K = b[q].hdr->topk;
+    int64_t row = 0;
+    int64_t *per_expert = calloc((size_t)L, sizeof *per_expert);
+    if (!per_expert) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st = EPX_SUCCESS;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        const epx__board_t *bp = &b[p];
+        int64_t n = 0;
+        for (int64_t t = 0; t < bp->hdr->num_tokens; t++) {
+            if (!epx__goes_to_rank(bp->topk, K, t, L, q)) continue;
+            int64_t r = row + n++;
+            h->recv_token[r] = (int32_t)t;
+            if (out->recv_src_rank) out->recv_src_rank[r] = p;
+            if (out->recv_src_token) out->recv_src_token[r] = (int32_t)t;
+            for (int k = 0; k < K; k++) {
+                int32_t e = bp->topk[t * K + k];
+                bool here = e >= 0 && e / L == q;
+                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? e % L : -1);
+                if (out->recv_topk_weights) out->recv_topk_weights[r * K + k] = here && bp->hdr->has_weights ? bp->weights[t * K + k] : 0.0f;
+                if (!here) continue;
+                bool dup = false;
+                for (int j = 0; j < k; j++) dup = dup || bp->topk[t * K + j] == e;
+                if (!dup) per_expert[e % L]++;
+            }
+        }
+        h->recv_start[p] = row;
+        h->recv_count[p] = n;
+        st = epx__pull_token_rows(m, seq, p, bp, h->recv_token + row, n, row, out, err);
+        row += n;
+    }
+    if (out->num_recv_tokens_per_expert)
+        for (int l = 0; l < L; l++)
+            out->num_recv_tokens_per_expert[l] = (int32_t)EPX__ALIGN_UP(per_expert[l], (int64_t)s->alignment);
+    free(per_expert);
+    h->rows = row;
+    return st;
+}
+
+/* Home side: for each of my tokens, its row in every receiver's output. */
+static void epx__dispatch_home_rows(const epx__cpu_moe_t *m, const epx__board_t *b, epx__cpu_moe_handle_t *h)
+{
+    int R = m->s.nranks, L = m->s.local_experts, me = m->s.rank, K = h->topk;
+    const epx__board_t *mine = &b[me];
+    for (int r = 0; r < R; r++) {
+        int64_t next = 0;
+        for (int p = 0; p < me; p++) next += b[p].per_rank[r];
+        for (int64_t t = 0; t < h->num_tokens; t++)
+            h->send_row[t * R + r] = epx__goes_to_rank(mine->topk, K, t, L, r) ? (int32_t)next++ : -1;
+    }
+}
+
+static epx__cpu_moe_handle_t *epx__handle_new(const epx__cpu_moe_t *m, uint32_t id, int mode, int T, int K)
+{
+    epx__cpu_moe_handle_t *h = calloc(1, sizeof *h);
+    if (!h) return NULL;
+    int R = m->s.nranks;
+    size_t tk = (size_t)EPX__MAX(T, 1) * (size_t)EPX__MAX(K, 1);
+    h->id = id;
+    h->mode = mode;
+    h->num_tokens = T;
+    h->topk = K;
+    if (mode == EPX_MOE_HIGH_THROUGHPUT) {
+        h->send_row = malloc(sizeof(int32_t) * (size_t)EPX__MAX(T, 1) * (size_t)R);
+        h->recv_start = calloc((size_t)R, sizeof(int64_t));
+        h->recv_count = calloc((size_t)R, sizeof(int64_t));
+        h->recv_token = malloc(sizeof(int32_t) * (size_t)R * (size_t)EPX__MAX(m->s.max_tokens, 1));
+        if (h->send_row && h->recv_start && h->recv_count && h->recv_token) return h;
+    } else {
+        h->topk_idx = malloc(sizeof(int32_t) * tk);
+        h->slot = malloc(sizeof(int32_t) * tk);
+        if (h->topk_idx && h->slot) return h;
+    }
+    epx__cpu_moe_handle_free(h);
+    return NULL;
+}
+
+epx_status_t epx__cpu_moe_dispatch(epx__cpu_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                   epx_status_t local, epx__cpu_moe_handle_t **handle, epx__errbuf_t *err)
+{
+    epx__op_t op;
+    epx__op_start(m, &op, EPX__OP_DISPATCH);
+    epx__cpu_moe_handle_t *h = NULL;
+    if (local == EPX_SUCCESS) {
+        h = epx__handle_new(m, op.seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, in->topk);
+        if (!h) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
+    }
+    if (local == EPX_SUCCESS) local = epx__dispatch_publish(m, &op, in, out, err);
+    epx__board_t *b = malloc(sizeof *b * (size_t)m->s.nranks);
+    bool broken;
+    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
+                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
+    if (broken) {
+        free(b);
+        epx__cpu_moe_handle_free(h);
+        return st;
+    }
+    int64_t n = -1;
+    if (st == EPX_SUCCESS) st = epx__check_capacity(m, b, &n, err);
+    if (n >= 0) out->num_recv_tokens = n; /* also when too large: it says what to allocate */
+    if (st == EPX_SUCCESS) {
+        st = epx__dispatch_receive(m, op.seq, b, out, h, err);
+        epx__dispatch_home_rows(m, b, h);
+    }
+    free(b);
+    st = epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+    if (st != EPX_SUCCESS) {
+        epx__cpu_moe_handle_free(h);
+        return st;
+    }
+    *handle = h;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cpu_moe_dispatch_cached(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h,
+                                          const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                          epx_status_t local, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    epx__op_t op;
+    epx__op_start(m, &op, EPX__OP_CACHED);
+    if (local == EPX_SUCCESS) {
+        op.mine.hdr->num_tokens = h->num_tokens;
+        op.mine.hdr->topk = h->topk;
+        op.mine.hdr->routing_id = h->id;
+        epx__expose_t bufs[2] = {
+            {in->x, (size_t)h->num_tokens * s->row_bytes, {0, 0, 0, 0}},
+            {s->dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, (size_t)h->num_tokens * s->scale_cols * 4, {0, 0, 0, 0}}};
+        local = epx__expose_buffers(m->cpu, bufs, 2, &op.exposed, err);
+        op.mine.hdr->x = bufs[0].loc;
+        op.mine.hdr->scales = bufs[1].loc;
+    }
+    epx__board_t *b = malloc(sizeof *b * (size_t)s->nranks);
+    bool broken;
+    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
+                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
+    if (broken) {
+        free(b);
+        return st;
+    }
+    for (int p = 0; p < s->nranks && st == EPX_SUCCESS; p++)
+        st = epx__pull_token_rows(m, op.seq, p, &b[p], h->recv_token + h->recv_start[p], h->recv_count[p],
+                                  h->recv_start[p], out, err);
+    free(b);
+    return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+}
+
+/* ---- High-throughput combine ------------------------------------------------------------------ */
+
+epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h, const epx_moe_combine_in_t *in,
+                                  epx_moe_combine_out_t *out, epx_status_t local, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    int R = s->nranks, H = s->hidden;
+    epx__op_t op;
+    epx__op_start(m, &op, EPX__OP_COMBINE);
+    if (local == EPX_SUCCESS) {
+        op.mine.hdr->num_tokens = h->num_tokens;
+        op.mine.hdr->topk = h->topk;
+        op.mine.hdr->routing_id = h->id;
+        op.mine.hdr->has_weights = in->topk_weights != NULL;
+        epx__expose_t bufs[2] = {{in->y, (size_t)h->rows * s->combine_row_bytes, {0, 0, 0, 0}},
+                                 {in->topk_weights, (size_t)h->rows * (size_t)h->topk * 4, {0, 0, 0, 0}}};
+        local = epx__expose_buffers(m->cpu, bufs, 2, &op.exposed, err);
+        op.mine.hdr->y = bufs[0].loc;
+        op.mine.hdr->weights = bufs[1].loc;
+    }
+    epx__board_t *b = malloc(sizeof *b * (size_t)R);
+    bool broken;
+    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
+                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
+    if (broken) {
+        free(b);
+        return st;
+    }
+    int64_t cap = (int64_t)EPX__CHUNK * R;
+    const epx__loc_t **ylocs = malloc(sizeof *ylocs * (size_t)R), **wlocs = malloc(sizeof *wlocs * (size_t)R);
+    int32_t *ranks = malloc(sizeof *ranks * (size_t)cap);
+    int64_t *offs = malloc(sizeof *offs * (size_t)cap);
+    int32_t *slot_of = malloc(sizeof *slot_of * (size_t)cap);
+    const char **ptrs = malloc(sizeof *ptrs * (size_t)cap);
+    float *acc = malloc(sizeof *acc * (size_t)H);
+    epx__gather_t g = {0, NULL, NULL, NULL};
+    if (st == EPX_SUCCESS && (!ylocs || !wlocs || !ranks || !offs || !slot_of || !ptrs || !acc))
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (st == EPX_SUCCESS) st = epx__gather_init(&g, cap, err);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) ylocs[p] = &b[p].hdr->y, wlocs[p] = &b[p].hdr->weights;
+    int K = h->topk;
+    for (int64_t t0 = 0; t0 < h->num_tokens && st == EPX_SUCCESS; t0 += EPX__CHUNK) {
+        int64_t t1 = EPX__MIN(t0 + EPX__CHUNK, (int64_t)h->num_tokens), n = 0;
+        for (int64_t t = t0; t < t1; t++)
+            for (int r = 0; r < R; r++) {
+                int32_t row = h->send_row[t * R + r];
+                slot_of[(t - t0) * R + r] = row >= 0 ? (int32_t)n : -1;
+                if (row >= 0) ranks[n] = r, offs[n++] = (int64_t)row * (int64_t)s->combine_row_bytes;
+            }
+        st = epx__gather_ptrs(m, &g, op.seq, ylocs, ranks, offs, n, s->combine_row_bytes, ptrs, err);
+        for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
+            memset(acc, 0, sizeof *acc * (size_t)H);
+            for (int r = 0; r < R; r++) {
+                int32_t i = slot_of[(t - t0) * R + r];
+                if (i >= 0) epx__acc_row(acc, ptrs[i], s->combine_dtype, H);
+            }
+            epx__store_row((char *)out->out + (size_t)t * s->combine_row_bytes, s->combine_dtype, acc, H);
+        }
+        if (st != EPX_SUCCESS || !out->out_topk_weights || !op.mine.hdr->has_weights) continue;
+        size_t wb = sizeof(float) * (size_t)K;
+        for (int64_t i = 0; i < n; i++) offs[i] = offs[i] / (int64_t)s->combine_row_bytes * (int64_t)wb;
+        st = epx__gather_ptrs(m, &g, op.seq, wlocs, ranks, offs, n, wb, ptrs, err);
+        for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
+            float *w = out->out_topk_weights + t * K;
+            for (int k = 0; k < K; k++) w[k] = 0.0f;
+            for (int r = 0; r < R; r++) {
+                int32_t i = slot_of[(t - t0) * R + r];
+                if (i >= 0)
+                    for (int k = 0; k < K; k++) w[k] += ((const float *)ptrs[i])[k];
+            }
+        }
+    }
+    if (st == EPX_SUCCESS && out->out_topk_weights && !op.mine.hdr->has_weights)
+        memset(out->out_topk_weights, 0, sizeof(float) * (size_t)h->num_tokens * (size_t)K);
+    epx__gather_free(&g);
+    free(ylocs), free(wlocs), free(ranks), free(offs), free(slot_of), free(ptrs), free(acc);
+    free(b);
+    return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+}
+
+/* ---- Low-latency dispatch / combine ------------------------------------------------------------- */
+
+epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                      epx_moe_ll_dispatch_out_t *out, epx_status_t local,
+                                      epx__cpu_moe_handle_t **handle, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    int R = s->nranks, L = s->local_experts, me = s->rank, H = s->hidden;
+    epx__op_t op;
+    epx__op_start(m, &op, EPX__OP_LL_DISPATCH);
+    epx__cpu_moe_handle_t *h = NULL;
+    if (local == EPX_SUCCESS) {
+        h = epx__handle_new(m, op.seq, EPX_MOE_LOW_LATENCY, in->num_tokens, in->topk);
+        if (!h) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
+    }
+    if (local == EPX_SUCCESS) {
+        epx__board_t *mb = &op.mine;
+        mb->hdr->num_tokens = in->num_tokens;
+        mb->hdr->topk = in->topk;
+        epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, in->topk, mb->topk);
+        epx__layout_i32(mb->topk, in->num_tokens, in->topk, s->num_experts, R, mb->per_rank, mb->per_expert, NULL);
+        epx__expose_t bufs[1] = {{in->x, (size_t)in->num_tokens * s->row_bytes, {0, 0, 0, 0}}};
+        local = epx__expose_buffers(m->cpu, bufs, 1, &op.exposed, err);
+        mb->hdr->x = bufs[0].loc;
+    }
+    epx__board_t *b = malloc(sizeof *b * (size_t)R);
+    bool broken;
+    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
+                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
+    if (broken) {
+        free(b);
+        epx__cpu_moe_handle_free(h);
+        return st;
+    }
+    int K = st == EPX_SUCCESS ? b[me].hdr->topk : 0;
+    size_t out_row = s->ll_fp8 ? (size_t)H : s->row_bytes;
+    size_t scale_bytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
+    const char **ptrs = malloc(sizeof *ptrs * (size_t)EPX__MAX(s->max_tokens, 1));
+    if (st == EPX_SUCCESS && !ptrs) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    /* Receive: for each local expert, rows packed by source rank, then token. */
+    for (int l = 0; l < L && st == EPX_SUCCESS; l++) {
+        int e = me * L + l;
+        int64_t slot = 0;
+        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+            const epx__board_t *bp = &b[p];
+            int64_t n = 0;
+            for (int64_t t = 0; t < bp->hdr->num_tokens; t++)
+                if (epx__goes_to_expert(bp->topk, K, t, e)) m->tokens[n++] = (int32_t)t;
+            size_t first = (size_t)l * s->ll_slots + (size_t)slot;
+            for (int64_t i = 0; i < n; i++) {
+                if (out->recv_src_rank) out->recv_src_rank[first + (size_t)i] = p;
+                if (out->recv_src_token) out->recv_src_token[first + (size_t)i] = m->tokens[i];
+                m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)s->row_bytes;
+            }
+            if (!s->ll_fp8) {
+                st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->x, op.seq, m->offsets, n, s->row_bytes,
+                                         (char *)out->recv_x + first * out_row, out_row, err);
+            } else {
+                st = epx__scratch(m, (size_t)n * s->row_bytes, err);
+                if (st == EPX_SUCCESS)
+                    st = epx__peer_rows_ptrs(m->cpu, p, &bp->hdr->x, op.seq, m->offsets, n, s->row_bytes, m->scratch,
+                                             ptrs, err);
+                for (int64_t i = 0; i < n && st == EPX_SUCCESS; i++)
+                    epx__fp8_quantize_row((const uint16_t *)ptrs[i], H, s->scale_format,
+                                          (uint8_t *)out->recv_x + (first + (size_t)i) * out_row,
+                                          (char *)out->recv_x_scales + (first + (size_t)i) * s->scale_cols * scale_bytes);
+            }
+            slot += n;
+        }
+        if (out->recv_count) out->recv_count[l] = (int32_t)slot;
+        for (size_t i = (size_t)slot; i < s->ll_slots; i++) {
+            if (out->recv_src_rank) out->recv_src_rank[(size_t)l * s->ll_slots + i] = -1;
+            if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
+        }
+    }
+    /* Home side: the slot of each (token, k) in its expert's region. */
+    if (st == EPX_SUCCESS) {
+        const epx__board_t *mine = &b[me];
+        memcpy(h->topk_idx, mine->topk, sizeof(int32_t) * (size_t)h->num_tokens * (size_t)K);
+        for (int64_t i = 0; i < (int64_t)h->num_tokens * K; i++) h->slot[i] = -1;
+        for (int e = 0; e < s->num_experts; e++) {
+            int32_t next = 0;
+            for (int p = 0; p < me; p++) next += b[p].per_expert[e];
+            for (int64_t t = 0; t < h->num_tokens; t++) {
+                bool found = false;
+                for (int k = 0; k < K; k++)
+                    if (mine->topk[t * K + k] == e) h->slot[t * K + k] = next, found = true;
+                next += found;
+            }
+        }
+    }
+    free(ptrs);
+    free(b);
+    st = epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+    if (st != EPX_SUCCESS) {
+        epx__cpu_moe_handle_free(h);
+        return st;
+    }
+    *handle = h;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h,
+                                     const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local,
+                                     epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    int R = s->nranks, L = s->local_experts, H = s->hidden;
+    epx__op_t op;
+    epx__op_start(m, &op, EPX__OP_LL_COMBINE);
+    if (local == EPX_SUCCESS) {
+        op.mine.hdr->num_tokens = h->num_tokens;
+        op.mine.hdr->topk = h->topk;
+        op.mine.hdr->routing_id = h->id;
+        epx__expose_t bufs[1] = {{in->y, (size_t)L * s->ll_slots * s->combine_row_bytes, {0, 0, 0, 0}}};
+        local = epx__expose_buffers(m->cpu, bufs, 1, &op.exposed, err);
+        op.mine.hdr->y = bufs[0].loc;
+    }
+    epx__board_t *b = malloc(sizeof *b * (size_t)R);
+    bool broken;
+    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
+                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
+    if (broken) {
+        free(b);
+        return st;
+    }
+    int K = h->topk;
+    int64_t cap = (int64_t)EPX__CHUNK * EPX__MAX(K, 1);
+    const epx__loc_t **ylocs = malloc(sizeof *ylocs * (size_t)R);
+    int32_t *ranks = malloc(sizeof *ranks * (size_t)cap), *slot_of = malloc(sizeof *slot_of * (size_t)cap);
+    int64_t *offs = malloc(sizeof *offs * (size_t)cap);
+    const char **ptrs = malloc(sizeof *ptrs * (size_t)cap);
+    float *acc = malloc(sizeof *acc * (size_t)H);
+    epx__gather_t g = {0, NULL, NULL, NULL};
+    if (st == EPX_SUCCESS && (!ylocs || !ranks || !slot_of || !offs || !ptrs || !acc))
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (st == EPX_SUCCESS) st = epx__gather_init(&g, cap, err);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) ylocs[p] = &b[p].hdr->y;
+    for (int64_t t0 = 0; t0 < h->num_tokens && st == EPX_SUCCESS; t0 += EPX__CHUNK) {
+        int64_t t1 = EPX__MIN(t0 + EPX__CHUNK, (int64_t)h->num_tokens), n = 0;
+        for (int64_t t = t0; t < t1; t++)
+            for (int k = 0; k < K; k++) {
+                int32_t e = h->topk_idx[t * K + k];
+                slot_of[(t - t0) * K + k] = e >= 0 ? (int32_t)n : -1;
+                if (e < 0) continue;
+                ranks[n] = e / L;
+                offs[n++] = ((int64_t)(e % L) * (int64_t)s->ll_slots + h->slot[t * K + k]) * (int64_t)s->combine_row_bytes;
+            }
+        st = epx__gather_ptrs(m, &g, op.seq, ylocs, ranks, offs, n, s->combine_row_bytes, ptrs, err);
+        for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
+            memset(acc, 0, sizeof *acc * (size_t)H);
+            for (int k = 0; k < K; k++) {
+                int32_t i = slot_of[(t - t0) * K + k];
+                if (i < 0) continue;
+                float w = in->topk_weights[t * K + k];
+                for (int hh = 0; hh < H; hh++) {
+                    float prod = w * epx__load_float(ptrs[i], s->combine_dtype, (size_t)hh);
+                    acc[hh] += prod;
+                }
+            }
+            epx__store_row((char *)out + (size_t)t * s->combine_row_bytes, s->combine_dtype, acc, H);
+        }
+    }
+    epx__gather_free(&g);
+    free(ylocs), free(ranks), free(slot_of), free(offs), free(ptrs), free(acc);
+    free(b);
+    return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+}
