@@ -129,6 +129,25 @@ uint64_t epx__random64(void);
 
 /* ---- Element types and conversions (dtype.c) ------------------------------------------ */
 
+/* bf16 <-> float32 for hot loops (same results as epx_bf16_to_float / epx_float_to_bf16). */
+static inline float epx__bf16_to_f32(uint16_t v)
+{
+    union {
+        uint32_t u;
+        float f;
+    } x = {(uint32_t)v << 16};
+    return x.f;
+}
+static inline uint16_t epx__f32_to_bf16(float f)
+{
+    union {
+        float f;
+        uint32_t u;
+    } x = {f};
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40);
+    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
+}
+
 /* Float32 value of element i of a row of `dtype` (BF16, F16, F32, FP8_E4M3). */
 float epx__load_float(const void *row, epx_dtype_t dtype, size_t i);
 /* Store a float32 as element i of a row of `dtype` (round to nearest even). */

@@ -30,15 +30,9 @@ static inline float epx__u2f(uint32_t u)
     return f;
 }
 
-float epx_bf16_to_float(uint16_t v) { return epx__u2f((uint32_t)v << 16); }
+float epx_bf16_to_float(uint16_t v) { return epx__bf16_to_f32(v); }
 
-uint16_t epx_float_to_bf16(float f)
-{
-    uint32_t u = epx__f2u(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+uint16_t epx_float_to_bf16(float f) { return epx__f32_to_bf16(f); }
 
 float epx_f16_to_float(uint16_t v)
 {

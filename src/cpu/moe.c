@@ -276,34 +276,62 @@ static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t 
 
 /* ---- Rows ---------------------------------------------------------------------------------- */
 
-/* Accumulate a row of `dtype` into float32 acc (acc[h] = acc[h] + x[h]). */
-static void epx__acc_row(float *acc, const void *row, epx_dtype_t dtype, int H)
+/* Block of channels reduced in registers / L1 at a time. */
+#define EPX__HBLOCK 512
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define EPX__MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define EPX__MULTIVERSION
+#endif
+
+/* out[h] = cast(sum over i in order of w_i * rows[i][h]) in float32, starting from +0;
+ * with w == NULL the terms are the rows themselves (no multiply). Two roundings per
+ * weighted term (product, then sum): no FMA, so other backends can match the bits. */
+EPX__MULTIVERSION
+static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const float *w, int n, int H)
 {
-    if (dtype == EPX_BF16) {
-        const uint16_t *r = row;
-        for (int h = 0; h < H; h++) {
-            uint32_t u = (uint32_t)r[h] << 16;
-            float f;
-            memcpy(&f, &u, 4);
-            acc[h] += f;
+    float acc[EPX__HBLOCK];
+    for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
+        int nb = EPX__MIN(EPX__HBLOCK, H - h0);
+        for (int j = 0; j < nb; j++) acc[j] = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const uint16_t *r = (const uint16_t *)rows[i] + h0;
+            if (w) {
+                float wi = w[i];
+                for (int j = 0; j < nb; j++) {
+                    float prod = wi * epx__bf16_to_f32(r[j]);
+                    acc[j] += prod;
+                }
+            } else {
+                for (int j = 0; j < nb; j++) acc[j] += epx__bf16_to_f32(r[j]);
+            }
         }
-    } else if (dtype == EPX_F32) {
-        const float *r = row;
-        for (int h = 0; h < H; h++) acc[h] += r[h];
-    } else {
-        for (int h = 0; h < H; h++) acc[h] += epx__load_float(row, dtype, (size_t)h);
+        for (int j = 0; j < nb; j++) out[h0 + j] = epx__f32_to_bf16(acc[j]);
     }
 }
 
-static void epx__store_row(void *row, epx_dtype_t dtype, const float *acc, int H)
+static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H)
 {
-    if (dtype == EPX_F32) {
-        memcpy(row, acc, sizeof(float) * (size_t)H);
-    } else if (dtype == EPX_BF16) {
-        uint16_t *r = row;
-        for (int h = 0; h < H; h++) r[h] = epx_float_to_bf16(acc[h]);
-    } else {
-        for (int h = 0; h < H; h++) epx__store_float(row, dtype, (size_t)h, acc[h]);
+    if (dtype == EPX_BF16) {
+        epx__reduce_rows_bf16(out, rows, w, n, H);
+        return;
+    }
+    float acc[EPX__HBLOCK];
+    for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
+        int nb = EPX__MIN(EPX__HBLOCK, H - h0);
+        for (int j = 0; j < nb; j++) acc[j] = 0.0f;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < nb; j++) {
+                float v = epx__load_float(rows[i], dtype, (size_t)(h0 + j));
+                if (w) {
+                    float prod = w[i] * v;
+                    acc[j] += prod;
+                } else {
+                    acc[j] += v;
+                }
+            }
+        for (int j = 0; j < nb; j++) epx__store_float(out, dtype, (size_t)(h0 + j), acc[j]);
     }
 }
 
@@ -609,10 +637,9 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
     int32_t *ranks = malloc(sizeof *ranks * (size_t)cap);
     int64_t *offs = malloc(sizeof *offs * (size_t)cap);
     int32_t *slot_of = malloc(sizeof *slot_of * (size_t)cap);
-    const char **ptrs = malloc(sizeof *ptrs * (size_t)cap);
-    float *acc = malloc(sizeof *acc * (size_t)H);
+    const char **ptrs = malloc(sizeof *ptrs * (size_t)cap), **rows = malloc(sizeof *rows * (size_t)R);
     epx__gather_t g = {0, NULL, NULL, NULL};
-    if (st == EPX_SUCCESS && (!ylocs || !wlocs || !ranks || !offs || !slot_of || !ptrs || !acc))
+    if (st == EPX_SUCCESS && (!ylocs || !wlocs || !ranks || !offs || !slot_of || !ptrs || !rows))
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) st = epx__gather_init(&g, cap, err);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) ylocs[p] = &b[p].hdr->y, wlocs[p] = &b[p].hdr->weights;
@@ -627,12 +654,12 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
             }
         st = epx__gather_ptrs(m, &g, op.seq, ylocs, ranks, offs, n, s->combine_row_bytes, ptrs, err);
         for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
-            memset(acc, 0, sizeof *acc * (size_t)H);
+            int nr = 0;
             for (int r = 0; r < R; r++) {
                 int32_t i = slot_of[(t - t0) * R + r];
-                if (i >= 0) epx__acc_row(acc, ptrs[i], s->combine_dtype, H);
+                if (i >= 0) rows[nr++] = ptrs[i];
             }
-            epx__store_row((char *)out->out + (size_t)t * s->combine_row_bytes, s->combine_dtype, acc, H);
+            epx__reduce_rows((char *)out->out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, NULL, nr, H);
         }
         if (st != EPX_SUCCESS || !out->out_topk_weights || !op.mine.hdr->has_weights) continue;
         size_t wb = sizeof(float) * (size_t)K;
@@ -651,7 +678,7 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
     if (st == EPX_SUCCESS && out->out_topk_weights && !op.mine.hdr->has_weights)
         memset(out->out_topk_weights, 0, sizeof(float) * (size_t)h->num_tokens * (size_t)K);
     epx__gather_free(&g);
-    free(ylocs), free(wlocs), free(ranks), free(offs), free(slot_of), free(ptrs), free(acc);
+    free(ylocs), free(wlocs), free(ranks), free(offs), free(slot_of), free(ptrs), free(rows);
     free(b);
     return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
 }
@@ -787,10 +814,10 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
     const epx__loc_t **ylocs = malloc(sizeof *ylocs * (size_t)R);
     int32_t *ranks = malloc(sizeof *ranks * (size_t)cap), *slot_of = malloc(sizeof *slot_of * (size_t)cap);
     int64_t *offs = malloc(sizeof *offs * (size_t)cap);
-    const char **ptrs = malloc(sizeof *ptrs * (size_t)cap);
-    float *acc = malloc(sizeof *acc * (size_t)H);
+    const char **ptrs = malloc(sizeof *ptrs * (size_t)cap), **rows = malloc(sizeof *rows * (size_t)EPX__MAX(K, 1));
+    float *w = malloc(sizeof *w * (size_t)EPX__MAX(K, 1));
     epx__gather_t g = {0, NULL, NULL, NULL};
-    if (st == EPX_SUCCESS && (!ylocs || !ranks || !slot_of || !offs || !ptrs || !acc))
+    if (st == EPX_SUCCESS && (!ylocs || !ranks || !slot_of || !offs || !ptrs || !rows || !w))
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) st = epx__gather_init(&g, cap, err);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) ylocs[p] = &b[p].hdr->y;
@@ -806,21 +833,18 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
             }
         st = epx__gather_ptrs(m, &g, op.seq, ylocs, ranks, offs, n, s->combine_row_bytes, ptrs, err);
         for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
-            memset(acc, 0, sizeof *acc * (size_t)H);
+            int nr = 0;
             for (int k = 0; k < K; k++) {
                 int32_t i = slot_of[(t - t0) * K + k];
                 if (i < 0) continue;
-                float w = in->topk_weights[t * K + k];
-                for (int hh = 0; hh < H; hh++) {
-                    float prod = w * epx__load_float(ptrs[i], s->combine_dtype, (size_t)hh);
-                    acc[hh] += prod;
-                }
+                rows[nr] = ptrs[i];
+                w[nr++] = in->topk_weights[t * K + k];
             }
-            epx__store_row((char *)out + (size_t)t * s->combine_row_bytes, s->combine_dtype, acc, H);
+            epx__reduce_rows((char *)out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, w, nr, H);
         }
     }
     epx__gather_free(&g);
-    free(ylocs), free(ranks), free(slot_of), free(offs), free(ptrs), free(acc);
+    free(ylocs), free(ranks), free(slot_of), free(offs), free(ptrs), free(rows), free(w);
     free(b);
     return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
 }
