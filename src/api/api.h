@@ -7,6 +7,7 @@
 
 #include "../core/core.h"
 #include "../cpu/cpu.h"
+#include "../cuda/cuda.h"
 
 struct epx_comm {
     int rank, nranks;
@@ -15,7 +16,8 @@ struct epx_comm {
     int64_t timeout_ms;
     uint64_t nonce;
     epx__boot_t *boot;
-    epx__cpu_t *cpu;
+    epx__cpu_t *cpu;   /* shared memory: the CPU backend, and the control plane of CUDA */
+    epx__cuda_t *cuda; /* the CUDA backend, when in use */
     epx_status_t async_error; /* set once a timeout or peer failure broke the comm */
     int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
     epx__errbuf_t err;

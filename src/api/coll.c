@@ -53,10 +53,13 @@ static epx_status_t epx__check_xfer(epx_comm_t c, const void *send, const int64_
     int64_t *sb = c->scratch, *sd = sb + c->nranks, *rb = sd + c->nranks, *rd = rb + c->nranks;
     size_t es = epx_dtype_size(dtype);
     if (es == 0) return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "dtype = %d is not an epx_dtype_t", (int)dtype);
-    if (stream) return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
+    if (stream && !c->cuda)
+        return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
     int64_t slo, shi, rlo, rhi;
     EPX__CHECK(epx__check_side(c, "send", send, sendcounts, sdispls, es, sb, sd, &slo, &shi));
     EPX__CHECK(epx__check_side(c, "recv", recv, recvcounts, rdispls, es, rb, rd, &rlo, &rhi));
+    if (c->cuda && ((shi > slo && !epx__cuda_is_device_ptr(send)) || (rhi > rlo && !epx__cuda_is_device_ptr(recv))))
+        return epx__fail(&c->err, EPX_ERR_INVALID_ARGUMENT, "send and recv must be device memory on the CUDA backend");
     if (shi > slo && rhi > rlo) {
         uintptr_t s0 = (uintptr_t)send + (uintptr_t)slo, s1 = (uintptr_t)send + (uintptr_t)shi;
         uintptr_t r0 = (uintptr_t)recv + (uintptr_t)rlo, r1 = (uintptr_t)recv + (uintptr_t)rhi;
@@ -70,6 +73,13 @@ static epx_status_t epx__check_xfer(epx_comm_t c, const void *send, const int64_
     return EPX_SUCCESS;
 }
 
+/* Run one validated exchange on the communicator's backend. */
+static epx_status_t epx__exchange(epx_comm_t c, const epx__cpu_xfer_t *x, epx_status_t local, void *stream)
+{
+    if (c->cuda) return epx__cuda_alltoallv(c->cuda, x, local, stream, &c->err);
+    return epx__cpu_alltoallv(c->cpu, x, local, &c->err);
+}
+
 epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int64_t *sendcounts, const int64_t *sdispls,
                            void *recv, const int64_t *recvcounts, const int64_t *rdispls, epx_dtype_t dtype,
                            void *stream)
@@ -78,8 +88,7 @@ epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int64_t *sen
     epx__cpu_xfer_t x;
     epx_status_t local =
         epx__check_xfer(comm, send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype, stream, &x);
-    epx_status_t st = epx__cpu_alltoallv(comm->cpu, local == EPX_SUCCESS ? &x : NULL, local, &comm->err);
-    return epx__comm_result(comm, st);
+    return epx__comm_result(comm, epx__exchange(comm, local == EPX_SUCCESS ? &x : NULL, local, stream));
 }
 
 epx_status_t epx_alltoall(epx_comm_t comm, const void *send, void *recv, size_t count, epx_dtype_t dtype,
@@ -104,7 +113,7 @@ epx_status_t epx_alltoall(epx_comm_t comm, const void *send, void *recv, size_t 
     }
     epx__cpu_xfer_t x;
     if (local == EPX_SUCCESS) local = epx__check_xfer(comm, send, cnt, dsp, recv, cnt, dsp, dtype, stream, &x);
-    epx_status_t st = epx__cpu_alltoallv(comm->cpu, local == EPX_SUCCESS ? &x : NULL, local, &comm->err);
+    epx_status_t st = epx__exchange(comm, local == EPX_SUCCESS ? &x : NULL, local, stream);
     if (cnt != counts) free(cnt);
     return epx__comm_result(comm, st);
 }
@@ -113,7 +122,9 @@ epx_status_t epx_barrier(epx_comm_t comm, void *stream)
 {
     EPX__CHECK(epx__comm_check(comm));
     epx_status_t local = EPX_SUCCESS;
-    if (stream) local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
+    if (stream && !comm->cuda)
+        local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
+    if (comm->cuda) return epx__comm_result(comm, epx__cuda_barrier(comm->cuda, local, stream, &comm->err));
     int64_t *z = comm->scratch;
     memset(z, 0, 4 * sizeof(int64_t) * (size_t)comm->nranks);
     epx__cpu_xfer_t x = {NULL, z, z, NULL, z, z};

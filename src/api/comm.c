@@ -46,10 +46,8 @@ static epx_status_t epx__resolve_backend(const epx_config_t *cfg, int *backend)
         else
             return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "EPX_BACKEND=%s: expected auto, cpu or cuda", s);
     }
-    if (b == EPX_BACKEND_AUTO) b = EPX_BACKEND_CPU;
-    if (b == EPX_BACKEND_CUDA)
-        return epx__fail(NULL, EPX_ERR_UNSUPPORTED, "the CUDA backend is not available in this build");
-    if (b != EPX_BACKEND_CPU) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "cfg.backend = %d is not an epx_backend_t", b);
+    if (b == EPX_BACKEND_AUTO) b = cfg->device != EPX_UNSET ? EPX_BACKEND_CUDA : EPX_BACKEND_CPU;
+    if (b != EPX_BACKEND_CPU && b != EPX_BACKEND_CUDA) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "cfg.backend = %d is not an epx_backend_t", b);
     *backend = b;
     return EPX_SUCCESS;
 }
@@ -165,6 +163,10 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
         }
     }
     EPX__CHECK_GOTO(epx__cpu_create(&c->cpu, c->boot, rank, nranks, c->nonce, timeout_ms, &c->err), st, fail);
+    if (backend == EPX_BACKEND_CUDA)
+        EPX__CHECK_GOTO(epx__cuda_create(&c->cuda, c->cpu, rank, nranks, cfg.device == EPX_UNSET ? -1 : cfg.device,
+                                         timeout_ms, &c->err),
+                        st, fail);
     free(all);
     EPX_INFO(INIT, "rank %d/%d: comm ready (host %d/%d, local %d/%d)", rank, nranks, c->host, c->num_hosts,
              c->local_rank, c->local_size);
@@ -172,6 +174,7 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
     return EPX_SUCCESS;
 fail:
     free(all);
+    epx__cpu_destroy(c->cpu, true);
     epx__boot_close(c->boot);
     free(c->scratch);
     free(c);
@@ -194,6 +197,7 @@ epx_status_t epx_comm_init_from_env(epx_comm_t *comm, const epx_config_t *cfg)
 
 static void epx__comm_free(epx_comm_t c, bool abort)
 {
+    epx__cuda_destroy(c->cuda);
     epx__cpu_destroy(c->cpu, abort);
     epx__boot_close(c->boot);
     free(c->scratch);
@@ -215,6 +219,8 @@ epx_status_t epx_comm_abort(epx_comm_t comm)
 epx_status_t epx__comm_check(epx_comm_t comm)
 {
     if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
+    if (comm->async_error == EPX_SUCCESS && comm->cuda)
+        comm->async_error = epx__cuda_check_async(comm->cuda, &comm->err);
     if (comm->async_error != EPX_SUCCESS)
         return epx__fail(&comm->err, comm->async_error,
                          "the communicator is broken by an earlier error; abort it and create a new one");
@@ -268,6 +274,7 @@ epx_status_t epx_mem_alloc(epx_comm_t comm, size_t bytes, void **ptr)
     EPX__CHECK(epx__comm_check(comm));
     if (!ptr) return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "ptr is NULL");
     *ptr = NULL;
+    if (comm->cuda) return epx__cuda_mem_alloc(comm->cuda, bytes, ptr, &comm->err);
     return epx__cpu_mem_alloc(comm->cpu, bytes, ptr, &comm->err);
 }
 
@@ -275,5 +282,6 @@ epx_status_t epx_mem_free(epx_comm_t comm, void *ptr)
 {
     if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
     if (!ptr) return EPX_SUCCESS;
+    if (comm->cuda) return epx__cuda_mem_free(comm->cuda, ptr, &comm->err);
     return epx__cpu_mem_free(comm->cpu, ptr, &comm->err);
 }

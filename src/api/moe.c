@@ -86,6 +86,8 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
     EPX__CHECK(epx__comm_check(comm));
     if (!out) return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
     *out = NULL;
+    if (comm->cuda)
+        return epx__fail(&comm->err, EPX_ERR_UNSUPPORTED, "MoE dispatch/combine on the CUDA backend is not built yet");
     epx_moe_t m = calloc(1, sizeof *m);
     if (!m) return epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
     m->comm = comm;

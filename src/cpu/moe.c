@@ -476,7 +476,8 @@ static epx_status_t epx__dispatch_receive(epx__cpu_moe_t *m, uint32_t seq, const
                 int32_t e = bp->topk[t * K + k];
                 bool here = e >= 0 && e / L == q;
                 if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? e % L : -1);
-                if (out->recv_topk_weights) out->recv_topk_weights[r * K + k] = here && bp->hdr->has_weights ? bp->weights[t * K + k] : 0.0f;
+                if (out->recv_topk_weights && bp->hdr->has_weights)
+                    out->recv_topk_weights[r * K + k] = here ? bp->weights[t * K + k] : 0.0f;
                 if (!here) continue;
                 bool dup = false;
                 for (int j = 0; j < k; j++) dup = dup || bp->topk[t * K + j] == e;
@@ -556,7 +557,7 @@ epx_status_t epx__cpu_moe_dispatch(epx__cpu_moe_t *m, const epx_moe_dispatch_in_
     }
     int64_t n = -1;
     if (st == EPX_SUCCESS) st = epx__check_capacity(m, b, &n, err);
-    if (n >= 0) out->num_recv_tokens = n; /* also when too large: it says what to allocate */
+    if (st == EPX_SUCCESS) out->num_recv_tokens = n; /* on failure nothing changes: the message says n */
     if (st == EPX_SUCCESS) {
         st = epx__dispatch_receive(m, op.seq, b, out, h, err);
         epx__dispatch_home_rows(m, b, h);
@@ -643,8 +644,8 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) st = epx__gather_init(&g, cap, err);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) ylocs[p] = &b[p].hdr->y, wlocs[p] = &b[p].hdr->weights;
-    int K = h->topk;
-    for (int64_t t0 = 0; t0 < h->num_tokens && st == EPX_SUCCESS; t0 += EPX__CHUNK) {
+    int K = st == EPX_SUCCESS ? h->topk : 0;
+    for (int64_t t0 = 0; st == EPX_SUCCESS && t0 < h->num_tokens; t0 += EPX__CHUNK) {
         int64_t t1 = EPX__MIN(t0 + EPX__CHUNK, (int64_t)h->num_tokens), n = 0;
         for (int64_t t = t0; t < t1; t++)
             for (int r = 0; r < R; r++) {
@@ -809,7 +810,7 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
         free(b);
         return st;
     }
-    int K = h->topk;
+    int K = st == EPX_SUCCESS ? h->topk : 0;
     int64_t cap = (int64_t)EPX__CHUNK * EPX__MAX(K, 1);
     const epx__loc_t **ylocs = malloc(sizeof *ylocs * (size_t)R);
     int32_t *ranks = malloc(sizeof *ranks * (size_t)cap), *slot_of = malloc(sizeof *slot_of * (size_t)cap);
@@ -821,7 +822,7 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) st = epx__gather_init(&g, cap, err);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) ylocs[p] = &b[p].hdr->y;
-    for (int64_t t0 = 0; t0 < h->num_tokens && st == EPX_SUCCESS; t0 += EPX__CHUNK) {
+    for (int64_t t0 = 0; st == EPX_SUCCESS && t0 < h->num_tokens; t0 += EPX__CHUNK) {
         int64_t t1 = EPX__MIN(t0 + EPX__CHUNK, (int64_t)h->num_tokens), n = 0;
         for (int64_t t = t0; t < t1; t++)
             for (int k = 0; k < K; k++) {

@@ -1,0 +1,407 @@
+/*
+ * CUDA backend, host side: device setup, CUDA IPC mappings (of epx's control memory at
+ * creation, of the callers' buffers on demand, cached), and the alltoallv paths.
+ */
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda.h"
+#include "dev.h"
+
+#define EPX__IPC_CACHE 64
+
+#define EPX__CUDA_TRY(call, err, what)                                                              \
+    do {                                                                                            \
+        cudaError_t e_ = (call);                                                                    \
+        if (e_ != cudaSuccess)                                                                      \
+            return epx__fail(err, EPX_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(e_), #call);  \
+    } while (0)
+
+/* A peer allocation opened here. */
+typedef struct {
+    int peer;
+    unsigned long long buffer_id;
+    cudaIpcMemHandle_t handle;
+    void *ptr;
+    uint64_t last_use;
+} epx__ipc_entry_t;
+
+struct epx__cuda {
+    epx__cpu_t *host;
+    int rank, nranks, device;
+    epx__cuda_dev_t dev;   /* what kernels get */
+    void *ctrl;            /* my flags, eager slots, epoch */
+    size_t ctrl_bytes;
+    void *peer_ctrl[EPX__CUDA_MAX_RANKS];
+    epx__cuda_err_t *err_host;
+    cudaStream_t side;     /* the self copy runs beside the peers' */
+    cudaEvent_t fork, join;
+    epx__ipc_entry_t ipc[EPX__IPC_CACHE];
+    uint64_t use_clock;
+    unsigned long long export_id; /* the last allocation I exported, and its handle */
+    cudaIpcMemHandle_t export_handle;
+};
+
+/* What one rank tells another about an alltoallv. */
+typedef struct {
+    cudaIpcMemHandle_t handle; /* of the allocation holding my send buffer */
+    unsigned long long buffer_id;
+    int64_t base_offset;       /* send - allocation base */
+    int64_t send_displ, send_bytes, recv_bytes;
+    int64_t max_pair_bytes;    /* largest of my sends and receives */
+} epx__a2a_card_t;
+
+bool epx__cuda_is_device_ptr(const void *p)
+{
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return a.type == cudaMemoryTypeDevice;
+}
+
+/* Exchange `bytes` of `mine` with every rank through the host transport (allgather). */
+static epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine, void *all, size_t bytes,
+                                        epx_status_t local, epx__errbuf_t *err)
+{
+    char *send = malloc(bytes * (size_t)nranks);
+    int64_t *cnt = malloc(sizeof(int64_t) * 2 * (size_t)nranks);
+    if (!send || !cnt) {
+        free(send), free(cnt);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    for (int p = 0; p < nranks; p++) {
+        memcpy(send + (size_t)p * bytes, mine, bytes);
+        cnt[p] = (int64_t)bytes;
+        cnt[nranks + p] = (int64_t)bytes * p;
+    }
+    epx__cpu_xfer_t x = {send, cnt, cnt + nranks, all, cnt, cnt + nranks};
+    epx_status_t st = epx__cpu_alltoallv(host, local == EPX_SUCCESS ? &x : NULL, local, err);
+    free(send);
+    free(cnt);
+    return st;
+}
+
+epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int nranks, int device,
+                              int64_t timeout_ms, epx__errbuf_t *err)
+{
+    epx_status_t local = EPX_SUCCESS;
+    epx__cuda_t *c = calloc(1, sizeof *c);
+    cudaIpcMemHandle_t mine, *all = calloc((size_t)nranks, sizeof *all);
+    if (!c || !all) {
+        free(c), free(all);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    memset(&mine, 0, sizeof mine);
+    c->host = host;
+    c->rank = rank;
+    c->nranks = nranks;
+    int64_t eager = epx__param_int(EPX__P_CUDA_EAGER_BYTES);
+    size_t eager_bytes = (size_t)EPX__ALIGN_UP(EPX__MAX(eager, (int64_t)16), 128);
+    size_t flags_bytes = (size_t)EPX__FLAG_KINDS * (size_t)nranks * EPX__FLAG_STRIDE * 8;
+    size_t eager_off = EPX__ALIGN_UP(flags_bytes, 256);
+    size_t epoch_off = eager_off + 2 * (size_t)nranks * (EPX__SLOT_HDR + eager_bytes);
+    c->ctrl_bytes = epoch_off + 256;
+
+    if (nranks > EPX__CUDA_MAX_RANKS)
+        local = epx__fail(err, EPX_ERR_UNSUPPORTED, "the CUDA backend takes at most %d ranks per host (got %d)",
+                          EPX__CUDA_MAX_RANKS, nranks);
+    cudaError_t ce = cudaSuccess;
+    if (local == EPX_SUCCESS) {
+        ce = device >= 0 ? cudaSetDevice(device) : cudaGetDevice(&device);
+        if (ce == cudaSuccess) ce = cudaMalloc(&c->ctrl, c->ctrl_bytes);
+        if (ce == cudaSuccess) ce = cudaMemset(c->ctrl, 0, c->ctrl_bytes);
+        if (ce == cudaSuccess) ce = cudaIpcGetMemHandle(&mine, c->ctrl);
+        if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&c->err_host, sizeof *c->err_host, cudaHostAllocMapped);
+        if (ce == cudaSuccess) memset(c->err_host, 0, sizeof *c->err_host);
+        if (ce == cudaSuccess) ce = cudaHostGetDevicePointer((void **)&c->dev.err, c->err_host, 0);
+        if (ce == cudaSuccess) ce = cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking);
+        if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&c->fork, cudaEventDisableTiming);
+        if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&c->join, cudaEventDisableTiming);
+        if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+        if (ce != cudaSuccess)
+            local = epx__fail(err, EPX_ERR_CUDA, "CUDA setup on device %d: %s", device, cudaGetErrorString(ce));
+    }
+    c->device = device;
+    epx_status_t st = epx__host_allgather(host, nranks, &mine, all, sizeof mine, local, err);
+    for (int p = 0; p < nranks && st == EPX_SUCCESS; p++) {
+        if (p == rank) {
+            c->peer_ctrl[p] = c->ctrl;
+            continue;
+        }
+        ce = cudaIpcOpenMemHandle(&c->peer_ctrl[p], all[p], cudaIpcMemLazyEnablePeerAccess);
+        if (ce != cudaSuccess)
+            st = epx__fail(err, EPX_ERR_CUDA, "opening rank %d's control memory (CUDA IPC): %s", p,
+                           cudaGetErrorString(ce));
+    }
+    free(all);
+    /* Nobody uses a mapping before everyone has opened theirs. */
+    int one = 1, *ones = calloc((size_t)nranks, sizeof *ones);
+    if (st == EPX_SUCCESS) st = epx__host_allgather(host, nranks, &one, ones, sizeof one, EPX_SUCCESS, err);
+    free(ones);
+    if (st != EPX_SUCCESS) {
+        epx__cuda_destroy(c);
+        return st;
+    }
+    epx__cuda_dev_t *d = &c->dev;
+    d->rank = rank;
+    d->nranks = nranks;
+    d->flags = (unsigned long long *)c->ctrl;
+    d->eager = (char *)c->ctrl + eager_off;
+    d->epoch = (unsigned long long *)((char *)c->ctrl + epoch_off);
+    d->blocks_left = (unsigned int *)((char *)c->ctrl + epoch_off + 128);
+    d->eager_bytes = eager_bytes;
+    d->timeout_ns = (unsigned long long)timeout_ms * 1000000ull;
+    for (int p = 0; p < nranks; p++) {
+        d->peer_flags[p] = (unsigned long long *)c->peer_ctrl[p];
+        d->peer_eager[p] = (char *)c->peer_ctrl[p] + eager_off;
+    }
+    EPX_INFO(CUDA, "rank %d: CUDA backend on device %d, %d ranks mapped, eager %zu bytes/peer", rank, device, nranks,
+             eager_bytes);
+    *out = c;
+    return EPX_SUCCESS;
+}
+
+void epx__cuda_destroy(epx__cuda_t *c)
+{
+    if (!c) return;
+    for (int i = 0; i < EPX__IPC_CACHE; i++)
+        if (c->ipc[i].ptr) cudaIpcCloseMemHandle(c->ipc[i].ptr);
+    for (int p = 0; p < c->nranks; p++)
+        if (p != c->rank && c->peer_ctrl[p]) cudaIpcCloseMemHandle(c->peer_ctrl[p]);
+    if (c->ctrl) cudaFree(c->ctrl);
+    if (c->err_host) cudaFreeHost(c->err_host);
+    if (c->side) cudaStreamDestroy(c->side);
+    if (c->fork) cudaEventDestroy(c->fork);
+    if (c->join) cudaEventDestroy(c->join);
+    cudaGetLastError();
+    free(c);
+}
+
+epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
+{
+    volatile epx__cuda_err_t *e = c->err_host;
+    if (e->code == 0) return EPX_SUCCESS;
+    return epx__fail(err, (epx_status_t)e->code,
+                     "rank %d: a device wait for rank %d timed out (operation %llu; flag at %llu, wanted %llu)", c->rank,
+                     e->peer, (unsigned long long)e->op, (unsigned long long)e->seen, (unsigned long long)e->wanted);
+}
+
+epx_status_t epx__cuda_mem_alloc(epx__cuda_t *c, size_t bytes, void **ptr, epx__errbuf_t *err)
+{
+    (void)c;
+    EPX__CUDA_TRY(cudaMalloc(ptr, EPX__MAX(bytes, (size_t)1)), err, "epx_mem_alloc");
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_mem_free(epx__cuda_t *c, void *ptr, epx__errbuf_t *err)
+{
+    (void)c;
+    EPX__CUDA_TRY(cudaFree(ptr), err, "epx_mem_free");
+    return EPX_SUCCESS;
+}
+
+/* ---- IPC of callers' buffers ------------------------------------------------------------ */
+
+/* Two driver calls, reached through the runtime so that libepx never links libcuda (which
+ * machines without a GPU lack). */
+typedef CUresult (*epx__pfn_range_t)(CUdeviceptr *base, size_t *size, CUdeviceptr p);
+typedef CUresult (*epx__pfn_attr_t)(void *data, CUpointer_attribute attr, CUdeviceptr p);
+
+static epx_status_t epx__driver_calls(epx__pfn_range_t *range, epx__pfn_attr_t *attr, epx__errbuf_t *err)
+{
+    static epx__pfn_range_t r;
+    static epx__pfn_attr_t a;
+    if (!r || !a) {
+        enum cudaDriverEntryPointQueryResult q1, q2;
+        cudaError_t e1 = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&r, 12000, cudaEnableDefault, &q1);
+        cudaError_t e2 = cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", (void **)&a, 12000, cudaEnableDefault, &q2);
+        if (e1 != cudaSuccess || e2 != cudaSuccess || q1 != cudaDriverEntryPointSuccess ||
+            q2 != cudaDriverEntryPointSuccess || !r || !a) {
+            r = NULL, a = NULL;
+            return epx__fail(err, EPX_ERR_CUDA, "cannot reach the CUDA driver's cuMemGetAddressRange/cuPointerGetAttribute");
+        }
+    }
+    *range = r;
+    *attr = a;
+    return EPX_SUCCESS;
+}
+
+/* The IPC handle of the allocation holding `p`, and p's offset in it (handles cached by
+ * CUDA's unique buffer id, so a freed and reallocated address is never confused). */
+static epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__a2a_card_t *card, epx__errbuf_t *err)
+{
+    epx__pfn_range_t get_range = NULL;
+    epx__pfn_attr_t get_attr = NULL;
+    EPX__CHECK(epx__driver_calls(&get_range, &get_attr, err));
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    CUresult r = get_range(&base, &size, (CUdeviceptr)(uintptr_t)p);
+    if (r != CUDA_SUCCESS)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "buffer %p is not device memory CUDA can share (error %d)", p,
+                         (int)r);
+    unsigned long long id = 0;
+    get_attr(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID, (CUdeviceptr)(uintptr_t)p);
+    card->buffer_id = id;
+    card->base_offset = (int64_t)((uintptr_t)p - (uintptr_t)base);
+    if (id != 0 && c->export_id == id) {
+        card->handle = c->export_handle;
+        return EPX_SUCCESS;
+    }
+    cudaError_t ce = cudaIpcGetMemHandle(&card->handle, (void *)(uintptr_t)base);
+    if (ce != cudaSuccess)
+        return epx__fail(err, EPX_ERR_UNSUPPORTED,
+                         "buffer %p cannot be shared through CUDA IPC (%s): allocate it with cudaMalloc or epx_mem_alloc",
+                         p, cudaGetErrorString(ce));
+    c->export_id = id;
+    c->export_handle = card->handle;
+    return EPX_SUCCESS;
+}
+
+/* A peer's allocation, opened once and cached. */
+static epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__a2a_card_t *card, char **base,
+                                  epx__errbuf_t *err)
+{
+    epx__ipc_entry_t *victim = &c->ipc[0];
+    for (int i = 0; i < EPX__IPC_CACHE; i++) {
+        epx__ipc_entry_t *e = &c->ipc[i];
+        if (e->ptr && e->peer == peer && e->buffer_id == card->buffer_id &&
+            memcmp(&e->handle, &card->handle, sizeof e->handle) == 0) {
+            e->last_use = ++c->use_clock;
+            *base = e->ptr;
+            return EPX_SUCCESS;
+        }
+        if (!e->ptr || (victim->ptr && e->last_use < victim->last_use)) victim = e;
+    }
+    if (victim->ptr) cudaIpcCloseMemHandle(victim->ptr);
+    victim->ptr = NULL;
+    void *p = NULL;
+    cudaError_t ce = cudaIpcOpenMemHandle(&p, card->handle, cudaIpcMemLazyEnablePeerAccess);
+    if (ce != cudaSuccess)
+        return epx__fail(err, EPX_ERR_CUDA, "opening rank %d's buffer (CUDA IPC): %s", peer, cudaGetErrorString(ce));
+    *victim = (epx__ipc_entry_t){peer, card->buffer_id, card->handle, p, ++c->use_clock};
+    *base = p;
+    return EPX_SUCCESS;
+}
+
+/* ---- alltoallv ---------------------------------------------------------------------------- */
+
+static epx_status_t epx__check_cards(const epx__cuda_t *c, const epx__a2a_card_t *in, const epx__cpu_xfer_t *x,
+                                     epx__errbuf_t *err)
+{
+    for (int p = 0; p < c->nranks; p++) {
+        if (in[p].send_bytes != x->recv_bytes[p])
+            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d sends %lld bytes to rank %d, which expects %lld", p,
+                             (long long)in[p].send_bytes, c->rank, (long long)x->recv_bytes[p]);
+        if (in[p].recv_bytes != x->send_bytes[p])
+            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d sends %lld bytes to rank %d, which expects %lld", c->rank,
+                             (long long)x->send_bytes[p], p, (long long)in[p].recv_bytes);
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
+                                 epx__errbuf_t *err)
+{
+    int R = c->nranks, me = c->rank;
+    epx__a2a_card_t *cards = calloc(2 * (size_t)R, sizeof *cards);
+    int64_t *cnt = malloc(sizeof(int64_t) * 2 * (size_t)R);
+    if (!cards || !cnt) {
+        free(cards), free(cnt);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    /* 1. Agree on everything on the host, before anything is enqueued. */
+    epx__a2a_card_t mine;
+    memset(&mine, 0, sizeof mine);
+    if (local == EPX_SUCCESS) {
+        for (int p = 0; p < R; p++)
+            mine.max_pair_bytes = EPX__MAX(mine.max_pair_bytes, EPX__MAX(x->send_bytes[p], x->recv_bytes[p]));
+        /* Whether the operation pulls is known only after the exchange: offer the handle
+         * whenever peers get anything from me. */
+        bool sends = false;
+        for (int p = 0; p < R; p++) sends = sends || (p != me && x->send_bytes[p] > 0);
+        if (sends) local = epx__ipc_export(c, x->send, &mine, err);
+    }
+    for (int p = 0; p < R; p++) {
+        cards[p] = mine;
+        if (local == EPX_SUCCESS) {
+            cards[p].send_displ = x->send_displ[p];
+            cards[p].send_bytes = x->send_bytes[p];
+            cards[p].recv_bytes = x->recv_bytes[p];
+        }
+        cnt[p] = (int64_t)sizeof mine;
+        cnt[R + p] = (int64_t)sizeof mine * p;
+    }
+    epx__cpu_xfer_t hx = {cards, cnt, cnt + R, cards + R, cnt, cnt + R};
+    epx_status_t st = epx__cpu_alltoallv(c->host, local == EPX_SUCCESS ? &hx : NULL, local, err);
+    const epx__a2a_card_t *in = cards + R;
+    if (st == EPX_SUCCESS) st = epx__check_cards(c, in, x, err);
+    int64_t global_max = 0;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) global_max = EPX__MAX(global_max, in[p].max_pair_bytes);
+
+    /* 2. Enqueue. */
+    cudaStream_t s = (cudaStream_t)stream;
+    cudaError_t ce = cudaSuccess;
+    if (st == EPX_SUCCESS && global_max <= (int64_t)c->dev.eager_bytes) {
+        epx__cuda_a2a_args_t a;
+        memset(&a, 0, sizeof a);
+        a.send = x->send;
+        a.recv = x->recv;
+        for (int p = 0; p < R; p++) {
+            a.send_bytes[p] = x->send_bytes[p];
+            a.send_displ[p] = x->send_displ[p];
+            a.recv_bytes[p] = x->recv_bytes[p];
+            a.recv_displ[p] = x->recv_displ[p];
+        }
+        ce = (cudaError_t)epx__cuda_launch_eager_alltoallv(&c->dev, &a, stream);
+    } else if (st == EPX_SUCCESS) {
+        /* Pull with copy engines: wait until every peer's stream is here, copy what each
+         * sends me out of its buffer, then tell them I am done reading. */
+        char **src = calloc((size_t)R, sizeof *src);
+        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+            if (p == me || x->recv_bytes[p] == 0) continue;
+            st = epx__ipc_open(c, p, &in[p], &src[p], err);
+            if (st == EPX_SUCCESS) src[p] += in[p].base_offset + in[p].send_displ;
+        }
+        if (st == EPX_SUCCESS) ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream);
+        if (st == EPX_SUCCESS && ce == cudaSuccess && x->send_bytes[me] > 0) {
+            ce = cudaEventRecord(c->fork, s);
+            if (ce == cudaSuccess) ce = cudaStreamWaitEvent(c->side, c->fork, 0);
+            if (ce == cudaSuccess)
+                ce = cudaMemcpyAsync((char *)x->recv + x->recv_displ[me], (const char *)x->send + x->send_displ[me],
+                                     (size_t)x->send_bytes[me], cudaMemcpyDeviceToDevice, c->side);
+            if (ce == cudaSuccess) ce = cudaEventRecord(c->join, c->side);
+        }
+        for (int i = 1; i < R && st == EPX_SUCCESS && ce == cudaSuccess; i++) {
+            int p = (me + i) % R;
+            if (x->recv_bytes[p] > 0)
+                ce = cudaMemcpyAsync((char *)x->recv + x->recv_displ[p], src[p], (size_t)x->recv_bytes[p],
+                                     cudaMemcpyDeviceToDevice, s);
+        }
+        if (st == EPX_SUCCESS && ce == cudaSuccess && x->send_bytes[me] > 0) ce = cudaStreamWaitEvent(s, c->join, 0);
+        if (st == EPX_SUCCESS && ce == cudaSuccess)
+            ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_DONE, 1, stream);
+        free(src);
+    }
+    if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "alltoallv enqueue: %s", cudaGetErrorString(ce));
+    free(cards);
+    free(cnt);
+    return st;
+}
+
+epx_status_t epx__cuda_barrier(epx__cuda_t *c, epx_status_t local, void *stream, epx__errbuf_t *err)
+{
+    /* Agree on the host first, so that a rejected call enqueues nothing anywhere. */
+    int dummy = 0;
+    int *all = malloc(sizeof(int) * (size_t)c->nranks);
+    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st = epx__host_allgather(c->host, c->nranks, &dummy, all, sizeof dummy, local, err);
+    free(all);
+    if (st != EPX_SUCCESS) return st;
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 1, stream);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "barrier enqueue: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
+}

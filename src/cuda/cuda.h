@@ -1,0 +1,45 @@
+/*
+ * src/cuda: the CUDA backend for the GPUs of one host. Data moves GPU to GPU over NVLink
+ * (copy engines and SM loads/stores on CUDA IPC mappings); device-side flags order the
+ * ranks' streams, with bounded waits. Control (handle exchange, argument agreement) goes
+ * through the CPU backend's shared-memory transport (src/cpu), which this layer builds on;
+ * it never calls upward.
+ *
+ * Every operation is enqueued on the caller's stream. An operation has a number n kept in
+ * device memory (so a captured graph replays correctly): its kernels read n = epoch + 1,
+ * and the last kernel of the operation sets epoch = n. Peers are ordered with two flags per
+ * (peer, kind) in each rank's device memory: *arrive* (the peer's stream reached operation
+ * n: its inputs are ready and its outputs free) and *done* (the peer finished reading my
+ * memory for operation n). A wait that passes EPX_TIMEOUT_MS writes the error to host
+ * memory and returns: the call after it reports EPX_ERR_TIMEOUT instead of hanging.
+ */
+#ifndef EPX_CUDA_H
+#define EPX_CUDA_H
+
+#include "../cpu/cpu.h"
+
+typedef struct epx__cuda epx__cuda_t;
+
+/* Collective over the host transport: pick the device, allocate and map the flags and
+ * eager slots of every rank. device < 0: the current device. */
+epx_status_t epx__cuda_create(epx__cuda_t **cuda, epx__cpu_t *host, int rank, int nranks, int device,
+                              int64_t timeout_ms, epx__errbuf_t *err);
+void epx__cuda_destroy(epx__cuda_t *cuda);
+
+/* EPX_SUCCESS, or the error a device wait reported (timeout, peer failure). */
+epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);
+
+/* Device memory (cudaMalloc, 256-byte aligned). */
+epx_status_t epx__cuda_mem_alloc(epx__cuda_t *cuda, size_t bytes, void **ptr, epx__errbuf_t *err);
+epx_status_t epx__cuda_mem_free(epx__cuda_t *cuda, void *ptr, epx__errbuf_t *err);
+
+/* alltoallv of device buffers, byte counts on the host, enqueued on `stream`. */
+epx_status_t epx__cuda_alltoallv(epx__cuda_t *cuda, const epx__cpu_xfer_t *x, epx_status_t local_status,
+                                 void *stream, epx__errbuf_t *err);
+/* Enqueue a barrier of the ranks' streams. */
+epx_status_t epx__cuda_barrier(epx__cuda_t *cuda, epx_status_t local_status, void *stream, epx__errbuf_t *err);
+
+/* Is this a device pointer CUDA knows? */
+bool epx__cuda_is_device_ptr(const void *p);
+
+#endif /* EPX_CUDA_H */

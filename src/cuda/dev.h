@@ -1,0 +1,60 @@
+/*
+ * What kernels see of a communicator (passed by value), and the kernel launchers. Shared
+ * by the host code (C) and the kernels (CUDA C).
+ */
+#ifndef EPX_CUDA_DEV_H
+#define EPX_CUDA_DEV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EPX__CUDA_MAX_RANKS 32   /* ranks of one host */
+#define EPX__FLAG_STRIDE 16      /* u64 per flag: one 128-byte line each */
+#define EPX__SLOT_HDR 128        /* eager slot: flag line, then data */
+
+enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_KINDS = 2 };
+
+/* Error record in host-mapped memory, written once by the first failing wait. */
+typedef struct {
+    int32_t code; /* 0, or an epx_status_t */
+    int32_t peer;
+    uint64_t op;
+    uint64_t seen, wanted;
+} epx__cuda_err_t;
+
+typedef struct {
+    int rank, nranks;
+    unsigned long long *epoch;  /* operations finished by my stream */
+    unsigned int *blocks_left;  /* scratch counter for "last block" detection */
+    unsigned long long *flags;  /* mine: [kind][src] * EPX__FLAG_STRIDE */
+    unsigned long long *peer_flags[EPX__CUDA_MAX_RANKS];
+    char *eager;                /* mine: [parity][src] slots of eager_bytes + EPX__SLOT_HDR */
+    char *peer_eager[EPX__CUDA_MAX_RANKS];
+    unsigned long long eager_bytes;
+    epx__cuda_err_t *err;       /* device pointer to host-mapped memory */
+    unsigned long long timeout_ns;
+} epx__cuda_dev_t;
+
+/* Per-peer byte counts and displacements of one small alltoallv (by value). */
+typedef struct {
+    const char *send;
+    char *recv;
+    long long send_bytes[EPX__CUDA_MAX_RANKS], send_displ[EPX__CUDA_MAX_RANKS];
+    long long recv_bytes[EPX__CUDA_MAX_RANKS], recv_displ[EPX__CUDA_MAX_RANKS];
+} epx__cuda_a2a_args_t;
+
+/* Signal `kind` to every peer and wait for theirs (bounded); with `finish`, the operation
+ * is complete afterwards (epoch advances). Returns a cudaError_t as int. */
+int epx__cuda_launch_signal_wait(const epx__cuda_dev_t *d, int kind, int finish, void *stream);
+/* The whole of a small alltoallv in one kernel, through the eager slots. */
+int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_a2a_args_t *a, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
