@@ -1,6 +1,6 @@
 /*
  * epx-bench internals: options, the per-rank context and shared helpers (timing, max over
- * ranks, JSON output). One file per benchmark (bench_alltoall.c, ...).
+ * ranks, JSON output). One file per benchmark (bench_alltoall.c, bench_moe.c).
  */
 #ifndef EPX_BENCH_H
 #define EPX_BENCH_H
@@ -23,6 +23,11 @@ typedef struct {
     const char *baseline; /* auto, mpi, none */
     bool unregistered;
     double timeout_s;
+    /* moe */
+    int tokens, hidden, topk, experts;
+    const char *dtype; /* bf16, fp8 */
+    const char *mode;  /* ht, ll */
+    double skew;       /* Zipf exponent over experts; 0 = uniform */
 } bench_opts_t;
 
 typedef struct {
@@ -49,5 +54,6 @@ void bench_die(bench_ctx_t *b, const char *what, epx_status_t st);
 #endif
 
 int bench_alltoall(bench_ctx_t *b);
+int bench_moe(bench_ctx_t *b);
 
 #endif

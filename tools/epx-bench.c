@@ -3,6 +3,9 @@
  *
  *   epx-bench alltoall --ranks N --backend cpu -b MIN -e MAX -f FACTOR -n ITERS -w WARMUP
  *                      -c 1 [--json FILE] [--baseline auto|mpi|none] [--unregistered]
+ *   epx-bench moe --ranks N --backend cpu --tokens T --hidden H --topk K --experts E
+ *                 --dtype bf16|fp8 --mode ht|ll [--skew S] -n ITERS -w WARMUP -c 1
+ *                 [--json FILE] [--baseline auto|mpi|none] [--unregistered]
  *
  * Started by hand, it launches its own ranks: through mpiexec when built with MPI (so that
  * MPI_Alltoall runs on the same bytes in the same processes), else with the epx launcher.
@@ -85,19 +88,32 @@ void bench_barrier(bench_ctx_t *b)
 static int usage(void)
 {
     fprintf(stderr,
-            "usage: epx-bench alltoall [options]\n"
+            "usage: epx-bench alltoall|moe [options]\n"
+            "  alltoall: epx_alltoall vs MPI_Alltoall over a range of sizes\n"
+            "  moe:      epx MoE layout, dispatch, combine vs the same routing with MPI_Alltoallv\n"
+            "common options:\n"
             "  --ranks N          ranks to launch (default 2; ignored under epx-run/mpiexec)\n"
             "  --backend cpu      backend (cpu)\n"
-            "  -b, --minbytes S   smallest size, bytes sent per rank (K/M/G suffixes; default 1K)\n"
-            "  -e, --maxbytes S   largest size (default 64M)\n"
-            "  -f, --stepfactor F size multiplier (default 4)\n"
-            "  -n, --iters N      timed iterations per size (default 20)\n"
-            "  -w, --warmup N     untimed iterations per size (default 5)\n"
+            "  -n, --iters N      timed iterations per size / op (default 20)\n"
+            "  -w, --warmup N     untimed iterations per size / op (default 5)\n"
             "  -c, --check 0|1    verify every element (default 1)\n"
             "  --json FILE        write the results as a JSON list\n"
             "  --baseline B       auto (MPI when built with it), mpi, none\n"
             "  --unregistered     send from malloc memory instead of epx_mem_alloc memory\n"
-            "  --timeout SEC      launcher timeout (default 1800)\n");
+            "  --timeout SEC      launcher timeout (default 1800)\n"
+            "alltoall:\n"
+            "  -b, --minbytes S   smallest size, bytes sent per rank (K/M/G suffixes; default 1K)\n"
+            "  -e, --maxbytes S   largest size (default 64M)\n"
+            "  -f, --stepfactor F size multiplier (default 4)\n"
+            "moe:\n"
+            "  --tokens T         tokens per rank (default 4096)\n"
+            "  --hidden H         hidden size (default 7168)\n"
+            "  --topk K           experts per token, distinct (default 8, at most 16)\n"
+            "  --experts E        experts in all, a multiple of the ranks (default 256)\n"
+            "  --dtype D          bf16, or fp8 (ht: e4m3 tokens with f32 scales per 128 channels;\n"
+            "                     ll: bf16 tokens quantised by the dispatch); combine is bf16\n"
+            "  --mode M           ht (high-throughput, rank-major) or ll (low-latency, expert-major)\n"
+            "  --skew S           Zipf exponent of the expert popularity (default 0: uniform)\n");
     return 2;
 }
 
@@ -121,10 +137,11 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
 {
     *o = (bench_opts_t){.op = NULL, .ranks = 2, .backend = "cpu", .min_bytes = 1024, .max_bytes = 64 << 20,
                         .factor = 4, .iters = 20, .warmup = 5, .check = 1, .json = NULL, .baseline = "auto",
-                        .unregistered = false, .timeout_s = 1800};
+                        .unregistered = false, .timeout_s = 1800, .tokens = 4096, .hidden = 7168, .topk = 8,
+                        .experts = 256, .dtype = "bf16", .mode = "ht", .skew = 0};
     if (argc < 2) return usage();
     o->op = argv[1];
-    if (strcmp(o->op, "alltoall") != 0) {
+    if (strcmp(o->op, "alltoall") != 0 && strcmp(o->op, "moe") != 0) {
         fprintf(stderr, "epx-bench: unknown benchmark '%s'\n", o->op);
         return usage();
     }
@@ -153,6 +170,13 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
         else if (!strcmp(a, "--json")) o->json = v;
         else if (!strcmp(a, "--baseline")) o->baseline = v, ok = !strcmp(v, "auto") || !strcmp(v, "mpi") || !strcmp(v, "none");
         else if (!strcmp(a, "--timeout")) o->timeout_s = atof(v);
+        else if (!strcmp(a, "--tokens")) o->tokens = atoi(v), ok = o->tokens >= 1;
+        else if (!strcmp(a, "--hidden")) o->hidden = atoi(v), ok = o->hidden >= 1;
+        else if (!strcmp(a, "--topk")) o->topk = atoi(v), ok = o->topk >= 1 && o->topk <= EPX_MOE_MAX_TOPK;
+        else if (!strcmp(a, "--experts")) o->experts = atoi(v), ok = o->experts >= 1;
+        else if (!strcmp(a, "--dtype")) o->dtype = v, ok = !strcmp(v, "bf16") || !strcmp(v, "fp8");
+        else if (!strcmp(a, "--mode")) o->mode = v, ok = !strcmp(v, "ht") || !strcmp(v, "ll");
+        else if (!strcmp(a, "--skew")) o->skew = atof(v), ok = o->skew >= 0;
         else {
             fprintf(stderr, "epx-bench: unknown option %s\n", a);
             return usage();
@@ -247,7 +271,7 @@ int main(int argc, char **argv)
     epx_comm_rank(b.comm, &b.rank);
     epx_comm_size(b.comm, &b.nranks);
 
-    rc = bench_alltoall(&b);
+    rc = !strcmp(b.opt.op, "moe") ? bench_moe(&b) : bench_alltoall(&b);
 
     epx_comm_destroy(b.comm);
 #ifdef EPX_HAVE_MPI

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the GPU machine (see ../shared/DEVICE.md): build with CUDA and NCCL (from the pip
+# layout when it is not in the CUDA toolkit), run the whole test suite — CPU and GPU — and
+# the benchmarks, and leave logs and JSON under $OUT (default: build-gpu/out).
+#   scripts/gpu-check.sh [quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+OUT=${OUT:-$PWD/build-gpu/out}
+mkdir -p "$OUT"
+if [ -z "${NCCL_HOME:-}" ]; then
+    SP=$(python3 -c "import site; print(site.getsitepackages()[0])" 2>/dev/null || true)
+    [ -n "$SP" ] && [ -d "$SP/nvidia/nccl" ] && export NCCL_HOME="$SP/nvidia/nccl"
+fi
+{
+    date -u
+    git log -1 --oneline 2>/dev/null || true
+    nvidia-smi -L
+    nvidia-smi topo -m
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} 2>&1 | tee "$OUT/build.log" | grep -E "epx:|Error"
+cmake --build build-gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+rc=0
+ctest --test-dir build-gpu --output-on-failure -j 4 --timeout 600 >"$OUT/ctest.log" 2>&1 || rc=1
+grep -E "tests passed|Failed|Skipped|\*\*\*" "$OUT/ctest.log" | tail -30
+if [ "${1:-}" != quick ]; then
+    B=build-gpu/bin/epx-bench
+    $B alltoall --backend cuda --ranks 2 -b 1K -e 1G -f 4 -n 20 -w 5 -c 1 --json "$OUT/alltoall_cuda.json" \
+        2>&1 | tee "$OUT/bench_alltoall_cuda.txt" || rc=1
+fi
+exit $rc

@@ -1,0 +1,1480 @@
+/*
+ * MoE dispatch/combine against the sequential reference in moe_ref.c. Every rank derives
+ * every rank's routing and data from a shared seed, so it can compute what it must
+ * receive. Outputs are poisoned before every call; rows past the received count (and a
+ * guard past the capacity) must stay poisoned.
+ *
+ *   layout          counts per rank / expert and the token-rank mask (NULL outputs too)
+ *   high-throughput dispatch (every output, both index dtypes, every dtype, FP8 scales
+ *                   with a partial last block, alignment 1 and > 1, uniform / Zipf /
+ *                   one-expert / duplicate / no-expert routing, -1 entries, T = 0 on some
+ *                   ranks, K = 1..9 and EPX_MOE_MAX_TOPK, E = R .. 288), cached dispatch
+ *                   (new data, other outputs untouched, topk fields ignored), combine
+ *                   bit-exact against float32 ascending-rank sums (and within a tolerance
+ *                   of float64 sums), with and without weights, 3 identical repeats
+ *   low-latency     slot layout (exact order on the CPU backend, per (expert, source)
+ *                   sets elsewhere), bf16 and FP8 quantisation with F32 and UE8M0 scales,
+ *                   combine bit-exact (float32 products, ascending k)
+ *   two handles     two dispatches alive at once, cached dispatch / combine on each
+ *   random          --random N (default 100) small configurations drawn from --seed S
+ *   bad input       one rank bad, the others valid: statuses, nothing written, and a valid
+ *                   call right after; invalid and mismatched configurations at create
+ *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT only)
+ *
+ * EPX_TEST_LL_ANY_ORDER=1 accepts any order of low-latency slots within an (expert, source
+ * rank) group (the default on non-CPU backends).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "moe_ref.h"
+#include "testlib.h"
+
+#define MAXR 64
+#define POISON 0xA5
+#define GUARD 64 /* poisoned bytes after every output buffer */
+
+static epx_comm_t comm;
+static int me, R;
+static bool exact_ll_order = true;
+
+/* ---- Cases ------------------------------------------------------------------------------ */
+
+typedef enum { ROUTE_UNIFORM, ROUTE_ZIPF, ROUTE_ONE, ROUTE_DUP, ROUTE_NONE } route_t;
+
+enum {
+    F_REPEAT = 1,      /* run 3 times, bits identical */
+    F_NO_WEIGHTS = 2,  /* dispatch without topk_weights */
+    F_NULL_OUTS = 4,   /* optional dispatch outputs NULL */
+    F_REG = 8,         /* x in registered memory */
+    F_T_ZERO = 16,     /* T = 0 on every rank */
+    F_T_FULL = 32,     /* T = max_tokens on every rank */
+    F_EXACT_CAP = 64,  /* capacity = N exactly */
+    F_MAX_CAP = 128,   /* capacity = epx_moe_max_recv_tokens */
+    F_T_WIDE = 256,    /* T in [M/8, M] (large case) */
+};
+
+typedef struct {
+    const char *name;
+    int E; /* > 0: experts (rounded down to a multiple of R); <= 0: -E * R */
+    int K, H, M;
+    int dtype, cdtype, idtype, align;
+    route_t route;
+    int neg_pct;
+    int flags;
+    int maxk;     /* cfg.max_topk if > K */
+    int mode, ll_fp8, sfmt;
+} mcase_t;
+
+/* ---- World: every rank's routing, derived from the seed ------------------------------------ */
+
+typedef struct {
+    const mcase_t *c;
+    int E, L, K, H, M, nb, maxk;
+    int dtype, cdtype, idtype, align;
+    int es, ces, isz;
+    uint64_t seed;
+    int T[MAXR];
+    int64_t *idx[MAXR];
+    float *w[MAXR];
+    moe_ref_routing_t rt;
+} world_t;
+
+static uint64_t row_seed(const world_t *W, uint64_t tag, int a, int b)
+{
+    return test_mix(W->seed, tag, (uint64_t)(uint32_t)a, (uint64_t)(uint32_t)b);
+}
+/* Element i of the random stream starting at s (random access into splitmix64). */
+static uint64_t elem_rand(uint64_t s, int64_t i)
+{
+    uint64_t st = s + (uint64_t)i * 0x9e3779b97f4a7c15ull;
+    return test_rand(&st);
+}
+
+/* Random bits of a value of dtype dt: exponents 2^(off-spread) .. 2^(off+spread), 1/64 zeros
+ * (both signs), FP8 any non-NaN code. */
+static uint32_t gen_bits(int dt, uint64_t r, int off, int spread)
+{
+    uint32_t sign = (uint32_t)(r & 1);
+    if ((r >> 58) == 0) return dt == EPX_F32 ? sign << 31 : dt == EPX_FP8_E4M3 ? sign << 7 : sign << 15;
+    int e = (int)((((r >> 8) & 0xFFFF) * (uint64_t)(2 * spread + 1)) >> 16) - spread + off;
+    switch (dt) {
+    case EPX_BF16: return sign << 15 | (uint32_t)(127 + e) << 7 | (uint32_t)((r >> 20) & 0x7F);
+    case EPX_F16: return sign << 15 | (uint32_t)(15 + e) << 10 | (uint32_t)((r >> 20) & 0x3FF);
+    case EPX_F32: return sign << 31 | (uint32_t)(127 + e) << 23 | (uint32_t)((r >> 20) & 0x7FFFFF);
+    default: {
+        uint32_t b = (uint32_t)(r >> 20) & 0xFF;
+        if ((b & 0x7F) == 0x7F) b ^= 1;
+        return b;
+    }
+    }
+}
+static void put_bits(int dt, void *buf, int64_t i, uint32_t v)
+{
+    switch (moe_ref_elem_size(dt)) {
+    case 1: ((uint8_t *)buf)[i] = (uint8_t)v; break;
+    case 2: ((uint16_t *)buf)[i] = (uint16_t)v; break;
+    default: ((uint32_t *)buf)[i] = v; break;
+    }
+}
+static uint32_t get_bits(int dt, const void *buf, int64_t i)
+{
+    switch (moe_ref_elem_size(dt)) {
+    case 1: return ((const uint8_t *)buf)[i];
+    case 2: return ((const uint16_t *)buf)[i];
+    default: return ((const uint32_t *)buf)[i];
+    }
+}
+
+/* Token row x of rank p, token t, generation gen (0 dispatch, 1.. cached dispatches).
+ * bf16 rows have 128-blocks that are all zero or tiny (below the FP8 amax floor). */
+static void x_row(const world_t *W, int p, int t, int gen, void *dst)
+{
+    uint64_t s = row_seed(W, 100 + (uint64_t)gen, p, t);
+    for (int b = 0; b * 128 < W->H; b++) {
+        int style = (int)(elem_rand(s, -1 - b) % 16);
+        for (int h = b * 128; h < W->H && h < (b + 1) * 128; h++) {
+            uint64_t r = elem_rand(s, h);
+            uint32_t v;
+            if (W->dtype == EPX_BF16 && style == 0)
+                v = (uint32_t)(r & 1) << 15;
+            else if (W->dtype == EPX_BF16 && style == 1)
+                v = gen_bits(EPX_BF16, r, -20, 4);
+            else
+                v = gen_bits(W->dtype, r, 0, W->dtype == EPX_F16 ? 6 : 8);
+            put_bits(W->dtype, dst, h, v);
+        }
+    }
+}
+static void x_scales_row(const world_t *W, int p, int t, int gen, float *dst)
+{
+    uint64_t s = row_seed(W, 200 + (uint64_t)gen, p, t);
+    for (int b = 0; b < W->nb; b++) {
+        uint64_t r = elem_rand(s, b);
+        dst[b] = ldexpf(1.0f + (float)(r % 4096) / 4096.0f, (int)((r >> 20) % 11) - 5);
+    }
+}
+
+/* Combine input of rank r for token (p, t): bits in the combine dtype. One token in three
+ * gets "cancelling" rows: ranks 0, 3, 6.. send a large value and ranks 1, 4, 7.. its
+ * negation, so the float32 sum depends on the order in which ranks are added. */
+static void y_bits_row(const world_t *W, int r, int p, int t, int H, uint32_t *bits)
+{
+    uint64_t s = row_seed(W, 300 + (uint64_t)r, p, t), shared = row_seed(W, 350, p, t);
+    bool cancel = shared % 3 == 0 && r % 3 != 2;
+    int big = W->cdtype == EPX_F16 ? 8 : 14;
+    for (int h = 0; h < H; h++) {
+        if (cancel) {
+            uint32_t b = gen_bits(W->cdtype, (elem_rand(shared, h) | 1ull << 63) & ~1ull, big, 2); /* > 0 */
+            int sbit = W->cdtype == EPX_F32 ? 31 : 15;
+            bits[h] = b | (uint32_t)(r % 3) << sbit;
+        } else {
+            bits[h] = gen_bits(W->cdtype, elem_rand(s, h), 0, W->cdtype == EPX_F16 ? 6 : 8);
+        }
+    }
+}
+static float bits_to_float(int dt, uint32_t bits)
+{
+    uint8_t buf[4];
+    put_bits(dt, buf, 0, bits);
+    return moe_ref_load(dt, buf, 0);
+}
+static void y_row_cb(void *ctx, int r, int p, int t, int H, float *row)
+{
+    const world_t *W = ctx;
+    uint32_t *bits = malloc(sizeof(uint32_t) * (size_t)H + 4);
+    y_bits_row(W, r, p, t, H, bits);
+    for (int h = 0; h < H; h++) row[h] = bits_to_float(W->cdtype, bits[h]);
+    free(bits);
+}
+/* Combine weights input of rank r for token (p, t): K floats. */
+static float gen_weight(uint64_t r)
+{
+    if (r % 97 == 0) return 0.0f;
+    uint32_t u = (uint32_t)((r >> 8) & 0x7FFFFF) | (uint32_t)(127 - (int)((r >> 40) % 6)) << 23;
+    if ((r >> 50) % 8 == 0) u |= 0x80000000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static void yw_row_cb(void *ctx, int r, int p, int t, int K, float *row)
+{
+    const world_t *W = ctx;
+    uint64_t s = row_seed(W, 400 + (uint64_t)r, p, t);
+    for (int k = 0; k < K; k++) row[k] = gen_weight(elem_rand(s, k));
+}
+/* Low-latency expert output of expert e for token (p, t): bf16 bits. */
+static void yll_bits_row(const world_t *W, int e, int p, int t, uint16_t *bits)
+{
+    uint64_t s = row_seed(W, 500 + (uint64_t)e, p, t);
+    for (int h = 0; h < W->H; h++) bits[h] = (uint16_t)gen_bits(EPX_BF16, elem_rand(s, h), 0, 8);
+}
+static void yll_row_cb(void *ctx, int e, int p, int t, int H, float *row)
+{
+    const world_t *W = ctx;
+    uint16_t *bits = malloc(sizeof(uint16_t) * (size_t)H + 2);
+    yll_bits_row(W, e, p, t, bits);
+    for (int h = 0; h < H; h++) row[h] = moe_ref_bf16_to_float(bits[h]);
+    free(bits);
+}
+
+static int resolve_E(const mcase_t *c)
+{
+    if (c->E > 0) return c->E - c->E % R;
+    return (c->E == 0 ? 1 : -c->E) * R;
+}
+
+static void world_init(world_t *W, const mcase_t *c, uint64_t seed)
+{
+    memset(W, 0, sizeof *W);
+    W->c = c;
+    W->seed = seed;
+    W->E = resolve_E(c);
+    W->L = W->E / R;
+    W->K = c->K;
+    W->H = c->H;
+    W->M = c->M;
+    W->nb = (c->H + 127) / 128;
+    W->maxk = c->maxk > c->K ? c->maxk : c->K;
+    W->dtype = c->dtype;
+    W->cdtype = c->cdtype != EPX_UNSET ? c->cdtype : c->dtype == EPX_FP8_E4M3 ? EPX_BF16 : c->dtype;
+    W->idtype = c->idtype;
+    W->align = c->align;
+    W->es = moe_ref_elem_size(W->dtype);
+    W->ces = moe_ref_elem_size(W->cdtype);
+    W->isz = W->idtype == EPX_I32 ? 4 : 8;
+    int E = W->E, K = W->K;
+
+    /* Zipf: expert perm[i] has weight 1 / (i + 1)^1.1. */
+    ASSERT(E >= 1);
+    int *perm = calloc((size_t)E + 3, sizeof(int));
+    double *cdf = calloc((size_t)E + 1, sizeof(double));
+    uint64_t s0 = test_mix(seed, 7, 0, 0);
+    for (int i = 0; i < E; i++) perm[i] = i;
+    for (int i = E - 1; i > 0; i--) {
+        int j = (int)(test_rand(&s0) % (uint64_t)(i + 1)), tmp = perm[i];
+        perm[i] = perm[j], perm[j] = tmp;
+    }
+    double tot = 0;
+    for (int i = 0; i < E; i++) cdf[i] = (tot += 1.0 / pow(i + 1.0, 1.1));
+    int one = (int)(seed % (uint64_t)E);
+    int dupset[3] = {perm[0], perm[E > 1 ? 1 : 0], perm[E > 2 ? 2 : 0]};
+
+    for (int p = 0; p < R; p++) {
+        uint64_t s = test_mix(seed, 1, (uint64_t)p, 0);
+        int T = (int)(test_rand(&s) % (uint64_t)(W->M + 1));
+        if (c->flags & F_T_WIDE) T = W->M / 8 + (int)(test_rand(&s) % (uint64_t)(W->M - W->M / 8 + 1));
+        if (R > 1 && p == (int)(seed % (uint64_t)R) && !(c->flags & F_T_WIDE)) T = 0;
+        if ((R > 1 || (seed & 1)) && p == (int)((seed + 1) % (uint64_t)R)) T = W->M;
+        if (c->flags & F_T_ZERO) T = 0;
+        if (c->flags & F_T_FULL) T = W->M;
+        W->T[p] = T;
+        W->idx[p] = malloc(sizeof(int64_t) * (size_t)(T * K + 1));
+        W->w[p] = malloc(sizeof(float) * (size_t)(T * K + 1));
+        for (int t = 0; t < T; t++) {
+            int64_t *row = &W->idx[p][(int64_t)t * K];
+            for (int k = 0; k < K; k++) {
+                uint64_t r = test_rand(&s);
+                int64_t e;
+                switch (c->route) {
+                case ROUTE_UNIFORM:
+                    for (;;) { /* distinct when possible */
+                        e = (int64_t)(r % (uint64_t)E);
+                        int dup = 0;
+                        for (int j = 0; j < k; j++) dup |= row[j] == e;
+                        if (!dup || K > E) break;
+                        r = test_rand(&s);
+                    }
+                    break;
+                case ROUTE_ZIPF: {
+                    double u = (double)(r >> 11) * 0x1.0p-53 * tot;
+                    int i = 0;
+                    while (i < E - 1 && cdf[i] < u) i++;
+                    e = perm[i];
+                    break;
+                }
+                case ROUTE_ONE: e = (k == 0 || (r & 1)) ? one : -1; break;
+                case ROUTE_DUP: e = dupset[r % 3]; break;
+                default: e = -1; break;
+                }
+                if (c->neg_pct && (int)((r >> 33) % 100) < c->neg_pct && !(c->route == ROUTE_ONE && k == 0)) e = -1;
+                row[k] = e;
+                W->w[p][(int64_t)t * K + k] = gen_weight(test_rand(&s));
+            }
+        }
+    }
+    free(perm);
+    free(cdf);
+    W->rt.R = R;
+    W->rt.E = E;
+    W->rt.K = K;
+    W->rt.T = W->T;
+    W->rt.idx = (const int64_t *const *)W->idx;
+}
+
+static void world_free(world_t *W)
+{
+    for (int p = 0; p < R; p++) free(W->idx[p]), free(W->w[p]);
+}
+
+/* Rank p's topk_idx in the index dtype. */
+static void *typed_idx(const world_t *W, const int64_t *idx, int64_t n)
+{
+    void *b = malloc((size_t)(n + 1) * 8);
+    for (int64_t i = 0; i < n; i++) {
+        if (W->idtype == EPX_I32)
+            ((int32_t *)b)[i] = (int32_t)idx[i];
+        else
+            ((int64_t *)b)[i] = idx[i];
+    }
+    return b;
+}
+static int64_t load_idx(const world_t *W, const void *b, int64_t i)
+{
+    return W->idtype == EPX_I32 ? ((const int32_t *)b)[i] : ((const int64_t *)b)[i];
+}
+
+static epx_moe_config_t world_cfg(const world_t *W)
+{
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = W->H;
+    cfg.max_tokens_per_rank = W->M;
+    cfg.num_experts = W->E;
+    cfg.max_topk = W->maxk;
+    cfg.dtype = W->dtype;
+    cfg.combine_dtype = W->c->cdtype;
+    cfg.index_dtype = W->idtype;
+    cfg.expert_alignment = W->align;
+    cfg.mode = W->c->mode;
+    cfg.ll_fp8 = W->c->ll_fp8;
+    cfg.scale_format = W->c->sfmt;
+    return cfg;
+}
+
+/* ---- Poison helpers --------------------------------------------------------------------- */
+
+static void *palloc(size_t bytes)
+{
+    void *p = malloc(bytes + GUARD);
+    memset(p, POISON, bytes + GUARD);
+    return p;
+}
+/* Bytes [from, to) of buf must still be poison. */
+static void expect_poison(const void *buf, size_t from, size_t to, const char *cs, const char *what)
+{
+    const uint8_t *b = buf;
+    for (size_t i = from; i < to; i++)
+        if (b[i] != POISON) TEST_FAIL_("case %s: %s byte %zu (of %zu..%zu) was written: 0x%02x", cs, what, i, from, to, b[i]);
+}
+
+/* ---- Layout ------------------------------------------------------------------------------- */
+
+static void check_layout(epx_moe_t moe, const world_t *W, const void *idx, const char *cs)
+{
+    int T = W->T[me], E = W->E;
+    int32_t *pr = palloc(sizeof(int32_t) * (size_t)R), *pe = palloc(sizeof(int32_t) * (size_t)E);
+    uint8_t *ir = palloc((size_t)T * (size_t)R);
+    int32_t *rpr = malloc(sizeof(int32_t) * (size_t)R), *rpe = malloc(sizeof(int32_t) * (size_t)E);
+    uint8_t *rir = malloc((size_t)T * (size_t)R + 1);
+    moe_ref_layout(&W->rt, me, rpr, rpe, rir);
+    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, pr, pe, ir, NULL));
+    for (int q = 0; q < R; q++)
+        if (pr[q] != rpr[q]) TEST_FAIL_("case %s: num_tokens_per_rank[%d] = %d, expected %d", cs, q, pr[q], rpr[q]);
+    for (int e = 0; e < E; e++)
+        if (pe[e] != rpe[e]) TEST_FAIL_("case %s: num_tokens_per_expert[%d] = %d, expected %d", cs, e, pe[e], rpe[e]);
+    for (int64_t i = 0; i < (int64_t)T * R; i++)
+        if (ir[i] != rir[i])
+            TEST_FAIL_("case %s: is_token_in_rank[t=%lld, r=%lld] = %d, expected %d", cs, (long long)(i / R),
+                       (long long)(i % R), ir[i], rir[i]);
+    expect_poison(pr, sizeof(int32_t) * (size_t)R, sizeof(int32_t) * (size_t)R + GUARD, cs, "layout per_rank guard");
+    expect_poison(pe, sizeof(int32_t) * (size_t)E, sizeof(int32_t) * (size_t)E + GUARD, cs, "layout per_expert guard");
+    expect_poison(ir, (size_t)T * (size_t)R, (size_t)T * (size_t)R + GUARD, cs, "layout in_rank guard");
+    /* Any output may be NULL. */
+    memset(pe, POISON, sizeof(int32_t) * (size_t)E + GUARD);
+    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, NULL, pe, NULL, NULL));
+    ASSERT(memcmp(pe, rpe, sizeof(int32_t) * (size_t)E) == 0);
+    memset(pr, POISON, sizeof(int32_t) * (size_t)R + GUARD);
+    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, pr, NULL, NULL, NULL));
+    ASSERT(memcmp(pr, rpr, sizeof(int32_t) * (size_t)R) == 0);
+    free(pr), free(pe), free(ir), free(rpr), free(rpe), free(rir);
+}
+
+/* ---- High-throughput buffers ------------------------------------------------------------- */
+
+typedef struct {
+    int64_t cap;
+    /* inputs of this rank */
+    void *x;
+    float *xs;
+    void *idx;
+    float *w;
+    bool reg;
+    /* outputs */
+    void *rx;
+    float *rxs;
+    void *ridx;
+    float *rw;
+    int32_t *rsr, *rst, *rpe;
+    size_t rx_b, rxs_b, ridx_b, rw_b, rs_b, rpe_b;
+} ht_bufs_t;
+
+static void fill_x(const world_t *W, ht_bufs_t *B, int gen)
+{
+    int T = W->T[me];
+    for (int t = 0; t < T; t++) {
+        x_row(W, me, t, gen, (char *)B->x + (size_t)t * (size_t)W->H * (size_t)W->es);
+        if (B->xs) x_scales_row(W, me, t, gen, B->xs + (size_t)t * (size_t)W->nb);
+    }
+}
+
+static void ht_alloc(const world_t *W, ht_bufs_t *B, int64_t cap, bool reg, bool null_outs)
+{
+    memset(B, 0, sizeof *B);
+    int T = W->T[me], H = W->H, K = W->K;
+    size_t xb = (size_t)T * (size_t)H * (size_t)W->es + 64;
+    B->reg = reg;
+    if (reg)
+        ASSERT_OK(epx_mem_alloc(comm, xb, &B->x));
+    else
+        B->x = malloc(xb);
+    if (W->dtype == EPX_FP8_E4M3) B->xs = malloc(sizeof(float) * (size_t)(T * W->nb + 1));
+    fill_x(W, B, 0);
+    B->idx = typed_idx(W, W->idx[me], (int64_t)T * K);
+    B->w = malloc(sizeof(float) * (size_t)(T * K + 1));
+    memcpy(B->w, W->w[me], sizeof(float) * (size_t)(T * K));
+    B->cap = cap;
+    B->rx_b = (size_t)cap * (size_t)H * (size_t)W->es;
+    B->rx = palloc(B->rx_b);
+    if (W->dtype == EPX_FP8_E4M3) {
+        B->rxs_b = (size_t)cap * (size_t)W->nb * 4;
+        B->rxs = palloc(B->rxs_b);
+    }
+    if (!null_outs) {
+        B->ridx_b = (size_t)cap * (size_t)K * (size_t)W->isz;
+        B->rw_b = (size_t)cap * (size_t)K * 4;
+        B->rs_b = (size_t)cap * 4;
+        B->rpe_b = (size_t)W->L * 4;
+        B->ridx = palloc(B->ridx_b);
+        B->rw = palloc(B->rw_b);
+        B->rsr = palloc(B->rs_b);
+        B->rst = palloc(B->rs_b);
+        B->rpe = palloc(B->rpe_b);
+    }
+}
+
+static void ht_poison(ht_bufs_t *B)
+{
+    memset(B->rx, POISON, B->rx_b + GUARD);
+    if (B->rxs) memset(B->rxs, POISON, B->rxs_b + GUARD);
+    if (B->ridx) {
+        memset(B->ridx, POISON, B->ridx_b + GUARD);
+        memset(B->rw, POISON, B->rw_b + GUARD);
+        memset(B->rsr, POISON, B->rs_b + GUARD);
+        memset(B->rst, POISON, B->rs_b + GUARD);
+        memset(B->rpe, POISON, B->rpe_b + GUARD);
+    }
+}
+
+static void ht_expect_all_poison(const ht_bufs_t *B, const char *cs)
+{
+    expect_poison(B->rx, 0, B->rx_b + GUARD, cs, "recv_x");
+    if (B->rxs) expect_poison(B->rxs, 0, B->rxs_b + GUARD, cs, "recv_x_scales");
+    if (B->ridx) {
+        expect_poison(B->ridx, 0, B->ridx_b + GUARD, cs, "recv_topk_idx");
+        expect_poison(B->rw, 0, B->rw_b + GUARD, cs, "recv_topk_weights");
+        expect_poison(B->rsr, 0, B->rs_b + GUARD, cs, "recv_src_rank");
+        expect_poison(B->rst, 0, B->rs_b + GUARD, cs, "recv_src_token");
+        expect_poison(B->rpe, 0, B->rpe_b + GUARD, cs, "num_recv_tokens_per_expert");
+    }
+}
+
+static void ht_free(ht_bufs_t *B)
+{
+    if (B->reg)
+        ASSERT_OK(epx_mem_free(comm, B->x));
+    else
+        free(B->x);
+    free(B->xs), free(B->idx), free(B->w), free(B->rx), free(B->rxs);
+    free(B->ridx), free(B->rw), free(B->rsr), free(B->rst), free(B->rpe);
+}
+
+static epx_moe_dispatch_in_t ht_in(const world_t *W, const ht_bufs_t *B, bool weights)
+{
+    epx_moe_dispatch_in_t in = {B->x, B->xs, B->idx, weights ? B->w : NULL, W->T[me], W->K};
+    return in;
+}
+static epx_moe_dispatch_out_t ht_out(const ht_bufs_t *B)
+{
+    epx_moe_dispatch_out_t out = {B->rx, B->rxs, B->ridx, B->rw, B->rsr, B->rst, B->rpe, B->cap, -77};
+    return out;
+}
+
+/* recv_x (and scales) rows hold generation `gen` of their sources; meta outputs match the
+ * reference (meta) or are untouched (!meta); everything past N is poison. */
+static void check_dispatch(const world_t *W, const moe_ref_recv_t *ref, const ht_bufs_t *B, int gen, bool meta,
+                           bool weights, const char *cs)
+{
+    int H = W->H, K = W->K, nb = W->nb;
+    int64_t n = ref->n;
+    size_t rowb = (size_t)H * (size_t)W->es;
+    uint8_t *row = malloc(rowb + 1);
+    float *srow = malloc(sizeof(float) * (size_t)nb + 4);
+    for (int64_t i = 0; i < n; i++) {
+        x_row(W, ref->src_rank[i], ref->src_token[i], gen, row);
+        const uint8_t *got = (const uint8_t *)B->rx + (size_t)i * rowb;
+        if (memcmp(got, row, rowb) != 0) {
+            size_t j = 0;
+            while (got[j] == row[j]) j++;
+            TEST_FAIL_("case %s: recv_x row %lld (from rank %d token %d, gen %d) byte %zu = 0x%02x, expected 0x%02x",
+                       cs, (long long)i, ref->src_rank[i], ref->src_token[i], gen, j, got[j], row[j]);
+        }
+        if (B->rxs) {
+            x_scales_row(W, ref->src_rank[i], ref->src_token[i], gen, srow);
+            for (int b = 0; b < nb; b++)
+                if (memcmp(&B->rxs[i * nb + b], &srow[b], 4) != 0)
+                    TEST_FAIL_("case %s: recv_x_scales[%lld][%d] = %g, expected %g", cs, (long long)i, b,
+                               (double)B->rxs[i * nb + b], (double)srow[b]);
+        }
+    }
+    expect_poison(B->rx, (size_t)n * rowb, B->rx_b + GUARD, cs, "recv_x past N");
+    if (B->rxs) expect_poison(B->rxs, (size_t)n * (size_t)nb * 4, B->rxs_b + GUARD, cs, "recv_x_scales past N");
+    if (B->ridx && !meta) {
+        expect_poison(B->ridx, 0, B->ridx_b + GUARD, cs, "recv_topk_idx (cached)");
+        expect_poison(B->rw, 0, B->rw_b + GUARD, cs, "recv_topk_weights (cached)");
+        expect_poison(B->rsr, 0, B->rs_b + GUARD, cs, "recv_src_rank (cached)");
+        expect_poison(B->rst, 0, B->rs_b + GUARD, cs, "recv_src_token (cached)");
+        expect_poison(B->rpe, 0, B->rpe_b + GUARD, cs, "num_recv_tokens_per_expert (cached)");
+    } else if (B->ridx) {
+        for (int64_t i = 0; i < n; i++) {
+            if (B->rsr[i] != ref->src_rank[i] || B->rst[i] != ref->src_token[i])
+                TEST_FAIL_("case %s: row %lld source = (rank %d, token %d), expected (%d, %d)", cs, (long long)i,
+                           B->rsr[i], B->rst[i], ref->src_rank[i], ref->src_token[i]);
+            for (int k = 0; k < K; k++) {
+                int64_t got = load_idx(W, B->ridx, i * K + k);
+                if (got != ref->topk_idx[i * K + k])
+                    TEST_FAIL_("case %s: recv_topk_idx[%lld][%d] = %lld, expected %lld (source rank %d token %d)", cs,
+                               (long long)i, k, (long long)got, (long long)ref->topk_idx[i * K + k], ref->src_rank[i],
+                               ref->src_token[i]);
+                if (weights && memcmp(&B->rw[i * K + k], &ref->topk_weights[i * K + k], 4) != 0)
+                    TEST_FAIL_("case %s: recv_topk_weights[%lld][%d] = %.9g, expected %.9g", cs, (long long)i, k,
+                               (double)B->rw[i * K + k], (double)ref->topk_weights[i * K + k]);
+            }
+        }
+        expect_poison(B->ridx, (size_t)n * (size_t)K * (size_t)W->isz, B->ridx_b + GUARD, cs, "recv_topk_idx past N");
+        expect_poison(B->rw, weights ? (size_t)n * (size_t)K * 4 : 0, B->rw_b + GUARD, cs,
+                      weights ? "recv_topk_weights past N" : "recv_topk_weights (no weights given)");
+        expect_poison(B->rsr, (size_t)n * 4, B->rs_b + GUARD, cs, "recv_src_rank past N");
+        expect_poison(B->rst, (size_t)n * 4, B->rs_b + GUARD, cs, "recv_src_token past N");
+        for (int l = 0; l < W->L; l++)
+            if (B->rpe[l] != ref->per_expert[l])
+                TEST_FAIL_("case %s: num_recv_tokens_per_expert[%d] = %d, expected %d (alignment %d)", cs, l, B->rpe[l],
+                           ref->per_expert[l], W->align);
+        expect_poison(B->rpe, B->rpe_b, B->rpe_b + GUARD, cs, "num_recv_tokens_per_expert guard");
+    }
+    free(row);
+    free(srow);
+}
+
+/* Valid dispatch of W on every rank into B, checked. Returns the handle. */
+static epx_moe_handle_t dispatch_checked(epx_moe_t moe, const world_t *W, const moe_ref_recv_t *ref, ht_bufs_t *B,
+                                         bool weights, const char *cs)
+{
+    ht_poison(B);
+    epx_moe_dispatch_in_t in = ht_in(W, B, weights);
+    epx_moe_dispatch_out_t out = ht_out(B);
+    epx_moe_handle_t h = NULL;
+    epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, NULL);
+    if (st != EPX_SUCCESS) TEST_FAIL_("case %s: dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+    ASSERT(h != NULL);
+    if (out.num_recv_tokens != ref->n)
+        TEST_FAIL_("case %s: num_recv_tokens = %lld, expected %lld", cs, (long long)out.num_recv_tokens, (long long)ref->n);
+    int64_t rows = -1;
+    ASSERT_OK(epx_moe_handle_num_recv_tokens(h, &rows));
+    ASSERT_EQ(rows, ref->n);
+    check_dispatch(W, ref, B, 0, true, weights, cs);
+    return h;
+}
+
+/* ---- High-throughput combine ------------------------------------------------------------- */
+
+static double rel_tol(int dt)
+{
+    return dt == EPX_BF16 ? 0x1p-8 : dt == EPX_F16 ? 0x1p-11 : 0x1p-23;
+}
+
+/* Check out[T, H] (combine dtype) and out_w[T, K] against the reference for this rank. */
+static void check_combine_out(const world_t *W, const void *out, const float *out_w, const char *cs)
+{
+    int T = W->T[me], H = W->H, K = W->K;
+    float *acc = malloc(sizeof(float) * (size_t)(H > K ? H : K) + 4);
+    double *s64 = malloc(sizeof(double) * (size_t)(H > K ? H : K) + 8);
+    double *a64 = malloc(sizeof(double) * (size_t)(H > K ? H : K) + 8);
+    uint8_t *want = malloc((size_t)H * 4 + 4);
+    for (int t = 0; t < T; t++) {
+        moe_ref_combine_row(&W->rt, me, t, H, y_row_cb, (void *)W, acc, s64, a64);
+        for (int h = 0; h < H; h++) {
+            moe_ref_store(W->cdtype, want, h, acc[h]);
+            uint32_t g = get_bits(W->cdtype, out, (int64_t)t * H + h), e = get_bits(W->cdtype, want, h);
+            float gv = moe_ref_load(W->cdtype, out, (int64_t)t * H + h);
+            if (g != e)
+                TEST_FAIL_("case %s: combine out[t=%d][h=%d] = 0x%x (%.9g), expected 0x%x (%.9g; float64 sum %.17g)", cs,
+                           t, h, g, (double)gv, e, (double)acc[h], s64[h]);
+            double tol = a64[h] * R * 0x1p-23 + fabs(s64[h]) * rel_tol(W->cdtype) + 0x1p-24;
+            if (!(fabs((double)gv - s64[h]) <= tol))
+                TEST_FAIL_("case %s: combine out[t=%d][h=%d] = %.9g, float64 sum %.17g (tolerance %g)", cs, t, h,
+                           (double)gv, s64[h], tol);
+        }
+        if (out_w) {
+            moe_ref_combine_row(&W->rt, me, t, K, yw_row_cb, (void *)W, acc, s64, a64);
+            for (int k = 0; k < K; k++) {
+                float g = out_w[(int64_t)t * K + k];
+                if (memcmp(&g, &acc[k], 4) != 0)
+                    TEST_FAIL_("case %s: combine out_topk_weights[t=%d][k=%d] = %.9g, expected %.9g", cs, t, k, (double)g,
+                               (double)acc[k]);
+                if (!(fabs((double)g - s64[k]) <= a64[k] * R * 0x1p-23 + 1e-30))
+                    TEST_FAIL_("case %s: out_topk_weights[t=%d][k=%d] = %.9g, float64 sum %.17g", cs, t, k, (double)g, s64[k]);
+            }
+        }
+    }
+    free(acc), free(s64), free(a64), free(want);
+}
+
+typedef struct {
+    void *y;
+    float *yw;
+    void *out;
+    float *out_w;
+    size_t out_b, outw_b;
+} comb_bufs_t;
+
+/* Build this rank's combine inputs in the reference row order. */
+static void comb_alloc(const world_t *W, const moe_ref_recv_t *ref, comb_bufs_t *C)
+{
+    int H = W->H, K = W->K, T = W->T[me];
+    int64_t n = ref->n;
+    C->y = malloc((size_t)n * (size_t)H * (size_t)W->ces + 64);
+    C->yw = malloc(sizeof(float) * (size_t)(n * K + 1));
+    uint32_t *bits = malloc(sizeof(uint32_t) * (size_t)H + 4);
+    for (int64_t i = 0; i < n; i++) {
+        y_bits_row(W, me, ref->src_rank[i], ref->src_token[i], H, bits);
+        for (int h = 0; h < H; h++) put_bits(W->cdtype, C->y, i * H + h, bits[h]);
+        yw_row_cb((void *)W, me, ref->src_rank[i], ref->src_token[i], K, C->yw + i * K);
+    }
+    free(bits);
+    C->out_b = (size_t)T * (size_t)H * (size_t)W->ces;
+    C->outw_b = (size_t)T * (size_t)K * 4;
+    C->out = palloc(C->out_b);
+    C->out_w = palloc(C->outw_b);
+}
+static void comb_free(comb_bufs_t *C) { free(C->y), free(C->yw), free(C->out), free(C->out_w); }
+
+static void combine_checked(epx_moe_t moe, epx_moe_handle_t h, const world_t *W, comb_bufs_t *C, bool weights,
+                            const char *cs)
+{
+    memset(C->out, POISON, C->out_b + GUARD);
+    memset(C->out_w, POISON, C->outw_b + GUARD);
+    epx_moe_combine_in_t in = {C->y, weights ? C->yw : NULL};
+    epx_moe_combine_out_t out = {C->out, weights ? C->out_w : NULL};
+    epx_status_t st = epx_moe_combine(moe, h, &in, &out, NULL);
+    if (st != EPX_SUCCESS) TEST_FAIL_("case %s: combine -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+    check_combine_out(W, C->out, weights ? C->out_w : NULL, cs);
+    expect_poison(C->out, C->out_b, C->out_b + GUARD, cs, "combine out guard");
+    expect_poison(C->out_w, weights ? C->outw_b : 0, C->outw_b + GUARD, cs, "combine out_topk_weights");
+}
+
+static epx_moe_t create_checked(const world_t *W, const char *cs)
+{
+    epx_moe_config_t cfg = world_cfg(W);
+    epx_moe_t moe = NULL;
+    epx_status_t st = epx_moe_create(comm, &cfg, &moe);
+    if (st != EPX_SUCCESS) TEST_FAIL_("case %s: epx_moe_create -> %s: %s", cs, epx_status_name(st), epx_get_last_error());
+    ASSERT(moe != NULL);
+    int64_t rows = -1;
+    ASSERT_OK(epx_moe_max_recv_tokens(moe, &rows));
+    ASSERT_EQ(rows, (int64_t)R * W->M);
+    return moe;
+}
+
+static int run_ht_case(const mcase_t *c, uint64_t seed)
+{
+    world_t W;
+    world_init(&W, c, seed);
+    char cs[320];
+    snprintf(cs, sizeof cs, "%s [R=%d E=%d K=%d maxk=%d H=%d M=%d T=%d dtype=%s combine=%s idx=%s align=%d route=%d neg=%d%% flags=0x%x seed=%llu]",
+             c->name, R, W.E, W.K, W.maxk, W.H, W.M, W.T[me], epx_dtype_name((epx_dtype_t)W.dtype),
+             epx_dtype_name((epx_dtype_t)W.cdtype), epx_dtype_name((epx_dtype_t)W.idtype), W.align, (int)c->route,
+             c->neg_pct, (unsigned)c->flags, (unsigned long long)seed);
+    epx_moe_t moe = create_checked(&W, cs);
+    bool weights = !(c->flags & F_NO_WEIGHTS);
+
+    moe_ref_recv_t ref;
+    moe_ref_dispatch(&W.rt, weights ? (const float *const *)W.w : NULL, me, W.align, &ref);
+    int64_t cap = ref.n + 3;
+    if (c->flags & F_EXACT_CAP) cap = ref.n;
+    if (c->flags & F_MAX_CAP) cap = (int64_t)R * W.M;
+
+    ht_bufs_t B;
+    ht_alloc(&W, &B, cap, c->flags & F_REG, c->flags & F_NULL_OUTS);
+    check_layout(moe, &W, B.idx, cs);
+    comb_bufs_t C;
+    comb_alloc(&W, &ref, &C);
+
+    int reps = (c->flags & F_REPEAT) ? 3 : 1;
+    uint8_t *first_rx = NULL, *first_out = NULL;
+    for (int rep = 0; rep < reps; rep++) {
+        fill_x(&W, &B, 0);
+        epx_moe_handle_t h = dispatch_checked(moe, &W, &ref, &B, weights, cs);
+        if (rep == 0) {
+            first_rx = malloc(B.rx_b + 1);
+            memcpy(first_rx, B.rx, B.rx_b);
+        } else if (memcmp(first_rx, B.rx, B.rx_b) != 0) {
+            TEST_FAIL_("case %s: repeat %d: recv_x differs from the first run", cs, rep);
+        }
+
+        /* Cached dispatch: new data; topk fields ignored (NULL, then a different routing). */
+        for (int gen = 1; gen <= 2; gen++) {
+            fill_x(&W, &B, gen);
+            ht_poison(&B);
+            epx_moe_dispatch_in_t in = ht_in(&W, &B, weights);
+            void *other_idx = NULL;
+            if (gen == 1) {
+                in.topk_idx = NULL;
+                in.topk_weights = NULL;
+            } else {
+                int64_t n = (int64_t)W.T[me] * W.K;
+                int64_t *zeros = calloc((size_t)n + 1, 8);
+                other_idx = typed_idx(&W, zeros, n);
+                free(zeros);
+                in.topk_idx = other_idx;
+            }
+            epx_moe_dispatch_out_t out = ht_out(&B);
+            epx_status_t st = epx_moe_dispatch_cached(moe, h, &in, &out, NULL);
+            if (st != EPX_SUCCESS)
+                TEST_FAIL_("case %s: dispatch_cached -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+            check_dispatch(&W, &ref, &B, gen, false, weights, cs);
+            free(other_idx);
+        }
+
+        combine_checked(moe, h, &W, &C, true, cs);
+        if (rep == 0) {
+            first_out = malloc(C.out_b + 1);
+            memcpy(first_out, C.out, C.out_b);
+        } else if (memcmp(first_out, C.out, C.out_b) != 0) {
+            TEST_FAIL_("case %s: repeat %d: combine output differs from the first run", cs, rep);
+        }
+        combine_checked(moe, h, &W, &C, false, cs);
+        ASSERT_OK(epx_moe_handle_destroy(h));
+    }
+    free(first_rx), free(first_out);
+    comb_free(&C);
+    ht_free(&B);
+    moe_ref_recv_free(&ref);
+    ASSERT_OK(epx_moe_destroy(moe));
+    world_free(&W);
+    return 1;
+}
+
+/* ---- Low-latency ------------------------------------------------------------------------- */
+
+typedef struct {
+    void *x, *idx;
+    void *rx, *rxs;
+    int32_t *rcount, *rsr, *rst;
+    size_t rx_b, rxs_b, rc_b, rs_b;
+    int64_t RM;
+    int qes; /* bytes per received element */
+    int ses; /* bytes per received scale (0: none) */
+} ll_bufs_t;
+
+static void ll_alloc(const world_t *W, ll_bufs_t *B)
+{
+    memset(B, 0, sizeof *B);
+    int T = W->T[me], H = W->H;
+    B->RM = (int64_t)R * W->M;
+    B->x = malloc((size_t)T * (size_t)H * (size_t)W->es + 64);
+    for (int t = 0; t < T; t++) x_row(W, me, t, 0, (char *)B->x + (size_t)t * (size_t)H * (size_t)W->es);
+    B->idx = typed_idx(W, W->idx[me], (int64_t)T * W->K);
+    B->qes = W->c->ll_fp8 ? 1 : W->es;
+    B->ses = !W->c->ll_fp8 ? 0 : W->c->sfmt == EPX_SCALE_UE8M0 ? 1 : 4;
+    size_t slots = (size_t)W->L * (size_t)B->RM;
+    B->rx_b = slots * (size_t)H * (size_t)B->qes;
+    B->rx = palloc(B->rx_b);
+    if (B->ses) {
+        B->rxs_b = slots * (size_t)W->nb * (size_t)B->ses;
+        B->rxs = palloc(B->rxs_b);
+    }
+    B->rc_b = (size_t)W->L * 4;
+    B->rs_b = slots * 4;
+    B->rcount = palloc(B->rc_b);
+    B->rsr = palloc(B->rs_b);
+    B->rst = palloc(B->rs_b);
+}
+static void ll_poison(ll_bufs_t *B)
+{
+    memset(B->rx, POISON, B->rx_b + GUARD);
+    if (B->rxs) memset(B->rxs, POISON, B->rxs_b + GUARD);
+    memset(B->rcount, POISON, B->rc_b + GUARD);
+    memset(B->rsr, POISON, B->rs_b + GUARD);
+    memset(B->rst, POISON, B->rs_b + GUARD);
+}
+static void ll_expect_all_poison(const ll_bufs_t *B, const char *cs)
+{
+    expect_poison(B->rx, 0, B->rx_b + GUARD, cs, "ll recv_x");
+    if (B->rxs) expect_poison(B->rxs, 0, B->rxs_b + GUARD, cs, "ll recv_x_scales");
+    expect_poison(B->rcount, 0, B->rc_b + GUARD, cs, "ll recv_count");
+    expect_poison(B->rsr, 0, B->rs_b + GUARD, cs, "ll recv_src_rank");
+    expect_poison(B->rst, 0, B->rs_b + GUARD, cs, "ll recv_src_token");
+}
+static void ll_free(ll_bufs_t *B)
+{
+    free(B->x), free(B->idx), free(B->rx), free(B->rxs), free(B->rcount), free(B->rsr), free(B->rst);
+}
+static epx_moe_ll_dispatch_in_t ll_in(const world_t *W, const ll_bufs_t *B)
+{
+    epx_moe_ll_dispatch_in_t in = {B->x, B->idx, W->T[me], W->K};
+    return in;
+}
+static epx_moe_ll_dispatch_out_t ll_out(const ll_bufs_t *B)
+{
+    epx_moe_ll_dispatch_out_t out = {B->rx, B->rxs, B->rcount, B->rsr, B->rst};
+    return out;
+}
+
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The slot layout matches the reference: counts; per expert the source ranks in ascending
+ * groups of the reference's sizes; tokens per (expert, source) equal as sets (or in exact
+ * order); -1 past the count; every slot's data is its source token's row. */
+static void check_ll_dispatch(const world_t *W, const ll_bufs_t *B, const char *cs)
+{
+    int L = W->L, H = W->H, nb = W->nb;
+    int64_t RM = B->RM;
+    int32_t *count = malloc(sizeof(int32_t) * (size_t)L + 4);
+    int32_t *sr = malloc(sizeof(int32_t) * (size_t)(L * RM) + 4), *st = malloc(sizeof(int32_t) * (size_t)(L * RM) + 4);
+    moe_ref_ll_slots(&W->rt, me, W->M, count, sr, st);
+    uint16_t *xrow = malloc((size_t)H * 4 + 4);
+    uint8_t *q = malloc((size_t)H + 4);
+    uint8_t *scales = malloc((size_t)nb * 4 + 4);
+    int32_t *a = malloc(sizeof(int32_t) * (size_t)RM + 4), *b = malloc(sizeof(int32_t) * (size_t)RM + 4);
+    for (int l = 0; l < L; l++) {
+        int e = me * L + l;
+        if (B->rcount[l] != count[l])
+            TEST_FAIL_("case %s: ll recv_count[%d] (expert %d) = %d, expected %d", cs, l, e, B->rcount[l], count[l]);
+        const int32_t *gr = B->rsr + l * RM, *gt = B->rst + l * RM, *wr = sr + l * RM, *wt = st + l * RM;
+        for (int64_t i = 0; i < RM; i++) {
+            if (i >= count[l]) {
+                if (gr[i] != -1 || gt[i] != -1)
+                    TEST_FAIL_("case %s: ll slot [%d][%lld] past recv_count: source (%d, %d), expected (-1, -1)", cs, l,
+                               (long long)i, gr[i], gt[i]);
+                continue;
+            }
+            if (gr[i] != wr[i])
+                TEST_FAIL_("case %s: ll slot [%d][%lld] source rank %d, expected %d (groups by ascending rank)", cs, l,
+                           (long long)i, gr[i], wr[i]);
+            if (exact_ll_order && gt[i] != wt[i])
+                TEST_FAIL_("case %s: ll slot [%d][%lld] (from rank %d) token %d, expected %d", cs, l, (long long)i, gr[i],
+                           gt[i], wt[i]);
+        }
+        /* Set comparison per (expert, source) group. */
+        for (int64_t i = 0; i < count[l];) {
+            int64_t j = i;
+            while (j < count[l] && wr[j] == wr[i]) j++;
+            memcpy(a, gt + i, sizeof(int32_t) * (size_t)(j - i));
+            memcpy(b, wt + i, sizeof(int32_t) * (size_t)(j - i));
+            qsort(a, (size_t)(j - i), 4, cmp_i32);
+            qsort(b, (size_t)(j - i), 4, cmp_i32);
+            if (memcmp(a, b, sizeof(int32_t) * (size_t)(j - i)) != 0)
+                TEST_FAIL_("case %s: ll expert %d: tokens from rank %d differ from the reference set", cs, e, wr[i]);
+            i = j;
+        }
+        /* Data of every slot, following the slot's own source. */
+        for (int64_t i = 0; i < count[l]; i++) {
+            x_row(W, gr[i], gt[i], 0, xrow);
+            const uint8_t *got = (const uint8_t *)B->rx + ((size_t)l * (size_t)RM + (size_t)i) * (size_t)H * (size_t)B->qes;
+            if (!W->c->ll_fp8) {
+                if (memcmp(got, xrow, (size_t)H * (size_t)W->es) != 0)
+                    TEST_FAIL_("case %s: ll recv_x[%d][%lld] (rank %d token %d) differs", cs, l, (long long)i, gr[i], gt[i]);
+                continue;
+            }
+            moe_ref_quant_row(xrow, H, W->c->sfmt, q, scales);
+            for (int h = 0; h < H; h++)
+                if (got[h] != q[h])
+                    TEST_FAIL_("case %s: ll fp8 recv_x[%d][%lld][%d] (rank %d token %d, x=%.9g) = 0x%02x (%g), expected 0x%02x (%g)",
+                               cs, l, (long long)i, h, gr[i], gt[i], (double)moe_ref_bf16_to_float(xrow[h]), got[h],
+                               (double)moe_ref_e4m3_to_float(got[h]), q[h], (double)moe_ref_e4m3_to_float(q[h]));
+            const uint8_t *gs = (const uint8_t *)B->rxs + ((size_t)l * (size_t)RM + (size_t)i) * (size_t)nb * (size_t)B->ses;
+            for (int k = 0; k < nb; k++)
+                if (memcmp(gs + k * B->ses, scales + k * B->ses, (size_t)B->ses) != 0) {
+                    if (B->ses == 1)
+                        TEST_FAIL_("case %s: ll ue8m0 scale[%d][%lld][%d] = %d, expected %d", cs, l, (long long)i, k, gs[k],
+                                   scales[k]);
+                    float gf, wf;
+                    memcpy(&gf, gs + 4 * k, 4);
+                    memcpy(&wf, scales + 4 * k, 4);
+                    TEST_FAIL_("case %s: ll f32 scale[%d][%lld][%d] = %.9g, expected %.9g", cs, l, (long long)i, k, (double)gf,
+                               (double)wf);
+                }
+        }
+    }
+    expect_poison(B->rcount, B->rc_b, B->rc_b + GUARD, cs, "ll recv_count guard");
+    expect_poison(B->rsr, B->rs_b, B->rs_b + GUARD, cs, "ll recv_src_rank guard");
+    expect_poison(B->rx, B->rx_b, B->rx_b + GUARD, cs, "ll recv_x guard");
+    free(count), free(sr), free(st), free(xrow), free(q), free(scales), free(a), free(b);
+}
+
+/* y in the slot layout, following the dispatch's own slot sources; unused slots NaN. */
+static uint16_t *ll_make_y(const world_t *W, const ll_bufs_t *B)
+{
+    int L = W->L, H = W->H;
+    size_t slots = (size_t)L * (size_t)B->RM;
+    uint16_t *y = malloc(slots * (size_t)H * 2 + 64);
+    for (size_t i = 0; i < slots * (size_t)H; i++) y[i] = 0x7FC0;
+    for (int l = 0; l < L; l++)
+        for (int64_t i = 0; i < B->rcount[l]; i++) {
+            size_t s = (size_t)l * (size_t)B->RM + (size_t)i;
+            yll_bits_row(W, me * L + l, B->rsr[s], B->rst[s], y + s * (size_t)H);
+        }
+    return y;
+}
+
+static void check_ll_combine(const world_t *W, const uint16_t *out, const char *cs)
+{
+    int T = W->T[me], H = W->H;
+    float *acc = malloc(sizeof(float) * (size_t)H + 4);
+    double *s64 = malloc(sizeof(double) * (size_t)H + 8), *a64 = malloc(sizeof(double) * (size_t)H + 8);
+    for (int t = 0; t < T; t++) {
+        moe_ref_ll_combine_row(&W->rt, me, t, H, W->w[me], yll_row_cb, (void *)W, acc, s64, a64);
+        for (int h = 0; h < H; h++) {
+            uint16_t want = moe_ref_float_to_bf16(acc[h]), got = out[(size_t)t * (size_t)H + (size_t)h];
+            if (got != want)
+                TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = 0x%04x (%.9g), expected 0x%04x (%.9g; float64 %.17g)", cs,
+                           t, h, got, (double)moe_ref_bf16_to_float(got), want, (double)acc[h], s64[h]);
+            double tol = a64[h] * W->K * 0x1p-23 + fabs(s64[h]) * 0x1p-8 + 1e-30;
+            if (!(fabs((double)moe_ref_bf16_to_float(got) - s64[h]) <= tol))
+                TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = %.9g, float64 %.17g", cs, t, h,
+                           (double)moe_ref_bf16_to_float(got), s64[h]);
+        }
+    }
+    free(acc), free(s64), free(a64);
+}
+
+static int run_ll_case(const mcase_t *c, uint64_t seed)
+{
+    world_t W;
+    world_init(&W, c, seed);
+    char cs[320];
+    snprintf(cs, sizeof cs, "%s [LL R=%d E=%d K=%d maxk=%d H=%d M=%d T=%d dtype=%s fp8=%d scale=%s idx=%s route=%d neg=%d%% seed=%llu]",
+             c->name, R, W.E, W.K, W.maxk, W.H, W.M, W.T[me], epx_dtype_name((epx_dtype_t)W.dtype), c->ll_fp8,
+             c->sfmt == EPX_SCALE_UE8M0 ? "ue8m0" : "f32", epx_dtype_name((epx_dtype_t)W.idtype), (int)c->route,
+             c->neg_pct, (unsigned long long)seed);
+    epx_moe_t moe = create_checked(&W, cs);
+    ll_bufs_t B;
+    ll_alloc(&W, &B);
+    int T = W.T[me], H = W.H;
+    size_t out_b = (size_t)T * (size_t)H * 2;
+    uint16_t *out = palloc(out_b);
+    uint8_t *first = malloc(out_b + 1);
+    int reps = (c->flags & F_REPEAT) ? 3 : 1;
+    for (int rep = 0; rep < reps; rep++) {
+        ll_poison(&B);
+        epx_moe_ll_dispatch_in_t in = ll_in(&W, &B);
+        epx_moe_ll_dispatch_out_t o = ll_out(&B);
+        epx_moe_handle_t h = NULL;
+        epx_status_t st = epx_moe_ll_dispatch(moe, &in, &o, &h, NULL);
+        if (st != EPX_SUCCESS)
+            TEST_FAIL_("case %s: ll_dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+        ASSERT(h != NULL);
+        check_ll_dispatch(&W, &B, cs);
+        uint16_t *y = ll_make_y(&W, &B);
+        float *w = malloc(sizeof(float) * (size_t)(T * W.K + 1));
+        memcpy(w, W.w[me], sizeof(float) * (size_t)(T * W.K));
+        memset(out, POISON, out_b + GUARD);
+        epx_moe_ll_combine_in_t cin = {y, w};
+        st = epx_moe_ll_combine(moe, h, &cin, out, NULL);
+        if (st != EPX_SUCCESS)
+            TEST_FAIL_("case %s: ll_combine -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+        check_ll_combine(&W, out, cs);
+        expect_poison(out, out_b, out_b + GUARD, cs, "ll combine out guard");
+        if (rep == 0)
+            memcpy(first, out, out_b);
+        else if (memcmp(first, out, out_b) != 0)
+            TEST_FAIL_("case %s: repeat %d: ll combine output differs from the first run", cs, rep);
+        free(y), free(w);
+        ASSERT_OK(epx_moe_handle_destroy(h));
+    }
+    free(out), free(first);
+    ll_free(&B);
+    ASSERT_OK(epx_moe_destroy(moe));
+    world_free(&W);
+    return 1;
+}
+
+/* Two high-throughput dispatches alive at once (different routings, one context):
+ * cached dispatch and combine along each handle, in the opposite order. */
+static int run_two_handles(void)
+{
+    mcase_t c = {"two handles", -3, 5, 96, 10, EPX_BF16, EPX_F32, EPX_I32, 2, ROUTE_UNIFORM, 20, 0, 0,
+                 EPX_MOE_HIGH_THROUGHPUT, 0, 0};
+    world_t W[2];
+    moe_ref_recv_t ref[2];
+    ht_bufs_t B[2];
+    comb_bufs_t C[2];
+    epx_moe_handle_t h[2];
+    epx_moe_t moe = NULL;
+    for (int i = 0; i < 2; i++) {
+        world_init(&W[i], &c, 4242 + (uint64_t)i);
+        if (i == 0) moe = create_checked(&W[0], c.name);
+        moe_ref_dispatch(&W[i].rt, (const float *const *)W[i].w, me, W[i].align, &ref[i]);
+        ht_alloc(&W[i], &B[i], ref[i].n + 1, false, false);
+        comb_alloc(&W[i], &ref[i], &C[i]);
+        h[i] = dispatch_checked(moe, &W[i], &ref[i], &B[i], true, i ? "two handles: second" : "two handles: first");
+    }
+    for (int i = 1; i >= 0; i--) {
+        const char *cs = i ? "two handles: second" : "two handles: first";
+        fill_x(&W[i], &B[i], 1);
+        ht_poison(&B[i]);
+        epx_moe_dispatch_in_t in = ht_in(&W[i], &B[i], true);
+        epx_moe_dispatch_out_t out = ht_out(&B[i]);
+        ASSERT_OK(epx_moe_dispatch_cached(moe, h[i], &in, &out, NULL));
+        check_dispatch(&W[i], &ref[i], &B[i], 1, false, true, cs);
+        combine_checked(moe, h[i], &W[i], &C[i], true, cs);
+    }
+    for (int i = 0; i < 2; i++) {
+        ASSERT_OK(epx_moe_handle_destroy(h[i]));
+        comb_free(&C[i]);
+        ht_free(&B[i]);
+        moe_ref_recv_free(&ref[i]);
+        world_free(&W[i]);
+    }
+    ASSERT_OK(epx_moe_destroy(moe));
+    return 1;
+}
+
+/* A random small configuration (every field drawn from the seed, same on every rank). */
+static mcase_t random_case(uint64_t seed, bool ll)
+{
+    uint64_t s = test_mix(seed, 77, 0, 0);
+    static const int Es[] = {-1, -2, -3, -5, -8, 256, 288};
+    static const int Ks[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, EPX_MOE_MAX_TOPK};
+    static const int Hs[] = {1, 7, 64, 77, 128, 129, 200, 256, 300};
+    static const int dts[] = {EPX_BF16, EPX_F16, EPX_F32, EPX_FP8_E4M3};
+    static const int cdts[] = {EPX_UNSET, EPX_BF16, EPX_F16, EPX_F32};
+    static const int aligns[] = {1, 1, 2, 16, 128};
+    static const int negs[] = {0, 0, 10, 50};
+    static const int flag_bits[] = {F_NO_WEIGHTS, F_NULL_OUTS, F_REG, F_EXACT_CAP, F_MAX_CAP};
+#define PICK(a) a[test_rand(&s) % (sizeof a / sizeof a[0])]
+    mcase_t c;
+    memset(&c, 0, sizeof c);
+    c.name = ll ? "random ll" : "random";
+    c.E = PICK(Es);
+    c.K = PICK(Ks);
+    c.H = PICK(Hs);
+    c.M = 1 + (int)(test_rand(&s) % 24);
+    c.dtype = ll ? EPX_BF16 : PICK(dts);
+    c.cdtype = ll ? EPX_UNSET : PICK(cdts);
+    c.idtype = test_rand(&s) & 1 ? EPX_I32 : EPX_I64;
+    c.align = ll ? 1 : PICK(aligns);
+    c.route = (route_t)(test_rand(&s) % 5);
+    if (c.route == ROUTE_NONE && test_rand(&s) % 2) c.route = ROUTE_UNIFORM;
+    c.neg_pct = PICK(negs);
+    if (!ll) {
+        int f1 = PICK(flag_bits), f2 = PICK(flag_bits);
+        c.flags = f1 | f2;
+        if ((c.flags & F_EXACT_CAP) && (c.flags & F_MAX_CAP)) c.flags &= ~F_MAX_CAP;
+    }
+    c.maxk = test_rand(&s) % 3 == 0 ? EPX_MOE_MAX_TOPK : 0;
+    c.mode = ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
+    c.ll_fp8 = ll ? (int)(test_rand(&s) % 2) : 0;
+    c.sfmt = test_rand(&s) % 2 ? EPX_SCALE_UE8M0 : EPX_SCALE_F32;
+#undef PICK
+    return c;
+}
+
+/* ---- Bad input ----------------------------------------------------------------------------- */
+
+static void expect_status(epx_status_t st, int bad_rank, const char *what)
+{
+    epx_status_t want = me == bad_rank ? EPX_ERR_INVALID_ARGUMENT : EPX_ERR_REMOTE_INVALID;
+    if (st != want)
+        TEST_FAIL_("bad case %s (bad rank %d): got %s, expected %s (%s)", what, bad_rank, epx_status_name(st),
+                   epx_status_name(want), epx_comm_get_last_error(comm));
+    if (me == bad_rank && strlen(epx_comm_get_last_error(comm)) == 0)
+        TEST_FAIL_("bad case %s: no error message on the offending rank", what);
+}
+
+typedef enum {
+    B_ID_HIGH, B_ID_LOW, B_T_BIG, B_T_NEG, B_K_BIG, B_X_NULL, B_X_MISALIGNED, B_IDX_NULL, B_IDX_MISALIGNED, B_CAP_SMALL,
+    B_CACHED_NULL_HANDLE, B_CACHED_X_NULL, B_COMBINE_Y_NULL, B_COMBINE_OUT_NULL, NBAD
+} bad_t;
+static const char *bad_names[] = {"expert id >= E", "expert id < -1", "T > max_tokens", "T < 0", "K > max_topk",
+                                  "NULL x", "misaligned x", "NULL topk_idx", "misaligned topk_idx",
+                                  "capacity too small", "dispatch_cached with a NULL handle",
+                                  "dispatch_cached with NULL x", "combine with NULL y", "combine with NULL out"};
+
+static int run_bad_ht(void)
+{
+    int passed = 0;
+    for (int k = 0; k < NBAD; k++) {
+        int bad = k % R;
+        mcase_t c = {"bad", -4, 4, 130, 8, EPX_BF16, EPX_UNSET, EPX_I64, 1, ROUTE_UNIFORM, 10, F_T_FULL, 0,
+                     EPX_MOE_HIGH_THROUGHPUT, 0, 0};
+        world_t W;
+        world_init(&W, &c, 9000 + (uint64_t)k);
+        /* Token 0 of every rank goes to the bad rank, so its N >= R >= 1. */
+        for (int p = 0; p < R; p++) W.idx[p][0] = (int64_t)bad * W.L;
+        char cs[160];
+        snprintf(cs, sizeof cs, "bad input: %s (bad rank %d)", bad_names[k], bad);
+        epx_moe_t moe = create_checked(&W, cs);
+        moe_ref_recv_t ref;
+        moe_ref_dispatch(&W.rt, (const float *const *)W.w, me, W.align, &ref);
+        ht_bufs_t B;
+        ht_alloc(&W, &B, ref.n + 2, false, false);
+        int T = W.T[me], H = W.H, K = W.K;
+        bool is_bad = me == bad;
+
+        /* Bigger valid-looking inputs for the bad rank's oversize cases. */
+        int bigT = W.M + 1, bigK = W.maxk + 1;
+        void *bigx = malloc((size_t)bigT * (size_t)H * 2 + 64);
+        for (int t = 0; t < bigT; t++) x_row(&W, me, t % (T ? T : 1), 0, (char *)bigx + (size_t)t * (size_t)H * 2);
+        int64_t *bi = malloc(sizeof(int64_t) * (size_t)(bigT * bigK + 1));
+        float *bw = malloc(sizeof(float) * (size_t)(bigT * bigK + 1));
+        for (int i = 0; i < bigT * bigK; i++) bi[i] = i % W.E, bw[i] = 0.5f;
+        uint8_t *mis_idx = malloc((size_t)T * (size_t)K * 8 + 16);
+        memcpy(mis_idx + 4, B.idx, (size_t)T * (size_t)K * 8);
+        uint8_t *mis_x = malloc((size_t)T * (size_t)H * 2 + 16);
+        memcpy(mis_x + 1, B.x, (size_t)T * (size_t)H * 2);
+
+        epx_moe_dispatch_in_t in = ht_in(&W, &B, true);
+        epx_moe_dispatch_out_t out = ht_out(&B);
+        int64_t *ib = (int64_t *)B.idx;
+        if (is_bad) {
+            switch ((bad_t)k) {
+            case B_ID_HIGH: ib[(int64_t)T * K - 1] = W.E; break;
+            case B_ID_LOW: ib[(int64_t)(T / 2) * K + 1] = -2; break;
+            case B_T_BIG: in.x = bigx, in.topk_idx = bi, in.topk_weights = bw, in.num_tokens = bigT, in.topk = K; break;
+            case B_T_NEG: in.num_tokens = -1; break;
+            case B_K_BIG: in.x = bigx, in.topk_idx = bi, in.topk_weights = bw, in.topk = bigK; break;
+            case B_X_NULL: in.x = NULL; break;
+            case B_X_MISALIGNED: in.x = mis_x + 1; break;
+            case B_IDX_NULL: in.topk_idx = NULL; break;
+            case B_IDX_MISALIGNED: in.topk_idx = mis_idx + 4; break;
+            case B_CAP_SMALL: out.capacity = ref.n - 1; break;
+            default: break;
+            }
+        }
+        if (k <= B_CAP_SMALL) {
+            ht_poison(&B);
+            epx_moe_handle_t h = NULL;
+            epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, NULL);
+            expect_status(st, bad, bad_names[k]);
+            if (h != NULL) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
+            if (out.num_recv_tokens != -77)
+                TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
+            ht_expect_all_poison(&B, cs);
+            if (is_bad && k == B_ID_HIGH) ib[(int64_t)T * K - 1] = W.idx[me][(int64_t)T * K - 1];
+            if (is_bad && k == B_ID_LOW) ib[(int64_t)(T / 2) * K + 1] = W.idx[me][(T / 2) * K + 1];
+        } else {
+            /* A valid dispatch first: the handle for the bad cached / combine call. */
+            epx_moe_handle_t h = dispatch_checked(moe, &W, &ref, &B, true, cs);
+            comb_bufs_t C;
+            comb_alloc(&W, &ref, &C);
+            ht_poison(&B);
+            memset(C.out, POISON, C.out_b + GUARD);
+            memset(C.out_w, POISON, C.outw_b + GUARD);
+            epx_status_t st;
+            if (k == B_CACHED_NULL_HANDLE || k == B_CACHED_X_NULL) {
+                epx_moe_dispatch_in_t cin = ht_in(&W, &B, true);
+                if (is_bad && k == B_CACHED_X_NULL) cin.x = NULL;
+                st = epx_moe_dispatch_cached(moe, is_bad && k == B_CACHED_NULL_HANDLE ? NULL : h, &cin, &out, NULL);
+            } else {
+                epx_moe_combine_in_t ci = {C.y, C.yw};
+                epx_moe_combine_out_t co = {C.out, C.out_w};
+                if (is_bad && k == B_COMBINE_Y_NULL) ci.y = NULL;
+                if (is_bad && k == B_COMBINE_OUT_NULL) co.out = NULL;
+                st = epx_moe_combine(moe, h, &ci, &co, NULL);
+            }
+            expect_status(st, bad, bad_names[k]);
+            ht_expect_all_poison(&B, cs);
+            expect_poison(C.out, 0, C.out_b + GUARD, cs, "combine out");
+            expect_poison(C.out_w, 0, C.outw_b + GUARD, cs, "combine out_topk_weights");
+            /* The handle still works. */
+            combine_checked(moe, h, &W, &C, true, cs);
+            comb_free(&C);
+            ASSERT_OK(epx_moe_handle_destroy(h));
+        }
+        /* A valid dispatch and combine right after. */
+        {
+            epx_moe_handle_t h = dispatch_checked(moe, &W, &ref, &B, true, cs);
+            comb_bufs_t C;
+            comb_alloc(&W, &ref, &C);
+            combine_checked(moe, h, &W, &C, true, cs);
+            comb_free(&C);
+            ASSERT_OK(epx_moe_handle_destroy(h));
+        }
+        free(bigx), free(bi), free(bw), free(mis_idx), free(mis_x);
+        ht_free(&B);
+        moe_ref_recv_free(&ref);
+        ASSERT_OK(epx_moe_destroy(moe));
+        world_free(&W);
+        passed++;
+    }
+    return passed;
+}
+
+static int run_bad_ll(void)
+{
+    int passed = 0;
+    enum { LB_ID_HIGH, LB_ID_LOW, LB_T_BIG, LB_X_NULL, LB_COMBINE_OUT_NULL, LB_COMBINE_Y_NULL, NLB };
+    static const char *names[] = {"ll expert id >= E", "ll expert id < -1", "ll T > max_tokens", "ll NULL x",
+                                  "ll combine with NULL out", "ll combine with NULL y"};
+    for (int k = 0; k < NLB; k++) {
+        int bad = (k + 1) % R;
+        mcase_t c = {"bad ll", -2, 3, 130, 6, EPX_BF16, EPX_UNSET, EPX_I32, 1, ROUTE_UNIFORM, 10, F_T_FULL, 0,
+                     EPX_MOE_LOW_LATENCY, k & 1, EPX_SCALE_F32};
+        world_t W;
+        world_init(&W, &c, 9500 + (uint64_t)k);
+        char cs[160];
+        snprintf(cs, sizeof cs, "bad input: %s (bad rank %d)", names[k], bad);
+        epx_moe_t moe = create_checked(&W, cs);
+        ll_bufs_t B;
+        ll_alloc(&W, &B);
+        bool is_bad = me == bad;
+        int T = W.T[me], H = W.H, K = W.K;
+        int bigT = W.M + 1;
+        void *bigx = calloc((size_t)bigT * (size_t)H, 2);
+        int32_t *bi = calloc((size_t)(bigT * K), 4);
+        epx_moe_ll_dispatch_in_t in = ll_in(&W, &B);
+        epx_moe_ll_dispatch_out_t o = ll_out(&B);
+        int32_t *ib = (int32_t *)B.idx;
+        if (k <= LB_X_NULL) {
+            if (is_bad) {
+                if (k == LB_ID_HIGH) ib[0] = W.E + 3;
+                if (k == LB_ID_LOW) ib[K - 1] = -7;
+                if (k == LB_T_BIG) in.x = bigx, in.topk_idx = bi, in.num_tokens = bigT;
+                if (k == LB_X_NULL) in.x = NULL;
+            }
+            ll_poison(&B);
+            epx_moe_handle_t h = NULL;
+            epx_status_t st = epx_moe_ll_dispatch(moe, &in, &o, &h, NULL);
+            expect_status(st, bad, names[k]);
+            ASSERT(h == NULL);
+            ll_expect_all_poison(&B, cs);
+            if (is_bad) {
+                ib[0] = (int32_t)W.idx[me][0];
+                ib[K - 1] = (int32_t)W.idx[me][K - 1];
+            }
+        } else {
+            ll_poison(&B);
+            in = ll_in(&W, &B);
+            epx_moe_handle_t h = NULL;
+            ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &o, &h, NULL));
+            check_ll_dispatch(&W, &B, cs);
+            uint16_t *y = ll_make_y(&W, &B);
+            size_t out_b = (size_t)T * (size_t)H * 2;
+            uint16_t *out = palloc(out_b);
+            epx_moe_ll_combine_in_t cin = {y, W.w[me]};
+            if (is_bad && k == LB_COMBINE_Y_NULL) cin.y = NULL;
+            epx_status_t st = epx_moe_ll_combine(moe, h, &cin, is_bad && k == LB_COMBINE_OUT_NULL ? NULL : out, NULL);
+            expect_status(st, bad, names[k]);
+            expect_poison(out, 0, out_b + GUARD, cs, "ll combine out");
+            cin.y = y;
+            ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, NULL));
+            check_ll_combine(&W, out, cs);
+            free(y), free(out);
+            ASSERT_OK(epx_moe_handle_destroy(h));
+        }
+        /* A valid low-latency round right after. */
+        {
+            ll_poison(&B);
+            in = ll_in(&W, &B);
+            epx_moe_handle_t h = NULL;
+            ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &o, &h, NULL));
+            check_ll_dispatch(&W, &B, cs);
+            ASSERT_OK(epx_moe_handle_destroy(h));
+        }
+        free(bigx), free(bi);
+        ll_free(&B);
+        ASSERT_OK(epx_moe_destroy(moe));
+        world_free(&W);
+        passed++;
+    }
+    return passed;
+}
+
+static int run_bad_create(void)
+{
+    int passed = 0;
+    epx_moe_config_t base = EPX_MOE_CONFIG_INITIALIZER;
+    base.hidden = 64;
+    base.max_tokens_per_rank = 4;
+    base.num_experts = 2 * R;
+    base.max_topk = 2;
+    /* The same invalid configuration on every rank. */
+    for (int k = 0;; k++) {
+        epx_moe_config_t cfg = base;
+        const char *what;
+        switch (k) {
+        case 0: cfg.dtype = EPX_I32, what = "dtype i32"; break;
+        case 1: cfg.dtype = 42, what = "dtype 42"; break;
+        case 2: cfg.index_dtype = EPX_F32, what = "index dtype f32"; break;
+        case 3: cfg.index_dtype = EPX_U8, what = "index dtype u8"; break;
+        case 4: cfg.hidden = 0, what = "hidden 0"; break;
+        case 5: cfg.hidden = -5, what = "hidden -5"; break;
+        case 6: cfg.max_topk = EPX_MOE_MAX_TOPK + 1, what = "max_topk > EPX_MOE_MAX_TOPK"; break;
+        case 7: cfg.expert_alignment = 0, what = "expert_alignment 0"; break;
+        case 8: cfg.combine_dtype = EPX_FP8_E4M3, what = "combine dtype fp8"; break;
+        case 9: cfg.combine_dtype = EPX_I64, what = "combine dtype i64"; break;
+        case 10: cfg.mode = 7, what = "mode 7"; break;
+        case 11: cfg.num_experts = 2 * R + 1, what = "E % R != 0"; break;
+        case 12: cfg.max_tokens_per_rank = -1, what = "max_tokens -1"; break;
+        default: what = NULL; break;
+        }
+        if (!what) break;
+        if (k == 11 && R == 1) continue;
+        epx_moe_t moe = NULL;
+        epx_status_t st = epx_moe_create(comm, &cfg, &moe);
+        if (st != EPX_ERR_INVALID_ARGUMENT)
+            TEST_FAIL_("create with %s: got %s, expected EPX_ERR_INVALID_ARGUMENT (%s)", what, epx_status_name(st),
+                       epx_get_last_error());
+        ASSERT(moe == NULL);
+        passed++;
+    }
+    /* Valid configurations that differ between ranks. */
+    if (R > 1)
+        for (int k = 0; k < 4; k++) {
+            epx_moe_config_t cfg = base;
+            const char *what = "";
+            if (k == 0 && me == R - 1) cfg.hidden = 65;
+            if (k == 1 && me == 0) cfg.dtype = EPX_F16;
+            if (k == 2 && me == R / 2) cfg.num_experts = 4 * R;
+            if (k == 3 && me == R - 1) cfg.index_dtype = EPX_I32;
+            what = k == 0 ? "hidden" : k == 1 ? "dtype" : k == 2 ? "num_experts" : "index dtype";
+            epx_moe_t moe = NULL;
+            epx_status_t st = epx_moe_create(comm, &cfg, &moe);
+            if (st != EPX_ERR_MISMATCH)
+                TEST_FAIL_("create with a different %s on one rank: got %s, expected EPX_ERR_MISMATCH (%s)", what,
+                           epx_status_name(st), epx_get_last_error());
+            ASSERT(moe == NULL);
+            passed++;
+        }
+    /* Local argument errors. */
+    epx_moe_t moe = NULL;
+    ASSERT_STATUS(epx_moe_create(NULL, &base, &moe), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_moe_create(comm, NULL, &moe), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT(moe == NULL);
+    ASSERT_OK(epx_moe_destroy(NULL));
+    ASSERT_OK(epx_moe_handle_destroy(NULL));
+    int64_t nrows = -5;
+    ASSERT_STATUS(epx_moe_handle_num_recv_tokens(NULL, &nrows), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_moe_max_recv_tokens(NULL, &nrows), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_EQ(nrows, -5);
+    /* The communicator still works. */
+    ASSERT_OK(epx_moe_create(comm, &base, &moe));
+    int64_t rows;
+    ASSERT_OK(epx_moe_max_recv_tokens(moe, &rows));
+    ASSERT_EQ(rows, 4 * R);
+    /* Layout is local: bad ids fail on this rank alone. */
+    int64_t idx[4] = {0, 1, 2 * R, -1};
+    int32_t pr[MAXR];
+    ASSERT_STATUS(epx_moe_layout(moe, idx, 2, 2, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT);
+    idx[2] = -3;
+    ASSERT_STATUS(epx_moe_layout(moe, idx, 2, 2, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_moe_layout(moe, idx, 2, 3, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT); /* K > max_topk */
+    ASSERT_STATUS(epx_moe_layout(moe, idx, 5, 2, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT); /* T > max */
+    ASSERT_OK(epx_moe_destroy(moe));
+    passed++;
+    return passed;
+}
+
+/* ---- Case tables ---------------------------------------------------------------------------- */
+
+#define HT EPX_MOE_HIGH_THROUGHPUT
+#define LL EPX_MOE_LOW_LATENCY
+#define U EPX_UNSET
+
+static const mcase_t ht_cases[] = {
+    /* name                  E     K   H     M   dtype         combine   idx      align route     neg flags */
+    {"e=R k=1",              -1,   1,  128,  16, EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_REPEAT, 0, HT, 0, 0},
+    {"k=2 h=77 i32",         -2,   2,  77,   13, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_UNIFORM, 20, 0, 0, HT, 0, 0},
+    {"e=288 k=8 zipf a16",   288,  8,  128,  24, EPX_BF16,     U,        EPX_I64, 16, ROUTE_ZIPF,  0,  F_REPEAT, 0, HT, 0, 0},
+    {"fp8 e=288 k=9 h=77",   288,  9,  77,   20, EPX_FP8_E4M3, U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, F_REPEAT, 0, HT, 0, 0},
+    {"fp8 h=200 f32 out",    -4,   3,  200,  17, EPX_FP8_E4M3, EPX_F32,  EPX_I64, 16, ROUTE_ZIPF,  30, F_REG, 0, HT, 0, 0},
+    {"f32 k=16 e=256",       256,  16, 128,  12, EPX_F32,      U,        EPX_I64, 1,  ROUTE_UNIFORM, 10, 0, 0, HT, 0, 0},
+    {"f16 half -1",          -3,   4,  77,   15, EPX_F16,      U,        EPX_I32, 4,  ROUTE_UNIFORM, 50, F_NO_WEIGHTS, 0, HT, 0, 0},
+    {"one expert f32 out",   -5,   5,  128,  9,  EPX_BF16,     EPX_F32,  EPX_I64, 1,  ROUTE_ONE,   30, 0, 0, HT, 0, 0},
+    {"h=7168 k=6",           -8,   6,  7168, 4,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_REG, 0, HT, 0, 0},
+    {"fp8 h=7168 e=256",     256,  7,  7168, 3,  EPX_FP8_E4M3, U,        EPX_I32, 16, ROUTE_ZIPF,  0,  0, 0, HT, 0, 0},
+    {"h=1 duplicates",       -1,   9,  1,    30, EPX_F16,      U,        EPX_I64, 1,  ROUTE_DUP,   10, F_NULL_OUTS, 0, HT, 0, 0},
+    {"e=288 k=1 f16 out",    288,  1,  128,  40, EPX_BF16,     EPX_F16,  EPX_I32, 16, ROUTE_ZIPF,  0,  F_EXACT_CAP, 0, HT, 0, 0},
+    {"no experts at all",    -2,   3,  128,  10, EPX_BF16,     U,        EPX_I64, 1,  ROUTE_NONE,  0,  0, 0, HT, 0, 0},
+    {"T=0 everywhere",       -2,   2,  128,  8,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_ZERO, 0, HT, 0, 0},
+    {"f32 bf16 out h=130",   -6,   8,  130,  11, EPX_F32,      EPX_BF16, EPX_I32, 2,  ROUTE_ZIPF,  10, F_MAX_CAP, 16, HT, 0, 0},
+    {"k=7 e=7R h=300",       -7,   7,  300,  14, EPX_BF16,     U,        EPX_I32, 16, ROUTE_UNIFORM, 0, F_NO_WEIGHTS | F_REG, 0, HT, 0, 0},
+    {"k=16 f16 f32 out",     -2,   16, 64,   8,  EPX_F16,      EPX_F32,  EPX_I64, 1,  ROUTE_DUP,   20, F_T_FULL, 0, HT, 0, 0},
+    {"fp8 k=4 e=R one",      -1,   4,  129,  10, EPX_FP8_E4M3, U,        EPX_I64, 3,  ROUTE_ONE,   40, F_NULL_OUTS, 8, HT, 0, 0},
+};
+
+static const mcase_t ll_cases[] = {
+    {"ll bf16",              -2,   4,  128,  12, EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
+    {"ll bf16 zipf h=77",    288,  8,  77,   10, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
+    {"ll fp8 f32 h=200",     -4,   6,  200,  9,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 20, F_REPEAT, 0, LL, 1, EPX_SCALE_F32},
+    {"ll fp8 ue8m0 h=77",    288,  9,  77,   11, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_ZIPF,  0,  F_REPEAT, 0, LL, 1, EPX_SCALE_UE8M0},
+    {"ll fp8 ue8m0 h=7168",  -8,   8,  7168, 3,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, 0, 0, LL, 1, EPX_SCALE_UE8M0},
+    {"ll fp8 f32 one",       -1,   1,  128,  16, EPX_BF16,     U,        EPX_I64, 1,  ROUTE_ONE,   0,  0, 0, LL, 1, EPX_SCALE_F32},
+    {"ll dup k=16",          -2,   16, 256,  6,  EPX_BF16,     U,        EPX_I32, 1,  ROUTE_DUP,   20, 0, 0, LL, 0, EPX_SCALE_F32},
+    {"ll fp8 k=5 h=300",     -3,   5,  300,  7,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 30, 0, 16, LL, 1, EPX_SCALE_UE8M0},
+    {"ll T=0 everywhere",    -2,   2,  128,  5,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_ZERO, 0, LL, 1, EPX_SCALE_F32},
+};
+
+static const mcase_t large_cases[] = {
+    {"large bf16",           256,  8,  7168, 4096, EPX_BF16,     U,      EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_WIDE, 0, HT, 0, 0},
+    {"large fp8 zipf",       256,  8,  7168, 4096, EPX_FP8_E4M3, U,      EPX_I32, 128, ROUTE_ZIPF,  0, F_T_WIDE, 0, HT, 0, 0},
+};
+
+int main(int argc, char **argv)
+{
+    bool large = false;
+    uint64_t seed = 1;
+    int nrandom = 100;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--large")) large = true;
+        if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
+        if (!strcmp(argv[i], "--random") && i + 1 < argc) nrandom = atoi(argv[++i]);
+    }
+    comm = test_comm_from_env(&me, &R);
+    ASSERT(R <= MAXR);
+    epx_comm_info_t info;
+    ASSERT_OK(epx_comm_info(comm, &info));
+    exact_ll_order = info.backend == EPX_BACKEND_CPU && !getenv("EPX_TEST_LL_ANY_ORDER");
+    int passed = 0;
+
+    if (large) {
+        for (size_t i = 0; i < sizeof large_cases / sizeof large_cases[0]; i++)
+            passed += run_ht_case(&large_cases[i], seed * 1000 + i);
+    } else {
+        passed += run_bad_create();
+        for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)
+            passed += run_ht_case(&ht_cases[i], seed * 1000 + i);
+        for (size_t i = 0; i < sizeof ll_cases / sizeof ll_cases[0]; i++)
+            passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
+        passed += run_two_handles();
+        for (int i = 0; i < nrandom; i++) {
+            mcase_t c = random_case(seed * 7919 + (uint64_t)i, false);
+            passed += run_ht_case(&c, seed * 1000 + 700 + (uint64_t)i);
+            mcase_t l = random_case(seed * 7919 + (uint64_t)i, true);
+            if (i % 2 == 0) passed += run_ll_case(&l, seed * 1000 + 800 + (uint64_t)i);
+        }
+        passed += run_bad_ht();
+        passed += run_bad_ll();
+    }
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+    ASSERT_OK(epx_comm_destroy(comm));
+    test_done(passed);
+    return 0;
+}
