@@ -212,12 +212,8 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
     EPX__CHECK(epx__check_routing(s, err, topk_idx, num_tokens, topk));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_rank", per_rank, false, 4));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_expert", per_expert, false, 4));
-    int32_t *idx = malloc(sizeof(int32_t) * (size_t)EPX__MAX(num_tokens * topk, 1));
-    if (!idx) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    epx__topk_to_i32(topk_idx, s->index_dtype, num_tokens, topk, idx);
-    epx__layout_i32(idx, num_tokens, topk, s->num_experts, s->nranks, per_rank, per_expert, in_rank);
-    free(idx);
-    return EPX_SUCCESS;
+    return epx__layout(topk_idx, s->index_dtype, num_tokens, topk, s->num_experts, s->nranks, per_rank, per_expert,
+                       in_rank);
 }
 
 static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu, epx_moe_handle_t *out)

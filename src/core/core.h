@@ -19,6 +19,13 @@
 #define EPX__ALIGN_UP(x, a) (((x) + ((a)-1)) / (a) * (a))
 #define EPX__CACHELINE 64
 
+/* Hot loops get an AVX2 clone next to the baseline one, picked at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define EPX__MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define EPX__MULTIVERSION
+#endif
+
 /* ---- Errors: a message buffer per communicator plus one per thread ---------------- */
 
 #define EPX__ERRMSG_LEN 512
@@ -180,10 +187,10 @@ epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, i
 /* Convert topk to int32 (validated input). */
 void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk, int32_t *out);
 
-/* Layout of int32 routing: tokens per rank (once per rank), tokens per expert (once per
- * token), is_token_in_rank[T, R]. Any output may be NULL. */
-void epx__layout_i32(const int32_t *topk, int num_tokens, int topk_k, int num_experts, int nranks,
-                     int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank);
+/* Layout of validated routing: tokens per rank (once per rank), tokens per expert (once
+ * per token), is_token_in_rank[T, R]. Any output may be NULL. O(T * K). */
+epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_tokens, int topk_k, int num_experts,
+                         int nranks, int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank);
 
 /* A validated MoE configuration, as the backends see it. */
 typedef struct {

@@ -88,24 +88,25 @@ float epx_fp8_e4m3_to_float(uint8_t v)
     return (v & 0x80u) ? -f : f;
 }
 
-uint8_t epx_float_to_fp8_e4m3(float f)
+/* float32 -> e4m3fn, round to nearest even, finite overflow and infinities saturate to
+ * +-448, NaN -> 0x7f. Branch-free: quantisation runs it on every element. */
+static inline uint8_t epx__fp8_from_f32(float f)
 {
-    uint32_t u = epx__f2u(f);
-    uint8_t sign = (uint8_t)((u >> 24) & 0x80u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return 0x7f; /* NaN */
-    if (epx__u2f(a) >= EPX__FP8_MAX) return (uint8_t)(sign | 0x7e); /* saturate, inf included */
-    uint32_t exp = a >> 23, mant = a & 0x7fffffu;
-    if ((int)exp - 127 < -6) {
-        /* Subnormal range: units of 2^-9. a * 512 is exact; round to nearest even. */
-        if (exp == 0) return sign;
-        unsigned shift = 141u - exp; /* (mant | 2^23) * 2^(exp - 150) / 2^-9 */
-        return (uint8_t)(sign | epx__shift_rne(mant | 0x800000u, shift));
-    }
-    uint32_t r = epx__shift_rne(((exp - 120u) << 23) | mant, 20);
-    if (r > 0x7eu) r = 0x7eu;
-    return (uint8_t)(sign | r);
+    uint32_t u = epx__f2u(f), a = u & 0x7fffffffu, sign = (u >> 24) & 0x80u, exp = a >> 23;
+    /* Normal range (exponent >= -6): rebias the exponent, keep 3 mantissa bits. */
+    uint32_t v = a - (120u << 23);
+    uint32_t rn = (v + 0x7ffffu + ((v >> 20) & 1u)) >> 20;
+    /* Below: units of 2^-9, i.e. (mantissa | 2^23) >> (141 - exp), rounded. */
+    /* A shift of 25 or more leaves 0 for any m < 2^24, so 32 bits suffice. */
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t sh = exp <= 120u ? EPX__MIN(141u - exp, 25u) : 25u;
+    uint32_t rs = (m + ((1u << (sh - 1)) - 1u) + ((m >> sh) & 1u)) >> sh;
+    uint32_t r = exp <= 120u ? rs : rn;
+    r = r > 0x7eu ? 0x7eu : r;
+    return (uint8_t)(a > 0x7f800000u ? 0x7fu : (r | sign));
 }
+
+uint8_t epx_float_to_fp8_e4m3(float f) { return epx__fp8_from_f32(f); }
 
 float epx__load_float(const void *row, epx_dtype_t dtype, size_t i)
 {
@@ -129,12 +130,16 @@ void epx__store_float(void *row, epx_dtype_t dtype, size_t i, float v)
     }
 }
 
+EPX__MULTIVERSION
 void epx__fp8_quantize_row(const uint16_t *x, int hidden, int scale_format, uint8_t *q, void *scales)
 {
     for (int b = 0; b * EPX__FP8_BLOCK < hidden; b++) {
         int lo = b * EPX__FP8_BLOCK, hi = EPX__MIN(hidden, lo + EPX__FP8_BLOCK);
         float amax = 0.0f;
-        for (int h = lo; h < hi; h++) amax = fmaxf(amax, fabsf(epx_bf16_to_float(x[h])));
+        for (int h = lo; h < hi; h++) {
+            float a = fabsf(epx__bf16_to_f32(x[h]));
+            amax = a > amax ? a : amax; /* NaN never wins, as with fmaxf */
+        }
         if (!(amax >= 1e-4f)) amax = 1e-4f; /* also catches NaN */
         float s = amax / EPX__FP8_MAX;
         float inv;
@@ -150,8 +155,8 @@ void epx__fp8_quantize_row(const uint16_t *x, int hidden, int scale_format, uint
             inv = EPX__FP8_MAX / amax;
         }
         for (int h = lo; h < hi; h++) {
-            float prod = epx_bf16_to_float(x[h]) * inv;
-            q[h] = epx_float_to_fp8_e4m3(prod);
+            float prod = epx__bf16_to_f32(x[h]) * inv;
+            q[h] = epx__fp8_from_f32(prod);
         }
     }
 }

@@ -1,4 +1,5 @@
 /* Routing: validation, conversion and layout of top-k expert indices. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "core.h"
@@ -26,29 +27,34 @@ void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tok
     for (int64_t i = 0; i < (int64_t)num_tokens * topk; i++) out[i] = (int32_t)((const int64_t *)topk_idx)[i];
 }
 
-void epx__layout_i32(const int32_t *topk, int num_tokens, int topk_k, int num_experts, int nranks,
-                     int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank)
+epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_tokens, int topk_k, int num_experts,
+                         int nranks, int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank)
 {
     int L = num_experts / nranks;
+    /* last_r[r] / last_e[e]: 1 + the last token counted there, so duplicates count once. */
+    int32_t *last_r = calloc((size_t)nranks + 2 * (size_t)num_experts, sizeof(int32_t));
+    if (!last_r) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    int32_t *last_e = last_r + nranks, *rank_of = last_e + num_experts;
+    for (int e = 0; e < num_experts; e++) rank_of[e] = e / L;
     if (per_rank) memset(per_rank, 0, sizeof(int32_t) * (size_t)nranks);
     if (per_expert) memset(per_expert, 0, sizeof(int32_t) * (size_t)num_experts);
+    if (in_rank) memset(in_rank, 0, (size_t)num_tokens * (size_t)nranks);
     for (int64_t t = 0; t < num_tokens; t++) {
-        const int32_t *row = topk + t * topk_k;
-        uint8_t *mask = in_rank ? in_rank + t * nranks : NULL;
-        if (mask) memset(mask, 0, (size_t)nranks);
         for (int k = 0; k < topk_k; k++) {
-            int32_t e = row[k];
+            int64_t e = epx__topk_at(topk, index_dtype, t, topk_k, k);
             if (e < 0) continue;
-            bool first_e = true, first_r = true;
-            for (int j = 0; j < k; j++) {
-                if (row[j] == e) first_e = false;
-                if (row[j] >= 0 && row[j] / L == e / L) first_r = false;
+            if (last_e[e] != t + 1) {
+                last_e[e] = (int32_t)(t + 1);
+                if (per_expert) per_expert[e]++;
             }
-            if (first_e && per_expert) per_expert[e]++;
-            if (first_r) {
-                if (per_rank) per_rank[e / L]++;
-                if (mask) mask[e / L] = 1;
+            int32_t r = rank_of[e];
+            if (last_r[r] != t + 1) {
+                last_r[r] = (int32_t)(t + 1);
+                if (per_rank) per_rank[r]++;
+                if (in_rank) in_rank[t * nranks + r] = 1;
             }
         }
     }
+    free(last_r);
+    return EPX_SUCCESS;
 }

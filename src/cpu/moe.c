@@ -51,6 +51,8 @@ struct epx__cpu_moe {
     int32_t *tokens;      /* scratch: [R * max_tokens] token ids */
     char *scratch;        /* gather space for rows read with process_vm_readv */
     size_t scratch_bytes;
+    uint8_t *ll_q;        /* low-latency FP8: my tokens quantised once, [max_tokens, H] */
+    char *ll_scales;      /* and their scales, [max_tokens, scale_cols] */
 };
 
 struct epx__cpu_moe_handle {
@@ -186,6 +188,15 @@ epx_status_t epx__cpu_moe_create(epx__cpu_t *c, const epx__moe_shape_t *shape, u
         else
             local_status = epx__cpu_mem_alloc(c, 2 * m->section_bytes, &m->board, err);
     }
+    if (local_status == EPX_SUCCESS && shape->ll_fp8) {
+        /* Registered, so receivers copy the quantised rows straight out of it. */
+        size_t sb = shape->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
+        size_t q = EPX__ALIGN_UP((size_t)shape->max_tokens * (size_t)shape->hidden, EPX__CACHELINE);
+        void *p = NULL;
+        local_status = epx__cpu_mem_alloc(c, q + (size_t)shape->max_tokens * shape->scale_cols * sb, &p, err);
+        m->ll_q = p;
+        m->ll_scales = p ? (char *)p + q : NULL;
+    }
     /* One exchange: every rank's config hash and board location. */
     struct card mine = {config_hash, {EPX__LOC_NONE, 0, 0, 0}};
     if (local_status == EPX_SUCCESS) epx__region_find(c, m->board, 2 * m->section_bytes, &mine.board);
@@ -217,6 +228,7 @@ void epx__cpu_moe_destroy(epx__cpu_moe_t *m)
 {
     if (!m) return;
     if (m->board) epx__cpu_mem_free(m->cpu, m->board, NULL);
+    if (m->ll_q) epx__cpu_mem_free(m->cpu, m->ll_q, NULL);
     free(m->boards);
     free(m->offsets);
     free(m->tokens);
@@ -278,12 +290,6 @@ static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t 
 
 /* Block of channels reduced in registers / L1 at a time. */
 #define EPX__HBLOCK 512
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define EPX__MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define EPX__MULTIVERSION
-#endif
 
 /* out[h] = cast(sum over i in order of w_i * rows[i][h]) in float32, starting from +0;
  * with w == NULL the terms are the rows themselves (no multiply). Two roundings per
@@ -393,7 +399,7 @@ static epx_status_t epx__dispatch_publish(epx__cpu_moe_t *m, epx__op_t *op, cons
     b->hdr->capacity = out->capacity;
     epx__topk_to_i32(in->topk_idx, s->index_dtype, T, K, b->topk);
     if (in->topk_weights) memcpy(b->weights, in->topk_weights, sizeof(float) * (size_t)T * (size_t)K);
-    epx__layout_i32(b->topk, T, K, s->num_experts, s->nranks, b->per_rank, b->per_expert, NULL);
+    EPX__CHECK(epx__layout(b->topk, EPX_I32, T, K, s->num_experts, s->nranks, b->per_rank, b->per_expert, NULL));
     epx__expose_t bufs[2] = {{in->x, (size_t)T * s->row_bytes, {0, 0, 0, 0}},
                              {s->dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, (size_t)T * s->scale_cols * 4, {0, 0, 0, 0}}};
     EPX__CHECK(epx__expose_buffers(m->cpu, bufs, 2, &op->exposed, err));
@@ -704,10 +710,24 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
         mb->hdr->num_tokens = in->num_tokens;
         mb->hdr->topk = in->topk;
         epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, in->topk, mb->topk);
-        epx__layout_i32(mb->topk, in->num_tokens, in->topk, s->num_experts, R, mb->per_rank, mb->per_expert, NULL);
-        epx__expose_t bufs[1] = {{in->x, (size_t)in->num_tokens * s->row_bytes, {0, 0, 0, 0}}};
-        local = epx__expose_buffers(m->cpu, bufs, 1, &op.exposed, err);
+        local = epx__layout(mb->topk, EPX_I32, in->num_tokens, in->topk, s->num_experts, R, mb->per_rank,
+                            mb->per_expert, NULL);
+    }
+    if (local == EPX_SUCCESS) {
+        epx__board_t *mb = &op.mine;
+        size_t sb = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4, T = (size_t)in->num_tokens;
+        epx__expose_t bufs[2] = {{in->x, T * s->row_bytes, {0, 0, 0, 0}}, {NULL, 0, {0, 0, 0, 0}}};
+        if (s->ll_fp8) {
+            /* Quantise each token once, here; receivers copy FP8 rows and scales. */
+            for (size_t t = 0; t < T; t++)
+                epx__fp8_quantize_row((const uint16_t *)in->x + t * (size_t)H, H, s->scale_format,
+                                      m->ll_q + t * (size_t)H, m->ll_scales + t * s->scale_cols * sb);
+            bufs[0] = (epx__expose_t){m->ll_q, T * (size_t)H, {0, 0, 0, 0}};
+            bufs[1] = (epx__expose_t){m->ll_scales, T * s->scale_cols * sb, {0, 0, 0, 0}};
+        }
+        local = epx__expose_buffers(m->cpu, bufs, 2, &op.exposed, err);
         mb->hdr->x = bufs[0].loc;
+        mb->hdr->scales = bufs[1].loc;
     }
     epx__board_t *b = malloc(sizeof *b * (size_t)R);
     bool broken;
@@ -721,8 +741,6 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
     int K = st == EPX_SUCCESS ? b[me].hdr->topk : 0;
     size_t out_row = s->ll_fp8 ? (size_t)H : s->row_bytes;
     size_t scale_bytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
-    const char **ptrs = malloc(sizeof *ptrs * (size_t)EPX__MAX(s->max_tokens, 1));
-    if (st == EPX_SUCCESS && !ptrs) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     /* Receive: for each local expert, rows packed by source rank, then token. */
     for (int l = 0; l < L && st == EPX_SUCCESS; l++) {
         int e = me * L + l;
@@ -736,20 +754,15 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
             for (int64_t i = 0; i < n; i++) {
                 if (out->recv_src_rank) out->recv_src_rank[first + (size_t)i] = p;
                 if (out->recv_src_token) out->recv_src_token[first + (size_t)i] = m->tokens[i];
-                m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)s->row_bytes;
+                m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)out_row;
             }
-            if (!s->ll_fp8) {
-                st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->x, op.seq, m->offsets, n, s->row_bytes,
-                                         (char *)out->recv_x + first * out_row, out_row, err);
-            } else {
-                st = epx__scratch(m, (size_t)n * s->row_bytes, err);
-                if (st == EPX_SUCCESS)
-                    st = epx__peer_rows_ptrs(m->cpu, p, &bp->hdr->x, op.seq, m->offsets, n, s->row_bytes, m->scratch,
-                                             ptrs, err);
-                for (int64_t i = 0; i < n && st == EPX_SUCCESS; i++)
-                    epx__fp8_quantize_row((const uint16_t *)ptrs[i], H, s->scale_format,
-                                          (uint8_t *)out->recv_x + (first + (size_t)i) * out_row,
-                                          (char *)out->recv_x_scales + (first + (size_t)i) * s->scale_cols * scale_bytes);
+            st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->x, op.seq, m->offsets, n, out_row,
+                                     (char *)out->recv_x + first * out_row, out_row, err);
+            if (s->ll_fp8 && st == EPX_SUCCESS) {
+                size_t srow = s->scale_cols * scale_bytes;
+                for (int64_t i = 0; i < n; i++) m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)srow;
+                st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->scales, op.seq, m->offsets, n, srow,
+                                         (char *)out->recv_x_scales + first * srow, srow, err);
             }
             slot += n;
         }
@@ -775,7 +788,6 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
             }
         }
     }
-    free(ptrs);
     free(b);
     st = epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
     if (st != EPX_SUCCESS) {
