@@ -237,13 +237,24 @@ EPX_API epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int6
  * High-throughput (rank-major): each token travels once to each rank holding at least one
  * of its experts; received rows are ordered by (source rank, source token) — deterministic.
  * Combine sums, for each token, its rows from every rank it went to, in float32 in
- * ascending rank order, then casts: the same inputs give the same bits on every backend.
+ * ascending rank order starting from +0.0f, then casts (round to nearest even): the same
+ * inputs give the same bits on every backend. Tokens sent nowhere get +0.
  *
  * Low-latency (expert-major, static shapes): rank q receives recv_x[L, R * max_tokens, H];
  * the rows of local expert l are packed at the front, recv_count[l] of them, grouped by
  * source rank in ascending order. Within a source's group the CPU backend orders tokens
  * ascending; GPU backends may order them by arrival (the slot sources say which is where).
- * Combine: out[t] = sum over k in ascending order of w[t,k] * y[e_k][slot(t,k)] (float32).
+ * Combine: out[t] = sum over k in ascending order of w[t,k] * y[e_k][slot(t,k)] in float32
+ * from +0.0f, each product rounded before it is added (no fused multiply-add), then cast.
+ * recv_count is not rounded to expert_alignment; slots past recv_count[l] are not written
+ * (their sources are set to -1).
+ *
+ * FP8 quantisation (low-latency ll_fp8), per row and per block of 128 channels (the last
+ * block may be shorter): amax = max |x| over the block (NaN ignored), at least 1e-4;
+ * EPX_SCALE_F32: scale = amax / 448 and q = e4m3(x * (448 / amax)); EPX_SCALE_UE8M0:
+ * scale = the smallest power of two >= amax / 448, stored as its biased exponent byte, and
+ * q = e4m3(x * (1 / scale)). Each step is one IEEE float32 operation; e4m3 rounds to
+ * nearest even and saturates to +-448.
  *
  * Every MoE call is collective over the communicator. Bad input (an expert id >= E or
  * < -1, T > max_tokens, K > max_topk, a NULL or misaligned pointer, too small an output)
@@ -330,18 +341,20 @@ EPX_API epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t
 
 /* Dispatch new token data along the routing of `handle` (e.g. the backward pass of a
  * combine): in->x (and x_scales) only; topk fields are ignored. Writes recv_x (and
- * recv_x_scales) in the same row order; other outputs are left as they are. */
+ * recv_x_scales) in the same row order; other outputs (num_recv_tokens too) are left as
+ * they are. */
 EPX_API epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
                                              epx_moe_dispatch_out_t *out, void *stream);
 
 typedef struct {
     const void *y;             /* [N, H] cfg.combine_dtype, rows in recv_x order */
-    const float *topk_weights; /* [N, K] to combine alongside, or NULL */
+    const float *topk_weights; /* [N, K] to combine alongside, or NULL (same on every rank) */
 } epx_moe_combine_in_t;
 
 typedef struct {
     void *out;                 /* [T, H] cfg.combine_dtype */
-    float *out_topk_weights;   /* [T, K] sum of the rows' weights, or NULL */
+    float *out_topk_weights;   /* [T, K] sum of the rows' weights (zeros when no rank passed
+                                  topk_weights), or NULL */
 } epx_moe_combine_out_t;
 
 /* High-throughput combine along `handle` (see the ordering guarantee above). */
