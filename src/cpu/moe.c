@@ -256,8 +256,10 @@ int epx__cpu_moe_handle_tokens(const epx__cpu_moe_handle_t *h) { return h->num_t
 typedef struct {
     uint32_t seq;
     uint64_t deadline;
-    bool exposed;
-    epx__board_t mine;
+    bool exposed;        /* peers read memory the caller owns: wait for them at the end */
+    bool broken;         /* a peer never posted: the communicator is broken */
+    epx__board_t mine;   /* my board section for this operation */
+    epx__board_t *b;     /* every rank's, after epx__op_meet */
 } epx__op_t;
 
 static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
@@ -265,25 +267,46 @@ static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
     op->seq = ++m->cpu->seq;
     op->deadline = epx__deadline_after_ms(m->cpu->timeout_ms);
     op->exposed = false;
+    op->broken = false;
     op->mine = epx__board_at(m, m->board, op->seq);
     memset(op->mine.hdr, 0, sizeof *op->mine.hdr);
     op->mine.hdr->op = kind;
+    op->b = malloc(sizeof *op->b * (size_t)m->s.nranks);
 }
 
 /* Post, acquire every post, check everyone's verdict and that the calls agree, and read
- * the boards. A failure before the posts are acquired breaks the communicator (returned as
- * is); later ones are ordinary statuses and the operation is then finished by the caller. */
-static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t local, epx__board_t *boards,
-                                 bool *broken, epx__errbuf_t *err)
+ * the boards into op->b. A failure before the posts are acquired breaks the communicator;
+ * later ones are ordinary statuses. Either way the caller ends with epx__op_end. */
+static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t local, epx__errbuf_t *err)
 {
+    if (local == EPX_SUCCESS && !op->b) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     epx__op_post(m->cpu, op->seq, local);
     epx_status_t st = epx__wait_posts(m->cpu, op->seq, op->deadline, err);
-    *broken = st != EPX_SUCCESS;
+    op->broken = st != EPX_SUCCESS;
     if (st != EPX_SUCCESS) return st;
     if (local != EPX_SUCCESS) return local;
     EPX__CHECK(epx__op_check_remote(m->cpu, op->seq, err));
-    EPX__CHECK(epx__boards_read(m, op->seq, boards, err));
-    return epx__boards_agree(m, boards, err);
+    EPX__CHECK(epx__boards_read(m, op->seq, op->b, err));
+    return epx__boards_agree(m, op->b, err);
+}
+
+/* Finish the operation (see epx__op_finish) and release what it held. */
+static epx_status_t epx__op_end(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t st, epx__errbuf_t *err)
+{
+    free(op->b);
+    if (op->broken) return st;
+    return epx__op_finish(m->cpu, op->seq, op->exposed, st, op->deadline, err);
+}
+
+/* Hand a new handle out on success, free it otherwise. */
+static epx_status_t epx__handle_out(epx__cpu_moe_handle_t *h, epx_status_t st, epx__cpu_moe_handle_t **out)
+{
+    if (st != EPX_SUCCESS) {
+        epx__cpu_moe_handle_free(h);
+        return st;
+    }
+    *out = h;
+    return EPX_SUCCESS;
 }
 
 /* ---- Rows ---------------------------------------------------------------------------------- */
@@ -552,15 +575,8 @@ epx_status_t epx__cpu_moe_dispatch(epx__cpu_moe_t *m, const epx_moe_dispatch_in_
         if (!h) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
     if (local == EPX_SUCCESS) local = epx__dispatch_publish(m, &op, in, out, err);
-    epx__board_t *b = malloc(sizeof *b * (size_t)m->s.nranks);
-    bool broken;
-    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
-                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
-    if (broken) {
-        free(b);
-        epx__cpu_moe_handle_free(h);
-        return st;
-    }
+    epx_status_t st = epx__op_meet(m, &op, local, err);
+    const epx__board_t *b = op.b;
     int64_t n = -1;
     if (st == EPX_SUCCESS) st = epx__check_capacity(m, b, &n, err);
     if (st == EPX_SUCCESS) out->num_recv_tokens = n; /* on failure nothing changes: the message says n */
@@ -568,14 +584,7 @@ epx_status_t epx__cpu_moe_dispatch(epx__cpu_moe_t *m, const epx_moe_dispatch_in_
         st = epx__dispatch_receive(m, op.seq, b, out, h, err);
         epx__dispatch_home_rows(m, b, h);
     }
-    free(b);
-    st = epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
-    if (st != EPX_SUCCESS) {
-        epx__cpu_moe_handle_free(h);
-        return st;
-    }
-    *handle = h;
-    return EPX_SUCCESS;
+    return epx__handle_out(h, epx__op_end(m, &op, st, err), handle);
 }
 
 epx_status_t epx__cpu_moe_dispatch_cached(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h,
@@ -596,19 +605,12 @@ epx_status_t epx__cpu_moe_dispatch_cached(epx__cpu_moe_t *m, const epx__cpu_moe_
         op.mine.hdr->x = bufs[0].loc;
         op.mine.hdr->scales = bufs[1].loc;
     }
-    epx__board_t *b = malloc(sizeof *b * (size_t)s->nranks);
-    bool broken;
-    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
-                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
-    if (broken) {
-        free(b);
-        return st;
-    }
+    epx_status_t st = epx__op_meet(m, &op, local, err);
+    const epx__board_t *b = op.b;
     for (int p = 0; p < s->nranks && st == EPX_SUCCESS; p++)
         st = epx__pull_token_rows(m, op.seq, p, &b[p], h->recv_token + h->recv_start[p], h->recv_count[p],
                                   h->recv_start[p], out, err);
-    free(b);
-    return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+    return epx__op_end(m, &op, st, err);
 }
 
 /* ---- High-throughput combine ------------------------------------------------------------------ */
@@ -631,14 +633,8 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
         op.mine.hdr->y = bufs[0].loc;
         op.mine.hdr->weights = bufs[1].loc;
     }
-    epx__board_t *b = malloc(sizeof *b * (size_t)R);
-    bool broken;
-    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
-                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
-    if (broken) {
-        free(b);
-        return st;
-    }
+    epx_status_t st = epx__op_meet(m, &op, local, err);
+    const epx__board_t *b = op.b;
     int64_t cap = (int64_t)EPX__CHUNK * R;
     const epx__loc_t **ylocs = malloc(sizeof *ylocs * (size_t)R), **wlocs = malloc(sizeof *wlocs * (size_t)R);
     int32_t *ranks = malloc(sizeof *ranks * (size_t)cap);
@@ -686,8 +682,7 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
         memset(out->out_topk_weights, 0, sizeof(float) * (size_t)h->num_tokens * (size_t)K);
     epx__gather_free(&g);
     free(ylocs), free(wlocs), free(ranks), free(offs), free(slot_of), free(ptrs), free(rows);
-    free(b);
-    return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+    return epx__op_end(m, &op, st, err);
 }
 
 /* ---- Low-latency dispatch / combine ------------------------------------------------------------- */
@@ -729,15 +724,8 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
         mb->hdr->x = bufs[0].loc;
         mb->hdr->scales = bufs[1].loc;
     }
-    epx__board_t *b = malloc(sizeof *b * (size_t)R);
-    bool broken;
-    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
-                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
-    if (broken) {
-        free(b);
-        epx__cpu_moe_handle_free(h);
-        return st;
-    }
+    epx_status_t st = epx__op_meet(m, &op, local, err);
+    const epx__board_t *b = op.b;
     int K = st == EPX_SUCCESS ? b[me].hdr->topk : 0;
     size_t out_row = s->ll_fp8 ? (size_t)H : s->row_bytes;
     size_t scale_bytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
@@ -788,14 +776,7 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
             }
         }
     }
-    free(b);
-    st = epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
-    if (st != EPX_SUCCESS) {
-        epx__cpu_moe_handle_free(h);
-        return st;
-    }
-    *handle = h;
-    return EPX_SUCCESS;
+    return epx__handle_out(h, epx__op_end(m, &op, st, err), handle);
 }
 
 epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h,
@@ -814,14 +795,8 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
         local = epx__expose_buffers(m->cpu, bufs, 1, &op.exposed, err);
         op.mine.hdr->y = bufs[0].loc;
     }
-    epx__board_t *b = malloc(sizeof *b * (size_t)R);
-    bool broken;
-    epx_status_t st = b ? epx__op_meet(m, &op, local, b, &broken, err)
-                        : (broken = false, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"));
-    if (broken) {
-        free(b);
-        return st;
-    }
+    epx_status_t st = epx__op_meet(m, &op, local, err);
+    const epx__board_t *b = op.b;
     int K = st == EPX_SUCCESS ? h->topk : 0;
     int64_t cap = (int64_t)EPX__CHUNK * EPX__MAX(K, 1);
     const epx__loc_t **ylocs = malloc(sizeof *ylocs * (size_t)R);
@@ -858,6 +833,5 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
     }
     epx__gather_free(&g);
     free(ylocs), free(ranks), free(slot_of), free(offs), free(ptrs), free(rows), free(w);
-    free(b);
-    return epx__op_finish(m->cpu, op.seq, op.exposed, st, op.deadline, err);
+    return epx__op_end(m, &op, st, err);
 }
