@@ -3,7 +3,8 @@
  * included, some above the eager size), random gaps and orders of displacements, random
  * data, every dtype, registered and malloc'd send buffers, outputs poisoned before each
  * call and gaps checked to stay poisoned. --large adds a 256 MiB-per-rank alltoall;
- * --no-cma forces the staging path.
+ * --no-cma forces the staging path; --cuda runs it all on the CUDA backend (device buffers,
+ * the caller's stream).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -75,18 +76,22 @@ static int check_round(epx_comm_t comm, int me, int R, int round, epx_dtype_t dt
         recvcounts[q] = p.counts[q * R + me];
     }
     size_t sbytes = (size_t)p.send_len[me] * es + 1, rbytes = (size_t)p.recv_len[me] * es + 1;
-    uint8_t *send, *recv = malloc(rbytes);
+    uint8_t *send, *recv = test_buf_alloc(rbytes), *hsend = malloc(sbytes), *hrecv = malloc(rbytes);
     if (registered)
         ASSERT_OK(epx_mem_alloc(comm, sbytes, (void **)&send));
     else
-        send = malloc(sbytes);
-    memset(send, 0x5C, sbytes);
+        send = test_buf_alloc(sbytes);
+    memset(hsend, 0x5C, sbytes);
     for (int q = 0; q < R; q++)
         for (int64_t b = 0; b < sendcounts[q] * (int64_t)es; b++)
-            send[p.sdispls[me * R + q] * (int64_t)es + b] = data_byte(round, me, q, b);
-    memset(recv, POISON, rbytes);
+            hsend[p.sdispls[me * R + q] * (int64_t)es + b] = data_byte(round, me, q, b);
+    test_buf_put(send, hsend, sbytes);
+    memset(hrecv, POISON, rbytes);
+    test_buf_put(recv, hrecv, rbytes);
 
-    ASSERT_OK(epx_alltoallv(comm, send, sendcounts, &p.sdispls[me * R], recv, recvcounts, &p.rdispls[me * R], dt, NULL));
+    ASSERT_OK(epx_alltoallv(comm, send, sendcounts, &p.sdispls[me * R], recv, recvcounts, &p.rdispls[me * R], dt,
+                            test_stream()));
+    test_buf_get(hrecv, recv, rbytes);
 
     /* Reference: every byte of every segment, and the gaps untouched. */
     uint8_t *expect = malloc(rbytes);
@@ -95,15 +100,15 @@ static int check_round(epx_comm_t comm, int me, int R, int round, epx_dtype_t dt
         for (int64_t b = 0; b < recvcounts[q] * (int64_t)es; b++)
             expect[p.rdispls[me * R + q] * (int64_t)es + b] = data_byte(round, q, me, b);
     for (size_t i = 0; i < rbytes; i++)
-        if (recv[i] != expect[i])
+        if (hrecv[i] != expect[i])
             TEST_FAIL_("round %d dtype %s: recv byte %zu = 0x%02x, expected 0x%02x", round, epx_dtype_name(dt), i,
-                       recv[i], expect[i]);
+                       hrecv[i], expect[i]);
     if (registered)
         ASSERT_OK(epx_mem_free(comm, send));
     else
-        free(send);
-    free(recv);
-    free(expect);
+        test_buf_free(send);
+    test_buf_free(recv);
+    free(hsend), free(hrecv), free(expect);
     free(p.counts), free(p.sdispls), free(p.rdispls), free(p.send_len), free(p.recv_len);
     return 1;
 }
@@ -112,17 +117,23 @@ static int check_round(epx_comm_t comm, int me, int R, int round, epx_dtype_t dt
 static int check_alltoall(epx_comm_t comm, int me, int R, size_t count, bool registered)
 {
     size_t bytes = count * (size_t)R * 4;
-    uint32_t *send, *recv = malloc(bytes + 4), *recv2 = malloc(bytes + 4);
+    uint32_t *send, *drecv = test_buf_alloc(bytes + 4), *drecv2 = test_buf_alloc(bytes + 4);
+    uint32_t *hsend = malloc(bytes + 4), *recv = malloc(bytes + 4), *recv2 = malloc(bytes + 4);
     if (registered)
         ASSERT_OK(epx_mem_alloc(comm, bytes + 4, (void **)&send));
     else
-        send = malloc(bytes + 4);
+        send = test_buf_alloc(bytes + 4);
     for (int q = 0; q < R; q++)
-        for (size_t i = 0; i < count; i++) send[(size_t)q * count + i] = (uint32_t)test_mix(7, (uint64_t)me, (uint64_t)q, i);
+        for (size_t i = 0; i < count; i++) hsend[(size_t)q * count + i] = (uint32_t)test_mix(7, (uint64_t)me, (uint64_t)q, i);
+    test_buf_put(send, hsend, bytes + 4);
     memset(recv, POISON, bytes + 4);
     memset(recv2, 0x11, bytes + 4);
-    ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_F32, NULL));
-    ASSERT_OK(epx_alltoall(comm, send, recv2, count, EPX_F32, NULL));
+    test_buf_put(drecv, recv, bytes + 4);
+    test_buf_put(drecv2, recv2, bytes + 4);
+    ASSERT_OK(epx_alltoall(comm, send, drecv, count, EPX_F32, test_stream()));
+    ASSERT_OK(epx_alltoall(comm, send, drecv2, count, EPX_F32, test_stream()));
+    test_buf_get(recv, drecv, bytes + 4);
+    test_buf_get(recv2, drecv2, bytes + 4);
     for (int q = 0; q < R; q++)
         for (size_t i = 0; i < count; i++) {
             uint32_t want = (uint32_t)test_mix(7, (uint64_t)q, (uint64_t)me, i);
@@ -134,15 +145,16 @@ static int check_alltoall(epx_comm_t comm, int me, int R, size_t count, bool reg
     if (registered)
         ASSERT_OK(epx_mem_free(comm, send));
     else
-        free(send);
-    free(recv);
-    free(recv2);
+        test_buf_free(send);
+    test_buf_free(drecv), test_buf_free(drecv2);
+    free(hsend), free(recv), free(recv2);
     return 1;
 }
 
 int main(int argc, char **argv)
 {
     bool large = false;
+    test_init(argc, argv);
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--large")) large = true;
         if (!strcmp(argv[i], "--no-cma")) setenv("EPX_CPU_CMA", "0", 1);
@@ -165,7 +177,8 @@ int main(int argc, char **argv)
         passed += check_alltoall(comm, me, R, counts[i], false);
         passed += check_alltoall(comm, me, R, counts[i], true);
     }
-    ASSERT_OK(epx_barrier(comm, NULL));
+    ASSERT_OK(epx_barrier(comm, test_stream()));
+    test_sync();
     passed++;
     if (large) {
         /* 256 MiB sent per rank. */

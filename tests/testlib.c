@@ -1,11 +1,122 @@
 #include "testlib.h"
 
+#include <string.h>
+#ifdef EPX_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 int test_rank = -1;
+static bool test_cuda;
+static int test_device = -1;
+#ifdef EPX_HAVE_CUDA
+static cudaStream_t test_cuda_stream;
+#define CUDA_OK(x)                                                                            \
+    do {                                                                                      \
+        cudaError_t e_ = (x);                                                                 \
+        if (e_ != cudaSuccess) TEST_FAIL_("%s: %s", #x, cudaGetErrorString(e_));              \
+    } while (0)
+#endif
+
+bool test_init(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--cuda")) test_cuda = true;
+    if (!test_cuda) return false;
+#ifdef EPX_HAVE_CUDA
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        printf("SKIPPED: no CUDA device here (%s)\n", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        fflush(stdout);
+        exit(TEST_SKIP);
+    }
+    const char *lr = getenv("EPX_LOCAL_RANK");
+    test_device = (lr ? atoi(lr) : 0) % n;
+    CUDA_OK(cudaSetDevice(test_device));
+    CUDA_OK(cudaStreamCreateWithFlags(&test_cuda_stream, cudaStreamNonBlocking));
+    return true;
+#else
+    (void)argv;
+    printf("SKIPPED: this build has no CUDA backend\n");
+    fflush(stdout);
+    exit(TEST_SKIP);
+#endif
+}
+
+bool test_on_cuda(void) { return test_cuda; }
+
+void *test_buf_alloc(size_t bytes)
+{
+    void *p = NULL;
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) {
+        CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+        return p;
+    }
+#endif
+    p = malloc(bytes ? bytes : 1);
+    ASSERT(p);
+    return p;
+}
+
+void test_buf_free(void *p)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) {
+        CUDA_OK(cudaFree(p));
+        return;
+    }
+#endif
+    free(p);
+}
+
+void test_buf_put(void *dst, const void *src, size_t bytes)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) {
+        CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+        return;
+    }
+#endif
+    memcpy(dst, src, bytes);
+}
+
+void test_buf_get(void *dst, const void *src, size_t bytes)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) {
+        CUDA_OK(cudaStreamSynchronize(test_cuda_stream));
+        CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+        return;
+    }
+#endif
+    memcpy(dst, src, bytes);
+}
+
+void *test_stream(void)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) return test_cuda_stream;
+#endif
+    return NULL;
+}
+
+void test_sync(void)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) CUDA_OK(cudaStreamSynchronize(test_cuda_stream));
+#endif
+}
 
 epx_comm_t test_comm_from_env(int *rank, int *nranks)
 {
     epx_comm_t comm;
-    ASSERT_OK(epx_comm_init_from_env(&comm, NULL));
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    if (test_cuda) {
+        cfg.backend = EPX_BACKEND_CUDA;
+        cfg.device = test_device;
+    }
+    ASSERT_OK(epx_comm_init_from_env(&comm, &cfg));
     ASSERT_OK(epx_comm_rank(comm, rank));
     ASSERT_OK(epx_comm_size(comm, nranks));
     test_rank = *rank;

@@ -62,8 +62,26 @@ static inline uint64_t test_mix(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
     return test_rand(&s);
 }
 
+/* Exit status that ctest reports as "skipped" (SKIP_RETURN_CODE). */
+#define TEST_SKIP 77
+
+/* Parse the common flags (--cuda: run on the CUDA backend, one device per local rank,
+ * round robin). Exits with TEST_SKIP, saying why, when --cuda is given but this machine
+ * or build has no CUDA device. Returns true when on CUDA. */
+bool test_init(int argc, char **argv);
+bool test_on_cuda(void);
+
 /* Create the communicator from the epx-run environment (sets test_rank). */
 epx_comm_t test_comm_from_env(int *rank, int *nranks);
+
+/* Buffers on the backend under test (device memory on CUDA), and copies to/from the host. */
+void *test_buf_alloc(size_t bytes);
+void test_buf_free(void *p);
+void test_buf_put(void *dst, const void *host_src, size_t bytes);
+void test_buf_get(void *host_dst, const void *src, size_t bytes);
+/* The stream calls are enqueued on (NULL on the CPU), and a wait for it. */
+void *test_stream(void);
+void test_sync(void);
 
 /* Every test prints one closing line through this: "N passed, 0 failed". */
 void test_done(int passed);
