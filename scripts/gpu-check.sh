@@ -22,8 +22,10 @@ cat "$OUT/machine.txt"
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} 2>&1 | tee "$OUT/build.log" | grep -E "epx:|Error"
 cmake --build build-gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 rc=0
-ctest --test-dir build-gpu --output-on-failure -j 4 --timeout 600 >"$OUT/ctest.log" 2>&1 || rc=1
-grep -E "tests passed|Failed|Skipped|\*\*\*" "$OUT/ctest.log" | tail -30
+# CPU tests in parallel, then the GPU ones one at a time (ranks sharing a GPU time-slice).
+ctest --test-dir build-gpu --output-on-failure -j 8 -LE cuda --timeout 600 >"$OUT/ctest_cpu.log" 2>&1 || rc=1
+ctest --test-dir build-gpu --output-on-failure -L cuda --timeout 600 >"$OUT/ctest_cuda.log" 2>&1 || rc=1
+grep -hE "tests passed|Failed|\*\*\*|Skipped" "$OUT/ctest_cpu.log" "$OUT/ctest_cuda.log" | tail -30
 if [ "${1:-}" != quick ]; then
     B=build-gpu/bin/epx-bench
     $B alltoall --backend cuda --ranks 2 -b 1K -e 1G -f 4 -n 20 -w 5 -c 1 --json "$OUT/alltoall_cuda.json" \

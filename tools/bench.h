@@ -54,6 +54,12 @@ void bench_die(bench_ctx_t *b, const char *what, epx_status_t st);
 #endif
 
 int bench_alltoall(bench_ctx_t *b);
+/* The CUDA backend's alltoall against ncclAlltoAll (bench_cuda.c). */
+int bench_cuda_alltoall(bench_ctx_t *b);
+/* alltoall data: element i that rank `me` sends each peer, and a count of the received
+ * elements that differ from what the peers sent. */
+void bench_a2a_fill(uint32_t *send, int me, int nranks, int64_t count);
+int64_t bench_a2a_verify(const uint32_t *recv, int me, int nranks, int64_t count);
 int bench_moe(bench_ctx_t *b);
 
 #endif

@@ -15,13 +15,13 @@ static uint32_t pattern(int src, int dst, int64_t i)
     return (uint32_t)x;
 }
 
-static void fill(uint32_t *send, int me, int nranks, int64_t count)
+void bench_a2a_fill(uint32_t *send, int me, int nranks, int64_t count)
 {
     for (int p = 0; p < nranks; p++)
         for (int64_t i = 0; i < count; i++) send[(int64_t)p * count + i] = pattern(me, p, i);
 }
 
-static int64_t verify(const uint32_t *recv, int me, int nranks, int64_t count)
+int64_t bench_a2a_verify(const uint32_t *recv, int me, int nranks, int64_t count)
 {
     int64_t wrong = 0;
     for (int p = 0; p < nranks; p++)
@@ -74,7 +74,7 @@ static void measure(bench_ctx_t *b, contender_t *cs, int ncs, const uint32_t *se
             memset(recv, 0xA5, bytes);
             epx_status_t st = cs[k].fn(b, send, recv, count);
             if (st != EPX_SUCCESS) bench_die(b, cs[k].name, st);
-            cs[k].wrong = verify(recv, b->rank, b->nranks, count);
+            cs[k].wrong = bench_a2a_verify(recv, b->rank, b->nranks, count);
         }
         for (int i = 0; i < b->opt.warmup; i++) {
             epx_status_t st = cs[k].fn(b, send, recv, count);
@@ -147,7 +147,7 @@ int bench_alltoall(bench_ctx_t *b)
     for (double s = (double)o->min_bytes; idx < nsizes; s *= o->factor, idx++) {
         int64_t count = (int64_t)s / (4 * R);
         int64_t bytes = count * 4 * R;
-        fill(send, b->rank, R, count);
+        bench_a2a_fill(send, b->rank, R, count);
         contender_t cs[2] = {{"epx_alltoall", run_epx, bench_barrier, 0, 0}};
         int ncs = 1;
 #ifdef EPX_HAVE_MPI

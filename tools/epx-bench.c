@@ -160,7 +160,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
         i++;
         bool ok = true;
         if (OPT("-r", "--ranks")) o->ranks = atoi(v), ok = o->ranks >= 1 && o->ranks <= 1024;
-        else if (!strcmp(a, "--backend")) o->backend = v, ok = !strcmp(v, "cpu");
+        else if (!strcmp(a, "--backend")) o->backend = v, ok = !strcmp(v, "cpu") || !strcmp(v, "cuda");
         else if (OPT("-b", "--minbytes")) ok = parse_size(v, &o->min_bytes);
         else if (OPT("-e", "--maxbytes")) ok = parse_size(v, &o->max_bytes);
         else if (OPT("-f", "--stepfactor")) o->factor = atof(v), ok = o->factor > 1;
@@ -209,7 +209,7 @@ static int launch_self(bench_opts_t *o, int argc, char **argv)
     self[n] = '\0';
     char **args = calloc((size_t)argc + 16, sizeof *args);
 #ifdef EPX_HAVE_MPI
-    if (strcmp(o->baseline, "none") != 0 && access(EPX_MPIEXEC, X_OK) == 0) {
+    if (strcmp(o->backend, "cpu") == 0 && strcmp(o->baseline, "none") != 0 && access(EPX_MPIEXEC, X_OK) == 0) {
         static char nbuf[16];
         snprintf(nbuf, sizeof nbuf, "%d", o->ranks);
         int k = 0;
@@ -229,7 +229,7 @@ static int launch_self(bench_opts_t *o, int argc, char **argv)
         fprintf(stderr, "epx-bench: cannot run %s (%s); launching without MPI\n", EPX_MPIEXEC, strerror(errno));
     }
 #endif
-    if (!strcmp(o->baseline, "mpi")) {
+    if (!strcmp(o->baseline, "mpi") && !strcmp(o->backend, "cpu")) {
         fprintf(stderr, "epx-bench: --baseline mpi needs a build with MPI and mpiexec\n");
         return 1;
     }
@@ -271,7 +271,11 @@ int main(int argc, char **argv)
     epx_comm_rank(b.comm, &b.rank);
     epx_comm_size(b.comm, &b.nranks);
 
-    rc = !strcmp(b.opt.op, "moe") ? bench_moe(&b) : bench_alltoall(&b);
+    if (!strcmp(b.opt.backend, "cuda"))
+        rc = !strcmp(b.opt.op, "alltoall") ? bench_cuda_alltoall(&b)
+                                           : (fprintf(stderr, "epx-bench: moe on the CUDA backend is not built yet\n"), 2);
+    else
+        rc = !strcmp(b.opt.op, "moe") ? bench_moe(&b) : bench_alltoall(&b);
 
     epx_comm_destroy(b.comm);
 #ifdef EPX_HAVE_MPI

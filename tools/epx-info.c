@@ -11,7 +11,11 @@ int main(int argc, char **argv)
     int v = epx_get_version();
     printf("epx %d.%d.%d (header %d.%d.%d)\n", v / 10000, v / 100 % 100, v % 100, EPX_VERSION_MAJOR,
            EPX_VERSION_MINOR, EPX_VERSION_PATCH);
-    printf("backends: cpu (shared memory)\n\n");
+#ifdef EPX_HAVE_CUDA
+    printf("backends: cpu (shared memory), cuda (CUDA IPC over NVLink)\n\n");
+#else
+    printf("backends: cpu (shared memory); cuda not built (no CUDA toolkit at build time)\n\n");
+#endif
     printf("%-22s %-8s %-10s %-10s %s\n", "variable", "type", "value", "default", "description");
     for (int i = 0; i < epx_param_count(); i++) {
         epx_param_info_t p;
