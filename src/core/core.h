@@ -108,6 +108,8 @@ void epx__log_set_rank(int rank);
       "CPU: 1 = read unregistered send buffers with process_vm_readv; 0 = staging copy")   \
     X(CUDA_EAGER_BYTES, "EPX_CUDA_EAGER_BYTES", SIZE, "32K",                               \
       "CUDA: alltoallv with every pair at most this size runs as one kernel through slots") \
+    X(CUDA_COPY_ENGINE_BYTES, "EPX_CUDA_COPY_ENGINE_BYTES", SIZE, "8M",                    \
+      "CUDA: alltoallv with a pair above this size moves data with copy engines (no SMs)") \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \
     X(NRANKS, "EPX_NRANKS", INT, "0", "number of ranks (set by epx-run)")                  \
     X(UNIQUE_ID, "EPX_UNIQUE_ID", STR, "", "rendezvous id, text form (set by epx-run)")

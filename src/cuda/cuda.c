@@ -44,14 +44,20 @@ struct epx__cuda {
     cudaIpcMemHandle_t export_handle;
 };
 
-/* What one rank tells another about an alltoallv. */
+/* What one rank tells another about an alltoallv: how much each sends the other... */
 typedef struct {
-    cudaIpcMemHandle_t handle; /* of the allocation holding my send buffer */
-    unsigned long long buffer_id;
-    int64_t base_offset;       /* send - allocation base */
-    int64_t send_displ, send_bytes, recv_bytes;
-    int64_t max_pair_bytes;    /* largest of my sends and receives */
+    int64_t send_bytes, recv_bytes;
+    int64_t max_pair_bytes; /* largest of my sends and receives */
 } epx__a2a_card_t;
+
+/* ... and, unless the operation is small enough for the eager slots, where in my receive
+ * buffer the other's segment goes (peers write into it). */
+typedef struct {
+    cudaIpcMemHandle_t handle; /* of the allocation holding my receive buffer */
+    unsigned long long buffer_id;
+    int64_t base_offset;       /* recv - allocation base */
+    int64_t recv_displ;
+} epx__ipc_card_t;
 
 bool epx__cuda_is_device_ptr(const void *p)
 {
@@ -152,6 +158,7 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     d->flags = (unsigned long long *)c->ctrl;
     d->eager = (char *)c->ctrl + eager_off;
     d->epoch = (unsigned long long *)((char *)c->ctrl + epoch_off);
+    d->direct_ops = (unsigned long long *)((char *)c->ctrl + epoch_off + 64);
     d->blocks_left = (unsigned int *)((char *)c->ctrl + epoch_off + 128);
     d->eager_bytes = eager_bytes;
     d->timeout_ns = (unsigned long long)timeout_ms * 1000000ull;
@@ -232,7 +239,7 @@ static epx_status_t epx__driver_calls(epx__pfn_range_t *range, epx__pfn_attr_t *
 
 /* The IPC handle of the allocation holding `p`, and p's offset in it (handles cached by
  * CUDA's unique buffer id, so a freed and reallocated address is never confused). */
-static epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__a2a_card_t *card, epx__errbuf_t *err)
+static epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err)
 {
     epx__pfn_range_t get_range = NULL;
     epx__pfn_attr_t get_attr = NULL;
@@ -261,8 +268,11 @@ static epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__a2a_card
     return EPX_SUCCESS;
 }
 
-/* A peer's allocation, opened once and cached. */
-static epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__a2a_card_t *card, char **base,
+/* A peer's allocation, opened once and cached. A peer that freed an allocation we still
+ * map and got a new one at the same address makes the open fail as "already mapped": the
+ * stale mappings of that peer are then dropped (after this stream's work, which may still
+ * use the others) and the open retried. */
+static epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
                                   epx__errbuf_t *err)
 {
     epx__ipc_entry_t *victim = &c->ipc[0];
@@ -280,6 +290,16 @@ static epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__a2a_card_
     victim->ptr = NULL;
     void *p = NULL;
     cudaError_t ce = cudaIpcOpenMemHandle(&p, card->handle, cudaIpcMemLazyEnablePeerAccess);
+    if (ce == cudaErrorAlreadyMapped) {
+        cudaGetLastError();
+        cudaStreamSynchronize((cudaStream_t)stream);
+        for (int i = 0; i < EPX__IPC_CACHE; i++)
+            if (c->ipc[i].ptr && c->ipc[i].peer == peer) {
+                cudaIpcCloseMemHandle(c->ipc[i].ptr);
+                c->ipc[i].ptr = NULL;
+            }
+        ce = cudaIpcOpenMemHandle(&p, card->handle, cudaIpcMemLazyEnablePeerAccess);
+    }
     if (ce != cudaSuccess)
         return epx__fail(err, EPX_ERR_CUDA, "opening rank %d's buffer (CUDA IPC): %s", peer, cudaGetErrorString(ce));
     *victim = (epx__ipc_entry_t){peer, card->buffer_id, card->handle, p, ++c->use_clock};
@@ -303,92 +323,149 @@ static epx_status_t epx__check_cards(const epx__cuda_t *c, const epx__a2a_card_t
     return EPX_SUCCESS;
 }
 
+/* The path of one alltoallv, chosen from the largest pair of any rank (so all agree). */
+typedef enum { EPX__PATH_EAGER, EPX__PATH_DIRECT, EPX__PATH_COPY_ENGINE } epx__path_t;
+
+/* Enqueue the three paths. `dst[p]` is where my segment for p goes (p's receive buffer,
+ * mapped here; mine for p == me). */
+static cudaError_t epx__enqueue_eager(epx__cuda_t *c, const epx__cpu_xfer_t *x, void *stream)
+{
+    epx__cuda_a2a_args_t a;
+    memset(&a, 0, sizeof a);
+    a.send = x->send;
+    a.recv = x->recv;
+    for (int p = 0; p < c->nranks; p++) {
+        a.send_bytes[p] = x->send_bytes[p];
+        a.send_displ[p] = x->send_displ[p];
+        a.recv_bytes[p] = x->recv_bytes[p];
+        a.recv_displ[p] = x->recv_displ[p];
+    }
+    return (cudaError_t)epx__cuda_launch_eager_alltoallv(&c->dev, &a, stream);
+}
+
+static cudaError_t epx__enqueue_direct(epx__cuda_t *c, const epx__cpu_xfer_t *x, char *const *dst, void *stream)
+{
+    epx__cuda_direct_args_t a;
+    memset(&a, 0, sizeof a);
+    for (int p = 0; p < c->nranks; p++) {
+        a.src[p] = (const char *)x->send + x->send_displ[p];
+        a.dst[p] = dst[p];
+        a.bytes[p] = x->send_bytes[p];
+    }
+    return (cudaError_t)epx__cuda_launch_direct_alltoallv(&c->dev, &a, stream);
+}
+
+/* Copy engines: wait until every peer's stream is here (its receive buffer is free), push
+ * my segments into the peers, my own beside them on a second stream, then signal done and
+ * wait until every peer has pushed into me. */
+static cudaError_t epx__enqueue_copy_engine(epx__cuda_t *c, const epx__cpu_xfer_t *x, char *const *dst, void *stream)
+{
+    int R = c->nranks, me = c->rank;
+    cudaStream_t s = (cudaStream_t)stream;
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream);
+    bool self = ce == cudaSuccess && x->send_bytes[me] > 0;
+    if (self) {
+        ce = cudaEventRecord(c->fork, s);
+        if (ce == cudaSuccess) ce = cudaStreamWaitEvent(c->side, c->fork, 0);
+        if (ce == cudaSuccess)
+            ce = cudaMemcpyAsync(dst[me], (const char *)x->send + x->send_displ[me], (size_t)x->send_bytes[me],
+                                 cudaMemcpyDeviceToDevice, c->side);
+        if (ce == cudaSuccess) ce = cudaEventRecord(c->join, c->side);
+    }
+    for (int i = 1; i < R && ce == cudaSuccess; i++) {
+        int p = (me + i) % R;
+        if (x->send_bytes[p] > 0)
+            ce = cudaMemcpyAsync(dst[p], (const char *)x->send + x->send_displ[p], (size_t)x->send_bytes[p],
+                                 cudaMemcpyDeviceToDevice, s);
+    }
+    if (ce == cudaSuccess && self) ce = cudaStreamWaitEvent(s, c->join, 0);
+    if (ce == cudaSuccess) ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_DONE, 1, stream);
+    return ce;
+}
+
+/* Send each peer its card (cards[p], `bytes` each) and get theirs (into cards + R). */
+static epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err)
+{
+    int R = c->nranks;
+    int64_t *cnt = malloc(sizeof(int64_t) * 2 * (size_t)R);
+    if (!cnt) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int p = 0; p < R; p++) {
+        cnt[p] = (int64_t)bytes;
+        cnt[R + p] = (int64_t)bytes * p;
+    }
+    epx__cpu_xfer_t hx = {cards, cnt, cnt + R, (char *)cards + bytes * (size_t)R, cnt, cnt + R};
+    epx_status_t st = epx__cpu_alltoallv(c->host, local == EPX_SUCCESS ? &hx : NULL, local, err);
+    free(cnt);
+    return st;
+}
+
+/* Where my segment for each peer goes: the peers' receive buffers, mapped here. A second
+ * host exchange, made only by operations too large for the eager slots. */
+static epx_status_t epx__map_destinations(epx__cuda_t *c, const epx__cpu_xfer_t *x, char **dst, void *stream,
+                                          epx__errbuf_t *err)
+{
+    int R = c->nranks, me = c->rank;
+    epx__ipc_card_t *cards = calloc(2 * (size_t)R, sizeof *cards), mine;
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(&mine, 0, sizeof mine);
+    bool receives = false;
+    for (int p = 0; p < R; p++) receives = receives || (p != me && x->recv_bytes[p] > 0);
+    epx_status_t local = receives ? epx__ipc_export(c, x->recv, &mine, err) : EPX_SUCCESS;
+    for (int p = 0; p < R; p++) {
+        cards[p] = mine;
+        cards[p].recv_displ = x->recv_displ[p];
+    }
+    epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
+    const epx__ipc_card_t *in = cards + R;
+    dst[me] = (char *)x->recv + x->recv_displ[me];
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        if (p == me || x->send_bytes[p] == 0) continue;
+        st = epx__ipc_open(c, p, &in[p], &dst[p], stream, err);
+        if (st == EPX_SUCCESS) dst[p] += in[p].base_offset + in[p].recv_displ;
+    }
+    free(cards);
+    return st;
+}
+
 epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
                                  epx__errbuf_t *err)
 {
-    int R = c->nranks, me = c->rank;
-    epx__a2a_card_t *cards = calloc(2 * (size_t)R, sizeof *cards);
-    int64_t *cnt = malloc(sizeof(int64_t) * 2 * (size_t)R);
-    if (!cards || !cnt) {
-        free(cards), free(cnt);
+    int R = c->nranks;
+    epx__a2a_card_t *cards = calloc(2 * (size_t)R, sizeof *cards), mine;
+    char **dst = calloc((size_t)R, sizeof *dst);
+    if (!cards || !dst) {
+        free(cards), free(dst);
         return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     }
-    /* 1. Agree on everything on the host, before anything is enqueued. */
-    epx__a2a_card_t mine;
+    /* 1. Agree on the counts on the host, before anything is enqueued. */
     memset(&mine, 0, sizeof mine);
-    if (local == EPX_SUCCESS) {
-        for (int p = 0; p < R; p++)
-            mine.max_pair_bytes = EPX__MAX(mine.max_pair_bytes, EPX__MAX(x->send_bytes[p], x->recv_bytes[p]));
-        /* Whether the operation pulls is known only after the exchange: offer the handle
-         * whenever peers get anything from me. */
-        bool sends = false;
-        for (int p = 0; p < R; p++) sends = sends || (p != me && x->send_bytes[p] > 0);
-        if (sends) local = epx__ipc_export(c, x->send, &mine, err);
-    }
+    for (int p = 0; p < R && local == EPX_SUCCESS; p++)
+        mine.max_pair_bytes = EPX__MAX(mine.max_pair_bytes, EPX__MAX(x->send_bytes[p], x->recv_bytes[p]));
     for (int p = 0; p < R; p++) {
         cards[p] = mine;
         if (local == EPX_SUCCESS) {
-            cards[p].send_displ = x->send_displ[p];
             cards[p].send_bytes = x->send_bytes[p];
             cards[p].recv_bytes = x->recv_bytes[p];
         }
-        cnt[p] = (int64_t)sizeof mine;
-        cnt[R + p] = (int64_t)sizeof mine * p;
     }
-    epx__cpu_xfer_t hx = {cards, cnt, cnt + R, cards + R, cnt, cnt + R};
-    epx_status_t st = epx__cpu_alltoallv(c->host, local == EPX_SUCCESS ? &hx : NULL, local, err);
+    epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
     const epx__a2a_card_t *in = cards + R;
     if (st == EPX_SUCCESS) st = epx__check_cards(c, in, x, err);
     int64_t global_max = 0;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) global_max = EPX__MAX(global_max, in[p].max_pair_bytes);
-
-    /* 2. Enqueue. */
-    cudaStream_t s = (cudaStream_t)stream;
-    cudaError_t ce = cudaSuccess;
-    if (st == EPX_SUCCESS && global_max <= (int64_t)c->dev.eager_bytes) {
-        epx__cuda_a2a_args_t a;
-        memset(&a, 0, sizeof a);
-        a.send = x->send;
-        a.recv = x->recv;
-        for (int p = 0; p < R; p++) {
-            a.send_bytes[p] = x->send_bytes[p];
-            a.send_displ[p] = x->send_displ[p];
-            a.recv_bytes[p] = x->recv_bytes[p];
-            a.recv_displ[p] = x->recv_displ[p];
-        }
-        ce = (cudaError_t)epx__cuda_launch_eager_alltoallv(&c->dev, &a, stream);
-    } else if (st == EPX_SUCCESS) {
-        /* Pull with copy engines: wait until every peer's stream is here, copy what each
-         * sends me out of its buffer, then tell them I am done reading. */
-        char **src = calloc((size_t)R, sizeof *src);
-        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-            if (p == me || x->recv_bytes[p] == 0) continue;
-            st = epx__ipc_open(c, p, &in[p], &src[p], err);
-            if (st == EPX_SUCCESS) src[p] += in[p].base_offset + in[p].send_displ;
-        }
-        if (st == EPX_SUCCESS) ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream);
-        if (st == EPX_SUCCESS && ce == cudaSuccess && x->send_bytes[me] > 0) {
-            ce = cudaEventRecord(c->fork, s);
-            if (ce == cudaSuccess) ce = cudaStreamWaitEvent(c->side, c->fork, 0);
-            if (ce == cudaSuccess)
-                ce = cudaMemcpyAsync((char *)x->recv + x->recv_displ[me], (const char *)x->send + x->send_displ[me],
-                                     (size_t)x->send_bytes[me], cudaMemcpyDeviceToDevice, c->side);
-            if (ce == cudaSuccess) ce = cudaEventRecord(c->join, c->side);
-        }
-        for (int i = 1; i < R && st == EPX_SUCCESS && ce == cudaSuccess; i++) {
-            int p = (me + i) % R;
-            if (x->recv_bytes[p] > 0)
-                ce = cudaMemcpyAsync((char *)x->recv + x->recv_displ[p], src[p], (size_t)x->recv_bytes[p],
-                                     cudaMemcpyDeviceToDevice, s);
-        }
-        if (st == EPX_SUCCESS && ce == cudaSuccess && x->send_bytes[me] > 0) ce = cudaStreamWaitEvent(s, c->join, 0);
-        if (st == EPX_SUCCESS && ce == cudaSuccess)
-            ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_DONE, 1, stream);
-        free(src);
+    epx__path_t path = global_max <= (int64_t)c->dev.eager_bytes ? EPX__PATH_EAGER
+                       : global_max <= epx__param_int(EPX__P_CUDA_COPY_ENGINE_BYTES) ? EPX__PATH_DIRECT
+                                                                                     : EPX__PATH_COPY_ENGINE;
+    /* 2. Larger operations write straight into the peers' receive buffers. */
+    if (st == EPX_SUCCESS && path != EPX__PATH_EAGER) st = epx__map_destinations(c, x, dst, stream, err);
+    /* 3. Enqueue. */
+    if (st == EPX_SUCCESS) {
+        cudaError_t ce = path == EPX__PATH_EAGER    ? epx__enqueue_eager(c, x, stream)
+                         : path == EPX__PATH_DIRECT ? epx__enqueue_direct(c, x, dst, stream)
+                                                    : epx__enqueue_copy_engine(c, x, dst, stream);
+        if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "alltoallv enqueue: %s", cudaGetErrorString(ce));
     }
-    if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "alltoallv enqueue: %s", cudaGetErrorString(ce));
-    free(cards);
-    free(cnt);
+    free(cards), free(dst);
     return st;
 }
 

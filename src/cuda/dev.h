@@ -16,7 +16,12 @@ extern "C" {
 #define EPX__FLAG_STRIDE 16      /* u64 per flag: one 128-byte line each */
 #define EPX__SLOT_HDR 128        /* eager slot: flag line, then data */
 
-enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_KINDS = 2 };
+/* ARRIVE and DONE hold operation numbers; WRITTEN counts the blocks of a peer's direct
+ * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation). */
+enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_WRITTEN = 2, EPX__FLAG_KINDS = 3 };
+
+/* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
+#define EPX__DIRECT_BLOCKS 32
 
 /* Error record in host-mapped memory, written once by the first failing wait. */
 typedef struct {
@@ -29,6 +34,7 @@ typedef struct {
 typedef struct {
     int rank, nranks;
     unsigned long long *epoch;  /* operations finished by my stream */
+    unsigned long long *direct_ops; /* of which direct alltoallv kernels (same on every rank) */
     unsigned int *blocks_left;  /* scratch counter for "last block" detection */
     unsigned long long *flags;  /* mine: [kind][src] * EPX__FLAG_STRIDE */
     unsigned long long *peer_flags[EPX__CUDA_MAX_RANKS];
@@ -47,11 +53,21 @@ typedef struct {
     long long recv_bytes[EPX__CUDA_MAX_RANKS], recv_displ[EPX__CUDA_MAX_RANKS];
 } epx__cuda_a2a_args_t;
 
+/* One direct alltoallv: every rank writes each peer's segment straight into that peer's
+ * receive buffer (mapped here), with SM stores. dst[p] is already offset; dst[me] is mine. */
+typedef struct {
+    const char *src[EPX__CUDA_MAX_RANKS];
+    char *dst[EPX__CUDA_MAX_RANKS];
+    long long bytes[EPX__CUDA_MAX_RANKS];
+} epx__cuda_direct_args_t;
+
 /* Signal `kind` to every peer and wait for theirs (bounded); with `finish`, the operation
  * is complete afterwards (epoch advances). Returns a cudaError_t as int. */
 int epx__cuda_launch_signal_wait(const epx__cuda_dev_t *d, int kind, int finish, void *stream);
 /* The whole of a small alltoallv in one kernel, through the eager slots. */
 int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_a2a_args_t *a, void *stream);
+/* The whole of a mid-size alltoallv in one kernel, written straight into the peers. */
+int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_direct_args_t *a, void *stream);
 
 #ifdef __cplusplus
 }

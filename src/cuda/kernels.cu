@@ -98,18 +98,31 @@ extern "C" int epx__cuda_launch_signal_wait(const epx__cuda_dev_t *d, int kind, 
 
 /* ---- Small alltoallv through the eager slots ------------------------------------------------ */
 
-/* Block-wide copy of `bytes` (16-byte vectors when both ends allow it). */
+/* Block-wide copy of `bytes` (16- or 4-byte words when both ends allow it; 16-byte
+ * loads are issued four at a time per thread to keep several in flight). */
 static __device__ void epx__block_copy(char *dst, const char *src, long long bytes)
 {
-    if ((((unsigned long long)dst | (unsigned long long)src) & 15ull) == 0) {
-        long long n16 = bytes / 16;
+    unsigned long long align = (unsigned long long)dst | (unsigned long long)src;
+    long long done = 0;
+    if ((align & 15ull) == 0) {
+        long long n16 = bytes / 16, stride = (long long)blockDim.x;
         const uint4 *s = (const uint4 *)src;
         uint4 *t = (uint4 *)dst;
-        for (long long i = threadIdx.x; i < n16; i += blockDim.x) t[i] = s[i];
-        for (long long i = n16 * 16 + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
-    } else {
-        for (long long i = threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
+        long long i = threadIdx.x;
+        for (; i + 3 * stride < n16; i += 4 * stride) {
+            uint4 a = s[i], b = s[i + stride], c = s[i + 2 * stride], e = s[i + 3 * stride];
+            t[i] = a, t[i + stride] = b, t[i + 2 * stride] = c, t[i + 3 * stride] = e;
+        }
+        for (; i < n16; i += stride) t[i] = s[i];
+        done = n16 * 16;
+    } else if ((align & 3ull) == 0) {
+        long long n4 = bytes / 4;
+        const unsigned *s = (const unsigned *)src;
+        unsigned *t = (unsigned *)dst;
+        for (long long i = threadIdx.x; i < n4; i += blockDim.x) t[i] = s[i];
+        done = n4 * 4;
     }
+    for (long long i = done + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
 }
 
 /* Block p sends my segment for rank p into p's slot, then receives p's segment for me. */
@@ -137,5 +150,71 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
 extern "C" int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_a2a_args_t *a, void *stream)
 {
     epx__k_eager_alltoallv<<<d->nranks, 256, 0, (cudaStream_t)stream>>>(*d, *a);
+    return (int)cudaGetLastError();
+}
+
+/* ---- Mid-size alltoallv written straight into the peers ------------------------------------------ */
+
+/* The bytes of all segments, concatenated in rank order, are split evenly over the blocks.
+ * Before writing into a peer a block waits for the peer's arrival (its receive buffer is
+ * free); after its writes every block adds 1 to its WRITTEN counter at every peer. The
+ * last block to finish waits until every peer's blocks have written into me. */
+static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_direct_args_t a)
+{
+    __shared__ int ok;
+    unsigned long long n = epx__op_number(&d);
+    int me = d.rank, R = d.nranks;
+    if (blockIdx.x == 0 && (int)threadIdx.x < R && (int)threadIdx.x != me)
+        epx__st_release_sys(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_ARRIVE * R + me) * EPX__FLAG_STRIDE, n);
+    long long total = 0;
+    for (int p = 0; p < R; p++) total += a.bytes[p];
+    long long chunk = ((total + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+    long long lo = chunk * blockIdx.x, hi = lo + chunk < total ? lo + chunk : total, base = 0;
+    for (int i = 0; i < R; i++) {
+        int p = (me + i) % R; /* rank order would send every block to the same peer first */
+        long long b0 = base, b1 = base + a.bytes[p];
+        base = b1;
+        long long s0 = lo > b0 ? lo : b0, s1 = hi < b1 ? hi : b1;
+        if (s0 >= s1) continue;
+        if (p != me) {
+            if (threadIdx.x == 0)
+                ok = epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_ARRIVE * R + p) * EPX__FLAG_STRIDE, n, p);
+            __syncthreads();
+            if (!ok) break;
+        }
+        epx__block_copy(a.dst[p] + (s0 - b0), a.src[p] + (s0 - b0), s1 - s0);
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < R && (int)threadIdx.x != me) {
+        __threadfence_system();
+        atomicAdd_system(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_WRITTEN * R + me) * EPX__FLAG_STRIDE, 1ull);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        unsigned prev = atomicAdd(d.blocks_left, 1u);
+        ok = prev == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!ok) return;
+    /* The last block: everyone's writes into me are complete, then the epoch advances. */
+    int p = (int)threadIdx.x;
+    if (p < R && p != me)
+        epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_WRITTEN * R + p) * EPX__FLAG_STRIDE,
+                      (*(volatile unsigned long long *)d.direct_ops + 1ull) * (unsigned long long)gridDim.x, p);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *d.blocks_left = 0;
+        *(volatile unsigned long long *)d.direct_ops += 1ull;
+        __threadfence();
+        *(volatile unsigned long long *)d.epoch = n;
+        __threadfence();
+    }
+}
+
+extern "C" int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_direct_args_t *a,
+                                                 void *stream)
+{
+    epx__k_direct_alltoallv<<<EPX__DIRECT_BLOCKS, 512, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
