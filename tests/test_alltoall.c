@@ -151,6 +151,32 @@ static int check_alltoall(epx_comm_t comm, int me, int R, size_t count, bool reg
     return 1;
 }
 
+/* Back-to-back alltoalls of changing sizes (every path, in every order), each on output
+ * poisoned in stream order right before it and checked: catches a peer writing before
+ * this rank is ready, or a rank finishing before every write has landed. */
+static int stress(epx_comm_t comm, int me, int R, int rounds)
+{
+    static const size_t counts[] = {3, 2048, 40000, 300000, 1 << 20, 5000000};
+    size_t maxc = 5000000, bytes = maxc * (size_t)R * 4;
+    uint32_t *send = test_buf_alloc(bytes), *recv = test_buf_alloc(bytes), *host = malloc(bytes);
+    uint64_t seed = 99;
+    for (int it = 0; it < rounds; it++) {
+        size_t count = counts[test_rand(&seed) % (sizeof counts / sizeof counts[0])];
+        for (int q = 0; q < R; q++)
+            for (size_t i = 0; i < count; i++) host[(size_t)q * count + i] = (uint32_t)test_mix((uint64_t)it, (uint64_t)me, (uint64_t)q, i);
+        test_buf_put(send, host, count * (size_t)R * 4);
+        test_buf_poison(recv, 0xA5, count * (size_t)R * 4);
+        ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_F32, test_stream()));
+        test_buf_get(host, recv, count * (size_t)R * 4);
+        for (int q = 0; q < R; q++)
+            for (size_t i = 0; i < count; i++)
+                if (host[(size_t)q * count + i] != (uint32_t)test_mix((uint64_t)it, (uint64_t)q, (uint64_t)me, i))
+                    TEST_FAIL_("stress round %d (count %zu): element %zu from rank %d wrong", it, count, i, q);
+    }
+    test_buf_free(send), test_buf_free(recv), free(host);
+    return rounds;
+}
+
 int main(int argc, char **argv)
 {
     bool large = false;
@@ -180,6 +206,7 @@ int main(int argc, char **argv)
     ASSERT_OK(epx_barrier(comm, test_stream()));
     test_sync();
     passed++;
+    passed += stress(comm, me, R, test_on_cuda() ? 60 : 10);
     if (large) {
         /* 256 MiB sent per rank. */
         size_t count = ((size_t)256 << 20) / 4 / (size_t)R;

@@ -93,6 +93,17 @@ void test_buf_get(void *dst, const void *src, size_t bytes)
     memcpy(dst, src, bytes);
 }
 
+void test_buf_poison(void *p, int byte, size_t bytes)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) {
+        CUDA_OK(cudaMemsetAsync(p, byte, bytes, test_cuda_stream));
+        return;
+    }
+#endif
+    memset(p, byte, bytes);
+}
+
 void *test_stream(void)
 {
 #ifdef EPX_HAVE_CUDA

@@ -79,6 +79,8 @@ void *test_buf_alloc(size_t bytes);
 void test_buf_free(void *p);
 void test_buf_put(void *dst, const void *host_src, size_t bytes);
 void test_buf_get(void *host_dst, const void *src, size_t bytes);
+/* Fill with `byte`, in stream order (asynchronous on CUDA). */
+void test_buf_poison(void *p, int byte, size_t bytes);
 /* The stream calls are enqueued on (NULL on the CPU), and a wait for it. */
 void *test_stream(void);
 void test_sync(void);

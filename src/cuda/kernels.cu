@@ -137,6 +137,7 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
     } else {
         char *s = d.peer_eager[p] + (par * R + me) * slot;
         epx__block_copy(s + EPX__SLOT_HDR, a.send + a.send_displ[p], a.send_bytes[p]);
+        __threadfence_system(); /* every writer fences: its stores reach the peer before the flag */
         __syncthreads();
         if (threadIdx.x == 0) epx__st_release_sys((unsigned long long *)s, n);
         char *mine = d.eager + (par * R + p) * slot;
@@ -184,9 +185,9 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
         }
         epx__block_copy(a.dst[p] + (s0 - b0), a.src[p] + (s0 - b0), s1 - s0);
     }
+    __threadfence_system(); /* every writer fences: its stores reach the peer before the count */
     __syncthreads();
     if ((int)threadIdx.x < R && (int)threadIdx.x != me) {
-        __threadfence_system();
         atomicAdd_system(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_WRITTEN * R + me) * EPX__FLAG_STRIDE, 1ull);
     }
     __syncthreads();
