@@ -1,0 +1,34 @@
+/*
+ * Topology: with EPX_LOCAL_SIZE unset every rank of this machine is on one host; with
+ * EPX_LOCAL_SIZE=S ranks are grouped in blocks of S consecutive ranks (simulated hosts).
+ * Run through epx-run; the expected local size comes as argv[1] (0 = one host).
+ */
+#include <stdlib.h>
+
+#include "testlib.h"
+
+int main(int argc, char **argv)
+{
+    int me, R, S = argc > 1 ? atoi(argv[1]) : 0;
+    epx_comm_t comm = test_comm_from_env(&me, &R);
+    epx_comm_info_t info;
+    ASSERT_OK(epx_comm_info(comm, &info));
+    ASSERT_EQ(info.rank, me);
+    ASSERT_EQ(info.nranks, R);
+    if (S <= 0) {
+        ASSERT_EQ(info.num_hosts, 1);
+        ASSERT_EQ(info.host, 0);
+        ASSERT_EQ(info.local_rank, me);
+        ASSERT_EQ(info.local_size, R);
+    } else {
+        ASSERT_EQ(info.num_hosts, (R + S - 1) / S);
+        ASSERT_EQ(info.host, me / S);
+        ASSERT_EQ(info.local_rank, me % S);
+        ASSERT_EQ(info.local_size, me / S == R / S ? R % S : S);
+    }
+    ASSERT_EQ(info.backend, EPX_BACKEND_CPU);
+    ASSERT_OK(epx_barrier(comm, NULL));
+    ASSERT_OK(epx_comm_destroy(comm));
+    test_done(1);
+    return 0;
+}
