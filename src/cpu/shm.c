@@ -85,20 +85,22 @@ static bool epx__pid_dead(int pid)
     return paren[2] == 'Z' || paren[2] == 'X';
 }
 
-/* Has `peer` failed? Checked while waiting on it, at most every few milliseconds. */
-static epx_status_t epx__peer_check(epx__cpu_t *c, int peer, const char *what, uint32_t target,
-                                    epx__errbuf_t *err)
+/* Has `peer` failed (aborted, or its process is gone)? Checked while waiting on it, the
+ * process at most every 2 ms. Returns the status and says why in `why`; logs nothing. */
+static epx_status_t epx__peer_state(epx__cpu_t *c, int peer, char *why, size_t len)
 {
     epx__peer_t *p = &c->peers[peer];
-    if (atomic_load_explicit(&p->hdr->aborted.value, memory_order_acquire))
-        return epx__fail(err, EPX_ERR_PEER_FAILURE, "rank %d aborted its communicator while rank %d waited for its %s of operation %u",
-                         peer, c->rank, what, target);
+    if (atomic_load_explicit(&p->hdr->aborted.value, memory_order_acquire)) {
+        snprintf(why, len, "rank %d aborted its communicator", peer);
+        return EPX_ERR_PEER_FAILURE;
+    }
     uint64_t now = epx__now_ns();
     if (now - p->liveness_check_ns > 2000000ull) {
         p->liveness_check_ns = now;
-        if (epx__pid_dead(p->hdr->pid))
-            return epx__fail(err, EPX_ERR_PEER_FAILURE, "rank %d (pid %d) died while rank %d waited for its %s of operation %u",
-                             peer, p->hdr->pid, c->rank, what, target);
+        if (epx__pid_dead(p->hdr->pid)) {
+            snprintf(why, len, "rank %d (pid %d) died", peer, p->hdr->pid);
+            return EPX_ERR_PEER_FAILURE;
+        }
     }
     return EPX_SUCCESS;
 }
@@ -131,7 +133,13 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t
     for (;;) {
         uint32_t v = atomic_load_explicit(&flag->value, memory_order_acquire);
         if (epx__seq_geq(v, target)) return EPX_SUCCESS;
-        EPX__CHECK(epx__peer_check(c, peer, what, target, err));
+        char why[128];
+        epx_status_t ps = epx__peer_state(c, peer, why, sizeof why);
+        if (ps != EPX_SUCCESS) {
+            /* It may have posted just before it went away. */
+            if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
+            return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, c->rank, what, target);
+        }
         if (epx__now_ns() >= deadline)
             return epx__fail(err, EPX_ERR_TIMEOUT,
                              "rank %d timed out after %" PRId64 " ms waiting for rank %d's %s of operation %u (it is at %u)",
