@@ -7,14 +7,26 @@
 struct epx_moe {
     epx_comm_t comm;
     epx__moe_shape_t shape;
-    epx__cpu_moe_t *cpu;
+    epx__cpu_moe_t *cpu;   /* one of the two backends */
+    epx__cuda_moe_t *cuda;
 };
 
 struct epx_moe_handle {
     epx_moe_t moe;
     int mode;
     epx__cpu_moe_handle_t *cpu;
+    epx__cuda_moe_handle_t *cuda;
 };
+
+static int64_t epx__handle_rows(epx_moe_handle_t h)
+{
+    return h->cuda ? epx__cuda_moe_handle_rows(h->cuda) : epx__cpu_moe_handle_rows(h->cpu);
+}
+
+static int epx__handle_tokens(epx_moe_handle_t h)
+{
+    return h->cuda ? epx__cuda_moe_handle_tokens(h->cuda) : epx__cpu_moe_handle_tokens(h->cpu);
+}
 
 static bool epx__is_token_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32 || d == EPX_FP8_E4M3; }
 static bool epx__is_combine_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32; }
@@ -78,6 +90,7 @@ static epx_status_t epx__moe_shape(epx_comm_t c, const epx_moe_config_t *u, epx_
     s->scale_cols = (size_t)(cfg.hidden + EPX__FP8_BLOCK - 1) / EPX__FP8_BLOCK;
     s->combine_row_bytes = (size_t)cfg.hidden * epx_dtype_size(s->combine_dtype);
     s->ll_slots = (size_t)c->nranks * (size_t)cfg.max_tokens_per_rank;
+    s->num_sms = cfg.num_sms == EPX_UNSET ? 0 : cfg.num_sms;
     return EPX_SUCCESS;
 }
 
@@ -86,14 +99,13 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
     EPX__CHECK(epx__comm_check(comm));
     if (!out) return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
     *out = NULL;
-    if (comm->cuda)
-        return epx__fail(&comm->err, EPX_ERR_UNSUPPORTED, "MoE dispatch/combine on the CUDA backend is not built yet");
     epx_moe_t m = calloc(1, sizeof *m);
     if (!m) return epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
     m->comm = comm;
     epx_status_t local = epx__moe_shape(comm, cfg, &m->shape);
-    uint64_t hash = epx__hash64(&m->shape.hidden, sizeof m->shape - offsetof(epx__moe_shape_t, hidden), 0);
-    epx_status_t st = epx__cpu_moe_create(comm->cpu, &m->shape, hash, local, &m->cpu, &comm->err);
+    uint64_t hash = epx__hash64(&m->shape.hidden, offsetof(epx__moe_shape_t, num_sms) - offsetof(epx__moe_shape_t, hidden), 0);
+    epx_status_t st = comm->cuda ? epx__cuda_moe_create(comm->cuda, &m->shape, hash, local, &m->cuda, &comm->err)
+                                 : epx__cpu_moe_create(comm->cpu, &m->shape, hash, local, &m->cpu, &comm->err);
     if (st == EPX_ERR_REMOTE_INVALID && local != EPX_SUCCESS) st = local;
     st = epx__comm_result(comm, st);
     if (st != EPX_SUCCESS) {
@@ -108,6 +120,7 @@ epx_status_t epx_moe_destroy(epx_moe_t moe)
 {
     if (!moe) return EPX_SUCCESS;
     epx__cpu_moe_destroy(moe->cpu);
+    epx__cuda_moe_destroy(moe->cuda);
     free(moe);
     return EPX_SUCCESS;
 }
@@ -144,15 +157,18 @@ static epx_status_t epx__check_tokens(const epx__moe_shape_t *s, epx__errbuf_t *
     return EPX_SUCCESS;
 }
 
-static epx_status_t epx__check_routing(const epx__moe_shape_t *s, epx__errbuf_t *err, const void *topk_idx, int T, int K)
+/* Device routing (CUDA) is validated on the device, by the backend. */
+static epx_status_t epx__check_routing(const epx__moe_shape_t *s, epx__errbuf_t *err, const void *topk_idx, int T, int K,
+                                       bool on_device)
 {
     size_t is = epx_dtype_size(s->index_dtype);
     EPX__CHECK(epx__check_buf(err, "topk_idx", topk_idx, T > 0, is));
+    if (on_device) return EPX_SUCCESS;
     return epx__topk_validate(topk_idx, s->index_dtype, T, K, s->num_experts, err);
 }
 
 static epx_status_t epx__check_dispatch(const epx__moe_shape_t *s, epx__errbuf_t *err, const epx_moe_dispatch_in_t *in,
-                                        const epx_moe_dispatch_out_t *out, bool cached)
+                                        const epx_moe_dispatch_out_t *out, bool cached, bool on_device)
 {
     EPX__REQUIRE(in && out, "in or out is NULL");
     bool fp8 = s->dtype == EPX_FP8_E4M3;
@@ -160,7 +176,7 @@ static epx_status_t epx__check_dispatch(const epx__moe_shape_t *s, epx__errbuf_t
     size_t es = epx_dtype_size(s->dtype);
     if (!cached) {
         EPX__CHECK(epx__check_tokens(s, err, T, in->topk));
-        EPX__CHECK(epx__check_routing(s, err, in->topk_idx, T, in->topk));
+        EPX__CHECK(epx__check_routing(s, err, in->topk_idx, T, in->topk, on_device));
         EPX__CHECK(epx__check_buf(err, "in.topk_weights", in->topk_weights, false, 4));
     }
     EPX__CHECK(epx__check_buf(err, "in.x", in->x, T > 0, es));
@@ -182,7 +198,7 @@ static epx_status_t epx__check_moe_call(epx_moe_t moe, void *stream, int mode)
     if (!moe) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
     EPX__CHECK(epx__comm_check(moe->comm));
     epx__errbuf_t *err = &moe->comm->err;
-    EPX__REQUIRE(!stream, "stream must be NULL on the CPU backend");
+    EPX__REQUIRE(!stream || moe->cuda, "stream must be NULL on the CPU backend");
     if (moe->shape.mode != mode)
         return epx__fail(err, EPX_ERR_INVALID_USAGE, "this MoE context was created for %s mode",
                          moe->shape.mode == EPX_MOE_LOW_LATENCY ? "low-latency" : "high-throughput");
@@ -207,42 +223,53 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
     if (!moe) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
-    EPX__REQUIRE(!stream, "stream must be NULL on the CPU backend");
+    EPX__REQUIRE(!stream || moe->cuda, "stream must be NULL on the CPU backend");
     EPX__CHECK(epx__check_tokens(s, err, num_tokens, topk));
-    EPX__CHECK(epx__check_routing(s, err, topk_idx, num_tokens, topk));
+    EPX__CHECK(epx__check_routing(s, err, topk_idx, num_tokens, topk, moe->cuda != NULL));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_rank", per_rank, false, 4));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_expert", per_expert, false, 4));
+    if (moe->cuda)
+        return epx__cuda_moe_layout(moe->cuda, topk_idx, num_tokens, topk, per_rank, per_expert, in_rank, stream, err);
     return epx__layout(topk_idx, s->index_dtype, num_tokens, topk, s->num_experts, s->nranks, per_rank, per_expert,
                        in_rank);
 }
 
-static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu, epx_moe_handle_t *out)
+static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu, epx__cuda_moe_handle_t *cuda,
+                                    epx_moe_handle_t *out)
 {
     epx_moe_handle_t h = calloc(1, sizeof *h);
     if (!h) {
         epx__cpu_moe_handle_free(cpu);
+        epx__cuda_moe_handle_free(cuda);
         return epx__fail(&moe->comm->err, EPX_ERR_NO_MEMORY, "out of memory");
     }
     h->moe = moe;
     h->mode = mode;
     h->cpu = cpu;
+    h->cuda = cuda;
     *out = h;
     return EPX_SUCCESS;
 }
+
+#define EPX__STREAM_CHECK(moe, err, stream)                                                                       \
+    ((stream) && !(moe)->cuda ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend") \
+                              : EPX_SUCCESS)
 
 epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
                               epx_moe_handle_t *handle, void *stream)
 {
     EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
     epx__errbuf_t *err = &moe->comm->err;
-    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
-                                : epx__check_dispatch(&moe->shape, err, in, out, false);
+    epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
+    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, false, moe->cuda != NULL);
     if (local == EPX_SUCCESS && !handle) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "handle is NULL");
     epx__cpu_moe_handle_t *h = NULL;
-    epx_status_t st = epx__cpu_moe_dispatch(moe->cpu, in, out, local, &h, err);
+    epx__cuda_moe_handle_t *hc = NULL;
+    epx_status_t st = moe->cuda ? epx__cuda_moe_dispatch(moe->cuda, in, out, local, &hc, stream, err)
+                                : epx__cpu_moe_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, handle);
+    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, hc, handle);
 }
 
 epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
@@ -250,16 +277,18 @@ epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, con
 {
     EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
     epx__errbuf_t *err = &moe->comm->err;
-    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
-                                : epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
-    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, true);
-    if (local == EPX_SUCCESS && in->num_tokens != epx__cpu_moe_handle_tokens(handle->cpu))
+    epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
+    if (local == EPX_SUCCESS) local = epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
+    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, true, moe->cuda != NULL);
+    if (local == EPX_SUCCESS && in->num_tokens != epx__handle_tokens(handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in.num_tokens = %d but the handle routed %d tokens",
-                          in->num_tokens, epx__cpu_moe_handle_tokens(handle->cpu));
-    if (local == EPX_SUCCESS && out->capacity < epx__cpu_moe_handle_rows(handle->cpu))
+                          in->num_tokens, epx__handle_tokens(handle));
+    if (local == EPX_SUCCESS && out->capacity < epx__handle_rows(handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld but the handle received %lld rows",
-                          (long long)out->capacity, (long long)epx__cpu_moe_handle_rows(handle->cpu));
-    epx_status_t st = epx__cpu_moe_dispatch_cached(moe->cpu, local == EPX_SUCCESS ? handle->cpu : NULL, in, out, local, err);
+                          (long long)out->capacity, (long long)epx__handle_rows(handle));
+    bool ok = local == EPX_SUCCESS;
+    epx_status_t st = moe->cuda ? epx__cuda_moe_dispatch_cached(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+                                : epx__cpu_moe_dispatch_cached(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
 }
 
@@ -269,19 +298,21 @@ epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_m
     EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
-    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
-                                : epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
+    epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
+    if (local == EPX_SUCCESS) local = epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
     if (local == EPX_SUCCESS && (!in || !out)) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in or out is NULL");
     if (local == EPX_SUCCESS) {
         size_t es = epx_dtype_size(s->combine_dtype);
-        int64_t rows = epx__cpu_moe_handle_rows(handle->cpu);
-        int T = epx__cpu_moe_handle_tokens(handle->cpu);
+        int64_t rows = epx__handle_rows(handle);
+        int T = epx__handle_tokens(handle);
         local = epx__check_buf(err, "in.y", in->y, rows > 0, es);
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.topk_weights", in->topk_weights, false, 4);
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out", out->out, T > 0, es);
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out_topk_weights", out->out_topk_weights, false, 4);
     }
-    epx_status_t st = epx__cpu_moe_combine(moe->cpu, local == EPX_SUCCESS ? handle->cpu : NULL, in, out, local, err);
+    bool ok = local == EPX_SUCCESS;
+    epx_status_t st = moe->cuda ? epx__cuda_moe_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+                                : epx__cpu_moe_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
 }
 
@@ -296,7 +327,7 @@ epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *
     if (local == EPX_SUCCESS && (!in || !out || !handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in, out or handle is NULL");
     if (local == EPX_SUCCESS) local = epx__check_tokens(s, err, in->num_tokens, in->topk);
-    if (local == EPX_SUCCESS) local = epx__check_routing(s, err, in->topk_idx, in->num_tokens, in->topk);
+    if (local == EPX_SUCCESS) local = epx__check_routing(s, err, in->topk_idx, in->num_tokens, in->topk, false);
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.x", in->x, in->num_tokens > 0, epx_dtype_size(s->dtype));
     bool slots = s->ll_slots > 0;
     if (local == EPX_SUCCESS)
@@ -311,7 +342,7 @@ epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *
     epx_status_t st = epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, handle);
+    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, NULL, handle);
 }
 
 epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
@@ -324,7 +355,7 @@ epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const ep
                                 : epx__check_handle(moe, handle, EPX_MOE_LOW_LATENCY);
     if (local == EPX_SUCCESS && !in) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in is NULL");
     if (local == EPX_SUCCESS) {
-        int T = epx__cpu_moe_handle_tokens(handle->cpu);
+        int T = epx__handle_tokens(handle);
         size_t es = epx_dtype_size(s->combine_dtype);
         local = epx__check_buf(err, "in.y", in->y, s->ll_slots > 0, es);
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.topk_weights", in->topk_weights, T > 0, 4);
@@ -338,6 +369,7 @@ epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
 {
     if (!handle) return EPX_SUCCESS;
     epx__cpu_moe_handle_free(handle->cpu);
+    epx__cuda_moe_handle_free(handle->cuda);
     free(handle);
     return EPX_SUCCESS;
 }
@@ -345,6 +377,6 @@ epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
 epx_status_t epx_moe_handle_num_recv_tokens(epx_moe_handle_t handle, int64_t *rows)
 {
     if (!handle || !rows) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "handle or rows is NULL");
-    *rows = handle->mode == EPX_MOE_HIGH_THROUGHPUT ? epx__cpu_moe_handle_rows(handle->cpu) : 0;
+    *rows = handle->mode == EPX_MOE_HIGH_THROUGHPUT ? epx__handle_rows(handle) : 0;
     return EPX_SUCCESS;
 }

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "convert.h"
 #include "epx.h"
 
 #define EPX__ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
@@ -110,6 +111,8 @@ void epx__log_set_rank(int rank);
       "CUDA: alltoallv with every pair at most this size runs as one kernel through slots") \
     X(CUDA_COPY_ENGINE_BYTES, "EPX_CUDA_COPY_ENGINE_BYTES", SIZE, "8M",                    \
       "CUDA: alltoallv with a pair above this size moves data with copy engines (no SMs)") \
+    X(CUDA_SMS, "EPX_CUDA_SMS", INT, "24",                                                 \
+      "CUDA: SMs (thread blocks) the MoE copy and reduce kernels use, unless cfg.num_sms") \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \
     X(NRANKS, "EPX_NRANKS", INT, "0", "number of ranks (set by epx-run)")                  \
     X(UNIQUE_ID, "EPX_UNIQUE_ID", STR, "", "rendezvous id, text form (set by epx-run)")
@@ -139,25 +142,6 @@ uint64_t epx__hash64(const void *data, size_t len, uint64_t seed);
 uint64_t epx__random64(void);
 
 /* ---- Element types and conversions (dtype.c) ------------------------------------------ */
-
-/* bf16 <-> float32 for hot loops (same results as epx_bf16_to_float / epx_float_to_bf16). */
-static inline float epx__bf16_to_f32(uint16_t v)
-{
-    union {
-        uint32_t u;
-        float f;
-    } x = {(uint32_t)v << 16};
-    return x.f;
-}
-static inline uint16_t epx__f32_to_bf16(float f)
-{
-    union {
-        float f;
-        uint32_t u;
-    } x = {f};
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40);
-    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
-}
 
 /* Float32 value of element i of a row of `dtype` (BF16, F16, F32, FP8_E4M3). */
 float epx__load_float(const void *row, epx_dtype_t dtype, size_t i);
@@ -204,6 +188,7 @@ typedef struct {
     size_t scale_cols;        /* ceil(hidden / 128) */
     size_t combine_row_bytes; /* hidden * size(combine_dtype) */
     size_t ll_slots;          /* nranks * max_tokens: slots per local expert (low latency) */
+    int num_sms;              /* GPU SM budget; <= 0: EPX_CUDA_SMS */
 } epx__moe_shape_t;
 
 /* ---- Bootstrap: rendezvous over TCP, then a star of sockets around rank 0 ------------ */

@@ -16,64 +16,16 @@ const char *epx_dtype_name(epx_dtype_t dtype)
     return (unsigned)dtype < EPX_NUM_DTYPES ? names[dtype] : "unknown";
 }
 
-static inline uint32_t epx__f2u(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-static inline float epx__u2f(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#define epx__f2u epx__f32_bits
+#define epx__u2f epx__bits_f32
 
 float epx_bf16_to_float(uint16_t v) { return epx__bf16_to_f32(v); }
 
 uint16_t epx_float_to_bf16(float f) { return epx__f32_to_bf16(f); }
 
-float epx_f16_to_float(uint16_t v)
-{
-    uint32_t sign = (uint32_t)(v & 0x8000u) << 16, exp = (v >> 10) & 0x1fu, mant = v & 0x3ffu;
-    if (exp == 0x1f) return epx__u2f(sign | 0x7f800000u | (mant << 13));
-    if (exp == 0) {
-        if (mant == 0) return epx__u2f(sign);
-        /* Subnormal: mant * 2^-24, exact in float. */
-        float f = (float)mant * 0x1p-24f;
-        return sign ? -f : f;
-    }
-    return epx__u2f(sign | ((exp + 112u) << 23) | (mant << 13));
-}
+float epx_f16_to_float(uint16_t v) { return epx__f16_to_f32(v); }
 
-/* Shift right by `shift` bits rounding to nearest even. */
-static inline uint32_t epx__shift_rne(uint32_t v, unsigned shift)
-{
-    if (shift == 0) return v;
-    if (shift > 31) return 0;
-    uint32_t r = v >> shift, rem = v & ((1u << shift) - 1u), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (r & 1u))) r++;
-    return r;
-}
-
-uint16_t epx_float_to_f16(float f)
-{
-    uint32_t u = epx__f2u(f);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    uint32_t exp = (u >> 23) & 0xffu, mant = u & 0x7fffffu;
-    if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u | (mant >> 13) : 0u));
-    int e = (int)exp - 127 + 15;
-    if (e <= 0) {
-        if (exp == 0) return sign; /* float subnormals are far below half's range */
-        unsigned shift = (unsigned)(14 - e);
-        if (shift > 25) return sign;
-        return (uint16_t)(sign | epx__shift_rne(mant | 0x800000u, shift));
-    }
-    uint32_t r = epx__shift_rne(((uint32_t)e << 23) | mant, 13);
-    if (r >= 0x7c00u) return (uint16_t)(sign | 0x7c00u);
-    return (uint16_t)(sign | r);
-}
+uint16_t epx_float_to_f16(float f) { return epx__f32_to_f16(f); }
 
 float epx_fp8_e4m3_to_float(uint8_t v)
 {

@@ -7,57 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda.h"
-#include "dev.h"
-
-#define EPX__IPC_CACHE 64
-
-#define EPX__CUDA_TRY(call, err, what)                                                              \
-    do {                                                                                            \
-        cudaError_t e_ = (call);                                                                    \
-        if (e_ != cudaSuccess)                                                                      \
-            return epx__fail(err, EPX_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(e_), #call);  \
-    } while (0)
-
-/* A peer allocation opened here. */
-typedef struct {
-    int peer;
-    unsigned long long buffer_id;
-    cudaIpcMemHandle_t handle;
-    void *ptr;
-    uint64_t last_use;
-} epx__ipc_entry_t;
-
-struct epx__cuda {
-    epx__cpu_t *host;
-    int rank, nranks, device;
-    epx__cuda_dev_t dev;   /* what kernels get */
-    void *ctrl;            /* my flags, eager slots, epoch */
-    size_t ctrl_bytes;
-    void *peer_ctrl[EPX__CUDA_MAX_RANKS];
-    epx__cuda_err_t *err_host;
-    cudaStream_t side;     /* the self copy runs beside the peers' */
-    cudaEvent_t fork, join;
-    epx__ipc_entry_t ipc[EPX__IPC_CACHE];
-    uint64_t use_clock;
-    unsigned long long export_id; /* the last allocation I exported, and its handle */
-    cudaIpcMemHandle_t export_handle;
-};
-
-/* What one rank tells another about an alltoallv: how much each sends the other... */
-typedef struct {
-    int64_t send_bytes, recv_bytes;
-    int64_t max_pair_bytes; /* largest of my sends and receives */
-} epx__a2a_card_t;
-
-/* ... and, unless the operation is small enough for the eager slots, where in my receive
- * buffer the other's segment goes (peers write into it). */
-typedef struct {
-    cudaIpcMemHandle_t handle; /* of the allocation holding my receive buffer */
-    unsigned long long buffer_id;
-    int64_t base_offset;       /* recv - allocation base */
-    int64_t recv_displ;
-} epx__ipc_card_t;
+#include "internal.h"
 
 bool epx__cuda_is_device_ptr(const void *p)
 {
@@ -70,7 +20,7 @@ bool epx__cuda_is_device_ptr(const void *p)
 }
 
 /* Exchange `bytes` of `mine` with every rank through the host transport (allgather). */
-static epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine, void *all, size_t bytes,
+epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine, void *all, size_t bytes,
                                         epx_status_t local, epx__errbuf_t *err)
 {
     char *send = malloc(bytes * (size_t)nranks);
@@ -239,7 +189,7 @@ static epx_status_t epx__driver_calls(epx__pfn_range_t *range, epx__pfn_attr_t *
 
 /* The IPC handle of the allocation holding `p`, and p's offset in it (handles cached by
  * CUDA's unique buffer id, so a freed and reallocated address is never confused). */
-static epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err)
+epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err)
 {
     epx__pfn_range_t get_range = NULL;
     epx__pfn_attr_t get_attr = NULL;
@@ -254,17 +204,18 @@ static epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card
     get_attr(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID, (CUdeviceptr)(uintptr_t)p);
     card->buffer_id = id;
     card->base_offset = (int64_t)((uintptr_t)p - (uintptr_t)base);
-    if (id != 0 && c->export_id == id) {
-        card->handle = c->export_handle;
-        return EPX_SUCCESS;
-    }
+    for (int i = 0; i < EPX__EXPORT_CACHE && id != 0; i++)
+        if (c->exports[i].id == id) {
+            card->handle = c->exports[i].handle;
+            return EPX_SUCCESS;
+        }
     cudaError_t ce = cudaIpcGetMemHandle(&card->handle, (void *)(uintptr_t)base);
     if (ce != cudaSuccess)
         return epx__fail(err, EPX_ERR_UNSUPPORTED,
                          "buffer %p cannot be shared through CUDA IPC (%s): allocate it with cudaMalloc or epx_mem_alloc",
                          p, cudaGetErrorString(ce));
-    c->export_id = id;
-    c->export_handle = card->handle;
+    c->exports[c->next_export] = (epx__export_t){id, card->handle};
+    c->next_export = (c->next_export + 1) % EPX__EXPORT_CACHE;
     return EPX_SUCCESS;
 }
 
@@ -272,7 +223,7 @@ static epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card
  * map and got a new one at the same address makes the open fail as "already mapped": the
  * stale mappings of that peer are then dropped (after this stream's work, which may still
  * use the others) and the open retried. */
-static epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
+epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
                                   epx__errbuf_t *err)
 {
     epx__ipc_entry_t *victim = &c->ipc[0];
@@ -384,7 +335,7 @@ static cudaError_t epx__enqueue_copy_engine(epx__cuda_t *c, const epx__cpu_xfer_
 }
 
 /* Send each peer its card (cards[p], `bytes` each) and get theirs (into cards + R). */
-static epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err)
+epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err)
 {
     int R = c->nranks;
     int64_t *cnt = malloc(sizeof(int64_t) * 2 * (size_t)R);

@@ -39,6 +39,27 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *cuda, const epx__cpu_xfer_t *x, ep
 /* Enqueue a barrier of the ranks' streams. */
 epx_status_t epx__cuda_barrier(epx__cuda_t *cuda, epx_status_t local_status, void *stream, epx__errbuf_t *err);
 
+/* ---- MoE, high-throughput (moe.c); the same contract as the CPU backend's. ---- */
+typedef struct epx__cuda_moe epx__cuda_moe_t;
+typedef struct epx__cuda_moe_handle epx__cuda_moe_handle_t;
+epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
+                                  epx__cuda_moe_t **out, epx__errbuf_t *err);
+void epx__cuda_moe_destroy(epx__cuda_moe_t *m);
+/* Local, device-side layout (entries out of [-1, E) are ignored here; dispatch rejects them). */
+epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
+                                  int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err);
+epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                    epx_status_t local, epx__cuda_moe_handle_t **handle, void *stream,
+                                    epx__errbuf_t *err);
+epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
+                                           const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                           epx_status_t local, void *stream, epx__errbuf_t *err);
+epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
+                                   epx_moe_combine_out_t *out, epx_status_t local, void *stream, epx__errbuf_t *err);
+void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h);
+int64_t epx__cuda_moe_handle_rows(const epx__cuda_moe_handle_t *h);
+int epx__cuda_moe_handle_tokens(const epx__cuda_moe_handle_t *h);
+
 /* Is this a device pointer CUDA knows? */
 bool epx__cuda_is_device_ptr(const void *p);
 

@@ -61,6 +61,58 @@ typedef struct {
     long long bytes[EPX__CUDA_MAX_RANKS];
 } epx__cuda_direct_args_t;
 
+/* ---- MoE high-throughput (moe_kernels.cu) ---- */
+
+/* Every rank's routing, as mapped here. */
+typedef struct {
+    int rank, nranks, num_experts, local_experts, topk, index_i64;
+    const void *topk_idx[EPX__CUDA_MAX_RANKS]; /* [T_p, K] of each rank */
+    const float *weights[EPX__CUDA_MAX_RANKS]; /* [T_p, K] or NULL */
+    int num_tokens[EPX__CUDA_MAX_RANKS];
+} epx__moe_routing_t;
+
+/* Outputs of the row pass (any may be NULL except the handle's arrays). */
+typedef struct {
+    const int *counts;     /* [R, R]: tokens of rank p for rank r */
+    void *recv_topk_idx;   /* [cap, K] local ids */
+    float *recv_topk_weights;
+    int *recv_src_rank, *recv_src_token;
+    int *expert_counts;    /* [L] scratch, zeroed */
+    int *h_src_rank, *h_src_token; /* [cap] the handle's copy */
+    int *h_send_row;       /* [T_me, R] */
+} epx__moe_rows_out_t;
+
+typedef struct {
+    const char *x[EPX__CUDA_MAX_RANKS];      /* rows of each rank */
+    const char *scales[EPX__CUDA_MAX_RANKS]; /* FP8 scales of each rank, or NULL */
+    const int *src_rank, *src_token;         /* [rows] */
+    long long rows, row_bytes, scale_bytes;
+    char *recv_x, *recv_scales;
+} epx__moe_gather_t;
+
+typedef struct {
+    const char *y[EPX__CUDA_MAX_RANKS];      /* [N_r, H] of each rank */
+    const float *w[EPX__CUDA_MAX_RANKS];     /* [N_r, K] of each rank, or NULL */
+    const int *send_row;                     /* [T, R] */
+    int num_tokens, nranks, topk, hidden, dtype; /* dtype: epx_dtype_t of y and out */
+    char *out;
+    float *out_w;
+} epx__moe_combine_t;
+
+/* counts[p, r] for every source p; *bad = first t*K+k of my routing out of [-1, E). */
+int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, long long *bad, void *stream);
+/* Local layout of my routing (outputs zeroed by the caller; any may be NULL). */
+int epx__cuda_launch_moe_layout(const epx__moe_routing_t *r, int *per_rank, int *per_expert, unsigned char *in_rank,
+                                void *stream);
+/* Rows of every source for me, their routing outputs, and my tokens' rows at every rank. */
+int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream);
+/* num_recv_tokens_per_expert[l] = expert_counts[l] rounded up to `align`. */
+int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, void *stream);
+/* Copy rows (and scales) from their sources. */
+int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream);
+/* Sum every token's rows in ascending rank order (float32 from +0), then cast. */
+int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, int blocks, void *stream);
+
 /* Signal `kind` to every peer and wait for theirs (bounded); with `finish`, the operation
  * is complete afterwards (epoch advances). Returns a cudaError_t as int. */
 int epx__cuda_launch_signal_wait(const epx__cuda_dev_t *d, int kind, int finish, void *stream);

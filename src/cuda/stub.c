@@ -47,3 +47,49 @@ bool epx__cuda_is_device_ptr(const void *p)
     (void)p;
     return false;
 }
+
+epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
+                                  epx__cuda_moe_t **out, epx__errbuf_t *err)
+{
+    (void)c, (void)shape, (void)hash, (void)local;
+    *out = NULL;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+void epx__cuda_moe_destroy(epx__cuda_moe_t *m) { (void)m; }
+epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
+                                  int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err)
+{
+    (void)m, (void)topk_idx, (void)num_tokens, (void)topk, (void)per_rank, (void)per_expert, (void)in_rank, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                    epx_status_t local, epx__cuda_moe_handle_t **handle, void *stream,
+                                    epx__errbuf_t *err)
+{
+    (void)m, (void)in, (void)out, (void)local, (void)handle, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
+                                           const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                           epx_status_t local, void *stream, epx__errbuf_t *err)
+{
+    (void)m, (void)h, (void)in, (void)out, (void)local, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
+                                   epx_moe_combine_out_t *out, epx_status_t local, void *stream, epx__errbuf_t *err)
+{
+    (void)m, (void)h, (void)in, (void)out, (void)local, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h) { (void)h; }
+int64_t epx__cuda_moe_handle_rows(const epx__cuda_moe_handle_t *h)
+{
+    (void)h;
+    return 0;
+}
+int epx__cuda_moe_handle_tokens(const epx__cuda_moe_handle_t *h)
+{
+    (void)h;
+    return 0;
+}

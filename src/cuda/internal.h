@@ -1,0 +1,85 @@
+/*
+ * CUDA backend internals shared by its host files (cuda.c: communicator, IPC, alltoallv;
+ * moe.c: MoE dispatch/combine).
+ */
+#ifndef EPX_CUDA_INTERNAL_H
+#define EPX_CUDA_INTERNAL_H
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda.h"
+#include "dev.h"
+
+#define EPX__IPC_CACHE 64
+#define EPX__EXPORT_CACHE 8
+
+/* One of my allocations and its IPC handle. */
+typedef struct {
+    unsigned long long id; /* CUDA's unique buffer id */
+    cudaIpcMemHandle_t handle;
+} epx__export_t;
+
+#define EPX__CUDA_TRY(call, err, what)                                                              \
+    do {                                                                                            \
+        cudaError_t e_ = (call);                                                                    \
+        if (e_ != cudaSuccess)                                                                      \
+            return epx__fail(err, EPX_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(e_), #call);  \
+    } while (0)
+
+/* A peer allocation opened here. */
+typedef struct {
+    int peer;
+    unsigned long long buffer_id;
+    cudaIpcMemHandle_t handle;
+    void *ptr;
+    uint64_t last_use;
+} epx__ipc_entry_t;
+
+struct epx__cuda {
+    epx__cpu_t *host;
+    int rank, nranks, device;
+    epx__cuda_dev_t dev;   /* what kernels get */
+    void *ctrl;            /* my flags, eager slots, epoch */
+    size_t ctrl_bytes;
+    void *peer_ctrl[EPX__CUDA_MAX_RANKS];
+    epx__cuda_err_t *err_host;
+    cudaStream_t side;     /* the self copy runs beside the peers' */
+    cudaEvent_t fork, join;
+    epx__ipc_entry_t ipc[EPX__IPC_CACHE];
+    uint64_t use_clock;
+    epx__export_t exports[EPX__EXPORT_CACHE]; /* my allocations exported lately */
+    int next_export;
+    uint64_t ops_started; /* MoE operations, the same count on every rank (names handles) */
+};
+
+/* What one rank tells another about an alltoallv: how much each sends the other... */
+typedef struct {
+    int64_t send_bytes, recv_bytes;
+    int64_t max_pair_bytes; /* largest of my sends and receives */
+} epx__a2a_card_t;
+
+/* ... and, unless the operation is small enough for the eager slots, where in my receive
+ * buffer the other's segment goes (peers write into it). */
+typedef struct {
+    cudaIpcMemHandle_t handle; /* of the allocation holding my receive buffer */
+    unsigned long long buffer_id;
+    int64_t base_offset;       /* recv - allocation base */
+    int64_t recv_displ;
+} epx__ipc_card_t;
+
+
+/* Everyone's `bytes` of `mine` (rank-major into `all`) through the host transport. */
+epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine, void *all, size_t bytes,
+                                 epx_status_t local, epx__errbuf_t *err);
+/* Send each peer its card (cards[p], `bytes` each) and get theirs (into cards + R * bytes). */
+epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err);
+/* The IPC handle of the allocation holding p, and p's offset in it. */
+epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err);
+/* A peer's allocation mapped here (cached); *base is the allocation's base. */
+epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
+                           epx__errbuf_t *err);
+
+#endif

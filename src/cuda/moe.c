@@ -1,0 +1,422 @@
+/*
+ * CUDA backend: high-throughput MoE dispatch, cached dispatch and combine, on the caller's
+ * stream. Each call first agrees on the host (one round through the control plane: shapes,
+ * IPC handles of the buffers peers will read), maps the peers' buffers (cached), then
+ * enqueues: wait for every peer's stream (ARRIVE), the kernels, signal DONE. Dispatch reads
+ * back one small count matrix (a stream synchronisation) to size its output and to check
+ * every rank's routing before any row is written; a failure there is agreed on by all
+ * ranks and the operation still completes on the device, so the streams stay in step.
+ */
+#include <limits.h>
+
+#include "internal.h"
+
+enum { EPX__COP_DISPATCH = 1, EPX__COP_CACHED, EPX__COP_COMBINE };
+
+struct epx__cuda_moe {
+    epx__cuda_t *c;
+    epx__moe_shape_t s;
+    int blocks;          /* SM budget of the copy kernels */
+    int *d_counts;       /* [R, R] */
+    long long *d_bad;    /* first bad routing entry of mine */
+    int *d_expert_counts; /* [L] */
+    int *h_counts;       /* pinned: [R, R] then the bad entry */
+};
+
+struct epx__cuda_moe_handle {
+    uint32_t id;
+    int num_tokens, topk;
+    int64_t rows;
+    int *d_src_rank, *d_src_token; /* [rows] */
+    int *d_send_row;               /* [T, R] */
+};
+
+/* What every rank tells the others at each MoE call. */
+typedef struct {
+    int32_t op, num_tokens, topk, has_weights;
+    uint32_t routing_id;
+    int32_t pad_;
+    int64_t capacity;
+    epx__ipc_card_t x, scales, topk_idx, weights; /* buffers peers read (y: in x) */
+} epx__moe_card_t;
+
+#define EPX__CUDA_CHECK(call, st, err)                                                               \
+    do {                                                                                             \
+        cudaError_t e_ = (call);                                                                     \
+        if (e_ != cudaSuccess && (st) == EPX_SUCCESS)                                                \
+            (st) = epx__fail(err, EPX_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));            \
+    } while (0)
+
+epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
+                                  epx__cuda_moe_t **out, epx__errbuf_t *err)
+{
+    int R = c->nranks;
+    epx__cuda_moe_t *m = calloc(1, sizeof *m);
+    uint64_t *all = calloc((size_t)R, sizeof *all);
+    if (!m || !all) {
+        free(m), free(all);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    m->c = c;
+    m->s = *shape;
+    int64_t sms = shape->num_sms > 0 ? shape->num_sms : epx__param_int(EPX__P_CUDA_SMS);
+    int dev_sms = 0;
+    if (cudaDeviceGetAttribute(&dev_sms, cudaDevAttrMultiProcessorCount, c->device) == cudaSuccess && dev_sms > 0)
+        sms = EPX__MIN(sms, (int64_t)dev_sms);
+    m->blocks = (int)EPX__MAX(sms, (int64_t)1);
+    if (local == EPX_SUCCESS && shape->mode != EPX_MOE_HIGH_THROUGHPUT)
+        local = epx__fail(err, EPX_ERR_UNSUPPORTED, "low-latency MoE on the CUDA backend is not built yet");
+    if (local == EPX_SUCCESS) {
+        cudaError_t ce = cudaMalloc((void **)&m->d_counts, sizeof(int) * (size_t)R * (size_t)R);
+        if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, sizeof(long long));
+        if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
+        if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
+        if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_CUDA, "MoE setup: %s", cudaGetErrorString(ce));
+    }
+    epx_status_t st = epx__host_allgather(c->host, R, &hash, all, sizeof hash, local, err);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++)
+        if (all[p] != hash) st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, c->rank);
+    free(all);
+    if (st != EPX_SUCCESS) {
+        epx__cuda_moe_destroy(m);
+        return st;
+    }
+    *out = m;
+    return EPX_SUCCESS;
+}
+
+void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
+{
+    if (!m) return;
+    cudaFree(m->d_counts);
+    cudaFree(m->d_bad);
+    cudaFree(m->d_expert_counts);
+    if (m->h_counts) cudaFreeHost(m->h_counts);
+    cudaGetLastError();
+    free(m);
+}
+
+void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h)
+{
+    if (!h) return;
+    cudaFree(h->d_src_rank);
+    cudaFree(h->d_src_token);
+    cudaFree(h->d_send_row);
+    cudaGetLastError();
+    free(h);
+}
+
+int64_t epx__cuda_moe_handle_rows(const epx__cuda_moe_handle_t *h) { return h->rows; }
+int epx__cuda_moe_handle_tokens(const epx__cuda_moe_handle_t *h) { return h->num_tokens; }
+
+epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
+                                  int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    epx__moe_routing_t rt;
+    memset(&rt, 0, sizeof rt);
+    rt.rank = m->c->rank;
+    rt.nranks = m->c->nranks;
+    rt.num_experts = s->num_experts;
+    rt.local_experts = s->local_experts;
+    rt.topk = topk;
+    rt.index_i64 = s->index_dtype == EPX_I64;
+    rt.topk_idx[rt.rank] = topk_idx;
+    rt.num_tokens[rt.rank] = num_tokens;
+    epx_status_t st = EPX_SUCCESS;
+    cudaStream_t strm = (cudaStream_t)stream;
+    if (per_rank) EPX__CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int32_t) * (size_t)rt.nranks, strm), st, err);
+    if (per_expert) EPX__CUDA_CHECK(cudaMemsetAsync(per_expert, 0, sizeof(int32_t) * (size_t)s->num_experts, strm), st, err);
+    if (st == EPX_SUCCESS)
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout(&rt, per_rank, per_expert, in_rank, stream), st, err);
+    return st;
+}
+
+/* ---- The host round ------------------------------------------------------------------------ */
+
+/* Export the buffers peers will read into my card (NULL or empty ones stay unset). */
+static epx_status_t epx__card_export(epx__cuda_t *c, epx__ipc_card_t *card, const void *p, size_t bytes,
+                                     epx__errbuf_t *err)
+{
+    memset(card, 0, sizeof *card);
+    if (!p || bytes == 0) return EPX_SUCCESS;
+    return epx__ipc_export(c, p, card, err);
+}
+
+/* A peer's buffer mapped here (mine as is), or NULL when it exported none. */
+static epx_status_t epx__card_map(epx__cuda_t *c, int p, const epx__ipc_card_t *card, const void *own,
+                                  const char **out, void *stream, epx__errbuf_t *err)
+{
+    *out = NULL;
+    if (p == c->rank) {
+        *out = own;
+        return EPX_SUCCESS;
+    }
+    if (card->buffer_id == 0 && card->base_offset == 0 && memcmp(&card->handle, &(cudaIpcMemHandle_t){0}, sizeof card->handle) == 0)
+        return EPX_SUCCESS;
+    char *base;
+    EPX__CHECK(epx__ipc_open(c, p, card, &base, stream, err));
+    *out = base + card->base_offset;
+    return EPX_SUCCESS;
+}
+
+/* Swap cards; check that all ranks make the same call. `in` gets everyone's. */
+static epx_status_t epx__moe_meet(epx__cuda_moe_t *m, epx__moe_card_t *mine, epx__moe_card_t *in, epx_status_t local,
+                                  epx__errbuf_t *err)
+{
+    int R = m->c->nranks;
+    epx__moe_card_t *cards = calloc(2 * (size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int p = 0; p < R; p++) cards[p] = *mine;
+    epx_status_t st = epx__swap_cards(m->c, cards, sizeof *mine, local, err);
+    memcpy(in, cards + R, sizeof *in * (size_t)R);
+    free(cards);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        if (in[p].op != mine->op || in[p].topk != mine->topk)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d made another MoE call (or top-k) than rank %d", p, m->c->rank);
+        else if (in[p].routing_id != mine->routing_id)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d passed the handle of another dispatch than rank %d", p,
+                           m->c->rank);
+        else if (in[p].has_weights != mine->has_weights)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "ranks %d and %d disagree on passing topk_weights", p, m->c->rank);
+    }
+    return st;
+}
+
+/* Complete the operation on the device (DONE, epoch advances) whatever happened after the
+ * streams met, so that every rank's next operation has the same number. */
+static epx_status_t epx__moe_finish(epx__cuda_moe_t *m, epx_status_t st, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_signal_wait(&m->c->dev, EPX__FLAG_DONE, 1, stream);
+    if (ce != cudaSuccess && st == EPX_SUCCESS)
+        st = epx__fail(err, EPX_ERR_CUDA, "MoE completion: %s", cudaGetErrorString(ce));
+    return st;
+}
+
+/* ---- Dispatch -------------------------------------------------------------------------------- */
+
+static epx_status_t epx__rows_of(const epx__cuda_moe_t *m, const epx__moe_card_t *in, int q, int64_t *n)
+{
+    int R = m->c->nranks;
+    *n = 0;
+    for (int p = 0; p < R; p++) *n += m->h_counts[p * R + q];
+    (void)in;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                    epx_status_t local, epx__cuda_moe_handle_t **handle, void *stream,
+                                    epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    const epx__moe_shape_t *s = &m->s;
+    int R = c->nranks, me = c->rank;
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(&mine, 0, sizeof mine);
+    mine.op = EPX__COP_DISPATCH;
+    if (local == EPX_SUCCESS) {
+        size_t T = (size_t)in->num_tokens, K = (size_t)in->topk;
+        mine.num_tokens = in->num_tokens;
+        mine.topk = in->topk;
+        mine.has_weights = in->topk_weights != NULL;
+        mine.capacity = out->capacity;
+        local = epx__card_export(c, &mine.x, in->x, T * s->row_bytes, err);
+        if (local == EPX_SUCCESS && fp8) local = epx__card_export(c, &mine.scales, in->x_scales, T * s->scale_cols * 4, err);
+        if (local == EPX_SUCCESS)
+            local = epx__card_export(c, &mine.topk_idx, in->topk_idx, T * K * epx_dtype_size(s->index_dtype), err);
+        if (local == EPX_SUCCESS) local = epx__card_export(c, &mine.weights, in->topk_weights, T * K * 4, err);
+    }
+    epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    epx__moe_routing_t rt;
+    memset(&rt, 0, sizeof rt);
+    epx__moe_gather_t g;
+    memset(&g, 0, sizeof g);
+    rt.rank = me;
+    rt.nranks = R;
+    rt.num_experts = s->num_experts;
+    rt.local_experts = s->local_experts;
+    rt.topk = mine.topk;
+    rt.index_i64 = s->index_dtype == EPX_I64;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        rt.num_tokens[p] = cards[p].num_tokens;
+        const char *ptr;
+        st = epx__card_map(c, p, &cards[p].topk_idx, p == me ? in->topk_idx : NULL, &ptr, stream, err);
+        rt.topk_idx[p] = ptr;
+        if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
+        rt.weights[p] = (const float *)ptr;
+        if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].x, p == me ? in->x : NULL, &g.x[p], stream, err);
+        if (st == EPX_SUCCESS && fp8)
+            st = epx__card_map(c, p, &cards[p].scales, p == me ? (const void *)in->x_scales : NULL, &g.scales[p], stream, err);
+    }
+    if (st != EPX_SUCCESS) {
+        free(cards);
+        return st; /* nothing was enqueued anywhere for this call: every rank failed here */
+    }
+
+    /* The streams meet; count every source's tokens for every rank; read the counts back. */
+    cudaStream_t strm = (cudaStream_t)stream;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
+    EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_bad, stream), st, err);
+    EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts, m->d_counts, sizeof(int) * (size_t)R * (size_t)R, cudaMemcpyDeviceToHost, strm),
+                    st, err);
+    long long *h_bad = (long long *)(void *)(m->h_counts + R * R + (R * R) % 2);
+    EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
+    EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
+    if (st != EPX_SUCCESS) {
+        free(cards);
+        return st; /* a CUDA failure: the communicator is no longer trustworthy */
+    }
+    /* Every rank's verdict: its routing, and every output's capacity (all ranks see the
+     * same count matrix, so they agree on capacity without another round). */
+    epx_status_t verdict = EPX_SUCCESS;
+    if (*h_bad != LLONG_MAX)
+        verdict = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
+                            *h_bad / mine.topk, *h_bad % mine.topk, s->num_experts);
+    int32_t v = verdict, *all = calloc((size_t)R, sizeof *all);
+    st = all ? epx__host_allgather(c->host, R, &v, all, sizeof v, verdict, err) : EPX_ERR_NO_MEMORY;
+    free(all);
+    int64_t n = 0;
+    for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
+        int64_t rows;
+        epx__rows_of(m, cards, q, &rows);
+        if (q == me) n = rows;
+        if (rows > cards[q].capacity)
+            st = q == me ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld rows, but this rank receives %lld",
+                                     (long long)cards[q].capacity, (long long)rows)
+                         : epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity is below the %lld rows it receives",
+                                     q, (long long)rows);
+    }
+    epx__cuda_moe_handle_t *h = NULL;
+    if (st == EPX_SUCCESS) {
+        h = calloc(1, sizeof *h);
+        cudaError_t ce = h ? cudaSuccess : cudaErrorMemoryAllocation;
+        size_t cap = (size_t)EPX__MAX(n, (int64_t)1);
+        if (ce == cudaSuccess) ce = cudaMalloc((void **)&h->d_src_rank, sizeof(int) * cap);
+        if (ce == cudaSuccess) ce = cudaMalloc((void **)&h->d_src_token, sizeof(int) * cap);
+        if (ce == cudaSuccess)
+            ce = cudaMalloc((void **)&h->d_send_row, sizeof(int) * (size_t)EPX__MAX(mine.num_tokens, 1) * (size_t)R);
+        if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_NO_MEMORY, "handle: %s", cudaGetErrorString(ce));
+    }
+    if (st == EPX_SUCCESS) {
+        h->id = (uint32_t)(c->ops_started + 1);
+        h->num_tokens = mine.num_tokens;
+        h->topk = mine.topk;
+        h->rows = n;
+        epx__moe_rows_out_t o = {m->d_counts, out->recv_topk_idx, out->recv_topk_weights, out->recv_src_rank,
+                                 out->recv_src_token, m->d_expert_counts, h->d_src_rank, h->d_src_token, h->d_send_row};
+        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_expert_counts, 0, sizeof(int) * (size_t)s->local_experts, strm), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_rows(&rt, &o, stream), st, err);
+        if (out->num_recv_tokens_per_expert)
+            EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_align(m->d_expert_counts, out->num_recv_tokens_per_expert,
+                                                                     s->local_experts, s->alignment, stream),
+                            st, err);
+        g.src_rank = h->d_src_rank;
+        g.src_token = h->d_src_token;
+        g.rows = n;
+        g.row_bytes = (long long)s->row_bytes;
+        g.scale_bytes = fp8 ? (long long)(s->scale_cols * 4) : 0;
+        g.recv_x = out->recv_x;
+        g.recv_scales = fp8 ? (char *)out->recv_x_scales : NULL;
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
+    }
+    c->ops_started++;
+    st = epx__moe_finish(m, st, stream, err);
+    free(cards);
+    if (st != EPX_SUCCESS) {
+        epx__cuda_moe_handle_free(h);
+        return st;
+    }
+    out->num_recv_tokens = n;
+    *handle = h;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
+                                           const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                           epx_status_t local, void *stream, epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    const epx__moe_shape_t *s = &m->s;
+    int R = c->nranks, me = c->rank;
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(&mine, 0, sizeof mine);
+    mine.op = EPX__COP_CACHED;
+    if (local == EPX_SUCCESS) {
+        mine.topk = h->topk;
+        mine.routing_id = h->id;
+        local = epx__card_export(c, &mine.x, in->x, (size_t)h->num_tokens * s->row_bytes, err);
+        if (local == EPX_SUCCESS && fp8)
+            local = epx__card_export(c, &mine.scales, in->x_scales, (size_t)h->num_tokens * s->scale_cols * 4, err);
+    }
+    epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    epx__moe_gather_t g;
+    memset(&g, 0, sizeof g);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        st = epx__card_map(c, p, &cards[p].x, p == me ? in->x : NULL, &g.x[p], stream, err);
+        if (st == EPX_SUCCESS && fp8)
+            st = epx__card_map(c, p, &cards[p].scales, p == me ? (const void *)in->x_scales : NULL, &g.scales[p], stream, err);
+    }
+    free(cards);
+    if (st != EPX_SUCCESS) return st;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
+    g.src_rank = h->d_src_rank;
+    g.src_token = h->d_src_token;
+    g.rows = h->rows;
+    g.row_bytes = (long long)s->row_bytes;
+    g.scale_bytes = fp8 ? (long long)(s->scale_cols * 4) : 0;
+    g.recv_x = out->recv_x;
+    g.recv_scales = fp8 ? (char *)out->recv_x_scales : NULL;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
+    c->ops_started++;
+    return epx__moe_finish(m, st, stream, err);
+}
+
+/* ---- Combine --------------------------------------------------------------------------------- */
+
+epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
+                                   epx_moe_combine_out_t *out, epx_status_t local, void *stream, epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    const epx__moe_shape_t *s = &m->s;
+    int R = c->nranks, me = c->rank;
+    epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(&mine, 0, sizeof mine);
+    mine.op = EPX__COP_COMBINE;
+    if (local == EPX_SUCCESS) {
+        mine.topk = h->topk;
+        mine.routing_id = h->id;
+        mine.has_weights = in->topk_weights != NULL;
+        local = epx__card_export(c, &mine.x, in->y, (size_t)h->rows * s->combine_row_bytes, err);
+        if (local == EPX_SUCCESS)
+            local = epx__card_export(c, &mine.weights, in->topk_weights, (size_t)h->rows * (size_t)h->topk * 4, err);
+    }
+    epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    epx__moe_combine_t k;
+    memset(&k, 0, sizeof k);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        const char *ptr;
+        st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
+        if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
+        k.w[p] = (const float *)ptr;
+    }
+    free(cards);
+    if (st != EPX_SUCCESS) return st;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
+    k.send_row = h->d_send_row;
+    k.num_tokens = h->num_tokens;
+    k.nranks = R;
+    k.topk = h->topk;
+    k.hidden = s->hidden;
+    k.dtype = s->combine_dtype;
+    k.out = out->out;
+    k.out_w = out->out_topk_weights;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(&k, m->blocks, stream), st, err);
+    c->ops_started++;
+    return epx__moe_finish(m, st, stream, err);
+}

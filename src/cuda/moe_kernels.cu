@@ -1,0 +1,323 @@
+/*
+ * CUDA backend kernels for high-throughput MoE dispatch and combine. Every rank reads the
+ * others' routing, token rows and expert outputs through CUDA IPC mappings (NVLink) and
+ * writes only its own memory: dispatch pulls the rows it receives, combine pulls each of
+ * its tokens' rows and reduces them in registers. The order of every sum is fixed (ranks
+ * ascending, float32 from +0, no FMA: build with --fmad=false) so the bits match the CPU
+ * backend.
+ */
+#include <cuda_runtime.h>
+
+#include "../core/convert.h"
+#include "dev.h"
+#include "epx.h"
+
+static __device__ __forceinline__ long long epx__topk_get(const epx__moe_routing_t *r, int p, long long i)
+{
+    return r->index_i64 ? ((const long long *)r->topk_idx[p])[i] : (long long)((const int *)r->topk_idx[p])[i];
+}
+
+/* Ranks token t of source p goes to, as a bit mask (entries out of range ignored). */
+static __device__ unsigned epx__dest_mask(const epx__moe_routing_t *r, int p, long long t)
+{
+    unsigned mask = 0;
+    for (int k = 0; k < r->topk; k++) {
+        long long e = epx__topk_get(r, p, t * r->topk + k);
+        if (e >= 0 && e < r->num_experts) mask |= 1u << (int)(e / r->local_experts);
+    }
+    return mask;
+}
+
+/* ---- Counts --------------------------------------------------------------------------------- */
+
+static __global__ void epx__k_moe_count(epx__moe_routing_t r, int *counts, long long *bad)
+{
+    __shared__ int cnt[EPX__CUDA_MAX_RANKS];
+    int p = (int)blockIdx.x;
+    if ((int)threadIdx.x < r.nranks) cnt[threadIdx.x] = 0;
+    __syncthreads();
+    for (long long t = threadIdx.x; t < r.num_tokens[p]; t += blockDim.x) {
+        if (p == r.rank)
+            for (int k = 0; k < r.topk; k++) {
+                long long e = epx__topk_get(&r, p, t * r.topk + k);
+                if (e < -1 || e >= r.num_experts) atomicMin((unsigned long long *)bad, (unsigned long long)(t * r.topk + k));
+            }
+        unsigned m = epx__dest_mask(&r, p, t);
+        while (m) {
+            int q = __ffs(m) - 1;
+            m &= m - 1;
+            atomicAdd(&cnt[q], 1);
+        }
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < r.nranks) counts[p * r.nranks + threadIdx.x] = cnt[threadIdx.x];
+}
+
+extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, long long *bad, void *stream)
+{
+    epx__k_moe_count<<<r->nranks, 512, 0, (cudaStream_t)stream>>>(*r, counts, bad);
+    return (int)cudaGetLastError();
+}
+
+/* ---- Layout (local) -------------------------------------------------------------------------- */
+
+static __global__ void epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank)
+{
+    int me = r.rank, R = r.nranks, K = r.topk;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < r.num_tokens[me];
+         t += (long long)gridDim.x * blockDim.x) {
+        unsigned m = epx__dest_mask(&r, me, t);
+        for (int q = 0; q < R; q++) {
+            bool in = (m >> q) & 1u;
+            if (in && per_rank) atomicAdd(&per_rank[q], 1);
+            if (in_rank) in_rank[t * R + q] = in;
+        }
+        for (int k = 0; k < K && per_expert; k++) {
+            long long e = epx__topk_get(&r, me, t * K + k);
+            if (e < 0 || e >= r.num_experts) continue;
+            bool dup = false;
+            for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, me, t * K + j) == e;
+            if (!dup) atomicAdd(&per_expert[e], 1);
+        }
+    }
+}
+
+extern "C" int epx__cuda_launch_moe_layout(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
+                                           unsigned char *in_rank, void *stream)
+{
+    int T = r->num_tokens[r->rank], blocks = (T + 255) / 256;
+    if (T > 0) epx__k_moe_layout<<<blocks < 264 ? blocks : 264, 256, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank);
+    return (int)cudaGetLastError();
+}
+
+/* ---- Rows ----------------------------------------------------------------------------------- */
+
+/* Exclusive prefix of `flag` over the block (blockDim.x a multiple of 32, <= 1024); returns
+ * this thread's position and sets *total. */
+static __device__ int epx__block_scan(int flag, int *total)
+{
+    __shared__ int warp_sums[32];
+    __shared__ int sum;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    unsigned ballot = __ballot_sync(0xffffffffu, flag);
+    int in_warp = __popc(ballot & ((1u << lane) - 1u));
+    if (lane == 0) warp_sums[warp] = __popc(ballot);
+    __syncthreads();
+    if (warp == 0) {
+        int v = lane < nwarps ? warp_sums[lane] : 0, incl = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            int n = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += n;
+        }
+        if (lane < nwarps) warp_sums[lane] = incl - v;
+        if (lane == 31) sum = incl;
+    }
+    __syncthreads();
+    int pos = warp_sums[warp] + in_warp;
+    *total = sum;
+    __syncthreads();
+    return pos;
+}
+
+/* Block p lays out the rows source p sends me; block `rank` also computes where each of my
+ * tokens lands at every rank. */
+static __global__ void epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+{
+    int p = (int)blockIdx.x, me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
+    long long start = 0;
+    for (int q = 0; q < p; q++) start += o.counts[q * R + me];
+    long long T = r.num_tokens[p];
+    for (long long base = 0; base < T; base += blockDim.x) {
+        long long t = base + threadIdx.x;
+        int flag = t < T && ((epx__dest_mask(&r, p, t) >> me) & 1u), total;
+        int pos = epx__block_scan(flag, &total);
+        if (flag) {
+            long long row = start + pos;
+            o.h_src_rank[row] = p;
+            o.h_src_token[row] = (int)t;
+            if (o.recv_src_rank) o.recv_src_rank[row] = p;
+            if (o.recv_src_token) o.recv_src_token[row] = (int)t;
+            for (int k = 0; k < K; k++) {
+                long long e = epx__topk_get(&r, p, t * K + k);
+                bool here = e >= 0 && e / L == me;
+                long long local = here ? e % L : -1;
+                if (o.recv_topk_idx) {
+                    if (r.index_i64)
+                        ((long long *)o.recv_topk_idx)[row * K + k] = local;
+                    else
+                        ((int *)o.recv_topk_idx)[row * K + k] = (int)local;
+                }
+                if (o.recv_topk_weights && r.weights[p])
+                    o.recv_topk_weights[row * K + k] = here ? r.weights[p][t * K + k] : 0.0f;
+                if (!here) continue;
+                bool dup = false;
+                for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, p, t * K + j) == e;
+                if (!dup) atomicAdd(&o.expert_counts[local], 1);
+            }
+        }
+        start += total;
+    }
+    if (p != me) return;
+    for (int q = 0; q < R; q++) {
+        long long next = 0;
+        for (int s = 0; s < me; s++) next += o.counts[s * R + q];
+        for (long long base = 0; base < T; base += blockDim.x) {
+            long long t = base + threadIdx.x;
+            int flag = t < T && ((epx__dest_mask(&r, me, t) >> q) & 1u), total;
+            int pos = epx__block_scan(flag, &total);
+            if (t < T) o.h_send_row[t * R + q] = flag ? (int)(next + pos) : -1;
+            next += total;
+        }
+    }
+}
+
+extern "C" int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream)
+{
+    epx__k_moe_rows<<<r->nranks, 1024, 0, (cudaStream_t)stream>>>(*r, *o);
+    return (int)cudaGetLastError();
+}
+
+static __global__ void epx__k_moe_align(const int *counts, int *out, int L, int align)
+{
+    for (int l = threadIdx.x; l < L; l += blockDim.x) out[l] = (counts[l] + align - 1) / align * align;
+}
+
+extern "C" int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, void *stream)
+{
+    epx__k_moe_align<<<1, 256, 0, (cudaStream_t)stream>>>(expert_counts, out, L, align);
+    return (int)cudaGetLastError();
+}
+
+/* ---- Gather --------------------------------------------------------------------------------- */
+
+/* Warp-wide copy; 16-byte words, eight loads in flight per lane, when both ends allow. */
+static __device__ void epx__warp_copy(char *dst, const char *src, long long bytes)
+{
+    int lane = threadIdx.x & 31;
+    long long done = 0;
+    if ((((unsigned long long)dst | (unsigned long long)src) & 15ull) == 0) {
+        const uint4 *s = (const uint4 *)src;
+        uint4 *d = (uint4 *)dst;
+        long long n = bytes / 16, i = lane;
+        for (; i + 7 * 32 < n; i += 8 * 32) {
+            uint4 v[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = s[i + j * 32];
+#pragma unroll
+            for (int j = 0; j < 8; j++) d[i + j * 32] = v[j];
+        }
+        for (; i < n; i += 32) d[i] = s[i];
+        done = n * 16;
+    } else if ((((unsigned long long)dst | (unsigned long long)src) & 3ull) == 0) {
+        const unsigned *s = (const unsigned *)src;
+        unsigned *d = (unsigned *)dst;
+        long long n = bytes / 4;
+        for (long long i = lane; i < n; i += 32) d[i] = s[i];
+        done = n * 4;
+    }
+    for (long long i = done + lane; i < bytes; i += 32) dst[i] = src[i];
+}
+
+static __global__ void epx__k_moe_gather(epx__moe_gather_t g)
+{
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long row = warp; row < g.rows; row += nwarps) {
+        int p = g.src_rank[row];
+        long long t = g.src_token[row];
+        epx__warp_copy(g.recv_x + row * g.row_bytes, g.x[p] + t * g.row_bytes, g.row_bytes);
+        if (g.recv_scales && g.scales[p])
+            epx__warp_copy(g.recv_scales + row * g.scale_bytes, g.scales[p] + t * g.scale_bytes, g.scale_bytes);
+    }
+}
+
+extern "C" int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream)
+{
+    if (g->rows > 0) epx__k_moe_gather<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*g);
+    return (int)cudaGetLastError();
+}
+
+/* ---- Combine -------------------------------------------------------------------------------- */
+
+static __device__ __forceinline__ float epx__load_elem(const char *row, int dtype, long long h)
+{
+    switch (dtype) {
+    case EPX_BF16: return epx__bf16_to_f32(((const uint16_t *)row)[h]);
+    case EPX_F16: return epx__f16_to_f32(((const uint16_t *)row)[h]);
+    default: return ((const float *)row)[h];
+    }
+}
+
+static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, long long h, float v)
+{
+    switch (dtype) {
+    case EPX_BF16: ((uint16_t *)row)[h] = epx__f32_to_bf16(v); break;
+    case EPX_F16: ((uint16_t *)row)[h] = epx__f32_to_f16(v); break;
+    default: ((float *)row)[h] = v; break;
+    }
+}
+
+/* One warp per token. bf16 rows of a multiple of 8 elements go 16 bytes at a time, four
+ * chunks of every contributing rank in flight per lane; other shapes element by element. */
+static __global__ void epx__k_moe_combine(epx__moe_combine_t c)
+{
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    int lane = threadIdx.x & 31, R = c.nranks, H = c.hidden;
+    long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
+    for (long long t = warp; t < c.num_tokens; t += nwarps) {
+        const char *src[EPX__CUDA_MAX_RANKS];
+        const float *wsrc[EPX__CUDA_MAX_RANKS];
+        int n = 0;
+        for (int r = 0; r < R; r++) {
+            int row = c.send_row[t * R + r];
+            if (row < 0) continue;
+            src[n] = c.y[r] + (long long)row * row_bytes;
+            wsrc[n++] = c.w[r] ? c.w[r] + (long long)row * c.topk : (const float *)0;
+        }
+        char *out = c.out + t * row_bytes;
+        bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
+        for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
+        if (vec) {
+            int chunks = H / 8;
+            for (int ch = lane; ch < chunks; ch += 32) {
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+                for (int i = 0; i < n; i++) {
+                    uint4 v = ((const uint4 *)src[i])[ch];
+                    unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[2 * j] = __fadd_rn(acc[2 * j], epx__bits_f32(w[j] << 16));
+                        acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], epx__bits_f32(w[j] & 0xffff0000u));
+                    }
+                }
+                uint4 o;
+                o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
+                o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
+                o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
+                o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
+                ((uint4 *)out)[ch] = o;
+            }
+        } else {
+            for (long long h = lane; h < H; h += 32) {
+                float acc = 0.0f;
+                for (int i = 0; i < n; i++) acc = __fadd_rn(acc, epx__load_elem(src[i], c.dtype, h));
+                epx__store_elem(out, c.dtype, h, acc);
+            }
+        }
+        if (c.out_w && lane < c.topk) {
+            float acc = 0.0f;
+            for (int i = 0; i < n; i++)
+                if (wsrc[i]) acc = __fadd_rn(acc, wsrc[i][lane]);
+            c.out_w[t * c.topk + lane] = acc;
+        }
+    }
+}
+
+extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, int blocks, void *stream)
+{
+    if (c->num_tokens > 0) epx__k_moe_combine<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*c);
+    return (int)cudaGetLastError();
+}
