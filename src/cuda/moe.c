@@ -7,11 +7,12 @@
  * every rank's routing before any row is written; a failure there is agreed on by all
  * ranks and the operation still completes on the device, so the streams stay in step.
  */
-#include <limits.h>
-
 #include "internal.h"
 
 enum { EPX__COP_DISPATCH = 1, EPX__COP_CACHED, EPX__COP_COMBINE };
+
+/* d_bad before the count kernel: every byte 0x7f, above any real t * K + k. */
+#define EPX__NO_BAD 0x7f7f7f7f7f7f7f7fLL
 
 struct epx__cuda_moe {
     epx__cuda_t *c;
@@ -272,7 +273,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     /* Every rank's verdict: its routing, and every output's capacity (all ranks see the
      * same count matrix, so they agree on capacity without another round). */
     epx_status_t verdict = EPX_SUCCESS;
-    if (*h_bad != LLONG_MAX)
+    if (*h_bad != EPX__NO_BAD)
         verdict = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
                             *h_bad / mine.topk, *h_bad % mine.topk, s->num_experts);
     int32_t v = verdict, *all = calloc((size_t)R, sizeof *all);
