@@ -28,7 +28,14 @@ ctest --test-dir build-gpu --output-on-failure -L cuda --timeout 600 >"$OUT/ctes
 grep -hE "tests passed|Failed|\*\*\*|Skipped" "$OUT/ctest_cpu.log" "$OUT/ctest_cuda.log" | tail -30
 if [ "${1:-}" != quick ]; then
     B=build-gpu/bin/epx-bench
-    $B alltoall --backend cuda --ranks 2 -b 1K -e 1G -f 4 -n 20 -w 5 -c 1 --json "$OUT/alltoall_cuda.json" \
-        2>&1 | tee "$OUT/bench_alltoall_cuda.txt" || rc=1
+    NG=$(nvidia-smi -L | wc -l)
+    {
+        $B moe --backend cuda --ranks "$NG" --tokens 64 --hidden 200 --topk 4 --experts 8 -n 3 -w 1 || rc=1
+        for d in bf16 fp8; do
+            $B moe --backend cuda --ranks "$NG" --tokens 4096 --hidden 7168 --topk 8 --experts 256 --dtype $d --mode ht \
+                -n 20 -w 5 -c 1 --json "$OUT/moe_ht_$d.json" || rc=1
+        done
+        $B alltoall --backend cuda --ranks "$NG" -b 1K -e 1G -f 4 -n 20 -w 5 -c 1 --json "$OUT/alltoall_cuda.json" || rc=1
+    } 2>&1 | tee "$OUT/bench.txt" | grep -vE "progress"
 fi
 exit $rc

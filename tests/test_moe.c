@@ -20,6 +20,11 @@
  *   bad input       one rank bad, the others valid: statuses, nothing written, and a valid
  *                   call right after; invalid and mismatched configurations at create
  *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT only)
+ *   --cuda          all of it on the CUDA backend: every buffer the library reads or writes
+ *                   is device memory (inputs put from a host copy, outputs poisoned in
+ *                   stream order and fetched back before the checks), calls on the test
+ *                   stream. Low-latency cases are skipped there until implemented; exit 77
+ *                   when the backend has no MoE yet (epx_moe_create -> EPX_ERR_UNSUPPORTED).
  *
  * EPX_TEST_LL_ANY_ORDER=1 accepts any order of low-latency slots within an (expert, source
  * rank) group (the default on non-CPU backends).
@@ -351,8 +356,59 @@ static epx_moe_config_t world_cfg(const world_t *W)
     return cfg;
 }
 
-/* ---- Poison helpers --------------------------------------------------------------------- */
+/* ---- Buffers on the backend, poison ------------------------------------------------------ */
 
+/* Every buffer the library reads or writes lives on the backend under test (device memory
+ * with --cuda). Inputs are built in a host copy and put there; outputs are poisoned there in
+ * stream order and fetched into a host copy (test_buf_get waits for the stream) before any
+ * check reads them. On the CPU backend both sides are plain host memory. */
+
+/* Host -> backend, once nothing enqueued on the stream can still touch dst; on CUDA also
+ * wait until the copy has landed (a pageable host-to-device cudaMemcpy may return before
+ * its DMA completes, and the calls run on a non-blocking stream that does not order after
+ * it): a one-byte read-back on the same (default) stream does. */
+static void put(void *dst, const void *src, size_t bytes)
+{
+    if (!bytes) return;
+    test_sync();
+    test_buf_put(dst, src, bytes);
+    if (test_on_cuda()) {
+        uint8_t b;
+        test_buf_get(&b, dst, 1);
+    }
+}
+/* Backend -> host (after the stream is done). */
+static void fetch(void *dst, const void *src, size_t bytes)
+{
+    if (bytes) test_buf_get(dst, src, bytes);
+}
+/* Poison `bytes` of a backend buffer (guard included), in stream order. */
+static void poison(void *buf, size_t bytes)
+{
+    if (buf && bytes) test_buf_poison(buf, POISON, bytes);
+}
+/* An input on the backend: `alloc` bytes, the first `bytes` from host. */
+static void *dev_in(const void *host, size_t alloc, size_t bytes)
+{
+    void *d = test_buf_alloc(alloc);
+    put(d, host, bytes);
+    return d;
+}
+/* An output on the backend: bytes + GUARD, poisoned. */
+static void *dev_out(size_t bytes)
+{
+    void *d = test_buf_alloc(bytes + GUARD);
+    poison(d, bytes + GUARD);
+    return d;
+}
+static void dev_free(void *p)
+{
+    if (!p) return;
+    test_sync();
+    test_buf_free(p);
+}
+
+/* A host copy of an output: bytes + GUARD, poisoned. */
 static void *palloc(size_t bytes)
 {
     void *p = malloc(bytes + GUARD);
@@ -369,15 +425,22 @@ static void expect_poison(const void *buf, size_t from, size_t to, const char *c
 
 /* ---- Layout ------------------------------------------------------------------------------- */
 
+/* idx: this rank's topk_idx on the backend. */
 static void check_layout(epx_moe_t moe, const world_t *W, const void *idx, const char *cs)
 {
     int T = W->T[me], E = W->E;
-    int32_t *pr = palloc(sizeof(int32_t) * (size_t)R), *pe = palloc(sizeof(int32_t) * (size_t)E);
-    uint8_t *ir = palloc((size_t)T * (size_t)R);
+    size_t pr_b = sizeof(int32_t) * (size_t)R, pe_b = sizeof(int32_t) * (size_t)E, ir_b = (size_t)T * (size_t)R;
+    int32_t *pr = palloc(pr_b), *pe = palloc(pe_b);
+    uint8_t *ir = palloc(ir_b);
+    int32_t *dpr = dev_out(pr_b), *dpe = dev_out(pe_b);
+    uint8_t *dir = dev_out(ir_b);
     int32_t *rpr = malloc(sizeof(int32_t) * (size_t)R), *rpe = malloc(sizeof(int32_t) * (size_t)E);
     uint8_t *rir = malloc((size_t)T * (size_t)R + 1);
     moe_ref_layout(&W->rt, me, rpr, rpe, rir);
-    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, pr, pe, ir, NULL));
+    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, dpr, dpe, dir, test_stream()));
+    fetch(pr, dpr, pr_b + GUARD);
+    fetch(pe, dpe, pe_b + GUARD);
+    fetch(ir, dir, ir_b + GUARD);
     for (int q = 0; q < R; q++)
         if (pr[q] != rpr[q]) TEST_FAIL_("case %s: num_tokens_per_rank[%d] = %d, expected %d", cs, q, pr[q], rpr[q]);
     for (int e = 0; e < E; e++)
@@ -386,38 +449,48 @@ static void check_layout(epx_moe_t moe, const world_t *W, const void *idx, const
         if (ir[i] != rir[i])
             TEST_FAIL_("case %s: is_token_in_rank[t=%lld, r=%lld] = %d, expected %d", cs, (long long)(i / R),
                        (long long)(i % R), ir[i], rir[i]);
-    expect_poison(pr, sizeof(int32_t) * (size_t)R, sizeof(int32_t) * (size_t)R + GUARD, cs, "layout per_rank guard");
-    expect_poison(pe, sizeof(int32_t) * (size_t)E, sizeof(int32_t) * (size_t)E + GUARD, cs, "layout per_expert guard");
-    expect_poison(ir, (size_t)T * (size_t)R, (size_t)T * (size_t)R + GUARD, cs, "layout in_rank guard");
+    expect_poison(pr, pr_b, pr_b + GUARD, cs, "layout per_rank guard");
+    expect_poison(pe, pe_b, pe_b + GUARD, cs, "layout per_expert guard");
+    expect_poison(ir, ir_b, ir_b + GUARD, cs, "layout in_rank guard");
     /* Any output may be NULL. */
-    memset(pe, POISON, sizeof(int32_t) * (size_t)E + GUARD);
-    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, NULL, pe, NULL, NULL));
-    ASSERT(memcmp(pe, rpe, sizeof(int32_t) * (size_t)E) == 0);
-    memset(pr, POISON, sizeof(int32_t) * (size_t)R + GUARD);
-    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, pr, NULL, NULL, NULL));
-    ASSERT(memcmp(pr, rpr, sizeof(int32_t) * (size_t)R) == 0);
+    poison(dpe, pe_b + GUARD);
+    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, NULL, dpe, NULL, test_stream()));
+    fetch(pe, dpe, pe_b + GUARD);
+    ASSERT(memcmp(pe, rpe, pe_b) == 0);
+    poison(dpr, pr_b + GUARD);
+    ASSERT_OK(epx_moe_layout(moe, idx, T, W->K, dpr, NULL, NULL, test_stream()));
+    fetch(pr, dpr, pr_b + GUARD);
+    ASSERT(memcmp(pr, rpr, pr_b) == 0);
     free(pr), free(pe), free(ir), free(rpr), free(rpe), free(rir);
+    dev_free(dpr), dev_free(dpe), dev_free(dir);
 }
 
 /* ---- High-throughput buffers ------------------------------------------------------------- */
 
 typedef struct {
     int64_t cap;
-    /* inputs of this rank */
+    /* inputs of this rank: host copies (x, xs, idx, w) and the backend buffers (d*) */
     void *x;
     float *xs;
     void *idx;
     float *w;
     bool reg;
-    /* outputs */
+    void *dx, *didx;
+    float *dxs, *dw;
+    size_t idx_b; /* bytes of topk_idx (T * K indices) */
+    /* outputs: host copies, fetched before every check, and the backend buffers (d*) */
     void *rx;
     float *rxs;
     void *ridx;
     float *rw;
     int32_t *rsr, *rst, *rpe;
+    void *drx, *dridx;
+    float *drxs, *drw;
+    int32_t *drsr, *drst, *drpe;
     size_t rx_b, rxs_b, ridx_b, rw_b, rs_b, rpe_b;
 } ht_bufs_t;
 
+/* Generation `gen` of this rank's tokens into the host copy, then onto the backend. */
 static void fill_x(const world_t *W, ht_bufs_t *B, int gen)
 {
     int T = W->T[me];
@@ -425,6 +498,8 @@ static void fill_x(const world_t *W, ht_bufs_t *B, int gen)
         x_row(W, me, t, gen, (char *)B->x + (size_t)t * (size_t)W->H * (size_t)W->es);
         if (B->xs) x_scales_row(W, me, t, gen, B->xs + (size_t)t * (size_t)W->nb);
     }
+    put(B->dx, B->x, (size_t)T * (size_t)W->H * (size_t)W->es);
+    if (B->xs) put(B->dxs, B->xs, sizeof(float) * (size_t)T * (size_t)W->nb);
 }
 
 static void ht_alloc(const world_t *W, ht_bufs_t *B, int64_t cap, bool reg, bool null_outs)
@@ -433,21 +508,30 @@ static void ht_alloc(const world_t *W, ht_bufs_t *B, int64_t cap, bool reg, bool
     int T = W->T[me], H = W->H, K = W->K;
     size_t xb = (size_t)T * (size_t)H * (size_t)W->es + 64;
     B->reg = reg;
+    B->x = malloc(xb);
     if (reg)
-        ASSERT_OK(epx_mem_alloc(comm, xb, &B->x));
+        ASSERT_OK(epx_mem_alloc(comm, xb, &B->dx));
     else
-        B->x = malloc(xb);
-    if (W->dtype == EPX_FP8_E4M3) B->xs = malloc(sizeof(float) * (size_t)(T * W->nb + 1));
+        B->dx = test_buf_alloc(xb);
+    if (W->dtype == EPX_FP8_E4M3) {
+        B->xs = malloc(sizeof(float) * (size_t)(T * W->nb + 1));
+        B->dxs = test_buf_alloc(sizeof(float) * (size_t)(T * W->nb + 1));
+    }
     fill_x(W, B, 0);
     B->idx = typed_idx(W, W->idx[me], (int64_t)T * K);
+    B->idx_b = (size_t)T * (size_t)K * (size_t)W->isz;
+    B->didx = dev_in(B->idx, (size_t)(T * K + 1) * 8, B->idx_b);
     B->w = malloc(sizeof(float) * (size_t)(T * K + 1));
     memcpy(B->w, W->w[me], sizeof(float) * (size_t)(T * K));
+    B->dw = dev_in(B->w, sizeof(float) * (size_t)(T * K + 1), sizeof(float) * (size_t)(T * K));
     B->cap = cap;
     B->rx_b = (size_t)cap * (size_t)H * (size_t)W->es;
     B->rx = palloc(B->rx_b);
+    B->drx = dev_out(B->rx_b);
     if (W->dtype == EPX_FP8_E4M3) {
         B->rxs_b = (size_t)cap * (size_t)W->nb * 4;
         B->rxs = palloc(B->rxs_b);
+        B->drxs = dev_out(B->rxs_b);
     }
     if (!null_outs) {
         B->ridx_b = (size_t)cap * (size_t)K * (size_t)W->isz;
@@ -459,24 +543,44 @@ static void ht_alloc(const world_t *W, ht_bufs_t *B, int64_t cap, bool reg, bool
         B->rsr = palloc(B->rs_b);
         B->rst = palloc(B->rs_b);
         B->rpe = palloc(B->rpe_b);
+        B->dridx = dev_out(B->ridx_b);
+        B->drw = dev_out(B->rw_b);
+        B->drsr = dev_out(B->rs_b);
+        B->drst = dev_out(B->rs_b);
+        B->drpe = dev_out(B->rpe_b);
     }
 }
 
 static void ht_poison(ht_bufs_t *B)
 {
-    memset(B->rx, POISON, B->rx_b + GUARD);
-    if (B->rxs) memset(B->rxs, POISON, B->rxs_b + GUARD);
-    if (B->ridx) {
-        memset(B->ridx, POISON, B->ridx_b + GUARD);
-        memset(B->rw, POISON, B->rw_b + GUARD);
-        memset(B->rsr, POISON, B->rs_b + GUARD);
-        memset(B->rst, POISON, B->rs_b + GUARD);
-        memset(B->rpe, POISON, B->rpe_b + GUARD);
+    poison(B->drx, B->rx_b + GUARD);
+    if (B->drxs) poison(B->drxs, B->rxs_b + GUARD);
+    if (B->dridx) {
+        poison(B->dridx, B->ridx_b + GUARD);
+        poison(B->drw, B->rw_b + GUARD);
+        poison(B->drsr, B->rs_b + GUARD);
+        poison(B->drst, B->rs_b + GUARD);
+        poison(B->drpe, B->rpe_b + GUARD);
     }
 }
 
-static void ht_expect_all_poison(const ht_bufs_t *B, const char *cs)
+/* Every output (guards included) into its host copy. */
+static void ht_fetch(ht_bufs_t *B)
 {
+    fetch(B->rx, B->drx, B->rx_b + GUARD);
+    if (B->rxs) fetch(B->rxs, B->drxs, B->rxs_b + GUARD);
+    if (B->ridx) {
+        fetch(B->ridx, B->dridx, B->ridx_b + GUARD);
+        fetch(B->rw, B->drw, B->rw_b + GUARD);
+        fetch(B->rsr, B->drsr, B->rs_b + GUARD);
+        fetch(B->rst, B->drst, B->rs_b + GUARD);
+        fetch(B->rpe, B->drpe, B->rpe_b + GUARD);
+    }
+}
+
+static void ht_expect_all_poison(ht_bufs_t *B, const char *cs)
+{
+    ht_fetch(B);
     expect_poison(B->rx, 0, B->rx_b + GUARD, cs, "recv_x");
     if (B->rxs) expect_poison(B->rxs, 0, B->rxs_b + GUARD, cs, "recv_x_scales");
     if (B->ridx) {
@@ -490,30 +594,36 @@ static void ht_expect_all_poison(const ht_bufs_t *B, const char *cs)
 
 static void ht_free(ht_bufs_t *B)
 {
-    if (B->reg)
-        ASSERT_OK(epx_mem_free(comm, B->x));
-    else
-        free(B->x);
-    free(B->xs), free(B->idx), free(B->w), free(B->rx), free(B->rxs);
+    if (B->reg) {
+        test_sync();
+        ASSERT_OK(epx_mem_free(comm, B->dx));
+    } else {
+        dev_free(B->dx);
+    }
+    free(B->x), free(B->xs), free(B->idx), free(B->w), free(B->rx), free(B->rxs);
     free(B->ridx), free(B->rw), free(B->rsr), free(B->rst), free(B->rpe);
+    dev_free(B->dxs), dev_free(B->didx), dev_free(B->dw), dev_free(B->drx), dev_free(B->drxs);
+    dev_free(B->dridx), dev_free(B->drw), dev_free(B->drsr), dev_free(B->drst), dev_free(B->drpe);
 }
 
 static epx_moe_dispatch_in_t ht_in(const world_t *W, const ht_bufs_t *B, bool weights)
 {
-    epx_moe_dispatch_in_t in = {B->x, B->xs, B->idx, weights ? B->w : NULL, W->T[me], W->K};
+    epx_moe_dispatch_in_t in = {B->dx, B->dxs, B->didx, weights ? B->dw : NULL, W->T[me], W->K};
     return in;
 }
 static epx_moe_dispatch_out_t ht_out(const ht_bufs_t *B)
 {
-    epx_moe_dispatch_out_t out = {B->rx, B->rxs, B->ridx, B->rw, B->rsr, B->rst, B->rpe, B->cap, -77};
+    epx_moe_dispatch_out_t out = {B->drx, B->drxs, B->dridx, B->drw, B->drsr, B->drst, B->drpe, B->cap, -77};
     return out;
 }
 
 /* recv_x (and scales) rows hold generation `gen` of their sources; meta outputs match the
- * reference (meta) or are untouched (!meta); everything past N is poison. */
-static void check_dispatch(const world_t *W, const moe_ref_recv_t *ref, const ht_bufs_t *B, int gen, bool meta,
-                           bool weights, const char *cs)
+ * reference (meta) or are untouched (!meta); everything past N is poison. Fetches the
+ * outputs first. */
+static void check_dispatch(const world_t *W, const moe_ref_recv_t *ref, ht_bufs_t *B, int gen, bool meta, bool weights,
+                           const char *cs)
 {
+    ht_fetch(B);
     int H = W->H, K = W->K, nb = W->nb;
     int64_t n = ref->n;
     size_t rowb = (size_t)H * (size_t)W->es;
@@ -583,7 +693,7 @@ static epx_moe_handle_t dispatch_checked(epx_moe_t moe, const world_t *W, const 
     epx_moe_dispatch_in_t in = ht_in(W, B, weights);
     epx_moe_dispatch_out_t out = ht_out(B);
     epx_moe_handle_t h = NULL;
-    epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, NULL);
+    epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
     if (st != EPX_SUCCESS) TEST_FAIL_("case %s: dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
     ASSERT(h != NULL);
     if (out.num_recv_tokens != ref->n)
@@ -640,10 +750,14 @@ static void check_combine_out(const world_t *W, const void *out, const float *ou
 }
 
 typedef struct {
+    /* host copies */
     void *y;
     float *yw;
     void *out;
     float *out_w;
+    /* on the backend */
+    void *dy, *dout;
+    float *dyw, *doutw;
     size_t out_b, outw_b;
 } comb_bufs_t;
 
@@ -652,7 +766,8 @@ static void comb_alloc(const world_t *W, const moe_ref_recv_t *ref, comb_bufs_t 
 {
     int H = W->H, K = W->K, T = W->T[me];
     int64_t n = ref->n;
-    C->y = malloc((size_t)n * (size_t)H * (size_t)W->ces + 64);
+    size_t y_b = (size_t)n * (size_t)H * (size_t)W->ces;
+    C->y = malloc(y_b + 64);
     C->yw = malloc(sizeof(float) * (size_t)(n * K + 1));
     uint32_t *bits = malloc(sizeof(uint32_t) * (size_t)H + 4);
     for (int64_t i = 0; i < n; i++) {
@@ -661,32 +776,63 @@ static void comb_alloc(const world_t *W, const moe_ref_recv_t *ref, comb_bufs_t 
         yw_row_cb((void *)W, me, ref->src_rank[i], ref->src_token[i], K, C->yw + i * K);
     }
     free(bits);
+    C->dy = dev_in(C->y, y_b + 64, y_b);
+    C->dyw = dev_in(C->yw, sizeof(float) * (size_t)(n * K + 1), sizeof(float) * (size_t)(n * K));
     C->out_b = (size_t)T * (size_t)H * (size_t)W->ces;
     C->outw_b = (size_t)T * (size_t)K * 4;
     C->out = palloc(C->out_b);
     C->out_w = palloc(C->outw_b);
+    C->dout = dev_out(C->out_b);
+    C->doutw = dev_out(C->outw_b);
 }
-static void comb_free(comb_bufs_t *C) { free(C->y), free(C->yw), free(C->out), free(C->out_w); }
+static void comb_free(comb_bufs_t *C)
+{
+    free(C->y), free(C->yw), free(C->out), free(C->out_w);
+    dev_free(C->dy), dev_free(C->dyw), dev_free(C->dout), dev_free(C->doutw);
+}
+static void comb_poison(comb_bufs_t *C)
+{
+    poison(C->dout, C->out_b + GUARD);
+    poison(C->doutw, C->outw_b + GUARD);
+}
+static void comb_fetch(comb_bufs_t *C)
+{
+    fetch(C->out, C->dout, C->out_b + GUARD);
+    fetch(C->out_w, C->doutw, C->outw_b + GUARD);
+}
 
 static void combine_checked(epx_moe_t moe, epx_moe_handle_t h, const world_t *W, comb_bufs_t *C, bool weights,
                             const char *cs)
 {
-    memset(C->out, POISON, C->out_b + GUARD);
-    memset(C->out_w, POISON, C->outw_b + GUARD);
-    epx_moe_combine_in_t in = {C->y, weights ? C->yw : NULL};
-    epx_moe_combine_out_t out = {C->out, weights ? C->out_w : NULL};
-    epx_status_t st = epx_moe_combine(moe, h, &in, &out, NULL);
+    comb_poison(C);
+    epx_moe_combine_in_t in = {C->dy, weights ? C->dyw : NULL};
+    epx_moe_combine_out_t out = {C->dout, weights ? C->doutw : NULL};
+    epx_status_t st = epx_moe_combine(moe, h, &in, &out, test_stream());
     if (st != EPX_SUCCESS) TEST_FAIL_("case %s: combine -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+    comb_fetch(C);
     check_combine_out(W, C->out, weights ? C->out_w : NULL, cs);
     expect_poison(C->out, C->out_b, C->out_b + GUARD, cs, "combine out guard");
     expect_poison(C->out_w, weights ? C->outw_b : 0, C->outw_b + GUARD, cs, "combine out_topk_weights");
+}
+
+/* A new context on CUDA may not exist yet: skip the whole test then. */
+static epx_status_t moe_create(const epx_moe_config_t *cfg, epx_moe_t *moe)
+{
+    epx_status_t st = epx_moe_create(comm, cfg, moe);
+    if (st == EPX_ERR_UNSUPPORTED && test_on_cuda()) {
+        printf("SKIPPED: MoE on the CUDA backend: %s\n", epx_comm_get_last_error(comm));
+        fflush(stdout);
+        epx_comm_destroy(comm);
+        exit(TEST_SKIP);
+    }
+    return st;
 }
 
 static epx_moe_t create_checked(const world_t *W, const char *cs)
 {
     epx_moe_config_t cfg = world_cfg(W);
     epx_moe_t moe = NULL;
-    epx_status_t st = epx_moe_create(comm, &cfg, &moe);
+    epx_status_t st = moe_create(&cfg, &moe);
     if (st != EPX_SUCCESS) TEST_FAIL_("case %s: epx_moe_create -> %s: %s", cs, epx_status_name(st), epx_get_last_error());
     ASSERT(moe != NULL);
     int64_t rows = -1;
@@ -715,7 +861,7 @@ static int run_ht_case(const mcase_t *c, uint64_t seed)
 
     ht_bufs_t B;
     ht_alloc(&W, &B, cap, c->flags & F_REG, c->flags & F_NULL_OUTS);
-    check_layout(moe, &W, B.idx, cs);
+    check_layout(moe, &W, B.didx, cs);
     comb_bufs_t C;
     comb_alloc(&W, &ref, &C);
 
@@ -736,7 +882,7 @@ static int run_ht_case(const mcase_t *c, uint64_t seed)
             fill_x(&W, &B, gen);
             ht_poison(&B);
             epx_moe_dispatch_in_t in = ht_in(&W, &B, weights);
-            void *other_idx = NULL;
+            void *other_idx = NULL, *dother_idx = NULL;
             if (gen == 1) {
                 in.topk_idx = NULL;
                 in.topk_weights = NULL;
@@ -745,14 +891,16 @@ static int run_ht_case(const mcase_t *c, uint64_t seed)
                 int64_t *zeros = calloc((size_t)n + 1, 8);
                 other_idx = typed_idx(&W, zeros, n);
                 free(zeros);
-                in.topk_idx = other_idx;
+                dother_idx = dev_in(other_idx, (size_t)(n + 1) * 8, (size_t)n * (size_t)W.isz);
+                in.topk_idx = dother_idx;
             }
             epx_moe_dispatch_out_t out = ht_out(&B);
-            epx_status_t st = epx_moe_dispatch_cached(moe, h, &in, &out, NULL);
+            epx_status_t st = epx_moe_dispatch_cached(moe, h, &in, &out, test_stream());
             if (st != EPX_SUCCESS)
                 TEST_FAIL_("case %s: dispatch_cached -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
             check_dispatch(&W, &ref, &B, gen, false, weights, cs);
             free(other_idx);
+            dev_free(dother_idx);
         }
 
         combine_checked(moe, h, &W, &C, true, cs);
@@ -777,9 +925,14 @@ static int run_ht_case(const mcase_t *c, uint64_t seed)
 /* ---- Low-latency ------------------------------------------------------------------------- */
 
 typedef struct {
-    void *x, *idx;
+    void *x, *idx;   /* host copies of the inputs */
+    void *dx, *didx; /* on the backend */
+    size_t idx_b;    /* bytes of topk_idx (T * K indices) */
+    /* outputs: host copies, fetched before every check, and the backend buffers (d*) */
     void *rx, *rxs;
     int32_t *rcount, *rsr, *rst;
+    void *drx, *drxs;
+    int32_t *drcount, *drsr, *drst;
     size_t rx_b, rxs_b, rc_b, rs_b;
     int64_t RM;
     int qes; /* bytes per received element */
@@ -791,34 +944,52 @@ static void ll_alloc(const world_t *W, ll_bufs_t *B)
     memset(B, 0, sizeof *B);
     int T = W->T[me], H = W->H;
     B->RM = (int64_t)R * W->M;
-    B->x = malloc((size_t)T * (size_t)H * (size_t)W->es + 64);
+    size_t xb = (size_t)T * (size_t)H * (size_t)W->es;
+    B->x = malloc(xb + 64);
     for (int t = 0; t < T; t++) x_row(W, me, t, 0, (char *)B->x + (size_t)t * (size_t)H * (size_t)W->es);
+    B->dx = dev_in(B->x, xb + 64, xb);
     B->idx = typed_idx(W, W->idx[me], (int64_t)T * W->K);
+    B->idx_b = (size_t)T * (size_t)W->K * (size_t)W->isz;
+    B->didx = dev_in(B->idx, (size_t)(T * W->K + 1) * 8, B->idx_b);
     B->qes = W->c->ll_fp8 ? 1 : W->es;
     B->ses = !W->c->ll_fp8 ? 0 : W->c->sfmt == EPX_SCALE_UE8M0 ? 1 : 4;
     size_t slots = (size_t)W->L * (size_t)B->RM;
     B->rx_b = slots * (size_t)H * (size_t)B->qes;
     B->rx = palloc(B->rx_b);
+    B->drx = dev_out(B->rx_b);
     if (B->ses) {
         B->rxs_b = slots * (size_t)W->nb * (size_t)B->ses;
         B->rxs = palloc(B->rxs_b);
+        B->drxs = dev_out(B->rxs_b);
     }
     B->rc_b = (size_t)W->L * 4;
     B->rs_b = slots * 4;
     B->rcount = palloc(B->rc_b);
     B->rsr = palloc(B->rs_b);
     B->rst = palloc(B->rs_b);
+    B->drcount = dev_out(B->rc_b);
+    B->drsr = dev_out(B->rs_b);
+    B->drst = dev_out(B->rs_b);
 }
 static void ll_poison(ll_bufs_t *B)
 {
-    memset(B->rx, POISON, B->rx_b + GUARD);
-    if (B->rxs) memset(B->rxs, POISON, B->rxs_b + GUARD);
-    memset(B->rcount, POISON, B->rc_b + GUARD);
-    memset(B->rsr, POISON, B->rs_b + GUARD);
-    memset(B->rst, POISON, B->rs_b + GUARD);
+    poison(B->drx, B->rx_b + GUARD);
+    if (B->drxs) poison(B->drxs, B->rxs_b + GUARD);
+    poison(B->drcount, B->rc_b + GUARD);
+    poison(B->drsr, B->rs_b + GUARD);
+    poison(B->drst, B->rs_b + GUARD);
 }
-static void ll_expect_all_poison(const ll_bufs_t *B, const char *cs)
+static void ll_fetch(ll_bufs_t *B)
 {
+    fetch(B->rx, B->drx, B->rx_b + GUARD);
+    if (B->rxs) fetch(B->rxs, B->drxs, B->rxs_b + GUARD);
+    fetch(B->rcount, B->drcount, B->rc_b + GUARD);
+    fetch(B->rsr, B->drsr, B->rs_b + GUARD);
+    fetch(B->rst, B->drst, B->rs_b + GUARD);
+}
+static void ll_expect_all_poison(ll_bufs_t *B, const char *cs)
+{
+    ll_fetch(B);
     expect_poison(B->rx, 0, B->rx_b + GUARD, cs, "ll recv_x");
     if (B->rxs) expect_poison(B->rxs, 0, B->rxs_b + GUARD, cs, "ll recv_x_scales");
     expect_poison(B->rcount, 0, B->rc_b + GUARD, cs, "ll recv_count");
@@ -828,15 +999,17 @@ static void ll_expect_all_poison(const ll_bufs_t *B, const char *cs)
 static void ll_free(ll_bufs_t *B)
 {
     free(B->x), free(B->idx), free(B->rx), free(B->rxs), free(B->rcount), free(B->rsr), free(B->rst);
+    dev_free(B->dx), dev_free(B->didx), dev_free(B->drx), dev_free(B->drxs), dev_free(B->drcount);
+    dev_free(B->drsr), dev_free(B->drst);
 }
 static epx_moe_ll_dispatch_in_t ll_in(const world_t *W, const ll_bufs_t *B)
 {
-    epx_moe_ll_dispatch_in_t in = {B->x, B->idx, W->T[me], W->K};
+    epx_moe_ll_dispatch_in_t in = {B->dx, B->didx, W->T[me], W->K};
     return in;
 }
 static epx_moe_ll_dispatch_out_t ll_out(const ll_bufs_t *B)
 {
-    epx_moe_ll_dispatch_out_t out = {B->rx, B->rxs, B->rcount, B->rsr, B->rst};
+    epx_moe_ll_dispatch_out_t out = {B->drx, B->drxs, B->drcount, B->drsr, B->drst};
     return out;
 }
 
@@ -849,8 +1022,9 @@ static int cmp_i32(const void *a, const void *b)
 /* The slot layout matches the reference: counts; per expert the source ranks in ascending
  * groups of the reference's sizes; tokens per (expert, source) equal as sets (or in exact
  * order); -1 past the count; every slot's data is its source token's row. */
-static void check_ll_dispatch(const world_t *W, const ll_bufs_t *B, const char *cs)
+static void check_ll_dispatch(const world_t *W, ll_bufs_t *B, const char *cs)
 {
+    ll_fetch(B);
     int L = W->L, H = W->H, nb = W->nb;
     int64_t RM = B->RM;
     int32_t *count = malloc(sizeof(int32_t) * (size_t)L + 4);
@@ -926,7 +1100,12 @@ static void check_ll_dispatch(const world_t *W, const ll_bufs_t *B, const char *
     free(count), free(sr), free(st), free(xrow), free(q), free(scales), free(a), free(b);
 }
 
-/* y in the slot layout, following the dispatch's own slot sources; unused slots NaN. */
+/* y in the slot layout, following the dispatch's own slot sources (the fetched host copies);
+ * unused slots NaN. Host memory: see ll_y_bytes. */
+static size_t ll_y_bytes(const world_t *W, const ll_bufs_t *B)
+{
+    return (size_t)W->L * (size_t)B->RM * (size_t)W->H * 2;
+}
 static uint16_t *ll_make_y(const world_t *W, const ll_bufs_t *B)
 {
     int L = W->L, H = W->H;
@@ -976,7 +1155,7 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
     ll_alloc(&W, &B);
     int T = W.T[me], H = W.H;
     size_t out_b = (size_t)T * (size_t)H * 2;
-    uint16_t *out = palloc(out_b);
+    uint16_t *out = palloc(out_b), *dout = dev_out(out_b);
     uint8_t *first = malloc(out_b + 1);
     int reps = (c->flags & F_REPEAT) ? 3 : 1;
     for (int rep = 0; rep < reps; rep++) {
@@ -984,19 +1163,22 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
         epx_moe_ll_dispatch_in_t in = ll_in(&W, &B);
         epx_moe_ll_dispatch_out_t o = ll_out(&B);
         epx_moe_handle_t h = NULL;
-        epx_status_t st = epx_moe_ll_dispatch(moe, &in, &o, &h, NULL);
+        epx_status_t st = epx_moe_ll_dispatch(moe, &in, &o, &h, test_stream());
         if (st != EPX_SUCCESS)
             TEST_FAIL_("case %s: ll_dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
         ASSERT(h != NULL);
         check_ll_dispatch(&W, &B, cs);
         uint16_t *y = ll_make_y(&W, &B);
+        void *dy = dev_in(y, ll_y_bytes(&W, &B) + 64, ll_y_bytes(&W, &B));
         float *w = malloc(sizeof(float) * (size_t)(T * W.K + 1));
         memcpy(w, W.w[me], sizeof(float) * (size_t)(T * W.K));
-        memset(out, POISON, out_b + GUARD);
-        epx_moe_ll_combine_in_t cin = {y, w};
-        st = epx_moe_ll_combine(moe, h, &cin, out, NULL);
+        float *dw = dev_in(w, sizeof(float) * (size_t)(T * W.K + 1), sizeof(float) * (size_t)(T * W.K));
+        poison(dout, out_b + GUARD);
+        epx_moe_ll_combine_in_t cin = {dy, dw};
+        st = epx_moe_ll_combine(moe, h, &cin, dout, test_stream());
         if (st != EPX_SUCCESS)
             TEST_FAIL_("case %s: ll_combine -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+        fetch(out, dout, out_b + GUARD);
         check_ll_combine(&W, out, cs);
         expect_poison(out, out_b, out_b + GUARD, cs, "ll combine out guard");
         if (rep == 0)
@@ -1004,9 +1186,11 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
         else if (memcmp(first, out, out_b) != 0)
             TEST_FAIL_("case %s: repeat %d: ll combine output differs from the first run", cs, rep);
         free(y), free(w);
+        dev_free(dy), dev_free(dw);
         ASSERT_OK(epx_moe_handle_destroy(h));
     }
     free(out), free(first);
+    dev_free(dout);
     ll_free(&B);
     ASSERT_OK(epx_moe_destroy(moe));
     world_free(&W);
@@ -1039,7 +1223,7 @@ static int run_two_handles(void)
         ht_poison(&B[i]);
         epx_moe_dispatch_in_t in = ht_in(&W[i], &B[i], true);
         epx_moe_dispatch_out_t out = ht_out(&B[i]);
-        ASSERT_OK(epx_moe_dispatch_cached(moe, h[i], &in, &out, NULL));
+        ASSERT_OK(epx_moe_dispatch_cached(moe, h[i], &in, &out, test_stream()));
         check_dispatch(&W[i], &ref[i], &B[i], 1, false, true, cs);
         combine_checked(moe, h[i], &W[i], &C[i], true, cs);
     }
@@ -1143,62 +1327,71 @@ static int run_bad_ht(void)
         int64_t *bi = malloc(sizeof(int64_t) * (size_t)(bigT * bigK + 1));
         float *bw = malloc(sizeof(float) * (size_t)(bigT * bigK + 1));
         for (int i = 0; i < bigT * bigK; i++) bi[i] = i % W.E, bw[i] = 0.5f;
-        uint8_t *mis_idx = malloc((size_t)T * (size_t)K * 8 + 16);
-        memcpy(mis_idx + 4, B.idx, (size_t)T * (size_t)K * 8);
-        uint8_t *mis_x = malloc((size_t)T * (size_t)H * 2 + 16);
-        memcpy(mis_x + 1, B.x, (size_t)T * (size_t)H * 2);
+        void *dbigx = dev_in(bigx, (size_t)bigT * (size_t)H * 2 + 64, (size_t)bigT * (size_t)H * 2);
+        void *dbi = dev_in(bi, sizeof(int64_t) * (size_t)(bigT * bigK + 1), sizeof(int64_t) * (size_t)(bigT * bigK));
+        float *dbw = dev_in(bw, sizeof(float) * (size_t)(bigT * bigK + 1), sizeof(float) * (size_t)(bigT * bigK));
+        /* Misaligned: backend pointers + 4 (topk_idx, i64) and + 1 (x, bf16), valid data there. */
+        uint8_t *dmis_idx = test_buf_alloc((size_t)T * (size_t)K * 8 + 16);
+        put(dmis_idx + 4, B.idx, (size_t)T * (size_t)K * 8);
+        uint8_t *dmis_x = test_buf_alloc((size_t)T * (size_t)H * 2 + 16);
+        put(dmis_x + 1, B.x, (size_t)T * (size_t)H * 2);
 
         epx_moe_dispatch_in_t in = ht_in(&W, &B, true);
         epx_moe_dispatch_out_t out = ht_out(&B);
-        int64_t *ib = (int64_t *)B.idx;
+        int64_t *ib = (int64_t *)B.idx; /* the host copy: put after every change */
         if (is_bad) {
             switch ((bad_t)k) {
             case B_ID_HIGH: ib[(int64_t)T * K - 1] = W.E; break;
             case B_ID_LOW: ib[(int64_t)(T / 2) * K + 1] = -2; break;
-            case B_T_BIG: in.x = bigx, in.topk_idx = bi, in.topk_weights = bw, in.num_tokens = bigT, in.topk = K; break;
+            case B_T_BIG: in.x = dbigx, in.topk_idx = dbi, in.topk_weights = dbw, in.num_tokens = bigT, in.topk = K; break;
             case B_T_NEG: in.num_tokens = -1; break;
-            case B_K_BIG: in.x = bigx, in.topk_idx = bi, in.topk_weights = bw, in.topk = bigK; break;
+            case B_K_BIG: in.x = dbigx, in.topk_idx = dbi, in.topk_weights = dbw, in.topk = bigK; break;
             case B_X_NULL: in.x = NULL; break;
-            case B_X_MISALIGNED: in.x = mis_x + 1; break;
+            case B_X_MISALIGNED: in.x = dmis_x + 1; break;
             case B_IDX_NULL: in.topk_idx = NULL; break;
-            case B_IDX_MISALIGNED: in.topk_idx = mis_idx + 4; break;
+            case B_IDX_MISALIGNED: in.topk_idx = dmis_idx + 4; break;
             case B_CAP_SMALL: out.capacity = ref.n - 1; break;
             default: break;
             }
+            if (k == B_ID_HIGH || k == B_ID_LOW) put(B.didx, B.idx, B.idx_b);
         }
         if (k <= B_CAP_SMALL) {
             ht_poison(&B);
             epx_moe_handle_t h = NULL;
-            epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, NULL);
+            epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
             expect_status(st, bad, bad_names[k]);
             if (h != NULL) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
             if (out.num_recv_tokens != -77)
                 TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
             ht_expect_all_poison(&B, cs);
-            if (is_bad && k == B_ID_HIGH) ib[(int64_t)T * K - 1] = W.idx[me][(int64_t)T * K - 1];
-            if (is_bad && k == B_ID_LOW) ib[(int64_t)(T / 2) * K + 1] = W.idx[me][(T / 2) * K + 1];
+            if (is_bad && (k == B_ID_HIGH || k == B_ID_LOW)) {
+                if (k == B_ID_HIGH) ib[(int64_t)T * K - 1] = W.idx[me][(int64_t)T * K - 1];
+                if (k == B_ID_LOW) ib[(int64_t)(T / 2) * K + 1] = W.idx[me][(T / 2) * K + 1];
+                put(B.didx, B.idx, B.idx_b);
+            }
         } else {
             /* A valid dispatch first: the handle for the bad cached / combine call. */
             epx_moe_handle_t h = dispatch_checked(moe, &W, &ref, &B, true, cs);
             comb_bufs_t C;
             comb_alloc(&W, &ref, &C);
             ht_poison(&B);
-            memset(C.out, POISON, C.out_b + GUARD);
-            memset(C.out_w, POISON, C.outw_b + GUARD);
+            comb_poison(&C);
             epx_status_t st;
             if (k == B_CACHED_NULL_HANDLE || k == B_CACHED_X_NULL) {
                 epx_moe_dispatch_in_t cin = ht_in(&W, &B, true);
                 if (is_bad && k == B_CACHED_X_NULL) cin.x = NULL;
-                st = epx_moe_dispatch_cached(moe, is_bad && k == B_CACHED_NULL_HANDLE ? NULL : h, &cin, &out, NULL);
+                st = epx_moe_dispatch_cached(moe, is_bad && k == B_CACHED_NULL_HANDLE ? NULL : h, &cin, &out,
+                                             test_stream());
             } else {
-                epx_moe_combine_in_t ci = {C.y, C.yw};
-                epx_moe_combine_out_t co = {C.out, C.out_w};
+                epx_moe_combine_in_t ci = {C.dy, C.dyw};
+                epx_moe_combine_out_t co = {C.dout, C.doutw};
                 if (is_bad && k == B_COMBINE_Y_NULL) ci.y = NULL;
                 if (is_bad && k == B_COMBINE_OUT_NULL) co.out = NULL;
-                st = epx_moe_combine(moe, h, &ci, &co, NULL);
+                st = epx_moe_combine(moe, h, &ci, &co, test_stream());
             }
             expect_status(st, bad, bad_names[k]);
             ht_expect_all_poison(&B, cs);
+            comb_fetch(&C);
             expect_poison(C.out, 0, C.out_b + GUARD, cs, "combine out");
             expect_poison(C.out_w, 0, C.outw_b + GUARD, cs, "combine out_topk_weights");
             /* The handle still works. */
@@ -1215,7 +1408,8 @@ static int run_bad_ht(void)
             comb_free(&C);
             ASSERT_OK(epx_moe_handle_destroy(h));
         }
-        free(bigx), free(bi), free(bw), free(mis_idx), free(mis_x);
+        free(bigx), free(bi), free(bw);
+        dev_free(dbigx), dev_free(dbi), dev_free(dbw), dev_free(dmis_idx), dev_free(dmis_x);
         ht_free(&B);
         moe_ref_recv_free(&ref);
         ASSERT_OK(epx_moe_destroy(moe));
@@ -1247,44 +1441,54 @@ static int run_bad_ll(void)
         int bigT = W.M + 1;
         void *bigx = calloc((size_t)bigT * (size_t)H, 2);
         int32_t *bi = calloc((size_t)(bigT * K), 4);
+        void *dbigx = dev_in(bigx, (size_t)bigT * (size_t)H * 2, (size_t)bigT * (size_t)H * 2);
+        void *dbi = dev_in(bi, (size_t)(bigT * K) * 4, (size_t)(bigT * K) * 4);
         epx_moe_ll_dispatch_in_t in = ll_in(&W, &B);
         epx_moe_ll_dispatch_out_t o = ll_out(&B);
-        int32_t *ib = (int32_t *)B.idx;
+        int32_t *ib = (int32_t *)B.idx; /* the host copy: put after every change */
         if (k <= LB_X_NULL) {
             if (is_bad) {
                 if (k == LB_ID_HIGH) ib[0] = W.E + 3;
                 if (k == LB_ID_LOW) ib[K - 1] = -7;
-                if (k == LB_T_BIG) in.x = bigx, in.topk_idx = bi, in.num_tokens = bigT;
+                if (k == LB_T_BIG) in.x = dbigx, in.topk_idx = dbi, in.num_tokens = bigT;
                 if (k == LB_X_NULL) in.x = NULL;
+                put(B.didx, B.idx, B.idx_b);
             }
             ll_poison(&B);
             epx_moe_handle_t h = NULL;
-            epx_status_t st = epx_moe_ll_dispatch(moe, &in, &o, &h, NULL);
+            epx_status_t st = epx_moe_ll_dispatch(moe, &in, &o, &h, test_stream());
             expect_status(st, bad, names[k]);
             ASSERT(h == NULL);
             ll_expect_all_poison(&B, cs);
             if (is_bad) {
                 ib[0] = (int32_t)W.idx[me][0];
                 ib[K - 1] = (int32_t)W.idx[me][K - 1];
+                put(B.didx, B.idx, B.idx_b);
             }
         } else {
             ll_poison(&B);
             in = ll_in(&W, &B);
             epx_moe_handle_t h = NULL;
-            ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &o, &h, NULL));
+            ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &o, &h, test_stream()));
             check_ll_dispatch(&W, &B, cs);
             uint16_t *y = ll_make_y(&W, &B);
+            void *dy = dev_in(y, ll_y_bytes(&W, &B) + 64, ll_y_bytes(&W, &B));
+            float *dw = dev_in(W.w[me], sizeof(float) * (size_t)(T * K + 1), sizeof(float) * (size_t)(T * K));
             size_t out_b = (size_t)T * (size_t)H * 2;
-            uint16_t *out = palloc(out_b);
-            epx_moe_ll_combine_in_t cin = {y, W.w[me]};
+            uint16_t *out = palloc(out_b), *dout = dev_out(out_b);
+            epx_moe_ll_combine_in_t cin = {dy, dw};
             if (is_bad && k == LB_COMBINE_Y_NULL) cin.y = NULL;
-            epx_status_t st = epx_moe_ll_combine(moe, h, &cin, is_bad && k == LB_COMBINE_OUT_NULL ? NULL : out, NULL);
+            epx_status_t st =
+                epx_moe_ll_combine(moe, h, &cin, is_bad && k == LB_COMBINE_OUT_NULL ? NULL : dout, test_stream());
             expect_status(st, bad, names[k]);
+            fetch(out, dout, out_b + GUARD);
             expect_poison(out, 0, out_b + GUARD, cs, "ll combine out");
-            cin.y = y;
-            ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, NULL));
+            cin.y = dy;
+            ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, dout, test_stream()));
+            fetch(out, dout, out_b + GUARD);
             check_ll_combine(&W, out, cs);
             free(y), free(out);
+            dev_free(dy), dev_free(dw), dev_free(dout);
             ASSERT_OK(epx_moe_handle_destroy(h));
         }
         /* A valid low-latency round right after. */
@@ -1292,11 +1496,12 @@ static int run_bad_ll(void)
             ll_poison(&B);
             in = ll_in(&W, &B);
             epx_moe_handle_t h = NULL;
-            ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &o, &h, NULL));
+            ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &o, &h, test_stream()));
             check_ll_dispatch(&W, &B, cs);
             ASSERT_OK(epx_moe_handle_destroy(h));
         }
         free(bigx), free(bi);
+        dev_free(dbigx), dev_free(dbi);
         ll_free(&B);
         ASSERT_OK(epx_moe_destroy(moe));
         world_free(&W);
@@ -1373,18 +1578,24 @@ static int run_bad_create(void)
     ASSERT_STATUS(epx_moe_max_recv_tokens(NULL, &nrows), EPX_ERR_INVALID_ARGUMENT);
     ASSERT_EQ(nrows, -5);
     /* The communicator still works. */
-    ASSERT_OK(epx_moe_create(comm, &base, &moe));
+    ASSERT_OK(moe_create(&base, &moe));
     int64_t rows;
     ASSERT_OK(epx_moe_max_recv_tokens(moe, &rows));
     ASSERT_EQ(rows, 4 * R);
-    /* Layout is local: bad ids fail on this rank alone. */
-    int64_t idx[4] = {0, 1, 2 * R, -1};
-    int32_t pr[MAXR];
-    ASSERT_STATUS(epx_moe_layout(moe, idx, 2, 2, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT);
+    /* Layout is local: bad ids fail on this rank alone. idx and pr on the backend (idx
+     * with room for the T * K = 10 entries of the T > max call, zeros past the 4 used). */
+    int64_t idx[16] = {0, 1, 2 * R, -1};
+    int64_t *didx = dev_in(idx, sizeof idx, sizeof idx);
+    int32_t *dpr = dev_out(sizeof(int32_t) * MAXR);
+    ASSERT_STATUS(epx_moe_layout(moe, didx, 2, 2, dpr, NULL, NULL, test_stream()), EPX_ERR_INVALID_ARGUMENT);
     idx[2] = -3;
-    ASSERT_STATUS(epx_moe_layout(moe, idx, 2, 2, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT);
-    ASSERT_STATUS(epx_moe_layout(moe, idx, 2, 3, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT); /* K > max_topk */
-    ASSERT_STATUS(epx_moe_layout(moe, idx, 5, 2, pr, NULL, NULL, NULL), EPX_ERR_INVALID_ARGUMENT); /* T > max */
+    put(didx, idx, sizeof idx);
+    ASSERT_STATUS(epx_moe_layout(moe, didx, 2, 2, dpr, NULL, NULL, test_stream()), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_moe_layout(moe, didx, 2, 3, dpr, NULL, NULL, test_stream()),
+                  EPX_ERR_INVALID_ARGUMENT); /* K > max_topk */
+    ASSERT_STATUS(epx_moe_layout(moe, didx, 5, 2, dpr, NULL, NULL, test_stream()),
+                  EPX_ERR_INVALID_ARGUMENT); /* T > max */
+    dev_free(didx), dev_free(dpr);
     ASSERT_OK(epx_moe_destroy(moe));
     passed++;
     return passed;
@@ -1435,11 +1646,25 @@ static const mcase_t large_cases[] = {
     {"large fp8 zipf",       256,  8,  7168, 4096, EPX_FP8_E4M3, U,      EPX_I32, 128, ROUTE_ZIPF,  0, F_T_WIDE, 0, HT, 0, 0},
 };
 
+/* CUDA: skip the whole test (exit 77) when the backend has no MoE yet. */
+static void probe_cuda_moe(void)
+{
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = 128;
+    cfg.max_tokens_per_rank = 4;
+    cfg.num_experts = R;
+    cfg.max_topk = 1;
+    epx_moe_t moe = NULL;
+    ASSERT_OK(moe_create(&cfg, &moe));
+    ASSERT_OK(epx_moe_destroy(moe));
+}
+
 int main(int argc, char **argv)
 {
     bool large = false;
     uint64_t seed = 1;
     int nrandom = 100;
+    test_init(argc, argv);
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--large")) large = true;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
@@ -1451,6 +1676,10 @@ int main(int argc, char **argv)
     ASSERT_OK(epx_comm_info(comm, &info));
     exact_ll_order = info.backend == EPX_BACKEND_CPU && !getenv("EPX_TEST_LL_ANY_ORDER");
     int passed = 0;
+    /* Only the high-throughput mode exists on CUDA so far. */
+    bool ll = !test_on_cuda();
+    if (test_on_cuda()) probe_cuda_moe();
+    if (!ll && !large && me == 0) printf("low-latency cases skipped on CUDA until implemented\n");
 
     if (large) {
         for (size_t i = 0; i < sizeof large_cases / sizeof large_cases[0]; i++)
@@ -1459,17 +1688,18 @@ int main(int argc, char **argv)
         passed += run_bad_create();
         for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)
             passed += run_ht_case(&ht_cases[i], seed * 1000 + i);
-        for (size_t i = 0; i < sizeof ll_cases / sizeof ll_cases[0]; i++)
-            passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
+        if (ll)
+            for (size_t i = 0; i < sizeof ll_cases / sizeof ll_cases[0]; i++)
+                passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
         passed += run_two_handles();
         for (int i = 0; i < nrandom; i++) {
             mcase_t c = random_case(seed * 7919 + (uint64_t)i, false);
             passed += run_ht_case(&c, seed * 1000 + 700 + (uint64_t)i);
             mcase_t l = random_case(seed * 7919 + (uint64_t)i, true);
-            if (i % 2 == 0) passed += run_ll_case(&l, seed * 1000 + 800 + (uint64_t)i);
+            if (ll && i % 2 == 0) passed += run_ll_case(&l, seed * 1000 + 800 + (uint64_t)i);
         }
         passed += run_bad_ht();
-        passed += run_bad_ll();
+        if (ll) passed += run_bad_ll();
     }
     epx_status_t async;
     ASSERT_OK(epx_comm_get_async_error(comm, &async));

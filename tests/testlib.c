@@ -74,7 +74,10 @@ void test_buf_put(void *dst, const void *src, size_t bytes)
 {
 #ifdef EPX_HAVE_CUDA
     if (test_cuda) {
-        CUDA_OK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+        /* In stream order, and finished on return (a plain cudaMemcpy from pageable
+         * memory may return before the data lands). */
+        CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, test_cuda_stream));
+        CUDA_OK(cudaStreamSynchronize(test_cuda_stream));
         return;
     }
 #endif

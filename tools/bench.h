@@ -11,6 +11,15 @@
 
 #include "epx.h"
 
+#ifdef EPX_HAVE_MPI
+#include <mpi.h>
+#endif
+
+/* C linkage also when included from CUDA C (bench_cuda_moe.cu, compiled as C++ by nvcc). */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct {
     const char *op; /* "alltoall", "moe" */
     int ranks;
@@ -49,10 +58,6 @@ void bench_barrier(bench_ctx_t *b);
 /* Abort the whole run with a message (all ranks die; the launcher reports it). */
 void bench_die(bench_ctx_t *b, const char *what, epx_status_t st);
 
-#ifdef EPX_HAVE_MPI
-#include <mpi.h>
-#endif
-
 int bench_alltoall(bench_ctx_t *b);
 /* The CUDA backend's alltoall against ncclAlltoAll (bench_cuda.c). */
 int bench_cuda_alltoall(bench_ctx_t *b);
@@ -61,5 +66,12 @@ int bench_cuda_alltoall(bench_ctx_t *b);
 void bench_a2a_fill(uint32_t *send, int me, int nranks, int64_t count);
 int64_t bench_a2a_verify(const uint32_t *recv, int me, int nranks, int64_t count);
 int bench_moe(bench_ctx_t *b);
+/* The CUDA backend's high-throughput MoE (layout, dispatch, combine) against the same
+ * routing done with NCCL send/recv (bench_cuda_moe.cu; built only with CUDA). */
+int bench_cuda_moe(bench_ctx_t *b);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -163,7 +163,8 @@ int bench_cuda_alltoall(bench_ctx_t *b)
         size_t count = (size_t)((int64_t)s / (4 * R));
         int64_t bytes = (int64_t)count * 4 * R;
         bench_a2a_fill(host, b->rank, R, (int64_t)count);
-        CUDA_CHECK(b, cudaMemcpy(send, host, (size_t)bytes, cudaMemcpyHostToDevice));
+        CUDA_CHECK(b, cudaMemcpyAsync(send, host, (size_t)bytes, cudaMemcpyHostToDevice, g.stream));
+        CUDA_CHECK(b, cudaStreamSynchronize(g.stream));
         int64_t wrong = o->check ? checked_run(&g, op_epx, send, recv, host, count) : 0, nwrong = 0;
 #ifdef EPX_HAVE_NCCL
         if (nccl && o->check) nwrong = checked_run(&g, op_nccl, send, recv, host, count);

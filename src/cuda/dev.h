@@ -101,6 +101,8 @@ typedef struct {
 
 /* counts[p, r] for every source p; *bad = first t*K+k of my routing out of [-1, E). */
 int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, long long *bad, void *stream);
+/* *bad = the first index i of my routing with an id out of [-1, E) (untouched if none). */
+int epx__cuda_launch_moe_validate(const epx__moe_routing_t *r, long long *bad, void *stream);
 /* Local layout of my routing (outputs zeroed by the caller; any may be NULL). */
 int epx__cuda_launch_moe_layout(const epx__moe_routing_t *r, int *per_rank, int *per_expert, unsigned char *in_rank,
                                 void *stream);

@@ -126,6 +126,17 @@ epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int 
     rt.num_tokens[rt.rank] = num_tokens;
     epx_status_t st = EPX_SUCCESS;
     cudaStream_t strm = (cudaStream_t)stream;
+    /* Check every id first (one read-back), so that bad input changes nothing. */
+    if (num_tokens > 0) {
+        long long *h_bad = (long long *)(void *)(m->h_counts + rt.nranks * rt.nranks + (rt.nranks * rt.nranks) % 2);
+        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_validate(&rt, m->d_bad, stream), st, err);
+        EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
+        EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
+        if (st == EPX_SUCCESS && *h_bad != EPX__NO_BAD)
+            return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
+                             *h_bad / topk, *h_bad % topk, s->num_experts);
+    }
     if (per_rank) EPX__CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int32_t) * (size_t)rt.nranks, strm), st, err);
     if (per_expert) EPX__CUDA_CHECK(cudaMemsetAsync(per_expert, 0, sizeof(int32_t) * (size_t)s->num_experts, strm), st, err);
     if (st == EPX_SUCCESS)

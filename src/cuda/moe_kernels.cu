@@ -59,6 +59,25 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
     return (int)cudaGetLastError();
 }
 
+/* ---- Validation (local) --------------------------------------------------------------------- */
+
+static __global__ void epx__k_moe_validate(epx__moe_routing_t r, long long *bad)
+{
+    long long n = (long long)r.num_tokens[r.rank] * r.topk;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        long long e = epx__topk_get(&r, r.rank, i);
+        if (e < -1 || e >= r.num_experts) atomicMin((unsigned long long *)bad, (unsigned long long)i);
+    }
+}
+
+extern "C" int epx__cuda_launch_moe_validate(const epx__moe_routing_t *r, long long *bad, void *stream)
+{
+    long long n = (long long)r->num_tokens[r->rank] * r->topk;
+    int blocks = (int)((n + 255) / 256);
+    if (n > 0) epx__k_moe_validate<<<blocks < 264 ? blocks : 264, 256, 0, (cudaStream_t)stream>>>(*r, bad);
+    return (int)cudaGetLastError();
+}
+
 /* ---- Layout (local) -------------------------------------------------------------------------- */
 
 static __global__ void epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank)

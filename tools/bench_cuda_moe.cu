@@ -1,0 +1,1468 @@
+/*
+ * epx-bench moe --backend cuda: epx's high-throughput MoE (layout, dispatch, combine) on the
+ * CUDA backend against the same routing done with NCCL, in the same processes, on the same
+ * device inputs, iterations alternating between the two.
+ *
+ * One rank per GPU (device = EPX_LOCAL_RANK % number of GPUs). Times come from CUDA events
+ * on the caller's stream around the call, after a device-side barrier (epx_barrier) and a
+ * 512 MiB memset that flushes L2; median over iterations, max over ranks (through the host
+ * communicator). epx's dispatch reads a count matrix back once (a stream synchronisation),
+ * and so does the baseline's: both event times include it.
+ *
+ * The baseline (built with NCCL): dispatch = a routing kernel (per destination rank, each
+ * token's row in the packed send buffer, and the counts), ncclAllGather of the counts with a
+ * host read-back to size the receives, a pack kernel copying every token once per
+ * destination rank (rank-major, tokens ascending: epx's row order), grouped ncclSend /
+ * ncclRecv of the rows, FP8 scales and [token, local ids, weights] records, and an unpack
+ * kernel for the routing outputs; combine = grouped ncclSend / ncclRecv of the expert
+ * outputs back to their tokens' ranks, then a reduce kernel summing each token's rows in
+ * ascending rank order in float32 from +0.0f (no FMA: built with --fmad=false) and casting
+ * to bf16 with round-to-nearest-even, the math of epx, so the outputs compare bitwise. Its
+ * layout is one plain kernel.
+ *
+ * Data: the tokens, routing and weights are the CPU bench's (bench_moe.c): a pure function
+ * of (seed, rank, token), so every rank regenerates every rank's data on the host and
+ * checks every output value. Expert outputs y of a received row are the row times a factor
+ * of the receiving rank, computed on the host from the expected rows, so the combine's
+ * reference is known exactly too.
+ *
+ * Written in C style; compiled as CUDA C by nvcc (sm_90, --fmad=false).
+ */
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cuda_runtime.h>
+#ifdef EPX_HAVE_NCCL
+#include <nccl.h>
+#endif
+
+#include "bench.h"
+
+#define SEED 0x6570782d6d6f6521ull /* bench_moe.c's: the same data as the CPU bench */
+#define SCALE_BLOCK 128
+#define MAX_RANKS 32          /* ranks of one host on the CUDA backend (EPX__CUDA_MAX_RANKS) */
+#define WAIT_LIMIT_S 360.0    /* a longer wait for the device is reported as a hang (past EPX_TIMEOUT_MS) */
+#define FLUSH_BYTES ((size_t)512 << 20)
+
+/* ---- Host element conversions (as bench_moe.c; checked against the library at start) ------- */
+
+static inline float bf2f(uint16_t v)
+{
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---- Deterministic data (as bench_moe.c) -------------------------------------------------- */
+
+static inline uint64_t mix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static inline uint64_t key4(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
+{
+    return mix64(mix64(mix64(mix64(a) ^ b) ^ c) ^ d);
+}
+
+typedef struct {
+    uint64_t s;
+} rng_t;
+
+static inline uint64_t rng_next(rng_t *r)
+{
+    r->s += 0x9e3779b97f4a7c15ull;
+    return mix64(r->s);
+}
+
+static inline double rng_unit(rng_t *r) /* [0, 1) */
+{
+    return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* ---- State ------------------------------------------------------------------------------------ */
+
+typedef struct { /* dispatch outputs (device pointers, or their host copies) */
+    uint8_t *x;
+    float *xs;
+    int64_t *idx;
+    float *w;
+    int32_t *src_rank, *src_token, *per_expert;
+    int64_t n; /* rows received (host value) */
+} ht_out_t;
+
+typedef struct { /* layout outputs */
+    int32_t *per_rank, *per_expert;
+    uint8_t *in_rank;
+} lay_out_t;
+
+#ifdef EPX_HAVE_NCCL
+typedef struct { /* the NCCL baseline: buffers and the routing of its last dispatch */
+    int32_t *d_pos;     /* [T, R]: row of token t in the segment it sends rank r, or -1 */
+    int32_t *d_cnt;     /* [R]: tokens I send each rank */
+    int32_t *d_cnt_all; /* [R, R]: everyone's, by ncclAllGather */
+    int32_t *h_cnt_all; /* pinned read-back */
+    uint8_t *d_sendx;   /* [maxsend, row] */
+    float *d_sends;     /* [maxsend, S] (fp8) */
+    int32_t *d_smeta, *d_rmeta; /* [rows, 1 + 2K]: token, K local ids, K weights (bits) */
+    uint8_t *d_crecv;   /* [maxsend, y_row]: expert outputs of my tokens, send order */
+    cudaEvent_t counted; /* the counts have landed on the host */
+    int64_t scount[MAX_RANKS], sdispl[MAX_RANKS + 1], rcount[MAX_RANKS], rdispl[MAX_RANKS + 1];
+    int64_t n;
+} baseline_t;
+#endif
+
+typedef struct {
+    bench_ctx_t *b;
+    int R, me, T, H, K, E, L, S, dev, ndev, sms;
+    bool fp8, nccl;
+    size_t row;      /* bytes of one token row (fp8: H, bf16: 2H) */
+    size_t wire_row; /* row + its scales */
+    size_t y_row;    /* one bf16 row of y / out: 2H */
+    int64_t cap;     /* rows of the dispatch outputs (epx_moe_max_recv_tokens) */
+    int64_t n_exp;   /* rows this rank should receive */
+    float fp8_tab[256];
+
+    /* every rank's routing (host) */
+    int32_t *topk; /* [R, T, K] */
+    float *w;      /* [R, T, K] */
+    uint8_t *dest; /* [R, T, R] token (s, t) goes to rank q */
+
+    /* device */
+    epx_comm_t gpu;
+    epx_moe_t moe;
+    cudaStream_t stream;
+    cudaEvent_t ev0, ev1;
+    void *flush;
+    uint8_t *d_x;
+    float *d_xs, *d_w;
+    int64_t *d_idx;
+    uint8_t *d_y;
+    ht_out_t d_out[2];  /* 0: epx, 1: baseline */
+    lay_out_t d_lay[2];
+    uint8_t *d_cout[2];
+    epx_moe_handle_t h, h_new; /* the last epx dispatch's handle; the one being made */
+    double epx_mem;            /* device memory the epx comm + MoE context took (bytes) */
+#ifdef EPX_HAVE_NCCL
+    ncclComm_t nc;
+    baseline_t bl;
+#endif
+} gm_t;
+
+/* ---- Failing clearly ---------------------------------------------------------------------- */
+
+static void gm_fail(gm_t *m, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+static void gm_fail(gm_t *m, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "epx-bench moe --backend cuda: rank %d: ", m ? m->me : -1);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    fflush(stderr);
+    fflush(stdout);
+    /* Peers waiting on this rank fail promptly instead of timing out. */
+    if (m && m->gpu) epx_comm_abort(m->gpu);
+    if (m && m->b && m->b->comm) epx_comm_abort(m->b->comm);
+    _exit(3);
+}
+
+static void cuda_ok(gm_t *m, cudaError_t e, const char *what)
+{
+    if (e != cudaSuccess) gm_fail(m, "%s failed: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+#define CK(m, call) cuda_ok((m), (call), #call)
+/* After a kernel launch: a bad configuration shows here, a fault at the next wait. */
+#define LAUNCHED(m, name) cuda_ok((m), cudaGetLastError(), "launch of kernel " name)
+
+static void epx_ok(gm_t *m, epx_status_t st, const char *what)
+{
+    if (st == EPX_SUCCESS) return;
+    const char *msg = m->gpu ? epx_comm_get_last_error(m->gpu) : "";
+    if (!msg || !*msg) msg = epx_get_last_error();
+    gm_fail(m, "%s failed: %s (%s)", what, epx_status_name(st), msg && *msg ? msg : epx_status_string(st));
+}
+
+#ifdef EPX_HAVE_NCCL
+static void nccl_ok(gm_t *m, ncclResult_t r, const char *what)
+{
+    if (r == ncclSuccess) return;
+    const char *last = "";
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= 21300
+    if (m->nc) last = ncclGetLastError(m->nc);
+#endif
+    gm_fail(m, "%s failed: %s%s%s", what, ncclGetErrorString(r), last && *last ? ": " : "", last ? last : "");
+}
+#define NK(m, call) nccl_ok((m), (call), #call)
+#endif
+
+static void *xmalloc(gm_t *m, size_t bytes)
+{
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) gm_fail(m, "out of host memory (%zu bytes)", bytes);
+    return p;
+}
+
+static void *dmalloc(gm_t *m, size_t bytes, const char *what)
+{
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 256);
+    if (e != cudaSuccess)
+        gm_fail(m, "cudaMalloc of %s (%.1f MiB) on device %d failed: %s", what, (double)bytes / 1048576.0, m->dev,
+                cudaGetErrorString(e));
+    return p;
+}
+
+/* Wait for `ev` (or the whole stream when NULL) without hanging forever: spin for a second,
+ * then poll; watch NCCL's asynchronous errors; give up with a message after WAIT_LIMIT_S. */
+static void wait_for(gm_t *m, cudaEvent_t ev, const char *what)
+{
+    double t0 = bench_now_us();
+    for (long it = 0;; it++) {
+        cudaError_t e = ev ? cudaEventQuery(ev) : cudaStreamQuery(m->stream);
+        if (e == cudaSuccess) return;
+        if (e != cudaErrorNotReady)
+            gm_fail(m, "waiting for %s: %s (%s; a kernel faulted or a peer broke the run)", what, cudaGetErrorString(e),
+                    cudaGetErrorName(e));
+        if (it % 256 != 255) continue;
+        double s = (bench_now_us() - t0) / 1e6;
+#ifdef EPX_HAVE_NCCL
+        if (m->nccl && m->nc) {
+            ncclResult_t ar = ncclSuccess;
+            if (ncclCommGetAsyncError(m->nc, &ar) == ncclSuccess && ar != ncclSuccess)
+                gm_fail(m, "waiting for %s: NCCL reports an asynchronous error: %s", what, ncclGetErrorString(ar));
+        }
+#endif
+        if (s > WAIT_LIMIT_S)
+            gm_fail(m, "waited %.0f s for %s: the ranks' streams are out of step or a peer is stuck", s, what);
+        if (s > 1.0) usleep(200);
+    }
+}
+
+/* Rank 0's `bytes` to every rank, through the host communicator. */
+static void host_bcast(gm_t *m, void *buf, size_t bytes)
+{
+    int R = m->R;
+    char *send = (char *)xmalloc(m, bytes * (size_t)R), *recv = (char *)xmalloc(m, bytes * (size_t)R);
+    for (int p = 0; p < R; p++) memcpy(send + (size_t)p * bytes, buf, bytes);
+    epx_status_t st = epx_alltoall(m->b->comm, send, recv, bytes, EPX_U8, NULL);
+    if (st != EPX_SUCCESS)
+        gm_fail(m, "host broadcast failed: %s (%s)", epx_status_name(st), epx_comm_get_last_error(m->b->comm));
+    memcpy(buf, recv, bytes); /* what rank 0 sent me */
+    free(send);
+    free(recv);
+}
+
+static inline int64_t tk(const gm_t *m, int s, int t) { return ((int64_t)s * m->T + t) * m->K; }
+
+/* Factor the expert side of rank v applies: y = bf16(value * mult_of(v)). */
+static inline float mult_of(int v) { return 1.0f + 0.25f * (float)(v % 5); }
+
+/* ---- Host data ----------------------------------------------------------------------------- */
+
+/* Row t of rank s as given to dispatch: bf16 [H], or fp8 [H] with float scales [S]. */
+static void gen_row(const gm_t *m, int s, int t, uint8_t *row, float *scales)
+{
+    uint64_t base = key4(SEED, (uint64_t)s, (uint64_t)t, 1);
+    if (m->fp8) {
+        for (int h = 0; h < m->H; h += 8) {
+            uint64_t r = mix64(base + (uint64_t)h);
+            for (int j = 0; j < 8 && h + j < m->H; j++, r >>= 8)
+                row[h + j] = (uint8_t)((r & 0x80) | ((4 + ((r >> 3) & 7)) << 3) | (r & 7)); /* never 0 or NaN */
+        }
+        for (int i = 0; i < m->S; i++) {
+            uint64_t r = mix64(base ^ (0x5ca1e0000ull + (uint64_t)i));
+            scales[i] = (1.0f + (float)(r & 0xffff) / 65536.0f) * (1.0f / 64.0f);
+        }
+    } else {
+        uint16_t *v = (uint16_t *)row;
+        for (int h = 0; h < m->H; h += 4) {
+            uint64_t r = mix64(base + (uint64_t)h);
+            for (int j = 0; j < 4 && h + j < m->H; j++, r >>= 16) {
+                uint16_t e = (uint16_t)(125 + ((r >> 7) & 3)); /* 0.25 .. 4, never zero */
+                v[h + j] = (uint16_t)((r & 0x8000) | (e << 7) | (r & 0x7f));
+            }
+        }
+    }
+}
+
+static inline float row_val(const gm_t *m, const uint8_t *row, const float *scales, int h)
+{
+    if (m->fp8) return m->fp8_tab[row[h]] * scales[h / SCALE_BLOCK];
+    return bf2f(((const uint16_t *)row)[h]);
+}
+
+/* Every rank's routing: K distinct experts, uniform or Zipf(skew) over a fixed random
+ * permutation of the experts; weights in [0.05, 1). The same as bench_moe.c. */
+static void gen_routing(gm_t *m, double skew)
+{
+    int R = m->R, T = m->T, K = m->K, E = m->E;
+    m->topk = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)R * T * K);
+    m->w = (float *)xmalloc(m, sizeof(float) * (size_t)R * T * K);
+    int *perm = (int *)xmalloc(m, sizeof(int) * (size_t)E);
+    double *wz = (double *)xmalloc(m, sizeof(double) * (size_t)E);
+    uint8_t *taken = (uint8_t *)xmalloc(m, (size_t)E);
+    rng_t pr = {key4(SEED, 0xfeed, 0, 3)};
+    for (int i = 0; i < E; i++) perm[i] = i;
+    for (int i = E - 1; i > 0; i--) {
+        int j = (int)(rng_next(&pr) % (uint64_t)(i + 1)), tmp = perm[i];
+        perm[i] = perm[j], perm[j] = tmp;
+    }
+    for (int i = 0; i < E; i++) wz[i] = pow((double)(i + 1), -skew);
+    for (int s = 0; s < R; s++)
+        for (int t = 0; t < T; t++) {
+            rng_t r = {key4(SEED, (uint64_t)s, (uint64_t)t, 2)};
+            int32_t *e = m->topk + tk(m, s, t);
+            memset(taken, 0, (size_t)E);
+            for (int k = 0; k < K; k++) {
+                int pick;
+                if (skew > 0) {
+                    double tot = 0;
+                    for (int i = 0; i < E; i++) tot += taken[i] ? 0 : wz[i];
+                    double u = rng_unit(&r) * tot;
+                    pick = -1;
+                    for (int i = 0; i < E; i++) {
+                        if (taken[i]) continue;
+                        pick = i;
+                        if ((u -= wz[i]) < 0) break;
+                    }
+                    taken[pick] = 1;
+                    e[k] = perm[pick];
+                } else {
+                    do pick = (int)(rng_next(&r) % (uint64_t)E);
+                    while (taken[pick]);
+                    taken[pick] = 1;
+                    e[k] = pick;
+                }
+                m->w[tk(m, s, t) + k] = 0.05f + 0.95f * (float)rng_unit(&r);
+            }
+        }
+    m->dest = (uint8_t *)xmalloc(m, (size_t)R * T * R);
+    memset(m->dest, 0, (size_t)R * T * R);
+    for (int s = 0; s < R; s++)
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) m->dest[((int64_t)s * T + t) * R + m->topk[tk(m, s, t) + k] / m->L] = 1;
+    free(perm);
+    free(wz);
+    free(taken);
+}
+
+/* Rows rank q receives and the part of them that crossed from another rank. */
+static void count_rows(const gm_t *m, int q, int64_t *rows, int64_t *link)
+{
+    *rows = *link = 0;
+    for (int s = 0; s < m->R; s++)
+        for (int t = 0; t < m->T; t++) {
+            int64_t c = m->dest[((int64_t)s * m->T + t) * m->R + q];
+            *rows += c;
+            if (s != q) *link += c;
+        }
+}
+
+/* Expert outputs y [cap, H] bf16 of the rows this rank should receive, in epx's row order
+ * (source rank, then source token): bf16(value * mult_of(me)). */
+static void make_y(gm_t *m, uint16_t *y)
+{
+    int H = m->H, q = m->me;
+    uint8_t *row = (uint8_t *)xmalloc(m, m->row);
+    float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->S);
+    float mu = mult_of(q);
+    memset(y, 0, (size_t)m->cap * m->y_row);
+    int64_t i = 0;
+    for (int s = 0; s < m->R; s++)
+        for (int t = 0; t < m->T; t++) {
+            if (!m->dest[((int64_t)s * m->T + t) * m->R + q]) continue;
+            if (i >= m->cap) break;
+            gen_row(m, s, t, row, sc);
+            uint16_t *yr = y + i * H;
+            for (int h = 0; h < H; h++) yr[h] = f2bf(row_val(m, row, sc, h) * mu);
+            i++;
+        }
+    free(row);
+    free(sc);
+}
+
+/* Expected combine output of this rank's tokens, [T, H] bf16: for each rank r the token went
+ * to, in ascending order, + bf16(value * mult_of(r)), in float32 from +0.0f. */
+static void expected_combine(gm_t *m, uint16_t *out)
+{
+    int H = m->H, q = m->me;
+    uint8_t *row = (uint8_t *)xmalloc(m, m->row);
+    float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->S);
+    float *val = (float *)xmalloc(m, sizeof(float) * (size_t)H), *acc = (float *)xmalloc(m, sizeof(float) * (size_t)H);
+    for (int t = 0; t < m->T; t++) {
+        gen_row(m, q, t, row, sc);
+        for (int h = 0; h < H; h++) val[h] = row_val(m, row, sc, h);
+        for (int h = 0; h < H; h++) acc[h] = 0.0f;
+        for (int r = 0; r < m->R; r++) {
+            if (!m->dest[((int64_t)q * m->T + t) * m->R + r]) continue;
+            float mu = mult_of(r);
+            for (int h = 0; h < H; h++) acc[h] += bf2f(f2bf(val[h] * mu));
+        }
+        for (int h = 0; h < H; h++) out[(int64_t)t * H + h] = f2bf(acc[h]);
+    }
+    free(row);
+    free(sc);
+    free(val);
+    free(acc);
+}
+
+/* The host conversions must agree bit for bit with the library's. */
+static int64_t check_conversions(gm_t *m)
+{
+    int64_t bad = 0;
+    for (int i = 0; i < 256; i++) m->fp8_tab[i] = epx_fp8_e4m3_to_float((uint8_t)i);
+    rng_t r = {key4(SEED, 7, 7, 7)};
+    for (int i = 0; i < 1 << 18; i++) {
+        uint32_t u = (uint32_t)rng_next(&r);
+        if (i < 65536) u = (uint32_t)i << 16 | (u & 0xffff); /* every sign and exponent */
+        float f;
+        memcpy(&f, &u, 4);
+        if (isnan(f)) continue;
+        bad += f2bf(f) != epx_float_to_bf16(f);
+    }
+    for (int i = 0; i < 65536; i++) {
+        float a = bf2f((uint16_t)i), e = epx_bf16_to_float((uint16_t)i);
+        bad += !isnan(a) && memcmp(&a, &e, 4) != 0;
+    }
+    return bad;
+}
+
+/* ---- Checking ----------------------------------------------------------------------------- */
+
+/* Elements of size es (n of them) where a differs from the expected e, or from the other
+ * contender's o (when given); *diff counts those differing from o. */
+static int64_t cmp_elems(const void *a_, const void *e_, const void *o_, size_t n, size_t es, int64_t *diff)
+{
+    const uint8_t *a = (const uint8_t *)a_, *e = (const uint8_t *)e_, *o = (const uint8_t *)o_;
+    if (!memcmp(a, e, n * es) && (!o || !memcmp(a, o, n * es))) return 0;
+    int64_t w = 0;
+    for (size_t i = 0; i < n; i++) {
+        bool bad_o = o && memcmp(a + i * es, o + i * es, es) != 0;
+        w += memcmp(a + i * es, e + i * es, es) != 0 || bad_o;
+        if (diff) *diff += bad_o;
+    }
+    return w;
+}
+
+static void ref_layout(const gm_t *m, lay_out_t *o)
+{
+    int R = m->R, K = m->K, L = m->L;
+    memset(o->per_rank, 0, sizeof(int32_t) * (size_t)R);
+    memset(o->per_expert, 0, sizeof(int32_t) * (size_t)m->E);
+    memset(o->in_rank, 0, (size_t)m->T * R);
+    for (int t = 0; t < m->T; t++) {
+        uint8_t *f = o->in_rank + (int64_t)t * R;
+        for (int k = 0; k < K; k++) {
+            int e = m->topk[tk(m, m->me, t) + k];
+            o->per_expert[e]++;
+            f[e / L] = 1;
+        }
+        for (int r = 0; r < R; r++) o->per_rank[r] += f[r];
+    }
+}
+
+static int64_t check_layout(const gm_t *m, const lay_out_t *a, const lay_out_t *e, const lay_out_t *o, int64_t *diff)
+{
+    return cmp_elems(a->per_rank, e->per_rank, o ? o->per_rank : NULL, (size_t)m->R, 4, diff) +
+           cmp_elems(a->per_expert, e->per_expert, o ? o->per_expert : NULL, (size_t)m->E, 4, diff) +
+           cmp_elems(a->in_rank, e->in_rank, o ? o->in_rank : NULL, (size_t)m->T * m->R, 1, diff);
+}
+
+static int64_t check_dispatch(gm_t *m, const ht_out_t *a, const ht_out_t *o, int64_t *diff)
+{
+    int K = m->K, L = m->L, q = m->me;
+    int64_t wrong = 0, n = a->n < 0 ? 0 : a->n > m->cap ? m->cap : a->n;
+    if (a->n != m->n_exp) wrong += a->n > m->n_exp ? a->n - m->n_exp : m->n_exp - a->n;
+    if (o && o->n != a->n && diff) ++*diff;
+    uint8_t *row = (uint8_t *)xmalloc(m, m->row);
+    float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->S);
+    int64_t eidx[EPX_MOE_MAX_TOPK];
+    float ew[EPX_MOE_MAX_TOPK];
+    int32_t *per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)L);
+    memset(per_expert, 0, sizeof(int32_t) * (size_t)L);
+    int64_t i = 0, no = o ? (o->n < 0 ? 0 : o->n > m->cap ? m->cap : o->n) : 0;
+    for (int s = 0; s < m->R; s++)
+        for (int t = 0; t < m->T; t++) {
+            if (!m->dest[((int64_t)s * m->T + t) * m->R + q]) continue;
+            for (int k = 0; k < K; k++) {
+                int e = m->topk[tk(m, s, t) + k];
+                eidx[k] = e / L == q ? e % L : -1;
+                ew[k] = eidx[k] >= 0 ? m->w[tk(m, s, t) + k] : 0.0f;
+                if (eidx[k] >= 0) per_expert[eidx[k]]++;
+            }
+            if (i < n) {
+                gen_row(m, s, t, row, sc);
+                bool oi = o && i < no; /* the other contender has this row too */
+#define OTHER(f, off) (oi ? (const void *)(o->f + (off)) : NULL)
+                wrong += cmp_elems(a->x + i * (int64_t)m->row, row, OTHER(x, i * (int64_t)m->row), (size_t)m->H,
+                                   m->fp8 ? 1 : 2, diff);
+                if (m->fp8) wrong += cmp_elems(a->xs + i * m->S, sc, OTHER(xs, i * m->S), (size_t)m->S, 4, diff);
+                wrong += cmp_elems(a->idx + i * K, eidx, OTHER(idx, i * K), (size_t)K, 8, diff);
+                wrong += cmp_elems(a->w + i * K, ew, OTHER(w, i * K), (size_t)K, 4, diff);
+                int32_t v[2] = {s, t};
+                wrong += cmp_elems(a->src_rank + i, &v[0], OTHER(src_rank, i), 1, 4, diff);
+                wrong += cmp_elems(a->src_token + i, &v[1], OTHER(src_token, i), 1, 4, diff);
+#undef OTHER
+            }
+            i++;
+        }
+    wrong += cmp_elems(a->per_expert, per_expert, o ? o->per_expert : NULL, (size_t)L, 4, diff);
+    free(row);
+    free(sc);
+    free(per_expert);
+    return wrong;
+}
+
+/* ---- Baseline kernels --------------------------------------------------------------------- */
+#ifdef EPX_HAVE_NCCL
+
+/* Ranks token t goes to, as a bit mask (ids out of [0, E) ignored). */
+static __device__ __forceinline__ unsigned bl_dest_mask(const long long *idx, long long t, int K, int E, int L)
+{
+    unsigned mask = 0;
+    for (int k = 0; k < K; k++) {
+        long long e = idx[t * K + k];
+        if (e >= 0 && e < E) mask |= 1u << (int)(e / L);
+    }
+    return mask;
+}
+
+static __device__ __forceinline__ float bl_bf2f(unsigned short v) { return __uint_as_float((unsigned)v << 16); }
+
+static __device__ __forceinline__ unsigned short bl_f2bf(float f) /* round to nearest even */
+{
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Warp-wide copy: 16-byte words (four in flight per lane) when both ends allow. */
+static __device__ void bl_warp_copy(uint8_t *dst, const uint8_t *src, long long bytes)
+{
+    int lane = threadIdx.x & 31;
+    long long done = 0;
+    unsigned long long a = (unsigned long long)dst | (unsigned long long)src;
+    if ((a & 15ull) == 0) {
+        const uint4 *s = (const uint4 *)src;
+        uint4 *d = (uint4 *)dst;
+        long long n = bytes / 16, i = lane;
+        for (; i + 96 < n; i += 128) {
+            uint4 v0 = s[i], v1 = s[i + 32], v2 = s[i + 64], v3 = s[i + 96];
+            d[i] = v0, d[i + 32] = v1, d[i + 64] = v2, d[i + 96] = v3;
+        }
+        for (; i < n; i += 32) d[i] = s[i];
+        done = n * 16;
+    } else if ((a & 3ull) == 0) {
+        const unsigned *s = (const unsigned *)src;
+        unsigned *d = (unsigned *)dst;
+        long long n = bytes / 4;
+        for (long long i = lane; i < n; i += 32) d[i] = s[i];
+        done = n * 4;
+    }
+    for (long long i = done + lane; i < bytes; i += 32) dst[i] = src[i];
+}
+
+/* Layout: one thread per token (outputs zeroed before). */
+static __global__ void bl_k_layout(const long long *idx, int T, int K, int E, int L, int R, int *per_rank,
+                                   int *per_expert, unsigned char *in_rank)
+{
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < T; t += (long long)gridDim.x * blockDim.x) {
+        unsigned mask = bl_dest_mask(idx, t, K, E, L);
+        for (int q = 0; q < R; q++) {
+            unsigned in = (mask >> q) & 1u;
+            in_rank[t * R + q] = (unsigned char)in;
+            if (in) atomicAdd(&per_rank[q], 1);
+        }
+        for (int k = 0; k < K; k++) {
+            long long e = idx[t * K + k];
+            if (e < 0 || e >= E) continue;
+            bool dup = false;
+            for (int j = 0; j < k; j++) dup = dup || idx[t * K + j] == e;
+            if (!dup) atomicAdd(&per_expert[e], 1);
+        }
+    }
+}
+
+/* Exclusive prefix of `flag` over the block (blockDim.x a multiple of 32); *total = the sum. */
+static __device__ int bl_block_scan(int flag, int *total)
+{
+    __shared__ int warp_base[32];
+    __shared__ int sum;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    unsigned ballot = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) warp_base[warp] = __popc(ballot);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0;
+        for (int i = 0; i < nwarps; i++) {
+            int v = warp_base[i];
+            warp_base[i] = s;
+            s += v;
+        }
+        sum = s;
+    }
+    __syncthreads();
+    int pos = warp_base[warp] + __popc(ballot & ((1u << lane) - 1u));
+    *total = sum;
+    __syncthreads();
+    return pos;
+}
+
+/* Block r: the row of each token in the segment I send rank r (tokens ascending), and the
+ * count. */
+static __global__ void bl_k_route(const long long *idx, int T, int K, int E, int L, int R, int *pos, int *cnt)
+{
+    int r = (int)blockIdx.x;
+    int next = 0;
+    for (int base = 0; base < T; base += (int)blockDim.x) {
+        int t = base + (int)threadIdx.x, total;
+        int flag = t < T && ((bl_dest_mask(idx, t, K, E, L) >> r) & 1u);
+        int p = bl_block_scan(flag, &total);
+        if (t < T) pos[(long long)t * R + r] = flag ? next + p : -1;
+        next += total;
+    }
+    if (threadIdx.x == 0) cnt[r] = next;
+}
+
+typedef struct {
+    const uint8_t *x;
+    const float *xs; /* NULL unless fp8 */
+    const long long *idx;
+    const float *w;
+    const int *pos, *cnt;
+    uint8_t *sendx;
+    float *sends;
+    int *smeta;
+    int T, K, L, R, S;
+    long long row_bytes;
+} bl_pack_t;
+
+/* One warp per token: its row (scales, routing record) once into each destination's segment. */
+static __global__ void bl_k_pack(bl_pack_t a)
+{
+    long long sd[MAX_RANKS];
+    long long s = 0;
+    for (int r = 0; r < a.R; r++) sd[r] = s, s += a.cnt[r];
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    int lane = threadIdx.x & 31, K = a.K, MI = 1 + 2 * a.K;
+    for (long long t = warp; t < a.T; t += nwarps)
+        for (int r = 0; r < a.R; r++) {
+            int p = a.pos[t * a.R + r];
+            if (p < 0) continue;
+            long long j = sd[r] + p;
+            bl_warp_copy(a.sendx + j * a.row_bytes, a.x + t * a.row_bytes, a.row_bytes);
+            if (a.xs) bl_warp_copy((uint8_t *)(a.sends + j * a.S), (const uint8_t *)(a.xs + t * a.S), 4LL * a.S);
+            int *mt = a.smeta + j * MI;
+            if (lane == 0) mt[0] = (int)t;
+            for (int k = lane; k < K; k += 32) {
+                long long e = a.idx[t * K + k];
+                int loc = e >= 0 && e / a.L == r ? (int)(e % a.L) : -1;
+                mt[1 + k] = loc;
+                mt[1 + K + k] = __float_as_int(loc >= 0 ? a.w[t * K + k] : 0.0f);
+            }
+        }
+}
+
+typedef struct {
+    const int *rmeta;
+    long long n;
+    int K, R;
+    long long rdispl[MAX_RANKS + 1];
+    long long *idx;
+    float *w;
+    int *src_rank, *src_token, *per_expert; /* per_expert zeroed before */
+} bl_unpack_t;
+
+/* One thread per received row: the routing outputs from its record. */
+static __global__ void bl_k_unpack(bl_unpack_t a)
+{
+    int K = a.K, MI = 1 + 2 * K;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < a.n; j += (long long)gridDim.x * blockDim.x) {
+        int p = 0;
+        while (p + 1 < a.R && j >= a.rdispl[p + 1]) p++;
+        const int *mt = a.rmeta + j * MI;
+        a.src_rank[j] = p;
+        a.src_token[j] = mt[0];
+        for (int k = 0; k < K; k++) {
+            int loc = mt[1 + k];
+            a.idx[j * K + k] = loc;
+            a.w[j * K + k] = __int_as_float(mt[1 + K + k]);
+            if (loc < 0) continue;
+            bool dup = false;
+            for (int i = 0; i < k; i++) dup = dup || mt[1 + i] == loc;
+            if (!dup) atomicAdd(&a.per_expert[loc], 1);
+        }
+    }
+}
+
+typedef struct {
+    const uint8_t *crecv; /* [rows, H] bf16, segment of rank r at sdispl[r] */
+    const int *pos;       /* [T, R] */
+    long long sdispl[MAX_RANKS];
+    int T, R, H;
+    uint8_t *out; /* [T, H] bf16 */
+} bl_reduce_t;
+
+/* One warp per token: sum its rows in ascending rank order in float32 from +0.0f (each add
+ * rounded; no FMA), then round to bf16. 16-byte chunks when H % 8 == 0. */
+static __global__ void bl_k_reduce(bl_reduce_t a)
+{
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    int lane = threadIdx.x & 31, R = a.R, H = a.H;
+    long long row_bytes = 2LL * H;
+    for (long long t = warp; t < a.T; t += nwarps) {
+        const uint8_t *src[MAX_RANKS];
+        int n = 0;
+        for (int r = 0; r < R; r++) {
+            int p = a.pos[t * R + r];
+            if (p >= 0) src[n++] = a.crecv + (a.sdispl[r] + p) * row_bytes;
+        }
+        uint8_t *out = a.out + t * row_bytes;
+        bool vec = (H % 8) == 0 && (((unsigned long long)a.out | (unsigned long long)a.crecv) & 15ull) == 0;
+        if (vec) {
+            for (int ch = lane; ch < H / 8; ch += 32) {
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+                for (int i = 0; i < n; i++) {
+                    uint4 v = ((const uint4 *)src[i])[ch];
+                    unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[2 * j] = __fadd_rn(acc[2 * j], __uint_as_float(u[j] << 16));
+                        acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __uint_as_float(u[j] & 0xffff0000u));
+                    }
+                }
+                uint4 o;
+                o.x = (unsigned)bl_f2bf(acc[0]) | ((unsigned)bl_f2bf(acc[1]) << 16);
+                o.y = (unsigned)bl_f2bf(acc[2]) | ((unsigned)bl_f2bf(acc[3]) << 16);
+                o.z = (unsigned)bl_f2bf(acc[4]) | ((unsigned)bl_f2bf(acc[5]) << 16);
+                o.w = (unsigned)bl_f2bf(acc[6]) | ((unsigned)bl_f2bf(acc[7]) << 16);
+                ((uint4 *)out)[ch] = o;
+            }
+        } else {
+            for (int h = lane; h < H; h += 32) {
+                float acc = 0.0f;
+                for (int i = 0; i < n; i++) acc = __fadd_rn(acc, bl_bf2f(((const unsigned short *)src[i])[h]));
+                ((unsigned short *)out)[h] = bl_f2bf(acc);
+            }
+        }
+    }
+}
+
+static int grid_for(const gm_t *m, long long work_items, int per_block)
+{
+    long long b = (work_items + per_block - 1) / per_block, lim = (long long)m->sms * 8;
+    if (b < 1) b = 1;
+    return (int)(b < lim ? b : lim);
+}
+#endif /* EPX_HAVE_NCCL */
+
+/* ---- The contenders ---------------------------------------------------------------------- */
+
+enum { OP_LAYOUT, OP_DISPATCH, OP_COMBINE, NOPS };
+static const char *const op_name[NOPS] = {"layout", "dispatch", "combine"};
+
+static void epx_layout_op(gm_t *m)
+{
+    lay_out_t *o = &m->d_lay[0];
+    epx_ok(m, epx_moe_layout(m->moe, m->d_idx, m->T, m->K, o->per_rank, o->per_expert, o->in_rank, m->stream),
+           "epx_moe_layout");
+}
+
+/* A new handle in m->h_new; the caller retires the old one outside any timed region. */
+static void epx_dispatch_op(gm_t *m)
+{
+    ht_out_t *a = &m->d_out[0];
+    epx_moe_dispatch_in_t in;
+    memset(&in, 0, sizeof in);
+    in.x = m->d_x;
+    in.x_scales = m->fp8 ? m->d_xs : NULL;
+    in.topk_idx = m->d_idx;
+    in.topk_weights = m->d_w;
+    in.num_tokens = m->T;
+    in.topk = m->K;
+    epx_moe_dispatch_out_t out;
+    memset(&out, 0, sizeof out);
+    out.recv_x = a->x;
+    out.recv_x_scales = m->fp8 ? a->xs : NULL;
+    out.recv_topk_idx = a->idx;
+    out.recv_topk_weights = a->w;
+    out.recv_src_rank = a->src_rank;
+    out.recv_src_token = a->src_token;
+    out.num_recv_tokens_per_expert = a->per_expert;
+    out.capacity = m->cap;
+    out.num_recv_tokens = -1;
+    m->h_new = NULL;
+    epx_ok(m, epx_moe_dispatch(m->moe, &in, &out, &m->h_new, m->stream), "epx_moe_dispatch");
+    a->n = out.num_recv_tokens;
+}
+
+static void epx_combine_op(gm_t *m)
+{
+    if (!m->h) gm_fail(m, "internal: combine without a dispatch handle");
+    epx_moe_combine_in_t in;
+    memset(&in, 0, sizeof in);
+    in.y = m->d_y;
+    in.topk_weights = NULL;
+    epx_moe_combine_out_t out;
+    memset(&out, 0, sizeof out);
+    out.out = m->d_cout[0];
+    out.out_topk_weights = NULL;
+    epx_ok(m, epx_moe_combine(m->moe, m->h, &in, &out, m->stream), "epx_moe_combine");
+}
+
+/* The epx dispatch just made is now the last one: free the one before (a local cudaFree). */
+static void epx_retire_handle(gm_t *m)
+{
+    if (!m->h_new) return;
+    if (m->h) epx_moe_handle_destroy(m->h);
+    m->h = m->h_new;
+    m->h_new = NULL;
+}
+
+#ifdef EPX_HAVE_NCCL
+static void bl_layout_op(gm_t *m)
+{
+    lay_out_t *o = &m->d_lay[1];
+    CK(m, cudaMemsetAsync(o->per_rank, 0, sizeof(int32_t) * (size_t)m->R, m->stream));
+    CK(m, cudaMemsetAsync(o->per_expert, 0, sizeof(int32_t) * (size_t)m->E, m->stream));
+    bl_k_layout<<<grid_for(m, m->T, 256), 256, 0, m->stream>>>((const long long *)m->d_idx, m->T, m->K, m->E, m->L,
+                                                               m->R, o->per_rank, o->per_expert, o->in_rank);
+    LAUNCHED(m, "bl_k_layout");
+}
+
+static void bl_dispatch_op(gm_t *m)
+{
+    baseline_t *bl = &m->bl;
+    ht_out_t *o = &m->d_out[1];
+    int R = m->R, me = m->me, S = m->S;
+    cudaStream_t st = m->stream;
+    /* Counts and each token's place in the send buffer; everyone's counts; read back. */
+    bl_k_route<<<R, 1024, 0, st>>>((const long long *)m->d_idx, m->T, m->K, m->E, m->L, R, bl->d_pos, bl->d_cnt);
+    LAUNCHED(m, "bl_k_route");
+    NK(m, ncclAllGather(bl->d_cnt, bl->d_cnt_all, (size_t)R, ncclInt32, m->nc, st));
+    CK(m, cudaMemcpyAsync(bl->h_cnt_all, bl->d_cnt_all, sizeof(int32_t) * (size_t)R * R, cudaMemcpyDeviceToHost, st));
+    CK(m, cudaEventRecord(bl->counted, st));
+    /* Pack while the counts come back. */
+    bl_pack_t pk;
+    memset(&pk, 0, sizeof pk);
+    pk.x = m->d_x;
+    pk.xs = m->fp8 ? m->d_xs : NULL;
+    pk.idx = (const long long *)m->d_idx;
+    pk.w = m->d_w;
+    pk.pos = bl->d_pos;
+    pk.cnt = bl->d_cnt;
+    pk.sendx = bl->d_sendx;
+    pk.sends = bl->d_sends;
+    pk.smeta = bl->d_smeta;
+    pk.T = m->T, pk.K = m->K, pk.L = m->L, pk.R = R, pk.S = S;
+    pk.row_bytes = (long long)m->row;
+    bl_k_pack<<<grid_for(m, (long long)m->T * 32, 256), 256, 0, st>>>(pk);
+    LAUNCHED(m, "bl_k_pack");
+    wait_for(m, bl->counted, "the baseline's count read-back");
+    int64_t n = 0, s = 0;
+    for (int p = 0; p < R; p++) {
+        bl->scount[p] = bl->h_cnt_all[me * R + p];
+        bl->rcount[p] = bl->h_cnt_all[p * R + me];
+        bl->sdispl[p] = s, s += bl->scount[p];
+        bl->rdispl[p] = n, n += bl->rcount[p];
+    }
+    bl->sdispl[R] = s, bl->rdispl[R] = n;
+    if (n > m->cap || n < 0)
+        gm_fail(m, "baseline dispatch: %" PRId64 " rows to receive, more than the capacity %" PRId64, n, m->cap);
+    bl->n = n;
+    CK(m, cudaMemsetAsync(o->per_expert, 0, sizeof(int32_t) * (size_t)m->L, st));
+    /* Rows (scales, records) of every pair; rows land in recv_x in source-rank order. */
+    size_t row = m->row, srow = sizeof(float) * (size_t)S, mrow = sizeof(int32_t) * (size_t)(1 + 2 * m->K);
+    NK(m, ncclGroupStart());
+    for (int p = 0; p < R; p++) {
+        if (bl->scount[p] > 0) {
+            size_t c = (size_t)bl->scount[p], d = (size_t)bl->sdispl[p];
+            NK(m, ncclSend(bl->d_sendx + d * row, c * row, ncclUint8, p, m->nc, st));
+            if (m->fp8) NK(m, ncclSend((uint8_t *)bl->d_sends + d * srow, c * srow, ncclUint8, p, m->nc, st));
+            NK(m, ncclSend((uint8_t *)bl->d_smeta + d * mrow, c * mrow, ncclUint8, p, m->nc, st));
+        }
+        if (bl->rcount[p] > 0) {
+            size_t c = (size_t)bl->rcount[p], d = (size_t)bl->rdispl[p];
+            NK(m, ncclRecv(o->x + d * row, c * row, ncclUint8, p, m->nc, st));
+            if (m->fp8) NK(m, ncclRecv((uint8_t *)o->xs + d * srow, c * srow, ncclUint8, p, m->nc, st));
+            NK(m, ncclRecv((uint8_t *)bl->d_rmeta + d * mrow, c * mrow, ncclUint8, p, m->nc, st));
+        }
+    }
+    NK(m, ncclGroupEnd());
+    if (n > 0) {
+        bl_unpack_t up;
+        memset(&up, 0, sizeof up);
+        up.rmeta = bl->d_rmeta;
+        up.n = n;
+        up.K = m->K, up.R = R;
+        for (int p = 0; p <= R; p++) up.rdispl[p] = bl->rdispl[p];
+        up.idx = (long long *)o->idx;
+        up.w = o->w;
+        up.src_rank = o->src_rank;
+        up.src_token = o->src_token;
+        up.per_expert = o->per_expert;
+        bl_k_unpack<<<grid_for(m, n, 256), 256, 0, st>>>(up);
+        LAUNCHED(m, "bl_k_unpack");
+    }
+    o->n = n;
+}
+
+static void bl_combine_op(gm_t *m)
+{
+    baseline_t *bl = &m->bl;
+    int R = m->R;
+    cudaStream_t st = m->stream;
+    size_t yr = m->y_row;
+    NK(m, ncclGroupStart());
+    for (int p = 0; p < R; p++) {
+        if (bl->rcount[p] > 0)
+            NK(m, ncclSend(m->d_y + (size_t)bl->rdispl[p] * yr, (size_t)bl->rcount[p] * yr, ncclUint8, p, m->nc, st));
+        if (bl->scount[p] > 0)
+            NK(m, ncclRecv(bl->d_crecv + (size_t)bl->sdispl[p] * yr, (size_t)bl->scount[p] * yr, ncclUint8, p, m->nc,
+                           st));
+    }
+    NK(m, ncclGroupEnd());
+    bl_reduce_t rd;
+    memset(&rd, 0, sizeof rd);
+    rd.crecv = bl->d_crecv;
+    rd.pos = bl->d_pos;
+    for (int p = 0; p < R; p++) rd.sdispl[p] = bl->sdispl[p];
+    rd.T = m->T, rd.R = R, rd.H = m->H;
+    rd.out = m->d_cout[1];
+    bl_k_reduce<<<grid_for(m, (long long)m->T * 32, 256), 256, 0, st>>>(rd);
+    LAUNCHED(m, "bl_k_reduce");
+}
+
+static void bl_init(gm_t *m)
+{
+    baseline_t *bl = &m->bl;
+    int R = m->R, T = m->T, K = m->K;
+    int64_t maxsend = (int64_t)T * (K < R ? K : R); /* a token goes to at most min(K, R) ranks */
+    size_t mrow = sizeof(int32_t) * (size_t)(1 + 2 * K);
+    bl->d_pos = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)T * R, "baseline positions");
+    bl->d_cnt = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)R, "baseline counts");
+    bl->d_cnt_all = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)R * R, "baseline count matrix");
+    CK(m, cudaHostAlloc((void **)&bl->h_cnt_all, sizeof(int32_t) * (size_t)R * R, cudaHostAllocDefault));
+    bl->d_sendx = (uint8_t *)dmalloc(m, (size_t)maxsend * m->row, "baseline send rows");
+    bl->d_sends = m->fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)maxsend * m->S, "baseline send scales") : NULL;
+    bl->d_smeta = (int32_t *)dmalloc(m, (size_t)maxsend * mrow, "baseline send records");
+    bl->d_rmeta = (int32_t *)dmalloc(m, (size_t)m->cap * mrow, "baseline receive records");
+    bl->d_crecv = (uint8_t *)dmalloc(m, (size_t)maxsend * m->y_row, "baseline combine receive");
+    CK(m, cudaEventCreateWithFlags(&bl->counted, cudaEventDisableTiming));
+}
+
+static void bl_free(gm_t *m)
+{
+    baseline_t *bl = &m->bl;
+    cudaFree(bl->d_pos);
+    cudaFree(bl->d_cnt);
+    cudaFree(bl->d_cnt_all);
+    cudaFreeHost(bl->h_cnt_all);
+    cudaFree(bl->d_sendx);
+    cudaFree(bl->d_sends);
+    cudaFree(bl->d_smeta);
+    cudaFree(bl->d_rmeta);
+    cudaFree(bl->d_crecv);
+    cudaEventDestroy(bl->counted);
+}
+#endif
+
+/* Enqueue contender c's op (0 epx, 1 baseline). */
+static void run_op(gm_t *m, int c, int op)
+{
+    if (c == 0) {
+        if (op == OP_LAYOUT) epx_layout_op(m);
+        else if (op == OP_DISPATCH) epx_dispatch_op(m);
+        else epx_combine_op(m);
+        return;
+    }
+#ifdef EPX_HAVE_NCCL
+    if (op == OP_LAYOUT) bl_layout_op(m);
+    else if (op == OP_DISPATCH) bl_dispatch_op(m);
+    else bl_combine_op(m);
+#else
+    gm_fail(m, "internal: no baseline in this build");
+#endif
+}
+
+/* One timed run: device barrier, L2 flush, events around the call (us). */
+static double time_op(gm_t *m, int c, int op)
+{
+    epx_ok(m, epx_barrier(m->gpu, m->stream), "epx_barrier (device barrier before a timed run)");
+    CK(m, cudaMemsetAsync(m->flush, 0x5a, FLUSH_BYTES, m->stream));
+    CK(m, cudaEventRecord(m->ev0, m->stream));
+    run_op(m, c, op);
+    CK(m, cudaEventRecord(m->ev1, m->stream));
+    char what[64];
+    snprintf(what, sizeof what, "the timed %s %s", c == 0 ? "epx" : "NCCL baseline", op_name[op]);
+    wait_for(m, m->ev1, what);
+    float ms = 0;
+    CK(m, cudaEventElapsedTime(&ms, m->ev0, m->ev1));
+    if (c == 0 && op == OP_DISPATCH) epx_retire_handle(m);
+    return 1000.0 * (double)ms;
+}
+
+/* ---- Device buffers --------------------------------------------------------------------- */
+
+static void alloc_outputs(gm_t *m, int ncont)
+{
+    int K = m->K, L = m->L, S = m->S;
+    for (int c = 0; c < ncont; c++) {
+        lay_out_t *lo = &m->d_lay[c];
+        lo->per_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->R, "layout num_tokens_per_rank");
+        lo->per_expert = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->E, "layout num_tokens_per_expert");
+        lo->in_rank = (uint8_t *)dmalloc(m, (size_t)m->T * m->R, "layout is_token_in_rank");
+        ht_out_t *o = &m->d_out[c];
+        o->x = (uint8_t *)dmalloc(m, (size_t)m->cap * m->row, "recv_x");
+        o->xs = m->fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)m->cap * S, "recv_x_scales") : NULL;
+        o->idx = (int64_t *)dmalloc(m, sizeof(int64_t) * (size_t)m->cap * K, "recv_topk_idx");
+        o->w = (float *)dmalloc(m, sizeof(float) * (size_t)m->cap * K, "recv_topk_weights");
+        o->src_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_rank");
+        o->src_token = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_token");
+        o->per_expert = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)L, "num_recv_tokens_per_expert");
+        o->n = -1;
+        m->d_cout[c] = (uint8_t *)dmalloc(m, (size_t)m->T * m->y_row, "combine out");
+    }
+}
+
+static void free_outputs(gm_t *m)
+{
+    for (int c = 0; c < 2; c++) {
+        lay_out_t *lo = &m->d_lay[c];
+        ht_out_t *o = &m->d_out[c];
+        void *ps[] = {lo->per_rank, lo->per_expert, lo->in_rank, o->x, o->xs, o->idx, o->w,
+                      o->src_rank, o->src_token, o->per_expert, m->d_cout[c]};
+        for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++)
+            if (ps[i]) cudaFree(ps[i]);
+    }
+}
+
+/* Poison contender c's outputs of one op, in stream order. */
+static void poison(gm_t *m, int c, int op)
+{
+    cudaStream_t st = m->stream;
+    if (op == OP_LAYOUT) {
+        lay_out_t *lo = &m->d_lay[c];
+        CK(m, cudaMemsetAsync(lo->per_rank, 0xA5, sizeof(int32_t) * (size_t)m->R, st));
+        CK(m, cudaMemsetAsync(lo->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->E, st));
+        CK(m, cudaMemsetAsync(lo->in_rank, 0xA5, (size_t)m->T * m->R, st));
+    } else if (op == OP_COMBINE) {
+        CK(m, cudaMemsetAsync(m->d_cout[c], 0xA5, (size_t)m->T * m->y_row, st));
+    } else {
+        ht_out_t *o = &m->d_out[c];
+        CK(m, cudaMemsetAsync(o->x, 0xA5, (size_t)m->cap * m->row, st));
+        if (o->xs) CK(m, cudaMemsetAsync(o->xs, 0xA5, sizeof(float) * (size_t)m->cap * m->S, st));
+        CK(m, cudaMemsetAsync(o->idx, 0xA5, sizeof(int64_t) * (size_t)m->cap * m->K, st));
+        CK(m, cudaMemsetAsync(o->w, 0xA5, sizeof(float) * (size_t)m->cap * m->K, st));
+        CK(m, cudaMemsetAsync(o->src_rank, 0xA5, sizeof(int32_t) * (size_t)m->cap, st));
+        CK(m, cudaMemsetAsync(o->src_token, 0xA5, sizeof(int32_t) * (size_t)m->cap, st));
+        CK(m, cudaMemsetAsync(o->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->L, st));
+        o->n = -1;
+    }
+}
+
+/* Host copies of contender c's outputs (allocated here, freed by free_host_out). */
+static void fetch_layout(gm_t *m, int c, lay_out_t *h)
+{
+    lay_out_t *d = &m->d_lay[c];
+    h->per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->R);
+    h->per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->E);
+    h->in_rank = (uint8_t *)xmalloc(m, (size_t)m->T * m->R);
+    CK(m, cudaMemcpy(h->per_rank, d->per_rank, sizeof(int32_t) * (size_t)m->R, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->per_expert, d->per_expert, sizeof(int32_t) * (size_t)m->E, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->in_rank, d->in_rank, (size_t)m->T * m->R, cudaMemcpyDeviceToHost));
+}
+
+static void free_layout(lay_out_t *h)
+{
+    free(h->per_rank);
+    free(h->per_expert);
+    free(h->in_rank);
+}
+
+static void fetch_dispatch(gm_t *m, int c, ht_out_t *h)
+{
+    const ht_out_t *d = &m->d_out[c];
+    int64_t n = d->n < 0 ? 0 : d->n > m->cap ? m->cap : d->n;
+    size_t K = (size_t)m->K, rows = (size_t)(n > 0 ? n : 1);
+    h->n = d->n;
+    h->x = (uint8_t *)xmalloc(m, rows * m->row);
+    h->xs = m->fp8 ? (float *)xmalloc(m, sizeof(float) * rows * m->S) : NULL;
+    h->idx = (int64_t *)xmalloc(m, sizeof(int64_t) * rows * K);
+    h->w = (float *)xmalloc(m, sizeof(float) * rows * K);
+    h->src_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * rows);
+    h->src_token = (int32_t *)xmalloc(m, sizeof(int32_t) * rows);
+    h->per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->L);
+    size_t nn = (size_t)n;
+    if (nn) {
+        CK(m, cudaMemcpy(h->x, d->x, nn * m->row, cudaMemcpyDeviceToHost));
+        if (m->fp8) CK(m, cudaMemcpy(h->xs, d->xs, sizeof(float) * nn * m->S, cudaMemcpyDeviceToHost));
+        CK(m, cudaMemcpy(h->idx, d->idx, sizeof(int64_t) * nn * K, cudaMemcpyDeviceToHost));
+        CK(m, cudaMemcpy(h->w, d->w, sizeof(float) * nn * K, cudaMemcpyDeviceToHost));
+        CK(m, cudaMemcpy(h->src_rank, d->src_rank, sizeof(int32_t) * nn, cudaMemcpyDeviceToHost));
+        CK(m, cudaMemcpy(h->src_token, d->src_token, sizeof(int32_t) * nn, cudaMemcpyDeviceToHost));
+    }
+    CK(m, cudaMemcpy(h->per_expert, d->per_expert, sizeof(int32_t) * (size_t)m->L, cudaMemcpyDeviceToHost));
+}
+
+static void free_dispatch(ht_out_t *h)
+{
+    free(h->x);
+    free(h->xs);
+    free(h->idx);
+    free(h->w);
+    free(h->src_rank);
+    free(h->src_token);
+    free(h->per_expert);
+}
+
+/* ---- The run --------------------------------------------------------------------------- */
+
+int bench_cuda_moe(bench_ctx_t *b)
+{
+    const bench_opts_t *o = &b->opt;
+    static gm_t mm;
+    gm_t *m = &mm;
+    memset(m, 0, sizeof *m);
+    m->b = b;
+    m->R = b->nranks, m->me = b->rank, m->T = o->tokens, m->H = o->hidden, m->K = o->topk, m->E = o->experts;
+    m->fp8 = !strcmp(o->dtype, "fp8");
+    if (!strcmp(o->mode, "ll")) {
+        if (b->rank == 0)
+            fprintf(stderr, "epx-bench moe: low-latency mode (--mode ll) on the CUDA backend is not built yet; "
+                            "use --mode ht, or --backend cpu\n");
+        return 2;
+    }
+    if (m->E % m->R != 0 || m->K > m->E || m->K > EPX_MOE_MAX_TOPK || m->R > MAX_RANKS) {
+        if (b->rank == 0)
+            fprintf(stderr,
+                    "epx-bench moe --backend cuda: need experts (%d) a multiple of ranks (%d), topk (%d) <= min(experts, "
+                    "%d), and at most %d ranks\n",
+                    m->E, m->R, m->K, EPX_MOE_MAX_TOPK, MAX_RANKS);
+        return 2;
+    }
+    int R = m->R, T = m->T, K = m->K;
+    m->L = m->E / R;
+    m->S = (m->H + SCALE_BLOCK - 1) / SCALE_BLOCK;
+    m->row = (size_t)m->H * (m->fp8 ? 1 : 2);
+    m->wire_row = m->row + (m->fp8 ? sizeof(float) * (size_t)m->S : 0);
+    m->y_row = (size_t)m->H * 2;
+
+    int64_t conv_bad = check_conversions(m);
+    if (conv_bad) gm_fail(m, "%" PRId64 " host conversions differ from the library's (a build problem)", conv_bad);
+
+    /* The device: one per local rank, round robin. */
+    cudaError_t ce = cudaGetDeviceCount(&m->ndev);
+    if (ce != cudaSuccess || m->ndev < 1)
+        gm_fail(m, "no usable CUDA device (cudaGetDeviceCount: %s, %d devices)",
+                ce != cudaSuccess ? cudaGetErrorString(ce) : "ok", ce == cudaSuccess ? m->ndev : 0);
+    const char *lr = getenv("EPX_LOCAL_RANK");
+    m->dev = (lr ? atoi(lr) : b->rank) % m->ndev;
+    if (m->dev < 0) m->dev = -m->dev;
+    CK(m, cudaSetDevice(m->dev));
+    CK(m, cudaFree(0)); /* create the context now, so that the memory reading below is epx's */
+    CK(m, cudaDeviceGetAttribute(&m->sms, cudaDevAttrMultiProcessorCount, m->dev));
+    if (m->sms < 1) m->sms = 1;
+    size_t free0 = 0, free1 = 0, total = 0;
+    CK(m, cudaMemGetInfo(&free0, &total));
+
+    /* The CUDA communicator and the MoE context. */
+    epx_unique_id_t id;
+    memset(&id, 0, sizeof id);
+    if (b->rank == 0) {
+        epx_status_t st = epx_get_unique_id(&id);
+        if (st != EPX_SUCCESS) gm_fail(m, "epx_get_unique_id failed: %s (%s)", epx_status_name(st), epx_get_last_error());
+    }
+    host_bcast(m, &id, sizeof id);
+    epx_config_t ccfg = EPX_CONFIG_INITIALIZER;
+    ccfg.backend = EPX_BACKEND_CUDA;
+    ccfg.device = m->dev;
+    epx_ok(m, epx_comm_init_rank(&m->gpu, R, b->rank, &id, &ccfg), "CUDA communicator creation (epx_comm_init_rank)");
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = m->H;
+    cfg.max_tokens_per_rank = T;
+    cfg.num_experts = m->E;
+    cfg.max_topk = K;
+    cfg.dtype = m->fp8 ? EPX_FP8_E4M3 : EPX_BF16;
+    cfg.combine_dtype = EPX_BF16;
+    cfg.index_dtype = EPX_I64;
+    cfg.mode = EPX_MOE_HIGH_THROUGHPUT;
+    epx_ok(m, epx_moe_create(m->gpu, &cfg, &m->moe), "epx_moe_create (CUDA, high-throughput)");
+    epx_ok(m, epx_moe_max_recv_tokens(m->moe, &m->cap), "epx_moe_max_recv_tokens");
+    CK(m, cudaDeviceSynchronize());
+    CK(m, cudaMemGetInfo(&free1, &total));
+    m->epx_mem = free0 > free1 ? (double)(free0 - free1) : 0.0;
+
+    /* The NCCL baseline. Never NVLink multicast (NVLS). */
+#ifdef EPX_HAVE_NCCL
+    m->nccl = strcmp(o->baseline, "none") != 0;
+    if (m->nccl) {
+        const char *nv = getenv("NCCL_NVLS_ENABLE");
+        if (nv && strcmp(nv, "0") != 0 && b->rank == 0)
+            fprintf(stderr, "epx-bench moe: NCCL_NVLS_ENABLE=%s overridden to 0 (no NVLink multicast)\n", nv);
+        if (!nv || strcmp(nv, "0") != 0) setenv("NCCL_NVLS_ENABLE", "0", 1);
+        ncclUniqueId nid;
+        memset(&nid, 0, sizeof nid);
+        if (b->rank == 0) NK(m, ncclGetUniqueId(&nid));
+        host_bcast(m, &nid, sizeof nid);
+        ncclResult_t nr = ncclCommInitRank(&m->nc, R, nid, b->rank);
+        if (nr != ncclSuccess) {
+            m->nc = NULL;
+            nccl_ok(m, nr, "ncclCommInitRank");
+        }
+    }
+#endif
+    CK(m, cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
+    CK(m, cudaEventCreate(&m->ev0));
+    CK(m, cudaEventCreate(&m->ev1));
+    m->flush = dmalloc(m, FLUSH_BYTES, "the L2 flush buffer");
+
+    /* Routing and inputs, on the host from the seeds, then on the device. */
+    double t_setup = bench_now_us();
+    gen_routing(m, o->skew);
+    int64_t rows, link_rows;
+    count_rows(m, m->me, &rows, &link_rows);
+    m->n_exp = rows;
+    uint8_t *hx = (uint8_t *)xmalloc(m, (size_t)T * m->row);
+    float *hxs = (float *)xmalloc(m, sizeof(float) * (size_t)T * m->S);
+    int64_t *hidx = (int64_t *)xmalloc(m, sizeof(int64_t) * (size_t)T * K);
+    for (int t = 0; t < T; t++) gen_row(m, m->me, t, hx + (int64_t)t * m->row, hxs + (int64_t)t * m->S);
+    for (int64_t i = 0; i < (int64_t)T * K; i++) hidx[i] = m->topk[tk(m, m->me, 0) + i];
+    uint16_t *hy = (uint16_t *)xmalloc(m, (size_t)m->cap * m->y_row);
+    make_y(m, hy);
+    m->d_x = (uint8_t *)dmalloc(m, (size_t)T * m->row, "x");
+    m->d_xs = m->fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)T * m->S, "x_scales") : NULL;
+    m->d_idx = (int64_t *)dmalloc(m, sizeof(int64_t) * (size_t)T * K, "topk_idx");
+    m->d_w = (float *)dmalloc(m, sizeof(float) * (size_t)T * K, "topk_weights");
+    m->d_y = (uint8_t *)dmalloc(m, (size_t)m->cap * m->y_row, "y (expert outputs)");
+    CK(m, cudaMemcpy(m->d_x, hx, (size_t)T * m->row, cudaMemcpyHostToDevice));
+    if (m->fp8) CK(m, cudaMemcpy(m->d_xs, hxs, sizeof(float) * (size_t)T * m->S, cudaMemcpyHostToDevice));
+    CK(m, cudaMemcpy(m->d_idx, hidx, sizeof(int64_t) * (size_t)T * K, cudaMemcpyHostToDevice));
+    CK(m, cudaMemcpy(m->d_w, m->w + tk(m, m->me, 0), sizeof(float) * (size_t)T * K, cudaMemcpyHostToDevice));
+    CK(m, cudaMemcpy(m->d_y, hy, (size_t)m->cap * m->y_row, cudaMemcpyHostToDevice));
+    CK(m, cudaDeviceSynchronize()); /* pageable copies may return before they land */
+    free(hx);
+    free(hxs);
+    free(hidx);
+    free(hy);
+    int ncs = m->nccl ? 2 : 1;
+    alloc_outputs(m, ncs);
+#ifdef EPX_HAVE_NCCL
+    if (m->nccl) bl_init(m);
+#endif
+    double rows_mean = bench_sum(b, (double)rows) / R, rows_max = bench_max(b, (double)rows);
+    double link_mean = bench_sum(b, (double)link_rows) / R;
+    double epx_mem = bench_max(b, m->epx_mem);
+    int ndev_min = (int)-bench_max(b, -(double)m->ndev);
+
+    if (b->rank == 0) {
+        printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode ht (high-throughput), %s tokens (combine "
+               "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median, max over "
+               "ranks), %d warm-up, L2 flushed; baseline %s\n",
+               R, ndev_min < R ? ndev_min : R, m->fp8 ? "fp8 e4m3 + f32 scales" : "bf16", T, m->H, K, m->E, m->L,
+               o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
+               m->nccl ? "NCCL (layout kernel; counts by ncclAllGather + read-back, pack kernel, grouped "
+                         "ncclSend/ncclRecv, unpack; combine: ncclSend/ncclRecv back, reduce kernel)"
+                       : "none");
+        if (o->skew > 0) printf("# zipf exponent %.3g over a fixed random permutation of the experts\n", o->skew);
+        if (ndev_min < R)
+            printf("# note: %d ranks share %d GPU(s): times are not those of one rank per GPU\n", R, ndev_min);
+        printf("# rows received per rank: mean %.1f, max %.0f (link: mean %.1f); bytes per row: dispatch %zu, "
+               "combine %zu; GB/s = mean bytes per rank / time; setup %.1f s\n",
+               rows_mean, rows_max, link_mean, m->wire_row, m->y_row, (bench_now_us() - t_setup) / 1e6);
+        printf("# epx device memory (communicator + MoE context, cudaMemGetInfo before/after, max over ranks): %.1f MiB\n",
+               epx_mem / 1048576.0);
+        fflush(stdout);
+    }
+
+    /* Checked runs on poisoned outputs. */
+    int64_t wrong[2][NOPS], diff[NOPS];
+    memset(wrong, 0, sizeof wrong);
+    memset(diff, 0, sizeof diff);
+    if (o->check) {
+        lay_out_t ref, got[2];
+        ref.per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)R);
+        ref.per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->E);
+        ref.in_rank = (uint8_t *)xmalloc(m, (size_t)T * R);
+        ref_layout(m, &ref);
+        for (int c = 0; c < ncs; c++) {
+            poison(m, c, OP_LAYOUT);
+            run_op(m, c, OP_LAYOUT);
+            wait_for(m, NULL, c == 0 ? "the checked epx layout" : "the checked NCCL baseline layout");
+            fetch_layout(m, c, &got[c]);
+        }
+        wrong[0][OP_LAYOUT] = check_layout(m, &got[0], &ref, ncs > 1 ? &got[1] : NULL, &diff[OP_LAYOUT]);
+        if (ncs > 1) wrong[1][OP_LAYOUT] = check_layout(m, &got[1], &ref, NULL, NULL);
+        for (int c = 0; c < ncs; c++) free_layout(&got[c]);
+        free_layout(&ref);
+
+        ht_out_t hd[2];
+        for (int c = 0; c < ncs; c++) {
+            poison(m, c, OP_DISPATCH);
+            run_op(m, c, OP_DISPATCH);
+            wait_for(m, NULL, c == 0 ? "the checked epx dispatch" : "the checked NCCL baseline dispatch");
+            if (c == 0) epx_retire_handle(m);
+            fetch_dispatch(m, c, &hd[c]);
+        }
+        wrong[0][OP_DISPATCH] = check_dispatch(m, &hd[0], ncs > 1 ? &hd[1] : NULL, &diff[OP_DISPATCH]);
+        if (ncs > 1) wrong[1][OP_DISPATCH] = check_dispatch(m, &hd[1], NULL, NULL);
+        for (int c = 0; c < ncs; c++) free_dispatch(&hd[c]);
+
+        uint16_t *want = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
+        uint16_t *got_c[2] = {NULL, NULL};
+        expected_combine(m, want);
+        for (int c = 0; c < ncs; c++) {
+            poison(m, c, OP_COMBINE);
+            run_op(m, c, OP_COMBINE);
+            wait_for(m, NULL, c == 0 ? "the checked epx combine" : "the checked NCCL baseline combine");
+            got_c[c] = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
+            CK(m, cudaMemcpy(got_c[c], m->d_cout[c], (size_t)T * m->y_row, cudaMemcpyDeviceToHost));
+        }
+        size_t n = (size_t)T * m->H;
+        wrong[0][OP_COMBINE] = cmp_elems(got_c[0], want, ncs > 1 ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
+        if (ncs > 1) wrong[1][OP_COMBINE] = cmp_elems(got_c[1], want, NULL, n, 2, NULL);
+        free(want);
+        free(got_c[0]);
+        free(got_c[1]);
+    }
+
+    /* Warm-up and timed iterations, alternating epx and the baseline. */
+    int iters = o->iters;
+    double *tm = (double *)xmalloc(m, sizeof(double) * (size_t)iters * 2 * NOPS);
+    memset(tm, 0, sizeof(double) * (size_t)iters * 2 * NOPS);
+#define TM(c, op, i) tm[((c) * NOPS + (op)) * iters + (i)]
+    for (int i = -o->warmup; i < iters; i++)
+        for (int c = 0; c < ncs; c++)
+            for (int op = 0; op < NOPS; op++) {
+                double us = time_op(m, c, op);
+                if (i >= 0) TM(c, op, i) = us;
+            }
+    double med[2][NOPS];
+    memset(med, 0, sizeof med);
+    for (int c = 0; c < ncs; c++)
+        for (int op = 0; op < NOPS; op++) med[c][op] = bench_median(&TM(c, op, 0), iters);
+#undef TM
+    free(tm);
+    CK(m, cudaStreamSynchronize(m->stream));
+    epx_status_t async = EPX_SUCCESS;
+    if (epx_comm_get_async_error(m->gpu, &async) == EPX_SUCCESS && async != EPX_SUCCESS)
+        gm_fail(m, "the CUDA communicator reports an asynchronous error: %s (%s)", epx_status_name(async),
+                epx_comm_get_last_error(m->gpu));
+
+    /* Results: max over ranks of the medians; bytes as the mean per rank. */
+    double time_us[2][NOPS], wrong_all[2][NOPS], diff_all[NOPS];
+    memset(time_us, 0, sizeof time_us);
+    memset(wrong_all, 0, sizeof wrong_all);
+    for (int op = 0; op < NOPS; op++) {
+        for (int c = 0; c < 2; c++) {
+            time_us[c][op] = bench_max(b, med[c][op]);
+            wrong_all[c][op] = bench_sum(b, (double)wrong[c][op]);
+        }
+        diff_all[op] = bench_sum(b, (double)diff[op]);
+    }
+    double logical[NOPS] = {0, rows_mean * (double)m->wire_row, rows_mean * (double)m->y_row};
+    double link[NOPS] = {0, link_mean * (double)m->wire_row, link_mean * (double)m->y_row};
+    int any_wrong = 0;
+    for (int op = 0; op < NOPS; op++)
+        any_wrong |= wrong_all[0][op] > 0 || wrong_all[1][op] > 0 || diff_all[op] > 0;
+
+    if (b->rank == 0) {
+        FILE *json = NULL;
+        if (o->json && !(json = fopen(o->json, "w"))) perror(o->json);
+        printf("# %-9s %10s %12s %10s %7s", "op", "time_us", "logical_GB/s", "link_GB/s", "#wrong");
+        if (m->nccl) printf(" | %11s %7s %8s", "baseline_us", "#wrong", "speedup");
+        printf("\n");
+        if (json) fprintf(json, "[");
+        for (int op = 0; op < NOPS; op++) {
+            double t = time_us[0][op], bt = time_us[1][op];
+            double lg = t > 0 ? logical[op] / t / 1e3 : 0, lk = t > 0 ? link[op] / t / 1e3 : 0;
+            double speedup = m->nccl && t > 0 ? bt / t : 0;
+            if (op == OP_LAYOUT)
+                printf("  %-9s %10.2f %12s %10s %7.0f", op_name[op], t, "-", "-", wrong_all[0][op]);
+            else
+                printf("  %-9s %10.2f %12.3f %10.3f %7.0f", op_name[op], t, lg, lk, wrong_all[0][op]);
+            if (m->nccl) printf(" | %11.2f %7.0f %7.2fx", bt, wrong_all[1][op], speedup);
+            printf("\n");
+            if (json)
+                fprintf(json,
+                        "%s\n  {\"op\": \"%s\", \"mode\": \"ht\", \"dtype\": \"%s\", \"backend\": \"cuda\", \"ranks\": %d, "
+                        "\"gpus\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, \"experts\": %d, \"skew\": %g, "
+                        "\"iters\": %d, \"warmup\": %d, \"timing\": \"cuda_events_l2_flushed\", \"time_us\": %.3f, "
+                        "\"logical_bytes\": %.0f, \"link_bytes\": %.0f, \"logical_gbs\": %.4f, \"link_gbs\": %.4f, "
+                        "\"wrong\": %.0f, \"checked\": %s, \"diff_vs_baseline\": %.0f, \"baseline\": \"%s\", "
+                        "\"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f, \"speedup\": %.4f, "
+                        "\"epx_device_mem_bytes\": %.0f}",
+                        op ? "," : "", op_name[op], m->fp8 ? "fp8" : "bf16", R, ndev_min < R ? ndev_min : R, T, m->H, K,
+                        m->E, o->skew, iters, o->warmup, t, logical[op], link[op], lg, lk, wrong_all[0][op],
+                        o->check ? "true" : "false", diff_all[op],
+                        m->nccl ? (op == OP_LAYOUT ? "cuda_kernel" : "nccl_send_recv") : "none", m->nccl ? bt : 0.0,
+                        wrong_all[1][op], speedup, epx_mem);
+        }
+        if (json) {
+            fprintf(json, "\n]\n");
+            fclose(json);
+        }
+        if (m->nccl && (diff_all[OP_LAYOUT] > 0 || diff_all[OP_DISPATCH] > 0 || diff_all[OP_COMBINE] > 0))
+            printf("# epx and the baseline differ in %.0f layout, %.0f dispatch and %.0f combine values (counted in "
+                   "epx's #wrong)\n",
+                   diff_all[OP_LAYOUT], diff_all[OP_DISPATCH], diff_all[OP_COMBINE]);
+        if (!o->check) printf("# not checked (-c 0)\n");
+        if (any_wrong) printf("# FAILED: wrong values found\n");
+        fflush(stdout);
+    }
+
+    /* Teardown: every rank is past its last collective call here. */
+    if (m->h) epx_moe_handle_destroy(m->h);
+    m->h = NULL;
+#ifdef EPX_HAVE_NCCL
+    if (m->nccl) {
+        bl_free(m);
+        ncclCommDestroy(m->nc);
+        m->nc = NULL;
+    }
+#endif
+    free_outputs(m);
+    cudaFree(m->d_x);
+    if (m->d_xs) cudaFree(m->d_xs);
+    cudaFree(m->d_idx);
+    cudaFree(m->d_w);
+    cudaFree(m->d_y);
+    cudaFree(m->flush);
+    cudaEventDestroy(m->ev0);
+    cudaEventDestroy(m->ev1);
+    cudaStreamDestroy(m->stream);
+    free(m->topk);
+    free(m->w);
+    free(m->dest);
+    epx_moe_destroy(m->moe);
+    epx_comm_destroy(m->gpu);
+    m->gpu = NULL;
+    return any_wrong ? 1 : 0;
+}
