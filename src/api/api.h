@@ -19,6 +19,7 @@ struct epx_comm {
     epx__cpu_t *cpu;   /* shared memory: the CPU backend, and the control plane of CUDA */
     epx__cuda_t *cuda; /* the CUDA backend, when in use */
     epx_status_t async_error; /* set once a timeout or peer failure broke the comm */
+    char async_msg[EPX__ERRMSG_LEN]; /* and the message that said why */
     int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
     epx__errbuf_t err;
 };

@@ -219,17 +219,23 @@ epx_status_t epx_comm_abort(epx_comm_t comm)
 epx_status_t epx__comm_check(epx_comm_t comm)
 {
     if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
-    if (comm->async_error == EPX_SUCCESS && comm->cuda)
+    if (comm->async_error == EPX_SUCCESS && comm->cuda) {
         comm->async_error = epx__cuda_check_async(comm->cuda, &comm->err);
+        if (comm->async_error != EPX_SUCCESS) memcpy(comm->async_msg, comm->err.msg, sizeof comm->async_msg);
+    }
     if (comm->async_error != EPX_SUCCESS)
         return epx__fail(&comm->err, comm->async_error,
-                         "the communicator is broken by an earlier error; abort it and create a new one");
+                         "the communicator is broken (abort it and create a new one) by: %.400s", comm->async_msg);
     return EPX_SUCCESS;
 }
 
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)
 {
-    if (st == EPX_ERR_TIMEOUT || st == EPX_ERR_PEER_FAILURE || st == EPX_ERR_ABORTED) comm->async_error = st;
+    if ((st == EPX_ERR_TIMEOUT || st == EPX_ERR_PEER_FAILURE || st == EPX_ERR_ABORTED) &&
+        comm->async_error == EPX_SUCCESS) {
+        comm->async_error = st;
+        memcpy(comm->async_msg, comm->err.msg, sizeof comm->async_msg);
+    }
     return st;
 }
 

@@ -22,15 +22,50 @@ struct epx__cuda_moe {
     long long *d_bad;    /* first bad routing entry of mine */
     int *d_expert_counts; /* [L] */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
+    epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
 };
 
 struct epx__cuda_moe_handle {
     uint32_t id;
     int num_tokens, topk;
     int64_t rows;
-    int *d_src_rank, *d_src_token; /* [rows] */
-    int *d_send_row;               /* [T, R] */
+    int *d_src_rank, *d_src_token; /* [R * max_tokens] */
+    int *d_send_row;               /* [max_tokens, R] */
+    epx__cuda_moe_t *owner;
+    epx__cuda_moe_handle_t *next_spare;
 };
+
+/* A handle with device arrays of the largest size, reused when one was freed. */
+static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
+{
+    epx__cuda_moe_handle_t *h = m->spare;
+    if (h) {
+        m->spare = h->next_spare;
+        return h;
+    }
+    h = calloc(1, sizeof *h);
+    if (!h) return NULL;
+    h->owner = m;
+    size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
+    if (cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
+        cudaMalloc((void **)&h->d_src_token, sizeof(int) * rows) != cudaSuccess ||
+        cudaMalloc((void **)&h->d_send_row, sizeof(int) * rows) != cudaSuccess) {
+        cudaGetLastError();
+        cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row);
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+static void epx__handle_release(epx__cuda_moe_handle_t *h)
+{
+    cudaFree(h->d_src_rank);
+    cudaFree(h->d_src_token);
+    cudaFree(h->d_send_row);
+    cudaGetLastError();
+    free(h);
+}
 
 /* What every rank tells the others at each MoE call. */
 typedef struct {
@@ -93,18 +128,22 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_bad);
     cudaFree(m->d_expert_counts);
     if (m->h_counts) cudaFreeHost(m->h_counts);
+    while (m->spare) {
+        epx__cuda_moe_handle_t *h = m->spare;
+        m->spare = h->next_spare;
+        epx__handle_release(h);
+    }
     cudaGetLastError();
     free(m);
 }
 
+/* Back to the context's spares: a later dispatch reuses the device arrays. Kernels still
+ * in flight on the stream that used them run before any later use of the same stream. */
 void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h)
 {
     if (!h) return;
-    cudaFree(h->d_src_rank);
-    cudaFree(h->d_src_token);
-    cudaFree(h->d_send_row);
-    cudaGetLastError();
-    free(h);
+    h->next_spare = h->owner->spare;
+    h->owner->spare = h;
 }
 
 int64_t epx__cuda_moe_handle_rows(const epx__cuda_moe_handle_t *h) { return h->rows; }
@@ -302,16 +341,8 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                                      q, (long long)rows);
     }
     epx__cuda_moe_handle_t *h = NULL;
-    if (st == EPX_SUCCESS) {
-        h = calloc(1, sizeof *h);
-        cudaError_t ce = h ? cudaSuccess : cudaErrorMemoryAllocation;
-        size_t cap = (size_t)EPX__MAX(n, (int64_t)1);
-        if (ce == cudaSuccess) ce = cudaMalloc((void **)&h->d_src_rank, sizeof(int) * cap);
-        if (ce == cudaSuccess) ce = cudaMalloc((void **)&h->d_src_token, sizeof(int) * cap);
-        if (ce == cudaSuccess)
-            ce = cudaMalloc((void **)&h->d_send_row, sizeof(int) * (size_t)EPX__MAX(mine.num_tokens, 1) * (size_t)R);
-        if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_NO_MEMORY, "handle: %s", cudaGetErrorString(ce));
-    }
+    if (st == EPX_SUCCESS && !(h = epx__handle_get(m)))
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
     if (st == EPX_SUCCESS) {
         h->id = (uint32_t)(c->ops_started + 1);
         h->num_tokens = mine.num_tokens;
