@@ -278,7 +278,7 @@ static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, lon
 
 /* One warp per token. bf16 rows of a multiple of 8 elements go 16 bytes at a time, four
  * chunks of every contributing rank in flight per lane; other shapes element by element. */
-static __global__ void epx__k_moe_combine(epx__moe_combine_t c)
+static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combine_t c)
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
@@ -359,6 +359,6 @@ static __global__ void epx__k_moe_combine(epx__moe_combine_t c)
 
 extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, int blocks, void *stream)
 {
-    if (c->num_tokens > 0) epx__k_moe_combine<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*c);
+    if (c->num_tokens > 0) epx__k_moe_combine<<<blocks, 512, 0, (cudaStream_t)stream>>>(*c);
     return (int)cudaGetLastError();
 }
