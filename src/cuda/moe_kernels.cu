@@ -237,16 +237,27 @@ static __device__ void epx__warp_copy(char *dst, const char *src, long long byte
     for (long long i = done + lane; i < bytes; i += 32) dst[i] = src[i];
 }
 
+/* Rows are grouped by source: odd warps walk them from the end, so that reads from the
+ * last sources (over NVLink) and from the first ones (often local) are in flight together. */
+static __device__ void epx__gather_row(const epx__moe_gather_t *g, long long row)
+{
+    int p = g->src_rank[row];
+    long long t = g->src_token[row];
+    epx__warp_copy(g->recv_x + row * g->row_bytes, g->x[p] + t * g->row_bytes, g->row_bytes);
+    if (g->recv_scales && g->scales[p])
+        epx__warp_copy(g->recv_scales + row * g->scale_bytes, g->scales[p] + t * g->scale_bytes, g->scale_bytes);
+}
+
 static __global__ void epx__k_moe_gather(epx__moe_gather_t g)
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long row = warp; row < g.rows; row += nwarps) {
-        int p = g.src_rank[row];
-        long long t = g.src_token[row];
-        epx__warp_copy(g.recv_x + row * g.row_bytes, g.x[p] + t * g.row_bytes, g.row_bytes);
-        if (g.recv_scales && g.scales[p])
-            epx__warp_copy(g.recv_scales + row * g.scale_bytes, g.scales[p] + t * g.scale_bytes, g.scale_bytes);
+    long long fw = (nwarps + 1) / 2, bw = nwarps / 2, idx = warp >> 1;
+    long long split = bw ? (g.rows + 1) / 2 : g.rows;
+    if (!(warp & 1) || !bw) {
+        for (long long row = bw ? idx : warp; row < split; row += bw ? fw : nwarps) epx__gather_row(&g, row);
+    } else {
+        for (long long row = g.rows - 1 - idx; row >= split; row -= bw) epx__gather_row(&g, row);
     }
 }
 
