@@ -140,7 +140,7 @@ static __device__ int epx__block_scan(int flag, int *total)
 
 /* Block p lays out the rows source p sends me; block `rank` also computes where each of my
  * tokens lands at every rank. */
-static __global__ void epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+static __global__ void __launch_bounds__(1024) epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
 {
     int p = (int)blockIdx.x, me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
     long long start = 0;
@@ -248,7 +248,7 @@ static __device__ void epx__gather_row(const epx__moe_gather_t *g, long long row
         epx__warp_copy(g->recv_scales + row * g->scale_bytes, g->scales[p] + t * g->scale_bytes, g->scale_bytes);
 }
 
-static __global__ void epx__k_moe_gather(epx__moe_gather_t g)
+static __global__ void __launch_bounds__(1024) epx__k_moe_gather(epx__moe_gather_t g)
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
