@@ -71,9 +71,14 @@ typedef struct {
     int num_tokens[EPX__CUDA_MAX_RANKS];
 } epx__moe_routing_t;
 
+/* Tokens of one source handled by one block of the count and row kernels. */
+#define EPX__MOE_CHUNK 256
+
 /* Outputs of the row pass (any may be NULL except the handle's arrays). */
 typedef struct {
-    const int *counts;     /* [R, R]: tokens of rank p for rank r */
+    const int *counts;       /* [R, R]: tokens of rank p for rank r */
+    const int *chunk_counts; /* [R, chunks, R]: the same per chunk of EPX__MOE_CHUNK tokens */
+    int chunks;
     void *recv_topk_idx;   /* [cap, K] local ids */
     float *recv_topk_weights;
     int *recv_src_rank, *recv_src_token;
@@ -99,8 +104,10 @@ typedef struct {
     float *out_w;
 } epx__moe_combine_t;
 
-/* counts[p, r] for every source p; *bad = first t*K+k of my routing out of [-1, E). */
-int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, long long *bad, void *stream);
+/* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
+ * chunk c; *bad = first t*K+k of my routing out of [-1, E). One block per (source, chunk). */
+int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks, long long *bad,
+                               void *stream);
 /* *bad = the first index i of my routing with an id out of [-1, E) (untouched if none). */
 int epx__cuda_launch_moe_validate(const epx__moe_routing_t *r, long long *bad, void *stream);
 /* Local layout of my routing (outputs zeroed by the caller; any may be NULL). */

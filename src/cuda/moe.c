@@ -19,6 +19,8 @@ struct epx__cuda_moe {
     epx__moe_shape_t s;
     int blocks;          /* SM budget of the copy kernels */
     int *d_counts;       /* [R, R] */
+    int *d_chunk_counts; /* [R, chunks, R] */
+    int chunks;          /* ceil(max_tokens / EPX__MOE_CHUNK) */
     long long *d_bad;    /* first bad routing entry of mine */
     int *d_expert_counts; /* [L] */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
@@ -103,7 +105,10 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
     if (local == EPX_SUCCESS && shape->mode != EPX_MOE_HIGH_THROUGHPUT)
         local = epx__fail(err, EPX_ERR_UNSUPPORTED, "low-latency MoE on the CUDA backend is not built yet");
     if (local == EPX_SUCCESS) {
+        m->chunks = EPX__MAX((shape->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
         cudaError_t ce = cudaMalloc((void **)&m->d_counts, sizeof(int) * (size_t)R * (size_t)R);
+        if (ce == cudaSuccess)
+            ce = cudaMalloc((void **)&m->d_chunk_counts, sizeof(int) * (size_t)R * (size_t)R * (size_t)m->chunks);
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, sizeof(long long));
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
         if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
@@ -125,6 +130,7 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
 {
     if (!m) return;
     cudaFree(m->d_counts);
+    cudaFree(m->d_chunk_counts);
     cudaFree(m->d_bad);
     cudaFree(m->d_expert_counts);
     if (m->h_counts) cudaFreeHost(m->h_counts);
@@ -310,7 +316,9 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     cudaStream_t strm = (cudaStream_t)stream;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_bad, stream), st, err);
+    EPX__CUDA_CHECK(cudaMemsetAsync(m->d_counts, 0, sizeof(int) * (size_t)R * (size_t)R, strm), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_chunk_counts, m->chunks, m->d_bad, stream),
+                    st, err);
     EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts, m->d_counts, sizeof(int) * (size_t)R * (size_t)R, cudaMemcpyDeviceToHost, strm),
                     st, err);
     long long *h_bad = (long long *)(void *)(m->h_counts + R * R + (R * R) % 2);
@@ -348,7 +356,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         h->num_tokens = mine.num_tokens;
         h->topk = mine.topk;
         h->rows = n;
-        epx__moe_rows_out_t o = {m->d_counts, out->recv_topk_idx, out->recv_topk_weights, out->recv_src_rank,
+        epx__moe_rows_out_t o = {m->d_counts, m->d_chunk_counts, m->chunks, out->recv_topk_idx, out->recv_topk_weights, out->recv_src_rank,
                                  out->recv_src_token, m->d_expert_counts, h->d_src_rank, h->d_src_token, h->d_send_row};
         EPX__CUDA_CHECK(cudaMemsetAsync(m->d_expert_counts, 0, sizeof(int) * (size_t)s->local_experts, strm), st, err);
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_rows(&rt, &o, stream), st, err);

@@ -30,13 +30,15 @@ static __device__ unsigned epx__dest_mask(const epx__moe_routing_t *r, int p, lo
 
 /* ---- Counts --------------------------------------------------------------------------------- */
 
-static __global__ void epx__k_moe_count(epx__moe_routing_t r, int *counts, long long *bad)
+static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
+    epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad)
 {
     __shared__ int cnt[EPX__CUDA_MAX_RANKS];
-    int p = (int)blockIdx.x;
+    int p = (int)blockIdx.y, c = (int)blockIdx.x;
     if ((int)threadIdx.x < r.nranks) cnt[threadIdx.x] = 0;
     __syncthreads();
-    for (long long t = threadIdx.x; t < r.num_tokens[p]; t += blockDim.x) {
+    long long t = (long long)c * EPX__MOE_CHUNK + threadIdx.x;
+    if (t < r.num_tokens[p]) {
         if (p == r.rank)
             for (int k = 0; k < r.topk; k++) {
                 long long e = epx__topk_get(&r, p, t * r.topk + k);
@@ -50,12 +52,18 @@ static __global__ void epx__k_moe_count(epx__moe_routing_t r, int *counts, long 
         }
     }
     __syncthreads();
-    if ((int)threadIdx.x < r.nranks) counts[p * r.nranks + threadIdx.x] = cnt[threadIdx.x];
+    int q = (int)threadIdx.x;
+    if (q < r.nranks) {
+        chunk_counts[((long long)p * chunks + c) * r.nranks + q] = cnt[q];
+        if (cnt[q]) atomicAdd(&counts[p * r.nranks + q], cnt[q]);
+    }
 }
 
-extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, long long *bad, void *stream)
+extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks,
+                                          long long *bad, void *stream)
 {
-    epx__k_moe_count<<<r->nranks, 512, 0, (cudaStream_t)stream>>>(*r, counts, bad);
+    dim3 grid((unsigned)chunks, (unsigned)r->nranks);
+    epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad);
     return (int)cudaGetLastError();
 }
 
@@ -138,61 +146,61 @@ static __device__ int epx__block_scan(int flag, int *total)
     return pos;
 }
 
-/* Block p lays out the rows source p sends me; block `rank` also computes where each of my
- * tokens lands at every rank. */
-static __global__ void __launch_bounds__(1024) epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+/* Rows before chunk c of source p bound for rank q: every earlier source's tokens for q,
+ * then source p's earlier chunks'. */
+static __device__ long long epx__rows_before(const epx__moe_rows_out_t *o, int R, int p, int c, int q)
 {
-    int p = (int)blockIdx.x, me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
-    long long start = 0;
-    for (int q = 0; q < p; q++) start += o.counts[q * R + me];
-    long long T = r.num_tokens[p];
-    for (long long base = 0; base < T; base += blockDim.x) {
-        long long t = base + threadIdx.x;
-        int flag = t < T && ((epx__dest_mask(&r, p, t) >> me) & 1u), total;
-        int pos = epx__block_scan(flag, &total);
-        if (flag) {
-            long long row = start + pos;
-            o.h_src_rank[row] = p;
-            o.h_src_token[row] = (int)t;
-            if (o.recv_src_rank) o.recv_src_rank[row] = p;
-            if (o.recv_src_token) o.recv_src_token[row] = (int)t;
-            for (int k = 0; k < K; k++) {
-                long long e = epx__topk_get(&r, p, t * K + k);
-                bool here = e >= 0 && e / L == me;
-                long long local = here ? e % L : -1;
-                if (o.recv_topk_idx) {
-                    if (r.index_i64)
-                        ((long long *)o.recv_topk_idx)[row * K + k] = local;
-                    else
-                        ((int *)o.recv_topk_idx)[row * K + k] = (int)local;
-                }
-                if (o.recv_topk_weights && r.weights[p])
-                    o.recv_topk_weights[row * K + k] = here ? r.weights[p][t * K + k] : 0.0f;
-                if (!here) continue;
-                bool dup = false;
-                for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, p, t * K + j) == e;
-                if (!dup) atomicAdd(&o.expert_counts[local], 1);
+    long long n = 0;
+    for (int s = 0; s < p; s++) n += o->counts[s * R + q];
+    for (int i = 0; i < c; i++) n += o->chunk_counts[((long long)p * o->chunks + i) * R + q];
+    return n;
+}
+
+/* Block (c, p) lays out the rows chunk c of source p sends me; the blocks of my own source
+ * also compute where each of my tokens lands at every rank. */
+static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+{
+    int p = (int)blockIdx.y, c = (int)blockIdx.x, me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
+    long long T = r.num_tokens[p], t = (long long)c * EPX__MOE_CHUNK + threadIdx.x;
+    if ((long long)c * EPX__MOE_CHUNK >= T) return;
+    unsigned mask = t < T ? epx__dest_mask(&r, p, t) : 0u;
+    int flag = (mask >> me) & 1u, total;
+    int pos = epx__block_scan(flag, &total);
+    if (flag) {
+        long long row = epx__rows_before(&o, R, p, c, me) + pos;
+        o.h_src_rank[row] = p;
+        o.h_src_token[row] = (int)t;
+        if (o.recv_src_rank) o.recv_src_rank[row] = p;
+        if (o.recv_src_token) o.recv_src_token[row] = (int)t;
+        for (int k = 0; k < K; k++) {
+            long long e = epx__topk_get(&r, p, t * K + k);
+            bool here = e >= 0 && e / L == me;
+            long long local = here ? e % L : -1;
+            if (o.recv_topk_idx) {
+                if (r.index_i64)
+                    ((long long *)o.recv_topk_idx)[row * K + k] = local;
+                else
+                    ((int *)o.recv_topk_idx)[row * K + k] = (int)local;
             }
+            if (o.recv_topk_weights && r.weights[p]) o.recv_topk_weights[row * K + k] = here ? r.weights[p][t * K + k] : 0.0f;
+            if (!here) continue;
+            bool dup = false;
+            for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, p, t * K + j) == e;
+            if (!dup) atomicAdd(&o.expert_counts[local], 1);
         }
-        start += total;
     }
     if (p != me) return;
     for (int q = 0; q < R; q++) {
-        long long next = 0;
-        for (int s = 0; s < me; s++) next += o.counts[s * R + q];
-        for (long long base = 0; base < T; base += blockDim.x) {
-            long long t = base + threadIdx.x;
-            int flag = t < T && ((epx__dest_mask(&r, me, t) >> q) & 1u), total;
-            int pos = epx__block_scan(flag, &total);
-            if (t < T) o.h_send_row[t * R + q] = flag ? (int)(next + pos) : -1;
-            next += total;
-        }
+        int f = (mask >> q) & 1u, tot;
+        int at = epx__block_scan(f, &tot);
+        if (t < T) o.h_send_row[t * R + q] = f ? (int)(epx__rows_before(&o, R, me, c, q) + at) : -1;
     }
 }
 
 extern "C" int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream)
 {
-    epx__k_moe_rows<<<r->nranks, 1024, 0, (cudaStream_t)stream>>>(*r, *o);
+    dim3 grid((unsigned)o->chunks, (unsigned)r->nranks);
+    epx__k_moe_rows<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, *o);
     return (int)cudaGetLastError();
 }
 
