@@ -221,7 +221,8 @@ EPX_API epx_status_t epx_alltoall(epx_comm_t comm, const void *send, void *recv,
  * p, which stores recvcounts[r] (must equal them) elements at recv + rdispls[r]. Counts and
  * displacements are in elements, >= 0; zero counts allowed; send and recv must not overlap.
  * A count that disagrees with the peer's returns EPX_ERR_MISMATCH on the two ranks involved
- * before anything is written. */
+ * before anything is written (on the CUDA backend the other ranks then return
+ * EPX_ERR_REMOTE_INVALID, also without writing). */
 EPX_API epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int64_t *sendcounts,
                            const int64_t *sdispls, void *recv, const int64_t *recvcounts,
                            const int64_t *rdispls, epx_dtype_t dtype, void *stream);

@@ -95,9 +95,17 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     }
     free(all);
     /* Nobody uses a mapping before everyone has opened theirs. */
-    int one = 1, *ones = calloc((size_t)nranks, sizeof *ones);
-    if (st == EPX_SUCCESS) st = epx__host_allgather(host, nranks, &one, ones, sizeof one, EPX_SUCCESS, err);
-    free(ones);
+    /* Also a barrier: nobody uses a mapping before everyone has opened theirs. The sizes
+     * that shape the control memory and the path choice must agree. */
+    c->ce_bytes = epx__param_int(EPX__P_CUDA_COPY_ENGINE_BYTES);
+    int64_t sizes[2] = {(int64_t)eager_bytes, c->ce_bytes}, *allsz = calloc(2 * (size_t)nranks, sizeof *allsz);
+    if (st == EPX_SUCCESS) st = allsz ? epx__host_allgather(host, nranks, sizes, allsz, sizeof sizes, EPX_SUCCESS, err)
+                                      : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int p = 0; p < nranks && st == EPX_SUCCESS; p++)
+        if (allsz[2 * p] != sizes[0] || allsz[2 * p + 1] != sizes[1])
+            st = epx__fail(err, EPX_ERR_MISMATCH,
+                           "rank %d has other EPX_CUDA_EAGER_BYTES / EPX_CUDA_COPY_ENGINE_BYTES than rank %d", p, rank);
+    free(allsz);
     if (st != EPX_SUCCESS) {
         epx__cuda_destroy(c);
         return st;
@@ -237,13 +245,18 @@ epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card
         }
         if (!e->ptr || (victim->ptr && e->last_use < victim->last_use)) victim = e;
     }
-    if (victim->ptr) cudaIpcCloseMemHandle(victim->ptr);
+    if (victim->ptr) {
+        /* Work already enqueued may still use the mapping: let the device finish first. */
+        cudaDeviceSynchronize();
+        cudaIpcCloseMemHandle(victim->ptr);
+    }
     victim->ptr = NULL;
     void *p = NULL;
     cudaError_t ce = cudaIpcOpenMemHandle(&p, card->handle, cudaIpcMemLazyEnablePeerAccess);
     if (ce == cudaErrorAlreadyMapped) {
         cudaGetLastError();
-        cudaStreamSynchronize((cudaStream_t)stream);
+        cudaDeviceSynchronize();
+        (void)stream;
         for (int i = 0; i < EPX__IPC_CACHE; i++)
             if (c->ipc[i].ptr && c->ipc[i].peer == peer) {
                 cudaIpcCloseMemHandle(c->ipc[i].ptr);
@@ -402,10 +415,18 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
     const epx__a2a_card_t *in = cards + R;
     if (st == EPX_SUCCESS) st = epx__check_cards(c, in, x, err);
+    /* A disagreement is seen only by the two ranks of the pair: agree on the verdict, so
+     * that no rank enqueues an operation the others skip. */
+    if (st == EPX_SUCCESS || st == EPX_ERR_MISMATCH) {
+        int32_t v = st, *all = calloc((size_t)R, sizeof *all);
+        epx_status_t agreed = all ? epx__host_allgather(c->host, R, &v, all, sizeof v, st, err) : EPX_ERR_NO_MEMORY;
+        if (st == EPX_SUCCESS) st = agreed;
+        free(all);
+    }
     int64_t global_max = 0;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) global_max = EPX__MAX(global_max, in[p].max_pair_bytes);
     epx__path_t path = global_max <= (int64_t)c->dev.eager_bytes ? EPX__PATH_EAGER
-                       : global_max <= epx__param_int(EPX__P_CUDA_COPY_ENGINE_BYTES) ? EPX__PATH_DIRECT
+                       : global_max <= c->ce_bytes ? EPX__PATH_DIRECT
                                                                                      : EPX__PATH_COPY_ENGINE;
     /* 2. Larger operations write straight into the peers' receive buffers. */
     if (st == EPX_SUCCESS && path != EPX__PATH_EAGER) st = epx__map_destinations(c, x, dst, stream, err);

@@ -13,7 +13,7 @@
 #include "cuda.h"
 #include "dev.h"
 
-#define EPX__IPC_CACHE 64
+#define EPX__IPC_CACHE 256 /* > 4 buffers x 31 peers: one call never evicts its own */
 #define EPX__EXPORT_CACHE 8
 
 /* One of my allocations and its IPC handle. */
@@ -53,6 +53,7 @@ struct epx__cuda {
     epx__export_t exports[EPX__EXPORT_CACHE]; /* my allocations exported lately */
     int next_export;
     uint64_t ops_started; /* MoE operations, the same count on every rank (names handles) */
+    int64_t ce_bytes;     /* EPX_CUDA_COPY_ENGINE_BYTES, agreed at creation */
 };
 
 /* What one rank tells another about an alltoallv: how much each sends the other... */

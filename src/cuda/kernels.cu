@@ -181,7 +181,9 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
             if (threadIdx.x == 0)
                 ok = epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_ARRIVE * R + p) * EPX__FLAG_STRIDE, n, p);
             __syncthreads();
-            if (!ok) break;
+            int good = ok;
+            __syncthreads(); /* everyone has read `ok` before thread 0 may set it again */
+            if (!good) break;
         }
         epx__block_copy(a.dst[p] + (s0 - b0), a.src[p] + (s0 - b0), s1 - s0);
     }
