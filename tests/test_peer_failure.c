@@ -26,6 +26,9 @@ static double now_ms(void)
     return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
 }
 
+/* Rank NR-1 writes here once its healthy exchanges are done (then the parent may kill it). */
+static int ready_fd = -1;
+
 /* Rank `rank` of one scenario; rank NR-1 misbehaves. Exit 0 = behaved as expected. */
 static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
 {
@@ -43,7 +46,9 @@ static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
     if (bad) {
         switch (sc) {
         case DIE_BETWEEN: _exit(0);
-        case KILLED_DURING: for (;;) epx_alltoall(comm, send, recv, count, EPX_U8, NULL); /* parent kills us */
+        case KILLED_DURING:
+            if (write(ready_fd, "r", 1) != 1) _exit(9);
+            for (;;) epx_alltoall(comm, send, recv, count, EPX_U8, NULL); /* parent kills us */
         case STALL: sleep(3 * TIMEOUT_MS / 1000 + 2); _exit(0);
         case ABORT: usleep(100000); epx_comm_abort(comm); _exit(0);
         }
@@ -80,6 +85,9 @@ static void run_scenario(scenario_t sc)
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
     fflush(stdout);
+    int ready[2];
+    ASSERT(pipe(ready) == 0);
+    ready_fd = ready[1];
     pid_t pids[NR];
     for (int r = 0; r < NR; r++) {
         pids[r] = fork();
@@ -87,9 +95,13 @@ static void run_scenario(scenario_t sc)
         if (pids[r] == 0) _exit(rank_main(sc, r, &id));
     }
     if (sc == KILLED_DURING) {
-        usleep(400000);
+        char c;
+        ASSERT(read(ready[0], &c, 1) == 1); /* its healthy exchanges are over */
+        usleep(100000);
         kill(pids[NR - 1], SIGKILL);
     }
+    close(ready[0]);
+    close(ready[1]);
     for (int r = 0; r < NR; r++) {
         int status;
         waitpid(pids[r], &status, 0);
