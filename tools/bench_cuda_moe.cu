@@ -44,77 +44,14 @@
 #endif
 
 #include "bench.h"
+#include "bench_moe_common.h"
 
-#define SEED 0x6570782d6d6f6521ull /* bench_moe.c's: the same data as the CPU bench */
-#define SCALE_BLOCK 128
+#define SCALE_BLOCK BENCH_MOE_SCALE_BLOCK
 #define MAX_RANKS 32          /* ranks of one host on the CUDA backend (EPX__CUDA_MAX_RANKS) */
 #define WAIT_LIMIT_S 360.0    /* a longer wait for the device is reported as a hang (past EPX_TIMEOUT_MS) */
 #define FLUSH_BYTES ((size_t)512 << 20)
 
-/* ---- Host element conversions (as bench_moe.c; checked against the library at start) ------- */
-
-static inline float bf2f(uint16_t v)
-{
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f2bf(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-/* ---- Deterministic data (as bench_moe.c) -------------------------------------------------- */
-
-static inline uint64_t mix64(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static inline uint64_t key4(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
-{
-    return mix64(mix64(mix64(mix64(a) ^ b) ^ c) ^ d);
-}
-
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-static inline uint64_t rng_next(rng_t *r)
-{
-    r->s += 0x9e3779b97f4a7c15ull;
-    return mix64(r->s);
-}
-
-static inline double rng_unit(rng_t *r) /* [0, 1) */
-{
-    return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
-}
-
 /* ---- State ------------------------------------------------------------------------------------ */
-
-typedef struct { /* dispatch outputs (device pointers, or their host copies) */
-    uint8_t *x;
-    float *xs;
-    int64_t *idx;
-    float *w;
-    int32_t *src_rank, *src_token, *per_expert;
-    int64_t n; /* rows received (host value) */
-} ht_out_t;
-
-typedef struct { /* layout outputs */
-    int32_t *per_rank, *per_expert;
-    uint8_t *in_rank;
-} lay_out_t;
 
 #ifdef EPX_HAVE_NCCL
 typedef struct { /* the NCCL baseline: buffers and the routing of its last dispatch */
@@ -134,19 +71,15 @@ typedef struct { /* the NCCL baseline: buffers and the routing of its last dispa
 
 typedef struct {
     bench_ctx_t *b;
-    int R, me, T, H, K, E, L, S, dev, ndev, sms;
-    bool fp8, nccl;
+    bench_moe_data_t d; /* sizes, FP8 and every rank's routing (bench_moe_common.h; always ht) */
+    int dev, ndev, sms;
+    bool nccl;
     size_t row;      /* bytes of one token row (fp8: H, bf16: 2H) */
     size_t wire_row; /* row + its scales */
     size_t y_row;    /* one bf16 row of y / out: 2H */
     int64_t cap;     /* rows of the dispatch outputs (epx_moe_max_recv_tokens) */
     int64_t n_exp;   /* rows this rank should receive */
-    float fp8_tab[256];
-
-    /* every rank's routing (host) */
-    int32_t *topk; /* [R, T, K] */
-    float *w;      /* [R, T, K] */
-    uint8_t *dest; /* [R, T, R] token (s, t) goes to rank q */
+    int64_t *h_idx;  /* [T, K] this rank's topk_idx (host copy) */
 
     /* device */
     epx_comm_t gpu;
@@ -159,7 +92,7 @@ typedef struct {
     int64_t *d_idx;
     uint8_t *d_y;
     ht_out_t d_out[2];  /* 0: epx, 1: baseline */
-    lay_out_t d_lay[2];
+    layout_out_t d_lay[2];
     uint8_t *d_cout[2];
     epx_moe_handle_t h, h_new; /* the last epx dispatch's handle; the one being made */
     double epx_mem;            /* device memory the epx comm + MoE context took (bytes) */
@@ -176,7 +109,7 @@ static void gm_fail(gm_t *m, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "epx-bench moe --backend cuda: rank %d: ", m ? m->me : -1);
+    fprintf(stderr, "epx-bench moe --backend cuda: rank %d: ", m ? m->d.me : -1);
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n");
     va_end(ap);
@@ -225,6 +158,8 @@ static void *xmalloc(gm_t *m, size_t bytes)
     return p;
 }
 
+static void *xalloc(void *m, size_t bytes) { return xmalloc((gm_t *)m, bytes); }
+
 static void *dmalloc(gm_t *m, size_t bytes, const char *what)
 {
     void *p = NULL;
@@ -264,7 +199,7 @@ static void wait_for(gm_t *m, cudaEvent_t ev, const char *what)
 /* Rank 0's `bytes` to every rank, through the host communicator. */
 static void host_bcast(gm_t *m, void *buf, size_t bytes)
 {
-    int R = m->R;
+    int R = m->d.R;
     char *send = (char *)xmalloc(m, bytes * (size_t)R), *recv = (char *)xmalloc(m, bytes * (size_t)R);
     for (int p = 0; p < R; p++) memcpy(send + (size_t)p * bytes, buf, bytes);
     epx_status_t st = epx_alltoall(m->b->comm, send, recv, bytes, EPX_U8, NULL);
@@ -275,266 +210,30 @@ static void host_bcast(gm_t *m, void *buf, size_t bytes)
     free(recv);
 }
 
-static inline int64_t tk(const gm_t *m, int s, int t) { return ((int64_t)s * m->T + t) * m->K; }
-
-/* Factor the expert side of rank v applies: y = bf16(value * mult_of(v)). */
-static inline float mult_of(int v) { return 1.0f + 0.25f * (float)(v % 5); }
-
-/* ---- Host data ----------------------------------------------------------------------------- */
-
-/* Row t of rank s as given to dispatch: bf16 [H], or fp8 [H] with float scales [S]. */
-static void gen_row(const gm_t *m, int s, int t, uint8_t *row, float *scales)
-{
-    uint64_t base = key4(SEED, (uint64_t)s, (uint64_t)t, 1);
-    if (m->fp8) {
-        for (int h = 0; h < m->H; h += 8) {
-            uint64_t r = mix64(base + (uint64_t)h);
-            for (int j = 0; j < 8 && h + j < m->H; j++, r >>= 8)
-                row[h + j] = (uint8_t)((r & 0x80) | ((4 + ((r >> 3) & 7)) << 3) | (r & 7)); /* never 0 or NaN */
-        }
-        for (int i = 0; i < m->S; i++) {
-            uint64_t r = mix64(base ^ (0x5ca1e0000ull + (uint64_t)i));
-            scales[i] = (1.0f + (float)(r & 0xffff) / 65536.0f) * (1.0f / 64.0f);
-        }
-    } else {
-        uint16_t *v = (uint16_t *)row;
-        for (int h = 0; h < m->H; h += 4) {
-            uint64_t r = mix64(base + (uint64_t)h);
-            for (int j = 0; j < 4 && h + j < m->H; j++, r >>= 16) {
-                uint16_t e = (uint16_t)(125 + ((r >> 7) & 3)); /* 0.25 .. 4, never zero */
-                v[h + j] = (uint16_t)((r & 0x8000) | (e << 7) | (r & 0x7f));
-            }
-        }
-    }
-}
-
-static inline float row_val(const gm_t *m, const uint8_t *row, const float *scales, int h)
-{
-    if (m->fp8) return m->fp8_tab[row[h]] * scales[h / SCALE_BLOCK];
-    return bf2f(((const uint16_t *)row)[h]);
-}
-
-/* Every rank's routing: K distinct experts, uniform or Zipf(skew) over a fixed random
- * permutation of the experts; weights in [0.05, 1). The same as bench_moe.c. */
-static void gen_routing(gm_t *m, double skew)
-{
-    int R = m->R, T = m->T, K = m->K, E = m->E;
-    m->topk = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)R * T * K);
-    m->w = (float *)xmalloc(m, sizeof(float) * (size_t)R * T * K);
-    int *perm = (int *)xmalloc(m, sizeof(int) * (size_t)E);
-    double *wz = (double *)xmalloc(m, sizeof(double) * (size_t)E);
-    uint8_t *taken = (uint8_t *)xmalloc(m, (size_t)E);
-    rng_t pr = {key4(SEED, 0xfeed, 0, 3)};
-    for (int i = 0; i < E; i++) perm[i] = i;
-    for (int i = E - 1; i > 0; i--) {
-        int j = (int)(rng_next(&pr) % (uint64_t)(i + 1)), tmp = perm[i];
-        perm[i] = perm[j], perm[j] = tmp;
-    }
-    for (int i = 0; i < E; i++) wz[i] = pow((double)(i + 1), -skew);
-    for (int s = 0; s < R; s++)
-        for (int t = 0; t < T; t++) {
-            rng_t r = {key4(SEED, (uint64_t)s, (uint64_t)t, 2)};
-            int32_t *e = m->topk + tk(m, s, t);
-            memset(taken, 0, (size_t)E);
-            for (int k = 0; k < K; k++) {
-                int pick;
-                if (skew > 0) {
-                    double tot = 0;
-                    for (int i = 0; i < E; i++) tot += taken[i] ? 0 : wz[i];
-                    double u = rng_unit(&r) * tot;
-                    pick = -1;
-                    for (int i = 0; i < E; i++) {
-                        if (taken[i]) continue;
-                        pick = i;
-                        if ((u -= wz[i]) < 0) break;
-                    }
-                    taken[pick] = 1;
-                    e[k] = perm[pick];
-                } else {
-                    do pick = (int)(rng_next(&r) % (uint64_t)E);
-                    while (taken[pick]);
-                    taken[pick] = 1;
-                    e[k] = pick;
-                }
-                m->w[tk(m, s, t) + k] = 0.05f + 0.95f * (float)rng_unit(&r);
-            }
-        }
-    m->dest = (uint8_t *)xmalloc(m, (size_t)R * T * R);
-    memset(m->dest, 0, (size_t)R * T * R);
-    for (int s = 0; s < R; s++)
-        for (int t = 0; t < T; t++)
-            for (int k = 0; k < K; k++) m->dest[((int64_t)s * T + t) * R + m->topk[tk(m, s, t) + k] / m->L] = 1;
-    free(perm);
-    free(wz);
-    free(taken);
-}
-
-/* Rows rank q receives and the part of them that crossed from another rank. */
-static void count_rows(const gm_t *m, int q, int64_t *rows, int64_t *link)
-{
-    *rows = *link = 0;
-    for (int s = 0; s < m->R; s++)
-        for (int t = 0; t < m->T; t++) {
-            int64_t c = m->dest[((int64_t)s * m->T + t) * m->R + q];
-            *rows += c;
-            if (s != q) *link += c;
-        }
-}
-
 /* Expert outputs y [cap, H] bf16 of the rows this rank should receive, in epx's row order
  * (source rank, then source token): bf16(value * mult_of(me)). */
 static void make_y(gm_t *m, uint16_t *y)
 {
-    int H = m->H, q = m->me;
+    int H = m->d.H, q = m->d.me;
     uint8_t *row = (uint8_t *)xmalloc(m, m->row);
-    float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->S);
+    float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->d.S);
     float mu = mult_of(q);
     memset(y, 0, (size_t)m->cap * m->y_row);
     int64_t i = 0;
-    for (int s = 0; s < m->R; s++)
-        for (int t = 0; t < m->T; t++) {
-            if (!m->dest[((int64_t)s * m->T + t) * m->R + q]) continue;
+    for (int s = 0; s < m->d.R; s++)
+        for (int t = 0; t < m->d.T; t++) {
+            if (!m->d.dest[((int64_t)s * m->d.T + t) * m->d.R + q]) continue;
             if (i >= m->cap) break;
-            gen_row(m, s, t, row, sc);
+            bench_moe_gen_row(&m->d, s, t, row, sc);
             uint16_t *yr = y + i * H;
-            for (int h = 0; h < H; h++) yr[h] = f2bf(row_val(m, row, sc, h) * mu);
+            for (int h = 0; h < H; h++) yr[h] = f2bf(row_val(&m->d, row, sc, h) * mu);
             i++;
         }
     free(row);
     free(sc);
-}
-
-/* Expected combine output of this rank's tokens, [T, H] bf16: for each rank r the token went
- * to, in ascending order, + bf16(value * mult_of(r)), in float32 from +0.0f. */
-static void expected_combine(gm_t *m, uint16_t *out)
-{
-    int H = m->H, q = m->me;
-    uint8_t *row = (uint8_t *)xmalloc(m, m->row);
-    float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->S);
-    float *val = (float *)xmalloc(m, sizeof(float) * (size_t)H), *acc = (float *)xmalloc(m, sizeof(float) * (size_t)H);
-    for (int t = 0; t < m->T; t++) {
-        gen_row(m, q, t, row, sc);
-        for (int h = 0; h < H; h++) val[h] = row_val(m, row, sc, h);
-        for (int h = 0; h < H; h++) acc[h] = 0.0f;
-        for (int r = 0; r < m->R; r++) {
-            if (!m->dest[((int64_t)q * m->T + t) * m->R + r]) continue;
-            float mu = mult_of(r);
-            for (int h = 0; h < H; h++) acc[h] += bf2f(f2bf(val[h] * mu));
-        }
-        for (int h = 0; h < H; h++) out[(int64_t)t * H + h] = f2bf(acc[h]);
-    }
-    free(row);
-    free(sc);
-    free(val);
-    free(acc);
-}
-
-/* The host conversions must agree bit for bit with the library's. */
-static int64_t check_conversions(gm_t *m)
-{
-    int64_t bad = 0;
-    for (int i = 0; i < 256; i++) m->fp8_tab[i] = epx_fp8_e4m3_to_float((uint8_t)i);
-    rng_t r = {key4(SEED, 7, 7, 7)};
-    for (int i = 0; i < 1 << 18; i++) {
-        uint32_t u = (uint32_t)rng_next(&r);
-        if (i < 65536) u = (uint32_t)i << 16 | (u & 0xffff); /* every sign and exponent */
-        float f;
-        memcpy(&f, &u, 4);
-        if (isnan(f)) continue;
-        bad += f2bf(f) != epx_float_to_bf16(f);
-    }
-    for (int i = 0; i < 65536; i++) {
-        float a = bf2f((uint16_t)i), e = epx_bf16_to_float((uint16_t)i);
-        bad += !isnan(a) && memcmp(&a, &e, 4) != 0;
-    }
-    return bad;
 }
 
 /* ---- Checking ----------------------------------------------------------------------------- */
-
-/* Elements of size es (n of them) where a differs from the expected e, or from the other
- * contender's o (when given); *diff counts those differing from o. */
-static int64_t cmp_elems(const void *a_, const void *e_, const void *o_, size_t n, size_t es, int64_t *diff)
-{
-    const uint8_t *a = (const uint8_t *)a_, *e = (const uint8_t *)e_, *o = (const uint8_t *)o_;
-    if (!memcmp(a, e, n * es) && (!o || !memcmp(a, o, n * es))) return 0;
-    int64_t w = 0;
-    for (size_t i = 0; i < n; i++) {
-        bool bad_o = o && memcmp(a + i * es, o + i * es, es) != 0;
-        w += memcmp(a + i * es, e + i * es, es) != 0 || bad_o;
-        if (diff) *diff += bad_o;
-    }
-    return w;
-}
-
-static void ref_layout(const gm_t *m, lay_out_t *o)
-{
-    int R = m->R, K = m->K, L = m->L;
-    memset(o->per_rank, 0, sizeof(int32_t) * (size_t)R);
-    memset(o->per_expert, 0, sizeof(int32_t) * (size_t)m->E);
-    memset(o->in_rank, 0, (size_t)m->T * R);
-    for (int t = 0; t < m->T; t++) {
-        uint8_t *f = o->in_rank + (int64_t)t * R;
-        for (int k = 0; k < K; k++) {
-            int e = m->topk[tk(m, m->me, t) + k];
-            o->per_expert[e]++;
-            f[e / L] = 1;
-        }
-        for (int r = 0; r < R; r++) o->per_rank[r] += f[r];
-    }
-}
-
-static int64_t check_layout(const gm_t *m, const lay_out_t *a, const lay_out_t *e, const lay_out_t *o, int64_t *diff)
-{
-    return cmp_elems(a->per_rank, e->per_rank, o ? o->per_rank : NULL, (size_t)m->R, 4, diff) +
-           cmp_elems(a->per_expert, e->per_expert, o ? o->per_expert : NULL, (size_t)m->E, 4, diff) +
-           cmp_elems(a->in_rank, e->in_rank, o ? o->in_rank : NULL, (size_t)m->T * m->R, 1, diff);
-}
-
-static int64_t check_dispatch(gm_t *m, const ht_out_t *a, const ht_out_t *o, int64_t *diff)
-{
-    int K = m->K, L = m->L, q = m->me;
-    int64_t wrong = 0, n = a->n < 0 ? 0 : a->n > m->cap ? m->cap : a->n;
-    if (a->n != m->n_exp) wrong += a->n > m->n_exp ? a->n - m->n_exp : m->n_exp - a->n;
-    if (o && o->n != a->n && diff) ++*diff;
-    uint8_t *row = (uint8_t *)xmalloc(m, m->row);
-    float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->S);
-    int64_t eidx[EPX_MOE_MAX_TOPK];
-    float ew[EPX_MOE_MAX_TOPK];
-    int32_t *per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)L);
-    memset(per_expert, 0, sizeof(int32_t) * (size_t)L);
-    int64_t i = 0, no = o ? (o->n < 0 ? 0 : o->n > m->cap ? m->cap : o->n) : 0;
-    for (int s = 0; s < m->R; s++)
-        for (int t = 0; t < m->T; t++) {
-            if (!m->dest[((int64_t)s * m->T + t) * m->R + q]) continue;
-            for (int k = 0; k < K; k++) {
-                int e = m->topk[tk(m, s, t) + k];
-                eidx[k] = e / L == q ? e % L : -1;
-                ew[k] = eidx[k] >= 0 ? m->w[tk(m, s, t) + k] : 0.0f;
-                if (eidx[k] >= 0) per_expert[eidx[k]]++;
-            }
-            if (i < n) {
-                gen_row(m, s, t, row, sc);
-                bool oi = o && i < no; /* the other contender has this row too */
-#define OTHER(f, off) (oi ? (const void *)(o->f + (off)) : NULL)
-                wrong += cmp_elems(a->x + i * (int64_t)m->row, row, OTHER(x, i * (int64_t)m->row), (size_t)m->H,
-                                   m->fp8 ? 1 : 2, diff);
-                if (m->fp8) wrong += cmp_elems(a->xs + i * m->S, sc, OTHER(xs, i * m->S), (size_t)m->S, 4, diff);
-                wrong += cmp_elems(a->idx + i * K, eidx, OTHER(idx, i * K), (size_t)K, 8, diff);
-                wrong += cmp_elems(a->w + i * K, ew, OTHER(w, i * K), (size_t)K, 4, diff);
-                int32_t v[2] = {s, t};
-                wrong += cmp_elems(a->src_rank + i, &v[0], OTHER(src_rank, i), 1, 4, diff);
-                wrong += cmp_elems(a->src_token + i, &v[1], OTHER(src_token, i), 1, 4, diff);
-#undef OTHER
-            }
-            i++;
-        }
-    wrong += cmp_elems(a->per_expert, per_expert, o ? o->per_expert : NULL, (size_t)L, 4, diff);
-    free(row);
-    free(sc);
-    free(per_expert);
-    return wrong;
-}
 
 /* ---- Baseline kernels --------------------------------------------------------------------- */
 #ifdef EPX_HAVE_NCCL
@@ -785,13 +484,10 @@ static int grid_for(const gm_t *m, long long work_items, int per_block)
 
 /* ---- The contenders ---------------------------------------------------------------------- */
 
-enum { OP_LAYOUT, OP_DISPATCH, OP_COMBINE, NOPS };
-static const char *const op_name[NOPS] = {"layout", "dispatch", "combine"};
-
 static void epx_layout_op(gm_t *m)
 {
-    lay_out_t *o = &m->d_lay[0];
-    epx_ok(m, epx_moe_layout(m->moe, m->d_idx, m->T, m->K, o->per_rank, o->per_expert, o->in_rank, m->stream),
+    layout_out_t *o = &m->d_lay[0];
+    epx_ok(m, epx_moe_layout(m->moe, m->d_idx, m->d.T, m->d.K, o->per_rank, o->per_expert, o->in_rank, m->stream),
            "epx_moe_layout");
 }
 
@@ -802,15 +498,15 @@ static void epx_dispatch_op(gm_t *m)
     epx_moe_dispatch_in_t in;
     memset(&in, 0, sizeof in);
     in.x = m->d_x;
-    in.x_scales = m->fp8 ? m->d_xs : NULL;
+    in.x_scales = m->d.fp8 ? m->d_xs : NULL;
     in.topk_idx = m->d_idx;
     in.topk_weights = m->d_w;
-    in.num_tokens = m->T;
-    in.topk = m->K;
+    in.num_tokens = m->d.T;
+    in.topk = m->d.K;
     epx_moe_dispatch_out_t out;
     memset(&out, 0, sizeof out);
     out.recv_x = a->x;
-    out.recv_x_scales = m->fp8 ? a->xs : NULL;
+    out.recv_x_scales = m->d.fp8 ? a->xs : NULL;
     out.recv_topk_idx = a->idx;
     out.recv_topk_weights = a->w;
     out.recv_src_rank = a->src_rank;
@@ -849,11 +545,11 @@ static void epx_retire_handle(gm_t *m)
 #ifdef EPX_HAVE_NCCL
 static void bl_layout_op(gm_t *m)
 {
-    lay_out_t *o = &m->d_lay[1];
-    CK(m, cudaMemsetAsync(o->per_rank, 0, sizeof(int32_t) * (size_t)m->R, m->stream));
-    CK(m, cudaMemsetAsync(o->per_expert, 0, sizeof(int32_t) * (size_t)m->E, m->stream));
-    bl_k_layout<<<grid_for(m, m->T, 256), 256, 0, m->stream>>>((const long long *)m->d_idx, m->T, m->K, m->E, m->L,
-                                                               m->R, o->per_rank, o->per_expert, o->in_rank);
+    layout_out_t *o = &m->d_lay[1];
+    CK(m, cudaMemsetAsync(o->per_rank, 0, sizeof(int32_t) * (size_t)m->d.R, m->stream));
+    CK(m, cudaMemsetAsync(o->per_expert, 0, sizeof(int32_t) * (size_t)m->d.E, m->stream));
+    bl_k_layout<<<grid_for(m, m->d.T, 256), 256, 0, m->stream>>>((const long long *)m->d_idx, m->d.T, m->d.K, m->d.E, m->d.L,
+                                                               m->d.R, o->per_rank, o->per_expert, o->in_rank);
     LAUNCHED(m, "bl_k_layout");
 }
 
@@ -861,10 +557,10 @@ static void bl_dispatch_op(gm_t *m)
 {
     baseline_t *bl = &m->bl;
     ht_out_t *o = &m->d_out[1];
-    int R = m->R, me = m->me, S = m->S;
+    int R = m->d.R, me = m->d.me, S = m->d.S;
     cudaStream_t st = m->stream;
     /* Counts and each token's place in the send buffer; everyone's counts; read back. */
-    bl_k_route<<<R, 1024, 0, st>>>((const long long *)m->d_idx, m->T, m->K, m->E, m->L, R, bl->d_pos, bl->d_cnt);
+    bl_k_route<<<R, 1024, 0, st>>>((const long long *)m->d_idx, m->d.T, m->d.K, m->d.E, m->d.L, R, bl->d_pos, bl->d_cnt);
     LAUNCHED(m, "bl_k_route");
     NK(m, ncclAllGather(bl->d_cnt, bl->d_cnt_all, (size_t)R, ncclInt32, m->nc, st));
     CK(m, cudaMemcpyAsync(bl->h_cnt_all, bl->d_cnt_all, sizeof(int32_t) * (size_t)R * R, cudaMemcpyDeviceToHost, st));
@@ -873,7 +569,7 @@ static void bl_dispatch_op(gm_t *m)
     bl_pack_t pk;
     memset(&pk, 0, sizeof pk);
     pk.x = m->d_x;
-    pk.xs = m->fp8 ? m->d_xs : NULL;
+    pk.xs = m->d.fp8 ? m->d_xs : NULL;
     pk.idx = (const long long *)m->d_idx;
     pk.w = m->d_w;
     pk.pos = bl->d_pos;
@@ -881,9 +577,9 @@ static void bl_dispatch_op(gm_t *m)
     pk.sendx = bl->d_sendx;
     pk.sends = bl->d_sends;
     pk.smeta = bl->d_smeta;
-    pk.T = m->T, pk.K = m->K, pk.L = m->L, pk.R = R, pk.S = S;
+    pk.T = m->d.T, pk.K = m->d.K, pk.L = m->d.L, pk.R = R, pk.S = S;
     pk.row_bytes = (long long)m->row;
-    bl_k_pack<<<grid_for(m, (long long)m->T * 32, 256), 256, 0, st>>>(pk);
+    bl_k_pack<<<grid_for(m, (long long)m->d.T * 32, 256), 256, 0, st>>>(pk);
     LAUNCHED(m, "bl_k_pack");
     wait_for(m, bl->counted, "the baseline's count read-back");
     int64_t n = 0, s = 0;
@@ -897,21 +593,21 @@ static void bl_dispatch_op(gm_t *m)
     if (n > m->cap || n < 0)
         gm_fail(m, "baseline dispatch: %" PRId64 " rows to receive, more than the capacity %" PRId64, n, m->cap);
     bl->n = n;
-    CK(m, cudaMemsetAsync(o->per_expert, 0, sizeof(int32_t) * (size_t)m->L, st));
+    CK(m, cudaMemsetAsync(o->per_expert, 0, sizeof(int32_t) * (size_t)m->d.L, st));
     /* Rows (scales, records) of every pair; rows land in recv_x in source-rank order. */
-    size_t row = m->row, srow = sizeof(float) * (size_t)S, mrow = sizeof(int32_t) * (size_t)(1 + 2 * m->K);
+    size_t row = m->row, srow = sizeof(float) * (size_t)S, mrow = sizeof(int32_t) * (size_t)(1 + 2 * m->d.K);
     NK(m, ncclGroupStart());
     for (int p = 0; p < R; p++) {
         if (bl->scount[p] > 0) {
             size_t c = (size_t)bl->scount[p], d = (size_t)bl->sdispl[p];
             NK(m, ncclSend(bl->d_sendx + d * row, c * row, ncclUint8, p, m->nc, st));
-            if (m->fp8) NK(m, ncclSend((uint8_t *)bl->d_sends + d * srow, c * srow, ncclUint8, p, m->nc, st));
+            if (m->d.fp8) NK(m, ncclSend((uint8_t *)bl->d_sends + d * srow, c * srow, ncclUint8, p, m->nc, st));
             NK(m, ncclSend((uint8_t *)bl->d_smeta + d * mrow, c * mrow, ncclUint8, p, m->nc, st));
         }
         if (bl->rcount[p] > 0) {
             size_t c = (size_t)bl->rcount[p], d = (size_t)bl->rdispl[p];
             NK(m, ncclRecv(o->x + d * row, c * row, ncclUint8, p, m->nc, st));
-            if (m->fp8) NK(m, ncclRecv((uint8_t *)o->xs + d * srow, c * srow, ncclUint8, p, m->nc, st));
+            if (m->d.fp8) NK(m, ncclRecv((uint8_t *)o->xs + d * srow, c * srow, ncclUint8, p, m->nc, st));
             NK(m, ncclRecv((uint8_t *)bl->d_rmeta + d * mrow, c * mrow, ncclUint8, p, m->nc, st));
         }
     }
@@ -921,7 +617,7 @@ static void bl_dispatch_op(gm_t *m)
         memset(&up, 0, sizeof up);
         up.rmeta = bl->d_rmeta;
         up.n = n;
-        up.K = m->K, up.R = R;
+        up.K = m->d.K, up.R = R;
         for (int p = 0; p <= R; p++) up.rdispl[p] = bl->rdispl[p];
         up.idx = (long long *)o->idx;
         up.w = o->w;
@@ -937,7 +633,7 @@ static void bl_dispatch_op(gm_t *m)
 static void bl_combine_op(gm_t *m)
 {
     baseline_t *bl = &m->bl;
-    int R = m->R;
+    int R = m->d.R;
     cudaStream_t st = m->stream;
     size_t yr = m->y_row;
     NK(m, ncclGroupStart());
@@ -954,16 +650,16 @@ static void bl_combine_op(gm_t *m)
     rd.crecv = bl->d_crecv;
     rd.pos = bl->d_pos;
     for (int p = 0; p < R; p++) rd.sdispl[p] = bl->sdispl[p];
-    rd.T = m->T, rd.R = R, rd.H = m->H;
+    rd.T = m->d.T, rd.R = R, rd.H = m->d.H;
     rd.out = m->d_cout[1];
-    bl_k_reduce<<<grid_for(m, (long long)m->T * 32, 256), 256, 0, st>>>(rd);
+    bl_k_reduce<<<grid_for(m, (long long)m->d.T * 32, 256), 256, 0, st>>>(rd);
     LAUNCHED(m, "bl_k_reduce");
 }
 
 static void bl_init(gm_t *m)
 {
     baseline_t *bl = &m->bl;
-    int R = m->R, T = m->T, K = m->K;
+    int R = m->d.R, T = m->d.T, K = m->d.K;
     int64_t maxsend = (int64_t)T * (K < R ? K : R); /* a token goes to at most min(K, R) ranks */
     size_t mrow = sizeof(int32_t) * (size_t)(1 + 2 * K);
     bl->d_pos = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)T * R, "baseline positions");
@@ -971,7 +667,7 @@ static void bl_init(gm_t *m)
     bl->d_cnt_all = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)R * R, "baseline count matrix");
     CK(m, cudaHostAlloc((void **)&bl->h_cnt_all, sizeof(int32_t) * (size_t)R * R, cudaHostAllocDefault));
     bl->d_sendx = (uint8_t *)dmalloc(m, (size_t)maxsend * m->row, "baseline send rows");
-    bl->d_sends = m->fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)maxsend * m->S, "baseline send scales") : NULL;
+    bl->d_sends = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)maxsend * m->d.S, "baseline send scales") : NULL;
     bl->d_smeta = (int32_t *)dmalloc(m, (size_t)maxsend * mrow, "baseline send records");
     bl->d_rmeta = (int32_t *)dmalloc(m, (size_t)m->cap * mrow, "baseline receive records");
     bl->d_crecv = (uint8_t *)dmalloc(m, (size_t)maxsend * m->y_row, "baseline combine receive");
@@ -1021,7 +717,7 @@ static double time_op(gm_t *m, int c, int op)
     run_op(m, c, op);
     CK(m, cudaEventRecord(m->ev1, m->stream));
     char what[64];
-    snprintf(what, sizeof what, "the timed %s %s", c == 0 ? "epx" : "NCCL baseline", op_name[op]);
+    snprintf(what, sizeof what, "the timed %s %s", c == 0 ? "epx" : "NCCL baseline", bench_moe_op_name[op]);
     wait_for(m, m->ev1, what);
     float ms = 0;
     CK(m, cudaEventElapsedTime(&ms, m->ev0, m->ev1));
@@ -1033,29 +729,29 @@ static double time_op(gm_t *m, int c, int op)
 
 static void alloc_outputs(gm_t *m, int ncont)
 {
-    int K = m->K, L = m->L, S = m->S;
+    int K = m->d.K, L = m->d.L, S = m->d.S;
     for (int c = 0; c < ncont; c++) {
-        lay_out_t *lo = &m->d_lay[c];
-        lo->per_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->R, "layout num_tokens_per_rank");
-        lo->per_expert = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->E, "layout num_tokens_per_expert");
-        lo->in_rank = (uint8_t *)dmalloc(m, (size_t)m->T * m->R, "layout is_token_in_rank");
+        layout_out_t *lo = &m->d_lay[c];
+        lo->per_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->d.R, "layout num_tokens_per_rank");
+        lo->per_expert = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->d.E, "layout num_tokens_per_expert");
+        lo->in_rank = (uint8_t *)dmalloc(m, (size_t)m->d.T * m->d.R, "layout is_token_in_rank");
         ht_out_t *o = &m->d_out[c];
         o->x = (uint8_t *)dmalloc(m, (size_t)m->cap * m->row, "recv_x");
-        o->xs = m->fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)m->cap * S, "recv_x_scales") : NULL;
+        o->xs = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)m->cap * S, "recv_x_scales") : NULL;
         o->idx = (int64_t *)dmalloc(m, sizeof(int64_t) * (size_t)m->cap * K, "recv_topk_idx");
         o->w = (float *)dmalloc(m, sizeof(float) * (size_t)m->cap * K, "recv_topk_weights");
         o->src_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_rank");
         o->src_token = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_token");
         o->per_expert = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)L, "num_recv_tokens_per_expert");
         o->n = -1;
-        m->d_cout[c] = (uint8_t *)dmalloc(m, (size_t)m->T * m->y_row, "combine out");
+        m->d_cout[c] = (uint8_t *)dmalloc(m, (size_t)m->d.T * m->y_row, "combine out");
     }
 }
 
 static void free_outputs(gm_t *m)
 {
     for (int c = 0; c < 2; c++) {
-        lay_out_t *lo = &m->d_lay[c];
+        layout_out_t *lo = &m->d_lay[c];
         ht_out_t *o = &m->d_out[c];
         void *ps[] = {lo->per_rank, lo->per_expert, lo->in_rank, o->x, o->xs, o->idx, o->w,
                       o->src_rank, o->src_token, o->per_expert, m->d_cout[c]};
@@ -1069,38 +765,38 @@ static void poison(gm_t *m, int c, int op)
 {
     cudaStream_t st = m->stream;
     if (op == OP_LAYOUT) {
-        lay_out_t *lo = &m->d_lay[c];
-        CK(m, cudaMemsetAsync(lo->per_rank, 0xA5, sizeof(int32_t) * (size_t)m->R, st));
-        CK(m, cudaMemsetAsync(lo->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->E, st));
-        CK(m, cudaMemsetAsync(lo->in_rank, 0xA5, (size_t)m->T * m->R, st));
+        layout_out_t *lo = &m->d_lay[c];
+        CK(m, cudaMemsetAsync(lo->per_rank, 0xA5, sizeof(int32_t) * (size_t)m->d.R, st));
+        CK(m, cudaMemsetAsync(lo->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->d.E, st));
+        CK(m, cudaMemsetAsync(lo->in_rank, 0xA5, (size_t)m->d.T * m->d.R, st));
     } else if (op == OP_COMBINE) {
-        CK(m, cudaMemsetAsync(m->d_cout[c], 0xA5, (size_t)m->T * m->y_row, st));
+        CK(m, cudaMemsetAsync(m->d_cout[c], 0xA5, (size_t)m->d.T * m->y_row, st));
     } else {
         ht_out_t *o = &m->d_out[c];
         CK(m, cudaMemsetAsync(o->x, 0xA5, (size_t)m->cap * m->row, st));
-        if (o->xs) CK(m, cudaMemsetAsync(o->xs, 0xA5, sizeof(float) * (size_t)m->cap * m->S, st));
-        CK(m, cudaMemsetAsync(o->idx, 0xA5, sizeof(int64_t) * (size_t)m->cap * m->K, st));
-        CK(m, cudaMemsetAsync(o->w, 0xA5, sizeof(float) * (size_t)m->cap * m->K, st));
+        if (o->xs) CK(m, cudaMemsetAsync(o->xs, 0xA5, sizeof(float) * (size_t)m->cap * m->d.S, st));
+        CK(m, cudaMemsetAsync(o->idx, 0xA5, sizeof(int64_t) * (size_t)m->cap * m->d.K, st));
+        CK(m, cudaMemsetAsync(o->w, 0xA5, sizeof(float) * (size_t)m->cap * m->d.K, st));
         CK(m, cudaMemsetAsync(o->src_rank, 0xA5, sizeof(int32_t) * (size_t)m->cap, st));
         CK(m, cudaMemsetAsync(o->src_token, 0xA5, sizeof(int32_t) * (size_t)m->cap, st));
-        CK(m, cudaMemsetAsync(o->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->L, st));
+        CK(m, cudaMemsetAsync(o->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->d.L, st));
         o->n = -1;
     }
 }
 
 /* Host copies of contender c's outputs (allocated here, freed by free_host_out). */
-static void fetch_layout(gm_t *m, int c, lay_out_t *h)
+static void fetch_layout(gm_t *m, int c, layout_out_t *h)
 {
-    lay_out_t *d = &m->d_lay[c];
-    h->per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->R);
-    h->per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->E);
-    h->in_rank = (uint8_t *)xmalloc(m, (size_t)m->T * m->R);
-    CK(m, cudaMemcpy(h->per_rank, d->per_rank, sizeof(int32_t) * (size_t)m->R, cudaMemcpyDeviceToHost));
-    CK(m, cudaMemcpy(h->per_expert, d->per_expert, sizeof(int32_t) * (size_t)m->E, cudaMemcpyDeviceToHost));
-    CK(m, cudaMemcpy(h->in_rank, d->in_rank, (size_t)m->T * m->R, cudaMemcpyDeviceToHost));
+    layout_out_t *d = &m->d_lay[c];
+    h->per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->d.R);
+    h->per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->d.E);
+    h->in_rank = (uint8_t *)xmalloc(m, (size_t)m->d.T * m->d.R);
+    CK(m, cudaMemcpy(h->per_rank, d->per_rank, sizeof(int32_t) * (size_t)m->d.R, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->per_expert, d->per_expert, sizeof(int32_t) * (size_t)m->d.E, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->in_rank, d->in_rank, (size_t)m->d.T * m->d.R, cudaMemcpyDeviceToHost));
 }
 
-static void free_layout(lay_out_t *h)
+static void free_layout(layout_out_t *h)
 {
     free(h->per_rank);
     free(h->per_expert);
@@ -1111,25 +807,25 @@ static void fetch_dispatch(gm_t *m, int c, ht_out_t *h)
 {
     const ht_out_t *d = &m->d_out[c];
     int64_t n = d->n < 0 ? 0 : d->n > m->cap ? m->cap : d->n;
-    size_t K = (size_t)m->K, rows = (size_t)(n > 0 ? n : 1);
+    size_t K = (size_t)m->d.K, rows = (size_t)(n > 0 ? n : 1);
     h->n = d->n;
     h->x = (uint8_t *)xmalloc(m, rows * m->row);
-    h->xs = m->fp8 ? (float *)xmalloc(m, sizeof(float) * rows * m->S) : NULL;
+    h->xs = m->d.fp8 ? (float *)xmalloc(m, sizeof(float) * rows * m->d.S) : NULL;
     h->idx = (int64_t *)xmalloc(m, sizeof(int64_t) * rows * K);
     h->w = (float *)xmalloc(m, sizeof(float) * rows * K);
     h->src_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * rows);
     h->src_token = (int32_t *)xmalloc(m, sizeof(int32_t) * rows);
-    h->per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->L);
+    h->per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->d.L);
     size_t nn = (size_t)n;
     if (nn) {
         CK(m, cudaMemcpy(h->x, d->x, nn * m->row, cudaMemcpyDeviceToHost));
-        if (m->fp8) CK(m, cudaMemcpy(h->xs, d->xs, sizeof(float) * nn * m->S, cudaMemcpyDeviceToHost));
+        if (m->d.fp8) CK(m, cudaMemcpy(h->xs, d->xs, sizeof(float) * nn * m->d.S, cudaMemcpyDeviceToHost));
         CK(m, cudaMemcpy(h->idx, d->idx, sizeof(int64_t) * nn * K, cudaMemcpyDeviceToHost));
         CK(m, cudaMemcpy(h->w, d->w, sizeof(float) * nn * K, cudaMemcpyDeviceToHost));
         CK(m, cudaMemcpy(h->src_rank, d->src_rank, sizeof(int32_t) * nn, cudaMemcpyDeviceToHost));
         CK(m, cudaMemcpy(h->src_token, d->src_token, sizeof(int32_t) * nn, cudaMemcpyDeviceToHost));
     }
-    CK(m, cudaMemcpy(h->per_expert, d->per_expert, sizeof(int32_t) * (size_t)m->L, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->per_expert, d->per_expert, sizeof(int32_t) * (size_t)m->d.L, cudaMemcpyDeviceToHost));
 }
 
 static void free_dispatch(ht_out_t *h)
@@ -1152,30 +848,31 @@ int bench_cuda_moe(bench_ctx_t *b)
     gm_t *m = &mm;
     memset(m, 0, sizeof *m);
     m->b = b;
-    m->R = b->nranks, m->me = b->rank, m->T = o->tokens, m->H = o->hidden, m->K = o->topk, m->E = o->experts;
-    m->fp8 = !strcmp(o->dtype, "fp8");
+    m->d.alloc = xalloc, m->d.alloc_ctx = m;
+    m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
+    m->d.fp8 = !strcmp(o->dtype, "fp8");
     if (!strcmp(o->mode, "ll")) {
         if (b->rank == 0)
             fprintf(stderr, "epx-bench moe: low-latency mode (--mode ll) on the CUDA backend is not built yet; "
                             "use --mode ht, or --backend cpu\n");
         return 2;
     }
-    if (m->E % m->R != 0 || m->K > m->E || m->K > EPX_MOE_MAX_TOPK || m->R > MAX_RANKS) {
+    if (m->d.E % m->d.R != 0 || m->d.K > m->d.E || m->d.K > EPX_MOE_MAX_TOPK || m->d.R > MAX_RANKS) {
         if (b->rank == 0)
             fprintf(stderr,
                     "epx-bench moe --backend cuda: need experts (%d) a multiple of ranks (%d), topk (%d) <= min(experts, "
                     "%d), and at most %d ranks\n",
-                    m->E, m->R, m->K, EPX_MOE_MAX_TOPK, MAX_RANKS);
+                    m->d.E, m->d.R, m->d.K, EPX_MOE_MAX_TOPK, MAX_RANKS);
         return 2;
     }
-    int R = m->R, T = m->T, K = m->K;
-    m->L = m->E / R;
-    m->S = (m->H + SCALE_BLOCK - 1) / SCALE_BLOCK;
-    m->row = (size_t)m->H * (m->fp8 ? 1 : 2);
-    m->wire_row = m->row + (m->fp8 ? sizeof(float) * (size_t)m->S : 0);
-    m->y_row = (size_t)m->H * 2;
+    int R = m->d.R, T = m->d.T, K = m->d.K;
+    m->d.L = m->d.E / R;
+    m->d.S = (m->d.H + SCALE_BLOCK - 1) / SCALE_BLOCK;
+    m->row = (size_t)m->d.H * (m->d.fp8 ? 1 : 2);
+    m->wire_row = m->row + (m->d.fp8 ? sizeof(float) * (size_t)m->d.S : 0);
+    m->y_row = (size_t)m->d.H * 2;
 
-    int64_t conv_bad = check_conversions(m);
+    int64_t conv_bad = bench_moe_check_conversions(&m->d, 1 << 18, false);
     if (conv_bad) gm_fail(m, "%" PRId64 " host conversions differ from the library's (a build problem)", conv_bad);
 
     /* The device: one per local rank, round robin. */
@@ -1206,11 +903,11 @@ int bench_cuda_moe(bench_ctx_t *b)
     ccfg.device = m->dev;
     epx_ok(m, epx_comm_init_rank(&m->gpu, R, b->rank, &id, &ccfg), "CUDA communicator creation (epx_comm_init_rank)");
     epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
-    cfg.hidden = m->H;
+    cfg.hidden = m->d.H;
     cfg.max_tokens_per_rank = T;
-    cfg.num_experts = m->E;
+    cfg.num_experts = m->d.E;
     cfg.max_topk = K;
-    cfg.dtype = m->fp8 ? EPX_FP8_E4M3 : EPX_BF16;
+    cfg.dtype = m->d.fp8 ? EPX_FP8_E4M3 : EPX_BF16;
     cfg.combine_dtype = EPX_BF16;
     cfg.index_dtype = EPX_I64;
     cfg.mode = EPX_MOE_HIGH_THROUGHPUT;
@@ -1246,31 +943,30 @@ int bench_cuda_moe(bench_ctx_t *b)
 
     /* Routing and inputs, on the host from the seeds, then on the device. */
     double t_setup = bench_now_us();
-    gen_routing(m, o->skew);
+    bench_moe_gen_routing(&m->d, o->skew);
     int64_t rows, link_rows;
-    count_rows(m, m->me, &rows, &link_rows);
+    bench_moe_count_rows(&m->d, m->d.me, &rows, &link_rows);
     m->n_exp = rows;
     uint8_t *hx = (uint8_t *)xmalloc(m, (size_t)T * m->row);
-    float *hxs = (float *)xmalloc(m, sizeof(float) * (size_t)T * m->S);
-    int64_t *hidx = (int64_t *)xmalloc(m, sizeof(int64_t) * (size_t)T * K);
-    for (int t = 0; t < T; t++) gen_row(m, m->me, t, hx + (int64_t)t * m->row, hxs + (int64_t)t * m->S);
-    for (int64_t i = 0; i < (int64_t)T * K; i++) hidx[i] = m->topk[tk(m, m->me, 0) + i];
+    float *hxs = (float *)xmalloc(m, sizeof(float) * (size_t)T * m->d.S);
+    m->h_idx = (int64_t *)xmalloc(m, sizeof(int64_t) * (size_t)T * K);
+    for (int t = 0; t < T; t++) bench_moe_gen_row(&m->d, m->d.me, t, hx + (int64_t)t * m->row, hxs + (int64_t)t * m->d.S);
+    for (int64_t i = 0; i < (int64_t)T * K; i++) m->h_idx[i] = m->d.topk[tk(&m->d, m->d.me, 0) + i];
     uint16_t *hy = (uint16_t *)xmalloc(m, (size_t)m->cap * m->y_row);
     make_y(m, hy);
     m->d_x = (uint8_t *)dmalloc(m, (size_t)T * m->row, "x");
-    m->d_xs = m->fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)T * m->S, "x_scales") : NULL;
+    m->d_xs = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)T * m->d.S, "x_scales") : NULL;
     m->d_idx = (int64_t *)dmalloc(m, sizeof(int64_t) * (size_t)T * K, "topk_idx");
     m->d_w = (float *)dmalloc(m, sizeof(float) * (size_t)T * K, "topk_weights");
     m->d_y = (uint8_t *)dmalloc(m, (size_t)m->cap * m->y_row, "y (expert outputs)");
     CK(m, cudaMemcpy(m->d_x, hx, (size_t)T * m->row, cudaMemcpyHostToDevice));
-    if (m->fp8) CK(m, cudaMemcpy(m->d_xs, hxs, sizeof(float) * (size_t)T * m->S, cudaMemcpyHostToDevice));
-    CK(m, cudaMemcpy(m->d_idx, hidx, sizeof(int64_t) * (size_t)T * K, cudaMemcpyHostToDevice));
-    CK(m, cudaMemcpy(m->d_w, m->w + tk(m, m->me, 0), sizeof(float) * (size_t)T * K, cudaMemcpyHostToDevice));
+    if (m->d.fp8) CK(m, cudaMemcpy(m->d_xs, hxs, sizeof(float) * (size_t)T * m->d.S, cudaMemcpyHostToDevice));
+    CK(m, cudaMemcpy(m->d_idx, m->h_idx, sizeof(int64_t) * (size_t)T * K, cudaMemcpyHostToDevice));
+    CK(m, cudaMemcpy(m->d_w, m->d.w + tk(&m->d, m->d.me, 0), sizeof(float) * (size_t)T * K, cudaMemcpyHostToDevice));
     CK(m, cudaMemcpy(m->d_y, hy, (size_t)m->cap * m->y_row, cudaMemcpyHostToDevice));
     CK(m, cudaDeviceSynchronize()); /* pageable copies may return before they land */
     free(hx);
     free(hxs);
-    free(hidx);
     free(hy);
     int ncs = m->nccl ? 2 : 1;
     alloc_outputs(m, ncs);
@@ -1286,7 +982,7 @@ int bench_cuda_moe(bench_ctx_t *b)
         printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode ht (high-throughput), %s tokens (combine "
                "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median, max over "
                "ranks), %d warm-up, L2 flushed; baseline %s\n",
-               R, ndev_min < R ? ndev_min : R, m->fp8 ? "fp8 e4m3 + f32 scales" : "bf16", T, m->H, K, m->E, m->L,
+               R, ndev_min < R ? ndev_min : R, m->d.fp8 ? "fp8 e4m3 + f32 scales" : "bf16", T, m->d.H, K, m->d.E, m->d.L,
                o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
                m->nccl ? "NCCL (layout kernel; counts by ncclAllGather + read-back, pack kernel, grouped "
                          "ncclSend/ncclRecv, unpack; combine: ncclSend/ncclRecv back, reduce kernel)"
@@ -1307,19 +1003,19 @@ int bench_cuda_moe(bench_ctx_t *b)
     memset(wrong, 0, sizeof wrong);
     memset(diff, 0, sizeof diff);
     if (o->check) {
-        lay_out_t ref, got[2];
+        layout_out_t ref, got[2];
         ref.per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)R);
-        ref.per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->E);
+        ref.per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->d.E);
         ref.in_rank = (uint8_t *)xmalloc(m, (size_t)T * R);
-        ref_layout(m, &ref);
+        bench_moe_ref_layout(&m->d, m->h_idx, &ref);
         for (int c = 0; c < ncs; c++) {
             poison(m, c, OP_LAYOUT);
             run_op(m, c, OP_LAYOUT);
             wait_for(m, NULL, c == 0 ? "the checked epx layout" : "the checked NCCL baseline layout");
             fetch_layout(m, c, &got[c]);
         }
-        wrong[0][OP_LAYOUT] = check_layout(m, &got[0], &ref, ncs > 1 ? &got[1] : NULL, &diff[OP_LAYOUT]);
-        if (ncs > 1) wrong[1][OP_LAYOUT] = check_layout(m, &got[1], &ref, NULL, NULL);
+        wrong[0][OP_LAYOUT] = bench_moe_check_layout(&m->d, &got[0], &ref, ncs > 1 ? &got[1] : NULL, &diff[OP_LAYOUT]);
+        if (ncs > 1) wrong[1][OP_LAYOUT] = bench_moe_check_layout(&m->d, &got[1], &ref, NULL, NULL);
         for (int c = 0; c < ncs; c++) free_layout(&got[c]);
         free_layout(&ref);
 
@@ -1331,13 +1027,14 @@ int bench_cuda_moe(bench_ctx_t *b)
             if (c == 0) epx_retire_handle(m);
             fetch_dispatch(m, c, &hd[c]);
         }
-        wrong[0][OP_DISPATCH] = check_dispatch(m, &hd[0], ncs > 1 ? &hd[1] : NULL, &diff[OP_DISPATCH]);
-        if (ncs > 1) wrong[1][OP_DISPATCH] = check_dispatch(m, &hd[1], NULL, NULL);
+        wrong[0][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &hd[0], ncs > 1 ? &hd[1] : NULL, &diff[OP_DISPATCH],
+                                                            m->n_exp, m->cap);
+        if (ncs > 1) wrong[1][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &hd[1], NULL, NULL, m->n_exp, m->cap);
         for (int c = 0; c < ncs; c++) free_dispatch(&hd[c]);
 
         uint16_t *want = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
         uint16_t *got_c[2] = {NULL, NULL};
-        expected_combine(m, want);
+        bench_moe_expected_combine(&m->d, want);
         for (int c = 0; c < ncs; c++) {
             poison(m, c, OP_COMBINE);
             run_op(m, c, OP_COMBINE);
@@ -1345,9 +1042,9 @@ int bench_cuda_moe(bench_ctx_t *b)
             got_c[c] = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
             CK(m, cudaMemcpy(got_c[c], m->d_cout[c], (size_t)T * m->y_row, cudaMemcpyDeviceToHost));
         }
-        size_t n = (size_t)T * m->H;
-        wrong[0][OP_COMBINE] = cmp_elems(got_c[0], want, ncs > 1 ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
-        if (ncs > 1) wrong[1][OP_COMBINE] = cmp_elems(got_c[1], want, NULL, n, 2, NULL);
+        size_t n = (size_t)T * m->d.H;
+        wrong[0][OP_COMBINE] = bench_moe_cmp_elems(got_c[0], want, ncs > 1 ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
+        if (ncs > 1) wrong[1][OP_COMBINE] = bench_moe_cmp_elems(got_c[1], want, NULL, n, 2, NULL);
         free(want);
         free(got_c[0]);
         free(got_c[1]);
@@ -1377,62 +1074,21 @@ int bench_cuda_moe(bench_ctx_t *b)
                 epx_comm_get_last_error(m->gpu));
 
     /* Results: max over ranks of the medians; bytes as the mean per rank. */
-    double time_us[2][NOPS], wrong_all[2][NOPS], diff_all[NOPS];
-    memset(time_us, 0, sizeof time_us);
-    memset(wrong_all, 0, sizeof wrong_all);
-    for (int op = 0; op < NOPS; op++) {
-        for (int c = 0; c < 2; c++) {
-            time_us[c][op] = bench_max(b, med[c][op]);
-            wrong_all[c][op] = bench_sum(b, (double)wrong[c][op]);
-        }
-        diff_all[op] = bench_sum(b, (double)diff[op]);
-    }
-    double logical[NOPS] = {0, rows_mean * (double)m->wire_row, rows_mean * (double)m->y_row};
-    double link[NOPS] = {0, link_mean * (double)m->wire_row, link_mean * (double)m->y_row};
-    int any_wrong = 0;
-    for (int op = 0; op < NOPS; op++)
-        any_wrong |= wrong_all[0][op] > 0 || wrong_all[1][op] > 0 || diff_all[op] > 0;
+    bench_moe_report_t rep;
+    memset(&rep, 0, sizeof rep);
+    int any_wrong = bench_moe_gather(b, &rep, med, wrong, diff, 2, rows_mean, link_mean, m->wire_row, m->y_row);
 
     if (b->rank == 0) {
-        FILE *json = NULL;
-        if (o->json && !(json = fopen(o->json, "w"))) perror(o->json);
-        printf("# %-9s %10s %12s %10s %7s", "op", "time_us", "logical_GB/s", "link_GB/s", "#wrong");
-        if (m->nccl) printf(" | %11s %7s %8s", "baseline_us", "#wrong", "speedup");
-        printf("\n");
-        if (json) fprintf(json, "[");
-        for (int op = 0; op < NOPS; op++) {
-            double t = time_us[0][op], bt = time_us[1][op];
-            double lg = t > 0 ? logical[op] / t / 1e3 : 0, lk = t > 0 ? link[op] / t / 1e3 : 0;
-            double speedup = m->nccl && t > 0 ? bt / t : 0;
-            if (op == OP_LAYOUT)
-                printf("  %-9s %10.2f %12s %10s %7.0f", op_name[op], t, "-", "-", wrong_all[0][op]);
-            else
-                printf("  %-9s %10.2f %12.3f %10.3f %7.0f", op_name[op], t, lg, lk, wrong_all[0][op]);
-            if (m->nccl) printf(" | %11.2f %7.0f %7.2fx", bt, wrong_all[1][op], speedup);
-            printf("\n");
-            if (json)
-                fprintf(json,
-                        "%s\n  {\"op\": \"%s\", \"mode\": \"ht\", \"dtype\": \"%s\", \"backend\": \"cuda\", \"ranks\": %d, "
-                        "\"gpus\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, \"experts\": %d, \"skew\": %g, "
-                        "\"iters\": %d, \"warmup\": %d, \"timing\": \"cuda_events_l2_flushed\", \"time_us\": %.3f, "
-                        "\"logical_bytes\": %.0f, \"link_bytes\": %.0f, \"logical_gbs\": %.4f, \"link_gbs\": %.4f, "
-                        "\"wrong\": %.0f, \"checked\": %s, \"diff_vs_baseline\": %.0f, \"baseline\": \"%s\", "
-                        "\"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f, \"speedup\": %.4f, "
-                        "\"epx_device_mem_bytes\": %.0f}",
-                        op ? "," : "", op_name[op], m->fp8 ? "fp8" : "bf16", R, ndev_min < R ? ndev_min : R, T, m->H, K,
-                        m->E, o->skew, iters, o->warmup, t, logical[op], link[op], lg, lk, wrong_all[0][op],
-                        o->check ? "true" : "false", diff_all[op],
-                        m->nccl ? (op == OP_LAYOUT ? "cuda_kernel" : "nccl_send_recv") : "none", m->nccl ? bt : 0.0,
-                        wrong_all[1][op], speedup, epx_mem);
-        }
-        if (json) {
-            fprintf(json, "\n]\n");
-            fclose(json);
-        }
-        if (m->nccl && (diff_all[OP_LAYOUT] > 0 || diff_all[OP_DISPATCH] > 0 || diff_all[OP_COMBINE] > 0))
+        rep.mode = "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = "cuda";
+        rep.ranks = R, rep.gpus = ndev_min < R ? ndev_min : R, rep.tokens = T, rep.hidden = m->d.H, rep.topk = K;
+        rep.experts = m->d.E, rep.skew = o->skew, rep.registered = -1, rep.iters = iters, rep.warmup = o->warmup;
+        rep.timing = "cuda_events_l2_flushed", rep.checked = o->check ? 1 : 0, rep.baseline = m->nccl;
+        rep.baseline_layout = "cuda_kernel", rep.baseline_moe = "nccl_send_recv", rep.device_mem = epx_mem;
+        bench_moe_print(&rep, o->json);
+        if (m->nccl && (rep.diff[OP_LAYOUT] > 0 || rep.diff[OP_DISPATCH] > 0 || rep.diff[OP_COMBINE] > 0))
             printf("# epx and the baseline differ in %.0f layout, %.0f dispatch and %.0f combine values (counted in "
                    "epx's #wrong)\n",
-                   diff_all[OP_LAYOUT], diff_all[OP_DISPATCH], diff_all[OP_COMBINE]);
+                   rep.diff[OP_LAYOUT], rep.diff[OP_DISPATCH], rep.diff[OP_COMBINE]);
         if (!o->check) printf("# not checked (-c 0)\n");
         if (any_wrong) printf("# FAILED: wrong values found\n");
         fflush(stdout);
@@ -1458,9 +1114,10 @@ int bench_cuda_moe(bench_ctx_t *b)
     cudaEventDestroy(m->ev0);
     cudaEventDestroy(m->ev1);
     cudaStreamDestroy(m->stream);
-    free(m->topk);
-    free(m->w);
-    free(m->dest);
+    free(m->h_idx);
+    free(m->d.topk);
+    free(m->d.w);
+    free(m->d.dest);
     epx_moe_destroy(m->moe);
     epx_comm_destroy(m->gpu);
     m->gpu = NULL;

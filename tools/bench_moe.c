@@ -16,105 +16,17 @@
 #include <string.h>
 
 #include "bench.h"
+#include "bench_moe_common.h"
 
-#define SEED 0x6570782d6d6f6521ull
-#define SCALE_BLOCK 128
-
-/* ---- Element conversions (inline, so that both contenders' loops are plain C) ---------- */
-
-static inline float bf2f(uint16_t v)
-{
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Round to nearest even, like epx_float_to_bf16 (checked against it at start-up). */
-static inline uint16_t f2bf(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-/* float -> FP8 E4M3 (bias 7, max 448, no infinities), round to nearest even, saturating,
- * like epx_float_to_fp8_e4m3 (checked against it at start-up). Branch-free, so that the
- * baseline's quantisation loop vectorises. */
-static inline uint8_t f2fp8(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t sign = (u >> 24) & 0x80, a = u & 0x7fffffffu;
-    /* normal: round the mantissa to 3 bits; (exponent << 3 | mantissa) - (120 << 3) */
-    uint32_t r = a + 0x7ffffu + ((a >> 20) & 1);
-    uint32_t normal = (r >> 20) - (120u << 3);
-    /* below 2^-6: multiples of 2^-9, rounded to nearest even by the float addition */
-    float af, mf;
-    memcpy(&af, &a, 4);
-    mf = af * 512.0f + 8388608.0f;
-    uint32_t mu;
-    memcpy(&mu, &mf, 4);
-    uint32_t sub = mu - 0x4b000000u; /* 8 -> 0x08 = 2^-6, the smallest normal */
-    uint32_t v = a < 0x3c800000u ? sub : normal;
-    v = a >= 0x43e00000u ? 0x7eu : v; /* >= 448 (and inf): saturate */
-    v = a > 0x7f800000u ? 0x7fu : v;  /* NaN */
-    return (uint8_t)(sign | v);
-}
-
-/* ---- Deterministic data ----------------------------------------------------------------- */
-
-static inline uint64_t mix64(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static inline uint64_t key4(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
-{
-    return mix64(mix64(mix64(mix64(a) ^ b) ^ c) ^ d);
-}
-
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-static inline uint64_t rng_next(rng_t *r)
-{
-    r->s += 0x9e3779b97f4a7c15ull;
-    return mix64(r->s);
-}
-
-static inline double rng_unit(rng_t *r) /* [0, 1) */
-{
-    return (double)(rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
-}
+#define SCALE_BLOCK BENCH_MOE_SCALE_BLOCK
 
 /* ---- The benchmark's state ------------------------------------------------------------- */
-
-typedef struct { /* high-throughput dispatch outputs */
-    uint8_t *x;
-    float *xs;
-    int64_t *idx;
-    float *w;
-    int32_t *src_rank, *src_token, *per_expert;
-    int64_t n;
-} ht_out_t;
 
 typedef struct { /* low-latency dispatch outputs */
     uint8_t *x;
     float *xs;
     int32_t *count, *src_rank, *src_token;
 } ll_out_t;
-
-typedef struct { /* layout outputs */
-    int32_t *per_rank, *per_expert;
-    uint8_t *in_rank;
-} layout_out_t;
 
 #ifdef EPX_HAVE_MPI
 typedef struct { /* the MPI_Alltoallv baseline: its buffers and the routing of its last dispatch */
@@ -132,19 +44,14 @@ typedef struct { /* the MPI_Alltoallv baseline: its buffers and the routing of i
 
 typedef struct {
     bench_ctx_t *b;
-    int R, me, T, H, K, E, L, S;
-    bool ll, fp8, reg;
+    bench_moe_data_t d; /* sizes, flags and every rank's routing (bench_moe_common.h) */
+    bool reg;
     size_t in_row;   /* bytes of one row of x as passed to dispatch */
     size_t row;      /* bytes of one received row's elements (fp8: H, bf16: 2H) */
     size_t wire_row; /* row + its scale bytes */
     size_t y_row;    /* one row of the combine dtype (bf16): 2H */
     int64_t cap;     /* ht: rows of the dispatch outputs; ll: L * R * T slots */
     int64_t RT;      /* ll: slots per local expert, R * T */
-    float fp8_tab[256];
-
-    int32_t *topk;   /* [R, T, K] expert of every rank's tokens */
-    float *w;        /* [R, T, K] their weights */
-    uint8_t *dest;   /* [R, T, R] token (s, t) goes to rank q (ht) */
     int64_t n_exp;   /* rows this rank receives */
 
     /* inputs */
@@ -170,6 +77,8 @@ static void *xmalloc(bm_t *m, size_t bytes)
     return p;
 }
 
+static void *xalloc(void *m, size_t bytes) { return xmalloc((bm_t *)m, bytes); }
+
 static void *buf_alloc(bm_t *m, size_t bytes)
 {
     if (!m->reg) return xmalloc(m, bytes);
@@ -187,245 +96,45 @@ static void buf_free(bm_t *m, void *p)
         free(p);
 }
 
-static inline int64_t tk(const bm_t *m, int s, int t) { return ((int64_t)s * m->T + t) * m->K; }
-
-/* Multiplier applied by the expert side: y = cast(value * mult). ht: by holding rank;
- * ll: by global expert. */
-static inline float mult_of(int v) { return 1.0f + 0.25f * (float)(v % 5); }
-
-/* Row t of rank s as given to dispatch: bf16 [H], or fp8 [H] with float scales [S]. */
-static void gen_row(const bm_t *m, int s, int t, uint8_t *row, float *scales)
-{
-    uint64_t base = key4(SEED, (uint64_t)s, (uint64_t)t, 1);
-    if (m->fp8 && !m->ll) {
-        for (int h = 0; h < m->H; h += 8) {
-            uint64_t r = mix64(base + (uint64_t)h);
-            for (int j = 0; j < 8 && h + j < m->H; j++, r >>= 8) {
-                /* sign, exponent field 4..11, 3 mantissa bits: never zero, never NaN */
-                row[h + j] = (uint8_t)((r & 0x80) | ((4 + ((r >> 3) & 7)) << 3) | (r & 7));
-            }
-        }
-        for (int i = 0; i < m->S; i++) {
-            uint64_t r = mix64(base ^ (0x5ca1e0000ull + (uint64_t)i));
-            scales[i] = (1.0f + (float)(r & 0xffff) / 65536.0f) * (1.0f / 64.0f);
-        }
-    } else {
-        uint16_t *v = (uint16_t *)row;
-        for (int h = 0; h < m->H; h += 4) {
-            uint64_t r = mix64(base + (uint64_t)h);
-            for (int j = 0; j < 4 && h + j < m->H; j++, r >>= 16) {
-                /* sign, exponent 125..128 (0.25 .. 4), 7 mantissa bits: never zero */
-                uint16_t e = (uint16_t)(125 + ((r >> 7) & 3));
-                v[h + j] = (uint16_t)((r & 0x8000) | (e << 7) | (r & 0x7f));
-            }
-        }
-    }
-}
-
-/* Low-latency FP8: per 128 channels, scale = amax / 448 (float32) and q = fp8(x * (448 / amax)),
- * amax clamped to >= 1e-4. The header documents only the scale; q's formula (multiply by
- * 448 / amax rather than divide by the scale) is the library's, needed for equal bits. */
-static void quantize_row(const bm_t *m, const uint16_t *x, uint8_t *q, float *scales)
-{
-    for (int bl = 0; bl < m->S; bl++) {
-        int h0 = bl * SCALE_BLOCK, h1 = h0 + SCALE_BLOCK < m->H ? h0 + SCALE_BLOCK : m->H;
-        float amax = 0;
-        for (int h = h0; h < h1; h++) {
-            float a = fabsf(bf2f(x[h]));
-            amax = a > amax ? a : amax;
-        }
-        if (!(amax >= 1e-4f)) amax = 1e-4f;
-        scales[bl] = amax / 448.0f;
-        float inv = 448.0f / amax;
-        for (int h = h0; h < h1; h++) q[h] = f2fp8(bf2f(x[h]) * inv);
-    }
-}
-
-/* Value of element h of a received row (as it lies in recv_x). */
-static inline float row_val(const bm_t *m, const uint8_t *row, const float *scales, int h)
-{
-    if (m->fp8) return m->fp8_tab[row[h]] * scales[h / SCALE_BLOCK];
-    return bf2f(((const uint16_t *)row)[h]);
-}
-
-/* Routing of every rank's tokens: K distinct experts, uniform or Zipf(skew) over a fixed
- * random permutation of the experts; weights in [0.05, 1). */
-static void gen_routing(bm_t *m, double skew)
-{
-    int R = m->R, T = m->T, K = m->K, E = m->E;
-    m->topk = xmalloc(m, sizeof(int32_t) * (size_t)R * T * K);
-    m->w = xmalloc(m, sizeof(float) * (size_t)R * T * K);
-    int *perm = xmalloc(m, sizeof(int) * (size_t)E);
-    double *wz = xmalloc(m, sizeof(double) * (size_t)E);
-    uint8_t *taken = xmalloc(m, (size_t)E);
-    rng_t pr = {key4(SEED, 0xfeed, 0, 3)};
-    for (int i = 0; i < E; i++) perm[i] = i;
-    for (int i = E - 1; i > 0; i--) {
-        int j = (int)(rng_next(&pr) % (uint64_t)(i + 1)), tmp = perm[i];
-        perm[i] = perm[j], perm[j] = tmp;
-    }
-    for (int i = 0; i < E; i++) wz[i] = pow((double)(i + 1), -skew);
-    for (int s = 0; s < R; s++)
-        for (int t = 0; t < T; t++) {
-            rng_t r = {key4(SEED, (uint64_t)s, (uint64_t)t, 2)};
-            int32_t *e = m->topk + tk(m, s, t);
-            memset(taken, 0, (size_t)E);
-            for (int k = 0; k < K; k++) {
-                int pick;
-                if (skew > 0) { /* without replacement, proportional to the remaining weights */
-                    double tot = 0;
-                    for (int i = 0; i < E; i++) tot += taken[i] ? 0 : wz[i];
-                    double u = rng_unit(&r) * tot;
-                    pick = -1;
-                    for (int i = 0; i < E; i++) {
-                        if (taken[i]) continue;
-                        pick = i;
-                        if ((u -= wz[i]) < 0) break;
-                    }
-                    taken[pick] = 1;
-                    e[k] = perm[pick];
-                } else {
-                    do pick = (int)(rng_next(&r) % (uint64_t)E);
-                    while (taken[pick]);
-                    taken[pick] = 1;
-                    e[k] = pick;
-                }
-                m->w[tk(m, s, t) + k] = 0.05f + 0.95f * (float)rng_unit(&r);
-            }
-        }
-    m->dest = xmalloc(m, (size_t)R * T * R);
-    memset(m->dest, 0, (size_t)R * T * R);
-    for (int s = 0; s < R; s++)
-        for (int t = 0; t < T; t++)
-            for (int k = 0; k < K; k++) m->dest[((int64_t)s * T + t) * R + m->topk[tk(m, s, t) + k] / m->L] = 1;
-    free(perm);
-    free(wz);
-    free(taken);
-}
-
-/* Rows each rank receives and the part of them that crossed from another rank. */
-static void count_rows(const bm_t *m, int q, int64_t *rows, int64_t *link)
-{
-    *rows = *link = 0;
-    for (int s = 0; s < m->R; s++)
-        for (int t = 0; t < m->T; t++) {
-            int64_t c = 0;
-            if (m->ll) {
-                for (int k = 0; k < m->K; k++) c += m->topk[tk(m, s, t) + k] / m->L == q;
-            } else {
-                c = m->dest[((int64_t)s * m->T + t) * m->R + q];
-            }
-            *rows += c;
-            if (s != q) *link += c;
-        }
-}
-
 /* ---- Checking ----------------------------------------------------------------------------- */
-
-/* Count elements of size es (n of them) where a differs from the expected e, or from the
- * other contender's o (when given); *diff counts those differing from o. */
-static int64_t cmp_elems(const void *a_, const void *e_, const void *o_, size_t n, size_t es, int64_t *diff)
-{
-    const uint8_t *a = a_, *e = e_, *o = o_;
-    if (!memcmp(a, e, n * es) && (!o || !memcmp(a, o, n * es))) return 0;
-    int64_t w = 0;
-    for (size_t i = 0; i < n; i++) {
-        bool bad_o = o && memcmp(a + i * es, o + i * es, es) != 0;
-        w += memcmp(a + i * es, e + i * es, es) != 0 || bad_o;
-        if (diff) *diff += bad_o;
-    }
-    return w;
-}
-
-static int64_t check_layout(bm_t *m, const layout_out_t *a, const layout_out_t *e)
-{
-    return cmp_elems(a->per_rank, e->per_rank, NULL, (size_t)m->R, 4, NULL) +
-           cmp_elems(a->per_expert, e->per_expert, NULL, (size_t)m->E, 4, NULL) +
-           cmp_elems(a->in_rank, e->in_rank, NULL, (size_t)m->T * m->R, 1, NULL);
-}
-
-static int64_t check_ht_dispatch(bm_t *m, const ht_out_t *a, const ht_out_t *o, int64_t *diff)
-{
-    int K = m->K, L = m->L, q = m->me;
-    int64_t wrong = 0, n = a->n < 0 ? 0 : a->n > m->cap ? m->cap : a->n;
-    if (a->n != m->n_exp) wrong += a->n > m->n_exp ? a->n - m->n_exp : m->n_exp - a->n;
-    if (o && o->n != a->n) ++*diff;
-    uint8_t *row = xmalloc(m, m->in_row);
-    float *sc = xmalloc(m, sizeof(float) * (size_t)m->S);
-    int64_t eidx[EPX_MOE_MAX_TOPK];
-    float ew[EPX_MOE_MAX_TOPK];
-    int32_t *per_expert = xmalloc(m, sizeof(int32_t) * (size_t)L);
-    memset(per_expert, 0, sizeof(int32_t) * (size_t)L);
-    int64_t i = 0;
-    for (int s = 0; s < m->R; s++)
-        for (int t = 0; t < m->T; t++) {
-            if (!m->dest[((int64_t)s * m->T + t) * m->R + q]) continue;
-            for (int k = 0; k < K; k++) {
-                int e = m->topk[tk(m, s, t) + k];
-                eidx[k] = e / L == q ? e % L : -1;
-                ew[k] = eidx[k] >= 0 ? m->w[tk(m, s, t) + k] : 0.0f;
-                if (eidx[k] >= 0) per_expert[eidx[k]]++;
-            }
-            if (i < n) {
-                gen_row(m, s, t, row, sc);
-                size_t es = m->fp8 ? 1 : 2;
-#define OTHER(f, off) (o ? (const void *)(o->f + (off)) : NULL)
-                wrong += cmp_elems(a->x + i * m->row, row, OTHER(x, i * (int64_t)m->row), (size_t)m->H, es, diff);
-                if (m->fp8)
-                    wrong += cmp_elems(a->xs + i * m->S, sc, OTHER(xs, i * m->S), (size_t)m->S, 4, diff);
-                wrong += cmp_elems(a->idx + i * K, eidx, OTHER(idx, i * K), (size_t)K, 8, diff);
-                wrong += cmp_elems(a->w + i * K, ew, OTHER(w, i * K), (size_t)K, 4, diff);
-                int32_t v[2] = {s, t};
-                wrong += cmp_elems(a->src_rank + i, &v[0], OTHER(src_rank, i), 1, 4, diff);
-                wrong += cmp_elems(a->src_token + i, &v[1], OTHER(src_token, i), 1, 4, diff);
-            }
-            i++;
-        }
-    wrong += cmp_elems(a->per_expert, per_expert, OTHER(per_expert, 0), (size_t)L, 4, diff);
-#undef OTHER
-    free(row);
-    free(sc);
-    free(per_expert);
-    return wrong;
-}
 
 static int64_t check_ll_dispatch(bm_t *m, const ll_out_t *a, const ll_out_t *o, int64_t *diff)
 {
-    int K = m->K, L = m->L, q = m->me;
+    int K = m->d.K, L = m->d.L, q = m->d.me;
     int64_t wrong = 0, RT = m->RT;
     uint16_t *x = xmalloc(m, m->in_row);
-    uint8_t *qx = xmalloc(m, (size_t)m->H);
-    float *qs = xmalloc(m, sizeof(float) * (size_t)m->S);
+    uint8_t *qx = xmalloc(m, (size_t)m->d.H);
+    float *qs = xmalloc(m, sizeof(float) * (size_t)m->d.S);
     int32_t minus1[1] = {-1};
     for (int l = 0; l < L; l++) {
         int e = q * L + l;
         int64_t i = 0;
-        for (int s = 0; s < m->R; s++)
-            for (int t = 0; t < m->T; t++) {
+        for (int s = 0; s < m->d.R; s++)
+            for (int t = 0; t < m->d.T; t++) {
                 bool hit = false;
-                for (int k = 0; k < K; k++) hit |= m->topk[tk(m, s, t) + k] == e;
+                for (int k = 0; k < K; k++) hit |= m->d.topk[tk(&m->d, s, t) + k] == e;
                 if (!hit) continue;
                 int64_t slot = (int64_t)l * RT + i++;
-                gen_row(m, s, t, (uint8_t *)x, NULL);
+                bench_moe_gen_row(&m->d, s, t, (uint8_t *)x, NULL);
                 const void *want = x;
 #define OTHER(f, off) (o ? (const void *)(o->f + (off)) : NULL)
-                if (m->fp8) {
-                    quantize_row(m, x, qx, qs);
+                if (m->d.fp8) {
+                    bench_moe_quantize_row(&m->d, x, qx, qs);
                     want = qx;
-                    wrong += cmp_elems(a->xs + slot * m->S, qs, OTHER(xs, slot * m->S), (size_t)m->S, 4, diff);
+                    wrong += bench_moe_cmp_elems(a->xs + slot * m->d.S, qs, OTHER(xs, slot * m->d.S), (size_t)m->d.S, 4, diff);
                 }
-                wrong += cmp_elems(a->x + slot * (int64_t)m->row, want, OTHER(x, slot * (int64_t)m->row),
-                                   (size_t)m->H, m->fp8 ? 1 : 2, diff);
+                wrong += bench_moe_cmp_elems(a->x + slot * (int64_t)m->row, want, OTHER(x, slot * (int64_t)m->row),
+                                   (size_t)m->d.H, m->d.fp8 ? 1 : 2, diff);
                 int32_t v[2] = {s, t};
-                wrong += cmp_elems(a->src_rank + slot, &v[0], OTHER(src_rank, slot), 1, 4, diff);
-                wrong += cmp_elems(a->src_token + slot, &v[1], OTHER(src_token, slot), 1, 4, diff);
+                wrong += bench_moe_cmp_elems(a->src_rank + slot, &v[0], OTHER(src_rank, slot), 1, 4, diff);
+                wrong += bench_moe_cmp_elems(a->src_token + slot, &v[1], OTHER(src_token, slot), 1, 4, diff);
             }
         int32_t cnt = (int32_t)i;
-        wrong += cmp_elems(a->count + l, &cnt, OTHER(count, l), 1, 4, diff);
+        wrong += bench_moe_cmp_elems(a->count + l, &cnt, OTHER(count, l), 1, 4, diff);
         for (int64_t j = i; j < RT; j++) { /* past the count: -1 */
             int64_t slot = (int64_t)l * RT + j;
-            wrong += cmp_elems(a->src_rank + slot, minus1, OTHER(src_rank, slot), 1, 4, diff);
-            wrong += cmp_elems(a->src_token + slot, minus1, OTHER(src_token, slot), 1, 4, diff);
+            wrong += bench_moe_cmp_elems(a->src_rank + slot, minus1, OTHER(src_rank, slot), 1, 4, diff);
+            wrong += bench_moe_cmp_elems(a->src_token + slot, minus1, OTHER(src_token, slot), 1, 4, diff);
         }
 #undef OTHER
     }
@@ -434,100 +143,40 @@ static int64_t check_ll_dispatch(bm_t *m, const ll_out_t *a, const ll_out_t *o, 
     free(qs);
     return wrong;
 }
-
-/* Expected combine output of this rank's tokens, [T, H] bf16. */
-static void expected_combine(bm_t *m, uint16_t *out)
-{
-    int H = m->H, K = m->K, q = m->me;
-    uint8_t *row = xmalloc(m, m->in_row);
-    uint8_t *qx = xmalloc(m, (size_t)H);
-    float *sc = xmalloc(m, sizeof(float) * (size_t)(m->S ? m->S : 1));
-    float *val = xmalloc(m, sizeof(float) * (size_t)H), *acc = xmalloc(m, sizeof(float) * (size_t)H);
-    for (int t = 0; t < m->T; t++) {
-        gen_row(m, q, t, row, sc);
-        if (m->ll && m->fp8) {
-            quantize_row(m, (const uint16_t *)row, qx, sc);
-            for (int h = 0; h < H; h++) val[h] = row_val(m, qx, sc, h);
-        } else {
-            for (int h = 0; h < H; h++) val[h] = row_val(m, row, sc, h);
-        }
-        for (int h = 0; h < H; h++) acc[h] = 0.0f;
-        if (m->ll) {
-            for (int k = 0; k < K; k++) {
-                int e = m->topk[tk(m, q, t) + k];
-                float wk = m->w[tk(m, q, t) + k], mu = mult_of(e);
-                for (int h = 0; h < H; h++) acc[h] += wk * bf2f(f2bf(val[h] * mu));
-            }
-        } else {
-            for (int r = 0; r < m->R; r++) {
-                if (!m->dest[((int64_t)q * m->T + t) * m->R + r]) continue;
-                float mu = mult_of(r);
-                for (int h = 0; h < H; h++) acc[h] += bf2f(f2bf(val[h] * mu));
-            }
-        }
-        for (int h = 0; h < H; h++) out[(int64_t)t * H + h] = f2bf(acc[h]);
-    }
-    free(row);
-    free(qx);
-    free(sc);
-    free(val);
-    free(acc);
-}
-
-/* The expert side: y from the rows epx received (a function of the row and of where it
- * was received), in the layout the combine reads. */
 static void make_y(bm_t *m)
 {
-    int H = m->H;
-    if (m->ll) {
+    int H = m->d.H;
+    if (m->d.ll) {
         const ll_out_t *a = &m->llo[0];
-        for (int l = 0; l < m->L; l++) {
+        for (int l = 0; l < m->d.L; l++) {
             int64_t c = a->count[l] < 0 ? 0 : a->count[l] > m->RT ? m->RT : a->count[l];
-            float mu = mult_of(m->me * m->L + l);
+            float mu = mult_of(m->d.me * m->d.L + l);
             for (int64_t i = 0; i < c; i++) {
                 int64_t slot = (int64_t)l * m->RT + i;
                 const uint8_t *r = a->x + slot * (int64_t)m->row;
-                const float *sc = m->fp8 ? a->xs + slot * m->S : NULL;
+                const float *sc = m->d.fp8 ? a->xs + slot * m->d.S : NULL;
                 uint16_t *y = (uint16_t *)(m->y + slot * (int64_t)m->y_row);
-                for (int h = 0; h < H; h++) y[h] = f2bf(row_val(m, r, sc, h) * mu);
+                for (int h = 0; h < H; h++) y[h] = f2bf(row_val(&m->d, r, sc, h) * mu);
             }
         }
     } else {
         const ht_out_t *a = &m->ht[0];
         int64_t n = a->n < 0 ? 0 : a->n > m->cap ? m->cap : a->n;
-        float mu = mult_of(m->me);
+        float mu = mult_of(m->d.me);
         for (int64_t i = 0; i < n; i++) {
             const uint8_t *r = a->x + i * (int64_t)m->row;
-            const float *sc = m->fp8 ? a->xs + i * m->S : NULL;
+            const float *sc = m->d.fp8 ? a->xs + i * m->d.S : NULL;
             uint16_t *y = (uint16_t *)(m->y + i * (int64_t)m->y_row);
-            for (int h = 0; h < H; h++) y[h] = f2bf(row_val(m, r, sc, h) * mu);
+            for (int h = 0; h < H; h++) y[h] = f2bf(row_val(&m->d, r, sc, h) * mu);
         }
     }
 }
 
 /* ---- The contenders ------------------------------------------------------------------------ */
 
-static void ref_layout(bm_t *m, layout_out_t *o)
-{
-    int R = m->R, K = m->K, L = m->L;
-    memset(o->per_rank, 0, sizeof(int32_t) * (size_t)R);
-    memset(o->per_expert, 0, sizeof(int32_t) * (size_t)m->E);
-    memset(o->in_rank, 0, (size_t)m->T * R);
-    for (int t = 0; t < m->T; t++) {
-        uint8_t *f = o->in_rank + (int64_t)t * R;
-        for (int k = 0; k < K; k++) {
-            int64_t e = m->idx[(int64_t)t * K + k];
-            if (e < 0) continue;
-            o->per_expert[e]++;
-            f[e / L] = 1;
-        }
-        for (int r = 0; r < R; r++) o->per_rank[r] += f[r];
-    }
-}
-
 static void epx_layout(bm_t *m, layout_out_t *o)
 {
-    epx_status_t st = epx_moe_layout(m->moe, m->idx, m->T, m->K, o->per_rank, o->per_expert, o->in_rank, NULL);
+    epx_status_t st = epx_moe_layout(m->moe, m->idx, m->d.T, m->d.K, o->per_rank, o->per_expert, o->in_rank, NULL);
     if (st != EPX_SUCCESS) bench_die(m->b, "epx_moe_layout", st);
 }
 
@@ -535,16 +184,16 @@ static epx_moe_handle_t epx_dispatch(bm_t *m)
 {
     epx_moe_handle_t h = NULL;
     epx_status_t st;
-    if (m->ll) {
+    if (m->d.ll) {
         ll_out_t *a = &m->llo[0];
-        epx_moe_ll_dispatch_in_t in = {m->x, m->idx, m->T, m->K};
-        epx_moe_ll_dispatch_out_t out = {a->x, m->fp8 ? (void *)a->xs : NULL, a->count, a->src_rank, a->src_token};
+        epx_moe_ll_dispatch_in_t in = {m->x, m->idx, m->d.T, m->d.K};
+        epx_moe_ll_dispatch_out_t out = {a->x, m->d.fp8 ? (void *)a->xs : NULL, a->count, a->src_rank, a->src_token};
         st = epx_moe_ll_dispatch(m->moe, &in, &out, &h, NULL);
         if (st != EPX_SUCCESS) bench_die(m->b, "epx_moe_ll_dispatch", st);
     } else {
         ht_out_t *a = &m->ht[0];
-        epx_moe_dispatch_in_t in = {m->x, m->fp8 ? m->xs : NULL, m->idx, m->w + tk(m, m->me, 0), m->T, m->K};
-        epx_moe_dispatch_out_t out = {a->x, m->fp8 ? a->xs : NULL, a->idx, a->w, a->src_rank, a->src_token,
+        epx_moe_dispatch_in_t in = {m->x, m->d.fp8 ? m->xs : NULL, m->idx, m->d.w + tk(&m->d, m->d.me, 0), m->d.T, m->d.K};
+        epx_moe_dispatch_out_t out = {a->x, m->d.fp8 ? a->xs : NULL, a->idx, a->w, a->src_rank, a->src_token,
                                       a->per_expert, m->cap, -1};
         st = epx_moe_dispatch(m->moe, &in, &out, &h, NULL);
         if (st != EPX_SUCCESS) bench_die(m->b, "epx_moe_dispatch", st);
@@ -556,8 +205,8 @@ static epx_moe_handle_t epx_dispatch(bm_t *m)
 static void epx_combine(bm_t *m, epx_moe_handle_t h)
 {
     epx_status_t st;
-    if (m->ll) {
-        epx_moe_ll_combine_in_t in = {m->y, m->w + tk(m, m->me, 0)};
+    if (m->d.ll) {
+        epx_moe_ll_combine_in_t in = {m->y, m->d.w + tk(&m->d, m->d.me, 0)};
         st = epx_moe_ll_combine(m->moe, h, &in, m->cout[0], NULL);
         if (st != EPX_SUCCESS) bench_die(m->b, "epx_moe_ll_combine", st);
     } else {
@@ -577,16 +226,16 @@ static void mpi_ok(bm_t *m, int rc, const char *what)
 static void bl_init(bm_t *m)
 {
     baseline_t *bl = &m->bl;
-    int R = m->R, T = m->T, K = m->K, L = m->L, S = m->S;
+    int R = m->d.R, T = m->d.T, K = m->d.K, L = m->d.L, S = m->d.S;
     int64_t maxsend, maxrecv;
-    if (m->ll) {
+    if (m->d.ll) {
         maxsend = (int64_t)T * K;
         maxrecv = (int64_t)R * T * (K < L ? K : L);
     } else {
         maxsend = (int64_t)T * (K < R ? K : R);
         maxrecv = m->cap;
     }
-    int meta_ints = m->ll ? 1 : 1 + 2 * K;
+    int meta_ints = m->d.ll ? 1 : 1 + 2 * K;
     mpi_ok(m, MPI_Type_contiguous((int)m->row, MPI_BYTE, &bl->row_t), "MPI_Type_contiguous");
     mpi_ok(m, MPI_Type_contiguous(S > 0 ? S : 1, MPI_FLOAT, &bl->scale_t), "MPI_Type_contiguous");
     mpi_ok(m, MPI_Type_contiguous(meta_ints, MPI_INT32_T, &bl->meta_t), "MPI_Type_contiguous");
@@ -605,8 +254,8 @@ static void bl_init(bm_t *m)
     bl->smeta = xmalloc(m, sizeof(int32_t) * (size_t)maxsend * meta_ints);
     bl->rmeta = xmalloc(m, sizeof(int32_t) * (size_t)maxrecv * meta_ints);
     bl->crecv = xmalloc(m, (size_t)maxsend * m->y_row);
-    bl->acc = xmalloc(m, sizeof(float) * (size_t)m->H);
-    if (m->ll) {
+    bl->acc = xmalloc(m, sizeof(float) * (size_t)m->d.H);
+    if (m->d.ll) {
         bl->recvx = xmalloc(m, (size_t)maxrecv * m->row);
         bl->recvs = xmalloc(m, sizeof(float) * (size_t)maxrecv * S);
         bl->csend = xmalloc(m, (size_t)maxrecv * m->y_row);
@@ -614,8 +263,8 @@ static void bl_init(bm_t *m)
         bl->cnt_recv = xmalloc(m, sizeof(int) * (size_t)R * L);
         bl->slotoff = xmalloc(m, sizeof(int) * (size_t)R * L);
         bl->pos = xmalloc(m, sizeof(int64_t) * (size_t)T * K);
-        if (m->fp8) {
-            bl->qx = xmalloc(m, (size_t)T * m->H);
+        if (m->d.fp8) {
+            bl->qx = xmalloc(m, (size_t)T * m->d.H);
             bl->qs = xmalloc(m, sizeof(float) * (size_t)T * S);
         }
     } else {
@@ -650,8 +299,8 @@ static void bl_ht_dispatch(bm_t *m)
 {
     baseline_t *bl = &m->bl;
     ht_out_t *o = &m->ht[1];
-    int R = m->R, T = m->T, K = m->K, L = m->L, S = m->S, MI = 1 + 2 * K;
-    const float *w = m->w + tk(m, m->me, 0);
+    int R = m->d.R, T = m->d.T, K = m->d.K, L = m->d.L, S = m->d.S, MI = 1 + 2 * K;
+    const float *w = m->d.w + tk(&m->d, m->d.me, 0);
     memset(bl->scount, 0, sizeof(int) * (size_t)R);
     for (int t = 0; t < T; t++) {
         uint8_t *f = bl->in + (int64_t)t * R;
@@ -670,7 +319,7 @@ static void bl_ht_dispatch(bm_t *m)
             if (!f[r]) continue;
             int64_t j = bl->cur[r]++;
             memcpy(bl->sendx + j * (int64_t)m->row, m->x + (int64_t)t * m->row, m->row);
-            if (m->fp8) memcpy(bl->sends + j * S, m->xs + (int64_t)t * S, sizeof(float) * (size_t)S);
+            if (m->d.fp8) memcpy(bl->sends + j * S, m->xs + (int64_t)t * S, sizeof(float) * (size_t)S);
             int32_t *mt = bl->smeta + j * MI;
             mt[0] = t;
             for (int k = 0; k < K; k++) {
@@ -688,7 +337,7 @@ static void bl_ht_dispatch(bm_t *m)
     if (n > m->cap) bench_die(m->b, "baseline dispatch (output capacity)", EPX_ERR_INTERNAL);
     mpi_ok(m, MPI_Alltoallv(bl->sendx, bl->scount, bl->sdispl, bl->row_t, o->x, bl->rcount, bl->rdispl, bl->row_t,
                             MPI_COMM_WORLD), "MPI_Alltoallv");
-    if (m->fp8)
+    if (m->d.fp8)
         mpi_ok(m, MPI_Alltoallv(bl->sends, bl->scount, bl->sdispl, bl->scale_t, o->xs, bl->rcount, bl->rdispl,
                                 bl->scale_t, MPI_COMM_WORLD), "MPI_Alltoallv");
     mpi_ok(m, MPI_Alltoallv(bl->smeta, bl->scount, bl->sdispl, bl->meta_t, bl->rmeta, bl->rcount, bl->rdispl,
@@ -713,13 +362,13 @@ static void bl_ht_dispatch(bm_t *m)
 static void bl_ht_combine(bm_t *m)
 {
     baseline_t *bl = &m->bl;
-    int R = m->R, H = m->H;
+    int R = m->d.R, H = m->d.H;
     mpi_ok(m, MPI_Alltoallv(m->y, bl->rcount, bl->rdispl, bl->y_t, bl->crecv, bl->scount, bl->sdispl, bl->y_t,
                             MPI_COMM_WORLD), "MPI_Alltoallv");
     memcpy(bl->cur, bl->sdispl, sizeof(int) * (size_t)R);
     float *acc = bl->acc;
     uint16_t *out = (uint16_t *)m->cout[1];
-    for (int t = 0; t < m->T; t++) {
+    for (int t = 0; t < m->d.T; t++) {
         const uint8_t *f = bl->in + (int64_t)t * R;
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
         for (int r = 0; r < R; r++) {
@@ -739,7 +388,7 @@ static void bl_ll_dispatch(bm_t *m)
 {
     baseline_t *bl = &m->bl;
     ll_out_t *o = &m->llo[1];
-    int R = m->R, T = m->T, K = m->K, L = m->L, S = m->S, RL = R * L;
+    int R = m->d.R, T = m->d.T, K = m->d.K, L = m->d.L, S = m->d.S, RL = R * L;
     int64_t RT = m->RT;
     memset(bl->cnt_send, 0, sizeof(int) * (size_t)RL);
     for (int64_t i = 0; i < (int64_t)T * K; i++)
@@ -753,9 +402,9 @@ static void bl_ll_dispatch(bm_t *m)
     }
     const uint8_t *src = m->x;
     const float *srcs = NULL;
-    if (m->fp8) {
+    if (m->d.fp8) {
         for (int t = 0; t < T; t++)
-            quantize_row(m, (const uint16_t *)(m->x + (int64_t)t * m->in_row), bl->qx + (int64_t)t * m->H,
+            bench_moe_quantize_row(&m->d, (const uint16_t *)(m->x + (int64_t)t * m->in_row), bl->qx + (int64_t)t * m->d.H,
                          bl->qs + (int64_t)t * S);
         src = bl->qx;
         srcs = bl->qs;
@@ -778,7 +427,7 @@ static void bl_ll_dispatch(bm_t *m)
     bl->n = prefix(bl->rcount, bl->rdispl, R);
     mpi_ok(m, MPI_Alltoallv(bl->sendx, bl->scount, bl->sdispl, bl->row_t, bl->recvx, bl->rcount, bl->rdispl,
                             bl->row_t, MPI_COMM_WORLD), "MPI_Alltoallv");
-    if (m->fp8)
+    if (m->d.fp8)
         mpi_ok(m, MPI_Alltoallv(bl->sends, bl->scount, bl->sdispl, bl->scale_t, bl->recvs, bl->rcount, bl->rdispl,
                                 bl->scale_t, MPI_COMM_WORLD), "MPI_Alltoallv");
     mpi_ok(m, MPI_Alltoallv(bl->smeta, bl->scount, bl->sdispl, bl->meta_t, bl->rmeta, bl->rcount, bl->rdispl,
@@ -794,7 +443,7 @@ static void bl_ll_dispatch(bm_t *m)
             for (int i = 0; i < bl->cnt_recv[s * L + l]; i++, j++) {
                 int64_t slot = (int64_t)l * RT + bl->slotoff[l * R + s] + i;
                 memcpy(o->x + slot * (int64_t)m->row, bl->recvx + j * (int64_t)m->row, m->row);
-                if (m->fp8) memcpy(o->xs + slot * S, bl->recvs + j * S, sizeof(float) * (size_t)S);
+                if (m->d.fp8) memcpy(o->xs + slot * S, bl->recvs + j * S, sizeof(float) * (size_t)S);
                 o->src_rank[slot] = s;
                 o->src_token[slot] = bl->rmeta[j];
             }
@@ -808,7 +457,7 @@ static void bl_ll_dispatch(bm_t *m)
 static void bl_ll_combine(bm_t *m)
 {
     baseline_t *bl = &m->bl;
-    int R = m->R, L = m->L, H = m->H, K = m->K;
+    int R = m->d.R, L = m->d.L, H = m->d.H, K = m->d.K;
     int64_t j = 0;
     for (int s = 0; s < R; s++)
         for (int l = 0; l < L; l++) {
@@ -820,9 +469,9 @@ static void bl_ll_combine(bm_t *m)
     mpi_ok(m, MPI_Alltoallv(bl->csend, bl->rcount, bl->rdispl, bl->y_t, bl->crecv, bl->scount, bl->sdispl, bl->y_t,
                             MPI_COMM_WORLD), "MPI_Alltoallv");
     float *acc = bl->acc;
-    const float *w = m->w + tk(m, m->me, 0);
+    const float *w = m->d.w + tk(&m->d, m->d.me, 0);
     uint16_t *out = (uint16_t *)m->cout[1];
-    for (int t = 0; t < m->T; t++) {
+    for (int t = 0; t < m->d.T; t++) {
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
         for (int k = 0; k < K; k++) {
             if (m->idx[(int64_t)t * K + k] < 0) continue;
@@ -837,7 +486,7 @@ static void bl_ll_combine(bm_t *m)
 
 static void bl_dispatch(bm_t *m)
 {
-    if (m->ll)
+    if (m->d.ll)
         bl_ll_dispatch(m);
     else
         bl_ht_dispatch(m);
@@ -845,7 +494,7 @@ static void bl_dispatch(bm_t *m)
 
 static void bl_combine(bm_t *m)
 {
-    if (m->ll)
+    if (m->d.ll)
         bl_ll_combine(m);
     else
         bl_ht_combine(m);
@@ -854,52 +503,29 @@ static void bl_combine(bm_t *m)
 
 /* ---- Setup -------------------------------------------------------------------------------- */
 
-/* The conversions above must agree bit for bit with the library's. */
-static int64_t check_conversions(bm_t *m)
-{
-    int64_t bad = 0;
-    for (int i = 0; i < 256; i++) m->fp8_tab[i] = epx_fp8_e4m3_to_float((uint8_t)i);
-    rng_t r = {key4(SEED, 7, 7, 7)};
-    for (int i = 0; i < 1 << 20; i++) {
-        uint32_t u = (uint32_t)rng_next(&r);
-        if (i < 65536) u = (uint32_t)i << 16 | (u & 0xffff); /* every exponent, sign */
-        float f;
-        memcpy(&f, &u, 4);
-        if (isnan(f)) continue;
-        bad += f2bf(f) != epx_float_to_bf16(f);
-        bad += f2fp8(f) != epx_float_to_fp8_e4m3(f);
-    }
-    for (int i = 0; i < 65536; i++) {
-        uint16_t v = (uint16_t)i;
-        float a = bf2f(v), e = epx_bf16_to_float(v);
-        bad += !isnan(a) && memcmp(&a, &e, 4) != 0;
-    }
-    return bad;
-}
-
 static void alloc_outputs(bm_t *m)
 {
-    int K = m->K, L = m->L, S = m->S;
+    int K = m->d.K, L = m->d.L, S = m->d.S;
     int ncont = m->b->mpi ? 2 : 1;
     for (int c = 0; c < 2; c++) { /* the layout reference is used even without a baseline */
         layout_out_t *lo = &m->lay[c];
-        lo->per_rank = xmalloc(m, sizeof(int32_t) * (size_t)m->R);
-        lo->per_expert = xmalloc(m, sizeof(int32_t) * (size_t)m->E);
-        lo->in_rank = xmalloc(m, (size_t)m->T * m->R);
+        lo->per_rank = xmalloc(m, sizeof(int32_t) * (size_t)m->d.R);
+        lo->per_expert = xmalloc(m, sizeof(int32_t) * (size_t)m->d.E);
+        lo->in_rank = xmalloc(m, (size_t)m->d.T * m->d.R);
     }
     for (int c = 0; c < ncont; c++) {
-        m->cout[c] = xmalloc(m, (size_t)m->T * m->y_row);
-        if (m->ll) {
+        m->cout[c] = xmalloc(m, (size_t)m->d.T * m->y_row);
+        if (m->d.ll) {
             ll_out_t *o = &m->llo[c];
             o->x = xmalloc(m, (size_t)m->cap * m->row);
-            o->xs = m->fp8 ? xmalloc(m, sizeof(float) * (size_t)m->cap * S) : NULL;
+            o->xs = m->d.fp8 ? xmalloc(m, sizeof(float) * (size_t)m->cap * S) : NULL;
             o->count = xmalloc(m, sizeof(int32_t) * (size_t)L);
             o->src_rank = xmalloc(m, sizeof(int32_t) * (size_t)m->cap);
             o->src_token = xmalloc(m, sizeof(int32_t) * (size_t)m->cap);
         } else {
             ht_out_t *o = &m->ht[c];
             o->x = xmalloc(m, (size_t)m->cap * m->row);
-            o->xs = m->fp8 ? xmalloc(m, sizeof(float) * (size_t)m->cap * S) : NULL;
+            o->xs = m->d.fp8 ? xmalloc(m, sizeof(float) * (size_t)m->cap * S) : NULL;
             o->idx = xmalloc(m, sizeof(int64_t) * (size_t)m->cap * K);
             o->w = xmalloc(m, sizeof(float) * (size_t)m->cap * K);
             o->src_rank = xmalloc(m, sizeof(int32_t) * (size_t)m->cap);
@@ -925,27 +551,27 @@ static void free_outputs(bm_t *m)
 static void poison(bm_t *m, int c, int op)
 {
     if (op == 0) {
-        memset(m->lay[c].per_rank, 0xA5, sizeof(int32_t) * (size_t)m->R);
-        memset(m->lay[c].per_expert, 0xA5, sizeof(int32_t) * (size_t)m->E);
-        memset(m->lay[c].in_rank, 0xA5, (size_t)m->T * m->R);
+        memset(m->lay[c].per_rank, 0xA5, sizeof(int32_t) * (size_t)m->d.R);
+        memset(m->lay[c].per_expert, 0xA5, sizeof(int32_t) * (size_t)m->d.E);
+        memset(m->lay[c].in_rank, 0xA5, (size_t)m->d.T * m->d.R);
     } else if (op == 2) {
-        memset(m->cout[c], 0xA5, (size_t)m->T * m->y_row);
-    } else if (m->ll) {
+        memset(m->cout[c], 0xA5, (size_t)m->d.T * m->y_row);
+    } else if (m->d.ll) {
         ll_out_t *o = &m->llo[c];
         memset(o->x, 0xA5, (size_t)m->cap * m->row);
-        if (o->xs) memset(o->xs, 0xA5, sizeof(float) * (size_t)m->cap * m->S);
-        memset(o->count, 0xA5, sizeof(int32_t) * (size_t)m->L);
+        if (o->xs) memset(o->xs, 0xA5, sizeof(float) * (size_t)m->cap * m->d.S);
+        memset(o->count, 0xA5, sizeof(int32_t) * (size_t)m->d.L);
         memset(o->src_rank, 0xA5, sizeof(int32_t) * (size_t)m->cap);
         memset(o->src_token, 0xA5, sizeof(int32_t) * (size_t)m->cap);
     } else {
         ht_out_t *o = &m->ht[c];
         memset(o->x, 0xA5, (size_t)m->cap * m->row);
-        if (o->xs) memset(o->xs, 0xA5, sizeof(float) * (size_t)m->cap * m->S);
-        memset(o->idx, 0xA5, sizeof(int64_t) * (size_t)m->cap * m->K);
-        memset(o->w, 0xA5, sizeof(float) * (size_t)m->cap * m->K);
+        if (o->xs) memset(o->xs, 0xA5, sizeof(float) * (size_t)m->cap * m->d.S);
+        memset(o->idx, 0xA5, sizeof(int64_t) * (size_t)m->cap * m->d.K);
+        memset(o->w, 0xA5, sizeof(float) * (size_t)m->cap * m->d.K);
         memset(o->src_rank, 0xA5, sizeof(int32_t) * (size_t)m->cap);
         memset(o->src_token, 0xA5, sizeof(int32_t) * (size_t)m->cap);
-        memset(o->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->L);
+        memset(o->per_expert, 0xA5, sizeof(int32_t) * (size_t)m->d.L);
         o->n = -1;
     }
 }
@@ -956,54 +582,52 @@ static void mpi_barrier(void) { MPI_Barrier(MPI_COMM_WORLD); }
 
 /* ---- The run ------------------------------------------------------------------------------ */
 
-enum { OP_LAYOUT, OP_DISPATCH, OP_COMBINE, NOPS };
-static const char *const op_name[NOPS] = {"layout", "dispatch", "combine"};
-
 int bench_moe(bench_ctx_t *b)
 {
     const bench_opts_t *o = &b->opt;
     bm_t mm = {0}, *m = &mm;
     m->b = b;
-    m->R = b->nranks, m->me = b->rank, m->T = o->tokens, m->H = o->hidden, m->K = o->topk, m->E = o->experts;
-    m->ll = !strcmp(o->mode, "ll");
-    m->fp8 = !strcmp(o->dtype, "fp8");
+    m->d.alloc = xalloc, m->d.alloc_ctx = m;
+    m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
+    m->d.ll = !strcmp(o->mode, "ll");
+    m->d.fp8 = !strcmp(o->dtype, "fp8");
     m->reg = !o->unregistered;
-    if (m->E % m->R != 0 || m->K > m->E || m->K > EPX_MOE_MAX_TOPK) {
+    if (m->d.E % m->d.R != 0 || m->d.K > m->d.E || m->d.K > EPX_MOE_MAX_TOPK) {
         if (b->rank == 0)
             fprintf(stderr, "epx-bench moe: need experts (%d) a multiple of ranks (%d) and topk (%d) <= min(experts, %d)\n",
-                    m->E, m->R, m->K, EPX_MOE_MAX_TOPK);
+                    m->d.E, m->d.R, m->d.K, EPX_MOE_MAX_TOPK);
         return 2;
     }
-    m->L = m->E / m->R;
-    m->S = (m->H + SCALE_BLOCK - 1) / SCALE_BLOCK;
-    m->in_row = (size_t)m->H * (m->fp8 && !m->ll ? 1 : 2);
-    m->row = (size_t)m->H * (m->fp8 ? 1 : 2);
-    m->wire_row = m->row + (m->fp8 ? sizeof(float) * (size_t)m->S : 0);
-    m->y_row = (size_t)m->H * 2;
-    m->RT = (int64_t)m->R * m->T;
-    int R = m->R, T = m->T, K = m->K;
+    m->d.L = m->d.E / m->d.R;
+    m->d.S = (m->d.H + SCALE_BLOCK - 1) / SCALE_BLOCK;
+    m->in_row = (size_t)m->d.H * (m->d.fp8 && !m->d.ll ? 1 : 2);
+    m->row = (size_t)m->d.H * (m->d.fp8 ? 1 : 2);
+    m->wire_row = m->row + (m->d.fp8 ? sizeof(float) * (size_t)m->d.S : 0);
+    m->y_row = (size_t)m->d.H * 2;
+    m->RT = (int64_t)m->d.R * m->d.T;
+    int R = m->d.R, T = m->d.T, K = m->d.K;
 
-    int64_t conv_bad = check_conversions(m);
+    int64_t conv_bad = bench_moe_check_conversions(&m->d, 1 << 20, true);
     if (conv_bad) {
         fprintf(stderr, "epx-bench moe: rank %d: %" PRId64 " conversions differ from the library's\n", b->rank, conv_bad);
         return 1;
     }
 
     epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
-    cfg.hidden = m->H;
+    cfg.hidden = m->d.H;
     cfg.max_tokens_per_rank = T;
-    cfg.num_experts = m->E;
+    cfg.num_experts = m->d.E;
     cfg.max_topk = K;
-    cfg.dtype = m->fp8 && !m->ll ? EPX_FP8_E4M3 : EPX_BF16;
+    cfg.dtype = m->d.fp8 && !m->d.ll ? EPX_FP8_E4M3 : EPX_BF16;
     cfg.combine_dtype = EPX_BF16;
     cfg.index_dtype = EPX_I64;
-    cfg.mode = m->ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
-    cfg.ll_fp8 = m->ll && m->fp8;
+    cfg.mode = m->d.ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
+    cfg.ll_fp8 = m->d.ll && m->d.fp8;
     cfg.scale_format = EPX_SCALE_F32;
     epx_status_t st = epx_moe_create(b->comm, &cfg, &m->moe);
     if (st != EPX_SUCCESS) bench_die(b, "epx_moe_create", st);
-    if (m->ll) {
-        m->cap = (int64_t)m->L * m->RT;
+    if (m->d.ll) {
+        m->cap = (int64_t)m->d.L * m->RT;
     } else {
         st = epx_moe_max_recv_tokens(m->moe, &m->cap);
         if (st != EPX_SUCCESS) bench_die(b, "epx_moe_max_recv_tokens", st);
@@ -1011,16 +635,16 @@ int bench_moe(bench_ctx_t *b)
 
     /* Routing and inputs. */
     double t_setup = bench_now_us();
-    gen_routing(m, o->skew);
+    bench_moe_gen_routing(&m->d, o->skew);
     int64_t rows, link_rows;
-    count_rows(m, m->me, &rows, &link_rows);
+    bench_moe_count_rows(&m->d, m->d.me, &rows, &link_rows);
     m->n_exp = rows;
     m->x = buf_alloc(m, (size_t)T * m->in_row);
-    m->xs = m->fp8 && !m->ll ? buf_alloc(m, sizeof(float) * (size_t)T * m->S) : NULL;
+    m->xs = m->d.fp8 && !m->d.ll ? buf_alloc(m, sizeof(float) * (size_t)T * m->d.S) : NULL;
     for (int t = 0; t < T; t++)
-        gen_row(m, m->me, t, m->x + (int64_t)t * m->in_row, m->xs ? m->xs + (int64_t)t * m->S : NULL);
+        bench_moe_gen_row(&m->d, m->d.me, t, m->x + (int64_t)t * m->in_row, m->xs ? m->xs + (int64_t)t * m->d.S : NULL);
     m->idx = xmalloc(m, sizeof(int64_t) * (size_t)T * K);
-    for (int64_t i = 0; i < (int64_t)T * K; i++) m->idx[i] = m->topk[tk(m, m->me, 0) + i];
+    for (int64_t i = 0; i < (int64_t)T * K; i++) m->idx[i] = m->d.topk[tk(&m->d, m->d.me, 0) + i];
     m->y = buf_alloc(m, (size_t)m->cap * m->y_row);
     alloc_outputs(m);
 #ifdef EPX_HAVE_MPI
@@ -1033,9 +657,9 @@ int bench_moe(bench_ctx_t *b)
     if (b->rank == 0) {
         printf("# epx-bench moe: backend %s, %d ranks, mode %s, %s tokens (combine bf16), T=%d H=%d K=%d E=%d (%d per "
                "rank), %s routing, %d iterations (median, max over ranks), %d warm-up, %s x/y; baseline %s\n",
-               o->backend, R, m->ll ? "ll (low-latency)" : "ht (high-throughput)",
-               m->fp8 ? (m->ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16", T, m->H,
-               K, m->E, m->L, o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
+               o->backend, R, m->d.ll ? "ll (low-latency)" : "ht (high-throughput)",
+               m->d.fp8 ? (m->d.ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16", T, m->d.H,
+               K, m->d.E, m->d.L, o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
                m->reg ? "registered" : "malloc",
                b->mpi ? "MPI_Alltoallv (pack, MPI_Alltoall of counts, MPI_Alltoallv, unpack; layout: a C loop)"
                       : "none");
@@ -1049,11 +673,11 @@ int bench_moe(bench_ctx_t *b)
     /* Checked runs on poisoned outputs. */
     int64_t wrong[2][NOPS] = {{0}}, diff[NOPS] = {0};
     layout_out_t *ref = &m->lay[1];
-    ref_layout(m, ref); /* the reference the epx layout is checked with */
+    bench_moe_ref_layout(&m->d, m->idx, ref); /* the reference the epx layout is checked with */
     if (o->check) {
         poison(m, 0, OP_LAYOUT);
         epx_layout(m, &m->lay[0]);
-        wrong[0][OP_LAYOUT] = check_layout(m, &m->lay[0], ref);
+        wrong[0][OP_LAYOUT] = bench_moe_check_layout(&m->d, &m->lay[0], ref, NULL, NULL);
     }
     if (o->check) poison(m, 0, OP_DISPATCH);
     epx_moe_handle_t h = epx_dispatch(m);
@@ -1064,12 +688,13 @@ int bench_moe(bench_ctx_t *b)
     }
 #endif
     if (o->check) {
-        if (m->ll) {
+        if (m->d.ll) {
             wrong[0][OP_DISPATCH] = check_ll_dispatch(m, &m->llo[0], b->mpi ? &m->llo[1] : NULL, &diff[OP_DISPATCH]);
             if (b->mpi) wrong[1][OP_DISPATCH] = check_ll_dispatch(m, &m->llo[1], NULL, NULL);
         } else {
-            wrong[0][OP_DISPATCH] = check_ht_dispatch(m, &m->ht[0], b->mpi ? &m->ht[1] : NULL, &diff[OP_DISPATCH]);
-            if (b->mpi) wrong[1][OP_DISPATCH] = check_ht_dispatch(m, &m->ht[1], NULL, NULL);
+            wrong[0][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &m->ht[0], b->mpi ? &m->ht[1] : NULL,
+                                                                 &diff[OP_DISPATCH], m->n_exp, m->cap);
+            if (b->mpi) wrong[1][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &m->ht[1], NULL, NULL, m->n_exp, m->cap);
         }
     }
     make_y(m);
@@ -1084,10 +709,10 @@ int bench_moe(bench_ctx_t *b)
 #endif
     if (o->check) {
         uint16_t *want = xmalloc(m, (size_t)T * m->y_row);
-        expected_combine(m, want);
-        size_t n = (size_t)T * m->H;
-        wrong[0][OP_COMBINE] = cmp_elems(m->cout[0], want, b->mpi ? m->cout[1] : NULL, n, 2, &diff[OP_COMBINE]);
-        if (b->mpi) wrong[1][OP_COMBINE] = cmp_elems(m->cout[1], want, NULL, n, 2, NULL);
+        bench_moe_expected_combine(&m->d, want);
+        size_t n = (size_t)T * m->d.H;
+        wrong[0][OP_COMBINE] = bench_moe_cmp_elems(m->cout[0], want, b->mpi ? m->cout[1] : NULL, n, 2, &diff[OP_COMBINE]);
+        if (b->mpi) wrong[1][OP_COMBINE] = bench_moe_cmp_elems(m->cout[1], want, NULL, n, 2, NULL);
         free(want);
     }
 
@@ -1103,7 +728,7 @@ int bench_moe(bench_ctx_t *b)
             if (c == 0)
                 epx_layout(m, &m->lay[0]);
             else
-                ref_layout(m, &m->lay[1]);
+                bench_moe_ref_layout(&m->d, m->idx, &m->lay[1]);
             t1 = bench_now_us();
             if (i >= 0) TM(c, OP_LAYOUT, i) = t1 - t0;
             if (c == 0) {
@@ -1142,58 +767,19 @@ int bench_moe(bench_ctx_t *b)
     free(tm);
 
     /* Results: max over ranks of the medians; bytes as the mean per rank. */
-    double time_us[2][NOPS] = {{0}}, wrong_all[2][NOPS] = {{0}}, diff_all[NOPS] = {0};
-    for (int op = 0; op < NOPS; op++) {
-        for (int c = 0; c < ncs; c++) {
-            time_us[c][op] = bench_max(b, med[c][op]);
-            wrong_all[c][op] = bench_sum(b, (double)wrong[c][op]);
-        }
-        diff_all[op] = bench_sum(b, (double)diff[op]);
-    }
-    double logical[NOPS] = {0, rows_mean * (double)m->wire_row, rows_mean * (double)m->y_row};
-    double link[NOPS] = {0, link_mean * (double)m->wire_row, link_mean * (double)m->y_row};
-    int any_wrong = 0;
-    for (int op = 0; op < NOPS; op++)
-        any_wrong |= wrong_all[0][op] > 0 || wrong_all[1][op] > 0 || diff_all[op] > 0;
+    bench_moe_report_t rep = {0};
+    int any_wrong = bench_moe_gather(b, &rep, med, wrong, diff, ncs, rows_mean, link_mean, m->wire_row, m->y_row);
 
     if (b->rank == 0) {
-        FILE *json = NULL;
-        if (o->json && !(json = fopen(o->json, "w"))) perror(o->json);
-        printf("# %-9s %10s %12s %10s %7s", "op", "time_us", "logical_GB/s", "link_GB/s", "#wrong");
-        if (b->mpi) printf(" | %11s %7s %8s", "baseline_us", "#wrong", "speedup");
-        printf("\n");
-        if (json) fprintf(json, "[");
-        for (int op = 0; op < NOPS; op++) {
-            double t = time_us[0][op], bt = time_us[1][op];
-            double lg = t > 0 ? logical[op] / t / 1e3 : 0, lk = t > 0 ? link[op] / t / 1e3 : 0;
-            double speedup = b->mpi && t > 0 ? bt / t : 0;
-            if (op == OP_LAYOUT)
-                printf("  %-9s %10.2f %12s %10s %7.0f", op_name[op], t, "-", "-", wrong_all[0][op]);
-            else
-                printf("  %-9s %10.2f %12.3f %10.3f %7.0f", op_name[op], t, lg, lk, wrong_all[0][op]);
-            if (b->mpi) printf(" | %11.2f %7.0f %7.2fx", bt, wrong_all[1][op], speedup);
-            printf("\n");
-            if (json)
-                fprintf(json,
-                        "%s\n  {\"op\": \"%s\", \"mode\": \"%s\", \"dtype\": \"%s\", \"backend\": \"%s\", \"ranks\": %d, "
-                        "\"tokens\": %d, \"hidden\": %d, \"topk\": %d, \"experts\": %d, \"skew\": %g, "
-                        "\"registered\": %s, \"iters\": %d, \"time_us\": %.3f, \"logical_bytes\": %.0f, "
-                        "\"link_bytes\": %.0f, \"logical_gbs\": %.4f, \"link_gbs\": %.4f, \"wrong\": %.0f, "
-                        "\"diff_vs_baseline\": %.0f, \"baseline\": \"%s\", \"baseline_time_us\": %.3f, "
-                        "\"baseline_wrong\": %.0f, \"speedup\": %.4f}",
-                        op ? "," : "", op_name[op], m->ll ? "ll" : "ht", m->fp8 ? "fp8" : "bf16", o->backend, R, T,
-                        m->H, K, m->E, o->skew, m->reg ? "true" : "false", iters, t, logical[op], link[op], lg, lk,
-                        wrong_all[0][op], diff_all[op],
-                        b->mpi ? (op == OP_LAYOUT ? "c_loop" : "MPI_Alltoallv") : "none", b->mpi ? bt : 0.0,
-                        wrong_all[1][op], speedup);
-        }
-        if (json) {
-            fprintf(json, "\n]\n");
-            fclose(json);
-        }
-        if (b->mpi && (diff_all[OP_DISPATCH] > 0 || diff_all[OP_COMBINE] > 0))
+        rep.mode = m->d.ll ? "ll" : "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = o->backend;
+        rep.ranks = R, rep.gpus = -1, rep.tokens = T, rep.hidden = m->d.H, rep.topk = K, rep.experts = m->d.E;
+        rep.skew = o->skew, rep.registered = m->reg, rep.iters = iters, rep.warmup = -1, rep.timing = NULL;
+        rep.checked = -1, rep.baseline = b->mpi, rep.baseline_layout = "c_loop", rep.baseline_moe = "MPI_Alltoallv";
+        rep.device_mem = -1;
+        bench_moe_print(&rep, o->json);
+        if (b->mpi && (rep.diff[OP_DISPATCH] > 0 || rep.diff[OP_COMBINE] > 0))
             printf("# epx and the baseline differ in %.0f dispatch and %.0f combine values (counted in epx's #wrong)\n",
-                   diff_all[OP_DISPATCH], diff_all[OP_COMBINE]);
+                   rep.diff[OP_DISPATCH], rep.diff[OP_COMBINE]);
         if (any_wrong) printf("# FAILED: wrong values found\n");
         fflush(stdout);
     }
@@ -1206,9 +792,9 @@ int bench_moe(bench_ctx_t *b)
     if (m->xs) buf_free(m, m->xs);
     buf_free(m, m->y);
     free(m->idx);
-    free(m->topk);
-    free(m->w);
-    free(m->dest);
+    free(m->d.topk);
+    free(m->d.w);
+    free(m->d.dest);
     epx_moe_destroy(m->moe);
     return any_wrong ? 1 : 0;
 }
