@@ -252,13 +252,13 @@ static epx_status_t epx__moe_finish(epx__cuda_moe_t *m, epx_status_t st, void *s
 
 /* ---- Dispatch -------------------------------------------------------------------------------- */
 
-static epx_status_t epx__rows_of(const epx__cuda_moe_t *m, const epx__moe_card_t *in, int q, int64_t *n)
+/* Rows rank q receives, from the count matrix read back from the device. */
+static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
 {
     int R = m->c->nranks;
-    *n = 0;
-    for (int p = 0; p < R; p++) *n += m->h_counts[p * R + q];
-    (void)in;
-    return EPX_SUCCESS;
+    int64_t n = 0;
+    for (int p = 0; p < R; p++) n += m->h_counts[p * R + q];
+    return n;
 }
 
 epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
@@ -339,8 +339,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     free(all);
     int64_t n = 0;
     for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
-        int64_t rows;
-        epx__rows_of(m, cards, q, &rows);
+        int64_t rows = epx__rows_of(m, q);
         if (q == me) n = rows;
         if (rows > cards[q].capacity)
             st = q == me ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld rows, but this rank receives %lld",
