@@ -4,6 +4,7 @@
  * Each rank drives the GPU (local rank) % (number of GPUs). Times come from CUDA events
  * around the call on the caller's stream, after a device-side barrier and with L2 flushed
  * (a 512 MiB memset) before every timed iteration; median over iterations, max over ranks.
+ * graph_us: the same epx call captured once in a CUDA graph and replayed (no host work).
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -63,6 +64,26 @@ static int op_epx(gpu_ctx_t *g, const void *send, void *recv, size_t count)
     epx_status_t st = epx_alltoall(g->gpu, send, recv, count, EPX_F32, g->stream);
     if (st != EPX_SUCCESS) bench_die(g->b, "epx_alltoall (cuda)", st);
     return 0;
+}
+
+/* epx's call captured once in a CUDA graph; replays need no host work. */
+static cudaGraphExec_t epx_graph;
+
+static int op_epx_graph(gpu_ctx_t *g, const void *send, void *recv, size_t count)
+{
+    (void)send, (void)recv, (void)count;
+    CUDA_CHECK(g->b, cudaGraphLaunch(epx_graph, g->stream));
+    return 0;
+}
+
+static void capture_epx(gpu_ctx_t *g, const void *send, void *recv, size_t count)
+{
+    cudaGraph_t graph;
+    CUDA_CHECK(g->b, cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeRelaxed));
+    op_epx(g, send, recv, count);
+    CUDA_CHECK(g->b, cudaStreamEndCapture(g->stream, &graph));
+    CUDA_CHECK(g->b, cudaGraphInstantiate(&epx_graph, graph, 0));
+    CUDA_CHECK(g->b, cudaGraphDestroy(graph));
 }
 
 #ifdef EPX_HAVE_NCCL
@@ -151,7 +172,7 @@ int bench_cuda_alltoall(bench_ctx_t *b)
         printf("# epx-bench alltoall: backend cuda, %d ranks on %d GPU(s), f32, %d iterations (CUDA events, median, max "
                "over ranks), %d warm-up, L2 flushed; baseline %s\n",
                R, ndev, o->iters, o->warmup, nccl ? "ncclAlltoAll" : "none");
-        printf("# %12s %10s %10s %10s %7s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong");
+        printf("# %12s %10s %10s %10s %7s %9s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong", "graph_us");
         if (nccl) printf(" | %10s %7s %8s", "nccl_us", "#wrong", "speedup");
         printf("\n");
     }
@@ -175,9 +196,12 @@ int bench_cuda_alltoall(bench_ctx_t *b)
             if (nccl) op_nccl(&g, send, recv, count);
 #endif
         }
+        capture_epx(&g, send, recv, count);
         double *te = malloc(sizeof(double) * (size_t)o->iters), *tn = malloc(sizeof(double) * (size_t)o->iters);
+        double *tg = malloc(sizeof(double) * (size_t)o->iters);
         for (int i = 0; i < o->iters; i++) {
             te[i] = time_once(&g, op_epx, send, recv, count);
+            tg[i] = time_once(&g, op_epx_graph, send, recv, count);
 #ifdef EPX_HAVE_NCCL
             tn[i] = nccl ? time_once(&g, op_nccl, send, recv, count) : 0;
 #else
@@ -185,12 +209,14 @@ int bench_cuda_alltoall(bench_ctx_t *b)
 #endif
         }
         double t = bench_max(b, bench_median(te, o->iters)), nt = bench_max(b, bench_median(tn, o->iters));
+        double gt = bench_max(b, bench_median(tg, o->iters));
         double w = bench_sum(b, (double)wrong), nw = bench_sum(b, (double)nwrong);
-        free(te), free(tn);
+        free(te), free(tn), free(tg);
+        CUDA_CHECK(b, cudaGraphExecDestroy(epx_graph));
         any_wrong |= w > 0 || nw > 0;
         if (b->rank == 0) {
             double algbw = t > 0 ? (double)bytes / t / 1e3 : 0, busbw = algbw * (R - 1) / R;
-            printf("  %12" PRId64 " %10.2f %10.3f %10.3f %7.0f", bytes, t, algbw, busbw, w);
+            printf("  %12" PRId64 " %10.2f %10.3f %10.3f %7.0f %9.2f", bytes, t, algbw, busbw, w, gt);
             if (nccl) printf(" | %10.2f %7.0f %7.2fx", nt, nw, t > 0 ? nt / t : 0);
             printf("\n");
             fflush(stdout);
@@ -198,8 +224,8 @@ int bench_cuda_alltoall(bench_ctx_t *b)
                 fprintf(json,
                         "%s\n  {\"op\": \"alltoall\", \"backend\": \"cuda\", \"ranks\": %d, \"bytes\": %" PRId64
                         ", \"time_us\": %.3f, \"algbw_gbs\": %.4f, \"busbw_gbs\": %.4f, \"wrong\": %.0f, "
-                        "\"baseline\": \"%s\", \"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f}",
-                        idx ? "," : "", R, bytes, t, algbw, busbw, w, nccl ? "ncclAlltoAll" : "none", nt, nw);
+                        "\"baseline\": \"%s\", \"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f, \"graph_time_us\": %.3f}",
+                        idx ? "," : "", R, bytes, t, algbw, busbw, w, nccl ? "ncclAlltoAll" : "none", nt, nw, gt);
         }
     }
     if (json) {
