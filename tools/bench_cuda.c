@@ -98,12 +98,14 @@ static int op_nccl(gpu_ctx_t *g, const void *send, void *recv, size_t count)
 }
 #endif
 
-/* One timed run of `op`: device barrier, L2 flush, events around the call. */
+/* One timed run of `op`: L2 flush, device barrier, events around the call. */
 static float time_once(gpu_ctx_t *g, gpu_op_t op, const void *send, void *recv, size_t count)
 {
+    /* Flush L2 first, then line the ranks' streams up, so that one rank's flush time is
+     * not counted as the other's wait. */
+    CUDA_CHECK(g->b, cudaMemsetAsync(g->flush, 0x5a, g->flush_bytes, g->stream));
     epx_status_t st = epx_barrier(g->gpu, g->stream);
     if (st != EPX_SUCCESS) bench_die(g->b, "epx_barrier (cuda)", st);
-    CUDA_CHECK(g->b, cudaMemsetAsync(g->flush, 0x5a, g->flush_bytes, g->stream));
     CUDA_CHECK(g->b, cudaEventRecord(g->start, g->stream));
     op(g, send, recv, count);
     CUDA_CHECK(g->b, cudaEventRecord(g->stop, g->stream));
