@@ -4,7 +4,8 @@
  * Each rank drives the GPU (local rank) % (number of GPUs). Times come from CUDA events
  * around the call on the caller's stream, after a device-side barrier and with L2 flushed
  * (a 512 MiB memset) before every timed iteration; median over iterations, max over ranks.
- * graph_us: the same epx call captured once in a CUDA graph and replayed (no host work).
+ * graph_us: the same epx call captured once in a CUDA graph and replayed (no host work);
+ * burst_us: 20 calls back to back between one pair of events, per call (as nccl-tests).
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -115,6 +116,22 @@ static float time_once(gpu_ctx_t *g, gpu_op_t op, const void *send, void *recv, 
     return ms * 1000.0f;
 }
 
+/* Back-to-back: `n` calls between one pair of events (after the flush and the barrier),
+ * so that launches overlap execution as in nccl-tests; returns the time per call. */
+static float time_burst(gpu_ctx_t *g, gpu_op_t op, const void *send, void *recv, size_t count, int n)
+{
+    CUDA_CHECK(g->b, cudaMemsetAsync(g->flush, 0x5a, g->flush_bytes, g->stream));
+    epx_status_t st = epx_barrier(g->gpu, g->stream);
+    if (st != EPX_SUCCESS) bench_die(g->b, "epx_barrier (cuda)", st);
+    CUDA_CHECK(g->b, cudaEventRecord(g->start, g->stream));
+    for (int i = 0; i < n; i++) op(g, send, recv, count);
+    CUDA_CHECK(g->b, cudaEventRecord(g->stop, g->stream));
+    CUDA_CHECK(g->b, cudaEventSynchronize(g->stop));
+    float ms = 0;
+    CUDA_CHECK(g->b, cudaEventElapsedTime(&ms, g->start, g->stop));
+    return ms * 1000.0f / (float)n;
+}
+
 static int64_t checked_run(gpu_ctx_t *g, gpu_op_t op, const void *send, void *recv, uint32_t *host, size_t count)
 {
     size_t bytes = count * (size_t)g->b->nranks * 4;
@@ -174,8 +191,9 @@ int bench_cuda_alltoall(bench_ctx_t *b)
         printf("# epx-bench alltoall: backend cuda, %d ranks on %d GPU(s), f32, %d iterations (CUDA events, median, max "
                "over ranks), %d warm-up, L2 flushed; baseline %s\n",
                R, ndev, o->iters, o->warmup, nccl ? "ncclAlltoAll" : "none");
-        printf("# %12s %10s %10s %10s %7s %9s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong", "graph_us");
-        if (nccl) printf(" | %10s %7s %8s", "nccl_us", "#wrong", "speedup");
+        printf("# %12s %10s %10s %10s %7s %9s %9s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong", "graph_us",
+               "burst_us");
+        if (nccl) printf(" | %10s %7s %8s %9s", "nccl_us", "#wrong", "speedup", "burst_us");
         printf("\n");
     }
     FILE *json = NULL;
@@ -212,22 +230,27 @@ int bench_cuda_alltoall(bench_ctx_t *b)
         }
         double t = bench_max(b, bench_median(te, o->iters)), nt = bench_max(b, bench_median(tn, o->iters));
         double gt = bench_max(b, bench_median(tg, o->iters));
+        double bt_epx = bench_max(b, time_burst(&g, op_epx, send, recv, count, 20)), bt_nccl = 0;
+#ifdef EPX_HAVE_NCCL
+        if (nccl) bt_nccl = bench_max(b, time_burst(&g, op_nccl, send, recv, count, 20));
+#endif
         double w = bench_sum(b, (double)wrong), nw = bench_sum(b, (double)nwrong);
         free(te), free(tn), free(tg);
         CUDA_CHECK(b, cudaGraphExecDestroy(epx_graph));
         any_wrong |= w > 0 || nw > 0;
         if (b->rank == 0) {
             double algbw = t > 0 ? (double)bytes / t / 1e3 : 0, busbw = algbw * (R - 1) / R;
-            printf("  %12" PRId64 " %10.2f %10.3f %10.3f %7.0f %9.2f", bytes, t, algbw, busbw, w, gt);
-            if (nccl) printf(" | %10.2f %7.0f %7.2fx", nt, nw, t > 0 ? nt / t : 0);
+            printf("  %12" PRId64 " %10.2f %10.3f %10.3f %7.0f %9.2f %9.2f", bytes, t, algbw, busbw, w, gt, bt_epx);
+            if (nccl) printf(" | %10.2f %7.0f %7.2fx %9.2f", nt, nw, t > 0 ? nt / t : 0, bt_nccl);
             printf("\n");
             fflush(stdout);
             if (json)
                 fprintf(json,
                         "%s\n  {\"op\": \"alltoall\", \"backend\": \"cuda\", \"ranks\": %d, \"bytes\": %" PRId64
                         ", \"time_us\": %.3f, \"algbw_gbs\": %.4f, \"busbw_gbs\": %.4f, \"wrong\": %.0f, "
-                        "\"baseline\": \"%s\", \"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f, \"graph_time_us\": %.3f}",
-                        idx ? "," : "", R, bytes, t, algbw, busbw, w, nccl ? "ncclAlltoAll" : "none", nt, nw, gt);
+                        "\"baseline\": \"%s\", \"baseline_time_us\": %.3f, \"baseline_wrong\": %.0f, \"graph_time_us\": %.3f, "
+                        "\"burst_time_us\": %.3f, \"baseline_burst_time_us\": %.3f}",
+                        idx ? "," : "", R, bytes, t, algbw, busbw, w, nccl ? "ncclAlltoAll" : "none", nt, nw, gt, bt_epx, bt_nccl);
         }
     }
     if (json) {
