@@ -213,10 +213,6 @@ int main(int argc, char **argv)
         passed += check_alltoall(comm, me, R, count, true);
         passed += check_alltoall(comm, me, R, count, false);
     }
-    epx_status_t async;
-    ASSERT_OK(epx_comm_get_async_error(comm, &async));
-    ASSERT_EQ(async, EPX_SUCCESS);
-    ASSERT_OK(epx_comm_destroy(comm));
-    test_done(passed);
+    test_finish(comm, passed);
     return 0;
 }

@@ -139,10 +139,6 @@ int main(void)
     ASSERT_STATUS(epx_comm_rank(comm, NULL), EPX_ERR_INVALID_ARGUMENT);
     valid_exchange();
     passed++;
-    epx_status_t async;
-    ASSERT_OK(epx_comm_get_async_error(comm, &async));
-    ASSERT_EQ(async, EPX_SUCCESS);
-    ASSERT_OK(epx_comm_destroy(comm));
-    test_done(passed);
+    test_finish(comm, passed);
     return 0;
 }

@@ -55,18 +55,13 @@ static int replay(epx_comm_t comm, int me, int R, size_t count, int rounds)
 
 int main(int argc, char **argv)
 {
-    test_init(argc, argv);
-    if (!test_on_cuda()) {
-        printf("SKIPPED: run with --cuda\n");
-        return TEST_SKIP;
-    }
+    test_init_cuda_only(argc, argv);
 #ifdef EPX_HAVE_CUDA
     int me, R, passed = 0;
     epx_comm_t comm = test_comm_from_env(&me, &R);
     passed += replay(comm, me, R, 100, 200);    /* eager slots */
     passed += replay(comm, me, R, 100000, 200); /* direct kernel */
-    ASSERT_OK(epx_comm_destroy(comm));
-    test_done(passed);
+    test_finish(comm, passed);
 #endif
     return 0;
 }

@@ -29,11 +29,7 @@ static double now_ms(void)
 
 int main(int argc, char **argv)
 {
-    test_init(argc, argv);
-    if (!test_on_cuda()) {
-        printf("SKIPPED: run with --cuda\n");
-        return TEST_SKIP;
-    }
+    test_init_cuda_only(argc, argv);
 #ifdef EPX_HAVE_CUDA
     setenv("EPX_TIMEOUT_MS", "1500", 1);
     int me, R;

@@ -28,7 +28,6 @@ int main(int argc, char **argv)
     }
     ASSERT_EQ(info.backend, EPX_BACKEND_CPU);
     ASSERT_OK(epx_barrier(comm, NULL));
-    ASSERT_OK(epx_comm_destroy(comm));
-    test_done(1);
+    test_finish(comm, 1);
     return 0;
 }

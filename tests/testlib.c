@@ -45,6 +45,14 @@ bool test_init(int argc, char **argv)
 
 bool test_on_cuda(void) { return test_cuda; }
 
+void test_init_cuda_only(int argc, char **argv)
+{
+    if (test_init(argc, argv)) return;
+    printf("SKIPPED: a CUDA-only test; run it with --cuda\n");
+    fflush(stdout);
+    exit(TEST_SKIP);
+}
+
 void *test_buf_alloc(size_t bytes)
 {
     void *p = NULL;
@@ -135,6 +143,15 @@ epx_comm_t test_comm_from_env(int *rank, int *nranks)
     ASSERT_OK(epx_comm_size(comm, nranks));
     test_rank = *rank;
     return comm;
+}
+
+void test_finish(epx_comm_t comm, int passed)
+{
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+    ASSERT_OK(epx_comm_destroy(comm));
+    test_done(passed);
 }
 
 void test_done(int passed)

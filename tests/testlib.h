@@ -70,6 +70,9 @@ static inline uint64_t test_mix(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
  * or build has no CUDA device. Returns true when on CUDA. */
 bool test_init(int argc, char **argv);
 bool test_on_cuda(void);
+/* test_init for tests that exist only for the CUDA backend: without --cuda they exit with
+ * TEST_SKIP, saying so. */
+void test_init_cuda_only(int argc, char **argv);
 
 /* Create the communicator from the epx-run environment (sets test_rank). */
 epx_comm_t test_comm_from_env(int *rank, int *nranks);
@@ -87,5 +90,8 @@ void test_sync(void);
 
 /* Every test prints one closing line through this: "N passed, 0 failed". */
 void test_done(int passed);
+/* End a test that ran on `comm`: the communicator must still be healthy (no asynchronous
+ * error); destroy it and print the closing line. */
+void test_finish(epx_comm_t comm, int passed);
 
 #endif

@@ -193,12 +193,13 @@ static epx_status_t epx__check_dispatch(const epx__moe_shape_t *s, epx__errbuf_t
     return epx__check_buf(err, "out.num_recv_tokens_per_expert", out->num_recv_tokens_per_expert, false, 4);
 }
 
-static epx_status_t epx__check_moe_call(epx_moe_t moe, void *stream, int mode)
+/* Checks that fail without taking part in the collective: they fail alike on every rank
+ * (a NULL context, a broken communicator, a call of the other mode). */
+static epx_status_t epx__check_moe_call(epx_moe_t moe, int mode)
 {
     if (!moe) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
     EPX__CHECK(epx__comm_check(moe->comm));
     epx__errbuf_t *err = &moe->comm->err;
-    EPX__REQUIRE(!stream || moe->cuda, "stream must be NULL on the CPU backend");
     if (moe->shape.mode != mode)
         return epx__fail(err, EPX_ERR_INVALID_USAGE, "this MoE context was created for %s mode",
                          moe->shape.mode == EPX_MOE_LOW_LATENCY ? "low-latency" : "high-throughput");
@@ -258,7 +259,7 @@ static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle
 epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
                               epx_moe_handle_t *handle, void *stream)
 {
-    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
+    EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_HIGH_THROUGHPUT));
     epx__errbuf_t *err = &moe->comm->err;
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
     if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, false, moe->cuda != NULL);
@@ -275,7 +276,7 @@ epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, ep
 epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
                                      epx_moe_dispatch_out_t *out, void *stream)
 {
-    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
+    EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_HIGH_THROUGHPUT));
     epx__errbuf_t *err = &moe->comm->err;
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
     if (local == EPX_SUCCESS) local = epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
@@ -295,7 +296,7 @@ epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, con
 epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_combine_in_t *in,
                              epx_moe_combine_out_t *out, void *stream)
 {
-    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_HIGH_THROUGHPUT));
+    EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_HIGH_THROUGHPUT));
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
@@ -319,11 +320,10 @@ epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_m
 epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in, epx_moe_ll_dispatch_out_t *out,
                                  epx_moe_handle_t *handle, void *stream)
 {
-    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_LOW_LATENCY));
+    EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_LOW_LATENCY));
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
-    epx_status_t local = EPX_SUCCESS;
-    if (stream) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
+    epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
     if (local == EPX_SUCCESS && (!in || !out || !handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in, out or handle is NULL");
     if (local == EPX_SUCCESS) local = epx__check_tokens(s, err, in->num_tokens, in->topk);
@@ -348,11 +348,11 @@ epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *
 epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
                                 void *stream)
 {
-    EPX__CHECK(epx__check_moe_call(moe, NULL, EPX_MOE_LOW_LATENCY));
+    EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_LOW_LATENCY));
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
-    epx_status_t local = stream ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend")
-                                : epx__check_handle(moe, handle, EPX_MOE_LOW_LATENCY);
+    epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
+    if (local == EPX_SUCCESS) local = epx__check_handle(moe, handle, EPX_MOE_LOW_LATENCY);
     if (local == EPX_SUCCESS && !in) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in is NULL");
     if (local == EPX_SUCCESS) {
         int T = epx__handle_tokens(handle);

@@ -6,60 +6,41 @@
 
 #include "shm.h"
 
-/* Describe where each peer can read what I send it; copies small messages into my eager
- * slots and, when the send buffer is neither registered nor readable with
- * process_vm_readv, stages the large ones in a registered region. Returns through
- * `exposed` whether peers will read memory the caller owns (then we must wait for them). */
+/* Describe where each peer can read what I send it: small messages are copied into my
+ * eager slots; the rest is read from the send buffer itself, exposed as one extent (see
+ * epx__expose_buffers). Returns through `exposed` whether peers will read memory the
+ * caller owns or the staging region (then we must wait for them). */
 static epx_status_t epx__publish_sends(epx__cpu_t *c, const epx__cpu_xfer_t *x, uint32_t seq, bool *exposed,
                                        epx__errbuf_t *err)
 {
     int me = c->rank;
     *exposed = false;
-    /* Extent of the send buffer that peers read beyond the eager path. */
-    int64_t lo = INT64_MAX, hi = 0, staged = 0;
+    /* Extent [lo, hi) of the send buffer that peers read beyond the eager path. */
+    int64_t lo = INT64_MAX, hi = 0;
     for (int p = 0; p < c->nranks; p++) {
         if (p == me || x->send_bytes[p] <= (int64_t)c->eager_bytes) continue;
         lo = EPX__MIN(lo, x->send_displ[p]);
         hi = EPX__MAX(hi, x->send_displ[p] + x->send_bytes[p]);
-        staged += x->send_bytes[p];
     }
     epx__loc_t big = {EPX__LOC_NONE, 0, 0, 0};
-    char *stage = NULL;
-    if (staged > 0) {
-        const char *first = (const char *)x->send + lo;
-        if (epx__region_find(c, first, (size_t)(hi - lo), &big)) {
-            big.addr -= (uint64_t)lo; /* so that addr + displ is the offset in the region */
-            *exposed = true;
-        } else if (c->cma_ok) {
-            big.kind = EPX__LOC_CMA;
-            big.addr = (uint64_t)(uintptr_t)x->send;
-            *exposed = true;
-        } else {
-            void *base;
-            EPX__CHECK(epx__staging_get(c, (size_t)staged, &base, &big, err));
-            stage = base;
-            *exposed = true; /* the next operation may rewrite the staging region */
-        }
+    if (hi > 0) {
+        epx__expose_t extent = {(const char *)x->send + lo, (size_t)(hi - lo), {0, 0, 0, 0}};
+        EPX__CHECK(epx__expose_buffers(c, &extent, 1, exposed, err));
+        big = extent.loc; /* where send + lo lies */
     }
-    int64_t stage_off = 0;
     for (int p = 0; p < c->nranks; p++) {
         epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
         d->send_bytes = x->send_bytes[p];
         d->recv_bytes = x->recv_bytes[p];
         d->loc = (epx__loc_t){EPX__LOC_NONE, 0, 0, 0};
         if (p == me || x->send_bytes[p] == 0) continue;
-        const char *src = (const char *)x->send + x->send_displ[p];
         if (x->send_bytes[p] <= (int64_t)c->eager_bytes) {
-            memcpy(epx__seg_eager(c->seg, c->nranks, c->eager_bytes, seq, p), src, (size_t)x->send_bytes[p]);
+            memcpy(epx__seg_eager(c->seg, c->nranks, c->eager_bytes, seq, p), (const char *)x->send + x->send_displ[p],
+                   (size_t)x->send_bytes[p]);
             d->loc.kind = EPX__LOC_EAGER;
-        } else if (stage) {
-            memcpy(stage + stage_off, src, (size_t)x->send_bytes[p]);
-            d->loc = big;
-            d->loc.addr += (uint64_t)stage_off;
-            stage_off += x->send_bytes[p];
         } else {
             d->loc = big;
-            d->loc.addr += (uint64_t)x->send_displ[p];
+            d->loc.addr += (uint64_t)(x->send_displ[p] - lo);
         }
     }
     return EPX_SUCCESS;

@@ -252,6 +252,35 @@ static epx_status_t epx__moe_finish(epx__cuda_moe_t *m, epx_status_t st, void *s
 
 /* ---- Dispatch -------------------------------------------------------------------------------- */
 
+/* Every rank's token rows (and FP8 scales), as mapped here, into g->x and g->scales. */
+static epx_status_t epx__map_tokens(epx__cuda_moe_t *m, const epx__moe_card_t *cards, const epx_moe_dispatch_in_t *in,
+                                    epx__moe_gather_t *g, void *stream, epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    for (int p = 0; p < c->nranks; p++) {
+        bool own = p == c->rank;
+        EPX__CHECK(epx__card_map(c, p, &cards[p].x, own ? in->x : NULL, &g->x[p], stream, err));
+        if (m->s.dtype == EPX_FP8_E4M3)
+            EPX__CHECK(epx__card_map(c, p, &cards[p].scales, own ? (const void *)in->x_scales : NULL, &g->scales[p],
+                                     stream, err));
+    }
+    return EPX_SUCCESS;
+}
+
+/* The rest of a gather along handle h: which rows, from where, into out. */
+static void epx__gather_along(const epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, epx_moe_dispatch_out_t *out,
+                              epx__moe_gather_t *g)
+{
+    bool fp8 = m->s.dtype == EPX_FP8_E4M3;
+    g->src_rank = h->d_src_rank;
+    g->src_token = h->d_src_token;
+    g->rows = h->rows;
+    g->row_bytes = (long long)m->s.row_bytes;
+    g->scale_bytes = fp8 ? (long long)(m->s.scale_cols * 4) : 0;
+    g->recv_x = out->recv_x;
+    g->recv_scales = fp8 ? (char *)out->recv_x_scales : NULL;
+}
+
 /* Rows rank q receives, from the count matrix read back from the device. */
 static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
 {
@@ -303,10 +332,8 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         rt.topk_idx[p] = ptr;
         if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
         rt.weights[p] = (const float *)ptr;
-        if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].x, p == me ? in->x : NULL, &g.x[p], stream, err);
-        if (st == EPX_SUCCESS && fp8)
-            st = epx__card_map(c, p, &cards[p].scales, p == me ? (const void *)in->x_scales : NULL, &g.scales[p], stream, err);
     }
+    if (st == EPX_SUCCESS) st = epx__map_tokens(m, cards, in, &g, stream, err);
     if (st != EPX_SUCCESS) {
         free(cards);
         return st; /* nothing was enqueued anywhere for this call: every rank failed here */
@@ -363,13 +390,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
             EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_align(m->d_expert_counts, out->num_recv_tokens_per_expert,
                                                                      s->local_experts, s->alignment, stream),
                             st, err);
-        g.src_rank = h->d_src_rank;
-        g.src_token = h->d_src_token;
-        g.rows = n;
-        g.row_bytes = (long long)s->row_bytes;
-        g.scale_bytes = fp8 ? (long long)(s->scale_cols * 4) : 0;
-        g.recv_x = out->recv_x;
-        g.recv_scales = fp8 ? (char *)out->recv_x_scales : NULL;
+        epx__gather_along(m, h, out, &g);
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
     }
     c->ops_started++;
@@ -390,7 +411,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
 {
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
-    int R = c->nranks, me = c->rank;
+    int R = c->nranks;
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
     if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
@@ -406,21 +427,11 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__moe_gather_t g;
     memset(&g, 0, sizeof g);
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-        st = epx__card_map(c, p, &cards[p].x, p == me ? in->x : NULL, &g.x[p], stream, err);
-        if (st == EPX_SUCCESS && fp8)
-            st = epx__card_map(c, p, &cards[p].scales, p == me ? (const void *)in->x_scales : NULL, &g.scales[p], stream, err);
-    }
+    if (st == EPX_SUCCESS) st = epx__map_tokens(m, cards, in, &g, stream, err);
     free(cards);
     if (st != EPX_SUCCESS) return st;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
-    g.src_rank = h->d_src_rank;
-    g.src_token = h->d_src_token;
-    g.rows = h->rows;
-    g.row_bytes = (long long)s->row_bytes;
-    g.scale_bytes = fp8 ? (long long)(s->scale_cols * 4) : 0;
-    g.recv_x = out->recv_x;
-    g.recv_scales = fp8 ? (char *)out->recv_x_scales : NULL;
+    epx__gather_along(m, h, out, &g);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
     c->ops_started++;
     return epx__moe_finish(m, st, stream, err);
