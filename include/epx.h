@@ -333,10 +333,21 @@ typedef struct {
     int32_t *recv_src_token;        /* [capacity] token index on the source rank; may be NULL */
     int32_t *num_recv_tokens_per_expert; /* [L] rows per local expert, aligned; may be NULL */
     int64_t capacity;               /* rows available in the row outputs */
-    int64_t num_recv_tokens;        /* out: N, the rows received */
+    int64_t num_recv_tokens;        /* out: N, the rows received (-1 without host synchronisation) */
+    int64_t *num_recv_tokens_device; /* [1] out: N in the backend's memory (device memory on CUDA,
+                                        written in stream order), or NULL */
 } epx_moe_dispatch_out_t;
 
-/* High-throughput dispatch. On success *handle is a new handle holding the routing. */
+/* High-throughput dispatch. On success *handle is a new handle holding the routing.
+ *
+ * Without host synchronisation: when every rank passes capacity >= epx_moe_max_recv_tokens
+ * and a num_recv_tokens_device, the CUDA backend enqueues the whole dispatch without
+ * waiting for the device, so it can be captured in a CUDA graph (combine and cached
+ * dispatch never wait). num_recv_tokens is then -1 (so is epx_moe_handle_num_recv_tokens)
+ * and N arrives in num_recv_tokens_device. The routing is then checked on the device, by
+ * every rank for every rank: if any expert id is out of [-1, E), every rank writes -1 to
+ * num_recv_tokens_device and nothing else, and combines and cached dispatches along that
+ * handle write nothing. The CPU backend always synchronises (and fills both counts). */
 EPX_API epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in,
                                       epx_moe_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 
@@ -393,7 +404,8 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
 /* Free a handle (local). NULL is accepted. */
 EPX_API epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle);
 
-/* Rows received by the dispatch that made `handle` (host value). */
+/* Rows received by the dispatch that made `handle` (host value; -1 when that dispatch ran
+ * without host synchronisation). */
 EPX_API epx_status_t epx_moe_handle_num_recv_tokens(epx_moe_handle_t handle, int64_t *rows);
 
 /* ---- Element conversions (round to nearest even; FP8 saturates to +-448) ------------ */

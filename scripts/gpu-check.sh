@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # On the GPU machine (see ../shared/DEVICE.md): build with CUDA and NCCL (from the pip
-# layout when it is not in the CUDA toolkit), run the whole test suite — CPU and GPU — and
-# the benchmarks, and leave logs and JSON under $OUT (default: build-gpu/out).
-#   scripts/gpu-check.sh [quick|gpu]   (quick: no benchmarks; gpu: only the GPU tests and the MoE benchmark)
+# layout when it is not in the CUDA toolkit), run the tests and the benchmarks, and leave
+# logs and JSON under $OUT (default: build-gpu/out).
+#   scripts/gpu-check.sh [STAGE...]     default: cpu cuda bench
+# Stages (the build always runs first):
+#   cpu       the CPU tests (ctest -LE cuda)
+#   cuda      the GPU tests (ctest -L cuda)
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the 2-rank GPU suite
+#   bench     MoE (bf16, fp8) and alltoall benchmarks at the default SM budget
+#   sweep     MoE bf16/fp8 with all SMs, and bf16 with the count read back to the host
+#   quick     cpu cuda (no benchmarks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -12,9 +19,13 @@ if [ -z "${NCCL_HOME:-}" ]; then
     SP=$(python3 -c "import site; print(site.getsitepackages()[0])" 2>/dev/null || true)
     [ -n "$SP" ] && [ -d "$SP/nvidia/nccl" ] && export NCCL_HOME="$SP/nvidia/nccl"
 fi
+STAGES=${*:-cpu cuda bench}
+STAGES=${STAGES/quick/cpu cuda}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 {
     date -u
     git log -1 --oneline 2>/dev/null || true
+    echo "stages: $STAGES"
     nvidia-smi -L
     nvidia-smi topo -m
 } >"$OUT/machine.txt" 2>&1
@@ -22,21 +33,51 @@ cat "$OUT/machine.txt"
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} 2>&1 | tee "$OUT/build.log" | grep -E "epx:|Error"
 cmake --build build-gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 rc=0
+B=build-gpu/bin
+NG=$(nvidia-smi -L | wc -l)
 # CPU tests in parallel, then the GPU ones one at a time (ranks sharing a GPU time-slice).
-[ "${1:-}" = gpu ] || ctest --test-dir build-gpu --output-on-failure -j 8 -LE cuda --timeout 600 >"$OUT/ctest_cpu.log" 2>&1 || rc=1
-ctest --test-dir build-gpu --output-on-failure -L cuda --timeout 600 >"$OUT/ctest_cuda.log" 2>&1 || rc=1
-grep -hE "tests passed|Failed|\*\*\*|Skipped" "$OUT"/ctest_*.log | tail -30
-if [ "${1:-}" != quick ]; then
-    B=build-gpu/bin/epx-bench
-    NG=$(nvidia-smi -L | wc -l)
+if has cpu; then
+    ctest --test-dir build-gpu --output-on-failure -j 8 -LE cuda --timeout 600 >"$OUT/ctest_cpu.log" 2>&1 || rc=1
+    grep -hE "tests passed|Failed|\*\*\*" "$OUT/ctest_cpu.log" | tail -15
+fi
+if has cuda; then
+    ctest --test-dir build-gpu --output-on-failure -L cuda --timeout 600 >"$OUT/ctest_cuda.log" 2>&1 || rc=1
+    grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_cuda.log" | tail -30
+fi
+if has sanitize; then
+    # The library recovers from cudaErrorAlreadyMapped by design: API errors are not reported.
+    CS="compute-sanitizer --error-exitcode 9 --report-api-errors no"
+    for run in "memcheck test_alltoall --cuda" "memcheck test_moe --cuda --random 4" "memcheck test_cuda_graph --cuda" \
+        "racecheck test_alltoall --cuda" "racecheck test_moe --cuda --random 2" "synccheck test_alltoall --cuda" \
+        "synccheck test_moe --cuda --random 2"; do
+            tool=${run%% *} t=${run#* }
+            log="$OUT/sanitize_${tool}_${t%% *}.log"
+            timeout 200 $B/epx-run -n 2 --timeout 190 -- $CS --tool $tool $B/$t >"$log" 2>&1
+            s=$?
+            [ $s = 0 ] || rc=1
+            echo "compute-sanitizer $tool $t: exit $s; $(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY|passed' "$log" | tr '\n' ' ')"
+    done
+fi
+bench_moe() { # json-name, extra args...
+    local name=$1
+    shift
+    $B/epx-bench moe --backend cuda --ranks "$NG" --tokens 4096 --hidden 7168 --topk 8 --experts 256 --mode ht \
+        -n 20 -w 5 -c 1 --json "$OUT/$name.json" "$@" || rc=1
+}
+if has bench; then
     {
-        $B moe --backend cuda --ranks "$NG" --tokens 64 --hidden 200 --topk 4 --experts 8 -n 3 -w 1 || rc=1
-        for d in bf16 fp8; do
-            $B moe --backend cuda --ranks "$NG" --tokens 4096 --hidden 7168 --topk 8 --experts 256 --dtype $d --mode ht \
-                -n 20 -w 5 -c 1 --json "$OUT/moe_ht_$d.json" || rc=1
-        done
-        [ "${1:-}" = gpu ] || $B alltoall --backend cuda --ranks "$NG" -b 1K -e 1G -f 4 -n 20 -w 5 -c 1 \
+        $B/epx-bench moe --backend cuda --ranks "$NG" --tokens 64 --hidden 200 --topk 4 --experts 8 -n 3 -w 1 || rc=1
+        bench_moe moe_ht_bf16 --dtype bf16
+        bench_moe moe_ht_fp8 --dtype fp8
+        $B/epx-bench alltoall --backend cuda --ranks "$NG" -b 1K -e 1G -f 4 -n 20 -w 5 -c 1 \
             --json "$OUT/alltoall_cuda.json" || rc=1
     } 2>&1 | tee "$OUT/bench.txt" | grep -vE "progress"
+fi
+if has sweep; then
+    {
+        EPX_CUDA_SMS=132 bench_moe moe_ht_bf16_132sms --dtype bf16
+        EPX_CUDA_SMS=132 bench_moe moe_ht_fp8_132sms --dtype fp8
+        bench_moe moe_ht_bf16_hostcount --dtype bf16 --count host
+    } 2>&1 | tee "$OUT/sweep.txt" | grep -vE "progress"
 fi
 exit $rc

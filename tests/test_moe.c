@@ -20,6 +20,7 @@
  *   bad input       one rank bad, the others valid: statuses, nothing written, and a valid
  *                   call right after; invalid and mismatched configurations at create
  *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT only)
+ *   --case NAME     only the fixed high-throughput cases whose name contains NAME
  *   --cuda          all of it on the CUDA backend: every buffer the library reads or writes
  *                   is device memory (inputs put from a host copy, outputs poisoned in
  *                   stream order and fetched back before the checks), calls on the test
@@ -469,6 +470,7 @@ static void check_layout(epx_moe_t moe, const world_t *W, const void *idx, const
 
 typedef struct {
     int64_t cap;
+    int64_t *dcount; /* num_recv_tokens_device (on the backend), or NULL */
     /* inputs of this rank: host copies (x, xs, idx, w) and the backend buffers (d*) */
     void *x;
     float *xs;
@@ -553,6 +555,7 @@ static void ht_alloc(const world_t *W, ht_bufs_t *B, int64_t cap, bool reg, bool
 
 static void ht_poison(ht_bufs_t *B)
 {
+    poison(B->dcount, sizeof(int64_t));
     poison(B->drx, B->rx_b + GUARD);
     if (B->drxs) poison(B->drxs, B->rxs_b + GUARD);
     if (B->dridx) {
@@ -604,6 +607,7 @@ static void ht_free(ht_bufs_t *B)
     free(B->ridx), free(B->rw), free(B->rsr), free(B->rst), free(B->rpe);
     dev_free(B->dxs), dev_free(B->didx), dev_free(B->dw), dev_free(B->drx), dev_free(B->drxs);
     dev_free(B->dridx), dev_free(B->drw), dev_free(B->drsr), dev_free(B->drst), dev_free(B->drpe);
+    dev_free(B->dcount);
 }
 
 static epx_moe_dispatch_in_t ht_in(const world_t *W, const ht_bufs_t *B, bool weights)
@@ -613,8 +617,23 @@ static epx_moe_dispatch_in_t ht_in(const world_t *W, const ht_bufs_t *B, bool we
 }
 static epx_moe_dispatch_out_t ht_out(const ht_bufs_t *B)
 {
-    epx_moe_dispatch_out_t out = {B->drx, B->drxs, B->dridx, B->drw, B->drsr, B->drst, B->drpe, B->cap, -77};
+    epx_moe_dispatch_out_t out = {B->drx, B->drxs, B->dridx, B->drw, B->drsr, B->drst, B->drpe, B->cap, -77, B->dcount};
     return out;
+}
+
+/* A dispatch on the CUDA backend skips its host synchronisation (num_recv_tokens = -1)
+ * when it has a worst-case capacity and a device count (every rank alike in these tests). */
+static bool ht_no_sync(const world_t *W, const ht_bufs_t *B)
+{
+    return test_on_cuda() && B->dcount && B->cap >= (int64_t)R * W->M;
+}
+
+/* num_recv_tokens_device as the backend left it (poisoned before every dispatch). */
+static int64_t ht_device_count(const ht_bufs_t *B)
+{
+    int64_t n;
+    test_buf_get(&n, B->dcount, sizeof n);
+    return n;
 }
 
 /* recv_x (and scales) rows hold generation `gen` of their sources; meta outputs match the
@@ -696,11 +715,15 @@ static epx_moe_handle_t dispatch_checked(epx_moe_t moe, const world_t *W, const 
     epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
     if (st != EPX_SUCCESS) TEST_FAIL_("case %s: dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
     ASSERT(h != NULL);
-    if (out.num_recv_tokens != ref->n)
-        TEST_FAIL_("case %s: num_recv_tokens = %lld, expected %lld", cs, (long long)out.num_recv_tokens, (long long)ref->n);
-    int64_t rows = -1;
+    int64_t host_n = ht_no_sync(W, B) ? -1 : ref->n;
+    if (out.num_recv_tokens != host_n)
+        TEST_FAIL_("case %s: num_recv_tokens = %lld, expected %lld", cs, (long long)out.num_recv_tokens, (long long)host_n);
+    int64_t rows = -2;
     ASSERT_OK(epx_moe_handle_num_recv_tokens(h, &rows));
-    ASSERT_EQ(rows, ref->n);
+    ASSERT_EQ(rows, host_n);
+    if (B->dcount && ht_device_count(B) != ref->n)
+        TEST_FAIL_("case %s: num_recv_tokens_device = %lld, expected %lld", cs, (long long)ht_device_count(B),
+                   (long long)ref->n);
     check_dispatch(W, ref, B, 0, true, weights, cs);
     return h;
 }
@@ -861,6 +884,7 @@ static int run_ht_case(const mcase_t *c, uint64_t seed)
 
     ht_bufs_t B;
     ht_alloc(&W, &B, cap, c->flags & F_REG, c->flags & F_NULL_OUTS);
+    if (c->flags & (F_MAX_CAP | F_EXACT_CAP)) B.dcount = dev_out(sizeof(int64_t)); /* MAX: no host sync on CUDA */
     check_layout(moe, &W, B.didx, cs);
     comb_bufs_t C;
     comb_alloc(&W, &ref, &C);
@@ -1299,6 +1323,73 @@ static const char *bad_names[] = {"expert id >= E", "expert id < -1", "T > max_t
                                   "capacity too small", "dispatch_cached with a NULL handle",
                                   "dispatch_cached with NULL x", "combine with NULL y", "combine with NULL out"};
 
+/* Bad routing on one rank of a dispatch without host synchronisation (CUDA): the call
+ * succeeds everywhere (nothing waited for the device), every rank's count says -1, no
+ * row output is written, and cached dispatch / combine along the handle write nothing.
+ * On the CPU backend the same call fails as usual. Then a valid round. */
+static int run_bad_ht_no_sync(void)
+{
+    int bad = R - 1;
+    mcase_t c = {"bad no-sync", -4, 4, 136, 8, EPX_BF16, EPX_UNSET, EPX_I32, 1, ROUTE_UNIFORM, 10, F_T_FULL, 0,
+                 EPX_MOE_HIGH_THROUGHPUT, 0, 0};
+    world_t W;
+    world_init(&W, &c, 9500);
+    for (int p = 0; p < R; p++) W.idx[p][0] = (int64_t)bad * W.L;
+    const char *cs = "bad routing without host synchronisation";
+    epx_moe_t moe = create_checked(&W, cs);
+    moe_ref_recv_t ref;
+    moe_ref_dispatch(&W.rt, (const float *const *)W.w, me, W.align, &ref);
+    ht_bufs_t B;
+    ht_alloc(&W, &B, (int64_t)R * W.M, false, false);
+    B.dcount = dev_out(sizeof(int64_t));
+    comb_bufs_t C;
+    comb_alloc(&W, &ref, &C);
+    int T = W.T[me], K = W.K;
+    int32_t *ib = (int32_t *)B.idx;
+    if (me == bad) {
+        ib[(int64_t)T * K - 1] = W.E + 5;
+        put(B.didx, B.idx, B.idx_b);
+    }
+    ht_poison(&B);
+    comb_poison(&C);
+    epx_moe_dispatch_in_t in = ht_in(&W, &B, true);
+    epx_moe_dispatch_out_t out = ht_out(&B);
+    epx_moe_handle_t h = NULL;
+    epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
+    if (ht_no_sync(&W, &B)) {
+        if (st != EPX_SUCCESS) TEST_FAIL_("%s: dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+        ASSERT_EQ(out.num_recv_tokens, -1);
+        if (ht_device_count(&B) != -1) TEST_FAIL_("%s: num_recv_tokens_device = %lld, expected -1", cs, (long long)ht_device_count(&B));
+        epx_moe_dispatch_in_t cin = ht_in(&W, &B, true);
+        ASSERT_OK(epx_moe_dispatch_cached(moe, h, &cin, &out, test_stream()));
+        epx_moe_combine_in_t ci = {C.dy, C.dyw};
+        epx_moe_combine_out_t co = {C.dout, C.doutw};
+        ASSERT_OK(epx_moe_combine(moe, h, &ci, &co, test_stream()));
+        ASSERT_OK(epx_moe_handle_destroy(h));
+        ht_fetch(&B);
+        comb_fetch(&C);
+        expect_poison(C.out, 0, C.out_b + GUARD, cs, "combine out");
+        expect_poison(C.out_w, 0, C.outw_b + GUARD, cs, "combine out_topk_weights");
+    } else {
+        expect_status(st, bad, cs);
+        if (h) TEST_FAIL_("%s: failed dispatch set the handle", cs);
+    }
+    ht_expect_all_poison(&B, cs);
+    if (me == bad) {
+        ib[(int64_t)T * K - 1] = (int32_t)W.idx[me][(int64_t)T * K - 1];
+        put(B.didx, B.idx, B.idx_b);
+    }
+    h = dispatch_checked(moe, &W, &ref, &B, true, cs);
+    combine_checked(moe, h, &W, &C, true, cs);
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    comb_free(&C);
+    ht_free(&B);
+    moe_ref_recv_free(&ref);
+    ASSERT_OK(epx_moe_destroy(moe));
+    world_free(&W);
+    return 1;
+}
+
 static int run_bad_ht(void)
 {
     int passed = 0;
@@ -1662,6 +1753,7 @@ static void probe_cuda_moe(void)
 int main(int argc, char **argv)
 {
     bool large = false;
+    const char *only = NULL; /* --case NAME: only the fixed high-throughput cases named so */
     uint64_t seed = 1;
     int nrandom = 100;
     test_init(argc, argv);
@@ -1669,6 +1761,7 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "--large")) large = true;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
         if (!strcmp(argv[i], "--random") && i + 1 < argc) nrandom = atoi(argv[++i]);
+        if (!strcmp(argv[i], "--case") && i + 1 < argc) only = argv[++i];
     }
     comm = test_comm_from_env(&me, &R);
     ASSERT(R <= MAXR);
@@ -1681,7 +1774,10 @@ int main(int argc, char **argv)
     if (test_on_cuda()) probe_cuda_moe();
     if (!ll && !large && me == 0) printf("low-latency cases skipped on CUDA until implemented\n");
 
-    if (large) {
+    if (only) {
+        for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)
+            if (strstr(ht_cases[i].name, only)) passed += run_ht_case(&ht_cases[i], seed * 1000 + i);
+    } else if (large) {
         for (size_t i = 0; i < sizeof large_cases / sizeof large_cases[0]; i++)
             passed += run_ht_case(&large_cases[i], seed * 1000 + i);
     } else {
@@ -1699,6 +1795,7 @@ int main(int argc, char **argv)
             if (ll && i % 2 == 0) passed += run_ll_case(&l, seed * 1000 + 800 + (uint64_t)i);
         }
         passed += run_bad_ht();
+        passed += run_bad_ht_no_sync();
         if (ll) passed += run_bad_ll();
     }
     test_finish(comm, passed);

@@ -58,7 +58,10 @@ void *test_buf_alloc(size_t bytes)
     void *p = NULL;
 #ifdef EPX_HAVE_CUDA
     if (test_cuda) {
-        CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+        /* EPX_TEST_MIN_ALLOC=N: every device buffer at least N bytes (sanitizer experiments). */
+        const char *min = getenv("EPX_TEST_MIN_ALLOC");
+        size_t floor = min ? (size_t)strtoull(min, NULL, 0) : 1;
+        CUDA_OK(cudaMalloc(&p, bytes > floor ? bytes : floor));
         return p;
     }
 #endif

@@ -37,6 +37,7 @@ typedef struct {
     const char *dtype; /* bf16, fp8 */
     const char *mode;  /* ht, ll */
     double skew;       /* Zipf exponent over experts; 0 = uniform */
+    const char *count; /* CUDA ht dispatch: "device" (no host sync) or "host" (count read back) */
 } bench_opts_t;
 
 typedef struct {

@@ -95,6 +95,7 @@ typedef struct {
     layout_out_t d_lay[2];
     uint8_t *d_cout[2];
     epx_moe_handle_t h, h_new; /* the last epx dispatch's handle; the one being made */
+    int64_t *d_count;          /* epx's num_recv_tokens_device, or NULL (--count host) */
     double epx_mem;            /* device memory the epx comm + MoE context took (bytes) */
 #ifdef EPX_HAVE_NCCL
     ncclComm_t nc;
@@ -514,9 +515,10 @@ static void epx_dispatch_op(gm_t *m)
     out.num_recv_tokens_per_expert = a->per_expert;
     out.capacity = m->cap;
     out.num_recv_tokens = -1;
+    out.num_recv_tokens_device = m->d_count;
     m->h_new = NULL;
     epx_ok(m, epx_moe_dispatch(m->moe, &in, &out, &m->h_new, m->stream), "epx_moe_dispatch");
-    a->n = out.num_recv_tokens;
+    a->n = out.num_recv_tokens; /* -1 without host synchronisation: fetch_dispatch reads d_count */
 }
 
 static void epx_combine_op(gm_t *m)
@@ -806,9 +808,11 @@ static void free_layout(layout_out_t *h)
 static void fetch_dispatch(gm_t *m, int c, ht_out_t *h)
 {
     const ht_out_t *d = &m->d_out[c];
-    int64_t n = d->n < 0 ? 0 : d->n > m->cap ? m->cap : d->n;
+    int64_t n = d->n;
+    if (c == 0 && n < 0 && m->d_count) CK(m, cudaMemcpy(&n, m->d_count, sizeof n, cudaMemcpyDeviceToHost));
+    n = n < 0 ? 0 : n > m->cap ? m->cap : n;
     size_t K = (size_t)m->d.K, rows = (size_t)(n > 0 ? n : 1);
-    h->n = d->n;
+    h->n = n;
     h->x = (uint8_t *)xmalloc(m, rows * m->row);
     h->xs = m->d.fp8 ? (float *)xmalloc(m, sizeof(float) * rows * m->d.S) : NULL;
     h->idx = (int64_t *)xmalloc(m, sizeof(int64_t) * rows * K);
@@ -913,6 +917,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     cfg.mode = EPX_MOE_HIGH_THROUGHPUT;
     epx_ok(m, epx_moe_create(m->gpu, &cfg, &m->moe), "epx_moe_create (CUDA, high-throughput)");
     epx_ok(m, epx_moe_max_recv_tokens(m->moe, &m->cap), "epx_moe_max_recv_tokens");
+    if (strcmp(o->count, "host") != 0) m->d_count = (int64_t *)dmalloc(m, sizeof(int64_t), "num_recv_tokens_device");
     CK(m, cudaDeviceSynchronize());
     CK(m, cudaMemGetInfo(&free1, &total));
     m->epx_mem = free0 > free1 ? (double)(free0 - free1) : 0.0;
@@ -988,6 +993,10 @@ int bench_cuda_moe(bench_ctx_t *b)
                          "ncclSend/ncclRecv, unpack; combine: ncclSend/ncclRecv back, reduce kernel)"
                        : "none");
         if (o->skew > 0) printf("# zipf exponent %.3g over a fixed random permutation of the experts\n", o->skew);
+        printf("# epx: SM budget %s (EPX_CUDA_SMS; the baseline's kernels use all SMs); dispatch %s\n",
+               getenv("EPX_CUDA_SMS") ? getenv("EPX_CUDA_SMS") : "24 (default)",
+               m->d_count ? "without host synchronisation (worst-case capacity, count on the device)"
+                          : "with the count read back to the host (one stream synchronisation)");
         if (ndev_min < R)
             printf("# note: %d ranks share %d GPU(s): times are not those of one rank per GPU\n", R, ndev_min);
         printf("# rows received per rank: mean %.1f, max %.0f (link: mean %.1f); bytes per row: dispatch %zu, "
@@ -1105,6 +1114,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     }
 #endif
     free_outputs(m);
+    if (m->d_count) cudaFree(m->d_count);
     cudaFree(m->d_x);
     if (m->d_xs) cudaFree(m->d_xs);
     cudaFree(m->d_idx);

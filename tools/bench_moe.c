@@ -194,7 +194,7 @@ static epx_moe_handle_t epx_dispatch(bm_t *m)
         ht_out_t *a = &m->ht[0];
         epx_moe_dispatch_in_t in = {m->x, m->d.fp8 ? m->xs : NULL, m->idx, m->d.w + tk(&m->d, m->d.me, 0), m->d.T, m->d.K};
         epx_moe_dispatch_out_t out = {a->x, m->d.fp8 ? a->xs : NULL, a->idx, a->w, a->src_rank, a->src_token,
-                                      a->per_expert, m->cap, -1};
+                                      a->per_expert, m->cap, -1, NULL};
         st = epx_moe_dispatch(m->moe, &in, &out, &h, NULL);
         if (st != EPX_SUCCESS) bench_die(m->b, "epx_moe_dispatch", st);
         a->n = out.num_recv_tokens;

@@ -116,7 +116,10 @@ static int usage(void)
             "  --dtype D          bf16, or fp8 (ht: e4m3 tokens with f32 scales per 128 channels;\n"
             "                     ll: bf16 tokens quantised by the dispatch); combine is bf16\n"
             "  --mode M           ht (high-throughput, rank-major) or ll (low-latency, expert-major)\n"
-            "  --skew S           Zipf exponent of the expert popularity (default 0: uniform)\n");
+            "  --skew S           Zipf exponent of the expert popularity (default 0: uniform)\n"
+            "  --count C          CUDA ht dispatch: device (default; worst-case capacity, count on the\n"
+            "                     device, no host synchronisation) or host (the count read back)\n"
+            "  (the CUDA SM budget is EPX_CUDA_SMS, default 24)\n");
     return 2;
 }
 
@@ -141,7 +144,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
     *o = (bench_opts_t){.op = NULL, .ranks = 2, .backend = "cpu", .min_bytes = 1024, .max_bytes = 64 << 20,
                         .factor = 4, .iters = 20, .warmup = 5, .check = 1, .json = NULL, .baseline = "auto",
                         .unregistered = false, .timeout_s = 1800, .tokens = 4096, .hidden = 7168, .topk = 8,
-                        .experts = 256, .dtype = "bf16", .mode = "ht", .skew = 0};
+                        .experts = 256, .dtype = "bf16", .mode = "ht", .skew = 0, .count = "device"};
     if (argc < 2) return usage();
     o->op = argv[1];
     if (strcmp(o->op, "alltoall") != 0 && strcmp(o->op, "moe") != 0) {
@@ -180,6 +183,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
         else if (!strcmp(a, "--dtype")) o->dtype = v, ok = !strcmp(v, "bf16") || !strcmp(v, "fp8");
         else if (!strcmp(a, "--mode")) o->mode = v, ok = !strcmp(v, "ht") || !strcmp(v, "ll");
         else if (!strcmp(a, "--skew")) o->skew = atof(v), ok = o->skew >= 0;
+        else if (!strcmp(a, "--count")) o->count = v, ok = !strcmp(v, "device") || !strcmp(v, "host");
         else {
             fprintf(stderr, "epx-bench: unknown option %s\n", a);
             return usage();

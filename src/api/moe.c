@@ -188,6 +188,7 @@ static epx_status_t epx__check_dispatch(const epx__moe_shape_t *s, epx__errbuf_t
     if (cached) return EPX_SUCCESS;
     EPX__CHECK(epx__check_buf(err, "out.recv_topk_idx", out->recv_topk_idx, false, epx_dtype_size(s->index_dtype)));
     EPX__CHECK(epx__check_buf(err, "out.recv_topk_weights", out->recv_topk_weights, false, 4));
+    EPX__CHECK(epx__check_buf(err, "out.num_recv_tokens_device", out->num_recv_tokens_device, false, 8));
     EPX__CHECK(epx__check_buf(err, "out.recv_src_rank", out->recv_src_rank, false, 4));
     EPX__CHECK(epx__check_buf(err, "out.recv_src_token", out->recv_src_token, false, 4));
     return epx__check_buf(err, "out.num_recv_tokens_per_expert", out->num_recv_tokens_per_expert, false, 4);
@@ -284,9 +285,12 @@ epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, con
     if (local == EPX_SUCCESS && in->num_tokens != epx__handle_tokens(handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in.num_tokens = %d but the handle routed %d tokens",
                           in->num_tokens, epx__handle_tokens(handle));
-    if (local == EPX_SUCCESS && out->capacity < epx__handle_rows(handle))
-        local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld but the handle received %lld rows",
-                          (long long)out->capacity, (long long)epx__handle_rows(handle));
+    /* A handle whose row count stayed on the device needs room for the worst case. */
+    int64_t need = local == EPX_SUCCESS ? epx__handle_rows(handle) : 0;
+    if (need < 0) need = (int64_t)moe->shape.nranks * moe->shape.max_tokens;
+    if (local == EPX_SUCCESS && out->capacity < need)
+        local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld but the handle may have received %lld rows",
+                          (long long)out->capacity, (long long)need);
     bool ok = local == EPX_SUCCESS;
     epx_status_t st = moe->cuda ? epx__cuda_moe_dispatch_cached(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
                                 : epx__cpu_moe_dispatch_cached(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
@@ -306,7 +310,7 @@ epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_m
         size_t es = epx_dtype_size(s->combine_dtype);
         int64_t rows = epx__handle_rows(handle);
         int T = epx__handle_tokens(handle);
-        local = epx__check_buf(err, "in.y", in->y, rows > 0, es);
+        local = epx__check_buf(err, "in.y", in->y, rows != 0, es); /* -1: not known on the host */
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.topk_weights", in->topk_weights, false, 4);
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out", out->out, T > 0, es);
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out_topk_weights", out->out_topk_weights, false, 4);

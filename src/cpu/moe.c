@@ -579,7 +579,10 @@ epx_status_t epx__cpu_moe_dispatch(epx__cpu_moe_t *m, const epx_moe_dispatch_in_
     const epx__board_t *b = op.b;
     int64_t n = -1;
     if (st == EPX_SUCCESS) st = epx__check_capacity(m, b, &n, err);
-    if (st == EPX_SUCCESS) out->num_recv_tokens = n; /* on failure nothing changes: the message says n */
+    if (st == EPX_SUCCESS) { /* on failure nothing changes: the message says n */
+        out->num_recv_tokens = n;
+        if (out->num_recv_tokens_device) *out->num_recv_tokens_device = n;
+    }
     if (st == EPX_SUCCESS) {
         st = epx__dispatch_receive(m, op.seq, b, out, h, err);
         epx__dispatch_home_rows(m, b, h);

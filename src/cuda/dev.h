@@ -73,6 +73,8 @@ typedef struct {
 
 /* Tokens of one source handled by one block of the count and row kernels. */
 #define EPX__MOE_CHUNK 256
+/* The bad-entry word before the count kernel (every byte 0x7f): above any t * K + k. */
+#define EPX__MOE_NO_BAD 0x7f7f7f7f7f7f7f7fLL
 
 /* Outputs of the row pass (any may be NULL except the handle's arrays). */
 typedef struct {
@@ -85,13 +87,17 @@ typedef struct {
     int *expert_counts;    /* [L] scratch, zeroed */
     int *h_src_rank, *h_src_token; /* [cap] the handle's copy */
     int *h_send_row;       /* [T_me, R] */
+    const long long *bad;  /* the count kernel's verdict: rows are laid out only when clean */
+    long long *h_rows;     /* the handle's row count: N, or -1 when the routing was bad */
+    long long *num_recv;   /* the caller's copy of h_rows (device), or NULL */
 } epx__moe_rows_out_t;
 
 typedef struct {
     const char *x[EPX__CUDA_MAX_RANKS];      /* rows of each rank */
     const char *scales[EPX__CUDA_MAX_RANKS]; /* FP8 scales of each rank, or NULL */
     const int *src_rank, *src_token;         /* [rows] */
-    long long rows, row_bytes, scale_bytes;
+    const long long *rows;                   /* device: rows to copy (none when < 0) */
+    long long row_bytes, scale_bytes;
     char *recv_x, *recv_scales;
 } epx__moe_gather_t;
 
@@ -99,24 +105,37 @@ typedef struct {
     const char *y[EPX__CUDA_MAX_RANKS];      /* [N_r, H] of each rank */
     const float *w[EPX__CUDA_MAX_RANKS];     /* [N_r, K] of each rank, or NULL */
     const int *send_row;                     /* [T, R] */
+    const long long *rows;                   /* the handle's row count: nothing is written when < 0 */
     int num_tokens, nranks, topk, hidden, dtype; /* dtype: epx_dtype_t of y and out */
     char *out;
     float *out_w;
 } epx__moe_combine_t;
 
 /* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
- * chunk c; *bad = first t*K+k of my routing out of [-1, E). One block per (source, chunk). */
+ * chunk c; *bad = first t*K+k of my routing out of [-1, E), or with `check_all` a value
+ * below EPX__MOE_NO_BAD when any rank's routing has one (every rank then agrees without
+ * asking the others). One block per (source, chunk). */
 int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks, long long *bad,
-                               void *stream);
+                               int check_all, void *stream);
 /* *bad = the first index i of my routing with an id out of [-1, E) (untouched if none). */
 int epx__cuda_launch_moe_validate(const epx__moe_routing_t *r, long long *bad, void *stream);
+/* Routing entries the one-block checked layout handles (more: validate, read back, then
+ * the grid-wide layout), and the experts it counts in shared memory (more: in global). */
+#define EPX__LAYOUT_ONE_BLOCK_IDS (1 << 16)
+#define EPX__LAYOUT_SHARED_EXPERTS 8192
+/* My routing checked and laid out by one block: *bad = the first bad index and nothing
+ * written, or every output written (zeroed by the kernel; any may be NULL). */
+int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
+                                        unsigned char *in_rank, long long *bad, void *stream);
 /* Local layout of my routing (outputs zeroed by the caller; any may be NULL). */
 int epx__cuda_launch_moe_layout(const epx__moe_routing_t *r, int *per_rank, int *per_expert, unsigned char *in_rank,
                                 void *stream);
-/* Rows of every source for me, their routing outputs, and my tokens' rows at every rank. */
+/* Rows of every source for me, their routing outputs, and my tokens' rows at every rank;
+ * nothing but h_rows = -1 (and num_recv) when *bad says the routing was bad. */
 int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream);
-/* num_recv_tokens_per_expert[l] = expert_counts[l] rounded up to `align`. */
-int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, void *stream);
+/* num_recv_tokens_per_expert[l] = expert_counts[l] rounded up to `align` (unless *rows < 0). */
+int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, const long long *rows,
+                               void *stream);
 /* Copy rows (and scales) from their sources. */
 int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream);
 /* Sum every token's rows in ascending rank order (float32 from +0), then cast. */

@@ -6,13 +6,13 @@
  * back one small count matrix (a stream synchronisation) to size its output and to check
  * every rank's routing before any row is written; a failure there is agreed on by all
  * ranks and the operation still completes on the device, so the streams stay in step.
+ * When every rank gives a worst-case capacity and asks for the row count on the device,
+ * dispatch skips that read-back: every rank checks every rank's routing on the device
+ * (so all reach the same verdict without asking) and nothing waits for the device.
  */
 #include "internal.h"
 
 enum { EPX__COP_DISPATCH = 1, EPX__COP_CACHED, EPX__COP_COMBINE };
-
-/* d_bad before the count kernel: every byte 0x7f, above any real t * K + k. */
-#define EPX__NO_BAD 0x7f7f7f7f7f7f7f7fLL
 
 struct epx__cuda_moe {
     epx__cuda_t *c;
@@ -30,7 +30,8 @@ struct epx__cuda_moe {
 struct epx__cuda_moe_handle {
     uint32_t id;
     int num_tokens, topk;
-    int64_t rows;
+    int64_t rows;                  /* host copy of the row count; -1 when not read back */
+    long long *d_rows;             /* the row count on the device (-1: bad routing) */
     int *d_src_rank, *d_src_token; /* [R * max_tokens] */
     int *d_send_row;               /* [max_tokens, R] */
     epx__cuda_moe_t *owner;
@@ -51,9 +52,10 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
     if (cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_src_token, sizeof(int) * rows) != cudaSuccess ||
-        cudaMalloc((void **)&h->d_send_row, sizeof(int) * rows) != cudaSuccess) {
+        cudaMalloc((void **)&h->d_send_row, sizeof(int) * rows) != cudaSuccess ||
+        cudaMalloc((void **)&h->d_rows, sizeof(long long)) != cudaSuccess) {
         cudaGetLastError();
-        cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row);
+        cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
         free(h);
         return NULL;
     }
@@ -65,6 +67,7 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
     cudaFree(h->d_src_rank);
     cudaFree(h->d_src_token);
     cudaFree(h->d_send_row);
+    cudaFree(h->d_rows);
     cudaGetLastError();
     free(h);
 }
@@ -73,7 +76,7 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
 typedef struct {
     int32_t op, num_tokens, topk, has_weights;
     uint32_t routing_id;
-    int32_t pad_;
+    int32_t device_count; /* dispatch: the caller wants the row count on the device */
     int64_t capacity;
     epx__ipc_card_t x, scales, topk_idx, weights; /* buffers peers read (y: in x) */
 } epx__moe_card_t;
@@ -171,14 +174,26 @@ epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int 
     rt.num_tokens[rt.rank] = num_tokens;
     epx_status_t st = EPX_SUCCESS;
     cudaStream_t strm = (cudaStream_t)stream;
+    long long *h_bad = (long long *)(void *)(m->h_counts + rt.nranks * rt.nranks + (rt.nranks * rt.nranks) % 2);
+    if ((int64_t)num_tokens * topk <= EPX__LAYOUT_ONE_BLOCK_IDS) {
+        /* One block checks, then writes: one launch and one read-back of the verdict. */
+        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, m->d_bad, stream),
+                        st, err);
+        EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
+        EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
+        if (st == EPX_SUCCESS && *h_bad != EPX__MOE_NO_BAD)
+            return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
+                             *h_bad / topk, *h_bad % topk, s->num_experts);
+        return st;
+    }
     /* Check every id first (one read-back), so that bad input changes nothing. */
     if (num_tokens > 0) {
-        long long *h_bad = (long long *)(void *)(m->h_counts + rt.nranks * rt.nranks + (rt.nranks * rt.nranks) % 2);
         EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_validate(&rt, m->d_bad, stream), st, err);
         EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
         EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
-        if (st == EPX_SUCCESS && *h_bad != EPX__NO_BAD)
+        if (st == EPX_SUCCESS && *h_bad != EPX__MOE_NO_BAD)
             return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
                              *h_bad / topk, *h_bad % topk, s->num_experts);
     }
@@ -274,7 +289,7 @@ static void epx__gather_along(const epx__cuda_moe_t *m, const epx__cuda_moe_hand
     bool fp8 = m->s.dtype == EPX_FP8_E4M3;
     g->src_rank = h->d_src_rank;
     g->src_token = h->d_src_token;
-    g->rows = h->rows;
+    g->rows = h->d_rows;
     g->row_bytes = (long long)m->s.row_bytes;
     g->scale_bytes = fp8 ? (long long)(m->s.scale_cols * 4) : 0;
     g->recv_x = out->recv_x;
@@ -288,6 +303,47 @@ static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
     int64_t n = 0;
     for (int p = 0; p < R; p++) n += m->h_counts[p * R + q];
     return n;
+}
+
+/* The rest of a dispatch once the counts are on the device: lay out the rows (every rank,
+ * whatever `st` says, so the operation completes everywhere), gather them, finish. n: the
+ * rows I receive, or -1 when not read back. */
+static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_t *rt, epx__moe_gather_t *g,
+                                     epx_moe_dispatch_out_t *out, epx_status_t st, int64_t n,
+                                     epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    epx__cuda_t *c = m->c;
+    cudaStream_t strm = (cudaStream_t)stream;
+    epx__cuda_moe_handle_t *h = NULL;
+    if (st == EPX_SUCCESS && !(h = epx__handle_get(m)))
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
+    if (st == EPX_SUCCESS) {
+        h->id = (uint32_t)(c->ops_started + 1);
+        h->num_tokens = rt->num_tokens[c->rank];
+        h->topk = rt->topk;
+        h->rows = n;
+        epx__moe_rows_out_t o = {m->d_counts, m->d_chunk_counts, m->chunks, out->recv_topk_idx, out->recv_topk_weights,
+                                 out->recv_src_rank, out->recv_src_token, m->d_expert_counts, h->d_src_rank,
+                                 h->d_src_token, h->d_send_row, m->d_bad, h->d_rows, (long long *)out->num_recv_tokens_device};
+        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_expert_counts, 0, sizeof(int) * (size_t)s->local_experts, strm), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_rows(rt, &o, stream), st, err);
+        if (out->num_recv_tokens_per_expert)
+            EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_align(m->d_expert_counts, out->num_recv_tokens_per_expert,
+                                                                     s->local_experts, s->alignment, h->d_rows, stream),
+                            st, err);
+        epx__gather_along(m, h, out, g);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, m->blocks, stream), st, err);
+    }
+    c->ops_started++;
+    st = epx__moe_finish(m, st, stream, err);
+    if (st != EPX_SUCCESS) {
+        epx__cuda_moe_handle_free(h);
+        return st;
+    }
+    out->num_recv_tokens = n;
+    *handle = h;
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
@@ -308,6 +364,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         mine.topk = in->topk;
         mine.has_weights = in->topk_weights != NULL;
         mine.capacity = out->capacity;
+        mine.device_count = out->num_recv_tokens_device != NULL;
         local = epx__card_export(c, &mine.x, in->x, T * s->row_bytes, err);
         if (local == EPX_SUCCESS && fp8) local = epx__card_export(c, &mine.scales, in->x_scales, T * s->scale_cols * 4, err);
         if (local == EPX_SUCCESS)
@@ -339,13 +396,24 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         return st; /* nothing was enqueued anywhere for this call: every rank failed here */
     }
 
+    /* Without host synchronisation only when every rank can take the worst case and reads
+     * the count on the device: the cards are the same everywhere, so all ranks choose alike. */
+    bool no_sync = true;
+    for (int p = 0; p < R; p++)
+        no_sync = no_sync && cards[p].device_count && cards[p].capacity >= (int64_t)R * s->max_tokens;
+
     /* The streams meet; count every source's tokens for every rank; read the counts back. */
     cudaStream_t strm = (cudaStream_t)stream;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
     EPX__CUDA_CHECK(cudaMemsetAsync(m->d_counts, 0, sizeof(int) * (size_t)R * (size_t)R, strm), st, err);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_chunk_counts, m->chunks, m->d_bad, stream),
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_chunk_counts, m->chunks, m->d_bad,
+                                                            no_sync, stream),
                     st, err);
+    if (no_sync) {
+        free(cards);
+        return epx__moe_lay_out(m, &rt, &g, out, st, -1, handle, stream, err);
+    }
     EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts, m->d_counts, sizeof(int) * (size_t)R * (size_t)R, cudaMemcpyDeviceToHost, strm),
                     st, err);
     long long *h_bad = (long long *)(void *)(m->h_counts + R * R + (R * R) % 2);
@@ -358,7 +426,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     /* Every rank's verdict: its routing, and every output's capacity (all ranks see the
      * same count matrix, so they agree on capacity without another round). */
     epx_status_t verdict = EPX_SUCCESS;
-    if (*h_bad != EPX__NO_BAD)
+    if (*h_bad != EPX__MOE_NO_BAD)
         verdict = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
                             *h_bad / mine.topk, *h_bad % mine.topk, s->num_experts);
     int32_t v = verdict, *all = calloc((size_t)R, sizeof *all);
@@ -374,35 +442,8 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                          : epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity is below the %lld rows it receives",
                                      q, (long long)rows);
     }
-    epx__cuda_moe_handle_t *h = NULL;
-    if (st == EPX_SUCCESS && !(h = epx__handle_get(m)))
-        st = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
-    if (st == EPX_SUCCESS) {
-        h->id = (uint32_t)(c->ops_started + 1);
-        h->num_tokens = mine.num_tokens;
-        h->topk = mine.topk;
-        h->rows = n;
-        epx__moe_rows_out_t o = {m->d_counts, m->d_chunk_counts, m->chunks, out->recv_topk_idx, out->recv_topk_weights, out->recv_src_rank,
-                                 out->recv_src_token, m->d_expert_counts, h->d_src_rank, h->d_src_token, h->d_send_row};
-        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_expert_counts, 0, sizeof(int) * (size_t)s->local_experts, strm), st, err);
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_rows(&rt, &o, stream), st, err);
-        if (out->num_recv_tokens_per_expert)
-            EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_align(m->d_expert_counts, out->num_recv_tokens_per_expert,
-                                                                     s->local_experts, s->alignment, stream),
-                            st, err);
-        epx__gather_along(m, h, out, &g);
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
-    }
-    c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err);
     free(cards);
-    if (st != EPX_SUCCESS) {
-        epx__cuda_moe_handle_free(h);
-        return st;
-    }
-    out->num_recv_tokens = n;
-    *handle = h;
-    return EPX_SUCCESS;
+    return epx__moe_lay_out(m, &rt, &g, out, st, n, handle, stream, err);
 }
 
 epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
@@ -453,9 +494,10 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
         mine.topk = h->topk;
         mine.routing_id = h->id;
         mine.has_weights = in->topk_weights != NULL;
-        local = epx__card_export(c, &mine.x, in->y, (size_t)h->rows * s->combine_row_bytes, err);
+        size_t rows = h->rows < 0 ? 1 : (size_t)h->rows; /* unknown on the host: export whatever was given */
+        local = epx__card_export(c, &mine.x, in->y, rows * s->combine_row_bytes, err);
         if (local == EPX_SUCCESS)
-            local = epx__card_export(c, &mine.weights, in->topk_weights, (size_t)h->rows * (size_t)h->topk * 4, err);
+            local = epx__card_export(c, &mine.weights, in->topk_weights, rows * (size_t)h->topk * 4, err);
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__moe_combine_t k;
@@ -470,6 +512,7 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     if (st != EPX_SUCCESS) return st;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     k.send_row = h->d_send_row;
+    k.rows = h->d_rows;
     k.num_tokens = h->num_tokens;
     k.nranks = R;
     k.topk = h->topk;

@@ -31,7 +31,7 @@ static __device__ unsigned epx__dest_mask(const epx__moe_routing_t *r, int p, lo
 /* ---- Counts --------------------------------------------------------------------------------- */
 
 static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
-    epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad)
+    epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad, int check_all)
 {
     __shared__ int cnt[EPX__CUDA_MAX_RANKS];
     int p = (int)blockIdx.y, c = (int)blockIdx.x;
@@ -39,7 +39,7 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
     __syncthreads();
     long long t = (long long)c * EPX__MOE_CHUNK + threadIdx.x;
     if (t < r.num_tokens[p]) {
-        if (p == r.rank)
+        if (p == r.rank || check_all)
             for (int k = 0; k < r.topk; k++) {
                 long long e = epx__topk_get(&r, p, t * r.topk + k);
                 if (e < -1 || e >= r.num_experts) atomicMin((unsigned long long *)bad, (unsigned long long)(t * r.topk + k));
@@ -60,10 +60,10 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
 }
 
 extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks,
-                                          long long *bad, void *stream)
+                                          long long *bad, int check_all, void *stream)
 {
     dim3 grid((unsigned)chunks, (unsigned)r->nranks);
-    epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad);
+    epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad, check_all);
     return (int)cudaGetLastError();
 }
 
@@ -117,6 +117,60 @@ extern "C" int epx__cuda_launch_moe_layout(const epx__moe_routing_t *r, int *per
     return (int)cudaGetLastError();
 }
 
+/* One block checks every id first and writes nothing unless all are valid, then lays out:
+ * one launch, and bad input still changes nothing. Counters in shared memory when E fits. */
+static __global__ void __launch_bounds__(1024)
+    epx__k_moe_layout_checked(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad)
+{
+    extern __shared__ int s_expert[];
+    __shared__ int s_rank[EPX__CUDA_MAX_RANKS];
+    __shared__ unsigned long long s_bad;
+    int me = r.rank, R = r.nranks, K = r.topk, E = r.num_experts;
+    bool shared_experts = E <= EPX__LAYOUT_SHARED_EXPERTS;
+    long long T = r.num_tokens[me], n = T * K;
+    if (threadIdx.x == 0) s_bad = (unsigned long long)EPX__MOE_NO_BAD;
+    __syncthreads();
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        long long e = epx__topk_get(&r, me, i);
+        if (e < -1 || e >= E) atomicMin(&s_bad, (unsigned long long)i);
+    }
+    __syncthreads();
+    if (s_bad != (unsigned long long)EPX__MOE_NO_BAD) {
+        if (threadIdx.x == 0) *bad = (long long)s_bad;
+        return;
+    }
+    int *cnt = shared_experts ? s_expert : per_expert;
+    for (int i = threadIdx.x; i < R; i += blockDim.x) s_rank[i] = 0;
+    for (int i = threadIdx.x; per_expert && i < E; i += blockDim.x) cnt[i] = 0;
+    __syncthreads();
+    for (long long t = threadIdx.x; t < T; t += blockDim.x) {
+        unsigned m = epx__dest_mask(&r, me, t);
+        for (int q = 0; q < R; q++) {
+            bool in = (m >> q) & 1u;
+            if (in) atomicAdd(&s_rank[q], 1);
+            if (in_rank) in_rank[t * R + q] = in;
+        }
+        for (int k = 0; k < K && per_expert; k++) {
+            long long e = epx__topk_get(&r, me, t * K + k);
+            if (e < 0) continue;
+            bool dup = false;
+            for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, me, t * K + j) == e;
+            if (!dup) atomicAdd(&cnt[e], 1);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; per_rank && i < R; i += blockDim.x) per_rank[i] = s_rank[i];
+    for (int i = threadIdx.x; per_expert && shared_experts && i < E; i += blockDim.x) per_expert[i] = s_expert[i];
+}
+
+extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
+                                                   unsigned char *in_rank, long long *bad, void *stream)
+{
+    size_t shm = r->num_experts <= EPX__LAYOUT_SHARED_EXPERTS ? sizeof(int) * (size_t)r->num_experts : 0;
+    epx__k_moe_layout_checked<<<1, 1024, shm, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad);
+    return (int)cudaGetLastError();
+}
+
 /* ---- Rows ----------------------------------------------------------------------------------- */
 
 /* Exclusive prefix of `flag` over the block (blockDim.x a multiple of 32, <= 1024); returns
@@ -162,7 +216,14 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__mo
 {
     int p = (int)blockIdx.y, c = (int)blockIdx.x, me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
     long long T = r.num_tokens[p], t = (long long)c * EPX__MOE_CHUNK + threadIdx.x;
-    if ((long long)c * EPX__MOE_CHUNK >= T) return;
+    bool clean = *o.bad == EPX__MOE_NO_BAD;
+    if (p == 0 && c == 0 && threadIdx.x == 0) {
+        long long n = 0;
+        for (int s = 0; s < R; s++) n += o.counts[s * R + me];
+        *o.h_rows = clean ? n : -1;
+        if (o.num_recv) *o.num_recv = clean ? n : -1;
+    }
+    if (!clean || (long long)c * EPX__MOE_CHUNK >= T) return;
     unsigned mask = t < T ? epx__dest_mask(&r, p, t) : 0u;
     int flag = (mask >> me) & 1u, total;
     int pos = epx__block_scan(flag, &total);
@@ -204,14 +265,16 @@ extern "C" int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx_
     return (int)cudaGetLastError();
 }
 
-static __global__ void epx__k_moe_align(const int *counts, int *out, int L, int align)
+static __global__ void epx__k_moe_align(const int *counts, int *out, int L, int align, const long long *rows)
 {
+    if (*rows < 0) return;
     for (int l = threadIdx.x; l < L; l += blockDim.x) out[l] = (counts[l] + align - 1) / align * align;
 }
 
-extern "C" int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, void *stream)
+extern "C" int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, const long long *rows,
+                                          void *stream)
 {
-    epx__k_moe_align<<<1, 256, 0, (cudaStream_t)stream>>>(expert_counts, out, L, align);
+    epx__k_moe_align<<<1, 256, 0, (cudaStream_t)stream>>>(expert_counts, out, L, align, rows);
     return (int)cudaGetLastError();
 }
 
@@ -260,18 +323,18 @@ static __global__ void __launch_bounds__(1024) epx__k_moe_gather(epx__moe_gather
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    long long fw = (nwarps + 1) / 2, bw = nwarps / 2, idx = warp >> 1;
-    long long split = bw ? (g.rows + 1) / 2 : g.rows;
+    long long fw = (nwarps + 1) / 2, bw = nwarps / 2, idx = warp >> 1, rows = *g.rows;
+    long long split = bw ? (rows + 1) / 2 : rows;
     if (!(warp & 1) || !bw) {
         for (long long row = bw ? idx : warp; row < split; row += bw ? fw : nwarps) epx__gather_row(&g, row);
     } else {
-        for (long long row = g.rows - 1 - idx; row >= split; row -= bw) epx__gather_row(&g, row);
+        for (long long row = rows - 1 - idx; row >= split; row -= bw) epx__gather_row(&g, row);
     }
 }
 
 extern "C" int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream)
 {
-    if (g->rows > 0) epx__k_moe_gather<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*g);
+    epx__k_moe_gather<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*g);
     return (int)cudaGetLastError();
 }
 
@@ -303,6 +366,7 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
     int lane = threadIdx.x & 31, R = c.nranks, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
+    if (*c.rows < 0) return; /* the dispatch found bad routing: nothing to combine */
     for (long long t = warp; t < c.num_tokens; t += nwarps) {
         const char *src[EPX__CUDA_MAX_RANKS];
         const float *wsrc[EPX__CUDA_MAX_RANKS];
