@@ -117,19 +117,11 @@ typedef struct {
  * asking the others). One block per (source, chunk). */
 int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks, long long *bad,
                                int check_all, void *stream);
-/* *bad = the first index i of my routing with an id out of [-1, E) (untouched if none). */
-int epx__cuda_launch_moe_validate(const epx__moe_routing_t *r, long long *bad, void *stream);
-/* Routing entries the one-block checked layout handles (more: validate, read back, then
- * the grid-wide layout), and the experts it counts in shared memory (more: in global). */
-#define EPX__LAYOUT_ONE_BLOCK_IDS (1 << 16)
-#define EPX__LAYOUT_SHARED_EXPERTS 8192
-/* My routing checked and laid out by one block: *bad = the first bad index and nothing
- * written, or every output written (zeroed by the kernel; any may be NULL). */
+/* My routing checked and laid out in one cooperative launch of at most `blocks` blocks:
+ * *bad (EPX__MOE_NO_BAD before) = the first bad index and nothing written, or every output
+ * written (any may be NULL). scratch: [R + E] ints of epx's own. */
 int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
-                                        unsigned char *in_rank, long long *bad, void *stream);
-/* Local layout of my routing (outputs zeroed by the caller; any may be NULL). */
-int epx__cuda_launch_moe_layout(const epx__moe_routing_t *r, int *per_rank, int *per_expert, unsigned char *in_rank,
-                                void *stream);
+                                        unsigned char *in_rank, long long *bad, int *scratch, int blocks, void *stream);
 /* Rows of every source for me, their routing outputs, and my tokens' rows at every rank;
  * nothing but h_rows = -1 (and num_recv) when *bad says the routing was bad. */
 int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream);

@@ -23,6 +23,7 @@ struct epx__cuda_moe {
     int chunks;          /* ceil(max_tokens / EPX__MOE_CHUNK) */
     long long *d_bad;    /* first bad routing entry of mine */
     int *d_expert_counts; /* [L] */
+    int *d_layout_scratch; /* [R + E] */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
 };
@@ -114,6 +115,7 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
             ce = cudaMalloc((void **)&m->d_chunk_counts, sizeof(int) * (size_t)R * (size_t)R * (size_t)m->chunks);
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, sizeof(long long));
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
+        if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts));
         if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
         if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_CUDA, "MoE setup: %s", cudaGetErrorString(ce));
     }
@@ -136,6 +138,7 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_chunk_counts);
     cudaFree(m->d_bad);
     cudaFree(m->d_expert_counts);
+    cudaFree(m->d_layout_scratch);
     if (m->h_counts) cudaFreeHost(m->h_counts);
     while (m->spare) {
         epx__cuda_moe_handle_t *h = m->spare;
@@ -175,32 +178,16 @@ epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int 
     epx_status_t st = EPX_SUCCESS;
     cudaStream_t strm = (cudaStream_t)stream;
     long long *h_bad = (long long *)(void *)(m->h_counts + rt.nranks * rt.nranks + (rt.nranks * rt.nranks) % 2);
-    if ((int64_t)num_tokens * topk <= EPX__LAYOUT_ONE_BLOCK_IDS) {
-        /* One block checks, then writes: one launch and one read-back of the verdict. */
-        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, m->d_bad, stream),
-                        st, err);
-        EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
-        EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
-        if (st == EPX_SUCCESS && *h_bad != EPX__MOE_NO_BAD)
-            return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
-                             *h_bad / topk, *h_bad % topk, s->num_experts);
-        return st;
-    }
-    /* Check every id first (one read-back), so that bad input changes nothing. */
-    if (num_tokens > 0) {
-        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_validate(&rt, m->d_bad, stream), st, err);
-        EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
-        EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
-        if (st == EPX_SUCCESS && *h_bad != EPX__MOE_NO_BAD)
-            return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
-                             *h_bad / topk, *h_bad % topk, s->num_experts);
-    }
-    if (per_rank) EPX__CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int32_t) * (size_t)rt.nranks, strm), st, err);
-    if (per_expert) EPX__CUDA_CHECK(cudaMemsetAsync(per_expert, 0, sizeof(int32_t) * (size_t)s->num_experts, strm), st, err);
-    if (st == EPX_SUCCESS)
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout(&rt, per_rank, per_expert, in_rank, stream), st, err);
+    /* Checked and laid out in one launch; one read-back of the verdict. */
+    EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, m->d_bad,
+                                                                     m->d_layout_scratch, m->blocks, stream),
+                    st, err);
+    EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
+    EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
+    if (st == EPX_SUCCESS && *h_bad != EPX__MOE_NO_BAD)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
+                         *h_bad / topk, *h_bad % topk, s->num_experts);
     return st;
 }
 

@@ -6,7 +6,10 @@
  * ascending, float32 from +0, no FMA: build with --fmad=false) so the bits match the CPU
  * backend.
  */
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
+
+namespace cg = cooperative_groups;
 
 #include "../core/convert.h"
 #include "dev.h"
@@ -67,87 +70,32 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
     return (int)cudaGetLastError();
 }
 
-/* ---- Validation (local) --------------------------------------------------------------------- */
-
-static __global__ void epx__k_moe_validate(epx__moe_routing_t r, long long *bad)
-{
-    long long n = (long long)r.num_tokens[r.rank] * r.topk;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        long long e = epx__topk_get(&r, r.rank, i);
-        if (e < -1 || e >= r.num_experts) atomicMin((unsigned long long *)bad, (unsigned long long)i);
-    }
-}
-
-extern "C" int epx__cuda_launch_moe_validate(const epx__moe_routing_t *r, long long *bad, void *stream)
-{
-    long long n = (long long)r->num_tokens[r->rank] * r->topk;
-    int blocks = (int)((n + 255) / 256);
-    if (n > 0) epx__k_moe_validate<<<blocks < 264 ? blocks : 264, 256, 0, (cudaStream_t)stream>>>(*r, bad);
-    return (int)cudaGetLastError();
-}
-
 /* ---- Layout (local) -------------------------------------------------------------------------- */
 
-static __global__ void epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank)
+/* The whole layout in one cooperative launch: every block checks its share of the ids,
+ * the grid meets, and only a clean routing is laid out (counts through `scratch`
+ * [R + E], so bad input still changes nothing). */
+static __global__ void __launch_bounds__(512)
+    epx__k_moe_layout_checked(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
+                              int *scratch)
 {
-    int me = r.rank, R = r.nranks, K = r.topk;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < r.num_tokens[me];
-         t += (long long)gridDim.x * blockDim.x) {
-        unsigned m = epx__dest_mask(&r, me, t);
-        for (int q = 0; q < R; q++) {
-            bool in = (m >> q) & 1u;
-            if (in && per_rank) atomicAdd(&per_rank[q], 1);
-            if (in_rank) in_rank[t * R + q] = in;
-        }
-        for (int k = 0; k < K && per_expert; k++) {
-            long long e = epx__topk_get(&r, me, t * K + k);
-            if (e < 0 || e >= r.num_experts) continue;
-            bool dup = false;
-            for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, me, t * K + j) == e;
-            if (!dup) atomicAdd(&per_expert[e], 1);
-        }
-    }
-}
-
-extern "C" int epx__cuda_launch_moe_layout(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
-                                           unsigned char *in_rank, void *stream)
-{
-    int T = r->num_tokens[r->rank], blocks = (T + 255) / 256;
-    if (T > 0) epx__k_moe_layout<<<blocks < 264 ? blocks : 264, 256, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank);
-    return (int)cudaGetLastError();
-}
-
-/* One block checks every id first and writes nothing unless all are valid, then lays out:
- * one launch, and bad input still changes nothing. Counters in shared memory when E fits. */
-static __global__ void __launch_bounds__(1024)
-    epx__k_moe_layout_checked(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad)
-{
-    extern __shared__ int s_expert[];
-    __shared__ int s_rank[EPX__CUDA_MAX_RANKS];
-    __shared__ unsigned long long s_bad;
+    cg::grid_group grid = cg::this_grid();
     int me = r.rank, R = r.nranks, K = r.topk, E = r.num_experts;
-    bool shared_experts = E <= EPX__LAYOUT_SHARED_EXPERTS;
-    long long T = r.num_tokens[me], n = T * K;
-    if (threadIdx.x == 0) s_bad = (unsigned long long)EPX__MOE_NO_BAD;
-    __syncthreads();
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+    long long T = r.num_tokens[me], n = T * K, tid = (long long)blockIdx.x * blockDim.x + threadIdx.x,
+              nthreads = (long long)gridDim.x * blockDim.x;
+    for (long long i = tid; i < R + E; i += nthreads) scratch[i] = 0;
+    for (long long i = tid; i < n; i += nthreads) {
         long long e = epx__topk_get(&r, me, i);
-        if (e < -1 || e >= E) atomicMin(&s_bad, (unsigned long long)i);
+        if (e < -1 || e >= E) atomicMin((unsigned long long *)bad, (unsigned long long)i);
     }
-    __syncthreads();
-    if (s_bad != (unsigned long long)EPX__MOE_NO_BAD) {
-        if (threadIdx.x == 0) *bad = (long long)s_bad;
-        return;
-    }
-    int *cnt = shared_experts ? s_expert : per_expert;
-    for (int i = threadIdx.x; i < R; i += blockDim.x) s_rank[i] = 0;
-    for (int i = threadIdx.x; per_expert && i < E; i += blockDim.x) cnt[i] = 0;
-    __syncthreads();
-    for (long long t = threadIdx.x; t < T; t += blockDim.x) {
+    grid.sync();
+    if (*(volatile long long *)bad != EPX__MOE_NO_BAD) return; /* every block sees the same verdict */
+    int *cnt_rank = scratch, *cnt_expert = scratch + R;
+    for (long long t = tid; t < T; t += nthreads) {
         unsigned m = epx__dest_mask(&r, me, t);
         for (int q = 0; q < R; q++) {
             bool in = (m >> q) & 1u;
-            if (in) atomicAdd(&s_rank[q], 1);
+            if (in) atomicAdd(&cnt_rank[q], 1);
             if (in_rank) in_rank[t * R + q] = in;
         }
         for (int k = 0; k < K && per_expert; k++) {
@@ -155,20 +103,29 @@ static __global__ void __launch_bounds__(1024)
             if (e < 0) continue;
             bool dup = false;
             for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, me, t * K + j) == e;
-            if (!dup) atomicAdd(&cnt[e], 1);
+            if (!dup) atomicAdd(&cnt_expert[e], 1);
         }
     }
-    __syncthreads();
-    for (int i = threadIdx.x; per_rank && i < R; i += blockDim.x) per_rank[i] = s_rank[i];
-    for (int i = threadIdx.x; per_expert && shared_experts && i < E; i += blockDim.x) per_expert[i] = s_expert[i];
+    grid.sync();
+    for (long long i = tid; per_rank && i < R; i += nthreads) per_rank[i] = cnt_rank[i];
+    for (long long i = tid; per_expert && i < E; i += nthreads) per_expert[i] = cnt_expert[i];
 }
 
 extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
-                                                   unsigned char *in_rank, long long *bad, void *stream)
+                                                   unsigned char *in_rank, long long *bad, int *scratch, int blocks,
+                                                   void *stream)
 {
-    size_t shm = r->num_experts <= EPX__LAYOUT_SHARED_EXPERTS ? sizeof(int) * (size_t)r->num_experts : 0;
-    epx__k_moe_layout_checked<<<1, 1024, shm, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad);
-    return (int)cudaGetLastError();
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, epx__k_moe_layout_checked, 512, 0);
+    long long need = ((long long)r->num_tokens[r->rank] * r->topk + 511) / 512;
+    if (blocks > need) blocks = (int)(need > 0 ? need : 1);
+    if (blocks > sms * per_sm) blocks = sms * per_sm; /* all blocks resident: the grid can meet */
+    epx__moe_routing_t rv = *r;
+    void *args[] = {&rv, &per_rank, &per_expert, &in_rank, &bad, &scratch};
+    return (int)cudaLaunchCooperativeKernel((const void *)epx__k_moe_layout_checked, dim3((unsigned)blocks), dim3(512), args, 0,
+                                            (cudaStream_t)stream);
 }
 
 /* ---- Rows ----------------------------------------------------------------------------------- */
