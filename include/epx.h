@@ -227,6 +227,17 @@ EPX_API epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int6
                            const int64_t *sdispls, void *recv, const int64_t *recvcounts,
                            const int64_t *rdispls, epx_dtype_t dtype, void *stream);
 
+/* epx_alltoallv with sendcounts, sdispls, recvcounts and rdispls in device memory (int64
+ * elements, read in stream order, so a kernel enqueued just before may write them): no
+ * host synchronisation, capturable in a CUDA graph. CUDA backend only (else
+ * EPX_ERR_UNSUPPORTED). The pointers are checked on the host; the counts on the device:
+ * a pair whose counts disagree (or a negative value) moves nothing, and the communicator
+ * then reports EPX_ERR_MISMATCH as its asynchronous error (abort and recreate it). recv
+ * must hold what the displacements and counts ask for: there is no capacity check. */
+EPX_API epx_status_t epx_alltoallv_device(epx_comm_t comm, const void *send, const int64_t *sendcounts,
+                                          const int64_t *sdispls, void *recv, const int64_t *recvcounts,
+                                          const int64_t *rdispls, epx_dtype_t dtype, void *stream);
+
 /* ---- MoE dispatch / combine --------------------------------------------------------
  *
  * Shapes: T tokens on this rank (0 <= T <= max_tokens_per_rank, may differ per rank), hidden

@@ -5,7 +5,9 @@
  * operation number on the device). Then a MoE dispatch (worst-case capacity, count on the
  * device: no host synchronisation) + an identity expert + combine, captured once and
  * replayed with new tokens AND new routing every time: rows, sources, count and combined
- * output all checked. Run with 2+ ranks and --cuda.
+ * output all checked. Then epx_alltoallv_device: counts in device memory, changed before
+ * every replay, and a count mismatch that must surface as an asynchronous error. Run with
+ * 2+ ranks and --cuda.
  */
 #include <string.h>
 
@@ -53,6 +55,94 @@ static int replay(epx_comm_t comm, int me, int R, size_t count, int rounds)
     CU(cudaGraphDestroy(graph));
     test_buf_free(send), test_buf_free(recv), free(host);
     return rounds;
+}
+
+/* ---- alltoallv with its counts on the device -------------------------------------------- */
+
+/* Elements rank p sends rank q in round `it` (0 to 300, zero now and then). */
+static int64_t v_count(int it, int p, int q)
+{
+    uint64_t v = test_mix((uint64_t)it + 555, (uint64_t)p, (uint64_t)q, 1);
+    return (v & 3) == 0 ? 0 : (int64_t)(v >> 8) % 301;
+}
+
+/* Counts and displacements of round `it` for rank me: sends packed in rank order, receives
+ * in reverse rank order with a gap, so displacements matter. */
+static void v_layout(int it, int me, int R, int64_t *sc, int64_t *sd, int64_t *rc, int64_t *rd)
+{
+    int64_t s = 0, r = 3;
+    for (int q = 0; q < R; q++) sc[q] = v_count(it, me, q), sd[q] = s, s += sc[q];
+    for (int q = R - 1; q >= 0; q--) rc[q] = v_count(it, q, me), rd[q] = r, r += rc[q] + 5;
+}
+
+/* One direct call, then a graph replayed with new counts (written in stream order before
+ * each launch) and new data; every element and the untouched gaps checked. */
+static int alltoallv_device(epx_comm_t comm, int me, int R, int rounds)
+{
+    cudaStream_t s = test_stream();
+    size_t cap = (size_t)R * 310 + 8;
+    uint32_t *send = test_buf_alloc(cap * 4), *recv = test_buf_alloc(cap * 4), *hs = malloc(cap * 4), *hr = malloc(cap * 4);
+    int64_t *d = test_buf_alloc(4 * (size_t)R * 8), *h = malloc(4 * (size_t)R * 8);
+    int64_t *sc = h, *sd = h + R, *rc = h + 2 * R, *rd = h + 3 * R;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec = NULL;
+    for (int it = -1; it < rounds; it++) {
+        v_layout(it, me, R, sc, sd, rc, rd);
+        for (int q = 0; q < R; q++)
+            for (int64_t i = 0; i < sc[q]; i++) hs[sd[q] + i] = (uint32_t)test_mix((uint64_t)it + 9, (uint64_t)me, (uint64_t)q, (uint64_t)i);
+        test_buf_put(send, hs, cap * 4);
+        test_buf_put(d, h, 4 * (size_t)R * 8);
+        test_buf_poison(recv, 0xA5, cap * 4);
+        if (it < 0) { /* the direct call */
+            ASSERT_OK(epx_alltoallv_device(comm, send, d, d + R, recv, d + 2 * R, d + 3 * R, EPX_F32, s));
+        } else {
+            if (!exec) {
+                CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+                ASSERT_OK(epx_alltoallv_device(comm, send, d, d + R, recv, d + 2 * R, d + 3 * R, EPX_F32, s));
+                CU(cudaStreamEndCapture(s, &graph));
+                CU(cudaGraphInstantiate(&exec, graph, 0));
+            }
+            CU(cudaGraphLaunch(exec, s));
+        }
+        test_buf_get(hr, recv, cap * 4);
+        size_t at = 0;
+        for (int q = R - 1; q >= 0; q--) {
+            for (; at < (size_t)rd[q]; at++)
+                if (hr[at] != 0xA5A5A5A5u) TEST_FAIL_("round %d: gap element %zu was written", it, at);
+            for (int64_t i = 0; i < rc[q]; i++, at++)
+                if (hr[at] != (uint32_t)test_mix((uint64_t)it + 9, (uint64_t)q, (uint64_t)me, (uint64_t)i))
+                    TEST_FAIL_("round %d: element %lld from rank %d wrong", it, (long long)i, q);
+        }
+    }
+    CU(cudaGraphExecDestroy(exec));
+    CU(cudaGraphDestroy(graph));
+    test_buf_free(send), test_buf_free(recv), test_buf_free(d), free(hs), free(hr), free(h);
+    return rounds + 1;
+}
+
+/* Last: rank 0 sends rank 1 one element more than rank 1 expects. Rank 0's communicator
+ * reports EPX_ERR_MISMATCH, nothing of that pair is written, and no rank hangs. */
+static void alltoallv_device_mismatch(epx_comm_t comm, int me, int R)
+{
+    cudaStream_t s = test_stream();
+    uint32_t *send = test_buf_alloc(64 * 4), *recv = test_buf_alloc(64 * 4), hr[64];
+    int64_t h[4 * 32], *d = test_buf_alloc(sizeof h);
+    for (int q = 0; q < R; q++) h[q] = 2, h[R + q] = 2 * q, h[2 * R + q] = 2, h[3 * R + q] = 2 * q;
+    if (me == 0) { /* 3 elements for rank 1 (which expects 2); the later sends move up one */
+        h[1] = 3;
+        for (int q = 2; q < R; q++) h[R + q] = 2 * q + 1;
+    }
+    test_buf_put(d, h, sizeof h);
+    test_buf_poison(recv, 0xA5, 64 * 4);
+    test_buf_poison(send, 0x11, 64 * 4);
+    ASSERT_OK(epx_alltoallv_device(comm, send, d, d + R, recv, d + 2 * R, d + 3 * R, EPX_F32, s));
+    test_buf_get(hr, recv, 64 * 4);
+    epx_status_t async = EPX_SUCCESS;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    if (me == 0 && async != EPX_ERR_MISMATCH)
+        TEST_FAIL_("a count mismatch gave async error %s, expected EPX_ERR_MISMATCH", epx_status_name(async));
+    if (me == 1 && (hr[0] != 0xA5A5A5A5u || hr[1] != 0xA5A5A5A5u)) TEST_FAIL_("the mismatched pair wrote data");
+    test_buf_free(send), test_buf_free(recv), test_buf_free(d);
 }
 
 /* ---- MoE: dispatch + identity expert + combine ----------------------------------------- */
@@ -192,7 +282,10 @@ int main(int argc, char **argv)
     passed += replay(comm, me, R, 100, 200);    /* eager slots */
     passed += replay(comm, me, R, 100000, 200); /* direct kernel */
     passed += replay_moe(comm, me, R, 200);
-    test_finish(comm, passed);
+    passed += alltoallv_device(comm, me, R, 100);
+    alltoallv_device_mismatch(comm, me, R); /* breaks rank 0's communicator: last */
+    epx_comm_destroy(comm); /* rank 0's is broken: its status is not the point here */
+    test_done(passed + 1);
 #endif
     return 0;
 }

@@ -91,6 +91,29 @@ epx_status_t epx_alltoallv(epx_comm_t comm, const void *send, const int64_t *sen
     return epx__comm_result(comm, epx__exchange(comm, local == EPX_SUCCESS ? &x : NULL, local, stream));
 }
 
+epx_status_t epx_alltoallv_device(epx_comm_t comm, const void *send, const int64_t *sendcounts, const int64_t *sdispls,
+                                  void *recv, const int64_t *recvcounts, const int64_t *rdispls, epx_dtype_t dtype,
+                                  void *stream)
+{
+    EPX__CHECK(epx__comm_check(comm));
+    if (!comm->cuda) /* alike on every rank: no collective step is needed */
+        return epx__fail(&comm->err, EPX_ERR_UNSUPPORTED, "epx_alltoallv_device needs the CUDA backend");
+    epx_status_t local = EPX_SUCCESS;
+    size_t es = epx_dtype_size(dtype);
+    const void *arrays[] = {sendcounts, sdispls, recvcounts, rdispls};
+    static const char *names[] = {"sendcounts", "sdispls", "recvcounts", "rdispls"};
+    if (es == 0) local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "dtype = %d is not an epx_dtype_t", (int)dtype);
+    for (int i = 0; i < 4 && local == EPX_SUCCESS; i++)
+        if (!arrays[i] || !epx__cuda_is_device_ptr(arrays[i]) || (uintptr_t)arrays[i] % 8)
+            local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "%s must be 8-byte aligned device memory", names[i]);
+    if (local == EPX_SUCCESS && (!send || !recv || !epx__cuda_is_device_ptr(send) || !epx__cuda_is_device_ptr(recv)))
+        local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "send and recv must be device memory");
+    if (local == EPX_SUCCESS && ((uintptr_t)send % es || (uintptr_t)recv % es))
+        local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "send or recv is not aligned to its %zu-byte elements", es);
+    epx__cuda_counts_t k = {send, sendcounts, sdispls, recv, recvcounts, rdispls, (int64_t)es};
+    return epx__comm_result(comm, epx__cuda_alltoallv_device(comm->cuda, &k, local, stream, &comm->err));
+}
+
 epx_status_t epx_alltoall(epx_comm_t comm, const void *send, void *recv, size_t count, epx_dtype_t dtype,
                           void *stream)
 {

@@ -150,6 +150,11 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
 {
     volatile epx__cuda_err_t *e = c->err_host;
     if (e->code == 0) return EPX_SUCCESS;
+    if (e->code == EPX_ERR_MISMATCH)
+        return epx__fail(err, EPX_ERR_MISMATCH,
+                         "rank %d: epx_alltoallv_device: rank %d expects %lld elements from this rank, which sends %lld "
+                         "(operation %llu)",
+                         c->rank, e->peer, (long long)e->seen, (long long)e->wanted, (unsigned long long)e->op);
     return epx__fail(err, (epx_status_t)e->code,
                      "rank %d: a device wait for rank %d timed out (operation %llu; flag at %llu, wanted %llu)", c->rank,
                      e->peer, (unsigned long long)e->op, (unsigned long long)e->seen, (unsigned long long)e->wanted);
@@ -439,6 +444,52 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
     }
     free(cards), free(dst);
     return st;
+}
+
+epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t *k, epx_status_t local, void *stream,
+                                        epx__errbuf_t *err)
+{
+    int R = c->nranks, me = c->rank;
+    /* One host round (at call or capture time): where every rank's receive buffer and
+     * receive counts are. The counts themselves are read on the device. */
+    typedef struct {
+        epx__ipc_card_t recv, counts, displs;
+    } card_t;
+    card_t mine, *cards = calloc(2 * (size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(&mine, 0, sizeof mine);
+    if (local == EPX_SUCCESS) local = epx__ipc_export(c, k->recv, &mine.recv, err);
+    if (local == EPX_SUCCESS) local = epx__ipc_export(c, k->recv_counts, &mine.counts, err);
+    if (local == EPX_SUCCESS) local = epx__ipc_export(c, k->recv_displs, &mine.displs, err);
+    for (int p = 0; p < R; p++) cards[p] = mine;
+    epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
+    const card_t *in = cards + R;
+    epx__cuda_direct_args_t a;
+    memset(&a, 0, sizeof a);
+    a.elem = k->elem_bytes;
+    a.send_counts = (const long long *)k->send_counts;
+    a.send_displs = (const long long *)k->send_displs;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        a.src[p] = (const char *)k->send;
+        if (p == me) {
+            a.dst[p] = (char *)k->recv;
+            a.recv_counts[p] = (const long long *)k->recv_counts;
+            a.recv_displs[p] = (const long long *)k->recv_displs;
+            continue;
+        }
+        char *base;
+        st = epx__ipc_open(c, p, &in[p].recv, &base, stream, err);
+        a.dst[p] = base + in[p].recv.base_offset;
+        if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].counts, &base, stream, err);
+        a.recv_counts[p] = (const long long *)(base + in[p].counts.base_offset);
+        if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].displs, &base, stream, err);
+        a.recv_displs[p] = (const long long *)(base + in[p].displs.base_offset);
+    }
+    free(cards);
+    if (st != EPX_SUCCESS) return st;
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_direct_alltoallv(&c->dev, &a, stream);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "alltoallv_device enqueue: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx__cuda_barrier(epx__cuda_t *c, epx_status_t local, void *stream, epx__errbuf_t *err)

@@ -36,6 +36,16 @@ epx_status_t epx__cuda_mem_free(epx__cuda_t *cuda, void *ptr, epx__errbuf_t *err
 /* alltoallv of device buffers, byte counts on the host, enqueued on `stream`. */
 epx_status_t epx__cuda_alltoallv(epx__cuda_t *cuda, const epx__cpu_xfer_t *x, epx_status_t local_status,
                                  void *stream, epx__errbuf_t *err);
+/* alltoallv whose counts and displacements (elements) live in device memory. */
+typedef struct {
+    const void *send;
+    const int64_t *send_counts, *send_displs;
+    void *recv;
+    const int64_t *recv_counts, *recv_displs;
+    int64_t elem_bytes;
+} epx__cuda_counts_t;
+epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *cuda, const epx__cuda_counts_t *k, epx_status_t local_status,
+                                        void *stream, epx__errbuf_t *err);
 /* Enqueue a barrier of the ranks' streams. */
 epx_status_t epx__cuda_barrier(epx__cuda_t *cuda, epx_status_t local_status, void *stream, epx__errbuf_t *err);
 

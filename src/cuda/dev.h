@@ -59,6 +59,11 @@ typedef struct {
     const char *src[EPX__CUDA_MAX_RANKS];
     char *dst[EPX__CUDA_MAX_RANKS];
     long long bytes[EPX__CUDA_MAX_RANKS];
+    /* Counts on the device (elem > 0): src, dst and bytes come from these instead (dst[p]
+     * is then p's receive buffer, not yet offset). Each peer's are mapped here. */
+    long long elem;
+    const long long *send_counts, *send_displs; /* mine */
+    const long long *recv_counts[EPX__CUDA_MAX_RANKS], *recv_displs[EPX__CUDA_MAX_RANKS];
 } epx__cuda_direct_args_t;
 
 /* ---- MoE high-throughput (moe_kernels.cu) ---- */

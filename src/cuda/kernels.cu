@@ -160,11 +160,37 @@ extern "C" int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const 
  * Before writing into a peer a block waits for the peer's arrival (its receive buffer is
  * free); after its writes every block adds 1 to its WRITTEN counter at every peer. The
  * last block to finish waits until every peer's blocks have written into me. */
+/* A pair's counts disagree (device counts): record it; the pair moves nothing. */
+static __device__ void epx__record_mismatch(const epx__cuda_dev_t *d, int peer, unsigned long long n, long long mine,
+                                            long long theirs)
+{
+    volatile epx__cuda_err_t *e = d->err;
+    if (atomicCAS((int *)&e->code, 0, -1) != 0) return; /* the first error stays */
+    e->peer = peer;
+    e->op = n;
+    e->seen = (unsigned long long)theirs;
+    e->wanted = (unsigned long long)mine;
+    __threadfence_system();
+    e->code = EPX_ERR_MISMATCH;
+    __threadfence_system();
+}
+
 static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_direct_args_t a)
 {
     __shared__ int ok;
     unsigned long long n = epx__op_number(&d);
     int me = d.rank, R = d.nranks;
+    if (a.elem > 0 && (int)threadIdx.x < R) { /* my side of every pair, from my device counts */
+        int p = (int)threadIdx.x;
+        long long c = a.send_counts[p], s = a.send_displs[p];
+        a.bytes[p] = c > 0 && s >= 0 ? c * a.elem : 0;
+        a.src[p] += (s >= 0 ? s : 0) * a.elem;
+    }
+    __shared__ long long s_bytes[EPX__CUDA_MAX_RANKS];
+    __shared__ const char *s_src[EPX__CUDA_MAX_RANKS];
+    if ((int)threadIdx.x < R) s_bytes[threadIdx.x] = a.bytes[threadIdx.x], s_src[threadIdx.x] = a.src[threadIdx.x];
+    __syncthreads();
+    for (int p = 0; p < R; p++) a.bytes[p] = s_bytes[p], a.src[p] = s_src[p];
     if (blockIdx.x == 0 && (int)threadIdx.x < R && (int)threadIdx.x != me)
         epx__st_release_sys(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_ARRIVE * R + me) * EPX__FLAG_STRIDE, n);
     long long total = 0;
@@ -185,7 +211,16 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
             __syncthreads(); /* everyone has read `ok` before thread 0 may set it again */
             if (!good) break;
         }
-        epx__block_copy(a.dst[p] + (s0 - b0), a.src[p] + (s0 - b0), s1 - s0);
+        char *dst = a.dst[p];
+        if (a.elem > 0) { /* the peer's side, read once its stream is here */
+            long long theirs = a.recv_counts[p][me], at = a.recv_displs[p][me];
+            if (theirs * a.elem != a.bytes[p] || at < 0) {
+                if (threadIdx.x == 0) epx__record_mismatch(&d, p, n, a.bytes[p] / a.elem, theirs);
+                continue;
+            }
+            dst += at * a.elem;
+        }
+        epx__block_copy(dst + (s0 - b0), a.src[p] + (s0 - b0), s1 - s0);
     }
     __threadfence_system(); /* every writer fences: its stores reach the peer before the count */
     __syncthreads();
@@ -205,6 +240,9 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
     if (p < R && p != me)
         epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_WRITTEN * R + p) * EPX__FLAG_STRIDE,
                       (*(volatile unsigned long long *)d.direct_ops + 1ull) * (unsigned long long)gridDim.x, p);
+    /* Device counts: a pair I send nothing to must expect nothing (p's side is final now). */
+    if (a.elem > 0 && p < R && a.bytes[p] == 0 && a.recv_counts[p][me] != 0)
+        epx__record_mismatch(&d, p, n, 0, a.recv_counts[p][me]);
     __syncthreads();
     if (threadIdx.x == 0) {
         *d.blocks_left = 0;

@@ -36,6 +36,13 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *cuda, const epx__cpu_xfer_t *x, ep
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
 
+epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *cuda, const epx__cuda_counts_t *k, epx_status_t local_status,
+                                        void *stream, epx__errbuf_t *err)
+{
+    (void)cuda, (void)k, (void)local_status, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+
 epx_status_t epx__cuda_barrier(epx__cuda_t *cuda, epx_status_t local_status, void *stream, epx__errbuf_t *err)
 {
     (void)cuda, (void)local_status, (void)stream;
