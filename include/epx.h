@@ -315,6 +315,11 @@ typedef struct epx_moe_handle *epx_moe_handle_t;
 EPX_API epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_moe_t *moe);
 /* Local; handles must be freed first. NULL is accepted. */
 EPX_API epx_status_t epx_moe_destroy(epx_moe_t moe);
+/* Device memory the CUDA backend allocates per rank for a communicator of `nranks` and a
+ * MoE context of `cfg` with one live dispatch handle (each further live handle adds
+ * 12 * nranks * max_tokens_per_rank bytes), before the driver's rounding. No
+ * communicator needed. EPX_ERR_UNSUPPORTED in builds without CUDA. */
+EPX_API epx_status_t epx_moe_device_memory(const epx_moe_config_t *cfg, int nranks, int64_t *bytes);
 /* Rows a high-throughput dispatch can receive at most: R * max_tokens_per_rank. */
 EPX_API epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows);
 

@@ -117,6 +117,26 @@ static void run_boot(int nranks, const int *claimed, epx_status_t expect)
     for (int r = 0; r < nranks; r++) ASSERT_STATUS(args[r].status, expect);
 }
 
+/* epx_moe_device_memory: grows with the shape; bad configurations rejected; without CUDA
+ * in the build it says so. The CUDA alltoallv_device refuses the CPU backend. */
+static void test_moe_memory(void)
+{
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = 7168, cfg.max_tokens_per_rank = 4096, cfg.num_experts = 256, cfg.max_topk = 8;
+    int64_t a = -1, b = -1;
+#ifdef EPX_HAVE_CUDA
+    ASSERT_OK(epx_moe_device_memory(&cfg, 2, &a));
+    ASSERT_OK(epx_moe_device_memory(&cfg, 8, &b));
+    ASSERT(a > 0 && b > a && b < ((int64_t)1 << 30)); /* the bound: <= 1 GiB per rank */
+#else
+    ASSERT_STATUS(epx_moe_device_memory(&cfg, 2, &a), EPX_ERR_UNSUPPORTED);
+#endif
+    ASSERT_STATUS(epx_moe_device_memory(&cfg, 3, &a), EPX_ERR_INVALID_ARGUMENT); /* 256 % 3 */
+    ASSERT_STATUS(epx_moe_device_memory(&cfg, 0, &a), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_moe_device_memory(NULL, 2, &a), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_moe_device_memory(&cfg, 2, NULL), EPX_ERR_INVALID_ARGUMENT);
+}
+
 int main(void)
 {
     test_rank = 0;
@@ -142,7 +162,10 @@ int main(void)
     int x = 42, y = 0;
     ASSERT_OK(epx_alltoall(comm, &x, &y, 1, EPX_I32, NULL));
     ASSERT_EQ(y, 42);
+    int64_t c1[1] = {1};
+    ASSERT_STATUS(epx_alltoallv_device(comm, &x, c1, c1, &y, c1, c1, EPX_I32, NULL), EPX_ERR_UNSUPPORTED);
     ASSERT_OK(epx_comm_destroy(comm));
-    test_done(8);
+    test_moe_memory();
+    test_done(10);
     return 0;
 }

@@ -32,9 +32,9 @@ static bool epx__is_token_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 ||
 static bool epx__is_combine_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32; }
 
 /* Check a configuration and derive the shape the backends use. */
-static epx_status_t epx__moe_shape(epx_comm_t c, const epx_moe_config_t *u, epx__moe_shape_t *s)
+static epx_status_t epx__moe_shape(int nranks, int rank, const epx_moe_config_t *u, epx__moe_shape_t *s,
+                                   epx__errbuf_t *err)
 {
-    epx__errbuf_t *err = &c->err;
     epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
     if (!u) return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg is NULL");
     if (u->size < offsetof(epx_moe_config_t, num_sms) + sizeof(int) || u->size > sizeof cfg)
@@ -44,9 +44,9 @@ static epx_status_t epx__moe_shape(epx_comm_t c, const epx_moe_config_t *u, epx_
     if (cfg.max_tokens_per_rank < 0 || cfg.max_tokens_per_rank > (1 << 24))
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.max_tokens_per_rank = %d is outside [0, 2^24]",
                          cfg.max_tokens_per_rank);
-    if (cfg.num_experts < 1 || cfg.num_experts % c->nranks != 0)
+    if (cfg.num_experts < 1 || cfg.num_experts % nranks != 0)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.num_experts = %d must be a positive multiple of the %d ranks",
-                         cfg.num_experts, c->nranks);
+                         cfg.num_experts, nranks);
     if (cfg.max_topk < 1 || cfg.max_topk > EPX_MOE_MAX_TOPK)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.max_topk = %d is outside [1, %d]", cfg.max_topk,
                          EPX_MOE_MAX_TOPK);
@@ -72,12 +72,12 @@ static epx_status_t epx__moe_shape(epx_comm_t c, const epx_moe_config_t *u, epx_
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
                          "low-latency dispatch takes bf16/f16/f32 tokens (set ll_fp8 to quantise bf16 to FP8)");
     *s = (epx__moe_shape_t){0};
-    s->nranks = c->nranks;
-    s->rank = c->rank;
+    s->nranks = nranks;
+    s->rank = rank;
     s->hidden = cfg.hidden;
     s->max_tokens = cfg.max_tokens_per_rank;
     s->num_experts = cfg.num_experts;
-    s->local_experts = cfg.num_experts / c->nranks;
+    s->local_experts = cfg.num_experts / nranks;
     s->max_topk = cfg.max_topk;
     s->dtype = (epx_dtype_t)cfg.dtype;
     s->combine_dtype = (epx_dtype_t)cfg.combine_dtype;
@@ -89,7 +89,7 @@ static epx_status_t epx__moe_shape(epx_comm_t c, const epx_moe_config_t *u, epx_
     s->row_bytes = (size_t)cfg.hidden * epx_dtype_size(s->dtype);
     s->scale_cols = (size_t)(cfg.hidden + EPX__FP8_BLOCK - 1) / EPX__FP8_BLOCK;
     s->combine_row_bytes = (size_t)cfg.hidden * epx_dtype_size(s->combine_dtype);
-    s->ll_slots = (size_t)c->nranks * (size_t)cfg.max_tokens_per_rank;
+    s->ll_slots = (size_t)nranks * (size_t)cfg.max_tokens_per_rank;
     s->num_sms = cfg.num_sms == EPX_UNSET ? 0 : cfg.num_sms;
     return EPX_SUCCESS;
 }
@@ -102,7 +102,7 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
     epx_moe_t m = calloc(1, sizeof *m);
     if (!m) return epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
     m->comm = comm;
-    epx_status_t local = epx__moe_shape(comm, cfg, &m->shape);
+    epx_status_t local = epx__moe_shape(comm->nranks, comm->rank, cfg, &m->shape, &comm->err);
     uint64_t hash = epx__hash64(&m->shape.hidden, offsetof(epx__moe_shape_t, num_sms) - offsetof(epx__moe_shape_t, hidden), 0);
     epx_status_t st = comm->cuda ? epx__cuda_moe_create(comm->cuda, &m->shape, hash, local, &m->cuda, &comm->err)
                                  : epx__cpu_moe_create(comm->cpu, &m->shape, hash, local, &m->cpu, &comm->err);
@@ -113,6 +113,18 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
         return st;
     }
     *out = m;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_moe_device_memory(const epx_moe_config_t *cfg, int nranks, int64_t *bytes)
+{
+    if (!bytes) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "bytes is NULL");
+    if (nranks < 1) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "nranks = %d must be >= 1", nranks);
+    epx__moe_shape_t s;
+    EPX__CHECK(epx__moe_shape(nranks, 0, cfg, &s, NULL));
+    int64_t n = epx__cuda_comm_device_bytes(nranks) + epx__cuda_moe_device_bytes(&s);
+    if (n == 0) return epx__fail(NULL, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+    *bytes = n;
     return EPX_SUCCESS;
 }
 

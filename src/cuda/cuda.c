@@ -41,6 +41,23 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
     return st;
 }
 
+/* Control memory of a communicator: flags, eager slots (two parities), the epoch words. */
+static size_t epx__ctrl_layout(int nranks, size_t *eager_bytes, size_t *eager_off, size_t *epoch_off)
+{
+    int64_t eager = epx__param_int(EPX__P_CUDA_EAGER_BYTES);
+    *eager_bytes = (size_t)EPX__ALIGN_UP(EPX__MAX(eager, (int64_t)16), 128);
+    size_t flags_bytes = (size_t)EPX__FLAG_KINDS * (size_t)nranks * EPX__FLAG_STRIDE * 8;
+    *eager_off = EPX__ALIGN_UP(flags_bytes, 256);
+    *epoch_off = *eager_off + 2 * (size_t)nranks * (EPX__SLOT_HDR + *eager_bytes);
+    return *epoch_off + 256;
+}
+
+int64_t epx__cuda_comm_device_bytes(int nranks)
+{
+    size_t a, b, c;
+    return (int64_t)epx__ctrl_layout(nranks, &a, &b, &c);
+}
+
 epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int nranks, int device,
                               int64_t timeout_ms, epx__errbuf_t *err)
 {
@@ -55,12 +72,8 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     c->host = host;
     c->rank = rank;
     c->nranks = nranks;
-    int64_t eager = epx__param_int(EPX__P_CUDA_EAGER_BYTES);
-    size_t eager_bytes = (size_t)EPX__ALIGN_UP(EPX__MAX(eager, (int64_t)16), 128);
-    size_t flags_bytes = (size_t)EPX__FLAG_KINDS * (size_t)nranks * EPX__FLAG_STRIDE * 8;
-    size_t eager_off = EPX__ALIGN_UP(flags_bytes, 256);
-    size_t epoch_off = eager_off + 2 * (size_t)nranks * (EPX__SLOT_HDR + eager_bytes);
-    c->ctrl_bytes = epoch_off + 256;
+    size_t eager_bytes, eager_off, epoch_off;
+    c->ctrl_bytes = epx__ctrl_layout(nranks, &eager_bytes, &eager_off, &epoch_off);
 
     if (nranks > EPX__CUDA_MAX_RANKS)
         local = epx__fail(err, EPX_ERR_UNSUPPORTED, "the CUDA backend takes at most %d ranks per host (got %d)",

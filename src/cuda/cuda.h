@@ -46,6 +46,10 @@ typedef struct {
 } epx__cuda_counts_t;
 epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *cuda, const epx__cuda_counts_t *k, epx_status_t local_status,
                                         void *stream, epx__errbuf_t *err);
+/* Device memory a communicator of n ranks allocates per rank (its control memory), and a
+ * MoE context with one live handle; 0 in builds without CUDA. */
+int64_t epx__cuda_comm_device_bytes(int nranks);
+int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s);
 /* Enqueue a barrier of the ranks' streams. */
 epx_status_t epx__cuda_barrier(epx__cuda_t *cuda, epx_status_t local_status, void *stream, epx__errbuf_t *err);
 

@@ -131,6 +131,14 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
     return EPX_SUCCESS;
 }
 
+int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
+{
+    int64_t R = s->nranks, chunks = EPX__MAX((s->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
+    int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts) + 8;
+    int64_t handle = 3 * 4 * R * EPX__MAX(s->max_tokens, 1) + 8; /* each live dispatch handle */
+    return context + handle;
+}
+
 void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
 {
     if (!m) return;

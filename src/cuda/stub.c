@@ -43,6 +43,18 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *cuda, const epx__cuda_count
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
 
+int64_t epx__cuda_comm_device_bytes(int nranks)
+{
+    (void)nranks;
+    return 0;
+}
+
+int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
+{
+    (void)s;
+    return 0;
+}
+
 epx_status_t epx__cuda_barrier(epx__cuda_t *cuda, epx_status_t local_status, void *stream, epx__errbuf_t *err)
 {
     (void)cuda, (void)local_status, (void)stream;
