@@ -12,7 +12,9 @@ except ImportError:  # torch-only installs
     np = None
 
 _NP_DTYPES = {"float32": _lib.F32, "float16": _lib.F16, "int32": _lib.I32, "int64": _lib.I64, "uint8": _lib.U8,
-              "int8": _lib.U8, "bool": _lib.U8, "bfloat16": _lib.BF16, "float8_e4m3fn": _lib.FP8_E4M3}
+              "int8": _lib.U8, "bool": _lib.U8,
+              "uint16": _lib.BF16,  # raw bf16 bits (numpy has no bf16; ml_dtypes' bfloat16 maps too)
+              "bfloat16": _lib.BF16, "float8_e4m3fn": _lib.FP8_E4M3}
 _TORCH_NAMES = {_lib.F32: "float32", _lib.F16: "float16", _lib.BF16: "bfloat16", _lib.FP8_E4M3: "float8_e4m3fn",
                 _lib.I32: "int32", _lib.I64: "int64", _lib.U8: "uint8"}
 

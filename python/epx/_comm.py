@@ -6,7 +6,7 @@ from ctypes import byref, c_int, c_int64, c_void_p
 
 from . import _arrays as A
 from . import _lib
-from ._errors import check, InvalidArgumentError, SUCCESS
+from ._errors import _RECOVERABLE, check, InvalidArgumentError, SUCCESS
 
 L = _lib.lib
 
@@ -77,6 +77,29 @@ class Comm:
         self.rank, self.size = info.rank, info.nranks
         self.backend = _BACKEND_NAMES.get(info.backend, str(info.backend))
         self._registered = {}
+        self._graveyard = []
+
+    # ---- deferred release -------------------------------------------------------------------------
+
+    def _defer(self, fn, *args):
+        """Release something peers may still read (a MoE context, a registered array) only after the next
+        collective of this communicator: a rank can return from a call while a slower peer still has to
+        open its buffers, and every rank's arrival in a later collective proves it has finished the
+        earlier ones. (Releasing at once let the slower peer fail to open them.)"""
+        self._graveyard.append((fn, args))
+
+    def _bury(self, n):
+        done, self._graveyard = self._graveyard[:n], self._graveyard[n:]
+        for fn, args in done:
+            fn(*args)
+
+    def _run(self, call):
+        """A collective C call; afterwards, releases what was deferred before it started."""
+        n = len(self._graveyard)
+        st = call()
+        if n and (st == SUCCESS or st in _RECOVERABLE):
+            self._bury(n)
+        return st
 
     @classmethod
     def from_torch(cls, group=None, *, backend=None, device=None, timeout_ms=None):
@@ -129,6 +152,7 @@ class Comm:
         """Release the communicator (local). Registered arrays become invalid."""
         for m in list(getattr(self, "_children", ())):
             m.destroy()
+        self._bury(len(getattr(self, "_graveyard", ())))
         if self._h:
             for p in list(self._registered):
                 L.epx_mem_free(self._h, p)
@@ -140,6 +164,7 @@ class Comm:
         """Mark the communicator aborted (waiting peers fail promptly) and release it."""
         for m in list(getattr(self, "_children", ())):
             m.destroy()
+        self._bury(len(getattr(self, "_graveyard", ())))
         if self._h:
             self._registered.clear()
             L.epx_comm_abort(self._h)
@@ -180,7 +205,7 @@ class Comm:
         if p not in self._registered:
             raise InvalidArgumentError(-1, "array was not made by this communicator's empty()")
         del self._registered[p]
-        check(L.epx_mem_free(self._ptr(), p), self._h)
+        self._defer(L.epx_mem_free, self._ptr(), p)
 
     # ---- collectives -------------------------------------------------------------------------
 
@@ -193,12 +218,13 @@ class Comm:
         if stream is None and self.backend == "cuda":
             import torch
             st = torch.cuda.current_stream().cuda_stream or None
-        check(L.epx_barrier(self._ptr(), A.stream_handle(stream) if stream is not None else st), self._h)
+        s = A.stream_handle(stream) if stream is not None else st
+        check(self._run(lambda: L.epx_barrier(self._ptr(), s)), self._h)
 
     def _fail_together(self, message):
         """Make a collective call fail on every rank (this one invalid, the others remote-invalid), so
         that an argument only Python can check leaves no rank waiting; then raise here."""
-        L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None)
+        self._run(lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
         raise InvalidArgumentError(-1, message)
 
     def alltoall(self, send, recv=None, *, dtype=None, stream=None):
@@ -222,7 +248,8 @@ class Comm:
         if problem:
             self._fail_together(problem)
         count = n // es // self.size
-        check(L.epx_alltoall(self._ptr(), A.ptr(send), A.ptr(recv), count, code, self._stream(stream, send)), self._h)
+        check(self._run(lambda: L.epx_alltoall(self._ptr(), A.ptr(send), A.ptr(recv), count, code,
+                                               self._stream(stream, send))), self._h)
         return recv
 
     def alltoallv(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, *, dtype=None, stream=None):
@@ -249,8 +276,8 @@ class Comm:
                     break
         if problem:
             self._fail_together(problem)
-        check(L.epx_alltoallv(self._ptr(), A.ptr(send), arrs[0], arrs[1], A.ptr(recv), arrs[2], arrs[3], code,
-                              self._stream(stream, send)), self._h)
+        check(self._run(lambda: L.epx_alltoallv(self._ptr(), A.ptr(send), arrs[0], arrs[1], A.ptr(recv), arrs[2],
+                                                arrs[3], code, self._stream(stream, send))), self._h)
         return recv
 
 

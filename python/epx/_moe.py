@@ -68,7 +68,7 @@ class Moe:
             cfg.num_sms = int(num_sms)
         self._h = c_void_p()
         self._handles = weakref.WeakSet()
-        check(L.epx_moe_create(comm._ptr(), byref(cfg), byref(self._h)), comm._h)
+        check(comm._run(lambda: L.epx_moe_create(comm._ptr(), byref(cfg), byref(self._h))), comm._h)
         comm._children = getattr(comm, "_children", weakref.WeakSet())
         comm._children.add(self)
         self.hidden, self.num_experts = cfg.hidden, cfg.num_experts
@@ -84,11 +84,12 @@ class Moe:
         self.ll_slots = comm.size * cfg.max_tokens_per_rank
 
     def destroy(self):
-        """Release the context and its live handles (local)."""
+        """Release the context and its live handles (local). The context itself is released after the
+        communicator's next collective (see Comm._defer), when no peer can still be reading it."""
         for h in list(self._handles):
             h.close()
         if self._h:
-            L.epx_moe_destroy(self._h)
+            self.comm._defer(L.epx_moe_destroy, self._h)
             self._h = c_void_p()
 
     def __del__(self):
@@ -196,7 +197,7 @@ class Moe:
         h = c_void_p()
         if problem:
             din.num_tokens = -1  # fails on every rank, nothing written
-            L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None)
+            self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None))
             raise InvalidArgumentError(-1, problem)
         recv_x = A.empty(x, (cap, self.hidden), self.dtype)
         recv_s = A.empty(x, (cap, self.scale_cols), _lib.F32) if fp8 else None
@@ -210,7 +211,7 @@ class Moe:
         dout.recv_x, dout.recv_x_scales, dout.recv_topk_idx = A.ptr(recv_x), A.ptr(recv_s), A.ptr(recv_i)
         dout.recv_topk_weights, dout.recv_src_rank, dout.recv_src_token = A.ptr(recv_w), A.ptr(src_r), A.ptr(src_t)
         dout.num_recv_tokens_per_expert, dout.capacity = A.ptr(per_e), cap
-        check(L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x)),
+        check(self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
               self.comm._h)
         n = dout.num_recv_tokens
         handle = Handle(self, h, "ht", T, K, n)
@@ -236,14 +237,14 @@ class Moe:
             problem = self._check(checks)
         din, dout = _lib.DispatchIn(), _lib.DispatchOut()
         if problem:
-            L.epx_moe_dispatch_cached(self._ptr(), None, byref(din), byref(dout), None)
+            self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), None, byref(din), byref(dout), None))
             raise InvalidArgumentError(-1, problem)
         n = handle.num_recv_tokens
         recv_x = A.empty(x, (n, self.hidden), self.dtype)
         recv_s = A.empty(x, (n, self.scale_cols), _lib.F32) if fp8 else None
         din.x, din.x_scales, din.num_tokens = A.ptr(x), A.ptr(x_scales), handle.num_tokens
         dout.recv_x, dout.recv_x_scales, dout.capacity = A.ptr(recv_x), A.ptr(recv_s), n
-        check(L.epx_moe_dispatch_cached(self._ptr(), handle._h, byref(din), byref(dout), self._stream(stream, x)),
+        check(self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), handle._h, byref(din), byref(dout), self._stream(stream, x))),
               self.comm._h)
         return (recv_x, recv_s) if fp8 else recv_x
 
@@ -259,13 +260,13 @@ class Moe:
         problem = self._check(checks)
         cin, cout = _lib.CombineIn(), _lib.CombineOut()
         if problem:
-            L.epx_moe_combine(self._ptr(), None, byref(cin), byref(cout), None)
+            self.comm._run(lambda: L.epx_moe_combine(self._ptr(), None, byref(cin), byref(cout), None))
             raise InvalidArgumentError(-1, problem)
         out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
         out_w = A.empty(y, (handle.num_tokens, handle.topk), _lib.F32) if topk_weights is not None else None
         cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
         cout.out, cout.out_topk_weights = A.ptr(out), A.ptr(out_w)
-        check(L.epx_moe_combine(self._ptr(), handle._h, byref(cin), byref(cout), self._stream(stream, y)),
+        check(self.comm._run(lambda: L.epx_moe_combine(self._ptr(), handle._h, byref(cin), byref(cout), self._stream(stream, y))),
               self.comm._h)
         return out, out_w
 
@@ -280,7 +281,7 @@ class Moe:
         din, dout, h = _lib.LLDispatchIn(), _lib.LLDispatchOut(), c_void_p()
         if problem:
             din.num_tokens = -1
-            L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None)
+            self.comm._run(lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None))
             raise InvalidArgumentError(-1, problem)
         Lx, S = self.num_local_experts, self.ll_slots
         recv_x = A.empty(x, (Lx, S, self.hidden), _lib.FP8_E4M3 if self.ll_fp8 else self.dtype)
@@ -294,7 +295,7 @@ class Moe:
         din.x, din.topk_idx, din.num_tokens, din.topk = A.ptr(x), A.ptr(topk_idx), T, K
         dout.recv_x, dout.recv_x_scales, dout.recv_count = A.ptr(recv_x), A.ptr(recv_s), A.ptr(count)
         dout.recv_src_rank, dout.recv_src_token = A.ptr(src_r), A.ptr(src_t)
-        check(L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x)),
+        check(self.comm._run(lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
               self.comm._h)
         return LLDispatchResult(recv_x, recv_s, count, src_r, src_t, Handle(self, h, "ll", T, K, 0))
 
@@ -310,11 +311,11 @@ class Moe:
         problem = self._check(checks)
         cin = _lib.LLCombineIn()
         if problem:
-            L.epx_moe_ll_combine(self._ptr(), None, byref(cin), None, None)
+            self.comm._run(lambda: L.epx_moe_ll_combine(self._ptr(), None, byref(cin), None, None))
             raise InvalidArgumentError(-1, problem)
         if out is None:
             out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
         cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
-        check(L.epx_moe_ll_combine(self._ptr(), handle._h, byref(cin), A.ptr(out), self._stream(stream, y)),
+        check(self.comm._run(lambda: L.epx_moe_ll_combine(self._ptr(), handle._h, byref(cin), A.ptr(out), self._stream(stream, y))),
               self.comm._h)
         return out
