@@ -1,8 +1,7 @@
 """Loading libepx and declaring its C API (ctypes mirror of include/epx.h)."""
 import ctypes
 import os
-from ctypes import (POINTER, Structure, c_char, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_uint8,
-                    c_void_p)
+from ctypes import POINTER, Structure, c_char, c_char_p, c_float, c_int, c_int64, c_size_t, c_uint8, c_void_p
 
 # The header these declarations mirror (EPX_VERSION_CODE of include/epx.h).
 HEADER_VERSION_CODE = 100

@@ -300,8 +300,7 @@ class Buffer:
         _wait(previous_event)
         if handle is not None:
             moe = handle.moe
-            recv = moe.dispatch_cached(handle.epx_handle, x, xs)
-            recv_x = recv if xs is None else recv
+            recv_x = moe.dispatch_cached(handle.epx_handle, x, xs)  # (recv_x, scales) for FP8
             return recv_x, None, None, None, None, _finish(async_finish, x)
         if topk_idx is None or num_tokens_per_expert is None:
             raise ValueError("dispatch needs topk_idx and num_tokens_per_expert (from get_dispatch_layout) "

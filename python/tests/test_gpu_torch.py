@@ -211,7 +211,6 @@ def check_ll(rank, R, dev, buf):
 
 
 def _worker(rank, R, port, device):
-    import epx
     from epx import deep_ep
     cuda = device == "cuda"
     if cuda:
