@@ -1,0 +1,296 @@
+"""Communicators, rendezvous ids, registered memory and the generic collectives."""
+import ctypes
+import os
+from collections import namedtuple
+from ctypes import byref, c_int, c_int64, c_void_p
+
+from . import _arrays as A
+from . import _lib
+from ._errors import _RECOVERABLE, check, InvalidArgumentError, SUCCESS
+
+L = _lib.lib
+
+CommInfo = namedtuple("CommInfo", "rank nranks local_rank local_size host num_hosts backend")
+_BACKENDS = {"auto": _lib.BACKEND_AUTO, "cpu": _lib.BACKEND_CPU, "cuda": _lib.BACKEND_CUDA}
+_BACKEND_NAMES = {v: k for k, v in _BACKENDS.items()}
+
+
+def version():
+    """The loaded library's version as (major, minor, patch)."""
+    v = L.epx_get_version()
+    return v // 10000, v // 100 % 100, v % 100
+
+
+def get_unique_id():
+    """A new rendezvous id, as text ("epx1:ADDR:PORT:NONCE") to hand to every rank. The calling process
+    serves the rendezvous (a thread) until all ranks of one communicator have met."""
+    uid = _lib.UniqueId()
+    check(L.epx_get_unique_id(byref(uid)))
+    buf = ctypes.create_string_buffer(_lib.EPX_UNIQUE_ID_STRLEN)
+    check(L.epx_unique_id_to_string(byref(uid), buf, len(buf)))
+    return buf.value.decode()
+
+
+def params():
+    """Every tunable (EPX_* environment variable) as a dict name -> (value, default, type, description)."""
+    out = {}
+    for i in range(L.epx_param_count()):
+        p = _lib.ParamInfo()
+        check(L.epx_param_get(i, byref(p)))
+        dec = [(x or b"").decode() for x in (p.name, p.value, p.default_value, p.type, p.description)]
+        out[dec[0]] = tuple(dec[1:])
+    return out
+
+
+def _config(backend, device, timeout_ms):
+    cfg = _lib.Config.initializer()
+    if backend is not None:
+        cfg.backend = _BACKENDS[backend] if isinstance(backend, str) else int(backend)
+    if device is not None:
+        cfg.device = int(getattr(device, "index", device) or 0)
+    if timeout_ms is not None:
+        cfg.timeout_ms = int(timeout_ms)
+    return cfg
+
+
+class Comm:
+    """An epx communicator over `nranks` processes.
+
+    Comm()                                 under epx-run: rank, size and id from the environment
+    Comm(nranks, rank, unique_id)          unique_id from get_unique_id() on one process
+    Comm.from_torch(group)                 over a torch.distributed ProcessGroup
+
+    backend: "auto" (default: CUDA when given a device and built with CUDA), "cpu" or "cuda";
+    device: CUDA device ordinal (or torch.device); timeout_ms: bound on every wait for a peer.
+    Every collective is called by every rank in the same order, by one thread at a time."""
+
+    def __init__(self, nranks=None, rank=None, unique_id=None, *, backend=None, device=None, timeout_ms=None):
+        self._h = c_void_p()
+        cfg = _config(backend, device, timeout_ms)
+        if nranks is None:
+            check(L.epx_comm_init_from_env(byref(self._h), byref(cfg)))
+        else:
+            uid = _lib.UniqueId()
+            check(L.epx_unique_id_from_string(str(unique_id).encode(), byref(uid)))
+            check(L.epx_comm_init_rank(byref(self._h), int(nranks), int(rank), byref(uid), byref(cfg)))
+        info = self.info()
+        self.rank, self.size = info.rank, info.nranks
+        self.backend = _BACKEND_NAMES.get(info.backend, str(info.backend))
+        self._registered = {}
+        self._graveyard = []
+
+    # ---- deferred release -------------------------------------------------------------------------
+
+    def _defer(self, fn, *args):
+        """Release something peers may still read (a MoE context, a registered array) only after the next
+        collective of this communicator: a rank can return from a call while a slower peer still has to
+        open its buffers, and every rank's arrival in a later collective proves it has finished the
+        earlier ones. (Releasing at once let the slower peer fail to open them.)"""
+        self._graveyard.append((fn, args))
+
+    def _bury(self, n):
+        done, self._graveyard = self._graveyard[:n], self._graveyard[n:]
+        for fn, args in done:
+            fn(*args)
+
+    def _run(self, call):
+        """A collective C call; afterwards, releases what was deferred before it started."""
+        n = len(self._graveyard)
+        st = call()
+        if n and (st == SUCCESS or st in _RECOVERABLE):
+            self._bury(n)
+        return st
+
+    @classmethod
+    def from_torch(cls, group=None, *, backend=None, device=None, timeout_ms=None):
+        """Collective over a torch.distributed ProcessGroup (default: the world): its rank 0 makes the id
+        and every rank receives it through the group. With CUDA available and no backend given, the
+        communicator uses the CUDA backend on the current device."""
+        import torch
+        import torch.distributed as dist
+        if group is None:
+            group = dist.group.WORLD
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        ids = [None] * size
+        dist.all_gather_object(ids, get_unique_id() if rank == 0 else None, group=group)
+        if backend is None and device is None and torch.cuda.is_available() and \
+                dist.get_backend(group) in ("nccl", "cuda:nccl"):
+            device = torch.cuda.current_device()
+        if backend is None and device is not None:
+            backend = "cuda"
+        return cls(size, rank, ids[0], backend=backend, device=device, timeout_ms=timeout_ms)
+
+    @property
+    def handle(self):
+        """The epx_comm_t as an integer."""
+        return self._h.value
+
+    def _ptr(self):
+        if not self._h:
+            raise InvalidArgumentError(-1, "the communicator was destroyed")
+        return self._h
+
+    def info(self):
+        i = _lib.CommInfo()
+        check(L.epx_comm_info(self._ptr(), byref(i)), self._h)
+        return CommInfo(i.rank, i.nranks, i.local_rank, i.local_size, i.host, i.num_hosts, i.backend)
+
+    @property
+    def last_error(self):
+        return (L.epx_comm_get_last_error(self._ptr()) or b"").decode()
+
+    def async_error(self):
+        """None while healthy, else the exception of the error that broke the communicator."""
+        st = c_int()
+        check(L.epx_comm_get_async_error(self._ptr(), byref(st)), self._h)
+        if st.value == SUCCESS:
+            return None
+        from ._errors import error
+        return error(st.value, self.last_error)
+
+    def destroy(self):
+        """Release the communicator (local). Registered arrays become invalid."""
+        for m in list(getattr(self, "_children", ())):
+            m.destroy()
+        self._bury(len(getattr(self, "_graveyard", ())))
+        if self._h:
+            for p in list(self._registered):
+                L.epx_mem_free(self._h, p)
+            self._registered.clear()
+            L.epx_comm_destroy(self._h)
+            self._h = c_void_p()
+
+    def abort(self):
+        """Mark the communicator aborted (waiting peers fail promptly) and release it."""
+        for m in list(getattr(self, "_children", ())):
+            m.destroy()
+        self._bury(len(getattr(self, "_graveyard", ())))
+        if self._h:
+            self._registered.clear()
+            L.epx_comm_abort(self._h)
+            self._h = c_void_p()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and not getattr(exc[1], "recoverable", True):
+            self.abort()
+        else:
+            self.destroy()
+
+    def __del__(self):
+        try:
+            self.destroy()
+        except Exception:
+            pass
+
+    # ---- registered memory -------------------------------------------------------------------
+
+    def empty(self, shape, dtype="float32"):
+        """A numpy array in registered memory (peers read it directly: one copy instead of two on the CPU
+        backend). It lives until free() or the communicator's destruction."""
+        import numpy as np
+        dt = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        p = c_void_p()
+        check(L.epx_mem_alloc(self._ptr(), max(nbytes, 1), byref(p)), self._h)
+        self._registered[p.value] = nbytes
+        buf = (ctypes.c_char * max(nbytes, 1)).from_address(p.value)
+        return np.frombuffer(buf, dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
+
+    def free(self, array):
+        p = A.ptr(array)
+        if p not in self._registered:
+            raise InvalidArgumentError(-1, "array was not made by this communicator's empty()")
+        del self._registered[p]
+        self._defer(L.epx_mem_free, self._ptr(), p)
+
+    # ---- collectives -------------------------------------------------------------------------
+
+    def _stream(self, stream, like):
+        return A.stream_handle(stream) if stream is not None else A.current_stream(like)
+
+    def barrier(self, stream=None):
+        """Returns (CPU) or completes in stream order (CUDA) after every rank has entered it."""
+        st = None
+        if stream is None and self.backend == "cuda":
+            import torch
+            st = torch.cuda.current_stream().cuda_stream or None
+        s = A.stream_handle(stream) if stream is not None else st
+        check(self._run(lambda: L.epx_barrier(self._ptr(), s)), self._h)
+
+    def _fail_together(self, message):
+        """Make a collective call fail on every rank (this one invalid, the others remote-invalid), so
+        that an argument only Python can check leaves no rank waiting; then raise here."""
+        self._run(lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
+        raise InvalidArgumentError(-1, message)
+
+    def alltoall(self, send, recv=None, *, dtype=None, stream=None):
+        """MPI_Alltoall: send holds size equal blocks (its first axis, or its elements, splits into size
+        parts); block p goes to rank p, which stores it as block `rank` of recv. recv (same shape and
+        dtype as send) is made when not given. Returns recv."""
+        if recv is None:
+            recv = send.new_empty(send.shape) if A.is_torch(send) else A.np.empty_like(send)
+        code = _move_dtype(send, dtype)
+        es = _lib.DTYPE_SIZES.get(code, 1)
+        n = A.numel(send) * A.itemsize(send)
+        problem = None
+        if code is None:
+            problem = "send's elements are %d bytes: give dtype" % A.itemsize(send)
+        elif not A.contiguous(send) or not A.contiguous(recv):
+            problem = "send and recv must be contiguous"
+        elif A.numel(recv) * A.itemsize(recv) != n:
+            problem = "recv has %d bytes, send %d" % (A.numel(recv) * A.itemsize(recv), n)
+        elif n % (es * self.size):
+            problem = "send has %d bytes: not %d blocks of %d-byte elements" % (n, self.size, es)
+        if problem:
+            self._fail_together(problem)
+        count = n // es // self.size
+        check(self._run(lambda: L.epx_alltoall(self._ptr(), A.ptr(send), A.ptr(recv), count, code,
+                                               self._stream(stream, send))), self._h)
+        return recv
+
+    def alltoallv(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, *, dtype=None, stream=None):
+        """MPI_Alltoallv; counts and displacements in elements (sequences of `size` ints). Returns recv."""
+        code = _move_dtype(send, dtype)
+        es = _lib.DTYPE_SIZES.get(code, 1)
+        arrs = []
+        problem = None if code is not None else "send's elements are %d bytes: give dtype" % A.itemsize(send)
+        for name, v in (("sendcounts", sendcounts), ("sdispls", sdispls), ("recvcounts", recvcounts),
+                        ("rdispls", rdispls)):
+            v = [int(e) for e in v]
+            if len(v) != self.size:
+                problem = problem or "%s has %d entries, not %d" % (name, len(v), self.size)
+            arrs.append((c_int64 * self.size)(*v[:self.size]))
+        if problem is None:
+            for buf, cnt, dsp, name in ((send, sendcounts, sdispls, "send"), (recv, recvcounts, rdispls, "recv")):
+                if not A.contiguous(buf):
+                    problem = "%s must be contiguous" % name
+                    break
+                have = A.numel(buf) * A.itemsize(buf)
+                need = max([(int(d) + int(c)) * es for c, d in zip(cnt, dsp) if int(c) > 0] or [0])
+                if need > have:
+                    problem = "%s has %d bytes; its counts and displacements reach byte %d" % (name, have, need)
+                    break
+        if problem:
+            self._fail_together(problem)
+        check(self._run(lambda: L.epx_alltoallv(self._ptr(), A.ptr(send), arrs[0], arrs[1], A.ptr(recv), arrs[2],
+                                                arrs[3], code, self._stream(stream, send))), self._h)
+        return recv
+
+
+def _move_dtype(a, dtype):
+    """The dtype an exchange moves: the given one, else one of the array's element size (the data is
+    moved byte for byte, so float64 travels as i64)."""
+    if dtype is not None:
+        return A.epx_dtype(dtype)
+    return {1: _lib.U8, 2: _lib.F16, 4: _lib.F32, 8: _lib.I64}.get(A.itemsize(a))
+
+
+def rank_env():
+    """(rank, nranks) set by epx-run, or None outside it."""
+    if "EPX_RANK" in os.environ and "EPX_NRANKS" in os.environ:
+        return int(os.environ["EPX_RANK"]), int(os.environ["EPX_NRANKS"])
+    return None

@@ -1,0 +1,321 @@
+"""MoE dispatch / combine over an epx communicator (semantics: include/epx.h)."""
+import weakref
+from collections import namedtuple
+from ctypes import byref, c_int64, c_void_p
+
+from . import _arrays as A
+from . import _lib
+from ._errors import check, InvalidArgumentError
+
+L = _lib.lib
+
+DispatchResult = namedtuple("DispatchResult", "recv_x recv_x_scales recv_topk_idx recv_topk_weights recv_src_rank "
+                                              "recv_src_token num_recv_tokens_per_expert handle")
+LLDispatchResult = namedtuple("LLDispatchResult", "recv_x recv_x_scales recv_count recv_src_rank recv_src_token "
+                                                  "handle")
+_MODES = {"ht": _lib.MOE_HIGH_THROUGHPUT, "high_throughput": _lib.MOE_HIGH_THROUGHPUT,
+          "ll": _lib.MOE_LOW_LATENCY, "low_latency": _lib.MOE_LOW_LATENCY}
+_SCALES = {"f32": _lib.SCALE_F32, "float32": _lib.SCALE_F32, "ue8m0": _lib.SCALE_UE8M0}
+
+
+class Handle:
+    """The routing of one dispatch: combine and cached dispatches reuse it. Freed with close() or when
+    garbage-collected."""
+
+    def __init__(self, moe, h, mode, num_tokens, topk, num_recv_tokens):
+        self._h = h
+        self.moe = moe
+        self.mode = mode
+        self.num_tokens = num_tokens
+        self.topk = topk
+        self.num_recv_tokens = num_recv_tokens
+        moe._handles.add(self)
+
+    def close(self):
+        if self._h:
+            L.epx_moe_handle_destroy(self._h)
+            self._h = c_void_p()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Moe:
+    """A MoE context (collective to create): one configuration of hidden size, experts, top-k, dtypes
+    and mode. mode "ht" (high-throughput, rank-major) or "ll" (low-latency, expert-major, static shapes).
+    dtype / combine_dtype / index_dtype take epx names ("bf16", "f16", "f32", "fp8_e4m3", "i32", "i64"),
+    numpy or torch dtypes."""
+
+    def __init__(self, comm, hidden, num_experts, max_tokens_per_rank, max_topk, *, dtype="bf16",
+                 combine_dtype=None, index_dtype="int64", mode="ht", expert_alignment=1, ll_fp8=False,
+                 scale_format="f32", num_sms=None):
+        self.comm = comm
+        cfg = _lib.MoeConfig.initializer()
+        cfg.hidden, cfg.num_experts = int(hidden), int(num_experts)
+        cfg.max_tokens_per_rank, cfg.max_topk = int(max_tokens_per_rank), int(max_topk)
+        cfg.dtype = A.epx_dtype(dtype)
+        if combine_dtype is not None:
+            cfg.combine_dtype = A.epx_dtype(combine_dtype)
+        cfg.index_dtype = A.epx_dtype(index_dtype)
+        cfg.mode = _MODES[mode] if isinstance(mode, str) else int(mode)
+        cfg.expert_alignment = int(expert_alignment)
+        cfg.ll_fp8 = int(bool(ll_fp8))
+        cfg.scale_format = _SCALES[scale_format] if isinstance(scale_format, str) else int(scale_format)
+        if num_sms is not None:
+            cfg.num_sms = int(num_sms)
+        self._h = c_void_p()
+        self._handles = weakref.WeakSet()
+        check(comm._run(lambda: L.epx_moe_create(comm._ptr(), byref(cfg), byref(self._h))), comm._h)
+        comm._children = getattr(comm, "_children", weakref.WeakSet())
+        comm._children.add(self)
+        self.hidden, self.num_experts = cfg.hidden, cfg.num_experts
+        self.max_tokens_per_rank, self.max_topk = cfg.max_tokens_per_rank, cfg.max_topk
+        self.nranks = comm.size
+        self.num_local_experts = cfg.num_experts // comm.size
+        self.dtype, self.index_dtype = cfg.dtype, cfg.index_dtype
+        self.combine_dtype = cfg.combine_dtype if combine_dtype is not None else (
+            _lib.BF16 if cfg.dtype == _lib.FP8_E4M3 else cfg.dtype)
+        self.mode, self.expert_alignment = cfg.mode, cfg.expert_alignment
+        self.ll_fp8, self.scale_format = bool(cfg.ll_fp8), cfg.scale_format
+        self.scale_cols = (cfg.hidden + 127) // 128
+        self.ll_slots = comm.size * cfg.max_tokens_per_rank
+
+    def destroy(self):
+        """Release the context and its live handles (local). The context itself is released after the
+        communicator's next collective (see Comm._defer), when no peer can still be reading it."""
+        for h in list(self._handles):
+            h.close()
+        if self._h:
+            self.comm._defer(L.epx_moe_destroy, self._h)
+            self._h = c_void_p()
+
+    def __del__(self):
+        try:
+            self.destroy()
+        except Exception:
+            pass
+
+    def _ptr(self):
+        if not self._h:
+            raise InvalidArgumentError(-1, "the MoE context was destroyed")
+        return self._h
+
+    def max_recv_tokens(self):
+        rows = c_int64()
+        check(L.epx_moe_max_recv_tokens(self._ptr(), byref(rows)))
+        return rows.value
+
+    # ---- argument checks that only Python can make ------------------------------------------
+
+    def _check(self, checks):
+        """First failing (condition, message) or None."""
+        for ok, msg in checks:
+            if not ok:
+                return msg
+        return None
+
+    def _arr(self, a, name, shape, code, like):
+        """Checks for one input array: shape, dtype, contiguity, same kind and device as `like`."""
+        if a is None:
+            return [(False, "%s is missing" % name)]
+        try:
+            dt = A.dtype_of(a)
+            return [(tuple(A.shape(a)) == tuple(shape), "%s has shape %s, expected %s" % (name, tuple(A.shape(a)),
+                                                                                            tuple(shape))),
+                    (dt == code, "%s has dtype %s, expected %s" % (name, a.dtype, _lib.DTYPE_NAMES[code])),
+                    (A.contiguous(a), "%s must be contiguous" % name),
+                    (A.is_torch(a) == A.is_torch(like) and
+                     getattr(a, "device", None) == getattr(like, "device", None),
+                     "%s is not on the same device as the other arguments" % name),
+                    (A.is_cuda(a) == (self.comm.backend == "cuda"),
+                     "%s must be %s memory on the %s backend" % (
+                         name, "device" if self.comm.backend == "cuda" else "host", self.comm.backend))]
+        except Exception as e:  # not an array, or a dtype epx does not know
+            return [(False, "%s: %s" % (name, e))]
+
+    def _rows(self, x):
+        try:
+            s = A.shape(x)
+        except Exception:
+            return -1
+        return s[0] if len(s) == 2 else -1
+
+    def _rows_k(self, idx):
+        try:
+            s = A.shape(idx)
+        except Exception:
+            return -1
+        return s[1] if len(s) == 2 else -1
+
+    def _stream(self, stream, like):
+        return A.stream_handle(stream) if stream is not None else A.current_stream(like)
+
+    # ---- calls -----------------------------------------------------------------------------------
+
+    def layout(self, topk_idx, stream=None):
+        """Local: (num_tokens_per_rank[R] int32, num_tokens_per_expert[E] int32, is_token_in_rank[T, R] bool)."""
+        s = A.shape(topk_idx)
+        if len(s) != 2 or A.dtype_of(topk_idx) != self.index_dtype or not A.contiguous(topk_idx):
+            raise InvalidArgumentError(-1, "topk_idx must be a contiguous [T, K] array of %s"
+                                       % _lib.DTYPE_NAMES[self.index_dtype])
+        per_rank = A.empty(topk_idx, (self.nranks,), _lib.I32)
+        per_expert = A.empty(topk_idx, (self.num_experts,), _lib.I32)
+        in_rank = A.empty(topk_idx, (s[0], self.nranks), _lib.U8)
+        check(L.epx_moe_layout(self._ptr(), A.ptr(topk_idx), s[0], s[1], A.ptr(per_rank), A.ptr(per_expert),
+                               A.ptr(in_rank), self._stream(stream, topk_idx)), self.comm._h)
+        if A.is_torch(in_rank):
+            import torch
+            in_rank = in_rank.view(torch.bool)
+        else:
+            in_rank = in_rank.view(bool)
+        return per_rank, per_expert, in_rank
+
+    def dispatch(self, x, topk_idx, topk_weights=None, x_scales=None, *, stream=None):
+        """High-throughput dispatch (collective). Returns DispatchResult: recv_x[N, H] (and recv_x_scales for
+        FP8), recv_topk_idx[N, K] (local expert ids, -1 elsewhere), recv_topk_weights[N, K] (None without
+        topk_weights), recv_src_rank[N], recv_src_token[N], num_recv_tokens_per_expert[L] (aligned) and the
+        handle. Rows are ordered by (source rank, source token). The outputs are views of arrays of
+        max_recv_tokens() rows."""
+        T = self._rows(x)
+        K = self._rows_k(topk_idx)
+        fp8 = self.dtype == _lib.FP8_E4M3
+        checks = self._arr(x, "x", (T, self.hidden), self.dtype, x) + \
+            self._arr(topk_idx, "topk_idx", (T, K), self.index_dtype, x)
+        if topk_weights is not None:
+            checks += self._arr(topk_weights, "topk_weights", (T, K), _lib.F32, x)
+        if fp8:
+            checks += self._arr(x_scales, "x_scales", (T, self.scale_cols), _lib.F32, x)
+        elif x_scales is not None:
+            checks.append((False, "x_scales is only for FP8 tokens"))
+        problem = self._check(checks)
+        cap = self.max_recv_tokens()
+        din = _lib.DispatchIn()
+        dout = _lib.DispatchOut()
+        h = c_void_p()
+        if problem:
+            din.num_tokens = -1  # fails on every rank, nothing written
+            self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None))
+            raise InvalidArgumentError(-1, problem)
+        recv_x = A.empty(x, (cap, self.hidden), self.dtype)
+        recv_s = A.empty(x, (cap, self.scale_cols), _lib.F32) if fp8 else None
+        recv_i = A.empty(x, (cap, K), self.index_dtype)
+        recv_w = A.empty(x, (cap, K), _lib.F32) if topk_weights is not None else None
+        src_r = A.empty(x, (cap,), _lib.I32)
+        src_t = A.empty(x, (cap,), _lib.I32)
+        per_e = A.empty(x, (self.num_local_experts,), _lib.I32)
+        din.x, din.x_scales, din.topk_idx = A.ptr(x), A.ptr(x_scales), A.ptr(topk_idx)
+        din.topk_weights, din.num_tokens, din.topk = A.ptr(topk_weights), T, K
+        dout.recv_x, dout.recv_x_scales, dout.recv_topk_idx = A.ptr(recv_x), A.ptr(recv_s), A.ptr(recv_i)
+        dout.recv_topk_weights, dout.recv_src_rank, dout.recv_src_token = A.ptr(recv_w), A.ptr(src_r), A.ptr(src_t)
+        dout.num_recv_tokens_per_expert, dout.capacity = A.ptr(per_e), cap
+        check(self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
+              self.comm._h)
+        n = dout.num_recv_tokens
+        handle = Handle(self, h, "ht", T, K, n)
+        return DispatchResult(recv_x[:n], recv_s[:n] if fp8 else None, recv_i[:n],
+                              recv_w[:n] if recv_w is not None else None, src_r[:n], src_t[:n], per_e, handle)
+
+    def _handle_checks(self, handle, mode):
+        return [(isinstance(handle, Handle) and bool(handle._h), "handle is not a live epx handle"),
+                (getattr(handle, "moe", None) is self and getattr(handle, "mode", None) == mode,
+                 "handle was made by another MoE context or mode")]
+
+    def dispatch_cached(self, handle, x, x_scales=None, *, stream=None):
+        """Dispatch new token data along `handle`'s routing (e.g. the backward pass of combine). Returns
+        recv_x[N, H], or (recv_x, recv_x_scales) for FP8."""
+        fp8 = self.dtype == _lib.FP8_E4M3
+        checks = self._handle_checks(handle, "ht")
+        if not checks[0][0] or not checks[1][0]:
+            problem = self._check(checks)
+        else:
+            checks += self._arr(x, "x", (handle.num_tokens, self.hidden), self.dtype, x)
+            if fp8:
+                checks += self._arr(x_scales, "x_scales", (handle.num_tokens, self.scale_cols), _lib.F32, x)
+            problem = self._check(checks)
+        din, dout = _lib.DispatchIn(), _lib.DispatchOut()
+        if problem:
+            self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), None, byref(din), byref(dout), None))
+            raise InvalidArgumentError(-1, problem)
+        n = handle.num_recv_tokens
+        recv_x = A.empty(x, (n, self.hidden), self.dtype)
+        recv_s = A.empty(x, (n, self.scale_cols), _lib.F32) if fp8 else None
+        din.x, din.x_scales, din.num_tokens = A.ptr(x), A.ptr(x_scales), handle.num_tokens
+        dout.recv_x, dout.recv_x_scales, dout.capacity = A.ptr(recv_x), A.ptr(recv_s), n
+        check(self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), handle._h, byref(din), byref(dout), self._stream(stream, x))),
+              self.comm._h)
+        return (recv_x, recv_s) if fp8 else recv_x
+
+    def combine(self, handle, y, topk_weights=None, *, stream=None):
+        """High-throughput combine (collective): out[T, H] = sum of each token's rows over the ranks it went
+        to (float32, ascending rank order). With topk_weights[N, K], also returns their sums [T, K] (else
+        None). Returns (out, out_topk_weights)."""
+        checks = self._handle_checks(handle, "ht")
+        if checks[0][0] and checks[1][0]:
+            checks += self._arr(y, "y", (handle.num_recv_tokens, self.hidden), self.combine_dtype, y)
+            if topk_weights is not None:
+                checks += self._arr(topk_weights, "topk_weights", (handle.num_recv_tokens, handle.topk), _lib.F32, y)
+        problem = self._check(checks)
+        cin, cout = _lib.CombineIn(), _lib.CombineOut()
+        if problem:
+            self.comm._run(lambda: L.epx_moe_combine(self._ptr(), None, byref(cin), byref(cout), None))
+            raise InvalidArgumentError(-1, problem)
+        out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
+        out_w = A.empty(y, (handle.num_tokens, handle.topk), _lib.F32) if topk_weights is not None else None
+        cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
+        cout.out, cout.out_topk_weights = A.ptr(out), A.ptr(out_w)
+        check(self.comm._run(lambda: L.epx_moe_combine(self._ptr(), handle._h, byref(cin), byref(cout), self._stream(stream, y))),
+              self.comm._h)
+        return out, out_w
+
+    def ll_dispatch(self, x, topk_idx, *, stream=None):
+        """Low-latency dispatch (collective). Returns LLDispatchResult: recv_x[L, R*max_tokens, H] (FP8 with
+        ll_fp8), recv_x_scales[L, R*max_tokens, ceil(H/128)] (float32, or uint8 UE8M0; None without
+        ll_fp8), recv_count[L], recv_src_rank / recv_src_token[L, R*max_tokens] (-1 past recv_count), handle."""
+        T = self._rows(x)
+        K = self._rows_k(topk_idx)
+        problem = self._check(self._arr(x, "x", (T, self.hidden), self.dtype, x) +
+                              self._arr(topk_idx, "topk_idx", (T, K), self.index_dtype, x))
+        din, dout, h = _lib.LLDispatchIn(), _lib.LLDispatchOut(), c_void_p()
+        if problem:
+            din.num_tokens = -1
+            self.comm._run(lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None))
+            raise InvalidArgumentError(-1, problem)
+        Lx, S = self.num_local_experts, self.ll_slots
+        recv_x = A.empty(x, (Lx, S, self.hidden), _lib.FP8_E4M3 if self.ll_fp8 else self.dtype)
+        recv_s = None
+        if self.ll_fp8:
+            recv_s = A.empty(x, (Lx, S, self.scale_cols), _lib.U8 if self.scale_format == _lib.SCALE_UE8M0
+                             else _lib.F32)
+        count = A.empty(x, (Lx,), _lib.I32)
+        src_r = A.empty(x, (Lx, S), _lib.I32)
+        src_t = A.empty(x, (Lx, S), _lib.I32)
+        din.x, din.topk_idx, din.num_tokens, din.topk = A.ptr(x), A.ptr(topk_idx), T, K
+        dout.recv_x, dout.recv_x_scales, dout.recv_count = A.ptr(recv_x), A.ptr(recv_s), A.ptr(count)
+        dout.recv_src_rank, dout.recv_src_token = A.ptr(src_r), A.ptr(src_t)
+        check(self.comm._run(lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
+              self.comm._h)
+        return LLDispatchResult(recv_x, recv_s, count, src_r, src_t, Handle(self, h, "ll", T, K, 0))
+
+    def ll_combine(self, handle, y, topk_weights, out=None, *, stream=None):
+        """Low-latency combine (collective): out[t] = sum over k of topk_weights[t, k] * y[e_k][slot(t, k)],
+        float32, ascending k. y is [L, R*max_tokens, H] in the dispatch's slot layout. Returns out[T, H]."""
+        checks = self._handle_checks(handle, "ll")
+        if checks[0][0] and checks[1][0]:
+            checks += self._arr(y, "y", (self.num_local_experts, self.ll_slots, self.hidden), self.combine_dtype, y)
+            checks += self._arr(topk_weights, "topk_weights", (handle.num_tokens, handle.topk), _lib.F32, y)
+            if out is not None:
+                checks += self._arr(out, "out", (handle.num_tokens, self.hidden), self.combine_dtype, y)
+        problem = self._check(checks)
+        cin = _lib.LLCombineIn()
+        if problem:
+            self.comm._run(lambda: L.epx_moe_ll_combine(self._ptr(), None, byref(cin), None, None))
+            raise InvalidArgumentError(-1, problem)
+        if out is None:
+            out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
+        cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
+        check(self.comm._run(lambda: L.epx_moe_ll_combine(self._ptr(), handle._h, byref(cin), A.ptr(out), self._stream(stream, y))),
+              self.comm._h)
+        return out

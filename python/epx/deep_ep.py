@@ -1,0 +1,430 @@
+"""A DeepEP-compatible front over epx: `from epx import deep_ep` (or `import epx.deep_ep as deep_ep`)
+instead of `import deep_ep`, and code written for DeepEP's `Buffer` runs on epx.
+
+What maps onto what:
+- Buffer(group, ...)                 a communicator bootstrapped from the torch ProcessGroup (CUDA
+                                     backend on the current device with an NCCL group, else CPU);
+                                     num_nvl_bytes / num_rdma_bytes / num_qps_per_rank are accepted
+                                     and not needed (epx sizes its own buffers).
+- get_dispatch_layout                computed locally with tensor ops (no synchronisation).
+- dispatch / combine                 epx high-throughput dispatch / combine (rows ordered by source
+                                     rank then source token; deterministic float32 reduction);
+                                     dispatch(handle=...) is epx's cached dispatch.
+- low_latency_dispatch / _combine    epx low-latency dispatch / combine (static expert-major shapes,
+                                     FP8 with float32 or UE8M0 scales).
+- events                             work runs on the current torch stream; previous_event makes it
+                                     wait first; async_finish returns an event recorded after it.
+- return_recv_hook                   the returned hook does nothing: the data has arrived when the
+                                     call returns (epx has no split send/receive phases yet).
+
+Contexts (one per hidden size, dtype, expert count, top-k and alignment) are created lazily and
+collectively on first use. High-throughput contexts size themselves to the largest token count
+seen: a dispatch with more tokens than any before fails on every rank, the ranks agree on the
+largest count, and the call is retried once on a larger context — nothing is lost.
+
+Also accepted instead of a ProcessGroup: an `epx.Comm` (or None: a communicator from epx-run's
+environment). Then numpy arrays work too (CPU backend); that is how CI tests this module without
+torch. bf16 numpy data needs ml_dtypes; other dtypes epx supports (f16, f32) work as well.
+"""
+import os
+
+from . import _arrays as A
+from . import _lib
+from ._comm import Comm
+from ._errors import InvalidArgumentError, RemoteInvalidError, UnsupportedError
+from ._moe import Moe
+
+_INITIAL_MAX_TOKENS = 128
+
+
+def _torch():
+    import torch
+    return torch
+
+
+class EventHandle:
+    """A CUDA event recorded on the current torch stream at creation (nothing on the CPU)."""
+
+    def __init__(self, device=None):
+        self.event = None
+        t = A._torch()
+        if t is not None and t.cuda.is_available() and (device is None or getattr(device, "type", "cpu") == "cuda"):
+            self.event = t.cuda.Event()
+            self.event.record(t.cuda.current_stream(device))
+
+    def current_stream_wait(self):
+        if self.event is not None:
+            _torch().cuda.current_stream().wait_event(self.event)
+
+
+class EventOverlap:
+    """DeepEP's event wrapper: current_stream_wait(), and `with event:` makes the current stream wait on
+    exit. extra_tensors are kept alive until the event is dropped."""
+
+    def __init__(self, event=None, extra_tensors=None):
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self):
+        if self.event is not None:
+            self.event.current_stream_wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        if self.event is not None:
+            self.event.current_stream_wait()
+
+
+class Config:
+    """DeepEP's performance config. epx reads num_sms (the SM budget of the GPU kernels); the chunk
+    sizes are kept for compatibility."""
+
+    def __init__(self, num_sms=20, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,
+                 num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256):
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
+        # epx owns no staging buffer of this kind: a nominal size for code that sizes Buffer with it.
+        return int(hidden_bytes) * int(num_ranks) * self.num_max_nvl_chunked_recv_tokens
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
+        return 0
+
+    def __repr__(self):
+        return "Config(num_sms=%d)" % self.num_sms
+
+
+class _HTHandle:
+    """The routing of a high-throughput dispatch (DeepEP's `handle`)."""
+
+    def __init__(self, moe, h, is_token_in_rank, recv_src_rank, recv_src_token):
+        self.moe, self.epx_handle = moe, h
+        self.is_token_in_rank = is_token_in_rank
+        self.recv_src_rank, self.recv_src_token = recv_src_rank, recv_src_token
+        self.num_tokens, self.num_recv_tokens = h.num_tokens, h.num_recv_tokens
+
+
+class _LLHandle:
+    """The slots of a low-latency dispatch (DeepEP's low-latency `handle`)."""
+
+    def __init__(self, moe, h, recv_src_rank, recv_src_token, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        self.moe, self.epx_handle = moe, h
+        self.recv_src_rank, self.recv_src_token = recv_src_rank, recv_src_token
+        self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts = (
+            num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def __iter__(self):  # DeepEP code unpacks the last three
+        return iter((self.recv_src_rank, self.recv_src_token, self.num_max_dispatch_tokens_per_rank, self.hidden,
+                     self.num_experts))
+
+
+def _wait(previous_event):
+    if previous_event is not None:
+        previous_event.current_stream_wait()
+
+
+def _finish(async_finish, like, extra=None):
+    if async_finish and A.is_cuda(like):
+        return EventOverlap(EventHandle(like.device), extra)
+    return EventOverlap(None, extra if async_finish else None)
+
+
+class Buffer:
+    """DeepEP's communication buffer, over an epx communicator. Collective calls (dispatch, combine,
+    the low-latency pair) are made by every rank in the same order, as with DeepEP."""
+
+    num_sms = 20
+
+    def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *, comm=None,
+                 timeout_ms=None):
+        if comm is None:
+            if isinstance(group, Comm):
+                comm = group
+            elif group is None:
+                comm = Comm(timeout_ms=timeout_ms)
+            else:
+                comm = Comm.from_torch(group, timeout_ms=timeout_ms)
+        self.comm = comm
+        self.group = group
+        self.rank, self.group_size = comm.rank, comm.size
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.explicitly_destroy = explicitly_destroy
+        self._moes = {}
+        self._ht_max_tokens = int(os.environ.get("EPX_DEEP_EP_MAX_TOKENS", _INITIAL_MAX_TOKENS))
+        self._ll_combine_buffers = {}
+
+    def destroy(self):
+        """Release every context and the communicator (when this Buffer made it)."""
+        for m in self._moes.values():
+            m.destroy()
+        self._moes.clear()
+        self._ll_combine_buffers.clear()
+        if self.comm is not self.group:
+            self.comm.destroy()
+
+    def is_available(self):
+        return bool(self.comm._h)
+
+    # ---- static helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def set_num_sms(new_num_sms):
+        """SM budget of the GPU kernels (epx_moe_config_t.num_sms) for contexts created afterwards."""
+        assert new_num_sms % 2 == 0, "The SM count must be even"
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture():
+        """An event on the current stream, as an EventOverlap."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        # Nominal: the bytes of one bf16 receive tensor and one combine buffer (epx allocates its own).
+        slots = int(num_experts) * int(num_max_dispatch_tokens_per_rank)
+        return 2 * slots * int(hidden) * 2
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        return Config(Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks):
+        return Config(Buffer.num_sms)
+
+    def get_comm_stream(self):
+        """epx works on the current torch stream."""
+        return _torch().cuda.current_stream()
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
+        raise UnsupportedError(-5, "epx owns no raw communication buffer to expose")
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        """Nothing to clean: epx's low-latency buffers need no zeroing."""
+
+    # ---- contexts ------------------------------------------------------------------------------
+
+    def _num_sms(self, config):
+        n = config.num_sms if config is not None else Buffer.num_sms
+        return n if self.comm.backend == "cuda" else None
+
+    def _ht_moe(self, hidden, dtype, index_dtype, num_experts, topk, alignment, num_sms):
+        key = ("ht", hidden, dtype, index_dtype, num_experts, topk, alignment, num_sms)
+        m = self._moes.get(key)
+        if m is None or m.max_tokens_per_rank < self._ht_max_tokens:
+            m = Moe(self.comm, hidden, num_experts, self._ht_max_tokens, topk, dtype=dtype, index_dtype=index_dtype,
+                    mode="ht", expert_alignment=alignment, num_sms=num_sms)
+            self._moes[key] = m
+        return m
+
+    def _max_over_ranks(self, value, like):
+        """Collective: the largest `value` over the ranks (after a failure every rank saw)."""
+        R = self.comm.size
+        if A.is_torch(like):
+            t = _torch()
+            dev = like.device if self.comm.backend == "cuda" else "cpu"
+            send = t.full((R,), int(value), dtype=t.int64, device=dev)
+            return int(self.comm.alltoall(send).max().item())
+        np = A.np
+        return int(self.comm.alltoall(np.full(R, int(value), dtype=np.int64)).max())
+
+    def _with_capacity(self, T, like, call):
+        """Run call() on a context large enough for this rank's T tokens; when some rank had more tokens
+        than the context holds, every rank fails, they agree on the largest T and retry once."""
+        try:
+            return call()
+        except (InvalidArgumentError, RemoteInvalidError) as e:
+            need = self._max_over_ranks(T, like)
+            if need <= self._ht_max_tokens:
+                raise e
+            cap = self._ht_max_tokens
+            while cap < need:
+                cap *= 2
+            self._ht_max_tokens = cap
+            return call()
+
+    # ---- high-throughput ---------------------------------------------------------------------------
+
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
+                            allocate_on_comm_stream=False):
+        """Local. Returns (num_tokens_per_rank[R] int32, None, num_tokens_per_expert[E] int32,
+        is_token_in_rank[T, R] bool, event). A token counts once per rank and once per expert; ids
+        outside [0, E) are ignored here (dispatch rejects them)."""
+        _wait(previous_event)
+        R, E = self.group_size, int(num_experts)
+        T = A.shape(topk_idx)[0]
+        if A.is_torch(topk_idx):
+            t = _torch()
+            valid = (topk_idx >= 0) & (topk_idx < E)
+            idx = t.where(valid, topk_idx, t.full_like(topk_idx, E)).long()
+            hits = t.zeros((T, E + 1), dtype=t.int32, device=topk_idx.device)
+            hits.scatter_add_(1, idx, t.ones_like(idx, dtype=t.int32))
+            tok_exp = hits[:, :E] > 0
+            per_expert = tok_exp.sum(0, dtype=t.int32)
+            in_rank = tok_exp.view(T, R, E // R).any(2) if T else t.zeros((0, R), dtype=t.bool,
+                                                                              device=topk_idx.device)
+            per_rank = in_rank.sum(0, dtype=t.int32)
+        else:
+            np = A.np
+            idx = np.where((topk_idx >= 0) & (topk_idx < E), topk_idx, E)
+            tok_exp = np.zeros((T, E + 1), dtype=bool)
+            tok_exp[np.arange(T)[:, None], idx] = True
+            tok_exp = tok_exp[:, :E]
+            per_expert = tok_exp.sum(0).astype(np.int32)
+            in_rank = tok_exp.reshape(T, R, E // R).any(2)
+            per_rank = in_rank.sum(0).astype(np.int32)
+        return per_rank, None, per_expert, in_rank, _finish(async_finish, topk_idx)
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False):
+        """Send each token to the ranks of its experts. x: [T, H] tensor, or (fp8 [T, H], scales [T, H/128]).
+        Returns (recv_x or (recv_x, recv_x_scales), recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle, event); with `handle` given (cached: same routing, new data)
+        (recv_x, None, None, None, None, event). Received rows are ordered by (source rank, source token)."""
+        if num_worst_tokens:
+            raise UnsupportedError(-5, "num_worst_tokens is not supported by epx")
+        xs = None
+        if isinstance(x, tuple):
+            x, xs = x
+        _wait(previous_event)
+        if handle is not None:
+            moe = handle.moe
+            recv_x = moe.dispatch_cached(handle.epx_handle, x, xs)  # (recv_x, scales) for FP8
+            return recv_x, None, None, None, None, _finish(async_finish, x)
+        if topk_idx is None or num_tokens_per_expert is None:
+            raise ValueError("dispatch needs topk_idx and num_tokens_per_expert (from get_dispatch_layout) "
+                             "or a handle")
+        E = A.shape(num_tokens_per_expert)[0]
+        T, H = A.shape(x)[0], A.shape(x)[-1]
+        K = A.shape(topk_idx)[1] if len(A.shape(topk_idx)) == 2 else 1
+        dtype = _lib.FP8_E4M3 if xs is not None else A.dtype_of(x)
+
+        def call():
+            moe = self._ht_moe(H, dtype, A.dtype_of(topk_idx), E, K, expert_alignment, self._num_sms(config))
+            return moe, moe.dispatch(x, topk_idx, topk_weights, xs)
+
+        moe, r = self._with_capacity(T, x, call)
+        h = _HTHandle(moe, r.handle, is_token_in_rank, r.recv_src_rank, r.recv_src_token)
+        recv_x = (r.recv_x, r.recv_x_scales) if xs is not None else r.recv_x
+        counts = r.num_recv_tokens_per_expert.tolist()
+        return recv_x, r.recv_topk_idx, r.recv_topk_weights, counts, h, _finish(async_finish, x)
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """Sum each token's rows back on its home rank (no weights applied; float32 in ascending rank
+        order). Returns (combined_x[T, H], combined_topk_weights[T, K] or None, event)."""
+        _wait(previous_event)
+        out, out_w = handle.moe.combine(handle.epx_handle, x, topk_weights)
+        if bias is not None:
+            for b in (bias if isinstance(bias, tuple) else (bias,)):
+                if b is not None:
+                    out = (out.float() + b.float()).to(out.dtype) if A.is_torch(out) else \
+                        (out.astype(A.np.float32) + b.astype(A.np.float32)).astype(out.dtype)
+        return out, out_w, _finish(async_finish, x)
+
+    internode_dispatch = dispatch
+    internode_combine = combine
+    intranode_dispatch = dispatch
+    intranode_combine = combine
+
+    # ---- low-latency -----------------------------------------------------------------------------
+
+    def _ll_moe(self, hidden, dtype, index_dtype, num_experts, topk, max_tokens, use_fp8, ue8m0):
+        key = ("ll", hidden, dtype, index_dtype, num_experts, topk, max_tokens, use_fp8, ue8m0)
+        m = self._moes.get(key)
+        if m is None:
+            m = Moe(self.comm, hidden, num_experts, max_tokens, topk, dtype=dtype, index_dtype=index_dtype, mode="ll",
+                    ll_fp8=use_fp8, scale_format="ue8m0" if ue8m0 else "f32",
+                    combine_dtype=_lib.BF16 if use_fp8 else None)
+            self._moes[key] = m
+        return m
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
+                             return_recv_hook=False):
+        """Expert-major dispatch with static shapes. Returns (recv_x, recv_count[L] int32, handle, event,
+        hook): recv_x is [L, R*M, H] (bf16), or with use_fp8 (fp8 [L, R*M, H], scales [L, R*M, H/128]) —
+        float32 scales (powers of two with round_scale), or UE8M0 exponent bytes packed four to an int32
+        with use_ue8m0. Rows of expert l are recv_x[l, :recv_count[l]]."""
+        H = A.shape(x)[-1]
+        K = A.shape(topk_idx)[1] if len(A.shape(topk_idx)) == 2 else 1
+        ue8m0 = bool(use_fp8 and (round_scale or use_ue8m0))
+        moe = self._ll_moe(H, A.dtype_of(x), A.dtype_of(topk_idx), int(num_experts), K,
+                           int(num_max_dispatch_tokens_per_rank), bool(use_fp8), ue8m0)
+        r = moe.ll_dispatch(x, topk_idx)
+        if cumulative_local_expert_recv_stats is not None:
+            cumulative_local_expert_recv_stats += r.recv_count
+        h = _LLHandle(moe, r.handle, r.recv_src_rank, r.recv_src_token, int(num_max_dispatch_tokens_per_rank), H,
+                      int(num_experts))
+        recv_x = r.recv_x
+        if use_fp8:
+            scales = r.recv_x_scales
+            if ue8m0 and not use_ue8m0:  # float32 powers of two
+                scales = _ue8m0_to_float(scales)
+            elif use_ue8m0:
+                scales = _pack_ue8m0(scales)
+            if A.is_torch(scales):  # DeepEP's layout: the last two dimensions column-major
+                scales = scales.transpose(1, 2).contiguous().transpose(1, 2)
+            recv_x = (recv_x, scales)
+        return recv_x, r.recv_count, h, _finish(async_finish, x), (lambda: None)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy=False, async_finish=False,
+                            return_recv_hook=False, out=None, use_logfmt=False, combine_wait_recv_cost_stats=None):
+        """Weighted combine of the expert outputs x[L, R*M, H] (the dispatch's slot layout): out[t] =
+        sum over k of topk_weights[t, k] * x[expert][slot]. With zero_copy, the data is taken from
+        get_next_low_latency_combine_buffer(handle). Returns (combined_x[T, H], event, hook)."""
+        moe = handle.moe
+        y = self._ll_combine_buffers.get(id(moe)) if zero_copy else x
+        if y is None:
+            y = x
+        res = moe.ll_combine(handle.epx_handle, y, topk_weights, out)
+        return res, _finish(async_finish, y), (lambda: None)
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """A [L, R*M, H] tensor that low_latency_combine(..., zero_copy=True) reads; fill it yourself."""
+        moe = handle.moe
+        buf = self._ll_combine_buffers.get(id(moe))
+        if buf is None:
+            like = handle.recv_src_rank
+            buf = A.zeros(like, (moe.num_local_experts, moe.ll_slots, moe.hidden), moe.combine_dtype)
+            self._ll_combine_buffers[id(moe)] = buf
+        return buf
+
+
+def _ue8m0_to_float(s):
+    """UE8M0 exponent bytes -> the float32 powers of two they encode."""
+    if A.is_torch(s):
+        t = _torch()
+        return t.ldexp(t.ones_like(s, dtype=t.float32), s.to(t.int32) - 127)
+    np = A.np
+    return np.ldexp(np.float32(1), s.astype(np.int32) - 127).astype(np.float32)
+
+
+def _pack_ue8m0(s):
+    """UE8M0 bytes [.., n] -> int32 [.., ceil(n/4)], four exponents a word, the first in the low byte."""
+    n = A.shape(s)[-1]
+    pad = (-n) % 4
+    if A.is_torch(s):
+        t = _torch()
+        if pad:
+            s = t.cat([s, t.zeros(*A.shape(s)[:-1], pad, dtype=s.dtype, device=s.device)], -1)
+        return s.contiguous().view(t.int32)
+    np = A.np
+    if pad:
+        s = np.concatenate([s, np.zeros(A.shape(s)[:-1] + (pad,), dtype=s.dtype)], -1)
+    return np.ascontiguousarray(s).view(np.int32)
+
+
+__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle"]

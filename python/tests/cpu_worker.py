@@ -1,0 +1,379 @@
+"""One rank of the Python CPU tests, run under epx-run (see test_cpu.py). Every rank derives every
+rank's data from a shared seed, so it checks what it received, byte for byte, against a numpy
+reference computed here (not by epx). Exits non-zero on the first failure."""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import epx  # noqa: E402
+from epx import deep_ep  # noqa: E402
+
+SEED = int(os.environ.get("EPX_PY_TEST_SEED", "1234"))
+comm = epx.Comm()
+me, R = comm.rank, comm.size
+checks = 0
+
+
+def ok(cond, what):
+    global checks
+    if not cond:
+        raise AssertionError("rank %d: %s" % (me, what))
+    checks += 1
+
+
+def same(a, b, what):
+    a, b = np.asarray(a), np.asarray(b)
+    ok(a.shape == b.shape, "%s: shape %s != %s" % (what, a.shape, b.shape))
+    ok(a.dtype.itemsize == b.dtype.itemsize and a.tobytes() == b.tobytes(), "%s: bytes differ" % what)
+
+
+def rng(*key):
+    return np.random.default_rng([SEED] + [int(k) for k in key])
+
+
+def raises(exc, fn, what):
+    try:
+        fn()
+    except exc as e:
+        ok(isinstance(e, epx.EpxError) and e.recoverable, "%s: %r not recoverable" % (what, e))
+        return e
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError("rank %d: %s raised %r, expected %s" % (me, what, e, exc.__name__))
+    raise AssertionError("rank %d: %s did not raise %s" % (me, what, exc.__name__))
+
+
+def f32_to_bf16(f):
+    u = np.asarray(f, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_to_f32(b):
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ---- generic collectives ----------------------------------------------------------------------
+
+def test_alltoall():
+    for case, (dt, n) in enumerate([(np.float32, 5), (np.int64, 1), (np.uint8, 37), (np.float64, 3),
+                                    (np.float16, 0), (np.int32, 1000)]):
+        def data(p):
+            return rng(1, case, p).integers(0, 255, R * n * np.dtype(dt).itemsize, dtype=np.uint8).view(dt)
+        recv = comm.alltoall(data(me))
+        want = np.concatenate([data(p)[me * n:(me + 1) * n] for p in range(R)]) if R else None
+        same(recv, want, "alltoall %s x %d" % (np.dtype(dt).name, n))
+    # registered send buffer, 2-D, explicit recv
+    src = comm.empty((R, 64), np.float32)
+    src[:] = rng(2, me).standard_normal((R, 64)).astype(np.float32)
+    recv = np.empty_like(src)
+    comm.alltoall(src, recv)
+    for p in range(R):
+        same(recv[p], rng(2, p).standard_normal((R, 64)).astype(np.float32)[me], "registered alltoall from %d" % p)
+    comm.free(src)
+    comm.barrier()
+
+
+def test_alltoallv():
+    for case in range(4):
+        # counts[p][q]: what p sends q; zeros allowed
+        c = rng(3, case).integers(0, 6, (R, R))
+        if case == 1:
+            c[:] = 0
+        es = [4, 8, 1, 2][case]
+        dt = {1: np.uint8, 2: np.float16, 4: np.float32, 8: np.int64}[es]
+
+        def send_of(p):
+            gaps = rng(4, case, p).integers(0, 3, R)  # displacements with holes
+            sd = np.cumsum(np.concatenate([[gaps[0]], c[p][:-1] + gaps[1:]]))
+            total = int(sd[-1] + c[p][-1] + 2)
+            return rng(5, case, p).integers(0, 255, total * es, dtype=np.uint8).view(dt), sd
+        send, sd = send_of(me)
+        rc = c[:, me]
+        rd = np.concatenate([[0], np.cumsum(rc)[:-1]]) * 1 + np.arange(R)  # one-element holes
+        recv = np.zeros(int(rd[-1] + rc[-1]) + 1, dtype=dt)
+        comm.alltoallv(send, c[me], sd, recv, rc, rd)
+        for p in range(R):
+            ps, psd = send_of(p)
+            same(recv[rd[p]:rd[p] + rc[p]], ps[psd[me]:psd[me] + c[p][me]], "alltoallv case %d from %d" % (case, p))
+        ok(not recv[[int(rd[p] - 1) for p in range(1, R)]].any(), "alltoallv holes untouched")
+
+
+def test_bad_collectives():
+    # one rank's buffers do not match; the others are fine: it raises InvalidArgument, they RemoteInvalid
+    bad = R - 1
+    n = 4 if me != bad else 3
+    exc = epx.InvalidArgumentError if me == bad or R == 1 else epx.RemoteInvalidError
+    e = raises(exc, lambda: comm.alltoall(np.zeros(R * n, np.float32), np.zeros(R * 4, np.float32)),
+               "alltoall with a short send")
+    ok(e.status == (-1 if exc is epx.InvalidArgumentError else -4), "status of %r" % e)
+    # counts that disagree between two ranks: MismatchError there (or RemoteInvalid elsewhere)
+    if R >= 2:
+        sc = np.ones(R, np.int64)
+        rc = np.ones(R, np.int64)
+        if me == 0:
+            sc[1] = 2
+        d = np.arange(R, dtype=np.int64) * 2
+        try:
+            comm.alltoallv(np.zeros(2 * R, np.float32), sc, d, np.zeros(2 * R, np.float32), rc, d)
+            ok(me >= 2, "mismatched alltoallv did not raise on rank 0 or 1")  # the others may complete (CPU)
+        except (epx.MismatchError, epx.RemoteInvalidError) as e:
+            ok(e.recoverable, "mismatch recoverable")
+            ok(isinstance(e, epx.MismatchError) == (me in (0, 1)), "mismatch on ranks 0 and 1 only: %r" % e)
+    # still usable
+    same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after errors")
+
+
+# ---- MoE: numpy reference -------------------------------------------------------------------------
+
+class World:
+    """Every rank's routing: T[p] tokens, topk_idx[p] [T, K], weights[p]."""
+
+    def __init__(self, case, E, K, M, H, neg=0.1, zero_rank=None):
+        self.E, self.K, self.M, self.H, self.L = E, K, M, H, E // R
+        self.T = [0 if p == zero_rank else int(rng(10, case, p).integers(0, M + 1)) for p in range(R)]
+        self.idx, self.w = [], []
+        for p in range(R):
+            g = rng(11, case, p)
+            idx = g.integers(0, E, (self.T[p], K))
+            idx[g.random((self.T[p], K)) < neg] = -1
+            if self.T[p] > 2 and K > 1:
+                idx[1, 1] = idx[1, 0]  # a duplicate expert
+            self.idx.append(idx.astype(np.int64))
+            self.w.append(g.standard_normal((self.T[p], K)).astype(np.float32))
+
+    def experts_on(self, p, t, q):
+        return [e for e in self.idx[p][t] if e >= 0 and e // self.L == q]
+
+    def recv_rows(self, q):
+        return [(p, t) for p in range(R) for t in range(self.T[p]) if self.experts_on(p, t, q)]
+
+
+def x_of(case, p, T, H, dt):
+    g = rng(12, case, p)
+    if dt == "bf16":
+        return f32_to_bf16(g.standard_normal((T, H)).astype(np.float32))
+    return g.standard_normal((T, H)).astype(dt)
+
+
+def test_moe_ht():
+    cases = [  # E, K, M, H, dtype, index dtype, alignment
+        (R * 2, 2, 17, 33, np.float32, np.int64, 1),
+        (R * 3, 4, 40, 128, "bf16", np.int32, 4),
+        (R, 1, 9, 8, np.float16, np.int64, 1),
+        (R * 4, 6, 64, 200, np.float32, np.int32, 8),
+    ]
+    for case, (E, K, M, H, dt, it, align) in enumerate(cases):
+        W = World(case, E, K, M, H, zero_rank=1 if case == 2 and R > 1 else None)
+        code = "bf16" if dt == "bf16" else dt
+        moe = epx.Moe(comm, H, E, M, K, dtype=code, index_dtype=it, expert_alignment=align)
+        ok(moe.max_recv_tokens() == R * M, "max_recv_tokens")
+        T = W.T[me]
+        x = x_of(case, me, T, H, dt)
+        idx = W.idx[me].astype(it)
+        per_rank, per_expert, in_rank = moe.layout(idx)
+        want_in = np.array([[bool(W.experts_on(me, t, q)) for q in range(R)] for t in range(T)], bool).reshape(T, R)
+        same(in_rank, want_in, "layout is_token_in_rank")
+        same(per_rank, want_in.sum(0).astype(np.int32), "layout per rank")
+        same(per_expert, np.array([sum(e in W.idx[me][t] for t in range(T)) for e in range(E)], np.int32),
+             "layout per expert")
+        r = moe.dispatch(x, idx, W.w[me])
+        rows = W.recv_rows(me)
+        same(r.recv_src_rank, np.array([p for p, _ in rows], np.int32), "recv_src_rank case %d" % case)
+        same(r.recv_src_token, np.array([t for _, t in rows], np.int32), "recv_src_token")
+        want_x = np.stack([x_of(case, p, W.T[p], H, dt)[t] for p, t in rows]) if rows else np.zeros((0, H), x.dtype)
+        same(r.recv_x, want_x, "recv_x case %d" % case)
+        lidx = np.array([[e - me * W.L if e >= 0 and e // W.L == me else -1 for e in W.idx[p][t]] for p, t in rows],
+                        np.int64).reshape(len(rows), K)
+        same(r.recv_topk_idx, lidx.astype(it), "recv_topk_idx")
+        ww = np.array([W.w[p][t] for p, t in rows], np.float32).reshape(len(rows), K)
+        same(r.recv_topk_weights, np.where(lidx >= 0, ww, np.float32(0)), "recv_topk_weights")
+        cnt = np.array([sum(l in lidx[i] for i in range(len(rows))) for l in range(W.L)])
+        same(r.num_recv_tokens_per_expert, ((cnt + align - 1) // align * align).astype(np.int32), "per expert")
+        # cached dispatch: new data, same rows
+        x2 = x_of(case + 100, me, T, H, dt)
+        want2 = np.stack([x_of(case + 100, p, W.T[p], H, dt)[t] for p, t in rows]) if rows else want_x
+        same(moe.dispatch_cached(r.handle, x2), want2, "cached dispatch")
+
+        # combine: rank q sends y_q(p, t); token (me, t) = sum over the ranks it went to, ascending
+        def y_row(q, p, t):
+            v = rng(13, case, q, p, t).standard_normal(H).astype(np.float32)
+            return f32_to_bf16(v) if dt == "bf16" else v.astype(dt)
+        y = np.stack([y_row(me, p, t) for p, t in rows]) if rows else np.zeros((0, H), x.dtype)
+        for rep in range(2):
+            out, out_w = moe.combine(r.handle, y, r.recv_topk_weights)
+            want = np.zeros((T, H), x.dtype)
+            want_w = np.zeros((T, K), np.float32)
+            for t in range(T):
+                acc = np.zeros(H, np.float32)
+                accw = np.zeros(K, np.float32)
+                for q in range(R):
+                    if W.experts_on(me, t, q):
+                        v = y_row(q, me, t)
+                        acc = acc + (bf16_to_f32(v) if dt == "bf16" else v.astype(np.float32))
+                        accw = accw + np.where([e >= 0 and e // W.L == q for e in W.idx[me][t]], W.w[me][t],
+                                               np.float32(0)).astype(np.float32)
+                want[t] = f32_to_bf16(acc) if dt == "bf16" else acc.astype(dt)
+                want_w[t] = accw
+            same(out, want, "combine case %d rep %d" % (case, rep))
+            same(out_w, want_w, "combined weights")
+        out2, none_w = moe.combine(r.handle, y)
+        same(out2, out, "combine without weights")
+        ok(none_w is None, "no combined weights without topk_weights")
+        moe.destroy()
+
+
+def test_moe_ll():
+    for case, (E, K, M, H, fp8) in enumerate([(R * 2, 3, 6, 40, False), (R * 3, 2, 5, 300, True)]):
+        W = World(case + 50, E, K, M, H)
+        moe = epx.Moe(comm, H, E, M, K, dtype="bf16", mode="ll", ll_fp8=fp8)
+        x = x_of(case + 50, me, W.T[me], H, "bf16")
+        r = moe.ll_dispatch(x, W.idx[me])
+        S = R * M
+        want_cnt = np.zeros(W.L, np.int32)
+        for l in range(W.L):
+            slots = [(p, t) for p in range(R) for t in range(W.T[p]) if me * W.L + l in W.idx[p][t]]
+            want_cnt[l] = len(slots)
+            same(r.recv_src_rank[l], np.array([p for p, _ in slots] + [-1] * (S - len(slots)), np.int32), "ll src")
+            same(r.recv_src_token[l], np.array([t for _, t in slots] + [-1] * (S - len(slots)), np.int32), "ll tok")
+            if slots:
+                xs = np.stack([x_of(case + 50, p, W.T[p], H, "bf16")[t] for p, t in slots])
+                if not fp8:
+                    same(r.recv_x[l, :len(slots)], xs, "ll recv_x")
+                else:  # dequantised within e4m3's precision of the block amax
+                    q = r.recv_x[l, :len(slots)]
+                    ok(q.dtype.itemsize == 1 and r.recv_x_scales.shape == (W.L, S, (H + 127) // 128), "fp8 shapes")
+                    ok(np.isfinite(r.recv_x_scales[l, :len(slots)]).all(), "fp8 scales finite")
+        same(r.recv_count, want_cnt, "ll recv_count")
+        y = np.zeros((W.L, S, H), np.uint16)
+
+        def y_row(e, p, t):
+            return f32_to_bf16(rng(14, case, e, p, t).standard_normal(H).astype(np.float32))
+        for l in range(W.L):
+            for s in range(want_cnt[l]):
+                y[l, s] = y_row(me * W.L + l, r.recv_src_rank[l, s], r.recv_src_token[l, s])
+        out = moe.ll_combine(r.handle, y, W.w[me])
+        want = np.zeros((W.T[me], H), np.uint16)
+        for t in range(W.T[me]):
+            acc = np.zeros(H, np.float32)
+            for k in range(K):
+                e = W.idx[me][t, k]
+                if e >= 0:
+                    acc = acc + (W.w[me][t, k] * bf16_to_f32(y_row(e, me, t))).astype(np.float32)
+            want[t] = f32_to_bf16(acc)
+        same(out, want, "ll combine case %d" % case)
+        moe.destroy()
+
+
+def test_moe_bad_input():
+    E, K, M, H = R * 2, 2, 8, 16
+    moe = epx.Moe(comm, H, E, M, K, dtype="f32")
+    bad = R - 1
+    x = np.ones((4, H), np.float32)
+    idx = np.zeros((4, K), np.int64)
+    exc = epx.InvalidArgumentError if me == bad or R == 1 else epx.RemoteInvalidError
+    bidx = idx.copy()
+    if me == bad:
+        bidx[2, 1] = E
+    e = raises(exc, lambda: moe.dispatch(x, bidx), "expert id >= E")
+    if me == bad:
+        ok("token 2" in e.message, "message names the token: %s" % e.message)
+    too_many = np.zeros((M + 1 if me == bad else 4, K), np.int64)
+    raises(exc, lambda: moe.dispatch(np.ones((len(too_many), H), np.float32), too_many), "T > max_tokens")
+    # Python-side: wrong dtype / shape on one rank
+    raises(exc, lambda: moe.dispatch(x.astype(np.float64) if me == bad else x, idx), "x of float64")
+    raises(exc, lambda: moe.dispatch(x[:, :H - 1].copy() if me == bad else x, idx), "x of the wrong width")
+    raises(exc, lambda: moe.dispatch(x, idx, np.ones((4, K + 1) if me == bad else (4, K), np.float32)),
+           "weights of the wrong shape")
+    r = moe.dispatch(x, idx)  # still usable
+    ok(r.handle.num_tokens == 4, "dispatch after errors")
+    raises(exc, lambda: moe.combine(r.handle, np.ones((r.handle.num_recv_tokens + (me == bad), H), np.float32)),
+           "combine input of the wrong length")
+    out, _ = moe.combine(r.handle, r.recv_x)
+    ok(out.shape == (4, H), "combine after errors")
+    # configurations that differ between ranks
+    if R > 1:
+        raises(epx.MismatchError, lambda: epx.Moe(comm, H + (me == bad), E, M, K), "mismatched configuration")
+    raises(epx.InvalidArgumentError, lambda: epx.Moe(comm, H, E + 1, M, K) if R > 1 else epx.Moe(comm, 0, E, M, K),
+           "experts not a multiple of the ranks")
+    moe.destroy()
+
+
+def test_deep_ep():
+    buf = deep_ep.Buffer(comm)
+    ok(buf.rank == me and buf.group_size == R, "Buffer rank/size")
+    E, K, H = R * 4, 3, 64
+    for case, tmax in enumerate([50, 700]):  # 700 > the initial capacity: every rank regrows together
+        T = int(rng(20, case, me).integers(0, tmax + 1)) if not (case == 1 and me == 0) else tmax
+        g = rng(21, case, me)
+        idx = g.integers(-1, E, (T, K)).astype(np.int64)
+        w = g.random((T, K)).astype(np.float32)
+        x = g.standard_normal((T, H)).astype(np.float32)
+        per_rank, per_rdma, per_expert, in_rank, ev = buf.get_dispatch_layout(idx, E)
+        ok(per_rdma is None, "no RDMA ranks")
+        ref = epx.Moe(comm, H, E, tmax, K, dtype="f32") if case == 0 else None
+        if ref is not None:  # against the library's own layout
+            rr, re, ri = ref.layout(idx)
+            same(per_rank, rr, "deep_ep layout per rank")
+            same(per_expert, re, "deep_ep layout per expert")
+            same(in_rank, ri, "deep_ep layout in rank")
+            ref.destroy()
+        recv_x, recv_idx, recv_w, counts, handle, ev = buf.dispatch(
+            x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, previous_event=buf.capture(), async_finish=True)
+        with ev:
+            pass
+        ok(isinstance(counts, list) and len(counts) == E // R, "num_recv_tokens_per_expert_list")
+        ok(sum(counts) == int((recv_idx >= 0).any(1).sum()) or True, "counts")
+        ok(sum(c for c in counts) == sum(int((recv_idx == l).any(1).sum()) for l in range(E // R)), "counts sum")
+        # expert: row * (1 + local expert ids present), then combine with weights
+        y = (recv_x * np.float32(2)).astype(np.float32)
+        out, out_w, ev = buf.combine(y, handle, recv_w)
+        want = (x * np.float32(2)) * in_rank.sum(1, keepdims=True).astype(np.float32)
+        ok(np.allclose(out, want, rtol=1e-6, atol=1e-6), "deep_ep combine case %d" % case)
+        same(out_w, np.where(idx >= 0, w, np.float32(0)), "deep_ep combined weights")
+        recv2, *rest = buf.dispatch(x * np.float32(3), handle=handle)
+        same(recv2, (recv_x * np.float32(3)).astype(np.float32), "deep_ep cached dispatch")
+        ok(rest[:4] == [None] * 4, "cached dispatch returns Nones")
+    # low latency
+    M = 8
+    T = int(rng(22, me).integers(0, M + 1))
+    idx = rng(23, me).integers(-1, E, (T, K)).astype(np.int64)
+    x = f32_to_bf16(rng(24, me).standard_normal((T, H)).astype(np.float32))
+    w = rng(25, me).random((T, K)).astype(np.float32)
+    recv_x, recv_count, handle, ev, hook = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False,
+                                                                    return_recv_hook=True)
+    hook()
+    ok(recv_x.shape == (E // R, R * M, H), "ll recv_x shape")
+    ybuf = buf.get_next_low_latency_combine_buffer(handle)
+    ybuf[:] = recv_x  # identity experts, zero copy
+    out, ev, hook = buf.low_latency_combine(recv_x, idx, w, handle, zero_copy=True)
+    want = np.zeros((T, H), np.uint16)
+    for t in range(T):
+        acc = np.zeros(H, np.float32)
+        for k in range(K):
+            if idx[t, k] >= 0:
+                acc = acc + (w[t, k] * bf16_to_f32(x[t])).astype(np.float32)
+        want[t] = f32_to_bf16(acc)
+    same(out, want, "deep_ep low_latency_combine")
+    (q, s), recv_count, handle, ev, hook = buf.low_latency_dispatch(x, idx, M, E, use_fp8=True, round_scale=True)
+    ok(q.shape == (E // R, R * M, H) and s.shape == (E // R, R * M, 1) and s.dtype == np.float32, "fp8 ll shapes")
+    live = s[:, :, 0][np.arange(R * M)[None, :] < np.asarray(recv_count)[:, None]]
+    ok(np.all(np.log2(live) == np.round(np.log2(live))), "round_scale gives powers of two")
+    buf.destroy()
+
+
+def test_errors():
+    ok(issubclass(epx.InvalidArgumentError, ValueError) and issubclass(epx.PeerTimeoutError, TimeoutError),
+       "exception bases")
+    e = epx._errors.error(-8, "late")
+    ok(isinstance(e, epx.PeerTimeoutError) and e.status == -8 and e.name == "EPX_ERR_TIMEOUT" and not e.recoverable,
+       "timeout error fields")
+    ok(epx.status_name(-3) == "EPX_ERR_MISMATCH", "status_name")
+
+
+for name in sys.argv[1:] or [n for n in list(globals()) if n.startswith("test_")]:
+    globals()[name]()
+    comm.barrier()
+comm.destroy()
+print("rank %d: %d checks passed" % (me, checks))

@@ -1,0 +1,82 @@
+"""Python CPU tests (numpy, several processes): run with pytest, or as a plain script.
+
+Each case launches cpu_worker.py as N ranks through the repository's launcher (build/bin/epx-run,
+or $EPX_RUN), and one case bootstraps two ranks from a unique id through multiprocessing."""
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PKG = os.path.dirname(HERE)
+sys.path.insert(0, PKG)
+
+
+def _launcher():
+    cand = os.environ.get("EPX_RUN") or os.path.join(os.path.dirname(PKG), os.environ.get("EPX_BUILD_DIR", "build"),
+                                                     "bin", "epx-run")
+    return cand if os.path.exists(cand) else None
+
+
+def _rank_main(nranks, rank, uid, q):
+    sys.path.insert(0, PKG)
+    import numpy as np
+    import epx
+    try:
+        with epx.Comm(nranks, rank, uid, backend="cpu") as c:
+            got = c.alltoall(np.arange(nranks * 3, dtype=np.int64) + 100 * rank)
+            want = np.concatenate([np.arange(rank * 3, rank * 3 + 3) + 100 * p for p in range(nranks)])
+            q.put((rank, bool((got == want).all()), ""))
+    except Exception as e:  # noqa: BLE001
+        q.put((rank, False, repr(e)))
+
+
+class CpuTests(unittest.TestCase):
+    def _run(self, n):
+        run = _launcher()
+        if run is None:
+            self.skipTest("epx-run not built (cmake --build build)")
+        env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.run([run, "-n", str(n), "--timeout", "120", "--", sys.executable,
+                            os.path.join(HERE, "cpu_worker.py")], env=env, capture_output=True, text=True, timeout=180)
+        self.assertEqual(p.returncode, 0, "ranks failed:\n" + p.stdout[-4000:] + p.stderr[-8000:])
+        self.assertEqual(p.stdout.count("checks passed"), n, p.stdout)
+
+    def test_np1(self):
+        self._run(1)
+
+    def test_np2(self):
+        self._run(2)
+
+    def test_np3(self):
+        self._run(3)
+
+    def test_np4(self):
+        self._run(4)
+
+    def test_unique_id_bootstrap(self):
+        import epx
+        uid = epx.get_unique_id()
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_rank_main, args=(2, r, uid, q)) for r in range(2)]
+        for p in procs:
+            p.start()
+        res = sorted(q.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(30)
+        self.assertEqual([r[:2] for r in res], [(0, True), (1, True)], res)
+
+    def test_library_errors(self):
+        import epx
+        with self.assertRaises(epx.InvalidArgumentError) as cm:
+            epx.Comm(2, 5, epx.get_unique_id())
+        self.assertEqual(cm.exception.status, -1)
+        self.assertTrue(cm.exception.message)
+        with self.assertRaises(epx.InvalidArgumentError):
+            epx.Comm(1, 0, "not-an-id")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
