@@ -9,6 +9,7 @@
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the 2-rank GPU suite
 #   bench     MoE (bf16, fp8) and alltoall benchmarks at the default SM budget
 #   sweep     MoE bf16/fp8 with all SMs, and bf16 with the count read back to the host
+#   python    the Python package's tests with torch on the GPUs (python/tests)
 #   quick     cpu cuda (no benchmarks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,11 +53,15 @@ if has sanitize; then
         "synccheck test_moe --cuda --random 2"; do
             tool=${run%% *} t=${run#* }
             log="$OUT/sanitize_${tool}_${t%% *}.log"
-            timeout 200 $B/epx-run -n 2 --timeout 190 -- $CS --tool $tool $B/$t >"$log" 2>&1
+            timeout ${SANITIZE_S:-80} $B/epx-run -n 2 --timeout $((${SANITIZE_S:-80} - 5)) -- $CS --tool $tool $B/$t >"$log" 2>&1
             s=$?
             [ $s = 0 ] || rc=1
             echo "compute-sanitizer $tool $t: exit $s; $(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY|passed' "$log" | tr '\n' ' ')"
     done
+fi
+if has python; then
+    PYTHONPATH=python EPX_BUILD_DIR=build-gpu python3 -m pytest -q python/tests >"$OUT/python.log" 2>&1 || rc=1
+    tail -5 "$OUT/python.log"
 fi
 bench_moe() { # json-name, extra args...
     local name=$1
