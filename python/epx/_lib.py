@@ -62,7 +62,8 @@ class DispatchIn(Structure):
 class DispatchOut(Structure):
     _fields_ = [("recv_x", c_void_p), ("recv_x_scales", c_void_p), ("recv_topk_idx", c_void_p),
                 ("recv_topk_weights", c_void_p), ("recv_src_rank", c_void_p), ("recv_src_token", c_void_p),
-                ("num_recv_tokens_per_expert", c_void_p), ("capacity", c_int64), ("num_recv_tokens", c_int64)]
+                ("num_recv_tokens_per_expert", c_void_p), ("capacity", c_int64), ("num_recv_tokens", c_int64),
+                ("num_recv_tokens_device", c_void_p)]
 
 
 class CombineIn(Structure):

@@ -216,13 +216,19 @@ epx_status_t epx_comm_abort(epx_comm_t comm)
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__comm_check(epx_comm_t comm)
+/* Take in an error the device recorded (a timed-out wait, mismatched device counts). */
+static void epx__comm_poll_device(epx_comm_t comm)
 {
-    if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
     if (comm->async_error == EPX_SUCCESS && comm->cuda) {
         comm->async_error = epx__cuda_check_async(comm->cuda, &comm->err);
         if (comm->async_error != EPX_SUCCESS) memcpy(comm->async_msg, comm->err.msg, sizeof comm->async_msg);
     }
+}
+
+epx_status_t epx__comm_check(epx_comm_t comm)
+{
+    if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
+    epx__comm_poll_device(comm);
     if (comm->async_error != EPX_SUCCESS)
         return epx__fail(&comm->err, comm->async_error,
                          "the communicator is broken (abort it and create a new one) by: %.400s", comm->async_msg);
@@ -271,6 +277,7 @@ const char *epx_comm_get_last_error(epx_comm_t comm) { return comm ? comm->err.m
 epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *async_error)
 {
     if (!comm || !async_error) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or async_error is NULL");
+    epx__comm_poll_device(comm);
     *async_error = comm->async_error;
     return EPX_SUCCESS;
 }

@@ -180,26 +180,28 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
     __shared__ int ok;
     unsigned long long n = epx__op_number(&d);
     int me = d.rank, R = d.nranks;
-    if (a.elem > 0 && (int)threadIdx.x < R) { /* my side of every pair, from my device counts */
+    /* Each pair's bytes and source, from the arguments or from my device counts. */
+    __shared__ long long bytes[EPX__CUDA_MAX_RANKS];
+    __shared__ const char *src[EPX__CUDA_MAX_RANKS];
+    if ((int)threadIdx.x < R) {
         int p = (int)threadIdx.x;
-        long long c = a.send_counts[p], s = a.send_displs[p];
-        a.bytes[p] = c > 0 && s >= 0 ? c * a.elem : 0;
-        a.src[p] += (s >= 0 ? s : 0) * a.elem;
+        bytes[p] = a.bytes[p], src[p] = a.src[p];
+        if (a.elem > 0) {
+            long long c = a.send_counts[p], s = a.send_displs[p];
+            bytes[p] = c > 0 && s >= 0 ? c * a.elem : 0;
+            src[p] += (s >= 0 ? s : 0) * a.elem;
+        }
     }
-    __shared__ long long s_bytes[EPX__CUDA_MAX_RANKS];
-    __shared__ const char *s_src[EPX__CUDA_MAX_RANKS];
-    if ((int)threadIdx.x < R) s_bytes[threadIdx.x] = a.bytes[threadIdx.x], s_src[threadIdx.x] = a.src[threadIdx.x];
     __syncthreads();
-    for (int p = 0; p < R; p++) a.bytes[p] = s_bytes[p], a.src[p] = s_src[p];
     if (blockIdx.x == 0 && (int)threadIdx.x < R && (int)threadIdx.x != me)
         epx__st_release_sys(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_ARRIVE * R + me) * EPX__FLAG_STRIDE, n);
     long long total = 0;
-    for (int p = 0; p < R; p++) total += a.bytes[p];
+    for (int p = 0; p < R; p++) total += bytes[p];
     long long chunk = ((total + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
     long long lo = chunk * blockIdx.x, hi = lo + chunk < total ? lo + chunk : total, base = 0;
     for (int i = 0; i < R; i++) {
         int p = (me + i) % R; /* rank order would send every block to the same peer first */
-        long long b0 = base, b1 = base + a.bytes[p];
+        long long b0 = base, b1 = base + bytes[p];
         base = b1;
         long long s0 = lo > b0 ? lo : b0, s1 = hi < b1 ? hi : b1;
         if (s0 >= s1) continue;
@@ -214,13 +216,13 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
         char *dst = a.dst[p];
         if (a.elem > 0) { /* the peer's side, read once its stream is here */
             long long theirs = a.recv_counts[p][me], at = a.recv_displs[p][me];
-            if (theirs * a.elem != a.bytes[p] || at < 0) {
-                if (threadIdx.x == 0) epx__record_mismatch(&d, p, n, a.bytes[p] / a.elem, theirs);
+            if (theirs * a.elem != bytes[p] || at < 0) {
+                if (threadIdx.x == 0) epx__record_mismatch(&d, p, n, bytes[p] / a.elem, theirs);
                 continue;
             }
             dst += at * a.elem;
         }
-        epx__block_copy(dst + (s0 - b0), a.src[p] + (s0 - b0), s1 - s0);
+        epx__block_copy(dst + (s0 - b0), src[p] + (s0 - b0), s1 - s0);
     }
     __threadfence_system(); /* every writer fences: its stores reach the peer before the count */
     __syncthreads();
@@ -241,7 +243,7 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
         epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_WRITTEN * R + p) * EPX__FLAG_STRIDE,
                       (*(volatile unsigned long long *)d.direct_ops + 1ull) * (unsigned long long)gridDim.x, p);
     /* Device counts: a pair I send nothing to must expect nothing (p's side is final now). */
-    if (a.elem > 0 && p < R && a.bytes[p] == 0 && a.recv_counts[p][me] != 0)
+    if (a.elem > 0 && p < R && bytes[p] == 0 && a.recv_counts[p][me] != 0)
         epx__record_mismatch(&d, p, n, 0, a.recv_counts[p][me]);
     __syncthreads();
     if (threadIdx.x == 0) {
