@@ -26,7 +26,10 @@ struct epx_comm {
 
 /* Validate `comm` and that it is still healthy; on error return the status to give back. */
 epx_status_t epx__comm_check(epx_comm_t comm);
-/* Record `st` from a backend call: timeouts and peer failures break the comm. */
+/* Does a collective call that returned `st` leave the communicator broken? Timeouts,
+ * peer failures, aborts, errors of an engine (CUDA, NCCL, MPI) and internal errors do. */
+bool epx__status_breaks(epx_status_t st);
+/* Record `st` from a backend call: statuses that break the comm break it (for good). */
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st);
 
 #endif /* EPX_API_H */
