@@ -120,6 +120,7 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
     if (timeout_ms <= 0)
         return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "timeout_ms = %lld must be > 0", (long long)timeout_ms);
 
+    epx__log_set_rank(rank);
     epx__fault_t fault;
     EPX__CHECK(epx__fault_parse(epx__param_str(EPX__P_FAULT), rank, &fault, NULL));
 

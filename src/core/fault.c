@@ -96,7 +96,8 @@ epx_status_t epx__fault_parse(const char *text, int rank, epx__fault_t *f, epx__
         st = epx__fault_entry(e, f->n, &s, err);
         if (st != EPX_SUCCESS) break;
         f->spec[f->n++] = s;
-        if (s.rank == rank) f->armed = true;
+        /* Entries that fired already (on an earlier communicator) cost nothing. */
+        if (s.rank == rank && !(atomic_load(&epx__fault_fired) & (1u << s.index))) f->armed = true;
     }
     free(copy);
     if (st != EPX_SUCCESS) memset(f, 0, sizeof *f);
