@@ -414,8 +414,16 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
     t0 = now_ms();
     ASSERT_STATUS(ctx_run(&c), async); /* stays broken, answers at once */
     if (now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, now_ms() - t0);
-    ctx_free(&c);
-    ASSERT_OK(epx_comm_abort(comm));
+    if (c.moe) {
+        /* A MoE context outlives its communicator: calls on it return EPX_ERR_ABORTED. */
+        ASSERT_OK(epx_comm_abort(comm));
+        c.x = NULL; /* registered memory went with the communicator */
+        ASSERT_STATUS(ctx_run(&c), EPX_ERR_ABORTED);
+        ctx_free(&c);
+    } else {
+        ctx_free(&c);
+        ASSERT_OK(epx_comm_abort(comm));
+    }
     /* A new communicator over the ranks still alive (the killed one was the last). */
     recover(op, f == F_KILL ? R - 1 : R, rank, id2);
     fflush(stdout);
@@ -435,19 +443,34 @@ static int scenario(op_t op, fault_t f, int R)
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
-    epx_unique_id_t id, id2;
-    ASSERT_OK(epx_get_unique_id(&id));
-    ASSERT_OK(epx_get_unique_id(&id2));
+    /* Rank 0 makes the ids (and runs their listeners) and hands them out through a pipe:
+     * this process forks before any thread exists (fork beside a starting thread can
+     * deadlock the child, in sanitizer builds especially). */
+    int ids[2];
+    ASSERT(pipe(ids) == 0);
+    struct {
+        epx_unique_id_t id, id2; /* one write, one read: atomic in a pipe */
+    } both;
+    const epx_unique_id_t *id = &both.id, *id2 = &both.id2;
     fflush(stdout);
     pid_t pids[MAXR];
     for (int r = 0; r < R; r++) {
         pids[r] = fork();
         ASSERT(pids[r] >= 0);
-        if (pids[r] == 0) {
-            int rc = rank_main(op, f, r, R, &id, &id2);
-            fflush(stdout);
-            _exit(rc);
+        if (pids[r] != 0) continue;
+        test_rank = r;
+        if (r == 0) {
+            ASSERT_OK(epx_get_unique_id(&both.id));
+            ASSERT_OK(epx_get_unique_id(&both.id2));
+            for (int i = 0; i < R; i++) /* R - 1 ranks and this process */
+                ASSERT(write(ids[1], &both, sizeof both) == sizeof both);
+        } else {
+            close(ids[1]); /* EOF, not a hang, should rank 0 fail */
+            ASSERT(read(ids[0], &both, sizeof both) == sizeof both);
         }
+        int rc = rank_main(op, f, r, R, id, id2);
+        fflush(stdout);
+        _exit(rc);
     }
     int failed = 0;
     for (int r = 0; r < R; r++) {
@@ -460,9 +483,12 @@ static int scenario(op_t op, fault_t f, int R)
             failed = 1;
         }
     }
+    close(ids[1]);
+    bool got = read(ids[0], &both, sizeof both) == sizeof both;
+    close(ids[0]);
     char idtext[EPX_UNIQUE_ID_STRLEN];
-    ASSERT_OK(epx_unique_id_to_string(&id, idtext, sizeof idtext));
-    epx_launch_cleanup_shm(idtext); /* what the killed rank left */
+    if (got && epx_unique_id_to_string(id, idtext, sizeof idtext) == EPX_SUCCESS)
+        epx_launch_cleanup_shm(idtext); /* what the killed rank left */
     return failed;
 }
 

@@ -202,6 +202,7 @@ epx_status_t epx_comm_init_from_env(epx_comm_t *comm, const epx_config_t *cfg)
 
 static void epx__comm_free(epx_comm_t c, bool abort)
 {
+    epx__moe_detach_all(c);
     epx__cuda_destroy(c->cuda);
     epx__cpu_destroy(c->cpu, abort);
     epx__boot_close(c->boot);
