@@ -9,8 +9,10 @@
  *
  * Errors: every call returns an epx_status_t. EPX_ERR_INVALID_ARGUMENT (and the other
  * argument/usage errors) mean nothing happened on any rank and the communicator is still
- * usable; EPX_ERR_TIMEOUT, EPX_ERR_PEER_FAILURE and EPX_ERR_ABORTED mean the communicator
- * is broken: destroy (or abort) it and create a new one. The detailed message of the last
+ * usable; EPX_ERR_TIMEOUT, EPX_ERR_PEER_FAILURE, EPX_ERR_ABORTED, engine errors
+ * (EPX_ERR_CUDA, _NCCL, _MPI) and EPX_ERR_INTERNAL from a collective call mean the
+ * communicator is broken: abort it and create a new one; the outputs of that call are
+ * undefined. README.md has the table for every status. The detailed message of the last
  * failure is available from epx_comm_get_last_error() / epx_get_last_error().
  */
 #ifndef EPX_H
@@ -172,7 +174,9 @@ EPX_API epx_status_t epx_comm_init_from_env(epx_comm_t *comm, const epx_config_t
 EPX_API epx_status_t epx_comm_destroy(epx_comm_t comm);
 
 /* Mark the communicator aborted (peers waiting on this rank fail promptly with
- * EPX_ERR_PEER_FAILURE) and release it. Safe after any error. NULL is accepted. */
+ * EPX_ERR_PEER_FAILURE) and release it, with its registered memory. Safe after any error
+ * and on a healthy communicator; not while another thread is inside a call on it (every
+ * wait ends at the timeout instead). NULL is accepted. */
 EPX_API epx_status_t epx_comm_abort(epx_comm_t comm);
 
 EPX_API epx_status_t epx_comm_rank(epx_comm_t comm, int *rank);
@@ -192,7 +196,9 @@ EPX_API epx_status_t epx_comm_info(epx_comm_t comm, epx_comm_info_t *info);
 /* Message of the last failed call on this communicator ("" if none). */
 EPX_API const char *epx_comm_get_last_error(epx_comm_t comm);
 
-/* EPX_SUCCESS while the communicator is healthy; else the error that broke it. */
+/* EPX_SUCCESS while the communicator is healthy; else the error that broke it (the first
+ * one), which every later collective and MoE call returns at once. On the CUDA backend it
+ * also reads what the device recorded (a device wait that timed out). */
 EPX_API epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *async_error);
 
 /* ---- Registered memory ----------------------------------------------------------- */
@@ -313,7 +319,9 @@ typedef struct epx_moe_handle *epx_moe_handle_t;
 /* Collective: create the MoE context. Fails on every rank with EPX_ERR_MISMATCH when the
  * ranks' configurations differ, EPX_ERR_INVALID_ARGUMENT when this one is invalid. */
 EPX_API epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_moe_t *moe);
-/* Local; handles must be freed first. NULL is accepted. */
+/* Local; handles must be freed first. NULL is accepted. May come before or after the
+ * communicator is destroyed or aborted; after that, every call on the context returns
+ * EPX_ERR_ABORTED (destroying the communicator releases what the context held in it). */
 EPX_API epx_status_t epx_moe_destroy(epx_moe_t moe);
 /* Device memory the CUDA backend allocates per rank for a communicator of `nranks` and a
  * MoE context of `cfg` with one live dispatch handle (each further live handle adds

@@ -21,12 +21,20 @@ struct epx_comm {
     epx_status_t async_error; /* set once a timeout or peer failure broke the comm */
     char async_msg[EPX__ERRMSG_LEN]; /* and the message that said why */
     int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
+    struct epx_moe *moes;     /* live MoE contexts, detached when the comm goes */
     epx__errbuf_t err;
 };
 
+/* The communicator is going (destroy or abort): release what its MoE contexts hold in
+ * it; calls on them then return EPX_ERR_ABORTED until they are destroyed. */
+void epx__moe_detach_all(epx_comm_t comm);
+
 /* Validate `comm` and that it is still healthy; on error return the status to give back. */
 epx_status_t epx__comm_check(epx_comm_t comm);
-/* Record `st` from a backend call: timeouts and peer failures break the comm. */
+/* Does a collective call that returned `st` leave the communicator broken? Timeouts,
+ * peer failures, aborts, errors of an engine (CUDA, NCCL, MPI) and internal errors do. */
+bool epx__status_breaks(epx_status_t st);
+/* Record `st` from a backend call: statuses that break the comm break it (for good). */
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st);
 
 #endif /* EPX_API_H */

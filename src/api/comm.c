@@ -120,6 +120,10 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
     if (timeout_ms <= 0)
         return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "timeout_ms = %lld must be > 0", (long long)timeout_ms);
 
+    epx__log_set_rank(rank);
+    epx__fault_t fault;
+    EPX__CHECK(epx__fault_parse(epx__param_str(EPX__P_FAULT), rank, &fault, NULL));
+
     epx_status_t st = EPX_SUCCESS;
     epx__rank_info_t mine, *all = NULL;
     epx_comm_t c = calloc(1, sizeof *c);
@@ -163,6 +167,7 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
         }
     }
     EPX__CHECK_GOTO(epx__cpu_create(&c->cpu, c->boot, rank, nranks, c->nonce, timeout_ms, &c->err), st, fail);
+    epx__cpu_set_fault(c->cpu, &fault);
     if (backend == EPX_BACKEND_CUDA)
         EPX__CHECK_GOTO(epx__cuda_create(&c->cuda, c->cpu, rank, nranks, cfg.device == EPX_UNSET ? -1 : cfg.device,
                                          timeout_ms, &c->err),
@@ -197,6 +202,7 @@ epx_status_t epx_comm_init_from_env(epx_comm_t *comm, const epx_config_t *cfg)
 
 static void epx__comm_free(epx_comm_t c, bool abort)
 {
+    epx__moe_detach_all(c);
     epx__cuda_destroy(c->cuda);
     epx__cpu_destroy(c->cpu, abort);
     epx__boot_close(c->boot);
@@ -216,32 +222,51 @@ epx_status_t epx_comm_abort(epx_comm_t comm)
     return EPX_SUCCESS;
 }
 
-/* Take in an error the device recorded (a timed-out wait, mismatched device counts). */
-static void epx__comm_poll_device(epx_comm_t comm)
+/* Record the error that broke the communicator (the first one) and tell the peers, so
+ * that those waiting on this rank, or about to read what it posted, fail at once. */
+static void epx__comm_break(epx_comm_t comm, epx_status_t st)
 {
-    if (comm->async_error == EPX_SUCCESS && comm->cuda) {
-        comm->async_error = epx__cuda_check_async(comm->cuda, &comm->err);
-        if (comm->async_error != EPX_SUCCESS) memcpy(comm->async_msg, comm->err.msg, sizeof comm->async_msg);
-    }
+    if (comm->async_error != EPX_SUCCESS) return;
+    comm->async_error = st;
+    memcpy(comm->async_msg, comm->err.msg, sizeof comm->async_msg);
+    epx__cpu_mark_broken(comm->cpu);
+}
+
+/* Pick up an error the device recorded (a timed-out wait, mismatched device counts). */
+static void epx__comm_poll(epx_comm_t comm)
+{
+    if (comm->async_error != EPX_SUCCESS || !comm->cuda) return;
+    epx_status_t st = epx__cuda_check_async(comm->cuda, &comm->err);
+    if (st != EPX_SUCCESS) epx__comm_break(comm, st);
 }
 
 epx_status_t epx__comm_check(epx_comm_t comm)
 {
     if (!comm) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
-    epx__comm_poll_device(comm);
+    epx__comm_poll(comm);
     if (comm->async_error != EPX_SUCCESS)
         return epx__fail(&comm->err, comm->async_error,
                          "the communicator is broken (abort it and create a new one) by: %.400s", comm->async_msg);
     return EPX_SUCCESS;
 }
 
+bool epx__status_breaks(epx_status_t st)
+{
+    switch (st) {
+    case EPX_ERR_TIMEOUT:
+    case EPX_ERR_PEER_FAILURE:
+    case EPX_ERR_ABORTED:
+    case EPX_ERR_CUDA:
+    case EPX_ERR_NCCL:
+    case EPX_ERR_MPI:
+    case EPX_ERR_INTERNAL: return true;
+    default: return false;
+    }
+}
+
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)
 {
-    if ((st == EPX_ERR_TIMEOUT || st == EPX_ERR_PEER_FAILURE || st == EPX_ERR_ABORTED) &&
-        comm->async_error == EPX_SUCCESS) {
-        comm->async_error = st;
-        memcpy(comm->async_msg, comm->err.msg, sizeof comm->async_msg);
-    }
+    if (epx__status_breaks(st)) epx__comm_break(comm, st);
     return st;
 }
 
@@ -277,7 +302,7 @@ const char *epx_comm_get_last_error(epx_comm_t comm) { return comm ? comm->err.m
 epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *async_error)
 {
     if (!comm || !async_error) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or async_error is NULL");
-    epx__comm_poll_device(comm);
+    epx__comm_poll(comm);
     *async_error = comm->async_error;
     return EPX_SUCCESS;
 }

@@ -5,7 +5,8 @@
 #include "api.h"
 
 struct epx_moe {
-    epx_comm_t comm;
+    epx_comm_t comm;       /* NULL once the communicator was destroyed or aborted */
+    struct epx_moe *next;  /* in comm->moes */
     epx__moe_shape_t shape;
     epx__cpu_moe_t *cpu;   /* one of the two backends */
     epx__cuda_moe_t *cuda;
@@ -112,6 +113,8 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
         free(m);
         return st;
     }
+    m->next = comm->moes;
+    comm->moes = m;
     *out = m;
     return EPX_SUCCESS;
 }
@@ -131,10 +134,27 @@ epx_status_t epx_moe_device_memory(const epx_moe_config_t *cfg, int nranks, int6
 epx_status_t epx_moe_destroy(epx_moe_t moe)
 {
     if (!moe) return EPX_SUCCESS;
+    if (moe->comm) {
+        epx_moe_t *p = &moe->comm->moes;
+        while (*p && *p != moe) p = &(*p)->next;
+        if (*p) *p = moe->next;
+    }
     epx__cpu_moe_destroy(moe->cpu);
-    epx__cuda_moe_destroy(moe->cuda);
+    epx__cuda_moe_destroy(moe->cuda); /* device memory only: safe after its communicator */
     free(moe);
     return EPX_SUCCESS;
+}
+
+void epx__moe_detach_all(epx_comm_t comm)
+{
+    for (epx_moe_t m = comm->moes, next; m; m = next) {
+        next = m->next;
+        epx__cpu_moe_destroy(m->cpu); /* lives in the communicator's shared memory */
+        m->cpu = NULL;
+        m->comm = NULL;
+        m->next = NULL;
+    }
+    comm->moes = NULL;
 }
 
 epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows)
@@ -211,6 +231,8 @@ static epx_status_t epx__check_dispatch(const epx__moe_shape_t *s, epx__errbuf_t
 static epx_status_t epx__check_moe_call(epx_moe_t moe, int mode)
 {
     if (!moe) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
+    if (!moe->comm)
+        return epx__fail(NULL, EPX_ERR_ABORTED, "the communicator of this MoE context was destroyed or aborted");
     EPX__CHECK(epx__comm_check(moe->comm));
     epx__errbuf_t *err = &moe->comm->err;
     if (moe->shape.mode != mode)
@@ -235,6 +257,8 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
                             int32_t *per_expert, uint8_t *in_rank, void *stream)
 {
     if (!moe) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
+    if (!moe->comm)
+        return epx__fail(NULL, EPX_ERR_ABORTED, "the communicator of this MoE context was destroyed or aborted");
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
     EPX__REQUIRE(!stream || moe->cuda, "stream must be NULL on the CPU backend");

@@ -113,6 +113,8 @@ void epx__log_set_rank(int rank);
       "CUDA: alltoallv with a pair above this size moves data with copy engines (no SMs)") \
     X(CUDA_SMS, "EPX_CUDA_SMS", INT, "24",                                                 \
       "CUDA: SMs (thread blocks) the MoE copy and reduce kernels use, unless cfg.num_sms") \
+    X(FAULT, "EPX_FAULT", STR, "",                                                         \
+      "tests: inject faults, KIND:rank=R,step=N[,ms=M];... with KIND delay, kill or count") \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \
     X(NRANKS, "EPX_NRANKS", INT, "0", "number of ranks (set by epx-run)")                  \
     X(UNIQUE_ID, "EPX_UNIQUE_ID", STR, "", "rendezvous id, text form (set by epx-run)")

@@ -46,6 +46,14 @@ static epx_status_t epx__publish_sends(epx__cpu_t *c, const epx__cpu_xfer_t *x, 
     return EPX_SUCCESS;
 }
 
+/* A `count` fault: announce one byte more to the next rank than I send it. */
+static void epx__fault_count(epx__cpu_t *c, uint32_t seq)
+{
+    epx__fault_spec_t f;
+    if (c->nranks < 2 || !epx__fault_take(&c->fault, EPX__FAULT_COUNT, seq, &f)) return;
+    epx__seg_desc(c->seg, c->nranks, seq, (c->rank + 1) % c->nranks)->send_bytes += 1;
+}
+
 /* Both sides of every pair this rank is part of must agree; and nobody may have rejected
  * its arguments. Checked before anything is written. */
 static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
@@ -73,7 +81,7 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
 {
     /* Peers finished their reads of operation seq-2 (same parity) before they posted
      * seq-1, which this rank saw before it returned from seq-1: the block is free. */
-    const uint32_t seq = ++c->seq;
+    const uint32_t seq = epx__op_begin(c);
     const int me = c->rank;
     const uint64_t deadline = epx__deadline_after_ms(c->timeout_ms);
     epx_status_t st;
@@ -81,8 +89,10 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
 
     /* Publish and post. A failure here is local and is posted as such. */
     if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, seq, &exposed, err);
+    if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, seq);
     epx__op_post(c, seq, local_status);
     st = epx__wait_posts(c, seq, deadline, err);
+    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
     if (st != EPX_SUCCESS) return st; /* broken: peers will fail too */
 
     /* Validate, then pull. */
@@ -108,6 +118,8 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
         }
     }
 
-    /* Done; if peers read memory the caller owns, it must stay put until they finish. */
+    /* Nobody gave up while I read; then done: if peers read memory the caller owns, it
+     * must stay put until they finish. */
+    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
     return epx__op_finish(c, seq, exposed, st, deadline, err);
 }

@@ -23,6 +23,7 @@
 #define EPX_CPU_H
 
 #include "../core/core.h"
+#include "../core/fault.h"
 
 typedef struct epx__cpu epx__cpu_t;
 
@@ -32,6 +33,11 @@ epx_status_t epx__cpu_create(epx__cpu_t **cpu, epx__boot_t *boot, int rank, int 
                              uint64_t nonce, int64_t timeout_ms, epx__errbuf_t *err);
 /* Local. With `abort`, peers waiting on this rank fail promptly with EPX_ERR_PEER_FAILURE. */
 void epx__cpu_destroy(epx__cpu_t *cpu, bool abort);
+/* This rank gives up on the communicator (an operation timed out or failed): peers waiting
+ * on it, or about to read what it posted, fail promptly with EPX_ERR_PEER_FAILURE. */
+void epx__cpu_mark_broken(epx__cpu_t *cpu);
+/* Arm the faults of EPX_FAULT for this rank (see core/fault.h). */
+void epx__cpu_set_fault(epx__cpu_t *cpu, const epx__fault_t *fault);
 
 /* Registered memory: shared-memory regions peers map on first use. */
 epx_status_t epx__cpu_mem_alloc(epx__cpu_t *cpu, size_t bytes, void **ptr, epx__errbuf_t *err);

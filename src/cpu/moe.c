@@ -53,6 +53,7 @@ struct epx__cpu_moe {
     size_t scratch_bytes;
     uint8_t *ll_q;        /* low-latency FP8: my tokens quantised once, [max_tokens, H] */
     char *ll_scales;      /* and their scales, [max_tokens, scale_cols] */
+    int32_t *recount;     /* scratch of epx__boards_check: [2 * (R + E)] */
 };
 
 struct epx__cpu_moe_handle {
@@ -132,6 +133,46 @@ static epx_status_t epx__boards_agree(const epx__cpu_moe_t *m, const epx__board_
     return EPX_SUCCESS;
 }
 
+/* Every board must describe a call its rank validated: T and K within the configuration
+ * and, for a dispatch, expert ids in [-1, E) with tokens per rank and per expert that
+ * match them (receivers place rows by those counts). Every rank checks every board, so all
+ * reach the same verdict before anything is written. O(R * T * K). */
+static epx_status_t epx__boards_check(const epx__cpu_moe_t *m, const epx__board_t *b, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    int R = s->nranks, E = s->num_experts, L = s->local_experts;
+    int op = b[s->rank].hdr->op;
+    bool routing = op == EPX__OP_DISPATCH || op == EPX__OP_LL_DISPATCH;
+    for (int p = 0; p < R; p++) {
+        const epx__board_t *bp = &b[p];
+        int T = bp->hdr->num_tokens, K = bp->hdr->topk;
+        if (T < 0 || T > s->max_tokens || K < 1 || K > s->max_topk)
+            return epx__fail(err, EPX_ERR_MISMATCH,
+                             "rank %d announced num_tokens = %d, topk = %d (limits %d and %d); nothing was written", p, T,
+                             K, s->max_tokens, s->max_topk);
+        if (!routing) continue;
+        int32_t *per_rank = m->recount, *per_expert = per_rank + R, *last_r = per_expert + E, *last_e = last_r + R;
+        memset(m->recount, 0, sizeof(int32_t) * 2 * ((size_t)R + (size_t)E));
+        for (int64_t t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) {
+                int32_t e = bp->topk[t * K + k];
+                if (e < -1 || e >= E)
+                    return epx__fail(err, EPX_ERR_MISMATCH,
+                                     "rank %d announced expert id %d for its token %lld (k %d), outside [-1, %d); "
+                                     "nothing was written",
+                                     p, e, (long long)t, k, E);
+                if (e < 0) continue;
+                if (last_e[e] != t + 1) last_e[e] = (int32_t)(t + 1), per_expert[e]++;
+                if (last_r[e / L] != t + 1) last_r[e / L] = (int32_t)(t + 1), per_rank[e / L]++;
+            }
+        if (memcmp(per_rank, bp->per_rank, sizeof(int32_t) * (size_t)R) ||
+            memcmp(per_expert, bp->per_expert, sizeof(int32_t) * (size_t)E))
+            return epx__fail(err, EPX_ERR_MISMATCH,
+                             "rank %d announced token counts that disagree with its routing; nothing was written", p);
+    }
+    return EPX_SUCCESS;
+}
+
 /* Does token t of a board go to rank q (high-throughput) / to expert e (low-latency)? */
 static inline bool epx__goes_to_rank(const int32_t *topk, int K, int64_t t, int L, int q)
 {
@@ -183,7 +224,8 @@ epx_status_t epx__cpu_moe_create(epx__cpu_t *c, const epx__moe_shape_t *shape, u
         m->boards = calloc((size_t)R, sizeof *m->boards);
         m->offsets = calloc(rows, sizeof *m->offsets);
         m->tokens = calloc(rows, sizeof *m->tokens);
-        if (!m->boards || !m->offsets || !m->tokens)
+        m->recount = calloc(2 * ((size_t)R + (size_t)shape->num_experts), sizeof *m->recount);
+        if (!m->boards || !m->offsets || !m->tokens || !m->recount)
             local_status = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         else
             local_status = epx__cpu_mem_alloc(c, 2 * m->section_bytes, &m->board, err);
@@ -232,6 +274,7 @@ void epx__cpu_moe_destroy(epx__cpu_moe_t *m)
     free(m->boards);
     free(m->offsets);
     free(m->tokens);
+    free(m->recount);
     free(m->scratch);
     free(m);
 }
@@ -262,9 +305,25 @@ typedef struct {
     epx__board_t *b;     /* every rank's, after epx__op_meet */
 } epx__op_t;
 
+/* A `count` fault: announce a wrong shape (see core/fault.h). */
+static void epx__fault_count(epx__cpu_moe_t *m, epx__op_t *op)
+{
+    epx__fault_spec_t f;
+    if (!epx__fault_take(&m->cpu->fault, EPX__FAULT_COUNT, op->seq, &f)) return;
+    epx__board_hdr_t *h = op->mine.hdr;
+    if (h->op == EPX__OP_DISPATCH || h->op == EPX__OP_LL_DISPATCH) {
+        if (h->num_tokens > 0)
+            op->mine.topk[0] = m->s.num_experts;
+        else
+            h->num_tokens = m->s.max_tokens + 1;
+    } else {
+        h->topk += 1;
+    }
+}
+
 static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
 {
-    op->seq = ++m->cpu->seq;
+    op->seq = epx__op_begin(m->cpu);
     op->deadline = epx__deadline_after_ms(m->cpu->timeout_ms);
     op->exposed = false;
     op->broken = false;
@@ -280,14 +339,17 @@ static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
 static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t local, epx__errbuf_t *err)
 {
     if (local == EPX_SUCCESS && !op->b) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (__builtin_expect(m->cpu->fault.armed, 0) && local == EPX_SUCCESS) epx__fault_count(m, op);
     epx__op_post(m->cpu, op->seq, local);
     epx_status_t st = epx__wait_posts(m->cpu, op->seq, op->deadline, err);
+    if (st == EPX_SUCCESS) st = epx__peers_check(m->cpu, op->seq, err);
     op->broken = st != EPX_SUCCESS;
     if (st != EPX_SUCCESS) return st;
     if (local != EPX_SUCCESS) return local;
     EPX__CHECK(epx__op_check_remote(m->cpu, op->seq, err));
     EPX__CHECK(epx__boards_read(m, op->seq, op->b, err));
-    return epx__boards_agree(m, op->b, err);
+    EPX__CHECK(epx__boards_agree(m, op->b, err));
+    return epx__boards_check(m, op->b, err);
 }
 
 /* Finish the operation (see epx__op_finish) and release what it held. */
@@ -295,6 +357,7 @@ static epx_status_t epx__op_end(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t s
 {
     free(op->b);
     if (op->broken) return st;
+    if (st == EPX_SUCCESS) st = epx__peers_check(m->cpu, op->seq, err); /* nobody gave up while I read */
     return epx__op_finish(m->cpu, op->seq, op->exposed, st, op->deadline, err);
 }
 

@@ -90,8 +90,11 @@ static bool epx__pid_dead(int pid)
 static epx_status_t epx__peer_state(epx__cpu_t *c, int peer, char *why, size_t len)
 {
     epx__peer_t *p = &c->peers[peer];
-    if (atomic_load_explicit(&p->hdr->aborted.value, memory_order_acquire)) {
-        snprintf(why, len, "rank %d aborted its communicator", peer);
+    uint32_t a = atomic_load_explicit(&p->hdr->aborted.value, memory_order_acquire);
+    if (a) {
+        snprintf(why, len, a == EPX__BROKEN ? "rank %d gave up on the communicator (a failure or timeout there)"
+                                            : "rank %d aborted its communicator",
+                 peer);
         return EPX_ERR_PEER_FAILURE;
     }
     uint64_t now = epx__now_ns();
@@ -309,18 +312,30 @@ fail:
     return st;
 }
 
+/* Set my `aborted` flag and wake peers asleep on my flags, so that they see it at once. */
+static void epx__seg_give_up(epx__cpu_t *c, uint32_t value)
+{
+    epx__seg_hdr_t *h = c->seg;
+    if (!h) return;
+    epx__flag_post(&h->aborted, value);
+    epx__futex(&h->done.value, FUTEX_WAKE, INT_MAX, NULL);
+    for (uint32_t par = 0; par < 2; par++)
+        for (int p = 0; p < c->nranks; p++)
+            epx__futex(&epx__seg_desc(c->seg, c->nranks, par, p)->post.value, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+void epx__cpu_mark_broken(epx__cpu_t *c)
+{
+    if (c && c->seg && !atomic_load_explicit(&((epx__seg_hdr_t *)c->seg)->aborted.value, memory_order_relaxed))
+        epx__seg_give_up(c, EPX__BROKEN);
+}
+
+void epx__cpu_set_fault(epx__cpu_t *c, const epx__fault_t *fault) { c->fault = *fault; }
+
 void epx__cpu_destroy(epx__cpu_t *c, bool abort)
 {
     if (!c) return;
-    if (c->seg && abort) {
-        epx__seg_hdr_t *h = c->seg;
-        epx__flag_post(&h->aborted, 1);
-        /* Wake peers asleep on my flags so they see the abort at once. */
-        epx__futex(&h->done.value, FUTEX_WAKE, INT_MAX, NULL);
-        for (uint32_t par = 0; par < 2; par++)
-            for (int p = 0; p < c->nranks; p++)
-                epx__futex(&epx__seg_desc(c->seg, c->nranks, par, p)->post.value, FUTEX_WAKE, INT_MAX, NULL);
-    }
+    if (c->seg && abort) epx__seg_give_up(c, EPX__ABORTED);
     if (c->peers) {
         for (int p = 0; p < c->nranks; p++) {
             for (int i = 0; i < EPX__MAX_PEER_REGIONS; i++)
@@ -508,14 +523,40 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
 
 /* ---- One operation ---------------------------------------------------------------------- */
 
+static inline void epx__post_to(epx__cpu_t *c, uint32_t seq, int p, epx_status_t status)
+{
+    epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
+    d->status = status;
+    epx__flag_post(&d->post, seq);
+}
+
+/* A `kill` fault: post to the first half of the peers (at least one), then exit. */
+static void epx__op_post_kill(epx__cpu_t *c, uint32_t seq, epx_status_t status)
+{
+    epx__fault_spec_t f;
+    if (!epx__fault_take(&c->fault, EPX__FAULT_KILL, seq, &f)) return;
+    int peers = c->nranks - 1, half = EPX__MAX(1, (peers + 1) / 2), posted = 0;
+    for (int i = 1; i <= peers && posted < half; i++, posted++) epx__post_to(c, seq, (c->rank + i) % c->nranks, status);
+    epx__fault_exit(&f, posted, peers);
+}
+
 void epx__op_post(epx__cpu_t *c, uint32_t seq, epx_status_t status)
 {
+    if (__builtin_expect(c->fault.armed, 0)) epx__op_post_kill(c, seq, status);
+    for (int p = 0; p < c->nranks; p++)
+        if (p != c->rank) epx__post_to(c, seq, p, status);
+}
+
+epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
+{
     for (int p = 0; p < c->nranks; p++) {
-        if (p == c->rank) continue;
-        epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
-        d->status = status;
-        epx__flag_post(&d->post, seq);
+        if (p == c->rank || !atomic_load_explicit(&c->peers[p].hdr->aborted.value, memory_order_acquire)) continue;
+        char why[128];
+        epx__peer_state(c, p, why, sizeof why);
+        return epx__fail(err, EPX_ERR_PEER_FAILURE, "%s during operation %u; this rank's outputs are not valid", why,
+                         seq);
     }
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)

@@ -54,8 +54,14 @@ typedef struct {
     uint64_t cma_probe_addr; /* address of a known word, to test process_vm_readv */
     uint64_t eager_bytes;
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
-    _Alignas(EPX__CACHELINE) epx__flag_t aborted;
+    _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
 } epx__seg_hdr_t;
+
+/* Values of the `aborted` flag: the rank aborted its communicator, or gave up on it (a
+ * wait timed out or saw a failure). Either way it keeps none of its promises: peers must
+ * not trust what it posted. */
+#define EPX__ABORTED 1u
+#define EPX__BROKEN 2u
 
 typedef struct {
     uint32_t id;
@@ -78,6 +84,7 @@ struct epx__cpu {
     size_t eager_bytes;
     bool cma_ok;
     uint32_t seq; /* last operation number */
+    epx__fault_t fault; /* EPX_FAULT, parsed at creation (fault.h) */
 
     void *seg;        /* my segment */
     size_t seg_bytes; /* every segment has this size */
@@ -109,6 +116,21 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
 epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
 
 /* ---- One collective operation (see the protocol in cpu.h) ---- */
+
+/* Start the next operation: its number (and a `delay` fault, when one is due). */
+static inline uint32_t epx__op_begin(epx__cpu_t *c)
+{
+    uint32_t seq = ++c->seq;
+    if (__builtin_expect(c->fault.armed, 0)) epx__fault_delay(&c->fault, seq);
+    return seq;
+}
+
+/* Has any peer aborted or given up on the communicator? Then what it posted (buffers the
+ * caller owns) may be gone: EPX_ERR_PEER_FAILURE. Flags only, no system call. Checked
+ * once the posts are acquired, before anything is written, and again after the reads,
+ * before a success is returned: a peer gives up before it returns to its caller, so a
+ * read that started before that check saw the peer's buffers intact. */
+epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err);
 
 /* Post operation `seq` to every peer with my verdict on my arguments (descriptor fields
  * other than the flag and status must already be written). */

@@ -1,0 +1,64 @@
+/*
+ * Fault injection for tests of failure handling: EPX_FAULT names faults, each aimed at one
+ * rank and one operation of a communicator.
+ *
+ *   EPX_FAULT="KIND:rank=R,step=N[,ms=M][;KIND:...]"   (at most EPX__FAULT_MAX entries)
+ *
+ *   delay  rank R sleeps M ms at the start of its N-th operation, before it posts anything;
+ *   kill   rank R posts its N-th operation to the first half of its peers (rank R+1, R+2,
+ *          ... ; at least one), then ends its process with _exit(EPX__FAULT_EXIT_CODE);
+ *   count  rank R announces a wrong size in its N-th operation: alltoall(v) one more byte
+ *          to rank R+1 than it sends; MoE dispatch an expert id past the last one (or
+ *          num_tokens past max_tokens_per_rank when it has no token); other MoE calls a
+ *          top-k one larger than the handle's.
+ *
+ * Steps count the operations of a communicator from 1: every collective call (barrier,
+ * alltoall, alltoallv, epx_moe_create, each MoE call) is one step. Each entry fires once
+ * per process, on the first communicator that reaches its step, so that a test can build
+ * a healthy communicator after the fault.
+ *
+ * Cost when unused: the text is parsed once at communicator creation into an
+ * epx__fault_t; `armed` is false unless an entry aims at this rank, and the hooks test
+ * only that (one predictable branch per operation and hook).
+ */
+#ifndef EPX_FAULT_H
+#define EPX_FAULT_H
+
+#include "core.h"
+
+typedef enum { EPX__FAULT_DELAY = 1, EPX__FAULT_KILL = 2, EPX__FAULT_COUNT = 3 } epx__fault_kind_t;
+
+#define EPX__FAULT_MAX 8
+/* Exit status of a process ended by a `kill` fault. */
+#define EPX__FAULT_EXIT_CODE 86
+
+typedef struct {
+    int kind;      /* epx__fault_kind_t */
+    int index;     /* position in EPX_FAULT (fires once per process) */
+    int rank;      /* the rank it aims at */
+    uint32_t step; /* the operation it aims at, from 1 */
+    int ms;        /* delay */
+} epx__fault_spec_t;
+
+typedef struct {
+    bool armed; /* an entry aims at this rank */
+    int rank;
+    int n;
+    epx__fault_spec_t spec[EPX__FAULT_MAX];
+} epx__fault_t;
+
+/* Parse EPX_FAULT text ("" = no fault) for rank `rank`. EPX_ERR_INVALID_ARGUMENT, naming
+ * the entry, when it does not parse. */
+epx_status_t epx__fault_parse(const char *text, int rank, epx__fault_t *f, epx__errbuf_t *err);
+
+/* The entry of `kind` aimed at operation `step` of this rank, if it has not fired yet in
+ * this process: marks it fired, logs it and returns true. */
+bool epx__fault_take(const epx__fault_t *f, int kind, uint32_t step, epx__fault_spec_t *out);
+
+/* A `delay` at the start of operation `step`: sleeps when one is due. */
+void epx__fault_delay(const epx__fault_t *f, uint32_t step);
+
+/* End the process as a `kill` fault does. */
+_Noreturn void epx__fault_exit(const epx__fault_spec_t *spec, int posted, int peers);
+
+#endif /* EPX_FAULT_H */

@@ -1,0 +1,532 @@
+/*
+ * Faults injected with EPX_FAULT (a delayed rank, a rank that dies in the middle of an
+ * operation, a rank that announces a wrong size) and a rank that aborts while the others
+ * are inside an operation, on alltoall, alltoallv, MoE dispatch and MoE combine (CPU
+ * backend). The faulty rank is always the last one.
+ *
+ * What must hold (README, "Errors"):
+ *   - every rank returns within the timeout (plus slack for a loaded machine), none hangs;
+ *   - a delay shorter than the timeout changes nothing: every rank succeeds, data exact;
+ *   - a longer delay: the others return EPX_ERR_TIMEOUT (or EPX_ERR_PEER_FAILURE, when they
+ *     see another survivor give up first) and the late rank EPX_ERR_PEER_FAILURE; nobody
+ *     wrote a byte of its outputs;
+ *   - a rank killed after posting to half of its peers: the survivors return
+ *     EPX_ERR_PEER_FAILURE (or EPX_ERR_TIMEOUT); each output byte holds either its old value
+ *     or the one a successful call writes. A survivor that had everything it needed from
+ *     the dead rank and exposed no buffer to it (alltoallv through eager slots) may succeed
+ *     with exact data; its next call then fails;
+ *   - a wrong size: the ranks that see it return EPX_ERR_MISMATCH (alltoall(v): the two
+ *     ranks of the pair, the others succeed with exact data; MoE: every rank) without
+ *     writing anything, and the communicator stays usable;
+ *   - an abort: the others return EPX_ERR_PEER_FAILURE well before the timeout without
+ *     writing anything;
+ *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
+ *     call returns it at once; a new communicator (a new unique id) over the ranks still
+ *     alive then works, data checked.
+ *
+ * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch or combine
+ * and FAULT delay_short, delay_long, kill, count or abort (default: all of them). Forks
+ * its own ranks: epx-run would stop the others as soon as one rank dies.
+ */
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "launch.h"
+#include "testlib.h"
+
+#define TIMEOUT_MS 400          /* the communicators under test */
+#define RECOVERY_TIMEOUT_MS 10000 /* the communicator built afterwards */
+#define SLACK_MS 1500           /* scheduling on a loaded 2-core machine, sanitizers */
+#define POISON 0xEE
+#define FAULT_EXIT 86 /* EPX__FAULT_EXIT_CODE */
+#define MAXR 8
+
+typedef enum { OP_ALLTOALL, OP_ALLTOALLV, OP_DISPATCH, OP_COMBINE, OP_COUNT } op_t;
+typedef enum { F_DELAY_SHORT, F_DELAY_LONG, F_KILL, F_COUNT, F_ABORT, F_NUM } fault_t;
+static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine"};
+static const char *fault_names[] = {"delay_short", "delay_long", "kill", "count", "abort"};
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+/* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
+
+#define H 64 /* MoE hidden */
+#define T 16 /* MoE tokens per rank (= max_tokens_per_rank) */
+#define K 2
+#define LOCAL_EXPERTS 4
+
+typedef struct {
+    void *buf;
+    uint8_t *expect; /* after a success; POISON where a success writes nothing */
+    size_t bytes;
+} out_t;
+
+typedef struct {
+    op_t op;
+    int me, R;
+    epx_comm_t comm;
+    /* alltoall(v) */
+    uint8_t *send, *recv;
+    size_t count; /* alltoall: bytes per peer */
+    int64_t sc[MAXR], sd[MAXR], rc[MAXR], rd[MAXR];
+    /* MoE */
+    epx_moe_t moe;
+    epx_moe_handle_t handle; /* combine: the dispatch it combines along */
+    uint16_t *x;             /* registered */
+    int32_t topk[T * K];
+    int64_t cap, rows;
+    uint16_t *recv_x, *y, *combined;
+    int32_t *src_rank, *src_token;
+    int64_t num_recv;
+    out_t outs[3];
+    int nouts;
+} ctx_t;
+
+static uint8_t a2a_byte(int src, int dst, size_t i) { return (uint8_t)((src * 31 + dst * 7 + (int)(i % 1000)) % 200); }
+static int64_t v_count(int src, int dst) { return 100 + 37 * src + 13 * dst; }
+
+static int32_t expert_of(int R, int src, int t, int k)
+{
+    int E = LOCAL_EXPERTS * R;
+    int e0 = (src * 5 + t * 3) % E;
+    return k == 0 ? e0 : (e0 + 1 + t % (E > 1 ? E - 1 : 1)) % E;
+}
+static bool goes_to(int R, int src, int t, int q)
+{
+    for (int k = 0; k < K; k++)
+        if (expert_of(R, src, t, k) / LOCAL_EXPERTS == q) return true;
+    return false;
+}
+static uint16_t x_val(int src, int t, int h) { return (uint16_t)(((src * 16 + t) % 100) << 8 | (h % 100)); }
+static int g_val(int t, int h) { return (t + h) % 4 + 1; }
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    ASSERT(p);
+    return p;
+}
+
+static void add_out(ctx_t *c, void *buf, size_t bytes)
+{
+    out_t *o = &c->outs[c->nouts++];
+    o->buf = buf;
+    o->bytes = bytes;
+    o->expect = xmalloc(bytes);
+    memset(o->expect, POISON, bytes);
+}
+
+/* Set up the operation on `comm` (the collective calls it needs come first: MoE create,
+ * and for combine the dispatch it combines along). */
+static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm)
+{
+    memset(c, 0, sizeof *c);
+    c->op = op;
+    c->comm = comm;
+    ASSERT_OK(epx_comm_rank(comm, &c->me));
+    ASSERT_OK(epx_comm_size(comm, &c->R));
+    int me = c->me, R = c->R;
+    if (op == OP_ALLTOALL) {
+        c->count = 64 << 10; /* above the eager size: peers read the send buffer itself */
+        c->send = xmalloc(c->count * (size_t)R);
+        c->recv = xmalloc(c->count * (size_t)R);
+        add_out(c, c->recv, c->count * (size_t)R);
+        for (int p = 0; p < R; p++)
+            for (size_t i = 0; i < c->count; i++) {
+                c->send[(size_t)p * c->count + i] = a2a_byte(me, p, i);
+                c->outs[0].expect[(size_t)p * c->count + i] = a2a_byte(p, me, i);
+            }
+        return;
+    }
+    if (op == OP_ALLTOALLV) {
+        /* Uneven, all below the eager size; gaps between the segments stay untouched. */
+        int64_t s = 0, r = 0;
+        for (int p = 0; p < R; p++) {
+            c->sc[p] = v_count(me, p), c->sd[p] = s, s += c->sc[p] + 3;
+            c->rc[p] = v_count(p, me), c->rd[p] = r, r += c->rc[p] + 5;
+        }
+        c->send = xmalloc((size_t)s);
+        c->recv = xmalloc((size_t)r);
+        add_out(c, c->recv, (size_t)r);
+        for (int p = 0; p < R; p++)
+            for (int64_t i = 0; i < c->sc[p]; i++) c->send[c->sd[p] + i] = a2a_byte(me, p, (size_t)i);
+        for (int p = 0; p < R; p++)
+            for (int64_t i = 0; i < c->rc[p]; i++) c->outs[0].expect[c->rd[p] + i] = a2a_byte(p, me, (size_t)i);
+        return;
+    }
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = H;
+    cfg.max_tokens_per_rank = T;
+    cfg.num_experts = LOCAL_EXPERTS * R;
+    cfg.max_topk = K;
+    cfg.dtype = EPX_BF16;
+    cfg.index_dtype = EPX_I32;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &c->moe));
+    ASSERT_OK(epx_moe_max_recv_tokens(c->moe, &c->cap));
+    ASSERT_OK(epx_mem_alloc(comm, sizeof(uint16_t) * T * H, (void **)&c->x));
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < K; k++) c->topk[t * K + k] = expert_of(R, me, t, k);
+        for (int h = 0; h < H; h++) c->x[t * H + h] = x_val(me, t, h);
+    }
+    c->recv_x = xmalloc(sizeof(uint16_t) * (size_t)c->cap * H);
+    c->src_rank = xmalloc(sizeof(int32_t) * (size_t)c->cap);
+    c->src_token = xmalloc(sizeof(int32_t) * (size_t)c->cap);
+    /* The rows this rank receives, by (source rank, source token). */
+    int64_t n = 0;
+    int32_t rows_src[MAXR * T], rows_tok[MAXR * T];
+    for (int p = 0; p < R; p++)
+        for (int t = 0; t < T; t++)
+            if (goes_to(R, p, t, me)) rows_src[n] = p, rows_tok[n++] = t;
+    c->rows = n;
+    if (op == OP_DISPATCH) {
+        add_out(c, c->recv_x, sizeof(uint16_t) * (size_t)c->cap * H);
+        add_out(c, c->src_rank, sizeof(int32_t) * (size_t)c->cap);
+        add_out(c, c->src_token, sizeof(int32_t) * (size_t)c->cap);
+        for (int64_t i = 0; i < n; i++) {
+            for (int h = 0; h < H; h++) {
+                uint16_t v = x_val(rows_src[i], rows_tok[i], h);
+                memcpy(c->outs[0].expect + (size_t)(i * H + h) * 2, &v, 2);
+            }
+            memcpy(c->outs[1].expect + (size_t)i * 4, &rows_src[i], 4);
+            memcpy(c->outs[2].expect + (size_t)i * 4, &rows_tok[i], 4);
+        }
+        return;
+    }
+    /* Combine: dispatch first (checked), then experts that return g(t, h) * (me + 1). */
+    epx_moe_dispatch_in_t in = {c->x, NULL, c->topk, NULL, T, K};
+    epx_moe_dispatch_out_t out = {c->recv_x, NULL, NULL, NULL, c->src_rank, c->src_token, NULL, c->cap, 0, NULL};
+    ASSERT_OK(epx_moe_dispatch(c->moe, &in, &out, &c->handle, NULL));
+    ASSERT_EQ(out.num_recv_tokens, n);
+    c->y = xmalloc(sizeof(uint16_t) * (size_t)(n > 0 ? n : 1) * H);
+    for (int64_t i = 0; i < n; i++) {
+        ASSERT_EQ(c->src_rank[i], rows_src[i]);
+        ASSERT_EQ(c->src_token[i], rows_tok[i]);
+        for (int h = 0; h < H; h++) c->y[i * H + h] = epx_float_to_bf16((float)(g_val(rows_tok[i], h) * (me + 1)));
+    }
+    c->combined = xmalloc(sizeof(uint16_t) * T * H);
+    add_out(c, c->combined, sizeof(uint16_t) * T * H);
+    for (int t = 0; t < T; t++) {
+        int w = 0;
+        for (int q = 0; q < R; q++) w += goes_to(R, me, t, q) ? q + 1 : 0;
+        for (int h = 0; h < H; h++) {
+            uint16_t v = epx_float_to_bf16((float)(g_val(t, h) * w));
+            memcpy(c->outs[0].expect + (size_t)(t * H + h) * 2, &v, 2);
+        }
+    }
+}
+
+static void ctx_poison(ctx_t *c)
+{
+    for (int i = 0; i < c->nouts; i++) memset(c->outs[i].buf, POISON, c->outs[i].bytes);
+    c->num_recv = -7;
+}
+
+static epx_status_t ctx_run(ctx_t *c)
+{
+    switch (c->op) {
+    case OP_ALLTOALL: return epx_alltoall(c->comm, c->send, c->recv, c->count, EPX_U8, NULL);
+    case OP_ALLTOALLV: return epx_alltoallv(c->comm, c->send, c->sc, c->sd, c->recv, c->rc, c->rd, EPX_U8, NULL);
+    case OP_DISPATCH: {
+        epx_moe_dispatch_in_t in = {c->x, NULL, c->topk, NULL, T, K};
+        epx_moe_dispatch_out_t out = {c->recv_x, NULL, NULL, NULL, c->src_rank, c->src_token, NULL, c->cap, c->num_recv, NULL};
+        epx_moe_handle_t h = NULL;
+        epx_status_t st = epx_moe_dispatch(c->moe, &in, &out, &h, NULL);
+        c->num_recv = out.num_recv_tokens;
+        if (st == EPX_SUCCESS) {
+            ASSERT(h != NULL);
+            epx_moe_handle_destroy(h);
+        } else {
+            ASSERT(h == NULL); /* no handle out of a failed dispatch */
+        }
+        return st;
+    }
+    case OP_COMBINE: {
+        epx_moe_combine_in_t in = {c->y, NULL};
+        epx_moe_combine_out_t out = {c->combined, NULL};
+        return epx_moe_combine(c->moe, c->handle, &in, &out, NULL);
+    }
+    default: return EPX_ERR_INTERNAL;
+    }
+}
+
+typedef enum { EXACT, UNTOUCHED, OLD_OR_NEW } check_t;
+
+/* EXACT: what a success leaves; UNTOUCHED: nothing written; OLD_OR_NEW: each byte either
+ * untouched or what a success writes there. */
+static void ctx_check(const ctx_t *c, check_t how, const char *what)
+{
+    for (int i = 0; i < c->nouts; i++) {
+        const uint8_t *b = c->outs[i].buf, *e = c->outs[i].expect;
+        for (size_t j = 0; j < c->outs[i].bytes; j++) {
+            bool ok = how == EXACT ? b[j] == e[j] : how == UNTOUCHED ? b[j] == POISON : b[j] == POISON || b[j] == e[j];
+            if (!ok)
+                TEST_FAIL_("%s: output %d byte %zu is 0x%02x; expected %s (0x%02x, poison 0x%02x)", what, i, j, b[j],
+                           how == EXACT ? "the exact value" : how == UNTOUCHED ? "the poison" : "poison or exact",
+                           e[j], POISON);
+        }
+    }
+    if (c->op == OP_DISPATCH) {
+        bool exact = c->num_recv == c->rows, old = c->num_recv == -7;
+        if (how == EXACT ? !exact : how == UNTOUCHED ? !old : !(exact || old))
+            TEST_FAIL_("%s: num_recv_tokens = %lld (rows %lld)", what, (long long)c->num_recv, (long long)c->rows);
+    }
+}
+
+static void ctx_free(ctx_t *c)
+{
+    epx_moe_handle_destroy(c->handle);
+    if (c->x) ASSERT_OK(epx_mem_free(c->comm, c->x));
+    epx_moe_destroy(c->moe);
+    free(c->send), free(c->recv), free(c->recv_x), free(c->y), free(c->combined), free(c->src_rank), free(c->src_token);
+    for (int i = 0; i < c->nouts; i++) free(c->outs[i].expect);
+}
+
+/* One healthy, checked operation on a new communicator. */
+static void recover(op_t op, int nranks, int rank, const epx_unique_id_t *id)
+{
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.timeout_ms = RECOVERY_TIMEOUT_MS;
+    epx_comm_t comm;
+    ASSERT_OK(epx_comm_init_rank(&comm, nranks, rank, id, &cfg));
+    ctx_t c;
+    ctx_setup(&c, op, comm);
+    ctx_poison(&c);
+    ASSERT_OK(ctx_run(&c));
+    ctx_check(&c, EXACT, "new communicator");
+    ctx_free(&c);
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+    ASSERT_OK(epx_comm_destroy(comm));
+}
+
+/* The step (operation number) of the operation under test: after the MoE context (1) and,
+ * for combine, its dispatch; and after one healthy run of the operation. */
+static int fault_step(op_t op) { return (op >= OP_DISPATCH ? 1 : 0) + (op == OP_COMBINE ? 1 : 0) + 2; }
+
+static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t *id, const epx_unique_id_t *id2)
+{
+    test_rank = rank;
+    char what[96];
+    snprintf(what, sizeof what, "%s/%s np%d rank %d", op_names[op], fault_names[f], R, rank);
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.timeout_ms = f == F_ABORT ? RECOVERY_TIMEOUT_MS : TIMEOUT_MS; /* abort: must not need the timeout */
+    epx_comm_t comm;
+    ASSERT_OK(epx_comm_init_rank(&comm, R, rank, id, &cfg));
+    ctx_t c;
+    ctx_setup(&c, op, comm);
+    ctx_poison(&c);
+    ASSERT_OK(ctx_run(&c)); /* healthy first */
+    ctx_check(&c, EXACT, what);
+    bool bad = rank == R - 1;
+
+    if (f == F_ABORT && bad) {
+        usleep(100 * 1000); /* the others are inside the operation by now */
+        ctx_free(&c);
+        ASSERT_OK(epx_comm_abort(comm));
+        printf("%s: aborted its communicator\n", what);
+        recover(op, R, rank, id2);
+        return 0;
+    }
+    ctx_poison(&c);
+    double t0 = now_ms();
+    epx_status_t st = ctx_run(&c); /* the faulty rank's step: a kill ends its process here */
+    double dt = now_ms() - t0;
+    printf("%s: %s after %.0f ms%s%s\n", what, epx_status_name(st), dt, st ? ": " : "",
+           st ? epx_comm_get_last_error(comm) : "");
+    fflush(stdout);
+
+    bool pair = op <= OP_ALLTOALLV ? (bad || rank == 0) : true; /* who sees a wrong size */
+    bool broken = false;
+    switch (f) {
+    case F_DELAY_SHORT:
+        ASSERT_OK(st);
+        ctx_check(&c, EXACT, what);
+        if (dt > TIMEOUT_MS / 4 + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+        break;
+    case F_DELAY_LONG:
+        if (bad) {
+            ASSERT_STATUS(st, EPX_ERR_PEER_FAILURE); /* the others gave up on it */
+            if (dt > 3 * TIMEOUT_MS + TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+        } else {
+            if (st != EPX_ERR_TIMEOUT && st != EPX_ERR_PEER_FAILURE)
+                TEST_FAIL_("%s: got %s, expected a timeout", what, epx_status_name(st));
+            if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms, timeout %d ms", what, dt, TIMEOUT_MS);
+        }
+        ctx_check(&c, UNTOUCHED, what);
+        broken = true;
+        break;
+    case F_KILL:
+        if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms, timeout %d ms", what, dt, TIMEOUT_MS);
+        if (st == EPX_SUCCESS && op == OP_ALLTOALLV) {
+            ctx_check(&c, EXACT, what);
+            t0 = now_ms();
+            st = ctx_run(&c); /* the next call must see the death */
+            dt = now_ms() - t0;
+            printf("%s: next call %s after %.0f ms\n", what, epx_status_name(st), dt);
+            if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: next call took %.0f ms", what, dt);
+        }
+        if (st != EPX_ERR_PEER_FAILURE && st != EPX_ERR_TIMEOUT)
+            TEST_FAIL_("%s: got %s, expected a peer failure", what, epx_status_name(st));
+        ctx_check(&c, OLD_OR_NEW, what);
+        broken = true;
+        break;
+    case F_COUNT:
+        if (pair) {
+            ASSERT_STATUS(st, EPX_ERR_MISMATCH);
+            ctx_check(&c, UNTOUCHED, what);
+        } else {
+            ASSERT_OK(st);
+            ctx_check(&c, EXACT, what);
+        }
+        if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+        /* Still usable: the next call is healthy (the fault fires once). */
+        ctx_poison(&c);
+        ASSERT_OK(ctx_run(&c));
+        ctx_check(&c, EXACT, what);
+        break;
+    case F_ABORT:
+        ASSERT_STATUS(st, EPX_ERR_PEER_FAILURE);
+        ctx_check(&c, UNTOUCHED, what);
+        if (dt > 100 + SLACK_MS) TEST_FAIL_("%s: took %.0f ms after an abort", what, dt);
+        broken = true;
+        break;
+    default: break;
+    }
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    if (!broken) {
+        ASSERT_EQ(async, EPX_SUCCESS);
+        ctx_free(&c);
+        ASSERT_OK(epx_comm_destroy(comm));
+        return 0;
+    }
+    ASSERT(async == st);
+    t0 = now_ms();
+    ASSERT_STATUS(ctx_run(&c), async); /* stays broken, answers at once */
+    if (now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, now_ms() - t0);
+    if (c.moe) {
+        /* A MoE context outlives its communicator: calls on it return EPX_ERR_ABORTED. */
+        ASSERT_OK(epx_comm_abort(comm));
+        c.x = NULL; /* registered memory went with the communicator */
+        ASSERT_STATUS(ctx_run(&c), EPX_ERR_ABORTED);
+        ctx_free(&c);
+    } else {
+        ctx_free(&c);
+        ASSERT_OK(epx_comm_abort(comm));
+    }
+    /* A new communicator over the ranks still alive (the killed one was the last). */
+    recover(op, f == F_KILL ? R - 1 : R, rank, id2);
+    fflush(stdout);
+    return 0;
+}
+
+/* One scenario in a process of its own, so that EPX_FAULT is read afresh. */
+static int scenario(op_t op, fault_t f, int R)
+{
+    int step = fault_step(op);
+    char text[128] = "";
+    switch (f) {
+    case F_DELAY_SHORT: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS / 4); break;
+    case F_DELAY_LONG: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, 3 * TIMEOUT_MS); break;
+    case F_KILL: snprintf(text, sizeof text, "kill:rank=%d,step=%d", R - 1, step); break;
+    case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
+    default: break;
+    }
+    setenv("EPX_FAULT", text, 1);
+    /* Rank 0 makes the ids (and runs their listeners) and hands them out through a pipe:
+     * this process forks before any thread exists (fork beside a starting thread can
+     * deadlock the child, in sanitizer builds especially). */
+    int ids[2];
+    ASSERT(pipe(ids) == 0);
+    struct {
+        epx_unique_id_t id, id2; /* one write, one read: atomic in a pipe */
+    } both;
+    const epx_unique_id_t *id = &both.id, *id2 = &both.id2;
+    fflush(stdout);
+    pid_t pids[MAXR];
+    for (int r = 0; r < R; r++) {
+        pids[r] = fork();
+        ASSERT(pids[r] >= 0);
+        if (pids[r] != 0) continue;
+        test_rank = r;
+        if (r == 0) {
+            ASSERT_OK(epx_get_unique_id(&both.id));
+            ASSERT_OK(epx_get_unique_id(&both.id2));
+            for (int i = 0; i < R; i++) /* R - 1 ranks and this process */
+                ASSERT(write(ids[1], &both, sizeof both) == sizeof both);
+        } else {
+            close(ids[1]); /* EOF, not a hang, should rank 0 fail */
+            ASSERT(read(ids[0], &both, sizeof both) == sizeof both);
+        }
+        int rc = rank_main(op, f, r, R, id, id2);
+        fflush(stdout);
+        _exit(rc);
+    }
+    int failed = 0;
+    for (int r = 0; r < R; r++) {
+        int status;
+        ASSERT(waitpid(pids[r], &status, 0) == pids[r]);
+        int want = f == F_KILL && r == R - 1 ? FAULT_EXIT : 0;
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != want) {
+            fprintf(stderr, "FAIL %s/%s np%d: rank %d ended with status 0x%x (expected exit %d)\n", op_names[op],
+                    fault_names[f], R, r, status, want);
+            failed = 1;
+        }
+    }
+    close(ids[1]);
+    bool got = read(ids[0], &both, sizeof both) == sizeof both;
+    close(ids[0]);
+    char idtext[EPX_UNIQUE_ID_STRLEN];
+    if (got && epx_unique_id_to_string(id, idtext, sizeof idtext) == EPX_SUCCESS)
+        epx_launch_cleanup_shm(idtext); /* what the killed rank left */
+    return failed;
+}
+
+int main(int argc, char **argv)
+{
+    test_rank = 0;
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s alltoall|alltoallv|dispatch|combine NRANKS [FAULT...]\n", argv[0]);
+        return 2;
+    }
+    op_t op = OP_COUNT;
+    for (int i = 0; i < OP_COUNT; i++)
+        if (!strcmp(argv[1], op_names[i])) op = (op_t)i;
+    int R = atoi(argv[2]);
+    if (op == OP_COUNT || R < 2 || R > MAXR) {
+        fprintf(stderr, "bad op or NRANKS (2..%d)\n", MAXR);
+        return 2;
+    }
+    bool want[F_NUM] = {false};
+    int nwant = 0;
+    for (int i = 3; i < argc; i++)
+        for (int f = 0; f < F_NUM; f++)
+            if (!strcmp(argv[i], fault_names[f])) want[f] = true, nwant++;
+    int passed = 0;
+    for (int f = 0; f < F_NUM; f++) {
+        if (nwant && !want[f]) continue;
+        fflush(stdout);
+        double t0 = now_ms();
+        pid_t pid = fork();
+        ASSERT(pid >= 0);
+        if (pid == 0) _exit(scenario(op, (fault_t)f, R));
+        int status;
+        ASSERT(waitpid(pid, &status, 0) == pid);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            TEST_FAIL_("scenario %s/%s np%d failed (status 0x%x)", op_names[op], fault_names[f], R, status);
+        printf("scenario %s/%s np%d passed in %.0f ms\n", op_names[op], fault_names[f], R, now_ms() - t0);
+        passed++;
+    }
+    test_done(passed);
+    return 0;
+}
