@@ -137,15 +137,17 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
 
 enum { EPX__CARD = 4 };
 
-/* All ranks learn every rank's verdict, call and capacity (one allreduce); per_rank (may be
- * NULL) adds the rows every rank receives, and *n_me gets mine. */
+/* All ranks learn every rank's verdict, call and capacity (one allreduce); with n_me, also
+ * the rows every rank receives (my per_rank[R], read when local is a success): *n_me gets
+ * mine and every capacity is checked. */
 static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
                                  int64_t capacity, const int32_t *per_rank, int64_t *n_me, uint64_t deadline,
                                  epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, me = t->rank;
-    int n = EPX__CARD * R + (per_rank ? R : 0);
+    bool counts = n_me != NULL; /* the same on every rank: the kind of operation decides */
+    int n = EPX__CARD * R + (counts ? R : 0);
     int64_t *v = calloc((size_t)n, sizeof *v);
     if (!v) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     int64_t *c = v + EPX__CARD * me;
@@ -154,7 +156,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         c[1] = capacity;
         c[2] = op | (int64_t)K << 8 | (int64_t)has_w << 16;
         c[3] = routing;
-        if (per_rank)
+        if (counts)
             for (int q = 0; q < R; q++) v[EPX__CARD * R + q] = per_rank[q];
     }
     epx_status_t st = epx__net_allreduce_sum(m->h->net, v, n, deadline, err);
@@ -179,7 +181,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
             st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d %s topk_weights, rank %d %s", p,
                            ow ? "passed" : "did not pass", me, has_w ? "did" : "did not");
     }
-    if (st == EPX_SUCCESS && per_rank) {
+    if (st == EPX_SUCCESS && counts) {
         for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
             int64_t nq = v[EPX__CARD * R + q], cap = v[EPX__CARD * q + 1];
             if (nq <= cap) continue;
