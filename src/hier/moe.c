@@ -665,7 +665,6 @@ typedef struct {
     int accw;         /* floats per partial sum: H + W */
     epx_dtype_t dt;   /* combine dtype */
     size_t crow;      /* bytes of a y row */
-    size_t crec;      /* bytes of one record of step 1 (high-throughput: row + weights) */
     const char *c1;   /* rows from the local ranks */
     int64_t *c1pos;   /* [nent, LS] byte offset of entry e's block from local rank q */
     const float *ew;  /* low-latency: [nent, K] weights at the forwarder */
@@ -679,7 +678,7 @@ static void epx__fold(const epx__fold_t *f, const epx__hier_moe_handle_t *hd, co
     const char *blk = f->c1 + f->c1pos[e * LS + q];
     if (!f->ll) {
         for (int h = 0; h < f->H; h++) acc[h] += epx__load_float(blk, f->dt, (size_t)h);
-        const float *w = (const float *)(blk + f->crow);
+        const float *w = (const float *)(blk + EPX__ALIGN_UP(f->crow, sizeof(float)));
         for (int j = 0; j < f->W; j++) acc[f->H + j] += w[j];
         return;
     }
@@ -830,6 +829,7 @@ static epx_status_t epx__combine_back(epx__hier_moe_t *m, const epx__hier_moe_ha
     return st;
 }
 
+/* A high-throughput record of step 1: the y row, padded to 4 bytes, then its K weights. */
 typedef struct {
     const epx__hier_moe_t *m;
     const epx__hier_moe_handle_t *hd;
@@ -842,14 +842,14 @@ static size_t epx__ht_rec_size(const void *ctx, const int32_t *topk, int q)
 {
     const epx__back_ctx_t *c = ctx;
     (void)topk, (void)q;
-    return c->crow + (c->w ? sizeof(float) * (size_t)c->hd->K : 0);
+    return EPX__ALIGN_UP(c->crow, sizeof(float)) + (c->w ? sizeof(float) * (size_t)c->hd->K : 0);
 }
 
 static void epx__ht_rec_pack(const void *ctx, int64_t row, char *dst)
 {
     const epx__back_ctx_t *c = ctx;
     memcpy(dst, c->y + (size_t)row * c->crow, c->crow);
-    if (c->w) memcpy(dst + c->crow, c->w + row * c->hd->K, sizeof(float) * (size_t)c->hd->K);
+    if (c->w) memcpy(dst + EPX__ALIGN_UP(c->crow, sizeof(float)), c->w + row * c->hd->K, sizeof(float) * (size_t)c->hd->K);
 }
 
 epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
@@ -871,7 +871,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     float *final = NULL;
     st = epx__combine_back(m, hd, epx__ht_rec_size, epx__ht_rec_pack, &ctx, &c1, &c1pos, err);
     if (st == EPX_SUCCESS) {
-        epx__fold_t f = {false, H, W, A, s->combine_dtype, s->combine_row_bytes, 0, c1, c1pos, NULL};
+        epx__fold_t f = {false, H, W, A, s->combine_dtype, s->combine_row_bytes, c1, c1pos, NULL};
         final = epx__alloc((size_t)T * (size_t)A, sizeof(float), &st, err);
         if (st == EPX_SUCCESS) st = epx__chain(m, hd, &f, final, seq, deadline, err);
     }
@@ -957,7 +957,8 @@ typedef struct {
     size_t crow;
 } epx__ll_back_t;
 
-/* One row per distinct local expert of the receiver. */
+/* One row per distinct local expert of the receiver (rows of 2 or 4 bytes per element:
+ * every row stays aligned to its elements). */
 static size_t epx__ll_rec_size(const void *ctx, const int32_t *topk, int q)
 {
     const epx__ll_back_t *c = ctx;
@@ -1048,7 +1049,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     epx__ll_back_t ctx = {m, hd, in->y, slot, s->combine_row_bytes};
     if (st == EPX_SUCCESS) st = epx__combine_back(m, hd, epx__ll_rec_size, epx__ll_rec_pack, &ctx, &c1, &c1pos, err);
     if (st == EPX_SUCCESS) {
-        epx__fold_t f = {true, H, 0, H, s->combine_dtype, s->combine_row_bytes, 0, c1, c1pos, ew};
+        epx__fold_t f = {true, H, 0, H, s->combine_dtype, s->combine_row_bytes, c1, c1pos, ew};
         final = epx__alloc((size_t)T * (size_t)H, sizeof(float), &st, err);
         if (st == EPX_SUCCESS) st = epx__chain(m, hd, &f, final, seq, deadline, err);
     }
