@@ -720,7 +720,11 @@ static epx_status_t epx__chain(epx__hier_moe_t *m, const epx__hier_moe_handle_t 
     char *sbuf = NULL, *rbuf = NULL;
     size_t cap_s = 0, cap_r = 0;
     if (st != EPX_SUCCESS) goto done;
-    int maxlen = 0;
+    /* Entries go through their chains in waves: tokens are cut in chunks by their index on
+     * the home rank, and chunk c takes step j of its chains in wave c + j, so hosts work on
+     * different chunks at once instead of waiting for one another. */
+    const int chunk = EPX__MAX(64, (m->s.max_tokens + 31) / 32);
+    int waves = 0;
     for (int64_t e = 0; e < ne; e++) {
         int n = epx__terms(hd->ent_topk + e * K, K, L, f->ll, trank + e * K, tk + e * K), j = 0;
         for (int i = 0; i < n; i++) {
@@ -729,14 +733,16 @@ static epx_status_t epx__chain(epx__hier_moe_t *m, const epx__hier_moe_handle_t 
         }
         rfirst[e * (K + 1) + j] = n;
         nruns[e] = j;
-        maxlen = EPX__MAX(maxlen, j);
+        if (j > 0) waves = EPX__MAX(waves, hd->ent_tok[e] / chunk + j);
     }
 #define EPX__HOLDER(e, j) ((j) < nruns[e] ? epx__gw(t, hd->ent_src[e], rhost[(e) * K + (j)]) : hd->ent_src[e])
-    for (int j = 0; j < maxlen && st == EPX_SUCCESS; j++) {
+#define EPX__STEP(e) (w - hd->ent_tok[e] / chunk) /* the step of entry e's chain in wave w */
+    for (int w = 0; w < waves && st == EPX_SUCCESS; w++) {
         memset(nb, 0, sizeof(int64_t) * 2 * (size_t)R);
         /* Add this host's run j; what goes on to another rank, in entry order per rank. */
         for (int64_t e = 0; e < ne; e++) {
-            if (j >= nruns[e] || rhost[e * K + j] != t->host) continue;
+            int j = EPX__STEP(e);
+            if (j < 0 || j >= nruns[e] || rhost[e * K + j] != t->host) continue;
             float *a = acc + e * A;
             for (int i = rfirst[e * (K + 1) + j]; i < rfirst[e * (K + 1) + j + 1]; i++)
                 epx__fold(f, hd, t, L, e, trank[e * K + i], tk[e * K + i], a);
@@ -746,33 +752,38 @@ static epx_status_t epx__chain(epx__hier_moe_t *m, const epx__hier_moe_handle_t 
             else
                 sbytes[dest] += (int64_t)ab;
         }
-        for (int64_t e = 0; e < ne; e++)
-            if (j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)
+        for (int64_t e = 0; e < ne; e++) {
+            int j = EPX__STEP(e);
+            if (j >= 0 && j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)
                 rbytes[EPX__HOLDER(e, j)] += (int64_t)ab;
+        }
         int64_t ts = 0, tr = 0;
         for (int p = 0; p < R; p++) spos[p] = ts, ts += sbytes[p], tr += rbytes[p];
         if (ts == 0 && tr == 0) continue;
         EPX__CHECK_GOTO(epx__hier_grow(&sbuf, &cap_s, (size_t)ts, err), st, done);
         EPX__CHECK_GOTO(epx__hier_grow(&rbuf, &cap_r, (size_t)tr, err), st, done);
         for (int64_t e = 0; e < ne; e++) {
-            if (j >= nruns[e] || rhost[e * K + j] != t->host) continue;
+            int j = EPX__STEP(e);
+            if (j < 0 || j >= nruns[e] || rhost[e * K + j] != t->host) continue;
             int dest = EPX__HOLDER(e, j + 1);
             if (dest == me) continue;
             memcpy(sbuf + spos[dest], acc + e * A, ab);
             spos[dest] += (int64_t)ab;
         }
-        EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_CHAIN + j), sbuf, sbytes, rbuf, rbytes, deadline, err),
+        EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_CHAIN + w), sbuf, sbytes, rbuf, rbytes, deadline, err),
                         st, done);
         int64_t o = 0;
         for (int p = 0; p < R; p++) spos[p] = o, o += rbytes[p];
         for (int64_t e = 0; e < ne; e++) {
-            if (!(j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)) continue;
+            int j = EPX__STEP(e);
+            if (!(j >= 0 && j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)) continue;
             int from = EPX__HOLDER(e, j);
             float *dst = j + 1 == nruns[e] ? final + (size_t)hd->ent_tok[e] * (size_t)A : acc + e * A;
             memcpy(dst, rbuf + spos[from], ab);
             spos[from] += (int64_t)ab;
         }
     }
+#undef EPX__STEP
 #undef EPX__HOLDER
 done:
     free(trank), free(tk), free(rhost), free(rfirst), free(nruns), free(acc), free(nb), free(spos), free(sbuf), free(rbuf);
