@@ -74,8 +74,9 @@ static epx_status_t call_case(bad_case_t k, bool bad)
     return epx_alltoallv(comm, s, sc, sd, r, rc, rd, dt, stream);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    test_init(argc, argv);
     comm = test_comm_from_env(&me, &R);
     ASSERT(R <= NMAX);
     int passed = 0;

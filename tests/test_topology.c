@@ -1,7 +1,8 @@
 /*
  * Topology: with EPX_LOCAL_SIZE unset every rank of this machine is on one host; with
  * EPX_LOCAL_SIZE=S ranks are grouped in blocks of S consecutive ranks (simulated hosts).
- * Run through epx-run; the expected local size comes as argv[1] (0 = one host).
+ * Run through epx-run (or mpirun with --mpi); the expected local size comes as the one
+ * argument that is not a flag (0 = one host).
  */
 #include <stdlib.h>
 
@@ -9,7 +10,10 @@
 
 int main(int argc, char **argv)
 {
-    int me, R, S = argc > 1 ? atoi(argv[1]) : 0;
+    test_init(argc, argv);
+    int me, R, S = 0;
+    for (int i = 1; i < argc; i++)
+        if (argv[i][0] != '-') S = atoi(argv[i]);
     epx_comm_t comm = test_comm_from_env(&me, &R);
     epx_comm_info_t info;
     ASSERT_OK(epx_comm_info(comm, &info));

@@ -66,7 +66,8 @@ static inline uint64_t test_mix(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
 #define TEST_SKIP 77
 
 /* Parse the common flags (--cuda: run on the CUDA backend, one device per local rank,
- * round robin). Exits with TEST_SKIP, saying why, when --cuda is given but this machine
+ * round robin; --mpi: initialise MPI and make communicators with epx_comm_init_mpi on
+ * MPI_COMM_WORLD — run under mpirun; exits with TEST_SKIP in a build without MPI). Exits with TEST_SKIP, saying why, when --cuda is given but this machine
  * or build has no CUDA device. Returns true when on CUDA. */
 bool test_init(int argc, char **argv);
 bool test_on_cuda(void);
@@ -74,7 +75,8 @@ bool test_on_cuda(void);
  * TEST_SKIP, saying so. */
 void test_init_cuda_only(int argc, char **argv);
 
-/* Create the communicator from the epx-run environment (sets test_rank). */
+/* Create the communicator from the epx-run environment, or from MPI_COMM_WORLD with --mpi
+ * (sets test_rank). */
 epx_comm_t test_comm_from_env(int *rank, int *nranks);
 
 /* Buffers on the backend under test (device memory on CUDA), and copies to/from the host. */

@@ -13,6 +13,8 @@
 
 #ifdef EPX_HAVE_MPI
 #include <mpi.h>
+
+#include "epx_mpi.h"
 #endif
 
 /* C linkage also when included from CUDA C (bench_cuda_moe.cu, compiled as C++ by nvcc). */
@@ -30,6 +32,7 @@ typedef struct {
     int check;
     const char *json;
     const char *baseline; /* auto, mpi, none */
+    const char *init;     /* id, mpi: how the communicator is made */
     bool unregistered;
     double timeout_s;
     /* moe */

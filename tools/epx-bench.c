@@ -11,7 +11,8 @@
  *
  * Started by hand, it launches its own ranks: through mpiexec when built with MPI (so that
  * MPI_Alltoall runs on the same bytes in the same processes), else with the epx launcher.
- * Under epx-run or mpiexec it runs as one rank.
+ * Under epx-run or mpiexec it runs as one rank. --init mpi makes the communicator with
+ * epx_comm_init_mpi (several hosts, or hosts simulated with EPX_LOCAL_SIZE).
  */
 #include <errno.h>
 #include <limits.h>
@@ -102,6 +103,9 @@ static int usage(void)
             "  -c, --check 0|1    verify every element (default 1)\n"
             "  --json FILE        write the results as a JSON list\n"
             "  --baseline B       auto (MPI when built with it), mpi, none\n"
+            "  --init I           id: communicator from a rendezvous id (one host); mpi: from\n"
+            "                     MPI_COMM_WORLD with epx_comm_init_mpi (hosts by shared memory,\n"
+            "                     or simulated with EPX_LOCAL_SIZE); mpi needs mpiexec\n"
             "  --unregistered     send from malloc memory instead of epx_mem_alloc memory\n"
             "  --timeout SEC      launcher timeout (default 1800)\n"
             "alltoall:\n"
@@ -142,7 +146,7 @@ static bool parse_size(const char *s, int64_t *out)
 static int parse_args(int argc, char **argv, bench_opts_t *o)
 {
     *o = (bench_opts_t){.op = NULL, .ranks = 2, .backend = "cpu", .min_bytes = 1024, .max_bytes = 64 << 20,
-                        .factor = 4, .iters = 20, .warmup = 5, .check = 1, .json = NULL, .baseline = "auto",
+                        .factor = 4, .iters = 20, .warmup = 5, .check = 1, .json = NULL, .baseline = "auto", .init = "id",
                         .unregistered = false, .timeout_s = 1800, .tokens = 4096, .hidden = 7168, .topk = 8,
                         .experts = 256, .dtype = "bf16", .mode = "ht", .skew = 0, .count = "device"};
     if (argc < 2) return usage();
@@ -176,6 +180,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
         else if (!strcmp(a, "--json")) o->json = v;
         else if (!strcmp(a, "--baseline")) o->baseline = v, ok = !strcmp(v, "auto") || !strcmp(v, "mpi") || !strcmp(v, "none");
         else if (!strcmp(a, "--timeout")) o->timeout_s = atof(v);
+        else if (!strcmp(a, "--init")) o->init = v, ok = !strcmp(v, "id") || !strcmp(v, "mpi");
         else if (!strcmp(a, "--tokens")) o->tokens = atoi(v), ok = o->tokens >= 1;
         else if (!strcmp(a, "--hidden")) o->hidden = atoi(v), ok = o->hidden >= 1;
         else if (!strcmp(a, "--topk")) o->topk = atoi(v), ok = o->topk >= 1 && o->topk <= EPX_MOE_MAX_TOPK;
@@ -216,7 +221,8 @@ static int launch_self(bench_opts_t *o, int argc, char **argv)
     self[n] = '\0';
     char **args = calloc((size_t)argc + 16, sizeof *args);
 #ifdef EPX_HAVE_MPI
-    if (strcmp(o->backend, "cpu") == 0 && strcmp(o->baseline, "none") != 0 && access(EPX_MPIEXEC, X_OK) == 0) {
+    if (strcmp(o->backend, "cpu") == 0 && (strcmp(o->baseline, "none") != 0 || !strcmp(o->init, "mpi")) &&
+        access(EPX_MPIEXEC, X_OK) == 0) {
         static char nbuf[16];
         snprintf(nbuf, sizeof nbuf, "%d", o->ranks);
         int k = 0;
@@ -236,8 +242,8 @@ static int launch_self(bench_opts_t *o, int argc, char **argv)
         fprintf(stderr, "epx-bench: cannot run %s (%s); launching without MPI\n", EPX_MPIEXEC, strerror(errno));
     }
 #endif
-    if (!strcmp(o->baseline, "mpi") && !strcmp(o->backend, "cpu")) {
-        fprintf(stderr, "epx-bench: --baseline mpi needs a build with MPI and mpiexec\n");
+    if ((!strcmp(o->baseline, "mpi") && !strcmp(o->backend, "cpu")) || !strcmp(o->init, "mpi")) {
+        fprintf(stderr, "epx-bench: --baseline mpi and --init mpi need a build with MPI and mpiexec\n");
         return 1;
     }
     args[0] = self;
@@ -262,6 +268,10 @@ int main(int argc, char **argv)
     if (!in_epx_run && !under_mpi()) return launch_self(&b.opt, argc, argv);
 
     epx_status_t st;
+    if (in_epx_run && !strcmp(b.opt.init, "mpi")) {
+        fprintf(stderr, "epx-bench: --init mpi runs under mpiexec, not epx-run\n");
+        return 2;
+    }
     if (in_epx_run) {
         st = epx_comm_init_from_env(&b.comm, NULL);
     } else {
@@ -269,10 +279,14 @@ int main(int argc, char **argv)
         MPI_Init(&argc, &argv);
         MPI_Comm_rank(MPI_COMM_WORLD, &b.rank);
         MPI_Comm_size(MPI_COMM_WORLD, &b.nranks);
-        epx_unique_id_t id;
-        if (b.rank == 0 && epx_get_unique_id(&id) != EPX_SUCCESS) bench_die(&b, "epx_get_unique_id", EPX_ERR_SYSTEM);
-        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
-        st = epx_comm_init_rank(&b.comm, b.nranks, b.rank, &id, NULL);
+        if (!strcmp(b.opt.init, "mpi")) {
+            st = epx_comm_init_mpi(&b.comm, MPI_COMM_WORLD, NULL);
+        } else {
+            epx_unique_id_t id;
+            if (b.rank == 0 && epx_get_unique_id(&id) != EPX_SUCCESS) bench_die(&b, "epx_get_unique_id", EPX_ERR_SYSTEM);
+            MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+            st = epx_comm_init_rank(&b.comm, b.nranks, b.rank, &id, NULL);
+        }
         b.mpi = strcmp(b.opt.baseline, "none") != 0;
 #else
         fprintf(stderr, "epx-bench: started by mpiexec but built without MPI\n");

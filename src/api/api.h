@@ -1,6 +1,7 @@
 /*
  * src/api: the public entry points. Validates arguments, owns the communicator object and
- * calls down into a backend (src/cpu, later src/cuda and src/net) and src/core.
+ * calls down into a backend (src/cpu, src/cuda, src/hier over src/cpu and src/net) and
+ * src/core.
  */
 #ifndef EPX_API_H
 #define EPX_API_H
@@ -8,6 +9,7 @@
 #include "../core/core.h"
 #include "../cpu/cpu.h"
 #include "../cuda/cuda.h"
+#include "../hier/hier.h"
 
 struct epx_comm {
     int rank, nranks;
@@ -18,6 +20,8 @@ struct epx_comm {
     epx__boot_t *boot;
     epx__cpu_t *cpu;   /* shared memory: the CPU backend, and the control plane of CUDA */
     epx__cuda_t *cuda; /* the CUDA backend, when in use */
+    epx__net_t *net;   /* MPI, when the comm was made from an MPI communicator */
+    epx__hier_t *hier; /* the CPU backend across hosts (cpu = this host's ranks), when in use */
     epx_status_t async_error; /* set once a timeout or peer failure broke the comm */
     char async_msg[EPX__ERRMSG_LEN]; /* and the message that said why */
     int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
@@ -28,6 +32,9 @@ struct epx_comm {
 /* The communicator is going (destroy or abort): release what its MoE contexts hold in
  * it; calls on them then return EPX_ERR_ABORTED until they are destroyed. */
 void epx__moe_detach_all(epx_comm_t comm);
+
+/* epx_comm_init_mpi's work, with `mpi_comm` pointing to the MPI_Comm (comm.c). */
+epx_status_t epx__comm_init_net(epx_comm_t *comm, const void *mpi_comm, const epx_config_t *cfg);
 
 /* Validate `comm` and that it is still healthy; on error return the status to give back. */
 epx_status_t epx__comm_check(epx_comm_t comm);

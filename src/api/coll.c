@@ -77,6 +77,7 @@ static epx_status_t epx__check_xfer(epx_comm_t c, const void *send, const int64_
 static epx_status_t epx__exchange(epx_comm_t c, const epx__cpu_xfer_t *x, epx_status_t local, void *stream)
 {
     if (c->cuda) return epx__cuda_alltoallv(c->cuda, x, local, stream, &c->err);
+    if (c->hier) return epx__hier_alltoallv(c->hier, x, local, &c->err);
     return epx__cpu_alltoallv(c->cpu, x, local, &c->err);
 }
 
@@ -151,6 +152,5 @@ epx_status_t epx_barrier(epx_comm_t comm, void *stream)
     int64_t *z = comm->scratch;
     memset(z, 0, 4 * sizeof(int64_t) * (size_t)comm->nranks);
     epx__cpu_xfer_t x = {NULL, z, z, NULL, z, z};
-    epx_status_t st = epx__cpu_alltoallv(comm->cpu, local == EPX_SUCCESS ? &x : NULL, local, &comm->err);
-    return epx__comm_result(comm, st);
+    return epx__comm_result(comm, epx__exchange(comm, local == EPX_SUCCESS ? &x : NULL, local, NULL));
 }

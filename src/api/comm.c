@@ -98,6 +98,24 @@ epx_status_t epx_unique_id_from_string(const char *text, epx_unique_id_t *id)
     return epx__id_parse(text, id);
 }
 
+/* The caller's configuration completed with defaults: backend and timeout. */
+static epx_status_t epx__config_resolve(const epx_config_t *user_cfg, epx_config_t *cfg, int *backend,
+                                        int64_t *timeout_ms)
+{
+    *cfg = (epx_config_t)EPX_CONFIG_INITIALIZER;
+    if (user_cfg) {
+        if (user_cfg->size < offsetof(epx_config_t, device) + sizeof(int) || user_cfg->size > sizeof *cfg)
+            return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT,
+                             "cfg.size = %zu: start the config from EPX_CONFIG_INITIALIZER", user_cfg->size);
+        memcpy(cfg, user_cfg, user_cfg->size);
+    }
+    EPX__CHECK(epx__resolve_backend(cfg, backend));
+    *timeout_ms = cfg->timeout_ms == EPX_UNSET ? epx__param_int(EPX__P_TIMEOUT_MS) : cfg->timeout_ms;
+    if (*timeout_ms <= 0)
+        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "timeout_ms = %lld must be > 0", (long long)*timeout_ms);
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx_unique_id_t *id,
                                 const epx_config_t *user_cfg)
 {
@@ -107,18 +125,10 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
     if (nranks < 1) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "nranks = %d must be >= 1", nranks);
     if (rank < 0 || rank >= nranks)
         return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "rank = %d is outside [0, %d)", rank, nranks);
-    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
-    if (user_cfg) {
-        if (user_cfg->size < offsetof(epx_config_t, device) + sizeof(int) || user_cfg->size > sizeof cfg)
-            return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT,
-                             "cfg.size = %zu: start the config from EPX_CONFIG_INITIALIZER", user_cfg->size);
-        memcpy(&cfg, user_cfg, user_cfg->size);
-    }
+    epx_config_t cfg;
     int backend;
-    EPX__CHECK(epx__resolve_backend(&cfg, &backend));
-    int64_t timeout_ms = cfg.timeout_ms == EPX_UNSET ? epx__param_int(EPX__P_TIMEOUT_MS) : cfg.timeout_ms;
-    if (timeout_ms <= 0)
-        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "timeout_ms = %lld must be > 0", (long long)timeout_ms);
+    int64_t timeout_ms;
+    EPX__CHECK(epx__config_resolve(user_cfg, &cfg, &backend, &timeout_ms));
 
     epx__log_set_rank(rank);
     epx__fault_t fault;
@@ -200,12 +210,120 @@ epx_status_t epx_comm_init_from_env(epx_comm_t *comm, const epx_config_t *cfg)
     return epx_comm_init_rank(comm, (int)nranks, (int)rank, &id, cfg);
 }
 
+/* Agree on a status over MPI: the worst (lowest) of all ranks'; a rank that was fine
+ * reports the others' failure as EPX_ERR_REMOTE_INVALID-like breakage of the init. */
+static epx_status_t epx__net_agree(epx_comm_t c, epx_status_t st)
+{
+    int64_t v = st;
+    int64_t *all = malloc(sizeof(int64_t) * (size_t)c->nranks);
+    if (!all) return st != EPX_SUCCESS ? st : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t ag = epx__net_allgather(c->net, &v, all, sizeof v, &c->err);
+    for (int r = 0; r < c->nranks && ag == EPX_SUCCESS && st == EPX_SUCCESS; r++)
+        if (all[r] != EPX_SUCCESS)
+            st = epx__fail(&c->err, (epx_status_t)all[r] == EPX_ERR_MISMATCH ? EPX_ERR_MISMATCH : EPX_ERR_REMOTE_INVALID,
+                           "rank %d failed to create its part of the communicator (%s)", r,
+                           epx_status_name((epx_status_t)all[r]));
+    free(all);
+    return st != EPX_SUCCESS ? st : ag;
+}
+
+epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx_config_t *user_cfg)
+{
+    if (!out) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
+    *out = NULL;
+    epx_config_t cfg;
+    int backend;
+    int64_t timeout_ms;
+    EPX__CHECK(epx__config_resolve(user_cfg, &cfg, &backend, &timeout_ms));
+    epx_comm_t c = calloc(1, sizeof *c);
+    if (!c) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st = epx__net_create(&c->net, mpi_comm, timeout_ms, &c->err);
+    if (st != EPX_SUCCESS) {
+        free(c);
+        return st;
+    }
+    int R = c->nranks = epx__net_size(c->net);
+    c->rank = epx__net_rank(c->net);
+    c->backend = backend;
+    c->timeout_ms = timeout_ms;
+    epx__log_set_rank(c->rank);
+    int *host_of = calloc(2 * (size_t)R, sizeof(int)), *lrank_of = host_of ? host_of + R : NULL;
+    c->scratch = calloc(4 * (size_t)R, sizeof(int64_t));
+    epx_status_t local = EPX_SUCCESS;
+    if (!host_of || !c->scratch) local = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (local == EPX_SUCCESS && backend != EPX_BACKEND_CPU)
+        local = epx__fail(&c->err, EPX_ERR_UNSUPPORTED, "communicators made from MPI run the CPU backend only");
+    /* Every rank must run the same version and backend. */
+    uint64_t mine[2] = {(uint64_t)backend, EPX_VERSION_CODE}, *all = malloc(sizeof mine * (size_t)R);
+    if (!all) local = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    EPX__CHECK_GOTO(epx__net_agree(c, local), st, fail);
+    st = epx__net_allgather(c->net, mine, all, sizeof mine, &c->err);
+    for (int r = 0; r < R && st == EPX_SUCCESS; r++)
+        if (all[2 * r] != mine[0] || all[2 * r + 1] != mine[1])
+            st = epx__fail(&c->err, EPX_ERR_MISMATCH,
+                           "rank %d's configuration differs from rank %d's (backend %d vs %d, version %d vs %d)", r,
+                           c->rank, (int)all[2 * r], backend, (int)all[2 * r + 1], EPX_VERSION_CODE);
+    free(all);
+    if (st != EPX_SUCCESS) goto fail;
+
+    /* Hosts, then this host's shared memory: a rendezvous id made by its local rank 0. */
+    int64_t ls = epx__param_int(EPX__P_LOCAL_SIZE);
+    EPX__CHECK_GOTO(epx__net_topology(c->net, (int)EPX__MAX(EPX__MIN(ls, (int64_t)R), 0), host_of, lrank_of, &c->err),
+                    st, fail);
+    c->host = host_of[c->rank];
+    c->local_rank = lrank_of[c->rank];
+    c->num_hosts = c->local_size = 0;
+    for (int r = 0; r < R; r++) {
+        c->num_hosts = EPX__MAX(c->num_hosts, host_of[r] + 1);
+        c->local_size += host_of[r] == c->host;
+    }
+    struct {
+        int64_t status;
+        epx_unique_id_t id;
+    } card;
+    memset(&card, 0, sizeof card);
+    if (c->local_rank == 0) card.status = epx__boot_create_id(&card.id, &c->err);
+    EPX__CHECK_GOTO(epx__net_host_bcast(c->net, &card, sizeof card, &c->err), st, fail);
+    local = card.status == EPX_SUCCESS
+                ? EPX_SUCCESS
+                : epx__fail(&c->err, (epx_status_t)card.status, "local rank 0 of host %d could not create the rendezvous id",
+                            c->host);
+    EPX__CHECK_GOTO(epx__net_agree(c, local), st, fail);
+    c->nonce = epx__id_nonce(&card.id);
+    int32_t pid = (int32_t)getpid(), *pids = malloc(sizeof(int32_t) * (size_t)c->local_size);
+    local = pids ? epx__boot_init(&c->boot, c->local_size, c->local_rank, &card.id, &pid, sizeof pid, pids, timeout_ms,
+                                  &c->err)
+                 : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    free(pids);
+    if (local == EPX_SUCCESS)
+        local = epx__cpu_create(&c->cpu, c->boot, c->local_rank, c->local_size, c->nonce, timeout_ms, &c->err);
+    if (local == EPX_SUCCESS && c->num_hosts > 1)
+        local = epx__hier_create(&c->hier, c->cpu, c->net, host_of, lrank_of, timeout_ms, &c->err);
+    EPX__CHECK_GOTO(epx__net_agree(c, local), st, fail);
+    free(host_of);
+    EPX_INFO(INIT, "rank %d/%d: comm ready over MPI (host %d/%d, local %d/%d)", c->rank, R, c->host, c->num_hosts,
+             c->local_rank, c->local_size);
+    *out = c;
+    return EPX_SUCCESS;
+fail:
+    free(host_of);
+    epx__hier_destroy(c->hier);
+    epx__cpu_destroy(c->cpu, true);
+    epx__boot_close(c->boot);
+    epx__net_destroy(c->net, false);
+    free(c->scratch);
+    free(c);
+    return st;
+}
+
 static void epx__comm_free(epx_comm_t c, bool abort)
 {
     epx__moe_detach_all(c);
     epx__cuda_destroy(c->cuda);
+    epx__hier_destroy(c->hier);
     epx__cpu_destroy(c->cpu, abort);
     epx__boot_close(c->boot);
+    epx__net_destroy(c->net, abort);
     free(c->scratch);
     free(c);
 }

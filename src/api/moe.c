@@ -8,8 +8,9 @@ struct epx_moe {
     epx_comm_t comm;       /* NULL once the communicator was destroyed or aborted */
     struct epx_moe *next;  /* in comm->moes */
     epx__moe_shape_t shape;
-    epx__cpu_moe_t *cpu;   /* one of the two backends */
+    epx__cpu_moe_t *cpu;   /* one of the three backends */
     epx__cuda_moe_t *cuda;
+    epx__hier_moe_t *hier;
 };
 
 struct epx_moe_handle {
@@ -17,16 +18,21 @@ struct epx_moe_handle {
     int mode;
     epx__cpu_moe_handle_t *cpu;
     epx__cuda_moe_handle_t *cuda;
+    epx__hier_moe_handle_t *hier;
 };
 
 static int64_t epx__handle_rows(epx_moe_handle_t h)
 {
-    return h->cuda ? epx__cuda_moe_handle_rows(h->cuda) : epx__cpu_moe_handle_rows(h->cpu);
+    return h->cuda ? epx__cuda_moe_handle_rows(h->cuda)
+           : h->hier ? epx__hier_moe_handle_rows(h->hier)
+                     : epx__cpu_moe_handle_rows(h->cpu);
 }
 
 static int epx__handle_tokens(epx_moe_handle_t h)
 {
-    return h->cuda ? epx__cuda_moe_handle_tokens(h->cuda) : epx__cpu_moe_handle_tokens(h->cpu);
+    return h->cuda ? epx__cuda_moe_handle_tokens(h->cuda)
+           : h->hier ? epx__hier_moe_handle_tokens(h->hier)
+                     : epx__cpu_moe_handle_tokens(h->cpu);
 }
 
 static bool epx__is_token_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32 || d == EPX_FP8_E4M3; }
@@ -105,8 +111,9 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
     m->comm = comm;
     epx_status_t local = epx__moe_shape(comm->nranks, comm->rank, cfg, &m->shape, &comm->err);
     uint64_t hash = epx__hash64(&m->shape.hidden, offsetof(epx__moe_shape_t, num_sms) - offsetof(epx__moe_shape_t, hidden), 0);
-    epx_status_t st = comm->cuda ? epx__cuda_moe_create(comm->cuda, &m->shape, hash, local, &m->cuda, &comm->err)
-                                 : epx__cpu_moe_create(comm->cpu, &m->shape, hash, local, &m->cpu, &comm->err);
+    epx_status_t st = comm->cuda   ? epx__cuda_moe_create(comm->cuda, &m->shape, hash, local, &m->cuda, &comm->err)
+                      : comm->hier ? epx__hier_moe_create(comm->hier, &m->shape, hash, local, &m->hier, &comm->err)
+                                   : epx__cpu_moe_create(comm->cpu, &m->shape, hash, local, &m->cpu, &comm->err);
     if (st == EPX_ERR_REMOTE_INVALID && local != EPX_SUCCESS) st = local;
     st = epx__comm_result(comm, st);
     if (st != EPX_SUCCESS) {
@@ -141,6 +148,7 @@ epx_status_t epx_moe_destroy(epx_moe_t moe)
     }
     epx__cpu_moe_destroy(moe->cpu);
     epx__cuda_moe_destroy(moe->cuda); /* device memory only: safe after its communicator */
+    epx__hier_moe_destroy(moe->hier);
     free(moe);
     return EPX_SUCCESS;
 }
@@ -150,7 +158,9 @@ void epx__moe_detach_all(epx_comm_t comm)
     for (epx_moe_t m = comm->moes, next; m; m = next) {
         next = m->next;
         epx__cpu_moe_destroy(m->cpu); /* lives in the communicator's shared memory */
+        epx__hier_moe_destroy(m->hier); /* and in its host and network transports */
         m->cpu = NULL;
+        m->hier = NULL;
         m->comm = NULL;
         m->next = NULL;
     }
@@ -273,18 +283,20 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
 }
 
 static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu, epx__cuda_moe_handle_t *cuda,
-                                    epx_moe_handle_t *out)
+                                    epx__hier_moe_handle_t *hier, epx_moe_handle_t *out)
 {
     epx_moe_handle_t h = calloc(1, sizeof *h);
     if (!h) {
         epx__cpu_moe_handle_free(cpu);
         epx__cuda_moe_handle_free(cuda);
+        epx__hier_moe_handle_free(hier);
         return epx__fail(&moe->comm->err, EPX_ERR_NO_MEMORY, "out of memory");
     }
     h->moe = moe;
     h->mode = mode;
     h->cpu = cpu;
     h->cuda = cuda;
+    h->hier = hier;
     *out = h;
     return EPX_SUCCESS;
 }
@@ -303,11 +315,13 @@ epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, ep
     if (local == EPX_SUCCESS && !handle) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "handle is NULL");
     epx__cpu_moe_handle_t *h = NULL;
     epx__cuda_moe_handle_t *hc = NULL;
-    epx_status_t st = moe->cuda ? epx__cuda_moe_dispatch(moe->cuda, in, out, local, &hc, stream, err)
-                                : epx__cpu_moe_dispatch(moe->cpu, in, out, local, &h, err);
+    epx__hier_moe_handle_t *hh = NULL;
+    epx_status_t st = moe->cuda   ? epx__cuda_moe_dispatch(moe->cuda, in, out, local, &hc, stream, err)
+                      : moe->hier ? epx__hier_moe_dispatch(moe->hier, in, out, local, &hh, err)
+                                  : epx__cpu_moe_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, hc, handle);
+    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, hc, hh, handle);
 }
 
 epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
@@ -328,8 +342,10 @@ epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, con
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld but the handle may have received %lld rows",
                           (long long)out->capacity, (long long)need);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = moe->cuda ? epx__cuda_moe_dispatch_cached(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
-                                : epx__cpu_moe_dispatch_cached(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
+    epx_status_t st =
+        moe->cuda   ? epx__cuda_moe_dispatch_cached(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+        : moe->hier ? epx__hier_moe_dispatch_cached(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
+                    : epx__cpu_moe_dispatch_cached(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
 }
 
@@ -352,8 +368,9 @@ epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_m
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out_topk_weights", out->out_topk_weights, false, 4);
     }
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = moe->cuda ? epx__cuda_moe_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
-                                : epx__cpu_moe_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
+    epx_status_t st = moe->cuda   ? epx__cuda_moe_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+                      : moe->hier ? epx__hier_moe_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
+                                  : epx__cpu_moe_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
 }
 
@@ -379,10 +396,12 @@ epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_rank", out->recv_src_rank, false, 4);
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_token", out->recv_src_token, false, 4);
     epx__cpu_moe_handle_t *h = NULL;
-    epx_status_t st = epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
+    epx__hier_moe_handle_t *hh = NULL;
+    epx_status_t st = moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
+                                : epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, NULL, handle);
+    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, NULL, hh, handle);
 }
 
 epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
@@ -401,7 +420,9 @@ epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const ep
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.topk_weights", in->topk_weights, T > 0, 4);
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out", out, T > 0, es);
     }
-    epx_status_t st = epx__cpu_moe_ll_combine(moe->cpu, local == EPX_SUCCESS ? handle->cpu : NULL, in, out, local, err);
+    bool ok = local == EPX_SUCCESS;
+    epx_status_t st = moe->hier ? epx__hier_moe_ll_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
+                                : epx__cpu_moe_ll_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
 }
 
@@ -410,6 +431,7 @@ epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
     if (!handle) return EPX_SUCCESS;
     epx__cpu_moe_handle_free(handle->cpu);
     epx__cuda_moe_handle_free(handle->cuda);
+    epx__hier_moe_handle_free(handle->hier);
     free(handle);
     return EPX_SUCCESS;
 }

@@ -1,0 +1,297 @@
+/*
+ * CUDA backend kernels for low-latency MoE dispatch and combine (no host synchronisation).
+ *
+ * Dispatch pushes: every rank writes each of its tokens once per destination rank (FP8
+ * quantised on the way when asked) into that rank's staging area, and its routing to every
+ * rank; then it sets its LL flag there. A receiver, once every flag is set, lays the rows
+ * out per local expert (sources ascending, tokens ascending: the CPU backend's order) with
+ * local copies, and every rank derives the slots of its own tokens from the same routing.
+ * Combine pulls each of a token's expert rows from the expert's rank and sums them in k
+ * order (float32 products, no FMA: build with --fmad=false), as the CPU backend does.
+ */
+#include <cuda_runtime.h>
+
+#include "../core/convert.h"
+#include "flags.cuh"
+#include "moe_common.cuh"
+
+static __device__ __forceinline__ long long epx__ll_expert(const epx__ll_args_t *a, long long i)
+{
+    return a->index_i64 ? ((const long long *)a->topk_idx)[i] : (long long)((const int *)a->topk_idx)[i];
+}
+
+/* Source p's header and rows in the staging area `base` of parity `par`. */
+static __device__ __forceinline__ int *epx__ll_hdr(const epx__ll_args_t *a, char *base, int par, int p)
+{
+    return (int *)(base + (long long)par * a->half_bytes + (long long)p * a->hdr_bytes);
+}
+static __device__ __forceinline__ char *epx__ll_row(const epx__ll_args_t *a, char *base, int par, int p, long long t)
+{
+    return base + (long long)par * a->half_bytes + (long long)a->nranks * a->hdr_bytes +
+           ((long long)p * a->max_tokens + t) * a->srow;
+}
+
+/* One warp: quantise a bf16 row to e4m3 with one scale per 128 channels (the CPU
+ * backend's arithmetic, see epx__fp8_quantize_row) into q and scales. */
+static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0, uint8_t *q, char *scales)
+{
+    int lane = threadIdx.x & 31;
+    for (int lo = 0; lo < H; lo += 128) {
+        float v[4], amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int h = lo + lane * 4 + j;
+            v[j] = h < H ? epx__bf16_to_f32(x[h]) : 0.0f;
+            float m = fabsf(v[j]);
+            amax = m > amax ? m : amax; /* NaN never wins */
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float m = __shfl_xor_sync(0xffffffffu, amax, o);
+            amax = m > amax ? m : amax;
+        }
+        uint32_t bits;
+        float inv = epx__fp8_block_scale(amax, ue8m0, &bits);
+        if (lane == 0) {
+            if (ue8m0)
+                ((uint8_t *)scales)[lo / 128] = (uint8_t)bits;
+            else
+                ((uint32_t *)scales)[lo / 128] = bits;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int h = lo + lane * 4 + j;
+            if (h < H) q[h] = epx__fp8_from_f32(__fmul_rn(v[j], inv));
+        }
+    }
+}
+
+/* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank. */
+static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
+{
+    unsigned long long n = epx__op_number(&d);
+    int par = (int)(n & 1ull), me = a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
+    if (blockIdx.x == 0)
+        for (int q = 0; q < R; q++) {
+            int *h = epx__ll_hdr(&a, a.stage[q], par, me);
+            if (threadIdx.x == 0) h[0] = T;
+            for (long long i = threadIdx.x; i < (long long)T * K; i += blockDim.x) {
+                long long e = epx__ll_expert(&a, i);
+                h[4 + i] = e < -1 || e >= a.num_experts ? -2 : (int)e; /* -2: out of range */
+            }
+        }
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long i = warp; i < (long long)T * R; i += nwarps) {
+        long long t = i / R;
+        int q = (int)((i + me) % R); /* spread the first writes over the peers */
+        bool to_q = false;
+        for (int k = 0; k < K; k++) {
+            long long e = epx__ll_expert(&a, t * K + k);
+            to_q = to_q || (e >= 0 && e < a.num_experts && e / a.local_experts == q);
+        }
+        if (!to_q) continue;
+        char *dst = epx__ll_row(&a, a.stage[q], par, me, t);
+        const char *src = (const char *)a.x + t * (long long)a.hidden * a.in_bytes;
+        if (a.fp8)
+            epx__ll_quantize_row((const uint16_t *)src, a.hidden, a.ue8m0, (uint8_t *)dst, dst + a.row_bytes);
+        else
+            epx__warp_copy(dst, src, a.row_bytes);
+    }
+    /* The last block to finish tells every rank that my rows and routing are there. */
+    __threadfence_system();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) {
+        unsigned prev = atomicAdd(d.blocks_left, 1u);
+        last = prev == gridDim.x - 1;
+        if (last) *d.blocks_left = 0;
+    }
+    __syncthreads();
+    if (last && (int)threadIdx.x < R && (int)threadIdx.x != me)
+        epx__st_release_sys(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_LL * R + me) * EPX__FLAG_STRIDE, n);
+}
+
+extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream)
+{
+    epx__k_ll_send<<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+    return (int)cudaGetLastError();
+}
+
+/* Does (source p, token t) of the staged routing go to expert e? */
+static __device__ __forceinline__ bool epx__ll_goes(const int *topk, int K, long long t, int e)
+{
+    for (int k = 0; k < K; k++)
+        if (topk[t * K + k] == e) return true;
+    return false;
+}
+
+/* Block e (striding) walks every source's staged tokens for expert e in order: the
+ * position of each is its slot. My tokens' positions go to the handle; for my own
+ * experts the rows are copied into place. */
+static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t d, epx__ll_args_t a)
+{
+    __shared__ int ok, bad, list_p[512], list_t[512];
+    unsigned long long n = epx__op_number(&d);
+    int par = (int)(n & 1ull), me = a.rank, R = a.nranks, K = a.topk, M = a.max_tokens, L = a.local_experts;
+    if (threadIdx.x == 0) ok = 1, bad = 0;
+    __syncthreads();
+    int p0 = (int)threadIdx.x;
+    if (p0 < R && p0 != me &&
+        !epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_LL * R + p0) * EPX__FLAG_STRIDE, n, p0))
+        ok = 0;
+    __syncthreads();
+    if (!ok) {
+        epx__finish_op(&d, n);
+        return;
+    }
+    /* Every block checks every source's routing before writing: all reach one verdict. */
+    for (int p = 0; p < R; p++) {
+        const int *h = epx__ll_hdr(&a, a.stage[me], par, p);
+        int Tp = *(volatile const int *)h;
+        if (Tp < 0 || Tp > M) bad = 1;
+        for (long long i = threadIdx.x; Tp <= M && i < (long long)Tp * K; i += blockDim.x)
+            if (h[4 + i] == -2) bad = 1;
+    }
+    __syncthreads();
+    if (bad) {
+        if (blockIdx.x == 0) {
+            for (int l = threadIdx.x; l < L && a.recv_count; l += blockDim.x) a.recv_count[l] = -1;
+            if (threadIdx.x == 0) *a.h_bad = 1;
+        }
+        epx__finish_op(&d, n);
+        return;
+    }
+    if (blockIdx.x == 0) {
+        if (threadIdx.x == 0) *a.h_bad = 0;
+        for (long long i = threadIdx.x; i < (long long)a.num_tokens * K; i += blockDim.x) {
+            long long e = epx__ll_expert(&a, i);
+            a.h_topk[i] = (int)e;
+            if (e < 0) a.h_slot[i] = -1;
+        }
+    }
+    int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int e = blockIdx.x; e < a.num_experts; e += gridDim.x) {
+        bool mine = e / L == me;
+        int l = e % L, base = 0;
+        for (long long j0 = 0; j0 < (long long)R * M; j0 += blockDim.x) {
+            long long j = j0 + threadIdx.x;
+            int p = (int)(j / M);
+            long long t = j % M;
+            const int *h = p < R ? epx__ll_hdr(&a, a.stage[me], par, p) : NULL;
+            int flag = p < R && t < h[0] && epx__ll_goes(h + 4, K, t, e);
+            int total, pos = epx__block_scan(flag, &total);
+            if (flag) {
+                int slot = base + pos;
+                if (p == me)
+                    for (int k = 0; k < K; k++)
+                        if (h[4 + t * K + k] == e) a.h_slot[t * K + k] = slot;
+                if (mine) {
+                    list_p[pos] = p, list_t[pos] = (int)t;
+                    long long at = (long long)l * a.slots + slot;
+                    if (a.recv_src_rank) a.recv_src_rank[at] = p;
+                    if (a.recv_src_token) a.recv_src_token[at] = (int)t;
+                }
+            }
+            __syncthreads();
+            for (int i = warp; mine && i < total; i += nwarps) {
+                long long at = (long long)l * a.slots + base + i;
+                const char *src = epx__ll_row(&a, a.stage[me], par, list_p[i], list_t[i]);
+                epx__warp_copy(a.recv_x + at * a.row_bytes, src, a.row_bytes);
+                if (a.fp8) epx__warp_copy(a.recv_scales + at * a.scale_bytes, src + a.row_bytes, a.scale_bytes);
+            }
+            base += total;
+            __syncthreads();
+        }
+        if (!mine) continue;
+        if (threadIdx.x == 0 && a.recv_count) a.recv_count[l] = base;
+        for (long long s = base + threadIdx.x; s < a.slots; s += blockDim.x) {
+            if (a.recv_src_rank) a.recv_src_rank[(long long)l * a.slots + s] = -1;
+            if (a.recv_src_token) a.recv_src_token[(long long)l * a.slots + s] = -1;
+        }
+    }
+    epx__finish_op(&d, n);
+}
+
+extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
+{
+    int blocks = a->num_experts < 1024 ? a->num_experts : 1024;
+    epx__k_ll_receive<<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+    return (int)cudaGetLastError();
+}
+
+/* ---- Combine ------------------------------------------------------------------------------ */
+
+static __device__ __forceinline__ float epx__ll_load(const char *row, int dtype, long long h)
+{
+    switch (dtype) {
+    case EPX_BF16: return epx__bf16_to_f32(((const uint16_t *)row)[h]);
+    case EPX_F16: return epx__f16_to_f32(((const uint16_t *)row)[h]);
+    default: return ((const float *)row)[h];
+    }
+}
+
+static __device__ __forceinline__ void epx__ll_store(char *row, int dtype, long long h, float v)
+{
+    switch (dtype) {
+    case EPX_BF16: ((uint16_t *)row)[h] = epx__f32_to_bf16(v); break;
+    case EPX_F16: ((uint16_t *)row)[h] = epx__f32_to_f16(v); break;
+    default: ((float *)row)[h] = v; break;
+    }
+}
+
+/* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
+ * that allow 16-byte loads, and sums the token's rows in k order. */
+static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__ll_combine_t c)
+{
+    if (*c.h_bad) return; /* the dispatch found bad routing: nothing to combine */
+    int K = c.topk, H = c.hidden, L = c.local_experts;
+    long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
+    for (int t = blockIdx.x; t < c.num_tokens; t += gridDim.x) {
+        const char *rows[EPX_MOE_MAX_TOPK];
+        float w[EPX_MOE_MAX_TOPK];
+        int nr = 0;
+        for (int k = 0; k < K; k++) {
+            int e = c.h_topk[t * K + k];
+            if (e < 0) continue;
+            rows[nr] = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
+            w[nr++] = c.w[(long long)t * K + k];
+        }
+        char *out = c.out + (long long)t * row_bytes;
+        bool vec = c.dtype == EPX_BF16 && H % 8 == 0 && ((unsigned long long)out & 15ull) == 0;
+        for (int i = 0; vec && i < nr; i++) vec = ((unsigned long long)rows[i] & 15ull) == 0;
+        if (vec) {
+            for (int ch = threadIdx.x; ch < H / 8; ch += blockDim.x) {
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+                for (int i = 0; i < nr; i++) {
+                    uint4 v = ((const uint4 *)rows[i])[ch];
+                    unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w[i], epx__bits_f32(u[j] << 16)));
+                        acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w[i], epx__bits_f32(u[j] & 0xffff0000u)));
+                    }
+                }
+                uint4 o;
+                o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
+                o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
+                o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
+                o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
+                ((uint4 *)out)[ch] = o;
+            }
+        } else {
+            for (long long h = threadIdx.x; h < H; h += blockDim.x) {
+                float acc = 0.0f;
+                for (int i = 0; i < nr; i++) acc = __fadd_rn(acc, __fmul_rn(w[i], epx__ll_load(rows[i], c.dtype, h)));
+                epx__ll_store(out, c.dtype, h, acc);
+            }
+        }
+    }
+}
+
+extern "C" int epx__cuda_launch_ll_combine(const epx__ll_combine_t *c, int blocks, void *stream)
+{
+    if (c->num_tokens > 0) epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*c);
+    return (int)cudaGetLastError();
+}

@@ -1,0 +1,180 @@
+/* src/hier: topology, and alltoallv over shared memory inside a host and MPI between hosts. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t *err)
+{
+    if (*cap >= bytes && *buf) return EPX_SUCCESS;
+    size_t want = EPX__MAX(bytes, 2 * *cap);
+    want = EPX__MAX(want, (size_t)64);
+    char *p = realloc(*buf, want);
+    if (!p) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory (%zu bytes)", want);
+    *buf = p;
+    *cap = want;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__hier_net_xchg(epx__hier_t *h, int tag, const void *const *sbuf, const int64_t *sbytes,
+                                void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+{
+    EPX__CHECK(epx__net_start(h->net, tag, sbuf, sbytes, rbuf, rbytes, err));
+    return epx__net_wait(h->net, deadline, err);
+}
+
+epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
+                              const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err)
+{
+    int R = epx__net_size(net), me = epx__net_rank(net);
+    epx__hier_t *h = calloc(1, sizeof *h);
+    if (!h) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx__topo_t *t = &h->t;
+    t->rank = me;
+    t->nranks = R;
+    int H = 0;
+    for (int r = 0; r < R; r++) H = EPX__MAX(H, host_of[r] + 1);
+    t->num_hosts = H;
+    t->host_of = malloc(sizeof(int) * (size_t)R);
+    t->lrank_of = malloc(sizeof(int) * (size_t)R);
+    t->host_ranks = malloc(sizeof(int) * (size_t)R);
+    t->host_size = calloc((size_t)H, sizeof(int));
+    t->host_first = calloc((size_t)H + 1, sizeof(int));
+    if (!t->host_of || !t->lrank_of || !t->host_ranks || !t->host_size || !t->host_first) {
+        epx__hier_destroy(h);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    memcpy(t->host_of, host_of, sizeof(int) * (size_t)R);
+    memcpy(t->lrank_of, lrank_of, sizeof(int) * (size_t)R);
+    for (int r = 0; r < R; r++) t->host_size[host_of[r]]++;
+    for (int k = 0; k < H; k++) t->host_first[k + 1] = t->host_first[k] + t->host_size[k];
+    for (int r = 0; r < R; r++) t->host_ranks[t->host_first[host_of[r]] + lrank_of[r]] = r;
+    t->host = host_of[me];
+    t->local_rank = lrank_of[me];
+    t->local_size = t->host_size[t->host];
+    h->cpu = cpu;
+    h->net = net;
+    h->timeout_ms = timeout_ms;
+    *out = h;
+    return EPX_SUCCESS;
+}
+
+void epx__hier_destroy(epx__hier_t *h)
+{
+    if (!h) return;
+    free(h->t.host_of);
+    free(h->t.lrank_of);
+    free(h->t.host_ranks);
+    free(h->t.host_size);
+    free(h->t.host_first);
+    free(h->scratch);
+    free(h);
+}
+
+const epx__topo_t *epx__hier_topo(const epx__hier_t *h) { return &h->t; }
+
+/* What each side of a pair tells the other before an exchange. */
+typedef struct {
+    int64_t status;
+    int64_t send_bytes; /* to the receiver of the card */
+    int64_t recv_bytes; /* from it */
+} epx__card_t;
+
+epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_status_t local, epx__errbuf_t *err)
+{
+    const epx__topo_t *t = &h->t;
+    int R = t->nranks, me = t->rank, LS = t->local_size;
+    const uint32_t seq = ++h->seq;
+    const uint64_t deadline = epx__deadline_after_ms(h->timeout_ms);
+    epx_status_t st = EPX_SUCCESS;
+    /* Arrays: cards out/in [R], net pointers/sizes [R] x 4, local xfer [LS] x 4. */
+    epx__card_t *cards = malloc(sizeof *cards * 2 * (size_t)R);
+    const void **sp = malloc(sizeof *sp * (size_t)R);
+    void **rp = malloc(sizeof *rp * (size_t)R);
+    int64_t *sb = malloc(sizeof *sb * 2 * (size_t)R), *rb = sb ? sb + R : NULL;
+    int64_t *lx = malloc(sizeof *lx * 4 * (size_t)LS);
+    if (!cards || !sp || !rp || !sb || !lx) {
+        free(cards), free(sp), free(rp), free(sb), free(lx);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    epx__card_t *out = cards, *in = cards + R;
+
+    /* 1. Cards, to every other rank. */
+    for (int p = 0; p < R; p++) {
+        bool ok = local == EPX_SUCCESS;
+        out[p] = (epx__card_t){local, ok ? x->send_bytes[p] : 0, ok ? x->recv_bytes[p] : 0};
+        sp[p] = &out[p], rp[p] = &in[p];
+        sb[p] = rb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t);
+    }
+    in[me] = out[me];
+    st = epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, deadline, err);
+    if (st != EPX_SUCCESS) goto done;
+
+    /* 2. Verdicts: everyone saw every card, so everyone agrees. */
+    if (local != EPX_SUCCESS) {
+        st = local;
+        goto done;
+    }
+    for (int p = 0; p < R; p++)
+        if (in[p].status != EPX_SUCCESS) {
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
+                           epx_status_name((epx_status_t)in[p].status));
+            goto done;
+        }
+    bool *bad = calloc((size_t)R, sizeof *bad);
+    if (!bad) {
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        goto done;
+    }
+    epx_status_t verdict = EPX_SUCCESS;
+    for (int p = 0; p < R; p++) {
+        if (in[p].send_bytes != x->recv_bytes[p] || in[p].recv_bytes != x->send_bytes[p]) {
+            bad[p] = true;
+            if (verdict == EPX_SUCCESS) {
+                bool into_me = in[p].send_bytes != x->recv_bytes[p];
+                verdict = epx__fail(err, EPX_ERR_MISMATCH,
+                                    "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
+                                    into_me ? p : me, (long long)(into_me ? in[p].send_bytes : x->send_bytes[p]),
+                                    into_me ? me : p, (long long)(into_me ? x->recv_bytes[p] : in[p].recv_bytes));
+            }
+        }
+    }
+
+    /* 3. Data. A rank of a disagreeing pair still serves its other peers, but receives into
+     * scratch: its own buffer stays untouched. */
+    size_t scratch_need = 0;
+    if (verdict != EPX_SUCCESS)
+        for (int p = 0; p < R; p++) scratch_need += bad[p] ? 0 : (size_t)x->recv_bytes[p];
+    st = epx__hier_grow(&h->scratch, &h->scratch_bytes, scratch_need, err);
+    size_t off = 0;
+    int64_t *lsb = lx, *lsd = lx + LS, *lrb = lx + 2 * LS, *lrd = lx + 3 * LS;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        bool inter = t->host_of[p] != t->host;
+        int64_t rdisp = x->recv_displ[p];
+        if (verdict != EPX_SUCCESS && !bad[p]) rdisp = (int64_t)off, off += (size_t)x->recv_bytes[p];
+        char *rbase = verdict != EPX_SUCCESS ? h->scratch : (char *)x->recv;
+        sp[p] = (const char *)x->send + x->send_displ[p];
+        rp[p] = rbase + rdisp;
+        sb[p] = inter && !bad[p] ? x->send_bytes[p] : 0;
+        rb[p] = inter && !bad[p] ? x->recv_bytes[p] : 0;
+        if (!inter) {
+            int l = t->lrank_of[p];
+            lsb[l] = x->send_bytes[p], lsd[l] = x->send_displ[p];
+            lrb[l] = x->recv_bytes[p], lrd[l] = rdisp;
+        }
+    }
+    free(bad);
+    if (st != EPX_SUCCESS) goto done;
+    st = epx__net_start(h->net, epx__hier_tag(seq, 1), sp, sb, (void *const *)rp, rb, err);
+    if (st != EPX_SUCCESS) goto done;
+    /* Inside the host, while the messages fly. A pair of this host that disagrees fails
+     * there too, before writing. */
+    epx__cpu_xfer_t lxf = {x->send, lsb, lsd, verdict != EPX_SUCCESS ? h->scratch : x->recv, lrb, lrd};
+    epx_status_t cst = epx__cpu_alltoallv(h->cpu, &lxf, EPX_SUCCESS, err);
+    st = epx__net_wait(h->net, deadline, err);
+    if (st == EPX_SUCCESS && cst != EPX_SUCCESS && cst != EPX_ERR_MISMATCH) st = cst;
+    if (st == EPX_SUCCESS) st = verdict;
+done:
+    free(cards), free(sp), free(rp), free(sb), free(lx);
+    return st;
+}

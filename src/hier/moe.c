@@ -1,0 +1,1076 @@
+/*
+ * src/hier: MoE dispatch and combine across hosts (see hier.h for the scheme).
+ *
+ * Dispatch, on every rank:
+ *   verdict  one allreduce: every rank's verdict on its arguments, its call (kind, top-k,
+ *            handle) and output capacity, and the tokens it sends each rank — so that all
+ *            ranks reach the same verdict before anything is written;
+ *   meta     my tokens' routing (token id, top-k, weights) to my gateway on each other host
+ *            that holds one of their experts (MPI); then every rank of this host gets, from
+ *            each local rank acting as forwarder, the routing of the tokens it needs, ordered
+ *            by (source rank, token) (shared memory);
+ *   rows     the same two hops for the token rows (and FP8 scales); a cached dispatch runs
+ *            this step alone along the handle.
+ * A forwarder's *entries* are its own tokens and the tokens its sources sent it, ordered by
+ * (source rank, token): each receiver merges the streams of its local forwarders into that
+ * order, which is the output row order of the single-host backend.
+ *
+ * Combine: every receiver sends its rows back to the forwarders they came from (shared
+ * memory), then the partial sums travel along each token's chain of hosts (MPI), as float32
+ * rows, and end at the token's home rank. Low-latency mode moves the same way; its combine
+ * sums w[t,k] * y in ascending k, so its chain follows the runs of consecutive k whose
+ * experts share a host, and the weights travel to the gateways first.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum { EPX__H_DISPATCH = 1, EPX__H_CACHED, EPX__H_COMBINE, EPX__H_LL_DISPATCH, EPX__H_LL_COMBINE };
+static const char *const epx__h_op_names[] = {"?", "dispatch", "cached dispatch", "combine", "low-latency dispatch",
+                                              "low-latency combine"};
+/* Message steps of one operation (tags). */
+enum { EPX__ST_COUNTS = 0, EPX__ST_META = 1, EPX__ST_ROWS = 2, EPX__ST_WEIGHTS = 3, EPX__ST_CHAIN = 8 };
+
+struct epx__hier_moe {
+    epx__hier_t *h;
+    epx__moe_shape_t s;
+    uint8_t *ll_q;   /* low-latency FP8: my tokens quantised, [max_tokens, H] */
+    char *ll_scales; /* and their scales */
+};
+
+struct epx__hier_moe_handle {
+    uint32_t id;
+    int mode;
+    int T, K, has_w;
+    int64_t rows;    /* rows received (high-throughput) */
+    int32_t *topk;   /* [T, K] my routing */
+    /* Forwarder side: entries ordered by (source, token). */
+    int64_t nent;
+    int32_t *ent_src, *ent_tok, *ent_topk; /* [nent], [nent], [nent, K] */
+    int64_t *ent_fidx;                     /* row in the forwarded buffer, -1 for my own tokens */
+    int64_t *fwd_count, *fwd_first;        /* [R]: tokens forwarded to me by each source */
+    int64_t nfwd;
+    int64_t *to_first; /* [LS + 1]: entries sent to each local rank, ... */
+    int64_t *to_ent;   /* ... in entry order */
+    /* Receiver side. */
+    int64_t *from_first; /* [LS + 1]: records from each local forwarder, ... */
+    int64_t *from_row;   /* ... and the merged position of each: (source, token) order */
+    int32_t *row_topk;   /* [rows, K]: the routing of each merged row */
+    int32_t *row_src, *row_tok; /* [rows] */
+};
+
+/* ---- Helpers ------------------------------------------------------------------------------ */
+
+static const epx__topo_t *epx__t(const epx__hier_moe_t *m) { return epx__hier_topo(m->h); }
+
+/* The rank of host k that acts for source rank p there. */
+static int epx__gw(const epx__topo_t *t, int p, int k)
+{
+    return t->host_ranks[t->host_first[k] + t->lrank_of[p] % t->host_size[k]];
+}
+
+/* Does a token (top-k row) have an expert on rank q / on host k? */
+static bool epx__to_rank(const int32_t *topk, int K, int L, int q)
+{
+    for (int k = 0; k < K; k++)
+        if (topk[k] >= 0 && topk[k] / L == q) return true;
+    return false;
+}
+
+static bool epx__to_host(const epx__topo_t *t, const int32_t *topk, int K, int L, int host)
+{
+    for (int k = 0; k < K; k++)
+        if (topk[k] >= 0 && t->host_of[topk[k] / L] == host) return true;
+    return false;
+}
+
+static void *epx__alloc(size_t n, size_t size, epx_status_t *st, epx__errbuf_t *err)
+{
+    if (*st != EPX_SUCCESS) return NULL;
+    void *p = calloc(EPX__MAX(n, (size_t)1), size);
+    if (!p) *st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    return p;
+}
+
+/* Exchange packed segments with the local ranks (byte counts per local rank). */
+static epx_status_t epx__local_xchg(epx__hier_moe_t *m, const void *send, const int64_t *sbytes, void *recv,
+                                    const int64_t *rbytes, epx__errbuf_t *err)
+{
+    int LS = epx__t(m)->local_size;
+    int64_t *d = malloc(sizeof *d * 2 * (size_t)LS);
+    if (!d) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    int64_t so = 0, ro = 0;
+    for (int l = 0; l < LS; l++) {
+        d[l] = so, d[LS + l] = ro;
+        so += sbytes[l], ro += rbytes[l];
+    }
+    epx__cpu_xfer_t x = {send, sbytes, d, recv, rbytes, d + LS};
+    epx_status_t st = epx__cpu_alltoallv(m->h->cpu, &x, EPX_SUCCESS, err);
+    free(d);
+    return st;
+}
+
+/* Exchange packed segments with other ranks over MPI (byte counts per rank, 0 = none);
+ * segments lie back to back in rank order. */
+static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send, const int64_t *sbytes, char *recv,
+                                  const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+{
+    int R = epx__t(m)->nranks;
+    const void **sp = malloc(sizeof *sp * (size_t)R);
+    void **rp = malloc(sizeof *rp * (size_t)R);
+    if (!sp || !rp) {
+        free(sp), free(rp);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    int64_t so = 0, ro = 0;
+    for (int p = 0; p < R; p++) {
+        sp[p] = send + so, rp[p] = recv + ro;
+        so += sbytes[p], ro += rbytes[p];
+    }
+    epx_status_t st = epx__hier_net_xchg(m->h, tag, sp, sbytes, rp, rbytes, deadline, err);
+    free(sp), free(rp);
+    return st;
+}
+
+/* ---- Verdict --------------------------------------------------------------------------------- */
+
+enum { EPX__CARD = 4 };
+
+/* All ranks learn every rank's verdict, call and capacity (one allreduce); with n_me, also
+ * the rows every rank receives (my per_rank[R], read when local is a success): *n_me gets
+ * mine and every capacity is checked. */
+static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
+                                 int64_t capacity, const int32_t *per_rank, int64_t *n_me, uint64_t deadline,
+                                 epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, me = t->rank;
+    bool counts = n_me != NULL; /* the same on every rank: the kind of operation decides */
+    int n = EPX__CARD * R + (counts ? R : 0);
+    int64_t *v = calloc((size_t)n, sizeof *v);
+    if (!v) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    int64_t *c = v + EPX__CARD * me;
+    c[0] = local;
+    if (local == EPX_SUCCESS) {
+        c[1] = capacity;
+        c[2] = op | (int64_t)K << 8 | (int64_t)has_w << 16;
+        c[3] = routing;
+        if (counts)
+            for (int q = 0; q < R; q++) v[EPX__CARD * R + q] = per_rank[q];
+    }
+    epx_status_t st = epx__net_allreduce_sum(m->h->net, v, n, deadline, err);
+    if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++)
+        if (v[EPX__CARD * p] != EPX_SUCCESS)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
+                           epx_status_name((epx_status_t)v[EPX__CARD * p]));
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        const int64_t *o = v + EPX__CARD * p;
+        int oop = (int)(o[2] & 0xff), ok = (int)(o[2] >> 8 & 0xff), ow = (int)(o[2] >> 16);
+        if (oop != op)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d called %s while rank %d called %s", p,
+                           epx__h_op_names[oop >= 1 && oop <= 5 ? oop : 0], me, epx__h_op_names[op]);
+        else if (ok != K)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d passed topk = %d, rank %d passed %d", p, ok, me, K);
+        else if (o[3] != routing)
+            st = epx__fail(err, EPX_ERR_MISMATCH,
+                           "rank %d passed the handle of another dispatch than rank %d (operation %u vs %u)", p, me,
+                           (unsigned)o[3], routing);
+        else if (ow != has_w)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d %s topk_weights, rank %d %s", p,
+                           ow ? "passed" : "did not pass", me, has_w ? "did" : "did not");
+    }
+    if (st == EPX_SUCCESS && counts) {
+        for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
+            int64_t nq = v[EPX__CARD * R + q], cap = v[EPX__CARD * q + 1];
+            if (nq <= cap) continue;
+            if (q == me)
+                st = epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                               "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells)",
+                               (long long)cap, (long long)nq);
+            else
+                st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity (%lld rows) is below the %lld it receives",
+                               q, (long long)cap, (long long)nq);
+        }
+        *n_me = v[EPX__CARD * R + me];
+    }
+    free(v);
+    return st;
+}
+
+/* ---- Create / destroy ------------------------------------------------------------------------ */
+
+epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape, uint64_t config_hash,
+                                  epx_status_t local, epx__hier_moe_t **out, epx__errbuf_t *err)
+{
+    epx__hier_moe_t *m = calloc(1, sizeof *m);
+    if (!m) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    m->h = h;
+    m->s = *shape;
+    if (local == EPX_SUCCESS && shape->ll_fp8) {
+        size_t sb = shape->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
+        m->ll_q = malloc(EPX__MAX((size_t)shape->max_tokens * (size_t)shape->hidden, (size_t)1));
+        m->ll_scales = malloc(EPX__MAX((size_t)shape->max_tokens * shape->scale_cols * sb, (size_t)1));
+        if (!m->ll_q || !m->ll_scales) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    const epx__topo_t *t = epx__hier_topo(h);
+    int R = t->nranks;
+    int64_t *v = calloc(2 * (size_t)R, sizeof *v);
+    epx_status_t st = v ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (st == EPX_SUCCESS) {
+        v[t->rank] = local;
+        v[R + t->rank] = (int64_t)config_hash;
+        st = epx__net_allreduce_sum(h->net, v, 2 * R, epx__deadline_after_ms(h->timeout_ms), err);
+    }
+    if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        if (v[p] != EPX_SUCCESS)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its MoE configuration (%s)", p,
+                           epx_status_name((epx_status_t)v[p]));
+        else if ((uint64_t)v[R + p] != config_hash)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, t->rank);
+    }
+    free(v);
+    if (st != EPX_SUCCESS) {
+        epx__hier_moe_destroy(m);
+        return st;
+    }
+    *out = m;
+    return EPX_SUCCESS;
+}
+
+void epx__hier_moe_destroy(epx__hier_moe_t *m)
+{
+    if (!m) return;
+    free(m->ll_q);
+    free(m->ll_scales);
+    free(m);
+}
+
+void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h)
+{
+    if (!h) return;
+    free(h->topk);
+    free(h->ent_src), free(h->ent_tok), free(h->ent_topk), free(h->ent_fidx);
+    free(h->fwd_count), free(h->fwd_first);
+    free(h->to_first), free(h->to_ent);
+    free(h->from_first), free(h->from_row), free(h->row_topk), free(h->row_src), free(h->row_tok);
+    free(h);
+}
+
+int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h) { return h->rows; }
+int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h) { return h->T; }
+
+/* ---- Routing: meta step ----------------------------------------------------------------------- */
+
+/* Send my routing to my gateways, build the entries, fan the routing out to the local ranks
+ * and merge what arrives into (source, token) order. Fills the handle; writes nothing of
+ * the caller's. `w` = my weights [T, K] when hd->has_w; then *row_w gets the weights of
+ * every merged row (the caller frees it). */
+static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w, uint32_t seq,
+                               uint64_t deadline, float **row_w, epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
+    int W = hd->has_w ? K : 0;
+    size_t rec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights */
+    epx_status_t st = EPX_SUCCESS;
+    int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
+    int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
+    hd->fwd_count = epx__alloc((size_t)R, 8, &st, err);
+    hd->fwd_first = epx__alloc((size_t)R, 8, &st, err);
+    char *sbuf = NULL, *rbuf = NULL;
+    if (st != EPX_SUCCESS) goto done;
+
+    /* Counts: my tokens per other host, to my gateway there; from each source I serve. */
+    for (int k = 0; k < t->num_hosts; k++) {
+        if (k == t->host) continue;
+        int g = epx__gw(t, me, k);
+        for (int64_t i = 0; i < T; i++) sc[g] += epx__to_host(t, hd->topk + i * K, K, L, k);
+    }
+    for (int p = 0; p < R; p++) {
+        bool src = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me;
+        bool dst = t->host_of[p] != t->host && epx__gw(t, me, t->host_of[p]) == p;
+        sb[p] = dst ? 8 : 0;
+        rb[p] = src ? 8 : 0;
+    }
+    {
+        /* Counts travel as one int64 per pair, packed in rank order. */
+        int64_t *so = epx__alloc((size_t)R, 8, &st, err), *ro = epx__alloc((size_t)R, 8, &st, err);
+        if (st == EPX_SUCCESS) {
+            int a = 0;
+            for (int p = 0; p < R; p++)
+                if (sb[p]) so[a++] = sc[p];
+            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_COUNTS), (const char *)so, sb, (char *)ro, rb, deadline, err);
+            a = 0;
+            for (int p = 0; p < R && st == EPX_SUCCESS; p++)
+                if (rb[p]) hd->fwd_count[p] = ro[a++];
+        }
+        free(so), free(ro);
+        if (st != EPX_SUCCESS) goto done;
+    }
+    /* Routing records to the gateways, in token order. */
+    int64_t stot = 0, rtot = 0;
+    for (int p = 0; p < R; p++) {
+        sb[p] = sc[p] * (int64_t)rec, stot += sb[p];
+        rb[p] = hd->fwd_count[p] * (int64_t)rec, rtot += rb[p];
+        hd->fwd_first[p] = hd->nfwd;
+        hd->nfwd += hd->fwd_count[p];
+    }
+    sbuf = epx__alloc((size_t)stot, 1, &st, err);
+    rbuf = epx__alloc((size_t)rtot, 1, &st, err);
+    if (st != EPX_SUCCESS) goto done;
+    {
+        char *o = sbuf;
+        for (int p = 0; p < R; p++) {
+            if (!sc[p]) continue;
+            for (int64_t i = 0; i < T; i++) {
+                if (!epx__to_host(t, hd->topk + i * K, K, L, t->host_of[p])) continue;
+                int32_t *r = (int32_t *)o;
+                r[0] = me, r[1] = (int32_t)i;
+                memcpy(r + 2, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
+                if (W) memcpy(r + 2 + K, w + i * K, sizeof(float) * (size_t)K);
+                o += rec;
+            }
+        }
+    }
+    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_META), sbuf, sb, rbuf, rb, deadline, err), st, done);
+
+    /* Entries: my tokens and the forwarded ones, by (source, token). Records keep their
+     * weights (own tokens: w) in `ew`. */
+    hd->nent = T + hd->nfwd;
+    hd->ent_src = epx__alloc((size_t)hd->nent, 4, &st, err);
+    hd->ent_tok = epx__alloc((size_t)hd->nent, 4, &st, err);
+    hd->ent_topk = epx__alloc((size_t)hd->nent * (size_t)K, 4, &st, err);
+    hd->ent_fidx = epx__alloc((size_t)hd->nent, 8, &st, err);
+    float *ew = epx__alloc((size_t)hd->nent * (size_t)EPX__MAX(W, 1), 4, &st, err);
+    hd->to_first = epx__alloc((size_t)LS + 1, 8, &st, err);
+    hd->from_first = epx__alloc((size_t)LS + 1, 8, &st, err);
+    if (st != EPX_SUCCESS) {
+        free(ew);
+        goto done;
+    }
+    {
+        int64_t e = 0, f = 0;
+        for (int p = 0; p < R; p++) {
+            int64_t n = p == me ? T : hd->fwd_count[p];
+            for (int64_t i = 0; i < n; i++, e++) {
+                if (p == me) {
+                    hd->ent_src[e] = me, hd->ent_tok[e] = (int32_t)i, hd->ent_fidx[e] = -1;
+                    memcpy(hd->ent_topk + e * K, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
+                    if (W) memcpy(ew + e * W, w + i * K, sizeof(float) * (size_t)K);
+                } else {
+                    const int32_t *r = (const int32_t *)(rbuf + (size_t)f * rec);
+                    hd->ent_src[e] = r[0], hd->ent_tok[e] = r[1], hd->ent_fidx[e] = f++;
+                    memcpy(hd->ent_topk + e * K, r + 2, sizeof(int32_t) * (size_t)K);
+                    if (W) memcpy(ew + e * W, r + 2 + K, sizeof(float) * (size_t)K);
+                }
+            }
+        }
+    }
+    /* Fan-out lists: the entries each local rank needs. */
+    int64_t *lsb = epx__alloc((size_t)LS, 8, &st, err), *lrb = epx__alloc((size_t)LS, 8, &st, err);
+    int64_t *lcnt = epx__alloc((size_t)LS, 8, &st, err), *lrc = epx__alloc((size_t)LS, 8, &st, err);
+    if (st == EPX_SUCCESS) {
+        for (int64_t e = 0; e < hd->nent; e++)
+            for (int l = 0; l < LS; l++) lcnt[l] += epx__to_rank(hd->ent_topk + e * K, K, L, t->host_ranks[t->host_first[t->host] + l]);
+        for (int l = 0; l < LS; l++) hd->to_first[l + 1] = hd->to_first[l] + lcnt[l];
+        hd->to_ent = epx__alloc((size_t)hd->to_first[LS], 8, &st, err);
+    }
+    if (st == EPX_SUCCESS) {
+        for (int l = 0; l < LS; l++) {
+            int q = t->host_ranks[t->host_first[t->host] + l];
+            int64_t a = hd->to_first[l];
+            for (int64_t e = 0; e < hd->nent; e++)
+                if (epx__to_rank(hd->ent_topk + e * K, K, L, q)) hd->to_ent[a++] = e;
+            lsb[l] = lrb[l] = 8;
+        }
+        st = epx__local_xchg(m, lcnt, lsb, lrc, lrb, err);
+    }
+    /* Routing records to the local ranks; merge what arrives. */
+    char *lsend = NULL, *lrecv = NULL;
+    if (st == EPX_SUCCESS) {
+        for (int l = 0; l < LS; l++) {
+            lsb[l] = lcnt[l] * (int64_t)rec;
+            lrb[l] = lrc[l] * (int64_t)rec;
+            hd->from_first[l + 1] = hd->from_first[l] + lrc[l];
+        }
+        lsend = epx__alloc((size_t)hd->to_first[LS] * rec, 1, &st, err);
+        lrecv = epx__alloc((size_t)hd->from_first[LS] * rec, 1, &st, err);
+        hd->rows = hd->from_first[LS];
+        hd->from_row = epx__alloc((size_t)hd->rows, 8, &st, err);
+        hd->row_topk = epx__alloc((size_t)hd->rows * (size_t)K, 4, &st, err);
+        hd->row_src = epx__alloc((size_t)hd->rows, 4, &st, err);
+        hd->row_tok = epx__alloc((size_t)hd->rows, 4, &st, err);
+    }
+    if (st == EPX_SUCCESS) {
+        for (int64_t a = 0; a < hd->to_first[LS]; a++) {
+            int64_t e = hd->to_ent[a];
+            int32_t *r = (int32_t *)(lsend + (size_t)a * rec);
+            r[0] = hd->ent_src[e], r[1] = hd->ent_tok[e];
+            memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
+            if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
+        }
+        st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
+    }
+    if (st == EPX_SUCCESS && W) *row_w = epx__alloc((size_t)hd->rows * (size_t)K, 4, &st, err);
+    if (st == EPX_SUCCESS) {
+        /* Source p's tokens come from local forwarder lrank(p) % LS, in token order. */
+        int64_t *next = lcnt, row = 0;
+        for (int l = 0; l < LS; l++) next[l] = hd->from_first[l];
+        for (int p = 0; p < R; p++) {
+            int l = t->lrank_of[p] % LS;
+            while (next[l] < hd->from_first[l + 1] && ((const int32_t *)(lrecv + (size_t)next[l] * rec))[0] == p) {
+                const int32_t *r = (const int32_t *)(lrecv + (size_t)next[l] * rec);
+                hd->from_row[next[l]++] = row;
+                hd->row_src[row] = p;
+                hd->row_tok[row] = r[1];
+                memcpy(hd->row_topk + row * K, r + 2, sizeof(int32_t) * (size_t)K);
+                if (W) memcpy(*row_w + row * K, r + 2 + K, sizeof(float) * (size_t)K);
+                row++;
+            }
+        }
+        if (row != hd->rows)
+            st = epx__fail(err, EPX_ERR_INTERNAL, "merged %lld of %lld rows", (long long)row, (long long)hd->rows);
+    }
+    free(lsend), free(lrecv), free(lsb), free(lrb), free(lcnt), free(lrc), free(ew);
+done:
+    free(sc), free(rc), free(sb), free(rb), free(sbuf), free(rbuf);
+    return st;
+}
+
+/* ---- Rows ------------------------------------------------------------------------------------- */
+
+/* Move token rows along the routing of `hd`: each record is a row of rb bytes from `x`
+ * (my token i at x + i * rb) followed by sb bytes of scales from `xs` (may be NULL when
+ * sb = 0). On success *merged holds every received record in merged (source, token) order
+ * (the caller frees it). */
+static epx_status_t epx__rows(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const char *x, size_t rb,
+                              const char *xs, size_t sb, uint32_t seq, uint64_t deadline, char **merged,
+                              epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K;
+    size_t rec = rb + sb;
+    epx_status_t st = EPX_SUCCESS;
+    int64_t *nb = epx__alloc(2 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
+    int64_t *lb = epx__alloc(2 * (size_t)LS, 8, &st, err), *lsb = lb, *lrb = lb ? lb + LS : NULL;
+    int64_t nsend = 0;
+    for (int k = 0; k < t->num_hosts && st == EPX_SUCCESS; k++) {
+        if (k == t->host) continue;
+        int g = epx__gw(t, me, k);
+        for (int64_t i = 0; i < hd->T; i++) sbytes[g] += epx__to_host(t, hd->topk + i * K, K, L, k) ? (int64_t)rec : 0;
+        nsend += sbytes[g];
+    }
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) rbytes[p] = hd->fwd_count[p] * (int64_t)rec;
+    char *sbuf = epx__alloc((size_t)nsend, 1, &st, err), *fwd = epx__alloc((size_t)hd->nfwd * rec, 1, &st, err);
+    char *lsend = epx__alloc((size_t)(hd->to_first ? hd->to_first[LS] : 0) * rec, 1, &st, err);
+    char *lrecv = epx__alloc((size_t)hd->rows * rec, 1, &st, err);
+    *merged = epx__alloc((size_t)hd->rows * rec, 1, &st, err);
+    if (st == EPX_SUCCESS) {
+        /* To the gateways: per host, my tokens there in token order (the rank order of the
+         * gateways is the host order). */
+        char *o = sbuf;
+        for (int p = 0; p < R; p++) {
+            if (!sbytes[p]) continue;
+            for (int64_t i = 0; i < hd->T; i++) {
+                if (!epx__to_host(t, hd->topk + i * K, K, L, t->host_of[p])) continue;
+                memcpy(o, x + (size_t)i * rb, rb);
+                if (sb) memcpy(o + rb, xs + (size_t)i * sb, sb);
+                o += rec;
+            }
+        }
+        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), sbuf, sbytes, fwd, rbytes, deadline, err);
+    }
+    if (st == EPX_SUCCESS) {
+        /* To the local ranks, in entry order. */
+        for (int l = 0; l < LS; l++) {
+            lsb[l] = (hd->to_first[l + 1] - hd->to_first[l]) * (int64_t)rec;
+            lrb[l] = (hd->from_first[l + 1] - hd->from_first[l]) * (int64_t)rec;
+        }
+        for (int64_t a = 0; a < hd->to_first[LS]; a++) {
+            int64_t e = hd->to_ent[a];
+            char *o = lsend + (size_t)a * rec;
+            if (hd->ent_fidx[e] >= 0) {
+                memcpy(o, fwd + (size_t)hd->ent_fidx[e] * rec, rec);
+            } else {
+                memcpy(o, x + (size_t)hd->ent_tok[e] * rb, rb);
+                if (sb) memcpy(o + rb, xs + (size_t)hd->ent_tok[e] * sb, sb);
+            }
+        }
+        st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
+    }
+    if (st == EPX_SUCCESS)
+        for (int64_t a = 0; a < hd->rows; a++) memcpy(*merged + (size_t)hd->from_row[a] * rec, lrecv + (size_t)a * rec, rec);
+    if (st != EPX_SUCCESS) {
+        free(*merged);
+        *merged = NULL;
+    }
+    free(nb), free(lb), free(sbuf), free(fwd), free(lsend), free(lrecv);
+    return st;
+}
+
+/* ---- High-throughput dispatch ------------------------------------------------------------------ */
+
+static epx__hier_moe_handle_t *epx__handle_new(uint32_t id, int mode, int T, int K, int has_w)
+{
+    epx__hier_moe_handle_t *h = calloc(1, sizeof *h);
+    if (!h) return NULL;
+    h->id = id, h->mode = mode, h->T = T, h->K = K, h->has_w = has_w;
+    h->topk = malloc(sizeof(int32_t) * (size_t)EPX__MAX(T, 1) * (size_t)EPX__MAX(K, 1));
+    if (h->topk) return h;
+    free(h);
+    return NULL;
+}
+
+static void epx__write_index(void *idx, epx_dtype_t dt, int64_t i, int64_t v)
+{
+    if (dt == EPX_I32)
+        ((int32_t *)idx)[i] = (int32_t)v;
+    else
+        ((int64_t *)idx)[i] = v;
+}
+
+/* The start of an operation: its number and deadline. */
+static uint32_t epx__op_begin(epx__hier_moe_t *m, uint64_t *deadline)
+{
+    *deadline = epx__deadline_after_ms(m->h->timeout_ms);
+    return ++m->h->seq;
+}
+
+epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                    epx_status_t local, epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    int R = s->nranks, L = s->local_experts, me = s->rank;
+    uint64_t deadline;
+    uint32_t seq = epx__op_begin(m, &deadline);
+    epx__hier_moe_handle_t *hd = NULL;
+    int32_t *per_rank = NULL;
+    int K = local == EPX_SUCCESS ? in->topk : 0, has_w = local == EPX_SUCCESS && in->topk_weights;
+    if (local == EPX_SUCCESS) {
+        hd = epx__handle_new(seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, K, has_w);
+        per_rank = calloc((size_t)R, sizeof *per_rank);
+        if (!hd || !per_rank) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
+    }
+    if (local == EPX_SUCCESS) {
+        epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
+        local = epx__layout(hd->topk, EPX_I32, in->num_tokens, K, s->num_experts, R, per_rank, NULL, NULL);
+    }
+    int64_t n = 0;
+    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
+                                   per_rank, &n, deadline, err);
+    free(per_rank);
+    float *row_w = NULL;
+    char *merged = NULL;
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, in->topk_weights, seq, deadline, &row_w, err);
+    if (st == EPX_SUCCESS && hd->rows != n)
+        st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0;
+    if (st == EPX_SUCCESS)
+        st = epx__rows(m, hd, in->x, s->row_bytes, fp8 ? (const char *)in->x_scales : NULL, sb, seq, deadline, &merged, err);
+    if (st == EPX_SUCCESS) {
+        /* The caller's outputs, now that nothing can fail. */
+        int64_t *per_expert = calloc((size_t)L, sizeof *per_expert);
+        if (!per_expert) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        size_t rec = s->row_bytes + sb;
+        for (int64_t r = 0; r < hd->rows && st == EPX_SUCCESS; r++) {
+            memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, merged + (size_t)r * rec, s->row_bytes);
+            if (fp8 && out->recv_x_scales)
+                memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, merged + (size_t)r * rec + s->row_bytes, sb);
+            if (out->recv_src_rank) out->recv_src_rank[r] = hd->row_src[r];
+            if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
+            const int32_t *tk = hd->row_topk + r * K;
+            for (int k = 0; k < K; k++) {
+                bool here = tk[k] >= 0 && tk[k] / L == me;
+                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? tk[k] % L : -1);
+                if (out->recv_topk_weights && has_w) out->recv_topk_weights[r * K + k] = here ? row_w[r * K + k] : 0.0f;
+                if (!here) continue;
+                bool dup = false;
+                for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
+                if (!dup) per_expert[tk[k] % L]++;
+            }
+        }
+        if (st == EPX_SUCCESS && out->num_recv_tokens_per_expert)
+            for (int l = 0; l < L; l++)
+                out->num_recv_tokens_per_expert[l] = (int32_t)EPX__ALIGN_UP(per_expert[l], (int64_t)s->alignment);
+        if (st == EPX_SUCCESS) {
+            out->num_recv_tokens = hd->rows;
+            if (out->num_recv_tokens_device) *out->num_recv_tokens_device = hd->rows;
+        }
+        free(per_expert);
+    }
+    free(row_w), free(merged);
+    if (st != EPX_SUCCESS) {
+        epx__hier_moe_handle_free(hd);
+        return st;
+    }
+    *handle = hd;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
+                                           const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                           epx_status_t local, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    uint64_t deadline;
+    uint32_t seq = epx__op_begin(m, &deadline);
+    bool ok = local == EPX_SUCCESS;
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, deadline, err);
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = s->row_bytes + sb;
+    char *merged = NULL;
+    if (st == EPX_SUCCESS)
+        st = epx__rows(m, hd, in->x, s->row_bytes, fp8 ? (const char *)in->x_scales : NULL, sb, seq, deadline, &merged, err);
+    for (int64_t r = 0; st == EPX_SUCCESS && r < hd->rows; r++) {
+        memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, merged + (size_t)r * rec, s->row_bytes);
+        if (fp8 && out->recv_x_scales)
+            memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, merged + (size_t)r * rec + s->row_bytes, sb);
+    }
+    free(merged);
+    return st;
+}
+
+/* ---- Combine: rows back to the forwarders, then the chains --------------------------------------- */
+
+/* The terms of entry e's sum, in order: high-throughput, the ranks it went to, ascending
+ * (term_k = -1); low-latency, its valid k, ascending. Returns the count. */
+static int epx__terms(const int32_t *topk, int K, int L, bool ll, int *term_rank, int *term_k)
+{
+    int n = 0;
+    for (int k = 0; k < K; k++) {
+        if (topk[k] < 0) continue;
+        int r = topk[k] / L;
+        if (ll) {
+            term_rank[n] = r, term_k[n++] = k;
+            continue;
+        }
+        int i = n;
+        bool dup = false;
+        for (int j = 0; j < n; j++) dup = dup || term_rank[j] == r;
+        if (dup) continue;
+        while (i > 0 && term_rank[i - 1] > r) term_rank[i] = term_rank[i - 1], i--;
+        term_rank[i] = r;
+        n++;
+    }
+    for (int i = 0; !ll && i < n; i++) term_k[i] = -1;
+    return n;
+}
+
+/* Where the rows for entry e from local rank q start in the buffer of step 1 (`c1`), or
+ * -1; and how the chain adds one term. */
+typedef struct {
+    bool ll;
+    int H, W;         /* channels; weight columns carried (high-throughput with weights) */
+    int accw;         /* floats per partial sum: H + W */
+    epx_dtype_t dt;   /* combine dtype */
+    size_t crow;      /* bytes of a y row */
+    const char *c1;   /* rows from the local ranks */
+    int64_t *c1pos;   /* [nent, LS] byte offset of entry e's block from local rank q */
+    const float *ew;  /* low-latency: [nent, K] weights at the forwarder */
+} epx__fold_t;
+
+/* acc += term `i` of entry e (its rank r, its k for low-latency). */
+static void epx__fold(const epx__fold_t *f, const epx__hier_moe_handle_t *hd, const epx__topo_t *t, int L, int64_t e,
+                      int r, int k, float *acc)
+{
+    int q = t->lrank_of[r], LS = t->local_size, K = hd->K;
+    const char *blk = f->c1 + f->c1pos[e * LS + q];
+    if (!f->ll) {
+        for (int h = 0; h < f->H; h++) acc[h] += epx__load_float(blk, f->dt, (size_t)h);
+        const float *w = (const float *)(blk + EPX__ALIGN_UP(f->crow, sizeof(float)));
+        for (int j = 0; j < f->W; j++) acc[f->H + j] += w[j];
+        return;
+    }
+    /* Low-latency: the block holds one row per distinct local expert of e on r, ascending. */
+    const int32_t *tk = hd->ent_topk + e * K;
+    int idx = 0;
+    for (int l = 0; l < tk[k] % L; l++) {
+        bool has = false;
+        for (int j = 0; j < K; j++) has = has || tk[j] == r * L + l;
+        idx += has;
+    }
+    const char *y = blk + (size_t)idx * f->crow;
+    float w = f->ew[e * K + k];
+    for (int h = 0; h < f->H; h++) {
+        float prod = w * epx__load_float(y, f->dt, (size_t)h);
+        acc[h] += prod;
+    }
+}
+
+/* Run every entry's chain; `final` [T, accw] gets the sums of my own tokens (zeros for
+ * tokens sent nowhere). */
+static epx_status_t epx__chain(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const epx__fold_t *f, float *final,
+                               uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, me = t->rank, L = m->s.local_experts, K = hd->K, A = f->accw;
+    size_t ab = sizeof(float) * (size_t)A;
+    epx_status_t st = EPX_SUCCESS;
+    int64_t ne = hd->nent;
+    /* Per entry: terms (rank, k), runs (host, first term). */
+    int *trank = epx__alloc((size_t)ne * (size_t)K, sizeof(int), &st, err);
+    int *tk = epx__alloc((size_t)ne * (size_t)K, sizeof(int), &st, err);
+    int *rhost = epx__alloc((size_t)ne * (size_t)K, sizeof(int), &st, err);
+    int *rfirst = epx__alloc((size_t)ne * (size_t)(K + 1), sizeof(int), &st, err);
+    int *nruns = epx__alloc((size_t)ne, sizeof(int), &st, err);
+    float *acc = epx__alloc((size_t)ne * (size_t)A, sizeof(float), &st, err);
+    int64_t *nb = epx__alloc(2 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
+    int64_t *spos = epx__alloc((size_t)R, 8, &st, err);
+    char *sbuf = NULL, *rbuf = NULL;
+    size_t cap_s = 0, cap_r = 0;
+    if (st != EPX_SUCCESS) goto done;
+    /* Entries go through their chains in waves: tokens are cut in chunks by their index on
+     * the home rank, and chunk c takes step j of its chains in wave c + j, so hosts work on
+     * different chunks at once instead of waiting for one another. */
+    const int chunk = EPX__MAX(64, (m->s.max_tokens + 31) / 32);
+    int waves = 0;
+    for (int64_t e = 0; e < ne; e++) {
+        int n = epx__terms(hd->ent_topk + e * K, K, L, f->ll, trank + e * K, tk + e * K), j = 0;
+        for (int i = 0; i < n; i++) {
+            int host = t->host_of[trank[e * K + i]];
+            if (i == 0 || host != rhost[e * K + j - 1]) rhost[e * K + j] = host, rfirst[e * (K + 1) + j++] = i;
+        }
+        rfirst[e * (K + 1) + j] = n;
+        nruns[e] = j;
+        if (j > 0) waves = EPX__MAX(waves, hd->ent_tok[e] / chunk + j);
+    }
+#define EPX__HOLDER(e, j) ((j) < nruns[e] ? epx__gw(t, hd->ent_src[e], rhost[(e) * K + (j)]) : hd->ent_src[e])
+#define EPX__STEP(e) (w - hd->ent_tok[e] / chunk) /* the step of entry e's chain in wave w */
+    for (int w = 0; w < waves && st == EPX_SUCCESS; w++) {
+        memset(nb, 0, sizeof(int64_t) * 2 * (size_t)R);
+        /* Add this host's run j; what goes on to another rank, in entry order per rank. */
+        for (int64_t e = 0; e < ne; e++) {
+            int j = EPX__STEP(e);
+            if (j < 0 || j >= nruns[e] || rhost[e * K + j] != t->host) continue;
+            float *a = acc + e * A;
+            for (int i = rfirst[e * (K + 1) + j]; i < rfirst[e * (K + 1) + j + 1]; i++)
+                epx__fold(f, hd, t, L, e, trank[e * K + i], tk[e * K + i], a);
+            int dest = EPX__HOLDER(e, j + 1);
+            if (dest == me)
+                memcpy(final + (size_t)hd->ent_tok[e] * (size_t)A, a, ab);
+            else
+                sbytes[dest] += (int64_t)ab;
+        }
+        for (int64_t e = 0; e < ne; e++) {
+            int j = EPX__STEP(e);
+            if (j >= 0 && j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)
+                rbytes[EPX__HOLDER(e, j)] += (int64_t)ab;
+        }
+        int64_t ts = 0, tr = 0;
+        for (int p = 0; p < R; p++) spos[p] = ts, ts += sbytes[p], tr += rbytes[p];
+        if (ts == 0 && tr == 0) continue;
+        EPX__CHECK_GOTO(epx__hier_grow(&sbuf, &cap_s, (size_t)ts, err), st, done);
+        EPX__CHECK_GOTO(epx__hier_grow(&rbuf, &cap_r, (size_t)tr, err), st, done);
+        for (int64_t e = 0; e < ne; e++) {
+            int j = EPX__STEP(e);
+            if (j < 0 || j >= nruns[e] || rhost[e * K + j] != t->host) continue;
+            int dest = EPX__HOLDER(e, j + 1);
+            if (dest == me) continue;
+            memcpy(sbuf + spos[dest], acc + e * A, ab);
+            spos[dest] += (int64_t)ab;
+        }
+        EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_CHAIN + w), sbuf, sbytes, rbuf, rbytes, deadline, err),
+                        st, done);
+        int64_t o = 0;
+        for (int p = 0; p < R; p++) spos[p] = o, o += rbytes[p];
+        for (int64_t e = 0; e < ne; e++) {
+            int j = EPX__STEP(e);
+            if (!(j >= 0 && j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)) continue;
+            int from = EPX__HOLDER(e, j);
+            float *dst = j + 1 == nruns[e] ? final + (size_t)hd->ent_tok[e] * (size_t)A : acc + e * A;
+            memcpy(dst, rbuf + spos[from], ab);
+            spos[from] += (int64_t)ab;
+        }
+    }
+#undef EPX__STEP
+#undef EPX__HOLDER
+done:
+    free(trank), free(tk), free(rhost), free(rfirst), free(nruns), free(acc), free(nb), free(spos), free(sbuf), free(rbuf);
+    return st;
+}
+
+/* Step 1 of a combine: every receiver sends the rows it holds back to their forwarders
+ * (shared memory); `pack(r, dst)` writes the record of merged row r (`crec_of(r)` bytes).
+ * Fills c1 and c1pos (byte offset of each entry's block from each local rank). */
+typedef size_t (*epx__rec_size_fn)(const void *ctx, const int32_t *topk, int q);
+typedef void (*epx__rec_pack_fn)(const void *ctx, int64_t row, char *dst);
+
+static epx_status_t epx__combine_back(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, epx__rec_size_fn size_of,
+                                      epx__rec_pack_fn pack, const void *ctx, char **c1, int64_t **c1pos,
+                                      epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int LS = t->local_size, K = hd->K, me = t->rank;
+    epx_status_t st = EPX_SUCCESS;
+    int64_t *lb = epx__alloc(2 * (size_t)LS, 8, &st, err), *lsb = lb, *lrb = lb ? lb + LS : NULL;
+    *c1pos = epx__alloc((size_t)hd->nent * (size_t)LS, 8, &st, err);
+    if (st != EPX_SUCCESS) {
+        free(lb);
+        return st;
+    }
+    /* What I send each forwarder: my rows from it, in its order; what it sends me. */
+    size_t stot = 0, rtot = 0;
+    for (int l = 0; l < LS; l++) {
+        for (int64_t a = hd->from_first[l]; a < hd->from_first[l + 1]; a++)
+            lsb[l] += (int64_t)size_of(ctx, hd->row_topk + hd->from_row[a] * K, me);
+        int q = t->host_ranks[t->host_first[t->host] + l];
+        for (int64_t a = hd->to_first[l]; a < hd->to_first[l + 1]; a++) {
+            int64_t e = hd->to_ent[a];
+            size_t b = size_of(ctx, hd->ent_topk + e * K, q);
+            (*c1pos)[e * LS + l] = (int64_t)rtot;
+            rtot += b;
+            lrb[l] += (int64_t)b;
+        }
+        stot += (size_t)lsb[l];
+    }
+    char *send = epx__alloc(stot, 1, &st, err);
+    *c1 = epx__alloc(rtot, 1, &st, err);
+    if (st == EPX_SUCCESS) {
+        size_t o = 0;
+        for (int l = 0; l < LS; l++)
+            for (int64_t a = hd->from_first[l]; a < hd->from_first[l + 1]; a++) {
+                int64_t r = hd->from_row[a];
+                pack(ctx, r, send + o);
+                o += size_of(ctx, hd->row_topk + r * K, me);
+            }
+        st = epx__local_xchg(m, send, lsb, *c1, lrb, err);
+    }
+    free(send), free(lb);
+    return st;
+}
+
+/* A high-throughput record of step 1: the y row, padded to 4 bytes, then its K weights. */
+typedef struct {
+    const epx__hier_moe_t *m;
+    const epx__hier_moe_handle_t *hd;
+    const char *y;
+    const float *w; /* high-throughput weights [rows, K] or NULL */
+    size_t crow;
+} epx__back_ctx_t;
+
+static size_t epx__ht_rec_size(const void *ctx, const int32_t *topk, int q)
+{
+    const epx__back_ctx_t *c = ctx;
+    (void)topk, (void)q;
+    return EPX__ALIGN_UP(c->crow, sizeof(float)) + (c->w ? sizeof(float) * (size_t)c->hd->K : 0);
+}
+
+static void epx__ht_rec_pack(const void *ctx, int64_t row, char *dst)
+{
+    const epx__back_ctx_t *c = ctx;
+    memcpy(dst, c->y + (size_t)row * c->crow, c->crow);
+    if (c->w) memcpy(dst + EPX__ALIGN_UP(c->crow, sizeof(float)), c->w + row * c->hd->K, sizeof(float) * (size_t)c->hd->K);
+}
+
+epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
+                                   const epx_moe_combine_in_t *in, epx_moe_combine_out_t *out, epx_status_t local,
+                                   epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    uint64_t deadline;
+    uint32_t seq = epx__op_begin(m, &deadline);
+    bool ok = local == EPX_SUCCESS;
+    int has_w = ok && in->topk_weights;
+    epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
+                                   deadline, err);
+    if (st != EPX_SUCCESS) return st;
+    int K = hd->K, H = s->hidden, W = has_w ? K : 0, A = H + W, T = hd->T;
+    epx__back_ctx_t ctx = {m, hd, in->y, has_w ? in->topk_weights : NULL, s->combine_row_bytes};
+    char *c1 = NULL;
+    int64_t *c1pos = NULL;
+    float *final = NULL;
+    st = epx__combine_back(m, hd, epx__ht_rec_size, epx__ht_rec_pack, &ctx, &c1, &c1pos, err);
+    if (st == EPX_SUCCESS) {
+        epx__fold_t f = {false, H, W, A, s->combine_dtype, s->combine_row_bytes, c1, c1pos, NULL};
+        final = epx__alloc((size_t)T * (size_t)A, sizeof(float), &st, err);
+        if (st == EPX_SUCCESS) st = epx__chain(m, hd, &f, final, seq, deadline, err);
+    }
+    for (int t = 0; t < T && st == EPX_SUCCESS; t++) {
+        char *o = (char *)out->out + (size_t)t * s->combine_row_bytes;
+        for (int h = 0; h < H; h++) epx__store_float(o, s->combine_dtype, (size_t)h, final[(size_t)t * A + h]);
+        if (out->out_topk_weights)
+            for (int k = 0; k < K; k++) out->out_topk_weights[t * K + k] = W ? final[(size_t)t * A + H + k] : 0.0f;
+    }
+    free(c1), free(c1pos), free(final);
+    return st;
+}
+
+/* ---- Low-latency ------------------------------------------------------------------------------------ */
+
+epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local,
+                                       epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    int L = s->local_experts, me = s->rank, H = s->hidden;
+    uint64_t deadline;
+    uint32_t seq = epx__op_begin(m, &deadline);
+    epx__hier_moe_handle_t *hd = NULL;
+    int K = local == EPX_SUCCESS ? in->topk : 0;
+    if (local == EPX_SUCCESS) {
+        hd = epx__handle_new(seq, EPX_MOE_LOW_LATENCY, in->num_tokens, K, 0);
+        if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
+    }
+    if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, NULL, NULL, deadline, err);
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, seq, deadline, NULL, err);
+    size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
+    size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = rb + sb;
+    const char *x = in ? in->x : NULL, *xs = NULL;
+    if (st == EPX_SUCCESS && s->ll_fp8) {
+        /* Quantise each token once, here. */
+        for (int t = 0; t < hd->T; t++)
+            epx__fp8_quantize_row((const uint16_t *)in->x + (size_t)t * (size_t)H, H, s->scale_format,
+                                  m->ll_q + (size_t)t * (size_t)H, m->ll_scales + (size_t)t * sb);
+        x = (const char *)m->ll_q, xs = m->ll_scales;
+    }
+    char *merged = NULL;
+    if (st == EPX_SUCCESS) st = epx__rows(m, hd, x, rb, xs, sb, seq, deadline, &merged, err);
+    int32_t *cnt = st == EPX_SUCCESS ? calloc((size_t)L, sizeof *cnt) : NULL;
+    if (st == EPX_SUCCESS && !cnt) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int64_t r = 0; r < (st == EPX_SUCCESS ? hd->rows : 0); r++) {
+        const int32_t *tk = hd->row_topk + r * K;
+        for (int k = 0; k < K; k++) {
+            if (tk[k] < 0 || tk[k] / L != me) continue;
+            bool dup = false;
+            for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
+            if (dup) continue;
+            int l = tk[k] % L;
+            size_t slot = (size_t)l * s->ll_slots + (size_t)cnt[l]++;
+            memcpy((char *)out->recv_x + slot * rb, merged + (size_t)r * rec, rb);
+            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, merged + (size_t)r * rec + rb, sb);
+            if (out->recv_src_rank) out->recv_src_rank[slot] = hd->row_src[r];
+            if (out->recv_src_token) out->recv_src_token[slot] = hd->row_tok[r];
+        }
+    }
+    for (int l = 0; l < L && st == EPX_SUCCESS; l++) {
+        if (out->recv_count) out->recv_count[l] = cnt[l];
+        for (size_t i = (size_t)cnt[l]; i < s->ll_slots; i++) {
+            if (out->recv_src_rank) out->recv_src_rank[(size_t)l * s->ll_slots + i] = -1;
+            if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
+        }
+    }
+    free(cnt), free(merged);
+    if (st != EPX_SUCCESS) {
+        epx__hier_moe_handle_free(hd);
+        return st;
+    }
+    *handle = hd;
+    return EPX_SUCCESS;
+}
+
+typedef struct {
+    const epx__hier_moe_t *m;
+    const epx__hier_moe_handle_t *hd;
+    const char *y;      /* [L, slots, H] */
+    const int64_t *slot; /* [rows, K]: slot of the row's k-th expert (first occurrence) */
+    size_t crow;
+} epx__ll_back_t;
+
+/* One row per distinct local expert of the receiver (rows of 2 or 4 bytes per element:
+ * every row stays aligned to its elements). */
+static size_t epx__ll_rec_size(const void *ctx, const int32_t *topk, int q)
+{
+    const epx__ll_back_t *c = ctx;
+    int K = c->hd->K, L = c->m->s.local_experts, n = 0;
+    for (int k = 0; k < K; k++) {
+        if (topk[k] < 0 || topk[k] / L != q) continue;
+        bool dup = false;
+        for (int j = 0; j < k; j++) dup = dup || topk[j] == topk[k];
+        n += !dup;
+    }
+    return (size_t)n * c->crow;
+}
+
+static void epx__ll_rec_pack(const void *ctx, int64_t row, char *dst)
+{
+    const epx__ll_back_t *c = ctx;
+    int K = c->hd->K, L = c->m->s.local_experts, me = c->m->s.rank;
+    const int32_t *tk = c->hd->row_topk + row * K;
+    for (int l = 0; l < L; l++)
+        for (int k = 0; k < K; k++)
+            if (tk[k] == me * L + l) {
+                memcpy(dst, c->y + ((size_t)l * c->m->s.ll_slots + (size_t)c->slot[row * K + k]) * c->crow, c->crow);
+                dst += c->crow;
+                break;
+            }
+}
+
+epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
+                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local,
+                                      epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, me = t->rank, L = s->local_experts, H = s->hidden;
+    uint64_t deadline;
+    uint32_t seq = epx__op_begin(m, &deadline);
+    bool ok = local == EPX_SUCCESS;
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
+                                   deadline, err);
+    if (st != EPX_SUCCESS) return st;
+    int K = hd->K, T = hd->T;
+    /* The weights go to the gateways (the chains multiply there). */
+    int64_t *nb = epx__alloc(2 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
+    size_t wb = sizeof(float) * (size_t)K;
+    int64_t ns = 0;
+    for (int k = 0; k < t->num_hosts && st == EPX_SUCCESS; k++) {
+        if (k == t->host) continue;
+        int g = epx__gw(t, me, k);
+        for (int i = 0; i < T; i++) sbytes[g] += epx__to_host(t, hd->topk + i * K, K, L, k) ? (int64_t)wb : 0;
+        ns += sbytes[g];
+    }
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) rbytes[p] = hd->fwd_count[p] * (int64_t)wb;
+    float *ws = epx__alloc((size_t)ns, 1, &st, err), *fw = epx__alloc((size_t)hd->nfwd * wb, 1, &st, err);
+    float *ew = epx__alloc((size_t)hd->nent * wb, 1, &st, err);
+    int64_t *slot = epx__alloc((size_t)hd->rows * (size_t)K, 8, &st, err);
+    int64_t *cnt = epx__alloc((size_t)L, 8, &st, err);
+    if (st == EPX_SUCCESS) {
+        float *o = ws;
+        for (int p = 0; p < R; p++) {
+            if (!sbytes[p]) continue;
+            for (int i = 0; i < T; i++)
+                if (epx__to_host(t, hd->topk + i * K, K, L, t->host_of[p])) {
+                    memcpy(o, in->topk_weights + i * K, wb);
+                    o += K;
+                }
+        }
+        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_WEIGHTS), (const char *)ws, sbytes, (char *)fw, rbytes, deadline,
+                           err);
+    }
+    if (st == EPX_SUCCESS) {
+        for (int64_t e = 0; e < hd->nent; e++)
+            memcpy(ew + e * K, hd->ent_fidx[e] >= 0 ? fw + hd->ent_fidx[e] * K : in->topk_weights + hd->ent_tok[e] * K, wb);
+        /* The slots of dispatch, again: per local expert, in row order. */
+        for (int64_t r = 0; r < hd->rows; r++) {
+            const int32_t *tk = hd->row_topk + r * K;
+            for (int k = 0; k < K; k++) {
+                slot[r * K + k] = -1;
+                if (tk[k] < 0 || tk[k] / L != me) continue;
+                bool dup = false;
+                for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
+                if (!dup) slot[r * K + k] = cnt[tk[k] % L]++;
+            }
+        }
+    }
+    char *c1 = NULL;
+    int64_t *c1pos = NULL;
+    float *final = NULL;
+    epx__ll_back_t ctx = {m, hd, in->y, slot, s->combine_row_bytes};
+    if (st == EPX_SUCCESS) st = epx__combine_back(m, hd, epx__ll_rec_size, epx__ll_rec_pack, &ctx, &c1, &c1pos, err);
+    if (st == EPX_SUCCESS) {
+        epx__fold_t f = {true, H, 0, H, s->combine_dtype, s->combine_row_bytes, c1, c1pos, ew};
+        final = epx__alloc((size_t)T * (size_t)H, sizeof(float), &st, err);
+        if (st == EPX_SUCCESS) st = epx__chain(m, hd, &f, final, seq, deadline, err);
+    }
+    for (int i = 0; i < T && st == EPX_SUCCESS; i++)
+        for (int h = 0; h < H; h++)
+            epx__store_float((char *)out + (size_t)i * s->combine_row_bytes, s->combine_dtype, (size_t)h,
+                             final[(size_t)i * H + h]);
+    free(nb), free(ws), free(fw), free(ew), free(slot), free(cnt), free(c1), free(c1pos), free(final);
+    return st;
+}

@@ -1,0 +1,191 @@
+/* src/net over MPI: a duplicated communicator, host grouping, bounded nonblocking waits. */
+#include <mpi.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "net.h"
+
+/* Largest piece of one message (MPI counts are int). */
+#define EPX__NET_CHUNK ((int64_t)1 << 30)
+
+struct epx__net {
+    MPI_Comm comm, host_comm;
+    int rank, nranks;
+    int64_t timeout_ms;
+    MPI_Request *reqs;
+    int nreqs, cap_reqs;
+};
+
+static epx_status_t epx__mpi_fail(epx__errbuf_t *err, int rc, const char *what)
+{
+    char text[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (MPI_Error_string(rc, text, &len) != MPI_SUCCESS) len = 0;
+    text[len] = '\0';
+    return epx__fail(err, EPX_ERR_MPI, "%s failed: %s", what, len ? text : "unknown MPI error");
+}
+
+#define EPX__MPI_CHECK(call, what)                                                                \
+    do {                                                                                          \
+        int rc_ = (call);                                                                         \
+        if (rc_ != MPI_SUCCESS) return epx__mpi_fail(err, rc_, what);                             \
+    } while (0)
+
+epx_status_t epx__net_create(epx__net_t **out, const void *mpi_comm, int64_t timeout_ms, epx__errbuf_t *err)
+{
+    int init = 0, fin = 0;
+    MPI_Initialized(&init);
+    MPI_Finalized(&fin);
+    if (!init || fin) return epx__fail(err, EPX_ERR_INVALID_USAGE, "MPI is not initialised (call MPI_Init first)");
+    epx__net_t *n = calloc(1, sizeof *n);
+    if (!n) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    n->comm = n->host_comm = MPI_COMM_NULL;
+    n->timeout_ms = timeout_ms;
+    int rc = MPI_Comm_dup(*(const MPI_Comm *)mpi_comm, &n->comm);
+    if (rc != MPI_SUCCESS) {
+        free(n);
+        return epx__mpi_fail(err, rc, "MPI_Comm_dup");
+    }
+    MPI_Comm_set_errhandler(n->comm, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(n->comm, &n->rank);
+    MPI_Comm_size(n->comm, &n->nranks);
+    *out = n;
+    return EPX_SUCCESS;
+}
+
+void epx__net_destroy(epx__net_t *n, bool broken)
+{
+    if (!n) return;
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (!broken && !fin) {
+        if (n->host_comm != MPI_COMM_NULL) MPI_Comm_free(&n->host_comm);
+        MPI_Comm_free(&n->comm);
+    }
+    free(n->reqs);
+    free(n);
+}
+
+int epx__net_rank(const epx__net_t *n) { return n->rank; }
+int epx__net_size(const epx__net_t *n) { return n->nranks; }
+
+epx_status_t epx__net_topology(epx__net_t *n, int local_size, int *host_of, int *lrank_of, epx__errbuf_t *err)
+{
+    int R = n->nranks;
+    int leader = 0; /* lowest rank of my host */
+    if (local_size > 0) {
+        leader = n->rank / local_size * local_size;
+    } else {
+        MPI_Comm shared;
+        EPX__MPI_CHECK(MPI_Comm_split_type(n->comm, MPI_COMM_TYPE_SHARED, n->rank, MPI_INFO_NULL, &shared),
+                       "MPI_Comm_split_type");
+        int rc = MPI_Allreduce(&n->rank, &leader, 1, MPI_INT, MPI_MIN, shared);
+        MPI_Comm_free(&shared);
+        if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, "MPI_Allreduce");
+    }
+    int *leaders = malloc(sizeof(int) * (size_t)R);
+    if (!leaders) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    int rc = MPI_Allgather(&leader, 1, MPI_INT, leaders, 1, MPI_INT, n->comm);
+    if (rc != MPI_SUCCESS) {
+        free(leaders);
+        return epx__mpi_fail(err, rc, "MPI_Allgather");
+    }
+    /* Hosts numbered in the order of their leaders; local ranks in rank order. */
+    int hosts = 0;
+    for (int r = 0; r < R; r++) {
+        if (leaders[r] == r) {
+            host_of[r] = hosts++;
+            lrank_of[r] = 0;
+        } else {
+            host_of[r] = host_of[leaders[r]];
+            int l = 0;
+            for (int q = 0; q < r; q++) l += leaders[q] == leaders[r];
+            lrank_of[r] = l;
+        }
+    }
+    free(leaders);
+    if (n->host_comm != MPI_COMM_NULL) MPI_Comm_free(&n->host_comm);
+    EPX__MPI_CHECK(MPI_Comm_split(n->comm, host_of[n->rank], n->rank, &n->host_comm), "MPI_Comm_split");
+    MPI_Comm_set_errhandler(n->host_comm, MPI_ERRORS_RETURN);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__net_host_bcast(epx__net_t *n, void *buf, size_t len, epx__errbuf_t *err)
+{
+    if (n->host_comm == MPI_COMM_NULL) return epx__fail(err, EPX_ERR_INTERNAL, "host broadcast before the topology");
+    EPX__MPI_CHECK(MPI_Bcast(buf, (int)len, MPI_BYTE, 0, n->host_comm), "MPI_Bcast");
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__net_allgather(epx__net_t *n, const void *mine, void *all, size_t len, epx__errbuf_t *err)
+{
+    EPX__MPI_CHECK(MPI_Allgather(mine, (int)len, MPI_BYTE, all, (int)len, MPI_BYTE, n->comm), "MPI_Allgather");
+    return EPX_SUCCESS;
+}
+
+/* Poll `reqs` to completion or the deadline, yielding the core between polls. */
+static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, uint64_t deadline, const char *what,
+                                  epx__errbuf_t *err)
+{
+    for (unsigned i = 0;; i++) {
+        int done = 0;
+        int rc = MPI_Testall(count, reqs, &done, MPI_STATUSES_IGNORE);
+        if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, what);
+        if (done) return EPX_SUCCESS;
+        if (i >= 64) {
+            if (epx__now_ns() >= deadline)
+                return epx__fail(err, EPX_ERR_TIMEOUT, "rank %d timed out after %lld ms in %s", n->rank,
+                                 (long long)n->timeout_ms, what);
+            sched_yield();
+        }
+    }
+}
+
+epx_status_t epx__net_allreduce_sum(epx__net_t *n, int64_t *v, int count, uint64_t deadline, epx__errbuf_t *err)
+{
+    MPI_Request req;
+    EPX__MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, v, count, MPI_INT64_T, MPI_SUM, n->comm, &req), "MPI_Iallreduce");
+    return epx__net_poll(n, &req, 1, deadline, "MPI_Iallreduce", err);
+}
+
+static epx_status_t epx__net_reserve(epx__net_t *n, int want, epx__errbuf_t *err)
+{
+    if (want <= n->cap_reqs) return EPX_SUCCESS;
+    MPI_Request *r = realloc(n->reqs, sizeof *r * (size_t)want);
+    if (!r) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    n->reqs = r;
+    n->cap_reqs = want;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__net_start(epx__net_t *n, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
+                            const int64_t *rbytes, epx__errbuf_t *err)
+{
+    int pieces = 0;
+    for (int p = 0; p < n->nranks; p++)
+        pieces += (int)((sbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK + (rbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK);
+    EPX__CHECK(epx__net_reserve(n, pieces, err));
+    n->nreqs = 0;
+    /* Receives first, so that eager sends find them posted. */
+    for (int side = 0; side < 2; side++)
+        for (int i = 0; i < n->nranks; i++) {
+            int p = (n->rank + (side ? i : n->nranks - i)) % n->nranks;
+            int64_t len = side ? sbytes[p] : rbytes[p];
+            for (int64_t off = 0; off < len; off += EPX__NET_CHUNK) {
+                int piece = (int)EPX__MIN(EPX__NET_CHUNK, len - off);
+                int rc = side ? MPI_Isend((const char *)sbuf[p] + off, piece, MPI_BYTE, p, tag, n->comm, &n->reqs[n->nreqs])
+                              : MPI_Irecv((char *)rbuf[p] + off, piece, MPI_BYTE, p, tag, n->comm, &n->reqs[n->nreqs]);
+                if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, side ? "MPI_Isend" : "MPI_Irecv");
+                n->nreqs++;
+            }
+        }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__net_wait(epx__net_t *n, uint64_t deadline, epx__errbuf_t *err)
+{
+    epx_status_t st = epx__net_poll(n, n->reqs, n->nreqs, deadline, "a point-to-point exchange", err);
+    if (st == EPX_SUCCESS) n->nreqs = 0;
+    return st;
+}
