@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# Build epx and pass every test: the normal build, then the same suite under
-# AddressSanitizer + UndefinedBehaviorSanitizer (EPX_TEST_SANITIZERS=0 skips that part).
-# GPU tests run only where a GPU is present; elsewhere they are skipped with the reason.
+# Build epx and pass every test:
+#   1. Release build + the whole suite
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer build + the whole suite
+#   3. ThreadSanitizer build (clang when present) + the CPU suite (large cases left out)
+#   4. libFuzzer targets, EPX_FUZZ_SECONDS each (default 60; needs clang)
+#   5. valgrind memcheck on small multi-rank runs of the Release build (when installed)
+# EPX_TEST_SANITIZERS=0 skips 2, EPX_TEST_TSAN=0 skips 3, EPX_TEST_FUZZ=0 skips 4,
+# EPX_TEST_VALGRIND=0 skips 5. GPU tests run only where a GPU is present; elsewhere they
+# are skipped with the reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-$(nproc)}
+have() { command -v "$1" >/dev/null 2>&1; }
 
-build_and_test() { # dir, cmake args...
+build_and_test() { # dir, cmake args... [-- ctest args...]
     local dir=$1
     shift
-    cmake -S . -B "$dir" "$@" >/dev/null
+    local cargs=() targs=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do cargs+=("$1"); shift; done
+    [ $# -gt 0 ] && shift && targs=("$@")
+    cmake -S . -B "$dir" "${cargs[@]}" >/dev/null
     cmake --build "$dir" -j "$JOBS"
-    ctest --test-dir "$dir" --output-on-failure -j "${CTEST_JOBS:-1}"
+    ctest --test-dir "$dir" --output-on-failure -j "${CTEST_JOBS:-1}" "${targs[@]}"
 }
 
-echo "== build + tests (Release)"
+stage() { echo "== $* ($(date +%T))"; }
+
+stage "build + tests (Release)"
 build_and_test build -DCMAKE_BUILD_TYPE=Release
 
 # Python package (python/epx) against build/lib/libepx.so: numpy, several ranks through epx-run.
@@ -35,6 +47,26 @@ python_tests() {
 }
 python_tests
 if [ "${EPX_TEST_SANITIZERS:-1}" != 0 ]; then
-    echo "== build + tests (AddressSanitizer + UndefinedBehaviorSanitizer)"
+    stage "build + tests (AddressSanitizer + UndefinedBehaviorSanitizer)"
     build_and_test build-asan -DCMAKE_BUILD_TYPE=Debug -DEPX_SANITIZE=ON
 fi
+if [ "${EPX_TEST_TSAN:-1}" != 0 ]; then
+    stage "build + CPU tests (ThreadSanitizer)"
+    tsan_cc=cc
+    have clang && tsan_cc=clang
+    CC=$tsan_cc build_and_test build-tsan -DCMAKE_BUILD_TYPE=Debug -DEPX_TSAN=ON -DEPX_WITH_CUDA=OFF \
+        -- -LE cuda -E '_large$'
+fi
+if [ "${EPX_TEST_FUZZ:-1}" != 0 ]; then
+    stage "fuzz (${EPX_FUZZ_SECONDS:-60} s per target)"
+    if have clang; then
+        ./scripts/fuzz.sh
+    else
+        echo "fuzz: SKIPPED: clang is not installed (apt-get install clang)"
+    fi
+fi
+if [ "${EPX_TEST_VALGRIND:-1}" != 0 ]; then
+    stage "valgrind memcheck"
+    ./scripts/valgrind.sh build
+fi
+stage "all passed"

@@ -36,6 +36,9 @@ int main(int argc, char **argv)
             return 5;
         if (rank == 0) printf("id %s\n", getenv("EPX_UNIQUE_ID"));
         fflush(stdout);
+        /* Rank 0 has printed before rank 1 leaves the barrier (slow builds, e.g. TSan,
+         * were killed before they printed). */
+        if (epx_barrier(comm, NULL) != EPX_SUCCESS) return 6;
         if (rank == 1) raise(SIGKILL);
     }
     sleep(100);

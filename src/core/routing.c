@@ -20,6 +20,7 @@ epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, i
 
 void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk, int32_t *out)
 {
+    if (num_tokens <= 0) return; /* topk_idx may be NULL then: not even a zero-length memcpy */
     if (index_dtype == EPX_I32) {
         memcpy(out, topk_idx, sizeof(int32_t) * (size_t)num_tokens * (size_t)topk);
         return;

@@ -525,6 +525,7 @@ static epx_status_t epx__pull_token_rows(epx__cpu_moe_t *m, uint32_t seq, int p,
                                          epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
+    if (n == 0) return EPX_SUCCESS; /* recv_x may be NULL (capacity 0) */
     for (int64_t i = 0; i < n; i++) m->offsets[i] = (int64_t)tokens[i] * (int64_t)s->row_bytes;
     EPX__CHECK(epx__peer_rows_copy(m->cpu, p, &bp->hdr->x, seq, m->offsets, n, s->row_bytes,
                                    (char *)out->recv_x + (size_t)row * s->row_bytes, s->row_bytes, err));
@@ -810,9 +811,11 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
                 if (out->recv_src_token) out->recv_src_token[first + (size_t)i] = m->tokens[i];
                 m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)out_row;
             }
-            st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->x, op.seq, m->offsets, n, out_row,
-                                     (char *)out->recv_x + first * out_row, out_row, err);
-            if (s->ll_fp8 && st == EPX_SUCCESS) {
+            /* n = 0 skips the copies: recv_x may be NULL when there are no slots. */
+            if (n > 0)
+                st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->x, op.seq, m->offsets, n, out_row,
+                                         (char *)out->recv_x + first * out_row, out_row, err);
+            if (s->ll_fp8 && n > 0 && st == EPX_SUCCESS) {
                 size_t srow = s->scale_cols * scale_bytes;
                 for (int64_t i = 0; i < n; i++) m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)srow;
                 st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->scales, op.seq, m->offsets, n, srow,

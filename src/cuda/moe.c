@@ -498,7 +498,7 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     epx__moe_combine_t k;
     memset(&k, 0, sizeof k);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-        const char *ptr;
+        const char *ptr = NULL;
         st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
         if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
         k.w[p] = (const float *)ptr;
