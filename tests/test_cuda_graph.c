@@ -5,7 +5,8 @@
  * operation number on the device). Then a MoE dispatch (worst-case capacity, count on the
  * device: no host synchronisation) + an identity expert + combine, captured once and
  * replayed with new tokens AND new routing every time: rows, sources, count and combined
- * output all checked. Then epx_alltoallv_device: counts in device memory, changed before
+ * output all checked; the same for low-latency dispatch + combine, 1000 replays. Then
+ * epx_alltoallv_device: counts in device memory, changed before
  * every replay, and a count mismatch that must surface as an asynchronous error. Run with
  * 2+ ranks and --cuda.
  */
@@ -271,6 +272,98 @@ static int replay_moe(epx_comm_t comm, int me, int R, int rounds)
     free(hx), free(hrecv), free(hout), free(hidx), free(hsr), free(hst);
     return rounds;
 }
+/* ---- Low-latency: dispatch + identity expert + combine, 1000 replays ------------------------ */
+
+static float g_weight(int it, int p, int t, int k)
+{
+    return (float)(test_mix((uint64_t)it + 31, (uint64_t)p, (uint64_t)t, (uint64_t)k) >> 40) * 0x1p-24f;
+}
+
+static int replay_ll(epx_comm_t comm, int me, int R, int rounds)
+{
+    cudaStream_t s = test_stream();
+    int E = 4 * R, L = 4;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.mode = EPX_MOE_LOW_LATENCY;
+    epx_moe_t moe;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
+    size_t slots = (size_t)R * GT, xb = (size_t)GT * GH * 2, rb = (size_t)L * slots * GH * 2;
+    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
+    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
+    float *w = test_buf_alloc(sizeof(float) * GT * GK), *hw = malloc(sizeof(float) * GT * GK);
+    int32_t *count = test_buf_alloc(sizeof(int32_t) * (size_t)L), hcount[4];
+    uint16_t *hx = malloc(xb), *hout = malloc(xb);
+    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
+    epx_moe_ll_dispatch_in_t in = {x, idx, GT, GK};
+    epx_moe_ll_dispatch_out_t dout = {recv, NULL, count, NULL, NULL};
+    epx_moe_ll_combine_in_t cin = {recv, w}; /* the identity expert: y = recv_x */
+#define L_PUT(it)                                                                                  \
+    do {                                                                                           \
+        for (int t = 0; t < GT; t++) {                                                             \
+            for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(it, me, t, h);                       \
+            for (int k = 0; k < GK; k++) {                                                         \
+                hidx[t * GK + k] = g_expert(it, me, t, k, E);                                      \
+                hw[t * GK + k] = g_weight(it, me, t, k);                                           \
+            }                                                                                      \
+        }                                                                                          \
+        test_buf_put(x, hx, xb);                                                                   \
+        test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);                                        \
+        test_buf_put(w, hw, sizeof(float) * GT * GK);                                              \
+    } while (0)
+    L_PUT(-1);
+    epx_moe_handle_t h;
+    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s)); /* maps y outside the capture */
+    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    test_sync();
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s));
+    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
+    CU(cudaStreamEndCapture(s, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    for (int it = 0; it < rounds; it++) {
+        L_PUT(it);
+        test_buf_poison(out, 0xA5, xb);
+        test_buf_poison(count, 0xA5, sizeof(int32_t) * (size_t)L);
+        CU(cudaGraphLaunch(exec, s));
+        test_buf_get(hcount, count, sizeof(int32_t) * (size_t)L);
+        test_buf_get(hout, out, xb);
+        for (int l = 0; l < L; l++) {
+            int e = me * L + l, n = 0;
+            for (int p = 0; p < R; p++)
+                for (int t = 0; t < GT; t++) {
+                    bool to = false;
+                    for (int k = 0; k < GK; k++) to = to || g_expert(it, p, t, k, E) == e;
+                    n += to;
+                }
+            if (hcount[l] != n) TEST_FAIL_("ll replay %d: recv_count[%d] = %d, expected %d", it, l, hcount[l], n);
+        }
+        for (int t = 0; t < GT; t++)
+            for (int hh = 0; hh < GH; hh++) {
+                float v = epx_bf16_to_float(g_x(it, me, t, hh)), acc = 0.0f;
+                for (int k = 0; k < GK; k++)
+                    if (g_expert(it, me, t, k, E) >= 0) {
+                        float prod = g_weight(it, me, t, k) * v;
+                        acc += prod;
+                    }
+                if (hout[t * GH + hh] != epx_float_to_bf16(acc))
+                    TEST_FAIL_("ll replay %d: combine out[%d][%d] = 0x%x, expected 0x%x", it, t, hh, hout[t * GH + hh],
+                               epx_float_to_bf16(acc));
+            }
+    }
+#undef L_PUT
+    CU(cudaGraphExecDestroy(exec));
+    CU(cudaGraphDestroy(graph));
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    test_sync();
+    ASSERT_OK(epx_moe_destroy(moe));
+    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(w), test_buf_free(count);
+    free(hx), free(hout), free(hidx), free(hw);
+    return rounds;
+}
+
 #endif
 
 int main(int argc, char **argv)
@@ -282,6 +375,7 @@ int main(int argc, char **argv)
     passed += replay(comm, me, R, 100, 200);    /* eager slots */
     passed += replay(comm, me, R, 100000, 200); /* direct kernel */
     passed += replay_moe(comm, me, R, 200);
+    passed += replay_ll(comm, me, R, 1000);
     passed += alltoallv_device(comm, me, R, 100);
     alltoallv_device_mismatch(comm, me, R); /* breaks rank 0's communicator: last */
     epx_comm_destroy(comm); /* rank 0's is broken: its status is not the point here */

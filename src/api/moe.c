@@ -384,7 +384,8 @@ epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *
     if (local == EPX_SUCCESS && (!in || !out || !handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in, out or handle is NULL");
     if (local == EPX_SUCCESS) local = epx__check_tokens(s, err, in->num_tokens, in->topk);
-    if (local == EPX_SUCCESS) local = epx__check_routing(s, err, in->topk_idx, in->num_tokens, in->topk, false);
+    if (local == EPX_SUCCESS)
+        local = epx__check_routing(s, err, in->topk_idx, in->num_tokens, in->topk, moe->cuda != NULL);
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.x", in->x, in->num_tokens > 0, epx_dtype_size(s->dtype));
     bool slots = s->ll_slots > 0;
     if (local == EPX_SUCCESS)
@@ -396,12 +397,14 @@ epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_rank", out->recv_src_rank, false, 4);
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_token", out->recv_src_token, false, 4);
     epx__cpu_moe_handle_t *h = NULL;
+    epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
-    epx_status_t st = moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
-                                : epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
+    epx_status_t st = moe->cuda   ? epx__cuda_moe_ll_dispatch(moe->cuda, in, out, local, &hc, stream, err)
+                      : moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
+                                  : epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, NULL, hh, handle);
+    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, hc, hh, handle);
 }
 
 epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
@@ -421,8 +424,10 @@ epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const ep
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out", out, T > 0, es);
     }
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = moe->hier ? epx__hier_moe_ll_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
-                                : epx__cpu_moe_ll_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
+    epx_status_t st =
+        moe->cuda   ? epx__cuda_moe_ll_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+        : moe->hier ? epx__hier_moe_ll_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
+                    : epx__cpu_moe_ll_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
 }
 

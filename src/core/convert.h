@@ -81,4 +81,40 @@ EPX__HD uint16_t epx__f32_to_f16(float f)
     return (uint16_t)(sign | r);
 }
 
+/* float32 -> e4m3fn, round to nearest even, finite overflow and infinities saturate to
+ * +-448, NaN -> 0x7f. Branch-free: quantisation runs it on every element. */
+EPX__HD uint8_t epx__fp8_from_f32(float f)
+{
+    uint32_t u = epx__f32_bits(f), a = u & 0x7fffffffu, sign = (u >> 24) & 0x80u, exp = a >> 23;
+    /* Normal range (exponent >= -6): rebias the exponent, keep 3 mantissa bits. */
+    uint32_t v = a - (120u << 23);
+    uint32_t rn = (v + 0x7ffffu + ((v >> 20) & 1u)) >> 20;
+    /* Below: units of 2^-9, i.e. (mantissa | 2^23) >> (141 - exp), rounded. */
+    /* A shift of 25 or more leaves 0 for any m < 2^24, so 32 bits suffice. */
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t sh = exp <= 120u ? (141u - exp < 25u ? 141u - exp : 25u) : 25u;
+    uint32_t rs = (m + ((1u << (sh - 1)) - 1u) + ((m >> sh) & 1u)) >> sh;
+    uint32_t r = exp <= 120u ? rs : rn;
+    r = r > 0x7eu ? 0x7eu : r;
+    return (uint8_t)(a > 0x7f800000u ? 0x7fu : (r | sign));
+}
+
+/* The scale of one block of 128 channels whose largest |x| (NaN ignored) is amax: its
+ * stored bits (float32 amax / 448, or with ue8m0 the biased exponent of the next power of
+ * two) and the multiplier that quantises the block. One IEEE float32 operation each. */
+EPX__HD float epx__fp8_block_scale(float amax, int ue8m0, uint32_t *bits)
+{
+    if (!(amax >= 1e-4f)) amax = 1e-4f; /* also catches NaN */
+    float s = amax / 448.0f;
+    if (ue8m0) {
+        uint32_t u = epx__f32_bits(s), exp = u >> 23;
+        if (u & 0x7fffffu) exp++; /* round up to the next power of two */
+        if (exp > 254u) exp = 254u;
+        *bits = exp;
+        return epx__bits_f32((254u - exp) << 23); /* 2^(127 - exp): exact */
+    }
+    *bits = epx__f32_bits(s);
+    return 448.0f / amax;
+}
+
 #endif /* EPX_CONVERT_H */

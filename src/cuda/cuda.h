@@ -77,4 +77,14 @@ int epx__cuda_moe_handle_tokens(const epx__cuda_moe_handle_t *h);
 /* Is this a device pointer CUDA knows? */
 bool epx__cuda_is_device_ptr(const void *p);
 
+/* Low-latency dispatch/combine: no host synchronisation; the routing is checked on the
+ * device (bad ids anywhere: every recv_count is -1 and nothing else is written, and the
+ * combine along that handle writes nothing). */
+epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, epx__cuda_moe_handle_t **handle,
+                                       void *stream, epx__errbuf_t *err);
+epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
+                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
+                                      epx__errbuf_t *err);
+
 #endif /* EPX_CUDA_H */

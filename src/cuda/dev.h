@@ -17,8 +17,9 @@ extern "C" {
 #define EPX__SLOT_HDR 128        /* eager slot: flag line, then data */
 
 /* ARRIVE and DONE hold operation numbers; WRITTEN counts the blocks of a peer's direct
- * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation). */
-enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_WRITTEN = 2, EPX__FLAG_KINDS = 3 };
+ * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation); LL holds the
+ * number of the low-latency dispatch whose rows and routing a peer finished pushing. */
+enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_WRITTEN = 2, EPX__FLAG_LL = 3, EPX__FLAG_KINDS = 4 };
 
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
@@ -115,6 +116,45 @@ typedef struct {
     char *out;
     float *out_w;
 } epx__moe_combine_t;
+
+/* ---- MoE low-latency (ll_kernels.cu) ---- */
+
+/* One low-latency dispatch. Every rank owns a staging area that peers push into, two of
+ * them (by operation parity); each holds, per source rank, a header (T, then its routing
+ * as int32 [max_tokens, K]) and its token rows [max_tokens] of srow bytes (the row as
+ * received: FP8 bytes then scales when quantised, else the input row). */
+typedef struct {
+    int rank, nranks, num_experts, local_experts, topk, max_tokens, hidden, num_tokens;
+    int index_i64, fp8, ue8m0, in_bytes;       /* in_bytes: bytes per input element */
+    long long srow, row_bytes, scale_bytes;    /* staged row, its payload, its scales */
+    long long hdr_bytes, half_bytes;           /* one source's header; one parity's area */
+    long long slots;                           /* R * max_tokens slots per local expert */
+    const void *x, *topk_idx;                  /* mine */
+    char *stage[EPX__CUDA_MAX_RANKS];          /* every rank's staging area, mapped here */
+    char *recv_x, *recv_scales;                /* [L, slots, row] and [L, slots, scale] */
+    int *recv_count, *recv_src_rank, *recv_src_token;
+    int *h_slot, *h_topk;                      /* the handle: [T, K] slot and expert of mine */
+    int *h_bad;                                /* the handle: 1 when some routing was bad */
+} epx__ll_args_t;
+
+typedef struct {
+    const char *y[EPX__CUDA_MAX_RANKS]; /* each rank's [L, slots, H] expert outputs, mapped */
+    const float *w;                     /* [T, K] */
+    const int *h_slot, *h_topk, *h_bad;
+    int num_tokens, topk, local_experts, hidden, dtype;
+    long long slots;
+    char *out;
+} epx__ll_combine_t;
+
+/* Push my rows (quantised when fp8) and my routing into the peers' staging areas, then
+ * set my LL flag at each. */
+int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream);
+/* Wait for every peer's LL flag, then lay out my experts' slots (sources ascending, tokens
+ * ascending) and the handle's slots; with bad routing anywhere, every count is -1 and
+ * nothing else is written. Completes the operation (epoch). */
+int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
+/* out[t] = sum over k ascending of w[t,k] * y[e_k][slot], float32 products and sums. */
+int epx__cuda_launch_ll_combine(const epx__ll_combine_t *c, int blocks, void *stream);
 
 /* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
  * chunk c; *bad = first t*K+k of my routing out of [-1, E), or with `check_all` a value

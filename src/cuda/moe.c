@@ -12,7 +12,7 @@
  */
 #include "internal.h"
 
-enum { EPX__COP_DISPATCH = 1, EPX__COP_CACHED, EPX__COP_COMBINE };
+enum { EPX__COP_DISPATCH = 1, EPX__COP_CACHED, EPX__COP_COMBINE, EPX__COP_LL_DISPATCH, EPX__COP_LL_COMBINE };
 
 struct epx__cuda_moe {
     epx__cuda_t *c;
@@ -25,6 +25,10 @@ struct epx__cuda_moe {
     int *d_expert_counts; /* [L] */
     int *d_layout_scratch; /* [R + E] */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
+    /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
+    char *stage;
+    char *peer_stage[EPX__CUDA_MAX_RANKS];
+    long long ll_srow, ll_hdr, ll_half;
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
 };
 
@@ -35,6 +39,7 @@ struct epx__cuda_moe_handle {
     long long *d_rows;             /* the row count on the device (-1: bad routing) */
     int *d_src_rank, *d_src_token; /* [R * max_tokens] */
     int *d_send_row;               /* [max_tokens, R] */
+    int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
     epx__cuda_moe_t *owner;
     epx__cuda_moe_handle_t *next_spare;
 };
@@ -51,12 +56,18 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     if (!h) return NULL;
     h->owner = m;
     size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
+    size_t tk = (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
     if (cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_src_token, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_send_row, sizeof(int) * rows) != cudaSuccess ||
-        cudaMalloc((void **)&h->d_rows, sizeof(long long)) != cudaSuccess) {
+        cudaMalloc((void **)&h->d_rows, sizeof(long long)) != cudaSuccess ||
+        (m->s.mode == EPX_MOE_LOW_LATENCY &&
+         (cudaMalloc((void **)&h->d_slot, sizeof(int) * tk) != cudaSuccess ||
+          cudaMalloc((void **)&h->d_topk, sizeof(int) * tk) != cudaSuccess ||
+          cudaMalloc((void **)&h->d_bad, sizeof(int)) != cudaSuccess))) {
         cudaGetLastError();
         cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
+        cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
         free(h);
         return NULL;
     }
@@ -69,6 +80,7 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
     cudaFree(h->d_src_token);
     cudaFree(h->d_send_row);
     cudaFree(h->d_rows);
+    cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
     cudaGetLastError();
     free(h);
 }
@@ -89,6 +101,40 @@ typedef struct {
             (st) = epx__fail(err, EPX_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));            \
     } while (0)
 
+/* The low-latency staging area: per source, a header (T, then int32 routing [M, K]) and
+ * M rows of srow bytes (the row as received, then its scales when quantised); two of them. */
+static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long *hdr, long long *half)
+{
+    long long M = EPX__MAX(s->max_tokens, 1), sb = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
+    long long row = s->ll_fp8 ? (long long)s->hidden + (long long)s->scale_cols * sb : (long long)s->row_bytes;
+    *srow = EPX__ALIGN_UP(row, 16);
+    *hdr = EPX__ALIGN_UP(16 + 4 * M * s->max_topk, 128);
+    *half = EPX__ALIGN_UP(s->nranks * *hdr + s->nranks * M * *srow, 256);
+}
+
+/* Everyone's staging area, mapped here (one host round at creation). */
+static epx_status_t epx__ll_map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    int R = c->nranks;
+    epx__ipc_card_t mine, *cards = calloc(2 * (size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t local = epx__ipc_export(c, m->stage, &mine, err);
+    for (int p = 0; p < R; p++) cards[p] = mine;
+    epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        if (p == c->rank) {
+            m->peer_stage[p] = m->stage;
+            continue;
+        }
+        char *base;
+        st = epx__ipc_open(c, p, &cards[R + p], &base, NULL, err);
+        m->peer_stage[p] = base + cards[R + p].base_offset;
+    }
+    free(cards);
+    return st;
+}
+
 epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
                                   epx__cuda_moe_t **out, epx__errbuf_t *err)
 {
@@ -106,8 +152,6 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
     if (cudaDeviceGetAttribute(&dev_sms, cudaDevAttrMultiProcessorCount, c->device) == cudaSuccess && dev_sms > 0)
         sms = EPX__MIN(sms, (int64_t)dev_sms);
     m->blocks = (int)EPX__MAX(sms, (int64_t)1);
-    if (local == EPX_SUCCESS && shape->mode != EPX_MOE_HIGH_THROUGHPUT)
-        local = epx__fail(err, EPX_ERR_UNSUPPORTED, "low-latency MoE on the CUDA backend is not built yet");
     if (local == EPX_SUCCESS) {
         m->chunks = EPX__MAX((shape->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
         cudaError_t ce = cudaMalloc((void **)&m->d_counts, sizeof(int) * (size_t)R * (size_t)R);
@@ -117,12 +161,17 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts));
         if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
+        if (ce == cudaSuccess && shape->mode == EPX_MOE_LOW_LATENCY) {
+            epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half);
+            ce = cudaMalloc((void **)&m->stage, 2 * (size_t)m->ll_half);
+        }
         if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_CUDA, "MoE setup: %s", cudaGetErrorString(ce));
     }
     epx_status_t st = epx__host_allgather(c->host, R, &hash, all, sizeof hash, local, err);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++)
         if (all[p] != hash) st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, c->rank);
     free(all);
+    if (st == EPX_SUCCESS && shape->mode == EPX_MOE_LOW_LATENCY) st = epx__ll_map_stages(m, err);
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_destroy(m);
         return st;
@@ -133,9 +182,15 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
 
 int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
 {
-    int64_t R = s->nranks, chunks = EPX__MAX((s->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
+    int64_t R = s->nranks, M = EPX__MAX(s->max_tokens, 1), chunks = EPX__MAX((s->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
     int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts) + 8;
-    int64_t handle = 3 * 4 * R * EPX__MAX(s->max_tokens, 1) + 8; /* each live dispatch handle */
+    int64_t handle = 3 * 4 * R * M + 8; /* each live dispatch handle */
+    if (s->mode == EPX_MOE_LOW_LATENCY) {
+        long long srow, hdr, half;
+        epx__ll_layout(s, &srow, &hdr, &half);
+        context += 2 * half;
+        handle += 2 * 4 * M * s->max_topk + 4;
+    }
     return context + handle;
 }
 
@@ -147,6 +202,7 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_bad);
     cudaFree(m->d_expert_counts);
     cudaFree(m->d_layout_scratch);
+    cudaFree(m->stage);
     if (m->h_counts) cudaFreeHost(m->h_counts);
     while (m->spare) {
         epx__cuda_moe_handle_t *h = m->spare;
@@ -516,6 +572,94 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     k.out = out->out;
     k.out_w = out->out_topk_weights;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(&k, m->blocks, stream), st, err);
+    c->ops_started++;
+    return epx__moe_finish(m, st, stream, err);
+}
+
+/* ---- Low-latency ------------------------------------------------------------------------------ */
+
+epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, epx__cuda_moe_handle_t **handle,
+                                       void *stream, epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    const epx__moe_shape_t *s = &m->s;
+    int R = c->nranks;
+    epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(&mine, 0, sizeof mine);
+    mine.op = EPX__COP_LL_DISPATCH;
+    if (local == EPX_SUCCESS) mine.num_tokens = in->num_tokens, mine.topk = in->topk;
+    epx__cuda_moe_handle_t *h = NULL;
+    if (local == EPX_SUCCESS && !(h = epx__handle_get(m)))
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
+    epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    free(cards);
+    if (st != EPX_SUCCESS) {
+        if (h) epx__cuda_moe_handle_free(h);
+        return st; /* nothing was enqueued anywhere */
+    }
+    epx__ll_args_t a;
+    memset(&a, 0, sizeof a);
+    a.rank = c->rank, a.nranks = R, a.num_experts = s->num_experts, a.local_experts = s->local_experts;
+    a.topk = in->topk, a.max_tokens = s->max_tokens, a.hidden = s->hidden, a.num_tokens = in->num_tokens;
+    a.index_i64 = s->index_dtype == EPX_I64, a.fp8 = s->ll_fp8, a.ue8m0 = s->scale_format == EPX_SCALE_UE8M0;
+    a.in_bytes = (int)epx_dtype_size(s->dtype);
+    a.srow = m->ll_srow, a.hdr_bytes = m->ll_hdr, a.half_bytes = m->ll_half;
+    a.row_bytes = s->ll_fp8 ? s->hidden : (long long)s->row_bytes;
+    a.scale_bytes = s->ll_fp8 ? (long long)s->scale_cols * (a.ue8m0 ? 1 : 4) : 0;
+    a.slots = (long long)s->ll_slots;
+    a.x = in->x, a.topk_idx = in->topk_idx;
+    for (int p = 0; p < R; p++) a.stage[p] = m->peer_stage[p];
+    a.recv_x = out->recv_x, a.recv_scales = out->recv_x_scales;
+    a.recv_count = out->recv_count, a.recv_src_rank = out->recv_src_rank, a.recv_src_token = out->recv_src_token;
+    a.h_slot = h->d_slot, a.h_topk = h->d_topk, a.h_bad = h->d_bad;
+    h->id = (uint32_t)(c->ops_started + 1);
+    h->num_tokens = in->num_tokens;
+    h->topk = in->topk;
+    h->rows = 0;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_send(&c->dev, &a, m->blocks, stream), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, stream), st, err);
+    c->ops_started++;
+    if (st != EPX_SUCCESS) {
+        epx__cuda_moe_handle_free(h);
+        return st;
+    }
+    *handle = h;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
+                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
+                                      epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    const epx__moe_shape_t *s = &m->s;
+    int R = c->nranks, me = c->rank;
+    epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
+    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(&mine, 0, sizeof mine);
+    mine.op = EPX__COP_LL_COMBINE;
+    if (local == EPX_SUCCESS) {
+        mine.topk = h->topk;
+        mine.routing_id = h->id;
+        mine.has_weights = 1;
+        local = epx__card_export(c, &mine.x, in->y, (size_t)s->local_experts * s->ll_slots * s->combine_row_bytes, err);
+    }
+    epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    epx__ll_combine_t k;
+    memset(&k, 0, sizeof k);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
+    free(cards);
+    if (st != EPX_SUCCESS) return st;
+    k.w = in->topk_weights;
+    k.h_slot = h->d_slot, k.h_topk = h->d_topk, k.h_bad = h->d_bad;
+    k.num_tokens = h->num_tokens, k.topk = h->topk, k.local_experts = s->local_experts, k.hidden = s->hidden;
+    k.dtype = s->combine_dtype, k.slots = (long long)s->ll_slots;
+    k.out = out;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&k, h->num_tokens < 1024 ? EPX__MAX(h->num_tokens, 1) : 1024, stream),
+                    st, err);
     c->ops_started++;
     return epx__moe_finish(m, st, stream, err);
 }

@@ -12,13 +12,7 @@
 namespace cg = cooperative_groups;
 
 #include "../core/convert.h"
-#include "dev.h"
-#include "epx.h"
-
-static __device__ __forceinline__ long long epx__topk_get(const epx__moe_routing_t *r, int p, long long i)
-{
-    return r->index_i64 ? ((const long long *)r->topk_idx[p])[i] : (long long)((const int *)r->topk_idx[p])[i];
-}
+#include "moe_common.cuh"
 
 /* Ranks token t of source p goes to, as a bit mask (entries out of range ignored). */
 static __device__ unsigned epx__dest_mask(const epx__moe_routing_t *r, int p, long long t)
@@ -130,33 +124,6 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
 
 /* ---- Rows ----------------------------------------------------------------------------------- */
 
-/* Exclusive prefix of `flag` over the block (blockDim.x a multiple of 32, <= 1024); returns
- * this thread's position and sets *total. */
-static __device__ int epx__block_scan(int flag, int *total)
-{
-    __shared__ int warp_sums[32];
-    __shared__ int sum;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-    unsigned ballot = __ballot_sync(0xffffffffu, flag);
-    int in_warp = __popc(ballot & ((1u << lane) - 1u));
-    if (lane == 0) warp_sums[warp] = __popc(ballot);
-    __syncthreads();
-    if (warp == 0) {
-        int v = lane < nwarps ? warp_sums[lane] : 0, incl = v;
-        for (int o = 1; o < 32; o <<= 1) {
-            int n = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += n;
-        }
-        if (lane < nwarps) warp_sums[lane] = incl - v;
-        if (lane == 31) sum = incl;
-    }
-    __syncthreads();
-    int pos = warp_sums[warp] + in_warp;
-    *total = sum;
-    __syncthreads();
-    return pos;
-}
-
 /* Rows before chunk c of source p bound for rank q: every earlier source's tokens for q,
  * then source p's earlier chunks'. */
 static __device__ long long epx__rows_before(const epx__moe_rows_out_t *o, int R, int p, int c, int q)
@@ -236,34 +203,6 @@ extern "C" int epx__cuda_launch_moe_align(const int *expert_counts, int *out, in
 }
 
 /* ---- Gather --------------------------------------------------------------------------------- */
-
-/* Warp-wide copy; 16-byte words, eight loads in flight per lane, when both ends allow. */
-static __device__ void epx__warp_copy(char *dst, const char *src, long long bytes)
-{
-    int lane = threadIdx.x & 31;
-    long long done = 0;
-    if ((((unsigned long long)dst | (unsigned long long)src) & 15ull) == 0) {
-        const uint4 *s = (const uint4 *)src;
-        uint4 *d = (uint4 *)dst;
-        long long n = bytes / 16, i = lane;
-        for (; i + 7 * 32 < n; i += 8 * 32) {
-            uint4 v[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) v[j] = s[i + j * 32];
-#pragma unroll
-            for (int j = 0; j < 8; j++) d[i + j * 32] = v[j];
-        }
-        for (; i < n; i += 32) d[i] = s[i];
-        done = n * 16;
-    } else if ((((unsigned long long)dst | (unsigned long long)src) & 3ull) == 0) {
-        const unsigned *s = (const unsigned *)src;
-        unsigned *d = (unsigned *)dst;
-        long long n = bytes / 4;
-        for (long long i = lane; i < n; i += 32) d[i] = s[i];
-        done = n * 4;
-    }
-    for (long long i = done + lane; i < bytes; i += 32) dst[i] = src[i];
-}
 
 /* Rows are grouped by source: odd warps walk them from the end, so that reads from the
  * last sources (over NVLink) and from the first ones (often local) are in flight together. */

@@ -43,6 +43,22 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *cuda, const epx__cuda_count
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
 
+epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, epx__cuda_moe_handle_t **handle,
+                                       void *stream, epx__errbuf_t *err)
+{
+    (void)m, (void)in, (void)out, (void)local, (void)handle, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+
+epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
+                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
+                                      epx__errbuf_t *err)
+{
+    (void)m, (void)h, (void)in, (void)out, (void)local, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+
 int64_t epx__cuda_comm_device_bytes(int nranks)
 {
     (void)nranks;
