@@ -10,6 +10,7 @@
 #   bench     MoE (bf16, fp8) and alltoall benchmarks at the default SM budget
 #   sweep     MoE bf16/fp8 with all SMs, and bf16 with the count read back to the host
 #   python    the Python package's tests with torch on the GPUs (python/tests)
+#   ll        low-latency MoE: T = 1, 8, 32, 128, 256 (FP8 dispatch), and T = 128 with bf16
 #   quick     cpu cuda (no benchmarks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,5 +84,15 @@ if has sweep; then
         EPX_CUDA_SMS=132 bench_moe moe_ht_fp8_132sms --dtype fp8
         bench_moe moe_ht_bf16_hostcount --dtype bf16 --count host
     } 2>&1 | tee "$OUT/sweep.txt" | grep -vE "progress"
+fi
+if has ll; then
+    {
+        for t in 1 8 32 128 256; do
+            $B/epx-bench moe --backend cuda --ranks "$NG" --tokens $t --hidden 7168 --topk 8 --experts 288 --mode ll \
+                --dtype fp8 -n 50 -w 10 --json "$OUT/moe_ll_fp8_t$t.json" || rc=1
+        done
+        $B/epx-bench moe --backend cuda --ranks "$NG" --tokens 128 --hidden 7168 --topk 8 --experts 288 --mode ll \
+            --dtype bf16 -n 50 -w 10 --json "$OUT/moe_ll_bf16_t128.json" || rc=1
+    } 2>&1 | tee "$OUT/ll.txt" | grep -vE "progress"
 fi
 exit $rc

@@ -96,6 +96,13 @@ typedef struct {
     uint8_t *d_cout[2];
     epx_moe_handle_t h, h_new; /* the last epx dispatch's handle; the one being made */
     int64_t *d_count;          /* epx's num_recv_tokens_device, or NULL (--count host) */
+    /* --mode ll: epx runs low-latency dispatch/combine (bf16 input, quantised to FP8 by the
+     * dispatch with --dtype fp8); the baseline exchanges the same routing as in ht mode. */
+    bool ll;
+    uint8_t *ll_x, *ll_recv, *ll_y;
+    float *ll_scales;
+    int32_t *ll_count, *ll_src_rank, *ll_src_token;
+    size_t ll_slots;
     double epx_mem;            /* device memory the epx comm + MoE context took (bytes) */
 #ifdef EPX_HAVE_NCCL
     ncclComm_t nc;
@@ -492,9 +499,21 @@ static void epx_layout_op(gm_t *m)
            "epx_moe_layout");
 }
 
+static void epx_ll_dispatch_op(gm_t *m)
+{
+    epx_moe_ll_dispatch_in_t in = {m->ll_x, m->d_idx, m->d.T, m->d.K};
+    epx_moe_ll_dispatch_out_t out = {m->ll_recv, m->ll_scales, m->ll_count, m->ll_src_rank, m->ll_src_token};
+    m->h_new = NULL;
+    epx_ok(m, epx_moe_ll_dispatch(m->moe, &in, &out, &m->h_new, m->stream), "epx_moe_ll_dispatch");
+}
+
 /* A new handle in m->h_new; the caller retires the old one outside any timed region. */
 static void epx_dispatch_op(gm_t *m)
 {
+    if (m->ll) {
+        epx_ll_dispatch_op(m);
+        return;
+    }
     ht_out_t *a = &m->d_out[0];
     epx_moe_dispatch_in_t in;
     memset(&in, 0, sizeof in);
@@ -524,6 +543,11 @@ static void epx_dispatch_op(gm_t *m)
 static void epx_combine_op(gm_t *m)
 {
     if (!m->h) gm_fail(m, "internal: combine without a dispatch handle");
+    if (m->ll) {
+        epx_moe_ll_combine_in_t lin = {m->ll_y, m->d_w};
+        epx_ok(m, epx_moe_ll_combine(m->moe, m->h, &lin, m->d_cout[0], m->stream), "epx_moe_ll_combine");
+        return;
+    }
     epx_moe_combine_in_t in;
     memset(&in, 0, sizeof in);
     in.y = m->d_y;
@@ -855,12 +879,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     m->d.alloc = xalloc, m->d.alloc_ctx = m;
     m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
     m->d.fp8 = !strcmp(o->dtype, "fp8");
-    if (!strcmp(o->mode, "ll")) {
-        if (b->rank == 0)
-            fprintf(stderr, "epx-bench moe: low-latency mode (--mode ll) on the CUDA backend is not built yet; "
-                            "use --mode ht, or --backend cpu\n");
-        return 2;
-    }
+    m->ll = !strcmp(o->mode, "ll");
     if (m->d.E % m->d.R != 0 || m->d.K > m->d.E || m->d.K > EPX_MOE_MAX_TOPK || m->d.R > MAX_RANKS) {
         if (b->rank == 0)
             fprintf(stderr,
@@ -914,8 +933,9 @@ int bench_cuda_moe(bench_ctx_t *b)
     cfg.dtype = m->d.fp8 ? EPX_FP8_E4M3 : EPX_BF16;
     cfg.combine_dtype = EPX_BF16;
     cfg.index_dtype = EPX_I64;
-    cfg.mode = EPX_MOE_HIGH_THROUGHPUT;
-    epx_ok(m, epx_moe_create(m->gpu, &cfg, &m->moe), "epx_moe_create (CUDA, high-throughput)");
+    cfg.mode = m->ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
+    if (m->ll) cfg.dtype = EPX_BF16, cfg.ll_fp8 = m->d.fp8;
+    epx_ok(m, epx_moe_create(m->gpu, &cfg, &m->moe), "epx_moe_create (CUDA)");
     epx_ok(m, epx_moe_max_recv_tokens(m->moe, &m->cap), "epx_moe_max_recv_tokens");
     if (strcmp(o->count, "host") != 0) m->d_count = (int64_t *)dmalloc(m, sizeof(int64_t), "num_recv_tokens_device");
     CK(m, cudaDeviceSynchronize());
@@ -969,6 +989,22 @@ int bench_cuda_moe(bench_ctx_t *b)
     CK(m, cudaMemcpy(m->d_idx, m->h_idx, sizeof(int64_t) * (size_t)T * K, cudaMemcpyHostToDevice));
     CK(m, cudaMemcpy(m->d_w, m->d.w + tk(&m->d, m->d.me, 0), sizeof(float) * (size_t)T * K, cudaMemcpyHostToDevice));
     CK(m, cudaMemcpy(m->d_y, hy, (size_t)m->cap * m->y_row, cudaMemcpyHostToDevice));
+    if (m->ll) { /* bf16 tokens in, expert-major outputs, and y in the same slot layout */
+        size_t L = (size_t)m->d.L, H = (size_t)m->d.H, S = (size_t)m->d.S;
+        m->ll_slots = (size_t)R * (size_t)T;
+        uint16_t *hb = (uint16_t *)xmalloc(m, sizeof(uint16_t) * (size_t)T * H);
+        for (size_t i = 0; i < (size_t)T * H; i++) hb[i] = (uint16_t)(0x3c00u + (mix64(i * 131 + (uint64_t)m->d.me) & 0x3ffu));
+        m->ll_x = (uint8_t *)dmalloc(m, sizeof(uint16_t) * (size_t)T * H, "ll x (bf16)");
+        CK(m, cudaMemcpy(m->ll_x, hb, sizeof(uint16_t) * (size_t)T * H, cudaMemcpyHostToDevice));
+        free(hb);
+        m->ll_recv = (uint8_t *)dmalloc(m, L * m->ll_slots * H * (m->d.fp8 ? 1 : 2), "ll recv_x");
+        m->ll_scales = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * L * m->ll_slots * S, "ll recv_x_scales") : NULL;
+        m->ll_count = (int32_t *)dmalloc(m, sizeof(int32_t) * L, "ll recv_count");
+        m->ll_src_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * L * m->ll_slots, "ll recv_src_rank");
+        m->ll_src_token = (int32_t *)dmalloc(m, sizeof(int32_t) * L * m->ll_slots, "ll recv_src_token");
+        m->ll_y = (uint8_t *)dmalloc(m, L * m->ll_slots * m->y_row, "ll y");
+        CK(m, cudaMemset(m->ll_y, 0x3c, L * m->ll_slots * m->y_row));
+    }
     CK(m, cudaDeviceSynchronize()); /* pageable copies may return before they land */
     free(hx);
     free(hxs);
@@ -984,6 +1020,11 @@ int bench_cuda_moe(bench_ctx_t *b)
     int ndev_min = (int)-bench_max(b, -(double)m->ndev);
 
     if (b->rank == 0) {
+        if (m->ll)
+            printf("# mode ll: epx runs low-latency dispatch (bf16 tokens%s, expert-major slots) and combine (weighted); "
+                   "the baseline moves the same routing as in ht mode; epx's ll outputs are checked by the tests "
+                   "(test_moe, test_cuda_graph), not here\n",
+                   m->d.fp8 ? " quantised to FP8 by the dispatch" : "");
         printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode ht (high-throughput), %s tokens (combine "
                "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median, max over "
                "ranks), %d warm-up, L2 flushed; baseline %s\n",
@@ -1011,7 +1052,8 @@ int bench_cuda_moe(bench_ctx_t *b)
     int64_t wrong[2][NOPS], diff[NOPS];
     memset(wrong, 0, sizeof wrong);
     memset(diff, 0, sizeof diff);
-    if (o->check) {
+    bool check = o->check && !m->ll;
+    if (check) {
         layout_out_t ref, got[2];
         ref.per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)R);
         ref.per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->d.E);
@@ -1077,6 +1119,31 @@ int bench_cuda_moe(bench_ctx_t *b)
 #undef TM
     free(tm);
     CK(m, cudaStreamSynchronize(m->stream));
+    /* ll: dispatch + combine captured once in a CUDA graph, replayed back to back. */
+    double graph_us = 0;
+    if (m->ll) {
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        epx_retire_handle(m);
+        CK(m, cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeRelaxed));
+        epx_ll_dispatch_op(m);
+        epx_retire_handle(m);
+        epx_combine_op(m);
+        CK(m, cudaStreamEndCapture(m->stream, &graph));
+        CK(m, cudaGraphInstantiate(&exec, graph, 0));
+        CK(m, cudaGraphLaunch(exec, m->stream));
+        epx_ok(m, epx_barrier(m->gpu, m->stream), "epx_barrier");
+        int reps = 200;
+        CK(m, cudaEventRecord(m->ev0, m->stream));
+        for (int i = 0; i < reps; i++) CK(m, cudaGraphLaunch(exec, m->stream));
+        CK(m, cudaEventRecord(m->ev1, m->stream));
+        wait_for(m, m->ev1, "the graph replays");
+        float ms = 0;
+        CK(m, cudaEventElapsedTime(&ms, m->ev0, m->ev1));
+        graph_us = bench_max(b, 1000.0 * (double)ms / reps);
+        CK(m, cudaGraphExecDestroy(exec));
+        CK(m, cudaGraphDestroy(graph));
+    }
     epx_status_t async = EPX_SUCCESS;
     if (epx_comm_get_async_error(m->gpu, &async) == EPX_SUCCESS && async != EPX_SUCCESS)
         gm_fail(m, "the CUDA communicator reports an asynchronous error: %s (%s)", epx_status_name(async),
@@ -1088,18 +1155,20 @@ int bench_cuda_moe(bench_ctx_t *b)
     int any_wrong = bench_moe_gather(b, &rep, med, wrong, diff, 2, rows_mean, link_mean, m->wire_row, m->y_row);
 
     if (b->rank == 0) {
-        rep.mode = "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = "cuda";
+        rep.mode = m->ll ? "ll" : "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = "cuda";
         rep.ranks = R, rep.gpus = ndev_min < R ? ndev_min : R, rep.tokens = T, rep.hidden = m->d.H, rep.topk = K;
         rep.experts = m->d.E, rep.skew = o->skew, rep.registered = -1, rep.iters = iters, rep.warmup = o->warmup;
-        rep.timing = "cuda_events_l2_flushed", rep.checked = o->check ? 1 : 0, rep.baseline = m->nccl;
+        rep.timing = "cuda_events_l2_flushed", rep.checked = check ? 1 : 0, rep.baseline = m->nccl;
         rep.baseline_layout = "cuda_kernel", rep.baseline_moe = "nccl_send_recv", rep.device_mem = epx_mem;
         bench_moe_print(&rep, o->json);
         if (m->nccl && (rep.diff[OP_LAYOUT] > 0 || rep.diff[OP_DISPATCH] > 0 || rep.diff[OP_COMBINE] > 0))
             printf("# epx and the baseline differ in %.0f layout, %.0f dispatch and %.0f combine values (counted in "
                    "epx's #wrong)\n",
                    rep.diff[OP_LAYOUT], rep.diff[OP_DISPATCH], rep.diff[OP_COMBINE]);
-        if (!o->check) printf("# not checked (-c 0)\n");
+        if (!check) printf("# not checked%s\n", m->ll ? " (mode ll)" : " (-c 0)");
         if (any_wrong) printf("# FAILED: wrong values found\n");
+        if (m->ll)
+            printf("# epx ll dispatch + combine replayed from one CUDA graph, back to back: %.2f us per pair\n", graph_us);
         fflush(stdout);
     }
 
@@ -1114,6 +1183,9 @@ int bench_cuda_moe(bench_ctx_t *b)
     }
 #endif
     free_outputs(m);
+    void *llp[] = {m->ll_x, m->ll_recv, m->ll_scales, m->ll_count, m->ll_src_rank, m->ll_src_token, m->ll_y};
+    for (size_t i = 0; i < sizeof llp / sizeof llp[0]; i++)
+        if (llp[i]) cudaFree(llp[i]);
     if (m->d_count) cudaFree(m->d_count);
     cudaFree(m->d_x);
     if (m->d_xs) cudaFree(m->d_xs);

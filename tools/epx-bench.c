@@ -97,7 +97,7 @@ static int usage(void)
             "common options:\n"
             "  --ranks N          ranks to launch (default 2; ignored under epx-run/mpiexec)\n"
             "  --backend B        cpu, or cuda (one rank per GPU; baselines: ncclAlltoAll, and for moe\n"
-            "                     the same routing with NCCL send/recv; moe: --mode ht only)\n"
+            "                     the same routing with NCCL send/recv)\n"
             "  -n, --iters N      timed iterations per size / op (default 20)\n"
             "  -w, --warmup N     untimed iterations per size / op (default 5)\n"
             "  -c, --check 0|1    verify every element (default 1)\n"
@@ -260,11 +260,6 @@ int main(int argc, char **argv)
     int rc = parse_args(argc, argv, &b.opt);
     if (rc) return rc;
     bool in_epx_run = getenv("EPX_RANK") != NULL;
-    if (!strcmp(b.opt.backend, "cuda") && !strcmp(b.opt.op, "moe") && !strcmp(b.opt.mode, "ll")) {
-        fprintf(stderr, "epx-bench moe: low-latency mode (--mode ll) on the CUDA backend is not built yet; "
-                        "use --mode ht, or --backend cpu\n");
-        return 2;
-    }
     if (!in_epx_run && !under_mpi()) return launch_self(&b.opt, argc, argv);
 
     epx_status_t st;

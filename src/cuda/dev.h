@@ -127,6 +127,7 @@ typedef struct {
     int rank, nranks, num_experts, local_experts, topk, max_tokens, hidden, num_tokens;
     int index_i64, fp8, ue8m0, in_bytes;       /* in_bytes: bytes per input element */
     long long srow, row_bytes, scale_bytes;    /* staged row, its payload, its scales */
+    long long scale_off;                       /* where the scales start in a staged row */
     long long hdr_bytes, half_bytes;           /* one source's header; one parity's area */
     long long slots;                           /* R * max_tokens slots per local expert */
     const void *x, *topk_idx;                  /* mine */

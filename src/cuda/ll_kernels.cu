@@ -93,7 +93,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
         char *dst = epx__ll_row(&a, a.stage[q], par, me, t);
         const char *src = (const char *)a.x + t * (long long)a.hidden * a.in_bytes;
         if (a.fp8)
-            epx__ll_quantize_row((const uint16_t *)src, a.hidden, a.ue8m0, (uint8_t *)dst, dst + a.row_bytes);
+            epx__ll_quantize_row((const uint16_t *)src, a.hidden, a.ue8m0, (uint8_t *)dst, dst + a.scale_off);
         else
             epx__warp_copy(dst, src, a.row_bytes);
     }
@@ -197,7 +197,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t 
                 long long at = (long long)l * a.slots + base + i;
                 const char *src = epx__ll_row(&a, a.stage[me], par, list_p[i], list_t[i]);
                 epx__warp_copy(a.recv_x + at * a.row_bytes, src, a.row_bytes);
-                if (a.fp8) epx__warp_copy(a.recv_scales + at * a.scale_bytes, src + a.row_bytes, a.scale_bytes);
+                if (a.fp8) epx__warp_copy(a.recv_scales + at * a.scale_bytes, src + a.scale_off, a.scale_bytes);
             }
             base += total;
             __syncthreads();

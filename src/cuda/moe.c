@@ -106,7 +106,7 @@ typedef struct {
 static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long *hdr, long long *half)
 {
     long long M = EPX__MAX(s->max_tokens, 1), sb = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
-    long long row = s->ll_fp8 ? (long long)s->hidden + (long long)s->scale_cols * sb : (long long)s->row_bytes;
+    long long row = s->ll_fp8 ? EPX__ALIGN_UP((long long)s->hidden, 16) + (long long)s->scale_cols * sb : (long long)s->row_bytes;
     *srow = EPX__ALIGN_UP(row, 16);
     *hdr = EPX__ALIGN_UP(16 + 4 * M * s->max_topk, 128);
     *half = EPX__ALIGN_UP(s->nranks * *hdr + s->nranks * M * *srow, 256);
@@ -608,6 +608,7 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.srow = m->ll_srow, a.hdr_bytes = m->ll_hdr, a.half_bytes = m->ll_half;
     a.row_bytes = s->ll_fp8 ? s->hidden : (long long)s->row_bytes;
     a.scale_bytes = s->ll_fp8 ? (long long)s->scale_cols * (a.ue8m0 ? 1 : 4) : 0;
+    a.scale_off = EPX__ALIGN_UP(a.row_bytes, 16);
     a.slots = (long long)s->ll_slots;
     a.x = in->x, a.topk_idx = in->topk_idx;
     for (int p = 0; p < R; p++) a.stage[p] = m->peer_stage[p];
