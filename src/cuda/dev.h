@@ -128,6 +128,8 @@ typedef struct {
     int index_i64, fp8, ue8m0, in_bytes;       /* in_bytes: bytes per input element */
     long long srow, row_bytes, scale_bytes;    /* staged row, its payload, its scales */
     long long scale_off;                       /* where the scales start in a staged row */
+    int vec;                                   /* bf16 input, H % 8 == 0, 16-byte aligned x:
+                                                  one thread per 8 channels */
     long long hdr_bytes, half_bytes;           /* one source's header; one parity's area */
     long long slots;                           /* R * max_tokens slots per local expert */
     const void *x, *topk_idx;                  /* mine */
@@ -143,6 +145,7 @@ typedef struct {
     const float *w;                     /* [T, K] */
     const int *h_slot, *h_topk, *h_bad;
     int num_tokens, topk, local_experts, hidden, dtype;
+    int vec;                            /* bf16, H % 8 == 0, y and out 16-byte aligned */
     long long slots;
     char *out;
 } epx__ll_combine_t;

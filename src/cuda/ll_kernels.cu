@@ -79,9 +79,69 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
                 h[4 + i] = e < -1 || e >= a.num_experts ? -2 : (int)e; /* -2: out of range */
             }
         }
+    if (a.vec) {
+        /* Each thread: 8 channels of one token, loaded once, stored to every destination
+         * (FP8: a half warp is one 128-channel block, its amax by shuffles). */
+        long long chunks = a.hidden / 8, per_token = (chunks + 15) / 16 * 16; /* whole half warps */
+        long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x, nthreads = (long long)gridDim.x * blockDim.x;
+        long long n_items = (long long)T * per_token;
+        /* The loop bound is the warp's first item, so whole warps take part in the shuffles
+         * (blockDim is a multiple of 32, so tid - lane is). */
+        for (long long i = tid; i - (threadIdx.x & 31) < n_items; i += nthreads) {
+            long long t = i / per_token, ch = i % per_token;
+            bool live = i < n_items && ch < chunks;
+            unsigned mask = 0;
+            if (i < n_items)
+                for (int k = 0; k < K; k++) {
+                    long long e = epx__ll_expert(&a, t * K + k);
+                    if (e >= 0 && e < a.num_experts) mask |= 1u << (int)(e / a.local_experts);
+                }
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (live) v = ((const uint4 *)((const char *)a.x + t * (long long)a.hidden * 2))[ch];
+            if (!a.fp8) {
+                for (int q = 0; live && q < R; q++)
+                    if ((mask >> q) & 1u) ((uint4 *)epx__ll_row(&a, a.stage[q], par, me, t))[ch] = v;
+                continue;
+            }
+            unsigned u[4] = {v.x, v.y, v.z, v.w};
+            float f[8], amax = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) f[2 * j] = epx__bits_f32(u[j] << 16), f[2 * j + 1] = epx__bits_f32(u[j] & 0xffff0000u);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float m = fabsf(f[j]);
+                amax = m > amax ? m : amax; /* NaN never wins */
+            }
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) { /* within the half warp: one 128-channel block */
+                float m = __shfl_xor_sync(0xffffffffu, amax, o);
+                amax = m > amax ? m : amax;
+            }
+            uint32_t bits;
+            float inv = epx__fp8_block_scale(amax, a.ue8m0, &bits);
+            uint2 qv;
+            qv.x = qv.y = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                qv.x |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[j], inv)) << (8 * j);
+                qv.y |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[4 + j], inv)) << (8 * j);
+            }
+            for (int q = 0; live && q < R; q++) {
+                if (!((mask >> q) & 1u)) continue;
+                char *dst = epx__ll_row(&a, a.stage[q], par, me, t);
+                ((uint2 *)dst)[ch] = qv;
+                if ((ch & 15) == 0) {
+                    if (a.ue8m0)
+                        ((uint8_t *)(dst + a.scale_off))[ch / 16] = (uint8_t)bits;
+                    else
+                        ((uint32_t *)(dst + a.scale_off))[ch / 16] = bits;
+                }
+            }
+        }
+    }
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long i = warp; i < (long long)T * R; i += nwarps) {
+    for (long long i = warp; !a.vec && i < (long long)T * R; i += nwarps) {
         long long t = i / R;
         int q = (int)((i + me) % R); /* spread the first writes over the peers */
         bool to_q = false;
@@ -246,6 +306,48 @@ static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__ll_combine_
     if (*c.h_bad) return; /* the dispatch found bad routing: nothing to combine */
     int K = c.topk, H = c.hidden, L = c.local_experts;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
+    if (c.vec) {
+        /* Each thread: 8 channels of one token, every contributing row's load in flight
+         * before the sums (which stay in k order). */
+        long long chunks = H / 8, n_items = (long long)c.num_tokens * chunks;
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items;
+             i += (long long)gridDim.x * blockDim.x) {
+            long long t = i / chunks, ch = i % chunks;
+            uint4 v[EPX_MOE_MAX_TOPK]; /* static indices only: the arrays stay in registers */
+            float w[EPX_MOE_MAX_TOPK];
+            bool has[EPX_MOE_MAX_TOPK];
+#pragma unroll
+            for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
+                int e = k < K ? c.h_topk[t * K + k] : -1;
+                has[k] = e >= 0;
+                if (has[k]) {
+                    const char *row = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
+                    v[k] = ((const uint4 *)row)[ch];
+                    w[k] = c.w[t * K + k];
+                }
+            }
+            float acc[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
+                if (!has[k]) continue;
+                unsigned u[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w[k], epx__bits_f32(u[j] << 16)));
+                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w[k], epx__bits_f32(u[j] & 0xffff0000u)));
+                }
+            }
+            uint4 o;
+            o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
+            o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
+            o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
+            o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
+            ((uint4 *)(c.out + t * row_bytes))[ch] = o;
+        }
+        return;
+    }
     for (int t = blockIdx.x; t < c.num_tokens; t += gridDim.x) {
         const char *rows[EPX_MOE_MAX_TOPK];
         float w[EPX_MOE_MAX_TOPK];
@@ -292,6 +394,11 @@ static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__ll_combine_
 
 extern "C" int epx__cuda_launch_ll_combine(const epx__ll_combine_t *c, int blocks, void *stream)
 {
+    if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
+        long long items = (long long)c->num_tokens * (c->hidden / 8);
+        long long b = (items + 255) / 256;
+        blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
+    }
     if (c->num_tokens > 0) epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*c);
     return (int)cudaGetLastError();
 }

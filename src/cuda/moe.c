@@ -609,6 +609,7 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.row_bytes = s->ll_fp8 ? s->hidden : (long long)s->row_bytes;
     a.scale_bytes = s->ll_fp8 ? (long long)s->scale_cols * (a.ue8m0 ? 1 : 4) : 0;
     a.scale_off = EPX__ALIGN_UP(a.row_bytes, 16);
+    a.vec = s->dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)in->x & 15u) == 0;
     a.slots = (long long)s->ll_slots;
     a.x = in->x, a.topk_idx = in->topk_idx;
     for (int p = 0; p < R; p++) a.stage[p] = m->peer_stage[p];
@@ -658,6 +659,8 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_ha
     k.num_tokens = h->num_tokens, k.topk = h->topk, k.local_experts = s->local_experts, k.hidden = s->hidden;
     k.dtype = s->combine_dtype, k.slots = (long long)s->ll_slots;
     k.out = out;
+    k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
+    for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&k, h->num_tokens < 1024 ? EPX__MAX(h->num_tokens, 1) : 1024, stream),
                     st, err);
