@@ -620,7 +620,10 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     h->num_tokens = in->num_tokens;
     h->topk = in->topk;
     h->rows = 0;
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_send(&c->dev, &a, m->blocks, stream), st, err);
+    /* Latency-bound: a grid as large as the work (one thread per 8 channels of a token). */
+    long long items = (long long)in->num_tokens * ((s->hidden / 8 + 15) / 16 * 16);
+    int send_blocks = a.vec ? (int)EPX__MIN(EPX__MAX((items + 511) / 512, 1LL), 1024LL) : m->blocks;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_send(&c->dev, &a, send_blocks, stream), st, err);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, stream), st, err);
     c->ops_started++;
     if (st != EPX_SUCCESS) {
