@@ -157,8 +157,9 @@ int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, 
  * ascending) and the handle's slots; with bad routing anywhere, every count is -1 and
  * nothing else is written. Completes the operation (epoch). */
 int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
-/* out[t] = sum over k ascending of w[t,k] * y[e_k][slot], float32 products and sums. */
-int epx__cuda_launch_ll_combine(const epx__ll_combine_t *c, int blocks, void *stream);
+/* The whole low-latency combine operation (the streams meet, then out[t] = sum over k
+ * ascending of w[t,k] * y[e_k][slot], float32 products and sums, then all are done). */
+int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int blocks, void *stream);
 
 /* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
  * chunk c; *bad = first t*K+k of my routing out of [-1, E), or with `check_all` a value

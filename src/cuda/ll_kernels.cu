@@ -301,9 +301,43 @@ static __device__ __forceinline__ void epx__ll_store(char *row, int dtype, long 
 
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
  * that allow 16-byte loads, and sums the token's rows in k order. */
-static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__ll_combine_t c)
+/* The whole combine is one operation in one kernel: every block tells the peers it is
+ * here (their expert outputs may be read) and waits for theirs; the last block to finish
+ * tells them it is done reading and waits until they are, then the epoch advances. */
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
+
+static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c)
 {
-    if (*c.h_bad) return; /* the dispatch found bad routing: nothing to combine */
+    __shared__ int ok, last;
+    unsigned long long n = epx__op_number(&d);
+    int me = d.rank, R = d.nranks, p = (int)threadIdx.x;
+    if (p < R && p != me) epx__st_release_sys(d.peer_flags[p] + ((size_t)EPX__FLAG_ARRIVE * R + me) * EPX__FLAG_STRIDE, n);
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    if (p < R && p != me && !epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_ARRIVE * R + p) * EPX__FLAG_STRIDE, n, p))
+        ok = 0;
+    __syncthreads();
+    if (ok && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(d.blocks_left, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    if (p < R && p != me) epx__st_release_sys(d.peer_flags[p] + ((size_t)EPX__FLAG_DONE * R + me) * EPX__FLAG_STRIDE, n);
+    if (p < R && p != me) epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_DONE * R + p) * EPX__FLAG_STRIDE, n, p);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *d.blocks_left = 0;
+        __threadfence();
+        *(volatile unsigned long long *)d.epoch = n;
+        __threadfence();
+    }
+}
+
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
+{
     int K = c.topk, H = c.hidden, L = c.local_experts;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     if (c.vec) {
@@ -392,13 +426,14 @@ static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__ll_combine_
     }
 }
 
-extern "C" int epx__cuda_launch_ll_combine(const epx__ll_combine_t *c, int blocks, void *stream)
+extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int blocks,
+                                           void *stream)
 {
     if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
         long long items = (long long)c->num_tokens * (c->hidden / 8);
         long long b = (items + 255) / 256;
         blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
     }
-    if (c->num_tokens > 0) epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*c);
+    epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c); /* even with no tokens: it is the operation */
     return (int)cudaGetLastError();
 }

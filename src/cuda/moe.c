@@ -664,9 +664,9 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_ha
     k.out = out;
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
     for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0;
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&k, h->num_tokens < 1024 ? EPX__MAX(h->num_tokens, 1) : 1024, stream),
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, EPX__MIN(EPX__MAX(h->num_tokens, 1), 1024),
+                                                              stream),
                     st, err);
     c->ops_started++;
-    return epx__moe_finish(m, st, stream, err);
+    return st;
 }
