@@ -162,6 +162,22 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t
     }
 }
 
+/* Remove the names of freed regions that no peer can still be about to open: every peer
+ * has posted operation `seq`, so it is done with every earlier one. */
+static void epx__unlink_retired(epx__cpu_t *c, uint32_t seq, bool all)
+{
+    char name[96];
+    for (int i = 0; i < c->num_retired;) {
+        if (all || !epx__seq_geq(c->retired[i].seq, seq)) {
+            epx__region_name(name, sizeof name, c->nonce, c->rank, c->retired[i].id);
+            shm_unlink(name);
+            c->retired[i] = c->retired[--c->num_retired];
+        } else {
+            i++;
+        }
+    }
+}
+
 epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
 {
     for (int i = 1; i < c->nranks; i++) {
@@ -169,6 +185,7 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
         epx__desc_t *d = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq, c->rank);
         EPX__CHECK(epx__flag_wait(c, peer, &d->post, seq, deadline, "arrival", err));
     }
+    if (c->num_retired) epx__unlink_retired(c, seq, false);
     return EPX_SUCCESS;
 }
 
@@ -349,6 +366,8 @@ void epx__cpu_destroy(epx__cpu_t *c, bool abort)
         shm_unlink(name);
         munmap(c->regions[i].base, c->regions[i].size);
     }
+    epx__unlink_retired(c, 0, true);
+    free(c->retired);
     if (c->seg) munmap(c->seg, c->seg_bytes);
     free(c->regions);
     free(c->peers);
@@ -382,9 +401,17 @@ epx_status_t epx__cpu_mem_free(epx__cpu_t *c, void *ptr, epx__errbuf_t *err)
 {
     for (int i = 0; i < c->num_regions; i++) {
         if (c->regions[i].base != ptr) continue;
-        char name[96];
-        epx__region_name(name, sizeof name, c->nonce, c->rank, c->regions[i].id);
-        shm_unlink(name);
+        /* A peer still in the current operation may not have opened it yet: the name
+         * goes when every peer is past it (or at destroy); the memory lives on in their
+         * mappings meanwhile. */
+        if (c->num_retired == c->cap_retired) {
+            int cap = c->cap_retired ? 2 * c->cap_retired : 8;
+            void *r = realloc(c->retired, sizeof *c->retired * (size_t)cap);
+            if (!r) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+            c->retired = r, c->cap_retired = cap;
+        }
+        c->retired[c->num_retired].id = c->regions[i].id;
+        c->retired[c->num_retired++].seq = c->seq;
         munmap(c->regions[i].base, c->regions[i].size);
         if (ptr == c->staging) c->staging = NULL, c->staging_bytes = 0;
         c->regions[i] = c->regions[--c->num_regions];

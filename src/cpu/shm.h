@@ -93,6 +93,12 @@ struct epx__cpu {
     epx__region_t *regions; /* my registered regions */
     int num_regions, cap_regions;
     uint32_t next_region_id;
+    /* Freed regions whose names stay until every peer is past the operation in which it
+     * was freed (a slower peer may still open it by name for that operation). */
+    struct {
+        uint32_t id, seq;
+    } *retired;
+    int num_retired, cap_retired;
     void *staging; /* a registered region for staging unregistered sends */
     size_t staging_bytes;
     uint64_t use_clock;
