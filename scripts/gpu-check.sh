@@ -26,7 +26,8 @@ STAGES=${STAGES/quick/cpu cuda}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 {
     date -u
-    git log -1 --oneline 2>/dev/null || true
+    # The device machine's copy of .git may be stale: the caller passes the commit it ran.
+    echo "commit: ${EPX_COMMIT:-$(git log -1 --format=%h 2>/dev/null || echo unknown)}"
     echo "stages: $STAGES"
     nvidia-smi -L
     nvidia-smi topo -m
