@@ -19,14 +19,7 @@ extern "C" {
 /* ARRIVE and DONE hold operation numbers; WRITTEN counts the blocks of a peer's direct
  * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation); LL holds the
  * number of the low-latency dispatch whose rows and routing a peer finished pushing. */
-enum {
-    EPX__FLAG_ARRIVE = 0,
-    EPX__FLAG_DONE = 1,
-    EPX__FLAG_WRITTEN = 2,
-    EPX__FLAG_LL = 3,
-    EPX__FLAG_LL_COMBINE = 4,
-    EPX__FLAG_KINDS = 5
-};
+enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_WRITTEN = 2, EPX__FLAG_LL = 3, EPX__FLAG_KINDS = 4 };
 
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
@@ -129,9 +122,7 @@ typedef struct {
 /* One low-latency dispatch. Every rank owns a staging area that peers push into, two of
  * them (by operation parity); each holds, per source rank, a header (T, then its routing
  * as int32 [max_tokens, K]) and its token rows [max_tokens] of srow bytes (the row as
- * received: FP8 bytes then scales when quantised, else the input row). Combine has its
- * own staging areas (two, by parity): [max_tokens, K] expert-output rows, pushed by the
- * experts' ranks into each token's home. */
+ * received: FP8 bytes then scales when quantised, else the input row). */
 typedef struct {
     int rank, nranks, num_experts, local_experts, topk, max_tokens, hidden, num_tokens;
     int index_i64, fp8, ue8m0, in_bytes;       /* in_bytes: bytes per input element */
@@ -147,20 +138,15 @@ typedef struct {
     int *recv_count, *recv_src_rank, *recv_src_token;
     int *h_slot, *h_topk;                      /* the handle: [T, K] slot and expert of mine */
     int *h_bad;                                /* the handle: 1 when some routing was bad */
-    int *h_src, *h_kf, *h_count;               /* the handle, expert side: [L, slots] source
-                                                  (rank * max_tokens + token) and first k of
-                                                  each slot; [L] slots used */
 } epx__ll_args_t;
 
 typedef struct {
-    int rank, nranks, num_tokens, topk, max_topk, max_tokens, local_experts, hidden, dtype;
-    int vec;                              /* bf16, H % 8 == 0, y and out 16-byte aligned */
-    long long slots, row_bytes, half_bytes; /* y rows; one parity of a combine staging area */
-    const char *y;                        /* mine: [L, slots, H] expert outputs */
-    char *cstage[EPX__CUDA_MAX_RANKS];    /* every rank's combine staging, mapped here */
-    const int *h_src, *h_kf, *h_count;    /* the handle, expert side */
-    const int *h_topk, *h_bad;            /* the handle, home side */
-    const float *w;                       /* [T, K] */
+    const char *y[EPX__CUDA_MAX_RANKS]; /* each rank's [L, slots, H] expert outputs, mapped */
+    const float *w;                     /* [T, K] */
+    const int *h_slot, *h_topk, *h_bad;
+    int num_tokens, topk, local_experts, hidden, dtype;
+    int vec;                            /* bf16, H % 8 == 0, y and out 16-byte aligned */
+    long long slots;
     char *out;
 } epx__ll_combine_t;
 
@@ -171,11 +157,9 @@ int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, 
  * ascending) and the handle's slots; with bad routing anywhere, every count is -1 and
  * nothing else is written. Completes the operation (epoch). */
 int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
-/* Low-latency combine: every expert row goes home (pushed into its token's rank's combine
- * staging, then that rank's LL_COMBINE flag is set); each home waits for every rank's flag
- * and sums out[t] = sum over k ascending of w[t,k] * row, float32 products and sums.
- * Completes the operation (epoch). */
-int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream);
+/* The whole low-latency combine operation (the streams meet, then out[t] = sum over k
+ * ascending of w[t,k] * y[e_k][slot], float32 products and sums, then all are done). */
+int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int blocks, void *stream);
 
 /* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
  * chunk c; *bad = first t*K+k of my routing out of [-1, E), or with `check_all` a value

@@ -6,10 +6,8 @@
  * rank; then it sets its LL flag there. A receiver, once every flag is set, lays the rows
  * out per local expert (sources ascending, tokens ascending: the CPU backend's order) with
  * local copies, and every rank derives the slots of its own tokens from the same routing.
- * Combine pushes: each expert's rank writes every row of its experts' outputs into the
- * combine staging area of the token's home rank (one flag exchange, no reads over NVLink),
- * and each home sums its tokens' rows in k order (float32 products, no FMA: build with
- * --fmad=false), as the CPU backend does.
+ * Combine pulls each of a token's expert rows from the expert's rank and sums them in k
+ * order (float32 products, no FMA: build with --fmad=false), as the CPU backend does.
  */
 #include <cuda_runtime.h>
 
@@ -252,10 +250,6 @@ static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t 
                     long long at = (long long)l * a.slots + slot;
                     if (a.recv_src_rank) a.recv_src_rank[at] = p;
                     if (a.recv_src_token) a.recv_src_token[at] = (int)t;
-                    int kf = 0;
-                    while (h[4 + t * K + kf] != e) kf++;
-                    a.h_src[at] = p * M + (int)t; /* where combine sends this slot's row */
-                    a.h_kf[at] = kf;
                 }
             }
             __syncthreads();
@@ -269,10 +263,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t 
             __syncthreads();
         }
         if (!mine) continue;
-        if (threadIdx.x == 0) {
-            if (a.recv_count) a.recv_count[l] = base;
-            a.h_count[l] = base;
-        }
+        if (threadIdx.x == 0 && a.recv_count) a.recv_count[l] = base;
         for (long long s = base + threadIdx.x; s < a.slots; s += blockDim.x) {
             if (a.recv_src_rank) a.recv_src_rank[(long long)l * a.slots + s] = -1;
             if (a.recv_src_token) a.recv_src_token[(long long)l * a.slots + s] = -1;
@@ -310,70 +301,52 @@ static __device__ __forceinline__ void epx__ll_store(char *row, int dtype, long 
 
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
  * that allow 16-byte loads, and sums the token's rows in k order. */
-/* Push: block l (striding) sends every row of my local expert l to its token's home: one
- * warp per row, into the home's combine staging at (token, first k of that expert). Then
- * the last block sets my LL_COMBINE flag at every rank. */
-static __global__ void __launch_bounds__(512) epx__k_ll_push(epx__cuda_dev_t d, epx__ll_combine_t c)
-{
-    __shared__ int last;
-    unsigned long long n = epx__op_number(&d);
-    int par = (int)(n & 1ull), me = c.rank, R = c.nranks, M = c.max_tokens, KM = c.max_topk;
-    int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int l = blockIdx.x; !*c.h_bad && l < c.local_experts; l += gridDim.x) {
-        int cnt = c.h_count[l];
-        for (int s = warp; s < cnt; s += nwarps) {
-            long long at = (long long)l * c.slots + s;
-            int src = c.h_src[at], p = src / M, t = src % M;
-            char *dst = c.cstage[p] + (long long)par * c.half_bytes + ((long long)t * KM + c.h_kf[at]) * c.row_bytes;
-            epx__warp_copy(dst, c.y + at * c.row_bytes, c.row_bytes);
-        }
-    }
-    __threadfence_system();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(d.blocks_left, 1u) == gridDim.x - 1;
-        if (last) *d.blocks_left = 0;
-    }
-    __syncthreads();
-    if (last && (int)threadIdx.x < R && (int)threadIdx.x != me)
-        epx__st_release_sys(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_LL_COMBINE * R + me) * EPX__FLAG_STRIDE, n);
-}
+/* The whole combine is one operation in one kernel: every block tells the peers it is
+ * here (their expert outputs may be read) and waits for theirs; the last block to finish
+ * tells them it is done reading and waits until they are, then the epoch advances. */
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
 
-/* The staged row of (token t, k): the slot of the first k' with the same expert. */
-static __device__ __forceinline__ const char *epx__ll_home_row(const epx__ll_combine_t &c, const char *base, int t, int k,
-                                                               int e)
+static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c)
 {
-    int kf = 0;
-    while (c.h_topk[t * c.topk + kf] != e) kf++;
-    return base + ((long long)t * c.max_topk + kf) * c.row_bytes;
-}
-
-/* Reduce: wait for every rank's rows, then sum each token's in k order. */
-static __global__ void __launch_bounds__(256) epx__k_ll_reduce(epx__cuda_dev_t d, epx__ll_combine_t c)
-{
-    __shared__ int ok;
+    __shared__ int ok, last;
     unsigned long long n = epx__op_number(&d);
-    int par = (int)(n & 1ull), me = c.rank, R = c.nranks, p = (int)threadIdx.x;
+    int me = d.rank, R = d.nranks, p = (int)threadIdx.x;
+    if (p < R && p != me) epx__st_release_sys(d.peer_flags[p] + ((size_t)EPX__FLAG_ARRIVE * R + me) * EPX__FLAG_STRIDE, n);
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
-    if (p < R && p != me &&
-        !epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_LL_COMBINE * R + p) * EPX__FLAG_STRIDE, n, p))
+    if (p < R && p != me && !epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_ARRIVE * R + p) * EPX__FLAG_STRIDE, n, p))
         ok = 0;
     __syncthreads();
-    if (!ok || *c.h_bad) { /* a peer stalled, or the dispatch found bad routing: nothing to write */
-        epx__finish_op(&d, n);
-        return;
+    if (ok && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(d.blocks_left, 1u) == gridDim.x - 1;
     }
-    const char *base = c.cstage[me] + (long long)par * c.half_bytes;
-    int K = c.topk, H = c.hidden;
-    long long row_bytes = c.row_bytes;
+    __syncthreads();
+    if (!last) return;
+    if (p < R && p != me) epx__st_release_sys(d.peer_flags[p] + ((size_t)EPX__FLAG_DONE * R + me) * EPX__FLAG_STRIDE, n);
+    if (p < R && p != me) epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_DONE * R + p) * EPX__FLAG_STRIDE, n, p);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *d.blocks_left = 0;
+        __threadfence();
+        *(volatile unsigned long long *)d.epoch = n;
+        __threadfence();
+    }
+}
+
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
+{
+    int K = c.topk, H = c.hidden, L = c.local_experts;
+    long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     if (c.vec) {
-        /* Each thread: 8 channels of one token, every row's load in flight before the sums. */
+        /* Each thread: 8 channels of one token, every contributing row's load in flight
+         * before the sums (which stay in k order). */
         long long chunks = H / 8, n_items = (long long)c.num_tokens * chunks;
         for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items;
              i += (long long)gridDim.x * blockDim.x) {
-            int t = (int)(i / chunks);
-            long long ch = i % chunks;
+            long long t = i / chunks, ch = i % chunks;
             uint4 v[EPX_MOE_MAX_TOPK]; /* static indices only: the arrays stay in registers */
             float w[EPX_MOE_MAX_TOPK];
             bool has[EPX_MOE_MAX_TOPK];
@@ -382,8 +355,9 @@ static __global__ void __launch_bounds__(256) epx__k_ll_reduce(epx__cuda_dev_t d
                 int e = k < K ? c.h_topk[t * K + k] : -1;
                 has[k] = e >= 0;
                 if (has[k]) {
-                    v[k] = ((const uint4 *)epx__ll_home_row(c, base, t, k, e))[ch];
-                    w[k] = c.w[(long long)t * K + k];
+                    const char *row = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
+                    v[k] = ((const uint4 *)row)[ch];
+                    w[k] = c.w[t * K + k];
                 }
             }
             float acc[8];
@@ -404,32 +378,62 @@ static __global__ void __launch_bounds__(256) epx__k_ll_reduce(epx__cuda_dev_t d
             o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
             o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
             o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
-            ((uint4 *)(c.out + (long long)t * row_bytes))[ch] = o;
+            ((uint4 *)(c.out + t * row_bytes))[ch] = o;
         }
-    } else {
-        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)c.num_tokens * H;
-             i += (long long)gridDim.x * blockDim.x) {
-            int t = (int)(i / H);
-            long long h = i % H;
-            float acc = 0.0f;
-            for (int k = 0; k < K; k++) {
-                int e = c.h_topk[t * K + k];
-                if (e < 0) continue;
-                acc = __fadd_rn(acc, __fmul_rn(c.w[(long long)t * K + k], epx__ll_load(epx__ll_home_row(c, base, t, k, e), c.dtype, h)));
+        return;
+    }
+    for (int t = blockIdx.x; t < c.num_tokens; t += gridDim.x) {
+        const char *rows[EPX_MOE_MAX_TOPK];
+        float w[EPX_MOE_MAX_TOPK];
+        int nr = 0;
+        for (int k = 0; k < K; k++) {
+            int e = c.h_topk[t * K + k];
+            if (e < 0) continue;
+            rows[nr] = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
+            w[nr++] = c.w[(long long)t * K + k];
+        }
+        char *out = c.out + (long long)t * row_bytes;
+        bool vec = c.dtype == EPX_BF16 && H % 8 == 0 && ((unsigned long long)out & 15ull) == 0;
+        for (int i = 0; vec && i < nr; i++) vec = ((unsigned long long)rows[i] & 15ull) == 0;
+        if (vec) {
+            for (int ch = threadIdx.x; ch < H / 8; ch += blockDim.x) {
+                float acc[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+                for (int i = 0; i < nr; i++) {
+                    uint4 v = ((const uint4 *)rows[i])[ch];
+                    unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w[i], epx__bits_f32(u[j] << 16)));
+                        acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w[i], epx__bits_f32(u[j] & 0xffff0000u)));
+                    }
+                }
+                uint4 o;
+                o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
+                o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
+                o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
+                o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
+                ((uint4 *)out)[ch] = o;
             }
-            epx__ll_store(c.out + (long long)t * row_bytes, c.dtype, h, acc);
+        } else {
+            for (long long h = threadIdx.x; h < H; h += blockDim.x) {
+                float acc = 0.0f;
+                for (int i = 0; i < nr; i++) acc = __fadd_rn(acc, __fmul_rn(w[i], epx__ll_load(rows[i], c.dtype, h)));
+                epx__ll_store(out, c.dtype, h, acc);
+            }
         }
     }
-    epx__finish_op(&d, n);
 }
 
-extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream)
+extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int blocks,
+                                           void *stream)
 {
-    int push_blocks = c->local_experts < 1024 ? (c->local_experts > 0 ? c->local_experts : 1) : 1024;
-    epx__k_ll_push<<<push_blocks, 512, 0, (cudaStream_t)stream>>>(*d, *c);
-    long long items = (long long)c->num_tokens * (c->vec ? c->hidden / 8 : c->hidden);
-    long long b = (items + 255) / 256;
-    int blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
-    epx__k_ll_reduce<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c);
+    if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
+        long long items = (long long)c->num_tokens * (c->hidden / 8);
+        long long b = (items + 255) / 256;
+        blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
+    }
+    epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c); /* even with no tokens: it is the operation */
     return (int)cudaGetLastError();
 }

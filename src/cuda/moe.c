@@ -26,9 +26,9 @@ struct epx__cuda_moe {
     int *d_layout_scratch; /* [R + E] */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
-    char *stage, *cstage; /* dispatch's and combine's */
-    char *peer_stage[EPX__CUDA_MAX_RANKS], *peer_cstage[EPX__CUDA_MAX_RANKS];
-    long long ll_srow, ll_hdr, ll_half, ll_chalf;
+    char *stage;
+    char *peer_stage[EPX__CUDA_MAX_RANKS];
+    long long ll_srow, ll_hdr, ll_half;
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
 };
 
@@ -40,7 +40,6 @@ struct epx__cuda_moe_handle {
     int *d_src_rank, *d_src_token; /* [R * max_tokens] */
     int *d_send_row;               /* [max_tokens, R] */
     int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
-    int *d_src, *d_kf, *d_count;   /* low-latency, expert side: [L, slots] and [L] */
     epx__cuda_moe_t *owner;
     epx__cuda_moe_handle_t *next_spare;
 };
@@ -58,7 +57,6 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     h->owner = m;
     size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
     size_t tk = (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
-    size_t ls = (size_t)EPX__MAX(m->s.local_experts, 1) * EPX__MAX(m->s.ll_slots, (size_t)1);
     if (cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_src_token, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_send_row, sizeof(int) * rows) != cudaSuccess ||
@@ -66,14 +64,10 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
         (m->s.mode == EPX_MOE_LOW_LATENCY &&
          (cudaMalloc((void **)&h->d_slot, sizeof(int) * tk) != cudaSuccess ||
           cudaMalloc((void **)&h->d_topk, sizeof(int) * tk) != cudaSuccess ||
-          cudaMalloc((void **)&h->d_bad, sizeof(int)) != cudaSuccess ||
-          cudaMalloc((void **)&h->d_src, sizeof(int) * ls) != cudaSuccess ||
-          cudaMalloc((void **)&h->d_kf, sizeof(int) * ls) != cudaSuccess ||
-          cudaMalloc((void **)&h->d_count, sizeof(int) * (size_t)EPX__MAX(m->s.local_experts, 1)) != cudaSuccess))) {
+          cudaMalloc((void **)&h->d_bad, sizeof(int)) != cudaSuccess))) {
         cudaGetLastError();
         cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
         cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
-        cudaFree(h->d_src), cudaFree(h->d_kf), cudaFree(h->d_count);
         free(h);
         return NULL;
     }
@@ -87,7 +81,6 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
     cudaFree(h->d_send_row);
     cudaFree(h->d_rows);
     cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
-    cudaFree(h->d_src), cudaFree(h->d_kf), cudaFree(h->d_count);
     cudaGetLastError();
     free(h);
 }
@@ -110,10 +103,8 @@ typedef struct {
 
 /* The low-latency staging area: per source, a header (T, then int32 routing [M, K]) and
  * M rows of srow bytes (the row as received, then its scales when quantised); two of them. */
-static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long *hdr, long long *half,
-                           long long *chalf)
+static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long *hdr, long long *half)
 {
-    *chalf = EPX__ALIGN_UP((long long)EPX__MAX(s->max_tokens, 1) * s->max_topk * (long long)s->combine_row_bytes, 256);
     long long M = EPX__MAX(s->max_tokens, 1), sb = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
     long long row = s->ll_fp8 ? EPX__ALIGN_UP((long long)s->hidden, 16) + (long long)s->scale_cols * sb : (long long)s->row_bytes;
     *srow = EPX__ALIGN_UP(row, 16);
@@ -121,25 +112,24 @@ static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long
     *half = EPX__ALIGN_UP(s->nranks * *hdr + s->nranks * M * *srow, 256);
 }
 
-/* Everyone's copy of my buffer `buf` (epx's own), mapped here into peer[] (one host round
- * at creation). */
-static epx_status_t epx__ll_map_stage(epx__cuda_moe_t *m, char *buf, char **peer, epx__errbuf_t *err)
+/* Everyone's staging area, mapped here (one host round at creation). */
+static epx_status_t epx__ll_map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
     int R = c->nranks;
     epx__ipc_card_t mine, *cards = calloc(2 * (size_t)R, sizeof *cards);
     if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    epx_status_t local = epx__ipc_export(c, buf, &mine, err);
+    epx_status_t local = epx__ipc_export(c, m->stage, &mine, err);
     for (int p = 0; p < R; p++) cards[p] = mine;
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
         if (p == c->rank) {
-            peer[p] = buf;
+            m->peer_stage[p] = m->stage;
             continue;
         }
         char *base;
         st = epx__ipc_open(c, p, &cards[R + p], &base, NULL, err);
-        peer[p] = base + cards[R + p].base_offset;
+        m->peer_stage[p] = base + cards[R + p].base_offset;
     }
     free(cards);
     return st;
@@ -172,9 +162,8 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts));
         if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
         if (ce == cudaSuccess && shape->mode == EPX_MOE_LOW_LATENCY) {
-            epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half, &m->ll_chalf);
+            epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half);
             ce = cudaMalloc((void **)&m->stage, 2 * (size_t)m->ll_half);
-            if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->cstage, 2 * (size_t)m->ll_chalf);
         }
         if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_CUDA, "MoE setup: %s", cudaGetErrorString(ce));
     }
@@ -182,8 +171,7 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
     for (int p = 0; p < R && st == EPX_SUCCESS; p++)
         if (all[p] != hash) st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, c->rank);
     free(all);
-    if (st == EPX_SUCCESS && shape->mode == EPX_MOE_LOW_LATENCY) st = epx__ll_map_stage(m, m->stage, m->peer_stage, err);
-    if (st == EPX_SUCCESS && shape->mode == EPX_MOE_LOW_LATENCY) st = epx__ll_map_stage(m, m->cstage, m->peer_cstage, err);
+    if (st == EPX_SUCCESS && shape->mode == EPX_MOE_LOW_LATENCY) st = epx__ll_map_stages(m, err);
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_destroy(m);
         return st;
@@ -198,11 +186,10 @@ int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
     int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts) + 8;
     int64_t handle = 3 * 4 * R * M + 8; /* each live dispatch handle */
     if (s->mode == EPX_MOE_LOW_LATENCY) {
-        long long srow, hdr, half, chalf;
-        epx__ll_layout(s, &srow, &hdr, &half, &chalf);
-        context += 2 * half + 2 * chalf;
-        handle += 2 * 4 * M * s->max_topk + 4 + 2 * 4 * (long long)s->local_experts * (long long)s->ll_slots +
-                  4 * s->local_experts;
+        long long srow, hdr, half;
+        epx__ll_layout(s, &srow, &hdr, &half);
+        context += 2 * half;
+        handle += 2 * 4 * M * s->max_topk + 4;
     }
     return context + handle;
 }
@@ -216,7 +203,6 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_expert_counts);
     cudaFree(m->d_layout_scratch);
     cudaFree(m->stage);
-    cudaFree(m->cstage);
     if (m->h_counts) cudaFreeHost(m->h_counts);
     while (m->spare) {
         epx__cuda_moe_handle_t *h = m->spare;
@@ -630,7 +616,6 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.recv_x = out->recv_x, a.recv_scales = out->recv_x_scales;
     a.recv_count = out->recv_count, a.recv_src_rank = out->recv_src_rank, a.recv_src_token = out->recv_src_token;
     a.h_slot = h->d_slot, a.h_topk = h->d_topk, a.h_bad = h->d_bad;
-    a.h_src = h->d_src, a.h_kf = h->d_kf, a.h_count = h->d_count;
     h->id = (uint32_t)(c->ops_started + 1);
     h->num_tokens = in->num_tokens;
     h->topk = in->topk;
@@ -655,29 +640,33 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_ha
 {
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
-    int R = c->nranks;
-    /* One host round to agree on the call; the rows travel through epx's own staging
-     * areas (mapped at creation), so no buffer of the caller's is exported. */
+    int R = c->nranks, me = c->rank;
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
     if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_LL_COMBINE;
-    if (local == EPX_SUCCESS) mine.topk = h->topk, mine.routing_id = h->id, mine.has_weights = 1;
+    if (local == EPX_SUCCESS) {
+        mine.topk = h->topk;
+        mine.routing_id = h->id;
+        mine.has_weights = 1;
+        local = epx__card_export(c, &mine.x, in->y, (size_t)s->local_experts * s->ll_slots * s->combine_row_bytes, err);
+    }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
-    free(cards);
-    if (st != EPX_SUCCESS) return st;
     epx__ll_combine_t k;
     memset(&k, 0, sizeof k);
-    k.rank = c->rank, k.nranks = R, k.num_tokens = h->num_tokens, k.topk = h->topk, k.max_topk = s->max_topk;
-    k.max_tokens = s->max_tokens, k.local_experts = s->local_experts, k.hidden = s->hidden, k.dtype = s->combine_dtype;
-    k.slots = (long long)s->ll_slots, k.row_bytes = (long long)s->combine_row_bytes, k.half_bytes = m->ll_chalf;
-    k.y = in->y;
-    for (int p = 0; p < R; p++) k.cstage[p] = m->peer_cstage[p];
-    k.h_src = h->d_src, k.h_kf = h->d_kf, k.h_count = h->d_count, k.h_topk = h->d_topk, k.h_bad = h->d_bad;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
+    free(cards);
+    if (st != EPX_SUCCESS) return st;
     k.w = in->topk_weights;
+    k.h_slot = h->d_slot, k.h_topk = h->d_topk, k.h_bad = h->d_bad;
+    k.num_tokens = h->num_tokens, k.topk = h->topk, k.local_experts = s->local_experts, k.hidden = s->hidden;
+    k.dtype = s->combine_dtype, k.slots = (long long)s->ll_slots;
     k.out = out;
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, stream), st, err);
+    for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, EPX__MIN(EPX__MAX(h->num_tokens, 1), 1024),
+                                                              stream),
+                    st, err);
     c->ops_started++;
     return st;
 }
