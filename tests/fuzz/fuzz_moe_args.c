@@ -311,7 +311,7 @@ static void run_ht(epx_moe_t moe, case_t *c, fuzz_in_t *in)
               cap >= c->n;
     epx_moe_dispatch_in_t din = {x.ptr, (const float *)xs.ptr, c->idx.ptr, (const float *)w.ptr, c->T, c->K};
     epx_moe_dispatch_out_t dout = {rx.ptr, (float *)rxs.ptr, ri.ptr, (float *)rw.ptr, (int32_t *)rsr.ptr,
-                                   (int32_t *)rst.ptr, (int32_t *)rpe.ptr, cap, -7};
+                                   (int32_t *)rst.ptr, (int32_t *)rpe.ptr, cap, -7, NULL};
     epx_moe_dispatch_out_t dout0 = dout;
     epx_moe_handle_t h = NULL;
     epx_status_t st = epx_moe_dispatch(moe, in_null ? NULL : &din, out_null ? NULL : &dout, h_null ? NULL : &h, NULL);
@@ -415,7 +415,7 @@ static void run_ht(epx_moe_t moe, case_t *c, fuzz_in_t *in)
                    !(c->fp8 && cap2 > 0 && !rxs2.ptr) && !buf_bad_align(&rxs2, 4) && T2 == T && cap2 >= n;
         epx_moe_dispatch_in_t in2 = {x2.ptr, (const float *)xs2.ptr, NULL, NULL, T2, 0};
         int32_t *sp = spare.ptr ? (int32_t *)(void *)spare.base : NULL;
-        epx_moe_dispatch_out_t out2 = {rx2.ptr, (float *)rxs2.ptr, sp, (float *)sp, sp, sp, sp, cap2, -9};
+        epx_moe_dispatch_out_t out2 = {rx2.ptr, (float *)rxs2.ptr, sp, (float *)sp, sp, sp, sp, cap2, -9, NULL};
         epx_moe_dispatch_out_t out20 = out2;
         st = epx_moe_dispatch_cached(moe, hn ? NULL : h, &in2, &out2, NULL);
         FUZZ_CHECK((st == EPX_SUCCESS) == cok, "cached dispatch: status %d, reference %d (%s)", (int)st, cok,
