@@ -186,7 +186,6 @@ def check_moe_layer(rank, R, dev, buf):
 
 
 def check_ll(rank, R, dev, buf):
-    import epx
     E, K, H, M = 4 * R, 2, 128, 16
     L = E // R
     T = 5 + 3 * rank
