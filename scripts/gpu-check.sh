@@ -11,6 +11,7 @@
 #   sweep     MoE bf16/fp8 with all SMs, and bf16 with the count read back to the host
 #   python    the Python package's tests with torch on the GPUs (python/tests)
 #   ll        low-latency MoE: T = 1, 8, 32, 128, 256 (FP8 dispatch), and T = 128 with bf16
+#   soak      the long soak on the CUDA backend: SOAK_ITERS (default 10000) exchanges on 2 ranks
 #   quick     cpu cuda (no benchmarks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +86,11 @@ if has sweep; then
         EPX_CUDA_SMS=132 bench_moe moe_ht_fp8_132sms --dtype fp8
         bench_moe moe_ht_bf16_hostcount --dtype bf16 --count host
     } 2>&1 | tee "$OUT/sweep.txt" | grep -vE "progress"
+fi
+if has soak; then
+    t0=$(date +%s)
+    $B/epx-run -n 2 --timeout 550 -- $B/test_soak --cuda --iters "${SOAK_ITERS:-10000}" --seed 11 >"$OUT/soak.log" 2>&1 || rc=1
+    echo "soak (cuda, 2 ranks, ${SOAK_ITERS:-10000} iterations): $(tail -2 "$OUT/soak.log" | tr '\n' ' ') in $(($(date +%s) - t0)) s"
 fi
 if has ll; then
     {
