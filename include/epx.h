@@ -324,9 +324,9 @@ EPX_API epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg
  * EPX_ERR_ABORTED (destroying the communicator releases what the context held in it). */
 EPX_API epx_status_t epx_moe_destroy(epx_moe_t moe);
 /* Device memory the CUDA backend allocates per rank for a communicator of `nranks` and a
- * MoE context of `cfg` with one live dispatch handle (each further live handle adds
- * 12 * nranks * max_tokens_per_rank bytes), before the driver's rounding. No
- * communicator needed. EPX_ERR_UNSUPPORTED in builds without CUDA. */
+ * MoE context of `cfg` with one live dispatch handle, before the driver's rounding (each
+ * further live handle adds what the estimate counts for one). No communicator needed.
+ * EPX_ERR_UNSUPPORTED in builds without CUDA. */
 EPX_API epx_status_t epx_moe_device_memory(const epx_moe_config_t *cfg, int nranks, int64_t *bytes);
 /* Rows a high-throughput dispatch can receive at most: R * max_tokens_per_rank. */
 EPX_API epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows);
@@ -412,7 +412,11 @@ typedef struct {
     int32_t *recv_src_token; /* [L, R*max_tokens] token on the source rank, -1 past recv_count */
 } epx_moe_ll_dispatch_out_t;
 
-/* Low-latency dispatch; *handle receives the slot of every (token, k). */
+/* Low-latency dispatch; *handle receives the slot of every (token, k). On the CUDA backend
+ * nothing waits for the device (capturable in a CUDA graph), so expert ids are checked on
+ * the device, by every rank for every rank: if any is out of [-1, E), every rank's call
+ * succeeds but writes -1 to every recv_count and nothing else, and a combine along that
+ * handle writes nothing (pass recv_count to see it). Other bad arguments fail as above. */
 EPX_API epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in,
                                          epx_moe_ll_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 

@@ -231,6 +231,8 @@ static epx_status_t epx__check_dispatch(const epx__moe_shape_t *s, epx__errbuf_t
     EPX__CHECK(epx__check_buf(err, "out.recv_topk_idx", out->recv_topk_idx, false, epx_dtype_size(s->index_dtype)));
     EPX__CHECK(epx__check_buf(err, "out.recv_topk_weights", out->recv_topk_weights, false, 4));
     EPX__CHECK(epx__check_buf(err, "out.num_recv_tokens_device", out->num_recv_tokens_device, false, 8));
+    EPX__REQUIRE(!on_device || !out->num_recv_tokens_device || epx__cuda_is_device_ptr(out->num_recv_tokens_device),
+                 "out.num_recv_tokens_device must be device memory on the CUDA backend");
     EPX__CHECK(epx__check_buf(err, "out.recv_src_rank", out->recv_src_rank, false, 4));
     EPX__CHECK(epx__check_buf(err, "out.recv_src_token", out->recv_src_token, false, 4));
     return epx__check_buf(err, "out.num_recv_tokens_per_expert", out->num_recv_tokens_per_expert, false, 4);

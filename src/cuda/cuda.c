@@ -162,7 +162,8 @@ void epx__cuda_destroy(epx__cuda_t *c)
 epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
 {
     volatile epx__cuda_err_t *e = c->err_host;
-    if (e->code == 0) return EPX_SUCCESS;
+    if (e->code == 0 || e->code == EPX__ERR_CLAIMED) return EPX_SUCCESS; /* claimed: seen on a later poll */
+    __sync_synchronize();
     if (e->code == EPX_ERR_MISMATCH)
         return epx__fail(err, EPX_ERR_MISMATCH,
                          "rank %d: epx_alltoallv_device: rank %d expects %lld elements from this rank, which sends %lld "

@@ -24,7 +24,10 @@ enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_WRITTEN = 2, EPX__FLA
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
 
-/* Error record in host-mapped memory, written once by the first failing wait. */
+/* Error record in host-mapped memory, written once by the first failing wait: its code is
+ * claimed (EPX__ERR_CLAIMED, "being written": not an error yet), the fields written, then
+ * the status stored. */
+#define EPX__ERR_CLAIMED (-2147483647 - 1)
 typedef struct {
     int32_t code; /* 0, or an epx_status_t */
     int32_t peer;

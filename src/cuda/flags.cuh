@@ -48,6 +48,7 @@ static __device__ int epx__wait_geq(const epx__cuda_dev_t *d, const unsigned lon
             volatile epx__cuda_err_t *e = d->err;
             if (e->code != 0) return 0;
             if (epx__globaltimer() - start > d->timeout_ns) {
+                if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return 0; /* the first error stays */
                 e->peer = peer;
                 e->op = target;
                 e->seen = v;

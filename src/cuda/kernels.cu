@@ -98,7 +98,7 @@ static __device__ void epx__record_mismatch(const epx__cuda_dev_t *d, int peer, 
                                             long long theirs)
 {
     volatile epx__cuda_err_t *e = d->err;
-    if (atomicCAS((int *)&e->code, 0, -1) != 0) return; /* the first error stays */
+    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
     e->peer = peer;
     e->op = n;
     e->seen = (unsigned long long)theirs;
@@ -157,6 +157,15 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
         }
         epx__block_copy(dst + (s0 - b0), src[p] + (s0 - b0), s1 - s0);
     }
+    /* Device counts: a pair I send nothing to must expect nothing. Checked before any block
+     * tells p it is done (after that p may rewrite its counts for its next operation). */
+    if (a.elem > 0 && blockIdx.x == 0 && (int)threadIdx.x < R && bytes[threadIdx.x] == 0) {
+        int p = (int)threadIdx.x;
+        if (p == me || epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_ARRIVE * R + p) * EPX__FLAG_STRIDE, n, p)) {
+            long long theirs = a.recv_counts[p][me];
+            if (theirs != 0) epx__record_mismatch(&d, p, n, 0, theirs);
+        }
+    }
     __threadfence_system(); /* every writer fences: its stores reach the peer before the count */
     __syncthreads();
     if ((int)threadIdx.x < R && (int)threadIdx.x != me) {
@@ -175,9 +184,6 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
     if (p < R && p != me)
         epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_WRITTEN * R + p) * EPX__FLAG_STRIDE,
                       (*(volatile unsigned long long *)d.direct_ops + 1ull) * (unsigned long long)gridDim.x, p);
-    /* Device counts: a pair I send nothing to must expect nothing (p's side is final now). */
-    if (a.elem > 0 && p < R && bytes[p] == 0 && a.recv_counts[p][me] != 0)
-        epx__record_mismatch(&d, p, n, 0, a.recv_counts[p][me]);
     __syncthreads();
     if (threadIdx.x == 0) {
         *d.blocks_left = 0;

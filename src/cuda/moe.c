@@ -21,13 +21,15 @@ struct epx__cuda_moe {
     int *d_counts;       /* [R, R] */
     int *d_chunk_counts; /* [R, chunks, R] */
     int chunks;          /* ceil(max_tokens / EPX__MOE_CHUNK) */
-    long long *d_bad;    /* first bad routing entry of mine */
+    long long *d_bad;    /* [2]: dispatch's bad-routing word, then layout's (layout may run on
+                            another stream while a dispatch's kernels still read theirs) */
     int *d_expert_counts; /* [L] */
     int *d_layout_scratch; /* [R + E] */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
     char *stage;
     char *peer_stage[EPX__CUDA_MAX_RANKS];
+    void *stage_open[EPX__CUDA_MAX_RANKS]; /* the peers' staging areas as opened here */
     long long ll_srow, ll_hdr, ll_half;
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
 };
@@ -112,7 +114,9 @@ static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long
     *half = EPX__ALIGN_UP(s->nranks * *hdr + s->nranks * M * *srow, 256);
 }
 
-/* Everyone's staging area, mapped here (one host round at creation). */
+/* Everyone's staging area, mapped here (one host round at creation, then one to agree that
+ * every rank mapped every peer's). The mappings stay open for the context's life, outside
+ * the evictable IPC cache: kernels and captured graphs hold these pointers. */
 static epx_status_t epx__ll_map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
@@ -127,11 +131,21 @@ static epx_status_t epx__ll_map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
             m->peer_stage[p] = m->stage;
             continue;
         }
-        char *base;
-        st = epx__ipc_open(c, p, &cards[R + p], &base, NULL, err);
-        m->peer_stage[p] = base + cards[R + p].base_offset;
+        cudaError_t ce = cudaIpcOpenMemHandle(&m->stage_open[p], cards[R + p].handle, cudaIpcMemLazyEnablePeerAccess);
+        if (ce != cudaSuccess) {
+            m->stage_open[p] = NULL;
+            st = epx__fail(err, EPX_ERR_CUDA, "mapping rank %d's low-latency staging area: %s", p, cudaGetErrorString(ce));
+        } else {
+            m->peer_stage[p] = (char *)m->stage_open[p] + cards[R + p].base_offset;
+        }
     }
     free(cards);
+    if (st == EPX_ERR_CUDA || st == EPX_SUCCESS) { /* the others mapped theirs: agree on the outcome */
+        int32_t v = st, *all = calloc((size_t)R, sizeof *all);
+        epx_status_t agreed = all ? epx__host_allgather(c->host, R, &v, all, sizeof v, st, err) : EPX_ERR_NO_MEMORY;
+        free(all);
+        if (st == EPX_SUCCESS) st = agreed;
+    }
     return st;
 }
 
@@ -157,7 +171,7 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
         cudaError_t ce = cudaMalloc((void **)&m->d_counts, sizeof(int) * (size_t)R * (size_t)R);
         if (ce == cudaSuccess)
             ce = cudaMalloc((void **)&m->d_chunk_counts, sizeof(int) * (size_t)R * (size_t)R * (size_t)m->chunks);
-        if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, sizeof(long long));
+        if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, 2 * sizeof(long long));
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts));
         if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
@@ -202,6 +216,8 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_bad);
     cudaFree(m->d_expert_counts);
     cudaFree(m->d_layout_scratch);
+    for (int p = 0; p < EPX__CUDA_MAX_RANKS; p++)
+        if (m->stage_open[p]) cudaIpcCloseMemHandle(m->stage_open[p]);
     cudaFree(m->stage);
     if (m->h_counts) cudaFreeHost(m->h_counts);
     while (m->spare) {
@@ -243,11 +259,12 @@ epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int 
     cudaStream_t strm = (cudaStream_t)stream;
     long long *h_bad = (long long *)(void *)(m->h_counts + rt.nranks * rt.nranks + (rt.nranks * rt.nranks) % 2);
     /* Checked and laid out in one launch; one read-back of the verdict. */
-    EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, m->d_bad,
+    long long *d_bad = m->d_bad + 1;
+    EPX__CUDA_CHECK(cudaMemsetAsync(d_bad, 0x7f, sizeof(long long), strm), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, d_bad,
                                                                      m->d_layout_scratch, m->blocks, stream),
                     st, err);
-    EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
+    EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
     EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
     if (st == EPX_SUCCESS && *h_bad != EPX__MOE_NO_BAD)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",

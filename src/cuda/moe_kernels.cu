@@ -115,6 +115,8 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, epx__k_moe_layout_checked, 512, 0);
     long long need = ((long long)r->num_tokens[r->rank] * r->topk + 511) / 512;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
+    if (sms < 1) sms = 1;
+    if (per_sm < 1) per_sm = 1; /* the query failed: one block per SM is always resident at 512 threads */
     if (blocks > sms * per_sm) blocks = sms * per_sm; /* all blocks resident: the grid can meet */
     epx__moe_routing_t rv = *r;
     void *args[] = {&rv, &per_rank, &per_expert, &in_rank, &bad, &scratch};
