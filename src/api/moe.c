@@ -147,7 +147,7 @@ epx_status_t epx_moe_destroy(epx_moe_t moe)
         if (*p) *p = moe->next;
     }
     epx__cpu_moe_destroy(moe->cpu);
-    epx__cuda_moe_destroy(moe->cuda); /* device memory only: safe after its communicator */
+    epx__cuda_moe_destroy(moe->cuda); /* device memory only once detached: safe after its communicator */
     epx__hier_moe_destroy(moe->hier);
     free(moe);
     return EPX_SUCCESS;
@@ -159,6 +159,7 @@ void epx__moe_detach_all(epx_comm_t comm)
         next = m->next;
         epx__cpu_moe_destroy(m->cpu); /* lives in the communicator's shared memory */
         epx__hier_moe_destroy(m->hier); /* and in its host and network transports */
+        epx__cuda_moe_detach(m->cuda);   /* its mappings pinned in the communicator's IPC cache */
         m->cpu = NULL;
         m->hier = NULL;
         m->comm = NULL;

@@ -250,20 +250,23 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
  * map and got a new one at the same address makes the open fail as "already mapped": the
  * stale mappings of that peer are then dropped (after this stream's work, which may still
  * use the others) and the open retried. */
-epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
-                                  epx__errbuf_t *err)
+static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, int pin,
+                                epx__errbuf_t *err)
 {
-    epx__ipc_entry_t *victim = &c->ipc[0];
+    epx__ipc_entry_t *victim = NULL;
     for (int i = 0; i < EPX__IPC_CACHE; i++) {
         epx__ipc_entry_t *e = &c->ipc[i];
         if (e->ptr && e->peer == peer && e->buffer_id == card->buffer_id &&
             memcmp(&e->handle, &card->handle, sizeof e->handle) == 0) {
             e->last_use = ++c->use_clock;
+            e->pins += pin;
             *base = e->ptr;
             return EPX_SUCCESS;
         }
-        if (!e->ptr || (victim->ptr && e->last_use < victim->last_use)) victim = e;
+        if (e->pins) continue; /* held by a context for its life: never evicted */
+        if (!victim || !e->ptr || (victim->ptr && e->last_use < victim->last_use)) victim = e;
     }
+    if (!victim) return epx__fail(err, EPX_ERR_NO_MEMORY, "every CUDA IPC mapping slot is held by a MoE context");
     if (victim->ptr) {
         /* Work already enqueued may still use the mapping: let the device finish first. */
         cudaDeviceSynchronize();
@@ -275,9 +278,8 @@ epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card
     if (ce == cudaErrorAlreadyMapped) {
         cudaGetLastError();
         cudaDeviceSynchronize();
-        (void)stream;
         for (int i = 0; i < EPX__IPC_CACHE; i++)
-            if (c->ipc[i].ptr && c->ipc[i].peer == peer) {
+            if (c->ipc[i].ptr && c->ipc[i].peer == peer && !c->ipc[i].pins) {
                 cudaIpcCloseMemHandle(c->ipc[i].ptr);
                 c->ipc[i].ptr = NULL;
             }
@@ -285,9 +287,30 @@ epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card
     }
     if (ce != cudaSuccess)
         return epx__fail(err, EPX_ERR_CUDA, "opening rank %d's buffer (CUDA IPC): %s", peer, cudaGetErrorString(ce));
-    *victim = (epx__ipc_entry_t){peer, card->buffer_id, card->handle, p, ++c->use_clock};
+    *victim = (epx__ipc_entry_t){peer, card->buffer_id, card->handle, p, ++c->use_clock, pin};
     *base = p;
     return EPX_SUCCESS;
+}
+
+epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
+                           epx__errbuf_t *err)
+{
+    (void)stream;
+    return epx__ipc_get(c, peer, card, base, 0, err);
+}
+
+epx_status_t epx__ipc_pin(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, epx__errbuf_t *err)
+{
+    return epx__ipc_get(c, peer, card, base, 1, err);
+}
+
+void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base)
+{
+    for (int i = 0; i < EPX__IPC_CACHE; i++)
+        if (c->ipc[i].ptr == base && c->ipc[i].peer == peer && c->ipc[i].pins > 0) {
+            c->ipc[i].pins--;
+            return;
+        }
 }
 
 /* ---- alltoallv ---------------------------------------------------------------------------- */

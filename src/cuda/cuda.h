@@ -59,6 +59,9 @@ typedef struct epx__cuda_moe_handle epx__cuda_moe_handle_t;
 epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
                                   epx__cuda_moe_t **out, epx__errbuf_t *err);
 void epx__cuda_moe_destroy(epx__cuda_moe_t *m);
+/* Its communicator is going: give back what the context holds in it (the rest is freed by
+ * epx__cuda_moe_destroy, which may come later). */
+void epx__cuda_moe_detach(epx__cuda_moe_t *m);
 /* Local, device-side layout; ids are checked first (one read-back). */
 epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
                                   int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err);

@@ -36,6 +36,7 @@ typedef struct {
     cudaIpcMemHandle_t handle;
     void *ptr;
     uint64_t last_use;
+    int pins; /* contexts holding it for their life (never evicted while > 0) */
 } epx__ipc_entry_t;
 
 struct epx__cuda {
@@ -79,6 +80,9 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
 epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err);
 /* The IPC handle of the allocation holding p, and p's offset in it. */
 epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err);
+/* The same, held until epx__ipc_unpin (kernels and captured graphs keep the pointer). */
+epx_status_t epx__ipc_pin(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, epx__errbuf_t *err);
+void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base);
 /* A peer's allocation mapped here (cached); *base is the allocation's base. */
 epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
                            epx__errbuf_t *err);

@@ -29,7 +29,7 @@ struct epx__cuda_moe {
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
     char *stage;
     char *peer_stage[EPX__CUDA_MAX_RANKS];
-    void *stage_open[EPX__CUDA_MAX_RANKS]; /* the peers' staging areas as opened here */
+    void *stage_open[EPX__CUDA_MAX_RANKS]; /* the peers' staging mappings pinned in the IPC cache */
     long long ll_srow, ll_hdr, ll_half;
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
 };
@@ -115,8 +115,8 @@ static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long
 }
 
 /* Everyone's staging area, mapped here (one host round at creation, then one to agree that
- * every rank mapped every peer's). The mappings stay open for the context's life, outside
- * the evictable IPC cache: kernels and captured graphs hold these pointers. */
+ * every rank mapped every peer's). The mappings are pinned in the IPC cache for the
+ * context's life: kernels and captured graphs hold these pointers. */
 static epx_status_t epx__ll_map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
@@ -131,16 +131,13 @@ static epx_status_t epx__ll_map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
             m->peer_stage[p] = m->stage;
             continue;
         }
-        cudaError_t ce = cudaIpcOpenMemHandle(&m->stage_open[p], cards[R + p].handle, cudaIpcMemLazyEnablePeerAccess);
-        if (ce != cudaSuccess) {
-            m->stage_open[p] = NULL;
-            st = epx__fail(err, EPX_ERR_CUDA, "mapping rank %d's low-latency staging area: %s", p, cudaGetErrorString(ce));
-        } else {
-            m->peer_stage[p] = (char *)m->stage_open[p] + cards[R + p].base_offset;
-        }
+        char *base = NULL;
+        st = epx__ipc_pin(c, p, &cards[R + p], &base, err);
+        m->stage_open[p] = base;
+        if (st == EPX_SUCCESS) m->peer_stage[p] = base + cards[R + p].base_offset;
     }
     free(cards);
-    if (st == EPX_ERR_CUDA || st == EPX_SUCCESS) { /* the others mapped theirs: agree on the outcome */
+    if (st == EPX_ERR_CUDA || st == EPX_ERR_NO_MEMORY || st == EPX_SUCCESS) { /* agree on the outcome */
         int32_t v = st, *all = calloc((size_t)R, sizeof *all);
         epx_status_t agreed = all ? epx__host_allgather(c->host, R, &v, all, sizeof v, st, err) : EPX_ERR_NO_MEMORY;
         free(all);
@@ -208,16 +205,23 @@ int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
     return context + handle;
 }
 
+void epx__cuda_moe_detach(epx__cuda_moe_t *m)
+{
+    if (!m) return;
+    for (int p = 0; p < EPX__CUDA_MAX_RANKS; p++)
+        if (m->stage_open[p]) epx__ipc_unpin(m->c, p, m->stage_open[p]);
+    memset(m->stage_open, 0, sizeof m->stage_open);
+}
+
 void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
 {
     if (!m) return;
+    epx__cuda_moe_detach(m);
     cudaFree(m->d_counts);
     cudaFree(m->d_chunk_counts);
     cudaFree(m->d_bad);
     cudaFree(m->d_expert_counts);
     cudaFree(m->d_layout_scratch);
-    for (int p = 0; p < EPX__CUDA_MAX_RANKS; p++)
-        if (m->stage_open[p]) cudaIpcCloseMemHandle(m->stage_open[p]);
     cudaFree(m->stage);
     if (m->h_counts) cudaFreeHost(m->h_counts);
     while (m->spare) {

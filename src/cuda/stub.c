@@ -90,6 +90,8 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
     *out = NULL;
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
+void epx__cuda_moe_detach(epx__cuda_moe_t *m) { (void)m; }
+
 void epx__cuda_moe_destroy(epx__cuda_moe_t *m) { (void)m; }
 epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
                                   int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err)
