@@ -281,24 +281,6 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 
 /* ---- Combine ------------------------------------------------------------------------------ */
 
-static __device__ __forceinline__ float epx__ll_load(const char *row, int dtype, long long h)
-{
-    switch (dtype) {
-    case EPX_BF16: return epx__bf16_to_f32(((const uint16_t *)row)[h]);
-    case EPX_F16: return epx__f16_to_f32(((const uint16_t *)row)[h]);
-    default: return ((const float *)row)[h];
-    }
-}
-
-static __device__ __forceinline__ void epx__ll_store(char *row, int dtype, long long h, float v)
-{
-    switch (dtype) {
-    case EPX_BF16: ((uint16_t *)row)[h] = epx__f32_to_bf16(v); break;
-    case EPX_F16: ((uint16_t *)row)[h] = epx__f32_to_f16(v); break;
-    default: ((float *)row)[h] = v; break;
-    }
-}
-
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
  * that allow 16-byte loads, and sums the token's rows in k order. */
 /* The whole combine is one operation in one kernel: every block tells the peers it is
@@ -419,8 +401,8 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
         } else {
             for (long long h = threadIdx.x; h < H; h += blockDim.x) {
                 float acc = 0.0f;
-                for (int i = 0; i < nr; i++) acc = __fadd_rn(acc, __fmul_rn(w[i], epx__ll_load(rows[i], c.dtype, h)));
-                epx__ll_store(out, c.dtype, h, acc);
+                for (int i = 0; i < nr; i++) acc = __fadd_rn(acc, __fmul_rn(w[i], epx__load_elem(rows[i], c.dtype, h)));
+                epx__store_elem(out, c.dtype, h, acc);
             }
         }
     }

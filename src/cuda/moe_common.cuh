@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../core/convert.h"
 #include "dev.h"
 #include "epx.h"
 
@@ -67,6 +68,25 @@ static __device__ void epx__warp_copy(char *dst, const char *src, long long byte
         done = n * 4;
     }
     for (long long i = done + lane; i < bytes; i += 32) dst[i] = src[i];
+}
+
+/* One element of a row of dtype bf16, f16 or f32, as float32 / stored from float32. */
+static __device__ __forceinline__ float epx__load_elem(const char *row, int dtype, long long h)
+{
+    switch (dtype) {
+    case EPX_BF16: return epx__bf16_to_f32(((const uint16_t *)row)[h]);
+    case EPX_F16: return epx__f16_to_f32(((const uint16_t *)row)[h]);
+    default: return ((const float *)row)[h];
+    }
+}
+
+static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, long long h, float v)
+{
+    switch (dtype) {
+    case EPX_BF16: ((uint16_t *)row)[h] = epx__f32_to_bf16(v); break;
+    case EPX_F16: ((uint16_t *)row)[h] = epx__f32_to_f16(v); break;
+    default: ((float *)row)[h] = v; break;
+    }
 }
 
 #endif

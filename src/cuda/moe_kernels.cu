@@ -238,24 +238,6 @@ extern "C" int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int block
 
 /* ---- Combine -------------------------------------------------------------------------------- */
 
-static __device__ __forceinline__ float epx__load_elem(const char *row, int dtype, long long h)
-{
-    switch (dtype) {
-    case EPX_BF16: return epx__bf16_to_f32(((const uint16_t *)row)[h]);
-    case EPX_F16: return epx__f16_to_f32(((const uint16_t *)row)[h]);
-    default: return ((const float *)row)[h];
-    }
-}
-
-static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, long long h, float v)
-{
-    switch (dtype) {
-    case EPX_BF16: ((uint16_t *)row)[h] = epx__f32_to_bf16(v); break;
-    case EPX_F16: ((uint16_t *)row)[h] = epx__f32_to_f16(v); break;
-    default: ((float *)row)[h] = v; break;
-    }
-}
-
 /* One warp per token. bf16 rows of a multiple of 8 elements go 16 bytes at a time, four
  * chunks of every contributing rank in flight per lane; other shapes element by element. */
 static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combine_t c)
