@@ -83,9 +83,9 @@ static __global__ void __launch_bounds__(512)
         if (e < -1 || e >= E) atomicMin((unsigned long long *)bad, (unsigned long long)i);
     }
     grid.sync();
-    if (*(volatile long long *)bad != EPX__MOE_NO_BAD) return; /* every block sees the same verdict */
+    bool clean = *(volatile long long *)bad == EPX__MOE_NO_BAD; /* every block sees the same verdict */
     int *cnt_rank = scratch, *cnt_expert = scratch + R;
-    for (long long t = tid; t < T; t += nthreads) {
+    for (long long t = tid; clean && t < T; t += nthreads) {
         unsigned m = epx__dest_mask(&r, me, t);
         for (int q = 0; q < R; q++) {
             bool in = (m >> q) & 1u;
@@ -101,23 +101,28 @@ static __global__ void __launch_bounds__(512)
         }
     }
     grid.sync();
-    for (long long i = tid; per_rank && i < R; i += nthreads) per_rank[i] = cnt_rank[i];
-    for (long long i = tid; per_expert && i < E; i += nthreads) per_expert[i] = cnt_expert[i];
+    for (long long i = tid; per_rank && i < R; i += nthreads) per_rank[i] = clean ? cnt_rank[i] : -1;
+    for (long long i = tid; per_expert && i < E; i += nthreads) per_expert[i] = clean ? cnt_expert[i] : -1;
+    if (tid == 0) *bad = EPX__MOE_NO_BAD; /* every block read it before the last grid sync: ready for the next call */
+}
+
+extern "C" int epx__cuda_moe_layout_max_blocks(void)
+{
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, epx__k_moe_layout_checked, 512, 0);
+    if (sms < 1) sms = 1;
+    if (per_sm < 1) per_sm = 1; /* the query failed: one block per SM is always resident at 512 threads */
+    return sms * per_sm;
 }
 
 extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                                    unsigned char *in_rank, long long *bad, int *scratch, int blocks,
                                                    void *stream)
 {
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, epx__k_moe_layout_checked, 512, 0);
     long long need = ((long long)r->num_tokens[r->rank] * r->topk + 511) / 512;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
-    if (sms < 1) sms = 1;
-    if (per_sm < 1) per_sm = 1; /* the query failed: one block per SM is always resident at 512 threads */
-    if (blocks > sms * per_sm) blocks = sms * per_sm; /* all blocks resident: the grid can meet */
     epx__moe_routing_t rv = *r;
     void *args[] = {&rv, &per_rank, &per_expert, &in_rank, &bad, &scratch};
     return (int)cudaLaunchCooperativeKernel((const void *)epx__k_moe_layout_checked, dim3((unsigned)blocks), dim3(512), args, 0,
