@@ -199,8 +199,8 @@ int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *ch
 /* My routing checked and laid out in one cooperative launch of at most `blocks` blocks (no
  * more than epx__cuda_moe_layout_max_blocks(), so that all are resident): every output
  * written (any may be NULL), or, when an expert id is out of [-1, E), -1 in every count and
- * in_rank untouched. *bad is EPX__MOE_NO_BAD before and after; scratch: [R + E] ints of
- * epx's own. */
+ * in_rank untouched. *bad is EPX__MOE_NO_BAD before and after; scratch: [R + E + 1] ints
+ * of epx's own, zero before and after. */
 int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                         unsigned char *in_rank, long long *bad, int *scratch, int blocks, void *stream);
 int epx__cuda_moe_layout_max_blocks(void);

@@ -24,7 +24,7 @@ struct epx__cuda_moe {
     long long *d_bad;    /* [2]: dispatch's bad-routing word, then layout's (layout may run on
                             another stream while a dispatch's kernels still read theirs) */
     int *d_expert_counts; /* [L] */
-    int *d_layout_scratch; /* [R + E] */
+    int *d_layout_scratch; /* [R + E + 1], zero between layouts */
     int layout_blocks;     /* most blocks of the layout kernel that are resident at once */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
@@ -175,7 +175,9 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
         if (ce == cudaSuccess) ce = cudaMemset(m->d_bad + 1, 0x7f, sizeof(long long)); /* layout's: EPX__MOE_NO_BAD */
         if (ce == cudaSuccess) m->layout_blocks = epx__cuda_moe_layout_max_blocks();
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
-        if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts));
+        if (ce == cudaSuccess)
+            ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts + 1));
+        if (ce == cudaSuccess) ce = cudaMemset(m->d_layout_scratch, 0, sizeof(int) * (size_t)(R + shape->num_experts + 1));
         if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
         if (ce == cudaSuccess && shape->mode == EPX_MOE_LOW_LATENCY) {
             epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half);
@@ -199,7 +201,7 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
 int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
 {
     int64_t R = s->nranks, M = EPX__MAX(s->max_tokens, 1), chunks = EPX__MAX((s->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
-    int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts) + 8;
+    int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts + 1) + 16;
     int64_t handle = 3 * 4 * R * M + 8; /* each live dispatch handle */
     if (s->mode == EPX_MOE_LOW_LATENCY) {
         long long srow, hdr, half;
