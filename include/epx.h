@@ -337,7 +337,7 @@ EPX_API epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows);
  * is_token_in_rank[T, R]: 1 where the token goes to the rank, else 0.
  * On the CUDA backend nothing waits for the device (capturable in a CUDA graph), so the
  * expert ids are checked on the device: if any is out of [-1, E), the call succeeds but
- * writes -1 to every count and leaves is_token_in_rank as it was. On the CPU backend that
+ * writes -1 to every count (is_token_in_rank is then undefined). On the CPU backend that
  * is EPX_ERR_INVALID_ARGUMENT, nothing written. */
 EPX_API epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens, int topk,
                                     int32_t *num_tokens_per_rank, int32_t *num_tokens_per_expert,

@@ -1816,14 +1816,13 @@ static int run_bad_create(void)
             ASSERT_STATUS(st, EPX_ERR_INVALID_ARGUMENT);
             continue;
         }
-        /* CUDA checks on the device: every count -1, is_token_in_rank untouched. */
+        /* CUDA checks on the device: every count -1 (is_token_in_rank undefined). */
         ASSERT_OK(st);
         int32_t pr[MAXR], pe[2 * MAXR];
         uint8_t ir[2 * MAXR];
         fetch(pr, dpr, sizeof pr), fetch(pe, dpe, sizeof pe), fetch(ir, dir, sizeof ir);
         for (int q = 0; q < R; q++) ASSERT_EQ(pr[q], -1);
         for (int e = 0; e < 2 * R; e++) ASSERT_EQ(pe[e], -1);
-        expect_poison(ir, 0, 2 * (size_t)R, "layout with bad ids", "is_token_in_rank");
     }
     ASSERT_STATUS(epx_moe_layout(moe, didx, 2, 3, dpr, NULL, NULL, test_stream()),
                   EPX_ERR_INVALID_ARGUMENT); /* K > max_topk */

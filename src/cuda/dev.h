@@ -196,14 +196,12 @@ int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_
  * asking the others). One block per (source, chunk). */
 int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks, long long *bad,
                                int check_all, void *stream);
-/* My routing checked and laid out in one cooperative launch of at most `blocks` blocks (no
- * more than epx__cuda_moe_layout_max_blocks(), so that all are resident): every output
- * written (any may be NULL), or, when an expert id is out of [-1, E), -1 in every count and
- * in_rank untouched. *bad is EPX__MOE_NO_BAD before and after; scratch: [R + E + 1] ints
- * of epx's own, zero before and after. */
+/* My routing checked and laid out in one launch of at most `blocks` blocks: every output
+ * written (any may be NULL), or, when an expert id is out of [-1, E), -1 in every count
+ * (in_rank then undefined). *bad is EPX__MOE_NO_BAD before and after; scratch: [R + E + 1]
+ * ints of epx's own, zero before and after. */
 int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                         unsigned char *in_rank, long long *bad, int *scratch, int blocks, void *stream);
-int epx__cuda_moe_layout_max_blocks(void);
 /* Rows of every source for me, their routing outputs, and my tokens' rows at every rank;
  * nothing but h_rows = -1 (and num_recv) when *bad says the routing was bad. */
 int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream);

@@ -25,7 +25,6 @@ struct epx__cuda_moe {
                             another stream while a dispatch's kernels still read theirs) */
     int *d_expert_counts; /* [L] */
     int *d_layout_scratch; /* [R + E + 1], zero between layouts */
-    int layout_blocks;     /* most blocks of the layout kernel that are resident at once */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
     char *stage;
@@ -173,7 +172,6 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
             ce = cudaMalloc((void **)&m->d_chunk_counts, sizeof(int) * (size_t)R * (size_t)R * (size_t)m->chunks);
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, 2 * sizeof(long long));
         if (ce == cudaSuccess) ce = cudaMemset(m->d_bad + 1, 0x7f, sizeof(long long)); /* layout's: EPX__MOE_NO_BAD */
-        if (ce == cudaSuccess) m->layout_blocks = epx__cuda_moe_layout_max_blocks();
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
         if (ce == cudaSuccess)
             ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts + 1));
@@ -270,7 +268,7 @@ epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int 
     /* Checked and laid out in one launch, nothing waited for: bad ids give -1 counts. */
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, m->d_bad + 1,
                                                                      m->d_layout_scratch,
-                                                                     EPX__MIN(m->blocks, m->layout_blocks), stream),
+                                                                     m->blocks, stream),
                     st, err);
     return st;
 }

@@ -6,10 +6,7 @@
  * ascending, float32 from +0, no FMA: build with --fmad=false) so the bits match the CPU
  * backend.
  */
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
-
-namespace cg = cooperative_groups;
 
 #include "../core/convert.h"
 #include "moe_common.cuh"
@@ -66,19 +63,18 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
 
 /* ---- Layout (local) -------------------------------------------------------------------------- */
 
-/* The whole layout in one cooperative launch with one grid meeting. Before it, every block
- * checks and counts its share of the tokens (in shared memory, then one global add per
- * counter into `scratch` [R + E], which is all zero between calls); after it, the verdict
- * is the same everywhere: a clean routing is written out (is_token_in_rank recomputed per
- * token), a bad one gives -1 counts; each scratch entry is zeroed by the thread that read it
- * (scratch[R + E] counts the blocks that read the verdict). */
+/* The whole layout in one launch, without a grid-wide meeting: every block checks and
+ * counts its share of the tokens (in shared memory, then one global add per counter into
+ * `scratch` [R + E], zero between calls) and writes their is_token_in_rank; the last block
+ * to finish (scratch[R + E] counts them) has every count and the verdict: it writes the
+ * counts (-1 when an id was bad) and leaves scratch and *bad ready for the next call. */
 #define EPX__LAYOUT_SHARED 4096 /* counters kept in shared memory when R + E fits */
 static __global__ void __launch_bounds__(512)
-    epx__k_moe_layout_checked(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
-                              int *scratch)
+    epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
+                      int *scratch)
 {
     __shared__ int cnt[EPX__LAYOUT_SHARED];
-    cg::grid_group grid = cg::this_grid();
+    __shared__ int last;
     int me = r.rank, R = r.nranks, K = r.topk, E = r.num_experts;
     long long T = r.num_tokens[me], tid = (long long)blockIdx.x * blockDim.x + threadIdx.x,
               nthreads = (long long)gridDim.x * blockDim.x;
@@ -101,6 +97,7 @@ static __global__ void __launch_bounds__(512)
             for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, me, t * K + j) == e;
             if (!dup) atomicAdd(&c[R + e], 1);
         }
+        for (int q = 0; in_rank && q < R; q++) in_rank[t * R + q] = (m >> q) & 1u;
         while (m) {
             int q = __ffs(m) - 1;
             m &= m - 1;
@@ -111,52 +108,35 @@ static __global__ void __launch_bounds__(512)
     __syncthreads();
     for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x)
         if (cnt[i]) atomicAdd(&scratch[i], cnt[i]);
-    grid.sync();
-    /* The same verdict everywhere; the last block to read it resets it for the next call. */
-    __shared__ int clean_s;
+    __syncthreads();
     if (threadIdx.x == 0) {
-        clean_s = *(volatile long long *)bad == EPX__MOE_NO_BAD;
         __threadfence();
-        if (atomicAdd(&scratch[R + E], 1) == (int)gridDim.x - 1) {
-            *(volatile long long *)bad = EPX__MOE_NO_BAD;
-            scratch[R + E] = 0;
-        }
+        last = atomicAdd(&scratch[R + E], 1) == (int)gridDim.x - 1;
     }
     __syncthreads();
-    bool clean = clean_s;
-    for (long long i = tid; i < R + E; i += nthreads) {
-        int v = clean ? scratch[i] : -1;
+    if (!last) return;
+    __threadfence();
+    bool clean = *(volatile long long *)bad == EPX__MOE_NO_BAD;
+    for (int i = threadIdx.x; i < R + E; i += blockDim.x) {
+        int v = clean ? *(volatile int *)&scratch[i] : -1;
         if (i < R && per_rank) per_rank[i] = v;
         if (i >= R && per_expert) per_expert[i - R] = v;
         scratch[i] = 0;
     }
-    for (long long t = tid; clean && in_rank && t < T; t += nthreads) {
-        unsigned m = epx__dest_mask(&r, me, t);
-        for (int q = 0; q < R; q++) in_rank[t * R + q] = (m >> q) & 1u;
+    if (threadIdx.x == 0) {
+        *bad = EPX__MOE_NO_BAD;
+        scratch[R + E] = 0;
     }
-}
-
-extern "C" int epx__cuda_moe_layout_max_blocks(void)
-{
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, epx__k_moe_layout_checked, 512, 0);
-    if (sms < 1) sms = 1;
-    if (per_sm < 1) per_sm = 1; /* the query failed: one block per SM is always resident at 512 threads */
-    return sms * per_sm;
 }
 
 extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                                    unsigned char *in_rank, long long *bad, int *scratch, int blocks,
                                                    void *stream)
 {
-    long long need = ((long long)r->num_tokens[r->rank] * r->topk + 511) / 512;
+    long long need = ((long long)r->num_tokens[r->rank] + 511) / 512;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
-    epx__moe_routing_t rv = *r;
-    void *args[] = {&rv, &per_rank, &per_expert, &in_rank, &bad, &scratch};
-    return (int)cudaLaunchCooperativeKernel((const void *)epx__k_moe_layout_checked, dim3((unsigned)blocks), dim3(512), args, 0,
-                                            (cudaStream_t)stream);
+    epx__k_moe_layout<<<blocks, 512, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad, scratch);
+    return (int)cudaGetLastError();
 }
 
 /* ---- Rows ----------------------------------------------------------------------------------- */
