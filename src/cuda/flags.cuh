@@ -16,6 +16,13 @@ static __device__ __forceinline__ void epx__st_release_sys(unsigned long long *p
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+/* A flag that orders nothing but the reads before it (their values are consumed already):
+ * no release, so it does not wait for this kernel's writes to drain at system scope. */
+static __device__ __forceinline__ void epx__st_relaxed_sys(unsigned long long *p, unsigned long long v)
+{
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 static __device__ __forceinline__ unsigned long long epx__ld_acquire_sys(const unsigned long long *p)
 {
     unsigned long long v;
@@ -112,13 +119,19 @@ static __device__ __forceinline__ void epx__ll_complete(const epx__cuda_dev_t *d
     }
 }
 
-/* Threads p < R (p != me unless with_me): flag `kind` from me = v at rank p. */
+/* Threads p < R (p != me unless with_me): flag `kind` from me = v at rank p, released
+ * (my writes before it are visible first), or with `reads_only`, a relaxed store that only
+ * says my earlier reads of p's memory are over (the caller has fenced at GPU scope). */
 static __device__ __forceinline__ void epx__signal_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v,
-                                                         bool with_me)
+                                                         bool with_me, bool reads_only = false)
 {
     int p = (int)threadIdx.x;
-    if (p < d->nranks && (with_me || p != d->rank))
-        epx__st_release_sys(d->peer_flags[p] + ((size_t)kind * d->nranks + d->rank) * EPX__FLAG_STRIDE, v);
+    if (p >= d->nranks || (!with_me && p == d->rank)) return;
+    unsigned long long *f = d->peer_flags[p] + ((size_t)kind * d->nranks + d->rank) * EPX__FLAG_STRIDE;
+    if (reads_only)
+        epx__st_relaxed_sys(f, v);
+    else
+        epx__st_release_sys(f, v);
 }
 
 /* Every thread of the block: 1 when every peer's flag `kind` here reached v (bounded). */

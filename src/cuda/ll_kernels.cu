@@ -199,7 +199,9 @@ static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t 
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, n, false);
     if (live) epx__ll_receive_body(a, (int)(n & 1ull));
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
-    if (live) epx__signal_peers(&d, EPX__FLAG_LL_FREE, n, true); /* the staging half may be refilled */
+    /* The staging half may be refilled: every block's reads of it are over (the last-block
+     * count is fenced), and what they wrote need not be visible to the sources. */
+    if (live) epx__signal_peers(&d, EPX__FLAG_LL_FREE, n, true, true);
     epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
 }
 
@@ -298,7 +300,7 @@ static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t 
     if (live && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
-        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, false);
+        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, false, true); /* done reading the peers' outputs */
         epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n, false);
     }
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
