@@ -181,6 +181,9 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
             epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half);
             ce = cudaMalloc((void **)&m->stage, 2 * (size_t)m->ll_half);
         }
+        /* The memsets above run on the legacy stream, which the caller's non-blocking
+         * streams do not wait for: finish them before any call can use the words. */
+        if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
         if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_CUDA, "MoE setup: %s", cudaGetErrorString(ce));
     }
     epx_status_t st = epx__host_allgather(c->host, R, &hash, all, sizeof hash, local, err);
