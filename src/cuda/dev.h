@@ -18,20 +18,19 @@ extern "C" {
 
 /* ARRIVE and DONE hold operation numbers; WRITTEN counts the blocks of a peer's direct
  * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation). The
- * low-latency flags hold low-latency sequence numbers (see ll_seq): LL, the dispatch send
- * whose rows and routing a peer finished pushing into me; LL_FREE, the dispatch receive a
- * peer finished (its staging half of that parity may be written again); LLC_ARRIVE, the
- * combine send whose expert outputs a peer published; LLC_DONE, the combine receive a
- * peer finished (it no longer reads mine). */
+ * low-latency flags hold low-latency sequence numbers (see ll_seq): LL, 2 s + c for the
+ * dispatch send s whose rows and routing a peer finished pushing into me, c = 1 when that
+ * peer had then received every dispatch before s (so it no longer reads the staging half
+ * that send s + 1 fills); LLC_ARRIVE, the combine send whose expert outputs a peer
+ * published; LLC_DONE, the combine receive a peer finished (it no longer reads mine). */
 enum {
     EPX__FLAG_ARRIVE = 0,
     EPX__FLAG_DONE = 1,
     EPX__FLAG_WRITTEN = 2,
     EPX__FLAG_LL = 3,
-    EPX__FLAG_LL_FREE = 4,
-    EPX__FLAG_LLC_ARRIVE = 5,
-    EPX__FLAG_LLC_DONE = 6,
-    EPX__FLAG_KINDS = 7
+    EPX__FLAG_LLC_ARRIVE = 4,
+    EPX__FLAG_LLC_DONE = 5,
+    EPX__FLAG_KINDS = 6
 };
 
 /* Low-latency sequences (ll_seq[] and their last-block counters ll_blocks[]): each counts
@@ -173,14 +172,14 @@ typedef struct {
     char *out;
 } epx__ll_combine_t;
 
-/* Dispatch send s: once every destination freed the staging half of s's parity (its
- * receive s - 2 finished), push my rows (quantised when fp8) and my routing into the
- * peers' staging areas, then set my LL flag = s at each. */
+/* Dispatch send s: once every destination is done with the staging half of s's parity
+ * (its receive s - 2 finished: known from its LL flag, else read from its sequence), push
+ * my rows (quantised when fp8) and my routing into the peers' staging areas, then set my
+ * LL flag at each. */
 int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream);
 /* Dispatch receive s (the oldest send not received): wait for every peer's LL flag, then
  * lay out my experts' slots (sources ascending, tokens ascending) and the handle's slots;
- * with bad routing anywhere, every count is -1 and nothing else is written. Then tell
- * every source that the half is free (LL_FREE = s). */
+ * with bad routing anywhere, every count is -1 and nothing else is written. */
 int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
 /* Combine send s: my expert outputs are ready to be read (LLC_ARRIVE = s at every peer). */
 int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream);

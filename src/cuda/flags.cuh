@@ -119,14 +119,14 @@ static __device__ __forceinline__ void epx__ll_complete(const epx__cuda_dev_t *d
     }
 }
 
-/* Threads p < R (p != me unless with_me): flag `kind` from me = v at rank p, released
- * (my writes before it are visible first), or with `reads_only`, a relaxed store that only
- * says my earlier reads of p's memory are over (the caller has fenced at GPU scope). */
+/* Threads p < R, p != me: flag `kind` from me = v at rank p, released (my writes before it
+ * are visible first), or with `reads_only`, a relaxed store that only says my earlier reads
+ * of p's memory are over (the caller has fenced at GPU scope). */
 static __device__ __forceinline__ void epx__signal_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v,
-                                                         bool with_me, bool reads_only = false)
+                                                         bool reads_only = false)
 {
     int p = (int)threadIdx.x;
-    if (p >= d->nranks || (!with_me && p == d->rank)) return;
+    if (p >= d->nranks || p == d->rank) return;
     unsigned long long *f = d->peer_flags[p] + ((size_t)kind * d->nranks + d->rank) * EPX__FLAG_STRIDE;
     if (reads_only)
         epx__st_relaxed_sys(f, v);
@@ -135,13 +135,13 @@ static __device__ __forceinline__ void epx__signal_peers(const epx__cuda_dev_t *
 }
 
 /* Every thread of the block: 1 when every peer's flag `kind` here reached v (bounded). */
-static __device__ int epx__wait_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v, bool with_me)
+static __device__ int epx__wait_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v)
 {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
     int p = (int)threadIdx.x;
-    if (p < d->nranks && (with_me || p != d->rank) &&
+    if (p < d->nranks && p != d->rank &&
         !epx__wait_geq(d, d->flags + ((size_t)kind * d->nranks + p) * EPX__FLAG_STRIDE, v, p))
         ok = 0;
     __syncthreads();

@@ -13,7 +13,8 @@
  * kernel numbered by its own sequence in device memory, so a send and its receive can be
  * enqueued apart with other work between them, and two batches can be in flight: the
  * staging area has two halves (by the send's parity), and a send waits until every rank
- * received what the send two before it left in the half it is about to fill.
+ * received what the send two before it left in the half it is about to fill (known at
+ * once when the calls come whole, see epx__ll_half_free).
  */
 #include <cuda_runtime.h>
 
@@ -71,6 +72,32 @@ static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0,
     }
 }
 
+/* Is the staging half that send n fills free at every rank (each received send n - 2)?
+ * A rank whose LL flag says it had received all before a send >= n - 1 is; for another,
+ * wait (bounded) for its receive sequence, read over NVLink. My own receive n - 2 came
+ * before this send on my stream (at most two sends are pending). Every thread of the block
+ * calls it. */
+static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long long n)
+{
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    int q = (int)threadIdx.x;
+    if (n > 2 && q < d->nranks && q != d->rank) {
+        unsigned long long v = epx__ld_acquire_sys(d->flags + ((size_t)EPX__FLAG_LL * d->nranks + q) * EPX__FLAG_STRIDE);
+        if (!((v >> 1) >= n - 1 && (v & 1ull))) {
+            const unsigned long long *recvd =
+                (const unsigned long long *)((const char *)d->peer_flags[q] + ((const char *)d->ll_seq - (const char *)d->flags)) +
+                EPX__LL_DISPATCH_RECVD;
+            if (!epx__wait_geq(d, recvd, n - 2, q)) ok = 0;
+        }
+    }
+    __syncthreads();
+    int r = ok;
+    __syncthreads();
+    return r;
+}
+
 /* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank. */
 static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
@@ -78,7 +105,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
     int par = (int)(n & 1ull), me = a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
     /* The half of this parity was last filled by send n - 2: every rank must have received
      * it. (After a failed wait nothing is sent: the communicator is broken.) */
-    bool live = n <= 2 || epx__wait_peers(&d, EPX__FLAG_LL_FREE, n - 2, true);
+    bool live = epx__ll_half_free(&d, n);
     if (!live) T = 0;
     if (blockIdx.x == 0 && live)
         for (int q = 0; q < R; q++) {
@@ -170,7 +197,8 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
     /* The last block to finish tells every rank that my rows and routing are there. */
     __threadfence_system();
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_SENT)) return;
-    if (live) epx__signal_peers(&d, EPX__FLAG_LL, n, false);
+    unsigned long long caught_up = *(volatile unsigned long long *)(d.ll_seq + EPX__LL_DISPATCH_RECVD) + 1ull >= n;
+    if (live) epx__signal_peers(&d, EPX__FLAG_LL, 2 * n + caught_up);
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
 }
 
@@ -196,12 +224,12 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
 static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
-    bool live = epx__wait_peers(&d, EPX__FLAG_LL, n, false);
+    bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
     if (live) epx__ll_receive_body(a, (int)(n & 1ull));
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
-    /* The staging half may be refilled: every block's reads of it are over (the last-block
-     * count is fenced), and what they wrote need not be visible to the sources. */
-    if (live) epx__signal_peers(&d, EPX__FLAG_LL_FREE, n, true, true);
+    /* Sources may read this (over NVLink) before refilling the half: every block's reads of
+     * it are over (the last-block count is fenced). No flag is pushed to them: a store to
+     * a peer at the end of this kernel cost 4-7 us. */
     epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
 }
 
@@ -295,13 +323,13 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
 static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
-    if (send_too) epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n, false);
-    bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n, false);
+    if (send_too) epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     if (live && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
-        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, false, true); /* done reading the peers' outputs */
-        epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n, false);
+        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, true); /* done reading the peers' outputs */
+        epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n);
     }
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
@@ -311,7 +339,7 @@ static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t 
 static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_SENT);
-    epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n, false);
+    epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
 }
 
