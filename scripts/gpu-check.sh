@@ -12,6 +12,9 @@
 #   python    the Python package's tests with torch on the GPUs (python/tests)
 #   ll        low-latency MoE: T = 1, 8, 32, 128, 256 (FP8 dispatch), and T = 128 with bf16
 #   soak      the long soak on the CUDA backend: SOAK_ITERS (default 10000) exchanges on 2 ranks
+#   nccl      CUDA across hosts: the nccl_* tests (2 GPUs as 2 hosts, NCCL on sockets), then
+#             alltoall and MoE (HT bf16 T=4096, LL fp8 T=128) benchmarks across the 2
+#             simulated hosts, the NCCL baselines on the same transport in the same run
 #   quick     cpu cuda (no benchmarks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +89,19 @@ if has sweep; then
         EPX_CUDA_SMS=132 bench_moe moe_ht_fp8_132sms --dtype fp8
         bench_moe moe_ht_bf16_hostcount --dtype bf16 --count host
     } 2>&1 | tee "$OUT/sweep.txt" | grep -vE "progress"
+fi
+if has nccl; then
+    ctest --test-dir build-gpu --output-on-failure -R '^nccl_' --timeout 600 >"$OUT/ctest_nccl.log" 2>&1 || rc=1
+    grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_nccl.log" | tail -20
+    {
+        export EPX_LOCAL_SIZE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_SOCKET_IFNAME=lo NCCL_NVLS_ENABLE=0
+        $B/epx-bench alltoall --backend cuda --ranks 2 -b 1K -e 256M -f 16 -n 20 -w 5 -c 1 \
+            --json "$OUT/nccl_alltoall.json" || rc=1
+        $B/epx-bench moe --backend cuda --ranks 2 --tokens 4096 --hidden 7168 --topk 8 --experts 256 --mode ht \
+            --dtype bf16 -n 20 -w 5 -c 1 --json "$OUT/nccl_moe_ht_bf16.json" || rc=1
+        $B/epx-bench moe --backend cuda --ranks 2 --tokens 128 --hidden 7168 --topk 8 --experts 288 --mode ll \
+            --dtype fp8 -n 20 -w 5 --json "$OUT/nccl_moe_ll_fp8_t128.json" || rc=1
+    } 2>&1 | tee "$OUT/nccl_bench.txt" | grep -vE "progress"
 fi
 if has soak; then
     t0=$(date +%s)

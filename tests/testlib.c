@@ -69,6 +69,10 @@ bool test_init(int argc, char **argv)
     }
     const char *lr = getenv("EPX_LOCAL_RANK");
     test_device = (lr ? atoi(lr) : 0) % n;
+    /* EPX_TEST_GPU_PER_HOST=1: each simulated host (EPX_LOCAL_SIZE ranks) shares one GPU,
+     * so that NCCL, which takes one rank per GPU, can join the hosts. */
+    const char *gph = getenv("EPX_TEST_GPU_PER_HOST"), *ls = getenv("EPX_LOCAL_SIZE");
+    if (gph && atoi(gph) == 1 && ls && atoi(ls) > 0) test_device = ((lr ? atoi(lr) : 0) / atoi(ls)) % n;
     CUDA_OK(cudaSetDevice(test_device));
     CUDA_OK(cudaStreamCreateWithFlags(&test_cuda_stream, cudaStreamNonBlocking));
     return true;

@@ -10,6 +10,7 @@
 #include "../cpu/cpu.h"
 #include "../cuda/cuda.h"
 #include "../hier/hier.h"
+#include "../xhost/xhost.h"
 
 struct epx_comm {
     int rank, nranks;
@@ -22,6 +23,8 @@ struct epx_comm {
     epx__cuda_t *cuda; /* the CUDA backend, when in use */
     epx__net_t *net;   /* MPI, when the comm was made from an MPI communicator */
     epx__hier_t *hier; /* the CPU backend across hosts (cpu = this host's ranks), when in use */
+    epx__xhost_t *xh;  /* CUDA across hosts (cpu, cuda = this host's ranks; NCCL between), when in use */
+    epx__boot_t *host_boot; /* the bootstrap of this host's ranks (CUDA across hosts) */
     epx_status_t async_error; /* set once a timeout or peer failure broke the comm */
     char async_msg[EPX__ERRMSG_LEN]; /* and the message that said why */
     int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
@@ -38,6 +41,11 @@ void epx__moe_detach_all(epx_comm_t comm);
 
 /* epx_comm_init_mpi's work, with `mpi_comm` pointing to the MPI_Comm (comm.c). */
 epx_status_t epx__comm_init_net(epx_comm_t *comm, const void *mpi_comm, const epx_config_t *cfg);
+
+/* epx_comm_init_rank's work; `nccl` (an epx__nccl_t *, or NULL) is an adopted NCCL
+ * communicator that a CUDA communicator across hosts uses instead of making its own. */
+epx_status_t epx__comm_init(epx_comm_t *comm, int nranks, int rank, const epx_unique_id_t *id, const epx_config_t *cfg,
+                            void *nccl);
 
 /* Validate `comm` and that it is still healthy; on error return the status to give back. */
 epx_status_t epx__comm_check(epx_comm_t comm);

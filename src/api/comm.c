@@ -116,12 +116,78 @@ static epx_status_t epx__config_resolve(const epx_config_t *user_cfg, epx_config
     return EPX_SUCCESS;
 }
 
+/* A CUDA communicator whose ranks are on several hosts: this host's ranks get their own
+ * bootstrap, shared memory and CUDA backend; NCCL joins the hosts (src/xhost). */
+static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *all, int device, epx__nccl_t *nccl)
+{
+    int R = c->nranks;
+    int *host_of = malloc(sizeof(int) * 2 * (size_t)R), *lrank_of = host_of ? host_of + R : NULL;
+    struct {
+        int64_t status;
+        epx_unique_id_t id;
+    } card, *cards = calloc((size_t)R, sizeof card);
+    epx_status_t st = host_of && cards ? EPX_SUCCESS : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (st != EPX_SUCCESS) {
+        free(host_of), free(cards);
+        epx__nccl_destroy(nccl, false);
+        return st;
+    }
+    /* Everyone's host and local rank, as epx__topology numbers them. */
+    int64_t ls = epx__param_int(EPX__P_LOCAL_SIZE);
+    int first = -1, nh = 0;
+    for (int r = 0; r < R; r++) {
+        if (ls > 0) {
+            int l = (int)EPX__MIN(ls, (int64_t)R);
+            host_of[r] = r / l, lrank_of[r] = r % l;
+            continue;
+        }
+        host_of[r] = -1, lrank_of[r] = 0;
+        for (int q = 0; q < r; q++)
+            if (all[q].host_hash == all[r].host_hash) host_of[r] = host_of[q], lrank_of[r]++;
+        if (host_of[r] < 0) host_of[r] = nh++;
+    }
+    for (int r = 0; r < R && first < 0; r++)
+        if (host_of[r] == c->host) first = r;
+    memset(&card, 0, sizeof card);
+    if (c->local_rank == 0) card.status = epx__boot_create_id(&card.id, &c->err);
+    st = epx__boot_allgather(c->boot, &card, cards, sizeof card, &c->err);
+    if (st == EPX_SUCCESS && cards[first].status != EPX_SUCCESS)
+        st = epx__fail(&c->err, EPX_ERR_REMOTE_INVALID, "local rank 0 of host %d could not create its rendezvous id",
+                       c->host);
+    epx_status_t local = st;
+    if (local == EPX_SUCCESS) {
+        c->nonce = epx__id_nonce(&cards[first].id);
+        int32_t pid = (int32_t)getpid(), *pids = malloc(sizeof(int32_t) * (size_t)c->local_size);
+        local = pids ? epx__boot_init(&c->host_boot, c->local_size, c->local_rank, &cards[first].id, &pid, sizeof pid,
+                                      pids, c->timeout_ms, &c->err)
+                     : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+        free(pids);
+    }
+    if (local == EPX_SUCCESS)
+        local = epx__cpu_create(&c->cpu, c->host_boot, c->local_rank, c->local_size, c->nonce, c->timeout_ms, &c->err);
+    if (local == EPX_SUCCESS)
+        local = epx__cuda_create(&c->cuda, c->cpu, c->local_rank, c->local_size, device, c->timeout_ms, &c->err);
+    /* xhost agrees on every step; it runs even after a local failure so that no rank waits. */
+    st = epx__xhost_create(&c->xh, c->boot, c->cpu, c->cuda, nccl, c->rank, R, host_of, lrank_of, c->timeout_ms,
+                           local, &c->err);
+    if (local != EPX_SUCCESS) st = local;
+    free(host_of), free(cards);
+    return st;
+}
+
 epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx_unique_id_t *id,
                                 const epx_config_t *user_cfg)
+{
+    return epx__comm_init(out, nranks, rank, id, user_cfg, NULL);
+}
+
+epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_unique_id_t *id,
+                            const epx_config_t *user_cfg, void *nccl)
 {
     if (!out) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm is NULL");
     *out = NULL;
     if (!id) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "id is NULL");
+    if (nccl && (rank < 0 || rank >= nranks)) epx__nccl_destroy(nccl, false), nccl = NULL;
     if (nranks < 1) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "nranks = %d must be >= 1", nranks);
     if (rank < 0 || rank >= nranks)
         return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "rank = %d is outside [0, %d)", rank, nranks);
@@ -167,6 +233,16 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
         }
     }
     epx__topology(c, all);
+    if (backend == EPX_BACKEND_CUDA && c->num_hosts > 1) {
+        epx__nccl_t *n = nccl; /* passes to the xhost layer */
+        nccl = NULL;
+        EPX__CHECK_GOTO(epx__comm_init_xhost(c, all, cfg.device == EPX_UNSET ? -1 : cfg.device, n), st, fail);
+        free(all);
+        EPX_INFO(INIT, "rank %d/%d: CUDA comm ready across hosts (host %d/%d, local %d/%d)", rank, nranks, c->host,
+                 c->num_hosts, c->local_rank, c->local_size);
+        *out = c;
+        return EPX_SUCCESS;
+    }
     for (int r = 0; r < nranks; r++) {
         if (all[r].host_hash != mine.host_hash) {
             st = epx__fail(&c->err, EPX_ERR_UNSUPPORTED,
@@ -189,7 +265,11 @@ epx_status_t epx_comm_init_rank(epx_comm_t *out, int nranks, int rank, const epx
     return EPX_SUCCESS;
 fail:
     free(all);
+    epx__nccl_destroy(nccl, false);
+    epx__xhost_destroy(c->xh, true);
+    epx__cuda_destroy(c->cuda);
     epx__cpu_destroy(c->cpu, true);
+    epx__boot_close(c->host_boot);
     epx__boot_close(c->boot);
     free(c->scratch);
     free(c);
@@ -319,9 +399,11 @@ fail:
 static void epx__comm_free(epx_comm_t c, bool abort)
 {
     epx__moe_detach_all(c);
+    epx__xhost_destroy(c->xh, abort);
     epx__cuda_destroy(c->cuda);
     epx__hier_destroy(c->hier);
     epx__cpu_destroy(c->cpu, abort);
+    epx__boot_close(c->host_boot);
     epx__boot_close(c->boot);
     epx__net_destroy(c->net, abort);
     free(c->scratch);

@@ -11,6 +11,7 @@ struct epx_moe {
     epx__cpu_moe_t *cpu;   /* one of the three backends */
     epx__cuda_moe_t *cuda;
     epx__hier_moe_t *hier;
+    epx__xhost_moe_t *xh; /* CUDA across hosts */
 };
 
 /* A low-latency handle's state: ready (its dispatch received, no combine pending), or a
@@ -27,21 +28,27 @@ struct epx_moe_handle {
     epx__cpu_moe_handle_t *cpu;
     epx__cuda_moe_handle_t *cuda;
     epx__hier_moe_handle_t *hier;
+    epx__xhost_moe_handle_t *xh;
 };
 
 static int64_t epx__handle_rows(epx_moe_handle_t h)
 {
-    return h->cuda ? epx__cuda_moe_handle_rows(h->cuda)
+    return h->xh     ? epx__xhost_moe_handle_rows(h->xh)
+           : h->cuda ? epx__cuda_moe_handle_rows(h->cuda)
            : h->hier ? epx__hier_moe_handle_rows(h->hier)
                      : epx__cpu_moe_handle_rows(h->cpu);
 }
 
 static int epx__handle_tokens(epx_moe_handle_t h)
 {
-    return h->cuda ? epx__cuda_moe_handle_tokens(h->cuda)
+    return h->xh     ? epx__xhost_moe_handle_tokens(h->xh)
+           : h->cuda ? epx__cuda_moe_handle_tokens(h->cuda)
            : h->hier ? epx__hier_moe_handle_tokens(h->hier)
                      : epx__cpu_moe_handle_tokens(h->cpu);
 }
+
+/* Is the context on the GPU (routing and buffers in device memory)? */
+#define EPX__ON_GPU(moe) ((moe)->cuda != NULL || (moe)->xh != NULL)
 
 static bool epx__is_token_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32 || d == EPX_FP8_E4M3; }
 static bool epx__is_combine_dtype(int d) { return d == EPX_BF16 || d == EPX_F16 || d == EPX_F32; }
@@ -119,7 +126,8 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
     m->comm = comm;
     epx_status_t local = epx__moe_shape(comm->nranks, comm->rank, cfg, &m->shape, &comm->err);
     uint64_t hash = epx__hash64(&m->shape.hidden, offsetof(epx__moe_shape_t, num_sms) - offsetof(epx__moe_shape_t, hidden), 0);
-    epx_status_t st = comm->cuda   ? epx__cuda_moe_create(comm->cuda, &m->shape, hash, local, &m->cuda, &comm->err)
+    epx_status_t st = comm->xh     ? epx__xhost_moe_create(comm->xh, &m->shape, hash, local, &m->xh, &comm->err)
+                      : comm->cuda ? epx__cuda_moe_create(comm->cuda, &m->shape, hash, local, &m->cuda, &comm->err)
                       : comm->hier ? epx__hier_moe_create(comm->hier, &m->shape, hash, local, &m->hier, &comm->err)
                                    : epx__cpu_moe_create(comm->cpu, &m->shape, hash, local, &m->cpu, &comm->err);
     if (st == EPX_ERR_REMOTE_INVALID && local != EPX_SUCCESS) st = local;
@@ -157,6 +165,7 @@ epx_status_t epx_moe_destroy(epx_moe_t moe)
     epx__cpu_moe_destroy(moe->cpu);
     epx__cuda_moe_destroy(moe->cuda); /* device memory only once detached: safe after its communicator */
     epx__hier_moe_destroy(moe->hier);
+    epx__xhost_moe_destroy(moe->xh);
     free(moe);
     return EPX_SUCCESS;
 }
@@ -168,6 +177,8 @@ void epx__moe_detach_all(epx_comm_t comm)
         epx__cpu_moe_destroy(m->cpu); /* lives in the communicator's shared memory */
         epx__hier_moe_destroy(m->hier); /* and in its host and network transports */
         epx__cuda_moe_detach(m->cuda);   /* its mappings pinned in the communicator's IPC cache */
+        epx__xhost_moe_destroy(m->xh);   /* lives in the communicator's transports */
+        m->xh = NULL;
         m->cpu = NULL;
         m->hier = NULL;
         m->comm = NULL;
@@ -282,11 +293,13 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
         return epx__fail(NULL, EPX_ERR_ABORTED, "the communicator of this MoE context was destroyed or aborted");
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
-    EPX__REQUIRE(!stream || moe->cuda, "stream must be NULL on the CPU backend");
+    EPX__REQUIRE(!stream || EPX__ON_GPU(moe), "stream must be NULL on the CPU backend");
     EPX__CHECK(epx__check_tokens(s, err, num_tokens, topk));
-    EPX__CHECK(epx__check_routing(s, err, topk_idx, num_tokens, topk, moe->cuda != NULL));
+    EPX__CHECK(epx__check_routing(s, err, topk_idx, num_tokens, topk, EPX__ON_GPU(moe)));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_rank", per_rank, false, 4));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_expert", per_expert, false, 4));
+    if (moe->xh)
+        return epx__xhost_moe_layout(moe->xh, topk_idx, num_tokens, topk, per_rank, per_expert, in_rank, stream, err);
     if (moe->cuda)
         return epx__cuda_moe_layout(moe->cuda, topk_idx, num_tokens, topk, per_rank, per_expert, in_rank, stream, err);
     return epx__layout(topk_idx, s->index_dtype, num_tokens, topk, s->num_experts, s->nranks, per_rank, per_expert,
@@ -294,15 +307,17 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
 }
 
 static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu, epx__cuda_moe_handle_t *cuda,
-                                    epx__hier_moe_handle_t *hier, epx_moe_handle_t *out)
+                                    epx__hier_moe_handle_t *hier, epx__xhost_moe_handle_t *xh, epx_moe_handle_t *out)
 {
     epx_moe_handle_t h = calloc(1, sizeof *h);
     if (!h) {
         epx__cpu_moe_handle_free(cpu);
         epx__cuda_moe_handle_free(cuda);
         epx__hier_moe_handle_free(hier);
+        epx__xhost_moe_handle_free(xh);
         return epx__fail(&moe->comm->err, EPX_ERR_NO_MEMORY, "out of memory");
     }
+    h->xh = xh;
     h->moe = moe;
     h->mode = mode;
     h->cpu = cpu;
@@ -313,7 +328,7 @@ static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle
 }
 
 #define EPX__STREAM_CHECK(moe, err, stream)                                                                       \
-    ((stream) && !(moe)->cuda ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend") \
+    ((stream) && !EPX__ON_GPU(moe) ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend") \
                               : EPX_SUCCESS)
 
 epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
@@ -322,17 +337,19 @@ epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, ep
     EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_HIGH_THROUGHPUT));
     epx__errbuf_t *err = &moe->comm->err;
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
-    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, false, moe->cuda != NULL);
+    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, false, EPX__ON_GPU(moe));
     if (local == EPX_SUCCESS && !handle) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "handle is NULL");
     epx__cpu_moe_handle_t *h = NULL;
     epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
-    epx_status_t st = moe->cuda   ? epx__cuda_moe_dispatch(moe->cuda, in, out, local, &hc, stream, err)
+    epx__xhost_moe_handle_t *hx = NULL;
+    epx_status_t st = moe->xh     ? epx__xhost_moe_dispatch(moe->xh, in, out, local, &hx, stream, err)
+                      : moe->cuda ? epx__cuda_moe_dispatch(moe->cuda, in, out, local, &hc, stream, err)
                       : moe->hier ? epx__hier_moe_dispatch(moe->hier, in, out, local, &hh, err)
                                   : epx__cpu_moe_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, hc, hh, handle);
+    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, hc, hh, hx, handle);
 }
 
 epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
@@ -342,7 +359,7 @@ epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, con
     epx__errbuf_t *err = &moe->comm->err;
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
     if (local == EPX_SUCCESS) local = epx__check_handle(moe, handle, EPX_MOE_HIGH_THROUGHPUT);
-    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, true, moe->cuda != NULL);
+    if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, true, EPX__ON_GPU(moe));
     if (local == EPX_SUCCESS && in->num_tokens != epx__handle_tokens(handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in.num_tokens = %d but the handle routed %d tokens",
                           in->num_tokens, epx__handle_tokens(handle));
@@ -354,7 +371,8 @@ epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, con
                           (long long)out->capacity, (long long)need);
     bool ok = local == EPX_SUCCESS;
     epx_status_t st =
-        moe->cuda   ? epx__cuda_moe_dispatch_cached(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+        moe->xh     ? epx__xhost_moe_dispatch_cached(moe->xh, ok ? handle->xh : NULL, in, out, local, stream, err)
+        : moe->cuda ? epx__cuda_moe_dispatch_cached(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
         : moe->hier ? epx__hier_moe_dispatch_cached(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
                     : epx__cpu_moe_dispatch_cached(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
@@ -379,7 +397,8 @@ epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_m
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out_topk_weights", out->out_topk_weights, false, 4);
     }
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = moe->cuda   ? epx__cuda_moe_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+    epx_status_t st = moe->xh     ? epx__xhost_moe_combine(moe->xh, ok ? handle->xh : NULL, in, out, local, stream, err)
+                      : moe->cuda ? epx__cuda_moe_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
                       : moe->hier ? epx__hier_moe_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
                                   : epx__cpu_moe_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     return epx__comm_result(moe->comm, st);
@@ -416,7 +435,7 @@ static epx_status_t epx__ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in, out or handle is NULL");
     if (local == EPX_SUCCESS) local = epx__check_tokens(s, err, in->num_tokens, in->topk);
     if (local == EPX_SUCCESS)
-        local = epx__check_routing(s, err, in->topk_idx, in->num_tokens, in->topk, moe->cuda != NULL);
+        local = epx__check_routing(s, err, in->topk_idx, in->num_tokens, in->topk, EPX__ON_GPU(moe));
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "in.x", in->x, in->num_tokens > 0, epx_dtype_size(s->dtype));
     bool slots = s->ll_slots > 0;
     if (local == EPX_SUCCESS)
@@ -430,13 +449,16 @@ static epx_status_t epx__ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in
     epx__cpu_moe_handle_t *h = NULL;
     epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
-    /* The CPU backends move everything in the send; their receive only keeps the order. */
-    epx_status_t st = moe->cuda   ? epx__cuda_moe_ll_dispatch(moe->cuda, in, out, local, split, &hc, stream, err)
+    epx__xhost_moe_handle_t *hx = NULL;
+    /* Only the single-host CUDA backend splits; the others move everything in the send and
+     * their receive only keeps the order. */
+    epx_status_t st = moe->xh     ? epx__xhost_moe_ll_dispatch(moe->xh, in, out, local, &hx, stream, err)
+                      : moe->cuda ? epx__cuda_moe_ll_dispatch(moe->cuda, in, out, local, split, &hc, stream, err)
                       : moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
                                   : epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    st = epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, hc, hh, handle);
+    st = epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, hc, hh, hx, handle);
     if (st == EPX_SUCCESS && split) epx__ll_push(moe->comm, EPX__LL_KIND_DISPATCH, *handle);
     return st;
 }
@@ -475,7 +497,8 @@ static epx_status_t epx__ll_combine(epx_moe_t moe, epx_moe_handle_t handle, cons
     }
     bool ok = local == EPX_SUCCESS;
     epx_status_t st =
-        moe->cuda   ? epx__cuda_moe_ll_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, split, stream, err)
+        moe->xh     ? epx__xhost_moe_ll_combine(moe->xh, ok ? handle->xh : NULL, in, out, local, stream, err)
+        : moe->cuda ? epx__cuda_moe_ll_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, split, stream, err)
         : moe->hier ? epx__hier_moe_ll_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
                     : epx__cpu_moe_ll_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
     st = epx__comm_result(moe->comm, st);
@@ -508,7 +531,7 @@ static epx_status_t epx__ll_recv(epx_moe_t moe, epx_moe_handle_t handle, int kin
     if (c->ll_npending[kind] == 0 || c->ll_pending[kind][0] != handle)
         return epx__fail(&c->err, EPX_ERR_INVALID_USAGE, "no low-latency %s send is pending on this handle", name);
     epx_status_t st = EPX_SUCCESS;
-    if (moe->cuda) st = epx__comm_result(c, epx__cuda_moe_ll_recv(moe->cuda, handle->cuda, kind == EPX__LL_KIND_COMBINE,
+    if (moe->cuda && !moe->xh) st = epx__comm_result(c, epx__cuda_moe_ll_recv(moe->cuda, handle->cuda, kind == EPX__LL_KIND_COMBINE,
                                                                   stream, &c->err));
     if (st != EPX_SUCCESS) return st;
     c->ll_pending[kind][0] = c->ll_pending[kind][1];
@@ -537,6 +560,7 @@ epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
     epx__cpu_moe_handle_free(handle->cpu);
     epx__cuda_moe_handle_free(handle->cuda);
     epx__hier_moe_handle_free(handle->hier);
+    epx__xhost_moe_handle_free(handle->xh);
     free(handle);
     return EPX_SUCCESS;
 }

@@ -19,14 +19,35 @@ epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t
 epx_status_t epx__hier_net_xchg(epx__hier_t *h, int tag, const void *const *sbuf, const int64_t *sbytes,
                                 void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
 {
-    EPX__CHECK(epx__net_start(h->net, tag, sbuf, sbytes, rbuf, rbytes, err));
-    return epx__net_wait(h->net, deadline, err);
+    return h->link.xchg(h->link.ctx, tag, sbuf, sbytes, rbuf, rbytes, deadline, err);
+}
+
+/* The MPI link. */
+static epx_status_t epx__mpi_allreduce(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)
+{
+    return epx__net_allreduce_sum(ctx, v, n, deadline, err);
+}
+
+static epx_status_t epx__mpi_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
+                                  const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+{
+    EPX__CHECK(epx__net_start(ctx, tag, sbuf, sbytes, rbuf, rbytes, err));
+    return epx__net_wait(ctx, deadline, err);
 }
 
 epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
                               const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err)
 {
-    int R = epx__net_size(net), me = epx__net_rank(net);
+    epx__hier_link_t link = {net, epx__mpi_allreduce, epx__mpi_xchg};
+    EPX__CHECK(epx__hier_create_link(out, cpu, &link, epx__net_rank(net), epx__net_size(net), host_of, lrank_of,
+                                     timeout_ms, err));
+    (*out)->net = net;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__hier_create_link(epx__hier_t **out, epx__cpu_t *cpu, const epx__hier_link_t *link, int me, int R,
+                                   const int *host_of, const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err)
+{
     epx__hier_t *h = calloc(1, sizeof *h);
     if (!h) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     epx__topo_t *t = &h->t;
@@ -53,7 +74,7 @@ epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *ne
     t->local_rank = lrank_of[me];
     t->local_size = t->host_size[t->host];
     h->cpu = cpu;
-    h->net = net;
+    h->link = *link;
     h->timeout_ms = timeout_ms;
     *out = h;
     return EPX_SUCCESS;
@@ -84,6 +105,7 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
 {
     const epx__topo_t *t = &h->t;
     int R = t->nranks, me = t->rank, LS = t->local_size;
+    if (!h->net) return epx__fail(err, EPX_ERR_INTERNAL, "hierarchical alltoallv needs the MPI engine");
     const uint32_t seq = ++h->seq;
     const uint64_t deadline = epx__deadline_after_ms(h->timeout_ms);
     epx_status_t st = EPX_SUCCESS;

@@ -40,10 +40,29 @@ typedef struct {
 
 typedef struct epx__hier epx__hier_t;
 
+/* The transport between hosts that MoE runs on: MPI (src/net), or NCCL for GPU ranks (the
+ * link src/xhost builds: host buffers staged through device memory). Both calls are
+ * collective in the sense of the MPI ones they stand for and bounded by `deadline`:
+ *   allreduce_sum  v[0..n) summed over all ranks, in place;
+ *   xchg           sbytes[p] bytes from sbuf[p] to rank p, rbytes[p] from p into rbuf[p]
+ *                  (0 = none), complete on return; `tag` tells concurrent batches apart. */
+typedef struct {
+    void *ctx;
+    epx_status_t (*allreduce_sum)(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err);
+    epx_status_t (*xchg)(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
+                         const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err);
+} epx__hier_link_t;
+
 /* Local: build the backend over this host's `cpu` (local ranks) and `net` (all ranks).
  * host_of / lrank_of are copied. Owns neither cpu nor net. */
 epx_status_t epx__hier_create(epx__hier_t **hier, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
                               const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err);
+/* The same over another link (MoE only: epx__hier_alltoallv needs an MPI net). The link's
+ * point-to-point pairs are those of MoE: a rank and the rank of the same local index on
+ * another host (hosts of equal size). */
+epx_status_t epx__hier_create_link(epx__hier_t **hier, epx__cpu_t *cpu, const epx__hier_link_t *link, int rank,
+                                   int nranks, const int *host_of, const int *lrank_of, int64_t timeout_ms,
+                                   epx__errbuf_t *err);
 void epx__hier_destroy(epx__hier_t *hier);
 const epx__topo_t *epx__hier_topo(const epx__hier_t *hier);
 
@@ -75,5 +94,6 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
 void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h);
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h);
+int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h);
 
 #endif /* EPX_HIER_H */

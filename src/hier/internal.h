@@ -7,7 +7,8 @@
 struct epx__hier {
     epx__topo_t t;
     epx__cpu_t *cpu;
-    epx__net_t *net;
+    epx__net_t *net;       /* MPI, or NULL on a link of another kind */
+    epx__hier_link_t link; /* what MoE calls */
     int64_t timeout_ms;
     uint32_t seq; /* operations so far (the same on every rank): tags of their messages */
     char *scratch;

@@ -159,7 +159,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         if (counts)
             for (int q = 0; q < R; q++) v[EPX__CARD * R + q] = per_rank[q];
     }
-    epx_status_t st = epx__net_allreduce_sum(m->h->net, v, n, deadline, err);
+    epx_status_t st = m->h->link.allreduce_sum(m->h->link.ctx, v, n, deadline, err);
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++)
         if (v[EPX__CARD * p] != EPX_SUCCESS)
@@ -221,7 +221,7 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
     if (st == EPX_SUCCESS) {
         v[t->rank] = local;
         v[R + t->rank] = (int64_t)config_hash;
-        st = epx__net_allreduce_sum(h->net, v, 2 * R, epx__deadline_after_ms(h->timeout_ms), err);
+        st = h->link.allreduce_sum(h->link.ctx, v, 2 * R, epx__deadline_after_ms(h->timeout_ms), err);
     }
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
@@ -261,6 +261,7 @@ void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h)
 
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h) { return h->rows; }
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h) { return h->T; }
+int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h) { return h->K; }
 
 /* ---- Routing: meta step ----------------------------------------------------------------------- */
 

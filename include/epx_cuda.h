@@ -1,0 +1,35 @@
+/*
+ * epx with NCCL: communicators whose GPUs span several hosts. Installed with every build;
+ * epx_comm_init_nccl returns EPX_ERR_UNSUPPORTED (with a message) in builds without NCCL
+ * or where libnccl.so.2 cannot be loaded. No NCCL header is needed to include this one.
+ *
+ * A CUDA communicator made by epx_comm_init_rank / epx_comm_init_from_env whose ranks are
+ * on several hosts (or on hosts simulated with EPX_LOCAL_SIZE) creates its NCCL
+ * communicators itself, from epx's bootstrap. epx_comm_init_nccl adopts the caller's
+ * instead. Either way hosts must hold the same number of ranks, numbered consecutively.
+ */
+#ifndef EPX_PUBLIC_CUDA_H
+#define EPX_PUBLIC_CUDA_H
+
+#include "epx.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Collective over the ranks of `nccl_comm`, an ncclComm_t passed as a pointer (ncclComm_t
+ * is itself a pointer type: pass it as is). epx rank r is NCCL rank r; cfg may be NULL
+ * (the backend is CUDA; cfg.device defaults to the NCCL communicator's device). NCCL
+ * carries epx's rendezvous id from rank 0 to the others, then the communicator is made as
+ * by epx_comm_init_rank. When its ranks span several hosts, epx moves data between hosts
+ * on `nccl_comm` (point-to-point, on the streams the calls are given); on one host it
+ * uses NVLink only. The caller keeps ownership: destroy the epx communicator before
+ * nccl_comm. epx never aborts it: after EPX_ERR_TIMEOUT or EPX_ERR_NCCL the caller must
+ * ncclCommAbort it. Fails alike on every rank. */
+EPX_API epx_status_t epx_comm_init_nccl(epx_comm_t *comm, void *nccl_comm, const epx_config_t *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EPX_PUBLIC_CUDA_H */

@@ -1,0 +1,50 @@
+/*
+ * src/nccl: the transport between GPU hosts — NCCL point-to-point. Uses src/core and the
+ * CUDA runtime only; no NCCL type appears here, so the layers above compile without
+ * nccl.h. Built from nccl.c when NCCL's headers are found (libnccl.so.2 is loaded at run
+ * time, so libepx loads on machines without it), else from stub.c.
+ *
+ * Every wait is bounded: communicators are non-blocking (blocking = 0) and each wait polls
+ * ncclCommGetAsyncError and the stream until a deadline; past it an owned communicator is
+ * aborted and the call returns EPX_ERR_TIMEOUT. NCCL errors return EPX_ERR_NCCL.
+ */
+#ifndef EPX_NCCL_H
+#define EPX_NCCL_H
+
+#include "../core/core.h"
+
+#define EPX__NCCL_ID_BYTES 128 /* sizeof(ncclUniqueId) */
+
+typedef struct epx__nccl epx__nccl_t;
+
+/* Is NCCL usable here (built in, library loadable)? On false, *why says why. */
+bool epx__nccl_available(const char **why);
+
+/* A new unique id (on one rank; hand it to the others). */
+epx_status_t epx__nccl_get_id(void *id, epx__errbuf_t *err);
+/* Collective over the `nranks` ranks given `id`: a communicator on the current device,
+ * created non-blocking and waited for until `timeout_ms`. */
+epx_status_t epx__nccl_create(epx__nccl_t **nccl, int nranks, int rank, const void *id, int64_t timeout_ms,
+                              epx__errbuf_t *err);
+/* Wrap the caller's ncclComm_t (not owned: never destroyed or aborted here). */
+epx_status_t epx__nccl_adopt(epx__nccl_t **nccl, void *nccl_comm, int64_t timeout_ms, epx__errbuf_t *err);
+/* Local. `abort`: ncclCommAbort instead of a clean destroy (owned communicators only). */
+void epx__nccl_destroy(epx__nccl_t *nccl, bool abort);
+int epx__nccl_rank(const epx__nccl_t *nccl);
+int epx__nccl_size(const epx__nccl_t *nccl);
+/* The CUDA device of the communicator. */
+int epx__nccl_device(const epx__nccl_t *nccl);
+
+/* Enqueue one group on `stream` (a cudaStream_t): sbytes[p] bytes of device memory from
+ * sbuf[p] to peer p, rbytes[p] from peer p into rbuf[p] (0 = none). Returns once NCCL has
+ * enqueued the group; the data is there when the stream reaches it. */
+epx_status_t epx__nccl_post(epx__nccl_t *nccl, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
+                            const int64_t *rbytes, void *stream, uint64_t deadline, epx__errbuf_t *err);
+/* Wait until `stream` has run everything enqueued so far, watching the communicator. */
+epx_status_t epx__nccl_wait(epx__nccl_t *nccl, void *stream, uint64_t deadline, epx__errbuf_t *err);
+/* The same exchange for host buffers: staged through device memory on an internal
+ * stream; complete on return. */
+epx_status_t epx__nccl_host_xchg(epx__nccl_t *nccl, const void *const *sbuf, const int64_t *sbytes,
+                                 void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err);
+
+#endif /* EPX_NCCL_H */

@@ -1,0 +1,323 @@
+/* src/xhost: creation, the NCCL link of src/hier, alltoallv and barrier across hosts. */
+#include <cuda_runtime_api.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, size_t len, epx__errbuf_t *err)
+{
+    return epx__boot_allgather(xh->boot, mine, all, len, err);
+}
+
+epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
+{
+    return epx__nccl_wait(xh->nccl, stream, epx__deadline_after_ms(xh->timeout_ms), err);
+}
+
+/* ---- The link src/hier's MoE runs on ----------------------------------------------------- */
+
+static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)
+{
+    epx__xhost_t *xh = ctx;
+    (void)deadline; /* the bootstrap bounds each of its rounds by EPX_TIMEOUT_MS */
+    int64_t *all = malloc(sizeof *all * (size_t)n * (size_t)xh->nranks);
+    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st = epx__xh_allgather(xh, v, all, sizeof *v * (size_t)n, err);
+    for (int i = 0; i < n && st == EPX_SUCCESS; i++) {
+        int64_t s = 0;
+        for (int p = 0; p < xh->nranks; p++) s += all[(size_t)p * (size_t)n + (size_t)i];
+        v[i] = s;
+    }
+    free(all);
+    return st;
+}
+
+static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes,
+                                   void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+{
+    epx__xhost_t *xh = ctx;
+    (void)tag; /* one batch at a time, matched in order */
+    int P = epx__nccl_size(xh->nccl);
+    const void **sp = calloc((size_t)P, sizeof *sp);
+    void **rp = calloc((size_t)P, sizeof *rp);
+    int64_t *sb = calloc(2 * (size_t)P, sizeof *sb), *rb = sb ? sb + P : NULL;
+    epx_status_t st = sp && rp && sb ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++) {
+        if (sbytes[p] == 0 && rbytes[p] == 0) continue;
+        int q = epx__xh_peer(xh, p);
+        if (q < 0 || p == xh->rank) {
+            st = epx__fail(err, EPX_ERR_INTERNAL, "xhost link: rank %d is not on rank %d's rail", p, xh->rank);
+            break;
+        }
+        sp[q] = sbuf[p], sb[q] = sbytes[p];
+        rp[q] = rbuf[p], rb[q] = rbytes[p];
+    }
+    if (st == EPX_SUCCESS) st = epx__nccl_host_xchg(xh->nccl, sp, sb, rp, rb, deadline, err);
+    free(sp), free(rp), free(sb);
+    return st;
+}
+
+/* ---- Create / destroy ------------------------------------------------------------------ */
+
+/* Agree on a creation step: the worst status of all ranks. */
+static epx_status_t epx__agree(epx__xhost_t *xh, epx_status_t st, epx__errbuf_t *err)
+{
+    int64_t v = st, *all = malloc(sizeof *all * (size_t)xh->nranks);
+    if (!all) return st != EPX_SUCCESS ? st : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t ag = epx__xh_allgather(xh, &v, all, sizeof v, err);
+    for (int p = 0; p < xh->nranks && ag == EPX_SUCCESS && st == EPX_SUCCESS; p++)
+        if (all[p] != EPX_SUCCESS)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d failed to create its part of the NCCL engine (%s)", p,
+                           epx_status_name((epx_status_t)all[p]));
+    free(all);
+    return st != EPX_SUCCESS ? st : ag;
+}
+
+epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t *cpu, epx__cuda_t *cuda,
+                               epx__nccl_t *adopted, int rank, int nranks, const int *host_of, const int *lrank_of,
+                               int64_t timeout_ms, epx_status_t local, epx__errbuf_t *err)
+{
+    *out = NULL;
+    epx__xhost_t *xh = calloc(1, sizeof *xh);
+    if (!xh) {
+        epx__nccl_destroy(adopted, false);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    xh->boot = boot, xh->cpu = cpu, xh->cuda = cuda;
+    xh->rank = rank, xh->nranks = nranks, xh->timeout_ms = timeout_ms;
+    xh->host = host_of[rank], xh->lrank = lrank_of[rank];
+    xh->nccl = adopted, xh->adopted = adopted != NULL;
+    for (int p = 0; p < nranks; p++) xh->num_hosts = EPX__MAX(xh->num_hosts, host_of[p] + 1);
+    xh->ls = nranks / EPX__MAX(xh->num_hosts, 1);
+    for (int p = 0; p < nranks && local == EPX_SUCCESS; p++)
+        if (host_of[p] != p / xh->ls || lrank_of[p] != p % xh->ls || xh->ls * xh->num_hosts != nranks)
+            local = epx__fail(err, EPX_ERR_UNSUPPORTED,
+                              "CUDA across hosts needs hosts of equal size holding consecutive ranks (rank %d is "
+                              "local rank %d of host %d)",
+                              p, lrank_of[p], host_of[p]);
+    if (local == EPX_SUCCESS && adopted && epx__nccl_size(adopted) != nranks)
+        local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "the NCCL communicator has %d ranks, epx's %d",
+                          epx__nccl_size(adopted), nranks);
+    /* Rails: rank (0, i) makes rail i's id. */
+    struct {
+        int64_t status;
+        char id[EPX__NCCL_ID_BYTES];
+    } card, *cards = calloc((size_t)nranks, sizeof card);
+    memset(&card, 0, sizeof card);
+    if (!cards) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (local == EPX_SUCCESS && !adopted && xh->host == 0) local = epx__nccl_get_id(card.id, err);
+    card.status = local;
+    epx_status_t st = cards ? epx__xh_allgather(xh, &card, cards, sizeof card, err) : local;
+    if (st == EPX_SUCCESS) st = local;
+    for (int p = 0; p < nranks && st == EPX_SUCCESS; p++)
+        if (cards[p].status != EPX_SUCCESS)
+            st = epx__fail(err, cards[p].status == EPX_ERR_UNSUPPORTED ? EPX_ERR_UNSUPPORTED : EPX_ERR_REMOTE_INVALID,
+                           "rank %d could not join the NCCL engine (%s)", p,
+                           epx_status_name((epx_status_t)cards[p].status));
+    if (st == EPX_SUCCESS && !adopted)
+        st = epx__agree(xh, epx__nccl_create(&xh->nccl, xh->num_hosts, xh->host, cards[xh->lrank].id, timeout_ms, err),
+                        err);
+    free(cards);
+    if (st == EPX_SUCCESS) {
+        epx__hier_link_t link = {xh, epx__link_allreduce, epx__link_xchg};
+        st = epx__agree(xh, epx__hier_create_link(&xh->hier, cpu, &link, rank, nranks, host_of, lrank_of, timeout_ms, err),
+                        err);
+    }
+    if (st != EPX_SUCCESS) {
+        epx__xhost_destroy(xh, true);
+        return st;
+    }
+    EPX_INFO(NET, "rank %d: CUDA across %d hosts of %d ranks, NCCL %s", rank, xh->num_hosts, xh->ls,
+             adopted ? "adopted" : "rails");
+    *out = xh;
+    return EPX_SUCCESS;
+}
+
+void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
+{
+    if (!xh) return;
+    epx__hier_destroy(xh->hier);
+    if (xh->gw) cudaFree(xh->gw);
+    if (xh->fwd) cudaFree(xh->fwd);
+    cudaGetLastError();
+    epx__nccl_destroy(xh->nccl, abort);
+    free(xh);
+}
+
+/* ---- alltoallv ---------------------------------------------------------------------------- */
+
+static epx_status_t epx__grow_dev(char **buf, size_t *cap, size_t bytes, epx__errbuf_t *err)
+{
+    if (bytes <= *cap) return EPX_SUCCESS;
+    if (*buf) cudaFree(*buf);
+    *buf = NULL;
+    *cap = 0;
+    size_t want = EPX__MAX(bytes, (size_t)1 << 20);
+    cudaError_t ce = cudaMalloc((void **)buf, want);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "alltoallv staging (%zu bytes): %s", want, cudaGetErrorString(ce));
+    *cap = want;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
+                                  epx__errbuf_t *err)
+{
+    int R = xh->nranks, me = xh->rank, LS = xh->ls, NH = xh->num_hosts, i = xh->lrank, H0 = xh->host * LS;
+    size_t W = 1 + 2 * (size_t)R;
+    int64_t *card = calloc(W * (size_t)(R + 1), sizeof *card), *all = card ? card + W : NULL;
+    if (!card) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    card[0] = local;
+    for (int p = 0; p < R && local == EPX_SUCCESS; p++) card[1 + p] = x->send_bytes[p], card[1 + R + p] = x->recv_bytes[p];
+    /* 1. Everyone's counts; every rank reaches the same verdict before anything moves. */
+    epx_status_t st = epx__xh_allgather(xh, card, all, sizeof *card * W, err);
+#define EPX__SEND(p, q) all[(size_t)(p)*W + 1 + (size_t)(q)]
+#define EPX__RECV(p, q) all[(size_t)(p)*W + 1 + (size_t)R + (size_t)(q)]
+    if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++)
+        if (all[(size_t)p * W] != EPX_SUCCESS)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
+                           epx_status_name((epx_status_t)all[(size_t)p * W]));
+    for (int q = 0; q < R && st == EPX_SUCCESS; q++) /* my pairs first: they say MISMATCH */
+        if (EPX__SEND(me, q) != EPX__RECV(q, me) || EPX__SEND(q, me) != EPX__RECV(me, q))
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d and rank %d disagree on their counts (%lld/%lld sent, "
+                           "%lld/%lld expected); nothing was written", me, q, (long long)EPX__SEND(me, q),
+                           (long long)EPX__SEND(q, me), (long long)EPX__RECV(q, me), (long long)EPX__RECV(me, q));
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++)
+        for (int q = 0; q < R && st == EPX_SUCCESS; q++)
+            if (EPX__SEND(p, q) != EPX__RECV(q, p))
+                st = epx__fail(err, p == me || q == me ? EPX_ERR_MISMATCH : EPX_ERR_REMOTE_INVALID,
+                               "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written", p,
+                               (long long)EPX__SEND(p, q), q, (long long)EPX__RECV(q, p));
+    if (st != EPX_SUCCESS) {
+        free(card);
+        return st;
+    }
+    int P = epx__nccl_size(xh->nccl);
+    int64_t *lx = calloc(4 * (size_t)LS + 4 * (size_t)P, sizeof *lx);
+    const void **sp = calloc((size_t)P, sizeof *sp);
+    void **rp = calloc((size_t)P, sizeof *rp);
+    if (!lx || !sp || !rp) {
+        free(card), free(lx), free(sp), free(rp);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    int64_t *lsb = lx, *lsd = lx + LS, *lrb = lx + 2 * LS, *lrd = lx + 3 * LS, *sb = lx + 4 * LS, *rb = sb + P;
+    /* 2. Pairs inside the host: the CUDA backend, straight between the callers' buffers. */
+    for (int l = 0; l < LS; l++) {
+        lsb[l] = x->send_bytes[H0 + l], lsd[l] = x->send_displ[H0 + l];
+        lrb[l] = x->recv_bytes[H0 + l], lrd[l] = x->recv_displ[H0 + l];
+    }
+    epx__cpu_xfer_t lxf = {x->send, lsb, lsd, x->recv, lrb, lrd};
+    st = epx__cuda_alltoallv(xh->cuda, &lxf, EPX_SUCCESS, stream, err);
+    /* 3. Other hosts, along my rail: one NCCL group per destination local index j. As
+     * gateway I receive, for each j, the segments of my rail peers (A, i) for rank (me's
+     * host, j), host-major: the j blocks lie back to back in xh->gw. */
+    size_t gw_total = 0, fwd_total = 0;
+    for (int j = 0; j < LS; j++)
+        for (int A = 0; A < NH; A++)
+            if (A != xh->host) gw_total += (size_t)EPX__SEND(A * LS + i, H0 + j);
+    for (int l = 0; l < LS; l++)
+        for (int A = 0; A < NH; A++)
+            if (A != xh->host && l != i) fwd_total += (size_t)EPX__SEND(A * LS + l, me);
+    if (st == EPX_SUCCESS && (gw_total > xh->gw_bytes || fwd_total > xh->fwd_bytes)) {
+        st = epx__xh_sync(xh, stream, err); /* earlier calls may still read the staging */
+        if (st == EPX_SUCCESS) st = epx__grow_dev(&xh->gw, &xh->gw_bytes, gw_total, err);
+        if (st == EPX_SUCCESS) st = epx__grow_dev(&xh->fwd, &xh->fwd_bytes, fwd_total, err);
+    }
+    uint64_t deadline = epx__deadline_after_ms(xh->timeout_ms);
+    size_t off = 0;
+    for (int j = 0; j < LS && st == EPX_SUCCESS; j++) {
+        memset(sb, 0, sizeof *sb * 2 * (size_t)P);
+        for (int B = 0; B < NH; B++) {
+            if (B == xh->host) continue;
+            int g = B * LS + i, q = epx__xh_peer(xh, g), dst = B * LS + j, src = g;
+            sp[q] = (const char *)x->send + x->send_displ[dst], sb[q] = x->send_bytes[dst];
+            rp[q] = xh->gw + off, rb[q] = EPX__SEND(src, H0 + j);
+            off += (size_t)rb[q];
+        }
+        st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, stream, deadline, err);
+    }
+    /* 4. Forward inside the host: block j of xh->gw to local rank j. */
+    if (st == EPX_SUCCESS && LS > 1) {
+        off = 0;
+        int64_t roff = 0;
+        for (int j = 0; j < LS; j++) {
+            int64_t n = 0, m = 0;
+            for (int A = 0; A < NH; A++)
+                if (A != xh->host) n += EPX__SEND(A * LS + i, H0 + j), m += EPX__SEND(A * LS + j, me);
+            lsd[j] = (int64_t)off, lsb[j] = j == i ? 0 : n;
+            lrd[j] = roff, lrb[j] = j == i ? 0 : m;
+            off += (size_t)n;
+            roff += lrb[j];
+        }
+        epx__cpu_xfer_t fx = {xh->gw, lsb, lsd, xh->fwd, lrb, lrd};
+        st = epx__cuda_alltoallv(xh->cuda, &fx, EPX_SUCCESS, stream, err);
+    }
+    /* 5. Into place: my own block of xh->gw and what the other gateways forwarded. */
+    if (st == EPX_SUCCESS) {
+        size_t o = 0;
+        for (int j = 0; j < i; j++)
+            for (int A = 0; A < NH; A++)
+                if (A != xh->host) o += (size_t)EPX__SEND(A * LS + i, H0 + j);
+        size_t fo = 0;
+        cudaError_t ce = cudaSuccess;
+        for (int l = 0; l < LS && ce == cudaSuccess; l++)
+            for (int A = 0; A < NH && ce == cudaSuccess; A++) {
+                if (A == xh->host) continue;
+                int src = A * LS + l;
+                size_t n = (size_t)EPX__SEND(src, me);
+                const char *from = l == i ? xh->gw + o : xh->fwd + fo;
+                if (n) ce = cudaMemcpyAsync((char *)x->recv + x->recv_displ[src], from, n, cudaMemcpyDeviceToDevice,
+                                            (cudaStream_t)stream);
+                if (l == i)
+                    o += n;
+                else
+                    fo += n;
+            }
+        if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "alltoallv copies: %s", cudaGetErrorString(ce));
+    }
+#undef EPX__SEND
+#undef EPX__RECV
+    free(card), free(lx), free(sp), free(rp);
+    return st;
+}
+
+epx_status_t epx__xhost_alltoallv_device(epx__xhost_t *xh, const epx__cuda_counts_t *k, epx_status_t local,
+                                         void *stream, epx__errbuf_t *err)
+{
+    int R = xh->nranks;
+    int64_t *h = calloc(8 * (size_t)R, sizeof *h);
+    if (!h) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    int64_t *sc = h, *sd = h + R, *rc = h + 2 * R, *rd = h + 3 * R, *b = h + 4 * R;
+    const int64_t *src[4] = {k->send_counts, k->send_displs, k->recv_counts, k->recv_displs};
+    if (local == EPX_SUCCESS) local = epx__xh_sync(xh, stream, err);
+    for (int a = 0; a < 4 && local == EPX_SUCCESS; a++) {
+        cudaError_t ce = cudaMemcpy(h + (size_t)a * R, src[a], sizeof *h * (size_t)R, cudaMemcpyDeviceToHost);
+        if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "reading the device counts: %s", cudaGetErrorString(ce));
+    }
+    for (int p = 0; p < R && local == EPX_SUCCESS; p++) {
+        if (sc[p] < 0 || sd[p] < 0 || rc[p] < 0 || rd[p] < 0)
+            local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "a device count or displacement for rank %d is negative", p);
+        b[p] = sc[p] * k->elem_bytes, b[R + p] = sd[p] * k->elem_bytes;
+        b[2 * R + p] = rc[p] * k->elem_bytes, b[3 * R + p] = rd[p] * k->elem_bytes;
+    }
+    epx__cpu_xfer_t x = {k->send, b, b + R, k->recv, b + 2 * R, b + 3 * R};
+    epx_status_t st = epx__xhost_alltoallv(xh, local == EPX_SUCCESS ? &x : NULL, local, stream, err);
+    free(h);
+    return st;
+}
+
+epx_status_t epx__xhost_barrier(epx__xhost_t *xh, epx_status_t local, void *stream, epx__errbuf_t *err)
+{
+    if (local == EPX_SUCCESS) local = epx__xh_sync(xh, stream, err);
+    int64_t v = local, *all = malloc(sizeof *all * (size_t)xh->nranks);
+    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st = epx__xh_allgather(xh, &v, all, sizeof v, err);
+    if (st == EPX_SUCCESS) st = local;
+    for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++)
+        if (all[p] != EPX_SUCCESS)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d could not enter the barrier (%s)", p,
+                           epx_status_name((epx_status_t)all[p]));
+    free(all);
+    return st;
+}

@@ -1,0 +1,87 @@
+/*
+ * src/xhost: the CUDA backend for GPUs on several hosts. It composes, per host, the
+ * single-host CUDA backend (src/cuda, over this host's ranks: CUDA IPC, NVLink) with NCCL
+ * between hosts (src/nccl), and runs MoE through the hierarchical algorithm of src/hier
+ * over an NCCL link. It calls only those layers and src/core; control (agreement on
+ * arguments) goes over the communicator's TCP bootstrap.
+ *
+ * Hosts must hold the same number of ranks, numbered consecutively (host h holds ranks
+ * h*LS .. h*LS+LS-1), as with EPX_LOCAL_SIZE or a block placement. NCCL connects *rails*:
+ * the ranks of one local index on every host (one communicator per rail, made by epx; or
+ * the caller's communicator over all ranks, adopted). Data between two hosts only ever
+ * travels along a rail: a segment from rank (A, i) to rank (B, j) goes to (B, i) over NCCL,
+ * then to (B, j) inside host B.
+ *
+ * alltoall(v): on the device, on the caller's stream — the host-local pairs through the
+ * CUDA backend; the others as above (grouped ncclSend/ncclRecv, one group per destination
+ * local index, then one intra-host exchange of the forwarded segments and device copies
+ * into place). One host round first agrees on every rank's counts (MPI semantics: a
+ * mismatched pair fails with EPX_ERR_MISMATCH, the other ranks with
+ * EPX_ERR_REMOTE_INVALID, nothing written).
+ *
+ * MoE (moe.c) — SIMPLIFIED: inputs are copied to the host (after a wait for the caller's
+ * stream), src/hier runs the exact hierarchical algorithm (a token crosses to each
+ * destination host once, to the rank of the same local index, and fans out inside the
+ * host through shared memory; combine chains float32 partial sums host by host), its
+ * inter-host messages go over NCCL (host buffers staged through device memory), and the
+ * outputs are copied back on the caller's stream. Results are bit-identical to the
+ * single-host backends; speed is not the point of this version.
+ */
+#ifndef EPX_XHOST_H
+#define EPX_XHOST_H
+
+#include "../cuda/cuda.h"
+#include "../hier/hier.h"
+#include "../nccl/nccl.h"
+
+typedef struct epx__xhost epx__xhost_t;
+
+/* Collective over every rank (the bootstrap `boot` spans them all; `cpu` and `cuda` span
+ * this host's ranks). Creates the rail NCCL communicators, or takes `adopted` (an NCCL
+ * communicator over all ranks, rank r = epx rank r; ownership passes here). Fails alike on
+ * every rank; `local` is this rank's verdict on what came before (others then fail too).
+ * Owns none of boot, cpu, cuda. */
+epx_status_t epx__xhost_create(epx__xhost_t **xh, epx__boot_t *boot, epx__cpu_t *cpu, epx__cuda_t *cuda,
+                               epx__nccl_t *adopted, int rank, int nranks, const int *host_of, const int *lrank_of,
+                               int64_t timeout_ms, epx_status_t local, epx__errbuf_t *err);
+void epx__xhost_destroy(epx__xhost_t *xh, bool abort);
+
+/* The contracts of their src/cuda namesakes, over every rank. */
+epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
+                                  epx__errbuf_t *err);
+/* Counts in device memory: read back once (a wait for the stream), then as above. */
+epx_status_t epx__xhost_alltoallv_device(epx__xhost_t *xh, const epx__cuda_counts_t *k, epx_status_t local,
+                                         void *stream, epx__errbuf_t *err);
+/* Every rank's stream has reached the barrier when it returns. */
+epx_status_t epx__xhost_barrier(epx__xhost_t *xh, epx_status_t local, void *stream, epx__errbuf_t *err);
+
+/* ---- MoE (moe.c): the contract of the src/cuda MoE functions. ---- */
+typedef struct epx__xhost_moe epx__xhost_moe_t;
+typedef struct epx__xhost_moe_handle epx__xhost_moe_handle_t;
+epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
+                                   epx__xhost_moe_t **out, epx__errbuf_t *err);
+void epx__xhost_moe_destroy(epx__xhost_moe_t *m);
+/* Local layout: the routing is read back and laid out on the host. */
+epx_status_t epx__xhost_moe_layout(epx__xhost_moe_t *m, const void *topk_idx, int num_tokens, int topk,
+                                   int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank, void *stream,
+                                   epx__errbuf_t *err);
+epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                     epx_status_t local, epx__xhost_moe_handle_t **handle, void *stream,
+                                     epx__errbuf_t *err);
+epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
+                                            const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                            epx_status_t local, void *stream, epx__errbuf_t *err);
+epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
+                                    const epx_moe_combine_in_t *in, epx_moe_combine_out_t *out, epx_status_t local,
+                                    void *stream, epx__errbuf_t *err);
+epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local,
+                                        epx__xhost_moe_handle_t **handle, void *stream, epx__errbuf_t *err);
+epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
+                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
+                                       epx__errbuf_t *err);
+void epx__xhost_moe_handle_free(epx__xhost_moe_handle_t *h);
+int64_t epx__xhost_moe_handle_rows(const epx__xhost_moe_handle_t *h);
+int epx__xhost_moe_handle_tokens(const epx__xhost_moe_handle_t *h);
+
+#endif /* EPX_XHOST_H */
