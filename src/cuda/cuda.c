@@ -359,16 +359,17 @@ void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base)
 
 /* ---- alltoallv ---------------------------------------------------------------------------- */
 
-static epx_status_t epx__check_cards(const epx__cuda_t *c, const epx__a2a_card_t *in, const epx__cpu_xfer_t *x,
+/* `in`: the peers' cards; `out`: mine, as announced (x's counts, unless a fault changed them). */
+static epx_status_t epx__check_cards(const epx__cuda_t *c, const epx__a2a_card_t *in, const epx__a2a_card_t *out,
                                      epx__errbuf_t *err)
 {
     for (int p = 0; p < c->nranks; p++) {
-        if (in[p].send_bytes != x->recv_bytes[p])
+        if (in[p].send_bytes != out[p].recv_bytes)
             return epx__fail(err, EPX_ERR_MISMATCH, "rank %d sends %lld bytes to rank %d, which expects %lld", p,
-                             (long long)in[p].send_bytes, c->rank, (long long)x->recv_bytes[p]);
-        if (in[p].recv_bytes != x->send_bytes[p])
+                             (long long)in[p].send_bytes, c->rank, (long long)out[p].recv_bytes);
+        if (in[p].recv_bytes != out[p].send_bytes)
             return epx__fail(err, EPX_ERR_MISMATCH, "rank %d sends %lld bytes to rank %d, which expects %lld", c->rank,
-                             (long long)x->send_bytes[p], p, (long long)in[p].recv_bytes);
+                             (long long)out[p].send_bytes, p, (long long)in[p].recv_bytes);
     }
     return EPX_SUCCESS;
 }
@@ -508,7 +509,7 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
     if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) cards[(c->rank + 1) % R].send_bytes += 1;
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
     const epx__a2a_card_t *in = cards + R;
-    if (st == EPX_SUCCESS) st = epx__check_cards(c, in, x, err);
+    if (st == EPX_SUCCESS) st = epx__check_cards(c, in, cards, err);
     /* A disagreement is seen only by the two ranks of the pair: agree on the verdict, so
      * that no rank enqueues an operation the others skip. */
     if (st == EPX_SUCCESS || st == EPX_ERR_MISMATCH) {
