@@ -334,7 +334,11 @@ EPX_API epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows);
 /* Local: the layout of this rank's routing. Any output may be NULL.
  * num_tokens_per_rank[R]: tokens with at least one expert on each rank (once per rank);
  * num_tokens_per_expert[E]: tokens routed to each expert (once per token);
- * is_token_in_rank[T, R]: 1 where the token goes to the rank, else 0. */
+ * is_token_in_rank[T, R]: 1 where the token goes to the rank, else 0.
+ * On the CUDA backend nothing waits for the device (capturable in a CUDA graph), so the
+ * expert ids are checked on the device: if any is out of [-1, E), the call succeeds but
+ * writes -1 to every count and leaves is_token_in_rank as it was. On the CPU backend that
+ * is EPX_ERR_INVALID_ARGUMENT, nothing written. */
 EPX_API epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens, int topk,
                                     int32_t *num_tokens_per_rank, int32_t *num_tokens_per_expert,
                                     uint8_t *is_token_in_rank, void *stream);
@@ -429,7 +433,35 @@ typedef struct {
 EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in,
                                         void *out, void *stream);
 
-/* Free a handle (local). NULL is accepted. */
+/* Low-latency in two halves, so that other work runs between them (on the CUDA backend no
+ * SM waits for the peers meanwhile), and double buffering.
+ *
+ * epx_moe_ll_dispatch_send takes epx_moe_ll_dispatch's arguments, sends this rank's tokens
+ * and returns the handle; epx_moe_ll_dispatch_recv(handle) then receives and writes the
+ * outputs given to the send. epx_moe_ll_combine_send takes epx_moe_ll_combine's arguments
+ * and publishes y (peers read it from then on); epx_moe_ll_combine_recv(handle) reads the
+ * peers' rows and writes out. y must not change until that receive has completed (in
+ * stream order on CUDA). The outputs are complete once the receive has completed; the
+ * results are those of the one-call versions. On the CPU backends the send does all the
+ * work and the receive only keeps the order.
+ *
+ * Rules, per communicator (every rank makes the same calls in the same order): at most two
+ * sends of each kind pending (sent, not yet received); receives in the order of their
+ * sends; epx_moe_ll_dispatch / epx_moe_ll_combine only while no send of their kind is
+ * pending; a combine only on a handle whose dispatch was received; a handle with a pending
+ * send cannot be destroyed. A call that breaks a rule returns EPX_ERR_INVALID_USAGE (a send
+ * fails on every rank, the others getting EPX_ERR_REMOTE_INVALID; a receive, a local call,
+ * fails on the calling rank only) and changes nothing. The receive goes on a stream
+ * ordered after the send's. */
+EPX_API epx_status_t epx_moe_ll_dispatch_send(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in,
+                                              epx_moe_ll_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
+EPX_API epx_status_t epx_moe_ll_dispatch_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream);
+EPX_API epx_status_t epx_moe_ll_combine_send(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in,
+                                             void *out, void *stream);
+EPX_API epx_status_t epx_moe_ll_combine_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream);
+
+/* Free a handle (local). NULL is accepted. EPX_ERR_INVALID_USAGE while a low-latency send
+ * on it is pending. */
 EPX_API epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle);
 
 /* Rows received by the dispatch that made `handle` (host value; -1 when that dispatch ran

@@ -5,7 +5,8 @@
  * operation number on the device). Then a MoE dispatch (worst-case capacity, count on the
  * device: no host synchronisation) + an identity expert + combine, captured once and
  * replayed with new tokens AND new routing every time: rows, sources, count and combined
- * output all checked; the same for low-latency dispatch + combine, 1000 replays. Then
+ * output all checked; the same for low-latency dispatch + combine, 1000 replays, and for two
+ * batches in flight through the low-latency send/receive halves, 500 replays. Then
  * epx_alltoallv_device: counts in device memory, changed before
  * every replay, and a count mismatch that must surface as an asynchronous error. Run with
  * 2+ ranks and --cuda.
@@ -279,87 +280,122 @@ static float g_weight(int it, int p, int t, int k)
     return (float)(test_mix((uint64_t)it + 31, (uint64_t)p, (uint64_t)t, (uint64_t)k) >> 40) * 0x1p-24f;
 }
 
-static int replay_ll(epx_comm_t comm, int me, int R, int rounds)
+/* Low-latency dispatch + identity expert + combine in a graph. With `split`, two batches
+ * in flight through the send/receive halves: send A, send B, receive A, receive B, for
+ * dispatch and then combine; batch b of replay `it` uses data generation 2 * it + b. */
+static int replay_ll(epx_comm_t comm, int me, int R, int rounds, bool split)
 {
     cudaStream_t s = test_stream();
-    int E = 4 * R, L = 4;
+    int E = 4 * R, L = 4, NB = split ? 2 : 1;
     epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
     cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.mode = EPX_MOE_LOW_LATENCY;
     epx_moe_t moe;
     ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
     size_t slots = (size_t)R * GT, xb = (size_t)GT * GH * 2, rb = (size_t)L * slots * GH * 2;
-    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
-    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
-    float *w = test_buf_alloc(sizeof(float) * GT * GK), *hw = malloc(sizeof(float) * GT * GK);
-    int32_t *count = test_buf_alloc(sizeof(int32_t) * (size_t)L), hcount[4];
+    struct {
+        uint16_t *x, *recv, *out;
+        int64_t *idx;
+        float *w;
+        int32_t *count;
+        epx_moe_handle_t h;
+    } b[2];
+    float *hw = malloc(sizeof(float) * GT * GK);
+    int32_t hcount[4];
     uint16_t *hx = malloc(xb), *hout = malloc(xb);
     int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
-    epx_moe_ll_dispatch_in_t in = {x, idx, GT, GK};
-    epx_moe_ll_dispatch_out_t dout = {recv, NULL, count, NULL, NULL};
-    epx_moe_ll_combine_in_t cin = {recv, w}; /* the identity expert: y = recv_x */
-#define L_PUT(it)                                                                                  \
+    for (int i = 0; i < NB; i++) {
+        b[i].x = test_buf_alloc(xb), b[i].recv = test_buf_alloc(rb), b[i].out = test_buf_alloc(xb);
+        b[i].idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
+        b[i].w = test_buf_alloc(sizeof(float) * GT * GK);
+        b[i].count = test_buf_alloc(sizeof(int32_t) * (size_t)L);
+    }
+#define L_PUT(gen, i)                                                                              \
     do {                                                                                           \
         for (int t = 0; t < GT; t++) {                                                             \
-            for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(it, me, t, h);                       \
+            for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(gen, me, t, h);                      \
             for (int k = 0; k < GK; k++) {                                                         \
-                hidx[t * GK + k] = g_expert(it, me, t, k, E);                                      \
-                hw[t * GK + k] = g_weight(it, me, t, k);                                           \
+                hidx[t * GK + k] = g_expert(gen, me, t, k, E);                                     \
+                hw[t * GK + k] = g_weight(gen, me, t, k);                                          \
             }                                                                                      \
         }                                                                                          \
-        test_buf_put(x, hx, xb);                                                                   \
-        test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);                                        \
-        test_buf_put(w, hw, sizeof(float) * GT * GK);                                              \
+        test_buf_put(b[i].x, hx, xb);                                                              \
+        test_buf_put(b[i].idx, hidx, sizeof(int64_t) * GT * GK);                                   \
+        test_buf_put(b[i].w, hw, sizeof(float) * GT * GK);                                         \
     } while (0)
-    L_PUT(-1);
-    epx_moe_handle_t h;
-    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s)); /* maps y outside the capture */
-    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
-    ASSERT_OK(epx_moe_handle_destroy(h));
+    /* Enqueue the whole step: every batch's dispatch, then every batch's combine. */
+#define L_STEP()                                                                                   \
+    do {                                                                                           \
+        for (int i = 0; i < NB; i++) {                                                             \
+            epx_moe_ll_dispatch_in_t in = {b[i].x, b[i].idx, GT, GK};                              \
+            epx_moe_ll_dispatch_out_t dout = {b[i].recv, NULL, b[i].count, NULL, NULL};            \
+            ASSERT_OK(split ? epx_moe_ll_dispatch_send(moe, &in, &dout, &b[i].h, s)                \
+                            : epx_moe_ll_dispatch(moe, &in, &dout, &b[i].h, s));                   \
+        }                                                                                          \
+        for (int i = 0; split && i < NB; i++) ASSERT_OK(epx_moe_ll_dispatch_recv(moe, b[i].h, s)); \
+        for (int i = 0; i < NB; i++) {                                                             \
+            epx_moe_ll_combine_in_t cin = {b[i].recv, b[i].w}; /* the identity expert */           \
+            ASSERT_OK(split ? epx_moe_ll_combine_send(moe, b[i].h, &cin, b[i].out, s)              \
+                            : epx_moe_ll_combine(moe, b[i].h, &cin, b[i].out, s));                 \
+        }                                                                                          \
+        for (int i = 0; split && i < NB; i++) ASSERT_OK(epx_moe_ll_combine_recv(moe, b[i].h, s));  \
+    } while (0)
+    for (int i = 0; i < NB; i++) L_PUT(-1 - i, i);
+    L_STEP(); /* maps y outside the capture */
+    for (int i = 0; i < NB; i++) ASSERT_OK(epx_moe_handle_destroy(b[i].h));
     test_sync();
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
-    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s));
-    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
+    L_STEP();
     CU(cudaStreamEndCapture(s, &graph));
     CU(cudaGraphInstantiate(&exec, graph, 0));
     for (int it = 0; it < rounds; it++) {
-        L_PUT(it);
-        test_buf_poison(out, 0xA5, xb);
-        test_buf_poison(count, 0xA5, sizeof(int32_t) * (size_t)L);
-        CU(cudaGraphLaunch(exec, s));
-        test_buf_get(hcount, count, sizeof(int32_t) * (size_t)L);
-        test_buf_get(hout, out, xb);
-        for (int l = 0; l < L; l++) {
-            int e = me * L + l, n = 0;
-            for (int p = 0; p < R; p++)
-                for (int t = 0; t < GT; t++) {
-                    bool to = false;
-                    for (int k = 0; k < GK; k++) to = to || g_expert(it, p, t, k, E) == e;
-                    n += to;
-                }
-            if (hcount[l] != n) TEST_FAIL_("ll replay %d: recv_count[%d] = %d, expected %d", it, l, hcount[l], n);
+        for (int i = 0; i < NB; i++) {
+            L_PUT(NB * it + i, i);
+            test_buf_poison(b[i].out, 0xA5, xb);
+            test_buf_poison(b[i].count, 0xA5, sizeof(int32_t) * (size_t)L);
         }
-        for (int t = 0; t < GT; t++)
-            for (int hh = 0; hh < GH; hh++) {
-                float v = epx_bf16_to_float(g_x(it, me, t, hh)), acc = 0.0f;
-                for (int k = 0; k < GK; k++)
-                    if (g_expert(it, me, t, k, E) >= 0) {
-                        float prod = g_weight(it, me, t, k) * v;
-                        acc += prod;
+        CU(cudaGraphLaunch(exec, s));
+        for (int i = 0; i < NB; i++) {
+            int gen = NB * it + i;
+            test_buf_get(hcount, b[i].count, sizeof(int32_t) * (size_t)L);
+            test_buf_get(hout, b[i].out, xb);
+            for (int l = 0; l < L; l++) {
+                int e = me * L + l, n = 0;
+                for (int p = 0; p < R; p++)
+                    for (int t = 0; t < GT; t++) {
+                        bool to = false;
+                        for (int k = 0; k < GK; k++) to = to || g_expert(gen, p, t, k, E) == e;
+                        n += to;
                     }
-                if (hout[t * GH + hh] != epx_float_to_bf16(acc))
-                    TEST_FAIL_("ll replay %d: combine out[%d][%d] = 0x%x, expected 0x%x", it, t, hh, hout[t * GH + hh],
-                               epx_float_to_bf16(acc));
+                if (hcount[l] != n)
+                    TEST_FAIL_("ll replay %d batch %d: recv_count[%d] = %d, expected %d", it, i, l, hcount[l], n);
             }
+            for (int t = 0; t < GT; t++)
+                for (int hh = 0; hh < GH; hh++) {
+                    float v = epx_bf16_to_float(g_x(gen, me, t, hh)), acc = 0.0f;
+                    for (int k = 0; k < GK; k++)
+                        if (g_expert(gen, me, t, k, E) >= 0) {
+                            float prod = g_weight(gen, me, t, k) * v;
+                            acc += prod;
+                        }
+                    if (hout[t * GH + hh] != epx_float_to_bf16(acc))
+                        TEST_FAIL_("ll replay %d batch %d: combine out[%d][%d] = 0x%x, expected 0x%x", it, i, t, hh,
+                                   hout[t * GH + hh], epx_float_to_bf16(acc));
+                }
+        }
     }
 #undef L_PUT
+#undef L_STEP
     CU(cudaGraphExecDestroy(exec));
     CU(cudaGraphDestroy(graph));
-    ASSERT_OK(epx_moe_handle_destroy(h));
+    for (int i = 0; i < NB; i++) ASSERT_OK(epx_moe_handle_destroy(b[i].h));
     test_sync();
     ASSERT_OK(epx_moe_destroy(moe));
-    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(w), test_buf_free(count);
+    for (int i = 0; i < NB; i++) {
+        test_buf_free(b[i].x), test_buf_free(b[i].recv), test_buf_free(b[i].out), test_buf_free(b[i].idx);
+        test_buf_free(b[i].w), test_buf_free(b[i].count);
+    }
     free(hx), free(hout), free(hidx), free(hw);
     return rounds;
 }
@@ -375,7 +411,8 @@ int main(int argc, char **argv)
     passed += replay(comm, me, R, 100, 200);    /* eager slots */
     passed += replay(comm, me, R, 100000, 200); /* direct kernel */
     passed += replay_moe(comm, me, R, 200);
-    passed += replay_ll(comm, me, R, 1000);
+    passed += replay_ll(comm, me, R, 1000, false);
+    passed += replay_ll(comm, me, R, 500, true); /* two batches in flight, send/receive halves */
     passed += alltoallv_device(comm, me, R, 100);
     alltoallv_device_mismatch(comm, me, R); /* breaks rank 0's communicator: last */
     epx_comm_destroy(comm); /* rank 0's is broken: its status is not the point here */

@@ -1223,6 +1223,103 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
     return 1;
 }
 
+/* Low-latency in halves, two batches in flight: send A, send B, receive A and B, then the
+ * same for combine, three rounds (the staging halves are each reused), every output checked
+ * against the reference; then every misuse of the rules (epx.h) fails with
+ * EPX_ERR_INVALID_USAGE and changes nothing, and the context still works after them. */
+typedef struct {
+    world_t W;
+    ll_bufs_t B;
+    epx_moe_handle_t h;
+    void *dy, *dw;
+    uint16_t *out, *dout;
+    size_t out_b;
+} ll_batch_t;
+
+static void ll_batch_combine_inputs(ll_batch_t *b)
+{
+    int T = b->W.T[me];
+    uint16_t *y = ll_make_y(&b->W, &b->B);
+    b->dy = dev_in(y, ll_y_bytes(&b->W, &b->B) + 64, ll_y_bytes(&b->W, &b->B));
+    b->dw = dev_in(b->W.w[me], sizeof(float) * (size_t)(T * b->W.K + 1), sizeof(float) * (size_t)(T * b->W.K));
+    free(y);
+    poison(b->dout, b->out_b + GUARD);
+}
+
+static void expect_usage(epx_status_t st, const char *what)
+{
+    if (st != EPX_ERR_INVALID_USAGE)
+        TEST_FAIL_("split ll: %s -> %s, expected EPX_ERR_INVALID_USAGE (%s)", what, epx_status_name(st),
+                   epx_comm_get_last_error(comm));
+}
+
+static int run_ll_split(void)
+{
+    mcase_t c = {"ll split", -3, 6, 200, 9, EPX_BF16, EPX_UNSET, EPX_I64, 1, ROUTE_ZIPF, 10, 0, 0, EPX_MOE_LOW_LATENCY, 1, EPX_SCALE_F32};
+    ll_batch_t b[2];
+    epx_moe_t moe = NULL;
+    void *st_ = test_stream();
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 2; i++) {
+            world_init(&b[i].W, &c, 9100 + (uint64_t)(2 * round + i));
+            if (!moe) moe = create_checked(&b[0].W, "ll split");
+            ll_alloc(&b[i].W, &b[i].B);
+            ll_poison(&b[i].B);
+            b[i].out_b = (size_t)b[i].W.T[me] * (size_t)b[i].W.H * 2;
+            b[i].out = palloc(b[i].out_b);
+            b[i].dout = dev_out(b[i].out_b);
+        }
+        for (int i = 0; i < 2; i++) {
+            epx_moe_ll_dispatch_in_t in = ll_in(&b[i].W, &b[i].B);
+            epx_moe_ll_dispatch_out_t o = ll_out(&b[i].B);
+            ASSERT_OK(epx_moe_ll_dispatch_send(moe, &in, &o, &b[i].h, st_));
+        }
+        if (round == 0) { /* misuse while two dispatches are pending */
+            epx_moe_ll_dispatch_in_t in = ll_in(&b[0].W, &b[0].B);
+            epx_moe_ll_dispatch_out_t o = ll_out(&b[0].B);
+            epx_moe_handle_t x = NULL;
+            expect_usage(epx_moe_ll_dispatch_send(moe, &in, &o, &x, st_), "a third dispatch send");
+            expect_usage(epx_moe_ll_dispatch(moe, &in, &o, &x, st_), "a whole dispatch with sends pending");
+            ASSERT(x == NULL);
+            expect_usage(epx_moe_ll_dispatch_recv(moe, b[1].h, st_), "receiving the newer send first");
+            expect_usage(epx_moe_ll_combine_recv(moe, b[0].h, st_), "a combine receive with no combine sent");
+            epx_moe_ll_combine_in_t cin = {b[0].B.drx, NULL};
+            expect_usage(epx_moe_ll_combine_send(moe, b[0].h, &cin, b[0].dout, st_), "combining a pending dispatch");
+            expect_usage(epx_moe_handle_destroy(b[0].h), "destroying a handle with a pending send");
+        }
+        for (int i = 0; i < 2; i++) {
+            ASSERT_OK(epx_moe_ll_dispatch_recv(moe, b[i].h, st_));
+            check_ll_dispatch(&b[i].W, &b[i].B, i ? "ll split B" : "ll split A");
+            ll_batch_combine_inputs(&b[i]);
+        }
+        if (round == 1) expect_usage(epx_moe_ll_dispatch_recv(moe, b[0].h, st_), "receiving a dispatch twice");
+        for (int i = 0; i < 2; i++) {
+            epx_moe_ll_combine_in_t cin = {b[i].dy, b[i].dw};
+            ASSERT_OK(epx_moe_ll_combine_send(moe, b[i].h, &cin, b[i].dout, st_));
+        }
+        if (round == 2) {
+            epx_moe_ll_combine_in_t cin = {b[0].dy, b[0].dw};
+            expect_usage(epx_moe_ll_combine(moe, b[0].h, &cin, b[0].dout, st_), "a whole combine with sends pending");
+            expect_usage(epx_moe_ll_combine_recv(moe, b[1].h, st_), "receiving the newer combine first");
+        }
+        for (int i = 0; i < 2; i++) {
+            ASSERT_OK(epx_moe_ll_combine_recv(moe, b[i].h, st_));
+            fetch(b[i].out, b[i].dout, b[i].out_b + GUARD);
+            check_ll_combine(&b[i].W, b[i].out, i ? "ll split B" : "ll split A");
+            expect_poison(b[i].out, b[i].out_b, b[i].out_b + GUARD, "ll split", "combine out guard");
+        }
+        for (int i = 0; i < 2; i++) {
+            ASSERT_OK(epx_moe_handle_destroy(b[i].h));
+            dev_free(b[i].dy), dev_free(b[i].dw), dev_free(b[i].dout);
+            free(b[i].out);
+            ll_free(&b[i].B);
+            world_free(&b[i].W);
+        }
+    }
+    ASSERT_OK(epx_moe_destroy(moe));
+    return 1;
+}
+
 /* Two high-throughput dispatches alive at once (different routings, one context):
  * cached dispatch and combine along each handle, in the opposite order. */
 static int run_two_handles(void)
@@ -1706,16 +1803,33 @@ static int run_bad_create(void)
      * with room for the T * K = 10 entries of the T > max call, zeros past the 4 used). */
     int64_t idx[16] = {0, 1, 2 * R, -1};
     int64_t *didx = dev_in(idx, sizeof idx, sizeof idx);
-    int32_t *dpr = dev_out(sizeof(int32_t) * MAXR);
-    ASSERT_STATUS(epx_moe_layout(moe, didx, 2, 2, dpr, NULL, NULL, test_stream()), EPX_ERR_INVALID_ARGUMENT);
-    idx[2] = -3;
-    put(didx, idx, sizeof idx);
-    ASSERT_STATUS(epx_moe_layout(moe, didx, 2, 2, dpr, NULL, NULL, test_stream()), EPX_ERR_INVALID_ARGUMENT);
+    int32_t *dpr = dev_out(sizeof(int32_t) * MAXR), *dpe = dev_out(sizeof(int32_t) * 2 * MAXR);
+    uint8_t *dir = dev_out(2 * MAXR);
+    for (int v = 0; v < 2; v++) {
+        if (v == 1) {
+            idx[2] = -3;
+            put(didx, idx, sizeof idx);
+        }
+        poison(dpr, sizeof(int32_t) * MAXR), poison(dpe, sizeof(int32_t) * 2 * MAXR), poison(dir, 2 * MAXR);
+        epx_status_t st = epx_moe_layout(moe, didx, 2, 2, dpr, dpe, dir, test_stream());
+        if (!test_on_cuda()) {
+            ASSERT_STATUS(st, EPX_ERR_INVALID_ARGUMENT);
+            continue;
+        }
+        /* CUDA checks on the device: every count -1, is_token_in_rank untouched. */
+        ASSERT_OK(st);
+        int32_t pr[MAXR], pe[2 * MAXR];
+        uint8_t ir[2 * MAXR];
+        fetch(pr, dpr, sizeof pr), fetch(pe, dpe, sizeof pe), fetch(ir, dir, sizeof ir);
+        for (int q = 0; q < R; q++) ASSERT_EQ(pr[q], -1);
+        for (int e = 0; e < 2 * R; e++) ASSERT_EQ(pe[e], -1);
+        expect_poison(ir, 0, 2 * (size_t)R, "layout with bad ids", "is_token_in_rank");
+    }
     ASSERT_STATUS(epx_moe_layout(moe, didx, 2, 3, dpr, NULL, NULL, test_stream()),
                   EPX_ERR_INVALID_ARGUMENT); /* K > max_topk */
     ASSERT_STATUS(epx_moe_layout(moe, didx, 5, 2, dpr, NULL, NULL, test_stream()),
                   EPX_ERR_INVALID_ARGUMENT); /* T > max */
-    dev_free(didx), dev_free(dpr);
+    dev_free(didx), dev_free(dpr), dev_free(dpe), dev_free(dir);
     ASSERT_OK(epx_moe_destroy(moe));
     passed++;
     return passed;
@@ -1815,6 +1929,7 @@ int main(int argc, char **argv)
             for (size_t i = 0; i < sizeof ll_cases / sizeof ll_cases[0]; i++)
                 passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
         passed += run_two_handles();
+        if (ll) passed += run_ll_split();
         for (int i = 0; i < nrandom; i++) {
             mcase_t c = random_case(seed * 7919 + (uint64_t)i, false);
             passed += run_ht_case(&c, seed * 1000 + 700 + (uint64_t)i);

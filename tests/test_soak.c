@@ -4,7 +4,7 @@
  *
  *   high-throughput  dispatch, cached dispatch (new data), combine (with the dispatched
  *                    weights): 3 exchanges
- *   low-latency      dispatch, combine: 2 exchanges (CPU backend; not on CUDA yet)
+ *   low-latency      dispatch, combine: 2 exchanges (whole calls or send/receive halves)
  *   alltoallv        random counts (zeros too) and gaps between segments: 1 exchange
  *   alltoall         a random count per peer: 1 exchange
  *
@@ -388,7 +388,10 @@ static int run_ll(int *exchanges)
     epx_moe_ll_dispatch_in_t in = {x.dev, idx.dev, T, K};
     epx_moe_ll_dispatch_out_t out = {rx.dev, W.ll_fp8 ? rxs.dev : NULL, rc.dev, rsr.dev, rst.dev};
     epx_moe_handle_t h;
-    epx_status_t st = epx_moe_ll_dispatch(moe, &in, &out, &h, test_stream());
+    bool split = (round_seed >> 17) & 1; /* through the send/receive halves */
+    epx_status_t st = split ? epx_moe_ll_dispatch_send(moe, &in, &out, &h, test_stream())
+                            : epx_moe_ll_dispatch(moe, &in, &out, &h, test_stream());
+    if (split && st == EPX_SUCCESS) st = epx_moe_ll_dispatch_recv(moe, h, test_stream());
     CHECK(st == EPX_SUCCESS, "ll dispatch: %s (%s)", epx_status_name(st), epx_get_last_error());
     int32_t *cnt = malloc(sizeof(int32_t) * (size_t)L), *sr = malloc(sizeof(int32_t) * slots + 4),
             *stk = malloc(sizeof(int32_t) * slots + 4);
@@ -424,7 +427,9 @@ static int run_ll(int *exchanges)
         }
     buf_t y = buf_in(yh, slots * crb), w = buf_in(W.w[me], (size_t)T * (size_t)K * 4), o = buf_out((size_t)T * crb);
     epx_moe_ll_combine_in_t cin = {y.dev, w.dev};
-    st = epx_moe_ll_combine(moe, h, &cin, o.dev, test_stream());
+    st = split ? epx_moe_ll_combine_send(moe, h, &cin, o.dev, test_stream())
+               : epx_moe_ll_combine(moe, h, &cin, o.dev, test_stream());
+    if (split && st == EPX_SUCCESS) st = epx_moe_ll_combine_recv(moe, h, test_stream());
     CHECK(st == EPX_SUCCESS, "ll combine: %s (%s)", epx_status_name(st), epx_get_last_error());
     buf_fetch(&o);
     uint8_t want[4];
@@ -517,7 +522,6 @@ int main(int argc, char **argv)
     }
     comm = test_comm_from_env(&me, &R);
     ASSERT(R <= MAXR);
-    bool ll = !test_on_cuda(); /* low-latency mode exists on the CPU backend only so far */
     int exchanges = 0, counts[4] = {0, 0, 0, 0};
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -525,7 +529,6 @@ int main(int argc, char **argv)
         round_seed = test_mix(seed, (uint64_t)round_no, 0x50a4, 0);
         uint64_t s = round_seed;
         int kind = (int)rnd(&s, 8); /* 0-3 HT, 4-5 LL, 6 alltoallv, 7 alltoall */
-        if (kind >= 4 && kind <= 5 && !ll) kind = 0;
         if (kind < 4) counts[0] += run_ht(&exchanges);
         else if (kind < 6) counts[1] += run_ll(&exchanges);
         else if (kind == 6) counts[2] += run_a2a(true, &exchanges);

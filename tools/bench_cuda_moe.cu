@@ -559,6 +559,68 @@ static void epx_combine_op(gm_t *m)
     epx_ok(m, epx_moe_combine(m->moe, m->h, &in, &out, m->stream), "epx_moe_combine");
 }
 
+/* Stand-in for the work a caller runs between a send half and its receive: spins `ns`. */
+static __global__ void bench_spin(unsigned long long ns)
+{
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);
+}
+
+/* Low-latency through the halves, in one graph: dispatch send, SPIN_US of other work,
+ * dispatch receive, combine send, SPIN_US, combine receive, with an event around each half.
+ * The median over `iters` replays (device barrier, L2 flush before each) of each half's
+ * time, in us: what the halves cost on the critical path when the other work hides the
+ * transfer. */
+#define SPIN_US 30
+static void bench_ll_split(gm_t *m, int iters, int warmup, double med[4])
+{
+    cudaEvent_t ev[8];
+    for (int i = 0; i < 8; i++) CK(m, cudaEventCreate(&ev[i]));
+    epx_moe_ll_dispatch_in_t in = {m->ll_x, m->d_idx, m->d.T, m->d.K};
+    epx_moe_ll_dispatch_out_t out = {m->ll_recv, m->ll_scales, m->ll_count, m->ll_src_rank, m->ll_src_token};
+    epx_moe_ll_combine_in_t lin = {m->ll_y, m->d_w};
+    epx_moe_handle_t h = NULL;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(m, cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeRelaxed));
+    CK(m, cudaEventRecordWithFlags(ev[0], m->stream, cudaEventRecordExternal));
+    epx_ok(m, epx_moe_ll_dispatch_send(m->moe, &in, &out, &h, m->stream), "epx_moe_ll_dispatch_send");
+    CK(m, cudaEventRecordWithFlags(ev[1], m->stream, cudaEventRecordExternal));
+    bench_spin<<<1, 1, 0, m->stream>>>(SPIN_US * 1000ull);
+    CK(m, cudaEventRecordWithFlags(ev[2], m->stream, cudaEventRecordExternal));
+    epx_ok(m, epx_moe_ll_dispatch_recv(m->moe, h, m->stream), "epx_moe_ll_dispatch_recv");
+    CK(m, cudaEventRecordWithFlags(ev[3], m->stream, cudaEventRecordExternal));
+    epx_ok(m, epx_moe_ll_combine_send(m->moe, h, &lin, m->d_cout[0], m->stream), "epx_moe_ll_combine_send");
+    CK(m, cudaEventRecordWithFlags(ev[4], m->stream, cudaEventRecordExternal));
+    bench_spin<<<1, 1, 0, m->stream>>>(SPIN_US * 1000ull);
+    CK(m, cudaEventRecordWithFlags(ev[5], m->stream, cudaEventRecordExternal));
+    epx_ok(m, epx_moe_ll_combine_recv(m->moe, h, m->stream), "epx_moe_ll_combine_recv");
+    CK(m, cudaEventRecordWithFlags(ev[6], m->stream, cudaEventRecordExternal));
+    CK(m, cudaStreamEndCapture(m->stream, &graph));
+    CK(m, cudaGraphInstantiate(&exec, graph, 0));
+    double *t = (double *)xmalloc(m, sizeof(double) * 4 * (size_t)iters);
+    static const int from[4] = {0, 2, 3, 5};
+    for (int i = -warmup; i < iters; i++) {
+        epx_ok(m, epx_barrier(m->gpu, m->stream), "epx_barrier");
+        CK(m, cudaMemsetAsync(m->flush, 0x5a, FLUSH_BYTES, m->stream));
+        CK(m, cudaGraphLaunch(exec, m->stream));
+        CK(m, cudaEventRecord(ev[7], m->stream));
+        wait_for(m, ev[7], "a split graph replay");
+        for (int k = 0; k < 4 && i >= 0; k++) {
+            float ms = 0;
+            CK(m, cudaEventElapsedTime(&ms, ev[from[k]], ev[from[k] + 1]));
+            t[k * iters + i] = 1000.0 * (double)ms;
+        }
+    }
+    for (int k = 0; k < 4; k++) med[k] = bench_max(m->b, bench_median(t + k * iters, iters));
+    free(t);
+    CK(m, cudaGraphExecDestroy(exec));
+    CK(m, cudaGraphDestroy(graph));
+    epx_moe_handle_destroy(h);
+    for (int i = 0; i < 8; i++) cudaEventDestroy(ev[i]);
+}
+
 /* The epx dispatch just made is now the last one: free the one before (a local cudaFree). */
 static void epx_retire_handle(gm_t *m)
 {
@@ -1122,7 +1184,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     /* ll: dispatch alone and combine alone captured in CUDA graphs and timed like the ops
      * (device barrier, L2 flush, events around one replay: no host work inside); then
      * dispatch + combine in one graph, replayed back to back. */
-    double graph_us = 0, graph_op[2] = {0, 0};
+    double graph_us = 0, graph_op[2] = {0, 0}, split_us[4] = {0, 0, 0, 0};
     if (m->ll) {
         for (int g = 0; g < 2; g++) {
             cudaGraph_t graph;
@@ -1171,6 +1233,7 @@ int bench_cuda_moe(bench_ctx_t *b)
         graph_us = bench_max(b, 1000.0 * (double)ms / reps);
         CK(m, cudaGraphExecDestroy(exec));
         CK(m, cudaGraphDestroy(graph));
+        bench_ll_split(m, iters, o->warmup, split_us);
     }
     epx_status_t async = EPX_SUCCESS;
     if (epx_comm_get_async_error(m->gpu, &async) == EPX_SUCCESS && async != EPX_SUCCESS)
@@ -1199,6 +1262,10 @@ int bench_cuda_moe(bench_ctx_t *b)
             printf("# epx ll from CUDA graphs (no host work; median, L2 flushed): dispatch %.2f us, combine %.2f us; "
                    "dispatch + combine in one graph replayed back to back: %.2f us per pair\n",
                    graph_op[0], graph_op[1], graph_us);
+        if (m->ll)
+            printf("# epx ll halves in one graph, %d us of other work between send and receive (median, L2 flushed): "
+                   "dispatch send %.2f us + receive %.2f us; combine send %.2f us + receive %.2f us\n",
+                   SPIN_US, split_us[0], split_us[1], split_us[2], split_us[3]);
         fflush(stdout);
     }
 

@@ -26,6 +26,9 @@ struct epx_comm {
     char async_msg[EPX__ERRMSG_LEN]; /* and the message that said why */
     int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
     struct epx_moe *moes;     /* live MoE contexts, detached when the comm goes */
+    /* Low-latency sends not yet received, oldest first: [0] dispatches, [1] combines. */
+    struct epx_moe_handle *ll_pending[2][2];
+    int ll_npending[2];
     epx__errbuf_t err;
 };
 

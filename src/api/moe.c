@@ -13,9 +13,17 @@ struct epx_moe {
     epx__hier_moe_t *hier;
 };
 
+/* A low-latency handle's state: ready (its dispatch received, no combine pending), or a
+ * send of its own pending. */
+enum { EPX__LL_READY = 0, EPX__LL_DISPATCH_PENDING = 1, EPX__LL_COMBINE_PENDING = 2 };
+/* Kinds of low-latency send (index of epx_comm's pending queues). */
+enum { EPX__LL_KIND_DISPATCH = 0, EPX__LL_KIND_COMBINE = 1 };
+static const char *const epx__ll_kind_names[] = {"dispatch", "combine"};
+
 struct epx_moe_handle {
     epx_moe_t moe;
     int mode;
+    int ll_state;
     epx__cpu_moe_handle_t *cpu;
     epx__cuda_moe_handle_t *cuda;
     epx__hier_moe_handle_t *hier;
@@ -377,13 +385,33 @@ epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_m
     return epx__comm_result(moe->comm, st);
 }
 
-epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in, epx_moe_ll_dispatch_out_t *out,
-                                 epx_moe_handle_t *handle, void *stream)
+/* Can a low-latency send of `kind` start (a whole call when !split)? The local verdict. */
+static epx_status_t epx__ll_can_send(epx_comm_t c, int kind, bool split)
+{
+    const char *name = epx__ll_kind_names[kind];
+    if (!split && c->ll_npending[kind] > 0)
+        return epx__fail(&c->err, EPX_ERR_INVALID_USAGE, "a low-latency %s send is pending: call epx_moe_ll_%s_recv first",
+                         name, name);
+    if (split && c->ll_npending[kind] == 2)
+        return epx__fail(&c->err, EPX_ERR_INVALID_USAGE, "two low-latency %s sends are pending already (the most in flight)",
+                         name);
+    return EPX_SUCCESS;
+}
+
+static void epx__ll_push(epx_comm_t c, int kind, epx_moe_handle_t h)
+{
+    c->ll_pending[kind][c->ll_npending[kind]++] = h;
+    h->ll_state = kind == EPX__LL_KIND_DISPATCH ? EPX__LL_DISPATCH_PENDING : EPX__LL_COMBINE_PENDING;
+}
+
+static epx_status_t epx__ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in, epx_moe_ll_dispatch_out_t *out,
+                                     epx_moe_handle_t *handle, bool split, void *stream)
 {
     EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_LOW_LATENCY));
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
+    if (local == EPX_SUCCESS) local = epx__ll_can_send(moe->comm, EPX__LL_KIND_DISPATCH, split);
     if (local == EPX_SUCCESS && (!in || !out || !handle))
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in, out or handle is NULL");
     if (local == EPX_SUCCESS) local = epx__check_tokens(s, err, in->num_tokens, in->topk);
@@ -402,22 +430,41 @@ epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *
     epx__cpu_moe_handle_t *h = NULL;
     epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
-    epx_status_t st = moe->cuda   ? epx__cuda_moe_ll_dispatch(moe->cuda, in, out, local, &hc, stream, err)
+    /* The CPU backends move everything in the send; their receive only keeps the order. */
+    epx_status_t st = moe->cuda   ? epx__cuda_moe_ll_dispatch(moe->cuda, in, out, local, split, &hc, stream, err)
                       : moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
                                   : epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
     if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, hc, hh, handle);
+    st = epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, hc, hh, handle);
+    if (st == EPX_SUCCESS && split) epx__ll_push(moe->comm, EPX__LL_KIND_DISPATCH, *handle);
+    return st;
 }
 
-epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
-                                void *stream)
+epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in, epx_moe_ll_dispatch_out_t *out,
+                                 epx_moe_handle_t *handle, void *stream)
+{
+    return epx__ll_dispatch(moe, in, out, handle, false, stream);
+}
+
+epx_status_t epx_moe_ll_dispatch_send(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in, epx_moe_ll_dispatch_out_t *out,
+                                      epx_moe_handle_t *handle, void *stream)
+{
+    return epx__ll_dispatch(moe, in, out, handle, true, stream);
+}
+
+static epx_status_t epx__ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
+                                    bool split, void *stream)
 {
     EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_LOW_LATENCY));
     epx__errbuf_t *err = &moe->comm->err;
     const epx__moe_shape_t *s = &moe->shape;
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
     if (local == EPX_SUCCESS) local = epx__check_handle(moe, handle, EPX_MOE_LOW_LATENCY);
+    if (local == EPX_SUCCESS && handle->ll_state != EPX__LL_READY)
+        local = epx__fail(err, EPX_ERR_INVALID_USAGE, "the handle's %s is still pending: receive it first",
+                          handle->ll_state == EPX__LL_DISPATCH_PENDING ? "dispatch" : "combine");
+    if (local == EPX_SUCCESS) local = epx__ll_can_send(moe->comm, EPX__LL_KIND_COMBINE, split);
     if (local == EPX_SUCCESS && !in) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "in is NULL");
     if (local == EPX_SUCCESS) {
         int T = epx__handle_tokens(handle);
@@ -428,15 +475,65 @@ epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const ep
     }
     bool ok = local == EPX_SUCCESS;
     epx_status_t st =
-        moe->cuda   ? epx__cuda_moe_ll_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
+        moe->cuda   ? epx__cuda_moe_ll_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, split, stream, err)
         : moe->hier ? epx__hier_moe_ll_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
                     : epx__cpu_moe_ll_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
-    return epx__comm_result(moe->comm, st);
+    st = epx__comm_result(moe->comm, st);
+    if (st == EPX_SUCCESS && split) epx__ll_push(moe->comm, EPX__LL_KIND_COMBINE, handle);
+    return st;
+}
+
+epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in, void *out,
+                                void *stream)
+{
+    return epx__ll_combine(moe, handle, in, out, false, stream);
+}
+
+epx_status_t epx_moe_ll_combine_send(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in,
+                                     void *out, void *stream)
+{
+    return epx__ll_combine(moe, handle, in, out, true, stream);
+}
+
+/* The receive of the oldest pending send of `kind`, which must be handle's. Local. */
+static epx_status_t epx__ll_recv(epx_moe_t moe, epx_moe_handle_t handle, int kind, void *stream)
+{
+    EPX__CHECK(epx__check_moe_call(moe, EPX_MOE_LOW_LATENCY));
+    epx_comm_t c = moe->comm;
+    EPX__CHECK(EPX__STREAM_CHECK(moe, &c->err, stream));
+    EPX__CHECK(epx__check_handle(moe, handle, EPX_MOE_LOW_LATENCY));
+    const char *name = epx__ll_kind_names[kind];
+    if (c->ll_npending[kind] == 2 && c->ll_pending[kind][1] == handle)
+        return epx__fail(&c->err, EPX_ERR_INVALID_USAGE, "an older low-latency %s send must be received first", name);
+    if (c->ll_npending[kind] == 0 || c->ll_pending[kind][0] != handle)
+        return epx__fail(&c->err, EPX_ERR_INVALID_USAGE, "no low-latency %s send is pending on this handle", name);
+    epx_status_t st = EPX_SUCCESS;
+    if (moe->cuda) st = epx__comm_result(c, epx__cuda_moe_ll_recv(moe->cuda, handle->cuda, kind == EPX__LL_KIND_COMBINE,
+                                                                  stream, &c->err));
+    if (st != EPX_SUCCESS) return st;
+    c->ll_pending[kind][0] = c->ll_pending[kind][1];
+    c->ll_pending[kind][1] = NULL;
+    c->ll_npending[kind]--;
+    handle->ll_state = EPX__LL_READY;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx_moe_ll_dispatch_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream)
+{
+    return epx__ll_recv(moe, handle, EPX__LL_KIND_DISPATCH, stream);
+}
+
+epx_status_t epx_moe_ll_combine_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream)
+{
+    return epx__ll_recv(moe, handle, EPX__LL_KIND_COMBINE, stream);
 }
 
 epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
 {
     if (!handle) return EPX_SUCCESS;
+    if (handle->ll_state != EPX__LL_READY && handle->moe->comm)
+        return epx__fail(&handle->moe->comm->err, EPX_ERR_INVALID_USAGE,
+                         "the handle has a pending low-latency send: receive it before destroying the handle");
     epx__cpu_moe_handle_free(handle->cpu);
     epx__cuda_moe_handle_free(handle->cuda);
     epx__hier_moe_handle_free(handle->hier);

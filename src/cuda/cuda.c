@@ -58,7 +58,7 @@ static size_t epx__ctrl_layout(int nranks, size_t *eager_bytes, size_t *eager_of
     size_t flags_bytes = (size_t)EPX__FLAG_KINDS * (size_t)nranks * EPX__FLAG_STRIDE * 8;
     *eager_off = EPX__ALIGN_UP(flags_bytes, 256);
     *epoch_off = *eager_off + 2 * (size_t)nranks * (EPX__SLOT_HDR + *eager_bytes);
-    return *epoch_off + 256;
+    return *epoch_off + 512;
 }
 
 int64_t epx__cuda_comm_device_bytes(int nranks)
@@ -141,6 +141,8 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     d->epoch = (unsigned long long *)((char *)c->ctrl + epoch_off);
     d->direct_ops = (unsigned long long *)((char *)c->ctrl + epoch_off + 64);
     d->blocks_left = (unsigned int *)((char *)c->ctrl + epoch_off + 128);
+    d->ll_seq = (unsigned long long *)((char *)c->ctrl + epoch_off + 256);
+    d->ll_blocks = (unsigned int *)((char *)c->ctrl + epoch_off + 320);
     d->eager_bytes = eager_bytes;
     d->timeout_ns = (unsigned long long)timeout_ms * 1000000ull;
     for (int p = 0; p < nranks; p++) {

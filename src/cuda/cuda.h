@@ -64,7 +64,7 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m);
 /* Its communicator is going: give back what the context holds in it (the rest is freed by
  * epx__cuda_moe_destroy, which may come later). */
 void epx__cuda_moe_detach(epx__cuda_moe_t *m);
-/* Local, device-side layout; ids are checked first (one read-back). */
+/* Local, device-side layout, nothing waited for; bad ids make every count -1 (epx.h). */
 epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
                                   int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err);
 epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
@@ -84,12 +84,17 @@ bool epx__cuda_is_device_ptr(const void *p);
 
 /* Low-latency dispatch/combine: no host synchronisation; the routing is checked on the
  * device (bad ids anywhere: every recv_count is -1 and nothing else is written, and the
- * combine along that handle writes nothing). */
+ * combine along that handle writes nothing). With `split`, only the send half is enqueued
+ * and epx__cuda_moe_ll_recv enqueues the receive later; the caller keeps the order (at
+ * most two sends of a kind pending, received oldest first, none pending for a whole call). */
 epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
-                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, epx__cuda_moe_handle_t **handle,
-                                       void *stream, epx__errbuf_t *err);
-epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
-                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
-                                      epx__errbuf_t *err);
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
+                                       epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err);
+epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, const epx_moe_ll_combine_in_t *in,
+                                      void *out, epx_status_t local, bool split, void *stream, epx__errbuf_t *err);
+/* The receive half of the split send pending on h: the dispatch's (combine = false) or the
+ * combine's. Local: enqueues one kernel. */
+epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, bool combine, void *stream,
+                                   epx__errbuf_t *err);
 
 #endif /* EPX_CUDA_H */

@@ -17,9 +17,27 @@ extern "C" {
 #define EPX__SLOT_HDR 128        /* eager slot: flag line, then data */
 
 /* ARRIVE and DONE hold operation numbers; WRITTEN counts the blocks of a peer's direct
- * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation); LL holds the
- * number of the low-latency dispatch whose rows and routing a peer finished pushing. */
-enum { EPX__FLAG_ARRIVE = 0, EPX__FLAG_DONE = 1, EPX__FLAG_WRITTEN = 2, EPX__FLAG_LL = 3, EPX__FLAG_KINDS = 4 };
+ * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation). The
+ * low-latency flags hold low-latency sequence numbers (see ll_seq): LL, the dispatch send
+ * whose rows and routing a peer finished pushing into me; LL_FREE, the dispatch receive a
+ * peer finished (its staging half of that parity may be written again); LLC_ARRIVE, the
+ * combine send whose expert outputs a peer published; LLC_DONE, the combine receive a
+ * peer finished (it no longer reads mine). */
+enum {
+    EPX__FLAG_ARRIVE = 0,
+    EPX__FLAG_DONE = 1,
+    EPX__FLAG_WRITTEN = 2,
+    EPX__FLAG_LL = 3,
+    EPX__FLAG_LL_FREE = 4,
+    EPX__FLAG_LLC_ARRIVE = 5,
+    EPX__FLAG_LLC_DONE = 6,
+    EPX__FLAG_KINDS = 7
+};
+
+/* Low-latency sequences (ll_seq[] and their last-block counters ll_blocks[]): each counts
+ * the kernels of its kind my stream finished. Sends and receives are numbered apart, so
+ * two batches can be in flight between a send and its receive. */
+enum { EPX__LL_DISPATCH_SENT = 0, EPX__LL_DISPATCH_RECVD = 1, EPX__LL_COMBINE_SENT = 2, EPX__LL_COMBINE_RECVD = 3 };
 
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
@@ -40,6 +58,8 @@ typedef struct {
     unsigned long long *epoch;  /* operations finished by my stream */
     unsigned long long *direct_ops; /* of which direct alltoallv kernels (same on every rank) */
     unsigned int *blocks_left;  /* scratch counter for "last block" detection */
+    unsigned long long *ll_seq; /* [4] low-latency sequences (EPX__LL_*) */
+    unsigned int *ll_blocks;    /* [4] their "last block" counters */
     unsigned long long *flags;  /* mine: [kind][src] * EPX__FLAG_STRIDE */
     unsigned long long *peer_flags[EPX__CUDA_MAX_RANKS];
     char *eager;                /* mine: [parity][src] slots of eager_bytes + EPX__SLOT_HDR */
@@ -124,7 +144,7 @@ typedef struct {
 /* ---- MoE low-latency (ll_kernels.cu) ---- */
 
 /* One low-latency dispatch. Every rank owns a staging area that peers push into, two of
- * them (by operation parity); each holds, per source rank, a header (T, then its routing
+ * them (by the parity of the send's sequence number); each holds, per source rank, a header (T, then its routing
  * as int32 [max_tokens, K]) and its token rows [max_tokens] of srow bytes (the row as
  * received: FP8 bytes then scales when quantised, else the input row). */
 typedef struct {
@@ -154,16 +174,22 @@ typedef struct {
     char *out;
 } epx__ll_combine_t;
 
-/* Push my rows (quantised when fp8) and my routing into the peers' staging areas, then
- * set my LL flag at each. */
+/* Dispatch send s: once every destination freed the staging half of s's parity (its
+ * receive s - 2 finished), push my rows (quantised when fp8) and my routing into the
+ * peers' staging areas, then set my LL flag = s at each. */
 int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream);
-/* Wait for every peer's LL flag, then lay out my experts' slots (sources ascending, tokens
- * ascending) and the handle's slots; with bad routing anywhere, every count is -1 and
- * nothing else is written. Completes the operation (epoch). */
+/* Dispatch receive s (the oldest send not received): wait for every peer's LL flag, then
+ * lay out my experts' slots (sources ascending, tokens ascending) and the handle's slots;
+ * with bad routing anywhere, every count is -1 and nothing else is written. Then tell
+ * every source that the half is free (LL_FREE = s). */
 int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
-/* The whole low-latency combine operation (the streams meet, then out[t] = sum over k
- * ascending of w[t,k] * y[e_k][slot], float32 products and sums, then all are done). */
-int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int blocks, void *stream);
+/* Combine send s: my expert outputs are ready to be read (LLC_ARRIVE = s at every peer). */
+int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream);
+/* Combine receive s (with `send_too`, send s first, in the same kernel): wait for every
+ * peer's LLC_ARRIVE, then out[t] = sum over k ascending of w[t,k] * y[e_k][slot] (float32
+ * products and sums), then tell the peers and wait until all are done reading. */
+int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too, int blocks,
+                                void *stream);
 
 /* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
  * chunk c; *bad = first t*K+k of my routing out of [-1, E), or with `check_all` a value
@@ -171,11 +197,14 @@ int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_
  * asking the others). One block per (source, chunk). */
 int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks, long long *bad,
                                int check_all, void *stream);
-/* My routing checked and laid out in one cooperative launch of at most `blocks` blocks:
- * *bad (EPX__MOE_NO_BAD before) = the first bad index and nothing written, or every output
- * written (any may be NULL). scratch: [R + E] ints of epx's own. */
+/* My routing checked and laid out in one cooperative launch of at most `blocks` blocks (no
+ * more than epx__cuda_moe_layout_max_blocks(), so that all are resident): every output
+ * written (any may be NULL), or, when an expert id is out of [-1, E), -1 in every count and
+ * in_rank untouched. *bad is EPX__MOE_NO_BAD before and after; scratch: [R + E + 1] ints
+ * of epx's own, zero before and after. */
 int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                         unsigned char *in_rank, long long *bad, int *scratch, int blocks, void *stream);
+int epx__cuda_moe_layout_max_blocks(void);
 /* Rows of every source for me, their routing outputs, and my tokens' rows at every rank;
  * nothing but h_rows = -1 (and num_recv) when *bad says the routing was bad. */
 int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream);

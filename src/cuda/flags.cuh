@@ -79,4 +79,62 @@ static __device__ void epx__finish_op(const epx__cuda_dev_t *d, unsigned long lo
     }
 }
 
+/* ---- Low-latency sequences ---------------------------------------------------------------- */
+
+/* Number of the low-latency kernel of `kind` (EPX__LL_*) my stream runs now. */
+static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cuda_dev_t *d, int kind)
+{
+    return *(volatile unsigned long long *)(d->ll_seq + kind) + 1ull;
+}
+
+/* Every thread of every block calls this at its end: true in the one block that gets here
+ * last (all other blocks of the grid have finished), whose counter is then reset. */
+static __device__ bool epx__ll_last_block(const epx__cuda_dev_t *d, int kind)
+{
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(d->ll_blocks + kind, 1u) == gridDim.x - 1;
+        if (last) d->ll_blocks[kind] = 0;
+    }
+    __syncthreads();
+    return last;
+}
+
+/* The last block: the kernel of `kind` numbered s is complete on my stream. */
+static __device__ __forceinline__ void epx__ll_complete(const epx__cuda_dev_t *d, int kind, unsigned long long s)
+{
+    if (threadIdx.x == 0) {
+        __threadfence();
+        *(volatile unsigned long long *)(d->ll_seq + kind) = s;
+        __threadfence();
+    }
+}
+
+/* Threads p < R (p != me unless with_me): flag `kind` from me = v at rank p. */
+static __device__ __forceinline__ void epx__signal_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v,
+                                                         bool with_me)
+{
+    int p = (int)threadIdx.x;
+    if (p < d->nranks && (with_me || p != d->rank))
+        epx__st_release_sys(d->peer_flags[p] + ((size_t)kind * d->nranks + d->rank) * EPX__FLAG_STRIDE, v);
+}
+
+/* Every thread of the block: 1 when every peer's flag `kind` here reached v (bounded). */
+static __device__ int epx__wait_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v, bool with_me)
+{
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    int p = (int)threadIdx.x;
+    if (p < d->nranks && (with_me || p != d->rank) &&
+        !epx__wait_geq(d, d->flags + ((size_t)kind * d->nranks + p) * EPX__FLAG_STRIDE, v, p))
+        ok = 0;
+    __syncthreads();
+    int r = ok;
+    __syncthreads();
+    return r;
+}
+
 #endif

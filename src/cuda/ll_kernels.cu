@@ -8,6 +8,12 @@
  * local copies, and every rank derives the slots of its own tokens from the same routing.
  * Combine pulls each of a token's expert rows from the expert's rank and sums them in k
  * order (float32 products, no FMA: build with --fmad=false), as the CPU backend does.
+ *
+ * Each half (dispatch send, dispatch receive, combine send, combine receive) is its own
+ * kernel numbered by its own sequence in device memory, so a send and its receive can be
+ * enqueued apart with other work between them, and two batches can be in flight: the
+ * staging area has two halves (by the send's parity), and a send waits until every rank
+ * received what the send two before it left in the half it is about to fill.
  */
 #include <cuda_runtime.h>
 
@@ -68,9 +74,13 @@ static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0,
 /* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank. */
 static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
-    unsigned long long n = epx__op_number(&d);
+    unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_SENT);
     int par = (int)(n & 1ull), me = a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
-    if (blockIdx.x == 0)
+    /* The half of this parity was last filled by send n - 2: every rank must have received
+     * it. (After a failed wait nothing is sent: the communicator is broken.) */
+    bool live = n <= 2 || epx__wait_peers(&d, EPX__FLAG_LL_FREE, n - 2, true);
+    if (!live) T = 0;
+    if (blockIdx.x == 0 && live)
         for (int q = 0; q < R; q++) {
             int *h = epx__ll_hdr(&a, a.stage[q], par, me);
             if (threadIdx.x == 0) h[0] = T;
@@ -159,16 +169,9 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
     }
     /* The last block to finish tells every rank that my rows and routing are there. */
     __threadfence_system();
-    __syncthreads();
-    __shared__ int last;
-    if (threadIdx.x == 0) {
-        unsigned prev = atomicAdd(d.blocks_left, 1u);
-        last = prev == gridDim.x - 1;
-        if (last) *d.blocks_left = 0;
-    }
-    __syncthreads();
-    if (last && (int)threadIdx.x < R && (int)threadIdx.x != me)
-        epx__st_release_sys(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_LL * R + me) * EPX__FLAG_STRIDE, n);
+    if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_SENT)) return;
+    if (live) epx__signal_peers(&d, EPX__FLAG_LL, n, false);
+    epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
 }
 
 extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream)
@@ -188,22 +191,24 @@ static __device__ __forceinline__ bool epx__ll_goes(const int *topk, int K, long
 /* Block e (striding) walks every source's staged tokens for expert e in order: the
  * position of each is its slot. My tokens' positions go to the handle; for my own
  * experts the rows are copied into place. */
+static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
+
 static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t d, epx__ll_args_t a)
 {
-    __shared__ int ok, bad, list_p[512], list_t[512];
-    unsigned long long n = epx__op_number(&d);
-    int par = (int)(n & 1ull), me = a.rank, R = a.nranks, K = a.topk, M = a.max_tokens, L = a.local_experts;
-    if (threadIdx.x == 0) ok = 1, bad = 0;
+    unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
+    bool live = epx__wait_peers(&d, EPX__FLAG_LL, n, false);
+    if (live) epx__ll_receive_body(a, (int)(n & 1ull));
+    if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
+    if (live) epx__signal_peers(&d, EPX__FLAG_LL_FREE, n, true); /* the staging half may be refilled */
+    epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
+}
+
+static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
+{
+    __shared__ int bad, list_p[512], list_t[512];
+    int me = a.rank, R = a.nranks, K = a.topk, M = a.max_tokens, L = a.local_experts;
+    if (threadIdx.x == 0) bad = 0;
     __syncthreads();
-    int p0 = (int)threadIdx.x;
-    if (p0 < R && p0 != me &&
-        !epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_LL * R + p0) * EPX__FLAG_STRIDE, n, p0))
-        ok = 0;
-    __syncthreads();
-    if (!ok) {
-        epx__finish_op(&d, n);
-        return;
-    }
     /* Every block checks every source's routing before writing: all reach one verdict. */
     for (int p = 0; p < R; p++) {
         const int *h = epx__ll_hdr(&a, a.stage[me], par, p);
@@ -218,7 +223,6 @@ static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t 
             for (int l = threadIdx.x; l < L && a.recv_count; l += blockDim.x) a.recv_count[l] = -1;
             if (threadIdx.x == 0) *a.h_bad = 1;
         }
-        epx__finish_op(&d, n);
         return;
     }
     if (blockIdx.x == 0) {
@@ -269,7 +273,6 @@ static __global__ void __launch_bounds__(512) epx__k_ll_receive(epx__cuda_dev_t 
             if (a.recv_src_token) a.recv_src_token[(long long)l * a.slots + s] = -1;
         }
     }
-    epx__finish_op(&d, n);
 }
 
 extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
@@ -281,43 +284,43 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 
 /* ---- Combine ------------------------------------------------------------------------------ */
 
-/* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
- * that allow 16-byte loads, and sums the token's rows in k order. */
-/* The whole combine is one operation in one kernel: every block tells the peers it is
- * here (their expert outputs may be read) and waits for theirs; the last block to finish
- * tells them it is done reading and waits until they are, then the epoch advances. */
+/* A combine receive is one kernel: every block waits until the peers published their
+ * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
+ * block to finish tells the peers it is done reading theirs and waits until they are done
+ * with mine (my outputs may then be overwritten). */
 static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
 
-static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c)
+static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
-    __shared__ int ok, last;
-    unsigned long long n = epx__op_number(&d);
-    int me = d.rank, R = d.nranks, p = (int)threadIdx.x;
-    if (p < R && p != me) epx__st_release_sys(d.peer_flags[p] + ((size_t)EPX__FLAG_ARRIVE * R + me) * EPX__FLAG_STRIDE, n);
-    if (threadIdx.x == 0) ok = 1;
-    __syncthreads();
-    if (p < R && p != me && !epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_ARRIVE * R + p) * EPX__FLAG_STRIDE, n, p))
-        ok = 0;
-    __syncthreads();
-    if (ok && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(d.blocks_left, 1u) == gridDim.x - 1;
+    unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
+    if (send_too) epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n, false);
+    bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n, false);
+    if (live && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
+    if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
+    if (live) {
+        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, false);
+        epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n, false);
     }
-    __syncthreads();
-    if (!last) return;
-    if (p < R && p != me) epx__st_release_sys(d.peer_flags[p] + ((size_t)EPX__FLAG_DONE * R + me) * EPX__FLAG_STRIDE, n);
-    if (p < R && p != me) epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_DONE * R + p) * EPX__FLAG_STRIDE, n, p);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        *d.blocks_left = 0;
-        __threadfence();
-        *(volatile unsigned long long *)d.epoch = n;
-        __threadfence();
-    }
+    if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
+    epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
 }
 
+/* Combine send: one block publishes my expert outputs. */
+static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
+{
+    unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_SENT);
+    epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n, false);
+    epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
+}
+
+extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream)
+{
+    epx__k_ll_combine_send<<<1, 32, 0, (cudaStream_t)stream>>>(*d);
+    return (int)cudaGetLastError();
+}
+
+/* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
+ * that allow 16-byte loads, and sums the token's rows in k order. */
 static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
 {
     int K = c.topk, H = c.hidden, L = c.local_experts;
@@ -408,14 +411,14 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
     }
 }
 
-extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int blocks,
-                                           void *stream)
+extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too,
+                                           int blocks, void *stream)
 {
     if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
         long long items = (long long)c->num_tokens * (c->hidden / 8);
         long long b = (items + 255) / 256;
         blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
     }
-    epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c); /* even with no tokens: it is the operation */
+    epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too); /* even with no tokens: it is the operation */
     return (int)cudaGetLastError();
 }

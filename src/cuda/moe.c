@@ -24,7 +24,8 @@ struct epx__cuda_moe {
     long long *d_bad;    /* [2]: dispatch's bad-routing word, then layout's (layout may run on
                             another stream while a dispatch's kernels still read theirs) */
     int *d_expert_counts; /* [L] */
-    int *d_layout_scratch; /* [R + E] */
+    int *d_layout_scratch; /* [R + E + 1], zero between layouts */
+    int layout_blocks;     /* most blocks of the layout kernel that are resident at once */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
     char *stage;
@@ -42,6 +43,8 @@ struct epx__cuda_moe_handle {
     int *d_src_rank, *d_src_token; /* [R * max_tokens] */
     int *d_send_row;               /* [max_tokens, R] */
     int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
+    epx__ll_args_t ll_recv;        /* low-latency: the receive half of a split dispatch */
+    epx__ll_combine_t ll_comb;     /* and of a split combine */
     epx__cuda_moe_t *owner;
     epx__cuda_moe_handle_t *next_spare;
 };
@@ -170,8 +173,12 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
         if (ce == cudaSuccess)
             ce = cudaMalloc((void **)&m->d_chunk_counts, sizeof(int) * (size_t)R * (size_t)R * (size_t)m->chunks);
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, 2 * sizeof(long long));
+        if (ce == cudaSuccess) ce = cudaMemset(m->d_bad + 1, 0x7f, sizeof(long long)); /* layout's: EPX__MOE_NO_BAD */
+        if (ce == cudaSuccess) m->layout_blocks = epx__cuda_moe_layout_max_blocks();
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
-        if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts));
+        if (ce == cudaSuccess)
+            ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts + 1));
+        if (ce == cudaSuccess) ce = cudaMemset(m->d_layout_scratch, 0, sizeof(int) * (size_t)(R + shape->num_experts + 1));
         if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
         if (ce == cudaSuccess && shape->mode == EPX_MOE_LOW_LATENCY) {
             epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half);
@@ -195,7 +202,7 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
 int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
 {
     int64_t R = s->nranks, M = EPX__MAX(s->max_tokens, 1), chunks = EPX__MAX((s->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
-    int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts) + 8;
+    int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts + 1) + 16;
     int64_t handle = 3 * 4 * R * M + 8; /* each live dispatch handle */
     if (s->mode == EPX_MOE_LOW_LATENCY) {
         long long srow, hdr, half;
@@ -261,19 +268,11 @@ epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int 
     rt.topk_idx[rt.rank] = topk_idx;
     rt.num_tokens[rt.rank] = num_tokens;
     epx_status_t st = EPX_SUCCESS;
-    cudaStream_t strm = (cudaStream_t)stream;
-    long long *h_bad = (long long *)(void *)(m->h_counts + rt.nranks * rt.nranks + (rt.nranks * rt.nranks) % 2);
-    /* Checked and laid out in one launch; one read-back of the verdict. */
-    long long *d_bad = m->d_bad + 1;
-    EPX__CUDA_CHECK(cudaMemsetAsync(d_bad, 0x7f, sizeof(long long), strm), st, err);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, d_bad,
-                                                                     m->d_layout_scratch, m->blocks, stream),
+    /* Checked and laid out in one launch, nothing waited for: bad ids give -1 counts. */
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_layout_checked(&rt, per_rank, per_expert, in_rank, m->d_bad + 1,
+                                                                     m->d_layout_scratch,
+                                                                     EPX__MIN(m->blocks, m->layout_blocks), stream),
                     st, err);
-    EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
-    EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
-    if (st == EPX_SUCCESS && *h_bad != EPX__MOE_NO_BAD)
-        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
-                         *h_bad / topk, *h_bad % topk, s->num_experts);
     return st;
 }
 
@@ -636,9 +635,12 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
 
 /* ---- Low-latency ------------------------------------------------------------------------------ */
 
+/* Blocks of a combine receive without 16-byte rows: one per token, up to 1024. */
+#define EPX__LL_COMBINE_BLOCKS(h) EPX__MIN(EPX__MAX((h)->num_tokens, 1), 1024)
+
 epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
-                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, epx__cuda_moe_handle_t **handle,
-                                       void *stream, epx__errbuf_t *err)
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
+                                       epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
@@ -685,7 +687,10 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     int send_blocks = a.vec ? (int)EPX__MIN(EPX__MAX((items + 511) / 512, 1LL), 1024LL) : m->blocks;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_send(&c->dev, &a, send_blocks, stream), st, err);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, stream), st, err);
+    if (split)
+        h->ll_recv = a;
+    else
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, stream), st, err);
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     c->ops_started++;
     if (st != EPX_SUCCESS) {
@@ -696,9 +701,8 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
-                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
-                                      epx__errbuf_t *err)
+epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, const epx_moe_ll_combine_in_t *in,
+                                      void *out, epx_status_t local, bool split, void *stream, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
@@ -728,10 +732,27 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_ha
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
     for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, EPX__MIN(EPX__MAX(h->num_tokens, 1), 1024),
-                                                              stream),
-                    st, err);
+    if (split) {
+        h->ll_comb = k;
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine_send(&c->dev, stream), st, err);
+    } else {
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, 1, EPX__LL_COMBINE_BLOCKS(h), stream),
+                        st, err);
+    }
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     c->ops_started++;
+    return st;
+}
+
+epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, bool combine, void *stream,
+                                   epx__errbuf_t *err)
+{
+    epx_status_t st = EPX_SUCCESS;
+    if (combine)
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&m->c->dev, &h->ll_comb, 0, EPX__LL_COMBINE_BLOCKS(h),
+                                                                  stream),
+                        st, err);
+    else
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&m->c->dev, &h->ll_recv, stream), st, err);
     return st;
 }

@@ -66,58 +66,93 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
 
 /* ---- Layout (local) -------------------------------------------------------------------------- */
 
-/* The whole layout in one cooperative launch: every block checks its share of the ids,
- * the grid meets, and only a clean routing is laid out (counts through `scratch`
- * [R + E], so bad input still changes nothing). */
+/* The whole layout in one cooperative launch with one grid meeting. Before it, every block
+ * checks and counts its share of the tokens (in shared memory, then one global add per
+ * counter into `scratch` [R + E], which is all zero between calls); after it, the verdict
+ * is the same everywhere: a clean routing is written out (is_token_in_rank recomputed per
+ * token), a bad one gives -1 counts; each scratch entry is zeroed by the thread that read it
+ * (scratch[R + E] counts the blocks that read the verdict). */
+#define EPX__LAYOUT_SHARED 4096 /* counters kept in shared memory when R + E fits */
 static __global__ void __launch_bounds__(512)
     epx__k_moe_layout_checked(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
                               int *scratch)
 {
+    __shared__ int cnt[EPX__LAYOUT_SHARED];
     cg::grid_group grid = cg::this_grid();
     int me = r.rank, R = r.nranks, K = r.topk, E = r.num_experts;
-    long long T = r.num_tokens[me], n = T * K, tid = (long long)blockIdx.x * blockDim.x + threadIdx.x,
+    long long T = r.num_tokens[me], tid = (long long)blockIdx.x * blockDim.x + threadIdx.x,
               nthreads = (long long)gridDim.x * blockDim.x;
-    for (long long i = tid; i < R + E; i += nthreads) scratch[i] = 0;
-    for (long long i = tid; i < n; i += nthreads) {
-        long long e = epx__topk_get(&r, me, i);
-        if (e < -1 || e >= E) atomicMin((unsigned long long *)bad, (unsigned long long)i);
-    }
-    grid.sync();
-    if (*(volatile long long *)bad != EPX__MOE_NO_BAD) return; /* every block sees the same verdict */
-    int *cnt_rank = scratch, *cnt_expert = scratch + R;
+    bool shared = R + E <= EPX__LAYOUT_SHARED;
+    int *c = shared ? cnt : scratch; /* [R] per rank, then [E] per expert */
+    for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x) cnt[i] = 0;
+    __syncthreads();
+    bool bad_seen = false;
     for (long long t = tid; t < T; t += nthreads) {
-        unsigned m = epx__dest_mask(&r, me, t);
-        for (int q = 0; q < R; q++) {
-            bool in = (m >> q) & 1u;
-            if (in) atomicAdd(&cnt_rank[q], 1);
-            if (in_rank) in_rank[t * R + q] = in;
-        }
-        for (int k = 0; k < K && per_expert; k++) {
+        unsigned m = 0;
+        for (int k = 0; k < K; k++) {
             long long e = epx__topk_get(&r, me, t * K + k);
+            if (e < -1 || e >= E) {
+                bad_seen = true;
+                continue;
+            }
             if (e < 0) continue;
+            m |= 1u << (int)(e / r.local_experts);
             bool dup = false;
             for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, me, t * K + j) == e;
-            if (!dup) atomicAdd(&cnt_expert[e], 1);
+            if (!dup) atomicAdd(&c[R + e], 1);
+        }
+        while (m) {
+            int q = __ffs(m) - 1;
+            m &= m - 1;
+            atomicAdd(&c[q], 1);
         }
     }
+    if (bad_seen) atomicMin((unsigned long long *)bad, 0ull);
+    __syncthreads();
+    for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x)
+        if (cnt[i]) atomicAdd(&scratch[i], cnt[i]);
     grid.sync();
-    for (long long i = tid; per_rank && i < R; i += nthreads) per_rank[i] = cnt_rank[i];
-    for (long long i = tid; per_expert && i < E; i += nthreads) per_expert[i] = cnt_expert[i];
+    /* The same verdict everywhere; the last block to read it resets it for the next call. */
+    __shared__ int clean_s;
+    if (threadIdx.x == 0) {
+        clean_s = *(volatile long long *)bad == EPX__MOE_NO_BAD;
+        __threadfence();
+        if (atomicAdd(&scratch[R + E], 1) == (int)gridDim.x - 1) {
+            *(volatile long long *)bad = EPX__MOE_NO_BAD;
+            scratch[R + E] = 0;
+        }
+    }
+    __syncthreads();
+    bool clean = clean_s;
+    for (long long i = tid; i < R + E; i += nthreads) {
+        int v = clean ? scratch[i] : -1;
+        if (i < R && per_rank) per_rank[i] = v;
+        if (i >= R && per_expert) per_expert[i - R] = v;
+        scratch[i] = 0;
+    }
+    for (long long t = tid; clean && in_rank && t < T; t += nthreads) {
+        unsigned m = epx__dest_mask(&r, me, t);
+        for (int q = 0; q < R; q++) in_rank[t * R + q] = (m >> q) & 1u;
+    }
+}
+
+extern "C" int epx__cuda_moe_layout_max_blocks(void)
+{
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, epx__k_moe_layout_checked, 512, 0);
+    if (sms < 1) sms = 1;
+    if (per_sm < 1) per_sm = 1; /* the query failed: one block per SM is always resident at 512 threads */
+    return sms * per_sm;
 }
 
 extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                                    unsigned char *in_rank, long long *bad, int *scratch, int blocks,
                                                    void *stream)
 {
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, epx__k_moe_layout_checked, 512, 0);
     long long need = ((long long)r->num_tokens[r->rank] * r->topk + 511) / 512;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
-    if (sms < 1) sms = 1;
-    if (per_sm < 1) per_sm = 1; /* the query failed: one block per SM is always resident at 512 threads */
-    if (blocks > sms * per_sm) blocks = sms * per_sm; /* all blocks resident: the grid can meet */
     epx__moe_routing_t rv = *r;
     void *args[] = {&rv, &per_rank, &per_expert, &in_rank, &bad, &scratch};
     return (int)cudaLaunchCooperativeKernel((const void *)epx__k_moe_layout_checked, dim3((unsigned)blocks), dim3(512), args, 0,

@@ -46,18 +46,24 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *cuda, const epx__cuda_count
 }
 
 epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
-                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, epx__cuda_moe_handle_t **handle,
-                                       void *stream, epx__errbuf_t *err)
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
+                                       epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
 {
-    (void)m, (void)in, (void)out, (void)local, (void)handle, (void)stream;
+    (void)m, (void)in, (void)out, (void)local, (void)split, (void)handle, (void)stream;
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
 
-epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
-                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
-                                      epx__errbuf_t *err)
+epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, const epx_moe_ll_combine_in_t *in,
+                                      void *out, epx_status_t local, bool split, void *stream, epx__errbuf_t *err)
 {
-    (void)m, (void)h, (void)in, (void)out, (void)local, (void)stream;
+    (void)m, (void)h, (void)in, (void)out, (void)local, (void)split, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+
+epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, bool combine, void *stream,
+                                   epx__errbuf_t *err)
+{
+    (void)m, (void)h, (void)combine, (void)stream;
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
 
