@@ -15,6 +15,9 @@
 #   nccl      CUDA across hosts: the nccl_* tests (2 GPUs as 2 hosts, NCCL on sockets), then
 #             alltoall and MoE (HT bf16 T=4096, LL fp8 T=128) benchmarks across the 2
 #             simulated hosts, the NCCL baselines on the same transport in the same run
+#   fault     injected faults on the CUDA backend (tests/test_cuda_fault.c): every operation and
+#             fault on FAULT_NP ranks (default "2"; "2 3" adds 3 ranks sharing the GPUs), one
+#             log per operation and rank count (fault_<op>_np<N>.log: every rank's status and time)
 #   quick     cpu cuda (no benchmarks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +51,7 @@ if has cpu; then
     grep -hE "tests passed|Failed|\*\*\*" "$OUT/ctest_cpu.log" | tail -15
 fi
 if has cuda; then
-    ctest --test-dir build-gpu --output-on-failure -L cuda --timeout 600 >"$OUT/ctest_cuda.log" 2>&1 || rc=1
+    ctest --test-dir build-gpu --output-on-failure -L cuda -LE fault --timeout 600 >"$OUT/ctest_cuda.log" 2>&1 || rc=1
     grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_cuda.log" | tail -30
 fi
 if has sanitize; then
@@ -62,6 +65,18 @@ if has sanitize; then
             s=$?
             [ $s = 0 ] || rc=1
             echo "compute-sanitizer $tool $t: exit $s; $(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY|passed' "$log" | tr '\n' ' ')"
+    done
+fi
+if has fault; then
+    for n in ${FAULT_NP:-2}; do
+        for op in ${FAULT_OPS:-a2a_eager a2a_direct alltoallv a2av_device dispatch dispatch_nosync combine ll_dispatch ll_combine}; do
+            log="$OUT/fault_${op}_np$n.log"
+            t0=$(date +%s)
+            timeout 280 $B/test_cuda_fault --cuda "$op" "$n" >"$log" 2>&1
+            s=$?
+            [ $s = 0 ] || rc=1
+            echo "fault $op np$n: exit $s in $(($(date +%s) - t0)) s; $(grep -cE '^scenario .* passed' "$log") scenarios passed$(grep -hE '^FAIL' "$log" | head -3 | sed 's/^/ | /' | tr '\n' ' ')"
+        done
     done
 fi
 if has python; then

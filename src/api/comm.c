@@ -253,11 +253,16 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
         }
     }
     EPX__CHECK_GOTO(epx__cpu_create(&c->cpu, c->boot, rank, nranks, c->nonce, timeout_ms, &c->err), st, fail);
-    epx__cpu_set_fault(c->cpu, &fault);
-    if (backend == EPX_BACKEND_CUDA)
+    /* On CUDA the faults aim at the CUDA operations (each makes several host exchanges). */
+    epx__fault_t host_fault = fault;
+    if (backend == EPX_BACKEND_CUDA) memset(&host_fault, 0, sizeof host_fault);
+    epx__cpu_set_fault(c->cpu, &host_fault);
+    if (backend == EPX_BACKEND_CUDA) {
         EPX__CHECK_GOTO(epx__cuda_create(&c->cuda, c->cpu, rank, nranks, cfg.device == EPX_UNSET ? -1 : cfg.device,
                                          timeout_ms, &c->err),
                         st, fail);
+        epx__cuda_set_fault(c->cuda, &fault);
+    }
     free(all);
     EPX_INFO(INIT, "rank %d/%d: comm ready (host %d/%d, local %d/%d)", rank, nranks, c->host, c->num_hosts,
              c->local_rank, c->local_size);

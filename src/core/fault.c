@@ -13,6 +13,7 @@
 static _Atomic unsigned epx__fault_fired;
 
 static const char *const epx__fault_names[] = {"?", "delay", "kill", "count"};
+static const char *const epx__fault_at_names[] = {"host", "enqueue", "launched"};
 
 static bool epx__fault_number(const char *v, long long lo, long long hi, long long *out)
 {
@@ -37,11 +38,11 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
 {
     char *colon = strchr(text, ':');
     if (!colon)
-        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d \"%s\": expected KIND:rank=R,step=N[,ms=M]",
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d \"%s\": expected KIND:rank=R,step=N[,ms=M][,at=WHEN]",
                          index + 1, text);
     *colon = '\0';
     char *kind = epx__trim(text);
-    *s = (epx__fault_spec_t){0, index, -1, 0, -1};
+    *s = (epx__fault_spec_t){0, index, -1, 0, -1, EPX__FAULT_AT_HOST};
     for (int k = 1; k <= 3; k++)
         if (!strcmp(kind, epx__fault_names[k])) s->kind = k;
     if (!s->kind)
@@ -63,6 +64,15 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
             ok = epx__fault_number(val, 1, UINT32_MAX, &v), step = v;
         else if (!strcmp(key, "ms") && s->kind == EPX__FAULT_DELAY)
             ok = epx__fault_number(val, 0, 24 * 3600 * 1000, &v), s->ms = (int)v;
+        else if (!strcmp(key, "at") && s->kind != EPX__FAULT_COUNT) {
+            int last = s->kind == EPX__FAULT_KILL ? EPX__FAULT_AT_LAUNCHED : EPX__FAULT_AT_ENQUEUE;
+            ok = false;
+            for (int a = 0; a <= last; a++)
+                if (!strcmp(val, epx__fault_at_names[a])) ok = true, s->at = a;
+            if (!ok)
+                return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): at=%s (host, enqueue%s)",
+                                 index + 1, kind, val, s->kind == EPX__FAULT_KILL ? " or launched" : " or, for kill, launched");
+        }
         else
             return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): unknown key \"%s\"", index + 1,
                              kind, key);
@@ -106,24 +116,47 @@ epx_status_t epx__fault_parse(const char *text, int rank, epx__fault_t *f, epx__
     return st;
 }
 
-bool epx__fault_take(const epx__fault_t *f, int kind, uint32_t step, epx__fault_spec_t *out)
+static bool epx__fault_find(const epx__fault_t *f, int kind, uint32_t step, int at, bool take, epx__fault_spec_t *out)
 {
     for (int i = 0; i < f->n; i++) {
         const epx__fault_spec_t *s = &f->spec[i];
-        if (s->kind != kind || s->rank != f->rank || s->step != step) continue;
+        if (s->kind != kind || s->rank != f->rank || s->step != step || s->at != at) continue;
         unsigned bit = 1u << s->index;
+        if (!take) {
+            if (atomic_load(&epx__fault_fired) & bit) continue;
+            *out = *s;
+            return true;
+        }
         if (atomic_fetch_or(&epx__fault_fired, bit) & bit) continue;
         *out = *s;
-        EPX_WARN(COLL, "rank %d: injecting fault \"%s\" at operation %u", f->rank, epx__fault_names[kind], step);
+        EPX_WARN(COLL, "rank %d: injecting fault \"%s\" at operation %u (%s)", f->rank, epx__fault_names[kind], step,
+                 epx__fault_at_names[at]);
         return true;
     }
     return false;
 }
 
-void epx__fault_delay(const epx__fault_t *f, uint32_t step)
+bool epx__fault_take_at(const epx__fault_t *f, int kind, uint32_t step, int at, epx__fault_spec_t *out)
+{
+    return epx__fault_find(f, kind, step, at, true, out);
+}
+
+bool epx__fault_take(const epx__fault_t *f, int kind, uint32_t step, epx__fault_spec_t *out)
+{
+    return epx__fault_find(f, kind, step, EPX__FAULT_AT_HOST, true, out);
+}
+
+bool epx__fault_due(const epx__fault_t *f, int kind, uint32_t step, int at, epx__fault_spec_t *out)
+{
+    return epx__fault_find(f, kind, step, at, false, out);
+}
+
+void epx__fault_delay(const epx__fault_t *f, uint32_t step) { epx__fault_delay_at(f, step, EPX__FAULT_AT_HOST); }
+
+void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at)
 {
     epx__fault_spec_t s;
-    if (!epx__fault_take(f, EPX__FAULT_DELAY, step, &s)) return;
+    if (!epx__fault_take_at(f, EPX__FAULT_DELAY, step, at, &s)) return;
     struct timespec ts = {s.ms / 1000, (long)(s.ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }

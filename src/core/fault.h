@@ -2,7 +2,7 @@
  * Fault injection for tests of failure handling: EPX_FAULT names faults, each aimed at one
  * rank and one operation of a communicator.
  *
- *   EPX_FAULT="KIND:rank=R,step=N[,ms=M][;KIND:...]"   (at most EPX__FAULT_MAX entries)
+ *   EPX_FAULT="KIND:rank=R,step=N[,ms=M][,at=WHEN][;KIND:...]"   (at most EPX__FAULT_MAX entries)
  *
  *   delay  rank R sleeps M ms at the start of its N-th operation, before it posts anything;
  *   kill   rank R posts its N-th operation to the first half of its peers (rank R+1, R+2,
@@ -12,8 +12,14 @@
  *          num_tokens past max_tokens_per_rank when it has no token); other MoE calls a
  *          top-k one larger than the handle's.
  *
+ * `at` (delay and kill; CUDA backend) says where in the operation: `host` (the default:
+ * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues
+ * any kernel: the peers' device waits find nothing) or, for kill, `launched` (after it
+ * enqueued its kernels, without waiting for them). The CPU backend fires only `host`.
+ *
  * Steps count the operations of a communicator from 1: every collective call (barrier,
- * alltoall, alltoallv, epx_moe_create, each MoE call) is one step. Each entry fires once
+ * alltoall, alltoallv, alltoallv_device, epx_moe_create, each MoE call) is one step, on
+ * every backend. Each entry fires once
  * per process, on the first communicator that reaches its step, so that a test can build
  * a healthy communicator after the fault.
  *
@@ -27,6 +33,8 @@
 #include "core.h"
 
 typedef enum { EPX__FAULT_DELAY = 1, EPX__FAULT_KILL = 2, EPX__FAULT_COUNT = 3 } epx__fault_kind_t;
+/* Where in an operation a fault fires (`at`). */
+typedef enum { EPX__FAULT_AT_HOST = 0, EPX__FAULT_AT_ENQUEUE = 1, EPX__FAULT_AT_LAUNCHED = 2 } epx__fault_at_t;
 
 #define EPX__FAULT_MAX 8
 /* Exit status of a process ended by a `kill` fault. */
@@ -38,6 +46,7 @@ typedef struct {
     int rank;      /* the rank it aims at */
     uint32_t step; /* the operation it aims at, from 1 */
     int ms;        /* delay */
+    int at;        /* epx__fault_at_t */
 } epx__fault_spec_t;
 
 typedef struct {
@@ -51,12 +60,16 @@ typedef struct {
  * the entry, when it does not parse. */
 epx_status_t epx__fault_parse(const char *text, int rank, epx__fault_t *f, epx__errbuf_t *err);
 
-/* The entry of `kind` aimed at operation `step` of this rank, if it has not fired yet in
- * this process: marks it fired, logs it and returns true. */
+/* The entry of `kind` aimed at operation `step` of this rank at `at`, if it has not fired
+ * yet in this process: marks it fired, logs it and returns true. epx__fault_take: at host. */
+bool epx__fault_take_at(const epx__fault_t *f, int kind, uint32_t step, int at, epx__fault_spec_t *out);
 bool epx__fault_take(const epx__fault_t *f, int kind, uint32_t step, epx__fault_spec_t *out);
+/* The same without marking it fired. */
+bool epx__fault_due(const epx__fault_t *f, int kind, uint32_t step, int at, epx__fault_spec_t *out);
 
-/* A `delay` at the start of operation `step`: sleeps when one is due. */
+/* A `delay` at the start of operation `step` (at host) or at `at`: sleeps when one is due. */
 void epx__fault_delay(const epx__fault_t *f, uint32_t step);
+void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at);
 
 /* End the process as a `kill` fault does. */
 _Noreturn void epx__fault_exit(const epx__fault_spec_t *spec, int posted, int peers);

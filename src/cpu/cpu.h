@@ -38,6 +38,9 @@ void epx__cpu_destroy(epx__cpu_t *cpu, bool abort);
 void epx__cpu_mark_broken(epx__cpu_t *cpu);
 /* Arm the faults of EPX_FAULT for this rank (see core/fault.h). */
 void epx__cpu_set_fault(epx__cpu_t *cpu, const epx__fault_t *fault);
+/* The CUDA backend's `kill` at host: this entry (and no other) fires in the next host
+ * exchange (posted to half of the peers, then the process ends). */
+void epx__cpu_fault_kill_next(epx__cpu_t *cpu, const epx__fault_spec_t *spec);
 
 /* Registered memory: shared-memory regions peers map on first use. */
 epx_status_t epx__cpu_mem_alloc(epx__cpu_t *cpu, size_t bytes, void **ptr, epx__errbuf_t *err);

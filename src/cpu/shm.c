@@ -349,6 +349,17 @@ void epx__cpu_mark_broken(epx__cpu_t *c)
 
 void epx__cpu_set_fault(epx__cpu_t *c, const epx__fault_t *fault) { c->fault = *fault; }
 
+void epx__cpu_fault_kill_next(epx__cpu_t *c, const epx__fault_spec_t *spec)
+{
+    memset(&c->fault, 0, sizeof c->fault);
+    c->fault.armed = true;
+    c->fault.rank = spec->rank;
+    c->fault.n = 1;
+    c->fault.spec[0] = *spec;
+    c->fault.spec[0].step = c->seq + 1;
+    c->fault.spec[0].at = EPX__FAULT_AT_HOST;
+}
+
 void epx__cpu_destroy(epx__cpu_t *c, bool abort)
 {
     if (!c) return;

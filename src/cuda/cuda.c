@@ -19,6 +19,14 @@ bool epx__cuda_is_device_ptr(const void *p)
     return a.type == cudaMemoryTypeDevice;
 }
 
+/* Take part in one host exchange with a local failure `st` (posted: the others return
+ * EPX_ERR_REMOTE_INVALID promptly instead of timing out), and return st or what broke. */
+epx_status_t epx__host_fail(epx__cpu_t *host, epx_status_t st, epx__errbuf_t *err)
+{
+    epx_status_t r = epx__cpu_alltoallv(host, NULL, st, err);
+    return r != EPX_SUCCESS ? r : st;
+}
+
 /* Exchange `bytes` of `mine` with every rank through the host transport (allgather). */
 epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine, void *all, size_t bytes,
                                         epx_status_t local, epx__errbuf_t *err)
@@ -27,7 +35,8 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
     int64_t *cnt = malloc(sizeof(int64_t) * 2 * (size_t)nranks);
     if (!send || !cnt) {
         free(send), free(cnt);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        if (local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        return epx__host_fail(host, local, err);
     }
     for (int p = 0; p < nranks; p++) {
         memcpy(send + (size_t)p * bytes, mine, bytes);
@@ -112,8 +121,9 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
      * that shape the control memory and the path choice must agree. */
     c->ce_bytes = epx__param_int(EPX__P_CUDA_COPY_ENGINE_BYTES);
     int64_t sizes[2] = {(int64_t)eager_bytes, c->ce_bytes}, *allsz = calloc(2 * (size_t)nranks, sizeof *allsz);
-    if (st == EPX_SUCCESS) st = allsz ? epx__host_allgather(host, nranks, sizes, allsz, sizeof sizes, EPX_SUCCESS, err)
-                                      : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (st == EPX_SUCCESS)
+        st = allsz ? epx__host_allgather(host, nranks, sizes, allsz, sizeof sizes, EPX_SUCCESS, err)
+                   : epx__host_fail(host, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     for (int p = 0; p < nranks && st == EPX_SUCCESS; p++)
         if (allsz[2 * p] != sizes[0] || allsz[2 * p + 1] != sizes[1])
             st = epx__fail(err, EPX_ERR_MISMATCH,
@@ -143,6 +153,32 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
              eager_bytes);
     *out = c;
     return EPX_SUCCESS;
+}
+
+void epx__cuda_set_fault(epx__cuda_t *c, const epx__fault_t *fault) { c->fault = *fault; }
+
+void epx__cuda_fault_begin_slow(epx__cuda_t *c)
+{
+    epx__fault_delay_at(&c->fault, c->fault_step, EPX__FAULT_AT_HOST);
+    epx__fault_spec_t f;
+    if (epx__fault_due(&c->fault, EPX__FAULT_KILL, c->fault_step, EPX__FAULT_AT_HOST, &f))
+        epx__cpu_fault_kill_next(c->host, &f); /* fires in this call's first host exchange */
+}
+
+void epx__cuda_fault_at_slow(epx__cuda_t *c, int at)
+{
+    epx__fault_delay_at(&c->fault, c->fault_step, at);
+    epx__fault_spec_t f;
+    if (!epx__fault_take_at(&c->fault, EPX__FAULT_KILL, c->fault_step, at, &f)) return;
+    /* Every peer got everything from the host exchanges; none of (enqueue) or all of
+     * (launched) this rank's kernels are on its stream, not waited for. */
+    epx__fault_exit(&f, at == EPX__FAULT_AT_LAUNCHED ? c->nranks - 1 : 0, c->nranks - 1);
+}
+
+bool epx__cuda_fault_count_slow(epx__cuda_t *c)
+{
+    epx__fault_spec_t f;
+    return c->nranks > 1 && epx__fault_take(&c->fault, EPX__FAULT_COUNT, c->fault_step, &f);
 }
 
 void epx__cuda_destroy(epx__cuda_t *c)
@@ -273,18 +309,26 @@ static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t
         /* Work already enqueued may still use the mapping: let the device finish first. */
         cudaDeviceSynchronize();
         cudaIpcCloseMemHandle(victim->ptr);
+        c->ipc_closed++;
     }
     victim->ptr = NULL;
     void *p = NULL;
     cudaError_t ce = cudaIpcOpenMemHandle(&p, card->handle, cudaIpcMemLazyEnablePeerAccess);
     if (ce == cudaErrorAlreadyMapped) {
+        /* This also closes mappings the current call took earlier: c->ipc_closed moves, and
+         * the call maps its buffers again (a pointer it holds may be gone). */
         cudaGetLastError();
         cudaDeviceSynchronize();
+        int dropped = 0;
         for (int i = 0; i < EPX__IPC_CACHE; i++)
             if (c->ipc[i].ptr && c->ipc[i].peer == peer && !c->ipc[i].pins) {
                 cudaIpcCloseMemHandle(c->ipc[i].ptr);
                 c->ipc[i].ptr = NULL;
+                dropped++;
             }
+        c->ipc_closed++;
+        EPX_INFO(CUDA, "rank %d: rank %d reuses an address mapped here: %d of its mappings dropped", c->rank, peer,
+                 dropped);
         ce = cudaIpcOpenMemHandle(&p, card->handle, cudaIpcMemLazyEnablePeerAccess);
     }
     if (ce != cudaSuccess)
@@ -317,16 +361,17 @@ void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base)
 
 /* ---- alltoallv ---------------------------------------------------------------------------- */
 
-static epx_status_t epx__check_cards(const epx__cuda_t *c, const epx__a2a_card_t *in, const epx__cpu_xfer_t *x,
+/* `in`: the peers' cards; `out`: mine, as announced (x's counts, unless a fault changed them). */
+static epx_status_t epx__check_cards(const epx__cuda_t *c, const epx__a2a_card_t *in, const epx__a2a_card_t *out,
                                      epx__errbuf_t *err)
 {
     for (int p = 0; p < c->nranks; p++) {
-        if (in[p].send_bytes != x->recv_bytes[p])
+        if (in[p].send_bytes != out[p].recv_bytes)
             return epx__fail(err, EPX_ERR_MISMATCH, "rank %d sends %lld bytes to rank %d, which expects %lld", p,
-                             (long long)in[p].send_bytes, c->rank, (long long)x->recv_bytes[p]);
-        if (in[p].recv_bytes != x->send_bytes[p])
+                             (long long)in[p].send_bytes, c->rank, (long long)out[p].recv_bytes);
+        if (in[p].recv_bytes != out[p].send_bytes)
             return epx__fail(err, EPX_ERR_MISMATCH, "rank %d sends %lld bytes to rank %d, which expects %lld", c->rank,
-                             (long long)x->send_bytes[p], p, (long long)in[p].recv_bytes);
+                             (long long)out[p].send_bytes, p, (long long)in[p].recv_bytes);
     }
     return EPX_SUCCESS;
 }
@@ -396,7 +441,7 @@ epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_stat
 {
     int R = c->nranks;
     int64_t *cnt = malloc(sizeof(int64_t) * 2 * (size_t)R);
-    if (!cnt) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cnt) return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     for (int p = 0; p < R; p++) {
         cnt[p] = (int64_t)bytes;
         cnt[R + p] = (int64_t)bytes * p;
@@ -414,7 +459,7 @@ static epx_status_t epx__map_destinations(epx__cuda_t *c, const epx__cpu_xfer_t 
 {
     int R = c->nranks, me = c->rank;
     epx__ipc_card_t *cards = calloc(2 * (size_t)R, sizeof *cards), mine;
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards) return epx__host_fail(c->host, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     bool receives = false;
     for (int p = 0; p < R; p++) receives = receives || (p != me && x->recv_bytes[p] > 0);
@@ -426,10 +471,15 @@ static epx_status_t epx__map_destinations(epx__cuda_t *c, const epx__cpu_xfer_t 
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
     const epx__ipc_card_t *in = cards + R;
     dst[me] = (char *)x->recv + x->recv_displ[me];
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-        if (p == me || x->send_bytes[p] == 0) continue;
-        st = epx__ipc_open(c, p, &in[p], &dst[p], stream, err);
-        if (st == EPX_SUCCESS) dst[p] += in[p].base_offset + in[p].recv_displ;
+    for (int pass = 0; st == EPX_SUCCESS; pass++) {
+        uint64_t closed = c->ipc_closed;
+        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+            if (p == me || x->send_bytes[p] == 0) continue;
+            st = epx__ipc_open(c, p, &in[p], &dst[p], stream, err);
+            if (st == EPX_SUCCESS) dst[p] += in[p].base_offset + in[p].recv_displ;
+        }
+        if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
+        if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
     return st;
@@ -439,11 +489,13 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
                                  epx__errbuf_t *err)
 {
     int R = c->nranks;
+    epx__cuda_fault_begin(c);
     epx__a2a_card_t *cards = calloc(2 * (size_t)R, sizeof *cards), mine;
     char **dst = calloc((size_t)R, sizeof *dst);
-    if (!cards || !dst) {
+    if (!cards || !dst) { /* still one host exchange, so the others return at once */
         free(cards), free(dst);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        if (local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        return epx__host_fail(c->host, local, err);
     }
     /* 1. Agree on the counts on the host, before anything is enqueued. */
     memset(&mine, 0, sizeof mine);
@@ -456,16 +508,16 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
             cards[p].recv_bytes = x->recv_bytes[p];
         }
     }
+    if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) cards[(c->rank + 1) % R].send_bytes += 1;
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
     const epx__a2a_card_t *in = cards + R;
-    if (st == EPX_SUCCESS) st = epx__check_cards(c, in, x, err);
+    if (st == EPX_SUCCESS) st = epx__check_cards(c, in, cards, err);
     /* A disagreement is seen only by the two ranks of the pair: agree on the verdict, so
      * that no rank enqueues an operation the others skip. */
     if (st == EPX_SUCCESS || st == EPX_ERR_MISMATCH) {
-        int32_t v = st, *all = calloc((size_t)R, sizeof *all);
-        epx_status_t agreed = all ? epx__host_allgather(c->host, R, &v, all, sizeof v, st, err) : EPX_ERR_NO_MEMORY;
+        int32_t v = st, all[EPX__CUDA_MAX_RANKS];
+        epx_status_t agreed = epx__host_allgather(c->host, R, &v, all, sizeof v, st, err);
         if (st == EPX_SUCCESS) st = agreed;
-        free(all);
     }
     int64_t global_max = 0;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) global_max = EPX__MAX(global_max, in[p].max_pair_bytes);
@@ -476,10 +528,12 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
     if (st == EPX_SUCCESS && path != EPX__PATH_EAGER) st = epx__map_destinations(c, x, dst, stream, err);
     /* 3. Enqueue. */
     if (st == EPX_SUCCESS) {
+        epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
         cudaError_t ce = path == EPX__PATH_EAGER    ? epx__enqueue_eager(c, x, stream)
                          : path == EPX__PATH_DIRECT ? epx__enqueue_direct(c, x, dst, stream)
                                                     : epx__enqueue_copy_engine(c, x, dst, stream);
         if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "alltoallv enqueue: %s", cudaGetErrorString(ce));
+        else epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     }
     free(cards), free(dst);
     return st;
@@ -494,8 +548,12 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t
     typedef struct {
         epx__ipc_card_t recv, counts, displs;
     } card_t;
+    epx__cuda_fault_begin(c);
     card_t mine, *cards = calloc(2 * (size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards) {
+        if (local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        return epx__host_fail(c->host, local, err);
+    }
     memset(&mine, 0, sizeof mine);
     if (local == EPX_SUCCESS) local = epx__ipc_export(c, k->recv, &mine.recv, err);
     if (local == EPX_SUCCESS) local = epx__ipc_export(c, k->recv_counts, &mine.counts, err);
@@ -508,39 +566,48 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t
     a.elem = k->elem_bytes;
     a.send_counts = (const long long *)k->send_counts;
     a.send_displs = (const long long *)k->send_displs;
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-        a.src[p] = (const char *)k->send;
-        if (p == me) {
-            a.dst[p] = (char *)k->recv;
-            a.recv_counts[p] = (const long long *)k->recv_counts;
-            a.recv_displs[p] = (const long long *)k->recv_displs;
-            continue;
+    /* Mapped again when an open in this call closed mappings it took before (ipc_get). */
+    for (int pass = 0; st == EPX_SUCCESS; pass++) {
+        uint64_t closed = c->ipc_closed;
+        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+            a.src[p] = (const char *)k->send;
+            if (p == me) {
+                a.dst[p] = (char *)k->recv;
+                a.recv_counts[p] = (const long long *)k->recv_counts;
+                a.recv_displs[p] = (const long long *)k->recv_displs;
+                continue;
+            }
+            char *base;
+            st = epx__ipc_open(c, p, &in[p].recv, &base, stream, err);
+            a.dst[p] = base + in[p].recv.base_offset;
+            if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].counts, &base, stream, err);
+            a.recv_counts[p] = (const long long *)(base + in[p].counts.base_offset);
+            if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].displs, &base, stream, err);
+            a.recv_displs[p] = (const long long *)(base + in[p].displs.base_offset);
         }
-        char *base;
-        st = epx__ipc_open(c, p, &in[p].recv, &base, stream, err);
-        a.dst[p] = base + in[p].recv.base_offset;
-        if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].counts, &base, stream, err);
-        a.recv_counts[p] = (const long long *)(base + in[p].counts.base_offset);
-        if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].displs, &base, stream, err);
-        a.recv_displs[p] = (const long long *)(base + in[p].displs.base_offset);
+        if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
+        if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
     if (st != EPX_SUCCESS) return st;
+    if (epx__cuda_fault_count(c)) a.fault_to = (me + 1) % R + 1; /* one element more to the next rank */
+    epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     cudaError_t ce = (cudaError_t)epx__cuda_launch_direct_alltoallv(&c->dev, &a, stream);
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "alltoallv_device enqueue: %s", cudaGetErrorString(ce));
+    epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return EPX_SUCCESS;
 }
 
 epx_status_t epx__cuda_barrier(epx__cuda_t *c, epx_status_t local, void *stream, epx__errbuf_t *err)
 {
     /* Agree on the host first, so that a rejected call enqueues nothing anywhere. */
-    int dummy = 0;
-    int *all = malloc(sizeof(int) * (size_t)c->nranks);
-    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx__cuda_fault_begin(c);
+    int dummy = 0, all[EPX__CUDA_MAX_RANKS];
     epx_status_t st = epx__host_allgather(c->host, c->nranks, &dummy, all, sizeof dummy, local, err);
-    free(all);
     if (st != EPX_SUCCESS) return st;
+    epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     cudaError_t ce = (cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 1, stream);
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "barrier enqueue: %s", cudaGetErrorString(ce));
+    epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return EPX_SUCCESS;
 }

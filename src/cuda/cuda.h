@@ -25,6 +25,8 @@ typedef struct epx__cuda epx__cuda_t;
 epx_status_t epx__cuda_create(epx__cuda_t **cuda, epx__cpu_t *host, int rank, int nranks, int device,
                               int64_t timeout_ms, epx__errbuf_t *err);
 void epx__cuda_destroy(epx__cuda_t *cuda);
+/* Arm the faults of EPX_FAULT for this rank; steps count the CUDA operations (core/fault.h). */
+void epx__cuda_set_fault(epx__cuda_t *cuda, const epx__fault_t *fault);
 
 /* EPX_SUCCESS, or the error a device wait reported (timeout, peer failure). */
 epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);

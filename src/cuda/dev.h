@@ -87,6 +87,7 @@ typedef struct {
     long long elem;
     const long long *send_counts, *send_displs; /* mine */
     const long long *recv_counts[EPX__CUDA_MAX_RANKS], *recv_displs[EPX__CUDA_MAX_RANKS];
+    int fault_to; /* EPX_FAULT count (device counts): 1 + the peer I announce one element too many; 0: none */
 } epx__cuda_direct_args_t;
 
 /* ---- MoE high-throughput (moe_kernels.cu) ---- */

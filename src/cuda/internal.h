@@ -55,7 +55,32 @@ struct epx__cuda {
     int next_export;
     uint64_t ops_started; /* MoE operations, the same count on every rank (names handles) */
     int64_t ce_bytes;     /* EPX_CUDA_COPY_ENGINE_BYTES, agreed at creation */
+    uint64_t ipc_closed;  /* mappings closed so far (a call re-reads the ones it took when this moves) */
+    epx__fault_t fault;   /* EPX_FAULT (core/fault.h) */
+    uint32_t fault_step;  /* CUDA operations started (collective calls), for EPX_FAULT */
 };
+
+/* ---- Fault injection (EPX_FAULT): one predictable branch per hook when unarmed ---- */
+void epx__cuda_fault_begin_slow(epx__cuda_t *c);
+void epx__cuda_fault_at_slow(epx__cuda_t *c, int at);
+bool epx__cuda_fault_count_slow(epx__cuda_t *c);
+/* At the start of every collective call: the step, a delay or a kill at host. */
+static inline void epx__cuda_fault_begin(epx__cuda_t *c)
+{
+    c->fault_step++;
+    if (__builtin_expect(c->fault.armed, 0)) epx__cuda_fault_begin_slow(c);
+}
+/* After the host exchanges, before the first kernel (EPX__FAULT_AT_ENQUEUE), or after the
+ * last one (EPX__FAULT_AT_LAUNCHED): a delay or a kill due there. */
+static inline void epx__cuda_fault_at(epx__cuda_t *c, int at)
+{
+    if (__builtin_expect(c->fault.armed, 0)) epx__cuda_fault_at_slow(c, at);
+}
+/* A `count` fault due in this call: the caller announces a wrong size. */
+static inline bool epx__cuda_fault_count(epx__cuda_t *c)
+{
+    return __builtin_expect(c->fault.armed, 0) && epx__cuda_fault_count_slow(c);
+}
 
 /* What one rank tells another about an alltoallv: how much each sends the other... */
 typedef struct {
@@ -76,6 +101,9 @@ typedef struct {
 /* Everyone's `bytes` of `mine` (rank-major into `all`) through the host transport. */
 epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine, void *all, size_t bytes,
                                  epx_status_t local, epx__errbuf_t *err);
+/* Take part in one host exchange with the local failure `st` (the others get
+ * EPX_ERR_REMOTE_INVALID at once instead of timing out); returns st, or what broke. */
+epx_status_t epx__host_fail(epx__cpu_t *host, epx_status_t st, epx__errbuf_t *err);
 /* Send each peer its card (cards[p], `bytes` each) and get theirs (into cards + R * bytes). */
 epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err);
 /* The IPC handle of the allocation holding p, and p's offset in it. */

@@ -123,6 +123,7 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
             long long c = a.send_counts[p], s = a.send_displs[p];
             bytes[p] = c > 0 && s >= 0 ? c * a.elem : 0;
             src[p] += (s >= 0 ? s : 0) * a.elem;
+            if (p + 1 == a.fault_to) bytes[p] += a.elem; /* injected: the pair disagrees, nothing moves */
         }
     }
     __syncthreads();

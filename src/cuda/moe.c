@@ -152,11 +152,12 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
                                   epx__cuda_moe_t **out, epx__errbuf_t *err)
 {
     int R = c->nranks;
+    epx__cuda_fault_begin(c);
     epx__cuda_moe_t *m = calloc(1, sizeof *m);
     uint64_t *all = calloc((size_t)R, sizeof *all);
     if (!m || !all) {
         free(m), free(all);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     }
     m->c = c;
     m->s = *shape;
@@ -310,7 +311,8 @@ static epx_status_t epx__moe_meet(epx__cuda_moe_t *m, epx__moe_card_t *mine, epx
 {
     int R = m->c->nranks;
     epx__moe_card_t *cards = calloc(2 * (size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards)
+        return epx__host_fail(m->c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     for (int p = 0; p < R; p++) cards[p] = *mine;
     epx_status_t st = epx__swap_cards(m->c, cards, sizeof *mine, local, err);
     memcpy(in, cards + R, sizeof *in * (size_t)R);
@@ -323,6 +325,9 @@ static epx_status_t epx__moe_meet(epx__cuda_moe_t *m, epx__moe_card_t *mine, epx
                            m->c->rank);
         else if (in[p].has_weights != mine->has_weights)
             st = epx__fail(err, EPX_ERR_MISMATCH, "ranks %d and %d disagree on passing topk_weights", p, m->c->rank);
+        else if (in[p].num_tokens < 0 || in[p].num_tokens > m->s.max_tokens) /* peers would read past its routing */
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d announces %d tokens, outside [0, max_tokens_per_rank = %d]", p,
+                           (int)in[p].num_tokens, m->s.max_tokens);
     }
     return st;
 }
@@ -413,6 +418,7 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
         epx__cuda_moe_handle_free(h);
         return st;
     }
+    epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     out->num_recv_tokens = n;
     *handle = h;
     return EPX_SUCCESS;
@@ -426,8 +432,10 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     const epx__moe_shape_t *s = &m->s;
     int R = c->nranks, me = c->rank;
     bool fp8 = s->dtype == EPX_FP8_E4M3;
+    epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards)
+        return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_DISPATCH;
     if (local == EPX_SUCCESS) {
@@ -442,6 +450,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         if (local == EPX_SUCCESS)
             local = epx__card_export(c, &mine.topk_idx, in->topk_idx, T * K * epx_dtype_size(s->index_dtype), err);
         if (local == EPX_SUCCESS) local = epx__card_export(c, &mine.weights, in->topk_weights, T * K * 4, err);
+        if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) mine.num_tokens = s->max_tokens + 1;
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__moe_routing_t rt;
@@ -454,15 +463,23 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     rt.local_experts = s->local_experts;
     rt.topk = mine.topk;
     rt.index_i64 = s->index_dtype == EPX_I64;
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-        rt.num_tokens[p] = cards[p].num_tokens;
-        const char *ptr;
-        st = epx__card_map(c, p, &cards[p].topk_idx, p == me ? in->topk_idx : NULL, &ptr, stream, err);
-        rt.topk_idx[p] = ptr;
-        if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
-        rt.weights[p] = (const float *)ptr;
+    /* Every peer's buffers mapped here; again when an open of this call closed mappings
+     * it took before (a peer reusing an address: see epx__ipc_get), so that no kernel gets
+     * a pointer into a closed mapping. */
+    for (int pass = 0; st == EPX_SUCCESS; pass++) {
+        uint64_t closed = c->ipc_closed;
+        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+            rt.num_tokens[p] = cards[p].num_tokens;
+            const char *ptr;
+            st = epx__card_map(c, p, &cards[p].topk_idx, p == me ? in->topk_idx : NULL, &ptr, stream, err);
+            rt.topk_idx[p] = ptr;
+            if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
+            rt.weights[p] = (const float *)ptr;
+        }
+        if (st == EPX_SUCCESS) st = epx__map_tokens(m, cards, in, &g, stream, err);
+        if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
+        if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
-    if (st == EPX_SUCCESS) st = epx__map_tokens(m, cards, in, &g, stream, err);
     if (st != EPX_SUCCESS) {
         free(cards);
         return st; /* nothing was enqueued anywhere for this call: every rank failed here */
@@ -476,6 +493,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
 
     /* The streams meet; count every source's tokens for every rank; read the counts back. */
     cudaStream_t strm = (cudaStream_t)stream;
+    epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
     EPX__CUDA_CHECK(cudaMemsetAsync(m->d_counts, 0, sizeof(int) * (size_t)R * (size_t)R, strm), st, err);
@@ -501,9 +519,8 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     if (*h_bad != EPX__MOE_NO_BAD)
         verdict = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "topk_idx[token %lld, k %lld] is not an expert id in [-1, %d)",
                             *h_bad / mine.topk, *h_bad % mine.topk, s->num_experts);
-    int32_t v = verdict, *all = calloc((size_t)R, sizeof *all);
-    st = all ? epx__host_allgather(c->host, R, &v, all, sizeof v, verdict, err) : EPX_ERR_NO_MEMORY;
-    free(all);
+    int32_t v = verdict, all[EPX__CUDA_MAX_RANKS];
+    st = epx__host_allgather(c->host, R, &v, all, sizeof v, verdict, err);
     int64_t n = 0;
     for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
         int64_t rows = epx__rows_of(m, q);
@@ -526,12 +543,14 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     const epx__moe_shape_t *s = &m->s;
     int R = c->nranks;
     bool fp8 = s->dtype == EPX_FP8_E4M3;
+    epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards)
+        return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_CACHED;
     if (local == EPX_SUCCESS) {
-        mine.topk = h->topk;
+        mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0);
         mine.routing_id = h->id;
         local = epx__card_export(c, &mine.x, in->x, (size_t)h->num_tokens * s->row_bytes, err);
         if (local == EPX_SUCCESS && fp8)
@@ -540,14 +559,22 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__moe_gather_t g;
     memset(&g, 0, sizeof g);
-    if (st == EPX_SUCCESS) st = epx__map_tokens(m, cards, in, &g, stream, err);
+    for (int pass = 0; st == EPX_SUCCESS; pass++) { /* see epx__cuda_moe_dispatch */
+        uint64_t closed = c->ipc_closed;
+        st = epx__map_tokens(m, cards, in, &g, stream, err);
+        if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
+        if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
+    }
     free(cards);
     if (st != EPX_SUCCESS) return st;
+    epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     epx__gather_along(m, h, out, &g);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
     c->ops_started++;
-    return epx__moe_finish(m, st, stream, err);
+    st = epx__moe_finish(m, st, stream, err);
+    if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
+    return st;
 }
 
 /* ---- Combine --------------------------------------------------------------------------------- */
@@ -558,12 +585,14 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
     int R = c->nranks, me = c->rank;
+    epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards)
+        return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_COMBINE;
     if (local == EPX_SUCCESS) {
-        mine.topk = h->topk;
+        mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0);
         mine.routing_id = h->id;
         mine.has_weights = in->topk_weights != NULL;
         size_t rows = h->rows < 0 ? 1 : (size_t)h->rows; /* unknown on the host: export whatever was given */
@@ -574,14 +603,20 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__moe_combine_t k;
     memset(&k, 0, sizeof k);
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-        const char *ptr = NULL;
-        st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
-        if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
-        k.w[p] = (const float *)ptr;
+    for (int pass = 0; st == EPX_SUCCESS; pass++) { /* see epx__cuda_moe_dispatch */
+        uint64_t closed = c->ipc_closed;
+        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+            const char *ptr = NULL;
+            st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
+            if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
+            k.w[p] = (const float *)ptr;
+        }
+        if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
+        if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
     if (st != EPX_SUCCESS) return st;
+    epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     k.send_row = h->d_send_row;
     k.rows = h->d_rows;
@@ -594,7 +629,9 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     k.out_w = out->out_topk_weights;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(&k, m->blocks, stream), st, err);
     c->ops_started++;
-    return epx__moe_finish(m, st, stream, err);
+    st = epx__moe_finish(m, st, stream, err);
+    if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
+    return st;
 }
 
 /* ---- Low-latency ------------------------------------------------------------------------------ */
@@ -609,11 +646,13 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
     int R = c->nranks;
+    epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
     if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_LL_DISPATCH;
     if (local == EPX_SUCCESS) mine.num_tokens = in->num_tokens, mine.topk = in->topk;
+    if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) mine.num_tokens = s->max_tokens + 1; /* EPX_FAULT */
     epx__cuda_moe_handle_t *h = NULL;
     if (local == EPX_SUCCESS && !(h = epx__handle_get(m)))
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
@@ -647,11 +686,13 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     /* Latency-bound: a grid as large as the work (one thread per 8 channels of a token). */
     long long items = (long long)in->num_tokens * ((s->hidden / 8 + 15) / 16 * 16);
     int send_blocks = a.vec ? (int)EPX__MIN(EPX__MAX((items + 511) / 512, 1LL), 1024LL) : m->blocks;
+    epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_send(&c->dev, &a, send_blocks, stream), st, err);
     if (split)
         h->ll_recv = a;
     else
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, stream), st, err);
+    if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     c->ops_started++;
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_handle_free(h);
@@ -667,12 +708,13 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
     int R = c->nranks, me = c->rank;
+    epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
     if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_LL_COMBINE;
     if (local == EPX_SUCCESS) {
-        mine.topk = h->topk;
+        mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0); /* EPX_FAULT count */
         mine.routing_id = h->id;
         mine.has_weights = 1;
         local = epx__card_export(c, &mine.x, in->y, (size_t)s->local_experts * s->ll_slots * s->combine_row_bytes, err);
@@ -690,6 +732,7 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     k.out = out;
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
     for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0;
+    epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     if (split) {
         h->ll_comb = k;
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine_send(&c->dev, stream), st, err);
@@ -697,6 +740,7 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, 1, EPX__LL_COMBINE_BLOCKS(h), stream),
                         st, err);
     }
+    if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     c->ops_started++;
     return st;
 }

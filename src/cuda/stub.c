@@ -11,6 +11,8 @@ epx_status_t epx__cuda_create(epx__cuda_t **cuda, epx__cpu_t *host, int rank, in
 
 void epx__cuda_destroy(epx__cuda_t *cuda) { (void)cuda; }
 
+void epx__cuda_set_fault(epx__cuda_t *cuda, const epx__fault_t *fault) { (void)cuda, (void)fault; }
+
 epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err)
 {
     (void)cuda, (void)err;

@@ -1,0 +1,755 @@
+/*
+ * Faults injected with EPX_FAULT on the CUDA backend: a delayed rank, a rank that dies in
+ * its host exchange, after it (before enqueuing any kernel) or after enqueuing its kernels,
+ * and a rank that announces a wrong size; on alltoall (eager and direct paths), alltoallv,
+ * alltoallv_device, MoE dispatch (with the count read back, and without host
+ * synchronisation), combine, and low-latency dispatch and combine. The faulty rank is the
+ * last one. Outputs live in device memory, are poisoned in stream order before the faulty
+ * call and read back after the stream drained.
+ *
+ * What must hold (README, "Errors"), for every survivor, within EPX_TIMEOUT_MS plus slack
+ * (the call, then a stream synchronisation, then epx_comm_get_async_error):
+ *   - a delay below the timeout (before the host exchange, or between it and the kernels):
+ *     everything succeeds, data exact, no asynchronous error;
+ *   - a delay past the timeout between the host exchange and the kernels: the call or the
+ *     asynchronous error says EPX_ERR_TIMEOUT (or EPX_ERR_PEER_FAILURE); each output byte
+ *     holds its poison or the exact value; the late rank ends too (its next call at the
+ *     latest fails);
+ *   - a rank killed in its host exchange or before its kernels: the call or the asynchronous
+ *     error says EPX_ERR_TIMEOUT or EPX_ERR_PEER_FAILURE; poison or exact per byte;
+ *   - killed after enqueuing its kernels: the same, or (its kernels ran before the process
+ *     ended) success with exact data, and then the next call fails;
+ *   - a wrong size: alltoall(v): the two ranks of the pair EPX_ERR_MISMATCH, the others
+ *     EPX_ERR_REMOTE_INVALID; MoE: every rank EPX_ERR_MISMATCH; nothing written, the
+ *     communicator usable. alltoallv_device (counts on the device): the sender's
+ *     asynchronous error is EPX_ERR_MISMATCH and that pair moved nothing, every other pair
+ *     exact;
+ *   - a broken communicator answers every later call at once with its error; a new one (a
+ *     new unique id) over the ranks still alive works, data checked.
+ *
+ * Usage: test_cuda_fault --cuda OP NRANKS [FAULT...]. Forks its own ranks (rank r on device
+ * r % devices); CUDA is touched only in the ranks. Exits 77, saying why, without a GPU.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "launch.h"
+#include "testlib.h"
+
+#ifdef EPX_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#define TIMEOUT_MS 2000
+#define SHORT_MS 300
+#define LONG_MS 5000
+#define RECOVERY_TIMEOUT_MS 20000
+#define SLACK_MS 3000
+#define POISON 0xEE
+#define FAULT_EXIT 86 /* EPX__FAULT_EXIT_CODE */
+#define MAXR 8
+
+#define CK(x)                                                                                 \
+    do {                                                                                      \
+        cudaError_t e_ = (x);                                                                 \
+        if (e_ != cudaSuccess) TEST_FAIL_("%s: %s", #x, cudaGetErrorString(e_));              \
+    } while (0)
+
+typedef enum {
+    OP_A2A_EAGER, OP_A2A_DIRECT, OP_A2AV, OP_A2AV_DEVICE, OP_DISPATCH, OP_DISPATCH_NOSYNC, OP_COMBINE, OP_LL_DISPATCH,
+    OP_LL_COMBINE, OP_NUM
+} op_t;
+static const char *op_names[] = {"a2a_eager", "a2a_direct", "alltoallv", "a2av_device", "dispatch",
+                                 "dispatch_nosync", "combine", "ll_dispatch", "ll_combine"};
+typedef enum { F_DELAY_SHORT, F_DELAY_ENQUEUE, F_DELAY_LONG, F_KILL_HOST, F_KILL_ENQUEUE, F_KILL_LAUNCHED, F_COUNT, F_NUM } fault_t;
+static const char *fault_names[] = {"delay_short", "delay_enqueue", "delay_long", "kill_host",
+                                    "kill_enqueue", "kill_launched", "count"};
+
+static bool is_kill(fault_t f) { return f == F_KILL_HOST || f == F_KILL_ENQUEUE || f == F_KILL_LAUNCHED; }
+static bool is_moe(op_t op) { return op >= OP_DISPATCH; }
+static bool is_ll(op_t op) { return op >= OP_LL_DISPATCH; }
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+#define H 64 /* MoE hidden */
+#define T 16 /* tokens per rank (= max_tokens_per_rank) */
+#define K 2
+#define LOCAL_EXPERTS 4
+
+typedef struct {
+    void *dev;
+    uint8_t *expect; /* after a success */
+    uint8_t *care;   /* 0 where a success may write anything (NULL: every byte counts) */
+    uint8_t *got;
+    size_t bytes;
+} out_t;
+
+typedef struct {
+    op_t op;
+    int me, R;
+    epx_comm_t comm;
+    cudaStream_t s;
+    /* alltoall(v) */
+    void *send, *recv;
+    size_t count;
+    int64_t sc[MAXR], sd[MAXR], rc[MAXR], rd[MAXR];
+    int64_t *dcounts; /* device: sc, sd, rc, rd */
+    /* MoE */
+    epx_moe_t moe;
+    epx_moe_handle_t handle;
+    void *x, *topk, *recv_x, *y, *combined, *weights;
+    int32_t *src_rank, *src_token, *recv_count;
+    int64_t *dnum;
+    int64_t cap, rows, num_recv;
+    out_t outs[4];
+    int nouts;
+} ctx_t;
+
+static uint8_t a2a_byte(int src, int dst, size_t i) { return (uint8_t)((src * 31 + dst * 7 + (int)(i % 1000)) % 200); }
+static int64_t v_count(int src, int dst) { return 100 + 37 * src + 13 * dst; }
+static int32_t expert_of(int R, int src, int t, int k)
+{
+    int E = LOCAL_EXPERTS * R;
+    int e0 = (src * 5 + t * 3) % E;
+    return k == 0 ? e0 : (e0 + 1 + t % (E > 1 ? E - 1 : 1)) % E;
+}
+static bool goes_to(int R, int src, int t, int q)
+{
+    for (int k = 0; k < K; k++)
+        if (expert_of(R, src, t, k) / LOCAL_EXPERTS == q) return true;
+    return false;
+}
+static uint16_t x_val(int src, int t, int h) { return (uint16_t)(((src * 16 + t) % 100) << 8 | (h % 100)); }
+static int g_val(int t, int h) { return (t + h) % 4 + 1; }
+
+static void *xmalloc(size_t n)
+{
+    void *p = calloc(1, n ? n : 1);
+    ASSERT(p);
+    return p;
+}
+static void *dalloc(size_t n)
+{
+    void *p = NULL;
+    CK(cudaMalloc(&p, n ? n : 1));
+    return p;
+}
+static void put(void *d, const void *h, size_t n) { CK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice)); }
+
+static out_t *add_out(ctx_t *c, void *dev, size_t bytes)
+{
+    out_t *o = &c->outs[c->nouts++];
+    o->dev = dev;
+    o->bytes = bytes;
+    o->expect = xmalloc(bytes);
+    o->got = xmalloc(bytes);
+    memset(o->expect, POISON, bytes);
+    return o;
+}
+
+static void bf16_put(uint8_t *b, size_t at, float v)
+{
+    uint16_t u = epx_float_to_bf16(v);
+    memcpy(b + at * 2, &u, 2);
+}
+
+/* The (source, token) pairs a rank's local expert l gets, in slot order (sources, then
+ * tokens ascending). */
+static int ll_slots(int R, int me, int l, int *src, int *tok)
+{
+    int n = 0, e = me * LOCAL_EXPERTS + l;
+    for (int p = 0; p < R; p++)
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (expert_of(R, p, t, k) == e) src[n] = p, tok[n++] = t;
+    return n;
+}
+static int ll_slot_of(int R, int src, int t, int e)
+{
+    int sr[MAXR * T * K], tk[MAXR * T * K];
+    int n = ll_slots(R, e / LOCAL_EXPERTS, e % LOCAL_EXPERTS, sr, tk);
+    for (int i = 0; i < n; i++)
+        if (sr[i] == src && tk[i] == t) return i;
+    return -1;
+}
+
+static epx_status_t ctx_run(ctx_t *c);
+
+static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
+{
+    memset(c, 0, sizeof *c);
+    c->op = op;
+    c->comm = comm;
+    c->s = s;
+    ASSERT_OK(epx_comm_rank(comm, &c->me));
+    ASSERT_OK(epx_comm_size(comm, &c->R));
+    int me = c->me, R = c->R;
+    if (op == OP_A2A_EAGER || op == OP_A2A_DIRECT) {
+        c->count = op == OP_A2A_EAGER ? 512 : 256 << 10;
+        size_t n = c->count * (size_t)R;
+        uint8_t *hs = xmalloc(n);
+        c->send = dalloc(n), c->recv = dalloc(n);
+        out_t *o = add_out(c, c->recv, n);
+        for (int p = 0; p < R; p++)
+            for (size_t i = 0; i < c->count; i++) {
+                hs[(size_t)p * c->count + i] = a2a_byte(me, p, i);
+                o->expect[(size_t)p * c->count + i] = a2a_byte(p, me, i);
+            }
+        put(c->send, hs, n);
+        free(hs);
+        return;
+    }
+    if (op == OP_A2AV || op == OP_A2AV_DEVICE) {
+        int64_t sn = 0, rn = 0;
+        for (int p = 0; p < R; p++) {
+            c->sc[p] = v_count(me, p) * (op == OP_A2AV_DEVICE ? 40 : 1), c->sd[p] = sn, sn += c->sc[p] + 3;
+            c->rc[p] = v_count(p, me) * (op == OP_A2AV_DEVICE ? 40 : 1), c->rd[p] = rn, rn += c->rc[p] + 5;
+        }
+        uint8_t *hs = xmalloc((size_t)sn);
+        c->send = dalloc((size_t)sn), c->recv = dalloc((size_t)rn);
+        out_t *o = add_out(c, c->recv, (size_t)rn);
+        for (int p = 0; p < R; p++) {
+            for (int64_t i = 0; i < c->sc[p]; i++) hs[c->sd[p] + i] = a2a_byte(me, p, (size_t)i);
+            for (int64_t i = 0; i < c->rc[p]; i++) o->expect[c->rd[p] + i] = a2a_byte(p, me, (size_t)i);
+        }
+        put(c->send, hs, (size_t)sn);
+        free(hs);
+        if (op == OP_A2AV_DEVICE) {
+            c->dcounts = dalloc(4 * sizeof(int64_t) * MAXR);
+            put(c->dcounts, c->sc, sizeof c->sc), put(c->dcounts + MAXR, c->sd, sizeof c->sd);
+            put(c->dcounts + 2 * MAXR, c->rc, sizeof c->rc), put(c->dcounts + 3 * MAXR, c->rd, sizeof c->rd);
+        }
+        return;
+    }
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = H;
+    cfg.max_tokens_per_rank = T;
+    cfg.num_experts = LOCAL_EXPERTS * R;
+    cfg.max_topk = K;
+    cfg.dtype = EPX_BF16;
+    cfg.index_dtype = EPX_I32;
+    cfg.mode = is_ll(op) ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &c->moe));
+    c->cap = (int64_t)R * T;
+    uint16_t hx[T * H];
+    int32_t ht[T * K];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < K; k++) ht[t * K + k] = expert_of(R, me, t, k);
+        for (int h = 0; h < H; h++) hx[t * H + h] = x_val(me, t, h);
+    }
+    ASSERT_OK(epx_mem_alloc(comm, sizeof hx, &c->x));
+    put(c->x, hx, sizeof hx);
+    c->topk = dalloc(sizeof ht);
+    put(c->topk, ht, sizeof ht);
+    size_t slots = (size_t)LOCAL_EXPERTS * (size_t)c->cap;
+    if (is_ll(op)) {
+        c->recv_x = dalloc(slots * H * 2);
+        c->recv_count = dalloc(sizeof(int32_t) * LOCAL_EXPERTS);
+        c->src_rank = dalloc(sizeof(int32_t) * slots);
+        c->src_token = dalloc(sizeof(int32_t) * slots);
+        int sr[MAXR * T * K], tk[MAXR * T * K];
+        out_t *ox = NULL, *oc = NULL, *os = NULL, *ot = NULL;
+        if (op == OP_LL_DISPATCH) {
+            ox = add_out(c, c->recv_x, slots * H * 2), oc = add_out(c, c->recv_count, 4 * LOCAL_EXPERTS);
+            os = add_out(c, c->src_rank, 4 * slots), ot = add_out(c, c->src_token, 4 * slots);
+            ox->care = xmalloc(slots * H * 2);
+        }
+        uint16_t *hy = xmalloc(slots * H * 2);
+        for (int l = 0; l < LOCAL_EXPERTS; l++) {
+            int n = ll_slots(R, me, l, sr, tk);
+            for (int64_t i = 0; i < c->cap; i++) {
+                size_t sl = (size_t)l * (size_t)c->cap + (size_t)i;
+                int32_t a = i < n ? sr[i] : -1, b = i < n ? tk[i] : -1;
+                for (int h = 0; h < H && i < n; h++) hy[sl * H + h] = epx_float_to_bf16((float)(g_val(b, h) * (me + 1)));
+                if (!ox) continue;
+                memcpy(os->expect + sl * 4, &a, 4), memcpy(ot->expect + sl * 4, &b, 4);
+                for (int h = 0; h < H && i < n; h++) {
+                    uint16_t v = x_val(a, b, h);
+                    memcpy(ox->expect + (sl * H + h) * 2, &v, 2);
+                    ox->care[(sl * H + h) * 2] = ox->care[(sl * H + h) * 2 + 1] = 1;
+                }
+            }
+            if (oc) memcpy(oc->expect + 4 * l, &n, 4);
+        }
+        if (op == OP_LL_COMBINE) {
+            epx_moe_ll_dispatch_in_t in = {c->x, c->topk, T, K};
+            epx_moe_ll_dispatch_out_t out = {c->recv_x, NULL, c->recv_count, c->src_rank, c->src_token};
+            ASSERT_OK(epx_moe_ll_dispatch(c->moe, &in, &out, &c->handle, s));
+            c->y = dalloc(slots * H * 2);
+            put(c->y, hy, slots * H * 2);
+            float w[T * K];
+            for (int i = 0; i < T * K; i++) w[i] = 1.0f;
+            c->weights = dalloc(sizeof w);
+            put(c->weights, w, sizeof w);
+            c->combined = dalloc(T * H * 2);
+            out_t *o = add_out(c, c->combined, T * H * 2);
+            for (int t = 0; t < T; t++)
+                for (int h = 0; h < H; h++) {
+                    float acc = 0.0f;
+                    for (int k = 0; k < K; k++) {
+                        int e = expert_of(R, me, t, k);
+                        ASSERT(ll_slot_of(R, me, t, e) >= 0);
+                        acc += (float)(g_val(t, h) * (e / LOCAL_EXPERTS + 1));
+                    }
+                    bf16_put(o->expect, (size_t)t * H + (size_t)h, acc);
+                }
+            CK(cudaStreamSynchronize(s));
+        }
+        free(hy);
+        return;
+    }
+    c->recv_x = dalloc((size_t)c->cap * H * 2);
+    c->src_rank = dalloc(sizeof(int32_t) * (size_t)c->cap);
+    c->src_token = dalloc(sizeof(int32_t) * (size_t)c->cap);
+    if (op == OP_DISPATCH_NOSYNC) c->dnum = dalloc(sizeof(int64_t));
+    int64_t n = 0;
+    int32_t rows_src[MAXR * T], rows_tok[MAXR * T];
+    for (int p = 0; p < R; p++)
+        for (int t = 0; t < T; t++)
+            if (goes_to(R, p, t, me)) rows_src[n] = p, rows_tok[n++] = t;
+    c->rows = n;
+    if (op != OP_COMBINE) {
+        out_t *ox = add_out(c, c->recv_x, (size_t)c->cap * H * 2), *os = add_out(c, c->src_rank, 4 * (size_t)c->cap);
+        out_t *ot = add_out(c, c->src_token, 4 * (size_t)c->cap);
+        for (int64_t i = 0; i < n; i++) {
+            for (int h = 0; h < H; h++) {
+                uint16_t v = x_val(rows_src[i], rows_tok[i], h);
+                memcpy(ox->expect + (size_t)(i * H + h) * 2, &v, 2);
+            }
+            memcpy(os->expect + (size_t)i * 4, &rows_src[i], 4);
+            memcpy(ot->expect + (size_t)i * 4, &rows_tok[i], 4);
+        }
+        if (c->dnum) {
+            out_t *on = add_out(c, c->dnum, sizeof(int64_t));
+            memcpy(on->expect, &n, sizeof n);
+        }
+        return;
+    }
+    epx_moe_dispatch_in_t in = {c->x, NULL, c->topk, NULL, T, K};
+    epx_moe_dispatch_out_t out = {c->recv_x, NULL, NULL, NULL, c->src_rank, c->src_token, NULL, c->cap, 0, NULL};
+    ASSERT_OK(epx_moe_dispatch(c->moe, &in, &out, &c->handle, s));
+    ASSERT_EQ(out.num_recv_tokens, n);
+    uint16_t *hy = xmalloc((size_t)(n > 0 ? n : 1) * H * 2);
+    for (int64_t i = 0; i < n; i++)
+        for (int h = 0; h < H; h++) hy[i * H + h] = epx_float_to_bf16((float)(g_val(rows_tok[i], h) * (me + 1)));
+    c->y = dalloc((size_t)(n > 0 ? n : 1) * H * 2);
+    put(c->y, hy, (size_t)n * H * 2);
+    free(hy);
+    c->combined = dalloc(T * H * 2);
+    out_t *o = add_out(c, c->combined, T * H * 2);
+    for (int t = 0; t < T; t++) {
+        int w = 0;
+        for (int q = 0; q < R; q++) w += goes_to(R, me, t, q) ? q + 1 : 0;
+        for (int h = 0; h < H; h++) bf16_put(o->expect, (size_t)t * H + (size_t)h, (float)(g_val(t, h) * w));
+    }
+    CK(cudaStreamSynchronize(s));
+}
+
+static void ctx_poison(ctx_t *c)
+{
+    for (int i = 0; i < c->nouts; i++) CK(cudaMemsetAsync(c->outs[i].dev, POISON, c->outs[i].bytes, c->s));
+    CK(cudaStreamSynchronize(c->s));
+    c->num_recv = -7;
+}
+
+static epx_status_t ctx_run(ctx_t *c)
+{
+    switch (c->op) {
+    case OP_A2A_EAGER:
+    case OP_A2A_DIRECT: return epx_alltoall(c->comm, c->send, c->recv, c->count, EPX_U8, c->s);
+    case OP_A2AV: return epx_alltoallv(c->comm, c->send, c->sc, c->sd, c->recv, c->rc, c->rd, EPX_U8, c->s);
+    case OP_A2AV_DEVICE:
+        return epx_alltoallv_device(c->comm, c->send, c->dcounts, c->dcounts + MAXR, c->recv, c->dcounts + 2 * MAXR,
+                                    c->dcounts + 3 * MAXR, EPX_U8, c->s);
+    case OP_DISPATCH:
+    case OP_DISPATCH_NOSYNC: {
+        epx_moe_dispatch_in_t in = {c->x, NULL, c->topk, NULL, T, K};
+        epx_moe_dispatch_out_t out = {c->recv_x, NULL, NULL, NULL, c->src_rank, c->src_token, NULL, c->cap, c->num_recv,
+                                      (int64_t *)c->dnum};
+        epx_moe_handle_t h = NULL;
+        epx_status_t st = epx_moe_dispatch(c->moe, &in, &out, &h, c->s);
+        c->num_recv = out.num_recv_tokens;
+        if (st == EPX_SUCCESS) {
+            ASSERT(h != NULL);
+            epx_moe_handle_destroy(h);
+        } else {
+            ASSERT(h == NULL);
+        }
+        return st;
+    }
+    case OP_COMBINE: {
+        epx_moe_combine_in_t in = {c->y, NULL};
+        epx_moe_combine_out_t out = {c->combined, NULL};
+        return epx_moe_combine(c->moe, c->handle, &in, &out, c->s);
+    }
+    case OP_LL_DISPATCH: {
+        epx_moe_ll_dispatch_in_t in = {c->x, c->topk, T, K};
+        epx_moe_ll_dispatch_out_t out = {c->recv_x, NULL, c->recv_count, c->src_rank, c->src_token};
+        epx_moe_handle_t h = NULL;
+        epx_status_t st = epx_moe_ll_dispatch(c->moe, &in, &out, &h, c->s);
+        if (st == EPX_SUCCESS) epx_moe_handle_destroy(h);
+        return st;
+    }
+    case OP_LL_COMBINE: {
+        epx_moe_ll_combine_in_t in = {c->y, c->weights};
+        return epx_moe_ll_combine(c->moe, c->handle, &in, c->combined, c->s);
+    }
+    default: return EPX_ERR_INTERNAL;
+    }
+}
+
+typedef enum { EXACT, UNTOUCHED, OLD_OR_NEW } check_t;
+
+/* Drain the stream (a context broken by a device fault may fail here: then the test
+ * reports it) and compare every output with what a success leaves. skip_from/to: a byte
+ * range of output 0 that must stay poison instead (the pair of a device-count mismatch). */
+static void ctx_check_range(ctx_t *c, check_t how, const char *what, size_t skip_from, size_t skip_to)
+{
+    CK(cudaStreamSynchronize(c->s));
+    for (int i = 0; i < c->nouts; i++) {
+        out_t *o = &c->outs[i];
+        CK(cudaMemcpy(o->got, o->dev, o->bytes, cudaMemcpyDeviceToHost));
+        for (size_t j = 0; j < o->bytes; j++) {
+            if (o->care && !o->care[j]) continue;
+            uint8_t b = o->got[j], e = o->expect[j];
+            check_t h = i == 0 && j >= skip_from && j < skip_to ? UNTOUCHED : how;
+            bool ok = h == EXACT ? b == e : h == UNTOUCHED ? b == POISON : b == POISON || b == e;
+            if (!ok)
+                TEST_FAIL_("%s: output %d byte %zu is 0x%02x; expected %s (0x%02x, poison 0x%02x)", what, i, j, b,
+                           h == EXACT ? "the exact value" : h == UNTOUCHED ? "the poison" : "poison or exact", e, POISON);
+        }
+    }
+    if (c->op == OP_DISPATCH) {
+        bool exact = c->num_recv == c->rows, old = c->num_recv == -7;
+        if (how == EXACT ? !exact : how == UNTOUCHED ? !old : !(exact || old))
+            TEST_FAIL_("%s: num_recv_tokens = %lld (rows %lld)", what, (long long)c->num_recv, (long long)c->rows);
+    }
+}
+static void ctx_check(ctx_t *c, check_t how, const char *what) { ctx_check_range(c, how, what, 0, 0); }
+
+static void ctx_free(ctx_t *c)
+{
+    cudaStreamSynchronize(c->s);
+    epx_moe_handle_destroy(c->handle);
+    if (c->x) epx_mem_free(c->comm, c->x);
+    epx_moe_destroy(c->moe);
+    void *d[] = {c->send, c->recv, c->dcounts, c->topk, c->recv_x, c->y, c->combined, c->weights,
+                 c->src_rank, c->src_token, c->recv_count, c->dnum};
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++) cudaFree(d[i]);
+    for (int i = 0; i < c->nouts; i++) free(c->outs[i].expect), free(c->outs[i].got), free(c->outs[i].care);
+}
+
+static epx_comm_t make_comm(int R, int rank, const epx_unique_id_t *id, int device, int64_t timeout_ms)
+{
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.backend = EPX_BACKEND_CUDA;
+    cfg.device = device;
+    cfg.timeout_ms = timeout_ms;
+    epx_comm_t comm;
+    ASSERT_OK(epx_comm_init_rank(&comm, R, rank, id, &cfg));
+    return comm;
+}
+
+static void recover(op_t op, int R, int rank, const epx_unique_id_t *id, int device, cudaStream_t s)
+{
+    epx_comm_t comm = make_comm(R, rank, id, device, RECOVERY_TIMEOUT_MS);
+    ctx_t c;
+    ctx_setup(&c, op, comm, s);
+    ctx_poison(&c);
+    ASSERT_OK(ctx_run(&c));
+    ctx_check(&c, EXACT, "new communicator");
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+    ctx_free(&c);
+    ASSERT_OK(epx_comm_destroy(comm));
+}
+
+/* The step of the operation under test: after the MoE context (1), for combine its
+ * dispatch, and one healthy run of the operation. */
+static int fault_step(op_t op) { return (is_moe(op) ? 1 : 0) + (op == OP_COMBINE || op == OP_LL_COMBINE ? 1 : 0) + 2; }
+
+/* The call's status, else what the device recorded (after the stream drained). */
+static epx_status_t settle(ctx_t *c, epx_status_t st)
+{
+    cudaError_t ce = cudaStreamSynchronize(c->s);
+    if (ce != cudaSuccess) TEST_FAIL_("the stream failed (%s): a device fault, not a clean timeout", cudaGetErrorString(ce));
+    epx_status_t async = EPX_SUCCESS;
+    ASSERT_OK(epx_comm_get_async_error(c->comm, &async));
+    return st != EPX_SUCCESS ? st : async;
+}
+
+static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_unique_id_t *id,
+                     const epx_unique_id_t *id2)
+{
+    test_rank = rank;
+    char what[128];
+    snprintf(what, sizeof what, "%s/%s np%d rank %d", op_names[op], fault_names[f], R, rank);
+    int device = rank % ndev;
+    CK(cudaSetDevice(device));
+    CK(cudaFree(NULL)); /* the context, before the communicator's clock starts */
+    cudaStream_t s;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    epx_comm_t comm = make_comm(R, rank, id, device, TIMEOUT_MS);
+    ctx_t c;
+    ctx_setup(&c, op, comm, s);
+    ctx_poison(&c);
+    ASSERT_OK(ctx_run(&c)); /* healthy first */
+    ctx_check(&c, EXACT, what);
+    ASSERT_EQ(settle(&c, EPX_SUCCESS), EPX_SUCCESS);
+    bool bad = rank == R - 1;
+
+    ctx_poison(&c);
+    double t0 = now_ms();
+    epx_status_t st = ctx_run(&c); /* the faulty rank's step: a kill ends its process here */
+    double t_call = now_ms() - t0;
+    epx_status_t res = settle(&c, st);
+    double dt = now_ms() - t0;
+    printf("%s: call %s after %.0f ms, then %s after %.0f ms%s%s\n", what, epx_status_name(st), t_call,
+           epx_status_name(res), dt, res ? ": " : "", res ? epx_comm_get_last_error(comm) : "");
+    fflush(stdout);
+
+    bool broken = false;
+    bool failed = res == EPX_ERR_TIMEOUT || res == EPX_ERR_PEER_FAILURE;
+    switch (f) {
+    case F_DELAY_SHORT:
+    case F_DELAY_ENQUEUE:
+        if (res != EPX_SUCCESS) TEST_FAIL_("%s: %s (%s)", what, epx_status_name(res), epx_comm_get_last_error(comm));
+        ctx_check(&c, EXACT, what);
+        if (dt > SHORT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+        break;
+    case F_DELAY_LONG:
+        broken = true;
+        if (bad) {
+            if (dt > LONG_MS + TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+            if (res == EPX_SUCCESS) { /* its part may complete; the next call sees the others gave up */
+                ctx_check(&c, OLD_OR_NEW, what);
+                res = settle(&c, ctx_run(&c));
+                printf("%s: next call %s\n", what, epx_status_name(res));
+                failed = res == EPX_ERR_TIMEOUT || res == EPX_ERR_PEER_FAILURE;
+            }
+            if (!failed) TEST_FAIL_("%s: the late rank got %s", what, epx_status_name(res));
+        } else {
+            if (!failed) TEST_FAIL_("%s: got %s, expected a timeout", what, epx_status_name(res));
+            if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms, timeout %d ms", what, dt, TIMEOUT_MS);
+        }
+        ctx_check(&c, OLD_OR_NEW, what);
+        break;
+    case F_KILL_HOST:
+    case F_KILL_ENQUEUE:
+    case F_KILL_LAUNCHED:
+        broken = true;
+        if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms, timeout %d ms", what, dt, TIMEOUT_MS);
+        if (res == EPX_SUCCESS) {
+            /* Only when the dead rank's kernels ran (or, in the host exchange, it had posted
+             * everything this rank needed and the device part did not need it): exact data,
+             * and the next call fails. */
+            if (f == F_KILL_ENQUEUE) TEST_FAIL_("%s: succeeded although the dead rank enqueued nothing", what);
+            ctx_check(&c, EXACT, what);
+            t0 = now_ms();
+            res = settle(&c, ctx_run(&c));
+            printf("%s: next call %s after %.0f ms\n", what, epx_status_name(res), now_ms() - t0);
+            if (now_ms() - t0 > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: the next call took %.0f ms", what, now_ms() - t0);
+            failed = res == EPX_ERR_TIMEOUT || res == EPX_ERR_PEER_FAILURE;
+        }
+        if (!failed) TEST_FAIL_("%s: got %s, expected a timeout or peer failure", what, epx_status_name(res));
+        ctx_check(&c, OLD_OR_NEW, what);
+        break;
+    case F_COUNT:
+        if (op == OP_A2AV_DEVICE) {
+            /* Only the sender sees it, on the device; its pair moved nothing. */
+            broken = true;
+            if (bad) {
+                if (res != EPX_ERR_MISMATCH) TEST_FAIL_("%s: got %s, expected EPX_ERR_MISMATCH", what, epx_status_name(res));
+                ctx_check(&c, EXACT, what);
+            } else {
+                ASSERT_EQ(res, EPX_SUCCESS);
+                size_t from = rank == 0 ? (size_t)c.rd[R - 1] : 0, to = rank == 0 ? from + (size_t)c.rc[R - 1] : 0;
+                ctx_check_range(&c, EXACT, what, from, to);
+            }
+            if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+            break;
+        }
+        {
+            bool pair = is_moe(op) || bad || rank == 0;
+            epx_status_t want = pair ? EPX_ERR_MISMATCH : EPX_ERR_REMOTE_INVALID;
+            if (res != want) TEST_FAIL_("%s: got %s, expected %s", what, epx_status_name(res), epx_status_name(want));
+        }
+        ctx_check(&c, UNTOUCHED, what);
+        if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+        ctx_poison(&c); /* still usable: the next call is healthy (the fault fires once) */
+        ASSERT_OK(ctx_run(&c));
+        ctx_check(&c, EXACT, what);
+        ASSERT_EQ(settle(&c, EPX_SUCCESS), EPX_SUCCESS);
+        break;
+    default: break;
+    }
+    if (!broken) {
+        ctx_free(&c);
+        ASSERT_OK(epx_comm_destroy(comm));
+        return 0;
+    }
+    if (!(f == F_COUNT && !bad)) { /* a broken communicator answers at once */
+        epx_status_t async = EPX_SUCCESS;
+        ASSERT_OK(epx_comm_get_async_error(comm, &async));
+        ASSERT(async != EPX_SUCCESS);
+        t0 = now_ms();
+        ASSERT_STATUS(ctx_run(&c), async);
+        if (now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, now_ms() - t0);
+    }
+    ctx_free(&c);
+    ASSERT_OK(epx_comm_abort(comm));
+    recover(op, is_kill(f) ? R - 1 : R, rank, id2, device, s);
+    CK(cudaStreamDestroy(s));
+    fflush(stdout);
+    return 0;
+}
+
+static int scenario(op_t op, fault_t f, int R, int ndev)
+{
+    int step = fault_step(op), bad = R - 1;
+    char text[160] = "";
+    switch (f) {
+    case F_DELAY_SHORT: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", bad, step, SHORT_MS); break;
+    case F_DELAY_ENQUEUE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d,at=enqueue", bad, step, SHORT_MS); break;
+    case F_DELAY_LONG: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d,at=enqueue", bad, step, LONG_MS); break;
+    case F_KILL_HOST: snprintf(text, sizeof text, "kill:rank=%d,step=%d", bad, step); break;
+    case F_KILL_ENQUEUE: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=enqueue", bad, step); break;
+    case F_KILL_LAUNCHED: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=launched", bad, step); break;
+    case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", bad, step); break;
+    default: break;
+    }
+    setenv("EPX_FAULT", text, 1);
+    int ids[2];
+    ASSERT(pipe(ids) == 0);
+    struct {
+        epx_unique_id_t id, id2;
+    } both;
+    fflush(stdout);
+    pid_t pids[MAXR];
+    for (int r = 0; r < R; r++) {
+        pids[r] = fork();
+        ASSERT(pids[r] >= 0);
+        if (pids[r] != 0) continue;
+        test_rank = r;
+        if (r == 0) {
+            ASSERT_OK(epx_get_unique_id(&both.id));
+            ASSERT_OK(epx_get_unique_id(&both.id2));
+            for (int i = 0; i < R; i++) ASSERT(write(ids[1], &both, sizeof both) == sizeof both);
+        } else {
+            close(ids[1]);
+            ASSERT(read(ids[0], &both, sizeof both) == sizeof both);
+        }
+        int rc = rank_main(op, f, r, R, ndev, &both.id, &both.id2);
+        fflush(stdout);
+        _exit(rc);
+    }
+    int failed = 0;
+    for (int r = 0; r < R; r++) {
+        int status;
+        ASSERT(waitpid(pids[r], &status, 0) == pids[r]);
+        int want = is_kill(f) && r == R - 1 ? FAULT_EXIT : 0;
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != want) {
+            fprintf(stderr, "FAIL %s/%s np%d: rank %d ended with status 0x%x (expected exit %d)\n", op_names[op],
+                    fault_names[f], R, r, status, want);
+            failed = 1;
+        }
+    }
+    close(ids[1]);
+    bool got = read(ids[0], &both, sizeof both) == sizeof both;
+    close(ids[0]);
+    char idtext[EPX_UNIQUE_ID_STRLEN];
+    if (got && epx_unique_id_to_string(&both.id, idtext, sizeof idtext) == EPX_SUCCESS) epx_launch_cleanup_shm(idtext);
+    return failed;
+}
+
+/* Devices, counted in a child: the parent forks ranks afterwards and must not hold CUDA. */
+static int count_devices(char *why, size_t len)
+{
+    int fd[2];
+    ASSERT(pipe(fd) == 0);
+    pid_t pid = fork();
+    ASSERT(pid >= 0);
+    if (pid == 0) {
+        int n = 0;
+        cudaError_t e = cudaGetDeviceCount(&n);
+        char msg[200];
+        snprintf(msg, sizeof msg, "%d %s", e == cudaSuccess ? n : 0, e == cudaSuccess ? "devices" : cudaGetErrorString(e));
+        /* "N reason": N devices, then why */
+        ssize_t w = write(fd[1], msg, strlen(msg) + 1);
+        _exit(w > 0 ? 0 : 1);
+    }
+    close(fd[1]);
+    char msg[200] = "";
+    ssize_t n = read(fd[0], msg, sizeof msg - 1);
+    close(fd[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    int ndev = n > 0 ? atoi(msg) : 0;
+    const char *sp = strchr(msg, ' ');
+    snprintf(why, len, "%s", n > 0 && sp ? sp + 1 : "the probe failed");
+    return ndev;
+}
+#endif
+
+int main(int argc, char **argv)
+{
+    test_rank = 0;
+#ifndef EPX_HAVE_CUDA
+    (void)argc, (void)argv;
+    printf("SKIPPED: this build has no CUDA backend\n");
+    return TEST_SKIP;
+#else
+    int a = 1;
+    if (a < argc && !strcmp(argv[a], "--cuda")) a++;
+    if (argc - a < 2) {
+        fprintf(stderr, "usage: %s [--cuda] OP NRANKS [FAULT...]\n", argv[0]);
+        return 2;
+    }
+    op_t op = OP_NUM;
+    for (int i = 0; i < OP_NUM; i++)
+        if (!strcmp(argv[a], op_names[i])) op = (op_t)i;
+    int R = atoi(argv[a + 1]);
+    if (op == OP_NUM || R < 2 || R > MAXR) {
+        fprintf(stderr, "bad op or NRANKS (2..%d)\n", MAXR);
+        return 2;
+    }
+    char why[200];
+    int ndev = count_devices(why, sizeof why);
+    if (ndev < 1) {
+        printf("SKIPPED: no CUDA device here (%s)\n", why);
+        return TEST_SKIP;
+    }
+    bool want[F_NUM] = {false};
+    int nwant = 0;
+    for (int i = a + 2; i < argc; i++)
+        for (int f = 0; f < F_NUM; f++)
+            if (!strcmp(argv[i], fault_names[f])) want[f] = true, nwant++;
+    int passed = 0;
+    for (int f = 0; f < F_NUM; f++) {
+        if (nwant && !want[f]) continue;
+        fflush(stdout);
+        double t0 = now_ms();
+        pid_t pid = fork();
+        ASSERT(pid >= 0);
+        if (pid == 0) _exit(scenario(op, (fault_t)f, R, ndev));
+        int status;
+        ASSERT(waitpid(pid, &status, 0) == pid);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            TEST_FAIL_("scenario %s/%s np%d failed (status 0x%x)", op_names[op], fault_names[f], R, status);
+        printf("scenario %s/%s np%d passed in %.0f ms\n", op_names[op], fault_names[f], R, now_ms() - t0);
+        passed++;
+    }
+    test_done(passed);
+    return 0;
+#endif
+}
