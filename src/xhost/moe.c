@@ -224,6 +224,10 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
         hout.num_recv_tokens_per_expert =
             out->num_recv_tokens_per_expert ? epx__hb(m, B_PE, (size_t)s->local_experts * 4, &ls, err) : NULL;
         hout.capacity = cap;
+        /* Rows from sources without weights leave recv_topk_weights as it was: start the
+         * mirror from the caller's buffer, since all written rows are copied back. */
+        if (ls == EPX_SUCCESS && hout.recv_topk_weights)
+            ls = epx__d2h(hout.recv_topk_weights, out->recv_topk_weights, (size_t)cap * (size_t)K * 4, err);
         if (ls == EPX_SUCCESS) ls = epx__d2h((void *)hin.x, in->x, (size_t)T * s->row_bytes, err);
         if (ls == EPX_SUCCESS && fp8) ls = epx__d2h((void *)hin.x_scales, in->x_scales, (size_t)T * sc, err);
         if (ls == EPX_SUCCESS && in->topk_weights)
