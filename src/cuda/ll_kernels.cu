@@ -202,8 +202,27 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
 }
 
+/* Blocks of `kernel` (at `threads` per block) resident on the current device at once,
+ * cached per device: grids no larger than this run in one wave, so no block starts its
+ * flag waits after others have finished. */
+static int epx__ll_resident(const void *kernel, int threads, int slot)
+{
+    static int cache[3][16];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 16) dev = 0;
+    if (cache[slot][dev] > 0) return cache[slot][dev];
+    int sms = 0, per_sm = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+    int n = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+    cache[slot][dev] = n;
+    return n;
+}
+
 extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream)
 {
+    int most = epx__ll_resident((const void *)epx__k_ll_send, 512, 0);
+    if (blocks > most) blocks = most;
     epx__k_ll_send<<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
@@ -307,7 +326,8 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
 
 extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
 {
-    int blocks = a->num_experts < 1024 ? a->num_experts : 1024;
+    int blocks = a->num_experts < 1024 ? a->num_experts : 1024, most = epx__ll_resident((const void *)epx__k_ll_receive, 512, 1);
+    if (blocks > most) blocks = most; /* blocks stride over the experts */
     epx__k_ll_receive<<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
@@ -449,6 +469,8 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
         long long b = (items + 255) / 256;
         blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
     }
+    int most = epx__ll_resident((const void *)epx__k_ll_combine, 256, 2);
+    if (blocks > most) blocks = most; /* blocks stride over the work */
     epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too); /* even with no tokens: it is the operation */
     return (int)cudaGetLastError();
 }
