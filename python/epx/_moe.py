@@ -270,10 +270,11 @@ class Moe:
               self.comm._h)
         return out, out_w
 
-    def ll_dispatch(self, x, topk_idx, *, stream=None):
+    def ll_dispatch(self, x, topk_idx, *, stream=None, split=False):
         """Low-latency dispatch (collective). Returns LLDispatchResult: recv_x[L, R*max_tokens, H] (FP8 with
         ll_fp8), recv_x_scales[L, R*max_tokens, ceil(H/128)] (float32, or uint8 UE8M0; None without
-        ll_fp8), recv_count[L], recv_src_rank / recv_src_token[L, R*max_tokens] (-1 past recv_count), handle."""
+        ll_fp8), recv_count[L], recv_src_rank / recv_src_token[L, R*max_tokens] (-1 past recv_count), handle.
+        With split, only the send half runs: the outputs are complete after ll_recv(handle)."""
         T = self._rows(x)
         K = self._rows_k(topk_idx)
         problem = self._check(self._arr(x, "x", (T, self.hidden), self.dtype, x) +
@@ -295,13 +296,18 @@ class Moe:
         din.x, din.topk_idx, din.num_tokens, din.topk = A.ptr(x), A.ptr(topk_idx), T, K
         dout.recv_x, dout.recv_x_scales, dout.recv_count = A.ptr(recv_x), A.ptr(recv_s), A.ptr(count)
         dout.recv_src_rank, dout.recv_src_token = A.ptr(src_r), A.ptr(src_t)
-        check(self.comm._run(lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
+        fn = L.epx_moe_ll_dispatch_send if split else L.epx_moe_ll_dispatch
+        check(self.comm._run(lambda: fn(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
               self.comm._h)
-        return LLDispatchResult(recv_x, recv_s, count, src_r, src_t, Handle(self, h, "ll", T, K, 0))
+        handle = Handle(self, h, "ll", T, K, 0)
+        handle._like = x
+        return LLDispatchResult(recv_x, recv_s, count, src_r, src_t, handle)
 
-    def ll_combine(self, handle, y, topk_weights, out=None, *, stream=None):
+    def ll_combine(self, handle, y, topk_weights, out=None, *, stream=None, split=False):
         """Low-latency combine (collective): out[t] = sum over k of topk_weights[t, k] * y[e_k][slot(t, k)],
-        float32, ascending k. y is [L, R*max_tokens, H] in the dispatch's slot layout. Returns out[T, H]."""
+        float32, ascending k. y is [L, R*max_tokens, H] in the dispatch's slot layout. Returns out[T, H].
+        With split, only the send half runs: out is complete, and y may change, after
+        ll_recv(handle, combine=True)."""
         checks = self._handle_checks(handle, "ll")
         if checks[0][0] and checks[1][0]:
             checks += self._arr(y, "y", (self.num_local_experts, self.ll_slots, self.hidden), self.combine_dtype, y)
@@ -316,6 +322,15 @@ class Moe:
         if out is None:
             out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
         cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
-        check(self.comm._run(lambda: L.epx_moe_ll_combine(self._ptr(), handle._h, byref(cin), A.ptr(out), self._stream(stream, y))),
+        fn = L.epx_moe_ll_combine_send if split else L.epx_moe_ll_combine
+        check(self.comm._run(lambda: fn(self._ptr(), handle._h, byref(cin), A.ptr(out), self._stream(stream, y))),
               self.comm._h)
         return out
+
+    def ll_recv(self, handle, combine=False, *, stream=None):
+        """The receive half of the split low-latency dispatch (or, with combine, combine) pending on
+        handle: local, enqueued on the stream (CUDA). Receives go in the order of their sends; at most
+        two sends of each kind are pending (include/epx.h)."""
+        fn = L.epx_moe_ll_combine_recv if combine else L.epx_moe_ll_dispatch_recv
+        like = getattr(handle, "_like", None)
+        check(fn(self._ptr(), handle._h, self._stream(stream, like) if like is not None else None), self.comm._h)

@@ -14,8 +14,11 @@ What maps onto what:
                                      FP8 with float32 or UE8M0 scales).
 - events                             work runs on the current torch stream; previous_event makes it
                                      wait first; async_finish returns an event recorded after it.
-- return_recv_hook                   the returned hook does nothing: the data has arrived when the
-                                     call returns (epx has no split send/receive phases yet).
+- return_recv_hook                   the call only sends (epx_moe_ll_dispatch_send / _combine_send)
+                                     and the returned hook receives: the outputs are complete after
+                                     hook() (on the CUDA backend, in stream order); at most two
+                                     batches in flight, hooks called in the order of the calls.
+                                     Without it, the hook does nothing.
 
 Contexts (one per hidden size, dtype, expert count, top-k and alignment) are created lazily and
 collectively on first use. High-throughput contexts size themselves to the largest token count
@@ -363,22 +366,37 @@ class Buffer:
         ue8m0 = bool(use_fp8 and (round_scale or use_ue8m0))
         moe = self._ll_moe(H, A.dtype_of(x), A.dtype_of(topk_idx), int(num_experts), K,
                            int(num_max_dispatch_tokens_per_rank), bool(use_fp8), ue8m0)
-        r = moe.ll_dispatch(x, topk_idx)
-        if cumulative_local_expert_recv_stats is not None:
-            cumulative_local_expert_recv_stats += r.recv_count
+        r = moe.ll_dispatch(x, topk_idx, split=bool(return_recv_hook))
         h = _LLHandle(moe, r.handle, r.recv_src_rank, r.recv_src_token, int(num_max_dispatch_tokens_per_rank), H,
                       int(num_experts))
-        recv_x = r.recv_x
-        if use_fp8:
-            scales = r.recv_x_scales
+
+        def scales_of(raw):
             if ue8m0 and not use_ue8m0:  # float32 powers of two
-                scales = _ue8m0_to_float(scales)
+                raw = _ue8m0_to_float(raw)
             elif use_ue8m0:
-                scales = _pack_ue8m0(scales)
-            if A.is_torch(scales):  # DeepEP's layout: the last two dimensions column-major
-                scales = scales.transpose(1, 2).contiguous().transpose(1, 2)
+                raw = _pack_ue8m0(raw)
+            if A.is_torch(raw):  # DeepEP's layout: the last two dimensions column-major
+                raw = raw.transpose(1, 2).contiguous().transpose(1, 2)
+            return raw
+
+        def received():  # what needs the received data
+            nonlocal cumulative_local_expert_recv_stats  # updated in place, as DeepEP does
+            if cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats += r.recv_count
+
+        recv_x, hook = r.recv_x, (lambda: None)
+        scales = scales_of(r.recv_x_scales) if use_fp8 else None
+        if return_recv_hook:
+            def hook():
+                moe.ll_recv(r.handle)
+                if use_fp8:  # the returned scales, rewritten in place from what arrived
+                    _assign(scales, scales_of(r.recv_x_scales))
+                received()
+        else:
+            received()
+        if use_fp8:
             recv_x = (recv_x, scales)
-        return recv_x, r.recv_count, h, _finish(async_finish, x), (lambda: None)
+        return recv_x, r.recv_count, h, _finish(async_finish, x), hook
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy=False, async_finish=False,
                             return_recv_hook=False, out=None, use_logfmt=False, combine_wait_recv_cost_stats=None):
@@ -389,8 +407,9 @@ class Buffer:
         y = self._ll_combine_buffers.get(id(moe)) if zero_copy else x
         if y is None:
             y = x
-        res = moe.ll_combine(handle.epx_handle, y, topk_weights, out)
-        return res, _finish(async_finish, y), (lambda: None)
+        res = moe.ll_combine(handle.epx_handle, y, topk_weights, out, split=bool(return_recv_hook))
+        hook = (lambda: moe.ll_recv(handle.epx_handle, combine=True)) if return_recv_hook else (lambda: None)
+        return res, _finish(async_finish, y), hook
 
     def get_next_low_latency_combine_buffer(self, handle):
         """A [L, R*M, H] tensor that low_latency_combine(..., zero_copy=True) reads; fill it yourself."""
@@ -401,6 +420,14 @@ class Buffer:
             buf = A.zeros(like, (moe.num_local_experts, moe.ll_slots, moe.hidden), moe.combine_dtype)
             self._ll_combine_buffers[id(moe)] = buf
         return buf
+
+
+def _assign(dst, src):
+    """dst[...] = src, keeping dst's storage and strides (torch or numpy)."""
+    if A.is_torch(dst):
+        dst.copy_(src)
+    else:
+        dst[...] = src
 
 
 def _ue8m0_to_float(s):

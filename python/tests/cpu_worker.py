@@ -360,6 +360,24 @@ def test_deep_ep():
     ok(q.shape == (E // R, R * M, H) and s.shape == (E // R, R * M, 1) and s.dtype == np.float32, "fp8 ll shapes")
     live = s[:, :, 0][np.arange(R * M)[None, :] < np.asarray(recv_count)[:, None]]
     ok(np.all(np.log2(live) == np.round(np.log2(live))), "round_scale gives powers of two")
+    # the halves (return_recv_hook), two batches in flight: the same results as whole calls
+    x2 = f32_to_bf16(rng(26, me).standard_normal((T, H)).astype(np.float32))
+    got = []
+    for xx in (x, x2):
+        got.append(buf.low_latency_dispatch(xx, idx, M, E, use_fp8=True, round_scale=True, return_recv_hook=True))
+    for g in got:
+        g[4]()  # hooks in the order of the calls
+    for xx, g in zip((x, x2), got):
+        (q2, s2), c2, h2, _, _ = g
+        (q1, s1), c1, h1, _, _ = buf.low_latency_dispatch(xx, idx, M, E, use_fp8=True, round_scale=True)
+        live2 = np.arange(R * M)[None, :] < np.asarray(c1)[:, None]
+        same(np.asarray(c2), np.asarray(c1), "ll hook recv_count")
+        same(np.asarray(q2)[live2], np.asarray(q1)[live2], "ll hook fp8 rows")
+        same(np.asarray(s2)[live2], np.asarray(s1)[live2], "ll hook scales")
+    out2, _, chook = buf.low_latency_combine(recv_x, idx, w, got[0][2], return_recv_hook=True)
+    chook()
+    out3, _, _ = buf.low_latency_combine(recv_x, idx, w, got[0][2])
+    same(out2, out3, "ll combine through the hook")
     buf.destroy()
 
 
