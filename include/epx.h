@@ -429,7 +429,10 @@ typedef struct {
     const float *topk_weights; /* [T, K] */
 } epx_moe_ll_combine_in_t;
 
-/* Low-latency combine: out[T, H] bf16 (combine_dtype). */
+/* Low-latency combine: out[T, H] bf16 (combine_dtype). Zero copy: y is read where it lies
+ * (on the CUDA backend the peers read it over NVLink; it must be cudaMalloc'd or
+ * epx_mem_alloc memory), so an expert kernel that writes its output straight into y fills
+ * the communication buffer itself; nothing is copied before the exchange. */
 EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in,
                                         void *out, void *stream);
 
