@@ -335,7 +335,9 @@ EPX_API epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows);
  * num_tokens_per_rank[R]: tokens with at least one expert on each rank (once per rank);
  * num_tokens_per_expert[E]: tokens routed to each expert (once per token);
  * is_token_in_rank[T, R]: 1 where the token goes to the rank, else 0.
- * On the CUDA backend nothing waits for the device (capturable in a CUDA graph), so the
+ * Layouts of one context run one after the other (same stream, or ordered streams): they
+ * share the context's scratch memory. On the CUDA backend nothing waits for the device
+ * (capturable in a CUDA graph), so the
  * expert ids are checked on the device: if any is out of [-1, E), the call succeeds but
  * writes -1 to every count (is_token_in_rank is then undefined). On the CPU backend that
  * is EPX_ERR_INVALID_ARGUMENT, nothing written. */
@@ -443,10 +445,11 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * and returns the handle; epx_moe_ll_dispatch_recv(handle) then receives and writes the
  * outputs given to the send. epx_moe_ll_combine_send takes epx_moe_ll_combine's arguments
  * and publishes y (peers read it from then on); epx_moe_ll_combine_recv(handle) reads the
- * peers' rows and writes out. y must not change until that receive has completed (in
- * stream order on CUDA). The outputs are complete once the receive has completed; the
- * results are those of the one-call versions. On the CPU backends the send does all the
- * work and the receive only keeps the order.
+ * peers' rows and writes out. y, topk_weights and out must stay valid and y unchanged until
+ * that receive has completed (in stream order on CUDA). The outputs are complete once the
+ * receive has completed; the results are those of the one-call versions. On the CPU
+ * backends (and CUDA across hosts) the send does all the work and the receive only keeps
+ * the order.
  *
  * Rules, per communicator (every rank makes the same calls in the same order): at most two
  * sends of each kind pending (sent, not yet received); receives in the order of their
@@ -454,8 +457,12 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * pending; a combine only on a handle whose dispatch was received; a handle with a pending
  * send cannot be destroyed. A call that breaks a rule returns EPX_ERR_INVALID_USAGE (a send
  * fails on every rank, the others getting EPX_ERR_REMOTE_INVALID; a receive, a local call,
- * fails on the calling rank only) and changes nothing. The receive goes on a stream
- * ordered after the send's. */
+ * fails on the calling rank only) and changes nothing. All low-latency calls of a
+ * communicator go on one stream (or each on a stream ordered after the previous one).
+ * Receives are local calls, but their place among the collective calls must be the same on
+ * every rank (else the ranks' streams wait on each other until the timeout). A CUDA graph
+ * holds each send together with its receive, or is replayed in the order it was captured.
+ * A handle with a pending send may be destroyed once the communicator is broken. */
 EPX_API epx_status_t epx_moe_ll_dispatch_send(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in,
                                               epx_moe_ll_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 EPX_API epx_status_t epx_moe_ll_dispatch_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream);
@@ -464,7 +471,7 @@ EPX_API epx_status_t epx_moe_ll_combine_send(epx_moe_t moe, epx_moe_handle_t han
 EPX_API epx_status_t epx_moe_ll_combine_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream);
 
 /* Free a handle (local). NULL is accepted. EPX_ERR_INVALID_USAGE while a low-latency send
- * on it is pending. */
+ * on it is pending (unless the communicator is broken or gone). */
 EPX_API epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle);
 
 /* Rows received by the dispatch that made `handle` (host value; -1 when that dispatch ran

@@ -38,6 +38,25 @@
 #include "moe_ref.h"
 #include "testlib.h"
 
+#ifdef EPX_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#include <unistd.h>
+
+static void CUDART_CB hold_30ms(void *arg)
+{
+    (void)arg;
+    usleep(30000);
+}
+#endif
+
+/* Hold this rank's stream (CUDA) for 30 ms: its peers run ahead of it. */
+static void hold_stream(void)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_on_cuda()) ASSERT(cudaLaunchHostFunc((cudaStream_t)test_stream(), hold_30ms, NULL) == cudaSuccess);
+#endif
+}
+
 #define MAXR 64
 #define POISON 0xA5
 #define GUARD 64 /* poisoned bytes after every output buffer */
@@ -1320,6 +1339,62 @@ static int run_ll_split(void)
     return 1;
 }
 
+/* Low-latency sends running ahead of a slow receiver: s1 s2 r1 s3 r2 s4 r3 s5 r4 r5 (two
+ * in flight, every staging half reused), with one rank's stream held before each of its
+ * receives (`slow`), so that its peers' sends k + 2 come while it has not received k: they
+ * must wait for it, or its receive reads the wrong batch. Every batch checked, then combined
+ * (whole calls) to check the slots. */
+static int run_ll_pipeline(int slow)
+{
+    enum { NB = 5 };
+    mcase_t c = {"ll pipeline", -2, 4, 96, 6, EPX_BF16, EPX_UNSET, EPX_I32, 1, ROUTE_UNIFORM, 10, 0, 0,
+                 EPX_MOE_LOW_LATENCY, 0, EPX_SCALE_F32};
+    ll_batch_t b[NB];
+    epx_moe_t moe = NULL;
+    void *st_ = test_stream();
+    char cs[64];
+    for (int i = 0; i < NB; i++) {
+        world_init(&b[i].W, &c, 9300 + 10 * (uint64_t)slow + (uint64_t)i);
+        if (!moe) moe = create_checked(&b[0].W, "ll pipeline");
+        ll_alloc(&b[i].W, &b[i].B);
+        ll_poison(&b[i].B);
+        b[i].out_b = (size_t)b[i].W.T[me] * (size_t)b[i].W.H * 2;
+        b[i].out = palloc(b[i].out_b);
+        b[i].dout = dev_out(b[i].out_b);
+    }
+    /* s1 s2, then r(i) s(i + 2) ..., then the last receives */
+    for (int step = 0; step < NB + 2; step++) {
+        int r = step - 2, snd = step;
+        if (r >= 0) {
+            if (me == slow) hold_stream();
+            ASSERT_OK(epx_moe_ll_dispatch_recv(moe, b[r].h, st_));
+        }
+        if (snd < NB) {
+            epx_moe_ll_dispatch_in_t in = ll_in(&b[snd].W, &b[snd].B);
+            epx_moe_ll_dispatch_out_t o = ll_out(&b[snd].B);
+            ASSERT_OK(epx_moe_ll_dispatch_send(moe, &in, &o, &b[snd].h, st_));
+        }
+    }
+    for (int i = 0; i < NB; i++) {
+        snprintf(cs, sizeof cs, "ll pipeline slow=%d batch %d", slow, i);
+        check_ll_dispatch(&b[i].W, &b[i].B, cs);
+        ll_batch_combine_inputs(&b[i]);
+        epx_moe_ll_combine_in_t cin = {b[i].dy, b[i].dw};
+        ASSERT_OK(epx_moe_ll_combine(moe, b[i].h, &cin, b[i].dout, st_));
+        fetch(b[i].out, b[i].dout, b[i].out_b + GUARD);
+        check_ll_combine(&b[i].W, b[i].out, cs);
+    }
+    for (int i = 0; i < NB; i++) {
+        ASSERT_OK(epx_moe_handle_destroy(b[i].h));
+        dev_free(b[i].dy), dev_free(b[i].dw), dev_free(b[i].dout);
+        free(b[i].out);
+        ll_free(&b[i].B);
+        world_free(&b[i].W);
+    }
+    ASSERT_OK(epx_moe_destroy(moe));
+    return 1;
+}
+
 /* Two high-throughput dispatches alive at once (different routings, one context):
  * cached dispatch and combine along each handle, in the opposite order. */
 static int run_two_handles(void)
@@ -1929,6 +2004,7 @@ int main(int argc, char **argv)
                 passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
         passed += run_two_handles();
         if (ll) passed += run_ll_split();
+        if (ll) passed += run_ll_pipeline(R - 1) + run_ll_pipeline(0);
         for (int i = 0; i < nrandom; i++) {
             mcase_t c = random_case(seed * 7919 + (uint64_t)i, false);
             passed += run_ht_case(&c, seed * 1000 + 700 + (uint64_t)i);

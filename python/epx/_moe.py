@@ -325,6 +325,8 @@ class Moe:
         fn = L.epx_moe_ll_combine_send if split else L.epx_moe_ll_combine
         check(self.comm._run(lambda: fn(self._ptr(), handle._h, byref(cin), A.ptr(out), self._stream(stream, y))),
               self.comm._h)
+        if split:  # read and written by the receive: kept alive until then
+            handle._keep = (y, topk_weights, out)
         return out
 
     def ll_recv(self, handle, combine=False, *, stream=None):
@@ -334,3 +336,5 @@ class Moe:
         fn = L.epx_moe_ll_combine_recv if combine else L.epx_moe_ll_dispatch_recv
         like = getattr(handle, "_like", None)
         check(fn(self._ptr(), handle._h, self._stream(stream, like) if like is not None else None), self.comm._h)
+        if combine:
+            handle._keep = None

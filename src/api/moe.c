@@ -306,25 +306,25 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
                        in_rank);
 }
 
-static epx_status_t epx__new_handle(epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu, epx__cuda_moe_handle_t *cuda,
-                                    epx__hier_moe_handle_t *hier, epx__xhost_moe_handle_t *xh, epx_moe_handle_t *out)
+/* A handle is allocated before the collective part of a dispatch (its failure is then this
+ * rank's verdict, agreed by all), and filled after it. */
+static epx_moe_handle_t epx__handle_alloc(epx_moe_t moe, epx_status_t *local)
 {
+    if (*local != EPX_SUCCESS) return NULL;
     epx_moe_handle_t h = calloc(1, sizeof *h);
-    if (!h) {
-        epx__cpu_moe_handle_free(cpu);
-        epx__cuda_moe_handle_free(cuda);
-        epx__hier_moe_handle_free(hier);
-        epx__xhost_moe_handle_free(xh);
-        return epx__fail(&moe->comm->err, EPX_ERR_NO_MEMORY, "out of memory");
-    }
+    if (!h) *local = epx__fail(&moe->comm->err, EPX_ERR_NO_MEMORY, "out of memory");
+    return h;
+}
+
+static void epx__handle_fill(epx_moe_handle_t h, epx_moe_t moe, int mode, epx__cpu_moe_handle_t *cpu,
+                             epx__cuda_moe_handle_t *cuda, epx__hier_moe_handle_t *hier, epx__xhost_moe_handle_t *xh)
+{
     h->xh = xh;
     h->moe = moe;
     h->mode = mode;
     h->cpu = cpu;
     h->cuda = cuda;
     h->hier = hier;
-    *out = h;
-    return EPX_SUCCESS;
 }
 
 #define EPX__STREAM_CHECK(moe, err, stream)                                                                       \
@@ -339,6 +339,7 @@ epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, ep
     epx_status_t local = EPX__STREAM_CHECK(moe, err, stream);
     if (local == EPX_SUCCESS) local = epx__check_dispatch(&moe->shape, err, in, out, false, EPX__ON_GPU(moe));
     if (local == EPX_SUCCESS && !handle) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "handle is NULL");
+    epx_moe_handle_t hn = epx__handle_alloc(moe, &local);
     epx__cpu_moe_handle_t *h = NULL;
     epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
@@ -348,8 +349,13 @@ epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, ep
                       : moe->hier ? epx__hier_moe_dispatch(moe->hier, in, out, local, &hh, err)
                                   : epx__cpu_moe_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
-    if (st != EPX_SUCCESS) return st;
-    return epx__new_handle(moe, EPX_MOE_HIGH_THROUGHPUT, h, hc, hh, hx, handle);
+    if (st != EPX_SUCCESS) {
+        free(hn);
+        return st;
+    }
+    epx__handle_fill(hn, moe, EPX_MOE_HIGH_THROUGHPUT, h, hc, hh, hx);
+    *handle = hn;
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,
@@ -446,6 +452,7 @@ static epx_status_t epx__ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_count", out->recv_count, false, 4);
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_rank", out->recv_src_rank, false, 4);
     if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.recv_src_token", out->recv_src_token, false, 4);
+    epx_moe_handle_t hn = epx__handle_alloc(moe, &local);
     epx__cpu_moe_handle_t *h = NULL;
     epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
@@ -457,10 +464,14 @@ static epx_status_t epx__ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in
                       : moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
                                   : epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
     st = epx__comm_result(moe->comm, st);
-    if (st != EPX_SUCCESS) return st;
-    st = epx__new_handle(moe, EPX_MOE_LOW_LATENCY, h, hc, hh, hx, handle);
-    if (st == EPX_SUCCESS && split) epx__ll_push(moe->comm, EPX__LL_KIND_DISPATCH, *handle);
-    return st;
+    if (st != EPX_SUCCESS) {
+        free(hn);
+        return st;
+    }
+    epx__handle_fill(hn, moe, EPX_MOE_LOW_LATENCY, h, hc, hh, hx);
+    *handle = hn;
+    if (split) epx__ll_push(moe->comm, EPX__LL_KIND_DISPATCH, hn);
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in, epx_moe_ll_dispatch_out_t *out,
@@ -554,9 +565,18 @@ epx_status_t epx_moe_ll_combine_recv(epx_moe_t moe, epx_moe_handle_t handle, voi
 epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
 {
     if (!handle) return EPX_SUCCESS;
-    if (handle->ll_state != EPX__LL_READY && handle->moe->comm)
-        return epx__fail(&handle->moe->comm->err, EPX_ERR_INVALID_USAGE,
-                         "the handle has a pending low-latency send: receive it before destroying the handle");
+    epx_comm_t c = handle->moe->comm;
+    if (handle->ll_state != EPX__LL_READY && c) {
+        if (c->async_error == EPX_SUCCESS)
+            return epx__fail(&c->err, EPX_ERR_INVALID_USAGE,
+                             "the handle has a pending low-latency send: receive it before destroying the handle");
+        for (int kind = 0; kind < 2; kind++) /* a broken communicator: forget the pending send */
+            for (int i = c->ll_npending[kind] - 1; i >= 0; i--)
+                if (c->ll_pending[kind][i] == handle) {
+                    for (int j = i; j + 1 < c->ll_npending[kind]; j++) c->ll_pending[kind][j] = c->ll_pending[kind][j + 1];
+                    c->ll_pending[kind][--c->ll_npending[kind]] = NULL;
+                }
+    }
     epx__cpu_moe_handle_free(handle->cpu);
     epx__cuda_moe_handle_free(handle->cuda);
     epx__hier_moe_handle_free(handle->hier);

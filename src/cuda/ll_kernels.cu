@@ -74,15 +74,18 @@ static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0,
 
 /* Is the staging half that send n fills free at every rank (each received send n - 2)?
  * A rank whose LL flag says it had received all before a send >= n - 1 is; for another,
- * wait (bounded) for its receive sequence, read over NVLink. My own receive n - 2 came
- * before this send on my stream (at most two sends are pending). Every thread of the block
- * calls it. */
+ * wait (bounded) for its receive sequence, read over NVLink. My own receive n - 2 normally
+ * came before this send on my stream (at most two sends are pending); its counter is
+ * checked too, for receives enqueued on another stream. Every thread of the block calls it.
+ * The counters are plain stores after a GPU-scope fence: they order only reads of the
+ * staging area, whose values were consumed before the fence. */
 static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long long n)
 {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
     int q = (int)threadIdx.x;
+    if (n > 2 && q == d->rank && !epx__wait_geq(d, d->ll_seq + EPX__LL_DISPATCH_RECVD, n - 2, q)) ok = 0;
     if (n > 2 && q < d->nranks && q != d->rank) {
         unsigned long long v = epx__ld_acquire_sys(d->flags + ((size_t)EPX__FLAG_LL * d->nranks + q) * EPX__FLAG_STRIDE);
         if (!((v >> 1) >= n - 1 && (v & 1ull))) {
@@ -275,10 +278,12 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
         return;
     }
     if (blockIdx.x == 0) {
+        /* My routing as my send staged it (the caller's topk_idx may be gone by now). */
+        const int *mine = epx__ll_hdr(&a, a.stage[me], par, me) + 4;
         if (threadIdx.x == 0) *a.h_bad = 0;
         for (long long i = threadIdx.x; i < (long long)a.num_tokens * K; i += blockDim.x) {
-            long long e = epx__ll_expert(&a, i);
-            a.h_topk[i] = (int)e;
+            int e = mine[i];
+            a.h_topk[i] = e;
             if (e < 0) a.h_slot[i] = -1;
         }
     }

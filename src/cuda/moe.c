@@ -44,6 +44,8 @@ struct epx__cuda_moe_handle {
     int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
     epx__ll_args_t ll_recv;        /* low-latency: the receive half of a split dispatch */
     epx__ll_combine_t ll_comb;     /* and of a split combine */
+    epx__ipc_card_t *ll_ycards;    /* [R] where the peers' y of that combine lie (mapped again at
+                                      the receive: a mapping may be closed in between) */
     epx__cuda_moe_t *owner;
     epx__cuda_moe_handle_t *next_spare;
 };
@@ -59,6 +61,10 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     h = calloc(1, sizeof *h);
     if (!h) return NULL;
     h->owner = m;
+    if (m->s.mode == EPX_MOE_LOW_LATENCY && !(h->ll_ycards = calloc((size_t)m->c->nranks, sizeof *h->ll_ycards))) {
+        free(h);
+        return NULL;
+    }
     size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
     size_t tk = (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
     if (cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
@@ -72,6 +78,7 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
         cudaGetLastError();
         cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
         cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
+        free(h->ll_ycards);
         free(h);
         return NULL;
     }
@@ -86,6 +93,7 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
     cudaFree(h->d_rows);
     cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
     cudaGetLastError();
+    free(h->ll_ycards);
     free(h);
 }
 
@@ -636,6 +644,20 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
 
 /* ---- Low-latency ------------------------------------------------------------------------------ */
 
+/* Every rank's y of a low-latency combine (the cards in h->ll_ycards, mine = own) into
+ * k->y, mapped again until no mapping closed while they were taken. */
+static epx_status_t epx__ll_map_y(epx__cuda_t *c, epx__cuda_moe_handle_t *h, const void *own, epx__ll_combine_t *k,
+                                  void *stream, epx__errbuf_t *err)
+{
+    for (int pass = 0;; pass++) {
+        uint64_t closed = c->ipc_closed;
+        for (int p = 0; p < c->nranks; p++)
+            EPX__CHECK(epx__card_map(c, p, &h->ll_ycards[p], p == c->rank ? own : NULL, &k->y[p], stream, err));
+        if (c->ipc_closed == closed) return EPX_SUCCESS;
+        if (pass == 2) return epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
+    }
+}
+
 /* Blocks of a combine receive without 16-byte rows: one per token, up to 1024. */
 #define EPX__LL_COMBINE_BLOCKS(h) EPX__MIN(EPX__MAX((h)->num_tokens, 1), 1024)
 
@@ -707,7 +729,7 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
 {
     epx__cuda_t *c = m->c;
     const epx__moe_shape_t *s = &m->s;
-    int R = c->nranks, me = c->rank;
+    int R = c->nranks;
     epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
     if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
@@ -722,8 +744,9 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__ll_combine_t k;
     memset(&k, 0, sizeof k);
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) h->ll_ycards[p] = cards[p].x;
     free(cards);
+    if (st == EPX_SUCCESS) st = epx__ll_map_y(c, h, in->y, &k, stream, err);
     if (st != EPX_SUCCESS) return st;
     k.w = in->topk_weights;
     k.h_slot = h->d_slot, k.h_topk = h->d_topk, k.h_bad = h->d_bad;
@@ -731,7 +754,7 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     k.dtype = s->combine_dtype, k.slots = (long long)s->ll_slots;
     k.out = out;
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
-    for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0;
+    for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0; /* a remap keeps the offsets */
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     if (split) {
         h->ll_comb = k;
@@ -749,6 +772,8 @@ epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h
                                    epx__errbuf_t *err)
 {
     epx_status_t st = EPX_SUCCESS;
+    if (combine) /* the peers' y again: calls since the send may have closed a mapping */
+        EPX__CHECK(epx__ll_map_y(m->c, h, h->ll_comb.y[m->c->rank], &h->ll_comb, stream, err));
     if (combine)
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&m->c->dev, &h->ll_comb, 0, EPX__LL_COMBINE_BLOCKS(h),
                                                                   stream),
