@@ -73,17 +73,12 @@ static bool is_kill(fault_t f) { return f == F_KILL_HOST || f == F_KILL_ENQUEUE 
 static bool is_moe(op_t op) { return op >= OP_DISPATCH; }
 static bool is_ll(op_t op) { return op >= OP_LL_DISPATCH; }
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 #define H 64 /* MoE hidden */
 #define T 16 /* tokens per rank (= max_tokens_per_rank) */
 #define K 2
 #define LOCAL_EXPERTS 4
+
+#include "fault_data.h"
 
 typedef struct {
     void *dev;
@@ -113,30 +108,6 @@ typedef struct {
     out_t outs[4];
     int nouts;
 } ctx_t;
-
-static uint8_t a2a_byte(int src, int dst, size_t i) { return (uint8_t)((src * 31 + dst * 7 + (int)(i % 1000)) % 200); }
-static int64_t v_count(int src, int dst) { return 100 + 37 * src + 13 * dst; }
-static int32_t expert_of(int R, int src, int t, int k)
-{
-    int E = LOCAL_EXPERTS * R;
-    int e0 = (src * 5 + t * 3) % E;
-    return k == 0 ? e0 : (e0 + 1 + t % (E > 1 ? E - 1 : 1)) % E;
-}
-static bool goes_to(int R, int src, int t, int q)
-{
-    for (int k = 0; k < K; k++)
-        if (expert_of(R, src, t, k) / LOCAL_EXPERTS == q) return true;
-    return false;
-}
-static uint16_t x_val(int src, int t, int h) { return (uint16_t)(((src * 16 + t) % 100) << 8 | (h % 100)); }
-static int g_val(int t, int h) { return (t + h) % 4 + 1; }
-
-static void *xmalloc(size_t n)
-{
-    void *p = calloc(1, n ? n : 1);
-    ASSERT(p);
-    return p;
-}
 static void *dalloc(size_t n)
 {
     void *p = NULL;

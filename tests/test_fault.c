@@ -50,19 +50,14 @@ typedef enum { F_DELAY_SHORT, F_DELAY_LONG, F_KILL, F_COUNT, F_ABORT, F_NUM } fa
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine"};
 static const char *fault_names[] = {"delay_short", "delay_long", "kill", "count", "abort"};
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
 #define H 64 /* MoE hidden */
 #define T 16 /* MoE tokens per rank (= max_tokens_per_rank) */
 #define K 2
 #define LOCAL_EXPERTS 4
+
+#include "fault_data.h"
 
 typedef struct {
     void *buf;
@@ -91,30 +86,6 @@ typedef struct {
     int nouts;
 } ctx_t;
 
-static uint8_t a2a_byte(int src, int dst, size_t i) { return (uint8_t)((src * 31 + dst * 7 + (int)(i % 1000)) % 200); }
-static int64_t v_count(int src, int dst) { return 100 + 37 * src + 13 * dst; }
-
-static int32_t expert_of(int R, int src, int t, int k)
-{
-    int E = LOCAL_EXPERTS * R;
-    int e0 = (src * 5 + t * 3) % E;
-    return k == 0 ? e0 : (e0 + 1 + t % (E > 1 ? E - 1 : 1)) % E;
-}
-static bool goes_to(int R, int src, int t, int q)
-{
-    for (int k = 0; k < K; k++)
-        if (expert_of(R, src, t, k) / LOCAL_EXPERTS == q) return true;
-    return false;
-}
-static uint16_t x_val(int src, int t, int h) { return (uint16_t)(((src * 16 + t) % 100) << 8 | (h % 100)); }
-static int g_val(int t, int h) { return (t + h) % 4 + 1; }
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    ASSERT(p);
-    return p;
-}
 
 static void add_out(ctx_t *c, void *buf, size_t bytes)
 {
