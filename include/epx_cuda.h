@@ -24,8 +24,12 @@ extern "C" {
  * by epx_comm_init_rank. When its ranks span several hosts, epx moves data between hosts
  * on `nccl_comm` (point-to-point, on the streams the calls are given); on one host it
  * uses NVLink only. The caller keeps ownership: destroy the epx communicator before
- * nccl_comm. epx never aborts it: after EPX_ERR_TIMEOUT or EPX_ERR_NCCL the caller must
- * ncclCommAbort it. Fails alike on every rank. */
+ * nccl_comm. epx never aborts it: after EPX_ERR_TIMEOUT, EPX_ERR_NCCL or
+ * EPX_ERR_PEER_FAILURE the caller must ncclCommAbort it first, then epx_comm_abort (NCCL
+ * kernels left running would otherwise hold up the device). Waits are bounded by
+ * EPX_TIMEOUT_MS only on a non-blocking NCCL communicator (ncclConfig_t.blocking = 0); a
+ * blocking one may wait inside NCCL while a peer is late. Do not call it inside the
+ * caller's own ncclGroupStart/End. Fails alike on every rank. */
 EPX_API epx_status_t epx_comm_init_nccl(epx_comm_t *comm, void *nccl_comm, const epx_config_t *cfg);
 
 #ifdef __cplusplus

@@ -194,16 +194,17 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
     epx_config_t cfg;
     int backend;
     int64_t timeout_ms;
-    EPX__CHECK(epx__config_resolve(user_cfg, &cfg, &backend, &timeout_ms));
-
-    epx__log_set_rank(rank);
     epx__fault_t fault;
-    EPX__CHECK(epx__fault_parse(epx__param_str(EPX__P_FAULT), rank, &fault, NULL));
-
-    epx_status_t st = EPX_SUCCESS;
+    epx_status_t st = epx__config_resolve(user_cfg, &cfg, &backend, &timeout_ms);
+    epx__log_set_rank(rank);
+    if (st == EPX_SUCCESS) st = epx__fault_parse(epx__param_str(EPX__P_FAULT), rank, &fault, NULL);
     epx__rank_info_t mine, *all = NULL;
-    epx_comm_t c = calloc(1, sizeof *c);
-    if (!c) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_comm_t c = st == EPX_SUCCESS ? calloc(1, sizeof *c) : NULL;
+    if (st == EPX_SUCCESS && !c) st = epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    if (st != EPX_SUCCESS) {
+        epx__nccl_destroy(nccl, false); /* an adopted NCCL communicator's wrapper (the comm stays the caller's) */
+        return st;
+    }
     c->rank = rank;
     c->nranks = nranks;
     c->backend = backend;
@@ -264,6 +265,7 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
         epx__cuda_set_fault(c->cuda, &fault);
     }
     free(all);
+    epx__nccl_destroy(nccl, false); /* adopted, but every rank is on this host: not needed */
     EPX_INFO(INIT, "rank %d/%d: comm ready (host %d/%d, local %d/%d)", rank, nranks, c->host, c->num_hosts,
              c->local_rank, c->local_size);
     *out = c;

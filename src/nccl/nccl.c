@@ -99,17 +99,18 @@ static epx_status_t epx__nc_fail(ncclComm_t comm, ncclResult_t r, epx__errbuf_t 
                      last ? last : "");
 }
 
-/* Wait for a non-blocking call on `comm` to finish (its state leaves ncclInProgress). */
-static epx_status_t epx__nc_settle(ncclComm_t comm, bool owned, uint64_t deadline, epx__errbuf_t *err, const char *what)
+/* Wait for a non-blocking call on *comm to finish (its state leaves ncclInProgress). At the
+ * deadline an owned communicator is aborted and *comm becomes NULL (never aborted twice). */
+static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadline, epx__errbuf_t *err, const char *what)
 {
     for (;;) {
         ncclResult_t state = ncclSuccess;
-        ncclResult_t r = epx__nc.async_error(comm, &state);
-        if (r != ncclSuccess) return epx__nc_fail(comm, r, err, what);
+        ncclResult_t r = epx__nc.async_error(*comm, &state);
+        if (r != ncclSuccess) return epx__nc_fail(*comm, r, err, what);
         if (state == ncclSuccess) return EPX_SUCCESS;
-        if (state != ncclInProgress) return epx__nc_fail(comm, state, err, what);
+        if (state != ncclInProgress) return epx__nc_fail(*comm, state, err, what);
         if (epx__now_ns() >= deadline) {
-            if (owned) epx__nc.abort(comm);
+            if (owned) epx__nc.abort(*comm), *comm = NULL;
             return epx__fail(err, EPX_ERR_TIMEOUT, "%s: NCCL did not finish within EPX_TIMEOUT_MS%s", what,
                              owned ? " (communicator aborted)" : "");
         }
@@ -160,7 +161,7 @@ epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const voi
     if (r != ncclSuccess && r != ncclInProgress)
         st = epx__nc_fail(n->comm, r, err, "ncclCommInitRankConfig");
     if (st == EPX_SUCCESS)
-        st = epx__nc_settle(n->comm, true, epx__deadline_after_ms(timeout_ms), err, "ncclCommInitRankConfig");
+        st = epx__nc_settle(&n->comm, true, epx__deadline_after_ms(timeout_ms), err, "ncclCommInitRankConfig");
     if (st == EPX_SUCCESS) st = epx__nc_finish(n, err);
     if (st != EPX_SUCCESS) {
         epx__nccl_destroy(n, true);
@@ -193,13 +194,15 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
 {
     if (!n) return;
     if (n->owned && n->comm) {
-        /* A clean finalize is collective and may wait on peers: bounded, else abort. */
-        bool clean = !abort && epx__nc.finalize(n->comm) == ncclSuccess &&
-                     epx__nc_settle(n->comm, true, epx__deadline_after_ms(EPX__MIN(n->timeout_ms, (int64_t)10000)),
+        /* A clean finalize is collective and may wait on peers: bounded, else abort. On a
+         * non-blocking communicator it normally answers ncclInProgress. */
+        ncclResult_t f = abort ? ncclInternalError : epx__nc.finalize(n->comm);
+        bool clean = (f == ncclSuccess || f == ncclInProgress) &&
+                     epx__nc_settle(&n->comm, true, epx__deadline_after_ms(EPX__MIN(n->timeout_ms, (int64_t)10000)),
                                     NULL, "ncclCommFinalize") == EPX_SUCCESS;
         if (clean)
             epx__nc.destroy(n->comm);
-        else
+        else if (n->comm) /* not already aborted by the settle */
             epx__nc.abort(n->comm);
     }
     if (n->dbuf) cudaFree(n->dbuf);
@@ -228,7 +231,7 @@ epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64
     ncclResult_t e = epx__nc.group_end(); /* always closes the group */
     if (r == ncclSuccess) r = e;
     if (r != ncclSuccess && r != ncclInProgress) return epx__nc_fail(n->comm, r, err, "ncclSend/ncclRecv group");
-    return epx__nc_settle(n->comm, n->owned, deadline, err, "ncclSend/ncclRecv group");
+    return epx__nc_settle(&n->comm, n->owned, deadline, err, "ncclSend/ncclRecv group");
 }
 
 epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx__errbuf_t *err)

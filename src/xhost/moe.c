@@ -243,7 +243,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     int64_t N = hout.num_recv_tokens;
     size_t n = (size_t)N;
     epx__h2d(out->recv_x, hout.recv_x, n * s->row_bytes, stream, &st, err);
-    epx__h2d(out->recv_x_scales, hout.recv_x_scales, n * sc, stream, &st, err);
+    if (fp8) epx__h2d(out->recv_x_scales, hout.recv_x_scales, n * sc, stream, &st, err); /* else not an output */
     epx__h2d(out->recv_topk_idx, hout.recv_topk_idx, n * (size_t)K * isz, stream, &st, err);
     epx__h2d(out->recv_topk_weights, hout.recv_topk_weights, n * (size_t)K * 4, stream, &st, err);
     epx__h2d(out->recv_src_rank, hout.recv_src_rank, n * 4, stream, &st, err);
@@ -294,7 +294,7 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
     epx_status_t st = epx__hier_moe_dispatch_cached(m->hm, local == EPX_SUCCESS ? h->hh : NULL, &hin, &hout, local, err);
     if (st != EPX_SUCCESS) return st;
     epx__h2d(out->recv_x, hout.recv_x, n * s->row_bytes, stream, &st, err);
-    epx__h2d(out->recv_x_scales, hout.recv_x_scales, n * sc, stream, &st, err);
+    if (fp8) epx__h2d(out->recv_x_scales, hout.recv_x_scales, n * sc, stream, &st, err); /* else not an output */
     return st;
 }
 

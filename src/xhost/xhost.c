@@ -138,10 +138,11 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
 {
     if (!xh) return;
     epx__hier_destroy(xh->hier);
+    /* NCCL first: after a failure its kernels may still spin, and cudaFree would wait for them. */
+    epx__nccl_destroy(xh->nccl, abort);
     if (xh->gw) cudaFree(xh->gw);
     if (xh->fwd) cudaFree(xh->fwd);
     cudaGetLastError();
-    epx__nccl_destroy(xh->nccl, abort);
     free(xh);
 }
 
@@ -296,8 +297,12 @@ epx_status_t epx__xhost_alltoallv_device(epx__xhost_t *xh, const epx__cuda_count
         if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "reading the device counts: %s", cudaGetErrorString(ce));
     }
     for (int p = 0; p < R && local == EPX_SUCCESS; p++) {
+        int64_t most = INT64_MAX / (int64_t)k->elem_bytes;
         if (sc[p] < 0 || sd[p] < 0 || rc[p] < 0 || rd[p] < 0)
             local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "a device count or displacement for rank %d is negative", p);
+        else if (sc[p] > most || sd[p] > most || rc[p] > most || rd[p] > most)
+            local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "a device count or displacement for rank %d is too large", p);
+        if (local != EPX_SUCCESS) break;
         b[p] = sc[p] * k->elem_bytes, b[R + p] = sd[p] * k->elem_bytes;
         b[2 * R + p] = rc[p] * k->elem_bytes, b[3 * R + p] = rd[p] * k->elem_bytes;
     }
