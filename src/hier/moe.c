@@ -281,17 +281,30 @@ int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h) { return h->K; }
 
 /* ---- Routing: meta step ----------------------------------------------------------------------- */
 
-/* Send my routing to my gateways, build the entries, fan the routing out to the local ranks
- * and merge what arrives into (source, token) order. Fills the handle; writes nothing of
- * the caller's. `w` = my weights [T, K] when hd->has_w; then *row_w gets the weights of
- * every merged row (the caller frees it). */
-static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w, uint32_t seq,
-                               uint64_t deadline, float **row_w, epx__errbuf_t *err)
+/* Token rows that travel with the routing: my token i is pb bytes at x + i * pb, then sb
+ * bytes of scales at xs + i * sb (xs may be NULL when sb = 0). */
+typedef struct {
+    const char *x, *xs;
+    size_t pb, sb;
+} epx__payload_t;
+
+/* Send my routing and rows to my gateways, build the entries, fan both out to the local
+ * ranks and merge what arrives into (source, token) order: two steps (MPI, then shared
+ * memory), each after its counts. Fills the handle; writes nothing of the caller's. `w` =
+ * my weights [T, K] when hd->has_w; then *row_w gets the weights of every merged row (the
+ * caller frees it). On success *recs (a work buffer of m) holds the records received,
+ * *rec bytes each, merged row r's payload at *recs + hd->row_rec[r] * *rec + *poff. */
+static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
+                               const epx__payload_t *pl, uint32_t seq, uint64_t deadline, float **row_w,
+                               const char **recs, size_t *rec_out, size_t *poff, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
     int W = hd->has_w ? K : 0;
-    size_t rec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights */
+    size_t mrec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights; then the payload */
+    size_t rec = mrec + pl->pb + pl->sb;
+    *rec_out = rec, *poff = mrec;
+    *recs = NULL;
     epx_status_t st = EPX_SUCCESS;
     int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
     int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
@@ -335,8 +348,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         hd->fwd_first[p] = hd->nfwd;
         hd->nfwd += hd->fwd_count[p];
     }
-    sbuf = epx__alloc((size_t)stot, 1, &st, err);
-    rbuf = epx__alloc((size_t)rtot, 1, &st, err);
+    sbuf = epx__buf(m, EPX__B_SEND, (size_t)stot, &st, err);
+    rbuf = epx__buf(m, EPX__B_FWD, (size_t)rtot, &st, err);
     if (st != EPX_SUCCESS) goto done;
     {
         char *o = sbuf;
@@ -348,6 +361,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 r[0] = me, r[1] = (int32_t)i;
                 memcpy(r + 2, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
                 if (W) memcpy(r + 2 + K, w + i * K, sizeof(float) * (size_t)K);
+                memcpy(o + mrec, pl->x + (size_t)i * pl->pb, pl->pb);
+                if (pl->sb) memcpy(o + mrec + pl->pb, pl->xs + (size_t)i * pl->sb, pl->sb);
                 o += rec;
             }
         }
@@ -413,8 +428,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             lrb[l] = lrc[l] * (int64_t)rec;
             hd->from_first[l + 1] = hd->from_first[l] + lrc[l];
         }
-        lsend = epx__alloc((size_t)hd->to_first[LS] * rec, 1, &st, err);
-        lrecv = epx__alloc((size_t)hd->from_first[LS] * rec, 1, &st, err);
+        lsend = epx__buf(m, EPX__B_LSEND, (size_t)hd->to_first[LS] * rec, &st, err);
+        lrecv = epx__buf(m, EPX__B_RECV, (size_t)hd->from_first[LS] * rec, &st, err);
         hd->rows = hd->from_first[LS];
         hd->from_row = epx__alloc((size_t)hd->rows, 8, &st, err);
         hd->row_rec = epx__alloc((size_t)hd->rows, 8, &st, err);
@@ -429,6 +444,13 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             r[0] = hd->ent_src[e], r[1] = hd->ent_tok[e];
             memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
             if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
+            char *o = (char *)r + mrec;
+            if (hd->ent_fidx[e] >= 0) {
+                memcpy(o, rbuf + (size_t)hd->ent_fidx[e] * rec + mrec, pl->pb + pl->sb);
+            } else {
+                memcpy(o, pl->x + (size_t)hd->ent_tok[e] * pl->pb, pl->pb);
+                if (pl->sb) memcpy(o + pl->pb, pl->xs + (size_t)hd->ent_tok[e] * pl->sb, pl->sb);
+            }
         }
         st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
     }
@@ -453,9 +475,10 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         if (row != hd->rows)
             st = epx__fail(err, EPX_ERR_INTERNAL, "merged %lld of %lld rows", (long long)row, (long long)hd->rows);
     }
-    free(lsend), free(lrecv), free(lsb), free(lrb), free(lcnt), free(lrc), free(ew);
+    free(lsb), free(lrb), free(lcnt), free(lrc), free(ew);
+    *recs = st == EPX_SUCCESS ? lrecv : NULL;
 done:
-    free(sc), free(rc), free(sb), free(rb), free(sbuf), free(rbuf);
+    free(sc), free(rc), free(sb), free(rb);
     return st;
 }
 
@@ -578,22 +601,21 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
     free(per_rank);
     float *row_w = NULL;
     const char *recs = NULL;
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, in->topk_weights, seq, deadline, &row_w, err);
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = 0, poff = 0;
+    epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
+    if (st == EPX_SUCCESS)
+        st = epx__route(m, hd, in->topk_weights, &pl, seq, deadline, &row_w, &recs, &rec, &poff, err);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
-    bool fp8 = s->dtype == EPX_FP8_E4M3;
-    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0;
-    if (st == EPX_SUCCESS)
-        st = epx__rows(m, hd, in->x, s->row_bytes, fp8 ? (const char *)in->x_scales : NULL, sb, seq, deadline, &recs, err);
     if (st == EPX_SUCCESS) {
         /* The caller's outputs, now that nothing can fail. */
         int64_t *per_expert = calloc((size_t)L, sizeof *per_expert);
         if (!per_expert) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-        size_t rec = s->row_bytes + sb;
         for (int64_t r = 0; r < hd->rows && st == EPX_SUCCESS; r++) {
-            memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, recs + (size_t)hd->row_rec[r] * rec, s->row_bytes);
-            if (fp8 && out->recv_x_scales)
-                memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, recs + (size_t)hd->row_rec[r] * rec + s->row_bytes, sb);
+            const char *src = recs + (size_t)hd->row_rec[r] * rec + poff;
+            memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, src, s->row_bytes);
+            if (fp8 && out->recv_x_scales) memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, src + s->row_bytes, sb);
             if (out->recv_src_rank) out->recv_src_rank[r] = hd->row_src[r];
             if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
             const int32_t *tk = hd->row_topk + r * K;
@@ -879,9 +901,8 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
     }
     if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
     epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, NULL, NULL, deadline, err);
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, seq, deadline, NULL, err);
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
-    size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = rb + sb;
+    size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = 0, poff = 0;
     const char *x = in ? in->x : NULL, *xs = NULL;
     if (st == EPX_SUCCESS && s->ll_fp8) {
         /* Quantise each token once, here. */
@@ -891,7 +912,8 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
         x = (const char *)m->ll_q, xs = m->ll_scales;
     }
     const char *recs = NULL;
-    if (st == EPX_SUCCESS) st = epx__rows(m, hd, x, rb, xs, sb, seq, deadline, &recs, err);
+    epx__payload_t pl = {x, xs, rb, sb};
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, seq, deadline, NULL, &recs, &rec, &poff, err);
     int32_t *cnt = st == EPX_SUCCESS ? calloc((size_t)L, sizeof *cnt) : NULL;
     if (st == EPX_SUCCESS && !cnt) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     for (int64_t r = 0; r < (st == EPX_SUCCESS ? hd->rows : 0); r++) {
@@ -903,8 +925,8 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
             if (dup) continue;
             int l = tk[k] % L;
             size_t slot = (size_t)l * s->ll_slots + (size_t)cnt[l]++;
-            memcpy((char *)out->recv_x + slot * rb, recs + (size_t)hd->row_rec[r] * rec, rb);
-            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, recs + (size_t)hd->row_rec[r] * rec + rb, sb);
+            memcpy((char *)out->recv_x + slot * rb, recs + (size_t)hd->row_rec[r] * rec + poff, rb);
+            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, recs + (size_t)hd->row_rec[r] * rec + poff + rb, sb);
             if (out->recv_src_rank) out->recv_src_rank[slot] = hd->row_src[r];
             if (out->recv_src_token) out->recv_src_token[slot] = hd->row_tok[r];
         }
