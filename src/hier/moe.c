@@ -33,8 +33,10 @@ static const char *const epx__h_op_names[] = {"?", "dispatch", "cached dispatch"
 enum { EPX__ST_COUNTS = 0, EPX__ST_META = 1, EPX__ST_ROWS = 2, EPX__ST_HOME = 3 };
 
 /* Work buffers of a context, kept across calls: once warm, the data path neither allocates
- * nor faults pages in. */
-enum { EPX__B_SEND, EPX__B_FWD, EPX__B_LSEND, EPX__B_RECV, EPX__B_HOME, EPX__NBUF };
+ * nor faults pages in. Those the local ranks read from (B_SEND, B_LSEND) are registered
+ * shared memory: peers copy out of them directly, without a system call. */
+enum { EPX__B_SEND, EPX__B_LSEND, EPX__B_FWD, EPX__B_RECV, EPX__B_HOME, EPX__NBUF };
+enum { EPX__NREG = 2 }; /* buffers below this index are registered */
 
 struct epx__hier_moe {
     epx__hier_t *h;
@@ -104,8 +106,20 @@ static void *epx__alloc(size_t n, size_t size, epx_status_t *st, epx__errbuf_t *
 static void *epx__buf(epx__hier_moe_t *m, int i, size_t bytes, epx_status_t *st, epx__errbuf_t *err)
 {
     if (*st != EPX_SUCCESS) return NULL;
-    *st = epx__hier_grow(&m->buf[i], &m->cap[i], EPX__MAX(bytes, (size_t)1), err);
-    return *st == EPX_SUCCESS ? m->buf[i] : NULL;
+    if (i >= EPX__NREG) {
+        *st = epx__hier_grow(&m->buf[i], &m->cap[i], EPX__MAX(bytes, (size_t)1), err);
+        return *st == EPX_SUCCESS ? m->buf[i] : NULL;
+    }
+    if (m->buf[i] && m->cap[i] >= bytes) return m->buf[i];
+    /* Peers are done with it: every exchange that exposed it has returned. */
+    size_t want = EPX__MAX(EPX__MAX(bytes, (size_t)1 << 16), m->cap[i] + m->cap[i] / 2);
+    if (m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
+    m->buf[i] = NULL, m->cap[i] = 0;
+    void *p = NULL;
+    *st = epx__cpu_mem_alloc(m->h->cpu, want, &p, err);
+    if (*st != EPX_SUCCESS) return NULL;
+    m->buf[i] = p, m->cap[i] = want;
+    return p;
 }
 
 /* Exchange packed segments with the local ranks (byte counts per local rank). */
@@ -260,7 +274,10 @@ void epx__hier_moe_destroy(epx__hier_moe_t *m)
     if (!m) return;
     free(m->ll_q);
     free(m->ll_scales);
-    for (int i = 0; i < EPX__NBUF; i++) free(m->buf[i]);
+    for (int i = 0; i < EPX__NBUF; i++) {
+        if (i < EPX__NREG && m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
+        if (i >= EPX__NREG) free(m->buf[i]);
+    }
     free(m);
 }
 
