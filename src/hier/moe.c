@@ -166,17 +166,19 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
 
 enum { EPX__CARD = 4 };
 
-/* All ranks learn every rank's verdict, call and capacity (one allreduce); with n_me, also
- * the rows every rank receives (my per_rank[R], read when local is a success): *n_me gets
- * mine and every capacity is checked. */
+/* All ranks learn every rank's verdict, call and capacity (one allreduce); with lanes (a
+ * dispatch), also the rows every rank receives from each forwarder of its host (my
+ * per_rank[R], the tokens I send each rank, read when local is a success): lanes[l] gets
+ * mine from local rank l; with n_me, *n_me gets my total and every capacity is checked. */
 static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
-                                 int64_t capacity, const int32_t *per_rank, int64_t *n_me, uint64_t deadline,
-                                 epx__errbuf_t *err)
+                                 int64_t capacity, const int32_t *per_rank, int64_t *lanes, int64_t *n_me,
+                                 uint64_t deadline, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank;
-    bool counts = n_me != NULL; /* the same on every rank: the kind of operation decides */
-    int n = EPX__CARD * R + (counts ? R : 0);
+    int R = t->nranks, me = t->rank, LM = 0;
+    for (int k = 0; k < t->num_hosts; k++) LM = EPX__MAX(LM, t->host_size[k]);
+    bool counts = lanes != NULL; /* the same on every rank: the kind of operation decides */
+    int n = EPX__CARD * R + (counts ? R + R * LM : 0);
     int64_t *v = calloc((size_t)n, sizeof *v);
     if (!v) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     int64_t *c = v + EPX__CARD * me;
@@ -185,8 +187,11 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         c[1] = capacity;
         c[2] = op | (int64_t)K << 8 | (int64_t)has_w << 16;
         c[3] = routing;
-        if (counts)
-            for (int q = 0; q < R; q++) v[EPX__CARD * R + q] = per_rank[q];
+        /* Rank q gets my tokens from its host's rank of my local index (modulo). */
+        for (int q = 0; q < R && counts; q++) {
+            v[EPX__CARD * R + q] = per_rank[q];
+            v[EPX__CARD * R + R + q * LM + t->lrank_of[me] % t->host_size[t->host_of[q]]] = per_rank[q];
+        }
     }
     epx_status_t st = m->h->link.allreduce_sum(m->h->link.ctx, v, n, deadline, err);
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
@@ -211,7 +216,8 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
                            ow ? "passed" : "did not pass", me, has_w ? "did" : "did not");
     }
     if (st == EPX_SUCCESS && counts) {
-        for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
+        for (int l = 0; l < t->local_size; l++) lanes[l] = v[EPX__CARD * R + R + me * LM + l];
+        for (int q = 0; q < R && st == EPX_SUCCESS && n_me; q++) {
             int64_t nq = v[EPX__CARD * R + q], cap = v[EPX__CARD * q + 1];
             if (nq <= cap) continue;
             if (q == me)
@@ -222,7 +228,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
                 st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity (%lld rows) is below the %lld it receives",
                                q, (long long)cap, (long long)nq);
         }
-        *n_me = v[EPX__CARD * R + me];
+        if (n_me) *n_me = v[EPX__CARD * R + me];
     }
     free(v);
     return st;
@@ -306,13 +312,13 @@ typedef struct {
 } epx__payload_t;
 
 /* Send my routing and rows to my gateways, build the entries, fan both out to the local
- * ranks and merge what arrives into (source, token) order: two steps (MPI, then shared
- * memory), each after its counts. Fills the handle; writes nothing of the caller's. `w` =
+ * ranks and merge what arrives into (source, token) order: two steps (MPI after its counts,
+ * then shared memory; lanes[l] = the records local rank l sends me, from the verdict). Fills the handle; writes nothing of the caller's. `w` =
  * my weights [T, K] when hd->has_w; then *row_w gets the weights of every merged row (the
  * caller frees it). On success *recs (a work buffer of m) holds the records received,
  * *rec bytes each, merged row r's payload at *recs + hd->row_rec[r] * *rec + *poff. */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
-                               const epx__payload_t *pl, uint32_t seq, uint64_t deadline, float **row_w,
+                               const epx__payload_t *pl, const int64_t *lanes, uint32_t seq, uint64_t deadline, float **row_w,
                                const char **recs, size_t *rec_out, size_t *poff, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
@@ -433,9 +439,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             int64_t a = hd->to_first[l];
             for (int64_t e = 0; e < hd->nent; e++)
                 if (epx__to_rank(hd->ent_topk + e * K, K, L, q)) hd->to_ent[a++] = e;
-            lsb[l] = lrb[l] = 8;
         }
-        st = epx__local_xchg(m, lcnt, lsb, lrc, lrb, err);
+        memcpy(lrc, lanes, sizeof(int64_t) * (size_t)LS);
     }
     /* Routing records to the local ranks; merge what arrives. */
     char *lsend = NULL, *lrecv = NULL;
@@ -612,9 +617,11 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
         epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
         local = epx__layout(hd->topk, EPX_I32, in->num_tokens, K, s->num_experts, R, per_rank, NULL, NULL);
     }
-    int64_t n = 0;
+    int64_t n = 0, *lanes = calloc((size_t)epx__t(m)->local_size, sizeof *lanes);
+    if (!lanes && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    int64_t lane0 = 0; /* a target for a rank that failed to allocate */
     epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
-                                   per_rank, &n, deadline, err);
+                                   per_rank, lanes ? lanes : &lane0, &n, deadline, err);
     free(per_rank);
     float *row_w = NULL;
     const char *recs = NULL;
@@ -622,7 +629,8 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = 0, poff = 0;
     epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
     if (st == EPX_SUCCESS)
-        st = epx__route(m, hd, in->topk_weights, &pl, seq, deadline, &row_w, &recs, &rec, &poff, err);
+        st = epx__route(m, hd, in->topk_weights, &pl, lanes, seq, deadline, &row_w, &recs, &rec, &poff, err);
+    free(lanes);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
     if (st == EPX_SUCCESS) {
@@ -672,7 +680,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, deadline, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, NULL, deadline, err);
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = s->row_bytes + sb;
     const char *recs = NULL;
@@ -885,7 +893,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
     int has_w = ok && in->topk_weights;
-    epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
+    epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__back_ctx_t ctx = {m, hd, in->y, has_w ? in->topk_weights : NULL, s->combine_row_bytes, out};
@@ -916,8 +924,18 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
         hd = epx__handle_new(seq, EPX_MOE_LOW_LATENCY, in->num_tokens, K, 0);
         if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
-    if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, NULL, NULL, deadline, err);
+    int R = epx__t(m)->nranks, LS = epx__t(m)->local_size;
+    int32_t *per_rank = calloc((size_t)R, sizeof *per_rank);
+    int64_t *lanes = calloc((size_t)LS, sizeof *lanes), lane0 = 0;
+    if ((!per_rank || !lanes) && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (local == EPX_SUCCESS) {
+        epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
+        for (int i = 0; i < hd->T; i++)
+            for (int q = 0; q < R; q++) per_rank[q] += epx__to_rank(hd->topk + (size_t)i * K, K, L, q);
+    }
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, per_rank, lanes ? lanes : &lane0, NULL,
+                                   deadline, err);
+    free(per_rank);
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
     size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = 0, poff = 0;
     const char *x = in ? in->x : NULL, *xs = NULL;
@@ -930,7 +948,8 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
     }
     const char *recs = NULL;
     epx__payload_t pl = {x, xs, rb, sb};
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, seq, deadline, NULL, &recs, &rec, &poff, err);
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, lanes, seq, deadline, NULL, &recs, &rec, &poff, err);
+    free(lanes);
     int32_t *cnt = st == EPX_SUCCESS ? calloc((size_t)L, sizeof *cnt) : NULL;
     if (st == EPX_SUCCESS && !cnt) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     for (int64_t r = 0; r < (st == EPX_SUCCESS ? hd->rows : 0); r++) {
@@ -1037,7 +1056,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     int K = hd->K;
