@@ -3,23 +3,30 @@
  *
  * Dispatch, on every rank:
  *   verdict  one allreduce: every rank's verdict on its arguments, its call (kind, top-k,
- *            handle) and output capacity, and the tokens it sends each rank — so that all
- *            ranks reach the same verdict before anything is written;
- *   meta     my tokens' routing (token id, top-k, weights) to my gateway on each other host
- *            that holds one of their experts (MPI); then every rank of this host gets, from
- *            each local rank acting as forwarder, the routing of the tokens it needs, ordered
- *            by (source rank, token) (shared memory);
- *   rows     the same two hops for the token rows (and FP8 scales); a cached dispatch runs
- *            this step alone along the handle.
+ *            handle) and output capacity, the tokens it sends each rank and, per receiver,
+ *            through which local rank of the receiver's host they pass — so that all ranks
+ *            reach the same verdict before anything is written, and every receiver knows
+ *            what each local forwarder sends it;
+ *   counts   how many tokens I send my gateway on each other host (MPI);
+ *   tokens   my tokens' routing (token id, top-k, weights) and rows (and FP8 scales), one
+ *            record each, to my gateway on each other host that holds one of their experts
+ *            (MPI); then every rank of this host gets, from each local rank acting as
+ *            forwarder, the records of the tokens it needs, ordered by (source rank, token)
+ *            (shared memory). A cached dispatch sends the rows alone along the handle.
  * A forwarder's *entries* are its own tokens and the tokens its sources sent it, ordered by
  * (source rank, token): each receiver merges the streams of its local forwarders into that
- * order, which is the output row order of the single-host backend.
+ * order, which is the output row order of the single-host backend, and copies each row
+ * once into the caller's output.
  *
  * Combine: every receiver sends its rows back to the forwarders they came from (shared
- * memory), then the partial sums travel along each token's chain of hosts (MPI), as float32
- * rows, and end at the token's home rank. Low-latency mode moves the same way; its combine
- * sums w[t,k] * y in ascending k, so its chain follows the runs of consecutive k whose
- * experts share a host, and the weights travel to the gateways first.
+ * memory); each gateway sends the rows of its sources on other hosts home as they are
+ * (MPI), and each home rank reduces every token's rows itself, in the single-host order
+ * (ascending rank; low-latency: w[t,k] * y in ascending k), with the reduction of src/cpu.
+ * No partial sum crosses a host, so the result is the single-host one bit for bit and no
+ * step waits for another host's reduction.
+ *
+ * Buffers that outlive a call (work buffers of the context) are reused, so a warm call
+ * allocates only small index arrays.
  */
 #include <stdlib.h>
 #include <string.h>
