@@ -37,7 +37,7 @@ enum { EPX__H_DISPATCH = 1, EPX__H_CACHED, EPX__H_COMBINE, EPX__H_LL_DISPATCH, E
 static const char *const epx__h_op_names[] = {"?", "dispatch", "cached dispatch", "combine", "low-latency dispatch",
                                               "low-latency combine"};
 /* Message steps of one operation (tags). */
-enum { EPX__ST_COUNTS = 0, EPX__ST_META = 1, EPX__ST_ROWS = 2, EPX__ST_HOME = 3 };
+enum { EPX__ST_COUNTS = 0, EPX__ST_TOKENS = 1, EPX__ST_ROWS = 2, EPX__ST_HOME = 3 };
 
 /* Work buffers of a context, kept across calls: once warm, the data path neither allocates
  * nor faults pages in. Those the local ranks read from (B_SEND, B_LSEND) are registered
@@ -320,13 +320,13 @@ typedef struct {
 
 /* Send my routing and rows to my gateways, build the entries, fan both out to the local
  * ranks and merge what arrives into (source, token) order: two steps (MPI after its counts,
- * then shared memory; lanes[l] = the records local rank l sends me, from the verdict). Fills the handle; writes nothing of the caller's. `w` =
- * my weights [T, K] when hd->has_w; then *row_w gets the weights of every merged row (the
- * caller frees it). On success *recs (a work buffer of m) holds the records received,
+ * then shared memory; lanes[l] = the records local rank l sends me, from the verdict).
+ * Fills the handle; writes nothing of the caller's. `w` = my weights [T, K] when
+ * hd->has_w; then *row_w gets the weights of every merged row (the caller frees it). On success *recs (a work buffer of m) holds the records received,
  * *rec bytes each, merged row r's payload at *recs + hd->row_rec[r] * *rec + *poff. */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
-                               const epx__payload_t *pl, const int64_t *lanes, uint32_t seq, uint64_t deadline, float **row_w,
-                               const char **recs, size_t *rec_out, size_t *poff, epx__errbuf_t *err)
+                               const epx__payload_t *pl, const int64_t *lanes, uint32_t seq, uint64_t deadline,
+                               float **row_w, const char **recs, size_t *rec_out, size_t *poff, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
@@ -397,7 +397,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             }
         }
     }
-    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_META), sbuf, sb, rbuf, rb, deadline, err), st, done);
+    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_TOKENS), sbuf, sb, rbuf, rb, deadline, err), st, done);
 
     /* Entries: my tokens and the forwarded ones, by (source, token). Records keep their
      * weights (own tokens: w) in `ew`. */
@@ -647,7 +647,8 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
         for (int64_t r = 0; r < hd->rows && st == EPX_SUCCESS; r++) {
             const char *src = recs + (size_t)hd->row_rec[r] * rec + poff;
             memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, src, s->row_bytes);
-            if (fp8 && out->recv_x_scales) memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, src + s->row_bytes, sb);
+            if (fp8 && out->recv_x_scales)
+                memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, src + s->row_bytes, sb);
             if (out->recv_src_rank) out->recv_src_rank[r] = hd->row_src[r];
             if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
             const int32_t *tk = hd->row_topk + r * K;
@@ -687,7 +688,8 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, NULL, deadline, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, NULL,
+                                   deadline, err);
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = s->row_bytes + sb;
     const char *recs = NULL;
@@ -696,7 +698,8 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     for (int64_t r = 0; st == EPX_SUCCESS && r < hd->rows; r++) {
         memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, recs + (size_t)hd->row_rec[r] * rec, s->row_bytes);
         if (fp8 && out->recv_x_scales)
-            memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, recs + (size_t)hd->row_rec[r] * rec + s->row_bytes, sb);
+            memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, recs + (size_t)hd->row_rec[r] * rec + s->row_bytes,
+                   sb);
     }
     return st;
 }
