@@ -332,7 +332,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
     int W = hd->has_w ? K : 0;
     size_t mrec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights; then the payload */
-    size_t rec = mrec + pl->pb + pl->sb;
+    size_t rec = EPX__ALIGN_UP(mrec + pl->pb + pl->sb, sizeof(int64_t)); /* records stay aligned */
     *rec_out = rec, *poff = mrec;
     *recs = NULL;
     epx_status_t st = EPX_SUCCESS;
