@@ -9,8 +9,8 @@
  *
  * src/net sends every point-to-point piece with MPI_Isend and a tag made by
  * epx__hier_tag(seq, step) (src/hier/internal.h): the low 6 bits are the step of the
- * operation (0 counts, 1 tokens: routing records with their rows, 2 rows of a cached
- * dispatch, 3 home: combine rows sent home),
+ * operation (0 counts: no longer sent, 1 tokens: routing records with their rows, 2 rows
+ * of a cached dispatch, 3 home: combine rows sent home),
  * the next 6 the operation's sequence number modulo 64. At MPI_Finalize each rank prints,
  * on stderr, one line per step: the bytes sent, and the number of operations that sent in
  * that step (a change of the sequence number between two sends of the step starts one).

@@ -3,11 +3,10 @@
  *
  * Dispatch, on every rank:
  *   verdict  one allreduce: every rank's verdict on its arguments, its call (kind, top-k,
- *            handle) and output capacity, the tokens it sends each rank and, per receiver,
- *            through which local rank of the receiver's host they pass — so that all ranks
- *            reach the same verdict before anything is written, and every receiver knows
- *            what each local forwarder sends it;
- *   counts   how many tokens I send my gateway on each other host (MPI);
+ *            handle) and output capacity, the tokens it sends each rank and each host and,
+ *            per receiver, through which local rank of the receiver's host they pass — so
+ *            that all ranks reach the same verdict before anything is written, and every
+ *            gateway and receiver knows what it gets from whom;
  *   tokens   my tokens' routing (token id, top-k, weights) and rows (and FP8 scales), one
  *            record each, to my gateway on each other host that holds one of their experts
  *            (MPI); then every rank of this host gets, from each local rank acting as
@@ -37,7 +36,7 @@ enum { EPX__H_DISPATCH = 1, EPX__H_CACHED, EPX__H_COMBINE, EPX__H_LL_DISPATCH, E
 static const char *const epx__h_op_names[] = {"?", "dispatch", "cached dispatch", "combine", "low-latency dispatch",
                                               "low-latency combine"};
 /* Message steps of one operation (tags). */
-enum { EPX__ST_COUNTS = 0, EPX__ST_TOKENS = 1, EPX__ST_ROWS = 2, EPX__ST_HOME = 3 };
+enum { EPX__ST_TOKENS = 1, EPX__ST_ROWS = 2, EPX__ST_HOME = 3 };
 
 /* Work buffers of a context, kept across calls: once warm, the data path neither allocates
  * nor faults pages in. Those the local ranks read from (B_SEND, B_LSEND) are registered
@@ -173,19 +172,28 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
 
 enum { EPX__CARD = 4 };
 
-/* All ranks learn every rank's verdict, call and capacity (one allreduce); with lanes (a
- * dispatch), also the rows every rank receives from each forwarder of its host (my
- * per_rank[R], the tokens I send each rank, read when local is a success): lanes[l] gets
- * mine from local rank l; with n_me, *n_me gets my total and every capacity is checked. */
+/* What a dispatch learns from the verdict: from my per_rank[R] (tokens I send each rank)
+ * and per_host[hosts] (tokens I send each host), read when local is a success, every rank
+ * gets lanes[l], the rows local rank l forwards it, and fwd_count[R], the tokens each
+ * source sends it as their gateway (0 for the others). */
+typedef struct {
+    const int32_t *per_rank, *per_host;
+    int64_t *lanes, *fwd_count;
+} epx__flows_t;
+
+/* All ranks learn every rank's verdict, call and capacity (one allreduce); with f (a
+ * dispatch), also the flows above; with n_me, *n_me gets the rows I receive and every
+ * capacity is checked. */
 static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
-                                 int64_t capacity, const int32_t *per_rank, int64_t *lanes, int64_t *n_me,
-                                 uint64_t deadline, epx__errbuf_t *err)
+                                 int64_t capacity, const epx__flows_t *f, int64_t *n_me, uint64_t deadline,
+                                 epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, LM = 0;
-    for (int k = 0; k < t->num_hosts; k++) LM = EPX__MAX(LM, t->host_size[k]);
-    bool counts = lanes != NULL; /* the same on every rank: the kind of operation decides */
-    int n = EPX__CARD * R + (counts ? R + R * LM : 0);
+    int R = t->nranks, me = t->rank, NH = t->num_hosts, LM = 0;
+    for (int k = 0; k < NH; k++) LM = EPX__MAX(LM, t->host_size[k]);
+    bool counts = f != NULL; /* the same on every rank: the kind of operation decides */
+    int n = EPX__CARD * R + (counts ? R + R * LM + R * NH : 0);
+    int64_t lanes0 = EPX__CARD * R + R, hosts0 = lanes0 + (int64_t)R * LM; /* sections of v */
     int64_t *v = calloc((size_t)n, sizeof *v);
     if (!v) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     int64_t *c = v + EPX__CARD * me;
@@ -196,9 +204,10 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         c[3] = routing;
         /* Rank q gets my tokens from its host's rank of my local index (modulo). */
         for (int q = 0; q < R && counts; q++) {
-            v[EPX__CARD * R + q] = per_rank[q];
-            v[EPX__CARD * R + R + q * LM + t->lrank_of[me] % t->host_size[t->host_of[q]]] = per_rank[q];
+            v[EPX__CARD * R + q] = f->per_rank[q];
+            v[lanes0 + q * LM + t->lrank_of[me] % t->host_size[t->host_of[q]]] = f->per_rank[q];
         }
+        for (int k = 0; k < NH && counts; k++) v[hosts0 + me * NH + k] = f->per_host[k];
     }
     epx_status_t st = m->h->link.allreduce_sum(m->h->link.ctx, v, n, deadline, err);
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
@@ -223,7 +232,9 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
                            ow ? "passed" : "did not pass", me, has_w ? "did" : "did not");
     }
     if (st == EPX_SUCCESS && counts) {
-        for (int l = 0; l < t->local_size; l++) lanes[l] = v[EPX__CARD * R + R + me * LM + l];
+        for (int l = 0; l < t->local_size; l++) f->lanes[l] = v[lanes0 + me * LM + l];
+        for (int p = 0; p < R; p++)
+            f->fwd_count[p] = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me ? v[hosts0 + p * NH + t->host] : 0;
         for (int q = 0; q < R && st == EPX_SUCCESS && n_me; q++) {
             int64_t nq = v[EPX__CARD * R + q], cap = v[EPX__CARD * q + 1];
             if (nq <= cap) continue;
@@ -319,13 +330,13 @@ typedef struct {
 } epx__payload_t;
 
 /* Send my routing and rows to my gateways, build the entries, fan both out to the local
- * ranks and merge what arrives into (source, token) order: two steps (MPI after its counts,
- * then shared memory; lanes[l] = the records local rank l sends me, from the verdict).
+ * ranks and merge what arrives into (source, token) order: two steps (MPI, then shared
+ * memory), sized by what the verdict told (f).
  * Fills the handle; writes nothing of the caller's. `w` = my weights [T, K] when
  * hd->has_w; then *row_w gets the weights of every merged row (the caller frees it). On success *recs (a work buffer of m) holds the records received,
  * *rec bytes each, merged row r's payload at *recs + hd->row_rec[r] * *rec + *poff. */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
-                               const epx__payload_t *pl, const int64_t *lanes, uint32_t seq, uint64_t deadline,
+                               const epx__payload_t *pl, const epx__flows_t *f, uint32_t seq, uint64_t deadline,
                                float **row_w, const char **recs, size_t *rec_out, size_t *poff, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
@@ -344,32 +355,9 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     if (st != EPX_SUCCESS) goto done;
 
     /* Counts: my tokens per other host, to my gateway there; from each source I serve. */
-    for (int k = 0; k < t->num_hosts; k++) {
-        if (k == t->host) continue;
-        int g = epx__gw(t, me, k);
-        for (int64_t i = 0; i < T; i++) sc[g] += epx__to_host(t, hd->topk + i * K, K, L, k);
-    }
-    for (int p = 0; p < R; p++) {
-        bool src = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me;
-        bool dst = t->host_of[p] != t->host && epx__gw(t, me, t->host_of[p]) == p;
-        sb[p] = dst ? 8 : 0;
-        rb[p] = src ? 8 : 0;
-    }
-    {
-        /* Counts travel as one int64 per pair, packed in rank order. */
-        int64_t *so = epx__alloc((size_t)R, 8, &st, err), *ro = epx__alloc((size_t)R, 8, &st, err);
-        if (st == EPX_SUCCESS) {
-            int a = 0;
-            for (int p = 0; p < R; p++)
-                if (sb[p]) so[a++] = sc[p];
-            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_COUNTS), (const char *)so, sb, (char *)ro, rb, deadline, err);
-            a = 0;
-            for (int p = 0; p < R && st == EPX_SUCCESS; p++)
-                if (rb[p]) hd->fwd_count[p] = ro[a++];
-        }
-        free(so), free(ro);
-        if (st != EPX_SUCCESS) goto done;
-    }
+    for (int k = 0; k < t->num_hosts; k++)
+        if (k != t->host) sc[epx__gw(t, me, k)] = f->per_host[k];
+    memcpy(hd->fwd_count, f->fwd_count, sizeof(int64_t) * (size_t)R);
     /* Routing records to the gateways, in token order. */
     int64_t stot = 0, rtot = 0;
     for (int p = 0; p < R; p++) {
@@ -447,7 +435,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             for (int64_t e = 0; e < hd->nent; e++)
                 if (epx__to_rank(hd->ent_topk + e * K, K, L, q)) hd->to_ent[a++] = e;
         }
-        memcpy(lrc, lanes, sizeof(int64_t) * (size_t)LS);
+        memcpy(lrc, f->lanes, sizeof(int64_t) * (size_t)LS);
     }
     /* Routing records to the local ranks; merge what arrives. */
     char *lsend = NULL, *lrecv = NULL;
@@ -598,6 +586,29 @@ static void epx__write_index(void *idx, epx_dtype_t dt, int64_t i, int64_t v)
         ((int64_t *)idx)[i] = v;
 }
 
+/* The flows of a dispatch before its verdict: my tokens per rank (from `per_rank` when given,
+ * else counted) and per host, from hd's routing (none when hd is NULL: this rank failed).
+ * Fails only for memory. */
+static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, const epx__hier_moe_handle_t *hd,
+                                   const int32_t *per_rank)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, NH = t->num_hosts, L = m->s.local_experts;
+    int32_t *pr = calloc((size_t)R + (size_t)NH, sizeof *pr);
+    int64_t *c = calloc((size_t)R + (size_t)t->local_size, sizeof *c);
+    f->per_rank = pr, f->per_host = pr ? pr + R : NULL, f->fwd_count = c, f->lanes = c ? c + R : NULL;
+    if (!pr || !c) return EPX_ERR_NO_MEMORY;
+    for (int i = 0; hd && i < hd->T; i++) {
+        const int32_t *tk = hd->topk + (size_t)i * hd->K;
+        for (int q = 0; q < R && !per_rank; q++) pr[q] += epx__to_rank(tk, hd->K, L, q);
+        for (int k = 0; k < NH; k++) pr[R + k] += epx__to_host(t, tk, hd->K, L, k);
+    }
+    if (per_rank) memcpy(pr, per_rank, sizeof *pr * (size_t)R);
+    return EPX_SUCCESS;
+}
+
+static void epx__flows_free(epx__flows_t *f) { free((void *)f->per_rank), free(f->fwd_count); }
+
 /* The start of an operation: its number and deadline. */
 static uint32_t epx__op_begin(epx__hier_moe_t *m, uint64_t *deadline)
 {
@@ -624,20 +635,21 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
         epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
         local = epx__layout(hd->topk, EPX_I32, in->num_tokens, K, s->num_experts, R, per_rank, NULL, NULL);
     }
-    int64_t n = 0, *lanes = calloc((size_t)epx__t(m)->local_size, sizeof *lanes);
-    if (!lanes && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    int64_t lane0 = 0; /* a target for a rank that failed to allocate */
-    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
-                                   per_rank, lanes ? lanes : &lane0, &n, deadline, err);
+    int64_t n = 0;
+    epx__flows_t f;
+    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL, per_rank) != EPX_SUCCESS && local == EPX_SUCCESS)
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     free(per_rank);
+    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
+                                   &f, &n, deadline, err);
     float *row_w = NULL;
     const char *recs = NULL;
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = 0, poff = 0;
     epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
     if (st == EPX_SUCCESS)
-        st = epx__route(m, hd, in->topk_weights, &pl, lanes, seq, deadline, &row_w, &recs, &rec, &poff, err);
-    free(lanes);
+        st = epx__route(m, hd, in->topk_weights, &pl, &f, seq, deadline, &row_w, &recs, &rec, &poff, err);
+    epx__flows_free(&f);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
     if (st == EPX_SUCCESS) {
@@ -688,7 +700,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, NULL,
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = s->row_bytes + sb;
@@ -903,7 +915,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
     int has_w = ok && in->topk_weights;
-    epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL, NULL,
+    epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__back_ctx_t ctx = {m, hd, in->y, has_w ? in->topk_weights : NULL, s->combine_row_bytes, out};
@@ -934,18 +946,11 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
         hd = epx__handle_new(seq, EPX_MOE_LOW_LATENCY, in->num_tokens, K, 0);
         if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
-    int R = epx__t(m)->nranks, LS = epx__t(m)->local_size;
-    int32_t *per_rank = calloc((size_t)R, sizeof *per_rank);
-    int64_t *lanes = calloc((size_t)LS, sizeof *lanes), lane0 = 0;
-    if ((!per_rank || !lanes) && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    if (local == EPX_SUCCESS) {
-        epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
-        for (int i = 0; i < hd->T; i++)
-            for (int q = 0; q < R; q++) per_rank[q] += epx__to_rank(hd->topk + (size_t)i * K, K, L, q);
-    }
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, per_rank, lanes ? lanes : &lane0, NULL,
-                                   deadline, err);
-    free(per_rank);
+    if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
+    epx__flows_t f;
+    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL, NULL) != EPX_SUCCESS && local == EPX_SUCCESS)
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, &f, NULL, deadline, err);
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
     size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = 0, poff = 0;
     const char *x = in ? in->x : NULL, *xs = NULL;
@@ -958,8 +963,8 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
     }
     const char *recs = NULL;
     epx__payload_t pl = {x, xs, rb, sb};
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, lanes, seq, deadline, NULL, &recs, &rec, &poff, err);
-    free(lanes);
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &recs, &rec, &poff, err);
+    epx__flows_free(&f);
     int32_t *cnt = st == EPX_SUCCESS ? calloc((size_t)L, sizeof *cnt) : NULL;
     if (st == EPX_SUCCESS && !cnt) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     for (int64_t r = 0; r < (st == EPX_SUCCESS ? hd->rows : 0); r++) {
@@ -1066,7 +1071,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, NULL,
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     int K = hd->K;
