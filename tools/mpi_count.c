@@ -9,7 +9,8 @@
  *
  * src/net sends every point-to-point piece with MPI_Isend and a tag made by
  * epx__hier_tag(seq, step) (src/hier/internal.h): the low 6 bits are the step of the
- * operation (0 counts, 1 routing records, 2 rows, 3 weights, 8 + w: combine chain, wave w),
+ * operation (0 counts: no longer sent, 1 tokens: routing records with their rows, 2 rows
+ * of a cached dispatch, 3 home: combine rows sent home),
  * the next 6 the operation's sequence number modulo 64. At MPI_Finalize each rank prints,
  * on stderr, one line per step: the bytes sent, and the number of operations that sent in
  * that step (a change of the sequence number between two sends of the step starts one).
@@ -18,15 +19,14 @@
 #include <stdint.h>
 #include <stdio.h>
 
-enum { NSTEP = 5 }; /* counts, meta, rows, weights, chain */
-static const char *const step_name[NSTEP] = {"counts", "meta", "rows", "weights", "chain"};
+enum { NSTEP = 4 }; /* counts, tokens, rows, home */
+static const char *const step_name[NSTEP] = {"counts", "tokens", "rows", "home"};
 static int64_t bytes[NSTEP], ops[NSTEP], msgs[NSTEP], other_bytes, allreduce_bytes, allreduce_calls;
-static int last_seq[NSTEP] = {-1, -1, -1, -1, -1};
+static int last_seq[NSTEP] = {-1, -1, -1, -1};
 
 static int bucket(int step)
 {
-    if (step < 4) return step;
-    return step >= 8 ? 4 : -1;
+    return step < NSTEP ? step : -1;
 }
 
 int MPI_Isend(const void *buf, int count, MPI_Datatype dt, int dest, int tag, MPI_Comm comm, MPI_Request *req)

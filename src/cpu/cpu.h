@@ -88,6 +88,11 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
 epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h,
                                      const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local_status,
                                      epx__errbuf_t *err);
+/* out[h] = cast to `dtype` of the float32 sum, from +0 and in the order given, of w[i] *
+ * rows[i][h] (w == NULL: of rows[i][h]); each weighted term is rounded (product), then
+ * added: no FMA. The reduction of every MoE combine: same inputs, same bits. */
+void epx__cpu_reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H);
+
 void epx__cpu_moe_handle_free(epx__cpu_moe_handle_t *h);
 int64_t epx__cpu_moe_handle_rows(const epx__cpu_moe_handle_t *h);
 int epx__cpu_moe_handle_tokens(const epx__cpu_moe_handle_t *h);

@@ -403,7 +403,7 @@ static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const 
     }
 }
 
-static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H)
+void epx__cpu_reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H)
 {
     if (dtype == EPX_BF16) {
         epx__reduce_rows_bf16(out, rows, w, n, H);
@@ -729,7 +729,7 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
                 int32_t i = slot_of[(t - t0) * R + r];
                 if (i >= 0) rows[nr++] = ptrs[i];
             }
-            epx__reduce_rows((char *)out->out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, NULL, nr, H);
+            epx__cpu_reduce_rows((char *)out->out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, NULL, nr, H);
         }
         if (st != EPX_SUCCESS || !out->out_topk_weights || !op.mine.hdr->has_weights) continue;
         size_t wb = sizeof(float) * (size_t)K;
@@ -897,7 +897,7 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
                 rows[nr] = ptrs[i];
                 w[nr++] = in->topk_weights[t * K + k];
             }
-            epx__reduce_rows((char *)out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, w, nr, H);
+            epx__cpu_reduce_rows((char *)out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, w, nr, H);
         }
     }
     epx__gather_free(&g);

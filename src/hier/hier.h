@@ -10,15 +10,13 @@
  *
  * MoE (moe.c): a token crosses to each destination host once, to its *gateway* there —
  * the rank whose local index is the source's local index (modulo that host's size) —
- * which fans it out to the local ranks that need it. Combine walks back: each host sums
- * its local rows for a token before a single float32 row crosses on. Because the result
- * must equal the single-host sum bit for bit (float32, ascending rank order, from +0), a
- * token's partial sum is *chained*: the ranks the token went to, ascending, form runs of
- * consecutive ranks on the same host; the run's host adds its rows to the partial sum it
- * receives from the previous run's host (+0 for the first) and sends it on, and the last
- * sends it home. With hosts that are blocks of consecutive ranks (EPX_LOCAL_SIZE, or the
- * usual block placement) a run is a host, so one float32 row crosses per (token,
- * destination host), plus one back home when the home host is not the last of them.
+ * which fans it out to the local ranks that need it. Combine walks back: the receivers
+ * return their rows to the gateway, which sends them on to the token's home rank as they
+ * are, one message per (gateway, source); the home rank sums each token's rows in the
+ * single-host order (float32, ascending rank, from +0; low-latency: w * y in ascending k),
+ * so the result equals the single-host one bit for bit. (Adding per-host partial sums
+ * instead would change the float32 rounding; chaining a float32 partial sum from host to
+ * host keeps the bits but makes every host wait for the previous one.)
  */
 #ifndef EPX_HIER_H
 #define EPX_HIER_H

@@ -3,23 +3,29 @@
  *
  * Dispatch, on every rank:
  *   verdict  one allreduce: every rank's verdict on its arguments, its call (kind, top-k,
- *            handle) and output capacity, and the tokens it sends each rank — so that all
- *            ranks reach the same verdict before anything is written;
- *   meta     my tokens' routing (token id, top-k, weights) to my gateway on each other host
- *            that holds one of their experts (MPI); then every rank of this host gets, from
- *            each local rank acting as forwarder, the routing of the tokens it needs, ordered
- *            by (source rank, token) (shared memory);
- *   rows     the same two hops for the token rows (and FP8 scales); a cached dispatch runs
- *            this step alone along the handle.
+ *            handle) and output capacity, the tokens it sends each rank and each host and,
+ *            per receiver, through which local rank of the receiver's host they pass — so
+ *            that all ranks reach the same verdict before anything is written, and every
+ *            gateway and receiver knows what it gets from whom;
+ *   tokens   my tokens' routing (token id, top-k, weights) and rows (and FP8 scales), one
+ *            record each, to my gateway on each other host that holds one of their experts
+ *            (MPI); then every rank of this host gets, from each local rank acting as
+ *            forwarder, the records of the tokens it needs, ordered by (source rank, token)
+ *            (shared memory). A cached dispatch sends the rows alone along the handle.
  * A forwarder's *entries* are its own tokens and the tokens its sources sent it, ordered by
  * (source rank, token): each receiver merges the streams of its local forwarders into that
- * order, which is the output row order of the single-host backend.
+ * order, which is the output row order of the single-host backend, and copies each row
+ * once into the caller's output.
  *
  * Combine: every receiver sends its rows back to the forwarders they came from (shared
- * memory), then the partial sums travel along each token's chain of hosts (MPI), as float32
- * rows, and end at the token's home rank. Low-latency mode moves the same way; its combine
- * sums w[t,k] * y in ascending k, so its chain follows the runs of consecutive k whose
- * experts share a host, and the weights travel to the gateways first.
+ * memory); each gateway sends the rows of its sources on other hosts home as they are
+ * (MPI), and each home rank reduces every token's rows itself, in the single-host order
+ * (ascending rank; low-latency: w[t,k] * y in ascending k), with the reduction of src/cpu.
+ * No partial sum crosses a host, so the result is the single-host one bit for bit and no
+ * step waits for another host's reduction.
+ *
+ * Buffers that outlive a call (work buffers of the context) are reused, so a warm call
+ * allocates only small index arrays.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -30,13 +36,21 @@ enum { EPX__H_DISPATCH = 1, EPX__H_CACHED, EPX__H_COMBINE, EPX__H_LL_DISPATCH, E
 static const char *const epx__h_op_names[] = {"?", "dispatch", "cached dispatch", "combine", "low-latency dispatch",
                                               "low-latency combine"};
 /* Message steps of one operation (tags). */
-enum { EPX__ST_COUNTS = 0, EPX__ST_META = 1, EPX__ST_ROWS = 2, EPX__ST_WEIGHTS = 3, EPX__ST_CHAIN = 8 };
+enum { EPX__ST_TOKENS = 1, EPX__ST_ROWS = 2, EPX__ST_HOME = 3 };
+
+/* Work buffers of a context, kept across calls: once warm, the data path neither allocates
+ * nor faults pages in. Those the local ranks read from (B_SEND, B_LSEND) are registered
+ * shared memory: peers copy out of them directly, without a system call. */
+enum { EPX__B_SEND, EPX__B_LSEND, EPX__B_FWD, EPX__B_RECV, EPX__B_HOME, EPX__NBUF };
+enum { EPX__NREG = 2 }; /* buffers below this index are registered */
 
 struct epx__hier_moe {
     epx__hier_t *h;
     epx__moe_shape_t s;
     uint8_t *ll_q;   /* low-latency FP8: my tokens quantised, [max_tokens, H] */
     char *ll_scales; /* and their scales */
+    char *buf[EPX__NBUF];
+    size_t cap[EPX__NBUF];
 };
 
 struct epx__hier_moe_handle {
@@ -56,6 +70,7 @@ struct epx__hier_moe_handle {
     /* Receiver side. */
     int64_t *from_first; /* [LS + 1]: records from each local forwarder, ... */
     int64_t *from_row;   /* ... and the merged position of each: (source, token) order */
+    int64_t *row_rec;    /* [rows]: the record of each merged row (inverse of from_row) */
     int32_t *row_topk;   /* [rows, K]: the routing of each merged row */
     int32_t *row_src, *row_tok; /* [rows] */
 };
@@ -90,6 +105,26 @@ static void *epx__alloc(size_t n, size_t size, epx_status_t *st, epx__errbuf_t *
     if (*st != EPX_SUCCESS) return NULL;
     void *p = calloc(EPX__MAX(n, (size_t)1), size);
     if (!p) *st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    return p;
+}
+
+/* Work buffer `i` of m with room for `bytes` (contents undefined); NULL once *st fails. */
+static void *epx__buf(epx__hier_moe_t *m, int i, size_t bytes, epx_status_t *st, epx__errbuf_t *err)
+{
+    if (*st != EPX_SUCCESS) return NULL;
+    if (i >= EPX__NREG) {
+        *st = epx__hier_grow(&m->buf[i], &m->cap[i], EPX__MAX(bytes, (size_t)1), err);
+        return *st == EPX_SUCCESS ? m->buf[i] : NULL;
+    }
+    if (m->buf[i] && m->cap[i] >= bytes) return m->buf[i];
+    /* Peers are done with it: every exchange that exposed it has returned. */
+    size_t want = EPX__MAX(EPX__MAX(bytes, (size_t)1 << 16), m->cap[i] + m->cap[i] / 2);
+    if (m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
+    m->buf[i] = NULL, m->cap[i] = 0;
+    void *p = NULL;
+    *st = epx__cpu_mem_alloc(m->h->cpu, want, &p, err);
+    if (*st != EPX_SUCCESS) return NULL;
+    m->buf[i] = p, m->cap[i] = want;
     return p;
 }
 
@@ -137,17 +172,28 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
 
 enum { EPX__CARD = 4 };
 
-/* All ranks learn every rank's verdict, call and capacity (one allreduce); with n_me, also
- * the rows every rank receives (my per_rank[R], read when local is a success): *n_me gets
- * mine and every capacity is checked. */
+/* What a dispatch learns from the verdict: from my per_rank[R] (tokens I send each rank)
+ * and per_host[hosts] (tokens I send each host), read when local is a success, every rank
+ * gets lanes[l], the rows local rank l forwards it, and fwd_count[R], the tokens each
+ * source sends it as their gateway (0 for the others). */
+typedef struct {
+    const int32_t *per_rank, *per_host;
+    int64_t *lanes, *fwd_count;
+} epx__flows_t;
+
+/* All ranks learn every rank's verdict, call and capacity (one allreduce); with f (a
+ * dispatch), also the flows above; with n_me, *n_me gets the rows I receive and every
+ * capacity is checked. */
 static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
-                                 int64_t capacity, const int32_t *per_rank, int64_t *n_me, uint64_t deadline,
+                                 int64_t capacity, const epx__flows_t *f, int64_t *n_me, uint64_t deadline,
                                  epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank;
-    bool counts = n_me != NULL; /* the same on every rank: the kind of operation decides */
-    int n = EPX__CARD * R + (counts ? R : 0);
+    int R = t->nranks, me = t->rank, NH = t->num_hosts, LM = 0;
+    for (int k = 0; k < NH; k++) LM = EPX__MAX(LM, t->host_size[k]);
+    bool counts = f != NULL; /* the same on every rank: the kind of operation decides */
+    int n = EPX__CARD * R + (counts ? R + R * LM + R * NH : 0);
+    int64_t lanes0 = EPX__CARD * R + R, hosts0 = lanes0 + (int64_t)R * LM; /* sections of v */
     int64_t *v = calloc((size_t)n, sizeof *v);
     if (!v) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     int64_t *c = v + EPX__CARD * me;
@@ -156,8 +202,12 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         c[1] = capacity;
         c[2] = op | (int64_t)K << 8 | (int64_t)has_w << 16;
         c[3] = routing;
-        if (counts)
-            for (int q = 0; q < R; q++) v[EPX__CARD * R + q] = per_rank[q];
+        /* Rank q gets my tokens from its host's rank of my local index (modulo). */
+        for (int q = 0; q < R && counts; q++) {
+            v[EPX__CARD * R + q] = f->per_rank[q];
+            v[lanes0 + q * LM + t->lrank_of[me] % t->host_size[t->host_of[q]]] = f->per_rank[q];
+        }
+        for (int k = 0; k < NH && counts; k++) v[hosts0 + me * NH + k] = f->per_host[k];
     }
     epx_status_t st = m->h->link.allreduce_sum(m->h->link.ctx, v, n, deadline, err);
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
@@ -182,7 +232,10 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
                            ow ? "passed" : "did not pass", me, has_w ? "did" : "did not");
     }
     if (st == EPX_SUCCESS && counts) {
-        for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
+        for (int l = 0; l < t->local_size; l++) f->lanes[l] = v[lanes0 + me * LM + l];
+        for (int p = 0; p < R; p++)
+            f->fwd_count[p] = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me ? v[hosts0 + p * NH + t->host] : 0;
+        for (int q = 0; q < R && st == EPX_SUCCESS && n_me; q++) {
             int64_t nq = v[EPX__CARD * R + q], cap = v[EPX__CARD * q + 1];
             if (nq <= cap) continue;
             if (q == me)
@@ -193,7 +246,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
                 st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity (%lld rows) is below the %lld it receives",
                                q, (long long)cap, (long long)nq);
         }
-        *n_me = v[EPX__CARD * R + me];
+        if (n_me) *n_me = v[EPX__CARD * R + me];
     }
     free(v);
     return st;
@@ -245,6 +298,10 @@ void epx__hier_moe_destroy(epx__hier_moe_t *m)
     if (!m) return;
     free(m->ll_q);
     free(m->ll_scales);
+    for (int i = 0; i < EPX__NBUF; i++) {
+        if (i < EPX__NREG && m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
+        if (i >= EPX__NREG) free(m->buf[i]);
+    }
     free(m);
 }
 
@@ -255,7 +312,7 @@ void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h)
     free(h->ent_src), free(h->ent_tok), free(h->ent_topk), free(h->ent_fidx);
     free(h->fwd_count), free(h->fwd_first);
     free(h->to_first), free(h->to_ent);
-    free(h->from_first), free(h->from_row), free(h->row_topk), free(h->row_src), free(h->row_tok);
+    free(h->from_first), free(h->from_row), free(h->row_rec), free(h->row_topk), free(h->row_src), free(h->row_tok);
     free(h);
 }
 
@@ -265,17 +322,30 @@ int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h) { return h->K; }
 
 /* ---- Routing: meta step ----------------------------------------------------------------------- */
 
-/* Send my routing to my gateways, build the entries, fan the routing out to the local ranks
- * and merge what arrives into (source, token) order. Fills the handle; writes nothing of
- * the caller's. `w` = my weights [T, K] when hd->has_w; then *row_w gets the weights of
- * every merged row (the caller frees it). */
-static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w, uint32_t seq,
-                               uint64_t deadline, float **row_w, epx__errbuf_t *err)
+/* Token rows that travel with the routing: my token i is pb bytes at x + i * pb, then sb
+ * bytes of scales at xs + i * sb (xs may be NULL when sb = 0). */
+typedef struct {
+    const char *x, *xs;
+    size_t pb, sb;
+} epx__payload_t;
+
+/* Send my routing and rows to my gateways, build the entries, fan both out to the local
+ * ranks and merge what arrives into (source, token) order: two steps (MPI, then shared
+ * memory), sized by what the verdict told (f).
+ * Fills the handle; writes nothing of the caller's. `w` = my weights [T, K] when
+ * hd->has_w; then *row_w gets the weights of every merged row (the caller frees it). On success *recs (a work buffer of m) holds the records received,
+ * *rec bytes each, merged row r's payload at *recs + hd->row_rec[r] * *rec + *poff. */
+static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
+                               const epx__payload_t *pl, const epx__flows_t *f, uint32_t seq, uint64_t deadline,
+                               float **row_w, const char **recs, size_t *rec_out, size_t *poff, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
     int W = hd->has_w ? K : 0;
-    size_t rec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights */
+    size_t mrec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights; then the payload */
+    size_t rec = EPX__ALIGN_UP(mrec + pl->pb + pl->sb, sizeof(int64_t)); /* records stay aligned */
+    *rec_out = rec, *poff = mrec;
+    *recs = NULL;
     epx_status_t st = EPX_SUCCESS;
     int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
     int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
@@ -285,32 +355,9 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     if (st != EPX_SUCCESS) goto done;
 
     /* Counts: my tokens per other host, to my gateway there; from each source I serve. */
-    for (int k = 0; k < t->num_hosts; k++) {
-        if (k == t->host) continue;
-        int g = epx__gw(t, me, k);
-        for (int64_t i = 0; i < T; i++) sc[g] += epx__to_host(t, hd->topk + i * K, K, L, k);
-    }
-    for (int p = 0; p < R; p++) {
-        bool src = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me;
-        bool dst = t->host_of[p] != t->host && epx__gw(t, me, t->host_of[p]) == p;
-        sb[p] = dst ? 8 : 0;
-        rb[p] = src ? 8 : 0;
-    }
-    {
-        /* Counts travel as one int64 per pair, packed in rank order. */
-        int64_t *so = epx__alloc((size_t)R, 8, &st, err), *ro = epx__alloc((size_t)R, 8, &st, err);
-        if (st == EPX_SUCCESS) {
-            int a = 0;
-            for (int p = 0; p < R; p++)
-                if (sb[p]) so[a++] = sc[p];
-            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_COUNTS), (const char *)so, sb, (char *)ro, rb, deadline, err);
-            a = 0;
-            for (int p = 0; p < R && st == EPX_SUCCESS; p++)
-                if (rb[p]) hd->fwd_count[p] = ro[a++];
-        }
-        free(so), free(ro);
-        if (st != EPX_SUCCESS) goto done;
-    }
+    for (int k = 0; k < t->num_hosts; k++)
+        if (k != t->host) sc[epx__gw(t, me, k)] = f->per_host[k];
+    memcpy(hd->fwd_count, f->fwd_count, sizeof(int64_t) * (size_t)R);
     /* Routing records to the gateways, in token order. */
     int64_t stot = 0, rtot = 0;
     for (int p = 0; p < R; p++) {
@@ -319,8 +366,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         hd->fwd_first[p] = hd->nfwd;
         hd->nfwd += hd->fwd_count[p];
     }
-    sbuf = epx__alloc((size_t)stot, 1, &st, err);
-    rbuf = epx__alloc((size_t)rtot, 1, &st, err);
+    sbuf = epx__buf(m, EPX__B_SEND, (size_t)stot, &st, err);
+    rbuf = epx__buf(m, EPX__B_FWD, (size_t)rtot, &st, err);
     if (st != EPX_SUCCESS) goto done;
     {
         char *o = sbuf;
@@ -332,11 +379,13 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 r[0] = me, r[1] = (int32_t)i;
                 memcpy(r + 2, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
                 if (W) memcpy(r + 2 + K, w + i * K, sizeof(float) * (size_t)K);
+                memcpy(o + mrec, pl->x + (size_t)i * pl->pb, pl->pb);
+                if (pl->sb) memcpy(o + mrec + pl->pb, pl->xs + (size_t)i * pl->sb, pl->sb);
                 o += rec;
             }
         }
     }
-    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_META), sbuf, sb, rbuf, rb, deadline, err), st, done);
+    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_TOKENS), sbuf, sb, rbuf, rb, deadline, err), st, done);
 
     /* Entries: my tokens and the forwarded ones, by (source, token). Records keep their
      * weights (own tokens: w) in `ew`. */
@@ -385,9 +434,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             int64_t a = hd->to_first[l];
             for (int64_t e = 0; e < hd->nent; e++)
                 if (epx__to_rank(hd->ent_topk + e * K, K, L, q)) hd->to_ent[a++] = e;
-            lsb[l] = lrb[l] = 8;
         }
-        st = epx__local_xchg(m, lcnt, lsb, lrc, lrb, err);
+        memcpy(lrc, f->lanes, sizeof(int64_t) * (size_t)LS);
     }
     /* Routing records to the local ranks; merge what arrives. */
     char *lsend = NULL, *lrecv = NULL;
@@ -397,10 +445,11 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             lrb[l] = lrc[l] * (int64_t)rec;
             hd->from_first[l + 1] = hd->from_first[l] + lrc[l];
         }
-        lsend = epx__alloc((size_t)hd->to_first[LS] * rec, 1, &st, err);
-        lrecv = epx__alloc((size_t)hd->from_first[LS] * rec, 1, &st, err);
+        lsend = epx__buf(m, EPX__B_LSEND, (size_t)hd->to_first[LS] * rec, &st, err);
+        lrecv = epx__buf(m, EPX__B_RECV, (size_t)hd->from_first[LS] * rec, &st, err);
         hd->rows = hd->from_first[LS];
         hd->from_row = epx__alloc((size_t)hd->rows, 8, &st, err);
+        hd->row_rec = epx__alloc((size_t)hd->rows, 8, &st, err);
         hd->row_topk = epx__alloc((size_t)hd->rows * (size_t)K, 4, &st, err);
         hd->row_src = epx__alloc((size_t)hd->rows, 4, &st, err);
         hd->row_tok = epx__alloc((size_t)hd->rows, 4, &st, err);
@@ -412,6 +461,13 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             r[0] = hd->ent_src[e], r[1] = hd->ent_tok[e];
             memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
             if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
+            char *o = (char *)r + mrec;
+            if (hd->ent_fidx[e] >= 0) {
+                memcpy(o, rbuf + (size_t)hd->ent_fidx[e] * rec + mrec, pl->pb + pl->sb);
+            } else {
+                memcpy(o, pl->x + (size_t)hd->ent_tok[e] * pl->pb, pl->pb);
+                if (pl->sb) memcpy(o + pl->pb, pl->xs + (size_t)hd->ent_tok[e] * pl->sb, pl->sb);
+            }
         }
         st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
     }
@@ -424,6 +480,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             int l = t->lrank_of[p] % LS;
             while (next[l] < hd->from_first[l + 1] && ((const int32_t *)(lrecv + (size_t)next[l] * rec))[0] == p) {
                 const int32_t *r = (const int32_t *)(lrecv + (size_t)next[l] * rec);
+                hd->row_rec[row] = next[l];
                 hd->from_row[next[l]++] = row;
                 hd->row_src[row] = p;
                 hd->row_tok[row] = r[1];
@@ -435,9 +492,10 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         if (row != hd->rows)
             st = epx__fail(err, EPX_ERR_INTERNAL, "merged %lld of %lld rows", (long long)row, (long long)hd->rows);
     }
-    free(lsend), free(lrecv), free(lsb), free(lrb), free(lcnt), free(lrc), free(ew);
+    free(lsb), free(lrb), free(lcnt), free(lrc), free(ew);
+    *recs = st == EPX_SUCCESS ? lrecv : NULL;
 done:
-    free(sc), free(rc), free(sb), free(rb), free(sbuf), free(rbuf);
+    free(sc), free(rc), free(sb), free(rb);
     return st;
 }
 
@@ -445,10 +503,10 @@ done:
 
 /* Move token rows along the routing of `hd`: each record is a row of rb bytes from `x`
  * (my token i at x + i * rb) followed by sb bytes of scales from `xs` (may be NULL when
- * sb = 0). On success *merged holds every received record in merged (source, token) order
- * (the caller frees it). */
+ * sb = 0). On success *recs (a work buffer of m) holds every received record; merged row r
+ * (source, token order) is record hd->row_rec[r]. */
 static epx_status_t epx__rows(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const char *x, size_t rb,
-                              const char *xs, size_t sb, uint32_t seq, uint64_t deadline, char **merged,
+                              const char *xs, size_t sb, uint32_t seq, uint64_t deadline, const char **recs,
                               epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
@@ -465,10 +523,10 @@ static epx_status_t epx__rows(epx__hier_moe_t *m, const epx__hier_moe_handle_t *
         nsend += sbytes[g];
     }
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) rbytes[p] = hd->fwd_count[p] * (int64_t)rec;
-    char *sbuf = epx__alloc((size_t)nsend, 1, &st, err), *fwd = epx__alloc((size_t)hd->nfwd * rec, 1, &st, err);
-    char *lsend = epx__alloc((size_t)(hd->to_first ? hd->to_first[LS] : 0) * rec, 1, &st, err);
-    char *lrecv = epx__alloc((size_t)hd->rows * rec, 1, &st, err);
-    *merged = epx__alloc((size_t)hd->rows * rec, 1, &st, err);
+    char *sbuf = epx__buf(m, EPX__B_SEND, (size_t)nsend, &st, err);
+    char *fwd = epx__buf(m, EPX__B_FWD, (size_t)hd->nfwd * rec, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)(hd->to_first ? hd->to_first[LS] : 0) * rec, &st, err);
+    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)hd->rows * rec, &st, err);
     if (st == EPX_SUCCESS) {
         /* To the gateways: per host, my tokens there in token order (the rank order of the
          * gateways is the host order). */
@@ -502,13 +560,8 @@ static epx_status_t epx__rows(epx__hier_moe_t *m, const epx__hier_moe_handle_t *
         }
         st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
     }
-    if (st == EPX_SUCCESS)
-        for (int64_t a = 0; a < hd->rows; a++) memcpy(*merged + (size_t)hd->from_row[a] * rec, lrecv + (size_t)a * rec, rec);
-    if (st != EPX_SUCCESS) {
-        free(*merged);
-        *merged = NULL;
-    }
-    free(nb), free(lb), free(sbuf), free(fwd), free(lsend), free(lrecv);
+    *recs = st == EPX_SUCCESS ? lrecv : NULL;
+    free(nb), free(lb);
     return st;
 }
 
@@ -532,6 +585,29 @@ static void epx__write_index(void *idx, epx_dtype_t dt, int64_t i, int64_t v)
     else
         ((int64_t *)idx)[i] = v;
 }
+
+/* The flows of a dispatch before its verdict: my tokens per rank (from `per_rank` when given,
+ * else counted) and per host, from hd's routing (none when hd is NULL: this rank failed).
+ * Fails only for memory. */
+static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, const epx__hier_moe_handle_t *hd,
+                                   const int32_t *per_rank)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, NH = t->num_hosts, L = m->s.local_experts;
+    int32_t *pr = calloc((size_t)R + (size_t)NH, sizeof *pr);
+    int64_t *c = calloc((size_t)R + (size_t)t->local_size, sizeof *c);
+    f->per_rank = pr, f->per_host = pr ? pr + R : NULL, f->fwd_count = c, f->lanes = c ? c + R : NULL;
+    if (!pr || !c) return EPX_ERR_NO_MEMORY;
+    for (int i = 0; hd && i < hd->T; i++) {
+        const int32_t *tk = hd->topk + (size_t)i * hd->K;
+        for (int q = 0; q < R && !per_rank; q++) pr[q] += epx__to_rank(tk, hd->K, L, q);
+        for (int k = 0; k < NH; k++) pr[R + k] += epx__to_host(t, tk, hd->K, L, k);
+    }
+    if (per_rank) memcpy(pr, per_rank, sizeof *pr * (size_t)R);
+    return EPX_SUCCESS;
+}
+
+static void epx__flows_free(epx__flows_t *f) { free((void *)f->per_rank), free(f->fwd_count); }
 
 /* The start of an operation: its number and deadline. */
 static uint32_t epx__op_begin(epx__hier_moe_t *m, uint64_t *deadline)
@@ -560,27 +636,31 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
         local = epx__layout(hd->topk, EPX_I32, in->num_tokens, K, s->num_experts, R, per_rank, NULL, NULL);
     }
     int64_t n = 0;
-    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
-                                   per_rank, &n, deadline, err);
+    epx__flows_t f;
+    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL, per_rank) != EPX_SUCCESS && local == EPX_SUCCESS)
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     free(per_rank);
+    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
+                                   &f, &n, deadline, err);
     float *row_w = NULL;
-    char *merged = NULL;
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, in->topk_weights, seq, deadline, &row_w, err);
+    const char *recs = NULL;
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = 0, poff = 0;
+    epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
+    if (st == EPX_SUCCESS)
+        st = epx__route(m, hd, in->topk_weights, &pl, &f, seq, deadline, &row_w, &recs, &rec, &poff, err);
+    epx__flows_free(&f);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
-    bool fp8 = s->dtype == EPX_FP8_E4M3;
-    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0;
-    if (st == EPX_SUCCESS)
-        st = epx__rows(m, hd, in->x, s->row_bytes, fp8 ? (const char *)in->x_scales : NULL, sb, seq, deadline, &merged, err);
     if (st == EPX_SUCCESS) {
         /* The caller's outputs, now that nothing can fail. */
         int64_t *per_expert = calloc((size_t)L, sizeof *per_expert);
         if (!per_expert) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-        size_t rec = s->row_bytes + sb;
         for (int64_t r = 0; r < hd->rows && st == EPX_SUCCESS; r++) {
-            memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, merged + (size_t)r * rec, s->row_bytes);
+            const char *src = recs + (size_t)hd->row_rec[r] * rec + poff;
+            memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, src, s->row_bytes);
             if (fp8 && out->recv_x_scales)
-                memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, merged + (size_t)r * rec + s->row_bytes, sb);
+                memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, src + s->row_bytes, sb);
             if (out->recv_src_rank) out->recv_src_rank[r] = hd->row_src[r];
             if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
             const int32_t *tk = hd->row_topk + r * K;
@@ -603,7 +683,7 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
         }
         free(per_expert);
     }
-    free(row_w), free(merged);
+    free(row_w);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(hd);
         return st;
@@ -620,186 +700,32 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL, deadline, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
+                                   deadline, err);
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = s->row_bytes + sb;
-    char *merged = NULL;
+    const char *recs = NULL;
     if (st == EPX_SUCCESS)
-        st = epx__rows(m, hd, in->x, s->row_bytes, fp8 ? (const char *)in->x_scales : NULL, sb, seq, deadline, &merged, err);
+        st = epx__rows(m, hd, in->x, s->row_bytes, fp8 ? (const char *)in->x_scales : NULL, sb, seq, deadline, &recs, err);
     for (int64_t r = 0; st == EPX_SUCCESS && r < hd->rows; r++) {
-        memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, merged + (size_t)r * rec, s->row_bytes);
+        memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, recs + (size_t)hd->row_rec[r] * rec, s->row_bytes);
         if (fp8 && out->recv_x_scales)
-            memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, merged + (size_t)r * rec + s->row_bytes, sb);
+            memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, recs + (size_t)hd->row_rec[r] * rec + s->row_bytes,
+                   sb);
     }
-    free(merged);
     return st;
 }
 
-/* ---- Combine: rows back to the forwarders, then the chains --------------------------------------- */
+/* ---- Combine: rows back to the forwarders, then home unreduced ------------------------------- */
 
-/* The terms of entry e's sum, in order: high-throughput, the ranks it went to, ascending
- * (term_k = -1); low-latency, its valid k, ascending. Returns the count. */
-static int epx__terms(const int32_t *topk, int K, int L, bool ll, int *term_rank, int *term_k)
-{
-    int n = 0;
-    for (int k = 0; k < K; k++) {
-        if (topk[k] < 0) continue;
-        int r = topk[k] / L;
-        if (ll) {
-            term_rank[n] = r, term_k[n++] = k;
-            continue;
-        }
-        int i = n;
-        bool dup = false;
-        for (int j = 0; j < n; j++) dup = dup || term_rank[j] == r;
-        if (dup) continue;
-        while (i > 0 && term_rank[i - 1] > r) term_rank[i] = term_rank[i - 1], i--;
-        term_rank[i] = r;
-        n++;
-    }
-    for (int i = 0; !ll && i < n; i++) term_k[i] = -1;
-    return n;
-}
-
-/* Where the rows for entry e from local rank q start in the buffer of step 1 (`c1`), or
- * -1; and how the chain adds one term. */
-typedef struct {
-    bool ll;
-    int H, W;         /* channels; weight columns carried (high-throughput with weights) */
-    int accw;         /* floats per partial sum: H + W */
-    epx_dtype_t dt;   /* combine dtype */
-    size_t crow;      /* bytes of a y row */
-    const char *c1;   /* rows from the local ranks */
-    int64_t *c1pos;   /* [nent, LS] byte offset of entry e's block from local rank q */
-    const float *ew;  /* low-latency: [nent, K] weights at the forwarder */
-} epx__fold_t;
-
-/* acc += term `i` of entry e (its rank r, its k for low-latency). */
-static void epx__fold(const epx__fold_t *f, const epx__hier_moe_handle_t *hd, const epx__topo_t *t, int L, int64_t e,
-                      int r, int k, float *acc)
-{
-    int q = t->lrank_of[r], LS = t->local_size, K = hd->K;
-    const char *blk = f->c1 + f->c1pos[e * LS + q];
-    if (!f->ll) {
-        for (int h = 0; h < f->H; h++) acc[h] += epx__load_float(blk, f->dt, (size_t)h);
-        const float *w = (const float *)(blk + EPX__ALIGN_UP(f->crow, sizeof(float)));
-        for (int j = 0; j < f->W; j++) acc[f->H + j] += w[j];
-        return;
-    }
-    /* Low-latency: the block holds one row per distinct local expert of e on r, ascending. */
-    const int32_t *tk = hd->ent_topk + e * K;
-    int idx = 0;
-    for (int l = 0; l < tk[k] % L; l++) {
-        bool has = false;
-        for (int j = 0; j < K; j++) has = has || tk[j] == r * L + l;
-        idx += has;
-    }
-    const char *y = blk + (size_t)idx * f->crow;
-    float w = f->ew[e * K + k];
-    for (int h = 0; h < f->H; h++) {
-        float prod = w * epx__load_float(y, f->dt, (size_t)h);
-        acc[h] += prod;
-    }
-}
-
-/* Run every entry's chain; `final` [T, accw] gets the sums of my own tokens (zeros for
- * tokens sent nowhere). */
-static epx_status_t epx__chain(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const epx__fold_t *f, float *final,
-                               uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
-{
-    const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, L = m->s.local_experts, K = hd->K, A = f->accw;
-    size_t ab = sizeof(float) * (size_t)A;
-    epx_status_t st = EPX_SUCCESS;
-    int64_t ne = hd->nent;
-    /* Per entry: terms (rank, k), runs (host, first term). */
-    int *trank = epx__alloc((size_t)ne * (size_t)K, sizeof(int), &st, err);
-    int *tk = epx__alloc((size_t)ne * (size_t)K, sizeof(int), &st, err);
-    int *rhost = epx__alloc((size_t)ne * (size_t)K, sizeof(int), &st, err);
-    int *rfirst = epx__alloc((size_t)ne * (size_t)(K + 1), sizeof(int), &st, err);
-    int *nruns = epx__alloc((size_t)ne, sizeof(int), &st, err);
-    float *acc = epx__alloc((size_t)ne * (size_t)A, sizeof(float), &st, err);
-    int64_t *nb = epx__alloc(2 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
-    int64_t *spos = epx__alloc((size_t)R, 8, &st, err);
-    char *sbuf = NULL, *rbuf = NULL;
-    size_t cap_s = 0, cap_r = 0;
-    if (st != EPX_SUCCESS) goto done;
-    /* Entries go through their chains in waves: tokens are cut in chunks by their index on
-     * the home rank, and chunk c takes step j of its chains in wave c + j, so hosts work on
-     * different chunks at once instead of waiting for one another. */
-    const int chunk = EPX__MAX(64, (m->s.max_tokens + 31) / 32);
-    int waves = 0;
-    for (int64_t e = 0; e < ne; e++) {
-        int n = epx__terms(hd->ent_topk + e * K, K, L, f->ll, trank + e * K, tk + e * K), j = 0;
-        for (int i = 0; i < n; i++) {
-            int host = t->host_of[trank[e * K + i]];
-            if (i == 0 || host != rhost[e * K + j - 1]) rhost[e * K + j] = host, rfirst[e * (K + 1) + j++] = i;
-        }
-        rfirst[e * (K + 1) + j] = n;
-        nruns[e] = j;
-        if (j > 0) waves = EPX__MAX(waves, hd->ent_tok[e] / chunk + j);
-    }
-#define EPX__HOLDER(e, j) ((j) < nruns[e] ? epx__gw(t, hd->ent_src[e], rhost[(e) * K + (j)]) : hd->ent_src[e])
-#define EPX__STEP(e) (w - hd->ent_tok[e] / chunk) /* the step of entry e's chain in wave w */
-    for (int w = 0; w < waves && st == EPX_SUCCESS; w++) {
-        memset(nb, 0, sizeof(int64_t) * 2 * (size_t)R);
-        /* Add this host's run j; what goes on to another rank, in entry order per rank. */
-        for (int64_t e = 0; e < ne; e++) {
-            int j = EPX__STEP(e);
-            if (j < 0 || j >= nruns[e] || rhost[e * K + j] != t->host) continue;
-            float *a = acc + e * A;
-            for (int i = rfirst[e * (K + 1) + j]; i < rfirst[e * (K + 1) + j + 1]; i++)
-                epx__fold(f, hd, t, L, e, trank[e * K + i], tk[e * K + i], a);
-            int dest = EPX__HOLDER(e, j + 1);
-            if (dest == me)
-                memcpy(final + (size_t)hd->ent_tok[e] * (size_t)A, a, ab);
-            else
-                sbytes[dest] += (int64_t)ab;
-        }
-        for (int64_t e = 0; e < ne; e++) {
-            int j = EPX__STEP(e);
-            if (j >= 0 && j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)
-                rbytes[EPX__HOLDER(e, j)] += (int64_t)ab;
-        }
-        int64_t ts = 0, tr = 0;
-        for (int p = 0; p < R; p++) spos[p] = ts, ts += sbytes[p], tr += rbytes[p];
-        if (ts == 0 && tr == 0) continue;
-        EPX__CHECK_GOTO(epx__hier_grow(&sbuf, &cap_s, (size_t)ts, err), st, done);
-        EPX__CHECK_GOTO(epx__hier_grow(&rbuf, &cap_r, (size_t)tr, err), st, done);
-        for (int64_t e = 0; e < ne; e++) {
-            int j = EPX__STEP(e);
-            if (j < 0 || j >= nruns[e] || rhost[e * K + j] != t->host) continue;
-            int dest = EPX__HOLDER(e, j + 1);
-            if (dest == me) continue;
-            memcpy(sbuf + spos[dest], acc + e * A, ab);
-            spos[dest] += (int64_t)ab;
-        }
-        EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_CHAIN + w), sbuf, sbytes, rbuf, rbytes, deadline, err),
-                        st, done);
-        int64_t o = 0;
-        for (int p = 0; p < R; p++) spos[p] = o, o += rbytes[p];
-        for (int64_t e = 0; e < ne; e++) {
-            int j = EPX__STEP(e);
-            if (!(j >= 0 && j + 1 <= nruns[e] && EPX__HOLDER(e, j + 1) == me && EPX__HOLDER(e, j) != me)) continue;
-            int from = EPX__HOLDER(e, j);
-            float *dst = j + 1 == nruns[e] ? final + (size_t)hd->ent_tok[e] * (size_t)A : acc + e * A;
-            memcpy(dst, rbuf + spos[from], ab);
-            spos[from] += (int64_t)ab;
-        }
-    }
-#undef EPX__STEP
-#undef EPX__HOLDER
-done:
-    free(trank), free(tk), free(rhost), free(rfirst), free(nruns), free(acc), free(nb), free(spos), free(sbuf), free(rbuf);
-    return st;
-}
-
-/* Step 1 of a combine: every receiver sends the rows it holds back to their forwarders
- * (shared memory); `pack(r, dst)` writes the record of merged row r (`crec_of(r)` bytes).
- * Fills c1 and c1pos (byte offset of each entry's block from each local rank). */
+/* The record of merged row r for a receiver q: `size_of(ctx, topk, q)` bytes, written by
+ * `pack(ctx, r, dst)`. */
 typedef size_t (*epx__rec_size_fn)(const void *ctx, const int32_t *topk, int q);
 typedef void (*epx__rec_pack_fn)(const void *ctx, int64_t row, char *dst);
 
+/* Step 1 of a combine: every receiver sends the records of the rows it holds back to their
+ * forwarders (shared memory). On success *c1 (a work buffer of m) holds them and
+ * (*c1pos)[e * LS + l] is the byte offset of entry e's record from local rank l, or -1. */
 static epx_status_t epx__combine_back(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, epx__rec_size_fn size_of,
                                       epx__rec_pack_fn pack, const void *ctx, char **c1, int64_t **c1pos,
                                       epx__errbuf_t *err)
@@ -813,6 +739,7 @@ static epx_status_t epx__combine_back(epx__hier_moe_t *m, const epx__hier_moe_ha
         free(lb);
         return st;
     }
+    for (int64_t i = 0; i < hd->nent * LS; i++) (*c1pos)[i] = -1;
     /* What I send each forwarder: my rows from it, in its order; what it sends me. */
     size_t stot = 0, rtot = 0;
     for (int l = 0; l < LS; l++) {
@@ -828,8 +755,8 @@ static epx_status_t epx__combine_back(epx__hier_moe_t *m, const epx__hier_moe_ha
         }
         stot += (size_t)lsb[l];
     }
-    char *send = epx__alloc(stot, 1, &st, err);
-    *c1 = epx__alloc(rtot, 1, &st, err);
+    char *send = epx__buf(m, EPX__B_SEND, stot, &st, err);
+    *c1 = epx__buf(m, EPX__B_RECV, rtot, &st, err);
     if (st == EPX_SUCCESS) {
         size_t o = 0;
         for (int l = 0; l < LS; l++)
@@ -840,7 +767,100 @@ static epx_status_t epx__combine_back(epx__hier_moe_t *m, const epx__hier_moe_ha
             }
         st = epx__local_xchg(m, send, lsb, *c1, lrb, err);
     }
-    free(send), free(lb);
+    free(lb);
+    return st;
+}
+
+/* Reduce token i at home: `ranks[0..n)` are the ranks it went to, ascending, and rec[r] the
+ * record rank r sent back for it. */
+typedef void (*epx__home_fold_fn)(const void *ctx, int i, const int *ranks, int n, const char *const *rec);
+
+/* Steps 2 and 3 of a combine. Each gateway sends the step-1 records of the tokens of its
+ * sources on other hosts home as they are (per token, its local ranks ascending): one
+ * message per source, no partial sums, so no step waits for another host's. Then every
+ * home rank holds, for each of its tokens, the record of every rank the token went to and
+ * reduces it in the single-host order with `fold`, after all communication succeeded. */
+static epx_status_t epx__combine_home(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, epx__rec_size_fn size_of,
+                                      const void *ctx, const char *c1, const int64_t *c1pos, epx__home_fold_fn fold,
+                                      uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
+    epx_status_t st = EPX_SUCCESS;
+    int64_t *nb = epx__alloc(3 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
+    int64_t *pos = nb ? nb + 2 * R : NULL;
+    char **cur = epx__alloc((size_t)t->num_hosts, sizeof(char *), &st, err);
+    const char **rec = epx__alloc((size_t)R, sizeof(char *), &st, err);
+    int *ranks = epx__alloc((size_t)EPX__MAX(K, 1), sizeof(int), &st, err);
+    if (st != EPX_SUCCESS) goto done;
+    /* Gateway side: the records of the entries of sources on other hosts, in entry order. */
+    for (int64_t e = 0; e < hd->nent; e++) {
+        int p = hd->ent_src[e];
+        if (t->host_of[p] == t->host) continue;
+        for (int l = 0; l < LS; l++)
+            if (c1pos[e * LS + l] >= 0)
+                sbytes[p] += (int64_t)size_of(ctx, hd->ent_topk + e * K, t->host_ranks[t->host_first[t->host] + l]);
+    }
+    /* Home side: from my gateway on each other host, my tokens there in token order. */
+    for (int k = 0; k < t->num_hosts; k++) {
+        if (k == t->host) continue;
+        int g = epx__gw(t, me, k);
+        for (int i = 0; i < T; i++)
+            for (int l = 0; l < t->host_size[k]; l++) {
+                int q = t->host_ranks[t->host_first[k] + l];
+                if (epx__to_rank(hd->topk + (size_t)i * K, K, L, q))
+                    rbytes[g] += (int64_t)size_of(ctx, hd->topk + (size_t)i * K, q);
+            }
+    }
+    int64_t ts = 0, tr = 0;
+    for (int p = 0; p < R; p++) pos[p] = ts, ts += sbytes[p], tr += rbytes[p];
+    char *sbuf = epx__buf(m, EPX__B_FWD, (size_t)ts, &st, err), *rbuf = epx__buf(m, EPX__B_HOME, (size_t)tr, &st, err);
+    if (st != EPX_SUCCESS) goto done;
+    for (int64_t e = 0; e < hd->nent; e++) {
+        int p = hd->ent_src[e];
+        if (t->host_of[p] == t->host) continue;
+        for (int l = 0; l < LS; l++) {
+            if (c1pos[e * LS + l] < 0) continue;
+            size_t b = size_of(ctx, hd->ent_topk + e * K, t->host_ranks[t->host_first[t->host] + l]);
+            memcpy(sbuf + pos[p], c1 + c1pos[e * LS + l], b);
+            pos[p] += (int64_t)b;
+        }
+    }
+    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), sbuf, sbytes, rbuf, rbytes, deadline, err), st,
+                    done);
+    {
+        int64_t o = 0;
+        for (int p = 0; p < R; p++) pos[p] = o, o += rbytes[p];
+        for (int k = 0; k < t->num_hosts; k++) cur[k] = k == t->host ? NULL : rbuf + pos[epx__gw(t, me, k)];
+    }
+    /* My own entries: the T entries of source `me`, after the forwarded ones of lower ranks. */
+    int64_t e0 = 0;
+    for (int p = 0; p < me; p++) e0 += hd->fwd_count[p];
+    for (int i = 0; i < T; i++) {
+        const int32_t *tk = hd->topk + (size_t)i * K;
+        int n = 0;
+        for (int k = 0; k < K; k++) {
+            if (tk[k] < 0) continue;
+            int r = tk[k] / L, j = n;
+            bool dup = false;
+            for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
+            if (dup) continue;
+            while (j > 0 && ranks[j - 1] > r) ranks[j] = ranks[j - 1], j--;
+            ranks[j] = r, n++;
+        }
+        for (int j = 0; j < n; j++) {
+            int r = ranks[j], k = t->host_of[r];
+            if (k == t->host) {
+                rec[r] = c1 + c1pos[(e0 + i) * LS + t->lrank_of[r]];
+            } else {
+                rec[r] = cur[k];
+                cur[k] += size_of(ctx, tk, r);
+            }
+        }
+        fold(ctx, i, ranks, n, rec);
+    }
+done:
+    free(nb), free(cur), free(rec), free(ranks);
     return st;
 }
 
@@ -851,6 +871,7 @@ typedef struct {
     const char *y;
     const float *w; /* high-throughput weights [rows, K] or NULL */
     size_t crow;
+    epx_moe_combine_out_t *out;
 } epx__back_ctx_t;
 
 static size_t epx__ht_rec_size(const void *ctx, const int32_t *topk, int q)
@@ -867,6 +888,24 @@ static void epx__ht_rec_pack(const void *ctx, int64_t row, char *dst)
     if (c->w) memcpy(dst + EPX__ALIGN_UP(c->crow, sizeof(float)), c->w + row * c->hd->K, sizeof(float) * (size_t)c->hd->K);
 }
 
+/* out[i] = the rows in ascending rank order, summed from +0; the weights likewise. */
+static void epx__ht_fold(const void *ctx, int i, const int *ranks, int n, const char *const *rec)
+{
+    const epx__back_ctx_t *c = ctx;
+    const epx__moe_shape_t *s = &c->m->s;
+    int K = c->hd->K;
+    const char *rows[EPX_MOE_MAX_TOPK];
+    for (int j = 0; j < n; j++) rows[j] = rec[ranks[j]];
+    epx__cpu_reduce_rows((char *)c->out->out + (size_t)i * c->crow, s->combine_dtype, rows, NULL, n, s->hidden);
+    if (!c->out->out_topk_weights) return;
+    float *w = c->out->out_topk_weights + (size_t)i * K;
+    for (int k = 0; k < K; k++) w[k] = 0.0f;
+    for (int j = 0; j < n && c->w; j++) {
+        const float *rw = (const float *)(rows[j] + EPX__ALIGN_UP(c->crow, sizeof(float)));
+        for (int k = 0; k < K; k++) w[k] += rw[k];
+    }
+}
+
 epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
                                    const epx_moe_combine_in_t *in, epx_moe_combine_out_t *out, epx_status_t local,
                                    epx__errbuf_t *err)
@@ -879,26 +918,17 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    int K = hd->K, H = s->hidden, W = has_w ? K : 0, A = H + W, T = hd->T;
-    epx__back_ctx_t ctx = {m, hd, in->y, has_w ? in->topk_weights : NULL, s->combine_row_bytes};
+    epx__back_ctx_t ctx = {m, hd, in->y, has_w ? in->topk_weights : NULL, s->combine_row_bytes, out};
     char *c1 = NULL;
     int64_t *c1pos = NULL;
-    float *final = NULL;
     st = epx__combine_back(m, hd, epx__ht_rec_size, epx__ht_rec_pack, &ctx, &c1, &c1pos, err);
-    if (st == EPX_SUCCESS) {
-        epx__fold_t f = {false, H, W, A, s->combine_dtype, s->combine_row_bytes, c1, c1pos, NULL};
-        final = epx__alloc((size_t)T * (size_t)A, sizeof(float), &st, err);
-        if (st == EPX_SUCCESS) st = epx__chain(m, hd, &f, final, seq, deadline, err);
-    }
-    for (int t = 0; t < T && st == EPX_SUCCESS; t++) {
-        char *o = (char *)out->out + (size_t)t * s->combine_row_bytes;
-        for (int h = 0; h < H; h++) epx__store_float(o, s->combine_dtype, (size_t)h, final[(size_t)t * A + h]);
-        if (out->out_topk_weights)
-            for (int k = 0; k < K; k++) out->out_topk_weights[t * K + k] = W ? final[(size_t)t * A + H + k] : 0.0f;
-    }
-    free(c1), free(c1pos), free(final);
+    if (st == EPX_SUCCESS)
+        st = epx__combine_home(m, hd, epx__ht_rec_size, &ctx, c1, c1pos, epx__ht_fold, seq, deadline, err);
+    free(c1pos);
     return st;
 }
+
+/* ---- Low-latency ------------------------------------------------------------------------------------ */
 
 /* ---- Low-latency ------------------------------------------------------------------------------------ */
 
@@ -917,10 +947,12 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
         if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
     if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, NULL, NULL, deadline, err);
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, seq, deadline, NULL, err);
+    epx__flows_t f;
+    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL, NULL) != EPX_SUCCESS && local == EPX_SUCCESS)
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, &f, NULL, deadline, err);
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
-    size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = rb + sb;
+    size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = 0, poff = 0;
     const char *x = in ? in->x : NULL, *xs = NULL;
     if (st == EPX_SUCCESS && s->ll_fp8) {
         /* Quantise each token once, here. */
@@ -929,8 +961,10 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
                                   m->ll_q + (size_t)t * (size_t)H, m->ll_scales + (size_t)t * sb);
         x = (const char *)m->ll_q, xs = m->ll_scales;
     }
-    char *merged = NULL;
-    if (st == EPX_SUCCESS) st = epx__rows(m, hd, x, rb, xs, sb, seq, deadline, &merged, err);
+    const char *recs = NULL;
+    epx__payload_t pl = {x, xs, rb, sb};
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &recs, &rec, &poff, err);
+    epx__flows_free(&f);
     int32_t *cnt = st == EPX_SUCCESS ? calloc((size_t)L, sizeof *cnt) : NULL;
     if (st == EPX_SUCCESS && !cnt) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     for (int64_t r = 0; r < (st == EPX_SUCCESS ? hd->rows : 0); r++) {
@@ -942,8 +976,8 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
             if (dup) continue;
             int l = tk[k] % L;
             size_t slot = (size_t)l * s->ll_slots + (size_t)cnt[l]++;
-            memcpy((char *)out->recv_x + slot * rb, merged + (size_t)r * rec, rb);
-            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, merged + (size_t)r * rec + rb, sb);
+            memcpy((char *)out->recv_x + slot * rb, recs + (size_t)hd->row_rec[r] * rec + poff, rb);
+            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, recs + (size_t)hd->row_rec[r] * rec + poff + rb, sb);
             if (out->recv_src_rank) out->recv_src_rank[slot] = hd->row_src[r];
             if (out->recv_src_token) out->recv_src_token[slot] = hd->row_tok[r];
         }
@@ -955,7 +989,7 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
             if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
         }
     }
-    free(cnt), free(merged);
+    free(cnt);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(hd);
         return st;
@@ -967,24 +1001,32 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
 typedef struct {
     const epx__hier_moe_t *m;
     const epx__hier_moe_handle_t *hd;
-    const char *y;      /* [L, slots, H] */
+    const char *y;       /* [L, slots, H] */
     const int64_t *slot; /* [rows, K]: slot of the row's k-th expert (first occurrence) */
     size_t crow;
+    const float *w; /* my weights [T, K] */
+    void *out;
 } epx__ll_back_t;
 
-/* One row per distinct local expert of the receiver (rows of 2 or 4 bytes per element:
- * every row stays aligned to its elements). */
-static size_t epx__ll_rec_size(const void *ctx, const int32_t *topk, int q)
+/* The number of distinct experts of `topk` on rank q below local expert `below`. */
+static int epx__ll_distinct(const int32_t *topk, int K, int L, int q, int below)
 {
-    const epx__ll_back_t *c = ctx;
-    int K = c->hd->K, L = c->m->s.local_experts, n = 0;
+    int n = 0;
     for (int k = 0; k < K; k++) {
-        if (topk[k] < 0 || topk[k] / L != q) continue;
+        if (topk[k] < 0 || topk[k] / L != q || topk[k] % L >= below) continue;
         bool dup = false;
         for (int j = 0; j < k; j++) dup = dup || topk[j] == topk[k];
         n += !dup;
     }
-    return (size_t)n * c->crow;
+    return n;
+}
+
+/* One row per distinct local expert of the receiver, ascending (rows of 2 or 4 bytes per
+ * element: every row stays aligned to its elements). */
+static size_t epx__ll_rec_size(const void *ctx, const int32_t *topk, int q)
+{
+    const epx__ll_back_t *c = ctx;
+    return (size_t)epx__ll_distinct(topk, c->hd->K, c->m->s.local_experts, q, c->m->s.local_experts) * c->crow;
 }
 
 static void epx__ll_rec_pack(const void *ctx, int64_t row, char *dst)
@@ -1001,51 +1043,41 @@ static void epx__ll_rec_pack(const void *ctx, int64_t row, char *dst)
             }
 }
 
+/* out[i] = sum over the valid k, ascending, of w[i, k] * the row of expert k, from +0. */
+static void epx__ll_fold(const void *ctx, int i, const int *ranks, int n, const char *const *rec)
+{
+    const epx__ll_back_t *c = ctx;
+    const epx__moe_shape_t *s = &c->m->s;
+    int K = c->hd->K, L = s->local_experts, nr = 0;
+    const int32_t *tk = c->hd->topk + (size_t)i * K;
+    const char *rows[EPX_MOE_MAX_TOPK];
+    float w[EPX_MOE_MAX_TOPK];
+    (void)ranks, (void)n;
+    for (int k = 0; k < K; k++) {
+        if (tk[k] < 0) continue;
+        int r = tk[k] / L;
+        rows[nr] = rec[r] + (size_t)epx__ll_distinct(tk, K, L, r, tk[k] % L) * c->crow;
+        w[nr++] = c->w[(size_t)i * K + k];
+    }
+    epx__cpu_reduce_rows((char *)c->out + (size_t)i * c->crow, s->combine_dtype, rows, w, nr, s->hidden);
+}
+
 epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local,
                                       epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, L = s->local_experts, H = s->hidden;
+    int me = epx__t(m)->rank, L = s->local_experts;
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
     epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    int K = hd->K, T = hd->T;
-    /* The weights go to the gateways (the chains multiply there). */
-    int64_t *nb = epx__alloc(2 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
-    size_t wb = sizeof(float) * (size_t)K;
-    int64_t ns = 0;
-    for (int k = 0; k < t->num_hosts && st == EPX_SUCCESS; k++) {
-        if (k == t->host) continue;
-        int g = epx__gw(t, me, k);
-        for (int i = 0; i < T; i++) sbytes[g] += epx__to_host(t, hd->topk + i * K, K, L, k) ? (int64_t)wb : 0;
-        ns += sbytes[g];
-    }
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) rbytes[p] = hd->fwd_count[p] * (int64_t)wb;
-    float *ws = epx__alloc((size_t)ns, 1, &st, err), *fw = epx__alloc((size_t)hd->nfwd * wb, 1, &st, err);
-    float *ew = epx__alloc((size_t)hd->nent * wb, 1, &st, err);
+    int K = hd->K;
     int64_t *slot = epx__alloc((size_t)hd->rows * (size_t)K, 8, &st, err);
     int64_t *cnt = epx__alloc((size_t)L, 8, &st, err);
     if (st == EPX_SUCCESS) {
-        float *o = ws;
-        for (int p = 0; p < R; p++) {
-            if (!sbytes[p]) continue;
-            for (int i = 0; i < T; i++)
-                if (epx__to_host(t, hd->topk + i * K, K, L, t->host_of[p])) {
-                    memcpy(o, in->topk_weights + i * K, wb);
-                    o += K;
-                }
-        }
-        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_WEIGHTS), (const char *)ws, sbytes, (char *)fw, rbytes, deadline,
-                           err);
-    }
-    if (st == EPX_SUCCESS) {
-        for (int64_t e = 0; e < hd->nent; e++)
-            memcpy(ew + e * K, hd->ent_fidx[e] >= 0 ? fw + hd->ent_fidx[e] * K : in->topk_weights + hd->ent_tok[e] * K, wb);
         /* The slots of dispatch, again: per local expert, in row order. */
         for (int64_t r = 0; r < hd->rows; r++) {
             const int32_t *tk = hd->row_topk + r * K;
@@ -1060,18 +1092,10 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     }
     char *c1 = NULL;
     int64_t *c1pos = NULL;
-    float *final = NULL;
-    epx__ll_back_t ctx = {m, hd, in->y, slot, s->combine_row_bytes};
+    epx__ll_back_t ctx = {m, hd, in->y, slot, s->combine_row_bytes, in->topk_weights, out};
     if (st == EPX_SUCCESS) st = epx__combine_back(m, hd, epx__ll_rec_size, epx__ll_rec_pack, &ctx, &c1, &c1pos, err);
-    if (st == EPX_SUCCESS) {
-        epx__fold_t f = {true, H, 0, H, s->combine_dtype, s->combine_row_bytes, c1, c1pos, ew};
-        final = epx__alloc((size_t)T * (size_t)H, sizeof(float), &st, err);
-        if (st == EPX_SUCCESS) st = epx__chain(m, hd, &f, final, seq, deadline, err);
-    }
-    for (int i = 0; i < T && st == EPX_SUCCESS; i++)
-        for (int h = 0; h < H; h++)
-            epx__store_float((char *)out + (size_t)i * s->combine_row_bytes, s->combine_dtype, (size_t)h,
-                             final[(size_t)i * H + h]);
-    free(nb), free(ws), free(fw), free(ew), free(slot), free(cnt), free(c1), free(c1pos), free(final);
+    if (st == EPX_SUCCESS)
+        st = epx__combine_home(m, hd, epx__ll_rec_size, &ctx, c1, c1pos, epx__ll_fold, seq, deadline, err);
+    free(slot), free(cnt), free(c1pos);
     return st;
 }
