@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "testlib.h"
 
@@ -48,6 +49,26 @@ static inline void *xmalloc(size_t n)
     void *p = calloc(1, n ? n : 1);
     ASSERT(p);
     return p;
+}
+
+/* The two rendezvous ids of a scenario (the communicator under test, and the one built
+ * after it), made by forked rank 0 and passed to the others through a pipe (one write and
+ * one read each: atomic). Rank 0 writes R copies: R - 1 ranks and the parent, which reads
+ * the last to clean up. */
+typedef struct {
+    epx_unique_id_t id, id2;
+} fault_ids_t;
+
+static inline void fault_ids_share(int r, int R, const int fds[2], fault_ids_t *ids)
+{
+    if (r == 0) {
+        ASSERT_OK(epx_get_unique_id(&ids->id));
+        ASSERT_OK(epx_get_unique_id(&ids->id2));
+        for (int i = 0; i < R; i++) ASSERT(write(fds[1], ids, sizeof *ids) == sizeof *ids);
+    } else {
+        close(fds[1]); /* EOF, not a hang, should rank 0 fail */
+        ASSERT(read(fds[0], ids, sizeof *ids) == sizeof *ids);
+    }
 }
 
 #endif

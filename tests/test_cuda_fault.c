@@ -602,9 +602,7 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
     setenv("EPX_FAULT", text, 1);
     int ids[2];
     ASSERT(pipe(ids) == 0);
-    struct {
-        epx_unique_id_t id, id2;
-    } both;
+    fault_ids_t both;
     fflush(stdout);
     pid_t pids[MAXR];
     for (int r = 0; r < R; r++) {
@@ -612,14 +610,7 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
         ASSERT(pids[r] >= 0);
         if (pids[r] != 0) continue;
         test_rank = r;
-        if (r == 0) {
-            ASSERT_OK(epx_get_unique_id(&both.id));
-            ASSERT_OK(epx_get_unique_id(&both.id2));
-            for (int i = 0; i < R; i++) ASSERT(write(ids[1], &both, sizeof both) == sizeof both);
-        } else {
-            close(ids[1]);
-            ASSERT(read(ids[0], &both, sizeof both) == sizeof both);
-        }
+        fault_ids_share(r, R, ids, &both);
         int rc = rank_main(op, f, r, R, ndev, &both.id, &both.id2);
         fflush(stdout);
         _exit(rc);

@@ -419,9 +419,7 @@ static int scenario(op_t op, fault_t f, int R)
      * deadlock the child, in sanitizer builds especially). */
     int ids[2];
     ASSERT(pipe(ids) == 0);
-    struct {
-        epx_unique_id_t id, id2; /* one write, one read: atomic in a pipe */
-    } both;
+    fault_ids_t both;
     const epx_unique_id_t *id = &both.id, *id2 = &both.id2;
     fflush(stdout);
     pid_t pids[MAXR];
@@ -430,15 +428,7 @@ static int scenario(op_t op, fault_t f, int R)
         ASSERT(pids[r] >= 0);
         if (pids[r] != 0) continue;
         test_rank = r;
-        if (r == 0) {
-            ASSERT_OK(epx_get_unique_id(&both.id));
-            ASSERT_OK(epx_get_unique_id(&both.id2));
-            for (int i = 0; i < R; i++) /* R - 1 ranks and this process */
-                ASSERT(write(ids[1], &both, sizeof both) == sizeof both);
-        } else {
-            close(ids[1]); /* EOF, not a hang, should rank 0 fail */
-            ASSERT(read(ids[0], &both, sizeof both) == sizeof both);
-        }
+        fault_ids_share(r, R, ids, &both);
         int rc = rank_main(op, f, r, R, id, id2);
         fflush(stdout);
         _exit(rc);

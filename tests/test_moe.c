@@ -1265,6 +1265,27 @@ static void ll_batch_combine_inputs(ll_batch_t *b)
     poison(b->dout, b->out_b + GUARD);
 }
 
+/* Batch i's world (from the seed) and poisoned buffers; the context is made for the first. */
+static void ll_batch_init(ll_batch_t *b, const mcase_t *c, uint64_t seed, epx_moe_t *moe, const char *name)
+{
+    world_init(&b->W, c, seed);
+    if (!*moe) *moe = create_checked(&b->W, name);
+    ll_alloc(&b->W, &b->B);
+    ll_poison(&b->B);
+    b->out_b = (size_t)b->W.T[me] * (size_t)b->W.H * 2;
+    b->out = palloc(b->out_b);
+    b->dout = dev_out(b->out_b);
+}
+
+static void ll_batch_free(ll_batch_t *b)
+{
+    ASSERT_OK(epx_moe_handle_destroy(b->h));
+    dev_free(b->dy), dev_free(b->dw), dev_free(b->dout);
+    free(b->out);
+    ll_free(&b->B);
+    world_free(&b->W);
+}
+
 static void expect_usage(epx_status_t st, const char *what)
 {
     if (st != EPX_ERR_INVALID_USAGE)
@@ -1279,15 +1300,7 @@ static int run_ll_split(void)
     epx_moe_t moe = NULL;
     void *st_ = test_stream();
     for (int round = 0; round < 3; round++) {
-        for (int i = 0; i < 2; i++) {
-            world_init(&b[i].W, &c, 9100 + (uint64_t)(2 * round + i));
-            if (!moe) moe = create_checked(&b[0].W, "ll split");
-            ll_alloc(&b[i].W, &b[i].B);
-            ll_poison(&b[i].B);
-            b[i].out_b = (size_t)b[i].W.T[me] * (size_t)b[i].W.H * 2;
-            b[i].out = palloc(b[i].out_b);
-            b[i].dout = dev_out(b[i].out_b);
-        }
+        for (int i = 0; i < 2; i++) ll_batch_init(&b[i], &c, 9100 + (uint64_t)(2 * round + i), &moe, "ll split");
         for (int i = 0; i < 2; i++) {
             epx_moe_ll_dispatch_in_t in = ll_in(&b[i].W, &b[i].B);
             epx_moe_ll_dispatch_out_t o = ll_out(&b[i].B);
@@ -1327,13 +1340,7 @@ static int run_ll_split(void)
             check_ll_combine(&b[i].W, b[i].out, i ? "ll split B" : "ll split A");
             expect_poison(b[i].out, b[i].out_b, b[i].out_b + GUARD, "ll split", "combine out guard");
         }
-        for (int i = 0; i < 2; i++) {
-            ASSERT_OK(epx_moe_handle_destroy(b[i].h));
-            dev_free(b[i].dy), dev_free(b[i].dw), dev_free(b[i].dout);
-            free(b[i].out);
-            ll_free(&b[i].B);
-            world_free(&b[i].W);
-        }
+        for (int i = 0; i < 2; i++) ll_batch_free(&b[i]);
     }
     ASSERT_OK(epx_moe_destroy(moe));
     return 1;
@@ -1353,15 +1360,7 @@ static int run_ll_pipeline(int slow)
     epx_moe_t moe = NULL;
     void *st_ = test_stream();
     char cs[64];
-    for (int i = 0; i < NB; i++) {
-        world_init(&b[i].W, &c, 9300 + 10 * (uint64_t)slow + (uint64_t)i);
-        if (!moe) moe = create_checked(&b[0].W, "ll pipeline");
-        ll_alloc(&b[i].W, &b[i].B);
-        ll_poison(&b[i].B);
-        b[i].out_b = (size_t)b[i].W.T[me] * (size_t)b[i].W.H * 2;
-        b[i].out = palloc(b[i].out_b);
-        b[i].dout = dev_out(b[i].out_b);
-    }
+    for (int i = 0; i < NB; i++) ll_batch_init(&b[i], &c, 9300 + 10 * (uint64_t)slow + (uint64_t)i, &moe, "ll pipeline");
     /* s1 s2, then r(i) s(i + 2) ..., then the last receives */
     for (int step = 0; step < NB + 2; step++) {
         int r = step - 2, snd = step;
@@ -1384,13 +1383,7 @@ static int run_ll_pipeline(int slow)
         fetch(b[i].out, b[i].dout, b[i].out_b + GUARD);
         check_ll_combine(&b[i].W, b[i].out, cs);
     }
-    for (int i = 0; i < NB; i++) {
-        ASSERT_OK(epx_moe_handle_destroy(b[i].h));
-        dev_free(b[i].dy), dev_free(b[i].dw), dev_free(b[i].dout);
-        free(b[i].out);
-        ll_free(&b[i].B);
-        world_free(&b[i].W);
-    }
+    for (int i = 0; i < NB; i++) ll_batch_free(&b[i]);
     ASSERT_OK(epx_moe_destroy(moe));
     return 1;
 }

@@ -141,6 +141,20 @@ void epx__xhost_moe_handle_free(epx__xhost_moe_handle_t *h)
 int64_t epx__xhost_moe_handle_rows(const epx__xhost_moe_handle_t *h) { return h->shown; }
 int epx__xhost_moe_handle_tokens(const epx__xhost_moe_handle_t *h) { return h->T; }
 
+/* The start of a call along handle h (cached dispatch, combine): drain the stream, then the
+ * round of epx__pre. *skip when every rank skips; else a handle whose dispatch had bad
+ * routing makes *local an argument error. */
+static epx_status_t epx__pre_handle(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h, epx_status_t *local,
+                                    void *stream, bool *skip, epx__errbuf_t *err)
+{
+    if (*local == EPX_SUCCESS) *local = epx__xh_sync(m->xh, stream, err);
+    bool bad = *local == EPX_SUCCESS && h->bad;
+    int64_t code = (bad ? EPX__PRE_BAD : 0) | (*local != EPX_SUCCESS ? EPX__PRE_ERR : 0) | EPX__PRE_NOSYNC;
+    EPX__CHECK(epx__pre(m, code, skip, err));
+    if (!*skip && bad) *local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "the handle's dispatch had bad routing");
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx__xhost_moe_layout(epx__xhost_moe_t *m, const void *topk_idx, int T, int K, int32_t *per_rank,
                                    int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err)
 {
@@ -267,12 +281,8 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
 {
     const epx__moe_shape_t *s = &m->s;
     bool skip = false;
-    if (local == EPX_SUCCESS) local = epx__xh_sync(m->xh, stream, err);
-    bool bad = local == EPX_SUCCESS && h->bad;
-    int64_t code = (bad ? EPX__PRE_BAD : 0) | (local != EPX_SUCCESS ? EPX__PRE_ERR : 0) | EPX__PRE_NOSYNC;
-    EPX__CHECK(epx__pre(m, code, &skip, err));
+    EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
-    if (bad) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "the handle's dispatch had bad routing");
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sc = s->scale_cols * sizeof(float);
     epx_moe_dispatch_in_t hin = {0};
@@ -304,12 +314,8 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
 {
     const epx__moe_shape_t *s = &m->s;
     bool skip = false;
-    if (local == EPX_SUCCESS) local = epx__xh_sync(m->xh, stream, err);
-    bool bad = local == EPX_SUCCESS && h->bad;
-    int64_t code = (bad ? EPX__PRE_BAD : 0) | (local != EPX_SUCCESS ? EPX__PRE_ERR : 0) | EPX__PRE_NOSYNC;
-    EPX__CHECK(epx__pre(m, code, &skip, err));
+    EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
-    if (bad) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "the handle's dispatch had bad routing");
     size_t n = local == EPX_SUCCESS ? (size_t)h->n : 0, crow = s->combine_row_bytes;
     int T = local == EPX_SUCCESS ? h->T : 0;
     size_t K = local == EPX_SUCCESS ? (size_t)epx__hier_moe_handle_topk(h->hh) : 0;
@@ -414,12 +420,8 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe
 {
     const epx__moe_shape_t *s = &m->s;
     bool skip = false;
-    if (local == EPX_SUCCESS) local = epx__xh_sync(m->xh, stream, err);
-    bool bad = local == EPX_SUCCESS && h->bad;
-    int64_t code = (bad ? EPX__PRE_BAD : 0) | (local != EPX_SUCCESS ? EPX__PRE_ERR : 0) | EPX__PRE_NOSYNC;
-    EPX__CHECK(epx__pre(m, code, &skip, err));
+    EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
-    if (bad) local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "the handle's dispatch had bad routing");
     int T = local == EPX_SUCCESS ? h->T : 0, L = s->local_experts;
     size_t K = local == EPX_SUCCESS ? (size_t)epx__hier_moe_handle_topk(h->hh) : 0, crow = s->combine_row_bytes;
     size_t slots = s->ll_slots;
