@@ -51,14 +51,15 @@ static __device__ void epx__warp_copy(char *dst, const char *src, long long byte
         const uint4 *s = (const uint4 *)src;
         uint4 *d = (uint4 *)dst;
         long long n = bytes / 16, i = lane;
-        for (; i + 7 * 32 < n; i += 8 * 32) {
+        for (; i < n; i += 8 * 32) { /* the tail too keeps its loads in flight */
             uint4 v[8];
 #pragma unroll
-            for (int j = 0; j < 8; j++) v[j] = s[i + j * 32];
+            for (int j = 0; j < 8; j++)
+                if (i + j * 32 < n) v[j] = s[i + j * 32];
 #pragma unroll
-            for (int j = 0; j < 8; j++) d[i + j * 32] = v[j];
+            for (int j = 0; j < 8; j++)
+                if (i + j * 32 < n) d[i + j * 32] = v[j];
         }
-        for (; i < n; i += 32) d[i] = s[i];
         done = n * 16;
     } else if ((((unsigned long long)dst | (unsigned long long)src) & 3ull) == 0) {
         const unsigned *s = (const unsigned *)src;
