@@ -818,9 +818,10 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
 
 /* Copy-engine combine along h, after the streams met: my expert outputs (and weights) for
  * each peer, contiguous in y, copied into that peer's staging; DONE (every peer's copies
- * into mine are complete), then the SM path's reduction over my own y and my staging. */
+ * into mine are complete), then the SM path's reduction over my own y and my staging. The
+ * operation completes on the device whatever `st` says (nothing is copied then). */
 static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
-                                    epx__moe_combine_t *k, void *stream, epx__errbuf_t *err)
+                                    epx__moe_combine_t *k, epx_status_t st, void *stream, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
     int R = c->nranks, me = c->rank;
@@ -828,7 +829,7 @@ static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_hand
     long long rb = (long long)m->s.combine_row_bytes, wb = (long long)h->topk * 4;
     cudaStream_t s = (cudaStream_t)stream;
     cudaError_t e = cudaSuccess;
-    for (int i = 1; i < R && e == cudaSuccess; i++) {
+    for (int i = 1; i < R && e == cudaSuccess && st == EPX_SUCCESS; i++) {
         int p = (me + i) % R;
         int64_t n = cnt[p * R + me], from = epx__ce_base(cnt, R, p, me), to = epx__ce_stage_row(cnt, R, p, me);
         if (n == 0) continue;
@@ -838,7 +839,6 @@ static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_hand
             e = cudaMemcpyAsync(m->peer_stage[p] + m->ce_w_off + to * wb, (const char *)in->topk_weights + from * wb,
                                 (size_t)(n * wb), cudaMemcpyDeviceToDevice, s);
     }
-    epx_status_t st = EPX_SUCCESS;
     if (e != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "copy-engine combine enqueue: %s", cudaGetErrorString(e));
     c->ops_started++;
     st = epx__moe_finish(m, st, stream, err); /* completes the operation on the device whatever happened */
@@ -909,10 +909,7 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     k.dtype = s->combine_dtype;
     k.out = out->out;
     k.out_w = out->out_topk_weights;
-    if (m->ce) {
-        if (st == EPX_SUCCESS) st = epx__ce_combine(m, h, in, &k, stream, err);
-        return st;
-    }
+    if (m->ce) return epx__ce_combine(m, h, in, &k, st, stream, err);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(&k, m->blocks, stream), st, err);
     c->ops_started++;
     st = epx__moe_finish(m, st, stream, err);
