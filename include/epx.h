@@ -394,7 +394,8 @@ typedef struct {
  * and N arrives in num_recv_tokens_device. The routing is then checked on the device, by
  * every rank for every rank: if any expert id is out of [-1, E), every rank writes -1 to
  * num_recv_tokens_device and nothing else, and combines and cached dispatches along that
- * handle write nothing. The CPU backend always synchronises (and fills both counts). */
+ * handle write nothing. The CPU backend always synchronises (and fills both counts), and so
+ * does a context on copy engines (EPX_MOE_COPY_ENGINES). */
 EPX_API epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in,
                                       epx_moe_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 
