@@ -304,8 +304,25 @@ typedef struct {
     int expert_alignment;     /* num_recv_tokens_per_expert rounded up to it (>= 1) */
     int ll_fp8;               /* low-latency: quantise bf16 input to FP8 during dispatch */
     int scale_format;         /* epx_scale_format_t for ll_fp8 */
-    int num_sms;              /* GPU: SM budget (EPX_UNSET = default) */
+    int num_sms;              /* GPU: SM budget of the high-throughput kernels (EPX_UNSET or <= 0:
+                                 EPX_CUDA_SMS), or EPX_MOE_COPY_ENGINES */
 } epx_moe_config_t;
+
+/* num_sms value: the CUDA backend (one host) moves the high-throughput payload with copy
+ * engines instead of SM stores and loads (EPX_CUDA_SMS=0 asks for the same when num_sms is
+ * unset). Dispatch packs the rows per destination into epx's staging memory with a local
+ * kernel, then one cudaMemcpyAsync per destination writes them into the peer's recv_x;
+ * combine copies each source's expert outputs back the same way and the token's rank
+ * reduces them with a local kernel. Semantics and output bits are those of the SM path.
+ * Differences: recv_x and recv_x_scales must be cudaMalloc'd or epx_mem_alloc memory (peers
+ * write them); every dispatch reads the row counts back to the host (a stream
+ * synchronisation; num_recv_tokens is always filled), so a dispatch cannot be captured in
+ * a CUDA graph: called while its stream is capturing it fails with EPX_ERR_INVALID_USAGE
+ * on every rank and enqueues nothing. Cached dispatches and combines never wait for the
+ * device and can be captured. The context holds a staging buffer of (R - 1) *
+ * max_tokens_per_rank rows (epx_moe_device_memory counts it). Low-latency mode and the
+ * backends across hosts ignore it. */
+#define EPX_MOE_COPY_ENGINES (-1)
 
 #define EPX_MOE_MAX_TOPK 16
 #define EPX_MOE_CONFIG_INITIALIZER                                                            \
@@ -377,7 +394,8 @@ typedef struct {
  * and N arrives in num_recv_tokens_device. The routing is then checked on the device, by
  * every rank for every rank: if any expert id is out of [-1, E), every rank writes -1 to
  * num_recv_tokens_device and nothing else, and combines and cached dispatches along that
- * handle write nothing. The CPU backend always synchronises (and fills both counts). */
+ * handle write nothing. The CPU backend always synchronises (and fills both counts), and so
+ * does a context on copy engines (EPX_MOE_COPY_ENGINES). */
 EPX_API epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in,
                                       epx_moe_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 

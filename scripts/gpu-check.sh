@@ -18,6 +18,8 @@
 #   fault     injected faults on the CUDA backend (tests/test_cuda_fault.c): every operation and
 #             fault on FAULT_NP ranks (default "2"; "2 3" adds 3 ranks sharing the GPUs), one
 #             log per operation and rank count (fault_<op>_np<N>.log: every rank's status and time)
+#   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
+#             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
 #   quick     cpu cuda (no benchmarks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -104,6 +106,15 @@ if has sweep; then
         EPX_CUDA_SMS=132 bench_moe moe_ht_fp8_132sms --dtype fp8
         bench_moe moe_ht_bf16_hostcount --dtype bf16 --count host
     } 2>&1 | tee "$OUT/sweep.txt" | grep -vE "progress"
+fi
+if has ce; then
+    ctest --test-dir build-gpu --output-on-failure -L cuda_ce --timeout 600 >"$OUT/ctest_ce.log" 2>&1 || rc=1
+    grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_ce.log" | tail -15
+    {
+        EPX_CUDA_SMS=0 bench_moe moe_ht_bf16_ce --dtype bf16
+        EPX_CUDA_SMS=0 bench_moe moe_ht_fp8_ce --dtype fp8
+        EPX_CUDA_SMS=0 EPX_CUDA_CE_SMS=132 bench_moe moe_ht_bf16_ce_132sms --dtype bf16
+    } 2>&1 | tee "$OUT/ce.txt" | grep -vE "progress"
 fi
 if has nccl; then
     ctest --test-dir build-gpu --output-on-failure -R '^nccl_' --timeout 600 >"$OUT/ctest_nccl.log" 2>&1 || rc=1

@@ -10,6 +10,12 @@
  * epx_alltoallv_device: counts in device memory, changed before
  * every replay, and a count mismatch that must surface as an asynchronous error. Run with
  * 2+ ranks and --cuda.
+ *
+ * With the high-throughput payload on copy engines (--copy-engines, or EPX_CUDA_SMS=0 in the
+ * environment) a dispatch reads its counts back to the host: capturing one must fail with
+ * EPX_ERR_INVALID_USAGE on every rank, leave the capture intact and the communicator
+ * healthy. The MoE part then dispatches outside the graph and captures a cached dispatch +
+ * identity expert + combine along that handle, replayed with new tokens every time.
  */
 #include <string.h>
 
@@ -173,8 +179,118 @@ static unsigned g_mask(int it, int p, int t, int E, int R)
     return m;
 }
 
+static bool copy_engines; /* high-throughput MoE on copy engines (--copy-engines or EPX_CUDA_SMS=0) */
+static int num_sms = EPX_UNSET;
+
+/* Rows of replay `it` in recv (n of them; routing of replay `route`) and the combine of the
+ * identity expert in out, checked against what every rank sent. */
+static void check_moe(int it, int route, int me, int R, int E, int64_t n, const uint16_t *hrecv, const int32_t *hsr,
+                      const int32_t *hst, const uint16_t *hout)
+{
+    int64_t row = 0;
+    for (int p = 0; p < R; p++)
+        for (int t = 0; t < GT; t++) {
+            if (!((g_mask(route, p, t, E, R) >> me) & 1u)) continue;
+            if (hsr && row < n && (hsr[row] != p || hst[row] != t))
+                TEST_FAIL_("replay %d: row %lld from (%d, %d), expected (%d, %d)", it, (long long)row, hsr[row],
+                           hst[row], p, t);
+            for (int hh = 0; row < n && hh < GH; hh++)
+                if (hrecv[row * GH + hh] != g_x(it, p, t, hh))
+                    TEST_FAIL_("replay %d: recv_x[%lld][%d] wrong", it, (long long)row, hh);
+            row++;
+        }
+    if (n != row) TEST_FAIL_("replay %d: num_recv_tokens_device = %lld, expected %lld", it, (long long)n, (long long)row);
+    /* Combine of the identity: each token's row summed once per rank it went to. */
+    for (int t = 0; t < GT; t++) {
+        int copies = __builtin_popcount(g_mask(route, me, t, E, R));
+        for (int hh = 0; hh < GH; hh++) {
+            float v = epx_bf16_to_float(g_x(it, me, t, hh)), acc = 0.0f;
+            for (int i = 0; i < copies; i++) acc += v;
+            if (hout[t * GH + hh] != epx_float_to_bf16(acc))
+                TEST_FAIL_("replay %d: combine out[%d][%d] = 0x%x, expected 0x%x", it, t, hh, hout[t * GH + hh],
+                           epx_float_to_bf16(acc));
+        }
+    }
+}
+
+/* Copy engines: a captured dispatch fails cleanly; a dispatch outside the graph, then a
+ * cached dispatch + identity expert + combine along its handle, captured and replayed
+ * with new tokens every time. */
+static int replay_moe_ce(epx_comm_t comm, int me, int R, int rounds)
+{
+    cudaStream_t s = test_stream();
+    int E = 4 * R;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.num_sms = num_sms;
+    epx_moe_t moe;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
+    int64_t cap;
+    ASSERT_OK(epx_moe_max_recv_tokens(moe, &cap));
+    size_t xb = (size_t)GT * GH * 2, rb = (size_t)cap * GH * 2;
+    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
+    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK), *count = test_buf_alloc(sizeof(int64_t));
+    uint16_t *hx = malloc(xb), *hrecv = malloc(rb), *hout = malloc(xb);
+    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
+    epx_moe_dispatch_in_t in = {x, NULL, idx, NULL, GT, GK};
+    epx_moe_dispatch_out_t dout = {recv, NULL, NULL, NULL, NULL, NULL, NULL, cap, 0, count};
+    epx_moe_combine_in_t cin = {recv, NULL};
+    epx_moe_combine_out_t cout = {out, NULL};
+    for (int t = 0; t < GT; t++) {
+        for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(0, me, t, h);
+        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E);
+    }
+    test_buf_put(x, hx, xb);
+    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
+
+    /* A dispatch cannot be captured: every rank refuses it, nothing is enqueued. */
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    epx_moe_handle_t h = NULL;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    epx_status_t st = epx_moe_dispatch(moe, &in, &dout, &h, s);
+    CU(cudaStreamEndCapture(s, &graph));
+    if (st != EPX_ERR_INVALID_USAGE || !strstr(epx_comm_get_last_error(comm), "CUDA graph"))
+        TEST_FAIL_("captured dispatch on copy engines: got %s (%s), expected EPX_ERR_INVALID_USAGE naming CUDA graphs",
+                   epx_status_name(st), epx_comm_get_last_error(comm));
+    ASSERT(h == NULL);
+    CU(cudaGraphDestroy(graph));
+    epx_status_t async = EPX_ERR_INTERNAL;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+
+    /* Outside the graph: the count comes back to the host too. */
+    ASSERT_OK(epx_moe_dispatch(moe, &in, &dout, &h, s));
+    if (dout.num_recv_tokens < 0) TEST_FAIL_("dispatch on copy engines: num_recv_tokens = %lld", (long long)dout.num_recv_tokens);
+    int64_t n = dout.num_recv_tokens;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    ASSERT_OK(epx_moe_dispatch_cached(moe, h, &in, &dout, s));
+    ASSERT_OK(epx_moe_combine(moe, h, &cin, &cout, s));
+    CU(cudaStreamEndCapture(s, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    for (int it = 1; it <= rounds; it++) {
+        for (int t = 0; t < GT; t++)
+            for (int hh = 0; hh < GH; hh++) hx[t * GH + hh] = g_x(it, me, t, hh);
+        test_buf_put(x, hx, xb);
+        test_buf_poison(recv, 0xA5, rb);
+        test_buf_poison(out, 0xA5, xb);
+        CU(cudaGraphLaunch(exec, s));
+        test_buf_get(hrecv, recv, rb);
+        test_buf_get(hout, out, xb);
+        check_moe(it, 0, me, R, E, n, hrecv, NULL, NULL, hout);
+    }
+    CU(cudaGraphExecDestroy(exec));
+    CU(cudaGraphDestroy(graph));
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    test_sync();
+    ASSERT_OK(epx_moe_destroy(moe));
+    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(count);
+    free(hx), free(hrecv), free(hout), free(hidx);
+    return rounds + 1;
+}
+
 static int replay_moe(epx_comm_t comm, int me, int R, int rounds)
 {
+    if (copy_engines) return replay_moe_ce(comm, me, R, rounds);
     cudaStream_t s = test_stream();
     int E = 4 * R;
     epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
@@ -234,30 +350,7 @@ static int replay_moe(epx_comm_t comm, int me, int R, int rounds)
         test_buf_get(hst, src_token, sizeof(int32_t) * (size_t)cap);
         test_buf_get(hout, out, xb);
         /* Rows: every source's tokens bound for me, sources ascending, tokens ascending. */
-        int64_t row = 0;
-        for (int p = 0; p < R; p++)
-            for (int t = 0; t < GT; t++) {
-                if (!((g_mask(it, p, t, E, R) >> me) & 1u)) continue;
-                if (row < n && (hsr[row] != p || hst[row] != t))
-                    TEST_FAIL_("replay %d: row %lld from (%d, %d), expected (%d, %d)", it, (long long)row, hsr[row],
-                               hst[row], p, t);
-                for (int hh = 0; row < n && hh < GH; hh++)
-                    if (hrecv[row * GH + hh] != g_x(it, p, t, hh))
-                        TEST_FAIL_("replay %d: recv_x[%lld][%d] wrong", it, (long long)row, hh);
-                row++;
-            }
-        if (n != row) TEST_FAIL_("replay %d: num_recv_tokens_device = %lld, expected %lld", it, (long long)n, (long long)row);
-        /* Combine of the identity: each token's row summed once per rank it went to. */
-        for (int t = 0; t < GT; t++) {
-            int copies = __builtin_popcount(g_mask(it, me, t, E, R));
-            for (int hh = 0; hh < GH; hh++) {
-                float v = epx_bf16_to_float(g_x(it, me, t, hh)), acc = 0.0f;
-                for (int i = 0; i < copies; i++) acc += v;
-                if (hout[t * GH + hh] != epx_float_to_bf16(acc))
-                    TEST_FAIL_("replay %d: combine out[%d][%d] = 0x%x, expected 0x%x", it, t, hh, hout[t * GH + hh],
-                               epx_float_to_bf16(acc));
-            }
-        }
+        check_moe(it, it, me, R, E, n, hrecv, hsr, hst, hout);
     }
     CU(cudaGraphExecDestroy(exec));
     CU(cudaGraphDestroy(graph));
@@ -406,6 +499,10 @@ int main(int argc, char **argv)
 {
     test_init_cuda_only(argc, argv);
 #ifdef EPX_HAVE_CUDA
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--copy-engines")) copy_engines = true, num_sms = EPX_MOE_COPY_ENGINES;
+    const char *env_sms = getenv("EPX_CUDA_SMS");
+    if (env_sms && atoi(env_sms) <= 0) copy_engines = true;
     int me, R, passed = 0;
     epx_comm_t comm = test_comm_from_env(&me, &R);
     passed += replay(comm, me, R, 100, 200);    /* eager slots */

@@ -21,6 +21,10 @@
  *                   call right after; invalid and mismatched configurations at create
  *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT only)
  *   --case NAME     only the fixed high-throughput cases whose name contains NAME
+ *   --copy-engines  every context with num_sms = EPX_MOE_COPY_ENGINES (on the CUDA backend
+ *                   of one host: the payload moves on copy engines; dispatch then always
+ *                   reads its counts back, so num_recv_tokens is always filled), plus a
+ *                   create where one rank asks for SMs instead (EPX_ERR_MISMATCH)
  *   --cuda          all of it on the CUDA backend: every buffer the library reads or writes
  *                   is device memory (inputs put from a host copy, outputs poisoned in
  *                   stream order and fetched back before the checks), calls on the test
@@ -64,6 +68,7 @@ static void hold_stream(void)
 static epx_comm_t comm;
 static int me, R;
 static bool exact_ll_order = true;
+static int num_sms = EPX_UNSET; /* cfg.num_sms of every context (--copy-engines) */
 
 /* ---- Cases ------------------------------------------------------------------------------ */
 
@@ -375,6 +380,7 @@ static epx_moe_config_t world_cfg(const world_t *W)
     cfg.mode = W->c->mode;
     cfg.ll_fp8 = W->c->ll_fp8;
     cfg.scale_format = W->c->sfmt;
+    cfg.num_sms = num_sms;
     return cfg;
 }
 
@@ -646,7 +652,7 @@ static epx_moe_dispatch_out_t ht_out(const ht_bufs_t *B)
  * when it has a worst-case capacity and a device count (every rank alike in these tests). */
 static bool ht_no_sync(const world_t *W, const ht_bufs_t *B)
 {
-    return test_on_cuda() && B->dcount && B->cap >= (int64_t)R * W->M;
+    return test_on_cuda() && num_sms != EPX_MOE_COPY_ENGINES && B->dcount && B->cap >= (int64_t)R * W->M;
 }
 
 /* num_recv_tokens_device as the backend left it (poisoned before every dispatch). */
@@ -1803,6 +1809,7 @@ static int run_bad_create(void)
     base.max_tokens_per_rank = 4;
     base.num_experts = 2 * R;
     base.max_topk = 2;
+    base.num_sms = num_sms;
     /* The same invalid configuration on every rank. */
     for (int k = 0;; k++) {
         epx_moe_config_t cfg = base;
@@ -1851,6 +1858,21 @@ static int run_bad_create(void)
             ASSERT(moe == NULL);
             passed++;
         }
+    /* One rank on SMs, the others on copy engines (or the reverse): the CUDA backend of one
+     * host must refuse it (elsewhere num_sms means nothing). */
+    epx_comm_info_t info;
+    ASSERT_OK(epx_comm_info(comm, &info));
+    if (R > 1 && test_on_cuda() && info.num_hosts == 1) {
+        epx_moe_config_t cfg = base;
+        if (me == R - 1) cfg.num_sms = num_sms == EPX_MOE_COPY_ENGINES ? 16 : EPX_MOE_COPY_ENGINES;
+        epx_moe_t moe = NULL;
+        epx_status_t st = epx_moe_create(comm, &cfg, &moe);
+        if (st != EPX_ERR_MISMATCH)
+            TEST_FAIL_("create with copy engines on some ranks only: got %s, expected EPX_ERR_MISMATCH (%s)",
+                       epx_status_name(st), epx_get_last_error());
+        ASSERT(moe == NULL);
+        passed++;
+    }
     /* Local argument errors. */
     epx_moe_t moe = NULL;
     ASSERT_STATUS(epx_moe_create(NULL, &base, &moe), EPX_ERR_INVALID_ARGUMENT);
@@ -1955,6 +1977,7 @@ static void probe_cuda_moe(void)
     cfg.max_tokens_per_rank = 4;
     cfg.num_experts = R;
     cfg.max_topk = 1;
+    cfg.num_sms = num_sms;
     epx_moe_t moe = NULL;
     ASSERT_OK(moe_create(&cfg, &moe));
     ASSERT_OK(epx_moe_destroy(moe));
@@ -1972,6 +1995,7 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
         if (!strcmp(argv[i], "--random") && i + 1 < argc) nrandom = atoi(argv[++i]);
         if (!strcmp(argv[i], "--case") && i + 1 < argc) only = argv[++i];
+        if (!strcmp(argv[i], "--copy-engines")) num_sms = EPX_MOE_COPY_ENGINES;
     }
     comm = test_comm_from_env(&me, &R);
     ASSERT(R <= MAXR);

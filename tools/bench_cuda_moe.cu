@@ -1096,10 +1096,18 @@ int bench_cuda_moe(bench_ctx_t *b)
                          "ncclSend/ncclRecv, unpack; combine: ncclSend/ncclRecv back, reduce kernel)"
                        : "none");
         if (o->skew > 0) printf("# zipf exponent %.3g over a fixed random permutation of the experts\n", o->skew);
-        printf("# epx: SM budget %s (EPX_CUDA_SMS; the baseline's kernels use all SMs); dispatch %s\n",
-               getenv("EPX_CUDA_SMS") ? getenv("EPX_CUDA_SMS") : "24 (default)",
-               m->d_count ? "without host synchronisation (worst-case capacity, count on the device)"
-                          : "with the count read back to the host (one stream synchronisation)");
+        const char *sms = getenv("EPX_CUDA_SMS");
+        bool ce = !m->ll && sms && atoi(sms) <= 0; /* the high-throughput payload on copy engines */
+        if (ce)
+            printf("# epx: copy engines (EPX_CUDA_SMS=%s: the payload moves with cudaMemcpyAsync; pack and reduce "
+                   "kernels use %s blocks, EPX_CUDA_CE_SMS; the baseline's kernels use all SMs); dispatch with the "
+                   "count read back to the host (one stream synchronisation)\n",
+                   sms, getenv("EPX_CUDA_CE_SMS") ? getenv("EPX_CUDA_CE_SMS") : "32 (default)");
+        else
+            printf("# epx: SM budget %s (EPX_CUDA_SMS; the baseline's kernels use all SMs); dispatch %s\n",
+                   sms ? sms : "24 (default)",
+                   m->d_count ? "without host synchronisation (worst-case capacity, count on the device)"
+                              : "with the count read back to the host (one stream synchronisation)");
         if (ndev_min < R)
             printf("# note: %d ranks share %d GPU(s): times are not those of one rank per GPU\n", R, ndev_min);
         printf("# rows received per rank: mean %.1f, max %.0f (link: mean %.1f); bytes per row: dispatch %zu, "

@@ -123,7 +123,8 @@ static int usage(void)
             "  --skew S           Zipf exponent of the expert popularity (default 0: uniform)\n"
             "  --count C          CUDA ht dispatch: device (default; worst-case capacity, count on the\n"
             "                     device, no host synchronisation) or host (the count read back)\n"
-            "  (the CUDA SM budget is EPX_CUDA_SMS, default 24)\n");
+            "  (the CUDA SM budget is EPX_CUDA_SMS, default 24; EPX_CUDA_SMS=0 moves the ht payload\n"
+            "  with copy engines, its pack/reduce kernels on EPX_CUDA_CE_SMS blocks, default 32)\n");
     return 2;
 }
 

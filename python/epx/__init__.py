@@ -9,7 +9,7 @@ from ._errors import (AbortedError, CudaError, EpxError, InternalError, InvalidA
                       MismatchError, MpiError, NcclError, OutOfMemoryError, PeerFailureError, PeerTimeoutError,
                       RemoteInvalidError, SystemCallError, UnsupportedError, status_name, status_string)
 from ._comm import Comm, CommInfo, get_unique_id, params, rank_env, version
-from ._moe import DispatchResult, Handle, LLDispatchResult, Moe
+from ._moe import MOE_COPY_ENGINES, DispatchResult, Handle, LLDispatchResult, Moe
 
 library_path = _lib.path
 __version__ = "%d.%d.%d" % version()
@@ -18,4 +18,5 @@ __all__ = ["Comm", "CommInfo", "Moe", "Handle", "DispatchResult", "LLDispatchRes
            "rank_env", "version", "library_path", "EpxError", "InvalidArgumentError", "InvalidUsageError",
            "MismatchError", "RemoteInvalidError", "UnsupportedError", "OutOfMemoryError", "SystemCallError",
            "PeerTimeoutError", "PeerFailureError", "AbortedError", "CudaError", "NcclError", "MpiError",
-           "InternalError", "status_name", "status_string", "U8", "I32", "I64", "F16", "BF16", "F32", "FP8_E4M3"]
+           "InternalError", "status_name", "status_string", "U8", "I32", "I64", "F16", "BF16", "F32", "FP8_E4M3",
+           "MOE_COPY_ENGINES"]

@@ -16,6 +16,9 @@ LLDispatchResult = namedtuple("LLDispatchResult", "recv_x recv_x_scales recv_cou
 _MODES = {"ht": _lib.MOE_HIGH_THROUGHPUT, "high_throughput": _lib.MOE_HIGH_THROUGHPUT,
           "ll": _lib.MOE_LOW_LATENCY, "low_latency": _lib.MOE_LOW_LATENCY}
 _SCALES = {"f32": _lib.SCALE_F32, "float32": _lib.SCALE_F32, "ue8m0": _lib.SCALE_UE8M0}
+# num_sms value: on the CUDA backend of one host, the high-throughput payload moves with copy
+# engines (EPX_MOE_COPY_ENGINES in epx.h; EPX_CUDA_SMS=0 does the same).
+MOE_COPY_ENGINES = -1
 
 
 class Handle:

@@ -112,7 +112,10 @@ void epx__log_set_rank(int rank);
     X(CUDA_COPY_ENGINE_BYTES, "EPX_CUDA_COPY_ENGINE_BYTES", SIZE, "8M",                    \
       "CUDA: alltoallv with a pair above this size moves data with copy engines (no SMs)") \
     X(CUDA_SMS, "EPX_CUDA_SMS", INT, "24",                                                 \
-      "CUDA: SMs (thread blocks) the MoE copy and reduce kernels use, unless cfg.num_sms") \
+      "CUDA: SMs (thread blocks) the MoE copy and reduce kernels use, unless cfg.num_sms; "  \
+      "0 = move the MoE payload with copy engines (EPX_MOE_COPY_ENGINES)")                  \
+    X(CUDA_CE_SMS, "EPX_CUDA_CE_SMS", INT, "32",                                           \
+      "CUDA, MoE on copy engines: thread blocks of its local pack and reduce kernels")      \
     X(FAULT, "EPX_FAULT", STR, "",                                                         \
       "tests: inject faults, KIND:rank=R,step=N[,ms=M];... with KIND delay, kill or count") \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \

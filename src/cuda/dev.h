@@ -129,9 +129,22 @@ typedef struct {
     char *recv_x, *recv_scales;
 } epx__moe_gather_t;
 
+/* Copy-engine dispatch, the local half: my tokens [t0, t1) copied, each to every rank q it
+ * goes to (send_row[t, q] >= 0), as row send_row[t, q] - base[q] of dst[q] (scales of
+ * dst_s[q]); with `self` only q = me, else every q but me. */
 typedef struct {
-    const char *y[EPX__CUDA_MAX_RANKS];      /* [N_r, H] of each rank */
+    const char *x, *scales;                  /* my rows and FP8 scales (or NULL) */
+    const int *send_row;                     /* [T, R] */
+    int nranks, rank, self, t0, t1;
+    long long row_bytes, scale_bytes;
+    char *dst[EPX__CUDA_MAX_RANKS], *dst_s[EPX__CUDA_MAX_RANKS];
+    long long base[EPX__CUDA_MAX_RANKS];
+} epx__moe_pack_t;
+
+typedef struct {
+    const char *y[EPX__CUDA_MAX_RANKS];      /* [N_r, H] of each rank (row_base[r] is its first row) */
     const float *w[EPX__CUDA_MAX_RANKS];     /* [N_r, K] of each rank, or NULL */
+    long long row_base[EPX__CUDA_MAX_RANKS]; /* row i of rank r is y[r][i - row_base[r]] (0: all of N_r) */
     const int *send_row;                     /* [T, R] */
     const long long *rows;                   /* the handle's row count: nothing is written when < 0 */
     int num_tokens, nranks, topk, hidden, dtype; /* dtype: epx_dtype_t of y and out */
@@ -228,6 +241,8 @@ int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int al
 int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream);
 /* Sum every token's rows in ascending rank order (float32 from +0), then cast. */
 int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, int blocks, void *stream);
+/* Copy-engine dispatch: pack my rows of tokens [t0, t1) into their destinations (local). */
+int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, void *stream);
 
 /* Signal `kind` to every peer and wait for theirs (bounded); with `finish`, the operation
  * is complete afterwards (epoch advances). Returns a cudaError_t as int. */

@@ -9,6 +9,15 @@
  * When every rank gives a worst-case capacity and asks for the row count on the device,
  * dispatch skips that read-back: every rank checks every rank's routing on the device
  * (so all reach the same verdict without asking) and nothing waits for the device.
+ *
+ * On copy engines (EPX_MOE_COPY_ENGINES, epx.h) the payload is pushed instead: dispatch
+ * always reads the counts back, packs my rows per destination into my staging buffer (a
+ * local kernel, in stages) while a second stream copies each stage into the peers' recv_x
+ * (cudaMemcpyAsync on the IPC mappings), my own rows go straight into my recv_x, and the
+ * DONE signal after the copies tells every peer its rows are in. Combine copies each
+ * source's contiguous expert outputs (and weights) into the staging of the tokens' rank,
+ * signals DONE, and that rank reduces with the SM path's kernel. The routing outputs are
+ * the SM path's (the same row kernel reads every rank's routing).
  */
 #include "internal.h"
 
@@ -32,6 +41,11 @@ struct epx__cuda_moe {
     char *peer_stage[EPX__CUDA_MAX_RANKS];
     void *stage_open[EPX__CUDA_MAX_RANKS]; /* the peers' staging mappings pinned in the IPC cache */
     long long ll_srow, ll_hdr, ll_half, llc_srow, llc_half;
+    /* Copy engines: `stage` holds the rows I send (dispatch) or receive (combine). */
+    bool ce;
+    size_t ce_scale_off, ce_w_off;   /* where FP8 scales (dispatch) and weights (combine) start */
+    cudaStream_t ce_stream;          /* the dispatch's copies, beside its packs */
+    cudaEvent_t ce_ev[4], ce_join;   /* stage i packed; every copy done */
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
 };
 
@@ -44,6 +58,8 @@ struct epx__cuda_moe_handle {
     int *d_send_row;               /* [max_tokens, R] */
     int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
     int *d_home, *d_count;         /* low-latency: [L, slots] where my experts' rows go; [L] */
+    int *h_cnt;                    /* copy engines: the count matrix [R, R], then my tokens'
+                                      per chunk [chunks, R] (host copies of the dispatch's) */
     epx__ll_args_t ll_recv;        /* low-latency: the receive half of a split dispatch */
     epx__ll_combine_t ll_comb;     /* and of a split combine */
     epx__cuda_moe_t *owner;
@@ -61,6 +77,10 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     h = calloc(1, sizeof *h);
     if (!h) return NULL;
     h->owner = m;
+    if (m->ce && !(h->h_cnt = calloc((size_t)m->c->nranks * (size_t)(m->c->nranks + m->chunks), sizeof *h->h_cnt))) {
+        free(h);
+        return NULL;
+    }
     size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
     size_t tk = (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
     if (cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
@@ -76,6 +96,7 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
         cudaGetLastError();
         cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
         cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_home), cudaFree(h->d_count);
+        free(h->h_cnt);
         free(h);
         return NULL;
     }
@@ -90,6 +111,7 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
     cudaFree(h->d_rows);
     cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_home), cudaFree(h->d_count);
     cudaGetLastError();
+    free(h->h_cnt);
     free(h);
 }
 
@@ -100,6 +122,7 @@ typedef struct {
     int32_t device_count; /* dispatch: the caller wants the row count on the device */
     int64_t capacity;
     epx__ipc_card_t x, scales, topk_idx, weights; /* buffers peers read (y: in x) */
+    epx__ipc_card_t recv_x, recv_scales;          /* copy engines: buffers peers write */
 } epx__moe_card_t;
 
 #define EPX__CUDA_CHECK(call, st, err)                                                               \
@@ -124,10 +147,32 @@ static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long
     *chalf = EPX__ALIGN_UP(M * s->max_topk * *csrow, 256);
 }
 
-/* Everyone's staging area, mapped here (one host round at creation, then one to agree that
- * every rank mapped every peer's). The mappings are pinned in the IPC cache for the
- * context's life: kernels and captured graphs hold these pointers. */
-static epx_status_t epx__ll_map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
+/* Does this context move its high-throughput payload with copy engines (epx.h)? */
+static bool epx__moe_wants_ce(const epx__moe_shape_t *s)
+{
+    if (s->mode != EPX_MOE_HIGH_THROUGHPUT) return false;
+    if (s->num_sms == EPX_MOE_COPY_ENGINES) return true;
+    return s->num_sms <= 0 && epx__param_int(EPX__P_CUDA_SMS) <= 0;
+}
+
+/* The copy-engine staging buffer: the rows I send in a dispatch (then their FP8 scales at
+ * *scale_off), or the rows peers send me in a combine (then their weights at *w_off);
+ * (R - 1) * max_tokens rows either way. Returns its size. */
+static size_t epx__ce_layout(const epx__moe_shape_t *s, size_t *scale_off, size_t *w_off)
+{
+    size_t rows = (size_t)(s->nranks - 1) * (size_t)s->max_tokens;
+    *scale_off = EPX__ALIGN_UP(rows * s->row_bytes, (size_t)256);
+    size_t dispatch = *scale_off + (s->dtype == EPX_FP8_E4M3 ? rows * s->scale_cols * 4 : 0);
+    *w_off = EPX__ALIGN_UP(rows * s->combine_row_bytes, (size_t)256);
+    size_t combine = *w_off + rows * (size_t)s->max_topk * 4;
+    return EPX__MAX(EPX__MAX(dispatch, combine), (size_t)256);
+}
+
+/* Everyone's staging area (low-latency, or copy engines), mapped here (one host round at
+ * creation, then one to agree that every rank mapped every peer's). The mappings are
+ * pinned in the IPC cache for the context's life: kernels, copies and captured graphs hold
+ * these pointers. */
+static epx_status_t epx__map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
     int R = c->nranks;
@@ -162,14 +207,18 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
     int R = c->nranks;
     epx__cuda_fault_begin(c);
     epx__cuda_moe_t *m = calloc(1, sizeof *m);
-    uint64_t *all = calloc((size_t)R, sizeof *all);
+    uint64_t *all = calloc(2 * (size_t)R, sizeof *all);
     if (!m || !all) {
         free(m), free(all);
         return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     }
     m->c = c;
     m->s = *shape;
+    /* Copy engines: the local pack and reduce kernels get EPX_CUDA_CE_SMS blocks (and so
+     * does low-latency's fallback grid when EPX_CUDA_SMS is 0). */
+    m->ce = epx__moe_wants_ce(shape);
     int64_t sms = shape->num_sms > 0 ? shape->num_sms : epx__param_int(EPX__P_CUDA_SMS);
+    if (m->ce || sms <= 0) sms = epx__param_int(EPX__P_CUDA_CE_SMS);
     int dev_sms = 0;
     if (cudaDeviceGetAttribute(&dev_sms, cudaDevAttrMultiProcessorCount, c->device) == cudaSuccess && dev_sms > 0)
         sms = EPX__MIN(sms, (int64_t)dev_sms);
@@ -185,21 +234,35 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
         if (ce == cudaSuccess)
             ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts + 1));
         if (ce == cudaSuccess) ce = cudaMemset(m->d_layout_scratch, 0, sizeof(int) * (size_t)(R + shape->num_experts + 1));
-        if (ce == cudaSuccess) ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)R + 16, 0);
+        if (ce == cudaSuccess)
+            ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)(R + m->chunks) + 16, 0);
         if (ce == cudaSuccess && shape->mode == EPX_MOE_LOW_LATENCY) {
             epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half, &m->llc_srow, &m->llc_half);
             ce = cudaMalloc((void **)&m->stage, 2 * (size_t)m->ll_half + 2 * (size_t)m->llc_half);
+        }
+        if (ce == cudaSuccess && m->ce) {
+            ce = cudaMalloc((void **)&m->stage, epx__ce_layout(shape, &m->ce_scale_off, &m->ce_w_off));
+            if (ce == cudaSuccess) ce = cudaStreamCreateWithFlags(&m->ce_stream, cudaStreamNonBlocking);
+            for (int i = 0; i < 4 && ce == cudaSuccess; i++) ce = cudaEventCreateWithFlags(&m->ce_ev[i], cudaEventDisableTiming);
+            if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&m->ce_join, cudaEventDisableTiming);
         }
         /* The memsets above run on the legacy stream, which the caller's non-blocking
          * streams do not wait for: finish them before any call can use the words. */
         if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
         if (ce != cudaSuccess) local = epx__fail(err, EPX_ERR_CUDA, "MoE setup: %s", cudaGetErrorString(ce));
     }
-    epx_status_t st = epx__host_allgather(c->host, R, &hash, all, sizeof hash, local, err);
+    /* The path is part of the configuration: a pushing rank needs pushing peers. */
+    uint64_t mine[2] = {hash, m->ce};
+    epx_status_t st = epx__host_allgather(c->host, R, mine, all, sizeof mine, local, err);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++)
-        if (all[p] != hash) st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, c->rank);
+        if (all[2 * p] != hash)
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, c->rank);
+        else if (all[2 * p + 1] != mine[1])
+            st = epx__fail(err, EPX_ERR_MISMATCH,
+                           "rank %d moves the MoE payload with %s, rank %d with %s (cfg.num_sms / EPX_CUDA_SMS)", p,
+                           all[2 * p + 1] ? "copy engines" : "SMs", c->rank, m->ce ? "copy engines" : "SMs");
     free(all);
-    if (st == EPX_SUCCESS && shape->mode == EPX_MOE_LOW_LATENCY) st = epx__ll_map_stages(m, err);
+    if (st == EPX_SUCCESS && (shape->mode == EPX_MOE_LOW_LATENCY || m->ce)) st = epx__map_stages(m, err);
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_destroy(m);
         return st;
@@ -218,6 +281,10 @@ int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
         epx__ll_layout(s, &srow, &hdr, &half, &csrow, &chalf);
         context += 2 * half + 2 * chalf;
         handle += 2 * 4 * M * s->max_topk + 4 + 4 * (int64_t)s->local_experts * (int64_t)(s->ll_slots + 1);
+    }
+    if (epx__moe_wants_ce(s)) {
+        size_t a, b;
+        context += (int64_t)epx__ce_layout(s, &a, &b);
     }
     return context + handle;
 }
@@ -240,6 +307,10 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_expert_counts);
     cudaFree(m->d_layout_scratch);
     cudaFree(m->stage);
+    if (m->ce_stream) cudaStreamDestroy(m->ce_stream);
+    for (int i = 0; i < 4; i++)
+        if (m->ce_ev[i]) cudaEventDestroy(m->ce_ev[i]);
+    if (m->ce_join) cudaEventDestroy(m->ce_join);
     if (m->h_counts) cudaFreeHost(m->h_counts);
     while (m->spare) {
         epx__cuda_moe_handle_t *h = m->spare;
@@ -350,6 +421,130 @@ static epx_status_t epx__moe_finish(epx__cuda_moe_t *m, epx_status_t st, void *s
     return st;
 }
 
+/* ---- Copy engines ---------------------------------------------------------------------------- */
+
+/* Where rank p's rows start in rank q's recv_x: the rows q receives from ranks before p. */
+static int64_t epx__ce_base(const int *cnt, int R, int p, int q)
+{
+    int64_t n = 0;
+    for (int s = 0; s < p; s++) n += cnt[s * R + q];
+    return n;
+}
+
+/* Where, in rank p's staging, lie the rows p exchanges with rank r (p's tokens at r): after
+ * those of every rank before r but p itself (which stages nothing of its own). */
+static int64_t epx__ce_stage_row(const int *cnt, int R, int p, int r)
+{
+    int64_t n = 0;
+    for (int s = 0; s < r; s++)
+        if (s != p) n += cnt[p * R + s];
+    return n;
+}
+
+/* Every peer's recv_x (and FP8 recv_x_scales), as mapped here, into dx and ds. */
+static epx_status_t epx__map_recv(epx__cuda_moe_t *m, const epx__moe_card_t *cards, const epx_moe_dispatch_out_t *out,
+                                  char **dx, char **ds, void *stream, epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    for (int p = 0; p < c->nranks; p++) {
+        bool own = p == c->rank;
+        const char *ptr;
+        EPX__CHECK(epx__card_map(c, p, &cards[p].recv_x, own ? out->recv_x : NULL, &ptr, stream, err));
+        dx[p] = (char *)(uintptr_t)ptr;
+        ds[p] = NULL;
+        if (m->s.dtype == EPX_FP8_E4M3) {
+            EPX__CHECK(epx__card_map(c, p, &cards[p].recv_scales, own ? (const void *)out->recv_x_scales : NULL, &ptr,
+                                     stream, err));
+            ds[p] = (char *)(uintptr_t)ptr;
+        }
+    }
+    return EPX_SUCCESS;
+}
+
+/* Copy-engine dispatch along h (its send rows and host counts), enqueued after the streams
+ * met: my rows for the peers packed into my staging in up to four stages of whole token
+ * chunks, each stage copied into the peers' recv_x (dx, ds: mapped here) on ce_stream as
+ * soon as it is packed, while the next is packed; then my own rows straight into my
+ * recv_x. The stream waits for every copy, so a signal after this orders them. */
+static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
+                                          const epx_moe_dispatch_in_t *in, const epx_moe_dispatch_out_t *out,
+                                          char *const *dx, char *const *ds, void *stream, epx__errbuf_t *err)
+{
+    int R = m->c->nranks, me = m->c->rank;
+    bool fp8 = m->s.dtype == EPX_FP8_E4M3;
+    const int *cnt = h->h_cnt, *chunk = h->h_cnt + R * R;
+    cudaStream_t s = (cudaStream_t)stream, cs = m->ce_stream;
+    epx__moe_pack_t k;
+    memset(&k, 0, sizeof k);
+    k.x = (const char *)in->x;
+    k.scales = fp8 ? (const char *)in->x_scales : NULL;
+    k.send_row = h->d_send_row;
+    k.nranks = R;
+    k.rank = me;
+    k.row_bytes = (long long)m->s.row_bytes;
+    k.scale_bytes = fp8 ? (long long)m->s.scale_cols * 4 : 0;
+    int64_t peer_rows = 0, at[EPX__CUDA_MAX_RANKS], sent[EPX__CUDA_MAX_RANKS];
+    for (int q = 0; q < R; q++) {
+        at[q] = epx__ce_stage_row(cnt, R, me, q);
+        sent[q] = 0;
+        k.base[q] = epx__ce_base(cnt, R, me, q);
+        k.dst[q] = m->stage + at[q] * k.row_bytes;
+        k.dst_s[q] = m->stage + m->ce_scale_off + at[q] * k.scale_bytes;
+        if (q != me) peer_rows += cnt[me * R + q];
+    }
+    int T = h->num_tokens, chunks = (T + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK;
+    /* Stages of at least 2 MiB: each copy costs microseconds of its own. */
+    int64_t stages = peer_rows == 0 ? 0 : EPX__MAX(peer_rows * k.row_bytes >> 21, (int64_t)1);
+    stages = EPX__MIN(EPX__MIN(stages, (int64_t)4), (int64_t)chunks);
+    cudaError_t e = cudaSuccess;
+    for (int g = 0; g < (int)stages && e == cudaSuccess; g++) {
+        int c0 = (int)(chunks * g / stages), c1 = (int)(chunks * (g + 1) / stages);
+        k.t0 = c0 * EPX__MOE_CHUNK;
+        k.t1 = EPX__MIN(c1 * EPX__MOE_CHUNK, T);
+        e = (cudaError_t)epx__cuda_launch_moe_pack(&k, m->blocks, stream);
+        if (e == cudaSuccess) e = cudaEventRecord(m->ce_ev[g], s);
+        if (e == cudaSuccess) e = cudaStreamWaitEvent(cs, m->ce_ev[g], 0);
+        for (int i = 1; i < R && e == cudaSuccess; i++) {
+            int q = (me + i) % R;
+            int64_t n = 0;
+            for (int cc = c0; cc < c1; cc++) n += chunk[cc * R + q];
+            if (n == 0) continue;
+            int64_t from = at[q] + sent[q], to = k.base[q] + sent[q];
+            e = cudaMemcpyAsync(dx[q] + to * k.row_bytes, m->stage + from * k.row_bytes, (size_t)(n * k.row_bytes),
+                                cudaMemcpyDeviceToDevice, cs);
+            if (e == cudaSuccess && fp8)
+                e = cudaMemcpyAsync(ds[q] + to * k.scale_bytes, m->stage + m->ce_scale_off + from * k.scale_bytes,
+                                    (size_t)(n * k.scale_bytes), cudaMemcpyDeviceToDevice, cs);
+            sent[q] += n;
+        }
+    }
+    /* My own rows: a local copy, beside the last copies. */
+    k.self = 1;
+    k.t0 = 0;
+    k.t1 = T;
+    k.dst[me] = (char *)out->recv_x;
+    k.dst_s[me] = (char *)out->recv_x_scales;
+    k.base[me] = 0;
+    if (e == cudaSuccess && cnt[me * R + me] > 0) e = (cudaError_t)epx__cuda_launch_moe_pack(&k, m->blocks, stream);
+    if (e == cudaSuccess && stages > 0) e = cudaEventRecord(m->ce_join, cs);
+    if (e == cudaSuccess && stages > 0) e = cudaStreamWaitEvent(s, m->ce_join, 0);
+    if (e != cudaSuccess)
+        return epx__fail(err, EPX_ERR_CUDA, "copy-engine dispatch enqueue: %s", cudaGetErrorString(e));
+    return EPX_SUCCESS;
+}
+
+/* A dispatch on copy engines reads counts back to the host: not while capturing. */
+static epx_status_t epx__ce_check_capture(void *stream, epx__errbuf_t *err)
+{
+    enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing((cudaStream_t)stream, &cap) != cudaSuccess) cudaGetLastError();
+    if (cap == cudaStreamCaptureStatusNone) return EPX_SUCCESS;
+    return epx__fail(err, EPX_ERR_INVALID_USAGE,
+                     "epx_moe_dispatch on copy engines (num_sms = EPX_MOE_COPY_ENGINES or EPX_CUDA_SMS=0) reads the "
+                     "row counts back to the host, so it cannot be captured in a CUDA graph: dispatch before the "
+                     "capture (cached dispatches and combines can be captured), or give the context an SM budget");
+}
+
 /* ---- Dispatch -------------------------------------------------------------------------------- */
 
 /* Every rank's token rows (and FP8 scales), as mapped here, into g->x and g->scales. */
@@ -394,8 +589,9 @@ static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
  * whatever `st` says, so the operation completes everywhere), gather them, finish. n: the
  * rows I receive, or -1 when not read back. */
 static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_t *rt, epx__moe_gather_t *g,
-                                     epx_moe_dispatch_out_t *out, epx_status_t st, int64_t n,
-                                     epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
+                                     const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out, char *const *dx,
+                                     char *const *ds, epx_status_t st, int64_t n, epx__cuda_moe_handle_t **handle,
+                                     void *stream, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
     epx__cuda_t *c = m->c;
@@ -408,6 +604,11 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
         h->num_tokens = rt->num_tokens[c->rank];
         h->topk = rt->topk;
         h->rows = n;
+        int R = c->nranks;
+        if (m->ce) { /* the count matrix, then my tokens' per chunk, as read back */
+            memcpy(h->h_cnt, m->h_counts, sizeof(int) * (size_t)R * (size_t)R);
+            memcpy(h->h_cnt + R * R, m->h_counts + R * R + (R * R) % 2 + 2, sizeof(int) * (size_t)R * (size_t)m->chunks);
+        }
         epx__moe_rows_out_t o = {m->d_counts, m->d_chunk_counts, m->chunks, out->recv_topk_idx, out->recv_topk_weights,
                                  out->recv_src_rank, out->recv_src_token, m->d_expert_counts, h->d_src_rank,
                                  h->d_src_token, h->d_send_row, m->d_bad, h->d_rows, (long long *)out->num_recv_tokens_device};
@@ -417,8 +618,12 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
             EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_align(m->d_expert_counts, out->num_recv_tokens_per_expert,
                                                                      s->local_experts, s->alignment, h->d_rows, stream),
                             st, err);
-        epx__gather_along(m, h, out, g);
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, m->blocks, stream), st, err);
+        if (m->ce) {
+            if (st == EPX_SUCCESS) st = epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err);
+        } else {
+            epx__gather_along(m, h, out, g);
+            EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, m->blocks, stream), st, err);
+        }
     }
     c->ops_started++;
     st = epx__moe_finish(m, st, stream, err);
@@ -453,8 +658,17 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         mine.has_weights = in->topk_weights != NULL;
         mine.capacity = out->capacity;
         mine.device_count = out->num_recv_tokens_device != NULL;
-        local = epx__card_export(c, &mine.x, in->x, T * s->row_bytes, err);
-        if (local == EPX_SUCCESS && fp8) local = epx__card_export(c, &mine.scales, in->x_scales, T * s->scale_cols * 4, err);
+        if (m->ce) { /* peers write my outputs; nobody reads my tokens */
+            size_t cap = (size_t)EPX__MAX(out->capacity, (int64_t)0);
+            local = epx__ce_check_capture(stream, err);
+            if (local == EPX_SUCCESS) local = epx__card_export(c, &mine.recv_x, out->recv_x, cap * s->row_bytes, err);
+            if (local == EPX_SUCCESS && fp8)
+                local = epx__card_export(c, &mine.recv_scales, out->recv_x_scales, cap * s->scale_cols * 4, err);
+        } else {
+            local = epx__card_export(c, &mine.x, in->x, T * s->row_bytes, err);
+            if (local == EPX_SUCCESS && fp8)
+                local = epx__card_export(c, &mine.scales, in->x_scales, T * s->scale_cols * 4, err);
+        }
         if (local == EPX_SUCCESS)
             local = epx__card_export(c, &mine.topk_idx, in->topk_idx, T * K * epx_dtype_size(s->index_dtype), err);
         if (local == EPX_SUCCESS) local = epx__card_export(c, &mine.weights, in->topk_weights, T * K * 4, err);
@@ -465,6 +679,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     memset(&rt, 0, sizeof rt);
     epx__moe_gather_t g;
     memset(&g, 0, sizeof g);
+    char *dx[EPX__CUDA_MAX_RANKS] = {0}, *ds[EPX__CUDA_MAX_RANKS] = {0};
     rt.rank = me;
     rt.nranks = R;
     rt.num_experts = s->num_experts;
@@ -484,7 +699,8 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
             if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
             rt.weights[p] = (const float *)ptr;
         }
-        if (st == EPX_SUCCESS) st = epx__map_tokens(m, cards, in, &g, stream, err);
+        if (st == EPX_SUCCESS)
+            st = m->ce ? epx__map_recv(m, cards, out, dx, ds, stream, err) : epx__map_tokens(m, cards, in, &g, stream, err);
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
@@ -495,7 +711,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
 
     /* Without host synchronisation only when every rank can take the worst case and reads
      * the count on the device: the cards are the same everywhere, so all ranks choose alike. */
-    bool no_sync = true;
+    bool no_sync = !m->ce; /* copy engines size their copies on the host */
     for (int p = 0; p < R; p++)
         no_sync = no_sync && cards[p].device_count && cards[p].capacity >= (int64_t)R * s->max_tokens;
 
@@ -510,12 +726,16 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                     st, err);
     if (no_sync) {
         free(cards);
-        return epx__moe_lay_out(m, &rt, &g, out, st, -1, handle, stream, err);
+        return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, -1, handle, stream, err);
     }
     EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts, m->d_counts, sizeof(int) * (size_t)R * (size_t)R, cudaMemcpyDeviceToHost, strm),
                     st, err);
     long long *h_bad = (long long *)(void *)(m->h_counts + R * R + (R * R) % 2);
     EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
+    if (m->ce) /* and my tokens' counts per chunk: the stages of the copies */
+        EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts + R * R + (R * R) % 2 + 2, m->d_chunk_counts + (size_t)me * m->chunks * R,
+                                        sizeof(int) * (size_t)R * (size_t)m->chunks, cudaMemcpyDeviceToHost, strm),
+                        st, err);
     EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
     if (st != EPX_SUCCESS) {
         free(cards);
@@ -540,7 +760,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                                      q, (long long)rows);
     }
     free(cards);
-    return epx__moe_lay_out(m, &rt, &g, out, st, n, handle, stream, err);
+    return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, n, handle, stream, err);
 }
 
 epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
@@ -560,16 +780,23 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     if (local == EPX_SUCCESS) {
         mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0);
         mine.routing_id = h->id;
-        local = epx__card_export(c, &mine.x, in->x, (size_t)h->num_tokens * s->row_bytes, err);
-        if (local == EPX_SUCCESS && fp8)
-            local = epx__card_export(c, &mine.scales, in->x_scales, (size_t)h->num_tokens * s->scale_cols * 4, err);
+        if (m->ce) { /* peers write my outputs: the rows the handle received */
+            local = epx__card_export(c, &mine.recv_x, out->recv_x, (size_t)h->rows * s->row_bytes, err);
+            if (local == EPX_SUCCESS && fp8)
+                local = epx__card_export(c, &mine.recv_scales, out->recv_x_scales, (size_t)h->rows * s->scale_cols * 4, err);
+        } else {
+            local = epx__card_export(c, &mine.x, in->x, (size_t)h->num_tokens * s->row_bytes, err);
+            if (local == EPX_SUCCESS && fp8)
+                local = epx__card_export(c, &mine.scales, in->x_scales, (size_t)h->num_tokens * s->scale_cols * 4, err);
+        }
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__moe_gather_t g;
     memset(&g, 0, sizeof g);
+    char *dx[EPX__CUDA_MAX_RANKS] = {0}, *ds[EPX__CUDA_MAX_RANKS] = {0};
     for (int pass = 0; st == EPX_SUCCESS; pass++) { /* see epx__cuda_moe_dispatch */
         uint64_t closed = c->ipc_closed;
-        st = epx__map_tokens(m, cards, in, &g, stream, err);
+        st = m->ce ? epx__map_recv(m, cards, out, dx, ds, stream, err) : epx__map_tokens(m, cards, in, &g, stream, err);
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
@@ -577,8 +804,12 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     if (st != EPX_SUCCESS) return st;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
-    epx__gather_along(m, h, out, &g);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
+    if (m->ce) {
+        if (st == EPX_SUCCESS) st = epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err);
+    } else {
+        epx__gather_along(m, h, out, &g);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
+    }
     c->ops_started++;
     st = epx__moe_finish(m, st, stream, err);
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
@@ -586,6 +817,49 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
 }
 
 /* ---- Combine --------------------------------------------------------------------------------- */
+
+/* Copy-engine combine along h, after the streams met: my expert outputs (and weights) for
+ * each peer, contiguous in y, copied into that peer's staging; DONE (every peer's copies
+ * into mine are complete), then the SM path's reduction over my own y and my staging. The
+ * operation completes on the device whatever `st` says (nothing is copied then). */
+static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
+                                    epx__moe_combine_t *k, epx_status_t st, void *stream, epx__errbuf_t *err)
+{
+    epx__cuda_t *c = m->c;
+    int R = c->nranks, me = c->rank;
+    const int *cnt = h->h_cnt;
+    long long rb = (long long)m->s.combine_row_bytes, wb = (long long)h->topk * 4;
+    cudaStream_t s = (cudaStream_t)stream;
+    cudaError_t e = cudaSuccess;
+    for (int i = 1; i < R && e == cudaSuccess && st == EPX_SUCCESS; i++) {
+        int p = (me + i) % R;
+        int64_t n = cnt[p * R + me], from = epx__ce_base(cnt, R, p, me), to = epx__ce_stage_row(cnt, R, p, me);
+        if (n == 0) continue;
+        e = cudaMemcpyAsync(m->peer_stage[p] + to * rb, (const char *)in->y + from * rb, (size_t)(n * rb),
+                            cudaMemcpyDeviceToDevice, s);
+        if (e == cudaSuccess && in->topk_weights)
+            e = cudaMemcpyAsync(m->peer_stage[p] + m->ce_w_off + to * wb, (const char *)in->topk_weights + from * wb,
+                                (size_t)(n * wb), cudaMemcpyDeviceToDevice, s);
+    }
+    if (e != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "copy-engine combine enqueue: %s", cudaGetErrorString(e));
+    c->ops_started++;
+    st = epx__moe_finish(m, st, stream, err); /* completes the operation on the device whatever happened */
+    if (st != EPX_SUCCESS) return st;
+    for (int r = 0; r < R; r++) {
+        if (r == me) {
+            k->y[r] = (const char *)in->y;
+            k->w[r] = in->topk_weights;
+            continue;
+        }
+        int64_t at = epx__ce_stage_row(cnt, R, me, r);
+        k->y[r] = m->stage + at * rb;
+        k->w[r] = in->topk_weights ? (const float *)(const void *)(m->stage + m->ce_w_off + at * wb) : NULL;
+        k->row_base[r] = epx__ce_base(cnt, R, me, r);
+    }
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(k, m->blocks, stream), st, err);
+    if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
+    return st;
+}
 
 epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
                                    epx_moe_combine_out_t *out, epx_status_t local, void *stream, epx__errbuf_t *err)
@@ -604,14 +878,16 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
         mine.routing_id = h->id;
         mine.has_weights = in->topk_weights != NULL;
         size_t rows = h->rows < 0 ? 1 : (size_t)h->rows; /* unknown on the host: export whatever was given */
-        local = epx__card_export(c, &mine.x, in->y, rows * s->combine_row_bytes, err);
-        if (local == EPX_SUCCESS)
-            local = epx__card_export(c, &mine.weights, in->topk_weights, rows * (size_t)h->topk * 4, err);
+        if (!m->ce) { /* copy engines: y and the weights are only read here */
+            local = epx__card_export(c, &mine.x, in->y, rows * s->combine_row_bytes, err);
+            if (local == EPX_SUCCESS)
+                local = epx__card_export(c, &mine.weights, in->topk_weights, rows * (size_t)h->topk * 4, err);
+        }
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__moe_combine_t k;
     memset(&k, 0, sizeof k);
-    for (int pass = 0; st == EPX_SUCCESS; pass++) { /* see epx__cuda_moe_dispatch */
+    for (int pass = 0; st == EPX_SUCCESS && !m->ce; pass++) { /* see epx__cuda_moe_dispatch */
         uint64_t closed = c->ipc_closed;
         for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
             const char *ptr = NULL;
@@ -635,6 +911,7 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     k.dtype = s->combine_dtype;
     k.out = out->out;
     k.out_w = out->out_topk_weights;
+    if (m->ce) return epx__ce_combine(m, h, in, &k, st, stream, err);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(&k, m->blocks, stream), st, err);
     c->ops_started++;
     st = epx__moe_finish(m, st, stream, err);

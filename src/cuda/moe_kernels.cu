@@ -251,6 +251,39 @@ extern "C" int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int block
     return (int)cudaGetLastError();
 }
 
+/* ---- Pack (copy-engine dispatch) -------------------------------------------------------------- */
+
+/* One warp per token: its row (and scales) to each destination of the pass. */
+static __global__ void __launch_bounds__(512) epx__k_moe_pack(epx__moe_pack_t k)
+{
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    int R = k.nranks;
+    for (long long t = k.t0 + warp; t < k.t1; t += nwarps) {
+        const char *src = k.x + t * k.row_bytes;
+        for (int i = 0; i < R; i++) {
+            int q = k.self ? k.rank : (k.rank + 1 + i) % R;
+            if (!k.self && q == k.rank) continue;
+            int row = k.send_row[t * R + q];
+            if (row >= 0) {
+                long long at = (long long)row - k.base[q];
+                epx__warp_copy(k.dst[q] + at * k.row_bytes, src, k.row_bytes);
+                if (k.scales) epx__warp_copy(k.dst_s[q] + at * k.scale_bytes, k.scales + t * k.scale_bytes, k.scale_bytes);
+            }
+            if (k.self) break;
+        }
+    }
+}
+
+extern "C" int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, void *stream)
+{
+    long long need = ((long long)(k->t1 - k->t0) * 32 + 511) / 512;
+    if (need <= 0) return (int)cudaSuccess;
+    if (blocks > need) blocks = (int)need;
+    epx__k_moe_pack<<<blocks, 512, 0, (cudaStream_t)stream>>>(*k);
+    return (int)cudaGetLastError();
+}
+
 /* ---- Combine -------------------------------------------------------------------------------- */
 
 /* One warp per token. bf16 rows of a multiple of 8 elements go 16 bytes at a time, four
@@ -269,8 +302,9 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
         for (int r = 0; r < R; r++) {
             int row = c.send_row[t * R + r];
             if (row < 0) continue;
-            src[n] = c.y[r] + (long long)row * row_bytes;
-            wsrc[n++] = c.w[r] ? c.w[r] + (long long)row * c.topk : (const float *)0;
+            long long at = (long long)row - c.row_base[r];
+            src[n] = c.y[r] + at * row_bytes;
+            wsrc[n++] = c.w[r] ? c.w[r] + at * c.topk : (const float *)0;
         }
         char *out = c.out + t * row_bytes;
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
