@@ -450,10 +450,9 @@ typedef struct {
 } epx_moe_ll_combine_in_t;
 
 /* Low-latency combine: out[T, H] bf16 (combine_dtype). Zero copy: y is read where it lies
- * (on the CUDA backend each row is read once, by its own rank, and pushed over NVLink to
- * its token's rank; y may be any device memory), so an expert kernel that writes its
- * output straight into y fills the communication buffer itself; nothing is copied before
- * the exchange. */
+ * (on the CUDA backend the peers read it over NVLink; it must be cudaMalloc'd or
+ * epx_mem_alloc memory), so an expert kernel that writes its output straight into y fills
+ * the communication buffer itself; nothing is copied before the exchange. */
 EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_ll_combine_in_t *in,
                                         void *out, void *stream);
 
@@ -463,8 +462,8 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * epx_moe_ll_dispatch_send takes epx_moe_ll_dispatch's arguments, sends this rank's tokens
  * and returns the handle; epx_moe_ll_dispatch_recv(handle) then receives and writes the
  * outputs given to the send. epx_moe_ll_combine_send takes epx_moe_ll_combine's arguments
- * and sends y's rows to their tokens' ranks; epx_moe_ll_combine_recv(handle) sums them and
- * writes out. y, topk_weights and out must stay valid and y unchanged until
+ * and publishes y (peers read it from then on); epx_moe_ll_combine_recv(handle) reads the
+ * peers' rows and writes out. y, topk_weights and out must stay valid and y unchanged until
  * that receive has completed (in stream order on CUDA). The outputs are complete once the
  * receive has completed; the results are those of the one-call versions. On the CPU
  * backends (and CUDA across hosts) the send does all the work and the receive only keeps

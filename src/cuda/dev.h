@@ -21,15 +21,16 @@ extern "C" {
  * low-latency flags hold low-latency sequence numbers (see ll_seq): LL, 2 s + c for the
  * dispatch send s whose rows and routing a peer finished pushing into me, c = 1 when that
  * peer had then received every dispatch before s (so it no longer reads the staging half
- * that send s + 1 fills); LLC_ARRIVE, likewise 2 s + c for the combine send s whose rows
- * a peer finished pushing into my combine staging. */
+ * that send s + 1 fills); LLC_ARRIVE, the combine send whose expert outputs a peer
+ * published; LLC_DONE, the combine receive a peer finished (it no longer reads mine). */
 enum {
     EPX__FLAG_ARRIVE = 0,
     EPX__FLAG_DONE = 1,
     EPX__FLAG_WRITTEN = 2,
     EPX__FLAG_LL = 3,
     EPX__FLAG_LLC_ARRIVE = 4,
-    EPX__FLAG_KINDS = 5
+    EPX__FLAG_LLC_DONE = 5,
+    EPX__FLAG_KINDS = 6
 };
 
 /* Low-latency sequences (ll_seq[] and their last-block counters ll_blocks[]): each counts
@@ -173,30 +174,14 @@ typedef struct {
     int *recv_count, *recv_src_rank, *recv_src_token;
     int *h_slot, *h_topk;                      /* the handle: [T, K] slot and expert of mine */
     int *h_bad;                                /* the handle: 1 when some routing was bad */
-    int *h_home, *h_count;                     /* the handle, for the combine: [L, slots] where
-                                                  each filled slot's row goes (EPX__LL_HOME),
-                                                  [L] filled slots */
-    int max_topk;
 } epx__ll_args_t;
 
-/* Where a combine row goes: staged row t * max_topk + k at its home rank p, k the first of
- * the token's k with that expert (a token may name an expert twice). */
-#define EPX__LL_HOME(p, t, k, max_tokens, max_topk) \
-    ((p) * (max_tokens) * (max_topk) + (t) * (max_topk) + (k))
-
-/* One low-latency combine. Every rank owns a combine staging area (two halves, by the
- * send's parity) of max_tokens * max_topk rows of srow bytes: row t * max_topk + k holds
- * the expert output of my token t's k-th expert when that expert lives on another rank. */
 typedef struct {
-    int rank, nranks;
-    const char *y;                         /* my [L, slots, H] expert outputs */
-    char *stage[EPX__CUDA_MAX_RANKS];      /* every rank's combine staging, mapped here */
-    long long srow, half_bytes;            /* one staged row; one parity's area */
-    const float *w;                        /* [T, K] */
-    const int *h_slot, *h_topk, *h_bad;    /* my tokens' slots and experts (the dispatch's) */
-    const int *h_home, *h_count;           /* my experts' rows: where each goes; how many */
-    int num_tokens, topk, max_tokens, max_topk, local_experts, hidden, dtype;
-    int vec;                               /* bf16, H % 8 == 0, y and out 16-byte aligned */
+    const char *y[EPX__CUDA_MAX_RANKS]; /* each rank's [L, slots, H] expert outputs, mapped */
+    const float *w;                     /* [T, K] */
+    const int *h_slot, *h_topk, *h_bad;
+    int num_tokens, topk, local_experts, hidden, dtype;
+    int vec;                            /* bf16, H % 8 == 0, y and out 16-byte aligned */
     long long slots;
     char *out;
 } epx__ll_combine_t;
@@ -210,14 +195,13 @@ int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, 
  * lay out my experts' slots (sources ascending, tokens ascending) and the handle's slots;
  * with bad routing anywhere, every count is -1 and nothing else is written. */
 int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
-/* Combine send s: once every home is done with the combine staging half of s's parity
- * (as for the dispatch send), push each of my experts' rows whose token lives on another
- * rank into that rank's staging, then set my LLC_ARRIVE flag at each (2 s + caught up). */
-int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream);
+/* Combine send s: my expert outputs are ready to be read (LLC_ARRIVE = s at every peer). */
+int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream);
 /* Combine receive s (with `send_too`, send s first, in the same kernel): wait for every
  * peer's LLC_ARRIVE, then out[t] = sum over k ascending of w[t,k] * y[e_k][slot] (float32
- * products and sums), each row read from my y or my staging. */
-int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too, void *stream);
+ * products and sums), then tell the peers and wait until all are done reading. */
+int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too, int blocks,
+                                void *stream);
 
 /* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
  * chunk c; *bad = first t*K+k of my routing out of [-1, E), or with `check_all` a value

@@ -72,28 +72,26 @@ static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0,
     }
 }
 
-/* Is the staging half that send n (of dispatch: flag EPX__FLAG_LL and sequence
- * EPX__LL_DISPATCH_RECVD; or of combine: EPX__FLAG_LLC_ARRIVE, EPX__LL_COMBINE_RECVD) fills
- * free at every rank (each received send n - 2)?
- * A rank whose flag says it had received all before a send >= n - 1 is; for another,
+/* Is the staging half that send n fills free at every rank (each received send n - 2)?
+ * A rank whose LL flag says it had received all before a send >= n - 1 is; for another,
  * wait (bounded) for its receive sequence, read over NVLink. My own receive n - 2 normally
  * came before this send on my stream (at most two sends are pending); its counter is
  * checked too, for receives enqueued on another stream. Every thread of the block calls it.
  * The counters are plain stores after a GPU-scope fence: they order only reads of the
  * staging area, whose values were consumed before the fence. */
-static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long long n, int flag, int recvd_kind)
+static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long long n)
 {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
     int q = (int)threadIdx.x;
-    if (n > 2 && q == d->rank && !epx__wait_geq(d, d->ll_seq + recvd_kind, n - 2, q)) ok = 0;
+    if (n > 2 && q == d->rank && !epx__wait_geq(d, d->ll_seq + EPX__LL_DISPATCH_RECVD, n - 2, q)) ok = 0;
     if (n > 2 && q < d->nranks && q != d->rank) {
-        unsigned long long v = epx__ld_acquire_sys(d->flags + ((size_t)flag * d->nranks + q) * EPX__FLAG_STRIDE);
+        unsigned long long v = epx__ld_acquire_sys(d->flags + ((size_t)EPX__FLAG_LL * d->nranks + q) * EPX__FLAG_STRIDE);
         if (!((v >> 1) >= n - 1 && (v & 1ull))) {
             const unsigned long long *recvd =
                 (const unsigned long long *)((const char *)d->peer_flags[q] + ((const char *)d->ll_seq - (const char *)d->flags)) +
-                recvd_kind;
+                EPX__LL_DISPATCH_RECVD;
             if (!epx__wait_geq(d, recvd, n - 2, q)) ok = 0;
         }
     }
@@ -110,7 +108,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
     int par = (int)(n & 1ull), me = a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
     /* The half of this parity was last filled by send n - 2: every rank must have received
      * it. (After a failed wait nothing is sent: the communicator is broken.) */
-    bool live = epx__ll_half_free(&d, n, EPX__FLAG_LL, EPX__LL_DISPATCH_RECVD);
+    bool live = epx__ll_half_free(&d, n);
     if (!live) T = 0;
     if (blockIdx.x == 0 && live)
         for (int q = 0; q < R; q++) {
@@ -212,7 +210,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
  * flag waits after others have finished. */
 static int epx__ll_resident(const void *kernel, int threads, int slot)
 {
-    static int cache[4][16];
+    static int cache[3][16];
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 16) dev = 0;
     if (cache[slot][dev] > 0) return cache[slot][dev];
@@ -259,27 +257,6 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS) epx__k_ll_receive
      * it are over (the last-block count is fenced). No flag is pushed to them: a store to
      * a peer at the end of this kernel cost 4-7 us. */
     epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
-}
-
-/* The block copies staged rows (source lp[i], token lt[i]) for i < n of my staging area
- * into n consecutive rows at dst: 16-byte words (row_bytes, srow and dst allow them),
- * spread over every thread, four loads in flight each. */
-static __device__ void epx__ll_block_rows(const epx__ll_args_t &a, int par, const int *lp, const int *lt, int n, char *dst)
-{
-    long long w = a.row_bytes / 16, items = (long long)n * w;
-    for (long long i0 = threadIdx.x; i0 < items; i0 += 4LL * blockDim.x) {
-        uint4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            long long i = i0 + (long long)u * blockDim.x;
-            if (i < items) v[u] = ((const uint4 *)epx__ll_row(&a, a.stage[a.rank], par, lp[i / w], lt[i / w]))[i % w];
-        }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            long long i = i0 + (long long)u * blockDim.x;
-            if (i < items) ((uint4 *)dst)[i] = v[u];
-        }
-    }
 }
 
 static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
@@ -329,7 +306,6 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
         }
     }
     int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    bool rows16 = (((unsigned long long)a.recv_x | (unsigned long long)a.row_bytes | (unsigned long long)a.srow) & 15ull) == 0;
     for (int e = blockIdx.x; e < a.num_experts; e += gridDim.x) {
         bool mine = e / L == me;
         int l = e % L, base = 0;
@@ -350,26 +326,19 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
                     long long at = (long long)l * a.slots + slot;
                     if (a.recv_src_rank) a.recv_src_rank[at] = p;
                     if (a.recv_src_token) a.recv_src_token[at] = (int)t;
-                    int kf = 0;
-                    while (h[4 + t * K + kf] != e) kf++;
-                    a.h_home[at] = EPX__LL_HOME(p, (int)t, kf, M, a.max_topk);
                 }
             }
             __syncthreads();
-            long long first = (long long)l * a.slots + base;
-            bool whole = rows16 && mine;
-            if (whole) epx__ll_block_rows(a, par, list_p, list_t, total, a.recv_x + first * a.row_bytes);
             for (int i = warp; mine && i < total; i += nwarps) {
-                long long at = first + i;
+                long long at = (long long)l * a.slots + base + i;
                 const char *src = epx__ll_row(&a, a.stage[me], par, list_p[i], list_t[i]);
-                if (!whole) epx__warp_copy(a.recv_x + at * a.row_bytes, src, a.row_bytes);
+                epx__warp_copy(a.recv_x + at * a.row_bytes, src, a.row_bytes);
                 if (a.fp8) epx__warp_copy(a.recv_scales + at * a.scale_bytes, src + a.scale_off, a.scale_bytes);
             }
             base += total;
             __syncthreads();
         }
         if (!mine) continue;
-        if (threadIdx.x == 0) a.h_count[l] = base;
         if (threadIdx.x == 0 && a.recv_count) a.recv_count[l] = base;
         for (long long s = base + threadIdx.x; s < a.slots; s += blockDim.x) {
             if (a.recv_src_rank) a.recv_src_rank[(long long)l * a.slots + s] = -1;
@@ -389,94 +358,46 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 
 /* ---- Combine ------------------------------------------------------------------------------ */
 
-/* Combine send: push my experts' rows whose token lives on another rank into that rank's
- * staging half `par`. Work item = (local expert, one of EPX__LL_PUSH_GROUPS groups of its
- * rows); a warp per row. */
-#define EPX__LL_PUSH_GROUPS 2
-static __device__ void epx__ll_push(const epx__ll_combine_t &c, int par)
-{
-    long long row_bytes = (long long)c.hidden * (c.dtype == EPX_F32 ? 4 : 2);
-    long long per_rank = (long long)c.max_tokens * c.max_topk;
-    int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, G = EPX__LL_PUSH_GROUPS;
-    for (long long item = blockIdx.x; item < (long long)c.local_experts * G; item += gridDim.x) {
-        int l = (int)(item / G), g = (int)(item % G), n = c.h_count[l];
-        for (int i = g + G * warp; i < n; i += G * nwarps) {
-            long long at = (long long)l * c.slots + i;
-            int home = c.h_home[at], p = (int)(home / per_rank);
-            if (p == c.rank) continue; /* my own tokens read y where it lies */
-            char *dst = c.stage[p] + (long long)par * c.half_bytes + (home % per_rank) * c.srow;
-            epx__warp_copy(dst, c.y + at * row_bytes, row_bytes);
-        }
-    }
-}
+/* A combine receive is one kernel: every block waits until the peers published their
+ * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
+ * block to finish tells the peers it is done reading theirs and waits until they are done
+ * with mine (my outputs may then be overwritten). */
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
 
-/* Combine send s (every block): wait until the homes' staging half is free, push, and the
- * last block to finish sets my LLC_ARRIVE flag at every rank. */
-static __device__ void epx__ll_combine_push(const epx__cuda_dev_t *d, const epx__ll_combine_t &c)
+static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
-    unsigned long long n = epx__ll_next(d, EPX__LL_COMBINE_SENT);
-    bool live = epx__ll_half_free(d, n, EPX__FLAG_LLC_ARRIVE, EPX__LL_COMBINE_RECVD);
-    if (live && !*(volatile const int *)c.h_bad) epx__ll_push(c, (int)(n & 1ull)); /* bad routing: nothing to send */
-    __threadfence_system();
-    if (!epx__ll_last_block(d, EPX__LL_COMBINE_SENT)) return;
-    unsigned long long caught_up = *(volatile unsigned long long *)(d->ll_seq + EPX__LL_COMBINE_RECVD) + 1ull >= n;
-    if (live) epx__signal_peers(d, EPX__FLAG_LLC_ARRIVE, 2 * n + caught_up);
-    epx__ll_complete(d, EPX__LL_COMBINE_SENT, n);
-}
-
-/* Row k of my token t, expert e: in my y when e is mine, else in my staging half `par`
- * at kf, the token's first k with expert e. */
-static __device__ __forceinline__ const char *epx__ll_comb_row(const epx__ll_combine_t &c, int par, long long t, int k,
-                                                               int kf, int e, long long row_bytes)
-{
-    int L = c.local_experts;
-    if (e / L == c.rank) return c.y + ((long long)(e % L) * c.slots + c.h_slot[t * c.topk + k]) * row_bytes;
-    return c.stage[c.rank] + (long long)par * c.half_bytes + (t * c.max_topk + kf) * c.srow;
-}
-
-static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, int par);
-
-/* A combine receive: every block waits until the peers pushed their rows for my tokens
- * (with send_too, after pushing mine), then sums its tokens' rows. Nothing is signalled at
- * the end: the next sends into my staging learn from my flag or my sequence that this one
- * is done. */
-#ifndef EPX__LL_COMBINE_MIN_BLOCKS
-#define EPX__LL_COMBINE_MIN_BLOCKS 1
-#endif
-static __global__ void __launch_bounds__(256, EPX__LL_COMBINE_MIN_BLOCKS) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
-{
-    if (send_too) epx__ll_combine_push(&d, c);
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
-    bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, 2 * n);
-    if (live && !*(volatile const int *)c.h_bad) epx__ll_combine_body(c, (int)(n & 1ull)); /* bad routing: nothing to combine */
+    if (send_too) epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    if (live && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
+    if (live) {
+        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, true); /* done reading the peers' outputs */
+        epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n);
+    }
+    if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
 }
 
-static __global__ void __launch_bounds__(256) epx__k_ll_combine_send(epx__cuda_dev_t d, epx__ll_combine_t c)
+/* Combine send: one block publishes my expert outputs. */
+static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
 {
-    epx__ll_combine_push(&d, c);
+    unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_SENT);
+    epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
 }
 
-/* Push blocks: a work item each, up to the blocks resident at once. */
-static int epx__ll_push_blocks(const epx__ll_combine_t *c, const void *kernel, int slot)
+extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream)
 {
-    int blocks = c->local_experts * EPX__LL_PUSH_GROUPS, most = epx__ll_resident(kernel, 256, slot);
-    return blocks < 1 ? 1 : blocks > most ? most : blocks;
-}
-
-extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream)
-{
-    int blocks = epx__ll_push_blocks(c, (const void *)epx__k_ll_combine_send, 3);
-    epx__k_ll_combine_send<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c);
+    epx__k_ll_combine_send<<<1, 32, 0, (cudaStream_t)stream>>>(*d);
     return (int)cudaGetLastError();
 }
 
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
  * that allow 16-byte loads, and sums the token's rows in k order. */
-static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, int par)
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
 {
-    int K = c.topk, H = c.hidden;
+    int K = c.topk, H = c.hidden, L = c.local_experts;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     if (c.vec) {
         /* Each thread: 8 channels of one token, every contributing row's load in flight
@@ -487,25 +408,23 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, int par)
             long long t = i / chunks, ch = i % chunks;
             uint4 v[EPX_MOE_MAX_TOPK]; /* static indices only: the arrays stay in registers */
             float w[EPX_MOE_MAX_TOPK];
-            int ek[EPX_MOE_MAX_TOPK];
-#pragma unroll
-            for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) ek[k] = k < K ? c.h_topk[t * K + k] : -1;
+            bool has[EPX_MOE_MAX_TOPK];
 #pragma unroll
             for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
-                if (ek[k] < 0) continue;
-                int kf = k;
-#pragma unroll
-                for (int j = k - 1; j >= 0; j--)
-                    if (ek[j] == ek[k]) kf = j;
-                v[k] = ((const uint4 *)epx__ll_comb_row(c, par, t, k, kf, ek[k], row_bytes))[ch];
-                w[k] = c.w[t * K + k];
+                int e = k < K ? c.h_topk[t * K + k] : -1;
+                has[k] = e >= 0;
+                if (has[k]) {
+                    const char *row = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
+                    v[k] = ((const uint4 *)row)[ch];
+                    w[k] = c.w[t * K + k];
+                }
             }
             float acc[8];
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[j] = 0.0f;
 #pragma unroll
             for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
-                if (ek[k] < 0) continue;
+                if (!has[k]) continue;
                 unsigned u[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
@@ -527,10 +446,9 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, int par)
         float w[EPX_MOE_MAX_TOPK];
         int nr = 0;
         for (int k = 0; k < K; k++) {
-            int e = c.h_topk[t * K + k], kf = 0;
+            int e = c.h_topk[t * K + k];
             if (e < 0) continue;
-            while (c.h_topk[t * K + kf] != e) kf++;
-            rows[nr] = epx__ll_comb_row(c, par, t, k, kf, e, row_bytes);
+            rows[nr] = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
             w[nr++] = c.w[(long long)t * K + k];
         }
         char *out = c.out + (long long)t * row_bytes;
@@ -568,19 +486,15 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, int par)
 }
 
 extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too,
-                                           void *stream)
+                                           int blocks, void *stream)
 {
-    int blocks = c->num_tokens < 1024 ? (c->num_tokens > 0 ? c->num_tokens : 1) : 1024; /* a block per token */
     if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
-        long long b = ((long long)c->num_tokens * (c->hidden / 8) + 255) / 256;
+        long long items = (long long)c->num_tokens * (c->hidden / 8);
+        long long b = (items + 255) / 256;
         blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
     }
-    if (send_too) { /* the same grid pushes first */
-        int push = epx__ll_push_blocks(c, (const void *)epx__k_ll_combine, 2);
-        if (blocks < push) blocks = push;
-    }
     int most = epx__ll_resident((const void *)epx__k_ll_combine, 256, 2);
-    if (blocks > most) blocks = most; /* blocks stride over the work; all resident: the waits meet */
+    if (blocks > most) blocks = most; /* blocks stride over the work */
     epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too); /* even with no tokens: it is the operation */
     return (int)cudaGetLastError();
 }

@@ -35,12 +35,11 @@ struct epx__cuda_moe {
     int *d_expert_counts; /* [L] */
     int *d_layout_scratch; /* [R + E + 1], zero between layouts */
     int *h_counts;       /* pinned: [R, R] then the bad entry */
-    /* Low-latency: my staging area (peers push into it: the dispatch's two halves, then
-     * the combine's two) and everyone's, mapped here. */
+    /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
     char *stage;
     char *peer_stage[EPX__CUDA_MAX_RANKS];
     void *stage_open[EPX__CUDA_MAX_RANKS]; /* the peers' staging mappings pinned in the IPC cache */
-    long long ll_srow, ll_hdr, ll_half, llc_srow, llc_half;
+    long long ll_srow, ll_hdr, ll_half;
     /* Copy engines: `stage` holds the rows I send (dispatch) or receive (combine). */
     bool ce;
     size_t ce_scale_off, ce_w_off;   /* where FP8 scales (dispatch) and weights (combine) start */
@@ -57,11 +56,12 @@ struct epx__cuda_moe_handle {
     int *d_src_rank, *d_src_token; /* [R * max_tokens] */
     int *d_send_row;               /* [max_tokens, R] */
     int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
-    int *d_home, *d_count;         /* low-latency: [L, slots] where my experts' rows go; [L] */
     int *h_cnt;                    /* copy engines: the count matrix [R, R], then my tokens'
                                       per chunk [chunks, R] (host copies of the dispatch's) */
     epx__ll_args_t ll_recv;        /* low-latency: the receive half of a split dispatch */
     epx__ll_combine_t ll_comb;     /* and of a split combine */
+    epx__ipc_card_t *ll_ycards;    /* [R] where the peers' y of that combine lie (mapped again at
+                                      the receive: a mapping may be closed in between) */
     epx__cuda_moe_t *owner;
     epx__cuda_moe_handle_t *next_spare;
 };
@@ -77,7 +77,9 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     h = calloc(1, sizeof *h);
     if (!h) return NULL;
     h->owner = m;
-    if (m->ce && !(h->h_cnt = calloc((size_t)m->c->nranks * (size_t)(m->c->nranks + m->chunks), sizeof *h->h_cnt))) {
+    if ((m->s.mode == EPX_MOE_LOW_LATENCY && !(h->ll_ycards = calloc((size_t)m->c->nranks, sizeof *h->ll_ycards))) ||
+        (m->ce && !(h->h_cnt = calloc((size_t)m->c->nranks * (size_t)(m->c->nranks + m->chunks), sizeof *h->h_cnt)))) {
+        free(h->ll_ycards);
         free(h);
         return NULL;
     }
@@ -90,12 +92,11 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
         (m->s.mode == EPX_MOE_LOW_LATENCY &&
          (cudaMalloc((void **)&h->d_slot, sizeof(int) * tk) != cudaSuccess ||
           cudaMalloc((void **)&h->d_topk, sizeof(int) * tk) != cudaSuccess ||
-          cudaMalloc((void **)&h->d_bad, sizeof(int)) != cudaSuccess ||
-          cudaMalloc((void **)&h->d_home, sizeof(int) * m->s.ll_slots * (size_t)m->s.local_experts) != cudaSuccess ||
-          cudaMalloc((void **)&h->d_count, sizeof(int) * (size_t)m->s.local_experts) != cudaSuccess))) {
+          cudaMalloc((void **)&h->d_bad, sizeof(int)) != cudaSuccess))) {
         cudaGetLastError();
         cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
-        cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_home), cudaFree(h->d_count);
+        cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
+        free(h->ll_ycards);
         free(h->h_cnt);
         free(h);
         return NULL;
@@ -109,8 +110,9 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
     cudaFree(h->d_src_token);
     cudaFree(h->d_send_row);
     cudaFree(h->d_rows);
-    cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_home), cudaFree(h->d_count);
+    cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
     cudaGetLastError();
+    free(h->ll_ycards);
     free(h->h_cnt);
     free(h);
 }
@@ -132,19 +134,15 @@ typedef struct {
             (st) = epx__fail(err, EPX_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));            \
     } while (0)
 
-/* The low-latency staging area. Dispatch: per source, a header (T, then int32 routing
- * [M, K]) and M rows of srow bytes (the row as received, then its scales when quantised);
- * two of them. Combine (after those): max_tokens * max_topk rows of csrow bytes, two. */
-static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long *hdr, long long *half, long long *csrow,
-                           long long *chalf)
+/* The low-latency staging area: per source, a header (T, then int32 routing [M, K]) and
+ * M rows of srow bytes (the row as received, then its scales when quantised); two of them. */
+static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long *hdr, long long *half)
 {
     long long M = EPX__MAX(s->max_tokens, 1), sb = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
     long long row = s->ll_fp8 ? EPX__ALIGN_UP((long long)s->hidden, 16) + (long long)s->scale_cols * sb : (long long)s->row_bytes;
     *srow = EPX__ALIGN_UP(row, 16);
     *hdr = EPX__ALIGN_UP(16 + 4 * M * s->max_topk, 128);
     *half = EPX__ALIGN_UP(s->nranks * *hdr + s->nranks * M * *srow, 256);
-    *csrow = EPX__ALIGN_UP((long long)s->combine_row_bytes, 16);
-    *chalf = EPX__ALIGN_UP(M * s->max_topk * *csrow, 256);
 }
 
 /* Does this context move its high-throughput payload with copy engines (epx.h)? */
@@ -237,8 +235,8 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
         if (ce == cudaSuccess)
             ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)(R + m->chunks) + 16, 0);
         if (ce == cudaSuccess && shape->mode == EPX_MOE_LOW_LATENCY) {
-            epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half, &m->llc_srow, &m->llc_half);
-            ce = cudaMalloc((void **)&m->stage, 2 * (size_t)m->ll_half + 2 * (size_t)m->llc_half);
+            epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half);
+            ce = cudaMalloc((void **)&m->stage, 2 * (size_t)m->ll_half);
         }
         if (ce == cudaSuccess && m->ce) {
             ce = cudaMalloc((void **)&m->stage, epx__ce_layout(shape, &m->ce_scale_off, &m->ce_w_off));
@@ -277,10 +275,10 @@ int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
     int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts + 1) + 16;
     int64_t handle = 3 * 4 * R * M + 8; /* each live dispatch handle */
     if (s->mode == EPX_MOE_LOW_LATENCY) {
-        long long srow, hdr, half, csrow, chalf;
-        epx__ll_layout(s, &srow, &hdr, &half, &csrow, &chalf);
-        context += 2 * half + 2 * chalf;
-        handle += 2 * 4 * M * s->max_topk + 4 + 4 * (int64_t)s->local_experts * (int64_t)(s->ll_slots + 1);
+        long long srow, hdr, half;
+        epx__ll_layout(s, &srow, &hdr, &half);
+        context += 2 * half;
+        handle += 2 * 4 * M * s->max_topk + 4;
     }
     if (epx__moe_wants_ce(s)) {
         size_t a, b;
@@ -921,6 +919,23 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
 
 /* ---- Low-latency ------------------------------------------------------------------------------ */
 
+/* Every rank's y of a low-latency combine (the cards in h->ll_ycards, mine = own) into
+ * k->y, mapped again until no mapping closed while they were taken. */
+static epx_status_t epx__ll_map_y(epx__cuda_t *c, epx__cuda_moe_handle_t *h, const void *own, epx__ll_combine_t *k,
+                                  void *stream, epx__errbuf_t *err)
+{
+    for (int pass = 0;; pass++) {
+        uint64_t closed = c->ipc_closed;
+        for (int p = 0; p < c->nranks; p++)
+            EPX__CHECK(epx__card_map(c, p, &h->ll_ycards[p], p == c->rank ? own : NULL, &k->y[p], stream, err));
+        if (c->ipc_closed == closed) return EPX_SUCCESS;
+        if (pass == 2) return epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
+    }
+}
+
+/* Blocks of a combine receive without 16-byte rows: one per token, up to 1024. */
+#define EPX__LL_COMBINE_BLOCKS(h) EPX__MIN(EPX__MAX((h)->num_tokens, 1), 1024)
+
 epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
                                        epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
@@ -961,7 +976,6 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.recv_x = out->recv_x, a.recv_scales = out->recv_x_scales;
     a.recv_count = out->recv_count, a.recv_src_rank = out->recv_src_rank, a.recv_src_token = out->recv_src_token;
     a.h_slot = h->d_slot, a.h_topk = h->d_topk, a.h_bad = h->d_bad;
-    a.h_home = h->d_home, a.h_count = h->d_count, a.max_topk = s->max_topk;
     h->id = (uint32_t)(c->ops_started + 1);
     h->num_tokens = in->num_tokens;
     h->topk = in->topk;
@@ -1000,31 +1014,29 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
         mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0); /* EPX_FAULT count */
         mine.routing_id = h->id;
         mine.has_weights = 1;
+        local = epx__card_export(c, &mine.x, in->y, (size_t)s->local_experts * s->ll_slots * s->combine_row_bytes, err);
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
-    free(cards);
-    if (st != EPX_SUCCESS) return st;
-    /* y is read here only (rows for other ranks are pushed into their staging): it may be
-     * any device memory. */
     epx__ll_combine_t k;
     memset(&k, 0, sizeof k);
-    k.rank = c->rank, k.nranks = R;
-    k.y = in->y;
-    for (int p = 0; p < R; p++) k.stage[p] = m->peer_stage[p] + 2 * m->ll_half;
-    k.srow = m->llc_srow, k.half_bytes = m->llc_half;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) h->ll_ycards[p] = cards[p].x;
+    free(cards);
+    if (st == EPX_SUCCESS) st = epx__ll_map_y(c, h, in->y, &k, stream, err);
+    if (st != EPX_SUCCESS) return st;
     k.w = in->topk_weights;
-    k.h_slot = h->d_slot, k.h_topk = h->d_topk, k.h_bad = h->d_bad, k.h_home = h->d_home, k.h_count = h->d_count;
-    k.num_tokens = h->num_tokens, k.topk = h->topk, k.max_tokens = EPX__MAX(s->max_tokens, 1), k.max_topk = s->max_topk;
-    k.local_experts = s->local_experts, k.hidden = s->hidden;
+    k.h_slot = h->d_slot, k.h_topk = h->d_topk, k.h_bad = h->d_bad;
+    k.num_tokens = h->num_tokens, k.topk = h->topk, k.local_experts = s->local_experts, k.hidden = s->hidden;
     k.dtype = s->combine_dtype, k.slots = (long long)s->ll_slots;
     k.out = out;
-    k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && (((uintptr_t)out | (uintptr_t)in->y) & 15u) == 0;
+    k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
+    for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0; /* a remap keeps the offsets */
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     if (split) {
         h->ll_comb = k;
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine_send(&c->dev, &k, stream), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine_send(&c->dev, stream), st, err);
     } else {
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, 1, stream), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, 1, EPX__LL_COMBINE_BLOCKS(h), stream),
+                        st, err);
     }
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     c->ops_started++;
@@ -1035,8 +1047,12 @@ epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h
                                    epx__errbuf_t *err)
 {
     epx_status_t st = EPX_SUCCESS;
+    if (combine) /* the peers' y again: calls since the send may have closed a mapping */
+        EPX__CHECK(epx__ll_map_y(m->c, h, h->ll_comb.y[m->c->rank], &h->ll_comb, stream, err));
     if (combine)
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&m->c->dev, &h->ll_comb, 0, stream), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&m->c->dev, &h->ll_comb, 0, EPX__LL_COMBINE_BLOCKS(h),
+                                                                  stream),
+                        st, err);
     else
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&m->c->dev, &h->ll_recv, stream), st, err);
     return st;
