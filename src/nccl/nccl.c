@@ -91,19 +91,33 @@ struct epx__nccl {
     cudaStream_t stream; /* host-staged exchanges */
     char *dbuf;          /* their device staging, stream-ordered on `stream`: freeing it never waits */
     size_t dbuf_bytes;
+    bool dbuf_sync;      /* no stream-ordered allocator here: dbuf is cudaMalloc'd */
     const void **ds; /* [nranks] staging pointers of one exchange */
     void **dr;
 };
+
+static void epx__nc_staging_free(epx__nccl_t *n)
+{
+    if (n->dbuf && n->dbuf_sync)
+        cudaFree(n->dbuf);
+    else if (n->dbuf)
+        cudaFreeAsync(n->dbuf, n->stream);
+    n->dbuf = NULL;
+    n->dbuf_bytes = 0;
+}
 
 /* The staging of host exchanges, grown (never shrunk) on the internal stream. */
 static epx_status_t epx__nc_staging(epx__nccl_t *n, size_t bytes, epx__errbuf_t *err)
 {
     if (bytes <= n->dbuf_bytes) return EPX_SUCCESS;
-    if (n->dbuf) cudaFreeAsync(n->dbuf, n->stream);
-    n->dbuf = NULL;
-    n->dbuf_bytes = 0;
+    epx__nc_staging_free(n);
     size_t want = EPX__MAX(bytes, (size_t)1 << 20);
-    cudaError_t ce = cudaMallocAsync((void **)&n->dbuf, want, n->stream);
+    cudaError_t ce = n->dbuf_sync ? cudaErrorNotSupported : cudaMallocAsync((void **)&n->dbuf, want, n->stream);
+    if (ce == cudaErrorNotSupported) {
+        cudaGetLastError();
+        n->dbuf_sync = true;
+        ce = cudaMalloc((void **)&n->dbuf, want);
+    }
     if (ce != cudaSuccess) {
         n->dbuf = NULL;
         cudaGetLastError();
@@ -243,9 +257,9 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
         else if (n->comm) /* not already aborted by the settle */
             epx__nc.abort(n->comm);
     }
-    /* Stream-ordered: a kernel of an adopted communicator that was not aborted may spin on
-     * the stream forever, and neither call waits for it. */
-    if (n->dbuf) cudaFreeAsync(n->dbuf, n->stream);
+    /* Stream-ordered (where CUDA can): a kernel of an adopted communicator that was not
+     * aborted may spin on the stream forever, and neither call waits for it. */
+    epx__nc_staging_free(n);
     if (n->stream) cudaStreamDestroy(n->stream);
     cudaGetLastError();
     free(n->ds);
