@@ -7,6 +7,14 @@
  * on several hosts (or on hosts simulated with EPX_LOCAL_SIZE) creates its NCCL
  * communicators itself, from epx's bootstrap. epx_comm_init_nccl adopts the caller's
  * instead. Either way hosts must hold the same number of ranks, numbered consecutively.
+ *
+ * CUDA graphs across hosts: every collective call (barrier, alltoall, alltoallv,
+ * alltoallv_device, each MoE call) and epx_moe_layout waits on the host, for its stream and
+ * for the other hosts, so none can be captured. Given a stream that is being captured, a
+ * call fails before any collective step and leaves the capture valid: with
+ * EPX_ERR_INVALID_USAGE on the capturing ranks, EPX_ERR_REMOTE_INVALID on the others
+ * (epx_moe_layout, a local call, on the calling rank only); nothing is changed and the
+ * communicator stays usable. The single-host rules of epx.h apply on one host.
  */
 #ifndef EPX_PUBLIC_CUDA_H
 #define EPX_PUBLIC_CUDA_H
@@ -19,7 +27,8 @@ extern "C" {
 
 /* Collective over the ranks of `nccl_comm`, an ncclComm_t passed as a pointer (ncclComm_t
  * is itself a pointer type: pass it as is). epx rank r is NCCL rank r; cfg may be NULL
- * (the backend is CUDA; cfg.device defaults to the NCCL communicator's device). NCCL
+ * (the backend is CUDA; cfg.device defaults to the NCCL communicator's device, and any
+ * other device is EPX_ERR_INVALID_ARGUMENT). NCCL
  * carries epx's rendezvous id from rank 0 to the others, then the communicator is made as
  * by epx_comm_init_rank. When its ranks span several hosts, epx moves data between hosts
  * on `nccl_comm` (point-to-point, on the streams the calls are given); on one host it
@@ -29,7 +38,10 @@ extern "C" {
  * kernels left running would otherwise hold up the device). Waits are bounded by
  * EPX_TIMEOUT_MS only on a non-blocking NCCL communicator (ncclConfig_t.blocking = 0); a
  * blocking one may wait inside NCCL while a peer is late. Do not call it inside the
- * caller's own ncclGroupStart/End. Fails alike on every rank. */
+ * caller's own ncclGroupStart/End. Fails alike on every rank: a rank's bad argument is
+ * agreed over NCCL (EPX_ERR_REMOTE_INVALID on the others); a rank that cannot take part at
+ * all makes the others fail within EPX_TIMEOUT_MS, and then NCCL kernels may be left on the
+ * communicator's streams: ncclCommAbort it. The error path never waits for the device. */
 EPX_API epx_status_t epx_comm_init_nccl(epx_comm_t *comm, void *nccl_comm, const epx_config_t *cfg);
 
 #ifdef __cplusplus

@@ -98,6 +98,23 @@ static void *boot_thread(void *argp)
     int mine = a->rank * 7, got[8];
     ASSERT_OK(epx__boot_allgather(boot, &mine, got, sizeof mine, &err));
     for (int r = 0; r < a->nranks_claimed; r++) ASSERT_EQ(got[r], r * 7);
+    /* A sum longer than the root's bounce buffer, then a round the last rank takes part in
+     * without buffers: everyone sees its part and the round ends. */
+    int64_t v[1100];
+    for (int i = 0; i < 1100; i++) v[i] = i * (a->rank + 1);
+    ASSERT_OK(epx__boot_allreduce_sum(boot, v, 1100, &err));
+    int64_t R = a->nranks_claimed;
+    for (int i = 0; i < 1100; i++) ASSERT_EQ(v[i], (int64_t)i * R * (R + 1) / 2);
+    int64_t part[3] = {a->rank + 1, 5, 6}, parts[8 * 3];
+    int f = R > 2 ? 0 : (int)R - 1; /* rank 0 relays: the others then get zeros but its part */
+    if (a->rank == f)
+        ASSERT_OK(epx__boot_allgather_fail(boot, part, sizeof part[0], sizeof part, &err));
+    else
+        ASSERT_OK(epx__boot_allgather(boot, part, parts, sizeof part, &err));
+    for (int r = 0; r < R && a->rank != f; r++) {
+        ASSERT_EQ(parts[r * 3], r == f || f != 0 ? r + 1 : 0);
+        ASSERT_EQ(parts[r * 3 + 1], r == f || f == 0 ? 0 : 5);
+    }
     ASSERT_OK(epx__boot_barrier(boot, &err));
     epx__boot_close(boot);
     return NULL;

@@ -126,43 +126,47 @@ static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *a
         int64_t status;
         epx_unique_id_t id;
     } card, *cards = calloc((size_t)R, sizeof card);
-    epx_status_t st = host_of && cards ? EPX_SUCCESS : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    int32_t *pids = malloc(sizeof(int32_t) * (size_t)c->local_size);
+    memset(&card, 0, sizeof card);
+    card.status = host_of && cards && pids ? EPX_SUCCESS : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    int first = -1;
+    if (card.status == EPX_SUCCESS) {
+        /* Everyone's host and local rank, as epx__topology numbers them. */
+        int64_t ls = epx__param_int(EPX__P_LOCAL_SIZE);
+        int nh = 0;
+        for (int r = 0; r < R; r++) {
+            if (ls > 0) {
+                int l = (int)EPX__MIN(ls, (int64_t)R);
+                host_of[r] = r / l, lrank_of[r] = r % l;
+                continue;
+            }
+            host_of[r] = -1, lrank_of[r] = 0;
+            for (int q = 0; q < r; q++)
+                if (all[q].host_hash == all[r].host_hash) host_of[r] = host_of[q], lrank_of[r]++;
+            if (host_of[r] < 0) host_of[r] = nh++;
+        }
+        for (int r = 0; r < R && first < 0; r++)
+            if (host_of[r] == c->host) first = r;
+        if (c->local_rank == 0) card.status = epx__boot_create_id(&card.id, &c->err);
+    }
+    /* Every rank's status travels with the ids: a failure here stops every rank at once. */
+    epx_status_t st = cards ? epx__boot_allgather(c->boot, &card, cards, sizeof card, &c->err)
+                            : epx__boot_allgather_fail(c->boot, &card, sizeof card.status, sizeof card, &c->err);
+    if (st == EPX_SUCCESS) st = (epx_status_t)card.status;
+    for (int r = 0; r < R && st == EPX_SUCCESS; r++)
+        if (cards[r].status != EPX_SUCCESS)
+            st = epx__fail(&c->err, EPX_ERR_REMOTE_INVALID, "rank %d could not start its part of the communicator (%s)",
+                           r, epx_status_name((epx_status_t)cards[r].status));
     if (st != EPX_SUCCESS) {
-        free(host_of), free(cards);
+        free(host_of), free(cards), free(pids);
         epx__nccl_destroy(nccl, false);
         return st;
     }
-    /* Everyone's host and local rank, as epx__topology numbers them. */
-    int64_t ls = epx__param_int(EPX__P_LOCAL_SIZE);
-    int first = -1, nh = 0;
-    for (int r = 0; r < R; r++) {
-        if (ls > 0) {
-            int l = (int)EPX__MIN(ls, (int64_t)R);
-            host_of[r] = r / l, lrank_of[r] = r % l;
-            continue;
-        }
-        host_of[r] = -1, lrank_of[r] = 0;
-        for (int q = 0; q < r; q++)
-            if (all[q].host_hash == all[r].host_hash) host_of[r] = host_of[q], lrank_of[r]++;
-        if (host_of[r] < 0) host_of[r] = nh++;
-    }
-    for (int r = 0; r < R && first < 0; r++)
-        if (host_of[r] == c->host) first = r;
-    memset(&card, 0, sizeof card);
-    if (c->local_rank == 0) card.status = epx__boot_create_id(&card.id, &c->err);
-    st = epx__boot_allgather(c->boot, &card, cards, sizeof card, &c->err);
-    if (st == EPX_SUCCESS && cards[first].status != EPX_SUCCESS)
-        st = epx__fail(&c->err, EPX_ERR_REMOTE_INVALID, "local rank 0 of host %d could not create its rendezvous id",
-                       c->host);
-    epx_status_t local = st;
-    if (local == EPX_SUCCESS) {
-        c->nonce = epx__id_nonce(&cards[first].id);
-        int32_t pid = (int32_t)getpid(), *pids = malloc(sizeof(int32_t) * (size_t)c->local_size);
-        local = pids ? epx__boot_init(&c->host_boot, c->local_size, c->local_rank, &cards[first].id, &pid, sizeof pid,
-                                      pids, c->timeout_ms, &c->err)
-                     : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
-        free(pids);
-    }
+    c->nonce = epx__id_nonce(&cards[first].id);
+    int32_t pid = (int32_t)getpid();
+    epx_status_t local = epx__boot_init(&c->host_boot, c->local_size, c->local_rank, &cards[first].id, &pid,
+                                        sizeof pid, pids, c->timeout_ms, &c->err);
+    free(pids);
     if (local == EPX_SUCCESS)
         local = epx__cpu_create(&c->cpu, c->host_boot, c->local_rank, c->local_size, c->nonce, c->timeout_ms, &c->err);
     if (local == EPX_SUCCESS)

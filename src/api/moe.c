@@ -298,6 +298,9 @@ epx_status_t epx_moe_layout(epx_moe_t moe, const void *topk_idx, int num_tokens,
     EPX__CHECK(epx__check_routing(s, err, topk_idx, num_tokens, topk, EPX__ON_GPU(moe)));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_rank", per_rank, false, 4));
     EPX__CHECK(epx__check_buf(err, "num_tokens_per_expert", per_expert, false, 4));
+    /* Across hosts the layout waits for the stream, which a broken communicator's NCCL
+     * link may hold up: fail at once with what broke it, as the collective calls do. */
+    if (moe->xh) EPX__CHECK(epx__comm_check(moe->comm));
     if (moe->xh)
         return epx__xhost_moe_layout(moe->xh, topk_idx, num_tokens, topk, per_rank, per_expert, in_rank, stream, err);
     if (moe->cuda)

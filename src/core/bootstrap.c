@@ -594,6 +594,68 @@ epx_status_t epx__boot_allgather(epx__boot_t *b, const void *mine, void *all, si
     return EPX_SUCCESS;
 }
 
+/* Move `len` bytes through a small bounce buffer: received and dropped, or zeros sent. */
+static epx_status_t epx__sock_drain(int fd, size_t len, bool sending, uint64_t deadline, epx__errbuf_t *err,
+                                    const char *what)
+{
+    char buf[4096];
+    if (sending) memset(buf, 0, sizeof buf);
+    while (len > 0) {
+        size_t n = EPX__MIN(len, sizeof buf);
+        EPX__CHECK(epx__sock_io(fd, buf, n, sending, deadline, err, what));
+        len -= n;
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__boot_allgather_fail(epx__boot_t *b, const void *head, size_t head_len, size_t len,
+                                      epx__errbuf_t *err)
+{
+    uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
+    head_len = EPX__MIN(head_len, len);
+    if (b->nranks == 1) return EPX_SUCCESS;
+    size_t total = (size_t)b->nranks * len;
+    if (b->rank != 0) {
+        EPX__CHECK(epx__send_all(b->fds[0], head, head_len, deadline, err, "allgather to rank 0"));
+        EPX__CHECK(epx__sock_drain(b->fds[0], len - head_len, true, deadline, err, "allgather to rank 0"));
+        return epx__sock_drain(b->fds[0], total, false, deadline, err, "allgather from rank 0");
+    }
+    for (int r = 1; r < b->nranks; r++) {
+        epx_status_t st = epx__sock_drain(b->fds[r], len, false, deadline, err, "allgather from a rank");
+        if (st != EPX_SUCCESS)
+            return epx__fail(err, st, "bootstrap allgather: rank %d did not answer (%s)", r, epx_status_name(st));
+    }
+    /* Everyone gets my part in slot 0 and zeros for the others. */
+    for (int r = 1; r < b->nranks; r++) {
+        EPX__CHECK(epx__send_all(b->fds[r], head, head_len, deadline, err, "allgather to a rank"));
+        EPX__CHECK(epx__sock_drain(b->fds[r], total - head_len, true, deadline, err, "allgather to a rank"));
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__boot_allreduce_sum(epx__boot_t *b, int64_t *v, size_t n, epx__errbuf_t *err)
+{
+    uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
+    if (b->nranks == 1) return EPX_SUCCESS;
+    size_t bytes = n * sizeof *v;
+    if (b->rank != 0) {
+        EPX__CHECK(epx__send_all(b->fds[0], v, bytes, deadline, err, "allreduce to rank 0"));
+        return epx__recv_all(b->fds[0], v, bytes, deadline, err, "allreduce from rank 0");
+    }
+    int64_t chunk[512];
+    for (int r = 1; r < b->nranks; r++)
+        for (size_t i = 0; i < n;) {
+            size_t k = EPX__MIN(n - i, EPX__ARRAY_LEN(chunk));
+            epx_status_t st = epx__recv_all(b->fds[r], chunk, k * sizeof *v, deadline, err, "allreduce from a rank");
+            if (st != EPX_SUCCESS)
+                return epx__fail(err, st, "bootstrap allreduce: rank %d did not answer (%s)", r, epx_status_name(st));
+            for (size_t j = 0; j < k; j++, i++) v[i] = (int64_t)((uint64_t)v[i] + (uint64_t)chunk[j]);
+        }
+    for (int r = 1; r < b->nranks; r++)
+        EPX__CHECK(epx__send_all(b->fds[r], v, bytes, deadline, err, "allreduce to a rank"));
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx__boot_barrier(epx__boot_t *b, epx__errbuf_t *err)
 {
     char one = 1;

@@ -213,6 +213,15 @@ epx_status_t epx__boot_init(epx__boot_t **boot, int nranks, int rank, const epx_
 /* Collective over the star: everyone gets everyone's `len` bytes (rank-major). */
 epx_status_t epx__boot_allgather(epx__boot_t *boot, const void *mine, void *all, size_t len,
                                  epx__errbuf_t *err);
+/* Take part in an allgather of `len`-byte parts without its buffers (after this rank failed
+ * to allocate them): my part is `head` (head_len bytes, a status first) then zeros; what
+ * arrives is dropped. The round completes on every rank, which see the failure instead of
+ * timing out. The caller returns its own failure. */
+epx_status_t epx__boot_allgather_fail(epx__boot_t *boot, const void *head, size_t head_len, size_t len,
+                                      epx__errbuf_t *err);
+/* Collective over the star: v[0..n) summed over every rank, in place (wrapping int64).
+ * Allocates nothing; moves 2 * nranks * n * 8 bytes in all. */
+epx_status_t epx__boot_allreduce_sum(epx__boot_t *boot, int64_t *v, size_t n, epx__errbuf_t *err);
 epx_status_t epx__boot_barrier(epx__boot_t *boot, epx__errbuf_t *err);
 void epx__boot_close(epx__boot_t *boot);
 

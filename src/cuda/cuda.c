@@ -452,12 +452,26 @@ epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_stat
     return st;
 }
 
-/* Where my segment for each peer goes: the peers' receive buffers, mapped here. A second
- * host exchange, made only by operations too large for the eager slots. */
-static epx_status_t epx__map_destinations(epx__cuda_t *c, const epx__cpu_xfer_t *x, char **dst, void *stream,
-                                          epx__errbuf_t *err)
+/* One exchange of a plan: its path, and for the peer-writing paths the peers' receive
+ * buffers (their cards, then the mappings of them: dst[p] is where my segment for p goes). */
+typedef struct {
+    const epx__cpu_xfer_t *x;
+    epx__path_t path;
+    epx__ipc_card_t in[EPX__CUDA_MAX_RANKS];
+    char *dst[EPX__CUDA_MAX_RANKS];
+} epx__a2a_op_t;
+
+struct epx__cuda_a2a {
+    int n;
+    epx__a2a_op_t op[EPX__CUDA_A2A_MAX_OPS];
+};
+
+/* Swap receive-buffer cards for op (a second host exchange, made only by operations too
+ * large for the eager slots); the mapping comes later (epx__a2a_map). */
+static epx_status_t epx__swap_destinations(epx__cuda_t *c, epx__a2a_op_t *op, epx__errbuf_t *err)
 {
     int R = c->nranks, me = c->rank;
+    const epx__cpu_xfer_t *x = op->x;
     epx__ipc_card_t *cards = calloc(2 * (size_t)R, sizeof *cards), mine;
     if (!cards) return epx__host_fail(c->host, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
@@ -469,35 +483,47 @@ static epx_status_t epx__map_destinations(epx__cuda_t *c, const epx__cpu_xfer_t 
         cards[p].recv_displ = x->recv_displ[p];
     }
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
-    const epx__ipc_card_t *in = cards + R;
-    dst[me] = (char *)x->recv + x->recv_displ[me];
-    for (int pass = 0; st == EPX_SUCCESS; pass++) {
-        uint64_t closed = c->ipc_closed;
-        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-            if (p == me || x->send_bytes[p] == 0) continue;
-            st = epx__ipc_open(c, p, &in[p], &dst[p], stream, err);
-            if (st == EPX_SUCCESS) dst[p] += in[p].base_offset + in[p].recv_displ;
-        }
-        if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
-        if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
-    }
+    if (st == EPX_SUCCESS) memcpy(op->in, cards + R, sizeof *cards * (size_t)R);
     free(cards);
     return st;
 }
 
-epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
-                                 epx__errbuf_t *err)
+/* Map the peers' receive buffers of every peer-writing exchange in the plan, again while an
+ * open closes mappings taken before (epx__ipc_get). Local. */
+static epx_status_t epx__a2a_map(epx__cuda_t *c, epx__cuda_a2a_t *plan, void *stream, epx__errbuf_t *err)
+{
+    int R = c->nranks, me = c->rank;
+    for (int pass = 0;; pass++) {
+        uint64_t closed = c->ipc_closed;
+        epx_status_t st = EPX_SUCCESS;
+        for (int i = 0; i < plan->n && st == EPX_SUCCESS; i++) {
+            epx__a2a_op_t *op = &plan->op[i];
+            if (op->path == EPX__PATH_EAGER) continue;
+            op->dst[me] = (char *)op->x->recv + op->x->recv_displ[me];
+            for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+                if (p == me || op->x->send_bytes[p] == 0) continue;
+                st = epx__ipc_open(c, p, &op->in[p], &op->dst[p], stream, err);
+                if (st == EPX_SUCCESS) op->dst[p] += op->in[p].base_offset + op->in[p].recv_displ;
+            }
+        }
+        if (st != EPX_SUCCESS || c->ipc_closed == closed) return st;
+        if (pass == 2) return epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
+    }
+}
+
+/* The host exchanges of one exchange: counts agreed (a mismatch fails every rank), path
+ * chosen, the peers' receive buffers' cards swapped when needed. Every rank makes the same
+ * host exchanges whatever `local` says. */
+static epx_status_t epx__a2a_plan_op(epx__cuda_t *c, epx__a2a_op_t *op, epx_status_t local, epx__errbuf_t *err)
 {
     int R = c->nranks;
-    epx__cuda_fault_begin(c);
+    const epx__cpu_xfer_t *x = op->x;
     epx__a2a_card_t *cards = calloc(2 * (size_t)R, sizeof *cards), mine;
-    char **dst = calloc((size_t)R, sizeof *dst);
-    if (!cards || !dst) { /* still one host exchange, so the others return at once */
-        free(cards), free(dst);
+    if (!cards) { /* still one host exchange, so the others return at once */
         if (local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         return epx__host_fail(c->host, local, err);
     }
-    /* 1. Agree on the counts on the host, before anything is enqueued. */
+    /* Agree on the counts on the host, before anything is enqueued. */
     memset(&mine, 0, sizeof mine);
     for (int p = 0; p < R && local == EPX_SUCCESS; p++)
         mine.max_pair_bytes = EPX__MAX(mine.max_pair_bytes, EPX__MAX(x->send_bytes[p], x->recv_bytes[p]));
@@ -511,31 +537,78 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
     if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) cards[(c->rank + 1) % R].send_bytes += 1;
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
     const epx__a2a_card_t *in = cards + R;
-    if (st == EPX_SUCCESS) st = epx__check_cards(c, in, cards, err);
     /* A disagreement is seen only by the two ranks of the pair: agree on the verdict, so
-     * that no rank enqueues an operation the others skip. */
-    if (st == EPX_SUCCESS || st == EPX_ERR_MISMATCH) {
+     * that no rank enqueues an operation the others skip. Every rank gets here or none
+     * does (the swap fails on all ranks alike). */
+    if (st == EPX_SUCCESS) {
+        st = epx__check_cards(c, in, cards, err);
         int32_t v = st, all[EPX__CUDA_MAX_RANKS];
         epx_status_t agreed = epx__host_allgather(c->host, R, &v, all, sizeof v, st, err);
         if (st == EPX_SUCCESS) st = agreed;
     }
     int64_t global_max = 0;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) global_max = EPX__MAX(global_max, in[p].max_pair_bytes);
-    epx__path_t path = global_max <= (int64_t)c->dev.eager_bytes ? EPX__PATH_EAGER
-                       : global_max <= c->ce_bytes ? EPX__PATH_DIRECT
-                                                                                     : EPX__PATH_COPY_ENGINE;
-    /* 2. Larger operations write straight into the peers' receive buffers. */
-    if (st == EPX_SUCCESS && path != EPX__PATH_EAGER) st = epx__map_destinations(c, x, dst, stream, err);
-    /* 3. Enqueue. */
-    if (st == EPX_SUCCESS) {
-        epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
-        cudaError_t ce = path == EPX__PATH_EAGER    ? epx__enqueue_eager(c, x, stream)
-                         : path == EPX__PATH_DIRECT ? epx__enqueue_direct(c, x, dst, stream)
-                                                    : epx__enqueue_copy_engine(c, x, dst, stream);
-        if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "alltoallv enqueue: %s", cudaGetErrorString(ce));
-        else epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
+    op->path = global_max <= (int64_t)c->dev.eager_bytes ? EPX__PATH_EAGER
+               : global_max <= c->ce_bytes               ? EPX__PATH_DIRECT
+                                                         : EPX__PATH_COPY_ENGINE;
+    /* Larger operations write straight into the peers' receive buffers. */
+    if (st == EPX_SUCCESS && op->path != EPX__PATH_EAGER) st = epx__swap_destinations(c, op, err);
+    free(cards);
+    return st;
+}
+
+epx_status_t epx__cuda_a2a_prepare(epx__cuda_t *c, const epx__cpu_xfer_t *const *x, int n, epx_status_t local,
+                                   void *stream, epx__cuda_a2a_t **out, epx__errbuf_t *err)
+{
+    *out = NULL;
+    epx__cuda_a2a_t *plan = calloc(1, sizeof *plan);
+    if (!plan && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (n < 1 || n > EPX__CUDA_A2A_MAX_OPS) {
+        free(plan);
+        return epx__fail(err, EPX_ERR_INTERNAL, "an alltoallv plan of %d exchanges", n);
     }
-    free(cards), free(dst);
+    for (int i = 0; i < n; i++) {
+        if (!plan) {
+            local = epx__host_fail(c->host, local, err); /* each exchange's first host round */
+            continue;
+        }
+        plan->op[i].x = local == EPX_SUCCESS ? x[i] : NULL;
+        local = epx__a2a_plan_op(c, &plan->op[i], local, err);
+    }
+    if (!plan) return local;
+    plan->n = n;
+    if (local == EPX_SUCCESS) local = epx__a2a_map(c, plan, stream, err);
+    if (local != EPX_SUCCESS) {
+        free(plan);
+        return local;
+    }
+    *out = plan;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_a2a_enqueue(epx__cuda_t *c, const epx__cuda_a2a_t *plan, int i, void *stream,
+                                   epx__errbuf_t *err)
+{
+    const epx__a2a_op_t *op = &plan->op[i];
+    if (i == 0) epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
+    cudaError_t ce = op->path == EPX__PATH_EAGER    ? epx__enqueue_eager(c, op->x, stream)
+                     : op->path == EPX__PATH_DIRECT ? epx__enqueue_direct(c, op->x, op->dst, stream)
+                                                    : epx__enqueue_copy_engine(c, op->x, op->dst, stream);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "alltoallv enqueue: %s", cudaGetErrorString(ce));
+    if (i == plan->n - 1) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
+    return EPX_SUCCESS;
+}
+
+void epx__cuda_a2a_free(epx__cuda_a2a_t *plan) { free(plan); }
+
+epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
+                                 epx__errbuf_t *err)
+{
+    epx__cuda_fault_begin(c);
+    epx__cuda_a2a_t *plan;
+    epx_status_t st = epx__cuda_a2a_prepare(c, &x, 1, local, stream, &plan, err);
+    if (st == EPX_SUCCESS) st = epx__cuda_a2a_enqueue(c, plan, 0, stream, err);
+    epx__cuda_a2a_free(plan);
     return st;
 }
 

@@ -38,6 +38,20 @@ epx_status_t epx__cuda_mem_free(epx__cuda_t *cuda, void *ptr, epx__errbuf_t *err
 /* alltoallv of device buffers, byte counts on the host, enqueued on `stream`. */
 epx_status_t epx__cuda_alltoallv(epx__cuda_t *cuda, const epx__cpu_xfer_t *x, epx_status_t local_status,
                                  void *stream, epx__errbuf_t *err);
+/* The same in two halves, for callers that agree with more ranks than this host's before
+ * anything moves (src/xhost). prepare makes, for `n` exchanges (at most
+ * EPX__CUDA_A2A_MAX_OPS, enqueued later in that order), every host exchange, check,
+ * allocation and mapping, with `local` as this rank's verdict: this host's ranks make the
+ * same host exchanges whatever their verdicts; the result is this rank's (a mapping can
+ * fail on one rank only). enqueue(i) then only launches exchange i on `stream` and fails
+ * only on a CUDA launch error. x[i] must stay valid until exchange i is enqueued. */
+#define EPX__CUDA_A2A_MAX_OPS 2
+typedef struct epx__cuda_a2a epx__cuda_a2a_t;
+epx_status_t epx__cuda_a2a_prepare(epx__cuda_t *cuda, const epx__cpu_xfer_t *const *x, int n, epx_status_t local,
+                                   void *stream, epx__cuda_a2a_t **plan, epx__errbuf_t *err);
+epx_status_t epx__cuda_a2a_enqueue(epx__cuda_t *cuda, const epx__cuda_a2a_t *plan, int i, void *stream,
+                                   epx__errbuf_t *err);
+void epx__cuda_a2a_free(epx__cuda_a2a_t *plan);
 /* alltoallv whose counts and displacements (elements) live in device memory. */
 typedef struct {
     const void *send;

@@ -83,14 +83,59 @@ bool epx__nccl_available(const char **why)
 }
 
 struct epx__nccl {
-    ncclComm_t comm;
+    ncclComm_t comm; /* NULL once aborted here */
     bool owned;
+    bool dead; /* epx__nccl_abort was called (an adopted communicator is left to its owner) */
     int rank, nranks, device;
     int64_t timeout_ms;
     cudaStream_t stream; /* host-staged exchanges */
-    char *dbuf;          /* their device staging */
+    char *dbuf;          /* their device staging, stream-ordered on `stream`: freeing it never waits */
     size_t dbuf_bytes;
+    bool dbuf_sync;      /* no stream-ordered allocator here: dbuf is cudaMalloc'd */
+    const void **ds; /* [nranks] staging pointers of one exchange */
+    void **dr;
 };
+
+static void epx__nc_staging_free(epx__nccl_t *n)
+{
+    if (n->dbuf && n->dbuf_sync)
+        cudaFree(n->dbuf);
+    else if (n->dbuf)
+        cudaFreeAsync(n->dbuf, n->stream);
+    n->dbuf = NULL;
+    n->dbuf_bytes = 0;
+}
+
+/* The staging of host exchanges, grown (never shrunk) on the internal stream. */
+static epx_status_t epx__nc_staging(epx__nccl_t *n, size_t bytes, epx__errbuf_t *err)
+{
+    if (bytes <= n->dbuf_bytes) return EPX_SUCCESS;
+    epx__nc_staging_free(n);
+    size_t want = EPX__MAX(bytes, (size_t)1 << 20);
+    cudaError_t ce = n->dbuf_sync ? cudaErrorNotSupported : cudaMallocAsync((void **)&n->dbuf, want, n->stream);
+    if (ce == cudaErrorNotSupported) {
+        cudaGetLastError();
+        n->dbuf_sync = true;
+        ce = cudaMalloc((void **)&n->dbuf, want);
+    }
+    if (ce != cudaSuccess) {
+        n->dbuf = NULL;
+        cudaGetLastError();
+        return epx__fail(err, EPX_ERR_CUDA, "NCCL staging (%zu bytes): %s", want, cudaGetErrorString(ce));
+    }
+    n->dbuf_bytes = want;
+    return EPX_SUCCESS;
+}
+
+/* Can the communicator still move data? */
+static epx_status_t epx__nc_live(const epx__nccl_t *n, epx__errbuf_t *err)
+{
+    if (n->dead || !n->comm)
+        return epx__fail(err, EPX_ERR_ABORTED,
+                         "the NCCL communicator was aborted after an earlier failure: abort the epx communicator and "
+                         "create a new one");
+    return EPX_SUCCESS;
+}
 
 static epx_status_t epx__nc_fail(ncclComm_t comm, ncclResult_t r, epx__errbuf_t *err, const char *what)
 {
@@ -138,8 +183,15 @@ static epx_status_t epx__nc_finish(epx__nccl_t *n, epx__errbuf_t *err)
         return epx__nc_fail(n->comm, r, err, "querying the NCCL communicator");
     cudaError_t ce = cudaSetDevice(n->device);
     if (ce == cudaSuccess) ce = cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking);
-    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "NCCL staging stream: %s", cudaGetErrorString(ce));
-    return EPX_SUCCESS;
+    if (ce != cudaSuccess) {
+        n->stream = NULL;
+        return epx__fail(err, EPX_ERR_CUDA, "NCCL staging stream: %s", cudaGetErrorString(ce));
+    }
+    /* Everything a host exchange needs, so that it fails only in NCCL. */
+    n->ds = calloc((size_t)n->nranks, sizeof *n->ds);
+    n->dr = calloc((size_t)n->nranks, sizeof *n->dr);
+    if (!n->ds || !n->dr) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    return epx__nc_staging(n, 1, err);
 }
 
 epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const void *id, int64_t timeout_ms,
@@ -205,11 +257,28 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
         else if (n->comm) /* not already aborted by the settle */
             epx__nc.abort(n->comm);
     }
-    if (n->dbuf) cudaFree(n->dbuf);
+    /* Stream-ordered (where CUDA can): a kernel of an adopted communicator that was not
+     * aborted may spin on the stream forever, and neither call waits for it. */
+    epx__nc_staging_free(n);
     if (n->stream) cudaStreamDestroy(n->stream);
     cudaGetLastError();
+    free(n->ds);
+    free(n->dr);
     free(n);
 }
+
+void epx__nccl_abort(epx__nccl_t *n)
+{
+    if (!n || n->dead) return;
+    n->dead = true;
+    if (n->owned && n->comm) {
+        EPX_WARN(NET, "NCCL communicator (rank %d of %d) aborted after a failure", n->rank, n->nranks);
+        epx__nc.abort(n->comm);
+        n->comm = NULL;
+    }
+}
+
+bool epx__nccl_aborted(const epx__nccl_t *n) { return n->dead || !n->comm; }
 
 int epx__nccl_rank(const epx__nccl_t *n) { return n->rank; }
 int epx__nccl_size(const epx__nccl_t *n) { return n->nranks; }
@@ -218,7 +287,7 @@ int epx__nccl_device(const epx__nccl_t *n) { return n->device; }
 epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
                             const int64_t *rbytes, void *stream, uint64_t deadline, epx__errbuf_t *err)
 {
-    if (!n->comm) return epx__fail(err, EPX_ERR_NCCL, "the NCCL communicator was aborted");
+    EPX__CHECK(epx__nc_live(n, err));
     bool any = false;
     for (int p = 0; p < n->nranks; p++) any = any || sbytes[p] > 0 || rbytes[p] > 0;
     if (!any) return EPX_SUCCESS;
@@ -236,7 +305,7 @@ epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64
 
 epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx__errbuf_t *err)
 {
-    if (!n->comm) return epx__fail(err, EPX_ERR_NCCL, "the NCCL communicator was aborted");
+    EPX__CHECK(epx__nc_live(n, err));
     for (unsigned spin = 0;; spin++) {
         cudaError_t ce = cudaStreamQuery((cudaStream_t)stream);
         if (ce == cudaSuccess) return EPX_SUCCESS;
@@ -259,26 +328,14 @@ epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx
 epx_status_t epx__nccl_host_xchg(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
                                  const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
 {
-    if (!n->comm) return epx__fail(err, EPX_ERR_NCCL, "the NCCL communicator was aborted");
+    EPX__CHECK(epx__nc_live(n, err));
     int P = n->nranks;
     size_t total = 0;
     for (int p = 0; p < P; p++) total += (size_t)EPX__ALIGN_UP(sbytes[p], 256) + (size_t)EPX__ALIGN_UP(rbytes[p], 256);
     if (total == 0) return EPX_SUCCESS;
-    if (total > n->dbuf_bytes) {
-        if (n->dbuf) cudaFree(n->dbuf);
-        n->dbuf = NULL;
-        n->dbuf_bytes = 0;
-        size_t want = EPX__MAX(total, (size_t)1 << 20);
-        cudaError_t ce = cudaMalloc((void **)&n->dbuf, want);
-        if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "NCCL staging (%zu bytes): %s", want, cudaGetErrorString(ce));
-        n->dbuf_bytes = want;
-    }
-    const void **ds = malloc(sizeof *ds * (size_t)P);
-    void **dr = malloc(sizeof *dr * (size_t)P);
-    if (!ds || !dr) {
-        free(ds), free(dr);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    }
+    EPX__CHECK(epx__nc_staging(n, total, err));
+    const void **ds = n->ds;
+    void **dr = n->dr;
     size_t off = 0;
     cudaError_t ce = cudaSuccess;
     for (int p = 0; p < P; p++) {
@@ -294,10 +351,9 @@ epx_status_t epx__nccl_host_xchg(epx__nccl_t *n, const void *const *sbuf, const 
     if (st == EPX_SUCCESS) st = epx__nccl_post(n, ds, sbytes, dr, rbytes, n->stream, deadline, err);
     if (st == EPX_SUCCESS) st = epx__nccl_wait(n, n->stream, deadline, err);
     for (int p = 0; p < P && st == EPX_SUCCESS; p++)
-        if (rbytes[p] > 0) {
+        if (rbytes[p] > 0 && rbuf[p]) {
             ce = cudaMemcpy(rbuf[p], dr[p], (size_t)rbytes[p], cudaMemcpyDeviceToHost);
             if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "NCCL staging copy back: %s", cudaGetErrorString(ce));
         }
-    free(ds), free(dr);
     return st;
 }

@@ -30,6 +30,12 @@ epx_status_t epx__nccl_create(epx__nccl_t **nccl, int nranks, int rank, const vo
 epx_status_t epx__nccl_adopt(epx__nccl_t **nccl, void *nccl_comm, int64_t timeout_ms, epx__errbuf_t *err);
 /* Local. `abort`: ncclCommAbort instead of a clean destroy (owned communicators only). */
 void epx__nccl_destroy(epx__nccl_t *nccl, bool abort);
+/* After a failure that left some peers' operations unmatched: an owned communicator is
+ * aborted now (its peers' NCCL operations then fail instead of waiting); an adopted one is
+ * left to its owner. Either way every later call on `nccl` fails at once with
+ * EPX_ERR_ABORTED. Local; idempotent. */
+void epx__nccl_abort(epx__nccl_t *nccl);
+bool epx__nccl_aborted(const epx__nccl_t *nccl);
 int epx__nccl_rank(const epx__nccl_t *nccl);
 int epx__nccl_size(const epx__nccl_t *nccl);
 /* The CUDA device of the communicator. */
@@ -43,7 +49,7 @@ epx_status_t epx__nccl_post(epx__nccl_t *nccl, const void *const *sbuf, const in
 /* Wait until `stream` has run everything enqueued so far, watching the communicator. */
 epx_status_t epx__nccl_wait(epx__nccl_t *nccl, void *stream, uint64_t deadline, epx__errbuf_t *err);
 /* The same exchange for host buffers: staged through device memory on an internal
- * stream; complete on return. */
+ * stream; complete on return. rbuf[p] may be NULL: what p sends is then dropped. */
 epx_status_t epx__nccl_host_xchg(epx__nccl_t *nccl, const void *const *sbuf, const int64_t *sbytes,
                                  void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err);
 

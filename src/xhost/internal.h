@@ -15,6 +15,11 @@ struct epx__xhost {
     epx__hier_t *hier; /* MoE */
     char *gw, *fwd;    /* alltoallv device staging */
     size_t gw_bytes, fwd_bytes;
+    /* Per-call arrays, made at creation so that a call's data steps allocate nothing:
+     * NCCL peers' pointers and sizes [P], the two intra-host exchanges' arrays [8 * ls]. */
+    const void **sp;
+    void **rp;
+    int64_t *sb, *lx;
 };
 
 /* The NCCL peer index of rank p, which must be on my rail (or -1). */
@@ -26,6 +31,16 @@ static inline int epx__xh_peer(const epx__xhost_t *xh, int p)
 
 /* Everyone's `len` bytes over the bootstrap (rank-major into `all`). */
 epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, size_t len, epx__errbuf_t *err);
+/* Take part in such a round (parts of `len` bytes, an int64 status first) with the failure
+ * `st`, without buffers; returns st, or what broke the round. */
+epx_status_t epx__xh_allgather_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err);
+/* One round of every rank's status: `local` when it failed, EPX_ERR_REMOTE_INVALID ("rank p
+ * <what> (status)") when another rank's did, else what broke the round. */
+epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what, epx__errbuf_t *err);
+/* Can a call on `stream` run here? Calls across hosts wait on the host: not while the
+ * stream is being captured into a CUDA graph (EPX_ERR_INVALID_USAGE), nor after the NCCL
+ * link was aborted (EPX_ERR_ABORTED). Local; waits for nothing. */
+epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);
 /* Wait (bounded) until `stream` has run what was enqueued. */
 epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);
 

@@ -70,12 +70,17 @@ static void epx__h2d(void *dst, const void *src, size_t bytes, void *stream, epx
 enum { EPX__PRE_BAD = 1, EPX__PRE_ERR = 2, EPX__PRE_NOSYNC = 4 };
 
 /* One bootstrap round: does every rank skip (some routing bad, nobody else failing, every
- * rank's call of the no-sync kind)? */
-static epx_status_t epx__pre(epx__xhost_moe_t *m, int64_t code, bool *skip, epx__errbuf_t *err)
+ * rank's call of the no-sync kind)? `code` says bad and nosync; *local failing adds
+ * EPX__PRE_ERR (and becomes EPX_ERR_NO_MEMORY when the round's buffer cannot be had: this
+ * rank still takes part). Returns what broke the round. */
+static epx_status_t epx__pre(epx__xhost_moe_t *m, int64_t code, epx_status_t *local, bool *skip, epx__errbuf_t *err)
 {
     int R = m->xh->nranks;
     int64_t *all = malloc(sizeof *all * (size_t)R);
-    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    *skip = false;
+    if (!all && *local == EPX_SUCCESS) *local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (*local != EPX_SUCCESS) code |= EPX__PRE_ERR;
+    if (!all) return epx__boot_allgather_fail(m->xh->boot, &code, sizeof code, sizeof code, err);
     epx_status_t st = epx__xh_allgather(m->xh, &code, all, sizeof code, err);
     bool bad = false, other = false, nosync = true;
     for (int p = 0; p < R; p++) {
@@ -95,6 +100,7 @@ static epx_status_t epx__routing(epx__xhost_moe_t *m, const void *topk, int T, i
 {
     const epx__moe_shape_t *s = &m->s;
     *bad = false;
+    EPX__CHECK(epx__xh_usable(m->xh, stream, err)); /* before anything waits on the stream */
     EPX__CHECK(epx__xh_sync(m->xh, stream, err));
     epx_status_t st = EPX_SUCCESS;
     size_t is = epx_dtype_size(s->index_dtype);
@@ -147,10 +153,10 @@ int epx__xhost_moe_handle_tokens(const epx__xhost_moe_handle_t *h) { return h->T
 static epx_status_t epx__pre_handle(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h, epx_status_t *local,
                                     void *stream, bool *skip, epx__errbuf_t *err)
 {
+    if (*local == EPX_SUCCESS) *local = epx__xh_usable(m->xh, stream, err);
     if (*local == EPX_SUCCESS) *local = epx__xh_sync(m->xh, stream, err);
     bool bad = *local == EPX_SUCCESS && h->bad;
-    int64_t code = (bad ? EPX__PRE_BAD : 0) | (*local != EPX_SUCCESS ? EPX__PRE_ERR : 0) | EPX__PRE_NOSYNC;
-    EPX__CHECK(epx__pre(m, code, skip, err));
+    EPX__CHECK(epx__pre(m, (bad ? EPX__PRE_BAD : 0) | EPX__PRE_NOSYNC, local, skip, err));
     if (!*skip && bad) *local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "the handle's dispatch had bad routing");
     return EPX_SUCCESS;
 }
@@ -200,10 +206,14 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
         local = epx__routing(m, in->topk_idx, T, K, stream, &ids, &bad, err);
         nosync = out->num_recv_tokens_device && out->capacity >= (int64_t)s->nranks * s->max_tokens;
     }
-    int64_t code = (bad ? EPX__PRE_BAD : 0) | (local != EPX_SUCCESS ? EPX__PRE_ERR : 0) | (nosync ? EPX__PRE_NOSYNC : 0);
-    epx_status_t st = epx__pre(m, code, &skip, err);
-    if (st != EPX_SUCCESS) return st;
-    epx__xhost_moe_handle_t *h = epx__handle_new(T, &st, err);
+    /* The handle before the round: running out of memory is this rank's verdict. */
+    epx__xhost_moe_handle_t *h = epx__handle_new(T, &local, err);
+    int64_t code = (bad ? EPX__PRE_BAD : 0) | (nosync ? EPX__PRE_NOSYNC : 0);
+    epx_status_t st = epx__pre(m, code, &local, &skip, err);
+    if (st != EPX_SUCCESS) {
+        epx__xhost_moe_handle_free(h);
+        return st;
+    }
     if (skip) { /* as the CUDA backend's device check: counts -1, nothing else written */
         static const int64_t minus1 = -1;
         if (h) h->bad = true, h->n = 0, h->shown = -1;
@@ -217,7 +227,6 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
         return EPX_SUCCESS;
     }
     if (local == EPX_SUCCESS && bad) local = EPX_ERR_INVALID_ARGUMENT; /* err names the token */
-    if (local == EPX_SUCCESS && st != EPX_SUCCESS) local = st;
     size_t isz = epx_dtype_size(s->index_dtype), sc = s->scale_cols * sizeof(float);
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     epx_moe_dispatch_in_t hin = {0};
@@ -354,18 +363,19 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     bool bad = false, skip = false;
     int32_t *ids = NULL;
     if (local == EPX_SUCCESS) local = epx__routing(m, in->topk_idx, T, K, stream, &ids, &bad, err);
-    int64_t code = (bad ? EPX__PRE_BAD : 0) | (local != EPX_SUCCESS ? EPX__PRE_ERR : 0) | EPX__PRE_NOSYNC;
-    epx_status_t st = epx__pre(m, code, &skip, err);
-    if (st != EPX_SUCCESS) return st;
-    epx__xhost_moe_handle_t *h = epx__handle_new(T, &st, err);
+    /* The handle before the round: running out of memory is this rank's verdict. */
+    epx__xhost_moe_handle_t *h = epx__handle_new(T, &local, err);
     if (h) h->cnt = calloc((size_t)EPX__MAX(L, 1), sizeof(int32_t));
-    if (h && !h->cnt) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
-    if (skip) {
-        if (st == EPX_SUCCESS) {
-            h->bad = true;
-            for (int l = 0; l < L; l++) h->cnt[l] = -1;
-            epx__h2d(out->recv_count, h->cnt, sizeof(int32_t) * (size_t)L, stream, &st, err);
-        }
+    if (h && !h->cnt) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
+    epx_status_t st = epx__pre(m, (bad ? EPX__PRE_BAD : 0) | EPX__PRE_NOSYNC, &local, &skip, err);
+    if (st != EPX_SUCCESS) {
+        epx__xhost_moe_handle_free(h);
+        return st;
+    }
+    if (skip) { /* no rank failed: h is there */
+        h->bad = true;
+        for (int l = 0; l < L; l++) h->cnt[l] = -1;
+        epx__h2d(out->recv_count, h->cnt, sizeof(int32_t) * (size_t)L, stream, &st, err);
         if (st == EPX_SUCCESS) st = epx__xh_sync(m->xh, stream, err); /* h->cnt is the source */
         if (st != EPX_SUCCESS) {
             epx__xhost_moe_handle_free(h);
@@ -375,7 +385,6 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
         return EPX_SUCCESS;
     }
     if (local == EPX_SUCCESS && bad) local = EPX_ERR_INVALID_ARGUMENT;
-    if (local == EPX_SUCCESS && st != EPX_SUCCESS) local = st;
     size_t rb, sb, slots = s->ll_slots;
     epx__ll_sizes(s, &rb, &sb);
     epx_moe_ll_dispatch_in_t hin = {0};

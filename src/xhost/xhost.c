@@ -10,6 +10,48 @@ epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, si
     return epx__boot_allgather(xh->boot, mine, all, len, err);
 }
 
+epx_status_t epx__xh_allgather_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err)
+{
+    int64_t v = st;
+    epx_status_t r = epx__boot_allgather_fail(xh->boot, &v, sizeof v, len, err);
+    return r != EPX_SUCCESS ? r : st;
+}
+
+epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what, epx__errbuf_t *err)
+{
+    int64_t v = local, *all = malloc(sizeof *all * (size_t)xh->nranks);
+    if (!all)
+        return epx__xh_allgather_fail(xh, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"),
+                                      sizeof v, err);
+    epx_status_t st = epx__xh_allgather(xh, &v, all, sizeof v, err);
+    if (st == EPX_SUCCESS) st = local;
+    for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++)
+        if (all[p] != EPX_SUCCESS)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d %s (%s)", p, what,
+                           epx_status_name((epx_status_t)all[p]));
+    free(all);
+    return st;
+}
+
+epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
+{
+    if (epx__nccl_aborted(xh->nccl))
+        return epx__fail(err, EPX_ERR_ABORTED, "the NCCL link between hosts was aborted after an earlier failure: "
+                                               "abort the communicator and create a new one");
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    cudaError_t ce = cudaStreamIsCapturing((cudaStream_t)stream, &cs);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream %p: %s", stream, cudaGetErrorString(ce));
+    }
+    if (cs != cudaStreamCaptureStatusNone)
+        return epx__fail(err, EPX_ERR_INVALID_USAGE,
+                         "stream %p is being captured into a CUDA graph, but this call across hosts waits on the "
+                         "host (for the stream and for the other hosts): make it outside the capture",
+                         stream);
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
 {
     return epx__nccl_wait(xh->nccl, stream, epx__deadline_after_ms(xh->timeout_ms), err);
@@ -21,16 +63,7 @@ static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, uint64_t d
 {
     epx__xhost_t *xh = ctx;
     (void)deadline; /* the bootstrap bounds each of its rounds by EPX_TIMEOUT_MS */
-    int64_t *all = malloc(sizeof *all * (size_t)n * (size_t)xh->nranks);
-    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    epx_status_t st = epx__xh_allgather(xh, v, all, sizeof *v * (size_t)n, err);
-    for (int i = 0; i < n && st == EPX_SUCCESS; i++) {
-        int64_t s = 0;
-        for (int p = 0; p < xh->nranks; p++) s += all[(size_t)p * (size_t)n + (size_t)i];
-        v[i] = s;
-    }
-    free(all);
-    return st;
+    return epx__boot_allreduce_sum(xh->boot, v, (size_t)n, err);
 }
 
 static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes,
@@ -39,10 +72,12 @@ static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, 
     epx__xhost_t *xh = ctx;
     (void)tag; /* one batch at a time, matched in order */
     int P = epx__nccl_size(xh->nccl);
-    const void **sp = calloc((size_t)P, sizeof *sp);
-    void **rp = calloc((size_t)P, sizeof *rp);
-    int64_t *sb = calloc(2 * (size_t)P, sizeof *sb), *rb = sb ? sb + P : NULL;
-    epx_status_t st = sp && rp && sb ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    const void **sp = xh->sp;
+    void **rp = xh->rp;
+    int64_t *sb = xh->sb, *rb = sb + P;
+    memset(sp, 0, sizeof *sp * (size_t)P), memset(rp, 0, sizeof *rp * (size_t)P);
+    memset(sb, 0, sizeof *sb * 2 * (size_t)P);
+    epx_status_t st = EPX_SUCCESS;
     for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++) {
         if (sbytes[p] == 0 && rbytes[p] == 0) continue;
         int q = epx__xh_peer(xh, p);
@@ -54,25 +89,30 @@ static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, 
         rp[q] = rbuf[p], rb[q] = rbytes[p];
     }
     if (st == EPX_SUCCESS) st = epx__nccl_host_xchg(xh->nccl, sp, sb, rp, rb, deadline, err);
-    free(sp), free(rp), free(sb);
     return st;
 }
 
 /* ---- Create / destroy ------------------------------------------------------------------ */
 
-/* Agree on a creation step: the worst status of all ranks. */
-static epx_status_t epx__agree(epx__xhost_t *xh, epx_status_t st, epx__errbuf_t *err)
+/* The per-call arrays (internal.h). */
+static epx_status_t epx__xh_arrays(epx__xhost_t *xh, epx__errbuf_t *err)
 {
-    int64_t v = st, *all = malloc(sizeof *all * (size_t)xh->nranks);
-    if (!all) return st != EPX_SUCCESS ? st : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    epx_status_t ag = epx__xh_allgather(xh, &v, all, sizeof v, err);
-    for (int p = 0; p < xh->nranks && ag == EPX_SUCCESS && st == EPX_SUCCESS; p++)
-        if (all[p] != EPX_SUCCESS)
-            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d failed to create its part of the NCCL engine (%s)", p,
-                           epx_status_name((epx_status_t)all[p]));
-    free(all);
-    return st != EPX_SUCCESS ? st : ag;
+    size_t P = (size_t)epx__nccl_size(xh->nccl);
+    xh->sp = calloc(P, sizeof *xh->sp);
+    xh->rp = calloc(P, sizeof *xh->rp);
+    xh->sb = calloc(2 * P, sizeof *xh->sb);
+    xh->lx = calloc(8 * (size_t)xh->ls, sizeof *xh->lx);
+    if (!xh->sp || !xh->rp || !xh->sb || !xh->lx) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    return EPX_SUCCESS;
 }
+
+static const char epx__xh_create_what[] = "failed to create its part of the NCCL engine";
+
+/* What every rank tells the others first: its verdict and, on host 0, its rail's NCCL id. */
+typedef struct {
+    int64_t status;
+    char id[EPX__NCCL_ID_BYTES];
+} epx__rail_card_t;
 
 epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t *cpu, epx__cuda_t *cuda,
                                epx__nccl_t *adopted, int rank, int nranks, const int *host_of, const int *lrank_of,
@@ -80,9 +120,11 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
 {
     *out = NULL;
     epx__xhost_t *xh = calloc(1, sizeof *xh);
-    if (!xh) {
+    if (!xh) { /* the first round still, so that the others fail at once */
+        int64_t v = local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        epx__boot_allgather_fail(boot, &v, sizeof v, sizeof(epx__rail_card_t), err);
         epx__nccl_destroy(adopted, false);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        return (epx_status_t)v;
     }
     xh->boot = boot, xh->cpu = cpu, xh->cuda = cuda;
     xh->rank = rank, xh->nranks = nranks, xh->timeout_ms = timeout_ms;
@@ -100,29 +142,34 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "the NCCL communicator has %d ranks, epx's %d",
                           epx__nccl_size(adopted), nranks);
     /* Rails: rank (0, i) makes rail i's id. */
-    struct {
-        int64_t status;
-        char id[EPX__NCCL_ID_BYTES];
-    } card, *cards = calloc((size_t)nranks, sizeof card);
+    const char *why;
+    if (local == EPX_SUCCESS && !epx__nccl_available(&why))
+        local = epx__fail(err, EPX_ERR_UNSUPPORTED, "NCCL: %s", why);
+    epx__rail_card_t card, *cards = calloc((size_t)nranks, sizeof card);
     memset(&card, 0, sizeof card);
-    if (!cards) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (local == EPX_SUCCESS && !adopted && xh->host == 0) local = epx__nccl_get_id(card.id, err);
     card.status = local;
-    epx_status_t st = cards ? epx__xh_allgather(xh, &card, cards, sizeof card, err) : local;
+    epx_status_t st = cards ? epx__xh_allgather(xh, &card, cards, sizeof card, err)
+                            : epx__xh_allgather_fail(xh, local, sizeof card, err);
     if (st == EPX_SUCCESS) st = local;
     for (int p = 0; p < nranks && st == EPX_SUCCESS; p++)
         if (cards[p].status != EPX_SUCCESS)
             st = epx__fail(err, cards[p].status == EPX_ERR_UNSUPPORTED ? EPX_ERR_UNSUPPORTED : EPX_ERR_REMOTE_INVALID,
                            "rank %d could not join the NCCL engine (%s)", p,
                            epx_status_name((epx_status_t)cards[p].status));
-    if (st == EPX_SUCCESS && !adopted)
-        st = epx__agree(xh, epx__nccl_create(&xh->nccl, xh->num_hosts, xh->host, cards[xh->lrank].id, timeout_ms, err),
-                        err);
+    if (st == EPX_SUCCESS) {
+        epx_status_t mine = adopted ? EPX_SUCCESS
+                                    : epx__nccl_create(&xh->nccl, xh->num_hosts, xh->host, cards[xh->lrank].id,
+                                                       timeout_ms, err);
+        if (mine == EPX_SUCCESS) mine = epx__xh_arrays(xh, err);
+        st = epx__xh_vote(xh, mine, epx__xh_create_what, err);
+    }
     free(cards);
     if (st == EPX_SUCCESS) {
         epx__hier_link_t link = {xh, epx__link_allreduce, epx__link_xchg};
-        st = epx__agree(xh, epx__hier_create_link(&xh->hier, cpu, &link, rank, nranks, host_of, lrank_of, timeout_ms, err),
-                        err);
+        st = epx__xh_vote(xh, epx__hier_create_link(&xh->hier, cpu, &link, rank, nranks, host_of, lrank_of, timeout_ms, err),
+                          epx__xh_create_what, err);
     }
     if (st != EPX_SUCCESS) {
         epx__xhost_destroy(xh, true);
@@ -143,6 +190,7 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
     if (xh->gw) cudaFree(xh->gw);
     if (xh->fwd) cudaFree(xh->fwd);
     cudaGetLastError();
+    free(xh->sp), free(xh->rp), free(xh->sb), free(xh->lx);
     free(xh);
 }
 
@@ -166,8 +214,11 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
 {
     int R = xh->nranks, me = xh->rank, LS = xh->ls, NH = xh->num_hosts, i = xh->lrank, H0 = xh->host * LS;
     size_t W = 1 + 2 * (size_t)R;
+    if (local == EPX_SUCCESS) local = epx__xh_usable(xh, stream, err);
     int64_t *card = calloc(W * (size_t)(R + 1), sizeof *card), *all = card ? card + W : NULL;
-    if (!card) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!card)
+        return epx__xh_allgather_fail(
+            xh, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), sizeof *card * W, err);
     card[0] = local;
     for (int p = 0; p < R && local == EPX_SUCCESS; p++) card[1 + p] = x->send_bytes[p], card[1 + R + p] = x->recv_bytes[p];
     /* 1. Everyone's counts; every rank reaches the same verdict before anything moves. */
@@ -194,40 +245,58 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
         free(card);
         return st;
     }
+    /* 2. Everything that can fail: staging, the intra-host exchanges' host rounds and
+     * mappings (the pairs inside the host, straight between the callers' buffers; then the
+     * forwarded segments, xh->gw to xh->fwd). Then one verdict of every rank: a failure
+     * anywhere stops every host before anything is enqueued. */
     int P = epx__nccl_size(xh->nccl);
-    int64_t *lx = calloc(4 * (size_t)LS + 4 * (size_t)P, sizeof *lx);
-    const void **sp = calloc((size_t)P, sizeof *sp);
-    void **rp = calloc((size_t)P, sizeof *rp);
-    if (!lx || !sp || !rp) {
-        free(card), free(lx), free(sp), free(rp);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    }
-    int64_t *lsb = lx, *lsd = lx + LS, *lrb = lx + 2 * LS, *lrd = lx + 3 * LS, *sb = lx + 4 * LS, *rb = sb + P;
-    /* 2. Pairs inside the host: the CUDA backend, straight between the callers' buffers. */
+    const void **sp = xh->sp;
+    void **rp = xh->rp;
+    int64_t *sb = xh->sb, *rb = sb + P, *lx = xh->lx;
+    int64_t *lsb = lx, *lsd = lx + LS, *lrb = lx + 2 * LS, *lrd = lx + 3 * LS;
+    int64_t *fsb = lx + 4 * LS, *fsd = lx + 5 * LS, *frb = lx + 6 * LS, *frd = lx + 7 * LS;
     for (int l = 0; l < LS; l++) {
         lsb[l] = x->send_bytes[H0 + l], lsd[l] = x->send_displ[H0 + l];
         lrb[l] = x->recv_bytes[H0 + l], lrd[l] = x->recv_displ[H0 + l];
     }
-    epx__cpu_xfer_t lxf = {x->send, lsb, lsd, x->recv, lrb, lrd};
-    st = epx__cuda_alltoallv(xh->cuda, &lxf, EPX_SUCCESS, stream, err);
-    /* 3. Other hosts, along my rail: one NCCL group per destination local index j. As
-     * gateway I receive, for each j, the segments of my rail peers (A, i) for rank (me's
-     * host, j), host-major: the j blocks lie back to back in xh->gw. */
+    /* As gateway I receive, for each local index j, the segments of my rail peers (A, i)
+     * for rank (my host, j), host-major: the j blocks lie back to back in xh->gw; block j
+     * goes on to local rank j, which gets its own rail's blocks in xh->fwd. */
     size_t gw_total = 0, fwd_total = 0;
-    for (int j = 0; j < LS; j++)
+    int64_t roff = 0;
+    for (int j = 0; j < LS; j++) {
+        int64_t n = 0, m = 0;
         for (int A = 0; A < NH; A++)
-            if (A != xh->host) gw_total += (size_t)EPX__SEND(A * LS + i, H0 + j);
-    for (int l = 0; l < LS; l++)
-        for (int A = 0; A < NH; A++)
-            if (A != xh->host && l != i) fwd_total += (size_t)EPX__SEND(A * LS + l, me);
-    if (st == EPX_SUCCESS && (gw_total > xh->gw_bytes || fwd_total > xh->fwd_bytes)) {
-        st = epx__xh_sync(xh, stream, err); /* earlier calls may still read the staging */
-        if (st == EPX_SUCCESS) st = epx__grow_dev(&xh->gw, &xh->gw_bytes, gw_total, err);
-        if (st == EPX_SUCCESS) st = epx__grow_dev(&xh->fwd, &xh->fwd_bytes, fwd_total, err);
+            if (A != xh->host) n += EPX__SEND(A * LS + i, H0 + j), m += EPX__SEND(A * LS + j, me);
+        fsd[j] = (int64_t)gw_total, fsb[j] = j == i ? 0 : n;
+        frd[j] = roff, frb[j] = j == i ? 0 : m;
+        gw_total += (size_t)n;
+        roff += frb[j];
     }
+    fwd_total = (size_t)roff;
+    epx_status_t ready = EPX_SUCCESS;
+    if (gw_total > xh->gw_bytes || fwd_total > xh->fwd_bytes) {
+        ready = epx__xh_sync(xh, stream, err); /* earlier calls may still read the staging */
+        if (ready == EPX_SUCCESS) ready = epx__grow_dev(&xh->gw, &xh->gw_bytes, gw_total, err);
+        if (ready == EPX_SUCCESS) ready = epx__grow_dev(&xh->fwd, &xh->fwd_bytes, fwd_total, err);
+    }
+    epx__cpu_xfer_t lxf = {x->send, lsb, lsd, x->recv, lrb, lrd}, fx = {xh->gw, fsb, fsd, xh->fwd, frb, frd};
+    const epx__cpu_xfer_t *ops[2] = {&lxf, &fx};
+    epx__cuda_a2a_t *plan = NULL;
+    ready = epx__cuda_a2a_prepare(xh->cuda, ops, LS > 1 ? 2 : 1, ready, stream, &plan, err);
+    st = epx__xh_vote(xh, ready, "could not prepare its part of the alltoallv; nothing was written", err);
+    if (st != EPX_SUCCESS) {
+        epx__cuda_a2a_free(plan);
+        free(card);
+        return st;
+    }
+    /* 3. Enqueue. Only a CUDA or NCCL call fails here, with peers' operations posted: the
+     * NCCL link is then aborted, so that they fail instead of waiting. */
+    st = epx__cuda_a2a_enqueue(xh->cuda, plan, 0, stream, err);
     uint64_t deadline = epx__deadline_after_ms(xh->timeout_ms);
     size_t off = 0;
-    for (int j = 0; j < LS && st == EPX_SUCCESS; j++) {
+    for (int j = 0; j < LS && st == EPX_SUCCESS; j++) { /* one NCCL group per destination local index */
+        memset(sp, 0, sizeof *sp * (size_t)P), memset(rp, 0, sizeof *rp * (size_t)P);
         memset(sb, 0, sizeof *sb * 2 * (size_t)P);
         for (int B = 0; B < NH; B++) {
             if (B == xh->host) continue;
@@ -238,29 +307,10 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
         }
         st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, stream, deadline, err);
     }
-    /* 4. Forward inside the host: block j of xh->gw to local rank j. */
-    if (st == EPX_SUCCESS && LS > 1) {
-        off = 0;
-        int64_t roff = 0;
-        for (int j = 0; j < LS; j++) {
-            int64_t n = 0, m = 0;
-            for (int A = 0; A < NH; A++)
-                if (A != xh->host) n += EPX__SEND(A * LS + i, H0 + j), m += EPX__SEND(A * LS + j, me);
-            lsd[j] = (int64_t)off, lsb[j] = j == i ? 0 : n;
-            lrd[j] = roff, lrb[j] = j == i ? 0 : m;
-            off += (size_t)n;
-            roff += lrb[j];
-        }
-        epx__cpu_xfer_t fx = {xh->gw, lsb, lsd, xh->fwd, lrb, lrd};
-        st = epx__cuda_alltoallv(xh->cuda, &fx, EPX_SUCCESS, stream, err);
-    }
-    /* 5. Into place: my own block of xh->gw and what the other gateways forwarded. */
+    if (st == EPX_SUCCESS && LS > 1) st = epx__cuda_a2a_enqueue(xh->cuda, plan, 1, stream, err);
+    /* Into place: my own block of xh->gw and what the other gateways forwarded. */
     if (st == EPX_SUCCESS) {
-        size_t o = 0;
-        for (int j = 0; j < i; j++)
-            for (int A = 0; A < NH; A++)
-                if (A != xh->host) o += (size_t)EPX__SEND(A * LS + i, H0 + j);
-        size_t fo = 0;
+        size_t o = (size_t)fsd[i], fo = 0;
         cudaError_t ce = cudaSuccess;
         for (int l = 0; l < LS && ce == cudaSuccess; l++)
             for (int A = 0; A < NH && ce == cudaSuccess; A++) {
@@ -277,9 +327,11 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
             }
         if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "alltoallv copies: %s", cudaGetErrorString(ce));
     }
+    if (st != EPX_SUCCESS) epx__nccl_abort(xh->nccl);
 #undef EPX__SEND
 #undef EPX__RECV
-    free(card), free(lx), free(sp), free(rp);
+    epx__cuda_a2a_free(plan);
+    free(card);
     return st;
 }
 
@@ -287,8 +339,11 @@ epx_status_t epx__xhost_alltoallv_device(epx__xhost_t *xh, const epx__cuda_count
                                          void *stream, epx__errbuf_t *err)
 {
     int R = xh->nranks;
+    if (local == EPX_SUCCESS) local = epx__xh_usable(xh, stream, err);
     int64_t *h = calloc(8 * (size_t)R, sizeof *h);
-    if (!h) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!h) /* still the round of epx__xhost_alltoallv, so that the others fail at once */
+        return epx__xhost_alltoallv(
+            xh, NULL, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), stream, err);
     int64_t *sc = h, *sd = h + R, *rc = h + 2 * R, *rd = h + 3 * R, *b = h + 4 * R;
     const int64_t *src[4] = {k->send_counts, k->send_displs, k->recv_counts, k->recv_displs};
     if (local == EPX_SUCCESS) local = epx__xh_sync(xh, stream, err);
@@ -314,15 +369,7 @@ epx_status_t epx__xhost_alltoallv_device(epx__xhost_t *xh, const epx__cuda_count
 
 epx_status_t epx__xhost_barrier(epx__xhost_t *xh, epx_status_t local, void *stream, epx__errbuf_t *err)
 {
+    if (local == EPX_SUCCESS) local = epx__xh_usable(xh, stream, err);
     if (local == EPX_SUCCESS) local = epx__xh_sync(xh, stream, err);
-    int64_t v = local, *all = malloc(sizeof *all * (size_t)xh->nranks);
-    if (!all) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    epx_status_t st = epx__xh_allgather(xh, &v, all, sizeof v, err);
-    if (st == EPX_SUCCESS) st = local;
-    for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++)
-        if (all[p] != EPX_SUCCESS)
-            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d could not enter the barrier (%s)", p,
-                           epx_status_name((epx_status_t)all[p]));
-    free(all);
-    return st;
+    return epx__xh_vote(xh, local, "could not enter the barrier", err);
 }

@@ -17,7 +17,14 @@
  * local index, then one intra-host exchange of the forwarded segments and device copies
  * into place). One host round first agrees on every rank's counts (MPI semantics: a
  * mismatched pair fails with EPX_ERR_MISMATCH, the other ranks with
- * EPX_ERR_REMOTE_INVALID, nothing written).
+ * EPX_ERR_REMOTE_INVALID, nothing written). Then every step that can fail (staging, the
+ * intra-host exchanges' host rounds and mappings: src/cuda's prepare half) runs before a
+ * second round, the verdict of every rank; after it only CUDA or NCCL calls can fail, and
+ * such a failure aborts the NCCL link so that the peers fail instead of waiting.
+ *
+ * Every call waits on the host, so none can be captured in a CUDA graph: a capturing
+ * stream is refused (EPX_ERR_INVALID_USAGE) before any collective step, as is any call
+ * once the NCCL link was aborted (EPX_ERR_ABORTED).
  *
  * MoE (moe.c) — SIMPLIFIED: inputs are copied to the host (after a wait for the caller's
  * stream), src/hier runs the exact hierarchical algorithm (a token crosses to each
