@@ -210,7 +210,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
  * flag waits after others have finished. */
 static int epx__ll_resident(const void *kernel, int threads, int slot)
 {
-    static int cache[3][16];
+    static int cache[4][16];
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 16) dev = 0;
     if (cache[slot][dev] > 0) return cache[slot][dev];
@@ -230,9 +230,11 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
     return (int)cudaGetLastError();
 }
 
-/* Threads per receive block: 256 keeps a block per expert resident at once for E up to
- * 4 x SMs (a 512-thread grid of 288 blocks ran in two waves: 3 us more at T=1). */
-#define EPX__LL_RECV_THREADS 256
+/* Threads per receive block: 256 keep a block per expert resident at once for E up to
+ * 4 x SMs (a 512-thread grid of 288 blocks ran in two waves: 3 us more at T=1); 512 when
+ * an expert may get more rows than 256 threads have warps (each copies a row at a time:
+ * at T=256, 256 threads cost 3 us more). */
+#define EPX__LL_RECV_THREADS 512
 
 /* Does (source p, token t) of the staged routing go to expert e? */
 static __device__ __forceinline__ bool epx__ll_goes(const int *topk, int K, long long t, int e)
@@ -349,10 +351,12 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
 
 extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
 {
+    long long rows = (long long)a->nranks * a->max_tokens * a->topk; /* at most, over all experts */
+    int threads = rows > 8LL * a->num_experts ? EPX__LL_RECV_THREADS : EPX__LL_RECV_THREADS / 2;
     int blocks = a->num_experts < 1024 ? a->num_experts : 1024;
-    int most = epx__ll_resident((const void *)epx__k_ll_receive, EPX__LL_RECV_THREADS, 1);
+    int most = epx__ll_resident((const void *)epx__k_ll_receive, threads, threads == EPX__LL_RECV_THREADS ? 1 : 3);
     if (blocks > most) blocks = most; /* blocks stride over the experts */
-    epx__k_ll_receive<<<blocks, EPX__LL_RECV_THREADS, 0, (cudaStream_t)stream>>>(*d, *a);
+    epx__k_ll_receive<<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
 
