@@ -277,7 +277,8 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
     }
     __syncthreads();
     long long per = (long long)M * K;
-    for (long long j0 = 0; !bad && j0 < R * per; j0 += 4LL * blockDim.x) {
+    bool ok = true; /* a thread stops at its own first bad entry (reading `bad` here would race) */
+    for (long long j0 = 0; ok && j0 < R * per; j0 += 4LL * blockDim.x) {
         int v[4];
 #pragma unroll
         for (int u = 0; u < 4; u++) {
@@ -286,9 +287,9 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
             v[u] = p < R && i < (long long)tp[p] * K ? epx__ll_hdr(&a, a.stage[me], par, p)[4 + i] : 0;
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++)
-            if (v[u] == -2) bad = 1;
+        for (int u = 0; u < 4; u++) ok = ok && v[u] != -2;
     }
+    if (!ok) bad = 1;
     __syncthreads();
     if (bad) {
         if (blockIdx.x == 0) {
