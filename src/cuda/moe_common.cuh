@@ -90,4 +90,75 @@ static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, lon
     }
 }
 
+/* One token of a high-throughput combine, by one warp: out = the n rows src[0..n) summed in
+ * that order (float32 from +0, then cast to dtype), out_w[k] = the sum of the non-NULL
+ * wsrc[i][k] (0 when none) unless out_w is NULL. `vec` (bf16, H % 8 == 0, out 16-byte
+ * aligned) allows 16-byte accesses when every src is aligned too; either way the bits are
+ * the same. Shared by the single-host combine (moe_kernels.cu) and the combine across
+ * hosts (src/xhost), so that both reduce with the same arithmetic. */
+static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *src, const float *const *wsrc, int n,
+                                                             char *out, float *out_w, int H, int dtype, int topk,
+                                                             bool vec)
+{
+    int lane = threadIdx.x & 31;
+    for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
+    if (vec) {
+        /* Four chunks of every row in flight per lane (up to 4 rows), then the sums. */
+        int chunks = H / 8;
+        for (int ch0 = lane; ch0 < chunks; ch0 += 32 * 4) {
+            float acc[4][8];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[u][j] = 0.0f;
+            for (int i0 = 0; i0 < n; i0 += 4) {
+                uint4 v[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        int ch = ch0 + u * 32;
+                        if (i0 + i < n && ch < chunks) v[i][u] = ((const uint4 *)src[i0 + i])[ch];
+                    }
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    if (i0 + i >= n) break;
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        unsigned w[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], epx__bits_f32(w[j] << 16));
+                            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], epx__bits_f32(w[j] & 0xffff0000u));
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int ch = ch0 + u * 32;
+                if (ch >= chunks) break;
+                uint4 o;
+                o.x = epx__f32_to_bf16(acc[u][0]) | ((unsigned)epx__f32_to_bf16(acc[u][1]) << 16);
+                o.y = epx__f32_to_bf16(acc[u][2]) | ((unsigned)epx__f32_to_bf16(acc[u][3]) << 16);
+                o.z = epx__f32_to_bf16(acc[u][4]) | ((unsigned)epx__f32_to_bf16(acc[u][5]) << 16);
+                o.w = epx__f32_to_bf16(acc[u][6]) | ((unsigned)epx__f32_to_bf16(acc[u][7]) << 16);
+                ((uint4 *)out)[ch] = o;
+            }
+        }
+    } else {
+        for (long long h = lane; h < H; h += 32) {
+            float acc = 0.0f;
+            for (int i = 0; i < n; i++) acc = __fadd_rn(acc, epx__load_elem(src[i], dtype, h));
+            epx__store_elem(out, dtype, h, acc);
+        }
+    }
+    if (out_w && lane < topk) {
+        float acc = 0.0f;
+        for (int i = 0; i < n; i++)
+            if (wsrc[i]) acc = __fadd_rn(acc, wsrc[i][lane]);
+        out_w[lane] = acc;
+    }
+}
+
 #endif

@@ -292,7 +292,7 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    int lane = threadIdx.x & 31, R = c.nranks, H = c.hidden;
+    int R = c.nranks, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     if (*c.rows < 0) return; /* the dispatch found bad routing: nothing to combine */
     for (long long t = warp; t < c.num_tokens; t += nwarps) {
@@ -306,66 +306,9 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
             src[n] = c.y[r] + at * row_bytes;
             wsrc[n++] = c.w[r] ? c.w[r] + at * c.topk : (const float *)0;
         }
-        char *out = c.out + t * row_bytes;
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
-        for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
-        if (vec) {
-            /* Four chunks of every row in flight per lane (up to 4 rows), then the sums. */
-            int chunks = H / 8;
-            for (int ch0 = lane; ch0 < chunks; ch0 += 32 * 4) {
-                float acc[4][8];
-#pragma unroll
-                for (int u = 0; u < 4; u++)
-#pragma unroll
-                    for (int j = 0; j < 8; j++) acc[u][j] = 0.0f;
-                for (int i0 = 0; i0 < n; i0 += 4) {
-                    uint4 v[4][4];
-#pragma unroll
-                    for (int i = 0; i < 4; i++)
-#pragma unroll
-                        for (int u = 0; u < 4; u++) {
-                            int ch = ch0 + u * 32;
-                            if (i0 + i < n && ch < chunks) v[i][u] = ((const uint4 *)src[i0 + i])[ch];
-                        }
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        if (i0 + i >= n) break;
-#pragma unroll
-                        for (int u = 0; u < 4; u++) {
-                            unsigned w[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
-#pragma unroll
-                            for (int j = 0; j < 4; j++) {
-                                acc[u][2 * j] = __fadd_rn(acc[u][2 * j], epx__bits_f32(w[j] << 16));
-                                acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], epx__bits_f32(w[j] & 0xffff0000u));
-                            }
-                        }
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    int ch = ch0 + u * 32;
-                    if (ch >= chunks) break;
-                    uint4 o;
-                    o.x = epx__f32_to_bf16(acc[u][0]) | ((unsigned)epx__f32_to_bf16(acc[u][1]) << 16);
-                    o.y = epx__f32_to_bf16(acc[u][2]) | ((unsigned)epx__f32_to_bf16(acc[u][3]) << 16);
-                    o.z = epx__f32_to_bf16(acc[u][4]) | ((unsigned)epx__f32_to_bf16(acc[u][5]) << 16);
-                    o.w = epx__f32_to_bf16(acc[u][6]) | ((unsigned)epx__f32_to_bf16(acc[u][7]) << 16);
-                    ((uint4 *)out)[ch] = o;
-                }
-            }
-        } else {
-            for (long long h = lane; h < H; h += 32) {
-                float acc = 0.0f;
-                for (int i = 0; i < n; i++) acc = __fadd_rn(acc, epx__load_elem(src[i], c.dtype, h));
-                epx__store_elem(out, c.dtype, h, acc);
-            }
-        }
-        if (c.out_w && lane < c.topk) {
-            float acc = 0.0f;
-            for (int i = 0; i < n; i++)
-                if (wsrc[i]) acc = __fadd_rn(acc, wsrc[i][lane]);
-            c.out_w[t * c.topk + lane] = acc;
-        }
+        epx__moe_reduce_token(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
+                              c.dtype, c.topk, vec);
     }
 }
 

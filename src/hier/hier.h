@@ -90,6 +90,48 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local_status,
                                       epx__errbuf_t *err);
 void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h);
+
+/* ---- The plan of a high-throughput dispatch, for a caller that moves the rows itself
+ * (src/xhost: device memory, NCCL, CUDA IPC). ---- */
+
+/* epx__hier_moe_dispatch without rows: the same verdict, routing records and outputs, but
+ * in->x / x_scales are not read and out->recv_x / recv_x_scales not written. The handle
+ * holds the plan (epx__hier_moe_handle_plan); epx__hier_moe_dispatch_cached and
+ * epx__hier_moe_combine work along it as along any. */
+epx_status_t epx__hier_moe_dispatch_plan(epx__hier_moe_t *m, const epx_moe_dispatch_in_t *in,
+                                         epx_moe_dispatch_out_t *out, epx_status_t local,
+                                         epx__hier_moe_handle_t **handle, epx__errbuf_t *err);
+/* The agreement a cached dispatch (!combine) or a combine along `hd` starts with (one
+ * allreduce: every rank's verdict, operation, top-k, handle and, for combine, whether it
+ * passed weights), without moving anything. hd is read only when local is a success. */
+epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool combine, bool has_w,
+                                 epx_status_t local, epx__errbuf_t *err);
+
+/* What a handle planned (read-only views of its arrays, valid while it lives). Ranks of a
+ * host are numbered by local index l; entries e are the tokens this rank forwards (its own
+ * and those its rail peers on other hosts sent it), ordered by (source rank, token); rows
+ * r are what this rank received, in output order.
+ *   my tokens       topk [T, K] (int32);
+ *   entries         ent_src, ent_tok [nent]; ent_fidx [nent]: row in the forwarded buffer
+ *                   (what rail peers sent me, by source rank, then token), -1 for my own;
+ *   forwarded       fwd_count [R]: tokens source p sent me as its gateway (nfwd in all);
+ *   fan-out         to_ent [to_first[l] .. to_first[l + 1]): entries sent to local rank l,
+ *                   in entry order;
+ *   fan-in          from_row [from_first[l] .. from_first[l + 1]): output row of each record
+ *                   forwarder l sent me, in its order; row_rec [rows]: the inverse. */
+typedef struct {
+    int T, K, has_w;
+    int64_t rows;
+    const int32_t *topk;
+    int64_t nent;
+    const int32_t *ent_src, *ent_tok;
+    const int64_t *ent_fidx;
+    const int64_t *fwd_count;
+    int64_t nfwd;
+    const int64_t *to_first, *to_ent;
+    const int64_t *from_first, *from_row, *row_rec;
+} epx__hier_plan_t;
+void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *plan);
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h);

@@ -379,7 +379,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 r[0] = me, r[1] = (int32_t)i;
                 memcpy(r + 2, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
                 if (W) memcpy(r + 2 + K, w + i * K, sizeof(float) * (size_t)K);
-                memcpy(o + mrec, pl->x + (size_t)i * pl->pb, pl->pb);
+                if (pl->pb) memcpy(o + mrec, pl->x + (size_t)i * pl->pb, pl->pb);
                 if (pl->sb) memcpy(o + mrec + pl->pb, pl->xs + (size_t)i * pl->sb, pl->sb);
                 o += rec;
             }
@@ -462,7 +462,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
             if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
             char *o = (char *)r + mrec;
-            if (hd->ent_fidx[e] >= 0) {
+            if (!pl->pb) { /* a plan without payload (epx__hier_moe_dispatch_plan) */
+            } else if (hd->ent_fidx[e] >= 0) {
                 memcpy(o, rbuf + (size_t)hd->ent_fidx[e] * rec + mrec, pl->pb + pl->sb);
             } else {
                 memcpy(o, pl->x + (size_t)hd->ent_tok[e] * pl->pb, pl->pb);
@@ -616,8 +617,10 @@ static uint32_t epx__op_begin(epx__hier_moe_t *m, uint64_t *deadline)
     return ++m->h->seq;
 }
 
-epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
-                                    epx_status_t local, epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
+/* A high-throughput dispatch; with !payload, the plan alone: the routing records travel
+ * without rows, and recv_x / recv_x_scales are neither read nor written. */
+static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                  epx_status_t local, bool payload, epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
     int R = s->nranks, L = s->local_experts, me = s->rank;
@@ -647,6 +650,7 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = 0, poff = 0;
     epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
+    if (!payload) pl = (epx__payload_t){NULL, NULL, 0, 0};
     if (st == EPX_SUCCESS)
         st = epx__route(m, hd, in->topk_weights, &pl, &f, seq, deadline, &row_w, &recs, &rec, &poff, err);
     epx__flows_free(&f);
@@ -658,8 +662,8 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
         if (!per_expert) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         for (int64_t r = 0; r < hd->rows && st == EPX_SUCCESS; r++) {
             const char *src = recs + (size_t)hd->row_rec[r] * rec + poff;
-            memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, src, s->row_bytes);
-            if (fp8 && out->recv_x_scales)
+            if (payload) memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, src, s->row_bytes);
+            if (payload && fp8 && out->recv_x_scales)
                 memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, src + s->row_bytes, sb);
             if (out->recv_src_rank) out->recv_src_rank[r] = hd->row_src[r];
             if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
@@ -690,6 +694,35 @@ epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_i
     }
     *handle = hd;
     return EPX_SUCCESS;
+}
+
+epx_status_t epx__hier_moe_dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                    epx_status_t local, epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
+{
+    return epx__dispatch(m, in, out, local, true, handle, err);
+}
+
+epx_status_t epx__hier_moe_dispatch_plan(epx__hier_moe_t *m, const epx_moe_dispatch_in_t *in,
+                                         epx_moe_dispatch_out_t *out, epx_status_t local,
+                                         epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
+{
+    return epx__dispatch(m, in, out, local, false, handle, err);
+}
+
+epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool combine, bool has_w,
+                                 epx_status_t local, epx__errbuf_t *err)
+{
+    uint64_t deadline;
+    (void)epx__op_begin(m, &deadline);
+    bool ok = local == EPX_SUCCESS;
+    return epx__verdict(m, local, combine ? EPX__H_COMBINE : EPX__H_CACHED, ok ? hd->K : 0, ok && combine && has_w,
+                        ok ? hd->id : 0, 0, NULL, NULL, deadline, err);
+}
+
+void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *p)
+{
+    *p = (epx__hier_plan_t){h->T, h->K, h->has_w, h->rows, h->topk, h->nent, h->ent_src, h->ent_tok, h->ent_fidx,
+                            h->fwd_count, h->nfwd, h->to_first, h->to_ent, h->from_first, h->from_row, h->row_rec};
 }
 
 epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,

@@ -15,9 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dev.h"
 #include "internal.h"
 
-enum { B_X, B_XS, B_IDX, B_W, B_RX, B_RXS, B_RIDX, B_RW, B_SR, B_ST, B_PE, B_Y, B_OUT, B_OUTW, B_CNT, B_LAY, B_N };
+enum { B_X, B_XS, B_IDX, B_W, B_RX, B_RXS, B_RIDX, B_RW, B_SR, B_ST, B_PE, B_Y, B_OUT, B_OUTW, B_CNT, B_LAY, B_PLAN, B_N };
+enum { S_GW, S_FWD, S_LSEND, S_LRECV, S_N }; /* device staging (see epx__stage) */
 
 struct epx__xhost_moe {
     epx__xhost_t *xh;
@@ -25,7 +27,35 @@ struct epx__xhost_moe {
     epx__hier_moe_t *hm;
     char *buf[B_N]; /* host mirrors, grown on demand */
     size_t cap[B_N];
+    char *stage[S_N]; /* device staging of the high-throughput rows */
+    size_t stage_cap[S_N];
+    int64_t *lx;      /* [4 * LS]: the intra-host exchange's byte counts and displacements */
+    int sms;
+    cudaEvent_t done; /* recorded at the end of every call that enqueued work */
 };
+
+/* A high-throughput dispatch's plan in the form the device path runs it (epx__plan_build):
+ * counts in records per rank [R] (NCCL, along my rail) and per local rank [LS] (CUDA IPC),
+ * and the references of every gather, in device memory. */
+typedef struct {
+    int64_t *cnt; /* the allocation of the count arrays */
+    int64_t *gw_send, *fwd_recv;   /* dispatch: to my gateways; from the sources I forward */
+    int64_t *home_send, *home_recv; /* combine: to home ranks; from my gateways */
+    int64_t *fan_send, *fan_recv;  /* dispatch fan-out to / from local rank l (0 for me);
+                                      combine the other way round */
+    int64_t *fan_first, *lrecv_first; /* prefix sums of fan_send, fan_recv */
+    int64_t n_gw, n_fwd, n_fan, n_lrecv, n_home_send, n_home_recv, n_tok, rows;
+    int T, K;
+    bool keep_dev;  /* the NCCL link died: leave the device memory (cudaFree could wait) */
+    long long *dev; /* the references: */
+    const long long *d_gw;    /* [n_gw] my tokens for each other host, host by host */
+    const long long *d_fan;   /* [n_fan] rows for each other local rank */
+    const long long *d_out;   /* [rows] the source of every output row */
+    const long long *d_c1;    /* [n_lrecv] combine: my rows back to each other local forwarder */
+    const long long *d_home;  /* [n_home_send] combine: what I send each home rank */
+    const long long *d_first; /* [T + 1] combine: token t's rows are d_tok[first[t] .. first[t + 1]) */
+    const long long *d_tok;   /* [n_tok] ascending rank order */
+} epx__xh_plan_t;
 
 struct epx__xhost_moe_handle {
     epx__hier_moe_handle_t *hh;
@@ -34,6 +64,7 @@ struct epx__xhost_moe_handle {
     int64_t shown; /* what the caller sees: n, or -1 (no host synchronisation) */
     bool bad;      /* bad routing seen "on the device": calls along it write nothing */
     int32_t *cnt;  /* low-latency: rows per local expert */
+    epx__xh_plan_t xp; /* high-throughput */
 };
 
 static void *epx__hb(epx__xhost_moe_t *m, int b, size_t bytes, epx_status_t *st, epx__errbuf_t *err)
@@ -93,6 +124,15 @@ static epx_status_t epx__pre(epx__xhost_moe_t *m, int64_t code, epx_status_t *lo
     return st;
 }
 
+/* Make `stream` wait for the last call's device work, whatever stream that ran on (it may
+ * still use the staging; a wait for `stream` then covers both). */
+static epx_status_t epx__after_last(epx__xhost_moe_t *m, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = cudaStreamWaitEvent((cudaStream_t)stream, m->done, 0);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "ordering after the last MoE call: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
+}
+
 /* Wait for the caller's stream, then read the routing and check it. *bad: an id out of
  * range (err says which); the return value is another failure. */
 static epx_status_t epx__routing(epx__xhost_moe_t *m, const void *topk, int T, int K, void *stream, int32_t **ids,
@@ -101,6 +141,7 @@ static epx_status_t epx__routing(epx__xhost_moe_t *m, const void *topk, int T, i
     const epx__moe_shape_t *s = &m->s;
     *bad = false;
     EPX__CHECK(epx__xh_usable(m->xh, stream, err)); /* before anything waits on the stream */
+    EPX__CHECK(epx__after_last(m, stream, err));
     EPX__CHECK(epx__xh_sync(m->xh, stream, err));
     epx_status_t st = EPX_SUCCESS;
     size_t is = epx_dtype_size(s->index_dtype);
@@ -116,10 +157,25 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
                                    epx__xhost_moe_t **out, epx__errbuf_t *err)
 {
     epx__xhost_moe_t *m = calloc(1, sizeof *m);
-    if (!m) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!m && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    bool event = false;
+    if (m && local == EPX_SUCCESS) {
+        m->xh = xh;
+        m->lx = calloc(4 * (size_t)xh->ls, sizeof *m->lx);
+        if (!m->lx) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        int dev = 0;
+        cudaError_t ce = cudaGetDevice(&dev);
+        if (ce == cudaSuccess) ce = cudaDeviceGetAttribute(&m->sms, cudaDevAttrMultiProcessorCount, dev);
+        if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&m->done, cudaEventDisableTiming);
+        event = ce == cudaSuccess;
+        if (ce != cudaSuccess && local == EPX_SUCCESS)
+            local = epx__fail(err, EPX_ERR_CUDA, "MoE across hosts: %s", cudaGetErrorString(ce));
+    }
     epx__hier_moe_t *hm = NULL;
     epx_status_t st = epx__hier_moe_create(xh->hier, shape, hash, local, &hm, err);
     if (st != EPX_SUCCESS) {
+        if (event) cudaEventDestroy(m->done);
+        if (m) free(m->lx);
         free(m);
         return st;
     }
@@ -133,13 +189,24 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
     if (!m) return;
     epx__hier_moe_destroy(m->hm);
     for (int b = 0; b < B_N; b++) free(m->buf[b]);
+    /* After a failure NCCL's kernels may still wait on the stream (an adopted communicator
+     * is left to its owner), and cudaFree would wait for them: leave the memory then. */
+    bool keep = epx__nccl_aborted(m->xh->nccl);
+    for (int b = 0; b < S_N; b++)
+        if (m->stage[b] && !keep) cudaFree(m->stage[b]);
+    cudaEventDestroy(m->done);
+    cudaGetLastError();
+    free(m->lx);
     free(m);
 }
+
+static void epx__plan_free(epx__xh_plan_t *x);
 
 void epx__xhost_moe_handle_free(epx__xhost_moe_handle_t *h)
 {
     if (!h) return;
     epx__hier_moe_handle_free(h->hh);
+    epx__plan_free(&h->xp);
     free(h->cnt);
     free(h);
 }
@@ -154,6 +221,7 @@ static epx_status_t epx__pre_handle(epx__xhost_moe_t *m, const epx__xhost_moe_ha
                                     void *stream, bool *skip, epx__errbuf_t *err)
 {
     if (*local == EPX_SUCCESS) *local = epx__xh_usable(m->xh, stream, err);
+    if (*local == EPX_SUCCESS) *local = epx__after_last(m, stream, err);
     if (*local == EPX_SUCCESS) *local = epx__xh_sync(m->xh, stream, err);
     bool bad = *local == EPX_SUCCESS && h->bad;
     EPX__CHECK(epx__pre(m, (bad ? EPX__PRE_BAD : 0) | EPX__PRE_NOSYNC, local, skip, err));
@@ -194,6 +262,367 @@ static epx__xhost_moe_handle_t *epx__handle_new(int T, epx_status_t *st, epx__er
     return h;
 }
 
+/* ---- High-throughput: the plan on the host, the rows on the device ------------------------ */
+
+/* Staging of a context in device memory (grown on demand; calls are ordered by m->done):
+ * dispatch: S_GW my records for my gateways (NCCL send), S_FWD what my rail peers sent me
+ * as their gateway (NCCL receive), S_LSEND / S_LRECV the fan-out to and from the local
+ * ranks (CUDA IPC); combine: S_LSEND / S_LRECV the rows going back to the forwarders, S_GW
+ * the records a gateway sends home, S_FWD what the gateways send me home. */
+enum { K_X = 0, K_FWD = 1, K_LRECV = 2 }; /* dispatch: where rows come from */
+enum { K_Y = 0, K_C1 = 1, K_HOME = 2 };   /* combine */
+
+/* The kernels' share of the device. */
+static int epx__blocks(const epx__xhost_moe_t *m) { return 2 * EPX__MAX(m->sms, 1); }
+
+/* Make sure stage buffer b holds `bytes` (contents dropped). Every call has waited for
+ * every earlier one (m->done) first, and peers finished writing into mine before my stream
+ * went on, so the old buffer is free. */
+static epx_status_t epx__stage(epx__xhost_moe_t *m, int b, size_t bytes, epx__errbuf_t *err)
+{
+    if (bytes <= m->stage_cap[b]) return EPX_SUCCESS;
+    if (m->stage[b]) cudaFree(m->stage[b]);
+    m->stage[b] = NULL, m->stage_cap[b] = 0;
+    size_t want = EPX__MAX(bytes + bytes / 4, (size_t)1 << 20);
+    cudaError_t ce = cudaMalloc((void **)&m->stage[b], want);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        m->stage[b] = NULL;
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "MoE staging in device memory (%zu bytes): %s", want,
+                         cudaGetErrorString(ce));
+    }
+    m->stage_cap[b] = want;
+    return EPX_SUCCESS;
+}
+
+static bool epx__goes_host(const int32_t *tk, int K, int L, int LS, int k)
+{
+    for (int j = 0; j < K; j++)
+        if (tk[j] >= 0 && tk[j] / L / LS == k) return true;
+    return false;
+}
+
+static bool epx__goes_rank(const int32_t *tk, int K, int L, int q)
+{
+    for (int j = 0; j < K; j++)
+        if (tk[j] >= 0 && tk[j] / L == q) return true;
+    return false;
+}
+
+/* The ranks a token goes to, ascending, each once; returns how many. */
+static int epx__dest_ranks(const int32_t *tk, int K, int L, int *ranks)
+{
+    int n = 0;
+    for (int k = 0; k < K; k++) {
+        if (tk[k] < 0) continue;
+        int r = tk[k] / L, j = n;
+        bool dup = false;
+        for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
+        if (dup) continue;
+        while (j > 0 && ranks[j - 1] > r) ranks[j] = ranks[j - 1], j--;
+        ranks[j] = r, n++;
+    }
+    return n;
+}
+
+static void epx__plan_free(epx__xh_plan_t *x)
+{
+    free(x->cnt);
+    if (x->dev && !x->keep_dev) cudaFree(x->dev);
+    memset(x, 0, sizeof *x);
+}
+
+/* Turn the handle's plan (src/hier's, on the host) into the counts of every transfer and
+ * the references of every gather, and upload the references (on `stream`, which is idle).
+ * Local; fails for memory, or EPX_ERR_INTERNAL when the plan does not add up. */
+static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, void *stream, epx__errbuf_t *err)
+{
+    const epx__xhost_t *xh = m->xh;
+    int R = xh->nranks, LS = xh->ls, NH = xh->num_hosts, me = xh->rank, ml = xh->lrank, A = xh->host;
+    int L = m->s.local_experts;
+    epx__xh_plan_t *x = &h->xp;
+    epx__hier_plan_t P;
+    epx__hier_moe_handle_plan(h->hh, &P);
+    int K = P.K, T = P.T;
+    const int64_t *tf = P.to_first, *ff = P.from_first;
+    epx_status_t st = EPX_SUCCESS;
+    x->cnt = calloc(4 * (size_t)R + 4 * (size_t)LS, sizeof *x->cnt);
+    int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P.nent * LS, (int64_t)1));
+    int64_t *cur = calloc((size_t)NH, sizeof *cur);
+    int *ranks = malloc(sizeof *ranks * (size_t)EPX__MAX(K, 1));
+    if (!x->cnt || !ent_ref || !cur || !ranks) {
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the dispatch plan");
+        goto done;
+    }
+    x->gw_send = x->cnt, x->fwd_recv = x->cnt + R, x->home_send = x->cnt + 2 * R, x->home_recv = x->cnt + 3 * R;
+    x->fan_send = x->cnt + 4 * R, x->fan_recv = x->fan_send + LS, x->fan_first = x->fan_recv + LS;
+    x->lrecv_first = x->fan_first + LS;
+    /* Dispatch: my tokens to my gateway on each other host; the tokens my rail peers send
+     * me; the fan-out to and from the other local ranks (mine to me is never copied). */
+    for (int k = 0; k < NH; k++) {
+        if (k == A) continue;
+        int64_t n = 0;
+        for (int i = 0; i < T; i++) n += epx__goes_host(P.topk + (size_t)i * K, K, L, LS, k);
+        x->gw_send[k * LS + ml] = n, x->n_gw += n;
+    }
+    for (int p = 0; p < R; p++) x->fwd_recv[p] = P.fwd_count[p], x->n_fwd += P.fwd_count[p];
+    for (int l = 0; l < LS; l++) {
+        x->fan_first[l] = x->n_fan, x->lrecv_first[l] = x->n_lrecv;
+        if (l == ml) continue;
+        x->fan_send[l] = tf[l + 1] - tf[l], x->fan_recv[l] = ff[l + 1] - ff[l];
+        x->n_fan += x->fan_send[l], x->n_lrecv += x->fan_recv[l];
+    }
+    if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P.nfwd) {
+        st = epx__fail(err, EPX_ERR_INTERNAL, "the dispatch plan does not add up (%lld rows to myself, %lld from)",
+                       (long long)(tf[ml + 1] - tf[ml]), (long long)(ff[ml + 1] - ff[ml]));
+        goto done;
+    }
+    /* Combine: where the row of entry e from local rank l lies at its forwarder (mine: in
+     * y; the others': in what they sent back), then the records each gateway sends home and
+     * the ones I get home, per token its ranks of that host ascending. */
+    for (int64_t i = 0; i < P.nent * LS; i++) ent_ref[i] = -1;
+    for (int l = 0; l < LS; l++)
+        for (int64_t a = tf[l]; a < tf[l + 1]; a++)
+            ent_ref[P.to_ent[a] * LS + l] = l != ml ? EPX__XH_REF(K_C1, x->fan_first[l] + a - tf[l])
+                                                    : EPX__XH_REF(K_Y, P.from_row[ff[ml] + a - tf[ml]]);
+    for (int64_t e = 0; e < P.nent; e++) {
+        int p = P.ent_src[e];
+        if (p / LS == A) continue;
+        for (int l = 0; l < LS; l++) x->home_send[p] += ent_ref[e * LS + l] >= 0;
+    }
+    for (int p = 0; p < R; p++) x->n_home_send += x->home_send[p];
+    for (int k = 0; k < NH; k++) {
+        if (k == A) continue;
+        int64_t n = 0;
+        for (int i = 0; i < T; i++)
+            for (int l = 0; l < LS; l++) n += epx__goes_rank(P.topk + (size_t)i * K, K, L, k * LS + l);
+        x->home_recv[k * LS + ml] = n, x->n_home_recv += n;
+    }
+    for (int i = 0; i < T; i++) x->n_tok += epx__dest_ranks(P.topk + (size_t)i * K, K, L, ranks);
+    /* The references, in one upload: gw, fan, out, c1, home, first, tok. */
+    int64_t rows = P.rows;
+    size_t total = (size_t)(x->n_gw + x->n_fan + rows + x->n_lrecv + x->n_home_send + T + 1 + x->n_tok);
+    long long *hr = epx__hb(m, B_PLAN, sizeof *hr * total, &st, err), *o = hr;
+    if (st != EPX_SUCCESS) goto done;
+    for (int k = 0; k < NH; k++) {
+        if (k == A) continue;
+        for (int i = 0; i < T; i++)
+            if (epx__goes_host(P.topk + (size_t)i * K, K, L, LS, k)) *o++ = EPX__XH_REF(K_X, i);
+    }
+    for (int l = 0; l < LS; l++) {
+        if (l == ml) continue;
+        for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
+            int64_t e = P.to_ent[a];
+            *o++ = P.ent_fidx[e] >= 0 ? EPX__XH_REF(K_FWD, P.ent_fidx[e]) : EPX__XH_REF(K_X, P.ent_tok[e]);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) o[r] = -1;
+    for (int l = 0; l < LS; l++)
+        for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
+            int64_t r = P.from_row[a], e = l == ml ? P.to_ent[tf[ml] + a - ff[ml]] : -1;
+            if (r < 0 || r >= rows) break;
+            o[r] = l != ml               ? EPX__XH_REF(K_LRECV, x->lrecv_first[l] + a - ff[l])
+                   : P.ent_fidx[e] >= 0 ? EPX__XH_REF(K_FWD, P.ent_fidx[e])
+                                        : EPX__XH_REF(K_X, P.ent_tok[e]);
+        }
+    for (int64_t r = 0; r < rows; r++)
+        if (o[r] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the dispatch plan has no source for row %lld", (long long)r);
+    if (st != EPX_SUCCESS) goto done;
+    o += rows;
+    for (int l = 0; l < LS; l++) {
+        if (l == ml) continue;
+        for (int64_t a = ff[l]; a < ff[l + 1]; a++) *o++ = EPX__XH_REF(K_Y, P.from_row[a]);
+    }
+    for (int64_t e = 0; e < P.nent; e++) {
+        if (P.ent_src[e] / LS == A) continue;
+        for (int l = 0; l < LS; l++)
+            if (ent_ref[e * LS + l] >= 0) *o++ = ent_ref[e * LS + l];
+    }
+    long long *first = o;
+    o += T + 1;
+    int64_t acc = 0, e0 = 0;
+    for (int k = 0; k < NH; k++) /* home records lie by gateway rank, which is by host */
+        if (k != A) cur[k] = acc, acc += x->home_recv[k * LS + ml];
+    for (int p = 0; p < me; p++) e0 += P.fwd_count[p]; /* my entries follow the lower sources' */
+    first[0] = 0;
+    for (int i = 0; i < T && st == EPX_SUCCESS; i++) {
+        int n = epx__dest_ranks(P.topk + (size_t)i * K, K, L, ranks);
+        if (e0 + i >= P.nent || P.ent_src[e0 + i] != me || P.ent_tok[e0 + i] != i) {
+            st = epx__fail(err, EPX_ERR_INTERNAL, "the dispatch plan misplaces token %d", i);
+            break;
+        }
+        for (int j = 0; j < n; j++) {
+            int r = ranks[j];
+            long long ref = r / LS == A ? ent_ref[(e0 + i) * LS + r % LS] : EPX__XH_REF(K_HOME, cur[r / LS]++);
+            if (ref < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the combine plan misses token %d's row at rank %d", i, r);
+            *o++ = ref;
+        }
+        first[i + 1] = first[i] + n;
+    }
+    if (st != EPX_SUCCESS) goto done;
+    if ((size_t)(o - hr) != total) {
+        st = epx__fail(err, EPX_ERR_INTERNAL, "the plan has %zu references, %zu expected", (size_t)(o - hr), total);
+        goto done;
+    }
+    cudaError_t ce = cudaMalloc((void **)&x->dev, sizeof *hr * EPX__MAX(total, (size_t)1));
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        x->dev = NULL;
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "the plan in device memory (%zu bytes): %s", sizeof *hr * total,
+                       cudaGetErrorString(ce));
+        goto done;
+    }
+    /* From pageable memory: the call returns once the source was taken (B_PLAN is reused
+     * only by the next call, after it waited for this one). */
+    ce = cudaMemcpyAsync(x->dev, hr, sizeof *hr * total, cudaMemcpyHostToDevice, (cudaStream_t)stream);
+    if (ce != cudaSuccess) {
+        st = epx__fail(err, EPX_ERR_CUDA, "uploading the plan: %s", cudaGetErrorString(ce));
+        goto done;
+    }
+    x->d_gw = x->dev, x->d_fan = x->d_gw + x->n_gw, x->d_out = x->d_fan + x->n_fan, x->d_c1 = x->d_out + rows;
+    x->d_home = x->d_c1 + x->n_lrecv, x->d_first = x->d_home + x->n_home_send, x->d_tok = x->d_first + T + 1;
+    x->rows = rows, x->T = T, x->K = K;
+done:
+    free(ent_ref), free(cur), free(ranks);
+    return st;
+}
+
+/* One NCCL group along my rail: scnt[p] records of `rec` bytes from `send` to rank p and
+ * rcnt[p] from p into `recv`, segments back to back in rank order. */
+static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64_t *scnt, char *recv,
+                              const int64_t *rcnt, size_t rec, void *stream, epx__errbuf_t *err)
+{
+    epx__xhost_t *xh = m->xh;
+    int P = epx__nccl_size(xh->nccl);
+    const void **sp = xh->sp;
+    void **rp = xh->rp;
+    int64_t *sb = xh->sb, *rb = sb + P, so = 0, ro = 0;
+    memset(sp, 0, sizeof *sp * (size_t)P), memset(rp, 0, sizeof *rp * (size_t)P);
+    memset(sb, 0, sizeof *sb * 2 * (size_t)P);
+    for (int p = 0; p < xh->nranks; p++) {
+        if (!scnt[p] && !rcnt[p]) continue;
+        int q = epx__xh_peer(xh, p);
+        if (q < 0 || p == xh->rank)
+            return epx__fail(err, EPX_ERR_INTERNAL, "MoE across hosts: rank %d is not on rank %d's rail", p, xh->rank);
+        sp[q] = send + (size_t)so * rec, sb[q] = scnt[p] * (int64_t)rec;
+        rp[q] = recv + (size_t)ro * rec, rb[q] = rcnt[p] * (int64_t)rec;
+        so += scnt[p], ro += rcnt[p];
+    }
+    return epx__nccl_post(xh->nccl, sp, sb, rp, rb, stream, epx__deadline_after_ms(xh->timeout_ms), err);
+}
+
+/* The intra-host exchange of a dispatch (!combine: the fan-out) or of a combine (the rows
+ * back to their forwarders), as byte counts per local rank in m->lx. */
+static void epx__local_xfer(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool combine, size_t rec,
+                            epx__cpu_xfer_t *xf)
+{
+    int LS = m->xh->ls;
+    int64_t *sb = m->lx, *sd = sb + LS, *rb = sb + 2 * LS, *rd = sb + 3 * LS;
+    const int64_t *sc = combine ? x->fan_recv : x->fan_send, *rc = combine ? x->fan_send : x->fan_recv;
+    int64_t so = 0, ro = 0;
+    for (int l = 0; l < LS; l++) {
+        sb[l] = sc[l] * (int64_t)rec, sd[l] = so, so += sb[l];
+        rb[l] = rc[l] * (int64_t)rec, rd[l] = ro, ro += rb[l];
+    }
+    *xf = (epx__cpu_xfer_t){m->stage[S_LSEND], sb, sd, m->stage[S_LRECV], rb, rd};
+}
+
+/* Record sizes: a dispatch row (and FP8 scales), a combine row (and top-k weights); each
+ * part starts 16-byte aligned. */
+static size_t epx__drec(const epx__moe_shape_t *s, size_t *rb, size_t *sb)
+{
+    *rb = s->row_bytes;
+    *sb = s->dtype == EPX_FP8_E4M3 ? s->scale_cols * sizeof(float) : 0;
+    return EPX__ALIGN_UP(*rb, 16) + EPX__ALIGN_UP(*sb, 16);
+}
+
+static size_t epx__crec(const epx__moe_shape_t *s, int K, bool has_w)
+{
+    return EPX__ALIGN_UP(s->combine_row_bytes, 16) + (has_w ? EPX__ALIGN_UP(sizeof(float) * (size_t)K, 16) : 0);
+}
+
+/* Everything a dispatch or a combine along x may fail on before it moves anything: the
+ * staging, and the intra-host exchange's host rounds and mappings (this host's ranks make
+ * them whatever their verdicts). Then every rank's verdict (one bootstrap round). */
+static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool combine, bool has_w,
+                               epx_status_t ready, void *stream, epx__cuda_a2a_t **plan, epx__errbuf_t *err)
+{
+    *plan = NULL;
+    size_t rb, sb, rec = combine ? epx__crec(&m->s, x ? x->K : 0, has_w) : epx__drec(&m->s, &rb, &sb);
+    if (ready == EPX_SUCCESS) {
+        size_t need[S_N];
+        need[S_GW] = (size_t)(combine ? x->n_home_send : x->n_gw) * rec;
+        need[S_FWD] = (size_t)(combine ? x->n_home_recv : x->n_fwd) * rec;
+        need[S_LSEND] = (size_t)(combine ? x->n_lrecv : x->n_fan) * rec;
+        need[S_LRECV] = (size_t)(combine ? x->n_fan : x->n_lrecv) * rec;
+        for (int b = 0; b < S_N && ready == EPX_SUCCESS; b++) ready = epx__stage(m, b, need[b], err);
+    }
+    if (m->xh->ls > 1) {
+        epx__cpu_xfer_t xf;
+        const epx__cpu_xfer_t *ops[1] = {&xf};
+        memset(&xf, 0, sizeof xf);
+        if (ready == EPX_SUCCESS) epx__local_xfer(m, x, combine, rec, &xf);
+        ready = epx__cuda_a2a_prepare(m->xh->cuda, ops, 1, ready, stream, plan, err);
+    }
+    epx_status_t st = epx__xh_vote(m->xh, ready, combine ? "could not prepare its part of the combine; nothing was written"
+                                                         : "could not prepare its part of the dispatch; nothing was written",
+                                   err);
+    if (st != EPX_SUCCESS) {
+        epx__cuda_a2a_free(*plan);
+        *plan = NULL;
+    }
+    return st;
+}
+
+static epx_status_t epx__launched(int ce, const char *what, epx__errbuf_t *err)
+{
+    if (ce == cudaSuccess) return EPX_SUCCESS;
+    return epx__fail(err, EPX_ERR_CUDA, "%s: %s", what, cudaGetErrorString((cudaError_t)ce));
+}
+
+/* Enqueue the rows of a dispatch along x: x/xs my rows and scales (xs NULL unless FP8),
+ * into recv_x / recv_xs. Only CUDA or NCCL calls fail here. */
+static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t *x, const void *xr, const float *xs,
+                                      void *recv_x, float *recv_xs, const epx__cuda_a2a_t *plan, void *stream,
+                                      epx__errbuf_t *err)
+{
+    size_t rb, sb, rec = epx__drec(&m->s, &rb, &sb), ao = EPX__ALIGN_UP(rb, 16);
+    bool fp8 = sb > 0 && xs;
+    int blocks = epx__blocks(m);
+    epx__xh_src_t src;
+    memset(&src, 0, sizeof src);
+    src.row[K_X] = xr, src.row_stride[K_X] = (long long)rb;
+    src.aux[K_X] = fp8 ? (const char *)xs : NULL, src.aux_stride[K_X] = (long long)sb;
+    src.row[K_FWD] = m->stage[S_FWD], src.row_stride[K_FWD] = (long long)rec;
+    src.aux[K_FWD] = fp8 ? m->stage[S_FWD] + ao : NULL, src.aux_stride[K_FWD] = (long long)rec;
+    src.row[K_LRECV] = m->stage[S_LRECV], src.row_stride[K_LRECV] = (long long)rec;
+    src.aux[K_LRECV] = fp8 ? m->stage[S_LRECV] + ao : NULL, src.aux_stride[K_LRECV] = (long long)rec;
+    /* 1. My rows for each other host, packed, then along the rail to my gateways there. */
+    epx__xh_gather_t g = {src, x->d_gw, x->n_gw, m->stage[S_GW], (long long)rec, (long long)rb,
+                          fp8 ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)sb};
+    EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the gateways", err));
+    EPX__CHECK(epx__post(m, m->stage[S_GW], x->gw_send, m->stage[S_FWD], x->fwd_recv, rec, stream, err));
+    /* 2. As gateway and for my own tokens, the rows each other local rank needs, over CUDA IPC. */
+    if (plan) {
+        g = (epx__xh_gather_t){src, x->d_fan, x->n_fan, m->stage[S_LSEND], (long long)rec, (long long)rb,
+                               fp8 ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)sb};
+        EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the local ranks", err));
+        EPX__CHECK(epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err));
+    }
+    /* 3. Every row into place, in (source rank, token) order. */
+    g = (epx__xh_gather_t){src, x->d_out, x->rows, recv_x, (long long)rb, (long long)rb,
+                           fp8 && recv_xs ? (char *)recv_xs : NULL, (long long)sb, (long long)sb};
+    return epx__launched(epx__xh_launch_gather(&g, blocks, stream), "placing the received rows", err);
+}
+
+/* The end of a call that enqueued work: later calls wait for it (m->done), whatever their stream. */
+static epx_status_t epx__enqueued(epx__xhost_moe_t *m, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = cudaEventRecord(m->done, (cudaStream_t)stream);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "recording the MoE call's end: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
                                      epx_status_t local, epx__xhost_moe_handle_t **handle, void *stream,
                                      epx__errbuf_t *err)
@@ -227,46 +656,48 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
         return EPX_SUCCESS;
     }
     if (local == EPX_SUCCESS && bad) local = EPX_ERR_INVALID_ARGUMENT; /* err names the token */
-    size_t isz = epx_dtype_size(s->index_dtype), sc = s->scale_cols * sizeof(float);
-    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    size_t isz = epx_dtype_size(s->index_dtype);
+    bool has_w = local == EPX_SUCCESS && in->topk_weights;
+    /* 1. The plan, on the host (src/hier's, with the routing records alone: no rows): the
+     * verdict of every rank, the routing outputs (into host mirrors), the handle. */
     epx_moe_dispatch_in_t hin = {0};
     epx_moe_dispatch_out_t hout = {0};
     if (local == EPX_SUCCESS) {
         epx_status_t ls = EPX_SUCCESS;
         int64_t cap = out->capacity;
-        hin = (epx_moe_dispatch_in_t){epx__hb(m, B_X, (size_t)T * s->row_bytes, &ls, err),
-                                      fp8 ? epx__hb(m, B_XS, (size_t)T * sc, &ls, err) : NULL, ids,
-                                      in->topk_weights ? epx__hb(m, B_W, sizeof(float) * (size_t)T * (size_t)K, &ls, err) : NULL,
+        hin = (epx_moe_dispatch_in_t){NULL, NULL, ids,
+                                      has_w ? epx__hb(m, B_W, sizeof(float) * (size_t)T * (size_t)K, &ls, err) : NULL,
                                       T, K};
-        hout.recv_x = epx__hb(m, B_RX, (size_t)cap * s->row_bytes, &ls, err);
-        hout.recv_x_scales = fp8 ? epx__hb(m, B_RXS, (size_t)cap * sc, &ls, err) : NULL;
         hout.recv_topk_idx = out->recv_topk_idx ? epx__hb(m, B_RIDX, (size_t)cap * (size_t)K * isz, &ls, err) : NULL;
-        hout.recv_topk_weights = out->recv_topk_weights ? epx__hb(m, B_RW, (size_t)cap * (size_t)K * 4, &ls, err) : NULL;
+        hout.recv_topk_weights =
+            has_w && out->recv_topk_weights ? epx__hb(m, B_RW, (size_t)cap * (size_t)K * 4, &ls, err) : NULL;
         hout.recv_src_rank = out->recv_src_rank ? epx__hb(m, B_SR, (size_t)cap * 4, &ls, err) : NULL;
         hout.recv_src_token = out->recv_src_token ? epx__hb(m, B_ST, (size_t)cap * 4, &ls, err) : NULL;
         hout.num_recv_tokens_per_expert =
             out->num_recv_tokens_per_expert ? epx__hb(m, B_PE, (size_t)s->local_experts * 4, &ls, err) : NULL;
         hout.capacity = cap;
-        /* Rows from sources without weights leave recv_topk_weights as it was: start the
-         * mirror from the caller's buffer, since all written rows are copied back. */
-        if (ls == EPX_SUCCESS && hout.recv_topk_weights)
-            ls = epx__d2h(hout.recv_topk_weights, out->recv_topk_weights, (size_t)cap * (size_t)K * 4, err);
-        if (ls == EPX_SUCCESS) ls = epx__d2h((void *)hin.x, in->x, (size_t)T * s->row_bytes, err);
-        if (ls == EPX_SUCCESS && fp8) ls = epx__d2h((void *)hin.x_scales, in->x_scales, (size_t)T * sc, err);
-        if (ls == EPX_SUCCESS && in->topk_weights)
+        if (ls == EPX_SUCCESS && has_w)
             ls = epx__d2h((void *)hin.topk_weights, in->topk_weights, sizeof(float) * (size_t)T * (size_t)K, err);
         local = ls;
     }
     epx__hier_moe_handle_t *hh = NULL;
-    st = epx__hier_moe_dispatch(m->hm, &hin, &hout, local, &hh, err);
+    st = epx__hier_moe_dispatch_plan(m->hm, &hin, &hout, local, &hh, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(h);
         return st;
     }
     int64_t N = hout.num_recv_tokens;
     size_t n = (size_t)N;
-    epx__h2d(out->recv_x, hout.recv_x, n * s->row_bytes, stream, &st, err);
-    if (fp8) epx__h2d(out->recv_x_scales, hout.recv_x_scales, n * sc, stream, &st, err); /* else not an output */
+    h->hh = hh, h->n = N, h->shown = nosync ? -1 : N;
+    /* 2. The plan on the device; staging; the intra-host exchange prepared; every rank's verdict. */
+    epx__cuda_a2a_t *plan = NULL;
+    st = epx__ready(m, &h->xp, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
+    if (st != EPX_SUCCESS) {
+        epx__xhost_moe_handle_free(h);
+        return st;
+    }
+    /* 3. Enqueue: the routing outputs (the stream is idle: these copies return at once),
+     * then the rows. A failure now, with peers' operations posted, aborts the NCCL link. */
     epx__h2d(out->recv_topk_idx, hout.recv_topk_idx, n * (size_t)K * isz, stream, &st, err);
     epx__h2d(out->recv_topk_weights, hout.recv_topk_weights, n * (size_t)K * 4, stream, &st, err);
     epx__h2d(out->recv_src_rank, hout.recv_src_rank, n * 4, stream, &st, err);
@@ -274,12 +705,18 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     epx__h2d(out->num_recv_tokens_per_expert, hout.num_recv_tokens_per_expert, (size_t)s->local_experts * 4, stream,
              &st, err);
     epx__h2d(out->num_recv_tokens_device, &N, sizeof N, stream, &st, err);
-    h->hh = hh, h->n = N, h->shown = nosync ? -1 : N;
-    out->num_recv_tokens = h->shown;
+    if (st == EPX_SUCCESS)
+        st = epx__rows_enqueue(m, &h->xp, in->x, s->dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, out->recv_x,
+                               out->recv_x_scales, plan, stream, err);
+    if (st == EPX_SUCCESS) st = epx__enqueued(m, stream, err);
+    epx__cuda_a2a_free(plan);
     if (st != EPX_SUCCESS) {
+        epx__nccl_abort(m->xh->nccl);
+        h->xp.keep_dev = true; /* the stream may still read it */
         epx__xhost_moe_handle_free(h);
         return st;
     }
+    out->num_recv_tokens = h->shown;
     *handle = h;
     return EPX_SUCCESS;
 }
@@ -288,32 +725,18 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
                                             const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
                                             epx_status_t local, void *stream, epx__errbuf_t *err)
 {
-    const epx__moe_shape_t *s = &m->s;
     bool skip = false;
     EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
-    bool fp8 = s->dtype == EPX_FP8_E4M3;
-    size_t sc = s->scale_cols * sizeof(float);
-    epx_moe_dispatch_in_t hin = {0};
-    epx_moe_dispatch_out_t hout = {0};
-    int T = local == EPX_SUCCESS ? h->T : 0;
-    size_t n = local == EPX_SUCCESS ? (size_t)h->n : 0;
-    if (local == EPX_SUCCESS) {
-        epx_status_t ls = EPX_SUCCESS;
-        hin.x = epx__hb(m, B_X, (size_t)T * s->row_bytes, &ls, err);
-        hin.x_scales = fp8 ? epx__hb(m, B_XS, (size_t)T * sc, &ls, err) : NULL;
-        hin.num_tokens = T;
-        hout.recv_x = epx__hb(m, B_RX, n * s->row_bytes, &ls, err);
-        hout.recv_x_scales = fp8 ? epx__hb(m, B_RXS, n * sc, &ls, err) : NULL;
-        hout.capacity = (int64_t)n;
-        if (ls == EPX_SUCCESS) ls = epx__d2h((void *)hin.x, in->x, (size_t)T * s->row_bytes, err);
-        if (ls == EPX_SUCCESS && fp8) ls = epx__d2h((void *)hin.x_scales, in->x_scales, (size_t)T * sc, err);
-        local = ls;
-    }
-    epx_status_t st = epx__hier_moe_dispatch_cached(m->hm, local == EPX_SUCCESS ? h->hh : NULL, &hin, &hout, local, err);
-    if (st != EPX_SUCCESS) return st;
-    epx__h2d(out->recv_x, hout.recv_x, n * s->row_bytes, stream, &st, err);
-    if (fp8) epx__h2d(out->recv_x_scales, hout.recv_x_scales, n * sc, stream, &st, err); /* else not an output */
+    bool ok = local == EPX_SUCCESS;
+    EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, false, false, local, err));
+    epx__cuda_a2a_t *plan = NULL;
+    EPX__CHECK(epx__ready(m, &h->xp, false, false, EPX_SUCCESS, stream, &plan, err));
+    epx_status_t st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL,
+                                        out->recv_x, out->recv_x_scales, plan, stream, err);
+    if (st == EPX_SUCCESS) st = epx__enqueued(m, stream, err);
+    epx__cuda_a2a_free(plan);
+    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
     return st;
 }
 
@@ -325,25 +748,47 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     bool skip = false;
     EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
-    size_t n = local == EPX_SUCCESS ? (size_t)h->n : 0, crow = s->combine_row_bytes;
-    int T = local == EPX_SUCCESS ? h->T : 0;
-    size_t K = local == EPX_SUCCESS ? (size_t)epx__hier_moe_handle_topk(h->hh) : 0;
-    epx_moe_combine_in_t hin = {0};
-    epx_moe_combine_out_t hout = {0};
-    if (local == EPX_SUCCESS) {
-        epx_status_t ls = EPX_SUCCESS;
-        hin.y = epx__hb(m, B_Y, n * crow, &ls, err);
-        hin.topk_weights = in->topk_weights ? epx__hb(m, B_W, n * K * 4, &ls, err) : NULL;
-        hout.out = epx__hb(m, B_OUT, (size_t)T * crow, &ls, err);
-        hout.out_topk_weights = out->out_topk_weights ? epx__hb(m, B_OUTW, (size_t)T * K * 4, &ls, err) : NULL;
-        if (ls == EPX_SUCCESS) ls = epx__d2h((void *)hin.y, in->y, n * crow, err);
-        if (ls == EPX_SUCCESS && in->topk_weights) ls = epx__d2h((void *)hin.topk_weights, in->topk_weights, n * K * 4, err);
-        local = ls;
+    bool ok = local == EPX_SUCCESS, has_w = ok && in->topk_weights;
+    EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, true, has_w, local, err));
+    const epx__xh_plan_t *x = &h->xp;
+    epx__cuda_a2a_t *plan = NULL;
+    EPX__CHECK(epx__ready(m, x, true, has_w, EPX_SUCCESS, stream, &plan, err));
+    /* Records: the row, then (with weights) its K weights. */
+    size_t crow = s->combine_row_bytes, rec = epx__crec(s, x->K, has_w), ao = EPX__ALIGN_UP(crow, 16);
+    size_t wb = sizeof(float) * (size_t)x->K;
+    int blocks = epx__blocks(m);
+    epx__xh_src_t src;
+    memset(&src, 0, sizeof src);
+    src.row[K_Y] = in->y, src.row_stride[K_Y] = (long long)crow;
+    src.aux[K_Y] = has_w ? (const char *)in->topk_weights : NULL, src.aux_stride[K_Y] = (long long)wb;
+    src.row[K_C1] = m->stage[S_LRECV], src.row_stride[K_C1] = (long long)rec;
+    src.aux[K_C1] = has_w ? m->stage[S_LRECV] + ao : NULL, src.aux_stride[K_C1] = (long long)rec;
+    src.row[K_HOME] = m->stage[S_FWD], src.row_stride[K_HOME] = (long long)rec;
+    src.aux[K_HOME] = has_w ? m->stage[S_FWD] + ao : NULL, src.aux_stride[K_HOME] = (long long)rec;
+    epx_status_t st = EPX_SUCCESS;
+    /* 1. My rows back to the local ranks that forwarded them to me (CUDA IPC). */
+    if (plan) {
+        epx__xh_gather_t g = {src, x->d_c1, x->n_lrecv, m->stage[S_LSEND], (long long)rec, (long long)crow,
+                              has_w ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)wb};
+        st = epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for their forwarders", err);
+        if (st == EPX_SUCCESS) st = epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err);
     }
-    epx_status_t st = epx__hier_moe_combine(m->hm, local == EPX_SUCCESS ? h->hh : NULL, &hin, &hout, local, err);
-    if (st != EPX_SUCCESS) return st;
-    epx__h2d(out->out, hout.out, (size_t)T * crow, stream, &st, err);
-    epx__h2d(out->out_topk_weights, hout.out_topk_weights, (size_t)T * K * 4, stream, &st, err);
+    /* 2. As gateway: the rows of my sources on other hosts go home as they are (NCCL). */
+    if (st == EPX_SUCCESS) {
+        epx__xh_gather_t g = {src, x->d_home, x->n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
+                              has_w ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)wb};
+        st = epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err);
+    }
+    if (st == EPX_SUCCESS) st = epx__post(m, m->stage[S_GW], x->home_send, m->stage[S_FWD], x->home_recv, rec, stream, err);
+    /* 3. At home: every token's rows summed in ascending rank order, as on one host. */
+    if (st == EPX_SUCCESS) {
+        epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->T, x->K, s->hidden, (int)s->combine_dtype, out->out,
+                              out->out_topk_weights};
+        st = epx__launched(epx__xh_launch_reduce(&r, blocks, stream), "reducing at home", err);
+    }
+    if (st == EPX_SUCCESS) st = epx__enqueued(m, stream, err);
+    epx__cuda_a2a_free(plan);
+    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
     return st;
 }
 
