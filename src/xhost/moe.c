@@ -93,7 +93,7 @@ static epx_status_t epx__d2h(void *dst, const void *src, size_t bytes, epx__errb
  * returns once the source was taken). */
 static void epx__h2d(void *dst, const void *src, size_t bytes, void *stream, epx_status_t *st, epx__errbuf_t *err)
 {
-    if (*st != EPX_SUCCESS || !dst || !bytes) return;
+    if (*st != EPX_SUCCESS || !dst || !src || !bytes) return;
     cudaError_t ce = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream);
     if (ce != cudaSuccess) *st = epx__fail(err, EPX_ERR_CUDA, "writing an output to the device: %s", cudaGetErrorString(ce));
 }
