@@ -132,6 +132,46 @@ typedef struct {
     const int64_t *from_first, *from_row, *row_rec;
 } epx__hier_plan_t;
 void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *plan);
+
+/* The rows of that plan (plan.c): the count of every transfer and, for every row copy, a
+ * reference to its source: a kind (which buffer) in the top byte and a row index below.
+ *   dispatch (cached dispatch across hosts; the rows of a dispatch on the GPU path):
+ *     1. gather gw[n_gw] (from X, my rows) into the records for my gateways, gw_send[p]
+ *        for gateway rank p, segments in rank order; exchange (between hosts) into FWD,
+ *        fwd_recv[p] records from source p, in rank order;
+ *     2. gather fan[n_fan] (from FWD or X) into the records for the local ranks, fan_send[l]
+ *        for local rank l (fan_first[l] the prefix); exchange (inside the host) into LRECV,
+ *        fan_recv[l] from local rank l (lrecv_first[l]);
+ *     3. gather out[rows] (from LRECV, FWD or X) into the output rows.
+ *   combine (high-throughput):
+ *     1. gather c1[n_lrecv] (from Y, the expert outputs) into records back to the local
+ *        forwarders: fan_recv[l] to local rank l; exchange into C1: fan_send[l] from l;
+ *     2. gather home[n_home_send] (from C1 or Y) into records home: home_send[p] to home
+ *        rank p; exchange (between hosts) into HOME: home_recv[g] from gateway g;
+ *     3. out[t] = the rows tok[first[t] .. first[t + 1]) (from Y, C1 or HOME), summed in
+ *        that order, which is the ascending rank order of the single-host backends.
+ * Segments lie back to back in rank (local rank) order, each record one row (and its
+ * scales or weights). Mine to me never travels: those rows are read where they are. */
+#define EPX__HIER_REF(kind, index) (((int64_t)(kind) << 56) | (int64_t)(index))
+#define EPX__HIER_REF_KIND(ref) ((int)((ref) >> 56))
+#define EPX__HIER_REF_INDEX(ref) ((ref) & ((INT64_C(1) << 56) - 1))
+enum { EPX__HIER_X = 0, EPX__HIER_FWD = 1, EPX__HIER_LRECV = 2 }; /* dispatch sources */
+enum { EPX__HIER_Y = 0, EPX__HIER_C1 = 1, EPX__HIER_HOME = 2 };   /* combine sources */
+typedef struct {
+    int64_t *gw_send, *fwd_recv, *home_send, *home_recv; /* [R] records */
+    int64_t *fan_send, *fan_recv, *fan_first, *lrecv_first; /* [LS] */
+    int64_t n_gw, n_fwd, n_fan, n_lrecv, n_home_send, n_home_recv, n_tok, rows;
+    int T, K;
+    int64_t *ref; /* every reference, nref in all: the sections below point into it */
+    size_t nref;
+    int64_t *gw, *fan, *out, *c1, *home, *first, *tok;
+    int64_t *mem; /* the allocation of the count arrays */
+} epx__hier_xplan_t;
+/* Local. On failure (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds
+ * nothing. */
+epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h, int local_experts,
+                                   epx__hier_xplan_t *x, epx__errbuf_t *err);
+void epx__hier_xplan_free(epx__hier_xplan_t *x);
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h);

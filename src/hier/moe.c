@@ -500,72 +500,6 @@ done:
     return st;
 }
 
-/* ---- Rows ------------------------------------------------------------------------------------- */
-
-/* Move token rows along the routing of `hd`: each record is a row of rb bytes from `x`
- * (my token i at x + i * rb) followed by sb bytes of scales from `xs` (may be NULL when
- * sb = 0). On success *recs (a work buffer of m) holds every received record; merged row r
- * (source, token order) is record hd->row_rec[r]. */
-static epx_status_t epx__rows(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const char *x, size_t rb,
-                              const char *xs, size_t sb, uint32_t seq, uint64_t deadline, const char **recs,
-                              epx__errbuf_t *err)
-{
-    const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K;
-    size_t rec = rb + sb;
-    epx_status_t st = EPX_SUCCESS;
-    int64_t *nb = epx__alloc(2 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
-    int64_t *lb = epx__alloc(2 * (size_t)LS, 8, &st, err), *lsb = lb, *lrb = lb ? lb + LS : NULL;
-    int64_t nsend = 0;
-    for (int k = 0; k < t->num_hosts && st == EPX_SUCCESS; k++) {
-        if (k == t->host) continue;
-        int g = epx__gw(t, me, k);
-        for (int64_t i = 0; i < hd->T; i++) sbytes[g] += epx__to_host(t, hd->topk + i * K, K, L, k) ? (int64_t)rec : 0;
-        nsend += sbytes[g];
-    }
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) rbytes[p] = hd->fwd_count[p] * (int64_t)rec;
-    char *sbuf = epx__buf(m, EPX__B_SEND, (size_t)nsend, &st, err);
-    char *fwd = epx__buf(m, EPX__B_FWD, (size_t)hd->nfwd * rec, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)(hd->to_first ? hd->to_first[LS] : 0) * rec, &st, err);
-    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)hd->rows * rec, &st, err);
-    if (st == EPX_SUCCESS) {
-        /* To the gateways: per host, my tokens there in token order (the rank order of the
-         * gateways is the host order). */
-        char *o = sbuf;
-        for (int p = 0; p < R; p++) {
-            if (!sbytes[p]) continue;
-            for (int64_t i = 0; i < hd->T; i++) {
-                if (!epx__to_host(t, hd->topk + i * K, K, L, t->host_of[p])) continue;
-                memcpy(o, x + (size_t)i * rb, rb);
-                if (sb) memcpy(o + rb, xs + (size_t)i * sb, sb);
-                o += rec;
-            }
-        }
-        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), sbuf, sbytes, fwd, rbytes, deadline, err);
-    }
-    if (st == EPX_SUCCESS) {
-        /* To the local ranks, in entry order. */
-        for (int l = 0; l < LS; l++) {
-            lsb[l] = (hd->to_first[l + 1] - hd->to_first[l]) * (int64_t)rec;
-            lrb[l] = (hd->from_first[l + 1] - hd->from_first[l]) * (int64_t)rec;
-        }
-        for (int64_t a = 0; a < hd->to_first[LS]; a++) {
-            int64_t e = hd->to_ent[a];
-            char *o = lsend + (size_t)a * rec;
-            if (hd->ent_fidx[e] >= 0) {
-                memcpy(o, fwd + (size_t)hd->ent_fidx[e] * rec, rec);
-            } else {
-                memcpy(o, x + (size_t)hd->ent_tok[e] * rb, rb);
-                if (sb) memcpy(o + rb, xs + (size_t)hd->ent_tok[e] * sb, sb);
-            }
-        }
-        st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
-    }
-    *recs = st == EPX_SUCCESS ? lrecv : NULL;
-    free(nb), free(lb);
-    return st;
-}
-
 /* ---- High-throughput dispatch ------------------------------------------------------------------ */
 
 static epx__hier_moe_handle_t *epx__handle_new(uint32_t id, int mode, int T, int K, int has_w)
@@ -725,30 +659,6 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
                             h->fwd_count, h->nfwd, h->to_first, h->to_ent, h->from_first, h->from_row, h->row_rec};
 }
 
-epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
-                                           const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
-                                           epx_status_t local, epx__errbuf_t *err)
-{
-    const epx__moe_shape_t *s = &m->s;
-    uint64_t deadline;
-    uint32_t seq = epx__op_begin(m, &deadline);
-    bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
-                                   deadline, err);
-    bool fp8 = s->dtype == EPX_FP8_E4M3;
-    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = s->row_bytes + sb;
-    const char *recs = NULL;
-    if (st == EPX_SUCCESS)
-        st = epx__rows(m, hd, in->x, s->row_bytes, fp8 ? (const char *)in->x_scales : NULL, sb, seq, deadline, &recs, err);
-    for (int64_t r = 0; st == EPX_SUCCESS && r < hd->rows; r++) {
-        memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, recs + (size_t)hd->row_rec[r] * rec, s->row_bytes);
-        if (fp8 && out->recv_x_scales)
-            memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, recs + (size_t)hd->row_rec[r] * rec + s->row_bytes,
-                   sb);
-    }
-    return st;
-}
-
 /* ---- Combine: rows back to the forwarders, then home unreduced ------------------------------- */
 
 /* The record of merged row r for a receiver q: `size_of(ctx, topk, q)` bytes, written by
@@ -897,46 +807,95 @@ done:
     return st;
 }
 
-/* A high-throughput record of step 1: the y row, padded to 4 bytes, then its K weights. */
+/* ---- Rows along the row plan (plan.c; the GPU path across hosts runs the same) --------------- */
+
+/* Where references point (kinds EPX__HIER_*): rows and their auxiliary parts (FP8 scales or
+ * top-k weights; aux NULL: none). */
 typedef struct {
-    const epx__hier_moe_t *m;
-    const epx__hier_moe_handle_t *hd;
-    const char *y;
-    const float *w; /* high-throughput weights [rows, K] or NULL */
-    size_t crow;
-    epx_moe_combine_out_t *out;
-} epx__back_ctx_t;
+    const char *row[3], *aux[3];
+    size_t row_stride[3], aux_stride[3];
+} epx__srcs_t;
 
-static size_t epx__ht_rec_size(const void *ctx, const int32_t *topk, int q)
+static void epx__src_set(epx__srcs_t *s, int k, const void *row, size_t row_stride, const void *aux, size_t aux_stride)
 {
-    const epx__back_ctx_t *c = ctx;
-    (void)topk, (void)q;
-    return EPX__ALIGN_UP(c->crow, sizeof(float)) + (c->w ? sizeof(float) * (size_t)c->hd->K : 0);
+    s->row[k] = row, s->row_stride[k] = row_stride, s->aux[k] = aux, s->aux_stride[k] = aux_stride;
 }
 
-static void epx__ht_rec_pack(const void *ctx, int64_t row, char *dst)
+static const char *epx__src_row(const epx__srcs_t *s, int64_t ref)
 {
-    const epx__back_ctx_t *c = ctx;
-    memcpy(dst, c->y + (size_t)row * c->crow, c->crow);
-    if (c->w) memcpy(dst + EPX__ALIGN_UP(c->crow, sizeof(float)), c->w + row * c->hd->K, sizeof(float) * (size_t)c->hd->K);
+    int k = EPX__HIER_REF_KIND(ref);
+    return s->row[k] + (size_t)EPX__HIER_REF_INDEX(ref) * s->row_stride[k];
 }
 
-/* out[i] = the rows in ascending rank order, summed from +0; the weights likewise. */
-static void epx__ht_fold(const void *ctx, int i, const int *ranks, int n, const char *const *rec)
+static const char *epx__src_aux(const epx__srcs_t *s, int64_t ref)
 {
-    const epx__back_ctx_t *c = ctx;
-    const epx__moe_shape_t *s = &c->m->s;
-    int K = c->hd->K;
-    const char *rows[EPX_MOE_MAX_TOPK];
-    for (int j = 0; j < n; j++) rows[j] = rec[ranks[j]];
-    epx__cpu_reduce_rows((char *)c->out->out + (size_t)i * c->crow, s->combine_dtype, rows, NULL, n, s->hidden);
-    if (!c->out->out_topk_weights) return;
-    float *w = c->out->out_topk_weights + (size_t)i * K;
-    for (int k = 0; k < K; k++) w[k] = 0.0f;
-    for (int j = 0; j < n && c->w; j++) {
-        const float *rw = (const float *)(rows[j] + EPX__ALIGN_UP(c->crow, sizeof(float)));
-        for (int k = 0; k < K; k++) w[k] += rw[k];
+    int k = EPX__HIER_REF_KIND(ref);
+    return s->aux[k] ? s->aux[k] + (size_t)EPX__HIER_REF_INDEX(ref) * s->aux_stride[k] : NULL;
+}
+
+/* dst row j = rb bytes of ref[j]; with aux, dst aux j = ab bytes of its auxiliary part. */
+static void epx__gather(const epx__srcs_t *s, const int64_t *ref, int64_t n, char *row, size_t row_stride, size_t rb,
+                        char *aux, size_t aux_stride, size_t ab)
+{
+    for (int64_t j = 0; j < n; j++) {
+        memcpy(row + (size_t)j * row_stride, epx__src_row(s, ref[j]), rb);
+        const char *a = epx__src_aux(s, ref[j]);
+        if (aux && a) memcpy(aux + (size_t)j * aux_stride, a, ab);
     }
+}
+
+/* Byte counts of `rec`-byte records: out[i] = cnt[i] * rec. */
+static void epx__bytes(int64_t *out, const int64_t *cnt, int n, size_t rec)
+{
+    for (int i = 0; i < n; i++) out[i] = cnt[i] * (int64_t)rec;
+}
+
+epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
+                                           const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
+                                           epx_status_t local, epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, LS = t->local_size;
+    uint64_t deadline;
+    uint32_t seq = epx__op_begin(m, &deadline);
+    bool ok = local == EPX_SUCCESS;
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
+                                   deadline, err);
+    if (st != EPX_SUCCESS) return st;
+    epx__hier_xplan_t x;
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s->local_experts, &x, err));
+    bool fp8 = s->dtype == EPX_FP8_E4M3;
+    size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
+    size_t rec = ao + EPX__ALIGN_UP(sb, 16);
+    int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
+    char *send = epx__buf(m, EPX__B_SEND, (size_t)x.n_gw * rec, &st, err);
+    char *fwd = epx__buf(m, EPX__B_FWD, (size_t)x.n_fwd * rec, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)x.n_fan * rec, &st, err);
+    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)x.n_lrecv * rec, &st, err);
+    if (st == EPX_SUCCESS) {
+        int64_t *sbytes = nb, *rbytes = nb + R, *lsb = nb + 2 * R, *lrb = lsb + LS;
+        const float *xs = fp8 ? in->x_scales : NULL;
+        epx__srcs_t src;
+        memset(&src, 0, sizeof src);
+        epx__src_set(&src, EPX__HIER_X, in->x, rb, xs, sb);
+        epx__src_set(&src, EPX__HIER_FWD, fwd, rec, xs ? fwd + ao : NULL, rec);
+        epx__src_set(&src, EPX__HIER_LRECV, lrecv, rec, xs ? lrecv + ao : NULL, rec);
+        /* To my gateways on the other hosts, then from each to the local ranks, then into place. */
+        epx__gather(&src, x.gw, x.n_gw, send, rec, rb, xs ? send + ao : NULL, rec, sb);
+        epx__bytes(sbytes, x.gw_send, R, rec), epx__bytes(rbytes, x.fwd_recv, R, rec);
+        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), send, sbytes, fwd, rbytes, deadline, err);
+        if (st == EPX_SUCCESS) {
+            epx__gather(&src, x.fan, x.n_fan, lsend, rec, rb, xs ? lsend + ao : NULL, rec, sb);
+            epx__bytes(lsb, x.fan_send, LS, rec), epx__bytes(lrb, x.fan_recv, LS, rec);
+            st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
+        }
+        if (st == EPX_SUCCESS)
+            epx__gather(&src, x.out, x.rows, out->recv_x, rb, rb, xs ? (char *)out->recv_x_scales : NULL, sb, sb);
+    }
+    free(nb);
+    epx__hier_xplan_free(&x);
+    return st;
 }
 
 epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
@@ -944,6 +903,8 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
                                    epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, LS = t->local_size;
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
@@ -951,17 +912,51 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    epx__back_ctx_t ctx = {m, hd, in->y, has_w ? in->topk_weights : NULL, s->combine_row_bytes, out};
-    char *c1 = NULL;
-    int64_t *c1pos = NULL;
-    st = epx__combine_back(m, hd, epx__ht_rec_size, epx__ht_rec_pack, &ctx, &c1, &c1pos, err);
-    if (st == EPX_SUCCESS)
-        st = epx__combine_home(m, hd, epx__ht_rec_size, &ctx, c1, c1pos, epx__ht_fold, seq, deadline, err);
-    free(c1pos);
+    epx__hier_xplan_t x;
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s->local_experts, &x, err));
+    int K = hd->K;
+    size_t crow = s->combine_row_bytes, wb = sizeof(float) * (size_t)K, ao = EPX__ALIGN_UP(crow, 16);
+    size_t rec = ao + (has_w ? EPX__ALIGN_UP(wb, 16) : 0);
+    int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)x.n_lrecv * rec, &st, err);
+    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)x.n_fan * rec, &st, err);
+    char *send = epx__buf(m, EPX__B_SEND, (size_t)x.n_home_send * rec, &st, err);
+    char *home = epx__buf(m, EPX__B_HOME, (size_t)x.n_home_recv * rec, &st, err);
+    if (st == EPX_SUCCESS) {
+        int64_t *sbytes = nb, *rbytes = nb + R, *lsb = nb + 2 * R, *lrb = lsb + LS;
+        epx__srcs_t src;
+        memset(&src, 0, sizeof src);
+        epx__src_set(&src, EPX__HIER_Y, in->y, crow, has_w ? in->topk_weights : NULL, wb);
+        epx__src_set(&src, EPX__HIER_C1, c1, rec, has_w ? c1 + ao : NULL, rec);
+        epx__src_set(&src, EPX__HIER_HOME, home, rec, has_w ? home + ao : NULL, rec);
+        /* My rows back to their forwarders here; as gateway, my sources' rows home as they are. */
+        epx__gather(&src, x.c1, x.n_lrecv, lsend, rec, crow, has_w ? lsend + ao : NULL, rec, wb);
+        epx__bytes(lsb, x.fan_recv, LS, rec), epx__bytes(lrb, x.fan_send, LS, rec);
+        st = epx__local_xchg(m, lsend, lsb, c1, lrb, err);
+        if (st == EPX_SUCCESS) {
+            epx__gather(&src, x.home, x.n_home_send, send, rec, crow, has_w ? send + ao : NULL, rec, wb);
+            epx__bytes(sbytes, x.home_send, R, rec), epx__bytes(rbytes, x.home_recv, R, rec);
+            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), send, sbytes, home, rbytes, deadline, err);
+        }
+        /* At home: each token's rows in ascending rank order, summed from +0; the weights likewise. */
+        for (int i = 0; i < x.T && st == EPX_SUCCESS; i++) {
+            const char *rows[EPX_MOE_MAX_TOPK];
+            int n = (int)(x.first[i + 1] - x.first[i]);
+            for (int j = 0; j < n; j++) rows[j] = epx__src_row(&src, x.tok[x.first[i] + j]);
+            epx__cpu_reduce_rows((char *)out->out + (size_t)i * crow, s->combine_dtype, rows, NULL, n, s->hidden);
+            if (!out->out_topk_weights) continue;
+            float *w = out->out_topk_weights + (size_t)i * K;
+            for (int k = 0; k < K; k++) w[k] = 0.0f;
+            for (int j = 0; j < n && has_w; j++) {
+                const float *rw = (const float *)epx__src_aux(&src, x.tok[x.first[i] + j]);
+                for (int k = 0; k < K; k++) w[k] += rw[k];
+            }
+        }
+    }
+    free(nb);
+    epx__hier_xplan_free(&x);
     return st;
 }
-
-/* ---- Low-latency ------------------------------------------------------------------------------------ */
 
 /* ---- Low-latency ------------------------------------------------------------------------------------ */
 

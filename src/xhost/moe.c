@@ -18,7 +18,7 @@
 #include "dev.h"
 #include "internal.h"
 
-enum { B_X, B_XS, B_IDX, B_W, B_RX, B_RXS, B_RIDX, B_RW, B_SR, B_ST, B_PE, B_Y, B_OUT, B_OUTW, B_CNT, B_LAY, B_PLAN, B_N };
+enum { B_X, B_XS, B_IDX, B_W, B_RX, B_RXS, B_RIDX, B_RW, B_SR, B_ST, B_PE, B_Y, B_OUT, B_OUTW, B_CNT, B_LAY, B_N };
 enum { S_GW, S_FWD, S_LSEND, S_LRECV, S_N }; /* device staging (see epx__stage) */
 
 struct epx__xhost_moe {
@@ -34,27 +34,13 @@ struct epx__xhost_moe {
     cudaEvent_t done; /* recorded at the end of every call that enqueued work */
 };
 
-/* A high-throughput dispatch's plan in the form the device path runs it (epx__plan_build):
- * counts in records per rank [R] (NCCL, along my rail) and per local rank [LS] (CUDA IPC),
- * and the references of every gather, in device memory. */
+/* A high-throughput handle's row plan (src/hier's epx__hier_xplan_t: counts on the host),
+ * its references in device memory. */
 typedef struct {
-    int64_t *cnt; /* the allocation of the count arrays */
-    int64_t *gw_send, *fwd_recv;   /* dispatch: to my gateways; from the sources I forward */
-    int64_t *home_send, *home_recv; /* combine: to home ranks; from my gateways */
-    int64_t *fan_send, *fan_recv;  /* dispatch fan-out to / from local rank l (0 for me);
-                                      combine the other way round */
-    int64_t *fan_first, *lrecv_first; /* prefix sums of fan_send, fan_recv */
-    int64_t n_gw, n_fwd, n_fan, n_lrecv, n_home_send, n_home_recv, n_tok, rows;
-    int T, K;
+    epx__hier_xplan_t h;
     bool keep_dev;  /* the NCCL link died: leave the device memory (cudaFree could wait) */
-    long long *dev; /* the references: */
-    const long long *d_gw;    /* [n_gw] my tokens for each other host, host by host */
-    const long long *d_fan;   /* [n_fan] rows for each other local rank */
-    const long long *d_out;   /* [rows] the source of every output row */
-    const long long *d_c1;    /* [n_lrecv] combine: my rows back to each other local forwarder */
-    const long long *d_home;  /* [n_home_send] combine: what I send each home rank */
-    const long long *d_first; /* [T + 1] combine: token t's rows are d_tok[first[t] .. first[t + 1]) */
-    const long long *d_tok;   /* [n_tok] ascending rank order */
+    long long *dev; /* the references, sections as in h: */
+    const long long *d_gw, *d_fan, *d_out, *d_c1, *d_home, *d_first, *d_tok;
 } epx__xh_plan_t;
 
 struct epx__xhost_moe_handle {
@@ -269,8 +255,8 @@ static epx__xhost_moe_handle_t *epx__handle_new(int T, epx_status_t *st, epx__er
  * as their gateway (NCCL receive), S_LSEND / S_LRECV the fan-out to and from the local
  * ranks (CUDA IPC); combine: S_LSEND / S_LRECV the rows going back to the forwarders, S_GW
  * the records a gateway sends home, S_FWD what the gateways send me home. */
-enum { K_X = 0, K_FWD = 1, K_LRECV = 2 }; /* dispatch: where rows come from */
-enum { K_Y = 0, K_C1 = 1, K_HOME = 2 };   /* combine */
+enum { K_X = EPX__HIER_X, K_FWD = EPX__HIER_FWD, K_LRECV = EPX__HIER_LRECV }; /* dispatch: where rows come from */
+enum { K_Y = EPX__HIER_Y, K_C1 = EPX__HIER_C1, K_HOME = EPX__HIER_HOME };     /* combine */
 
 /* The kernels' share of the device. */
 static int epx__blocks(const epx__xhost_moe_t *m) { return 2 * EPX__MAX(m->sms, 1); }
@@ -295,196 +281,39 @@ static epx_status_t epx__stage(epx__xhost_moe_t *m, int b, size_t bytes, epx__er
     return EPX_SUCCESS;
 }
 
-static bool epx__goes_host(const int32_t *tk, int K, int L, int LS, int k)
-{
-    for (int j = 0; j < K; j++)
-        if (tk[j] >= 0 && tk[j] / L / LS == k) return true;
-    return false;
-}
-
-static bool epx__goes_rank(const int32_t *tk, int K, int L, int q)
-{
-    for (int j = 0; j < K; j++)
-        if (tk[j] >= 0 && tk[j] / L == q) return true;
-    return false;
-}
-
-/* The ranks a token goes to, ascending, each once; returns how many. */
-static int epx__dest_ranks(const int32_t *tk, int K, int L, int *ranks)
-{
-    int n = 0;
-    for (int k = 0; k < K; k++) {
-        if (tk[k] < 0) continue;
-        int r = tk[k] / L, j = n;
-        bool dup = false;
-        for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
-        if (dup) continue;
-        while (j > 0 && ranks[j - 1] > r) ranks[j] = ranks[j - 1], j--;
-        ranks[j] = r, n++;
-    }
-    return n;
-}
-
 static void epx__plan_free(epx__xh_plan_t *x)
 {
-    free(x->cnt);
+    epx__hier_xplan_free(&x->h);
     if (x->dev && !x->keep_dev) cudaFree(x->dev);
     memset(x, 0, sizeof *x);
 }
 
-/* Turn the handle's plan (src/hier's, on the host) into the counts of every transfer and
- * the references of every gather, and upload the references (on `stream`, which is idle).
- * Local; fails for memory, or EPX_ERR_INTERNAL when the plan does not add up. */
+_Static_assert(EPX__XH_REF(2, 5) == EPX__HIER_REF(2, 5) && EPX__XH_REF_KIND(EPX__HIER_REF(3, 7)) == 3 &&
+                   EPX__XH_REF_INDEX(EPX__HIER_REF(1, 123456789)) == 123456789,
+               "src/xhost's kernels read src/hier's references");
+
+/* The handle's row plan (src/hier's, on the host), its references uploaded on `stream`
+ * (idle). Local; fails for memory, or EPX_ERR_INTERNAL when the plan does not add up. */
 static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, void *stream, epx__errbuf_t *err)
 {
-    const epx__xhost_t *xh = m->xh;
-    int R = xh->nranks, LS = xh->ls, NH = xh->num_hosts, me = xh->rank, ml = xh->lrank, A = xh->host;
-    int L = m->s.local_experts;
     epx__xh_plan_t *x = &h->xp;
-    epx__hier_plan_t P;
-    epx__hier_moe_handle_plan(h->hh, &P);
-    int K = P.K, T = P.T;
-    const int64_t *tf = P.to_first, *ff = P.from_first;
-    epx_status_t st = EPX_SUCCESS;
-    x->cnt = calloc(4 * (size_t)R + 4 * (size_t)LS, sizeof *x->cnt);
-    int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P.nent * LS, (int64_t)1));
-    int64_t *cur = calloc((size_t)NH, sizeof *cur);
-    int *ranks = malloc(sizeof *ranks * (size_t)EPX__MAX(K, 1));
-    if (!x->cnt || !ent_ref || !cur || !ranks) {
-        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the dispatch plan");
-        goto done;
-    }
-    x->gw_send = x->cnt, x->fwd_recv = x->cnt + R, x->home_send = x->cnt + 2 * R, x->home_recv = x->cnt + 3 * R;
-    x->fan_send = x->cnt + 4 * R, x->fan_recv = x->fan_send + LS, x->fan_first = x->fan_recv + LS;
-    x->lrecv_first = x->fan_first + LS;
-    /* Dispatch: my tokens to my gateway on each other host; the tokens my rail peers send
-     * me; the fan-out to and from the other local ranks (mine to me is never copied). */
-    for (int k = 0; k < NH; k++) {
-        if (k == A) continue;
-        int64_t n = 0;
-        for (int i = 0; i < T; i++) n += epx__goes_host(P.topk + (size_t)i * K, K, L, LS, k);
-        x->gw_send[k * LS + ml] = n, x->n_gw += n;
-    }
-    for (int p = 0; p < R; p++) x->fwd_recv[p] = P.fwd_count[p], x->n_fwd += P.fwd_count[p];
-    for (int l = 0; l < LS; l++) {
-        x->fan_first[l] = x->n_fan, x->lrecv_first[l] = x->n_lrecv;
-        if (l == ml) continue;
-        x->fan_send[l] = tf[l + 1] - tf[l], x->fan_recv[l] = ff[l + 1] - ff[l];
-        x->n_fan += x->fan_send[l], x->n_lrecv += x->fan_recv[l];
-    }
-    if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P.nfwd) {
-        st = epx__fail(err, EPX_ERR_INTERNAL, "the dispatch plan does not add up (%lld rows to myself, %lld from)",
-                       (long long)(tf[ml + 1] - tf[ml]), (long long)(ff[ml + 1] - ff[ml]));
-        goto done;
-    }
-    /* Combine: where the row of entry e from local rank l lies at its forwarder (mine: in
-     * y; the others': in what they sent back), then the records each gateway sends home and
-     * the ones I get home, per token its ranks of that host ascending. */
-    for (int64_t i = 0; i < P.nent * LS; i++) ent_ref[i] = -1;
-    for (int l = 0; l < LS; l++)
-        for (int64_t a = tf[l]; a < tf[l + 1]; a++)
-            ent_ref[P.to_ent[a] * LS + l] = l != ml ? EPX__XH_REF(K_C1, x->fan_first[l] + a - tf[l])
-                                                    : EPX__XH_REF(K_Y, P.from_row[ff[ml] + a - tf[ml]]);
-    for (int64_t e = 0; e < P.nent; e++) {
-        int p = P.ent_src[e];
-        if (p / LS == A) continue;
-        for (int l = 0; l < LS; l++) x->home_send[p] += ent_ref[e * LS + l] >= 0;
-    }
-    for (int p = 0; p < R; p++) x->n_home_send += x->home_send[p];
-    for (int k = 0; k < NH; k++) {
-        if (k == A) continue;
-        int64_t n = 0;
-        for (int i = 0; i < T; i++)
-            for (int l = 0; l < LS; l++) n += epx__goes_rank(P.topk + (size_t)i * K, K, L, k * LS + l);
-        x->home_recv[k * LS + ml] = n, x->n_home_recv += n;
-    }
-    for (int i = 0; i < T; i++) x->n_tok += epx__dest_ranks(P.topk + (size_t)i * K, K, L, ranks);
-    /* The references, in one upload: gw, fan, out, c1, home, first, tok. */
-    int64_t rows = P.rows;
-    size_t total = (size_t)(x->n_gw + x->n_fan + rows + x->n_lrecv + x->n_home_send + T + 1 + x->n_tok);
-    long long *hr = epx__hb(m, B_PLAN, sizeof *hr * total, &st, err), *o = hr;
-    if (st != EPX_SUCCESS) goto done;
-    for (int k = 0; k < NH; k++) {
-        if (k == A) continue;
-        for (int i = 0; i < T; i++)
-            if (epx__goes_host(P.topk + (size_t)i * K, K, L, LS, k)) *o++ = EPX__XH_REF(K_X, i);
-    }
-    for (int l = 0; l < LS; l++) {
-        if (l == ml) continue;
-        for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
-            int64_t e = P.to_ent[a];
-            *o++ = P.ent_fidx[e] >= 0 ? EPX__XH_REF(K_FWD, P.ent_fidx[e]) : EPX__XH_REF(K_X, P.ent_tok[e]);
-        }
-    }
-    for (int64_t r = 0; r < rows; r++) o[r] = -1;
-    for (int l = 0; l < LS; l++)
-        for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
-            int64_t r = P.from_row[a], e = l == ml ? P.to_ent[tf[ml] + a - ff[ml]] : -1;
-            if (r < 0 || r >= rows) break;
-            o[r] = l != ml               ? EPX__XH_REF(K_LRECV, x->lrecv_first[l] + a - ff[l])
-                   : P.ent_fidx[e] >= 0 ? EPX__XH_REF(K_FWD, P.ent_fidx[e])
-                                        : EPX__XH_REF(K_X, P.ent_tok[e]);
-        }
-    for (int64_t r = 0; r < rows; r++)
-        if (o[r] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the dispatch plan has no source for row %lld", (long long)r);
-    if (st != EPX_SUCCESS) goto done;
-    o += rows;
-    for (int l = 0; l < LS; l++) {
-        if (l == ml) continue;
-        for (int64_t a = ff[l]; a < ff[l + 1]; a++) *o++ = EPX__XH_REF(K_Y, P.from_row[a]);
-    }
-    for (int64_t e = 0; e < P.nent; e++) {
-        if (P.ent_src[e] / LS == A) continue;
-        for (int l = 0; l < LS; l++)
-            if (ent_ref[e * LS + l] >= 0) *o++ = ent_ref[e * LS + l];
-    }
-    long long *first = o;
-    o += T + 1;
-    int64_t acc = 0, e0 = 0;
-    for (int k = 0; k < NH; k++) /* home records lie by gateway rank, which is by host */
-        if (k != A) cur[k] = acc, acc += x->home_recv[k * LS + ml];
-    for (int p = 0; p < me; p++) e0 += P.fwd_count[p]; /* my entries follow the lower sources' */
-    first[0] = 0;
-    for (int i = 0; i < T && st == EPX_SUCCESS; i++) {
-        int n = epx__dest_ranks(P.topk + (size_t)i * K, K, L, ranks);
-        if (e0 + i >= P.nent || P.ent_src[e0 + i] != me || P.ent_tok[e0 + i] != i) {
-            st = epx__fail(err, EPX_ERR_INTERNAL, "the dispatch plan misplaces token %d", i);
-            break;
-        }
-        for (int j = 0; j < n; j++) {
-            int r = ranks[j];
-            long long ref = r / LS == A ? ent_ref[(e0 + i) * LS + r % LS] : EPX__XH_REF(K_HOME, cur[r / LS]++);
-            if (ref < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the combine plan misses token %d's row at rank %d", i, r);
-            *o++ = ref;
-        }
-        first[i + 1] = first[i] + n;
-    }
-    if (st != EPX_SUCCESS) goto done;
-    if ((size_t)(o - hr) != total) {
-        st = epx__fail(err, EPX_ERR_INTERNAL, "the plan has %zu references, %zu expected", (size_t)(o - hr), total);
-        goto done;
-    }
-    cudaError_t ce = cudaMalloc((void **)&x->dev, sizeof *hr * EPX__MAX(total, (size_t)1));
+    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, m->s.local_experts, &x->h, err));
+    size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
+    cudaError_t ce = cudaMalloc((void **)&x->dev, bytes);
     if (ce != cudaSuccess) {
         cudaGetLastError();
         x->dev = NULL;
-        st = epx__fail(err, EPX_ERR_NO_MEMORY, "the plan in device memory (%zu bytes): %s", sizeof *hr * total,
-                       cudaGetErrorString(ce));
-        goto done;
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "the row plan in device memory (%zu bytes): %s", bytes,
+                         cudaGetErrorString(ce));
     }
-    /* From pageable memory: the call returns once the source was taken (B_PLAN is reused
-     * only by the next call, after it waited for this one). */
-    ce = cudaMemcpyAsync(x->dev, hr, sizeof *hr * total, cudaMemcpyHostToDevice, (cudaStream_t)stream);
-    if (ce != cudaSuccess) {
-        st = epx__fail(err, EPX_ERR_CUDA, "uploading the plan: %s", cudaGetErrorString(ce));
-        goto done;
-    }
-    x->d_gw = x->dev, x->d_fan = x->d_gw + x->n_gw, x->d_out = x->d_fan + x->n_fan, x->d_c1 = x->d_out + rows;
-    x->d_home = x->d_c1 + x->n_lrecv, x->d_first = x->d_home + x->n_home_send, x->d_tok = x->d_first + T + 1;
-    x->rows = rows, x->T = T, x->K = K;
-done:
-    free(ent_ref), free(cur), free(ranks);
-    return st;
+    /* From pageable memory: the call returns once the source was taken. */
+    ce = cudaMemcpyAsync(x->dev, x->h.ref, sizeof(long long) * x->h.nref, cudaMemcpyHostToDevice, (cudaStream_t)stream);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "uploading the row plan: %s", cudaGetErrorString(ce));
+    const int64_t *r = x->h.ref;
+    x->d_gw = x->dev + (x->h.gw - r), x->d_fan = x->dev + (x->h.fan - r), x->d_out = x->dev + (x->h.out - r);
+    x->d_c1 = x->dev + (x->h.c1 - r), x->d_home = x->dev + (x->h.home - r);
+    x->d_first = x->dev + (x->h.first - r), x->d_tok = x->dev + (x->h.tok - r);
+    return EPX_SUCCESS;
 }
 
 /* One NCCL group along my rail: scnt[p] records of `rec` bytes from `send` to rank p and
@@ -518,7 +347,7 @@ static void epx__local_xfer(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool c
 {
     int LS = m->xh->ls;
     int64_t *sb = m->lx, *sd = sb + LS, *rb = sb + 2 * LS, *rd = sb + 3 * LS;
-    const int64_t *sc = combine ? x->fan_recv : x->fan_send, *rc = combine ? x->fan_send : x->fan_recv;
+    const int64_t *sc = combine ? x->h.fan_recv : x->h.fan_send, *rc = combine ? x->h.fan_send : x->h.fan_recv;
     int64_t so = 0, ro = 0;
     for (int l = 0; l < LS; l++) {
         sb[l] = sc[l] * (int64_t)rec, sd[l] = so, so += sb[l];
@@ -548,13 +377,13 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
                                epx_status_t ready, void *stream, epx__cuda_a2a_t **plan, epx__errbuf_t *err)
 {
     *plan = NULL;
-    size_t rb, sb, rec = combine ? epx__crec(&m->s, x ? x->K : 0, has_w) : epx__drec(&m->s, &rb, &sb);
+    size_t rb, sb, rec = combine ? epx__crec(&m->s, x ? x->h.K : 0, has_w) : epx__drec(&m->s, &rb, &sb);
     if (ready == EPX_SUCCESS) {
         size_t need[S_N];
-        need[S_GW] = (size_t)(combine ? x->n_home_send : x->n_gw) * rec;
-        need[S_FWD] = (size_t)(combine ? x->n_home_recv : x->n_fwd) * rec;
-        need[S_LSEND] = (size_t)(combine ? x->n_lrecv : x->n_fan) * rec;
-        need[S_LRECV] = (size_t)(combine ? x->n_fan : x->n_lrecv) * rec;
+        need[S_GW] = (size_t)(combine ? x->h.n_home_send : x->h.n_gw) * rec;
+        need[S_FWD] = (size_t)(combine ? x->h.n_home_recv : x->h.n_fwd) * rec;
+        need[S_LSEND] = (size_t)(combine ? x->h.n_lrecv : x->h.n_fan) * rec;
+        need[S_LRECV] = (size_t)(combine ? x->h.n_fan : x->h.n_lrecv) * rec;
         for (int b = 0; b < S_N && ready == EPX_SUCCESS; b++) ready = epx__stage(m, b, need[b], err);
     }
     if (m->xh->ls > 1) {
@@ -598,19 +427,19 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
     src.row[K_LRECV] = m->stage[S_LRECV], src.row_stride[K_LRECV] = (long long)rec;
     src.aux[K_LRECV] = fp8 ? m->stage[S_LRECV] + ao : NULL, src.aux_stride[K_LRECV] = (long long)rec;
     /* 1. My rows for each other host, packed, then along the rail to my gateways there. */
-    epx__xh_gather_t g = {src, x->d_gw, x->n_gw, m->stage[S_GW], (long long)rec, (long long)rb,
+    epx__xh_gather_t g = {src, x->d_gw, x->h.n_gw, m->stage[S_GW], (long long)rec, (long long)rb,
                           fp8 ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)sb};
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the gateways", err));
-    EPX__CHECK(epx__post(m, m->stage[S_GW], x->gw_send, m->stage[S_FWD], x->fwd_recv, rec, stream, err));
+    EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
     /* 2. As gateway and for my own tokens, the rows each other local rank needs, over CUDA IPC. */
     if (plan) {
-        g = (epx__xh_gather_t){src, x->d_fan, x->n_fan, m->stage[S_LSEND], (long long)rec, (long long)rb,
+        g = (epx__xh_gather_t){src, x->d_fan, x->h.n_fan, m->stage[S_LSEND], (long long)rec, (long long)rb,
                                fp8 ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)sb};
         EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the local ranks", err));
         EPX__CHECK(epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err));
     }
     /* 3. Every row into place, in (source rank, token) order. */
-    g = (epx__xh_gather_t){src, x->d_out, x->rows, recv_x, (long long)rb, (long long)rb,
+    g = (epx__xh_gather_t){src, x->d_out, x->h.rows, recv_x, (long long)rb, (long long)rb,
                            fp8 && recv_xs ? (char *)recv_xs : NULL, (long long)sb, (long long)sb};
     return epx__launched(epx__xh_launch_gather(&g, blocks, stream), "placing the received rows", err);
 }
@@ -754,8 +583,8 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     epx__cuda_a2a_t *plan = NULL;
     EPX__CHECK(epx__ready(m, x, true, has_w, EPX_SUCCESS, stream, &plan, err));
     /* Records: the row, then (with weights) its K weights. */
-    size_t crow = s->combine_row_bytes, rec = epx__crec(s, x->K, has_w), ao = EPX__ALIGN_UP(crow, 16);
-    size_t wb = sizeof(float) * (size_t)x->K;
+    size_t crow = s->combine_row_bytes, rec = epx__crec(s, x->h.K, has_w), ao = EPX__ALIGN_UP(crow, 16);
+    size_t wb = sizeof(float) * (size_t)x->h.K;
     int blocks = epx__blocks(m);
     epx__xh_src_t src;
     memset(&src, 0, sizeof src);
@@ -768,21 +597,21 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     epx_status_t st = EPX_SUCCESS;
     /* 1. My rows back to the local ranks that forwarded them to me (CUDA IPC). */
     if (plan) {
-        epx__xh_gather_t g = {src, x->d_c1, x->n_lrecv, m->stage[S_LSEND], (long long)rec, (long long)crow,
+        epx__xh_gather_t g = {src, x->d_c1, x->h.n_lrecv, m->stage[S_LSEND], (long long)rec, (long long)crow,
                               has_w ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)wb};
         st = epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for their forwarders", err);
         if (st == EPX_SUCCESS) st = epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err);
     }
     /* 2. As gateway: the rows of my sources on other hosts go home as they are (NCCL). */
     if (st == EPX_SUCCESS) {
-        epx__xh_gather_t g = {src, x->d_home, x->n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
+        epx__xh_gather_t g = {src, x->d_home, x->h.n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
                               has_w ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)wb};
         st = epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err);
     }
-    if (st == EPX_SUCCESS) st = epx__post(m, m->stage[S_GW], x->home_send, m->stage[S_FWD], x->home_recv, rec, stream, err);
+    if (st == EPX_SUCCESS) st = epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
     /* 3. At home: every token's rows summed in ascending rank order, as on one host. */
     if (st == EPX_SUCCESS) {
-        epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->T, x->K, s->hidden, (int)s->combine_dtype, out->out,
+        epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->h.T, x->h.K, s->hidden, (int)s->combine_dtype, out->out,
                               out->out_topk_weights};
         st = epx__launched(epx__xh_launch_reduce(&r, blocks, stream), "reducing at home", err);
     }
