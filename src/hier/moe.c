@@ -17,6 +17,10 @@
  * order, which is the output row order of the single-host backend, and copies each row
  * once into the caller's output.
  *
+ * Cached dispatch and high-throughput combine run the handle's row plan (plan.c: the counts
+ * of every transfer and the source of every row copy), the same plan the GPU path across
+ * hosts (src/xhost) runs on the device.
+ *
  * Combine: every receiver sends its rows back to the forwarders they came from (shared
  * memory); each gateway sends the rows of its sources on other hosts home as they are
  * (MPI), and each home rank reduces every token's rows itself, in the single-host order

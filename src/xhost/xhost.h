@@ -26,13 +26,14 @@
  * stream is refused (EPX_ERR_INVALID_USAGE) before any collective step, as is any call
  * once the NCCL link was aborted (EPX_ERR_ABORTED).
  *
- * MoE (moe.c) — SIMPLIFIED: inputs are copied to the host (after a wait for the caller's
- * stream), src/hier runs the exact hierarchical algorithm (a token crosses to each
- * destination host once, to the rank of the same local index, and fans out inside the
- * host through shared memory; combine chains float32 partial sums host by host), its
- * inter-host messages go over NCCL (host buffers staged through device memory), and the
- * outputs are copied back on the caller's stream. Results are bit-identical to the
- * single-host backends; speed is not the point of this version.
+ * MoE (moe.c): high-throughput dispatch and combine keep the rows on the device: the host
+ * reads back the routing only, plans with src/hier's algorithm (a token crosses to each
+ * destination host once, to the rank of the same local index, and fans out inside the host;
+ * combine sends rows home unreduced and sums them at home in ascending rank order), and the
+ * rows move with gather kernels, NCCL along the rails and the CUDA backend's alltoallv
+ * inside a host; results are bit-identical to the single-host backends. Low-latency MoE
+ * is still SIMPLIFIED: inputs are copied to the host, src/hier runs it there and the
+ * outputs are copied back.
  */
 #ifndef EPX_XHOST_H
 #define EPX_XHOST_H
