@@ -495,6 +495,7 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     int64_t stages = peer_rows == 0 ? 0 : EPX__MAX(peer_rows * k.row_bytes >> 21, (int64_t)1);
     stages = EPX__MIN(EPX__MIN(stages, (int64_t)4), (int64_t)chunks);
     cudaError_t e = cudaSuccess;
+    bool forked = false; /* ce_stream waits on this call: it must join the stream again, whatever fails */
     for (int g = 0; g < (int)stages && e == cudaSuccess; g++) {
         int c0 = (int)(chunks * g / stages), c1 = (int)(chunks * (g + 1) / stages);
         k.t0 = c0 * EPX__MOE_CHUNK;
@@ -502,6 +503,7 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
         e = (cudaError_t)epx__cuda_launch_moe_pack(&k, m->blocks, stream);
         if (e == cudaSuccess) e = cudaEventRecord(m->ce_ev[g], s);
         if (e == cudaSuccess) e = cudaStreamWaitEvent(cs, m->ce_ev[g], 0);
+        forked = forked || e == cudaSuccess;
         for (int i = 1; i < R && e == cudaSuccess; i++) {
             int q = (me + i) % R;
             int64_t n = 0;
@@ -524,8 +526,12 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     k.dst_s[me] = (char *)out->recv_x_scales;
     k.base[me] = 0;
     if (e == cudaSuccess && cnt[me * R + me] > 0) e = (cudaError_t)epx__cuda_launch_moe_pack(&k, m->blocks, stream);
-    if (e == cudaSuccess && stages > 0) e = cudaEventRecord(m->ce_join, cs);
-    if (e == cudaSuccess && stages > 0) e = cudaStreamWaitEvent(s, m->ce_join, 0);
+    if (forked) { /* also after a failure: no copy may outlive the DONE signal after this */
+        cudaError_t j = cudaEventRecord(m->ce_join, cs);
+        if (j == cudaSuccess) j = cudaStreamWaitEvent(s, m->ce_join, 0);
+        if (j != cudaSuccess) j = cudaStreamSynchronize(cs); /* last resort: wait on the host */
+        if (e == cudaSuccess) e = j;
+    }
     if (e != cudaSuccess)
         return epx__fail(err, EPX_ERR_CUDA, "copy-engine dispatch enqueue: %s", cudaGetErrorString(e));
     return EPX_SUCCESS;
@@ -588,15 +594,12 @@ static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
  * rows I receive, or -1 when not read back. */
 static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_t *rt, epx__moe_gather_t *g,
                                      const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out, char *const *dx,
-                                     char *const *ds, epx_status_t st, int64_t n, epx__cuda_moe_handle_t **handle,
-                                     void *stream, epx__errbuf_t *err)
+                                     char *const *ds, epx_status_t st, int64_t n, epx__cuda_moe_handle_t *h,
+                                     epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
     epx__cuda_t *c = m->c;
     cudaStream_t strm = (cudaStream_t)stream;
-    epx__cuda_moe_handle_t *h = NULL;
-    if (st == EPX_SUCCESS && !(h = epx__handle_get(m)))
-        st = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
     if (st == EPX_SUCCESS) {
         h->id = (uint32_t)(c->ops_started + 1);
         h->num_tokens = rt->num_tokens[c->rank];
@@ -649,6 +652,11 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_DISPATCH;
+    /* The handle before the host round: running out of device memory is this rank's
+     * verdict (on copy engines the peers' outputs depend on my copies). */
+    epx__cuda_moe_handle_t *h = NULL;
+    if (local == EPX_SUCCESS && !(h = epx__handle_get(m)))
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
     if (local == EPX_SUCCESS) {
         size_t T = (size_t)in->num_tokens, K = (size_t)in->topk;
         mine.num_tokens = in->num_tokens;
@@ -704,6 +712,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     }
     if (st != EPX_SUCCESS) {
         free(cards);
+        epx__cuda_moe_handle_free(h);
         return st; /* nothing was enqueued anywhere for this call: every rank failed here */
     }
 
@@ -724,7 +733,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                     st, err);
     if (no_sync) {
         free(cards);
-        return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, -1, handle, stream, err);
+        return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, -1, h, handle, stream, err);
     }
     EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts, m->d_counts, sizeof(int) * (size_t)R * (size_t)R, cudaMemcpyDeviceToHost, strm),
                     st, err);
@@ -737,6 +746,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
     if (st != EPX_SUCCESS) {
         free(cards);
+        epx__cuda_moe_handle_free(h);
         return st; /* a CUDA failure: the communicator is no longer trustworthy */
     }
     /* Every rank's verdict: its routing, and every output's capacity (all ranks see the
@@ -758,7 +768,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                                      q, (long long)rows);
     }
     free(cards);
-    return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, n, handle, stream, err);
+    return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, n, h, handle, stream, err);
 }
 
 epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
