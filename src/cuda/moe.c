@@ -419,6 +419,17 @@ static epx_status_t epx__moe_finish(epx__cuda_moe_t *m, epx_status_t st, void *s
     return st;
 }
 
+/* Copy engines write into the peers' buffers, so a rank whose enqueue failed after the
+ * ranks agreed (`agreed` is success, `st` not) must not send DONE over the holes it left:
+ * it withholds the signal, and the peers' bounded waits time out naming it (their call's
+ * outputs are then not to be trusted; the error surfaces at their next call). */
+static epx_status_t epx__moe_finish_after(epx__cuda_moe_t *m, epx_status_t agreed, epx_status_t st, void *stream,
+                                          epx__errbuf_t *err)
+{
+    if (m->ce && agreed == EPX_SUCCESS && st != EPX_SUCCESS) return st;
+    return epx__moe_finish(m, st, stream, err);
+}
+
 /* ---- Copy engines ---------------------------------------------------------------------------- */
 
 /* Where rank p's rows start in rank q's recv_x: the rows q receives from ranks before p. */
@@ -472,6 +483,11 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     bool fp8 = m->s.dtype == EPX_FP8_E4M3;
     const int *cnt = h->h_cnt, *chunk = h->h_cnt + R * R;
     cudaStream_t s = (cudaStream_t)stream, cs = m->ce_stream;
+    /* Under capture (a cached dispatch) the copies go on the caller's stream: ce_stream,
+     * shared by the context's calls, never joins a capture (it would stay in it). */
+    enum cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(s, &capturing) != cudaSuccess) cudaGetLastError(), cs = s; /* unknown: the safe way */
+    if (capturing != cudaStreamCaptureStatusNone) cs = s;
     epx__moe_pack_t k;
     memset(&k, 0, sizeof k);
     k.x = (const char *)in->x;
@@ -501,9 +517,9 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
         k.t0 = c0 * EPX__MOE_CHUNK;
         k.t1 = EPX__MIN(c1 * EPX__MOE_CHUNK, T);
         e = (cudaError_t)epx__cuda_launch_moe_pack(&k, m->blocks, stream);
-        if (e == cudaSuccess) e = cudaEventRecord(m->ce_ev[g], s);
-        if (e == cudaSuccess) e = cudaStreamWaitEvent(cs, m->ce_ev[g], 0);
-        forked = forked || e == cudaSuccess;
+        if (e == cudaSuccess && cs != s) e = cudaEventRecord(m->ce_ev[g], s);
+        if (e == cudaSuccess && cs != s) e = cudaStreamWaitEvent(cs, m->ce_ev[g], 0);
+        forked = forked || (e == cudaSuccess && cs != s);
         for (int i = 1; i < R && e == cudaSuccess; i++) {
             int q = (me + i) % R;
             int64_t n = 0;
@@ -600,6 +616,7 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
     const epx__moe_shape_t *s = &m->s;
     epx__cuda_t *c = m->c;
     cudaStream_t strm = (cudaStream_t)stream;
+    epx_status_t agreed = st;
     if (st == EPX_SUCCESS) {
         h->id = (uint32_t)(c->ops_started + 1);
         h->num_tokens = rt->num_tokens[c->rank];
@@ -627,7 +644,7 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
         }
     }
     c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err);
+    st = epx__moe_finish_after(m, agreed, st, stream, err);
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_handle_free(h);
         return st;
@@ -819,7 +836,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
     }
     c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err);
+    st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return st;
 }
@@ -828,8 +845,8 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
 
 /* Copy-engine combine along h, after the streams met: my expert outputs (and weights) for
  * each peer, contiguous in y, copied into that peer's staging; DONE (every peer's copies
- * into mine are complete), then the SM path's reduction over my own y and my staging. The
- * operation completes on the device whatever `st` says (nothing is copied then). */
+ * into mine are complete), then the SM path's reduction over my own y and my staging. A
+ * failure of mine here (`st` at entry included) withholds my DONE (epx__moe_finish_after). */
 static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
                                     epx__moe_combine_t *k, epx_status_t st, void *stream, epx__errbuf_t *err)
 {
@@ -851,7 +868,7 @@ static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_hand
     }
     if (e != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "copy-engine combine enqueue: %s", cudaGetErrorString(e));
     c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err); /* completes the operation on the device whatever happened */
+    st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
     if (st != EPX_SUCCESS) return st;
     for (int r = 0; r < R; r++) {
         if (r == me) {
