@@ -320,8 +320,11 @@ typedef struct {
  * write them); every dispatch reads the row counts back to the host (a stream
  * synchronisation; num_recv_tokens is always filled), so a dispatch cannot be captured in
  * a CUDA graph: called while its stream is capturing it fails with EPX_ERR_INVALID_USAGE
- * on every rank and enqueues nothing. Cached dispatches and combines never wait for the
- * device and can be captured. The context holds a staging buffer of (R - 1) *
+ * (the other ranks with EPX_ERR_REMOTE_INVALID) and enqueues nothing anywhere. Cached
+ * dispatches and combines never wait for the device and can be captured. Since each rank
+ * writes into its peers' buffers, a rank whose copy or launch fails after the ranks agreed
+ * (an EPX_ERR_CUDA of its own) does not tell them it finished: their waits time out
+ * (EPX_TIMEOUT_MS) and report it, instead of their outputs silently missing its rows. The context holds a staging buffer of (R - 1) *
  * max_tokens_per_rank rows (epx_moe_device_memory counts it). Low-latency mode and the
  * backends across hosts ignore it. */
 #define EPX_MOE_COPY_ENGINES (-1)

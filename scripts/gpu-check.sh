@@ -17,7 +17,8 @@
 #             simulated hosts, the NCCL baselines on the same transport in the same run
 #   fault     injected faults on the CUDA backend (tests/test_cuda_fault.c): every operation and
 #             fault on FAULT_NP ranks (default "2"; "2 3" adds 3 ranks sharing the GPUs), one
-#             log per operation and rank count (fault_<op>_np<N>.log: every rank's status and time)
+#             log per operation and rank count (fault_<op>_np<N>.log: every rank's status and time);
+#             then MoE dispatch and combine on copy engines (FAULT_CE_OPS, fault_ce_<op>_np<N>.log)
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
 #   quick     cpu cuda (no benchmarks)
@@ -78,6 +79,14 @@ if has fault; then
             s=$?
             [ $s = 0 ] || rc=1
             echo "fault $op np$n: exit $s in $(($(date +%s) - t0)) s; $(grep -cE '^scenario .* passed' "$log") scenarios passed$(grep -hE '^FAIL' "$log" | head -3 | sed 's/^/ | /' | tr '\n' ' ')"
+        done
+        for op in ${FAULT_CE_OPS-dispatch combine}; do # MoE on copy engines
+            log="$OUT/fault_ce_${op}_np$n.log"
+            t0=$(date +%s)
+            EPX_CUDA_SMS=0 timeout 280 $B/test_cuda_fault --cuda "$op" "$n" >"$log" 2>&1
+            s=$?
+            [ $s = 0 ] || rc=1
+            echo "fault (copy engines) $op np$n: exit $s in $(($(date +%s) - t0)) s; $(grep -cE '^scenario .* passed' "$log") scenarios passed$(grep -hE '^FAIL' "$log" | head -3 | sed 's/^/ | /' | tr '\n' ' ')"
         done
     done
 fi

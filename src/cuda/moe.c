@@ -419,6 +419,17 @@ static epx_status_t epx__moe_finish(epx__cuda_moe_t *m, epx_status_t st, void *s
     return st;
 }
 
+/* Copy engines write into the peers' buffers, so a rank whose enqueue failed after the
+ * ranks agreed (`agreed` is success, `st` not) must not send DONE over the holes it left:
+ * it withholds the signal, and the peers' bounded waits time out naming it (their call's
+ * outputs are then not to be trusted; the error surfaces at their next call). */
+static epx_status_t epx__moe_finish_after(epx__cuda_moe_t *m, epx_status_t agreed, epx_status_t st, void *stream,
+                                          epx__errbuf_t *err)
+{
+    if (m->ce && agreed == EPX_SUCCESS && st != EPX_SUCCESS) return st;
+    return epx__moe_finish(m, st, stream, err);
+}
+
 /* ---- Copy engines ---------------------------------------------------------------------------- */
 
 /* Where rank p's rows start in rank q's recv_x: the rows q receives from ranks before p. */
@@ -472,6 +483,11 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     bool fp8 = m->s.dtype == EPX_FP8_E4M3;
     const int *cnt = h->h_cnt, *chunk = h->h_cnt + R * R;
     cudaStream_t s = (cudaStream_t)stream, cs = m->ce_stream;
+    /* Under capture (a cached dispatch) the copies go on the caller's stream: ce_stream,
+     * shared by the context's calls, never joins a capture (it would stay in it). */
+    enum cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(s, &capturing) != cudaSuccess) cudaGetLastError(), cs = s; /* unknown: the safe way */
+    if (capturing != cudaStreamCaptureStatusNone) cs = s;
     epx__moe_pack_t k;
     memset(&k, 0, sizeof k);
     k.x = (const char *)in->x;
@@ -495,13 +511,15 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     int64_t stages = peer_rows == 0 ? 0 : EPX__MAX(peer_rows * k.row_bytes >> 21, (int64_t)1);
     stages = EPX__MIN(EPX__MIN(stages, (int64_t)4), (int64_t)chunks);
     cudaError_t e = cudaSuccess;
+    bool forked = false; /* ce_stream waits on this call: it must join the stream again, whatever fails */
     for (int g = 0; g < (int)stages && e == cudaSuccess; g++) {
         int c0 = (int)(chunks * g / stages), c1 = (int)(chunks * (g + 1) / stages);
         k.t0 = c0 * EPX__MOE_CHUNK;
         k.t1 = EPX__MIN(c1 * EPX__MOE_CHUNK, T);
         e = (cudaError_t)epx__cuda_launch_moe_pack(&k, m->blocks, stream);
-        if (e == cudaSuccess) e = cudaEventRecord(m->ce_ev[g], s);
-        if (e == cudaSuccess) e = cudaStreamWaitEvent(cs, m->ce_ev[g], 0);
+        if (e == cudaSuccess && cs != s) e = cudaEventRecord(m->ce_ev[g], s);
+        if (e == cudaSuccess && cs != s) e = cudaStreamWaitEvent(cs, m->ce_ev[g], 0);
+        forked = forked || (e == cudaSuccess && cs != s);
         for (int i = 1; i < R && e == cudaSuccess; i++) {
             int q = (me + i) % R;
             int64_t n = 0;
@@ -524,8 +542,12 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     k.dst_s[me] = (char *)out->recv_x_scales;
     k.base[me] = 0;
     if (e == cudaSuccess && cnt[me * R + me] > 0) e = (cudaError_t)epx__cuda_launch_moe_pack(&k, m->blocks, stream);
-    if (e == cudaSuccess && stages > 0) e = cudaEventRecord(m->ce_join, cs);
-    if (e == cudaSuccess && stages > 0) e = cudaStreamWaitEvent(s, m->ce_join, 0);
+    if (forked) { /* also after a failure: no copy may outlive the DONE signal after this */
+        cudaError_t j = cudaEventRecord(m->ce_join, cs);
+        if (j == cudaSuccess) j = cudaStreamWaitEvent(s, m->ce_join, 0);
+        if (j != cudaSuccess) j = cudaStreamSynchronize(cs); /* last resort: wait on the host */
+        if (e == cudaSuccess) e = j;
+    }
     if (e != cudaSuccess)
         return epx__fail(err, EPX_ERR_CUDA, "copy-engine dispatch enqueue: %s", cudaGetErrorString(e));
     return EPX_SUCCESS;
@@ -588,15 +610,13 @@ static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
  * rows I receive, or -1 when not read back. */
 static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_t *rt, epx__moe_gather_t *g,
                                      const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out, char *const *dx,
-                                     char *const *ds, epx_status_t st, int64_t n, epx__cuda_moe_handle_t **handle,
-                                     void *stream, epx__errbuf_t *err)
+                                     char *const *ds, epx_status_t st, int64_t n, epx__cuda_moe_handle_t *h,
+                                     epx__cuda_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
     epx__cuda_t *c = m->c;
     cudaStream_t strm = (cudaStream_t)stream;
-    epx__cuda_moe_handle_t *h = NULL;
-    if (st == EPX_SUCCESS && !(h = epx__handle_get(m)))
-        st = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
+    epx_status_t agreed = st;
     if (st == EPX_SUCCESS) {
         h->id = (uint32_t)(c->ops_started + 1);
         h->num_tokens = rt->num_tokens[c->rank];
@@ -624,7 +644,7 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
         }
     }
     c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err);
+    st = epx__moe_finish_after(m, agreed, st, stream, err);
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_handle_free(h);
         return st;
@@ -649,6 +669,11 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_DISPATCH;
+    /* The handle before the host round: running out of device memory is this rank's
+     * verdict (on copy engines the peers' outputs depend on my copies). */
+    epx__cuda_moe_handle_t *h = NULL;
+    if (local == EPX_SUCCESS && !(h = epx__handle_get(m)))
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
     if (local == EPX_SUCCESS) {
         size_t T = (size_t)in->num_tokens, K = (size_t)in->topk;
         mine.num_tokens = in->num_tokens;
@@ -704,6 +729,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     }
     if (st != EPX_SUCCESS) {
         free(cards);
+        epx__cuda_moe_handle_free(h);
         return st; /* nothing was enqueued anywhere for this call: every rank failed here */
     }
 
@@ -724,7 +750,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                     st, err);
     if (no_sync) {
         free(cards);
-        return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, -1, handle, stream, err);
+        return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, -1, h, handle, stream, err);
     }
     EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts, m->d_counts, sizeof(int) * (size_t)R * (size_t)R, cudaMemcpyDeviceToHost, strm),
                     st, err);
@@ -737,6 +763,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
     if (st != EPX_SUCCESS) {
         free(cards);
+        epx__cuda_moe_handle_free(h);
         return st; /* a CUDA failure: the communicator is no longer trustworthy */
     }
     /* Every rank's verdict: its routing, and every output's capacity (all ranks see the
@@ -758,7 +785,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                                      q, (long long)rows);
     }
     free(cards);
-    return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, n, handle, stream, err);
+    return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, n, h, handle, stream, err);
 }
 
 epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h,
@@ -809,7 +836,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
     }
     c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err);
+    st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return st;
 }
@@ -818,8 +845,8 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
 
 /* Copy-engine combine along h, after the streams met: my expert outputs (and weights) for
  * each peer, contiguous in y, copied into that peer's staging; DONE (every peer's copies
- * into mine are complete), then the SM path's reduction over my own y and my staging. The
- * operation completes on the device whatever `st` says (nothing is copied then). */
+ * into mine are complete), then the SM path's reduction over my own y and my staging. A
+ * failure of mine here (`st` at entry included) withholds my DONE (epx__moe_finish_after). */
 static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
                                     epx__moe_combine_t *k, epx_status_t st, void *stream, epx__errbuf_t *err)
 {
@@ -841,7 +868,7 @@ static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_hand
     }
     if (e != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "copy-engine combine enqueue: %s", cudaGetErrorString(e));
     c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err); /* completes the operation on the device whatever happened */
+    st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
     if (st != EPX_SUCCESS) return st;
     for (int r = 0; r < R; r++) {
         if (r == me) {
