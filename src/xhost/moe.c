@@ -78,6 +78,7 @@ struct epx__xhost_moe {
     char *stage[S_N]; /* device staging of the high-throughput rows */
     size_t stage_cap[S_N];
     int64_t *lx;      /* [4 * LS]: the intra-host exchange's byte counts and displacements */
+    epx__cpu_xfer_t lxf; /* that exchange: an epx__cuda_a2a_t plan points here until enqueued */
     int sms;
     cudaEvent_t done; /* recorded at the end of every call that enqueued work */
 };
@@ -435,10 +436,10 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
         for (int b = 0; b < S_N && ready == EPX_SUCCESS; b++) ready = epx__stage(m, b, need[b], err);
     }
     if (m->xh->ls > 1) {
-        epx__cpu_xfer_t xf;
-        const epx__cpu_xfer_t *ops[1] = {&xf};
-        memset(&xf, 0, sizeof xf);
-        if (ready == EPX_SUCCESS) epx__local_xfer(m, x, combine, rec, &xf);
+        /* The plan keeps the pointer (epx__cuda_a2a_enqueue reads it later): not on the stack. */
+        const epx__cpu_xfer_t *ops[1] = {&m->lxf};
+        memset(&m->lxf, 0, sizeof m->lxf);
+        if (ready == EPX_SUCCESS) epx__local_xfer(m, x, combine, rec, &m->lxf);
         ready = epx__cuda_a2a_prepare(m->xh->cuda, ops, 1, ready, stream, plan, err);
     }
     epx_status_t st = epx__xh_vote(m->xh, ready, combine ? "could not prepare its part of the combine; nothing was written"
@@ -464,7 +465,9 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
                                       epx__errbuf_t *err)
 {
     size_t rb, sb, rec = epx__drec(&m->s, &rb, &sb), ao = EPX__ALIGN_UP(rb, 16);
-    bool fp8 = sb > 0 && xs;
+    /* Scales travel whenever the dtype has them: a rank without tokens may pass no x_scales
+     * and still forward and receive other ranks' rows (and their scales). */
+    bool fp8 = sb > 0;
     int blocks = epx__blocks(m);
     epx__xh_src_t src;
     memset(&src, 0, sizeof src);
