@@ -640,6 +640,9 @@ static void ht_free(ht_bufs_t *B)
 static epx_moe_dispatch_in_t ht_in(const world_t *W, const ht_bufs_t *B, bool weights)
 {
     epx_moe_dispatch_in_t in = {B->dx, B->dxs, B->didx, weights ? B->dw : NULL, W->T[me], W->K};
+    /* A rank without tokens may pass no x and no x_scales (it still forwards and receives
+     * other ranks' rows, scales included, across hosts). */
+    if (W->T[me] == 0) in.x = NULL, in.x_scales = NULL;
     return in;
 }
 static epx_moe_dispatch_out_t ht_out(const ht_bufs_t *B)

@@ -879,23 +879,25 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)x.n_lrecv * rec, &st, err);
     if (st == EPX_SUCCESS) {
         int64_t *sbytes = nb, *rbytes = nb + R, *lsb = nb + 2 * R, *lrb = lsb + LS;
+        /* Scales travel whenever the dtype has them: a rank without tokens may pass no
+         * x_scales and still forward and receive other ranks' rows (and their scales). */
         const float *xs = fp8 ? in->x_scales : NULL;
         epx__srcs_t src;
         memset(&src, 0, sizeof src);
         epx__src_set(&src, EPX__HIER_X, in->x, rb, xs, sb);
-        epx__src_set(&src, EPX__HIER_FWD, fwd, rec, xs ? fwd + ao : NULL, rec);
-        epx__src_set(&src, EPX__HIER_LRECV, lrecv, rec, xs ? lrecv + ao : NULL, rec);
+        epx__src_set(&src, EPX__HIER_FWD, fwd, rec, fp8 ? fwd + ao : NULL, rec);
+        epx__src_set(&src, EPX__HIER_LRECV, lrecv, rec, fp8 ? lrecv + ao : NULL, rec);
         /* To my gateways on the other hosts, then from each to the local ranks, then into place. */
-        epx__gather(&src, x.gw, x.n_gw, send, rec, rb, xs ? send + ao : NULL, rec, sb);
+        epx__gather(&src, x.gw, x.n_gw, send, rec, rb, fp8 ? send + ao : NULL, rec, sb);
         epx__bytes(sbytes, x.gw_send, R, rec), epx__bytes(rbytes, x.fwd_recv, R, rec);
         st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), send, sbytes, fwd, rbytes, deadline, err);
         if (st == EPX_SUCCESS) {
-            epx__gather(&src, x.fan, x.n_fan, lsend, rec, rb, xs ? lsend + ao : NULL, rec, sb);
+            epx__gather(&src, x.fan, x.n_fan, lsend, rec, rb, fp8 ? lsend + ao : NULL, rec, sb);
             epx__bytes(lsb, x.fan_send, LS, rec), epx__bytes(lrb, x.fan_recv, LS, rec);
             st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
         }
         if (st == EPX_SUCCESS)
-            epx__gather(&src, x.out, x.rows, out->recv_x, rb, rb, xs ? (char *)out->recv_x_scales : NULL, sb, sb);
+            epx__gather(&src, x.out, x.rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
     }
     free(nb);
     epx__hier_xplan_free(&x);
