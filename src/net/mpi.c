@@ -1,5 +1,6 @@
 /* src/net over MPI: a duplicated communicator, host grouping, bounded nonblocking waits. */
 #include <mpi.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,21 @@ struct epx__net {
     int64_t *sum;      /* the allreduce's buffer (abandoned when one fails) */
     int cap_sum;
 };
+
+/* Buffers of allreduces that timed out: a late peer may still complete the collective and
+ * MPI then writes into them, so they are never freed, but kept reachable here for the
+ * process's life (one per broken communicator, a few bytes each). */
+#define EPX__NET_ABANDONED_MAX 64
+static int64_t *epx__net_abandoned[EPX__NET_ABANDONED_MAX];
+static int epx__net_nabandoned;
+static pthread_mutex_t epx__net_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void epx__net_abandon(int64_t *buf)
+{
+    pthread_mutex_lock(&epx__net_abandoned_lock);
+    if (epx__net_nabandoned < EPX__NET_ABANDONED_MAX) epx__net_abandoned[epx__net_nabandoned++] = buf;
+    pthread_mutex_unlock(&epx__net_abandoned_lock); /* past the bound: left unreferenced, still never freed */
+}
 
 static epx_status_t epx__mpi_fail(epx__errbuf_t *err, int rc, const char *what)
 {
@@ -164,7 +180,8 @@ epx_status_t epx__net_allreduce_sum(epx__net_t *n, int64_t *v, int count, uint64
     if (st == EPX_SUCCESS) {
         memcpy(v, n->sum, sizeof *v * (size_t)count);
     } else {
-        n->sum = NULL; /* still MPI's: abandoned */
+        epx__net_abandon(n->sum); /* still MPI's */
+        n->sum = NULL;
         n->cap_sum = 0;
     }
     return st;
