@@ -6,6 +6,7 @@
  */
 #include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -28,6 +29,10 @@ static double now_ms(void)
 
 /* Rank NR-1 writes here once its healthy exchanges are done (then the parent may kill it). */
 static int ready_fd = -1;
+/* Survivors that finished their healthy exchanges (shared by the forked ranks): none starts
+ * on the failure until all have, or a fast survivor's reaction to it (its abort) could
+ * break a slow one's last healthy exchange. */
+static int *healthy_done;
 
 /* Rank `rank` of one scenario; rank NR-1 misbehaves. Exit 0 = behaved as expected. */
 static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
@@ -43,6 +48,13 @@ static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
     memset(send, rank, count * NR);
     for (int i = 0; i < 2; i++) ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_U8, NULL));
     bool bad = rank == NR - 1;
+    if (!bad) {
+        __atomic_add_fetch(healthy_done, 1, __ATOMIC_SEQ_CST);
+        for (double t = now_ms(); __atomic_load_n(healthy_done, __ATOMIC_SEQ_CST) < NR - 1;) {
+            if (now_ms() - t > 30000) TEST_FAIL_("the other survivors' healthy exchanges did not end");
+            usleep(1000);
+        }
+    }
     if (bad) {
         switch (sc) {
         case DIE_BETWEEN: _exit(0);
@@ -87,6 +99,7 @@ static void run_scenario(scenario_t sc)
     fflush(stdout);
     int ready[2];
     ASSERT(pipe(ready) == 0);
+    *healthy_done = 0;
     ready_fd = ready[1];
     pid_t pids[NR];
     for (int r = 0; r < NR; r++) {
@@ -94,14 +107,17 @@ static void run_scenario(scenario_t sc)
         ASSERT(pids[r] >= 0);
         if (pids[r] == 0) _exit(rank_main(sc, r, &id));
     }
+    close(ready[1]); /* only the ranks write: a rank that ends early gives end-of-file, not a hang */
     if (sc == KILLED_DURING) {
         char c;
-        ASSERT(read(ready[0], &c, 1) == 1); /* its healthy exchanges are over */
+        if (read(ready[0], &c, 1) != 1) { /* its healthy exchanges are over, or it failed before */
+            for (int r = 0; r < NR; r++) kill(pids[r], SIGKILL);
+            TEST_FAIL_("scenario '%s': rank %d ended before its healthy exchanges were done", names[sc], NR - 1);
+        }
         usleep(100000);
         kill(pids[NR - 1], SIGKILL);
     }
     close(ready[0]);
-    close(ready[1]);
     for (int r = 0; r < NR; r++) {
         int status;
         waitpid(pids[r], &status, 0);
@@ -116,6 +132,8 @@ static void run_scenario(scenario_t sc)
 int main(void)
 {
     test_rank = 0;
+    healthy_done = mmap(NULL, sizeof *healthy_done, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ASSERT(healthy_done != MAP_FAILED);
     for (int sc = DIE_BETWEEN; sc <= ABORT; sc++) run_scenario((scenario_t)sc);
     /* After all that, a fresh communicator works. */
     run_scenario(ABORT);

@@ -78,7 +78,10 @@ static epx_status_t epx__exchange(epx_comm_t c, const epx__cpu_xfer_t *x, epx_st
 {
     if (c->xh) return epx__xhost_alltoallv(c->xh, x, local, stream, &c->err);
     if (c->cuda) return epx__cuda_alltoallv(c->cuda, x, local, stream, &c->err);
-    if (c->hier) return epx__hier_alltoallv(c->hier, x, local, &c->err);
+    if (c->hier) {
+        epx__comm_fault_begin(c, local, true); /* EPX_FAULT across hosts */
+        return epx__hier_alltoallv(c->hier, x, local, &c->err);
+    }
     return epx__cpu_alltoallv(c->cpu, x, local, &c->err);
 }
 

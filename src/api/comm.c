@@ -340,8 +340,9 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     epx__log_set_rank(c->rank);
     int *host_of = calloc(2 * (size_t)R, sizeof(int)), *lrank_of = host_of ? host_of + R : NULL;
     c->scratch = calloc(4 * (size_t)R, sizeof(int64_t));
-    epx_status_t local = EPX_SUCCESS;
-    if (!host_of || !c->scratch) local = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx__fault_t fault;
+    epx_status_t local = epx__fault_parse(epx__param_str(EPX__P_FAULT), c->rank, &fault, &c->err);
+    if (local == EPX_SUCCESS && (!host_of || !c->scratch)) local = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
     if (local == EPX_SUCCESS && backend != EPX_BACKEND_CPU)
         local = epx__fail(&c->err, EPX_ERR_UNSUPPORTED, "communicators made from MPI run the CPU backend only");
     /* Every rank must run the same version and backend. */
@@ -390,6 +391,10 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
         local = epx__cpu_create(&c->cpu, c->boot, c->local_rank, c->local_size, c->nonce, timeout_ms, &c->err);
     if (local == EPX_SUCCESS && c->num_hosts > 1)
         local = epx__hier_create(&c->hier, c->cpu, c->net, host_of, lrank_of, timeout_ms, &c->err);
+    /* EPX_FAULT: on one host the shared-memory backend counts its operations (local rank =
+     * rank there); across hosts src/api counts the collective calls (epx__comm_fault_begin). */
+    if (local == EPX_SUCCESS && c->hier) c->fault = fault;
+    else if (local == EPX_SUCCESS) epx__cpu_set_fault(c->cpu, &fault);
     EPX__CHECK_GOTO(epx__net_agree(c, local), st, fail);
     free(host_of);
     EPX_INFO(INIT, "rank %d/%d: comm ready over MPI (host %d/%d, local %d/%d)", c->rank, R, c->host, c->num_hosts,
@@ -473,6 +478,16 @@ bool epx__status_breaks(epx_status_t st)
     case EPX_ERR_INTERNAL: return true;
     default: return false;
     }
+}
+
+void epx__comm_fault_slow(epx_comm_t c, epx_status_t local, bool sized)
+{
+    const uint32_t step = c->fault_step;
+    epx__fault_delay(&c->fault, step);
+    epx__fault_spec_t f;
+    if (epx__fault_take(&c->fault, EPX__FAULT_KILL, step, &f)) epx__fault_exit(&f, 0, c->nranks - 1);
+    if (sized && local == EPX_SUCCESS && c->nranks > 1 && epx__fault_take(&c->fault, EPX__FAULT_COUNT, step, &f))
+        epx__hier_fault_count(c->hier);
 }
 
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)

@@ -17,6 +17,10 @@
  * any kernel: the peers' device waits find nothing) or, for kill, `launched` (after it
  * enqueued its kernels, without waiting for them). The CPU backend fires only `host`.
  *
+ * On CPU communicators across hosts (MPI, src/hier) src/api fires them where the call starts
+ * (epx__comm_fault_begin): `kill` before the call posts anything, and `count` as src/hier
+ * announces it (alltoall(v) as above; every MoE call a top-k one larger).
+ *
  * Steps count the operations of a communicator from 1: every collective call (barrier,
  * alltoall, alltoallv, alltoallv_device, epx_moe_create, each MoE call) is one step, on
  * every backend. Each entry fires once

@@ -452,6 +452,27 @@ epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_stat
     return st;
 }
 
+epx_status_t epx__cuda_refuse_capture(void *stream, const char *why, epx__errbuf_t *err)
+{
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    cudaError_t ce = cudaStreamIsCapturing((cudaStream_t)stream, &cs);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream %p: %s", stream, cudaGetErrorString(ce));
+    }
+    if (cs != cudaStreamCaptureStatusNone)
+        return epx__fail(err, EPX_ERR_INVALID_USAGE, "stream %p is being captured into a CUDA graph, but %s", stream, why);
+    return EPX_SUCCESS;
+}
+
+bool epx__cuda_capturing(void *stream)
+{
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing((cudaStream_t)stream, &cs) == cudaSuccess) return cs != cudaStreamCaptureStatusNone;
+    cudaGetLastError();
+    return true;
+}
+
 /* One exchange of a plan: its path, and for the peer-writing paths the peers' receive
  * buffers (their cards, then the mappings of them: dst[p] is where my segment for p goes). */
 typedef struct {

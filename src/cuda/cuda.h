@@ -35,6 +35,14 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);
 epx_status_t epx__cuda_mem_alloc(epx__cuda_t *cuda, size_t bytes, void **ptr, epx__errbuf_t *err);
 epx_status_t epx__cuda_mem_free(epx__cuda_t *cuda, void *ptr, epx__errbuf_t *err);
 
+/* Calls that must not be captured into a CUDA graph: EPX_ERR_INVALID_USAGE ("stream ... is
+ * being captured into a CUDA graph, but <why>") while `stream` is capturing,
+ * EPX_ERR_INVALID_ARGUMENT when CUDA cannot tell (not a stream), else EPX_SUCCESS. */
+epx_status_t epx__cuda_refuse_capture(void *stream, const char *why, epx__errbuf_t *err);
+/* Is `stream` being captured (or can CUDA not tell)? For code that then keeps its work on
+ * that stream. */
+bool epx__cuda_capturing(void *stream);
+
 /* alltoallv of device buffers, byte counts on the host, enqueued on `stream`. */
 epx_status_t epx__cuda_alltoallv(epx__cuda_t *cuda, const epx__cpu_xfer_t *x, epx_status_t local_status,
                                  void *stream, epx__errbuf_t *err);

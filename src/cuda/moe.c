@@ -34,7 +34,9 @@ struct epx__cuda_moe {
                             another stream while a dispatch's kernels still read theirs) */
     int *d_expert_counts; /* [L] */
     int *d_layout_scratch; /* [R + E + 1], zero between layouts */
-    int *h_counts;       /* pinned: [R, R] then the bad entry */
+    int *h_counts;       /* pinned: [R, R], then the bad entry (8-byte aligned), then (copy
+                            engines) my tokens' counts per chunk [chunks, R]: epx__h_bad,
+                            epx__h_chunks */
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
     char *stage;
     char *peer_stage[EPX__CUDA_MAX_RANKS];
@@ -144,6 +146,14 @@ static void epx__ll_layout(const epx__moe_shape_t *s, long long *srow, long long
     *hdr = EPX__ALIGN_UP(16 + 4 * M * s->max_topk, 128);
     *half = EPX__ALIGN_UP(s->nranks * *hdr + s->nranks * M * *srow, 256);
 }
+
+/* Where the read-back bad entry and per-chunk counts lie in m->h_counts. */
+static long long *epx__h_bad(const epx__cuda_moe_t *m)
+{
+    int R = m->c->nranks;
+    return (long long *)(void *)(m->h_counts + R * R + (R * R) % 2);
+}
+static int *epx__h_chunks(const epx__cuda_moe_t *m) { return (int *)(void *)(epx__h_bad(m) + 1); }
 
 /* Does this context move its high-throughput payload with copy engines (epx.h)? */
 static bool epx__moe_wants_ce(const epx__moe_shape_t *s)
@@ -482,12 +492,9 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     int R = m->c->nranks, me = m->c->rank;
     bool fp8 = m->s.dtype == EPX_FP8_E4M3;
     const int *cnt = h->h_cnt, *chunk = h->h_cnt + R * R;
-    cudaStream_t s = (cudaStream_t)stream, cs = m->ce_stream;
     /* Under capture (a cached dispatch) the copies go on the caller's stream: ce_stream,
      * shared by the context's calls, never joins a capture (it would stay in it). */
-    enum cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(s, &capturing) != cudaSuccess) cudaGetLastError(), cs = s; /* unknown: the safe way */
-    if (capturing != cudaStreamCaptureStatusNone) cs = s;
+    cudaStream_t s = (cudaStream_t)stream, cs = epx__cuda_capturing(stream) ? s : m->ce_stream;
     epx__moe_pack_t k;
     memset(&k, 0, sizeof k);
     k.x = (const char *)in->x;
@@ -553,18 +560,6 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
     return EPX_SUCCESS;
 }
 
-/* A dispatch on copy engines reads counts back to the host: not while capturing. */
-static epx_status_t epx__ce_check_capture(void *stream, epx__errbuf_t *err)
-{
-    enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing((cudaStream_t)stream, &cap) != cudaSuccess) cudaGetLastError();
-    if (cap == cudaStreamCaptureStatusNone) return EPX_SUCCESS;
-    return epx__fail(err, EPX_ERR_INVALID_USAGE,
-                     "epx_moe_dispatch on copy engines (num_sms = EPX_MOE_COPY_ENGINES or EPX_CUDA_SMS=0) reads the "
-                     "row counts back to the host, so it cannot be captured in a CUDA graph: dispatch before the "
-                     "capture (cached dispatches and combines can be captured), or give the context an SM budget");
-}
-
 /* ---- Dispatch -------------------------------------------------------------------------------- */
 
 /* Every rank's token rows (and FP8 scales), as mapped here, into g->x and g->scales. */
@@ -605,6 +600,18 @@ static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
     return n;
 }
 
+/* A dispatch's rows along h: pulled by the gather kernel (g: every rank's tokens, mapped),
+ * or on copy engines pushed into the peers' recv_x (dx, ds) when nothing failed so far. */
+static epx_status_t epx__move_rows(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_dispatch_in_t *in,
+                                   epx_moe_dispatch_out_t *out, epx__moe_gather_t *g, char *const *dx, char *const *ds,
+                                   epx_status_t st, void *stream, epx__errbuf_t *err)
+{
+    if (m->ce) return st == EPX_SUCCESS ? epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err) : st;
+    epx__gather_along(m, h, out, g);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, m->blocks, stream), st, err);
+    return st;
+}
+
 /* The rest of a dispatch once the counts are on the device: lay out the rows (every rank,
  * whatever `st` says, so the operation completes everywhere), gather them, finish. n: the
  * rows I receive, or -1 when not read back. */
@@ -625,7 +632,7 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
         int R = c->nranks;
         if (m->ce) { /* the count matrix, then my tokens' per chunk, as read back */
             memcpy(h->h_cnt, m->h_counts, sizeof(int) * (size_t)R * (size_t)R);
-            memcpy(h->h_cnt + R * R, m->h_counts + R * R + (R * R) % 2 + 2, sizeof(int) * (size_t)R * (size_t)m->chunks);
+            memcpy(h->h_cnt + R * R, epx__h_chunks(m), sizeof(int) * (size_t)R * (size_t)m->chunks);
         }
         epx__moe_rows_out_t o = {m->d_counts, m->d_chunk_counts, m->chunks, out->recv_topk_idx, out->recv_topk_weights,
                                  out->recv_src_rank, out->recv_src_token, m->d_expert_counts, h->d_src_rank,
@@ -636,12 +643,7 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
             EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_align(m->d_expert_counts, out->num_recv_tokens_per_expert,
                                                                      s->local_experts, s->alignment, h->d_rows, stream),
                             st, err);
-        if (m->ce) {
-            if (st == EPX_SUCCESS) st = epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err);
-        } else {
-            epx__gather_along(m, h, out, g);
-            EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, m->blocks, stream), st, err);
-        }
+        st = epx__move_rows(m, h, in, out, g, dx, ds, st, stream, err);
     }
     c->ops_started++;
     st = epx__moe_finish_after(m, agreed, st, stream, err);
@@ -683,7 +685,13 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         mine.device_count = out->num_recv_tokens_device != NULL;
         if (m->ce) { /* peers write my outputs; nobody reads my tokens */
             size_t cap = (size_t)EPX__MAX(out->capacity, (int64_t)0);
-            local = epx__ce_check_capture(stream, err);
+            /* it reads the counts back to the host: not while capturing */
+            local = epx__cuda_refuse_capture(stream,
+                                             "epx_moe_dispatch on copy engines (num_sms = EPX_MOE_COPY_ENGINES or "
+                                             "EPX_CUDA_SMS=0) reads the row counts back to the host: dispatch before "
+                                             "the capture (cached dispatches and combines can be captured), or give "
+                                             "the context an SM budget",
+                                             err);
             if (local == EPX_SUCCESS) local = epx__card_export(c, &mine.recv_x, out->recv_x, cap * s->row_bytes, err);
             if (local == EPX_SUCCESS && fp8)
                 local = epx__card_export(c, &mine.recv_scales, out->recv_x_scales, cap * s->scale_cols * 4, err);
@@ -754,10 +762,10 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     }
     EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts, m->d_counts, sizeof(int) * (size_t)R * (size_t)R, cudaMemcpyDeviceToHost, strm),
                     st, err);
-    long long *h_bad = (long long *)(void *)(m->h_counts + R * R + (R * R) % 2);
+    long long *h_bad = epx__h_bad(m);
     EPX__CUDA_CHECK(cudaMemcpyAsync(h_bad, m->d_bad, sizeof(long long), cudaMemcpyDeviceToHost, strm), st, err);
     if (m->ce) /* and my tokens' counts per chunk: the stages of the copies */
-        EPX__CUDA_CHECK(cudaMemcpyAsync(m->h_counts + R * R + (R * R) % 2 + 2, m->d_chunk_counts + (size_t)me * m->chunks * R,
+        EPX__CUDA_CHECK(cudaMemcpyAsync(epx__h_chunks(m), m->d_chunk_counts + (size_t)me * m->chunks * R,
                                         sizeof(int) * (size_t)R * (size_t)m->chunks, cudaMemcpyDeviceToHost, strm),
                         st, err);
     EPX__CUDA_CHECK(cudaStreamSynchronize(strm), st, err);
@@ -829,12 +837,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     if (st != EPX_SUCCESS) return st;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
-    if (m->ce) {
-        if (st == EPX_SUCCESS) st = epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err);
-    } else {
-        epx__gather_along(m, h, out, &g);
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(&g, m->blocks, stream), st, err);
-    }
+    st = epx__move_rows(m, h, in, out, &g, dx, ds, st, stream, err);
     c->ops_started++;
     st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);

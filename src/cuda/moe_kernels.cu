@@ -261,16 +261,13 @@ static __global__ void __launch_bounds__(512) epx__k_moe_pack(epx__moe_pack_t k)
     int R = k.nranks;
     for (long long t = k.t0 + warp; t < k.t1; t += nwarps) {
         const char *src = k.x + t * k.row_bytes;
-        for (int i = 0; i < R; i++) {
-            int q = k.self ? k.rank : (k.rank + 1 + i) % R;
-            if (!k.self && q == k.rank) continue;
-            int row = k.send_row[t * R + q];
-            if (row >= 0) {
-                long long at = (long long)row - k.base[q];
-                epx__warp_copy(k.dst[q] + at * k.row_bytes, src, k.row_bytes);
-                if (k.scales) epx__warp_copy(k.dst_s[q] + at * k.scale_bytes, k.scales + t * k.scale_bytes, k.scale_bytes);
-            }
-            if (k.self) break;
+        /* self: q = me only; else every other rank, from me + 1 on */
+        for (int i = k.self ? 0 : 1; i < (k.self ? 1 : R); i++) {
+            int q = (k.rank + i) % R, row = k.send_row[t * R + q];
+            if (row < 0) continue;
+            long long at = (long long)row - k.base[q];
+            epx__warp_copy(k.dst[q] + at * k.row_bytes, src, k.row_bytes);
+            if (k.scales) epx__warp_copy(k.dst_s[q] + at * k.scale_bytes, k.scales + t * k.scale_bytes, k.scale_bytes);
         }
     }
 }

@@ -94,6 +94,8 @@ void epx__hier_destroy(epx__hier_t *h)
 
 const epx__topo_t *epx__hier_topo(const epx__hier_t *h) { return &h->t; }
 
+void epx__hier_fault_count(epx__hier_t *h) { h->fault_count = true; }
+
 /* What each side of a pair tells the other before an exchange. */
 typedef struct {
     int64_t status;
@@ -108,6 +110,8 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     if (!h->net) return epx__fail(err, EPX_ERR_INTERNAL, "hierarchical alltoallv needs the MPI engine");
     const uint32_t seq = ++h->seq;
     const uint64_t deadline = epx__deadline_after_ms(h->timeout_ms);
+    const bool fault = h->fault_count; /* EPX_FAULT count: announce a byte more to rank + 1 */
+    h->fault_count = false;
     epx_status_t st = EPX_SUCCESS;
     /* Arrays: cards out/in [R], net pointers/sizes [R] x 4, local xfer [LS] x 4. */
     epx__card_t *cards = malloc(sizeof *cards * 2 * (size_t)R);
@@ -129,6 +133,7 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
         sb[p] = rb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t);
     }
     in[me] = out[me];
+    if (fault && local == EPX_SUCCESS && R > 1) out[(me + 1) % R].send_bytes += 1;
     st = epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, deadline, err);
     if (st != EPX_SUCCESS) goto done;
 
@@ -148,16 +153,18 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         goto done;
     }
+    /* Card against card: both sides of a pair see the same two cards, so a pair that
+     * disagrees is bad on both sides (and moves nothing, inside the host too). */
     epx_status_t verdict = EPX_SUCCESS;
     for (int p = 0; p < R; p++) {
-        if (in[p].send_bytes != x->recv_bytes[p] || in[p].recv_bytes != x->send_bytes[p]) {
+        if (in[p].send_bytes != out[p].recv_bytes || in[p].recv_bytes != out[p].send_bytes) {
             bad[p] = true;
             if (verdict == EPX_SUCCESS) {
-                bool into_me = in[p].send_bytes != x->recv_bytes[p];
+                bool into_me = in[p].send_bytes != out[p].recv_bytes;
                 verdict = epx__fail(err, EPX_ERR_MISMATCH,
                                     "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
-                                    into_me ? p : me, (long long)(into_me ? in[p].send_bytes : x->send_bytes[p]),
-                                    into_me ? me : p, (long long)(into_me ? x->recv_bytes[p] : in[p].recv_bytes));
+                                    into_me ? p : me, (long long)(into_me ? in[p].send_bytes : out[p].send_bytes),
+                                    into_me ? me : p, (long long)(into_me ? out[p].recv_bytes : in[p].recv_bytes));
             }
         }
     }
@@ -181,16 +188,15 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
         rb[p] = inter && !bad[p] ? x->recv_bytes[p] : 0;
         if (!inter) {
             int l = t->lrank_of[p];
-            lsb[l] = x->send_bytes[p], lsd[l] = x->send_displ[p];
-            lrb[l] = x->recv_bytes[p], lrd[l] = rdisp;
+            lsb[l] = bad[p] ? 0 : x->send_bytes[p], lsd[l] = x->send_displ[p];
+            lrb[l] = bad[p] ? 0 : x->recv_bytes[p], lrd[l] = rdisp;
         }
     }
     free(bad);
     if (st != EPX_SUCCESS) goto done;
     st = epx__net_start(h->net, epx__hier_tag(seq, 1), sp, sb, (void *const *)rp, rb, err);
     if (st != EPX_SUCCESS) goto done;
-    /* Inside the host, while the messages fly. A pair of this host that disagrees fails
-     * there too, before writing. */
+    /* Inside the host, while the messages fly (a pair that disagrees moves nothing). */
     epx__cpu_xfer_t lxf = {x->send, lsb, lsd, verdict != EPX_SUCCESS ? h->scratch : x->recv, lrb, lrd};
     epx_status_t cst = epx__cpu_alltoallv(h->cpu, &lxf, EPX_SUCCESS, err);
     st = epx__net_wait(h->net, deadline, err);

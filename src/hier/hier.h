@@ -64,6 +64,12 @@ epx_status_t epx__hier_create_link(epx__hier_t **hier, epx__cpu_t *cpu, const ep
 void epx__hier_destroy(epx__hier_t *hier);
 const epx__topo_t *epx__hier_topo(const epx__hier_t *hier);
 
+/* EPX_FAULT `count` (core/fault.h; set by src/api, which counts the steps): the next
+ * operation announces a wrong size. alltoall(v): one byte more to rank + 1 than it sends
+ * (the pair returns EPX_ERR_MISMATCH, the others succeed); a MoE call: a top-k one larger
+ * than its own in the verdict (every rank returns EPX_ERR_MISMATCH). Nothing is written. */
+void epx__hier_fault_count(epx__hier_t *hier);
+
 /* Same contract as epx__cpu_alltoallv, over every rank (arrays indexed by rank). */
 epx_status_t epx__hier_alltoallv(epx__hier_t *hier, const epx__cpu_xfer_t *x, epx_status_t local_status,
                                  epx__errbuf_t *err);

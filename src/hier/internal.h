@@ -11,6 +11,7 @@ struct epx__hier {
     epx__hier_link_t link; /* what MoE calls */
     int64_t timeout_ms;
     uint32_t seq; /* operations so far (the same on every rank): tags of their messages */
+    bool fault_count; /* EPX_FAULT count in the next operation (epx__hier_fault_count) */
     char *scratch;
     size_t scratch_bytes;
 };

@@ -201,10 +201,12 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
     int64_t *v = calloc((size_t)n, sizeof *v);
     if (!v) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     int64_t *c = v + EPX__CARD * me;
+    int64_t fault = m->h->fault_count; /* EPX_FAULT count: announce a top-k one larger */
+    m->h->fault_count = false;
     c[0] = local;
     if (local == EPX_SUCCESS) {
         c[1] = capacity;
-        c[2] = op | (int64_t)K << 8 | (int64_t)has_w << 16;
+        c[2] = op | (int64_t)(K + fault) << 8 | (int64_t)has_w << 16;
         c[3] = routing;
         /* Rank q gets my tokens from its host's rank of my local index (modulo). */
         for (int q = 0; q < R && counts; q++) {

@@ -1,5 +1,6 @@
 /* src/net over MPI: a duplicated communicator, host grouping, bounded nonblocking waits. */
 #include <mpi.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,9 +14,26 @@ struct epx__net {
     MPI_Comm comm, host_comm;
     int rank, nranks;
     int64_t timeout_ms;
-    MPI_Request *reqs;
-    int nreqs, cap_reqs;
+    MPI_Request *reqs; /* of the batch in flight: its receives first */
+    int nreqs, nrecv, cap_reqs;
+    int64_t *sum;      /* the allreduce's buffer (abandoned when one fails) */
+    int cap_sum;
 };
+
+/* Buffers of allreduces that timed out: a late peer may still complete the collective and
+ * MPI then writes into them, so they are never freed, but kept reachable here for the
+ * process's life (one per broken communicator, a few bytes each). */
+#define EPX__NET_ABANDONED_MAX 64
+static int64_t *epx__net_abandoned[EPX__NET_ABANDONED_MAX];
+static int epx__net_nabandoned;
+static pthread_mutex_t epx__net_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void epx__net_abandon(int64_t *buf)
+{
+    pthread_mutex_lock(&epx__net_abandoned_lock);
+    if (epx__net_nabandoned < EPX__NET_ABANDONED_MAX) epx__net_abandoned[epx__net_nabandoned++] = buf;
+    pthread_mutex_unlock(&epx__net_abandoned_lock); /* past the bound: left unreferenced, still never freed */
+}
 
 static epx_status_t epx__mpi_fail(epx__errbuf_t *err, int rc, const char *what)
 {
@@ -64,6 +82,7 @@ void epx__net_destroy(epx__net_t *n, bool broken)
         MPI_Comm_free(&n->comm);
     }
     free(n->reqs);
+    free(n->sum);
     free(n);
 }
 
@@ -142,11 +161,30 @@ static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, u
     }
 }
 
+/* The allreduce works in a buffer of its own: one that timed out stays in flight (a
+ * nonblocking collective cannot be cancelled), and a late peer's part may still complete it,
+ * so its buffer is abandoned (a few bytes, once per broken communicator), never the caller's. */
 epx_status_t epx__net_allreduce_sum(epx__net_t *n, int64_t *v, int count, uint64_t deadline, epx__errbuf_t *err)
 {
+    if (count > n->cap_sum || !n->sum) {
+        free(n->sum);
+        n->cap_sum = 0;
+        n->sum = malloc(sizeof *n->sum * (size_t)EPX__MAX(count, 1));
+        if (!n->sum) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        n->cap_sum = EPX__MAX(count, 1);
+    }
+    memcpy(n->sum, v, sizeof *v * (size_t)count);
     MPI_Request req;
-    EPX__MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, v, count, MPI_INT64_T, MPI_SUM, n->comm, &req), "MPI_Iallreduce");
-    return epx__net_poll(n, &req, 1, deadline, "MPI_Iallreduce", err);
+    EPX__MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, n->sum, count, MPI_INT64_T, MPI_SUM, n->comm, &req), "MPI_Iallreduce");
+    epx_status_t st = epx__net_poll(n, &req, 1, deadline, "MPI_Iallreduce", err);
+    if (st == EPX_SUCCESS) {
+        memcpy(v, n->sum, sizeof *v * (size_t)count);
+    } else {
+        epx__net_abandon(n->sum); /* still MPI's */
+        n->sum = NULL;
+        n->cap_sum = 0;
+    }
+    return st;
 }
 
 static epx_status_t epx__net_reserve(epx__net_t *n, int want, epx__errbuf_t *err)
@@ -166,7 +204,7 @@ epx_status_t epx__net_start(epx__net_t *n, int tag, const void *const *sbuf, con
     for (int p = 0; p < n->nranks; p++)
         pieces += (int)((sbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK + (rbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK);
     EPX__CHECK(epx__net_reserve(n, pieces, err));
-    n->nreqs = 0;
+    n->nreqs = n->nrecv = 0;
     /* Receives first, so that eager sends find them posted. */
     for (int side = 0; side < 2; side++)
         for (int i = 0; i < n->nranks; i++) {
@@ -178,14 +216,39 @@ epx_status_t epx__net_start(epx__net_t *n, int tag, const void *const *sbuf, con
                               : MPI_Irecv((char *)rbuf[p] + off, piece, MPI_BYTE, p, tag, n->comm, &n->reqs[n->nreqs]);
                 if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, side ? "MPI_Isend" : "MPI_Irecv");
                 n->nreqs++;
+                n->nrecv += !side;
             }
         }
     return EPX_SUCCESS;
 }
 
+/* A batch whose wait failed (the communicator is broken by it): no late message may land
+ * in memory the caller takes back. The receives still pending are cancelled (one already
+ * matched completes first, given a short grace), the sends are left to MPI. */
+static void epx__net_drop(epx__net_t *n)
+{
+    const uint64_t grace = epx__deadline_after_ms(200);
+    for (int i = 0; i < n->nreqs; i++) {
+        if (n->reqs[i] == MPI_REQUEST_NULL) continue;
+        if (i >= n->nrecv) {
+            MPI_Request_free(&n->reqs[i]);
+            continue;
+        }
+        MPI_Cancel(&n->reqs[i]);
+        int done = 0;
+        while (MPI_Test(&n->reqs[i], &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && !done && epx__now_ns() < grace)
+            sched_yield();
+        if (!done)
+            EPX_WARN(NET, "rank %d: a receive of a failed exchange could not be cancelled; its buffer stays MPI's",
+                     n->rank);
+    }
+    n->nreqs = n->nrecv = 0;
+}
+
 epx_status_t epx__net_wait(epx__net_t *n, uint64_t deadline, epx__errbuf_t *err)
 {
     epx_status_t st = epx__net_poll(n, n->reqs, n->nreqs, deadline, "a point-to-point exchange", err);
-    if (st == EPX_SUCCESS) n->nreqs = 0;
+    if (st == EPX_SUCCESS) n->nreqs = n->nrecv = 0;
+    else epx__net_drop(n);
     return st;
 }

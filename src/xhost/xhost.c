@@ -38,18 +38,10 @@ epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
     if (epx__nccl_aborted(xh->nccl))
         return epx__fail(err, EPX_ERR_ABORTED, "the NCCL link between hosts was aborted after an earlier failure: "
                                                "abort the communicator and create a new one");
-    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    cudaError_t ce = cudaStreamIsCapturing((cudaStream_t)stream, &cs);
-    if (ce != cudaSuccess) {
-        cudaGetLastError();
-        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "stream %p: %s", stream, cudaGetErrorString(ce));
-    }
-    if (cs != cudaStreamCaptureStatusNone)
-        return epx__fail(err, EPX_ERR_INVALID_USAGE,
-                         "stream %p is being captured into a CUDA graph, but this call across hosts waits on the "
-                         "host (for the stream and for the other hosts): make it outside the capture",
-                         stream);
-    return EPX_SUCCESS;
+    return epx__cuda_refuse_capture(stream,
+                                    "this call across hosts waits on the host (for the stream and for the other "
+                                    "hosts): make it outside the capture",
+                                    err);
 }
 
 epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
