@@ -74,12 +74,15 @@ static __device__ __forceinline__ bool epx__seen_before(const int *ids, int k)
 /* ---- Counts --------------------------------------------------------------------------------- */
 
 static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
-    epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad, int check_all)
+    epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad, int check_all,
+                     int *expert_counts)
 {
     __shared__ int cnt[EPX__CUDA_MAX_RANKS];
     __shared__ int ids[EPX__MOE_CHUNK * EPX_MOE_MAX_TOPK];
     int p = (int)blockIdx.y, c = (int)blockIdx.x, K = r.topk;
     if ((int)threadIdx.x < r.nranks) cnt[threadIdx.x] = 0;
+    if (p == 0 && c == 0)
+        for (int l = threadIdx.x; l < r.local_experts; l += blockDim.x) expert_counts[l] = 0;
     long long t0 = (long long)c * EPX__MOE_CHUNK, t = t0 + threadIdx.x;
     long long left = (long long)r.num_tokens[p] - t0;
     int n = left <= 0 ? 0 : left < EPX__MOE_CHUNK ? (int)left : EPX__MOE_CHUNK;
@@ -109,10 +112,11 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
 }
 
 extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks,
-                                          long long *bad, int check_all, void *stream)
+                                          long long *bad, int check_all, int *expert_counts, void *stream)
 {
     dim3 grid((unsigned)chunks, (unsigned)r->nranks);
-    epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad, check_all);
+    epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad, check_all,
+                                                                          expert_counts);
     return (int)cudaGetLastError();
 }
 
@@ -214,20 +218,12 @@ static __device__ long long epx__rows_before(const epx__moe_rows_out_t *o, int R
 
 /* Block (c, p) lays out the rows chunk c of source p sends me; the blocks of my own source
  * also compute where each of my tokens lands at every rank. */
-static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+static __device__ void epx__moe_rows_chunk(const epx__moe_routing_t &r, const epx__moe_rows_out_t &o, int p, int c)
 {
     __shared__ int ids[EPX__MOE_CHUNK * EPX_MOE_MAX_TOPK];
     __shared__ float w[EPX__MOE_CHUNK * EPX_MOE_MAX_TOPK];
-    int p = (int)blockIdx.y, c = (int)blockIdx.x, me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
+    int me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
     long long T = r.num_tokens[p], t0 = (long long)c * EPX__MOE_CHUNK, t = t0 + threadIdx.x;
-    bool clean = *o.bad == EPX__MOE_NO_BAD;
-    if (p == 0 && c == 0 && threadIdx.x == 0) {
-        long long n = 0;
-        for (int s = 0; s < R; s++) n += o.counts[s * R + me];
-        *o.h_rows = clean ? n : -1;
-        if (o.num_recv) *o.num_recv = clean ? n : -1;
-    }
-    if (!clean || t0 >= T) return;
     int n = T - t0 < EPX__MOE_CHUNK ? (int)(T - t0) : EPX__MOE_CHUNK;
     const float *weights = o.recv_topk_weights ? r.weights[p] : (const float *)0;
     epx__stage_ids(&r, p, t0, n, ids);
@@ -265,23 +261,40 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__mo
     }
 }
 
+static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+{
+    __shared__ int last;
+    int p = (int)blockIdx.y, c = (int)blockIdx.x, me = r.rank, R = r.nranks;
+    bool clean = *(volatile long long *)o.bad == EPX__MOE_NO_BAD;
+    if (p == 0 && c == 0 && threadIdx.x == 0) {
+        long long n = 0;
+        for (int s = 0; s < R; s++) n += o.counts[s * R + me];
+        *o.h_rows = clean ? n : -1;
+        if (o.num_recv) *o.num_recv = clean ? n : -1;
+    }
+    if (clean && (long long)c * EPX__MOE_CHUNK < r.num_tokens[p]) epx__moe_rows_chunk(r, o, p, c);
+    /* The last block: every block has read counts and *bad and added its expert counts. */
+    __syncthreads();
+    int *done = o.counts + R * R;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(done, 1) == (int)(gridDim.x * gridDim.y) - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int l = threadIdx.x; clean && o.per_expert && l < r.local_experts; l += blockDim.x) {
+        int v = *(volatile int *)&o.expert_counts[l];
+        o.per_expert[l] = (v + o.align - 1) / o.align * o.align;
+    }
+    for (int i = threadIdx.x; i <= R * R; i += blockDim.x) o.counts[i] = 0;
+    if (threadIdx.x == 0) *o.bad = EPX__MOE_NO_BAD;
+}
+
 extern "C" int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream)
 {
     dim3 grid((unsigned)o->chunks, (unsigned)r->nranks);
     epx__k_moe_rows<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, *o);
-    return (int)cudaGetLastError();
-}
-
-static __global__ void epx__k_moe_align(const int *counts, int *out, int L, int align, const long long *rows)
-{
-    if (*rows < 0) return;
-    for (int l = threadIdx.x; l < L; l += blockDim.x) out[l] = (counts[l] + align - 1) / align * align;
-}
-
-extern "C" int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, const long long *rows,
-                                          void *stream)
-{
-    epx__k_moe_align<<<1, 256, 0, (cudaStream_t)stream>>>(expert_counts, out, L, align, rows);
     return (int)cudaGetLastError();
 }
 
