@@ -107,16 +107,19 @@ typedef struct {
 
 /* Outputs of the row pass (any may be NULL except the handle's arrays). */
 typedef struct {
-    const int *counts;       /* [R, R]: tokens of rank p for rank r */
+    int *counts;             /* [R, R]: tokens of rank p for rank r; then the kernel's block
+                                counter: the last block zeroes both (see epx__cuda_launch_moe_rows) */
     const int *chunk_counts; /* [R, chunks, R]: the same per chunk of EPX__MOE_CHUNK tokens */
     int chunks;
     void *recv_topk_idx;   /* [cap, K] local ids */
     float *recv_topk_weights;
     int *recv_src_rank, *recv_src_token;
-    int *expert_counts;    /* [L] scratch, zeroed */
+    int *expert_counts;    /* [L] scratch, zeroed by the count kernel */
+    int *per_expert;       /* [L] the caller's rows per expert, rounded up to `align`, or NULL */
+    int align;
     int *h_src_rank, *h_src_token; /* [cap] the handle's copy */
     int *h_send_row;       /* [T_me, R] */
-    const long long *bad;  /* the count kernel's verdict: rows are laid out only when clean */
+    long long *bad;        /* the count kernel's verdict: rows are laid out only when clean */
     long long *h_rows;     /* the handle's row count: N, or -1 when the routing was bad */
     long long *num_recv;   /* the caller's copy of h_rows (device), or NULL */
 } epx__moe_rows_out_t;
@@ -203,24 +206,24 @@ int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream);
 int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too, int blocks,
                                 void *stream);
 
-/* counts[p, r] (zeroed by the caller) and chunk_counts[p, c, r] for every source p and
- * chunk c; *bad = first t*K+k of my routing out of [-1, E), or with `check_all` a value
- * below EPX__MOE_NO_BAD when any rank's routing has one (every rank then agrees without
- * asking the others). One block per (source, chunk). */
+/* counts[p, r] (zero before: see the row kernel) and chunk_counts[p, c, r] for every source
+ * p and chunk c; *bad (EPX__MOE_NO_BAD before) = first t*K+k of my routing out of [-1, E),
+ * or with `check_all` a value below EPX__MOE_NO_BAD when any rank's routing has one (every
+ * rank then agrees without asking the others); expert_counts[L] zeroed for the row kernel.
+ * One block per (source, chunk). */
 int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks, long long *bad,
-                               int check_all, void *stream);
+                               int check_all, int *expert_counts, void *stream);
 /* My routing checked and laid out in one launch of at most `blocks` blocks: every output
  * written (any may be NULL), or, when an expert id is out of [-1, E), -1 in every count
  * (in_rank then undefined). *bad is EPX__MOE_NO_BAD before and after; scratch: [R + E + 1]
  * ints of epx's own, zero before and after. */
 int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                         unsigned char *in_rank, long long *bad, int *scratch, int blocks, void *stream);
-/* Rows of every source for me, their routing outputs, and my tokens' rows at every rank;
- * nothing but h_rows = -1 (and num_recv) when *bad says the routing was bad. */
+/* Rows of every source for me, their routing outputs, my tokens' rows at every rank and the
+ * rows per expert; nothing but h_rows = -1 (and num_recv) when *bad says the routing was
+ * bad. Its last block leaves counts (and its counter) zero and *bad EPX__MOE_NO_BAD, as the
+ * next count kernel needs them. */
 int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream);
-/* num_recv_tokens_per_expert[l] = expert_counts[l] rounded up to `align` (unless *rows < 0). */
-int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, const long long *rows,
-                               void *stream);
 /* Copy rows (and scales) from their sources. */
 int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream);
 /* Sum every token's rows in ascending rank order (float32 from +0), then cast. */

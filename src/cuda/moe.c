@@ -27,7 +27,9 @@ struct epx__cuda_moe {
     epx__cuda_t *c;
     epx__moe_shape_t s;
     int blocks;          /* SM budget of the copy kernels */
-    int *d_counts;       /* [R, R] */
+    int *d_counts;       /* [R, R], then the row kernel's block counter; zero, and d_bad[0]
+                            EPX__MOE_NO_BAD, outside a dispatch's count and row kernels */
+    bool counts_dirty;   /* a count kernel ran without its row kernel: reset them first */
     int *d_chunk_counts; /* [R, chunks, R] */
     int chunks;          /* ceil(max_tokens / EPX__MOE_CHUNK) */
     long long *d_bad;    /* [2]: dispatch's bad-routing word, then layout's (layout may run on
@@ -233,11 +235,12 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
     m->blocks = (int)EPX__MAX(sms, (int64_t)1);
     if (local == EPX_SUCCESS) {
         m->chunks = EPX__MAX((shape->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
-        cudaError_t ce = cudaMalloc((void **)&m->d_counts, sizeof(int) * (size_t)R * (size_t)R);
+        cudaError_t ce = cudaMalloc((void **)&m->d_counts, sizeof(int) * (size_t)(R * R + 1));
+        if (ce == cudaSuccess) ce = cudaMemset(m->d_counts, 0, sizeof(int) * (size_t)(R * R + 1));
         if (ce == cudaSuccess)
             ce = cudaMalloc((void **)&m->d_chunk_counts, sizeof(int) * (size_t)R * (size_t)R * (size_t)m->chunks);
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_bad, 2 * sizeof(long long));
-        if (ce == cudaSuccess) ce = cudaMemset(m->d_bad + 1, 0x7f, sizeof(long long)); /* layout's: EPX__MOE_NO_BAD */
+        if (ce == cudaSuccess) ce = cudaMemset(m->d_bad, 0x7f, 2 * sizeof(long long)); /* EPX__MOE_NO_BAD */
         if (ce == cudaSuccess) ce = cudaMalloc((void **)&m->d_expert_counts, sizeof(int) * (size_t)EPX__MAX(shape->local_experts, 1));
         if (ce == cudaSuccess)
             ce = cudaMalloc((void **)&m->d_layout_scratch, sizeof(int) * (size_t)(R + shape->num_experts + 1));
@@ -282,7 +285,7 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
 int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
 {
     int64_t R = s->nranks, M = EPX__MAX(s->max_tokens, 1), chunks = EPX__MAX((s->max_tokens + EPX__MOE_CHUNK - 1) / EPX__MOE_CHUNK, 1);
-    int64_t context = 4 * (R * R + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts + 1) + 16;
+    int64_t context = 4 * (R * R + 1 + R * R * chunks + EPX__MAX(s->local_experts, 1) + R + s->num_experts + 1) + 16;
     int64_t handle = 3 * 4 * R * M + 8; /* each live dispatch handle */
     if (s->mode == EPX_MOE_LOW_LATENCY) {
         long long srow, hdr, half;
@@ -622,7 +625,6 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
 {
     const epx__moe_shape_t *s = &m->s;
     epx__cuda_t *c = m->c;
-    cudaStream_t strm = (cudaStream_t)stream;
     epx_status_t agreed = st;
     if (st == EPX_SUCCESS) {
         h->id = (uint32_t)(c->ops_started + 1);
@@ -635,14 +637,11 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
             memcpy(h->h_cnt + R * R, epx__h_chunks(m), sizeof(int) * (size_t)R * (size_t)m->chunks);
         }
         epx__moe_rows_out_t o = {m->d_counts, m->d_chunk_counts, m->chunks, out->recv_topk_idx, out->recv_topk_weights,
-                                 out->recv_src_rank, out->recv_src_token, m->d_expert_counts, h->d_src_rank,
-                                 h->d_src_token, h->d_send_row, m->d_bad, h->d_rows, (long long *)out->num_recv_tokens_device};
-        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_expert_counts, 0, sizeof(int) * (size_t)s->local_experts, strm), st, err);
+                                 out->recv_src_rank, out->recv_src_token, m->d_expert_counts,
+                                 out->num_recv_tokens_per_expert, s->alignment, h->d_src_rank, h->d_src_token,
+                                 h->d_send_row, m->d_bad, h->d_rows, (long long *)out->num_recv_tokens_device};
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_rows(rt, &o, stream), st, err);
-        if (out->num_recv_tokens_per_expert)
-            EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_align(m->d_expert_counts, out->num_recv_tokens_per_expert,
-                                                                     s->local_experts, s->alignment, h->d_rows, stream),
-                            st, err);
+        if (st == EPX_SUCCESS) m->counts_dirty = false; /* the row kernel leaves them ready */
         st = epx__move_rows(m, h, in, out, g, dx, ds, st, stream, err);
     }
     c->ops_started++;
@@ -751,10 +750,13 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     cudaStream_t strm = (cudaStream_t)stream;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
-    EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
-    EPX__CUDA_CHECK(cudaMemsetAsync(m->d_counts, 0, sizeof(int) * (size_t)R * (size_t)R, strm), st, err);
+    if (m->counts_dirty) { /* the last count kernel's words were not reset by a row kernel */
+        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
+        EPX__CUDA_CHECK(cudaMemsetAsync(m->d_counts, 0, sizeof(int) * (size_t)(R * R + 1), strm), st, err);
+    }
+    m->counts_dirty = true;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_chunk_counts, m->chunks, m->d_bad,
-                                                            no_sync, stream),
+                                                            no_sync, m->d_expert_counts, stream),
                     st, err);
     if (no_sync) {
         free(cards);

@@ -11,34 +11,92 @@
 #include "../core/convert.h"
 #include "moe_common.cuh"
 
-/* Ranks token t of source p goes to, as a bit mask (entries out of range ignored). */
-static __device__ unsigned epx__dest_mask(const epx__moe_routing_t *r, int p, long long t)
+/* An id in staged routing that is not an expert id in [-1, E). */
+#define EPX__BAD_ID (-2147483647 - 1)
+
+/* The ids of n tokens of source p from token t0 on, into ids[n * K] (shared memory), as int:
+ * an id outside [-1, E) becomes EPX__BAD_ID. Consecutive threads read consecutive ids and
+ * each keeps eight loads in flight: the routing of peers crosses NVLink, where a chain of
+ * dependent loads would cost a round trip each. The caller syncs the block after it. */
+static __device__ __forceinline__ void epx__stage_ids(const epx__moe_routing_t *r, int p, long long t0, int n, int *ids)
+{
+    long long K = r->topk, n_ids = (long long)n * K, first = t0 * K;
+    for (long long base = 0; base < n_ids; base += 8LL * blockDim.x) {
+        long long v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            long long i = base + (long long)j * blockDim.x + threadIdx.x;
+            if (i < n_ids) v[j] = epx__topk_get(r, p, first + i);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            long long i = base + (long long)j * blockDim.x + threadIdx.x;
+            if (i < n_ids) ids[i] = v[j] >= -1 && v[j] < r->num_experts ? (int)v[j] : EPX__BAD_ID;
+        }
+    }
+}
+
+/* The same for n floats from src (top-k weights). */
+static __device__ __forceinline__ void epx__stage_floats(const float *src, long long n, float *dst)
+{
+    for (long long base = 0; base < n; base += 8LL * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            long long i = base + (long long)j * blockDim.x + threadIdx.x;
+            if (i < n) v[j] = src[i];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            long long i = base + (long long)j * blockDim.x + threadIdx.x;
+            if (i < n) dst[i] = v[j];
+        }
+    }
+}
+
+/* Ranks a token with these staged ids goes to, as a bit mask (bad entries ignored). */
+static __device__ unsigned epx__dest_mask(const int *ids, int K, int L)
 {
     unsigned mask = 0;
-    for (int k = 0; k < r->topk; k++) {
-        long long e = epx__topk_get(r, p, t * r->topk + k);
-        if (e >= 0 && e < r->num_experts) mask |= 1u << (int)(e / r->local_experts);
-    }
+    for (int k = 0; k < K; k++)
+        if (ids[k] >= 0) mask |= 1u << (ids[k] / L);
     return mask;
+}
+
+/* Whether ids[k] already appeared among ids[0 .. k). */
+static __device__ __forceinline__ bool epx__seen_before(const int *ids, int k)
+{
+    for (int j = 0; j < k; j++)
+        if (ids[j] == ids[k]) return true;
+    return false;
 }
 
 /* ---- Counts --------------------------------------------------------------------------------- */
 
 static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
-    epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad, int check_all)
+    epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad, int check_all,
+                     int *expert_counts)
 {
     __shared__ int cnt[EPX__CUDA_MAX_RANKS];
-    int p = (int)blockIdx.y, c = (int)blockIdx.x;
+    __shared__ int ids[EPX__MOE_CHUNK * EPX_MOE_MAX_TOPK];
+    int p = (int)blockIdx.y, c = (int)blockIdx.x, K = r.topk;
     if ((int)threadIdx.x < r.nranks) cnt[threadIdx.x] = 0;
+    if (p == 0 && c == 0)
+        for (int l = threadIdx.x; l < r.local_experts; l += blockDim.x) expert_counts[l] = 0;
+    long long t0 = (long long)c * EPX__MOE_CHUNK, t = t0 + threadIdx.x;
+    long long left = (long long)r.num_tokens[p] - t0;
+    int n = left <= 0 ? 0 : left < EPX__MOE_CHUNK ? (int)left : EPX__MOE_CHUNK;
+    epx__stage_ids(&r, p, t0, n, ids);
     __syncthreads();
-    long long t = (long long)c * EPX__MOE_CHUNK + threadIdx.x;
-    if (t < r.num_tokens[p]) {
+    if ((int)threadIdx.x < n) {
+        const int *my = ids + threadIdx.x * K;
         if (p == r.rank || check_all)
-            for (int k = 0; k < r.topk; k++) {
-                long long e = epx__topk_get(&r, p, t * r.topk + k);
-                if (e < -1 || e >= r.num_experts) atomicMin((unsigned long long *)bad, (unsigned long long)(t * r.topk + k));
-            }
-        unsigned m = epx__dest_mask(&r, p, t);
+            for (int k = 0; k < K; k++)
+                if (my[k] == EPX__BAD_ID) {
+                    atomicMin((unsigned long long *)bad, (unsigned long long)(t * K + k));
+                    break;
+                }
+        unsigned m = epx__dest_mask(my, K, r.local_experts);
         while (m) {
             int q = __ffs(m) - 1;
             m &= m - 1;
@@ -54,10 +112,11 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
 }
 
 extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks,
-                                          long long *bad, int check_all, void *stream)
+                                          long long *bad, int check_all, int *expert_counts, void *stream)
 {
     dim3 grid((unsigned)chunks, (unsigned)r->nranks);
-    epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad, check_all);
+    epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad, check_all,
+                                                                          expert_counts);
     return (int)cudaGetLastError();
 }
 
@@ -69,33 +128,39 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
  * to finish (scratch[R + E] counts them) has every count and the verdict: it writes the
  * counts (-1 when an id was bad) and leaves scratch and *bad ready for the next call. */
 #define EPX__LAYOUT_SHARED 4096 /* counters kept in shared memory when R + E fits */
-static __global__ void __launch_bounds__(512)
+#define EPX__LAYOUT_THREADS 256
+static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
     epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
                       int *scratch)
 {
     __shared__ int cnt[EPX__LAYOUT_SHARED];
+    __shared__ int ids[EPX__LAYOUT_THREADS * EPX_MOE_MAX_TOPK];
     __shared__ int last;
     int me = r.rank, R = r.nranks, K = r.topk, E = r.num_experts;
-    long long T = r.num_tokens[me], tid = (long long)blockIdx.x * blockDim.x + threadIdx.x,
-              nthreads = (long long)gridDim.x * blockDim.x;
+    long long T = r.num_tokens[me];
     bool shared = R + E <= EPX__LAYOUT_SHARED;
     int *c = shared ? cnt : scratch; /* [R] per rank, then [E] per expert */
     for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x) cnt[i] = 0;
-    __syncthreads();
     bool bad_seen = false;
-    for (long long t = tid; t < T; t += nthreads) {
+    /* Block-sized groups of tokens: their ids staged at once, then one token per thread. */
+    for (long long t0 = (long long)blockIdx.x * blockDim.x; t0 < T; t0 += (long long)gridDim.x * blockDim.x) {
+        int n = T - t0 < (long long)blockDim.x ? (int)(T - t0) : (int)blockDim.x;
+        __syncthreads(); /* the last group's ids are read (and, the first time, cnt is zero) */
+        epx__stage_ids(&r, me, t0, n, ids);
+        __syncthreads();
+        if ((int)threadIdx.x >= n) continue;
+        long long t = t0 + threadIdx.x;
+        const int *my = ids + threadIdx.x * K;
         unsigned m = 0;
         for (int k = 0; k < K; k++) {
-            long long e = epx__topk_get(&r, me, t * K + k);
-            if (e < -1 || e >= E) {
+            int e = my[k];
+            if (e == EPX__BAD_ID) {
                 bad_seen = true;
                 continue;
             }
             if (e < 0) continue;
-            m |= 1u << (int)(e / r.local_experts);
-            bool dup = false;
-            for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, me, t * K + j) == e;
-            if (!dup) atomicAdd(&c[R + e], 1);
+            m |= 1u << (e / r.local_experts);
+            if (!epx__seen_before(my, k)) atomicAdd(&c[R + e], 1);
         }
         for (int q = 0; in_rank && q < R; q++) in_rank[t * R + q] = (m >> q) & 1u;
         while (m) {
@@ -133,9 +198,9 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
                                                    unsigned char *in_rank, long long *bad, int *scratch, int blocks,
                                                    void *stream)
 {
-    long long need = ((long long)r->num_tokens[r->rank] + 511) / 512;
+    long long need = ((long long)r->num_tokens[r->rank] + EPX__LAYOUT_THREADS - 1) / EPX__LAYOUT_THREADS;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
-    epx__k_moe_layout<<<blocks, 512, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad, scratch);
+    epx__k_moe_layout<<<blocks, EPX__LAYOUT_THREADS, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad, scratch);
     return (int)cudaGetLastError();
 }
 
@@ -153,19 +218,19 @@ static __device__ long long epx__rows_before(const epx__moe_rows_out_t *o, int R
 
 /* Block (c, p) lays out the rows chunk c of source p sends me; the blocks of my own source
  * also compute where each of my tokens lands at every rank. */
-static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+static __device__ void epx__moe_rows_chunk(const epx__moe_routing_t &r, const epx__moe_rows_out_t &o, int p, int c)
 {
-    int p = (int)blockIdx.y, c = (int)blockIdx.x, me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
-    long long T = r.num_tokens[p], t = (long long)c * EPX__MOE_CHUNK + threadIdx.x;
-    bool clean = *o.bad == EPX__MOE_NO_BAD;
-    if (p == 0 && c == 0 && threadIdx.x == 0) {
-        long long n = 0;
-        for (int s = 0; s < R; s++) n += o.counts[s * R + me];
-        *o.h_rows = clean ? n : -1;
-        if (o.num_recv) *o.num_recv = clean ? n : -1;
-    }
-    if (!clean || (long long)c * EPX__MOE_CHUNK >= T) return;
-    unsigned mask = t < T ? epx__dest_mask(&r, p, t) : 0u;
+    __shared__ int ids[EPX__MOE_CHUNK * EPX_MOE_MAX_TOPK];
+    __shared__ float w[EPX__MOE_CHUNK * EPX_MOE_MAX_TOPK];
+    int me = r.rank, R = r.nranks, K = r.topk, L = r.local_experts;
+    long long T = r.num_tokens[p], t0 = (long long)c * EPX__MOE_CHUNK, t = t0 + threadIdx.x;
+    int n = T - t0 < EPX__MOE_CHUNK ? (int)(T - t0) : EPX__MOE_CHUNK;
+    const float *weights = o.recv_topk_weights ? r.weights[p] : (const float *)0;
+    epx__stage_ids(&r, p, t0, n, ids);
+    if (weights) epx__stage_floats(weights + t0 * K, (long long)n * K, w);
+    __syncthreads();
+    const int *my = ids + threadIdx.x * K;
+    unsigned mask = t < T ? epx__dest_mask(my, K, L) : 0u;
     int flag = (mask >> me) & 1u, total;
     int pos = epx__block_scan(flag, &total);
     if (flag) {
@@ -175,20 +240,17 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__mo
         if (o.recv_src_rank) o.recv_src_rank[row] = p;
         if (o.recv_src_token) o.recv_src_token[row] = (int)t;
         for (int k = 0; k < K; k++) {
-            long long e = epx__topk_get(&r, p, t * K + k);
+            int e = my[k];
             bool here = e >= 0 && e / L == me;
-            long long local = here ? e % L : -1;
+            int local = here ? e % L : -1;
             if (o.recv_topk_idx) {
                 if (r.index_i64)
                     ((long long *)o.recv_topk_idx)[row * K + k] = local;
                 else
-                    ((int *)o.recv_topk_idx)[row * K + k] = (int)local;
+                    ((int *)o.recv_topk_idx)[row * K + k] = local;
             }
-            if (o.recv_topk_weights && r.weights[p]) o.recv_topk_weights[row * K + k] = here ? r.weights[p][t * K + k] : 0.0f;
-            if (!here) continue;
-            bool dup = false;
-            for (int j = 0; j < k; j++) dup = dup || epx__topk_get(&r, p, t * K + j) == e;
-            if (!dup) atomicAdd(&o.expert_counts[local], 1);
+            if (weights) o.recv_topk_weights[row * K + k] = here ? w[threadIdx.x * K + k] : 0.0f;
+            if (here && !epx__seen_before(my, k)) atomicAdd(&o.expert_counts[local], 1);
         }
     }
     if (p != me) return;
@@ -199,23 +261,40 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__mo
     }
 }
 
+static __global__ void __launch_bounds__(EPX__MOE_CHUNK) epx__k_moe_rows(epx__moe_routing_t r, epx__moe_rows_out_t o)
+{
+    __shared__ int last;
+    int p = (int)blockIdx.y, c = (int)blockIdx.x, me = r.rank, R = r.nranks;
+    bool clean = *(volatile long long *)o.bad == EPX__MOE_NO_BAD;
+    if (p == 0 && c == 0 && threadIdx.x == 0) {
+        long long n = 0;
+        for (int s = 0; s < R; s++) n += o.counts[s * R + me];
+        *o.h_rows = clean ? n : -1;
+        if (o.num_recv) *o.num_recv = clean ? n : -1;
+    }
+    if (clean && (long long)c * EPX__MOE_CHUNK < r.num_tokens[p]) epx__moe_rows_chunk(r, o, p, c);
+    /* The last block: every block has read counts and *bad and added its expert counts. */
+    __syncthreads();
+    int *done = o.counts + R * R;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(done, 1) == (int)(gridDim.x * gridDim.y) - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int l = threadIdx.x; clean && o.per_expert && l < r.local_experts; l += blockDim.x) {
+        int v = *(volatile int *)&o.expert_counts[l];
+        o.per_expert[l] = (v + o.align - 1) / o.align * o.align;
+    }
+    for (int i = threadIdx.x; i <= R * R; i += blockDim.x) o.counts[i] = 0;
+    if (threadIdx.x == 0) *o.bad = EPX__MOE_NO_BAD;
+}
+
 extern "C" int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream)
 {
     dim3 grid((unsigned)o->chunks, (unsigned)r->nranks);
     epx__k_moe_rows<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, *o);
-    return (int)cudaGetLastError();
-}
-
-static __global__ void epx__k_moe_align(const int *counts, int *out, int L, int align, const long long *rows)
-{
-    if (*rows < 0) return;
-    for (int l = threadIdx.x; l < L; l += blockDim.x) out[l] = (counts[l] + align - 1) / align * align;
-}
-
-extern "C" int epx__cuda_launch_moe_align(const int *expert_counts, int *out, int L, int align, const long long *rows,
-                                          void *stream)
-{
-    epx__k_moe_align<<<1, 256, 0, (cudaStream_t)stream>>>(expert_counts, out, L, align, rows);
     return (int)cudaGetLastError();
 }
 
