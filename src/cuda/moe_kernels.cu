@@ -368,15 +368,19 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    int R = c.nranks, H = c.hidden;
+    int R = c.nranks, H = c.hidden, lane = threadIdx.x & 31;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     if (*c.rows < 0) return; /* the dispatch found bad routing: nothing to combine */
+    /* Lane r reads where the token's row at rank r lies (R <= 32): one load, not R in a row,
+     * issued a token ahead. */
+    int next = lane < R && warp < c.num_tokens ? c.send_row[warp * R + lane] : -1;
     for (long long t = warp; t < c.num_tokens; t += nwarps) {
         const char *src[EPX__CUDA_MAX_RANKS];
         const float *wsrc[EPX__CUDA_MAX_RANKS];
-        int n = 0;
+        int n = 0, my_row = next;
+        next = lane < R && t + nwarps < c.num_tokens ? c.send_row[(t + nwarps) * R + lane] : -1;
         for (int r = 0; r < R; r++) {
-            int row = c.send_row[t * R + r];
+            int row = __shfl_sync(0xffffffffu, my_row, r);
             if (row < 0) continue;
             long long at = (long long)row - c.row_base[r];
             src[n] = c.y[r] + at * row_bytes;

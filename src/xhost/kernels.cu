@@ -57,8 +57,9 @@ static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t 
         long long a = c.first[t];
         int n = (int)(c.first[t + 1] - a);
         if (n > EPX_MOE_MAX_TOPK) n = EPX_MOE_MAX_TOPK; /* a token reaches at most K ranks */
+        long long my_ref = (int)(threadIdx.x & 31) < n ? c.ref[a + (threadIdx.x & 31)] : 0; /* all in one load */
         for (int i = 0; i < n; i++) {
-            long long ref = c.ref[a + i];
+            long long ref = __shfl_sync(0xffffffffu, my_ref, i);
             src[i] = epx__xh_row(&c.src, ref);
             wsrc[i] = (const float *)epx__xh_aux(&c.src, ref);
         }
