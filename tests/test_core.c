@@ -1,10 +1,12 @@
 /*
  * src/core in one process: status strings, dtypes, tunables, size parsing, the unique id's
  * text form (round trip and malformed input), and the bootstrap with ranks as threads
- * (allgather, barrier, a rank-count mismatch that fails every rank).
+ * (allgather, barrier, a rank-count mismatch that fails every rank, and a rank that leaves
+ * before a round: every other rank of the round fails at once, not at its timeout).
  */
 #include <pthread.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/core.h"
 #include "testlib.h"
@@ -134,6 +136,61 @@ static void run_boot(int nranks, const int *claimed, epx_status_t expect)
     for (int r = 0; r < nranks; r++) ASSERT_STATUS(args[r].status, expect);
 }
 
+/* A rank (`gone`) that closes its bootstrap instead of taking part in the next round (an
+ * allgather, or with `sum` an allreduce): every other rank's round fails with
+ * EPX_ERR_PEER_FAILURE well before the 5 s timeout, whichever rank waits on whom. */
+typedef struct {
+    epx_unique_id_t id;
+    int rank, nranks, gone;
+    bool sum;
+    pthread_barrier_t *stay; /* the others keep their bootstrap open until all are done */
+    epx_status_t status;
+    double ms;
+} leave_arg_t;
+
+static void *leave_thread(void *argp)
+{
+    leave_arg_t *a = argp;
+    int info = a->rank, all[8];
+    epx__boot_t *boot;
+    epx__errbuf_t err;
+    ASSERT_OK(epx__boot_init(&boot, a->nranks, a->rank, &a->id, &info, sizeof info, all, 5000, &err));
+    ASSERT_OK(epx__boot_barrier(boot, &err));
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (a->rank != a->gone) {
+        int64_t v[4] = {1, 2, 3, 4}, got[8 * 4];
+        a->status =
+            a->sum ? epx__boot_allreduce_sum(boot, v, 4, &err) : epx__boot_allgather(boot, v, got, sizeof v, &err);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    a->ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+    if (a->rank != a->gone) pthread_barrier_wait(a->stay); /* no close tells anyone */
+    epx__boot_close(boot);
+    return NULL;
+}
+
+static void run_boot_leave(int nranks, int gone, bool sum)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    pthread_t th[8];
+    leave_arg_t args[8];
+    pthread_barrier_t stay;
+    pthread_barrier_init(&stay, NULL, (unsigned)nranks - 1);
+    for (int r = 0; r < nranks; r++) {
+        args[r] = (leave_arg_t){id, r, nranks, gone, sum, &stay, EPX_SUCCESS, 0};
+        pthread_create(&th[r], NULL, leave_thread, &args[r]);
+    }
+    for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&stay);
+    for (int r = 0; r < nranks; r++) {
+        if (r == gone) continue;
+        ASSERT_STATUS(args[r].status, EPX_ERR_PEER_FAILURE);
+        if (args[r].ms > 2000) TEST_FAIL_("rank %d failed its round after %.0f ms (rank %d left)", r, args[r].ms, gone);
+    }
+}
+
 /* epx_moe_device_memory: grows with the shape; bad configurations rejected; without CUDA
  * in the build it says so. The CUDA alltoallv_device refuses the CPU backend. */
 static void test_moe_memory(void)
@@ -168,6 +225,9 @@ int main(void)
     /* Rank 1 claims 3 ranks while the others claim 2: every rank fails, none hangs. */
     int differ[] = {2, 3};
     run_boot(2, differ, EPX_ERR_MISMATCH);
+    run_boot_leave(4, 3, false); /* rank 0 sees it; ranks 1 and 2 wait on rank 0 */
+    run_boot_leave(3, 1, true);
+    run_boot_leave(3, 0, false); /* the root itself */
     /* A single-rank communicator works end to end. */
     epx_unique_id_t id;
     epx_comm_t comm;
@@ -184,6 +244,6 @@ int main(void)
     ASSERT_STATUS(epx_alltoallv_device(comm, &x, c1, c1, &y, c1, c1, EPX_I32, NULL), EPX_ERR_UNSUPPORTED);
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
-    test_done(10);
+    test_done(13);
     return 0;
 }

@@ -7,7 +7,8 @@
  * Rank 0 also listens on a socket of its own (its address travels in the table); the other
  * ranks connect to it and the resulting star carries the bootstrap collectives (allgather,
  * barrier) for the communicator's lifetime. Every read and write has a deadline; a closed
- * socket reads as a failed peer.
+ * socket reads as a failed peer, and a rank whose round fails shuts its sockets down, so
+ * that the others fail at once too (epx__boot_round_end).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -571,8 +572,22 @@ out:
     return st;
 }
 
-epx_status_t epx__boot_allgather(epx__boot_t *b, const void *mine, void *all, size_t len,
-                                 epx__errbuf_t *err)
+/* A round that failed here (a peer closed, or the deadline passed) leaves the star out of
+ * step: parts of it may still be in flight, so no later round could be read right. Shut
+ * every socket of this rank down, so that the ranks still waiting in the round (on rank 0,
+ * or rank 0 on them) fail at once with EPX_ERR_PEER_FAILURE instead of at their own
+ * deadlines: a rank that dies in a round stops all of them within milliseconds. */
+static epx_status_t epx__boot_round_end(epx__boot_t *b, epx_status_t st)
+{
+    if (st == EPX_SUCCESS || !b->fds) return st;
+    int n = b->rank == 0 ? b->nranks : 1;
+    for (int i = 0; i < n; i++)
+        if (b->fds[i] >= 0) shutdown(b->fds[i], SHUT_RDWR);
+    return st;
+}
+
+static epx_status_t epx__boot_allgather_round(epx__boot_t *b, const void *mine, void *all, size_t len,
+                                              epx__errbuf_t *err)
 {
     uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
     memmove((char *)all + (size_t)b->rank * len, mine, len);
@@ -594,6 +609,11 @@ epx_status_t epx__boot_allgather(epx__boot_t *b, const void *mine, void *all, si
     return EPX_SUCCESS;
 }
 
+epx_status_t epx__boot_allgather(epx__boot_t *b, const void *mine, void *all, size_t len, epx__errbuf_t *err)
+{
+    return epx__boot_round_end(b, epx__boot_allgather_round(b, mine, all, len, err));
+}
+
 /* Move `len` bytes through a small bounce buffer: received and dropped, or zeros sent. */
 static epx_status_t epx__sock_drain(int fd, size_t len, bool sending, uint64_t deadline, epx__errbuf_t *err,
                                     const char *what)
@@ -608,8 +628,8 @@ static epx_status_t epx__sock_drain(int fd, size_t len, bool sending, uint64_t d
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__boot_allgather_fail(epx__boot_t *b, const void *head, size_t head_len, size_t len,
-                                      epx__errbuf_t *err)
+static epx_status_t epx__boot_allgather_fail_round(epx__boot_t *b, const void *head, size_t head_len, size_t len,
+                                                   epx__errbuf_t *err)
 {
     uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
     head_len = EPX__MIN(head_len, len);
@@ -633,7 +653,13 @@ epx_status_t epx__boot_allgather_fail(epx__boot_t *b, const void *head, size_t h
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__boot_allreduce_sum(epx__boot_t *b, int64_t *v, size_t n, epx__errbuf_t *err)
+epx_status_t epx__boot_allgather_fail(epx__boot_t *b, const void *head, size_t head_len, size_t len,
+                                      epx__errbuf_t *err)
+{
+    return epx__boot_round_end(b, epx__boot_allgather_fail_round(b, head, head_len, len, err));
+}
+
+static epx_status_t epx__boot_allreduce_round(epx__boot_t *b, int64_t *v, size_t n, epx__errbuf_t *err)
 {
     uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
     if (b->nranks == 1) return EPX_SUCCESS;
@@ -654,6 +680,11 @@ epx_status_t epx__boot_allreduce_sum(epx__boot_t *b, int64_t *v, size_t n, epx__
     for (int r = 1; r < b->nranks; r++)
         EPX__CHECK(epx__send_all(b->fds[r], v, bytes, deadline, err, "allreduce to a rank"));
     return EPX_SUCCESS;
+}
+
+epx_status_t epx__boot_allreduce_sum(epx__boot_t *b, int64_t *v, size_t n, epx__errbuf_t *err)
+{
+    return epx__boot_round_end(b, epx__boot_allreduce_round(b, v, n, err));
 }
 
 epx_status_t epx__boot_barrier(epx__boot_t *b, epx__errbuf_t *err)
