@@ -60,6 +60,8 @@
  * round can fail only in a CUDA or NCCL call, and such a failure aborts the NCCL link.
  */
 #include <cuda_runtime_api.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -87,9 +89,12 @@ struct epx__xhost_moe {
  * its references in device memory. */
 typedef struct {
     epx__hier_xplan_t h;
-    bool keep_dev;  /* the NCCL link died: leave the device memory (cudaFree could wait) */
+    bool keep_dev;  /* the NCCL link died: leave cudaMalloc'd memory (cudaFree could wait) */
     long long *dev; /* the references, sections as in h: */
     const long long *d_gw, *d_fan, *d_out, *d_c1, *d_home, *d_first, *d_tok;
+    bool dev_async;    /* dev is stream-ordered (cudaMallocAsync): freed without waiting */
+    int device;        /* dev's */
+    cudaEvent_t used;  /* recorded after every call that read dev */
 } epx__xh_plan_t;
 
 struct epx__xhost_moe_handle {
@@ -225,8 +230,15 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
     epx__hier_moe_destroy(m->hm);
     for (int b = 0; b < B_N; b++) free(m->buf[b]);
     /* After a failure NCCL's kernels may still wait on the stream (an adopted communicator
-     * is left to its owner), and cudaFree would wait for them: leave the memory then. */
+     * is left to its owner, or a peer died after the last call's agreement and nothing broke
+     * the communicator yet), and cudaFree would wait for them: leave the memory then, once
+     * the last call's device work has not ended within EPX_TIMEOUT_MS. */
     bool keep = epx__nccl_aborted(m->xh->nccl);
+    uint64_t deadline = epx__deadline_after_ms(m->xh->timeout_ms);
+    while (!keep && cudaEventQuery(m->done) == cudaErrorNotReady) {
+        if (epx__now_ns() >= deadline) keep = true;
+        sched_yield();
+    }
     for (int b = 0; b < S_N; b++)
         if (m->stage[b] && !keep) cudaFree(m->stage[b]);
     cudaEventDestroy(m->done);
@@ -330,10 +342,46 @@ static epx_status_t epx__stage(epx__xhost_moe_t *m, int b, size_t bytes, epx__er
     return EPX_SUCCESS;
 }
 
+/* The stream of `device` on which plans are freed: made once, kept. NULL if it cannot be. */
+static cudaStream_t epx__free_stream(int device)
+{
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    static cudaStream_t streams[64];
+    if (device < 0 || device >= (int)EPX__ARRAY_LEN(streams)) return NULL;
+    pthread_mutex_lock(&mu);
+    if (!streams[device]) {
+        int cur = -1;
+        cudaGetDevice(&cur);
+        if (cudaSetDevice(device) != cudaSuccess ||
+            cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking) != cudaSuccess)
+            streams[device] = NULL;
+        if (cur >= 0) cudaSetDevice(cur);
+        cudaGetLastError();
+    }
+    cudaStream_t s = streams[device];
+    pthread_mutex_unlock(&mu);
+    return s;
+}
+
+/* Free a plan. Never waits for the device: the calls that read it may still wait for a
+ * peer that is gone, until the NCCL link is aborted (cudaFree would wait with them, and so
+ * would epx_moe_handle_destroy, forever). Stream-ordered memory is freed on an internal
+ * stream after its last use; cudaMalloc'd memory (no stream-ordered allocator) as before. */
 static void epx__plan_free(epx__xh_plan_t *x)
 {
     epx__hier_xplan_free(&x->h);
-    if (x->dev && !x->keep_dev) cudaFree(x->dev);
+    if (x->dev && x->dev_async) {
+        int cur = -1;
+        cudaGetDevice(&cur);
+        cudaStream_t fs = epx__free_stream(x->device);
+        if (fs && cudaSetDevice(x->device) == cudaSuccess && cudaStreamWaitEvent(fs, x->used, 0) == cudaSuccess)
+            cudaFreeAsync(x->dev, fs); /* else left: freeing it could wait */
+        if (cur >= 0) cudaSetDevice(cur);
+    } else if (x->dev && !x->keep_dev) {
+        cudaFree(x->dev);
+    }
+    if (x->used) cudaEventDestroy(x->used); /* pending waits on it still hold */
+    cudaGetLastError();
     memset(x, 0, sizeof *x);
 }
 
@@ -348,7 +396,20 @@ static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     epx__xh_plan_t *x = &h->xp;
     EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, m->s.local_experts, &x->h, err));
     size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
-    cudaError_t ce = cudaMalloc((void **)&x->dev, bytes);
+    cudaError_t ce = cudaGetDevice(&x->device);
+    if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&x->used, cudaEventDisableTiming);
+    if (ce != cudaSuccess) {
+        x->used = NULL;
+        return epx__fail(err, EPX_ERR_CUDA, "the row plan's event: %s", cudaGetErrorString(ce));
+    }
+    /* Stream-ordered where the device has the allocator (so that freeing it never waits). */
+    x->dev_async = true;
+    ce = cudaMallocAsync((void **)&x->dev, bytes, (cudaStream_t)stream);
+    if (ce == cudaErrorNotSupported) {
+        cudaGetLastError();
+        x->dev_async = false;
+        ce = cudaMalloc((void **)&x->dev, bytes);
+    }
     if (ce != cudaSuccess) {
         cudaGetLastError();
         x->dev = NULL;
@@ -495,12 +556,18 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
     return epx__launched(epx__xh_launch_gather(&g, blocks, stream), "placing the received rows", err);
 }
 
-/* The end of a call that enqueued work: later calls wait for it (m->done), whatever their stream. */
-static epx_status_t epx__enqueued(epx__xhost_moe_t *m, void *stream, epx__errbuf_t *err)
+/* The end of a call that enqueued work along plan x (all of it, or part: `st` is how the
+ * enqueueing went): later calls wait for it (m->done), whatever their stream, and so does
+ * the plan's free (x->used). Returns st, or the failure to record. */
+static epx_status_t epx__enqueued(epx__xhost_moe_t *m, const epx__xh_plan_t *x, epx_status_t st, void *stream,
+                                  epx__errbuf_t *err)
 {
     cudaError_t ce = cudaEventRecord(m->done, (cudaStream_t)stream);
-    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "recording the MoE call's end: %s", cudaGetErrorString(ce));
-    return EPX_SUCCESS;
+    cudaError_t cu = cudaEventRecord(x->used, (cudaStream_t)stream);
+    if (ce == cudaSuccess) ce = cu;
+    if (st == EPX_SUCCESS && ce != cudaSuccess)
+        return epx__fail(err, EPX_ERR_CUDA, "recording the MoE call's end: %s", cudaGetErrorString(ce));
+    return st;
 }
 
 epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
@@ -588,7 +655,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     if (st == EPX_SUCCESS)
         st = epx__rows_enqueue(m, &h->xp, in->x, s->dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, out->recv_x,
                                out->recv_x_scales, plan, stream, err);
-    if (st == EPX_SUCCESS) st = epx__enqueued(m, stream, err);
+    st = epx__enqueued(m, &h->xp, st, stream, err);
     epx__cuda_a2a_free(plan);
     if (st != EPX_SUCCESS) {
         epx__nccl_abort(m->xh->nccl);
@@ -614,7 +681,7 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
     EPX__CHECK(epx__ready(m, &h->xp, false, false, EPX_SUCCESS, stream, &plan, err));
     epx_status_t st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL,
                                         out->recv_x, out->recv_x_scales, plan, stream, err);
-    if (st == EPX_SUCCESS) st = epx__enqueued(m, stream, err);
+    st = epx__enqueued(m, &h->xp, st, stream, err);
     epx__cuda_a2a_free(plan);
     if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
     return st;
@@ -666,7 +733,7 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
                               out->out_topk_weights};
         st = epx__launched(epx__xh_launch_reduce(&r, blocks, stream), "reducing at home", err);
     }
-    if (st == EPX_SUCCESS) st = epx__enqueued(m, stream, err);
+    st = epx__enqueued(m, x, st, stream, err);
     epx__cuda_a2a_free(plan);
     if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
     return st;
