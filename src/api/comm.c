@@ -446,6 +446,7 @@ static void epx__comm_break(epx_comm_t comm, epx_status_t st)
     comm->async_error = st;
     memcpy(comm->async_msg, comm->err.msg, sizeof comm->async_msg);
     epx__cpu_mark_broken(comm->cpu);
+    epx__xhost_mark_broken(comm->xh); /* NCCL work left on the streams ends now */
 }
 
 /* Pick up an error the device recorded (a timed-out wait, mismatched device counts). */

@@ -49,6 +49,11 @@ epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
     return epx__nccl_wait(xh->nccl, stream, epx__deadline_after_ms(xh->timeout_ms), err);
 }
 
+void epx__xhost_mark_broken(epx__xhost_t *xh)
+{
+    if (xh) epx__nccl_abort(xh->nccl);
+}
+
 /* ---- The link src/hier's MoE runs on ----------------------------------------------------- */
 
 static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)

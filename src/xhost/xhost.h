@@ -54,6 +54,12 @@ epx_status_t epx__xhost_create(epx__xhost_t **xh, epx__boot_t *boot, epx__cpu_t 
                                int64_t timeout_ms, epx_status_t local, epx__errbuf_t *err);
 void epx__xhost_destroy(epx__xhost_t *xh, bool abort);
 
+/* The communicator broke (src/api): abort the NCCL link now, so that NCCL work already on
+ * this rank's streams ends instead of waiting for a peer that is gone (a stream
+ * synchronisation before epx_comm_abort then returns), and the peers' NCCL waits fail.
+ * Local; idempotent. An adopted NCCL communicator is only marked (left to its owner). */
+void epx__xhost_mark_broken(epx__xhost_t *xh);
+
 /* The contracts of their src/cuda namesakes, over every rank. */
 epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
                                   epx__errbuf_t *err);
