@@ -32,10 +32,11 @@ struct epx_comm {
     /* Low-latency sends not yet received, oldest first: [0] dispatches, [1] combines. */
     struct epx_moe_handle *ll_pending[2][2];
     int ll_npending[2];
-    /* EPX_FAULT on a communicator across CPU hosts (hier): its collective calls so far.
+    /* EPX_FAULT on a communicator across hosts (hier, xh): its collective calls so far.
      * (On one host the backends count their own operations.) */
     epx__fault_t fault;
     uint32_t fault_step;
+    bool fault_launched; /* an at=launched kill may be due when this call returns (xh) */
     epx__errbuf_t err;
 };
 
@@ -56,10 +57,13 @@ epx_status_t epx__comm_check(epx_comm_t comm);
 /* Does a collective call that returned `st` leave the communicator broken? Timeouts,
  * peer failures, aborts, errors of an engine (CUDA, NCCL, MPI) and internal errors do. */
 bool epx__status_breaks(epx_status_t st);
-/* The start of a collective call on a communicator across CPU hosts (core/fault.h): the
- * next step; a due `delay` sleeps, a due `kill` ends the process (before the call posts
- * anything), a due `count` (taken only when `local` is a success and the call announces
- * sizes: not epx_moe_create) makes the call announce a wrong size. Nothing when unarmed. */
+/* The start of a collective call on a communicator across hosts (core/fault.h; CPU over
+ * MPI, or CUDA over NCCL): the next step; a due `delay` sleeps, a due `kill` ends the
+ * process (before the call posts anything), a due `count` (taken only when `local` is a
+ * success and the call announces sizes: not epx_moe_create, nor barrier across GPU hosts)
+ * makes the call announce a wrong size. Across GPU hosts src/xhost also learns which
+ * at=enqueue entries may fire in the call, and an at=launched kill fires as the call
+ * returns (epx__comm_result). Nothing when unarmed. */
 void epx__comm_fault_slow(epx_comm_t comm, epx_status_t local, bool sized);
 static inline void epx__comm_fault_begin(epx_comm_t comm, epx_status_t local, bool sized)
 {
@@ -67,7 +71,8 @@ static inline void epx__comm_fault_begin(epx_comm_t comm, epx_status_t local, bo
     if (__builtin_expect(comm->fault.armed, 0)) epx__comm_fault_slow(comm, local, sized);
 }
 
-/* Record `st` from a backend call: statuses that break the comm break it (for good). */
+/* Record `st` from a backend call: statuses that break the comm break it (for good).
+ * Every collective call returns through here, once. */
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st);
 
 #endif /* EPX_API_H */

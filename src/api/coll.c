@@ -76,12 +76,10 @@ static epx_status_t epx__check_xfer(epx_comm_t c, const void *send, const int64_
 /* Run one validated exchange on the communicator's backend. */
 static epx_status_t epx__exchange(epx_comm_t c, const epx__cpu_xfer_t *x, epx_status_t local, void *stream)
 {
+    if (c->xh || c->hier) epx__comm_fault_begin(c, local, true); /* EPX_FAULT across hosts */
     if (c->xh) return epx__xhost_alltoallv(c->xh, x, local, stream, &c->err);
     if (c->cuda) return epx__cuda_alltoallv(c->cuda, x, local, stream, &c->err);
-    if (c->hier) {
-        epx__comm_fault_begin(c, local, true); /* EPX_FAULT across hosts */
-        return epx__hier_alltoallv(c->hier, x, local, &c->err);
-    }
+    if (c->hier) return epx__hier_alltoallv(c->hier, x, local, &c->err);
     return epx__cpu_alltoallv(c->cpu, x, local, &c->err);
 }
 
@@ -116,7 +114,10 @@ epx_status_t epx_alltoallv_device(epx_comm_t comm, const void *send, const int64
     if (local == EPX_SUCCESS && ((uintptr_t)send % es || (uintptr_t)recv % es))
         local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "send or recv is not aligned to its %zu-byte elements", es);
     epx__cuda_counts_t k = {send, sendcounts, sdispls, recv, recvcounts, rdispls, (int64_t)es};
-    if (comm->xh) return epx__comm_result(comm, epx__xhost_alltoallv_device(comm->xh, &k, local, stream, &comm->err));
+    if (comm->xh) {
+        epx__comm_fault_begin(comm, local, true); /* EPX_FAULT across hosts */
+        return epx__comm_result(comm, epx__xhost_alltoallv_device(comm->xh, &k, local, stream, &comm->err));
+    }
     return epx__comm_result(comm, epx__cuda_alltoallv_device(comm->cuda, &k, local, stream, &comm->err));
 }
 
@@ -153,7 +154,10 @@ epx_status_t epx_barrier(epx_comm_t comm, void *stream)
     epx_status_t local = EPX_SUCCESS;
     if (stream && !comm->cuda)
         local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "stream must be NULL on the CPU backend");
-    if (comm->xh) return epx__comm_result(comm, epx__xhost_barrier(comm->xh, local, stream, &comm->err));
+    if (comm->xh) {
+        epx__comm_fault_begin(comm, local, false); /* EPX_FAULT across hosts (no sizes to announce) */
+        return epx__comm_result(comm, epx__xhost_barrier(comm->xh, local, stream, &comm->err));
+    }
     if (comm->cuda) return epx__comm_result(comm, epx__cuda_barrier(comm->cuda, local, stream, &comm->err));
     int64_t *z = comm->scratch;
     memset(z, 0, 4 * sizeof(int64_t) * (size_t)comm->nranks);

@@ -118,7 +118,8 @@ static epx_status_t epx__config_resolve(const epx_config_t *user_cfg, epx_config
 
 /* A CUDA communicator whose ranks are on several hosts: this host's ranks get their own
  * bootstrap, shared memory and CUDA backend; NCCL joins the hosts (src/xhost). */
-static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *all, int device, epx__nccl_t *nccl)
+static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *all, int device, epx__nccl_t *nccl,
+                                         const epx__fault_t *fault)
 {
     int R = c->nranks;
     int *host_of = malloc(sizeof(int) * 2 * (size_t)R), *lrank_of = host_of ? host_of + R : NULL;
@@ -175,6 +176,9 @@ static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *a
     st = epx__xhost_create(&c->xh, c->boot, c->cpu, c->cuda, nccl, c->rank, R, host_of, lrank_of, c->timeout_ms,
                            local, &c->err);
     if (local != EPX_SUCCESS) st = local;
+    /* EPX_FAULT: src/api counts the collective calls (epx__comm_fault_begin), as across CPU
+     * hosts; the host's shared memory and CUDA backend (local ranks) stay unarmed. */
+    if (st == EPX_SUCCESS) c->fault = *fault;
     free(host_of), free(cards);
     return st;
 }
@@ -241,7 +245,7 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
     if (backend == EPX_BACKEND_CUDA && c->num_hosts > 1) {
         epx__nccl_t *n = nccl; /* passes to the xhost layer */
         nccl = NULL;
-        EPX__CHECK_GOTO(epx__comm_init_xhost(c, all, cfg.device == EPX_UNSET ? -1 : cfg.device, n), st, fail);
+        EPX__CHECK_GOTO(epx__comm_init_xhost(c, all, cfg.device == EPX_UNSET ? -1 : cfg.device, n, &fault), st, fail);
         free(all);
         EPX_INFO(INIT, "rank %d/%d: CUDA comm ready across hosts (host %d/%d, local %d/%d)", rank, nranks, c->host,
                  c->num_hosts, c->local_rank, c->local_size);
@@ -487,12 +491,30 @@ void epx__comm_fault_slow(epx_comm_t c, epx_status_t local, bool sized)
     epx__fault_delay(&c->fault, step);
     epx__fault_spec_t f;
     if (epx__fault_take(&c->fault, EPX__FAULT_KILL, step, &f)) epx__fault_exit(&f, 0, c->nranks - 1);
-    if (sized && local == EPX_SUCCESS && c->nranks > 1 && epx__fault_take(&c->fault, EPX__FAULT_COUNT, step, &f))
-        epx__hier_fault_count(c->hier);
+    bool count =
+        sized && local == EPX_SUCCESS && c->nranks > 1 && epx__fault_take(&c->fault, EPX__FAULT_COUNT, step, &f);
+    if (count && c->hier) epx__hier_fault_count(c->hier);
+    if (c->xh) {
+        bool enq = epx__fault_due(&c->fault, EPX__FAULT_DELAY, step, EPX__FAULT_AT_ENQUEUE, &f) ||
+                   epx__fault_due(&c->fault, EPX__FAULT_KILL, step, EPX__FAULT_AT_ENQUEUE, &f);
+        epx__xhost_fault_set(c->xh, &c->fault, step, count, enq);
+        c->fault_launched = epx__fault_due(&c->fault, EPX__FAULT_KILL, step, EPX__FAULT_AT_LAUNCHED, &f);
+    }
+}
+
+/* EPX_FAULT kill at=launched across GPU hosts: the call returned success, its work is
+ * enqueued and not waited for. */
+static void epx__comm_fault_launched(epx_comm_t c, epx_status_t st)
+{
+    c->fault_launched = false;
+    epx__fault_spec_t f;
+    if (st == EPX_SUCCESS && epx__fault_take_at(&c->fault, EPX__FAULT_KILL, c->fault_step, EPX__FAULT_AT_LAUNCHED, &f))
+        epx__fault_exit(&f, c->nranks - 1, c->nranks - 1);
 }
 
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)
 {
+    if (__builtin_expect(comm->fault_launched, 0)) epx__comm_fault_launched(comm, st);
     if (epx__status_breaks(st)) epx__comm_break(comm, st);
     return st;
 }

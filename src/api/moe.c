@@ -126,7 +126,7 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
     m->comm = comm;
     epx_status_t local = epx__moe_shape(comm->nranks, comm->rank, cfg, &m->shape, &comm->err);
     uint64_t hash = epx__hash64(&m->shape.hidden, offsetof(epx__moe_shape_t, num_sms) - offsetof(epx__moe_shape_t, hidden), 0);
-    if (comm->hier) epx__comm_fault_begin(comm, local, false); /* EPX_FAULT across hosts: a step */
+    if (comm->hier || comm->xh) epx__comm_fault_begin(comm, local, false); /* EPX_FAULT across hosts: a step */
     epx_status_t st = comm->xh     ? epx__xhost_moe_create(comm->xh, &m->shape, hash, local, &m->xh, &comm->err)
                       : comm->cuda ? epx__cuda_moe_create(comm->cuda, &m->shape, hash, local, &m->cuda, &comm->err)
                       : comm->hier ? epx__hier_moe_create(comm->hier, &m->shape, hash, local, &m->hier, &comm->err)
@@ -348,7 +348,7 @@ epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t *in, ep
     epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
     epx__xhost_moe_handle_t *hx = NULL;
-    if (moe->hier) epx__comm_fault_begin(moe->comm, local, true);
+    if (moe->hier || moe->xh) epx__comm_fault_begin(moe->comm, local, true);
     epx_status_t st = moe->xh     ? epx__xhost_moe_dispatch(moe->xh, in, out, local, &hx, stream, err)
                       : moe->cuda ? epx__cuda_moe_dispatch(moe->cuda, in, out, local, &hc, stream, err)
                       : moe->hier ? epx__hier_moe_dispatch(moe->hier, in, out, local, &hh, err)
@@ -381,7 +381,7 @@ epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, con
         local = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld but the handle may have received %lld rows",
                           (long long)out->capacity, (long long)need);
     bool ok = local == EPX_SUCCESS;
-    if (moe->hier) epx__comm_fault_begin(moe->comm, local, true);
+    if (moe->hier || moe->xh) epx__comm_fault_begin(moe->comm, local, true);
     epx_status_t st =
         moe->xh     ? epx__xhost_moe_dispatch_cached(moe->xh, ok ? handle->xh : NULL, in, out, local, stream, err)
         : moe->cuda ? epx__cuda_moe_dispatch_cached(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
@@ -409,7 +409,7 @@ epx_status_t epx_moe_combine(epx_moe_t moe, epx_moe_handle_t handle, const epx_m
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out.out_topk_weights", out->out_topk_weights, false, 4);
     }
     bool ok = local == EPX_SUCCESS;
-    if (moe->hier) epx__comm_fault_begin(moe->comm, local, true);
+    if (moe->hier || moe->xh) epx__comm_fault_begin(moe->comm, local, true);
     epx_status_t st = moe->xh     ? epx__xhost_moe_combine(moe->xh, ok ? handle->xh : NULL, in, out, local, stream, err)
                       : moe->cuda ? epx__cuda_moe_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, stream, err)
                       : moe->hier ? epx__hier_moe_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
@@ -466,7 +466,7 @@ static epx_status_t epx__ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in
     epx__xhost_moe_handle_t *hx = NULL;
     /* Only the single-host CUDA backend splits; the others move everything in the send and
      * their receive only keeps the order. */
-    if (moe->hier) epx__comm_fault_begin(moe->comm, local, true);
+    if (moe->hier || moe->xh) epx__comm_fault_begin(moe->comm, local, true);
     epx_status_t st = moe->xh     ? epx__xhost_moe_ll_dispatch(moe->xh, in, out, local, &hx, stream, err)
                       : moe->cuda ? epx__cuda_moe_ll_dispatch(moe->cuda, in, out, local, split, &hc, stream, err)
                       : moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
@@ -515,7 +515,7 @@ static epx_status_t epx__ll_combine(epx_moe_t moe, epx_moe_handle_t handle, cons
         if (local == EPX_SUCCESS) local = epx__check_buf(err, "out", out, T > 0, es);
     }
     bool ok = local == EPX_SUCCESS;
-    if (moe->hier) epx__comm_fault_begin(moe->comm, local, true);
+    if (moe->hier || moe->xh) epx__comm_fault_begin(moe->comm, local, true);
     epx_status_t st =
         moe->xh     ? epx__xhost_moe_ll_combine(moe->xh, ok ? handle->xh : NULL, in, out, local, stream, err)
         : moe->cuda ? epx__cuda_moe_ll_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, split, stream, err)

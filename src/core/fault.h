@@ -12,14 +12,23 @@
  *          num_tokens past max_tokens_per_rank when it has no token); other MoE calls a
  *          top-k one larger than the handle's.
  *
- * `at` (delay and kill; CUDA backend) says where in the operation: `host` (the default:
+ * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues
  * any kernel: the peers' device waits find nothing) or, for kill, `launched` (after it
  * enqueued its kernels, without waiting for them). The CPU backend fires only `host`.
  *
- * On CPU communicators across hosts (MPI, src/hier) src/api fires them where the call starts
- * (epx__comm_fault_begin): `kill` before the call posts anything, and `count` as src/hier
- * announces it (alltoall(v) as above; every MoE call a top-k one larger).
+ * On communicators across hosts, CPU (MPI, src/hier) and CUDA (NCCL, src/xhost), src/api
+ * counts the steps and fires `host` entries where the call starts (epx__comm_fault_begin):
+ * `delay` and `kill` before the call posts anything (it reaches no peer), and `count` as
+ * src/hier or src/xhost announces it in its agreement (alltoall(v) as above, so the pair
+ * fails with EPX_ERR_MISMATCH and, across GPU hosts, the others with EPX_ERR_REMOTE_INVALID;
+ * every MoE call except epx_moe_create a top-k one larger, so every rank fails with
+ * EPX_ERR_MISMATCH; across GPU hosts barrier announces no size and ignores `count`).
+ * Across GPU hosts `at` works too (src/xhost's contract, xhost.h): `enqueue` after the
+ * call's last bootstrap round, before it enqueues anything (low-latency MoE, which runs on
+ * the host: before its first exchange over NCCL; barrier: after its round), and `launched`
+ * as the call returns successfully, its work enqueued and not waited for. Across CPU hosts
+ * only `host` fires.
  *
  * Steps count the operations of a communicator from 1: every collective call (barrier,
  * alltoall, alltoallv, alltoallv_device, epx_moe_create, each MoE call) is one step, on

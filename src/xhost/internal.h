@@ -20,6 +20,12 @@ struct epx__xhost {
     const void **sp;
     void **rp;
     int64_t *sb, *lx;
+    /* EPX_FAULT for the call in progress (epx__xhost_fault_set; cleared by the next call). */
+    const epx__fault_t *fault;
+    uint32_t fault_step;
+    bool fault_count;   /* announce a wrong size */
+    bool fault_enqueue; /* at=enqueue entries may be due: fire them at the call's enqueue point */
+    bool fault_on_link; /* ... which is its first exchange over NCCL (low-latency MoE) */
 };
 
 /* The NCCL peer index of rank p, which must be on my rail (or -1). */
@@ -41,6 +47,16 @@ epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what
  * stream is being captured into a CUDA graph (EPX_ERR_INVALID_USAGE), nor after the NCCL
  * link was aborted (EPX_ERR_ABORTED). Local; waits for nothing. */
 epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);
+/* EPX_FAULT `count` for this call: true once (the caller announces the wrong size). */
+static inline bool epx__xh_take_count(epx__xhost_t *xh)
+{
+    bool c = xh->fault_count;
+    xh->fault_count = false;
+    return c;
+}
+/* EPX_FAULT at=enqueue: the call has made its last host round and enqueues nothing before
+ * this returns; a due `delay` sleeps, a due `kill` ends the process. Fires once per call. */
+void epx__xh_fault_enqueue(epx__xhost_t *xh);
 /* Wait (bounded) until `stream` has run what was enqueued. */
 epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);
 

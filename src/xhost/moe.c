@@ -164,6 +164,13 @@ static epx_status_t epx__pre(epx__xhost_moe_t *m, int64_t code, epx_status_t *lo
     return st;
 }
 
+/* EPX_FAULT `count` of this call: src/hier's next verdict (the one this call makes right
+ * after) announces a top-k one larger. */
+static void epx__fault_count(epx__xhost_moe_t *m)
+{
+    if (epx__xh_take_count(m->xh)) epx__hier_fault_count(m->xh->hier);
+}
+
 /* Make `stream` wait for the last call's device work, whatever stream that ran on (it may
  * still use the staging; a wait for `stream` then covers both). */
 static epx_status_t epx__after_last(epx__xhost_moe_t *m, void *stream, epx__errbuf_t *err)
@@ -628,6 +635,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
         local = ls;
     }
     epx__hier_moe_handle_t *hh = NULL;
+    epx__fault_count(m);
     st = epx__hier_moe_dispatch_plan(m->hm, &hin, &hout, local, &hh, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(h);
@@ -645,6 +653,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     }
     /* 3. Enqueue: the routing outputs (the stream is idle: these copies return at once),
      * then the rows. A failure now, with peers' operations posted, aborts the NCCL link. */
+    epx__xh_fault_enqueue(m->xh);
     epx__h2d(out->recv_topk_idx, hout.recv_topk_idx, n * (size_t)K * isz, stream, &st, err);
     epx__h2d(out->recv_topk_weights, hout.recv_topk_weights, n * (size_t)K * 4, stream, &st, err);
     epx__h2d(out->recv_src_rank, hout.recv_src_rank, n * 4, stream, &st, err);
@@ -676,9 +685,11 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
     EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
     bool ok = local == EPX_SUCCESS;
+    epx__fault_count(m);
     EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, false, false, local, err));
     epx__cuda_a2a_t *plan = NULL;
     EPX__CHECK(epx__ready(m, &h->xp, false, false, EPX_SUCCESS, stream, &plan, err));
+    epx__xh_fault_enqueue(m->xh);
     epx_status_t st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL,
                                         out->recv_x, out->recv_x_scales, plan, stream, err);
     st = epx__enqueued(m, &h->xp, st, stream, err);
@@ -696,10 +707,12 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
     bool ok = local == EPX_SUCCESS, has_w = ok && in->topk_weights;
+    epx__fault_count(m);
     EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, true, has_w, local, err));
     const epx__xh_plan_t *x = &h->xp;
     epx__cuda_a2a_t *plan = NULL;
     EPX__CHECK(epx__ready(m, x, true, has_w, EPX_SUCCESS, stream, &plan, err));
+    epx__xh_fault_enqueue(m->xh);
     /* Records: the row, then (with weights) its K weights. */
     size_t crow = s->combine_row_bytes, rec = epx__crec(s, x->h.K, has_w), ao = EPX__ALIGN_UP(crow, 16);
     size_t wb = sizeof(float) * (size_t)x->h.K;
@@ -793,7 +806,10 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
         local = ls;
     }
     epx__hier_moe_handle_t *hh = NULL;
+    epx__fault_count(m);
+    m->xh->fault_on_link = true; /* EPX_FAULT at=enqueue: at its first exchange over NCCL */
     st = epx__hier_moe_ll_dispatch(m->hm, &hin, &hout, local, &hh, err);
+    m->xh->fault_on_link = false;
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(h);
         return st;
@@ -840,7 +856,10 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe
         if (ls == EPX_SUCCESS) ls = epx__d2h((void *)hin.topk_weights, in->topk_weights, (size_t)T * K * 4, err);
         local = ls;
     }
+    epx__fault_count(m);
+    m->xh->fault_on_link = true; /* EPX_FAULT at=enqueue: at its first exchange over NCCL */
     epx_status_t st = epx__hier_moe_ll_combine(m->hm, local == EPX_SUCCESS ? h->hh : NULL, &hin, hout, local, err);
+    m->xh->fault_on_link = false;
     if (st != EPX_SUCCESS) return st;
     epx__h2d(out, hout, (size_t)T * crow, stream, &st, err);
     return st;

@@ -14,6 +14,10 @@ epx_status_t epx__xhost_create(epx__xhost_t **xh, epx__boot_t *boot, epx__cpu_t 
     return EPX__NO_XHOST(err);
 }
 void epx__xhost_destroy(epx__xhost_t *xh, bool abort) { (void)xh, (void)abort; }
+void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t step, bool count, bool enqueue)
+{
+    (void)xh, (void)fault, (void)step, (void)count, (void)enqueue;
+}
 void epx__xhost_mark_broken(epx__xhost_t *xh) { (void)xh; }
 epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
                                   epx__errbuf_t *err)

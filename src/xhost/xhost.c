@@ -54,6 +54,24 @@ void epx__xhost_mark_broken(epx__xhost_t *xh)
     if (xh) epx__nccl_abort(xh->nccl);
 }
 
+/* ---- EPX_FAULT ------------------------------------------------------------------------------ */
+
+void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t step, bool count, bool enqueue)
+{
+    xh->fault = fault, xh->fault_step = step;
+    xh->fault_count = count, xh->fault_enqueue = enqueue, xh->fault_on_link = false;
+}
+
+void epx__xh_fault_enqueue(epx__xhost_t *xh)
+{
+    if (!xh->fault_enqueue) return;
+    xh->fault_enqueue = false;
+    epx__fault_delay_at(xh->fault, xh->fault_step, EPX__FAULT_AT_ENQUEUE);
+    epx__fault_spec_t f;
+    if (epx__fault_take_at(xh->fault, EPX__FAULT_KILL, xh->fault_step, EPX__FAULT_AT_ENQUEUE, &f))
+        epx__fault_exit(&f, 0, xh->nranks - 1);
+}
+
 /* ---- The link src/hier's MoE runs on ----------------------------------------------------- */
 
 static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)
@@ -68,6 +86,7 @@ static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, 
 {
     epx__xhost_t *xh = ctx;
     (void)tag; /* one batch at a time, matched in order */
+    if (xh->fault_on_link) epx__xh_fault_enqueue(xh); /* low-latency MoE: its enqueue point */
     int P = epx__nccl_size(xh->nccl);
     const void **sp = xh->sp;
     void **rp = xh->rp;
@@ -218,6 +237,7 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
             xh, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), sizeof *card * W, err);
     card[0] = local;
     for (int p = 0; p < R && local == EPX_SUCCESS; p++) card[1 + p] = x->send_bytes[p], card[1 + R + p] = x->recv_bytes[p];
+    if (epx__xh_take_count(xh) && local == EPX_SUCCESS && R > 1) card[1 + (me + 1) % R] += 1; /* EPX_FAULT count */
     /* 1. Everyone's counts; every rank reaches the same verdict before anything moves. */
     epx_status_t st = epx__xh_allgather(xh, card, all, sizeof *card * W, err);
 #define EPX__SEND(p, q) all[(size_t)(p)*W + 1 + (size_t)(q)]
@@ -289,6 +309,7 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
     }
     /* 3. Enqueue. Only a CUDA or NCCL call fails here, with peers' operations posted: the
      * NCCL link is then aborted, so that they fail instead of waiting. */
+    epx__xh_fault_enqueue(xh);
     st = epx__cuda_a2a_enqueue(xh->cuda, plan, 0, stream, err);
     uint64_t deadline = epx__deadline_after_ms(xh->timeout_ms);
     size_t off = 0;
@@ -368,5 +389,7 @@ epx_status_t epx__xhost_barrier(epx__xhost_t *xh, epx_status_t local, void *stre
 {
     if (local == EPX_SUCCESS) local = epx__xh_usable(xh, stream, err);
     if (local == EPX_SUCCESS) local = epx__xh_sync(xh, stream, err);
-    return epx__xh_vote(xh, local, "could not enter the barrier", err);
+    epx_status_t st = epx__xh_vote(xh, local, "could not enter the barrier", err);
+    if (st == EPX_SUCCESS) epx__xh_fault_enqueue(xh);
+    return st;
 }

@@ -54,6 +54,16 @@ epx_status_t epx__xhost_create(epx__xhost_t **xh, epx__boot_t *boot, epx__cpu_t 
                                int64_t timeout_ms, epx_status_t local, epx__errbuf_t *err);
 void epx__xhost_destroy(epx__xhost_t *xh, bool abort);
 
+/* EPX_FAULT (core/fault.h). src/api counts the steps (every collective call is one) and,
+ * on an armed communicator, calls this at the start of every call, after it fired the
+ * `host` entries itself: `count` makes the call announce a wrong size (alltoall(v): one
+ * byte more to rank + 1 than it sends, in the agreement on counts; MoE: a top-k one
+ * larger, in src/hier's verdict; barrier and epx_moe_create announce none); `enqueue`
+ * makes it fire the entries of `fault` with at=enqueue for `step` at its enqueue point:
+ * alltoall(v) and high-throughput MoE after their last bootstrap round, before anything
+ * goes on the stream; low-latency MoE (run on the host) before its first exchange over
+ * NCCL, after src/hier's verdict; barrier after its round. Both hold for one call. */
+void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t step, bool count, bool enqueue);
 /* The communicator broke (src/api): abort the NCCL link now, so that NCCL work already on
  * this rank's streams ends instead of waiting for a peer that is gone (a stream
  * synchronisation before epx_comm_abort then returns), and the peers' NCCL waits fail.
