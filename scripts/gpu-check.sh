@@ -12,13 +12,16 @@
 #   python    the Python package's tests with torch on the GPUs (python/tests)
 #   ll        low-latency MoE: T = 1, 8, 32, 128, 256 (FP8 dispatch), and T = 128 with bf16
 #   soak      the long soak on the CUDA backend: SOAK_ITERS (default 10000) exchanges on 2 ranks
-#   nccl      CUDA across hosts: the nccl_* tests (2 GPUs as 2 hosts, NCCL on sockets), then
+#   nccl      CUDA across hosts: the nccl_* tests but nccl_fault_* (2 GPUs as 2 hosts, NCCL on
+#             sockets; `fault` runs nccl_fault_*), then
 #             alltoall and MoE (HT bf16 T=4096, LL fp8 T=128) benchmarks across the 2
 #             simulated hosts, the NCCL baselines on the same transport in the same run
 #   fault     injected faults on the CUDA backend (tests/test_cuda_fault.c): every operation and
 #             fault on FAULT_NP ranks (default "2"; "2 3" adds 3 ranks sharing the GPUs), one
 #             log per operation and rank count (fault_<op>_np<N>.log: every rank's status and time);
-#             then MoE dispatch and combine on copy engines (FAULT_CE_OPS, fault_ce_<op>_np<N>.log)
+#             then MoE dispatch and combine on copy engines (FAULT_CE_OPS, fault_ce_<op>_np<N>.log);
+#             then across 2 simulated hosts (CUDA over NCCL, as ctest's nccl_fault_*): FAULT_HOSTS_NP
+#             ranks (default "2 4"), ops FAULT_HOSTS_OPS, logs fault_hosts_<op>_np<N>.log
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
 #   quick     cpu cuda (no benchmarks)
@@ -89,6 +92,17 @@ if has fault; then
             echo "fault (copy engines) $op np$n: exit $s in $(($(date +%s) - t0)) s; $(grep -cE '^scenario .* passed' "$log") scenarios passed$(grep -hE '^FAIL' "$log" | head -3 | sed 's/^/ | /' | tr '\n' ' ')"
         done
     done
+    for n in ${FAULT_HOSTS_NP-2 4}; do # 2 hosts of n/2 ranks, one GPU each, NCCL on sockets
+        for op in ${FAULT_HOSTS_OPS:-a2a_direct alltoallv a2av_device dispatch combine ll_dispatch ll_combine}; do
+            log="$OUT/fault_hosts_${op}_np$n.log"
+            t0=$(date +%s)
+            env NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_SOCKET_IFNAME=lo EPX_LOCAL_SIZE=$((n / 2)) \
+                timeout 280 $B/test_cuda_fault --cuda "$op" "$n" >"$log" 2>&1
+            s=$?
+            [ $s = 0 ] || rc=1
+            echo "fault (2 hosts) $op np$n: exit $s in $(($(date +%s) - t0)) s; $(grep -cE '^scenario .* passed' "$log") scenarios passed$(grep -hE '^FAIL|^SKIPPED' "$log" | head -3 | sed 's/^/ | /' | tr '\n' ' ')"
+        done
+    done
 fi
 if has python; then
     PYTHONPATH=python EPX_BUILD_DIR=build-gpu python3 -m pytest -q python/tests >"$OUT/python.log" 2>&1 || rc=1
@@ -126,7 +140,7 @@ if has ce; then
     } 2>&1 | tee "$OUT/ce.txt" | grep -vE "progress"
 fi
 if has nccl; then
-    ctest --test-dir build-gpu --output-on-failure -R '^nccl_' --timeout 600 >"$OUT/ctest_nccl.log" 2>&1 || rc=1
+    ctest --test-dir build-gpu --output-on-failure -R '^nccl_' -LE fault --timeout 600 >"$OUT/ctest_nccl.log" 2>&1 || rc=1
     grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_nccl.log" | tail -20
     {
         export EPX_LOCAL_SIZE=1 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_SOCKET_IFNAME=lo NCCL_NVLS_ENABLE=0
