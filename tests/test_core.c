@@ -1,8 +1,9 @@
 /*
  * src/core in one process: status strings, dtypes, tunables, size parsing, the unique id's
  * text form (round trip and malformed input), and the bootstrap with ranks as threads
- * (allgather, barrier, a rank-count mismatch that fails every rank, and a rank that leaves
- * before a round: every other rank of the round fails at once, not at its timeout).
+ * (allgather, alltoall, barrier, a rank-count mismatch that fails every rank, and a rank
+ * that leaves before a round: every other rank of the round fails at once, not at its
+ * timeout).
  */
 #include <pthread.h>
 #include <string.h>
@@ -170,6 +171,83 @@ static void *leave_thread(void *argp)
     return NULL;
 }
 
+/* Block q of rank r's send buffer in the alltoall tests: pseudo-random bytes of (round, r, q). */
+static void a2a_fill(unsigned char *buf, size_t len, int round, int r, int q)
+{
+    uint64_t s = test_mix((uint64_t)round, (uint64_t)r, (uint64_t)q, len), w = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (i % 8 == 0) w = test_rand(&s);
+        buf[i] = (unsigned char)(w >> (i % 8 * 8));
+    }
+}
+
+typedef struct {
+    epx_unique_id_t id;
+    int rank, nranks;
+} a2a_arg_t;
+
+/* Rounds of epx__boot_alltoall with block sizes 0, odd and 100 KB, each block checked byte
+ * for byte; then one round per failing rank f (rank 0 and the last) where f takes part
+ * through epx__boot_alltoall_fail: the others see f's head and zeros in its block (and, when
+ * rank 0 relays so, zeros in every other block too), and a healthy round follows. */
+static void *a2a_thread(void *argp)
+{
+    a2a_arg_t *a = argp;
+    int R = a->nranks, me = a->rank, info = me, all[8];
+    epx__boot_t *boot;
+    epx__errbuf_t err;
+    ASSERT_OK(epx__boot_init(&boot, R, me, &a->id, &info, sizeof info, all, 10000, &err));
+    static const size_t lens[] = {0, 1, 13, 8, 100000, 24};
+    size_t most = 100000;
+    unsigned char *send = malloc((size_t)R * most), *recv = malloc((size_t)R * most), *want = malloc(most);
+    ASSERT(send && recv && want);
+    int round = 0;
+    for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++, round++) {
+        size_t len = lens[k];
+        for (int q = 0; q < R; q++) a2a_fill(send + (size_t)q * len, len, round, me, q);
+        memset(recv, 0xa5, (size_t)R * most);
+        ASSERT_OK(epx__boot_alltoall(boot, send, recv, len, &err));
+        for (int r = 0; r < R; r++) {
+            a2a_fill(want, len, round, r, me);
+            ASSERT(memcmp(recv + (size_t)r * len, want, len) == 0);
+        }
+        if (len < most) ASSERT_EQ(recv[(size_t)R * len], 0xa5); /* nothing past the R blocks */
+    }
+    int fails[2] = {0, R - 1};
+    for (int n = 0; n < (R > 1 ? 2 : 1); n++, round++) {
+        int f = fails[n];
+        size_t len = 40;
+        int64_t head[2] = {-(int64_t)(f + 1), 1234};
+        if (me == f) {
+            ASSERT_OK(epx__boot_alltoall_fail(boot, head, sizeof head[0], len, &err));
+            continue;
+        }
+        for (int q = 0; q < R; q++) a2a_fill(send + (size_t)q * len, len, round, me, q);
+        ASSERT_OK(epx__boot_alltoall(boot, send, recv, len, &err));
+        for (int r = 0; r < R; r++) {
+            unsigned char *got = recv + (size_t)r * len;
+            if (r == f || f == 0) {
+                int64_t h;
+                memcpy(&h, got, sizeof h);
+                ASSERT_EQ(h, r == f ? head[0] : 0);
+                for (size_t i = sizeof h; i < len; i++) ASSERT_EQ(got[i], 0);
+            } else {
+                a2a_fill(want, len, round, r, me);
+                ASSERT(memcmp(got, want, len) == 0);
+            }
+        }
+    }
+    for (int q = 0; q < R; q++) a2a_fill(send + (size_t)q * 5, 5, round, me, q);
+    ASSERT_OK(epx__boot_alltoall(boot, send, recv, 5, &err));
+    for (int r = 0; r < R; r++) {
+        a2a_fill(want, 5, round, r, me);
+        ASSERT(memcmp(recv + (size_t)r * 5, want, 5) == 0);
+    }
+    free(send), free(recv), free(want);
+    epx__boot_close(boot);
+    return NULL;
+}
+
 static void run_boot_leave(int nranks, int gone, bool sum)
 {
     epx_unique_id_t id;
@@ -189,6 +267,19 @@ static void run_boot_leave(int nranks, int gone, bool sum)
         ASSERT_STATUS(args[r].status, EPX_ERR_PEER_FAILURE);
         if (args[r].ms > 2000) TEST_FAIL_("rank %d failed its round after %.0f ms (rank %d left)", r, args[r].ms, gone);
     }
+}
+
+static void run_alltoall(int nranks)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    pthread_t th[8];
+    a2a_arg_t args[8];
+    for (int r = 0; r < nranks; r++) {
+        args[r] = (a2a_arg_t){id, r, nranks};
+        pthread_create(&th[r], NULL, a2a_thread, &args[r]);
+    }
+    for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
 }
 
 /* epx_moe_device_memory: grows with the shape; bad configurations rejected; without CUDA
@@ -223,6 +314,8 @@ int main(void)
     int one[] = {1};
     run_boot(1, one, EPX_SUCCESS);
     /* Rank 1 claims 3 ranks while the others claim 2: every rank fails, none hangs. */
+    int sizes[] = {1, 2, 3, 5};
+    for (int k = 0; k < 4; k++) run_alltoall(sizes[k]);
     int differ[] = {2, 3};
     run_boot(2, differ, EPX_ERR_MISMATCH);
     run_boot_leave(4, 3, false); /* rank 0 sees it; ranks 1 and 2 wait on rank 0 */

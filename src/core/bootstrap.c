@@ -6,9 +6,9 @@
  * all ranks have arrived the listener sends the table of all blobs to everybody and exits.
  * Rank 0 also listens on a socket of its own (its address travels in the table); the other
  * ranks connect to it and the resulting star carries the bootstrap collectives (allgather,
- * barrier) for the communicator's lifetime. Every read and write has a deadline; a closed
- * socket reads as a failed peer, and a rank whose round fails shuts its sockets down, so
- * that the others fail at once too (epx__boot_round_end).
+ * alltoall, allreduce, barrier) for the communicator's lifetime. Every read and write has a
+ * deadline; a closed socket reads as a failed peer, and a rank whose round fails shuts its
+ * sockets down, so that the others fail at once too (epx__boot_round_end).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -579,7 +579,9 @@ out:
  * deadlines: a rank that dies in a round stops all of them within milliseconds. */
 static epx_status_t epx__boot_round_end(epx__boot_t *b, epx_status_t st)
 {
-    if (st == EPX_SUCCESS || !b->fds) return st;
+    /* Only the transport's failures: a round that completed with a verdict (the alltoall's
+     * relay word) left the star in step. */
+    if ((st != EPX_ERR_PEER_FAILURE && st != EPX_ERR_TIMEOUT) || !b->fds) return st;
     int n = b->rank == 0 ? b->nranks : 1;
     for (int i = 0; i < n; i++)
         if (b->fds[i] >= 0) shutdown(b->fds[i], SHUT_RDWR);
@@ -657,6 +659,106 @@ epx_status_t epx__boot_allgather_fail(epx__boot_t *b, const void *head, size_t h
                                       epx__errbuf_t *err)
 {
     return epx__boot_round_end(b, epx__boot_allgather_fail_round(b, head, head_len, len, err));
+}
+
+/* Rank 0 starts what it sends each rank in an alltoall with this word: EPX_SUCCESS, or why it
+ * could not relay the blocks (the rank's column then does not follow). */
+typedef int64_t epx__relay_word_t;
+
+static epx_status_t epx__boot_alltoall_round(epx__boot_t *b, const void *send, void *recv, size_t len,
+                                             epx__errbuf_t *err)
+{
+    uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
+    int R = b->nranks;
+    size_t row = (size_t)R * len;
+    epx__relay_word_t word;
+    if (R == 1) {
+        if (len) memmove(recv, send, len);
+        return EPX_SUCCESS;
+    }
+    if (b->rank != 0) {
+        EPX__CHECK(epx__send_all(b->fds[0], send, row, deadline, err, "alltoall to rank 0"));
+        EPX__CHECK(epx__recv_all(b->fds[0], &word, sizeof word, deadline, err, "alltoall from rank 0"));
+        if (word != EPX_SUCCESS)
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "bootstrap alltoall: rank 0 could not relay the blocks (%s)",
+                             epx_status_name((epx_status_t)word));
+        return epx__recv_all(b->fds[0], recv, row, deadline, err, "alltoall from rank 0");
+    }
+    /* Rank 0: every other rank's row (rank r's at (r-1) * row), then a column at a time. */
+    char *m = row <= SIZE_MAX / (size_t)R ? malloc(EPX__MAX((size_t)R * row, (size_t)1)) : NULL;
+    for (int r = 1; r < R; r++) {
+        const char *what = "alltoall from a rank";
+        epx_status_t st = m ? epx__recv_all(b->fds[r], m + (size_t)(r - 1) * row, row, deadline, err, what)
+                            : epx__sock_drain(b->fds[r], row, false, deadline, err, what);
+        if (st != EPX_SUCCESS) {
+            free(m);
+            return epx__fail(err, st, "bootstrap alltoall: rank %d did not answer (%s)", r, epx_status_name(st));
+        }
+    }
+    word = m ? EPX_SUCCESS : EPX_ERR_NO_MEMORY;
+    char *col = m ? m + (size_t)(R - 1) * row : NULL;
+    for (int q = 0; q < R; q++) {
+        char *dst = q == 0 ? recv : col;
+        for (int r = 0; r < R && m && len; r++) {
+            const char *from = r == 0 ? (const char *)send : m + (size_t)(r - 1) * row;
+            memcpy(dst + (size_t)r * len, from + (size_t)q * len, len);
+        }
+        if (q == 0) continue;
+        epx_status_t st = epx__send_all(b->fds[q], &word, sizeof word, deadline, err, "alltoall to a rank");
+        if (st == EPX_SUCCESS && m) st = epx__send_all(b->fds[q], col, row, deadline, err, "alltoall to a rank");
+        if (st != EPX_SUCCESS) {
+            free(m);
+            return st;
+        }
+    }
+    if (!m)
+        return epx__fail(err, EPX_ERR_NO_MEMORY,
+                         "bootstrap alltoall: no room at rank 0 for %d x %d blocks of %zu bytes", R, R, len);
+    free(m);
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__boot_alltoall_fail_round(epx__boot_t *b, const void *head, size_t head_len, size_t len,
+                                                  epx__errbuf_t *err)
+{
+    uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
+    int R = b->nranks;
+    size_t row = (size_t)R * len;
+    head_len = EPX__MIN(head_len, len);
+    if (R == 1) return EPX_SUCCESS;
+    if (b->rank != 0) {
+        for (int q = 0; q < R; q++) {
+            EPX__CHECK(epx__send_all(b->fds[0], head, head_len, deadline, err, "alltoall to rank 0"));
+            EPX__CHECK(epx__sock_drain(b->fds[0], len - head_len, true, deadline, err, "alltoall to rank 0"));
+        }
+        epx__relay_word_t word;
+        EPX__CHECK(epx__recv_all(b->fds[0], &word, sizeof word, deadline, err, "alltoall from rank 0"));
+        return word == EPX_SUCCESS ? epx__sock_drain(b->fds[0], row, false, deadline, err, "alltoall from rank 0")
+                                   : EPX_SUCCESS;
+    }
+    for (int r = 1; r < R; r++) {
+        epx_status_t st = epx__sock_drain(b->fds[r], row, false, deadline, err, "alltoall from a rank");
+        if (st != EPX_SUCCESS)
+            return epx__fail(err, st, "bootstrap alltoall: rank %d did not answer (%s)", r, epx_status_name(st));
+    }
+    /* Every rank gets my block (head, zeros) first and zeros for the others'. */
+    epx__relay_word_t word = EPX_SUCCESS;
+    for (int q = 1; q < R; q++) {
+        EPX__CHECK(epx__send_all(b->fds[q], &word, sizeof word, deadline, err, "alltoall to a rank"));
+        EPX__CHECK(epx__send_all(b->fds[q], head, head_len, deadline, err, "alltoall to a rank"));
+        EPX__CHECK(epx__sock_drain(b->fds[q], row - head_len, true, deadline, err, "alltoall to a rank"));
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__boot_alltoall(epx__boot_t *b, const void *send, void *recv, size_t len, epx__errbuf_t *err)
+{
+    return epx__boot_round_end(b, epx__boot_alltoall_round(b, send, recv, len, err));
+}
+
+epx_status_t epx__boot_alltoall_fail(epx__boot_t *b, const void *head, size_t head_len, size_t len, epx__errbuf_t *err)
+{
+    return epx__boot_round_end(b, epx__boot_alltoall_fail_round(b, head, head_len, len, err));
 }
 
 static epx_status_t epx__boot_allreduce_round(epx__boot_t *b, int64_t *v, size_t n, epx__errbuf_t *err)

@@ -219,6 +219,18 @@ epx_status_t epx__boot_allgather(epx__boot_t *boot, const void *mine, void *all,
  * timing out. The caller returns its own failure. */
 epx_status_t epx__boot_allgather_fail(epx__boot_t *boot, const void *head, size_t head_len, size_t len,
                                       epx__errbuf_t *err);
+/* Collective over the star: block q of my `send` (R blocks of `len` bytes) arrives as block
+ * `rank` of rank q's `recv` (send and recv must not overlap). Moves 2 * R * len bytes per
+ * rank and 2 * R * (R - 1) * len at rank 0, which holds the R x R blocks while it relays
+ * them. When it cannot allocate them, the round still completes: rank 0 returns
+ * EPX_ERR_NO_MEMORY, every other rank EPX_ERR_REMOTE_INVALID, and no recv is written. */
+epx_status_t epx__boot_alltoall(epx__boot_t *boot, const void *send, void *recv, size_t len, epx__errbuf_t *err);
+/* Take part in an alltoall of `len`-byte blocks without its buffers (after this rank failed,
+ * e.g. to allocate them): every block I send is `head` (head_len bytes, a status first) then
+ * zeros; what arrives is dropped. When rank 0 fails so, every other rank's blocks but its
+ * first are zeros. The round completes on every rank. The caller returns its own failure. */
+epx_status_t epx__boot_alltoall_fail(epx__boot_t *boot, const void *head, size_t head_len, size_t len,
+                                     epx__errbuf_t *err);
 /* Collective over the star: v[0..n) summed over every rank, in place (wrapping int64).
  * Allocates nothing; moves 2 * nranks * n * 8 bytes in all. */
 epx_status_t epx__boot_allreduce_sum(epx__boot_t *boot, int64_t *v, size_t n, epx__errbuf_t *err);

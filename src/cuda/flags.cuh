@@ -42,6 +42,29 @@ static __device__ __forceinline__ unsigned long long epx__op_number(const epx__c
     return *(volatile unsigned long long *)d->epoch + 1ull;
 }
 
+/* Called every 256th round of a spin that began at `start`: 1 to keep waiting; 0 when
+ * another wait already failed, or when this one timed out (the first error is recorded:
+ * the peer, the value seen and the one wanted). */
+static __device__ int epx__keep_waiting(const epx__cuda_dev_t *d, unsigned long long start, int peer,
+                                        unsigned long long seen, unsigned long long target)
+{
+    volatile epx__cuda_err_t *e = d->err;
+    if (e->code != 0) return 0;
+    if (epx__globaltimer() - start > d->timeout_ns) {
+        if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return 0; /* the first error stays */
+        e->peer = peer;
+        e->op = target;
+        e->seen = seen;
+        e->wanted = target;
+        __threadfence_system();
+        e->code = EPX_ERR_TIMEOUT;
+        __threadfence_system();
+        return 0;
+    }
+    __nanosleep(64);
+    return 1;
+}
+
 /* Wait until *flag >= target. On timeout (or when another wait already failed) record the
  * error and return 0. */
 static __device__ int epx__wait_geq(const epx__cuda_dev_t *d, const unsigned long long *flag, unsigned long long target,
@@ -51,22 +74,7 @@ static __device__ int epx__wait_geq(const epx__cuda_dev_t *d, const unsigned lon
     for (unsigned iter = 1;; iter++) {
         unsigned long long v = epx__ld_acquire_sys(flag);
         if (v >= target) return 1;
-        if ((iter & 255u) == 0) {
-            volatile epx__cuda_err_t *e = d->err;
-            if (e->code != 0) return 0;
-            if (epx__globaltimer() - start > d->timeout_ns) {
-                if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return 0; /* the first error stays */
-                e->peer = peer;
-                e->op = target;
-                e->seen = v;
-                e->wanted = target;
-                __threadfence_system();
-                e->code = EPX_ERR_TIMEOUT;
-                __threadfence_system();
-                return 0;
-            }
-            __nanosleep(64);
-        }
+        if ((iter & 255u) == 0 && !epx__keep_waiting(d, start, peer, v, target)) return 0;
     }
 }
 

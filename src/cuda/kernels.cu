@@ -58,25 +58,119 @@ static __device__ void epx__block_copy(char *dst, const char *src, long long byt
     for (long long i = done + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
 }
 
-/* Block p sends my segment for rank p into p's slot, then receives p's segment for me. */
+/* ---- Lines: 8 bytes of data and the operation's flag in every 16 bytes ----------------- */
+
+/* A line is {lo, f, hi, f}. Each 8-byte half is stored and loaded in one piece, so a reader
+ * that sees flag f in both halves holds both data words of operation f: no fence before a
+ * flag, no flag round trip after the data. f is the low 32 bits of the operation number,
+ * which grows by one per operation (a slot's stale lines carry an older number). */
+static __device__ __forceinline__ void epx__st_line(uint4 *p, uint4 v)
+{
+    asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+static __device__ __forceinline__ uint4 epx__ld_line(const uint4 *p)
+{
+    uint4 v;
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+
+/* Bytes [8i, 8i + 8) of src[0, bytes), zeros past the end, as two little-endian words. */
+static __device__ __forceinline__ uint2 epx__load8(const char *src, long long bytes, long long i)
+{
+    long long o = 8 * i;
+    if (o + 8 <= bytes && ((unsigned long long)(src + o) & 7ull) == 0) return *(const uint2 *)(src + o);
+    unsigned long long w = 0;
+    for (int j = 0; j < 8 && o + j < bytes; j++) w |= (unsigned long long)(unsigned char)src[o + j] << (8 * j);
+    return make_uint2((unsigned)w, (unsigned)(w >> 32));
+}
+
+/* The inverse: dst[8i, min(8i + 8, bytes)) from two words. */
+static __device__ __forceinline__ void epx__store8(char *dst, long long bytes, long long i, uint2 v)
+{
+    long long o = 8 * i;
+    if (o + 8 <= bytes && ((unsigned long long)(dst + o) & 7ull) == 0) {
+        *(uint2 *)(dst + o) = v;
+        return;
+    }
+    unsigned long long w = (unsigned long long)v.x | (unsigned long long)v.y << 32;
+    for (int j = 0; j < 8 && o + j < bytes; j++) dst[o + j] = (char)(w >> (8 * j));
+}
+
+/* Lines a segment of `bytes` takes: at least one, so that a peer always hears from me. */
+static __device__ __forceinline__ long long epx__lines(long long bytes) { return bytes > 0 ? (bytes + 7) / 8 : 1; }
+
+/* Block-wide: src[0, bytes) as lines of flag f into a peer's slot. */
+static __device__ void epx__lines_put(uint4 *slot, const char *src, long long bytes, unsigned f)
+{
+    for (long long i = threadIdx.x; i < epx__lines(bytes); i += blockDim.x) {
+        uint2 v = epx__load8(src, bytes, i);
+        epx__st_line(slot + i, make_uint4(v.x, f, v.y, f));
+    }
+}
+
+/* Block-wide: the peer's segment from my slot into dst[0, bytes), each line as soon as it
+ * carries flag f (bounded waits). 0 when a wait failed: the lines that had arrived are
+ * written, the others not. */
+static __device__ int epx__lines_get(const epx__cuda_dev_t *d, char *dst, const uint4 *slot, long long bytes,
+                                     unsigned long long n, int peer)
+{
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    unsigned f = (unsigned)n;
+    bool good = true;
+    for (long long i = threadIdx.x; good && i < epx__lines(bytes); i += blockDim.x) {
+        unsigned long long start = epx__globaltimer();
+        uint4 v = epx__ld_line(slot + i);
+        for (unsigned iter = 1; good && !(v.y == f && v.w == f); iter++) {
+            if ((iter & 255u) == 0) good = epx__keep_waiting(d, start, peer, v.y, n);
+            v = epx__ld_line(slot + i);
+        }
+        if (good) epx__store8(dst, bytes, i, make_uint2(v.x, v.z));
+    }
+    if (!good) ok = 0;
+    __syncthreads();
+    int r = ok;
+    __syncthreads();
+    return r;
+}
+
+/* Block p sends my segment for rank p into p's slot, then receives p's segment for me.
+ * Segments up to half a slot go as lines (the pair's count, agreed on the host, picks the
+ * format on both sides); larger ones as data, a system fence, then the slot's flag. */
 static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_args_t a)
 {
     __shared__ int ok;
     unsigned long long n = epx__op_number(&d);
     int p = (int)blockIdx.x, me = d.rank, R = d.nranks;
     size_t slot = EPX__SLOT_HDR + d.eager_bytes, par = (size_t)(n & 1ull);
+    long long line_max = (long long)d.eager_bytes / 2;
     if (p == me) {
         epx__block_copy(a.recv + a.recv_displ[me], a.send + a.send_displ[me], a.send_bytes[me]);
     } else {
         char *s = d.peer_eager[p] + (par * R + me) * slot;
-        epx__block_copy(s + EPX__SLOT_HDR, a.send + a.send_displ[p], a.send_bytes[p]);
-        __threadfence_system(); /* every writer fences: its stores reach the peer before the flag */
-        __syncthreads();
-        if (threadIdx.x == 0) epx__st_release_sys((unsigned long long *)s, n);
         char *mine = d.eager + (par * R + p) * slot;
-        if (threadIdx.x == 0) ok = epx__wait_geq(&d, (const unsigned long long *)mine, n, p);
-        __syncthreads();
-        if (ok) epx__block_copy(a.recv + a.recv_displ[p], mine + EPX__SLOT_HDR, a.recv_bytes[p]);
+        if (a.send_bytes[p] <= line_max) {
+            epx__lines_put((uint4 *)(s + EPX__SLOT_HDR), a.send + a.send_displ[p], a.send_bytes[p], (unsigned)n);
+        } else {
+            epx__block_copy(s + EPX__SLOT_HDR, a.send + a.send_displ[p], a.send_bytes[p]);
+            __threadfence_system(); /* every writer fences: its stores reach the peer before the flag */
+            __syncthreads();
+            if (threadIdx.x == 0) epx__st_release_sys((unsigned long long *)s, n);
+        }
+        if (a.recv_bytes[p] <= line_max) {
+            epx__lines_get(&d, a.recv + a.recv_displ[p], (const uint4 *)(mine + EPX__SLOT_HDR), a.recv_bytes[p], n, p);
+        } else {
+            if (threadIdx.x == 0) ok = epx__wait_geq(&d, (const unsigned long long *)mine, n, p);
+            __syncthreads();
+            if (ok) epx__block_copy(a.recv + a.recv_displ[p], mine + EPX__SLOT_HDR, a.recv_bytes[p]);
+        }
     }
     epx__finish_op(&d, n);
 }

@@ -236,12 +236,37 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
  * at T=256, 256 threads cost 3 us more). */
 #define EPX__LL_RECV_THREADS 512
 
-/* Does (source p, token t) of the staged routing go to expert e? */
-static __device__ __forceinline__ bool epx__ll_goes(const int *topk, int K, long long t, int e)
+/* Block-wide: the staged routing of the (source, token) pairs j0 .. j0 + blockDim (pair j
+ * is source j / M, token j % M) into ids[(j - j0) * K + k]; -1 past a source's T and past
+ * the last source. Consecutive threads read consecutive entries, four loads in flight
+ * each (one token's K ids read one after the other cost a round trip each). The caller
+ * syncs the block after it. */
+static __device__ void epx__ll_stage_ids(const epx__ll_args_t &a, int par, const int *tp, long long j0, int *ids)
 {
-    for (int k = 0; k < K; k++)
-        if (topk[t * K + k] == e) return true;
-    return false;
+    int R = a.nranks, K = a.topk, M = a.max_tokens, n = (int)blockDim.x * K;
+    for (int b = 0; b < n; b += 4 * (int)blockDim.x) {
+        int v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int i = b + u * (int)blockDim.x + (int)threadIdx.x;
+            long long j = j0 + i / K;
+            int p = (int)(j / M), t = (int)(j % M);
+            v[u] = i < n && p < R && t < tp[p] ? epx__ll_hdr(&a, a.stage[a.rank], par, p)[4 + (long long)t * K + i % K] : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int i = b + u * (int)blockDim.x + (int)threadIdx.x;
+            if (i < n) ids[i] = v[u];
+        }
+    }
+}
+
+/* Does a token with these K staged ids go to expert e? */
+static __device__ __forceinline__ bool epx__ll_goes(const int *id, int K, int e)
+{
+    bool any = false;
+    for (int k = 0; k < K; k++) any = any || id[k] == e;
+    return any;
 }
 
 /* Block e (striding) walks every source's staged tokens for expert e in order: the
@@ -249,7 +274,7 @@ static __device__ __forceinline__ bool epx__ll_goes(const int *topk, int K, long
  * experts the rows are copied into place. */
 static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
 
-static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS) epx__k_ll_receive(epx__cuda_dev_t d, epx__ll_args_t a)
+static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_receive(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
@@ -264,6 +289,7 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS) epx__k_ll_receive
 static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
 {
     __shared__ int bad, tp[EPX__CUDA_MAX_RANKS], list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
+    __shared__ int ids[EPX__LL_RECV_THREADS * EPX_MOE_MAX_TOPK]; /* a block-sized group's routing */
     int me = a.rank, R = a.nranks, K = a.topk, M = a.max_tokens, L = a.local_experts;
     /* Every block checks every source's routing before writing: all reach one verdict. The
      * headers are read at once (a thread each), then the entries with several loads in
@@ -278,7 +304,15 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
     __syncthreads();
     long long per = (long long)M * K;
     bool ok = true; /* a thread stops at its own first bad entry (reading `bad` here would race) */
-    for (long long j0 = 0; ok && j0 < R * per; j0 += 4LL * blockDim.x) {
+    /* When one block-sized group holds every (source, token), its routing is staged once:
+     * checked here, scanned below for every expert of the block. */
+    bool one_group = (long long)R * M <= (long long)blockDim.x;
+    if (one_group) {
+        epx__ll_stage_ids(a, par, tp, 0, ids);
+        __syncthreads();
+        for (int k = 0; k < K; k++) ok = ok && ids[threadIdx.x * K + k] != -2;
+    }
+    for (long long j0 = 0; !one_group && ok && j0 < R * per; j0 += 4LL * blockDim.x) {
         int v[4];
 #pragma unroll
         for (int u = 0; u < 4; u++) {
@@ -316,14 +350,18 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
             long long j = j0 + threadIdx.x;
             int p = (int)(j / M);
             long long t = j % M;
-            const int *h = p < R ? epx__ll_hdr(&a, a.stage[me], par, p) : NULL;
-            int flag = p < R && t < tp[p] && epx__ll_goes(h + 4, K, t, e);
+            if (!one_group) { /* the group's routing (the last group's scan and copies are over) */
+                epx__ll_stage_ids(a, par, tp, j0, ids);
+                __syncthreads();
+            }
+            const int *id = ids + threadIdx.x * K; /* -1 past T: no expert */
+            int flag = epx__ll_goes(id, K, e);
             int total, pos = epx__block_scan(flag, &total);
             if (flag) {
                 int slot = base + pos;
                 if (p == me)
                     for (int k = 0; k < K; k++)
-                        if (h[4 + t * K + k] == e) a.h_slot[t * K + k] = slot;
+                        if (id[k] == e) a.h_slot[t * K + k] = slot;
                 if (mine) {
                     list_p[pos] = p, list_t[pos] = (int)t;
                     long long at = (long long)l * a.slots + slot;

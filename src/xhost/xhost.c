@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "counts.h"
 #include "internal.h"
 
 epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, size_t len, epx__errbuf_t *err)
@@ -225,43 +226,54 @@ static epx_status_t epx__grow_dev(char **buf, size_t *cap, size_t bytes, epx__er
     return EPX_SUCCESS;
 }
 
+/* Take part in a round of count cards (parts of `len` bytes) with the failure `st`, without
+ * buffers; returns st, or what broke the round. */
+static epx_status_t epx__xh_alltoall_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err)
+{
+    int64_t v = st;
+    epx_status_t r = epx__boot_alltoall_fail(xh->boot, &v, sizeof v, len, err);
+    return r != EPX_SUCCESS ? r : st;
+}
+
 epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
                                   epx__errbuf_t *err)
 {
     int R = xh->nranks, me = xh->rank, LS = xh->ls, NH = xh->num_hosts, i = xh->lrank, H0 = xh->host * LS;
-    size_t W = 1 + 2 * (size_t)R;
+    size_t B = epx__xc_words(LS);
     if (local == EPX_SUCCESS) local = epx__xh_usable(xh, stream, err);
-    int64_t *card = calloc(W * (size_t)(R + 1), sizeof *card), *all = card ? card + W : NULL;
-    if (!card)
-        return epx__xh_allgather_fail(
-            xh, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), sizeof *card * W, err);
-    card[0] = local;
-    for (int p = 0; p < R && local == EPX_SUCCESS; p++) card[1 + p] = x->send_bytes[p], card[1 + R + p] = x->recv_bytes[p];
-    if (epx__xh_take_count(xh) && local == EPX_SUCCESS && R > 1) card[1 + (me + 1) % R] += 1; /* EPX_FAULT count */
-    /* 1. Everyone's counts; every rank reaches the same verdict before anything moves. */
-    epx_status_t st = epx__xh_allgather(xh, card, all, sizeof *card * W, err);
-#define EPX__SEND(p, q) all[(size_t)(p)*W + 1 + (size_t)(q)]
-#define EPX__RECV(p, q) all[(size_t)(p)*W + 1 + (size_t)R + (size_t)(q)]
-    if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++)
-        if (all[(size_t)p * W] != EPX_SUCCESS)
-            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
-                           epx_status_name((epx_status_t)all[(size_t)p * W]));
-    for (int q = 0; q < R && st == EPX_SUCCESS; q++) /* my pairs first: they say MISMATCH */
-        if (EPX__SEND(me, q) != EPX__RECV(q, me) || EPX__SEND(q, me) != EPX__RECV(me, q))
-            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d and rank %d disagree on their counts (%lld/%lld sent, "
-                           "%lld/%lld expected); nothing was written", me, q, (long long)EPX__SEND(me, q),
-                           (long long)EPX__SEND(q, me), (long long)EPX__RECV(q, me), (long long)EPX__RECV(me, q));
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++)
-        for (int q = 0; q < R && st == EPX_SUCCESS; q++)
-            if (EPX__SEND(p, q) != EPX__RECV(q, p))
-                st = epx__fail(err, p == me || q == me ? EPX_ERR_MISMATCH : EPX_ERR_REMOTE_INVALID,
-                               "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written", p,
-                               (long long)EPX__SEND(p, q), q, (long long)EPX__RECV(q, p));
+    /* My count cards, the ones I receive, every rank's record (counts.h); then my send
+     * counts as announced (EPX_FAULT count: one byte more to rank me + 1). */
+    int64_t *out = calloc((2 * B + EPX__XC_REC + 1) * (size_t)R, sizeof *out);
+    int64_t *in = out ? out + B * (size_t)R : NULL, *recs = out ? in + B * (size_t)R : NULL;
+    int64_t *sent = out ? recs + EPX__XC_REC * (size_t)R : NULL;
+    if (!out && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    bool fault = epx__xh_take_count(xh);
+    if (local == EPX_SUCCESS) {
+        memcpy(sent, x->send_bytes, sizeof *sent * (size_t)R);
+        if (fault && R > 1) sent[(me + 1) % R] += 1;
+    }
+    /* 1. The counts: every rank reaches the same verdict, in the same rounds, before anything
+     * moves. A failed rank's cards carry only its status; the round then ends every call. */
+    if (local != EPX_SUCCESS) {
+        free(out);
+        return epx__xh_alltoall_fail(xh, local, sizeof *out * B, err);
+    }
+    epx__xc_cards(out, R, LS, local, sent, x->recv_bytes);
+    epx_status_t st = epx__boot_alltoall(xh->boot, out, in, sizeof *out * B, err);
+    if (st == EPX_SUCCESS) st = epx__xc_statuses(in, R, LS, err);
+    if (st == EPX_SUCCESS) { /* every status is success: on every rank, then */
+        int64_t rec[EPX__XC_REC];
+        epx_status_t mine = epx__xc_pairs(in, R, LS, me, sent, x->recv_bytes, rec, err);
+        st = epx__xh_allgather(xh, rec, recs, sizeof rec, err);
+        if (st == EPX_SUCCESS) st = mine;
+        if (st == EPX_SUCCESS) st = epx__xc_verdict(recs, R, me, err);
+    }
     if (st != EPX_SUCCESS) {
-        free(card);
+        free(out);
         return st;
     }
+/* What rank p sends rank q of my host: the cards hold it for every p. */
+#define EPX__SEND(p, q) epx__xc_sent(in, LS, p, (q) - H0)
     /* 2. Everything that can fail: staging, the intra-host exchanges' host rounds and
      * mappings (the pairs inside the host, straight between the callers' buffers; then the
      * forwarded segments, xh->gw to xh->fwd). Then one verdict of every rank: a failure
@@ -304,7 +316,7 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
     st = epx__xh_vote(xh, ready, "could not prepare its part of the alltoallv; nothing was written", err);
     if (st != EPX_SUCCESS) {
         epx__cuda_a2a_free(plan);
-        free(card);
+        free(out);
         return st;
     }
     /* 3. Enqueue. Only a CUDA or NCCL call fails here, with peers' operations posted: the
@@ -347,9 +359,8 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
     }
     if (st != EPX_SUCCESS) epx__nccl_abort(xh->nccl);
 #undef EPX__SEND
-#undef EPX__RECV
     epx__cuda_a2a_free(plan);
-    free(card);
+    free(out);
     return st;
 }
 

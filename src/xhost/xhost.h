@@ -15,9 +15,9 @@
  * alltoall(v): on the device, on the caller's stream — the host-local pairs through the
  * CUDA backend; the others as above (grouped ncclSend/ncclRecv, one group per destination
  * local index, then one intra-host exchange of the forwarded segments and device copies
- * into place). One host round first agrees on every rank's counts (MPI semantics: a
- * mismatched pair fails with EPX_ERR_MISMATCH, the other ranks with
- * EPX_ERR_REMOTE_INVALID, nothing written). Then every step that can fail (staging, the
+ * into place). Two host rounds of O(R) bytes per rank first agree on every rank's counts
+ * (counts.h; MPI semantics: a mismatched pair fails with EPX_ERR_MISMATCH, the other ranks
+ * with EPX_ERR_REMOTE_INVALID, nothing written). Then every step that can fail (staging, the
  * intra-host exchanges' host rounds and mappings: src/cuda's prepare half) runs before a
  * second round, the verdict of every rank; after it only CUDA or NCCL calls can fail, and
  * such a failure aborts the NCCL link so that the peers fail instead of waiting.
