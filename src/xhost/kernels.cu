@@ -65,7 +65,7 @@ static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t 
         }
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
         epx__moe_reduce_token(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
-                              c.dtype, c.topk, vec);
+                              c.dtype, c.topk, vec, (const float *)0);
     }
 }
 
