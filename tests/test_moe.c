@@ -19,7 +19,8 @@
  *   random          --random N (default 100) small configurations drawn from --seed S
  *   bad input       one rank bad, the others valid: statuses, nothing written, and a valid
  *                   call right after; invalid and mismatched configurations at create
- *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT only)
+ *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT); low-latency
+ *                   T = 16..128, H = 7168, K = 8 (FP8 with both scale formats, bf16 Zipf)
  *   --case NAME     only the fixed high-throughput cases whose name contains NAME
  *   --copy-engines  every context with num_sms = EPX_MOE_COPY_ENGINES (on the CUDA backend
  *                   of one host: the payload moves on copy engines; dispatch then always
@@ -1965,11 +1966,16 @@ static const mcase_t ll_cases[] = {
     {"ll dup k=16",          -2,   16, 256,  6,  EPX_BF16,     U,        EPX_I32, 1,  ROUTE_DUP,   20, 0, 0, LL, 0, EPX_SCALE_F32},
     {"ll fp8 k=5 h=300",     -3,   5,  300,  7,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 30, 0, 16, LL, 1, EPX_SCALE_UE8M0},
     {"ll T=0 everywhere",    -2,   2,  128,  5,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_ZERO, 0, LL, 1, EPX_SCALE_F32},
+    {"ll fp8 e=288 m=64",    288,  8,  256,  64, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, LL, 1, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {
     {"large bf16",           256,  8,  7168, 4096, EPX_BF16,     U,      EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_WIDE, 0, HT, 0, 0},
     {"large fp8 zipf",       256,  8,  7168, 4096, EPX_FP8_E4M3, U,      EPX_I32, 128, ROUTE_ZIPF,  0, F_T_WIDE, 0, HT, 0, 0},
+    /* Decode-sized low latency (T <= 128, H = 7168, K = 8); E = 32 keeps recv_x [E, M, H] small. */
+    {"large ll fp8",         32,   8,  7168, 128,  EPX_BF16,     U,      EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_WIDE, 0, LL, 1, EPX_SCALE_F32},
+    {"large ll bf16 zipf",   32,   8,  7168, 128,  EPX_BF16,     U,      EPX_I32, 1,  ROUTE_ZIPF,  10, F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
+    {"large ll ue8m0",       32,   8,  7168, 128,  EPX_BF16,     U,      EPX_I32, 1,  ROUTE_ZIPF,  0, F_T_WIDE, 0, LL, 1, EPX_SCALE_UE8M0},
 };
 
 /* CUDA: skip the whole test (exit 77) when the backend has no MoE yet. */
@@ -2014,7 +2020,8 @@ int main(int argc, char **argv)
             if (strstr(ht_cases[i].name, only)) passed += run_ht_case(&ht_cases[i], seed * 1000 + i);
     } else if (large) {
         for (size_t i = 0; i < sizeof large_cases / sizeof large_cases[0]; i++)
-            passed += run_ht_case(&large_cases[i], seed * 1000 + i);
+            passed += large_cases[i].mode == LL ? run_ll_case(&large_cases[i], seed * 1000 + i)
+                                                : run_ht_case(&large_cases[i], seed * 1000 + i);
     } else {
         passed += run_bad_create();
         for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)

@@ -25,8 +25,7 @@
  * every MoE call except epx_moe_create a top-k one larger, so every rank fails with
  * EPX_ERR_MISMATCH; across GPU hosts barrier announces no size and ignores `count`).
  * Across GPU hosts `at` works too (src/xhost's contract, xhost.h): `enqueue` after the
- * call's last bootstrap round, before it enqueues anything (low-latency MoE, which runs on
- * the host: before its first exchange over NCCL; barrier: after its round), and `launched`
+ * call's last bootstrap round, before it enqueues anything (barrier: after its round), and `launched`
  * as the call returns successfully, its work enqueued and not waited for. Across CPU hosts
  * only `host` fires.
  *

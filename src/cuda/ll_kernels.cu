@@ -38,40 +38,6 @@ static __device__ __forceinline__ char *epx__ll_row(const epx__ll_args_t *a, cha
            ((long long)p * a->max_tokens + t) * a->srow;
 }
 
-/* One warp: quantise a bf16 row to e4m3 with one scale per 128 channels (the CPU
- * backend's arithmetic, see epx__fp8_quantize_row) into q and scales. */
-static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0, uint8_t *q, char *scales)
-{
-    int lane = threadIdx.x & 31;
-    for (int lo = 0; lo < H; lo += 128) {
-        float v[4], amax = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            int h = lo + lane * 4 + j;
-            v[j] = h < H ? epx__bf16_to_f32(x[h]) : 0.0f;
-            float m = fabsf(v[j]);
-            amax = m > amax ? m : amax; /* NaN never wins */
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            float m = __shfl_xor_sync(0xffffffffu, amax, o);
-            amax = m > amax ? m : amax;
-        }
-        uint32_t bits;
-        float inv = epx__fp8_block_scale(amax, ue8m0, &bits);
-        if (lane == 0) {
-            if (ue8m0)
-                ((uint8_t *)scales)[lo / 128] = (uint8_t)bits;
-            else
-                ((uint32_t *)scales)[lo / 128] = bits;
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            int h = lo + lane * 4 + j;
-            if (h < H) q[h] = epx__fp8_from_f32(__fmul_rn(v[j], inv));
-        }
-    }
-}
-
 /* Is the staging half that send n fills free at every rank (each received send n - 2)?
  * A rank whose LL flag says it had received all before a send >= n - 1 is; for another,
  * wait (bounded) for its receive sequence, read over NVLink. My own receive n - 2 normally

@@ -90,15 +90,17 @@ static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, lon
     }
 }
 
-/* One token of a high-throughput combine, by one warp: out = the n rows src[0..n) summed in
- * that order (float32 from +0, then cast to dtype), out_w[k] = the sum of the non-NULL
- * wsrc[i][k] (0 when none) unless out_w is NULL. `vec` (bf16, H % 8 == 0, out 16-byte
- * aligned) allows 16-byte accesses when every src is aligned too; either way the bits are
- * the same. Shared by the single-host combine (moe_kernels.cu) and the combine across
- * hosts (src/xhost), so that both reduce with the same arithmetic. */
+/* One token of a combine, by one warp: out = the n terms src[0..n) summed in that order
+ * (float32 from +0, then cast to dtype), a term being the row itself, or with w the product
+ * w[i] * row rounded to float32 before it is added (no FMA: the CPU backend's arithmetic);
+ * out_w[k] = the sum of the non-NULL wsrc[i][k] (0 when none) unless out_w is NULL. `vec`
+ * (bf16, H % 8 == 0, out 16-byte aligned) allows 16-byte accesses when every src is aligned
+ * too; either way the bits are the same. Shared by the single-host combine (moe_kernels.cu)
+ * and the combines across hosts (src/xhost: high-throughput unweighted, low-latency
+ * weighted), so that they reduce with the same arithmetic. */
 static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *src, const float *const *wsrc, int n,
                                                              char *out, float *out_w, int H, int dtype, int topk,
-                                                             bool vec)
+                                                             bool vec, const float *w)
 {
     int lane = threadIdx.x & 31;
     for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
@@ -123,13 +125,16 @@ static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     if (i0 + i >= n) break;
+                    float wi = w ? w[i0 + i] : 1.0f;
 #pragma unroll
                     for (int u = 0; u < 4; u++) {
-                        unsigned w[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
+                        unsigned b[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
 #pragma unroll
                         for (int j = 0; j < 4; j++) {
-                            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], epx__bits_f32(w[j] << 16));
-                            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], epx__bits_f32(w[j] & 0xffff0000u));
+                            float lo = epx__bits_f32(b[j] << 16), hi = epx__bits_f32(b[j] & 0xffff0000u);
+                            if (w) lo = __fmul_rn(wi, lo), hi = __fmul_rn(wi, hi);
+                            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], lo);
+                            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], hi);
                         }
                     }
                 }
@@ -149,7 +154,10 @@ static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *
     } else {
         for (long long h = lane; h < H; h += 32) {
             float acc = 0.0f;
-            for (int i = 0; i < n; i++) acc = __fadd_rn(acc, epx__load_elem(src[i], dtype, h));
+            for (int i = 0; i < n; i++) {
+                float v = epx__load_elem(src[i], dtype, h);
+                acc = __fadd_rn(acc, w ? __fmul_rn(w[i], v) : v);
+            }
             epx__store_elem(out, dtype, h, acc);
         }
     }
@@ -159,6 +167,47 @@ static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *
             if (wsrc[i]) acc = __fadd_rn(acc, wsrc[i][lane]);
         out_w[lane] = acc;
     }
+}
+
+/* One warp: quantise channels [lo, lo + 128) of a bf16 row of H to e4m3 with one scale
+ * (the CPU backend's arithmetic, see epx__fp8_quantize_row) into q and scales (UE8M0: one
+ * byte per block, else float32). */
+static __device__ __forceinline__ void epx__ll_quantize_block(const uint16_t *x, int H, int lo, int ue8m0, uint8_t *q,
+                                                              char *scales)
+{
+    int lane = threadIdx.x & 31;
+    float v[4], amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int h = lo + lane * 4 + j;
+        v[j] = h < H ? epx__bf16_to_f32(x[h]) : 0.0f;
+        float m = fabsf(v[j]);
+        amax = m > amax ? m : amax; /* NaN never wins */
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float m = __shfl_xor_sync(0xffffffffu, amax, o);
+        amax = m > amax ? m : amax;
+    }
+    uint32_t bits;
+    float inv = epx__fp8_block_scale(amax, ue8m0, &bits);
+    if (lane == 0) {
+        if (ue8m0)
+            ((uint8_t *)scales)[lo / 128] = (uint8_t)bits;
+        else
+            ((uint32_t *)scales)[lo / 128] = bits;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int h = lo + lane * 4 + j;
+        if (h < H) q[h] = epx__fp8_from_f32(__fmul_rn(v[j], inv));
+    }
+}
+
+/* One warp: a whole row, block by block. Shared by the single-host low-latency dispatch
+ * (ll_kernels.cu); src/xhost quantises by block. */
+static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0, uint8_t *q, char *scales)
+{
+    for (int lo = 0; lo < H; lo += 128) epx__ll_quantize_block(x, H, lo, ue8m0, q, scales);
 }
 
 #endif

@@ -388,7 +388,7 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
         }
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
         epx__moe_reduce_token(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
-                              c.dtype, c.topk, vec);
+                              c.dtype, c.topk, vec, (const float *)0);
     }
 }
 

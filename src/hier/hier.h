@@ -97,8 +97,8 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                       epx__errbuf_t *err);
 void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h);
 
-/* ---- The plan of a high-throughput dispatch, for a caller that moves the rows itself
- * (src/xhost: device memory, NCCL, CUDA IPC). ---- */
+/* ---- The plan of a dispatch, for a caller that moves the rows itself (src/xhost: device
+ * memory, NCCL, CUDA IPC). ---- */
 
 /* epx__hier_moe_dispatch without rows: the same verdict, routing records and outputs, but
  * in->x / x_scales are not read and out->recv_x / recv_x_scales not written. The handle
@@ -107,55 +107,74 @@ void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h);
 epx_status_t epx__hier_moe_dispatch_plan(epx__hier_moe_t *m, const epx_moe_dispatch_in_t *in,
                                          epx_moe_dispatch_out_t *out, epx_status_t local,
                                          epx__hier_moe_handle_t **handle, epx__errbuf_t *err);
-/* The agreement a cached dispatch (!combine) or a combine along `hd` starts with (one
- * allreduce: every rank's verdict, operation, top-k, handle and, for combine, whether it
- * passed weights), without moving anything. hd is read only when local is a success. */
+/* epx__hier_moe_ll_dispatch without rows and outputs: the same verdict and routing records;
+ * in->x is not read and nothing of the caller's is written (the row plan of the handle says
+ * what goes where). epx__hier_moe_ll_combine works along the handle as along any. */
+epx_status_t epx__hier_moe_ll_dispatch_plan(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                            epx_status_t local, epx__hier_moe_handle_t **handle, epx__errbuf_t *err);
+/* The agreement a cached dispatch (!combine) or a combine (low-latency in a low-latency
+ * context) along `hd` starts with (one allreduce: every rank's verdict, operation, top-k,
+ * handle and, for combine, whether it passed weights), without moving anything. hd is read
+ * only when local is a success. */
 epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool combine, bool has_w,
                                  epx_status_t local, epx__errbuf_t *err);
 
 /* What a handle planned (read-only views of its arrays, valid while it lives). Ranks of a
  * host are numbered by local index l; entries e are the tokens this rank forwards (its own
  * and those its rail peers on other hosts sent it), ordered by (source rank, token); rows
- * r are what this rank received, in output order.
- *   my tokens       topk [T, K] (int32);
- *   entries         ent_src, ent_tok [nent]; ent_fidx [nent]: row in the forwarded buffer
- *                   (what rail peers sent me, by source rank, then token), -1 for my own;
+ * r are what this rank received, in output order ((source rank, token) ascending).
+ *   my tokens       topk [T, K] (int32); ll: a low-latency dispatch made the handle;
+ *   entries         ent_src, ent_tok [nent], ent_topk [nent, K]; ent_fidx [nent]: row in
+ *                   the forwarded buffer (what rail peers sent me, by source rank, then
+ *                   token), -1 for my own;
  *   forwarded       fwd_count [R]: tokens source p sent me as its gateway (nfwd in all);
  *   fan-out         to_ent [to_first[l] .. to_first[l + 1]): entries sent to local rank l,
  *                   in entry order;
  *   fan-in          from_row [from_first[l] .. from_first[l + 1]): output row of each record
- *                   forwarder l sent me, in its order; row_rec [rows]: the inverse. */
+ *                   forwarder l sent me, in its order; row_rec [rows]: the inverse;
+ *   rows            row_topk [rows, K], row_src, row_tok [rows]: routing and source. */
 typedef struct {
-    int T, K, has_w;
+    int T, K, has_w, ll;
     int64_t rows;
     const int32_t *topk;
     int64_t nent;
-    const int32_t *ent_src, *ent_tok;
+    const int32_t *ent_src, *ent_tok, *ent_topk;
     const int64_t *ent_fidx;
     const int64_t *fwd_count;
     int64_t nfwd;
     const int64_t *to_first, *to_ent;
     const int64_t *from_first, *from_row, *row_rec;
+    const int32_t *row_topk, *row_src, *row_tok;
 } epx__hier_plan_t;
 void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *plan);
 
 /* The rows of that plan (plan.c): the count of every transfer and, for every row copy, a
  * reference to its source: a kind (which buffer) in the top byte and a row index below.
- *   dispatch (cached dispatch across hosts; the rows of a dispatch on the GPU path):
+ *   dispatch (cached dispatch across hosts; the rows of any dispatch on the GPU path):
  *     1. gather gw[n_gw] (from X, my rows) into the records for my gateways, gw_send[p]
  *        for gateway rank p, segments in rank order; exchange (between hosts) into FWD,
  *        fwd_recv[p] records from source p, in rank order;
  *     2. gather fan[n_fan] (from FWD or X) into the records for the local ranks, fan_send[l]
  *        for local rank l (fan_first[l] the prefix); exchange (inside the host) into LRECV,
  *        fan_recv[l] from local rank l (lrecv_first[l]);
- *     3. gather out[rows] (from LRECV, FWD or X) into the output rows.
- *   combine (high-throughput):
- *     1. gather c1[n_lrecv] (from Y, the expert outputs) into records back to the local
- *        forwarders: fan_recv[l] to local rank l; exchange into C1: fan_send[l] from l;
- *     2. gather home[n_home_send] (from C1 or Y) into records home: home_send[p] to home
+ *     3. gather out[rows] (from LRECV, FWD or X) into the output rows;
+ *        low-latency: row prow[j] of out goes to slot pslot[j] (local expert l's slots
+ *        start at l * ll_slots), j < n_place in slot order (local expert, then row order:
+ *        sources ascending, tokens ascending); psrc[j] = source rank << 32 | token;
+ *        count[l] rows fill local expert l (recv_count). A row goes to each of its distinct
+ *        experts here once.
+ *   combine: rows go home unreduced. High-throughput: one row per (token, rank it went to);
+ *   low-latency: one per (token, distinct expert), a record's rows (a token's for one rank)
+ *   back to back by ascending local expert.
+ *     1. gather c1[n_back_send] (from Y, the expert outputs: high-throughput row r,
+ *        low-latency slot l * ll_slots + i) into the rows back to the local forwarders,
+ *        back_send[l] to local rank l; exchange into C1: back_recv[l] from l;
+ *     2. gather home[n_home_send] (from C1 or Y) into the rows home: home_send[p] to home
  *        rank p; exchange (between hosts) into HOME: home_recv[g] from gateway g;
  *     3. out[t] = the rows tok[first[t] .. first[t + 1]) (from Y, C1 or HOME), summed in
- *        that order, which is the ascending rank order of the single-host backends.
+ *        that order: high-throughput one per rank in ascending rank order, the order of
+ *        the single-host backends; low-latency one per valid k in ascending k, weighted by
+ *        w[t, tk[j]].
  * Segments lie back to back in rank (local rank) order, each record one row (and its
  * scales or weights). Mine to me never travels: those rows are read where they are. */
 #define EPX__HIER_REF(kind, index) (((int64_t)(kind) << 56) | (int64_t)(index))
@@ -164,19 +183,22 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
 enum { EPX__HIER_X = 0, EPX__HIER_FWD = 1, EPX__HIER_LRECV = 2 }; /* dispatch sources */
 enum { EPX__HIER_Y = 0, EPX__HIER_C1 = 1, EPX__HIER_HOME = 2 };   /* combine sources */
 typedef struct {
-    int64_t *gw_send, *fwd_recv, *home_send, *home_recv; /* [R] records */
+    int64_t *gw_send, *fwd_recv, *home_send, *home_recv;    /* [R] records */
     int64_t *fan_send, *fan_recv, *fan_first, *lrecv_first; /* [LS] */
-    int64_t n_gw, n_fwd, n_fan, n_lrecv, n_home_send, n_home_recv, n_tok, rows;
+    int64_t *back_send, *back_recv;                         /* [LS] */
+    int64_t n_gw, n_fwd, n_fan, n_lrecv, n_back_send, n_back_recv, n_home_send, n_home_recv, n_tok, rows, n_place;
     int T, K;
-    int64_t *ref; /* every reference, nref in all: the sections below point into it */
+    bool ll;
+    int64_t *ref; /* every reference and index, nref in all: the sections below point into it */
     size_t nref;
     int64_t *gw, *fan, *out, *c1, *home, *first, *tok;
+    int64_t *tk, *prow, *pslot, *psrc, *count; /* low-latency: [n_tok], [n_place] x 3, [L]; else NULL */
     int64_t *mem; /* the allocation of the count arrays */
 } epx__hier_xplan_t;
 /* Local. On failure (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds
  * nothing. */
-epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h, int local_experts,
-                                   epx__hier_xplan_t *x, epx__errbuf_t *err);
+epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
+                                   const epx__moe_shape_t *shape, epx__hier_xplan_t *x, epx__errbuf_t *err);
 void epx__hier_xplan_free(epx__hier_xplan_t *x);
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h);

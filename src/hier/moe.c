@@ -17,16 +17,16 @@
  * order, which is the output row order of the single-host backend, and copies each row
  * once into the caller's output.
  *
- * Cached dispatch and high-throughput combine run the handle's row plan (plan.c: the counts
- * of every transfer and the source of every row copy), the same plan the GPU path across
- * hosts (src/xhost) runs on the device.
+ * Cached dispatch, the low-latency slots (which rows go where) and both combines run the
+ * handle's row plan (plan.c: the counts of every transfer and the source of every row
+ * copy), the same plan the GPU path across hosts (src/xhost) runs on the device.
  *
  * Combine: every receiver sends its rows back to the forwarders they came from (shared
  * memory); each gateway sends the rows of its sources on other hosts home as they are
  * (MPI), and each home rank reduces every token's rows itself, in the single-host order
- * (ascending rank; low-latency: w[t,k] * y in ascending k), with the reduction of src/cpu.
- * No partial sum crosses a host, so the result is the single-host one bit for bit and no
- * step waits for another host's reduction.
+ * (ascending rank; low-latency: w[t,k] * y in ascending k, one row per (token, expert)),
+ * with the reduction of src/cpu. No partial sum crosses a host, so the result is the
+ * single-host one bit for bit and no step waits for another host's reduction.
  *
  * Buffers that outlive a call (work buffers of the context) are reused, so a warm call
  * allocates only small index arrays.
@@ -655,162 +655,19 @@ epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_
     uint64_t deadline;
     (void)epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    return epx__verdict(m, local, combine ? EPX__H_COMBINE : EPX__H_CACHED, ok ? hd->K : 0, ok && combine && has_w,
-                        ok ? hd->id : 0, 0, NULL, NULL, deadline, err);
+    int op = !combine ? EPX__H_CACHED : m->s.mode == EPX_MOE_LOW_LATENCY ? EPX__H_LL_COMBINE : EPX__H_COMBINE;
+    return epx__verdict(m, local, op, ok ? hd->K : 0, ok && combine && has_w, ok ? hd->id : 0, 0, NULL, NULL, deadline,
+                        err);
 }
 
 void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *p)
 {
-    *p = (epx__hier_plan_t){h->T, h->K, h->has_w, h->rows, h->topk, h->nent, h->ent_src, h->ent_tok, h->ent_fidx,
-                            h->fwd_count, h->nfwd, h->to_first, h->to_ent, h->from_first, h->from_row, h->row_rec};
-}
-
-/* ---- Combine: rows back to the forwarders, then home unreduced ------------------------------- */
-
-/* The record of merged row r for a receiver q: `size_of(ctx, topk, q)` bytes, written by
- * `pack(ctx, r, dst)`. */
-typedef size_t (*epx__rec_size_fn)(const void *ctx, const int32_t *topk, int q);
-typedef void (*epx__rec_pack_fn)(const void *ctx, int64_t row, char *dst);
-
-/* Step 1 of a combine: every receiver sends the records of the rows it holds back to their
- * forwarders (shared memory). On success *c1 (a work buffer of m) holds them and
- * (*c1pos)[e * LS + l] is the byte offset of entry e's record from local rank l, or -1. */
-static epx_status_t epx__combine_back(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, epx__rec_size_fn size_of,
-                                      epx__rec_pack_fn pack, const void *ctx, char **c1, int64_t **c1pos,
-                                      epx__errbuf_t *err)
-{
-    const epx__topo_t *t = epx__t(m);
-    int LS = t->local_size, K = hd->K, me = t->rank;
-    epx_status_t st = EPX_SUCCESS;
-    int64_t *lb = epx__alloc(2 * (size_t)LS, 8, &st, err), *lsb = lb, *lrb = lb ? lb + LS : NULL;
-    *c1pos = epx__alloc((size_t)hd->nent * (size_t)LS, 8, &st, err);
-    if (st != EPX_SUCCESS) {
-        free(lb);
-        return st;
-    }
-    for (int64_t i = 0; i < hd->nent * LS; i++) (*c1pos)[i] = -1;
-    /* What I send each forwarder: my rows from it, in its order; what it sends me. */
-    size_t stot = 0, rtot = 0;
-    for (int l = 0; l < LS; l++) {
-        for (int64_t a = hd->from_first[l]; a < hd->from_first[l + 1]; a++)
-            lsb[l] += (int64_t)size_of(ctx, hd->row_topk + hd->from_row[a] * K, me);
-        int q = t->host_ranks[t->host_first[t->host] + l];
-        for (int64_t a = hd->to_first[l]; a < hd->to_first[l + 1]; a++) {
-            int64_t e = hd->to_ent[a];
-            size_t b = size_of(ctx, hd->ent_topk + e * K, q);
-            (*c1pos)[e * LS + l] = (int64_t)rtot;
-            rtot += b;
-            lrb[l] += (int64_t)b;
-        }
-        stot += (size_t)lsb[l];
-    }
-    char *send = epx__buf(m, EPX__B_SEND, stot, &st, err);
-    *c1 = epx__buf(m, EPX__B_RECV, rtot, &st, err);
-    if (st == EPX_SUCCESS) {
-        size_t o = 0;
-        for (int l = 0; l < LS; l++)
-            for (int64_t a = hd->from_first[l]; a < hd->from_first[l + 1]; a++) {
-                int64_t r = hd->from_row[a];
-                pack(ctx, r, send + o);
-                o += size_of(ctx, hd->row_topk + r * K, me);
-            }
-        st = epx__local_xchg(m, send, lsb, *c1, lrb, err);
-    }
-    free(lb);
-    return st;
-}
-
-/* Reduce token i at home: `ranks[0..n)` are the ranks it went to, ascending, and rec[r] the
- * record rank r sent back for it. */
-typedef void (*epx__home_fold_fn)(const void *ctx, int i, const int *ranks, int n, const char *const *rec);
-
-/* Steps 2 and 3 of a combine. Each gateway sends the step-1 records of the tokens of its
- * sources on other hosts home as they are (per token, its local ranks ascending): one
- * message per source, no partial sums, so no step waits for another host's. Then every
- * home rank holds, for each of its tokens, the record of every rank the token went to and
- * reduces it in the single-host order with `fold`, after all communication succeeded. */
-static epx_status_t epx__combine_home(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, epx__rec_size_fn size_of,
-                                      const void *ctx, const char *c1, const int64_t *c1pos, epx__home_fold_fn fold,
-                                      uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
-{
-    const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
-    epx_status_t st = EPX_SUCCESS;
-    int64_t *nb = epx__alloc(3 * (size_t)R, 8, &st, err), *sbytes = nb, *rbytes = nb ? nb + R : NULL;
-    int64_t *pos = nb ? nb + 2 * R : NULL;
-    char **cur = epx__alloc((size_t)t->num_hosts, sizeof(char *), &st, err);
-    const char **rec = epx__alloc((size_t)R, sizeof(char *), &st, err);
-    int *ranks = epx__alloc((size_t)EPX__MAX(K, 1), sizeof(int), &st, err);
-    if (st != EPX_SUCCESS) goto done;
-    /* Gateway side: the records of the entries of sources on other hosts, in entry order. */
-    for (int64_t e = 0; e < hd->nent; e++) {
-        int p = hd->ent_src[e];
-        if (t->host_of[p] == t->host) continue;
-        for (int l = 0; l < LS; l++)
-            if (c1pos[e * LS + l] >= 0)
-                sbytes[p] += (int64_t)size_of(ctx, hd->ent_topk + e * K, t->host_ranks[t->host_first[t->host] + l]);
-    }
-    /* Home side: from my gateway on each other host, my tokens there in token order. */
-    for (int k = 0; k < t->num_hosts; k++) {
-        if (k == t->host) continue;
-        int g = epx__gw(t, me, k);
-        for (int i = 0; i < T; i++)
-            for (int l = 0; l < t->host_size[k]; l++) {
-                int q = t->host_ranks[t->host_first[k] + l];
-                if (epx__to_rank(hd->topk + (size_t)i * K, K, L, q))
-                    rbytes[g] += (int64_t)size_of(ctx, hd->topk + (size_t)i * K, q);
-            }
-    }
-    int64_t ts = 0, tr = 0;
-    for (int p = 0; p < R; p++) pos[p] = ts, ts += sbytes[p], tr += rbytes[p];
-    char *sbuf = epx__buf(m, EPX__B_FWD, (size_t)ts, &st, err), *rbuf = epx__buf(m, EPX__B_HOME, (size_t)tr, &st, err);
-    if (st != EPX_SUCCESS) goto done;
-    for (int64_t e = 0; e < hd->nent; e++) {
-        int p = hd->ent_src[e];
-        if (t->host_of[p] == t->host) continue;
-        for (int l = 0; l < LS; l++) {
-            if (c1pos[e * LS + l] < 0) continue;
-            size_t b = size_of(ctx, hd->ent_topk + e * K, t->host_ranks[t->host_first[t->host] + l]);
-            memcpy(sbuf + pos[p], c1 + c1pos[e * LS + l], b);
-            pos[p] += (int64_t)b;
-        }
-    }
-    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), sbuf, sbytes, rbuf, rbytes, deadline, err), st,
-                    done);
-    {
-        int64_t o = 0;
-        for (int p = 0; p < R; p++) pos[p] = o, o += rbytes[p];
-        for (int k = 0; k < t->num_hosts; k++) cur[k] = k == t->host ? NULL : rbuf + pos[epx__gw(t, me, k)];
-    }
-    /* My own entries: the T entries of source `me`, after the forwarded ones of lower ranks. */
-    int64_t e0 = 0;
-    for (int p = 0; p < me; p++) e0 += hd->fwd_count[p];
-    for (int i = 0; i < T; i++) {
-        const int32_t *tk = hd->topk + (size_t)i * K;
-        int n = 0;
-        for (int k = 0; k < K; k++) {
-            if (tk[k] < 0) continue;
-            int r = tk[k] / L, j = n;
-            bool dup = false;
-            for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
-            if (dup) continue;
-            while (j > 0 && ranks[j - 1] > r) ranks[j] = ranks[j - 1], j--;
-            ranks[j] = r, n++;
-        }
-        for (int j = 0; j < n; j++) {
-            int r = ranks[j], k = t->host_of[r];
-            if (k == t->host) {
-                rec[r] = c1 + c1pos[(e0 + i) * LS + t->lrank_of[r]];
-            } else {
-                rec[r] = cur[k];
-                cur[k] += size_of(ctx, tk, r);
-            }
-        }
-        fold(ctx, i, ranks, n, rec);
-    }
-done:
-    free(nb), free(cur), free(rec), free(ranks);
-    return st;
+    *p = (epx__hier_plan_t){h->T,        h->K,        h->has_w,       h->mode == EPX_MOE_LOW_LATENCY,
+                            h->rows,     h->topk,     h->nent,        h->ent_src,
+                            h->ent_tok,  h->ent_topk, h->ent_fidx,    h->fwd_count,
+                            h->nfwd,     h->to_first, h->to_ent,      h->from_first,
+                            h->from_row, h->row_rec,  h->row_topk,    h->row_src,
+                            h->row_tok};
 }
 
 /* ---- Rows along the row plan (plan.c; the GPU path across hosts runs the same) --------------- */
@@ -870,7 +727,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s->local_experts, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, &x, err));
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
@@ -906,13 +763,47 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     return st;
 }
 
+/* Steps 1 and 2 of a combine along x: my rows back to the local ranks that forwarded them
+ * (shared memory), then, as gateway, my sources' rows home as they are (MPI). y holds the
+ * expert outputs (crow bytes a row), w (NULL: none travel) their top-k weights [rows, K].
+ * On success *src says where every row of step 3 lies. */
+static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *x, const void *y, const float *w,
+                                   uint32_t seq, uint64_t deadline, epx__srcs_t *src, epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, LS = t->local_size;
+    size_t crow = m->s.combine_row_bytes, wb = sizeof(float) * (size_t)x->K, ao = EPX__ALIGN_UP(crow, 16);
+    size_t rec = ao + (w ? EPX__ALIGN_UP(wb, 16) : 0);
+    epx_status_t st = EPX_SUCCESS;
+    int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)x->n_back_send * rec, &st, err);
+    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)x->n_back_recv * rec, &st, err);
+    char *send = epx__buf(m, EPX__B_SEND, (size_t)x->n_home_send * rec, &st, err);
+    char *home = epx__buf(m, EPX__B_HOME, (size_t)x->n_home_recv * rec, &st, err);
+    if (st == EPX_SUCCESS) {
+        int64_t *sbytes = nb, *rbytes = nb + R, *lsb = nb + 2 * R, *lrb = lsb + LS;
+        memset(src, 0, sizeof *src);
+        epx__src_set(src, EPX__HIER_Y, y, crow, w, wb);
+        epx__src_set(src, EPX__HIER_C1, c1, rec, w ? c1 + ao : NULL, rec);
+        epx__src_set(src, EPX__HIER_HOME, home, rec, w ? home + ao : NULL, rec);
+        epx__gather(src, x->c1, x->n_back_send, lsend, rec, crow, w ? lsend + ao : NULL, rec, wb);
+        epx__bytes(lsb, x->back_send, LS, rec), epx__bytes(lrb, x->back_recv, LS, rec);
+        st = epx__local_xchg(m, lsend, lsb, c1, lrb, err);
+        if (st == EPX_SUCCESS) {
+            epx__gather(src, x->home, x->n_home_send, send, rec, crow, w ? send + ao : NULL, rec, wb);
+            epx__bytes(sbytes, x->home_send, R, rec), epx__bytes(rbytes, x->home_recv, R, rec);
+            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), send, sbytes, home, rbytes, deadline, err);
+        }
+    }
+    free(nb);
+    return st;
+}
+
 epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
                                    const epx_moe_combine_in_t *in, epx_moe_combine_out_t *out, epx_status_t local,
                                    epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, LS = t->local_size;
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
@@ -921,59 +812,39 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s->local_experts, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, &x, err));
     int K = hd->K;
-    size_t crow = s->combine_row_bytes, wb = sizeof(float) * (size_t)K, ao = EPX__ALIGN_UP(crow, 16);
-    size_t rec = ao + (has_w ? EPX__ALIGN_UP(wb, 16) : 0);
-    int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)x.n_lrecv * rec, &st, err);
-    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)x.n_fan * rec, &st, err);
-    char *send = epx__buf(m, EPX__B_SEND, (size_t)x.n_home_send * rec, &st, err);
-    char *home = epx__buf(m, EPX__B_HOME, (size_t)x.n_home_recv * rec, &st, err);
-    if (st == EPX_SUCCESS) {
-        int64_t *sbytes = nb, *rbytes = nb + R, *lsb = nb + 2 * R, *lrb = lsb + LS;
-        epx__srcs_t src;
-        memset(&src, 0, sizeof src);
-        epx__src_set(&src, EPX__HIER_Y, in->y, crow, has_w ? in->topk_weights : NULL, wb);
-        epx__src_set(&src, EPX__HIER_C1, c1, rec, has_w ? c1 + ao : NULL, rec);
-        epx__src_set(&src, EPX__HIER_HOME, home, rec, has_w ? home + ao : NULL, rec);
-        /* My rows back to their forwarders here; as gateway, my sources' rows home as they are. */
-        epx__gather(&src, x.c1, x.n_lrecv, lsend, rec, crow, has_w ? lsend + ao : NULL, rec, wb);
-        epx__bytes(lsb, x.fan_recv, LS, rec), epx__bytes(lrb, x.fan_send, LS, rec);
-        st = epx__local_xchg(m, lsend, lsb, c1, lrb, err);
-        if (st == EPX_SUCCESS) {
-            epx__gather(&src, x.home, x.n_home_send, send, rec, crow, has_w ? send + ao : NULL, rec, wb);
-            epx__bytes(sbytes, x.home_send, R, rec), epx__bytes(rbytes, x.home_recv, R, rec);
-            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), send, sbytes, home, rbytes, deadline, err);
-        }
-        /* At home: each token's rows in ascending rank order, summed from +0; the weights likewise. */
-        for (int i = 0; i < x.T && st == EPX_SUCCESS; i++) {
-            const char *rows[EPX_MOE_MAX_TOPK];
-            int n = (int)(x.first[i + 1] - x.first[i]);
-            for (int j = 0; j < n; j++) rows[j] = epx__src_row(&src, x.tok[x.first[i] + j]);
-            epx__cpu_reduce_rows((char *)out->out + (size_t)i * crow, s->combine_dtype, rows, NULL, n, s->hidden);
-            if (!out->out_topk_weights) continue;
-            float *w = out->out_topk_weights + (size_t)i * K;
-            for (int k = 0; k < K; k++) w[k] = 0.0f;
-            for (int j = 0; j < n && has_w; j++) {
-                const float *rw = (const float *)epx__src_aux(&src, x.tok[x.first[i] + j]);
-                for (int k = 0; k < K; k++) w[k] += rw[k];
-            }
+    size_t crow = s->combine_row_bytes;
+    epx__srcs_t src;
+    st = epx__rows_home(m, &x, in->y, has_w ? in->topk_weights : NULL, seq, deadline, &src, err);
+    /* At home: each token's rows in ascending rank order, summed from +0; the weights likewise. */
+    for (int i = 0; i < x.T && st == EPX_SUCCESS; i++) {
+        const char *rows[EPX_MOE_MAX_TOPK];
+        int n = (int)(x.first[i + 1] - x.first[i]);
+        for (int j = 0; j < n; j++) rows[j] = epx__src_row(&src, x.tok[x.first[i] + j]);
+        epx__cpu_reduce_rows((char *)out->out + (size_t)i * crow, s->combine_dtype, rows, NULL, n, s->hidden);
+        if (!out->out_topk_weights) continue;
+        float *w = out->out_topk_weights + (size_t)i * K;
+        for (int k = 0; k < K; k++) w[k] = 0.0f;
+        for (int j = 0; j < n && has_w; j++) {
+            const float *rw = (const float *)epx__src_aux(&src, x.tok[x.first[i] + j]);
+            for (int k = 0; k < K; k++) w[k] += rw[k];
         }
     }
-    free(nb);
     epx__hier_xplan_free(&x);
     return st;
 }
 
 /* ---- Low-latency ------------------------------------------------------------------------------------ */
 
-epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
-                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local,
-                                       epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
+/* A low-latency dispatch; with !payload, the plan alone: the routing records travel without
+ * rows, in->x is not read and nothing of the caller's is written (out may be NULL). */
+static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                     epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool payload,
+                                     epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    int L = s->local_experts, me = s->rank, H = s->hidden;
+    int H = s->hidden;
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     epx__hier_moe_handle_t *hd = NULL;
@@ -990,7 +861,7 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
     size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = 0, poff = 0;
     const char *x = in ? in->x : NULL, *xs = NULL;
-    if (st == EPX_SUCCESS && s->ll_fp8) {
+    if (st == EPX_SUCCESS && payload && s->ll_fp8) {
         /* Quantise each token once, here. */
         for (int t = 0; t < hd->T; t++)
             epx__fp8_quantize_row((const uint16_t *)in->x + (size_t)t * (size_t)H, H, s->scale_format,
@@ -998,34 +869,32 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
         x = (const char *)m->ll_q, xs = m->ll_scales;
     }
     const char *recs = NULL;
-    epx__payload_t pl = {x, xs, rb, sb};
+    epx__payload_t pl = payload ? (epx__payload_t){x, xs, rb, sb} : (epx__payload_t){NULL, NULL, 0, 0};
     if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &recs, &rec, &poff, err);
     epx__flows_free(&f);
-    int32_t *cnt = st == EPX_SUCCESS ? calloc((size_t)L, sizeof *cnt) : NULL;
-    if (st == EPX_SUCCESS && !cnt) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    for (int64_t r = 0; r < (st == EPX_SUCCESS ? hd->rows : 0); r++) {
-        const int32_t *tk = hd->row_topk + r * K;
-        for (int k = 0; k < K; k++) {
-            if (tk[k] < 0 || tk[k] / L != me) continue;
-            bool dup = false;
-            for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
-            if (dup) continue;
-            int l = tk[k] % L;
-            size_t slot = (size_t)l * s->ll_slots + (size_t)cnt[l]++;
-            memcpy((char *)out->recv_x + slot * rb, recs + (size_t)hd->row_rec[r] * rec + poff, rb);
-            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, recs + (size_t)hd->row_rec[r] * rec + poff + rb, sb);
-            if (out->recv_src_rank) out->recv_src_rank[slot] = hd->row_src[r];
-            if (out->recv_src_token) out->recv_src_token[slot] = hd->row_tok[r];
+    epx__hier_xplan_t xp;
+    memset(&xp, 0, sizeof xp);
+    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, &xp, err);
+    if (st == EPX_SUCCESS && payload) {
+        /* The caller's outputs, now that nothing can fail: each row into its slots, in the
+         * row plan's order (local expert, then source rank and token ascending). */
+        for (int64_t j = 0; j < xp.n_place; j++) {
+            const char *row = recs + (size_t)hd->row_rec[xp.prow[j]] * rec + poff;
+            size_t slot = (size_t)xp.pslot[j];
+            memcpy((char *)out->recv_x + slot * rb, row, rb);
+            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, row + rb, sb);
+            if (out->recv_src_rank) out->recv_src_rank[slot] = (int32_t)(xp.psrc[j] >> 32);
+            if (out->recv_src_token) out->recv_src_token[slot] = (int32_t)(xp.psrc[j] & 0xffffffff);
+        }
+        for (int l = 0; l < s->local_experts; l++) {
+            if (out->recv_count) out->recv_count[l] = (int32_t)xp.count[l];
+            for (size_t i = (size_t)xp.count[l]; i < s->ll_slots; i++) {
+                if (out->recv_src_rank) out->recv_src_rank[(size_t)l * s->ll_slots + i] = -1;
+                if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
+            }
         }
     }
-    for (int l = 0; l < L && st == EPX_SUCCESS; l++) {
-        if (out->recv_count) out->recv_count[l] = cnt[l];
-        for (size_t i = (size_t)cnt[l]; i < s->ll_slots; i++) {
-            if (out->recv_src_rank) out->recv_src_rank[(size_t)l * s->ll_slots + i] = -1;
-            if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
-        }
-    }
-    free(cnt);
+    epx__hier_xplan_free(&xp);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(hd);
         return st;
@@ -1034,68 +903,17 @@ epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_disp
     return EPX_SUCCESS;
 }
 
-typedef struct {
-    const epx__hier_moe_t *m;
-    const epx__hier_moe_handle_t *hd;
-    const char *y;       /* [L, slots, H] */
-    const int64_t *slot; /* [rows, K]: slot of the row's k-th expert (first occurrence) */
-    size_t crow;
-    const float *w; /* my weights [T, K] */
-    void *out;
-} epx__ll_back_t;
-
-/* The number of distinct experts of `topk` on rank q below local expert `below`. */
-static int epx__ll_distinct(const int32_t *topk, int K, int L, int q, int below)
+epx_status_t epx__hier_moe_ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local,
+                                       epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
 {
-    int n = 0;
-    for (int k = 0; k < K; k++) {
-        if (topk[k] < 0 || topk[k] / L != q || topk[k] % L >= below) continue;
-        bool dup = false;
-        for (int j = 0; j < k; j++) dup = dup || topk[j] == topk[k];
-        n += !dup;
-    }
-    return n;
+    return epx__ll_dispatch(m, in, out, local, true, handle, err);
 }
 
-/* One row per distinct local expert of the receiver, ascending (rows of 2 or 4 bytes per
- * element: every row stays aligned to its elements). */
-static size_t epx__ll_rec_size(const void *ctx, const int32_t *topk, int q)
+epx_status_t epx__hier_moe_ll_dispatch_plan(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                            epx_status_t local, epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
 {
-    const epx__ll_back_t *c = ctx;
-    return (size_t)epx__ll_distinct(topk, c->hd->K, c->m->s.local_experts, q, c->m->s.local_experts) * c->crow;
-}
-
-static void epx__ll_rec_pack(const void *ctx, int64_t row, char *dst)
-{
-    const epx__ll_back_t *c = ctx;
-    int K = c->hd->K, L = c->m->s.local_experts, me = c->m->s.rank;
-    const int32_t *tk = c->hd->row_topk + row * K;
-    for (int l = 0; l < L; l++)
-        for (int k = 0; k < K; k++)
-            if (tk[k] == me * L + l) {
-                memcpy(dst, c->y + ((size_t)l * c->m->s.ll_slots + (size_t)c->slot[row * K + k]) * c->crow, c->crow);
-                dst += c->crow;
-                break;
-            }
-}
-
-/* out[i] = sum over the valid k, ascending, of w[i, k] * the row of expert k, from +0. */
-static void epx__ll_fold(const void *ctx, int i, const int *ranks, int n, const char *const *rec)
-{
-    const epx__ll_back_t *c = ctx;
-    const epx__moe_shape_t *s = &c->m->s;
-    int K = c->hd->K, L = s->local_experts, nr = 0;
-    const int32_t *tk = c->hd->topk + (size_t)i * K;
-    const char *rows[EPX_MOE_MAX_TOPK];
-    float w[EPX_MOE_MAX_TOPK];
-    (void)ranks, (void)n;
-    for (int k = 0; k < K; k++) {
-        if (tk[k] < 0) continue;
-        int r = tk[k] / L;
-        rows[nr] = rec[r] + (size_t)epx__ll_distinct(tk, K, L, r, tk[k] % L) * c->crow;
-        w[nr++] = c->w[(size_t)i * K + k];
-    }
-    epx__cpu_reduce_rows((char *)c->out + (size_t)i * c->crow, s->combine_dtype, rows, w, nr, s->hidden);
+    return epx__ll_dispatch(m, in, NULL, local, false, handle, err);
 }
 
 epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
@@ -1103,35 +921,29 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                       epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    int me = epx__t(m)->rank, L = s->local_experts;
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
     epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
+    epx__hier_xplan_t x;
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, &x, err));
     int K = hd->K;
-    int64_t *slot = epx__alloc((size_t)hd->rows * (size_t)K, 8, &st, err);
-    int64_t *cnt = epx__alloc((size_t)L, 8, &st, err);
-    if (st == EPX_SUCCESS) {
-        /* The slots of dispatch, again: per local expert, in row order. */
-        for (int64_t r = 0; r < hd->rows; r++) {
-            const int32_t *tk = hd->row_topk + r * K;
-            for (int k = 0; k < K; k++) {
-                slot[r * K + k] = -1;
-                if (tk[k] < 0 || tk[k] / L != me) continue;
-                bool dup = false;
-                for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
-                if (!dup) slot[r * K + k] = cnt[tk[k] % L]++;
-            }
+    size_t crow = s->combine_row_bytes;
+    epx__srcs_t src;
+    st = epx__rows_home(m, &x, in->y, NULL, seq, deadline, &src, err);
+    /* At home: out[t] = sum over the valid k, ascending, of w[t, k] * the row of expert k. */
+    for (int i = 0; i < x.T && st == EPX_SUCCESS; i++) {
+        const char *rows[EPX_MOE_MAX_TOPK];
+        float w[EPX_MOE_MAX_TOPK];
+        int n = (int)(x.first[i + 1] - x.first[i]);
+        for (int j = 0; j < n; j++) {
+            rows[j] = epx__src_row(&src, x.tok[x.first[i] + j]);
+            w[j] = in->topk_weights[(size_t)i * (size_t)K + (size_t)x.tk[x.first[i] + j]];
         }
+        epx__cpu_reduce_rows((char *)out + (size_t)i * crow, s->combine_dtype, rows, w, n, s->hidden);
     }
-    char *c1 = NULL;
-    int64_t *c1pos = NULL;
-    epx__ll_back_t ctx = {m, hd, in->y, slot, s->combine_row_bytes, in->topk_weights, out};
-    if (st == EPX_SUCCESS) st = epx__combine_back(m, hd, epx__ll_rec_size, epx__ll_rec_pack, &ctx, &c1, &c1pos, err);
-    if (st == EPX_SUCCESS)
-        st = epx__combine_home(m, hd, epx__ll_rec_size, &ctx, c1, c1pos, epx__ll_fold, seq, deadline, err);
-    free(slot), free(cnt), free(c1pos);
+    epx__hier_xplan_free(&x);
     return st;
 }

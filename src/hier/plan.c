@@ -1,9 +1,14 @@
 /*
- * src/hier: the row plan of a high-throughput handle (hier.h, epx__hier_xplan_t): from the
- * handle's routing plan, the count of every transfer and the source of every row copy, as
- * references. The CPU path (moe.c: cached dispatch, combine) runs it in host memory; the
- * GPU path across hosts (src/xhost) uploads the references and runs the same plan with
- * device kernels, NCCL and CUDA IPC. Pure C, local.
+ * src/hier: the row plan of a handle (hier.h, epx__hier_xplan_t): from the handle's routing
+ * plan, the count of every transfer and the source of every row copy, as references. The
+ * CPU path (moe.c: cached dispatch, combine, the low-latency slots and combine) runs it in
+ * host memory; the GPU path across hosts (src/xhost) uploads the references and runs the
+ * same plan with device kernels, NCCL and CUDA IPC. Pure C, local.
+ *
+ * High-throughput and low-latency plans share the dispatch (one record per token and
+ * destination rank) and the shape of the combine; a low-latency combine record holds one
+ * row per distinct expert of the token at that rank (ascending local expert), so that the
+ * home rank can weight each (token, k) as the single-host combine does.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -40,10 +45,56 @@ static int epx__dest_ranks(const int32_t *tk, int K, int L, int *ranks)
     return n;
 }
 
+/* The distinct experts of a token on rank q by ascending local id: lid[j], and kf[j] the
+ * first k that names it; returns how many. */
+static int epx__experts_on(const int32_t *tk, int K, int L, int q, int *lid, int *kf)
+{
+    int n = 0;
+    for (int k = 0; k < K; k++) {
+        if (tk[k] < 0 || tk[k] / L != q) continue;
+        int l = tk[k] % L, j = n;
+        bool dup = false;
+        for (int a = 0; a < n; a++) dup = dup || lid[a] == l;
+        if (dup) continue;
+        while (j > 0 && lid[j - 1] > l) lid[j] = lid[j - 1], kf[j] = kf[j - 1], j--;
+        lid[j] = l, kf[j] = k, n++;
+    }
+    return n;
+}
+
 /* The rank of host k that acts for source rank p there (its gateway). */
 static int epx__gw(const epx__topo_t *t, int p, int k)
 {
     return t->host_ranks[t->host_first[k] + t->lrank_of[p] % t->host_size[k]];
+}
+
+/* What the builder reads. */
+typedef struct {
+    epx__hier_plan_t P;
+    int K, L, me;
+    bool ll;
+    int64_t slots;
+    const int64_t *rslot; /* low-latency [rows, K]: row r's position among its expert's slots, at
+                             the first k naming each of my experts; else -1 */
+} epx__pb_t;
+
+/* Rows of the combine record of a token (routing tk) for rank q, which it goes to. */
+static int64_t epx__rec_rows(const epx__pb_t *b, const int32_t *tk, int q)
+{
+    int lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
+    return b->ll ? epx__experts_on(tk, b->K, b->L, q, lid, kf) : 1;
+}
+
+/* Row j of the combine record that starts at `ref`: in C1 or HOME rows lie back to back;
+ * Y (mine, never copied) names my row r, whose low-latency rows are the slots of its
+ * experts. */
+static int64_t epx__rec_row(const epx__pb_t *b, int64_t ref, int j)
+{
+    if (!b->ll || EPX__HIER_REF_KIND(ref) != EPX__HIER_Y) return ref + j;
+    int64_t r = EPX__HIER_REF_INDEX(ref);
+    int lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
+    epx__experts_on(b->P.row_topk + r * b->K, b->K, b->L, b->me, lid, kf);
+    return EPX__HIER_REF(EPX__HIER_Y, lid[j] * b->slots + b->rslot[r * b->K + kf[j]]);
 }
 
 void epx__hier_xplan_free(epx__hier_xplan_t *x)
@@ -53,77 +104,124 @@ void epx__hier_xplan_free(epx__hier_xplan_t *x)
     memset(x, 0, sizeof *x);
 }
 
-epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h, int local_experts,
-                                   epx__hier_xplan_t *x, epx__errbuf_t *err)
+epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
+                                   const epx__moe_shape_t *s, epx__hier_xplan_t *x, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__hier_topo(hier);
     int R = t->nranks, LS = t->local_size, NH = t->num_hosts, me = t->rank, ml = t->local_rank, A = t->host;
-    int L = local_experts;
-    epx__hier_plan_t P;
-    epx__hier_moe_handle_plan(h, &P);
-    int K = P.K, T = P.T;
-    const int64_t *tf = P.to_first, *ff = P.from_first;
+    int L = s->local_experts;
+    epx__pb_t b;
+    memset(&b, 0, sizeof b);
+    epx__hier_moe_handle_plan(h, &b.P);
+    const epx__hier_plan_t *P = &b.P;
+    int K = P->K, T = P->T;
+    b.K = K, b.L = L, b.me = me, b.ll = P->ll, b.slots = (int64_t)s->ll_slots;
+    const int64_t *tf = P->to_first, *ff = P->from_first;
+    int64_t rows = P->rows;
     memset(x, 0, sizeof *x);
+    if (K > EPX_MOE_MAX_TOPK) return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got top-k %d", K);
     epx_status_t st = EPX_SUCCESS;
-    x->mem = calloc(4 * (size_t)R + 4 * (size_t)LS, sizeof *x->mem);
-    int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P.nent * LS, (int64_t)1));
+    x->mem = calloc(4 * (size_t)R + 6 * (size_t)LS, sizeof *x->mem);
+    int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P->nent * LS, (int64_t)1));
     int64_t *cur = calloc((size_t)NH, sizeof *cur);
-    int *ranks = malloc(sizeof *ranks * (size_t)EPX__MAX(K, 1));
-    if (!x->mem || !ent_ref || !cur || !ranks) {
+    int64_t *cnt = calloc((size_t)EPX__MAX(L, 1), sizeof *cnt), *pfirst = calloc((size_t)L + 1, sizeof *pfirst);
+    int64_t *rslot = malloc(sizeof *rslot * (size_t)EPX__MAX(b.ll ? rows * K : 0, (int64_t)1));
+    int ranks[EPX_MOE_MAX_TOPK], lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
+    int64_t base[EPX_MOE_MAX_TOPK];
+    if (!x->mem || !ent_ref || !cur || !cnt || !pfirst || !rslot) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
     }
+    b.rslot = rslot;
     x->gw_send = x->mem, x->fwd_recv = x->mem + R, x->home_send = x->mem + 2 * R, x->home_recv = x->mem + 3 * R;
     x->fan_send = x->mem + 4 * R, x->fan_recv = x->fan_send + LS, x->fan_first = x->fan_recv + LS;
-    x->lrecv_first = x->fan_first + LS;
-    x->T = T, x->K = K, x->rows = P.rows;
+    x->lrecv_first = x->fan_first + LS, x->back_send = x->lrecv_first + LS, x->back_recv = x->back_send + LS;
+    x->T = T, x->K = K, x->rows = rows, x->ll = b.ll;
     /* Dispatch: my tokens to my gateway on each other host; what my sources send me; the
      * fan-out to and from the other local ranks (mine to me is never copied). */
     for (int k = 0; k < NH; k++) {
         if (k == A) continue;
         int64_t n = 0;
-        for (int i = 0; i < T; i++) n += epx__goes_host(t, P.topk + (size_t)i * K, K, L, k);
+        for (int i = 0; i < T; i++) n += epx__goes_host(t, P->topk + (size_t)i * K, K, L, k);
         x->gw_send[epx__gw(t, me, k)] = n, x->n_gw += n;
     }
-    for (int p = 0; p < R; p++) x->fwd_recv[p] = P.fwd_count[p], x->n_fwd += P.fwd_count[p];
+    for (int p = 0; p < R; p++) x->fwd_recv[p] = P->fwd_count[p], x->n_fwd += P->fwd_count[p];
     for (int l = 0; l < LS; l++) {
         x->fan_first[l] = x->n_fan, x->lrecv_first[l] = x->n_lrecv;
         if (l == ml) continue;
         x->fan_send[l] = tf[l + 1] - tf[l], x->fan_recv[l] = ff[l + 1] - ff[l];
         x->n_fan += x->fan_send[l], x->n_lrecv += x->fan_recv[l];
     }
-    if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P.nfwd) {
+    if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P->nfwd) {
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan does not add up (%lld rows to myself, %lld from)",
                        (long long)(tf[ml + 1] - tf[ml]), (long long)(ff[ml + 1] - ff[ml]));
         goto done;
     }
-    /* Combine: where the row of entry e from local rank l lies at its forwarder (mine: in
-     * y; the others': in what they sent back); the records each gateway sends home (per
-     * entry, local ranks ascending) and those I get home from each gateway (per token, that
-     * host's ranks ascending). */
-    for (int64_t i = 0; i < P.nent * LS; i++) ent_ref[i] = -1;
+    /* Low-latency slots: per local expert, my rows in row order (a row once per distinct
+     * expert). */
+    for (int64_t r = 0; b.ll && r < rows; r++) {
+        const int32_t *tk = P->row_topk + r * K;
+        for (int k = 0; k < K; k++) {
+            rslot[r * K + k] = -1;
+            if (tk[k] < 0 || tk[k] / L != me) continue;
+            bool dup = false;
+            for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
+            if (!dup) rslot[r * K + k] = cnt[tk[k] % L]++;
+        }
+    }
+    for (int l = 0; l < L; l++) pfirst[l + 1] = pfirst[l] + (b.ll ? cnt[l] : 0);
+    x->n_place = pfirst[L];
+    /* Combine: the rows I send back to each local forwarder (my rows from it, in its order);
+     * where the record of entry e from local rank l lies at its forwarder (mine: my row in
+     * y; the others': in what they sent back, from its first row on); the rows each gateway
+     * sends home (per entry, local ranks ascending) and those I get home from each gateway
+     * (per token, that host's ranks ascending). */
     for (int l = 0; l < LS; l++)
-        for (int64_t a = tf[l]; a < tf[l + 1]; a++)
-            ent_ref[P.to_ent[a] * LS + l] = l != ml ? EPX__HIER_REF(EPX__HIER_C1, x->fan_first[l] + a - tf[l])
-                                                    : EPX__HIER_REF(EPX__HIER_Y, P.from_row[ff[ml] + a - tf[ml]]);
-    for (int64_t e = 0; e < P.nent; e++) {
-        int p = P.ent_src[e];
+        for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++)
+            x->back_send[l] += epx__rec_rows(&b, P->row_topk + P->from_row[a] * K, me);
+    for (int64_t i = 0; i < P->nent * LS; i++) ent_ref[i] = -1;
+    int64_t c = 0;
+    for (int l = 0; l < LS; l++) {
+        int q = t->host_ranks[t->host_first[A] + l];
+        for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
+            int64_t e = P->to_ent[a];
+            if (l == ml) {
+                ent_ref[e * LS + l] = EPX__HIER_REF(EPX__HIER_Y, P->from_row[ff[ml] + a - tf[ml]]);
+                continue;
+            }
+            int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, q);
+            ent_ref[e * LS + l] = EPX__HIER_REF(EPX__HIER_C1, c);
+            c += n, x->back_recv[l] += n;
+        }
+    }
+    for (int l = 0; l < LS; l++) x->n_back_send += x->back_send[l], x->n_back_recv += x->back_recv[l];
+    for (int64_t e = 0; e < P->nent; e++) {
+        int p = P->ent_src[e];
         if (t->host_of[p] == A) continue;
-        for (int l = 0; l < LS; l++) x->home_send[p] += ent_ref[e * LS + l] >= 0;
+        for (int l = 0; l < LS; l++)
+            if (ent_ref[e * LS + l] >= 0)
+                x->home_send[p] += epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
     }
     for (int p = 0; p < R; p++) x->n_home_send += x->home_send[p];
     for (int k = 0; k < NH; k++) {
         if (k == A) continue;
         int64_t n = 0;
         for (int i = 0; i < T; i++)
-            for (int l = 0; l < t->host_size[k]; l++)
-                n += epx__goes_rank(P.topk + (size_t)i * K, K, L, t->host_ranks[t->host_first[k] + l]);
+            for (int l = 0; l < t->host_size[k]; l++) {
+                int q = t->host_ranks[t->host_first[k] + l];
+                if (epx__goes_rank(P->topk + (size_t)i * K, K, L, q)) n += epx__rec_rows(&b, P->topk + (size_t)i * K, q);
+            }
         x->home_recv[epx__gw(t, me, k)] = n, x->n_home_recv += n;
     }
-    for (int i = 0; i < T; i++) x->n_tok += epx__dest_ranks(P.topk + (size_t)i * K, K, L, ranks);
-    /* The references, in one array: gw, fan, out, c1, home, first, tok. */
-    int64_t rows = P.rows;
-    x->nref = (size_t)(x->n_gw + x->n_fan + rows + x->n_lrecv + x->n_home_send + T + 1 + x->n_tok);
+    for (int i = 0; i < T; i++) {
+        const int32_t *tk = P->topk + (size_t)i * K;
+        if (!b.ll) x->n_tok += epx__dest_ranks(tk, K, L, ranks);
+        for (int k = 0; k < K && b.ll; k++) x->n_tok += tk[k] >= 0;
+    }
+    /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
+     * tk, prow, pslot, psrc, count. */
+    x->nref = (size_t)(x->n_gw + x->n_fan + rows + x->n_back_send + x->n_home_send + T + 1 + x->n_tok);
+    if (b.ll) x->nref += (size_t)(x->n_tok + 3 * x->n_place + L);
     x->ref = malloc(sizeof *x->ref * EPX__MAX(x->nref, (size_t)1));
     if (!x->ref) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
@@ -135,26 +233,26 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         int k = t->host_of[p];
         if (k == A || epx__gw(t, me, k) != p) continue;
         for (int i = 0; i < T; i++)
-            if (epx__goes_host(t, P.topk + (size_t)i * K, K, L, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
+            if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
     }
     x->fan = o;
     for (int l = 0; l < LS; l++) {
         if (l == ml) continue;
         for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
-            int64_t e = P.to_ent[a];
-            *o++ = P.ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P.ent_fidx[e])
-                                      : EPX__HIER_REF(EPX__HIER_X, P.ent_tok[e]);
+            int64_t e = P->to_ent[a];
+            *o++ = P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
+                                       : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
         }
     }
     x->out = o;
     for (int64_t r = 0; r < rows; r++) o[r] = -1;
     for (int l = 0; l < LS; l++)
         for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
-            int64_t r = P.from_row[a], e = l == ml ? P.to_ent[tf[ml] + a - ff[ml]] : -1;
+            int64_t r = P->from_row[a], e = l == ml ? P->to_ent[tf[ml] + a - ff[ml]] : -1;
             if (r < 0 || r >= rows) continue;
-            o[r] = l != ml               ? EPX__HIER_REF(EPX__HIER_LRECV, x->lrecv_first[l] + a - ff[l])
-                   : P.ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P.ent_fidx[e])
-                                        : EPX__HIER_REF(EPX__HIER_X, P.ent_tok[e]);
+            o[r] = l != ml                ? EPX__HIER_REF(EPX__HIER_LRECV, x->lrecv_first[l] + a - ff[l])
+                   : P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
+                                         : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
         }
     for (int64_t r = 0; r < rows && st == EPX_SUCCESS; r++)
         if (o[r] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has no source for row %lld", (long long)r);
@@ -163,44 +261,81 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     x->c1 = o;
     for (int l = 0; l < LS; l++) {
         if (l == ml) continue;
-        for (int64_t a = ff[l]; a < ff[l + 1]; a++) *o++ = EPX__HIER_REF(EPX__HIER_Y, P.from_row[a]);
+        for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
+            int64_t r = P->from_row[a], n = epx__rec_rows(&b, P->row_topk + r * K, me);
+            for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, EPX__HIER_REF(EPX__HIER_Y, r), j);
+        }
     }
     x->home = o;
-    for (int64_t e = 0; e < P.nent; e++) {
-        if (t->host_of[P.ent_src[e]] == A) continue;
-        for (int l = 0; l < LS; l++)
-            if (ent_ref[e * LS + l] >= 0) *o++ = ent_ref[e * LS + l];
+    for (int64_t e = 0; e < P->nent; e++) {
+        if (t->host_of[P->ent_src[e]] == A) continue;
+        for (int l = 0; l < LS; l++) {
+            if (ent_ref[e * LS + l] < 0) continue;
+            int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
+            for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, ent_ref[e * LS + l], j);
+        }
     }
     x->first = o;
     o += T + 1;
     x->tok = o;
+    x->tk = b.ll ? x->tok + x->n_tok : NULL;
     int64_t acc = 0, e0 = 0;
-    for (int p = 0; p < R; p++) { /* home records lie by gateway rank */
+    for (int p = 0; p < R; p++) { /* home rows lie by gateway rank */
         int k = t->host_of[p];
         if (k != A && epx__gw(t, me, k) == p) cur[k] = acc, acc += x->home_recv[p];
     }
-    for (int p = 0; p < me; p++) e0 += P.fwd_count[p]; /* my entries follow the lower sources' */
+    for (int p = 0; p < me; p++) e0 += P->fwd_count[p]; /* my entries follow the lower sources' */
     x->first[0] = 0;
     for (int i = 0; i < T && st == EPX_SUCCESS; i++) {
-        int n = epx__dest_ranks(P.topk + (size_t)i * K, K, L, ranks);
-        if (e0 + i >= P.nent || P.ent_src[e0 + i] != me || P.ent_tok[e0 + i] != i) {
+        const int32_t *tk = P->topk + (size_t)i * K;
+        int n = epx__dest_ranks(tk, K, L, ranks);
+        if (e0 + i >= P->nent || P->ent_src[e0 + i] != me || P->ent_tok[e0 + i] != i) {
             st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misplaces token %d", i);
             break;
         }
+        /* The first row of each destination rank's record, in ascending rank order. */
         for (int j = 0; j < n; j++) {
-            int r = ranks[j];
-            int64_t ref = t->host_of[r] == A ? ent_ref[(e0 + i) * LS + t->lrank_of[r]]
-                                             : EPX__HIER_REF(EPX__HIER_HOME, cur[t->host_of[r]]++);
-            if (ref < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misses token %d's row at rank %d", i, r);
-            *o++ = ref;
+            int r = ranks[j], k = t->host_of[r];
+            base[j] = k == A ? ent_ref[(e0 + i) * LS + t->lrank_of[r]] : EPX__HIER_REF(EPX__HIER_HOME, cur[k]);
+            if (k != A) cur[k] += epx__rec_rows(&b, tk, r);
+            if (base[j] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misses token %d's row at rank %d", i, r);
         }
-        x->first[i + 1] = x->first[i] + n;
+        int64_t m = 0;
+        for (int j = 0; j < n && !b.ll; j++) o[m++] = base[j];
+        for (int k = 0; k < K && b.ll && st == EPX_SUCCESS; k++) {
+            if (tk[k] < 0) continue;
+            int r = tk[k] / L, j = 0, jj = 0, ne = epx__experts_on(tk, K, L, r, lid, kf);
+            while (j < n - 1 && ranks[j] != r) j++;
+            while (jj < ne - 1 && lid[jj] != tk[k] % L) jj++;
+            x->tk[o - x->tok + m] = k;
+            o[m++] = epx__rec_row(&b, base[j], jj);
+        }
+        o += m;
+        x->first[i + 1] = x->first[i] + m;
     }
-    if (st == EPX_SUCCESS && (size_t)(o - x->ref) != x->nref)
+    if (st != EPX_SUCCESS) goto done;
+    if (b.ll) {
+        /* Each filled slot: its row, its place, its source; in slot order. */
+        o += x->n_tok;
+        x->prow = o, x->pslot = o + x->n_place, x->psrc = o + 2 * x->n_place, x->count = o + 3 * x->n_place;
+        for (int64_t r = 0; r < rows; r++) {
+            const int32_t *tk = P->row_topk + r * K;
+            for (int k = 0; k < K; k++) {
+                if (rslot[r * K + k] < 0) continue;
+                int l = tk[k] % L;
+                int64_t j = pfirst[l] + rslot[r * K + k];
+                x->prow[j] = r, x->pslot[j] = l * b.slots + rslot[r * K + k];
+                x->psrc[j] = (int64_t)((uint64_t)(uint32_t)P->row_src[r] << 32 | (uint32_t)P->row_tok[r]);
+            }
+        }
+        for (int l = 0; l < L; l++) x->count[l] = cnt[l];
+        o = x->count + L;
+    }
+    if ((size_t)(o - x->ref) != x->nref)
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %zu references, %zu expected", (size_t)(o - x->ref),
                        x->nref);
 done:
-    free(ent_ref), free(cur), free(ranks);
+    free(ent_ref), free(cur), free(cnt), free(pfirst), free(rslot);
     if (st != EPX_SUCCESS) epx__hier_xplan_free(x);
     return st;
 }

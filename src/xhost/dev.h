@@ -40,8 +40,10 @@ typedef struct {
 } epx__xh_gather_t;
 
 /* out[t] = the rows ref[first[t] .. first[t + 1]) summed in that order (float32 from +0,
- * the arithmetic of the single-host combine: epx__moe_reduce_token); out_w[t] (when not
- * NULL) = the sum of their top-k weights (aux parts; zeros where no source has any). */
+ * the arithmetic of the single-host combine: epx__moe_reduce_token); with w (low-latency)
+ * row j enters as the product w[t * topk + wk[j]] * row, rounded before it is added, as in
+ * the CPU backend's low-latency combine. out_w[t] (when not NULL) = the sum of their top-k
+ * weights (aux parts; zeros where no source has any). */
 typedef struct {
     epx__xh_src_t src;
     const long long *first; /* [T + 1], device */
@@ -49,11 +51,39 @@ typedef struct {
     int num_tokens, topk, hidden, dtype;
     char *out;
     float *out_w;
+    const float *w;        /* [T, topk], device, or NULL */
+    const long long *wk;   /* the k of each row (with w), device */
 } epx__xh_reduce_t;
 
-/* Launchers: a cudaError_t as int. Nothing is launched for no rows. */
+/* Low-latency placement. Filled slot j (j < g.n) gets row ref[row[j]] of g (g.ref: one per
+ * received row) at slot[j] (g.row + slot[j] * g.row_stride, its scales likewise at g.aux),
+ * src_rank / src_token[slot[j]] = src[j] >> 32 / the low 32 bits; every other slot of local
+ * expert l (from count[l] on, of `slots`) gets -1 sources, recv_count[l] = count[l]. Any
+ * of the three outputs may be NULL. */
+typedef struct {
+    epx__xh_gather_t g;
+    const long long *row, *slot, *src; /* [g.n], device */
+    const long long *count;            /* [L], device */
+    int L;
+    long long slots;
+    int *recv_count, *src_rank, *src_token;
+} epx__xh_place_t;
+
+/* Low-latency FP8: bf16 rows x [T, H] quantised into records of `stride` bytes at q: the
+ * e4m3 row first, the scales (UE8M0 bytes or float32) at scale_off, with the CPU backend's
+ * arithmetic (epx__ll_quantize_row). */
+typedef struct {
+    const unsigned short *x;
+    int num_tokens, hidden, ue8m0;
+    char *q;
+    long long stride, scale_off;
+} epx__xh_quant_t;
+
+/* Launchers: a cudaError_t as int. Nothing is launched for no rows (place: for no slots). */
 int epx__xh_launch_gather(const epx__xh_gather_t *g, int blocks, void *stream);
 int epx__xh_launch_reduce(const epx__xh_reduce_t *r, int blocks, void *stream);
+int epx__xh_launch_place(const epx__xh_place_t *p, int blocks, void *stream);
+int epx__xh_launch_quantize(const epx__xh_quant_t *q, int blocks, void *stream);
 
 #ifdef __cplusplus
 }

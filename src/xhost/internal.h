@@ -25,7 +25,6 @@ struct epx__xhost {
     uint32_t fault_step;
     bool fault_count;   /* announce a wrong size */
     bool fault_enqueue; /* at=enqueue entries may be due: fire them at the call's enqueue point */
-    bool fault_on_link; /* ... which is its first exchange over NCCL (low-latency MoE) */
 };
 
 /* The NCCL peer index of rank p, which must be on my rail (or -1). */

@@ -1,7 +1,8 @@
 /*
  * src/xhost: MoE across GPU hosts.
  *
- * High-throughput dispatch, cached dispatch and combine keep the payload on the device.
+ * Dispatch, cached dispatch and combine, high-throughput and low-latency, keep the payload
+ * on the device.
  * The host reads back only the routing (topk_idx, T*K ids; with weights, T*K floats) after
  * one wait for the caller's stream (every call waits there, so a worst-case capacity with a
  * device row count changes only what num_recv_tokens shows: -1), and computes the plan with
@@ -43,10 +44,47 @@
  * exchange, the plan: ~1-3 ms, not measured); combine the same. On the test machine (2 GPUs
  * as 2 hosts over NCCL sockets on lo) the payload steps are the NCCL baseline's.
  *
- * Low-latency dispatch and combine — still SIMPLIFIED: each call waits for the caller's
- * stream, copies its device inputs to host memory, runs src/hier's algorithm (NCCL between
- * hosts, shared memory inside a host) and copies the outputs back. Only rows that exist
- * are copied (the filled slots of each expert).
+ * Low-latency dispatch and combine run the same machinery with a low-latency row plan. The
+ * host reads back topk_idx alone (T*K ids; the weights stay on the device) after the wait
+ * for the caller's stream; src/hier plans (epx__hier_moe_ll_dispatch_plan: its verdict and
+ * routing records, 40 B per token and destination host at K = 8, host-staged over NCCL; no
+ * rows), and the handle's row plan (src/hier/plan.c, the plan the CPU backend's low-latency
+ * slots and combine run: one record per token and destination rank as above, the slot of
+ * every (row, expert) received, the rows of the combine) is uploaded once per dispatch.
+ * Then, after the same bootstrap round, on the caller's stream:
+ *   dispatch  with FP8, one kernel quantises each of my tokens once (epx__ll_quantize_block,
+ *             the CPU backend's arithmetic) into S_Q; the records (the e4m3 row and its
+ *             scales, or the dtype's row) move as high-throughput rows do; one kernel then
+ *             copies every received row into the slot of each of its experts here (slots of
+ *             an expert by source rank, then token, ascending: the CPU backend's order),
+ *             writes recv_src_rank / recv_src_token (-1 past the count) and recv_count.
+ *   combine   rows home unreduced, one per (token, distinct expert), a token's rows for a
+ *             rank back to back by local expert (src/hier's low-latency combine): back to
+ *             their forwarder (CUDA IPC), home along the rail (NCCL); at home one kernel
+ *             sums each token's valid k ascending, each term the float32 product
+ *             w[t, k] * y rounded before it is added, from +0 (epx__moe_reduce_token,
+ *             weighted): the CPU backend's bits.
+ * Low-latency across hosts waits on the host, so it cannot be captured in a CUDA graph and
+ * a split send does all the work (its receive keeps the order only): per dispatch the stream
+ * wait and the read-back of the ids, a bootstrap round (bad routing), src/hier's verdict (an
+ * allreduce) and routing records (over NCCL, then shared memory inside a host), the plan and
+ * its upload, and the staging round; per combine the wait, a bootstrap round, the verdict
+ * and the staging round. Only then are kernels and NCCL enqueued.
+ *
+ * Bytes per GPU and direction for T = 128, H = 7168, K = 8, E = 288 (uniform routing,
+ * distinct experts: a token reaches the other host with p = 0.9965, a given rank of 2x2 with
+ * 0.9031, and has 4 experts on a host of 144, 2 on a rank of 72); FP8 record 7392 B (e4m3
+ * row + 56 float32 scales; UE8M0 7232 B), BF16 row 14336 B:
+ *   dispatch  2x1: NIC 127.5 records = 0.94 MB FP8 / 1.83 MB BF16; no NVLink; 255.5 rows
+ *             received, 1024 slots filled.
+ *             2x2: NIC the same 0.94 / 1.83 MB; NVLink 231 records (115.6 own + 115.6
+ *             forwarded) = 1.71 MB FP8 / 3.31 MB BF16.
+ *   combine   (BF16) 2x1: NIC 512 rows = 7.34 MB. 2x2: NIC 512 rows = 7.34 MB (the rail
+ *             peer's tokens' experts on my host), NVLink 512 rows = 7.34 MB back to the
+ *             forwarders. Four times a (token, rank) combine's bytes: no partial sum may
+ *             cross, or the float32 rounding would differ from the single-host sum in k
+ *             order.
+ *   Routing records add 5 KB per GPU over the NIC (dispatch only); HBM passes are small.
  *
  * The CUDA backend checks routing on the device where it skips host synchronisation; this
  * path keeps its visible behaviour: when every rank's dispatch is of that kind (low-latency
@@ -68,8 +106,8 @@
 #include "dev.h"
 #include "internal.h"
 
-enum { B_X, B_XS, B_IDX, B_W, B_RX, B_RXS, B_RIDX, B_RW, B_SR, B_ST, B_PE, B_Y, B_OUT, B_OUTW, B_CNT, B_LAY, B_N };
-enum { S_GW, S_FWD, S_LSEND, S_LRECV, S_N }; /* device staging (see epx__stage) */
+enum { B_IDX, B_W, B_RIDX, B_RW, B_SR, B_ST, B_PE, B_CNT, B_LAY, B_N };
+enum { S_GW, S_FWD, S_LSEND, S_LRECV, S_Q, S_N }; /* device staging (see epx__stage) */
 
 struct epx__xhost_moe {
     epx__xhost_t *xh;
@@ -77,7 +115,7 @@ struct epx__xhost_moe {
     epx__hier_moe_t *hm;
     char *buf[B_N]; /* host mirrors, grown on demand */
     size_t cap[B_N];
-    char *stage[S_N]; /* device staging of the high-throughput rows */
+    char *stage[S_N]; /* device staging of the rows */
     size_t stage_cap[S_N];
     int64_t *lx;      /* [4 * LS]: the intra-host exchange's byte counts and displacements */
     epx__cpu_xfer_t lxf; /* that exchange: an epx__cuda_a2a_t plan points here until enqueued */
@@ -85,13 +123,14 @@ struct epx__xhost_moe {
     cudaEvent_t done; /* recorded at the end of every call that enqueued work */
 };
 
-/* A high-throughput handle's row plan (src/hier's epx__hier_xplan_t: counts on the host),
- * its references in device memory. */
+/* A handle's row plan (src/hier's epx__hier_xplan_t: counts on the host), its references
+ * in device memory. */
 typedef struct {
     epx__hier_xplan_t h;
     bool keep_dev;  /* the NCCL link died: leave cudaMalloc'd memory (cudaFree could wait) */
     long long *dev; /* the references, sections as in h: */
     const long long *d_gw, *d_fan, *d_out, *d_c1, *d_home, *d_first, *d_tok;
+    const long long *d_tk, *d_prow, *d_pslot, *d_psrc, *d_count; /* low-latency */
     bool dev_async;    /* dev is stream-ordered (cudaMallocAsync): freed without waiting */
     int device;        /* dev's */
     cudaEvent_t used;  /* recorded after every call that read dev */
@@ -103,8 +142,7 @@ struct epx__xhost_moe_handle {
     int64_t n;     /* rows received */
     int64_t shown; /* what the caller sees: n, or -1 (no host synchronisation) */
     bool bad;      /* bad routing seen "on the device": calls along it write nothing */
-    int32_t *cnt;  /* low-latency: rows per local expert */
-    epx__xh_plan_t xp; /* high-throughput */
+    epx__xh_plan_t xp;
 };
 
 static void *epx__hb(epx__xhost_moe_t *m, int b, size_t bytes, epx_status_t *st, epx__errbuf_t *err)
@@ -261,7 +299,6 @@ void epx__xhost_moe_handle_free(epx__xhost_moe_handle_t *h)
     if (!h) return;
     epx__hier_moe_handle_free(h->hh);
     epx__plan_free(&h->xp);
-    free(h->cnt);
     free(h);
 }
 
@@ -316,13 +353,14 @@ static epx__xhost_moe_handle_t *epx__handle_new(int T, epx_status_t *st, epx__er
     return h;
 }
 
-/* ---- High-throughput: the plan on the host, the rows on the device ------------------------ */
+/* ---- The plan on the host, the rows on the device ----------------------------------------- */
 
 /* Staging of a context in device memory (grown on demand; calls are ordered by m->done):
  * dispatch: S_GW my records for my gateways (NCCL send), S_FWD what my rail peers sent me
  * as their gateway (NCCL receive), S_LSEND / S_LRECV the fan-out to and from the local
- * ranks (CUDA IPC); combine: S_LSEND / S_LRECV the rows going back to the forwarders, S_GW
- * the records a gateway sends home, S_FWD what the gateways send me home. */
+ * ranks (CUDA IPC), S_Q my rows quantised (low-latency FP8); combine: S_LSEND / S_LRECV the
+ * rows going back to the forwarders, S_GW the rows a gateway sends home, S_FWD what the
+ * gateways send me home. */
 enum { K_X = EPX__HIER_X, K_FWD = EPX__HIER_FWD, K_LRECV = EPX__HIER_LRECV }; /* dispatch: where rows come from */
 enum { K_Y = EPX__HIER_Y, K_C1 = EPX__HIER_C1, K_HOME = EPX__HIER_HOME };     /* combine */
 
@@ -401,7 +439,7 @@ _Static_assert(EPX__XH_REF(2, 5) == EPX__HIER_REF(2, 5) && EPX__XH_REF_KIND(EPX_
 static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, void *stream, epx__errbuf_t *err)
 {
     epx__xh_plan_t *x = &h->xp;
-    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, m->s.local_experts, &x->h, err));
+    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, &x->h, err));
     size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
     cudaError_t ce = cudaGetDevice(&x->device);
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&x->used, cudaEventDisableTiming);
@@ -430,6 +468,11 @@ static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     x->d_gw = x->dev + (x->h.gw - r), x->d_fan = x->dev + (x->h.fan - r), x->d_out = x->dev + (x->h.out - r);
     x->d_c1 = x->dev + (x->h.c1 - r), x->d_home = x->dev + (x->h.home - r);
     x->d_first = x->dev + (x->h.first - r), x->d_tok = x->dev + (x->h.tok - r);
+    if (x->h.ll) {
+        x->d_tk = x->dev + (x->h.tk - r), x->d_prow = x->dev + (x->h.prow - r);
+        x->d_pslot = x->dev + (x->h.pslot - r), x->d_psrc = x->dev + (x->h.psrc - r);
+        x->d_count = x->dev + (x->h.count - r);
+    }
     return EPX_SUCCESS;
 }
 
@@ -464,7 +507,7 @@ static void epx__local_xfer(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool c
 {
     int LS = m->xh->ls;
     int64_t *sb = m->lx, *sd = sb + LS, *rb = sb + 2 * LS, *rd = sb + 3 * LS;
-    const int64_t *sc = combine ? x->h.fan_recv : x->h.fan_send, *rc = combine ? x->h.fan_send : x->h.fan_recv;
+    const int64_t *sc = combine ? x->h.back_send : x->h.fan_send, *rc = combine ? x->h.back_recv : x->h.fan_recv;
     int64_t so = 0, ro = 0;
     for (int l = 0; l < LS; l++) {
         sb[l] = sc[l] * (int64_t)rec, sd[l] = so, so += sb[l];
@@ -473,12 +516,18 @@ static void epx__local_xfer(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool c
     *xf = (epx__cpu_xfer_t){m->stage[S_LSEND], sb, sd, m->stage[S_LRECV], rb, rd};
 }
 
-/* Record sizes: a dispatch row (and FP8 scales), a combine row (and top-k weights); each
- * part starts 16-byte aligned. */
+/* Record sizes: a dispatch row and its scales (high-throughput: a row of the dtype and, for
+ * FP8, float32 scales; low-latency: the e4m3 row and its scales with ll_fp8, else a row of
+ * the dtype), a combine row (and top-k weights); each part starts 16-byte aligned. */
 static size_t epx__drec(const epx__moe_shape_t *s, size_t *rb, size_t *sb)
 {
-    *rb = s->row_bytes;
-    *sb = s->dtype == EPX_FP8_E4M3 ? s->scale_cols * sizeof(float) : 0;
+    if (s->mode == EPX_MOE_LOW_LATENCY) {
+        *rb = s->ll_fp8 ? (size_t)s->hidden : s->row_bytes;
+        *sb = s->ll_fp8 ? s->scale_cols * (s->scale_format == EPX_SCALE_UE8M0 ? 1 : sizeof(float)) : 0;
+    } else {
+        *rb = s->row_bytes;
+        *sb = s->dtype == EPX_FP8_E4M3 ? s->scale_cols * sizeof(float) : 0;
+    }
     return EPX__ALIGN_UP(*rb, 16) + EPX__ALIGN_UP(*sb, 16);
 }
 
@@ -499,8 +548,9 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
         size_t need[S_N];
         need[S_GW] = (size_t)(combine ? x->h.n_home_send : x->h.n_gw) * rec;
         need[S_FWD] = (size_t)(combine ? x->h.n_home_recv : x->h.n_fwd) * rec;
-        need[S_LSEND] = (size_t)(combine ? x->h.n_lrecv : x->h.n_fan) * rec;
-        need[S_LRECV] = (size_t)(combine ? x->h.n_fan : x->h.n_lrecv) * rec;
+        need[S_LSEND] = (size_t)(combine ? x->h.n_back_send : x->h.n_fan) * rec;
+        need[S_LRECV] = (size_t)(combine ? x->h.n_back_recv : x->h.n_lrecv) * rec;
+        need[S_Q] = !combine && m->s.mode == EPX_MOE_LOW_LATENCY && m->s.ll_fp8 ? (size_t)x->h.T * rec : 0;
         for (int b = 0; b < S_N && ready == EPX_SUCCESS; b++) ready = epx__stage(m, b, need[b], err);
     }
     if (m->xh->ls > 1) {
@@ -526,41 +576,95 @@ static epx_status_t epx__launched(int ce, const char *what, epx__errbuf_t *err)
     return epx__fail(err, EPX_ERR_CUDA, "%s: %s", what, cudaGetErrorString((cudaError_t)ce));
 }
 
-/* Enqueue the rows of a dispatch along x: x/xs my rows and scales (xs NULL unless FP8),
- * into recv_x / recv_xs. Only CUDA or NCCL calls fail here. */
+/* Enqueue the rows of a dispatch along x: xr / xs my rows and their scales (xs NULL unless
+ * the dtype has them; low-latency FP8: xr bf16, quantised here first), into place:
+ * high-throughput (ll NULL) recv_x / recv_xs in row order; low-latency the slots of ll,
+ * their sources and counts. Only CUDA or NCCL calls fail here. */
 static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t *x, const void *xr, const float *xs,
-                                      void *recv_x, float *recv_xs, const epx__cuda_a2a_t *plan, void *stream,
-                                      epx__errbuf_t *err)
+                                      void *recv_x, float *recv_xs, const epx_moe_ll_dispatch_out_t *ll,
+                                      const epx__cuda_a2a_t *plan, void *stream, epx__errbuf_t *err)
 {
-    size_t rb, sb, rec = epx__drec(&m->s, &rb, &sb), ao = EPX__ALIGN_UP(rb, 16);
+    const epx__moe_shape_t *s = &m->s;
+    size_t rb, sb, rec = epx__drec(s, &rb, &sb), ao = EPX__ALIGN_UP(rb, 16);
     /* Scales travel whenever the dtype has them: a rank without tokens may pass no x_scales
      * and still forward and receive other ranks' rows (and their scales). */
-    bool fp8 = sb > 0;
+    bool sc = sb > 0, quant = ll && s->ll_fp8;
     int blocks = epx__blocks(m);
     epx__xh_src_t src;
     memset(&src, 0, sizeof src);
-    src.row[K_X] = xr, src.row_stride[K_X] = (long long)rb;
-    src.aux[K_X] = fp8 ? (const char *)xs : NULL, src.aux_stride[K_X] = (long long)sb;
+    src.row[K_X] = quant ? m->stage[S_Q] : (const char *)xr, src.row_stride[K_X] = (long long)(quant ? rec : rb);
+    src.aux[K_X] = !sc ? NULL : quant ? m->stage[S_Q] + ao : (const char *)xs;
+    src.aux_stride[K_X] = (long long)(quant ? rec : sb);
     src.row[K_FWD] = m->stage[S_FWD], src.row_stride[K_FWD] = (long long)rec;
-    src.aux[K_FWD] = fp8 ? m->stage[S_FWD] + ao : NULL, src.aux_stride[K_FWD] = (long long)rec;
+    src.aux[K_FWD] = sc ? m->stage[S_FWD] + ao : NULL, src.aux_stride[K_FWD] = (long long)rec;
     src.row[K_LRECV] = m->stage[S_LRECV], src.row_stride[K_LRECV] = (long long)rec;
-    src.aux[K_LRECV] = fp8 ? m->stage[S_LRECV] + ao : NULL, src.aux_stride[K_LRECV] = (long long)rec;
+    src.aux[K_LRECV] = sc ? m->stage[S_LRECV] + ao : NULL, src.aux_stride[K_LRECV] = (long long)rec;
+    /* 0. Low-latency FP8: each of my tokens quantised once, into records in S_Q. */
+    if (quant) {
+        epx__xh_quant_t q = {(const unsigned short *)xr, x->h.T, s->hidden, s->scale_format == EPX_SCALE_UE8M0,
+                             m->stage[S_Q], (long long)rec, (long long)ao};
+        EPX__CHECK(epx__launched(epx__xh_launch_quantize(&q, blocks, stream), "quantising the rows to FP8", err));
+    }
     /* 1. My rows for each other host, packed, then along the rail to my gateways there. */
     epx__xh_gather_t g = {src, x->d_gw, x->h.n_gw, m->stage[S_GW], (long long)rec, (long long)rb,
-                          fp8 ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)sb};
+                          sc ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)sb};
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the gateways", err));
     EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
     /* 2. As gateway and for my own tokens, the rows each other local rank needs, over CUDA IPC. */
     if (plan) {
         g = (epx__xh_gather_t){src, x->d_fan, x->h.n_fan, m->stage[S_LSEND], (long long)rec, (long long)rb,
-                               fp8 ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)sb};
+                               sc ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)sb};
         EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the local ranks", err));
         EPX__CHECK(epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err));
     }
-    /* 3. Every row into place, in (source rank, token) order. */
-    g = (epx__xh_gather_t){src, x->d_out, x->h.rows, recv_x, (long long)rb, (long long)rb,
-                           fp8 && recv_xs ? (char *)recv_xs : NULL, (long long)sb, (long long)sb};
-    return epx__launched(epx__xh_launch_gather(&g, blocks, stream), "placing the received rows", err);
+    /* 3. Every row into place: in (source rank, token) order, or into the slots of its
+     * experts here (sources ascending, tokens ascending), with the slots' sources and counts. */
+    if (!ll) {
+        g = (epx__xh_gather_t){src, x->d_out, x->h.rows, recv_x, (long long)rb, (long long)rb,
+                               sc && recv_xs ? (char *)recv_xs : NULL, (long long)sb, (long long)sb};
+        return epx__launched(epx__xh_launch_gather(&g, blocks, stream), "placing the received rows", err);
+    }
+    epx__xh_place_t p;
+    memset(&p, 0, sizeof p);
+    p.g = (epx__xh_gather_t){src, x->d_out, x->h.n_place, ll->recv_x, (long long)rb, (long long)rb,
+                             sc ? ll->recv_x_scales : NULL, (long long)sb, (long long)sb};
+    p.row = x->d_prow, p.slot = x->d_pslot, p.src = x->d_psrc, p.count = x->d_count;
+    p.L = s->local_experts, p.slots = (long long)s->ll_slots;
+    p.recv_count = ll->recv_count, p.src_rank = ll->recv_src_rank, p.src_token = ll->recv_src_token;
+    return epx__launched(epx__xh_launch_place(&p, blocks, stream), "placing the received rows in their slots", err);
+}
+
+/* Steps 1 and 2 of a combine along x (the rows go home unreduced): my rows back to the local
+ * ranks that forwarded them (CUDA IPC), then, as gateway, the rows of my sources on other
+ * hosts home as they are (NCCL). y holds the expert outputs, w (NULL: none travel) their
+ * top-k weights [rows, K]. *src says where every row of the home reduction lies. Only CUDA
+ * or NCCL calls fail here. */
+static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x, const void *y, const float *w,
+                                   const epx__cuda_a2a_t *plan, void *stream, epx__xh_src_t *src, epx__errbuf_t *err)
+{
+    bool has_w = w != NULL;
+    size_t crow = m->s.combine_row_bytes, rec = epx__crec(&m->s, x->h.K, has_w), ao = EPX__ALIGN_UP(crow, 16);
+    size_t wb = sizeof(float) * (size_t)x->h.K;
+    int blocks = epx__blocks(m);
+    memset(src, 0, sizeof *src);
+    src->row[K_Y] = y, src->row_stride[K_Y] = (long long)crow;
+    src->aux[K_Y] = (const char *)w, src->aux_stride[K_Y] = (long long)wb;
+    src->row[K_C1] = m->stage[S_LRECV], src->row_stride[K_C1] = (long long)rec;
+    src->aux[K_C1] = has_w ? m->stage[S_LRECV] + ao : NULL, src->aux_stride[K_C1] = (long long)rec;
+    src->row[K_HOME] = m->stage[S_FWD], src->row_stride[K_HOME] = (long long)rec;
+    src->aux[K_HOME] = has_w ? m->stage[S_FWD] + ao : NULL, src->aux_stride[K_HOME] = (long long)rec;
+    /* 1. My rows back to the local ranks that forwarded them to me (CUDA IPC). */
+    if (plan) {
+        epx__xh_gather_t g = {*src, x->d_c1, x->h.n_back_send, m->stage[S_LSEND], (long long)rec, (long long)crow,
+                              has_w ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)wb};
+        EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for their forwarders", err));
+        EPX__CHECK(epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err));
+    }
+    /* 2. As gateway: the rows of my sources on other hosts go home as they are (NCCL). */
+    epx__xh_gather_t g = {*src, x->d_home, x->h.n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
+                          has_w ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)wb};
+    EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err));
+    return epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
 }
 
 /* The end of a call that enqueued work along plan x (all of it, or part: `st` is how the
@@ -663,7 +767,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     epx__h2d(out->num_recv_tokens_device, &N, sizeof N, stream, &st, err);
     if (st == EPX_SUCCESS)
         st = epx__rows_enqueue(m, &h->xp, in->x, s->dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, out->recv_x,
-                               out->recv_x_scales, plan, stream, err);
+                               out->recv_x_scales, NULL, plan, stream, err);
     st = epx__enqueued(m, &h->xp, st, stream, err);
     epx__cuda_a2a_free(plan);
     if (st != EPX_SUCCESS) {
@@ -691,7 +795,7 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
     EPX__CHECK(epx__ready(m, &h->xp, false, false, EPX_SUCCESS, stream, &plan, err));
     epx__xh_fault_enqueue(m->xh);
     epx_status_t st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL,
-                                        out->recv_x, out->recv_x_scales, plan, stream, err);
+                                        out->recv_x, out->recv_x_scales, NULL, plan, stream, err);
     st = epx__enqueued(m, &h->xp, st, stream, err);
     epx__cuda_a2a_free(plan);
     if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
@@ -713,38 +817,13 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     epx__cuda_a2a_t *plan = NULL;
     EPX__CHECK(epx__ready(m, x, true, has_w, EPX_SUCCESS, stream, &plan, err));
     epx__xh_fault_enqueue(m->xh);
-    /* Records: the row, then (with weights) its K weights. */
-    size_t crow = s->combine_row_bytes, rec = epx__crec(s, x->h.K, has_w), ao = EPX__ALIGN_UP(crow, 16);
-    size_t wb = sizeof(float) * (size_t)x->h.K;
-    int blocks = epx__blocks(m);
     epx__xh_src_t src;
-    memset(&src, 0, sizeof src);
-    src.row[K_Y] = in->y, src.row_stride[K_Y] = (long long)crow;
-    src.aux[K_Y] = has_w ? (const char *)in->topk_weights : NULL, src.aux_stride[K_Y] = (long long)wb;
-    src.row[K_C1] = m->stage[S_LRECV], src.row_stride[K_C1] = (long long)rec;
-    src.aux[K_C1] = has_w ? m->stage[S_LRECV] + ao : NULL, src.aux_stride[K_C1] = (long long)rec;
-    src.row[K_HOME] = m->stage[S_FWD], src.row_stride[K_HOME] = (long long)rec;
-    src.aux[K_HOME] = has_w ? m->stage[S_FWD] + ao : NULL, src.aux_stride[K_HOME] = (long long)rec;
-    epx_status_t st = EPX_SUCCESS;
-    /* 1. My rows back to the local ranks that forwarded them to me (CUDA IPC). */
-    if (plan) {
-        epx__xh_gather_t g = {src, x->d_c1, x->h.n_lrecv, m->stage[S_LSEND], (long long)rec, (long long)crow,
-                              has_w ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)wb};
-        st = epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for their forwarders", err);
-        if (st == EPX_SUCCESS) st = epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err);
-    }
-    /* 2. As gateway: the rows of my sources on other hosts go home as they are (NCCL). */
-    if (st == EPX_SUCCESS) {
-        epx__xh_gather_t g = {src, x->d_home, x->h.n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
-                              has_w ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)wb};
-        st = epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err);
-    }
-    if (st == EPX_SUCCESS) st = epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
+    epx_status_t st = epx__rows_home(m, x, in->y, has_w ? in->topk_weights : NULL, plan, stream, &src, err);
     /* 3. At home: every token's rows summed in ascending rank order, as on one host. */
     if (st == EPX_SUCCESS) {
         epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->h.T, x->h.K, s->hidden, (int)s->combine_dtype, out->out,
-                              out->out_topk_weights};
-        st = epx__launched(epx__xh_launch_reduce(&r, blocks, stream), "reducing at home", err);
+                              out->out_topk_weights, NULL, NULL};
+        st = epx__launched(epx__xh_launch_reduce(&r, epx__blocks(m), stream), "reducing at home", err);
     }
     st = epx__enqueued(m, x, st, stream, err);
     epx__cuda_a2a_free(plan);
@@ -752,12 +831,7 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     return st;
 }
 
-/* Low-latency row and scale bytes of a slot. */
-static void epx__ll_sizes(const epx__moe_shape_t *s, size_t *rb, size_t *sb)
-{
-    *rb = s->ll_fp8 ? (size_t)s->hidden : s->row_bytes;
-    *sb = s->ll_fp8 ? s->scale_cols * (s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4) : 0;
-}
+/* ---- Low-latency: the plan on the host, the rows on the device ----------------------------- */
 
 epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
                                         epx_moe_ll_dispatch_out_t *out, epx_status_t local,
@@ -766,22 +840,22 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     const epx__moe_shape_t *s = &m->s;
     int T = local == EPX_SUCCESS ? in->num_tokens : 0, K = local == EPX_SUCCESS ? in->topk : 0, L = s->local_experts;
     bool bad = false, skip = false;
-    int32_t *ids = NULL;
+    int32_t *ids = NULL, *minus1 = NULL;
     if (local == EPX_SUCCESS) local = epx__routing(m, in->topk_idx, T, K, stream, &ids, &bad, err);
-    /* The handle before the round: running out of memory is this rank's verdict. */
+    /* The handle (and the counts of a skip) before the round: running out of memory is this
+     * rank's verdict. */
     epx__xhost_moe_handle_t *h = epx__handle_new(T, &local, err);
-    if (h) h->cnt = calloc((size_t)EPX__MAX(L, 1), sizeof(int32_t));
-    if (h && !h->cnt) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
+    if (local == EPX_SUCCESS) minus1 = epx__hb(m, B_CNT, sizeof(int32_t) * (size_t)EPX__MAX(L, 1), &local, err);
     epx_status_t st = epx__pre(m, (bad ? EPX__PRE_BAD : 0) | EPX__PRE_NOSYNC, &local, &skip, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(h);
         return st;
     }
-    if (skip) { /* no rank failed: h is there */
+    if (skip) { /* as the CUDA backend's device check: counts -1, nothing else written; no rank failed */
         h->bad = true;
-        for (int l = 0; l < L; l++) h->cnt[l] = -1;
-        epx__h2d(out->recv_count, h->cnt, sizeof(int32_t) * (size_t)L, stream, &st, err);
-        if (st == EPX_SUCCESS) st = epx__xh_sync(m->xh, stream, err); /* h->cnt is the source */
+        for (int l = 0; l < L; l++) minus1[l] = -1;
+        epx__h2d(out->recv_count, minus1, sizeof(int32_t) * (size_t)L, stream, &st, err);
+        if (st == EPX_SUCCESS) st = epx__xh_sync(m->xh, stream, err); /* the mirror is reused */
         if (st != EPX_SUCCESS) {
             epx__xhost_moe_handle_free(h);
             return st;
@@ -789,41 +863,34 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
         *handle = h;
         return EPX_SUCCESS;
     }
-    if (local == EPX_SUCCESS && bad) local = EPX_ERR_INVALID_ARGUMENT;
-    size_t rb, sb, slots = s->ll_slots;
-    epx__ll_sizes(s, &rb, &sb);
-    epx_moe_ll_dispatch_in_t hin = {0};
-    epx_moe_ll_dispatch_out_t hout = {0};
-    if (local == EPX_SUCCESS) {
-        epx_status_t ls = EPX_SUCCESS;
-        hin = (epx_moe_ll_dispatch_in_t){epx__hb(m, B_X, (size_t)T * s->row_bytes, &ls, err), ids, T, K};
-        hout.recv_x = epx__hb(m, B_RX, (size_t)L * slots * rb, &ls, err);
-        hout.recv_x_scales = sb ? epx__hb(m, B_RXS, (size_t)L * slots * sb, &ls, err) : NULL;
-        hout.recv_count = h->cnt;
-        hout.recv_src_rank = out->recv_src_rank ? (int32_t *)epx__hb(m, B_SR, (size_t)L * slots * 4, &ls, err) : NULL;
-        hout.recv_src_token = out->recv_src_token ? (int32_t *)epx__hb(m, B_ST, (size_t)L * slots * 4, &ls, err) : NULL;
-        if (ls == EPX_SUCCESS) ls = epx__d2h((void *)hin.x, in->x, (size_t)T * s->row_bytes, err);
-        local = ls;
-    }
+    if (local == EPX_SUCCESS && bad) local = EPX_ERR_INVALID_ARGUMENT; /* err names the token */
+    /* 1. The plan, on the host (src/hier's, with the routing records alone: no rows): the
+     * verdict of every rank, the handle. */
+    epx_moe_ll_dispatch_in_t hin = {NULL, ids, T, K};
     epx__hier_moe_handle_t *hh = NULL;
     epx__fault_count(m);
-    m->xh->fault_on_link = true; /* EPX_FAULT at=enqueue: at its first exchange over NCCL */
-    st = epx__hier_moe_ll_dispatch(m->hm, &hin, &hout, local, &hh, err);
-    m->xh->fault_on_link = false;
+    st = epx__hier_moe_ll_dispatch_plan(m->hm, &hin, local, &hh, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(h);
         return st;
     }
     h->hh = hh;
-    for (int l = 0; l < L; l++) {
-        size_t o = (size_t)l * slots, c = (size_t)h->cnt[l];
-        epx__h2d((char *)out->recv_x + o * rb, (char *)hout.recv_x + o * rb, c * rb, stream, &st, err);
-        if (sb) epx__h2d((char *)out->recv_x_scales + o * sb, (char *)hout.recv_x_scales + o * sb, c * sb, stream, &st, err);
-    }
-    epx__h2d(out->recv_count, h->cnt, sizeof(int32_t) * (size_t)L, stream, &st, err);
-    epx__h2d(out->recv_src_rank, hout.recv_src_rank, (size_t)L * slots * 4, stream, &st, err);
-    epx__h2d(out->recv_src_token, hout.recv_src_token, (size_t)L * slots * 4, stream, &st, err);
+    /* 2. The row plan on the device; staging; the intra-host exchange prepared; every rank's verdict. */
+    epx__cuda_a2a_t *plan = NULL;
+    st = epx__ready(m, &h->xp, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
     if (st != EPX_SUCCESS) {
+        epx__xhost_moe_handle_free(h);
+        return st;
+    }
+    /* 3. Enqueue the rows (quantised first with FP8), then their slots, sources and counts.
+     * A failure now, with peers' operations posted, aborts the NCCL link. */
+    epx__xh_fault_enqueue(m->xh);
+    st = epx__rows_enqueue(m, &h->xp, in->x, NULL, NULL, NULL, out, plan, stream, err);
+    st = epx__enqueued(m, &h->xp, st, stream, err);
+    epx__cuda_a2a_free(plan);
+    if (st != EPX_SUCCESS) {
+        epx__nccl_abort(m->xh->nccl);
+        h->xp.keep_dev = true; /* the stream may still read it */
         epx__xhost_moe_handle_free(h);
         return st;
     }
@@ -839,28 +906,23 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe
     bool skip = false;
     EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));
     if (skip) return EPX_SUCCESS;
-    int T = local == EPX_SUCCESS ? h->T : 0, L = s->local_experts;
-    size_t K = local == EPX_SUCCESS ? (size_t)epx__hier_moe_handle_topk(h->hh) : 0, crow = s->combine_row_bytes;
-    size_t slots = s->ll_slots;
-    epx_moe_ll_combine_in_t hin = {0};
-    void *hout = NULL;
-    if (local == EPX_SUCCESS) {
-        epx_status_t ls = EPX_SUCCESS;
-        char *y = epx__hb(m, B_Y, (size_t)L * slots * crow, &ls, err);
-        hin.y = y;
-        hin.topk_weights = (const float *)epx__hb(m, B_W, (size_t)T * K * 4, &ls, err);
-        hout = epx__hb(m, B_OUT, (size_t)T * crow, &ls, err);
-        for (int l = 0; l < L && ls == EPX_SUCCESS; l++) /* only the filled slots are read */
-            ls = epx__d2h(y + (size_t)l * slots * crow, (const char *)in->y + (size_t)l * slots * crow,
-                          (size_t)h->cnt[l] * crow, err);
-        if (ls == EPX_SUCCESS) ls = epx__d2h((void *)hin.topk_weights, in->topk_weights, (size_t)T * K * 4, err);
-        local = ls;
-    }
+    bool ok = local == EPX_SUCCESS;
     epx__fault_count(m);
-    m->xh->fault_on_link = true; /* EPX_FAULT at=enqueue: at its first exchange over NCCL */
-    epx_status_t st = epx__hier_moe_ll_combine(m->hm, local == EPX_SUCCESS ? h->hh : NULL, &hin, hout, local, err);
-    m->xh->fault_on_link = false;
-    if (st != EPX_SUCCESS) return st;
-    epx__h2d(out, hout, (size_t)T * crow, stream, &st, err);
+    EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, true, false, local, err));
+    const epx__xh_plan_t *x = &h->xp;
+    epx__cuda_a2a_t *plan = NULL;
+    EPX__CHECK(epx__ready(m, x, true, false, EPX_SUCCESS, stream, &plan, err));
+    epx__xh_fault_enqueue(m->xh);
+    epx__xh_src_t src;
+    epx_status_t st = epx__rows_home(m, x, in->y, NULL, plan, stream, &src, err);
+    /* 3. At home: out[t] = sum over the valid k, ascending, of w[t, k] * the row of expert k. */
+    if (st == EPX_SUCCESS) {
+        epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->h.T, x->h.K, s->hidden, (int)s->combine_dtype, out,
+                              NULL, in->topk_weights, x->d_tk};
+        st = epx__launched(epx__xh_launch_reduce(&r, epx__blocks(m), stream), "reducing at home", err);
+    }
+    st = epx__enqueued(m, x, st, stream, err);
+    epx__cuda_a2a_free(plan);
+    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
     return st;
 }

@@ -60,7 +60,7 @@ void epx__xhost_mark_broken(epx__xhost_t *xh)
 void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t step, bool count, bool enqueue)
 {
     xh->fault = fault, xh->fault_step = step;
-    xh->fault_count = count, xh->fault_enqueue = enqueue, xh->fault_on_link = false;
+    xh->fault_count = count, xh->fault_enqueue = enqueue;
 }
 
 void epx__xh_fault_enqueue(epx__xhost_t *xh)
@@ -87,7 +87,6 @@ static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, 
 {
     epx__xhost_t *xh = ctx;
     (void)tag; /* one batch at a time, matched in order */
-    if (xh->fault_on_link) epx__xh_fault_enqueue(xh); /* low-latency MoE: its enqueue point */
     int P = epx__nccl_size(xh->nccl);
     const void **sp = xh->sp;
     void **rp = xh->rp;

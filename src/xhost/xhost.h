@@ -26,14 +26,15 @@
  * stream is refused (EPX_ERR_INVALID_USAGE) before any collective step, as is any call
  * once the NCCL link was aborted (EPX_ERR_ABORTED).
  *
- * MoE (moe.c): high-throughput dispatch and combine keep the rows on the device: the host
+ * MoE (moe.c), high-throughput and low-latency, keeps the rows on the device: the host
  * reads back the routing only, plans with src/hier's algorithm (a token crosses to each
  * destination host once, to the rank of the same local index, and fans out inside the host;
- * combine sends rows home unreduced and sums them at home in ascending rank order), and the
- * rows move with gather kernels, NCCL along the rails and the CUDA backend's alltoallv
- * inside a host; results are bit-identical to the single-host backends. Low-latency MoE
- * is still SIMPLIFIED: inputs are copied to the host, src/hier runs it there and the
- * outputs are copied back.
+ * combine sends rows home unreduced and sums them at home: high-throughput in ascending rank
+ * order, low-latency weighted in ascending k), and the rows move with gather kernels, NCCL
+ * along the rails and the CUDA backend's alltoallv inside a host; low-latency FP8 is
+ * quantised on the device, and each received row is placed into its experts' slots by one
+ * kernel. Results are bit-identical to the single-host backends. Every MoE call waits on
+ * the host (moe.c says for what), so low-latency across hosts is not capturable either.
  */
 #ifndef EPX_XHOST_H
 #define EPX_XHOST_H
