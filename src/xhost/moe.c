@@ -419,7 +419,8 @@ static void epx__plan_free(epx__xh_plan_t *x)
         int cur = -1;
         cudaGetDevice(&cur);
         cudaStream_t fs = epx__free_stream(x->device);
-        if (fs && cudaSetDevice(x->device) == cudaSuccess && cudaStreamWaitEvent(fs, x->used, 0) == cudaSuccess)
+        if (fs && x->used && cudaSetDevice(x->device) == cudaSuccess &&
+            cudaStreamWaitEvent(fs, x->used, 0) == cudaSuccess)
             cudaFreeAsync(x->dev, fs); /* else left: freeing it could wait */
         if (cur >= 0) cudaSetDevice(cur);
     } else if (x->dev && !x->keep_dev) {
@@ -463,6 +464,12 @@ static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     }
     /* From pageable memory: the call returns once the source was taken. */
     ce = cudaMemcpyAsync(x->dev, x->h.ref, sizeof(long long) * x->h.nref, cudaMemcpyHostToDevice, (cudaStream_t)stream);
+    /* The upload is the plan's first use: its free (stream-ordered, on another stream) must
+     * wait for it even when no call gets to enqueue anything along the plan (a failed
+     * verdict frees the handle at once). Without the record the free leaves the memory. */
+    cudaError_t re = cudaEventRecord(x->used, (cudaStream_t)stream);
+    if (re != cudaSuccess) cudaEventDestroy(x->used), x->used = NULL;
+    if (ce == cudaSuccess) ce = re;
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "uploading the row plan: %s", cudaGetErrorString(ce));
     const int64_t *r = x->h.ref;
     x->d_gw = x->dev + (x->h.gw - r), x->d_fan = x->dev + (x->h.fan - r), x->d_out = x->dev + (x->h.out - r);
