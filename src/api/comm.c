@@ -418,6 +418,9 @@ fail:
 
 static void epx__comm_free(epx_comm_t c, bool abort)
 {
+    /* Abort first: NCCL work a dead peer left on the streams ends, so the MoE contexts'
+     * waits for their last device work end at once and their staging is freed. */
+    if (abort) epx__xhost_mark_broken(c->xh);
     epx__moe_detach_all(c);
     epx__xhost_destroy(c->xh, abort);
     epx__cuda_destroy(c->cuda);

@@ -277,8 +277,10 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
     /* After a failure NCCL's kernels may still wait on the stream (an adopted communicator
      * is left to its owner, or a peer died after the last call's agreement and nothing broke
      * the communicator yet), and cudaFree would wait for them: leave the memory then, once
-     * the last call's device work has not ended within EPX_TIMEOUT_MS. */
-    bool keep = epx__nccl_aborted(m->xh->nccl);
+     * the last call's device work has not ended within EPX_TIMEOUT_MS. A link of epx's own
+     * that was aborted (every communicator that breaks aborts it) has ended its kernels, so
+     * the wait is short and the staging is freed; an adopted one is only marked. */
+    bool keep = m->xh->adopted && epx__nccl_aborted(m->xh->nccl);
     uint64_t deadline = epx__deadline_after_ms(m->xh->timeout_ms);
     while (!keep && cudaEventQuery(m->done) == cudaErrorNotReady) {
         if (epx__now_ns() >= deadline) keep = true;

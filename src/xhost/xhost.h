@@ -65,10 +65,11 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort);
  * goes on the stream; low-latency MoE (run on the host) before its first exchange over
  * NCCL, after src/hier's verdict; barrier after its round. Both hold for one call. */
 void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t step, bool count, bool enqueue);
-/* The communicator broke (src/api): abort the NCCL link now, so that NCCL work already on
- * this rank's streams ends instead of waiting for a peer that is gone (a stream
- * synchronisation before epx_comm_abort then returns), and the peers' NCCL waits fail.
- * Local; idempotent. An adopted NCCL communicator is only marked (left to its owner). */
+/* The communicator broke, or an abort frees it (src/api): abort the NCCL link now, so
+ * that NCCL work already on this rank's streams ends instead of waiting for a peer that is
+ * gone (a stream synchronisation before epx_comm_abort then returns; the MoE contexts'
+ * teardown finds their device work ended), and the peers' NCCL waits fail. Local;
+ * idempotent. An adopted NCCL communicator is only marked (left to its owner). */
 void epx__xhost_mark_broken(epx__xhost_t *xh);
 
 /* The contracts of their src/cuda namesakes, over every rank. */
