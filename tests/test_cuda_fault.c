@@ -44,8 +44,8 @@
  *     EPX_ERR_PEER_FAILURE within milliseconds, every rank of the round), nothing written;
  *   - kill_enqueue / kill_launched: the call may succeed with its NCCL work left waiting
  *     (PENDING); the next call then fails (EPX_ERR_TIMEOUT, EPX_ERR_PEER_FAILURE or
- *     EPX_ERR_NCCL) within the timeout plus slack. Low-latency calls (run on the host:
- *     at=enqueue fires before their first NCCL exchange) fail in the call. Once the
+ *     EPX_ERR_NCCL) within the timeout plus slack, low-latency calls as high-throughput
+ *     ones (both enqueue their rows after their last bootstrap round). Once the
  *     communicator broke its NCCL link is aborted, so the stream must drain within the
  *     slack; outputs are not checked then (undefined: kernels behind aborted NCCL work read
  *     staging that never filled), except after a success that drained (exact);

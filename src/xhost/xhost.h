@@ -61,9 +61,8 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort);
  * byte more to rank + 1 than it sends, in the agreement on counts; MoE: a top-k one
  * larger, in src/hier's verdict; barrier and epx_moe_create announce none); `enqueue`
  * makes it fire the entries of `fault` with at=enqueue for `step` at its enqueue point:
- * alltoall(v) and high-throughput MoE after their last bootstrap round, before anything
- * goes on the stream; low-latency MoE (run on the host) before its first exchange over
- * NCCL, after src/hier's verdict; barrier after its round. Both hold for one call. */
+ * alltoall(v) and MoE (high-throughput and low-latency) after their last bootstrap round,
+ * before anything goes on the stream; barrier after its round. Both hold for one call. */
 void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t step, bool count, bool enqueue);
 /* The communicator broke, or an abort frees it (src/api): abort the NCCL link now, so
  * that NCCL work already on this rank's streams ends instead of waiting for a peer that is
