@@ -278,10 +278,11 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
      * is left to its owner, or a peer died after the last call's agreement and nothing broke
      * the communicator yet), and cudaFree would wait for them: leave the memory then, once
      * the last call's device work has not ended within EPX_TIMEOUT_MS. A link of epx's own
-     * that was aborted (every communicator that breaks aborts it) has ended its kernels, so
-     * the wait is short and the staging is freed; an adopted one is only marked. */
-    bool keep = m->xh->adopted && epx__nccl_aborted(m->xh->nccl);
-    uint64_t deadline = epx__deadline_after_ms(m->xh->timeout_ms);
+     * that was aborted (every communicator that breaks, or is aborted, aborts it) has ended
+     * its kernels, so the wait is short and the staging is freed; an adopted one that was
+     * only marked dead is looked at once, not waited for. */
+    bool marked = m->xh->adopted && epx__nccl_aborted(m->xh->nccl), keep = false;
+    uint64_t deadline = marked ? 0 : epx__deadline_after_ms(m->xh->timeout_ms);
     while (!keep && cudaEventQuery(m->done) == cudaErrorNotReady) {
         if (epx__now_ns() >= deadline) keep = true;
         sched_yield();
