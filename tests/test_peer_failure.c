@@ -4,7 +4,9 @@
  * reports the error, and a new communicator works. Forks its own ranks (epx-run would stop
  * the survivors as soon as one rank dies).
  */
+#include <poll.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -15,7 +17,10 @@
 #include "testlib.h"
 
 #define NR 3
-#define TIMEOUT_MS 1500
+/* The communicators' timeout: 1.5 s, or EPX_TEST_PEER_TIMEOUT_MS (sanitizer builds set 4 s:
+ * there three forked ranks may take longer than 1.5 s to meet on a loaded 2-core machine). */
+static int timeout_ms = 1500;
+#define PARENT_WAIT_MS 90000 /* the parent's bound on any rank (ctest's is 120 s): it names it */
 
 typedef enum { DIE_BETWEEN, KILLED_DURING, STALL, ABORT } scenario_t;
 static const char *names[] = {"dies between calls", "killed during a large exchange", "stalls", "aborts"};
@@ -38,8 +43,9 @@ static int *healthy_done;
 static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
 {
     test_rank = rank;
+    if (rank != NR - 1) close(ready_fd); /* only rank NR-1 writes: its end alone keeps the pipe open */
     epx_config_t cfg = EPX_CONFIG_INITIALIZER;
-    cfg.timeout_ms = TIMEOUT_MS;
+    cfg.timeout_ms = timeout_ms;
     epx_comm_t comm;
     ASSERT_OK(epx_comm_init_rank(&comm, NR, rank, id, &cfg));
     size_t count = sc == KILLED_DURING ? (16u << 20) : 64;
@@ -61,7 +67,7 @@ static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
         case KILLED_DURING:
             if (write(ready_fd, "r", 1) != 1) _exit(9);
             for (;;) epx_alltoall(comm, send, recv, count, EPX_U8, NULL); /* parent kills us */
-        case STALL: sleep(3 * TIMEOUT_MS / 1000 + 2); _exit(0);
+        case STALL: sleep(3 * timeout_ms / 1000 + 2); _exit(0);
         case ABORT: usleep(100000); epx_comm_abort(comm); _exit(0);
         }
     }
@@ -79,7 +85,7 @@ static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
     if (sc != STALL && st != EPX_ERR_PEER_FAILURE)
         TEST_FAIL_("%s: got %s, expected EPX_ERR_PEER_FAILURE (%s)", names[sc], epx_status_name(st),
                    epx_comm_get_last_error(comm));
-    if (waited > TIMEOUT_MS + 1000) TEST_FAIL_("%s: took %.0f ms, timeout is %d ms", names[sc], waited, TIMEOUT_MS);
+    if (waited > timeout_ms + 1000) TEST_FAIL_("%s: took %.0f ms, timeout is %d ms", names[sc], waited, timeout_ms);
     printf("rank %d, peer %s: %s after %.0f ms: %s\n", rank, names[sc], epx_status_name(st), waited,
            epx_comm_get_last_error(comm));
     epx_status_t async;
@@ -107,10 +113,12 @@ static void run_scenario(scenario_t sc)
         ASSERT(pids[r] >= 0);
         if (pids[r] == 0) _exit(rank_main(sc, r, &id));
     }
-    close(ready[1]); /* only the ranks write: a rank that ends early gives end-of-file, not a hang */
+    close(ready[1]); /* only rank NR-1 writes: if it ends early, end-of-file, not a hang */
     if (sc == KILLED_DURING) {
         char c;
-        if (read(ready[0], &c, 1) != 1) { /* its healthy exchanges are over, or it failed before */
+        struct pollfd pfd = {ready[0], POLLIN, 0};
+        if (poll(&pfd, 1, PARENT_WAIT_MS) != 1 || read(ready[0], &c, 1) != 1) { /* its healthy exchanges are over,
+                                                                                  or it failed or hung before */
             for (int r = 0; r < NR; r++) kill(pids[r], SIGKILL);
             TEST_FAIL_("scenario '%s': rank %d ended before its healthy exchanges were done", names[sc], NR - 1);
         }
@@ -118,9 +126,16 @@ static void run_scenario(scenario_t sc)
         kill(pids[NR - 1], SIGKILL);
     }
     close(ready[0]);
+    double t0 = now_ms();
     for (int r = 0; r < NR; r++) {
-        int status;
-        waitpid(pids[r], &status, 0);
+        int status = 0;
+        while (waitpid(pids[r], &status, WNOHANG) == 0) { /* bounded: a hung rank is named, not waited for */
+            if (now_ms() - t0 > PARENT_WAIT_MS) {
+                for (int q = 0; q < NR; q++) kill(pids[q], SIGKILL);
+                TEST_FAIL_("scenario '%s': rank %d still running after %d s", names[sc], r, PARENT_WAIT_MS / 1000);
+            }
+            usleep(10000);
+        }
         bool ok = r == NR - 1 ? true : WIFEXITED(status) && WEXITSTATUS(status) == 0;
         if (!ok) TEST_FAIL_("scenario '%s': rank %d failed (status 0x%x)", names[sc], r, status);
     }
@@ -132,6 +147,8 @@ static void run_scenario(scenario_t sc)
 int main(void)
 {
     test_rank = 0;
+    const char *t = getenv("EPX_TEST_PEER_TIMEOUT_MS");
+    if (t && atoi(t) > 0) timeout_ms = atoi(t);
     healthy_done = mmap(NULL, sizeof *healthy_done, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     ASSERT(healthy_done != MAP_FAILED);
     for (int sc = DIE_BETWEEN; sc <= ABORT; sc++) run_scenario((scenario_t)sc);
