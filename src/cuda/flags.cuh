@@ -44,12 +44,15 @@ static __device__ __forceinline__ unsigned long long epx__op_number(const epx__c
 
 /* Called every 256th round of a spin that began at `start`: 1 to keep waiting; 0 when
  * another wait already failed, or when this one timed out (the first error is recorded:
- * the peer, the value seen and the one wanted). */
+ * the peer, the value seen and the one wanted). A recorded count mismatch (device counts)
+ * stops no wait: the peers still write into my buffers, and the operation must not end
+ * before they have. */
 static __device__ int epx__keep_waiting(const epx__cuda_dev_t *d, unsigned long long start, int peer,
                                         unsigned long long seen, unsigned long long target)
 {
     volatile epx__cuda_err_t *e = d->err;
-    if (e->code != 0) return 0;
+    int code = e->code;
+    if (code != 0 && code != EPX_ERR_MISMATCH && code != EPX__ERR_CLAIMED) return 0;
     if (epx__globaltimer() - start > d->timeout_ns) {
         if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return 0; /* the first error stays */
         e->peer = peer;
