@@ -679,16 +679,36 @@ static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x,
 
 /* The end of a call that enqueued work along plan x (all of it, or part: `st` is how the
  * enqueueing went): later calls wait for it (m->done), whatever their stream, and so does
- * the plan's free (x->used). Returns st, or the failure to record. */
-static epx_status_t epx__enqueued(epx__xhost_moe_t *m, const epx__xh_plan_t *x, epx_status_t st, void *stream,
-                                  epx__errbuf_t *err)
+ * the plan's free (x->used); the intra-host exchange `plan` is freed. On failure, with the
+ * peers' operations posted, the NCCL link is aborted so that they fail instead of waiting.
+ * Returns st, or the failure to record. */
+static epx_status_t epx__call_end(epx__xhost_moe_t *m, const epx__xh_plan_t *x, epx__cuda_a2a_t *plan, epx_status_t st,
+                                  void *stream, epx__errbuf_t *err)
 {
     cudaError_t ce = cudaEventRecord(m->done, (cudaStream_t)stream);
     cudaError_t cu = cudaEventRecord(x->used, (cudaStream_t)stream);
     if (ce == cudaSuccess) ce = cu;
     if (st == EPX_SUCCESS && ce != cudaSuccess)
-        return epx__fail(err, EPX_ERR_CUDA, "recording the MoE call's end: %s", cudaGetErrorString(ce));
+        st = epx__fail(err, EPX_ERR_CUDA, "recording the MoE call's end: %s", cudaGetErrorString(ce));
+    epx__cuda_a2a_free(plan);
+    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
     return st;
+}
+
+/* The same for a dispatch, which also hands out its handle h: on failure h is freed (its
+ * plan memory left, as the stream may still read it). */
+static epx_status_t epx__dispatch_end(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, epx__cuda_a2a_t *plan,
+                                      epx_status_t st, void *stream, epx__xhost_moe_handle_t **handle,
+                                      epx__errbuf_t *err)
+{
+    st = epx__call_end(m, &h->xp, plan, st, stream, err);
+    if (st != EPX_SUCCESS) {
+        h->xp.keep_dev = true;
+        epx__xhost_moe_handle_free(h);
+        return st;
+    }
+    *handle = h;
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
@@ -778,17 +798,9 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     if (st == EPX_SUCCESS)
         st = epx__rows_enqueue(m, &h->xp, in->x, s->dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, out->recv_x,
                                out->recv_x_scales, NULL, plan, stream, err);
-    st = epx__enqueued(m, &h->xp, st, stream, err);
-    epx__cuda_a2a_free(plan);
-    if (st != EPX_SUCCESS) {
-        epx__nccl_abort(m->xh->nccl);
-        h->xp.keep_dev = true; /* the stream may still read it */
-        epx__xhost_moe_handle_free(h);
-        return st;
-    }
-    out->num_recv_tokens = h->shown;
-    *handle = h;
-    return EPX_SUCCESS;
+    st = epx__dispatch_end(m, h, plan, st, stream, handle, err);
+    if (st == EPX_SUCCESS) out->num_recv_tokens = h->shown;
+    return st;
 }
 
 epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
@@ -806,10 +818,7 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
     epx__xh_fault_enqueue(m->xh);
     epx_status_t st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL,
                                         out->recv_x, out->recv_x_scales, NULL, plan, stream, err);
-    st = epx__enqueued(m, &h->xp, st, stream, err);
-    epx__cuda_a2a_free(plan);
-    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
-    return st;
+    return epx__call_end(m, &h->xp, plan, st, stream, err);
 }
 
 epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
@@ -835,10 +844,7 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
                               out->out_topk_weights, NULL, NULL};
         st = epx__launched(epx__xh_launch_reduce(&r, epx__blocks(m), stream), "reducing at home", err);
     }
-    st = epx__enqueued(m, x, st, stream, err);
-    epx__cuda_a2a_free(plan);
-    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
-    return st;
+    return epx__call_end(m, x, plan, st, stream, err);
 }
 
 /* ---- Low-latency: the plan on the host, the rows on the device ----------------------------- */
@@ -896,16 +902,7 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
      * A failure now, with peers' operations posted, aborts the NCCL link. */
     epx__xh_fault_enqueue(m->xh);
     st = epx__rows_enqueue(m, &h->xp, in->x, NULL, NULL, NULL, out, plan, stream, err);
-    st = epx__enqueued(m, &h->xp, st, stream, err);
-    epx__cuda_a2a_free(plan);
-    if (st != EPX_SUCCESS) {
-        epx__nccl_abort(m->xh->nccl);
-        h->xp.keep_dev = true; /* the stream may still read it */
-        epx__xhost_moe_handle_free(h);
-        return st;
-    }
-    *handle = h;
-    return EPX_SUCCESS;
+    return epx__dispatch_end(m, h, plan, st, stream, handle, err);
 }
 
 epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
@@ -931,8 +928,5 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe
                               NULL, in->topk_weights, x->d_tk};
         st = epx__launched(epx__xh_launch_reduce(&r, epx__blocks(m), stream), "reducing at home", err);
     }
-    st = epx__enqueued(m, x, st, stream, err);
-    epx__cuda_a2a_free(plan);
-    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
-    return st;
+    return epx__call_end(m, x, plan, st, stream, err);
 }
