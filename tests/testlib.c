@@ -72,7 +72,17 @@ bool test_init(int argc, char **argv)
     /* EPX_TEST_GPU_PER_HOST=1: each simulated host (EPX_LOCAL_SIZE ranks) shares one GPU,
      * so that NCCL, which takes one rank per GPU, can join the hosts. */
     const char *gph = getenv("EPX_TEST_GPU_PER_HOST"), *ls = getenv("EPX_LOCAL_SIZE");
-    if (gph && atoi(gph) == 1 && ls && atoi(ls) > 0) test_device = ((lr ? atoi(lr) : 0) / atoi(ls)) % n;
+    if (gph && atoi(gph) == 1 && ls && atoi(ls) > 0) {
+        const char *nr = getenv("EPX_NRANKS");
+        int hosts = nr ? (atoi(nr) + atoi(ls) - 1) / atoi(ls) : 1;
+        if (hosts > n) { /* two hosts on one GPU: NCCL refuses two ranks of one device */
+            printf("SKIPPED: %d simulated hosts need %d GPUs (one each: NCCL takes one rank per GPU); %d here\n",
+                   hosts, hosts, n);
+            fflush(stdout);
+            exit(TEST_SKIP);
+        }
+        test_device = ((lr ? atoi(lr) : 0) / atoi(ls)) % n;
+    }
     CUDA_OK(cudaSetDevice(test_device));
     CUDA_OK(cudaStreamCreateWithFlags(&test_cuda_stream, cudaStreamNonBlocking));
     return true;

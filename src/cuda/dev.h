@@ -210,9 +210,10 @@ int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_
  * p and chunk c; *bad (EPX__MOE_NO_BAD before) = first t*K+k of my routing out of [-1, E),
  * or with `check_all` a value below EPX__MOE_NO_BAD when any rank's routing has one (every
  * rank then agrees without asking the others); expert_counts[L] zeroed for the row kernel.
- * One block per (source, chunk). */
+ * One block per (source, chunk). With `arrive` (the communicator), the kernel also is the
+ * operation's ARRIVE step (epx__arrive: each block waits for its source). */
 int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks, long long *bad,
-                               int check_all, int *expert_counts, void *stream);
+                               int check_all, int *expert_counts, const epx__cuda_dev_t *arrive, void *stream);
 /* My routing checked and laid out in one launch of at most `blocks` blocks: every output
  * written (any may be NULL), or, when an expert id is out of [-1, E), -1 in every count
  * (in_rank then undefined). *bad is EPX__MOE_NO_BAD before and after; scratch: [R + E + 1]
@@ -224,10 +225,17 @@ int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_ra
  * bad. Its last block leaves counts (and its counter) zero and *bad EPX__MOE_NO_BAD, as the
  * next count kernel needs them. */
 int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx__moe_rows_out_t *o, void *stream);
-/* Copy rows (and scales) from their sources. */
-int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream);
-/* Sum every token's rows in ascending rank order (float32 from +0), then cast. */
-int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, int blocks, void *stream);
+/* Steps of an operation that a kernel can take itself (flags.cuh: epx__arrive, epx__done),
+ * each instead of a launch of epx__cuda_launch_signal_wait: ARRIVE before its reads of the
+ * peers, DONE (the operation complete) after them. */
+enum { EPX__STEP_ARRIVE = 1, EPX__STEP_DONE = 2 };
+/* Copy rows (and scales) from their sources; `steps` (with d, the communicator) as above. */
+int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, const epx__cuda_dev_t *d, int steps, int blocks,
+                                void *stream);
+/* Sum every token's rows in ascending rank order (float32 from +0), then cast; `steps` as
+ * above (with steps, the kernel runs even without tokens). */
+int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, const epx__cuda_dev_t *d, int steps, int blocks,
+                                 void *stream);
 /* Copy-engine dispatch: pack my rows of tokens [t0, t1) into their destinations (local). */
 int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, void *stream);
 

@@ -162,4 +162,50 @@ static __device__ int epx__wait_peers(const epx__cuda_dev_t *d, int kind, unsign
     return r;
 }
 
+/* ---- An operation's ARRIVE and DONE steps inside its kernels ------------------------------ */
+
+/* ARRIVE at the start of a kernel, instead of a launch of its own: block (0, 0) tells every
+ * peer my stream got to this operation, then every block waits (bounded) until peer p got
+ * there too, or with p < 0 every peer: after it the block may read their inputs. Every
+ * thread of every block calls it, first. */
+static __device__ void epx__arrive(const epx__cuda_dev_t *d, int p)
+{
+    unsigned long long n = epx__op_number(d);
+    if (blockIdx.x == 0 && blockIdx.y == 0) epx__signal_peers(d, EPX__FLAG_ARRIVE, n);
+    if (p < 0) {
+        epx__wait_peers(d, EPX__FLAG_ARRIVE, n);
+        return;
+    }
+    if (threadIdx.x == 0 && p != d->rank)
+        epx__wait_geq(d, d->flags + ((size_t)EPX__FLAG_ARRIVE * d->nranks + p) * EPX__FLAG_STRIDE, n, p);
+    __syncthreads();
+}
+
+/* DONE at the end of a kernel, instead of a launch of its own: the block that finishes last
+ * (every other block's reads of the peers are over) tells every peer, waits (bounded) until
+ * every peer has told me, and completes the operation (the epoch advances), as a launch of
+ * epx__cuda_launch_signal_wait(DONE, finish) after the kernel would. Every thread of every
+ * block calls it once, last. */
+static __device__ void epx__done(const epx__cuda_dev_t *d)
+{
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(d->blocks_left, 1u) == gridDim.x * gridDim.y - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    unsigned long long n = epx__op_number(d);
+    epx__signal_peers(d, EPX__FLAG_DONE, n);
+    epx__wait_peers(d, EPX__FLAG_DONE, n);
+    if (threadIdx.x == 0) {
+        *d->blocks_left = 0;
+        __threadfence();
+        *(volatile unsigned long long *)d->epoch = n;
+        __threadfence();
+    }
+}
+
 #endif

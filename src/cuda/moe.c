@@ -2,7 +2,10 @@
  * CUDA backend: high-throughput MoE dispatch, cached dispatch and combine, on the caller's
  * stream. Each call first agrees on the host (one round through the control plane: shapes,
  * IPC handles of the buffers peers will read), maps the peers' buffers (cached), then
- * enqueues: wait for every peer's stream (ARRIVE), the kernels, signal DONE. Dispatch reads
+ * enqueues: wait for every peer's stream (ARRIVE), the kernels, signal DONE; on the SM path
+ * the first kernel that reads the peers takes the ARRIVE step and the last one DONE
+ * (flags.cuh: epx__arrive, epx__done), so combine is one launch and dispatch three (count,
+ * rows, gather), cached dispatch one. Dispatch reads
  * back one small count matrix (a stream synchronisation) to size its output and to check
  * every rank's routing before any row is written; a failure there is agreed on by all
  * ranks and the operation still completes on the device, so the streams stay in step.
@@ -604,14 +607,18 @@ static int64_t epx__rows_of(const epx__cuda_moe_t *m, int q)
 }
 
 /* A dispatch's rows along h: pulled by the gather kernel (g: every rank's tokens, mapped),
- * or on copy engines pushed into the peers' recv_x (dx, ds) when nothing failed so far. */
+ * which also takes the operation's `steps` (EPX__STEP_*; *finished then says whether DONE
+ * was enqueued so), or on copy engines pushed into the peers' recv_x (dx, ds) when nothing
+ * failed so far (steps are not taken there: the caller enqueues them). */
 static epx_status_t epx__move_rows(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_dispatch_in_t *in,
                                    epx_moe_dispatch_out_t *out, epx__moe_gather_t *g, char *const *dx, char *const *ds,
-                                   epx_status_t st, void *stream, epx__errbuf_t *err)
+                                   epx_status_t st, int steps, bool *finished, void *stream, epx__errbuf_t *err)
 {
+    *finished = false;
     if (m->ce) return st == EPX_SUCCESS ? epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err) : st;
     epx__gather_along(m, h, out, g);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, m->blocks, stream), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, &m->c->dev, steps, m->blocks, stream), st, err);
+    *finished = st == EPX_SUCCESS && (steps & EPX__STEP_DONE);
     return st;
 }
 
@@ -626,6 +633,7 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
     const epx__moe_shape_t *s = &m->s;
     epx__cuda_t *c = m->c;
     epx_status_t agreed = st;
+    bool finished = false; /* the gather kernel took the DONE step */
     if (st == EPX_SUCCESS) {
         h->id = (uint32_t)(c->ops_started + 1);
         h->num_tokens = rt->num_tokens[c->rank];
@@ -642,10 +650,10 @@ static epx_status_t epx__moe_lay_out(epx__cuda_moe_t *m, const epx__moe_routing_
                                  h->d_send_row, m->d_bad, h->d_rows, (long long *)out->num_recv_tokens_device};
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_rows(rt, &o, stream), st, err);
         if (st == EPX_SUCCESS) m->counts_dirty = false; /* the row kernel leaves them ready */
-        st = epx__move_rows(m, h, in, out, g, dx, ds, st, stream, err);
+        st = epx__move_rows(m, h, in, out, g, dx, ds, st, EPX__STEP_DONE, &finished, stream, err);
     }
     c->ops_started++;
-    st = epx__moe_finish_after(m, agreed, st, stream, err);
+    if (!finished) st = epx__moe_finish_after(m, agreed, st, stream, err);
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_handle_free(h);
         return st;
@@ -746,17 +754,17 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     for (int p = 0; p < R; p++)
         no_sync = no_sync && cards[p].device_count && cards[p].capacity >= (int64_t)R * s->max_tokens;
 
-    /* The streams meet; count every source's tokens for every rank; read the counts back. */
+    /* The streams meet in the count kernel (ARRIVE), which counts every source's tokens for
+     * every rank; read the counts back. */
     cudaStream_t strm = (cudaStream_t)stream;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     if (m->counts_dirty) { /* the last count kernel's words were not reset by a row kernel */
         EPX__CUDA_CHECK(cudaMemsetAsync(m->d_bad, 0x7f, sizeof(long long), strm), st, err);
         EPX__CUDA_CHECK(cudaMemsetAsync(m->d_counts, 0, sizeof(int) * (size_t)(R * R + 1), strm), st, err);
     }
     m->counts_dirty = true;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_chunk_counts, m->chunks, m->d_bad,
-                                                            no_sync, m->d_expert_counts, stream),
+                                                            no_sync, m->d_expert_counts, &c->dev, stream),
                     st, err);
     if (no_sync) {
         free(cards);
@@ -837,11 +845,13 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     }
     free(cards);
     if (st != EPX_SUCCESS) return st;
+    /* The streams meet (ARRIVE): in the gather kernel, or before the copies. */
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
-    st = epx__move_rows(m, h, in, out, &g, dx, ds, st, stream, err);
+    if (m->ce) EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
+    bool finished;
+    st = epx__move_rows(m, h, in, out, &g, dx, ds, st, EPX__STEP_ARRIVE | EPX__STEP_DONE, &finished, stream, err);
     c->ops_started++;
-    st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
+    if (!finished) st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return st;
 }
@@ -886,7 +896,7 @@ static epx_status_t epx__ce_combine(epx__cuda_moe_t *m, const epx__cuda_moe_hand
         k->w[r] = in->topk_weights ? (const float *)(const void *)(m->stage + m->ce_w_off + at * wb) : NULL;
         k->row_base[r] = epx__ce_base(cnt, R, me, r);
     }
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(k, m->blocks, stream), st, err);
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(k, NULL, 0, m->blocks, stream), st, err);
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return st;
 }
@@ -931,7 +941,6 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     free(cards);
     if (st != EPX_SUCCESS) return st;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
     k.send_row = h->d_send_row;
     k.rows = h->d_rows;
     k.num_tokens = h->num_tokens;
@@ -941,10 +950,17 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     k.dtype = s->combine_dtype;
     k.out = out->out;
     k.out_w = out->out_topk_weights;
-    if (m->ce) return epx__ce_combine(m, h, in, &k, st, stream, err);
-    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(&k, m->blocks, stream), st, err);
+    if (m->ce) {
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_signal_wait(&c->dev, EPX__FLAG_ARRIVE, 0, stream), st, err);
+        return epx__ce_combine(m, h, in, &k, st, stream, err);
+    }
+    /* One kernel: the streams meet (ARRIVE), the reduction, DONE; a separate DONE only when
+     * it could not be launched. */
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_combine(&k, &c->dev, EPX__STEP_ARRIVE | EPX__STEP_DONE, m->blocks,
+                                                              stream),
+                    st, err);
     c->ops_started++;
-    st = epx__moe_finish(m, st, stream, err);
+    if (st != EPX_SUCCESS) st = epx__moe_finish(m, st, stream, err);
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return st;
 }

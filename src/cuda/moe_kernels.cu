@@ -7,8 +7,10 @@
  * backend.
  */
 #include <cuda_runtime.h>
+#include <string.h>
 
 #include "../core/convert.h"
+#include "flags.cuh"
 #include "moe_common.cuh"
 
 /* An id in staged routing that is not an expert id in [-1, E). */
@@ -75,11 +77,12 @@ static __device__ __forceinline__ bool epx__seen_before(const int *ids, int k)
 
 static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
     epx__k_moe_count(epx__moe_routing_t r, int *counts, int *chunk_counts, int chunks, long long *bad, int check_all,
-                     int *expert_counts)
+                     int *expert_counts, epx__cuda_dev_t d, int arrive)
 {
     __shared__ int cnt[EPX__CUDA_MAX_RANKS];
     __shared__ int ids[EPX__MOE_CHUNK * EPX_MOE_MAX_TOPK];
     int p = (int)blockIdx.y, c = (int)blockIdx.x, K = r.topk;
+    if (arrive) epx__arrive(&d, p); /* source p's routing is ready */
     if ((int)threadIdx.x < r.nranks) cnt[threadIdx.x] = 0;
     if (p == 0 && c == 0)
         for (int l = threadIdx.x; l < r.local_experts; l += blockDim.x) expert_counts[l] = 0;
@@ -111,12 +114,24 @@ static __global__ void __launch_bounds__(EPX__MOE_CHUNK)
     }
 }
 
+/* The dev struct a launch passes: the communicator's when the kernel takes steps of the
+ * operation, else zeros (never read). */
+static epx__cuda_dev_t epx__dev_or_none(const epx__cuda_dev_t *d)
+{
+    epx__cuda_dev_t none;
+    if (d) return *d;
+    memset(&none, 0, sizeof none);
+    return none;
+}
+
 extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *counts, int *chunk_counts, int chunks,
-                                          long long *bad, int check_all, int *expert_counts, void *stream)
+                                          long long *bad, int check_all, int *expert_counts, const epx__cuda_dev_t *arrive,
+                                          void *stream)
 {
     dim3 grid((unsigned)chunks, (unsigned)r->nranks);
     epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad, check_all,
-                                                                          expert_counts);
+                                                                          expert_counts, epx__dev_or_none(arrive),
+                                                                          arrive != NULL);
     return (int)cudaGetLastError();
 }
 
@@ -311,8 +326,9 @@ static __device__ void epx__gather_row(const epx__moe_gather_t *g, long long row
         epx__warp_copy(g->recv_scales + row * g->scale_bytes, g->scales[p] + t * g->scale_bytes, g->scale_bytes);
 }
 
-static __global__ void __launch_bounds__(1024) epx__k_moe_gather(epx__moe_gather_t g)
+static __global__ void __launch_bounds__(1024) epx__k_moe_gather(epx__moe_gather_t g, epx__cuda_dev_t d, int steps)
 {
+    if (steps & EPX__STEP_ARRIVE) epx__arrive(&d, -1);
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
     long long fw = (nwarps + 1) / 2, bw = nwarps / 2, idx = warp >> 1, rows = *g.rows;
@@ -322,11 +338,13 @@ static __global__ void __launch_bounds__(1024) epx__k_moe_gather(epx__moe_gather
     } else {
         for (long long row = rows - 1 - idx; row >= split; row -= bw) epx__gather_row(&g, row);
     }
+    if (steps & EPX__STEP_DONE) epx__done(&d);
 }
 
-extern "C" int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, int blocks, void *stream)
+extern "C" int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, const epx__cuda_dev_t *d, int steps, int blocks,
+                                           void *stream)
 {
-    epx__k_moe_gather<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*g);
+    epx__k_moe_gather<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*g, epx__dev_or_none(d), d ? steps : 0);
     return (int)cudaGetLastError();
 }
 
@@ -364,21 +382,22 @@ extern "C" int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, v
 
 /* One warp per token. bf16 rows of a multiple of 8 elements go 16 bytes at a time, four
  * chunks of every contributing rank in flight per lane; other shapes element by element. */
-static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combine_t c)
+static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combine_t c, epx__cuda_dev_t d, int steps)
 {
+    if (steps & EPX__STEP_ARRIVE) epx__arrive(&d, -1);
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
     int R = c.nranks, H = c.hidden, lane = threadIdx.x & 31;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
-    if (*c.rows < 0) return; /* the dispatch found bad routing: nothing to combine */
-    /* Lane r reads where the token's row at rank r lies (R <= 32): one load, not R in a row,
-     * issued a token ahead. */
-    int next = lane < R && warp < c.num_tokens ? c.send_row[warp * R + lane] : -1;
-    for (long long t = warp; t < c.num_tokens; t += nwarps) {
+    /* Nothing to combine when the dispatch found bad routing (rows < 0). Lane r reads where
+     * the token's row at rank r lies (R <= 32): one load, not R in a row, issued a token ahead. */
+    long long T = *c.rows < 0 ? 0 : c.num_tokens;
+    int next = lane < R && warp < T ? c.send_row[warp * R + lane] : -1;
+    for (long long t = warp; t < T; t += nwarps) {
         const char *src[EPX__CUDA_MAX_RANKS];
         const float *wsrc[EPX__CUDA_MAX_RANKS];
         int n = 0, my_row = next;
-        next = lane < R && t + nwarps < c.num_tokens ? c.send_row[(t + nwarps) * R + lane] : -1;
+        next = lane < R && t + nwarps < T ? c.send_row[(t + nwarps) * R + lane] : -1;
         for (int r = 0; r < R; r++) {
             int row = __shfl_sync(0xffffffffu, my_row, r);
             if (row < 0) continue;
@@ -390,10 +409,14 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
         epx__moe_reduce_token(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
                               c.dtype, c.topk, vec, (const float *)0);
     }
+    if (steps & EPX__STEP_DONE) epx__done(&d);
 }
 
-extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, int blocks, void *stream)
+extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, const epx__cuda_dev_t *d, int steps, int blocks,
+                                            void *stream)
 {
-    if (c->num_tokens > 0) epx__k_moe_combine<<<blocks, 512, 0, (cudaStream_t)stream>>>(*c);
+    if (!d) steps = 0;
+    if (c->num_tokens > 0 || steps)
+        epx__k_moe_combine<<<blocks, 512, 0, (cudaStream_t)stream>>>(*c, epx__dev_or_none(d), steps);
     return (int)cudaGetLastError();
 }
