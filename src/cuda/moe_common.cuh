@@ -90,6 +90,53 @@ static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, lon
     }
 }
 
+/* The bf16 sum of n <= NR 16-byte-aligned rows of `chunks` 16-byte chunks, by one warp
+ * (see epx__moe_reduce_token): each lane loads U chunks of every row before it adds any,
+ * so NR * U loads are in flight per lane (up to 16 x 16 B); each chunk's terms are then
+ * added in row order from +0. */
+template <int NR, int U>
+static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *src, int n, char *out, int chunks,
+                                                             const float *w)
+{
+    int lane = threadIdx.x & 31;
+    for (int ch0 = lane; ch0 < chunks; ch0 += 32 * U) {
+        uint4 v[NR][U];
+#pragma unroll
+        for (int i = 0; i < NR; i++)
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int ch = ch0 + u * 32;
+                if (i < n && ch < chunks) v[i][u] = ((const uint4 *)src[i])[ch];
+            }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int ch = ch0 + u * 32;
+            if (ch >= chunks) break;
+            float acc[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NR; i++) {
+                if (i >= n) break;
+                unsigned b[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float lo = epx__bits_f32(b[j] << 16), hi = epx__bits_f32(b[j] & 0xffff0000u);
+                    if (w) lo = __fmul_rn(w[i], lo), hi = __fmul_rn(w[i], hi);
+                    acc[2 * j] = __fadd_rn(acc[2 * j], lo);
+                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], hi);
+                }
+            }
+            uint4 o;
+            o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
+            o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
+            o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
+            o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
+            ((uint4 *)out)[ch] = o;
+        }
+    }
+}
+
 /* One token of a combine, by one warp: out = the n terms src[0..n) summed in that order
  * (float32 from +0, then cast to dtype), a term being the row itself, or with w the product
  * w[i] * row rounded to float32 before it is added (no FMA: the CPU backend's arithmetic);
@@ -98,13 +145,16 @@ static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, lon
  * too; either way the bits are the same. Shared by the single-host combine (moe_kernels.cu)
  * and the combines across hosts (src/xhost: high-throughput unweighted, low-latency
  * weighted), so that they reduce with the same arithmetic. */
+template <int MAXR = EPX__CUDA_MAX_RANKS>
 static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *src, const float *const *wsrc, int n,
                                                              char *out, float *out_w, int H, int dtype, int topk,
                                                              bool vec, const float *w)
 {
     int lane = threadIdx.x & 31;
     for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
-    if (vec) {
+    if (vec && MAXR <= 2) {
+        epx__reduce_bf16_rows<2, 4>(src, n, out, H / 8, w);
+    } else if (vec) {
         /* Four chunks of every row in flight per lane (up to 4 rows), then the sums. */
         int chunks = H / 8;
         for (int ch0 = lane; ch0 < chunks; ch0 += 32 * 4) {

@@ -382,7 +382,9 @@ extern "C" int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, v
 
 /* One warp per token. bf16 rows of a multiple of 8 elements go 16 bytes at a time, four
  * chunks of every contributing rank in flight per lane; other shapes element by element. */
-static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combine_t c, epx__cuda_dev_t d, int steps)
+template <int MAXR>
+static __global__ void __launch_bounds__(MAXR <= 2 ? 1024 : 512)
+    epx__k_moe_combine(epx__moe_combine_t c, epx__cuda_dev_t d, int steps)
 {
     if (steps & EPX__STEP_ARRIVE) epx__arrive(&d, -1);
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -394,8 +396,8 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
     long long T = *c.rows < 0 ? 0 : c.num_tokens;
     int next = lane < R && warp < T ? c.send_row[warp * R + lane] : -1;
     for (long long t = warp; t < T; t += nwarps) {
-        const char *src[EPX__CUDA_MAX_RANKS];
-        const float *wsrc[EPX__CUDA_MAX_RANKS];
+        const char *src[MAXR];
+        const float *wsrc[MAXR];
         int n = 0, my_row = next;
         next = lane < R && t + nwarps < T ? c.send_row[(t + nwarps) * R + lane] : -1;
         for (int r = 0; r < R; r++) {
@@ -406,7 +408,7 @@ static __global__ void __launch_bounds__(512) epx__k_moe_combine(epx__moe_combin
             wsrc[n++] = c.w[r] ? c.w[r] + at * c.topk : (const float *)0;
         }
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
-        epx__moe_reduce_token(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
+        epx__moe_reduce_token<MAXR>(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
                               c.dtype, c.topk, vec, (const float *)0);
     }
     if (steps & EPX__STEP_DONE) epx__done(&d);
@@ -416,7 +418,10 @@ extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, const e
                                             void *stream)
 {
     if (!d) steps = 0;
-    if (c->num_tokens > 0 || steps)
-        epx__k_moe_combine<<<blocks, 512, 0, (cudaStream_t)stream>>>(*c, epx__dev_or_none(d), steps);
+    if (c->num_tokens == 0 && !steps) return (int)cudaSuccess;
+    if (c->nranks <= 2) /* at most two rows a token: half the registers, twice the warps */
+        epx__k_moe_combine<2><<<blocks, 1024, 0, (cudaStream_t)stream>>>(*c, epx__dev_or_none(d), steps);
+    else
+        epx__k_moe_combine<EPX__CUDA_MAX_RANKS><<<blocks, 512, 0, (cudaStream_t)stream>>>(*c, epx__dev_or_none(d), steps);
     return (int)cudaGetLastError();
 }
