@@ -118,9 +118,9 @@ epx_status_t epx__hier_moe_dispatch_plan(epx__hier_moe_t *m, const epx_moe_dispa
 epx_status_t epx__hier_moe_ll_dispatch_plan(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
                                             epx_status_t local, epx__hier_moe_handle_t **handle, epx__errbuf_t *err);
 /* The agreement a cached dispatch (!combine) or a combine (low-latency in a low-latency
- * context) along `hd` starts with (one allreduce: every rank's verdict, operation, top-k,
- * handle and, for combine, whether it passed weights), without moving anything. hd is read
- * only when local is a success. */
+ * context) along `hd` starts with (one alltoall of small cards: every rank's verdict,
+ * operation, top-k, handle and, for combine, whether it passed weights), without moving
+ * anything. hd is read only when local is a success. */
 epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool combine, bool has_w,
                                  epx_status_t local, epx__errbuf_t *err);
 
