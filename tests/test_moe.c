@@ -18,7 +18,9 @@
  *   two handles     two dispatches alive at once, cached dispatch / combine on each
  *   random          --random N (default 100) small configurations drawn from --seed S
  *   bad input       one rank bad, the others valid: statuses, nothing written, and a valid
- *                   call right after; invalid and mismatched configurations at create
+ *                   call right after; output capacity short on one and on two ranks; calls
+ *                   that differ between ranks (top-k, operation, handle, weights: not on
+ *                   CUDA); invalid and mismatched configurations at create
  *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT); low-latency
  *                   T = 16..128, H = 7168, K = 8 (FP8 with both scale formats, bf16 Zipf)
  *   --case NAME     only the fixed high-throughput cases whose name contains NAME
@@ -1687,6 +1689,136 @@ static int run_bad_ht(void)
     return passed;
 }
 
+/* Output capacity below the rows received (a high-throughput dispatch checks every
+ * receiver's) on the last rank, then on two ranks (rank 1 and the last; both of 2): each
+ * short rank returns EPX_ERR_INVALID_ARGUMENT, every other EPX_ERR_REMOTE_INVALID, nothing
+ * is written anywhere, and a valid dispatch and combine work right after. */
+static int run_bad_capacity(void)
+{
+    int passed = 0;
+    for (int v = 0; v < 2 && v < R; v++) {
+        int other = R > 2 ? 1 : 0; /* the second short rank */
+        bool is_short = me == R - 1 || (v == 1 && me == other);
+        mcase_t c = {"short capacity", -4, 4, 130, 8, EPX_BF16, EPX_UNSET, EPX_I64, 1, ROUTE_UNIFORM, 10, F_T_FULL, 0,
+                     EPX_MOE_HIGH_THROUGHPUT, 0, 0};
+        world_t W;
+        world_init(&W, &c, 9700 + (uint64_t)v);
+        /* Token 0 of every rank goes to the short ranks, so they receive rows. */
+        for (int p = 0; p < R; p++) {
+            W.idx[p][0] = (int64_t)(R - 1) * W.L;
+            if (v == 1) W.idx[p][1] = (int64_t)other * W.L;
+        }
+        char cs[160];
+        snprintf(cs, sizeof cs, "output capacity short on %s", v ? "two ranks" : "the last rank");
+        epx_moe_t moe = create_checked(&W, cs);
+        moe_ref_recv_t ref;
+        moe_ref_dispatch(&W.rt, (const float *const *)W.w, me, W.align, &ref);
+        ASSERT(!is_short || ref.n >= 1);
+        ht_bufs_t B;
+        ht_alloc(&W, &B, ref.n + 2, false, false);
+        epx_moe_dispatch_in_t in = ht_in(&W, &B, true);
+        epx_moe_dispatch_out_t out = ht_out(&B);
+        if (is_short) out.capacity = ref.n - 1;
+        ht_poison(&B);
+        epx_moe_handle_t h = NULL;
+        epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
+        epx_status_t want = is_short ? EPX_ERR_INVALID_ARGUMENT : EPX_ERR_REMOTE_INVALID;
+        if (st != want)
+            TEST_FAIL_("case %s: got %s, expected %s (%s)", cs, epx_status_name(st), epx_status_name(want),
+                       epx_comm_get_last_error(comm));
+        if (!strstr(epx_comm_get_last_error(comm), "out.capacity"))
+            TEST_FAIL_("case %s: the error does not name out.capacity: %s", cs, epx_comm_get_last_error(comm));
+        if (h) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
+        if (out.num_recv_tokens != -77)
+            TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
+        ht_expect_all_poison(&B, cs);
+        h = dispatch_checked(moe, &W, &ref, &B, true, cs);
+        comb_bufs_t C;
+        comb_alloc(&W, &ref, &C);
+        combine_checked(moe, h, &W, &C, true, cs);
+        comb_free(&C);
+        ASSERT_OK(epx_moe_handle_destroy(h));
+        ht_free(&B);
+        moe_ref_recv_free(&ref);
+        ASSERT_OK(epx_moe_destroy(moe));
+        world_free(&W);
+        passed++;
+    }
+    return passed;
+}
+
+/* Valid calls that differ between ranks, the last rank the odd one: top-k in a dispatch,
+ * the operation (combine against cached dispatch), the handle and the weights of a combine.
+ * Every rank returns EPX_ERR_MISMATCH, nothing is written, and a valid call works right
+ * after. Not on the CUDA backend (of one host it checks only the handle). */
+static int run_mismatch(void)
+{
+    if (R == 1 || test_on_cuda()) return 0;
+    mcase_t c = {"mismatch", -3, 4, 96, 8, EPX_BF16, EPX_UNSET, EPX_I32, 1, ROUTE_UNIFORM, 10, F_T_FULL, 0,
+                 EPX_MOE_HIGH_THROUGHPUT, 0, 0};
+    bool odd = me == R - 1;
+    world_t W[2];
+    moe_ref_recv_t ref[2];
+    ht_bufs_t B[2];
+    comb_bufs_t C[2];
+    epx_moe_handle_t h[2];
+    epx_moe_t moe = NULL;
+    for (int i = 0; i < 2; i++) {
+        world_init(&W[i], &c, 9800 + (uint64_t)i);
+        if (i == 0) moe = create_checked(&W[0], c.name);
+        moe_ref_dispatch(&W[i].rt, (const float *const *)W[i].w, me, W[i].align, &ref[i]);
+        ht_alloc(&W[i], &B[i], ref[i].n + 1, false, false);
+        comb_alloc(&W[i], &ref[i], &C[i]);
+        h[i] = dispatch_checked(moe, &W[i], &ref[i], &B[i], true, "mismatch: a handle");
+    }
+    int passed = 0;
+    for (int k = 0; k < 4; k++) {
+        static const char *what[] = {"topk in a dispatch", "combine against cached dispatch", "the handle of a combine",
+                                     "topk_weights in a combine"};
+        char cs[160];
+        snprintf(cs, sizeof cs, "mismatch: %s (rank %d)", what[k], R - 1);
+        ht_poison(&B[0]);
+        comb_poison(&C[0]);
+        epx_moe_dispatch_in_t in = ht_in(&W[0], &B[0], true);
+        epx_moe_dispatch_out_t out = ht_out(&B[0]);
+        epx_moe_combine_in_t ci = {C[0].dy, NULL};
+        epx_moe_combine_out_t co = {C[0].dout, NULL};
+        epx_moe_handle_t nh = NULL;
+        epx_status_t st;
+        if (k == 0) {
+            if (odd) in.topk = W[0].K - 1;
+            st = epx_moe_dispatch(moe, &in, &out, &nh, test_stream());
+            if (nh) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
+            if (out.num_recv_tokens != -77)
+                TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
+        } else if (k == 1) {
+            st = odd ? epx_moe_combine(moe, h[0], &ci, &co, test_stream())
+                     : epx_moe_dispatch_cached(moe, h[0], &in, &out, test_stream());
+        } else {
+            if (k == 3 && odd) ci.topk_weights = C[0].dyw;
+            st = epx_moe_combine(moe, k == 2 && odd ? h[1] : h[0], &ci, &co, test_stream());
+        }
+        if (st != EPX_ERR_MISMATCH)
+            TEST_FAIL_("case %s: got %s, expected EPX_ERR_MISMATCH (%s)", cs, epx_status_name(st),
+                       epx_comm_get_last_error(comm));
+        ht_expect_all_poison(&B[0], cs);
+        comb_fetch(&C[0]);
+        expect_poison(C[0].out, 0, C[0].out_b + GUARD, cs, "combine out");
+        expect_poison(C[0].out_w, 0, C[0].outw_b + GUARD, cs, "combine out_topk_weights");
+        combine_checked(moe, h[0], &W[0], &C[0], true, cs);
+        passed++;
+    }
+    for (int i = 0; i < 2; i++) {
+        ASSERT_OK(epx_moe_handle_destroy(h[i]));
+        comb_free(&C[i]);
+        ht_free(&B[i]);
+        moe_ref_recv_free(&ref[i]);
+        world_free(&W[i]);
+    }
+    ASSERT_OK(epx_moe_destroy(moe));
+    return passed;
+}
+
 static int run_bad_ll(void)
 {
     int passed = 0;
@@ -2039,6 +2171,8 @@ int main(int argc, char **argv)
             if (ll && i % 2 == 0) passed += run_ll_case(&l, seed * 1000 + 800 + (uint64_t)i);
         }
         passed += run_bad_ht();
+        passed += run_bad_capacity();
+        passed += run_mismatch();
         passed += run_bad_ht_no_sync();
         if (ll) passed += run_bad_ll();
     }

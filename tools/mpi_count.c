@@ -18,12 +18,15 @@
  * Step 1 is shared: its sends belong to an alltoall(v) when the operation that made them
  * (the sends since the sequence number last changed) also sent cards, to a MoE dispatch
  * otherwise; the bench's barriers and result gathers are alltoall(v)s.
- * MPI_Iallreduce carries the verdicts (one per MoE operation, one at MoE creation).
+ * MPI_Ialltoall carries the verdicts (one per MoE operation); MPI_Iallreduce the agreement
+ * at MoE creation and the capacity round of every high-throughput dispatch.
  *
  * At MPI_Finalize each rank prints, on stderr, one line per step: the bytes sent, the
  * operations that sent in that step (a change of the sequence number between two sends of
  * the step starts one) and the MPI messages (src/net splits large segments); then, for the
- * MoE steps, one line per destination rank (of MPI_COMM_WORLD) that was sent anything.
+ * MoE steps, one line per destination rank (of MPI_COMM_WORLD) that was sent anything. The
+ * collectives count the bytes this rank hands them: an allreduce its vector, an alltoall its
+ * whole send buffer (its own block included).
  */
 #include <mpi.h>
 #include <stdint.h>
@@ -32,7 +35,8 @@
 
 enum { CARDS, A2A, TOKENS, ROWS, HOME, NSTEP };
 static const char *const step_name[NSTEP] = {"cards", "a2a", "tokens", "rows", "home"};
-static int64_t bytes[NSTEP], ops[NSTEP], msgs[NSTEP], other_bytes, allreduce_bytes, allreduce_calls;
+static int64_t bytes[NSTEP], ops[NSTEP], msgs[NSTEP], other_bytes, allreduce_bytes, allreduce_calls, alltoall_bytes,
+    alltoall_calls;
 static int last_seq[NSTEP] = {-1, -1, -1, -1, -1};
 static int cur_seq = -1, cur_a2a;       /* the operation of the last send, and whether it sent cards */
 static int64_t *dest_bytes, *dest_msgs; /* [NSTEP][world size] */
@@ -91,6 +95,17 @@ int MPI_Iallreduce(const void *sbuf, void *rbuf, int count, MPI_Datatype dt, MPI
     return PMPI_Iallreduce(sbuf, rbuf, count, dt, op, comm, req);
 }
 
+int MPI_Ialltoall(const void *sbuf, int scount, MPI_Datatype sdt, void *rbuf, int rcount, MPI_Datatype rdt,
+                  MPI_Comm comm, MPI_Request *req)
+{
+    int size = 0, n = 0;
+    PMPI_Type_size(sdt, &size);
+    PMPI_Comm_size(comm, &n);
+    alltoall_bytes += (int64_t)scount * size * n;
+    alltoall_calls++;
+    return PMPI_Ialltoall(sbuf, scount, sdt, rbuf, rcount, rdt, comm, req);
+}
+
 int MPI_Finalize(void)
 {
     int rank = -1;
@@ -101,6 +116,8 @@ int MPI_Finalize(void)
     fprintf(stderr, "mpicount rank=%d step=other bytes=%lld ops=0 msgs=0\n", rank, (long long)other_bytes);
     fprintf(stderr, "mpicount rank=%d step=allreduce bytes=%lld ops=%lld msgs=0\n", rank, (long long)allreduce_bytes,
             (long long)allreduce_calls);
+    fprintf(stderr, "mpicount rank=%d step=alltoall bytes=%lld ops=%lld msgs=0\n", rank, (long long)alltoall_bytes,
+            (long long)alltoall_calls);
     for (int k = TOKENS; k <= HOME && dest_bytes && dest_msgs; k++)
         for (int d = 0; d < world; d++)
             if (dest_msgs[k * world + d])

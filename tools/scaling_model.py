@@ -11,8 +11,10 @@
   python3 tools/scaling_model.py selftest        # closed forms against brute force (ctest)
 
 Model of epx's hierarchical scheme (src/hier/hier.h, src/hier/moe.c):
-  verdict   every dispatch and combine starts with one allreduce of int64 values: 4R, plus
-            R (1 + host size + hosts) in a dispatch (the flows, so that no count step follows);
+  verdict   every dispatch and combine starts with one alltoall of small blocks: to every
+            rank 3 int64 (verdict, call, handle), 5 in a dispatch (plus the flows to that rank
+            and its host, so that no count step follows); a high-throughput dispatch then
+            allreduces 4 int64 (the ranks whose output capacity is short);
   dispatch  a token crosses to each destination host other than its own once, to the gateway
             (the GPU with the source's local index), as one record: routing (source, token,
             top-k, weights) and row (FP8: and scales), padded to 8 bytes; the gateway fans it
@@ -168,14 +170,26 @@ def params(a):
 
 
 def verdict_alpha(N, p):
-    """The verdict allreduce that starts every dispatch and combine: ceil(log2 N) network
-    steps between hosts (recursive doubling); none on one host (single-host backend)."""
+    """The verdict that starts every dispatch and combine (an alltoall of small blocks):
+    ceil(log2 N) network steps between hosts (Bruck); none on one host (single-host backend).
+    The capacity allreduce of a high-throughput dispatch (ceil(log2 N) more) is not counted."""
     return math.ceil(math.log2(N)) * p["a_net"] if N > 1 else 0.0
 
 
-def verdict_bytes(R, G_, N, dispatch):
-    """int64 values of the verdict's allreduce vector (src/hier/moe.c, epx__verdict)."""
-    return 8 * (4 * R + (R + R * G_ + R * N if dispatch else 0))
+def verdict_bytes(R, dispatch):
+    """Bytes each rank sends (and receives) in the verdict's alltoall (src/hier/moe.c,
+    epx__verdict): R blocks of 5 int64 in a dispatch, of 3 otherwise."""
+    return 8 * R * (5 if dispatch else 3)
+
+
+CAPACITY_BYTES = 8 * 4  # the capacity allreduce of a high-throughput dispatch (epx__verdict's round 2)
+
+
+def verdict_root_bytes(R, dispatch, ht):
+    """Bytes through rank 0 of the bootstrap star (the GPU path's link, src/core/bootstrap.c)
+    for one verdict: the alltoall's rows in and columns out, with a relay word per column,
+    and in a high-throughput dispatch the capacity allreduce in and out."""
+    return 2 * (R - 1) * verdict_bytes(R, dispatch) + 8 * (R - 1) + (2 * (R - 1) * CAPACITY_BYTES if ht else 0)
 
 
 def ht(r, T, dtype, p, meta=True):
@@ -383,9 +397,13 @@ def report(a):
               "direct = epx comb. NIC MB", "direct µs", "epx µs", "prev. chain comb. NIC MB", "µs",
               "bf16-partial comb. NIC MB", "µs", "DeepEP V1 LL µs disp. / comb."], rows))
     print("\nLow-latency combine, epx NIC bytes / previous chain's: " + ", ".join(ratios))
-    print("\nVerdict allreduce vector (int64 values × 8 B) per dispatch / combine: "
-          + ", ".join(f"EP{ep}: {verdict_bytes(ep, G, ep // G, True) / 1e3:.1f} / "
-                      f"{verdict_bytes(ep, G, ep // G, False) / 1e3:.1f} KB" for ep in EPS[1:]))
+    print("\nVerdict alltoall, bytes each rank sends per dispatch / combine (high-throughput dispatch: "
+          f"and a {CAPACITY_BYTES} B allreduce): "
+          + ", ".join(f"EP{ep}: {verdict_bytes(ep, True) / 1e3:.2f} / {verdict_bytes(ep, False) / 1e3:.2f} KB"
+                      for ep in EPS[1:]))
+    print("Through the bootstrap's rank 0 per high-throughput dispatch / combine (GPU path): "
+          + ", ".join(f"EP{ep}: {verdict_root_bytes(ep, True, True) / 1e6:.2f} / "
+                      f"{verdict_root_bytes(ep, False, False) / 1e6:.2f} MB" for ep in EPS[1:]))
 
 
 # ---- Check against the code: epx-bench's routing, epx's MPI bytes ---------------------------------
@@ -559,12 +577,12 @@ def check(a):
           f"bytes per operation, sent through MPI (tokens: dispatch, home: combine)\n")
     ops = None
     if cnt:
-        calls = {cnt.get((q, "allreduce"), (0, 0, 0))[1] for q in range(R)}
-        if len(calls) != 1 or (next(iter(calls)) - 1) % 2:
-            fails.append(f"allreduce calls differ between ranks or are not 1 + 2 per operation: {sorted(calls)}")
+        calls = {cnt.get((q, "alltoall"), (0, 0, 0))[1] for q in range(R)}
+        if len(calls) != 1 or next(iter(calls)) % 2:
+            fails.append(f"alltoall calls differ between ranks or are not 2 per operation: {sorted(calls)}")
         else:
-            ops = (next(iter(calls)) - 1) // 2  # MoE creation, then one verdict per dispatch and per combine
-            print(f"operations (from the verdict allreduces: 1 at creation + 1 per dispatch and per combine): "
+            ops = next(iter(calls)) // 2  # one verdict per dispatch and per combine
+            print(f"operations (from the verdict alltoalls: 1 per dispatch and per combine): "
                   f"{ops} dispatches, {ops} combines\n")
     hdr = ["step", "rank", "model (closed form)", "exact (bench routing)", "model / exact"]
     if cnt:
@@ -635,14 +653,21 @@ def check(a):
         pairs = sum(1 for st in ("tokens", "home") for s in range(R) for d in range(R) if ex[st][s][d])
         print(f"\n(step, rank, destination) cells: {pairs} of {2 * R * R} carry bytes in the exact count (each rank "
               f"to the rank of its local index on every other host); measured ≠ exact in {bad}")
-        # The verdicts: one allreduce per operation, and the one of MoE creation.
-        vd, vc = verdict_bytes(R, G_, N, True), verdict_bytes(R, G_, N, False)
-        want = 8 * 2 * R + ops * (vd + vc)
-        got = {cnt.get((q, "allreduce"), (0, 0, 0))[0] for q in range(R)}
-        print(f"verdict allreduce vector: {vd} B per dispatch, {vc} B per combine, {8 * 2 * R} B at creation: "
-              f"{want} B expected per rank, measured {', '.join(str(x) for x in sorted(got))}")
+        # The verdicts: one alltoall per operation; the allreduces of MoE creation and of the
+        # capacity round of every high-throughput dispatch.
+        vd, vc = verdict_bytes(R, True), verdict_bytes(R, False)
+        cap = CAPACITY_BYTES if a.mode == "ht" else 0
+        want, want_ar, calls_ar = ops * (vd + vc), 8 * 2 * R + ops * cap, 1 + (ops if cap else 0)
+        got = {cnt.get((q, "alltoall"), (0, 0, 0))[0] for q in range(R)}
+        got_ar = {cnt.get((q, "allreduce"), (0, 0, 0))[:2] for q in range(R)}
+        print(f"verdict alltoall: {vd} B per dispatch, {vc} B per combine: {want} B expected per rank, measured "
+              f"{', '.join(str(x) for x in sorted(got))}; allreduce: {8 * 2 * R} B at creation + {cap} B per "
+              f"dispatch: {want_ar} B in {calls_ar} call(s) expected per rank, measured "
+              f"{', '.join(f'{b} B in {c}' for b, c in sorted(got_ar))}")
         if got != {want}:
-            fails.append(f"allreduce bytes {sorted(got)}, expected {want}")
+            fails.append(f"alltoall bytes {sorted(got)}, expected {want}")
+        if got_ar != {(want_ar, calls_ar)}:
+            fails.append(f"allreduce (bytes, calls) {sorted(got_ar)}, expected {(want_ar, calls_ar)}")
         for st in ("rows", "other"):
             b = {cnt.get((q, st), (0, 0, 0))[0] for q in range(R)}
             if b != {0}:

@@ -494,28 +494,28 @@ static epx_status_t epx__dispatch_publish(epx__cpu_moe_t *m, epx__op_t *op, cons
     return EPX_SUCCESS;
 }
 
-/* Every rank's output must hold what it receives; all ranks reach the same verdict. */
+/* Every rank's output must hold what it receives; all ranks reach the same verdict: a rank
+ * whose own output is short says so (EPX_ERR_INVALID_ARGUMENT), the others name the first
+ * short rank (EPX_ERR_REMOTE_INVALID). */
 static epx_status_t epx__check_capacity(const epx__cpu_moe_t *m, const epx__board_t *b, int64_t *mine,
                                         epx__errbuf_t *err)
 {
-    int R = m->s.nranks;
+    int R = m->s.nranks, me = m->s.rank, first = -1;
+    int64_t first_n = 0;
     for (int q = 0; q < R; q++) {
         int64_t n = 0;
         for (int p = 0; p < R; p++) n += b[p].per_rank[q];
-        if (q == m->s.rank) *mine = n;
+        if (q == me) *mine = n;
+        if (n > b[q].hdr->capacity && first < 0) first = q, first_n = n;
     }
-    for (int q = 0; q < R; q++) {
-        int64_t n = 0;
-        for (int p = 0; p < R; p++) n += b[p].per_rank[q];
-        if (n > b[q].hdr->capacity) {
-            if (q == m->s.rank)
-                return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
-                                 "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells)",
-                                 (long long)b[q].hdr->capacity, (long long)n);
-            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity (%lld rows) is below the %lld it receives",
-                             q, (long long)b[q].hdr->capacity, (long long)n);
-        }
-    }
+    if (*mine > b[me].hdr->capacity)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells)",
+                         (long long)b[me].hdr->capacity, (long long)*mine);
+    if (first >= 0)
+        return epx__fail(err, EPX_ERR_REMOTE_INVALID,
+                         "rank %d's out.capacity (%lld rows) is below the %lld it receives", first,
+                         (long long)b[first].hdr->capacity, (long long)first_n);
     return EPX_SUCCESS;
 }
 

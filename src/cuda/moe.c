@@ -792,16 +792,20 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
                             *h_bad / mine.topk, *h_bad % mine.topk, s->num_experts);
     int32_t v = verdict, all[EPX__CUDA_MAX_RANKS];
     st = epx__host_allgather(c->host, R, &v, all, sizeof v, verdict, err);
-    int64_t n = 0;
+    /* A rank whose own output is short says so; the others name the first short rank. */
+    int64_t n = 0, short_rows = 0;
+    int short_q = -1;
     for (int q = 0; q < R && st == EPX_SUCCESS; q++) {
         int64_t rows = epx__rows_of(m, q);
         if (q == me) n = rows;
-        if (rows > cards[q].capacity)
-            st = q == me ? epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld rows, but this rank receives %lld",
-                                     (long long)cards[q].capacity, (long long)rows)
-                         : epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity is below the %lld rows it receives",
-                                     q, (long long)rows);
+        if (rows > cards[q].capacity && short_q < 0) short_q = q, short_rows = rows;
     }
+    if (st == EPX_SUCCESS && n > cards[me].capacity)
+        st = epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "out.capacity = %lld rows, but this rank receives %lld",
+                       (long long)cards[me].capacity, (long long)n);
+    else if (st == EPX_SUCCESS && short_q >= 0)
+        st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity is below the %lld rows it receives",
+                       short_q, (long long)short_rows);
     free(cards);
     return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, n, h, handle, stream, err);
 }

@@ -28,6 +28,12 @@ static epx_status_t epx__mpi_allreduce(void *ctx, int64_t *v, int n, uint64_t de
     return epx__net_allreduce_sum(ctx, v, n, deadline, err);
 }
 
+static epx_status_t epx__mpi_alltoall(void *ctx, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
+                                      epx__errbuf_t *err)
+{
+    return epx__net_alltoall(ctx, send, recv, words, deadline, err);
+}
+
 static epx_status_t epx__mpi_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
                                   const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
 {
@@ -38,7 +44,7 @@ static epx_status_t epx__mpi_xchg(void *ctx, int tag, const void *const *sbuf, c
 epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
                               const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err)
 {
-    epx__hier_link_t link = {net, epx__mpi_allreduce, epx__mpi_xchg};
+    epx__hier_link_t link = {net, epx__mpi_allreduce, epx__mpi_alltoall, epx__mpi_xchg};
     EPX__CHECK(epx__hier_create_link(out, cpu, &link, epx__net_rank(net), epx__net_size(net), host_of, lrank_of,
                                      timeout_ms, err));
     (*out)->net = net;

@@ -39,14 +39,19 @@ typedef struct {
 typedef struct epx__hier epx__hier_t;
 
 /* The transport between hosts that MoE runs on: MPI (src/net), or NCCL for GPU ranks (the
- * link src/xhost builds: host buffers staged through device memory). Both calls are
- * collective in the sense of the MPI ones they stand for and bounded by `deadline`:
+ * link src/xhost builds: host buffers staged through device memory; its collectives run
+ * over the bootstrap). Every call is collective in the sense of the MPI one it stands for
+ * and bounded by `deadline`:
  *   allreduce_sum  v[0..n) summed over all ranks, in place;
+ *   alltoall       block q (`words` int64) of send[R * words] arrives as block `rank` of
+ *                  rank q's recv[R * words] (not overlapping send);
  *   xchg           sbytes[p] bytes from sbuf[p] to rank p, rbytes[p] from p into rbuf[p]
  *                  (0 = none), complete on return; `tag` tells concurrent batches apart. */
 typedef struct {
     void *ctx;
     epx_status_t (*allreduce_sum)(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err);
+    epx_status_t (*alltoall)(void *ctx, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
+                             epx__errbuf_t *err);
     epx_status_t (*xchg)(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
                          const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err);
 } epx__hier_link_t;
@@ -113,9 +118,9 @@ epx_status_t epx__hier_moe_dispatch_plan(epx__hier_moe_t *m, const epx_moe_dispa
 epx_status_t epx__hier_moe_ll_dispatch_plan(epx__hier_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
                                             epx_status_t local, epx__hier_moe_handle_t **handle, epx__errbuf_t *err);
 /* The agreement a cached dispatch (!combine) or a combine (low-latency in a low-latency
- * context) along `hd` starts with (one allreduce: every rank's verdict, operation, top-k,
- * handle and, for combine, whether it passed weights), without moving anything. hd is read
- * only when local is a success. */
+ * context) along `hd` starts with (one alltoall of small cards: every rank's verdict,
+ * operation, top-k, handle and, for combine, whether it passed weights), without moving
+ * anything. hd is read only when local is a success. */
 epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool combine, bool has_w,
                                  epx_status_t local, epx__errbuf_t *err);
 

@@ -2,11 +2,12 @@
  * src/hier: MoE dispatch and combine across hosts (see hier.h for the scheme).
  *
  * Dispatch, on every rank:
- *   verdict  one allreduce: every rank's verdict on its arguments, its call (kind, top-k,
- *            handle) and output capacity, the tokens it sends each rank and each host and,
- *            per receiver, through which local rank of the receiver's host they pass — so
- *            that all ranks reach the same verdict before anything is written, and every
- *            gateway and receiver knows what it gets from whom;
+ *   verdict  one alltoall of small fixed blocks: to every rank, my verdict on my arguments,
+ *            my call (kind, top-k, handle) and the tokens I send it and its host — so that
+ *            all ranks reach the same verdict before anything is written, and every gateway
+ *            and receiver knows what it gets from whom (O(R) bytes per rank); then, as only
+ *            a receiver knows its rows, one allreduce of a few values tells every rank
+ *            whose output capacity is short;
  *   tokens   my tokens' routing (token id, top-k, weights) and rows (and FP8 scales), one
  *            record each, to my gateway on each other host that holds one of their experts
  *            (MPI); then every rank of this host gets, from each local rank acting as
@@ -55,6 +56,7 @@ struct epx__hier_moe {
     char *ll_scales; /* and their scales */
     char *buf[EPX__NBUF];
     size_t cap[EPX__NBUF];
+    int64_t *verdict; /* the verdict's blocks out and in, [2, R, EPX__V_FLOWS] */
 };
 
 struct epx__hier_moe_handle {
@@ -174,8 +176,6 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
 
 /* ---- Verdict --------------------------------------------------------------------------------- */
 
-enum { EPX__CARD = 4 };
-
 /* What a dispatch learns from the verdict: from my per_rank[R] (tokens I send each rank)
  * and per_host[hosts] (tokens I send each host), read when local is a success, every rank
  * gets lanes[l], the rows local rank l forwards it, and fwd_count[R], the tokens each
@@ -185,77 +185,97 @@ typedef struct {
     int64_t *lanes, *fwd_count;
 } epx__flows_t;
 
-/* All ranks learn every rank's verdict, call and capacity (one allreduce); with f (a
- * dispatch), also the flows above; with n_me, *n_me gets the rows I receive and every
- * capacity is checked. */
+/* The block rank p sends rank q in the verdict's alltoall: p's card (its verdict on its own
+ * arguments and, when that is a success, its call) and, in a dispatch, the flows from p to q
+ * (the tokens p sends q, and q's host). Every rank's blocks have the same size: the kind of
+ * operation decides. */
+enum { EPX__V_STATUS, EPX__V_CALL, EPX__V_ROUTING, EPX__V_CARD };    /* every call */
+enum { EPX__V_TO_RANK = EPX__V_CARD, EPX__V_TO_HOST, EPX__V_FLOWS }; /* a dispatch */
+/* The capacity round: ranks whose output is short, and the sums of their rank, capacity and rows. */
+enum { EPX__C_SHORT, EPX__C_RANK, EPX__C_CAPACITY, EPX__C_ROWS, EPX__C_N };
+
+/* Every call starts here: all ranks learn every rank's verdict on its arguments and its call
+ * (kind, top-k, handle, weights) and reach the same verdict before anything is written.
+ * Round 1, one alltoall of small fixed blocks (every rank sees every card, so the verdict is
+ * the same on every rank); with f (a dispatch), f->lanes and f->fwd_count get what arrives.
+ * Round 2, with n_me (a high-throughput dispatch, which checks every receiver's capacity),
+ * only after round 1 succeeded (then on every rank): *n_me gets the rows I receive, and one
+ * allreduce of the ranks whose capacity is below their rows makes every rank fail alike: a
+ * short rank with EPX_ERR_INVALID_ARGUMENT, the others with EPX_ERR_REMOTE_INVALID. */
 static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
                                  int64_t capacity, const epx__flows_t *f, int64_t *n_me, uint64_t deadline,
                                  epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, NH = t->num_hosts, LM = 0;
-    for (int k = 0; k < NH; k++) LM = EPX__MAX(LM, t->host_size[k]);
-    bool counts = f != NULL; /* the same on every rank: the kind of operation decides */
-    int n = EPX__CARD * R + (counts ? R + R * LM + R * NH : 0);
-    int64_t lanes0 = EPX__CARD * R + R, hosts0 = lanes0 + (int64_t)R * LM; /* sections of v */
-    int64_t *v = calloc((size_t)n, sizeof *v);
-    if (!v) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    int64_t *c = v + EPX__CARD * me;
+    int R = t->nranks, me = t->rank, W = f ? EPX__V_FLOWS : EPX__V_CARD;
+    int64_t *out = m->verdict, *in = out + (size_t)R * W; /* allocated at creation: every rank joins */
     int64_t fault = m->h->fault_count; /* EPX_FAULT count: announce a top-k one larger */
     m->h->fault_count = false;
-    c[0] = local;
-    if (local == EPX_SUCCESS) {
-        c[1] = capacity;
-        c[2] = op | (int64_t)(K + fault) << 8 | (int64_t)has_w << 16;
-        c[3] = routing;
-        /* Rank q gets my tokens from its host's rank of my local index (modulo). */
-        for (int q = 0; q < R && counts; q++) {
-            v[EPX__CARD * R + q] = f->per_rank[q];
-            v[lanes0 + q * LM + t->lrank_of[me] % t->host_size[t->host_of[q]]] = f->per_rank[q];
-        }
-        for (int k = 0; k < NH && counts; k++) v[hosts0 + me * NH + k] = f->per_host[k];
+    memset(out, 0, sizeof *out * (size_t)R * W);
+    for (int q = 0; q < R; q++) {
+        int64_t *b = out + (size_t)q * W;
+        b[EPX__V_STATUS] = local;
+        if (local != EPX_SUCCESS) continue;
+        b[EPX__V_CALL] = op | (int64_t)(K + fault) << 8 | (int64_t)has_w << 16;
+        b[EPX__V_ROUTING] = routing;
+        if (f) b[EPX__V_TO_RANK] = f->per_rank[q], b[EPX__V_TO_HOST] = f->per_host[t->host_of[q]];
     }
-    epx_status_t st = m->h->link.allreduce_sum(m->h->link.ctx, v, n, deadline, err);
+    epx_status_t st = m->h->link.alltoall(m->h->link.ctx, out, in, W, deadline, err);
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++)
-        if (v[EPX__CARD * p] != EPX_SUCCESS)
+        if (in[(size_t)p * W + EPX__V_STATUS] != EPX_SUCCESS)
             st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
-                           epx_status_name((epx_status_t)v[EPX__CARD * p]));
+                           epx_status_name((epx_status_t)in[(size_t)p * W + EPX__V_STATUS]));
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
-        const int64_t *o = v + EPX__CARD * p;
-        int oop = (int)(o[2] & 0xff), ok = (int)(o[2] >> 8 & 0xff), ow = (int)(o[2] >> 16);
+        const int64_t *o = in + (size_t)p * W;
+        int64_t call = o[EPX__V_CALL];
+        int oop = (int)(call & 0xff), ok = (int)(call >> 8 & 0xff), ow = (int)(call >> 16);
         if (oop != op)
             st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d called %s while rank %d called %s", p,
                            epx__h_op_names[oop >= 1 && oop <= 5 ? oop : 0], me, epx__h_op_names[op]);
         else if (ok != K)
             st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d passed topk = %d, rank %d passed %d", p, ok, me, K);
-        else if (o[3] != routing)
+        else if (o[EPX__V_ROUTING] != routing)
             st = epx__fail(err, EPX_ERR_MISMATCH,
                            "rank %d passed the handle of another dispatch than rank %d (operation %u vs %u)", p, me,
-                           (unsigned)o[3], routing);
+                           (unsigned)o[EPX__V_ROUTING], routing);
         else if (ow != has_w)
             st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d %s topk_weights, rank %d %s", p,
                            ow ? "passed" : "did not pass", me, has_w ? "did" : "did not");
     }
-    if (st == EPX_SUCCESS && counts) {
-        for (int l = 0; l < t->local_size; l++) f->lanes[l] = v[lanes0 + me * LM + l];
-        for (int p = 0; p < R; p++)
-            f->fwd_count[p] = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me ? v[hosts0 + p * NH + t->host] : 0;
-        for (int q = 0; q < R && st == EPX_SUCCESS && n_me; q++) {
-            int64_t nq = v[EPX__CARD * R + q], cap = v[EPX__CARD * q + 1];
-            if (nq <= cap) continue;
-            if (q == me)
-                st = epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
-                               "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells)",
-                               (long long)cap, (long long)nq);
-            else
-                st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d's out.capacity (%lld rows) is below the %lld it receives",
-                               q, (long long)cap, (long long)nq);
-        }
-        if (n_me) *n_me = v[EPX__CARD * R + me];
+    if (st != EPX_SUCCESS || !f) return st;
+
+    /* Source p's tokens for me pass through local rank lrank(p) % LS of my host; as p's
+     * gateway on my host I forward the tokens p sends my host. */
+    int64_t n = 0;
+    memset(f->lanes, 0, sizeof *f->lanes * (size_t)t->local_size);
+    for (int p = 0; p < R; p++) {
+        const int64_t *b = in + (size_t)p * W;
+        f->lanes[t->lrank_of[p] % t->local_size] += b[EPX__V_TO_RANK];
+        f->fwd_count[p] = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me ? b[EPX__V_TO_HOST] : 0;
+        n += b[EPX__V_TO_RANK];
     }
-    free(v);
-    return st;
+    if (!n_me) return EPX_SUCCESS;
+    *n_me = n;
+    bool short_me = n > capacity;
+    int64_t c[EPX__C_N] = {short_me, short_me ? me : 0, short_me ? capacity : 0, short_me ? n : 0};
+    EPX__CHECK(m->h->link.allreduce_sum(m->h->link.ctx, c, EPX__C_N, deadline, err));
+    if (c[EPX__C_SHORT] == 0) return EPX_SUCCESS;
+    if (short_me && c[EPX__C_SHORT] == 1)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells)",
+                         (long long)capacity, (long long)n);
+    if (short_me)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells); "
+                         "%lld other ranks' out.capacity is short too",
+                         (long long)capacity, (long long)n, (long long)c[EPX__C_SHORT] - 1);
+    if (c[EPX__C_SHORT] == 1)
+        return epx__fail(err, EPX_ERR_REMOTE_INVALID,
+                         "rank %d's out.capacity (%lld rows) is below the %lld it receives", (int)c[EPX__C_RANK],
+                         (long long)c[EPX__C_CAPACITY], (long long)c[EPX__C_ROWS]);
+    return epx__fail(err, EPX_ERR_REMOTE_INVALID, "%lld ranks' out.capacity is below the rows they receive",
+                     (long long)c[EPX__C_SHORT]);
 }
 
 /* ---- Create / destroy ------------------------------------------------------------------------ */
@@ -275,6 +295,8 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
     }
     const epx__topo_t *t = epx__hier_topo(h);
     int R = t->nranks;
+    m->verdict = malloc(sizeof *m->verdict * 2 * (size_t)R * EPX__V_FLOWS);
+    if (!m->verdict && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     int64_t *v = calloc(2 * (size_t)R, sizeof *v);
     epx_status_t st = v ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) {
@@ -304,6 +326,7 @@ void epx__hier_moe_destroy(epx__hier_moe_t *m)
     if (!m) return;
     free(m->ll_q);
     free(m->ll_scales);
+    free(m->verdict);
     for (int i = 0; i < EPX__NBUF; i++) {
         if (i < EPX__NREG && m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
         if (i >= EPX__NREG) free(m->buf[i]);

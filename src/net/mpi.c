@@ -16,13 +16,13 @@ struct epx__net {
     int64_t timeout_ms;
     MPI_Request *reqs; /* of the batch in flight: its receives first */
     int nreqs, nrecv, cap_reqs;
-    int64_t *sum;      /* the allreduce's buffer (abandoned when one fails) */
-    int cap_sum;
+    int64_t *coll; /* the buffer of the collectives (abandoned when one fails) */
+    size_t cap_coll;
 };
 
-/* Buffers of allreduces that timed out: a late peer may still complete the collective and
- * MPI then writes into them, so they are never freed, but kept reachable here for the
- * process's life (one per broken communicator, a few bytes each). */
+/* Buffers of collectives that timed out: a late peer may still complete the collective and
+ * MPI then reads or writes them, so they are never freed, but kept reachable here for the
+ * process's life (one per broken communicator, tens of bytes per rank). */
 #define EPX__NET_ABANDONED_MAX 64
 static int64_t *epx__net_abandoned[EPX__NET_ABANDONED_MAX];
 static int epx__net_nabandoned;
@@ -82,7 +82,7 @@ void epx__net_destroy(epx__net_t *n, bool broken)
         MPI_Comm_free(&n->comm);
     }
     free(n->reqs);
-    free(n->sum);
+    free(n->coll);
     free(n);
 }
 
@@ -161,29 +161,58 @@ static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, u
     }
 }
 
-/* The allreduce works in a buffer of its own: one that timed out stays in flight (a
+/* The collectives work in a buffer of the net's own: one that timed out stays in flight (a
  * nonblocking collective cannot be cancelled), and a late peer's part may still complete it,
- * so its buffer is abandoned (a few bytes, once per broken communicator), never the caller's. */
+ * so its buffer is abandoned (once per broken communicator), never the caller's. */
+static epx_status_t epx__net_coll_buf(epx__net_t *n, size_t count, int64_t **buf, epx__errbuf_t *err)
+{
+    if (count > n->cap_coll || !n->coll) {
+        free(n->coll);
+        n->cap_coll = 0;
+        n->coll = malloc(sizeof *n->coll * EPX__MAX(count, (size_t)1));
+        if (!n->coll) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        n->cap_coll = EPX__MAX(count, (size_t)1);
+    }
+    *buf = n->coll;
+    return EPX_SUCCESS;
+}
+
+/* Wait for the collective `req` started on n->coll; past the deadline the buffer is MPI's. */
+static epx_status_t epx__net_coll_wait(epx__net_t *n, MPI_Request *req, uint64_t deadline, const char *what,
+                                       epx__errbuf_t *err)
+{
+    epx_status_t st = epx__net_poll(n, req, 1, deadline, what, err);
+    if (st != EPX_SUCCESS) {
+        epx__net_abandon(n->coll); /* still MPI's */
+        n->coll = NULL;
+        n->cap_coll = 0;
+    }
+    return st;
+}
+
 epx_status_t epx__net_allreduce_sum(epx__net_t *n, int64_t *v, int count, uint64_t deadline, epx__errbuf_t *err)
 {
-    if (count > n->cap_sum || !n->sum) {
-        free(n->sum);
-        n->cap_sum = 0;
-        n->sum = malloc(sizeof *n->sum * (size_t)EPX__MAX(count, 1));
-        if (!n->sum) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-        n->cap_sum = EPX__MAX(count, 1);
-    }
-    memcpy(n->sum, v, sizeof *v * (size_t)count);
+    int64_t *b = NULL;
+    EPX__CHECK(epx__net_coll_buf(n, (size_t)count, &b, err));
+    memcpy(b, v, sizeof *v * (size_t)count);
     MPI_Request req;
-    EPX__MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, n->sum, count, MPI_INT64_T, MPI_SUM, n->comm, &req), "MPI_Iallreduce");
-    epx_status_t st = epx__net_poll(n, &req, 1, deadline, "MPI_Iallreduce", err);
-    if (st == EPX_SUCCESS) {
-        memcpy(v, n->sum, sizeof *v * (size_t)count);
-    } else {
-        epx__net_abandon(n->sum); /* still MPI's */
-        n->sum = NULL;
-        n->cap_sum = 0;
-    }
+    EPX__MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, b, count, MPI_INT64_T, MPI_SUM, n->comm, &req), "MPI_Iallreduce");
+    epx_status_t st = epx__net_coll_wait(n, &req, deadline, "MPI_Iallreduce", err);
+    if (st == EPX_SUCCESS) memcpy(v, b, sizeof *v * (size_t)count);
+    return st;
+}
+
+epx_status_t epx__net_alltoall(epx__net_t *n, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
+                               epx__errbuf_t *err)
+{
+    size_t all = (size_t)n->nranks * (size_t)words; /* send, then recv, in the net's buffer */
+    int64_t *b = NULL;
+    EPX__CHECK(epx__net_coll_buf(n, 2 * all, &b, err));
+    memcpy(b, send, sizeof *send * all);
+    MPI_Request req;
+    EPX__MPI_CHECK(MPI_Ialltoall(b, words, MPI_INT64_T, b + all, words, MPI_INT64_T, n->comm, &req), "MPI_Ialltoall");
+    epx_status_t st = epx__net_coll_wait(n, &req, deadline, "MPI_Ialltoall", err);
+    if (st == EPX_SUCCESS) memcpy(recv, b + all, sizeof *recv * all);
     return st;
 }
 

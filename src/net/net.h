@@ -36,6 +36,12 @@ epx_status_t epx__net_host_bcast(epx__net_t *net, void *buf, size_t len, epx__er
 epx_status_t epx__net_allgather(epx__net_t *net, const void *mine, void *all, size_t len, epx__errbuf_t *err);
 /* Collective: v[0..n) summed over all ranks, in place. */
 epx_status_t epx__net_allreduce_sum(epx__net_t *net, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err);
+/* Collective: block q (`words` int64) of send[R * words] arrives as block `rank` of rank q's
+ * recv[R * words]. Moves R * words * 8 bytes each way per rank.
+ * Both collectives work in a buffer of the net's (the caller's arrays are free on return,
+ * whatever the outcome) and end at the deadline with EPX_ERR_TIMEOUT (the net is then broken). */
+epx_status_t epx__net_alltoall(epx__net_t *net, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
+                               epx__errbuf_t *err);
 
 /* Start one batch of point-to-point messages: sbytes[p] bytes from sbuf[p] to rank p and
  * rbytes[p] bytes from rank p into rbuf[p] (0 = no message), all with `tag` (0..4095:

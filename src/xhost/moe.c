@@ -67,9 +67,10 @@
  * Low-latency across hosts waits on the host, so it cannot be captured in a CUDA graph and
  * a split send does all the work (its receive keeps the order only): per dispatch the stream
  * wait and the read-back of the ids, a bootstrap round (bad routing), src/hier's verdict (an
- * allreduce) and routing records (over NCCL, then shared memory inside a host), the plan and
- * its upload, and the staging round; per combine the wait, a bootstrap round, the verdict
- * and the staging round. Only then are kernels and NCCL enqueued.
+ * alltoall of small blocks over the bootstrap) and routing records (over NCCL, then shared
+ * memory inside a host), the plan and its upload, and the staging round; per combine the
+ * wait, a bootstrap round, the verdict and the staging round. Only then are kernels and
+ * NCCL enqueued.
  *
  * Bytes per GPU and direction for T = 128, H = 7168, K = 8, E = 288 (uniform routing,
  * distinct experts: a token reaches the other host with p = 0.9965, a given rank of 2x2 with

@@ -82,6 +82,14 @@ static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, uint64_t d
     return epx__boot_allreduce_sum(xh->boot, v, (size_t)n, err);
 }
 
+static epx_status_t epx__link_alltoall(void *ctx, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
+                                       epx__errbuf_t *err)
+{
+    epx__xhost_t *xh = ctx;
+    (void)deadline; /* likewise */
+    return epx__boot_alltoall(xh->boot, send, recv, sizeof *send * (size_t)words, err);
+}
+
 static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes,
                                    void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
 {
@@ -183,7 +191,7 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
     }
     free(cards);
     if (st == EPX_SUCCESS) {
-        epx__hier_link_t link = {xh, epx__link_allreduce, epx__link_xchg};
+        epx__hier_link_t link = {xh, epx__link_allreduce, epx__link_alltoall, epx__link_xchg};
         st = epx__xh_vote(xh, epx__hier_create_link(&xh->hier, cpu, &link, rank, nranks, host_of, lrank_of, timeout_ms, err),
                           epx__xh_create_what, err);
     }
