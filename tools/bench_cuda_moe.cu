@@ -1189,20 +1189,25 @@ int bench_cuda_moe(bench_ctx_t *b)
 #undef TM
     free(tm);
     CK(m, cudaStreamSynchronize(m->stream));
-    /* ll: dispatch alone and combine alone captured in CUDA graphs and timed like the ops
-     * (device barrier, L2 flush, events around one replay: no host work inside); then
-     * dispatch + combine in one graph, replayed back to back. */
+    /* Dispatch alone and combine alone captured in CUDA graphs and timed like the ops
+     * (device barrier, L2 flush, events around one replay: no host work inside, so the
+     * difference to the ops' times is the host's share: the argument round and the launches);
+     * then, ll, dispatch + combine in one graph, replayed back to back. High-throughput
+     * dispatch can be captured only on the SM path with the count on the device. */
     double graph_us = 0, graph_op[2] = {0, 0}, split_us[5] = {0, 0, 0, 0, 0};
     epx_comm_info_t ci;
+    const char *sms_env = getenv("EPX_CUDA_SMS");
+    bool ce_path = !m->ll && sms_env && atoi(sms_env) <= 0;
     /* Across hosts (NCCL) the calls wait on the host: they cannot be captured. */
-    bool graphs = m->ll && epx_comm_info(m->gpu, &ci) == EPX_SUCCESS && ci.num_hosts == 1;
+    bool graphs = epx_comm_info(m->gpu, &ci) == EPX_SUCCESS && ci.num_hosts == 1 &&
+                  (m->ll || (m->d_count && !ce_path));
     if (graphs) {
         for (int g = 0; g < 2; g++) {
             cudaGraph_t graph;
             cudaGraphExec_t exec;
             epx_retire_handle(m);
             CK(m, cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeRelaxed));
-            if (g == 0) epx_ll_dispatch_op(m);
+            if (g == 0) epx_dispatch_op(m);
             else epx_combine_op(m);
             CK(m, cudaStreamEndCapture(m->stream, &graph));
             CK(m, cudaGraphInstantiate(&exec, graph, 0));
@@ -1223,6 +1228,8 @@ int bench_cuda_moe(bench_ctx_t *b)
             CK(m, cudaGraphExecDestroy(exec));
             CK(m, cudaGraphDestroy(graph));
         }
+    }
+    if (graphs && m->ll) {
         cudaGraph_t graph;
         cudaGraphExec_t exec;
         epx_retire_handle(m);
@@ -1269,11 +1276,14 @@ int bench_cuda_moe(bench_ctx_t *b)
                    rep.diff[OP_LAYOUT], rep.diff[OP_DISPATCH], rep.diff[OP_COMBINE]);
         if (!check) printf("# not checked%s\n", m->ll ? " (mode ll)" : " (-c 0)");
         if (any_wrong) printf("# FAILED: wrong values found\n");
-        if (graphs)
+        if (graphs && !m->ll)
+            printf("# epx from CUDA graphs (no host work; median, L2 flushed): dispatch %.2f us, combine %.2f us\n",
+                   graph_op[0], graph_op[1]);
+        if (graphs && m->ll)
             printf("# epx ll from CUDA graphs (no host work; median, L2 flushed): dispatch %.2f us, combine %.2f us; "
                    "dispatch + combine in one graph replayed back to back: %.2f us per pair\n",
                    graph_op[0], graph_op[1], graph_us);
-        if (graphs)
+        if (graphs && m->ll)
             printf("# epx ll halves in one graph, %d us of other work between send and receive (median, L2 flushed): "
                    "dispatch send %.2f us + receive %.2f us; combine send %.2f us + receive %.2f us (the other work "
                    "measured the same way: %.2f us)\n",
