@@ -6,12 +6,15 @@
  * ascending, float32 from +0, no FMA: build with --fmad=false) so the bits match the CPU
  * backend.
  */
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <string.h>
 
 #include "../core/convert.h"
 #include "flags.cuh"
 #include "moe_common.cuh"
+
+namespace cg = cooperative_groups;
 
 /* An id in staged routing that is not an expert id in [-1, E). */
 #define EPX__BAD_ID (-2147483647 - 1)
@@ -137,30 +140,23 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
 
 /* ---- Layout (local) -------------------------------------------------------------------------- */
 
-/* The whole layout in one launch, without a grid-wide meeting: every block checks and
- * counts its share of the tokens (in shared memory, then one global add per counter into
- * `scratch` [R + E], zero between calls) and writes their is_token_in_rank; the last block
- * to finish (scratch[R + E] counts them) has every count and the verdict: it writes the
- * counts (-1 when an id was bad) and leaves scratch and *bad ready for the next call. */
 #define EPX__LAYOUT_SHARED 4096 /* counters kept in shared memory when R + E fits */
 #define EPX__LAYOUT_THREADS 256
-static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
-    epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
-                      int *scratch)
+#define EPX__LAYOUT_CLUSTER_THREADS 256
+#define EPX__LAYOUT_CLUSTER_BLOCKS 16 /* above the portable 8: allowed once per process */
+
+/* Every block's share of my tokens, in block-sized groups (ids staged at once into `ids`,
+ * then one token per thread): counts into c ([R] per rank, then [E] per expert; shared or
+ * global memory) and each token's is_token_in_rank. Returns whether this thread saw an id
+ * outside [-1, E) (those are not counted). */
+static __device__ bool epx__layout_tokens(const epx__moe_routing_t &r, int *c, unsigned char *in_rank, int *ids)
 {
-    __shared__ int cnt[EPX__LAYOUT_SHARED];
-    __shared__ int ids[EPX__LAYOUT_THREADS * EPX_MOE_MAX_TOPK];
-    __shared__ int last;
-    int me = r.rank, R = r.nranks, K = r.topk, E = r.num_experts;
+    int me = r.rank, R = r.nranks, K = r.topk;
     long long T = r.num_tokens[me];
-    bool shared = R + E <= EPX__LAYOUT_SHARED;
-    int *c = shared ? cnt : scratch; /* [R] per rank, then [E] per expert */
-    for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x) cnt[i] = 0;
     bool bad_seen = false;
-    /* Block-sized groups of tokens: their ids staged at once, then one token per thread. */
     for (long long t0 = (long long)blockIdx.x * blockDim.x; t0 < T; t0 += (long long)gridDim.x * blockDim.x) {
         int n = T - t0 < (long long)blockDim.x ? (int)(T - t0) : (int)blockDim.x;
-        __syncthreads(); /* the last group's ids are read (and, the first time, cnt is zero) */
+        __syncthreads(); /* the last group's ids are read (and, the first time, c is zero) */
         epx__stage_ids(&r, me, t0, n, ids);
         __syncthreads();
         if ((int)threadIdx.x >= n) continue;
@@ -184,7 +180,58 @@ static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
             atomicAdd(&c[q], 1);
         }
     }
-    if (bad_seen) atomicMin((unsigned long long *)bad, 0ull);
+    return bad_seen;
+}
+
+/* The whole layout in one cluster of blocks: every block counts its share in its shared
+ * memory (EPX__LAYOUT_CLUSTER_SMEM: the counters, then the staged ids); when the cluster has
+ * met, block 0 sums the blocks' counters through distributed shared memory and writes the
+ * counts (-1 when an id was bad). No global scratch, atomics or last-block round trip. */
+#define EPX__LAYOUT_CLUSTER_SMEM(R, E, K) \
+    (sizeof(int) * ((size_t)(R) + (size_t)(E) + (size_t)EPX__LAYOUT_CLUSTER_THREADS * (size_t)(K)))
+static __global__ void __launch_bounds__(EPX__LAYOUT_CLUSTER_THREADS)
+    epx__k_moe_layout_cluster(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank)
+{
+    extern __shared__ int smem[];
+    __shared__ int bad;
+    cg::cluster_group cluster = cg::this_cluster();
+    int R = r.nranks, E = r.num_experts;
+    int *cnt = smem, *ids = smem + R + E;
+    for (int i = threadIdx.x; i < R + E; i += blockDim.x) cnt[i] = 0;
+    int any = __syncthreads_or(epx__layout_tokens(r, cnt, in_rank, ids));
+    if (threadIdx.x == 0) bad = any;
+    cluster.sync(); /* every block's counters and bad word are final and visible */
+    if (cluster.block_rank() == 0) {
+        int nb = (int)cluster.num_blocks(), any_bad = 0;
+        for (int b = 0; b < nb; b++) any_bad |= *cluster.map_shared_rank(&bad, b);
+        for (int i = threadIdx.x; i < R + E; i += blockDim.x) {
+            int v = 0;
+            for (int b = 0; b < nb; b++) v += cluster.map_shared_rank(cnt, b)[i];
+            v = any_bad ? -1 : v;
+            if (i < R && per_rank) per_rank[i] = v;
+            if (i >= R && per_expert) per_expert[i - R] = v;
+        }
+    }
+    cluster.sync(); /* the blocks' shared memory stays until block 0 has read it */
+}
+
+/* The same for any R + E, without a grid-wide meeting: every block counts its share (in
+ * shared memory when R + E fits, then one global add per counter into `scratch` [R + E],
+ * zero between calls); the last block to finish (scratch[R + E] counts them) has every count
+ * and the verdict: it writes the counts (-1 when an id was bad) and leaves scratch and *bad
+ * ready for the next call. */
+static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
+    epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
+                      int *scratch)
+{
+    __shared__ int cnt[EPX__LAYOUT_SHARED];
+    __shared__ int ids[EPX__LAYOUT_THREADS * EPX_MOE_MAX_TOPK];
+    __shared__ int last;
+    int R = r.nranks, E = r.num_experts;
+    bool shared = R + E <= EPX__LAYOUT_SHARED;
+    int *c = shared ? cnt : scratch;
+    for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x) cnt[i] = 0;
+    if (epx__layout_tokens(r, c, in_rank, ids)) atomicMin((unsigned long long *)bad, 0ull);
     __syncthreads();
     for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x)
         if (cnt[i]) atomicAdd(&scratch[i], cnt[i]);
@@ -209,11 +256,54 @@ static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
     }
 }
 
+/* The largest layout cluster of the current device: 16 blocks where it allows clusters
+ * above the portable 8 and 16 fit its SMs, else 8. Asked once per device (the setting that
+ * allows 16 stays with the device's context); cfg/attr: the launch's, overwritten. */
+static int epx__layout_cluster_most(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *attr)
+{
+    static int known[64]; /* per device: 0 unknown, else the answer (same on every thread) */
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 8;
+    if (known[dev]) return known[dev];
+    int most = 8, fits = 0;
+    attr->val.clusterDim.x = EPX__LAYOUT_CLUSTER_BLOCKS;
+    cfg->gridDim = dim3(EPX__LAYOUT_CLUSTER_BLOCKS);
+    if (cudaFuncSetAttribute(epx__k_moe_layout_cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+            cudaSuccess ||
+        cudaOccupancyMaxActiveClusters(&fits, epx__k_moe_layout_cluster, cfg) != cudaSuccess)
+        (void)cudaGetLastError(); /* a refusal is no launch's error */
+    else if (fits >= 1)
+        most = EPX__LAYOUT_CLUSTER_BLOCKS;
+    known[dev] = most;
+    return most;
+}
+
 extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, int *per_rank, int *per_expert,
                                                    unsigned char *in_rank, long long *bad, int *scratch, int blocks,
                                                    void *stream)
 {
-    long long need = ((long long)r->num_tokens[r->rank] + EPX__LAYOUT_THREADS - 1) / EPX__LAYOUT_THREADS;
+    long long T = r->num_tokens[r->rank];
+    size_t smem = EPX__LAYOUT_CLUSTER_SMEM(r->nranks, r->num_experts, r->topk);
+    if (smem <= 48 * 1024) { /* without opting in to more */
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cfg.blockDim = dim3(EPX__LAYOUT_CLUSTER_THREADS);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = (cudaStream_t)stream;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        long long need = (T + EPX__LAYOUT_CLUSTER_THREADS - 1) / EPX__LAYOUT_CLUSTER_THREADS;
+        int most = epx__layout_cluster_most(&cfg, attr);
+        int nb = (int)(need < most ? (need > 0 ? need : 1) : most);
+        if (nb > blocks) nb = blocks > 0 ? blocks : 1;
+        attr[0].val.clusterDim.x = (unsigned)nb;
+        cfg.gridDim = dim3((unsigned)nb);
+        return (int)cudaLaunchKernelEx(&cfg, epx__k_moe_layout_cluster, *r, per_rank, per_expert, in_rank);
+    }
+    long long need = (T + EPX__LAYOUT_THREADS - 1) / EPX__LAYOUT_THREADS;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
     epx__k_moe_layout<<<blocks, EPX__LAYOUT_THREADS, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad, scratch);
     return (int)cudaGetLastError();
