@@ -67,10 +67,11 @@ static __thread int depth;
 static __thread int nops;
 static __thread fake_op_t ops[FAKE_MAX_OPS];
 
+/* Bytes of one element of NCCL's data types (ncclInt8 ... ncclFloat8e5m2), 0 for others. */
 static size_t fake_type_size(ncclDataType_t t)
 {
     static const size_t sizes[] = {1, 1, 4, 4, 8, 8, 2, 4, 8, 2, 1, 1};
-    return t >= 0 && t < (int)(sizeof sizes / sizeof sizes[0]) ? sizes[t] : 1;
+    return t >= 0 && t < (int)(sizeof sizes / sizeof sizes[0]) ? sizes[t] : 0;
 }
 
 static void fake_name(const ncclComm_t c, int src, int dst, uint64_t n, char *out, size_t len)
@@ -124,27 +125,37 @@ ncclResult_t ncclCommGetAsyncError(ncclComm_t c, ncclResult_t *r)
     return ncclSuccess;
 }
 
-/* Messages I sent that nobody took (a peer gone): removed with the communicator. */
-static void fake_unlink_unread(ncclComm_t c)
+/* Messages I sent that are still there: with `wait`, a clean end, until their receivers
+ * took them (bounded, as a peer may still be on its way to its receives); then, or at once
+ * (abort: a peer may be gone), they are removed. */
+static void fake_unread(ncclComm_t c, int wait)
 {
     char name[128];
+    const char *tm = getenv("FAKE_NCCL_TIMEOUT_MS");
+    long long left_us = 1000LL * (tm ? atoll(tm) : 60000);
     for (int p = 0; p < c->nranks; p++)
         for (uint64_t n = 0; n < c->sent[p]; n++) {
             fake_name(c, c->rank, p, n, name, sizeof name);
-            shm_unlink(name); /* fails harmlessly where the receiver already did */
+            for (; wait && left_us > 0; left_us -= 100) {
+                int fd = shm_open(name, O_RDONLY, 0600);
+                if (fd < 0) break; /* taken */
+                close(fd);
+                usleep(100);
+            }
+            shm_unlink(name); /* fails harmlessly where the receiver took it */
         }
 }
 
-static ncclResult_t fake_free(ncclComm_t c)
+static ncclResult_t fake_free(ncclComm_t c, int wait)
 {
     if (!c) return ncclInvalidArgument;
-    fake_unlink_unread(c);
+    fake_unread(c, wait);
     free(c->sent), free(c->received), free(c);
     return ncclSuccess;
 }
 
-ncclResult_t ncclCommAbort(ncclComm_t c) { return fake_free(c); }
-ncclResult_t ncclCommDestroy(ncclComm_t c) { return fake_free(c); }
+ncclResult_t ncclCommAbort(ncclComm_t c) { return fake_free(c, 0); }
+ncclResult_t ncclCommDestroy(ncclComm_t c) { return fake_free(c, 1); }
 ncclResult_t ncclCommFinalize(ncclComm_t c) { return c ? ncclSuccess : ncclInvalidArgument; }
 ncclResult_t ncclCommCount(const ncclComm_t c, int *n) { return *n = c->nranks, ncclSuccess; }
 ncclResult_t ncclCommUserRank(const ncclComm_t c, int *r) { return *r = c->rank, ncclSuccess; }
@@ -173,9 +184,14 @@ static ncclResult_t fake_send(const fake_op_t *o)
     int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) return fake_fail(c, ncclSystemError, "shm_open (send)");
     size_t len = 64 + o->bytes;
-    char *m = ftruncate(fd, (off_t)len) == 0 ? mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+    /* Allocated now (not a sparse object): a full /dev/shm is an error here, not SIGBUS later. */
+    char *m = posix_fallocate(fd, 0, (off_t)len) == 0 ? mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                                                     : MAP_FAILED;
     close(fd);
-    if (m == MAP_FAILED) return fake_fail(c, ncclSystemError, "mmap (send)");
+    if (m == MAP_FAILED) {
+        shm_unlink(name);
+        return fake_fail(c, ncclSystemError, "no room in shared memory (send)");
+    }
     ncclResult_t r = ncclSuccess;
     if (o->bytes && (cudaMemcpyAsync(m + 64, o->buf, o->bytes, cudaMemcpyDefault, o->stream) != cudaSuccess ||
                      cudaStreamSynchronize(o->stream) != cudaSuccess))
@@ -258,7 +274,7 @@ ncclResult_t ncclGroupEnd(void)
 static ncclResult_t fake_queue(int send, const void *buf, size_t count, ncclDataType_t t, int peer, ncclComm_t c,
                                cudaStream_t stream)
 {
-    if (!c || peer < 0 || peer >= c->nranks) return ncclInvalidArgument;
+    if (!c || peer < 0 || peer >= c->nranks || fake_type_size(t) == 0) return ncclInvalidArgument;
     if (nops == FAKE_MAX_OPS) return fake_fail(c, ncclInvalidUsage, "too many operations in one group");
     ops[nops++] = (fake_op_t){send, (void *)buf, count * fake_type_size(t), peer, c, stream};
     return depth > 0 ? ncclSuccess : fake_run();

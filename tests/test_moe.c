@@ -1772,9 +1772,9 @@ static int run_mismatch(void)
         h[i] = dispatch_checked(moe, &W[i], &ref[i], &B[i], true, "mismatch: a handle");
     }
     int passed = 0;
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 5; k++) {
         static const char *what[] = {"topk in a dispatch", "combine against cached dispatch", "the handle of a combine",
-                                     "topk_weights in a combine"};
+                                     "topk_weights in a combine", "combine against dispatch"};
         char cs[160];
         snprintf(cs, sizeof cs, "mismatch: %s (rank %d)", what[k], R - 1);
         ht_poison(&B[0]);
@@ -1785,12 +1785,14 @@ static int run_mismatch(void)
         epx_moe_combine_out_t co = {C[0].dout, NULL};
         epx_moe_handle_t nh = NULL;
         epx_status_t st;
-        if (k == 0) {
-            if (odd) in.topk = W[0].K - 1;
+        if (k == 0 || (k == 4 && !odd)) {
+            if (k == 0 && odd) in.topk = W[0].K - 1;
             st = epx_moe_dispatch(moe, &in, &out, &nh, test_stream());
             if (nh) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
             if (out.num_recv_tokens != -77)
                 TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
+        } else if (k == 4) {
+            st = epx_moe_combine(moe, h[0], &ci, &co, test_stream());
         } else if (k == 1) {
             st = odd ? epx_moe_combine(moe, h[0], &ci, &co, test_stream())
                      : epx_moe_dispatch_cached(moe, h[0], &in, &out, test_stream());

@@ -12,7 +12,7 @@
 
 Model of epx's hierarchical scheme (src/hier/hier.h, src/hier/moe.c):
   verdict   every dispatch and combine starts with one alltoall of small blocks: to every
-            rank 3 int64 (verdict, call, handle), 5 in a dispatch (plus the flows to that rank
+            rank 5 int64 (verdict, call, handle, and in a dispatch the flows to that rank
             and its host, so that no count step follows); a high-throughput dispatch then
             allreduces 4 int64 (the ranks whose output capacity is short);
   dispatch  a token crosses to each destination host other than its own once, to the gateway
@@ -178,8 +178,10 @@ def verdict_alpha(N, p):
 
 def verdict_bytes(R, dispatch):
     """Bytes each rank sends (and receives) in the verdict's alltoall (src/hier/moe.c,
-    epx__verdict): R blocks of 5 int64 in a dispatch, of 3 otherwise."""
-    return 8 * R * (5 if dispatch else 3)
+    epx__verdict): R blocks of 5 int64 in every call (the flows are zero outside a
+    dispatch; one size, so that ranks that made different calls still meet)."""
+    del dispatch
+    return 8 * R * 5
 
 
 CAPACITY_BYTES = 8 * 4  # the capacity allreduce of a high-throughput dispatch (epx__verdict's round 2)

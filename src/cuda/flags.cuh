@@ -164,14 +164,15 @@ static __device__ int epx__wait_peers(const epx__cuda_dev_t *d, int kind, unsign
 
 /* ---- An operation's ARRIVE and DONE steps inside its kernels ------------------------------ */
 
-/* ARRIVE at the start of a kernel, instead of a launch of its own: block (0, 0) tells every
- * peer my stream got to this operation, then every block waits (bounded) until peer p got
- * there too, or with p < 0 every peer: after it the block may read their inputs. Every
- * thread of every block calls it, first. */
+/* ARRIVE at the start of a kernel, instead of a launch of its own: every block tells every
+ * peer my stream got to this operation (the same value each time: no block waits on
+ * another block of mine being scheduled), then waits (bounded) until peer p got there too,
+ * or with p < 0 every peer: after it the block may read their inputs. Every thread of
+ * every block calls it, first. */
 static __device__ void epx__arrive(const epx__cuda_dev_t *d, int p)
 {
     unsigned long long n = epx__op_number(d);
-    if (blockIdx.x == 0 && blockIdx.y == 0) epx__signal_peers(d, EPX__FLAG_ARRIVE, n);
+    epx__signal_peers(d, EPX__FLAG_ARRIVE, n);
     if (p < 0) {
         epx__wait_peers(d, EPX__FLAG_ARRIVE, n);
         return;

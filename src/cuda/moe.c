@@ -446,6 +446,13 @@ static epx_status_t epx__moe_finish_after(epx__cuda_moe_t *m, epx_status_t agree
     return epx__moe_finish(m, st, stream, err);
 }
 
+/* A kernel that was to take the ARRIVE step could not be launched: ARRIVE on its own, so
+ * that the peers' waits end (a second ARRIVE is harmless: flags only grow). */
+static void epx__moe_arrive_instead(epx__cuda_moe_t *m, void *stream)
+{
+    (void)epx__cuda_launch_signal_wait(&m->c->dev, EPX__FLAG_ARRIVE, 0, stream);
+}
+
 /* ---- Copy engines ---------------------------------------------------------------------------- */
 
 /* Where rank p's rows start in rank q's recv_x: the rows q receives from ranks before p. */
@@ -615,7 +622,8 @@ static epx_status_t epx__move_rows(epx__cuda_moe_t *m, const epx__cuda_moe_handl
                                    epx_status_t st, int steps, bool *finished, void *stream, epx__errbuf_t *err)
 {
     *finished = false;
-    if (m->ce) return st == EPX_SUCCESS ? epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err) : st;
+    if (st != EPX_SUCCESS) return st;
+    if (m->ce) return epx__ce_dispatch_rows(m, h, in, out, dx, ds, stream, err);
     epx__gather_along(m, h, out, g);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_gather(g, &m->c->dev, steps, m->blocks, stream), st, err);
     *finished = st == EPX_SUCCESS && (steps & EPX__STEP_DONE);
@@ -763,9 +771,11 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         EPX__CUDA_CHECK(cudaMemsetAsync(m->d_counts, 0, sizeof(int) * (size_t)(R * R + 1), strm), st, err);
     }
     m->counts_dirty = true;
+    epx_status_t before = st;
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_moe_count(&rt, m->d_counts, m->d_chunk_counts, m->chunks, m->d_bad,
                                                             no_sync, m->d_expert_counts, &c->dev, stream),
                     st, err);
+    if (before == EPX_SUCCESS && st != EPX_SUCCESS) epx__moe_arrive_instead(m, stream);
     if (no_sync) {
         free(cards);
         return epx__moe_lay_out(m, &rt, &g, in, out, dx, ds, st, -1, h, handle, stream, err);
@@ -855,6 +865,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     bool finished;
     st = epx__move_rows(m, h, in, out, &g, dx, ds, st, EPX__STEP_ARRIVE | EPX__STEP_DONE, &finished, stream, err);
     c->ops_started++;
+    if (!finished && !m->ce) epx__moe_arrive_instead(m, stream);
     if (!finished) st = epx__moe_finish_after(m, EPX_SUCCESS, st, stream, err); /* the ranks agreed: st failing is mine */
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return st;
@@ -964,7 +975,10 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
                                                               stream),
                     st, err);
     c->ops_started++;
-    if (st != EPX_SUCCESS) st = epx__moe_finish(m, st, stream, err);
+    if (st != EPX_SUCCESS) {
+        epx__moe_arrive_instead(m, stream);
+        st = epx__moe_finish(m, st, stream, err);
+    }
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return st;
 }

@@ -132,6 +132,7 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
                                           void *stream)
 {
     dim3 grid((unsigned)chunks, (unsigned)r->nranks);
+    (void)cudaGetLastError(); /* what is returned below is this launch's */
     epx__k_moe_count<<<grid, EPX__MOE_CHUNK, 0, (cudaStream_t)stream>>>(*r, counts, chunk_counts, chunks, bad, check_all,
                                                                           expert_counts, epx__dev_or_none(arrive),
                                                                           arrive != NULL);
@@ -261,10 +262,11 @@ static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
  * allows 16 stays with the device's context); cfg/attr: the launch's, overwritten. */
 static int epx__layout_cluster_most(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *attr)
 {
-    static int known[64]; /* per device: 0 unknown, else the answer (same on every thread) */
+    static int known[64]; /* per device: 0 unknown, else the answer (the same on every thread) */
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 8;
-    if (known[dev]) return known[dev];
+    int k = __atomic_load_n(&known[dev], __ATOMIC_RELAXED);
+    if (k) return k;
     int most = 8, fits = 0;
     attr->val.clusterDim.x = EPX__LAYOUT_CLUSTER_BLOCKS;
     cfg->gridDim = dim3(EPX__LAYOUT_CLUSTER_BLOCKS);
@@ -274,7 +276,7 @@ static int epx__layout_cluster_most(cudaLaunchConfig_t *cfg, cudaLaunchAttribute
         (void)cudaGetLastError(); /* a refusal is no launch's error */
     else if (fits >= 1)
         most = EPX__LAYOUT_CLUSTER_BLOCKS;
-    known[dev] = most;
+    __atomic_store_n(&known[dev], most, __ATOMIC_RELAXED);
     return most;
 }
 
@@ -284,7 +286,7 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
 {
     long long T = r->num_tokens[r->rank];
     size_t smem = EPX__LAYOUT_CLUSTER_SMEM(r->nranks, r->num_experts, r->topk);
-    if (smem <= 48 * 1024) { /* without opting in to more */
+    if (smem + 64 <= 48 * 1024) { /* without opting in to more (64: the kernel's static shared memory) */
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute attr[1];
         attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -301,7 +303,9 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
         if (nb > blocks) nb = blocks > 0 ? blocks : 1;
         attr[0].val.clusterDim.x = (unsigned)nb;
         cfg.gridDim = dim3((unsigned)nb);
-        return (int)cudaLaunchKernelEx(&cfg, epx__k_moe_layout_cluster, *r, per_rank, per_expert, in_rank);
+        if (cudaLaunchKernelEx(&cfg, epx__k_moe_layout_cluster, *r, per_rank, per_expert, in_rank) == cudaSuccess)
+            return (int)cudaSuccess;
+        (void)cudaGetLastError(); /* refused (no room for the cluster now): the kernel below does the same */
     }
     long long need = (T + EPX__LAYOUT_THREADS - 1) / EPX__LAYOUT_THREADS;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
@@ -434,6 +438,7 @@ static __global__ void __launch_bounds__(1024) epx__k_moe_gather(epx__moe_gather
 extern "C" int epx__cuda_launch_moe_gather(const epx__moe_gather_t *g, const epx__cuda_dev_t *d, int steps, int blocks,
                                            void *stream)
 {
+    (void)cudaGetLastError(); /* what is returned below is this launch's */
     epx__k_moe_gather<<<blocks, 1024, 0, (cudaStream_t)stream>>>(*g, epx__dev_or_none(d), d ? steps : 0);
     return (int)cudaGetLastError();
 }
@@ -509,6 +514,7 @@ extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, const e
 {
     if (!d) steps = 0;
     if (c->num_tokens == 0 && !steps) return (int)cudaSuccess;
+    (void)cudaGetLastError(); /* what is returned below is this launch's */
     if (c->nranks <= 2) /* at most two rows a token: half the registers, twice the warps */
         epx__k_moe_combine<2><<<blocks, 1024, 0, (cudaStream_t)stream>>>(*c, epx__dev_or_none(d), steps);
     else

@@ -187,8 +187,8 @@ typedef struct {
 
 /* The block rank p sends rank q in the verdict's alltoall: p's card (its verdict on its own
  * arguments and, when that is a success, its call) and, in a dispatch, the flows from p to q
- * (the tokens p sends q, and q's host). Every rank's blocks have the same size: the kind of
- * operation decides. */
+ * (the tokens p sends q, and q's host; zero in other calls). Blocks have one size in every
+ * call, so that ranks that made different calls still complete the round and learn it. */
 enum { EPX__V_STATUS, EPX__V_CALL, EPX__V_ROUTING, EPX__V_CARD };    /* every call */
 enum { EPX__V_TO_RANK = EPX__V_CARD, EPX__V_TO_HOST, EPX__V_FLOWS }; /* a dispatch */
 /* The capacity round: ranks whose output is short, and the sums of their rank, capacity and rows. */
@@ -207,7 +207,9 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
                                  epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, W = f ? EPX__V_FLOWS : EPX__V_CARD;
+    /* One block size for every operation: ranks that called different operations must
+     * still complete the same alltoall to learn that they did. */
+    int R = t->nranks, me = t->rank, W = EPX__V_FLOWS;
     int64_t *out = m->verdict, *in = out + (size_t)R * W; /* allocated at creation: every rank joins */
     int64_t fault = m->h->fault_count; /* EPX_FAULT count: announce a top-k one larger */
     m->h->fault_count = false;
