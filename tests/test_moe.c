@@ -1748,7 +1748,8 @@ static int run_bad_capacity(void)
 }
 
 /* Valid calls that differ between ranks, the last rank the odd one: top-k in a dispatch,
- * the operation (combine against cached dispatch), the handle and the weights of a combine.
+ * the operation (combine against cached dispatch, and against dispatch), the handle and the
+ * weights of a combine.
  * Every rank returns EPX_ERR_MISMATCH, nothing is written, and a valid call works right
  * after. Not on the CUDA backend (of one host it checks only the handle). */
 static int run_mismatch(void)

@@ -441,12 +441,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
                     acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w[k], epx__bits_f32(u[j] & 0xffff0000u)));
                 }
             }
-            uint4 o;
-            o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
-            o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
-            o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
-            o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
-            ((uint4 *)(c.out + t * row_bytes))[ch] = o;
+            ((uint4 *)(c.out + t * row_bytes))[ch] = epx__pack_bf16x8(acc);
         }
         return;
     }
@@ -477,12 +472,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
                         acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w[i], epx__bits_f32(u[j] & 0xffff0000u)));
                     }
                 }
-                uint4 o;
-                o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
-                o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
-                o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
-                o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
-                ((uint4 *)out)[ch] = o;
+                ((uint4 *)out)[ch] = epx__pack_bf16x8(acc);
             }
         } else {
             for (long long h = threadIdx.x; h < H; h += blockDim.x) {

@@ -90,6 +90,17 @@ static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, lon
     }
 }
 
+/* Eight float32 values rounded to bf16 (the CPU backend's rounding), in one 16-byte word. */
+static __device__ __forceinline__ uint4 epx__pack_bf16x8(const float *a)
+{
+    uint4 o;
+    o.x = epx__f32_to_bf16(a[0]) | ((unsigned)epx__f32_to_bf16(a[1]) << 16);
+    o.y = epx__f32_to_bf16(a[2]) | ((unsigned)epx__f32_to_bf16(a[3]) << 16);
+    o.z = epx__f32_to_bf16(a[4]) | ((unsigned)epx__f32_to_bf16(a[5]) << 16);
+    o.w = epx__f32_to_bf16(a[6]) | ((unsigned)epx__f32_to_bf16(a[7]) << 16);
+    return o;
+}
+
 /* The bf16 sum of n <= NR 16-byte-aligned rows of `chunks` 16-byte chunks, by one warp
  * (see epx__moe_reduce_token): each lane loads U chunks of every row before it adds any,
  * so NR * U loads are in flight per lane (up to 16 x 16 B); each chunk's terms are then
@@ -127,12 +138,7 @@ static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *
                     acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], hi);
                 }
             }
-            uint4 o;
-            o.x = epx__f32_to_bf16(acc[0]) | ((unsigned)epx__f32_to_bf16(acc[1]) << 16);
-            o.y = epx__f32_to_bf16(acc[2]) | ((unsigned)epx__f32_to_bf16(acc[3]) << 16);
-            o.z = epx__f32_to_bf16(acc[4]) | ((unsigned)epx__f32_to_bf16(acc[5]) << 16);
-            o.w = epx__f32_to_bf16(acc[6]) | ((unsigned)epx__f32_to_bf16(acc[7]) << 16);
-            ((uint4 *)out)[ch] = o;
+            ((uint4 *)out)[ch] = epx__pack_bf16x8(acc);
         }
     }
 }
@@ -193,12 +199,7 @@ static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *
             for (int u = 0; u < 4; u++) {
                 int ch = ch0 + u * 32;
                 if (ch >= chunks) break;
-                uint4 o;
-                o.x = epx__f32_to_bf16(acc[u][0]) | ((unsigned)epx__f32_to_bf16(acc[u][1]) << 16);
-                o.y = epx__f32_to_bf16(acc[u][2]) | ((unsigned)epx__f32_to_bf16(acc[u][3]) << 16);
-                o.z = epx__f32_to_bf16(acc[u][4]) | ((unsigned)epx__f32_to_bf16(acc[u][5]) << 16);
-                o.w = epx__f32_to_bf16(acc[u][6]) | ((unsigned)epx__f32_to_bf16(acc[u][7]) << 16);
-                ((uint4 *)out)[ch] = o;
+                ((uint4 *)out)[ch] = epx__pack_bf16x8(acc[u]);
             }
         }
     } else {
