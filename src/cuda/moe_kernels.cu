@@ -193,6 +193,7 @@ static __device__ bool epx__layout_tokens(const epx__moe_routing_t &r, int *c, u
 static __global__ void __launch_bounds__(EPX__LAYOUT_CLUSTER_THREADS)
     epx__k_moe_layout_cluster(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank)
 {
+#if __CUDA_ARCH__ >= 900 /* clusters: Hopper on; epx__layout_cluster_most never picks this kernel elsewhere */
     extern __shared__ int smem[];
     __shared__ int bad;
     cg::cluster_group cluster = cg::this_cluster();
@@ -214,6 +215,7 @@ static __global__ void __launch_bounds__(EPX__LAYOUT_CLUSTER_THREADS)
         }
     }
     cluster.sync(); /* the blocks' shared memory stays until block 0 has read it */
+#endif
 }
 
 /* The same for any R + E, without a grid-wide meeting: every block counts its share (in
@@ -258,15 +260,25 @@ static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
 }
 
 /* The largest layout cluster of the current device: 16 blocks where it allows clusters
- * above the portable 8 and 16 fit its SMs, else 8. Asked once per device (the setting that
- * allows 16 stays with the device's context); cfg/attr: the launch's, overwritten. */
+ * above the portable 8 and 16 fit its SMs, else 8; 0 where the device has no clusters or
+ * the cluster kernel was built for an older architecture (the last-block kernel then runs).
+ * Asked once per device (the setting that allows 16 stays with the device's context);
+ * cfg/attr: the launch's, overwritten. */
 static int epx__layout_cluster_most(cudaLaunchConfig_t *cfg, cudaLaunchAttribute *attr)
 {
-    static int known[64]; /* per device: 0 unknown, else the answer (the same on every thread) */
+    static int known[64]; /* per device: the answer + 1, 0 while unknown (the same on every thread) */
     int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 8;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
     int k = __atomic_load_n(&known[dev], __ATOMIC_RELAXED);
-    if (k) return k;
+    if (k) return k - 1;
+    cudaFuncAttributes fa;
+    int clusters = 0;
+    if (cudaFuncGetAttributes(&fa, epx__k_moe_layout_cluster) != cudaSuccess || fa.ptxVersion < 90 ||
+        cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, dev) != cudaSuccess || !clusters) {
+        (void)cudaGetLastError(); /* a refusal is no launch's error */
+        __atomic_store_n(&known[dev], 1, __ATOMIC_RELAXED);
+        return 0;
+    }
     int most = 8, fits = 0;
     attr->val.clusterDim.x = EPX__LAYOUT_CLUSTER_BLOCKS;
     cfg->gridDim = dim3(EPX__LAYOUT_CLUSTER_BLOCKS);
@@ -276,7 +288,7 @@ static int epx__layout_cluster_most(cudaLaunchConfig_t *cfg, cudaLaunchAttribute
         (void)cudaGetLastError(); /* a refusal is no launch's error */
     else if (fits >= 1)
         most = EPX__LAYOUT_CLUSTER_BLOCKS;
-    __atomic_store_n(&known[dev], most, __ATOMIC_RELAXED);
+    __atomic_store_n(&known[dev], most + 1, __ATOMIC_RELAXED);
     return most;
 }
 
@@ -286,19 +298,19 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
 {
     long long T = r->num_tokens[r->rank];
     size_t smem = EPX__LAYOUT_CLUSTER_SMEM(r->nranks, r->num_experts, r->topk);
-    if (smem + 64 <= 48 * 1024) { /* without opting in to more (64: the kernel's static shared memory) */
-        cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        cfg.blockDim = dim3(EPX__LAYOUT_CLUSTER_THREADS);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = (cudaStream_t)stream;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.blockDim = dim3(EPX__LAYOUT_CLUSTER_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = (cudaStream_t)stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int most = smem + 64 <= 48 * 1024 ? epx__layout_cluster_most(&cfg, attr) : 0; /* 64: static shared memory */
+    if (most > 0) {
         long long need = (T + EPX__LAYOUT_CLUSTER_THREADS - 1) / EPX__LAYOUT_CLUSTER_THREADS;
-        int most = epx__layout_cluster_most(&cfg, attr);
         int nb = (int)(need < most ? (need > 0 ? need : 1) : most);
         if (nb > blocks) nb = blocks > 0 ? blocks : 1;
         attr[0].val.clusterDim.x = (unsigned)nb;
