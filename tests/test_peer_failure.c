@@ -34,20 +34,38 @@ static double now_ms(void)
 
 /* Rank NR-1 writes here once its healthy exchanges are done (then the parent may kill it). */
 static int ready_fd = -1;
-/* Survivors that finished their healthy exchanges (shared by the forked ranks): none starts
- * on the failure until all have, or a fast survivor's reaction to it (its abort) could
- * break a slow one's last healthy exchange. */
-static int *healthy_done;
+/* Shared by the forked ranks (and the parent):
+ *   healthy_done  survivors that finished their healthy exchanges: none starts on the
+ *                 failure until all have, or a fast survivor's reaction to it (its abort)
+ *                 could break a slow one's last healthy exchange;
+ *   id, id_ready  the scenario's unique id, made by rank 0 after the fork: the parent never
+ *                 runs the id's listener thread, so it forks with one thread (a child forked
+ *                 while another thread held a lock, e.g. the allocator's under ASan, could
+ *                 hang on it). */
+typedef struct {
+    int healthy_done;
+    int id_ready;
+    epx_unique_id_t id;
+} shared_t;
+static shared_t *sh;
 
 /* Rank `rank` of one scenario; rank NR-1 misbehaves. Exit 0 = behaved as expected. */
-static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
+static int rank_main(scenario_t sc, int rank)
 {
     test_rank = rank;
     if (rank != NR - 1) close(ready_fd); /* only rank NR-1 writes: its end alone keeps the pipe open */
+    if (rank == 0) {
+        ASSERT_OK(epx_get_unique_id(&sh->id));
+        __atomic_store_n(&sh->id_ready, 1, __ATOMIC_RELEASE);
+    }
+    for (double t = now_ms(); !__atomic_load_n(&sh->id_ready, __ATOMIC_ACQUIRE);) {
+        if (now_ms() - t > 30000) TEST_FAIL_("rank 0 made no unique id in 30 s");
+        usleep(1000);
+    }
     epx_config_t cfg = EPX_CONFIG_INITIALIZER;
     cfg.timeout_ms = timeout_ms;
     epx_comm_t comm;
-    ASSERT_OK(epx_comm_init_rank(&comm, NR, rank, id, &cfg));
+    ASSERT_OK(epx_comm_init_rank(&comm, NR, rank, &sh->id, &cfg));
     size_t count = sc == KILLED_DURING ? (16u << 20) : 64;
     uint8_t *send, *recv = malloc(count * NR);
     ASSERT_OK(epx_mem_alloc(comm, count * NR, (void **)&send));
@@ -55,8 +73,8 @@ static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
     for (int i = 0; i < 2; i++) ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_U8, NULL));
     bool bad = rank == NR - 1;
     if (!bad) {
-        __atomic_add_fetch(healthy_done, 1, __ATOMIC_SEQ_CST);
-        for (double t = now_ms(); __atomic_load_n(healthy_done, __ATOMIC_SEQ_CST) < NR - 1;) {
+        __atomic_add_fetch(&sh->healthy_done, 1, __ATOMIC_SEQ_CST);
+        for (double t = now_ms(); __atomic_load_n(&sh->healthy_done, __ATOMIC_SEQ_CST) < NR - 1;) {
             if (now_ms() - t > 30000) TEST_FAIL_("the other survivors' healthy exchanges did not end");
             usleep(1000);
         }
@@ -100,18 +118,16 @@ static int rank_main(scenario_t sc, int rank, const epx_unique_id_t *id)
 
 static void run_scenario(scenario_t sc)
 {
-    epx_unique_id_t id;
-    ASSERT_OK(epx_get_unique_id(&id));
     fflush(stdout);
     int ready[2];
     ASSERT(pipe(ready) == 0);
-    *healthy_done = 0;
+    memset(sh, 0, sizeof *sh);
     ready_fd = ready[1];
     pid_t pids[NR];
     for (int r = 0; r < NR; r++) {
         pids[r] = fork();
         ASSERT(pids[r] >= 0);
-        if (pids[r] == 0) _exit(rank_main(sc, r, &id));
+        if (pids[r] == 0) _exit(rank_main(sc, r));
     }
     close(ready[1]); /* only rank NR-1 writes: if it ends early, end-of-file, not a hang */
     if (sc == KILLED_DURING) {
@@ -137,10 +153,14 @@ static void run_scenario(scenario_t sc)
             usleep(10000);
         }
         bool ok = r == NR - 1 ? true : WIFEXITED(status) && WEXITSTATUS(status) == 0;
-        if (!ok) TEST_FAIL_("scenario '%s': rank %d failed (status 0x%x)", names[sc], r, status);
+        if (!ok) { /* the others go too: a child left running would hold ctest's output open */
+            for (int q = 0; q < NR; q++) kill(pids[q], SIGKILL);
+            TEST_FAIL_("scenario '%s': rank %d failed (status 0x%x)", names[sc], r, status);
+        }
     }
     char text[EPX_UNIQUE_ID_STRLEN];
-    ASSERT_OK(epx_unique_id_to_string(&id, text, sizeof text));
+    ASSERT(sh->id_ready);
+    ASSERT_OK(epx_unique_id_to_string(&sh->id, text, sizeof text));
     epx_launch_cleanup_shm(text); /* the dead rank's registered region */
 }
 
@@ -149,8 +169,8 @@ int main(void)
     test_rank = 0;
     const char *t = getenv("EPX_TEST_PEER_TIMEOUT_MS");
     if (t && atoi(t) > 0) timeout_ms = atoi(t);
-    healthy_done = mmap(NULL, sizeof *healthy_done, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    ASSERT(healthy_done != MAP_FAILED);
+    sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ASSERT(sh != MAP_FAILED);
     for (int sc = DIE_BETWEEN; sc <= ABORT; sc++) run_scenario((scenario_t)sc);
     /* After all that, a fresh communicator works. */
     run_scenario(ABORT);
