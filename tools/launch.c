@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,8 +90,41 @@ void epx_launch_cleanup_shm(const char *id_text)
     closedir(d);
 }
 
+/* The environment of rank r (made before the fork: the child only execs): this process's,
+ * without any EPX_RANK, EPX_LOCAL_RANK, EPX_NRANKS or EPX_UNIQUE_ID, then those of rank r.
+ * vars: [4] buffers of 160 bytes for them. Returns a static array (one rank at a time). */
+static char **epx__rank_env(int r, int nranks, const char *id_text, char (*vars)[160])
+{
+    extern char **environ;
+    static char **envp;
+    static size_t cap;
+    size_t n = 0;
+    while (environ[n]) n++;
+    if (cap < n + 5) {
+        char **e = realloc(envp, sizeof *e * (n + 5));
+        if (!e) return NULL;
+        envp = e, cap = n + 5;
+    }
+    static const char *const ours[] = {"EPX_RANK=", "EPX_LOCAL_RANK=", "EPX_NRANKS=", "EPX_UNIQUE_ID="};
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        bool mine = false;
+        for (size_t j = 0; j < 4; j++) mine = mine || strncmp(environ[i], ours[j], strlen(ours[j])) == 0;
+        if (!mine) envp[k++] = environ[i];
+    }
+    snprintf(vars[0], sizeof vars[0], "EPX_RANK=%d", r);
+    snprintf(vars[1], sizeof vars[1], "EPX_LOCAL_RANK=%d", r);
+    snprintf(vars[2], sizeof vars[2], "EPX_NRANKS=%d", nranks);
+    snprintf(vars[3], sizeof vars[3], "EPX_UNIQUE_ID=%s", id_text);
+    for (size_t j = 0; j < 4; j++) envp[k++] = vars[j];
+    envp[k] = NULL;
+    return envp;
+}
+
 int epx_launch(int nranks, double timeout_s, char *const argv[])
 {
+    char vars[4][160], no_exec[512]; /* what a child says when its exec fails (made before the fork) */
+    snprintf(no_exec, sizeof no_exec, "epx-run: cannot run %s (not found or not executable)\n", argv[0]);
     epx_unique_id_t id;
     char id_text[EPX_UNIQUE_ID_STRLEN];
     if (epx_get_unique_id(&id) != EPX_SUCCESS || epx_unique_id_to_string(&id, id_text, sizeof id_text) != EPX_SUCCESS) {
@@ -109,27 +143,25 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
             result = 1;
             break;
         }
+        char **envp = epx__rank_env(r, nranks, id_text, vars);
+        if (!envp) {
+            fprintf(stderr, "epx-run: out of memory\n");
+            result = 1;
+            break;
+        }
         pid_t pid = fork();
         if (pid < 0) {
             perror("epx-run: fork");
             result = 1;
             break;
         }
-        if (pid == 0) {
+        if (pid == 0) { /* async-signal-safe calls only: the id's listener thread may hold a lock */
             setpgid(0, 0);
             dup2(out[1], 1);
             dup2(err[1], 2);
             close(out[0]), close(out[1]), close(err[0]), close(err[1]);
-            char buf[32];
-            snprintf(buf, sizeof buf, "%d", r);
-            setenv("EPX_RANK", buf, 1);
-            setenv("EPX_LOCAL_RANK", buf, 1);
-            snprintf(buf, sizeof buf, "%d", nranks);
-            setenv("EPX_NRANKS", buf, 1);
-            setenv("EPX_UNIQUE_ID", id_text, 1);
-            execvp(argv[0], argv);
-            fprintf(stderr, "epx-run: cannot run %s: %s\n", argv[0], strerror(errno));
-            fflush(stderr);
+            execvpe(argv[0], argv, envp);
+            if (write(2, no_exec, strlen(no_exec)) < 0) _exit(127);
             _exit(127);
         }
         setpgid(pid, pid);
