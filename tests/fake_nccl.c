@@ -68,6 +68,13 @@ static __thread int nops;
 static __thread fake_op_t ops[FAKE_MAX_OPS];
 
 /* Bytes of one element of NCCL's data types (ncclInt8 ... ncclFloat8e5m2), 0 for others. */
+/* How long a receive waits for its sender, and a clean destroy for its receivers (µs). */
+static long long fake_timeout_us(void)
+{
+    const char *tm = getenv("FAKE_NCCL_TIMEOUT_MS");
+    return 1000LL * (tm ? atoll(tm) : 60000);
+}
+
 static size_t fake_type_size(ncclDataType_t t)
 {
     static const size_t sizes[] = {1, 1, 4, 4, 8, 8, 2, 4, 8, 2, 1, 1};
@@ -131,8 +138,7 @@ ncclResult_t ncclCommGetAsyncError(ncclComm_t c, ncclResult_t *r)
 static void fake_unread(ncclComm_t c, int wait)
 {
     char name[128];
-    const char *tm = getenv("FAKE_NCCL_TIMEOUT_MS");
-    long long left_us = 1000LL * (tm ? atoll(tm) : 60000);
+    long long left_us = fake_timeout_us();
     for (int p = 0; p < c->nranks; p++)
         for (uint64_t n = 0; n < c->sent[p]; n++) {
             fake_name(c, c->rank, p, n, name, sizeof name);
@@ -208,8 +214,7 @@ static ncclResult_t fake_recv(const fake_op_t *o)
     ncclComm_t c = o->comm;
     char name[128];
     fake_name(c, o->peer, c->rank, c->received[o->peer]++, name, sizeof name);
-    const char *tm = getenv("FAKE_NCCL_TIMEOUT_MS");
-    long long limit_ms = tm ? atoll(tm) : 60000, waited_us = 0;
+    long long limit_us = fake_timeout_us(), waited_us = 0;
     char *m = MAP_FAILED;
     size_t len = 0;
     for (;;) {
@@ -225,7 +230,7 @@ static ncclResult_t fake_recv(const fake_op_t *o)
             if (m != MAP_FAILED) munmap(m, len);
             m = MAP_FAILED;
         }
-        if (waited_us / 1000 > limit_ms) return fake_fail(c, ncclRemoteError, "a receive's sender never came");
+        if (waited_us > limit_us) return fake_fail(c, ncclRemoteError, "a receive's sender never came");
         usleep(50);
         waited_us += 50;
     }

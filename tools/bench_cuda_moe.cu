@@ -622,6 +622,13 @@ static void bench_ll_split(gm_t *m, int iters, int warmup, double med[5])
 }
 
 /* The epx dispatch just made is now the last one: free the one before (a local cudaFree). */
+/* Does epx move the high-throughput payload with copy engines here (EPX_CUDA_SMS <= 0)? */
+static bool epx_on_copy_engines(const gm_t *m)
+{
+    const char *sms = getenv("EPX_CUDA_SMS");
+    return !m->ll && sms && atoi(sms) <= 0;
+}
+
 static void epx_retire_handle(gm_t *m)
 {
     if (!m->h_new) return;
@@ -1097,8 +1104,7 @@ int bench_cuda_moe(bench_ctx_t *b)
                        : "none");
         if (o->skew > 0) printf("# zipf exponent %.3g over a fixed random permutation of the experts\n", o->skew);
         const char *sms = getenv("EPX_CUDA_SMS");
-        bool ce = !m->ll && sms && atoi(sms) <= 0; /* the high-throughput payload on copy engines */
-        if (ce)
+        if (epx_on_copy_engines(m))
             printf("# epx: copy engines (EPX_CUDA_SMS=%s: the payload moves with cudaMemcpyAsync; pack and reduce "
                    "kernels use %s blocks, EPX_CUDA_CE_SMS; the baseline's kernels use all SMs); dispatch with the "
                    "count read back to the host (one stream synchronisation)\n",
@@ -1196,11 +1202,9 @@ int bench_cuda_moe(bench_ctx_t *b)
      * dispatch can be captured only on the SM path with the count on the device. */
     double graph_us = 0, graph_op[2] = {0, 0}, split_us[5] = {0, 0, 0, 0, 0};
     epx_comm_info_t ci;
-    const char *sms_env = getenv("EPX_CUDA_SMS");
-    bool ce_path = !m->ll && sms_env && atoi(sms_env) <= 0;
     /* Across hosts (NCCL) the calls wait on the host: they cannot be captured. */
     bool graphs = epx_comm_info(m->gpu, &ci) == EPX_SUCCESS && ci.num_hosts == 1 &&
-                  (m->ll || (m->d_count && !ce_path));
+                  (m->ll || (m->d_count && !epx_on_copy_engines(m)));
     if (graphs) {
         for (int g = 0; g < 2; g++) {
             cudaGraph_t graph;

@@ -103,8 +103,8 @@ static __device__ __forceinline__ uint4 epx__pack_bf16x8(const float *a)
 
 /* The bf16 sum of n <= NR 16-byte-aligned rows of `chunks` 16-byte chunks, by one warp
  * (see epx__moe_reduce_token): each lane loads U chunks of every row before it adds any,
- * so NR * U loads are in flight per lane (up to 16 x 16 B); each chunk's terms are then
- * added in row order from +0. */
+ * so NR * U 16-byte loads are in flight per lane; each chunk's terms are then added in row
+ * order from +0. */
 template <int NR, int U>
 static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *src, int n, char *out, int chunks,
                                                              const float *w)
