@@ -159,9 +159,9 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  *     1. gather gw[n_gw] (from X, my rows) into the records for my gateways, gw_send[p]
  *        for gateway rank p, segments in rank order; exchange (between hosts) into FWD,
  *        fwd_recv[p] records from source p, in rank order;
- *     2. gather fan[n_fan] (from FWD or X) into the records for the local ranks, fan_send[l]
- *        for local rank l (fan_first[l] the prefix); exchange (inside the host) into LRECV,
- *        fan_recv[l] from local rank l (lrecv_first[l]);
+ *     2. gather fan (from FWD or X) into the records for the local ranks and exchange them
+ *        (inside the host) into LRECV, in two parts (below): part p's records for local
+ *        rank l, fan_send[p * LS + l] of them, and from it, fan_recv[p * LS + l];
  *     3. gather out[rows] (from LRECV, FWD or X) into the output rows;
  *        low-latency: row prow[j] of out goes to slot pslot[j] (local expert l's slots
  *        start at l * ll_slots), j < n_place in slot order (local expert, then row order:
@@ -171,15 +171,24 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  *   combine: rows go home unreduced. High-throughput: one row per (token, rank it went to);
  *   low-latency: one per (token, distinct expert), a record's rows (a token's for one rank)
  *   back to back by ascending local expert.
- *     1. gather c1[n_back_send] (from Y, the expert outputs: high-throughput row r,
- *        low-latency slot l * ll_slots + i) into the rows back to the local forwarders,
- *        back_send[l] to local rank l; exchange into C1: back_recv[l] from l;
+ *     1. gather c1 (from Y, the expert outputs: high-throughput row r, low-latency slot
+ *        l * ll_slots + i) into the rows back to the local forwarders and exchange them
+ *        into C1, in two parts: back_send[p * LS + l] to local rank l, back_recv[p * LS + l]
+ *        from it;
  *     2. gather home[n_home_send] (from C1 or Y) into the rows home: home_send[p] to home
  *        rank p; exchange (between hosts) into HOME: home_recv[g] from gateway g;
  *     3. out[t] = the rows tok[first[t] .. first[t + 1]) (from Y, C1 or HOME), summed in
  *        that order: high-throughput one per rank in ascending rank order, the order of
  *        the single-host backends; low-latency one per valid k in ascending k, weighted by
  *        w[t, tk[j]].
+ * The exchanges inside the host come in two parts, by where the token's source is:
+ * EPX__HIER_LOCAL (this host: a dispatch record of its forwarder's own token, which needs
+ * nothing from the network; a combine record that goes straight home) and EPX__HIER_REMOTE
+ * (another host: forwarded after the network step of a dispatch; sent on home by its
+ * forwarder in a combine), so that the local part can run while the network step does.
+ * A part's references, its send and its receive buffer follow the local part's (part
+ * REMOTE of fan starts at fan + n_fan[LOCAL], its records at LSEND + n_fan[LOCAL], its
+ * receive at LRECV + n_lrecv[LOCAL]; the same for c1, back_send and back_recv).
  * Segments lie back to back in rank (local rank) order, each record one row (and its
  * scales or weights). Mine to me never travels: those rows are read where they are. */
 #define EPX__HIER_REF(kind, index) (((int64_t)(kind) << 56) | (int64_t)(index))
@@ -187,11 +196,13 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
 #define EPX__HIER_REF_INDEX(ref) ((ref) & ((INT64_C(1) << 56) - 1))
 enum { EPX__HIER_X = 0, EPX__HIER_FWD = 1, EPX__HIER_LRECV = 2 }; /* dispatch sources */
 enum { EPX__HIER_Y = 0, EPX__HIER_C1 = 1, EPX__HIER_HOME = 2 };   /* combine sources */
+enum { EPX__HIER_LOCAL = 0, EPX__HIER_REMOTE = 1, EPX__HIER_PARTS = 2 }; /* parts inside the host */
 typedef struct {
-    int64_t *gw_send, *fwd_recv, *home_send, *home_recv;    /* [R] records */
-    int64_t *fan_send, *fan_recv, *fan_first, *lrecv_first; /* [LS] */
-    int64_t *back_send, *back_recv;                         /* [LS] */
-    int64_t n_gw, n_fwd, n_fan, n_lrecv, n_back_send, n_back_recv, n_home_send, n_home_recv, n_tok, rows, n_place;
+    int64_t *gw_send, *fwd_recv, *home_send, *home_recv;        /* [R] records */
+    int64_t *fan_send, *fan_recv, *back_send, *back_recv;       /* [PARTS * LS] */
+    int64_t n_fan[EPX__HIER_PARTS], n_lrecv[EPX__HIER_PARTS];   /* per part */
+    int64_t n_back_send[EPX__HIER_PARTS], n_back_recv[EPX__HIER_PARTS];
+    int64_t n_gw, n_fwd, n_home_send, n_home_recv, n_tok, rows, n_place;
     int T, K;
     bool ll;
     int64_t *ref; /* every reference and index, nref in all: the sections below point into it */

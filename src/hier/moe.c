@@ -738,6 +738,24 @@ static void epx__bytes(int64_t *out, const int64_t *cnt, int n, size_t rec)
     for (int i = 0; i < n; i++) out[i] = cnt[i] * (int64_t)rec;
 }
 
+/* Part `part` (hier.h) of an exchange inside the host along a row plan: its n[part] records
+ * gathered from refs (the parts' references back to back) into send, then exchanged into
+ * recv, each at the part's offset. cs / cr [PARTS * LS]: records to / from each local rank;
+ * ns / nr [PARTS]: the parts' totals. A record is `rec` bytes: rb of its row, and with aux
+ * ab more at offset ao; nb is room for 2 * LS byte counts. Every local rank takes part. */
+static epx_status_t epx__local_part(epx__hier_moe_t *m, const epx__srcs_t *src, const int64_t *refs, const int64_t *cs,
+                                    const int64_t *ns, const int64_t *cr, const int64_t *nr, int part, char *send,
+                                    char *recv, size_t rec, size_t rb, bool aux, size_t ao, size_t ab, int64_t *nb,
+                                    epx__errbuf_t *err)
+{
+    int LS = epx__t(m)->local_size;
+    int64_t so = part ? ns[0] : 0, ro = part ? nr[0] : 0;
+    char *sp = send + (size_t)so * rec;
+    epx__gather(src, refs + so, ns[part], sp, rec, rb, aux ? sp + ao : NULL, rec, ab);
+    epx__bytes(nb, cs + part * LS, LS, rec), epx__bytes(nb + LS, cr + part * LS, LS, rec);
+    return epx__local_xchg(m, sp, nb, recv + (size_t)ro * rec, nb + LS, err);
+}
+
 epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
                                            const epx_moe_dispatch_in_t *in, epx_moe_dispatch_out_t *out,
                                            epx_status_t local, epx__errbuf_t *err)
@@ -759,10 +777,10 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
     char *send = epx__buf(m, EPX__B_SEND, (size_t)x.n_gw * rec, &st, err);
     char *fwd = epx__buf(m, EPX__B_FWD, (size_t)x.n_fwd * rec, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)x.n_fan * rec, &st, err);
-    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)x.n_lrecv * rec, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)(x.n_fan[0] + x.n_fan[1]) * rec, &st, err);
+    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)(x.n_lrecv[0] + x.n_lrecv[1]) * rec, &st, err);
     if (st == EPX_SUCCESS) {
-        int64_t *sbytes = nb, *rbytes = nb + R, *lsb = nb + 2 * R, *lrb = lsb + LS;
+        int64_t *sbytes = nb, *rbytes = nb + R, *lb = nb + 2 * R;
         /* Scales travel whenever the dtype has them: a rank without tokens may pass no
          * x_scales and still forward and receive other ranks' rows (and their scales). */
         const float *xs = fp8 ? in->x_scales : NULL;
@@ -771,15 +789,18 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
         epx__src_set(&src, EPX__HIER_X, in->x, rb, xs, sb);
         epx__src_set(&src, EPX__HIER_FWD, fwd, rec, fp8 ? fwd + ao : NULL, rec);
         epx__src_set(&src, EPX__HIER_LRECV, lrecv, rec, fp8 ? lrecv + ao : NULL, rec);
-        /* To my gateways on the other hosts, then from each to the local ranks, then into place. */
+        /* To my gateways on the other hosts; the local ranks' own tokens to each other (the
+         * GPU path does this during the network step); then the forwarded tokens to the
+         * local ranks; then into place. */
         epx__gather(&src, x.gw, x.n_gw, send, rec, rb, fp8 ? send + ao : NULL, rec, sb);
         epx__bytes(sbytes, x.gw_send, R, rec), epx__bytes(rbytes, x.fwd_recv, R, rec);
-        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), send, sbytes, fwd, rbytes, deadline, err);
-        if (st == EPX_SUCCESS) {
-            epx__gather(&src, x.fan, x.n_fan, lsend, rec, rb, fp8 ? lsend + ao : NULL, rec, sb);
-            epx__bytes(lsb, x.fan_send, LS, rec), epx__bytes(lrb, x.fan_recv, LS, rec);
-            st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
-        }
+        st = epx__local_part(m, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, x.n_lrecv, EPX__HIER_LOCAL, lsend, lrecv,
+                             rec, rb, fp8, ao, sb, lb, err);
+        if (st == EPX_SUCCESS)
+            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), send, sbytes, fwd, rbytes, deadline, err);
+        if (st == EPX_SUCCESS)
+            st = epx__local_part(m, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, x.n_lrecv, EPX__HIER_REMOTE, lsend,
+                                 lrecv, rec, rb, fp8, ao, sb, lb, err);
         if (st == EPX_SUCCESS)
             epx__gather(&src, x.out, x.rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
     }
@@ -789,7 +810,9 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
 }
 
 /* Steps 1 and 2 of a combine along x: my rows back to the local ranks that forwarded them
- * (shared memory), then, as gateway, my sources' rows home as they are (MPI). y holds the
+ * (shared memory: first those the forwarders send on, then, after the network step, which
+ * the GPU path overlaps with it, those already home), and as gateway my sources' rows home
+ * as they are (MPI). y holds the
  * expert outputs (crow bytes a row), w (NULL: none travel) their top-k weights [rows, K].
  * On success *src says where every row of step 3 lies. */
 static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *x, const void *y, const float *w,
@@ -801,24 +824,26 @@ static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *
     size_t rec = ao + (w ? EPX__ALIGN_UP(wb, 16) : 0);
     epx_status_t st = EPX_SUCCESS;
     int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)x->n_back_send * rec, &st, err);
-    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)x->n_back_recv * rec, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)(x->n_back_send[0] + x->n_back_send[1]) * rec, &st, err);
+    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)(x->n_back_recv[0] + x->n_back_recv[1]) * rec, &st, err);
     char *send = epx__buf(m, EPX__B_SEND, (size_t)x->n_home_send * rec, &st, err);
     char *home = epx__buf(m, EPX__B_HOME, (size_t)x->n_home_recv * rec, &st, err);
     if (st == EPX_SUCCESS) {
-        int64_t *sbytes = nb, *rbytes = nb + R, *lsb = nb + 2 * R, *lrb = lsb + LS;
+        int64_t *sbytes = nb, *rbytes = nb + R, *lb = nb + 2 * R;
         memset(src, 0, sizeof *src);
         epx__src_set(src, EPX__HIER_Y, y, crow, w, wb);
         epx__src_set(src, EPX__HIER_C1, c1, rec, w ? c1 + ao : NULL, rec);
         epx__src_set(src, EPX__HIER_HOME, home, rec, w ? home + ao : NULL, rec);
-        epx__gather(src, x->c1, x->n_back_send, lsend, rec, crow, w ? lsend + ao : NULL, rec, wb);
-        epx__bytes(lsb, x->back_send, LS, rec), epx__bytes(lrb, x->back_recv, LS, rec);
-        st = epx__local_xchg(m, lsend, lsb, c1, lrb, err);
+        st = epx__local_part(m, src, x->c1, x->back_send, x->n_back_send, x->back_recv, x->n_back_recv,
+                             EPX__HIER_REMOTE, lsend, c1, rec, crow, w != NULL, ao, wb, lb, err);
         if (st == EPX_SUCCESS) {
             epx__gather(src, x->home, x->n_home_send, send, rec, crow, w ? send + ao : NULL, rec, wb);
             epx__bytes(sbytes, x->home_send, R, rec), epx__bytes(rbytes, x->home_recv, R, rec);
             st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), send, sbytes, home, rbytes, deadline, err);
         }
+        if (st == EPX_SUCCESS)
+            st = epx__local_part(m, src, x->c1, x->back_send, x->n_back_send, x->back_recv, x->n_back_recv,
+                                 EPX__HIER_LOCAL, lsend, c1, rec, crow, w != NULL, ao, wb, lb, err);
     }
     free(nb);
     return st;

@@ -62,6 +62,27 @@ static int epx__experts_on(const int32_t *tk, int K, int L, int q, int *lid, int
     return n;
 }
 
+/* The part of the exchanges inside the host that a token of source rank p takes here
+ * (hier.h): EPX__HIER_LOCAL when p is on this host, else EPX__HIER_REMOTE. */
+static int epx__part(const epx__topo_t *t, int p)
+{
+    return t->host_of[p] == t->host ? EPX__HIER_LOCAL : EPX__HIER_REMOTE;
+}
+
+/* From the counts n[p * LS + l] of a buffer laid out part by part, local ranks ascending:
+ * each part's total tot[p] and (first not NULL) where each segment starts, first[p * LS + l]. */
+static void epx__part_first(const int64_t *n, int LS, int64_t *first, int64_t *tot)
+{
+    int64_t at = 0;
+    for (int p = 0; p < EPX__HIER_PARTS; p++) {
+        tot[p] = 0;
+        for (int l = 0; l < LS; l++) {
+            if (first) first[p * LS + l] = at;
+            at += n[p * LS + l], tot[p] += n[p * LS + l];
+        }
+    }
+}
+
 /* The rank of host k that acts for source rank p there (its gateway). */
 static int epx__gw(const epx__topo_t *t, int p, int k)
 {
@@ -121,21 +142,24 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     memset(x, 0, sizeof *x);
     if (K > EPX_MOE_MAX_TOPK) return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got top-k %d", K);
     epx_status_t st = EPX_SUCCESS;
-    x->mem = calloc(4 * (size_t)R + 6 * (size_t)LS, sizeof *x->mem);
+    x->mem = calloc(4 * (size_t)R + 4 * EPX__HIER_PARTS * (size_t)LS, sizeof *x->mem);
+    /* Where each part's segment from (to) each local rank starts in LRECV (C1). */
+    int64_t *lfirst = malloc(sizeof *lfirst * 2 * EPX__HIER_PARTS * (size_t)LS), *cfirst = NULL;
     int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P->nent * LS, (int64_t)1));
     int64_t *cur = calloc((size_t)NH, sizeof *cur);
     int64_t *cnt = calloc((size_t)EPX__MAX(L, 1), sizeof *cnt), *pfirst = calloc((size_t)L + 1, sizeof *pfirst);
     int64_t *rslot = malloc(sizeof *rslot * (size_t)EPX__MAX(b.ll ? rows * K : 0, (int64_t)1));
     int ranks[EPX_MOE_MAX_TOPK], lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
-    if (!x->mem || !ent_ref || !cur || !cnt || !pfirst || !rslot) {
+    if (!x->mem || !lfirst || !ent_ref || !cur || !cnt || !pfirst || !rslot) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
     }
     b.rslot = rslot;
+    cfirst = lfirst + EPX__HIER_PARTS * LS;
     x->gw_send = x->mem, x->fwd_recv = x->mem + R, x->home_send = x->mem + 2 * R, x->home_recv = x->mem + 3 * R;
-    x->fan_send = x->mem + 4 * R, x->fan_recv = x->fan_send + LS, x->fan_first = x->fan_recv + LS;
-    x->lrecv_first = x->fan_first + LS, x->back_send = x->lrecv_first + LS, x->back_recv = x->back_send + LS;
+    x->fan_send = x->mem + 4 * R, x->fan_recv = x->fan_send + EPX__HIER_PARTS * LS;
+    x->back_send = x->fan_recv + EPX__HIER_PARTS * LS, x->back_recv = x->back_send + EPX__HIER_PARTS * LS;
     x->T = T, x->K = K, x->rows = rows, x->ll = b.ll;
     /* Dispatch: my tokens to my gateway on each other host; what my sources send me; the
      * fan-out to and from the other local ranks (mine to me is never copied). */
@@ -146,17 +170,24 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         x->gw_send[epx__gw(t, me, k)] = n, x->n_gw += n;
     }
     for (int p = 0; p < R; p++) x->fwd_recv[p] = P->fwd_count[p], x->n_fwd += P->fwd_count[p];
-    for (int l = 0; l < LS; l++) {
-        x->fan_first[l] = x->n_fan, x->lrecv_first[l] = x->n_lrecv;
-        if (l == ml) continue;
-        x->fan_send[l] = tf[l + 1] - tf[l], x->fan_recv[l] = ff[l + 1] - ff[l];
-        x->n_fan += x->fan_send[l], x->n_lrecv += x->fan_recv[l];
-    }
     if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P->nfwd) {
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan does not add up (%lld rows to myself, %lld from)",
                        (long long)(tf[ml + 1] - tf[ml]), (long long)(ff[ml + 1] - ff[ml]));
         goto done;
     }
+    for (int64_t a = 0; a < ff[LS]; a++)
+        if (P->from_row[a] < 0 || P->from_row[a] >= rows) {
+            st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan names row %lld of %lld", (long long)P->from_row[a],
+                           (long long)rows);
+            goto done;
+        }
+    for (int l = 0; l < LS; l++) {
+        if (l == ml) continue;
+        for (int64_t a = tf[l]; a < tf[l + 1]; a++) x->fan_send[epx__part(t, P->ent_src[P->to_ent[a]]) * LS + l]++;
+        for (int64_t a = ff[l]; a < ff[l + 1]; a++) x->fan_recv[epx__part(t, P->row_src[P->from_row[a]]) * LS + l]++;
+    }
+    epx__part_first(x->fan_send, LS, NULL, x->n_fan);
+    epx__part_first(x->fan_recv, LS, lfirst, x->n_lrecv);
     /* Low-latency slots: per local expert, my rows in row order (a row once per distinct
      * expert). */
     for (int64_t r = 0; b.ll && r < rows; r++) {
@@ -177,10 +208,19 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
      * sends home (per entry, local ranks ascending) and those I get home from each gateway
      * (per token, that host's ranks ascending). */
     for (int l = 0; l < LS; l++)
-        for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++)
-            x->back_send[l] += epx__rec_rows(&b, P->row_topk + P->from_row[a] * K, me);
+        for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++) {
+            int64_t r = P->from_row[a];
+            x->back_send[epx__part(t, P->row_src[r]) * LS + l] += epx__rec_rows(&b, P->row_topk + r * K, me);
+        }
+    for (int l = 0; l < LS; l++)
+        for (int64_t a = tf[l]; a < tf[l + 1] && l != ml; a++) {
+            int64_t e = P->to_ent[a];
+            x->back_recv[epx__part(t, P->ent_src[e]) * LS + l] +=
+                epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
+        }
+    epx__part_first(x->back_send, LS, NULL, x->n_back_send);
+    epx__part_first(x->back_recv, LS, cfirst, x->n_back_recv);
     for (int64_t i = 0; i < P->nent * LS; i++) ent_ref[i] = -1;
-    int64_t c = 0;
     for (int l = 0; l < LS; l++) {
         int q = t->host_ranks[t->host_first[A] + l];
         for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
@@ -189,12 +229,11 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
                 ent_ref[e * LS + l] = EPX__HIER_REF(EPX__HIER_Y, P->from_row[ff[ml] + a - tf[ml]]);
                 continue;
             }
-            int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, q);
-            ent_ref[e * LS + l] = EPX__HIER_REF(EPX__HIER_C1, c);
-            c += n, x->back_recv[l] += n;
+            int64_t *c = &cfirst[epx__part(t, P->ent_src[e]) * LS + l];
+            ent_ref[e * LS + l] = EPX__HIER_REF(EPX__HIER_C1, *c);
+            *c += epx__rec_rows(&b, P->ent_topk + e * K, q);
         }
     }
-    for (int l = 0; l < LS; l++) x->n_back_send += x->back_send[l], x->n_back_recv += x->back_recv[l];
     for (int64_t e = 0; e < P->nent; e++) {
         int p = P->ent_src[e];
         if (t->host_of[p] == A) continue;
@@ -220,7 +259,8 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
      * tk, prow, pslot, psrc, count. */
-    x->nref = (size_t)(x->n_gw + x->n_fan + rows + x->n_back_send + x->n_home_send + T + 1 + x->n_tok);
+    x->nref = (size_t)(x->n_gw + x->n_fan[0] + x->n_fan[1] + rows + x->n_back_send[0] + x->n_back_send[1] +
+                       x->n_home_send + T + 1 + x->n_tok);
     if (b.ll) x->nref += (size_t)(x->n_tok + 3 * x->n_place + L);
     x->ref = malloc(sizeof *x->ref * EPX__MAX(x->nref, (size_t)1));
     if (!x->ref) {
@@ -236,21 +276,20 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
     }
     x->fan = o;
-    for (int l = 0; l < LS; l++) {
-        if (l == ml) continue;
-        for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
-            int64_t e = P->to_ent[a];
-            *o++ = P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
-                                       : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
-        }
-    }
+    for (int part = 0; part < EPX__HIER_PARTS; part++)
+        for (int l = 0; l < LS; l++)
+            for (int64_t a = tf[l]; a < tf[l + 1] && l != ml; a++) {
+                int64_t e = P->to_ent[a];
+                if (epx__part(t, P->ent_src[e]) != part) continue;
+                *o++ = P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
+                                           : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
+            }
     x->out = o;
     for (int64_t r = 0; r < rows; r++) o[r] = -1;
     for (int l = 0; l < LS; l++)
         for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
             int64_t r = P->from_row[a], e = l == ml ? P->to_ent[tf[ml] + a - ff[ml]] : -1;
-            if (r < 0 || r >= rows) continue;
-            o[r] = l != ml                ? EPX__HIER_REF(EPX__HIER_LRECV, x->lrecv_first[l] + a - ff[l])
+            o[r] = l != ml                ? EPX__HIER_REF(EPX__HIER_LRECV, lfirst[epx__part(t, P->row_src[r]) * LS + l]++)
                    : P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
                                          : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
         }
@@ -259,13 +298,13 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     if (st != EPX_SUCCESS) goto done;
     o += rows;
     x->c1 = o;
-    for (int l = 0; l < LS; l++) {
-        if (l == ml) continue;
-        for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
-            int64_t r = P->from_row[a], n = epx__rec_rows(&b, P->row_topk + r * K, me);
-            for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, EPX__HIER_REF(EPX__HIER_Y, r), j);
-        }
-    }
+    for (int part = 0; part < EPX__HIER_PARTS; part++)
+        for (int l = 0; l < LS; l++)
+            for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++) {
+                int64_t r = P->from_row[a], n = epx__rec_rows(&b, P->row_topk + r * K, me);
+                if (epx__part(t, P->row_src[r]) != part) continue;
+                for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, EPX__HIER_REF(EPX__HIER_Y, r), j);
+            }
     x->home = o;
     for (int64_t e = 0; e < P->nent; e++) {
         if (t->host_of[P->ent_src[e]] == A) continue;
@@ -335,7 +374,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %zu references, %zu expected", (size_t)(o - x->ref),
                        x->nref);
 done:
-    free(ent_ref), free(cur), free(cnt), free(pfirst), free(rslot);
+    free(lfirst), free(ent_ref), free(cur), free(cnt), free(pfirst), free(rslot);
     if (st != EPX_SUCCESS) epx__hier_xplan_free(x);
     return st;
 }

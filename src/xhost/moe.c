@@ -118,10 +118,13 @@ struct epx__xhost_moe {
     size_t cap[B_N];
     char *stage[S_N]; /* device staging of the rows */
     size_t stage_cap[S_N];
-    int64_t *lx;      /* [4 * LS]: the intra-host exchange's byte counts and displacements */
-    epx__cpu_xfer_t lxf; /* that exchange: an epx__cuda_a2a_t plan points here until enqueued */
+    int64_t *lx; /* [PARTS * 4 * LS]: the intra-host exchanges' byte counts and displacements */
+    epx__cpu_xfer_t lxf[EPX__HIER_PARTS]; /* those exchanges, by part: an epx__cuda_a2a_t plan
+                                             points here until enqueued */
     int sms;
-    cudaEvent_t done; /* recorded at the end of every call that enqueued work */
+    cudaEvent_t done;  /* recorded at the end of every call that enqueued work */
+    cudaStream_t side; /* the NCCL step of a call with an intra-host exchange runs here ... */
+    cudaEvent_t fork, join; /* ... after `fork` on the caller's stream, which waits for `join` */
 };
 
 /* A handle's row plan (src/hier's epx__hier_xplan_t: counts on the host), its references
@@ -244,23 +247,27 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
 {
     epx__xhost_moe_t *m = calloc(1, sizeof *m);
     if (!m && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    bool event = false;
+    int made = 0; /* of done, fork, join, side */
     if (m && local == EPX_SUCCESS) {
         m->xh = xh;
-        m->lx = calloc(4 * (size_t)xh->ls, sizeof *m->lx);
+        m->lx = calloc(EPX__HIER_PARTS * 4 * (size_t)xh->ls, sizeof *m->lx);
         if (!m->lx) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         int dev = 0;
         cudaError_t ce = cudaGetDevice(&dev);
         if (ce == cudaSuccess) ce = cudaDeviceGetAttribute(&m->sms, cudaDevAttrMultiProcessorCount, dev);
-        if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&m->done, cudaEventDisableTiming);
-        event = ce == cudaSuccess;
+        cudaEvent_t *ev[3] = {&m->done, &m->fork, &m->join};
+        for (; ce == cudaSuccess && made < 3; made++) ce = cudaEventCreateWithFlags(ev[made], cudaEventDisableTiming);
+        if (ce == cudaSuccess && (ce = cudaStreamCreateWithFlags(&m->side, cudaStreamNonBlocking)) == cudaSuccess) made++;
         if (ce != cudaSuccess && local == EPX_SUCCESS)
             local = epx__fail(err, EPX_ERR_CUDA, "MoE across hosts: %s", cudaGetErrorString(ce));
     }
     epx__hier_moe_t *hm = NULL;
     epx_status_t st = epx__hier_moe_create(xh->hier, shape, hash, local, &hm, err);
     if (st != EPX_SUCCESS) {
-        if (event) cudaEventDestroy(m->done);
+        if (made > 0) cudaEventDestroy(m->done);
+        if (made > 1) cudaEventDestroy(m->fork);
+        if (made > 2) cudaEventDestroy(m->join);
+        if (made > 3) cudaStreamDestroy(m->side);
         if (m) free(m->lx);
         free(m);
         return st;
@@ -290,7 +297,8 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
     }
     for (int b = 0; b < S_N; b++)
         if (m->stage[b] && !keep) cudaFree(m->stage[b]);
-    cudaEventDestroy(m->done);
+    cudaEventDestroy(m->done), cudaEventDestroy(m->fork), cudaEventDestroy(m->join);
+    cudaStreamDestroy(m->side); /* returns at once; its work (done before m->done) ends on its own */
     cudaGetLastError();
     free(m->lx);
     free(m);
@@ -511,20 +519,24 @@ static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64
     return epx__nccl_post(xh->nccl, sp, sb, rp, rb, stream, epx__deadline_after_ms(xh->timeout_ms), err);
 }
 
-/* The intra-host exchange of a dispatch (!combine: the fan-out) or of a combine (the rows
- * back to their forwarders), as byte counts per local rank in m->lx. */
-static void epx__local_xfer(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool combine, size_t rec,
-                            epx__cpu_xfer_t *xf)
+/* Part `part` (src/hier/hier.h) of the intra-host exchange of a dispatch (!combine: the
+ * fan-out) or of a combine (the rows back to their forwarders): byte counts and
+ * displacements per local rank in m->lx, the part's segments in S_LSEND and S_LRECV. */
+static epx__cpu_xfer_t epx__local_xfer(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool combine, int part,
+                                       size_t rec)
 {
     int LS = m->xh->ls;
-    int64_t *sb = m->lx, *sd = sb + LS, *rb = sb + 2 * LS, *rd = sb + 3 * LS;
-    const int64_t *sc = combine ? x->h.back_send : x->h.fan_send, *rc = combine ? x->h.back_recv : x->h.fan_recv;
-    int64_t so = 0, ro = 0;
+    int64_t *sb = m->lx + (size_t)part * 4 * LS, *sd = sb + LS, *rb = sb + 2 * LS, *rd = sb + 3 * LS;
+    const int64_t *sc = (combine ? x->h.back_send : x->h.fan_send) + part * LS;
+    const int64_t *rc = (combine ? x->h.back_recv : x->h.fan_recv) + part * LS;
+    int64_t so = part ? (combine ? x->h.n_back_send : x->h.n_fan)[0] : 0;
+    int64_t ro = part ? (combine ? x->h.n_back_recv : x->h.n_lrecv)[0] : 0;
+    so *= (int64_t)rec, ro *= (int64_t)rec;
     for (int l = 0; l < LS; l++) {
         sb[l] = sc[l] * (int64_t)rec, sd[l] = so, so += sb[l];
         rb[l] = rc[l] * (int64_t)rec, rd[l] = ro, ro += rb[l];
     }
-    *xf = (epx__cpu_xfer_t){m->stage[S_LSEND], sb, sd, m->stage[S_LRECV], rb, rd};
+    return (epx__cpu_xfer_t){m->stage[S_LSEND], sb, sd, m->stage[S_LRECV], rb, rd};
 }
 
 /* Record sizes: a dispatch row and its scales (high-throughput: a row of the dtype and, for
@@ -547,6 +559,15 @@ static size_t epx__crec(const epx__moe_shape_t *s, int K, bool has_w)
     return EPX__ALIGN_UP(s->combine_row_bytes, 16) + (has_w ? EPX__ALIGN_UP(sizeof(float) * (size_t)K, 16) : 0);
 }
 
+/* The part of the intra-host exchange that runs i-th (0 or 1): a dispatch sends the local
+ * ranks' own tokens while the NCCL step runs, the forwarded ones after it; a combine sends
+ * first the rows the forwarders send on over NCCL, then, while NCCL runs, those that are
+ * then home. */
+static int epx__part_order(bool combine, int i)
+{
+    return (combine ? i == 0 : i == 1) ? EPX__HIER_REMOTE : EPX__HIER_LOCAL;
+}
+
 /* Everything a dispatch or a combine along x may fail on before it moves anything: the
  * staging, and the intra-host exchange's host rounds and mappings (this host's ranks make
  * them whatever their verdicts). Then every rank's verdict (one bootstrap round). */
@@ -559,17 +580,23 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
         size_t need[S_N];
         need[S_GW] = (size_t)(combine ? x->h.n_home_send : x->h.n_gw) * rec;
         need[S_FWD] = (size_t)(combine ? x->h.n_home_recv : x->h.n_fwd) * rec;
-        need[S_LSEND] = (size_t)(combine ? x->h.n_back_send : x->h.n_fan) * rec;
-        need[S_LRECV] = (size_t)(combine ? x->h.n_back_recv : x->h.n_lrecv) * rec;
+        const int64_t *ns = combine ? x->h.n_back_send : x->h.n_fan, *nr = combine ? x->h.n_back_recv : x->h.n_lrecv;
+        need[S_LSEND] = (size_t)(ns[0] + ns[1]) * rec;
+        need[S_LRECV] = (size_t)(nr[0] + nr[1]) * rec;
         need[S_Q] = !combine && m->s.mode == EPX_MOE_LOW_LATENCY && m->s.ll_fp8 ? (size_t)x->h.T * rec : 0;
         for (int b = 0; b < S_N && ready == EPX_SUCCESS; b++) ready = epx__stage(m, b, need[b], err);
     }
     if (m->xh->ls > 1) {
-        /* The plan keeps the pointer (epx__cuda_a2a_enqueue reads it later): not on the stack. */
-        const epx__cpu_xfer_t *ops[1] = {&m->lxf};
-        memset(&m->lxf, 0, sizeof m->lxf);
-        if (ready == EPX_SUCCESS) epx__local_xfer(m, x, combine, rec, &m->lxf);
-        ready = epx__cuda_a2a_prepare(m->xh->cuda, ops, 1, ready, stream, plan, err);
+        /* Both parts, in the order they run (epx__part_order); the plan keeps the pointers
+         * (epx__cuda_a2a_enqueue reads them later): not on the stack. */
+        const epx__cpu_xfer_t *ops[EPX__HIER_PARTS];
+        memset(m->lxf, 0, sizeof m->lxf);
+        for (int i = 0; i < EPX__HIER_PARTS; i++) {
+            int part = epx__part_order(combine, i);
+            if (ready == EPX_SUCCESS) m->lxf[part] = epx__local_xfer(m, x, combine, part, rec);
+            ops[i] = &m->lxf[part];
+        }
+        ready = epx__cuda_a2a_prepare(m->xh->cuda, ops, EPX__HIER_PARTS, ready, stream, plan, err);
     }
     epx_status_t st = epx__xh_vote(m->xh, ready, combine ? "could not prepare its part of the combine; nothing was written"
                                                          : "could not prepare its part of the dispatch; nothing was written",
@@ -585,6 +612,41 @@ static epx_status_t epx__launched(int ce, const char *what, epx__errbuf_t *err)
 {
     if (ce == cudaSuccess) return EPX_SUCCESS;
     return epx__fail(err, EPX_ERR_CUDA, "%s: %s", what, cudaGetErrorString((cudaError_t)ce));
+}
+
+/* The NCCL group of epx__post on m->side, after what `stream` has so far (fork); `stream`
+ * must wait for it (epx__join) before it reads what arrives. */
+static epx_status_t epx__post_side(epx__xhost_moe_t *m, const char *send, const int64_t *scnt, char *recv,
+                                   const int64_t *rcnt, size_t rec, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = cudaEventRecord(m->fork, (cudaStream_t)stream);
+    if (ce == cudaSuccess) ce = cudaStreamWaitEvent(m->side, m->fork, 0);
+    if (ce != cudaSuccess) return epx__launched(ce, "starting the NCCL step on its stream", err);
+    EPX__CHECK(epx__post(m, send, scnt, recv, rcnt, rec, m->side, err));
+    return epx__launched(cudaEventRecord(m->join, m->side), "ending the NCCL step on its stream", err);
+}
+
+/* Make `stream` wait for the NCCL step of epx__post_side, whatever `st` (how enqueueing went
+ * since: its failure is returned first), so that m->done also covers it. */
+static epx_status_t epx__join(epx__xhost_moe_t *m, epx_status_t st, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = cudaStreamWaitEvent((cudaStream_t)stream, m->join, 0);
+    return st != EPX_SUCCESS ? st : epx__launched(ce, "joining the NCCL step", err);
+}
+
+/* Part `part` (src/hier/hier.h) of the intra-host exchange along x, the plan's i-th: its
+ * records gathered by g (g->ref the parts' references back to back, n[] their counts, into
+ * S_LSEND) at the part's offset, then the exchange enqueued. */
+static epx_status_t epx__local_part(epx__xhost_moe_t *m, const epx__xh_gather_t *g, const int64_t *n, int part,
+                                    const epx__cuda_a2a_t *plan, int i, void *stream, epx__errbuf_t *err)
+{
+    epx__xh_gather_t p = *g;
+    long long at = part ? (long long)n[0] : 0;
+    p.ref += at, p.n = (long long)n[part], p.row += at * p.row_stride;
+    if (p.aux) p.aux += at * p.aux_stride;
+    EPX__CHECK(epx__launched(epx__xh_launch_gather(&p, epx__blocks(m), stream), "packing rows for the local ranks",
+                             err));
+    return epx__cuda_a2a_enqueue(m->xh->cuda, plan, i, stream, err);
 }
 
 /* Enqueue the rows of a dispatch along x: xr / xs my rows and their scales (xs NULL unless
@@ -620,13 +682,17 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
     epx__xh_gather_t g = {src, x->d_gw, x->h.n_gw, m->stage[S_GW], (long long)rec, (long long)rb,
                           sc ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)sb};
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the gateways", err));
-    EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
-    /* 2. As gateway and for my own tokens, the rows each other local rank needs, over CUDA IPC. */
-    if (plan) {
-        g = (epx__xh_gather_t){src, x->d_fan, x->h.n_fan, m->stage[S_LSEND], (long long)rec, (long long)rb,
+    if (!plan) {
+        EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
+    } else {
+        /* 2. The rows each other local rank needs, over CUDA IPC: the local ranks' own tokens
+         * while NCCL runs on the side stream, then (as gateway) what NCCL brought. */
+        EPX__CHECK(epx__post_side(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
+        g = (epx__xh_gather_t){src, x->d_fan, 0, m->stage[S_LSEND], (long long)rec, (long long)rb,
                                sc ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)sb};
-        EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the local ranks", err));
-        EPX__CHECK(epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err));
+        epx_status_t st = epx__local_part(m, &g, x->h.n_fan, EPX__HIER_LOCAL, plan, 0, stream, err);
+        EPX__CHECK(epx__join(m, st, stream, err));
+        EPX__CHECK(epx__local_part(m, &g, x->h.n_fan, EPX__HIER_REMOTE, plan, 1, stream, err));
     }
     /* 3. Every row into place: in (source rank, token) order, or into the slots of its
      * experts here (sources ascending, tokens ascending), with the slots' sources and counts. */
@@ -646,10 +712,11 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
 }
 
 /* Steps 1 and 2 of a combine along x (the rows go home unreduced): my rows back to the local
- * ranks that forwarded them (CUDA IPC), then, as gateway, the rows of my sources on other
- * hosts home as they are (NCCL). y holds the expert outputs, w (NULL: none travel) their
- * top-k weights [rows, K]. *src says where every row of the home reduction lies. Only CUDA
- * or NCCL calls fail here. */
+ * ranks that forwarded them (CUDA IPC: first those of tokens from other hosts, which their
+ * forwarders send on; the others while NCCL runs), and, as gateway, the rows of my sources
+ * on other hosts home as they are (NCCL, on the side stream when there are local ranks).
+ * y holds the expert outputs, w (NULL: none travel) their top-k weights [rows, K]. *src
+ * says where every row of the home reduction lies. Only CUDA or NCCL calls fail here. */
 static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x, const void *y, const float *w,
                                    const epx__cuda_a2a_t *plan, void *stream, epx__xh_src_t *src, epx__errbuf_t *err)
 {
@@ -664,18 +731,19 @@ static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x,
     src->aux[K_C1] = has_w ? m->stage[S_LRECV] + ao : NULL, src->aux_stride[K_C1] = (long long)rec;
     src->row[K_HOME] = m->stage[S_FWD], src->row_stride[K_HOME] = (long long)rec;
     src->aux[K_HOME] = has_w ? m->stage[S_FWD] + ao : NULL, src->aux_stride[K_HOME] = (long long)rec;
-    /* 1. My rows back to the local ranks that forwarded them to me (CUDA IPC). */
-    if (plan) {
-        epx__xh_gather_t g = {*src, x->d_c1, x->h.n_back_send, m->stage[S_LSEND], (long long)rec, (long long)crow,
-                              has_w ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)wb};
-        EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for their forwarders", err));
-        EPX__CHECK(epx__cuda_a2a_enqueue(m->xh->cuda, plan, 0, stream, err));
-    }
-    /* 2. As gateway: the rows of my sources on other hosts go home as they are (NCCL). */
+    /* 1. My rows of tokens from other hosts back to the local ranks that forwarded them. */
+    epx__xh_gather_t c1 = {*src, x->d_c1, 0, m->stage[S_LSEND], (long long)rec, (long long)crow,
+                           has_w ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)wb};
+    if (plan) EPX__CHECK(epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_REMOTE, plan, 0, stream, err));
+    /* 2. As gateway: the rows of my sources on other hosts go home as they are (NCCL); with
+     * local ranks, meanwhile, my rows of their tokens go back to them. */
     epx__xh_gather_t g = {*src, x->d_home, x->h.n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
                           has_w ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)wb};
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err));
-    return epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
+    if (!plan) return epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
+    EPX__CHECK(epx__post_side(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err));
+    epx_status_t st = epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_LOCAL, plan, 1, stream, err);
+    return epx__join(m, st, stream, err);
 }
 
 /* The end of a call that enqueued work along plan x (all of it, or part: `st` is how the
