@@ -25,8 +25,13 @@
  *             at home one kernel sums every token's rows in ascending rank order in float32
  *             from +0 with the single-host CUDA combine's code (epx__moe_reduce_token): the
  *             same bits.
- * No overlap yet: the steps run one after the other on the caller's stream (the NVLink
- * part of a token's trip waits for the whole network step).
+ * Overlap: with local ranks, the NCCL step runs on a side stream (after a fork event on
+ * the caller's stream, which then waits for its join event), and each intra-host exchange
+ * runs in two parts by where the token's source is (src/hier's plan): a dispatch sends the
+ * local ranks' own tokens over NVLink while NCCL runs and the forwarded ones after it; a
+ * combine sends back first the rows of tokens from other hosts (their forwarders send them
+ * on over NCCL), then, while NCCL runs, the rows of this host's tokens. The forwarded half
+ * still waits for the whole network step (no chunked pipelining of the two hops).
  *
  * Bytes per GPU and direction for T = 4096, H = 7168, K = 8, E = 256 (uniform routing; a
  * token reaches a given host with p = 0.9965, a given rank of 2x2 with 0.9036); BF16 row
@@ -39,7 +44,8 @@
  *   Combine (BF16 expert outputs) moves the same rows back (+ 32 B of weights per row when
  *   passed); routing records add 0.29 MB per GPU over the NIC (dispatch only).
  * Expected on 400 Gb/s NICs (46 GB/s usable, docs/SCALING.md): dispatch ~1.3 ms BF16 /
- * 0.66 ms FP8 on the NIC, plus (no overlap) ~0.3-0.7 ms NVLink at 2x2 and ~0.1-0.2 ms of
+ * 0.66 ms FP8 on the NIC, plus ~0.15-0.35 ms NVLink at 2x2 (the forwarded half; the own
+ * half, the same again, overlaps the NIC step) and ~0.1-0.2 ms of
  * HBM passes, plus the host part (one stream wait, 3 bootstrap rounds, the routing-record
  * exchange, the plan: ~1-3 ms, not measured); combine the same. On the test machine (2 GPUs
  * as 2 hosts over NCCL sockets on lo) the payload steps are the NCCL baseline's.
