@@ -308,13 +308,14 @@ epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx
     EPX__CHECK(epx__nc_live(n, err));
     for (unsigned spin = 0;; spin++) {
         cudaError_t ce = cudaStreamQuery((cudaStream_t)stream);
-        if (ce == cudaSuccess) return EPX_SUCCESS;
-        if (ce != cudaErrorNotReady)
+        if (ce != cudaSuccess && ce != cudaErrorNotReady)
             return epx__fail(err, EPX_ERR_CUDA, "waiting for NCCL's stream: %s", cudaGetErrorString(ce));
+        /* Looked at once more after the stream ran: an error may have ended its work early. */
         ncclResult_t state = ncclSuccess;
         ncclResult_t r = epx__nc.async_error(n->comm, &state);
         if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
             return epx__nc_fail(n->comm, r != ncclSuccess ? r : state, err, "NCCL exchange");
+        if (ce == cudaSuccess) return EPX_SUCCESS;
         if (epx__now_ns() >= deadline) {
             if (n->owned) epx__nc.abort(n->comm), n->comm = NULL;
             return epx__fail(err, EPX_ERR_TIMEOUT,
