@@ -5,34 +5,38 @@
  * one device). Loaded instead of NCCL through LD_LIBRARY_PATH (tests/CMakeLists.txt:
  * fake_nccl_* tests).
  *
- * Asynchronous, like NCCL: ncclGroupEnd (and a lone ncclSend/ncclRecv) hands the group to
- * its communicator's worker thread and returns at once, without waiting for the device. The
+ * Asynchronous, like NCCL: ncclGroupEnd (and a lone ncclSend/ncclRecv) enqueues the group
+ * on its streams and returns at once. On each stream of the group: the sends' bytes are
+ * copied into pinned host memory, the stream writes "reached" (a stream memory operation
+ * on a mapped host word), waits (another one) until the communicator's worker thread says
+ * the group is done, then copies the received bytes from pinned memory into place. The
  * worker runs the communicator's groups in the order they were posted: it waits until every
- * stream of the group has reached it (an event recorded there), makes the sends, sleeps
- * FAKE_NCCL_DELAY_US (default 0), then makes the receives, copying through pinned memory on
- * a non-blocking stream of its own.
- * Meanwhile each stream of the group is held at the group by a host function, released when
- * the worker is done: what the stream runs after the group sees the received data, and work
- * on another stream that does not wait for it may read the receive buffers before they are
- * written (the delay widens that window, so that a missing join shows as wrong data).
+ * stream of the group has reached it, writes the sends into shared memory, sleeps
+ * FAKE_NCCL_DELAY_US (default 0), reads the receives, and releases the streams. It makes no
+ * CUDA call, so nothing the caller's thread does in CUDA (a cudaMemcpy, a cudaFree that
+ * waits for the device) can stop it: as with NCCL, a held stream waits only for the peers.
+ * Work on another stream that does not wait for the group may read the receive buffers
+ * before they are written; the delay widens that window, so that a missing join shows as
+ * wrong data. FAKE_NCCL_SYNC=1: ncclGroupEnd also waits until its receives are in.
  *
  * Semantics kept: sends and receives between the same two ranks on a communicator match in
  * order; a send reads what its stream produced before the group. Errors met while moving data
  * (a receive whose sender never comes within FAKE_NCCL_TIMEOUT_MS, default 60000:
- * ncclRemoteError; a send and its receive of different sizes: ncclInvalidUsage; a failed
- * copy: ncclUnhandledCudaError) stick to the communicator and are reported by
- * ncclCommGetAsyncError and ncclGetLastError; the group's streams are released all the same,
- * with the receives not made yet left as they were, and later groups are refused.
- * ncclCommAbort gives up the groups in flight at once; ncclCommDestroy lets them finish
- * (bounded by the same timeout). Not kept: NCCL's own failure handling (what a kernel does
- * when a peer goes, error codes beyond the above, the in-progress states of a non-blocking
- * communicator) and graph capture (a group on a capturing stream is refused).
+ * ncclRemoteError; a send and its receive of different sizes: ncclInvalidUsage) stick to the
+ * communicator and are reported by ncclCommGetAsyncError and ncclGetLastError; the group's
+ * streams are released all the same, with unspecified bytes in its receive buffers (as with
+ * NCCL), and later groups are refused. ncclCommAbort gives up the groups in flight at once;
+ * ncclCommDestroy lets them finish (bounded by the same timeout). Not kept: NCCL's own
+ * failure handling (what a kernel does when a peer goes, error codes beyond the above, the
+ * in-progress states of a non-blocking communicator) and graph capture (a group on a
+ * capturing stream is refused).
  *
  * A message from rank s to rank d, the n-th between them on a communicator, is one shared
  * memory object named after the communicator, s, d and n: the sender writes the bytes, then
  * a ready word; the receiver waits for it, copies, and unlinks the object. The numbers are
  * given when a group is posted, so groups in flight keep their order.
  */
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -62,7 +66,7 @@ typedef struct {
 
 #define FAKE_MAX_RANKS 1024
 #define FAKE_MAX_OPS 4096
-#define FAKE_CHUNK ((size_t)4 << 20) /* bytes of a worker's pinned buffer */
+#define FAKE_MAX_STREAMS 64 /* distinct streams one communicator's groups may use */
 
 typedef struct fake_comm *ncclComm_t;
 
@@ -74,69 +78,134 @@ typedef struct {
     ncclComm_t comm;
     cudaStream_t stream;
     uint64_t n; /* the message's number between me and peer, given when the group is posted */
+    char *pin;  /* its bytes in pinned host memory (NULL for none) */
+    int slot;   /* its stream's slot in the communicator */
 } fake_op_t;
 
-/* One communicator's part of a posted group, as its worker runs it. Freed by the last of
- * its holders (the worker, and each host function holding one of its streams): a host
- * function may run after its communicator is gone, so it reads nothing else. */
+/* One communicator's part of a posted group, as its worker runs it (the worker frees it). */
 typedef struct fake_batch {
     struct fake_batch *next; /* in the communicator's queue */
     ncclComm_t comm;
-    int nops, nstreams;
-    fake_op_t *ops;        /* a copy of the group's operations on comm */
-    cudaStream_t *streams; /* their distinct streams */
-    cudaEvent_t *start;    /* [nstreams]: where the group is on each; the worker destroys them */
-    int refs, done;        /* under fake_hold_mu */
+    uint32_t q;  /* its number on the communicator, from 1 */
+    int failed;  /* posting failed half way: the worker only releases the streams */
+    int nops, nslots;
+    fake_op_t *ops; /* a copy of the group's operations on comm */
+    int *slots;     /* the slots of their distinct streams */
 } fake_batch_t;
 
 struct fake_comm {
     char name[64]; /* from the unique id */
-    int nranks, rank, device;
+    int nranks, rank, device, sync;
     long long timeout_us, delay_us; /* FAKE_NCCL_TIMEOUT_MS, FAKE_NCCL_DELAY_US */
     uint64_t *sent, *received;      /* [nranks]: messages posted so far, per peer (by the posting thread) */
-    cudaStream_t copy;              /* the worker's: non-blocking, so it never waits for a held stream */
-    char *pin;                      /* the worker's: FAKE_CHUNK pinned bytes (fake_pin_take) */
+    /* Mapped host words (never freed: a stream stuck for good may still wait on them):
+     * word[0] the last batch done (the streams wait for it), word[1 + i] the last batch the
+     * stream of slot i reached (it writes it). dword: their device address. */
+    volatile uint32_t *word;
+    CUdeviceptr dword;
+    cudaStream_t slot[FAKE_MAX_STREAMS]; /* by the posting thread; a slot is taken over by */
+    uint32_t slot_q[FAKE_MAX_STREAMS];   /* another stream once its last batch, slot_q, is done */
+    int nslot;
+    uint32_t q; /* batches posted */
     pthread_t worker;
-    int abort;                      /* atomic: the worker gives up what it waits for */
-    pthread_mutex_t mu;             /* guards what follows */
-    pthread_cond_t cv;              /* a batch was queued, or stop */
-    fake_batch_t *head, *tail;      /* posted, not yet taken by the worker */
-    int stop, exited;               /* no more batches will come; the worker has ended */
-    ncclResult_t err;               /* the first error: sticks */
-    char last[256];                 /* its words, written once, before err */
+    int abort;          /* atomic: the worker gives up what it waits for */
+    pthread_mutex_t mu; /* guards what follows */
+    pthread_cond_t cv;  /* a batch was queued, or stop */
+    fake_batch_t *head, *tail; /* posted, not yet taken by the worker */
+    uint32_t taken;            /* the last batch the worker finished */
+    int stop, exited;          /* no more batches will come; the worker has ended */
+    ncclResult_t err;          /* the first error: sticks */
+    char last[256];            /* its words, written once, before err */
 };
 
 static __thread int depth;
 static __thread int nops;
 static __thread fake_op_t ops[FAKE_MAX_OPS];
 
-/* Where host functions wait for their batch (one for the process: a host function must not
- * touch its communicator, which may be gone by the time its stream reaches it). */
-static pthread_mutex_t fake_hold_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t fake_hold_cv = PTHREAD_COND_INITIALIZER;
+/* cuStreamWaitValue32 / cuStreamWriteValue32, from the driver (fake_driver). */
+typedef CUresult (*fake_memop_fn)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+static fake_memop_fn fake_wait32, fake_write32;
+static pthread_once_t fake_driver_once = PTHREAD_ONCE_INIT;
 
-/* Pinned buffers of FAKE_CHUNK bytes, those of ended communicators kept for later ones, a
- * list through their first bytes: never given back to CUDA (cudaFreeHost may wait for the
- * device, where a stream may still be held or stuck). */
-static pthread_mutex_t fake_pool_mu = PTHREAD_MUTEX_INITIALIZER;
-static void *fake_pool;
-
-static char *fake_pin_take(void)
+static void fake_driver_load(void)
 {
-    pthread_mutex_lock(&fake_pool_mu);
-    void *p = fake_pool;
-    if (p) fake_pool = *(void **)p;
-    pthread_mutex_unlock(&fake_pool_mu);
-    if (!p && cudaHostAlloc(&p, FAKE_CHUNK, cudaHostAllocPortable) != cudaSuccess) p = NULL;
-    return p;
+    enum cudaDriverEntryPointQueryResult q1, q2;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", (void **)&fake_wait32, 12000, cudaEnableDefault, &q1) !=
+            cudaSuccess ||
+        q1 != cudaDriverEntryPointSuccess)
+        fake_wait32 = NULL;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", (void **)&fake_write32, 12000, cudaEnableDefault,
+                                         &q2) != cudaSuccess ||
+        q2 != cudaDriverEntryPointSuccess)
+        fake_write32 = NULL;
 }
 
-static void fake_pin_give(void *p)
+static int fake_driver(void)
 {
-    pthread_mutex_lock(&fake_pool_mu);
-    *(void **)p = fake_pool;
-    fake_pool = p;
-    pthread_mutex_unlock(&fake_pool_mu);
+    pthread_once(&fake_driver_once, fake_driver_load);
+    return fake_wait32 && fake_write32;
+}
+
+/* Pinned host buffers, for every communicator of the process (posting threads only): one is
+ * free again once its event (recorded on its stream after the last copy that uses it) has
+ * completed. Never given back to CUDA (cudaFreeHost may wait for the device, where a stream
+ * may be held). */
+typedef struct {
+    char *p;
+    size_t cap;
+    cudaEvent_t ev;
+    int recorded, taken; /* taken: by the group being posted */
+} fake_pin_t;
+static pthread_mutex_t fake_pin_mu = PTHREAD_MUTEX_INITIALIZER;
+static fake_pin_t *fake_pins;
+static int fake_npins, fake_cap_pins;
+
+/* A free pinned buffer of at least `bytes`, taken (index, or -1). */
+static int fake_pin_take(size_t bytes)
+{
+    pthread_mutex_lock(&fake_pin_mu);
+    int got = -1;
+    for (int i = 0; i < fake_npins && got < 0; i++) {
+        fake_pin_t *b = &fake_pins[i];
+        if (!b->taken && b->cap >= bytes && (!b->recorded || cudaEventQuery(b->ev) == cudaSuccess)) got = i;
+    }
+    if (got < 0 && fake_npins == fake_cap_pins) {
+        int cap = fake_cap_pins ? 2 * fake_cap_pins : 64;
+        fake_pin_t *n = realloc(fake_pins, (size_t)cap * sizeof *n);
+        if (n) fake_pins = n, fake_cap_pins = cap;
+    }
+    if (got < 0 && fake_npins < fake_cap_pins) {
+        fake_pin_t b = {NULL, 4096, NULL, 0, 0};
+        while (b.cap < bytes) b.cap *= 2;
+        if (cudaHostAlloc((void **)&b.p, b.cap, cudaHostAllocPortable) == cudaSuccess) {
+            if (cudaEventCreateWithFlags(&b.ev, cudaEventDisableTiming) == cudaSuccess)
+                fake_pins[got = fake_npins++] = b;
+            else
+                cudaFreeHost(b.p); /* never used: nothing waits on it */
+        }
+    }
+    if (got >= 0) fake_pins[got].taken = 1;
+    pthread_mutex_unlock(&fake_pin_mu);
+    return got;
+}
+
+/* Buffer i is in use until what `stream` has now is done (record = 0: never used, free now). */
+static cudaError_t fake_pin_give(int i, cudaStream_t stream, int record)
+{
+    pthread_mutex_lock(&fake_pin_mu);
+    cudaError_t ce = record ? cudaEventRecord(fake_pins[i].ev, stream) : cudaSuccess;
+    if (record) fake_pins[i].recorded = 1;
+    fake_pins[i].taken = 0;
+    pthread_mutex_unlock(&fake_pin_mu);
+    return ce;
+}
+
+static char *fake_pin_ptr(int i)
+{
+    pthread_mutex_lock(&fake_pin_mu); /* fake_pins may move while another thread grows it */
+    char *p = fake_pins[i].p;
+    pthread_mutex_unlock(&fake_pin_mu);
+    return p;
 }
 
 /* How long a receive waits for its sender, and a clean destroy for its receivers (µs). */
@@ -190,51 +259,25 @@ static ncclResult_t fake_err(ncclComm_t c)
 
 static int fake_aborted(ncclComm_t c) { return __atomic_load_n(&c->abort, __ATOMIC_ACQUIRE); }
 
-static void fake_batch_free(fake_batch_t *b)
+/* Has the 32-bit sequence word w reached q (wrapping, as CU_STREAM_WAIT_VALUE_GEQ)? */
+static int fake_reached_q(const volatile uint32_t *w, uint32_t q)
 {
-    free(b->ops), free(b->streams), free(b->start), free(b);
+    return (int32_t)(__atomic_load_n(w, __ATOMIC_ACQUIRE) - q) >= 0;
 }
 
-/* One holder lets go of b; with `finish` (the worker, or a group that failed to post) its
- * streams are released first. The last holder frees it. Calls no CUDA API. */
-static void fake_unref(fake_batch_t *b, int finish)
-{
-    pthread_mutex_lock(&fake_hold_mu);
-    if (finish) {
-        b->done = 1;
-        pthread_cond_broadcast(&fake_hold_cv);
-    }
-    int last = --b->refs == 0;
-    pthread_mutex_unlock(&fake_hold_mu);
-    if (last) fake_batch_free(b);
-}
+/* ---- The worker (no CUDA calls) ----------------------------------------------------------- */
 
-/* The host function on each stream of a batch: the stream goes no further until the worker
- * is done with the batch (or gave it up). Calls no CUDA API. */
-static void CUDART_CB fake_hold(void *arg)
+/* Until the stream of slot i has run everything before batch q, or an abort. */
+static ncclResult_t fake_reached(ncclComm_t c, int i, uint32_t q)
 {
-    fake_batch_t *b = arg;
-    pthread_mutex_lock(&fake_hold_mu);
-    while (!b->done) pthread_cond_wait(&fake_hold_cv, &fake_hold_mu);
-    pthread_mutex_unlock(&fake_hold_mu);
-    fake_unref(b, 0);
-}
-
-/* ---- The worker ------------------------------------------------------------------------ */
-
-/* Until the stream has run everything before the group (its start event), or an abort. */
-static ncclResult_t fake_reached(ncclComm_t c, cudaEvent_t e)
-{
-    for (unsigned spin = 0;; spin++) {
-        cudaError_t ce = cudaEventQuery(e);
-        if (ce == cudaSuccess) return ncclSuccess;
-        if (ce != cudaErrorNotReady) return fake_fail(c, ncclUnhandledCudaError, "a stream failed before its group");
+    for (unsigned spin = 0; !fake_reached_q(&c->word[1 + i], q); spin++) {
         if (fake_aborted(c)) return fake_fail(c, ncclInternalError, "communicator aborted");
         if (spin < 64)
             sched_yield();
         else
             usleep(20);
     }
+    return ncclSuccess;
 }
 
 /* Sleep `us` µs, less on an abort. */
@@ -247,24 +290,7 @@ static ncclResult_t fake_nap(ncclComm_t c, long long us)
     return ncclSuccess;
 }
 
-/* `bytes` from the device to shared memory (to_shm), or back, through the worker's pinned
- * buffer on its own stream, each piece landed before the next: the copies need none of
- * CUDA's staging of pageable memory, which work on a held stream could keep busy. */
-static int fake_copy(ncclComm_t c, char *dst, const char *src, size_t bytes, int to_shm)
-{
-    for (size_t off = 0; off < bytes; off += FAKE_CHUNK) {
-        size_t k = bytes - off < FAKE_CHUNK ? bytes - off : FAKE_CHUNK;
-        if (!to_shm) memcpy(c->pin, src + off, k);
-        if (cudaMemcpyAsync(to_shm ? c->pin : dst + off, to_shm ? src + off : c->pin, k, cudaMemcpyDefault,
-                            c->copy) != cudaSuccess ||
-            cudaStreamSynchronize(c->copy) != cudaSuccess)
-            return 0;
-        if (to_shm) memcpy(dst + off, c->pin, k);
-    }
-    return 1;
-}
-
-/* One message out: the device bytes into a new object, then its ready word. */
+/* One message out: the pinned bytes into a new object, then its ready word. */
 static ncclResult_t fake_send(const fake_op_t *o)
 {
     ncclComm_t c = o->comm;
@@ -282,16 +308,14 @@ static ncclResult_t fake_send(const fake_op_t *o)
         shm_unlink(name);
         return fake_fail(c, ncclSystemError, "no room in shared memory (send)");
     }
-    ncclResult_t r = ncclSuccess;
-    if (!fake_copy(c, m + 64, o->buf, o->bytes, 1))
-        r = fake_fail(c, ncclUnhandledCudaError, "cudaMemcpyAsync (send)");
+    if (o->bytes) memcpy(m + 64, o->pin, o->bytes);
     *(uint64_t *)(m + 8) = o->bytes;
-    __atomic_store_n((uint64_t *)m, r == ncclSuccess ? 1ull : 2ull, __ATOMIC_RELEASE);
+    __atomic_store_n((uint64_t *)m, 1ull, __ATOMIC_RELEASE);
     munmap(m, len);
-    return r;
+    return ncclSuccess;
 }
 
-/* One message in: wait for its object to be ready, copy it to the device, remove it. */
+/* One message in: wait for its object to be ready, copy it into pinned memory, remove it. */
 static ncclResult_t fake_recv(const fake_op_t *o)
 {
     ncclComm_t c = o->comm;
@@ -320,37 +344,36 @@ static ncclResult_t fake_recv(const fake_op_t *o)
     }
     ncclResult_t r = ncclSuccess;
     uint64_t bytes = *(uint64_t *)(m + 8);
-    if (*(uint64_t *)m != 1 || bytes != o->bytes)
-        r = fake_fail(c, ncclInvalidUsage, "a send and its receive differ in size (or the send failed)");
-    else if (!fake_copy(c, o->buf, m + 64, bytes, 0)) /* landed before the source goes */
-        r = fake_fail(c, ncclUnhandledCudaError, "cudaMemcpyAsync (receive)");
+    if (bytes != o->bytes)
+        r = fake_fail(c, ncclInvalidUsage, "a send and its receive differ in size");
+    else if (bytes)
+        memcpy(o->pin, m + 64, bytes);
     munmap(m, len);
     shm_unlink(name);
     return r;
 }
 
-/* One batch: its streams reach it, then the sends, the delay, the receives. Stops at the
- * first error or an abort, and does nothing on a communicator that failed before: the
- * receives not made are left as they were. Sends wait for nothing but their own streams, so
- * no order of batches across ranks deadlocks. */
+/* One batch: its streams reach it, then the sends, the delay, the receives; then, whatever
+ * happened, its streams are released. Stops at the first error or an abort, and moves
+ * nothing on a communicator that failed before. Sends wait for nothing but their own
+ * streams, so no order of batches across ranks deadlocks. */
 static void fake_batch_run(fake_batch_t *b)
 {
     ncclComm_t c = b->comm;
-    ncclResult_t r = fake_aborted(c) ? ncclInternalError : fake_err(c);
-    for (int i = 0; i < b->nstreams && r == ncclSuccess; i++) r = fake_reached(c, b->start[i]);
+    ncclResult_t r = b->failed || fake_aborted(c) ? ncclInternalError : fake_err(c);
+    for (int i = 0; i < b->nslots && r == ncclSuccess; i++) r = fake_reached(c, b->slots[i], b->q);
     for (int i = 0; i < b->nops && r == ncclSuccess; i++)
         if (b->ops[i].send) r = fake_send(&b->ops[i]);
     if (r == ncclSuccess) r = fake_nap(c, c->delay_us);
     for (int i = 0; i < b->nops && r == ncclSuccess; i++)
         if (!b->ops[i].send) r = fake_recv(&b->ops[i]);
+    __atomic_store_n(&c->word[0], b->q, __ATOMIC_RELEASE);
 }
 
-/* The communicator's batches, in posting order, until it stops and none is left. Each
- * batch's streams are released when it is done, whatever happened. */
+/* The communicator's batches, in posting order, until it stops and none is left. */
 static void *fake_worker(void *arg)
 {
     ncclComm_t c = arg;
-    int device_ok = cudaSetDevice(c->device) == cudaSuccess;
     pthread_mutex_lock(&c->mu);
     for (;;) {
         while (!c->head && !c->stop) pthread_cond_wait(&c->cv, &c->mu);
@@ -358,13 +381,11 @@ static void *fake_worker(void *arg)
         if (!b) break;
         if (!(c->head = b->next)) c->tail = NULL;
         pthread_mutex_unlock(&c->mu);
-        if (device_ok)
-            fake_batch_run(b);
-        else
-            fake_fail(c, ncclUnhandledCudaError, "cudaSetDevice (worker)");
-        for (int i = 0; i < b->nstreams; i++) cudaEventDestroy(b->start[i]);
-        fake_unref(b, 1);
+        fake_batch_run(b);
+        free(b->ops), free(b->slots), free(b);
         pthread_mutex_lock(&c->mu);
+        c->taken++;
+        pthread_cond_broadcast(&c->cv);
     }
     c->exited = 1;
     pthread_mutex_unlock(&c->mu);
@@ -384,11 +405,9 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId *id)
     return ncclSuccess;
 }
 
-/* What init made, once no worker runs. */
+/* What init made, once no worker runs (the mapped words stay: see struct fake_comm). */
 static void fake_comm_free(ncclComm_t c)
 {
-    if (c->copy) cudaStreamDestroy(c->copy);
-    if (c->pin) fake_pin_give(c->pin);
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
     free(c->sent), free(c->received), free(c);
@@ -405,21 +424,28 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t *out, int nranks, ncclUniqueId id
     pthread_cond_init(&c->cv, NULL);
     c->sent = calloc((size_t)nranks, sizeof *c->sent);
     c->received = calloc((size_t)nranks, sizeof *c->received);
+    void *w = NULL, *dw = NULL;
     ncclResult_t r = ncclSuccess;
     if (!c->sent || !c->received)
         r = ncclSystemError;
-    else if (cudaGetDevice(&c->device) != cudaSuccess ||
-             cudaStreamCreateWithFlags(&c->copy, cudaStreamNonBlocking) != cudaSuccess)
-        c->copy = NULL, r = ncclUnhandledCudaError;
-    else if (!(c->pin = fake_pin_take()))
+    else if (!fake_driver() || cudaGetDevice(&c->device) != cudaSuccess ||
+             cudaHostAlloc(&w, sizeof(uint32_t) * (1 + FAKE_MAX_STREAMS), cudaHostAllocMapped | cudaHostAllocPortable) !=
+                 cudaSuccess)
+        w = NULL, r = ncclUnhandledCudaError;
+    else if (cudaHostGetDevicePointer(&dw, w, 0) != cudaSuccess)
         r = ncclUnhandledCudaError;
+    if (w) memset(w, 0, sizeof(uint32_t) * (1 + FAKE_MAX_STREAMS));
+    c->word = w, c->dword = (CUdeviceptr)(uintptr_t)dw;
     memcpy(c->name, id.internal, sizeof c->name - 1);
     c->nranks = nranks;
     c->rank = rank;
     c->timeout_us = fake_timeout_us();
     c->delay_us = fake_delay_us();
+    const char *sync = getenv("FAKE_NCCL_SYNC");
+    c->sync = sync && atoi(sync) != 0;
     if (r == ncclSuccess && pthread_create(&c->worker, NULL, fake_worker, c) != 0) r = ncclSystemError;
     if (r != ncclSuccess) {
+        if (w) cudaFreeHost(w); /* no stream ever waited on it */
         fake_comm_free(c);
         return r;
     }
@@ -471,11 +497,12 @@ static ncclResult_t fake_free(ncclComm_t c, int clean)
     if (!clean) __atomic_store_n(&c->abort, 1, __ATOMIC_RELEASE);
     pthread_mutex_lock(&c->mu);
     c->stop = 1;
-    pthread_cond_signal(&c->cv);
+    pthread_cond_broadcast(&c->cv);
     pthread_mutex_unlock(&c->mu);
     for (long long left_us = c->timeout_us; clean && left_us > 0 && !fake_exited(c); left_us -= 100) usleep(100);
-    __atomic_store_n(&c->abort, 1, __ATOMIC_RELEASE); /* what is left gives up */
+    __atomic_store_n(&c->abort, 1, __ATOMIC_RELEASE); /* what is left gives up (and is released) */
     pthread_join(c->worker, NULL);
+    __atomic_store_n(&c->word[0], c->q, __ATOMIC_RELEASE); /* (the worker released them all already) */
     fake_unread(c, clean);
     fake_comm_free(c);
     return ncclSuccess;
@@ -507,8 +534,25 @@ const char *ncclGetErrorString(ncclResult_t r)
 
 /* ---- Posting groups -------------------------------------------------------------------- */
 
-/* c's operations among ops[from, to) as a batch for its worker: copied, with their distinct
- * streams and a start event for each (not recorded yet). */
+/* The slot of `stream` on c for batch q: its own, else a new one, else one whose last batch
+ * is done (its word then holds less than q), or -1 when none is free. */
+static int fake_slot(ncclComm_t c, cudaStream_t stream, uint32_t q)
+{
+    int i = 0;
+    while (i < c->nslot && c->slot[i] != stream) i++;
+    if (i == c->nslot && c->nslot == FAKE_MAX_STREAMS) {
+        pthread_mutex_lock(&c->mu);
+        for (i = 0; i < c->nslot && (int32_t)(c->taken - c->slot_q[i]) < 0; i++) continue;
+        pthread_mutex_unlock(&c->mu);
+        if (i == c->nslot) return -1;
+    }
+    if (i == c->nslot) c->nslot++;
+    c->slot[i] = stream, c->slot_q[i] = q;
+    return i;
+}
+
+/* c's operations among ops[from, to) as its next batch for its worker: copied, with their
+ * streams' slots. */
 static ncclResult_t fake_batch_new(ncclComm_t c, int from, int to, fake_batch_t **out)
 {
     int n = 0;
@@ -516,36 +560,90 @@ static ncclResult_t fake_batch_new(ncclComm_t c, int from, int to, fake_batch_t 
     fake_batch_t *b = calloc(1, sizeof *b);
     if (b) {
         b->ops = malloc((size_t)n * sizeof *b->ops);
-        b->streams = malloc((size_t)n * sizeof *b->streams);
-        b->start = malloc((size_t)n * sizeof *b->start);
+        b->slots = malloc((size_t)n * sizeof *b->slots);
     }
-    if (!b || !b->ops || !b->streams || !b->start) {
-        if (b) fake_batch_free(b);
+    if (!b || !b->ops || !b->slots) {
+        if (b) free(b->ops), free(b->slots), free(b);
         return fake_fail(c, ncclSystemError, "out of memory");
     }
     b->comm = c;
-    b->refs = 1; /* the worker's */
+    b->q = c->q + 1;
     for (int i = from; i < to; i++) {
         if (ops[i].comm != c) continue;
-        b->ops[b->nops++] = ops[i];
-        int s = 0;
-        while (s < b->nstreams && b->streams[s] != ops[i].stream) s++;
-        if (s == b->nstreams) b->streams[b->nstreams++] = ops[i].stream;
-    }
-    for (int s = 0; s < b->nstreams; s++)
-        if (cudaEventCreateWithFlags(&b->start[s], cudaEventDisableTiming) != cudaSuccess) {
-            while (s-- > 0) cudaEventDestroy(b->start[s]);
-            fake_batch_free(b);
-            return fake_fail(c, ncclUnhandledCudaError, "cudaEventCreateWithFlags");
+        fake_op_t *o = &b->ops[b->nops++];
+        *o = ops[i];
+        if ((o->slot = fake_slot(c, o->stream, b->q)) < 0) {
+            free(b->ops), free(b->slots), free(b);
+            return fake_fail(c, ncclInvalidUsage, "too many streams on one communicator");
         }
+        int s = 0;
+        while (s < b->nslots && b->slots[s] != o->slot) s++;
+        if (s == b->nslots) b->slots[b->nslots++] = o->slot;
+    }
     *out = b;
     return ncclSuccess;
 }
 
-/* The group posted: one batch per communicator, queued for its worker, each of its streams
- * held at the group until the worker is done. Every start is recorded before any hold, so a
- * hold for one communicator never delays another's batch. Returns without waiting for the
- * device; on an error nothing is queued, no message number is used, and nothing stays held. */
+/* Enqueue batch b on its streams (module comment). Returns whether some stream of b waits
+ * for the batch (then b must reach the worker, which releases it); *r the first failure
+ * (b->failed: the worker moves nothing). */
+static int fake_enqueue(fake_batch_t *b, ncclResult_t *r)
+{
+    ncclComm_t c = b->comm;
+    int pins[FAKE_MAX_OPS], waits = 0;
+    for (int i = 0; i < b->nops; i++) pins[i] = -1;
+    for (int i = 0; i < b->nops && *r == ncclSuccess; i++)
+        if (b->ops[i].bytes) {
+            if ((pins[i] = fake_pin_take(b->ops[i].bytes)) < 0)
+                *r = fake_fail(c, ncclSystemError, "no pinned memory");
+            else
+                b->ops[i].pin = fake_pin_ptr(pins[i]);
+        }
+    for (int s = 0; s < b->nslots && *r == ncclSuccess; s++) {
+        int slot = b->slots[s];
+        cudaStream_t st = c->slot[slot];
+        enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        if (cudaStreamIsCapturing(st, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone)
+            *r = fake_fail(c, ncclInvalidUsage, "a group on a capturing stream (not supported)");
+        for (int i = 0; i < b->nops && *r == ncclSuccess; i++) {
+            fake_op_t *o = &b->ops[i];
+            if (o->slot == slot && o->send && o->bytes &&
+                cudaMemcpyAsync(o->pin, o->buf, o->bytes, cudaMemcpyDeviceToHost, st) != cudaSuccess)
+                *r = fake_fail(c, ncclUnhandledCudaError, "cudaMemcpyAsync (send)");
+        }
+        if (*r == ncclSuccess && fake_write32((CUstream)st, c->dword + sizeof(uint32_t) * (1 + (size_t)slot), b->q,
+                                              CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS)
+            *r = fake_fail(c, ncclUnhandledCudaError, "cuStreamWriteValue32 (group reached)");
+        if (*r == ncclSuccess) {
+            if (fake_wait32((CUstream)st, c->dword, b->q, CU_STREAM_WAIT_VALUE_GEQ) == CUDA_SUCCESS)
+                waits++;
+            else
+                *r = fake_fail(c, ncclUnhandledCudaError, "cuStreamWaitValue32 (group done)");
+        }
+        for (int i = 0; i < b->nops && *r == ncclSuccess; i++) {
+            fake_op_t *o = &b->ops[i];
+            if (o->slot == slot && !o->send && o->bytes &&
+                cudaMemcpyAsync(o->buf, o->pin, o->bytes, cudaMemcpyHostToDevice, st) != cudaSuccess)
+                *r = fake_fail(c, ncclUnhandledCudaError, "cudaMemcpyAsync (receive)");
+        }
+        /* This stream's buffers are in use until it has run what it has now. */
+        for (int i = 0; i < b->nops; i++)
+            if (b->ops[i].slot == slot && pins[i] >= 0) {
+                if (fake_pin_give(pins[i], st, 1) != cudaSuccess && *r == ncclSuccess)
+                    *r = fake_fail(c, ncclUnhandledCudaError, "cudaEventRecord (pinned buffer in use)");
+                pins[i] = -1;
+            }
+    }
+    for (int i = 0; i < b->nops; i++)
+        if (pins[i] >= 0) fake_pin_give(pins[i], NULL, 0); /* no stream got to use it */
+    b->failed = *r != ncclSuccess;
+    return waits > 0;
+}
+
+/* The group posted: one batch per communicator, enqueued on its streams and queued for its
+ * worker. Returns without waiting for the device (FAKE_NCCL_SYNC: once its receives are in).
+ * On an error the communicator takes no more groups; a batch some stream already waits for
+ * still goes to the worker, which then only releases it. */
 static ncclResult_t fake_run(void)
 {
     int n = nops;
@@ -560,32 +658,15 @@ static ncclResult_t fake_run(void)
         while (k < nb && bs[k]->comm != ops[i].comm) k++;
         if (k == nb && (r = fake_batch_new(ops[i].comm, i, n, &bs[nb])) == ncclSuccess) nb++;
     }
-    for (int k = 0; k < nb && r == ncclSuccess; k++)
-        for (int s = 0; s < bs[k]->nstreams && r == ncclSuccess; s++) {
-            enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-            if (cudaStreamIsCapturing(bs[k]->streams[s], &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone)
-                r = fake_fail(bs[k]->comm, ncclInvalidUsage, "a group on a capturing stream (not supported)");
-            else if (cudaEventRecord(bs[k]->start[s], bs[k]->streams[s]) != cudaSuccess)
-                r = fake_fail(bs[k]->comm, ncclUnhandledCudaError, "cudaEventRecord (group start)");
-        }
-    for (int k = 0; k < nb && r == ncclSuccess; k++)
-        for (int s = 0; s < bs[k]->nstreams && r == ncclSuccess; s++) {
-            pthread_mutex_lock(&fake_hold_mu); /* a host function of this batch may be running */
-            bs[k]->refs++;
-            pthread_mutex_unlock(&fake_hold_mu);
-            if (cudaLaunchHostFunc(bs[k]->streams[s], fake_hold, bs[k]) != cudaSuccess) {
-                fake_unref(bs[k], 0);
-                r = fake_fail(bs[k]->comm, ncclUnhandledCudaError, "cudaLaunchHostFunc (group hold)");
-            }
-        }
     for (int k = 0; k < nb; k++) {
         fake_batch_t *b = bs[k];
         ncclComm_t c = b->comm;
-        if (r != ncclSuccess) { /* released at once, the worker's reference dropped */
-            for (int s = 0; s < b->nstreams; s++) cudaEventDestroy(b->start[s]);
-            fake_unref(b, 1);
+        if (r != ncclSuccess || !fake_enqueue(b, &r)) {
+            free(b->ops), free(b->slots), free(b);
+            bs[k] = NULL;
             continue;
         }
+        c->q = b->q;
         for (int i = 0; i < b->nops; i++) {
             fake_op_t *o = &b->ops[i];
             o->n = o->send ? c->sent[o->peer]++ : c->received[o->peer]++;
@@ -596,8 +677,20 @@ static ncclResult_t fake_run(void)
         else
             c->head = b;
         c->tail = b;
-        pthread_cond_signal(&c->cv);
+        pthread_cond_broadcast(&c->cv);
         pthread_mutex_unlock(&c->mu);
+    }
+    /* FAKE_NCCL_SYNC: until the worker is done with each batch and its streams have run the
+     * receives' copies. */
+    for (int k = 0; k < nb && r == ncclSuccess; k++) {
+        if (!bs[k] || !bs[k]->comm->sync) continue;
+        ncclComm_t c = bs[k]->comm;
+        uint32_t q = bs[k]->q; /* bs[k] belongs to the worker now: read nothing else */
+        pthread_mutex_lock(&c->mu);
+        while ((int32_t)(c->taken - q) < 0 && !c->exited) pthread_cond_wait(&c->cv, &c->mu);
+        pthread_mutex_unlock(&c->mu);
+        for (int i = 0; i < n; i++)
+            if (ops[i].comm == c) cudaStreamSynchronize(ops[i].stream);
     }
     free(bs);
     return r;
@@ -620,7 +713,7 @@ static ncclResult_t fake_queue(int send, const void *buf, size_t count, ncclData
 {
     if (!c || peer < 0 || peer >= c->nranks || fake_type_size(t) == 0) return ncclInvalidArgument;
     if (nops == FAKE_MAX_OPS) return fake_fail(c, ncclInvalidUsage, "too many operations in one group");
-    ops[nops++] = (fake_op_t){send, (void *)buf, count * fake_type_size(t), peer, c, stream, 0};
+    ops[nops++] = (fake_op_t){send, (void *)buf, count * fake_type_size(t), peer, c, stream, 0, NULL, -1};
     return depth > 0 ? ncclSuccess : fake_run();
 }
 
