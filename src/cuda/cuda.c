@@ -202,6 +202,11 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     volatile epx__cuda_err_t *e = c->err_host;
     if (e->code == 0 || e->code == EPX__ERR_CLAIMED) return EPX_SUCCESS; /* claimed: seen on a later poll */
     __sync_synchronize();
+    if (e->code == EPX_ERR_PEER_FAILURE) /* relayed (epx__cuda_status_check) */
+        return epx__fail(err, EPX_ERR_PEER_FAILURE,
+                         "rank %d: rank %d had failed (%s on its device) before it sent its part of an exchange across "
+                         "hosts; what arrived here is incomplete",
+                         c->rank, e->peer, epx_status_name((epx_status_t)(int32_t)e->seen));
     if (e->code == EPX_ERR_MISMATCH)
         return epx__fail(err, EPX_ERR_MISMATCH,
                          "rank %d: epx_alltoallv_device: rank %d expects %lld elements from this rank, which sends %lld "
@@ -210,6 +215,20 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     return epx__fail(err, (epx_status_t)e->code,
                      "rank %d: a device wait for rank %d timed out (operation %llu; flag at %llu, wanted %llu)", c->rank,
                      e->peer, (unsigned long long)e->op, (unsigned long long)e->seen, (unsigned long long)e->wanted);
+}
+
+epx_status_t epx__cuda_status_out(epx__cuda_t *c, int rank, void *out, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_status_out(&c->dev, rank, (int *)out, stream);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "status for the peers: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_status_check(epx__cuda_t *c, const void *in, int n, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_status_check(&c->dev, (const int *)in, n, stream);
+    if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "the peers' statuses: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx__cuda_mem_alloc(epx__cuda_t *c, size_t bytes, void **ptr, epx__errbuf_t *err)

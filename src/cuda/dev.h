@@ -246,6 +246,10 @@ int epx__cuda_launch_signal_wait(const epx__cuda_dev_t *d, int kind, int finish,
 int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_a2a_args_t *a, void *stream);
 /* The whole of a mid-size alltoallv in one kernel, written straight into the peers. */
 int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_direct_args_t *a, void *stream);
+/* The failure relay of cuda.h (epx__cuda_status_out / _check): a status is int32 {failed,
+ * rank, the error code seen, 0}. */
+int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, int *out, void *stream);
+int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int n, void *stream);
 
 #ifdef __cplusplus
 }

@@ -295,3 +295,41 @@ extern "C" int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const
     epx__k_direct_alltoallv<<<EPX__DIRECT_BLOCKS, 512, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
+
+/* ---- The failure relay (cuda.h: epx__cuda_status_out / _check) ---- */
+
+static __global__ void epx__k_status_out(epx__cuda_dev_t d, int rank, int *out)
+{
+    int code = *(volatile int *)&d.err->code;
+    out[0] = code != 0, out[1] = rank, out[2] = code, out[3] = 0;
+}
+
+static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (!in[4 * i]) continue;
+        volatile epx__cuda_err_t *e = d.err;
+        if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
+        e->peer = in[4 * i + 1];
+        e->op = 0;
+        e->seen = (unsigned long long)(unsigned)in[4 * i + 2];
+        e->wanted = 0;
+        __threadfence_system();
+        e->code = EPX_ERR_PEER_FAILURE;
+        __threadfence_system();
+        return;
+    }
+}
+
+int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, int *out, void *stream)
+{
+    epx__k_status_out<<<1, 1, 0, (cudaStream_t)stream>>>(*d, rank, out);
+    return (int)cudaGetLastError();
+}
+
+int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int n, void *stream)
+{
+    if (n < 1) return (int)cudaSuccess;
+    epx__k_status_check<<<1, 1, 0, (cudaStream_t)stream>>>(*d, in, n);
+    return (int)cudaGetLastError();
+}

@@ -19,6 +19,18 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err)
     return EPX_SUCCESS;
 }
 
+epx_status_t epx__cuda_status_out(epx__cuda_t *cuda, int rank, void *out, void *stream, epx__errbuf_t *err)
+{
+    (void)cuda, (void)rank, (void)out, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+
+epx_status_t epx__cuda_status_check(epx__cuda_t *cuda, const void *in, int n, void *stream, epx__errbuf_t *err)
+{
+    (void)cuda, (void)in, (void)n, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
+
 epx_status_t epx__cuda_mem_alloc(epx__cuda_t *cuda, size_t bytes, void **ptr, epx__errbuf_t *err)
 {
     (void)cuda, (void)bytes, (void)ptr;

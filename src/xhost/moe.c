@@ -131,6 +131,7 @@ struct epx__xhost_moe {
     cudaEvent_t done;  /* recorded at the end of every call that enqueued work */
     cudaStream_t side; /* the NCCL step of a call with an intra-host exchange runs here ... */
     cudaEvent_t fork, join; /* ... after `fork` on the caller's stream, which waits for `join` */
+    char *stat; /* device: my status for the NCCL peers, then theirs [P] (epx__cuda_status_*) */
 };
 
 /* A handle's row plan (src/hier's epx__hier_xplan_t: counts on the host), its references
@@ -264,6 +265,8 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
         cudaEvent_t *ev[3] = {&m->done, &m->fork, &m->join};
         for (; ce == cudaSuccess && made < 3; made++) ce = cudaEventCreateWithFlags(ev[made], cudaEventDisableTiming);
         if (ce == cudaSuccess && (ce = cudaStreamCreateWithFlags(&m->side, cudaStreamNonBlocking)) == cudaSuccess) made++;
+        size_t sb = EPX__CUDA_STATUS_BYTES * (1 + (size_t)epx__nccl_size(xh->nccl));
+        if (ce == cudaSuccess && (ce = cudaMalloc((void **)&m->stat, sb)) == cudaSuccess) made++;
         if (ce != cudaSuccess && local == EPX_SUCCESS)
             local = epx__fail(err, EPX_ERR_CUDA, "MoE across hosts: %s", cudaGetErrorString(ce));
     }
@@ -274,6 +277,7 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
         if (made > 1) cudaEventDestroy(m->fork);
         if (made > 2) cudaEventDestroy(m->join);
         if (made > 3) cudaStreamDestroy(m->side);
+        if (made > 4) cudaFree(m->stat);
         if (m) free(m->lx);
         free(m);
         return st;
@@ -303,6 +307,7 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
     }
     for (int b = 0; b < S_N; b++)
         if (m->stage[b] && !keep) cudaFree(m->stage[b]);
+    if (!keep) cudaFree(m->stat);
     cudaEventDestroy(m->done), cudaEventDestroy(m->fork), cudaEventDestroy(m->join);
     cudaStreamDestroy(m->side); /* returns at once; its work (done before m->done) ends on its own */
     cudaGetLastError();
@@ -501,8 +506,16 @@ static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     return EPX_SUCCESS;
 }
 
+static epx_status_t epx__launched(int ce, const char *what, epx__errbuf_t *err)
+{
+    if (ce == cudaSuccess) return EPX_SUCCESS;
+    return epx__fail(err, EPX_ERR_CUDA, "%s: %s", what, cudaGetErrorString((cudaError_t)ce));
+}
+
 /* One NCCL group along my rail: scnt[p] records of `rec` bytes from `send` to rank p and
- * rcnt[p] from p into `recv`, segments back to back in rank order. */
+ * rcnt[p] from p into `recv`, segments back to back in rank order; with them my status
+ * (whether my device failed before this point), the peers' into m->stat's second part. The
+ * stream that reads what arrives checks those first (epx__peers_ok). */
 static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64_t *scnt, char *recv,
                               const int64_t *rcnt, size_t rec, void *stream, epx__errbuf_t *err)
 {
@@ -522,7 +535,21 @@ static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64
         rp[q] = recv + (size_t)ro * rec, rb[q] = rcnt[p] * (int64_t)rec;
         so += scnt[p], ro += rcnt[p];
     }
-    return epx__nccl_post(xh->nccl, sp, sb, rp, rb, stream, epx__deadline_after_ms(xh->timeout_ms), err);
+    char *mine = m->stat, *theirs = m->stat + EPX__CUDA_STATUS_BYTES;
+    EPX__CHECK(epx__cuda_status_out(xh->cuda, xh->rank, mine, stream, err));
+    EPX__CHECK(epx__launched(cudaMemsetAsync(theirs, 0, EPX__CUDA_STATUS_BYTES * (size_t)P, (cudaStream_t)stream),
+                             "clearing the peers' statuses", err));
+    return epx__nccl_post(xh->nccl, sp, sb, rp, rb, mine, theirs, EPX__CUDA_STATUS_BYTES, stream,
+                          epx__deadline_after_ms(xh->timeout_ms), err);
+}
+
+/* After an NCCL group of epx__post, on the stream that reads what it brought: a peer that
+ * had failed before it sent makes this rank's device record EPX_ERR_PEER_FAILURE (its rows
+ * are incomplete), so that this rank fails too instead of succeeding on them. */
+static epx_status_t epx__peers_ok(epx__xhost_moe_t *m, void *stream, epx__errbuf_t *err)
+{
+    return epx__cuda_status_check(m->xh->cuda, m->stat + EPX__CUDA_STATUS_BYTES, epx__nccl_size(m->xh->nccl), stream,
+                                  err);
 }
 
 /* Part `part` (src/hier/hier.h) of the intra-host exchange of a dispatch (!combine: the
@@ -614,12 +641,6 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
     return st;
 }
 
-static epx_status_t epx__launched(int ce, const char *what, epx__errbuf_t *err)
-{
-    if (ce == cudaSuccess) return EPX_SUCCESS;
-    return epx__fail(err, EPX_ERR_CUDA, "%s: %s", what, cudaGetErrorString((cudaError_t)ce));
-}
-
 /* The NCCL group of epx__post on m->side, after what `stream` has so far (fork); `stream`
  * must wait for it (epx__join) before it reads what arrives. */
 static epx_status_t epx__post_side(epx__xhost_moe_t *m, const char *send, const int64_t *scnt, char *recv,
@@ -637,7 +658,9 @@ static epx_status_t epx__post_side(epx__xhost_moe_t *m, const char *send, const 
 static epx_status_t epx__join(epx__xhost_moe_t *m, epx_status_t st, void *stream, epx__errbuf_t *err)
 {
     cudaError_t ce = cudaStreamWaitEvent((cudaStream_t)stream, m->join, 0);
-    return st != EPX_SUCCESS ? st : epx__launched(ce, "joining the NCCL step", err);
+    EPX__CHECK(st);
+    EPX__CHECK(epx__launched(ce, "joining the NCCL step", err));
+    return epx__peers_ok(m, stream, err);
 }
 
 /* Part `part` (src/hier/hier.h) of the intra-host exchange along x, the plan's i-th: its
@@ -690,6 +713,7 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the gateways", err));
     if (!plan) {
         EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
+        EPX__CHECK(epx__peers_ok(m, stream, err));
     } else {
         /* 2. The rows each other local rank needs, over CUDA IPC: the local ranks' own tokens
          * while NCCL runs on the side stream, then (as gateway) what NCCL brought. */
@@ -746,7 +770,10 @@ static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x,
     epx__xh_gather_t g = {*src, x->d_home, x->h.n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
                           has_w ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)wb};
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err));
-    if (!plan) return epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
+    if (!plan) {
+        EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err));
+        return epx__peers_ok(m, stream, err);
+    }
     EPX__CHECK(epx__post_side(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err));
     epx_status_t st = epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_LOCAL, plan, 1, stream, err);
     return epx__join(m, st, stream, err);

@@ -342,7 +342,7 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
             rp[q] = xh->gw + off, rb[q] = EPX__SEND(src, H0 + j);
             off += (size_t)rb[q];
         }
-        st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, stream, deadline, err);
+        st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, NULL, NULL, 0, stream, deadline, err);
     }
     if (st == EPX_SUCCESS && LS > 1) st = epx__cuda_a2a_enqueue(xh->cuda, plan, 1, stream, err);
     /* Into place: my own block of xh->gw and what the other gateways forwarded. */
