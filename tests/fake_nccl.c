@@ -189,13 +189,14 @@ static int fake_pin_take(size_t bytes)
     return got;
 }
 
-/* Buffer i is in use until what `stream` has now is done (record = 0: never used, free now). */
+/* Buffer i is in use until what `stream` has now is done (record = 0: never used, free now;
+ * if the event cannot be recorded the buffer stays taken for good). */
 static cudaError_t fake_pin_give(int i, cudaStream_t stream, int record)
 {
     pthread_mutex_lock(&fake_pin_mu);
     cudaError_t ce = record ? cudaEventRecord(fake_pins[i].ev, stream) : cudaSuccess;
-    if (record) fake_pins[i].recorded = 1;
-    fake_pins[i].taken = 0;
+    if (record && ce == cudaSuccess) fake_pins[i].recorded = 1;
+    if (ce == cudaSuccess) fake_pins[i].taken = 0;
     pthread_mutex_unlock(&fake_pin_mu);
     return ce;
 }
@@ -469,7 +470,8 @@ static int fake_exited(ncclComm_t c)
 
 /* Messages I sent that are still there: with `wait`, a clean end, until their receivers
  * took them (bounded, as a peer may still be on its way to its receives); then, or at once
- * (abort: a peer may be gone), they are removed. Only once the worker has ended. */
+ * (abort: a peer may be gone), they are removed; so are those sent to me that I did not
+ * take. Only once the worker has ended. */
 static void fake_unread(ncclComm_t c, int wait)
 {
     char name[128];
@@ -484,6 +486,11 @@ static void fake_unread(ncclComm_t c, int wait)
                 usleep(100);
             }
             shm_unlink(name); /* fails harmlessly where the receiver took it or it was never made */
+        }
+    for (int p = 0; p < c->nranks; p++) /* and those sent to me that I never took (a peer died) */
+        for (uint64_t n = 0; n < c->received[p]; n++) {
+            fake_name(c, p, c->rank, n, name, sizeof name);
+            shm_unlink(name);
         }
 }
 
@@ -651,7 +658,9 @@ static ncclResult_t fake_run(void)
     ncclResult_t r = ncclSuccess;
     for (int i = 0; i < n && r == ncclSuccess; i++) r = fake_err(ops[i].comm); /* a broken one takes no more */
     fake_batch_t **bs = r == ncclSuccess ? calloc((size_t)n, sizeof *bs) : NULL;
-    if (r == ncclSuccess && !bs) r = ncclSystemError;
+    uint32_t *wait_q = r == ncclSuccess ? calloc((size_t)n, sizeof *wait_q) : NULL; /* FAKE_NCCL_SYNC */
+    ncclComm_t *wait_c = r == ncclSuccess ? calloc((size_t)n, sizeof *wait_c) : NULL;
+    if (r == ncclSuccess && (!bs || !wait_q || !wait_c)) r = ncclSystemError;
     int nb = 0;
     for (int i = 0; i < n && r == ncclSuccess; i++) {
         int k = 0;
@@ -671,6 +680,8 @@ static ncclResult_t fake_run(void)
             fake_op_t *o = &b->ops[i];
             o->n = o->send ? c->sent[o->peer]++ : c->received[o->peer]++;
         }
+        if (c->sync) wait_c[k] = c, wait_q[k] = b->q;
+        bs[k] = NULL; /* the worker's from here on (it frees it): not read again */
         pthread_mutex_lock(&c->mu);
         if (c->tail)
             c->tail->next = b;
@@ -683,16 +694,16 @@ static ncclResult_t fake_run(void)
     /* FAKE_NCCL_SYNC: until the worker is done with each batch and its streams have run the
      * receives' copies. */
     for (int k = 0; k < nb && r == ncclSuccess; k++) {
-        if (!bs[k] || !bs[k]->comm->sync) continue;
-        ncclComm_t c = bs[k]->comm;
-        uint32_t q = bs[k]->q; /* bs[k] belongs to the worker now: read nothing else */
+        ncclComm_t c = wait_c[k];
+        uint32_t q = wait_q[k];
+        if (!c) continue;
         pthread_mutex_lock(&c->mu);
         while ((int32_t)(c->taken - q) < 0 && !c->exited) pthread_cond_wait(&c->cv, &c->mu);
         pthread_mutex_unlock(&c->mu);
         for (int i = 0; i < n; i++)
             if (ops[i].comm == c) cudaStreamSynchronize(ops[i].stream);
     }
-    free(bs);
+    free(bs), free(wait_q), free(wait_c);
     return r;
 }
 

@@ -204,8 +204,8 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     __sync_synchronize();
     if (e->code == EPX_ERR_PEER_FAILURE) /* relayed (epx__cuda_status_check) */
         return epx__fail(err, EPX_ERR_PEER_FAILURE,
-                         "rank %d: rank %d had failed (%s on its device) before it sent its part of an exchange across "
-                         "hosts; what arrived here is incomplete",
+                         "local rank %d: rank %d (of the whole communicator) had failed (%s on its device) before it "
+                         "sent its part of an exchange across hosts; what arrived here is incomplete",
                          c->rank, e->peer, epx_status_name((epx_status_t)(int32_t)e->seen));
     if (e->code == EPX_ERR_MISMATCH)
         return epx__fail(err, EPX_ERR_MISMATCH,

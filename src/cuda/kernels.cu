@@ -300,8 +300,8 @@ extern "C" int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const
 
 static __global__ void epx__k_status_out(epx__cuda_dev_t d, int rank, int *out)
 {
-    int code = *(volatile int *)&d.err->code;
-    out[0] = code != 0, out[1] = rank, out[2] = code, out[3] = 0;
+    int code = *(volatile int *)&d.err->code; /* any error recorded, even one being written */
+    out[0] = code != 0, out[1] = rank, out[2] = code == EPX__ERR_CLAIMED ? (int)EPX_ERR_PEER_FAILURE : code, out[3] = 0;
 }
 
 static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int n)

@@ -197,6 +197,7 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
 enum { EPX__HIER_X = 0, EPX__HIER_FWD = 1, EPX__HIER_LRECV = 2 }; /* dispatch sources */
 enum { EPX__HIER_Y = 0, EPX__HIER_C1 = 1, EPX__HIER_HOME = 2 };   /* combine sources */
 enum { EPX__HIER_LOCAL = 0, EPX__HIER_REMOTE = 1, EPX__HIER_PARTS = 2 }; /* parts inside the host */
+_Static_assert(EPX__HIER_PARTS == 2, "a part's offset is the local part's size (callers assume two parts)");
 typedef struct {
     int64_t *gw_send, *fwd_recv, *home_send, *home_recv;        /* [R] records */
     int64_t *fan_send, *fan_recv, *back_send, *back_recv;       /* [PARTS * LS] */

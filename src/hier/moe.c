@@ -812,9 +812,8 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
 /* Steps 1 and 2 of a combine along x: my rows back to the local ranks that forwarded them
  * (shared memory: first those the forwarders send on, then, after the network step, which
  * the GPU path overlaps with it, those already home), and as gateway my sources' rows home
- * as they are (MPI). y holds the
- * expert outputs (crow bytes a row), w (NULL: none travel) their top-k weights [rows, K].
- * On success *src says where every row of step 3 lies. */
+ * as they are (MPI). y holds the expert outputs (crow bytes a row), w (NULL: none travel)
+ * their top-k weights [rows, K]. On success *src says where every row of step 3 lies. */
 static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *x, const void *y, const float *w,
                                    uint32_t seq, uint64_t deadline, epx__srcs_t *src, epx__errbuf_t *err)
 {

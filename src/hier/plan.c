@@ -202,11 +202,11 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     }
     for (int l = 0; l < L; l++) pfirst[l + 1] = pfirst[l] + (b.ll ? cnt[l] : 0);
     x->n_place = pfirst[L];
-    /* Combine: the rows I send back to each local forwarder (my rows from it, in its order);
-     * where the record of entry e from local rank l lies at its forwarder (mine: my row in
-     * y; the others': in what they sent back, from its first row on); the rows each gateway
-     * sends home (per entry, local ranks ascending) and those I get home from each gateway
-     * (per token, that host's ranks ascending). */
+    /* Combine: the rows I send back to each local forwarder, part by part (my rows from it,
+     * in its order, those of the part); where the record of entry e from local rank l lies at
+     * its forwarder (mine: my row in y; the others': in its part of what they sent back, from
+     * its first row on); the rows each gateway sends home (per entry, local ranks ascending)
+     * and those I get home from each gateway (per token, that host's ranks ascending). */
     for (int l = 0; l < LS; l++)
         for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++) {
             int64_t r = P->from_row[a];

@@ -11,7 +11,8 @@
  * recv_topk_weights, recv_src_rank/token and the per-expert counts (copied up). The handle's
  * row plan (src/hier/plan.c: counts and row references, the same plan the CPU backend runs
  * for cached dispatch and combine) is uploaded once per dispatch. Then, on the caller's
- * stream, after one more bootstrap round (staging and the intra-host exchange prepared on
+ * stream (the NCCL step on a side stream when there are local ranks: "Overlap" below), after
+ * one more bootstrap round (staging and the intra-host exchange prepared on
  * every rank, or nobody moves):
  *   dispatch  gather my rows for each other host (one per token and destination host) into
  *             S_GW; one grouped ncclSend/ncclRecv along my rail (GPU i of every host) into
@@ -254,7 +255,7 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
 {
     epx__xhost_moe_t *m = calloc(1, sizeof *m);
     if (!m && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    int made = 0; /* of done, fork, join, side */
+    int made = 0; /* of done, fork, join, side, stat, in that order */
     if (m && local == EPX_SUCCESS) {
         m->xh = xh;
         m->lx = calloc(EPX__HIER_PARTS * 4 * (size_t)xh->ls, sizeof *m->lx);
@@ -263,7 +264,8 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
         cudaError_t ce = cudaGetDevice(&dev);
         if (ce == cudaSuccess) ce = cudaDeviceGetAttribute(&m->sms, cudaDevAttrMultiProcessorCount, dev);
         cudaEvent_t *ev[3] = {&m->done, &m->fork, &m->join};
-        for (; ce == cudaSuccess && made < 3; made++) ce = cudaEventCreateWithFlags(ev[made], cudaEventDisableTiming);
+        while (ce == cudaSuccess && made < 3)
+            if ((ce = cudaEventCreateWithFlags(ev[made], cudaEventDisableTiming)) == cudaSuccess) made++;
         if (ce == cudaSuccess && (ce = cudaStreamCreateWithFlags(&m->side, cudaStreamNonBlocking)) == cudaSuccess) made++;
         size_t sb = EPX__CUDA_STATUS_BYTES * (1 + (size_t)epx__nccl_size(xh->nccl));
         if (ce == cudaSuccess && (ce = cudaMalloc((void **)&m->stat, sb)) == cudaSuccess) made++;
@@ -641,20 +643,24 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
     return st;
 }
 
-/* The NCCL group of epx__post on m->side, after what `stream` has so far (fork); `stream`
- * must wait for it (epx__join) before it reads what arrives. */
+/* The NCCL group of epx__post on m->side, after what `stream` has so far (fork). `join` is
+ * recorded on m->side whatever happens (a failed post may still have enqueued work there),
+ * and `stream` must then wait for it (epx__join, on every path) before it reads what
+ * arrives or the call ends. */
 static epx_status_t epx__post_side(epx__xhost_moe_t *m, const char *send, const int64_t *scnt, char *recv,
                                    const int64_t *rcnt, size_t rec, void *stream, epx__errbuf_t *err)
 {
     cudaError_t ce = cudaEventRecord(m->fork, (cudaStream_t)stream);
     if (ce == cudaSuccess) ce = cudaStreamWaitEvent(m->side, m->fork, 0);
-    if (ce != cudaSuccess) return epx__launched(ce, "starting the NCCL step on its stream", err);
-    EPX__CHECK(epx__post(m, send, scnt, recv, rcnt, rec, m->side, err));
-    return epx__launched(cudaEventRecord(m->join, m->side), "ending the NCCL step on its stream", err);
+    epx_status_t st = epx__launched(ce, "starting the NCCL step on its stream", err);
+    if (st == EPX_SUCCESS) st = epx__post(m, send, scnt, recv, rcnt, rec, m->side, err);
+    ce = cudaEventRecord(m->join, m->side);
+    return st != EPX_SUCCESS ? st : epx__launched(ce, "ending the NCCL step on its stream", err);
 }
 
 /* Make `stream` wait for the NCCL step of epx__post_side, whatever `st` (how enqueueing went
- * since: its failure is returned first), so that m->done also covers it. */
+ * since: its failure is returned first), so that m->done also covers it; then the peers'
+ * statuses (epx__peers_ok). */
 static epx_status_t epx__join(epx__xhost_moe_t *m, epx_status_t st, void *stream, epx__errbuf_t *err)
 {
     cudaError_t ce = cudaStreamWaitEvent((cudaStream_t)stream, m->join, 0);
@@ -717,10 +723,10 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
     } else {
         /* 2. The rows each other local rank needs, over CUDA IPC: the local ranks' own tokens
          * while NCCL runs on the side stream, then (as gateway) what NCCL brought. */
-        EPX__CHECK(epx__post_side(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
+        epx_status_t st = epx__post_side(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err);
         g = (epx__xh_gather_t){src, x->d_fan, 0, m->stage[S_LSEND], (long long)rec, (long long)rb,
                                sc ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)sb};
-        epx_status_t st = epx__local_part(m, &g, x->h.n_fan, EPX__HIER_LOCAL, plan, 0, stream, err);
+        if (st == EPX_SUCCESS) st = epx__local_part(m, &g, x->h.n_fan, EPX__HIER_LOCAL, plan, 0, stream, err);
         EPX__CHECK(epx__join(m, st, stream, err));
         EPX__CHECK(epx__local_part(m, &g, x->h.n_fan, EPX__HIER_REMOTE, plan, 1, stream, err));
     }
@@ -774,8 +780,8 @@ static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x,
         EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err));
         return epx__peers_ok(m, stream, err);
     }
-    EPX__CHECK(epx__post_side(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err));
-    epx_status_t st = epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_LOCAL, plan, 1, stream, err);
+    epx_status_t st = epx__post_side(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
+    if (st == EPX_SUCCESS) st = epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_LOCAL, plan, 1, stream, err);
     return epx__join(m, st, stream, err);
 }
 
