@@ -186,9 +186,14 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  * nothing from the network; a combine record that goes straight home) and EPX__HIER_REMOTE
  * (another host: forwarded after the network step of a dispatch; sent on home by its
  * forwarder in a combine), so that the local part can run while the network step does.
- * A part's references, its send and its receive buffer follow the local part's (part
- * REMOTE of fan starts at fan + n_fan[LOCAL], its records at LSEND + n_fan[LOCAL], its
- * receive at LRECV + n_lrecv[LOCAL]; the same for c1, back_send and back_recv).
+ * Two layouts of the references, LSEND/LRECV and C1 (by_peer when built):
+ *   part-major (the GPU path: two exchanges): a part's references, its send and its receive
+ *     buffer follow the local part's (part REMOTE of fan starts at fan + n_fan[LOCAL], its
+ *     records at LSEND + n_fan[LOCAL], its receive at LRECV + n_lrecv[LOCAL]; the same for
+ *     c1, back_send and back_recv), each part's segments by local rank;
+ *   peer-major (the CPU path: one exchange, no overlap): by local rank, each one's LOCAL
+ *     then REMOTE records back to back, so that local rank l's segment holds
+ *     fan_send[l] + fan_send[LS + l] records (the same for the others).
  * Segments lie back to back in rank (local rank) order, each record one row (and its
  * scales or weights). Mine to me never travels: those rows are read where they are. */
 #define EPX__HIER_REF(kind, index) (((int64_t)(kind) << 56) | (int64_t)(index))
@@ -205,7 +210,7 @@ typedef struct {
     int64_t n_back_send[EPX__HIER_PARTS], n_back_recv[EPX__HIER_PARTS];
     int64_t n_gw, n_fwd, n_home_send, n_home_recv, n_tok, rows, n_place;
     int T, K;
-    bool ll;
+    bool ll, by_peer; /* by_peer: the peer-major layout (above), else part-major */
     int64_t *ref; /* every reference and index, nref in all: the sections below point into it */
     size_t nref;
     int64_t *gw, *fan, *out, *c1, *home, *first, *tok;
@@ -215,7 +220,8 @@ typedef struct {
 /* Local. On failure (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds
  * nothing. */
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
-                                   const epx__moe_shape_t *shape, epx__hier_xplan_t *x, epx__errbuf_t *err);
+                                   const epx__moe_shape_t *shape, bool by_peer, epx__hier_xplan_t *x,
+                                   epx__errbuf_t *err);
 void epx__hier_xplan_free(epx__hier_xplan_t *x);
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h);

@@ -738,22 +738,21 @@ static void epx__bytes(int64_t *out, const int64_t *cnt, int n, size_t rec)
     for (int i = 0; i < n; i++) out[i] = cnt[i] * (int64_t)rec;
 }
 
-/* Part `part` (hier.h) of an exchange inside the host along a row plan: its n[part] records
- * gathered from refs (the parts' references back to back) into send, then exchanged into
- * recv, each at the part's offset. cs / cr [PARTS * LS]: records to / from each local rank;
- * ns / nr [PARTS]: the parts' totals. A record is `rec` bytes: rb of its row, and with aux
- * ab more at offset ao; nb is room for 2 * LS byte counts. Every local rank takes part. */
-static epx_status_t epx__local_part(epx__hier_moe_t *m, const epx__srcs_t *src, const int64_t *refs, const int64_t *cs,
-                                    const int64_t *ns, const int64_t *cr, const int64_t *nr, int part, char *send,
-                                    char *recv, size_t rec, size_t rb, bool aux, size_t ao, size_t ab, int64_t *nb,
-                                    epx__errbuf_t *err)
+/* The exchange inside the host along a row plan built peer-major (hier.h: both parts of a
+ * local rank's records back to back, so one exchange moves them): the records gathered from
+ * refs into send, then exchanged into recv. cs / cr [PARTS * LS]: records to / from each
+ * local rank, by part; ns [PARTS]: the parts' totals. A record is `rec` bytes: rb of its
+ * row, and with aux ab more at offset ao; nb is room for 2 * LS byte counts. Every local
+ * rank takes part. */
+static epx_status_t epx__local_both(epx__hier_moe_t *m, const epx__srcs_t *src, const int64_t *refs, const int64_t *cs,
+                                    const int64_t *ns, const int64_t *cr, char *send, char *recv, size_t rec,
+                                    size_t rb, bool aux, size_t ao, size_t ab, int64_t *nb, epx__errbuf_t *err)
 {
     int LS = epx__t(m)->local_size;
-    int64_t so = part ? ns[0] : 0, ro = part ? nr[0] : 0;
-    char *sp = send + (size_t)so * rec;
-    epx__gather(src, refs + so, ns[part], sp, rec, rb, aux ? sp + ao : NULL, rec, ab);
-    epx__bytes(nb, cs + part * LS, LS, rec), epx__bytes(nb + LS, cr + part * LS, LS, rec);
-    return epx__local_xchg(m, sp, nb, recv + (size_t)ro * rec, nb + LS, err);
+    epx__gather(src, refs, ns[0] + ns[1], send, rec, rb, aux ? send + ao : NULL, rec, ab);
+    for (int l = 0; l < LS; l++)
+        nb[l] = (cs[l] + cs[LS + l]) * (int64_t)rec, nb[LS + l] = (cr[l] + cr[LS + l]) * (int64_t)rec;
+    return epx__local_xchg(m, send, nb, recv, nb + LS, err);
 }
 
 epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd,
@@ -770,7 +769,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, &x, err));
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
@@ -789,18 +788,14 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
         epx__src_set(&src, EPX__HIER_X, in->x, rb, xs, sb);
         epx__src_set(&src, EPX__HIER_FWD, fwd, rec, fp8 ? fwd + ao : NULL, rec);
         epx__src_set(&src, EPX__HIER_LRECV, lrecv, rec, fp8 ? lrecv + ao : NULL, rec);
-        /* To my gateways on the other hosts; the local ranks' own tokens to each other (the
-         * GPU path does this during the network step); then the forwarded tokens to the
-         * local ranks; then into place. */
+        /* To my gateways on the other hosts, then from each to the local ranks (one exchange
+         * for both parts: no overlap here), then into place. */
         epx__gather(&src, x.gw, x.n_gw, send, rec, rb, fp8 ? send + ao : NULL, rec, sb);
         epx__bytes(sbytes, x.gw_send, R, rec), epx__bytes(rbytes, x.fwd_recv, R, rec);
-        st = epx__local_part(m, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, x.n_lrecv, EPX__HIER_LOCAL, lsend, lrecv,
-                             rec, rb, fp8, ao, sb, lb, err);
+        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), send, sbytes, fwd, rbytes, deadline, err);
         if (st == EPX_SUCCESS)
-            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), send, sbytes, fwd, rbytes, deadline, err);
-        if (st == EPX_SUCCESS)
-            st = epx__local_part(m, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, x.n_lrecv, EPX__HIER_REMOTE, lsend,
-                                 lrecv, rec, rb, fp8, ao, sb, lb, err);
+            st = epx__local_both(m, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, lsend, lrecv, rec, rb, fp8, ao, sb,
+                                 lb, err);
         if (st == EPX_SUCCESS)
             epx__gather(&src, x.out, x.rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
     }
@@ -810,9 +805,8 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
 }
 
 /* Steps 1 and 2 of a combine along x: my rows back to the local ranks that forwarded them
- * (shared memory: first those the forwarders send on, then, after the network step, which
- * the GPU path overlaps with it, those already home), and as gateway my sources' rows home
- * as they are (MPI). y holds the expert outputs (crow bytes a row), w (NULL: none travel)
+ * (shared memory, both parts at once), then, as gateway, my sources' rows home as they are
+ * (MPI). y holds the expert outputs (crow bytes a row), w (NULL: none travel)
  * their top-k weights [rows, K]. On success *src says where every row of step 3 lies. */
 static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *x, const void *y, const float *w,
                                    uint32_t seq, uint64_t deadline, epx__srcs_t *src, epx__errbuf_t *err)
@@ -833,16 +827,13 @@ static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *
         epx__src_set(src, EPX__HIER_Y, y, crow, w, wb);
         epx__src_set(src, EPX__HIER_C1, c1, rec, w ? c1 + ao : NULL, rec);
         epx__src_set(src, EPX__HIER_HOME, home, rec, w ? home + ao : NULL, rec);
-        st = epx__local_part(m, src, x->c1, x->back_send, x->n_back_send, x->back_recv, x->n_back_recv,
-                             EPX__HIER_REMOTE, lsend, c1, rec, crow, w != NULL, ao, wb, lb, err);
+        st = epx__local_both(m, src, x->c1, x->back_send, x->n_back_send, x->back_recv, lsend, c1, rec, crow,
+                             w != NULL, ao, wb, lb, err);
         if (st == EPX_SUCCESS) {
             epx__gather(src, x->home, x->n_home_send, send, rec, crow, w ? send + ao : NULL, rec, wb);
             epx__bytes(sbytes, x->home_send, R, rec), epx__bytes(rbytes, x->home_recv, R, rec);
             st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), send, sbytes, home, rbytes, deadline, err);
         }
-        if (st == EPX_SUCCESS)
-            st = epx__local_part(m, src, x->c1, x->back_send, x->n_back_send, x->back_recv, x->n_back_recv,
-                                 EPX__HIER_LOCAL, lsend, c1, rec, crow, w != NULL, ao, wb, lb, err);
     }
     free(nb);
     return st;
@@ -861,7 +852,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
@@ -923,7 +914,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     epx__flows_free(&f);
     epx__hier_xplan_t xp;
     memset(&xp, 0, sizeof xp);
-    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, &xp, err);
+    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, true, &xp, err);
     if (st == EPX_SUCCESS && payload) {
         /* The caller's outputs, now that nothing can fail: each row into its slots, in the
          * row plan's order (local expert, then source rank and token ascending). */
@@ -977,7 +968,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;

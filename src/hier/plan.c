@@ -69,17 +69,25 @@ static int epx__part(const epx__topo_t *t, int p)
     return t->host_of[p] == t->host ? EPX__HIER_LOCAL : EPX__HIER_REMOTE;
 }
 
-/* From the counts n[p * LS + l] of a buffer laid out part by part, local ranks ascending:
- * each part's total tot[p] and (first not NULL) where each segment starts, first[p * LS + l]. */
-static void epx__part_first(const int64_t *n, int LS, int64_t *first, int64_t *tot)
+/* The a-th segment (a < PARTS * LS) of a buffer in the layout of hier.h: its part and local
+ * rank. */
+static void epx__seg(int a, int LS, bool by_peer, int *part, int *l)
+{
+    *part = by_peer ? a % EPX__HIER_PARTS : a / LS;
+    *l = by_peer ? a / EPX__HIER_PARTS : a % LS;
+}
+
+/* From the counts n[p * LS + l] of a buffer in that layout: each part's total tot[p] and
+ * (first not NULL) where each segment starts, first[p * LS + l]. */
+static void epx__part_first(const int64_t *n, int LS, bool by_peer, int64_t *first, int64_t *tot)
 {
     int64_t at = 0;
-    for (int p = 0; p < EPX__HIER_PARTS; p++) {
-        tot[p] = 0;
-        for (int l = 0; l < LS; l++) {
-            if (first) first[p * LS + l] = at;
-            at += n[p * LS + l], tot[p] += n[p * LS + l];
-        }
+    for (int p = 0; p < EPX__HIER_PARTS; p++) tot[p] = 0;
+    for (int a = 0; a < EPX__HIER_PARTS * LS; a++) {
+        int p, l;
+        epx__seg(a, LS, by_peer, &p, &l);
+        if (first) first[p * LS + l] = at;
+        at += n[p * LS + l], tot[p] += n[p * LS + l];
     }
 }
 
@@ -126,7 +134,7 @@ void epx__hier_xplan_free(epx__hier_xplan_t *x)
 }
 
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
-                                   const epx__moe_shape_t *s, epx__hier_xplan_t *x, epx__errbuf_t *err)
+                                   const epx__moe_shape_t *s, bool by_peer, epx__hier_xplan_t *x, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__hier_topo(hier);
     int R = t->nranks, LS = t->local_size, NH = t->num_hosts, me = t->rank, ml = t->local_rank, A = t->host;
@@ -160,7 +168,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     x->gw_send = x->mem, x->fwd_recv = x->mem + R, x->home_send = x->mem + 2 * R, x->home_recv = x->mem + 3 * R;
     x->fan_send = x->mem + 4 * R, x->fan_recv = x->fan_send + EPX__HIER_PARTS * LS;
     x->back_send = x->fan_recv + EPX__HIER_PARTS * LS, x->back_recv = x->back_send + EPX__HIER_PARTS * LS;
-    x->T = T, x->K = K, x->rows = rows, x->ll = b.ll;
+    x->T = T, x->K = K, x->rows = rows, x->ll = b.ll, x->by_peer = by_peer;
     /* Dispatch: my tokens to my gateway on each other host; what my sources send me; the
      * fan-out to and from the other local ranks (mine to me is never copied). */
     for (int k = 0; k < NH; k++) {
@@ -186,8 +194,8 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         for (int64_t a = tf[l]; a < tf[l + 1]; a++) x->fan_send[epx__part(t, P->ent_src[P->to_ent[a]]) * LS + l]++;
         for (int64_t a = ff[l]; a < ff[l + 1]; a++) x->fan_recv[epx__part(t, P->row_src[P->from_row[a]]) * LS + l]++;
     }
-    epx__part_first(x->fan_send, LS, NULL, x->n_fan);
-    epx__part_first(x->fan_recv, LS, lfirst, x->n_lrecv);
+    epx__part_first(x->fan_send, LS, by_peer, NULL, x->n_fan);
+    epx__part_first(x->fan_recv, LS, by_peer, lfirst, x->n_lrecv);
     /* Low-latency slots: per local expert, my rows in row order (a row once per distinct
      * expert). */
     for (int64_t r = 0; b.ll && r < rows; r++) {
@@ -218,8 +226,8 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             x->back_recv[epx__part(t, P->ent_src[e]) * LS + l] +=
                 epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
         }
-    epx__part_first(x->back_send, LS, NULL, x->n_back_send);
-    epx__part_first(x->back_recv, LS, cfirst, x->n_back_recv);
+    epx__part_first(x->back_send, LS, by_peer, NULL, x->n_back_send);
+    epx__part_first(x->back_recv, LS, by_peer, cfirst, x->n_back_recv);
     for (int64_t i = 0; i < P->nent * LS; i++) ent_ref[i] = -1;
     for (int l = 0; l < LS; l++) {
         int q = t->host_ranks[t->host_first[A] + l];
@@ -276,14 +284,16 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
     }
     x->fan = o;
-    for (int part = 0; part < EPX__HIER_PARTS; part++)
-        for (int l = 0; l < LS; l++)
-            for (int64_t a = tf[l]; a < tf[l + 1] && l != ml; a++) {
-                int64_t e = P->to_ent[a];
-                if (epx__part(t, P->ent_src[e]) != part) continue;
-                *o++ = P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
-                                           : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
-            }
+    for (int g = 0; g < EPX__HIER_PARTS * LS; g++) {
+        int part, l;
+        epx__seg(g, LS, by_peer, &part, &l);
+        for (int64_t a = tf[l]; a < tf[l + 1] && l != ml; a++) {
+            int64_t e = P->to_ent[a];
+            if (epx__part(t, P->ent_src[e]) != part) continue;
+            *o++ = P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
+                                       : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
+        }
+    }
     x->out = o;
     for (int64_t r = 0; r < rows; r++) o[r] = -1;
     for (int l = 0; l < LS; l++)
@@ -298,13 +308,15 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     if (st != EPX_SUCCESS) goto done;
     o += rows;
     x->c1 = o;
-    for (int part = 0; part < EPX__HIER_PARTS; part++)
-        for (int l = 0; l < LS; l++)
-            for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++) {
-                int64_t r = P->from_row[a], n = epx__rec_rows(&b, P->row_topk + r * K, me);
-                if (epx__part(t, P->row_src[r]) != part) continue;
-                for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, EPX__HIER_REF(EPX__HIER_Y, r), j);
-            }
+    for (int g = 0; g < EPX__HIER_PARTS * LS; g++) {
+        int part, l;
+        epx__seg(g, LS, by_peer, &part, &l);
+        for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++) {
+            int64_t r = P->from_row[a], n = epx__rec_rows(&b, P->row_topk + r * K, me);
+            if (epx__part(t, P->row_src[r]) != part) continue;
+            for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, EPX__HIER_REF(EPX__HIER_Y, r), j);
+        }
+    }
     x->home = o;
     for (int64_t e = 0; e < P->nent; e++) {
         if (t->host_of[P->ent_src[e]] == A) continue;

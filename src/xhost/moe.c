@@ -465,7 +465,7 @@ _Static_assert(EPX__XH_REF(2, 5) == EPX__HIER_REF(2, 5) && EPX__XH_REF_KIND(EPX_
 static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, void *stream, epx__errbuf_t *err)
 {
     epx__xh_plan_t *x = &h->xp;
-    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, &x->h, err));
+    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, false, &x->h, err)); /* part-major: two exchanges */
     size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
     cudaError_t ce = cudaGetDevice(&x->device);
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&x->used, cudaEventDisableTiming);
