@@ -22,6 +22,8 @@
 #             then MoE dispatch and combine on copy engines (FAULT_CE_OPS, fault_ce_<op>_np<N>.log);
 #             then across 2 simulated hosts (CUDA over NCCL, as ctest's nccl_fault_*): FAULT_HOSTS_NP
 #             ranks (default "2 4"), ops FAULT_HOSTS_OPS, logs fault_hosts_<op>_np<N>.log
+#   fake      CUDA across simulated hosts over tests/fake_nccl.c (a test-only NCCL: ranks may
+#             share a GPU): ctest -L fake_nccl, the suites and the injected faults (~4 min)
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
 #   quick     cpu cuda (no benchmarks)
@@ -59,6 +61,10 @@ fi
 if has cuda; then
     ctest --test-dir build-gpu --output-on-failure -L cuda -LE fault --timeout 600 >"$OUT/ctest_cuda.log" 2>&1 || rc=1
     grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_cuda.log" | tail -30
+fi
+if has fake; then
+    ctest --test-dir build-gpu --output-on-failure -L fake_nccl --timeout 300 >"$OUT/ctest_fake.log" 2>&1 || rc=1
+    grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_fake.log" | sort -u | tail -20
 fi
 if has sanitize; then
     # The library recovers from cudaErrorAlreadyMapped by design: API errors are not reported.
