@@ -871,6 +871,26 @@ static void combine_checked(epx_moe_t moe, epx_moe_handle_t h, const world_t *W,
     expect_poison(C->out_w, weights ? C->outw_b : 0, C->outw_b + GUARD, cs, "combine out_topk_weights");
 }
 
+/* A valid dispatch along W and a combine along its handle, both checked, the handle freed:
+ * what every failure case runs right after it (nothing may be left broken). */
+static void round_checked(epx_moe_t moe, const world_t *W, const moe_ref_recv_t *ref, ht_bufs_t *B, const char *cs)
+{
+    epx_moe_handle_t h = dispatch_checked(moe, W, ref, B, true, cs);
+    comb_bufs_t C;
+    comb_alloc(W, ref, &C);
+    combine_checked(moe, h, W, &C, true, cs);
+    comb_free(&C);
+    ASSERT_OK(epx_moe_handle_destroy(h));
+}
+
+/* A dispatch that failed left no handle and did not write num_recv_tokens (poisoned -77). */
+static void expect_no_dispatch(epx_moe_handle_t h, const epx_moe_dispatch_out_t *out, const char *cs)
+{
+    if (h) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
+    if (out->num_recv_tokens != -77)
+        TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out->num_recv_tokens);
+}
+
 /* A new context on CUDA may not exist yet: skip the whole test then. */
 static epx_status_t moe_create(const epx_moe_config_t *cfg, epx_moe_t *moe)
 {
@@ -1630,9 +1650,7 @@ static int run_bad_ht(void)
             epx_moe_handle_t h = NULL;
             epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
             expect_status(st, bad, bad_names[k]);
-            if (h != NULL) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
-            if (out.num_recv_tokens != -77)
-                TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
+            expect_no_dispatch(h, &out, cs);
             ht_expect_all_poison(&B, cs);
             if (is_bad && (k == B_ID_HIGH || k == B_ID_LOW)) {
                 if (k == B_ID_HIGH) ib[(int64_t)T * K - 1] = W.idx[me][(int64_t)T * K - 1];
@@ -1669,15 +1687,7 @@ static int run_bad_ht(void)
             comb_free(&C);
             ASSERT_OK(epx_moe_handle_destroy(h));
         }
-        /* A valid dispatch and combine right after. */
-        {
-            epx_moe_handle_t h = dispatch_checked(moe, &W, &ref, &B, true, cs);
-            comb_bufs_t C;
-            comb_alloc(&W, &ref, &C);
-            combine_checked(moe, h, &W, &C, true, cs);
-            comb_free(&C);
-            ASSERT_OK(epx_moe_handle_destroy(h));
-        }
+        round_checked(moe, &W, &ref, &B, cs); /* a valid dispatch and combine right after */
         free(bigx), free(bi), free(bw);
         dev_free(dbigx), dev_free(dbi), dev_free(dbw), dev_free(dmis_idx), dev_free(dmis_x);
         ht_free(&B);
@@ -1728,16 +1738,9 @@ static int run_bad_capacity(void)
                        epx_comm_get_last_error(comm));
         if (!strstr(epx_comm_get_last_error(comm), "out.capacity"))
             TEST_FAIL_("case %s: the error does not name out.capacity: %s", cs, epx_comm_get_last_error(comm));
-        if (h) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
-        if (out.num_recv_tokens != -77)
-            TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
+        expect_no_dispatch(h, &out, cs);
         ht_expect_all_poison(&B, cs);
-        h = dispatch_checked(moe, &W, &ref, &B, true, cs);
-        comb_bufs_t C;
-        comb_alloc(&W, &ref, &C);
-        combine_checked(moe, h, &W, &C, true, cs);
-        comb_free(&C);
-        ASSERT_OK(epx_moe_handle_destroy(h));
+        round_checked(moe, &W, &ref, &B, cs);
         ht_free(&B);
         moe_ref_recv_free(&ref);
         ASSERT_OK(epx_moe_destroy(moe));
@@ -1789,9 +1792,7 @@ static int run_mismatch(void)
         if (k == 0 || (k == 4 && !odd)) {
             if (k == 0 && odd) in.topk = W[0].K - 1;
             st = epx_moe_dispatch(moe, &in, &out, &nh, test_stream());
-            if (nh) TEST_FAIL_("case %s: failed dispatch set the handle", cs);
-            if (out.num_recv_tokens != -77)
-                TEST_FAIL_("case %s: failed dispatch wrote num_recv_tokens = %lld", cs, (long long)out.num_recv_tokens);
+            expect_no_dispatch(nh, &out, cs);
         } else if (k == 4) {
             st = epx_moe_combine(moe, h[0], &ci, &co, test_stream());
         } else if (k == 1) {

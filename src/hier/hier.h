@@ -210,7 +210,7 @@ typedef struct {
     int64_t n_back_send[EPX__HIER_PARTS], n_back_recv[EPX__HIER_PARTS];
     int64_t n_gw, n_fwd, n_home_send, n_home_recv, n_tok, rows, n_place;
     int T, K;
-    bool ll, by_peer; /* by_peer: the peer-major layout (above), else part-major */
+    bool ll;
     int64_t *ref; /* every reference and index, nref in all: the sections below point into it */
     size_t nref;
     int64_t *gw, *fan, *out, *c1, *home, *first, *tok;

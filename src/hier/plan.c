@@ -168,7 +168,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     x->gw_send = x->mem, x->fwd_recv = x->mem + R, x->home_send = x->mem + 2 * R, x->home_recv = x->mem + 3 * R;
     x->fan_send = x->mem + 4 * R, x->fan_recv = x->fan_send + EPX__HIER_PARTS * LS;
     x->back_send = x->fan_recv + EPX__HIER_PARTS * LS, x->back_recv = x->back_send + EPX__HIER_PARTS * LS;
-    x->T = T, x->K = K, x->rows = rows, x->ll = b.ll, x->by_peer = by_peer;
+    x->T = T, x->K = K, x->rows = rows, x->ll = b.ll;
     /* Dispatch: my tokens to my gateway on each other host; what my sources send me; the
      * fan-out to and from the other local ranks (mine to me is never copied). */
     for (int k = 0; k < NH; k++) {
