@@ -202,6 +202,11 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     volatile epx__cuda_err_t *e = c->err_host;
     if (e->code == 0 || e->code == EPX__ERR_CLAIMED) return EPX_SUCCESS; /* claimed: seen on a later poll */
     __sync_synchronize();
+    if (e->code == EPX_ERR_PEER_FAILURE && e->peer < 0) /* relayed: a status that never came */
+        return epx__fail(err, EPX_ERR_PEER_FAILURE,
+                         "local rank %d: the status of NCCL peer %llu never came with its data (its exchange was cut "
+                         "short); what arrived here is incomplete",
+                         c->rank, (unsigned long long)e->op);
     if (e->code == EPX_ERR_PEER_FAILURE) /* relayed (epx__cuda_status_check) */
         return epx__fail(err, EPX_ERR_PEER_FAILURE,
                          "local rank %d: rank %d (of the whole communicator) had failed (%s on its device) before it "

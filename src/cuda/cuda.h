@@ -36,9 +36,10 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);
  * status_out enqueues on `stream` this rank's status into out (device memory): whether its
  * device recorded an error before that point (a wait that timed out, a count mismatch, a
  * relayed failure) and which, and `rank` (the caller's numbering), to go with the data.
- * status_check enqueues a look at n statuses received (in, device memory; zeros for none):
- * a failed one becomes this rank's device error, EPX_ERR_PEER_FAILURE naming that rank (the
- * first error stays), reported as a wait's error is. Both fail only on a CUDA launch error. */
+ * status_check enqueues a look at n statuses received (in, device memory; zeros for none,
+ * all bits set for one that must come): a failed or missing one becomes this rank's device
+ * error, EPX_ERR_PEER_FAILURE naming that rank (or, missing, the NCCL peer), reported as a
+ * wait's error is (the first error stays). Both fail only on a CUDA launch error. */
 #define EPX__CUDA_STATUS_BYTES 16
 epx_status_t epx__cuda_status_out(epx__cuda_t *cuda, int rank, void *out, void *stream, epx__errbuf_t *err);
 epx_status_t epx__cuda_status_check(epx__cuda_t *cuda, const void *in, int n, void *stream, epx__errbuf_t *err);

@@ -308,11 +308,12 @@ static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int
 {
     for (int i = 0; i < n; i++) {
         if (!in[4 * i]) continue;
+        bool missing = in[4 * i] != 1; /* (all bits set: it never arrived) */
         volatile epx__cuda_err_t *e = d.err;
         if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-        e->peer = in[4 * i + 1];
-        e->op = 0;
-        e->seen = (unsigned long long)(unsigned)in[4 * i + 2];
+        e->peer = missing ? -1 : in[4 * i + 1];
+        e->op = (unsigned long long)i;
+        e->seen = missing ? 0ull : (unsigned long long)(unsigned)in[4 * i + 2];
         e->wanted = 0;
         __threadfence_system();
         e->code = EPX_ERR_PEER_FAILURE;

@@ -285,19 +285,19 @@ int epx__nccl_size(const epx__nccl_t *n) { return n->nranks; }
 int epx__nccl_device(const epx__nccl_t *n) { return n->device; }
 
 epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
-                            const int64_t *rbytes, const void *sstat, void *rstat, size_t stat_bytes, void *stream,
-                            uint64_t deadline, epx__errbuf_t *err)
+                            const int64_t *rbytes, const unsigned char *stat_with, const void *sstat, void *rstat,
+                            size_t stat_bytes, void *stream, uint64_t deadline, epx__errbuf_t *err)
 {
     EPX__CHECK(epx__nc_live(n, err));
     bool any = false;
-    for (int p = 0; p < n->nranks; p++) any = any || sbytes[p] > 0 || rbytes[p] > 0;
+    for (int p = 0; p < n->nranks; p++) any = any || sbytes[p] > 0 || rbytes[p] > 0 || (stat_bytes && stat_with[p]);
     if (!any) return EPX_SUCCESS;
     ncclResult_t r = epx__nc.group_start();
     for (int p = 0; p < n->nranks && r == ncclSuccess; p++) {
         if (sbytes[p] > 0) r = epx__nc.send(sbuf[p], (size_t)sbytes[p], ncclChar, p, n->comm, (cudaStream_t)stream);
         if (r == ncclSuccess && rbytes[p] > 0)
             r = epx__nc.recv(rbuf[p], (size_t)rbytes[p], ncclChar, p, n->comm, (cudaStream_t)stream);
-        if (stat_bytes == 0 || (sbytes[p] <= 0 && rbytes[p] <= 0)) continue;
+        if (stat_bytes == 0 || !stat_with[p]) continue;
         if (r == ncclSuccess) r = epx__nc.send(sstat, stat_bytes, ncclChar, p, n->comm, (cudaStream_t)stream);
         if (r == ncclSuccess)
             r = epx__nc.recv((char *)rstat + (size_t)p * stat_bytes, stat_bytes, ncclChar, p, n->comm,
@@ -355,7 +355,7 @@ epx_status_t epx__nccl_host_xchg(epx__nccl_t *n, const void *const *sbuf, const 
     }
     epx_status_t st = ce == cudaSuccess ? EPX_SUCCESS
                                         : epx__fail(err, EPX_ERR_CUDA, "NCCL staging copy: %s", cudaGetErrorString(ce));
-    if (st == EPX_SUCCESS) st = epx__nccl_post(n, ds, sbytes, dr, rbytes, NULL, NULL, 0, n->stream, deadline, err);
+    if (st == EPX_SUCCESS) st = epx__nccl_post(n, ds, sbytes, dr, rbytes, NULL, NULL, NULL, 0, n->stream, deadline, err);
     if (st == EPX_SUCCESS) st = epx__nccl_wait(n, n->stream, deadline, err);
     for (int p = 0; p < P && st == EPX_SUCCESS; p++)
         if (rbytes[p] > 0 && rbuf[p]) {

@@ -43,12 +43,13 @@ int epx__nccl_device(const epx__nccl_t *nccl);
 
 /* Enqueue one group on `stream` (a cudaStream_t): sbytes[p] bytes of device memory from
  * sbuf[p] to peer p, rbytes[p] from peer p into rbuf[p] (0 = none); with stat_bytes > 0
- * also, between every pair that exchanges anything, stat_bytes from sstat to the peer and
- * from it into rstat + p * stat_bytes (a status that travels with the data). Returns once
- * NCCL has enqueued the group; the data is there when the stream reaches it. */
+ * also, with every peer p where stat_with[p] (data or not; both sides must name each
+ * other), stat_bytes from sstat to the peer and from it into rstat + p * stat_bytes (a
+ * status that travels with the data). Returns once NCCL has enqueued the group; the data
+ * is there when the stream reaches it. */
 epx_status_t epx__nccl_post(epx__nccl_t *nccl, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
-                            const int64_t *rbytes, const void *sstat, void *rstat, size_t stat_bytes, void *stream,
-                            uint64_t deadline, epx__errbuf_t *err);
+                            const int64_t *rbytes, const unsigned char *stat_with, const void *sstat, void *rstat,
+                            size_t stat_bytes, void *stream, uint64_t deadline, epx__errbuf_t *err);
 /* Wait until `stream` has run everything enqueued so far, watching the communicator. */
 epx_status_t epx__nccl_wait(epx__nccl_t *nccl, void *stream, uint64_t deadline, epx__errbuf_t *err);
 /* The same exchange for host buffers: staged through device memory on an internal

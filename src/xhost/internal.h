@@ -20,6 +20,7 @@ struct epx__xhost {
     const void **sp;
     void **rp;
     int64_t *sb, *lx;
+    unsigned char *rail; /* [P]: 1 for the NCCL peers on my rail but me (those MoE statuses go to) */
     /* EPX_FAULT for the call in progress (epx__xhost_fault_set; cleared by the next call). */
     const epx__fault_t *fault;
     uint32_t fault_step;

@@ -537,11 +537,20 @@ static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64
         rp[q] = recv + (size_t)ro * rec, rb[q] = rcnt[p] * (int64_t)rec;
         so += scnt[p], ro += rcnt[p];
     }
+    /* Statuses go to every rail peer, data or not. Theirs start as "missing" (all bits set),
+     * the other slots (mine; ranks off my rail in an adopted communicator) as none: a rail
+     * peer whose status does not arrive (its group was cut short) counts as failed. */
     char *mine = m->stat, *theirs = m->stat + EPX__CUDA_STATUS_BYTES;
+    const size_t SB = EPX__CUDA_STATUS_BYTES;
+    cudaStream_t s = (cudaStream_t)stream;
     EPX__CHECK(epx__cuda_status_out(xh->cuda, xh->rank, mine, stream, err));
-    EPX__CHECK(epx__launched(cudaMemsetAsync(theirs, 0, EPX__CUDA_STATUS_BYTES * (size_t)P, (cudaStream_t)stream),
-                             "clearing the peers' statuses", err));
-    return epx__nccl_post(xh->nccl, sp, sb, rp, rb, mine, theirs, EPX__CUDA_STATUS_BYTES, stream,
+    int first = xh->adopted ? xh->lrank : 0, step = xh->adopted ? xh->ls : 1; /* my rail's slots */
+    cudaError_t ce = cudaMemsetAsync(theirs, 0, SB * (size_t)P, s);
+    if (ce == cudaSuccess)
+        ce = cudaMemset2DAsync(theirs + SB * (size_t)first, SB * (size_t)step, 0xff, SB, (size_t)xh->num_hosts, s);
+    if (ce == cudaSuccess) ce = cudaMemsetAsync(theirs + SB * (size_t)epx__nccl_rank(xh->nccl), 0, SB, s);
+    EPX__CHECK(epx__launched(ce, "setting out the peers' statuses", err));
+    return epx__nccl_post(xh->nccl, sp, sb, rp, rb, xh->rail, mine, theirs, SB, stream,
                           epx__deadline_after_ms(xh->timeout_ms), err);
 }
 

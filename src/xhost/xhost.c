@@ -126,7 +126,11 @@ static epx_status_t epx__xh_arrays(epx__xhost_t *xh, epx__errbuf_t *err)
     xh->rp = calloc(P, sizeof *xh->rp);
     xh->sb = calloc(2 * P, sizeof *xh->sb);
     xh->lx = calloc(8 * (size_t)xh->ls, sizeof *xh->lx);
-    if (!xh->sp || !xh->rp || !xh->sb || !xh->lx) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    xh->rail = calloc(P, sizeof *xh->rail);
+    if (!xh->sp || !xh->rp || !xh->sb || !xh->lx || !xh->rail)
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int p = xh->lrank; p < xh->nranks; p += xh->ls)
+        if (p != xh->rank) xh->rail[epx__xh_peer(xh, p)] = 1;
     return EPX_SUCCESS;
 }
 
@@ -214,7 +218,7 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
     if (xh->gw) cudaFree(xh->gw);
     if (xh->fwd) cudaFree(xh->fwd);
     cudaGetLastError();
-    free(xh->sp), free(xh->rp), free(xh->sb), free(xh->lx);
+    free(xh->sp), free(xh->rp), free(xh->sb), free(xh->lx), free(xh->rail);
     free(xh);
 }
 
@@ -342,7 +346,7 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
             rp[q] = xh->gw + off, rb[q] = EPX__SEND(src, H0 + j);
             off += (size_t)rb[q];
         }
-        st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, NULL, NULL, 0, stream, deadline, err);
+        st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, NULL, NULL, NULL, 0, stream, deadline, err);
     }
     if (st == EPX_SUCCESS && LS > 1) st = epx__cuda_a2a_enqueue(xh->cuda, plan, 1, stream, err);
     /* Into place: my own block of xh->gw and what the other gateways forwarded. */
