@@ -3,7 +3,8 @@
  * text form (round trip and malformed input), and the bootstrap with ranks as threads
  * (allgather, alltoall, barrier, a rank-count mismatch that fails every rank, and a rank
  * that leaves before a round: every other rank of the round fails at once, not at its
- * timeout).
+ * timeout), and its direct links (rails of simulated hosts: every byte, a failed status, a
+ * peer that leaves).
  */
 #include <pthread.h>
 #include <string.h>
@@ -282,6 +283,92 @@ static void run_alltoall(int nranks)
     for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
 }
 
+/* Direct links along rails: ranks as NH hosts of LS, rank h * LS + i linked with every
+ * (g, i). Rounds of 0, odd and 300 KB messages (past the socket buffers: the links must run
+ * full duplex), each message checked byte for byte; a round where rank `bad` sends a failed
+ * status (its peers get EPX_ERR_REMOTE_INVALID, and it what the others sent: the links stay
+ * in step, a healthy round follows); then rank `bad` leaves: its peers fail at once with
+ * EPX_ERR_PEER_FAILURE, well before the 5 s timeout. */
+typedef struct {
+    epx_unique_id_t id;
+    int rank, NH, LS, bad;
+    pthread_barrier_t *stay;
+} links_arg_t;
+
+static void *links_thread(void *argp)
+{
+    links_arg_t *a = argp;
+    int R = a->NH * a->LS, me = a->rank, info = me, all[16], peers[16], n = 0;
+    epx__boot_t *boot;
+    epx__boot_links_t *links;
+    epx__errbuf_t err;
+    ASSERT_OK(epx__boot_init(&boot, R, me, &a->id, &info, sizeof info, all, 5000, &err));
+    for (int h = 0; h < a->NH; h++)
+        if (h != me / a->LS) peers[n++] = h * a->LS + me % a->LS;
+    ASSERT_OK(epx__boot_links_create(boot, peers, n, &links, &err));
+    static const size_t lens[] = {0, 13, 300000, 8};
+    size_t most = 300000;
+    unsigned char *buf = malloc(2 * (size_t)n * most + most), *want = buf + 2 * (size_t)n * most;
+    const void *sp[16];
+    void *rp[16];
+    ASSERT(buf);
+    for (int k = 0; k < 4; k++) {
+        size_t len = lens[k];
+        for (int i = 0; i < n; i++) {
+            sp[i] = buf + (size_t)i * most, rp[i] = buf + (size_t)(n + i) * most;
+            a2a_fill((unsigned char *)sp[i], len, 100 + k, me, peers[i]);
+            memset(rp[i], 0xa5, most);
+        }
+        ASSERT_OK(epx__boot_links_xchg(links, EPX_SUCCESS, sp, rp, len, &err));
+        for (int i = 0; i < n; i++) {
+            a2a_fill(want, len, 100 + k, peers[i], me);
+            ASSERT(memcmp(rp[i], want, len) == 0);
+            if (len < most) ASSERT_EQ(((unsigned char *)rp[i])[len], 0xa5);
+        }
+    }
+    /* A failed status: no data from it; the others' still arrive at it (into nothing). */
+    bool linked_to_bad = false;
+    for (int i = 0; i < n; i++) linked_to_bad = linked_to_bad || peers[i] == a->bad;
+    epx_status_t st = epx__boot_links_xchg(links, me == a->bad ? EPX_ERR_NO_MEMORY : EPX_SUCCESS,
+                                           me == a->bad ? NULL : sp, me == a->bad ? NULL : rp, 77, &err);
+    ASSERT_STATUS(st, linked_to_bad ? EPX_ERR_REMOTE_INVALID : EPX_SUCCESS);
+    ASSERT_OK(epx__boot_links_xchg(links, EPX_SUCCESS, sp, rp, 5, &err));
+    /* The bad rank leaves. */
+    if (me == a->bad) {
+        epx__boot_links_close(links);
+    } else {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        st = epx__boot_links_xchg(links, EPX_SUCCESS, sp, rp, 64, &err);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+        ASSERT_STATUS(st, linked_to_bad ? EPX_ERR_PEER_FAILURE : EPX_SUCCESS);
+        if (ms > 2000) TEST_FAIL_("rank %d failed its round after %.0f ms (rank %d left)", me, ms, a->bad);
+        pthread_barrier_wait(a->stay);
+        epx__boot_links_close(links);
+    }
+    free(buf);
+    epx__boot_close(boot);
+    return NULL;
+}
+
+static void run_links(int NH, int LS, int bad)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    int R = NH * LS;
+    pthread_t th[16];
+    links_arg_t args[16];
+    pthread_barrier_t stay;
+    pthread_barrier_init(&stay, NULL, (unsigned)R - 1);
+    for (int r = 0; r < R; r++) {
+        args[r] = (links_arg_t){id, r, NH, LS, bad, &stay};
+        pthread_create(&th[r], NULL, links_thread, &args[r]);
+    }
+    for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&stay);
+}
+
 /* epx_moe_device_memory: grows with the shape; bad configurations rejected; without CUDA
  * in the build it says so. The CUDA alltoallv_device refuses the CPU backend. */
 static void test_moe_memory(void)
@@ -321,6 +408,9 @@ int main(void)
     run_boot_leave(4, 3, false); /* rank 0 sees it; ranks 1 and 2 wait on rank 0 */
     run_boot_leave(3, 1, true);
     run_boot_leave(3, 0, false); /* the root itself */
+    run_links(3, 2, 3);
+    run_links(4, 1, 0);
+    run_links(2, 3, 2);
     /* A single-rank communicator works end to end. */
     epx_unique_id_t id;
     epx_comm_t comm;
@@ -337,6 +427,6 @@ int main(void)
     ASSERT_STATUS(epx_alltoallv_device(comm, &x, c1, c1, &y, c1, c1, EPX_I32, NULL), EPX_ERR_UNSUPPORTED);
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
-    test_done(13);
+    test_done(16);
     return 0;
 }

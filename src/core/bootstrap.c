@@ -798,3 +798,201 @@ epx_status_t epx__boot_barrier(epx__boot_t *b, epx__errbuf_t *err)
     free(all);
     return st;
 }
+
+/* ---- Direct links between ranks ------------------------------------------------------ */
+
+struct epx__boot_links {
+    int n, rank;
+    const int *peer; /* ranks, n of them (points into fds' allocation) */
+    int *fds;
+    int64_t timeout_ms;
+};
+
+void epx__boot_links_close(epx__boot_links_t *l)
+{
+    if (!l) return;
+    for (int i = 0; i < l->n; i++)
+        if (l->fds[i] >= 0) close(l->fds[i]);
+    free(l->fds);
+    free(l);
+}
+
+/* Connect to the peers above me, accept those below (the listen backlog holds the
+ * connections made before their accept). Each link starts with a hello naming its rank. */
+static epx_status_t epx__links_connect(epx__boot_links_t *l, int lfd, const struct sockaddr_storage *addr,
+                                       uint64_t nonce, uint64_t deadline, epx__errbuf_t *err)
+{
+    struct {
+        uint64_t nonce;
+        int32_t rank, pad;
+    } hello = {nonce, l->rank, 0};
+    int below = 0;
+    for (int i = 0; i < l->n; i++) {
+        if (l->peer[i] < l->rank) {
+            below++;
+            continue;
+        }
+        char what[48];
+        snprintf(what, sizeof what, "rank %d", l->peer[i]);
+        EPX__CHECK(epx__connect_until(&addr[l->peer[i]], deadline, &l->fds[i], err, what));
+        EPX__CHECK(epx__send_all(l->fds[i], &hello, sizeof hello, deadline, err, "link hello"));
+    }
+    for (int got = 0; got < below;) {
+        int fd = epx__accept_until(lfd, deadline);
+        if (fd < 0)
+            return epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap links: %d of %d lower ranks connected to rank %d", got,
+                             below, l->rank);
+        int slot = -1;
+        if (epx__recv_all(fd, &hello, sizeof hello, deadline, NULL, "link hello") == EPX_SUCCESS &&
+            hello.nonce == nonce)
+            for (int i = 0; i < l->n; i++)
+                if (l->peer[i] == hello.rank && hello.rank < l->rank && l->fds[i] < 0) slot = i;
+        if (slot < 0) {
+            close(fd);
+            continue;
+        }
+        l->fds[slot] = fd;
+        got++;
+    }
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__boot_links_create(epx__boot_t *b, const int *peers, int n, epx__boot_links_t **out,
+                                    epx__errbuf_t *err)
+{
+    *out = NULL;
+    uint64_t deadline = epx__deadline_after_ms(b->timeout_ms);
+    epx__boot_links_t *l = calloc(1, sizeof *l);
+    int *fds = calloc(2 * (size_t)EPX__MAX(n, 1), sizeof *fds);
+    struct sockaddr_storage mine, *all = calloc((size_t)b->nranks, sizeof *all);
+    int lfd = -1;
+    memset(&mine, 0, sizeof mine);
+    epx_status_t local = l && fds && all ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (local == EPX_SUCCESS) {
+        l->n = n, l->rank = b->rank, l->timeout_ms = b->timeout_ms, l->fds = fds, l->peer = fds + n;
+        for (int i = 0; i < n; i++) fds[i] = -1, fds[n + i] = peers[i];
+        for (int i = 0; i < n && local == EPX_SUCCESS; i++)
+            if (peers[i] < 0 || peers[i] >= b->nranks || peers[i] == b->rank)
+                local = epx__fail(err, EPX_ERR_INTERNAL, "bootstrap links: rank %d is no peer of rank %d", peers[i],
+                                  b->rank);
+    }
+    if (local == EPX_SUCCESS && n > 0) local = epx__listen(&lfd, &mine, err);
+    if (local != EPX_SUCCESS) memset(&mine, 0, sizeof mine);
+    /* Everyone's listener (zeros: none, or this rank failed: its peers fail alike). */
+    epx_status_t st = all ? epx__boot_allgather(b, &mine, all, sizeof mine, err)
+                          : epx__boot_allgather_fail(b, &mine, 0, sizeof mine, err);
+    if (st == EPX_SUCCESS) st = local;
+    for (int i = 0; i < n && st == EPX_SUCCESS; i++)
+        if (all[peers[i]].ss_family == 0)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "bootstrap links: rank %d could not listen", peers[i]);
+    if (st == EPX_SUCCESS) st = epx__links_connect(l, lfd, all, b->nonce, deadline, err);
+    if (lfd >= 0) close(lfd);
+    free(all);
+    if (st == EPX_SUCCESS) {
+        *out = l;
+        return EPX_SUCCESS;
+    }
+    if (l && l->fds) epx__boot_links_close(l);
+    else free(l), free(fds);
+    return st;
+}
+
+/* What starts every message of a links round. */
+typedef struct {
+    int64_t status;
+    uint64_t len;
+} epx__link_head_t;
+
+/* A round that broke (a peer closed, the deadline passed, a message out of step): shut every
+ * link down, so that the peers still in it fail at once, and the later rounds too. */
+static epx_status_t epx__links_broken(epx__boot_links_t *l, epx_status_t st)
+{
+    for (int i = 0; i < l->n; i++)
+        if (l->fds[i] >= 0) shutdown(l->fds[i], SHUT_RDWR);
+    return st;
+}
+
+/* One link's progress in a round: my head and data out, the peer's head and data in. */
+typedef struct {
+    size_t sent, got;
+    epx__link_head_t in;
+} epx__link_io_t;
+
+/* Move what link i can without blocking; *busy: a direction is not done yet. */
+static epx_status_t epx__link_step(epx__boot_links_t *l, int i, epx__link_io_t *io, const epx__link_head_t *out,
+                                   const void *sbuf, void *rbuf, size_t len, bool *busy, epx__errbuf_t *err)
+{
+    const size_t H = sizeof *out;
+    char drop[4096]; /* what arrives for a rank without a buffer (it failed) */
+    for (;;) {
+        bool out_done = io->sent == H + out->len, in_done = io->got >= H && io->got == H + io->in.len;
+        *busy = !out_done || !in_done;
+        if (!*busy) return EPX_SUCCESS;
+        ssize_t r;
+        if (!out_done) {
+            const char *p = io->sent < H ? (const char *)out + io->sent : (const char *)sbuf + (io->sent - H);
+            r = send(l->fds[i], p, io->sent < H ? H - io->sent : H + out->len - io->sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (r > 0) {
+                io->sent += (size_t)r;
+                continue;
+            }
+            if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                return epx__fail(err, EPX_ERR_PEER_FAILURE, "bootstrap links: to rank %d: %s", l->peer[i],
+                                 strerror(errno));
+            if (in_done) return EPX_SUCCESS;
+        }
+        size_t at = io->got - H, k = io->got < H ? H - io->got : EPX__MIN(io->in.len - at, rbuf ? SIZE_MAX : sizeof drop);
+        char *p = io->got < H ? (char *)&io->in + io->got : rbuf ? (char *)rbuf + at : drop;
+        r = recv(l->fds[i], p, k, MSG_DONTWAIT);
+        if (r == 0) return epx__fail(err, EPX_ERR_PEER_FAILURE, "bootstrap links: rank %d closed its link", l->peer[i]);
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return EPX_SUCCESS;
+        if (r < 0)
+            return epx__fail(err, EPX_ERR_PEER_FAILURE, "bootstrap links: from rank %d: %s", l->peer[i],
+                             strerror(errno));
+        io->got += (size_t)r;
+        if (io->got == H && (io->in.status == EPX_SUCCESS ? io->in.len != len : io->in.len != 0))
+            return epx__fail(err, EPX_ERR_INTERNAL, "bootstrap links: rank %d sent %llu bytes (status %lld), %zu expected",
+                             l->peer[i], (unsigned long long)io->in.len, (long long)io->in.status, len);
+    }
+}
+
+epx_status_t epx__boot_links_xchg(epx__boot_links_t *l, epx_status_t status, const void *const *send,
+                                  void *const *recv, size_t len, epx__errbuf_t *err)
+{
+    if (l->n == 0) return EPX_SUCCESS;
+    uint64_t deadline = epx__deadline_after_ms(l->timeout_ms);
+    int n = l->n;
+    epx__link_head_t out = {status, status == EPX_SUCCESS ? len : 0};
+    epx__link_io_t *io = calloc((size_t)n, sizeof *io);
+    struct pollfd *pfd = calloc((size_t)n, sizeof *pfd);
+    epx_status_t st = io && pfd ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap links: out of memory");
+    while (st == EPX_SUCCESS) {
+        int busy = 0;
+        for (int i = 0; i < n && st == EPX_SUCCESS; i++) {
+            bool b = false;
+            st = epx__link_step(l, i, &io[i], &out, send ? send[i] : NULL, recv ? recv[i] : NULL, len, &b, err);
+            bool want_out = io[i].sent < sizeof out + out.len;
+            bool want_in = io[i].got < sizeof out || io[i].got < sizeof out + io[i].in.len;
+            pfd[i] = (struct pollfd){b ? l->fds[i] : -1, (short)((want_out ? POLLOUT : 0) | (want_in ? POLLIN : 0)), 0};
+            busy += b;
+        }
+        if (st != EPX_SUCCESS || busy == 0) break;
+        int left = epx__ms_left(deadline);
+        if (left == 0) {
+            int late = 0, first = -1;
+            for (int i = 0; i < n; i++)
+                if (pfd[i].fd >= 0) late++, first = first < 0 ? l->peer[i] : first;
+            st = epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap links: rank %d%s did not finish a round in time", first,
+                           late > 1 ? " (and others)" : "");
+            break;
+        }
+        poll(pfd, (nfds_t)n, left);
+    }
+    epx_status_t remote = EPX_SUCCESS;
+    for (int i = 0; i < n && st == EPX_SUCCESS && remote == EPX_SUCCESS; i++)
+        if (io[i].in.status != EPX_SUCCESS)
+            remote = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d failed its part of a round across hosts (%s)",
+                               l->peer[i], epx_status_name((epx_status_t)io[i].in.status));
+    free(io), free(pfd);
+    return st != EPX_SUCCESS ? epx__links_broken(l, st) : remote;
+}

@@ -237,6 +237,23 @@ epx_status_t epx__boot_allreduce_sum(epx__boot_t *boot, int64_t *v, size_t n, ep
 epx_status_t epx__boot_barrier(epx__boot_t *boot, epx__errbuf_t *err);
 void epx__boot_close(epx__boot_t *boot);
 
+/* Direct links from this rank to some others (a rail across hosts): rounds between them
+ * that do not pass through rank 0's star. */
+typedef struct epx__boot_links epx__boot_links_t;
+/* Collective over `boot` (every rank calls it, each naming its own n peers, distinct ranks;
+ * p names q exactly when q names p): a TCP connection to each. */
+epx_status_t epx__boot_links_create(epx__boot_t *boot, const int *peers, int n, epx__boot_links_t **links,
+                                    epx__errbuf_t *err);
+/* One round with every linked peer i (all at once, full duplex): `status` and, when it is
+ * EPX_SUCCESS, `len` bytes of send[i] go to it; its status and, when a success, `len` bytes
+ * into recv[i] (recv NULL: dropped) come from it. Returns a transport failure
+ * (EPX_ERR_PEER_FAILURE: a link closed; EPX_ERR_TIMEOUT at EPX_TIMEOUT_MS; the links are
+ * then shut down, so the peers and later rounds fail at once), else EPX_ERR_REMOTE_INVALID
+ * naming a peer whose status was a failure, else EPX_SUCCESS. Never its own `status`. */
+epx_status_t epx__boot_links_xchg(epx__boot_links_t *links, epx_status_t status, const void *const *send,
+                                  void *const *recv, size_t len, epx__errbuf_t *err);
+void epx__boot_links_close(epx__boot_links_t *links);
+
 /* Parse/format the id's text form; both validate every field. */
 epx_status_t epx__id_parse(const char *text, epx_unique_id_t *id);
 epx_status_t epx__id_format(const epx_unique_id_t *id, char *buf, size_t len);
