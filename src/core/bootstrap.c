@@ -991,7 +991,7 @@ epx_status_t epx__boot_links_xchg(epx__boot_links_t *l, epx_status_t status, con
     epx_status_t remote = EPX_SUCCESS;
     for (int i = 0; i < n && st == EPX_SUCCESS && remote == EPX_SUCCESS; i++)
         if (io[i].in.status != EPX_SUCCESS)
-            remote = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d failed its part of a round across hosts (%s)",
+            remote = epx__fail(err, EPX_ERR_REMOTE_INVALID, "bootstrap links: rank %d took part in the round with a failure (%s)",
                                l->peer[i], epx_status_name((epx_status_t)io[i].in.status));
     free(io), free(pfd);
     return st != EPX_SUCCESS ? epx__links_broken(l, st) : remote;

@@ -21,6 +21,13 @@ struct epx__xhost {
     void **rp;
     int64_t *sb, *lx;
     unsigned char *rail; /* [P]: 1 for the NCCL peers on my rail but me (those MoE statuses go to) */
+    /* The rounds across hosts (xhost.c): direct links to my rail peers, the hosts and ranks
+     * they are on [NH - 1], their buffers [NH - 1], the host step's arrays [3 * ls]. */
+    epx__boot_links_t *links;
+    int *rail_host, *rail_rank;
+    const void **rs;
+    void **rr;
+    int64_t *rx;
     /* EPX_FAULT for the call in progress (epx__xhost_fault_set; cleared by the next call). */
     const epx__fault_t *fault;
     uint32_t fault_step;
@@ -35,10 +42,13 @@ static inline int epx__xh_peer(const epx__xhost_t *xh, int p)
     return xh->adopted ? p : p / xh->ls;
 }
 
-/* Everyone's `len` bytes over the bootstrap (rank-major into `all`). */
+/* Everyone's `len` bytes (rank-major into `all`): over the bootstrap during creation, then
+ * inside the host and along the rail (xhost.c). Fails only when the round broke, or, after
+ * creation, when a rank took part with a failure (epx__xh_allgather_fail). */
 epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, size_t len, epx__errbuf_t *err);
-/* Take part in such a round (parts of `len` bytes, an int64 status first) with the failure
- * `st`, without buffers; returns st, or what broke the round. */
+/* Take part in such a round with the failure `st`, without buffers; returns st, or what
+ * broke the round. During creation the others see st in my part (an int64 first); after
+ * it, their round fails (EPX_ERR_REMOTE_INVALID naming a rank that failed). */
 epx_status_t epx__xh_allgather_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err);
 /* One round of every rank's status: `local` when it failed, EPX_ERR_REMOTE_INVALID ("rank p
  * <what> (status)") when another rank's did, else what broke the round. */

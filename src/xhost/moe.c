@@ -201,7 +201,7 @@ static epx_status_t epx__pre(epx__xhost_moe_t *m, int64_t code, epx_status_t *lo
     *skip = false;
     if (!all && *local == EPX_SUCCESS) *local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (*local != EPX_SUCCESS) code |= EPX__PRE_ERR;
-    if (!all) return epx__boot_allgather_fail(m->xh->boot, &code, sizeof code, sizeof code, err);
+    if (!all) return epx__xh_allgather_fail(m->xh, *local, sizeof code, err);
     epx_status_t st = epx__xh_allgather(m->xh, &code, all, sizeof code, err);
     bool bad = false, other = false, nosync = true;
     for (int p = 0; p < R; p++) {

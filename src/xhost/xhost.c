@@ -6,16 +6,126 @@
 #include "counts.h"
 #include "internal.h"
 
+/* ---- Rounds across hosts ------------------------------------------------------------------
+ * Once the links exist (after creation), a round goes in two steps, so that no rank handles
+ * more than its host's share: (1) inside the host, over shared memory (xh->cpu), each local
+ * rank gets what its rail needs; (2) along the rail, with the same local rank of every other
+ * host (xh->links, TCP). A rank that failed still takes part in both (its status travels in
+ * place of its data), so every rank of every host ends the round, with an error. Before the
+ * links exist the bootstrap's star carries the rounds. */
+
+/* The rail step of a round after the host step ended with `a`: `len` bytes of rs[i] to the
+ * rail peer on host xh->rail_host[i], from it into rr[i]. Returns a, or what failed here. */
+static epx_status_t epx__xh_rail_step(epx__xhost_t *xh, epx_status_t a, const void *const *rs, void *const *rr,
+                                      size_t len, epx__errbuf_t *err)
+{
+    bool ok = a == EPX_SUCCESS;
+    epx_status_t b = epx__boot_links_xchg(xh->links, a, ok ? rs : NULL, ok ? rr : NULL, len, ok ? err : NULL);
+    return ok ? b : a;
+}
+
+/* The host step: `each` bytes to every local rank j from send + sd[j], `each` from it into
+ * recv + rd[j] (send NULL: this rank failed with st, and takes part without data). */
+static epx_status_t epx__xh_host_step(epx__xhost_t *xh, epx_status_t st, const void *send, const int64_t *sd,
+                                      void *recv, const int64_t *rd, size_t each, epx__errbuf_t *err)
+{
+    int LS = xh->ls;
+    int64_t *bytes = xh->rx, *srd = xh->rx + LS;
+    for (int j = 0; j < LS; j++) bytes[j] = (int64_t)each, srd[j] = sd ? sd[j] : 0;
+    epx__cpu_xfer_t x = {send, bytes, srd, recv, bytes, rd};
+    return epx__cpu_alltoallv(xh->cpu, st == EPX_SUCCESS ? &x : NULL, st, err);
+}
+
+/* A round in which this rank takes part with its failure st and no data. */
+static epx_status_t epx__xh_round_fail(epx__xhost_t *xh, epx_status_t st, epx__errbuf_t *err)
+{
+    (void)err; /* st's message is already there */
+    epx__xh_rail_step(xh, epx__xh_host_step(xh, st, NULL, NULL, NULL, NULL, 0, NULL), NULL, NULL, 0, NULL);
+    return st;
+}
+
 epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, size_t len, epx__errbuf_t *err)
 {
-    return epx__boot_allgather(xh->boot, mine, all, len, err);
+    if (!xh->links) return epx__boot_allgather(xh->boot, mine, all, len, err);
+    int LS = xh->ls, H0 = xh->host * LS, n = xh->num_hosts - 1;
+    int64_t *rd = xh->rx + 2 * LS;
+    for (int j = 0; j < LS; j++) rd[j] = (int64_t)((size_t)(H0 + j) * len);
+    epx_status_t a = epx__xh_host_step(xh, EPX_SUCCESS, mine, NULL, all, rd, len, err);
+    const char *host = (const char *)all + (size_t)H0 * len;
+    for (int i = 0; i < n; i++)
+        xh->rs[i] = host, xh->rr[i] = (char *)all + (size_t)xh->rail_host[i] * LS * len;
+    return epx__xh_rail_step(xh, a, xh->rs, xh->rr, (size_t)LS * len, err);
 }
 
 epx_status_t epx__xh_allgather_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err)
 {
+    if (xh->links) return epx__xh_round_fail(xh, st, err);
     int64_t v = st;
     epx_status_t r = epx__boot_allgather_fail(xh->boot, &v, sizeof v, len, err);
     return r != EPX_SUCCESS ? r : st;
+}
+
+/* An alltoall of `len`-byte blocks (block q of send to rank q, block p of recv from p). */
+static epx_status_t epx__xh_alltoall(epx__xhost_t *xh, const void *send, void *recv, size_t len, epx__errbuf_t *err)
+{
+    if (!xh->links) return epx__boot_alltoall(xh->boot, send, recv, len, err);
+    int LS = xh->ls, NH = xh->num_hosts, H = xh->host, n = NH - 1, R = xh->nranks;
+    /* For local rank j: my blocks for (h, j), h = 0..NH-1; from it: its blocks for (h, me). */
+    char *to = malloc(EPX__MAX((2 * (size_t)R + (size_t)n * LS) * len, (size_t)1));
+    if (!to) return epx__xh_round_fail(xh, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
+    char *from = to + (size_t)R * len, *rail = from + (size_t)R * len;
+    int64_t *d = xh->rx + 2 * LS;
+    for (int j = 0; j < LS; j++) {
+        d[j] = (int64_t)((size_t)j * NH * len);
+        for (int h = 0; h < NH; h++)
+            memcpy(to + ((size_t)j * NH + h) * len, (const char *)send + ((size_t)h * LS + j) * len, len);
+    }
+    epx_status_t a = epx__xh_host_step(xh, EPX_SUCCESS, to, d, from, d, (size_t)NH * len, err);
+    /* To the rail peer on host h: the blocks of my host's ranks for it; mine from there go
+     * straight into place (host h's ranks are consecutive). */
+    for (int j = 0; j < LS && a == EPX_SUCCESS; j++) {
+        memcpy((char *)recv + ((size_t)H * LS + j) * len, from + ((size_t)j * NH + H) * len, len);
+        for (int i = 0; i < n; i++)
+            memcpy(rail + ((size_t)i * LS + j) * len, from + ((size_t)j * NH + xh->rail_host[i]) * len, len);
+    }
+    for (int i = 0; i < n; i++)
+        xh->rs[i] = rail + (size_t)i * LS * len, xh->rr[i] = (char *)recv + (size_t)xh->rail_host[i] * LS * len;
+    epx_status_t st = epx__xh_rail_step(xh, a, xh->rs, xh->rr, (size_t)LS * len, err);
+    free(to);
+    return st;
+}
+
+/* Take part in such an alltoall with my failure st (every other rank's round fails). */
+static epx_status_t epx__xh_alltoall_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err)
+{
+    if (xh->links) return epx__xh_round_fail(xh, st, err);
+    int64_t v = st;
+    epx_status_t r = epx__boot_alltoall_fail(xh->boot, &v, sizeof v, len, err);
+    return r != EPX_SUCCESS ? r : st;
+}
+
+/* v[0..n) summed over every rank (wrapping int64), in place. */
+static epx_status_t epx__xh_allreduce(epx__xhost_t *xh, int64_t *v, int n, epx__errbuf_t *err)
+{
+    if (!xh->links) return epx__boot_allreduce_sum(xh->boot, v, (size_t)n, err);
+    int LS = xh->ls, NH = xh->num_hosts, m = NH - 1;
+    size_t row = sizeof *v * (size_t)n;
+    uint64_t *t = malloc(EPX__MAX(((size_t)LS + 1 + (size_t)m) * row, (size_t)1));
+    if (!t) return epx__xh_round_fail(xh, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
+    uint64_t *mine = t + (size_t)LS * n;
+    int64_t *rd = xh->rx + 2 * LS;
+    for (int j = 0; j < LS; j++) rd[j] = (int64_t)((size_t)j * row);
+    epx_status_t a = epx__xh_host_step(xh, EPX_SUCCESS, v, NULL, t, rd, row, err);
+    memset(mine, 0, row);
+    for (int j = 0; j < LS && a == EPX_SUCCESS; j++)
+        for (int k = 0; k < n; k++) mine[k] += t[(size_t)j * n + k];
+    for (int i = 0; i < m; i++) xh->rs[i] = mine, xh->rr[i] = mine + (size_t)(1 + i) * n;
+    epx_status_t st = epx__xh_rail_step(xh, a, xh->rs, xh->rr, row, err);
+    for (int i = 1; i <= m && st == EPX_SUCCESS; i++)
+        for (int k = 0; k < n; k++) mine[k] += mine[(size_t)i * n + k];
+    if (st == EPX_SUCCESS) memcpy(v, mine, row);
+    free(t);
+    return st;
 }
 
 epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what, epx__errbuf_t *err)
@@ -77,17 +187,15 @@ void epx__xh_fault_enqueue(epx__xhost_t *xh)
 
 static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)
 {
-    epx__xhost_t *xh = ctx;
-    (void)deadline; /* the bootstrap bounds each of its rounds by EPX_TIMEOUT_MS */
-    return epx__boot_allreduce_sum(xh->boot, v, (size_t)n, err);
+    (void)deadline; /* every round is bounded by EPX_TIMEOUT_MS */
+    return epx__xh_allreduce(ctx, v, n, err);
 }
 
 static epx_status_t epx__link_alltoall(void *ctx, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
                                        epx__errbuf_t *err)
 {
-    epx__xhost_t *xh = ctx;
     (void)deadline; /* likewise */
-    return epx__boot_alltoall(xh->boot, send, recv, sizeof *send * (size_t)words, err);
+    return epx__xh_alltoall(ctx, send, recv, sizeof *send * (size_t)words, err);
 }
 
 static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes,
@@ -127,10 +235,19 @@ static epx_status_t epx__xh_arrays(epx__xhost_t *xh, epx__errbuf_t *err)
     xh->sb = calloc(2 * P, sizeof *xh->sb);
     xh->lx = calloc(8 * (size_t)xh->ls, sizeof *xh->lx);
     xh->rail = calloc(P, sizeof *xh->rail);
-    if (!xh->sp || !xh->rp || !xh->sb || !xh->lx || !xh->rail)
+    size_t n = (size_t)xh->num_hosts;
+    xh->rx = calloc(3 * (size_t)xh->ls, sizeof *xh->rx);
+    xh->rs = calloc(n, sizeof *xh->rs);
+    xh->rr = calloc(n, sizeof *xh->rr);
+    xh->rail_host = calloc(n, sizeof *xh->rail_host);
+    xh->rail_rank = calloc(n, sizeof *xh->rail_rank);
+    if (!xh->sp || !xh->rp || !xh->sb || !xh->lx || !xh->rail || !xh->rx || !xh->rs || !xh->rr || !xh->rail_host ||
+        !xh->rail_rank)
         return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     for (int p = xh->lrank; p < xh->nranks; p += xh->ls)
         if (p != xh->rank) xh->rail[epx__xh_peer(xh, p)] = 1;
+    for (int h = 0, i = 0; h < xh->num_hosts; h++)
+        if (h != xh->host) xh->rail_host[i] = h, xh->rail_rank[i++] = h * xh->ls + xh->lrank;
     return EPX_SUCCESS;
 }
 
@@ -193,6 +310,13 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
         if (mine == EPX_SUCCESS) mine = epx__xh_arrays(xh, err);
         st = epx__xh_vote(xh, mine, epx__xh_create_what, err);
     }
+    /* The links along my rail: from here on the rounds across hosts take them (see above). */
+    epx__boot_links_t *links = NULL;
+    if (st == EPX_SUCCESS)
+        st = epx__xh_vote(xh, epx__boot_links_create(boot, xh->rail_rank, xh->num_hosts - 1, &links, err),
+                          epx__xh_create_what, err);
+    if (st == EPX_SUCCESS) xh->links = links;
+    else epx__boot_links_close(links);
     free(cards);
     if (st == EPX_SUCCESS) {
         epx__hier_link_t link = {xh, epx__link_allreduce, epx__link_alltoall, epx__link_xchg};
@@ -218,7 +342,9 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
     if (xh->gw) cudaFree(xh->gw);
     if (xh->fwd) cudaFree(xh->fwd);
     cudaGetLastError();
+    epx__boot_links_close(xh->links);
     free(xh->sp), free(xh->rp), free(xh->sb), free(xh->lx), free(xh->rail);
+    free(xh->rx), free(xh->rs), free(xh->rr), free(xh->rail_host), free(xh->rail_rank);
     free(xh);
 }
 
@@ -235,15 +361,6 @@ static epx_status_t epx__grow_dev(char **buf, size_t *cap, size_t bytes, epx__er
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "alltoallv staging (%zu bytes): %s", want, cudaGetErrorString(ce));
     *cap = want;
     return EPX_SUCCESS;
-}
-
-/* Take part in a round of count cards (parts of `len` bytes) with the failure `st`, without
- * buffers; returns st, or what broke the round. */
-static epx_status_t epx__xh_alltoall_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err)
-{
-    int64_t v = st;
-    epx_status_t r = epx__boot_alltoall_fail(xh->boot, &v, sizeof v, len, err);
-    return r != EPX_SUCCESS ? r : st;
 }
 
 epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
@@ -265,12 +382,10 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
     }
     /* 1. The counts: every rank reaches the same verdict, in the same rounds, before anything
      * moves. A failed rank's cards carry only its status; the round then ends every call. */
-    if (local != EPX_SUCCESS) {
-        free(out);
-        return epx__xh_alltoall_fail(xh, local, sizeof *out * B, err);
-    }
-    epx__xc_cards(out, R, LS, local, sent, x->recv_bytes);
-    epx_status_t st = epx__boot_alltoall(xh->boot, out, in, sizeof *out * B, err);
+    if (!out) return epx__xh_alltoall_fail(xh, local, sizeof *out * B, err);
+    epx__xc_cards(out, R, LS, local, sent, local == EPX_SUCCESS ? x->recv_bytes : NULL);
+    epx_status_t st = epx__xh_alltoall(xh, out, in, sizeof *out * B, err);
+    if (st == EPX_SUCCESS) st = local;
     if (st == EPX_SUCCESS) st = epx__xc_statuses(in, R, LS, err);
     if (st == EPX_SUCCESS) { /* every status is success: on every rank, then */
         int64_t rec[EPX__XC_REC];
