@@ -989,10 +989,17 @@ epx_status_t epx__boot_links_xchg(epx__boot_links_t *l, epx_status_t status, con
         poll(pfd, (nfds_t)n, left);
     }
     epx_status_t remote = EPX_SUCCESS;
-    for (int i = 0; i < n && st == EPX_SUCCESS && remote == EPX_SUCCESS; i++)
-        if (io[i].in.status != EPX_SUCCESS)
-            remote = epx__fail(err, EPX_ERR_REMOTE_INVALID, "bootstrap links: rank %d took part in the round with a failure (%s)",
-                               l->peer[i], epx_status_name((epx_status_t)io[i].in.status));
+    /* A peer's failed status: a round that broke there (a dead or late rank behind it) reads
+     * as a peer failure here too; any other as a remote rank's rejection. */
+    for (int i = 0; i < n && st == EPX_SUCCESS && remote == EPX_SUCCESS; i++) {
+        epx_status_t s = (epx_status_t)io[i].in.status;
+        if (s == EPX_SUCCESS) continue;
+        bool broke = s == EPX_ERR_PEER_FAILURE || s == EPX_ERR_TIMEOUT;
+        remote = epx__fail(err, broke ? EPX_ERR_PEER_FAILURE : EPX_ERR_REMOTE_INVALID,
+                           broke ? "bootstrap links: rank %d could not complete the round (%s)"
+                                 : "bootstrap links: rank %d took part in the round with a failure (%s)",
+                           l->peer[i], epx_status_name(s));
+    }
     free(io), free(pfd);
     return st != EPX_SUCCESS ? epx__links_broken(l, st) : remote;
 }

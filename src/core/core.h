@@ -248,8 +248,10 @@ epx_status_t epx__boot_links_create(epx__boot_t *boot, const int *peers, int n, 
  * EPX_SUCCESS, `len` bytes of send[i] go to it; its status and, when a success, `len` bytes
  * into recv[i] (recv NULL: dropped) come from it. Returns a transport failure
  * (EPX_ERR_PEER_FAILURE: a link closed; EPX_ERR_TIMEOUT at EPX_TIMEOUT_MS; the links are
- * then shut down, so the peers and later rounds fail at once), else EPX_ERR_REMOTE_INVALID
- * naming a peer whose status was a failure, else EPX_SUCCESS. Never its own `status`. */
+ * then shut down, so the peers and later rounds fail at once), else, for a peer whose status
+ * was a failure, EPX_ERR_PEER_FAILURE (its status was a peer failure or a timeout: the round
+ * broke there) or EPX_ERR_REMOTE_INVALID (any other), else EPX_SUCCESS. Never its own
+ * `status`. */
 epx_status_t epx__boot_links_xchg(epx__boot_links_t *links, epx_status_t status, const void *const *send,
                                   void *const *recv, size_t len, epx__errbuf_t *err);
 void epx__boot_links_close(epx__boot_links_t *links);
