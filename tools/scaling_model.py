@@ -187,11 +187,19 @@ def verdict_bytes(R, dispatch):
 CAPACITY_BYTES = 8 * 4  # the capacity allreduce of a high-throughput dispatch (epx__verdict's round 2)
 
 
-def verdict_root_bytes(R, dispatch, ht):
-    """Bytes through rank 0 of the bootstrap star (the GPU path's link, src/core/bootstrap.c)
-    for one verdict: the alltoall's rows in and columns out, with a relay word per column,
-    and in a high-throughput dispatch the capacity allreduce in and out."""
-    return 2 * (R - 1) * verdict_bytes(R, dispatch) + 8 * (R - 1) + (2 * (R - 1) * CAPACITY_BYTES if ht else 0)
+LINK_HEAD = 16  # each message of a round along a rail: status and length (src/core/bootstrap.c)
+
+
+def verdict_rail_bytes(R, dispatch, ht):
+    """Bytes one rank sends and receives over the network for one verdict on the GPU path
+    (src/xhost/xhost.c): inside the host the blocks gather over shared memory, then each rank
+    exchanges with the same local rank of each of the N - 1 other hosts its host's G blocks
+    for that rank; in a high-throughput dispatch the capacity allreduce's host sums likewise.
+    No rank moves more (before commit 6c2a9ad rank 0 of a TCP star relayed all R x R blocks)."""
+    N = R // G
+    per_rank = verdict_bytes(R, dispatch) // R
+    a2a = 2 * (N - 1) * (G * per_rank + LINK_HEAD)
+    return a2a + (2 * (N - 1) * (CAPACITY_BYTES + LINK_HEAD) if ht else 0)
 
 
 def ht(r, T, dtype, p, meta=True):
@@ -403,9 +411,9 @@ def report(a):
           f"and a {CAPACITY_BYTES} B allreduce): "
           + ", ".join(f"EP{ep}: {verdict_bytes(ep, True) / 1e3:.2f} / {verdict_bytes(ep, False) / 1e3:.2f} KB"
                       for ep in EPS[1:]))
-    print("Through the bootstrap's rank 0 per high-throughput dispatch / combine (GPU path): "
-          + ", ".join(f"EP{ep}: {verdict_root_bytes(ep, True, True) / 1e6:.2f} / "
-                      f"{verdict_root_bytes(ep, False, False) / 1e6:.2f} MB" for ep in EPS[1:]))
+    print("Over the network per rank, the most any rank moves, per high-throughput dispatch / combine (GPU path): "
+          + ", ".join(f"EP{ep}: {verdict_rail_bytes(ep, True, True) / 1e3:.2f} / "
+                      f"{verdict_rail_bytes(ep, False, False) / 1e3:.2f} KB" for ep in EPS[1:]))
 
 
 # ---- Check against the code: epx-bench's routing, epx's MPI bytes ---------------------------------
