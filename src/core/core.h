@@ -116,6 +116,10 @@ void epx__log_set_rank(int rank);
       "0 = move the MoE payload with copy engines (EPX_MOE_COPY_ENGINES)")                  \
     X(CUDA_CE_SMS, "EPX_CUDA_CE_SMS", INT, "32",                                           \
       "CUDA, MoE on copy engines: thread blocks of its local pack and reduce kernels")      \
+    X(MOE_CHUNKS, "EPX_MOE_CHUNKS", INT, "0",                                              \
+      "MoE across hosts: chunks of the network step, each forwarded inside the host while "  \
+      "the next crosses (1-4; 0 = from the shape on GPUs with several per host, else 1); "   \
+      "the same on every rank")                                                             \
     X(FAULT, "EPX_FAULT", STR, "",                                                         \
       "tests: inject faults, KIND:rank=R,step=N[,ms=M];... with KIND delay, kill or count") \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \

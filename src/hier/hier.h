@@ -157,11 +157,11 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  * reference to its source: a kind (which buffer) in the top byte and a row index below.
  *   dispatch (cached dispatch across hosts; the rows of any dispatch on the GPU path):
  *     1. gather gw[n_gw] (from X, my rows) into the records for my gateways, gw_send[p]
- *        for gateway rank p, segments in rank order; exchange (between hosts) into FWD,
- *        fwd_recv[p] records from source p, in rank order;
+ *        for gateway rank p (gw_chunk[c * R + p] in chunk c); exchange (between hosts,
+ *        chunk by chunk) into FWD, fwd_recv[p] records from source p (fwd_chunk);
  *     2. gather fan (from FWD or X) into the records for the local ranks and exchange them
- *        (inside the host) into LRECV, in two parts (below): part p's records for local
- *        rank l, fan_send[p * LS + l] of them, and from it, fan_recv[p * LS + l];
+ *        (inside the host) into LRECV, in parts (below): part q's records for local rank
+ *        l, fan_send[q * LS + l] of them, and from it, fan_recv[q * LS + l];
  *     3. gather out[rows] (from LRECV, FWD or X) into the output rows;
  *        low-latency: row prow[j] of out goes to slot pslot[j] (local expert l's slots
  *        start at l * ll_slots), j < n_place in slot order (local expert, then row order:
@@ -173,27 +173,34 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  *   back to back by ascending local expert.
  *     1. gather c1 (from Y, the expert outputs: high-throughput row r, low-latency slot
  *        l * ll_slots + i) into the rows back to the local forwarders and exchange them
- *        into C1, in two parts: back_send[p * LS + l] to local rank l, back_recv[p * LS + l]
+ *        into C1, in parts: back_send[q * LS + l] to local rank l, back_recv[q * LS + l]
  *        from it;
  *     2. gather home[n_home_send] (from C1 or Y) into the rows home: home_send[p] to home
- *        rank p; exchange (between hosts) into HOME: home_recv[g] from gateway g;
+ *        rank p (home_send_chunk by chunk); exchange (between hosts, chunk by chunk) into
+ *        HOME: home_recv[g] from gateway g (home_recv_chunk);
  *     3. out[t] = the rows tok[first[t] .. first[t + 1]) (from Y, C1 or HOME), summed in
  *        that order: high-throughput one per rank in ascending rank order, the order of
  *        the single-host backends; low-latency one per valid k in ascending k, weighted by
  *        w[t, tk[j]].
- * The exchanges inside the host come in two parts, by where the token's source is:
+ * The exchanges inside the host come in parts, by where the token's source is:
  * EPX__HIER_LOCAL (this host: a dispatch record of its forwarder's own token, which needs
- * nothing from the network; a combine record that goes straight home) and EPX__HIER_REMOTE
- * (another host: forwarded after the network step of a dispatch; sent on home by its
- * forwarder in a combine), so that the local part can run while the network step does.
+ * nothing from the network; a combine record that goes straight home) and, for another
+ * host, one part per chunk of the network step, EPX__HIER_REMOTE + c (forwarded after
+ * chunk c of a dispatch's network step; sent on home in chunk c of a combine's), so that
+ * the local part runs while the network step does, and each chunk's part while the next
+ * chunk crosses. A token's chunk is its index's share of max_tokens: c = t * chunks /
+ * max_tokens (both ends know it). The network buffers (gw, FWD, home, HOME) lie chunk by
+ * chunk, each chunk's segments by rank: the *_chunk counts [chunks * R] give them; with one
+ * chunk that is the by-rank layout of the totals (gw_send etc.).
  * Two layouts of the references, LSEND/LRECV and C1 (by_peer when built):
- *   part-major (the GPU path: two exchanges): a part's references, its send and its receive
- *     buffer follow the local part's (part REMOTE of fan starts at fan + n_fan[LOCAL], its
- *     records at LSEND + n_fan[LOCAL], its receive at LRECV + n_lrecv[LOCAL]; the same for
- *     c1, back_send and back_recv), each part's segments by local rank;
- *   peer-major (the CPU path: one exchange, no overlap): by local rank, each one's LOCAL
- *     then REMOTE records back to back, so that local rank l's segment holds
- *     fan_send[l] + fan_send[LS + l] records (the same for the others).
+ *   part-major (the GPU path: one exchange per part): a part's references, its send and
+ *     its receive buffer follow the earlier parts' (part q of fan starts at fan + the sum
+ *     of n_fan[< q], its records at LSEND + that, its receive at LRECV + the sum of
+ *     n_lrecv[< q]; the same for c1, back_send and back_recv), each part's segments by
+ *     local rank;
+ *   peer-major (the CPU path: one exchange, no overlap): by local rank, each one's parts in
+ *     order back to back, so that local rank l's segment holds the sum over parts q of
+ *     fan_send[q * LS + l] records (the same for the others).
  * Segments lie back to back in rank (local rank) order, each record one row (and its
  * scales or weights). Mine to me never travels: those rows are read where they are. */
 #define EPX__HIER_REF(kind, index) (((int64_t)(kind) << 56) | (int64_t)(index))
@@ -201,13 +208,15 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
 #define EPX__HIER_REF_INDEX(ref) ((ref) & ((INT64_C(1) << 56) - 1))
 enum { EPX__HIER_X = 0, EPX__HIER_FWD = 1, EPX__HIER_LRECV = 2 }; /* dispatch sources */
 enum { EPX__HIER_Y = 0, EPX__HIER_C1 = 1, EPX__HIER_HOME = 2 };   /* combine sources */
-enum { EPX__HIER_LOCAL = 0, EPX__HIER_REMOTE = 1, EPX__HIER_PARTS = 2 }; /* parts inside the host */
-_Static_assert(EPX__HIER_PARTS == 2, "a part's offset is the local part's size (callers assume two parts)");
+#define EPX__HIER_MAX_CHUNKS 4 /* of the network step */
+enum { EPX__HIER_LOCAL = 0, EPX__HIER_REMOTE = 1, EPX__HIER_MAX_PARTS = 1 + EPX__HIER_MAX_CHUNKS };
 typedef struct {
-    int64_t *gw_send, *fwd_recv, *home_send, *home_recv;        /* [R] records */
-    int64_t *fan_send, *fan_recv, *back_send, *back_recv;       /* [PARTS * LS] */
-    int64_t n_fan[EPX__HIER_PARTS], n_lrecv[EPX__HIER_PARTS];   /* per part */
-    int64_t n_back_send[EPX__HIER_PARTS], n_back_recv[EPX__HIER_PARTS];
+    int chunks, parts;                                          /* parts = 1 + chunks */
+    int64_t *gw_send, *fwd_recv, *home_send, *home_recv;        /* [R] records, all chunks */
+    int64_t *gw_chunk, *fwd_chunk, *home_send_chunk, *home_recv_chunk; /* [chunks * R] */
+    int64_t *fan_send, *fan_recv, *back_send, *back_recv;       /* [parts * LS] */
+    int64_t n_fan[EPX__HIER_MAX_PARTS], n_lrecv[EPX__HIER_MAX_PARTS]; /* per part */
+    int64_t n_back_send[EPX__HIER_MAX_PARTS], n_back_recv[EPX__HIER_MAX_PARTS];
     int64_t n_gw, n_fwd, n_home_send, n_home_recv, n_tok, rows, n_place;
     int T, K;
     bool ll;
@@ -217,11 +226,23 @@ typedef struct {
     int64_t *tk, *prow, *pslot, *psrc, *count; /* low-latency: [n_tok], [n_place] x 3, [L]; else NULL */
     int64_t *mem; /* the allocation of the count arrays */
 } epx__hier_xplan_t;
-/* Local. On failure (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds
- * nothing. */
+/* Local. `chunks` (1 .. EPX__HIER_MAX_CHUNKS) must be the same on every rank. On failure
+ * (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds nothing. */
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
-                                   const epx__moe_shape_t *shape, bool by_peer, epx__hier_xplan_t *x,
+                                   const epx__moe_shape_t *shape, bool by_peer, int chunks, epx__hier_xplan_t *x,
                                    epx__errbuf_t *err);
+/* The chunks of the network step of a MoE call of shape s (every rank gets the same):
+ * EPX_MOE_CHUNKS when set; else, where the forwarding can overlap the network (`overlap`:
+ * the GPU path with several ranks per host), one per 8 MiB of a full batch's rows, at most
+ * EPX__HIER_MAX_CHUNKS; else 1. */
+int epx__hier_chunks(const epx__moe_shape_t *s, bool overlap);
+/* Where part `part` starts in a part-major buffer whose parts hold n[0..] records. */
+static inline int64_t epx__hier_part_at(const int64_t *n, int part)
+{
+    int64_t at = 0;
+    for (int q = 0; q < part; q++) at += n[q];
+    return at;
+}
 void epx__hier_xplan_free(epx__hier_xplan_t *x);
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h);
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h);

@@ -303,7 +303,9 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
     epx_status_t st = v ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) {
         v[t->rank] = local;
-        v[R + t->rank] = (int64_t)config_hash;
+        /* EPX_MOE_CHUNKS shapes every call's plan: a rank with another fails here. */
+        uint64_t chunks = (uint64_t)epx__param_int(EPX__P_MOE_CHUNKS);
+        v[R + t->rank] = (int64_t)(config_hash ^ (chunks * 0x9E3779B97F4A7C15ull));
         st = h->link.allreduce_sum(h->link.ctx, v, 2 * R, epx__deadline_after_ms(h->timeout_ms), err);
     }
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
@@ -311,8 +313,9 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
         if (v[p] != EPX_SUCCESS)
             st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its MoE configuration (%s)", p,
                            epx_status_name((epx_status_t)v[p]));
-        else if ((uint64_t)v[R + p] != config_hash)
-            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration differs from rank %d's", p, t->rank);
+        else if (v[R + p] != v[R + t->rank])
+            st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d's MoE configuration (or EPX_MOE_CHUNKS) differs from rank %d's",
+                           p, t->rank);
     }
     free(v);
     if (st != EPX_SUCCESS) {
@@ -738,20 +741,40 @@ static void epx__bytes(int64_t *out, const int64_t *cnt, int n, size_t rec)
     for (int i = 0; i < n; i++) out[i] = cnt[i] * (int64_t)rec;
 }
 
-/* The exchange inside the host along a row plan built peer-major (hier.h: both parts of a
+/* The network step of a row plan in `chunks` chunks (hier.h: the buffers lie chunk by
+ * chunk, each chunk's segments by rank): one exchange per chunk, in order, scnt[c * R + p]
+ * records of `rec` bytes from send to rank p, rcnt[c * R + p] from p into recv. nb is room
+ * for 2 * R byte counts. */
+static epx_status_t epx__net_chunks(epx__hier_moe_t *m, int tag, int chunks, const char *send, const int64_t *scnt,
+                                    char *recv, const int64_t *rcnt, size_t rec, int64_t *nb, uint64_t deadline,
+                                    epx__errbuf_t *err)
+{
+    int R = epx__t(m)->nranks;
+    for (int c = 0; c < chunks; c++) {
+        epx__bytes(nb, scnt + (size_t)c * R, R, rec), epx__bytes(nb + R, rcnt + (size_t)c * R, R, rec);
+        EPX__CHECK(epx__net_xchg(m, tag, send, nb, recv, nb + R, deadline, err));
+        for (int p = 0; p < R; p++) send += nb[p], recv += nb[R + p];
+    }
+    return EPX_SUCCESS;
+}
+
+/* The exchange inside the host along a row plan built peer-major (hier.h: all parts of a
  * local rank's records back to back, so one exchange moves them): the records gathered from
- * refs into send, then exchanged into recv. cs / cr [PARTS * LS]: records to / from each
- * local rank, by part; ns [PARTS]: the parts' totals. A record is `rec` bytes: rb of its
+ * refs into send, then exchanged into recv. cs / cr [parts * LS]: records to / from each
+ * local rank, by part; ns [parts]: the parts' totals. A record is `rec` bytes: rb of its
  * row, and with aux ab more at offset ao; nb is room for 2 * LS byte counts. Every local
  * rank takes part. */
-static epx_status_t epx__local_both(epx__hier_moe_t *m, const epx__srcs_t *src, const int64_t *refs, const int64_t *cs,
-                                    const int64_t *ns, const int64_t *cr, char *send, char *recv, size_t rec,
-                                    size_t rb, bool aux, size_t ao, size_t ab, int64_t *nb, epx__errbuf_t *err)
+static epx_status_t epx__local_both(epx__hier_moe_t *m, int parts, const epx__srcs_t *src, const int64_t *refs,
+                                    const int64_t *cs, const int64_t *ns, const int64_t *cr, char *send, char *recv,
+                                    size_t rec, size_t rb, bool aux, size_t ao, size_t ab, int64_t *nb,
+                                    epx__errbuf_t *err)
 {
     int LS = epx__t(m)->local_size;
-    epx__gather(src, refs, ns[0] + ns[1], send, rec, rb, aux ? send + ao : NULL, rec, ab);
-    for (int l = 0; l < LS; l++)
-        nb[l] = (cs[l] + cs[LS + l]) * (int64_t)rec, nb[LS + l] = (cr[l] + cr[LS + l]) * (int64_t)rec;
+    epx__gather(src, refs, epx__hier_part_at(ns, parts), send, rec, rb, aux ? send + ao : NULL, rec, ab);
+    for (int l = 0; l < LS; l++) {
+        nb[l] = nb[LS + l] = 0;
+        for (int q = 0; q < parts; q++) nb[l] += cs[q * LS + l] * (int64_t)rec, nb[LS + l] += cr[q * LS + l] * (int64_t)rec;
+    }
     return epx__local_xchg(m, send, nb, recv, nb + LS, err);
 }
 
@@ -769,17 +792,17 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &x, err));
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
     int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
     char *send = epx__buf(m, EPX__B_SEND, (size_t)x.n_gw * rec, &st, err);
     char *fwd = epx__buf(m, EPX__B_FWD, (size_t)x.n_fwd * rec, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)(x.n_fan[0] + x.n_fan[1]) * rec, &st, err);
-    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)(x.n_lrecv[0] + x.n_lrecv[1]) * rec, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x.n_fan, x.parts) * rec, &st, err);
+    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x.n_lrecv, x.parts) * rec, &st, err);
     if (st == EPX_SUCCESS) {
-        int64_t *sbytes = nb, *rbytes = nb + R, *lb = nb + 2 * R;
+        int64_t *lb = nb + 2 * R;
         /* Scales travel whenever the dtype has them: a rank without tokens may pass no
          * x_scales and still forward and receive other ranks' rows (and their scales). */
         const float *xs = fp8 ? in->x_scales : NULL;
@@ -791,10 +814,10 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
         /* To my gateways on the other hosts, then from each to the local ranks (one exchange
          * for both parts: no overlap here), then into place. */
         epx__gather(&src, x.gw, x.n_gw, send, rec, rb, fp8 ? send + ao : NULL, rec, sb);
-        epx__bytes(sbytes, x.gw_send, R, rec), epx__bytes(rbytes, x.fwd_recv, R, rec);
-        st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_ROWS), send, sbytes, fwd, rbytes, deadline, err);
+        st = epx__net_chunks(m, epx__hier_tag(seq, EPX__ST_ROWS), x.chunks, send, x.gw_chunk, fwd, x.fwd_chunk, rec,
+                             nb, deadline, err);
         if (st == EPX_SUCCESS)
-            st = epx__local_both(m, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, lsend, lrecv, rec, rb, fp8, ao, sb,
+            st = epx__local_both(m, x.parts, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, lsend, lrecv, rec, rb, fp8, ao, sb,
                                  lb, err);
         if (st == EPX_SUCCESS)
             epx__gather(&src, x.out, x.rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
@@ -817,22 +840,22 @@ static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *
     size_t rec = ao + (w ? EPX__ALIGN_UP(wb, 16) : 0);
     epx_status_t st = EPX_SUCCESS;
     int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)(x->n_back_send[0] + x->n_back_send[1]) * rec, &st, err);
-    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)(x->n_back_recv[0] + x->n_back_recv[1]) * rec, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x->n_back_send, x->parts) * rec, &st, err);
+    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x->n_back_recv, x->parts) * rec, &st, err);
     char *send = epx__buf(m, EPX__B_SEND, (size_t)x->n_home_send * rec, &st, err);
     char *home = epx__buf(m, EPX__B_HOME, (size_t)x->n_home_recv * rec, &st, err);
     if (st == EPX_SUCCESS) {
-        int64_t *sbytes = nb, *rbytes = nb + R, *lb = nb + 2 * R;
+        int64_t *lb = nb + 2 * R;
         memset(src, 0, sizeof *src);
         epx__src_set(src, EPX__HIER_Y, y, crow, w, wb);
         epx__src_set(src, EPX__HIER_C1, c1, rec, w ? c1 + ao : NULL, rec);
         epx__src_set(src, EPX__HIER_HOME, home, rec, w ? home + ao : NULL, rec);
-        st = epx__local_both(m, src, x->c1, x->back_send, x->n_back_send, x->back_recv, lsend, c1, rec, crow,
+        st = epx__local_both(m, x->parts, src, x->c1, x->back_send, x->n_back_send, x->back_recv, lsend, c1, rec, crow,
                              w != NULL, ao, wb, lb, err);
         if (st == EPX_SUCCESS) {
             epx__gather(src, x->home, x->n_home_send, send, rec, crow, w ? send + ao : NULL, rec, wb);
-            epx__bytes(sbytes, x->home_send, R, rec), epx__bytes(rbytes, x->home_recv, R, rec);
-            st = epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_HOME), send, sbytes, home, rbytes, deadline, err);
+            st = epx__net_chunks(m, epx__hier_tag(seq, EPX__ST_HOME), x->chunks, send, x->home_send_chunk, home,
+                                 x->home_recv_chunk, rec, nb, deadline, err);
         }
     }
     free(nb);
@@ -852,7 +875,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
@@ -914,7 +937,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     epx__flows_free(&f);
     epx__hier_xplan_t xp;
     memset(&xp, 0, sizeof xp);
-    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, true, &xp, err);
+    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &xp, err);
     if (st == EPX_SUCCESS && payload) {
         /* The caller's outputs, now that nothing can fail: each row into its slots, in the
          * row plan's order (local expert, then source rank and token ascending). */
@@ -968,7 +991,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;

@@ -62,32 +62,44 @@ static int epx__experts_on(const int32_t *tk, int K, int L, int q, int *lid, int
     return n;
 }
 
-/* The part of the exchanges inside the host that a token of source rank p takes here
- * (hier.h): EPX__HIER_LOCAL when p is on this host, else EPX__HIER_REMOTE. */
-static int epx__part(const epx__topo_t *t, int p)
+int epx__hier_chunks(const epx__moe_shape_t *s, bool overlap)
 {
-    return t->host_of[p] == t->host ? EPX__HIER_LOCAL : EPX__HIER_REMOTE;
+    int64_t set = epx__param_int(EPX__P_MOE_CHUNKS);
+    if (set > 0) return (int)EPX__MIN(set, (int64_t)EPX__HIER_MAX_CHUNKS);
+    if (!overlap) return 1;
+    size_t scales = s->dtype == EPX_FP8_E4M3 ? s->scale_cols * sizeof(float) : 0;
+    uint64_t bytes = (uint64_t)s->max_tokens * (s->row_bytes + scales), per = (uint64_t)8 << 20;
+    uint64_t c = (bytes + per - 1) / per;
+    return c < 1 ? 1 : c > EPX__HIER_MAX_CHUNKS ? EPX__HIER_MAX_CHUNKS : (int)c;
 }
 
-/* The a-th segment (a < PARTS * LS) of a buffer in the layout of hier.h: its part and local
+/* The chunk of the network step that token `tok` of any source takes (hier.h). */
+static int epx__chunk(int chunks, int max_tokens, int tok)
+{
+    if (chunks <= 1) return 0;
+    int64_t c = (int64_t)tok * chunks / EPX__MAX(max_tokens, 1);
+    return c < chunks ? (int)c : chunks - 1;
+}
+
+/* The a-th segment (a < parts * LS) of a buffer in the layout of hier.h: its part and local
  * rank. */
-static void epx__seg(int a, int LS, bool by_peer, int *part, int *l)
+static void epx__seg(int a, int LS, int parts, bool by_peer, int *part, int *l)
 {
-    *part = by_peer ? a % EPX__HIER_PARTS : a / LS;
-    *l = by_peer ? a / EPX__HIER_PARTS : a % LS;
+    *part = by_peer ? a % parts : a / LS;
+    *l = by_peer ? a / parts : a % LS;
 }
 
-/* From the counts n[p * LS + l] of a buffer in that layout: each part's total tot[p] and
- * (first not NULL) where each segment starts, first[p * LS + l]. */
-static void epx__part_first(const int64_t *n, int LS, bool by_peer, int64_t *first, int64_t *tot)
+/* From the counts n[q * LS + l] of a buffer in that layout: each part's total tot[q] and
+ * (first not NULL) where each segment starts, first[q * LS + l]. */
+static void epx__part_first(const int64_t *n, int LS, int parts, bool by_peer, int64_t *first, int64_t *tot)
 {
     int64_t at = 0;
-    for (int p = 0; p < EPX__HIER_PARTS; p++) tot[p] = 0;
-    for (int a = 0; a < EPX__HIER_PARTS * LS; a++) {
-        int p, l;
-        epx__seg(a, LS, by_peer, &p, &l);
-        if (first) first[p * LS + l] = at;
-        at += n[p * LS + l], tot[p] += n[p * LS + l];
+    for (int q = 0; q < parts; q++) tot[q] = 0;
+    for (int a = 0; a < parts * LS; a++) {
+        int q, l;
+        epx__seg(a, LS, parts, by_peer, &q, &l);
+        if (first) first[q * LS + l] = at;
+        at += n[q * LS + l], tot[q] += n[q * LS + l];
     }
 }
 
@@ -100,12 +112,22 @@ static int epx__gw(const epx__topo_t *t, int p, int k)
 /* What the builder reads. */
 typedef struct {
     epx__hier_plan_t P;
+    const epx__topo_t *t;
+    int chunks, max_tokens;
     int K, L, me;
     bool ll;
     int64_t slots;
     const int64_t *rslot; /* low-latency [rows, K]: row r's position among its expert's slots, at
                              the first k naming each of my experts; else -1 */
 } epx__pb_t;
+
+/* The part of the exchanges inside the host that token `tok` of source rank p takes here
+ * (hier.h): EPX__HIER_LOCAL when p is on this host, else its chunk's. */
+static int epx__part(const epx__pb_t *b, int p, int tok)
+{
+    if (b->t->host_of[p] == b->t->host) return EPX__HIER_LOCAL;
+    return EPX__HIER_REMOTE + epx__chunk(b->chunks, b->max_tokens, tok);
+}
 
 /* Rows of the combine record of a token (routing tk) for rank q, which it goes to. */
 static int64_t epx__rec_rows(const epx__pb_t *b, const int32_t *tk, int q)
@@ -134,7 +156,8 @@ void epx__hier_xplan_free(epx__hier_xplan_t *x)
 }
 
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
-                                   const epx__moe_shape_t *s, bool by_peer, epx__hier_xplan_t *x, epx__errbuf_t *err)
+                                   const epx__moe_shape_t *s, bool by_peer, int chunks, epx__hier_xplan_t *x,
+                                   epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__hier_topo(hier);
     int R = t->nranks, LS = t->local_size, NH = t->num_hosts, me = t->rank, ml = t->local_rank, A = t->host;
@@ -145,39 +168,66 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     const epx__hier_plan_t *P = &b.P;
     int K = P->K, T = P->T;
     b.K = K, b.L = L, b.me = me, b.ll = P->ll, b.slots = (int64_t)s->ll_slots;
+    b.t = t, b.chunks = chunks, b.max_tokens = s->max_tokens;
     const int64_t *tf = P->to_first, *ff = P->from_first;
     int64_t rows = P->rows;
     memset(x, 0, sizeof *x);
     if (K > EPX_MOE_MAX_TOPK) return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got top-k %d", K);
+    if (chunks < 1 || chunks > EPX__HIER_MAX_CHUNKS)
+        return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got %d chunks", chunks);
+    int C = chunks, NP = 1 + chunks;
+    x->chunks = C, x->parts = NP;
     epx_status_t st = EPX_SUCCESS;
-    x->mem = calloc(4 * (size_t)R + 4 * EPX__HIER_PARTS * (size_t)LS, sizeof *x->mem);
+    x->mem = calloc(4 * (size_t)R * (1 + (size_t)C) + 4 * (size_t)NP * (size_t)LS, sizeof *x->mem);
     /* Where each part's segment from (to) each local rank starts in LRECV (C1). */
-    int64_t *lfirst = malloc(sizeof *lfirst * 2 * EPX__HIER_PARTS * (size_t)LS), *cfirst = NULL;
+    int64_t *lfirst = malloc(sizeof *lfirst * 2 * (size_t)NP * (size_t)LS), *cfirst = NULL;
     int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P->nent * LS, (int64_t)1));
-    int64_t *cur = calloc((size_t)NH, sizeof *cur);
+    /* Per (chunk, host): where the next home row lies in HOME; per (chunk, source): where
+     * the next forwarded record lies in FWD; each forwarded entry's record there. */
+    int64_t *cur = calloc((size_t)C * (size_t)NH, sizeof *cur), *fcur = calloc((size_t)C * (size_t)R, sizeof *fcur);
+    int64_t *efidx = malloc(sizeof *efidx * (size_t)EPX__MAX(P->nent, (int64_t)1));
     int64_t *cnt = calloc((size_t)EPX__MAX(L, 1), sizeof *cnt), *pfirst = calloc((size_t)L + 1, sizeof *pfirst);
     int64_t *rslot = malloc(sizeof *rslot * (size_t)EPX__MAX(b.ll ? rows * K : 0, (int64_t)1));
     int ranks[EPX_MOE_MAX_TOPK], lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
-    if (!x->mem || !lfirst || !ent_ref || !cur || !cnt || !pfirst || !rslot) {
+    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
     }
     b.rslot = rslot;
-    cfirst = lfirst + EPX__HIER_PARTS * LS;
+    cfirst = lfirst + NP * LS;
     x->gw_send = x->mem, x->fwd_recv = x->mem + R, x->home_send = x->mem + 2 * R, x->home_recv = x->mem + 3 * R;
-    x->fan_send = x->mem + 4 * R, x->fan_recv = x->fan_send + EPX__HIER_PARTS * LS;
-    x->back_send = x->fan_recv + EPX__HIER_PARTS * LS, x->back_recv = x->back_send + EPX__HIER_PARTS * LS;
+    x->gw_chunk = x->mem + 4 * R, x->fwd_chunk = x->gw_chunk + C * R;
+    x->home_send_chunk = x->fwd_chunk + C * R, x->home_recv_chunk = x->home_send_chunk + C * R;
+    x->fan_send = x->home_recv_chunk + C * R, x->fan_recv = x->fan_send + NP * LS;
+    x->back_send = x->fan_recv + NP * LS, x->back_recv = x->back_send + NP * LS;
     x->T = T, x->K = K, x->rows = rows, x->ll = b.ll;
     /* Dispatch: my tokens to my gateway on each other host; what my sources send me; the
      * fan-out to and from the other local ranks (mine to me is never copied). */
     for (int k = 0; k < NH; k++) {
         if (k == A) continue;
-        int64_t n = 0;
-        for (int i = 0; i < T; i++) n += epx__goes_host(t, P->topk + (size_t)i * K, K, L, k);
-        x->gw_send[epx__gw(t, me, k)] = n, x->n_gw += n;
+        int g = epx__gw(t, me, k);
+        for (int i = 0; i < T; i++)
+            if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
+                x->gw_send[g]++, x->gw_chunk[epx__chunk(C, b.max_tokens, i) * R + g]++, x->n_gw++;
     }
     for (int p = 0; p < R; p++) x->fwd_recv[p] = P->fwd_count[p], x->n_fwd += P->fwd_count[p];
+    /* What my rail peers forward through me, chunk by chunk (FWD's layout, hier.h). */
+    for (int64_t e = 0; e < P->nent; e++)
+        if (P->ent_fidx[e] >= 0) x->fwd_chunk[epx__chunk(C, b.max_tokens, P->ent_tok[e]) * R + P->ent_src[e]]++;
+    int64_t at = 0;
+    for (int c = 0; c < C; c++)
+        for (int p = 0; p < R; p++) fcur[c * R + p] = at, at += x->fwd_chunk[c * R + p];
+    for (int64_t e = 0; e < P->nent; e++)
+        efidx[e] = P->ent_fidx[e] < 0 ? -1 : fcur[epx__chunk(C, b.max_tokens, P->ent_tok[e]) * R + P->ent_src[e]]++;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        int64_t n = 0;
+        for (int c = 0; c < C; c++) n += x->fwd_chunk[c * R + p];
+        if (n != x->fwd_recv[p])
+            st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan forwards %lld of source %d's %lld tokens", (long long)n, p,
+                           (long long)x->fwd_recv[p]);
+    }
+    if (st != EPX_SUCCESS) goto done;
     if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P->nfwd) {
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan does not add up (%lld rows to myself, %lld from)",
                        (long long)(tf[ml + 1] - tf[ml]), (long long)(ff[ml + 1] - ff[ml]));
@@ -191,11 +241,17 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         }
     for (int l = 0; l < LS; l++) {
         if (l == ml) continue;
-        for (int64_t a = tf[l]; a < tf[l + 1]; a++) x->fan_send[epx__part(t, P->ent_src[P->to_ent[a]]) * LS + l]++;
-        for (int64_t a = ff[l]; a < ff[l + 1]; a++) x->fan_recv[epx__part(t, P->row_src[P->from_row[a]]) * LS + l]++;
+        for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
+            int64_t e = P->to_ent[a];
+            x->fan_send[epx__part(&b, P->ent_src[e], P->ent_tok[e]) * LS + l]++;
+        }
+        for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
+            int64_t r = P->from_row[a];
+            x->fan_recv[epx__part(&b, P->row_src[r], P->row_tok[r]) * LS + l]++;
+        }
     }
-    epx__part_first(x->fan_send, LS, by_peer, NULL, x->n_fan);
-    epx__part_first(x->fan_recv, LS, by_peer, lfirst, x->n_lrecv);
+    epx__part_first(x->fan_send, LS, NP, by_peer, NULL, x->n_fan);
+    epx__part_first(x->fan_recv, LS, NP, by_peer, lfirst, x->n_lrecv);
     /* Low-latency slots: per local expert, my rows in row order (a row once per distinct
      * expert). */
     for (int64_t r = 0; b.ll && r < rows; r++) {
@@ -218,16 +274,16 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     for (int l = 0; l < LS; l++)
         for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++) {
             int64_t r = P->from_row[a];
-            x->back_send[epx__part(t, P->row_src[r]) * LS + l] += epx__rec_rows(&b, P->row_topk + r * K, me);
+            x->back_send[epx__part(&b, P->row_src[r], P->row_tok[r]) * LS + l] += epx__rec_rows(&b, P->row_topk + r * K, me);
         }
     for (int l = 0; l < LS; l++)
         for (int64_t a = tf[l]; a < tf[l + 1] && l != ml; a++) {
             int64_t e = P->to_ent[a];
-            x->back_recv[epx__part(t, P->ent_src[e]) * LS + l] +=
+            x->back_recv[epx__part(&b, P->ent_src[e], P->ent_tok[e]) * LS + l] +=
                 epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
         }
-    epx__part_first(x->back_send, LS, by_peer, NULL, x->n_back_send);
-    epx__part_first(x->back_recv, LS, by_peer, cfirst, x->n_back_recv);
+    epx__part_first(x->back_send, LS, NP, by_peer, NULL, x->n_back_send);
+    epx__part_first(x->back_recv, LS, NP, by_peer, cfirst, x->n_back_recv);
     for (int64_t i = 0; i < P->nent * LS; i++) ent_ref[i] = -1;
     for (int l = 0; l < LS; l++) {
         int q = t->host_ranks[t->host_first[A] + l];
@@ -237,28 +293,32 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
                 ent_ref[e * LS + l] = EPX__HIER_REF(EPX__HIER_Y, P->from_row[ff[ml] + a - tf[ml]]);
                 continue;
             }
-            int64_t *c = &cfirst[epx__part(t, P->ent_src[e]) * LS + l];
+            int64_t *c = &cfirst[epx__part(&b, P->ent_src[e], P->ent_tok[e]) * LS + l];
             ent_ref[e * LS + l] = EPX__HIER_REF(EPX__HIER_C1, *c);
             *c += epx__rec_rows(&b, P->ent_topk + e * K, q);
         }
     }
     for (int64_t e = 0; e < P->nent; e++) {
-        int p = P->ent_src[e];
+        int p = P->ent_src[e], c = epx__chunk(C, b.max_tokens, P->ent_tok[e]);
         if (t->host_of[p] == A) continue;
         for (int l = 0; l < LS; l++)
-            if (ent_ref[e * LS + l] >= 0)
-                x->home_send[p] += epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
+            if (ent_ref[e * LS + l] >= 0) {
+                int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
+                x->home_send[p] += n, x->home_send_chunk[c * R + p] += n;
+            }
     }
     for (int p = 0; p < R; p++) x->n_home_send += x->home_send[p];
     for (int k = 0; k < NH; k++) {
         if (k == A) continue;
-        int64_t n = 0;
+        int g = epx__gw(t, me, k);
         for (int i = 0; i < T; i++)
             for (int l = 0; l < t->host_size[k]; l++) {
                 int q = t->host_ranks[t->host_first[k] + l];
-                if (epx__goes_rank(P->topk + (size_t)i * K, K, L, q)) n += epx__rec_rows(&b, P->topk + (size_t)i * K, q);
+                if (!epx__goes_rank(P->topk + (size_t)i * K, K, L, q)) continue;
+                int64_t n = epx__rec_rows(&b, P->topk + (size_t)i * K, q);
+                x->home_recv[g] += n, x->home_recv_chunk[epx__chunk(C, b.max_tokens, i) * R + g] += n;
             }
-        x->home_recv[epx__gw(t, me, k)] = n, x->n_home_recv += n;
+        x->n_home_recv += x->home_recv[g];
     }
     for (int i = 0; i < T; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
@@ -267,7 +327,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
      * tk, prow, pslot, psrc, count. */
-    x->nref = (size_t)(x->n_gw + x->n_fan[0] + x->n_fan[1] + rows + x->n_back_send[0] + x->n_back_send[1] +
+    x->nref = (size_t)(x->n_gw + epx__hier_part_at(x->n_fan, NP) + rows + epx__hier_part_at(x->n_back_send, NP) +
                        x->n_home_send + T + 1 + x->n_tok);
     if (b.ll) x->nref += (size_t)(x->n_tok + 3 * x->n_place + L);
     x->ref = malloc(sizeof *x->ref * EPX__MAX(x->nref, (size_t)1));
@@ -277,21 +337,22 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     }
     int64_t *o = x->ref;
     x->gw = o;
-    for (int p = 0; p < R; p++) { /* segments by gateway rank */
-        int k = t->host_of[p];
-        if (k == A || epx__gw(t, me, k) != p) continue;
-        for (int i = 0; i < T; i++)
-            if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
-    }
+    for (int c = 0; c < C; c++)
+        for (int p = 0; p < R; p++) { /* segments by chunk, then by gateway rank */
+            int k = t->host_of[p];
+            if (k == A || epx__gw(t, me, k) != p) continue;
+            for (int i = 0; i < T; i++)
+                if (epx__chunk(C, b.max_tokens, i) == c && epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
+                    *o++ = EPX__HIER_REF(EPX__HIER_X, i);
+        }
     x->fan = o;
-    for (int g = 0; g < EPX__HIER_PARTS * LS; g++) {
+    for (int g = 0; g < NP * LS; g++) {
         int part, l;
-        epx__seg(g, LS, by_peer, &part, &l);
+        epx__seg(g, LS, NP, by_peer, &part, &l);
         for (int64_t a = tf[l]; a < tf[l + 1] && l != ml; a++) {
             int64_t e = P->to_ent[a];
-            if (epx__part(t, P->ent_src[e]) != part) continue;
-            *o++ = P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
-                                       : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
+            if (epx__part(&b, P->ent_src[e], P->ent_tok[e]) != part) continue;
+            *o++ = efidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, efidx[e]) : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
         }
     }
     x->out = o;
@@ -299,42 +360,44 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     for (int l = 0; l < LS; l++)
         for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
             int64_t r = P->from_row[a], e = l == ml ? P->to_ent[tf[ml] + a - ff[ml]] : -1;
-            o[r] = l != ml                ? EPX__HIER_REF(EPX__HIER_LRECV, lfirst[epx__part(t, P->row_src[r]) * LS + l]++)
-                   : P->ent_fidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, P->ent_fidx[e])
-                                         : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
+            o[r] = l != ml ? EPX__HIER_REF(EPX__HIER_LRECV, lfirst[epx__part(&b, P->row_src[r], P->row_tok[r]) * LS + l]++)
+                   : efidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, efidx[e])
+                                   : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
         }
     for (int64_t r = 0; r < rows && st == EPX_SUCCESS; r++)
         if (o[r] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has no source for row %lld", (long long)r);
     if (st != EPX_SUCCESS) goto done;
     o += rows;
     x->c1 = o;
-    for (int g = 0; g < EPX__HIER_PARTS * LS; g++) {
+    for (int g = 0; g < NP * LS; g++) {
         int part, l;
-        epx__seg(g, LS, by_peer, &part, &l);
+        epx__seg(g, LS, NP, by_peer, &part, &l);
         for (int64_t a = ff[l]; a < ff[l + 1] && l != ml; a++) {
             int64_t r = P->from_row[a], n = epx__rec_rows(&b, P->row_topk + r * K, me);
-            if (epx__part(t, P->row_src[r]) != part) continue;
+            if (epx__part(&b, P->row_src[r], P->row_tok[r]) != part) continue;
             for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, EPX__HIER_REF(EPX__HIER_Y, r), j);
         }
     }
     x->home = o;
-    for (int64_t e = 0; e < P->nent; e++) {
-        if (t->host_of[P->ent_src[e]] == A) continue;
-        for (int l = 0; l < LS; l++) {
-            if (ent_ref[e * LS + l] < 0) continue;
-            int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
-            for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, ent_ref[e * LS + l], j);
+    for (int c = 0; c < C; c++) /* by chunk, then entry (source rank, token) */
+        for (int64_t e = 0; e < P->nent; e++) {
+            if (t->host_of[P->ent_src[e]] == A || epx__chunk(C, b.max_tokens, P->ent_tok[e]) != c) continue;
+            for (int l = 0; l < LS; l++) {
+                if (ent_ref[e * LS + l] < 0) continue;
+                int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
+                for (int j = 0; j < n; j++) *o++ = epx__rec_row(&b, ent_ref[e * LS + l], j);
+            }
         }
-    }
     x->first = o;
     o += T + 1;
     x->tok = o;
     x->tk = b.ll ? x->tok + x->n_tok : NULL;
     int64_t acc = 0, e0 = 0;
-    for (int p = 0; p < R; p++) { /* home rows lie by gateway rank */
-        int k = t->host_of[p];
-        if (k != A && epx__gw(t, me, k) == p) cur[k] = acc, acc += x->home_recv[p];
-    }
+    for (int c = 0; c < C; c++)
+        for (int p = 0; p < R; p++) { /* home rows lie by chunk, then by gateway rank */
+            int k = t->host_of[p];
+            if (k != A && epx__gw(t, me, k) == p) cur[c * NH + k] = acc, acc += x->home_recv_chunk[c * R + p];
+        }
     for (int p = 0; p < me; p++) e0 += P->fwd_count[p]; /* my entries follow the lower sources' */
     x->first[0] = 0;
     for (int i = 0; i < T && st == EPX_SUCCESS; i++) {
@@ -345,10 +408,11 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             break;
         }
         /* The first row of each destination rank's record, in ascending rank order. */
+        int64_t *ci = cur + epx__chunk(C, b.max_tokens, i) * NH;
         for (int j = 0; j < n; j++) {
             int r = ranks[j], k = t->host_of[r];
-            base[j] = k == A ? ent_ref[(e0 + i) * LS + t->lrank_of[r]] : EPX__HIER_REF(EPX__HIER_HOME, cur[k]);
-            if (k != A) cur[k] += epx__rec_rows(&b, tk, r);
+            base[j] = k == A ? ent_ref[(e0 + i) * LS + t->lrank_of[r]] : EPX__HIER_REF(EPX__HIER_HOME, ci[k]);
+            if (k != A) ci[k] += epx__rec_rows(&b, tk, r);
             if (base[j] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misses token %d's row at rank %d", i, r);
         }
         int64_t m = 0;
@@ -386,7 +450,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %zu references, %zu expected", (size_t)(o - x->ref),
                        x->nref);
 done:
-    free(lfirst), free(ent_ref), free(cur), free(cnt), free(pfirst), free(rslot);
+    free(lfirst), free(ent_ref), free(cur), free(fcur), free(efidx), free(cnt), free(pfirst), free(rslot);
     if (st != EPX_SUCCESS) epx__hier_xplan_free(x);
     return st;
 }

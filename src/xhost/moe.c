@@ -27,12 +27,13 @@
  *             from +0 with the single-host CUDA combine's code (epx__moe_reduce_token): the
  *             same bits.
  * Overlap: with local ranks, the NCCL step runs on a side stream (after a fork event on
- * the caller's stream, which then waits for its join event), and each intra-host exchange
- * runs in two parts by where the token's source is (src/hier's plan): a dispatch sends the
- * local ranks' own tokens over NVLink while NCCL runs and the forwarded ones after it; a
- * combine sends back first the rows of tokens from other hosts (their forwarders send them
- * on over NCCL), then, while NCCL runs, the rows of this host's tokens. The forwarded half
- * still waits for the whole network step (no chunked pipelining of the two hops).
+ * the caller's stream, which then waits for its join event) in chunks (by token index,
+ * EPX_MOE_CHUNKS or from the shape: src/hier's plan), and each intra-host exchange runs in
+ * parts by where the token's source is and its chunk: a dispatch sends the local ranks' own
+ * tokens over NVLink while NCCL runs, then the forwarded ones of each chunk as soon as that
+ * chunk has crossed, while the next one crosses; a combine sends back the rows of tokens
+ * from other hosts chunk by chunk, their forwarders sending each chunk on over NCCL while
+ * the next comes back, then, while NCCL runs, the rows of this host's tokens.
  *
  * Bytes per GPU and direction for T = 4096, H = 7168, K = 8, E = 256 (uniform routing; a
  * token reaches a given host with p = 0.9965, a given rank of 2x2 with 0.9036); BF16 row
@@ -125,15 +126,26 @@ struct epx__xhost_moe {
     size_t cap[B_N];
     char *stage[S_N]; /* device staging of the rows */
     size_t stage_cap[S_N];
-    int64_t *lx; /* [PARTS * 4 * LS]: the intra-host exchanges' byte counts and displacements */
-    epx__cpu_xfer_t lxf[EPX__HIER_PARTS]; /* those exchanges, by part: an epx__cuda_a2a_t plan
-                                             points here until enqueued */
+    int64_t *lx; /* [MAX_PARTS * 4 * LS]: the intra-host exchanges' byte counts and displacements */
+    epx__cpu_xfer_t lxf[EPX__HIER_MAX_PARTS]; /* those exchanges, by part: an epx__cuda_a2a_t
+                                                 plan points here until enqueued */
     int sms;
     cudaEvent_t done;  /* recorded at the end of every call that enqueued work */
     cudaStream_t side; /* the NCCL step of a call with an intra-host exchange runs here ... */
     cudaEvent_t fork, join; /* ... after `fork` on the caller's stream, which waits for `join` */
-    char *stat; /* device: my status for the NCCL peers, then theirs [P] (epx__cuda_status_*) */
+    cudaEvent_t ev[EPX__HIER_MAX_CHUNKS]; /* chunk c's hand-over between the two streams */
+    /* device (epx__cuda_status_*): my status for the NCCL peers in each chunk's group
+     * [MAX_CHUNKS], then theirs [MAX_CHUNKS][P] */
+    char *stat;
 };
+
+/* Chunk c's statuses in m->stat: mine, then the P peers'. */
+static char *epx__stat_mine(const epx__xhost_moe_t *m, int c) { return m->stat + (size_t)c * EPX__CUDA_STATUS_BYTES; }
+static char *epx__stat_theirs(const epx__xhost_moe_t *m, int c)
+{
+    size_t P = (size_t)epx__nccl_size(m->xh->nccl);
+    return m->stat + EPX__CUDA_STATUS_BYTES * (EPX__HIER_MAX_CHUNKS + (size_t)c * P);
+}
 
 /* A handle's row plan (src/hier's epx__hier_xplan_t: counts on the host), its references
  * in device memory. */
@@ -255,19 +267,22 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
 {
     epx__xhost_moe_t *m = calloc(1, sizeof *m);
     if (!m && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    int made = 0; /* of done, fork, join, side, stat, in that order */
+    enum { NEV = 3 + EPX__HIER_MAX_CHUNKS };
+    int made = 0; /* of the NEV events, side, stat, in that order */
+    cudaEvent_t *ev[NEV];
     if (m && local == EPX_SUCCESS) {
         m->xh = xh;
-        m->lx = calloc(EPX__HIER_PARTS * 4 * (size_t)xh->ls, sizeof *m->lx);
+        m->lx = calloc(EPX__HIER_MAX_PARTS * 4 * (size_t)xh->ls, sizeof *m->lx);
         if (!m->lx) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         int dev = 0;
         cudaError_t ce = cudaGetDevice(&dev);
         if (ce == cudaSuccess) ce = cudaDeviceGetAttribute(&m->sms, cudaDevAttrMultiProcessorCount, dev);
-        cudaEvent_t *ev[3] = {&m->done, &m->fork, &m->join};
-        while (ce == cudaSuccess && made < 3)
+        ev[0] = &m->done, ev[1] = &m->fork, ev[2] = &m->join;
+        for (int c = 0; c < EPX__HIER_MAX_CHUNKS; c++) ev[3 + c] = &m->ev[c];
+        while (ce == cudaSuccess && made < NEV)
             if ((ce = cudaEventCreateWithFlags(ev[made], cudaEventDisableTiming)) == cudaSuccess) made++;
         if (ce == cudaSuccess && (ce = cudaStreamCreateWithFlags(&m->side, cudaStreamNonBlocking)) == cudaSuccess) made++;
-        size_t sb = EPX__CUDA_STATUS_BYTES * (1 + (size_t)epx__nccl_size(xh->nccl));
+        size_t sb = EPX__CUDA_STATUS_BYTES * EPX__HIER_MAX_CHUNKS * (1 + (size_t)epx__nccl_size(xh->nccl));
         if (ce == cudaSuccess && (ce = cudaMalloc((void **)&m->stat, sb)) == cudaSuccess) made++;
         if (ce != cudaSuccess && local == EPX_SUCCESS)
             local = epx__fail(err, EPX_ERR_CUDA, "MoE across hosts: %s", cudaGetErrorString(ce));
@@ -275,11 +290,9 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
     epx__hier_moe_t *hm = NULL;
     epx_status_t st = epx__hier_moe_create(xh->hier, shape, hash, local, &hm, err);
     if (st != EPX_SUCCESS) {
-        if (made > 0) cudaEventDestroy(m->done);
-        if (made > 1) cudaEventDestroy(m->fork);
-        if (made > 2) cudaEventDestroy(m->join);
-        if (made > 3) cudaStreamDestroy(m->side);
-        if (made > 4) cudaFree(m->stat);
+        for (int i = 0; i < made && i < NEV; i++) cudaEventDestroy(*ev[i]);
+        if (made > NEV) cudaStreamDestroy(m->side);
+        if (made > NEV + 1) cudaFree(m->stat);
         if (m) free(m->lx);
         free(m);
         return st;
@@ -311,6 +324,7 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
         if (m->stage[b] && !keep) cudaFree(m->stage[b]);
     if (!keep) cudaFree(m->stat);
     cudaEventDestroy(m->done), cudaEventDestroy(m->fork), cudaEventDestroy(m->join);
+    for (int c = 0; c < EPX__HIER_MAX_CHUNKS; c++) cudaEventDestroy(m->ev[c]);
     cudaStreamDestroy(m->side); /* returns at once; its work (done before m->done) ends on its own */
     cudaGetLastError();
     free(m->lx);
@@ -465,7 +479,9 @@ _Static_assert(EPX__XH_REF(2, 5) == EPX__HIER_REF(2, 5) && EPX__XH_REF_KIND(EPX_
 static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, void *stream, epx__errbuf_t *err)
 {
     epx__xh_plan_t *x = &h->xp;
-    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, false, &x->h, err)); /* part-major: two exchanges */
+    /* Part-major: one exchange per part; chunks only where forwarding can overlap NCCL. */
+    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, false, epx__hier_chunks(&m->s, m->xh->ls > 1), &x->h,
+                                     err));
     size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
     cudaError_t ce = cudaGetDevice(&x->device);
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&x->used, cudaEventDisableTiming);
@@ -514,11 +530,12 @@ static epx_status_t epx__launched(int ce, const char *what, epx__errbuf_t *err)
     return epx__fail(err, EPX_ERR_CUDA, "%s: %s", what, cudaGetErrorString((cudaError_t)ce));
 }
 
-/* One NCCL group along my rail: scnt[p] records of `rec` bytes from `send` to rank p and
- * rcnt[p] from p into `recv`, segments back to back in rank order; with them my status
- * (whether my device failed before this point), the peers' into m->stat's second part. The
- * stream that reads what arrives checks those first (epx__peers_ok). */
-static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64_t *scnt, char *recv,
+/* One NCCL group along my rail, chunk c of a call's network step: scnt[p] records of `rec`
+ * bytes from `send` to rank p and rcnt[p] from p into `recv`, segments back to back in rank
+ * order; with them my status (whether my device failed before this point) to every rail
+ * peer, theirs into chunk c's slots of m->stat. The stream that reads what arrives checks
+ * those first (epx__peers_ok). */
+static epx_status_t epx__post(epx__xhost_moe_t *m, int c, const char *send, const int64_t *scnt, char *recv,
                               const int64_t *rcnt, size_t rec, void *stream, epx__errbuf_t *err)
 {
     epx__xhost_t *xh = m->xh;
@@ -540,7 +557,7 @@ static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64
     /* Statuses go to every rail peer, data or not. Theirs start as "missing" (all bits set),
      * the other slots (mine; ranks off my rail in an adopted communicator) as none: a rail
      * peer whose status does not arrive (its group was cut short) counts as failed. */
-    char *mine = m->stat, *theirs = m->stat + EPX__CUDA_STATUS_BYTES;
+    char *mine = epx__stat_mine(m, c), *theirs = epx__stat_theirs(m, c);
     const size_t SB = EPX__CUDA_STATUS_BYTES;
     cudaStream_t s = (cudaStream_t)stream;
     EPX__CHECK(epx__cuda_status_out(xh->cuda, xh->rank, mine, stream, err));
@@ -554,13 +571,34 @@ static epx_status_t epx__post(epx__xhost_moe_t *m, const char *send, const int64
                           epx__deadline_after_ms(xh->timeout_ms), err);
 }
 
-/* After an NCCL group of epx__post, on the stream that reads what it brought: a peer that
- * had failed before it sent makes this rank's device record EPX_ERR_PEER_FAILURE (its rows
- * are incomplete), so that this rank fails too instead of succeeding on them. */
-static epx_status_t epx__peers_ok(epx__xhost_moe_t *m, void *stream, epx__errbuf_t *err)
+/* Where chunk c starts in a network buffer laid out chunk by chunk (hier.h) with cnt[c * R + p]
+ * records. */
+static int64_t epx__chunk_at(const int64_t *cnt, int R, int c)
 {
-    return epx__cuda_status_check(m->xh->cuda, m->stat + EPX__CUDA_STATUS_BYTES, epx__nccl_size(m->xh->nccl), stream,
-                                  err);
+    int64_t at = 0;
+    for (int64_t i = 0; i < (int64_t)c * R; i++) at += cnt[i];
+    return at;
+}
+
+/* Chunk c of the network step along x: a dispatch's records from S_GW to the gateways into
+ * S_FWD, a combine's rows home likewise. */
+static epx_status_t epx__post_chunk(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool combine, int c, size_t rec,
+                                    void *stream, epx__errbuf_t *err)
+{
+    int R = m->xh->nranks;
+    const int64_t *sc = combine ? x->h.home_send_chunk : x->h.gw_chunk;
+    const int64_t *rc = combine ? x->h.home_recv_chunk : x->h.fwd_chunk;
+    return epx__post(m, c, m->stage[S_GW] + (size_t)epx__chunk_at(sc, R, c) * rec, sc + (size_t)c * R,
+                     m->stage[S_FWD] + (size_t)epx__chunk_at(rc, R, c) * rec, rc + (size_t)c * R, rec, stream, err);
+}
+
+/* After chunks [c, c + n) of epx__post, on the stream that reads what they brought: a peer
+ * that had failed before it sent (or whose status never came) makes this rank's device
+ * record EPX_ERR_PEER_FAILURE (its rows are incomplete), so that this rank fails too
+ * instead of succeeding on them. */
+static epx_status_t epx__peers_ok(epx__xhost_moe_t *m, int c, int n, void *stream, epx__errbuf_t *err)
+{
+    return epx__cuda_status_check(m->xh->cuda, epx__stat_theirs(m, c), n * epx__nccl_size(m->xh->nccl), stream, err);
 }
 
 /* Part `part` (src/hier/hier.h) of the intra-host exchange of a dispatch (!combine: the
@@ -573,8 +611,8 @@ static epx__cpu_xfer_t epx__local_xfer(epx__xhost_moe_t *m, const epx__xh_plan_t
     int64_t *sb = m->lx + (size_t)part * 4 * LS, *sd = sb + LS, *rb = sb + 2 * LS, *rd = sb + 3 * LS;
     const int64_t *sc = (combine ? x->h.back_send : x->h.fan_send) + part * LS;
     const int64_t *rc = (combine ? x->h.back_recv : x->h.fan_recv) + part * LS;
-    int64_t so = part ? (combine ? x->h.n_back_send : x->h.n_fan)[0] : 0;
-    int64_t ro = part ? (combine ? x->h.n_back_recv : x->h.n_lrecv)[0] : 0;
+    int64_t so = epx__hier_part_at(combine ? x->h.n_back_send : x->h.n_fan, part);
+    int64_t ro = epx__hier_part_at(combine ? x->h.n_back_recv : x->h.n_lrecv, part);
     so *= (int64_t)rec, ro *= (int64_t)rec;
     for (int l = 0; l < LS; l++) {
         sb[l] = sc[l] * (int64_t)rec, sd[l] = so, so += sb[l];
@@ -603,13 +641,15 @@ static size_t epx__crec(const epx__moe_shape_t *s, int K, bool has_w)
     return EPX__ALIGN_UP(s->combine_row_bytes, 16) + (has_w ? EPX__ALIGN_UP(sizeof(float) * (size_t)K, 16) : 0);
 }
 
-/* The part of the intra-host exchange that runs i-th (0 or 1): a dispatch sends the local
- * ranks' own tokens while the NCCL step runs, the forwarded ones after it; a combine sends
- * first the rows the forwarders send on over NCCL, then, while NCCL runs, those that are
- * then home. */
-static int epx__part_order(bool combine, int i)
+/* The part of the intra-host exchange that runs i-th (of 1 + chunks): a dispatch sends the
+ * local ranks' own tokens while the NCCL step runs, then each chunk's forwarded ones once
+ * that chunk has crossed; a combine sends first, chunk by chunk, the rows the forwarders
+ * send on over NCCL (each chunk's NCCL group follows its part), then, while NCCL runs,
+ * those that are then home. */
+static int epx__part_order(bool combine, int i, int chunks)
 {
-    return (combine ? i == 0 : i == 1) ? EPX__HIER_REMOTE : EPX__HIER_LOCAL;
+    if (!combine) return i;
+    return i < chunks ? EPX__HIER_REMOTE + i : EPX__HIER_LOCAL;
 }
 
 /* Everything a dispatch or a combine along x may fail on before it moves anything: the
@@ -625,22 +665,24 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
         need[S_GW] = (size_t)(combine ? x->h.n_home_send : x->h.n_gw) * rec;
         need[S_FWD] = (size_t)(combine ? x->h.n_home_recv : x->h.n_fwd) * rec;
         const int64_t *ns = combine ? x->h.n_back_send : x->h.n_fan, *nr = combine ? x->h.n_back_recv : x->h.n_lrecv;
-        need[S_LSEND] = (size_t)(ns[0] + ns[1]) * rec;
-        need[S_LRECV] = (size_t)(nr[0] + nr[1]) * rec;
+        need[S_LSEND] = (size_t)epx__hier_part_at(ns, x->h.parts) * rec;
+        need[S_LRECV] = (size_t)epx__hier_part_at(nr, x->h.parts) * rec;
         need[S_Q] = !combine && m->s.mode == EPX_MOE_LOW_LATENCY && m->s.ll_fp8 ? (size_t)x->h.T * rec : 0;
         for (int b = 0; b < S_N && ready == EPX_SUCCESS; b++) ready = epx__stage(m, b, need[b], err);
     }
     if (m->xh->ls > 1) {
-        /* Both parts, in the order they run (epx__part_order); the plan keeps the pointers
-         * (epx__cuda_a2a_enqueue reads them later): not on the stack. */
-        const epx__cpu_xfer_t *ops[EPX__HIER_PARTS];
+        /* Every part, in the order they run (epx__part_order); the plan keeps the pointers
+         * (epx__cuda_a2a_enqueue reads them later): not on the stack. A failed rank (x may
+         * be NULL) takes part with as many as the others: every plan has the same parts. */
+        int NP = 1 + epx__hier_chunks(&m->s, true);
+        const epx__cpu_xfer_t *ops[EPX__HIER_MAX_PARTS];
         memset(m->lxf, 0, sizeof m->lxf);
-        for (int i = 0; i < EPX__HIER_PARTS; i++) {
-            int part = epx__part_order(combine, i);
+        for (int i = 0; i < NP; i++) {
+            int part = epx__part_order(combine, i, NP - 1);
             if (ready == EPX_SUCCESS) m->lxf[part] = epx__local_xfer(m, x, combine, part, rec);
             ops[i] = &m->lxf[part];
         }
-        ready = epx__cuda_a2a_prepare(m->xh->cuda, ops, EPX__HIER_PARTS, ready, stream, plan, err);
+        ready = epx__cuda_a2a_prepare(m->xh->cuda, ops, NP, ready, stream, plan, err);
     }
     epx_status_t st = epx__xh_vote(m->xh, ready, combine ? "could not prepare its part of the combine; nothing was written"
                                                          : "could not prepare its part of the dispatch; nothing was written",
@@ -652,30 +694,34 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
     return st;
 }
 
-/* The NCCL group of epx__post on m->side, after what `stream` has so far (fork). `join` is
- * recorded on m->side whatever happens (a failed post may still have enqueued work there),
- * and `stream` must then wait for it (epx__join, on every path) before it reads what
- * arrives or the call ends. */
-static epx_status_t epx__post_side(epx__xhost_moe_t *m, const char *send, const int64_t *scnt, char *recv,
-                                   const int64_t *rcnt, size_t rec, void *stream, epx__errbuf_t *err)
+/* A dispatch's network step along x on m->side, after what `stream` has so far (fork):
+ * chunk by chunk, each chunk's group, then m->ev[c] (what `stream` waits for before it
+ * forwards that chunk). `join` is recorded on m->side whatever happens (a failed post may
+ * still have enqueued work there), and `stream` must then wait for it (epx__join, on every
+ * path) before the call ends. */
+static epx_status_t epx__post_side(epx__xhost_moe_t *m, const epx__xh_plan_t *x, size_t rec, void *stream,
+                                   epx__errbuf_t *err)
 {
     cudaError_t ce = cudaEventRecord(m->fork, (cudaStream_t)stream);
     if (ce == cudaSuccess) ce = cudaStreamWaitEvent(m->side, m->fork, 0);
     epx_status_t st = epx__launched(ce, "starting the NCCL step on its stream", err);
-    if (st == EPX_SUCCESS) st = epx__post(m, send, scnt, recv, rcnt, rec, m->side, err);
+    for (int c = 0; c < x->h.chunks && st == EPX_SUCCESS; c++) {
+        st = epx__post_chunk(m, x, false, c, rec, m->side, err);
+        if (st == EPX_SUCCESS) st = epx__launched(cudaEventRecord(m->ev[c], m->side), "marking an NCCL chunk", err);
+    }
     ce = cudaEventRecord(m->join, m->side);
     return st != EPX_SUCCESS ? st : epx__launched(ce, "ending the NCCL step on its stream", err);
 }
 
-/* Make `stream` wait for the NCCL step of epx__post_side, whatever `st` (how enqueueing went
- * since: its failure is returned first), so that m->done also covers it; then the peers'
- * statuses (epx__peers_ok). */
-static epx_status_t epx__join(epx__xhost_moe_t *m, epx_status_t st, void *stream, epx__errbuf_t *err)
+/* Make `stream` wait for the NCCL step on m->side, whatever `st` (how enqueueing went since:
+ * its failure is returned first), so that m->done also covers it; then the peers' statuses
+ * of chunks [c, c + n) (epx__peers_ok). */
+static epx_status_t epx__join(epx__xhost_moe_t *m, epx_status_t st, int c, int n, void *stream, epx__errbuf_t *err)
 {
     cudaError_t ce = cudaStreamWaitEvent((cudaStream_t)stream, m->join, 0);
     EPX__CHECK(st);
     EPX__CHECK(epx__launched(ce, "joining the NCCL step", err));
-    return epx__peers_ok(m, stream, err);
+    return n > 0 ? epx__peers_ok(m, c, n, stream, err) : EPX_SUCCESS;
 }
 
 /* Part `part` (src/hier/hier.h) of the intra-host exchange along x, the plan's i-th: its
@@ -685,7 +731,7 @@ static epx_status_t epx__local_part(epx__xhost_moe_t *m, const epx__xh_gather_t 
                                     const epx__cuda_a2a_t *plan, int i, void *stream, epx__errbuf_t *err)
 {
     epx__xh_gather_t p = *g;
-    long long at = part ? (long long)n[0] : 0;
+    long long at = (long long)epx__hier_part_at(n, part);
     p.ref += at, p.n = (long long)n[part], p.row += at * p.row_stride;
     if (p.aux) p.aux += at * p.aux_stride;
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&p, epx__blocks(m), stream), "packing rows for the local ranks",
@@ -726,18 +772,24 @@ static epx_status_t epx__rows_enqueue(epx__xhost_moe_t *m, const epx__xh_plan_t 
     epx__xh_gather_t g = {src, x->d_gw, x->h.n_gw, m->stage[S_GW], (long long)rec, (long long)rb,
                           sc ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)sb};
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows for the gateways", err));
+    int C = x->h.chunks;
     if (!plan) {
-        EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err));
-        EPX__CHECK(epx__peers_ok(m, stream, err));
+        for (int c = 0; c < C; c++) EPX__CHECK(epx__post_chunk(m, x, false, c, rec, stream, err));
+        EPX__CHECK(epx__peers_ok(m, 0, C, stream, err));
     } else {
         /* 2. The rows each other local rank needs, over CUDA IPC: the local ranks' own tokens
-         * while NCCL runs on the side stream, then (as gateway) what NCCL brought. */
-        epx_status_t st = epx__post_side(m, m->stage[S_GW], x->h.gw_send, m->stage[S_FWD], x->h.fwd_recv, rec, stream, err);
+         * while NCCL runs on the side stream, then (as gateway) each chunk of what NCCL
+         * brings once it is here, while the next one crosses. */
+        epx_status_t st = epx__post_side(m, x, rec, stream, err);
         g = (epx__xh_gather_t){src, x->d_fan, 0, m->stage[S_LSEND], (long long)rec, (long long)rb,
                                sc ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)sb};
         if (st == EPX_SUCCESS) st = epx__local_part(m, &g, x->h.n_fan, EPX__HIER_LOCAL, plan, 0, stream, err);
-        EPX__CHECK(epx__join(m, st, stream, err));
-        EPX__CHECK(epx__local_part(m, &g, x->h.n_fan, EPX__HIER_REMOTE, plan, 1, stream, err));
+        for (int c = 0; c < C && st == EPX_SUCCESS; c++) {
+            st = epx__launched(cudaStreamWaitEvent((cudaStream_t)stream, m->ev[c], 0), "waiting for an NCCL chunk", err);
+            if (st == EPX_SUCCESS) st = epx__peers_ok(m, c, 1, stream, err);
+            if (st == EPX_SUCCESS) st = epx__local_part(m, &g, x->h.n_fan, EPX__HIER_REMOTE + c, plan, 1 + c, stream, err);
+        }
+        EPX__CHECK(epx__join(m, st, 0, 0, stream, err));
     }
     /* 3. Every row into place: in (source rank, token) order, or into the slots of its
      * experts here (sources ascending, tokens ascending), with the slots' sources and counts. */
@@ -776,22 +828,42 @@ static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x,
     src->aux[K_C1] = has_w ? m->stage[S_LRECV] + ao : NULL, src->aux_stride[K_C1] = (long long)rec;
     src->row[K_HOME] = m->stage[S_FWD], src->row_stride[K_HOME] = (long long)rec;
     src->aux[K_HOME] = has_w ? m->stage[S_FWD] + ao : NULL, src->aux_stride[K_HOME] = (long long)rec;
-    /* 1. My rows of tokens from other hosts back to the local ranks that forwarded them. */
     epx__xh_gather_t c1 = {*src, x->d_c1, 0, m->stage[S_LSEND], (long long)rec, (long long)crow,
                            has_w ? m->stage[S_LSEND] + ao : NULL, (long long)rec, (long long)wb};
-    if (plan) EPX__CHECK(epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_REMOTE, plan, 0, stream, err));
-    /* 2. As gateway: the rows of my sources on other hosts go home as they are (NCCL); with
-     * local ranks, meanwhile, my rows of their tokens go back to them. */
     epx__xh_gather_t g = {*src, x->d_home, x->h.n_home_send, m->stage[S_GW], (long long)rec, (long long)crow,
                           has_w ? m->stage[S_GW] + ao : NULL, (long long)rec, (long long)wb};
-    EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err));
-    if (!plan) {
-        EPX__CHECK(epx__post(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err));
-        return epx__peers_ok(m, stream, err);
+    int C = x->h.chunks, R = m->xh->nranks;
+    if (!plan) { /* no local ranks: as gateway, the rows of my sources on other hosts home (NCCL) */
+        EPX__CHECK(epx__launched(epx__xh_launch_gather(&g, blocks, stream), "packing rows to send home", err));
+        for (int c = 0; c < C; c++) EPX__CHECK(epx__post_chunk(m, x, true, c, rec, stream, err));
+        return epx__peers_ok(m, 0, C, stream, err);
     }
-    epx_status_t st = epx__post_side(m, m->stage[S_GW], x->h.home_send, m->stage[S_FWD], x->h.home_recv, rec, stream, err);
-    if (st == EPX_SUCCESS) st = epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_LOCAL, plan, 1, stream, err);
-    return epx__join(m, st, stream, err);
+    /* Chunk by chunk: 1. my rows of that chunk's tokens from other hosts back to the local
+     * ranks that forwarded them (CUDA IPC); 2. once they are here, on the side stream, as
+     * gateway, that chunk's rows of my sources on other hosts home as they are (NCCL), while
+     * the next chunk goes back. Then, while NCCL runs, my rows of this host's tokens back. */
+    epx_status_t st = EPX_SUCCESS;
+    for (int c = 0; c < C && st == EPX_SUCCESS; c++) {
+        st = epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_REMOTE + c, plan, c, stream, err);
+        if (st == EPX_SUCCESS) {
+            cudaError_t ce = cudaEventRecord(m->ev[c], (cudaStream_t)stream);
+            if (ce == cudaSuccess) ce = cudaStreamWaitEvent(m->side, m->ev[c], 0);
+            st = epx__launched(ce, "handing a chunk to the NCCL stream", err);
+        }
+        if (st == EPX_SUCCESS) {
+            int64_t at = epx__chunk_at(x->h.home_send_chunk, R, c);
+            epx__xh_gather_t gc = g;
+            gc.ref += at, gc.n = (long long)(epx__chunk_at(x->h.home_send_chunk, R, c + 1) - at);
+            gc.row += at * gc.row_stride;
+            if (gc.aux) gc.aux += at * gc.aux_stride;
+            st = epx__launched(epx__xh_launch_gather(&gc, blocks, m->side), "packing rows to send home", err);
+        }
+        if (st == EPX_SUCCESS) st = epx__post_chunk(m, x, true, c, rec, m->side, err);
+    }
+    cudaError_t ce = cudaEventRecord(m->join, m->side); /* whatever happened: epx__join waits */
+    if (st == EPX_SUCCESS) st = epx__launched(ce, "ending the NCCL step on its stream", err);
+    if (st == EPX_SUCCESS) st = epx__local_part(m, &c1, x->h.n_back_send, EPX__HIER_LOCAL, plan, C, stream, err);
+    return epx__join(m, st, 0, C, stream, err);
 }
 
 /* The end of a call that enqueued work along plan x (all of it, or part: `st` is how the
