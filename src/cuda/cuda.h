@@ -66,7 +66,7 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *cuda, const epx__cpu_xfer_t *x, ep
  * same host exchanges whatever their verdicts; the result is this rank's (a mapping can
  * fail on one rank only). enqueue(i) then only launches exchange i on `stream` and fails
  * only on a CUDA launch error. x[i] must stay valid until exchange i is enqueued. */
-#define EPX__CUDA_A2A_MAX_OPS 2
+#define EPX__CUDA_A2A_MAX_OPS 5
 typedef struct epx__cuda_a2a epx__cuda_a2a_t;
 epx_status_t epx__cuda_a2a_prepare(epx__cuda_t *cuda, const epx__cpu_xfer_t *const *x, int n, epx_status_t local,
                                    void *stream, epx__cuda_a2a_t **plan, epx__errbuf_t *err);

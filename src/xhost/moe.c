@@ -139,6 +139,8 @@ struct epx__xhost_moe {
     char *stat;
 };
 
+_Static_assert(EPX__HIER_MAX_PARTS <= EPX__CUDA_A2A_MAX_OPS, "an intra-host exchange per part of the row plan");
+
 /* Chunk c's statuses in m->stat: mine, then the P peers'. */
 static char *epx__stat_mine(const epx__xhost_moe_t *m, int c) { return m->stat + (size_t)c * EPX__CUDA_STATUS_BYTES; }
 static char *epx__stat_theirs(const epx__xhost_moe_t *m, int c)
