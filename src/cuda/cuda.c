@@ -204,7 +204,7 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     __sync_synchronize();
     if (e->code == EPX_ERR_PEER_FAILURE && e->peer < 0) /* relayed: a status that never came */
         return epx__fail(err, EPX_ERR_PEER_FAILURE,
-                         "local rank %d: the status of NCCL peer %llu never came with its data (its exchange was cut "
+                         "local rank %d: the status of NCCL peer %llu did not come with its data (its exchange was cut "
                          "short); what arrived here is incomplete",
                          c->rank, (unsigned long long)e->op);
     if (e->code == EPX_ERR_PEER_FAILURE) /* relayed (epx__cuda_status_check) */
@@ -222,16 +222,18 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
                      e->peer, (unsigned long long)e->op, (unsigned long long)e->seen, (unsigned long long)e->wanted);
 }
 
-epx_status_t epx__cuda_status_out(epx__cuda_t *c, int rank, void *out, void *stream, epx__errbuf_t *err)
+epx_status_t epx__cuda_status_out(epx__cuda_t *c, int rank, unsigned seq, void *out, void *stream, epx__errbuf_t *err)
 {
-    cudaError_t ce = (cudaError_t)epx__cuda_launch_status_out(&c->dev, rank, (int *)out, stream);
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_status_out(&c->dev, rank, seq, (int *)out, stream);
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "status for the peers: %s", cudaGetErrorString(ce));
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__cuda_status_check(epx__cuda_t *c, const void *in, int n, void *stream, epx__errbuf_t *err)
+epx_status_t epx__cuda_status_check(epx__cuda_t *c, const void *in, const epx__cuda_status_slots_t *slots,
+                                    unsigned seq, void *stream, epx__errbuf_t *err)
 {
-    cudaError_t ce = (cudaError_t)epx__cuda_launch_status_check(&c->dev, (const int *)in, n, stream);
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_status_check(&c->dev, (const int *)in, slots->first, slots->step,
+                                                                slots->count, slots->self, seq, stream);
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "the peers' statuses: %s", cudaGetErrorString(ce));
     return EPX_SUCCESS;
 }

@@ -35,14 +35,21 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);
  * sent on over NCCL after an intra-host exchange), EPX__CUDA_STATUS_BYTES a status.
  * status_out enqueues on `stream` this rank's status into out (device memory): whether its
  * device recorded an error before that point (a wait that timed out, a count mismatch, a
- * relayed failure) and which, and `rank` (the caller's numbering), to go with the data.
- * status_check enqueues a look at n statuses received (in, device memory; zeros for none,
- * all bits set for one that must come): a failed or missing one becomes this rank's device
- * error, EPX_ERR_PEER_FAILURE naming that rank (or, missing, the NCCL peer), reported as a
- * wait's error is (the first error stays). Both fail only on a CUDA launch error. */
+ * relayed failure) and which, `rank` (the caller's numbering) and `seq` (the exchange's
+ * number, the same at both ends, never 0), to go with the data. status_check enqueues a
+ * look at the statuses that must have come into `in` (device memory, a status per slot):
+ * slots first + j * step for j < count, but `self`. One that failed, or that is not a
+ * status of exchange `seq` (it never came: the exchange was cut short), becomes this rank's
+ * device error, EPX_ERR_PEER_FAILURE naming that rank (or, missing, the slot), reported as
+ * a wait's error is (the first error stays). Both fail only on a CUDA launch error. */
 #define EPX__CUDA_STATUS_BYTES 16
-epx_status_t epx__cuda_status_out(epx__cuda_t *cuda, int rank, void *out, void *stream, epx__errbuf_t *err);
-epx_status_t epx__cuda_status_check(epx__cuda_t *cuda, const void *in, int n, void *stream, epx__errbuf_t *err);
+typedef struct {
+    int first, step, count, self;
+} epx__cuda_status_slots_t;
+epx_status_t epx__cuda_status_out(epx__cuda_t *cuda, int rank, unsigned seq, void *out, void *stream,
+                                  epx__errbuf_t *err);
+epx_status_t epx__cuda_status_check(epx__cuda_t *cuda, const void *in, const epx__cuda_status_slots_t *slots,
+                                    unsigned seq, void *stream, epx__errbuf_t *err);
 
 /* Device memory (cudaMalloc, 256-byte aligned). */
 epx_status_t epx__cuda_mem_alloc(epx__cuda_t *cuda, size_t bytes, void **ptr, epx__errbuf_t *err);

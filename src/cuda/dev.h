@@ -248,8 +248,9 @@ int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_a
 int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_direct_args_t *a, void *stream);
 /* The failure relay of cuda.h (epx__cuda_status_out / _check): a status is int32 {failed,
  * rank, the error code seen, 0}. */
-int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, int *out, void *stream);
-int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int n, void *stream);
+int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, unsigned seq, int *out, void *stream);
+int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int first, int step, int count, int self,
+                                  unsigned seq, void *stream);
 
 #ifdef __cplusplus
 }

@@ -298,22 +298,30 @@ extern "C" int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const
 
 /* ---- The failure relay (cuda.h: epx__cuda_status_out / _check) ---- */
 
-static __global__ void epx__k_status_out(epx__cuda_dev_t d, int rank, int *out)
+/* A status: [0] 1 failed or 2 fine, [1] the sender's rank, [2] its error, [3] the exchange. */
+enum { EPX__STATUS_FAILED = 1, EPX__STATUS_FINE = 2 };
+
+static __global__ void epx__k_status_out(epx__cuda_dev_t d, int rank, unsigned seq, int *out)
 {
     int code = *(volatile int *)&d.err->code; /* any error recorded, even one being written */
-    out[0] = code != 0, out[1] = rank, out[2] = code == EPX__ERR_CLAIMED ? (int)EPX_ERR_PEER_FAILURE : code, out[3] = 0;
+    out[0] = code != 0 ? EPX__STATUS_FAILED : EPX__STATUS_FINE, out[1] = rank;
+    out[2] = code == EPX__ERR_CLAIMED ? (int)EPX_ERR_PEER_FAILURE : code, out[3] = (int)seq;
 }
 
-static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int n)
+static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int first, int step, int count, int self,
+                                           unsigned seq)
 {
-    for (int i = 0; i < n; i++) {
-        if (!in[4 * i]) continue;
-        bool missing = in[4 * i] != 1; /* (all bits set: it never arrived) */
+    for (int j = 0; j < count; j++) {
+        int i = first + j * step;
+        if (i == self) continue;
+        const int *s = in + 4 * i;
+        bool missing = (unsigned)s[3] != seq || (s[0] != EPX__STATUS_FAILED && s[0] != EPX__STATUS_FINE);
+        if (!missing && s[0] == EPX__STATUS_FINE) continue;
         volatile epx__cuda_err_t *e = d.err;
         if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-        e->peer = missing ? -1 : in[4 * i + 1];
+        e->peer = missing ? -1 : s[1];
         e->op = (unsigned long long)i;
-        e->seen = missing ? 0ull : (unsigned long long)(unsigned)in[4 * i + 2];
+        e->seen = missing ? 0ull : (unsigned long long)(unsigned)s[2];
         e->wanted = 0;
         __threadfence_system();
         e->code = EPX_ERR_PEER_FAILURE;
@@ -322,15 +330,16 @@ static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int
     }
 }
 
-int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, int *out, void *stream)
+int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, unsigned seq, int *out, void *stream)
 {
-    epx__k_status_out<<<1, 1, 0, (cudaStream_t)stream>>>(*d, rank, out);
+    epx__k_status_out<<<1, 1, 0, (cudaStream_t)stream>>>(*d, rank, seq, out);
     return (int)cudaGetLastError();
 }
 
-int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int n, void *stream)
+int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int first, int step, int count, int self,
+                                  unsigned seq, void *stream)
 {
-    if (n < 1) return (int)cudaSuccess;
-    epx__k_status_check<<<1, 1, 0, (cudaStream_t)stream>>>(*d, in, n);
+    if (count < 1) return (int)cudaSuccess;
+    epx__k_status_check<<<1, 1, 0, (cudaStream_t)stream>>>(*d, in, first, step, count, self, seq);
     return (int)cudaGetLastError();
 }

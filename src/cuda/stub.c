@@ -19,15 +19,17 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err)
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__cuda_status_out(epx__cuda_t *cuda, int rank, void *out, void *stream, epx__errbuf_t *err)
+epx_status_t epx__cuda_status_out(epx__cuda_t *cuda, int rank, unsigned seq, void *out, void *stream,
+                                  epx__errbuf_t *err)
 {
-    (void)cuda, (void)rank, (void)out, (void)stream;
+    (void)cuda, (void)rank, (void)seq, (void)out, (void)stream;
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
 
-epx_status_t epx__cuda_status_check(epx__cuda_t *cuda, const void *in, int n, void *stream, epx__errbuf_t *err)
+epx_status_t epx__cuda_status_check(epx__cuda_t *cuda, const void *in, const epx__cuda_status_slots_t *slots,
+                                    unsigned seq, void *stream, epx__errbuf_t *err)
 {
-    (void)cuda, (void)in, (void)n, (void)stream;
+    (void)cuda, (void)in, (void)slots, (void)seq, (void)stream;
     return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
 }
 

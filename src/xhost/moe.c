@@ -135,8 +135,10 @@ struct epx__xhost_moe {
     cudaEvent_t fork, join; /* ... after `fork` on the caller's stream, which waits for `join` */
     cudaEvent_t ev[EPX__HIER_MAX_CHUNKS]; /* chunk c's hand-over between the two streams */
     /* device (epx__cuda_status_*): my status for the NCCL peers in each chunk's group
-     * [MAX_CHUNKS], then theirs [MAX_CHUNKS][P] */
+     * [MAX_CHUNKS], then theirs [MAX_CHUNKS][P]; the number of each chunk's group (the same
+     * on both ends of a pair: every rank posts the same groups on a context), from seq */
     char *stat;
+    unsigned seq, chunk_seq[EPX__HIER_MAX_CHUNKS];
 };
 
 _Static_assert(EPX__HIER_MAX_PARTS <= EPX__CUDA_A2A_MAX_OPS, "an intra-host exchange per part of the row plan");
@@ -556,20 +558,13 @@ static epx_status_t epx__post(epx__xhost_moe_t *m, int c, const char *send, cons
         rp[q] = recv + (size_t)ro * rec, rb[q] = rcnt[p] * (int64_t)rec;
         so += scnt[p], ro += rcnt[p];
     }
-    /* Statuses go to every rail peer, data or not. Theirs start as "missing" (all bits set),
-     * the other slots (mine; ranks off my rail in an adopted communicator) as none: a rail
-     * peer whose status does not arrive (its group was cut short) counts as failed. */
+    /* Statuses go to every rail peer, data or not, numbered: a rail peer whose status of
+     * this group does not arrive (the group was cut short) counts as failed. */
+    if (++m->seq == 0) m->seq = 1;
+    m->chunk_seq[c] = m->seq;
     char *mine = epx__stat_mine(m, c), *theirs = epx__stat_theirs(m, c);
-    const size_t SB = EPX__CUDA_STATUS_BYTES;
-    cudaStream_t s = (cudaStream_t)stream;
-    EPX__CHECK(epx__cuda_status_out(xh->cuda, xh->rank, mine, stream, err));
-    int first = xh->adopted ? xh->lrank : 0, step = xh->adopted ? xh->ls : 1; /* my rail's slots */
-    cudaError_t ce = cudaMemsetAsync(theirs, 0, SB * (size_t)P, s);
-    if (ce == cudaSuccess)
-        ce = cudaMemset2DAsync(theirs + SB * (size_t)first, SB * (size_t)step, 0xff, SB, (size_t)xh->num_hosts, s);
-    if (ce == cudaSuccess) ce = cudaMemsetAsync(theirs + SB * (size_t)epx__nccl_rank(xh->nccl), 0, SB, s);
-    EPX__CHECK(epx__launched(ce, "setting out the peers' statuses", err));
-    return epx__nccl_post(xh->nccl, sp, sb, rp, rb, xh->rail, mine, theirs, SB, stream,
+    EPX__CHECK(epx__cuda_status_out(xh->cuda, xh->rank, m->seq, mine, stream, err));
+    return epx__nccl_post(xh->nccl, sp, sb, rp, rb, xh->rail, mine, theirs, EPX__CUDA_STATUS_BYTES, stream,
                           epx__deadline_after_ms(xh->timeout_ms), err);
 }
 
@@ -600,7 +595,12 @@ static epx_status_t epx__post_chunk(epx__xhost_moe_t *m, const epx__xh_plan_t *x
  * instead of succeeding on them. */
 static epx_status_t epx__peers_ok(epx__xhost_moe_t *m, int c, int n, void *stream, epx__errbuf_t *err)
 {
-    return epx__cuda_status_check(m->xh->cuda, epx__stat_theirs(m, c), n * epx__nccl_size(m->xh->nccl), stream, err);
+    const epx__xhost_t *xh = m->xh;
+    epx__cuda_status_slots_t rail = {xh->adopted ? xh->lrank : 0, xh->adopted ? xh->ls : 1, xh->num_hosts,
+                                     epx__nccl_rank(xh->nccl)}; /* my rail peers' slots */
+    for (int i = c; i < c + n; i++)
+        EPX__CHECK(epx__cuda_status_check(xh->cuda, epx__stat_theirs(m, i), &rail, m->chunk_seq[i], stream, err));
+    return EPX_SUCCESS;
 }
 
 /* Part `part` (src/hier/hier.h) of the intra-host exchange of a dispatch (!combine: the
