@@ -286,8 +286,8 @@ static void run_alltoall(int nranks)
 /* Direct links along rails: ranks as NH hosts of LS, rank h * LS + i linked with every
  * (g, i). Rounds of 0, odd and 300 KB messages (past the socket buffers: the links must run
  * full duplex), each message checked byte for byte; a round where rank `bad` sends a failed
- * status (its peers get EPX_ERR_REMOTE_INVALID, and it what the others sent: the links stay
- * in step, a healthy round follows), then a timeout (EPX_ERR_PEER_FAILURE); then rank `bad` leaves: its peers fail at once with
+ * status and no buffers nor length (its peers get EPX_ERR_REMOTE_INVALID, and it drops what
+ * the others sent: the links stay in step, a healthy round follows), then a timeout (EPX_ERR_PEER_FAILURE); then rank `bad` leaves: its peers fail at once with
  * EPX_ERR_PEER_FAILURE, well before the 5 s timeout. */
 typedef struct {
     epx_unique_id_t id;
@@ -330,7 +330,8 @@ static void *links_thread(void *argp)
     bool linked_to_bad = false;
     for (int i = 0; i < n; i++) linked_to_bad = linked_to_bad || peers[i] == a->bad;
     epx_status_t st = epx__boot_links_xchg(links, me == a->bad ? EPX_ERR_NO_MEMORY : EPX_SUCCESS,
-                                           me == a->bad ? NULL : sp, me == a->bad ? NULL : rp, 77, &err);
+                                           me == a->bad ? NULL : sp, me == a->bad ? NULL : rp, me == a->bad ? 0 : 77,
+                                           &err);
     ASSERT_STATUS(st, linked_to_bad ? EPX_ERR_REMOTE_INVALID : EPX_SUCCESS);
     ASSERT_OK(epx__boot_links_xchg(links, EPX_SUCCESS, sp, rp, 5, &err));
     /* A round that broke behind a peer (its status a timeout) reads as a peer failure. */
