@@ -29,11 +29,11 @@ int epx__nccl_rank(const epx__nccl_t *nccl) { return (void)nccl, 0; }
 int epx__nccl_size(const epx__nccl_t *nccl) { return (void)nccl, 1; }
 int epx__nccl_device(const epx__nccl_t *nccl) { return (void)nccl, -1; }
 epx_status_t epx__nccl_post(epx__nccl_t *nccl, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
-                            const int64_t *rbytes, const void *sstat, void *rstat, size_t stat_bytes, void *stream,
-                            uint64_t deadline, epx__errbuf_t *err)
+                            const int64_t *rbytes, const unsigned char *stat_with, const void *sstat, void *rstat,
+                            size_t stat_bytes, void *stream, uint64_t deadline, epx__errbuf_t *err)
 {
     (void)nccl, (void)sbuf, (void)sbytes, (void)rbuf, (void)rbytes, (void)stream, (void)deadline;
-    (void)sstat, (void)rstat, (void)stat_bytes;
+    (void)stat_with, (void)sstat, (void)rstat, (void)stat_bytes;
     return EPX__NO_NCCL(err);
 }
 epx_status_t epx__nccl_wait(epx__nccl_t *nccl, void *stream, uint64_t deadline, epx__errbuf_t *err)

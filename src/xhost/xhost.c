@@ -24,8 +24,9 @@ static epx_status_t epx__xh_rail_step(epx__xhost_t *xh, epx_status_t a, const vo
     return ok ? b : a;
 }
 
-/* The host step: `each` bytes to every local rank j from send + sd[j], `each` from it into
- * recv + rd[j] (send NULL: this rank failed with st, and takes part without data). */
+/* The host step: `each` bytes to every local rank j from send + sd[j] (sd NULL: all from
+ * send), `each` from it into recv + rd[j]; with st a failure this rank takes part without
+ * data. */
 static epx_status_t epx__xh_host_step(epx__xhost_t *xh, epx_status_t st, const void *send, const int64_t *sd,
                                       void *recv, const int64_t *rd, size_t each, epx__errbuf_t *err)
 {
