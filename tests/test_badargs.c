@@ -4,6 +4,7 @@
  * the pair whose counts disagree), nobody's output changes, and a valid exchange works
  * right after every case.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "testlib.h"
@@ -140,6 +141,18 @@ int main(int argc, char **argv)
     ASSERT_STATUS(epx_comm_rank(comm, NULL), EPX_ERR_INVALID_ARGUMENT);
     valid_exchange();
     passed++;
+    /* EPX_TEST_MOE_MISMATCH (the ranks started with different EPX_MOE_CHUNKS, across hosts):
+     * creating a MoE context fails on every rank with EPX_ERR_MISMATCH, and the communicator
+     * still works. */
+    if (getenv("EPX_TEST_MOE_MISMATCH")) {
+        epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+        cfg.hidden = 64, cfg.max_tokens_per_rank = 8, cfg.num_experts = 2 * R, cfg.max_topk = 2;
+        epx_moe_t moe = NULL;
+        ASSERT_STATUS(epx_moe_create(comm, &cfg, &moe), EPX_ERR_MISMATCH);
+        ASSERT(moe == NULL);
+        valid_exchange();
+        passed++;
+    }
     test_finish(comm, passed);
     return 0;
 }
