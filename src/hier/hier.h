@@ -137,7 +137,8 @@ epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_
  *                   in entry order;
  *   fan-in          from_row [from_first[l] .. from_first[l + 1]): output row of each record
  *                   forwarder l sent me, in its order; row_rec [rows]: the inverse;
- *   rows            row_topk [rows, K], row_src, row_tok [rows]: routing and source. */
+ *   rows            row_topk [rows, K], row_src, row_tok [rows]: routing and source;
+ *   sources         src_tokens [R]: every rank's token count in the dispatch. */
 typedef struct {
     int T, K, has_w, ll;
     int64_t rows;
@@ -150,6 +151,7 @@ typedef struct {
     const int64_t *to_first, *to_ent;
     const int64_t *from_first, *from_row, *row_rec;
     const int32_t *row_topk, *row_src, *row_tok;
+    const int64_t *src_tokens;
 } epx__hier_plan_t;
 void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *plan);
 
@@ -188,8 +190,8 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  * host, one part per chunk of the network step, EPX__HIER_REMOTE + c (forwarded after
  * chunk c of a dispatch's network step; sent on home in chunk c of a combine's), so that
  * the local part runs while the network step does, and each chunk's part while the next
- * chunk crosses. A token's chunk is its index's share of max_tokens: c = t * chunks /
- * max_tokens (both ends know it). The network buffers (gw, FWD, home, HOME) lie chunk by
+ * chunk crosses. Token t of a source with T tokens is in chunk c = t * chunks / T (every
+ * rank learns every T from the dispatch's verdict). The network buffers (gw, FWD, home, HOME) lie chunk by
  * chunk, each chunk's segments by rank: the *_chunk counts [chunks * R] give them; with one
  * chunk that is the by-rank layout of the totals (gw_send etc.).
  * Two layouts of the references, LSEND/LRECV and C1 (by_peer when built):

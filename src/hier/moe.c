@@ -70,6 +70,7 @@ struct epx__hier_moe_handle {
     int32_t *ent_src, *ent_tok, *ent_topk; /* [nent], [nent], [nent, K] */
     int64_t *ent_fidx;                     /* row in the forwarded buffer, -1 for my own tokens */
     int64_t *fwd_count, *fwd_first;        /* [R]: tokens forwarded to me by each source */
+    int64_t *src_tokens;                   /* [R]: each rank's token count in this dispatch */
     int64_t nfwd;
     int64_t *to_first; /* [LS + 1]: entries sent to each local rank, ... */
     int64_t *to_ent;   /* ... in entry order */
@@ -178,11 +179,13 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
 
 /* What a dispatch learns from the verdict: from my per_rank[R] (tokens I send each rank)
  * and per_host[hosts] (tokens I send each host), read when local is a success, every rank
- * gets lanes[l], the rows local rank l forwards it, and fwd_count[R], the tokens each
- * source sends it as their gateway (0 for the others). */
+ * gets lanes[l], the rows local rank l forwards it, fwd_count[R], the tokens each source
+ * sends it as their gateway (0 for the others), and tokens[R], every rank's token count
+ * (mine is T). */
 typedef struct {
     const int32_t *per_rank, *per_host;
-    int64_t *lanes, *fwd_count;
+    int T;
+    int64_t *lanes, *fwd_count, *tokens;
 } epx__flows_t;
 
 /* The block rank p sends rank q in the verdict's alltoall: p's card (its verdict on its own
@@ -218,7 +221,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         int64_t *b = out + (size_t)q * W;
         b[EPX__V_STATUS] = local;
         if (local != EPX_SUCCESS) continue;
-        b[EPX__V_CALL] = op | (int64_t)(K + fault) << 8 | (int64_t)has_w << 16;
+        b[EPX__V_CALL] = op | (int64_t)(K + fault) << 8 | (int64_t)has_w << 16 | (int64_t)(f ? f->T : 0) << 32;
         b[EPX__V_ROUTING] = routing;
         if (f) b[EPX__V_TO_RANK] = f->per_rank[q], b[EPX__V_TO_HOST] = f->per_host[t->host_of[q]];
     }
@@ -231,7 +234,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
         const int64_t *o = in + (size_t)p * W;
         int64_t call = o[EPX__V_CALL];
-        int oop = (int)(call & 0xff), ok = (int)(call >> 8 & 0xff), ow = (int)(call >> 16);
+        int oop = (int)(call & 0xff), ok = (int)(call >> 8 & 0xff), ow = (int)(call >> 16 & 1);
         if (oop != op)
             st = epx__fail(err, EPX_ERR_MISMATCH, "rank %d called %s while rank %d called %s", p,
                            epx__h_op_names[oop >= 1 && oop <= 5 ? oop : 0], me, epx__h_op_names[op]);
@@ -255,6 +258,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         const int64_t *b = in + (size_t)p * W;
         f->lanes[t->lrank_of[p] % t->local_size] += b[EPX__V_TO_RANK];
         f->fwd_count[p] = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me ? b[EPX__V_TO_HOST] : 0;
+        f->tokens[p] = b[EPX__V_CALL] >> 32;
         n += b[EPX__V_TO_RANK];
     }
     if (!n_me) return EPX_SUCCESS;
@@ -344,7 +348,7 @@ void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h)
     if (!h) return;
     free(h->topk);
     free(h->ent_src), free(h->ent_tok), free(h->ent_topk), free(h->ent_fidx);
-    free(h->fwd_count), free(h->fwd_first);
+    free(h->fwd_count), free(h->fwd_first), free(h->src_tokens);
     free(h->to_first), free(h->to_ent);
     free(h->from_first), free(h->from_row), free(h->row_rec), free(h->row_topk), free(h->row_src), free(h->row_tok);
     free(h);
@@ -385,6 +389,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
     hd->fwd_count = epx__alloc((size_t)R, 8, &st, err);
     hd->fwd_first = epx__alloc((size_t)R, 8, &st, err);
+    hd->src_tokens = epx__alloc((size_t)R, 8, &st, err);
     char *sbuf = NULL, *rbuf = NULL;
     if (st != EPX_SUCCESS) goto done;
 
@@ -392,6 +397,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     for (int k = 0; k < t->num_hosts; k++)
         if (k != t->host) sc[epx__gw(t, me, k)] = f->per_host[k];
     memcpy(hd->fwd_count, f->fwd_count, sizeof(int64_t) * (size_t)R);
+    memcpy(hd->src_tokens, f->tokens, sizeof(int64_t) * (size_t)R);
     /* Routing records to the gateways, in token order. */
     int64_t stot = 0, rtot = 0;
     for (int p = 0; p < R; p++) {
@@ -564,8 +570,9 @@ static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, co
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, NH = t->num_hosts, L = m->s.local_experts;
     int32_t *pr = calloc((size_t)R + (size_t)NH, sizeof *pr);
-    int64_t *c = calloc((size_t)R + (size_t)t->local_size, sizeof *c);
-    f->per_rank = pr, f->per_host = pr ? pr + R : NULL, f->fwd_count = c, f->lanes = c ? c + R : NULL;
+    int64_t *c = calloc(2 * (size_t)R + (size_t)t->local_size, sizeof *c);
+    f->per_rank = pr, f->per_host = pr ? pr + R : NULL, f->T = hd ? hd->T : 0;
+    f->fwd_count = c, f->tokens = c ? c + R : NULL, f->lanes = c ? c + 2 * R : NULL;
     if (!pr || !c) return EPX_ERR_NO_MEMORY;
     for (int i = 0; hd && i < hd->T; i++) {
         const int32_t *tk = hd->topk + (size_t)i * hd->K;
@@ -695,7 +702,7 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
                             h->ent_tok,  h->ent_topk, h->ent_fidx,    h->fwd_count,
                             h->nfwd,     h->to_first, h->to_ent,      h->from_first,
                             h->from_row, h->row_rec,  h->row_topk,    h->row_src,
-                            h->row_tok};
+                            h->row_tok,  h->src_tokens};
 }
 
 /* ---- Rows along the row plan (plan.c; the GPU path across hosts runs the same) --------------- */

@@ -73,11 +73,11 @@ int epx__hier_chunks(const epx__moe_shape_t *s, bool overlap)
     return c < 1 ? 1 : c > EPX__HIER_MAX_CHUNKS ? EPX__HIER_MAX_CHUNKS : (int)c;
 }
 
-/* The chunk of the network step that token `tok` of any source takes (hier.h). */
-static int epx__chunk(int chunks, int max_tokens, int tok)
+/* The chunk of the network step that token `tok` of a source of `tokens` takes (hier.h). */
+static int epx__chunk(int chunks, int64_t tokens, int tok)
 {
     if (chunks <= 1) return 0;
-    int64_t c = (int64_t)tok * chunks / EPX__MAX(max_tokens, 1);
+    int64_t c = (int64_t)tok * chunks / EPX__MAX(tokens, (int64_t)1);
     return c < chunks ? (int)c : chunks - 1;
 }
 
@@ -113,7 +113,7 @@ static int epx__gw(const epx__topo_t *t, int p, int k)
 typedef struct {
     epx__hier_plan_t P;
     const epx__topo_t *t;
-    int chunks, max_tokens;
+    int chunks;
     int K, L, me;
     bool ll;
     int64_t slots;
@@ -126,7 +126,7 @@ typedef struct {
 static int epx__part(const epx__pb_t *b, int p, int tok)
 {
     if (b->t->host_of[p] == b->t->host) return EPX__HIER_LOCAL;
-    return EPX__HIER_REMOTE + epx__chunk(b->chunks, b->max_tokens, tok);
+    return EPX__HIER_REMOTE + epx__chunk(b->chunks, b->P.src_tokens[p], tok);
 }
 
 /* Rows of the combine record of a token (routing tk) for rank q, which it goes to. */
@@ -168,7 +168,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     const epx__hier_plan_t *P = &b.P;
     int K = P->K, T = P->T;
     b.K = K, b.L = L, b.me = me, b.ll = P->ll, b.slots = (int64_t)s->ll_slots;
-    b.t = t, b.chunks = chunks, b.max_tokens = s->max_tokens;
+    b.t = t, b.chunks = chunks;
     const int64_t *tf = P->to_first, *ff = P->from_first;
     int64_t rows = P->rows;
     memset(x, 0, sizeof *x);
@@ -209,17 +209,26 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         int g = epx__gw(t, me, k);
         for (int i = 0; i < T; i++)
             if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
-                x->gw_send[g]++, x->gw_chunk[epx__chunk(C, b.max_tokens, i) * R + g]++, x->n_gw++;
+                x->gw_send[g]++, x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
     }
     for (int p = 0; p < R; p++) x->fwd_recv[p] = P->fwd_count[p], x->n_fwd += P->fwd_count[p];
     /* What my rail peers forward through me, chunk by chunk (FWD's layout, hier.h). */
-    for (int64_t e = 0; e < P->nent; e++)
-        if (P->ent_fidx[e] >= 0) x->fwd_chunk[epx__chunk(C, b.max_tokens, P->ent_tok[e]) * R + P->ent_src[e]]++;
+    if (P->src_tokens[me] != T) {
+        st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %lld tokens of mine, %d here",
+                       (long long)P->src_tokens[me], T);
+        goto done;
+    }
+    for (int64_t e = 0; e < P->nent; e++) {
+        int p = P->ent_src[e];
+        if (P->ent_fidx[e] >= 0) x->fwd_chunk[epx__chunk(C, P->src_tokens[p], P->ent_tok[e]) * R + p]++;
+    }
     int64_t at = 0;
     for (int c = 0; c < C; c++)
         for (int p = 0; p < R; p++) fcur[c * R + p] = at, at += x->fwd_chunk[c * R + p];
-    for (int64_t e = 0; e < P->nent; e++)
-        efidx[e] = P->ent_fidx[e] < 0 ? -1 : fcur[epx__chunk(C, b.max_tokens, P->ent_tok[e]) * R + P->ent_src[e]]++;
+    for (int64_t e = 0; e < P->nent; e++) {
+        int p = P->ent_src[e];
+        efidx[e] = P->ent_fidx[e] < 0 ? -1 : fcur[epx__chunk(C, P->src_tokens[p], P->ent_tok[e]) * R + p]++;
+    }
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
         int64_t n = 0;
         for (int c = 0; c < C; c++) n += x->fwd_chunk[c * R + p];
@@ -299,7 +308,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         }
     }
     for (int64_t e = 0; e < P->nent; e++) {
-        int p = P->ent_src[e], c = epx__chunk(C, b.max_tokens, P->ent_tok[e]);
+        int p = P->ent_src[e], c = epx__chunk(C, P->src_tokens[p], P->ent_tok[e]);
         if (t->host_of[p] == A) continue;
         for (int l = 0; l < LS; l++)
             if (ent_ref[e * LS + l] >= 0) {
@@ -316,7 +325,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
                 int q = t->host_ranks[t->host_first[k] + l];
                 if (!epx__goes_rank(P->topk + (size_t)i * K, K, L, q)) continue;
                 int64_t n = epx__rec_rows(&b, P->topk + (size_t)i * K, q);
-                x->home_recv[g] += n, x->home_recv_chunk[epx__chunk(C, b.max_tokens, i) * R + g] += n;
+                x->home_recv[g] += n, x->home_recv_chunk[epx__chunk(C, T, i) * R + g] += n;
             }
         x->n_home_recv += x->home_recv[g];
     }
@@ -342,7 +351,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             int k = t->host_of[p];
             if (k == A || epx__gw(t, me, k) != p) continue;
             for (int i = 0; i < T; i++)
-                if (epx__chunk(C, b.max_tokens, i) == c && epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
+                if (epx__chunk(C, T, i) == c && epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
                     *o++ = EPX__HIER_REF(EPX__HIER_X, i);
         }
     x->fan = o;
@@ -381,7 +390,8 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     x->home = o;
     for (int c = 0; c < C; c++) /* by chunk, then entry (source rank, token) */
         for (int64_t e = 0; e < P->nent; e++) {
-            if (t->host_of[P->ent_src[e]] == A || epx__chunk(C, b.max_tokens, P->ent_tok[e]) != c) continue;
+            int p = P->ent_src[e];
+            if (t->host_of[p] == A || epx__chunk(C, P->src_tokens[p], P->ent_tok[e]) != c) continue;
             for (int l = 0; l < LS; l++) {
                 if (ent_ref[e * LS + l] < 0) continue;
                 int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
@@ -408,7 +418,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             break;
         }
         /* The first row of each destination rank's record, in ascending rank order. */
-        int64_t *ci = cur + epx__chunk(C, b.max_tokens, i) * NH;
+        int64_t *ci = cur + epx__chunk(C, T, i) * NH;
         for (int j = 0; j < n; j++) {
             int r = ranks[j], k = t->host_of[r];
             base[j] = k == A ? ent_ref[(e0 + i) * LS + t->lrank_of[r]] : EPX__HIER_REF(EPX__HIER_HOME, ci[k]);
