@@ -189,7 +189,8 @@ typedef struct {
 } epx__flows_t;
 
 /* The block rank p sends rank q in the verdict's alltoall: p's card (its verdict on its own
- * arguments and, when that is a success, its call) and, in a dispatch, the flows from p to q
+ * arguments and, when that is a success, its call: operation, top-k, weights and, in a
+ * dispatch, p's token count in the upper 32 bits) and, in a dispatch, the flows from p to q
  * (the tokens p sends q, and q's host; zero in other calls). Blocks have one size in every
  * call, so that ranks that made different calls still complete the round and learn it. */
 enum { EPX__V_STATUS, EPX__V_CALL, EPX__V_ROUTING, EPX__V_CARD };    /* every call */
