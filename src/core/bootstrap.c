@@ -801,11 +801,25 @@ epx_status_t epx__boot_barrier(epx__boot_t *b, epx__errbuf_t *err)
 
 /* ---- Direct links between ranks ------------------------------------------------------ */
 
+/* What starts every message of a links round. */
+typedef struct {
+    int64_t status;
+    uint64_t len;
+} epx__link_head_t;
+
+/* One link's progress in a round: my head and data out, the peer's head and data in. */
+typedef struct {
+    size_t sent, got;
+    epx__link_head_t in;
+} epx__link_io_t;
+
 struct epx__boot_links {
     int n, rank;
     const int *peer; /* ranks, n of them (points into fds' allocation) */
     int *fds;
     int64_t timeout_ms;
+    epx__link_io_t *io; /* a round's progress and polls, per link (made once) */
+    struct pollfd *pfd;
 };
 
 void epx__boot_links_close(epx__boot_links_t *l)
@@ -813,7 +827,7 @@ void epx__boot_links_close(epx__boot_links_t *l)
     if (!l) return;
     for (int i = 0; i < l->n; i++)
         if (l->fds[i] >= 0) close(l->fds[i]);
-    free(l->fds);
+    free(l->fds), free(l->io), free(l->pfd);
     free(l);
 }
 
@@ -867,9 +881,13 @@ epx_status_t epx__boot_links_create(epx__boot_t *b, const int *peers, int n, epx
     struct sockaddr_storage mine, *all = calloc((size_t)b->nranks, sizeof *all);
     int lfd = -1;
     memset(&mine, 0, sizeof mine);
-    epx_status_t local = l && fds && all ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx__link_io_t *io = calloc((size_t)EPX__MAX(n, 1), sizeof *io);
+    struct pollfd *pfd = calloc((size_t)EPX__MAX(n, 1), sizeof *pfd);
+    epx_status_t local =
+        l && fds && all && io && pfd ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (local == EPX_SUCCESS) {
         l->n = n, l->rank = b->rank, l->timeout_ms = b->timeout_ms, l->fds = fds, l->peer = fds + n;
+        l->io = io, l->pfd = pfd;
         for (int i = 0; i < n; i++) fds[i] = -1, fds[n + i] = peers[i];
         for (int i = 0; i < n && local == EPX_SUCCESS; i++)
             if (peers[i] < 0 || peers[i] >= b->nranks || peers[i] == b->rank)
@@ -893,15 +911,9 @@ epx_status_t epx__boot_links_create(epx__boot_t *b, const int *peers, int n, epx
         return EPX_SUCCESS;
     }
     if (l && l->fds) epx__boot_links_close(l);
-    else free(l), free(fds);
+    else free(l), free(fds), free(io), free(pfd);
     return st;
 }
-
-/* What starts every message of a links round. */
-typedef struct {
-    int64_t status;
-    uint64_t len;
-} epx__link_head_t;
 
 /* A round that broke (a peer closed, the deadline passed, a message out of step): shut every
  * link down, so that the peers still in it fail at once, and the later rounds too. */
@@ -911,12 +923,6 @@ static epx_status_t epx__links_broken(epx__boot_links_t *l, epx_status_t st)
         if (l->fds[i] >= 0) shutdown(l->fds[i], SHUT_RDWR);
     return st;
 }
-
-/* One link's progress in a round: my head and data out, the peer's head and data in. */
-typedef struct {
-    size_t sent, got;
-    epx__link_head_t in;
-} epx__link_io_t;
 
 /* Move what link i can without blocking; *busy: a direction is not done yet. */
 static epx_status_t epx__link_step(epx__boot_links_t *l, int i, epx__link_io_t *io, const epx__link_head_t *out,
@@ -965,9 +971,10 @@ epx_status_t epx__boot_links_xchg(epx__boot_links_t *l, epx_status_t status, con
     uint64_t deadline = epx__deadline_after_ms(l->timeout_ms);
     int n = l->n;
     epx__link_head_t out = {status, status == EPX_SUCCESS ? len : 0};
-    epx__link_io_t *io = calloc((size_t)n, sizeof *io);
-    struct pollfd *pfd = calloc((size_t)n, sizeof *pfd);
-    epx_status_t st = io && pfd ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap links: out of memory");
+    epx__link_io_t *io = l->io;
+    struct pollfd *pfd = l->pfd;
+    memset(io, 0, sizeof *io * (size_t)n);
+    epx_status_t st = EPX_SUCCESS;
     while (st == EPX_SUCCESS) {
         int busy = 0;
         for (int i = 0; i < n && st == EPX_SUCCESS; i++) {
@@ -1002,6 +1009,5 @@ epx_status_t epx__boot_links_xchg(epx__boot_links_t *l, epx_status_t status, con
                                  : "bootstrap links: rank %d took part in the round with a failure (%s)",
                            l->peer[i], epx_status_name(s));
     }
-    free(io), free(pfd);
     return st != EPX_SUCCESS ? epx__links_broken(l, st) : remote;
 }

@@ -158,9 +158,9 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
 /* The rows of that plan (plan.c): the count of every transfer and, for every row copy, a
  * reference to its source: a kind (which buffer) in the top byte and a row index below.
  *   dispatch (cached dispatch across hosts; the rows of any dispatch on the GPU path):
- *     1. gather gw[n_gw] (from X, my rows) into the records for my gateways, gw_send[p]
- *        for gateway rank p (gw_chunk[c * R + p] in chunk c); exchange (between hosts,
- *        chunk by chunk) into FWD, fwd_recv[p] records from source p (fwd_chunk);
+ *     1. gather gw[n_gw] (from X, my rows) into the records for my gateways,
+ *        gw_chunk[c * R + p] for gateway rank p in chunk c; exchange (between hosts, chunk
+ *        by chunk) into FWD, fwd_chunk[c * R + p] records from source p;
  *     2. gather fan (from FWD or X) into the records for the local ranks and exchange them
  *        (inside the host) into LRECV, in parts (below): part q's records for local rank
  *        l, fan_send[q * LS + l] of them, and from it, fan_recv[q * LS + l];
@@ -177,9 +177,9 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  *        l * ll_slots + i) into the rows back to the local forwarders and exchange them
  *        into C1, in parts: back_send[q * LS + l] to local rank l, back_recv[q * LS + l]
  *        from it;
- *     2. gather home[n_home_send] (from C1 or Y) into the rows home: home_send[p] to home
- *        rank p (home_send_chunk by chunk); exchange (between hosts, chunk by chunk) into
- *        HOME: home_recv[g] from gateway g (home_recv_chunk);
+ *     2. gather home[n_home_send] (from C1 or Y) into the rows home, home_send_chunk[c * R
+ *        + p] to home rank p in chunk c; exchange (between hosts, chunk by chunk) into
+ *        HOME, home_recv_chunk[c * R + g] from gateway g;
  *     3. out[t] = the rows tok[first[t] .. first[t + 1]) (from Y, C1 or HOME), summed in
  *        that order: high-throughput one per rank in ascending rank order, the order of
  *        the single-host backends; low-latency one per valid k in ascending k, weighted by
@@ -191,9 +191,9 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  * chunk c of a dispatch's network step; sent on home in chunk c of a combine's), so that
  * the local part runs while the network step does, and each chunk's part while the next
  * chunk crosses. Token t of a source with T tokens is in chunk c = t * chunks / T (every
- * rank learns every T from the dispatch's verdict). The network buffers (gw, FWD, home, HOME) lie chunk by
- * chunk, each chunk's segments by rank: the *_chunk counts [chunks * R] give them; with one
- * chunk that is the by-rank layout of the totals (gw_send etc.).
+ * rank learns every T from the dispatch's verdict). The network buffers (gw, FWD, home,
+ * HOME) lie chunk by chunk, each chunk's segments by rank, as their *_chunk counts
+ * [chunks * R] say.
  * Two layouts of the references, LSEND/LRECV and C1 (by_peer when built):
  *   part-major (the GPU path: one exchange per part): a part's references, its send and
  *     its receive buffer follow the earlier parts' (part q of fan starts at fan + the sum
@@ -214,8 +214,7 @@ enum { EPX__HIER_Y = 0, EPX__HIER_C1 = 1, EPX__HIER_HOME = 2 };   /* combine sou
 enum { EPX__HIER_LOCAL = 0, EPX__HIER_REMOTE = 1, EPX__HIER_MAX_PARTS = 1 + EPX__HIER_MAX_CHUNKS };
 typedef struct {
     int chunks, parts;                                          /* parts = 1 + chunks */
-    int64_t *gw_send, *fwd_recv, *home_send, *home_recv;        /* [R] records, all chunks */
-    int64_t *gw_chunk, *fwd_chunk, *home_send_chunk, *home_recv_chunk; /* [chunks * R] */
+    int64_t *gw_chunk, *fwd_chunk, *home_send_chunk, *home_recv_chunk; /* [chunks * R] records */
     int64_t *fan_send, *fan_recv, *back_send, *back_recv;       /* [parts * LS] */
     int64_t n_fan[EPX__HIER_MAX_PARTS], n_lrecv[EPX__HIER_MAX_PARTS]; /* per part */
     int64_t n_back_send[EPX__HIER_MAX_PARTS], n_back_recv[EPX__HIER_MAX_PARTS];

@@ -178,7 +178,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     int C = chunks, NP = 1 + chunks;
     x->chunks = C, x->parts = NP;
     epx_status_t st = EPX_SUCCESS;
-    x->mem = calloc(4 * (size_t)R * (1 + (size_t)C) + 4 * (size_t)NP * (size_t)LS, sizeof *x->mem);
+    x->mem = calloc(4 * (size_t)R * (size_t)C + 4 * (size_t)NP * (size_t)LS, sizeof *x->mem);
     /* Where each part's segment from (to) each local rank starts in LRECV (C1). */
     int64_t *lfirst = malloc(sizeof *lfirst * 2 * (size_t)NP * (size_t)LS), *cfirst = NULL;
     int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P->nent * LS, (int64_t)1));
@@ -196,8 +196,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     }
     b.rslot = rslot;
     cfirst = lfirst + NP * LS;
-    x->gw_send = x->mem, x->fwd_recv = x->mem + R, x->home_send = x->mem + 2 * R, x->home_recv = x->mem + 3 * R;
-    x->gw_chunk = x->mem + 4 * R, x->fwd_chunk = x->gw_chunk + C * R;
+    x->gw_chunk = x->mem, x->fwd_chunk = x->gw_chunk + C * R;
     x->home_send_chunk = x->fwd_chunk + C * R, x->home_recv_chunk = x->home_send_chunk + C * R;
     x->fan_send = x->home_recv_chunk + C * R, x->fan_recv = x->fan_send + NP * LS;
     x->back_send = x->fan_recv + NP * LS, x->back_recv = x->back_send + NP * LS;
@@ -209,9 +208,9 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         int g = epx__gw(t, me, k);
         for (int i = 0; i < T; i++)
             if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
-                x->gw_send[g]++, x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
+                x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
     }
-    for (int p = 0; p < R; p++) x->fwd_recv[p] = P->fwd_count[p], x->n_fwd += P->fwd_count[p];
+    for (int p = 0; p < R; p++) x->n_fwd += P->fwd_count[p];
     /* What my rail peers forward through me, chunk by chunk (FWD's layout, hier.h). */
     if (P->src_tokens[me] != T) {
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %lld tokens of mine, %d here",
@@ -232,9 +231,9 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
         int64_t n = 0;
         for (int c = 0; c < C; c++) n += x->fwd_chunk[c * R + p];
-        if (n != x->fwd_recv[p])
+        if (n != P->fwd_count[p])
             st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan forwards %lld of source %d's %lld tokens", (long long)n, p,
-                           (long long)x->fwd_recv[p]);
+                           (long long)P->fwd_count[p]);
     }
     if (st != EPX_SUCCESS) goto done;
     if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P->nfwd) {
@@ -313,10 +312,9 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         for (int l = 0; l < LS; l++)
             if (ent_ref[e * LS + l] >= 0) {
                 int64_t n = epx__rec_rows(&b, P->ent_topk + e * K, t->host_ranks[t->host_first[A] + l]);
-                x->home_send[p] += n, x->home_send_chunk[c * R + p] += n;
+                x->home_send_chunk[c * R + p] += n, x->n_home_send += n;
             }
     }
-    for (int p = 0; p < R; p++) x->n_home_send += x->home_send[p];
     for (int k = 0; k < NH; k++) {
         if (k == A) continue;
         int g = epx__gw(t, me, k);
@@ -325,9 +323,8 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
                 int q = t->host_ranks[t->host_first[k] + l];
                 if (!epx__goes_rank(P->topk + (size_t)i * K, K, L, q)) continue;
                 int64_t n = epx__rec_rows(&b, P->topk + (size_t)i * K, q);
-                x->home_recv[g] += n, x->home_recv_chunk[epx__chunk(C, T, i) * R + g] += n;
+                x->home_recv_chunk[epx__chunk(C, T, i) * R + g] += n, x->n_home_recv += n;
             }
-        x->n_home_recv += x->home_recv[g];
     }
     for (int i = 0; i < T; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;

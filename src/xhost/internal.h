@@ -21,10 +21,9 @@ struct epx__xhost {
     void **rp;
     int64_t *sb, *lx;
     unsigned char *rail; /* [P]: 1 for the NCCL peers on my rail but me (those MoE statuses go to) */
-    /* The rounds across hosts (xhost.c): direct links to my rail peers, the hosts and ranks
-     * they are on [NH - 1], their buffers [NH - 1], the host step's arrays [3 * ls]. */
+    /* The rounds across hosts (xhost.c): direct links to my rail peers (link i: the one on
+     * host epx__xh_rail_host(xh, i)), their buffers [NH - 1], the host step's arrays [3 * ls]. */
     epx__boot_links_t *links;
-    int *rail_host, *rail_rank;
     const void **rs;
     void **rr;
     int64_t *rx;
@@ -34,6 +33,9 @@ struct epx__xhost {
     bool fault_count;   /* announce a wrong size */
     bool fault_enqueue; /* at=enqueue entries may be due: fire them at the call's enqueue point */
 };
+
+/* The host of my i-th rail peer (hosts ascending, mine left out). */
+static inline int epx__xh_rail_host(const epx__xhost_t *xh, int i) { return i < xh->host ? i : i + 1; }
 
 /* The NCCL peer index of rank p, which must be on my rail (or -1). */
 static inline int epx__xh_peer(const epx__xhost_t *xh, int p)

@@ -568,15 +568,6 @@ static epx_status_t epx__post(epx__xhost_moe_t *m, int c, const char *send, cons
                           epx__deadline_after_ms(xh->timeout_ms), err);
 }
 
-/* Where chunk c starts in a network buffer laid out chunk by chunk (hier.h) with cnt[c * R + p]
- * records. */
-static int64_t epx__chunk_at(const int64_t *cnt, int R, int c)
-{
-    int64_t at = 0;
-    for (int64_t i = 0; i < (int64_t)c * R; i++) at += cnt[i];
-    return at;
-}
-
 /* Chunk c of the network step along x: a dispatch's records from S_GW to the gateways into
  * S_FWD, a combine's rows home likewise. */
 static epx_status_t epx__post_chunk(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool combine, int c, size_t rec,
@@ -585,8 +576,10 @@ static epx_status_t epx__post_chunk(epx__xhost_moe_t *m, const epx__xh_plan_t *x
     int R = m->xh->nranks;
     const int64_t *sc = combine ? x->h.home_send_chunk : x->h.gw_chunk;
     const int64_t *rc = combine ? x->h.home_recv_chunk : x->h.fwd_chunk;
-    return epx__post(m, c, m->stage[S_GW] + (size_t)epx__chunk_at(sc, R, c) * rec, sc + (size_t)c * R,
-                     m->stage[S_FWD] + (size_t)epx__chunk_at(rc, R, c) * rec, rc + (size_t)c * R, rec, stream, err);
+    /* Chunk c starts after the earlier chunks' segments (hier.h). */
+    return epx__post(m, c, m->stage[S_GW] + (size_t)epx__hier_part_at(sc, c * R) * rec, sc + (size_t)c * R,
+                     m->stage[S_FWD] + (size_t)epx__hier_part_at(rc, c * R) * rec, rc + (size_t)c * R, rec, stream,
+                     err);
 }
 
 /* After chunks [c, c + n) of epx__post, on the stream that reads what they brought: a peer
@@ -726,16 +719,22 @@ static epx_status_t epx__join(epx__xhost_moe_t *m, epx_status_t st, int c, int n
     return n > 0 ? epx__peers_ok(m, c, n, stream, err) : EPX_SUCCESS;
 }
 
+/* The n records of g from its at-th on (references and destination rows alike). */
+static epx__xh_gather_t epx__gather_from(const epx__xh_gather_t *g, int64_t at, int64_t n)
+{
+    epx__xh_gather_t p = *g;
+    p.ref += at, p.n = (long long)n, p.row += at * p.row_stride;
+    if (p.aux) p.aux += at * p.aux_stride;
+    return p;
+}
+
 /* Part `part` (src/hier/hier.h) of the intra-host exchange along x, the plan's i-th: its
  * records gathered by g (g->ref the parts' references back to back, n[] their counts, into
  * S_LSEND) at the part's offset, then the exchange enqueued. */
 static epx_status_t epx__local_part(epx__xhost_moe_t *m, const epx__xh_gather_t *g, const int64_t *n, int part,
                                     const epx__cuda_a2a_t *plan, int i, void *stream, epx__errbuf_t *err)
 {
-    epx__xh_gather_t p = *g;
-    long long at = (long long)epx__hier_part_at(n, part);
-    p.ref += at, p.n = (long long)n[part], p.row += at * p.row_stride;
-    if (p.aux) p.aux += at * p.aux_stride;
+    epx__xh_gather_t p = epx__gather_from(g, epx__hier_part_at(n, part), n[part]);
     EPX__CHECK(epx__launched(epx__xh_launch_gather(&p, epx__blocks(m), stream), "packing rows for the local ranks",
                              err));
     return epx__cuda_a2a_enqueue(m->xh->cuda, plan, i, stream, err);
@@ -853,11 +852,8 @@ static epx_status_t epx__rows_home(epx__xhost_moe_t *m, const epx__xh_plan_t *x,
             st = epx__launched(ce, "handing a chunk to the NCCL stream", err);
         }
         if (st == EPX_SUCCESS) {
-            int64_t at = epx__chunk_at(x->h.home_send_chunk, R, c);
-            epx__xh_gather_t gc = g;
-            gc.ref += at, gc.n = (long long)(epx__chunk_at(x->h.home_send_chunk, R, c + 1) - at);
-            gc.row += at * gc.row_stride;
-            if (gc.aux) gc.aux += at * gc.aux_stride;
+            int64_t at = epx__hier_part_at(x->h.home_send_chunk, c * R);
+            epx__xh_gather_t gc = epx__gather_from(&g, at, epx__hier_part_at(x->h.home_send_chunk, (c + 1) * R) - at);
             st = epx__launched(epx__xh_launch_gather(&gc, blocks, m->side), "packing rows to send home", err);
         }
         if (st == EPX_SUCCESS) st = epx__post_chunk(m, x, true, c, rec, m->side, err);

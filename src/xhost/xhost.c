@@ -15,7 +15,7 @@
  * links exist the bootstrap's star carries the rounds. */
 
 /* The rail step of a round after the host step ended with `a`: `len` bytes of rs[i] to the
- * rail peer on host xh->rail_host[i], from it into rr[i]. Returns a, or what failed here. */
+ * rail peer on host epx__xh_rail_host(xh, i), from it into rr[i]. Returns a, or what failed here. */
 static epx_status_t epx__xh_rail_step(epx__xhost_t *xh, epx_status_t a, const void *const *rs, void *const *rr,
                                       size_t len, epx__errbuf_t *err)
 {
@@ -54,7 +54,7 @@ epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, si
     epx_status_t a = epx__xh_host_step(xh, EPX_SUCCESS, mine, NULL, all, rd, len, err);
     const char *host = (const char *)all + (size_t)H0 * len;
     for (int i = 0; i < n; i++)
-        xh->rs[i] = host, xh->rr[i] = (char *)all + (size_t)xh->rail_host[i] * LS * len;
+        xh->rs[i] = host, xh->rr[i] = (char *)all + (size_t)epx__xh_rail_host(xh, i) * LS * len;
     return epx__xh_rail_step(xh, a, xh->rs, xh->rr, (size_t)LS * len, err);
 }
 
@@ -86,11 +86,15 @@ static epx_status_t epx__xh_alltoall(epx__xhost_t *xh, const void *send, void *r
      * straight into place (host h's ranks are consecutive). */
     for (int j = 0; j < LS && a == EPX_SUCCESS; j++) {
         memcpy((char *)recv + ((size_t)H * LS + j) * len, from + ((size_t)j * NH + H) * len, len);
-        for (int i = 0; i < n; i++)
-            memcpy(rail + ((size_t)i * LS + j) * len, from + ((size_t)j * NH + xh->rail_host[i]) * len, len);
+        for (int i = 0; i < n; i++) {
+            int h = epx__xh_rail_host(xh, i);
+            memcpy(rail + ((size_t)i * LS + j) * len, from + ((size_t)j * NH + h) * len, len);
+        }
     }
-    for (int i = 0; i < n; i++)
-        xh->rs[i] = rail + (size_t)i * LS * len, xh->rr[i] = (char *)recv + (size_t)xh->rail_host[i] * LS * len;
+    for (int i = 0; i < n; i++) {
+        xh->rs[i] = rail + (size_t)i * LS * len;
+        xh->rr[i] = (char *)recv + (size_t)epx__xh_rail_host(xh, i) * LS * len;
+    }
     epx_status_t st = epx__xh_rail_step(xh, a, xh->rs, xh->rr, (size_t)LS * len, err);
     free(to);
     return st;
@@ -240,15 +244,10 @@ static epx_status_t epx__xh_arrays(epx__xhost_t *xh, epx__errbuf_t *err)
     xh->rx = calloc(3 * (size_t)xh->ls, sizeof *xh->rx);
     xh->rs = calloc(n, sizeof *xh->rs);
     xh->rr = calloc(n, sizeof *xh->rr);
-    xh->rail_host = calloc(n, sizeof *xh->rail_host);
-    xh->rail_rank = calloc(n, sizeof *xh->rail_rank);
-    if (!xh->sp || !xh->rp || !xh->sb || !xh->lx || !xh->rail || !xh->rx || !xh->rs || !xh->rr || !xh->rail_host ||
-        !xh->rail_rank)
+    if (!xh->sp || !xh->rp || !xh->sb || !xh->lx || !xh->rail || !xh->rx || !xh->rs || !xh->rr)
         return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     for (int p = xh->lrank; p < xh->nranks; p += xh->ls)
         if (p != xh->rank) xh->rail[epx__xh_peer(xh, p)] = 1;
-    for (int h = 0, i = 0; h < xh->num_hosts; h++)
-        if (h != xh->host) xh->rail_host[i] = h, xh->rail_rank[i++] = h * xh->ls + xh->lrank;
     return EPX_SUCCESS;
 }
 
@@ -313,9 +312,14 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
     }
     /* The links along my rail: from here on the rounds across hosts take them (see above). */
     epx__boot_links_t *links = NULL;
-    if (st == EPX_SUCCESS)
-        st = epx__xh_vote(xh, epx__boot_links_create(boot, xh->rail_rank, xh->num_hosts - 1, &links, err),
-                          epx__xh_create_what, err);
+    if (st == EPX_SUCCESS) {
+        int n = xh->num_hosts - 1, *peers = calloc((size_t)EPX__MAX(n, 1), sizeof *peers);
+        for (int i = 0; peers && i < n; i++) peers[i] = epx__xh_rail_host(xh, i) * xh->ls + xh->lrank;
+        epx_status_t mine = peers ? epx__boot_links_create(boot, peers, n, &links, err)
+                                  : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        free(peers);
+        st = epx__xh_vote(xh, mine, epx__xh_create_what, err);
+    }
     if (st == EPX_SUCCESS) xh->links = links;
     else epx__boot_links_close(links);
     free(cards);
@@ -345,7 +349,7 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
     cudaGetLastError();
     epx__boot_links_close(xh->links);
     free(xh->sp), free(xh->rp), free(xh->sb), free(xh->lx), free(xh->rail);
-    free(xh->rx), free(xh->rs), free(xh->rr), free(xh->rail_host), free(xh->rail_rank);
+    free(xh->rx), free(xh->rs), free(xh->rr);
     free(xh);
 }
 
