@@ -52,6 +52,12 @@
  *   - count: alltoallv_device agrees on its counts on the host there, so it answers as
  *     alltoallv (the pair EPX_ERR_MISMATCH, the others EPX_ERR_REMOTE_INVALID, nothing
  *     written, usable);
+ *   - fail_enqueue (only here: EPX_FAULT fail): the faulty rank's device records a failure
+ *     after the call's last host round, and the call still moves everything; within the
+ *     slack (no timeout) the faulty rank gets EPX_ERR_TIMEOUT and every other rank
+ *     EPX_ERR_PEER_FAILURE, relayed with the data (a rank that succeeded on rows forwarded by
+ *     a failed gateway would fail this); each output byte poison or exact; the communicator
+ *     is broken, and a new one over all ranks works;
  *   - recovery after a kill: hosts must be of equal size, so the ranks of the hosts that
  *     lost no rank make the new communicator and the dead rank's host-mates one each, alone.
  * It exits 77, saying why, with fewer GPUs than hosts (unless EPX_TEST_FAKE_NCCL=1: NCCL
@@ -108,9 +114,12 @@ typedef enum {
 } op_t;
 static const char *op_names[] = {"a2a_eager", "a2a_direct", "alltoallv", "a2av_device", "dispatch",
                                  "dispatch_nosync", "combine", "ll_dispatch", "ll_combine"};
-typedef enum { F_DELAY_SHORT, F_DELAY_ENQUEUE, F_DELAY_LONG, F_KILL_HOST, F_KILL_ENQUEUE, F_KILL_LAUNCHED, F_COUNT, F_NUM } fault_t;
-static const char *fault_names[] = {"delay_short", "delay_enqueue", "delay_long", "kill_host",
-                                    "kill_enqueue", "kill_launched", "count"};
+typedef enum {
+    F_DELAY_SHORT, F_DELAY_ENQUEUE, F_DELAY_LONG, F_KILL_HOST, F_KILL_ENQUEUE, F_KILL_LAUNCHED, F_COUNT, F_FAIL_ENQUEUE,
+    F_NUM
+} fault_t;
+static const char *fault_names[] = {"delay_short",   "delay_enqueue", "delay_long", "kill_host",
+                                    "kill_enqueue",  "kill_launched", "count",      "fail_enqueue"};
 
 static bool is_kill(fault_t f) { return f == F_KILL_HOST || f == F_KILL_ENQUEUE || f == F_KILL_LAUNCHED; }
 static bool is_moe(op_t op) { return op >= OP_DISPATCH; }
@@ -683,6 +692,18 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         ctx_check(&c, EXACT, what);
         ASSERT_EQ(settle(&c, EPX_SUCCESS), EPX_SUCCESS);
         break;
+    case F_FAIL_ENQUEUE:
+        /* Across hosts only (main): the faulty rank's device fails before its call enqueues
+         * anything, and the call still moves everything. Every rank fails in this call, with
+         * no timeout to wait for: the faulty one with its own error, the others with the
+         * relayed one (statuses with the NCCL groups; FAILED flags inside a host). */
+        broken = true;
+        if (res != (bad ? EPX_ERR_TIMEOUT : EPX_ERR_PEER_FAILURE))
+            TEST_FAIL_("%s: got %s, expected %s", what, sname(res),
+                       bad ? "EPX_ERR_TIMEOUT (injected)" : "EPX_ERR_PEER_FAILURE (relayed)");
+        if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms (nothing should wait for a timeout)", what, dt);
+        ctx_check(&c, OLD_OR_NEW, what);
+        break;
     default: break;
     }
     if (!broken) {
@@ -734,6 +755,7 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
     case F_KILL_ENQUEUE: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=enqueue", bad, step); break;
     case F_KILL_LAUNCHED: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=launched", bad, step); break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", bad, step); break;
+    case F_FAIL_ENQUEUE: snprintf(text, sizeof text, "fail:rank=%d,step=%d,at=enqueue", bad, step); break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
@@ -857,6 +879,11 @@ int main(int argc, char **argv)
     int passed = 0;
     for (int f = 0; f < F_NUM; f++) {
         if (nwant && !want[f]) continue;
+        if (f == F_FAIL_ENQUEUE && !hosts_ls) {
+            printf("scenario %s/%s np%d: not run (EPX_FAULT fail fires across hosts only)\n", op_names[op],
+                   fault_names[f], R);
+            continue;
+        }
         fflush(stdout);
         double t0 = now_ms();
         pid_t pid = fork();

@@ -499,7 +499,8 @@ void epx__comm_fault_slow(epx_comm_t c, epx_status_t local, bool sized)
     if (count && c->hier) epx__hier_fault_count(c->hier);
     if (c->xh) {
         bool enq = epx__fault_due(&c->fault, EPX__FAULT_DELAY, step, EPX__FAULT_AT_ENQUEUE, &f) ||
-                   epx__fault_due(&c->fault, EPX__FAULT_KILL, step, EPX__FAULT_AT_ENQUEUE, &f);
+                   epx__fault_due(&c->fault, EPX__FAULT_KILL, step, EPX__FAULT_AT_ENQUEUE, &f) ||
+                   epx__fault_due(&c->fault, EPX__FAULT_FAIL, step, EPX__FAULT_AT_ENQUEUE, &f);
         epx__xhost_fault_set(c->xh, &c->fault, step, count, enq);
         c->fault_launched = epx__fault_due(&c->fault, EPX__FAULT_KILL, step, EPX__FAULT_AT_LAUNCHED, &f);
     }

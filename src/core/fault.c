@@ -12,7 +12,7 @@
 /* Entries that fired in this process (bit = index in EPX_FAULT). */
 static _Atomic unsigned epx__fault_fired;
 
-static const char *const epx__fault_names[] = {"?", "delay", "kill", "count"};
+static const char *const epx__fault_names[] = {"?", "delay", "kill", "count", "fail"};
 static const char *const epx__fault_at_names[] = {"host", "enqueue", "launched"};
 
 static bool epx__fault_number(const char *v, long long lo, long long hi, long long *out)
@@ -43,11 +43,12 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
     *colon = '\0';
     char *kind = epx__trim(text);
     *s = (epx__fault_spec_t){0, index, -1, 0, -1, EPX__FAULT_AT_HOST};
-    for (int k = 1; k <= 3; k++)
+    for (int k = 1; k <= EPX__FAULT_FAIL; k++)
         if (!strcmp(kind, epx__fault_names[k])) s->kind = k;
     if (!s->kind)
-        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill or count)",
-                         index + 1, kind);
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count or fail)", index + 1, kind);
+    if (s->kind == EPX__FAULT_FAIL) s->at = EPX__FAULT_AT_ENQUEUE;
     long long step = 0;
     char *save = NULL;
     for (char *kv = strtok_r(colon + 1, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
@@ -65,13 +66,17 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
         else if (!strcmp(key, "ms") && s->kind == EPX__FAULT_DELAY)
             ok = epx__fault_number(val, 0, 24 * 3600 * 1000, &v), s->ms = (int)v;
         else if (!strcmp(key, "at") && s->kind != EPX__FAULT_COUNT) {
+            int first = s->kind == EPX__FAULT_FAIL ? EPX__FAULT_AT_ENQUEUE : EPX__FAULT_AT_HOST;
             int last = s->kind == EPX__FAULT_KILL ? EPX__FAULT_AT_LAUNCHED : EPX__FAULT_AT_ENQUEUE;
             ok = false;
-            for (int a = 0; a <= last; a++)
+            for (int a = first; a <= last; a++)
                 if (!strcmp(val, epx__fault_at_names[a])) ok = true, s->at = a;
             if (!ok)
-                return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): at=%s (host, enqueue%s)",
-                                 index + 1, kind, val, s->kind == EPX__FAULT_KILL ? " or launched" : " or, for kill, launched");
+                return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): at=%s (%s)", index + 1, kind,
+                                 val,
+                                 s->kind == EPX__FAULT_FAIL   ? "only enqueue"
+                                 : s->kind == EPX__FAULT_KILL ? "host, enqueue or launched"
+                                                              : "host or enqueue");
         }
         else
             return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): unknown key \"%s\"", index + 1,

@@ -10,7 +10,11 @@
  *   count  rank R announces a wrong size in its N-th operation: alltoall(v) one more byte
  *          to rank R+1 than it sends; MoE dispatch an expert id past the last one (or
  *          num_tokens past max_tokens_per_rank when it has no token); other MoE calls a
- *          top-k one larger than the handle's.
+ *          top-k one larger than the handle's;
+ *   fail   rank R's device records a failure in its N-th operation (EPX_ERR_TIMEOUT, as a
+ *          device wait that timed out would), after its host rounds and before it enqueues
+ *          anything (at=enqueue, the only place it fires); it still moves everything, so
+ *          only the failure relay tells its peers. CUDA across hosts only (src/xhost).
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues
@@ -44,7 +48,7 @@
 
 #include "core.h"
 
-typedef enum { EPX__FAULT_DELAY = 1, EPX__FAULT_KILL = 2, EPX__FAULT_COUNT = 3 } epx__fault_kind_t;
+typedef enum { EPX__FAULT_DELAY = 1, EPX__FAULT_KILL = 2, EPX__FAULT_COUNT = 3, EPX__FAULT_FAIL = 4 } epx__fault_kind_t;
 /* Where in an operation a fault fires (`at`). */
 typedef enum { EPX__FAULT_AT_HOST = 0, EPX__FAULT_AT_ENQUEUE = 1, EPX__FAULT_AT_LAUNCHED = 2 } epx__fault_at_t;
 

@@ -202,6 +202,14 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     volatile epx__cuda_err_t *e = c->err_host;
     if (e->code == 0 || e->code == EPX__ERR_CLAIMED) return EPX_SUCCESS; /* claimed: seen on a later poll */
     __sync_synchronize();
+    if (e->peer == EPX__PEER_INJECTED)
+        return epx__fail(err, (epx_status_t)e->code, "local rank %d: a failure injected on the device (EPX_FAULT fail)",
+                         c->rank);
+    if (e->code == EPX_ERR_PEER_FAILURE && e->wanted == EPX__RELAYED_LOCAL) /* epx__cuda_relay_failures */
+        return epx__fail(err, EPX_ERR_PEER_FAILURE,
+                         "local rank %d: local rank %d had failed before it sent its part of an exchange inside the "
+                         "host (operation %llu); what it sent may be incomplete",
+                         c->rank, e->peer, (unsigned long long)e->op);
     if (e->code == EPX_ERR_PEER_FAILURE && e->peer < 0) /* relayed: a status that never came */
         return epx__fail(err, EPX_ERR_PEER_FAILURE,
                          "local rank %d: the status of NCCL peer %llu did not come with its data (its exchange was cut "
@@ -220,6 +228,18 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     return epx__fail(err, (epx_status_t)e->code,
                      "rank %d: a device wait for rank %d timed out (operation %llu; flag at %llu, wanted %llu)", c->rank,
                      e->peer, (unsigned long long)e->op, (unsigned long long)e->seen, (unsigned long long)e->wanted);
+}
+
+void epx__cuda_relay_failures(epx__cuda_t *c) { c->dev.relay = 1; }
+
+void epx__cuda_inject_failure(epx__cuda_t *c)
+{
+    volatile epx__cuda_err_t *e = c->err_host;
+    if (!__sync_bool_compare_and_swap(&c->err_host->code, 0, EPX__ERR_CLAIMED)) return; /* the first error stays */
+    e->peer = EPX__PEER_INJECTED, e->op = 0, e->seen = 0, e->wanted = 0;
+    __sync_synchronize();
+    e->code = EPX_ERR_TIMEOUT;
+    __sync_synchronize();
 }
 
 epx_status_t epx__cuda_status_out(epx__cuda_t *c, int rank, unsigned seq, void *out, void *stream, epx__errbuf_t *err)

@@ -43,6 +43,15 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);
  * device error, EPX_ERR_PEER_FAILURE naming that rank (or, missing, the slot), reported as
  * a wait's error is (the first error stays). Both fail only on a CUDA launch error. */
 #define EPX__CUDA_STATUS_BYTES 16
+/* The same inside the host, for a communicator whose ranks send on what they received
+ * (src/xhost's gateways): from now on, a rank whose device has recorded an error by the time
+ * it tells a peer that its segments of an alltoallv exchange (epx__cuda_alltoallv,
+ * epx__cuda_a2a_*) are written says so with them, and the peer records EPX_ERR_PEER_FAILURE
+ * naming it (the first error stays). Call it on every rank, before the first exchange. */
+void epx__cuda_relay_failures(epx__cuda_t *cuda);
+/* EPX_FAULT fail (core/fault.h): record EPX_ERR_TIMEOUT on this rank's device now, as a
+ * device wait that timed out would (the first error stays); the caller enqueues after it. */
+void epx__cuda_inject_failure(epx__cuda_t *cuda);
 typedef struct {
     int first, step, count, self;
 } epx__cuda_status_slots_t;

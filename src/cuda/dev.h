@@ -17,7 +17,9 @@ extern "C" {
 #define EPX__SLOT_HDR 128        /* eager slot: flag line, then data */
 
 /* ARRIVE and DONE hold operation numbers; WRITTEN counts the blocks of a peer's direct
- * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation). The
+ * kernels that finished writing into me (EPX__DIRECT_BLOCKS per operation); FAILED, with
+ * the failure relay on (`relay`), the last operation whose segments a peer sent me after
+ * its device had recorded an error (they may carry what it received incompletely). The
  * low-latency flags hold low-latency sequence numbers (see ll_seq): LL, 2 s + c for the
  * dispatch send s whose rows and routing a peer finished pushing into me, c = 1 when that
  * peer had then received every dispatch before s (so it no longer reads the staging half
@@ -30,7 +32,8 @@ enum {
     EPX__FLAG_LL = 3,
     EPX__FLAG_LLC_ARRIVE = 4,
     EPX__FLAG_LLC_DONE = 5,
-    EPX__FLAG_KINDS = 6
+    EPX__FLAG_FAILED = 6,
+    EPX__FLAG_KINDS = 7
 };
 
 /* Low-latency sequences (ll_seq[] and their last-block counters ll_blocks[]): each counts
@@ -43,8 +46,12 @@ enum { EPX__LL_DISPATCH_SENT = 0, EPX__LL_DISPATCH_RECVD = 1, EPX__LL_COMBINE_SE
 
 /* Error record in host-mapped memory, written once by the first failing wait: its code is
  * claimed (EPX__ERR_CLAIMED, "being written": not an error yet), the fields written, then
- * the status stored. */
+ * the status stored. An EPX_ERR_PEER_FAILURE says in `wanted` where it came from (a status
+ * across hosts, or a local peer's FAILED flag); `peer` EPX__PEER_INJECTED marks a failure
+ * that EPX_FAULT injected (core/fault.h: fail). */
 #define EPX__ERR_CLAIMED (-2147483647 - 1)
+enum { EPX__RELAYED_ACROSS = 0, EPX__RELAYED_LOCAL = 1 };
+#define EPX__PEER_INJECTED (-2)
 typedef struct {
     int32_t code; /* 0, or an epx_status_t */
     int32_t peer;
@@ -66,6 +73,7 @@ typedef struct {
     unsigned long long eager_bytes;
     epx__cuda_err_t *err;       /* device pointer to host-mapped memory */
     unsigned long long timeout_ns;
+    int relay;                  /* the failure relay of the alltoallv kernels (epx__cuda_relay_failures) */
 } epx__cuda_dev_t;
 
 /* Per-peer byte counts and displacements of one small alltoallv (by value). */

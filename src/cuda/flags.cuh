@@ -97,6 +97,42 @@ static __device__ void epx__finish_op(const epx__cuda_dev_t *d, unsigned long lo
     }
 }
 
+/* ---- The failure relay inside a host (d->relay: cuda.h, epx__cuda_relay_failures) ---------- */
+
+/* Flag `kind` from rank `from` in `owner`'s flags (mine: d->flags; a peer's: d->peer_flags[p]). */
+static __device__ __forceinline__ unsigned long long *epx__flag(const epx__cuda_dev_t *d, unsigned long long *owner,
+                                                               int kind, int from)
+{
+    return owner + ((size_t)kind * d->nranks + from) * EPX__FLAG_STRIDE;
+}
+
+/* One thread per peer p, before the store that tells p my segments of operation n are
+ * written (a release store, or a system fence then a store): when the relay is on and my
+ * device has recorded an error (even one being written), FAILED from me = n at p first. */
+static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, int p, unsigned long long n)
+{
+    if (!d->relay || p == d->rank || *(volatile int *)&d->err->code == 0) return;
+    epx__st_release_sys(epx__flag(d, d->peer_flags[p], EPX__FLAG_FAILED, d->rank), n);
+    __threadfence_system(); /* before later relaxed stores too (the eager lines) */
+}
+
+/* One thread per peer p, once it has seen (acquire, or a relaxed load then a system fence)
+ * that p's segments of operation n are here: when p relayed a failure with them, record
+ * EPX_ERR_PEER_FAILURE naming p (the first error stays). */
+static __device__ void epx__relay_in(const epx__cuda_dev_t *d, int p, unsigned long long n)
+{
+    if (!d->relay || p == d->rank || epx__ld_acquire_sys(epx__flag(d, d->flags, EPX__FLAG_FAILED, p)) < n) return;
+    volatile epx__cuda_err_t *e = d->err;
+    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
+    e->peer = p;
+    e->op = n;
+    e->seen = 0;
+    e->wanted = EPX__RELAYED_LOCAL;
+    __threadfence_system();
+    e->code = EPX_ERR_PEER_FAILURE;
+    __threadfence_system();
+}
+
 /* ---- Low-latency sequences ---------------------------------------------------------------- */
 
 /* Number of the low-latency kernel of `kind` (EPX__LL_*) my stream runs now. */

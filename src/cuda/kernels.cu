@@ -11,14 +11,17 @@
 
 /* ---- Signal and wait ---------------------------------------------------------------------- */
 
+/* With the failure relay on, every signal says whether my device had failed by then, and the
+ * signal that finishes the operation (the copy-engine path's DONE) brings the peers' word. */
 static __global__ void epx__k_signal_wait(epx__cuda_dev_t d, int kind, int finish)
 {
     unsigned long long n = epx__op_number(&d);
     int p = (int)threadIdx.x;
-    if (p < d.nranks && p != d.rank)
-        epx__st_release_sys(d.peer_flags[p] + ((size_t)kind * d.nranks + d.rank) * EPX__FLAG_STRIDE, n);
-    if (p < d.nranks && p != d.rank)
-        epx__wait_geq(&d, d.flags + ((size_t)kind * d.nranks + p) * EPX__FLAG_STRIDE, n, p);
+    if (p < d.nranks && p != d.rank) {
+        epx__relay_out(&d, p, n);
+        epx__st_release_sys(epx__flag(&d, d.peer_flags[p], kind, d.rank), n);
+        if (epx__wait_geq(&d, epx__flag(&d, d.flags, kind, p), n, p) && finish) epx__relay_in(&d, p, n);
+    }
     if (finish) epx__finish_op(&d, n);
 }
 
@@ -156,6 +159,8 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
     } else {
         char *s = d.peer_eager[p] + (par * R + me) * slot;
         char *mine = d.eager + (par * R + p) * slot;
+        if (threadIdx.x == 0) epx__relay_out(&d, p, n); /* before the lines, or the slot's flag */
+        __syncthreads();
         if (a.send_bytes[p] <= line_max) {
             epx__lines_put((uint4 *)(s + EPX__SLOT_HDR), a.send + a.send_displ[p], a.send_bytes[p], (unsigned)n);
         } else {
@@ -165,9 +170,15 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
             if (threadIdx.x == 0) epx__st_release_sys((unsigned long long *)s, n);
         }
         if (a.recv_bytes[p] <= line_max) {
-            epx__lines_get(&d, a.recv + a.recv_displ[p], (const uint4 *)(mine + EPX__SLOT_HDR), a.recv_bytes[p], n, p);
+            if (epx__lines_get(&d, a.recv + a.recv_displ[p], (const uint4 *)(mine + EPX__SLOT_HDR), a.recv_bytes[p], n,
+                               p) &&
+                threadIdx.x == 0 && d.relay) {
+                __threadfence_system(); /* the lines were relaxed loads */
+                epx__relay_in(&d, p, n);
+            }
         } else {
             if (threadIdx.x == 0) ok = epx__wait_geq(&d, (const unsigned long long *)mine, n, p);
+            if (threadIdx.x == 0 && ok) epx__relay_in(&d, p, n);
             __syncthreads();
             if (ok) epx__block_copy(a.recv + a.recv_displ[p], mine + EPX__SLOT_HDR, a.recv_bytes[p]);
         }
@@ -261,6 +272,7 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
             if (theirs != 0) epx__record_mismatch(&d, p, n, 0, theirs);
         }
     }
+    if ((int)threadIdx.x < R) epx__relay_out(&d, (int)threadIdx.x, n); /* also for segments this block skipped */
     __threadfence_system(); /* every writer fences: its stores reach the peer before the count */
     __syncthreads();
     if ((int)threadIdx.x < R && (int)threadIdx.x != me) {
@@ -276,9 +288,10 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
     if (!ok) return;
     /* The last block: everyone's writes into me are complete, then the epoch advances. */
     int p = (int)threadIdx.x;
-    if (p < R && p != me)
+    if (p < R && p != me &&
         epx__wait_geq(&d, d.flags + ((size_t)EPX__FLAG_WRITTEN * R + p) * EPX__FLAG_STRIDE,
-                      (*(volatile unsigned long long *)d.direct_ops + 1ull) * (unsigned long long)gridDim.x, p);
+                      (*(volatile unsigned long long *)d.direct_ops + 1ull) * (unsigned long long)gridDim.x, p))
+        epx__relay_in(&d, p, n);
     __syncthreads();
     if (threadIdx.x == 0) {
         *d.blocks_left = 0;
@@ -322,7 +335,7 @@ static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int
         e->peer = missing ? -1 : s[1];
         e->op = (unsigned long long)i;
         e->seen = missing ? 0ull : (unsigned long long)(unsigned)s[2];
-        e->wanted = 0;
+        e->wanted = EPX__RELAYED_ACROSS;
         __threadfence_system();
         e->code = EPX_ERR_PEER_FAILURE;
         __threadfence_system();

@@ -15,12 +15,14 @@ struct epx__xhost {
     epx__hier_t *hier; /* MoE */
     char *gw, *fwd;    /* alltoallv device staging */
     size_t gw_bytes, fwd_bytes;
+    char *stat;        /* alltoallv statuses (device): mine, then one slot per NCCL peer [P] */
+    unsigned seq;      /* alltoallv calls so far (numbers their statuses; never 0) */
     /* Per-call arrays, made at creation so that a call's data steps allocate nothing:
      * NCCL peers' pointers and sizes [P], the two intra-host exchanges' arrays [8 * ls]. */
     const void **sp;
     void **rp;
     int64_t *sb, *lx;
-    unsigned char *rail; /* [P]: 1 for the NCCL peers on my rail but me (those MoE statuses go to) */
+    unsigned char *rail; /* [P]: 1 for the NCCL peers on my rail but me (those statuses go to) */
     /* The rounds across hosts (xhost.c): direct links to my rail peers (link i: the one on
      * host epx__xh_rail_host(xh, i)), their buffers [NH - 1], the host step's arrays [3 * ls]. */
     epx__boot_links_t *links;
@@ -42,6 +44,13 @@ static inline int epx__xh_peer(const epx__xhost_t *xh, int p)
 {
     if (p % xh->ls != xh->lrank) return -1;
     return xh->adopted ? p : p / xh->ls;
+}
+
+/* Where my rail peers' statuses land among the NCCL peers' slots (cuda.h). */
+static inline epx__cuda_status_slots_t epx__xh_rail_slots(const epx__xhost_t *xh)
+{
+    return (epx__cuda_status_slots_t){xh->adopted ? xh->lrank : 0, xh->adopted ? xh->ls : 1, xh->num_hosts,
+                                      epx__nccl_rank(xh->nccl)};
 }
 
 /* Everyone's `len` bytes (rank-major into `all`): over the bootstrap during creation, then
@@ -67,7 +76,8 @@ static inline bool epx__xh_take_count(epx__xhost_t *xh)
     return c;
 }
 /* EPX_FAULT at=enqueue: the call has made its last host round and enqueues nothing before
- * this returns; a due `delay` sleeps, a due `kill` ends the process. Fires once per call. */
+ * this returns; a due `delay` sleeps, a due `kill` ends the process, a due `fail` records a
+ * failure on this rank's device. Fires once per call. */
 void epx__xh_fault_enqueue(epx__xhost_t *xh);
 /* Wait (bounded) until `stream` has run what was enqueued. */
 epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);

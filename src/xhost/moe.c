@@ -589,8 +589,7 @@ static epx_status_t epx__post_chunk(epx__xhost_moe_t *m, const epx__xh_plan_t *x
 static epx_status_t epx__peers_ok(epx__xhost_moe_t *m, int c, int n, void *stream, epx__errbuf_t *err)
 {
     const epx__xhost_t *xh = m->xh;
-    epx__cuda_status_slots_t rail = {xh->adopted ? xh->lrank : 0, xh->adopted ? xh->ls : 1, xh->num_hosts,
-                                     epx__nccl_rank(xh->nccl)}; /* my rail peers' slots */
+    epx__cuda_status_slots_t rail = epx__xh_rail_slots(xh);
     for (int i = c; i < c + n; i++)
         EPX__CHECK(epx__cuda_status_check(xh->cuda, epx__stat_theirs(m, i), &rail, m->chunk_seq[i], stream, err));
     return EPX_SUCCESS;

@@ -186,6 +186,8 @@ void epx__xh_fault_enqueue(epx__xhost_t *xh)
     epx__fault_spec_t f;
     if (epx__fault_take_at(xh->fault, EPX__FAULT_KILL, xh->fault_step, EPX__FAULT_AT_ENQUEUE, &f))
         epx__fault_exit(&f, 0, xh->nranks - 1);
+    if (epx__fault_take_at(xh->fault, EPX__FAULT_FAIL, xh->fault_step, EPX__FAULT_AT_ENQUEUE, &f))
+        epx__cuda_inject_failure(xh->cuda);
 }
 
 /* ---- The link src/hier's MoE runs on ----------------------------------------------------- */
@@ -332,6 +334,7 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
         epx__xhost_destroy(xh, true);
         return st;
     }
+    epx__cuda_relay_failures(cuda); /* gateways send on what they received (every rank of the host) */
     EPX_INFO(NET, "rank %d: CUDA across %d hosts of %d ranks, NCCL %s", rank, xh->num_hosts, xh->ls,
              adopted ? "adopted" : "rails");
     *out = xh;
@@ -346,6 +349,7 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
     epx__nccl_destroy(xh->nccl, abort);
     if (xh->gw) cudaFree(xh->gw);
     if (xh->fwd) cudaFree(xh->fwd);
+    if (xh->stat) cudaFree(xh->stat);
     cudaGetLastError();
     epx__boot_links_close(xh->links);
     free(xh->sp), free(xh->rp), free(xh->sb), free(xh->lx), free(xh->rail);
@@ -435,7 +439,14 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
     }
     fwd_total = (size_t)roff;
     epx_status_t ready = EPX_SUCCESS;
-    if (gw_total > xh->gw_bytes || fwd_total > xh->fwd_bytes) {
+    if (!xh->stat) {
+        cudaError_t ce = cudaMalloc((void **)&xh->stat, (size_t)(1 + P) * EPX__CUDA_STATUS_BYTES);
+        if (ce != cudaSuccess) {
+            xh->stat = NULL;
+            ready = epx__fail(err, EPX_ERR_CUDA, "alltoallv statuses: %s", cudaGetErrorString(ce));
+        }
+    }
+    if (ready == EPX_SUCCESS && (gw_total > xh->gw_bytes || fwd_total > xh->fwd_bytes)) {
         ready = epx__xh_sync(xh, stream, err); /* earlier calls may still read the staging */
         if (ready == EPX_SUCCESS) ready = epx__grow_dev(&xh->gw, &xh->gw_bytes, gw_total, err);
         if (ready == EPX_SUCCESS) ready = epx__grow_dev(&xh->fwd, &xh->fwd_bytes, fwd_total, err);
@@ -451,8 +462,14 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
         return st;
     }
     /* 3. Enqueue. Only a CUDA or NCCL call fails here, with peers' operations posted: the
-     * NCCL link is then aborted, so that they fail instead of waiting. */
+     * NCCL link is then aborted, so that they fail instead of waiting. The last NCCL group
+     * carries every rank's status to its rail peers, numbered by call (as MoE's, moe.c): one
+     * that failed, or that did not come (the groups were cut short), fails this rank's
+     * device before it forwards or places anything, and the forwarding tells the local
+     * ranks (src/cuda's failure relay). */
     epx__xh_fault_enqueue(xh);
+    if (++xh->seq == 0) xh->seq = 1;
+    char *mine = xh->stat, *theirs = xh->stat + EPX__CUDA_STATUS_BYTES;
     st = epx__cuda_a2a_enqueue(xh->cuda, plan, 0, stream, err);
     uint64_t deadline = epx__deadline_after_ms(xh->timeout_ms);
     size_t off = 0;
@@ -466,8 +483,14 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
             rp[q] = xh->gw + off, rb[q] = EPX__SEND(src, H0 + j);
             off += (size_t)rb[q];
         }
-        st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, NULL, NULL, NULL, 0, stream, deadline, err);
+        bool last = j == LS - 1;
+        if (last) st = epx__cuda_status_out(xh->cuda, me, xh->seq, mine, stream, err);
+        if (st == EPX_SUCCESS)
+            st = epx__nccl_post(xh->nccl, sp, sb, rp, rb, last ? xh->rail : NULL, last ? mine : NULL,
+                                last ? theirs : NULL, last ? EPX__CUDA_STATUS_BYTES : 0, stream, deadline, err);
     }
+    epx__cuda_status_slots_t rail = epx__xh_rail_slots(xh);
+    if (st == EPX_SUCCESS) st = epx__cuda_status_check(xh->cuda, theirs, &rail, xh->seq, stream, err);
     if (st == EPX_SUCCESS && LS > 1) st = epx__cuda_a2a_enqueue(xh->cuda, plan, 1, stream, err);
     /* Into place: my own block of xh->gw and what the other gateways forwarded. */
     if (st == EPX_SUCCESS) {

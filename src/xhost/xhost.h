@@ -22,6 +22,13 @@
  * second round, the verdict of every rank; after it only CUDA or NCCL calls can fail, and
  * such a failure aborts the NCCL link so that the peers fail instead of waiting.
  *
+ * Failures travel with the data: every rank's status goes with the NCCL groups to its rail
+ * peers (the last group of an alltoall(v), every group of MoE), numbered per group, and a
+ * failed or missing one fails the receiving rank's device before it forwards or places
+ * anything; inside a host the CUDA backend's failure relay (epx__cuda_relay_failures, on for
+ * every rank here) carries a failure with the segments, so no rank succeeds on what a failed
+ * gateway sent on.
+ *
  * Every call waits on the host, so none can be captured in a CUDA graph: a capturing
  * stream is refused (EPX_ERR_INVALID_USAGE) before any collective step, as is any call
  * once the NCCL link was aborted (EPX_ERR_ABORTED).
