@@ -28,8 +28,15 @@
  * NCCL), and later groups are refused. ncclCommAbort gives up the groups in flight at once;
  * ncclCommDestroy lets them finish (bounded by the same timeout). Not kept: NCCL's own
  * failure handling (what a kernel does when a peer goes, error codes beyond the above, the
- * in-progress states of a non-blocking communicator) and graph capture (a group on a
- * capturing stream is refused).
+ * in-progress states of a non-blocking communicator, but for the one below) and graph
+ * capture (a group on a capturing stream is refused).
+ *
+ * Initialisation, for epx's failure paths in it: FAKE_NCCL_INIT_JOIN=1 makes it wait for the
+ * peers as NCCL's does: ncclCommInitRankConfig answers ncclInProgress, and the communicator
+ * stays so (ncclCommGetAsyncError) until every rank of the id has called it; it never gives
+ * up by itself, only ncclCommAbort ends it. Unset, a communicator is ready on return.
+ * FAKE_NCCL_FAIL_INIT_RANK=r: in the process whose EPX_RANK (epx-run's rank) is r,
+ * ncclCommInitRankConfig fails at once with ncclSystemError, making nothing.
  *
  * A message from rank s to rank d, the n-th between them on a communicator, is one shared
  * memory object named after the communicator, s, d and n: the sender writes the bytes, then
@@ -116,7 +123,16 @@ struct fake_comm {
     int stop, exited;          /* no more batches will come; the worker has ended */
     ncclResult_t err;          /* the first error: sticks */
     char last[256];            /* its words, written once, before err */
+    struct fake_join *join;    /* FAKE_NCCL_INIT_JOIN: mapped while the init waits for peers */
 };
+
+/* FAKE_NCCL_INIT_JOIN: where the ranks of one id meet, in shared memory named after it.
+ * Each sets its byte on joining; each that has seen every byte counts itself in `seen`, and
+ * the last one removes the object. */
+typedef struct fake_join {
+    uint32_t seen;
+    unsigned char in[FAKE_MAX_RANKS];
+} fake_join_t;
 
 static __thread int depth;
 static __thread int nops;
@@ -414,11 +430,56 @@ static void fake_comm_free(ncclComm_t c)
     free(c->sent), free(c->received), free(c);
 }
 
+static void fake_join_name(const ncclComm_t c, char *out, size_t len) { snprintf(out, len, "/%s-join", c->name); }
+
+/* FAKE_NCCL_INIT_JOIN: c joins its id's meeting place (NULL on a system error). */
+static fake_join_t *fake_join(ncclComm_t c)
+{
+    char name[128];
+    fake_join_name(c, name, sizeof name);
+    int fd = shm_open(name, O_CREAT | O_RDWR, 0600);
+    if (fd < 0) return NULL;
+    /* Every rank sizes it alike: the first one's zeros stay, nobody's bytes are lost. */
+    fake_join_t *j = ftruncate(fd, sizeof *j) == 0 ? mmap(NULL, sizeof *j, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                                                   : MAP_FAILED;
+    close(fd);
+    if (j == MAP_FAILED) return NULL;
+    __atomic_store_n(&j->in[c->rank], 1, __ATOMIC_RELEASE);
+    return j;
+}
+
+/* Has every rank joined? Once it has, c leaves the meeting place (the last one removes it). */
+static int fake_joined(ncclComm_t c)
+{
+    for (int p = 0; p < c->nranks; p++)
+        if (!__atomic_load_n(&c->join->in[p], __ATOMIC_ACQUIRE)) return 0;
+    char name[128];
+    fake_join_name(c, name, sizeof name);
+    if (__atomic_add_fetch(&c->join->seen, 1, __ATOMIC_ACQ_REL) == (uint32_t)c->nranks) shm_unlink(name);
+    munmap(c->join, sizeof *c->join);
+    c->join = NULL;
+    return 1;
+}
+
+/* A communicator given up while it waits for its peers: the meeting place goes too (the
+ * peers that mapped it keep it; they wait on until their own abort). */
+static void fake_leave(ncclComm_t c)
+{
+    if (!c->join) return;
+    char name[128];
+    fake_join_name(c, name, sizeof name);
+    munmap(c->join, sizeof *c->join);
+    c->join = NULL;
+    shm_unlink(name);
+}
+
 ncclResult_t ncclCommInitRankConfig(ncclComm_t *out, int nranks, ncclUniqueId id, int rank, void *config)
 {
     (void)config;
     *out = NULL;
     if (nranks < 1 || nranks > FAKE_MAX_RANKS || rank < 0 || rank >= nranks) return ncclInvalidArgument;
+    const char *fail = getenv("FAKE_NCCL_FAIL_INIT_RANK"), *me = getenv("EPX_RANK");
+    if (fail && me && atoi(fail) == atoi(me)) return ncclSystemError;
     ncclComm_t c = calloc(1, sizeof *c);
     if (!c) return ncclSystemError;
     pthread_mutex_init(&c->mu, NULL);
@@ -444,19 +505,22 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t *out, int nranks, ncclUniqueId id
     c->delay_us = fake_delay_us();
     const char *sync = getenv("FAKE_NCCL_SYNC");
     c->sync = sync && atoi(sync) != 0;
+    const char *join = getenv("FAKE_NCCL_INIT_JOIN");
+    if (r == ncclSuccess && join && atoi(join) != 0 && !(c->join = fake_join(c))) r = ncclSystemError;
     if (r == ncclSuccess && pthread_create(&c->worker, NULL, fake_worker, c) != 0) r = ncclSystemError;
     if (r != ncclSuccess) {
+        fake_leave(c);
         if (w) cudaFreeHost(w); /* no stream ever waited on it */
         fake_comm_free(c);
         return r;
     }
     *out = c;
-    return ncclSuccess;
+    return c->join ? ncclInProgress : ncclSuccess;
 }
 
 ncclResult_t ncclCommGetAsyncError(ncclComm_t c, ncclResult_t *r)
 {
-    *r = c ? fake_err(c) : ncclInvalidArgument;
+    *r = !c ? ncclInvalidArgument : c->join && !fake_joined(c) ? ncclInProgress : fake_err(c);
     return ncclSuccess;
 }
 
@@ -511,6 +575,7 @@ static ncclResult_t fake_free(ncclComm_t c, int clean)
     pthread_join(c->worker, NULL);
     __atomic_store_n(&c->word[0], c->q, __ATOMIC_RELEASE); /* (the worker released them all already) */
     fake_unread(c, clean);
+    fake_leave(c);
     fake_comm_free(c);
     return ncclSuccess;
 }

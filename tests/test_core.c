@@ -4,7 +4,7 @@
  * (allgather, alltoall, barrier, a rank-count mismatch that fails every rank, and a rank
  * that leaves before a round: every other rank of the round fails at once, not at its
  * timeout), and its direct links (rails of simulated hosts: every byte, a failed status, a
- * peer that leaves).
+ * peer that leaves; the watch that sees it go without reading a round's bytes).
  */
 #include <pthread.h>
 #include <string.h>
@@ -287,8 +287,10 @@ static void run_alltoall(int nranks)
  * (g, i). Rounds of 0, odd and 300 KB messages (past the socket buffers: the links must run
  * full duplex), each message checked byte for byte; a round where rank `bad` sends a failed
  * status and no buffers nor length (its peers get EPX_ERR_REMOTE_INVALID, and it drops what
- * the others sent: the links stay in step, a healthy round follows), then a timeout (EPX_ERR_PEER_FAILURE); then rank `bad` leaves: its peers fail at once with
- * EPX_ERR_PEER_FAILURE, well before the 5 s timeout. */
+ * the others sent: the links stay in step, a healthy round follows), then a timeout (EPX_ERR_PEER_FAILURE); then rank `bad` leaves: its peers' watch
+ * (epx__boot_links_watch) says so within milliseconds, and their round fails at once with
+ * EPX_ERR_PEER_FAILURE, well before the 5 s timeout. Before that the watch on live links:
+ * idle, and with a peer's round waiting unread, which it leaves for the round. */
 typedef struct {
     epx_unique_id_t id;
     int rank, NH, LS, bad;
@@ -326,6 +328,20 @@ static void *links_thread(void *argp)
             if (len < most) ASSERT_EQ(((unsigned char *)rp[i])[len], 0xa5);
         }
     }
+    /* The watch: a live idle link is fine; so is one with a peer's round waiting unread (the
+     * ranks of host 1 come late to this round), and the round then gets every byte. */
+    ASSERT_OK(epx__boot_links_watch(links, &err));
+    if (me / a->LS == 1) {
+        nanosleep(&(struct timespec){0, 20 * 1000000}, NULL); /* the others' messages are in by now */
+        for (int k = 0; k < 3; k++) ASSERT_OK(epx__boot_links_watch(links, &err));
+    }
+    for (int i = 0; i < n; i++) a2a_fill((unsigned char *)sp[i], 1000, 200, me, peers[i]), memset(rp[i], 0xa5, 1000);
+    ASSERT_OK(epx__boot_links_xchg(links, EPX_SUCCESS, sp, rp, 1000, &err));
+    for (int i = 0; i < n; i++) {
+        a2a_fill(want, 1000, 200, peers[i], me);
+        ASSERT(memcmp(rp[i], want, 1000) == 0);
+    }
+    ASSERT_OK(epx__boot_links_watch(links, &err));
     /* A failed status: no data from it; the others' still arrive at it (into nothing). */
     bool linked_to_bad = false;
     for (int i = 0; i < n; i++) linked_to_bad = linked_to_bad || peers[i] == a->bad;
@@ -344,9 +360,25 @@ static void *links_thread(void *argp)
     } else {
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
+        /* Its peers' watch sees it go, polled every millisecond as a wait would. */
+        double ms = 0;
+        for (st = EPX_SUCCESS; linked_to_bad && st == EPX_SUCCESS && ms < 2000;) {
+            st = epx__boot_links_watch(links, &err);
+            nanosleep(&(struct timespec){0, 1000000}, NULL);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+        }
+        if (linked_to_bad) {
+            ASSERT_STATUS(st, EPX_ERR_PEER_FAILURE);
+            if (ms > 500) TEST_FAIL_("rank %d's watch saw rank %d leave after %.0f ms", me, a->bad, ms);
+            ASSERT_STATUS(epx__boot_links_watch(links, &err), EPX_ERR_PEER_FAILURE); /* and still does */
+        } else {
+            ASSERT_OK(epx__boot_links_watch(links, &err));
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t0);
         st = epx__boot_links_xchg(links, EPX_SUCCESS, sp, rp, 64, &err);
         clock_gettime(CLOCK_MONOTONIC, &t1);
-        double ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+        ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
         ASSERT_STATUS(st, linked_to_bad ? EPX_ERR_PEER_FAILURE : EPX_SUCCESS);
         if (ms > 2000) TEST_FAIL_("rank %d failed its round after %.0f ms (rank %d left)", me, ms, a->bad);
         pthread_barrier_wait(a->stay);

@@ -915,6 +915,25 @@ epx_status_t epx__boot_links_create(epx__boot_t *b, const int *peers, int n, epx
     return st;
 }
 
+epx_status_t epx__boot_links_watch(epx__boot_links_t *l, epx__errbuf_t *err)
+{
+    if (!l || l->n == 0) return EPX_SUCCESS;
+    struct pollfd *pfd = l->pfd; /* free between rounds */
+    for (int i = 0; i < l->n; i++) pfd[i] = (struct pollfd){l->fds[i], POLLIN, 0};
+    if (poll(pfd, (nfds_t)l->n, 0) <= 0) return EPX_SUCCESS; /* nothing to read, no error: all alive */
+    for (int i = 0; i < l->n; i++) {
+        if (pfd[i].revents == 0) continue;
+        /* Something to read: a byte of a later round (alive; left where it is), the end of the
+         * stream (closed) or an error. */
+        char c;
+        ssize_t r = recv(l->fds[i], &c, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (r > 0 || (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))) continue;
+        if (r == 0) return epx__fail(err, EPX_ERR_PEER_FAILURE, "bootstrap links: rank %d closed its link", l->peer[i]);
+        return epx__fail(err, EPX_ERR_PEER_FAILURE, "bootstrap links: from rank %d: %s", l->peer[i], strerror(errno));
+    }
+    return EPX_SUCCESS;
+}
+
 /* A round that broke (a peer closed, the deadline passed, a message out of step): shut every
  * link down, so that the peers still in it fail at once, and the later rounds too. */
 static epx_status_t epx__links_broken(epx__boot_links_t *l, epx_status_t st)

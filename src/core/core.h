@@ -258,6 +258,13 @@ epx_status_t epx__boot_links_create(epx__boot_t *boot, const int *peers, int n, 
  * `status`. */
 epx_status_t epx__boot_links_xchg(epx__boot_links_t *links, epx_status_t status, const void *const *send,
                                   void *const *recv, size_t len, epx__errbuf_t *err);
+/* Local, non-blocking (one poll and at most a peek per link: cheap enough for every
+ * millisecond of a wait): EPX_ERR_PEER_FAILURE, naming the peer, when a linked peer closed its
+ * end (it failed or its process ended) or a link has a socket error; else EPX_SUCCESS. Reads
+ * nothing a later round needs. NULL links: EPX_SUCCESS. */
+epx_status_t epx__boot_links_watch(epx__boot_links_t *links, epx__errbuf_t *err);
+/* Local. The peers' rounds and watches then fail at once (EPX_ERR_PEER_FAILURE): a rank that
+ * fails while its peers wait on it elsewhere closes its links to tell them. NULL accepted. */
 void epx__boot_links_close(epx__boot_links_t *links);
 
 /* Parse/format the id's text form; both validate every field. */

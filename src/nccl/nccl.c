@@ -144,20 +144,38 @@ static epx_status_t epx__nc_fail(ncclComm_t comm, ncclResult_t r, epx__errbuf_t 
                      last ? last : "");
 }
 
-/* Wait for a non-blocking call on *comm to finish (its state leaves ncclInProgress). At the
- * deadline an owned communicator is aborted and *comm becomes NULL (never aborted twice). */
-static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadline, epx__errbuf_t *err, const char *what)
+#define EPX__NC_WATCH_NS 1000000 /* how often a wait runs its watch */
+
+/* Wait for a non-blocking call on *comm to finish (its state leaves ncclInProgress), running
+ * `watch` (may be NULL) about every millisecond. At the deadline, or when the watch fails, an
+ * owned communicator is aborted and *comm becomes NULL (never aborted twice). */
+static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadline, const epx__nccl_watch_t *watch,
+                                   epx__errbuf_t *err, const char *what)
 {
+    uint64_t next_watch = epx__now_ns() + EPX__NC_WATCH_NS;
     for (;;) {
         ncclResult_t state = ncclSuccess;
         ncclResult_t r = epx__nc.async_error(*comm, &state);
         if (r != ncclSuccess) return epx__nc_fail(*comm, r, err, what);
         if (state == ncclSuccess) return EPX_SUCCESS;
         if (state != ncclInProgress) return epx__nc_fail(*comm, state, err, what);
-        if (epx__now_ns() >= deadline) {
+        uint64_t now = epx__now_ns();
+        if (now >= deadline) {
             if (owned) epx__nc.abort(*comm), *comm = NULL;
             return epx__fail(err, EPX_ERR_TIMEOUT, "%s: NCCL did not finish within EPX_TIMEOUT_MS%s", what,
                              owned ? " (communicator aborted)" : "");
+        }
+        if (watch && now >= next_watch) {
+            epx__errbuf_t why;
+            epx_status_t w = watch->check(watch->ctx, &why);
+            if (w != EPX_SUCCESS) {
+                if (owned) epx__nc.abort(*comm), *comm = NULL;
+                const char *name = epx_status_name(w), *msg = why.msg; /* "NAME: text": the text */
+                size_t k = strlen(name);
+                if (strncmp(msg, name, k) == 0 && msg[k] == ':' && msg[k + 1] == ' ') msg += k + 2;
+                return epx__fail(err, w, "%s abandoned%s: %s", what, owned ? " (communicator aborted)" : "", msg);
+            }
+            next_watch = now + EPX__NC_WATCH_NS;
         }
         sched_yield();
     }
@@ -195,7 +213,7 @@ static epx_status_t epx__nc_finish(epx__nccl_t *n, epx__errbuf_t *err)
 }
 
 epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const void *id, int64_t timeout_ms,
-                              epx__errbuf_t *err)
+                              const epx__nccl_watch_t *watch, epx__errbuf_t *err)
 {
     *out = NULL;
     const char *why;
@@ -213,7 +231,8 @@ epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const voi
     if (r != ncclSuccess && r != ncclInProgress)
         st = epx__nc_fail(n->comm, r, err, "ncclCommInitRankConfig");
     if (st == EPX_SUCCESS)
-        st = epx__nc_settle(&n->comm, true, epx__deadline_after_ms(timeout_ms), err, "ncclCommInitRankConfig");
+        st = epx__nc_settle(&n->comm, true, epx__deadline_after_ms(timeout_ms), watch, err,
+                            "NCCL init (ncclCommInitRankConfig)");
     if (st == EPX_SUCCESS) st = epx__nc_finish(n, err);
     if (st != EPX_SUCCESS) {
         epx__nccl_destroy(n, true);
@@ -251,7 +270,7 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
         ncclResult_t f = abort ? ncclInternalError : epx__nc.finalize(n->comm);
         bool clean = (f == ncclSuccess || f == ncclInProgress) &&
                      epx__nc_settle(&n->comm, true, epx__deadline_after_ms(EPX__MIN(n->timeout_ms, (int64_t)10000)),
-                                    NULL, "ncclCommFinalize") == EPX_SUCCESS;
+                                    NULL, NULL, "ncclCommFinalize") == EPX_SUCCESS;
         if (clean)
             epx__nc.destroy(n->comm);
         else if (n->comm) /* not already aborted by the settle */
@@ -306,7 +325,7 @@ epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64
     ncclResult_t e = epx__nc.group_end(); /* always closes the group */
     if (r == ncclSuccess) r = e;
     if (r != ncclSuccess && r != ncclInProgress) return epx__nc_fail(n->comm, r, err, "ncclSend/ncclRecv group");
-    return epx__nc_settle(&n->comm, n->owned, deadline, err, "ncclSend/ncclRecv group");
+    return epx__nc_settle(&n->comm, n->owned, deadline, NULL, err, "ncclSend/ncclRecv group");
 }
 
 epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx__errbuf_t *err)

@@ -6,7 +6,8 @@
  *
  * Every wait is bounded: communicators are non-blocking (blocking = 0) and each wait polls
  * ncclCommGetAsyncError and the stream until a deadline; past it an owned communicator is
- * aborted and the call returns EPX_ERR_TIMEOUT. NCCL errors return EPX_ERR_NCCL.
+ * aborted and the call returns EPX_ERR_TIMEOUT. NCCL errors return EPX_ERR_NCCL. A
+ * communicator's creation may also watch its peers (epx__nccl_watch_t) and give up early.
  */
 #ifndef EPX_NCCL_H
 #define EPX_NCCL_H
@@ -20,12 +21,22 @@ typedef struct epx__nccl epx__nccl_t;
 /* Is NCCL usable here (built in, library loadable)? On false, *why says why. */
 bool epx__nccl_available(const char **why);
 
+/* What a wait for peers also looks at, about every millisecond: a failure `check` returns
+ * (a peer that NCCL waits for is gone, e.g. its TCP link closed) ends the wait at once. */
+typedef struct {
+    epx_status_t (*check)(void *ctx, epx__errbuf_t *err);
+    void *ctx;
+} epx__nccl_watch_t;
+
 /* A new unique id (on one rank; hand it to the others). */
 epx_status_t epx__nccl_get_id(void *id, epx__errbuf_t *err);
 /* Collective over the `nranks` ranks given `id`: a communicator on the current device,
- * created non-blocking and waited for until `timeout_ms`. */
+ * created non-blocking and waited for until `timeout_ms`. `watch` (may be NULL) is checked
+ * while the creation waits for the peers: on its failure the creation is abandoned (the
+ * communicator aborted) and its status returned, so a peer that failed before or in its
+ * own creation costs milliseconds, not the timeout. */
 epx_status_t epx__nccl_create(epx__nccl_t **nccl, int nranks, int rank, const void *id, int64_t timeout_ms,
-                              epx__errbuf_t *err);
+                              const epx__nccl_watch_t *watch, epx__errbuf_t *err);
 /* Wrap the caller's ncclComm_t (not owned: never destroyed or aborted here). */
 epx_status_t epx__nccl_adopt(epx__nccl_t **nccl, void *nccl_comm, int64_t timeout_ms, epx__errbuf_t *err);
 /* Local. `abort`: ncclCommAbort instead of a clean destroy (owned communicators only). */

@@ -10,9 +10,9 @@ bool epx__nccl_available(const char **why)
 }
 epx_status_t epx__nccl_get_id(void *id, epx__errbuf_t *err) { return (void)id, EPX__NO_NCCL(err); }
 epx_status_t epx__nccl_create(epx__nccl_t **nccl, int nranks, int rank, const void *id, int64_t timeout_ms,
-                              epx__errbuf_t *err)
+                              const epx__nccl_watch_t *watch, epx__errbuf_t *err)
 {
-    (void)nranks, (void)rank, (void)id, (void)timeout_ms;
+    (void)nranks, (void)rank, (void)id, (void)timeout_ms, (void)watch;
     *nccl = NULL;
     return EPX__NO_NCCL(err);
 }

@@ -255,6 +255,12 @@ static epx_status_t epx__xh_arrays(epx__xhost_t *xh, epx__errbuf_t *err)
 
 static const char epx__xh_create_what[] = "failed to create its part of the NCCL engine";
 
+/* What the creation of a rail's NCCL communicator watches: the links to my rail peers. */
+static epx_status_t epx__xh_watch_rail(void *links, epx__errbuf_t *err)
+{
+    return epx__boot_links_watch(links, err);
+}
+
 /* What every rank tells the others first: its verdict and, on host 0, its rail's NCCL id. */
 typedef struct {
     int64_t status;
@@ -305,14 +311,10 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
             st = epx__fail(err, cards[p].status == EPX_ERR_UNSUPPORTED ? EPX_ERR_UNSUPPORTED : EPX_ERR_REMOTE_INVALID,
                            "rank %d could not join the NCCL engine (%s)", p,
                            epx_status_name((epx_status_t)cards[p].status));
-    if (st == EPX_SUCCESS) {
-        epx_status_t mine = adopted ? EPX_SUCCESS
-                                    : epx__nccl_create(&xh->nccl, xh->num_hosts, xh->host, cards[xh->lrank].id,
-                                                       timeout_ms, err);
-        if (mine == EPX_SUCCESS) mine = epx__xh_arrays(xh, err);
-        st = epx__xh_vote(xh, mine, epx__xh_create_what, err);
-    }
-    /* The links along my rail: from here on the rounds across hosts take them (see above). */
+    /* The links along my rail, before NCCL: its creation watches them. Until creation ends the
+     * votes still go over the bootstrap's star (xh->links is set last), so that links a
+     * failed rank closed break no vote; from then on the rounds across hosts take them (see
+     * above). */
     epx__boot_links_t *links = NULL;
     if (st == EPX_SUCCESS) {
         int n = xh->num_hosts - 1, *peers = calloc((size_t)EPX__MAX(n, 1), sizeof *peers);
@@ -320,6 +322,18 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
         epx_status_t mine = peers ? epx__boot_links_create(boot, peers, n, &links, err)
                                   : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         free(peers);
+        st = epx__xh_vote(xh, mine, epx__xh_create_what, err);
+    }
+    /* The rail's NCCL communicator. A rank that fails here closes its links at once: its rail
+     * peers' creations, which wait for it, see them close and give up within milliseconds
+     * (so does a rail peer that dies), and every rank meets at the vote. */
+    if (st == EPX_SUCCESS) {
+        epx__nccl_watch_t watch = {epx__xh_watch_rail, links};
+        epx_status_t mine = adopted ? EPX_SUCCESS
+                                    : epx__nccl_create(&xh->nccl, xh->num_hosts, xh->host, cards[xh->lrank].id,
+                                                       timeout_ms, &watch, err);
+        if (mine == EPX_SUCCESS) mine = epx__xh_arrays(xh, err);
+        if (mine != EPX_SUCCESS) epx__boot_links_close(links), links = NULL;
         st = epx__xh_vote(xh, mine, epx__xh_create_what, err);
     }
     if (st == EPX_SUCCESS) xh->links = links;

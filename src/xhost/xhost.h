@@ -53,10 +53,12 @@
 typedef struct epx__xhost epx__xhost_t;
 
 /* Collective over every rank (the bootstrap `boot` spans them all; `cpu` and `cuda` span
- * this host's ranks). Creates the rail NCCL communicators, or takes `adopted` (an NCCL
- * communicator over all ranks, rank r = epx rank r; ownership passes here). Fails alike on
- * every rank; `local` is this rank's verdict on what came before (others then fail too).
- * Owns none of boot, cpu, cuda. */
+ * this host's ranks). Creates the TCP links along the rails, then the rail NCCL
+ * communicators, or takes `adopted` (an NCCL communicator over all ranks, rank r = epx
+ * rank r; ownership passes here). Fails alike on every rank; `local` is this rank's verdict
+ * on what came before (others then fail too). A rank whose NCCL creation fails, or that
+ * dies in it, stops its rail peers' creations within milliseconds (they watch its links),
+ * so a failure costs no rank EPX_TIMEOUT_MS. Owns none of boot, cpu, cuda. */
 epx_status_t epx__xhost_create(epx__xhost_t **xh, epx__boot_t *boot, epx__cpu_t *cpu, epx__cuda_t *cuda,
                                epx__nccl_t *adopted, int rank, int nranks, const int *host_of, const int *lrank_of,
                                int64_t timeout_ms, epx_status_t local, epx__errbuf_t *err);
