@@ -42,8 +42,56 @@ static __device__ __forceinline__ unsigned long long epx__op_number(const epx__c
     return *(volatile unsigned long long *)d->epoch + 1ull;
 }
 
+/* ---- The failure relay inside a host (d->relay: cuda.h, epx__cuda_relay_failures) ---------- */
+
+/* Flag `kind` from rank `from` in `owner`'s flags (mine: d->flags; a peer's: d->peer_flags[p]). */
+static __device__ __forceinline__ unsigned long long *epx__flag(const epx__cuda_dev_t *d, unsigned long long *owner,
+                                                               int kind, int from)
+{
+    return owner + ((size_t)kind * d->nranks + from) * EPX__FLAG_STRIDE;
+}
+
+/* One thread per peer p, before the store that tells p my segments of operation n are
+ * written (a release store, or a system fence then a store): when the relay is on and my
+ * device has recorded an error (even one being written), FAILED from me = n at p first. */
+static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, int p, unsigned long long n)
+{
+    if (!d->relay || p == d->rank || *(volatile int *)&d->err->code == 0) return;
+    epx__st_release_sys(epx__flag(d, d->peer_flags[p], EPX__FLAG_FAILED, d->rank), n);
+    __threadfence_system(); /* before later relaxed stores too (the eager lines) */
+}
+
+/* Record EPX_ERR_PEER_FAILURE, relayed by local peer p with operation n (the first error stays). */
+static __device__ void epx__relay_record(const epx__cuda_dev_t *d, int p, unsigned long long n)
+{
+    volatile epx__cuda_err_t *e = d->err;
+    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
+    e->peer = p;
+    e->op = n;
+    e->seen = 0;
+    e->wanted = EPX__RELAYED_LOCAL;
+    __threadfence_system();
+    e->code = EPX_ERR_PEER_FAILURE;
+    __threadfence_system();
+}
+
+/* Has peer p relayed a failure with its operation n or a later one? */
+static __device__ __forceinline__ bool epx__relayed(const epx__cuda_dev_t *d, int p, unsigned long long n)
+{
+    return epx__ld_acquire_sys(epx__flag(d, d->flags, EPX__FLAG_FAILED, p)) >= n;
+}
+
+/* One thread per peer p, once it has seen (acquire, or a relaxed load then a system fence)
+ * that p's segments of operation n are here: when p relayed a failure with them, record it. */
+static __device__ void epx__relay_in(const epx__cuda_dev_t *d, int p, unsigned long long n)
+{
+    if (d->relay && p != d->rank && epx__relayed(d, p, n)) epx__relay_record(d, p, n);
+}
+
 /* Called every 256th round of a spin that began at `start`: 1 to keep waiting; 0 when
- * another wait already failed, or when this one timed out (the first error is recorded:
+ * another wait already failed, when the peer relayed a failure with this operation or a
+ * later one (a failed rank waits for nobody and may run ahead: what I wait for may never
+ * come; recorded as relayed), or when this wait timed out (the first error is recorded:
  * the peer, the value seen and the one wanted). A recorded count mismatch (device counts)
  * stops no wait: the peers still write into my buffers, and the operation must not end
  * before they have. */
@@ -53,6 +101,13 @@ static __device__ int epx__keep_waiting(const epx__cuda_dev_t *d, unsigned long 
     volatile epx__cuda_err_t *e = d->err;
     int code = e->code;
     if (code != 0 && code != EPX_ERR_MISMATCH && code != EPX__ERR_CLAIMED) return 0;
+    if (d->relay && peer >= 0 && peer < d->nranks && peer != d->rank) {
+        unsigned long long n = epx__op_number(d);
+        if (epx__relayed(d, peer, n)) {
+            epx__relay_record(d, peer, n);
+            return 0;
+        }
+    }
     if (epx__globaltimer() - start > d->timeout_ns) {
         if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return 0; /* the first error stays */
         e->peer = peer;
@@ -95,42 +150,6 @@ static __device__ void epx__finish_op(const epx__cuda_dev_t *d, unsigned long lo
             __threadfence();
         }
     }
-}
-
-/* ---- The failure relay inside a host (d->relay: cuda.h, epx__cuda_relay_failures) ---------- */
-
-/* Flag `kind` from rank `from` in `owner`'s flags (mine: d->flags; a peer's: d->peer_flags[p]). */
-static __device__ __forceinline__ unsigned long long *epx__flag(const epx__cuda_dev_t *d, unsigned long long *owner,
-                                                               int kind, int from)
-{
-    return owner + ((size_t)kind * d->nranks + from) * EPX__FLAG_STRIDE;
-}
-
-/* One thread per peer p, before the store that tells p my segments of operation n are
- * written (a release store, or a system fence then a store): when the relay is on and my
- * device has recorded an error (even one being written), FAILED from me = n at p first. */
-static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, int p, unsigned long long n)
-{
-    if (!d->relay || p == d->rank || *(volatile int *)&d->err->code == 0) return;
-    epx__st_release_sys(epx__flag(d, d->peer_flags[p], EPX__FLAG_FAILED, d->rank), n);
-    __threadfence_system(); /* before later relaxed stores too (the eager lines) */
-}
-
-/* One thread per peer p, once it has seen (acquire, or a relaxed load then a system fence)
- * that p's segments of operation n are here: when p relayed a failure with them, record
- * EPX_ERR_PEER_FAILURE naming p (the first error stays). */
-static __device__ void epx__relay_in(const epx__cuda_dev_t *d, int p, unsigned long long n)
-{
-    if (!d->relay || p == d->rank || epx__ld_acquire_sys(epx__flag(d, d->flags, EPX__FLAG_FAILED, p)) < n) return;
-    volatile epx__cuda_err_t *e = d->err;
-    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-    e->peer = p;
-    e->op = n;
-    e->seen = 0;
-    e->wanted = EPX__RELAYED_LOCAL;
-    __threadfence_system();
-    e->code = EPX_ERR_PEER_FAILURE;
-    __threadfence_system();
 }
 
 /* ---- Low-latency sequences ---------------------------------------------------------------- */
