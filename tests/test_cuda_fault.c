@@ -53,11 +53,13 @@
  *     alltoallv (the pair EPX_ERR_MISMATCH, the others EPX_ERR_REMOTE_INVALID, nothing
  *     written, usable);
  *   - fail_enqueue (only here: EPX_FAULT fail): the faulty rank's device records a failure
- *     after the call's last host round, and the call still moves everything; within the
+ *     after the call's last host round, and the call still moves everything. No rank may
+ *     succeed (one that succeeded on rows a failed gateway forwarded would): within the
  *     slack (no timeout) the faulty rank gets EPX_ERR_TIMEOUT and every other rank
- *     EPX_ERR_PEER_FAILURE, relayed with the data (a rank that succeeded on rows forwarded by
- *     a failed gateway would fail this); each output byte poison or exact; the communicator
- *     is broken, and a new one over all ranks works;
+ *     EPX_ERR_PEER_FAILURE, relayed with the data, each output byte poison or exact; or,
+ *     where a rank that failed at once broke its communicator and so aborted NCCL transfers
+ *     in flight to this one, PENDING, and then the next call fails and the stream drains.
+ *     The communicator is broken; a new one over all ranks works;
  *   - recovery after a kill: hosts must be of equal size, so the ranks of the hosts that
  *     lost no rank make the new communicator and the dead rank's host-mates one each, alone.
  * It exits 77, saying why, with fewer GPUs than hosts (unless EPX_TEST_FAKE_NCCL=1: NCCL
@@ -698,11 +700,27 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
          * no timeout to wait for: the faulty one with its own error, the others with the
          * relayed one (statuses with the NCCL groups; FAILED flags inside a host). */
         broken = true;
-        if (res != (bad ? EPX_ERR_TIMEOUT : EPX_ERR_PEER_FAILURE))
-            TEST_FAIL_("%s: got %s, expected %s", what, sname(res),
-                       bad ? "EPX_ERR_TIMEOUT (injected)" : "EPX_ERR_PEER_FAILURE (relayed)");
-        if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms (nothing should wait for a timeout)", what, dt);
-        ctx_check(&c, OLD_OR_NEW, what);
+        if (res == EPX_SUCCESS) TEST_FAIL_("%s: succeeded on what a failed rank sent or forwarded", what);
+        if (res != PENDING) {
+            if (res != (bad ? EPX_ERR_TIMEOUT : EPX_ERR_PEER_FAILURE))
+                TEST_FAIL_("%s: got %s, expected %s", what, sname(res),
+                           bad ? "EPX_ERR_TIMEOUT (injected)" : "EPX_ERR_PEER_FAILURE (relayed)");
+            if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms (nothing should wait for a timeout)", what, dt);
+            ctx_check(&c, OLD_OR_NEW, what);
+            break;
+        }
+        /* A rank that failed at once breaks its communicator, which aborts its NCCL link; that
+         * may cut short its rail peers' transfers with it, whose streams then wait, as after a
+         * kill: the next call fails, and the stream drains once the communicator broke
+         * (outputs undefined: kernels behind aborted NCCL work). */
+        t0 = now_ms();
+        res = ctx_run(&c);
+        printf("%s: next call %s after %.0f ms%s%s\n", what, epx_status_name(res), now_ms() - t0, res ? ": " : "",
+               res ? epx_comm_get_last_error(comm) : "");
+        if (!is_failure(res)) TEST_FAIL_("%s: the next call got %s, expected a failure", what, sname(res));
+        if (now_ms() - t0 > timeout_ms + SLACK_MS) TEST_FAIL_("%s: the next call took %.0f ms", what, now_ms() - t0);
+        if (!drain(s, SLACK_MS))
+            TEST_FAIL_("%s: the stream still waits %d ms after the communicator broke", what, SLACK_MS);
         break;
     default: break;
     }
