@@ -212,9 +212,12 @@ EPX_API epx_status_t epx_mem_free(epx_comm_t comm, void *ptr);
 
 /* ---- Collectives ----------------------------------------------------------------- */
 
-/* `stream` is NULL on the CPU backend and a cudaStream_t on the CUDA backend. What this
- * header calls capturable in a CUDA graph is so on one host; a CUDA communicator across
- * hosts refuses a capturing stream with EPX_ERR_INVALID_USAGE (epx_cuda.h). */
+/* `stream` is NULL on the CPU backend and a cudaStream_t on the CUDA backend. The
+ * collectives of one communicator run one after the other on the device: enqueue them on
+ * one stream, or each on a stream ordered after the previous call's (their device state,
+ * flags and staging, is reused from call to call). What this header calls capturable in a
+ * CUDA graph is so on one host; a CUDA communicator across hosts refuses a capturing stream
+ * with EPX_ERR_INVALID_USAGE (epx_cuda.h). */
 
 /* Returns after every rank has entered the barrier. */
 EPX_API epx_status_t epx_barrier(epx_comm_t comm, void *stream);

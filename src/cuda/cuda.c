@@ -207,8 +207,8 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
                          c->rank);
     if (e->code == EPX_ERR_PEER_FAILURE && e->wanted == EPX__RELAYED_LOCAL) /* epx__cuda_relay_failures */
         return epx__fail(err, EPX_ERR_PEER_FAILURE,
-                         "local rank %d: local rank %d had failed before it sent its part of an exchange inside the "
-                         "host (operation %llu); what it sent may be incomplete",
+                         "local rank %d: local rank %d had failed, or learnt of a failure, before it sent its part of "
+                         "an exchange inside the host (by operation %llu); what it sent may be incomplete",
                          c->rank, e->peer, (unsigned long long)e->op);
     if (e->code == EPX_ERR_PEER_FAILURE && e->peer < 0) /* relayed: a status that never came */
         return epx__fail(err, EPX_ERR_PEER_FAILURE,

@@ -15,7 +15,8 @@ struct epx__xhost {
     epx__hier_t *hier; /* MoE */
     char *gw, *fwd;    /* alltoallv device staging */
     size_t gw_bytes, fwd_bytes;
-    char *stat;        /* alltoallv statuses (device): mine, then one slot per NCCL peer [P] */
+    char *stat;        /* alltoallv statuses (device): mine, then one slot per NCCL peer [P]; one
+                        * buffer for every call, as gw and fwd: calls are ordered on one stream */
     unsigned seq;      /* alltoallv calls so far (numbers their statuses; never 0) */
     /* Per-call arrays, made at creation so that a call's data steps allocate nothing:
      * NCCL peers' pointers and sizes [P], the two intra-host exchanges' arrays [8 * ls]. */
