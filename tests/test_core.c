@@ -4,13 +4,15 @@
  * (allgather, alltoall, barrier, a rank-count mismatch that fails every rank, and a rank
  * that leaves before a round: every other rank of the round fails at once, not at its
  * timeout), and its direct links (rails of simulated hosts: every byte, a failed status, a
- * peer that leaves; the watch that sees it go without reading a round's bytes).
+ * peer that leaves; the watch that sees it go without reading a round's bytes), and
+ * EPX_FAULT's text (every kind, where each fires, what a bad entry says).
  */
 #include <pthread.h>
 #include <string.h>
 #include <time.h>
 
 #include "core/core.h"
+#include "core/fault.h"
 #include "testlib.h"
 
 static void test_status(void)
@@ -427,12 +429,49 @@ static void test_moe_memory(void)
     ASSERT_STATUS(epx_moe_device_memory(&cfg, 2, NULL), EPX_ERR_INVALID_ARGUMENT);
 }
 
+/* EPX_FAULT's text: every kind, where each may fire, and what a bad entry says. Only
+ * epx__fault_due is used (it marks nothing fired). */
+static void test_fault_parse(void)
+{
+    epx__fault_t f;
+    epx__errbuf_t err;
+    epx__fault_spec_t s;
+    ASSERT_OK(epx__fault_parse("", 0, &f, &err));
+    ASSERT(!f.armed);
+    ASSERT_OK(epx__fault_parse("delay:rank=1,step=2,ms=5; fail:rank=0,step=3", 0, &f, &err));
+    ASSERT(f.armed);
+    ASSERT_EQ(f.n, 2);
+    ASSERT(epx__fault_due(&f, EPX__FAULT_FAIL, 3, EPX__FAULT_AT_ENQUEUE, &s)); /* fail: at=enqueue by default */
+    ASSERT(!epx__fault_due(&f, EPX__FAULT_FAIL, 3, EPX__FAULT_AT_HOST, &s));
+    ASSERT(!epx__fault_due(&f, EPX__FAULT_FAIL, 2, EPX__FAULT_AT_ENQUEUE, &s));
+    ASSERT(!epx__fault_due(&f, EPX__FAULT_DELAY, 2, EPX__FAULT_AT_HOST, &s)); /* aimed at rank 1 */
+    ASSERT_OK(epx__fault_parse("fail:rank=2,step=1,at=enqueue;kill:rank=2,step=4,at=launched", 2, &f, &err));
+    ASSERT(epx__fault_due(&f, EPX__FAULT_KILL, 4, EPX__FAULT_AT_LAUNCHED, &s));
+    static const struct {
+        const char *text, *says;
+    } bad[] = {
+        {"fail:rank=0,step=1,at=host", "only enqueue"},
+        {"delay:rank=0,step=1,ms=1,at=launched", "host or enqueue"},
+        {"kill:rank=0,step=1,at=later", "host, enqueue or launched"},
+        {"count:rank=0,step=1,at=enqueue", "unknown key"},
+        {"crash:rank=0,step=1", "delay, kill, count or fail"},
+        {"fail:rank=0", "needs rank=R and step=N"},
+        {"fail:rank=0,step=0", "out of range"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ASSERT_STATUS(epx__fault_parse(bad[i].text, 0, &f, &err), EPX_ERR_INVALID_ARGUMENT);
+        if (!strstr(err.msg, bad[i].says)) TEST_FAIL_("EPX_FAULT=\"%s\": %s (expected \"%s\")", bad[i].text, err.msg, bad[i].says);
+        ASSERT(!f.armed);
+    }
+}
+
 int main(void)
 {
     test_rank = 0;
     test_status();
     test_params();
     test_ids();
+    test_fault_parse();
     int four[] = {4, 4, 4, 4};
     run_boot(4, four, EPX_SUCCESS);
     int one[] = {1};
@@ -464,6 +503,6 @@ int main(void)
     ASSERT_STATUS(epx_alltoallv_device(comm, &x, c1, c1, &y, c1, c1, EPX_I32, NULL), EPX_ERR_UNSUPPORTED);
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
-    test_done(16);
+    test_done(17);
     return 0;
 }
