@@ -198,7 +198,10 @@ EPX_API const char *epx_comm_get_last_error(epx_comm_t comm);
 
 /* EPX_SUCCESS while the communicator is healthy; else the error that broke it (the first
  * one), which every later collective and MoE call returns at once. On the CUDA backend it
- * also reads what the device recorded (a device wait that timed out). */
+ * also reads what the device recorded (a device wait that timed out), and across GPU hosts
+ * whether NCCL work left on a stream after a call was ended: waiting EPX_TIMEOUT_MS for a
+ * peer (EPX_ERR_TIMEOUT), or an error NCCL reported (EPX_ERR_NCCL); a watchdog thread then
+ * aborts the NCCL link, so a stream synchronisation returns. */
 EPX_API epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *async_error);
 
 /* ---- Registered memory ----------------------------------------------------------- */

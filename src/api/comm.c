@@ -456,11 +456,13 @@ static void epx__comm_break(epx_comm_t comm, epx_status_t st)
     epx__xhost_mark_broken(comm->xh); /* NCCL work left on the streams ends now */
 }
 
-/* Pick up an error the device recorded (a timed-out wait, mismatched device counts). */
+/* Pick up an error the device recorded (a timed-out wait, mismatched device counts), then
+ * one that broke the NCCL link between hosts since the last call (src/nccl's watchdog). */
 static void epx__comm_poll(epx_comm_t comm)
 {
-    if (comm->async_error != EPX_SUCCESS || !comm->cuda) return;
-    epx_status_t st = epx__cuda_check_async(comm->cuda, &comm->err);
+    if (comm->async_error != EPX_SUCCESS) return;
+    epx_status_t st = comm->cuda ? epx__cuda_check_async(comm->cuda, &comm->err) : EPX_SUCCESS;
+    if (st == EPX_SUCCESS) st = epx__xhost_check_async(comm->xh, &comm->err);
     if (st != EPX_SUCCESS) epx__comm_break(comm, st);
 }
 

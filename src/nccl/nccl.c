@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "nccl.h"
 
@@ -82,7 +83,19 @@ bool epx__nccl_available(const char **why)
     return epx__nc.ok;
 }
 
+/* One NCCL group the watchdog follows: `start` recorded on its stream before it, `end` after. */
+typedef struct {
+    cudaEvent_t start, end;
+    uint64_t reached_ns; /* when the watchdog first saw `start` done (the stream reached the group); 0 before */
+    bool live;           /* recorded and not yet seen done */
+} epx__nc_watched_t;
+
+#define EPX__NC_RING 64 /* groups followed at once; a newer one takes the oldest's slot */
+
 struct epx__nccl {
+    /* One thread on the communicator at a time, as NCCL requires: every entry point below
+     * and the watchdog hold it; the internal helpers (epx__nc_*) expect it held. */
+    pthread_mutex_t mu;
     ncclComm_t comm; /* NULL once aborted here */
     bool owned;
     bool dead; /* epx__nccl_abort was called (an adopted communicator is left to its owner) */
@@ -94,6 +107,16 @@ struct epx__nccl {
     bool dbuf_sync;      /* no stream-ordered allocator here: dbuf is cudaMalloc'd */
     const void **ds; /* [nranks] staging pointers of one exchange */
     void **dr;
+    /* The watchdog (owned communicators): a thread that, between epx's calls, aborts the
+     * communicator when a group its stream reached EPX_TIMEOUT_MS ago has not finished, or
+     * NCCL reports an error; its verdict (dog_status, dog_msg) answers every later call. */
+    bool dog_on, dog_stop;
+    pthread_t dog;
+    pthread_cond_t dog_cv; /* CLOCK_MONOTONIC; signalled to stop */
+    epx__nc_watched_t ring[EPX__NC_RING];
+    int ring_next;
+    epx_status_t dog_status;
+    char dog_msg[EPX__ERRMSG_LEN];
 };
 
 static void epx__nc_staging_free(epx__nccl_t *n)
@@ -130,6 +153,8 @@ static epx_status_t epx__nc_staging(epx__nccl_t *n, size_t bytes, epx__errbuf_t 
 /* Can the communicator still move data? */
 static epx_status_t epx__nc_live(const epx__nccl_t *n, epx__errbuf_t *err)
 {
+    if (n->dog_status != EPX_SUCCESS)
+        return epx__fail(err, n->dog_status, "the NCCL watchdog aborted the communicator: %s", n->dog_msg);
     if (n->dead || !n->comm)
         return epx__fail(err, EPX_ERR_ABORTED,
                          "the NCCL communicator was aborted after an earlier failure: abort the epx communicator and "
@@ -145,6 +170,14 @@ static epx_status_t epx__nc_fail(ncclComm_t comm, ncclResult_t r, epx__errbuf_t 
 }
 
 #define EPX__NC_WATCH_NS 1000000 /* how often a wait runs its watch */
+
+/* The text of an error message ("NAME: text", NAME that of st). */
+static const char *epx__nc_text(epx_status_t st, const epx__errbuf_t *e)
+{
+    const char *name = epx_status_name(st), *msg = e->msg;
+    size_t k = strlen(name);
+    return strncmp(msg, name, k) == 0 && msg[k] == ':' && msg[k + 1] == ' ' ? msg + k + 2 : msg;
+}
 
 /* Wait for a non-blocking call on *comm to finish (its state leaves ncclInProgress), running
  * `watch` (may be NULL) about every millisecond. At the deadline, or when the watch fails, an
@@ -170,16 +203,161 @@ static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadli
             epx_status_t w = watch->check(watch->ctx, &why);
             if (w != EPX_SUCCESS) {
                 if (owned) epx__nc.abort(*comm), *comm = NULL;
-                const char *name = epx_status_name(w), *msg = why.msg; /* "NAME: text": the text */
-                size_t k = strlen(name);
-                if (strncmp(msg, name, k) == 0 && msg[k] == ':' && msg[k + 1] == ' ') msg += k + 2;
-                return epx__fail(err, w, "%s abandoned%s: %s", what, owned ? " (communicator aborted)" : "", msg);
+                return epx__fail(err, w, "%s abandoned%s: %s", what, owned ? " (communicator aborted)" : "",
+                                 epx__nc_text(w, &why));
             }
             next_watch = now + EPX__NC_WATCH_NS;
         }
         sched_yield();
     }
 }
+
+/* ---- The watchdog -------------------------------------------------------------------------------- */
+
+/* Before a group is enqueued on `stream` (mu held): its slot in the ring, `start` recorded
+ * there; NULL when nothing is followed (no watchdog, a capturing stream, an event CUDA
+ * would not record). The slot counts once epx__nc_followed recorded its end. */
+static epx__nc_watched_t *epx__nc_follow(epx__nccl_t *n, cudaStream_t stream)
+{
+    if (!n->dog_on) return NULL;
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    epx__nc_watched_t *w = &n->ring[n->ring_next];
+    w->live = false; /* a newer group takes the oldest slot, followed or not */
+    if (cudaStreamIsCapturing(stream, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone ||
+        cudaEventRecord(w->start, stream) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return w;
+}
+
+/* After the group of slot w was enqueued on `stream` (mu held): its end recorded; followed. */
+static void epx__nc_followed(epx__nccl_t *n, epx__nc_watched_t *w, cudaStream_t stream)
+{
+    if (!w) return;
+    if (cudaEventRecord(w->end, stream) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
+    w->reached_ns = 0;
+    w->live = true;
+    n->ring_next = (n->ring_next + 1) % EPX__NC_RING;
+}
+
+/* The watchdog's verdict (mu held): the communicator aborted, every later call answered with st. */
+static void epx__nc_dog_abort(epx__nccl_t *n, epx_status_t st, const char *msg)
+{
+    snprintf(n->dog_msg, sizeof n->dog_msg, "%s", msg);
+    n->dog_status = st;
+    EPX_WARN(NET, "NCCL communicator (rank %d of %d) aborted by the watchdog: %s", n->rank, n->nranks, msg);
+    epx__nc.abort(n->comm);
+    n->comm = NULL;
+    n->dead = true;
+}
+
+/* One look (mu held, no epx call in nccl.c): every followed group that is done leaves the
+ * ring; one that its stream reached EPX_TIMEOUT_MS ago and that has not finished, or an
+ * error NCCL reports, aborts the communicator. Work queued before a group (the caller's,
+ * another group's) does not count against it. */
+static void epx__nc_dog_look(epx__nccl_t *n)
+{
+    uint64_t now = epx__now_ns(), limit = (uint64_t)n->timeout_ms * 1000000u;
+    for (int i = 0; i < EPX__NC_RING; i++) {
+        epx__nc_watched_t *w = &n->ring[i];
+        if (!w->live) continue;
+        if (cudaEventQuery(w->end) != cudaErrorNotReady) { /* done (a device error shows elsewhere) */
+            w->live = false;
+            continue;
+        }
+        if (!w->reached_ns) {
+            if (cudaEventQuery(w->start) == cudaSuccess) w->reached_ns = now;
+            continue;
+        }
+        if (now - w->reached_ns >= limit) {
+            char msg[160];
+            snprintf(msg, sizeof msg,
+                     "an NCCL exchange that its stream reached %.0f ms ago has not finished (EPX_TIMEOUT_MS %lld: a "
+                     "peer is late or gone)",
+                     (double)(now - w->reached_ns) / 1e6, (long long)n->timeout_ms);
+            epx__nc_dog_abort(n, EPX_ERR_TIMEOUT, msg);
+            return;
+        }
+    }
+    cudaGetLastError();
+    ncclResult_t state = ncclSuccess;
+    ncclResult_t r = epx__nc.async_error(n->comm, &state);
+    if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress)) {
+        epx__errbuf_t why;
+        epx_status_t st = epx__nc_fail(n->comm, r != ncclSuccess ? r : state, &why, "NCCL reported an error");
+        epx__nc_dog_abort(n, st, epx__nc_text(st, &why));
+    }
+}
+
+static void *epx__nc_dog_main(void *arg)
+{
+    epx__nccl_t *n = arg;
+    cudaSetDevice(n->device);
+    /* Its queries never invalidate another thread's graph capture. */
+    enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    int64_t period_ns = EPX__MIN(EPX__MAX(n->timeout_ms * 1000000 / 16, (int64_t)1000000), (int64_t)100000000);
+    pthread_mutex_lock(&n->mu);
+    while (!n->dog_stop && n->comm) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t ns = ts.tv_nsec + period_ns;
+        ts.tv_sec += (time_t)(ns / 1000000000), ts.tv_nsec = (long)(ns % 1000000000);
+        pthread_cond_timedwait(&n->dog_cv, &n->mu, &ts);
+        if (!n->dog_stop && n->comm) epx__nc_dog_look(n);
+    }
+    pthread_mutex_unlock(&n->mu);
+    return NULL;
+}
+
+/* Start the watchdog of an owned communicator. Without one (no events or thread) epx's own
+ * calls still bound every wait: work left on a stream then waits for the next call. */
+static void epx__nc_dog_start(epx__nccl_t *n)
+{
+    for (int i = 0; i < EPX__NC_RING; i++)
+        if (cudaEventCreateWithFlags(&n->ring[i].start, cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&n->ring[i].end, cudaEventDisableTiming) != cudaSuccess) {
+            cudaGetLastError();
+            EPX_WARN(NET, "NCCL watchdog not started (no CUDA events)");
+            return;
+        }
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    bool cv = pthread_cond_init(&n->dog_cv, &ca) == 0;
+    pthread_condattr_destroy(&ca);
+    if (cv && pthread_create(&n->dog, NULL, epx__nc_dog_main, n) == 0) {
+        n->dog_on = true;
+        return;
+    }
+    if (cv) pthread_cond_destroy(&n->dog_cv);
+    EPX_WARN(NET, "NCCL watchdog not started (no thread)");
+}
+
+/* Stop it (joined) and free its events. */
+static void epx__nc_dog_stop(epx__nccl_t *n)
+{
+    if (n->dog_on) {
+        pthread_mutex_lock(&n->mu);
+        n->dog_stop = true;
+        pthread_cond_signal(&n->dog_cv);
+        pthread_mutex_unlock(&n->mu);
+        pthread_join(n->dog, NULL);
+        pthread_cond_destroy(&n->dog_cv);
+        n->dog_on = false;
+    }
+    for (int i = 0; i < EPX__NC_RING; i++) {
+        if (n->ring[i].start) cudaEventDestroy(n->ring[i].start);
+        if (n->ring[i].end) cudaEventDestroy(n->ring[i].end);
+        n->ring[i].start = n->ring[i].end = NULL;
+    }
+}
+
+/* ---- Communicators ---------------------------------------------------------------------------------- */
 
 epx_status_t epx__nccl_get_id(void *id, epx__errbuf_t *err)
 {
@@ -220,6 +398,7 @@ epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const voi
     if (!epx__nccl_available(&why)) return epx__fail(err, EPX_ERR_UNSUPPORTED, "NCCL: %s", why);
     epx__nccl_t *n = calloc(1, sizeof *n);
     if (!n) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    pthread_mutex_init(&n->mu, NULL);
     n->owned = true;
     n->timeout_ms = timeout_ms;
     ncclUniqueId u;
@@ -238,6 +417,7 @@ epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const voi
         epx__nccl_destroy(n, true);
         return st;
     }
+    epx__nc_dog_start(n);
     EPX_INFO(NET, "NCCL communicator: rank %d of %d on device %d", n->rank, n->nranks, n->device);
     *out = n;
     return EPX_SUCCESS;
@@ -250,6 +430,7 @@ epx_status_t epx__nccl_adopt(epx__nccl_t **out, void *comm, int64_t timeout_ms, 
     if (!epx__nccl_available(&why)) return epx__fail(err, EPX_ERR_UNSUPPORTED, "NCCL: %s", why);
     epx__nccl_t *n = calloc(1, sizeof *n);
     if (!n) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    pthread_mutex_init(&n->mu, NULL);
     n->comm = (ncclComm_t)comm;
     n->timeout_ms = timeout_ms;
     epx_status_t st = epx__nc_finish(n, err);
@@ -264,6 +445,7 @@ epx_status_t epx__nccl_adopt(epx__nccl_t **out, void *comm, int64_t timeout_ms, 
 void epx__nccl_destroy(epx__nccl_t *n, bool abort)
 {
     if (!n) return;
+    epx__nc_dog_stop(n); /* no other thread on n from here */
     if (n->owned && n->comm) {
         /* A clean finalize is collective and may wait on peers: bounded, else abort. On a
          * non-blocking communicator it normally answers ncclInProgress. */
@@ -283,34 +465,64 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
     cudaGetLastError();
     free(n->ds);
     free(n->dr);
+    pthread_mutex_destroy(&n->mu);
     free(n);
 }
 
 void epx__nccl_abort(epx__nccl_t *n)
 {
-    if (!n || n->dead) return;
-    n->dead = true;
-    if (n->owned && n->comm) {
-        EPX_WARN(NET, "NCCL communicator (rank %d of %d) aborted after a failure", n->rank, n->nranks);
-        epx__nc.abort(n->comm);
-        n->comm = NULL;
+    if (!n) return;
+    pthread_mutex_lock(&n->mu);
+    if (!n->dead) {
+        n->dead = true;
+        if (n->owned && n->comm) {
+            EPX_WARN(NET, "NCCL communicator (rank %d of %d) aborted after a failure", n->rank, n->nranks);
+            epx__nc.abort(n->comm);
+            n->comm = NULL;
+        }
     }
+    pthread_mutex_unlock(&n->mu);
 }
 
-bool epx__nccl_aborted(const epx__nccl_t *n) { return n->dead || !n->comm; }
+bool epx__nccl_aborted(epx__nccl_t *n)
+{
+    pthread_mutex_lock(&n->mu);
+    bool gone = n->dead || !n->comm;
+    pthread_mutex_unlock(&n->mu);
+    return gone;
+}
+
+epx_status_t epx__nccl_check_async(epx__nccl_t *n, epx__errbuf_t *err)
+{
+    if (!n) return EPX_SUCCESS;
+    pthread_mutex_lock(&n->mu);
+    epx_status_t st = EPX_SUCCESS;
+    if (n->dog_status != EPX_SUCCESS) {
+        st = epx__nc_live(n, err);
+    } else if (n->comm && !n->dead) {
+        ncclResult_t state = ncclSuccess;
+        ncclResult_t r = epx__nc.async_error(n->comm, &state);
+        if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
+            st = epx__nc_fail(n->comm, r != ncclSuccess ? r : state, err, "NCCL reported an error");
+    }
+    pthread_mutex_unlock(&n->mu);
+    return st;
+}
 
 int epx__nccl_rank(const epx__nccl_t *n) { return n->rank; }
 int epx__nccl_size(const epx__nccl_t *n) { return n->nranks; }
 int epx__nccl_device(const epx__nccl_t *n) { return n->device; }
 
-epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
-                            const int64_t *rbytes, const unsigned char *stat_with, const void *sstat, void *rstat,
-                            size_t stat_bytes, void *stream, uint64_t deadline, epx__errbuf_t *err)
+/* epx__nccl_post, mu held. */
+static epx_status_t epx__nc_post(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
+                                 const int64_t *rbytes, const unsigned char *stat_with, const void *sstat, void *rstat,
+                                 size_t stat_bytes, void *stream, uint64_t deadline, epx__errbuf_t *err)
 {
     EPX__CHECK(epx__nc_live(n, err));
     bool any = false;
     for (int p = 0; p < n->nranks; p++) any = any || sbytes[p] > 0 || rbytes[p] > 0 || (stat_bytes && stat_with[p]);
     if (!any) return EPX_SUCCESS;
+    epx__nc_watched_t *w = epx__nc_follow(n, (cudaStream_t)stream);
     ncclResult_t r = epx__nc.group_start();
     for (int p = 0; p < n->nranks && r == ncclSuccess; p++) {
         if (sbytes[p] > 0) r = epx__nc.send(sbuf[p], (size_t)sbytes[p], ncclChar, p, n->comm, (cudaStream_t)stream);
@@ -325,10 +537,24 @@ epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64
     ncclResult_t e = epx__nc.group_end(); /* always closes the group */
     if (r == ncclSuccess) r = e;
     if (r != ncclSuccess && r != ncclInProgress) return epx__nc_fail(n->comm, r, err, "ncclSend/ncclRecv group");
-    return epx__nc_settle(&n->comm, n->owned, deadline, NULL, err, "ncclSend/ncclRecv group");
+    EPX__CHECK(epx__nc_settle(&n->comm, n->owned, deadline, NULL, err, "ncclSend/ncclRecv group"));
+    epx__nc_followed(n, w, (cudaStream_t)stream);
+    return EPX_SUCCESS;
 }
 
-epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__nccl_post(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
+                            const int64_t *rbytes, const unsigned char *stat_with, const void *sstat, void *rstat,
+                            size_t stat_bytes, void *stream, uint64_t deadline, epx__errbuf_t *err)
+{
+    pthread_mutex_lock(&n->mu);
+    epx_status_t st = epx__nc_post(n, sbuf, sbytes, rbuf, rbytes, stat_with, sstat, rstat, stat_bytes, stream,
+                                   deadline, err);
+    pthread_mutex_unlock(&n->mu);
+    return st;
+}
+
+/* epx__nccl_wait, mu held. */
+static epx_status_t epx__nc_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx__errbuf_t *err)
 {
     EPX__CHECK(epx__nc_live(n, err));
     for (unsigned spin = 0;; spin++) {
@@ -351,8 +577,17 @@ epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx
     }
 }
 
-epx_status_t epx__nccl_host_xchg(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
-                                 const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__nccl_wait(epx__nccl_t *n, void *stream, uint64_t deadline, epx__errbuf_t *err)
+{
+    pthread_mutex_lock(&n->mu);
+    epx_status_t st = epx__nc_wait(n, stream, deadline, err);
+    pthread_mutex_unlock(&n->mu);
+    return st;
+}
+
+/* epx__nccl_host_xchg, mu held. */
+static epx_status_t epx__nc_host_xchg(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes,
+                                      void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
 {
     EPX__CHECK(epx__nc_live(n, err));
     int P = n->nranks;
@@ -374,12 +609,21 @@ epx_status_t epx__nccl_host_xchg(epx__nccl_t *n, const void *const *sbuf, const 
     }
     epx_status_t st = ce == cudaSuccess ? EPX_SUCCESS
                                         : epx__fail(err, EPX_ERR_CUDA, "NCCL staging copy: %s", cudaGetErrorString(ce));
-    if (st == EPX_SUCCESS) st = epx__nccl_post(n, ds, sbytes, dr, rbytes, NULL, NULL, NULL, 0, n->stream, deadline, err);
-    if (st == EPX_SUCCESS) st = epx__nccl_wait(n, n->stream, deadline, err);
+    if (st == EPX_SUCCESS) st = epx__nc_post(n, ds, sbytes, dr, rbytes, NULL, NULL, NULL, 0, n->stream, deadline, err);
+    if (st == EPX_SUCCESS) st = epx__nc_wait(n, n->stream, deadline, err);
     for (int p = 0; p < P && st == EPX_SUCCESS; p++)
         if (rbytes[p] > 0 && rbuf[p]) {
             ce = cudaMemcpy(rbuf[p], dr[p], (size_t)rbytes[p], cudaMemcpyDeviceToHost);
             if (ce != cudaSuccess) st = epx__fail(err, EPX_ERR_CUDA, "NCCL staging copy back: %s", cudaGetErrorString(ce));
         }
+    return st;
+}
+
+epx_status_t epx__nccl_host_xchg(epx__nccl_t *n, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
+                                 const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+{
+    pthread_mutex_lock(&n->mu);
+    epx_status_t st = epx__nc_host_xchg(n, sbuf, sbytes, rbuf, rbytes, deadline, err);
+    pthread_mutex_unlock(&n->mu);
     return st;
 }

@@ -8,6 +8,12 @@
  * ncclCommGetAsyncError and the stream until a deadline; past it an owned communicator is
  * aborted and the call returns EPX_ERR_TIMEOUT. NCCL errors return EPX_ERR_NCCL. A
  * communicator's creation may also watch its peers (epx__nccl_watch_t) and give up early.
+ *
+ * Between calls an owned communicator has a watchdog thread: a group that its stream
+ * reached EPX_TIMEOUT_MS ago and that has not finished (a peer that died or stalled after
+ * the call returned), or an error NCCL reports, aborts it, so work left on the caller's
+ * streams ends; every later call then returns that verdict (epx__nccl_check_async too).
+ * Entry points may be called from any thread; they take turns on a communicator.
  */
 #ifndef EPX_NCCL_H
 #define EPX_NCCL_H
@@ -46,7 +52,10 @@ void epx__nccl_destroy(epx__nccl_t *nccl, bool abort);
  * left to its owner. Either way every later call on `nccl` fails at once with
  * EPX_ERR_ABORTED. Local; idempotent. */
 void epx__nccl_abort(epx__nccl_t *nccl);
-bool epx__nccl_aborted(const epx__nccl_t *nccl);
+bool epx__nccl_aborted(epx__nccl_t *nccl);
+/* The error that broke the communicator without a call of epx's: the watchdog's verdict, or
+ * one NCCL reports now (EPX_ERR_NCCL); EPX_SUCCESS while healthy (or NULL). Local. */
+epx_status_t epx__nccl_check_async(epx__nccl_t *nccl, epx__errbuf_t *err);
 int epx__nccl_rank(const epx__nccl_t *nccl);
 int epx__nccl_size(const epx__nccl_t *nccl);
 /* The CUDA device of the communicator. */

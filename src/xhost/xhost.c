@@ -170,6 +170,11 @@ void epx__xhost_mark_broken(epx__xhost_t *xh)
     if (xh) epx__nccl_abort(xh->nccl);
 }
 
+epx_status_t epx__xhost_check_async(epx__xhost_t *xh, epx__errbuf_t *err)
+{
+    return xh ? epx__nccl_check_async(xh->nccl, err) : EPX_SUCCESS;
+}
+
 /* ---- EPX_FAULT ------------------------------------------------------------------------------ */
 
 void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t step, bool count, bool enqueue)

@@ -79,6 +79,10 @@ void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t 
  * teardown finds their device work ended), and the peers' NCCL waits fail. Local;
  * idempotent. An adopted NCCL communicator is only marked (left to its owner). */
 void epx__xhost_mark_broken(epx__xhost_t *xh);
+/* An error that broke the NCCL link between calls (src/nccl's watchdog: NCCL work left on
+ * a stream waited EPX_TIMEOUT_MS for a peer, or NCCL reported an error); EPX_SUCCESS while
+ * healthy (or xh NULL). Local. */
+epx_status_t epx__xhost_check_async(epx__xhost_t *xh, epx__errbuf_t *err);
 
 /* The contracts of their src/cuda namesakes, over every rank. */
 epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, epx_status_t local, void *stream,
