@@ -30,6 +30,9 @@ void epx__cuda_set_fault(epx__cuda_t *cuda, const epx__fault_t *fault);
 
 /* EPX_SUCCESS, or the error a device wait reported (timeout, peer failure). */
 epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);
+/* Has the device recorded an error (epx__cuda_check_async would fail)? One read of
+ * host-mapped memory, nothing logged: for any thread. */
+bool epx__cuda_has_failed(const epx__cuda_t *cuda);
 
 /* In-band failure relay, for data that leaves the host after device waits (src/xhost: rows
  * sent on over NCCL after an intra-host exchange), EPX__CUDA_STATUS_BYTES a status.

@@ -13,6 +13,7 @@ void epx__cuda_destroy(epx__cuda_t *cuda) { (void)cuda; }
 
 void epx__cuda_set_fault(epx__cuda_t *cuda, const epx__fault_t *fault) { (void)cuda, (void)fault; }
 
+bool epx__cuda_has_failed(const epx__cuda_t *cuda) { return (void)cuda, false; }
 epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err)
 {
     (void)cuda, (void)err;

@@ -115,6 +115,9 @@ struct epx__nccl {
     pthread_cond_t dog_cv; /* CLOCK_MONOTONIC; signalled to stop */
     epx__nc_watched_t ring[EPX__NC_RING];
     int ring_next;
+    epx__nccl_watch_t dog_watch; /* epx__nccl_watch_between; check NULL: none */
+    epx_status_t watch_failed;   /* what dog_watch said once it failed (not asked again) */
+    char watch_msg[EPX__ERRMSG_LEN];
     epx_status_t dog_status;
     char dog_msg[EPX__ERRMSG_LEN];
 };
@@ -261,7 +264,16 @@ static void epx__nc_dog_abort(epx__nccl_t *n, epx_status_t st, const char *msg)
  * another group's) does not count against it. */
 static void epx__nc_dog_look(epx__nccl_t *n)
 {
+    if (n->dog_watch.check && n->watch_failed == EPX_SUCCESS) {
+        epx__errbuf_t why;
+        epx_status_t st = n->dog_watch.check(n->dog_watch.ctx, &why);
+        if (st != EPX_SUCCESS) {
+            snprintf(n->watch_msg, sizeof n->watch_msg, "%s", epx__nc_text(st, &why));
+            n->watch_failed = st;
+        }
+    }
     uint64_t now = epx__now_ns(), limit = (uint64_t)n->timeout_ms * 1000000u;
+    if (n->watch_failed != EPX_SUCCESS) limit /= 4;
     for (int i = 0; i < EPX__NC_RING; i++) {
         epx__nc_watched_t *w = &n->ring[i];
         if (!w->live) continue;
@@ -274,12 +286,17 @@ static void epx__nc_dog_look(epx__nccl_t *n)
             continue;
         }
         if (now - w->reached_ns >= limit) {
-            char msg[160];
-            snprintf(msg, sizeof msg,
-                     "an NCCL exchange that its stream reached %.0f ms ago has not finished (EPX_TIMEOUT_MS %lld: a "
-                     "peer is late or gone)",
-                     (double)(now - w->reached_ns) / 1e6, (long long)n->timeout_ms);
-            epx__nc_dog_abort(n, EPX_ERR_TIMEOUT, msg);
+            char msg[EPX__ERRMSG_LEN];
+            if (n->watch_failed != EPX_SUCCESS)
+                snprintf(msg, sizeof msg,
+                         "an NCCL exchange that its stream reached %.0f ms ago had not finished, after: %.300s",
+                         (double)(now - w->reached_ns) / 1e6, n->watch_msg);
+            else
+                snprintf(msg, sizeof msg,
+                         "an NCCL exchange that its stream reached %.0f ms ago has not finished (EPX_TIMEOUT_MS %lld: "
+                         "a peer is late or gone)",
+                         (double)(now - w->reached_ns) / 1e6, (long long)n->timeout_ms);
+            epx__nc_dog_abort(n, n->watch_failed != EPX_SUCCESS ? n->watch_failed : EPX_ERR_TIMEOUT, msg);
             return;
         }
     }
@@ -481,6 +498,13 @@ void epx__nccl_abort(epx__nccl_t *n)
             n->comm = NULL;
         }
     }
+    pthread_mutex_unlock(&n->mu);
+}
+
+void epx__nccl_watch_between(epx__nccl_t *n, const epx__nccl_watch_t *watch)
+{
+    pthread_mutex_lock(&n->mu);
+    n->dog_watch = *watch;
     pthread_mutex_unlock(&n->mu);
 }
 

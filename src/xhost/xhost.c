@@ -266,6 +266,12 @@ static epx_status_t epx__xh_watch_rail(void *links, epx__errbuf_t *err)
     return epx__boot_links_watch(links, err);
 }
 
+/* The NCCL watchdog's look at this rank's device (epx__nccl_watch_between). */
+static epx_status_t epx__xh_watch_device(void *cuda, epx__errbuf_t *err)
+{
+    return epx__cuda_has_failed(cuda) ? epx__cuda_check_async(cuda, err) : EPX_SUCCESS;
+}
+
 /* What every rank tells the others first: its verdict and, on host 0, its rail's NCCL id. */
 typedef struct {
     int64_t status;
@@ -354,6 +360,10 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
         return st;
     }
     epx__cuda_relay_failures(cuda); /* gateways send on what they received (every rank of the host) */
+    if (!adopted) {
+        epx__nccl_watch_t device = {epx__xh_watch_device, cuda};
+        epx__nccl_watch_between(xh->nccl, &device);
+    }
     EPX_INFO(NET, "rank %d: CUDA across %d hosts of %d ranks, NCCL %s", rank, xh->num_hosts, xh->ls,
              adopted ? "adopted" : "rails");
     *out = xh;
