@@ -44,11 +44,12 @@ enum { EPX__LL_DISPATCH_SENT = 0, EPX__LL_DISPATCH_RECVD = 1, EPX__LL_COMBINE_SE
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
 
-/* Error record in host-mapped memory, written once by the first failing wait: its code is
- * claimed (EPX__ERR_CLAIMED, "being written": not an error yet), the fields written, then
- * the status stored. An EPX_ERR_PEER_FAILURE says in `wanted` where it came from (a status
- * across hosts, or a local peer's FAILED flag); `peer` EPX__PEER_INJECTED marks a failure
- * that EPX_FAULT injected (core/fault.h: fail). */
+/* Error record in host-mapped memory, written once, by the first error the device records
+ * (flags.cuh: epx__record_error): its code is claimed (EPX__ERR_CLAIMED, "being written":
+ * not an error yet), the fields written, then the status stored. An EPX_ERR_PEER_FAILURE
+ * says in `wanted` where it came from (a status across hosts, or a local peer's FAILED
+ * flag); `peer` EPX__PEER_INJECTED marks a failure that EPX_FAULT injected (core/fault.h:
+ * fail). */
 #define EPX__ERR_CLAIMED (-2147483647 - 1)
 enum { EPX__RELAYED_ACROSS = 0, EPX__RELAYED_LOCAL = 1 };
 #define EPX__PEER_INJECTED (-2)

@@ -42,6 +42,28 @@ static __device__ __forceinline__ unsigned long long epx__op_number(const epx__c
     return *(volatile unsigned long long *)d->epoch + 1ull;
 }
 
+/* ---- The device's error record (dev.h: epx__cuda_err_t) ------------------------------------ */
+
+/* Record error `code` (an epx_status_t) with its fields, unless an error is recorded (or
+ * being recorded) already: the first error stays. The code is claimed (EPX__ERR_CLAIMED),
+ * the fields written, then the code published, each step fenced at system scope (the host
+ * reads the record in that order, cuda.c: epx__cuda_check_async). True when this call's
+ * error is the one recorded. */
+static __device__ bool epx__record_error(const epx__cuda_dev_t *d, int code, int peer, unsigned long long op,
+                                         unsigned long long seen, unsigned long long wanted)
+{
+    volatile epx__cuda_err_t *e = d->err;
+    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return false; /* the first error stays */
+    e->peer = peer;
+    e->op = op;
+    e->seen = seen;
+    e->wanted = wanted;
+    __threadfence_system();
+    e->code = code;
+    __threadfence_system();
+    return true;
+}
+
 /* ---- The failure relay inside a host (d->relay: cuda.h, epx__cuda_relay_failures) ---------- */
 
 /* Flag `kind` from rank `from` in `owner`'s flags (mine: d->flags; a peer's: d->peer_flags[p]). */
@@ -64,15 +86,7 @@ static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, 
 /* Record EPX_ERR_PEER_FAILURE, relayed by local peer p with operation n (the first error stays). */
 static __device__ void epx__relay_record(const epx__cuda_dev_t *d, int p, unsigned long long n)
 {
-    volatile epx__cuda_err_t *e = d->err;
-    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-    e->peer = p;
-    e->op = n;
-    e->seen = 0;
-    e->wanted = EPX__RELAYED_LOCAL;
-    __threadfence_system();
-    e->code = EPX_ERR_PEER_FAILURE;
-    __threadfence_system();
+    epx__record_error(d, EPX_ERR_PEER_FAILURE, p, n, 0, EPX__RELAYED_LOCAL);
 }
 
 /* Has peer p relayed a failure with its operation n or a later one? */
@@ -109,14 +123,7 @@ static __device__ int epx__keep_waiting(const epx__cuda_dev_t *d, unsigned long 
         }
     }
     if (epx__globaltimer() - start > d->timeout_ns) {
-        if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return 0; /* the first error stays */
-        e->peer = peer;
-        e->op = target;
-        e->seen = seen;
-        e->wanted = target;
-        __threadfence_system();
-        e->code = EPX_ERR_TIMEOUT;
-        __threadfence_system();
+        epx__record_error(d, EPX_ERR_TIMEOUT, peer, target, seen, target); /* the first error stays */
         return 0;
     }
     __nanosleep(64);

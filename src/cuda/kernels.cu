@@ -202,15 +202,7 @@ extern "C" int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const 
 static __device__ void epx__record_mismatch(const epx__cuda_dev_t *d, int peer, unsigned long long n, long long mine,
                                             long long theirs)
 {
-    volatile epx__cuda_err_t *e = d->err;
-    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-    e->peer = peer;
-    e->op = n;
-    e->seen = (unsigned long long)theirs;
-    e->wanted = (unsigned long long)mine;
-    __threadfence_system();
-    e->code = EPX_ERR_MISMATCH;
-    __threadfence_system();
+    epx__record_error(d, EPX_ERR_MISMATCH, peer, n, (unsigned long long)theirs, (unsigned long long)mine);
 }
 
 static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_direct_args_t a)
@@ -330,16 +322,9 @@ static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int
         const int *s = in + 4 * i;
         bool missing = (unsigned)s[3] != seq || (s[0] != EPX__STATUS_FAILED && s[0] != EPX__STATUS_FINE);
         if (!missing && s[0] == EPX__STATUS_FINE) continue;
-        volatile epx__cuda_err_t *e = d.err;
-        if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-        e->peer = missing ? -1 : s[1];
-        e->op = (unsigned long long)i;
-        e->seen = missing ? 0ull : (unsigned long long)(unsigned)s[2];
-        e->wanted = EPX__RELAYED_ACROSS;
-        __threadfence_system();
-        e->code = EPX_ERR_PEER_FAILURE;
-        __threadfence_system();
-        return;
+        epx__record_error(&d, EPX_ERR_PEER_FAILURE, missing ? -1 : s[1], (unsigned long long)i,
+                          missing ? 0ull : (unsigned long long)(unsigned)s[2], EPX__RELAYED_ACROSS);
+        return; /* the first error stays */
     }
 }
 
