@@ -232,14 +232,12 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
 
 void epx__cuda_relay_failures(epx__cuda_t *c) { c->dev.relay = 1; }
 
-void epx__cuda_inject_failure(epx__cuda_t *c)
+epx_status_t epx__cuda_inject_failure(epx__cuda_t *c, void *stream, epx__errbuf_t *err)
 {
-    volatile epx__cuda_err_t *e = c->err_host;
-    if (!__sync_bool_compare_and_swap(&c->err_host->code, 0, EPX__ERR_CLAIMED)) return; /* the first error stays */
-    e->peer = EPX__PEER_INJECTED, e->op = 0, e->seen = 0, e->wanted = 0;
-    __sync_synchronize();
-    e->code = EPX_ERR_TIMEOUT;
-    __sync_synchronize();
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_inject(&c->dev, EPX_ERR_TIMEOUT, stream);
+    if (ce != cudaSuccess)
+        return epx__fail(err, EPX_ERR_CUDA, "EPX_FAULT fail on the device: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx__cuda_status_out(epx__cuda_t *c, int rank, unsigned seq, void *out, void *stream, epx__errbuf_t *err)

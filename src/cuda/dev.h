@@ -45,11 +45,11 @@ enum { EPX__LL_DISPATCH_SENT = 0, EPX__LL_DISPATCH_RECVD = 1, EPX__LL_COMBINE_SE
 #define EPX__DIRECT_BLOCKS 32
 
 /* Error record in host-mapped memory, written once, by the first error the device records
- * (flags.cuh: epx__record_error): its code is claimed (EPX__ERR_CLAIMED, "being written":
- * not an error yet), the fields written, then the status stored. An EPX_ERR_PEER_FAILURE
- * says in `wanted` where it came from (a status across hosts, or a local peer's FAILED
- * flag); `peer` EPX__PEER_INJECTED marks a failure that EPX_FAULT injected (core/fault.h:
- * fail). */
+ * (flags.cuh: epx__record_error, its only writer): its code is claimed (EPX__ERR_CLAIMED,
+ * "being written": not an error yet), the fields written, then the status stored. An
+ * EPX_ERR_PEER_FAILURE says in `wanted` where it came from (a status across hosts, or a
+ * local peer's FAILED flag); `peer` EPX__PEER_INJECTED marks a failure that EPX_FAULT
+ * injected (core/fault.h: fail; a kernel, epx__cuda_launch_inject). */
 #define EPX__ERR_CLAIMED (-2147483647 - 1)
 enum { EPX__RELAYED_ACROSS = 0, EPX__RELAYED_LOCAL = 1 };
 #define EPX__PEER_INJECTED (-2)
@@ -260,6 +260,9 @@ int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_
 int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, unsigned seq, int *out, void *stream);
 int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int first, int step, int count, int self,
                                   unsigned seq, void *stream);
+/* EPX_FAULT fail (cuda.h: epx__cuda_inject_failure): record `code` on my device, peer
+ * EPX__PEER_INJECTED, op, seen and wanted 0 (the first error stays). */
+int epx__cuda_launch_inject(const epx__cuda_dev_t *d, int code, void *stream);
 
 #ifdef __cplusplus
 }

@@ -341,3 +341,16 @@ int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int f
     epx__k_status_check<<<1, 1, 0, (cudaStream_t)stream>>>(*d, in, first, step, count, self, seq);
     return (int)cudaGetLastError();
 }
+
+/* ---- EPX_FAULT fail (cuda.h: epx__cuda_inject_failure) ---- */
+
+static __global__ void epx__k_inject(epx__cuda_dev_t d, int code)
+{
+    epx__record_error(&d, code, EPX__PEER_INJECTED, 0, 0, 0); /* the first error stays */
+}
+
+int epx__cuda_launch_inject(const epx__cuda_dev_t *d, int code, void *stream)
+{
+    epx__k_inject<<<1, 1, 0, (cudaStream_t)stream>>>(*d, code);
+    return (int)cudaGetLastError();
+}
