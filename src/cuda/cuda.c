@@ -50,7 +50,13 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
     return st;
 }
 
-/* Control memory of a communicator: flags, eager slots (two parities), the epoch words. */
+/* Control memory of a communicator: flags, eager slots (two parities), then 512 bytes of
+ * words from epoch_off, each word (or array) on a 64-byte line of its own: +0 epoch, +64
+ * direct_ops, +128 blocks_left, +256 ll_seq[4] (the peers read it), +320 ll_blocks[4], +384
+ * failed (only my device's kernels touch it); the rest is free. Zero at creation
+ * (cudaMemset), as the error record is; neither is ever reset: an error the device records
+ * breaks the communicator for good (api/comm.c: epx__comm_break; the caller aborts it and
+ * makes a new one). */
 static size_t epx__ctrl_layout(int nranks, size_t *eager_bytes, size_t *eager_off, size_t *epoch_off)
 {
     int64_t eager = epx__param_int(EPX__P_CUDA_EAGER_BYTES);
@@ -143,6 +149,7 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     d->blocks_left = (unsigned int *)((char *)c->ctrl + epoch_off + 128);
     d->ll_seq = (unsigned long long *)((char *)c->ctrl + epoch_off + 256);
     d->ll_blocks = (unsigned int *)((char *)c->ctrl + epoch_off + 320);
+    d->failed = (unsigned int *)((char *)c->ctrl + epoch_off + 384);
     d->eager_bytes = eager_bytes;
     d->timeout_ns = (unsigned long long)timeout_ms * 1000000ull;
     for (int p = 0; p < nranks; p++) {

@@ -45,14 +45,16 @@ static __device__ __forceinline__ unsigned long long epx__op_number(const epx__c
 /* ---- The device's error record (dev.h: epx__cuda_err_t) ------------------------------------ */
 
 /* Record error `code` (an epx_status_t) with its fields, unless an error is recorded (or
- * being recorded) already: the first error stays. The code is claimed (EPX__ERR_CLAIMED),
- * the fields written, then the code published, each step fenced at system scope (the host
- * reads the record in that order, cuda.c: epx__cuda_check_async). True when this call's
- * error is the one recorded. */
+ * being recorded) already: the first error stays. My device is marked failed first
+ * (d->failed, whichever error stays: the failure relay passes it on), then the code is
+ * claimed (EPX__ERR_CLAIMED), the fields written and the code published, each step fenced at
+ * system scope (the host reads the record in that order, cuda.c: epx__cuda_check_async).
+ * True when this call's error is the one recorded. */
 static __device__ bool epx__record_error(const epx__cuda_dev_t *d, int code, int peer, unsigned long long op,
                                          unsigned long long seen, unsigned long long wanted)
 {
     volatile epx__cuda_err_t *e = d->err;
+    *(volatile unsigned int *)d->failed = 1u; /* whichever error stays; read by my kernels only */
     if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return false; /* the first error stays */
     e->peer = peer;
     e->op = op;
@@ -75,10 +77,11 @@ static __device__ __forceinline__ unsigned long long *epx__flag(const epx__cuda_
 
 /* One thread per peer p, before the store that tells p my segments of operation n are
  * written (a release store, or a system fence then a store): when the relay is on and my
- * device has recorded an error (even one being written), FAILED from me = n at p first. */
+ * device has recorded an error (even one being written: d->failed), FAILED from me = n at
+ * p first. */
 static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, int p, unsigned long long n)
 {
-    if (!d->relay || p == d->rank || *(volatile int *)&d->err->code == 0) return;
+    if (!d->relay || p == d->rank || *(volatile unsigned int *)d->failed == 0) return;
     epx__st_release_sys(epx__flag(d, d->peer_flags[p], EPX__FLAG_FAILED, d->rank), n);
     __threadfence_system(); /* before later relaxed stores too (the eager lines) */
 }
