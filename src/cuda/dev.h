@@ -73,9 +73,10 @@ typedef struct {
     char *peer_eager[EPX__CUDA_MAX_RANKS];
     unsigned long long eager_bytes;
     epx__cuda_err_t *err;       /* device pointer to host-mapped memory */
-    unsigned int *failed;       /* nonzero once my device has recorded an error, even one being
-                                   written (epx__record_error sets it first): what the failure
-                                   relay reads, in device memory (the record is a PCIe trip away) */
+    unsigned int *failed;       /* nonzero once my device has recorded an error other than
+                                   EPX_ERR_MISMATCH, even one being written (epx__record_error
+                                   sets it first): what the failure relay reads, in device
+                                   memory (the record is a PCIe trip away) */
     unsigned long long timeout_ns;
     int relay;                  /* the failure relay of the alltoallv kernels (epx__cuda_relay_failures) */
 } epx__cuda_dev_t;

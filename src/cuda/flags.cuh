@@ -45,16 +45,19 @@ static __device__ __forceinline__ unsigned long long epx__op_number(const epx__c
 /* ---- The device's error record (dev.h: epx__cuda_err_t) ------------------------------------ */
 
 /* Record error `code` (an epx_status_t) with its fields, unless an error is recorded (or
- * being recorded) already: the first error stays. My device is marked failed first
- * (d->failed, whichever error stays: the failure relay passes it on), then the code is
- * claimed (EPX__ERR_CLAIMED), the fields written and the code published, each step fenced at
- * system scope (the host reads the record in that order, cuda.c: epx__cuda_check_async).
- * True when this call's error is the one recorded. */
+ * being recorded) already: the first error stays. First my device is marked failed
+ * (d->failed, whichever error stays: the failure relay passes it on), unless `code` is
+ * EPX_ERR_MISMATCH: a count mismatch (device counts) is no failure to relay, as it stops no
+ * wait (epx__keep_waiting) and the rank that records it reports it itself; the mark follows
+ * the code given, never the record (whose EPX__ERR_CLAIMED may be a mismatch being
+ * written). Then the code is claimed (EPX__ERR_CLAIMED), the fields written and the code
+ * published, each step fenced at system scope (the host reads the record in that order,
+ * cuda.c: epx__cuda_check_async). True when this call's error is the one recorded. */
 static __device__ bool epx__record_error(const epx__cuda_dev_t *d, int code, int peer, unsigned long long op,
                                          unsigned long long seen, unsigned long long wanted)
 {
     volatile epx__cuda_err_t *e = d->err;
-    *(volatile unsigned int *)d->failed = 1u; /* whichever error stays; read by my kernels only */
+    if (code != EPX_ERR_MISMATCH) *(volatile unsigned int *)d->failed = 1u; /* read by my kernels only */
     if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return false; /* the first error stays */
     e->peer = peer;
     e->op = op;
@@ -77,8 +80,8 @@ static __device__ __forceinline__ unsigned long long *epx__flag(const epx__cuda_
 
 /* One thread per peer p, before the store that tells p my segments of operation n are
  * written (a release store, or a system fence then a store): when the relay is on and my
- * device has recorded an error (even one being written: d->failed), FAILED from me = n at
- * p first. */
+ * device has recorded an error other than a count mismatch (even one being written:
+ * d->failed), FAILED from me = n at p first. */
 static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, int p, unsigned long long n)
 {
     if (!d->relay || p == d->rank || *(volatile unsigned int *)d->failed == 0) return;
