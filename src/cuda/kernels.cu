@@ -159,8 +159,10 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
     } else {
         char *s = d.peer_eager[p] + (par * R + me) * slot;
         char *mine = d.eager + (par * R + p) * slot;
-        if (threadIdx.x == 0) epx__relay_out(&d, p, n); /* before the lines, or the slot's flag */
-        __syncthreads();
+        if (d.relay) { /* the same for the whole block: its barrier stays legal */
+            if (threadIdx.x == 0) epx__relay_out(&d, p, n); /* before the lines, or the slot's flag */
+            __syncthreads();
+        }
         if (a.send_bytes[p] <= line_max) {
             epx__lines_put((uint4 *)(s + EPX__SLOT_HDR), a.send + a.send_displ[p], a.send_bytes[p], (unsigned)n);
         } else {
