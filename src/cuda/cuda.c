@@ -212,7 +212,9 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     if (e->peer == EPX__PEER_INJECTED)
         return epx__fail(err, (epx_status_t)e->code, "local rank %d: a failure injected on the device (EPX_FAULT fail)",
                          c->rank);
-    if (e->code == EPX_ERR_PEER_FAILURE && e->wanted == EPX__RELAYED_LOCAL) /* epx__cuda_relay_failures */
+    /* epx__cuda_relay_failures; tests/test_cuda_fault.c (fail_enqueue) tells this message by
+     * its "inside the host": keep those words. */
+    if (e->code == EPX_ERR_PEER_FAILURE && e->wanted == EPX__RELAYED_LOCAL)
         return epx__fail(err, EPX_ERR_PEER_FAILURE,
                          "local rank %d: local rank %d had failed, or learnt of a failure, before it sent its part of "
                          "an exchange inside the host (by operation %llu); what it sent may be incomplete",
