@@ -58,7 +58,8 @@
  *     after the call's last host round, and the call still moves everything. No rank may
  *     succeed (one that succeeded on rows a failed gateway forwarded would): within the
  *     slack (no timeout) the faulty rank gets EPX_ERR_TIMEOUT and every other rank
- *     EPX_ERR_PEER_FAILURE, relayed with the data, each output byte poison or exact; or,
+ *     EPX_ERR_PEER_FAILURE, relayed with the data (its host-mates' from inside the host: the
+ *     message says "inside the host"), each output byte poison or exact; or,
  *     where a rank that failed at once broke its communicator and so aborted NCCL transfers
  *     in flight to this one (its call succeeded, its stream waited), a failure within the
  *     timeout plus slack (the watchdog ended the transfers; a host-mate's device wait on
@@ -696,16 +697,24 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         ASSERT_EQ(settle(&c, EPX_SUCCESS), EPX_SUCCESS);
         break;
     case F_FAIL_ENQUEUE:
-        /* Across hosts only (main): the faulty rank's device fails before its call enqueues
-         * anything, and the call still moves everything. Every rank fails in this call, with
-         * no timeout to wait for: the faulty one with its own error, the others with the
-         * relayed one (statuses with the NCCL groups; FAILED flags inside a host). */
+        /* Across hosts only (main): the faulty rank's device fails ahead of everything its call
+         * enqueues (a kernel on its stream), and the call still moves everything. Every rank
+         * fails in this call, with no timeout to wait for: the faulty one with its own error,
+         * the others with the relayed one (statuses with the NCCL groups; FAILED flags inside
+         * a host). */
         broken = true;
         if (res == EPX_SUCCESS) TEST_FAIL_("%s: succeeded on what a failed rank sent or forwarded", what);
         if (st != EPX_SUCCESS || dt <= SLACK_MS) {
             if (res != (bad ? EPX_ERR_TIMEOUT : EPX_ERR_PEER_FAILURE))
                 TEST_FAIL_("%s: got %s, expected %s", what, sname(res),
                            bad ? "EPX_ERR_TIMEOUT (injected)" : "EPX_ERR_PEER_FAILURE (relayed)");
+            /* The faulty rank's host-mates hear it inside the host (FAILED flags; cuda.c's
+             * message): their local exchange with it runs before any status from another host
+             * is checked. */
+            const char *msg = epx_comm_get_last_error(comm);
+            if (!bad && hosts_ls > 0 && rank / hosts_ls == (R - 1) / hosts_ls && !strstr(msg, "inside the host"))
+                TEST_FAIL_("%s: a host-mate of the faulty rank got %s, not relayed inside the host: %s", what,
+                           sname(res), msg);
             if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms (nothing should wait for a timeout)", what, dt);
             ctx_check(&c, OLD_OR_NEW, what);
             break;

@@ -12,9 +12,10 @@
  *          num_tokens past max_tokens_per_rank when it has no token); other MoE calls a
  *          top-k one larger than the handle's;
  *   fail   rank R's device records a failure in its N-th operation (EPX_ERR_TIMEOUT, as a
- *          device wait that timed out would), after its host rounds and before it enqueues
- *          anything (at=enqueue, the only place it fires); it still moves everything, so
- *          only the failure relay tells its peers. CUDA across hosts only (src/xhost).
+ *          device wait that timed out would), after its host rounds: a kernel on the call's
+ *          stream ahead of everything the call enqueues (at=enqueue, the only place it
+ *          fires); it still moves everything, so only the failure relay tells its peers.
+ *          CUDA across hosts only (src/xhost).
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues

@@ -50,7 +50,13 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
     return st;
 }
 
-/* Control memory of a communicator: flags, eager slots (two parities), the epoch words. */
+/* Control memory of a communicator: flags, eager slots (two parities), then 512 bytes of
+ * words from epoch_off, each word (or array) on a 64-byte line of its own: +0 epoch, +64
+ * direct_ops, +128 blocks_left, +256 ll_seq[4] (the peers read it), +320 ll_blocks[4], +384
+ * failed (only my device's kernels touch it); the rest is free. Zero at creation
+ * (cudaMemset), as the error record is; neither is ever reset: an error the device records
+ * breaks the communicator for good (api/comm.c: epx__comm_break; the caller aborts it and
+ * makes a new one). */
 static size_t epx__ctrl_layout(int nranks, size_t *eager_bytes, size_t *eager_off, size_t *epoch_off)
 {
     int64_t eager = epx__param_int(EPX__P_CUDA_EAGER_BYTES);
@@ -143,6 +149,7 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     d->blocks_left = (unsigned int *)((char *)c->ctrl + epoch_off + 128);
     d->ll_seq = (unsigned long long *)((char *)c->ctrl + epoch_off + 256);
     d->ll_blocks = (unsigned int *)((char *)c->ctrl + epoch_off + 320);
+    d->failed = (unsigned int *)((char *)c->ctrl + epoch_off + 384);
     d->eager_bytes = eager_bytes;
     d->timeout_ns = (unsigned long long)timeout_ms * 1000000ull;
     for (int p = 0; p < nranks; p++) {
@@ -211,7 +218,9 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
     if (e->peer == EPX__PEER_INJECTED)
         return epx__fail(err, (epx_status_t)e->code, "local rank %d: a failure injected on the device (EPX_FAULT fail)",
                          c->rank);
-    if (e->code == EPX_ERR_PEER_FAILURE && e->wanted == EPX__RELAYED_LOCAL) /* epx__cuda_relay_failures */
+    /* epx__cuda_relay_failures; tests/test_cuda_fault.c (fail_enqueue) tells this message by
+     * its "inside the host": keep those words. */
+    if (e->code == EPX_ERR_PEER_FAILURE && e->wanted == EPX__RELAYED_LOCAL)
         return epx__fail(err, EPX_ERR_PEER_FAILURE,
                          "local rank %d: local rank %d had failed, or learnt of a failure, before it sent its part of "
                          "an exchange inside the host (by operation %llu); what it sent may be incomplete",
@@ -238,14 +247,12 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)
 
 void epx__cuda_relay_failures(epx__cuda_t *c) { c->dev.relay = 1; }
 
-void epx__cuda_inject_failure(epx__cuda_t *c)
+epx_status_t epx__cuda_inject_failure(epx__cuda_t *c, void *stream, epx__errbuf_t *err)
 {
-    volatile epx__cuda_err_t *e = c->err_host;
-    if (!__sync_bool_compare_and_swap(&c->err_host->code, 0, EPX__ERR_CLAIMED)) return; /* the first error stays */
-    e->peer = EPX__PEER_INJECTED, e->op = 0, e->seen = 0, e->wanted = 0;
-    __sync_synchronize();
-    e->code = EPX_ERR_TIMEOUT;
-    __sync_synchronize();
+    cudaError_t ce = (cudaError_t)epx__cuda_launch_inject(&c->dev, EPX_ERR_TIMEOUT, stream);
+    if (ce != cudaSuccess)
+        return epx__fail(err, EPX_ERR_CUDA, "EPX_FAULT fail on the device: %s", cudaGetErrorString(ce));
+    return EPX_SUCCESS;
 }
 
 epx_status_t epx__cuda_status_out(epx__cuda_t *c, int rank, unsigned seq, void *out, void *stream, epx__errbuf_t *err)

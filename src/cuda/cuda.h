@@ -47,14 +47,18 @@ bool epx__cuda_has_failed(const epx__cuda_t *cuda);
  * a wait's error is (the first error stays). Both fail only on a CUDA launch error. */
 #define EPX__CUDA_STATUS_BYTES 16
 /* The same inside the host, for a communicator whose ranks send on what they received
- * (src/xhost's gateways): from now on, a rank whose device has recorded an error by the time
- * it tells a peer that its segments of an alltoallv exchange (epx__cuda_alltoallv,
- * epx__cuda_a2a_*) are written says so with them, and the peer records EPX_ERR_PEER_FAILURE
- * naming it (the first error stays). Call it on every rank, before the first exchange. */
+ * (src/xhost's gateways): from now on, a rank whose device has recorded an error (but a
+ * count mismatch, which stops no wait) by the time it tells a peer that its segments of an
+ * alltoallv exchange (epx__cuda_alltoallv, epx__cuda_a2a_*) are written says so with them,
+ * and the peer records EPX_ERR_PEER_FAILURE naming it (the first error stays). Call it on
+ * every rank, before the first exchange. */
 void epx__cuda_relay_failures(epx__cuda_t *cuda);
-/* EPX_FAULT fail (core/fault.h): record EPX_ERR_TIMEOUT on this rank's device now, as a
- * device wait that timed out would (the first error stays); the caller enqueues after it. */
-void epx__cuda_inject_failure(epx__cuda_t *cuda);
+/* EPX_FAULT fail (core/fault.h): enqueue on `stream` a kernel that records EPX_ERR_TIMEOUT
+ * on this rank's device, as a device wait that timed out would (the first error stays).
+ * Ordered with the caller's kernels as a real device failure is: the kernels enqueued
+ * before it (an earlier call's, still queued) run as if nothing failed, those after it see
+ * the failure. Fails only on a CUDA launch error. */
+epx_status_t epx__cuda_inject_failure(epx__cuda_t *cuda, void *stream, epx__errbuf_t *err);
 typedef struct {
     int first, step, count, self;
 } epx__cuda_status_slots_t;

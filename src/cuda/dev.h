@@ -44,11 +44,12 @@ enum { EPX__LL_DISPATCH_SENT = 0, EPX__LL_DISPATCH_RECVD = 1, EPX__LL_COMBINE_SE
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
 
-/* Error record in host-mapped memory, written once by the first failing wait: its code is
- * claimed (EPX__ERR_CLAIMED, "being written": not an error yet), the fields written, then
- * the status stored. An EPX_ERR_PEER_FAILURE says in `wanted` where it came from (a status
- * across hosts, or a local peer's FAILED flag); `peer` EPX__PEER_INJECTED marks a failure
- * that EPX_FAULT injected (core/fault.h: fail). */
+/* Error record in host-mapped memory, written once, by the first error the device records
+ * (flags.cuh: epx__record_error, its only writer): its code is claimed (EPX__ERR_CLAIMED,
+ * "being written": not an error yet), the fields written, then the status stored. An
+ * EPX_ERR_PEER_FAILURE says in `wanted` where it came from (a status across hosts, or a
+ * local peer's FAILED flag); `peer` EPX__PEER_INJECTED marks a failure that EPX_FAULT
+ * injected (core/fault.h: fail; a kernel, epx__cuda_launch_inject). */
 #define EPX__ERR_CLAIMED (-2147483647 - 1)
 enum { EPX__RELAYED_ACROSS = 0, EPX__RELAYED_LOCAL = 1 };
 #define EPX__PEER_INJECTED (-2)
@@ -72,6 +73,10 @@ typedef struct {
     char *peer_eager[EPX__CUDA_MAX_RANKS];
     unsigned long long eager_bytes;
     epx__cuda_err_t *err;       /* device pointer to host-mapped memory */
+    unsigned int *failed;       /* nonzero once my device has recorded an error other than
+                                   EPX_ERR_MISMATCH, even one being written (epx__record_error
+                                   sets it first): what the failure relay reads, in device
+                                   memory (the record is a PCIe trip away) */
     unsigned long long timeout_ns;
     int relay;                  /* the failure relay of the alltoallv kernels (epx__cuda_relay_failures) */
 } epx__cuda_dev_t;
@@ -259,6 +264,9 @@ int epx__cuda_launch_direct_alltoallv(const epx__cuda_dev_t *d, const epx__cuda_
 int epx__cuda_launch_status_out(const epx__cuda_dev_t *d, int rank, unsigned seq, int *out, void *stream);
 int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int first, int step, int count, int self,
                                   unsigned seq, void *stream);
+/* EPX_FAULT fail (cuda.h: epx__cuda_inject_failure): record `code` on my device, peer
+ * EPX__PEER_INJECTED, op, seen and wanted 0 (the first error stays). */
+int epx__cuda_launch_inject(const epx__cuda_dev_t *d, int code, void *stream);
 
 #ifdef __cplusplus
 }

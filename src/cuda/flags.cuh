@@ -42,6 +42,33 @@ static __device__ __forceinline__ unsigned long long epx__op_number(const epx__c
     return *(volatile unsigned long long *)d->epoch + 1ull;
 }
 
+/* ---- The device's error record (dev.h: epx__cuda_err_t) ------------------------------------ */
+
+/* Record error `code` (an epx_status_t) with its fields, unless an error is recorded (or
+ * being recorded) already: the first error stays. First my device is marked failed
+ * (d->failed, whichever error stays: the failure relay passes it on), unless `code` is
+ * EPX_ERR_MISMATCH: a count mismatch (device counts) is no failure to relay, as it stops no
+ * wait (epx__keep_waiting) and the rank that records it reports it itself; the mark follows
+ * the code given, never the record (whose EPX__ERR_CLAIMED may be a mismatch being
+ * written). Then the code is claimed (EPX__ERR_CLAIMED), the fields written and the code
+ * published, each step fenced at system scope (the host reads the record in that order,
+ * cuda.c: epx__cuda_check_async). True when this call's error is the one recorded. */
+static __device__ bool epx__record_error(const epx__cuda_dev_t *d, int code, int peer, unsigned long long op,
+                                         unsigned long long seen, unsigned long long wanted)
+{
+    volatile epx__cuda_err_t *e = d->err;
+    if (code != EPX_ERR_MISMATCH) *(volatile unsigned int *)d->failed = 1u; /* read by my kernels only */
+    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return false; /* the first error stays */
+    e->peer = peer;
+    e->op = op;
+    e->seen = seen;
+    e->wanted = wanted;
+    __threadfence_system();
+    e->code = code;
+    __threadfence_system();
+    return true;
+}
+
 /* ---- The failure relay inside a host (d->relay: cuda.h, epx__cuda_relay_failures) ---------- */
 
 /* Flag `kind` from rank `from` in `owner`'s flags (mine: d->flags; a peer's: d->peer_flags[p]). */
@@ -53,10 +80,11 @@ static __device__ __forceinline__ unsigned long long *epx__flag(const epx__cuda_
 
 /* One thread per peer p, before the store that tells p my segments of operation n are
  * written (a release store, or a system fence then a store): when the relay is on and my
- * device has recorded an error (even one being written), FAILED from me = n at p first. */
+ * device has recorded an error other than a count mismatch (even one being written:
+ * d->failed), FAILED from me = n at p first. */
 static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, int p, unsigned long long n)
 {
-    if (!d->relay || p == d->rank || *(volatile int *)&d->err->code == 0) return;
+    if (!d->relay || p == d->rank || *(volatile unsigned int *)d->failed == 0) return;
     epx__st_release_sys(epx__flag(d, d->peer_flags[p], EPX__FLAG_FAILED, d->rank), n);
     __threadfence_system(); /* before later relaxed stores too (the eager lines) */
 }
@@ -64,15 +92,7 @@ static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, 
 /* Record EPX_ERR_PEER_FAILURE, relayed by local peer p with operation n (the first error stays). */
 static __device__ void epx__relay_record(const epx__cuda_dev_t *d, int p, unsigned long long n)
 {
-    volatile epx__cuda_err_t *e = d->err;
-    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-    e->peer = p;
-    e->op = n;
-    e->seen = 0;
-    e->wanted = EPX__RELAYED_LOCAL;
-    __threadfence_system();
-    e->code = EPX_ERR_PEER_FAILURE;
-    __threadfence_system();
+    epx__record_error(d, EPX_ERR_PEER_FAILURE, p, n, 0, EPX__RELAYED_LOCAL);
 }
 
 /* Has peer p relayed a failure with its operation n or a later one? */
@@ -109,14 +129,7 @@ static __device__ int epx__keep_waiting(const epx__cuda_dev_t *d, unsigned long 
         }
     }
     if (epx__globaltimer() - start > d->timeout_ns) {
-        if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return 0; /* the first error stays */
-        e->peer = peer;
-        e->op = target;
-        e->seen = seen;
-        e->wanted = target;
-        __threadfence_system();
-        e->code = EPX_ERR_TIMEOUT;
-        __threadfence_system();
+        epx__record_error(d, EPX_ERR_TIMEOUT, peer, target, seen, target); /* the first error stays */
         return 0;
     }
     __nanosleep(64);

@@ -159,8 +159,10 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
     } else {
         char *s = d.peer_eager[p] + (par * R + me) * slot;
         char *mine = d.eager + (par * R + p) * slot;
-        if (threadIdx.x == 0) epx__relay_out(&d, p, n); /* before the lines, or the slot's flag */
-        __syncthreads();
+        if (d.relay) { /* the same for the whole block: its barrier stays legal */
+            if (threadIdx.x == 0) epx__relay_out(&d, p, n); /* before the lines, or the slot's flag */
+            __syncthreads();
+        }
         if (a.send_bytes[p] <= line_max) {
             epx__lines_put((uint4 *)(s + EPX__SLOT_HDR), a.send + a.send_displ[p], a.send_bytes[p], (unsigned)n);
         } else {
@@ -202,15 +204,7 @@ extern "C" int epx__cuda_launch_eager_alltoallv(const epx__cuda_dev_t *d, const 
 static __device__ void epx__record_mismatch(const epx__cuda_dev_t *d, int peer, unsigned long long n, long long mine,
                                             long long theirs)
 {
-    volatile epx__cuda_err_t *e = d->err;
-    if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-    e->peer = peer;
-    e->op = n;
-    e->seen = (unsigned long long)theirs;
-    e->wanted = (unsigned long long)mine;
-    __threadfence_system();
-    e->code = EPX_ERR_MISMATCH;
-    __threadfence_system();
+    epx__record_error(d, EPX_ERR_MISMATCH, peer, n, (unsigned long long)theirs, (unsigned long long)mine);
 }
 
 static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_direct_args_t a)
@@ -330,16 +324,9 @@ static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int
         const int *s = in + 4 * i;
         bool missing = (unsigned)s[3] != seq || (s[0] != EPX__STATUS_FAILED && s[0] != EPX__STATUS_FINE);
         if (!missing && s[0] == EPX__STATUS_FINE) continue;
-        volatile epx__cuda_err_t *e = d.err;
-        if (atomicCAS((int *)&e->code, 0, EPX__ERR_CLAIMED) != 0) return; /* the first error stays */
-        e->peer = missing ? -1 : s[1];
-        e->op = (unsigned long long)i;
-        e->seen = missing ? 0ull : (unsigned long long)(unsigned)s[2];
-        e->wanted = EPX__RELAYED_ACROSS;
-        __threadfence_system();
-        e->code = EPX_ERR_PEER_FAILURE;
-        __threadfence_system();
-        return;
+        epx__record_error(&d, EPX_ERR_PEER_FAILURE, missing ? -1 : s[1], (unsigned long long)i,
+                          missing ? 0ull : (unsigned long long)(unsigned)s[2], EPX__RELAYED_ACROSS);
+        return; /* the first error stays */
     }
 }
 
@@ -354,5 +341,18 @@ int epx__cuda_launch_status_check(const epx__cuda_dev_t *d, const int *in, int f
 {
     if (count < 1) return (int)cudaSuccess;
     epx__k_status_check<<<1, 1, 0, (cudaStream_t)stream>>>(*d, in, first, step, count, self, seq);
+    return (int)cudaGetLastError();
+}
+
+/* ---- EPX_FAULT fail (cuda.h: epx__cuda_inject_failure) ---- */
+
+static __global__ void epx__k_inject(epx__cuda_dev_t d, int code)
+{
+    epx__record_error(&d, code, EPX__PEER_INJECTED, 0, 0, 0); /* the first error stays */
+}
+
+int epx__cuda_launch_inject(const epx__cuda_dev_t *d, int code, void *stream)
+{
+    epx__k_inject<<<1, 1, 0, (cudaStream_t)stream>>>(*d, code);
     return (int)cudaGetLastError();
 }

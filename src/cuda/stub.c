@@ -22,7 +22,11 @@ epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err)
 
 void epx__cuda_relay_failures(epx__cuda_t *cuda) { (void)cuda; }
 
-void epx__cuda_inject_failure(epx__cuda_t *cuda) { (void)cuda; }
+epx_status_t epx__cuda_inject_failure(epx__cuda_t *cuda, void *stream, epx__errbuf_t *err)
+{
+    (void)cuda, (void)stream;
+    return epx__fail(err, EPX_ERR_UNSUPPORTED, "no CUDA backend in this build");
+}
 
 epx_status_t epx__cuda_status_out(epx__cuda_t *cuda, int rank, unsigned seq, void *out, void *stream,
                                   epx__errbuf_t *err)

@@ -76,10 +76,11 @@ static inline bool epx__xh_take_count(epx__xhost_t *xh)
     xh->fault_count = false;
     return c;
 }
-/* EPX_FAULT at=enqueue: the call has made its last host round and enqueues nothing before
- * this returns; a due `delay` sleeps, a due `kill` ends the process, a due `fail` records a
- * failure on this rank's device. Fires once per call. */
-void epx__xh_fault_enqueue(epx__xhost_t *xh);
+/* EPX_FAULT at=enqueue: the call has made its last host round and enqueues nothing on
+ * `stream` before this returns; a due `delay` sleeps, a due `kill` ends the process, a due
+ * `fail` enqueues on `stream` a failure of this rank's device (epx__cuda_inject_failure),
+ * ahead of the call's work. Fires once per call; fails only on that kernel's launch. */
+epx_status_t epx__xh_fault_enqueue(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);
 /* Wait (bounded) until `stream` has run what was enqueued. */
 epx_status_t epx__xh_sync(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);
 

@@ -973,7 +973,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     }
     /* 3. Enqueue: the routing outputs (the stream is idle: these copies return at once),
      * then the rows. A failure now, with peers' operations posted, aborts the NCCL link. */
-    epx__xh_fault_enqueue(m->xh);
+    st = epx__xh_fault_enqueue(m->xh, stream, err);
     epx__h2d(out->recv_topk_idx, hout.recv_topk_idx, n * (size_t)K * isz, stream, &st, err);
     epx__h2d(out->recv_topk_weights, hout.recv_topk_weights, n * (size_t)K * 4, stream, &st, err);
     epx__h2d(out->recv_src_rank, hout.recv_src_rank, n * 4, stream, &st, err);
@@ -1001,9 +1001,10 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
     EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, false, false, local, err));
     epx__cuda_a2a_t *plan = NULL;
     EPX__CHECK(epx__ready(m, &h->xp, false, false, EPX_SUCCESS, stream, &plan, err));
-    epx__xh_fault_enqueue(m->xh);
-    epx_status_t st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL,
-                                        out->recv_x, out->recv_x_scales, NULL, plan, stream, err);
+    epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
+    if (st == EPX_SUCCESS)
+        st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, out->recv_x,
+                               out->recv_x_scales, NULL, plan, stream, err);
     return epx__call_end(m, &h->xp, plan, st, stream, err);
 }
 
@@ -1021,9 +1022,9 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     const epx__xh_plan_t *x = &h->xp;
     epx__cuda_a2a_t *plan = NULL;
     EPX__CHECK(epx__ready(m, x, true, has_w, EPX_SUCCESS, stream, &plan, err));
-    epx__xh_fault_enqueue(m->xh);
+    epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     epx__xh_src_t src;
-    epx_status_t st = epx__rows_home(m, x, in->y, has_w ? in->topk_weights : NULL, plan, stream, &src, err);
+    if (st == EPX_SUCCESS) st = epx__rows_home(m, x, in->y, has_w ? in->topk_weights : NULL, plan, stream, &src, err);
     /* 3. At home: every token's rows summed in ascending rank order, as on one host. */
     if (st == EPX_SUCCESS) {
         epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->h.T, x->h.K, s->hidden, (int)s->combine_dtype, out->out,
@@ -1086,8 +1087,8 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     }
     /* 3. Enqueue the rows (quantised first with FP8), then their slots, sources and counts.
      * A failure now, with peers' operations posted, aborts the NCCL link. */
-    epx__xh_fault_enqueue(m->xh);
-    st = epx__rows_enqueue(m, &h->xp, in->x, NULL, NULL, NULL, out, plan, stream, err);
+    st = epx__xh_fault_enqueue(m->xh, stream, err);
+    if (st == EPX_SUCCESS) st = epx__rows_enqueue(m, &h->xp, in->x, NULL, NULL, NULL, out, plan, stream, err);
     return epx__dispatch_end(m, h, plan, st, stream, handle, err);
 }
 
@@ -1105,9 +1106,9 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe
     const epx__xh_plan_t *x = &h->xp;
     epx__cuda_a2a_t *plan = NULL;
     EPX__CHECK(epx__ready(m, x, true, false, EPX_SUCCESS, stream, &plan, err));
-    epx__xh_fault_enqueue(m->xh);
+    epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     epx__xh_src_t src;
-    epx_status_t st = epx__rows_home(m, x, in->y, NULL, plan, stream, &src, err);
+    if (st == EPX_SUCCESS) st = epx__rows_home(m, x, in->y, NULL, plan, stream, &src, err);
     /* 3. At home: out[t] = sum over the valid k, ascending, of w[t, k] * the row of expert k. */
     if (st == EPX_SUCCESS) {
         epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->h.T, x->h.K, s->hidden, (int)s->combine_dtype, out,

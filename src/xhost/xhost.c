@@ -183,16 +183,17 @@ void epx__xhost_fault_set(epx__xhost_t *xh, const epx__fault_t *fault, uint32_t 
     xh->fault_count = count, xh->fault_enqueue = enqueue;
 }
 
-void epx__xh_fault_enqueue(epx__xhost_t *xh)
+epx_status_t epx__xh_fault_enqueue(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
 {
-    if (!xh->fault_enqueue) return;
+    if (!xh->fault_enqueue) return EPX_SUCCESS;
     xh->fault_enqueue = false;
     epx__fault_delay_at(xh->fault, xh->fault_step, EPX__FAULT_AT_ENQUEUE);
     epx__fault_spec_t f;
     if (epx__fault_take_at(xh->fault, EPX__FAULT_KILL, xh->fault_step, EPX__FAULT_AT_ENQUEUE, &f))
         epx__fault_exit(&f, 0, xh->nranks - 1);
     if (epx__fault_take_at(xh->fault, EPX__FAULT_FAIL, xh->fault_step, EPX__FAULT_AT_ENQUEUE, &f))
-        epx__cuda_inject_failure(xh->cuda);
+        return epx__cuda_inject_failure(xh->cuda, stream, err);
+    return EPX_SUCCESS;
 }
 
 /* ---- The link src/hier's MoE runs on ----------------------------------------------------- */
@@ -496,10 +497,10 @@ epx_status_t epx__xhost_alltoallv(epx__xhost_t *xh, const epx__cpu_xfer_t *x, ep
      * that failed, or that did not come (the groups were cut short), fails this rank's
      * device before it forwards or places anything, and the forwarding tells the local
      * ranks (src/cuda's failure relay). */
-    epx__xh_fault_enqueue(xh);
+    st = epx__xh_fault_enqueue(xh, stream, err);
     if (++xh->seq == 0) xh->seq = 1;
     char *mine = xh->stat, *theirs = xh->stat + EPX__CUDA_STATUS_BYTES;
-    st = epx__cuda_a2a_enqueue(xh->cuda, plan, 0, stream, err);
+    if (st == EPX_SUCCESS) st = epx__cuda_a2a_enqueue(xh->cuda, plan, 0, stream, err);
     uint64_t deadline = epx__deadline_after_ms(xh->timeout_ms);
     size_t off = 0;
     for (int j = 0; j < LS && st == EPX_SUCCESS; j++) { /* one NCCL group per destination local index */
@@ -584,6 +585,6 @@ epx_status_t epx__xhost_barrier(epx__xhost_t *xh, epx_status_t local, void *stre
     if (local == EPX_SUCCESS) local = epx__xh_usable(xh, stream, err);
     if (local == EPX_SUCCESS) local = epx__xh_sync(xh, stream, err);
     epx_status_t st = epx__xh_vote(xh, local, "could not enter the barrier", err);
-    if (st == EPX_SUCCESS) epx__xh_fault_enqueue(xh);
+    if (st == EPX_SUCCESS) st = epx__xh_fault_enqueue(xh, stream, err);
     return st;
 }
