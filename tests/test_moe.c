@@ -23,6 +23,12 @@
  *                   CUDA); invalid and mismatched configurations at create
  *   --large         DeepSeek-like: T = 512..4096, H = 7168, K = 8, E = 256 (HT); low-latency
  *                   T = 16..128, H = 7168, K = 8 (FP8 with both scale formats, bf16 Zipf)
+ *   --chunks        across hosts, the network step in chunks by default (one per 8 MiB of
+ *                   the dispatch's largest batch, src/hier): T = max_tokens = 640 on one
+ *                   rank (not rank 0), 0 on another, random between on the others (FP32
+ *                   H = 4096, low-latency H = 7168: 2 chunks, every rank), then BF16
+ *                   H = 7168, max_tokens 1536 (3 chunks by max_tokens) with T <= 96 on
+ *                   every rank (1 chunk)
  *   --case NAME     only the fixed high-throughput cases whose name contains NAME
  *   --copy-engines  every context with num_sms = EPX_MOE_COPY_ENGINES (on the CUDA backend
  *                   of one host: the payload moves on copy engines; dispatch then always
@@ -87,6 +93,7 @@ enum {
     F_EXACT_CAP = 64,  /* capacity = N exactly */
     F_MAX_CAP = 128,   /* capacity = epx_moe_max_recv_tokens */
     F_T_WIDE = 256,    /* T in [M/8, M] (large case) */
+    F_T_SMALL = 512,   /* T in [0, M/16] on every rank: a batch far below max_tokens */
 };
 
 typedef struct {
@@ -301,6 +308,7 @@ static void world_init(world_t *W, const mcase_t *c, uint64_t seed)
         if (c->flags & F_T_WIDE) T = W->M / 8 + (int)(test_rand(&s) % (uint64_t)(W->M - W->M / 8 + 1));
         if (R > 1 && p == (int)(seed % (uint64_t)R) && !(c->flags & F_T_WIDE)) T = 0;
         if ((R > 1 || (seed & 1)) && p == (int)((seed + 1) % (uint64_t)R)) T = W->M;
+        if (c->flags & F_T_SMALL) T = (int)(test_rand(&s) % (uint64_t)(W->M / 16 + 1));
         if (c->flags & F_T_ZERO) T = 0;
         if (c->flags & F_T_FULL) T = W->M;
         W->T[p] = T;
@@ -2114,6 +2122,14 @@ static const mcase_t large_cases[] = {
     {"large ll ue8m0",       32,   8,  7168, 128,  EPX_BF16,     U,      EPX_I32, 1,  ROUTE_ZIPF,  0, F_T_WIDE, 0, LL, 1, EPX_SCALE_UE8M0},
 };
 
+/* --chunks: rows of the largest batch above 8 MiB (several chunks of the network step across
+ * hosts by default), then a batch far below max_tokens in the same context shape (one). */
+static const mcase_t chunk_cases[] = {
+    {"chunks f32",           -4,   4,  4096, 640,  EPX_F32,      U,      EPX_I64, 1,  ROUTE_UNIFORM, 0, 0, 0, HT, 0, 0},
+    {"chunks ll fp8",        -2,   2,  7168, 640,  EPX_BF16,     U,      EPX_I64, 1,  ROUTE_UNIFORM, 0, 0, 0, LL, 1, EPX_SCALE_F32},
+    {"chunks small batch",   -4,   4,  7168, 1536, EPX_BF16,     U,      EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_SMALL, 0, HT, 0, 0},
+};
+
 /* CUDA: skip the whole test (exit 77) when the backend has no MoE yet. */
 static void probe_cuda_moe(void)
 {
@@ -2130,13 +2146,14 @@ static void probe_cuda_moe(void)
 
 int main(int argc, char **argv)
 {
-    bool large = false;
+    bool large = false, chunks = false;
     const char *only = NULL; /* --case NAME: only the fixed high-throughput cases named so */
     uint64_t seed = 1;
     int nrandom = 100;
     test_init(argc, argv);
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--large")) large = true;
+        if (!strcmp(argv[i], "--chunks")) chunks = true;
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
         if (!strcmp(argv[i], "--random") && i + 1 < argc) nrandom = atoi(argv[++i]);
         if (!strcmp(argv[i], "--case") && i + 1 < argc) only = argv[++i];
@@ -2154,10 +2171,11 @@ int main(int argc, char **argv)
     if (only) {
         for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)
             if (strstr(ht_cases[i].name, only)) passed += run_ht_case(&ht_cases[i], seed * 1000 + i);
-    } else if (large) {
-        for (size_t i = 0; i < sizeof large_cases / sizeof large_cases[0]; i++)
-            passed += large_cases[i].mode == LL ? run_ll_case(&large_cases[i], seed * 1000 + i)
-                                                : run_ht_case(&large_cases[i], seed * 1000 + i);
+    } else if (large || chunks) {
+        const mcase_t *cs = large ? large_cases : chunk_cases;
+        size_t n = large ? sizeof large_cases / sizeof large_cases[0] : sizeof chunk_cases / sizeof chunk_cases[0];
+        for (size_t i = 0; i < n; i++)
+            passed += cs[i].mode == LL ? run_ll_case(&cs[i], seed * 1000 + i) : run_ht_case(&cs[i], seed * 1000 + i);
     } else {
         passed += run_bad_create();
         for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)

@@ -232,11 +232,13 @@ typedef struct {
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
                                    const epx__moe_shape_t *shape, bool by_peer, int chunks, epx__hier_xplan_t *x,
                                    epx__errbuf_t *err);
-/* The chunks of the network step of a MoE call of shape s (every rank gets the same):
- * EPX_MOE_CHUNKS when set; else, where the forwarding can overlap the network (`overlap`:
- * the GPU path with several ranks per host), one per 8 MiB of a full batch's rows, at most
+/* The chunks of the network step of a MoE dispatch of shape s and of every call along its
+ * handle, from src_tokens[R] (every rank's batch in the dispatch, the plan's src_tokens:
+ * every rank gets the same): EPX_MOE_CHUNKS when set; else, where the forwarding can
+ * overlap the network (`overlap`: the GPU path with several ranks per host), one per 8 MiB
+ * of the rows of the dispatch's largest batch, at least 1 and at most
  * EPX__HIER_MAX_CHUNKS; else 1. */
-int epx__hier_chunks(const epx__moe_shape_t *s, bool overlap);
+int epx__hier_call_chunks(const epx__moe_shape_t *s, bool overlap, const int64_t *src_tokens, int R);
 /* Where part `part` starts in a part-major buffer whose parts hold n[0..] records. */
 static inline int64_t epx__hier_part_at(const int64_t *n, int part)
 {

@@ -708,6 +708,13 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
 
 /* ---- Rows along the row plan (plan.c; the GPU path across hosts runs the same) --------------- */
 
+/* The chunks of a call along hd (plan.c): the CPU path runs them one after the other
+ * (no overlap), so 1 unless EPX_MOE_CHUNKS says otherwise. */
+static int epx__chunks(const epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd)
+{
+    return epx__hier_call_chunks(&m->s, false, hd->src_tokens, epx__t(m)->nranks);
+}
+
 /* Where references point (kinds EPX__HIER_*): rows and their auxiliary parts (FP8 scales or
  * top-k weights; aux NULL: none). */
 typedef struct {
@@ -800,7 +807,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &x, err));
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
@@ -883,7 +890,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
@@ -945,7 +952,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     epx__flows_free(&f);
     epx__hier_xplan_t xp;
     memset(&xp, 0, sizeof xp);
-    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &xp, err);
+    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &xp, err);
     if (st == EPX_SUCCESS && payload) {
         /* The caller's outputs, now that nothing can fail: each row into its slots, in the
          * row plan's order (local expert, then source rank and token ascending). */
@@ -999,7 +1006,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__hier_chunks(s, false), &x, err));
+    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;

@@ -62,13 +62,15 @@ static int epx__experts_on(const int32_t *tk, int K, int L, int q, int *lid, int
     return n;
 }
 
-int epx__hier_chunks(const epx__moe_shape_t *s, bool overlap)
+int epx__hier_call_chunks(const epx__moe_shape_t *s, bool overlap, const int64_t *src_tokens, int R)
 {
     int64_t set = epx__param_int(EPX__P_MOE_CHUNKS);
     if (set > 0) return (int)EPX__MIN(set, (int64_t)EPX__HIER_MAX_CHUNKS);
     if (!overlap) return 1;
+    int64_t T = 0; /* the largest batch of the call: every rank knows every rank's */
+    for (int p = 0; p < R; p++) T = EPX__MAX(T, src_tokens[p]);
     size_t scales = s->dtype == EPX_FP8_E4M3 ? s->scale_cols * sizeof(float) : 0;
-    uint64_t bytes = (uint64_t)s->max_tokens * (s->row_bytes + scales), per = (uint64_t)8 << 20;
+    uint64_t bytes = (uint64_t)T * (s->row_bytes + scales), per = (uint64_t)8 << 20;
     uint64_t c = (bytes + per - 1) / per;
     return c < 1 ? 1 : c > EPX__HIER_MAX_CHUNKS ? EPX__HIER_MAX_CHUNKS : (int)c;
 }

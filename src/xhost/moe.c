@@ -27,10 +27,11 @@
  *             from +0 with the single-host CUDA combine's code (epx__moe_reduce_token): the
  *             same bits.
  * Overlap: with local ranks, the NCCL step runs on a side stream (after a fork event on
- * the caller's stream, which then waits for its join event) in chunks (by token index,
- * EPX_MOE_CHUNKS or from the shape: src/hier's plan), and each intra-host exchange runs in
- * parts by where the token's source is and its chunk: a dispatch sends the local ranks' own
- * tokens over NVLink while NCCL runs, then the forwarded ones of each chunk as soon as that
+ * the caller's stream, which then waits for its join event) in chunks (by token index;
+ * EPX_MOE_CHUNKS, or from the dispatch's largest batch: src/hier's plan; every call along
+ * a handle runs its dispatch's chunks), and each intra-host exchange runs in parts by
+ * where the token's source is and its chunk: a dispatch sends the local ranks' own tokens
+ * over NVLink while NCCL runs, then the forwarded ones of each chunk as soon as that
  * chunk has crossed, while the next one crosses; a combine sends back the rows of tokens
  * from other hosts chunk by chunk, their forwarders sending each chunk on over NCCL while
  * the next comes back, then, while NCCL runs, the rows of this host's tokens.
@@ -170,6 +171,7 @@ struct epx__xhost_moe_handle {
     int64_t n;     /* rows received */
     int64_t shown; /* what the caller sees: n, or -1 (no host synchronisation) */
     bool bad;      /* bad routing seen "on the device": calls along it write nothing */
+    int chunks;    /* of the network step of every call along it: the same on every rank */
     epx__xh_plan_t xp;
 };
 
@@ -478,14 +480,19 @@ _Static_assert(EPX__XH_REF(2, 5) == EPX__HIER_REF(2, 5) && EPX__XH_REF_KIND(EPX_
                    EPX__XH_REF_INDEX(EPX__HIER_REF(1, 123456789)) == 123456789,
                "src/xhost's kernels read src/hier's references");
 
-/* The handle's row plan (src/hier's, on the host), its references uploaded on `stream`
- * (idle). Local; fails for memory, or EPX_ERR_INTERNAL when the plan does not add up. */
+/* The handle's chunks of the network step (src/hier's rule, from every rank's batch in the
+ * dispatch's verdict: the same on every rank, which a rank that fails later still knows;
+ * chunks only where forwarding can overlap NCCL), then its row plan (src/hier's, on the
+ * host), the references uploaded on `stream` (idle). Local; fails for memory, or
+ * EPX_ERR_INTERNAL when the plan does not add up. */
 static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, void *stream, epx__errbuf_t *err)
 {
     epx__xh_plan_t *x = &h->xp;
-    /* Part-major: one exchange per part; chunks only where forwarding can overlap NCCL. */
-    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, false, epx__hier_chunks(&m->s, m->xh->ls > 1), &x->h,
-                                     err));
+    epx__hier_plan_t hp;
+    epx__hier_moe_handle_plan(h->hh, &hp);
+    h->chunks = epx__hier_call_chunks(&m->s, m->xh->ls > 1, hp.src_tokens, m->xh->nranks);
+    /* Part-major: one exchange per part. */
+    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, false, h->chunks, &x->h, err));
     size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
     cudaError_t ce = cudaGetDevice(&x->device);
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&x->used, cudaEventDisableTiming);
@@ -646,14 +653,16 @@ static int epx__part_order(bool combine, int i, int chunks)
     return i < chunks ? EPX__HIER_REMOTE + i : EPX__HIER_LOCAL;
 }
 
-/* Everything a dispatch or a combine along x may fail on before it moves anything: the
+/* Everything a dispatch or a combine along h may fail on before it moves anything: the
  * staging, and the intra-host exchange's host rounds and mappings (this host's ranks make
- * them whatever their verdicts). Then every rank's verdict (one bootstrap round). */
-static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, bool combine, bool has_w,
+ * them whatever their verdicts). Then every rank's verdict (one bootstrap round). `ready`
+ * is this rank's status so far; unless a success, h's row plan may hold nothing. */
+static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h, bool combine, bool has_w,
                                epx_status_t ready, void *stream, epx__cuda_a2a_t **plan, epx__errbuf_t *err)
 {
     *plan = NULL;
-    size_t rb, sb, rec = combine ? epx__crec(&m->s, x ? x->h.K : 0, has_w) : epx__drec(&m->s, &rb, &sb);
+    const epx__xh_plan_t *x = &h->xp;
+    size_t rb, sb, rec = combine ? epx__crec(&m->s, x->h.K, has_w) : epx__drec(&m->s, &rb, &sb);
     if (ready == EPX_SUCCESS) {
         size_t need[S_N];
         need[S_GW] = (size_t)(combine ? x->h.n_home_send : x->h.n_gw) * rec;
@@ -666,9 +675,10 @@ static epx_status_t epx__ready(epx__xhost_moe_t *m, const epx__xh_plan_t *x, boo
     }
     if (m->xh->ls > 1) {
         /* Every part, in the order they run (epx__part_order); the plan keeps the pointers
-         * (epx__cuda_a2a_enqueue reads them later): not on the stack. A failed rank (x may
-         * be NULL) takes part with as many as the others: every plan has the same parts. */
-        int NP = 1 + epx__hier_chunks(&m->s, true);
+         * (epx__cuda_a2a_enqueue reads them later): not on the stack. A failed rank (its row
+         * plan may hold nothing) takes part with as many as the others: h->chunks, the
+         * same on every rank, gives every plan's parts. */
+        int NP = 1 + h->chunks;
         const epx__cpu_xfer_t *ops[EPX__HIER_MAX_PARTS];
         memset(m->lxf, 0, sizeof m->lxf);
         for (int i = 0; i < NP; i++) {
@@ -966,7 +976,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     h->hh = hh, h->n = N, h->shown = nosync ? -1 : N;
     /* 2. The plan on the device; staging; the intra-host exchange prepared; every rank's verdict. */
     epx__cuda_a2a_t *plan = NULL;
-    st = epx__ready(m, &h->xp, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
+    st = epx__ready(m, h, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(h);
         return st;
@@ -1000,7 +1010,7 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
     epx__fault_count(m);
     EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, false, false, local, err));
     epx__cuda_a2a_t *plan = NULL;
-    EPX__CHECK(epx__ready(m, &h->xp, false, false, EPX_SUCCESS, stream, &plan, err));
+    EPX__CHECK(epx__ready(m, h, false, false, EPX_SUCCESS, stream, &plan, err));
     epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     if (st == EPX_SUCCESS)
         st = epx__rows_enqueue(m, &h->xp, in->x, m->s.dtype == EPX_FP8_E4M3 ? in->x_scales : NULL, out->recv_x,
@@ -1021,7 +1031,7 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, true, has_w, local, err));
     const epx__xh_plan_t *x = &h->xp;
     epx__cuda_a2a_t *plan = NULL;
-    EPX__CHECK(epx__ready(m, x, true, has_w, EPX_SUCCESS, stream, &plan, err));
+    EPX__CHECK(epx__ready(m, h, true, has_w, EPX_SUCCESS, stream, &plan, err));
     epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     epx__xh_src_t src;
     if (st == EPX_SUCCESS) st = epx__rows_home(m, x, in->y, has_w ? in->topk_weights : NULL, plan, stream, &src, err);
@@ -1080,7 +1090,7 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     h->hh = hh;
     /* 2. The row plan on the device; staging; the intra-host exchange prepared; every rank's verdict. */
     epx__cuda_a2a_t *plan = NULL;
-    st = epx__ready(m, &h->xp, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
+    st = epx__ready(m, h, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(h);
         return st;
@@ -1105,7 +1115,7 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe
     EPX__CHECK(epx__hier_moe_agree(m->hm, ok ? h->hh : NULL, true, false, local, err));
     const epx__xh_plan_t *x = &h->xp;
     epx__cuda_a2a_t *plan = NULL;
-    EPX__CHECK(epx__ready(m, x, true, false, EPX_SUCCESS, stream, &plan, err));
+    EPX__CHECK(epx__ready(m, h, true, false, EPX_SUCCESS, stream, &plan, err));
     epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     epx__xh_src_t src;
     if (st == EPX_SUCCESS) st = epx__rows_home(m, x, in->y, NULL, plan, stream, &src, err);

@@ -1,0 +1,80 @@
+/*
+ * The chunks of the network step of a MoE call across hosts (src/hier/plan.c,
+ * epx__hier_call_chunks), on the CPU: where the forwarding overlaps the network, one per
+ * 8 MiB of the rows (FP8: with their float32 scales) of the dispatch's largest batch,
+ * wherever it is (the largest T over every rank), at least 1 and at most
+ * EPX__HIER_MAX_CHUNKS, whatever max_tokens; 1 where nothing overlaps; EPX_MOE_CHUNKS,
+ * clamped, when set.
+ *   test_hier_chunks          the rule (EPX_MOE_CHUNKS is dropped from the environment first)
+ *   test_hier_chunks --set N  run with EPX_MOE_CHUNKS=N (N > 0): every call gives min(N, max)
+ */
+#include <string.h>
+
+#include "hier/hier.h"
+#include "testlib.h"
+
+#define MAXR 8
+
+typedef struct {
+    const char *name;
+    int H;
+    epx_dtype_t dtype;
+    bool overlap;
+    int R;
+    int64_t tokens[MAXR]; /* every rank's T in the dispatch */
+    int want;             /* without EPX_MOE_CHUNKS */
+} ccase_t;
+
+/* BF16 rows at H = 7168 are 14336 B (585 per 8 MiB); FP8 7168 + 56 * 4 = 7392 B (1134). */
+static const ccase_t cases[] = {
+    {"T = 0 everywhere", 7168, EPX_BF16, true, 4, {0, 0, 0, 0}, 1},
+    {"small batch", 7168, EPX_BF16, true, 4, {128, 64, 0, 100}, 1},
+    {"full batch T = 4096 (7 by size)", 7168, EPX_BF16, true, 4, {4096, 4096, 4096, 4096}, 4},
+    {"largest on rank 1", 7168, EPX_BF16, true, 4, {0, 1024, 3, 7}, 2},
+    {"largest on rank 2", 7168, EPX_BF16, true, 4, {10, 20, 1500, 30}, 3},
+    {"largest on the last of 8", 7168, EPX_BF16, true, 8, {1, 2, 3, 4, 5, 6, 7, 1800}, 4},
+    {"exactly 8 MiB", 4096, EPX_BF16, true, 4, {1024, 0, 512, 0}, 1},
+    {"8 MiB and a row", 4096, EPX_BF16, true, 4, {0, 0, 0, 1025}, 2},
+    {"fp8 full batch", 7168, EPX_FP8_E4M3, true, 4, {4096, 4096, 4096, 4096}, 4},
+    {"fp8 below 8 MiB", 7168, EPX_FP8_E4M3, true, 4, {0, 1134, 0, 0}, 1},
+    {"fp8 above 8 MiB with its scales", 7168, EPX_FP8_E4M3, true, 4, {0, 0, 1135, 0}, 2},
+    {"one rank", 7168, EPX_BF16, true, 1, {1200}, 3},
+    {"no overlap, full batch", 7168, EPX_BF16, false, 4, {4096, 4096, 4096, 4096}, 1},
+    {"no overlap, fp8", 7168, EPX_FP8_E4M3, false, 4, {0, 4096, 0, 0}, 1},
+};
+
+static epx__moe_shape_t shape(const ccase_t *c)
+{
+    epx__moe_shape_t s;
+    memset(&s, 0, sizeof s);
+    s.nranks = c->R, s.hidden = c->H, s.max_tokens = 4096, s.dtype = c->dtype;
+    s.row_bytes = (size_t)c->H * epx_dtype_size(c->dtype);
+    s.scale_cols = ((size_t)c->H + 127) / 128;
+    return s;
+}
+
+int main(int argc, char **argv)
+{
+    test_rank = 0;
+    int set = 0;
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--set") && i + 1 < argc) set = atoi(argv[++i]);
+    if (set > 0) {
+        const char *env = getenv("EPX_MOE_CHUNKS");
+        if (!env || atoi(env) != set)
+            TEST_FAIL_("--set %d wants EPX_MOE_CHUNKS=%d, not %s", set, set, env ? env : "unset");
+    } else {
+        unsetenv("EPX_MOE_CHUNKS"); /* read on first use: after this */
+    }
+    int passed = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const ccase_t *c = &cases[i];
+        epx__moe_shape_t s = shape(c);
+        int want = set > 0 ? (set < EPX__HIER_MAX_CHUNKS ? set : EPX__HIER_MAX_CHUNKS) : c->want;
+        int got = epx__hier_call_chunks(&s, c->overlap, c->tokens, c->R);
+        if (got != want) TEST_FAIL_("%s: %d chunks, expected %d", c->name, got, want);
+        passed++;
+    }
+    test_done(passed);
+    return 0;
+}
