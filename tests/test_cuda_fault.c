@@ -59,8 +59,8 @@
  *     succeed (one that succeeded on rows a failed gateway forwarded would): within the
  *     slack (no timeout) the faulty rank gets EPX_ERR_TIMEOUT and every other rank
  *     EPX_ERR_PEER_FAILURE, relayed with the data (its host-mates' from inside the host: the
- *     message says "inside the host"), each output byte poison or exact; or,
- *     where a rank that failed at once broke its communicator and so aborted NCCL transfers
+ *     message says "inside the host"), each output byte poison or exact; or, on another
+ *     host, where a rank that failed at once broke its communicator and so aborted NCCL transfers
  *     in flight to this one (its call succeeded, its stream waited), a failure within the
  *     timeout plus slack (the watchdog ended the transfers; a host-mate's device wait on
  *     such a rank may time out first). The communicator is broken; a new one over all
@@ -704,7 +704,11 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
          * a host). */
         broken = true;
         if (res == EPX_SUCCESS) TEST_FAIL_("%s: succeeded on what a failed rank sent or forwarded", what);
-        if (st != EPX_SUCCESS || dt <= SLACK_MS) {
+        /* The faulty rank and its host-mates learn it on their own devices (the injection
+         * runs first on its stream; their exchange inside the host with it runs before any
+         * status from another host is checked): strict whatever happens on the network. */
+        bool near = bad || (hosts_ls > 0 && rank / hosts_ls == (R - 1) / hosts_ls);
+        if (near || st != EPX_SUCCESS || dt <= SLACK_MS) {
             if (res != (bad ? EPX_ERR_TIMEOUT : EPX_ERR_PEER_FAILURE))
                 TEST_FAIL_("%s: got %s, expected %s", what, sname(res),
                            bad ? "EPX_ERR_TIMEOUT (injected)" : "EPX_ERR_PEER_FAILURE (relayed)");
@@ -712,17 +716,20 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
              * message): their local exchange with it runs before any status from another host
              * is checked. */
             const char *msg = epx_comm_get_last_error(comm);
-            if (!bad && hosts_ls > 0 && rank / hosts_ls == (R - 1) / hosts_ls && !strstr(msg, "inside the host"))
+            if (bad && !strstr(msg, "injected"))
+                TEST_FAIL_("%s: the faulty rank's error is not its injected failure: %s", what, msg);
+            if (near && !bad && !strstr(msg, "inside the host"))
                 TEST_FAIL_("%s: a host-mate of the faulty rank got %s, not relayed inside the host: %s", what,
                            sname(res), msg);
             if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms (nothing should wait for a timeout)", what, dt);
             ctx_check(&c, OLD_OR_NEW, what);
             break;
         }
-        /* A rank that failed at once breaks its communicator, which aborts its NCCL link; that
-         * may cut short its rail peers' transfers with it, whose streams then wait, as after a
-         * kill, until the watchdog ends them (outputs undefined: kernels behind aborted NCCL
-         * work); a host-mate's device wait for such a rank may time out first. */
+        /* On another host: a rank that failed at once breaks its communicator, which aborts
+         * its NCCL link; that may cut short its rail peers' transfers with it, whose streams
+         * then wait, as after a kill, until the watchdog ends them (outputs undefined: kernels
+         * behind aborted NCCL work); a host-mate's device wait for such a rank may time out
+         * first. */
         if (!is_failure(res))
             TEST_FAIL_("%s: the stream drained after %.0f ms with %s, expected a failure", what, dt, sname(res));
         break;

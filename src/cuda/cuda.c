@@ -207,7 +207,7 @@ void epx__cuda_destroy(epx__cuda_t *c)
 bool epx__cuda_has_failed(const epx__cuda_t *c)
 {
     int code = ((volatile epx__cuda_err_t *)c->err_host)->code;
-    return code != 0 && code != EPX__ERR_CLAIMED;
+    return code != 0 && code != EPX__ERR_CLAIMED && code != EPX_ERR_MISMATCH;
 }
 
 epx_status_t epx__cuda_check_async(epx__cuda_t *c, epx__errbuf_t *err)

@@ -30,15 +30,15 @@ void epx__cuda_set_fault(epx__cuda_t *cuda, const epx__fault_t *fault);
 
 /* EPX_SUCCESS, or the error a device wait reported (timeout, peer failure). */
 epx_status_t epx__cuda_check_async(epx__cuda_t *cuda, epx__errbuf_t *err);
-/* Has the device recorded an error (epx__cuda_check_async would fail)? One read of
- * host-mapped memory, nothing logged: for any thread. */
+/* Has the device recorded an error other than a count mismatch (a failure its results
+ * cannot survive)? One read of host-mapped memory, nothing logged: for any thread. */
 bool epx__cuda_has_failed(const epx__cuda_t *cuda);
 
 /* In-band failure relay, for data that leaves the host after device waits (src/xhost: rows
  * sent on over NCCL after an intra-host exchange), EPX__CUDA_STATUS_BYTES a status.
  * status_out enqueues on `stream` this rank's status into out (device memory): whether its
- * device recorded an error before that point (a wait that timed out, a count mismatch, a
- * relayed failure) and which, `rank` (the caller's numbering) and `seq` (the exchange's
+ * device recorded an error before that point (a wait that timed out, a relayed failure;
+ * not a count mismatch alone, as inside the host) and which, `rank` (the caller's numbering) and `seq` (the exchange's
  * number, the same at both ends, never 0), to go with the data. status_check enqueues a
  * look at the statuses that must have come into `in` (device memory, a status per slot):
  * slots first + j * step for j < count, but `self`. One that failed, or that is not a

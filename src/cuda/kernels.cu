@@ -310,9 +310,12 @@ enum { EPX__STATUS_FAILED = 1, EPX__STATUS_FINE = 2 };
 
 static __global__ void epx__k_status_out(epx__cuda_dev_t d, int rank, unsigned seq, int *out)
 {
-    int code = *(volatile int *)&d.err->code; /* any error recorded, even one being written */
-    out[0] = code != 0 ? EPX__STATUS_FAILED : EPX__STATUS_FINE, out[1] = rank;
-    out[2] = code == EPX__ERR_CLAIMED ? (int)EPX_ERR_PEER_FAILURE : code, out[3] = (int)seq;
+    /* Failed as the relay inside the host says it (d.failed: even an error being written,
+     * never a count mismatch alone); the record's code, when there is one, says which. */
+    bool failed = *(volatile unsigned int *)d.failed != 0;
+    int code = failed ? *(volatile int *)&d.err->code : 0;
+    out[0] = failed ? EPX__STATUS_FAILED : EPX__STATUS_FINE, out[1] = rank;
+    out[2] = code == 0 || code == EPX__ERR_CLAIMED ? (int)EPX_ERR_PEER_FAILURE : code, out[3] = (int)seq;
 }
 
 static __global__ void epx__k_status_check(epx__cuda_dev_t d, const int *in, int first, int step, int count, int self,

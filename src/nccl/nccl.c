@@ -202,7 +202,7 @@ static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadli
                              owned ? " (communicator aborted)" : "");
         }
         if (watch && now >= next_watch) {
-            epx__errbuf_t why;
+            epx__errbuf_t why = {{0}};
             epx_status_t w = watch->check(watch->ctx, &why);
             if (w != EPX_SUCCESS) {
                 if (owned) epx__nc.abort(*comm), *comm = NULL;
@@ -219,13 +219,16 @@ static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadli
 
 /* Before a group is enqueued on `stream` (mu held): its slot in the ring, `start` recorded
  * there; NULL when nothing is followed (no watchdog, a capturing stream, an event CUDA
- * would not record). The slot counts once epx__nc_followed recorded its end. */
+ * would not record, or every slot holds a group still in flight: the oldest ones stay
+ * followed, as the communicator runs its groups in order and a hang stops the oldest). The
+ * slot counts once epx__nc_followed recorded its end. */
 static epx__nc_watched_t *epx__nc_follow(epx__nccl_t *n, cudaStream_t stream)
 {
     if (!n->dog_on) return NULL;
     enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    epx__nc_watched_t *w = &n->ring[n->ring_next];
-    w->live = false; /* a newer group takes the oldest slot, followed or not */
+    epx__nc_watched_t *w = &n->ring[n->ring_next]; /* the oldest slot */
+    if (w->live && cudaEventQuery(w->end) == cudaErrorNotReady) return NULL;
+    w->live = false;
     if (cudaStreamIsCapturing(stream, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone ||
         cudaEventRecord(w->start, stream) != cudaSuccess) {
         cudaGetLastError();
@@ -259,13 +262,15 @@ static void epx__nc_dog_abort(epx__nccl_t *n, epx_status_t st, const char *msg)
 }
 
 /* One look (mu held, no epx call in nccl.c): every followed group that is done leaves the
- * ring; one that its stream reached EPX_TIMEOUT_MS ago and that has not finished, or an
- * error NCCL reports, aborts the communicator. Work queued before a group (the caller's,
- * another group's) does not count against it. */
+ * ring; the oldest one left, once its stream has reached it, is at the head of the
+ * communicator's queue (NCCL runs a communicator's groups in the order they were posted,
+ * whatever their streams): when it has been there EPX_TIMEOUT_MS without finishing, or NCCL
+ * reports an error, the communicator is aborted. Work queued before a group (the caller's on
+ * its stream, earlier groups) does not count against it. */
 static void epx__nc_dog_look(epx__nccl_t *n)
 {
     if (n->dog_watch.check && n->watch_failed == EPX_SUCCESS) {
-        epx__errbuf_t why;
+        epx__errbuf_t why = {{0}};
         epx_status_t st = n->dog_watch.check(n->dog_watch.ctx, &why);
         if (st != EPX_SUCCESS) {
             snprintf(n->watch_msg, sizeof n->watch_msg, "%s", epx__nc_text(st, &why));
@@ -274,13 +279,16 @@ static void epx__nc_dog_look(epx__nccl_t *n)
     }
     uint64_t now = epx__now_ns(), limit = (uint64_t)n->timeout_ms * 1000000u;
     if (n->watch_failed != EPX_SUCCESS) limit /= 4;
-    for (int i = 0; i < EPX__NC_RING; i++) {
-        epx__nc_watched_t *w = &n->ring[i];
+    bool head = true; /* no older group is still in flight */
+    for (int k = 0; k < EPX__NC_RING; k++) { /* oldest first */
+        epx__nc_watched_t *w = &n->ring[(n->ring_next + k) % EPX__NC_RING];
         if (!w->live) continue;
         if (cudaEventQuery(w->end) != cudaErrorNotReady) { /* done (a device error shows elsewhere) */
             w->live = false;
             continue;
         }
+        if (!head) continue;
+        head = false;
         if (!w->reached_ns) {
             if (cudaEventQuery(w->start) == cudaSuccess) w->reached_ns = now;
             continue;
@@ -304,7 +312,7 @@ static void epx__nc_dog_look(epx__nccl_t *n)
     ncclResult_t state = ncclSuccess;
     ncclResult_t r = epx__nc.async_error(n->comm, &state);
     if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress)) {
-        epx__errbuf_t why;
+        epx__errbuf_t why = {{0}};
         epx_status_t st = epx__nc_fail(n->comm, r != ncclSuccess ? r : state, &why, "NCCL reported an error");
         epx__nc_dog_abort(n, st, epx__nc_text(st, &why));
     }
@@ -343,10 +351,11 @@ static void epx__nc_dog_start(epx__nccl_t *n)
             return;
         }
     pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    bool cv = pthread_cond_init(&n->dog_cv, &ca) == 0;
-    pthread_condattr_destroy(&ca);
+    bool cv = pthread_condattr_init(&ca) == 0;
+    if (cv) {
+        cv = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&n->dog_cv, &ca) == 0;
+        pthread_condattr_destroy(&ca);
+    }
     if (cv && pthread_create(&n->dog, NULL, epx__nc_dog_main, n) == 0) {
         n->dog_on = true;
         return;

@@ -49,8 +49,9 @@ epx_status_t epx__nccl_adopt(epx__nccl_t **nccl, void *nccl_comm, int64_t timeou
  * `watch` fails (this rank's device recorded an error: its results are void), a group left
  * waiting is given a quarter of EPX_TIMEOUT_MS, not all of it (long enough for the groups
  * that carry this rank's failure to its peers), and the communicator is then aborted with
- * the watch's status. `check` runs on the watchdog's thread: cheap and thread-safe; once
- * it failed it is not called again. */
+ * the watch's status. `check` runs on the watchdog's thread, with the communicator held:
+ * cheap, thread-safe, and never calling into src/nccl; once it failed it is not called
+ * again. */
 void epx__nccl_watch_between(epx__nccl_t *nccl, const epx__nccl_watch_t *watch);
 /* Local. `abort`: ncclCommAbort instead of a clean destroy (owned communicators only). */
 void epx__nccl_destroy(epx__nccl_t *nccl, bool abort);

@@ -151,6 +151,7 @@ epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what
 
 epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
 {
+    EPX__CHECK(epx__nccl_check_async(xh->nccl, err)); /* the watchdog's verdict, if it just gave one */
     if (epx__nccl_aborted(xh->nccl))
         return epx__fail(err, EPX_ERR_ABORTED, "the NCCL link between hosts was aborted after an earlier failure: "
                                                "abort the communicator and create a new one");
