@@ -24,6 +24,9 @@
 #             ranks (default "2 4"), ops FAULT_HOSTS_OPS, logs fault_hosts_<op>_np<N>.log
 #   fake      CUDA across simulated hosts over tests/fake_nccl.c (a test-only NCCL: ranks may
 #             share a GPU): ctest -L fake_nccl, the suites and the injected faults (~4 min)
+#   fakepaths fail_enqueue and kill_enqueue over the fake NCCL (2 hosts of 2) on the direct
+#             alltoallv path, copy engines and EPX_MOE_CHUNKS=3, for FAULT_PATH_OPS (default
+#             "alltoallv dispatch"; fakepaths.log, ~2 min)
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
 #   quick     cpu cuda (no benchmarks)
@@ -65,6 +68,20 @@ fi
 if has fake; then
     ctest --test-dir build-gpu --output-on-failure -L fake_nccl --timeout 300 >"$OUT/ctest_fake.log" 2>&1 || rc=1
     grep -hE "Test +#|tests passed|Failed|\*\*\*" "$OUT/ctest_fake.log" | sort -u | tail -20
+fi
+if has fakepaths; then
+    # fail_enqueue and kill_enqueue across 2 simulated hosts of 2 over the fake NCCL, on the
+    # paths the ctest cases do not take: direct alltoallv, copy engines, 3 network chunks.
+    FN=$PWD/build-gpu/tests/fake_nccl
+    for op in ${FAULT_PATH_OPS:-alltoallv dispatch}; do
+        for v in EPX_CUDA_EAGER_BYTES=16 EPX_CUDA_COPY_ENGINE_BYTES=0 EPX_MOE_CHUNKS=3; do
+            env $v LD_LIBRARY_PATH=$FN EPX_LOCAL_SIZE=2 EPX_TEST_FAKE_NCCL=1 FAKE_NCCL_DELAY_US=2000 timeout 150 \
+                $B/test_cuda_fault --cuda $op 4 fail_enqueue kill_enqueue >>"$OUT/fakepaths.log" 2>&1
+            s=$?
+            [ $s = 0 ] || rc=1
+            echo "fakepaths $op $v: exit $s"
+        done
+    done
 fi
 if has sanitize; then
     # The library recovers from cudaErrorAlreadyMapped by design: API errors are not reported.
