@@ -35,7 +35,10 @@ extern "C" {
  * uses NVLink only. The caller keeps ownership: destroy the epx communicator before
  * nccl_comm. epx never aborts it: after EPX_ERR_TIMEOUT, EPX_ERR_NCCL or
  * EPX_ERR_PEER_FAILURE the caller must ncclCommAbort it first, then epx_comm_abort (NCCL
- * kernels left running would otherwise hold up the device). Waits are bounded by
+ * kernels left running would otherwise hold up the device). Between calls no watchdog
+ * aborts it (as one does the NCCL communicators epx makes): NCCL work a call left on a
+ * stream waits for a dead peer until the caller aborts nccl_comm; epx_comm_get_async_error
+ * reports an error NCCL reports on it. Waits are bounded by
  * EPX_TIMEOUT_MS only on a non-blocking NCCL communicator (ncclConfig_t.blocking = 0); a
  * blocking one may wait inside NCCL while a peer is late. Do not call it inside the
  * caller's own ncclGroupStart/End. Fails alike on every rank: a rank's bad argument is
