@@ -80,6 +80,12 @@ struct epx__hier_moe_handle {
     int64_t *row_rec;    /* [rows]: the record of each merged row (inverse of from_row) */
     int32_t *row_topk;   /* [rows, K]: the routing of each merged row */
     int32_t *row_src, *row_tok; /* [rows] */
+    /* The row plan of the CPU path's calls along the handle (epx__handle_plan): built by the
+     * first that needs it, then the same for every call (by peer, the handle's chunks). */
+    struct {
+        bool built;
+        epx__hier_xplan_t x;
+    } *plan;
 };
 
 /* ---- Helpers ------------------------------------------------------------------------------ */
@@ -352,6 +358,8 @@ void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h)
     free(h->fwd_count), free(h->fwd_first), free(h->src_tokens);
     free(h->to_first), free(h->to_ent);
     free(h->from_first), free(h->from_row), free(h->row_rec), free(h->row_topk), free(h->row_src), free(h->row_tok);
+    if (h->plan && h->plan->built) epx__hier_xplan_free(&h->plan->x);
+    free(h->plan);
     free(h);
 }
 
@@ -549,8 +557,9 @@ static epx__hier_moe_handle_t *epx__handle_new(uint32_t id, int mode, int T, int
     if (!h) return NULL;
     h->id = id, h->mode = mode, h->T = T, h->K = K, h->has_w = has_w;
     h->topk = malloc(sizeof(int32_t) * (size_t)EPX__MAX(T, 1) * (size_t)EPX__MAX(K, 1));
-    if (h->topk) return h;
-    free(h);
+    h->plan = calloc(1, sizeof *h->plan);
+    if (h->topk && h->plan) return h;
+    free(h->topk), free(h->plan), free(h);
     return NULL;
 }
 
@@ -715,6 +724,20 @@ static int epx__chunks(const epx__hier_moe_t *m, const epx__hier_moe_handle_t *h
     return epx__hier_call_chunks(&m->s, false, hd->src_tokens, epx__t(m)->nranks);
 }
 
+/* The handle's row plan for the CPU path (by peer, its chunks), built by the first call
+ * along the handle that needs it (on failure nothing is kept: the next call tries again) and
+ * kept for the others, which would each build the same one. Local. */
+static epx_status_t epx__handle_plan(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const epx__hier_xplan_t **x,
+                                     epx__errbuf_t *err)
+{
+    if (!hd->plan->built) {
+        EPX__CHECK(epx__hier_xplan_build(m->h, hd, &m->s, true, epx__chunks(m, hd), &hd->plan->x, err));
+        hd->plan->built = true;
+    }
+    *x = &hd->plan->x;
+    return EPX_SUCCESS;
+}
+
 /* Where references point (kinds EPX__HIER_*): rows and their auxiliary parts (FP8 scales or
  * top-k weights; aux NULL: none). */
 typedef struct {
@@ -806,16 +829,16 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &x, err));
+    const epx__hier_xplan_t *x;
+    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
     int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
-    char *send = epx__buf(m, EPX__B_SEND, (size_t)x.n_gw * rec, &st, err);
-    char *fwd = epx__buf(m, EPX__B_FWD, (size_t)x.n_fwd * rec, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x.n_fan, x.parts) * rec, &st, err);
-    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x.n_lrecv, x.parts) * rec, &st, err);
+    char *send = epx__buf(m, EPX__B_SEND, (size_t)x->n_gw * rec, &st, err);
+    char *fwd = epx__buf(m, EPX__B_FWD, (size_t)x->n_fwd * rec, &st, err);
+    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x->n_fan, x->parts) * rec, &st, err);
+    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x->n_lrecv, x->parts) * rec, &st, err);
     if (st == EPX_SUCCESS) {
         int64_t *lb = nb + 2 * R;
         /* Scales travel whenever the dtype has them: a rank without tokens may pass no
@@ -828,17 +851,16 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
         epx__src_set(&src, EPX__HIER_LRECV, lrecv, rec, fp8 ? lrecv + ao : NULL, rec);
         /* To my gateways on the other hosts, then from each to the local ranks (one exchange
          * for both parts: no overlap here), then into place. */
-        epx__gather(&src, x.gw, x.n_gw, send, rec, rb, fp8 ? send + ao : NULL, rec, sb);
-        st = epx__net_chunks(m, epx__hier_tag(seq, EPX__ST_ROWS), x.chunks, send, x.gw_chunk, fwd, x.fwd_chunk, rec,
+        epx__gather(&src, x->gw, x->n_gw, send, rec, rb, fp8 ? send + ao : NULL, rec, sb);
+        st = epx__net_chunks(m, epx__hier_tag(seq, EPX__ST_ROWS), x->chunks, send, x->gw_chunk, fwd, x->fwd_chunk, rec,
                              nb, deadline, err);
         if (st == EPX_SUCCESS)
-            st = epx__local_both(m, x.parts, &src, x.fan, x.fan_send, x.n_fan, x.fan_recv, lsend, lrecv, rec, rb, fp8, ao, sb,
+            st = epx__local_both(m, x->parts, &src, x->fan, x->fan_send, x->n_fan, x->fan_recv, lsend, lrecv, rec, rb, fp8, ao, sb,
                                  lb, err);
         if (st == EPX_SUCCESS)
-            epx__gather(&src, x.out, x.rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
+            epx__gather(&src, x->out, x->rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
     }
     free(nb);
-    epx__hier_xplan_free(&x);
     return st;
 }
 
@@ -889,27 +911,26 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &x, err));
+    const epx__hier_xplan_t *x;
+    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
-    st = epx__rows_home(m, &x, in->y, has_w ? in->topk_weights : NULL, seq, deadline, &src, err);
+    st = epx__rows_home(m, x, in->y, has_w ? in->topk_weights : NULL, seq, deadline, &src, err);
     /* At home: each token's rows in ascending rank order, summed from +0; the weights likewise. */
-    for (int i = 0; i < x.T && st == EPX_SUCCESS; i++) {
+    for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
         const char *rows[EPX_MOE_MAX_TOPK];
-        int n = (int)(x.first[i + 1] - x.first[i]);
-        for (int j = 0; j < n; j++) rows[j] = epx__src_row(&src, x.tok[x.first[i] + j]);
+        int n = (int)(x->first[i + 1] - x->first[i]);
+        for (int j = 0; j < n; j++) rows[j] = epx__src_row(&src, x->tok[x->first[i] + j]);
         epx__cpu_reduce_rows((char *)out->out + (size_t)i * crow, s->combine_dtype, rows, NULL, n, s->hidden);
         if (!out->out_topk_weights) continue;
         float *w = out->out_topk_weights + (size_t)i * K;
         for (int k = 0; k < K; k++) w[k] = 0.0f;
         for (int j = 0; j < n && has_w; j++) {
-            const float *rw = (const float *)epx__src_aux(&src, x.tok[x.first[i] + j]);
+            const float *rw = (const float *)epx__src_aux(&src, x->tok[x->first[i] + j]);
             for (int k = 0; k < K; k++) w[k] += rw[k];
         }
     }
-    epx__hier_xplan_free(&x);
     return st;
 }
 
@@ -950,29 +971,27 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     epx__payload_t pl = payload ? (epx__payload_t){x, xs, rb, sb} : (epx__payload_t){NULL, NULL, 0, 0};
     if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &recs, &rec, &poff, err);
     epx__flows_free(&f);
-    epx__hier_xplan_t xp;
-    memset(&xp, 0, sizeof xp);
-    if (st == EPX_SUCCESS && payload) st = epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &xp, err);
+    const epx__hier_xplan_t *xp = NULL; /* the handle's: its combine runs along it */
+    if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, &xp, err);
     if (st == EPX_SUCCESS && payload) {
         /* The caller's outputs, now that nothing can fail: each row into its slots, in the
          * row plan's order (local expert, then source rank and token ascending). */
-        for (int64_t j = 0; j < xp.n_place; j++) {
-            const char *row = recs + (size_t)hd->row_rec[xp.prow[j]] * rec + poff;
-            size_t slot = (size_t)xp.pslot[j];
+        for (int64_t j = 0; j < xp->n_place; j++) {
+            const char *row = recs + (size_t)hd->row_rec[xp->prow[j]] * rec + poff;
+            size_t slot = (size_t)xp->pslot[j];
             memcpy((char *)out->recv_x + slot * rb, row, rb);
             if (sb) memcpy((char *)out->recv_x_scales + slot * sb, row + rb, sb);
-            if (out->recv_src_rank) out->recv_src_rank[slot] = (int32_t)(xp.psrc[j] >> 32);
-            if (out->recv_src_token) out->recv_src_token[slot] = (int32_t)(xp.psrc[j] & 0xffffffff);
+            if (out->recv_src_rank) out->recv_src_rank[slot] = (int32_t)(xp->psrc[j] >> 32);
+            if (out->recv_src_token) out->recv_src_token[slot] = (int32_t)(xp->psrc[j] & 0xffffffff);
         }
         for (int l = 0; l < s->local_experts; l++) {
-            if (out->recv_count) out->recv_count[l] = (int32_t)xp.count[l];
-            for (size_t i = (size_t)xp.count[l]; i < s->ll_slots; i++) {
+            if (out->recv_count) out->recv_count[l] = (int32_t)xp->count[l];
+            for (size_t i = (size_t)xp->count[l]; i < s->ll_slots; i++) {
                 if (out->recv_src_rank) out->recv_src_rank[(size_t)l * s->ll_slots + i] = -1;
                 if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
             }
         }
     }
-    epx__hier_xplan_free(&xp);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(hd);
         return st;
@@ -1005,23 +1024,22 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    epx__hier_xplan_t x;
-    EPX__CHECK(epx__hier_xplan_build(m->h, hd, s, true, epx__chunks(m, hd), &x, err));
+    const epx__hier_xplan_t *x;
+    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
-    st = epx__rows_home(m, &x, in->y, NULL, seq, deadline, &src, err);
+    st = epx__rows_home(m, x, in->y, NULL, seq, deadline, &src, err);
     /* At home: out[t] = sum over the valid k, ascending, of w[t, k] * the row of expert k. */
-    for (int i = 0; i < x.T && st == EPX_SUCCESS; i++) {
+    for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
         const char *rows[EPX_MOE_MAX_TOPK];
         float w[EPX_MOE_MAX_TOPK];
-        int n = (int)(x.first[i + 1] - x.first[i]);
+        int n = (int)(x->first[i + 1] - x->first[i]);
         for (int j = 0; j < n; j++) {
-            rows[j] = epx__src_row(&src, x.tok[x.first[i] + j]);
-            w[j] = in->topk_weights[(size_t)i * (size_t)K + (size_t)x.tk[x.first[i] + j]];
+            rows[j] = epx__src_row(&src, x->tok[x->first[i] + j]);
+            w[j] = in->topk_weights[(size_t)i * (size_t)K + (size_t)x->tk[x->first[i] + j]];
         }
         epx__cpu_reduce_rows((char *)out + (size_t)i * crow, s->combine_dtype, rows, w, n, s->hidden);
     }
-    epx__hier_xplan_free(&x);
     return st;
 }
