@@ -15,27 +15,33 @@
 
 #include "internal.h"
 
-static bool epx__goes_host(const epx__topo_t *t, const int32_t *tk, int K, int L, int k)
+/* An expert id's rank (id / L) and local id (id % L), looked up: the builder visits every
+ * top-k entry several times, and a division each time was most of its work. */
+typedef struct {
+    const int32_t *rank, *lid; /* [num_experts] */
+} epx__eid_t;
+
+static bool epx__goes_host(const epx__topo_t *t, const int32_t *tk, int K, const epx__eid_t *ex, int k)
 {
     for (int j = 0; j < K; j++)
-        if (tk[j] >= 0 && t->host_of[tk[j] / L] == k) return true;
+        if (tk[j] >= 0 && t->host_of[ex->rank[tk[j]]] == k) return true;
     return false;
 }
 
-static bool epx__goes_rank(const int32_t *tk, int K, int L, int q)
+static bool epx__goes_rank(const int32_t *tk, int K, const epx__eid_t *ex, int q)
 {
     for (int j = 0; j < K; j++)
-        if (tk[j] >= 0 && tk[j] / L == q) return true;
+        if (tk[j] >= 0 && ex->rank[tk[j]] == q) return true;
     return false;
 }
 
 /* The ranks a token goes to, ascending, each once; returns how many. */
-static int epx__dest_ranks(const int32_t *tk, int K, int L, int *ranks)
+static int epx__dest_ranks(const int32_t *tk, int K, const epx__eid_t *ex, int *ranks)
 {
     int n = 0;
     for (int k = 0; k < K; k++) {
         if (tk[k] < 0) continue;
-        int r = tk[k] / L, j = n;
+        int r = ex->rank[tk[k]], j = n;
         bool dup = false;
         for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
         if (dup) continue;
@@ -47,12 +53,12 @@ static int epx__dest_ranks(const int32_t *tk, int K, int L, int *ranks)
 
 /* The distinct experts of a token on rank q by ascending local id: lid[j], and kf[j] the
  * first k that names it; returns how many. */
-static int epx__experts_on(const int32_t *tk, int K, int L, int q, int *lid, int *kf)
+static int epx__experts_on(const int32_t *tk, int K, const epx__eid_t *ex, int q, int *lid, int *kf)
 {
     int n = 0;
     for (int k = 0; k < K; k++) {
-        if (tk[k] < 0 || tk[k] / L != q) continue;
-        int l = tk[k] % L, j = n;
+        if (tk[k] < 0 || ex->rank[tk[k]] != q) continue;
+        int l = ex->lid[tk[k]], j = n;
         bool dup = false;
         for (int a = 0; a < n; a++) dup = dup || lid[a] == l;
         if (dup) continue;
@@ -117,6 +123,7 @@ typedef struct {
     const epx__topo_t *t;
     int chunks;
     int K, L, me;
+    epx__eid_t ex;
     bool ll;
     int64_t slots;
     const int64_t *rslot; /* low-latency [rows, K]: row r's position among its expert's slots, at
@@ -135,7 +142,7 @@ static int epx__part(const epx__pb_t *b, int p, int tok)
 static int64_t epx__rec_rows(const epx__pb_t *b, const int32_t *tk, int q)
 {
     int lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
-    return b->ll ? epx__experts_on(tk, b->K, b->L, q, lid, kf) : 1;
+    return b->ll ? epx__experts_on(tk, b->K, &b->ex, q, lid, kf) : 1;
 }
 
 /* Row j of the combine record that starts at `ref`: in C1 or HOME rows lie back to back;
@@ -146,7 +153,7 @@ static int64_t epx__rec_row(const epx__pb_t *b, int64_t ref, int j)
     if (!b->ll || EPX__HIER_REF_KIND(ref) != EPX__HIER_Y) return ref + j;
     int64_t r = EPX__HIER_REF_INDEX(ref);
     int lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
-    epx__experts_on(b->P.row_topk + r * b->K, b->K, b->L, b->me, lid, kf);
+    epx__experts_on(b->P.row_topk + r * b->K, b->K, &b->ex, b->me, lid, kf);
     return EPX__HIER_REF(EPX__HIER_Y, lid[j] * b->slots + b->rslot[r * b->K + kf[j]]);
 }
 
@@ -190,13 +197,17 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     int64_t *efidx = malloc(sizeof *efidx * (size_t)EPX__MAX(P->nent, (int64_t)1));
     int64_t *cnt = calloc((size_t)EPX__MAX(L, 1), sizeof *cnt), *pfirst = calloc((size_t)L + 1, sizeof *pfirst);
     int64_t *rslot = malloc(sizeof *rslot * (size_t)EPX__MAX(b.ll ? rows * K : 0, (int64_t)1));
+    int E = s->num_experts;
+    int32_t *eid = malloc(sizeof *eid * 2 * (size_t)EPX__MAX(E, 1));
     int ranks[EPX_MOE_MAX_TOPK], lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
-    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot) {
+    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !eid) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
     }
     b.rslot = rslot;
+    for (int e = 0; e < E; e++) eid[e] = e / L, eid[E + e] = e % L;
+    b.ex.rank = eid, b.ex.lid = eid + E;
     cfirst = lfirst + NP * LS;
     x->gw_chunk = x->mem, x->fwd_chunk = x->gw_chunk + C * R;
     x->home_send_chunk = x->fwd_chunk + C * R, x->home_recv_chunk = x->home_send_chunk + C * R;
@@ -209,7 +220,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         if (k == A) continue;
         int g = epx__gw(t, me, k);
         for (int i = 0; i < T; i++)
-            if (epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
+            if (epx__goes_host(t, P->topk + (size_t)i * K, K, &b.ex, k))
                 x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
     }
     for (int p = 0; p < R; p++) x->n_fwd += P->fwd_count[p];
@@ -268,10 +279,10 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         const int32_t *tk = P->row_topk + r * K;
         for (int k = 0; k < K; k++) {
             rslot[r * K + k] = -1;
-            if (tk[k] < 0 || tk[k] / L != me) continue;
+            if (tk[k] < 0 || b.ex.rank[tk[k]] != me) continue;
             bool dup = false;
             for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
-            if (!dup) rslot[r * K + k] = cnt[tk[k] % L]++;
+            if (!dup) rslot[r * K + k] = cnt[b.ex.lid[tk[k]]]++;
         }
     }
     for (int l = 0; l < L; l++) pfirst[l + 1] = pfirst[l] + (b.ll ? cnt[l] : 0);
@@ -323,14 +334,14 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         for (int i = 0; i < T; i++)
             for (int l = 0; l < t->host_size[k]; l++) {
                 int q = t->host_ranks[t->host_first[k] + l];
-                if (!epx__goes_rank(P->topk + (size_t)i * K, K, L, q)) continue;
+                if (!epx__goes_rank(P->topk + (size_t)i * K, K, &b.ex, q)) continue;
                 int64_t n = epx__rec_rows(&b, P->topk + (size_t)i * K, q);
                 x->home_recv_chunk[epx__chunk(C, T, i) * R + g] += n, x->n_home_recv += n;
             }
     }
     for (int i = 0; i < T; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
-        if (!b.ll) x->n_tok += epx__dest_ranks(tk, K, L, ranks);
+        if (!b.ll) x->n_tok += epx__dest_ranks(tk, K, &b.ex, ranks);
         for (int k = 0; k < K && b.ll; k++) x->n_tok += tk[k] >= 0;
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
@@ -350,7 +361,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             int k = t->host_of[p];
             if (k == A || epx__gw(t, me, k) != p) continue;
             for (int i = 0; i < T; i++)
-                if (epx__chunk(C, T, i) == c && epx__goes_host(t, P->topk + (size_t)i * K, K, L, k))
+                if (epx__chunk(C, T, i) == c && epx__goes_host(t, P->topk + (size_t)i * K, K, &b.ex, k))
                     *o++ = EPX__HIER_REF(EPX__HIER_X, i);
         }
     x->fan = o;
@@ -411,7 +422,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     x->first[0] = 0;
     for (int i = 0; i < T && st == EPX_SUCCESS; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
-        int n = epx__dest_ranks(tk, K, L, ranks);
+        int n = epx__dest_ranks(tk, K, &b.ex, ranks);
         if (e0 + i >= P->nent || P->ent_src[e0 + i] != me || P->ent_tok[e0 + i] != i) {
             st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misplaces token %d", i);
             break;
@@ -428,9 +439,9 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         for (int j = 0; j < n && !b.ll; j++) o[m++] = base[j];
         for (int k = 0; k < K && b.ll && st == EPX_SUCCESS; k++) {
             if (tk[k] < 0) continue;
-            int r = tk[k] / L, j = 0, jj = 0, ne = epx__experts_on(tk, K, L, r, lid, kf);
+            int r = b.ex.rank[tk[k]], j = 0, jj = 0, ne = epx__experts_on(tk, K, &b.ex, r, lid, kf);
             while (j < n - 1 && ranks[j] != r) j++;
-            while (jj < ne - 1 && lid[jj] != tk[k] % L) jj++;
+            while (jj < ne - 1 && lid[jj] != b.ex.lid[tk[k]]) jj++;
             x->tk[o - x->tok + m] = k;
             o[m++] = epx__rec_row(&b, base[j], jj);
         }
@@ -446,7 +457,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             const int32_t *tk = P->row_topk + r * K;
             for (int k = 0; k < K; k++) {
                 if (rslot[r * K + k] < 0) continue;
-                int l = tk[k] % L;
+                int l = b.ex.lid[tk[k]];
                 int64_t j = pfirst[l] + rslot[r * K + k];
                 x->prow[j] = r, x->pslot[j] = l * b.slots + rslot[r * K + k];
                 x->psrc[j] = (int64_t)((uint64_t)(uint32_t)P->row_src[r] << 32 | (uint32_t)P->row_tok[r]);
@@ -459,7 +470,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %zu references, %zu expected", (size_t)(o - x->ref),
                        x->nref);
 done:
-    free(lfirst), free(ent_ref), free(cur), free(fcur), free(efidx), free(cnt), free(pfirst), free(rslot);
+    free(lfirst), free(ent_ref), free(cur), free(fcur), free(efidx), free(cnt), free(pfirst), free(rslot), free(eid);
     if (st != EPX_SUCCESS) epx__hier_xplan_free(x);
     return st;
 }
