@@ -98,11 +98,13 @@ static int epx__gw(const epx__topo_t *t, int p, int k)
     return t->host_ranks[t->host_first[k] + t->lrank_of[p] % t->host_size[k]];
 }
 
-/* Does a token (top-k row) have an expert on rank q / on host k? */
+/* Does a token (top-k row) have an expert on rank q / on host k? (Rank q holds experts
+ * [q L, q L + L): a range check, no division; -1 is in no range.) */
 static bool epx__to_rank(const int32_t *topk, int K, int L, int q)
 {
+    int lo = q * L;
     for (int k = 0; k < K; k++)
-        if (topk[k] >= 0 && topk[k] / L == q) return true;
+        if ((unsigned)(topk[k] - lo) < (unsigned)L) return true;
     return false;
 }
 
@@ -654,13 +656,14 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
             if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
             const int32_t *tk = hd->row_topk + r * K;
             for (int k = 0; k < K; k++) {
-                bool here = tk[k] >= 0 && tk[k] / L == me;
-                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? tk[k] % L : -1);
+                int lid = tk[k] - me * L; /* my local expert when in [0, L) */
+                bool here = (unsigned)lid < (unsigned)L;
+                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? lid : -1);
                 if (out->recv_topk_weights && has_w) out->recv_topk_weights[r * K + k] = here ? row_w[r * K + k] : 0.0f;
                 if (!here) continue;
                 bool dup = false;
                 for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
-                if (!dup) per_expert[tk[k] % L]++;
+                if (!dup) per_expert[lid]++;
             }
         }
         if (st == EPX_SUCCESS && out->num_recv_tokens_per_expert)
