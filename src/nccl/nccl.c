@@ -90,7 +90,7 @@ typedef struct {
     bool live;           /* recorded and not yet seen done */
 } epx__nc_watched_t;
 
-#define EPX__NC_RING 64 /* groups followed at once; a newer one takes the oldest's slot */
+#define EPX__NC_RING 64 /* groups followed at once; while all are in flight, a newer one is not followed */
 
 struct epx__nccl {
     /* One thread on the communicator at a time, as NCCL requires: every entry point below
@@ -173,6 +173,16 @@ static epx_status_t epx__nc_fail(ncclComm_t comm, ncclResult_t r, epx__errbuf_t 
 }
 
 #define EPX__NC_WATCH_NS 1000000 /* how often a wait runs its watch */
+
+/* EPX_ERR_NCCL about `what` when NCCL reports an error on comm now (its state neither a
+ * success nor in progress), else EPX_SUCCESS. */
+static epx_status_t epx__nc_async(ncclComm_t comm, epx__errbuf_t *err, const char *what)
+{
+    ncclResult_t state = ncclSuccess;
+    ncclResult_t r = epx__nc.async_error(comm, &state);
+    if (r == ncclSuccess && (state == ncclSuccess || state == ncclInProgress)) return EPX_SUCCESS;
+    return epx__nc_fail(comm, r != ncclSuccess ? r : state, err, what);
+}
 
 /* The text of an error message ("NAME: text", NAME that of st). */
 static const char *epx__nc_text(epx_status_t st, const epx__errbuf_t *e)
@@ -308,14 +318,10 @@ static void epx__nc_dog_look(epx__nccl_t *n)
             return;
         }
     }
-    cudaGetLastError();
-    ncclResult_t state = ncclSuccess;
-    ncclResult_t r = epx__nc.async_error(n->comm, &state);
-    if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress)) {
-        epx__errbuf_t why = {{0}};
-        epx_status_t st = epx__nc_fail(n->comm, r != ncclSuccess ? r : state, &why, "NCCL reported an error");
-        epx__nc_dog_abort(n, st, epx__nc_text(st, &why));
-    }
+    cudaGetLastError(); /* an event query's error is not this thread's to keep */
+    epx__errbuf_t why = {{0}};
+    epx_status_t st = epx__nc_async(n->comm, &why, "NCCL reported an error");
+    if (st != EPX_SUCCESS) epx__nc_dog_abort(n, st, epx__nc_text(st, &why));
 }
 
 static void *epx__nc_dog_main(void *arg)
@@ -533,10 +539,7 @@ epx_status_t epx__nccl_check_async(epx__nccl_t *n, epx__errbuf_t *err)
     if (n->dog_status != EPX_SUCCESS) {
         st = epx__nc_live(n, err);
     } else if (n->comm && !n->dead) {
-        ncclResult_t state = ncclSuccess;
-        ncclResult_t r = epx__nc.async_error(n->comm, &state);
-        if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
-            st = epx__nc_fail(n->comm, r != ncclSuccess ? r : state, err, "NCCL reported an error");
+        st = epx__nc_async(n->comm, err, "NCCL reported an error");
     }
     pthread_mutex_unlock(&n->mu);
     return st;
@@ -595,10 +598,7 @@ static epx_status_t epx__nc_wait(epx__nccl_t *n, void *stream, uint64_t deadline
         if (ce != cudaSuccess && ce != cudaErrorNotReady)
             return epx__fail(err, EPX_ERR_CUDA, "waiting for NCCL's stream: %s", cudaGetErrorString(ce));
         /* Looked at once more after the stream ran: an error may have ended its work early. */
-        ncclResult_t state = ncclSuccess;
-        ncclResult_t r = epx__nc.async_error(n->comm, &state);
-        if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
-            return epx__nc_fail(n->comm, r != ncclSuccess ? r : state, err, "NCCL exchange");
+        EPX__CHECK(epx__nc_async(n->comm, err, "NCCL exchange"));
         if (ce == cudaSuccess) return EPX_SUCCESS;
         if (epx__now_ns() >= deadline) {
             if (n->owned) epx__nc.abort(n->comm), n->comm = NULL;
