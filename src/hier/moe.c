@@ -378,23 +378,42 @@ typedef struct {
     size_t pb, sb;
 } epx__payload_t;
 
-/* Send my routing and rows to my gateways, build the entries, fan both out to the local
- * ranks and merge what arrives into (source, token) order: two steps (MPI, then shared
- * memory), sized by what the verdict told (f).
+/* Where each merged row's payload lies once epx__route returns: pay[r], and its scales at
+ * scl[r] when the payload has them (else scl is NULL): a record another local rank sent
+ * me, a record a source sent me as its gateway, or my own token's row. Valid until the next
+ * call of the context (the records lie in its work buffers); the caller frees both arrays. */
+typedef struct {
+    const char **pay, **scl;
+} epx__rowsrc_t;
+
+/* Entry e's payload (and scales) into o: from the record its source sent me, or my token. */
+static void epx__ent_payload(const epx__hier_moe_handle_t *hd, const epx__payload_t *pl, const char *fwd, size_t rec,
+                             size_t mrec, int64_t e, char *o)
+{
+    if (hd->ent_fidx[e] >= 0) {
+        memcpy(o, fwd + (size_t)hd->ent_fidx[e] * rec + mrec, pl->pb + pl->sb);
+        return;
+    }
+    memcpy(o, pl->x + (size_t)hd->ent_tok[e] * pl->pb, pl->pb);
+    if (pl->sb) memcpy(o + pl->pb, pl->xs + (size_t)hd->ent_tok[e] * pl->sb, pl->sb);
+}
+
+/* Send my routing and rows to my gateways, build the entries, fan both out to the other
+ * local ranks and merge what arrives, with my entries for me, into (source, token) order:
+ * two steps (MPI, then shared memory), sized by what the verdict told (f).
  * Fills the handle; writes nothing of the caller's. `w` = my weights [T, K] when
- * hd->has_w; then *row_w gets the weights of every merged row (the caller frees it). On success *recs (a work buffer of m) holds the records received,
- * *rec bytes each, merged row r's payload at *recs + hd->row_rec[r] * *rec + *poff. */
+ * hd->has_w; then *row_w gets the weights of every merged row (the caller frees it). On
+ * success *rs says where each merged row's payload lies (pay[r] NULL without payload). */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
                                const epx__payload_t *pl, const epx__flows_t *f, uint32_t seq, uint64_t deadline,
-                               float **row_w, const char **recs, size_t *rec_out, size_t *poff, epx__errbuf_t *err)
+                               float **row_w, epx__rowsrc_t *rs, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, me = t->rank, LS = t->local_size, L = m->s.local_experts, K = hd->K, T = hd->T;
-    int W = hd->has_w ? K : 0;
+    int R = t->nranks, me = t->rank, LS = t->local_size, ml = t->local_rank, L = m->s.local_experts, K = hd->K;
+    int T = hd->T, W = hd->has_w ? K : 0;
     size_t mrec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights; then the payload */
     size_t rec = EPX__ALIGN_UP(mrec + pl->pb + pl->sb, sizeof(int64_t)); /* records stay aligned */
-    *rec_out = rec, *poff = mrec;
-    *recs = NULL;
+    rs->pay = rs->scl = NULL;
     epx_status_t st = EPX_SUCCESS;
     int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
     int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
@@ -488,37 +507,45 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         }
         memcpy(lrc, f->lanes, sizeof(int64_t) * (size_t)LS);
     }
-    /* Routing records to the local ranks; merge what arrives. */
+    /* Routing records to the other local ranks; merge what arrives with my own entries for
+     * me, which are never copied: their routing is read from the entries, their payload
+     * where it lies (my token's row, or the record a source sent me). In lsend and lrecv,
+     * local rank l's segment starts at its records' index, less mine when l is above me. */
     char *lsend = NULL, *lrecv = NULL;
+    int64_t self = 0;
+    if (st == EPX_SUCCESS) {
+        self = lcnt[ml];
+        if (lrc[ml] != self)
+            st = epx__fail(err, EPX_ERR_INTERNAL, "the verdict gives me %lld of my own records, I have %lld",
+                           (long long)lrc[ml], (long long)self);
+    }
     if (st == EPX_SUCCESS) {
         for (int l = 0; l < LS; l++) {
-            lsb[l] = lcnt[l] * (int64_t)rec;
-            lrb[l] = lrc[l] * (int64_t)rec;
+            lsb[l] = l == ml ? 0 : lcnt[l] * (int64_t)rec;
+            lrb[l] = l == ml ? 0 : lrc[l] * (int64_t)rec;
             hd->from_first[l + 1] = hd->from_first[l] + lrc[l];
         }
-        lsend = epx__buf(m, EPX__B_LSEND, (size_t)hd->to_first[LS] * rec, &st, err);
-        lrecv = epx__buf(m, EPX__B_RECV, (size_t)hd->from_first[LS] * rec, &st, err);
+        lsend = epx__buf(m, EPX__B_LSEND, (size_t)(hd->to_first[LS] - self) * rec, &st, err);
+        lrecv = epx__buf(m, EPX__B_RECV, (size_t)(hd->from_first[LS] - self) * rec, &st, err);
         hd->rows = hd->from_first[LS];
         hd->from_row = epx__alloc((size_t)hd->rows, 8, &st, err);
         hd->row_rec = epx__alloc((size_t)hd->rows, 8, &st, err);
         hd->row_topk = epx__alloc((size_t)hd->rows * (size_t)K, 4, &st, err);
         hd->row_src = epx__alloc((size_t)hd->rows, 4, &st, err);
         hd->row_tok = epx__alloc((size_t)hd->rows, 4, &st, err);
+        rs->pay = epx__alloc((size_t)hd->rows, sizeof *rs->pay, &st, err);
+        rs->scl = pl->sb ? epx__alloc((size_t)hd->rows, sizeof *rs->scl, &st, err) : NULL;
     }
     if (st == EPX_SUCCESS) {
-        for (int64_t a = 0; a < hd->to_first[LS]; a++) {
-            int64_t e = hd->to_ent[a];
-            int32_t *r = (int32_t *)(lsend + (size_t)a * rec);
-            r[0] = hd->ent_src[e], r[1] = hd->ent_tok[e];
-            memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
-            if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
-            char *o = (char *)r + mrec;
-            if (!pl->pb) { /* a plan without payload (epx__hier_moe_dispatch_plan) */
-            } else if (hd->ent_fidx[e] >= 0) {
-                memcpy(o, rbuf + (size_t)hd->ent_fidx[e] * rec + mrec, pl->pb + pl->sb);
-            } else {
-                memcpy(o, pl->x + (size_t)hd->ent_tok[e] * pl->pb, pl->pb);
-                if (pl->sb) memcpy(o + pl->pb, pl->xs + (size_t)hd->ent_tok[e] * pl->sb, pl->sb);
+        for (int l = 0; l < LS; l++) {
+            if (l == ml) continue;
+            for (int64_t a = hd->to_first[l]; a < hd->to_first[l + 1]; a++) {
+                int64_t e = hd->to_ent[a];
+                int32_t *r = (int32_t *)(lsend + (size_t)(a - (l > ml ? self : 0)) * rec);
+                r[0] = hd->ent_src[e], r[1] = hd->ent_tok[e];
+                memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
+                if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
+                if (pl->pb) epx__ent_payload(hd, pl, rbuf, rec, mrec, e, (char *)r + mrec);
             }
         }
         st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
@@ -530,24 +557,46 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         for (int l = 0; l < LS; l++) next[l] = hd->from_first[l];
         for (int p = 0; p < R; p++) {
             int l = t->lrank_of[p] % LS;
-            while (next[l] < hd->from_first[l + 1] && ((const int32_t *)(lrecv + (size_t)next[l] * rec))[0] == p) {
-                const int32_t *r = (const int32_t *)(lrecv + (size_t)next[l] * rec);
-                hd->row_rec[row] = next[l];
-                hd->from_row[next[l]++] = row;
+            for (; next[l] < hd->from_first[l + 1]; next[l]++, row++) {
+                int64_t a = next[l];
+                const int32_t *tk; /* the routing: K ids, then (W) the weights */
+                const char *pay;
+                int32_t tok;
+                if (l == ml) {
+                    int64_t e = hd->to_ent[hd->to_first[ml] + a - hd->from_first[ml]];
+                    if (hd->ent_src[e] != p) break;
+                    tok = hd->ent_tok[e], tk = hd->ent_topk + e * K;
+                    if (W) memcpy(*row_w + row * K, ew + e * W, sizeof(float) * (size_t)K);
+                    pay = hd->ent_fidx[e] >= 0 ? rbuf + (size_t)hd->ent_fidx[e] * rec + mrec
+                                               : pl->x + (size_t)tok * pl->pb;
+                    if (rs->scl)
+                        rs->scl[row] = hd->ent_fidx[e] >= 0 ? pay + pl->pb : pl->xs + (size_t)tok * pl->sb;
+                } else {
+                    const int32_t *r = (const int32_t *)(lrecv + (size_t)(a - (l > ml ? self : 0)) * rec);
+                    if (r[0] != p) break;
+                    tok = r[1], tk = r + 2;
+                    if (W) memcpy(*row_w + row * K, r + 2 + K, sizeof(float) * (size_t)K);
+                    pay = (const char *)r + mrec;
+                    if (rs->scl) rs->scl[row] = pay + pl->pb;
+                }
+                hd->row_rec[row] = a;
+                hd->from_row[a] = row;
                 hd->row_src[row] = p;
-                hd->row_tok[row] = r[1];
-                memcpy(hd->row_topk + row * K, r + 2, sizeof(int32_t) * (size_t)K);
-                if (W) memcpy(*row_w + row * K, r + 2 + K, sizeof(float) * (size_t)K);
-                row++;
+                hd->row_tok[row] = tok;
+                memcpy(hd->row_topk + row * K, tk, sizeof(int32_t) * (size_t)K);
+                rs->pay[row] = pl->pb ? pay : NULL;
             }
         }
         if (row != hd->rows)
             st = epx__fail(err, EPX_ERR_INTERNAL, "merged %lld of %lld rows", (long long)row, (long long)hd->rows);
     }
     free(lsb), free(lrb), free(lcnt), free(lrc), free(ew);
-    *recs = st == EPX_SUCCESS ? lrecv : NULL;
 done:
     free(sc), free(rc), free(sb), free(rb);
+    if (st != EPX_SUCCESS) {
+        free(rs->pay), free(rs->scl);
+        rs->pay = rs->scl = NULL;
+    }
     return st;
 }
 
@@ -633,13 +682,13 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
     epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
                                    &f, &n, deadline, err);
     float *row_w = NULL;
-    const char *recs = NULL;
+    epx__rowsrc_t rs = {NULL, NULL};
     bool fp8 = s->dtype == EPX_FP8_E4M3;
-    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0, rec = 0, poff = 0;
+    size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0;
     epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
     if (!payload) pl = (epx__payload_t){NULL, NULL, 0, 0};
     if (st == EPX_SUCCESS)
-        st = epx__route(m, hd, in->topk_weights, &pl, &f, seq, deadline, &row_w, &recs, &rec, &poff, err);
+        st = epx__route(m, hd, in->topk_weights, &pl, &f, seq, deadline, &row_w, &rs, err);
     epx__flows_free(&f);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
@@ -648,10 +697,8 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
         int64_t *per_expert = calloc((size_t)L, sizeof *per_expert);
         if (!per_expert) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         for (int64_t r = 0; r < hd->rows && st == EPX_SUCCESS; r++) {
-            const char *src = recs + (size_t)hd->row_rec[r] * rec + poff;
-            if (payload) memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, src, s->row_bytes);
-            if (payload && fp8 && out->recv_x_scales)
-                memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, src + s->row_bytes, sb);
+            if (payload) memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, rs.pay[r], s->row_bytes);
+            if (payload && fp8 && out->recv_x_scales) memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, rs.scl[r], sb);
             if (out->recv_src_rank) out->recv_src_rank[r] = hd->row_src[r];
             if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
             const int32_t *tk = hd->row_topk + r * K;
@@ -675,7 +722,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
         }
         free(per_expert);
     }
-    free(row_w);
+    free(row_w), free(rs.pay), free(rs.scl);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(hd);
         return st;
@@ -961,7 +1008,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, &f, NULL, deadline, err);
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
-    size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0, rec = 0, poff = 0;
+    size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0;
     const char *x = in ? in->x : NULL, *xs = NULL;
     if (st == EPX_SUCCESS && payload && s->ll_fp8) {
         /* Quantise each token once, here. */
@@ -970,9 +1017,9 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
                                   m->ll_q + (size_t)t * (size_t)H, m->ll_scales + (size_t)t * sb);
         x = (const char *)m->ll_q, xs = m->ll_scales;
     }
-    const char *recs = NULL;
+    epx__rowsrc_t rs = {NULL, NULL};
     epx__payload_t pl = payload ? (epx__payload_t){x, xs, rb, sb} : (epx__payload_t){NULL, NULL, 0, 0};
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &recs, &rec, &poff, err);
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &rs, err);
     epx__flows_free(&f);
     const epx__hier_xplan_t *xp = NULL; /* the handle's: its combine runs along it */
     if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, &xp, err);
@@ -980,10 +1027,9 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
         /* The caller's outputs, now that nothing can fail: each row into its slots, in the
          * row plan's order (local expert, then source rank and token ascending). */
         for (int64_t j = 0; j < xp->n_place; j++) {
-            const char *row = recs + (size_t)hd->row_rec[xp->prow[j]] * rec + poff;
             size_t slot = (size_t)xp->pslot[j];
-            memcpy((char *)out->recv_x + slot * rb, row, rb);
-            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, row + rb, sb);
+            memcpy((char *)out->recv_x + slot * rb, rs.pay[xp->prow[j]], rb);
+            if (sb) memcpy((char *)out->recv_x_scales + slot * sb, rs.scl[xp->prow[j]], sb);
             if (out->recv_src_rank) out->recv_src_rank[slot] = (int32_t)(xp->psrc[j] >> 32);
             if (out->recv_src_token) out->recv_src_token[slot] = (int32_t)(xp->psrc[j] & 0xffffffff);
         }
@@ -995,6 +1041,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
             }
         }
     }
+    free(rs.pay), free(rs.scl);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(hd);
         return st;
