@@ -5,7 +5,8 @@
  * that leaves before a round: every other rank of the round fails at once, not at its
  * timeout), and its direct links (rails of simulated hosts: every byte, a failed status, a
  * peer that leaves; the watch that sees it go without reading a round's bytes), and
- * EPX_FAULT's text (every kind, where each fires, what a bad entry says).
+ * EPX_FAULT's text (every kind, where each fires, what a bad entry says), and arenas
+ * (alignment, zeroing, growth into a chain, one block after a reset, overflow).
  */
 #include <pthread.h>
 #include <string.h>
@@ -465,10 +466,46 @@ static void test_fault_parse(void)
     }
 }
 
+/* Arenas: every allocation aligned, disjoint from the others and writable; zeroed when
+ * asked; a use that outgrew its block gets one block of the whole after a reset, and from
+ * then on the same use takes no new memory (the same addresses again). */
+static void test_arena(void)
+{
+    epx__arena_t a = {NULL, 0};
+    ASSERT_EQ(epx__arena_capacity(&a), 0);
+    char *p[40], *prev = NULL;
+    size_t n[40];
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 40; i++) {
+            n[i] = (size_t)(i * 7919) % 50000; /* 0 included; about 1 MB in all: several blocks */
+            p[i] = epx__arena_alloc(&a, n[i], 1, i % 2 == 0);
+            ASSERT(p[i] != NULL);
+            ASSERT_EQ((uintptr_t)p[i] % 64, 0);
+            for (size_t j = 0; j < n[i] && i % 2 == 0; j++)
+                if (p[i][j]) TEST_FAIL_("round %d: allocation %d byte %zu not zeroed", round, i, j);
+            memset(p[i], 0x5a ^ i, n[i]);
+        }
+        for (int i = 0; i < 40; i++)
+            for (size_t j = 0; j < n[i]; j++)
+                if (p[i][j] != (char)(0x5a ^ i)) TEST_FAIL_("round %d: allocation %d overwritten at %zu", round, i, j);
+        if (round == 2) ASSERT(p[0] == prev); /* one block since round 1: the same memory */
+        prev = p[0];
+        epx__arena_reset(&a);
+        size_t used = 0;
+        for (int i = 0; i < 40; i++) used += n[i];
+        ASSERT(used > 512 * 1024 && epx__arena_capacity(&a) >= used);
+    }
+    ASSERT(epx__arena_alloc(&a, SIZE_MAX / 2, 4, false) == NULL);
+    ASSERT(epx__arena_alloc(&a, 3, SIZE_MAX / 2, false) == NULL);
+    epx__arena_free(&a);
+    ASSERT_EQ(epx__arena_capacity(&a), a.want);
+}
+
 int main(void)
 {
     test_rank = 0;
     test_status();
+    test_arena();
     test_params();
     test_ids();
     test_fault_parse();
@@ -503,6 +540,6 @@ int main(void)
     ASSERT_STATUS(epx_alltoallv_device(comm, &x, c1, c1, &y, c1, c1, EPX_I32, NULL), EPX_ERR_UNSUPPORTED);
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
-    test_done(17);
+    test_done(18);
     return 0;
 }

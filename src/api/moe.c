@@ -588,8 +588,8 @@ epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
     }
     epx__cpu_moe_handle_free(handle->cpu);
     epx__cuda_moe_handle_free(handle->cuda);
-    epx__hier_moe_handle_free(handle->hier);
-    epx__xhost_moe_handle_free(handle->xh);
+    epx__hier_moe_handle_free(handle->moe->hier, handle->hier); /* hier, xh: NULL once the comm is gone */
+    epx__xhost_moe_handle_free(handle->moe->xh, handle->xh);
     free(handle);
     return EPX_SUCCESS;
 }

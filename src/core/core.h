@@ -144,6 +144,27 @@ uint64_t epx__now_ns(void);
 /* Deadline `ms` from now (ms <= 0: already passed). */
 uint64_t epx__deadline_after_ms(int64_t ms);
 
+/* ---- Arenas (arena.c) ---------------------------------------------------------------- */
+
+/* Memory that lives and dies together (a MoE handle's arrays), carved from one block with
+ * a bump pointer. Reset, the arena keeps its memory, so the next object made in it neither
+ * allocates nor faults pages in: with per-call malloc and free the C library trims the
+ * heap and every call pays for its pages again. A zeroed struct is an empty arena. */
+typedef struct epx__arena_blk epx__arena_blk_t;
+typedef struct {
+    epx__arena_blk_t *blk; /* current block first; more than one until the next reset */
+    size_t want;           /* bytes the next first block gets (all that the last use took) */
+} epx__arena_t;
+/* n elements of `size` bytes, 64-byte aligned, contents undefined (zeroed with `zero`);
+ * NULL when out of memory or n * size overflows. n = 0 gives a valid pointer. */
+void *epx__arena_alloc(epx__arena_t *a, size_t n, size_t size, bool zero);
+/* Every allocation is released; the memory stays (in one block of their total from the
+ * next use on, when it took several). */
+void epx__arena_reset(epx__arena_t *a);
+void epx__arena_free(epx__arena_t *a);
+/* The capacity of a reset arena (what the next use can take without allocating). */
+size_t epx__arena_capacity(const epx__arena_t *a);
+
 /* ---- Misc ------------------------------------------------------------------------ */
 
 uint64_t epx__hash64(const void *data, size_t len, uint64_t seed);

@@ -29,8 +29,9 @@
  * with the reduction of src/cpu. No partial sum crosses a host, so the result is the
  * single-host one bit for bit and no step waits for another host's reduction.
  *
- * Buffers that outlive a call (work buffers of the context) are reused, so a warm call
- * allocates only small index arrays.
+ * Buffers that outlive a call (work buffers of the context) are reused; a handle's arrays
+ * lie in an arena that a freed handle hands back to its context, and a call's own arrays in
+ * the context's scratch arena: a warm call allocates only small index arrays.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +58,8 @@ struct epx__hier_moe {
     char *buf[EPX__NBUF];
     size_t cap[EPX__NBUF];
     int64_t *verdict; /* the verdict's blocks out and in, [2, R, EPX__V_FLOWS] */
+    epx__arena_t spare; /* the memory of the last handle freed, for the next */
+    epx__arena_t tmp;   /* a call's own arrays, released when the next call starts */
 };
 
 struct epx__hier_moe_handle {
@@ -80,11 +83,13 @@ struct epx__hier_moe_handle {
     int64_t *row_rec;    /* [rows]: the record of each merged row (inverse of from_row) */
     int32_t *row_topk;   /* [rows, K]: the routing of each merged row */
     int32_t *row_src, *row_tok; /* [rows] */
-    /* The row plan of the CPU path's calls along the handle (epx__handle_plan): built by the
-     * first that needs it, then the same for every call (by peer, the handle's chunks). */
+    /* What calls along the (const) handle add to it: the row plan of the CPU path's calls
+     * (epx__handle_plan), built by the first that needs it, then the same for every call
+     * (by peer, the handle's chunks); and the arena every array of the handle lies in. */
     struct {
         bool built;
         epx__hier_xplan_t x;
+        epx__arena_t mem;
     } *plan;
 };
 
@@ -121,6 +126,22 @@ static void *epx__alloc(size_t n, size_t size, epx_status_t *st, epx__errbuf_t *
     void *p = calloc(EPX__MAX(n, (size_t)1), size);
     if (!p) *st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     return p;
+}
+
+/* n elements from arena a (zeroed with `zero`); NULL once *st fails. */
+static void *epx__aalloc(epx__arena_t *a, size_t n, size_t size, bool zero, epx_status_t *st, epx__errbuf_t *err)
+{
+    if (*st != EPX_SUCCESS) return NULL;
+    void *p = epx__arena_alloc(a, n, size, zero);
+    if (!p) *st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    return p;
+}
+
+/* v when in [0, L) (a local expert id), else -1; without a branch. */
+static inline int32_t epx__lid_or_none(int32_t v, int L)
+{
+    int32_t in = -(int32_t)((unsigned)v < (unsigned)L); /* all ones when mine */
+    return (v & in) | ~in;
 }
 
 /* Work buffer `i` of m with room for `bytes` (contents undefined); NULL once *st fails. */
@@ -345,6 +366,7 @@ void epx__hier_moe_destroy(epx__hier_moe_t *m)
     free(m->ll_q);
     free(m->ll_scales);
     free(m->verdict);
+    epx__arena_free(&m->spare), epx__arena_free(&m->tmp);
     for (int i = 0; i < EPX__NBUF; i++) {
         if (i < EPX__NREG && m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
         if (i >= EPX__NREG) free(m->buf[i]);
@@ -352,18 +374,24 @@ void epx__hier_moe_destroy(epx__hier_moe_t *m)
     free(m);
 }
 
-void epx__hier_moe_handle_free(epx__hier_moe_handle_t *h)
+void epx__hier_moe_handle_free(epx__hier_moe_t *m, epx__hier_moe_handle_t *h)
 {
     if (!h) return;
-    free(h->topk);
-    free(h->ent_src), free(h->ent_tok), free(h->ent_topk), free(h->ent_fidx);
-    free(h->fwd_count), free(h->fwd_first), free(h->src_tokens);
-    free(h->to_first), free(h->to_ent);
-    free(h->from_first), free(h->from_row), free(h->row_rec), free(h->row_topk), free(h->row_src), free(h->row_tok);
-    if (h->plan && h->plan->built) epx__hier_xplan_free(&h->plan->x);
+    if (h->plan) {
+        if (h->plan->built) epx__hier_xplan_free(&h->plan->x);
+        epx__arena_t *a = &h->plan->mem;
+        epx__arena_reset(a);
+        if (m && epx__arena_capacity(a) >= epx__arena_capacity(&m->spare)) {
+            epx__arena_t keep = *a; /* the larger of the two stays with the context */
+            *a = m->spare, m->spare = keep;
+        }
+        epx__arena_free(a);
+    }
     free(h->plan);
     free(h);
 }
+
+epx__arena_t *epx__hier_moe_handle_mem(const epx__hier_moe_handle_t *h) { return &h->plan->mem; }
 
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h) { return h->rows; }
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h) { return h->T; }
@@ -381,7 +409,7 @@ typedef struct {
 /* Where each merged row's payload lies once epx__route returns: pay[r], and its scales at
  * scl[r] when the payload has them (else scl is NULL): a record another local rank sent
  * me, a record a source sent me as its gateway, or my own token's row. Valid until the next
- * call of the context (the records lie in its work buffers); the caller frees both arrays. */
+ * call of the context (the records lie in its work buffers, both arrays in its scratch). */
 typedef struct {
     const char **pay, **scl;
 } epx__rowsrc_t;
@@ -402,7 +430,7 @@ static void epx__ent_payload(const epx__hier_moe_handle_t *hd, const epx__payloa
  * local ranks and merge what arrives, with my entries for me, into (source, token) order:
  * two steps (MPI, then shared memory), sized by what the verdict told (f).
  * Fills the handle; writes nothing of the caller's. `w` = my weights [T, K] when
- * hd->has_w; then *row_w gets the weights of every merged row (the caller frees it). On
+ * hd->has_w; then *row_w gets the weights of every merged row. On
  * success *rs says where each merged row's payload lies (pay[r] NULL without payload). */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
                                const epx__payload_t *pl, const epx__flows_t *f, uint32_t seq, uint64_t deadline,
@@ -417,9 +445,10 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     epx_status_t st = EPX_SUCCESS;
     int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
     int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
-    hd->fwd_count = epx__alloc((size_t)R, 8, &st, err);
-    hd->fwd_first = epx__alloc((size_t)R, 8, &st, err);
-    hd->src_tokens = epx__alloc((size_t)R, 8, &st, err);
+    epx__arena_t *hm = &hd->plan->mem, *tmp = &m->tmp; /* the handle's arrays; this call's */
+    hd->fwd_count = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
+    hd->fwd_first = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
+    hd->src_tokens = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
     char *sbuf = NULL, *rbuf = NULL;
     if (st != EPX_SUCCESS) goto done;
 
@@ -460,17 +489,14 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     /* Entries: my tokens and the forwarded ones, by (source, token). Records keep their
      * weights (own tokens: w) in `ew`. */
     hd->nent = T + hd->nfwd;
-    hd->ent_src = epx__alloc((size_t)hd->nent, 4, &st, err);
-    hd->ent_tok = epx__alloc((size_t)hd->nent, 4, &st, err);
-    hd->ent_topk = epx__alloc((size_t)hd->nent * (size_t)K, 4, &st, err);
-    hd->ent_fidx = epx__alloc((size_t)hd->nent, 8, &st, err);
-    float *ew = epx__alloc((size_t)hd->nent * (size_t)EPX__MAX(W, 1), 4, &st, err);
-    hd->to_first = epx__alloc((size_t)LS + 1, 8, &st, err);
-    hd->from_first = epx__alloc((size_t)LS + 1, 8, &st, err);
-    if (st != EPX_SUCCESS) {
-        free(ew);
-        goto done;
-    }
+    hd->ent_src = epx__aalloc(hm, (size_t)hd->nent, 4, false, &st, err);
+    hd->ent_tok = epx__aalloc(hm, (size_t)hd->nent, 4, false, &st, err);
+    hd->ent_topk = epx__aalloc(hm, (size_t)hd->nent * (size_t)K, 4, false, &st, err);
+    hd->ent_fidx = epx__aalloc(hm, (size_t)hd->nent, 8, false, &st, err);
+    float *ew = epx__aalloc(tmp, (size_t)hd->nent * (size_t)W, 4, false, &st, err);
+    hd->to_first = epx__aalloc(hm, (size_t)LS + 1, 8, true, &st, err);
+    hd->from_first = epx__aalloc(hm, (size_t)LS + 1, 8, true, &st, err);
+    if (st != EPX_SUCCESS) goto done;
     {
         int64_t e = 0, f = 0;
         for (int p = 0; p < R; p++) {
@@ -496,7 +522,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         for (int64_t e = 0; e < hd->nent; e++)
             for (int l = 0; l < LS; l++) lcnt[l] += epx__to_rank(hd->ent_topk + e * K, K, L, t->host_ranks[t->host_first[t->host] + l]);
         for (int l = 0; l < LS; l++) hd->to_first[l + 1] = hd->to_first[l] + lcnt[l];
-        hd->to_ent = epx__alloc((size_t)hd->to_first[LS], 8, &st, err);
+        hd->to_ent = epx__aalloc(hm, (size_t)hd->to_first[LS], 8, false, &st, err);
     }
     if (st == EPX_SUCCESS) {
         for (int l = 0; l < LS; l++) {
@@ -528,13 +554,13 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         lsend = epx__buf(m, EPX__B_LSEND, (size_t)(hd->to_first[LS] - self) * rec, &st, err);
         lrecv = epx__buf(m, EPX__B_RECV, (size_t)(hd->from_first[LS] - self) * rec, &st, err);
         hd->rows = hd->from_first[LS];
-        hd->from_row = epx__alloc((size_t)hd->rows, 8, &st, err);
-        hd->row_rec = epx__alloc((size_t)hd->rows, 8, &st, err);
-        hd->row_topk = epx__alloc((size_t)hd->rows * (size_t)K, 4, &st, err);
-        hd->row_src = epx__alloc((size_t)hd->rows, 4, &st, err);
-        hd->row_tok = epx__alloc((size_t)hd->rows, 4, &st, err);
-        rs->pay = epx__alloc((size_t)hd->rows, sizeof *rs->pay, &st, err);
-        rs->scl = pl->sb ? epx__alloc((size_t)hd->rows, sizeof *rs->scl, &st, err) : NULL;
+        hd->from_row = epx__aalloc(hm, (size_t)hd->rows, 8, false, &st, err);
+        hd->row_rec = epx__aalloc(hm, (size_t)hd->rows, 8, false, &st, err);
+        hd->row_topk = epx__aalloc(hm, (size_t)hd->rows * (size_t)K, 4, false, &st, err);
+        hd->row_src = epx__aalloc(hm, (size_t)hd->rows, 4, false, &st, err);
+        hd->row_tok = epx__aalloc(hm, (size_t)hd->rows, 4, false, &st, err);
+        rs->pay = epx__aalloc(tmp, (size_t)hd->rows, sizeof *rs->pay, false, &st, err);
+        rs->scl = pl->sb ? epx__aalloc(tmp, (size_t)hd->rows, sizeof *rs->scl, false, &st, err) : NULL;
     }
     if (st == EPX_SUCCESS) {
         for (int l = 0; l < LS; l++) {
@@ -550,7 +576,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         }
         st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
     }
-    if (st == EPX_SUCCESS && W) *row_w = epx__alloc((size_t)hd->rows * (size_t)K, 4, &st, err);
+    if (st == EPX_SUCCESS && W) *row_w = epx__aalloc(tmp, (size_t)hd->rows * (size_t)K, 4, false, &st, err);
     if (st == EPX_SUCCESS) {
         /* Source p's tokens come from local forwarder lrank(p) % LS, in token order. */
         int64_t *next = lcnt, row = 0;
@@ -590,36 +616,32 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         if (row != hd->rows)
             st = epx__fail(err, EPX_ERR_INTERNAL, "merged %lld of %lld rows", (long long)row, (long long)hd->rows);
     }
-    free(lsb), free(lrb), free(lcnt), free(lrc), free(ew);
+    free(lsb), free(lrb), free(lcnt), free(lrc);
 done:
     free(sc), free(rc), free(sb), free(rb);
-    if (st != EPX_SUCCESS) {
-        free(rs->pay), free(rs->scl);
-        rs->pay = rs->scl = NULL;
-    }
+    if (st != EPX_SUCCESS) rs->pay = rs->scl = NULL;
     return st;
 }
 
 /* ---- High-throughput dispatch ------------------------------------------------------------------ */
 
-static epx__hier_moe_handle_t *epx__handle_new(uint32_t id, int mode, int T, int K, int has_w)
+/* A handle of m, its arrays in the memory the last handle freed left (m->spare). */
+static epx__hier_moe_handle_t *epx__handle_new(epx__hier_moe_t *m, uint32_t id, int mode, int T, int K, int has_w)
 {
     epx__hier_moe_handle_t *h = calloc(1, sizeof *h);
     if (!h) return NULL;
     h->id = id, h->mode = mode, h->T = T, h->K = K, h->has_w = has_w;
-    h->topk = malloc(sizeof(int32_t) * (size_t)EPX__MAX(T, 1) * (size_t)EPX__MAX(K, 1));
     h->plan = calloc(1, sizeof *h->plan);
-    if (h->topk && h->plan) return h;
-    free(h->topk), free(h->plan), free(h);
+    if (!h->plan) {
+        free(h);
+        return NULL;
+    }
+    h->plan->mem = m->spare;
+    m->spare = (epx__arena_t){NULL, 0};
+    h->topk = epx__arena_alloc(&h->plan->mem, (size_t)T * (size_t)K, sizeof *h->topk, false);
+    if (h->topk) return h;
+    epx__hier_moe_handle_free(m, h);
     return NULL;
-}
-
-static void epx__write_index(void *idx, epx_dtype_t dt, int64_t i, int64_t v)
-{
-    if (dt == EPX_I32)
-        ((int32_t *)idx)[i] = (int32_t)v;
-    else
-        ((int64_t *)idx)[i] = v;
 }
 
 /* The flows of a dispatch before its verdict: my tokens per rank (from `per_rank` when given,
@@ -649,6 +671,7 @@ static void epx__flows_free(epx__flows_t *f) { free((void *)f->per_rank), free(f
 /* The start of an operation: its number and deadline. */
 static uint32_t epx__op_begin(epx__hier_moe_t *m, uint64_t *deadline)
 {
+    epx__arena_reset(&m->tmp);
     *deadline = epx__deadline_after_ms(m->h->timeout_ms);
     return ++m->h->seq;
 }
@@ -666,7 +689,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
     int32_t *per_rank = NULL;
     int K = local == EPX_SUCCESS ? in->topk : 0, has_w = local == EPX_SUCCESS && in->topk_weights;
     if (local == EPX_SUCCESS) {
-        hd = epx__handle_new(seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, K, has_w);
+        hd = epx__handle_new(m, seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, K, has_w);
         per_rank = calloc((size_t)R, sizeof *per_rank);
         if (!hd || !per_rank) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
@@ -694,25 +717,38 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
     if (st == EPX_SUCCESS) {
         /* The caller's outputs, now that nothing can fail. */
-        int64_t *per_expert = calloc((size_t)L, sizeof *per_expert);
-        if (!per_expert) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-        for (int64_t r = 0; r < hd->rows && st == EPX_SUCCESS; r++) {
-            if (payload) memcpy((char *)out->recv_x + (size_t)r * s->row_bytes, rs.pay[r], s->row_bytes);
-            if (payload && fp8 && out->recv_x_scales) memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, rs.scl[r], sb);
-            if (out->recv_src_rank) out->recv_src_rank[r] = hd->row_src[r];
-            if (out->recv_src_token) out->recv_src_token[r] = hd->row_tok[r];
-            const int32_t *tk = hd->row_topk + r * K;
-            for (int k = 0; k < K; k++) {
-                int lid = tk[k] - me * L; /* my local expert when in [0, L) */
-                bool here = (unsigned)lid < (unsigned)L;
-                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? lid : -1);
-                if (out->recv_topk_weights && has_w) out->recv_topk_weights[r * K + k] = here ? row_w[r * K + k] : 0.0f;
-                if (!here) continue;
-                bool dup = false;
-                for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
-                if (!dup) per_expert[lid]++;
-            }
+        /* Branch-free: about half the entries are mine, in no order a predictor could learn. */
+        int64_t *per_expert = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *per_expert, true, &st, err); /* [L]: not mine */
+        int64_t *last = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *last, true, &st, err); /* 1 + last row counted */
+        int64_t N = st == EPX_SUCCESS ? hd->rows : 0, NK = N * K;
+        const int32_t *rt = hd->row_topk; /* [N, K]; my local expert e - lo when in [0, L) */
+        int lo = me * L;
+        char *ox = out->recv_x;
+        for (int64_t r = 0; r < N && payload; r++) memcpy(ox + (size_t)r * s->row_bytes, rs.pay[r], s->row_bytes);
+        for (int64_t r = 0; r < N && payload && fp8 && out->recv_x_scales; r++)
+            memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, rs.scl[r], sb);
+        if (N && out->recv_src_rank) memcpy(out->recv_src_rank, hd->row_src, sizeof(int32_t) * (size_t)N);
+        if (N && out->recv_src_token) memcpy(out->recv_src_token, hd->row_tok, sizeof(int32_t) * (size_t)N);
+        if (out->recv_topk_idx && s->index_dtype == EPX_I32) {
+            int32_t *o = out->recv_topk_idx;
+            for (int64_t i = 0; i < NK; i++) o[i] = epx__lid_or_none(rt[i] - lo, L);
+        } else if (out->recv_topk_idx) {
+            int64_t *o = out->recv_topk_idx;
+            for (int64_t i = 0; i < NK; i++) o[i] = epx__lid_or_none(rt[i] - lo, L);
         }
+        float *ow = has_w ? out->recv_topk_weights : NULL;
+        for (int64_t i = 0; i < NK && ow; i++) {
+            uint32_t b;
+            memcpy(&b, &row_w[i], sizeof b);
+            b &= ~(uint32_t)(epx__lid_or_none(rt[i] - lo, L) >> 31); /* +0 where not mine */
+            memcpy(&ow[i], &b, sizeof b);
+        }
+        for (int64_t r = 0; r < N; r++) /* an expert named twice in a row counts once */
+            for (int k = 0; k < K; k++) {
+                int32_t lid = epx__lid_or_none(rt[r * K + k] - lo, L), at = lid + ((lid >> 31) & (L + 1));
+                per_expert[at] += last[at] != r + 1;
+                last[at] = r + 1;
+            }
         if (st == EPX_SUCCESS && out->num_recv_tokens_per_expert)
             for (int l = 0; l < L; l++)
                 out->num_recv_tokens_per_expert[l] = (int32_t)EPX__ALIGN_UP(per_expert[l], (int64_t)s->alignment);
@@ -720,11 +756,9 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
             out->num_recv_tokens = hd->rows;
             if (out->num_recv_tokens_device) *out->num_recv_tokens_device = hd->rows;
         }
-        free(per_expert);
     }
-    free(row_w), free(rs.pay), free(rs.scl);
     if (st != EPX_SUCCESS) {
-        epx__hier_moe_handle_free(hd);
+        epx__hier_moe_handle_free(m, hd);
         return st;
     }
     *handle = hd;
@@ -781,7 +815,7 @@ static epx_status_t epx__handle_plan(epx__hier_moe_t *m, const epx__hier_moe_han
                                      epx__errbuf_t *err)
 {
     if (!hd->plan->built) {
-        EPX__CHECK(epx__hier_xplan_build(m->h, hd, &m->s, true, epx__chunks(m, hd), &hd->plan->x, err));
+        EPX__CHECK(epx__hier_xplan_build(m->h, hd, &m->s, true, epx__chunks(m, hd), &hd->plan->x, &hd->plan->mem, err));
         hd->plan->built = true;
     }
     *x = &hd->plan->x;
@@ -999,7 +1033,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     epx__hier_moe_handle_t *hd = NULL;
     int K = local == EPX_SUCCESS ? in->topk : 0;
     if (local == EPX_SUCCESS) {
-        hd = epx__handle_new(seq, EPX_MOE_LOW_LATENCY, in->num_tokens, K, 0);
+        hd = epx__handle_new(m, seq, EPX_MOE_LOW_LATENCY, in->num_tokens, K, 0);
         if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
     if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
@@ -1041,9 +1075,8 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
             }
         }
     }
-    free(rs.pay), free(rs.scl);
     if (st != EPX_SUCCESS) {
-        epx__hier_moe_handle_free(hd);
+        epx__hier_moe_handle_free(m, hd);
         return st;
     }
     *handle = hd;

@@ -19,6 +19,7 @@
  * top-k entry several times, and a division each time was most of its work. */
 typedef struct {
     const int32_t *rank, *lid; /* [num_experts] */
+    int nranks;
 } epx__eid_t;
 
 static bool epx__goes_host(const epx__topo_t *t, const int32_t *tk, int K, const epx__eid_t *ex, int k)
@@ -39,6 +40,13 @@ static bool epx__goes_rank(const int32_t *tk, int K, const epx__eid_t *ex, int q
 static int epx__dest_ranks(const int32_t *tk, int K, const epx__eid_t *ex, int *ranks)
 {
     int n = 0;
+    if (ex->nranks <= 64) { /* a bit per rank, read back in order: no sort */
+        uint64_t set = 0;
+        for (int k = 0; k < K; k++)
+            if (tk[k] >= 0) set |= (uint64_t)1 << ex->rank[tk[k]];
+        for (; set; set &= set - 1) ranks[n++] = __builtin_ctzll(set);
+        return n;
+    }
     for (int k = 0; k < K; k++) {
         if (tk[k] < 0) continue;
         int r = ex->rank[tk[k]], j = n;
@@ -159,14 +167,13 @@ static int64_t epx__rec_row(const epx__pb_t *b, int64_t ref, int j)
 
 void epx__hier_xplan_free(epx__hier_xplan_t *x)
 {
-    free(x->mem);
-    free(x->ref);
+    epx__arena_free(&x->own);
     memset(x, 0, sizeof *x);
 }
 
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
                                    const epx__moe_shape_t *s, bool by_peer, int chunks, epx__hier_xplan_t *x,
-                                   epx__errbuf_t *err)
+                                   epx__arena_t *mem, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__hier_topo(hier);
     int R = t->nranks, LS = t->local_size, NH = t->num_hosts, me = t->rank, ml = t->local_rank, A = t->host;
@@ -181,24 +188,27 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     const int64_t *tf = P->to_first, *ff = P->from_first;
     int64_t rows = P->rows;
     memset(x, 0, sizeof *x);
+    epx__arena_t *a = mem ? mem : &x->own; /* the plan's arrays and the builder's */
     if (K > EPX_MOE_MAX_TOPK) return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got top-k %d", K);
     if (chunks < 1 || chunks > EPX__HIER_MAX_CHUNKS)
         return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got %d chunks", chunks);
     int C = chunks, NP = 1 + chunks;
     x->chunks = C, x->parts = NP;
     epx_status_t st = EPX_SUCCESS;
-    x->mem = calloc(4 * (size_t)R * (size_t)C + 4 * (size_t)NP * (size_t)LS, sizeof *x->mem);
+    x->mem = epx__arena_alloc(a, 4 * (size_t)R * (size_t)C + 4 * (size_t)NP * (size_t)LS, sizeof *x->mem, true);
     /* Where each part's segment from (to) each local rank starts in LRECV (C1). */
-    int64_t *lfirst = malloc(sizeof *lfirst * 2 * (size_t)NP * (size_t)LS), *cfirst = NULL;
-    int64_t *ent_ref = malloc(sizeof *ent_ref * (size_t)EPX__MAX(P->nent * LS, (int64_t)1));
+    int64_t *lfirst = epx__arena_alloc(a, 2 * (size_t)NP * (size_t)LS, sizeof *lfirst, false), *cfirst = NULL;
+    int64_t *ent_ref = epx__arena_alloc(a, (size_t)(P->nent * LS), sizeof *ent_ref, false);
     /* Per (chunk, host): where the next home row lies in HOME; per (chunk, source): where
      * the next forwarded record lies in FWD; each forwarded entry's record there. */
-    int64_t *cur = calloc((size_t)C * (size_t)NH, sizeof *cur), *fcur = calloc((size_t)C * (size_t)R, sizeof *fcur);
-    int64_t *efidx = malloc(sizeof *efidx * (size_t)EPX__MAX(P->nent, (int64_t)1));
-    int64_t *cnt = calloc((size_t)EPX__MAX(L, 1), sizeof *cnt), *pfirst = calloc((size_t)L + 1, sizeof *pfirst);
-    int64_t *rslot = malloc(sizeof *rslot * (size_t)EPX__MAX(b.ll ? rows * K : 0, (int64_t)1));
+    int64_t *cur = epx__arena_alloc(a, (size_t)C * (size_t)NH, sizeof *cur, true);
+    int64_t *fcur = epx__arena_alloc(a, (size_t)C * (size_t)R, sizeof *fcur, true);
+    int64_t *efidx = epx__arena_alloc(a, (size_t)P->nent, sizeof *efidx, false);
+    int64_t *cnt = epx__arena_alloc(a, (size_t)L, sizeof *cnt, true);
+    int64_t *pfirst = epx__arena_alloc(a, (size_t)L + 1, sizeof *pfirst, true);
+    int64_t *rslot = epx__arena_alloc(a, (size_t)(b.ll ? rows * K : 0), sizeof *rslot, false);
     int E = s->num_experts;
-    int32_t *eid = malloc(sizeof *eid * 2 * (size_t)EPX__MAX(E, 1));
+    int32_t *eid = epx__arena_alloc(a, 2 * (size_t)E, sizeof *eid, false);
     int ranks[EPX_MOE_MAX_TOPK], lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
     if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !eid) {
@@ -207,7 +217,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     }
     b.rslot = rslot;
     for (int e = 0; e < E; e++) eid[e] = e / L, eid[E + e] = e % L;
-    b.ex.rank = eid, b.ex.lid = eid + E;
+    b.ex.rank = eid, b.ex.lid = eid + E, b.ex.nranks = R;
     cfirst = lfirst + NP * LS;
     x->gw_chunk = x->mem, x->fwd_chunk = x->gw_chunk + C * R;
     x->home_send_chunk = x->fwd_chunk + C * R, x->home_recv_chunk = x->home_send_chunk + C * R;
@@ -349,7 +359,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     x->nref = (size_t)(x->n_gw + epx__hier_part_at(x->n_fan, NP) + rows + epx__hier_part_at(x->n_back_send, NP) +
                        x->n_home_send + T + 1 + x->n_tok);
     if (b.ll) x->nref += (size_t)(x->n_tok + 3 * x->n_place + L);
-    x->ref = malloc(sizeof *x->ref * EPX__MAX(x->nref, (size_t)1));
+    x->ref = epx__arena_alloc(a, x->nref, sizeof *x->ref, false);
     if (!x->ref) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
@@ -470,7 +480,6 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %zu references, %zu expected", (size_t)(o - x->ref),
                        x->nref);
 done:
-    free(lfirst), free(ent_ref), free(cur), free(fcur), free(efidx), free(cnt), free(pfirst), free(rslot), free(eid);
-    if (st != EPX_SUCCESS) epx__hier_xplan_free(x);
+    if (st != EPX_SUCCESS) epx__hier_xplan_free(x); /* what it took of `mem` goes with mem's owner */
     return st;
 }

@@ -339,10 +339,10 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
 
 static void epx__plan_free(epx__xh_plan_t *x);
 
-void epx__xhost_moe_handle_free(epx__xhost_moe_handle_t *h)
+void epx__xhost_moe_handle_free(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h)
 {
     if (!h) return;
-    epx__hier_moe_handle_free(h->hh);
+    epx__hier_moe_handle_free(m ? m->hm : NULL, h->hh);
     epx__plan_free(&h->xp);
     free(h);
 }
@@ -492,7 +492,8 @@ static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     epx__hier_moe_handle_plan(h->hh, &hp);
     h->chunks = epx__hier_call_chunks(&m->s, m->xh->ls > 1, hp.src_tokens, m->xh->nranks);
     /* Part-major: one exchange per part. */
-    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, false, h->chunks, &x->h, err));
+    EPX__CHECK(epx__hier_xplan_build(m->xh->hier, h->hh, &m->s, false, h->chunks, &x->h,
+                                     epx__hier_moe_handle_mem(h->hh), err));
     size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
     cudaError_t ce = cudaGetDevice(&x->device);
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&x->used, cudaEventDisableTiming);
@@ -900,7 +901,7 @@ static epx_status_t epx__dispatch_end(epx__xhost_moe_t *m, epx__xhost_moe_handle
     st = epx__call_end(m, &h->xp, plan, st, stream, err);
     if (st != EPX_SUCCESS) {
         h->xp.keep_dev = true;
-        epx__xhost_moe_handle_free(h);
+        epx__xhost_moe_handle_free(m, h);
         return st;
     }
     *handle = h;
@@ -924,7 +925,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     int64_t code = (bad ? EPX__PRE_BAD : 0) | (nosync ? EPX__PRE_NOSYNC : 0);
     epx_status_t st = epx__pre(m, code, &local, &skip, err);
     if (st != EPX_SUCCESS) {
-        epx__xhost_moe_handle_free(h);
+        epx__xhost_moe_handle_free(m, h);
         return st;
     }
     if (skip) { /* as the CUDA backend's device check: counts -1, nothing else written */
@@ -933,7 +934,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
         out->num_recv_tokens = -1;
         epx__h2d(out->num_recv_tokens_device, &minus1, sizeof minus1, stream, &st, err);
         if (st != EPX_SUCCESS) {
-            epx__xhost_moe_handle_free(h);
+            epx__xhost_moe_handle_free(m, h);
             return st;
         }
         *handle = h;
@@ -968,7 +969,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     epx__fault_count(m);
     st = epx__hier_moe_dispatch_plan(m->hm, &hin, &hout, local, &hh, err);
     if (st != EPX_SUCCESS) {
-        epx__xhost_moe_handle_free(h);
+        epx__xhost_moe_handle_free(m, h);
         return st;
     }
     int64_t N = hout.num_recv_tokens;
@@ -978,7 +979,7 @@ epx_status_t epx__xhost_moe_dispatch(epx__xhost_moe_t *m, const epx_moe_dispatch
     epx__cuda_a2a_t *plan = NULL;
     st = epx__ready(m, h, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
     if (st != EPX_SUCCESS) {
-        epx__xhost_moe_handle_free(h);
+        epx__xhost_moe_handle_free(m, h);
         return st;
     }
     /* 3. Enqueue: the routing outputs (the stream is idle: these copies return at once),
@@ -1061,7 +1062,7 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     if (local == EPX_SUCCESS) minus1 = epx__hb(m, B_CNT, sizeof(int32_t) * (size_t)EPX__MAX(L, 1), &local, err);
     epx_status_t st = epx__pre(m, (bad ? EPX__PRE_BAD : 0) | EPX__PRE_NOSYNC, &local, &skip, err);
     if (st != EPX_SUCCESS) {
-        epx__xhost_moe_handle_free(h);
+        epx__xhost_moe_handle_free(m, h);
         return st;
     }
     if (skip) { /* as the CUDA backend's device check: counts -1, nothing else written; no rank failed */
@@ -1070,7 +1071,7 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
         epx__h2d(out->recv_count, minus1, sizeof(int32_t) * (size_t)L, stream, &st, err);
         if (st == EPX_SUCCESS) st = epx__xh_sync(m->xh, stream, err); /* the mirror is reused */
         if (st != EPX_SUCCESS) {
-            epx__xhost_moe_handle_free(h);
+            epx__xhost_moe_handle_free(m, h);
             return st;
         }
         *handle = h;
@@ -1084,7 +1085,7 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     epx__fault_count(m);
     st = epx__hier_moe_ll_dispatch_plan(m->hm, &hin, local, &hh, err);
     if (st != EPX_SUCCESS) {
-        epx__xhost_moe_handle_free(h);
+        epx__xhost_moe_handle_free(m, h);
         return st;
     }
     h->hh = hh;
@@ -1092,7 +1093,7 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     epx__cuda_a2a_t *plan = NULL;
     st = epx__ready(m, h, false, false, epx__plan_build(m, h, stream, err), stream, &plan, err);
     if (st != EPX_SUCCESS) {
-        epx__xhost_moe_handle_free(h);
+        epx__xhost_moe_handle_free(m, h);
         return st;
     }
     /* 3. Enqueue the rows (quantised first with FP8), then their slots, sources and counts.

@@ -86,6 +86,9 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe
     (void)m, (void)h, (void)in, (void)out, (void)local, (void)stream;
     return EPX__NO_XHOST(err);
 }
-void epx__xhost_moe_handle_free(epx__xhost_moe_handle_t *h) { (void)h; }
+void epx__xhost_moe_handle_free(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h)
+{
+    (void)m, (void)h;
+}
 int64_t epx__xhost_moe_handle_rows(const epx__xhost_moe_handle_t *h) { return (void)h, 0; }
 int epx__xhost_moe_handle_tokens(const epx__xhost_moe_handle_t *h) { return (void)h, 0; }

@@ -118,7 +118,8 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
 epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
                                        const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
                                        epx__errbuf_t *err);
-void epx__xhost_moe_handle_free(epx__xhost_moe_handle_t *h);
+/* Local. m (NULL once the context is gone) keeps the handle's host memory for the next. */
+void epx__xhost_moe_handle_free(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h);
 int64_t epx__xhost_moe_handle_rows(const epx__xhost_moe_handle_t *h);
 int epx__xhost_moe_handle_tokens(const epx__xhost_moe_handle_t *h);
 
