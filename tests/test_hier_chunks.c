@@ -1,7 +1,8 @@
 /*
  * The chunks of the network step of a MoE call across hosts (src/hier/plan.c,
  * epx__hier_call_chunks), on the CPU: where the forwarding overlaps the network, one per
- * 8 MiB of the rows (FP8: with their float32 scales) of the dispatch's largest batch,
+ * 8 MiB of the rows as they cross (FP8: with their float32 scales; low-latency FP8: the
+ * e4m3 row and its float32 or UE8M0 scales, whatever the dtype) of the dispatch's largest batch,
  * wherever it is (the largest T over every rank), at least 1 and at most
  * EPX__HIER_MAX_CHUNKS, whatever max_tokens; 1 where nothing overlaps; EPX_MOE_CHUNKS,
  * clamped, when set.
@@ -23,24 +24,33 @@ typedef struct {
     int R;
     int64_t tokens[MAXR]; /* every rank's T in the dispatch */
     int want;             /* without EPX_MOE_CHUNKS */
+    int ll;               /* 0: high-throughput; low-latency: 1 FP8 (float32 scales), 2 FP8 (UE8M0), 3 bf16 */
 } ccase_t;
 
 /* BF16 rows at H = 7168 are 14336 B (585 per 8 MiB); FP8 7168 + 56 * 4 = 7392 B (1134). */
 static const ccase_t cases[] = {
-    {"T = 0 everywhere", 7168, EPX_BF16, true, 4, {0, 0, 0, 0}, 1},
-    {"small batch", 7168, EPX_BF16, true, 4, {128, 64, 0, 100}, 1},
-    {"full batch T = 4096 (7 by size)", 7168, EPX_BF16, true, 4, {4096, 4096, 4096, 4096}, 4},
-    {"largest on rank 1", 7168, EPX_BF16, true, 4, {0, 1024, 3, 7}, 2},
-    {"largest on rank 2", 7168, EPX_BF16, true, 4, {10, 20, 1500, 30}, 3},
-    {"largest on the last of 8", 7168, EPX_BF16, true, 8, {1, 2, 3, 4, 5, 6, 7, 1800}, 4},
-    {"exactly 8 MiB", 4096, EPX_BF16, true, 4, {1024, 0, 512, 0}, 1},
-    {"8 MiB and a row", 4096, EPX_BF16, true, 4, {0, 0, 0, 1025}, 2},
-    {"fp8 full batch", 7168, EPX_FP8_E4M3, true, 4, {4096, 4096, 4096, 4096}, 4},
-    {"fp8 below 8 MiB", 7168, EPX_FP8_E4M3, true, 4, {0, 1134, 0, 0}, 1},
-    {"fp8 above 8 MiB with its scales", 7168, EPX_FP8_E4M3, true, 4, {0, 0, 1135, 0}, 2},
-    {"one rank", 7168, EPX_BF16, true, 1, {1200}, 3},
-    {"no overlap, full batch", 7168, EPX_BF16, false, 4, {4096, 4096, 4096, 4096}, 1},
-    {"no overlap, fp8", 7168, EPX_FP8_E4M3, false, 4, {0, 4096, 0, 0}, 1},
+    {"T = 0 everywhere", 7168, EPX_BF16, true, 4, {0, 0, 0, 0}, 1, 0},
+    {"small batch", 7168, EPX_BF16, true, 4, {128, 64, 0, 100}, 1, 0},
+    {"full batch T = 4096 (7 by size)", 7168, EPX_BF16, true, 4, {4096, 4096, 4096, 4096}, 4, 0},
+    {"largest on rank 1", 7168, EPX_BF16, true, 4, {0, 1024, 3, 7}, 2, 0},
+    {"largest on rank 2", 7168, EPX_BF16, true, 4, {10, 20, 1500, 30}, 3, 0},
+    {"largest on the last of 8", 7168, EPX_BF16, true, 8, {1, 2, 3, 4, 5, 6, 7, 1800}, 4, 0},
+    {"exactly 8 MiB", 4096, EPX_BF16, true, 4, {1024, 0, 512, 0}, 1, 0},
+    {"8 MiB and a row", 4096, EPX_BF16, true, 4, {0, 0, 0, 1025}, 2, 0},
+    {"fp8 full batch", 7168, EPX_FP8_E4M3, true, 4, {4096, 4096, 4096, 4096}, 4, 0},
+    {"fp8 below 8 MiB", 7168, EPX_FP8_E4M3, true, 4, {0, 1134, 0, 0}, 1, 0},
+    {"fp8 above 8 MiB with its scales", 7168, EPX_FP8_E4M3, true, 4, {0, 0, 1135, 0}, 2, 0},
+    {"one rank", 7168, EPX_BF16, true, 1, {1200}, 3, 0},
+    {"no overlap, full batch", 7168, EPX_BF16, false, 4, {4096, 4096, 4096, 4096}, 1, 0},
+    {"no overlap, fp8", 7168, EPX_FP8_E4M3, false, 4, {0, 4096, 0, 0}, 1, 0},
+    /* Low-latency FP8 of bf16 tokens: 7392 B a row with float32 scales, 7224 with UE8M0. */
+    {"ll fp8 below 8 MiB", 7168, EPX_BF16, true, 4, {0, 1134, 0, 0}, 1, 1},
+    {"ll fp8 above 8 MiB", 7168, EPX_BF16, true, 4, {1135, 0, 0, 0}, 2, 1},
+    {"ll fp8 ue8m0 below 8 MiB", 7168, EPX_BF16, true, 4, {0, 0, 1161, 0}, 1, 2},
+    {"ll fp8 ue8m0 above 8 MiB", 7168, EPX_BF16, true, 4, {0, 0, 1162, 0}, 2, 2},
+    {"ll fp8 full batch", 7168, EPX_BF16, true, 4, {4096, 4096, 4096, 4096}, 4, 1},
+    {"ll bf16 below 8 MiB", 7168, EPX_BF16, true, 4, {585, 0, 0, 0}, 1, 3},
+    {"ll bf16 above 8 MiB", 7168, EPX_BF16, true, 4, {586, 0, 0, 0}, 2, 3},
 };
 
 static epx__moe_shape_t shape(const ccase_t *c)
@@ -50,6 +60,9 @@ static epx__moe_shape_t shape(const ccase_t *c)
     s.nranks = c->R, s.hidden = c->H, s.max_tokens = 4096, s.dtype = c->dtype;
     s.row_bytes = (size_t)c->H * epx_dtype_size(c->dtype);
     s.scale_cols = ((size_t)c->H + 127) / 128;
+    s.mode = c->ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
+    s.ll_fp8 = c->ll == 1 || c->ll == 2;
+    s.scale_format = c->ll == 2 ? EPX_SCALE_UE8M0 : EPX_SCALE_F32;
     return s;
 }
 

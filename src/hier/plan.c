@@ -83,8 +83,12 @@ int epx__hier_call_chunks(const epx__moe_shape_t *s, bool overlap, const int64_t
     if (!overlap) return 1;
     int64_t T = 0; /* the largest batch of the call: every rank knows every rank's */
     for (int p = 0; p < R; p++) T = EPX__MAX(T, src_tokens[p]);
-    size_t scales = s->dtype == EPX_FP8_E4M3 ? s->scale_cols * sizeof(float) : 0;
-    uint64_t bytes = (uint64_t)T * (s->row_bytes + scales), per = (uint64_t)8 << 20;
+    /* A row as it crosses: low-latency FP8 quantises (e4m3 and its scales), else the dtype's
+     * row and, for FP8, float32 scales. */
+    size_t row = s->row_bytes, scales = s->dtype == EPX_FP8_E4M3 ? s->scale_cols * sizeof(float) : 0;
+    if (s->mode == EPX_MOE_LOW_LATENCY && s->ll_fp8)
+        row = (size_t)s->hidden, scales = s->scale_cols * (s->scale_format == EPX_SCALE_UE8M0 ? 1 : sizeof(float));
+    uint64_t bytes = (uint64_t)T * (row + scales), per = (uint64_t)8 << 20;
     uint64_t c = (bytes + per - 1) / per;
     return c < 1 ? 1 : c > EPX__HIER_MAX_CHUNKS ? EPX__HIER_MAX_CHUNKS : (int)c;
 }
