@@ -76,6 +76,33 @@ static int epx__experts_on(const int32_t *tk, int K, const epx__eid_t *ex, int q
     return n;
 }
 
+/* How many distinct experts of a token are on rank q (no order needed). */
+static int epx__distinct_on(const int32_t *tk, int K, const epx__eid_t *ex, int q)
+{
+    int n = 0;
+    for (int k = 0; k < K; k++) {
+        if (tk[k] < 0 || ex->rank[tk[k]] != q) continue;
+        bool dup = false;
+        for (int j = 0; j < k; j++) dup |= tk[j] == tk[k];
+        n += !dup;
+    }
+    return n;
+}
+
+/* The place of tk[k]'s expert among the token's distinct experts on its rank, by ascending
+ * local id (= ascending id on one rank): how many distinct ones there are below it. */
+static int epx__index_on(const int32_t *tk, int K, const epx__eid_t *ex, int k)
+{
+    int e = tk[k], q = ex->rank[e], n = 0;
+    for (int j = 0; j < K; j++) {
+        if (tk[j] < 0 || tk[j] >= e || ex->rank[tk[j]] != q) continue;
+        bool dup = false;
+        for (int i = 0; i < j; i++) dup |= tk[i] == tk[j];
+        n += !dup;
+    }
+    return n;
+}
+
 int epx__hier_call_chunks(const epx__moe_shape_t *s, bool overlap, const int64_t *src_tokens, int R)
 {
     int64_t set = epx__param_int(EPX__P_MOE_CHUNKS);
@@ -140,6 +167,7 @@ typedef struct {
     int64_t slots;
     const int64_t *rslot; /* low-latency [rows, K]: row r's position among its expert's slots, at
                              the first k naming each of my experts; else -1 */
+    const int64_t *yslot; /* low-latency [rows, K]: row r's slots here, its experts by local id */
 } epx__pb_t;
 
 /* The part of the exchanges inside the host that token `tok` of source rank p takes here
@@ -153,8 +181,7 @@ static int epx__part(const epx__pb_t *b, int p, int tok)
 /* Rows of the combine record of a token (routing tk) for rank q, which it goes to. */
 static int64_t epx__rec_rows(const epx__pb_t *b, const int32_t *tk, int q)
 {
-    int lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
-    return b->ll ? epx__experts_on(tk, b->K, &b->ex, q, lid, kf) : 1;
+    return b->ll ? epx__distinct_on(tk, b->K, &b->ex, q) : 1;
 }
 
 /* Row j of the combine record that starts at `ref`: in C1 or HOME rows lie back to back;
@@ -163,10 +190,7 @@ static int64_t epx__rec_rows(const epx__pb_t *b, const int32_t *tk, int q)
 static int64_t epx__rec_row(const epx__pb_t *b, int64_t ref, int j)
 {
     if (!b->ll || EPX__HIER_REF_KIND(ref) != EPX__HIER_Y) return ref + j;
-    int64_t r = EPX__HIER_REF_INDEX(ref);
-    int lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
-    epx__experts_on(b->P.row_topk + r * b->K, b->K, &b->ex, b->me, lid, kf);
-    return EPX__HIER_REF(EPX__HIER_Y, lid[j] * b->slots + b->rslot[r * b->K + kf[j]]);
+    return EPX__HIER_REF(EPX__HIER_Y, b->yslot[EPX__HIER_REF_INDEX(ref) * b->K + j]);
 }
 
 void epx__hier_xplan_free(epx__hier_xplan_t *x)
@@ -211,15 +235,16 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     int64_t *cnt = epx__arena_alloc(a, (size_t)L, sizeof *cnt, true);
     int64_t *pfirst = epx__arena_alloc(a, (size_t)L + 1, sizeof *pfirst, true);
     int64_t *rslot = epx__arena_alloc(a, (size_t)(b.ll ? rows * K : 0), sizeof *rslot, false);
+    int64_t *yslot = epx__arena_alloc(a, (size_t)(b.ll ? rows * K : 0), sizeof *yslot, false);
     int E = s->num_experts;
     int32_t *eid = epx__arena_alloc(a, 2 * (size_t)E, sizeof *eid, false);
     int ranks[EPX_MOE_MAX_TOPK], lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
-    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !eid) {
+    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !yslot || !eid) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
     }
-    b.rslot = rslot;
+    b.rslot = rslot, b.yslot = yslot;
     for (int e = 0; e < E; e++) eid[e] = e / L, eid[E + e] = e % L;
     b.ex.rank = eid, b.ex.lid = eid + E, b.ex.nranks = R;
     cfirst = lfirst + NP * LS;
@@ -298,6 +323,10 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
             if (!dup) rslot[r * K + k] = cnt[b.ex.lid[tk[k]]]++;
         }
+    }
+    for (int64_t r = 0; b.ll && r < rows; r++) {
+        int ne = epx__experts_on(P->row_topk + r * K, K, &b.ex, me, lid, kf);
+        for (int j = 0; j < ne; j++) yslot[r * K + j] = lid[j] * b.slots + rslot[r * K + kf[j]];
     }
     for (int l = 0; l < L; l++) pfirst[l + 1] = pfirst[l] + (b.ll ? cnt[l] : 0);
     x->n_place = pfirst[L];
@@ -453,11 +482,10 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         for (int j = 0; j < n && !b.ll; j++) o[m++] = base[j];
         for (int k = 0; k < K && b.ll && st == EPX_SUCCESS; k++) {
             if (tk[k] < 0) continue;
-            int r = b.ex.rank[tk[k]], j = 0, jj = 0, ne = epx__experts_on(tk, K, &b.ex, r, lid, kf);
+            int r = b.ex.rank[tk[k]], j = 0;
             while (j < n - 1 && ranks[j] != r) j++;
-            while (jj < ne - 1 && lid[jj] != b.ex.lid[tk[k]]) jj++;
             x->tk[o - x->tok + m] = k;
-            o[m++] = epx__rec_row(&b, base[j], jj);
+            o[m++] = epx__rec_row(&b, base[j], epx__index_on(tk, K, &b.ex, k));
         }
         o += m;
         x->first[i + 1] = x->first[i] + m;
