@@ -58,6 +58,7 @@ struct epx__hier_moe {
     char *buf[EPX__NBUF];
     size_t cap[EPX__NBUF];
     int64_t *verdict; /* the verdict's blocks out and in, [2, R, EPX__V_FLOWS] */
+    int32_t *host_of_expert; /* [E]: the host of expert e's rank */
     epx__arena_t spare; /* the memory of the last handle freed, for the next */
     epx__arena_t tmp;   /* a call's own arrays, released when the next call starts */
 };
@@ -113,10 +114,10 @@ static bool epx__to_rank(const int32_t *topk, int K, int L, int q)
     return false;
 }
 
-static bool epx__to_host(const epx__topo_t *t, const int32_t *topk, int K, int L, int host)
+static bool epx__to_host(const epx__hier_moe_t *m, const int32_t *topk, int K, int host)
 {
     for (int k = 0; k < K; k++)
-        if (topk[k] >= 0 && t->host_of[topk[k] / L] == host) return true;
+        if (topk[k] >= 0 && m->host_of_expert[topk[k]] == host) return true;
     return false;
 }
 
@@ -332,7 +333,12 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
     const epx__topo_t *t = epx__hier_topo(h);
     int R = t->nranks;
     m->verdict = malloc(sizeof *m->verdict * 2 * (size_t)R * EPX__V_FLOWS);
-    if (!m->verdict && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (local == EPX_SUCCESS) /* a valid shape: E = R * L */
+        m->host_of_expert = malloc(sizeof *m->host_of_expert * (size_t)EPX__MAX(shape->num_experts, 1));
+    if ((!m->verdict || !m->host_of_expert) && local == EPX_SUCCESS)
+        local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int e = 0; local == EPX_SUCCESS && e < shape->num_experts; e++)
+        m->host_of_expert[e] = t->host_of[e / shape->local_experts];
     int64_t *v = calloc(2 * (size_t)R, sizeof *v);
     epx_status_t st = v ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) {
@@ -366,6 +372,7 @@ void epx__hier_moe_destroy(epx__hier_moe_t *m)
     free(m->ll_q);
     free(m->ll_scales);
     free(m->verdict);
+    free(m->host_of_expert);
     epx__arena_free(&m->spare), epx__arena_free(&m->tmp);
     for (int i = 0; i < EPX__NBUF; i++) {
         if (i < EPX__NREG && m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
@@ -473,7 +480,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         for (int p = 0; p < R; p++) {
             if (!sc[p]) continue;
             for (int64_t i = 0; i < T; i++) {
-                if (!epx__to_host(t, hd->topk + i * K, K, L, t->host_of[p])) continue;
+                if (!epx__to_host(m, hd->topk + i * K, K, t->host_of[p])) continue;
                 int32_t *r = (int32_t *)o;
                 r[0] = me, r[1] = (int32_t)i;
                 memcpy(r + 2, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
@@ -660,7 +667,7 @@ static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, co
     for (int i = 0; hd && i < hd->T; i++) {
         const int32_t *tk = hd->topk + (size_t)i * hd->K;
         for (int q = 0; q < R && !per_rank; q++) pr[q] += epx__to_rank(tk, hd->K, L, q);
-        for (int k = 0; k < NH; k++) pr[R + k] += epx__to_host(t, tk, hd->K, L, k);
+        for (int k = 0; k < NH; k++) pr[R + k] += epx__to_host(m, tk, hd->K, k);
     }
     if (per_rank) memcpy(pr, per_rank, sizeof *pr * (size_t)R);
     return EPX_SUCCESS;
