@@ -27,6 +27,10 @@
 #   fakepaths fail_enqueue and kill_enqueue over the fake NCCL (2 hosts of 2) on the direct
 #             alltoallv path, copy engines and EPX_MOE_CHUNKS=3, for FAULT_PATH_OPS (default
 #             "alltoallv dispatch"; fakepaths.log, ~2 min)
+#   fakebench the path across hosts timed over the fake NCCL on one GPU (2 simulated hosts
+#             of 1 rank, both on GPU 0): MoE HT T=4096 and LL T=128 at H=7168 and at tiny
+#             rows (H=128: the host's share of a call: routing read-back, plans, rounds);
+#             not NCCL's times (the fake moves bytes through host memory on one thread)
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
 #   quick     cpu cuda (no benchmarks)
@@ -174,6 +178,18 @@ if has nccl; then
         $B/epx-bench moe --backend cuda --ranks 2 --tokens 128 --hidden 7168 --topk 8 --experts 288 --mode ll \
             --dtype fp8 -n 20 -w 5 --json "$OUT/nccl_moe_ll_fp8_t128.json" || rc=1
     } 2>&1 | tee "$OUT/nccl_bench.txt" | grep -vE "progress"
+fi
+if has fakebench; then
+    {
+        for H in 128 7168; do
+            env LD_LIBRARY_PATH="$PWD/build-gpu/tests/fake_nccl" EPX_LOCAL_SIZE=1 $B/epx-bench moe --backend cuda --ranks 2 \
+                --tokens 4096 --hidden $H --topk 8 --experts 256 --mode ht --dtype bf16 -n 20 -w 3 -c 1 --baseline none \
+                --json "$OUT/fake_moe_ht_h$H.json" || rc=1
+            env LD_LIBRARY_PATH="$PWD/build-gpu/tests/fake_nccl" EPX_LOCAL_SIZE=1 $B/epx-bench moe --backend cuda --ranks 2 \
+                --tokens 128 --hidden $H --topk 8 --experts 288 --mode ll --dtype fp8 -n 30 -w 5 --baseline none \
+                --json "$OUT/fake_moe_ll_h$H.json" || rc=1
+        done
+    } 2>&1 | tee "$OUT/fakebench.txt" | grep -vE "progress"
 fi
 if has soak; then
     t0=$(date +%s)

@@ -1,6 +1,6 @@
 /*
- * A stand-in for libnccl.so.2, for tests only: the NCCL calls epx makes (src/nccl/nccl.c),
- * with point-to-point transfers through POSIX shared memory, so that CUDA across simulated
+ * A stand-in for libnccl.so.2, for tests only: the NCCL calls epx makes (src/nccl/nccl.c)
+ * and those of epx-bench's baselines, with point-to-point transfers through POSIX shared memory, so that CUDA across simulated
  * hosts runs where NCCL itself cannot: several ranks on one GPU (NCCL refuses two ranks of
  * one device). Loaded instead of NCCL through LD_LIBRARY_PATH (tests/CMakeLists.txt:
  * fake_nccl_* tests).
@@ -48,6 +48,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -518,6 +519,11 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t *out, int nranks, ncclUniqueId id
     return c->join ? ncclInProgress : ncclSuccess;
 }
 
+ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId id, int rank)
+{
+    return ncclCommInitRankConfig(out, nranks, id, rank, NULL);
+}
+
 ncclResult_t ncclCommGetAsyncError(ncclComm_t c, ncclResult_t *r)
 {
     *r = !c ? ncclInvalidArgument : c->join && !fake_joined(c) ? ncclInProgress : fake_err(c);
@@ -801,4 +807,34 @@ ncclResult_t ncclSend(const void *buf, size_t count, ncclDataType_t t, int peer,
 ncclResult_t ncclRecv(void *buf, size_t count, ncclDataType_t t, int peer, ncclComm_t c, cudaStream_t stream)
 {
     return fake_queue(0, buf, count, t, peer, c, stream);
+}
+
+/* The collectives epx-bench's baselines call (so the bench runs over the fake too), as one
+ * group of a send and a receive of `count` elements with every rank: alltoall sends block
+ * p of `send` to rank p, allgather all of `send` to every rank; both receive rank p's into
+ * block p of `recv`. */
+static ncclResult_t fake_exchange(const void *send, bool blocks, void *recv, size_t count, ncclDataType_t t,
+                                  ncclComm_t c, cudaStream_t stream)
+{
+    if (!c || fake_type_size(t) == 0) return ncclInvalidArgument;
+    size_t b = count * fake_type_size(t);
+    ncclResult_t r = ncclGroupStart();
+    for (int p = 0; p < c->nranks && r == ncclSuccess; p++) {
+        r = ncclSend((const char *)send + (blocks ? p * b : 0), count, t, p, c, stream);
+        if (r == ncclSuccess) r = ncclRecv((char *)recv + p * b, count, t, p, c, stream);
+    }
+    ncclResult_t e = ncclGroupEnd();
+    return r != ncclSuccess ? r : e;
+}
+
+ncclResult_t ncclAlltoAll(const void *send, void *recv, size_t count, ncclDataType_t t, ncclComm_t c,
+                          cudaStream_t stream)
+{
+    return fake_exchange(send, true, recv, count, t, c, stream);
+}
+
+ncclResult_t ncclAllGather(const void *send, void *recv, size_t count, ncclDataType_t t, ncclComm_t c,
+                           cudaStream_t stream)
+{
+    return fake_exchange(send, false, recv, count, t, c, stream);
 }
