@@ -232,10 +232,11 @@ typedef struct {
     epx__arena_t own;  /* where the arrays lie when the builder got no arena */
 } epx__hier_xplan_t;
 /* Local. `chunks` (1 .. EPX__HIER_MAX_CHUNKS) must be the same on every rank. The plan's
- * arrays (and the builder's own, about as many) are taken from `mem` when given (then they
- * last as long as mem's use: give the handle's, epx__hier_moe_handle_mem), else from the
- * plan's own arena, released by epx__hier_xplan_free. On failure (memory, or
- * EPX_ERR_INTERNAL when the plan does not add up) *x holds nothing. */
+ * arrays and the builder's scratch (a few arrays of one element per entry or row) are taken
+ * from `mem` when given (then they last as long as mem's use: give the handle's,
+ * epx__hier_moe_handle_mem), else from the plan's own arena, released by
+ * epx__hier_xplan_free. On failure (memory, or EPX_ERR_INTERNAL when the plan does not add
+ * up) *x holds nothing. */
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
                                    const epx__moe_shape_t *shape, bool by_peer, int chunks, epx__hier_xplan_t *x,
                                    epx__arena_t *mem, epx__errbuf_t *err);
