@@ -58,7 +58,7 @@ struct epx__hier_moe {
     char *buf[EPX__NBUF];
     size_t cap[EPX__NBUF];
     int64_t *verdict; /* the verdict's blocks out and in, [2, R, EPX__V_FLOWS] */
-    int32_t *host_of_expert; /* [E]: the host of expert e's rank */
+    int32_t *rank_of_expert, *host_of_expert; /* [E]: expert e's rank, and its host */
     epx__arena_t spare; /* the memory of the last handle freed, for the next */
     epx__arena_t tmp;   /* a call's own arrays, released when the next call starts */
 };
@@ -334,11 +334,14 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
     int R = t->nranks;
     m->verdict = malloc(sizeof *m->verdict * 2 * (size_t)R * EPX__V_FLOWS);
     if (local == EPX_SUCCESS) /* a valid shape: E = R * L */
-        m->host_of_expert = malloc(sizeof *m->host_of_expert * (size_t)EPX__MAX(shape->num_experts, 1));
-    if ((!m->verdict || !m->host_of_expert) && local == EPX_SUCCESS)
+        m->rank_of_expert = malloc(2 * sizeof *m->rank_of_expert * (size_t)EPX__MAX(shape->num_experts, 1));
+    if ((!m->verdict || !m->rank_of_expert) && local == EPX_SUCCESS)
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    for (int e = 0; local == EPX_SUCCESS && e < shape->num_experts; e++)
-        m->host_of_expert[e] = t->host_of[e / shape->local_experts];
+    if (local == EPX_SUCCESS) m->host_of_expert = m->rank_of_expert + shape->num_experts;
+    for (int e = 0; local == EPX_SUCCESS && e < shape->num_experts; e++) {
+        m->rank_of_expert[e] = e / shape->local_experts;
+        m->host_of_expert[e] = t->host_of[m->rank_of_expert[e]];
+    }
     int64_t *v = calloc(2 * (size_t)R, sizeof *v);
     epx_status_t st = v ? EPX_SUCCESS : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st == EPX_SUCCESS) {
@@ -372,7 +375,7 @@ void epx__hier_moe_destroy(epx__hier_moe_t *m)
     free(m->ll_q);
     free(m->ll_scales);
     free(m->verdict);
-    free(m->host_of_expert);
+    free(m->rank_of_expert);
     epx__arena_free(&m->spare), epx__arena_free(&m->tmp);
     for (int i = 0; i < EPX__NBUF; i++) {
         if (i < EPX__NREG && m->buf[i]) epx__cpu_mem_free(m->h->cpu, m->buf[i], NULL);
@@ -651,25 +654,29 @@ static epx__hier_moe_handle_t *epx__handle_new(epx__hier_moe_t *m, uint32_t id, 
     return NULL;
 }
 
-/* The flows of a dispatch before its verdict: my tokens per rank (from `per_rank` when given,
- * else counted) and per host, from hd's routing (none when hd is NULL: this rank failed).
- * Fails only for memory. */
-static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, const epx__hier_moe_handle_t *hd,
-                                   const int32_t *per_rank)
+/* The flows of a dispatch before its verdict: my tokens per rank and per host, counted in
+ * one pass over hd's routing (none when hd is NULL: this rank failed). Fails only for
+ * memory. */
+static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, const epx__hier_moe_handle_t *hd)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, NH = t->num_hosts, L = m->s.local_experts;
-    int32_t *pr = calloc((size_t)R + (size_t)NH, sizeof *pr);
+    int R = t->nranks, NH = t->num_hosts;
+    int32_t *pr = calloc(2 * ((size_t)R + (size_t)NH), sizeof *pr); /* counts, then stamps */
     int64_t *c = calloc(2 * (size_t)R + (size_t)t->local_size, sizeof *c);
     f->per_rank = pr, f->per_host = pr ? pr + R : NULL, f->T = hd ? hd->T : 0;
     f->fwd_count = c, f->tokens = c ? c + R : NULL, f->lanes = c ? c + 2 * R : NULL;
     if (!pr || !c) return EPX_ERR_NO_MEMORY;
+    int32_t *rank_seen = pr + R + NH, *host_seen = rank_seen + R; /* 1 + the last token counted */
     for (int i = 0; hd && i < hd->T; i++) {
         const int32_t *tk = hd->topk + (size_t)i * hd->K;
-        for (int q = 0; q < R && !per_rank; q++) pr[q] += epx__to_rank(tk, hd->K, L, q);
-        for (int k = 0; k < NH; k++) pr[R + k] += epx__to_host(m, tk, hd->K, k);
+        for (int k = 0; k < hd->K; k++) {
+            if (tk[k] < 0) continue;
+            int q = m->rank_of_expert[tk[k]], h = t->host_of[q];
+            if (rank_seen[q] == i + 1) continue;
+            rank_seen[q] = i + 1, pr[q]++;
+            if (host_seen[h] != i + 1) host_seen[h] = i + 1, pr[R + h]++;
+        }
     }
-    if (per_rank) memcpy(pr, per_rank, sizeof *pr * (size_t)R);
     return EPX_SUCCESS;
 }
 
@@ -689,26 +696,20 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
                                   epx_status_t local, bool payload, epx__hier_moe_handle_t **handle, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    int R = s->nranks, L = s->local_experts, me = s->rank;
+    int L = s->local_experts, me = s->rank;
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     epx__hier_moe_handle_t *hd = NULL;
-    int32_t *per_rank = NULL;
     int K = local == EPX_SUCCESS ? in->topk : 0, has_w = local == EPX_SUCCESS && in->topk_weights;
     if (local == EPX_SUCCESS) {
         hd = epx__handle_new(m, seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, K, has_w);
-        per_rank = calloc((size_t)R, sizeof *per_rank);
-        if (!hd || !per_rank) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
+        if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
-    if (local == EPX_SUCCESS) {
-        epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
-        local = epx__layout(hd->topk, EPX_I32, in->num_tokens, K, s->num_experts, R, per_rank, NULL, NULL);
-    }
+    if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
     int64_t n = 0;
     epx__flows_t f;
-    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL, per_rank) != EPX_SUCCESS && local == EPX_SUCCESS)
+    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL) != EPX_SUCCESS && local == EPX_SUCCESS)
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    free(per_rank);
     epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
                                    &f, &n, deadline, err);
     float *row_w = NULL;
@@ -1045,7 +1046,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     }
     if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
     epx__flows_t f;
-    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL, NULL) != EPX_SUCCESS && local == EPX_SUCCESS)
+    if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL) != EPX_SUCCESS && local == EPX_SUCCESS)
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, &f, NULL, deadline, err);
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
