@@ -59,21 +59,45 @@ static int epx__dest_ranks(const int32_t *tk, int K, const epx__eid_t *ex, int *
     return n;
 }
 
-/* The distinct experts of a token on rank q by ascending local id: lid[j], and kf[j] the
- * first k that names it; returns how many. */
-static int epx__experts_on(const int32_t *tk, int K, const epx__eid_t *ex, int q, int *lid, int *kf)
+/* A token's distinct expert ids, ascending, and the first k naming each: a rank's experts
+ * are a run (rank q holds ids [q L, q L + L)), by ascending local id. */
+typedef struct {
+    int n;
+    int32_t id[EPX_MOE_MAX_TOPK];
+    int kf[EPX_MOE_MAX_TOPK];
+} epx__tokex_t;
+
+static void epx__tokex(const int32_t *tk, int K, epx__tokex_t *t)
 {
-    int n = 0;
+    t->n = 0;
     for (int k = 0; k < K; k++) {
-        if (tk[k] < 0 || ex->rank[tk[k]] != q) continue;
-        int l = ex->lid[tk[k]], j = n;
-        bool dup = false;
-        for (int a = 0; a < n; a++) dup = dup || lid[a] == l;
-        if (dup) continue;
-        while (j > 0 && lid[j - 1] > l) lid[j] = lid[j - 1], kf[j] = kf[j - 1], j--;
-        lid[j] = l, kf[j] = k, n++;
+        int32_t e = tk[k];
+        if (e < 0) continue;
+        int j = t->n;
+        while (j > 0 && t->id[j - 1] > e) j--;
+        if (j > 0 && t->id[j - 1] == e) continue; /* named before */
+        for (int a = t->n; a > j; a--) t->id[a] = t->id[a - 1], t->kf[a] = t->kf[a - 1];
+        t->id[j] = e, t->kf[j] = k, t->n++;
     }
-    return n;
+}
+
+/* Where rank q's run starts in t, and (*len) how long it is. */
+static int epx__tokex_run(const epx__tokex_t *t, int q, int L, int *len)
+{
+    int a = 0;
+    while (a < t->n && t->id[a] < q * L) a++;
+    int b = a;
+    while (b < t->n && t->id[b] < q * L + L) b++;
+    *len = b - a;
+    return a;
+}
+
+/* The place of expert id e in t (it is there). */
+static int epx__tokex_at(const epx__tokex_t *t, int32_t e)
+{
+    int a = 0;
+    while (t->id[a] != e) a++;
+    return a;
 }
 
 /* How many distinct experts of a token are on rank q (no order needed). */
@@ -84,20 +108,6 @@ static int epx__distinct_on(const int32_t *tk, int K, const epx__eid_t *ex, int 
         if (tk[k] < 0 || ex->rank[tk[k]] != q) continue;
         bool dup = false;
         for (int j = 0; j < k; j++) dup |= tk[j] == tk[k];
-        n += !dup;
-    }
-    return n;
-}
-
-/* The place of tk[k]'s expert among the token's distinct experts on its rank, by ascending
- * local id (= ascending id on one rank): how many distinct ones there are below it. */
-static int epx__index_on(const int32_t *tk, int K, const epx__eid_t *ex, int k)
-{
-    int e = tk[k], q = ex->rank[e], n = 0;
-    for (int j = 0; j < K; j++) {
-        if (tk[j] < 0 || tk[j] >= e || ex->rank[tk[j]] != q) continue;
-        bool dup = false;
-        for (int i = 0; i < j; i++) dup |= tk[i] == tk[j];
         n += !dup;
     }
     return n;
@@ -238,7 +248,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     int64_t *yslot = epx__arena_alloc(a, (size_t)(b.ll ? rows * K : 0), sizeof *yslot, false);
     int E = s->num_experts;
     int32_t *eid = epx__arena_alloc(a, 2 * (size_t)E, sizeof *eid, false);
-    int ranks[EPX_MOE_MAX_TOPK], lid[EPX_MOE_MAX_TOPK], kf[EPX_MOE_MAX_TOPK];
+    int ranks[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
     if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !yslot || !eid) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
@@ -325,8 +335,12 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         }
     }
     for (int64_t r = 0; b.ll && r < rows; r++) {
-        int ne = epx__experts_on(P->row_topk + r * K, K, &b.ex, me, lid, kf);
-        for (int j = 0; j < ne; j++) yslot[r * K + j] = lid[j] * b.slots + rslot[r * K + kf[j]];
+        epx__tokex_t tx;
+        int ne, at;
+        epx__tokex(P->row_topk + r * K, K, &tx);
+        at = epx__tokex_run(&tx, me, L, &ne);
+        for (int j = 0; j < ne; j++)
+            yslot[r * K + j] = (tx.id[at + j] - me * L) * b.slots + rslot[r * K + tx.kf[at + j]];
     }
     for (int l = 0; l < L; l++) pfirst[l + 1] = pfirst[l] + (b.ll ? cnt[l] : 0);
     x->n_place = pfirst[L];
@@ -470,12 +484,17 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misplaces token %d", i);
             break;
         }
-        /* The first row of each destination rank's record, in ascending rank order. */
+        /* The first row of each destination rank's record, in ascending rank order (low
+         * latency: a record has a row per distinct expert there, by local id: tx's runs). */
         int64_t *ci = cur + epx__chunk(C, T, i) * NH;
+        epx__tokex_t tx;
+        int run_at[EPX_MOE_MAX_TOPK], run_len = 1;
+        if (b.ll) epx__tokex(tk, K, &tx);
         for (int j = 0; j < n; j++) {
             int r = ranks[j], k = t->host_of[r];
+            if (b.ll) run_at[j] = epx__tokex_run(&tx, r, L, &run_len);
             base[j] = k == A ? ent_ref[(e0 + i) * LS + t->lrank_of[r]] : EPX__HIER_REF(EPX__HIER_HOME, ci[k]);
-            if (k != A) ci[k] += epx__rec_rows(&b, tk, r);
+            if (k != A) ci[k] += run_len;
             if (base[j] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misses token %d's row at rank %d", i, r);
         }
         int64_t m = 0;
@@ -485,7 +504,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             int r = b.ex.rank[tk[k]], j = 0;
             while (j < n - 1 && ranks[j] != r) j++;
             x->tk[o - x->tok + m] = k;
-            o[m++] = epx__rec_row(&b, base[j], epx__index_on(tk, K, &b.ex, k));
+            o[m++] = epx__rec_row(&b, base[j], epx__tokex_at(&tx, tk[k]) - run_at[j]);
         }
         o += m;
         x->first[i + 1] = x->first[i] + m;
