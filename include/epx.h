@@ -282,7 +282,8 @@ EPX_API epx_status_t epx_alltoallv_device(epx_comm_t comm, const void *send, con
  * q = e4m3(x * (1 / scale)). Each step is one IEEE float32 operation; e4m3 rounds to
  * nearest even and saturates to +-448.
  *
- * Every MoE call is collective over the communicator. Bad input (an expert id >= E or
+ * Every MoE call is collective over the communicator. A call's inputs and outputs must not
+ * overlap (a dispatch may read x while it writes recv_x). Bad input (an expert id >= E or
  * < -1, T > max_tokens, K > max_topk, a NULL or misaligned pointer, too small an output)
  * fails on every rank before anything is written: the offending rank gets
  * EPX_ERR_INVALID_ARGUMENT with the argument (and token) named, the others
@@ -500,7 +501,9 @@ EPX_API epx_status_t epx_moe_ll_combine_send(epx_moe_t moe, epx_moe_handle_t han
 EPX_API epx_status_t epx_moe_ll_combine_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream);
 
 /* Free a handle (local). NULL is accepted. EPX_ERR_INVALID_USAGE while a low-latency send
- * on it is pending (unless the communicator is broken or gone). */
+ * on it is pending (unless the communicator is broken or gone). It counts as a use of the
+ * handle's communicator (its MoE context keeps the handle's memory for the next one): not
+ * while another thread is inside a call on that communicator. */
 EPX_API epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle);
 
 /* Rows received by the dispatch that made `handle` (host value; -1 when that dispatch ran

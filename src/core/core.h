@@ -149,7 +149,8 @@ uint64_t epx__deadline_after_ms(int64_t ms);
 /* Memory that lives and dies together (a MoE handle's arrays), carved from one block with
  * a bump pointer. Reset, the arena keeps its memory, so the next object made in it neither
  * allocates nor faults pages in: with per-call malloc and free the C library trims the
- * heap and every call pays for its pages again. A zeroed struct is an empty arena. */
+ * heap and every call pays for its pages again. It never shrinks: it holds what its largest
+ * use took until it is freed. A zeroed struct is an empty arena. */
 typedef struct epx__arena_blk epx__arena_blk_t;
 typedef struct {
     epx__arena_blk_t *blk; /* current block first; more than one until the next reset */

@@ -104,6 +104,8 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
 void epx__hier_moe_handle_free(epx__hier_moe_t *m, epx__hier_moe_handle_t *h);
 /* The arena a handle's arrays lie in: what lives as long as the handle may go there too. */
 epx__arena_t *epx__hier_moe_handle_mem(const epx__hier_moe_handle_t *h);
+/* The context's scratch: what is taken from it lasts until the context's next call. */
+epx__arena_t *epx__hier_moe_scratch(epx__hier_moe_t *m);
 
 /* ---- The plan of a dispatch, for a caller that moves the rows itself (src/xhost: device
  * memory, NCCL, CUDA IPC). ---- */
@@ -232,14 +234,15 @@ typedef struct {
     epx__arena_t own;  /* where the arrays lie when the builder got no arena */
 } epx__hier_xplan_t;
 /* Local. `chunks` (1 .. EPX__HIER_MAX_CHUNKS) must be the same on every rank. The plan's
- * arrays and the builder's scratch (a few arrays of one element per entry or row) are taken
- * from `mem` when given (then they last as long as mem's use: give the handle's,
- * epx__hier_moe_handle_mem), else from the plan's own arena, released by
- * epx__hier_xplan_free. On failure (memory, or EPX_ERR_INTERNAL when the plan does not add
- * up) *x holds nothing. */
+ * arrays are taken from `mem` when given (then they last as long as mem's use: give the
+ * handle's, epx__hier_moe_handle_mem), else from the plan's own arena, released by
+ * epx__hier_xplan_free; the builder's scratch (a few arrays of one element per entry or
+ * row) from `tmp` when given (not reset here: a context's scratch, epx__hier_moe_scratch),
+ * else from memory freed before it returns. On failure (memory, or EPX_ERR_INTERNAL when
+ * the plan does not add up) *x holds nothing. */
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
                                    const epx__moe_shape_t *shape, bool by_peer, int chunks, epx__hier_xplan_t *x,
-                                   epx__arena_t *mem, epx__errbuf_t *err);
+                                   epx__arena_t *mem, epx__arena_t *tmp, epx__errbuf_t *err);
 /* The chunks of the network step of a MoE dispatch of shape s and of every call along its
  * handle, from src_tokens[R] (every rank's batch in the dispatch, the plan's src_tokens:
  * every rank gets the same): EPX_MOE_CHUNKS when set; else, where the forwarding can

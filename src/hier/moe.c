@@ -104,8 +104,8 @@ static int epx__gw(const epx__topo_t *t, int p, int k)
     return t->host_ranks[t->host_first[k] + t->lrank_of[p] % t->host_size[k]];
 }
 
-/* Does a token (top-k row) have an expert on rank q / on host k? (Rank q holds experts
- * [q L, q L + L): a range check, no division; -1 is in no range.) */
+/* Does a token (top-k row) have an expert on rank q (which holds experts [q L, q L + L):
+ * a range check, no division; -1 is in no range) / on host k (the context's table)? */
 static bool epx__to_rank(const int32_t *topk, int K, int L, int q)
 {
     int lo = q * L;
@@ -403,6 +403,8 @@ void epx__hier_moe_handle_free(epx__hier_moe_t *m, epx__hier_moe_handle_t *h)
 
 epx__arena_t *epx__hier_moe_handle_mem(const epx__hier_moe_handle_t *h) { return &h->plan->mem; }
 
+epx__arena_t *epx__hier_moe_scratch(epx__hier_moe_t *m) { return &m->tmp; }
+
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h) { return h->rows; }
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h) { return h->T; }
 int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h) { return h->K; }
@@ -596,31 +598,31 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             for (; next[l] < hd->from_first[l + 1]; next[l]++, row++) {
                 int64_t a = next[l];
                 const int32_t *tk; /* the routing: K ids, then (W) the weights */
-                const char *pay;
+                const char *pay = NULL, *scl = NULL; /* none in a plan without payload */
                 int32_t tok;
                 if (l == ml) {
                     int64_t e = hd->to_ent[hd->to_first[ml] + a - hd->from_first[ml]];
                     if (hd->ent_src[e] != p) break;
                     tok = hd->ent_tok[e], tk = hd->ent_topk + e * K;
                     if (W) memcpy(*row_w + row * K, ew + e * W, sizeof(float) * (size_t)K);
-                    pay = hd->ent_fidx[e] >= 0 ? rbuf + (size_t)hd->ent_fidx[e] * rec + mrec
-                                               : pl->x + (size_t)tok * pl->pb;
-                    if (rs->scl)
-                        rs->scl[row] = hd->ent_fidx[e] >= 0 ? pay + pl->pb : pl->xs + (size_t)tok * pl->sb;
+                    if (pl->pb && hd->ent_fidx[e] >= 0)
+                        pay = rbuf + (size_t)hd->ent_fidx[e] * rec + mrec, scl = pay + pl->pb;
+                    else if (pl->pb)
+                        pay = pl->x + (size_t)tok * pl->pb, scl = pl->sb ? pl->xs + (size_t)tok * pl->sb : NULL;
                 } else {
                     const int32_t *r = (const int32_t *)(lrecv + (size_t)(a - (l > ml ? self : 0)) * rec);
                     if (r[0] != p) break;
                     tok = r[1], tk = r + 2;
                     if (W) memcpy(*row_w + row * K, r + 2 + K, sizeof(float) * (size_t)K);
-                    pay = (const char *)r + mrec;
-                    if (rs->scl) rs->scl[row] = pay + pl->pb;
+                    if (pl->pb) pay = (const char *)r + mrec, scl = pay + pl->pb;
                 }
                 hd->row_rec[row] = a;
                 hd->from_row[a] = row;
                 hd->row_src[row] = p;
                 hd->row_tok[row] = tok;
                 memcpy(hd->row_topk + row * K, tk, sizeof(int32_t) * (size_t)K);
-                rs->pay[row] = pl->pb ? pay : NULL;
+                rs->pay[row] = pay;
+                if (rs->scl) rs->scl[row] = scl;
             }
         }
         if (row != hd->rows)
@@ -817,13 +819,15 @@ static int epx__chunks(const epx__hier_moe_t *m, const epx__hier_moe_handle_t *h
 }
 
 /* The handle's row plan for the CPU path (by peer, its chunks), built by the first call
- * along the handle that needs it (on failure nothing is kept: the next call tries again) and
- * kept for the others, which would each build the same one. Local. */
+ * along the handle that needs it (a failed build leaves no plan, its memory stays in the
+ * handle's arena: the next call tries again) and kept for the others, which would each
+ * build the same one; the builder's scratch is the call's. Local. */
 static epx_status_t epx__handle_plan(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const epx__hier_xplan_t **x,
                                      epx__errbuf_t *err)
 {
     if (!hd->plan->built) {
-        EPX__CHECK(epx__hier_xplan_build(m->h, hd, &m->s, true, epx__chunks(m, hd), &hd->plan->x, &hd->plan->mem, err));
+        EPX__CHECK(epx__hier_xplan_build(m->h, hd, &m->s, true, epx__chunks(m, hd), &hd->plan->x, &hd->plan->mem,
+                                         &m->tmp, err));
         hd->plan->built = true;
     }
     *x = &hd->plan->x;

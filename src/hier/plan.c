@@ -211,7 +211,7 @@ void epx__hier_xplan_free(epx__hier_xplan_t *x)
 
 epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
                                    const epx__moe_shape_t *s, bool by_peer, int chunks, epx__hier_xplan_t *x,
-                                   epx__arena_t *mem, epx__errbuf_t *err)
+                                   epx__arena_t *mem, epx__arena_t *tmp, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__hier_topo(hier);
     int R = t->nranks, LS = t->local_size, NH = t->num_hosts, me = t->rank, ml = t->local_rank, A = t->host;
@@ -226,7 +226,8 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     const int64_t *tf = P->to_first, *ff = P->from_first;
     int64_t rows = P->rows;
     memset(x, 0, sizeof *x);
-    epx__arena_t *a = mem ? mem : &x->own; /* the plan's arrays and the builder's */
+    epx__arena_t *a = mem ? mem : &x->own, scratch = {NULL, 0}; /* the plan's arrays; the builder's */
+    epx__arena_t *z = tmp ? tmp : &scratch;
     if (K > EPX_MOE_MAX_TOPK) return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got top-k %d", K);
     if (chunks < 1 || chunks > EPX__HIER_MAX_CHUNKS)
         return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got %d chunks", chunks);
@@ -235,19 +236,19 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     epx_status_t st = EPX_SUCCESS;
     x->mem = epx__arena_alloc(a, 4 * (size_t)R * (size_t)C + 4 * (size_t)NP * (size_t)LS, sizeof *x->mem, true);
     /* Where each part's segment from (to) each local rank starts in LRECV (C1). */
-    int64_t *lfirst = epx__arena_alloc(a, 2 * (size_t)NP * (size_t)LS, sizeof *lfirst, false), *cfirst = NULL;
-    int64_t *ent_ref = epx__arena_alloc(a, (size_t)(P->nent * LS), sizeof *ent_ref, false);
+    int64_t *lfirst = epx__arena_alloc(z, 2 * (size_t)NP * (size_t)LS, sizeof *lfirst, false), *cfirst = NULL;
+    int64_t *ent_ref = epx__arena_alloc(z, (size_t)(P->nent * LS), sizeof *ent_ref, false);
     /* Per (chunk, host): where the next home row lies in HOME; per (chunk, source): where
      * the next forwarded record lies in FWD; each forwarded entry's record there. */
-    int64_t *cur = epx__arena_alloc(a, (size_t)C * (size_t)NH, sizeof *cur, true);
-    int64_t *fcur = epx__arena_alloc(a, (size_t)C * (size_t)R, sizeof *fcur, true);
-    int64_t *efidx = epx__arena_alloc(a, (size_t)P->nent, sizeof *efidx, false);
-    int64_t *cnt = epx__arena_alloc(a, (size_t)L, sizeof *cnt, true);
-    int64_t *pfirst = epx__arena_alloc(a, (size_t)L + 1, sizeof *pfirst, true);
-    int64_t *rslot = epx__arena_alloc(a, (size_t)(b.ll ? rows * K : 0), sizeof *rslot, false);
-    int64_t *yslot = epx__arena_alloc(a, (size_t)(b.ll ? rows * K : 0), sizeof *yslot, false);
+    int64_t *cur = epx__arena_alloc(z, (size_t)C * (size_t)NH, sizeof *cur, true);
+    int64_t *fcur = epx__arena_alloc(z, (size_t)C * (size_t)R, sizeof *fcur, true);
+    int64_t *efidx = epx__arena_alloc(z, (size_t)P->nent, sizeof *efidx, false);
+    int64_t *cnt = epx__arena_alloc(z, (size_t)L, sizeof *cnt, true);
+    int64_t *pfirst = epx__arena_alloc(z, (size_t)L + 1, sizeof *pfirst, true);
+    int64_t *rslot = epx__arena_alloc(z, (size_t)(b.ll ? rows * K : 0), sizeof *rslot, false);
+    int64_t *yslot = epx__arena_alloc(z, (size_t)(b.ll ? rows * K : 0), sizeof *yslot, false);
     int E = s->num_experts;
-    int32_t *eid = epx__arena_alloc(a, 2 * (size_t)E, sizeof *eid, false);
+    int32_t *eid = epx__arena_alloc(z, 2 * (size_t)E, sizeof *eid, false);
     int ranks[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
     if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !yslot || !eid) {
@@ -531,6 +532,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %zu references, %zu expected", (size_t)(o - x->ref),
                        x->nref);
 done:
+    epx__arena_free(&scratch);
     if (st != EPX_SUCCESS) epx__hier_xplan_free(x); /* what it took of `mem` goes with mem's owner */
     return st;
 }
