@@ -123,3 +123,49 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
     if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
     return epx__op_finish(c, seq, exposed, st, deadline, err);
 }
+
+epx_status_t epx__cpu_exchange_begin(epx__cpu_t *c, const epx__cpu_xfer_t *x, const char **seg,
+                                     epx_status_t local_status, epx__errbuf_t *err)
+{
+    const uint32_t seq = epx__op_begin(c);
+    const int me = c->rank;
+    const uint64_t deadline = epx__deadline_after_ms(c->timeout_ms);
+    epx_status_t st;
+    bool exposed = false;
+    if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, seq, &exposed, err);
+    if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, seq);
+    epx__op_post(c, seq, local_status);
+    st = epx__wait_posts(c, seq, deadline, err);
+    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
+    if (st != EPX_SUCCESS) return st; /* broken: peers will fail too */
+    st = local_status != EPX_SUCCESS ? local_status : epx__check_peers(c, seq, err);
+    for (int p = 0; p < c->nranks && st == EPX_SUCCESS; p++) {
+        seg[p] = NULL;
+        if (p == me) {
+            if (x->send_bytes[me] > 0) seg[p] = (const char *)x->send + x->send_displ[me];
+            continue;
+        }
+        const epx__desc_t *d = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
+        if (d->send_bytes == 0) continue;
+        if (d->loc.kind == EPX__LOC_REGION && (d->loc.addr > d->loc.region_size ||
+                                               (uint64_t)d->send_bytes > d->loc.region_size - d->loc.addr))
+            st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d published a region range out of bounds", p);
+        else if (d->loc.kind != EPX__LOC_REGION && d->loc.kind != EPX__LOC_EAGER)
+            st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d's segment is not in memory that can be mapped here", p);
+        else
+            st = epx__peer_map(c, p, &d->loc, seq, &seg[p], err);
+    }
+    if (st != EPX_SUCCESS) return epx__op_finish(c, seq, exposed, st, deadline, err);
+    c->open_seq = seq, c->open_exposed = exposed, c->open_deadline = deadline;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cpu_exchange_end(epx__cpu_t *c, epx_status_t st, epx__errbuf_t *err)
+{
+    /* Nobody gave up while I read what they exposed; then done, waiting for the readers of
+     * mine when it is memory that outlives the operation. */
+    uint32_t seq = c->open_seq;
+    c->open_seq = 0;
+    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
+    return epx__op_finish(c, seq, c->open_exposed, st, c->open_deadline, err);
+}

@@ -63,6 +63,18 @@ typedef struct {
 epx_status_t epx__cpu_alltoallv(epx__cpu_t *cpu, const epx__cpu_xfer_t *x, epx_status_t local_status,
                                 epx__errbuf_t *err);
 
+/* A zero-copy exchange, in two halves: as epx__cpu_alltoallv, but instead of copying what
+ * peer p sends me, seg[p] points to it where it lies (NULL when p sends nothing; mine: my
+ * send buffer), valid until epx__cpu_exchange_end. The senders' buffers must be
+ * registered memory (epx__cpu_mem_alloc) unless their segments fit the eager slots. A
+ * failure of the exchange itself ends it (no end then); on success the rank must call
+ * epx__cpu_exchange_end next, before any other operation on `cpu`, with the status of what
+ * it did in between; end returns after every peer is done reading what I exposed, and
+ * fails as alltoallv's reads would when a peer gave up meanwhile. */
+epx_status_t epx__cpu_exchange_begin(epx__cpu_t *cpu, const epx__cpu_xfer_t *x, const char **seg,
+                                     epx_status_t local_status, epx__errbuf_t *err);
+epx_status_t epx__cpu_exchange_end(epx__cpu_t *cpu, epx_status_t st, epx__errbuf_t *err);
+
 /* ---- MoE (moe.c). Arguments were validated by the caller; `local_status` != success means
  * this rank rejected its own arguments: it takes part so that every rank fails alike. ---- */
 

@@ -102,6 +102,10 @@ struct epx__cpu {
     void *staging; /* a registered region for staging unregistered sends */
     size_t staging_bytes;
     uint64_t use_clock;
+    /* The exchange epx__cpu_exchange_begin left open (0: none). */
+    uint32_t open_seq;
+    bool open_exposed;
+    uint64_t open_deadline;
 };
 
 /* Segment layout. */

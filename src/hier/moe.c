@@ -59,6 +59,7 @@ struct epx__hier_moe {
     size_t cap[EPX__NBUF];
     int64_t *verdict; /* the verdict's blocks out and in, [2, R, EPX__V_FLOWS] */
     int32_t *rank_of_expert, *host_of_expert; /* [E]: expert e's rank, and its host */
+    bool fan_open;      /* epx__route left its intra-host exchange open (epx__route_end) */
     epx__arena_t spare; /* the memory of the last handle freed, for the next */
     epx__arena_t tmp;   /* a call's own arrays, released when the next call starts */
 };
@@ -181,6 +182,36 @@ static epx_status_t epx__local_xchg(epx__hier_moe_t *m, const void *send, const 
     epx_status_t st = epx__cpu_alltoallv(m->h->cpu, &x, EPX_SUCCESS, err);
     free(d);
     return st;
+}
+
+/* The zero-copy form of epx__local_xchg (src/cpu's exchange in two halves): seg[l] points
+ * to what local rank l sends me, where it lies (send must be registered memory), until
+ * epx__route_end; the exchange stays open (m->fan_open) only on success. */
+static epx_status_t epx__local_begin(epx__hier_moe_t *m, const void *send, const int64_t *sbytes,
+                                     const int64_t *rbytes, const char **seg, epx__errbuf_t *err)
+{
+    int LS = epx__t(m)->local_size;
+    int64_t *d = malloc(sizeof *d * 2 * (size_t)LS);
+    if (!d) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    int64_t so = 0, ro = 0;
+    for (int l = 0; l < LS; l++) {
+        d[l] = so, d[LS + l] = ro;
+        so += sbytes[l], ro += rbytes[l];
+    }
+    epx__cpu_xfer_t x = {send, sbytes, d, NULL, rbytes, d + LS};
+    epx_status_t st = epx__cpu_exchange_begin(m->h->cpu, &x, seg, EPX_SUCCESS, err);
+    free(d);
+    m->fan_open = st == EPX_SUCCESS;
+    return st;
+}
+
+/* Close what epx__route left open, with the status of what came after it: returns after
+ * the local ranks finished reading my records (then they may be rewritten). */
+static epx_status_t epx__route_end(epx__hier_moe_t *m, epx_status_t st, epx__errbuf_t *err)
+{
+    if (!m->fan_open) return st;
+    m->fan_open = false;
+    return epx__cpu_exchange_end(m->h->cpu, st, err);
 }
 
 /* Exchange packed segments with other ranks over MPI (byte counts per rank, 0 = none);
@@ -442,8 +473,10 @@ static void epx__ent_payload(const epx__hier_moe_handle_t *hd, const epx__payloa
  * local ranks and merge what arrives, with my entries for me, into (source, token) order:
  * two steps (MPI, then shared memory), sized by what the verdict told (f).
  * Fills the handle; writes nothing of the caller's. `w` = my weights [T, K] when
- * hd->has_w; then *row_w gets the weights of every merged row. On
- * success *rs says where each merged row's payload lies (pay[r] NULL without payload). */
+ * hd->has_w; then *row_w gets the weights of every merged row. On success *rs says where
+ * each merged row's payload lies (pay[r] NULL without payload); with payload some of it
+ * lies in other local ranks' memory: the exchange stays open, and the caller, once it has
+ * read the rows, calls epx__route_end (also when it fails meanwhile). */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
                                const epx__payload_t *pl, const epx__flows_t *f, uint32_t seq, uint64_t deadline,
                                float **row_w, epx__rowsrc_t *rs, epx__errbuf_t *err)
@@ -545,11 +578,14 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         }
         memcpy(lrc, f->lanes, sizeof(int64_t) * (size_t)LS);
     }
-    /* Routing records to the other local ranks; merge what arrives with my own entries for
-     * me, which are never copied: their routing is read from the entries, their payload
-     * where it lies (my token's row, or the record a source sent me). In lsend and lrecv,
-     * local rank l's segment starts at its records' index, less mine when l is above me. */
-    char *lsend = NULL, *lrecv = NULL;
+    /* Routing records to the other local ranks; merge what they send me, read where it lies
+     * in their memory (no copy: the exchange stays open until epx__route_end), with my own
+     * entries for me, which are never copied either: their routing is read from the
+     * entries, their payload where it lies (my token's row, or the record a source sent
+     * me). In lsend, local rank l's segment starts at its records' index, less mine when l
+     * is above me. */
+    char *lsend = NULL;
+    const char **lseg = NULL; /* [LS]: what each local rank sends me, where it lies */
     int64_t self = 0;
     if (st == EPX_SUCCESS) {
         self = lcnt[ml];
@@ -564,7 +600,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             hd->from_first[l + 1] = hd->from_first[l] + lrc[l];
         }
         lsend = epx__buf(m, EPX__B_LSEND, (size_t)(hd->to_first[LS] - self) * rec, &st, err);
-        lrecv = epx__buf(m, EPX__B_RECV, (size_t)(hd->from_first[LS] - self) * rec, &st, err);
+        lseg = epx__aalloc(tmp, (size_t)LS, sizeof *lseg, false, &st, err);
         hd->rows = hd->from_first[LS];
         hd->from_row = epx__aalloc(hm, (size_t)hd->rows, 8, false, &st, err);
         hd->row_rec = epx__aalloc(hm, (size_t)hd->rows, 8, false, &st, err);
@@ -586,7 +622,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 if (pl->pb) epx__ent_payload(hd, pl, rbuf, rec, mrec, e, (char *)r + mrec);
             }
         }
-        st = epx__local_xchg(m, lsend, lsb, lrecv, lrb, err);
+        st = epx__local_begin(m, lsend, lsb, lrb, lseg, err);
     }
     if (st == EPX_SUCCESS && W) *row_w = epx__aalloc(tmp, (size_t)hd->rows * (size_t)K, 4, false, &st, err);
     if (st == EPX_SUCCESS) {
@@ -610,7 +646,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                     else if (pl->pb)
                         pay = pl->x + (size_t)tok * pl->pb, scl = pl->sb ? pl->xs + (size_t)tok * pl->sb : NULL;
                 } else {
-                    const int32_t *r = (const int32_t *)(lrecv + (size_t)(a - (l > ml ? self : 0)) * rec);
+                    const int32_t *r = (const int32_t *)(lseg[l] + (size_t)(a - hd->from_first[l]) * rec);
                     if (r[0] != p) break;
                     tok = r[1], tk = r + 2;
                     if (W) memcpy(*row_w + row * K, r + 2 + K, sizeof(float) * (size_t)K);
@@ -631,6 +667,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     free(lsb), free(lrb), free(lcnt), free(lrc);
 done:
     free(sc), free(rc), free(sb), free(rb);
+    if (st != EPX_SUCCESS || !pl->pb) st = epx__route_end(m, st, err); /* nothing more is read */
     if (st != EPX_SUCCESS) rs->pay = rs->scl = NULL;
     return st;
 }
@@ -767,6 +804,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
             if (out->num_recv_tokens_device) *out->num_recv_tokens_device = hd->rows;
         }
     }
+    st = epx__route_end(m, st, err);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(m, hd);
         return st;
@@ -1087,6 +1125,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
             }
         }
     }
+    st = epx__route_end(m, st, err);
     if (st != EPX_SUCCESS) {
         epx__hier_moe_handle_free(m, hd);
         return st;
