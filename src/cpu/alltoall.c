@@ -76,87 +76,98 @@ static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t 
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_status_t local_status,
-                                epx__errbuf_t *err)
+/* An operation's state between its two halves. */
+typedef struct {
+    uint32_t seq;
+    uint64_t deadline;
+    bool exposed; /* peers read memory of mine that outlives the operation */
+} epx__xop_t;
+
+/* Open the next operation: publish and post what I send (a failure here is local and is
+ * posted as such) and acquire every peer's post. *broken when that failed: return the
+ * status as it is, peers fail too. Else the verdict on every pair I am part of, checked
+ * before anything is read or written; the operation must then be finished
+ * (epx__op_finish) whatever comes next. */
+static epx_status_t epx__xop_open(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_status_t local_status, epx__xop_t *op,
+                                  bool *broken, epx__errbuf_t *err)
 {
     /* Peers finished their reads of operation seq-2 (same parity) before they posted
      * seq-1, which this rank saw before it returned from seq-1: the block is free. */
-    const uint32_t seq = epx__op_begin(c);
+    op->seq = epx__op_begin(c);
+    op->deadline = epx__deadline_after_ms(c->timeout_ms);
+    op->exposed = false;
+    if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, op->seq, &op->exposed, err);
+    if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, op->seq);
+    epx__op_post(c, op->seq, local_status);
+    epx_status_t st = epx__wait_posts(c, op->seq, op->deadline, err);
+    if (st == EPX_SUCCESS) st = epx__peers_check(c, op->seq, err);
+    *broken = st != EPX_SUCCESS;
+    if (*broken) return st;
+    return local_status != EPX_SUCCESS ? local_status : epx__check_peers(c, op->seq, err);
+}
+
+/* What peer p sends me in operation seq: its descriptor, checked (a region range in
+ * bounds). */
+static epx_status_t epx__peer_send(epx__cpu_t *c, int p, uint32_t seq, const epx__desc_t **d, epx__errbuf_t *err)
+{
+    *d = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);
+    const epx__loc_t *l = &(*d)->loc;
+    if ((*d)->send_bytes > 0 && l->kind == EPX__LOC_REGION &&
+        (l->addr > l->region_size || (uint64_t)(*d)->send_bytes > l->region_size - l->addr))
+        return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published a region range out of bounds", p);
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_status_t local_status,
+                                epx__errbuf_t *err)
+{
     const int me = c->rank;
-    const uint64_t deadline = epx__deadline_after_ms(c->timeout_ms);
-    epx_status_t st;
-    bool exposed = false;
-
-    /* Publish and post. A failure here is local and is posted as such. */
-    if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, seq, &exposed, err);
-    if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, seq);
-    epx__op_post(c, seq, local_status);
-    st = epx__wait_posts(c, seq, deadline, err);
-    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
-    if (st != EPX_SUCCESS) return st; /* broken: peers will fail too */
-
-    /* Validate, then pull. */
-    if (local_status != EPX_SUCCESS)
-        st = local_status;
-    else
-        st = epx__check_peers(c, seq, err);
-    if (st == EPX_SUCCESS) {
-        if (x->send_bytes[me] > 0)
-            memcpy((char *)x->recv + x->recv_displ[me], (const char *)x->send + x->send_displ[me],
-                   (size_t)x->send_bytes[me]);
-        for (int i = 1; i < c->nranks && st == EPX_SUCCESS; i++) {
-            int p = (me + i) % c->nranks;
-            const epx__desc_t *d = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
-            if (d->send_bytes == 0) continue;
-            if (d->loc.kind == EPX__LOC_REGION && (d->loc.addr > d->loc.region_size ||
-                                                   (uint64_t)d->send_bytes > d->loc.region_size - d->loc.addr)) {
-                st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d published a region range out of bounds", p);
-                break;
-            }
-            st = epx__peer_read(c, p, &d->loc, seq, 0, (char *)x->recv + x->recv_displ[p], (size_t)d->send_bytes,
+    epx__xop_t op;
+    bool broken;
+    epx_status_t st = epx__xop_open(c, x, local_status, &op, &broken, err);
+    if (broken) return st;
+    /* Pull. */
+    if (st == EPX_SUCCESS && x->send_bytes[me] > 0)
+        memcpy((char *)x->recv + x->recv_displ[me], (const char *)x->send + x->send_displ[me],
+               (size_t)x->send_bytes[me]);
+    for (int i = 1; i < c->nranks && st == EPX_SUCCESS; i++) {
+        int p = (me + i) % c->nranks;
+        const epx__desc_t *d;
+        st = epx__peer_send(c, p, op.seq, &d, err);
+        if (st == EPX_SUCCESS && d->send_bytes > 0)
+            st = epx__peer_read(c, p, &d->loc, op.seq, 0, (char *)x->recv + x->recv_displ[p], (size_t)d->send_bytes,
                                 err);
-        }
     }
-
     /* Nobody gave up while I read; then done: if peers read memory the caller owns, it
      * must stay put until they finish. */
-    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
-    return epx__op_finish(c, seq, exposed, st, deadline, err);
+    if (st == EPX_SUCCESS) st = epx__peers_check(c, op.seq, err);
+    return epx__op_finish(c, op.seq, op.exposed, st, op.deadline, err);
 }
 
 epx_status_t epx__cpu_exchange_begin(epx__cpu_t *c, const epx__cpu_xfer_t *x, const char **seg,
                                      epx_status_t local_status, epx__errbuf_t *err)
 {
-    const uint32_t seq = epx__op_begin(c);
     const int me = c->rank;
-    const uint64_t deadline = epx__deadline_after_ms(c->timeout_ms);
-    epx_status_t st;
-    bool exposed = false;
-    if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, seq, &exposed, err);
-    if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, seq);
-    epx__op_post(c, seq, local_status);
-    st = epx__wait_posts(c, seq, deadline, err);
-    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
-    if (st != EPX_SUCCESS) return st; /* broken: peers will fail too */
-    st = local_status != EPX_SUCCESS ? local_status : epx__check_peers(c, seq, err);
+    epx__xop_t op;
+    bool broken;
+    epx_status_t st = epx__xop_open(c, x, local_status, &op, &broken, err);
+    if (broken) return st;
     for (int p = 0; p < c->nranks && st == EPX_SUCCESS; p++) {
+        const epx__desc_t *d;
         seg[p] = NULL;
         if (p == me) {
             if (x->send_bytes[me] > 0) seg[p] = (const char *)x->send + x->send_displ[me];
             continue;
         }
-        const epx__desc_t *d = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
-        if (d->send_bytes == 0) continue;
-        if (d->loc.kind == EPX__LOC_REGION && (d->loc.addr > d->loc.region_size ||
-                                               (uint64_t)d->send_bytes > d->loc.region_size - d->loc.addr))
-            st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d published a region range out of bounds", p);
-        else if (d->loc.kind != EPX__LOC_REGION && d->loc.kind != EPX__LOC_EAGER)
+        st = epx__peer_send(c, p, op.seq, &d, err);
+        if (st != EPX_SUCCESS || d->send_bytes == 0) continue;
+        if (d->loc.kind != EPX__LOC_REGION && d->loc.kind != EPX__LOC_EAGER)
             st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d's segment is not in memory that can be mapped here", p);
         else
-            st = epx__peer_map(c, p, &d->loc, seq, &seg[p], err);
+            st = epx__peer_map(c, p, &d->loc, op.seq, &seg[p], err);
     }
-    if (st != EPX_SUCCESS) return epx__op_finish(c, seq, exposed, st, deadline, err);
-    c->open_seq = seq, c->open_exposed = exposed, c->open_deadline = deadline;
+    if (st != EPX_SUCCESS) return epx__op_finish(c, op.seq, op.exposed, st, op.deadline, err);
+    c->open_seq = op.seq, c->open_exposed = op.exposed, c->open_deadline = op.deadline;
     return EPX_SUCCESS;
 }
 

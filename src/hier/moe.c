@@ -166,9 +166,12 @@ static void *epx__buf(epx__hier_moe_t *m, int i, size_t bytes, epx_status_t *st,
     return p;
 }
 
-/* Exchange packed segments with the local ranks (byte counts per local rank). */
-static epx_status_t epx__local_xchg(epx__hier_moe_t *m, const void *send, const int64_t *sbytes, void *recv,
-                                    const int64_t *rbytes, epx__errbuf_t *err)
+/* Exchange packed segments with the local ranks (byte counts per local rank): copied into
+ * recv; or, with seg (recv NULL), src/cpu's zero-copy exchange: seg[l] points to what local
+ * rank l sends me where it lies (send must be registered memory), until epx__route_end,
+ * the exchange left open (m->fan_open) on success. */
+static epx_status_t epx__local_exchange(epx__hier_moe_t *m, const void *send, const int64_t *sbytes, void *recv,
+                                        const int64_t *rbytes, const char **seg, epx__errbuf_t *err)
 {
     int LS = epx__t(m)->local_size;
     int64_t *d = malloc(sizeof *d * 2 * (size_t)LS);
@@ -179,30 +182,17 @@ static epx_status_t epx__local_xchg(epx__hier_moe_t *m, const void *send, const 
         so += sbytes[l], ro += rbytes[l];
     }
     epx__cpu_xfer_t x = {send, sbytes, d, recv, rbytes, d + LS};
-    epx_status_t st = epx__cpu_alltoallv(m->h->cpu, &x, EPX_SUCCESS, err);
+    epx_status_t st = seg ? epx__cpu_exchange_begin(m->h->cpu, &x, seg, EPX_SUCCESS, err)
+                          : epx__cpu_alltoallv(m->h->cpu, &x, EPX_SUCCESS, err);
     free(d);
+    if (seg) m->fan_open = st == EPX_SUCCESS;
     return st;
 }
 
-/* The zero-copy form of epx__local_xchg (src/cpu's exchange in two halves): seg[l] points
- * to what local rank l sends me, where it lies (send must be registered memory), until
- * epx__route_end; the exchange stays open (m->fan_open) only on success. */
-static epx_status_t epx__local_begin(epx__hier_moe_t *m, const void *send, const int64_t *sbytes,
-                                     const int64_t *rbytes, const char **seg, epx__errbuf_t *err)
+static epx_status_t epx__local_xchg(epx__hier_moe_t *m, const void *send, const int64_t *sbytes, void *recv,
+                                    const int64_t *rbytes, epx__errbuf_t *err)
 {
-    int LS = epx__t(m)->local_size;
-    int64_t *d = malloc(sizeof *d * 2 * (size_t)LS);
-    if (!d) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    int64_t so = 0, ro = 0;
-    for (int l = 0; l < LS; l++) {
-        d[l] = so, d[LS + l] = ro;
-        so += sbytes[l], ro += rbytes[l];
-    }
-    epx__cpu_xfer_t x = {send, sbytes, d, NULL, rbytes, d + LS};
-    epx_status_t st = epx__cpu_exchange_begin(m->h->cpu, &x, seg, EPX_SUCCESS, err);
-    free(d);
-    m->fan_open = st == EPX_SUCCESS;
-    return st;
+    return epx__local_exchange(m, send, sbytes, recv, rbytes, NULL, err);
 }
 
 /* Close what epx__route left open, with the status of what came after it: returns after
@@ -622,7 +612,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 if (pl->pb) epx__ent_payload(hd, pl, rbuf, rec, mrec, e, (char *)r + mrec);
             }
         }
-        st = epx__local_begin(m, lsend, lsb, lrb, lseg, err);
+        st = epx__local_exchange(m, lsend, lsb, NULL, lrb, lseg, err);
     }
     if (st == EPX_SUCCESS && W) *row_w = epx__aalloc(tmp, (size_t)hd->rows * (size_t)K, 4, false, &st, err);
     if (st == EPX_SUCCESS) {
