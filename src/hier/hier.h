@@ -102,10 +102,6 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                       epx__errbuf_t *err);
 /* Local. m (NULL once the context is gone) keeps the handle's memory for its next handle. */
 void epx__hier_moe_handle_free(epx__hier_moe_t *m, epx__hier_moe_handle_t *h);
-/* The arena a handle's arrays lie in: what lives as long as the handle may go there too. */
-epx__arena_t *epx__hier_moe_handle_mem(const epx__hier_moe_handle_t *h);
-/* The context's scratch: what is taken from it lasts until the context's next call. */
-epx__arena_t *epx__hier_moe_scratch(epx__hier_moe_t *m);
 
 /* ---- The plan of a dispatch, for a caller that moves the rows itself (src/xhost: device
  * memory, NCCL, CUDA IPC). ---- */
@@ -230,19 +226,14 @@ typedef struct {
     size_t nref;
     int64_t *gw, *fan, *out, *c1, *home, *first, *tok;
     int64_t *tk, *prow, *pslot, *psrc, *count; /* low-latency: [n_tok], [n_place] x 3, [L]; else NULL */
-    int64_t *mem;      /* the count arrays */
-    epx__arena_t own;  /* where the arrays lie when the builder got no arena */
+    int64_t *mem; /* the count arrays */
 } epx__hier_xplan_t;
-/* Local. `chunks` (1 .. EPX__HIER_MAX_CHUNKS) must be the same on every rank. The plan's
- * arrays are taken from `mem` when given (then they last as long as mem's use: give the
- * handle's, epx__hier_moe_handle_mem), else from the plan's own arena, released by
- * epx__hier_xplan_free; the builder's scratch (a few arrays of one element per entry or
- * row) from `tmp` when given (not reset here: a context's scratch, epx__hier_moe_scratch),
- * else from memory freed before it returns. On failure (memory, or EPX_ERR_INTERNAL when
- * the plan does not add up) *x holds nothing. */
-epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
-                                   const epx__moe_shape_t *shape, bool by_peer, int chunks, epx__hier_xplan_t *x,
-                                   epx__arena_t *mem, epx__arena_t *tmp, epx__errbuf_t *err);
+/* Local: the row plan of handle h of context m. `chunks` (1 .. EPX__HIER_MAX_CHUNKS) must
+ * be the same on every rank. The plan's arrays lie in the handle's memory (they last as
+ * long as the handle), the builder's scratch in m's (until m's next call). On failure
+ * (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds nothing. */
+epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, int chunks,
+                                   epx__hier_xplan_t *x, epx__errbuf_t *err);
 /* The chunks of the network step of a MoE dispatch of shape s and of every call along its
  * handle, from src_tokens[R] (every rank's batch in the dispatch, the plan's src_tokens:
  * every rank gets the same): EPX_MOE_CHUNKS when set; else, where the forwarding can

@@ -16,6 +16,29 @@ struct epx__hier {
     size_t scratch_bytes;
 };
 
+/* Work buffers of a context, kept across calls: once warm, the data path neither allocates
+ * nor faults pages in. Those the local ranks read from (B_SEND, B_LSEND) are registered
+ * shared memory: peers read them where they are, without a system call. */
+enum { EPX__B_SEND, EPX__B_LSEND, EPX__B_FWD, EPX__B_RECV, EPX__B_HOME, EPX__NBUF };
+enum { EPX__NREG = 2 }; /* buffers below this index are registered */
+
+struct epx__hier_moe {
+    epx__hier_t *h;
+    epx__moe_shape_t s;
+    uint8_t *ll_q;   /* low-latency FP8: my tokens quantised, [max_tokens, H] */
+    char *ll_scales; /* and their scales */
+    char *buf[EPX__NBUF];
+    size_t cap[EPX__NBUF];
+    int64_t *verdict; /* the verdict's blocks out and in, [2, R, EPX__V_FLOWS] */
+    int32_t *rank_of_expert, *host_of_expert; /* [E]: expert e's rank, and its host */
+    bool fan_open;      /* epx__route left its intra-host exchange open (epx__route_end) */
+    epx__arena_t spare; /* the memory of the last handle freed, for the next */
+    epx__arena_t tmp;   /* a call's own arrays, released when the next call starts */
+};
+
+/* The arena a handle's arrays (and its row plan) lie in, recycled through its context. */
+epx__arena_t *epx__hier_moe_handle_mem(const epx__hier_moe_handle_t *h);
+
 /* Tag of step `step` (< 64) of operation `seq`. */
 static inline int epx__hier_tag(uint32_t seq, int step) { return (int)((seq & 63u) << 6) | (step & 63); }
 

@@ -44,26 +44,6 @@ static const char *const epx__h_op_names[] = {"?", "dispatch", "cached dispatch"
 /* Message steps of one operation (tags). */
 enum { EPX__ST_TOKENS = 1, EPX__ST_ROWS = 2, EPX__ST_HOME = 3 };
 
-/* Work buffers of a context, kept across calls: once warm, the data path neither allocates
- * nor faults pages in. Those the local ranks read from (B_SEND, B_LSEND) are registered
- * shared memory: peers copy out of them directly, without a system call. */
-enum { EPX__B_SEND, EPX__B_LSEND, EPX__B_FWD, EPX__B_RECV, EPX__B_HOME, EPX__NBUF };
-enum { EPX__NREG = 2 }; /* buffers below this index are registered */
-
-struct epx__hier_moe {
-    epx__hier_t *h;
-    epx__moe_shape_t s;
-    uint8_t *ll_q;   /* low-latency FP8: my tokens quantised, [max_tokens, H] */
-    char *ll_scales; /* and their scales */
-    char *buf[EPX__NBUF];
-    size_t cap[EPX__NBUF];
-    int64_t *verdict; /* the verdict's blocks out and in, [2, R, EPX__V_FLOWS] */
-    int32_t *rank_of_expert, *host_of_expert; /* [E]: expert e's rank, and its host */
-    bool fan_open;      /* epx__route left its intra-host exchange open (epx__route_end) */
-    epx__arena_t spare; /* the memory of the last handle freed, for the next */
-    epx__arena_t tmp;   /* a call's own arrays, released when the next call starts */
-};
-
 struct epx__hier_moe_handle {
     uint32_t id;
     int mode;
@@ -424,8 +404,6 @@ void epx__hier_moe_handle_free(epx__hier_moe_t *m, epx__hier_moe_handle_t *h)
 
 epx__arena_t *epx__hier_moe_handle_mem(const epx__hier_moe_handle_t *h) { return &h->plan->mem; }
 
-epx__arena_t *epx__hier_moe_scratch(epx__hier_moe_t *m) { return &m->tmp; }
-
 int64_t epx__hier_moe_handle_rows(const epx__hier_moe_handle_t *h) { return h->rows; }
 int epx__hier_moe_handle_tokens(const epx__hier_moe_handle_t *h) { return h->T; }
 int epx__hier_moe_handle_topk(const epx__hier_moe_handle_t *h) { return h->K; }
@@ -440,23 +418,26 @@ typedef struct {
 } epx__payload_t;
 
 /* Where each merged row's payload lies once epx__route returns: pay[r], and its scales at
- * scl[r] when the payload has them (else scl is NULL): a record another local rank sent
- * me, a record a source sent me as its gateway, or my own token's row. Valid until the next
- * call of the context (the records lie in its work buffers, both arrays in its scratch). */
+ * scl[r] when the payload has them (else scl is NULL): a record another local rank packed
+ * for me (in its memory: valid until epx__route_end), a record a source sent me as its
+ * gateway, or my own token's row (valid until the context's next call, as both arrays,
+ * which lie in its scratch). */
 typedef struct {
     const char **pay, **scl;
 } epx__rowsrc_t;
 
-/* Entry e's payload (and scales) into o: from the record its source sent me, or my token. */
-static void epx__ent_payload(const epx__hier_moe_handle_t *hd, const epx__payload_t *pl, const char *fwd, size_t rec,
-                             size_t mrec, int64_t e, char *o)
+/* Where entry e's payload lies (*scl: its scales, NULL without): in the record its source
+ * sent me (fwd, records of `rec` bytes, the payload at `mrec`), or my token's row. */
+static const char *epx__ent_src(const epx__hier_moe_handle_t *hd, const epx__payload_t *pl, const char *fwd, size_t rec,
+                                size_t mrec, int64_t e, const char **scl)
 {
     if (hd->ent_fidx[e] >= 0) {
-        memcpy(o, fwd + (size_t)hd->ent_fidx[e] * rec + mrec, pl->pb + pl->sb);
-        return;
+        const char *pay = fwd + (size_t)hd->ent_fidx[e] * rec + mrec;
+        *scl = pl->sb ? pay + pl->pb : NULL;
+        return pay;
     }
-    memcpy(o, pl->x + (size_t)hd->ent_tok[e] * pl->pb, pl->pb);
-    if (pl->sb) memcpy(o + pl->pb, pl->xs + (size_t)hd->ent_tok[e] * pl->sb, pl->sb);
+    *scl = pl->sb ? pl->xs + (size_t)hd->ent_tok[e] * pl->sb : NULL;
+    return pl->x + (size_t)hd->ent_tok[e] * pl->pb;
 }
 
 /* Send my routing and rows to my gateways, build the entries, fan both out to the other
@@ -609,7 +590,11 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 r[0] = hd->ent_src[e], r[1] = hd->ent_tok[e];
                 memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
                 if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
-                if (pl->pb) epx__ent_payload(hd, pl, rbuf, rec, mrec, e, (char *)r + mrec);
+                if (pl->pb) { /* the row, then its scales */
+                    const char *scl, *pay = epx__ent_src(hd, pl, rbuf, rec, mrec, e, &scl);
+                    memcpy((char *)r + mrec, pay, pl->pb);
+                    if (scl) memcpy((char *)r + mrec + pl->pb, scl, pl->sb);
+                }
             }
         }
         st = epx__local_exchange(m, lsend, lsb, NULL, lrb, lseg, err);
@@ -631,10 +616,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                     if (hd->ent_src[e] != p) break;
                     tok = hd->ent_tok[e], tk = hd->ent_topk + e * K;
                     if (W) memcpy(*row_w + row * K, ew + e * W, sizeof(float) * (size_t)K);
-                    if (pl->pb && hd->ent_fidx[e] >= 0)
-                        pay = rbuf + (size_t)hd->ent_fidx[e] * rec + mrec, scl = pay + pl->pb;
-                    else if (pl->pb)
-                        pay = pl->x + (size_t)tok * pl->pb, scl = pl->sb ? pl->xs + (size_t)tok * pl->sb : NULL;
+                    if (pl->pb) pay = epx__ent_src(hd, pl, rbuf, rec, mrec, e, &scl);
                 } else {
                     const int32_t *r = (const int32_t *)(lseg[l] + (size_t)(a - hd->from_first[l]) * rec);
                     if (r[0] != p) break;
@@ -753,8 +735,9 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
     if (st == EPX_SUCCESS) {
-        /* The caller's outputs, now that nothing can fail. */
-        /* Branch-free: about half the entries are mine, in no order a predictor could learn. */
+        /* The caller's outputs, now that every rank agreed (what still fails, a local rank
+         * that gave up while I read its records, breaks the communicator). Branch-free:
+         * about half the entries are mine, in no order a predictor could learn. */
         int64_t *per_expert = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *per_expert, true, &st, err); /* [L]: not mine */
         int64_t *last = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *last, true, &st, err); /* 1 + last row counted */
         int64_t N = st == EPX_SUCCESS ? hd->rows : 0, NK = N * K;
@@ -854,8 +837,7 @@ static epx_status_t epx__handle_plan(epx__hier_moe_t *m, const epx__hier_moe_han
                                      epx__errbuf_t *err)
 {
     if (!hd->plan->built) {
-        EPX__CHECK(epx__hier_xplan_build(m->h, hd, &m->s, true, epx__chunks(m, hd), &hd->plan->x, &hd->plan->mem,
-                                         &m->tmp, err));
+        EPX__CHECK(epx__hier_xplan_build(m, hd, true, epx__chunks(m, hd), &hd->plan->x, err));
         hd->plan->built = true;
     }
     *x = &hd->plan->x;
@@ -1098,7 +1080,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     const epx__hier_xplan_t *xp = NULL; /* the handle's: its combine runs along it */
     if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, &xp, err);
     if (st == EPX_SUCCESS && payload) {
-        /* The caller's outputs, now that nothing can fail: each row into its slots, in the
+        /* The caller's outputs, now that every rank agreed: each row into its slots, in the
          * row plan's order (local expert, then source rank and token ascending). */
         for (int64_t j = 0; j < xp->n_place; j++) {
             size_t slot = (size_t)xp->pslot[j];

@@ -15,10 +15,11 @@
 
 #include "internal.h"
 
-/* An expert id's rank (id / L) and local id (id % L), looked up: the builder visits every
- * top-k entry several times, and a division each time was most of its work. */
+/* An expert id's rank (id / L), looked up in the context's table: the builder visits every
+ * top-k entry several times, and a division each time was most of its work. (On my rank,
+ * the local id is id - me L.) */
 typedef struct {
-    const int32_t *rank, *lid; /* [num_experts] */
+    const int32_t *rank; /* [num_experts] */
     int nranks;
 } epx__eid_t;
 
@@ -203,17 +204,13 @@ static int64_t epx__rec_row(const epx__pb_t *b, int64_t ref, int j)
     return EPX__HIER_REF(EPX__HIER_Y, b->yslot[EPX__HIER_REF_INDEX(ref) * b->K + j]);
 }
 
-void epx__hier_xplan_free(epx__hier_xplan_t *x)
-{
-    epx__arena_free(&x->own);
-    memset(x, 0, sizeof *x);
-}
+void epx__hier_xplan_free(epx__hier_xplan_t *x) { memset(x, 0, sizeof *x); } /* its memory is the handle's */
 
-epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_handle_t *h,
-                                   const epx__moe_shape_t *s, bool by_peer, int chunks, epx__hier_xplan_t *x,
-                                   epx__arena_t *mem, epx__arena_t *tmp, epx__errbuf_t *err)
+epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, int chunks,
+                                   epx__hier_xplan_t *x, epx__errbuf_t *err)
 {
-    const epx__topo_t *t = epx__hier_topo(hier);
+    const epx__moe_shape_t *s = &m->s;
+    const epx__topo_t *t = epx__hier_topo(m->h);
     int R = t->nranks, LS = t->local_size, NH = t->num_hosts, me = t->rank, ml = t->local_rank, A = t->host;
     int L = s->local_experts;
     epx__pb_t b;
@@ -226,8 +223,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     const int64_t *tf = P->to_first, *ff = P->from_first;
     int64_t rows = P->rows;
     memset(x, 0, sizeof *x);
-    epx__arena_t *a = mem ? mem : &x->own, scratch = {NULL, 0}; /* the plan's arrays; the builder's */
-    epx__arena_t *z = tmp ? tmp : &scratch;
+    epx__arena_t *a = epx__hier_moe_handle_mem(h), *z = &m->tmp; /* the plan's arrays; the builder's */
     if (K > EPX_MOE_MAX_TOPK) return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got top-k %d", K);
     if (chunks < 1 || chunks > EPX__HIER_MAX_CHUNKS)
         return epx__fail(err, EPX_ERR_INTERNAL, "the row plan got %d chunks", chunks);
@@ -247,17 +243,14 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
     int64_t *pfirst = epx__arena_alloc(z, (size_t)L + 1, sizeof *pfirst, true);
     int64_t *rslot = epx__arena_alloc(z, (size_t)(b.ll ? rows * K : 0), sizeof *rslot, false);
     int64_t *yslot = epx__arena_alloc(z, (size_t)(b.ll ? rows * K : 0), sizeof *yslot, false);
-    int E = s->num_experts;
-    int32_t *eid = epx__arena_alloc(z, 2 * (size_t)E, sizeof *eid, false);
     int ranks[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
-    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !yslot || !eid) {
+    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !yslot) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
     }
     b.rslot = rslot, b.yslot = yslot;
-    for (int e = 0; e < E; e++) eid[e] = e / L, eid[E + e] = e % L;
-    b.ex.rank = eid, b.ex.lid = eid + E, b.ex.nranks = R;
+    b.ex.rank = m->rank_of_expert, b.ex.nranks = R;
     cfirst = lfirst + NP * LS;
     x->gw_chunk = x->mem, x->fwd_chunk = x->gw_chunk + C * R;
     x->home_send_chunk = x->fwd_chunk + C * R, x->home_recv_chunk = x->home_send_chunk + C * R;
@@ -332,7 +325,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             if (tk[k] < 0 || b.ex.rank[tk[k]] != me) continue;
             bool dup = false;
             for (int j = 0; j < k; j++) dup = dup || tk[j] == tk[k];
-            if (!dup) rslot[r * K + k] = cnt[b.ex.lid[tk[k]]]++;
+            if (!dup) rslot[r * K + k] = cnt[tk[k] - me * L]++;
         }
     }
     for (int64_t r = 0; b.ll && r < rows; r++) {
@@ -519,7 +512,7 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
             const int32_t *tk = P->row_topk + r * K;
             for (int k = 0; k < K; k++) {
                 if (rslot[r * K + k] < 0) continue;
-                int l = b.ex.lid[tk[k]];
+                int l = tk[k] - me * L; /* rslot is set for my experts only */
                 int64_t j = pfirst[l] + rslot[r * K + k];
                 x->prow[j] = r, x->pslot[j] = l * b.slots + rslot[r * K + k];
                 x->psrc[j] = (int64_t)((uint64_t)(uint32_t)P->row_src[r] << 32 | (uint32_t)P->row_tok[r]);
@@ -532,7 +525,6 @@ epx_status_t epx__hier_xplan_build(const epx__hier_t *hier, const epx__hier_moe_
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %zu references, %zu expected", (size_t)(o - x->ref),
                        x->nref);
 done:
-    epx__arena_free(&scratch);
-    if (st != EPX_SUCCESS) epx__hier_xplan_free(x); /* what it took of `mem` goes with mem's owner */
+    if (st != EPX_SUCCESS) epx__hier_xplan_free(x); /* what it took stays with the handle */
     return st;
 }
