@@ -464,10 +464,10 @@ static epx_status_t epx__ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatch_in
     epx__cuda_moe_handle_t *hc = NULL;
     epx__hier_moe_handle_t *hh = NULL;
     epx__xhost_moe_handle_t *hx = NULL;
-    /* Only the single-host CUDA backend splits; the others move everything in the send and
-     * their receive only keeps the order. */
+    /* The CUDA backends split (across hosts, up to EPX__LL_MAX_SRCS ranks); the others move
+     * everything in the send and their receive only keeps the order. */
     if (moe->hier || moe->xh) epx__comm_fault_begin(moe->comm, local, true);
-    epx_status_t st = moe->xh     ? epx__xhost_moe_ll_dispatch(moe->xh, in, out, local, &hx, stream, err)
+    epx_status_t st = moe->xh     ? epx__xhost_moe_ll_dispatch(moe->xh, in, out, local, split, &hx, stream, err)
                       : moe->cuda ? epx__cuda_moe_ll_dispatch(moe->cuda, in, out, local, split, &hc, stream, err)
                       : moe->hier ? epx__hier_moe_ll_dispatch(moe->hier, in, out, local, &hh, err)
                                   : epx__cpu_moe_ll_dispatch(moe->cpu, in, out, local, &h, err);
@@ -517,7 +517,7 @@ static epx_status_t epx__ll_combine(epx_moe_t moe, epx_moe_handle_t handle, cons
     bool ok = local == EPX_SUCCESS;
     if (moe->hier || moe->xh) epx__comm_fault_begin(moe->comm, local, true);
     epx_status_t st =
-        moe->xh     ? epx__xhost_moe_ll_combine(moe->xh, ok ? handle->xh : NULL, in, out, local, stream, err)
+        moe->xh     ? epx__xhost_moe_ll_combine(moe->xh, ok ? handle->xh : NULL, in, out, local, split, stream, err)
         : moe->cuda ? epx__cuda_moe_ll_combine(moe->cuda, ok ? handle->cuda : NULL, in, out, local, split, stream, err)
         : moe->hier ? epx__hier_moe_ll_combine(moe->hier, ok ? handle->hier : NULL, in, out, local, err)
                     : epx__cpu_moe_ll_combine(moe->cpu, ok ? handle->cpu : NULL, in, out, local, err);
@@ -551,8 +551,11 @@ static epx_status_t epx__ll_recv(epx_moe_t moe, epx_moe_handle_t handle, int kin
     if (c->ll_npending[kind] == 0 || c->ll_pending[kind][0] != handle)
         return epx__fail(&c->err, EPX_ERR_INVALID_USAGE, "no low-latency %s send is pending on this handle", name);
     epx_status_t st = EPX_SUCCESS;
-    if (moe->cuda && !moe->xh) st = epx__comm_result(c, epx__cuda_moe_ll_recv(moe->cuda, handle->cuda, kind == EPX__LL_KIND_COMBINE,
-                                                                  stream, &c->err));
+    if (moe->xh)
+        st = epx__comm_result(c, epx__xhost_moe_ll_recv(moe->xh, handle->xh, kind == EPX__LL_KIND_COMBINE, stream, &c->err));
+    else if (moe->cuda)
+        st = epx__comm_result(c, epx__cuda_moe_ll_recv(moe->cuda, handle->cuda, kind == EPX__LL_KIND_COMBINE, stream,
+                                                       &c->err));
     if (st != EPX_SUCCESS) return st;
     c->ll_pending[kind][0] = c->ll_pending[kind][1];
     c->ll_pending[kind][1] = NULL;

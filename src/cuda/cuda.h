@@ -17,6 +17,7 @@
 #define EPX_CUDA_H
 
 #include "../cpu/cpu.h"
+#include "dev.h"
 
 typedef struct epx__cuda epx__cuda_t;
 
@@ -134,8 +135,11 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
 epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
                                    epx_moe_combine_out_t *out, epx_status_t local, void *stream, epx__errbuf_t *err);
 void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h);
+/* Free h's memory now, its context being gone (no device work may still use it). */
+void epx__cuda_moe_handle_release(epx__cuda_moe_handle_t *h);
 int64_t epx__cuda_moe_handle_rows(const epx__cuda_moe_handle_t *h);
 int epx__cuda_moe_handle_tokens(const epx__cuda_moe_handle_t *h);
+int epx__cuda_moe_handle_topk(const epx__cuda_moe_handle_t *h);
 
 /* Is this a device pointer CUDA knows? */
 bool epx__cuda_is_device_ptr(const void *p);
@@ -154,5 +158,29 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
  * combine's. Local: enqueues one kernel. */
 epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, bool combine, void *stream,
                                    epx__errbuf_t *err);
+
+/* ---- Low-latency across hosts (src/xhost): this host's part of a context over all ranks ----
+ * The context is made over this host's ranks (c) with the shape of all of them: every rank
+ * is a source (staging for each), this host's are ranks host * c->nranks ... Every rank
+ * sends its whole source block to its rail peers (the ranks of its local index on the other
+ * hosts), which forward it here as its source would have pushed it; a combine sends home,
+ * along the same rails, the rows of a rail peer's tokens whose experts live on this host.
+ * Then a dispatch is: epx__cuda_moe_ll_dispatch (its send: rows to the local ranks and to
+ * rails.out; the receive is always left to epx__cuda_moe_ll_recv), the caller's NCCL step
+ * (rails.out to every rail peer, theirs into rails.in + host * blk), epx__cuda_moe_ll_forward,
+ * then epx__cuda_moe_ll_recv; a combine: epx__cuda_moe_ll_combine (its send),
+ * epx__cuda_moe_ll_gather, the NCCL step (rails.y_out + p's host * yblk to rail peer p,
+ * theirs into rails.y_in likewise), then epx__cuda_moe_ll_recv. Every rank must make the
+ * same calls in the same order; the steps of one call run on one stream. */
+/* Make the rail buffers (device memory of the context) for `nhosts` hosts, this one
+ * `host`, and describe them in *rails (the handle's arrays unset). Before any dispatch.
+ * Local; a failure leaves the context as it was. */
+epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, epx__ll_rail_t *rails,
+                                    epx__errbuf_t *err);
+/* The forward step of h's dispatch (after the NCCL step, on its stream). Local. */
+epx_status_t epx__cuda_moe_ll_forward(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, void *stream,
+                                      epx__errbuf_t *err);
+/* The gather step of h's combine receive (before its NCCL step). Local. */
+epx_status_t epx__cuda_moe_ll_gather(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, void *stream, epx__errbuf_t *err);
 
 #endif /* EPX_CUDA_H */

@@ -40,6 +40,9 @@ enum {
  * the kernels of its kind my stream finished. Sends and receives are numbered apart, so
  * two batches can be in flight between a send and its receive. */
 enum { EPX__LL_DISPATCH_SENT = 0, EPX__LL_DISPATCH_RECVD = 1, EPX__LL_COMBINE_SENT = 2, EPX__LL_COMBINE_RECVD = 3 };
+/* Kernels across hosts that count their blocks but keep no sequence of their own (they
+ * run under the dispatch send's, and the combine receive's, number): ll_blocks[] only. */
+enum { EPX__LL_FORWARD = 4, EPX__LL_GATHER = 5 };
 
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
@@ -66,7 +69,7 @@ typedef struct {
     unsigned long long *direct_ops; /* of which direct alltoallv kernels (same on every rank) */
     unsigned int *blocks_left;  /* scratch counter for "last block" detection */
     unsigned long long *ll_seq; /* [4] low-latency sequences (EPX__LL_*) */
-    unsigned int *ll_blocks;    /* [4] their "last block" counters */
+    unsigned int *ll_blocks;    /* [6] their "last block" counters, then FORWARD's and GATHER's */
     unsigned long long *flags;  /* mine: [kind][src] * EPX__FLAG_STRIDE */
     unsigned long long *peer_flags[EPX__CUDA_MAX_RANKS];
     char *eager;                /* mine: [parity][src] slots of eager_bytes + EPX__SLOT_HDR */
@@ -171,6 +174,34 @@ typedef struct {
 
 /* ---- MoE low-latency (ll_kernels.cu) ---- */
 
+/* Sources of a low-latency context: at most this many ranks (the receive keeps a count per
+ * source in shared memory). */
+#define EPX__LL_MAX_SRCS 1024
+/* A block header across hosts (int32): [0] T (dispatch), [1] the sequence number of the
+ * send or receive it belongs to, [2] EPX__LL_TAG_FINE or _FAILED (the sender's device had
+ * recorded an error), [3] that error's code. A block whose [1] and [2] do not say this
+ * operation (its transfer was cut short) counts as a failed peer's. */
+enum { EPX__LL_TAG_FAILED = 0x4c4c4601, EPX__LL_TAG_FINE = 0x4c4c4602 };
+
+/* Low-latency across hosts (src/xhost): every rank sends its whole source block (header,
+ * then max_tokens rows as staged) to the rank of its local index on every other host (its
+ * rail peers) over NCCL, and that rank forwards it inside its host. Blocks are `blk`
+ * bytes. The combine sends home, along the same rails, one row per (token, k) whose expert
+ * lives on the gateway's host: y blocks of `yblk` bytes (a 128-byte header as above, then
+ * rows [max_tokens, K]). */
+typedef struct {
+    int nhosts, host;     /* 0 on one host */
+    char *out;            /* my source block for the rails */
+    const char *in;       /* [nhosts] the blocks my rail peers sent me (mine unused) */
+    long long blk;
+    int *live;            /* device: 1 when my last send found its staging half free */
+    int *topk, *slot;     /* the handle: [nhosts, max_tokens, K] my rail peers' routing, and
+                             each (token, k)'s slot where its expert is on my host */
+    char *y_out;          /* [nhosts] y blocks for my rail peers (mine unused) */
+    const char *y_in;     /* [nhosts] y blocks they sent me (mine unused) */
+    long long yblk;
+} epx__ll_rail_t;
+
 /* One low-latency dispatch. Every rank owns a staging area that peers push into, two of
  * them (by the parity of the send's sequence number); each holds, per source rank, a header (T, then its routing
  * as int32 [max_tokens, K]) and its token rows [max_tokens] of srow bytes (the row as
@@ -190,16 +221,22 @@ typedef struct {
     int *recv_count, *recv_src_rank, *recv_src_token;
     int *h_slot, *h_topk;                      /* the handle: [T, K] slot and expert of mine */
     int *h_bad;                                /* the handle: 1 when some routing was bad */
+    /* Sources: srcs ranks (all of them; nranks on one host), mine is me_src; this host's
+     * ranks (nranks, flags and staging) are sources dest0 .. dest0 + nranks - 1. */
+    int srcs, me_src, dest0;
+    epx__ll_rail_t rail;                       /* across hosts */
 } epx__ll_args_t;
 
 typedef struct {
-    const char *y[EPX__CUDA_MAX_RANKS]; /* each rank's [L, slots, H] expert outputs, mapped */
+    const char *y[EPX__CUDA_MAX_RANKS]; /* each local rank's [L, slots, H] expert outputs, mapped */
     const float *w;                     /* [T, K] */
     const int *h_slot, *h_topk, *h_bad;
     int num_tokens, topk, local_experts, hidden, dtype;
     int vec;                            /* bf16, H % 8 == 0, y and out 16-byte aligned */
     long long slots;
     char *out;
+    int nranks, dest0, max_tokens;      /* this host's ranks are dest0 .. dest0 + nranks - 1 */
+    epx__ll_rail_t rail;                /* across hosts: rows of other hosts' experts come in y_in */
 } epx__ll_combine_t;
 
 /* Dispatch send s: once every destination is done with the staging half of s's parity
@@ -211,6 +248,15 @@ int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, 
  * lay out my experts' slots (sources ascending, tokens ascending) and the handle's slots;
  * with bad routing anywhere, every count is -1 and nothing else is written. */
 int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
+/* Across hosts, after the send's NCCL step (on its stream): the blocks my rail peers sent
+ * (checked: a missing or failed one records EPX_ERR_PEER_FAILURE) into the staging areas
+ * of this host's ranks, as if their sources had pushed them; then my LL flag at each, for
+ * my send and these (the send left it to this kernel). */
+int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream);
+/* Across hosts, the combine receive's first step: wait for every local peer's LLC_ARRIVE,
+ * then into my y block for each rail peer, the row of every (token, k) of its whose expert
+ * lives on this host, and the block's header. */
+int epx__cuda_launch_ll_gather(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream);
 /* Combine send s: my expert outputs are ready to be read (LLC_ARRIVE = s at every peer). */
 int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream);
 /* Combine receive s (with `send_too`, send s first, in the same kernel): wait for every

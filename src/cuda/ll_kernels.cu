@@ -15,6 +15,15 @@
  * staging area has two halves (by the send's parity), and a send waits until every rank
  * received what the send two before it left in the half it is about to fill (known at
  * once when the calls come whole, see epx__ll_half_free).
+ *
+ * Across hosts (src/xhost) the sources are the ranks of every host (srcs, numbered
+ * globally; this host's are dest0 ..): a send also writes its whole block (header and
+ * every row) for its rail peers, src/xhost moves the blocks over NCCL, and the forward
+ * kernel pushes what arrived into this host's staging areas as its sources would have,
+ * then sets the flags; the receive is the same kernel. A combine receive first gathers, for
+ * each rail peer, the rows of its tokens' experts on this host (the gather kernel), src/xhost
+ * sends them home, and the sum reads each row from the local peer that holds it or from
+ * what came home: the same rows in the same k order, so the same bits.
  */
 #include <cuda_runtime.h>
 
@@ -34,8 +43,61 @@ static __device__ __forceinline__ int *epx__ll_hdr(const epx__ll_args_t *a, char
 }
 static __device__ __forceinline__ char *epx__ll_row(const epx__ll_args_t *a, char *base, int par, int p, long long t)
 {
-    return base + (long long)par * a->half_bytes + (long long)a->nranks * a->hdr_bytes +
+    return base + (long long)par * a->half_bytes + (long long)a->srcs * a->hdr_bytes +
            ((long long)p * a->max_tokens + t) * a->srow;
+}
+
+/* Row t of a rail block (its header first). */
+static __device__ __forceinline__ char *epx__ll_blk_row(const epx__ll_args_t *a, const char *blk, long long t)
+{
+    return (char *)blk + a->hdr_bytes + t * a->srow;
+}
+
+/* The local rank (0 .. nranks - 1) that holds expert e, or -1 (another host's, or no expert). */
+static __device__ __forceinline__ int epx__ll_holder(const epx__ll_args_t *a, long long e)
+{
+    if (e < 0 || e >= a->num_experts) return -1;
+    long long q = e / a->local_experts - a->dest0;
+    return q >= 0 && q < a->nranks ? (int)q : -1;
+}
+
+/* A rail block's header fields [1..3] for sequence n: whether my device has failed. */
+static __device__ void epx__ll_tag(const epx__cuda_dev_t *d, int *h, unsigned long long n)
+{
+    bool failed = *(volatile unsigned int *)d->failed != 0;
+    int code = failed ? *(volatile int *)&d->err->code : 0;
+    h[1] = (int)(unsigned)n;
+    h[2] = failed ? EPX__LL_TAG_FAILED : EPX__LL_TAG_FINE;
+    h[3] = code == 0 || code == EPX__ERR_CLAIMED ? (int)EPX_ERR_PEER_FAILURE : code;
+}
+
+/* After a block's waits: take in the failures local peers relayed with their flags (they
+ * may have sent what they had incompletely), then whether my device is still sound. A
+ * block of a rank that is not writes nothing (its outputs keep what they held). Every
+ * thread of the block calls it. */
+static __device__ bool epx__ll_sound(const epx__cuda_dev_t *d)
+{
+    if (d->relay && (int)threadIdx.x < d->nranks) epx__relay_in(d, (int)threadIdx.x, epx__op_number(d));
+    __syncthreads();
+    bool sound = *(volatile unsigned int *)d->failed == 0;
+    __syncthreads();
+    return sound;
+}
+
+/* Did the block with header h come for sequence n from a peer that had not failed? */
+static __device__ __forceinline__ bool epx__ll_tag_fine(const int *h, unsigned long long n)
+{
+    return ((volatile const int *)h)[1] == (int)(unsigned)n && ((volatile const int *)h)[2] == EPX__LL_TAG_FINE;
+}
+
+/* It did not (or its contents are out of range): record EPX_ERR_PEER_FAILURE from global
+ * rank `from` (rail slot hp), as a status across hosts would (the first error stays). */
+static __device__ void epx__ll_tag_fail(const epx__cuda_dev_t *d, const int *h, unsigned long long n, int from, int hp)
+{
+    volatile const int *v = (volatile const int *)h;
+    bool came = v[1] == (int)(unsigned)n && (v[2] == EPX__LL_TAG_FINE || v[2] == EPX__LL_TAG_FAILED);
+    epx__record_error(d, EPX_ERR_PEER_FAILURE, came ? from : -1, (unsigned long long)hp,
+                      came ? (unsigned long long)(unsigned)v[3] : 0ull, EPX__RELAYED_ACROSS);
 }
 
 /* Is the staging half that send n fills free at every rank (each received send n - 2)?
@@ -67,19 +129,34 @@ static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long
     return r;
 }
 
-/* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank. */
+/* The rows of dispatch send n, mine and those I push for others, are in every local
+ * rank's staging: LL flag 2 n + c at each (c: I had received every dispatch before n),
+ * after my device's failure, if any, is relayed. Threads p < nranks of the last block. */
+static __device__ void epx__ll_signal(const epx__cuda_dev_t *d, unsigned long long n)
+{
+    unsigned long long caught_up = *(volatile unsigned long long *)(d->ll_seq + EPX__LL_DISPATCH_RECVD) + 1ull >= n;
+    if ((int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
+    epx__signal_peers(d, EPX__FLAG_LL, 2 * n + caught_up);
+}
+
+/* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank.
+ * Across hosts my whole block also goes to a.rail.out (its header tagged), and the flags
+ * are left to the forward kernel. */
 static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_SENT);
-    int par = (int)(n & 1ull), me = a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
+    int par = (int)(n & 1ull), me = a.me_src, R = a.nranks, K = a.topk, T = a.num_tokens;
+    char *rail = a.rail.out;
     /* The half of this parity was last filled by send n - 2: every rank must have received
      * it. (After a failed wait nothing is sent: the communicator is broken.) */
     bool live = epx__ll_half_free(&d, n);
     if (!live) T = 0;
     if (blockIdx.x == 0 && live)
-        for (int q = 0; q < R; q++) {
-            int *h = epx__ll_hdr(&a, a.stage[q], par, me);
+        for (int q = 0; q <= R; q++) { /* q == R: my rail block */
+            int *h = q < R ? epx__ll_hdr(&a, a.stage[q], par, me) : (int *)rail;
+            if (!h) continue;
             if (threadIdx.x == 0) h[0] = T;
+            if (threadIdx.x == 0 && q == R) epx__ll_tag(&d, h, n);
             for (long long i = threadIdx.x; i < (long long)T * K; i += blockDim.x) {
                 long long e = epx__ll_expert(&a, i);
                 h[4 + i] = e < -1 || e >= a.num_experts ? -2 : (int)e; /* -2: out of range */
@@ -99,14 +176,15 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
             unsigned mask = 0;
             if (i < n_items)
                 for (int k = 0; k < K; k++) {
-                    long long e = epx__ll_expert(&a, t * K + k);
-                    if (e >= 0 && e < a.num_experts) mask |= 1u << (int)(e / a.local_experts);
+                    int q = epx__ll_holder(&a, epx__ll_expert(&a, t * K + k));
+                    if (q >= 0) mask |= 1u << q;
                 }
             uint4 v = make_uint4(0, 0, 0, 0);
             if (live) v = ((const uint4 *)((const char *)a.x + t * (long long)a.hidden * 2))[ch];
             if (!a.fp8) {
                 for (int q = 0; live && q < R; q++)
                     if ((mask >> q) & 1u) ((uint4 *)epx__ll_row(&a, a.stage[q], par, me, t))[ch] = v;
+                if (live && rail) ((uint4 *)epx__ll_blk_row(&a, rail, t))[ch] = v;
                 continue;
             }
             unsigned u[4] = {v.x, v.y, v.z, v.w};
@@ -132,9 +210,9 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
                 qv.x |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[j], inv)) << (8 * j);
                 qv.y |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[4 + j], inv)) << (8 * j);
             }
-            for (int q = 0; live && q < R; q++) {
-                if (!((mask >> q) & 1u)) continue;
-                char *dst = epx__ll_row(&a, a.stage[q], par, me, t);
+            for (int q = 0; live && q <= R; q++) { /* q == R: my rail block */
+                if (q < R ? !((mask >> q) & 1u) : !rail) continue;
+                char *dst = q < R ? epx__ll_row(&a, a.stage[q], par, me, t) : epx__ll_blk_row(&a, rail, t);
                 ((uint2 *)dst)[ch] = qv;
                 if ((ch & 15) == 0) {
                     if (a.ue8m0)
@@ -147,28 +225,86 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
     }
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long i = warp; !a.vec && i < (long long)T * R; i += nwarps) {
-        long long t = i / R;
-        int q = (int)((i + me) % R); /* spread the first writes over the peers */
-        bool to_q = false;
-        for (int k = 0; k < K; k++) {
-            long long e = epx__ll_expert(&a, t * K + k);
-            to_q = to_q || (e >= 0 && e < a.num_experts && e / a.local_experts == q);
-        }
+    int D = R + (rail ? 1 : 0); /* destination D - 1 is my rail block, when there is one */
+    for (long long i = warp; !a.vec && i < (long long)T * D; i += nwarps) {
+        long long t = i / D;
+        int q = (int)((i + a.rank) % D); /* spread the first writes over the peers */
+        bool to_q = q == R;
+        for (int k = 0; k < K && q < R; k++) to_q = to_q || epx__ll_holder(&a, epx__ll_expert(&a, t * K + k)) == q;
         if (!to_q) continue;
-        char *dst = epx__ll_row(&a, a.stage[q], par, me, t);
+        char *dst = q < R ? epx__ll_row(&a, a.stage[q], par, me, t) : epx__ll_blk_row(&a, rail, t);
         const char *src = (const char *)a.x + t * (long long)a.hidden * a.in_bytes;
         if (a.fp8)
             epx__ll_quantize_row((const uint16_t *)src, a.hidden, a.ue8m0, (uint8_t *)dst, dst + a.scale_off);
         else
             epx__warp_copy(dst, src, a.row_bytes);
     }
-    /* The last block to finish tells every rank that my rows and routing are there. */
+    /* The last block to finish tells every rank that my rows and routing are there (across
+     * hosts the forward kernel does, after the rail peers' blocks). */
     __threadfence_system();
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_SENT)) return;
-    unsigned long long caught_up = *(volatile unsigned long long *)(d.ll_seq + EPX__LL_DISPATCH_RECVD) + 1ull >= n;
-    if (live) epx__signal_peers(&d, EPX__FLAG_LL, 2 * n + caught_up);
+    if (rail && threadIdx.x == 0) *a.rail.live = live;
+    if (!rail && live) epx__ll_signal(&d, n);
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
+}
+
+/* Across hosts: warp w takes (rail peer, token, local destination) triples of the blocks
+ * my rail peers sent (each checked first); block 0 writes their routing to every local rank. */
+static __global__ void __launch_bounds__(512) epx__k_ll_forward(epx__cuda_dev_t d, epx__ll_args_t a)
+{
+    __shared__ int tp[EPX__LL_MAX_SRCS]; /* each rail slot's T, or -1: nothing to forward */
+    unsigned long long n = *(volatile unsigned long long *)(d.ll_seq + EPX__LL_DISPATCH_SENT); /* my send's */
+    int par = (int)(n & 1ull), R = a.nranks, K = a.topk, M = a.max_tokens, NH = a.rail.nhosts;
+    bool live = *(volatile int *)a.rail.live != 0;
+    for (int hp = threadIdx.x; hp < NH; hp += blockDim.x) {
+        const int *h = (const int *)(a.rail.in + (long long)hp * a.rail.blk);
+        int v = -1;
+        if (live && hp != a.rail.host) {
+            int t = ((volatile const int *)h)[0];
+            if (epx__ll_tag_fine(h, n) && t >= 0 && t <= M)
+                v = t;
+            else if (blockIdx.x == 0) /* every block sees the same; one records it */
+                epx__ll_tag_fail(&d, h, n, hp * R + a.rank, hp);
+        }
+        tp[hp] = v;
+    }
+    __syncthreads();
+    if (blockIdx.x == 0)
+        for (int hp = 0; hp < NH; hp++) {
+            if (tp[hp] < 0) continue;
+            const int *in = (const int *)(a.rail.in + (long long)hp * a.rail.blk);
+            for (int q = 0; q < R; q++) {
+                int *h = epx__ll_hdr(&a, a.stage[q], par, hp * R + a.rank);
+                if (threadIdx.x == 0) h[0] = tp[hp];
+                for (long long i = threadIdx.x; i < (long long)tp[hp] * K; i += blockDim.x) h[4 + i] = in[4 + i];
+            }
+        }
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    long long per_host = (long long)M * R;
+    for (long long i = warp; i < NH * per_host; i += nwarps) {
+        int hp = (int)(i / per_host);
+        long long t = (i % per_host) / R;
+        int q = (int)((i + a.rank) % R);
+        if (t >= tp[hp]) continue;
+        const char *blk = a.rail.in + (long long)hp * a.rail.blk;
+        const int *id = (const int *)blk + 4 + t * K;
+        bool to_q = false;
+        for (int k = 0; k < K; k++) to_q = to_q || epx__ll_holder(&a, id[k]) == q;
+        if (to_q) epx__warp_copy(epx__ll_row(&a, a.stage[q], par, hp * R + a.rank, t), epx__ll_blk_row(&a, blk, t), a.srow);
+    }
+    __threadfence_system();
+    if (!epx__ll_last_block(&d, EPX__LL_FORWARD)) return;
+    if (live) epx__ll_signal(&d, n);
+}
+
+extern "C" int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
+{
+    long long warps = (long long)a->rail.nhosts * a->max_tokens * a->nranks;
+    long long blocks = (warps + 15) / 16; /* 16 warps of 512 threads */
+    blocks = blocks < 1 ? 1 : blocks > 264 ? 264 : blocks;
+    epx__k_ll_forward<<<(int)blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+    return (int)cudaGetLastError();
 }
 
 /* Blocks of `kernel` (at `threads` per block) resident on the current device at once,
@@ -209,7 +345,7 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
  * syncs the block after it. */
 static __device__ void epx__ll_stage_ids(const epx__ll_args_t &a, int par, const int *tp, long long j0, int *ids)
 {
-    int R = a.nranks, K = a.topk, M = a.max_tokens, n = (int)blockDim.x * K;
+    int R = a.srcs, K = a.topk, M = a.max_tokens, n = (int)blockDim.x * K;
     for (int b = 0; b < n; b += 4 * (int)blockDim.x) {
         int v[4];
 #pragma unroll
@@ -244,7 +380,7 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_rece
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
-    if (live) epx__ll_receive_body(a, (int)(n & 1ull));
+    if (live && epx__ll_sound(&d)) epx__ll_receive_body(a, (int)(n & 1ull));
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
     /* Sources may read this (over NVLink) before refilling the half: every block's reads of
      * it are over (the last-block count is fenced). No flag is pushed to them: a store to
@@ -254,17 +390,19 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_rece
 
 static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
 {
-    __shared__ int bad, tp[EPX__CUDA_MAX_RANKS], list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
+    __shared__ int bad, tp[EPX__LL_MAX_SRCS], list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
     __shared__ int ids[EPX__LL_RECV_THREADS * EPX_MOE_MAX_TOPK]; /* a block-sized group's routing */
-    int me = a.rank, R = a.nranks, K = a.topk, M = a.max_tokens, L = a.local_experts;
+    /* me: my staging area (local rank); ms: my source number; R sources */
+    int me = a.rank, ms = a.me_src, R = a.srcs, K = a.topk, M = a.max_tokens, L = a.local_experts;
+    int LS = a.nranks, rail_hosts = a.rail.topk ? a.rail.nhosts : 0;
     /* Every block checks every source's routing before writing: all reach one verdict. The
      * headers are read at once (a thread each), then the entries with several loads in
      * flight per thread: this pass is latency, not bytes. */
     if (threadIdx.x == 0) bad = 0;
     __syncthreads();
-    if ((int)threadIdx.x < R) {
-        int v = *(volatile const int *)epx__ll_hdr(&a, a.stage[me], par, (int)threadIdx.x);
-        tp[threadIdx.x] = v;
+    for (int p = threadIdx.x; p < R; p += blockDim.x) {
+        int v = *(volatile const int *)epx__ll_hdr(&a, a.stage[me], par, p);
+        tp[p] = v;
         if (v < 0 || v > M) bad = 1;
     }
     __syncthreads();
@@ -300,17 +438,25 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
     }
     if (blockIdx.x == 0) {
         /* My routing as my send staged it (the caller's topk_idx may be gone by now). */
-        const int *mine = epx__ll_hdr(&a, a.stage[me], par, me) + 4;
+        const int *mine = epx__ll_hdr(&a, a.stage[me], par, ms) + 4;
         if (threadIdx.x == 0) *a.h_bad = 0;
         for (long long i = threadIdx.x; i < (long long)a.num_tokens * K; i += blockDim.x) {
             int e = mine[i];
             a.h_topk[i] = e;
             if (e < 0) a.h_slot[i] = -1;
         }
+        /* Across hosts, my rail peers' routing too (-1 past their T), for the combine's gather. */
+        for (int hp = 0; hp < rail_hosts; hp++) {
+            int p = hp * LS + me, tpp = hp == a.rail.host ? 0 : tp[p];
+            const int *ids_p = epx__ll_hdr(&a, a.stage[me], par, p) + 4;
+            for (long long i = threadIdx.x; i < (long long)M * K; i += blockDim.x)
+                a.rail.topk[(long long)hp * M * K + i] = i < (long long)tpp * K ? ids_p[i] : -1;
+        }
     }
     int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int e = blockIdx.x; e < a.num_experts; e += gridDim.x) {
-        bool mine = e / L == me;
+        bool mine = e / L == a.dest0 + me;
+        bool here = rail_hosts > 0 && e / L / LS == a.rail.host; /* my rail peers' slots here matter */
         int l = e % L, base = 0;
         for (long long j0 = 0; j0 < (long long)R * M; j0 += blockDim.x) {
             long long j = j0 + threadIdx.x;
@@ -325,9 +471,12 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
             int total, pos = epx__block_scan(flag, &total);
             if (flag) {
                 int slot = base + pos;
-                if (p == me)
+                if (p == ms)
                     for (int k = 0; k < K; k++)
                         if (id[k] == e) a.h_slot[t * K + k] = slot;
+                if (here && p % LS == me && p != ms)
+                    for (int k = 0; k < K; k++)
+                        if (id[k] == e) a.rail.slot[((long long)(p / LS) * M + t) * K + k] = slot;
                 if (mine) {
                     list_p[pos] = p, list_t[pos] = (int)t;
                     long long at = (long long)l * a.slots + slot;
@@ -356,7 +505,7 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
 
 extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
 {
-    long long rows = (long long)a->nranks * a->max_tokens * a->topk; /* at most, over all experts */
+    long long rows = (long long)a->srcs * a->max_tokens * a->topk; /* at most, over all experts */
     int threads = rows > 8LL * a->num_experts ? EPX__LL_RECV_THREADS : EPX__LL_RECV_THREADS / 2;
     int blocks = a->num_experts < 1024 ? a->num_experts : 1024;
     int most = epx__ll_resident((const void *)epx__k_ll_receive, threads, threads == EPX__LL_RECV_THREADS ? 1 : 3);
@@ -373,16 +522,58 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
  * with mine (my outputs may then be overwritten). */
 static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
 
+/* Where the row of (token t, its k-th expert e, slot) lies: in the expert's local rank's y,
+ * or (across hosts) in what its host's gateway sent home. */
+static __device__ __forceinline__ const char *epx__llc_row(const epx__ll_combine_t &c, int e, long long t, int k,
+                                                          int slot, long long row_bytes)
+{
+    int g = e / c.local_experts, q = g - c.dest0;
+    if (q >= 0 && q < c.nranks) return c.y[q] + ((long long)(e % c.local_experts) * c.slots + slot) * row_bytes;
+    return c.rail.y_in + (long long)(g / c.nranks) * c.rail.yblk + 128 + (t * c.topk + k) * row_bytes;
+}
+
+/* Threads p < nranks: relay my device's failure to local peer p (before a flag to it), or
+ * take in the one peer p relayed (after its flag). */
+static __device__ __forceinline__ void epx__ll_relay_out(const epx__cuda_dev_t *d)
+{
+    if ((int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
+}
+static __device__ __forceinline__ void epx__ll_relay_in(const epx__cuda_dev_t *d)
+{
+    if ((int)threadIdx.x < d->nranks) epx__relay_in(d, (int)threadIdx.x, epx__op_number(d));
+}
+
+/* Across hosts: did every rail peer's y block come for receive n, from a peer that had not
+ * failed? Block 0 records the first that did not. */
+static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll_combine_t &c, unsigned long long n)
+{
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    for (int hp = threadIdx.x; hp < c.rail.nhosts; hp += blockDim.x) {
+        const int *h = (const int *)(c.rail.y_in + (long long)hp * c.rail.yblk);
+        if (hp == c.rail.host || epx__ll_tag_fine(h, n)) continue;
+        ok = 0;
+        if (blockIdx.x == 0) epx__ll_tag_fail(d, h, n, hp * c.nranks + d->rank, hp);
+    }
+    __syncthreads();
+    int r = ok;
+    __syncthreads();
+    return r;
+}
+
 static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
-    if (send_too) epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    if (send_too) epx__ll_relay_out(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
-    if (live && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing to combine */
+    bool homes = live && (c.rail.nhosts == 0 || epx__llc_homes_ok(&d, c, n)); /* across hosts: all came */
+    if (homes && epx__ll_sound(&d) && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
+        epx__ll_relay_out(&d);
         epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, true); /* done reading the peers' outputs */
-        epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n);
+        if (epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n)) epx__ll_relay_in(&d);
     }
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
@@ -392,6 +583,7 @@ static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t 
 static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_SENT);
+    epx__ll_relay_out(&d);
     epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
 }
@@ -406,7 +598,7 @@ extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *
  * that allow 16-byte loads, and sums the token's rows in k order. */
 static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
 {
-    int K = c.topk, H = c.hidden, L = c.local_experts;
+    int K = c.topk, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     if (c.vec) {
         /* Each thread: 8 channels of one token, every contributing row's load in flight
@@ -423,7 +615,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
                 int e = k < K ? c.h_topk[t * K + k] : -1;
                 has[k] = e >= 0;
                 if (has[k]) {
-                    const char *row = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
+                    const char *row = epx__llc_row(c, e, t, k, c.h_slot[t * K + k], row_bytes);
                     v[k] = ((const uint4 *)row)[ch];
                     w[k] = c.w[t * K + k];
                 }
@@ -452,7 +644,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
         for (int k = 0; k < K; k++) {
             int e = c.h_topk[t * K + k];
             if (e < 0) continue;
-            rows[nr] = c.y[e / L] + ((long long)(e % L) * c.slots + c.h_slot[t * K + k]) * row_bytes;
+            rows[nr] = epx__llc_row(c, e, t, k, c.h_slot[t * K + k], row_bytes);
             w[nr++] = c.w[(long long)t * K + k];
         }
         char *out = c.out + (long long)t * row_bytes;
@@ -482,6 +674,46 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
             }
         }
     }
+}
+
+/* Across hosts, a combine receive's first step (it keeps no sequence: n is the receive's
+ * that follows on the stream). One warp per (rail peer, token, k). */
+static __global__ void __launch_bounds__(512) epx__k_ll_gather(epx__cuda_dev_t d, epx__ll_combine_t c)
+{
+    unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
+    bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    int K = c.topk, M = c.max_tokens, L = c.local_experts, NH = c.rail.nhosts;
+    long long rb = (long long)c.hidden * (c.dtype == EPX_F32 ? 4 : 2), per_host = (long long)M * K;
+    if (live && !*c.h_bad) {
+        long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+        long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+        for (long long i = warp; i < NH * per_host; i += nwarps) {
+            int hp = (int)(i / per_host);
+            long long j = i % per_host;
+            int e = c.rail.topk[i]; /* [hp, t, k] */
+            if (hp == c.rail.host || e < 0 || e / L / c.nranks != c.rail.host) continue;
+            const char *src = c.y[e / L - c.dest0] + ((long long)(e % L) * c.slots + c.rail.slot[i]) * rb;
+            epx__warp_copy(c.rail.y_out + (long long)hp * c.rail.yblk + 128 + j * rb, src, rb);
+        }
+    }
+    /* The headers last: a failure met above goes home with them. */
+    __threadfence();
+    if (!epx__ll_last_block(&d, EPX__LL_GATHER)) return;
+    for (int hp = threadIdx.x; hp < NH; hp += blockDim.x) {
+        if (hp == c.rail.host) continue;
+        int *h = (int *)(c.rail.y_out + (long long)hp * c.rail.yblk);
+        h[0] = 0;
+        epx__ll_tag(&d, h, n);
+    }
+}
+
+extern "C" int epx__cuda_launch_ll_gather(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream)
+{
+    long long warps = (long long)c->rail.nhosts * c->max_tokens * c->topk;
+    long long blocks = (warps + 15) / 16; /* 16 warps of 512 threads */
+    blocks = blocks < 1 ? 1 : blocks > 264 ? 264 : blocks;
+    epx__k_ll_gather<<<(int)blocks, 512, 0, (cudaStream_t)stream>>>(*d, *c);
+    return (int)cudaGetLastError();
 }
 
 extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too,

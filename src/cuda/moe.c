@@ -45,6 +45,7 @@ struct epx__cuda_moe {
     /* Low-latency: my staging area (peers push into it) and everyone's, mapped here. */
     char *stage;
     char *peer_stage[EPX__CUDA_MAX_RANKS];
+    epx__ll_rail_t rails;  /* across hosts (nhosts > 0; epx__cuda_moe_ll_rails), rails.out its memory */
     void *stage_open[EPX__CUDA_MAX_RANKS]; /* the peers' staging mappings pinned in the IPC cache */
     long long ll_srow, ll_hdr, ll_half;
     /* Copy engines: `stage` holds the rows I send (dispatch) or receive (combine). */
@@ -63,6 +64,7 @@ struct epx__cuda_moe_handle {
     int *d_src_rank, *d_src_token; /* [R * max_tokens] */
     int *d_send_row;               /* [max_tokens, R] */
     int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
+    int *d_rail;                   /* across hosts: [2, nhosts, max_tokens, K] (epx__ll_rail_t topk, slot) */
     int *h_cnt;                    /* copy engines: the count matrix [R, R], then my tokens'
                                       per chunk [chunks, R] (host copies of the dispatch's) */
     epx__ll_args_t ll_recv;        /* low-latency: the receive half of a split dispatch */
@@ -92,7 +94,9 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     }
     size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
     size_t tk = (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
-    if (cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
+    size_t rail = 2 * (size_t)m->rails.nhosts * tk;
+    if ((rail && cudaMalloc((void **)&h->d_rail, sizeof(int) * rail) != cudaSuccess) ||
+        cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_src_token, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_send_row, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_rows, sizeof(long long)) != cudaSuccess ||
@@ -102,7 +106,7 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
           cudaMalloc((void **)&h->d_bad, sizeof(int)) != cudaSuccess))) {
         cudaGetLastError();
         cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
-        cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
+        cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_rail);
         free(h->ll_ycards);
         free(h->h_cnt);
         free(h);
@@ -117,7 +121,7 @@ static void epx__handle_release(epx__cuda_moe_handle_t *h)
     cudaFree(h->d_src_token);
     cudaFree(h->d_send_row);
     cudaFree(h->d_rows);
-    cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad);
+    cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_rail);
     cudaGetLastError();
     free(h->ll_ycards);
     free(h->h_cnt);
@@ -321,6 +325,7 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_expert_counts);
     cudaFree(m->d_layout_scratch);
     cudaFree(m->stage);
+    cudaFree(m->rails.out);
     if (m->ce_stream) cudaStreamDestroy(m->ce_stream);
     for (int i = 0; i < 4; i++)
         if (m->ce_ev[i]) cudaEventDestroy(m->ce_ev[i]);
@@ -335,6 +340,11 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     free(m);
 }
 
+void epx__cuda_moe_handle_release(epx__cuda_moe_handle_t *h)
+{
+    if (h) epx__handle_release(h);
+}
+
 /* Back to the context's spares: a later dispatch reuses the device arrays. Kernels still
  * in flight on the stream that used them run before any later use of the same stream. */
 void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h)
@@ -346,6 +356,7 @@ void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h)
 
 int64_t epx__cuda_moe_handle_rows(const epx__cuda_moe_handle_t *h) { return h->rows; }
 int epx__cuda_moe_handle_tokens(const epx__cuda_moe_handle_t *h) { return h->num_tokens; }
+int epx__cuda_moe_handle_topk(const epx__cuda_moe_handle_t *h) { return h->topk; }
 
 epx_status_t epx__cuda_moe_layout(epx__cuda_moe_t *m, const void *topk_idx, int num_tokens, int topk, int32_t *per_rank,
                                   int32_t *per_expert, uint8_t *in_rank, void *stream, epx__errbuf_t *err)
@@ -1039,6 +1050,10 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.slots = (long long)s->ll_slots;
     a.x = in->x, a.topk_idx = in->topk_idx;
     for (int p = 0; p < R; p++) a.stage[p] = m->peer_stage[p];
+    a.dest0 = m->rails.host * R, a.srcs = s->nranks, a.me_src = a.dest0 + c->rank;
+    a.rail = m->rails;
+    if (a.rail.nhosts > 0) /* the handle's arrays for my rail peers */
+        a.rail.topk = h->d_rail, a.rail.slot = h->d_rail + (size_t)a.rail.nhosts * s->max_tokens * s->max_topk;
     a.recv_x = out->recv_x, a.recv_scales = out->recv_x_scales;
     a.recv_count = out->recv_count, a.recv_src_rank = out->recv_src_rank, a.recv_src_token = out->recv_src_token;
     a.h_slot = h->d_slot, a.h_topk = h->d_topk, a.h_bad = h->d_bad;
@@ -1051,7 +1066,7 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     int send_blocks = a.vec ? (int)EPX__MIN(EPX__MAX((items + 511) / 512, 1LL), 1024LL) : m->blocks;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_send(&c->dev, &a, send_blocks, stream), st, err);
-    if (split)
+    if (split || a.rail.nhosts > 0) /* across hosts the receive comes after the forward step */
         h->ll_recv = a;
     else
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, stream), st, err);
@@ -1096,8 +1111,12 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     k.out = out;
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
     for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0; /* a remap keeps the offsets */
+    k.nranks = R, k.dest0 = m->rails.host * R, k.max_tokens = s->max_tokens;
+    k.rail = m->rails;
+    if (k.rail.nhosts > 0)
+        k.rail.topk = h->d_rail, k.rail.slot = h->d_rail + (size_t)k.rail.nhosts * s->max_tokens * s->max_topk;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
-    if (split) {
+    if (split || k.rail.nhosts > 0) { /* across hosts the receive comes after the gather and NCCL steps */
         h->ll_comb = k;
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine_send(&c->dev, stream), st, err);
     } else {
@@ -1121,5 +1140,57 @@ epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h
                         st, err);
     else
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_receive(&m->c->dev, &h->ll_recv, stream), st, err);
+    return st;
+}
+
+/* ---- Low-latency across hosts ------------------------------------------------------------------ */
+
+epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, epx__ll_rail_t *rails,
+                                    epx__errbuf_t *err)
+{
+    const epx__moe_shape_t *s = &m->s;
+    if (s->mode != EPX_MOE_LOW_LATENCY || m->spare || m->rails.nhosts || nhosts < 1 || host < 0 || host >= nhosts ||
+        s->nranks != nhosts * m->c->nranks || s->nranks > EPX__LL_MAX_SRCS)
+        return epx__fail(err, EPX_ERR_INTERNAL, "low-latency rails: not for this context (%d ranks, %d hosts)", s->nranks,
+                         nhosts);
+    epx__ll_rail_t r;
+    memset(&r, 0, sizeof r);
+    r.nhosts = nhosts, r.host = host;
+    r.blk = EPX__ALIGN_UP(m->ll_hdr + (long long)EPX__MAX(s->max_tokens, 1) * m->ll_srow, 256);
+    r.yblk = EPX__ALIGN_UP(128 + (long long)EPX__MAX(s->max_tokens, 1) * s->max_topk * (long long)s->combine_row_bytes, 256);
+    size_t bytes = (size_t)r.blk * (size_t)(1 + nhosts) + 2 * (size_t)r.yblk * (size_t)nhosts + 256;
+    char *mem = NULL;
+    cudaError_t ce = cudaMalloc((void **)&mem, bytes);
+    /* Headers zero: no block counts as arrived before its first transfer. */
+    if (ce == cudaSuccess) ce = cudaMemset(mem, 0, bytes);
+    if (ce == cudaSuccess) ce = cudaDeviceSynchronize(); /* the memset ran on the legacy stream */
+    if (ce != cudaSuccess) {
+        cudaFree(mem);
+        cudaGetLastError();
+        return epx__fail(err, EPX_ERR_CUDA, "low-latency rails (%zu bytes): %s", bytes, cudaGetErrorString(ce));
+    }
+    r.out = mem;
+    r.in = mem + r.blk;
+    r.y_out = mem + r.blk * (1 + nhosts);
+    r.y_in = r.y_out + r.yblk * nhosts;
+    r.live = (int *)(void *)(r.y_out + 2 * r.yblk * nhosts);
+    m->rails = r;
+    *rails = r;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_moe_ll_forward(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, void *stream, epx__errbuf_t *err)
+{
+    epx_status_t st = EPX_SUCCESS;
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_forward(&m->c->dev, &h->ll_recv, stream), st, err);
+    return st;
+}
+
+epx_status_t epx__cuda_moe_ll_gather(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, void *stream, epx__errbuf_t *err)
+{
+    epx_status_t st = EPX_SUCCESS;
+    /* The peers' y again: calls since the send may have closed a mapping. */
+    EPX__CHECK(epx__ll_map_y(m->c, h, h->ll_comb.y[m->c->rank], &h->ll_comb, stream, err));
+    EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_gather(&m->c->dev, &h->ll_comb, stream), st, err);
     return st;
 }

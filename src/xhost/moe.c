@@ -140,6 +140,11 @@ struct epx__xhost_moe {
      * on both ends of a pair: every rank posts the same groups on a context), from seq */
     char *stat;
     unsigned seq, chunk_seq[EPX__HIER_MAX_CHUNKS];
+    /* Low-latency on the device (see "Low-latency on the device" below): this host's part
+     * of a src/cuda context over every rank, and its rail buffers; NULL: the host path. */
+    epx__cuda_moe_t *ll;
+    epx__ll_rail_t rails;
+    uint32_t ll_calls; /* low-latency dispatches so far: a combine names its dispatch by it */
 };
 
 _Static_assert(EPX__HIER_MAX_PARTS <= EPX__CUDA_A2A_MAX_OPS, "an intra-host exchange per part of the row plan");
@@ -166,6 +171,8 @@ typedef struct {
 } epx__xh_plan_t;
 
 struct epx__xhost_moe_handle {
+    epx__cuda_moe_handle_t *ch; /* low-latency on the device: the src/cuda handle; the rest unused */
+    uint32_t ll_id;             /* its dispatch's number (m->ll_calls) */
     epx__hier_moe_handle_t *hh;
     int T;
     int64_t n;     /* rows received */
@@ -268,6 +275,12 @@ static epx_status_t epx__routing(epx__xhost_moe_t *m, const void *topk, int T, i
     return st;
 }
 
+/* Does a context of this shape run low-latency on the device (else on the host path)? */
+static bool epx__ll_on_device(const epx__moe_shape_t *s)
+{
+    return s->mode == EPX_MOE_LOW_LATENCY && s->nranks <= EPX__LL_MAX_SRCS && epx__param_int(EPX__P_MOE_LL_HOST) == 0;
+}
+
 epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
                                    epx__xhost_moe_t **out, epx__errbuf_t *err)
 {
@@ -293,9 +306,21 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
         if (ce != cudaSuccess && local == EPX_SUCCESS)
             local = epx__fail(err, EPX_ERR_CUDA, "MoE across hosts: %s", cudaGetErrorString(ce));
     }
+    /* Low-latency on the device: this host's ranks make their part (a collective among
+     * them); src/hier's creation below makes every rank's verdict on it. */
+    epx__cuda_moe_t *ll = NULL;
+    epx__ll_rail_t rails;
+    memset(&rails, 0, sizeof rails);
+    if (epx__ll_on_device(shape)) {
+        epx_status_t c = epx__cuda_moe_create(xh->cuda, shape, hash, local, &ll, err);
+        if (c == EPX_SUCCESS) c = epx__cuda_moe_ll_rails(ll, xh->num_hosts, xh->host, &rails, err);
+        if (local == EPX_SUCCESS) local = c;
+    }
     epx__hier_moe_t *hm = NULL;
-    epx_status_t st = epx__hier_moe_create(xh->hier, shape, hash, local, &hm, err);
+    /* The path is part of the configuration (EPX_MOE_LL_HOST must agree). */
+    epx_status_t st = epx__hier_moe_create(xh->hier, shape, ll ? hash ^ 0x6c6c646576696365ull : hash, local, &hm, err);
     if (st != EPX_SUCCESS) {
+        epx__cuda_moe_destroy(ll);
         for (int i = 0; i < made && i < NEV; i++) cudaEventDestroy(*ev[i]);
         if (made > NEV) cudaStreamDestroy(m->side);
         if (made > NEV + 1) cudaFree(m->stat);
@@ -304,6 +329,7 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
         return st;
     }
     m->xh = xh, m->s = *shape, m->hm = hm;
+    m->ll = ll, m->rails = rails;
     *out = m;
     return EPX_SUCCESS;
 }
@@ -328,6 +354,8 @@ void epx__xhost_moe_destroy(epx__xhost_moe_t *m)
     }
     for (int b = 0; b < S_N; b++)
         if (m->stage[b] && !keep) cudaFree(m->stage[b]);
+    if (m->ll) epx__cuda_moe_detach(m->ll); /* its mappings, in the communicator's IPC cache */
+    if (!keep) epx__cuda_moe_destroy(m->ll);
     if (!keep) cudaFree(m->stat);
     cudaEventDestroy(m->done), cudaEventDestroy(m->fork), cudaEventDestroy(m->join);
     for (int c = 0; c < EPX__HIER_MAX_CHUNKS; c++) cudaEventDestroy(m->ev[c]);
@@ -342,6 +370,8 @@ static void epx__plan_free(epx__xh_plan_t *x);
 void epx__xhost_moe_handle_free(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h)
 {
     if (!h) return;
+    if (h->ch && m) epx__cuda_moe_handle_free(h->ch);
+    if (h->ch && !m) epx__cuda_moe_handle_release(h->ch); /* its context is gone */
     epx__hier_moe_handle_free(m ? m->hm : NULL, h->hh);
     epx__plan_free(&h->xp);
     free(h);
@@ -1044,12 +1074,162 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     return epx__call_end(m, x, plan, st, stream, err);
 }
 
+/* ---- Low-latency on the device ----------------------------------------------------------------
+ * No plan, no read-back, nothing waited for on the host: src/cuda's low-latency kernels run
+ * over this host's ranks with every rank of every host as a source (cuda.h, "Low-latency
+ * across hosts"), and NCCL moves fixed-size blocks along the rails between their steps.
+ * Per call one bootstrap round agrees on the call (its kind, top-k, and for a combine its
+ * dispatch) and on every rank's status; src/cuda's round among this host's ranks follows.
+ * After the first, a failure aborts the NCCL link (the peers' transfers fail instead of
+ * waiting). A block that does not come (a transfer cut short) or comes from a failed peer
+ * fails the receiving rank's device, which relays it inside its host, as statuses do on the
+ * host path.
+ *
+ * Bytes per GPU and direction, T = max_tokens: a dispatch sends its whole block (header,
+ * T records) to every rail peer, needed or not (a token reaches a given other host with
+ * p = 0.9965 at 2 hosts, K = 8, E = 256: almost always); a combine sends each rail peer
+ * T * K rows of its tokens, of which only those whose experts live here are written (half
+ * on 2 hosts): the fixed sizes keep the host out (docs/SCALING.md, "Low latency across hosts
+ * without the host"). Inside a host the forward kernel pushes each record over NVLink to
+ * the local ranks that hold its experts, as a local source does. */
+
+enum { EPX__LLOP_DISPATCH = 1, EPX__LLOP_COMBINE = 2 };
+
+/* The call's round: every rank's status, kind, top-k and dispatch number. A rank that
+ * failed makes the others fail with EPX_ERR_REMOTE_INVALID (itself: its own error); a call
+ * that differs, EPX_ERR_MISMATCH everywhere. */
+static epx_status_t epx__ll_round(epx__xhost_moe_t *m, int op, int topk, uint32_t id, epx_status_t local,
+                                  epx__errbuf_t *err)
+{
+    epx__xhost_t *xh = m->xh;
+    if (epx__xh_take_count(xh)) topk++; /* EPX_FAULT count */
+    int64_t mine[4] = {local, op, topk, id}, *all = malloc(sizeof mine * (size_t)xh->nranks);
+    if (!all && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!all) return epx__xh_allgather_fail(xh, local, sizeof mine, err);
+    epx_status_t st = epx__xh_allgather(xh, mine, all, sizeof mine, err);
+    if (st == EPX_SUCCESS) st = local;
+    for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++)
+        if (all[4 * p] != EPX_SUCCESS)
+            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d failed its low-latency call (%s)", p,
+                           epx_status_name((epx_status_t)all[4 * p]));
+    for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++)
+        if (all[4 * p + 1] != op || all[4 * p + 2] != topk || all[4 * p + 3] != (int64_t)id)
+            st = epx__fail(err, EPX_ERR_MISMATCH,
+                           "rank %d made another low-latency call (or top-k, or combined another dispatch) than rank %d",
+                           p, xh->rank);
+    free(all);
+    return st;
+}
+
+/* Along my rail: `bytes` from out (+ the peer's host * stride, or the same block to every
+ * peer when stride is 0) to each rail peer, theirs into in + their host * bytes_stride. */
+static epx_status_t epx__ll_post(epx__xhost_moe_t *m, const char *out, long long stride, char *in, long long in_stride,
+                                 long long bytes, void *stream, epx__errbuf_t *err)
+{
+    epx__xhost_t *xh = m->xh;
+    int P = epx__nccl_size(xh->nccl);
+    int64_t *sb = xh->sb, *rb = sb + P;
+    memset(xh->sp, 0, sizeof *xh->sp * (size_t)P), memset(xh->rp, 0, sizeof *xh->rp * (size_t)P);
+    memset(sb, 0, sizeof *sb * 2 * (size_t)P);
+    for (int i = 0; i < xh->num_hosts - 1; i++) {
+        int hp = epx__xh_rail_host(xh, i), q = epx__xh_peer(xh, hp * xh->ls + xh->lrank);
+        xh->sp[q] = out + (size_t)hp * (size_t)stride, sb[q] = bytes;
+        xh->rp[q] = in + (size_t)hp * (size_t)in_stride, rb[q] = bytes;
+    }
+    return epx__nccl_post(xh->nccl, xh->sp, sb, xh->rp, rb, xh->rail, NULL, NULL, 0, stream,
+                          epx__deadline_after_ms(xh->timeout_ms), err);
+}
+
+/* The y blocks' size for a combine of top-k K: the header, then [max_tokens, K] rows. */
+static long long epx__ll_ybytes(const epx__xhost_moe_t *m, int K)
+{
+    return 128 + (long long)EPX__MAX(m->s.max_tokens, 1) * K * (long long)m->s.combine_row_bytes;
+}
+
+/* The end of a call that may have enqueued work: later calls wait for it (m->done); on
+ * failure after the round the NCCL link is aborted. */
+static epx_status_t epx__ll_end(epx__xhost_moe_t *m, epx_status_t st, void *stream, epx__errbuf_t *err)
+{
+    cudaError_t ce = cudaEventRecord(m->done, (cudaStream_t)stream);
+    if (st == EPX_SUCCESS && ce != cudaSuccess)
+        st = epx__fail(err, EPX_ERR_CUDA, "recording the MoE call's end: %s", cudaGetErrorString(ce));
+    if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
+    return st;
+}
+
+/* The combine's receive steps on h: the gather, the rows home, the sum. */
+static epx_status_t epx__ll_combine_recv(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, void *stream,
+                                         epx__errbuf_t *err)
+{
+    long long yb = epx__ll_ybytes(m, epx__cuda_moe_handle_topk(h->ch));
+    EPX__CHECK(epx__cuda_moe_ll_gather(m->ll, h->ch, stream, err));
+    EPX__CHECK(epx__ll_post(m, m->rails.y_out, m->rails.yblk, (char *)m->rails.y_in, m->rails.yblk, yb, stream, err));
+    return epx__cuda_moe_ll_recv(m->ll, h->ch, true, stream, err);
+}
+
+static epx_status_t epx__ll_dispatch_dev(epx__xhost_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
+                                         epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
+                                         epx__xhost_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
+{
+    if (local == EPX_SUCCESS) local = epx__xh_usable(m->xh, stream, err);
+    if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
+    epx__xhost_moe_handle_t *h = epx__handle_new(local == EPX_SUCCESS ? in->num_tokens : 0, &local, err);
+    uint32_t id = ++m->ll_calls;
+    epx_status_t st = epx__ll_round(m, EPX__LLOP_DISPATCH, local == EPX_SUCCESS ? in->topk : 0, id, local, err);
+    if (st != EPX_SUCCESS) {
+        epx__xhost_moe_handle_free(m, h);
+        return st;
+    }
+    h->ll_id = id;
+    st = epx__xh_fault_enqueue(m->xh, stream, err);
+    /* Its send (this host's round first: every local rank takes part, failed or not). */
+    st = epx__cuda_moe_ll_dispatch(m->ll, in, out, st, true, &h->ch, stream, err);
+    if (st == EPX_SUCCESS)
+        st = epx__ll_post(m, m->rails.out, 0, (char *)m->rails.in, m->rails.blk, m->rails.blk, stream, err);
+    if (st == EPX_SUCCESS) st = epx__cuda_moe_ll_forward(m->ll, h->ch, stream, err);
+    if (st == EPX_SUCCESS && !split) st = epx__cuda_moe_ll_recv(m->ll, h->ch, false, stream, err);
+    st = epx__ll_end(m, st, stream, err);
+    if (st != EPX_SUCCESS) {
+        epx__xhost_moe_handle_free(m, h);
+        return st;
+    }
+    *handle = h;
+    return EPX_SUCCESS;
+}
+
+static epx_status_t epx__ll_combine_dev(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h,
+                                        const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, bool split,
+                                        void *stream, epx__errbuf_t *err)
+{
+    if (local == EPX_SUCCESS) local = epx__xh_usable(m->xh, stream, err);
+    if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
+    bool ok = local == EPX_SUCCESS;
+    EPX__CHECK(epx__ll_round(m, EPX__LLOP_COMBINE, ok ? epx__cuda_moe_handle_topk(h->ch) : 0, ok ? h->ll_id : 0, local,
+                             err));
+    epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
+    st = epx__cuda_moe_ll_combine(m->ll, ok ? h->ch : NULL, in, out, st, true, stream, err);
+    if (st == EPX_SUCCESS && !split) st = epx__ll_combine_recv(m, h, stream, err);
+    return epx__ll_end(m, st, stream, err);
+}
+
+epx_status_t epx__xhost_moe_ll_recv(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, bool combine, void *stream,
+                                    epx__errbuf_t *err)
+{
+    if (!m->ll) return EPX_SUCCESS; /* the host path moved everything in the send */
+    epx_status_t st = epx__xh_usable(m->xh, stream, err);
+    if (st == EPX_SUCCESS) st = epx__after_last(m, stream, err);
+    if (st != EPX_SUCCESS) return st; /* nothing enqueued: the peers' sends wait for this receive */
+    st = combine ? epx__ll_combine_recv(m, h, stream, err) : epx__cuda_moe_ll_recv(m->ll, h->ch, false, stream, err);
+    return epx__ll_end(m, st, stream, err);
+}
+
 /* ---- Low-latency: the plan on the host, the rows on the device ----------------------------- */
 
 epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
-                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local,
+                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
                                         epx__xhost_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
 {
+    if (m->ll) return epx__ll_dispatch_dev(m, in, out, local, split, handle, stream, err);
     const epx__moe_shape_t *s = &m->s;
     int T = local == EPX_SUCCESS ? in->num_tokens : 0, K = local == EPX_SUCCESS ? in->topk : 0, L = s->local_experts;
     bool bad = false, skip = false;
@@ -1102,10 +1282,11 @@ epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_di
     return epx__dispatch_end(m, h, plan, st, stream, handle, err);
 }
 
-epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
-                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
-                                       epx__errbuf_t *err)
+epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h,
+                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, bool split,
+                                       void *stream, epx__errbuf_t *err)
 {
+    if (m->ll) return epx__ll_combine_dev(m, h, in, out, local, split, stream, err);
     const epx__moe_shape_t *s = &m->s;
     bool skip = false;
     EPX__CHECK(epx__pre_handle(m, h, &local, stream, &skip, err));

@@ -73,17 +73,23 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     return EPX__NO_XHOST(err);
 }
 epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
-                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local,
+                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
                                         epx__xhost_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
 {
-    (void)m, (void)in, (void)out, (void)local, (void)handle, (void)stream;
+    (void)m, (void)in, (void)out, (void)local, (void)split, (void)handle, (void)stream;
     return EPX__NO_XHOST(err);
 }
-epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
-                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
-                                       epx__errbuf_t *err)
+epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h,
+                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, bool split,
+                                       void *stream, epx__errbuf_t *err)
 {
-    (void)m, (void)h, (void)in, (void)out, (void)local, (void)stream;
+    (void)m, (void)h, (void)in, (void)out, (void)local, (void)split, (void)stream;
+    return EPX__NO_XHOST(err);
+}
+epx_status_t epx__xhost_moe_ll_recv(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, bool combine, void *stream,
+                                    epx__errbuf_t *err)
+{
+    (void)m, (void)h, (void)combine, (void)stream;
     return EPX__NO_XHOST(err);
 }
 void epx__xhost_moe_handle_free(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h)

@@ -112,12 +112,18 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
 epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
                                     const epx_moe_combine_in_t *in, epx_moe_combine_out_t *out, epx_status_t local,
                                     void *stream, epx__errbuf_t *err);
+/* Low-latency: on the device (moe.c, "Low-latency on the device") for up to
+ * EPX__LL_MAX_SRCS ranks, with `split` as src/cuda's (epx__xhost_moe_ll_recv then enqueues
+ * the receive: for a combine, its gather, NCCL and sum); above that on the host path, which
+ * moves everything in the send (its receive does nothing). */
 epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
-                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local,
+                                        epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
                                         epx__xhost_moe_handle_t **handle, void *stream, epx__errbuf_t *err);
-epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
-                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, void *stream,
-                                       epx__errbuf_t *err);
+epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h,
+                                       const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, bool split,
+                                       void *stream, epx__errbuf_t *err);
+epx_status_t epx__xhost_moe_ll_recv(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h, bool combine, void *stream,
+                                    epx__errbuf_t *err);
 /* Local. m (NULL once the context is gone) keeps the handle's host memory for the next. */
 void epx__xhost_moe_handle_free(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h);
 int64_t epx__xhost_moe_handle_rows(const epx__xhost_moe_handle_t *h);
