@@ -478,8 +478,10 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * peers' rows and writes out. y, topk_weights and out must stay valid and y unchanged until
  * that receive has completed (in stream order on CUDA). The outputs are complete once the
  * receive has completed; the results are those of the one-call versions. On the CPU
- * backends (and CUDA across hosts) the send does all the work and the receive only keeps
- * the order.
+ * backends (and CUDA across hosts with EPX_MOE_LL_HOST=1) the send does all the work and
+ * the receive only keeps the order. CUDA across hosts otherwise splits as on one host,
+ * except that a combine's send only publishes y: its receive moves the rows (it needs
+ * every local rank's y before anything can go home).
  *
  * Rules, per communicator (every rank makes the same calls in the same order): at most two
  * sends of each kind pending (sent, not yet received); receives in the order of their
@@ -489,8 +491,9 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * fails on every rank, the others getting EPX_ERR_REMOTE_INVALID; a receive, a local call,
  * fails on the calling rank only) and changes nothing. All low-latency calls of a
  * communicator go on one stream (or each on a stream ordered after the previous one).
- * Receives are local calls, but their place among the collective calls must be the same on
- * every rank (else the ranks' streams wait on each other until the timeout). A CUDA graph
+ * Receives are local calls (across GPU hosts a combine's receive also posts NCCL transfers),
+ * but their place among the collective calls must be the same on every rank (else the ranks'
+ * streams wait on each other until the timeout). A CUDA graph
  * holds each send together with its receive, or is replayed in the order it was captured.
  * A handle with a pending send may be destroyed once the communicator is broken. */
 EPX_API epx_status_t epx_moe_ll_dispatch_send(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in,

@@ -407,12 +407,15 @@ def report(a):
               "direct = epx comb. NIC MB", "direct µs", "epx µs", "prev. chain comb. NIC MB", "µs",
               "bf16-partial comb. NIC MB", "µs", "DeepEP V1 LL µs disp. / comb."], rows))
     print("\nLow-latency combine, epx NIC bytes / previous chain's: " + ", ".join(ratios))
-    # Without the host (SCALING.md, "Low latency across hosts without the host"): a fixed-size
-    # send of max_tokens records to every rail peer, against the records needed, 1 / p with p
-    # the chance that a token reaches a given other host (uniform routing).
+    # On the device (SCALING.md, "Low latency across hosts on the device"): a dispatch sends
+    # max_tokens records to every rail peer, against the records needed, 1 / p with p the
+    # chance that a token reaches a given other host (uniform routing); a combine sends
+    # max_tokens * K rows to each, of which K / N per token are needed on average: N times.
     print("Fixed-size low-latency sends, records sent / needed (1 / P(a token reaches a given other host)): "
           + ", ".join(f"EP{ep}: p = {float(1 - Routing(E, K, ep, G).q(1)):.4f}, "
                       f"{float(1 / (1 - Routing(E, K, ep, G).q(1))):.2f}" for ep in EPS[1:]))
+    print("Fixed-size low-latency combine, rows sent / needed (N hosts): "
+          + ", ".join(f"EP{ep}: {ep // G}" for ep in EPS[1:]))
     print("\nVerdict alltoall, bytes each rank sends per dispatch / combine (high-throughput dispatch: "
           f"and a {CAPACITY_BYTES} B allreduce): "
           + ", ".join(f"EP{ep}: {verdict_bytes(ep, True) / 1e3:.2f} / {verdict_bytes(ep, False) / 1e3:.2f} KB"

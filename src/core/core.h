@@ -120,10 +120,10 @@ void epx__log_set_rank(int rank);
       "MoE across hosts: chunks of the network step, each forwarded inside the host while "  \
       "the next crosses (1-4; 0 = from the shape on GPUs with several per host, else 1); "   \
       "the same on every rank")                                                             \
-    X(MOE_LL_HOST, "EPX_MOE_LL_HOST", INT, "0",                                            \
+    X(MOE_LL_HOST, "EPX_MOE_LL_HOST", INT, "-1",                                           \
       "MoE across GPU hosts, low latency: 1 = planned on the host (only the bytes needed, "  \
       "a wait on the host per call); 0 = on the device (fixed-size blocks, no host wait); "  \
-      "the same on every rank")                                                             \
+      "-1 = on the device up to 4 hosts; the same on every rank")                          \
     X(FAULT, "EPX_FAULT", STR, "",                                                         \
       "tests: inject faults, KIND:rank=R,step=N[,ms=M];... with KIND delay, kill or count") \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \

@@ -135,8 +135,10 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
 epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, const epx_moe_combine_in_t *in,
                                    epx_moe_combine_out_t *out, epx_status_t local, void *stream, epx__errbuf_t *err);
 void epx__cuda_moe_handle_free(epx__cuda_moe_handle_t *h);
-/* Free h's memory now, its context being gone (no device work may still use it). */
-void epx__cuda_moe_handle_release(epx__cuda_moe_handle_t *h);
+/* h's context is gone: free its host memory; its device arrays are left allocated (a
+ * cudaFree may wait for device work that never ends, such as NCCL kernels waiting for a dead
+ * peer, and the handle cannot tell). */
+void epx__cuda_moe_handle_abandon(epx__cuda_moe_handle_t *h);
 int64_t epx__cuda_moe_handle_rows(const epx__cuda_moe_handle_t *h);
 int epx__cuda_moe_handle_tokens(const epx__cuda_moe_handle_t *h);
 int epx__cuda_moe_handle_topk(const epx__cuda_moe_handle_t *h);

@@ -174,14 +174,17 @@ typedef struct {
 
 /* ---- MoE low-latency (ll_kernels.cu) ---- */
 
-/* Sources of a low-latency context: at most this many ranks (the receive keeps a count per
- * source in shared memory). */
-#define EPX__LL_MAX_SRCS 1024
+/* Sources of a low-latency context: at most this many ranks (the receive reads each one's
+ * count with a thread of its own, and keeps it in shared memory). */
+#define EPX__LL_MAX_SRCS 256
 /* A block header across hosts (int32): [0] T (dispatch), [1] the sequence number of the
  * send or receive it belongs to, [2] EPX__LL_TAG_FINE or _FAILED (the sender's device had
  * recorded an error), [3] that error's code. A block whose [1] and [2] do not say this
- * operation (its transfer was cut short) counts as a failed peer's. */
+ * operation (its transfer was cut short) counts as a failed peer's. A combine's y blocks
+ * carry the same fields with tags of their own (EPX__LL_YTAG), so a block of one kind is
+ * never taken for the other. */
 enum { EPX__LL_TAG_FAILED = 0x4c4c4601, EPX__LL_TAG_FINE = 0x4c4c4602 };
+#define EPX__LL_YTAG 0x100 /* added to a tag in a y block */
 
 /* Low-latency across hosts (src/xhost): every rank sends its whole source block (header,
  * then max_tokens rows as staged) to the rank of its local index on every other host (its

@@ -61,41 +61,61 @@ static __device__ __forceinline__ int epx__ll_holder(const epx__ll_args_t *a, lo
     return q >= 0 && q < a->nranks ? (int)q : -1;
 }
 
-/* A rail block's header fields [1..3] for sequence n: whether my device has failed. */
-static __device__ void epx__ll_tag(const epx__cuda_dev_t *d, int *h, unsigned long long n)
+/* A rail block's header fields [1..3] for sequence n: whether my device has failed; `y`:
+ * a combine's y block. */
+static __device__ __forceinline__ void epx__ll_tag(const epx__cuda_dev_t *d, int *h, unsigned long long n, int y)
 {
     bool failed = *(volatile unsigned int *)d->failed != 0;
     int code = failed ? *(volatile int *)&d->err->code : 0;
     h[1] = (int)(unsigned)n;
-    h[2] = failed ? EPX__LL_TAG_FAILED : EPX__LL_TAG_FINE;
+    h[2] = (failed ? EPX__LL_TAG_FAILED : EPX__LL_TAG_FINE) + (y ? EPX__LL_YTAG : 0);
     h[3] = code == 0 || code == EPX__ERR_CLAIMED ? (int)EPX_ERR_PEER_FAILURE : code;
 }
 
-/* After a block's waits: take in the failures local peers relayed with their flags (they
- * may have sent what they had incompletely), then whether my device is still sound. A
- * block of a rank that is not writes nothing (its outputs keep what they held). Every
- * thread of the block calls it. */
-static __device__ bool epx__ll_sound(const epx__cuda_dev_t *d)
+/* Threads p < nranks, with the failure relay on (across hosts): relay my device's failure
+ * to local peer p (before a flag to it), or take in the one peer p relayed (after its
+ * flag). Without the relay nothing at all: the operation number is a load, and a release
+ * store after it would wait for it (1.5-2 us per op at one rank, L2 flushed). */
+static __device__ __forceinline__ void epx__ll_relay_out(const epx__cuda_dev_t *d)
+{
+    if (d->relay && (int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
+}
+static __device__ __forceinline__ void epx__ll_relay_in(const epx__cuda_dev_t *d)
 {
     if (d->relay && (int)threadIdx.x < d->nranks) epx__relay_in(d, (int)threadIdx.x, epx__op_number(d));
+}
+
+/* After a block's waits, with the failure relay on (across hosts): take in the failures
+ * local peers relayed with their flags (they may have sent what they had incompletely),
+ * then whether my device is still sound. A block of a rank that is not writes nothing (its
+ * outputs keep what they held). Without the relay (one host) true at once, with no load
+ * on the kernel's critical path. Every thread of the block calls it. */
+static __device__ __forceinline__ bool epx__ll_sound(const epx__cuda_dev_t *d)
+{
+    if (!d->relay) return true;
+    epx__ll_relay_in(d);
     __syncthreads();
     bool sound = *(volatile unsigned int *)d->failed == 0;
     __syncthreads();
     return sound;
 }
 
-/* Did the block with header h come for sequence n from a peer that had not failed? */
-static __device__ __forceinline__ bool epx__ll_tag_fine(const int *h, unsigned long long n)
+/* Did the block (y: a y block) with header h come for sequence n from a peer that had not
+ * failed? */
+static __device__ __forceinline__ bool epx__ll_tag_fine(const int *h, unsigned long long n, int y)
 {
-    return ((volatile const int *)h)[1] == (int)(unsigned)n && ((volatile const int *)h)[2] == EPX__LL_TAG_FINE;
+    return ((volatile const int *)h)[1] == (int)(unsigned)n &&
+           ((volatile const int *)h)[2] == EPX__LL_TAG_FINE + (y ? EPX__LL_YTAG : 0);
 }
 
 /* It did not (or its contents are out of range): record EPX_ERR_PEER_FAILURE from global
  * rank `from` (rail slot hp), as a status across hosts would (the first error stays). */
-static __device__ void epx__ll_tag_fail(const epx__cuda_dev_t *d, const int *h, unsigned long long n, int from, int hp)
+static __device__ void epx__ll_tag_fail(const epx__cuda_dev_t *d, const int *h, unsigned long long n, int from, int hp,
+                                        int y)
 {
     volatile const int *v = (volatile const int *)h;
-    bool came = v[1] == (int)(unsigned)n && (v[2] == EPX__LL_TAG_FINE || v[2] == EPX__LL_TAG_FAILED);
+    int yt = y ? EPX__LL_YTAG : 0;
+    bool came = v[1] == (int)(unsigned)n && (v[2] == EPX__LL_TAG_FINE + yt || v[2] == EPX__LL_TAG_FAILED + yt);
     epx__record_error(d, EPX_ERR_PEER_FAILURE, came ? from : -1, (unsigned long long)hp,
                       came ? (unsigned long long)(unsigned)v[3] : 0ull, EPX__RELAYED_ACROSS);
 }
@@ -132,17 +152,31 @@ static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long
 /* The rows of dispatch send n, mine and those I push for others, are in every local
  * rank's staging: LL flag 2 n + c at each (c: I had received every dispatch before n),
  * after my device's failure, if any, is relayed. Threads p < nranks of the last block. */
-static __device__ void epx__ll_signal(const epx__cuda_dev_t *d, unsigned long long n)
+static __device__ __forceinline__ void epx__ll_signal(const epx__cuda_dev_t *d, unsigned long long n)
 {
     unsigned long long caught_up = *(volatile unsigned long long *)(d->ll_seq + EPX__LL_DISPATCH_RECVD) + 1ull >= n;
-    if ((int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
+    epx__ll_relay_out(d);
     epx__signal_peers(d, EPX__FLAG_LL, 2 * n + caught_up);
+}
+
+/* One thread's 8 e4m3 channels (ch) of a staged row, and its block's scale when it holds
+ * the block's first channels. */
+static __device__ __forceinline__ void epx__ll_put_fp8(const epx__ll_args_t &a, char *dst, long long ch, uint2 qv,
+                                                       uint32_t bits)
+{
+    ((uint2 *)dst)[ch] = qv;
+    if ((ch & 15) == 0) {
+        if (a.ue8m0)
+            ((uint8_t *)(dst + a.scale_off))[ch / 16] = (uint8_t)bits;
+        else
+            ((uint32_t *)(dst + a.scale_off))[ch / 16] = bits;
+    }
 }
 
 /* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank.
  * Across hosts my whole block also goes to a.rail.out (its header tagged), and the flags
  * are left to the forward kernel. */
-static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
+static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_SENT);
     int par = (int)(n & 1ull), me = a.me_src, R = a.nranks, K = a.topk, T = a.num_tokens;
@@ -156,7 +190,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
             int *h = q < R ? epx__ll_hdr(&a, a.stage[q], par, me) : (int *)rail;
             if (!h) continue;
             if (threadIdx.x == 0) h[0] = T;
-            if (threadIdx.x == 0 && q == R) epx__ll_tag(&d, h, n);
+            if (threadIdx.x == 0 && q == R) epx__ll_tag(&d, h, n, 0);
             for (long long i = threadIdx.x; i < (long long)T * K; i += blockDim.x) {
                 long long e = epx__ll_expert(&a, i);
                 h[4 + i] = e < -1 || e >= a.num_experts ? -2 : (int)e; /* -2: out of range */
@@ -210,17 +244,9 @@ static __global__ void __launch_bounds__(512) epx__k_ll_send(epx__cuda_dev_t d, 
                 qv.x |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[j], inv)) << (8 * j);
                 qv.y |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[4 + j], inv)) << (8 * j);
             }
-            for (int q = 0; live && q <= R; q++) { /* q == R: my rail block */
-                if (q < R ? !((mask >> q) & 1u) : !rail) continue;
-                char *dst = q < R ? epx__ll_row(&a, a.stage[q], par, me, t) : epx__ll_blk_row(&a, rail, t);
-                ((uint2 *)dst)[ch] = qv;
-                if ((ch & 15) == 0) {
-                    if (a.ue8m0)
-                        ((uint8_t *)(dst + a.scale_off))[ch / 16] = (uint8_t)bits;
-                    else
-                        ((uint32_t *)(dst + a.scale_off))[ch / 16] = bits;
-                }
-            }
+            for (int q = 0; live && q < R; q++)
+                if ((mask >> q) & 1u) epx__ll_put_fp8(a, epx__ll_row(&a, a.stage[q], par, me, t), ch, qv, bits);
+            if (live && rail) epx__ll_put_fp8(a, epx__ll_blk_row(&a, rail, t), ch, qv, bits);
         }
     }
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -261,10 +287,10 @@ static __global__ void __launch_bounds__(512) epx__k_ll_forward(epx__cuda_dev_t 
         int v = -1;
         if (live && hp != a.rail.host) {
             int t = ((volatile const int *)h)[0];
-            if (epx__ll_tag_fine(h, n) && t >= 0 && t <= M)
+            if (epx__ll_tag_fine(h, n, 0) && t >= 0 && t <= M)
                 v = t;
             else if (blockIdx.x == 0) /* every block sees the same; one records it */
-                epx__ll_tag_fail(&d, h, n, hp * R + a.rank, hp);
+                epx__ll_tag_fail(&d, h, n, hp * R + a.rank, hp, 0);
         }
         tp[hp] = v;
     }
@@ -295,7 +321,10 @@ static __global__ void __launch_bounds__(512) epx__k_ll_forward(epx__cuda_dev_t 
     }
     __threadfence_system();
     if (!epx__ll_last_block(&d, EPX__LL_FORWARD)) return;
-    if (live) epx__ll_signal(&d, n);
+    if (live)
+        epx__ll_signal(&d, n);
+    else /* my send failed: the peers stop waiting for my flag */
+        epx__ll_relay_out(&d);
 }
 
 extern "C" int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
@@ -400,9 +429,9 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
      * flight per thread: this pass is latency, not bytes. */
     if (threadIdx.x == 0) bad = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < R; p += blockDim.x) {
-        int v = *(volatile const int *)epx__ll_hdr(&a, a.stage[me], par, p);
-        tp[p] = v;
+    if ((int)threadIdx.x < R) { /* R <= EPX__LL_MAX_SRCS <= blockDim.x */
+        int v = *(volatile const int *)epx__ll_hdr(&a, a.stage[me], par, (int)threadIdx.x);
+        tp[threadIdx.x] = v;
         if (v < 0 || v > M) bad = 1;
     }
     __syncthreads();
@@ -471,12 +500,12 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
             int total, pos = epx__block_scan(flag, &total);
             if (flag) {
                 int slot = base + pos;
-                if (p == ms)
-                    for (int k = 0; k < K; k++)
-                        if (id[k] == e) a.h_slot[t * K + k] = slot;
-                if (here && p % LS == me && p != ms)
-                    for (int k = 0; k < K; k++)
-                        if (id[k] == e) a.rail.slot[((long long)(p / LS) * M + t) * K + k] = slot;
+                /* The slots of my tokens, and (across hosts) of my rail peers' here. */
+                int *at_k = p == ms ? a.h_slot + t * K
+                            : here && p % LS == me ? a.rail.slot + ((long long)(p / LS) * M + t) * K
+                                                   : (int *)0;
+                for (int k = 0; at_k && k < K; k++)
+                    if (id[k] == e) at_k[k] = slot;
                 if (mine) {
                     list_p[pos] = p, list_t[pos] = (int)t;
                     long long at = (long long)l * a.slots + slot;
@@ -532,17 +561,6 @@ static __device__ __forceinline__ const char *epx__llc_row(const epx__ll_combine
     return c.rail.y_in + (long long)(g / c.nranks) * c.rail.yblk + 128 + (t * c.topk + k) * row_bytes;
 }
 
-/* Threads p < nranks: relay my device's failure to local peer p (before a flag to it), or
- * take in the one peer p relayed (after its flag). */
-static __device__ __forceinline__ void epx__ll_relay_out(const epx__cuda_dev_t *d)
-{
-    if ((int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
-}
-static __device__ __forceinline__ void epx__ll_relay_in(const epx__cuda_dev_t *d)
-{
-    if ((int)threadIdx.x < d->nranks) epx__relay_in(d, (int)threadIdx.x, epx__op_number(d));
-}
-
 /* Across hosts: did every rail peer's y block come for receive n, from a peer that had not
  * failed? Block 0 records the first that did not. */
 static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll_combine_t &c, unsigned long long n)
@@ -552,9 +570,9 @@ static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll
     __syncthreads();
     for (int hp = threadIdx.x; hp < c.rail.nhosts; hp += blockDim.x) {
         const int *h = (const int *)(c.rail.y_in + (long long)hp * c.rail.yblk);
-        if (hp == c.rail.host || epx__ll_tag_fine(h, n)) continue;
+        if (hp == c.rail.host || epx__ll_tag_fine(h, n, 1)) continue;
         ok = 0;
-        if (blockIdx.x == 0) epx__ll_tag_fail(d, h, n, hp * c.nranks + d->rank, hp);
+        if (blockIdx.x == 0) epx__ll_tag_fail(d, h, n, hp * c.nranks + d->rank, hp, 1);
     }
     __syncthreads();
     int r = ok;
@@ -684,15 +702,17 @@ static __global__ void __launch_bounds__(512) epx__k_ll_gather(epx__cuda_dev_t d
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     int K = c.topk, M = c.max_tokens, L = c.local_experts, NH = c.rail.nhosts;
     long long rb = (long long)c.hidden * (c.dtype == EPX_F32 ? 4 : 2), per_host = (long long)M * K;
-    if (live && !*c.h_bad) {
+    /* An unsound rank's dispatch receive may not have written the handle's arrays: its block
+     * goes home marked failed (below), rows unwritten. */
+    if (live && epx__ll_sound(&d) && !*c.h_bad) {
         long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
         long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
         for (long long i = warp; i < NH * per_host; i += nwarps) {
             int hp = (int)(i / per_host);
             long long j = i % per_host;
-            int e = c.rail.topk[i]; /* [hp, t, k] */
-            if (hp == c.rail.host || e < 0 || e / L / c.nranks != c.rail.host) continue;
-            const char *src = c.y[e / L - c.dest0] + ((long long)(e % L) * c.slots + c.rail.slot[i]) * rb;
+            int e = c.rail.topk[i], slot = c.rail.slot[i]; /* [hp, t, k] */
+            if (hp == c.rail.host || e < 0 || e / L / c.nranks != c.rail.host || slot < 0 || slot >= c.slots) continue;
+            const char *src = c.y[e / L - c.dest0] + ((long long)(e % L) * c.slots + slot) * rb;
             epx__warp_copy(c.rail.y_out + (long long)hp * c.rail.yblk + 128 + j * rb, src, rb);
         }
     }
@@ -703,7 +723,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_gather(epx__cuda_dev_t d
         if (hp == c.rail.host) continue;
         int *h = (int *)(c.rail.y_out + (long long)hp * c.rail.yblk);
         h[0] = 0;
-        epx__ll_tag(&d, h, n);
+        epx__ll_tag(&d, h, n, 1);
     }
 }
 

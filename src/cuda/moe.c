@@ -340,9 +340,12 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     free(m);
 }
 
-void epx__cuda_moe_handle_release(epx__cuda_moe_handle_t *h)
+void epx__cuda_moe_handle_abandon(epx__cuda_moe_handle_t *h)
 {
-    if (h) epx__handle_release(h);
+    if (!h) return;
+    free(h->ll_ycards);
+    free(h->h_cnt);
+    free(h);
 }
 
 /* Back to the context's spares: a later dispatch reuses the device arrays. Kernels still

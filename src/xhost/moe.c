@@ -53,7 +53,9 @@
  * exchange, the plan: ~1-3 ms, not measured); combine the same. On the test machine (2 GPUs
  * as 2 hosts over NCCL sockets on lo) the payload steps are the NCCL baseline's.
  *
- * Low-latency dispatch and combine run the same machinery with a low-latency row plan. The
+ * Low-latency dispatch and combine run on the device (section "Low-latency on the device")
+ * up to 4 hosts and EPX__LL_MAX_SRCS ranks (EPX_MOE_LL_HOST changes that); else they run the same
+ * machinery as high-throughput with a low-latency row plan. The
  * host reads back topk_idx alone (T*K ids; the weights stay on the device) after the wait
  * for the caller's stream; src/hier plans (epx__hier_moe_ll_dispatch_plan: its verdict and
  * routing records, 40 B per token and destination host at K = 8, host-staged over NCCL; no
@@ -73,7 +75,7 @@
  *             sums each token's valid k ascending, each term the float32 product
  *             w[t, k] * y rounded before it is added, from +0 (epx__moe_reduce_token,
  *             weighted): the CPU backend's bits.
- * Low-latency across hosts waits on the host, so it cannot be captured in a CUDA graph and
+ * That path waits on the host, so it cannot be captured in a CUDA graph and
  * a split send does all the work (its receive keeps the order only): per dispatch the stream
  * wait and the read-back of the ids, a bootstrap round (bad routing), src/hier's verdict (an
  * alltoall of small blocks over the bootstrap) and routing records (over NCCL, then shared
@@ -275,10 +277,13 @@ static epx_status_t epx__routing(epx__xhost_moe_t *m, const void *topk, int T, i
     return st;
 }
 
-/* Does a context of this shape run low-latency on the device (else on the host path)? */
-static bool epx__ll_on_device(const epx__moe_shape_t *s)
+/* Does a context of this shape run low-latency on the device (else on the host path)?
+ * EPX_MOE_LL_HOST: 0 yes, 1 no, -1 up to 4 hosts (the device path's combine sends N times
+ * the rows needed with N hosts: see "Low-latency on the device"). */
+static bool epx__ll_on_device(const epx__moe_shape_t *s, int nhosts)
 {
-    return s->mode == EPX_MOE_LOW_LATENCY && s->nranks <= EPX__LL_MAX_SRCS && epx__param_int(EPX__P_MOE_LL_HOST) == 0;
+    int64_t p = epx__param_int(EPX__P_MOE_LL_HOST);
+    return s->mode == EPX_MOE_LOW_LATENCY && s->nranks <= EPX__LL_MAX_SRCS && (p == 0 || (p < 0 && nhosts <= 4));
 }
 
 epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
@@ -311,7 +316,7 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
     epx__cuda_moe_t *ll = NULL;
     epx__ll_rail_t rails;
     memset(&rails, 0, sizeof rails);
-    if (epx__ll_on_device(shape)) {
+    if (epx__ll_on_device(shape, xh->num_hosts)) {
         epx_status_t c = epx__cuda_moe_create(xh->cuda, shape, hash, local, &ll, err);
         if (c == EPX_SUCCESS) c = epx__cuda_moe_ll_rails(ll, xh->num_hosts, xh->host, &rails, err);
         if (local == EPX_SUCCESS) local = c;
@@ -371,7 +376,7 @@ void epx__xhost_moe_handle_free(epx__xhost_moe_t *m, epx__xhost_moe_handle_t *h)
 {
     if (!h) return;
     if (h->ch && m) epx__cuda_moe_handle_free(h->ch);
-    if (h->ch && !m) epx__cuda_moe_handle_release(h->ch); /* its context is gone */
+    if (h->ch && !m) epx__cuda_moe_handle_abandon(h->ch); /* its context is gone */
     epx__hier_moe_handle_free(m ? m->hm : NULL, h->hh);
     epx__plan_free(&h->xp);
     free(h);
@@ -1085,24 +1090,29 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
  * fails the receiving rank's device, which relays it inside its host, as statuses do on the
  * host path.
  *
- * Bytes per GPU and direction, T = max_tokens: a dispatch sends its whole block (header,
- * T records) to every rail peer, needed or not (a token reaches a given other host with
- * p = 0.9965 at 2 hosts, K = 8, E = 256: almost always); a combine sends each rail peer
- * T * K rows of its tokens, of which only those whose experts live here are written (half
- * on 2 hosts): the fixed sizes keep the host out (docs/SCALING.md, "Low latency across hosts
- * without the host"). Inside a host the forward kernel pushes each record over NVLink to
- * the local ranks that hold its experts, as a local source does. */
+ * Bytes per GPU and direction, M = max_tokens: a dispatch sends its whole block (header,
+ * M records) to every rail peer, needed or not (a token reaches a given other host with
+ * p = 0.9965 at 2 hosts, K = 8: almost always; 1/p more than needed: 1.5x at 8 hosts); a
+ * combine sends each rail peer M * K rows, of which only those of its tokens' experts on
+ * this host are written and needed (1/N of them with N hosts): N times the bytes needed.
+ * At T = M = 128, H = 7168, K = 8, 2 hosts of 1: dispatch 0.95 MB FP8 (0.94 needed),
+ * combine 14.7 MB BF16 (7.34 needed). The fixed sizes keep the host out (docs/SCALING.md,
+ * "Low latency across hosts on the device"); EPX_MOE_LL_HOST=1 moves only what is needed.
+ * Inside a host the forward kernel pushes each record over NVLink to the local ranks that
+ * hold its experts, as a local source does. */
 
 enum { EPX__LLOP_DISPATCH = 1, EPX__LLOP_COMBINE = 2 };
 
-/* The call's round: every rank's status, kind, top-k and dispatch number. A rank that
- * failed makes the others fail with EPX_ERR_REMOTE_INVALID (itself: its own error); a call
- * that differs, EPX_ERR_MISMATCH everywhere. */
-static epx_status_t epx__ll_round(epx__xhost_moe_t *m, int op, int topk, uint32_t id, epx_status_t local,
+/* The call's round: every rank's status, kind (split or whole), top-k and dispatch number. A
+ * rank that failed makes the others fail with EPX_ERR_REMOTE_INVALID (itself: its own
+ * error); a call that differs, EPX_ERR_MISMATCH everywhere (a split combine moves its rows
+ * in its receive, a whole one at once: their NCCL steps would not meet). */
+static epx_status_t epx__ll_round(epx__xhost_moe_t *m, int op, bool split, int topk, uint32_t id, epx_status_t local,
                                   epx__errbuf_t *err)
 {
     epx__xhost_t *xh = m->xh;
     if (epx__xh_take_count(xh)) topk++; /* EPX_FAULT count */
+    if (split) op |= 4;
     int64_t mine[4] = {local, op, topk, id}, *all = malloc(sizeof mine * (size_t)xh->nranks);
     if (!all && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (!all) return epx__xh_allgather_fail(xh, local, sizeof mine, err);
@@ -1115,7 +1125,8 @@ static epx_status_t epx__ll_round(epx__xhost_moe_t *m, int op, int topk, uint32_
     for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++)
         if (all[4 * p + 1] != op || all[4 * p + 2] != topk || all[4 * p + 3] != (int64_t)id)
             st = epx__fail(err, EPX_ERR_MISMATCH,
-                           "rank %d made another low-latency call (or top-k, or combined another dispatch) than rank %d",
+                           "rank %d made another low-latency call (split or whole, top-k, or combined another "
+                           "dispatch) than rank %d",
                            p, xh->rank);
     free(all);
     return st;
@@ -1175,7 +1186,7 @@ static epx_status_t epx__ll_dispatch_dev(epx__xhost_moe_t *m, const epx_moe_ll_d
     if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
     epx__xhost_moe_handle_t *h = epx__handle_new(local == EPX_SUCCESS ? in->num_tokens : 0, &local, err);
     uint32_t id = ++m->ll_calls;
-    epx_status_t st = epx__ll_round(m, EPX__LLOP_DISPATCH, local == EPX_SUCCESS ? in->topk : 0, id, local, err);
+    epx_status_t st = epx__ll_round(m, EPX__LLOP_DISPATCH, split, local == EPX_SUCCESS ? in->topk : 0, id, local, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(m, h);
         return st;
@@ -1204,8 +1215,8 @@ static epx_status_t epx__ll_combine_dev(epx__xhost_moe_t *m, epx__xhost_moe_hand
     if (local == EPX_SUCCESS) local = epx__xh_usable(m->xh, stream, err);
     if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
     bool ok = local == EPX_SUCCESS;
-    EPX__CHECK(epx__ll_round(m, EPX__LLOP_COMBINE, ok ? epx__cuda_moe_handle_topk(h->ch) : 0, ok ? h->ll_id : 0, local,
-                             err));
+    EPX__CHECK(epx__ll_round(m, EPX__LLOP_COMBINE, split, ok ? epx__cuda_moe_handle_topk(h->ch) : 0, ok ? h->ll_id : 0,
+                             local, err));
     epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     st = epx__cuda_moe_ll_combine(m->ll, ok ? h->ch : NULL, in, out, st, true, stream, err);
     if (st == EPX_SUCCESS && !split) st = epx__ll_combine_recv(m, h, stream, err);

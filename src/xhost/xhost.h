@@ -40,8 +40,14 @@
  * order, low-latency weighted in ascending k), and the rows move with gather kernels, NCCL
  * along the rails and the CUDA backend's alltoallv inside a host; low-latency FP8 is
  * quantised on the device, and each received row is placed into its experts' slots by one
- * kernel. Results are bit-identical to the single-host backends. Every MoE call waits on
- * the host (moe.c says for what), so low-latency across hosts is not capturable either.
+ * kernel. Results are bit-identical to the single-host backends. High-throughput calls wait
+ * on the host (moe.c says for what). Low-latency calls, up to EPX__LL_MAX_SRCS ranks and
+ * unless EPX_MOE_LL_HOST=1, run on the device instead: src/cuda's low-latency kernels over
+ * this host's ranks with every rank a source, fixed-size blocks along the rails over NCCL
+ * (by default up to 4 hosts: the combine's blocks hold N times the rows needed)
+ * between their steps (moe.c, "Low-latency on the device"); they wait for nothing on the
+ * host, but a capturing stream is refused all the same (not yet tested with NCCL's capture).
+ * The low-latency path is part of a context's configuration: EPX_MOE_LL_HOST must agree.
  */
 #ifndef EPX_XHOST_H
 #define EPX_XHOST_H
@@ -112,8 +118,8 @@ epx_status_t epx__xhost_moe_dispatch_cached(epx__xhost_moe_t *m, const epx__xhos
 epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_handle_t *h,
                                     const epx_moe_combine_in_t *in, epx_moe_combine_out_t *out, epx_status_t local,
                                     void *stream, epx__errbuf_t *err);
-/* Low-latency: on the device (moe.c, "Low-latency on the device") for up to
- * EPX__LL_MAX_SRCS ranks, with `split` as src/cuda's (epx__xhost_moe_ll_recv then enqueues
+/* Low-latency: on the device (moe.c, "Low-latency on the device"; by default up to 4 hosts
+ * and EPX__LL_MAX_SRCS ranks), with `split` as src/cuda's (epx__xhost_moe_ll_recv then enqueues
  * the receive: for a combine, its gather, NCCL and sum); above that on the host path, which
  * moves everything in the send (its receive does nothing). */
 epx_status_t epx__xhost_moe_ll_dispatch(epx__xhost_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
