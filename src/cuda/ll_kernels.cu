@@ -74,8 +74,8 @@ static __device__ __forceinline__ void epx__ll_tag(const epx__cuda_dev_t *d, int
 
 /* Threads p < nranks, with the failure relay on (across hosts): relay my device's failure
  * to local peer p (before a flag to it), or take in the one peer p relayed (after its
- * flag). Without the relay nothing at all: the operation number is a load, and a release
- * store after it would wait for it (1.5-2 us per op at one rank, L2 flushed). */
+ * flag). Without the relay nothing at all: the operation number is a load, which a
+ * release store after it would wait for. */
 static __device__ __forceinline__ void epx__ll_relay_out(const epx__cuda_dev_t *d)
 {
     if (d->relay && (int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
