@@ -1229,7 +1229,10 @@ epx_status_t epx__xhost_moe_ll_recv(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     if (!m->ll) return EPX_SUCCESS; /* the host path moved everything in the send */
     epx_status_t st = epx__xh_usable(m->xh, stream, err);
     if (st == EPX_SUCCESS) st = epx__after_last(m, stream, err);
-    if (st != EPX_SUCCESS) return st; /* nothing enqueued: the peers' sends wait for this receive */
+    if (st != EPX_SUCCESS) { /* nothing enqueued, but the peers' steps would wait for this one's */
+        epx__nccl_abort(m->xh->nccl);
+        return st;
+    }
     st = combine ? epx__ll_combine_recv(m, h, stream, err) : epx__cuda_moe_ll_recv(m->ll, h->ch, false, stream, err);
     return epx__ll_end(m, st, stream, err);
 }
