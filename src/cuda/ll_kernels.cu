@@ -327,12 +327,18 @@ static __global__ void __launch_bounds__(512) epx__k_ll_forward(epx__cuda_dev_t 
         epx__ll_relay_out(&d);
 }
 
+/* Blocks of 512 threads (16 warps) for a kernel across hosts with `warps` items of a warp
+ * each: one block per 16, at least 1, at most 264 (two per SM; the blocks stride). */
+static int epx__ll_rail_grid(long long warps)
+{
+    long long blocks = (warps + 15) / 16;
+    return (int)(blocks < 1 ? 1 : blocks > 264 ? 264 : blocks);
+}
+
 extern "C" int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
 {
-    long long warps = (long long)a->rail.nhosts * a->max_tokens * a->nranks;
-    long long blocks = (warps + 15) / 16; /* 16 warps of 512 threads */
-    blocks = blocks < 1 ? 1 : blocks > 264 ? 264 : blocks;
-    epx__k_ll_forward<<<(int)blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+    int blocks = epx__ll_rail_grid((long long)a->rail.nhosts * a->max_tokens * a->nranks);
+    epx__k_ll_forward<<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
 
@@ -729,10 +735,8 @@ static __global__ void __launch_bounds__(512) epx__k_ll_gather(epx__cuda_dev_t d
 
 extern "C" int epx__cuda_launch_ll_gather(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream)
 {
-    long long warps = (long long)c->rail.nhosts * c->max_tokens * c->topk;
-    long long blocks = (warps + 15) / 16; /* 16 warps of 512 threads */
-    blocks = blocks < 1 ? 1 : blocks > 264 ? 264 : blocks;
-    epx__k_ll_gather<<<(int)blocks, 512, 0, (cudaStream_t)stream>>>(*d, *c);
+    int blocks = epx__ll_rail_grid((long long)c->rail.nhosts * c->max_tokens * c->topk);
+    epx__k_ll_gather<<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *c);
     return (int)cudaGetLastError();
 }
 
