@@ -8,6 +8,9 @@
  * clamped, when set.
  *   test_hier_chunks          the rule (EPX_MOE_CHUNKS is dropped from the environment first)
  *   test_hier_chunks --set N  run with EPX_MOE_CHUNKS=N (N > 0): every call gives min(N, max)
+ * Also the ranks a token goes to (epx__hier_dest_ranks, the same file), against a plain
+ * reference: from 1 to 1000 ranks, both of its ways (a bit set up to 64 ranks, insertion
+ * above), random ids with repeats and -1 entries.
  */
 #include <string.h>
 
@@ -66,6 +69,44 @@ static epx__moe_shape_t shape(const ccase_t *c)
     return s;
 }
 
+/* epx__hier_dest_ranks against marks per rank read back in order; returns the checks made. */
+static int check_dest_ranks(void)
+{
+    static const int nranks[] = {1, 2, 3, 63, 64, 65, 129, 257, 1000};
+    static int32_t rank_of[3000];
+    unsigned seed = 12345u;
+    int checks = 0;
+    for (size_t c = 0; c < sizeof nranks / sizeof nranks[0]; c++) {
+        int R = nranks[c];
+        for (int L = 1; L <= 3; L++) {
+            int E = R * L;
+            for (int e = 0; e < E; e++) rank_of[e] = e / L;
+            for (int iter = 0; iter < 200; iter++) {
+                int K = 1 + (int)((seed = seed * 1103515245u + 12345u) >> 16) % EPX_MOE_MAX_TOPK;
+                int32_t tk[EPX_MOE_MAX_TOPK];
+                for (int k = 0; k < K; k++) {
+                    unsigned v = (seed = seed * 1103515245u + 12345u) >> 16;
+                    /* about one in eight -1, one in four a repeat of an earlier id */
+                    tk[k] = v % 8 == 0 ? -1 : k > 0 && v % 4 == 1 ? tk[(v >> 3) % (unsigned)k] : (int32_t)(v % (unsigned)E);
+                }
+                char mark[1000] = {0};
+                int want[EPX_MOE_MAX_TOPK], nw = 0, got[EPX_MOE_MAX_TOPK];
+                for (int k = 0; k < K; k++)
+                    if (tk[k] >= 0) mark[rank_of[tk[k]]] = 1;
+                for (int r = 0; r < R; r++)
+                    if (mark[r]) want[nw++] = r;
+                int ng = epx__hier_dest_ranks(tk, K, rank_of, R, got);
+                if (ng != nw) TEST_FAIL_("%d ranks, L %d: %d destination ranks, expected %d", R, L, ng, nw);
+                for (int i = 0; i < nw; i++)
+                    if (got[i] != want[i])
+                        TEST_FAIL_("%d ranks, L %d: destination %d is rank %d, expected %d", R, L, i, got[i], want[i]);
+                checks++;
+            }
+        }
+    }
+    return checks;
+}
+
 int main(int argc, char **argv)
 {
     test_rank = 0;
@@ -88,6 +129,7 @@ int main(int argc, char **argv)
         if (got != want) TEST_FAIL_("%s: %d chunks, expected %d", c->name, got, want);
         passed++;
     }
+    passed += check_dest_ranks();
     test_done(passed);
     return 0;
 }

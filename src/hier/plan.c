@@ -37,20 +37,19 @@ static bool epx__goes_rank(const int32_t *tk, int K, const epx__eid_t *ex, int q
     return false;
 }
 
-/* The ranks a token goes to, ascending, each once; returns how many. */
-static int epx__dest_ranks(const int32_t *tk, int K, const epx__eid_t *ex, int *ranks)
+int epx__hier_dest_ranks(const int32_t *tk, int K, const int32_t *rank_of_expert, int nranks, int *ranks)
 {
     int n = 0;
-    if (ex->nranks <= 64) { /* a bit per rank, read back in order: no sort */
+    if (nranks <= 64) { /* a bit per rank, read back in order: no sort */
         uint64_t set = 0;
         for (int k = 0; k < K; k++)
-            if (tk[k] >= 0) set |= (uint64_t)1 << ex->rank[tk[k]];
+            if (tk[k] >= 0) set |= (uint64_t)1 << rank_of_expert[tk[k]];
         for (; set; set &= set - 1) ranks[n++] = __builtin_ctzll(set);
         return n;
     }
     for (int k = 0; k < K; k++) {
         if (tk[k] < 0) continue;
-        int r = ex->rank[tk[k]], j = n;
+        int r = rank_of_expert[tk[k]], j = n;
         bool dup = false;
         for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
         if (dup) continue;
@@ -392,7 +391,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     }
     for (int i = 0; i < T; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
-        if (!b.ll) x->n_tok += epx__dest_ranks(tk, K, &b.ex, ranks);
+        if (!b.ll) x->n_tok += epx__hier_dest_ranks(tk, K, b.ex.rank, b.ex.nranks, ranks);
         for (int k = 0; k < K && b.ll; k++) x->n_tok += tk[k] >= 0;
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
@@ -473,7 +472,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     x->first[0] = 0;
     for (int i = 0; i < T && st == EPX_SUCCESS; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
-        int n = epx__dest_ranks(tk, K, &b.ex, ranks);
+        int n = epx__hier_dest_ranks(tk, K, b.ex.rank, b.ex.nranks, ranks);
         if (e0 + i >= P->nent || P->ent_src[e0 + i] != me || P->ent_tok[e0 + i] != i) {
             st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misplaces token %d", i);
             break;
