@@ -4,10 +4,27 @@
 
 #include "core.h"
 
+/* Is any of the n entries out of [-1, E)? One branch-free pass that the compiler
+ * vectorises: e + 1, taken unsigned, exceeds E exactly when e < -1 or e >= E. */
+static bool epx__topk_any_bad(const void *topk_idx, epx_dtype_t index_dtype, int64_t n, int num_experts)
+{
+    unsigned bad = 0;
+    if (index_dtype == EPX_I32) {
+        const int32_t *p = (const int32_t *)topk_idx;
+        for (int64_t i = 0; i < n; i++) bad |= (uint32_t)p[i] + 1u > (uint32_t)num_experts;
+    } else {
+        const int64_t *p = (const int64_t *)topk_idx;
+        for (int64_t i = 0; i < n; i++) bad |= (uint64_t)p[i] + 1u > (uint64_t)num_experts;
+    }
+    return bad != 0;
+}
+
 epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk,
                                 int num_experts, epx__errbuf_t *err)
 {
-    for (int64_t t = 0; t < num_tokens; t++)
+    if (num_tokens <= 0 || !epx__topk_any_bad(topk_idx, index_dtype, (int64_t)num_tokens * topk, num_experts))
+        return EPX_SUCCESS;
+    for (int64_t t = 0; t < num_tokens; t++) /* name the first bad entry */
         for (int k = 0; k < topk; k++) {
             int64_t e = epx__topk_at(topk_idx, index_dtype, t, topk, k);
             if (e < -1 || e >= num_experts)
@@ -28,34 +45,52 @@ void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tok
     for (int64_t i = 0; i < (int64_t)num_tokens * topk; i++) out[i] = (int32_t)((const int64_t *)topk_idx)[i];
 }
 
+/* The layout's loop over ids of one index type (I: int32_t or int64_t); last_e[e]: 1 + the
+ * last token counted at expert e, so that a repeated expert counts once. Up to 64 ranks a
+ * token's ranks are a bit set, counted and marked once per rank it reaches (no branch per
+ * id on whether its rank was seen: half of those mispredict); above, last_r likewise. */
+#define EPX__LAYOUT_LOOP(I)                                                                        \
+    do {                                                                                           \
+        const I *ids = (const I *)topk;                                                            \
+        for (int64_t t = 0; t < num_tokens; t++) {                                                 \
+            uint64_t set = 0;                                                                      \
+            for (int k = 0; k < topk_k; k++) {                                                     \
+                I e = ids[t * topk_k + k];                                                         \
+                if (e < 0) continue;                                                               \
+                if (last_e[e] != t + 1) last_e[e] = (int32_t)(t + 1), per_e[e]++;                  \
+                int32_t r = rank_of[e];                                                            \
+                if (nranks <= 64) {                                                                \
+                    set |= (uint64_t)1 << r;                                                       \
+                } else if (last_r[r] != t + 1) {                                                   \
+                    last_r[r] = (int32_t)(t + 1), per_r[r]++;                                      \
+                    if (in_rank) in_rank[t * nranks + r] = 1;                                      \
+                }                                                                                  \
+            }                                                                                      \
+            for (; set; set &= set - 1) {                                                          \
+                int r = __builtin_ctzll(set);                                                      \
+                per_r[r]++;                                                                        \
+                if (in_rank) in_rank[t * nranks + r] = 1;                                          \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
 epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_tokens, int topk_k, int num_experts,
                          int nranks, int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank)
 {
     int L = num_experts / nranks;
-    /* last_r[r] / last_e[e]: 1 + the last token counted there, so duplicates count once. */
-    int32_t *last_r = calloc((size_t)nranks + 2 * (size_t)num_experts, sizeof(int32_t));
+    /* last_r, last_e, rank_of, then the counts when the caller wants none of them. */
+    int32_t *last_r = calloc(2 * (size_t)nranks + 3 * (size_t)num_experts, sizeof(int32_t));
     if (!last_r) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
-    int32_t *last_e = last_r + nranks, *rank_of = last_e + num_experts;
+    int32_t *last_e = last_r + nranks, *rank_of = last_e + num_experts, *scratch = rank_of + num_experts;
+    int32_t *per_r = per_rank ? per_rank : scratch, *per_e = per_expert ? per_expert : scratch + nranks;
     for (int e = 0; e < num_experts; e++) rank_of[e] = e / L;
-    if (per_rank) memset(per_rank, 0, sizeof(int32_t) * (size_t)nranks);
-    if (per_expert) memset(per_expert, 0, sizeof(int32_t) * (size_t)num_experts);
+    memset(per_r, 0, sizeof(int32_t) * (size_t)nranks);
+    memset(per_e, 0, sizeof(int32_t) * (size_t)num_experts);
     if (in_rank) memset(in_rank, 0, (size_t)num_tokens * (size_t)nranks);
-    for (int64_t t = 0; t < num_tokens; t++) {
-        for (int k = 0; k < topk_k; k++) {
-            int64_t e = epx__topk_at(topk, index_dtype, t, topk_k, k);
-            if (e < 0) continue;
-            if (last_e[e] != t + 1) {
-                last_e[e] = (int32_t)(t + 1);
-                if (per_expert) per_expert[e]++;
-            }
-            int32_t r = rank_of[e];
-            if (last_r[r] != t + 1) {
-                last_r[r] = (int32_t)(t + 1);
-                if (per_rank) per_rank[r]++;
-                if (in_rank) in_rank[t * nranks + r] = 1;
-            }
-        }
-    }
+    if (num_tokens > 0 && index_dtype == EPX_I32)
+        EPX__LAYOUT_LOOP(int32_t);
+    else if (num_tokens > 0)
+        EPX__LAYOUT_LOOP(int64_t);
     free(last_r);
     return EPX_SUCCESS;
 }
