@@ -53,7 +53,9 @@ struct epx__cpu_moe {
     size_t scratch_bytes;
     uint8_t *ll_q;        /* low-latency FP8: my tokens quantised once, [max_tokens, H] */
     char *ll_scales;      /* and their scales, [max_tokens, scale_cols] */
-    int32_t *recount;     /* scratch of epx__boards_check: [2 * (R + E)] */
+    int32_t *recount;     /* scratch of epx__boards_check and epx__dispatch_home_rows: [2 * (R + E)] */
+    int32_t *rank_of;     /* [E]: expert e's rank, e / L (a table: a division per id was a
+                             third of a dispatch's time at small rows) */
 };
 
 struct epx__cpu_moe_handle {
@@ -140,7 +142,7 @@ static epx_status_t epx__boards_agree(const epx__cpu_moe_t *m, const epx__board_
 static epx_status_t epx__boards_check(const epx__cpu_moe_t *m, const epx__board_t *b, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    int R = s->nranks, E = s->num_experts, L = s->local_experts;
+    int R = s->nranks, E = s->num_experts;
     int op = b[s->rank].hdr->op;
     bool routing = op == EPX__OP_DISPATCH || op == EPX__OP_LL_DISPATCH;
     for (int p = 0; p < R; p++) {
@@ -163,7 +165,8 @@ static epx_status_t epx__boards_check(const epx__cpu_moe_t *m, const epx__board_
                                      p, e, (long long)t, k, E);
                 if (e < 0) continue;
                 if (last_e[e] != t + 1) last_e[e] = (int32_t)(t + 1), per_expert[e]++;
-                if (last_r[e / L] != t + 1) last_r[e / L] = (int32_t)(t + 1), per_rank[e / L]++;
+                int32_t r = m->rank_of[e];
+                if (last_r[r] != t + 1) last_r[r] = (int32_t)(t + 1), per_rank[r]++;
             }
         if (memcmp(per_rank, bp->per_rank, sizeof(int32_t) * (size_t)R) ||
             memcmp(per_expert, bp->per_expert, sizeof(int32_t) * (size_t)E))
@@ -174,11 +177,11 @@ static epx_status_t epx__boards_check(const epx__cpu_moe_t *m, const epx__board_
 }
 
 /* Does token t of a board go to rank q (high-throughput) / to expert e (low-latency)? */
-static inline bool epx__goes_to_rank(const int32_t *topk, int K, int64_t t, int L, int q)
+static inline bool epx__goes_to_rank(const int32_t *topk, int K, int64_t t, const int32_t *rank_of, int q)
 {
     for (int k = 0; k < K; k++) {
         int32_t e = topk[t * K + k];
-        if (e >= 0 && e / L == q) return true;
+        if (e >= 0 && rank_of[e] == q) return true;
     }
     return false;
 }
@@ -225,7 +228,9 @@ epx_status_t epx__cpu_moe_create(epx__cpu_t *c, const epx__moe_shape_t *shape, u
         m->offsets = calloc(rows, sizeof *m->offsets);
         m->tokens = calloc(rows, sizeof *m->tokens);
         m->recount = calloc(2 * ((size_t)R + (size_t)shape->num_experts), sizeof *m->recount);
-        if (!m->boards || !m->offsets || !m->tokens || !m->recount)
+        m->rank_of = malloc(sizeof *m->rank_of * (size_t)EPX__MAX(shape->num_experts, 1));
+        for (int e = 0; m->rank_of && e < shape->num_experts; e++) m->rank_of[e] = e / shape->local_experts;
+        if (!m->boards || !m->offsets || !m->tokens || !m->recount || !m->rank_of)
             local_status = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         else
             local_status = epx__cpu_mem_alloc(c, 2 * m->section_bytes, &m->board, err);
@@ -275,6 +280,7 @@ void epx__cpu_moe_destroy(epx__cpu_moe_t *m)
     free(m->offsets);
     free(m->tokens);
     free(m->recount);
+    free(m->rank_of);
     free(m->scratch);
     free(m);
 }
@@ -560,21 +566,21 @@ static epx_status_t epx__dispatch_receive(epx__cpu_moe_t *m, uint32_t seq, const
         const epx__board_t *bp = &b[p];
         int64_t n = 0;
         for (int64_t t = 0; t < bp->hdr->num_tokens; t++) {
-            if (!epx__goes_to_rank(bp->topk, K, t, L, q)) continue;
+            if (!epx__goes_to_rank(bp->topk, K, t, m->rank_of, q)) continue;
             int64_t r = row + n++;
             h->recv_token[r] = (int32_t)t;
             if (out->recv_src_rank) out->recv_src_rank[r] = p;
             if (out->recv_src_token) out->recv_src_token[r] = (int32_t)t;
             for (int k = 0; k < K; k++) {
                 int32_t e = bp->topk[t * K + k];
-                bool here = e >= 0 && e / L == q;
-                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? e % L : -1);
+                bool here = e >= 0 && m->rank_of[e] == q;
+                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? e - q * L : -1);
                 if (out->recv_topk_weights && bp->hdr->has_weights)
                     out->recv_topk_weights[r * K + k] = here ? bp->weights[t * K + k] : 0.0f;
                 if (!here) continue;
                 bool dup = false;
                 for (int j = 0; j < k; j++) dup = dup || bp->topk[t * K + j] == e;
-                if (!dup) per_expert[e % L]++;
+                if (!dup) per_expert[e - q * L]++;
             }
         }
         h->recv_start[p] = row;
@@ -590,16 +596,24 @@ static epx_status_t epx__dispatch_receive(epx__cpu_moe_t *m, uint32_t seq, const
     return st;
 }
 
-/* Home side: for each of my tokens, its row in every receiver's output. */
+/* Home side: for each of my tokens, its row in every receiver's output (tokens ascending
+ * at each receiver, after the rows of the ranks before me). One pass over my routing. */
 static void epx__dispatch_home_rows(const epx__cpu_moe_t *m, const epx__board_t *b, epx__cpu_moe_handle_t *h)
 {
-    int R = m->s.nranks, L = m->s.local_experts, me = m->s.rank, K = h->topk;
+    int R = m->s.nranks, me = m->s.rank, K = h->topk;
     const epx__board_t *mine = &b[me];
+    int32_t *next = m->recount; /* [R]: the next row at each receiver */
     for (int r = 0; r < R; r++) {
-        int64_t next = 0;
-        for (int p = 0; p < me; p++) next += b[p].per_rank[r];
-        for (int64_t t = 0; t < h->num_tokens; t++)
-            h->send_row[t * R + r] = epx__goes_to_rank(mine->topk, K, t, L, r) ? (int32_t)next++ : -1;
+        next[r] = 0;
+        for (int p = 0; p < me; p++) next[r] += b[p].per_rank[r];
+    }
+    for (int64_t t = 0; t < h->num_tokens; t++) {
+        int32_t *row = h->send_row + t * R;
+        for (int r = 0; r < R; r++) row[r] = -1;
+        for (int k = 0; k < K; k++) {
+            int32_t e = mine->topk[t * K + k];
+            if (e >= 0 && row[m->rank_of[e]] < 0) row[m->rank_of[e]] = next[m->rank_of[e]]++;
+        }
     }
 }
 
@@ -885,8 +899,10 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
                 int32_t e = h->topk_idx[t * K + k];
                 slot_of[(t - t0) * K + k] = e >= 0 ? (int32_t)n : -1;
                 if (e < 0) continue;
-                ranks[n] = e / L;
-                offs[n++] = ((int64_t)(e % L) * (int64_t)s->ll_slots + h->slot[t * K + k]) * (int64_t)s->combine_row_bytes;
+                int32_t r = m->rank_of[e];
+                ranks[n] = r;
+                offs[n++] = ((int64_t)(e - r * L) * (int64_t)s->ll_slots + h->slot[t * K + k]) *
+                            (int64_t)s->combine_row_bytes;
             }
         st = epx__gather_ptrs(m, &g, op.seq, ylocs, ranks, offs, n, s->combine_row_bytes, ptrs, err);
         for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
