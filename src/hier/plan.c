@@ -178,7 +178,23 @@ typedef struct {
     const int64_t *rslot; /* low-latency [rows, K]: row r's position among its expert's slots, at
                              the first k naming each of my experts; else -1 */
     const int64_t *yslot; /* low-latency [rows, K]: row r's slots here, its experts by local id */
+    /* Up to 64 ranks: the ranks and the hosts each of my tokens goes to, as bit sets found
+     * once (each pass over my tokens asked the routing again: K lookups a question); NULL
+     * above 64 ranks, where the questions go to the routing. */
+    const uint64_t *rset, *hset;
 } epx__pb_t;
+
+/* Does my token i go to host k / to rank q? */
+static inline bool epx__to_host(const epx__pb_t *b, int i, int k)
+{
+    if (b->hset) return (b->hset[i] >> k) & 1u;
+    return epx__goes_host(b->t, b->P.topk + (size_t)i * b->K, b->K, &b->ex, k);
+}
+static inline bool epx__to_rank(const epx__pb_t *b, int i, int q)
+{
+    if (b->rset) return (b->rset[i] >> q) & 1u;
+    return epx__goes_rank(b->P.topk + (size_t)i * b->K, b->K, &b->ex, q);
+}
 
 /* The part of the exchanges inside the host that token `tok` of source rank p takes here
  * (hier.h): EPX__HIER_LOCAL when p is on this host, else its chunk's. */
@@ -244,12 +260,25 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     int64_t *yslot = epx__arena_alloc(z, (size_t)(b.ll ? rows * K : 0), sizeof *yslot, false);
     int ranks[EPX_MOE_MAX_TOPK];
     int64_t base[EPX_MOE_MAX_TOPK];
-    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !yslot) {
+    uint64_t *rset = R <= 64 ? epx__arena_alloc(z, 2 * (size_t)EPX__MAX(T, 1), sizeof *rset, false) : NULL;
+    if (!x->mem || !lfirst || !ent_ref || !cur || !fcur || !efidx || !cnt || !pfirst || !rslot || !yslot ||
+        (R <= 64 && !rset)) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
         goto done;
     }
     b.rslot = rslot, b.yslot = yslot;
     b.ex.rank = m->rank_of_expert, b.ex.nranks = R;
+    for (int i = 0; rset && i < T; i++) {
+        uint64_t rs = 0, hs = 0;
+        for (int k = 0; k < K; k++) {
+            int32_t e = P->topk[(size_t)i * K + k];
+            if (e < 0) continue;
+            rs |= (uint64_t)1 << b.ex.rank[e];
+            hs |= (uint64_t)1 << t->host_of[b.ex.rank[e]];
+        }
+        rset[i] = rs, rset[T + i] = hs;
+    }
+    b.rset = rset, b.hset = rset ? rset + T : NULL;
     cfirst = lfirst + NP * LS;
     x->gw_chunk = x->mem, x->fwd_chunk = x->gw_chunk + C * R;
     x->home_send_chunk = x->fwd_chunk + C * R, x->home_recv_chunk = x->home_send_chunk + C * R;
@@ -262,8 +291,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
         if (k == A) continue;
         int g = epx__gw(t, me, k);
         for (int i = 0; i < T; i++)
-            if (epx__goes_host(t, P->topk + (size_t)i * K, K, &b.ex, k))
-                x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
+            if (epx__to_host(&b, i, k)) x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
     }
     for (int p = 0; p < R; p++) x->n_fwd += P->fwd_count[p];
     /* What my rail peers forward through me, chunk by chunk (FWD's layout, hier.h). */
@@ -384,14 +412,14 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
         for (int i = 0; i < T; i++)
             for (int l = 0; l < t->host_size[k]; l++) {
                 int q = t->host_ranks[t->host_first[k] + l];
-                if (!epx__goes_rank(P->topk + (size_t)i * K, K, &b.ex, q)) continue;
+                if (!epx__to_rank(&b, i, q)) continue;
                 int64_t n = epx__rec_rows(&b, P->topk + (size_t)i * K, q);
                 x->home_recv_chunk[epx__chunk(C, T, i) * R + g] += n, x->n_home_recv += n;
             }
     }
     for (int i = 0; i < T; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
-        if (!b.ll) x->n_tok += epx__hier_dest_ranks(tk, K, b.ex.rank, b.ex.nranks, ranks);
+        if (!b.ll) x->n_tok += rset ? __builtin_popcountll(rset[i]) : epx__hier_dest_ranks(tk, K, b.ex.rank, R, ranks);
         for (int k = 0; k < K && b.ll; k++) x->n_tok += tk[k] >= 0;
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
@@ -411,8 +439,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
             int k = t->host_of[p];
             if (k == A || epx__gw(t, me, k) != p) continue;
             for (int i = 0; i < T; i++)
-                if (epx__chunk(C, T, i) == c && epx__goes_host(t, P->topk + (size_t)i * K, K, &b.ex, k))
-                    *o++ = EPX__HIER_REF(EPX__HIER_X, i);
+                if (epx__chunk(C, T, i) == c && epx__to_host(&b, i, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
         }
     x->fan = o;
     for (int g = 0; g < NP * LS; g++) {
