@@ -76,13 +76,6 @@ static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t 
     return EPX_SUCCESS;
 }
 
-/* An operation's state between its two halves. */
-typedef struct {
-    uint32_t seq;
-    uint64_t deadline;
-    bool exposed; /* peers read memory of mine that outlives the operation */
-} epx__xop_t;
-
 /* Open the next operation: publish and post what I send (a failure here is local and is
  * posted as such) and acquire every peer's post. *broken when that failed: return the
  * status as it is, peers fail too. Else the verdict on every pair I am part of, checked
@@ -167,7 +160,7 @@ epx_status_t epx__cpu_exchange_begin(epx__cpu_t *c, const epx__cpu_xfer_t *x, co
             st = epx__peer_map(c, p, &d->loc, op.seq, &seg[p], err);
     }
     if (st != EPX_SUCCESS) return epx__op_finish(c, op.seq, op.exposed, st, op.deadline, err);
-    c->open_seq = op.seq, c->open_exposed = op.exposed, c->open_deadline = op.deadline;
+    c->open = op;
     return EPX_SUCCESS;
 }
 
@@ -175,8 +168,6 @@ epx_status_t epx__cpu_exchange_end(epx__cpu_t *c, epx_status_t st, epx__errbuf_t
 {
     /* Nobody gave up while I read what they exposed; then done, waiting for the readers of
      * mine when it is memory that outlives the operation. */
-    uint32_t seq = c->open_seq;
-    c->open_seq = 0;
-    if (st == EPX_SUCCESS) st = epx__peers_check(c, seq, err);
-    return epx__op_finish(c, seq, c->open_exposed, st, c->open_deadline, err);
+    if (st == EPX_SUCCESS) st = epx__peers_check(c, c->open.seq, err);
+    return epx__op_finish(c, c->open.seq, c->open.exposed, st, c->open.deadline, err);
 }

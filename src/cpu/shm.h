@@ -76,6 +76,13 @@ typedef struct {
     uint64_t liveness_check_ns;
 } epx__peer_t;
 
+/* An alltoallv-like operation's state between its opening and its end (alltoall.c). */
+typedef struct {
+    uint32_t seq;
+    uint64_t deadline;
+    bool exposed; /* peers read memory of mine that outlives the operation */
+} epx__xop_t;
+
 struct epx__cpu {
     int rank, nranks;
     uint64_t nonce;
@@ -102,10 +109,7 @@ struct epx__cpu {
     void *staging; /* a registered region for staging unregistered sends */
     size_t staging_bytes;
     uint64_t use_clock;
-    /* The exchange epx__cpu_exchange_begin left open (0: none). */
-    uint32_t open_seq;
-    bool open_exposed;
-    uint64_t open_deadline;
+    epx__xop_t open; /* the exchange epx__cpu_exchange_begin left open */
 };
 
 /* Segment layout. */

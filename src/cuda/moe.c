@@ -115,6 +115,16 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     return h;
 }
 
+/* The context's rails (across hosts; none on one host) with h's arrays for my rail peers:
+ * their routing, then their slots, [nhosts, max_tokens, max_topk] each. */
+static epx__ll_rail_t epx__ll_rails_of(const epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h)
+{
+    epx__ll_rail_t r = m->rails;
+    size_t tk = (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
+    if (r.nhosts > 0) r.topk = h->d_rail, r.slot = h->d_rail + (size_t)r.nhosts * tk;
+    return r;
+}
+
 static void epx__handle_release(epx__cuda_moe_handle_t *h)
 {
     cudaFree(h->d_src_rank);
@@ -1054,9 +1064,7 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.x = in->x, a.topk_idx = in->topk_idx;
     for (int p = 0; p < R; p++) a.stage[p] = m->peer_stage[p];
     a.dest0 = m->rails.host * R, a.srcs = s->nranks, a.me_src = a.dest0 + c->rank;
-    a.rail = m->rails;
-    if (a.rail.nhosts > 0) /* the handle's arrays for my rail peers */
-        a.rail.topk = h->d_rail, a.rail.slot = h->d_rail + (size_t)a.rail.nhosts * s->max_tokens * s->max_topk;
+    a.rail = epx__ll_rails_of(m, h);
     a.recv_x = out->recv_x, a.recv_scales = out->recv_x_scales;
     a.recv_count = out->recv_count, a.recv_src_rank = out->recv_src_rank, a.recv_src_token = out->recv_src_token;
     a.h_slot = h->d_slot, a.h_topk = h->d_topk, a.h_bad = h->d_bad;
@@ -1115,9 +1123,7 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
     for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0; /* a remap keeps the offsets */
     k.nranks = R, k.dest0 = m->rails.host * R, k.max_tokens = s->max_tokens;
-    k.rail = m->rails;
-    if (k.rail.nhosts > 0)
-        k.rail.topk = h->d_rail, k.rail.slot = h->d_rail + (size_t)k.rail.nhosts * s->max_tokens * s->max_topk;
+    k.rail = epx__ll_rails_of(m, h);
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     if (split || k.rail.nhosts > 0) { /* across hosts the receive comes after the gather and NCCL steps */
         h->ll_comb = k;

@@ -185,15 +185,24 @@ typedef struct {
 } epx__pb_t;
 
 /* Does my token i go to host k / to rank q? */
-static inline bool epx__to_host(const epx__pb_t *b, int i, int k)
+static inline bool epx__mine_to_host(const epx__pb_t *b, int i, int k)
 {
     if (b->hset) return (b->hset[i] >> k) & 1u;
     return epx__goes_host(b->t, b->P.topk + (size_t)i * b->K, b->K, &b->ex, k);
 }
-static inline bool epx__to_rank(const epx__pb_t *b, int i, int q)
+static inline bool epx__mine_to_rank(const epx__pb_t *b, int i, int q)
 {
     if (b->rset) return (b->rset[i] >> q) & 1u;
     return epx__goes_rank(b->P.topk + (size_t)i * b->K, b->K, &b->ex, q);
+}
+
+/* The ranks my token i goes to, ascending, into ranks[K]; returns how many. */
+static int epx__mine_ranks(const epx__pb_t *b, int i, int *ranks)
+{
+    if (!b->rset) return epx__hier_dest_ranks(b->P.topk + (size_t)i * b->K, b->K, b->ex.rank, b->ex.nranks, ranks);
+    int n = 0;
+    for (uint64_t set = b->rset[i]; set; set &= set - 1) ranks[n++] = __builtin_ctzll(set);
+    return n;
 }
 
 /* The part of the exchanges inside the host that token `tok` of source rank p takes here
@@ -274,7 +283,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
             int32_t e = P->topk[(size_t)i * K + k];
             if (e < 0) continue;
             rs |= (uint64_t)1 << b.ex.rank[e];
-            hs |= (uint64_t)1 << t->host_of[b.ex.rank[e]];
+            hs |= (uint64_t)1 << m->host_of_expert[e];
         }
         rset[i] = rs, rset[T + i] = hs;
     }
@@ -291,7 +300,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
         if (k == A) continue;
         int g = epx__gw(t, me, k);
         for (int i = 0; i < T; i++)
-            if (epx__to_host(&b, i, k)) x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
+            if (epx__mine_to_host(&b, i, k)) x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
     }
     for (int p = 0; p < R; p++) x->n_fwd += P->fwd_count[p];
     /* What my rail peers forward through me, chunk by chunk (FWD's layout, hier.h). */
@@ -412,14 +421,14 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
         for (int i = 0; i < T; i++)
             for (int l = 0; l < t->host_size[k]; l++) {
                 int q = t->host_ranks[t->host_first[k] + l];
-                if (!epx__to_rank(&b, i, q)) continue;
+                if (!epx__mine_to_rank(&b, i, q)) continue;
                 int64_t n = epx__rec_rows(&b, P->topk + (size_t)i * K, q);
                 x->home_recv_chunk[epx__chunk(C, T, i) * R + g] += n, x->n_home_recv += n;
             }
     }
     for (int i = 0; i < T; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
-        if (!b.ll) x->n_tok += rset ? __builtin_popcountll(rset[i]) : epx__hier_dest_ranks(tk, K, b.ex.rank, R, ranks);
+        if (!b.ll) x->n_tok += epx__mine_ranks(&b, i, ranks);
         for (int k = 0; k < K && b.ll; k++) x->n_tok += tk[k] >= 0;
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
@@ -439,7 +448,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
             int k = t->host_of[p];
             if (k == A || epx__gw(t, me, k) != p) continue;
             for (int i = 0; i < T; i++)
-                if (epx__chunk(C, T, i) == c && epx__to_host(&b, i, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
+                if (epx__chunk(C, T, i) == c && epx__mine_to_host(&b, i, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
         }
     x->fan = o;
     for (int g = 0; g < NP * LS; g++) {
@@ -499,7 +508,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     x->first[0] = 0;
     for (int i = 0; i < T && st == EPX_SUCCESS; i++) {
         const int32_t *tk = P->topk + (size_t)i * K;
-        int n = epx__hier_dest_ranks(tk, K, b.ex.rank, b.ex.nranks, ranks);
+        int n = epx__mine_ranks(&b, i, ranks);
         if (e0 + i >= P->nent || P->ent_src[e0 + i] != me || P->ent_tok[e0 + i] != i) {
             st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan misplaces token %d", i);
             break;
