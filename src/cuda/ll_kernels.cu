@@ -23,7 +23,9 @@
  * then sets the flags; the receive is the same kernel. A combine receive first gathers, for
  * each rail peer, the rows of its tokens' experts on this host (the gather kernel), src/xhost
  * sends them home, and the sum reads each row from the local peer that holds it or from
- * what came home: the same rows in the same k order, so the same bits.
+ * what came home: the same rows in the same k order, so the same bits. The send, receive
+ * and combine kernels have an instance for each (template X: across hosts), so one host
+ * runs none of the code the path across hosts needs.
  */
 #include <cuda_runtime.h>
 
@@ -53,10 +55,12 @@ static __device__ __forceinline__ char *epx__ll_blk_row(const epx__ll_args_t *a,
     return (char *)blk + a->hdr_bytes + t * a->srow;
 }
 
-/* The local rank (0 .. nranks - 1) that holds expert e, or -1 (another host's, or no expert). */
-static __device__ __forceinline__ int epx__ll_holder(const epx__ll_args_t *a, long long e)
+/* The local rank (0 .. nranks - 1) that holds expert e, or -1 (another host's, or no expert).
+ * X: across hosts (on one host every expert is a local rank's). */
+template <bool X> static __device__ __forceinline__ int epx__ll_holder(const epx__ll_args_t *a, long long e)
 {
     if (e < 0 || e >= a->num_experts) return -1;
+    if (!X) return (int)(e / a->local_experts);
     long long q = e / a->local_experts - a->dest0;
     return q >= 0 && q < a->nranks ? (int)q : -1;
 }
@@ -75,14 +79,17 @@ static __device__ __forceinline__ void epx__ll_tag(const epx__cuda_dev_t *d, int
 /* Threads p < nranks, with the failure relay on (across hosts): relay my device's failure
  * to local peer p (before a flag to it), or take in the one peer p relayed (after its
  * flag). Without the relay nothing at all: the operation number is a load, which a
- * release store after it would wait for. */
-static __device__ __forceinline__ void epx__ll_relay_out(const epx__cuda_dev_t *d)
+ * release store after it would wait for. X: may the relay be on? Only across hosts, where
+ * the kernels run their X instances (src/xhost turns it on; a low-latency context there
+ * always has rails); the single-host instances compile without it (skipped at run time,
+ * its code still cost the combine 0.3 us). */
+template <bool X> static __device__ __forceinline__ void epx__ll_relay_out(const epx__cuda_dev_t *d)
 {
-    if (d->relay && (int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
+    if (X && d->relay && (int)threadIdx.x < d->nranks) epx__relay_out(d, (int)threadIdx.x, epx__op_number(d));
 }
-static __device__ __forceinline__ void epx__ll_relay_in(const epx__cuda_dev_t *d)
+template <bool X> static __device__ __forceinline__ void epx__ll_relay_in(const epx__cuda_dev_t *d)
 {
-    if (d->relay && (int)threadIdx.x < d->nranks) epx__relay_in(d, (int)threadIdx.x, epx__op_number(d));
+    if (X && d->relay && (int)threadIdx.x < d->nranks) epx__relay_in(d, (int)threadIdx.x, epx__op_number(d));
 }
 
 /* After a block's waits, with the failure relay on (across hosts): take in the failures
@@ -90,10 +97,10 @@ static __device__ __forceinline__ void epx__ll_relay_in(const epx__cuda_dev_t *d
  * then whether my device is still sound. A block of a rank that is not writes nothing (its
  * outputs keep what they held). Without the relay (one host) true at once, with no load
  * on the kernel's critical path. Every thread of the block calls it. */
-static __device__ __forceinline__ bool epx__ll_sound(const epx__cuda_dev_t *d)
+template <bool X> static __device__ __forceinline__ bool epx__ll_sound(const epx__cuda_dev_t *d)
 {
-    if (!d->relay) return true;
-    epx__ll_relay_in(d);
+    if (!X || !d->relay) return true;
+    epx__ll_relay_in<X>(d);
     __syncthreads();
     bool sound = *(volatile unsigned int *)d->failed == 0;
     __syncthreads();
@@ -152,10 +159,10 @@ static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long
 /* The rows of dispatch send n, mine and those I push for others, are in every local
  * rank's staging: LL flag 2 n + c at each (c: I had received every dispatch before n),
  * after my device's failure, if any, is relayed. Threads p < nranks of the last block. */
-static __device__ __forceinline__ void epx__ll_signal(const epx__cuda_dev_t *d, unsigned long long n)
+template <bool X> static __device__ __forceinline__ void epx__ll_signal(const epx__cuda_dev_t *d, unsigned long long n)
 {
     unsigned long long caught_up = *(volatile unsigned long long *)(d->ll_seq + EPX__LL_DISPATCH_RECVD) + 1ull >= n;
-    epx__ll_relay_out(d);
+    epx__ll_relay_out<X>(d);
     epx__signal_peers(d, EPX__FLAG_LL, 2 * n + caught_up);
 }
 
@@ -174,13 +181,14 @@ static __device__ __forceinline__ void epx__ll_put_fp8(const epx__ll_args_t &a, 
 }
 
 /* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank.
- * Across hosts my whole block also goes to a.rail.out (its header tagged), and the flags
- * are left to the forward kernel. */
-static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
+ * X (across hosts): my whole block also goes to a.rail.out (its header tagged), and the
+ * flags are left to the forward kernel. The single-host instance compiles without that
+ * code (it cost one host 1.4-1.8 us a dispatch when it was only skipped at run time). */
+template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_SENT);
-    int par = (int)(n & 1ull), me = a.me_src, R = a.nranks, K = a.topk, T = a.num_tokens;
-    char *rail = a.rail.out;
+    int par = (int)(n & 1ull), me = X ? a.me_src : a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
+    char *rail = X ? a.rail.out : (char *)0;
     /* The half of this parity was last filled by send n - 2: every rank must have received
      * it. (After a failed wait nothing is sent: the communicator is broken.) */
     bool live = epx__ll_half_free(&d, n);
@@ -210,7 +218,7 @@ static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t 
             unsigned mask = 0;
             if (i < n_items)
                 for (int k = 0; k < K; k++) {
-                    int q = epx__ll_holder(&a, epx__ll_expert(&a, t * K + k));
+                    int q = epx__ll_holder<X>(&a, epx__ll_expert(&a, t * K + k));
                     if (q >= 0) mask |= 1u << q;
                 }
             uint4 v = make_uint4(0, 0, 0, 0);
@@ -218,7 +226,7 @@ static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t 
             if (!a.fp8) {
                 for (int q = 0; live && q < R; q++)
                     if ((mask >> q) & 1u) ((uint4 *)epx__ll_row(&a, a.stage[q], par, me, t))[ch] = v;
-                if (live && rail) ((uint4 *)epx__ll_blk_row(&a, rail, t))[ch] = v;
+                if (X && live) ((uint4 *)epx__ll_blk_row(&a, rail, t))[ch] = v;
                 continue;
             }
             unsigned u[4] = {v.x, v.y, v.z, v.w};
@@ -246,17 +254,17 @@ static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t 
             }
             for (int q = 0; live && q < R; q++)
                 if ((mask >> q) & 1u) epx__ll_put_fp8(a, epx__ll_row(&a, a.stage[q], par, me, t), ch, qv, bits);
-            if (live && rail) epx__ll_put_fp8(a, epx__ll_blk_row(&a, rail, t), ch, qv, bits);
+            if (X && live) epx__ll_put_fp8(a, epx__ll_blk_row(&a, rail, t), ch, qv, bits);
         }
     }
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    int D = R + (rail ? 1 : 0); /* destination D - 1 is my rail block, when there is one */
+    int D = R + (X ? 1 : 0); /* destination D - 1 is my rail block, when there is one */
     for (long long i = warp; !a.vec && i < (long long)T * D; i += nwarps) {
         long long t = i / D;
         int q = (int)((i + a.rank) % D); /* spread the first writes over the peers */
         bool to_q = q == R;
-        for (int k = 0; k < K && q < R; k++) to_q = to_q || epx__ll_holder(&a, epx__ll_expert(&a, t * K + k)) == q;
+        for (int k = 0; k < K && q < R; k++) to_q = to_q || epx__ll_holder<X>(&a, epx__ll_expert(&a, t * K + k)) == q;
         if (!to_q) continue;
         char *dst = q < R ? epx__ll_row(&a, a.stage[q], par, me, t) : epx__ll_blk_row(&a, rail, t);
         const char *src = (const char *)a.x + t * (long long)a.hidden * a.in_bytes;
@@ -269,8 +277,8 @@ static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t 
      * hosts the forward kernel does, after the rail peers' blocks). */
     __threadfence_system();
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_SENT)) return;
-    if (rail && threadIdx.x == 0) *a.rail.live = live;
-    if (!rail && live) epx__ll_signal(&d, n);
+    if (X && threadIdx.x == 0) *a.rail.live = live;
+    if (!X && live) epx__ll_signal<false>(&d, n);
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
 }
 
@@ -316,15 +324,15 @@ static __global__ void __launch_bounds__(512) epx__k_ll_forward(epx__cuda_dev_t 
         const char *blk = a.rail.in + (long long)hp * a.rail.blk;
         const int *id = (const int *)blk + 4 + t * K;
         bool to_q = false;
-        for (int k = 0; k < K; k++) to_q = to_q || epx__ll_holder(&a, id[k]) == q;
+        for (int k = 0; k < K; k++) to_q = to_q || epx__ll_holder<true>(&a, id[k]) == q;
         if (to_q) epx__warp_copy(epx__ll_row(&a, a.stage[q], par, hp * R + a.rank, t), epx__ll_blk_row(&a, blk, t), a.srow);
     }
     __threadfence_system();
     if (!epx__ll_last_block(&d, EPX__LL_FORWARD)) return;
     if (live)
-        epx__ll_signal(&d, n);
+        epx__ll_signal<true>(&d, n);
     else /* my send failed: the peers stop waiting for my flag */
-        epx__ll_relay_out(&d);
+        epx__ll_relay_out<true>(&d);
 }
 
 /* Blocks of 512 threads (16 warps) for a kernel across hosts with `warps` items of a warp
@@ -347,7 +355,7 @@ extern "C" int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__
  * flag waits after others have finished. */
 static int epx__ll_resident(const void *kernel, int threads, int slot)
 {
-    static int cache[4][16];
+    static int cache[8][16];
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 16) dev = 0;
     if (cache[slot][dev] > 0) return cache[slot][dev];
@@ -359,11 +367,28 @@ static int epx__ll_resident(const void *kernel, int threads, int slot)
     return n;
 }
 
+/* X's instance of a kernel (its slot in epx__ll_resident's cache is 4 more across hosts). */
+#define EPX__LL_PICK(X, kernel) ((X) ? (const void *)kernel<true> : (const void *)kernel<false>)
+
+/* Which instance a call runs: across hosts (rails) or not. The single-host instances have
+ * no failure relay, which only src/xhost turns on, for contexts that always have rails. */
+static bool epx__ll_across(const epx__cuda_dev_t *d, const epx__ll_rail_t *r, cudaError_t *bad)
+{
+    *bad = r->nhosts == 0 && d->relay ? cudaErrorInvalidValue : cudaSuccess;
+    return r->nhosts > 0;
+}
+
 extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream)
 {
-    int most = epx__ll_resident((const void *)epx__k_ll_send, 512, 0);
+    cudaError_t bad;
+    bool X = epx__ll_across(d, &a->rail, &bad);
+    if (bad != cudaSuccess) return (int)bad;
+    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_send), 512, X ? 4 : 0);
     if (blocks > most) blocks = most;
-    epx__k_ll_send<<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+    if (X)
+        epx__k_ll_send<true><<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+    else
+        epx__k_ll_send<false><<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
 
@@ -378,9 +403,10 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
  * the last source. Consecutive threads read consecutive entries, four loads in flight
  * each (one token's K ids read one after the other cost a round trip each). The caller
  * syncs the block after it. */
+template <bool X>
 static __device__ void epx__ll_stage_ids(const epx__ll_args_t &a, int par, const int *tp, long long j0, int *ids)
 {
-    int R = a.srcs, K = a.topk, M = a.max_tokens, n = (int)blockDim.x * K;
+    int R = X ? a.srcs : a.nranks, K = a.topk, M = a.max_tokens, n = (int)blockDim.x * K;
     for (int b = 0; b < n; b += 4 * (int)blockDim.x) {
         int v[4];
 #pragma unroll
@@ -409,13 +435,14 @@ static __device__ __forceinline__ bool epx__ll_goes(const int *id, int K, int e)
 /* Block e (striding) walks every source's staged tokens for expert e in order: the
  * position of each is its slot. My tokens' positions go to the handle; for my own
  * experts the rows are copied into place. */
-static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
+template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
 
+template <bool X>
 static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_receive(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
-    if (live && epx__ll_sound(&d)) epx__ll_receive_body(a, (int)(n & 1ull));
+    if (live && epx__ll_sound<X>(&d)) epx__ll_receive_body<X>(a, (int)(n & 1ull));
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
     /* Sources may read this (over NVLink) before refilling the half: every block's reads of
      * it are over (the last-block count is fenced). No flag is pushed to them: a store to
@@ -423,13 +450,13 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_rece
     epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
 }
 
-static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
+template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
 {
-    __shared__ int bad, tp[EPX__LL_MAX_SRCS], list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
+    __shared__ int bad, tp[X ? EPX__LL_MAX_SRCS : EPX__CUDA_MAX_RANKS], list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
     __shared__ int ids[EPX__LL_RECV_THREADS * EPX_MOE_MAX_TOPK]; /* a block-sized group's routing */
     /* me: my staging area (local rank); ms: my source number; R sources */
-    int me = a.rank, ms = a.me_src, R = a.srcs, K = a.topk, M = a.max_tokens, L = a.local_experts;
-    int LS = a.nranks, rail_hosts = a.rail.topk ? a.rail.nhosts : 0;
+    int me = a.rank, ms = X ? a.me_src : a.rank, R = X ? a.srcs : a.nranks, K = a.topk, M = a.max_tokens;
+    int L = a.local_experts, LS = a.nranks, rail_hosts = X && a.rail.topk ? a.rail.nhosts : 0;
     /* Every block checks every source's routing before writing: all reach one verdict. The
      * headers are read at once (a thread each), then the entries with several loads in
      * flight per thread: this pass is latency, not bytes. */
@@ -447,7 +474,7 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
      * checked here, scanned below for every expert of the block. */
     bool one_group = (long long)R * M <= (long long)blockDim.x;
     if (one_group) {
-        epx__ll_stage_ids(a, par, tp, 0, ids);
+        epx__ll_stage_ids<X>(a, par, tp, 0, ids);
         __syncthreads();
         for (int k = 0; k < K; k++) ok = ok && ids[threadIdx.x * K + k] != -2;
     }
@@ -481,7 +508,7 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
             if (e < 0) a.h_slot[i] = -1;
         }
         /* Across hosts, my rail peers' routing too (-1 past their T), for the combine's gather. */
-        for (int hp = 0; hp < rail_hosts; hp++) {
+        for (int hp = 0; X && hp < rail_hosts; hp++) {
             int p = hp * LS + me, tpp = hp == a.rail.host ? 0 : tp[p];
             const int *ids_p = epx__ll_hdr(&a, a.stage[me], par, p) + 4;
             for (long long i = threadIdx.x; i < (long long)M * K; i += blockDim.x)
@@ -490,15 +517,15 @@ static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
     }
     int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int e = blockIdx.x; e < a.num_experts; e += gridDim.x) {
-        bool mine = e / L == a.dest0 + me;
-        bool here = rail_hosts > 0 && e / L / LS == a.rail.host; /* my rail peers' slots here matter */
+        bool mine = e / L == (X ? a.dest0 : 0) + me;
+        bool here = X && rail_hosts > 0 && e / L / LS == a.rail.host; /* my rail peers' slots here matter */
         int l = e % L, base = 0;
         for (long long j0 = 0; j0 < (long long)R * M; j0 += blockDim.x) {
             long long j = j0 + threadIdx.x;
             int p = (int)(j / M);
             long long t = j % M;
             if (!one_group) { /* the group's routing (the last group's scan and copies are over) */
-                epx__ll_stage_ids(a, par, tp, j0, ids);
+                epx__ll_stage_ids<X>(a, par, tp, j0, ids);
                 __syncthreads();
             }
             const int *id = ids + threadIdx.x * K; /* -1 past T: no expert */
@@ -543,9 +570,15 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
     long long rows = (long long)a->srcs * a->max_tokens * a->topk; /* at most, over all experts */
     int threads = rows > 8LL * a->num_experts ? EPX__LL_RECV_THREADS : EPX__LL_RECV_THREADS / 2;
     int blocks = a->num_experts < 1024 ? a->num_experts : 1024;
-    int most = epx__ll_resident((const void *)epx__k_ll_receive, threads, threads == EPX__LL_RECV_THREADS ? 1 : 3);
+    cudaError_t bad;
+    bool X = epx__ll_across(d, &a->rail, &bad);
+    if (bad != cudaSuccess) return (int)bad;
+    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_receive), threads, (threads == EPX__LL_RECV_THREADS ? 1 : 3) + (X ? 4 : 0));
     if (blocks > most) blocks = most; /* blocks stride over the experts */
-    epx__k_ll_receive<<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
+    if (X)
+        epx__k_ll_receive<true><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
+    else
+        epx__k_ll_receive<false><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
 
@@ -555,15 +588,16 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
  * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
  * block to finish tells the peers it is done reading theirs and waits until they are done
  * with mine (my outputs may then be overwritten). */
-static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
+template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
 
 /* Where the row of (token t, its k-th expert e, slot) lies: in the expert's local rank's y,
- * or (across hosts) in what its host's gateway sent home. */
+ * or (X: across hosts) in what its host's gateway sent home. */
+template <bool X>
 static __device__ __forceinline__ const char *epx__llc_row(const epx__ll_combine_t &c, int e, long long t, int k,
                                                           int slot, long long row_bytes)
 {
-    int g = e / c.local_experts, q = g - c.dest0;
-    if (q >= 0 && q < c.nranks) return c.y[q] + ((long long)(e % c.local_experts) * c.slots + slot) * row_bytes;
+    int g = e / c.local_experts, q = g - (X ? c.dest0 : 0);
+    if (!X || (q >= 0 && q < c.nranks)) return c.y[q] + ((long long)(e % c.local_experts) * c.slots + slot) * row_bytes;
     return c.rail.y_in + (long long)(g / c.nranks) * c.rail.yblk + 128 + (t * c.topk + k) * row_bytes;
 }
 
@@ -586,18 +620,19 @@ static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll
     return r;
 }
 
+template <bool X>
 static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
-    if (send_too) epx__ll_relay_out(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    if (send_too) epx__ll_relay_out<X>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
-    bool homes = live && (c.rail.nhosts == 0 || epx__llc_homes_ok(&d, c, n)); /* across hosts: all came */
-    if (homes && epx__ll_sound(&d) && !*c.h_bad) epx__ll_combine_body(c); /* bad routing at dispatch: nothing */
+    bool homes = live && (!X || epx__llc_homes_ok(&d, c, n)); /* across hosts: all came */
+    if (homes && epx__ll_sound<X>(&d) && !*c.h_bad) epx__ll_combine_body<X>(c); /* bad routing at dispatch: nothing */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
-        epx__ll_relay_out(&d);
+        epx__ll_relay_out<X>(&d);
         epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, true); /* done reading the peers' outputs */
-        if (epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n)) epx__ll_relay_in(&d);
+        if (epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n)) epx__ll_relay_in<X>(&d);
     }
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
@@ -607,7 +642,7 @@ static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t 
 static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_SENT);
-    epx__ll_relay_out(&d);
+    epx__ll_relay_out<true>(&d); /* one kernel for both (the relay is checked at run time) */
     epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
 }
@@ -620,7 +655,7 @@ extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *
 
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
  * that allow 16-byte loads, and sums the token's rows in k order. */
-static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
+template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
 {
     int K = c.topk, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
@@ -639,7 +674,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
                 int e = k < K ? c.h_topk[t * K + k] : -1;
                 has[k] = e >= 0;
                 if (has[k]) {
-                    const char *row = epx__llc_row(c, e, t, k, c.h_slot[t * K + k], row_bytes);
+                    const char *row = epx__llc_row<X>(c, e, t, k, c.h_slot[t * K + k], row_bytes);
                     v[k] = ((const uint4 *)row)[ch];
                     w[k] = c.w[t * K + k];
                 }
@@ -668,7 +703,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
         for (int k = 0; k < K; k++) {
             int e = c.h_topk[t * K + k];
             if (e < 0) continue;
-            rows[nr] = epx__llc_row(c, e, t, k, c.h_slot[t * K + k], row_bytes);
+            rows[nr] = epx__llc_row<X>(c, e, t, k, c.h_slot[t * K + k], row_bytes);
             w[nr++] = c.w[(long long)t * K + k];
         }
         char *out = c.out + (long long)t * row_bytes;
@@ -710,7 +745,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_gather(epx__cuda_dev_t d
     long long rb = (long long)c.hidden * (c.dtype == EPX_F32 ? 4 : 2), per_host = (long long)M * K;
     /* An unsound rank's dispatch receive may not have written the handle's arrays: its block
      * goes home marked failed (below), rows unwritten. */
-    if (live && epx__ll_sound(&d) && !*c.h_bad) {
+    if (live && epx__ll_sound<true>(&d) && !*c.h_bad) {
         long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
         long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
         for (long long i = warp; i < NH * per_host; i += nwarps) {
@@ -748,8 +783,14 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
         long long b = (items + 255) / 256;
         blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
     }
-    int most = epx__ll_resident((const void *)epx__k_ll_combine, 256, 2);
-    if (blocks > most) blocks = most; /* blocks stride over the work */
-    epx__k_ll_combine<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too); /* even with no tokens: it is the operation */
+    cudaError_t bad;
+    bool X = epx__ll_across(d, &c->rail, &bad);
+    if (bad != cudaSuccess) return (int)bad;
+    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_combine), 256, X ? 6 : 2);
+    if (blocks > most) blocks = most; /* blocks stride over the work; even with no tokens: it is the operation */
+    if (X)
+        epx__k_ll_combine<true><<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
+    else
+        epx__k_ll_combine<false><<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
     return (int)cudaGetLastError();
 }
