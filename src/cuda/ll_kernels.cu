@@ -588,7 +588,29 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
  * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
  * block to finish tells the peers it is done reading theirs and waits until they are done
  * with mine (my outputs may then be overwritten). */
-template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c);
+/* What a thread of the vectorised sum needs of its token before any row: the token's K
+ * experts, slots and weights (-1 / 0 past K). */
+typedef struct {
+    int e[EPX_MOE_MAX_TOPK], slot[EPX_MOE_MAX_TOPK];
+    float w[EPX_MOE_MAX_TOPK];
+} epx__llc_meta_t;
+
+/* Token t's meta, every load issued at once (none depends on another). The handle's arrays
+ * are my dispatch receive's and the weights the caller's, all ready when the kernel starts:
+ * the first item's loads go out before the waits for the peers. */
+static __device__ __forceinline__ void epx__llc_meta(const epx__ll_combine_t &c, long long t, epx__llc_meta_t *m)
+{
+#pragma unroll
+    for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
+        bool in = k < c.topk;
+        long long i = t * c.topk + k;
+        m->e[k] = in ? c.h_topk[i] : -1;
+        m->slot[k] = in ? c.h_slot[i] : 0;
+        m->w[k] = in ? c.w[i] : 0.0f;
+    }
+}
+
+template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t *m0);
 
 /* Where the row of (token t, its k-th expert e, slot) lies: in the expert's local rank's y,
  * or (X: across hosts) in what its host's gateway sent home. */
@@ -621,13 +643,19 @@ static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll
 }
 
 template <bool X>
-static __global__ void __launch_bounds__(256) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
+static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
+    /* Mine, loaded before the waits (a chain of round trips otherwise): whether the routing
+     * was bad at dispatch, and my first vectorised item's meta. */
+    int bad = *c.h_bad;
+    epx__llc_meta_t m0;
+    long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c.vec && i0 < (long long)c.num_tokens * (c.hidden / 8)) epx__llc_meta(c, i0 / (c.hidden / 8), &m0);
     if (send_too) epx__ll_relay_out<X>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool homes = live && (!X || epx__llc_homes_ok(&d, c, n)); /* across hosts: all came */
-    if (homes && epx__ll_sound<X>(&d) && !*c.h_bad) epx__ll_combine_body<X>(c); /* bad routing at dispatch: nothing */
+    if (homes && epx__ll_sound<X>(&d) && !bad) epx__ll_combine_body<X>(c, &m0); /* bad routing at dispatch: nothing */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
         epx__ll_relay_out<X>(&d);
@@ -654,8 +682,9 @@ extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *
 }
 
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
- * that allow 16-byte loads, and sums the token's rows in k order. */
-template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c)
+ * that allow 16-byte loads, and sums the token's rows in k order. Vectorised, m0 holds the
+ * thread's first item's meta. */
+template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t *m0)
 {
     int K = c.topk, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
@@ -663,21 +692,17 @@ template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_comb
         /* Each thread: 8 channels of one token, every contributing row's load in flight
          * before the sums (which stay in k order). */
         long long chunks = H / 8, n_items = (long long)c.num_tokens * chunks;
-        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items;
-             i += (long long)gridDim.x * blockDim.x) {
+        long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        for (long long i = i0; i < n_items; i += (long long)gridDim.x * blockDim.x) {
             long long t = i / chunks, ch = i % chunks;
+            if (i != i0) epx__llc_meta(c, t, m0);
             uint4 v[EPX_MOE_MAX_TOPK]; /* static indices only: the arrays stay in registers */
-            float w[EPX_MOE_MAX_TOPK];
             bool has[EPX_MOE_MAX_TOPK];
+            const float *w = m0->w;
 #pragma unroll
             for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
-                int e = k < K ? c.h_topk[t * K + k] : -1;
-                has[k] = e >= 0;
-                if (has[k]) {
-                    const char *row = epx__llc_row<X>(c, e, t, k, c.h_slot[t * K + k], row_bytes);
-                    v[k] = ((const uint4 *)row)[ch];
-                    w[k] = c.w[t * K + k];
-                }
+                has[k] = m0->e[k] >= 0;
+                if (has[k]) v[k] = ((const uint4 *)epx__llc_row<X>(c, m0->e[k], t, k, m0->slot[k], row_bytes))[ch];
             }
             float acc[8];
 #pragma unroll
