@@ -180,12 +180,32 @@ static __device__ __forceinline__ void epx__ll_put_fp8(const epx__ll_args_t &a, 
     }
 }
 
+/* Programmatic dependent launch (sm_90): a receive enqueued right behind its send (one
+ * host, a whole call) is launched while the send runs, so its launch and its first steps
+ * overlap the send; before it reads the staging area it waits for the send's grid to have
+ * finished and its writes to be visible (epx__ll_after_send). Without such a launch both
+ * are no-ops. (The send's grid is at most one block per SM: all of its blocks have
+ * started, and let the receive start, before any receive block takes an SM.) */
+static __device__ __forceinline__ void epx__ll_let_receive_start()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void epx__ll_after_send()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 /* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank.
  * X (across hosts): my whole block also goes to a.rail.out (its header tagged), and the
  * flags are left to the forward kernel. The single-host instance compiles without that
  * code (it cost one host 1.4-1.8 us a dispatch when it was only skipped at run time). */
 template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
+    if (!X) epx__ll_let_receive_start();
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_SENT);
     int par = (int)(n & 1ull), me = X ? a.me_src : a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
     char *rail = X ? a.rail.out : (char *)0;
@@ -442,6 +462,7 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_rece
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
+    if (!X) epx__ll_after_send(); /* my own rows and routing */
     if (live && epx__ll_sound<X>(&d)) epx__ll_receive_body<X>(a, (int)(n & 1ull));
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
     /* Sources may read this (over NVLink) before refilling the half: every block's reads of
@@ -565,7 +586,8 @@ template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args
     }
 }
 
-extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, void *stream)
+extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int send_blocks,
+                                           void *stream)
 {
     long long rows = (long long)a->srcs * a->max_tokens * a->topk; /* at most, over all experts */
     int threads = rows > 8LL * a->num_experts ? EPX__LL_RECV_THREADS : EPX__LL_RECV_THREADS / 2;
@@ -575,6 +597,22 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
     if (bad != cudaSuccess) return (int)bad;
     int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_receive), threads, (threads == EPX__LL_RECV_THREADS ? 1 : 3) + (X ? 4 : 0));
     if (blocks > most) blocks = most; /* blocks stride over the experts */
+    /* Started early only behind a send that leaves at least half the SMs free (T up to ~37
+     * at H=7168): one H200, T=1, it saved 1 us; behind a send that fills them (T=128, 256)
+     * the early blocks cost 1-2 us. */
+    if (!X && send_blocks > 0 && 2 * send_blocks <= epx__ll_resident(EPX__LL_PICK(false, epx__k_ll_send), 512, 0)) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.gridDim = dim3((unsigned)blocks);
+        cfg.blockDim = dim3((unsigned)threads);
+        cfg.stream = (cudaStream_t)stream;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        if (cudaLaunchKernelEx(&cfg, epx__k_ll_receive<false>, *d, *a) == cudaSuccess) return (int)cudaSuccess;
+        (void)cudaGetLastError(); /* refused: an ordinary launch below */
+    }
     if (X)
         epx__k_ll_receive<true><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
     else
