@@ -356,10 +356,10 @@ EPX_API epx_status_t epx_moe_destroy(epx_moe_t moe);
  * MoE context of `cfg` with one live dispatch handle, before the driver's rounding (each
  * further live handle adds what the estimate counts for one). No communicator needed.
  * EPX_ERR_UNSUPPORTED in builds without CUDA. It counts ranks of one host: across hosts
- * epx also allocates the network step's buffers (sized by each call's traffic, grown and
- * kept) and, in low-latency mode, 1 + hosts dispatch blocks of max_tokens_per_rank
- * records and 2 x hosts combine blocks of max_tokens_per_rank x max_topk rows
- * (docs/SCALING.md). */
+ * epx also allocates the network step's buffers (sized by the calls' traffic, grown and
+ * kept), each handle's row plan and, in low-latency mode, 1 + hosts dispatch blocks of
+ * max_tokens_per_rank records and 2 x hosts combine blocks of max_tokens_per_rank x max_topk
+ * rows (docs/SCALING.md). */
 EPX_API epx_status_t epx_moe_device_memory(const epx_moe_config_t *cfg, int nranks, int64_t *bytes);
 /* Rows a high-throughput dispatch can receive at most: R * max_tokens_per_rank. */
 EPX_API epx_status_t epx_moe_max_recv_tokens(epx_moe_t moe, int64_t *rows);
