@@ -16,6 +16,17 @@ if(EPX_WITH_CUDA)
     if(CUDAToolkit_FOUND)
       set(EPX_HAVE_CUDA ON)
     endif()
+    # The low-latency receive's early launch (src/cuda/ll_kernels.cu) needs its kernel built
+    # for sm_90 or later (the wait it then does is sm_90 code); a build whose targets are all
+    # older (code JIT-compiled on a newer GPU) launches it the ordinary way.
+    set(EPX_CUDA_PDL OFF)
+    foreach(arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
+      if(NOT arch MATCHES "^([0-9]+)") # "native", "all", ...: the toolchain's choice
+        set(EPX_CUDA_PDL ON)
+      elseif(CMAKE_MATCH_1 GREATER_EQUAL 90)
+        set(EPX_CUDA_PDL ON)
+      endif()
+    endforeach()
   endif()
 endif()
 

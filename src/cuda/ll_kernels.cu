@@ -25,7 +25,8 @@
  * sends them home, and the sum reads each row from the local peer that holds it or from
  * what came home: the same rows in the same k order, so the same bits. The send, receive
  * and combine kernels have an instance for each (template X: across hosts), so one host
- * runs none of the code the path across hosts needs.
+ * runs none of the code the path across hosts needs (the bounded waits still check the
+ * relay flag at run time, every 256th poll).
  */
 #include <cuda_runtime.h>
 
@@ -184,8 +185,13 @@ static __device__ __forceinline__ void epx__ll_put_fp8(const epx__ll_args_t &a, 
  * host, a whole call) is launched while the send runs, so its launch and its first steps
  * overlap the send; before it reads the staging area it waits for the send's grid to have
  * finished and its writes to be visible (epx__ll_after_send). Without such a launch both
- * are no-ops. (The send's grid is at most one block per SM: all of its blocks have
- * started, and let the receive start, before any receive block takes an SM.) */
+ * are no-ops. The receive cannot starve the send: it starts only once every send block has
+ * let it (each does so first), so every send block already holds its SM. A split send lets
+ * the caller's next kernel start early too, if the caller launches it so (its own
+ * griddepcontrol.wait then orders it after the send). The receive's bounded wait for its
+ * peers' flags starts while the send runs: its EPX_TIMEOUT_MS includes the send's. Builds
+ * without an sm_90 target never launch it so (EPX_CUDA_NO_PDL, cmake/cuda.cmake): their
+ * code has no wait. */
 static __device__ __forceinline__ void epx__ll_let_receive_start()
 {
 #if __CUDA_ARCH__ >= 900
@@ -597,9 +603,10 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
     if (bad != cudaSuccess) return (int)bad;
     int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_receive), threads, (threads == EPX__LL_RECV_THREADS ? 1 : 3) + (X ? 4 : 0));
     if (blocks > most) blocks = most; /* blocks stride over the experts */
-    /* Started early only behind a send that leaves at least half the SMs free (T up to ~37
-     * at H=7168): one H200, T=1, it saved 1 us; behind a send that fills them (T=128, 256)
-     * the early blocks cost 1-2 us. */
+    /* Started early only behind a send whose grid is at most half the send's resident
+     * blocks (one per SM today: T up to ~37 at H=7168): one H200, T=1, it saved 1 us; behind
+     * a send that fills the SMs (T=128, 256) the early blocks cost 1-2 us. */
+#ifndef EPX_CUDA_NO_PDL
     if (!X && send_blocks > 0 && 2 * send_blocks <= epx__ll_resident(EPX__LL_PICK(false, epx__k_ll_send), 512, 0)) {
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute attr[1];
@@ -613,6 +620,9 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
         if (cudaLaunchKernelEx(&cfg, epx__k_ll_receive<false>, *d, *a) == cudaSuccess) return (int)cudaSuccess;
         (void)cudaGetLastError(); /* refused: an ordinary launch below */
     }
+#else
+    (void)send_blocks;
+#endif
     if (X)
         epx__k_ll_receive<true><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
     else
@@ -622,10 +632,6 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 
 /* ---- Combine ------------------------------------------------------------------------------ */
 
-/* A combine receive is one kernel: every block waits until the peers published their
- * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
- * block to finish tells the peers it is done reading theirs and waits until they are done
- * with mine (my outputs may then be overwritten). */
 /* What a thread of the vectorised sum needs of its token before any row: the token's K
  * experts, slots and weights (-1 / 0 past K). */
 typedef struct {
@@ -680,6 +686,10 @@ static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll
     return r;
 }
 
+/* A combine receive is one kernel: every block waits until the peers published their
+ * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
+ * block to finish tells the peers it is done reading theirs and waits until they are done
+ * with mine (my outputs may then be overwritten). */
 template <bool X>
 static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
