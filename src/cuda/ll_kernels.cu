@@ -479,7 +479,8 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_rece
 
 template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
 {
-    __shared__ int bad, tp[X ? EPX__LL_MAX_SRCS : EPX__CUDA_MAX_RANKS], list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
+    __shared__ int bad, tp[X ? EPX__LL_MAX_SRCS : EPX__CUDA_MAX_RANKS];
+    __shared__ int list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
     __shared__ int ids[EPX__LL_RECV_THREADS * EPX_MOE_MAX_TOPK]; /* a block-sized group's routing */
     /* me: my staging area (local rank); ms: my source number; R sources */
     int me = a.rank, ms = X ? a.me_src : a.rank, R = X ? a.srcs : a.nranks, K = a.topk, M = a.max_tokens;
@@ -601,7 +602,8 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
     cudaError_t bad;
     bool X = epx__ll_across(d, &a->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
-    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_receive), threads, (threads == EPX__LL_RECV_THREADS ? 1 : 3) + (X ? 4 : 0));
+    int slot = (threads == EPX__LL_RECV_THREADS ? 1 : 3) + (X ? 4 : 0);
+    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_receive), threads, slot);
     if (blocks > most) blocks = most; /* blocks stride over the experts */
     /* Started early only behind a send whose grid is at most half the send's resident
      * blocks (one per SM today: T up to ~37 at H=7168): one H200, T=1, it saved 1 us; behind
