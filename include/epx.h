@@ -499,7 +499,11 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * but their place among the collective calls must be the same on every rank (else the ranks'
  * streams wait on each other until the timeout). A CUDA graph
  * holds each send together with its receive, or is replayed in the order it was captured.
- * A handle with a pending send may be destroyed once the communicator is broken. */
+ * A handle with a pending send may be destroyed once the communicator is broken. On one
+ * host a dispatch send lets a kernel launched right after it with programmatic stream
+ * serialization (CUDA's programmatic dependent launch) start while it runs: such a kernel
+ * must call cudaGridDependencySynchronize before it writes what the send reads (in.x,
+ * in.x_scales, in.topk_idx). */
 EPX_API epx_status_t epx_moe_ll_dispatch_send(epx_moe_t moe, const epx_moe_ll_dispatch_in_t *in,
                                               epx_moe_ll_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 EPX_API epx_status_t epx_moe_ll_dispatch_recv(epx_moe_t moe, epx_moe_handle_t handle, void *stream);
