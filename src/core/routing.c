@@ -8,7 +8,7 @@
  * vectorises (an AVX2 clone too): u = e + 1, taken unsigned, is bad exactly when u > E;
  * with E < 2^31 that is when u or E - u has its top bit set (u >= 2^(w-1), or E < u below
  * it), which needs no unsigned compare (SSE2 and AVX2 have none: the compare form ran
- * scalar, 25 us for 32k int64 ids against 5 with AVX2 now). */
+ * scalar, 45-48 us for 32k int64 ids against 9-10 now; docs/PERF.md). */
 EPX__MULTIVERSION
 static bool epx__topk_any_bad(const void *topk_idx, epx_dtype_t index_dtype, int64_t n, int num_experts)
 {
