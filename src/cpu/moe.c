@@ -544,43 +544,42 @@ static epx_status_t epx__pull_token_rows(epx__cpu_moe_t *m, uint32_t seq, int p,
     return EPX_SUCCESS;
 }
 
-static void epx__write_index(void *idx, epx_dtype_t dt, int64_t i, int64_t v)
-{
-    if (dt == EPX_I32)
-        ((int32_t *)idx)[i] = (int32_t)v;
-    else
-        ((int64_t *)idx)[i] = v;
-}
-
 /* Receive side of a dispatch: pull every row, fill the per-row outputs and the handle. */
 static epx_status_t epx__dispatch_receive(epx__cpu_moe_t *m, uint32_t seq, const epx__board_t *b,
                                           epx_moe_dispatch_out_t *out, epx__cpu_moe_handle_t *h, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
     int R = s->nranks, L = s->local_experts, q = s->rank, K = b[q].hdr->topk;
-    int64_t row = 0;
-    int64_t *per_expert = calloc((size_t)L, sizeof *per_expert);
+    int64_t row = 0, stamp = 0;
+    /* per_expert[L], then last[L]: the stamp of the last (source, token) counted at each of
+     * my experts, so that an expert a token names twice counts once (no compare with the
+     * token's earlier ids: that loop held a fifth of the dispatch's own profile). */
+    int64_t *per_expert = calloc(2 * (size_t)L, sizeof *per_expert), *last = per_expert + L;
     if (!per_expert) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     epx_status_t st = EPX_SUCCESS;
+    /* The per-row outputs, looked up once (stores through them could alias the structs). */
+    int32_t *idx32 = out->recv_topk_idx && s->index_dtype == EPX_I32 ? (int32_t *)out->recv_topk_idx : NULL;
+    int64_t *idx64 = out->recv_topk_idx && s->index_dtype != EPX_I32 ? (int64_t *)out->recv_topk_idx : NULL;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
         const epx__board_t *bp = &b[p];
-        int64_t n = 0;
-        for (int64_t t = 0; t < bp->hdr->num_tokens; t++) {
+        float *w = bp->hdr->has_weights ? out->recv_topk_weights : NULL;
+        const float *bw = bp->weights;
+        int64_t n = 0, T = bp->hdr->num_tokens;
+        for (int64_t t = 0; t < T; t++) {
             if (!epx__goes_to_rank(bp->topk, K, t, m->rank_of, q)) continue;
             int64_t r = row + n++;
+            stamp++;
             h->recv_token[r] = (int32_t)t;
             if (out->recv_src_rank) out->recv_src_rank[r] = p;
             if (out->recv_src_token) out->recv_src_token[r] = (int32_t)t;
             for (int k = 0; k < K; k++) {
                 int32_t e = bp->topk[t * K + k];
                 bool here = e >= 0 && m->rank_of[e] == q;
-                if (out->recv_topk_idx) epx__write_index(out->recv_topk_idx, s->index_dtype, r * K + k, here ? e - q * L : -1);
-                if (out->recv_topk_weights && bp->hdr->has_weights)
-                    out->recv_topk_weights[r * K + k] = here ? bp->weights[t * K + k] : 0.0f;
-                if (!here) continue;
-                bool dup = false;
-                for (int j = 0; j < k; j++) dup = dup || bp->topk[t * K + j] == e;
-                if (!dup) per_expert[e - q * L]++;
+                int32_t l = here ? e - q * L : -1;
+                if (idx32) idx32[r * K + k] = l;
+                if (idx64) idx64[r * K + k] = l;
+                if (w) w[r * K + k] = here ? bw[t * K + k] : 0.0f;
+                if (here && last[l] != stamp) last[l] = stamp, per_expert[l]++;
             }
         }
         h->recv_start[p] = row;
@@ -610,6 +609,18 @@ static void epx__dispatch_home_rows(const epx__cpu_moe_t *m, const epx__board_t 
     for (int64_t t = 0; t < h->num_tokens; t++) {
         int32_t *row = h->send_row + t * R;
         for (int r = 0; r < R; r++) row[r] = -1;
+        if (R <= 64) { /* the token's ranks as a bit set: no load of a row just stored */
+            uint64_t set = 0;
+            for (int k = 0; k < K; k++) {
+                int32_t e = mine->topk[t * K + k];
+                if (e >= 0) set |= (uint64_t)1 << m->rank_of[e];
+            }
+            for (; set; set &= set - 1) {
+                int r = __builtin_ctzll(set);
+                row[r] = next[r]++;
+            }
+            continue;
+        }
         for (int k = 0; k < K; k++) {
             int32_t e = mine->topk[t * K + k];
             if (e >= 0 && row[m->rank_of[e]] < 0) row[m->rank_of[e]] = next[m->rank_of[e]]++;
