@@ -8,7 +8,7 @@
  * clamped, when set.
  *   test_hier_chunks          the rule (EPX_MOE_CHUNKS is dropped from the environment first)
  *   test_hier_chunks --set N  run with EPX_MOE_CHUNKS=N (N > 0): every call gives min(N, max)
- * Also the ranks a token goes to (epx__hier_dest_ranks, the same file), against a plain
+ * Also the ranks a token goes to (epx__topk_ranks, src/core/routing.c), against a plain
  * reference: from 1 to 1000 ranks, both of its ways (a bit set up to 64 ranks, insertion
  * above), random ids with repeats and -1 entries.
  */
@@ -69,7 +69,7 @@ static epx__moe_shape_t shape(const ccase_t *c)
     return s;
 }
 
-/* epx__hier_dest_ranks against marks per rank read back in order; returns the checks made. */
+/* epx__topk_ranks against marks per rank read back in order; returns the checks made. */
 static int check_dest_ranks(void)
 {
     static const int nranks[] = {1, 2, 3, 63, 64, 65, 129, 257, 1000};
@@ -95,7 +95,7 @@ static int check_dest_ranks(void)
                     if (tk[k] >= 0) mark[rank_of[tk[k]]] = 1;
                 for (int r = 0; r < R; r++)
                     if (mark[r]) want[nw++] = r;
-                int ng = epx__hier_dest_ranks(tk, K, rank_of, R, got);
+                int ng = epx__topk_ranks(tk, K, rank_of, R, got);
                 if (ng != nw) TEST_FAIL_("%d ranks, L %d: %d destination ranks, expected %d", R, L, ng, nw);
                 for (int i = 0; i < nw; i++)
                     if (got[i] != want[i])

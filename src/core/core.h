@@ -208,6 +208,11 @@ epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, i
 /* Convert topk to int32 (validated input). */
 void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk, int32_t *out);
 
+/* The ranks a token with K expert ids tk (-1: none) goes to, ascending, each once, into
+ * ranks[K]; returns how many. rank_of_expert[e] is expert e's rank of nranks. (Up to 64
+ * ranks from a bit set, above that by insertion: test_hier_chunks checks both.) */
+int epx__topk_ranks(const int32_t *tk, int K, const int32_t *rank_of_expert, int nranks, int *ranks);
+
 /* Layout of validated routing: tokens per rank (once per rank), tokens per expert (once
  * per token), is_token_in_rank[T, R]. Any output may be NULL. O(T * K). */
 epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_tokens, int topk_k, int num_experts,

@@ -56,6 +56,28 @@ void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tok
     for (int64_t i = 0; i < (int64_t)num_tokens * topk; i++) out[i] = (int32_t)((const int64_t *)topk_idx)[i];
 }
 
+int epx__topk_ranks(const int32_t *tk, int K, const int32_t *rank_of_expert, int nranks, int *ranks)
+{
+    int n = 0;
+    if (nranks <= 64) { /* a bit per rank, read back in order: no sort */
+        uint64_t set = 0;
+        for (int k = 0; k < K; k++)
+            if (tk[k] >= 0) set |= (uint64_t)1 << rank_of_expert[tk[k]];
+        for (; set; set &= set - 1) ranks[n++] = __builtin_ctzll(set);
+        return n;
+    }
+    for (int k = 0; k < K; k++) {
+        if (tk[k] < 0) continue;
+        int r = rank_of_expert[tk[k]], j = n;
+        bool dup = false;
+        for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
+        if (dup) continue;
+        while (j > 0 && ranks[j - 1] > r) ranks[j] = ranks[j - 1], j--;
+        ranks[j] = r, n++;
+    }
+    return n;
+}
+
 /* The layout's loop over ids of one index type (I: int32_t or int64_t); last_e[e]: 1 + the
  * last token counted at expert e, so that a repeated expert counts once. Up to 64 ranks a
  * token's ranks are a bit set, counted and marked once per rank it reaches (no branch per

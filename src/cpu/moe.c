@@ -609,22 +609,8 @@ static void epx__dispatch_home_rows(const epx__cpu_moe_t *m, const epx__board_t 
     for (int64_t t = 0; t < h->num_tokens; t++) {
         int32_t *row = h->send_row + t * R;
         for (int r = 0; r < R; r++) row[r] = -1;
-        if (R <= 64) { /* the token's ranks as a bit set: no load of a row just stored */
-            uint64_t set = 0;
-            for (int k = 0; k < K; k++) {
-                int32_t e = mine->topk[t * K + k];
-                if (e >= 0) set |= (uint64_t)1 << m->rank_of[e];
-            }
-            for (; set; set &= set - 1) {
-                int r = __builtin_ctzll(set);
-                row[r] = next[r]++;
-            }
-            continue;
-        }
-        for (int k = 0; k < K; k++) {
-            int32_t e = mine->topk[t * K + k];
-            if (e >= 0 && row[m->rank_of[e]] < 0) row[m->rank_of[e]] = next[m->rank_of[e]]++;
-        }
+        int ranks[EPX_MOE_MAX_TOPK], n = epx__topk_ranks(mine->topk + t * K, K, m->rank_of, R, ranks);
+        for (int j = 0; j < n; j++) row[ranks[j]] = next[ranks[j]]++; /* each rank once: no load of a row just stored */
     }
 }
 

@@ -234,10 +234,6 @@ typedef struct {
  * (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds nothing. */
 epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, int chunks,
                                    epx__hier_xplan_t *x, epx__errbuf_t *err);
-/* The ranks a token with K expert ids tk (-1: none) goes to, ascending, each once, into
- * ranks[K]; returns how many. rank_of_expert[e] is expert e's rank of nranks. (Up to 64
- * ranks from a bit set, above that by insertion: test_hier_chunks checks both.) */
-int epx__hier_dest_ranks(const int32_t *tk, int K, const int32_t *rank_of_expert, int nranks, int *ranks);
 /* The chunks of the network step of a MoE dispatch of shape s and of every call along its
  * handle, from src_tokens[R] (every rank's batch in the dispatch, the plan's src_tokens:
  * every rank gets the same): EPX_MOE_CHUNKS when set; else, where the forwarding can

@@ -37,28 +37,6 @@ static bool epx__goes_rank(const int32_t *tk, int K, const epx__eid_t *ex, int q
     return false;
 }
 
-int epx__hier_dest_ranks(const int32_t *tk, int K, const int32_t *rank_of_expert, int nranks, int *ranks)
-{
-    int n = 0;
-    if (nranks <= 64) { /* a bit per rank, read back in order: no sort */
-        uint64_t set = 0;
-        for (int k = 0; k < K; k++)
-            if (tk[k] >= 0) set |= (uint64_t)1 << rank_of_expert[tk[k]];
-        for (; set; set &= set - 1) ranks[n++] = __builtin_ctzll(set);
-        return n;
-    }
-    for (int k = 0; k < K; k++) {
-        if (tk[k] < 0) continue;
-        int r = rank_of_expert[tk[k]], j = n;
-        bool dup = false;
-        for (int a = 0; a < n; a++) dup = dup || ranks[a] == r;
-        if (dup) continue;
-        while (j > 0 && ranks[j - 1] > r) ranks[j] = ranks[j - 1], j--;
-        ranks[j] = r, n++;
-    }
-    return n;
-}
-
 /* A token's distinct expert ids, ascending, and the first k naming each: a rank's experts
  * are a run (rank q holds ids [q L, q L + L)), by ascending local id. */
 typedef struct {
@@ -199,7 +177,7 @@ static inline bool epx__mine_to_rank(const epx__pb_t *b, int i, int q)
 /* The ranks my token i goes to, ascending, into ranks[K]; returns how many. */
 static int epx__mine_ranks(const epx__pb_t *b, int i, int *ranks)
 {
-    if (!b->rset) return epx__hier_dest_ranks(b->P.topk + (size_t)i * b->K, b->K, b->ex.rank, b->ex.nranks, ranks);
+    if (!b->rset) return epx__topk_ranks(b->P.topk + (size_t)i * b->K, b->K, b->ex.rank, b->ex.nranks, ranks);
     int n = 0;
     for (uint64_t set = b->rset[i]; set; set &= set - 1) ranks[n++] = __builtin_ctzll(set);
     return n;
