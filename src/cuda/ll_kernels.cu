@@ -469,7 +469,10 @@ static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_rece
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
     if (!X) epx__ll_after_send(); /* my own rows and routing */
-    if (live && epx__ll_sound<X>(&d)) epx__ll_receive_body<X>(a, (int)(n & 1ull));
+    if (live && epx__ll_sound<X>(&d))
+        epx__ll_receive_body<X>(a, (int)(n & 1ull));
+    else if (blockIdx.x == 0 && threadIdx.x == 0)
+        *a.h_bad = 1; /* the handle's arrays were not written: a combine along it writes nothing */
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
     /* Sources may read this (over NVLink) before refilling the half: every block's reads of
      * it are over (the last-block count is fenced). No flag is pushed to them: a store to
@@ -697,15 +700,16 @@ static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
     /* Mine, loaded before the waits (a chain of round trips otherwise): whether the routing
-     * was bad at dispatch, and my first vectorised item's meta. */
-    int bad = *c.h_bad;
+     * was bad at dispatch or my device has failed since (its receive may not have written the
+     * handle), and my first vectorised item's meta. */
+    int bad = *c.h_bad | (int)*(volatile const unsigned int *)d.failed;
     epx__llc_meta_t m0;
     long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (c.vec && i0 < (long long)c.num_tokens * (c.hidden / 8)) epx__llc_meta(c, i0 / (c.hidden / 8), &m0);
     if (send_too) epx__ll_relay_out<X>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool homes = live && (!X || epx__llc_homes_ok(&d, c, n)); /* across hosts: all came */
-    if (homes && epx__ll_sound<X>(&d) && !bad) epx__ll_combine_body<X>(c, &m0); /* bad routing at dispatch: nothing */
+    if (homes && epx__ll_sound<X>(&d) && !bad) epx__ll_combine_body<X>(c, &m0); /* bad routing or failed: nothing */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
         epx__ll_relay_out<X>(&d);
