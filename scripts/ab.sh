@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine: build two source trees and run the same benchmarks on both, the two
-# builds alternating, so a change is measured against its base in one run (same machine,
-# same clocks, same neighbours).
-#   scripts/ab.sh A_TREE B_TREE [ROUNDS]      (default 2 rounds: A B A B)
+# On the GPU machine: build two (or more) source trees and run the same benchmarks on each,
+# the builds alternating, so a change is measured against its base in one run (same
+# machine, same clocks, same neighbours).
+#   scripts/ab.sh A_TREE B_TREE [TREE...] [ROUNDS]   (default 2 rounds: A B A B)
 # A tree is a directory holding an epx source tree (e.g. made here with
 # `git archive REV | tar -x -C ab-a`); each is built in its own build-gpu/. The benchmarks are
 # AB_CASES (one epx-bench argument list per line; default: high-throughput MoE T=4096 and
@@ -10,7 +10,10 @@
 # --baseline none). Every output goes to $OUT/ab_<tree>_r<round>.txt; $OUT/ab.txt holds one
 # line per case and round with each build's time per op.
 set -uo pipefail
-A=$1 B=$2 ROUNDS=${3:-2}
+TREES=() ROUNDS=2
+for x in "$@"; do
+    if [[ $x =~ ^[0-9]+$ ]]; then ROUNDS=$x; else TREES+=("$x"); fi
+done
 OUT=${OUT:-$PWD/ab-out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -22,17 +25,23 @@ alltoall -b 1K -e 64K -f 4 -n 50 -w 10 -c 1
 moe --tokens 1 --hidden 7168 --topk 8 --experts 288 --mode ll --dtype fp8 -n 50 -w 10
 moe --tokens 128 --hidden 7168 --topk 8 --experts 288 --mode ll --dtype fp8 -n 50 -w 10"
 CASES=${AB_CASES:-$DEFAULT_CASES}
-for t in "$A" "$B"; do
+# The trees build at once (an existing build-gpu/ is reused).
+PIDS=()
+for t in "${TREES[@]}"; do
     (cd "$t" && cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} >/dev/null &&
-        cmake --build build-gpu -j "$(nproc)" >build-gpu/build.log 2>&1) || {
-        echo "build of $t failed"
-        tail -30 "$t/build-gpu/build.log"
+        cmake --build build-gpu -j "$(nproc)" >build-gpu/build.log 2>&1) &
+    PIDS+=($!)
+done
+for i in "${!TREES[@]}"; do
+    wait "${PIDS[$i]}" || {
+        echo "build of ${TREES[$i]} failed"
+        tail -30 "${TREES[$i]}/build-gpu/build.log"
         exit 1
     }
 done
 : >"$OUT/ab.txt"
 for ((r = 1; r <= ROUNDS; r++)); do
-    for t in "$A" "$B"; do
+    for t in "${TREES[@]}"; do
         log="$OUT/ab_$(basename "$t")_r$r.txt"
         : >"$log"
         while IFS= read -r c; do
@@ -44,7 +53,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         done <<<"$CASES"
     done
     # One line per case: the ops' medians of A then B (the rows under the header line).
-    for t in "$A" "$B"; do
+    for t in "${TREES[@]}"; do
         awk -v tree="$(basename "$t")" -v r="$r" '
             { sub(/^\[[0-9]+\] /, "") }
             /^## / { c = substr($0, 4); next }

@@ -181,22 +181,23 @@ static __device__ bool epx__ll_last_block(const epx__cuda_dev_t *d, int kind)
     __shared__ int last;
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(d->ll_blocks + kind, 1u) == gridDim.x - 1;
+        /* acq_rel: this block's work (ordered by the barrier) before the count, and the
+         * last block sees every other block's. One trip, not a fence and then an atomic. */
+        unsigned prev;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(d->ll_blocks + kind) : "memory");
+        last = prev == gridDim.x - 1;
         if (last) d->ll_blocks[kind] = 0;
     }
     __syncthreads();
     return last;
 }
 
-/* The last block: the kernel of `kind` numbered s is complete on my stream. */
+/* The last block: the kernel of `kind` numbered s is complete on my stream (a release
+ * store: what the grid did comes before it; nothing after it in the kernel needs ordering,
+ * the kernel's end does that for my stream). */
 static __device__ __forceinline__ void epx__ll_complete(const epx__cuda_dev_t *d, int kind, unsigned long long s)
 {
-    if (threadIdx.x == 0) {
-        __threadfence();
-        *(volatile unsigned long long *)(d->ll_seq + kind) = s;
-        __threadfence();
-    }
+    if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(d->ll_seq + kind), "l"(s) : "memory");
 }
 
 /* Threads p < R, p != me: flag `kind` from me = v at rank p, released (my writes before it
