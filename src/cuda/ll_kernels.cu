@@ -463,8 +463,11 @@ static __device__ __forceinline__ bool epx__ll_goes(const int *id, int K, int e)
  * experts the rows are copied into place. */
 template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
 
-template <bool X>
-static __global__ void __launch_bounds__(EPX__LL_RECV_THREADS, 2) epx__k_ll_receive(epx__cuda_dev_t d, epx__ll_args_t a)
+/* NT threads a block: 512 at two blocks an SM (64 registers), 256 at three (85: the
+ * 512-thread bound's spills out, still a block per expert at once for E up to 3 x SMs). */
+template <bool X, int NT>
+static __global__ void __launch_bounds__(NT, NT == EPX__LL_RECV_THREADS ? 2 : 3) epx__k_ll_receive(epx__cuda_dev_t d,
+                                                                                                  epx__ll_args_t a)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
@@ -605,8 +608,12 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
     cudaError_t bad;
     bool X = epx__ll_across(d, &a->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
-    int slot = (threads == EPX__LL_RECV_THREADS ? 1 : 3) + (X ? 4 : 0);
-    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_receive), threads, slot);
+    bool big = threads == EPX__LL_RECV_THREADS;
+    const void *kernel = X ? (big ? (const void *)epx__k_ll_receive<true, EPX__LL_RECV_THREADS>
+                                  : (const void *)epx__k_ll_receive<true, EPX__LL_RECV_THREADS / 2>)
+                           : (big ? (const void *)epx__k_ll_receive<false, EPX__LL_RECV_THREADS>
+                                  : (const void *)epx__k_ll_receive<false, EPX__LL_RECV_THREADS / 2>);
+    int most = epx__ll_resident(kernel, threads, (big ? 1 : 3) + (X ? 4 : 0));
     if (blocks > most) blocks = most; /* blocks stride over the experts */
     /* Started early only behind a send whose grid is at most half the send's resident
      * blocks (one per SM today: T up to ~37 at H=7168): one H200, T=1, it saved 1 us; behind
@@ -622,17 +629,15 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
         cfg.stream = (cudaStream_t)stream;
         cfg.attrs = attr;
         cfg.numAttrs = 1;
-        if (cudaLaunchKernelEx(&cfg, epx__k_ll_receive<false>, *d, *a) == cudaSuccess) return (int)cudaSuccess;
+        if (cudaLaunchKernelEx(&cfg, (void (*)(epx__cuda_dev_t, epx__ll_args_t))kernel, *d, *a) == cudaSuccess)
+            return (int)cudaSuccess;
         (void)cudaGetLastError(); /* refused: an ordinary launch below */
     }
 #else
     (void)send_blocks;
 #endif
-    if (X)
-        epx__k_ll_receive<true><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
-    else
-        epx__k_ll_receive<false><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
-    return (int)cudaGetLastError();
+    void *args[] = {(void *)d, (void *)a};
+    return (int)cudaLaunchKernel(kernel, dim3((unsigned)blocks), dim3((unsigned)threads), args, 0, (cudaStream_t)stream);
 }
 
 /* ---- Combine ------------------------------------------------------------------------------ */
