@@ -1094,10 +1094,12 @@ int bench_cuda_moe(bench_ctx_t *b)
                    "the baseline moves the same routing as in ht mode; epx's ll outputs are checked by the tests "
                    "(test_moe, test_cuda_graph), not here\n",
                    m->d.fp8 ? " quantised to FP8 by the dispatch" : "");
-        printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode ht (high-throughput), %s tokens (combine "
+        printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode %s, %s tokens (combine "
                "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median, max over "
                "ranks), %d warm-up, L2 flushed; baseline %s\n",
-               R, ndev_min < R ? ndev_min : R, m->d.fp8 ? "fp8 e4m3 + f32 scales" : "bf16", T, m->d.H, K, m->d.E, m->d.L,
+               R, ndev_min < R ? ndev_min : R, m->ll ? "ll (low-latency)" : "ht (high-throughput)",
+               m->d.fp8 ? (m->ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16", T,
+               m->d.H, K, m->d.E, m->d.L,
                o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
                m->nccl ? "NCCL (layout kernel; counts by ncclAllGather + read-back, pack kernel, grouped "
                          "ncclSend/ncclRecv, unpack; combine: ncclSend/ncclRecv back, reduce kernel)"
