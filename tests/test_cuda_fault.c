@@ -168,7 +168,13 @@ static void *dalloc(size_t n)
     CK(cudaMalloc(&p, n ? n : 1));
     return p;
 }
-static void put(void *d, const void *h, size_t n) { CK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice)); }
+/* Upload on the ranks' stream and wait: a cudaMemcpy from pageable memory may return before
+ * its DMA has landed, and it is not ordered before work on a non-blocking stream. */
+static void put(cudaStream_t s, void *d, const void *h, size_t n)
+{
+    CK(cudaMemcpyAsync(d, h, n, cudaMemcpyHostToDevice, s));
+    CK(cudaStreamSynchronize(s));
+}
 
 /* Wait at most `ms` for the stream; true when it ran everything (a device fault fails). */
 static bool drain(cudaStream_t s, double ms)
@@ -256,7 +262,7 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
                 hs[(size_t)p * c->count + i] = a2a_byte(me, p, i);
                 o->expect[(size_t)p * c->count + i] = a2a_byte(p, me, i);
             }
-        put(c->send, hs, n);
+        put(s, c->send, hs, n);
         free(hs);
         return;
     }
@@ -273,12 +279,12 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
             for (int64_t i = 0; i < c->sc[p]; i++) hs[c->sd[p] + i] = a2a_byte(me, p, (size_t)i);
             for (int64_t i = 0; i < c->rc[p]; i++) o->expect[c->rd[p] + i] = a2a_byte(p, me, (size_t)i);
         }
-        put(c->send, hs, (size_t)sn);
+        put(s, c->send, hs, (size_t)sn);
         free(hs);
         if (op == OP_A2AV_DEVICE) {
             c->dcounts = dalloc(4 * sizeof(int64_t) * MAXR);
-            put(c->dcounts, c->sc, sizeof c->sc), put(c->dcounts + MAXR, c->sd, sizeof c->sd);
-            put(c->dcounts + 2 * MAXR, c->rc, sizeof c->rc), put(c->dcounts + 3 * MAXR, c->rd, sizeof c->rd);
+            put(s, c->dcounts, c->sc, sizeof c->sc), put(s, c->dcounts + MAXR, c->sd, sizeof c->sd);
+            put(s, c->dcounts + 2 * MAXR, c->rc, sizeof c->rc), put(s, c->dcounts + 3 * MAXR, c->rd, sizeof c->rd);
         }
         return;
     }
@@ -299,9 +305,9 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
         for (int h = 0; h < H; h++) hx[t * H + h] = x_val(me, t, h);
     }
     ASSERT_OK(epx_mem_alloc(comm, sizeof hx, &c->x));
-    put(c->x, hx, sizeof hx);
+    put(s, c->x, hx, sizeof hx);
     c->topk = dalloc(sizeof ht);
-    put(c->topk, ht, sizeof ht);
+    put(s, c->topk, ht, sizeof ht);
     size_t slots = (size_t)LOCAL_EXPERTS * (size_t)c->cap;
     if (is_ll(op)) {
         c->recv_x = dalloc(slots * H * 2);
@@ -337,11 +343,11 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
             epx_moe_ll_dispatch_out_t out = {c->recv_x, NULL, c->recv_count, c->src_rank, c->src_token};
             ASSERT_OK(epx_moe_ll_dispatch(c->moe, &in, &out, &c->handle, s));
             c->y = dalloc(slots * H * 2);
-            put(c->y, hy, slots * H * 2);
+            put(s, c->y, hy, slots * H * 2);
             float w[T * K];
             for (int i = 0; i < T * K; i++) w[i] = 1.0f;
             c->weights = dalloc(sizeof w);
-            put(c->weights, w, sizeof w);
+            put(s, c->weights, w, sizeof w);
             c->combined = dalloc(T * H * 2);
             out_t *o = add_out(c, c->combined, T * H * 2);
             for (int t = 0; t < T; t++)
@@ -394,7 +400,7 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
     for (int64_t i = 0; i < n; i++)
         for (int h = 0; h < H; h++) hy[i * H + h] = epx_float_to_bf16((float)(g_val(rows_tok[i], h) * (me + 1)));
     c->y = dalloc((size_t)(n > 0 ? n : 1) * H * 2);
-    put(c->y, hy, (size_t)n * H * 2);
+    put(s, c->y, hy, (size_t)n * H * 2);
     free(hy);
     c->combined = dalloc(T * H * 2);
     out_t *o = add_out(c, c->combined, T * H * 2);

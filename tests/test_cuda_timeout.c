@@ -60,10 +60,11 @@ static void ll_case(epx_comm_t comm, int me)
     void *recv_x = test_buf_alloc(slots * LL_H * 2), *y = test_buf_alloc(slots * LL_H * 2);
     void *out = test_buf_alloc(out_bytes);
     int32_t *count = test_buf_alloc(sizeof(int32_t) * LL_L);
-    ASSERT(cudaMemcpy(x, hx, sizeof hx, cudaMemcpyHostToDevice) == cudaSuccess);
-    ASSERT(cudaMemcpy(topk, ht, sizeof ht, cudaMemcpyHostToDevice) == cudaSuccess);
-    ASSERT(cudaMemcpy(w, hw, sizeof hw, cudaMemcpyHostToDevice) == cudaSuccess);
-    ASSERT(cudaMemset(y, 0x3c, slots * LL_H * 2) == cudaSuccess); /* bf16 0x3c3c: about 0.0115 */
+    ASSERT(cudaMemcpyAsync(x, hx, sizeof hx, cudaMemcpyHostToDevice, (cudaStream_t)test_stream()) == cudaSuccess);
+    ASSERT(cudaMemcpyAsync(topk, ht, sizeof ht, cudaMemcpyHostToDevice, (cudaStream_t)test_stream()) == cudaSuccess);
+    ASSERT(cudaMemcpyAsync(w, hw, sizeof hw, cudaMemcpyHostToDevice, (cudaStream_t)test_stream()) == cudaSuccess);
+    ASSERT(cudaMemsetAsync(y, 0x3c, slots * LL_H * 2, (cudaStream_t)test_stream()) == cudaSuccess); /* ~0.0115 */
+    test_sync(); /* the uploads (on the ranks' non-blocking stream) before the peers read y */
     epx_moe_ll_dispatch_in_t in = {x, topk, LL_T, LL_K};
     epx_moe_ll_dispatch_out_t dout = {recv_x, NULL, count, NULL, NULL};
     epx_moe_ll_combine_in_t cin = {y, w};

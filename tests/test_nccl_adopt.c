@@ -40,7 +40,9 @@ static void test_capture(epx_comm_t comm, cudaStream_t s, int me, int R)
     ASSERT(cudaMalloc((void **)&d_s, sizeof(int32_t) * n) == cudaSuccess);
     ASSERT(cudaMalloc((void **)&d_r, sizeof(int32_t) * n) == cudaSuccess);
     for (size_t i = 0; i < n; i++) h[i] = (int32_t)(me * 1000 + (int)i);
-    ASSERT(cudaMemcpy(d_s, h, sizeof(int32_t) * n, cudaMemcpyHostToDevice) == cudaSuccess);
+    /* On s (a copy from pageable memory is not ordered before work on a non-blocking stream). */
+    ASSERT(cudaMemcpyAsync(d_s, h, sizeof(int32_t) * n, cudaMemcpyHostToDevice, s) == cudaSuccess);
+    ASSERT(cudaStreamSynchronize(s) == cudaSuccess);
     CAPTURED(true, epx_alltoall(comm, d_s, d_r, 4, EPX_I32, s), EPX_ERR_INVALID_USAGE);
     CAPTURED(true, epx_barrier(comm, s), EPX_ERR_INVALID_USAGE);
     /* Only rank 0 captures: it says why, the others that it refused. */
@@ -130,7 +132,7 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < n; i++) h[i] = (int32_t)(me * 1000003 + (int)i);
         ASSERT(cudaMalloc((void **)&d_s, sizeof(int32_t) * n) == cudaSuccess);
         ASSERT(cudaMalloc((void **)&d_r, sizeof(int32_t) * n) == cudaSuccess);
-        ASSERT(cudaMemcpy(d_s, h, sizeof(int32_t) * n, cudaMemcpyHostToDevice) == cudaSuccess);
+        ASSERT(cudaMemcpyAsync(d_s, h, sizeof(int32_t) * n, cudaMemcpyHostToDevice, s) == cudaSuccess);
         ASSERT_OK(epx_alltoall(comm, d_s, d_r, count, EPX_I32, s));
         ASSERT(cudaStreamSynchronize(s) == cudaSuccess);
         ASSERT(cudaMemcpy(h, d_r, sizeof(int32_t) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
