@@ -322,11 +322,15 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
             ox->care = xmalloc(slots * H * 2);
         }
         uint16_t *hy = xmalloc(slots * H * 2);
+        /* What the dispatch writes (a combine's setup checks it: y is filled by these slots). */
+        int32_t *want = xmalloc(sizeof(int32_t) * (LOCAL_EXPERTS + 2 * slots)), *got = xmalloc(sizeof(int32_t) * slots);
         for (int l = 0; l < LOCAL_EXPERTS; l++) {
             int n = ll_slots(R, me, l, sr, tk);
+            want[l] = n;
             for (int64_t i = 0; i < c->cap; i++) {
                 size_t sl = (size_t)l * (size_t)c->cap + (size_t)i;
                 int32_t a = i < n ? sr[i] : -1, b = i < n ? tk[i] : -1;
+                want[LOCAL_EXPERTS + sl] = a, want[LOCAL_EXPERTS + slots + sl] = b;
                 for (int h = 0; h < H && i < n; h++) hy[sl * H + h] = epx_float_to_bf16((float)(g_val(b, h) * (me + 1)));
                 if (!ox) continue;
                 memcpy(os->expect + sl * 4, &a, 4), memcpy(ot->expect + sl * 4, &b, 4);
@@ -361,8 +365,19 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm, cudaStream_t s)
                     bf16_put(o->expect, (size_t)t * H + (size_t)h, acc);
                 }
             CK(cudaStreamSynchronize(s));
+            /* A wrong combine after a wrong dispatch says so here. */
+            const char *names[] = {"recv_count", "recv_src_rank", "recv_src_token"};
+            const int32_t *dev[] = {c->recv_count, c->src_rank, c->src_token};
+            size_t len[] = {LOCAL_EXPERTS, slots, slots}, at = 0;
+            for (int a = 0; a < 3; at += len[a], a++) {
+                CK(cudaMemcpy(got, dev[a], sizeof(int32_t) * len[a], cudaMemcpyDeviceToHost));
+                for (size_t i = 0; i < len[a]; i++)
+                    if (got[i] != want[at + i])
+                        TEST_FAIL_("rank %d: the dispatch before the combine: %s[%zu] = %d, expected %d", me, names[a],
+                                   i, got[i], want[at + i]);
+            }
         }
-        free(hy);
+        free(hy), free(want), free(got);
         return;
     }
     c->recv_x = dalloc((size_t)c->cap * H * 2);
