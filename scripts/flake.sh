@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# On the GPU machine: how often does a test fail? Build each source tree (as scripts/ab.sh
+# does: a directory holding an epx source tree, e.g. `git archive REV | tar -x -C t1`; `.` is
+# this one) and run the ctest cases matching REGEX N times on each, the trees in turn.
+#   scripts/flake.sh N REGEX TREE [TREE...]
+# Prints one line per run and a count per tree; the output of every failing run goes to
+# $OUT/flake_<tree>_<run>.log (default OUT: flake-out). Exit status 1 when any run failed.
+set -uo pipefail
+[ $# -ge 3 ] || { sed -n '2,8p' "$0"; exit 2; }
+N=$1 REGEX=$2
+shift 2
+TREES=("$@")
+OUT=${OUT:-$PWD/flake-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+PIDS=()
+for t in "${TREES[@]}"; do
+    (cd "$t" && cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} >/dev/null &&
+        cmake --build build-gpu -j "$(nproc)" >build-gpu/build.log 2>&1) &
+    PIDS+=($!)
+done
+for i in "${!TREES[@]}"; do
+    wait "${PIDS[$i]}" || {
+        echo "build of ${TREES[$i]} failed"
+        tail -30 "${TREES[$i]}/build-gpu/build.log"
+        exit 1
+    }
+done
+declare -A FAILS
+rc=0
+for ((r = 1; r <= N; r++)); do
+    for t in "${TREES[@]}"; do
+        name=$(basename "$(cd "$t" && pwd)")
+        log="$OUT/flake_${name}_$r.log"
+        if ctest --test-dir "$t/build-gpu" --output-on-failure -R "$REGEX" --timeout 300 >"$log" 2>&1; then
+            echo "run $r $name: passed"
+            rm -f "$log"
+        else
+            echo "run $r $name: FAILED ($(grep -m1 -E '^FAIL|\*\*\*Failed' "$log" | cut -c1-160))"
+            FAILS[$name]=$((${FAILS[$name]:-0} + 1))
+            rc=1
+        fi
+    done
+done
+for t in "${TREES[@]}"; do
+    name=$(basename "$(cd "$t" && pwd)")
+    echo "$name: ${FAILS[$name]:-0} of $N runs failed"
+done
+exit $rc
