@@ -36,6 +36,8 @@ for i in "${!TREES[@]}"; do
     wait "${PIDS[$i]}" || {
         echo "build of ${TREES[$i]} failed"
         tail -30 "${TREES[$i]}/build-gpu/build.log"
+        kill "${PIDS[@]}" 2>/dev/null
+        wait
         exit 1
     }
 done

@@ -11,6 +11,7 @@
  * write nothing (its output keeps its poison), fault nothing (a sticky CUDA error would
  * fail the stream), and the next call must report EPX_ERR_TIMEOUT.
  */
+#include <errno.h>
 #include <string.h>
 #include <stdint.h>
 #include <time.h>
@@ -24,7 +25,10 @@
 /* Holds the stream for *(int *)arg ms (4000 when arg is NULL). */
 static void CUDART_CB hold_stream(void *arg)
 {
-    usleep(1000u * (arg ? (unsigned)*(const int *)arg : 4000u));
+    int ms = arg ? *(const int *)arg : 4000;
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
 }
 
 static double now_ms(void)

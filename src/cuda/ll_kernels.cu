@@ -419,7 +419,7 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
 }
 
 /* Threads per receive block: 256 keep a block per expert resident at once for E up to
- * 4 x SMs (a 512-thread grid of 288 blocks ran in two waves: 3 us more at T=1); 512 when
+ * 3 x SMs (a 512-thread grid of 288 blocks ran in two waves: 3 us more at T=1); 512 when
  * an expert may get more rows than 256 threads have warps (each copies a row at a time:
  * at T=256, 256 threads cost 3 us more). */
 #define EPX__LL_RECV_THREADS 512
@@ -637,7 +637,9 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
     (void)send_blocks;
 #endif
     void *args[] = {(void *)d, (void *)a};
-    return (int)cudaLaunchKernel(kernel, dim3((unsigned)blocks), dim3((unsigned)threads), args, 0, (cudaStream_t)stream);
+    cudaError_t e = cudaLaunchKernel(kernel, dim3((unsigned)blocks), dim3((unsigned)threads), args, 0, (cudaStream_t)stream);
+    (void)cudaGetLastError(); /* this launch's error is returned, not left for the next launcher to report */
+    return (int)e;
 }
 
 /* ---- Combine ------------------------------------------------------------------------------ */
