@@ -25,22 +25,9 @@ alltoall -b 1K -e 64K -f 4 -n 50 -w 10 -c 1
 moe --tokens 1 --hidden 7168 --topk 8 --experts 288 --mode ll --dtype fp8 -n 50 -w 10
 moe --tokens 128 --hidden 7168 --topk 8 --experts 288 --mode ll --dtype fp8 -n 50 -w 10"
 CASES=${AB_CASES:-$DEFAULT_CASES}
-# The trees build at once (an existing build-gpu/ is reused).
-PIDS=()
-for t in "${TREES[@]}"; do
-    (cd "$t" && cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} >/dev/null &&
-        cmake --build build-gpu -j "$(nproc)" >build-gpu/build.log 2>&1) &
-    PIDS+=($!)
-done
-for i in "${!TREES[@]}"; do
-    wait "${PIDS[$i]}" || {
-        echo "build of ${TREES[$i]} failed"
-        tail -30 "${TREES[$i]}/build-gpu/build.log"
-        kill "${PIDS[@]}" 2>/dev/null
-        wait
-        exit 1
-    }
-done
+# shellcheck source=scripts/build-trees.sh
+source "$(dirname "$0")/build-trees.sh"
+build_trees "${TREES[@]}" || exit 1
 : >"$OUT/ab.txt"
 for ((r = 1; r <= ROUNDS; r++)); do
     for t in "${TREES[@]}"; do

@@ -13,21 +13,9 @@ TREES=("$@")
 OUT=${OUT:-$PWD/flake-out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-PIDS=()
-for t in "${TREES[@]}"; do
-    (cd "$t" && cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} >/dev/null &&
-        cmake --build build-gpu -j "$(nproc)" >build-gpu/build.log 2>&1) &
-    PIDS+=($!)
-done
-for i in "${!TREES[@]}"; do
-    wait "${PIDS[$i]}" || {
-        echo "build of ${TREES[$i]} failed"
-        tail -30 "${TREES[$i]}/build-gpu/build.log"
-        kill "${PIDS[@]}" 2>/dev/null
-        wait
-        exit 1
-    }
-done
+# shellcheck source=scripts/build-trees.sh
+source "$(dirname "$0")/build-trees.sh"
+build_trees "${TREES[@]}" || exit 1
 declare -A FAILS
 rc=0
 for ((r = 1; r <= N; r++)); do
