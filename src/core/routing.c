@@ -4,6 +4,18 @@
 
 #include "core.h"
 
+/* The pass over the ids read as U (uint32_t or uint64_t: the same bits as the signed ids). */
+#define EPX__ANY_BAD_LOOP(U)                                                                       \
+    do {                                                                                           \
+        const U *p = (const U *)topk_idx;                                                          \
+        U bad = 0, e = (U)num_experts;                                                             \
+        for (int64_t i = 0; i < n; i++) {                                                          \
+            U u = p[i] + 1u;                                                                       \
+            bad |= u | (e - u);                                                                    \
+        }                                                                                          \
+        return bad >> (8 * sizeof(U) - 1);                                                         \
+    } while (0)
+
 /* Is any of the n entries out of [-1, E)? One branch-free pass that the compiler
  * vectorises (an AVX2 clone too): u = e + 1, taken unsigned, is bad exactly when u > E;
  * with E < 2^31 that is when u or E - u has its top bit set (u >= 2^(w-1), or E < u below
@@ -12,22 +24,8 @@
 EPX__MULTIVERSION
 static bool epx__topk_any_bad(const void *topk_idx, epx_dtype_t index_dtype, int64_t n, int num_experts)
 {
-    if (index_dtype == EPX_I32) {
-        const int32_t *p = (const int32_t *)topk_idx;
-        uint32_t bad = 0, e = (uint32_t)num_experts;
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t u = (uint32_t)p[i] + 1u;
-            bad |= u | (e - u);
-        }
-        return bad >> 31;
-    }
-    const int64_t *p = (const int64_t *)topk_idx;
-    uint64_t bad = 0, e = (uint64_t)num_experts;
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t u = (uint64_t)p[i] + 1u;
-        bad |= u | (e - u);
-    }
-    return bad >> 63;
+    if (index_dtype == EPX_I32) EPX__ANY_BAD_LOOP(uint32_t);
+    EPX__ANY_BAD_LOOP(uint64_t);
 }
 
 epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk,
