@@ -463,8 +463,8 @@ static __device__ __forceinline__ bool epx__ll_goes(const int *id, int K, int e)
  * experts the rows are copied into place. */
 template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
 
-/* NT threads a block: 512 at two blocks an SM (64 registers), 256 at three (85: the
- * 512-thread bound's spills out, still a block per expert at once for E up to 3 x SMs). */
+/* NT threads a block: 512 at two blocks an SM (64 registers, a few spills), 256 at three
+ * (up to 85 registers: no spills; still a block per expert at once for E up to 3 x SMs). */
 template <bool X, int NT>
 static __global__ void __launch_bounds__(NT, NT == EPX__LL_RECV_THREADS ? 2 : 3) epx__k_ll_receive(epx__cuda_dev_t d,
                                                                                                   epx__ll_args_t a)
@@ -609,11 +609,10 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
     bool X = epx__ll_across(d, &a->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
     bool big = threads == EPX__LL_RECV_THREADS;
-    const void *kernel = X ? (big ? (const void *)epx__k_ll_receive<true, EPX__LL_RECV_THREADS>
-                                  : (const void *)epx__k_ll_receive<true, EPX__LL_RECV_THREADS / 2>)
-                           : (big ? (const void *)epx__k_ll_receive<false, EPX__LL_RECV_THREADS>
-                                  : (const void *)epx__k_ll_receive<false, EPX__LL_RECV_THREADS / 2>);
-    int most = epx__ll_resident(kernel, threads, (big ? 1 : 3) + (X ? 4 : 0));
+    void (*kernel)(epx__cuda_dev_t, epx__ll_args_t) =
+        X ? (big ? epx__k_ll_receive<true, EPX__LL_RECV_THREADS> : epx__k_ll_receive<true, EPX__LL_RECV_THREADS / 2>)
+          : (big ? epx__k_ll_receive<false, EPX__LL_RECV_THREADS> : epx__k_ll_receive<false, EPX__LL_RECV_THREADS / 2>);
+    int most = epx__ll_resident((const void *)kernel, threads, (big ? 1 : 3) + (X ? 4 : 0));
     if (blocks > most) blocks = most; /* blocks stride over the experts */
     /* Started early only behind a send whose grid is at most half the send's resident
      * blocks (one per SM today: T up to ~37 at H=7168): one H200, T=1, it saved 1 us; behind
@@ -629,15 +628,15 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
         cfg.stream = (cudaStream_t)stream;
         cfg.attrs = attr;
         cfg.numAttrs = 1;
-        if (cudaLaunchKernelEx(&cfg, (void (*)(epx__cuda_dev_t, epx__ll_args_t))kernel, *d, *a) == cudaSuccess)
-            return (int)cudaSuccess;
+        if (cudaLaunchKernelEx(&cfg, kernel, *d, *a) == cudaSuccess) return (int)cudaSuccess;
         (void)cudaGetLastError(); /* refused: an ordinary launch below */
     }
 #else
     (void)send_blocks;
 #endif
     void *args[] = {(void *)d, (void *)a};
-    cudaError_t e = cudaLaunchKernel(kernel, dim3((unsigned)blocks), dim3((unsigned)threads), args, 0, (cudaStream_t)stream);
+    cudaError_t e = cudaLaunchKernel((const void *)kernel, dim3((unsigned)blocks), dim3((unsigned)threads), args, 0,
+                                     (cudaStream_t)stream);
     (void)cudaGetLastError(); /* this launch's error is returned, not left for the next launcher to report */
     return (int)e;
 }
