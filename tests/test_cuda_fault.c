@@ -482,6 +482,25 @@ static epx_status_t ctx_run(ctx_t *c)
 
 typedef enum { EXACT, UNTOUCHED, OLD_OR_NEW } check_t;
 
+/* Before a wrong combine output fails the test: for each wrong token, the factor each of its
+ * first channels holds (value / g_val; a combine sums g_val times the expert's rank + 1 over
+ * the token's experts), so the log says which contributions went missing or came twice. */
+static void combine_report(const ctx_t *c, const out_t *o, const char *what)
+{
+    const uint16_t *got = (const uint16_t *)o->got, *want = (const uint16_t *)o->expect;
+    for (int t = 0; t < T; t++) {
+        if (memcmp(got + t * H, want + t * H, H * 2) == 0) continue;
+        char line[256];
+        int n = snprintf(line, sizeof line, "%s: token %d (experts", what, t);
+        for (int k = 0; k < K; k++) n += snprintf(line + n, sizeof line - (size_t)n, " %d", expert_of(c->R, c->me, t, k));
+        n += snprintf(line + n, sizeof line - (size_t)n, "): factor %g, got", epx_bf16_to_float(want[t * H]) / g_val(t, 0));
+        for (int h = 0; h < 8 && n < (int)sizeof line - 16; h++)
+            n += snprintf(line + n, sizeof line - (size_t)n, " %g", epx_bf16_to_float(got[t * H + h]) / g_val(t, h));
+        printf("%s\n", line);
+    }
+    fflush(stdout);
+}
+
 /* Drain the stream (a context broken by a device fault may fail here: then the test
  * reports it) and compare every output with what a success leaves. skip_from/to: a byte
  * range of output 0 that must stay poison instead (the pair of a device-count mismatch). */
@@ -496,6 +515,7 @@ static void ctx_check_range(ctx_t *c, check_t how, const char *what, size_t skip
             uint8_t b = o->got[j], e = o->expect[j];
             check_t h = i == 0 && j >= skip_from && j < skip_to ? UNTOUCHED : how;
             bool ok = h == EXACT ? b == e : h == UNTOUCHED ? b == POISON : b == POISON || b == e;
+            if (!ok && o->dev == c->combined && h == EXACT) combine_report(c, o, what);
             if (!ok)
                 TEST_FAIL_("%s: output %d byte %zu is 0x%02x; expected %s (0x%02x, poison 0x%02x)", what, i, j, b,
                            h == EXACT ? "the exact value" : h == UNTOUCHED ? "the poison" : "poison or exact", e, POISON);
