@@ -33,9 +33,11 @@
 #             not NCCL's times (the fake moves bytes through host memory on one thread)
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
+#   targets   the targets of issues 4 and 5 against the JSON that `bench` and `ll` wrote in
+#             this $OUT (tools/targets.py; run it after them: `bench ll targets`), targets.txt
 #   quick     cpu cuda (no benchmarks)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-$PWD/build-gpu/out}
 mkdir -p "$OUT"
@@ -148,14 +150,16 @@ if has bench; then
         bench_moe moe_ht_fp8 --dtype fp8
         $B/epx-bench alltoall --backend cuda --ranks "$NG" -b 1K -e 1G -f 4 -n 20 -w 5 -c 1 \
             --json "$OUT/alltoall_cuda.json" || rc=1
-    } 2>&1 | tee "$OUT/bench.txt" | grep -vE "progress"
+        exit $rc # the group runs in a subshell: its failures reach rc through the pipeline
+    } 2>&1 | tee "$OUT/bench.txt" | grep -vE "progress" || rc=1
 fi
 if has sweep; then
     {
         EPX_CUDA_SMS=132 bench_moe moe_ht_bf16_132sms --dtype bf16
         EPX_CUDA_SMS=132 bench_moe moe_ht_fp8_132sms --dtype fp8
         bench_moe moe_ht_bf16_hostcount --dtype bf16 --count host
-    } 2>&1 | tee "$OUT/sweep.txt" | grep -vE "progress"
+        exit $rc # the group runs in a subshell: its failures reach rc through the pipeline
+    } 2>&1 | tee "$OUT/sweep.txt" | grep -vE "progress" || rc=1
 fi
 if has ce; then
     ctest --test-dir build-gpu --output-on-failure -L cuda_ce --timeout 600 >"$OUT/ctest_ce.log" 2>&1 || rc=1
@@ -164,7 +168,8 @@ if has ce; then
         EPX_CUDA_SMS=0 bench_moe moe_ht_bf16_ce --dtype bf16
         EPX_CUDA_SMS=0 bench_moe moe_ht_fp8_ce --dtype fp8
         EPX_CUDA_SMS=0 EPX_CUDA_CE_SMS=132 bench_moe moe_ht_bf16_ce_132sms --dtype bf16
-    } 2>&1 | tee "$OUT/ce.txt" | grep -vE "progress"
+        exit $rc # the group runs in a subshell: its failures reach rc through the pipeline
+    } 2>&1 | tee "$OUT/ce.txt" | grep -vE "progress" || rc=1
 fi
 if has nccl; then
     ctest --test-dir build-gpu --output-on-failure -R '^nccl_' -LE fault --timeout 600 >"$OUT/ctest_nccl.log" 2>&1 || rc=1
@@ -177,7 +182,8 @@ if has nccl; then
             --dtype bf16 -n 20 -w 5 -c 1 --json "$OUT/nccl_moe_ht_bf16.json" || rc=1
         $B/epx-bench moe --backend cuda --ranks 2 --tokens 128 --hidden 7168 --topk 8 --experts 288 --mode ll \
             --dtype fp8 -n 20 -w 5 --json "$OUT/nccl_moe_ll_fp8_t128.json" || rc=1
-    } 2>&1 | tee "$OUT/nccl_bench.txt" | grep -vE "progress"
+        exit $rc # the group runs in a subshell: its failures reach rc through the pipeline
+    } 2>&1 | tee "$OUT/nccl_bench.txt" | grep -vE "progress" || rc=1
 fi
 if has fakebench; then
     {
@@ -189,7 +195,8 @@ if has fakebench; then
                 --tokens 128 --hidden $H --topk 8 --experts 288 --mode ll --dtype fp8 -n 30 -w 5 --baseline none \
                 --json "$OUT/fake_moe_ll_h$H.json" || rc=1
         done
-    } 2>&1 | tee "$OUT/fakebench.txt" | grep -vE "progress"
+        exit $rc # the group runs in a subshell: its failures reach rc through the pipeline
+    } 2>&1 | tee "$OUT/fakebench.txt" | grep -vE "progress" || rc=1
 fi
 if has soak; then
     t0=$(date +%s)
@@ -204,6 +211,10 @@ if has ll; then
         done
         $B/epx-bench moe --backend cuda --ranks "$NG" --tokens 128 --hidden 7168 --topk 8 --experts 288 --mode ll \
             --dtype bf16 -n 50 -w 10 --json "$OUT/moe_ll_bf16_t128.json" || rc=1
-    } 2>&1 | tee "$OUT/ll.txt" | grep -vE "progress"
+        exit $rc # the group runs in a subshell: its failures reach rc through the pipeline
+    } 2>&1 | tee "$OUT/ll.txt" | grep -vE "progress" || rc=1
+fi
+if has targets; then
+    python3 tools/targets.py "$OUT" --gpus "$NG" | tee "$OUT/targets.txt"
 fi
 exit $rc

@@ -1275,6 +1275,8 @@ int bench_cuda_moe(bench_ctx_t *b)
         rep.experts = m->d.E, rep.skew = o->skew, rep.registered = -1, rep.iters = iters, rep.warmup = o->warmup;
         rep.timing = "cuda_events_l2_flushed", rep.checked = check ? 1 : 0, rep.baseline = m->nccl;
         rep.baseline_layout = "cuda_kernel", rep.baseline_moe = "nccl_send_recv", rep.device_mem = epx_mem;
+        if (graphs) rep.graph_us[OP_DISPATCH] = graph_op[0], rep.graph_us[OP_COMBINE] = graph_op[1];
+        rep.pair_graph_us = graph_us;
         bench_moe_print(&rep, o->json);
         if (m->nccl && (rep.diff[OP_LAYOUT] > 0 || rep.diff[OP_DISPATCH] > 0 || rep.diff[OP_COMBINE] > 0))
             printf("# epx and the baseline differ in %.0f layout, %.0f dispatch and %.0f combine values (counted in "

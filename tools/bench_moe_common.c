@@ -346,6 +346,8 @@ void bench_moe_print(const bench_moe_report_t *r, const char *json_path)
                 r->diff[op], r->baseline ? (op == OP_LAYOUT ? r->baseline_layout : r->baseline_moe) : "none",
                 r->baseline ? bt : 0.0, r->wrong[1][op], speedup);
         if (r->device_mem >= 0) fprintf(json, ", \"epx_device_mem_bytes\": %.0f", r->device_mem);
+        if (r->graph_us[op] > 0) fprintf(json, ", \"graph_time_us\": %.3f", r->graph_us[op]);
+        if (op == OP_COMBINE && r->pair_graph_us > 0) fprintf(json, ", \"pair_graph_time_us\": %.3f", r->pair_graph_us);
         fprintf(json, "}");
     }
     if (json) {

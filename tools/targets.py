@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""targets.py: the performance targets of issues 4 and 5 against a run's JSON (no dependencies).
+
+  python3 tools/targets.py DIR [--gpus N]   # DIR: where scripts/gpu-check.sh's `bench` and `ll`
+                                            # stages wrote their JSON (moe_ht_bf16.json,
+                                            # moe_ht_fp8.json, alltoall_cuda.json,
+                                            # moe_ll_fp8_t128.json); N: GPUs of the machine
+  python3 tools/targets.py selftest         # the table from made-up files (ctest)
+
+Prints one line per target: epx's time, the baseline of the same run, the target, and
+"met" / "NOT met" — or "not comparable" when the run was not 2 ranks on 2 GPUs (the targets'
+setup: ../shared/DEVICE.md's 2 x H200), or "missing" when no file had the case. Times are
+the bench's: CUDA events around the call, L2 flushed, median, max over ranks; from a CUDA
+graph where the bench captured one (graph_time_us) it is shown too.
+"""
+import json
+import os
+import sys
+import tempfile
+
+GIB = 1 << 30
+
+# (issue, what, file, op or alltoall bytes, field, target): field "time_us" or the memory
+TARGETS = [
+    (4, "layout, T=4096, E=256", "moe_ht_bf16.json", "layout", "time_us", 10.0),
+    (4, "dispatch bf16, T=4096, 24 SMs", "moe_ht_bf16.json", "dispatch", "time_us", 200.0),
+    (4, "dispatch fp8, T=4096, 24 SMs", "moe_ht_fp8.json", "dispatch", "time_us", 120.0),
+    (4, "combine bf16, T=4096, 24 SMs", "moe_ht_bf16.json", "combine", "time_us", 210.0),
+    (4, "alltoall 1 GiB per rank", "alltoall_cuda.json", GIB, "time_us", 1450.0),
+    (4, "alltoall 1 KiB per rank", "alltoall_cuda.json", 1024, "time_us", 6.0),
+    (4, "device memory per rank (MiB)", "moe_ht_bf16.json", "dispatch", "epx_device_mem_bytes", 1024.0),
+    (5, "low-latency dispatch fp8, T=128, E=288", "moe_ll_fp8_t128.json", "dispatch", "time_us", 12.0),
+    (5, "low-latency combine bf16, T=128, E=288", "moe_ll_fp8_t128.json", "combine", "time_us", 15.0),
+]
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def find(records, key):
+    for r in records or []:
+        if (isinstance(key, int) and r.get("bytes") == key) or (isinstance(key, str) and r.get("op") == key):
+            return r
+    return None
+
+
+def table(d, gpus):
+    """The lines of the table for the files in directory d."""
+    lines = ["# issue | target case | epx | graph | baseline (same run) | target | verdict"]
+    pair = None
+    for issue, what, name, key, field, target in TARGETS:
+        mem = field == "epx_device_mem_bytes"
+        unit = " MiB" if mem else " us"
+        r = find(load(os.path.join(d, name)), key)
+        if r is None or field not in r:
+            lines.append("%d | %s | - | - | - | %g%s | missing (%s)" % (issue, what, target, unit, name))
+            continue
+        v = r[field] / (1 << 20) if mem else r[field]
+        g = r.get("graph_time_us")
+        b = r.get("baseline_time_us") if not mem and r.get("baseline", "none") != "none" else None
+        ranks, ngpu = r.get("ranks", 0), r.get("gpus", gpus)
+        same = ranks == 2 and ngpu == 2 and gpus >= 2
+        verdict = ("met" if v <= target else "NOT met") if same else "not comparable (%s ranks, %s GPUs)" % (ranks, ngpu)
+        lines.append("%d | %s | %.2f%s | %s | %s | %g%s | %s" % (
+            issue, what, v, unit, "%.2f us" % g if g and not mem else "-",
+            "%.2f us (%s)" % (b, r.get("baseline")) if b else "-", target, unit, verdict))
+        if r.get("pair_graph_time_us"):
+            pair = r["pair_graph_time_us"]
+    if pair:
+        lines.append("# low latency, dispatch + combine in one CUDA graph replayed back to back: %.2f us per pair" % pair)
+    return lines
+
+
+def selftest():
+    with tempfile.TemporaryDirectory() as d:
+        def put(name, recs):
+            with open(os.path.join(d, name), "w") as f:
+                json.dump(recs, f)
+        base = {"ranks": 2, "gpus": 2, "baseline": "nccl_send_recv"}
+        put("moe_ht_bf16.json", [dict(base, op="layout", time_us=9.5, baseline_time_us=18.0),
+                                 dict(base, op="dispatch", time_us=210.0, baseline_time_us=340.0,
+                                      epx_device_mem_bytes=4 << 20),
+                                 dict(base, op="combine", time_us=200.0, baseline_time_us=280.0)])
+        put("moe_ll_fp8_t128.json", [dict(base, op="dispatch", time_us=11.0, graph_time_us=10.0),
+                                     dict(base, op="combine", time_us=16.0, pair_graph_time_us=25.0)])
+        put("alltoall_cuda.json", [{"op": "alltoall", "ranks": 2, "bytes": 1024, "time_us": 7.0,
+                                    "baseline": "ncclAlltoAll", "baseline_time_us": 12.0}])
+        got = table(d, 2)
+        want = {"layout": "met", "dispatch bf16": "NOT met", "dispatch fp8": "missing", "combine bf16": "met",
+                "1 GiB": "missing", "1 KiB": "NOT met", "memory": "met", "low-latency dispatch": "met",
+                "low-latency combine": "NOT met"}
+        bad = [k for k, v in want.items() if not any(k in l and l.split(" | ")[-1].startswith(v) for l in got)]
+        if not any("25.00 us per pair" in l for l in got):
+            bad.append("pair")
+        if not table(d, 1)[1].endswith("not comparable (2 ranks, 2 GPUs)"):
+            bad.append("one GPU")
+        print("\n".join(got))
+        print("selftest: %s" % ("FAILED: " + ", ".join(bad) if bad else "passed"))
+        return 1 if bad else 0
+
+
+def main(argv):
+    if argv[:1] == ["selftest"]:
+        return selftest()
+    if not argv or argv[0].startswith("-"):
+        print(__doc__.strip())
+        return 2
+    gpus = int(argv[argv.index("--gpus") + 1]) if "--gpus" in argv else 2
+    print("\n".join(table(argv[0], gpus)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
