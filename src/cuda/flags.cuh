@@ -194,10 +194,18 @@ static __device__ bool epx__ll_last_block(const epx__cuda_dev_t *d, int kind)
 
 /* The last block: the kernel of `kind` numbered s is complete on my stream (a release
  * store: what the grid did comes before it; nothing after it in the kernel needs ordering,
- * the kernel's end does that for my stream). */
+ * the kernel's end does that for my stream). A counter that only my own GPU reads takes a
+ * GPU-scope release; the dispatch receive's is also read by the peers over NVLink
+ * (epx__ll_half_free, ld.acquire.sys) before they refill my staging, so it is released at
+ * system scope: a GPU-scope store and another GPU's acquire are not a synchronising pair
+ * in the PTX memory model. */
 static __device__ __forceinline__ void epx__ll_complete(const epx__cuda_dev_t *d, int kind, unsigned long long s)
 {
-    if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(d->ll_seq + kind), "l"(s) : "memory");
+    if (threadIdx.x != 0) return;
+    if (kind == EPX__LL_DISPATCH_RECVD)
+        epx__st_release_sys(d->ll_seq + kind, s);
+    else
+        asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(d->ll_seq + kind), "l"(s) : "memory");
 }
 
 /* Threads p < R, p != me: flag `kind` from me = v at rank p, released (my writes before it

@@ -133,8 +133,8 @@ static __device__ void epx__ll_tag_fail(const epx__cuda_dev_t *d, const int *h, 
  * wait (bounded) for its receive sequence, read over NVLink. My own receive n - 2 normally
  * came before this send on my stream (at most two sends are pending); its counter is
  * checked too, for receives enqueued on another stream. Every thread of the block calls it.
- * The counters are plain stores after a GPU-scope fence: they order only reads of the
- * staging area, whose values were consumed before the fence. */
+ * A receive's counter is a system-scope release (epx__ll_complete): its reads of the
+ * staging area come before it, so a send that acquired it may overwrite what they read. */
 static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long long n)
 {
     __shared__ int ok;
