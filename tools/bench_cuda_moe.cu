@@ -1197,24 +1197,25 @@ int bench_cuda_moe(bench_ctx_t *b)
 #undef TM
     free(tm);
     CK(m, cudaStreamSynchronize(m->stream));
-    /* Dispatch alone and combine alone captured in CUDA graphs and timed like the ops
+    /* Dispatch, combine and layout, each alone, captured in CUDA graphs and timed like the ops
      * (device barrier, L2 flush, events around one replay: no host work inside, so the
      * difference to the ops' times is the host's share: the argument round and the launches);
      * then, ll, dispatch + combine in one graph, replayed back to back. High-throughput
      * dispatch can be captured only on the SM path with the count on the device. */
-    double graph_us = 0, graph_op[2] = {0, 0}, split_us[5] = {0, 0, 0, 0, 0};
+    double graph_us = 0, graph_op[3] = {0, 0, 0}, split_us[5] = {0, 0, 0, 0, 0};
     epx_comm_info_t ci;
     /* Across hosts (NCCL) the calls wait on the host: they cannot be captured. */
     bool graphs = epx_comm_info(m->gpu, &ci) == EPX_SUCCESS && ci.num_hosts == 1 &&
                   (m->ll || (m->d_count && !epx_on_copy_engines(m)));
     if (graphs) {
-        for (int g = 0; g < 2; g++) {
+        for (int g = 0; g < 3; g++) { /* dispatch, combine, layout */
             cudaGraph_t graph;
             cudaGraphExec_t exec;
             epx_retire_handle(m);
             CK(m, cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeRelaxed));
             if (g == 0) epx_dispatch_op(m);
-            else epx_combine_op(m);
+            else if (g == 1) epx_combine_op(m);
+            else epx_layout_op(m);
             CK(m, cudaStreamEndCapture(m->stream, &graph));
             CK(m, cudaGraphInstantiate(&exec, graph, 0));
             double *tg = (double *)xmalloc(m, sizeof(double) * (size_t)iters);
@@ -1275,7 +1276,8 @@ int bench_cuda_moe(bench_ctx_t *b)
         rep.experts = m->d.E, rep.skew = o->skew, rep.registered = -1, rep.iters = iters, rep.warmup = o->warmup;
         rep.timing = "cuda_events_l2_flushed", rep.checked = check ? 1 : 0, rep.baseline = m->nccl;
         rep.baseline_layout = "cuda_kernel", rep.baseline_moe = "nccl_send_recv", rep.device_mem = epx_mem;
-        if (graphs) rep.graph_us[OP_DISPATCH] = graph_op[0], rep.graph_us[OP_COMBINE] = graph_op[1];
+        if (graphs)
+            rep.graph_us[OP_DISPATCH] = graph_op[0], rep.graph_us[OP_COMBINE] = graph_op[1], rep.graph_us[OP_LAYOUT] = graph_op[2];
         rep.pair_graph_us = graph_us;
         bench_moe_print(&rep, o->json);
         if (m->nccl && (rep.diff[OP_LAYOUT] > 0 || rep.diff[OP_DISPATCH] > 0 || rep.diff[OP_COMBINE] > 0))
@@ -1285,12 +1287,13 @@ int bench_cuda_moe(bench_ctx_t *b)
         if (!check) printf("# not checked%s\n", m->ll ? " (mode ll)" : " (-c 0)");
         if (any_wrong) printf("# FAILED: wrong values found\n");
         if (graphs && !m->ll)
-            printf("# epx from CUDA graphs (no host work; median, L2 flushed): dispatch %.2f us, combine %.2f us\n",
-                   graph_op[0], graph_op[1]);
+            printf("# epx from CUDA graphs (no host work; median, L2 flushed): layout %.2f us, dispatch %.2f us, combine "
+                   "%.2f us\n",
+                   graph_op[2], graph_op[0], graph_op[1]);
         if (graphs && m->ll)
-            printf("# epx ll from CUDA graphs (no host work; median, L2 flushed): dispatch %.2f us, combine %.2f us; "
-                   "dispatch + combine in one graph replayed back to back: %.2f us per pair\n",
-                   graph_op[0], graph_op[1], graph_us);
+            printf("# epx ll from CUDA graphs (no host work; median, L2 flushed): layout %.2f us, dispatch %.2f us, "
+                   "combine %.2f us; dispatch + combine in one graph replayed back to back: %.2f us per pair\n",
+                   graph_op[2], graph_op[0], graph_op[1], graph_us);
         if (graphs && m->ll)
             printf("# epx ll halves in one graph, %d us of other work between send and receive (median, L2 flushed): "
                    "dispatch send %.2f us + receive %.2f us; combine send %.2f us + receive %.2f us (the other work "
