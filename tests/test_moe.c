@@ -1429,7 +1429,9 @@ static int run_ll_pipeline(int slow)
 }
 
 /* Two high-throughput dispatches alive at once (different routings, one context):
- * cached dispatch and combine along each handle, in the opposite order. */
+ * cached dispatch and combine along each handle, in the opposite order. The first handle
+ * also combines before its cached dispatch (across hosts its row plan is built first
+ * without the dispatch's rows, then again with them). */
 static int run_two_handles(void)
 {
     mcase_t c = {"two handles", -3, 5, 96, 10, EPX_BF16, EPX_F32, EPX_I32, 2, ROUTE_UNIFORM, 20, 0, 0,
@@ -1450,6 +1452,7 @@ static int run_two_handles(void)
     }
     for (int i = 1; i >= 0; i--) {
         const char *cs = i ? "two handles: second" : "two handles: first";
+        if (i == 0) combine_checked(moe, h[i], &W[i], &C[i], false, cs);
         fill_x(&W[i], &B[i], 1);
         ht_poison(&B[i]);
         epx_moe_dispatch_in_t in = ht_in(&W[i], &B[i], true);
