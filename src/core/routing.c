@@ -125,3 +125,11 @@ epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_toke
     free(last_r);
     return EPX_SUCCESS;
 }
+
+void epx__ll_slots_unfilled(int32_t *src_rank, int32_t *src_token, size_t slots, int l, size_t filled)
+{
+    if (filled >= slots) return;
+    size_t at = (size_t)l * slots, bytes = sizeof(int32_t) * (slots - filled);
+    if (src_rank) memset(src_rank + at + filled, 0xff, bytes); /* -1 in every int32 */
+    if (src_token) memset(src_token + at + filled, 0xff, bytes);
+}

@@ -48,7 +48,8 @@ struct epx__cpu_moe {
     void *board;          /* mine: 2 sections */
     epx__loc_t *boards;   /* [R] where each rank's board is */
     int64_t *offsets;     /* scratch: [R * max_tokens] row offsets */
-    int32_t *tokens;      /* scratch: [R * max_tokens] token ids */
+    int64_t *ll_ent;      /* low-latency receive: (source << 32 | token) per slot of my experts */
+    size_t ll_ent_cap;
     char *scratch;        /* gather space for rows read with process_vm_readv */
     size_t scratch_bytes;
     uint8_t *ll_q;        /* low-latency FP8: my tokens quantised once, [max_tokens, H] */
@@ -186,13 +187,6 @@ static inline bool epx__goes_to_rank(const int32_t *topk, int K, int64_t t, cons
     return false;
 }
 
-static inline bool epx__goes_to_expert(const int32_t *topk, int K, int64_t t, int e)
-{
-    for (int k = 0; k < K; k++)
-        if (topk[t * K + k] == e) return true;
-    return false;
-}
-
 static epx_status_t epx__scratch(epx__cpu_moe_t *m, size_t bytes, epx__errbuf_t *err)
 {
     if (m->scratch_bytes >= bytes) return EPX_SUCCESS;
@@ -226,11 +220,10 @@ epx_status_t epx__cpu_moe_create(epx__cpu_t *c, const epx__moe_shape_t *shape, u
         size_t rows = (size_t)R * (size_t)EPX__MAX(shape->max_tokens, 1);
         m->boards = calloc((size_t)R, sizeof *m->boards);
         m->offsets = calloc(rows, sizeof *m->offsets);
-        m->tokens = calloc(rows, sizeof *m->tokens);
         m->recount = calloc(2 * ((size_t)R + (size_t)shape->num_experts), sizeof *m->recount);
         m->rank_of = malloc(sizeof *m->rank_of * (size_t)EPX__MAX(shape->num_experts, 1));
         for (int e = 0; m->rank_of && e < shape->num_experts; e++) m->rank_of[e] = e / shape->local_experts;
-        if (!m->boards || !m->offsets || !m->tokens || !m->recount || !m->rank_of)
+        if (!m->boards || !m->offsets || !m->recount || !m->rank_of)
             local_status = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         else
             local_status = epx__cpu_mem_alloc(c, 2 * m->section_bytes, &m->board, err);
@@ -278,7 +271,7 @@ void epx__cpu_moe_destroy(epx__cpu_moe_t *m)
     if (m->ll_q) epx__cpu_mem_free(m->cpu, m->ll_q, NULL);
     free(m->boards);
     free(m->offsets);
-    free(m->tokens);
+    free(m->ll_ent);
     free(m->recount);
     free(m->rank_of);
     free(m->scratch);
@@ -765,6 +758,24 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
 
 /* ---- Low-latency dispatch / combine ------------------------------------------------------------- */
 
+/* Is k the first of a token's ids tk naming its expert? */
+static inline bool epx__first_of(const int32_t *tk, int k)
+{
+    for (int j = 0; j < k; j++)
+        if (tk[j] == tk[k]) return false;
+    return true;
+}
+
+/* Room for n low-latency receive entries in m->ll_ent (kept across calls). */
+static epx_status_t epx__grow_ent(epx__cpu_moe_t *m, size_t n, epx__errbuf_t *err)
+{
+    if (m->ll_ent_cap >= n) return EPX_SUCCESS;
+    int64_t *p = realloc(m->ll_ent, sizeof *p * EPX__MAX(n, (size_t)1));
+    if (!p) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the low-latency receive");
+    m->ll_ent = p, m->ll_ent_cap = n;
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispatch_in_t *in,
                                       epx_moe_ll_dispatch_out_t *out, epx_status_t local,
                                       epx__cpu_moe_handle_t **handle, epx__errbuf_t *err)
@@ -807,20 +818,42 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
     int K = st == EPX_SUCCESS ? b[me].hdr->topk : 0;
     size_t out_row = s->ll_fp8 ? (size_t)H : s->row_bytes;
     size_t scale_bytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
-    /* Receive: for each local expert, rows packed by source rank, then token. */
+    /* Receive: for each local expert, rows packed by source rank, then token. One pass over
+     * every source's routing sorts the (source, token) pairs of my experts by expert, stable
+     * (counts, then places): they come out in slot order (a scan of all routing per expert
+     * was most of a dispatch at T=128). at[l] .. at[l + 1]: local expert l's pairs. */
+    int32_t *at = m->recount, *next = at + L + 1; /* [L + 1], [L]; recount holds 2 (R + E) */
+    if (st == EPX_SUCCESS) {
+        memset(at, 0, sizeof(int32_t) * ((size_t)L + 1));
+        for (int p = 0; p < R; p++)
+            for (int64_t t = 0; t < b[p].hdr->num_tokens; t++)
+                for (int k = 0; k < K; k++) {
+                    int32_t e = b[p].topk[t * K + k] - me * L;
+                    if (e >= 0 && e < L && epx__first_of(b[p].topk + t * K, k)) at[e + 1]++;
+                }
+        for (int l = 0; l < L; l++) at[l + 1] += at[l], next[l] = at[l];
+        st = epx__grow_ent(m, (size_t)at[L], err);
+    }
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++)
+        for (int64_t t = 0; t < b[p].hdr->num_tokens; t++)
+            for (int k = 0; k < K; k++) {
+                int32_t e = b[p].topk[t * K + k] - me * L;
+                if (e >= 0 && e < L && epx__first_of(b[p].topk + t * K, k))
+                    m->ll_ent[next[e]++] = (int64_t)p << 32 | t;
+            }
     for (int l = 0; l < L && st == EPX_SUCCESS; l++) {
-        int e = me * L + l;
         int64_t slot = 0;
-        for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+        for (int32_t i = at[l], j; i < at[l + 1] && st == EPX_SUCCESS; i = j) {
+            int p = (int)(m->ll_ent[i] >> 32); /* the run of source p's tokens */
+            for (j = i; j < at[l + 1] && (int)(m->ll_ent[j] >> 32) == p; j++) {}
             const epx__board_t *bp = &b[p];
-            int64_t n = 0;
-            for (int64_t t = 0; t < bp->hdr->num_tokens; t++)
-                if (epx__goes_to_expert(bp->topk, K, t, e)) m->tokens[n++] = (int32_t)t;
+            int64_t n = j - i;
             size_t first = (size_t)l * s->ll_slots + (size_t)slot;
-            for (int64_t i = 0; i < n; i++) {
-                if (out->recv_src_rank) out->recv_src_rank[first + (size_t)i] = p;
-                if (out->recv_src_token) out->recv_src_token[first + (size_t)i] = m->tokens[i];
-                m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)out_row;
+            for (int64_t q = 0; q < n; q++) {
+                int32_t t = (int32_t)(m->ll_ent[i + q] & 0xffffffff);
+                if (out->recv_src_rank) out->recv_src_rank[first + (size_t)q] = p;
+                if (out->recv_src_token) out->recv_src_token[first + (size_t)q] = t;
+                m->offsets[q] = (int64_t)t * (int64_t)out_row;
             }
             /* n = 0 skips the copies: recv_x may be NULL when there are no slots. */
             if (n > 0)
@@ -828,33 +861,33 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
                                          (char *)out->recv_x + first * out_row, out_row, err);
             if (s->ll_fp8 && n > 0 && st == EPX_SUCCESS) {
                 size_t srow = s->scale_cols * scale_bytes;
-                for (int64_t i = 0; i < n; i++) m->offsets[i] = (int64_t)m->tokens[i] * (int64_t)srow;
+                for (int64_t q = 0; q < n; q++) m->offsets[q] = (m->ll_ent[i + q] & 0xffffffff) * (int64_t)srow;
                 st = epx__peer_rows_copy(m->cpu, p, &bp->hdr->scales, op.seq, m->offsets, n, srow,
                                          (char *)out->recv_x_scales + first * srow, srow, err);
             }
             slot += n;
         }
         if (out->recv_count) out->recv_count[l] = (int32_t)slot;
-        for (size_t i = (size_t)slot; i < s->ll_slots; i++) {
-            if (out->recv_src_rank) out->recv_src_rank[(size_t)l * s->ll_slots + i] = -1;
-            if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
-        }
+        epx__ll_slots_unfilled(out->recv_src_rank, out->recv_src_token, s->ll_slots, l, (size_t)slot);
     }
     /* Home side: the slot of each (token, k) in its expert's region. */
     if (st == EPX_SUCCESS) {
         const epx__board_t *mine = &b[me];
         memcpy(h->topk_idx, mine->topk, sizeof(int32_t) * (size_t)h->num_tokens * (size_t)K);
-        for (int64_t i = 0; i < (int64_t)h->num_tokens * K; i++) h->slot[i] = -1;
+        /* Expert e's next slot starts after the lower sources' tokens for it; my tokens
+         * take them in token order, a token once per expert (its repeated ids share it). */
+        int32_t *nxt = m->recount; /* [E] */
         for (int e = 0; e < s->num_experts; e++) {
-            int32_t next = 0;
-            for (int p = 0; p < me; p++) next += b[p].per_expert[e];
-            for (int64_t t = 0; t < h->num_tokens; t++) {
-                bool found = false;
-                for (int k = 0; k < K; k++)
-                    if (mine->topk[t * K + k] == e) h->slot[t * K + k] = next, found = true;
-                next += found;
-            }
+            nxt[e] = 0;
+            for (int p = 0; p < me; p++) nxt[e] += b[p].per_expert[e];
         }
+        for (int64_t t = 0; t < h->num_tokens; t++)
+            for (int k = 0; k < K; k++) {
+                const int32_t *tk = mine->topk + t * K;
+                int j = 0;
+                while (j < k && tk[j] != tk[k]) j++;
+                h->slot[t * K + k] = tk[k] < 0 ? -1 : j < k ? h->slot[t * K + j] : nxt[tk[k]]++;
+            }
     }
     return epx__handle_out(h, epx__op_end(m, &op, st, err), handle);
 }

@@ -1095,10 +1095,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
         }
         for (int l = 0; l < s->local_experts; l++) {
             if (out->recv_count) out->recv_count[l] = (int32_t)xp->count[l];
-            for (size_t i = (size_t)xp->count[l]; i < s->ll_slots; i++) {
-                if (out->recv_src_rank) out->recv_src_rank[(size_t)l * s->ll_slots + i] = -1;
-                if (out->recv_src_token) out->recv_src_token[(size_t)l * s->ll_slots + i] = -1;
-            }
+            epx__ll_slots_unfilled(out->recv_src_rank, out->recv_src_token, s->ll_slots, l, (size_t)xp->count[l]);
         }
     }
     st = epx__route_end(m, st, err);
