@@ -222,7 +222,6 @@ typedef struct {
     int64_t n_gw, n_fwd, n_home_send, n_home_recv, n_tok, rows, n_place;
     int T, K;
     bool ll;
-    bool has_rows; /* the dispatch's steps 1-3 are there (else their counts are 0, gw, fan, out empty) */
     int64_t *ref; /* every reference and index, nref in all: the sections below point into it */
     size_t nref;
     int64_t *gw, *fan, *out, *c1, *home, *first, *tok;
@@ -230,13 +229,11 @@ typedef struct {
     int64_t *mem; /* the count arrays */
 } epx__hier_xplan_t;
 /* Local: the row plan of handle h of context m. `chunks` (1 .. EPX__HIER_MAX_CHUNKS) must
- * be the same on every rank. Without rows_too the dispatch's steps 1-3 are left out (the
- * combine's, and the low-latency slots, are always there): about a quarter of the work, for a
- * handle that only combines. The plan's arrays lie in the handle's memory (they last as
+ * be the same on every rank. The plan's arrays lie in the handle's memory (they last as
  * long as the handle), the builder's scratch in m's (until m's next call). On failure
  * (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds nothing. */
-epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, bool rows_too,
-                                   int chunks, epx__hier_xplan_t *x, epx__errbuf_t *err);
+epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, int chunks,
+                                   epx__hier_xplan_t *x, epx__errbuf_t *err);
 /* The chunks of the network step of a MoE dispatch of shape s and of every call along its
  * handle, from src_tokens[R] (every rank's batch in the dispatch, the plan's src_tokens:
  * every rank gets the same): EPX_MOE_CHUNKS when set; else, where the forwarding can

@@ -67,8 +67,7 @@ struct epx__hier_moe_handle {
     int32_t *row_src, *row_tok; /* [rows] */
     /* What calls along the (const) handle add to it: the row plan of the CPU path's calls
      * (epx__handle_plan), built by the first that needs it, then the same for every call
-     * (by peer, the handle's chunks; with the dispatch's rows once a cached dispatch needed
-     * them); and the arena every array of the handle lies in. */
+     * (by peer, the handle's chunks); and the arena every array of the handle lies in. */
     struct {
         bool built;
         epx__hier_xplan_t x;
@@ -833,15 +832,12 @@ static int epx__chunks(const epx__hier_moe_t *m, const epx__hier_moe_handle_t *h
 /* The handle's row plan for the CPU path (by peer, its chunks), built by the first call
  * along the handle that needs it (a failed build leaves no plan, its memory stays in the
  * handle's arena: the next call tries again) and kept for the others, which would each
- * build the same one; the builder's scratch is the call's. Combines need no dispatch rows
- * (rows_too: a cached dispatch), a plan without them is built again with them when a call
- * needs them (the first one's memory stays in the handle's arena). Local. */
-static epx_status_t epx__handle_plan(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool rows_too,
-                                     const epx__hier_xplan_t **x, epx__errbuf_t *err)
+ * build the same one; the builder's scratch is the call's. Local. */
+static epx_status_t epx__handle_plan(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, const epx__hier_xplan_t **x,
+                                     epx__errbuf_t *err)
 {
-    if (!hd->plan->built || (rows_too && !hd->plan->x.has_rows)) {
-        hd->plan->built = false;
-        EPX__CHECK(epx__hier_xplan_build(m, hd, true, rows_too, epx__chunks(m, hd), &hd->plan->x, err));
+    if (!hd->plan->built) {
+        EPX__CHECK(epx__hier_xplan_build(m, hd, true, epx__chunks(m, hd), &hd->plan->x, err));
         hd->plan->built = true;
     }
     *x = &hd->plan->x;
@@ -940,7 +936,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x;
-    EPX__CHECK(epx__handle_plan(m, hd, true, &x, err));
+    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
@@ -1022,7 +1018,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x;
-    EPX__CHECK(epx__handle_plan(m, hd, false, &x, err));
+    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
@@ -1082,7 +1078,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &rs, err);
     epx__flows_free(&f);
     const epx__hier_xplan_t *xp = NULL; /* the handle's: its combine runs along it */
-    if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, false, &xp, err);
+    if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, &xp, err);
     if (st == EPX_SUCCESS && payload) {
         /* The caller's outputs, now that every rank agreed: each row into its slots, in the
          * row plan's order (local expert, then source rank and token ascending). */
@@ -1132,7 +1128,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x;
-    EPX__CHECK(epx__handle_plan(m, hd, false, &x, err));
+    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;

@@ -208,8 +208,8 @@ static int64_t epx__rec_row(const epx__pb_t *b, int64_t ref, int j)
 
 void epx__hier_xplan_free(epx__hier_xplan_t *x) { memset(x, 0, sizeof *x); } /* its memory is the handle's */
 
-epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, bool rows_too,
-                                   int chunks, epx__hier_xplan_t *x, epx__errbuf_t *err)
+epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, int chunks,
+                                   epx__hier_xplan_t *x, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
     const epx__topo_t *t = epx__hier_topo(m->h);
@@ -271,34 +271,34 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     x->home_send_chunk = x->fwd_chunk + C * R, x->home_recv_chunk = x->home_send_chunk + C * R;
     x->fan_send = x->home_recv_chunk + C * R, x->fan_recv = x->fan_send + NP * LS;
     x->back_send = x->fan_recv + NP * LS, x->back_recv = x->back_send + NP * LS;
-    x->T = T, x->K = K, x->rows = rows, x->ll = b.ll, x->has_rows = rows_too;
+    x->T = T, x->K = K, x->rows = rows, x->ll = b.ll;
     /* Dispatch: my tokens to my gateway on each other host; what my sources send me; the
      * fan-out to and from the other local ranks (mine to me is never copied). */
-    for (int k = 0; k < NH && rows_too; k++) {
+    for (int k = 0; k < NH; k++) {
         if (k == A) continue;
         int g = epx__gw(t, me, k);
         for (int i = 0; i < T; i++)
             if (epx__mine_to_host(&b, i, k)) x->gw_chunk[epx__chunk(C, T, i) * R + g]++, x->n_gw++;
     }
-    for (int p = 0; p < R && rows_too; p++) x->n_fwd += P->fwd_count[p];
+    for (int p = 0; p < R; p++) x->n_fwd += P->fwd_count[p];
     /* What my rail peers forward through me, chunk by chunk (FWD's layout, hier.h). */
     if (P->src_tokens[me] != T) {
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has %lld tokens of mine, %d here",
                        (long long)P->src_tokens[me], T);
         goto done;
     }
-    for (int64_t e = 0; e < P->nent && rows_too; e++) {
+    for (int64_t e = 0; e < P->nent; e++) {
         int p = P->ent_src[e];
         if (P->ent_fidx[e] >= 0) x->fwd_chunk[epx__chunk(C, P->src_tokens[p], P->ent_tok[e]) * R + p]++;
     }
     int64_t at = 0;
     for (int c = 0; c < C; c++)
         for (int p = 0; p < R; p++) fcur[c * R + p] = at, at += x->fwd_chunk[c * R + p];
-    for (int64_t e = 0; e < P->nent && rows_too; e++) {
+    for (int64_t e = 0; e < P->nent; e++) {
         int p = P->ent_src[e];
         efidx[e] = P->ent_fidx[e] < 0 ? -1 : fcur[epx__chunk(C, P->src_tokens[p], P->ent_tok[e]) * R + p]++;
     }
-    for (int p = 0; p < R && rows_too && st == EPX_SUCCESS; p++) {
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
         int64_t n = 0;
         for (int c = 0; c < C; c++) n += x->fwd_chunk[c * R + p];
         if (n != P->fwd_count[p])
@@ -306,7 +306,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
                            (long long)P->fwd_count[p]);
     }
     if (st != EPX_SUCCESS) goto done;
-    if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || (rows_too && x->n_fwd != P->nfwd)) {
+    if (tf[ml + 1] - tf[ml] != ff[ml + 1] - ff[ml] || x->n_fwd != P->nfwd) {
         st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan does not add up (%lld rows to myself, %lld from)",
                        (long long)(tf[ml + 1] - tf[ml]), (long long)(ff[ml + 1] - ff[ml]));
         goto done;
@@ -317,7 +317,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
                            (long long)rows);
             goto done;
         }
-    for (int l = 0; l < LS && rows_too; l++) {
+    for (int l = 0; l < LS; l++) {
         if (l == ml) continue;
         for (int64_t a = tf[l]; a < tf[l + 1]; a++) {
             int64_t e = P->to_ent[a];
@@ -411,8 +411,8 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
      * tk, prow, pslot, psrc, count. */
-    x->nref = (size_t)(x->n_gw + epx__hier_part_at(x->n_fan, NP) + (rows_too ? rows : 0) +
-                       epx__hier_part_at(x->n_back_send, NP) + x->n_home_send + T + 1 + x->n_tok);
+    x->nref = (size_t)(x->n_gw + epx__hier_part_at(x->n_fan, NP) + rows + epx__hier_part_at(x->n_back_send, NP) +
+                       x->n_home_send + T + 1 + x->n_tok);
     if (b.ll) x->nref += (size_t)(x->n_tok + 3 * x->n_place + L);
     x->ref = epx__arena_alloc(a, x->nref, sizeof *x->ref, false);
     if (!x->ref) {
@@ -421,7 +421,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     }
     int64_t *o = x->ref;
     x->gw = o;
-    for (int c = 0; c < C && rows_too; c++)
+    for (int c = 0; c < C; c++)
         for (int p = 0; p < R; p++) { /* segments by chunk, then by gateway rank */
             int k = t->host_of[p];
             if (k == A || epx__gw(t, me, k) != p) continue;
@@ -429,7 +429,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
                 if (epx__chunk(C, T, i) == c && epx__mine_to_host(&b, i, k)) *o++ = EPX__HIER_REF(EPX__HIER_X, i);
         }
     x->fan = o;
-    for (int g = 0; g < NP * LS && rows_too; g++) {
+    for (int g = 0; g < NP * LS; g++) {
         int part, l;
         epx__seg(g, LS, NP, by_peer, &part, &l);
         for (int64_t a = tf[l]; a < tf[l + 1] && l != ml; a++) {
@@ -439,18 +439,18 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
         }
     }
     x->out = o;
-    for (int64_t r = 0; r < rows && rows_too; r++) o[r] = -1;
-    for (int l = 0; l < LS && rows_too; l++)
+    for (int64_t r = 0; r < rows; r++) o[r] = -1;
+    for (int l = 0; l < LS; l++)
         for (int64_t a = ff[l]; a < ff[l + 1]; a++) {
             int64_t r = P->from_row[a], e = l == ml ? P->to_ent[tf[ml] + a - ff[ml]] : -1;
             o[r] = l != ml ? EPX__HIER_REF(EPX__HIER_LRECV, lfirst[epx__part(&b, P->row_src[r], P->row_tok[r]) * LS + l]++)
                    : efidx[e] >= 0 ? EPX__HIER_REF(EPX__HIER_FWD, efidx[e])
                                    : EPX__HIER_REF(EPX__HIER_X, P->ent_tok[e]);
         }
-    for (int64_t r = 0; r < rows && rows_too && st == EPX_SUCCESS; r++)
+    for (int64_t r = 0; r < rows && st == EPX_SUCCESS; r++)
         if (o[r] < 0) st = epx__fail(err, EPX_ERR_INTERNAL, "the row plan has no source for row %lld", (long long)r);
     if (st != EPX_SUCCESS) goto done;
-    o += rows_too ? rows : 0;
+    o += rows;
     x->c1 = o;
     for (int g = 0; g < NP * LS; g++) {
         int part, l;

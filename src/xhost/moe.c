@@ -527,7 +527,7 @@ static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     epx__hier_moe_handle_plan(h->hh, &hp);
     h->chunks = epx__hier_call_chunks(&m->s, m->xh->ls > 1, hp.src_tokens, m->xh->nranks);
     /* Part-major: one exchange per part. */
-    EPX__CHECK(epx__hier_xplan_build(m->hm, h->hh, false, true, h->chunks, &x->h, err));
+    EPX__CHECK(epx__hier_xplan_build(m->hm, h->hh, false, h->chunks, &x->h, err));
     size_t bytes = sizeof(long long) * EPX__MAX(x->h.nref, (size_t)1);
     cudaError_t ce = cudaGetDevice(&x->device);
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&x->used, cudaEventDisableTiming);
