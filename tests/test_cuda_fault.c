@@ -483,8 +483,9 @@ static epx_status_t ctx_run(ctx_t *c)
 typedef enum { EXACT, UNTOUCHED, OLD_OR_NEW } check_t;
 
 /* Before a wrong combine output fails the test: for each wrong token, the factor each of its
- * first channels holds (value / g_val; a combine sums g_val times the expert's rank + 1 over
- * the token's experts), so the log says which contributions went missing or came twice. */
+ * first channels holds (value / g_val: a combine sums g_val times rank + 1 over the ranks the
+ * token went to (high-throughput) or over its experts' ranks, one term per expert (low
+ * latency)), so the log says which contributions went missing or came twice. */
 static void combine_report(const ctx_t *c, const out_t *o, const char *what)
 {
     const uint16_t *got = (const uint16_t *)o->got, *want = (const uint16_t *)o->expect;
