@@ -8,8 +8,9 @@
   python3 tools/targets.py selftest         # the table from made-up files (ctest)
 
 Prints one line per target: epx's time, the baseline of the same run, the target, and
-"met" / "NOT met" — or "not comparable" when the run was not 2 ranks on 2 GPUs (the targets'
-setup: ../shared/DEVICE.md's 2 x H200), or "missing" when no file had the case. Times are
+"met" / "NOT met" — or "not comparable" when the record is of another shape than the
+target's (backend, mode, dtype, T, H, K, E: named) or the run was not 2 ranks on 2 GPUs
+(the targets' setup: ../shared/DEVICE.md's 2 x H200), or "missing" when no file had the case. Times are
 the bench's: CUDA events around the call, L2 flushed, median, max over ranks; from a CUDA
 graph where the bench captured one (graph_time_us) it is shown too.
 """
@@ -20,17 +21,21 @@ import tempfile
 
 GIB = 1 << 30
 
-# (issue, what, file, op or alltoall bytes, field, target): field "time_us" or the memory
+# The shapes of the targets (issues 4 and 5): a record of another shape is not comparable.
+HT = {"backend": "cuda", "mode": "ht", "tokens": 4096, "hidden": 7168, "topk": 8, "experts": 256}
+LL = {"backend": "cuda", "mode": "ll", "dtype": "fp8", "tokens": 128, "hidden": 7168, "topk": 8, "experts": 288}
+A2A = {"backend": "cuda"}
+# (issue, what, file, op or alltoall bytes, field, target, shape): field "time_us" or the memory
 TARGETS = [
-    (4, "layout, T=4096, E=256", "moe_ht_bf16.json", "layout", "time_us", 10.0),
-    (4, "dispatch bf16, T=4096, 24 SMs", "moe_ht_bf16.json", "dispatch", "time_us", 200.0),
-    (4, "dispatch fp8, T=4096, 24 SMs", "moe_ht_fp8.json", "dispatch", "time_us", 120.0),
-    (4, "combine bf16, T=4096, 24 SMs", "moe_ht_bf16.json", "combine", "time_us", 210.0),
-    (4, "alltoall 1 GiB per rank", "alltoall_cuda.json", GIB, "time_us", 1450.0),
-    (4, "alltoall 1 KiB per rank", "alltoall_cuda.json", 1024, "time_us", 6.0),
-    (4, "device memory per rank (MiB)", "moe_ht_bf16.json", "dispatch", "epx_device_mem_bytes", 1024.0),
-    (5, "low-latency dispatch fp8, T=128, E=288", "moe_ll_fp8_t128.json", "dispatch", "time_us", 12.0),
-    (5, "low-latency combine bf16, T=128, E=288", "moe_ll_fp8_t128.json", "combine", "time_us", 15.0),
+    (4, "layout, T=4096, E=256", "moe_ht_bf16.json", "layout", "time_us", 10.0, HT),
+    (4, "dispatch bf16, T=4096, 24 SMs", "moe_ht_bf16.json", "dispatch", "time_us", 200.0, dict(HT, dtype="bf16")),
+    (4, "dispatch fp8, T=4096, 24 SMs", "moe_ht_fp8.json", "dispatch", "time_us", 120.0, dict(HT, dtype="fp8")),
+    (4, "combine bf16, T=4096, 24 SMs", "moe_ht_bf16.json", "combine", "time_us", 210.0, dict(HT, dtype="bf16")),
+    (4, "alltoall 1 GiB per rank", "alltoall_cuda.json", GIB, "time_us", 1450.0, A2A),
+    (4, "alltoall 1 KiB per rank", "alltoall_cuda.json", 1024, "time_us", 6.0, A2A),
+    (4, "device memory per rank (MiB)", "moe_ht_bf16.json", "dispatch", "epx_device_mem_bytes", 1024.0, HT),
+    (5, "low-latency dispatch fp8, T=128, E=288", "moe_ll_fp8_t128.json", "dispatch", "time_us", 12.0, LL),
+    (5, "low-latency combine bf16, T=128, E=288", "moe_ll_fp8_t128.json", "combine", "time_us", 15.0, LL),
 ]
 
 
@@ -53,7 +58,7 @@ def table(d, gpus):
     """The lines of the table for the files in directory d."""
     lines = ["# issue | target case | epx | graph | baseline (same run) | target | verdict"]
     pair = None
-    for issue, what, name, key, field, target in TARGETS:
+    for issue, what, name, key, field, target, shape in TARGETS:
         mem = field == "epx_device_mem_bytes"
         unit = " MiB" if mem else " us"
         r = find(load(os.path.join(d, name)), key)
@@ -64,8 +69,13 @@ def table(d, gpus):
         g = r.get("graph_time_us")
         b = r.get("baseline_time_us") if not mem and r.get("baseline", "none") != "none" else None
         ranks, ngpu = r.get("ranks", 0), r.get("gpus", gpus)
-        same = ranks == 2 and ngpu == 2 and gpus >= 2
-        verdict = ("met" if v <= target else "NOT met") if same else "not comparable (%s ranks, %s GPUs)" % (ranks, ngpu)
+        other = ["%s %s" % (k, r.get(k)) for k, want in shape.items() if r.get(k) != want]
+        if other:
+            verdict = "not comparable (%s)" % ", ".join(other)
+        elif ranks == 2 and ngpu == 2 and gpus >= 2:
+            verdict = "met" if v <= target else "NOT met"
+        else:
+            verdict = "not comparable (%s ranks, %s GPUs)" % (ranks, ngpu)
         lines.append("%d | %s | %.2f%s | %s | %s | %g%s | %s" % (
             issue, what, v, unit, "%.2f us" % g if g and not mem else "-",
             "%.2f us (%s)" % (b, r.get("baseline")) if b else "-", target, unit, verdict))
@@ -82,16 +92,19 @@ def selftest():
             with open(os.path.join(d, name), "w") as f:
                 json.dump(recs, f)
         base = {"ranks": 2, "gpus": 2, "baseline": "nccl_send_recv"}
-        put("moe_ht_bf16.json", [dict(base, op="layout", time_us=9.5, baseline_time_us=18.0),
-                                 dict(base, op="dispatch", time_us=210.0, baseline_time_us=340.0,
+        ht, ll = dict(base, dtype="bf16", **HT), dict(base, **LL)
+        put("moe_ht_bf16.json", [dict(ht, op="layout", time_us=9.5, baseline_time_us=18.0),
+                                 dict(ht, op="dispatch", time_us=210.0, baseline_time_us=340.0,
                                       epx_device_mem_bytes=4 << 20),
-                                 dict(base, op="combine", time_us=200.0, baseline_time_us=280.0)])
-        put("moe_ll_fp8_t128.json", [dict(base, op="dispatch", time_us=11.0, graph_time_us=10.0),
-                                     dict(base, op="combine", time_us=16.0, pair_graph_time_us=25.0)])
-        put("alltoall_cuda.json", [{"op": "alltoall", "ranks": 2, "bytes": 1024, "time_us": 7.0,
+                                 dict(ht, op="combine", time_us=200.0, baseline_time_us=280.0)])
+        put("moe_ht_fp8.json", [dict(ht, op="dispatch", dtype="fp8", tokens=256, time_us=50.0)])
+        put("moe_ll_fp8_t128.json", [dict(ll, op="dispatch", time_us=11.0, graph_time_us=10.0),
+                                     dict(ll, op="combine", time_us=16.0, pair_graph_time_us=25.0)])
+        put("alltoall_cuda.json", [{"op": "alltoall", "backend": "cuda", "ranks": 2, "bytes": 1024, "time_us": 7.0,
                                     "baseline": "ncclAlltoAll", "baseline_time_us": 12.0}])
         got = table(d, 2)
-        want = {"layout": "met", "dispatch bf16": "NOT met", "dispatch fp8": "missing", "combine bf16": "met",
+        want = {"layout": "met", "dispatch bf16": "NOT met", "dispatch fp8": "not comparable (tokens 256)",
+                "combine bf16": "met",
                 "1 GiB": "missing", "1 KiB": "NOT met", "memory": "met", "low-latency dispatch": "met",
                 "low-latency combine": "NOT met"}
         bad = [k for k, v in want.items() if not any(k in l and l.split(" | ")[-1].startswith(v) for l in got)]
