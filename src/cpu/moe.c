@@ -881,13 +881,14 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
             nxt[e] = 0;
             for (int p = 0; p < me; p++) nxt[e] += b[p].per_expert[e];
         }
-        for (int64_t t = 0; t < h->num_tokens; t++)
+        for (int64_t t = 0; t < h->num_tokens; t++) {
+            const int32_t *tk = mine->topk + t * K;
             for (int k = 0; k < K; k++) {
-                const int32_t *tk = mine->topk + t * K;
                 int j = 0;
                 while (j < k && tk[j] != tk[k]) j++;
                 h->slot[t * K + k] = tk[k] < 0 ? -1 : j < k ? h->slot[t * K + j] : nxt[tk[k]]++;
             }
+        }
     }
     return epx__handle_out(h, epx__op_end(m, &op, st, err), handle);
 }
