@@ -50,11 +50,14 @@ struct epx__cpu_moe {
     int64_t *offsets;     /* scratch: [R * max_tokens] row offsets */
     int64_t *ll_ent;      /* low-latency receive: (source << 32 | token) per slot of my experts */
     size_t ll_ent_cap;
+    int64_t *ll_at;       /* low-latency receive: [2 L + 1] where each local expert's entries start, and
+                             the next place in each (their total may pass int32 where each fits) */
     char *scratch;        /* gather space for rows read with process_vm_readv */
     size_t scratch_bytes;
     uint8_t *ll_q;        /* low-latency FP8: my tokens quantised once, [max_tokens, H] */
     char *ll_scales;      /* and their scales, [max_tokens, scale_cols] */
-    int32_t *recount;     /* scratch of epx__boards_check and epx__dispatch_home_rows: [2 * (R + E)] */
+    int32_t *recount;     /* scratch of epx__boards_check, epx__dispatch_home_rows and the low-latency
+                             home slots: [2 * (R + E)] */
     int32_t *rank_of;     /* [E]: expert e's rank, e / L (a table: a division per id was a
                              third of a dispatch's time at small rows) */
 };
@@ -221,9 +224,10 @@ epx_status_t epx__cpu_moe_create(epx__cpu_t *c, const epx__moe_shape_t *shape, u
         m->boards = calloc((size_t)R, sizeof *m->boards);
         m->offsets = calloc(rows, sizeof *m->offsets);
         m->recount = calloc(2 * ((size_t)R + (size_t)shape->num_experts), sizeof *m->recount);
+        m->ll_at = calloc(2 * (size_t)shape->local_experts + 1, sizeof *m->ll_at);
         m->rank_of = malloc(sizeof *m->rank_of * (size_t)EPX__MAX(shape->num_experts, 1));
         for (int e = 0; m->rank_of && e < shape->num_experts; e++) m->rank_of[e] = e / shape->local_experts;
-        if (!m->boards || !m->offsets || !m->recount || !m->rank_of)
+        if (!m->boards || !m->offsets || !m->recount || !m->ll_at || !m->rank_of)
             local_status = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
         else
             local_status = epx__cpu_mem_alloc(c, 2 * m->section_bytes, &m->board, err);
@@ -272,6 +276,7 @@ void epx__cpu_moe_destroy(epx__cpu_moe_t *m)
     free(m->boards);
     free(m->offsets);
     free(m->ll_ent);
+    free(m->ll_at);
     free(m->recount);
     free(m->rank_of);
     free(m->scratch);
@@ -822,9 +827,9 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
      * every source's routing sorts the (source, token) pairs of my experts by expert, stable
      * (counts, then places): they come out in slot order (a scan of all routing per expert
      * was most of a dispatch at T=128). at[l] .. at[l + 1]: local expert l's pairs. */
-    int32_t *at = m->recount, *next = at + L + 1; /* [L + 1], [L]; recount holds 2 (R + E) */
+    int64_t *at = m->ll_at, *next = at + L + 1; /* [L + 1], [L] */
     if (st == EPX_SUCCESS) {
-        memset(at, 0, sizeof(int32_t) * ((size_t)L + 1));
+        memset(at, 0, sizeof *at * ((size_t)L + 1));
         for (int p = 0; p < R; p++)
             for (int64_t t = 0; t < b[p].hdr->num_tokens; t++)
                 for (int k = 0; k < K; k++) {
@@ -843,7 +848,7 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
             }
     for (int l = 0; l < L && st == EPX_SUCCESS; l++) {
         int64_t slot = 0;
-        for (int32_t i = at[l], j; i < at[l + 1] && st == EPX_SUCCESS; i = j) {
+        for (int64_t i = at[l], j; i < at[l + 1] && st == EPX_SUCCESS; i = j) {
             int p = (int)(m->ll_ent[i] >> 32); /* the run of source p's tokens */
             for (j = i; j < at[l + 1] && (int)(m->ll_ent[j] >> 32) == p; j++) {}
             const epx__board_t *bp = &b[p];
