@@ -114,7 +114,8 @@ epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_toke
     if (!last_r) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
     int32_t *last_e = last_r + nranks, *rank_of = last_e + num_experts, *scratch = rank_of + num_experts;
     int32_t *per_r = per_rank ? per_rank : scratch, *per_e = per_expert ? per_expert : scratch + nranks;
-    for (int e = 0; e < num_experts; e++) rank_of[e] = e / L;
+    for (int r = 0, e = 0; r < nranks; r++) /* no division per expert: it was most of a small layout */
+        for (int l = 0; l < L; l++) rank_of[e++] = r;
     memset(per_r, 0, sizeof(int32_t) * (size_t)nranks);
     memset(per_e, 0, sizeof(int32_t) * (size_t)num_experts);
     if (in_rank) memset(in_rank, 0, (size_t)num_tokens * (size_t)nranks);
