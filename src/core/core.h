@@ -209,9 +209,7 @@ epx_status_t epx__topk_validate(const void *topk_idx, epx_dtype_t index_dtype, i
 void epx__topk_to_i32(const void *topk_idx, epx_dtype_t index_dtype, int num_tokens, int topk, int32_t *out);
 
 /* Low-latency dispatch outputs: the slots of local expert l from `filled` on (of `slots`)
- * hold no row, so their sources are -1 (either array may be NULL). One memset each: a loop
- * with a store to each array per slot cost a CPU low-latency dispatch at T=128 a fifth of
- * its time. */
+ * hold no row, so their sources are -1 (either array may be NULL; a memset each). */
 void epx__ll_slots_unfilled(int32_t *src_rank, int32_t *src_token, size_t slots, int l, size_t filled);
 
 /* The ranks a token with K expert ids tk (-1: none) goes to, ascending, each once, into

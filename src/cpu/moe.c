@@ -763,12 +763,20 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
 
 /* ---- Low-latency dispatch / combine ------------------------------------------------------------- */
 
-/* Is k the first of a token's ids tk naming its expert? */
-static inline bool epx__first_of(const int32_t *tk, int k)
+/* The first j <= k with tk[j] == tk[k]: a token's repeated id counts at its first k. */
+static inline int epx__first_k(const int32_t *tk, int k)
 {
-    for (int j = 0; j < k; j++)
-        if (tk[j] == tk[k]) return false;
-    return true;
+    int j = 0;
+    while (tk[j] != tk[k]) j++;
+    return j;
+}
+
+/* Token tk's id k as a local expert of the rank whose experts start at lo (L of them), or
+ * -1: another rank's, none, or named at an earlier k. */
+static inline int32_t epx__my_first_lid(const int32_t *tk, int k, int32_t lo, int L)
+{
+    int32_t l = tk[k] - lo;
+    return l >= 0 && l < L && epx__first_k(tk, k) == k ? l : -1;
 }
 
 /* Room for n low-latency receive entries in m->ll_ent (kept across calls). */
@@ -833,8 +841,8 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
         for (int p = 0; p < R; p++)
             for (int64_t t = 0; t < b[p].hdr->num_tokens; t++)
                 for (int k = 0; k < K; k++) {
-                    int32_t e = b[p].topk[t * K + k] - me * L;
-                    if (e >= 0 && e < L && epx__first_of(b[p].topk + t * K, k)) at[e + 1]++;
+                    int32_t l = epx__my_first_lid(b[p].topk + t * K, k, me * L, L);
+                    if (l >= 0) at[l + 1]++;
                 }
         for (int l = 0; l < L; l++) at[l + 1] += at[l], next[l] = at[l];
         st = epx__grow_ent(m, (size_t)at[L], err);
@@ -842,9 +850,8 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
     for (int p = 0; p < R && st == EPX_SUCCESS; p++)
         for (int64_t t = 0; t < b[p].hdr->num_tokens; t++)
             for (int k = 0; k < K; k++) {
-                int32_t e = b[p].topk[t * K + k] - me * L;
-                if (e >= 0 && e < L && epx__first_of(b[p].topk + t * K, k))
-                    m->ll_ent[next[e]++] = (int64_t)p << 32 | t;
+                int32_t l = epx__my_first_lid(b[p].topk + t * K, k, me * L, L);
+                if (l >= 0) m->ll_ent[next[l]++] = (int64_t)p << 32 | t;
             }
     for (int l = 0; l < L && st == EPX_SUCCESS; l++) {
         int64_t slot = 0;
@@ -889,8 +896,7 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
         for (int64_t t = 0; t < h->num_tokens; t++) {
             const int32_t *tk = mine->topk + t * K;
             for (int k = 0; k < K; k++) {
-                int j = 0;
-                while (j < k && tk[j] != tk[k]) j++;
+                int j = epx__first_k(tk, k);
                 h->slot[t * K + k] = tk[k] < 0 ? -1 : j < k ? h->slot[t * K + j] : nxt[tk[k]]++;
             }
         }
