@@ -2101,6 +2101,8 @@ static const mcase_t ht_cases[] = {
     {"k=7 e=7R h=300",       -7,   7,  300,  14, EPX_BF16,     U,        EPX_I32, 16, ROUTE_UNIFORM, 0, F_NO_WEIGHTS | F_REG, 0, HT, 0, 0},
     {"k=16 f16 f32 out",     -2,   16, 64,   8,  EPX_F16,      EPX_F32,  EPX_I64, 1,  ROUTE_DUP,   20, F_T_FULL, 0, HT, 0, 0},
     {"fp8 k=4 e=R one",      -1,   4,  129,  10, EPX_FP8_E4M3, U,        EPX_I64, 3,  ROUTE_ONE,   40, F_NULL_OUTS, 8, HT, 0, 0},
+    /* More counters than a block's shared memory holds (CUDA: the layout's global-scratch kernel). */
+    {"e=16384 k=8 h=16",     16384, 8, 16,   21, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, HT, 0, 0},
 };
 
 static const mcase_t ll_cases[] = {

@@ -16,13 +16,6 @@ static __device__ __forceinline__ void epx__st_release_sys(unsigned long long *p
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-/* A flag that orders nothing but the reads before it (their values are consumed already):
- * no release, so it does not wait for this kernel's writes to drain at system scope. */
-static __device__ __forceinline__ void epx__st_relaxed_sys(unsigned long long *p, unsigned long long v)
-{
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 static __device__ __forceinline__ unsigned long long epx__ld_acquire_sys(const unsigned long long *p)
 {
     unsigned long long v;
@@ -208,19 +201,16 @@ static __device__ __forceinline__ void epx__ll_complete(const epx__cuda_dev_t *d
         asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(d->ll_seq + kind), "l"(s) : "memory");
 }
 
-/* Threads p < R, p != me: flag `kind` from me = v at rank p, released (my writes before it
- * are visible first), or with `reads_only`, a relaxed store that only says my earlier reads
- * of p's memory are over (the caller has fenced at GPU scope). */
-static __device__ __forceinline__ void epx__signal_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v,
-                                                         bool reads_only = false)
+/* Threads p < R, p != me: flag `kind` from me = v at rank p, released at system scope: what
+ * my grid did before it (ordered to this thread by a barrier or the last-block count),
+ * reads of p's memory included, comes before p's acquire of it. (A flag that only says
+ * "my reads are over" needs the release too: a relaxed store, even after a GPU-scope
+ * fence, does not synchronise with another GPU's acquire in the PTX memory model.) */
+static __device__ __forceinline__ void epx__signal_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v)
 {
     int p = (int)threadIdx.x;
     if (p >= d->nranks || p == d->rank) return;
-    unsigned long long *f = d->peer_flags[p] + ((size_t)kind * d->nranks + d->rank) * EPX__FLAG_STRIDE;
-    if (reads_only)
-        epx__st_relaxed_sys(f, v);
-    else
-        epx__st_release_sys(f, v);
+    epx__st_release_sys(d->peer_flags[p] + ((size_t)kind * d->nranks + d->rank) * EPX__FLAG_STRIDE, v);
 }
 
 /* Every thread of the block: 1 when every peer's flag `kind` here reached v (bounded). */

@@ -162,7 +162,11 @@ static __device__ bool epx__ll_half_free(const epx__cuda_dev_t *d, unsigned long
  * after my device's failure, if any, is relayed. Threads p < nranks of the last block. */
 template <bool X> static __device__ __forceinline__ void epx__ll_signal(const epx__cuda_dev_t *d, unsigned long long n)
 {
-    unsigned long long caught_up = *(volatile unsigned long long *)(d->ll_seq + EPX__LL_DISPATCH_RECVD) + 1ull >= n;
+    /* An acquire: when my receive of n - 1 ran on another stream, its release (its reads of
+     * my staging are over) then reaches the peers through my flag's release. */
+    unsigned long long recvd;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(recvd) : "l"(d->ll_seq + EPX__LL_DISPATCH_RECVD) : "memory");
+    unsigned long long caught_up = recvd + 1ull >= n;
     epx__ll_relay_out<X>(d);
     epx__signal_peers(d, EPX__FLAG_LL, 2 * n + caught_up);
 }
@@ -719,7 +723,7 @@ static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
         epx__ll_relay_out<X>(&d);
-        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n, true); /* done reading the peers' outputs */
+        epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n); /* done reading the peers' outputs */
         if (epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n)) epx__ll_relay_in<X>(&d);
     }
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);

@@ -141,100 +141,144 @@ extern "C" int epx__cuda_launch_moe_count(const epx__moe_routing_t *r, int *coun
 
 /* ---- Layout (local) -------------------------------------------------------------------------- */
 
-#define EPX__LAYOUT_SHARED 4096 /* counters kept in shared memory when R + E fits */
+#define EPX__LAYOUT_SHARED 4096 /* the last-block kernel's counters kept in shared memory when R + E fits */
 #define EPX__LAYOUT_THREADS 256
-#define EPX__LAYOUT_CLUSTER_THREADS 256
 #define EPX__LAYOUT_CLUSTER_BLOCKS 16 /* above the portable 8: allowed once per process */
+#define EPX__LAYOUT_SMEM(R, E) (sizeof(int) * ((size_t)(R) + (size_t)(E))) /* the counters */
 
-/* Every block's share of my tokens, in block-sized groups (ids staged at once into `ids`,
- * then one token per thread): counts into c ([R] per rank, then [E] per expert; shared or
- * global memory) and each token's is_token_in_rank. Returns whether this thread saw an id
- * outside [-1, E) (those are not counted). */
-static __device__ bool epx__layout_tokens(const epx__moe_routing_t &r, int *c, unsigned char *in_rank, int *ids)
+/* Token t of my routing: its K ids loaded at once (one token's ids are contiguous, so a
+ * warp's loads share their lines; no shared-memory staging), each expert counted once into
+ * c[R + e]. Returns the ranks the token goes to as a bit mask; sets *bad when an id is
+ * outside [-1, E) (not counted). */
+static __device__ __forceinline__ unsigned epx__layout_token(const epx__moe_routing_t &r, long long t, int *c, bool *bad)
 {
-    int me = r.rank, R = r.nranks, K = r.topk;
-    long long T = r.num_tokens[me];
-    bool bad_seen = false;
-    for (long long t0 = (long long)blockIdx.x * blockDim.x; t0 < T; t0 += (long long)gridDim.x * blockDim.x) {
-        int n = T - t0 < (long long)blockDim.x ? (int)(T - t0) : (int)blockDim.x;
-        __syncthreads(); /* the last group's ids are read (and, the first time, c is zero) */
-        epx__stage_ids(&r, me, t0, n, ids);
-        __syncthreads();
-        if ((int)threadIdx.x >= n) continue;
-        long long t = t0 + threadIdx.x;
-        const int *my = ids + threadIdx.x * K;
-        unsigned m = 0;
-        for (int k = 0; k < K; k++) {
-            int e = my[k];
-            if (e == EPX__BAD_ID) {
-                bad_seen = true;
-                continue;
-            }
-            if (e < 0) continue;
-            m |= 1u << (e / r.local_experts);
-            if (!epx__seen_before(my, k)) atomicAdd(&c[R + e], 1);
+    int K = r.topk, E = r.num_experts, R = r.nranks;
+    int e[EPX_MOE_MAX_TOPK];
+#pragma unroll
+    for (int k = 0; k < EPX_MOE_MAX_TOPK; k++)
+        if (k < K) {
+            long long v = epx__topk_get(&r, r.rank, t * K + k);
+            e[k] = v >= -1 && v < E ? (int)v : EPX__BAD_ID;
         }
-        for (int q = 0; in_rank && q < R; q++) in_rank[t * R + q] = (m >> q) & 1u;
-        while (m) {
-            int q = __ffs(m) - 1;
-            m &= m - 1;
-            atomicAdd(&c[q], 1);
-        }
+    unsigned m = 0;
+#pragma unroll
+    for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
+        if (k >= K) break;
+        if (e[k] == EPX__BAD_ID) *bad = true;
+        if (e[k] < 0) continue;
+        m |= 1u << (e[k] / r.local_experts);
+        bool seen = false;
+#pragma unroll
+        for (int j = 0; j < k; j++) seen = seen || e[j] == e[k];
+        if (!seen) atomicAdd(&c[R + e[k]], 1);
     }
-    return bad_seen;
+    return m;
 }
 
-/* The whole layout in one cluster of blocks: every block counts its share in its shared
- * memory (EPX__LAYOUT_CLUSTER_SMEM: the counters, then the staged ids); when the cluster has
- * met, block 0 sums the blocks' counters through distributed shared memory and writes the
- * counts (-1 when an id was bad). No global scratch, atomics or last-block round trip. */
-#define EPX__LAYOUT_CLUSTER_SMEM(R, E, K) \
-    (sizeof(int) * ((size_t)(R) + (size_t)(E) + (size_t)EPX__LAYOUT_CLUSTER_THREADS * (size_t)(K)))
-static __global__ void __launch_bounds__(EPX__LAYOUT_CLUSTER_THREADS)
-    epx__k_moe_layout_cluster(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank)
+/* Every block's share of my tokens, a token per thread at a time (whole warps together):
+ * counts into c ([R] per rank, a warp's at once, then [E] per expert; shared or global
+ * memory) and each token's is_token_in_rank row. Returns whether this thread saw an id
+ * outside [-1, E). */
+static __device__ bool epx__layout_tokens(const epx__moe_routing_t &r, int *c, unsigned char *in_rank)
 {
-#if __CUDA_ARCH__ >= 900 /* clusters: Hopper on; epx__layout_cluster_most never picks this kernel elsewhere */
-    extern __shared__ int smem[];
-    __shared__ int bad;
-    cg::cluster_group cluster = cg::this_cluster();
-    int R = r.nranks, E = r.num_experts;
-    int *cnt = smem, *ids = smem + R + E;
-    for (int i = threadIdx.x; i < R + E; i += blockDim.x) cnt[i] = 0;
-    int any = __syncthreads_or(epx__layout_tokens(r, cnt, in_rank, ids));
-    if (threadIdx.x == 0) bad = any;
-    cluster.sync(); /* every block's counters and bad word are final and visible */
-    if (cluster.block_rank() == 0) {
-        int nb = (int)cluster.num_blocks(), any_bad = 0;
-        for (int b = 0; b < nb; b++) any_bad |= *cluster.map_shared_rank(&bad, b);
-        for (int i = threadIdx.x; i < R + E; i += blockDim.x) {
-            int v = 0;
-            for (int b = 0; b < nb; b++) v += cluster.map_shared_rank(cnt, b)[i];
-            v = any_bad ? -1 : v;
-            if (i < R && per_rank) per_rank[i] = v;
-            if (i >= R && per_expert) per_expert[i - R] = v;
+    int R = r.nranks;
+    long long T = r.num_tokens[r.rank];
+    bool bad = false;
+    for (long long t0 = (long long)blockIdx.x * blockDim.x; t0 < T; t0 += (long long)gridDim.x * blockDim.x) {
+        long long t = t0 + threadIdx.x;
+        unsigned m = t < T ? epx__layout_token(r, t, c, &bad) : 0u;
+        for (int q = 0; in_rank && t < T && q < R; q++) in_rank[t * R + q] = (m >> q) & 1u;
+        for (int q = 0; q < R; q++) {
+            unsigned b = __ballot_sync(0xffffffffu, (m >> q) & 1u);
+            if ((threadIdx.x & 31) == 0 && b) atomicAdd(&c[q], __popc(b));
         }
     }
-    cluster.sync(); /* the blocks' shared memory stays until block 0 has read it */
+    return bad;
+}
+
+/* Block 0's counters as the outputs (-1 in every count when an id was bad). */
+static __device__ __forceinline__ void epx__layout_write(const epx__moe_routing_t &r, const int *cnt, bool bad,
+                                                         int *per_rank, int *per_expert)
+{
+    int R = r.nranks;
+    for (int i = threadIdx.x; i < R + r.num_experts; i += blockDim.x) {
+        int v = bad ? -1 : cnt[i];
+        if (i < R && per_rank) per_rank[i] = v;
+        if (i >= R && per_expert) per_expert[i - R] = v;
+    }
+}
+
+/* The cluster barrier in two halves (sm_90): arrive releases this thread's writes (shared
+ * memory of the cluster's blocks included), wait acquires every arrived thread's. A thread
+ * that exits counts as arrived. */
+static __device__ __forceinline__ void epx__cluster_arrive()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void epx__cluster_wait()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
 #endif
 }
 
-/* The same for any R + E, without a grid-wide meeting: every block counts its share (in
- * shared memory when R + E fits, then one global add per counter into `scratch` [R + E],
- * zero between calls); the last block to finish (scratch[R + E] counts them) has every count
- * and the verdict: it writes the counts (-1 when an id was bad) and leaves scratch and *bad
- * ready for the next call. */
+/* The whole layout in one block (C false: T <= its threads; any device) or in one cluster
+ * of blocks (C: sm_90 clusters). Every block counts its share in its shared memory
+ * (EPX__LAYOUT_SMEM); in a cluster every other block then adds its counters into block 0's
+ * through distributed shared memory and exits, and block 0 writes the counts once they are
+ * all in. No global scratch, no grid-wide atomics, one cluster meeting on the path (the
+ * first, for block 0's zeros, is long past when it is waited for). */
+template <bool C>
+static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
+    epx__k_moe_layout_block(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank)
+{
+    extern __shared__ int cnt[];
+    __shared__ int bad;
+    for (int i = threadIdx.x; i < r.nranks + r.num_experts; i += blockDim.x) cnt[i] = 0;
+    if (threadIdx.x == 0) bad = 0;
+    if (C) epx__cluster_arrive(); /* block 0's zeros come before the other blocks' adds */
+    __syncthreads();
+    int any = __syncthreads_or(epx__layout_tokens(r, cnt, in_rank));
+    if (!C) {
+        epx__layout_write(r, cnt, any, per_rank, per_expert);
+        return;
+    }
+#if __CUDA_ARCH__ >= 900 /* clusters: epx__layout_cluster_most never picks the C instance elsewhere */
+    cg::cluster_group cluster = cg::this_cluster();
+    bool first = cluster.block_rank() == 0;
+    epx__cluster_wait();
+    if (!first) {
+        int *to = cluster.map_shared_rank(cnt, 0);
+        for (int i = threadIdx.x; i < r.nranks + r.num_experts; i += blockDim.x)
+            if (cnt[i]) atomicAdd(&to[i], cnt[i]);
+    }
+    if (threadIdx.x == 0 && any) atomicOr(cluster.map_shared_rank(&bad, 0), 1);
+    epx__cluster_arrive(); /* my adds are in block 0's counters */
+    if (!first) return;    /* nobody reads my shared memory */
+    epx__cluster_wait();
+    epx__layout_write(r, cnt, *(volatile int *)&bad != 0, per_rank, per_expert);
+#endif
+}
+
+/* The same for any R + E and any device, without a grid-wide meeting: every block counts
+ * its share (in shared memory when R + E fits, then one global add per counter into
+ * `scratch` [R + E], zero between calls); the last block to finish (scratch[R + E] counts
+ * them) has every count and the verdict: it writes the counts (-1 when an id was bad) and
+ * leaves scratch and *bad ready for the next call. */
 static __global__ void __launch_bounds__(EPX__LAYOUT_THREADS)
     epx__k_moe_layout(epx__moe_routing_t r, int *per_rank, int *per_expert, unsigned char *in_rank, long long *bad,
                       int *scratch)
 {
     __shared__ int cnt[EPX__LAYOUT_SHARED];
-    __shared__ int ids[EPX__LAYOUT_THREADS * EPX_MOE_MAX_TOPK];
     __shared__ int last;
     int R = r.nranks, E = r.num_experts;
     bool shared = R + E <= EPX__LAYOUT_SHARED;
     int *c = shared ? cnt : scratch;
     for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x) cnt[i] = 0;
-    if (epx__layout_tokens(r, c, in_rank, ids)) atomicMin((unsigned long long *)bad, 0ull);
+    __syncthreads();
+    if (epx__layout_tokens(r, c, in_rank)) atomicMin((unsigned long long *)bad, 0ull);
     __syncthreads();
     for (int i = threadIdx.x; shared && i < R + E; i += blockDim.x)
         if (cnt[i]) atomicAdd(&scratch[i], cnt[i]);
@@ -273,7 +317,7 @@ static int epx__layout_cluster_most(cudaLaunchConfig_t *cfg, cudaLaunchAttribute
     if (k) return k - 1;
     cudaFuncAttributes fa;
     int clusters = 0;
-    if (cudaFuncGetAttributes(&fa, epx__k_moe_layout_cluster) != cudaSuccess || fa.ptxVersion < 90 ||
+    if (cudaFuncGetAttributes(&fa, epx__k_moe_layout_block<true>) != cudaSuccess || fa.ptxVersion < 90 ||
         cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, dev) != cudaSuccess || !clusters) {
         (void)cudaGetLastError(); /* a refusal is no launch's error */
         __atomic_store_n(&known[dev], 1, __ATOMIC_RELAXED);
@@ -282,9 +326,9 @@ static int epx__layout_cluster_most(cudaLaunchConfig_t *cfg, cudaLaunchAttribute
     int most = 8, fits = 0;
     attr->val.clusterDim.x = EPX__LAYOUT_CLUSTER_BLOCKS;
     cfg->gridDim = dim3(EPX__LAYOUT_CLUSTER_BLOCKS);
-    if (cudaFuncSetAttribute(epx__k_moe_layout_cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+    if (cudaFuncSetAttribute(epx__k_moe_layout_block<true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
             cudaSuccess ||
-        cudaOccupancyMaxActiveClusters(&fits, epx__k_moe_layout_cluster, cfg) != cudaSuccess)
+        cudaOccupancyMaxActiveClusters(&fits, epx__k_moe_layout_block<true>, cfg) != cudaSuccess)
         (void)cudaGetLastError(); /* a refusal is no launch's error */
     else if (fits >= 1)
         most = EPX__LAYOUT_CLUSTER_BLOCKS;
@@ -297,29 +341,35 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
                                                    void *stream)
 {
     long long T = r->num_tokens[r->rank];
-    size_t smem = EPX__LAYOUT_CLUSTER_SMEM(r->nranks, r->num_experts, r->topk);
+    long long need = (T + EPX__LAYOUT_THREADS - 1) / EPX__LAYOUT_THREADS;
+    size_t smem = EPX__LAYOUT_SMEM(r->nranks, r->num_experts);
+    bool fits = smem + 64 <= 48 * 1024; /* 64: static shared memory */
+    (void)cudaGetLastError();           /* what is returned below is this launch's */
+    if (fits && need <= 1) {
+        epx__k_moe_layout_block<false>
+            <<<1, EPX__LAYOUT_THREADS, smem, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank);
+        return (int)cudaGetLastError();
+    }
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
-    cfg.blockDim = dim3(EPX__LAYOUT_CLUSTER_THREADS);
+    cfg.blockDim = dim3(EPX__LAYOUT_THREADS);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = (cudaStream_t)stream;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    int most = smem + 64 <= 48 * 1024 ? epx__layout_cluster_most(&cfg, attr) : 0; /* 64: static shared memory */
+    int most = fits ? epx__layout_cluster_most(&cfg, attr) : 0;
     if (most > 0) {
-        long long need = (T + EPX__LAYOUT_CLUSTER_THREADS - 1) / EPX__LAYOUT_CLUSTER_THREADS;
-        int nb = (int)(need < most ? (need > 0 ? need : 1) : most);
+        int nb = (int)(need < most ? need : most);
         if (nb > blocks) nb = blocks > 0 ? blocks : 1;
         attr[0].val.clusterDim.x = (unsigned)nb;
         cfg.gridDim = dim3((unsigned)nb);
-        if (cudaLaunchKernelEx(&cfg, epx__k_moe_layout_cluster, *r, per_rank, per_expert, in_rank) == cudaSuccess)
+        if (cudaLaunchKernelEx(&cfg, epx__k_moe_layout_block<true>, *r, per_rank, per_expert, in_rank) == cudaSuccess)
             return (int)cudaSuccess;
         (void)cudaGetLastError(); /* refused (no room for the cluster now): the kernel below does the same */
     }
-    long long need = (T + EPX__LAYOUT_THREADS - 1) / EPX__LAYOUT_THREADS;
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
     epx__k_moe_layout<<<blocks, EPX__LAYOUT_THREADS, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad, scratch);
     return (int)cudaGetLastError();
