@@ -270,8 +270,12 @@ EPX_API epx_status_t epx_alltoallv_device(epx_comm_t comm, const void *send, con
  * the rows of local expert l are packed at the front, recv_count[l] of them, grouped by
  * source rank in ascending order. Within a source's group the CPU backend orders tokens
  * ascending; GPU backends may order them by arrival (the slot sources say which is where).
- * Combine: out[t] = sum over k in ascending order of w[t,k] * y[e_k][slot(t,k)] in float32
- * from +0.0f, each product rounded before it is added (no fused multiply-add), then cast.
+ * Combine: out[t] = the sum, over the ranks holding the token's experts in ascending order,
+ * of each rank's partial sum of w[t,k] * y[e_k][slot(t,k)] over its k in ascending order:
+ * float32, every sum from +0.0f, each product rounded before it is added (no fused
+ * multiply-add), then cast. (A partial per rank is what lets a GPU backend add up a
+ * token's rows where they lie and send one float32 row per rank instead of each expert's
+ * row; with all of a token's experts on one rank it is the plain sum in k order.)
  * recv_count is not rounded to expert_alignment; slots past recv_count[l] are not written
  * (their sources are set to -1).
  *

@@ -5,6 +5,7 @@
 #include "moe_ref.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -297,17 +298,26 @@ void moe_ref_ll_combine_row(const moe_ref_routing_t *rt, int p, int t, int H, co
         if (sum64) sum64[h] = 0;
         if (abs64) abs64[h] = 0;
     }
-    for (int k = 0; k < rt->K; k++) {
-        int64_t e = rt->idx[p][(int64_t)t * rt->K + k];
-        if (e < 0) continue;
-        float wk = w[(int64_t)t * rt->K + k];
-        y(ctx, (int)e, p, t, H, v);
-        for (int h = 0; h < H; h++) {
-            float prod = wk * v[h];
-            acc[h] = acc[h] + prod;
-            if (sum64) sum64[h] += (double)wk * (double)v[h];
-            if (abs64) abs64[h] += fabs((double)wk * (double)v[h]);
+    float *part = malloc(sizeof(float) * (size_t)H + 1);
+    int L = rt->E / rt->R;
+    for (int q = 0; q < rt->R; q++) {
+        bool any = false;
+        for (int k = 0; k < rt->K; k++) {
+            int64_t e = rt->idx[p][(int64_t)t * rt->K + k];
+            if (e < 0 || e / L != q) continue;
+            if (!any)
+                for (int h = 0; h < H; h++) part[h] = 0.0f;
+            any = true;
+            float wk = w[(int64_t)t * rt->K + k];
+            y(ctx, (int)e, p, t, H, v);
+            for (int h = 0; h < H; h++) {
+                float prod = wk * v[h];
+                part[h] = part[h] + prod;
+                if (sum64) sum64[h] += (double)wk * (double)v[h];
+                if (abs64) abs64[h] += fabs((double)wk * (double)v[h]);
+            }
         }
+        for (int h = 0; any && h < H; h++) acc[h] = acc[h] + part[h];
     }
-    free(v);
+    free(v), free(part);
 }

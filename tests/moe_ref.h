@@ -89,9 +89,11 @@ void moe_ref_ll_slots(const moe_ref_routing_t *rt, int q, int M, int32_t *count,
  * scales [ceil(n/128)] as float (EPX_SCALE_F32) or UE8M0 bytes (EPX_SCALE_UE8M0). */
 void moe_ref_quant_row(const uint16_t *x, int n, int scale_format, uint8_t *q, void *scales);
 
-/* Low-latency combine of token t of rank p: acc[h] = 0.0f; for k ascending with
- * e = idx[t,k] >= 0: acc[h] = acc[h] + (float)(w[t,k] * y(e)[h]) (product rounded to float).
- * The caller rounds acc to bf16. w = rank p's weights [T*K]; y gets (expert e, p, t). */
+/* Low-latency combine of token t of rank p, a partial sum per expert rank: acc[h] = 0.0f;
+ * for each rank q ascending that holds one of the token's experts: part[h] = 0.0f, then for
+ * k ascending with e = idx[t,k] >= 0 on rank q: part[h] = part[h] + (float)(w[t,k] * y(e)[h])
+ * (product rounded to float); then acc[h] = acc[h] + part[h]. The caller rounds acc to bf16.
+ * w = rank p's weights [T*K]; y gets (expert e, p, t). */
 void moe_ref_ll_combine_row(const moe_ref_routing_t *rt, int p, int t, int H, const float *w, moe_ref_row_fn y,
                             void *ctx, float *acc, double *sum64, double *abs64);
 

@@ -466,12 +466,18 @@ static int replay_ll(epx_comm_t comm, int me, int R, int rounds, bool split)
             }
             for (int t = 0; t < GT; t++)
                 for (int hh = 0; hh < GH; hh++) {
+                    /* A partial sum per expert rank (k ascending), then the ranks ascending. */
                     float v = epx_bf16_to_float(g_x(gen, me, t, hh)), acc = 0.0f;
-                    for (int k = 0; k < GK; k++)
-                        if (g_expert(gen, me, t, k, E) >= 0) {
-                            float prod = g_weight(gen, me, t, k) * v;
-                            acc += prod;
-                        }
+                    for (int q = 0; q < R; q++) {
+                        float part = 0.0f;
+                        bool any = false;
+                        for (int k = 0; k < GK; k++)
+                            if (g_expert(gen, me, t, k, E) >= 0 && g_expert(gen, me, t, k, E) / L == q) {
+                                float prod = g_weight(gen, me, t, k) * v;
+                                part += prod, any = true;
+                            }
+                        if (any) acc += part;
+                    }
                     if (hout[t * GH + hh] != epx_float_to_bf16(acc))
                         TEST_FAIL_("ll replay %d batch %d: combine out[%d][%d] = 0x%x, expected 0x%x", it, i, t, hh,
                                    hout[t * GH + hh], epx_float_to_bf16(acc));

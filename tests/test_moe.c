@@ -14,7 +14,8 @@
  *                   of float64 sums), with and without weights, 3 identical repeats
  *   low-latency     slot layout (exact order on the CPU backend, per (expert, source)
  *                   sets elsewhere), bf16 and FP8 quantisation with F32 and UE8M0 scales,
- *                   combine bit-exact (float32 products, ascending k)
+ *                   combine bit-exact (float32 products, a partial sum per expert rank
+ *                   in ascending k, then the ranks ascending)
  *   two handles     two dispatches alive at once, cached dispatch / combine on each
  *   random          --random N (default 100) small configurations drawn from --seed S
  *   bad input       one rank bad, the others valid: statuses, nothing written, and a valid
@@ -2101,8 +2102,11 @@ static const mcase_t ht_cases[] = {
     {"k=7 e=7R h=300",       -7,   7,  300,  14, EPX_BF16,     U,        EPX_I32, 16, ROUTE_UNIFORM, 0, F_NO_WEIGHTS | F_REG, 0, HT, 0, 0},
     {"k=16 f16 f32 out",     -2,   16, 64,   8,  EPX_F16,      EPX_F32,  EPX_I64, 1,  ROUTE_DUP,   20, F_T_FULL, 0, HT, 0, 0},
     {"fp8 k=4 e=R one",      -1,   4,  129,  10, EPX_FP8_E4M3, U,        EPX_I64, 3,  ROUTE_ONE,   40, F_NULL_OUTS, 8, HT, 0, 0},
-    /* More counters than a block's shared memory holds (CUDA: the layout's global-scratch kernel). */
-    {"e=16384 k=8 h=16",     16384, 8, 16,   21, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, HT, 0, 0},
+    /* More counters than a block's shared memory holds (CUDA: the layout's global-scratch
+     * kernel, several blocks); more tokens than a block has threads (CUDA: the layout's
+     * cluster), with -1 ids. */
+    {"e=16384 k=8 h=16",     16384, 8, 16,   1100, EPX_BF16,   U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, HT, 0, 0},
+    {"k=5 m=700 h=16",       -4,   5,  16,   700, EPX_BF16,    U,        EPX_I64, 1,  ROUTE_UNIFORM, 30, 0, 0, HT, 0, 0},
 };
 
 static const mcase_t ll_cases[] = {

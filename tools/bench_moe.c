@@ -254,7 +254,7 @@ static void bl_init(bm_t *m)
     bl->smeta = xmalloc(m, sizeof(int32_t) * (size_t)maxsend * meta_ints);
     bl->rmeta = xmalloc(m, sizeof(int32_t) * (size_t)maxrecv * meta_ints);
     bl->crecv = xmalloc(m, (size_t)maxsend * m->y_row);
-    bl->acc = xmalloc(m, sizeof(float) * (size_t)m->d.H);
+    bl->acc = xmalloc(m, 2 * sizeof(float) * (size_t)m->d.H); /* the sum, then (ll) a rank's part */
     if (m->d.ll) {
         bl->recvx = xmalloc(m, (size_t)maxrecv * m->row);
         bl->recvs = xmalloc(m, sizeof(float) * (size_t)maxrecv * S);
@@ -453,7 +453,8 @@ static void bl_ll_dispatch(bm_t *m)
 }
 
 /* Low-latency combine: the y rows of every slot go back to their source, packed in the
- * order it sent them; there out[t] = sum over k ascending of w[t,k] * y (float32). */
+ * order it sent them; there out[t] = over the ranks ascending, the sum of each rank's
+ * w[t,k] * y over its k ascending (float32; the library's order, epx.h). */
 static void bl_ll_combine(bm_t *m)
 {
     baseline_t *bl = &m->bl;
@@ -471,13 +472,22 @@ static void bl_ll_combine(bm_t *m)
     float *acc = bl->acc;
     const float *w = m->d.w + tk(&m->d, m->d.me, 0);
     uint16_t *out = (uint16_t *)m->cout[1];
+    float *part = acc + H;
     for (int t = 0; t < m->d.T; t++) {
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
-        for (int k = 0; k < K; k++) {
-            if (m->idx[(int64_t)t * K + k] < 0) continue;
-            const uint16_t *y = (const uint16_t *)(bl->crecv + bl->pos[(int64_t)t * K + k] * (int64_t)m->y_row);
-            float wk = w[(int64_t)t * K + k];
-            for (int h = 0; h < H; h++) acc[h] += wk * bf2f(y[h]);
+        for (int r = 0; r < R; r++) {
+            bool any = false;
+            for (int k = 0; k < K; k++) {
+                int64_t e = m->idx[(int64_t)t * K + k];
+                if (e < 0 || e / L != r) continue;
+                if (!any)
+                    for (int h = 0; h < H; h++) part[h] = 0.0f;
+                any = true;
+                const uint16_t *y = (const uint16_t *)(bl->crecv + bl->pos[(int64_t)t * K + k] * (int64_t)m->y_row);
+                float wk = w[(int64_t)t * K + k];
+                for (int h = 0; h < H; h++) part[h] += wk * bf2f(y[h]);
+            }
+            for (int h = 0; any && h < H; h++) acc[h] += part[h];
         }
         uint16_t *dst = out + (int64_t)t * H;
         for (int h = 0; h < H; h++) dst[h] = f2bf(acc[h]);

@@ -132,7 +132,8 @@ void bench_moe_count_rows(const bench_moe_data_t *d, int q, int64_t *rows, int64
 }
 
 /* ht: for each rank r the token went to, in ascending order, + bf16(value * mult_of(r));
- * ll: for each k, + w[t, k] * bf16(value * mult_of(expert)). */
+ * ll: for each rank r ascending, + the sum (from 0) over the k ascending whose expert lives
+ * on r of w[t, k] * bf16(value * mult_of(expert)). */
 void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out)
 {
     int H = d->H, K = d->K, q = d->me;
@@ -140,6 +141,7 @@ void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out)
     uint8_t *qx = (uint8_t *)xmalloc(d, (size_t)H);
     float *sc = (float *)xmalloc(d, sizeof(float) * (size_t)(d->S ? d->S : 1));
     float *val = (float *)xmalloc(d, sizeof(float) * (size_t)H), *acc = (float *)xmalloc(d, sizeof(float) * (size_t)H);
+    float *part = (float *)xmalloc(d, sizeof(float) * (size_t)H);
     for (int t = 0; t < d->T; t++) {
         bench_moe_gen_row(d, q, t, row, sc);
         if (d->ll && d->fp8) {
@@ -150,10 +152,18 @@ void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out)
         }
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
         if (d->ll) {
-            for (int k = 0; k < K; k++) {
-                int e = d->topk[tk(d, q, t) + k];
-                float wk = d->w[tk(d, q, t) + k], mu = mult_of(e);
-                for (int h = 0; h < H; h++) acc[h] += wk * bf2f(f2bf(val[h] * mu));
+            for (int r = 0; r < d->R; r++) {
+                bool any = false;
+                for (int k = 0; k < K; k++) {
+                    int e = d->topk[tk(d, q, t) + k];
+                    if (e < 0 || e / d->L != r) continue;
+                    if (!any)
+                        for (int h = 0; h < H; h++) part[h] = 0.0f;
+                    any = true;
+                    float wk = d->w[tk(d, q, t) + k], mu = mult_of(e);
+                    for (int h = 0; h < H; h++) part[h] += wk * bf2f(f2bf(val[h] * mu));
+                }
+                for (int h = 0; any && h < H; h++) acc[h] += part[h];
             }
         } else {
             for (int r = 0; r < d->R; r++) {
@@ -169,6 +179,7 @@ void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out)
     free(sc);
     free(val);
     free(acc);
+    free(part);
 }
 
 int64_t bench_moe_check_conversions(bench_moe_data_t *d, int samples, bool fp8)

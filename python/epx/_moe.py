@@ -308,7 +308,7 @@ class Moe:
 
     def ll_combine(self, handle, y, topk_weights, out=None, *, stream=None, split=False):
         """Low-latency combine (collective): out[t] = sum over k of topk_weights[t, k] * y[e_k][slot(t, k)],
-        float32, ascending k. y is [L, R*max_tokens, H] in the dispatch's slot layout. Returns out[T, H].
+        float32: a partial sum per expert rank (ascending k), then the ranks ascending (epx.h). y is [L, R*max_tokens, H] in the dispatch's slot layout. Returns out[T, H].
         With split, only the send half runs: out is complete, and y may change, after
         ll_recv(handle, combine=True)."""
         checks = self._handle_checks(handle, "ll")

@@ -255,11 +255,17 @@ def test_moe_ll():
         out = moe.ll_combine(r.handle, y, W.w[me])
         want = np.zeros((W.T[me], H), np.uint16)
         for t in range(W.T[me]):
+            # a partial sum per expert rank (k ascending in it), then the ranks ascending
             acc = np.zeros(H, np.float32)
-            for k in range(K):
-                e = W.idx[me][t, k]
-                if e >= 0:
-                    acc = acc + (W.w[me][t, k] * bf16_to_f32(y_row(e, me, t))).astype(np.float32)
+            for q in range(R):
+                ks = [k for k in range(K) if W.idx[me][t, k] >= 0 and W.idx[me][t, k] // W.L == q]
+                if not ks:
+                    continue
+                part = np.zeros(H, np.float32)
+                for k in ks:
+                    e = W.idx[me][t, k]
+                    part = part + (W.w[me][t, k] * bf16_to_f32(y_row(e, me, t))).astype(np.float32)
+                acc = acc + part
             want[t] = f32_to_bf16(acc)
         same(out, want, "ll combine case %d" % case)
         moe.destroy()

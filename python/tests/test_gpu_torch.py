@@ -197,11 +197,16 @@ def check_ll(rank, R, dev, buf):
                                                                     return_recv_hook=True)
     hook()
     assert recv_x.shape == (L, R * M, H)
-    # identity experts: out[t] = sum_k w[t,k] * x[t] (float32 products, ascending k)
+    # identity experts: out[t] = over the expert ranks q ascending, the sum of w[t,k] * x[t]
+    # over the k ascending whose expert is on q (float32 products and sums)
     out, ev, hook = buf.low_latency_combine(recv_x, topk, w, handle)
     want = torch.zeros(T, H, device=dev)
-    for k in range(K):
-        want = want + (w[:, k:k + 1] * x.float())
+    for q in range(R):
+        part = torch.zeros(T, H, device=dev)
+        for k in range(K):
+            on_q = (topk[:, k:k + 1] // L == q).float()
+            part = part + on_q * (w[:, k:k + 1] * x.float())
+        want = want + part
     torch.testing.assert_close(out.float(), want.to(torch.bfloat16).float(), rtol=0, atol=0)
     return "ok"
 

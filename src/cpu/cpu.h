@@ -104,6 +104,12 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
  * rows[i][h] (w == NULL: of rows[i][h]); each weighted term is rounded (product), then
  * added: no FMA. The reduction of every MoE combine: same inputs, same bits. */
 void epx__cpu_reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H);
+/* The low-latency combine of one token (epx.h): its n <= EPX_MOE_MAX_TOPK terms w[i] *
+ * rows[i] in ascending k, rank[i] the rank that holds the term's expert; out = cast of the
+ * float32 sum, from +0, over the ranks ascending of each rank's partial sum (from +0, its
+ * terms in ascending k). */
+void epx__cpu_reduce_ll(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, const int32_t *rank,
+                        int n, int H);
 
 void epx__cpu_moe_handle_free(epx__cpu_moe_handle_t *h);
 int64_t epx__cpu_moe_handle_rows(const epx__cpu_moe_handle_t *h);

@@ -383,52 +383,88 @@ static epx_status_t epx__handle_out(epx__cpu_moe_handle_t *h, epx_status_t st, e
 
 /* out[h] = cast(sum over i in order of w_i * rows[i][h]) in float32, starting from +0;
  * with w == NULL the terms are the rows themselves (no multiply). Two roundings per
- * weighted term (product, then sum): no FMA, so other backends can match the bits. */
+ * weighted term (product, then sum): no FMA, so other backends can match the bits. With
+ * grp, runs of equal grp[i] are summed first (each from +0), then the runs' sums in order
+ * (a single run gives the same bits as no grp: a sum from +0 is never -0). */
 EPX__MULTIVERSION
-static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const float *w, int n, int H)
+static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const float *w, const int32_t *grp, int n,
+                                  int H)
 {
-    float acc[EPX__HBLOCK];
+    float acc[EPX__HBLOCK], part[EPX__HBLOCK];
     for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
         int nb = EPX__MIN(EPX__HBLOCK, H - h0);
         for (int j = 0; j < nb; j++) acc[j] = 0.0f;
-        for (int i = 0; i < n; i++) {
-            const uint16_t *r = (const uint16_t *)rows[i] + h0;
-            if (w) {
-                float wi = w[i];
-                for (int j = 0; j < nb; j++) {
-                    float prod = wi * epx__bf16_to_f32(r[j]);
-                    acc[j] += prod;
+        for (int i0 = 0, i1; i0 < n; i0 = i1) {
+            for (i1 = i0 + 1; i1 < n && (!grp || grp[i1] == grp[i0]); i1++) {}
+            float *sum = grp ? part : acc;
+            for (int j = 0; grp && j < nb; j++) part[j] = 0.0f;
+            for (int i = i0; i < i1; i++) {
+                const uint16_t *r = (const uint16_t *)rows[i] + h0;
+                if (w) {
+                    float wi = w[i];
+                    for (int j = 0; j < nb; j++) {
+                        float prod = wi * epx__bf16_to_f32(r[j]);
+                        sum[j] += prod;
+                    }
+                } else {
+                    for (int j = 0; j < nb; j++) sum[j] += epx__bf16_to_f32(r[j]);
                 }
-            } else {
-                for (int j = 0; j < nb; j++) acc[j] += epx__bf16_to_f32(r[j]);
             }
+            for (int j = 0; grp && j < nb; j++) acc[j] += part[j];
         }
         for (int j = 0; j < nb; j++) out[h0 + j] = epx__f32_to_bf16(acc[j]);
     }
 }
 
-void epx__cpu_reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H)
+static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, const int32_t *grp,
+                             int n, int H)
 {
     if (dtype == EPX_BF16) {
-        epx__reduce_rows_bf16(out, rows, w, n, H);
+        epx__reduce_rows_bf16(out, rows, w, grp, n, H);
         return;
     }
-    float acc[EPX__HBLOCK];
+    float acc[EPX__HBLOCK], part[EPX__HBLOCK];
     for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
         int nb = EPX__MIN(EPX__HBLOCK, H - h0);
         for (int j = 0; j < nb; j++) acc[j] = 0.0f;
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < nb; j++) {
-                float v = epx__load_float(rows[i], dtype, (size_t)(h0 + j));
-                if (w) {
-                    float prod = w[i] * v;
-                    acc[j] += prod;
-                } else {
-                    acc[j] += v;
+        for (int i0 = 0, i1; i0 < n; i0 = i1) {
+            for (i1 = i0 + 1; i1 < n && (!grp || grp[i1] == grp[i0]); i1++) {}
+            float *sum = grp ? part : acc;
+            for (int j = 0; grp && j < nb; j++) part[j] = 0.0f;
+            for (int i = i0; i < i1; i++)
+                for (int j = 0; j < nb; j++) {
+                    float v = epx__load_float(rows[i], dtype, (size_t)(h0 + j));
+                    if (w) {
+                        float prod = w[i] * v;
+                        sum[j] += prod;
+                    } else {
+                        sum[j] += v;
+                    }
                 }
-            }
+            for (int j = 0; grp && j < nb; j++) acc[j] += part[j];
+        }
         for (int j = 0; j < nb; j++) epx__store_float(out, dtype, (size_t)(h0 + j), acc[j]);
     }
+}
+
+void epx__cpu_reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H)
+{
+    epx__reduce_rows(out, dtype, rows, w, NULL, n, H);
+}
+
+void epx__cpu_reduce_ll(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, const int32_t *rank,
+                        int n, int H)
+{
+    const char *r[EPX_MOE_MAX_TOPK];
+    float wr[EPX_MOE_MAX_TOPK];
+    int32_t g[EPX_MOE_MAX_TOPK];
+    n = EPX__MIN(n, EPX_MOE_MAX_TOPK);
+    for (int i = 0; i < n; i++) { /* a stable insertion by rank: k stays ascending within one */
+        int j = i;
+        for (; j > 0 && g[j - 1] > rank[i]; j--) r[j] = r[j - 1], wr[j] = wr[j - 1], g[j] = g[j - 1];
+        r[j] = rows[i], wr[j] = w[i], g[j] = rank[i];
+    }
+    epx__reduce_rows(out, dtype, r, wr, g, n, H);
 }
 
 /* Work space of epx__gather_ptrs for up to `cap` rows. */
@@ -949,13 +985,15 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
         st = epx__gather_ptrs(m, &g, op.seq, ylocs, ranks, offs, n, s->combine_row_bytes, ptrs, err);
         for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
             int nr = 0;
+            int32_t rk[EPX_MOE_MAX_TOPK];
             for (int k = 0; k < K; k++) {
                 int32_t i = slot_of[(t - t0) * K + k];
                 if (i < 0) continue;
                 rows[nr] = ptrs[i];
+                rk[nr] = ranks[i];
                 w[nr++] = in->topk_weights[t * K + k];
             }
-            epx__cpu_reduce_rows((char *)out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, w, nr, H);
+            epx__cpu_reduce_ll((char *)out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, w, rk, nr, H);
         }
     }
     epx__gather_free(&g);

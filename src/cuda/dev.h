@@ -266,8 +266,9 @@ int epx__cuda_launch_ll_gather(const epx__cuda_dev_t *d, const epx__ll_combine_t
 /* Combine send s: my expert outputs are ready to be read (LLC_ARRIVE = s at every peer). */
 int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream);
 /* Combine receive s (with `send_too`, send s first, in the same kernel): wait for every
- * peer's LLC_ARRIVE, then out[t] = sum over k ascending of w[t,k] * y[e_k][slot] (float32
- * products and sums), then tell the peers and wait until all are done reading. */
+ * peer's LLC_ARRIVE, then out[t] = over the expert ranks ascending, the sum of each rank's
+ * w[t,k] * y[e_k][slot] over its k ascending (float32 products and sums: epx.h), then tell
+ * the peers and wait until all are done reading. */
 int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too, int blocks,
                                 void *stream);
 

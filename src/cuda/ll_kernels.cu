@@ -23,12 +23,13 @@
  * then sets the flags; the receive is the same kernel. A combine receive first gathers, for
  * each rail peer, the rows of its tokens' experts on this host (the gather kernel), src/xhost
  * sends them home, and the sum reads each row from the local peer that holds it or from
- * what came home: the same rows in the same k order, so the same bits. The send, receive
+ * what came home: the same rows in the same order, so the same bits. The send, receive
  * and combine kernels have an instance for each (template X: across hosts), so one host
  * runs none of the code the path across hosts needs (the bounded waits still check the
  * relay flag at run time, every 256th poll).
  */
 #include <cuda_runtime.h>
+#include <limits.h>
 
 #include "../core/convert.h"
 #include "flags.cuh"
@@ -385,7 +386,7 @@ extern "C" int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__
  * flag waits after others have finished. */
 static int epx__ll_resident(const void *kernel, int threads, int slot)
 {
-    static int cache[8][16];
+    static int cache[16][16];
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 16) dev = 0;
     if (cache[slot][dev] > 0) return cache[slot][dev];
@@ -482,8 +483,8 @@ static __global__ void __launch_bounds__(NT, NT == EPX__LL_RECV_THREADS ? 2 : 3)
         *a.h_bad = 1; /* the handle's arrays were not written: a combine along it writes nothing */
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
     /* Sources may read this (over NVLink) before refilling the half: every block's reads of
-     * it are over (the last-block count is fenced). No flag is pushed to them: a store to
-     * a peer at the end of this kernel cost 4-7 us. */
+     * it are over (the last-block count is an acq_rel atomic). No flag is pushed to them: a
+     * store to a peer at the end of this kernel cost 4-7 us. */
     epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
 }
 
@@ -648,19 +649,21 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 /* ---- Combine ------------------------------------------------------------------------------ */
 
 /* What a thread of the vectorised sum needs of its token before any row: the token's K
- * experts, slots and weights (-1 / 0 past K). */
-typedef struct {
-    int e[EPX_MOE_MAX_TOPK], slot[EPX_MOE_MAX_TOPK];
-    float w[EPX_MOE_MAX_TOPK];
-} epx__llc_meta_t;
+ * experts, slots and weights (-1 / 0 past K). KM: the kernel instance's bound on K (8, or
+ * EPX_MOE_MAX_TOPK): the arrays live in registers, twice as many at 16. */
+template <int KM> struct epx__llc_meta_t {
+    int e[KM], slot[KM];
+    float w[KM];
+};
 
 /* Token t's meta, every load issued at once (none depends on another). The handle's arrays
  * are my dispatch receive's and the weights the caller's, all ready when the kernel starts:
  * the first item's loads go out before the waits for the peers. */
-static __device__ __forceinline__ void epx__llc_meta(const epx__ll_combine_t &c, long long t, epx__llc_meta_t *m)
+template <int KM>
+static __device__ __forceinline__ void epx__llc_meta(const epx__ll_combine_t &c, long long t, epx__llc_meta_t<KM> *m)
 {
 #pragma unroll
-    for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
+    for (int k = 0; k < KM; k++) {
         bool in = k < c.topk;
         long long i = t * c.topk + k;
         m->e[k] = in ? c.h_topk[i] : -1;
@@ -669,7 +672,8 @@ static __device__ __forceinline__ void epx__llc_meta(const epx__ll_combine_t &c,
     }
 }
 
-template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t *m0);
+template <bool X, int KM>
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0);
 
 /* Where the row of (token t, its k-th expert e, slot) lies: in the expert's local rank's y,
  * or (X: across hosts) in what its host's gateway sent home. */
@@ -705,7 +709,7 @@ static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll
  * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
  * block to finish tells the peers it is done reading theirs and waits until they are done
  * with mine (my outputs may then be overwritten). */
-template <bool X>
+template <bool X, int KM>
 static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
@@ -713,13 +717,13 @@ static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev
      * was bad at dispatch or my device has failed since (its receive may not have written the
      * handle), and my first vectorised item's meta. */
     int bad = *c.h_bad | (int)*(volatile const unsigned int *)d.failed;
-    epx__llc_meta_t m0;
+    epx__llc_meta_t<KM> m0;
     long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (c.vec && i0 < (long long)c.num_tokens * (c.hidden / 8)) epx__llc_meta(c, i0 / (c.hidden / 8), &m0);
     if (send_too) epx__ll_relay_out<X>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool homes = live && (!X || epx__llc_homes_ok(&d, c, n)); /* across hosts: all came */
-    if (homes && epx__ll_sound<X>(&d) && !bad) epx__ll_combine_body<X>(c, &m0); /* bad routing or failed: nothing */
+    if (homes && epx__ll_sound<X>(&d) && !bad) epx__ll_combine_body<X, KM>(c, &m0); /* bad routing or failed: nothing */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
         epx__ll_relay_out<X>(&d);
@@ -746,81 +750,71 @@ extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *
 }
 
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
- * that allow 16-byte loads, and sums the token's rows in k order. Vectorised, m0 holds the
- * thread's first item's meta. */
-template <bool X> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t *m0)
+ * that allow 16-byte loads, and sums the token's rows as epx.h says: a partial sum per
+ * expert rank (its rows in k order, from +0), then the partials over the ranks ascending
+ * (from +0; a single partial gives the same bits as summing it directly). Vectorised, m0
+ * holds the thread's first item's meta. */
+template <bool X, int KM>
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0)
 {
     int K = c.topk, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     if (c.vec) {
         /* Each thread: 8 channels of one token, every contributing row's load in flight
-         * before the sums (which stay in k order). */
+         * before the sums (rank by rank ascending, k ascending in each). */
         long long chunks = H / 8, n_items = (long long)c.num_tokens * chunks;
         long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
         for (long long i = i0; i < n_items; i += (long long)gridDim.x * blockDim.x) {
             long long t = i / chunks, ch = i % chunks;
             if (i != i0) epx__llc_meta(c, t, m0);
-            uint4 v[EPX_MOE_MAX_TOPK]; /* static indices only: the arrays stay in registers */
-            bool has[EPX_MOE_MAX_TOPK];
-            const float *w = m0->w;
+            uint4 v[KM]; /* static indices only: the arrays stay in registers */
 #pragma unroll
-            for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
-                has[k] = m0->e[k] >= 0;
-                if (has[k]) v[k] = ((const uint4 *)epx__llc_row<X>(c, m0->e[k], t, k, m0->slot[k], row_bytes))[ch];
-            }
+            for (int k = 0; k < KM; k++)
+                if (m0->e[k] >= 0) v[k] = ((const uint4 *)epx__llc_row<X>(c, m0->e[k], t, k, m0->slot[k], row_bytes))[ch];
             float acc[8];
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+            /* Rank by rank up: a rank's experts are the ids [q L, (q + 1) L); `lo`: the
+             * first id not summed yet (the -1 ids never count). */
+            for (int lo = 0;;) {
+                int first = INT_MAX;
 #pragma unroll
-            for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) {
-                if (!has[k]) continue;
-                unsigned u[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+                for (int k = 0; k < KM; k++) first = m0->e[k] >= lo && m0->e[k] < first ? m0->e[k] : first;
+                if (first == INT_MAX) break;
+                int hi = (first / c.local_experts + 1) * c.local_experts;
+                float part[8];
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w[k], epx__bits_f32(u[j] << 16)));
-                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w[k], epx__bits_f32(u[j] & 0xffff0000u)));
+                for (int j = 0; j < 8; j++) part[j] = 0.0f;
+#pragma unroll
+                for (int k = 0; k < KM; k++) {
+                    if (m0->e[k] < lo || m0->e[k] >= hi) continue;
+                    /* At 16 the weights held too would spill (116 bytes): read again (L1). */
+                    float wk = KM <= 8 ? m0->w[k] : c.w[t * c.topk + k];
+                    unsigned u[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        part[2 * j] = __fadd_rn(part[2 * j], __fmul_rn(wk, epx__bits_f32(u[j] << 16)));
+                        part[2 * j + 1] = __fadd_rn(part[2 * j + 1], __fmul_rn(wk, epx__bits_f32(u[j] & 0xffff0000u)));
+                    }
                 }
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] = __fadd_rn(acc[j], part[j]);
+                lo = hi;
             }
             ((uint4 *)(c.out + t * row_bytes))[ch] = epx__pack_bf16x8(acc);
         }
         return;
     }
     for (int t = blockIdx.x; t < c.num_tokens; t += gridDim.x) {
-        const char *rows[EPX_MOE_MAX_TOPK];
-        float w[EPX_MOE_MAX_TOPK];
-        int nr = 0;
+        epx__ll_terms_t o;
+        o.n = 0;
         for (int k = 0; k < K; k++) {
             int e = c.h_topk[t * K + k];
-            if (e < 0) continue;
-            rows[nr] = epx__llc_row<X>(c, e, t, k, c.h_slot[t * K + k], row_bytes);
-            w[nr++] = c.w[(long long)t * K + k];
+            if (e >= 0)
+                epx__ll_add_term(&o, epx__llc_row<X>(c, e, t, k, c.h_slot[t * K + k], row_bytes),
+                                 c.w[(long long)t * K + k], e / c.local_experts);
         }
-        char *out = c.out + (long long)t * row_bytes;
-        bool vec = c.dtype == EPX_BF16 && H % 8 == 0 && ((unsigned long long)out & 15ull) == 0;
-        for (int i = 0; vec && i < nr; i++) vec = ((unsigned long long)rows[i] & 15ull) == 0;
-        if (vec) {
-            for (int ch = threadIdx.x; ch < H / 8; ch += blockDim.x) {
-                float acc[8];
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[j] = 0.0f;
-                for (int i = 0; i < nr; i++) {
-                    uint4 v = ((const uint4 *)rows[i])[ch];
-                    unsigned u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(w[i], epx__bits_f32(u[j] << 16)));
-                        acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(w[i], epx__bits_f32(u[j] & 0xffff0000u)));
-                    }
-                }
-                ((uint4 *)out)[ch] = epx__pack_bf16x8(acc);
-            }
-        } else {
-            for (long long h = threadIdx.x; h < H; h += blockDim.x) {
-                float acc = 0.0f;
-                for (int i = 0; i < nr; i++) acc = __fadd_rn(acc, __fmul_rn(w[i], epx__load_elem(rows[i], c.dtype, h)));
-                epx__store_elem(out, c.dtype, h, acc);
-            }
-        }
+        epx__ll_sum_token(&o, c.out + (long long)t * row_bytes, H, c.dtype, threadIdx.x, blockDim.x);
     }
 }
 
@@ -875,11 +869,12 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
     cudaError_t bad;
     bool X = epx__ll_across(d, &c->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
-    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_combine), 256, X ? 6 : 2);
+    bool k8 = c->topk <= 8; /* the instance whose per-token arrays hold 8 (no spills) */
+    void (*kernel)(epx__cuda_dev_t, epx__ll_combine_t, int) =
+        X ? (k8 ? epx__k_ll_combine<true, 8> : epx__k_ll_combine<true, EPX_MOE_MAX_TOPK>)
+          : (k8 ? epx__k_ll_combine<false, 8> : epx__k_ll_combine<false, EPX_MOE_MAX_TOPK>);
+    int most = epx__ll_resident((const void *)kernel, 256, (X ? 6 : 2) + (k8 ? 0 : 6));
     if (blocks > most) blocks = most; /* blocks stride over the work; even with no tokens: it is the operation */
-    if (X)
-        epx__k_ll_combine<true><<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
-    else
-        epx__k_ll_combine<false><<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
+    kernel<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
     return (int)cudaGetLastError();
 }

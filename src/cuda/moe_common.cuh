@@ -254,6 +254,64 @@ static __device__ __forceinline__ void epx__ll_quantize_block(const uint16_t *x,
     }
 }
 
+/* The low-latency combine of one token (epx.h), shared by the single-host kernel's
+ * unvectorised path (ll_kernels.cu) and the path across hosts (src/xhost): term i is
+ * w[i] * rows[i], its expert on rank g[i], the n terms in ascending k. Places each term in
+ * *ordered (rows, w, g: n of EPX_MOE_MAX_TOPK), by rank ascending, k ascending within a
+ * rank (a stable insertion); then epx__ll_sum_token sums them. */
+typedef struct {
+    const char *rows[EPX_MOE_MAX_TOPK];
+    float w[EPX_MOE_MAX_TOPK];
+    int g[EPX_MOE_MAX_TOPK], n;
+} epx__ll_terms_t;
+static __device__ __forceinline__ void epx__ll_add_term(epx__ll_terms_t *o, const char *row, float w, int g)
+{
+    int i = o->n++;
+    for (; i > 0 && o->g[i - 1] > g; i--) o->rows[i] = o->rows[i - 1], o->w[i] = o->w[i - 1], o->g[i] = o->g[i - 1];
+    o->rows[i] = row, o->w[i] = w, o->g[i] = g;
+}
+
+/* out = cast to dtype of the float32 sum, from +0, over the ranks of o (ascending) of each
+ * rank's partial sum (from +0) of its terms, each product rounded before it is added (no
+ * FMA). Threads first, first + stride, ... own the channels (8 at a time when bf16 rows and
+ * out allow 16-byte accesses: the same bits). */
+static __device__ void epx__ll_sum_token(const epx__ll_terms_t *o, char *out, int H, int dtype, int first, int stride)
+{
+    int n = o->n;
+    bool vec = dtype == EPX_BF16 && H % 8 == 0 && ((unsigned long long)out & 15ull) == 0;
+    for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)o->rows[i] & 15ull) == 0;
+    if (vec) {
+        for (int ch = first; ch < H / 8; ch += stride) {
+            float acc[8], part[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] = part[j] = 0.0f;
+            for (int i = 0; i < n; i++) {
+                uint4 v = ((const uint4 *)o->rows[i])[ch];
+                unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    part[2 * j] = __fadd_rn(part[2 * j], __fmul_rn(o->w[i], epx__bits_f32(u[j] << 16)));
+                    part[2 * j + 1] = __fadd_rn(part[2 * j + 1], __fmul_rn(o->w[i], epx__bits_f32(u[j] & 0xffff0000u)));
+                }
+                if (i + 1 < n && o->g[i + 1] == o->g[i]) continue; /* the rank's partial goes on */
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] = __fadd_rn(acc[j], part[j]), part[j] = 0.0f;
+            }
+            ((uint4 *)out)[ch] = epx__pack_bf16x8(acc);
+        }
+        return;
+    }
+    for (long long h = first; h < H; h += stride) {
+        float acc = 0.0f, part = 0.0f;
+        for (int i = 0; i < n; i++) {
+            part = __fadd_rn(part, __fmul_rn(o->w[i], epx__load_elem(o->rows[i], dtype, h)));
+            if (i + 1 < n && o->g[i + 1] == o->g[i]) continue;
+            acc = __fadd_rn(acc, part), part = 0.0f;
+        }
+        epx__store_elem(out, dtype, h, acc);
+    }
+}
+
 /* One warp: a whole row, block by block. Shared by the single-host low-latency dispatch
  * (ll_kernels.cu); src/xhost quantises by block. */
 static __device__ void epx__ll_quantize_row(const uint16_t *x, int H, int ue8m0, uint8_t *q, char *scales)

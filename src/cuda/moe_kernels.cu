@@ -345,7 +345,7 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
     size_t smem = EPX__LAYOUT_SMEM(r->nranks, r->num_experts);
     bool fits = smem + 64 <= 48 * 1024; /* 64: static shared memory */
     (void)cudaGetLastError();           /* what is returned below is this launch's */
-    if (fits && need <= 1) {
+    if (fits && (need <= 1 || blocks <= 1)) { /* one block, looping over T when it must */
         epx__k_moe_layout_block<false>
             <<<1, EPX__LAYOUT_THREADS, smem, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank);
         return (int)cudaGetLastError();
@@ -368,7 +368,7 @@ extern "C" int epx__cuda_launch_moe_layout_checked(const epx__moe_routing_t *r, 
         cfg.gridDim = dim3((unsigned)nb);
         if (cudaLaunchKernelEx(&cfg, epx__k_moe_layout_block<true>, *r, per_rank, per_expert, in_rank) == cudaSuccess)
             return (int)cudaSuccess;
-        (void)cudaGetLastError(); /* refused (no room for the cluster now): the kernel below does the same */
+        (void)cudaGetLastError(); /* refused (a cluster shape the device does not take): the kernel below */
     }
     if (blocks > need) blocks = (int)(need > 0 ? need : 1);
     epx__k_moe_layout<<<blocks, EPX__LAYOUT_THREADS, 0, (cudaStream_t)stream>>>(*r, per_rank, per_expert, in_rank, bad, scratch);

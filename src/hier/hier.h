@@ -13,7 +13,8 @@
  * which fans it out to the local ranks that need it. Combine walks back: the receivers
  * return their rows to the gateway, which sends them on to the token's home rank as they
  * are, one message per (gateway, source); the home rank sums each token's rows in the
- * single-host order (float32, ascending rank, from +0; low-latency: w * y in ascending k),
+ * single-host order (float32, ascending rank, from +0; low-latency: w * y per rank in
+ * ascending k, then the ranks ascending),
  * so the result equals the single-host one bit for bit. (Adding per-host partial sums
  * instead would change the float32 rounding; chaining a float32 partial sum from host to
  * host keeps the bits but makes every host wait for the previous one.)
@@ -181,10 +182,11 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
  *     2. gather home[n_home_send] (from C1 or Y) into the rows home, home_send_chunk[c * R
  *        + p] to home rank p in chunk c; exchange (between hosts, chunk by chunk) into
  *        HOME, home_recv_chunk[c * R + g] from gateway g;
- *     3. out[t] = the rows tok[first[t] .. first[t + 1]) (from Y, C1 or HOME), summed in
- *        that order: high-throughput one per rank in ascending rank order, the order of
- *        the single-host backends; low-latency one per valid k in ascending k, weighted by
- *        w[t, tk[j]].
+ *     3. out[t] = the rows tok[first[t] .. first[t + 1]) (from Y, C1 or HOME) summed:
+ *        high-throughput one per rank, in that order (ascending rank), the order of the
+ *        single-host backends; low-latency one per valid k, in ascending k, row j weighted
+ *        by w[t, tk[j]], its expert on rank rk[j], summed as on one host (epx.h: a partial
+ *        sum per rank, k ascending in it, then the ranks ascending).
  * The exchanges inside the host come in parts, by where the token's source is:
  * EPX__HIER_LOCAL (this host: a dispatch record of its forwarder's own token, which needs
  * nothing from the network; a combine record that goes straight home) and, for another
@@ -225,7 +227,7 @@ typedef struct {
     int64_t *ref; /* every reference and index, nref in all: the sections below point into it */
     size_t nref;
     int64_t *gw, *fan, *out, *c1, *home, *first, *tok;
-    int64_t *tk, *prow, *pslot, *psrc, *count; /* low-latency: [n_tok], [n_place] x 3, [L]; else NULL */
+    int64_t *tk, *rk, *prow, *pslot, *psrc, *count; /* low-latency: [n_tok] x 2, [n_place] x 3, [L]; else NULL */
     int64_t *mem; /* the count arrays */
 } epx__hier_xplan_t;
 /* Local: the row plan of handle h of context m. `chunks` (1 .. EPX__HIER_MAX_CHUNKS) must

@@ -25,7 +25,8 @@
  * Combine: every receiver sends its rows back to the forwarders they came from (shared
  * memory); each gateway sends the rows of its sources on other hosts home as they are
  * (MPI), and each home rank reduces every token's rows itself, in the single-host order
- * (ascending rank; low-latency: w[t,k] * y in ascending k, one row per (token, expert)),
+ * (ascending rank; low-latency: w[t,k] * y per expert rank in ascending k, then the ranks
+ * ascending, one row per (token, expert)),
  * with the reduction of src/cpu. No partial sum crosses a host, so the result is the
  * single-host one bit for bit and no step waits for another host's reduction.
  *
@@ -1133,16 +1134,20 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
     st = epx__rows_home(m, x, in->y, NULL, seq, deadline, &src, err);
-    /* At home: out[t] = sum over the valid k, ascending, of w[t, k] * the row of expert k. */
+    /* At home: out[t] = over the ranks ascending, the sum of each rank's w[t, k] * the row
+     * of expert k, the valid k ascending (as on one host: epx__cpu_reduce_ll). */
     for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
         const char *rows[EPX_MOE_MAX_TOPK];
         float w[EPX_MOE_MAX_TOPK];
+        int32_t rank[EPX_MOE_MAX_TOPK];
         int n = (int)(x->first[i + 1] - x->first[i]);
         for (int j = 0; j < n; j++) {
+            size_t k = (size_t)x->tk[x->first[i] + j];
             rows[j] = epx__src_row(&src, x->tok[x->first[i] + j]);
-            w[j] = in->topk_weights[(size_t)i * (size_t)K + (size_t)x->tk[x->first[i] + j]];
+            w[j] = in->topk_weights[(size_t)i * (size_t)K + k];
+            rank[j] = (int32_t)x->rk[x->first[i] + j];
         }
-        epx__cpu_reduce_rows((char *)out + (size_t)i * crow, s->combine_dtype, rows, w, n, s->hidden);
+        epx__cpu_reduce_ll((char *)out + (size_t)i * crow, s->combine_dtype, rows, w, rank, n, s->hidden);
     }
     return st;
 }

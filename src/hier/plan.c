@@ -410,10 +410,10 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
         for (int k = 0; k < K && b.ll; k++) x->n_tok += tk[k] >= 0;
     }
     /* The references, in one array: gw, fan, out, c1, home, first, tok, then (low-latency)
-     * tk, prow, pslot, psrc, count. */
+     * tk, rk, prow, pslot, psrc, count. */
     x->nref = (size_t)(x->n_gw + epx__hier_part_at(x->n_fan, NP) + rows + epx__hier_part_at(x->n_back_send, NP) +
                        x->n_home_send + T + 1 + x->n_tok);
-    if (b.ll) x->nref += (size_t)(x->n_tok + 3 * x->n_place + L);
+    if (b.ll) x->nref += (size_t)(2 * x->n_tok + 3 * x->n_place + L);
     x->ref = epx__arena_alloc(a, x->nref, sizeof *x->ref, false);
     if (!x->ref) {
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the row plan");
@@ -476,6 +476,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     o += T + 1;
     x->tok = o;
     x->tk = b.ll ? x->tok + x->n_tok : NULL;
+    x->rk = b.ll ? x->tk + x->n_tok : NULL;
     int64_t acc = 0, e0 = 0;
     for (int c = 0; c < C; c++)
         for (int p = 0; p < R; p++) { /* home rows lie by chunk, then by gateway rank */
@@ -510,7 +511,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
             if (tk[k] < 0) continue;
             int r = b.ex.rank[tk[k]], j = 0;
             while (j < n - 1 && ranks[j] != r) j++;
-            x->tk[o - x->tok + m] = k;
+            x->tk[o - x->tok + m] = k, x->rk[o - x->tok + m] = r;
             o[m++] = epx__rec_row(&b, base[j], epx__tokex_at(&tx, tk[k]) - run_at[j]);
         }
         o += m;
@@ -519,7 +520,7 @@ epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handl
     if (st != EPX_SUCCESS) goto done;
     if (b.ll) {
         /* Each filled slot: its row, its place, its source; in slot order. */
-        o += x->n_tok;
+        o += 2 * x->n_tok; /* tk, rk */
         x->prow = o, x->pslot = o + x->n_place, x->psrc = o + 2 * x->n_place, x->count = o + 3 * x->n_place;
         for (int64_t r = 0; r < rows; r++) {
             const int32_t *tk = P->row_topk + r * K;

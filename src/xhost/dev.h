@@ -39,11 +39,12 @@ typedef struct {
     long long aux_stride, aux_bytes;
 } epx__xh_gather_t;
 
-/* out[t] = the rows ref[first[t] .. first[t + 1]) summed in that order (float32 from +0,
- * the arithmetic of the single-host combine: epx__moe_reduce_token); with w (low-latency)
- * row j enters as the product w[t * topk + wk[j]] * row, rounded before it is added, as in
- * the CPU backend's low-latency combine. out_w[t] (when not NULL) = the sum of their top-k
- * weights (aux parts; zeros where no source has any). */
+/* out[t] = the rows ref[first[t] .. first[t + 1]) summed (float32 from +0): without w
+ * (high-throughput) in that order, the arithmetic of the single-host combine
+ * (epx__moe_reduce_token), and out_w[t] (when not NULL) = the sum of their top-k weights
+ * (aux parts; zeros where no source has any); with w (low-latency) row j is the product
+ * w[t * topk + wk[j]] * row, rounded before it is added, its expert on rank rk[j], summed
+ * as the single-host low-latency combine does (epx__ll_sum_token: a partial sum per rank). */
 typedef struct {
     epx__xh_src_t src;
     const long long *first; /* [T + 1], device */
@@ -53,6 +54,7 @@ typedef struct {
     float *out_w;
     const float *w;        /* [T, topk], device, or NULL */
     const long long *wk;   /* the k of each row (with w), device */
+    const long long *rk;   /* the rank of each row's expert (with w), device */
 } epx__xh_reduce_t;
 
 /* Low-latency placement. Filled slot j (j < g.n) gets row ref[row[j]] of g (g.ref: one per

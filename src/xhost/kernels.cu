@@ -115,29 +115,37 @@ static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t 
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
     int H = c.hidden, lane = (int)(threadIdx.x & 31);
     long long row_bytes = (long long)H * (c.dtype == EPX_F32 ? 4 : 2);
-    for (long long t = warp; t < c.num_tokens; t += nwarps) {
-        const char *src[EPX_MOE_MAX_TOPK];
-        const float *wsrc[EPX_MOE_MAX_TOPK];
-        float w[EPX_MOE_MAX_TOPK];
+    for (long long t = warp; t < c.num_tokens && c.w; t += nwarps) { /* low latency: weighted, by rank */
         long long a = c.first[t];
         int n = (int)(c.first[t + 1] - a);
         if (n > EPX_MOE_MAX_TOPK) n = EPX_MOE_MAX_TOPK; /* a token has at most K rows */
-        /* Every row's reference (and weight) in one load per lane. */
         long long my_ref = lane < n ? c.ref[a + lane] : 0;
-        float my_w = c.w && lane < n ? c.w[t * c.topk + c.wk[a + lane]] : 0.0f;
+        float my_w = lane < n ? c.w[t * c.topk + c.wk[a + lane]] : 0.0f;
+        int my_g = lane < n ? (int)c.rk[a + lane] : 0;
+        epx__ll_terms_t o;
+        o.n = 0;
+        for (int i = 0; i < n; i++)
+            epx__ll_add_term(&o, epx__xh_row(&c.src, __shfl_sync(0xffffffffu, my_ref, i)),
+                             __shfl_sync(0xffffffffu, my_w, i), __shfl_sync(0xffffffffu, my_g, i));
+        epx__ll_sum_token(&o, c.out + t * row_bytes, H, c.dtype, lane, 32);
+    }
+    for (long long t = warp; t < c.num_tokens && !c.w; t += nwarps) { /* high throughput: in rank order */
+        const char *src[EPX_MOE_MAX_TOPK];
+        const float *wsrc[EPX_MOE_MAX_TOPK];
+        long long a = c.first[t];
+        int n = (int)(c.first[t + 1] - a);
+        if (n > EPX_MOE_MAX_TOPK) n = EPX_MOE_MAX_TOPK; /* a token has at most K rows */
+        /* Every row's reference in one load per lane. */
+        long long my_ref = lane < n ? c.ref[a + lane] : 0;
         for (int i = 0; i < n; i++) {
             long long ref = __shfl_sync(0xffffffffu, my_ref, i);
             src[i] = epx__xh_row(&c.src, ref);
             wsrc[i] = (const float *)epx__xh_aux(&c.src, ref);
-            w[i] = __shfl_sync(0xffffffffu, my_w, i);
         }
         char *out = c.out + t * row_bytes;
         float *out_w = c.out_w ? c.out_w + t * c.topk : (float *)0;
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)out & 15ull) == 0;
-        if (c.w) /* two instances: the unweighted one keeps no test per element */
-            epx__moe_reduce_token(src, wsrc, n, out, out_w, H, c.dtype, c.topk, vec, w);
-        else
-            epx__moe_reduce_token(src, wsrc, n, out, out_w, H, c.dtype, c.topk, vec, (const float *)0);
+        epx__moe_reduce_token(src, wsrc, n, out, out_w, H, c.dtype, c.topk, vec, (const float *)0);
     }
 }
 

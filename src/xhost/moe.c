@@ -72,9 +72,10 @@
  *   combine   rows home unreduced, one per (token, distinct expert), a token's rows for a
  *             rank back to back by local expert (src/hier's low-latency combine): back to
  *             their forwarder (CUDA IPC), home along the rail (NCCL); at home one kernel
- *             sums each token's valid k ascending, each term the float32 product
- *             w[t, k] * y rounded before it is added, from +0 (epx__moe_reduce_token,
- *             weighted): the CPU backend's bits.
+ *             sums each token's valid k, each term the float32 product w[t, k] * y
+ *             rounded before it is added, a partial per expert rank (k ascending) from +0,
+ *             then the partials (ranks ascending) from +0 (epx__ll_sum_token): the CPU
+ *             backend's bits.
  * That path waits on the host, so it cannot be captured in a CUDA graph and
  * a split send does all the work (its receive keeps the order only): per dispatch the stream
  * wait and the read-back of the ids, a bootstrap round (bad routing), src/hier's verdict (an
@@ -166,7 +167,7 @@ typedef struct {
     bool keep_dev;  /* the NCCL link died: leave cudaMalloc'd memory (cudaFree could wait) */
     long long *dev; /* the references, sections as in h: */
     const long long *d_gw, *d_fan, *d_out, *d_c1, *d_home, *d_first, *d_tok;
-    const long long *d_tk, *d_prow, *d_pslot, *d_psrc, *d_count; /* low-latency */
+    const long long *d_tk, *d_rk, *d_prow, *d_pslot, *d_psrc, *d_count; /* low-latency */
     bool dev_async;    /* dev is stream-ordered (cudaMallocAsync): freed without waiting */
     int device;        /* dev's */
     cudaEvent_t used;  /* recorded after every call that read dev */
@@ -563,7 +564,7 @@ static epx_status_t epx__plan_build(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
     x->d_c1 = x->dev + (x->h.c1 - r), x->d_home = x->dev + (x->h.home - r);
     x->d_first = x->dev + (x->h.first - r), x->d_tok = x->dev + (x->h.tok - r);
     if (x->h.ll) {
-        x->d_tk = x->dev + (x->h.tk - r), x->d_prow = x->dev + (x->h.prow - r);
+        x->d_tk = x->dev + (x->h.tk - r), x->d_rk = x->dev + (x->h.rk - r), x->d_prow = x->dev + (x->h.prow - r);
         x->d_pslot = x->dev + (x->h.pslot - r), x->d_psrc = x->dev + (x->h.psrc - r);
         x->d_count = x->dev + (x->h.count - r);
     }
@@ -1073,7 +1074,7 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
     /* 3. At home: every token's rows summed in ascending rank order, as on one host. */
     if (st == EPX_SUCCESS) {
         epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->h.T, x->h.K, s->hidden, (int)s->combine_dtype, out->out,
-                              out->out_topk_weights, NULL, NULL};
+                              out->out_topk_weights, NULL, NULL, NULL};
         st = epx__launched(epx__xh_launch_reduce(&r, epx__blocks(m), stream), "reducing at home", err);
     }
     return epx__call_end(m, x, plan, st, stream, err);
@@ -1314,10 +1315,11 @@ epx_status_t epx__xhost_moe_ll_combine(epx__xhost_moe_t *m, epx__xhost_moe_handl
     epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     epx__xh_src_t src;
     if (st == EPX_SUCCESS) st = epx__rows_home(m, x, in->y, NULL, plan, stream, &src, err);
-    /* 3. At home: out[t] = sum over the valid k, ascending, of w[t, k] * the row of expert k. */
+    /* 3. At home: out[t] = over the ranks ascending, each rank's sum of w[t, k] * the row of
+     * expert k over its valid k ascending (epx.h). */
     if (st == EPX_SUCCESS) {
         epx__xh_reduce_t r = {src, x->d_first, x->d_tok, x->h.T, x->h.K, s->hidden, (int)s->combine_dtype, out,
-                              NULL, in->topk_weights, x->d_tk};
+                              NULL, in->topk_weights, x->d_tk, x->d_rk};
         st = epx__launched(epx__xh_launch_reduce(&r, epx__blocks(m), stream), "reducing at home", err);
     }
     return epx__call_end(m, x, plan, st, stream, err);

@@ -37,7 +37,7 @@
  * reads back the routing only, plans with src/hier's algorithm (a token crosses to each
  * destination host once, to the rank of the same local index, and fans out inside the host;
  * combine sends rows home unreduced and sums them at home: high-throughput in ascending rank
- * order, low-latency weighted in ascending k), and the rows move with gather kernels, NCCL
+ * order, low-latency weighted, per expert rank in ascending k), and the rows move with gather kernels, NCCL
  * along the rails and the CUDA backend's alltoallv inside a host; low-latency FP8 is
  * quantised on the device, and each received row is placed into its experts' slots by one
  * kernel. Results are bit-identical to the single-host backends. High-throughput calls wait
