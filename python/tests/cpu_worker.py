@@ -224,9 +224,12 @@ def test_moe_ht():
 
 
 def test_moe_ll():
-    for case, (E, K, M, H, fp8) in enumerate([(R * 2, 3, 6, 40, False), (R * 3, 2, 5, 300, True)]):
+    # the third: several of a token's experts on each rank and float32 outputs, so that the
+    # combine's order of sums shows in the bits (a bf16 output rounds most of it away)
+    for case, (E, K, M, H, fp8, f32) in enumerate([(R * 2, 3, 6, 40, False, False), (R * 3, 2, 5, 300, True, False),
+                                                    (R * 4, 7, 9, 64, False, True)]):
         W = World(case + 50, E, K, M, H)
-        moe = epx.Moe(comm, H, E, M, K, dtype="bf16", mode="ll", ll_fp8=fp8)
+        moe = epx.Moe(comm, H, E, M, K, dtype="bf16", mode="ll", ll_fp8=fp8, combine_dtype="f32" if f32 else None)
         x = x_of(case + 50, me, W.T[me], H, "bf16")
         r = moe.ll_dispatch(x, W.idx[me])
         S = R * M
@@ -245,15 +248,16 @@ def test_moe_ll():
                     ok(q.dtype.itemsize == 1 and r.recv_x_scales.shape == (W.L, S, (H + 127) // 128), "fp8 shapes")
                     ok(np.isfinite(r.recv_x_scales[l, :len(slots)]).all(), "fp8 scales finite")
         same(r.recv_count, want_cnt, "ll recv_count")
-        y = np.zeros((W.L, S, H), np.uint16)
+        y = np.zeros((W.L, S, H), np.float32 if f32 else np.uint16)
 
         def y_row(e, p, t):
             return f32_to_bf16(rng(14, case, e, p, t).standard_normal(H).astype(np.float32))
         for l in range(W.L):
             for s in range(want_cnt[l]):
-                y[l, s] = y_row(me * W.L + l, r.recv_src_rank[l, s], r.recv_src_token[l, s])
+                row = y_row(me * W.L + l, r.recv_src_rank[l, s], r.recv_src_token[l, s])
+                y[l, s] = bf16_to_f32(row) if f32 else row
         out = moe.ll_combine(r.handle, y, W.w[me])
-        want = np.zeros((W.T[me], H), np.uint16)
+        want = np.zeros((W.T[me], H), np.float32 if f32 else np.uint16)
         for t in range(W.T[me]):
             # a partial sum per expert rank (k ascending in it), then the ranks ascending
             acc = np.zeros(H, np.float32)
@@ -266,8 +270,8 @@ def test_moe_ll():
                     e = W.idx[me][t, k]
                     part = part + (W.w[me][t, k] * bf16_to_f32(y_row(e, me, t))).astype(np.float32)
                 acc = acc + part
-            want[t] = f32_to_bf16(acc)
-        same(out, want, "ll combine case %d" % case)
+            want[t] = acc if f32 else f32_to_bf16(acc)
+        same(out.view(np.uint32) if f32 else out, want.view(np.uint32) if f32 else want, "ll combine case %d" % case)
         moe.destroy()
 
 

@@ -186,7 +186,7 @@ def check_moe_layer(rank, R, dev, buf):
 
 
 def check_ll(rank, R, dev, buf):
-    E, K, H, M = 4 * R, 2, 128, 16
+    E, K, H, M = 4 * R, 4, 128, 16  # K = 4: a token has several experts on a rank
     L = E // R
     T = 5 + 3 * rank
     g = torch.Generator().manual_seed(200 + rank)

@@ -102,7 +102,8 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
                                      epx__errbuf_t *err);
 /* out[h] = cast to `dtype` of the float32 sum, from +0 and in the order given, of w[i] *
  * rows[i][h] (w == NULL: of rows[i][h]); each weighted term is rounded (product), then
- * added: no FMA. The reduction of every MoE combine: same inputs, same bits. */
+ * added: no FMA. The reduction of every high-throughput combine (the low-latency one:
+ * epx__cpu_reduce_ll): same inputs, same bits. */
 void epx__cpu_reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H);
 /* The low-latency combine of one token (epx.h): its n <= EPX_MOE_MAX_TOPK terms w[i] *
  * rows[i] in ascending k, rank[i] the rank that holds the term's expert; out = cast of the

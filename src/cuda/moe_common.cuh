@@ -106,8 +106,7 @@ static __device__ __forceinline__ uint4 epx__pack_bf16x8(const float *a)
  * so NR * U 16-byte loads are in flight per lane; each chunk's terms are then added in row
  * order from +0. */
 template <int NR, int U>
-static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *src, int n, char *out, int chunks,
-                                                             const float *w)
+static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *src, int n, char *out, int chunks)
 {
     int lane = threadIdx.x & 31;
     for (int ch0 = lane; ch0 < chunks; ch0 += 32 * U) {
@@ -132,10 +131,8 @@ static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *
                 unsigned b[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    float lo = epx__bits_f32(b[j] << 16), hi = epx__bits_f32(b[j] & 0xffff0000u);
-                    if (w) lo = __fmul_rn(w[i], lo), hi = __fmul_rn(w[i], hi);
-                    acc[2 * j] = __fadd_rn(acc[2 * j], lo);
-                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], hi);
+                    acc[2 * j] = __fadd_rn(acc[2 * j], epx__bits_f32(b[j] << 16));
+                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], epx__bits_f32(b[j] & 0xffff0000u));
                 }
             }
             ((uint4 *)out)[ch] = epx__pack_bf16x8(acc);
@@ -143,23 +140,22 @@ static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *
     }
 }
 
-/* One token of a combine, by one warp: out = the n terms src[0..n) summed in that order
- * (float32 from +0, then cast to dtype), a term being the row itself, or with w the product
- * w[i] * row rounded to float32 before it is added (no FMA: the CPU backend's arithmetic);
- * out_w[k] = the sum of the non-NULL wsrc[i][k] (0 when none) unless out_w is NULL. `vec`
- * (bf16, H % 8 == 0, out 16-byte aligned) allows 16-byte accesses when every src is aligned
- * too; either way the bits are the same. Shared by the single-host combine (moe_kernels.cu)
- * and the combines across hosts (src/xhost: high-throughput unweighted, low-latency
- * weighted), so that they reduce with the same arithmetic. */
+/* One token of a high-throughput combine, by one warp: out = the n rows src[0..n) summed
+ * in that order (float32 from +0, then cast to dtype); out_w[k] = the sum of the non-NULL
+ * wsrc[i][k] (0 when none) unless out_w is NULL. `vec` (bf16, H % 8 == 0, out 16-byte
+ * aligned) allows 16-byte accesses when every src is aligned too; either way the bits are
+ * the same. Shared by the single-host combine (moe_kernels.cu) and the combine across hosts
+ * (src/xhost), so that they reduce with the same arithmetic. (The low-latency combines sum
+ * weighted terms by rank: epx__ll_sum_token.) */
 template <int MAXR = EPX__CUDA_MAX_RANKS>
 static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *src, const float *const *wsrc, int n,
                                                              char *out, float *out_w, int H, int dtype, int topk,
-                                                             bool vec, const float *w)
+                                                             bool vec)
 {
     int lane = threadIdx.x & 31;
     for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
     if (vec && MAXR <= 2) {
-        epx__reduce_bf16_rows<2, 4>(src, n, out, H / 8, w);
+        epx__reduce_bf16_rows<2, 4>(src, n, out, H / 8);
     } else if (vec) {
         /* Four chunks of every row in flight per lane (up to 4 rows), then the sums. */
         int chunks = H / 8;
@@ -181,16 +177,13 @@ static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     if (i0 + i >= n) break;
-                    float wi = w ? w[i0 + i] : 1.0f;
 #pragma unroll
                     for (int u = 0; u < 4; u++) {
                         unsigned b[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
 #pragma unroll
                         for (int j = 0; j < 4; j++) {
-                            float lo = epx__bits_f32(b[j] << 16), hi = epx__bits_f32(b[j] & 0xffff0000u);
-                            if (w) lo = __fmul_rn(wi, lo), hi = __fmul_rn(wi, hi);
-                            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], lo);
-                            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], hi);
+                            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], epx__bits_f32(b[j] << 16));
+                            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], epx__bits_f32(b[j] & 0xffff0000u));
                         }
                     }
                 }
@@ -205,10 +198,7 @@ static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *
     } else {
         for (long long h = lane; h < H; h += 32) {
             float acc = 0.0f;
-            for (int i = 0; i < n; i++) {
-                float v = epx__load_elem(src[i], dtype, h);
-                acc = __fadd_rn(acc, w ? __fmul_rn(w[i], v) : v);
-            }
+            for (int i = 0; i < n; i++) acc = __fadd_rn(acc, epx__load_elem(src[i], dtype, h));
             epx__store_elem(out, dtype, h, acc);
         }
     }

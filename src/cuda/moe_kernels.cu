@@ -224,9 +224,9 @@ static __device__ __forceinline__ void epx__cluster_wait()
 #endif
 }
 
-/* The whole layout in one block (C false: T <= its threads; any device) or in one cluster
- * of blocks (C: sm_90 clusters). Every block counts its share in its shared memory
- * (EPX__LAYOUT_SMEM); in a cluster every other block then adds its counters into block 0's
+/* The whole layout in one block (C false: looping over T when it must; any device) or in
+ * one cluster of blocks (C: sm_90 clusters). Every block counts its share in its shared
+ * memory (EPX__LAYOUT_SMEM); in a cluster every other block then adds its counters into block 0's
  * through distributed shared memory and exits, and block 0 writes the counts once they are
  * all in. No global scratch, no grid-wide atomics, one cluster meeting on the path (the
  * first, for block 0's zeros, is long past when it is waited for). */
@@ -566,7 +566,7 @@ static __global__ void __launch_bounds__(MAXR <= 2 ? 1024 : 512)
         }
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
         epx__moe_reduce_token<MAXR>(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
-                              c.dtype, c.topk, vec, (const float *)0);
+                              c.dtype, c.topk, vec);
     }
     if (steps & EPX__STEP_DONE) epx__done(&d);
 }

@@ -3,8 +3,8 @@
  * NCCL and the intra-host exchange, and the final placement of dispatch: rows in order, or
  * low-latency slots with their sources), the low-latency FP8 quantisation, and the home
  * reduction of combine, which sums every token's rows with the single-host combine's
- * arithmetic (epx__moe_reduce_token of src/cuda; weighted for low-latency), so that the
- * bits are the same.
+ * arithmetic (epx__moe_reduce_token of src/cuda; low-latency: epx__ll_sum_token), so that
+ * the bits are the same.
  */
 #include <cuda_runtime.h>
 
@@ -145,7 +145,7 @@ static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t 
         char *out = c.out + t * row_bytes;
         float *out_w = c.out_w ? c.out_w + t * c.topk : (float *)0;
         bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)out & 15ull) == 0;
-        epx__moe_reduce_token(src, wsrc, n, out, out_w, H, c.dtype, c.topk, vec, (const float *)0);
+        epx__moe_reduce_token(src, wsrc, n, out, out_w, H, c.dtype, c.topk, vec);
     }
 }
 
