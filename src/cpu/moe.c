@@ -396,8 +396,9 @@ static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const 
         for (int j = 0; j < nb; j++) acc[j] = 0.0f;
         for (int i0 = 0, i1; i0 < n; i0 = i1) {
             for (i1 = i0 + 1; i1 < n && (!grp || grp[i1] == grp[i0]); i1++) {}
-            float *sum = grp ? part : acc;
-            for (int j = 0; grp && j < nb; j++) part[j] = 0.0f;
+            bool later = i0 > 0; /* the first run sums into acc itself: +0 + its sum is its sum */
+            float *sum = later ? part : acc;
+            for (int j = 0; later && j < nb; j++) part[j] = 0.0f;
             for (int i = i0; i < i1; i++) {
                 const uint16_t *r = (const uint16_t *)rows[i] + h0;
                 if (w) {
@@ -410,7 +411,7 @@ static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const 
                     for (int j = 0; j < nb; j++) sum[j] += epx__bf16_to_f32(r[j]);
                 }
             }
-            for (int j = 0; grp && j < nb; j++) acc[j] += part[j];
+            for (int j = 0; later && j < nb; j++) acc[j] += part[j];
         }
         for (int j = 0; j < nb; j++) out[h0 + j] = epx__f32_to_bf16(acc[j]);
     }
@@ -429,8 +430,9 @@ static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *ro
         for (int j = 0; j < nb; j++) acc[j] = 0.0f;
         for (int i0 = 0, i1; i0 < n; i0 = i1) {
             for (i1 = i0 + 1; i1 < n && (!grp || grp[i1] == grp[i0]); i1++) {}
-            float *sum = grp ? part : acc;
-            for (int j = 0; grp && j < nb; j++) part[j] = 0.0f;
+            bool later = i0 > 0; /* the first run sums into acc itself: +0 + its sum is its sum */
+            float *sum = later ? part : acc;
+            for (int j = 0; later && j < nb; j++) part[j] = 0.0f;
             for (int i = i0; i < i1; i++)
                 for (int j = 0; j < nb; j++) {
                     float v = epx__load_float(rows[i], dtype, (size_t)(h0 + j));
@@ -441,7 +443,7 @@ static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *ro
                         sum[j] += v;
                     }
                 }
-            for (int j = 0; grp && j < nb; j++) acc[j] += part[j];
+            for (int j = 0; later && j < nb; j++) acc[j] += part[j];
         }
         for (int j = 0; j < nb; j++) epx__store_float(out, dtype, (size_t)(h0 + j), acc[j]);
     }
