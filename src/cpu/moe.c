@@ -381,6 +381,14 @@ static epx_status_t epx__handle_out(epx__cpu_moe_handle_t *h, epx_status_t st, e
 /* Block of channels reduced in registers / L1 at a time. */
 #define EPX__HBLOCK 512
 
+/* The end of the run of terms from i0 on that share grp[i0] (all n without grp). */
+static inline int epx__run_end(const int32_t *grp, int i0, int n)
+{
+    int i1 = i0 + 1;
+    while (i1 < n && (!grp || grp[i1] == grp[i0])) i1++;
+    return i1;
+}
+
 /* out[h] = cast(sum over i in order of w_i * rows[i][h]) in float32, starting from +0;
  * with w == NULL the terms are the rows themselves (no multiply). Two roundings per
  * weighted term (product, then sum): no FMA, so other backends can match the bits. With
@@ -395,7 +403,7 @@ static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const 
         int nb = EPX__MIN(EPX__HBLOCK, H - h0);
         for (int j = 0; j < nb; j++) acc[j] = 0.0f;
         for (int i0 = 0, i1; i0 < n; i0 = i1) {
-            for (i1 = i0 + 1; i1 < n && (!grp || grp[i1] == grp[i0]); i1++) {}
+            i1 = epx__run_end(grp, i0, n);
             bool later = i0 > 0; /* the first run sums into acc itself: +0 + its sum is its sum */
             float *sum = later ? part : acc;
             for (int j = 0; later && j < nb; j++) part[j] = 0.0f;
@@ -429,7 +437,7 @@ static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *ro
         int nb = EPX__MIN(EPX__HBLOCK, H - h0);
         for (int j = 0; j < nb; j++) acc[j] = 0.0f;
         for (int i0 = 0, i1; i0 < n; i0 = i1) {
-            for (i1 = i0 + 1; i1 < n && (!grp || grp[i1] == grp[i0]); i1++) {}
+            i1 = epx__run_end(grp, i0, n);
             bool later = i0 > 0; /* the first run sums into acc itself: +0 + its sum is its sum */
             float *sum = later ? part : acc;
             for (int j = 0; later && j < nb; j++) part[j] = 0.0f;

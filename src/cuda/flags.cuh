@@ -204,9 +204,9 @@ static __device__ __forceinline__ void epx__ll_complete(const epx__cuda_dev_t *d
 /* Threads p < R, p != me: flag `kind` from me = v at rank p, released at system scope: what
  * came before it on my stream, and what my grid did before it (ordered to this thread by a
  * barrier or the last-block count), reads of p's memory included, comes before p's acquire
- * of it. (A flag that only says
- * "my reads are over" needs the release too: a relaxed store, even after a GPU-scope
- * fence, does not synchronise with another GPU's acquire in the PTX memory model.) */
+ * of it. (A flag that only says "my reads are over" needs the release too: a relaxed store,
+ * even after a GPU-scope fence, does not synchronise with another GPU's acquire in the PTX
+ * memory model.) */
 static __device__ __forceinline__ void epx__signal_peers(const epx__cuda_dev_t *d, int kind, unsigned long long v)
 {
     int p = (int)threadIdx.x;

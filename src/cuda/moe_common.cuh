@@ -244,11 +244,11 @@ static __device__ __forceinline__ void epx__ll_quantize_block(const uint16_t *x,
     }
 }
 
-/* The low-latency combine of one token (epx.h), shared by the single-host kernel's
+/* The terms of one token's low-latency combine (epx.h), shared by the single-host kernel's
  * unvectorised path (ll_kernels.cu) and the path across hosts (src/xhost): term i is
- * w[i] * rows[i], its expert on rank g[i], the n terms in ascending k. Places each term in
- * *ordered (rows, w, g: n of EPX_MOE_MAX_TOPK), by rank ascending, k ascending within a
- * rank (a stable insertion); then epx__ll_sum_token sums them. */
+ * w[i] * rows[i], its expert on rank g[i]. epx__ll_add_term, called in ascending k, keeps
+ * them by rank ascending, k ascending within a rank (a stable insertion); then
+ * epx__ll_sum_token sums them. */
 typedef struct {
     const char *rows[EPX_MOE_MAX_TOPK];
     float w[EPX_MOE_MAX_TOPK];

@@ -167,10 +167,7 @@ static __device__ __forceinline__ unsigned epx__layout_token(const epx__moe_rout
         if (e[k] == EPX__BAD_ID) *bad = true;
         if (e[k] < 0) continue;
         m |= 1u << (e[k] / r.local_experts);
-        bool seen = false;
-#pragma unroll
-        for (int j = 0; j < k; j++) seen = seen || e[j] == e[k];
-        if (!seen) atomicAdd(&c[R + e[k]], 1);
+        if (!epx__seen_before(e, k)) atomicAdd(&c[R + e[k]], 1); /* unrolled: e stays in registers */
     }
     return m;
 }
