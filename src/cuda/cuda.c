@@ -52,7 +52,7 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
 
 /* Control memory of a communicator: flags, eager slots (two parities), then 512 bytes of
  * words from epoch_off, each word (or array) on a 64-byte line of its own: +0 epoch, +64
- * direct_ops, +128 blocks_left, +256 ll_seq[4] (the peers read it), +320 ll_blocks[6], +384
+ * direct_ops, +128 blocks_left, +256 ll_seq[4] (the peers read it), +320 ll_blocks[7], +384
  * failed (only my device's kernels touch it); the rest is free. Zero at creation
  * (cudaMemset), as the error record is; neither is ever reset: an error the device records
  * breaks the communicator for good (api/comm.c: epx__comm_break; the caller aborts it and

@@ -23,8 +23,10 @@ extern "C" {
  * low-latency flags hold low-latency sequence numbers (see ll_seq): LL, 2 s + c for the
  * dispatch send s whose rows and routing a peer finished pushing into me, c = 1 when that
  * peer had then received every dispatch before s (so it no longer reads the staging half
- * that send s + 1 fills); LLC_ARRIVE, the combine send whose expert outputs a peer
- * published; LLC_DONE, the combine receive a peer finished (it no longer reads mine). */
+ * that send s + 1 fills); LLC_ARRIVE, the combine send a peer made (on one host its
+ * weights are in my staging; across hosts its expert outputs are published); LLC_DONE
+ * (across hosts), the combine receive a peer finished (it no longer reads mine); LLC_PART
+ * (one host), the combine receive whose partial sums for my tokens a peer pushed into me. */
 enum {
     EPX__FLAG_ARRIVE = 0,
     EPX__FLAG_DONE = 1,
@@ -33,16 +35,18 @@ enum {
     EPX__FLAG_LLC_ARRIVE = 4,
     EPX__FLAG_LLC_DONE = 5,
     EPX__FLAG_FAILED = 6,
-    EPX__FLAG_KINDS = 7
+    EPX__FLAG_LLC_PART = 7,
+    EPX__FLAG_KINDS = 8
 };
 
 /* Low-latency sequences (ll_seq[] and their last-block counters ll_blocks[]): each counts
  * the kernels of its kind my stream finished. Sends and receives are numbered apart, so
  * two batches can be in flight between a send and its receive. */
 enum { EPX__LL_DISPATCH_SENT = 0, EPX__LL_DISPATCH_RECVD = 1, EPX__LL_COMBINE_SENT = 2, EPX__LL_COMBINE_RECVD = 3 };
-/* Kernels across hosts that count their blocks but keep no sequence of their own (they
- * run under the dispatch send's, and the combine receive's, number): ll_blocks[] only. */
-enum { EPX__LL_FORWARD = 4, EPX__LL_GATHER = 5 };
+/* Kernels (or steps) that count their blocks but keep no sequence of their own (they run
+ * under the dispatch send's, and the combine receive's, number): ll_blocks[] only. FORWARD
+ * and GATHER across hosts; PART, a combine receive's blocks done pushing partial sums. */
+enum { EPX__LL_FORWARD = 4, EPX__LL_GATHER = 5, EPX__LL_PART = 6 };
 
 /* Blocks of the direct alltoallv kernel: the same on every rank by construction. */
 #define EPX__DIRECT_BLOCKS 32
@@ -69,7 +73,7 @@ typedef struct {
     unsigned long long *direct_ops; /* of which direct alltoallv kernels (same on every rank) */
     unsigned int *blocks_left;  /* scratch counter for "last block" detection */
     unsigned long long *ll_seq; /* [4] low-latency sequences (EPX__LL_*) */
-    unsigned int *ll_blocks;    /* [6] their "last block" counters, then FORWARD's and GATHER's */
+    unsigned int *ll_blocks;    /* [7] their "last block" counters, then FORWARD's, GATHER's, PART's */
     unsigned long long *flags;  /* mine: [kind][src] * EPX__FLAG_STRIDE */
     unsigned long long *peer_flags[EPX__CUDA_MAX_RANKS];
     char *eager;                /* mine: [parity][src] slots of eager_bytes + EPX__SLOT_HDR */
@@ -224,6 +228,9 @@ typedef struct {
     int *recv_count, *recv_src_rank, *recv_src_token;
     int *h_slot, *h_topk;                      /* the handle: [T, K] slot and expert of mine */
     int *h_bad;                                /* the handle: 1 when some routing was bad */
+    /* The handle, one host only (else NULL), for the combine: every source's T, its routing
+     * [srcs, max_tokens, K] (-1 past T) and, where the expert is mine, the slot. */
+    int *h_ptok, *h_proute, *h_pslot;
     /* Sources: srcs ranks (all of them; nranks on one host), mine is me_src; this host's
      * ranks (nranks, flags and staging) are sources dest0 .. dest0 + nranks - 1. */
     int srcs, me_src, dest0;
@@ -240,6 +247,14 @@ typedef struct {
     char *out;
     int nranks, dest0, max_tokens;      /* this host's ranks are dest0 .. dest0 + nranks - 1 */
     epx__ll_rail_t rail;                /* across hosts: rows of other hosts' experts come in y_in */
+    /* One host: each rank's combine staging (two halves of chalf bytes, by the sequence's
+     * parity), mapped here. A half holds, per source p, p's weights [max_tokens, K] (float32,
+     * from cw_off) and what each expert rank sent home for p's tokens [max_tokens] (rows of
+     * prow bytes, from cp_off; see epx__cuda_launch_ll_combine). */
+    char *cstage[EPX__CUDA_MAX_RANKS];
+    long long chalf, cw_off, cp_off, prow;
+    const int *h_ptok, *h_proute, *h_pslot; /* the handle's (epx__ll_args_t) */
+    int rank, most_tokens;                  /* my rank; the largest T of any rank */
 } epx__ll_combine_t;
 
 /* Dispatch send s: once every destination is done with the staging half of s's parity
@@ -263,12 +278,19 @@ int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__ll_args_t *
  * then into my y block for each rail peer, the row of every (token, k) of its whose expert
  * lives on this host, and the block's header. */
 int epx__cuda_launch_ll_gather(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream);
-/* Combine send s: my expert outputs are ready to be read (LLC_ARRIVE = s at every peer). */
-int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream);
-/* Combine receive s (with `send_too`, send s first, in the same kernel): wait for every
- * peer's LLC_ARRIVE, then out[t] = over the expert ranks ascending, the sum of each rank's
- * w[t,k] * y[e_k][slot] over its k ascending (float32 products and sums: epx.h), then tell
- * the peers and wait until all are done reading. */
+/* Combine send s. Across hosts: my expert outputs are ready to be read (LLC_ARRIVE = s at
+ * every peer). On one host: my weights pushed into every peer's combine staging, then
+ * LLC_ARRIVE = s there. */
+int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream);
+/* Combine receive s (with `send_too`, send s first, in the same kernel): out[t] = over the
+ * expert ranks ascending, the sum of each rank's partial, the sum of w[t,k] * y[e_k][slot]
+ * over its k ascending (float32 products and sums: epx.h). Across hosts: wait for every
+ * peer's LLC_ARRIVE, read the rows, then tell the peers and wait until all are done
+ * reading. On one host the expert's rank adds up the partial: wait for every peer's
+ * LLC_ARRIVE (its weights are here, and it is done with what I last sent it in this
+ * half), push into each peer p, for each of its tokens with experts here, one row: the
+ * y row itself when the token has one expert here, else the float32 partial; LLC_PART = s
+ * at p; then wait for every peer's LLC_PART and sum. Nobody reads a peer's y. */
 int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too, int blocks,
                                 void *stream);
 

@@ -166,9 +166,10 @@ static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cud
     return *(volatile unsigned long long *)(d->ll_seq + kind) + 1ull;
 }
 
-/* Every thread of every block calls this at its end (once per kernel: `last` is not
- * guarded for a second call): true in the one block that gets here last (all other blocks
- * of the grid have finished), whose counter is then reset. */
+/* Every thread of every block calls this at its end, or at the end of a step counted
+ * under a kind of its own (once per kind and kernel): true in the one block that gets here
+ * last (all other blocks of the grid have finished, or finished that step), whose counter
+ * is then reset. */
 static __device__ bool epx__ll_last_block(const epx__cuda_dev_t *d, int kind)
 {
     __shared__ int last;

@@ -6,8 +6,11 @@
  * rank; then it sets its LL flag there. A receiver, once every flag is set, lays the rows
  * out per local expert (sources ascending, tokens ascending: the CPU backend's order) with
  * local copies, and every rank derives the slots of its own tokens from the same routing.
- * Combine pulls each of a token's expert rows from the expert's rank and sums them in k
- * order (float32 products, no FMA: build with --fmad=false), as the CPU backend does.
+ * Combine sums, per token, a float32 partial per expert rank (its rows in k order), then
+ * the partials in rank order (products rounded, no FMA: build with --fmad=false), as the
+ * CPU backend does. On one host the expert's rank forms the partial where the rows lie
+ * and pushes it home (one row per token and rank, instead of one per expert); the weights
+ * it needs come from the send. Across hosts the home pulls every row.
  *
  * Each half (dispatch send, dispatch receive, combine send, combine receive) is its own
  * kernel numbered by its own sequence in device memory, so a send and its receive can be
@@ -23,9 +26,9 @@
  * then sets the flags; the receive is the same kernel. A combine receive first gathers, for
  * each rail peer, the rows of its tokens' experts on this host (the gather kernel), src/xhost
  * sends them home, and the sum reads each row from the local peer that holds it or from
- * what came home: the same rows in the same order, so the same bits. The send, receive
- * and combine kernels have an instance for each (template X: across hosts), so one host
- * runs none of the code the path across hosts needs (the bounded waits still check the
+ * what came home: the same rows in the same order, so the same bits. The send and
+ * receive kernels have an instance for each (template X: across hosts), the combine a
+ * kernel for each, so one host runs none of the code the path across hosts needs (the bounded waits still check the
  * relay flag at run time, every 256th poll).
  */
 #include <cuda_runtime.h>
@@ -557,6 +560,12 @@ template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args
             a.h_topk[i] = e;
             if (e < 0) a.h_slot[i] = -1;
         }
+        /* On one host every source's T and routing, for the combine's partial sums. */
+        for (int p = 0; !X && a.h_ptok && p < R; p++) {
+            const int *ids_p = epx__ll_hdr(&a, a.stage[me], par, p) + 4;
+            if (threadIdx.x == 0) a.h_ptok[p] = tp[p];
+            for (long long i = threadIdx.x; i < (long long)tp[p] * K; i += blockDim.x) a.h_proute[(long long)p * M * K + i] = ids_p[i];
+        }
         /* Across hosts, my rail peers' routing too (-1 past their T), for the combine's gather. */
         for (int hp = 0; X && hp < rail_hosts; hp++) {
             int p = hp * LS + me, tpp = hp == a.rail.host ? 0 : tp[p];
@@ -590,6 +599,9 @@ template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args
                 for (int k = 0; at_k && k < K; k++)
                     if ((hit >> k) & 1u) at_k[k] = slot;
                 if (mine) {
+                    int *pslot = !X && a.h_pslot ? a.h_pslot + ((long long)p * M + t) * K : (int *)0;
+                    for (int k = 0; pslot && k < K; k++)
+                        if ((hit >> k) & 1u) pslot[k] = slot;
                     list_p[pos] = p, list_t[pos] = (int)t;
                     long long at = (long long)l * a.slots + slot;
                     if (a.recv_src_rank) a.recv_src_rank[at] = p;
@@ -754,12 +766,6 @@ static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
     epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
 }
 
-extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, void *stream)
-{
-    epx__k_ll_combine_send<<<1, 32, 0, (cudaStream_t)stream>>>(*d);
-    return (int)cudaGetLastError();
-}
-
 /* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
  * that allow 16-byte loads, and sums the token's rows as epx.h says: a partial sum per
  * expert rank (its rows in k order, from +0), then the partials over the ranks ascending
@@ -869,23 +875,256 @@ extern "C" int epx__cuda_launch_ll_gather(const epx__cuda_dev_t *d, const epx__l
     return (int)cudaGetLastError();
 }
 
+/* ---- Combine on one host: each expert rank sends home one row per token ------------------ */
+
+/* Source p's weights [max_tokens, K] in the combine half `par` of staging `base`. */
+static __device__ __forceinline__ float *epx__llc_wts(const epx__ll_combine_t &c, char *base, int par, int p)
+{
+    return (float *)(base + par * c.chalf + c.cw_off) + (long long)p * c.max_tokens * c.topk;
+}
+
+/* The row expert rank q sent home for token t of the staging's owner. */
+static __device__ __forceinline__ char *epx__llc_home(const epx__ll_combine_t &c, char *base, int par, int q, long long t)
+{
+    return base + par * c.chalf + c.cp_off + ((long long)q * c.max_tokens + t) * c.prow;
+}
+
+/* A thread's V channels (from ch * V): of a row of `dtype` (V == 8: bf16, 16-byte aligned),
+ * or of a float32 row; and the stores. */
+template <int V> static __device__ __forceinline__ void epx__llc_load(const char *row, int dtype, long long ch, float *f)
+{
+    if (V == 8) {
+        uint4 v = ((const uint4 *)row)[ch];
+        unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) f[2 * j] = epx__bits_f32(u[j] << 16), f[2 * j + 1] = epx__bits_f32(u[j] & 0xffff0000u);
+    } else {
+        f[0] = epx__load_elem(row, dtype, ch);
+    }
+}
+template <int V> static __device__ __forceinline__ void epx__llc_load_f32(const char *row, long long ch, float *f)
+{
+#pragma unroll
+    for (int j = 0; j < V; j += 4) {
+        if (V == 8) {
+            float4 v = ((const float4 *)row)[2 * ch + j / 4];
+            f[j] = v.x, f[j + 1] = v.y, f[j + 2] = v.z, f[j + 3] = v.w;
+        }
+    }
+    if (V == 1) f[0] = ((const float *)row)[ch];
+}
+template <int V> static __device__ __forceinline__ void epx__llc_store_f32(char *row, long long ch, const float *f)
+{
+#pragma unroll
+    for (int j = 0; j < V; j += 4)
+        if (V == 8) ((float4 *)row)[2 * ch + j / 4] = make_float4(f[j], f[j + 1], f[j + 2], f[j + 3]);
+    if (V == 1) ((float *)row)[ch] = f[0];
+}
+/* The same channels of a row of `dtype`, copied as they are. */
+template <int V> static __device__ __forceinline__ void epx__llc_copy(char *dst, const char *src, int dtype, long long ch)
+{
+    if (V == 8)
+        ((uint4 *)dst)[ch] = ((const uint4 *)src)[ch];
+    else if (dtype == EPX_F32)
+        ((uint32_t *)dst)[ch] = ((const uint32_t *)src)[ch];
+    else
+        ((uint16_t *)dst)[ch] = ((const uint16_t *)src)[ch];
+}
+
+/* part[j] += w * f[j] for each channel, the product rounded first (no FMA). */
+template <int V> static __device__ __forceinline__ void epx__llc_add(float *part, float w, const float *f)
+{
+#pragma unroll
+    for (int j = 0; j < V; j++) part[j] = __fadd_rn(part[j], __fmul_rn(w, f[j]));
+}
+
+/* Block-wide: my weights [T, K] into every peer's combine staging (source me, half par),
+ * then LLC_ARRIVE = n at each. */
+static __device__ void epx__llc_publish(const epx__cuda_dev_t *d, const epx__ll_combine_t &c, unsigned long long n)
+{
+    int par = (int)(n & 1ull);
+    long long cnt = (long long)c.num_tokens * c.topk;
+    for (int q = 0; q < c.nranks; q++) {
+        if (q == c.rank) continue;
+        float *dst = epx__llc_wts(c, c.cstage[q], par, c.rank);
+        for (long long i = threadIdx.x; i < cnt; i += blockDim.x) dst[i] = c.w[i];
+    }
+    __threadfence_system();
+    __syncthreads();
+    epx__signal_peers(d, EPX__FLAG_LLC_ARRIVE, n);
+}
+
+/* Every peer p's tokens with experts here (ptok[p]: p's T): into p's staging, for each, the
+ * y row of its one expert here, or the partial over its experts here (k ascending, from
+ * +0). A thread takes V channels of one token at a time. */
+template <int KM, int V>
+static __device__ void epx__llc_send_home(const epx__ll_combine_t &c, int par, const int *ptok)
+{
+    int K = c.topk, M = c.max_tokens, me = c.rank, dtype = c.dtype;
+    int lo = me * c.local_experts, hi = lo + c.local_experts;
+    long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
+    long long per_src = (long long)c.most_tokens * chunks, n_items = (long long)c.nranks * per_src;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items; i += (long long)gridDim.x * blockDim.x) {
+        int p = (int)(i / per_src);
+        long long t = i % per_src / chunks, ch = i % chunks;
+        if (p == me || t >= ptok[p]) continue;
+        long long at = ((long long)p * M + t) * K;
+        int e[KM];
+        unsigned mask = 0;
+#pragma unroll
+        for (int k = 0; k < KM; k++) {
+            e[k] = k < K ? c.h_proute[at + k] : -1;
+            if (e[k] >= lo && e[k] < hi) mask |= 1u << k;
+        }
+        if (!mask) continue;
+        char *dst = epx__llc_home(c, c.cstage[p], par, me, t);
+        const float *w = epx__llc_wts(c, c.cstage[me], par, p) + t * K;
+        bool one = (mask & (mask - 1)) == 0;
+        float part[V];
+#pragma unroll
+        for (int j = 0; j < V; j++) part[j] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < KM; k++) {
+            if (!((mask >> k) & 1u)) continue;
+            const char *row = c.y[me] + ((long long)(e[k] - lo) * c.slots + c.h_pslot[at + k]) * rb;
+            if (one) {
+                epx__llc_copy<V>(dst, row, dtype, ch);
+                continue;
+            }
+            float f[V];
+            epx__llc_load<V>(row, dtype, ch, f);
+            epx__llc_add<V>(part, w[k], f);
+        }
+        if (!one) epx__llc_store_f32<V>(dst, ch, part);
+    }
+}
+
+/* My tokens: out[t] = over the expert ranks ascending (from +0), each one's partial: mine
+ * from my y, a peer's as it sent it home (a y row to weigh here when the token has one
+ * expert there). */
+template <int KM, int V> static __device__ void epx__llc_sum_home(const epx__ll_combine_t &c, int par)
+{
+    int K = c.topk, L = c.local_experts, me = c.rank, dtype = c.dtype;
+    long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
+    long long n_items = (long long)c.num_tokens * chunks;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items; i += (long long)gridDim.x * blockDim.x) {
+        long long t = i / chunks, ch = i % chunks;
+        int e[KM];
+#pragma unroll
+        for (int k = 0; k < KM; k++) e[k] = k < K ? c.h_topk[t * K + k] : -1;
+        float acc[V];
+#pragma unroll
+        for (int j = 0; j < V; j++) acc[j] = 0.0f;
+        /* Rank by rank up: rank q's experts are the ids [q L, (q + 1) L); `lo`: the first id
+         * not summed yet (the -1 ids never count). */
+        for (int lo = 0;;) {
+            int first = INT_MAX;
+#pragma unroll
+            for (int k = 0; k < KM; k++) first = e[k] >= lo && e[k] < first ? e[k] : first;
+            if (first == INT_MAX) break;
+            int q = first / L, hi = (q + 1) * L;
+            unsigned mask = 0;
+#pragma unroll
+            for (int k = 0; k < KM; k++) mask |= (unsigned)(e[k] >= lo && e[k] < hi) << k;
+            const char *home = q == me ? (const char *)0 : epx__llc_home(c, c.cstage[me], par, q, t);
+            float part[V];
+#pragma unroll
+            for (int j = 0; j < V; j++) part[j] = 0.0f;
+            if (home && (mask & (mask - 1)) != 0) {
+                epx__llc_load_f32<V>(home, ch, part);
+            } else {
+#pragma unroll
+                for (int k = 0; k < KM; k++) {
+                    if (!((mask >> k) & 1u)) continue;
+                    const char *row = home ? home : c.y[me] + ((long long)(e[k] - q * L) * c.slots + c.h_slot[t * K + k]) * rb;
+                    float f[V];
+                    epx__llc_load<V>(row, dtype, ch, f);
+                    epx__llc_add<V>(part, c.w[t * K + k], f);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < V; j++) acc[j] = __fadd_rn(acc[j], part[j]);
+            lo = hi;
+        }
+        if (V == 8)
+            ((uint4 *)(c.out + t * rb))[ch] = epx__pack_bf16x8(acc);
+        else
+            epx__store_elem(c.out + t * rb, dtype, ch, acc[0]);
+    }
+}
+
+/* A combine receive on one host is one kernel (with send_too, after the send's step): every
+ * block waits for the peers' weights, sends its share of the rows home; the last block to
+ * finish tells the peers theirs are in (LLC_PART); every block then waits for every peer's
+ * and sums its share of my tokens. The grid is resident at once (the launcher's bound), so
+ * no block waits on one not yet started. */
+template <int KM, int V>
+static __global__ void __launch_bounds__(256, 2) epx__k_llc_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
+{
+    __shared__ int ptok[EPX__CUDA_MAX_RANKS];
+    unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
+    int par = (int)(n & 1ull);
+    /* Bad routing at dispatch, or my device failed since (its receive may not have written
+     * the handle): nothing is read or written, but the flags still go out. */
+    int bad = *c.h_bad | (int)*(volatile const unsigned int *)d.failed;
+    if ((int)threadIdx.x < c.nranks) ptok[threadIdx.x] = bad ? 0 : c.h_ptok[threadIdx.x];
+    if (send_too && blockIdx.x == 0) epx__llc_publish(&d, c, n);
+    bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n); /* syncs the block: ptok is set */
+    if (live && !bad) epx__llc_send_home<KM, V>(c, par, ptok);
+    __threadfence_system();
+    if (epx__ll_last_block(&d, EPX__LL_PART) && live) epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
+    bool home = live && epx__wait_peers(&d, EPX__FLAG_LLC_PART, n);
+    if (home && !bad) epx__llc_sum_home<KM, V>(c, par);
+    if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
+    if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
+    epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
+}
+
+/* Combine send on one host: one block pushes my weights. */
+static __global__ void __launch_bounds__(256) epx__k_llc_send(epx__cuda_dev_t d, epx__ll_combine_t c)
+{
+    unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_SENT);
+    epx__llc_publish(&d, c, n);
+    epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
+}
+
+extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream)
+{
+    if (c->rail.nhosts > 0)
+        epx__k_ll_combine_send<<<1, 32, 0, (cudaStream_t)stream>>>(*d);
+    else
+        epx__k_llc_send<<<1, 256, 0, (cudaStream_t)stream>>>(*d, *c);
+    return (int)cudaGetLastError();
+}
+
 extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too,
                                            int blocks, void *stream)
 {
-    if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
-        long long items = (long long)c->num_tokens * (c->hidden / 8);
-        long long b = (items + 255) / 256;
-        blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
-    }
     cudaError_t bad;
     bool X = epx__ll_across(d, &c->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
     bool k8 = c->topk <= 8; /* the instance whose per-token arrays hold 8 (no spills) */
-    void (*kernel)(epx__cuda_dev_t, epx__ll_combine_t, int) =
-        X ? (k8 ? epx__k_ll_combine<true, 8> : epx__k_ll_combine<true, EPX_MOE_MAX_TOPK>)
-          : (k8 ? epx__k_ll_combine<false, 8> : epx__k_ll_combine<false, EPX_MOE_MAX_TOPK>);
-    int most = epx__ll_resident((const void *)kernel, 256, (X ? 6 : 2) + (k8 ? 0 : 6));
-    if (blocks > most) blocks = most; /* blocks stride over the work; even with no tokens: it is the operation */
+    void (*kernel)(epx__cuda_dev_t, epx__ll_combine_t, int);
+    int slot;
+    if (!X) { /* one thread per (token, V channels), on either side: as many as fit at once */
+        long long chunks = c->hidden / (c->vec ? 8 : 1);
+        long long most = (long long)c->nranks * c->most_tokens, items = (most > c->num_tokens ? most : c->num_tokens) * chunks;
+        long long b = (items + 255) / 256;
+        blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
+        kernel = c->vec ? (k8 ? epx__k_llc_combine<8, 8> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 8>)
+                        : (k8 ? epx__k_llc_combine<8, 1> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 1>);
+        slot = 9 + (c->vec ? 0 : 1) + (k8 ? 0 : 2);
+    } else {
+        if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
+            long long items = (long long)c->num_tokens * (c->hidden / 8);
+            long long b = (items + 255) / 256;
+            blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
+        }
+        kernel = k8 ? epx__k_ll_combine<true, 8> : epx__k_ll_combine<true, EPX_MOE_MAX_TOPK>;
+        slot = k8 ? 6 : 8;
+    }
+    int resident = epx__ll_resident((const void *)kernel, 256, slot);
+    if (blocks > resident) blocks = resident; /* blocks stride over the work; even with no tokens: it is the operation */
     kernel<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
     return (int)cudaGetLastError();
 }

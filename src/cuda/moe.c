@@ -48,6 +48,8 @@ struct epx__cuda_moe {
     epx__ll_rail_t rails;  /* across hosts (nhosts > 0; epx__cuda_moe_ll_rails), rails.out its memory */
     void *stage_open[EPX__CUDA_MAX_RANKS]; /* the peers' staging mappings pinned in the IPC cache */
     long long ll_srow, ll_hdr, ll_half;
+    /* One host: after the two dispatch halves, the combine's two (epx__ll_combine_t). */
+    long long ll_chalf, ll_cp_off, ll_prow;
     /* Copy engines: `stage` holds the rows I send (dispatch) or receive (combine). */
     bool ce;
     size_t ce_scale_off, ce_w_off;   /* where FP8 scales (dispatch) and weights (combine) start */
@@ -65,6 +67,9 @@ struct epx__cuda_moe_handle {
     int *d_send_row;               /* [max_tokens, R] */
     int *d_slot, *d_topk, *d_bad;  /* low-latency: [max_tokens, K] slots and experts; bad flag */
     int *d_rail;                   /* across hosts: [2, nhosts, max_tokens, K] (epx__ll_rail_t topk, slot) */
+    int *d_peers;                  /* one host: [R] every rank's T, then [2, R, max_tokens, K] their
+                                      routing and slots here (epx__ll_args_t h_ptok ..) */
+    int most_tokens;               /* low-latency: the largest T of any rank */
     int *h_cnt;                    /* copy engines: the count matrix [R, R], then my tokens'
                                       per chunk [chunks, R] (host copies of the dispatch's) */
     epx__ll_args_t ll_recv;        /* low-latency: the receive half of a split dispatch */
@@ -74,6 +79,23 @@ struct epx__cuda_moe_handle {
     epx__cuda_moe_t *owner;
     epx__cuda_moe_handle_t *next_spare;
 };
+
+/* One host: a combine half holds, per source, its weights [M, K] (float32), then the rows
+ * the expert ranks send home for its tokens [R, M] of *prow bytes (a y row, or a float32
+ * partial) from *cp_off. Returns the half's bytes. */
+static long long epx__llc_layout(const epx__moe_shape_t *s, long long *cp_off, long long *prow)
+{
+    long long M = EPX__MAX(s->max_tokens, 1), R = s->nranks;
+    *cp_off = EPX__ALIGN_UP(R * M * s->max_topk * 4, 256);
+    *prow = EPX__ALIGN_UP((long long)s->hidden * 4, 16);
+    return EPX__ALIGN_UP(*cp_off + R * M * *prow, 256);
+}
+
+/* Ints of a handle's d_peers (one host). */
+static size_t epx__ll_peers_ints(const epx__moe_shape_t *s)
+{
+    return (size_t)s->nranks * (1 + 2 * (size_t)EPX__MAX(s->max_tokens, 1) * (size_t)s->max_topk);
+}
 
 /* A handle with device arrays of the largest size, reused when one was freed. */
 static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
@@ -95,7 +117,9 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
     size_t rows = (size_t)m->c->nranks * (size_t)EPX__MAX(m->s.max_tokens, 1);
     size_t tk = (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
     size_t rail = 2 * (size_t)m->rails.nhosts * tk;
+    size_t peers = m->s.mode == EPX_MOE_LOW_LATENCY && m->rails.nhosts == 0 ? epx__ll_peers_ints(&m->s) : 0;
     if ((rail && cudaMalloc((void **)&h->d_rail, sizeof(int) * rail) != cudaSuccess) ||
+        (peers && cudaMalloc((void **)&h->d_peers, sizeof(int) * peers) != cudaSuccess) ||
         cudaMalloc((void **)&h->d_src_rank, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_src_token, sizeof(int) * rows) != cudaSuccess ||
         cudaMalloc((void **)&h->d_send_row, sizeof(int) * rows) != cudaSuccess ||
@@ -106,7 +130,7 @@ static epx__cuda_moe_handle_t *epx__handle_get(epx__cuda_moe_t *m)
           cudaMalloc((void **)&h->d_bad, sizeof(int)) != cudaSuccess))) {
         cudaGetLastError();
         cudaFree(h->d_src_rank), cudaFree(h->d_src_token), cudaFree(h->d_send_row), cudaFree(h->d_rows);
-        cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_rail);
+        cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_rail), cudaFree(h->d_peers);
         free(h->ll_ycards);
         free(h->h_cnt);
         free(h);
@@ -125,13 +149,23 @@ static epx__ll_rail_t epx__ll_rails_of(const epx__cuda_moe_t *m, const epx__cuda
     return r;
 }
 
+/* h's d_peers as the kernels see it (all NULL across hosts). */
+static void epx__ll_peers_of(const epx__cuda_moe_t *m, const epx__cuda_moe_handle_t *h, int **ptok, int **proute,
+                             int **pslot)
+{
+    size_t R = (size_t)m->s.nranks, tk = R * (size_t)EPX__MAX(m->s.max_tokens, 1) * (size_t)m->s.max_topk;
+    *ptok = h->d_peers;
+    *proute = h->d_peers ? h->d_peers + R : NULL;
+    *pslot = h->d_peers ? h->d_peers + R + tk : NULL;
+}
+
 static void epx__handle_release(epx__cuda_moe_handle_t *h)
 {
     cudaFree(h->d_src_rank);
     cudaFree(h->d_src_token);
     cudaFree(h->d_send_row);
     cudaFree(h->d_rows);
-    cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_rail);
+    cudaFree(h->d_slot), cudaFree(h->d_topk), cudaFree(h->d_bad), cudaFree(h->d_rail), cudaFree(h->d_peers);
     cudaGetLastError();
     free(h->ll_ycards);
     free(h->h_cnt);
@@ -266,7 +300,8 @@ epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape,
             ce = cudaHostAlloc((void **)&m->h_counts, sizeof(int) * (size_t)R * (size_t)(R + m->chunks) + 16, 0);
         if (ce == cudaSuccess && shape->mode == EPX_MOE_LOW_LATENCY) {
             epx__ll_layout(shape, &m->ll_srow, &m->ll_hdr, &m->ll_half);
-            ce = cudaMalloc((void **)&m->stage, 2 * (size_t)m->ll_half);
+            if (shape->nranks == R) m->ll_chalf = epx__llc_layout(shape, &m->ll_cp_off, &m->ll_prow); /* one host */
+            ce = cudaMalloc((void **)&m->stage, 2 * (size_t)(m->ll_half + m->ll_chalf));
         }
         if (ce == cudaSuccess && m->ce) {
             ce = cudaMalloc((void **)&m->stage, epx__ce_layout(shape, &m->ce_scale_off, &m->ce_w_off));
@@ -307,8 +342,9 @@ int64_t epx__cuda_moe_device_bytes(const epx__moe_shape_t *s)
     if (s->mode == EPX_MOE_LOW_LATENCY) {
         long long srow, hdr, half;
         epx__ll_layout(s, &srow, &hdr, &half);
-        context += 2 * half;
-        handle += 2 * 4 * M * s->max_topk + 4;
+        long long cp_off, prow;
+        context += 2 * half + 2 * epx__llc_layout(s, &cp_off, &prow);
+        handle += 2 * 4 * M * s->max_topk + 4 + 4 * (int64_t)epx__ll_peers_ints(s);
     }
     if (epx__moe_wants_ce(s)) {
         size_t a, b;
@@ -1044,6 +1080,8 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     if (local == EPX_SUCCESS && !(h = epx__handle_get(m)))
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    int most_tokens = 0;
+    for (int p = 0; p < R && st == EPX_SUCCESS; p++) most_tokens = EPX__MAX(most_tokens, cards[p].num_tokens);
     free(cards);
     if (st != EPX_SUCCESS) {
         if (h) epx__cuda_moe_handle_free(h);
@@ -1068,6 +1106,8 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.recv_x = out->recv_x, a.recv_scales = out->recv_x_scales;
     a.recv_count = out->recv_count, a.recv_src_rank = out->recv_src_rank, a.recv_src_token = out->recv_src_token;
     a.h_slot = h->d_slot, a.h_topk = h->d_topk, a.h_bad = h->d_bad;
+    epx__ll_peers_of(m, h, &a.h_ptok, &a.h_proute, &a.h_pslot);
+    h->most_tokens = EPX__MIN(most_tokens, s->max_tokens);
     h->id = (uint32_t)(c->ops_started + 1);
     h->num_tokens = in->num_tokens;
     h->topk = in->topk;
@@ -1103,32 +1143,44 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_LL_COMBINE;
+    bool across = m->rails.nhosts > 0; /* else nobody reads a peer's y: it is not exported */
     if (local == EPX_SUCCESS) {
         mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0); /* EPX_FAULT count */
         mine.routing_id = h->id;
         mine.has_weights = 1;
-        local = epx__card_export(c, &mine.x, in->y, (size_t)s->local_experts * s->ll_slots * s->combine_row_bytes, err);
+        if (across)
+            local = epx__card_export(c, &mine.x, in->y, (size_t)s->local_experts * s->ll_slots * s->combine_row_bytes, err);
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     epx__ll_combine_t k;
     memset(&k, 0, sizeof k);
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) h->ll_ycards[p] = cards[p].x;
     free(cards);
-    if (st == EPX_SUCCESS) st = epx__ll_map_y(c, h, in->y, &k, stream, err);
+    if (st == EPX_SUCCESS && across) st = epx__ll_map_y(c, h, in->y, &k, stream, err);
     if (st != EPX_SUCCESS) return st;
+    k.y[c->rank] = in->y;
     k.w = in->topk_weights;
     k.h_slot = h->d_slot, k.h_topk = h->d_topk, k.h_bad = h->d_bad;
     k.num_tokens = h->num_tokens, k.topk = h->topk, k.local_experts = s->local_experts, k.hidden = s->hidden;
     k.dtype = s->combine_dtype, k.slots = (long long)s->ll_slots;
     k.out = out;
     k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
-    for (int p = 0; p < R; p++) k.vec = k.vec && ((uintptr_t)k.y[p] & 15u) == 0; /* a remap keeps the offsets */
+    for (int p = 0; p < R; p++) /* a remap keeps the offsets; on one host only mine is read */
+        k.vec = k.vec && ((!across && p != c->rank) || ((uintptr_t)k.y[p] & 15u) == 0);
     k.nranks = R, k.dest0 = m->rails.host * R, k.max_tokens = s->max_tokens;
     k.rail = epx__ll_rails_of(m, h);
+    if (!across) {
+        for (int p = 0; p < R; p++) k.cstage[p] = m->peer_stage[p] + 2 * m->ll_half;
+        k.chalf = m->ll_chalf, k.cw_off = 0, k.cp_off = m->ll_cp_off, k.prow = m->ll_prow;
+        int *ptok, *proute, *pslot;
+        epx__ll_peers_of(m, h, &ptok, &proute, &pslot);
+        k.h_ptok = ptok, k.h_proute = proute, k.h_pslot = pslot;
+        k.rank = c->rank, k.most_tokens = h->most_tokens;
+    }
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
-    if (split || k.rail.nhosts > 0) { /* across hosts the receive comes after the gather and NCCL steps */
+    if (split || across) { /* across hosts the receive comes after the gather and NCCL steps */
         h->ll_comb = k;
-        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine_send(&c->dev, stream), st, err);
+        EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine_send(&c->dev, &k, stream), st, err);
     } else {
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&c->dev, &k, 1, EPX__LL_COMBINE_BLOCKS(h), stream),
                         st, err);
@@ -1142,7 +1194,7 @@ epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h
                                    epx__errbuf_t *err)
 {
     epx_status_t st = EPX_SUCCESS;
-    if (combine) /* the peers' y again: calls since the send may have closed a mapping */
+    if (combine && m->rails.nhosts > 0) /* the peers' y again: calls since the send may have closed a mapping */
         EPX__CHECK(epx__ll_map_y(m->c, h, h->ll_comb.y[m->c->rank], &h->ll_comb, stream, err));
     if (combine)
         EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_combine(&m->c->dev, &h->ll_comb, 0, EPX__LL_COMBINE_BLOCKS(h),
