@@ -246,19 +246,24 @@ static void yw_row_cb(void *ctx, int r, int p, int t, int K, float *row)
     uint64_t s = row_seed(W, 400 + (uint64_t)r, p, t);
     for (int k = 0; k < K; k++) row[k] = gen_weight(elem_rand(s, k));
 }
-/* Low-latency expert output of expert e for token (p, t): bf16 bits. */
-static void yll_bits_row(const world_t *W, int e, int p, int t, uint16_t *bits)
+/* Low-latency expert output of expert e for token (p, t): bits in the combine dtype. */
+static void yll_bits_row(const world_t *W, int e, int p, int t, uint32_t *bits)
 {
     uint64_t s = row_seed(W, 500 + (uint64_t)e, p, t);
-    for (int h = 0; h < W->H; h++) bits[h] = (uint16_t)gen_bits(EPX_BF16, elem_rand(s, h), 0, 8);
+    for (int h = 0; h < W->H; h++) bits[h] = gen_bits(W->cdtype, elem_rand(s, h), 0, W->cdtype == EPX_F16 ? 6 : 8);
 }
 static void yll_row_cb(void *ctx, int e, int p, int t, int H, float *row)
 {
     const world_t *W = ctx;
-    uint16_t *bits = malloc(sizeof(uint16_t) * (size_t)H + 2);
+    uint32_t *bits = malloc(sizeof(uint32_t) * (size_t)H + 4);
     yll_bits_row(W, e, p, t, bits);
-    for (int h = 0; h < H; h++) row[h] = moe_ref_bf16_to_float(bits[h]);
+    for (int h = 0; h < H; h++) row[h] = bits_to_float(W->cdtype, bits[h]);
     free(bits);
+}
+/* A quiet NaN of the combine dtype dt (bits). */
+static uint32_t nan_bits(int dt)
+{
+    return dt == EPX_F32 ? 0x7FC00000u : dt == EPX_F16 ? 0x7E00u : 0x7FC0u;
 }
 
 static int resolve_E(const mcase_t *c)
@@ -1186,45 +1191,55 @@ static void check_ll_dispatch(const world_t *W, ll_bufs_t *B, const char *cs)
     free(count), free(sr), free(st), free(xrow), free(q), free(scales), free(a), free(b);
 }
 
-/* y in the slot layout, following the dispatch's own slot sources (the fetched host copies);
- * unused slots NaN. Host memory: see ll_y_bytes. */
+/* y [L, R * M, H] (combine dtype) in the slot layout, following the dispatch's own slot
+ * sources (the fetched host copies); unused slots a NaN of the combine dtype. Host memory of
+ * ll_y_bytes (+ 64). */
 static size_t ll_y_bytes(const world_t *W, const ll_bufs_t *B)
 {
-    return (size_t)W->L * (size_t)B->RM * (size_t)W->H * 2;
+    return (size_t)W->L * (size_t)B->RM * (size_t)W->H * (size_t)W->ces;
 }
-static uint16_t *ll_make_y(const world_t *W, const ll_bufs_t *B)
+static void *ll_make_y(const world_t *W, const ll_bufs_t *B)
 {
     int L = W->L, H = W->H;
     size_t slots = (size_t)L * (size_t)B->RM;
-    uint16_t *y = malloc(slots * (size_t)H * 2 + 64);
-    for (size_t i = 0; i < slots * (size_t)H; i++) y[i] = 0x7FC0;
+    void *y = malloc(ll_y_bytes(W, B) + 64);
+    uint32_t *bits = malloc(sizeof(uint32_t) * (size_t)H + 4);
+    for (size_t i = 0; i < slots * (size_t)H; i++) put_bits(W->cdtype, y, (int64_t)i, nan_bits(W->cdtype));
     for (int l = 0; l < L; l++)
         for (int64_t i = 0; i < B->rcount[l]; i++) {
             size_t s = (size_t)l * (size_t)B->RM + (size_t)i;
-            yll_bits_row(W, me * L + l, B->rsr[s], B->rst[s], y + s * (size_t)H);
+            yll_bits_row(W, me * L + l, B->rsr[s], B->rst[s], bits);
+            for (int h = 0; h < H; h++) put_bits(W->cdtype, y, (int64_t)(s * (size_t)H) + h, bits[h]);
         }
+    free(bits);
     return y;
 }
 
-static void check_ll_combine(const world_t *W, const uint16_t *out, const char *cs)
+/* out[T, H] (combine dtype) holds the reference's float32 sum stored in the combine dtype,
+ * bit for bit, and lies within rounding of the float64 sum. */
+static void check_ll_combine(const world_t *W, const void *out, const char *cs)
 {
     int T = W->T[me], H = W->H;
     float *acc = malloc(sizeof(float) * (size_t)H + 4);
     double *s64 = malloc(sizeof(double) * (size_t)H + 8), *a64 = malloc(sizeof(double) * (size_t)H + 8);
+    uint8_t *want = malloc((size_t)H * 4 + 4);
     for (int t = 0; t < T; t++) {
         moe_ref_ll_combine_row(&W->rt, me, t, H, W->w[me], yll_row_cb, (void *)W, acc, s64, a64);
         for (int h = 0; h < H; h++) {
-            uint16_t want = moe_ref_float_to_bf16(acc[h]), got = out[(size_t)t * (size_t)H + (size_t)h];
-            if (got != want)
-                TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = 0x%04x (%.9g), expected 0x%04x (%.9g; float64 %.17g)", cs,
-                           t, h, got, (double)moe_ref_bf16_to_float(got), want, (double)acc[h], s64[h]);
-            double tol = a64[h] * W->K * 0x1p-23 + fabs(s64[h]) * 0x1p-8 + 1e-30;
-            if (!(fabs((double)moe_ref_bf16_to_float(got) - s64[h]) <= tol))
-                TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = %.9g, float64 %.17g", cs, t, h,
-                           (double)moe_ref_bf16_to_float(got), s64[h]);
+            int64_t i = (int64_t)t * H + h;
+            moe_ref_store(W->cdtype, want, h, acc[h]);
+            uint32_t g = get_bits(W->cdtype, out, i), e = get_bits(W->cdtype, want, h);
+            float gv = moe_ref_load(W->cdtype, out, i);
+            if (g != e)
+                TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = 0x%x (%.9g), expected 0x%x (%.9g; float64 %.17g)", cs,
+                           t, h, g, (double)gv, e, (double)acc[h], s64[h]);
+            double tol = a64[h] * W->K * 0x1p-23 + fabs(s64[h]) * rel_tol(W->cdtype) + 0x1p-24;
+            if (!(fabs((double)gv - s64[h]) <= tol))
+                TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = %.9g, float64 %.17g (tolerance %g)", cs, t, h,
+                           (double)gv, s64[h], tol);
         }
     }
-    free(acc), free(s64), free(a64);
+    free(acc), free(s64), free(a64), free(want);
 }
 
 static int run_ll_case(const mcase_t *c, uint64_t seed)
@@ -1232,16 +1247,17 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
     world_t W;
     world_init(&W, c, seed);
     char cs[320];
-    snprintf(cs, sizeof cs, "%s [LL R=%d E=%d K=%d maxk=%d H=%d M=%d T=%d dtype=%s fp8=%d scale=%s idx=%s route=%d neg=%d%% seed=%llu]",
-             c->name, R, W.E, W.K, W.maxk, W.H, W.M, W.T[me], epx_dtype_name((epx_dtype_t)W.dtype), c->ll_fp8,
+    snprintf(cs, sizeof cs, "%s [LL R=%d E=%d K=%d maxk=%d H=%d M=%d T=%d dtype=%s combine=%s fp8=%d scale=%s idx=%s route=%d neg=%d%% seed=%llu]",
+             c->name, R, W.E, W.K, W.maxk, W.H, W.M, W.T[me], epx_dtype_name((epx_dtype_t)W.dtype),
+             epx_dtype_name((epx_dtype_t)W.cdtype), c->ll_fp8,
              c->sfmt == EPX_SCALE_UE8M0 ? "ue8m0" : "f32", epx_dtype_name((epx_dtype_t)W.idtype), (int)c->route,
              c->neg_pct, (unsigned long long)seed);
     epx_moe_t moe = create_checked(&W, cs);
     ll_bufs_t B;
     ll_alloc(&W, &B);
     int T = W.T[me], H = W.H;
-    size_t out_b = (size_t)T * (size_t)H * 2;
-    uint16_t *out = palloc(out_b), *dout = dev_out(out_b);
+    size_t out_b = (size_t)T * (size_t)H * (size_t)W.ces;
+    void *out = palloc(out_b), *dout = dev_out(out_b);
     uint8_t *first = malloc(out_b + 1);
     int reps = (c->flags & F_REPEAT) ? 3 : 1;
     for (int rep = 0; rep < reps; rep++) {
@@ -1254,7 +1270,7 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
             TEST_FAIL_("case %s: ll_dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
         ASSERT(h != NULL);
         check_ll_dispatch(&W, &B, cs);
-        uint16_t *y = ll_make_y(&W, &B);
+        void *y = ll_make_y(&W, &B);
         void *dy = dev_in(y, ll_y_bytes(&W, &B) + 64, ll_y_bytes(&W, &B));
         float *w = malloc(sizeof(float) * (size_t)(T * W.K + 1));
         memcpy(w, W.w[me], sizeof(float) * (size_t)(T * W.K));
@@ -1292,14 +1308,14 @@ typedef struct {
     ll_bufs_t B;
     epx_moe_handle_t h;
     void *dy, *dw;
-    uint16_t *out, *dout;
+    void *out, *dout; /* [T, H] combine dtype */
     size_t out_b;
 } ll_batch_t;
 
 static void ll_batch_combine_inputs(ll_batch_t *b)
 {
     int T = b->W.T[me];
-    uint16_t *y = ll_make_y(&b->W, &b->B);
+    void *y = ll_make_y(&b->W, &b->B);
     b->dy = dev_in(y, ll_y_bytes(&b->W, &b->B) + 64, ll_y_bytes(&b->W, &b->B));
     b->dw = dev_in(b->W.w[me], sizeof(float) * (size_t)(T * b->W.K + 1), sizeof(float) * (size_t)(T * b->W.K));
     free(y);
@@ -1313,7 +1329,7 @@ static void ll_batch_init(ll_batch_t *b, const mcase_t *c, uint64_t seed, epx_mo
     if (!*moe) *moe = create_checked(&b->W, name);
     ll_alloc(&b->W, &b->B);
     ll_poison(&b->B);
-    b->out_b = (size_t)b->W.T[me] * (size_t)b->W.H * 2;
+    b->out_b = (size_t)b->W.T[me] * (size_t)b->W.H * (size_t)b->W.ces;
     b->out = palloc(b->out_b);
     b->dout = dev_out(b->out_b);
 }
@@ -1509,6 +1525,7 @@ static mcase_t random_case(uint64_t seed, bool ll)
     c.mode = ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
     c.ll_fp8 = ll ? (int)(test_rand(&s) % 2) : 0;
     c.sfmt = test_rand(&s) % 2 ? EPX_SCALE_UE8M0 : EPX_SCALE_F32;
+    if (ll) c.cdtype = PICK(cdts); /* drawn last: the other fields keep their draws */
 #undef PICK
     return c;
 }
@@ -1886,11 +1903,11 @@ static int run_bad_ll(void)
                 if (B.rxs) expect_poison(B.rxs, 0, B.rxs_b + GUARD, cs, "ll recv_x_scales");
                 expect_poison(B.rsr, 0, B.rs_b + GUARD, cs, "ll recv_src_rank");
                 expect_poison(B.rst, 0, B.rs_b + GUARD, cs, "ll recv_src_token");
-                uint16_t *y = ll_make_y(&W, &B);
+                void *y = ll_make_y(&W, &B);
                 void *dy = dev_in(y, ll_y_bytes(&W, &B) + 64, ll_y_bytes(&W, &B));
                 float *dw = dev_in(W.w[me], sizeof(float) * (size_t)(T * K + 1), sizeof(float) * (size_t)(T * K));
-                size_t out_b = (size_t)T * (size_t)H * 2;
-                uint16_t *out = palloc(out_b), *dout = dev_out(out_b);
+                size_t out_b = (size_t)T * (size_t)H * (size_t)W.ces;
+                void *out = palloc(out_b), *dout = dev_out(out_b);
                 epx_moe_ll_combine_in_t cin = {dy, dw};
                 ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, dout, test_stream()));
                 fetch(out, dout, out_b + GUARD);
@@ -1914,11 +1931,11 @@ static int run_bad_ll(void)
             epx_moe_handle_t h = NULL;
             ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &o, &h, test_stream()));
             check_ll_dispatch(&W, &B, cs);
-            uint16_t *y = ll_make_y(&W, &B);
+            void *y = ll_make_y(&W, &B);
             void *dy = dev_in(y, ll_y_bytes(&W, &B) + 64, ll_y_bytes(&W, &B));
             float *dw = dev_in(W.w[me], sizeof(float) * (size_t)(T * K + 1), sizeof(float) * (size_t)(T * K));
-            size_t out_b = (size_t)T * (size_t)H * 2;
-            uint16_t *out = palloc(out_b), *dout = dev_out(out_b);
+            size_t out_b = (size_t)T * (size_t)H * (size_t)W.ces;
+            void *out = palloc(out_b), *dout = dev_out(out_b);
             epx_moe_ll_combine_in_t cin = {dy, dw};
             if (is_bad && k == LB_COMBINE_Y_NULL) cin.y = NULL;
             epx_status_t st =
@@ -2120,6 +2137,9 @@ static const mcase_t ll_cases[] = {
     {"ll fp8 k=5 h=300",     -3,   5,  300,  7,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 30, 0, 16, LL, 1, EPX_SCALE_UE8M0},
     {"ll T=0 everywhere",    -2,   2,  128,  5,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_ZERO, 0, LL, 1, EPX_SCALE_F32},
     {"ll fp8 e=288 m=64",    288,  8,  256,  64, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, LL, 1, EPX_SCALE_F32},
+    /* Combine dtypes other than bf16 (H = 130: off the GPU's 8-channel vector path too). */
+    {"ll f32 out h=130",     -3,   8,  130,  9,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f16 out k=12",      -4,   12, 64,   7,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {
