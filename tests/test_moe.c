@@ -31,6 +31,7 @@
  *                   H = 7168, max_tokens 1536 (3 chunks by max_tokens) with T <= 96 on
  *                   every rank (1 chunk)
  *   --case NAME     only the fixed high-throughput cases whose name contains NAME
+ *   --ll            only the low-latency cases: fixed, split, pipeline, random and bad
  *   --copy-engines  every context with num_sms = EPX_MOE_COPY_ENGINES (on the CUDA backend
  *                   of one host: the payload moves on copy engines; dispatch then always
  *                   reads its counts back, so num_recv_tokens is always filled), plus a
@@ -2177,6 +2178,7 @@ int main(int argc, char **argv)
 {
     bool large = false, chunks = false;
     const char *only = NULL; /* --case NAME: only the fixed high-throughput cases named so */
+    bool ll_only = false;    /* --ll: only the low-latency cases (fixed, split, pipeline, random, bad) */
     uint64_t seed = 1;
     int nrandom = 100;
     test_init(argc, argv);
@@ -2186,6 +2188,7 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
         if (!strcmp(argv[i], "--random") && i + 1 < argc) nrandom = atoi(argv[++i]);
         if (!strcmp(argv[i], "--case") && i + 1 < argc) only = argv[++i];
+        if (!strcmp(argv[i], "--ll")) ll_only = true;
         if (!strcmp(argv[i], "--copy-engines")) num_sms = EPX_MOE_COPY_ENGINES;
     }
     comm = test_comm_from_env(&me, &R);
@@ -2206,25 +2209,27 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < n; i++)
             passed += cs[i].mode == LL ? run_ll_case(&cs[i], seed * 1000 + i) : run_ht_case(&cs[i], seed * 1000 + i);
     } else {
-        passed += run_bad_create();
-        for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)
+        if (!ll_only) passed += run_bad_create();
+        for (size_t i = 0; !ll_only && i < sizeof ht_cases / sizeof ht_cases[0]; i++)
             passed += run_ht_case(&ht_cases[i], seed * 1000 + i);
         if (ll)
             for (size_t i = 0; i < sizeof ll_cases / sizeof ll_cases[0]; i++)
                 passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
-        passed += run_two_handles();
+        if (!ll_only) passed += run_two_handles();
         if (ll) passed += run_ll_split();
         if (ll) passed += run_ll_pipeline(R - 1) + run_ll_pipeline(0);
         for (int i = 0; i < nrandom; i++) {
             mcase_t c = random_case(seed * 7919 + (uint64_t)i, false);
-            passed += run_ht_case(&c, seed * 1000 + 700 + (uint64_t)i);
+            if (!ll_only) passed += run_ht_case(&c, seed * 1000 + 700 + (uint64_t)i);
             mcase_t l = random_case(seed * 7919 + (uint64_t)i, true);
             if (ll && i % 2 == 0) passed += run_ll_case(&l, seed * 1000 + 800 + (uint64_t)i);
         }
-        passed += run_bad_ht();
-        passed += run_bad_capacity();
-        passed += run_mismatch();
-        passed += run_bad_ht_no_sync();
+        if (!ll_only) { /* one after the other: collective calls, in the same order on every rank */
+            passed += run_bad_ht();
+            passed += run_bad_capacity();
+            passed += run_mismatch();
+            passed += run_bad_ht_no_sync();
+        }
         if (ll) passed += run_bad_ll();
     }
     test_finish(comm, passed);
