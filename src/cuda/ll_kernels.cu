@@ -1111,9 +1111,10 @@ static __global__ void __launch_bounds__(256, 2)
     __shared__ int ptok[EPX__CUDA_MAX_RANKS];
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
     int par = (int)(n & 1ull);
-    /* Bad routing at dispatch, or my device failed since (its receive may not have written
-     * the handle): nothing is read or written, but the flags still go out. */
-    int bad = *c.h_bad | (int)*(volatile const unsigned int *)d.failed;
+    /* Bad routing at dispatch (or its receive failed: the handle was not written): nothing is
+     * read or written, but the flags still go out. When my device has failed since, the
+     * peers still get their rows (the handle and y are sound), my outputs nothing. */
+    int bad = *c.h_bad, failed = (int)*(volatile const unsigned int *)d.failed;
     if ((int)threadIdx.x < c.nranks) ptok[threadIdx.x] = bad ? 0 : c.h_ptok[threadIdx.x];
     if (send_too && blockIdx.x == 0) epx__llc_publish(&d, c, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n); /* syncs the block: ptok is set */
@@ -1122,7 +1123,7 @@ static __global__ void __launch_bounds__(256, 2)
     if (live && !bad && epx__llc_send_home<KM, V>(c, par, ptok)) __threadfence_system();
     if (epx__ll_last_block(&d, EPX__LL_PART) && live) epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
     bool home = live && epx__wait_peers(&d, EPX__FLAG_LLC_PART, n);
-    if (home && !bad) epx__llc_sum_home<KM, V>(c, par);
+    if (home && !bad && !failed) epx__llc_sum_home<KM, V>(c, par);
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
