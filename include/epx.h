@@ -465,11 +465,11 @@ EPX_API epx_status_t epx_moe_ll_dispatch(epx_moe_t moe, const epx_moe_ll_dispatc
                                          epx_moe_ll_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 
 typedef struct {
-    const void *y;             /* [L, R*max_tokens, H] bf16 expert outputs, slot layout of dispatch */
+    const void *y;             /* [L, R*max_tokens, H] cfg.combine_dtype expert outputs, slot layout of dispatch */
     const float *topk_weights; /* [T, K] */
 } epx_moe_ll_combine_in_t;
 
-/* Low-latency combine: out[T, H] bf16 (combine_dtype). Zero copy: y is read where it lies,
+/* Low-latency combine: out[T, H] in cfg.combine_dtype. Zero copy: y is read where it lies,
  * so an expert kernel that writes its output straight into y fills the communication
  * buffer itself; nothing is copied before the exchange. On the CUDA backend inside one
  * host each rank reads its own y and sends each token home once: the token's partial sum
@@ -485,10 +485,10 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * epx_moe_ll_dispatch_send takes epx_moe_ll_dispatch's arguments, sends this rank's tokens
  * and returns the handle; epx_moe_ll_dispatch_recv(handle) then receives and writes the
  * outputs given to the send. epx_moe_ll_combine_send takes epx_moe_ll_combine's arguments
- * and publishes y and the weights (peers read them from then on; on one host the send
- * pushes the weights to them); epx_moe_ll_combine_recv(handle) exchanges the rows and
- * writes out. y, topk_weights and out must stay valid and y unchanged until
- * that receive has completed (in stream order on CUDA). The outputs are complete once the
+ * and makes y and the weights available to the peers (on one host the CUDA send pushes the
+ * weights to them); epx_moe_ll_combine_recv(handle) exchanges the rows and writes out. y,
+ * topk_weights and out must stay valid and y unchanged until that receive has completed
+ * (in stream order on CUDA). The outputs are complete once the
  * receive has completed; the results are those of the one-call versions. On the CPU
  * backends (and CUDA across hosts with EPX_MOE_LL_HOST=1) the send does all the work and
  * the receive only keeps the order. CUDA across hosts otherwise splits as on one host,
