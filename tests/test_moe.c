@@ -247,11 +247,36 @@ static void yw_row_cb(void *ctx, int r, int p, int t, int K, float *row)
     uint64_t s = row_seed(W, 400 + (uint64_t)r, p, t);
     for (int k = 0; k < K; k++) row[k] = gen_weight(elem_rand(s, k));
 }
+/* Low-latency: does token (p, t) get "cancelling" rows? One in three: its weights are
+ * powers of two (world_init) and each of its experts' rows is, by a coin, either a small
+ * random row or the token's large row X divided by the expert's weight, with the sign of
+ * the expert's rank's parity: the products are then exactly +-X, the large terms of ranks
+ * of either parity cancel, and what is left of the small ones depends on the order of the
+ * sums (per rank from +0, then the ranks ascending; epx.h), even in bf16. */
+static bool ll_cancels(const world_t *W, int p, int t)
+{
+    return W->c->mode == EPX_MOE_LOW_LATENCY && row_seed(W, 550, p, t) % 3 == 0;
+}
+
 /* Low-latency expert output of expert e for token (p, t): bits in the combine dtype. */
 static void yll_bits_row(const world_t *W, int e, int p, int t, uint32_t *bits)
 {
-    uint64_t s = row_seed(W, 500 + (uint64_t)e, p, t);
-    for (int h = 0; h < W->H; h++) bits[h] = gen_bits(W->cdtype, elem_rand(s, h), 0, W->cdtype == EPX_F16 ? 6 : 8);
+    uint64_t s = row_seed(W, 500 + (uint64_t)e, p, t), shared = row_seed(W, 560, p, t);
+    int K = W->K, k = 0;
+    while (k < K && W->idx[p][(int64_t)t * K + k] != e) k++;
+    bool large = ll_cancels(W, p, t) && k < K && s % 2 == 0;
+    float w = large ? W->w[p][(int64_t)t * K + k] : 1.0f; /* a power of two, not 0 */
+    int big = W->cdtype == EPX_F16 ? 8 : 14;
+    for (int h = 0; h < W->H; h++) {
+        if (!large) {
+            bits[h] = gen_bits(W->cdtype, elem_rand(s, h), 0, W->cdtype == EPX_F16 ? 6 : 8);
+            continue;
+        }
+        uint8_t buf[4];
+        float x = bits_to_float(W->cdtype, gen_bits(W->cdtype, (elem_rand(shared, h) | 1ull << 63) & ~1ull, big, 2));
+        moe_ref_store(W->cdtype, buf, 0, (e / W->L) % 2 ? -x / w : x / w); /* exact: w is a power of two */
+        bits[h] = get_bits(W->cdtype, buf, 0);
+    }
 }
 static void yll_row_cb(void *ctx, int e, int p, int t, int H, float *row)
 {
@@ -350,6 +375,8 @@ static void world_init(world_t *W, const mcase_t *c, uint64_t seed)
                 if (c->neg_pct && (int)((r >> 33) % 100) < c->neg_pct && !(c->route == ROUTE_ONE && k == 0)) e = -1;
                 row[k] = e;
                 W->w[p][(int64_t)t * K + k] = gen_weight(test_rand(&s));
+                if (ll_cancels(W, p, t)) /* +-2^-j, j in 0 .. 3 (yll_bits_row) */
+                    W->w[p][(int64_t)t * K + k] = ldexpf(r >> 62 ? 1.0f : -1.0f, -(int)((r >> 40) % 4));
             }
         }
     }
