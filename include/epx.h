@@ -487,9 +487,9 @@ EPX_API epx_status_t epx_moe_ll_combine(epx_moe_t moe, epx_moe_handle_t handle, 
  * outputs given to the send. epx_moe_ll_combine_send takes epx_moe_ll_combine's arguments
  * and makes y and the weights available to the peers (on one host the CUDA send pushes the
  * weights to them); epx_moe_ll_combine_recv(handle) exchanges the rows and writes out. y,
- * topk_weights and out must stay valid and y unchanged until that receive has completed
- * (in stream order on CUDA). The outputs are complete once the
- * receive has completed; the results are those of the one-call versions. On the CPU
+ * topk_weights and out must stay valid, y and topk_weights unchanged, until that receive
+ * has completed (in stream order on CUDA). The outputs are complete once the receive has
+ * completed; the results are those of the one-call versions. On the CPU
  * backends (and CUDA across hosts with EPX_MOE_LL_HOST=1) the send does all the work and
  * the receive only keeps the order. CUDA across hosts otherwise splits as on one host,
  * except that a combine's send only publishes y: its receive moves the rows (it needs

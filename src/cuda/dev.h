@@ -229,7 +229,7 @@ typedef struct {
     int *h_slot, *h_topk;                      /* the handle: [T, K] slot and expert of mine */
     int *h_bad;                                /* the handle: 1 when some routing was bad */
     /* The handle, one host only (else NULL), for the combine: every source's T, its routing
-     * [srcs, max_tokens, K] (-1 past T) and, where the expert is mine, the slot. */
+     * [srcs, max_tokens, K] (its first T tokens) and, where the expert is mine, the slot. */
     int *h_ptok, *h_proute, *h_pslot;
     /* Sources: srcs ranks (all of them; nranks on one host), mine is me_src; this host's
      * ranks (nranks, flags and staging) are sources dest0 .. dest0 + nranks - 1. */
@@ -248,9 +248,9 @@ typedef struct {
     int nranks, dest0, max_tokens;      /* this host's ranks are dest0 .. dest0 + nranks - 1 */
     epx__ll_rail_t rail;                /* across hosts: rows of other hosts' experts come in y_in */
     /* One host: each rank's combine staging (two halves of chalf bytes, by the sequence's
-     * parity), mapped here. A half holds, per source p, p's weights [max_tokens, K] (float32,
-     * from cw_off) and what each expert rank sent home for p's tokens [max_tokens] (rows of
-     * prow bytes, from cp_off; see epx__cuda_launch_ll_combine). */
+     * parity), mapped here. The half of rank o holds each source p's weights [max_tokens, K]
+     * (float32, from cw_off), and, from cp_off, what each expert rank q sent home for o's
+     * tokens [q, max_tokens] (rows of prow bytes; see epx__cuda_launch_ll_combine). */
     char *cstage[EPX__CUDA_MAX_RANKS];
     long long chalf, cw_off, cp_off, prow;
     const int *h_ptok, *h_proute, *h_pslot; /* the handle's (epx__ll_args_t) */
@@ -292,7 +292,7 @@ int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, const epx__ll_com
  * y row itself when the token has one expert here, else the float32 partial; LLC_PART = s
  * at p; then wait for every peer's LLC_PART and sum. Nobody reads a peer's y. */
 int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, int send_too, int blocks,
-                                void *stream);
+                                void *stream); /* blocks: across hosts only (one host sizes its own grid) */
 
 /* counts[p, r] (zero before: see the row kernel) and chunk_counts[p, c, r] for every source
  * p and chunk c; *bad (EPX__MOE_NO_BAD before) = first t*K+k of my routing out of [-1, E),

@@ -167,23 +167,34 @@ static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cud
 }
 
 /* Every thread of every block calls this at its end, or at the end of a step counted
- * under a kind of its own (once per kind and kernel): true in the one block that gets here
- * last (all other blocks of the grid have finished, or finished that step), whose counter
- * is then reset. */
-static __device__ bool epx__ll_last_block(const epx__cuda_dev_t *d, int kind)
+ * under a kind of its own (once per kind and kernel), with `ok` the same in the whole
+ * block: true in the one block that gets here last (all other blocks of the grid have
+ * finished, or finished that step), whose counter is then reset; *all (when not NULL):
+ * every block came with ok. Grids of fewer than 65 536 blocks (a failed block counts in
+ * the upper half of the word). */
+static __device__ bool epx__ll_last_block_all(const epx__cuda_dev_t *d, int kind, bool ok, bool *all)
 {
-    __shared__ int last;
+    __shared__ int last, fine;
     __syncthreads();
     if (threadIdx.x == 0) {
         /* acq_rel: this block's work (ordered by the barrier) before the count, and the
          * last block sees every other block's. One trip, not a fence and then an atomic. */
-        unsigned prev;
-        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(d->ll_blocks + kind) : "memory");
-        last = prev == gridDim.x - 1;
+        unsigned prev, add = ok ? 1u : 0x10001u;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;"
+                     : "=r"(prev)
+                     : "l"(d->ll_blocks + kind), "r"(add)
+                     : "memory");
+        last = (prev & 0xffffu) == gridDim.x - 1;
+        fine = ok && (prev >> 16) == 0;
         if (last) d->ll_blocks[kind] = 0;
     }
     __syncthreads();
+    if (all) *all = fine;
     return last;
+}
+static __device__ __forceinline__ bool epx__ll_last_block(const epx__cuda_dev_t *d, int kind)
+{
+    return epx__ll_last_block_all(d, kind, true, (bool *)0);
 }
 
 /* The last block: the kernel of `kind` numbered s is complete on my stream (a release

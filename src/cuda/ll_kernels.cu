@@ -15,9 +15,11 @@
  * Each half (dispatch send, dispatch receive, combine send, combine receive) is its own
  * kernel numbered by its own sequence in device memory, so a send and its receive can be
  * enqueued apart with other work between them, and two batches can be in flight: the
- * staging area has two halves (by the send's parity), and a send waits until every rank
- * received what the send two before it left in the half it is about to fill (known at
- * once when the calls come whole, see epx__ll_half_free).
+ * staging area has two halves (by the send's parity), and a dispatch send waits until
+ * every rank received what the send two before it left in the half it is about to fill
+ * (known at once when the calls come whole, see epx__ll_half_free). A combine on one host
+ * relies on the stream order instead (its send n comes after its receive n - 2, which met
+ * every peer's: see epx__k_llc_combine).
  *
  * Across hosts (src/xhost) the sources are the ranks of every host (srcs, numbered
  * globally; this host's are dest0 ..): a send also writes its whole block (header and
@@ -564,7 +566,8 @@ template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args
         for (int p = 0; !X && a.h_ptok && p < R; p++) {
             const int *ids_p = epx__ll_hdr(&a, a.stage[me], par, p) + 4;
             if (threadIdx.x == 0) a.h_ptok[p] = tp[p];
-            for (long long i = threadIdx.x; i < (long long)tp[p] * K; i += blockDim.x) a.h_proute[(long long)p * M * K + i] = ids_p[i];
+            for (long long i = threadIdx.x; i < (long long)tp[p] * K; i += blockDim.x)
+                a.h_proute[(long long)p * M * K + i] = ids_p[i];
         }
         /* Across hosts, my rail peers' routing too (-1 past their T), for the combine's gather. */
         for (int hp = 0; X && hp < rail_hosts; hp++) {
@@ -884,7 +887,8 @@ static __device__ __forceinline__ float *epx__llc_wts(const epx__ll_combine_t &c
 }
 
 /* The row expert rank q sent home for token t of the staging's owner. */
-static __device__ __forceinline__ char *epx__llc_home(const epx__ll_combine_t &c, char *base, int par, int q, long long t)
+static __device__ __forceinline__ char *epx__llc_home(const epx__ll_combine_t &c, char *base, int par, int q,
+                                                      long long t)
 {
     return base + par * c.chalf + c.cp_off + ((long long)q * c.max_tokens + t) * c.prow;
 }
@@ -909,7 +913,8 @@ template <int V> static __device__ __forceinline__ void epx__llc_store_f32(char 
     if (V == 1) ((float *)row)[ch] = f[0];
 }
 /* The same channels of a row of `dtype`, copied as they are. */
-template <int V> static __device__ __forceinline__ void epx__llc_copy(char *dst, const char *src, int dtype, long long ch)
+template <int V>
+static __device__ __forceinline__ void epx__llc_copy(char *dst, const char *src, int dtype, long long ch)
 {
     if (V == 8)
         ((uint4 *)dst)[ch] = ((const uint4 *)src)[ch];
@@ -979,7 +984,8 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
     long long per_src = (long long)c.most_tokens * chunks, n_items = (long long)c.nranks * per_src;
 #pragma unroll 1
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items; i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items;
+         i += (long long)gridDim.x * blockDim.x) {
         int p = (int)(i / per_src);
         long long t = i % per_src / chunks, ch = i % chunks;
         if (p == me || t >= ptok[p]) continue;
@@ -1000,14 +1006,16 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
         if ((mask & (mask - 1)) == 0) { /* one expert here: its row as it is */
 #pragma unroll
             for (int k = 0; k < KM; k++)
-                if ((mask >> k) & 1u) epx__llc_copy<V>(dst, c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch);
+                if ((mask >> k) & 1u)
+                    epx__llc_copy<V>(dst, c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch);
             pushed = true;
             continue;
         }
         typename epx__llc_raw<V>::t r[KM];
 #pragma unroll
         for (int k = 0; k < KM; k++)
-            if ((mask >> k) & 1u) epx__llc_fetch(c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch, &r[k]);
+            if ((mask >> k) & 1u)
+                epx__llc_fetch(c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch, &r[k]);
         float part[V];
 #pragma unroll
         for (int j = 0; j < V; j++) part[j] = 0.0f;
@@ -1034,7 +1042,8 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
     long long n_items = (long long)c.num_tokens * chunks;
 #pragma unroll 1
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items; i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items;
+         i += (long long)gridDim.x * blockDim.x) {
         long long t = i / chunks, ch = i % chunks;
         int e[KM];
         float w[KM];
@@ -1099,8 +1108,9 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
 /* A combine receive on one host is one kernel (with send_too, after the send's step): every
  * block waits for the peers' weights, sends its share of the rows home; the last block to
  * finish tells the peers theirs are in (LLC_PART); every block then waits for every peer's
- * and sums its share of my tokens. The grid is resident at once (the launcher's bound), so
- * no block waits on one not yet started. The two steps are functions of their own, and c
+ * and sums its share of my tokens. A block's wait depends on every other block of its
+ * grid and of the peers' having run: the launch is cooperative (every block resident at
+ * once, or the launch fails). The two steps are functions of their own, and c
  * is read where it lies (__grid_constant__): inlined into one kernel they spilled 250 bytes
  * at K <= 8 (each alone needs 105-114 registers); one rank on an H200, T = 128, the
  * combine took 21.7 us so, 15.7 as now. */
@@ -1121,7 +1131,10 @@ static __global__ void __launch_bounds__(256, 2)
     /* Each thread's pushes, system-wide, before its block is counted (a thread that pushed
      * nothing skips the fence). */
     if (live && !bad && epx__llc_send_home<KM, V>(c, par, ptok)) __threadfence_system();
-    if (epx__ll_last_block(&d, EPX__LL_PART) && live) epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
+    /* All or nothing: when a block's wait failed, no LLC_PART goes out (the peers then time
+     * out, rather than sum rows that were not pushed). */
+    bool all;
+    if (epx__ll_last_block_all(&d, EPX__LL_PART, live, &all) && all) epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
     bool home = live && epx__wait_peers(&d, EPX__FLAG_LLC_PART, n);
     if (home && !bad && !failed) epx__llc_sum_home<KM, V>(c, par);
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
@@ -1139,7 +1152,10 @@ static __global__ void __launch_bounds__(256) epx__k_llc_send(epx__cuda_dev_t d,
 
 extern "C" int epx__cuda_launch_ll_combine_send(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream)
 {
-    if (c->rail.nhosts > 0)
+    cudaError_t bad;
+    bool X = epx__ll_across(d, &c->rail, &bad);
+    if (bad != cudaSuccess) return (int)bad;
+    if (X)
         epx__k_ll_combine_send<<<1, 32, 0, (cudaStream_t)stream>>>(*d);
     else
         epx__k_llc_send<<<1, 256, 0, (cudaStream_t)stream>>>(*d, *c);
@@ -1154,26 +1170,34 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
     if (bad != cudaSuccess) return (int)bad;
     bool k8 = c->topk <= 8; /* the instance whose per-token arrays hold 8 (no spills) */
     void (*kernel)(epx__cuda_dev_t, epx__ll_combine_t, int);
-    int slot;
-    if (!X) { /* one thread per (token, V channels), on either side: as many as fit at once */
-        long long chunks = c->hidden / (c->vec ? 8 : 1);
-        long long most = (long long)c->nranks * c->most_tokens, items = (most > c->num_tokens ? most : c->num_tokens) * chunks;
-        long long b = (items + 255) / 256;
-        blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
-        kernel = c->vec ? (k8 ? epx__k_llc_combine<8, 8> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 8>)
-                        : (k8 ? epx__k_llc_combine<8, 1> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 1>);
-        slot = 9 + (c->vec ? 0 : 1) + (k8 ? 0 : 2);
-    } else {
+    if (X) {
         if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
-            long long items = (long long)c->num_tokens * (c->hidden / 8);
-            long long b = (items + 255) / 256;
+            long long b = ((long long)c->num_tokens * (c->hidden / 8) + 255) / 256;
             blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
         }
         kernel = k8 ? epx__k_ll_combine<true, 8> : epx__k_ll_combine<true, EPX_MOE_MAX_TOPK>;
-        slot = k8 ? 6 : 8;
+        int resident = epx__ll_resident((const void *)kernel, 256, k8 ? 6 : 8);
+        if (blocks > resident) blocks = resident; /* blocks stride over the work; even with no tokens */
+        kernel<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
+        return (int)cudaGetLastError();
     }
-    int resident = epx__ll_resident((const void *)kernel, 256, slot);
-    if (blocks > resident) blocks = resident; /* blocks stride over the work; even with no tokens: it is the operation */
-    kernel<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
-    return (int)cudaGetLastError();
+    /* One host: a thread per (token, V channels) on the larger side (the peers' tokens here,
+     * or mine), as many as are resident at once (a cooperative launch). */
+    long long chunks = c->hidden / (c->vec ? 8 : 1), most = (long long)c->nranks * c->most_tokens;
+    long long b = ((most > c->num_tokens ? most : c->num_tokens) * chunks + 255) / 256;
+    kernel = c->vec ? (k8 ? epx__k_llc_combine<8, 8> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 8>)
+                    : (k8 ? epx__k_llc_combine<8, 1> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 1>);
+    int resident = epx__ll_resident((const void *)kernel, 256, 9 + (c->vec ? 0 : 1) + (k8 ? 0 : 2));
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cfg.gridDim = dim3((unsigned)(b < 1 ? 1 : b < resident ? b : resident));
+    cfg.blockDim = dim3(256);
+    cfg.stream = (cudaStream_t)stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, *d, *c, send_too);
+    (void)cudaGetLastError(); /* this launch's error is returned, not left for the next launcher to report */
+    return (int)e;
 }

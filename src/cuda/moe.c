@@ -80,9 +80,9 @@ struct epx__cuda_moe_handle {
     epx__cuda_moe_handle_t *next_spare;
 };
 
-/* One host: a combine half holds, per source, its weights [M, K] (float32), then the rows
- * the expert ranks send home for its tokens [R, M] of *prow bytes (a y row, or a float32
- * partial) from *cp_off. Returns the half's bytes. */
+/* One host: a combine half of rank o holds each source's weights [R, M, K] (float32), then,
+ * from *cp_off, the rows each expert rank sends home for o's tokens [R, M] of *prow bytes
+ * (a y row, or a float32 partial). Returns the half's bytes. */
 static long long epx__llc_layout(const epx__moe_shape_t *s, long long *cp_off, long long *prow)
 {
     long long M = EPX__MAX(s->max_tokens, 1), R = s->nranks;
