@@ -1434,8 +1434,8 @@ static int run_ll_split(void)
 /* Low-latency sends running ahead of a slow receiver: s1 s2 r1 s3 r2 s4 r3 s5 r4 r5 (two
  * in flight, every staging half reused), with one rank's stream held before each of its
  * receives (`slow`), so that its peers' sends k + 2 come while it has not received k: they
- * must wait for it, or its receive reads the wrong batch. Every batch checked, then combined
- * (whole calls) to check the slots. */
+ * must wait for it, or its receive reads the wrong batch. Every batch checked; then the
+ * combines the same way (the slow rank held before each combine receive), each checked. */
 static int run_ll_pipeline(int slow)
 {
     enum { NB = 5 };
@@ -1463,8 +1463,20 @@ static int run_ll_pipeline(int slow)
         snprintf(cs, sizeof cs, "ll pipeline slow=%d batch %d", slow, i);
         check_ll_dispatch(&b[i].W, &b[i].B, cs);
         ll_batch_combine_inputs(&b[i]);
-        epx_moe_ll_combine_in_t cin = {b[i].dy, b[i].dw};
-        ASSERT_OK(epx_moe_ll_combine(moe, b[i].h, &cin, b[i].dout, st_));
+    }
+    for (int step = 0; step < NB + 2; step++) {
+        int r = step - 2, snd = step;
+        if (r >= 0) {
+            if (me == slow) hold_stream();
+            ASSERT_OK(epx_moe_ll_combine_recv(moe, b[r].h, st_));
+        }
+        if (snd < NB) {
+            epx_moe_ll_combine_in_t cin = {b[snd].dy, b[snd].dw};
+            ASSERT_OK(epx_moe_ll_combine_send(moe, b[snd].h, &cin, b[snd].dout, st_));
+        }
+    }
+    for (int i = 0; i < NB; i++) {
+        snprintf(cs, sizeof cs, "ll pipeline slow=%d combine %d", slow, i);
         fetch(b[i].out, b[i].dout, b[i].out_b + GUARD);
         check_ll_combine(&b[i].W, b[i].out, cs);
     }
