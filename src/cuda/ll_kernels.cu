@@ -893,24 +893,24 @@ static __device__ __forceinline__ char *epx__llc_home(const epx__ll_combine_t &c
     return base + par * c.chalf + c.cp_off + ((long long)q * c.max_tokens + t) * c.prow;
 }
 
-/* A thread's V channels (from ch * V) of a float32 row; and the stores. */
+/* A thread's V channels (from ch * V) of a float32 row; and the store. */
 template <int V> static __device__ __forceinline__ void epx__llc_load_f32(const char *row, long long ch, float *f)
 {
-#pragma unroll
-    for (int j = 0; j < V; j += 4) {
-        if (V == 8) {
-            float4 v = ((const float4 *)row)[2 * ch + j / 4];
-            f[j] = v.x, f[j + 1] = v.y, f[j + 2] = v.z, f[j + 3] = v.w;
-        }
+    if (V == 8) {
+        float4 a = ((const float4 *)row)[2 * ch], b = ((const float4 *)row)[2 * ch + 1];
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    } else {
+        f[0] = ((const float *)row)[ch];
     }
-    if (V == 1) f[0] = ((const float *)row)[ch];
 }
 template <int V> static __device__ __forceinline__ void epx__llc_store_f32(char *row, long long ch, const float *f)
 {
-#pragma unroll
-    for (int j = 0; j < V; j += 4)
-        if (V == 8) ((float4 *)row)[2 * ch + j / 4] = make_float4(f[j], f[j + 1], f[j + 2], f[j + 3]);
-    if (V == 1) ((float *)row)[ch] = f[0];
+    if (V == 8) {
+        ((float4 *)row)[2 * ch] = make_float4(f[0], f[1], f[2], f[3]);
+        ((float4 *)row)[2 * ch + 1] = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+        ((float *)row)[ch] = f[0];
+    }
 }
 /* The same channels of a row of `dtype`, copied as they are. */
 template <int V>
