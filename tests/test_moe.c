@@ -2256,7 +2256,8 @@ int main(int argc, char **argv)
                 passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
         if (!ll_only) passed += run_two_handles();
         if (ll) passed += run_ll_split();
-        if (ll) passed += run_ll_pipeline(R - 1) + run_ll_pipeline(0);
+        if (ll) passed += run_ll_pipeline(R - 1);
+        if (ll) passed += run_ll_pipeline(0);
         for (int i = 0; i < nrandom; i++) {
             mcase_t c = random_case(seed * 7919 + (uint64_t)i, false);
             if (!ll_only) passed += run_ht_case(&c, seed * 1000 + 700 + (uint64_t)i);
