@@ -1431,6 +1431,29 @@ static int run_ll_split(void)
     return 1;
 }
 
+/* The nb batches' sends (combine: combine sends, else dispatch sends) two ahead of their
+ * receives: s1 s2, then r(i) s(i + 2) ..., then the last receives; rank `slow`'s stream is
+ * held before each of its receives. */
+static void ll_pipelined(epx_moe_t moe, ll_batch_t *b, int nb, int slow, bool combine)
+{
+    void *st_ = test_stream();
+    for (int step = 0; step < nb + 2; step++) {
+        int r = step - 2, snd = step;
+        if (r >= 0) {
+            if (me == slow) hold_stream();
+            ASSERT_OK(combine ? epx_moe_ll_combine_recv(moe, b[r].h, st_) : epx_moe_ll_dispatch_recv(moe, b[r].h, st_));
+        }
+        if (snd < nb && combine) {
+            epx_moe_ll_combine_in_t cin = {b[snd].dy, b[snd].dw};
+            ASSERT_OK(epx_moe_ll_combine_send(moe, b[snd].h, &cin, b[snd].dout, st_));
+        } else if (snd < nb) {
+            epx_moe_ll_dispatch_in_t in = ll_in(&b[snd].W, &b[snd].B);
+            epx_moe_ll_dispatch_out_t o = ll_out(&b[snd].B);
+            ASSERT_OK(epx_moe_ll_dispatch_send(moe, &in, &o, &b[snd].h, st_));
+        }
+    }
+}
+
 /* Low-latency sends running ahead of a slow receiver: s1 s2 r1 s3 r2 s4 r3 s5 r4 r5 (two
  * in flight, every staging half reused), with one rank's stream held before each of its
  * receives (`slow`), so that its peers' sends k + 2 come while it has not received k: they
@@ -1443,38 +1466,15 @@ static int run_ll_pipeline(int slow)
                  EPX_MOE_LOW_LATENCY, 0, EPX_SCALE_F32};
     ll_batch_t b[NB];
     epx_moe_t moe = NULL;
-    void *st_ = test_stream();
     char cs[64];
     for (int i = 0; i < NB; i++) ll_batch_init(&b[i], &c, 9300 + 10 * (uint64_t)slow + (uint64_t)i, &moe, "ll pipeline");
-    /* s1 s2, then r(i) s(i + 2) ..., then the last receives */
-    for (int step = 0; step < NB + 2; step++) {
-        int r = step - 2, snd = step;
-        if (r >= 0) {
-            if (me == slow) hold_stream();
-            ASSERT_OK(epx_moe_ll_dispatch_recv(moe, b[r].h, st_));
-        }
-        if (snd < NB) {
-            epx_moe_ll_dispatch_in_t in = ll_in(&b[snd].W, &b[snd].B);
-            epx_moe_ll_dispatch_out_t o = ll_out(&b[snd].B);
-            ASSERT_OK(epx_moe_ll_dispatch_send(moe, &in, &o, &b[snd].h, st_));
-        }
-    }
+    ll_pipelined(moe, b, NB, slow, false);
     for (int i = 0; i < NB; i++) {
         snprintf(cs, sizeof cs, "ll pipeline slow=%d batch %d", slow, i);
         check_ll_dispatch(&b[i].W, &b[i].B, cs);
         ll_batch_combine_inputs(&b[i]);
     }
-    for (int step = 0; step < NB + 2; step++) {
-        int r = step - 2, snd = step;
-        if (r >= 0) {
-            if (me == slow) hold_stream();
-            ASSERT_OK(epx_moe_ll_combine_recv(moe, b[r].h, st_));
-        }
-        if (snd < NB) {
-            epx_moe_ll_combine_in_t cin = {b[snd].dy, b[snd].dw};
-            ASSERT_OK(epx_moe_ll_combine_send(moe, b[snd].h, &cin, b[snd].dout, st_));
-        }
-    }
+    ll_pipelined(moe, b, NB, slow, true);
     for (int i = 0; i < NB; i++) {
         snprintf(cs, sizeof cs, "ll pipeline slow=%d combine %d", slow, i);
         fetch(b[i].out, b[i].dout, b[i].out_b + GUARD);

@@ -30,8 +30,8 @@
  * sends them home, and the sum reads each row from the local peer that holds it or from
  * what came home: the same rows in the same order, so the same bits. The send and
  * receive kernels have an instance for each (template X: across hosts), the combine a
- * kernel for each, so one host runs none of the code the path across hosts needs (the bounded waits still check the
- * relay flag at run time, every 256th poll).
+ * kernel for each, so one host runs none of the code the path across hosts needs (the
+ * bounded waits still check the relay flag at run time, every 256th poll).
  */
 #include <cuda_runtime.h>
 #include <limits.h>
@@ -698,17 +698,15 @@ static __device__ __forceinline__ void epx__llc_meta(const epx__ll_combine_t &c,
     }
 }
 
-template <bool X, int KM>
-static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0);
+template <int KM> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0);
 
-/* Where the row of (token t, its k-th expert e, slot) lies: in the expert's local rank's y,
- * or (X: across hosts) in what its host's gateway sent home. */
-template <bool X>
+/* Across hosts: where the row of (token t, its k-th expert e, slot) lies: in the expert's
+ * local rank's y, or in what its host's gateway sent home. */
 static __device__ __forceinline__ const char *epx__llc_row(const epx__ll_combine_t &c, int e, long long t, int k,
                                                           int slot, long long row_bytes)
 {
-    int g = e / c.local_experts, q = g - (X ? c.dest0 : 0);
-    if (!X || (q >= 0 && q < c.nranks)) return c.y[q] + ((long long)(e % c.local_experts) * c.slots + slot) * row_bytes;
+    int g = e / c.local_experts, q = g - c.dest0;
+    if (q >= 0 && q < c.nranks) return c.y[q] + ((long long)(e % c.local_experts) * c.slots + slot) * row_bytes;
     return c.rail.y_in + (long long)(g / c.nranks) * c.rail.yblk + 128 + (t * c.topk + k) * row_bytes;
 }
 
@@ -731,11 +729,11 @@ static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll
     return r;
 }
 
-/* A combine receive is one kernel: every block waits until the peers published their
- * expert outputs (with send_too, after publishing mine), sums its tokens' rows; the last
- * block to finish tells the peers it is done reading theirs and waits until they are done
- * with mine (my outputs may then be overwritten). */
-template <bool X, int KM>
+/* Across hosts a combine receive is one kernel: every block waits until the peers published
+ * their expert outputs (with send_too, after publishing mine), sums its tokens' rows; the
+ * last block to finish tells the peers it is done reading theirs and waits until they are
+ * done with mine (my outputs may then be overwritten). */
+template <int KM>
 static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
@@ -746,15 +744,15 @@ static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev
     epx__llc_meta_t<KM> m0;
     long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (c.vec && i0 < (long long)c.num_tokens * (c.hidden / 8)) epx__llc_meta(c, i0 / (c.hidden / 8), &m0);
-    if (send_too) epx__ll_relay_out<X>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
+    if (send_too) epx__ll_relay_out<true>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
-    bool homes = live && (!X || epx__llc_homes_ok(&d, c, n)); /* across hosts: all came */
-    if (homes && epx__ll_sound<X>(&d) && !bad) epx__ll_combine_body<X, KM>(c, &m0); /* bad routing or failed: nothing */
+    bool homes = live && epx__llc_homes_ok(&d, c, n); /* every rail peer's rows came */
+    if (homes && epx__ll_sound<true>(&d) && !bad) epx__ll_combine_body<KM>(c, &m0); /* bad routing or failed: nothing */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
-        epx__ll_relay_out<X>(&d);
+        epx__ll_relay_out<true>(&d);
         epx__signal_peers(&d, EPX__FLAG_LLC_DONE, n); /* done reading the peers' outputs */
-        if (epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n)) epx__ll_relay_in<X>(&d);
+        if (epx__wait_peers(&d, EPX__FLAG_LLC_DONE, n)) epx__ll_relay_in<true>(&d);
     }
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
@@ -774,8 +772,7 @@ static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
  * expert rank (its rows in k order, from +0), then the partials over the ranks ascending
  * (from +0; a single partial gives the same bits as summing it directly). Vectorised, m0
  * holds the thread's first item's meta. */
-template <bool X, int KM>
-static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0)
+template <int KM> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0)
 {
     int K = c.topk, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
@@ -790,7 +787,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc
             uint4 v[KM]; /* static indices only: the arrays stay in registers */
 #pragma unroll
             for (int k = 0; k < KM; k++)
-                if (m0->e[k] >= 0) v[k] = ((const uint4 *)epx__llc_row<X>(c, m0->e[k], t, k, m0->slot[k], row_bytes))[ch];
+                if (m0->e[k] >= 0) v[k] = ((const uint4 *)epx__llc_row(c, m0->e[k], t, k, m0->slot[k], row_bytes))[ch];
             float acc[8];
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[j] = 0.0f;
@@ -831,7 +828,7 @@ static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc
         for (int k = 0; k < K; k++) {
             int e = c.h_topk[t * K + k];
             if (e >= 0)
-                epx__ll_add_term(&o, epx__llc_row<X>(c, e, t, k, c.h_slot[t * K + k], row_bytes),
+                epx__ll_add_term(&o, epx__llc_row(c, e, t, k, c.h_slot[t * K + k], row_bytes),
                                  c.w[(long long)t * K + k], e / c.local_experts);
         }
         epx__ll_sum_token(&o, c.out + (long long)t * row_bytes, H, c.dtype, threadIdx.x, blockDim.x);
@@ -962,12 +959,7 @@ static __device__ __forceinline__ void epx__llc_fetch(const char *row, int dtype
 {
     *r = epx__load_elem(row, dtype, ch);
 }
-static __device__ __forceinline__ void epx__llc_unpack(const uint4 &r, float *f)
-{
-    unsigned u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int j = 0; j < 4; j++) f[2 * j] = epx__bits_f32(u[j] << 16), f[2 * j + 1] = epx__bits_f32(u[j] & 0xffff0000u);
-}
+static __device__ __forceinline__ void epx__llc_unpack(const uint4 &r, float *f) { epx__unpack_bf16x8(r, f); }
 static __device__ __forceinline__ void epx__llc_unpack(const float &r, float *f) { f[0] = r; }
 
 /* Every peer p's tokens with experts here (ptok[p]: p's T): into p's staging, for each, the
@@ -1110,10 +1102,10 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
  * finish tells the peers theirs are in (LLC_PART); every block then waits for every peer's
  * and sums its share of my tokens. A block's wait depends on every other block of its
  * grid and of the peers' having run: the launch is cooperative (every block resident at
- * once, or the launch fails). The two steps are functions of their own, and c
- * is read where it lies (__grid_constant__): inlined into one kernel they spilled 250 bytes
- * at K <= 8 (each alone needs 105-114 registers); one rank on an H200, T = 128, the
- * combine took 21.7 us so, 15.7 as now. */
+ * once, or the launch fails). The two steps are functions of their own, and c is read
+ * where it lies (__grid_constant__): inlined into one kernel they spilled (248 bytes of
+ * stores at K <= 8; each alone needs 105-114 registers), and one rank on an H200 took
+ * 21.4-21.7 us at T = 128 against 15.7 as now. */
 template <int KM, int V>
 static __global__ void __launch_bounds__(256, 2)
     epx__k_llc_combine(epx__cuda_dev_t d, const __grid_constant__ epx__ll_combine_t c, int send_too)
@@ -1175,7 +1167,7 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
             long long b = ((long long)c->num_tokens * (c->hidden / 8) + 255) / 256;
             blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
         }
-        kernel = k8 ? epx__k_ll_combine<true, 8> : epx__k_ll_combine<true, EPX_MOE_MAX_TOPK>;
+        kernel = k8 ? epx__k_ll_combine<8> : epx__k_ll_combine<EPX_MOE_MAX_TOPK>;
         int resident = epx__ll_resident((const void *)kernel, 256, k8 ? 6 : 8);
         if (blocks > resident) blocks = resident; /* blocks stride over the work; even with no tokens */
         kernel<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);

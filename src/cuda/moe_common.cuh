@@ -101,6 +101,14 @@ static __device__ __forceinline__ uint4 epx__pack_bf16x8(const float *a)
     return o;
 }
 
+/* The eight bf16 values of a 16-byte word as float32 (exact), in order. */
+static __device__ __forceinline__ void epx__unpack_bf16x8(uint4 v, float *f)
+{
+    unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) f[2 * j] = epx__bits_f32(u[j] << 16), f[2 * j + 1] = epx__bits_f32(u[j] & 0xffff0000u);
+}
+
 /* The bf16 sum of n <= NR 16-byte-aligned rows of `chunks` 16-byte chunks, by one warp
  * (see epx__moe_reduce_token): each lane loads U chunks of every row before it adds any,
  * so NR * U 16-byte loads are in flight per lane; each chunk's terms are then added in row
