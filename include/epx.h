@@ -306,7 +306,8 @@ typedef struct {
     size_t size;              /* sizeof(epx_moe_config_t), set by the initializer */
     int version;              /* EPX_VERSION_CODE, set by the initializer */
     int hidden;               /* H >= 1 */
-    int max_tokens_per_rank;  /* >= T on every call */
+    int max_tokens_per_rank;  /* >= T on every call; at most 2^24, and in low-latency mode
+                                 ranks x max_tokens_per_rank (slots per expert) at most 2^30 */
     int num_experts;          /* E, a multiple of the number of ranks */
     int max_topk;             /* K of every call is <= this (at most EPX_MOE_MAX_TOPK) */
     int dtype;                /* token dtype of dispatch: EPX_BF16, EPX_F16, EPX_F32, EPX_FP8_E4M3 */

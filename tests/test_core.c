@@ -428,6 +428,10 @@ static void test_moe_memory(void)
     ASSERT_STATUS(epx_moe_device_memory(&cfg, 0, &a), EPX_ERR_INVALID_ARGUMENT);
     ASSERT_STATUS(epx_moe_device_memory(NULL, 2, &a), EPX_ERR_INVALID_ARGUMENT);
     ASSERT_STATUS(epx_moe_device_memory(&cfg, 2, NULL), EPX_ERR_INVALID_ARGUMENT);
+    /* Low latency: ranks x max_tokens_per_rank slots per expert, at most 2^30. */
+    cfg.mode = EPX_MOE_LOW_LATENCY, cfg.max_tokens_per_rank = 1 << 24;
+    ASSERT_STATUS(epx_moe_device_memory(&cfg, 128, &a), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT(epx_moe_device_memory(&cfg, 64, &a) != EPX_ERR_INVALID_ARGUMENT);
 }
 
 /* EPX_FAULT's text: every kind, where each may fire, and what a bad entry says. Only

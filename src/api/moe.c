@@ -90,6 +90,10 @@ static epx_status_t epx__moe_shape(int nranks, int rank, const epx_moe_config_t 
     if (cfg.scale_format != EPX_SCALE_F32 && cfg.scale_format != EPX_SCALE_UE8M0)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.scale_format = %d is not an epx_scale_format_t",
                          cfg.scale_format);
+    if (cfg.mode == EPX_MOE_LOW_LATENCY && (int64_t)nranks * cfg.max_tokens_per_rank > (1 << 30))
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "low-latency slots per expert: %d ranks x max_tokens_per_rank %d is over 2^30", nranks,
+                         cfg.max_tokens_per_rank);
     if (cfg.mode == EPX_MOE_LOW_LATENCY && cfg.dtype == EPX_FP8_E4M3)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
                          "low-latency dispatch takes bf16/f16/f32 tokens (set ll_fp8 to quantise bf16 to FP8)");

@@ -229,7 +229,8 @@ typedef struct {
     int *h_slot, *h_topk;                      /* the handle: [T, K] slot and expert of mine */
     int *h_bad;                                /* the handle: 1 when some routing was bad */
     /* The handle, one host only (else NULL), for the combine: every source's T, its routing
-     * [srcs, max_tokens, K] (its first T tokens) and, where the expert is mine, the slot. */
+     * [srcs, max_tokens, K] (its first T tokens; a peer's only, not mine) and, where the
+     * expert is mine, the slot. */
     int *h_ptok, *h_proute, *h_pslot;
     /* Sources: srcs ranks (all of them; nranks on one host), mine is me_src; this host's
      * ranks (nranks, flags and staging) are sources dest0 .. dest0 + nranks - 1. */

@@ -67,8 +67,8 @@ static __device__ __forceinline__ char *epx__ll_blk_row(const epx__ll_args_t *a,
 template <bool X> static __device__ __forceinline__ int epx__ll_holder(const epx__ll_args_t *a, long long e)
 {
     if (e < 0 || e >= a->num_experts) return -1;
-    if (!X) return (int)(e / a->local_experts);
-    long long q = e / a->local_experts - a->dest0;
+    if (!X) return (int)e / a->local_experts; /* 32 bits: a far shorter division */
+    int q = (int)e / a->local_experts - a->dest0;
     return q >= 0 && q < a->nranks ? (int)q : -1;
 }
 
@@ -229,17 +229,19 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
      * it. (After a failed wait nothing is sent: the communicator is broken.) */
     bool live = epx__ll_half_free(&d, n);
     if (!live) T = 0;
-    if (blockIdx.x == 0 && live)
-        for (int q = 0; q <= R; q++) { /* q == R: my rail block */
-            int *h = q < R ? epx__ll_hdr(&a, a.stage[q], par, me) : (int *)rail;
-            if (!h) continue;
-            if (threadIdx.x == 0) h[0] = T;
-            if (threadIdx.x == 0 && q == R) epx__ll_tag(&d, h, n, 0);
-            for (long long i = threadIdx.x; i < (long long)T * K; i += blockDim.x) {
-                long long e = epx__ll_expert(&a, i);
-                h[4 + i] = e < -1 || e >= a.num_experts ? -2 : (int)e; /* -2: out of range */
-            }
-        }
+    /* My routing to every rank and my rail block (q == R), spread over the grid: each entry
+     * loaded once (one block doing it all took a round trip per entry it loaded). */
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)T * K;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long e = epx__ll_expert(&a, i);
+        int v = e < -1 || e >= a.num_experts ? -2 : (int)e; /* -2: out of range */
+        for (int q = 0; q < R; q++) epx__ll_hdr(&a, a.stage[q], par, me)[4 + i] = v;
+        if (X) ((int *)rail)[4 + i] = v;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0 && live) {
+        for (int q = 0; q < R; q++) epx__ll_hdr(&a, a.stage[q], par, me)[0] = T;
+        if (X) ((int *)rail)[0] = T, epx__ll_tag(&d, (int *)rail, n, 0);
+    }
     if (a.vec) {
         /* Each thread: 8 channels of one token, loaded once, stored to every destination
          * (FP8: a half warp is one 128-channel block, its amax by shuffles). */
@@ -247,9 +249,12 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x, nthreads = (long long)gridDim.x * blockDim.x;
         long long n_items = (long long)T * per_token;
         /* The loop bound is the warp's first item, so whole warps take part in the shuffles
-         * (blockDim is a multiple of 32, so tid - lane is). */
-        for (long long i = tid; i - (threadIdx.x & 31) < n_items; i += nthreads) {
-            long long t = i / per_token, ch = i % per_token;
+         * (blockDim is a multiple of 32, so tid - lane is). Item i is channel chunk ch of
+         * token t, stepped without a division per item (64-bit ones are long chains). */
+        long long t = tid / per_token, ch = tid % per_token, step_t = nthreads / per_token, step_ch = nthreads % per_token;
+        for (long long i = tid; i - (threadIdx.x & 31) < n_items;
+             i += nthreads, t += step_t + (ch + step_ch >= per_token),
+                       ch += ch + step_ch >= per_token ? step_ch - per_token : step_ch) {
             bool live = i < n_items && ch < chunks;
             unsigned mask = 0;
             if (i < n_items)
@@ -448,8 +453,7 @@ static __device__ void epx__ll_stage_ids(const epx__ll_args_t &a, int par, const
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             int i = b + u * (int)blockDim.x + (int)threadIdx.x;
-            long long j = j0 + i / K;
-            int p = (int)(j / M), t = (int)(j % M);
+            int j = (int)j0 + i / K, p = j / M, t = j % M; /* R * M <= 2^30 (epx__moe_shape) */
             v[u] = i < n && p < R && t < tp[p] ? epx__ll_hdr(&a, a.stage[a.rank], par, p)[4 + (long long)t * K + i % K] : -1;
         }
 #pragma unroll
@@ -481,8 +485,10 @@ static __device__ __forceinline__ unsigned epx__ll_hits(const int *id, int K, in
 
 /* Block e (striding) walks every source's staged tokens for expert e in order: the
  * position of each is its slot. My tokens' positions go to the handle; for my own
- * experts the rows are copied into place. */
-template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par);
+ * experts the rows are copied into place. The grid writes the handle's routing arrays
+ * together. False (in every block) when some source's routing was bad: nothing but
+ * recv_count (-1) is written then. */
+template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args_t &a, int par);
 
 /* NT threads a block: 512 at two blocks an SM (64 registers, a few spills), 256 at three
  * (up to 85 registers: no spills; still a block per expert at once for E up to 3 x SMs). */
@@ -493,18 +499,18 @@ static __global__ void __launch_bounds__(NT, NT == EPX__LL_RECV_THREADS ? 2 : 3)
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
     if (!X) epx__ll_after_send(); /* my own rows and routing */
-    if (live && epx__ll_sound<X>(&d))
-        epx__ll_receive_body<X>(a, (int)(n & 1ull));
-    else if (blockIdx.x == 0 && threadIdx.x == 0)
-        *a.h_bad = 1; /* the handle's arrays were not written: a combine along it writes nothing */
-    if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_RECVD)) return;
+    bool ok = live && epx__ll_sound<X>(&d) && epx__ll_receive_body<X>(a, (int)(n & 1ull));
+    bool all;
+    if (!epx__ll_last_block_all(&d, EPX__LL_DISPATCH_RECVD, ok, &all)) return;
+    /* Unless every block wrote its share of the handle, a combine along it writes nothing. */
+    if (threadIdx.x == 0) *a.h_bad = all ? 0 : 1;
     /* Sources may read this (over NVLink) before refilling the half: every block's reads of
      * it are over (the last-block count is an acq_rel atomic). No flag is pushed to them: a
      * store to a peer at the end of this kernel cost 4-7 us. */
     epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
 }
 
-template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args_t &a, int par)
+template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args_t &a, int par)
 {
     __shared__ int bad, tp[X ? EPX__LL_MAX_SRCS : EPX__CUDA_MAX_RANKS];
     __shared__ int list_p[EPX__LL_RECV_THREADS], list_t[EPX__LL_RECV_THREADS];
@@ -547,33 +553,33 @@ template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args
     if (!ok) bad = 1;
     __syncthreads();
     if (bad) {
-        if (blockIdx.x == 0) {
-            for (int l = threadIdx.x; l < L && a.recv_count; l += blockDim.x) a.recv_count[l] = -1;
-            if (threadIdx.x == 0) *a.h_bad = 1;
-        }
-        return;
+        for (int l = threadIdx.x; blockIdx.x == 0 && l < L && a.recv_count; l += blockDim.x) a.recv_count[l] = -1;
+        return false;
     }
-    if (blockIdx.x == 0) {
+    {
+        /* The handle's routing arrays, spread over the grid (one block writing them all took
+         * a round trip per entry it loaded, on the path of the kernel's last block). */
+        long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x, G = (long long)gridDim.x * blockDim.x;
         /* My routing as my send staged it (the caller's topk_idx may be gone by now). */
         const int *mine = epx__ll_hdr(&a, a.stage[me], par, ms) + 4;
-        if (threadIdx.x == 0) *a.h_bad = 0;
-        for (long long i = threadIdx.x; i < (long long)a.num_tokens * K; i += blockDim.x) {
+        for (long long i = g; i < (long long)a.num_tokens * K; i += G) {
             int e = mine[i];
             a.h_topk[i] = e;
             if (e < 0) a.h_slot[i] = -1;
         }
-        /* On one host every source's T and routing, for the combine's partial sums. */
+        /* On one host every source's T, and every peer's routing, for the combine's partial
+         * sums (my own tokens' partials come from h_topk). */
         for (int p = 0; !X && a.h_ptok && p < R; p++) {
             const int *ids_p = epx__ll_hdr(&a, a.stage[me], par, p) + 4;
-            if (threadIdx.x == 0) a.h_ptok[p] = tp[p];
-            for (long long i = threadIdx.x; i < (long long)tp[p] * K; i += blockDim.x)
+            if (g == 0) a.h_ptok[p] = tp[p];
+            for (long long i = g; p != me && i < (long long)tp[p] * K; i += G)
                 a.h_proute[(long long)p * M * K + i] = ids_p[i];
         }
         /* Across hosts, my rail peers' routing too (-1 past their T), for the combine's gather. */
         for (int hp = 0; X && hp < rail_hosts; hp++) {
             int p = hp * LS + me, tpp = hp == a.rail.host ? 0 : tp[p];
             const int *ids_p = epx__ll_hdr(&a, a.stage[me], par, p) + 4;
-            for (long long i = threadIdx.x; i < (long long)M * K; i += blockDim.x)
+            for (long long i = g; i < (long long)M * K; i += G)
                 a.rail.topk[(long long)hp * M * K + i] = i < (long long)tpp * K ? ids_p[i] : -1;
         }
     }
@@ -583,9 +589,7 @@ template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args
         bool here = X && rail_hosts > 0 && e / L / LS == a.rail.host; /* my rail peers' slots here matter */
         int l = e % L, base = 0;
         for (long long j0 = 0; j0 < (long long)R * M; j0 += blockDim.x) {
-            long long j = j0 + threadIdx.x;
-            int p = (int)(j / M);
-            long long t = j % M;
+            int j = (int)j0 + (int)threadIdx.x, p = j / M, t = j % M; /* R * M <= 2^30 */
             if (!one_group) { /* the group's routing (the last group's scan and copies are over) */
                 epx__ll_stage_ids<X>(a, par, tp, j0, ids);
                 __syncthreads();
@@ -628,6 +632,7 @@ template <bool X> static __device__ void epx__ll_receive_body(const epx__ll_args
             if (a.recv_src_token) a.recv_src_token[(long long)l * a.slots + s] = -1;
         }
     }
+    return true;
 }
 
 extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int send_blocks,
