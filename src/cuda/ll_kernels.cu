@@ -45,6 +45,24 @@ static __device__ __forceinline__ long long epx__ll_expert(const epx__ll_args_t 
     return a->index_i64 ? ((const long long *)a->topk_idx)[i] : (long long)((const int *)a->topk_idx)[i];
 }
 
+/* Item i of a grid-stride loop as (row, col) = (i / n, i % n), stepped by the stride
+ * without a division per item (a 64-bit division is a long chain of instructions; one per
+ * item cost the dispatch send 1-2.6 us). n >= 1. */
+typedef struct {
+    long long row, col, n, srow, scol;
+} epx__ll_walk_t;
+static __device__ __forceinline__ epx__ll_walk_t epx__ll_walk(long long i, long long stride, long long n)
+{
+    epx__ll_walk_t w = {i / n, i % n, n, stride / n, stride % n};
+    return w;
+}
+static __device__ __forceinline__ void epx__ll_step(epx__ll_walk_t *w)
+{
+    w->row += w->srow;
+    w->col += w->scol;
+    if (w->col >= w->n) w->col -= w->n, w->row++;
+}
+
 /* Source p's header and rows in the staging area `base` of parity `par`. */
 static __device__ __forceinline__ int *epx__ll_hdr(const epx__ll_args_t *a, char *base, int par, int p)
 {
@@ -249,12 +267,10 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x, nthreads = (long long)gridDim.x * blockDim.x;
         long long n_items = (long long)T * per_token;
         /* The loop bound is the warp's first item, so whole warps take part in the shuffles
-         * (blockDim is a multiple of 32, so tid - lane is). Item i is channel chunk ch of
-         * token t, stepped without a division per item (64-bit ones are long chains). */
-        long long t = tid / per_token, ch = tid % per_token, step_t = nthreads / per_token, step_ch = nthreads % per_token;
-        for (long long i = tid; i - (threadIdx.x & 31) < n_items;
-             i += nthreads, t += step_t + (ch + step_ch >= per_token),
-                       ch += ch + step_ch >= per_token ? step_ch - per_token : step_ch) {
+         * (blockDim is a multiple of 32, so tid - lane is). Item i: chunk ch of token t. */
+        epx__ll_walk_t w = epx__ll_walk(tid, nthreads, per_token);
+        for (long long i = tid; i - (threadIdx.x & 31) < n_items; i += nthreads, epx__ll_step(&w)) {
+            long long t = w.row, ch = w.col;
             bool live = i < n_items && ch < chunks;
             unsigned mask = 0;
             if (i < n_items)
@@ -979,12 +995,13 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
     int K = c.topk, M = c.max_tokens, me = c.rank, dtype = c.dtype;
     int lo = me * c.local_experts, hi = lo + c.local_experts;
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
-    long long per_src = (long long)c.most_tokens * chunks, n_items = (long long)c.nranks * per_src;
+    long long n_items = (long long)c.nranks * c.most_tokens * chunks;
+    long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
+    epx__ll_walk_t w = epx__ll_walk(i0, stride, chunks); /* row: p's token t, p * most_tokens + t */
 #pragma unroll 1
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items;
-         i += (long long)gridDim.x * blockDim.x) {
-        int p = (int)(i / per_src);
-        long long t = i % per_src / chunks, ch = i % chunks;
+    for (long long i = i0; i < n_items; i += stride, epx__ll_step(&w)) {
+        int p = (int)w.row / c.most_tokens, t = (int)w.row % c.most_tokens; /* < 2^30 (epx__moe_shape) */
+        long long ch = w.col;
         if (p == me || t >= ptok[p]) continue;
         long long at = ((long long)p * M + t) * K;
         int e[KM];
@@ -1038,10 +1055,11 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
     int K = c.topk, L = c.local_experts, me = c.rank, dtype = c.dtype;
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
     long long n_items = (long long)c.num_tokens * chunks;
+    long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
+    epx__ll_walk_t w = epx__ll_walk(i0, stride, chunks);
 #pragma unroll 1
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_items;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long t = i / chunks, ch = i % chunks;
+    for (long long i = i0; i < n_items; i += stride, epx__ll_step(&w)) {
+        long long t = w.row, ch = w.col;
         int e[KM];
         float w[KM];
         typename epx__llc_raw<V>::t r[KM];
