@@ -87,7 +87,7 @@ template <bool X> static __device__ __forceinline__ int epx__ll_holder(const epx
     if (e < 0 || e >= a->num_experts) return -1;
     if (!X) return (int)e / a->local_experts; /* 32 bits: a far shorter division */
     int q = (int)e / a->local_experts - a->dest0;
-    return q >= 0 && q < a->nranks ? (int)q : -1;
+    return q >= 0 && q < a->nranks ? q : -1;
 }
 
 /* A rail block's header fields [1..3] for sequence n: whether my device has failed; `y`:
@@ -1056,10 +1056,10 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
     long long n_items = (long long)c.num_tokens * chunks;
     long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
-    epx__ll_walk_t w = epx__ll_walk(i0, stride, chunks);
+    epx__ll_walk_t it = epx__ll_walk(i0, stride, chunks);
 #pragma unroll 1
-    for (long long i = i0; i < n_items; i += stride, epx__ll_step(&w)) {
-        long long t = w.row, ch = w.col;
+    for (long long i = i0; i < n_items; i += stride, epx__ll_step(&it)) {
+        long long t = it.row, ch = it.col;
         int e[KM];
         float w[KM];
         typename epx__llc_raw<V>::t r[KM];
