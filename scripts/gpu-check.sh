@@ -33,6 +33,9 @@
 #             not NCCL's times (the fake moves bytes through host memory on one thread)
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
+#   probe     per-block timestamps of the low-latency dispatch kernels (a measuring build in
+#             build-gpu-probe, cmake -DEPX_LL_PROBE=ON; src/cuda/probe.cuh) at T = 1 and 128, every
+#             rank on its GPU: probe.txt (each step's spread over the blocks, per rank)
 #   targets   the targets of issues 4 and 5 against the JSON that `bench` and `ll` wrote in
 #             this $OUT (tools/targets.py; run it after them: `bench ll targets`), targets.txt
 #   quick     cpu cuda (no benchmarks)
@@ -213,6 +216,20 @@ if has ll; then
             --dtype bf16 -n 50 -w 10 --json "$OUT/moe_ll_bf16_t128.json" || rc=1
         exit $rc # the group runs in a subshell: its failures reach rc through the pipeline
     } 2>&1 | tee "$OUT/ll.txt" | grep -vE "progress" || rc=1
+fi
+if has probe; then
+    # A measuring build of its own (cmake -DEPX_LL_PROBE=ON, src/cuda/probe.cuh): each rank's
+    # per-block timestamps of its dispatch kernels at T = 1 and 128, every rank on its GPU.
+    cmake -S . -B build-gpu-probe -DCMAKE_BUILD_TYPE=Release -DEPX_LL_PROBE=ON ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} \
+        >"$OUT/probe_build.log" 2>&1 && cmake --build build-gpu-probe -j "$(nproc)" --target epx-bench epx-run \
+        >>"$OUT/probe_build.log" 2>&1 || { tail -20 "$OUT/probe_build.log"; rc=1; }
+    for t in 1 128; do
+        echo "## T=$t, $NG ranks" >>"$OUT/probe.txt"
+        EPX_PROBE_AT=30 EPX_PROBE_FILE="$OUT/probe.txt" build-gpu-probe/bin/epx-bench moe --backend cuda --ranks "$NG" \
+            --tokens $t --hidden 7168 --topk 8 --experts 288 --mode ll --dtype fp8 -n 40 -w 10 --baseline none \
+            >/dev/null 2>>"$OUT/probe.txt" || rc=1
+    done
+    cat "$OUT/probe.txt"
 fi
 if has targets; then
     python3 tools/targets.py "$OUT" --gpus "$NG" | tee "$OUT/targets.txt"

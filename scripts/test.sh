@@ -48,7 +48,9 @@ python_tests() {
 python_tests
 if [ "${EPX_TEST_SANITIZERS:-1}" != 0 ]; then
     stage "build + tests (AddressSanitizer + UndefinedBehaviorSanitizer)"
-    build_and_test build-asan -DCMAKE_BUILD_TYPE=Debug -DEPX_SANITIZE=ON
+    # With the low-latency kernels' timing probe (src/cuda/probe.cuh) compiled in, so that
+    # measuring build keeps compiling; it only adds block barriers and timestamps.
+    build_and_test build-asan -DCMAKE_BUILD_TYPE=Debug -DEPX_SANITIZE=ON -DEPX_LL_PROBE=ON
 fi
 if [ "${EPX_TEST_TSAN:-1}" != 0 ]; then
     stage "build + CPU tests (ThreadSanitizer)"

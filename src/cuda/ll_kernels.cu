@@ -39,6 +39,7 @@
 #include "../core/convert.h"
 #include "flags.cuh"
 #include "moe_common.cuh"
+#include "probe.cuh"
 
 static __device__ __forceinline__ long long epx__ll_expert(const epx__ll_args_t *a, long long i)
 {
@@ -240,12 +241,14 @@ static __device__ __forceinline__ void epx__ll_after_send()
 template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     if (!X) epx__ll_let_receive_start();
+    EPX__PROBE(0, EPX__PS_START);
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_SENT);
     int par = (int)(n & 1ull), me = X ? a.me_src : a.rank, R = a.nranks, K = a.topk, T = a.num_tokens;
     char *rail = X ? a.rail.out : (char *)0;
     /* The half of this parity was last filled by send n - 2: every rank must have received
      * it. (After a failed wait nothing is sent: the communicator is broken.) */
     bool live = epx__ll_half_free(&d, n);
+    EPX__PROBE(0, EPX__PS_FREE);
     if (!live) T = 0;
     /* My routing to every rank and my rail block (q == R), spread over the grid: each entry
      * loaded once (one block doing it all took a round trip per entry it loaded). */
@@ -260,6 +263,7 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         for (int q = 0; q < R; q++) epx__ll_hdr(&a, a.stage[q], par, me)[0] = T;
         if (X) ((int *)rail)[0] = T, epx__ll_tag(&d, (int *)rail, n, 0);
     }
+    EPX__PROBE(0, EPX__PS_ROUTE);
     if (a.vec) {
         /* Each thread: 8 channels of one token, loaded once, stored to every destination
          * (FP8: a half warp is one 128-channel block, its amax by shuffles). */
@@ -332,11 +336,14 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
     }
     /* The last block to finish tells every rank that my rows and routing are there (across
      * hosts the forward kernel does, after the rail peers' blocks). */
+    EPX__PROBE(0, EPX__PS_ROWS);
     __threadfence_system();
+    EPX__PROBE(0, EPX__PS_FENCE);
     if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_SENT)) return;
     if (X && threadIdx.x == 0) *a.rail.live = live;
     if (!X && live) epx__ll_signal<false>(&d, n);
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
+    EPX__PROBE(0, EPX__PS_DONE);
 }
 
 /* Across hosts: warp w takes (rail peer, token, local destination) triples of the blocks
@@ -442,6 +449,10 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
     if (bad != cudaSuccess) return (int)bad;
     int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_send), 512, X ? 4 : 0);
     if (blocks > most) blocks = most;
+#ifdef EPX_LL_PROBE
+    epx__probe_dump(stream);
+    epx__probe_grid[0] = blocks;
+#endif
     if (X)
         epx__k_ll_send<true><<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
     else
@@ -512,9 +523,12 @@ template <bool X, int NT>
 static __global__ void __launch_bounds__(NT, NT == EPX__LL_RECV_THREADS ? 2 : 3) epx__k_ll_receive(epx__cuda_dev_t d,
                                                                                                   epx__ll_args_t a)
 {
+    EPX__PROBE(1, EPX__PR_START);
     unsigned long long n = epx__ll_next(&d, EPX__LL_DISPATCH_RECVD);
     bool live = epx__wait_peers(&d, EPX__FLAG_LL, 2 * n);
+    EPX__PROBE(1, EPX__PR_FLAGS);
     if (!X) epx__ll_after_send(); /* my own rows and routing */
+    EPX__PROBE(1, EPX__PR_SENT);
     bool ok = live && epx__ll_sound<X>(&d) && epx__ll_receive_body<X>(a, (int)(n & 1ull));
     bool all;
     if (!epx__ll_last_block_all(&d, EPX__LL_DISPATCH_RECVD, ok, &all)) return;
@@ -524,6 +538,7 @@ static __global__ void __launch_bounds__(NT, NT == EPX__LL_RECV_THREADS ? 2 : 3)
      * it are over (the last-block count is an acq_rel atomic). No flag is pushed to them: a
      * store to a peer at the end of this kernel cost 4-7 us. */
     epx__ll_complete(&d, EPX__LL_DISPATCH_RECVD, n);
+    EPX__PROBE(1, EPX__PR_DONE);
 }
 
 template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args_t &a, int par)
@@ -572,6 +587,7 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
         for (int l = threadIdx.x; blockIdx.x == 0 && l < L && a.recv_count; l += blockDim.x) a.recv_count[l] = -1;
         return false;
     }
+    EPX__PROBE(1, EPX__PR_VERDICT);
     {
         /* The handle's routing arrays, spread over the grid (one block writing them all took
          * a round trip per entry it loaded, on the path of the kernel's last block). */
@@ -599,6 +615,7 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
                 a.rail.topk[(long long)hp * M * K + i] = i < (long long)tpp * K ? ids_p[i] : -1;
         }
     }
+    EPX__PROBE(1, EPX__PR_HANDLE);
     int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int e = blockIdx.x; e < a.num_experts; e += gridDim.x) {
         bool mine = e / L == (X ? a.dest0 : 0) + me;
@@ -648,6 +665,7 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
             if (a.recv_src_token) a.recv_src_token[(long long)l * a.slots + s] = -1;
         }
     }
+    EPX__PROBE(1, EPX__PR_ROWS);
     return true;
 }
 
@@ -666,6 +684,9 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
           : (big ? epx__k_ll_receive<false, EPX__LL_RECV_THREADS> : epx__k_ll_receive<false, EPX__LL_RECV_THREADS / 2>);
     int most = epx__ll_resident((const void *)kernel, threads, (big ? 1 : 3) + (X ? 4 : 0));
     if (blocks > most) blocks = most; /* blocks stride over the experts */
+#ifdef EPX_LL_PROBE
+    epx__probe_grid[1] = blocks;
+#endif
     /* Started early only behind a send whose grid is at most half the send's resident
      * blocks (one per SM today: T up to ~37 at H=7168): one H200, T=1, it saved 1 us; behind
      * a send that fills the SMs (T=128, 256) the early blocks cost 1-2 us. */

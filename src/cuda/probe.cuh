@@ -1,0 +1,102 @@
+/*
+ * An opt-in timing probe of the low-latency dispatch kernels (cmake -DEPX_LL_PROBE=ON; a
+ * measuring build, never a release one). At each named point thread 0 of every block
+ * writes %globaltimer after a block barrier; the host prints, for call EPX_PROBE_AT of the
+ * send launcher (the stamps of the dispatch before it), every point's spread over the
+ * blocks in us from the first send block's start, to EPX_PROBE_FILE (appended, one write
+ * per report, so ranks' reports do not interleave) or stderr.
+ * EPX_PROBE_AT must name a call made outside stream capture (it synchronises the stream).
+ * Without EPX_LL_PROBE, EPX__PROBE is nothing: no barrier, no code.
+ */
+#ifndef EPX_CUDA_PROBE_CUH
+#define EPX_CUDA_PROBE_CUH
+
+/* Points: send (kernel 0) and receive (kernel 1). */
+enum {
+    EPX__PS_START, /* send: entered */
+    EPX__PS_FREE,  /* its sequence and the free-half check */
+    EPX__PS_ROUTE, /* my routing written */
+    EPX__PS_ROWS,  /* my rows written */
+    EPX__PS_FENCE, /* its system fence */
+    EPX__PS_DONE,  /* the last block: flags and completion */
+    EPX__PR_START = 0, /* receive: entered */
+    EPX__PR_FLAGS,     /* its sequence and the peers' flags */
+    EPX__PR_SENT,      /* the send's grid done (griddepcontrol.wait) */
+    EPX__PR_VERDICT,   /* headers, staged routing, verdict */
+    EPX__PR_HANDLE,    /* the handle's routing arrays */
+    EPX__PR_ROWS,      /* slot scan and row copies */
+    EPX__PR_DONE       /* the last block: completion */
+};
+
+#ifdef EPX_LL_PROBE
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define EPX__PROBE_BLOCKS 1024
+#define EPX__PROBE_POINTS 8
+__device__ unsigned long long epx__probe_t[2][EPX__PROBE_BLOCKS][EPX__PROBE_POINTS];
+
+/* Every thread of the block calls it (a barrier). Blocks past EPX__PROBE_BLOCKS: nothing. */
+static __device__ __forceinline__ void epx__probe(int k, int i)
+{
+    __syncthreads();
+    if (threadIdx.x == 0 && blockIdx.x < EPX__PROBE_BLOCKS) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        epx__probe_t[k][blockIdx.x][i] = t;
+    }
+}
+#define EPX__PROBE(k, i) epx__probe(k, i)
+
+static int epx__probe_grid[2]; /* the last launches' grids */
+
+/* Called by the send launcher before it launches: at call EPX_PROBE_AT, waits for the
+ * stream and prints the dispatch before. */
+static void epx__probe_dump(void *stream)
+{
+    static int calls;
+    const char *at = getenv("EPX_PROBE_AT"), *path = getenv("EPX_PROBE_FILE");
+    if (!at || ++calls != atoi(at)) return;
+    static unsigned long long t[2][EPX__PROBE_BLOCKS][EPX__PROBE_POINTS];
+    if (cudaStreamSynchronize((cudaStream_t)stream) != cudaSuccess ||
+        cudaMemcpyFromSymbol(t, epx__probe_t, sizeof t) != cudaSuccess)
+        return;
+    static const char *names[2][EPX__PROBE_POINTS] = {{"start", "free half", "routing", "rows", "fence", "done"},
+                                                      {"start", "flags", "send done", "verdict", "handle", "rows", "done"}};
+    int grid[2] = {epx__probe_grid[0] < EPX__PROBE_BLOCKS ? epx__probe_grid[0] : EPX__PROBE_BLOCKS,
+                   epx__probe_grid[1] < EPX__PROBE_BLOCKS ? epx__probe_grid[1] : EPX__PROBE_BLOCKS};
+    unsigned long long t0 = ~0ull;
+    for (int b = 0; b < grid[0]; b++)
+        if (t[0][b][0] && t[0][b][0] < t0) t0 = t[0][b][0];
+    FILE *o = path ? fopen(path, "a") : stderr;
+    if (!o) return;
+    static char buf[16384]; /* the whole report, written at fclose */
+    if (path) setvbuf(o, buf, _IOFBF, sizeof buf);
+    fprintf(o, "probe: pid %d, call %d, send grid %d, receive grid %d (us from the first send block's start)\n",
+            (int)getpid(), calls, grid[0], grid[1]);
+    static double v[EPX__PROBE_BLOCKS];
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < EPX__PROBE_POINTS; i++) {
+            int n = 0, last = -1;
+            for (int b = 0; b < grid[k]; b++) {
+                if (!t[k][b][i] || t[k][b][i] < t0) continue; /* not reached in this call */
+                v[n++] = (double)(t[k][b][i] - t0) / 1000.0;
+                if (last < 0 || t[k][b][i] > t[k][last][i]) last = b;
+            }
+            if (n == 0) continue;
+            for (int x = 1; x < n; x++) /* insertion sort: a few hundred blocks */
+                for (int z = x; z > 0 && v[z - 1] > v[z]; z--) {
+                    double s = v[z];
+                    v[z] = v[z - 1], v[z - 1] = s;
+                }
+            fprintf(o, "  %s %-9s blocks %4d  min %7.2f  median %7.2f  p90 %7.2f  max %7.2f (block %d)\n",
+                    k ? "receive" : "send   ", names[k][i], n, v[0], v[n / 2], v[n * 9 / 10], v[n - 1], last);
+        }
+    if (path) fclose(o);
+}
+#else
+#define EPX__PROBE(k, i) ((void)0)
+#endif
+
+#endif /* EPX_CUDA_PROBE_CUH */
