@@ -221,7 +221,7 @@ if has probe; then
     # A measuring build of its own (cmake -DEPX_LL_PROBE=ON, src/cuda/probe.cuh): each rank's
     # per-block timestamps of its dispatch kernels at T = 1 and 128, every rank on its GPU.
     cmake -S . -B build-gpu-probe -DCMAKE_BUILD_TYPE=Release -DEPX_LL_PROBE=ON ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} \
-        >"$OUT/probe_build.log" 2>&1 && cmake --build build-gpu-probe -j "$(nproc)" --target epx-bench epx-run \
+        >"$OUT/probe_build.log" 2>&1 && cmake --build build-gpu-probe -j "$(nproc)" --target epx-bench \
         >>"$OUT/probe_build.log" 2>&1 || { tail -20 "$OUT/probe_build.log"; rc=1; }
     for t in 1 128; do
         echo "## T=$t, $NG ranks" >>"$OUT/probe.txt"
