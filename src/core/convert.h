@@ -82,8 +82,9 @@ EPX__HD uint16_t epx__f32_to_f16(float f)
 }
 
 /* float32 -> e4m3fn, round to nearest even, finite overflow and infinities saturate to
- * +-448, NaN -> 0x7f. Branch-free: quantisation runs it on every element. */
-EPX__HD uint8_t epx__fp8_from_f32(float f)
+ * +-448, NaN -> 0x7f. Branch-free: quantisation runs it on every element. The formula,
+ * for every target (epx__fp8_from_f32 is what callers use). */
+EPX__HD uint8_t epx__fp8_from_f32_formula(float f)
 {
     uint32_t u = epx__f32_bits(f), a = u & 0x7fffffffu, sign = (u >> 24) & 0x80u, exp = a >> 23;
     /* Normal range (exponent >= -6): rebias the exponent, keep 3 mantissa bits. */
@@ -98,6 +99,22 @@ EPX__HD uint8_t epx__fp8_from_f32(float f)
     r = r > 0x7eu ? 0x7eu : r;
     return (uint8_t)(a > 0x7f800000u ? 0x7fu : (r | sign));
 }
+
+/* Two float32 -> e4m3fn as epx__fp8_from_f32_formula does (lo in the low byte). On a GPU
+ * of compute capability 8.9 and up one instruction, cvt.rn.satfinite.e4m3x2.f32, whose
+ * bits equal the formula's for every float32 (tests/test_cuda_fp8.cu checks all 2^32);
+ * the formula took most of the low-latency dispatch's instructions per row chunk. */
+EPX__HD uint16_t epx__fp8x2_from_f32(float lo, float hi)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    uint16_t r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (uint16_t)(epx__fp8_from_f32_formula(lo) | (uint32_t)epx__fp8_from_f32_formula(hi) << 8);
+#endif
+}
+EPX__HD uint8_t epx__fp8_from_f32(float f) { return (uint8_t)epx__fp8x2_from_f32(f, 0.0f); }
 
 /* The scale of one block of 128 channels whose largest |x| (NaN ignored) is amax: its
  * stored bits (float32 amax / 448, or with ue8m0 the biased exponent of the next power of

@@ -125,12 +125,13 @@ template <bool X> static __device__ __forceinline__ void epx__ll_relay_in(const 
  * on the kernel's critical path. Every thread of the block calls it. */
 template <bool X> static __device__ __forceinline__ bool epx__ll_sound(const epx__cuda_dev_t *d)
 {
+    __shared__ int sound; /* one read for the block: its threads cannot disagree */
     if (!X || !d->relay) return true;
     epx__ll_relay_in<X>(d);
     __syncthreads();
-    bool sound = *(volatile unsigned int *)d->failed == 0;
+    if (threadIdx.x == 0) sound = *(volatile unsigned int *)d->failed == 0;
     __syncthreads();
-    return sound;
+    return sound != 0;
 }
 
 /* Did the block (y: a y block) with header h come for sequence n from a peer that had not
@@ -234,6 +235,25 @@ static __device__ __forceinline__ void epx__ll_after_send()
 #endif
 }
 
+/* The local ranks that hold token t's experts (bit q: rank q), in every lane of a half
+ * warp whose items are all token t's (has: it has items): lane h reads expert h (K <=
+ * EPX_MOE_MAX_TOPK = 16) and the half warp ORs their bits, one load and one division a
+ * lane instead of K each (the K-loop per item was most of the send's instructions).
+ * Whole warps call it. */
+template <bool X>
+static __device__ __forceinline__ unsigned epx__ll_token_mask(const epx__ll_args_t &a, long long t, bool has)
+{
+    int h = (int)(threadIdx.x & 15);
+    unsigned bit = 0;
+    if (has && h < a.topk) {
+        int q = epx__ll_holder<X>(&a, epx__ll_expert(&a, t * a.topk + h));
+        if (q >= 0) bit = 1u << q;
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) bit |= __shfl_xor_sync(0xffffffffu, bit, o);
+    return bit;
+}
+
 /* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank.
  * X (across hosts): my whole block also goes to a.rail.out (its header tagged), and the
  * flags are left to the forward kernel. The single-host instance compiles without that
@@ -276,14 +296,9 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         for (long long i = tid; i - (threadIdx.x & 31) < n_items; i += nthreads, epx__ll_step(&w)) {
             long long t = w.row, ch = w.col;
             bool live = i < n_items && ch < chunks;
-            unsigned mask = 0;
-            if (i < n_items)
-                for (int k = 0; k < K; k++) {
-                    int q = epx__ll_holder<X>(&a, epx__ll_expert(&a, t * K + k));
-                    if (q >= 0) mask |= 1u << q;
-                }
-            uint4 v = make_uint4(0, 0, 0, 0);
+            uint4 v = make_uint4(0, 0, 0, 0); /* loaded first: in flight during the mask's shuffles */
             if (live) v = ((const uint4 *)((const char *)a.x + t * (long long)a.hidden * 2))[ch];
+            unsigned mask = epx__ll_token_mask<X>(a, t, i < n_items);
             if (!a.fp8) {
                 for (int q = 0; live && q < R; q++)
                     if ((mask >> q) & 1u) ((uint4 *)epx__ll_row(&a, a.stage[q], par, me, t))[ch] = v;
@@ -307,12 +322,10 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
             uint32_t bits;
             float inv = epx__fp8_block_scale(amax, a.ue8m0, &bits);
             uint2 qv;
-            qv.x = qv.y = 0;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                qv.x |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[j], inv)) << (8 * j);
-                qv.y |= (uint32_t)epx__fp8_from_f32(__fmul_rn(f[4 + j], inv)) << (8 * j);
-            }
+            qv.x = epx__fp8x2_from_f32(__fmul_rn(f[0], inv), __fmul_rn(f[1], inv)) |
+                   (uint32_t)epx__fp8x2_from_f32(__fmul_rn(f[2], inv), __fmul_rn(f[3], inv)) << 16;
+            qv.y = epx__fp8x2_from_f32(__fmul_rn(f[4], inv), __fmul_rn(f[5], inv)) |
+                   (uint32_t)epx__fp8x2_from_f32(__fmul_rn(f[6], inv), __fmul_rn(f[7], inv)) << 16;
             for (int q = 0; live && q < R; q++)
                 if ((mask >> q) & 1u) epx__ll_put_fp8(a, epx__ll_row(&a, a.stage[q], par, me, t), ch, qv, bits);
             if (X && live) epx__ll_put_fp8(a, epx__ll_blk_row(&a, rail, t), ch, qv, bits);
@@ -339,9 +352,12 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
     EPX__PROBE(0, EPX__PS_ROWS);
     __threadfence_system();
     EPX__PROBE(0, EPX__PS_FENCE);
-    if (!epx__ll_last_block(&d, EPX__LL_DISPATCH_SENT)) return;
-    if (X && threadIdx.x == 0) *a.rail.live = live;
-    if (!X && live) epx__ll_signal<false>(&d, n);
+    /* Blocks decide `live` each on its own (one's wait may time out while another's is
+     * met): the rows and routing are all there only if every block was. */
+    bool all;
+    if (!epx__ll_last_block_all(&d, EPX__LL_DISPATCH_SENT, live, &all)) return;
+    if (X && threadIdx.x == 0) *a.rail.live = all;
+    if (!X && all) epx__ll_signal<false>(&d, n);
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
     EPX__PROBE(0, EPX__PS_DONE);
 }
