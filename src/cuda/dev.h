@@ -265,11 +265,10 @@ typedef struct {
 int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int blocks, void *stream);
 /* Dispatch receive s (the oldest send not received): wait for every peer's LL flag, then
  * lay out my experts' slots (sources ascending, tokens ascending) and the handle's slots;
- * with bad routing anywhere, every count is -1 and nothing else is written. `send_blocks`:
- * the grid of send s when the receive is enqueued right behind it on one host (else 0);
- * behind a small one it may start while the send runs (programmatic dependent launch; it
- * waits for the send's grid before reading). */
-int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int send_blocks, void *stream);
+ * with bad routing anywhere, every count is -1 and nothing else is written. `behind_send`:
+ * enqueued right behind send s on one host; it may then start while the send runs
+ * (programmatic dependent launch; it waits for the send's grid before reading). */
+int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int behind_send, void *stream);
 /* Across hosts, after the send's NCCL step (on its stream): the blocks my rail peers sent
  * (checked: a missing or failed one records EPX_ERR_PEER_FAILURE) into the staging areas
  * of this host's ranks, as if their sources had pushed them; then my LL flag at each, for

@@ -463,16 +463,21 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
     cudaError_t bad;
     bool X = epx__ll_across(d, &a->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
-    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_send), 512, X ? 4 : 0);
+    int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_send), 512, X ? 4 : 0), threads = 512;
     if (blocks > most) blocks = most;
+    /* A small vectorised send on more SMs, in narrower blocks (down to 128 threads): its
+     * time is the instructions each SM issues (T = 1: 2 blocks of 512 -> 7 of 128). The
+     * kernel takes any multiple of 32 threads >= nranks. */
+    int sms = most; /* one block of 512 an SM */
+    while (a->vec && threads > 128 && 2 * blocks <= sms) threads /= 2, blocks *= 2;
 #ifdef EPX_LL_PROBE
     epx__probe_dump(stream);
     epx__probe_grid[0] = blocks;
 #endif
     if (X)
-        epx__k_ll_send<true><<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+        epx__k_ll_send<true><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
     else
-        epx__k_ll_send<false><<<blocks, 512, 0, (cudaStream_t)stream>>>(*d, *a);
+        epx__k_ll_send<false><<<blocks, threads, 0, (cudaStream_t)stream>>>(*d, *a);
     return (int)cudaGetLastError();
 }
 
@@ -482,29 +487,52 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
  * at T=256, 256 threads cost 3 us more). */
 #define EPX__LL_RECV_THREADS 512
 
-/* Block-wide: the staged routing of the (source, token) pairs j0 .. j0 + blockDim (pair j
- * is source j / M, token j % M) into ids[(j - j0) * K + k]; -1 past a source's T and past
- * the last source. Consecutive threads read consecutive entries, four loads in flight
- * each (one token's K ids read one after the other cost a round trip each). The caller
- * syncs the block after it. */
+/* The staged routing of pair j = j0 + threadIdx.x (source j / M, token j % M), loaded as it
+ * lies: its K ids in v (16 bytes at a time when K % 4 == 0, every load in flight; -1 past
+ * the last source and past K). It does not look at the source's T, so the loads may go out
+ * before the headers are read: epx__ll_ids_store drops the tokens past T. */
+typedef struct {
+    int v[EPX_MOE_MAX_TOPK];
+    int p, t;
+} epx__ll_ids_t;
 template <bool X>
-static __device__ void epx__ll_stage_ids(const epx__ll_args_t &a, int par, const int *tp, long long j0, int *ids)
+static __device__ __forceinline__ void epx__ll_ids_load(const epx__ll_args_t &a, int par, long long j0,
+                                                        epx__ll_ids_t *r)
 {
-    int R = X ? a.srcs : a.nranks, K = a.topk, M = a.max_tokens, n = (int)blockDim.x * K;
-    for (int b = 0; b < n; b += 4 * (int)blockDim.x) {
-        int v[4];
+    int R = X ? a.srcs : a.nranks, K = a.topk, M = a.max_tokens;
+    int j = (int)j0 + (int)threadIdx.x; /* R * M <= 2^30 (epx__moe_shape) */
+    r->p = j / M, r->t = j % M;
+    const int *id = r->p < R ? epx__ll_hdr(&a, a.stage[a.rank], par, r->p) + 4 + (long long)r->t * K : (const int *)0;
+    if ((K & 3) == 0) {
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int i = b + u * (int)blockDim.x + (int)threadIdx.x;
-            int j = (int)j0 + i / K, p = j / M, t = j % M; /* R * M <= 2^30 (epx__moe_shape) */
-            v[u] = i < n && p < R && t < tp[p] ? epx__ll_hdr(&a, a.stage[a.rank], par, p)[4 + (long long)t * K + i % K] : -1;
+        for (int k = 0; k < EPX_MOE_MAX_TOPK; k += 4) {
+            int4 x = make_int4(-1, -1, -1, -1);
+            if (id && k < K) x = *(const int4 *)(id + k);
+            r->v[k] = x.x, r->v[k + 1] = x.y, r->v[k + 2] = x.z, r->v[k + 3] = x.w;
         }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int i = b + u * (int)blockDim.x + (int)threadIdx.x;
-            if (i < n) ids[i] = v[u];
-        }
+        return;
     }
+#pragma unroll
+    for (int k = 0; k < EPX_MOE_MAX_TOPK; k++) r->v[k] = id && k < K ? id[k] : -1;
+}
+
+/* Block-wide, after epx__ll_ids_load (tp: every source's T, read): the pairs' ids into
+ * ids[threadIdx.x * K + k] (16-byte aligned rows when K % 4 == 0, as epx__ll_hits reads
+ * them), -1 for a token past its source's T. The caller syncs the block after it. */
+static __device__ __forceinline__ void epx__ll_ids_store(const epx__ll_ids_t &r, int K, int R, const int *tp, int *ids)
+{
+    bool in = r.p < R && r.t < tp[r.p < R ? r.p : 0];
+    int *row = ids + threadIdx.x * K;
+    if ((K & 3) == 0) {
+#pragma unroll
+        for (int k = 0; k < EPX_MOE_MAX_TOPK; k += 4)
+            if (k < K)
+                *(int4 *)(row + k) = in ? make_int4(r.v[k], r.v[k + 1], r.v[k + 2], r.v[k + 3]) : make_int4(-1, -1, -1, -1);
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < EPX_MOE_MAX_TOPK; k++)
+        if (k < K) row[k] = in ? r.v[k] : -1;
 }
 
 /* Which of a token's K staged ids (id: 16-byte aligned when K % 4 == 0) name expert e, as
@@ -568,6 +596,12 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
     /* Every block checks every source's routing before writing: all reach one verdict. The
      * headers are read at once (a thread each), then the entries with several loads in
      * flight per thread: this pass is latency, not bytes. */
+    /* When one block-sized group holds every (source, token), its routing is staged once:
+     * loaded with the headers (one round trip for both), checked here, scanned below for
+     * every expert of the block. */
+    bool one_group = (long long)R * M <= (long long)blockDim.x;
+    epx__ll_ids_t group;
+    if (one_group) epx__ll_ids_load<X>(a, par, 0, &group);
     if (threadIdx.x == 0) bad = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) { /* R <= EPX__LL_MAX_SRCS <= blockDim.x */
@@ -578,11 +612,8 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
     __syncthreads();
     long long per = (long long)M * K;
     bool ok = true; /* a thread stops at its own first bad entry (reading `bad` here would race) */
-    /* When one block-sized group holds every (source, token), its routing is staged once:
-     * checked here, scanned below for every expert of the block. */
-    bool one_group = (long long)R * M <= (long long)blockDim.x;
-    if (one_group) {
-        epx__ll_stage_ids<X>(a, par, tp, 0, ids);
+    if (one_group && !bad) { /* (a bad T would index past the staged routing) */
+        epx__ll_ids_store(group, K, R, tp, ids);
         __syncthreads();
         ok = epx__ll_hits(ids + threadIdx.x * K, K, -2) == 0; /* -2: out of range */
     }
@@ -640,7 +671,9 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
         for (long long j0 = 0; j0 < (long long)R * M; j0 += blockDim.x) {
             int j = (int)j0 + (int)threadIdx.x, p = j / M, t = j % M; /* R * M <= 2^30 */
             if (!one_group) { /* the group's routing (the last group's scan and copies are over) */
-                epx__ll_stage_ids<X>(a, par, tp, j0, ids);
+                epx__ll_ids_t g;
+                epx__ll_ids_load<X>(a, par, j0, &g);
+                epx__ll_ids_store(g, K, R, tp, ids);
                 __syncthreads();
             }
             unsigned hit = epx__ll_hits(ids + threadIdx.x * K, K, e); /* -1 past T: no expert */
@@ -685,7 +718,7 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
     return true;
 }
 
-extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int send_blocks,
+extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__ll_args_t *a, int behind_send,
                                            void *stream)
 {
     long long rows = (long long)a->srcs * a->max_tokens * a->topk; /* at most, over all experts */
@@ -703,11 +736,12 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 #ifdef EPX_LL_PROBE
     epx__probe_grid[1] = blocks;
 #endif
-    /* Started early only behind a send whose grid is at most half the send's resident
-     * blocks (one per SM today: T up to ~37 at H=7168): one H200, T=1, it saved 1 us; behind
-     * a send that fills the SMs (T=128, 256) the early blocks cost 1-2 us. */
+    /* Started early behind its send: the blocks that fit beside the send's (one send block
+     * of 512 an SM) wait for the flags while it runs. One H200: 1 us less at T = 1; since the
+     * send issues a fraction of its old instructions, 1.1-1.6 us less at T = 64-256 too
+     * (before that the early blocks cost a send that filled the SMs 1-2 us). */
 #ifndef EPX_CUDA_NO_PDL
-    if (!X && send_blocks > 0 && 2 * send_blocks <= epx__ll_resident(EPX__LL_PICK(false, epx__k_ll_send), 512, 0)) {
+    if (!X && behind_send) {
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute attr[1];
         attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -721,7 +755,7 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
         (void)cudaGetLastError(); /* refused: an ordinary launch below */
     }
 #else
-    (void)send_blocks;
+    (void)behind_send;
 #endif
     void *args[] = {(void *)d, (void *)a};
     cudaError_t e = cudaLaunchKernel((const void *)kernel, dim3((unsigned)blocks), dim3((unsigned)threads), args, 0,

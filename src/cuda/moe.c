@@ -1121,7 +1121,7 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
         h->ll_recv = a;
     else
         EPX__CUDA_CHECK(
-            (cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, st == EPX_SUCCESS ? send_blocks : 0, stream), st, err);
+            (cudaError_t)epx__cuda_launch_ll_receive(&c->dev, &a, st == EPX_SUCCESS, stream), st, err);
     if (st == EPX_SUCCESS) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     c->ops_started++;
     if (st != EPX_SUCCESS) {
