@@ -466,7 +466,7 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
     int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_send), 512, X ? 4 : 0), threads = 512;
     if (blocks > most) blocks = most;
     /* A small vectorised send on more SMs, in narrower blocks (down to 128 threads): its
-     * time is the instructions each SM issues (T = 1: 2 blocks of 512 -> 7 of 128). The
+     * time is the instructions each SM issues (T = 1: 2 blocks of 512 -> 8 of 128). The
      * kernel takes any multiple of 32 threads >= nranks. */
     int sms = most; /* one block of 512 an SM */
     while (a->vec && threads > 128 && 2 * blocks <= sms) threads /= 2, blocks *= 2;
