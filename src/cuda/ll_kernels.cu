@@ -295,14 +295,14 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         epx__ll_walk_t w = epx__ll_walk(tid, nthreads, per_token);
         for (long long i = tid; i - (threadIdx.x & 31) < n_items; i += nthreads, epx__ll_step(&w)) {
             long long t = w.row, ch = w.col;
-            bool live = i < n_items && ch < chunks;
+            bool has = i < n_items && ch < chunks; /* this thread has channels of a row */
             uint4 v = make_uint4(0, 0, 0, 0); /* loaded first: in flight during the mask's shuffles */
-            if (live) v = ((const uint4 *)((const char *)a.x + t * (long long)a.hidden * 2))[ch];
+            if (has) v = ((const uint4 *)((const char *)a.x + t * (long long)a.hidden * 2))[ch];
             unsigned mask = epx__ll_token_mask<X>(a, t, i < n_items);
             if (!a.fp8) {
-                for (int q = 0; live && q < R; q++)
+                for (int q = 0; has && q < R; q++)
                     if ((mask >> q) & 1u) ((uint4 *)epx__ll_row(&a, a.stage[q], par, me, t))[ch] = v;
-                if (X && live) ((uint4 *)epx__ll_blk_row(&a, rail, t))[ch] = v;
+                if (X && has) ((uint4 *)epx__ll_blk_row(&a, rail, t))[ch] = v;
                 continue;
             }
             unsigned u[4] = {v.x, v.y, v.z, v.w};
@@ -326,9 +326,9 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
                    (uint32_t)epx__fp8x2_from_f32(__fmul_rn(f[2], inv), __fmul_rn(f[3], inv)) << 16;
             qv.y = epx__fp8x2_from_f32(__fmul_rn(f[4], inv), __fmul_rn(f[5], inv)) |
                    (uint32_t)epx__fp8x2_from_f32(__fmul_rn(f[6], inv), __fmul_rn(f[7], inv)) << 16;
-            for (int q = 0; live && q < R; q++)
+            for (int q = 0; has && q < R; q++)
                 if ((mask >> q) & 1u) epx__ll_put_fp8(a, epx__ll_row(&a, a.stage[q], par, me, t), ch, qv, bits);
-            if (X && live) epx__ll_put_fp8(a, epx__ll_blk_row(&a, rail, t), ch, qv, bits);
+            if (X && has) epx__ll_put_fp8(a, epx__ll_blk_row(&a, rail, t), ch, qv, bits);
         }
     }
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -594,11 +594,10 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
     int me = a.rank, ms = X ? a.me_src : a.rank, R = X ? a.srcs : a.nranks, K = a.topk, M = a.max_tokens;
     int L = a.local_experts, LS = a.nranks, rail_hosts = X && a.rail.topk ? a.rail.nhosts : 0;
     /* Every block checks every source's routing before writing: all reach one verdict. The
-     * headers are read at once (a thread each), then the entries with several loads in
-     * flight per thread: this pass is latency, not bytes. */
-    /* When one block-sized group holds every (source, token), its routing is staged once:
-     * loaded with the headers (one round trip for both), checked here, scanned below for
-     * every expert of the block. */
+     * headers are read at once (a thread each); when one block-sized group holds every
+     * (source, token), its routing is loaded before them (one round trip for both), checked
+     * here and scanned below for every expert of the block; else the entries are checked
+     * with several loads in flight per thread. This pass is latency, not bytes. */
     bool one_group = (long long)R * M <= (long long)blockDim.x;
     epx__ll_ids_t group;
     if (one_group) epx__ll_ids_load<X>(a, par, 0, &group);
@@ -612,7 +611,7 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
     __syncthreads();
     long long per = (long long)M * K;
     bool ok = true; /* a thread stops at its own first bad entry (reading `bad` here would race) */
-    if (one_group && !bad) { /* (a bad T would index past the staged routing) */
+    if (one_group && !bad) { /* (with a bad T the verdict is in) */
         epx__ll_ids_store(group, K, R, tp, ids);
         __syncthreads();
         ok = epx__ll_hits(ids + threadIdx.x * K, K, -2) == 0; /* -2: out of range */
@@ -736,8 +735,8 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 #ifdef EPX_LL_PROBE
     epx__probe_grid[1] = blocks;
 #endif
-    /* Started early behind its send: the blocks that fit beside the send's (one send block
-     * of 512 an SM) wait for the flags while it runs. One H200: 1 us less at T = 1; since the
+    /* Started early behind its send: the blocks that fit beside the send's wait for the
+     * flags while it runs. One H200: 1 us less at T = 1; since the
      * send issues a fraction of its old instructions, 1.1-1.6 us less at T = 64-256 too
      * (before that the early blocks cost a send that filled the SMs 1-2 us). */
 #ifndef EPX_CUDA_NO_PDL
