@@ -254,10 +254,11 @@ static __device__ __forceinline__ unsigned epx__ll_token_mask(const epx__ll_args
     return bit;
 }
 
-/* Warp w takes (token, destination) pairs; block 0 also writes my routing to every rank.
- * X (across hosts): my whole block also goes to a.rail.out (its header tagged), and the
- * flags are left to the forward kernel. The single-host instance compiles without that
- * code (it cost one host 1.4-1.8 us a dispatch when it was only skipped at run time). */
+/* A thread takes 8 channels of a token (vectorised bf16 rows), else warp w takes (token,
+ * destination) pairs; the grid also writes my routing to every rank. X (across hosts): my
+ * whole block also goes to a.rail.out (its header tagged), and the flags are left to the
+ * forward kernel. The single-host instance compiles without that code (it cost one host
+ * 1.4-1.8 us a dispatch when it was only skipped at run time). */
 template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     if (!X) epx__ll_let_receive_start();
@@ -468,7 +469,7 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
     /* A small vectorised send on more SMs, in narrower blocks (down to 128 threads): its
      * time is the instructions each SM issues (T = 1: 2 blocks of 512 -> 8 of 128). The
      * kernel takes any multiple of 32 threads >= nranks. */
-    int sms = most; /* one block of 512 an SM */
+    int sms = most; /* one block of 512 an SM (the send's 80 registers allow no more) */
     while (a->vec && threads > 128 && 2 * blocks <= sms) threads /= 2, blocks *= 2;
 #ifdef EPX_LL_PROBE
     epx__probe_dump(stream);
