@@ -464,13 +464,13 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
     cudaError_t bad;
     bool X = epx__ll_across(d, &a->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
+    /* most: blocks of 512 resident at once, one an SM (the send's 80 registers allow no more) */
     int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_send), 512, X ? 4 : 0), threads = 512;
     if (blocks > most) blocks = most;
     /* A small vectorised send on more SMs, in narrower blocks (down to 128 threads): its
      * time is the instructions each SM issues (T = 1: 2 blocks of 512 -> 8 of 128). The
      * kernel takes any multiple of 32 threads >= nranks. */
-    int sms = most; /* one block of 512 an SM (the send's 80 registers allow no more) */
-    while (a->vec && threads > 128 && 2 * blocks <= sms) threads /= 2, blocks *= 2;
+    while (a->vec && threads > 128 && 2 * blocks <= most) threads /= 2, blocks *= 2;
 #ifdef EPX_LL_PROBE
     epx__probe_dump(stream);
     epx__probe_grid[0] = blocks;
