@@ -91,11 +91,12 @@ template <bool X> static __device__ __forceinline__ int epx__ll_holder(const epx
     return q >= 0 && q < a->nranks ? q : -1;
 }
 
-/* A rail block's header fields [1..3] for sequence n: whether my device has failed; `y`:
- * a combine's y block. */
-static __device__ __forceinline__ void epx__ll_tag(const epx__cuda_dev_t *d, int *h, unsigned long long n, int y)
+/* A rail block's header fields [1..3] for sequence n: whether my device has failed (or,
+ * !whole, the block lacks some of its contents); `y`: a combine's y block. */
+static __device__ __forceinline__ void epx__ll_tag(const epx__cuda_dev_t *d, int *h, unsigned long long n, int y,
+                                                   bool whole)
 {
-    bool failed = *(volatile unsigned int *)d->failed != 0;
+    bool failed = !whole || *(volatile unsigned int *)d->failed != 0;
     int code = failed ? *(volatile int *)&d->err->code : 0;
     h[1] = (int)(unsigned)n;
     h[2] = (failed ? EPX__LL_TAG_FAILED : EPX__LL_TAG_FINE) + (y ? EPX__LL_YTAG : 0);
@@ -280,10 +281,8 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         for (int q = 0; q < R; q++) epx__ll_hdr(&a, a.stage[q], par, me)[4 + i] = v;
         if (X) ((int *)rail)[4 + i] = v;
     }
-    if (blockIdx.x == 0 && threadIdx.x == 0 && live) {
+    if (blockIdx.x == 0 && threadIdx.x == 0 && live)
         for (int q = 0; q < R; q++) epx__ll_hdr(&a, a.stage[q], par, me)[0] = T;
-        if (X) ((int *)rail)[0] = T, epx__ll_tag(&d, (int *)rail, n, 0);
-    }
     EPX__PROBE(0, EPX__PS_ROUTE);
     if (a.vec) {
         /* Each thread: 8 channels of one token, loaded once, stored to every destination
@@ -357,7 +356,11 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
      * met): the rows and routing are all there only if every block was. */
     bool all;
     if (!epx__ll_last_block_all(&d, EPX__LL_DISPATCH_SENT, live, &all)) return;
-    if (X && threadIdx.x == 0) *a.rail.live = all;
+    if (X && threadIdx.x == 0) { /* my rail block's header: FINE only if every block wrote its share */
+        *a.rail.live = all;
+        ((int *)rail)[0] = a.num_tokens;
+        epx__ll_tag(&d, (int *)rail, n, 0, all);
+    }
     if (!X && all) epx__ll_signal<false>(&d, n);
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
     EPX__PROBE(0, EPX__PS_DONE);
@@ -471,6 +474,10 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
      * time is the instructions each SM issues (T = 1: 2 blocks of 512 -> 8 of 128). The
      * kernel takes any multiple of 32 threads >= nranks. */
     while (a->vec && threads > 128 && 2 * blocks <= most) threads /= 2, blocks *= 2;
+    if (a->vec) { /* no block without items (T = 1: 7 of 128, not 8) */
+        long long items = (long long)a->num_tokens * ((a->hidden / 8 + 15) / 16 * 16), need = (items + threads - 1) / threads;
+        if (need < blocks) blocks = need > 1 ? (int)need : 1;
+    }
 #ifdef EPX_LL_PROBE
     epx__probe_dump(stream);
     epx__probe_grid[0] = blocks;
@@ -956,7 +963,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_gather(epx__cuda_dev_t d
         if (hp == c.rail.host) continue;
         int *h = (int *)(c.rail.y_out + (long long)hp * c.rail.yblk);
         h[0] = 0;
-        epx__ll_tag(&d, h, n, 1);
+        epx__ll_tag(&d, h, n, 1, true);
     }
 }
 
