@@ -166,6 +166,17 @@ static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cud
     return *(volatile unsigned long long *)(d->ll_seq + kind) + 1ull;
 }
 
+/* Every thread of the block calls it, with `any`: did this thread store anything that a
+ * peer must see? When some thread did, thread 0 fences at system scope after the barrier:
+ * the barrier orders every thread's stores (NVLink pushes included) before thread 0's
+ * later operations, and the fence makes them precede, at system scope, whatever thread 0
+ * releases next (the grid's count, then a flag). One fence a block, not one a thread: a
+ * fence in every thread cost the dispatch send 1.6-1.8 us at T >= 128 (one H100). */
+static __device__ __forceinline__ void epx__block_fence_sys(bool any)
+{
+    if (__syncthreads_or(any) && threadIdx.x == 0) asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
 /* Every thread of every block calls this at its end, or at the end of a step counted
  * under a kind of its own (once per kind and kernel), with `ok` the same in the whole
  * block: true in the one block that gets here last (all other blocks of the grid have

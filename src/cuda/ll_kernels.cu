@@ -272,7 +272,7 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
     bool live = epx__ll_half_free(&d, n);
     EPX__PROBE(0, EPX__PS_FREE);
     if (!live) T = 0;
-    /* My routing to every rank and my rail block (q == R), spread over the grid: each entry
+    /* My routing to every rank and to my rail block, spread over the grid: each entry
      * loaded once (one block doing it all took a round trip per entry it loaded). */
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)T * K;
          i += (long long)gridDim.x * blockDim.x) {
@@ -350,13 +350,15 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
     /* The last block to finish tells every rank that my rows and routing are there (across
      * hosts the forward kernel does, after the rail peers' blocks). */
     EPX__PROBE(0, EPX__PS_ROWS);
-    __threadfence_system();
+    epx__block_fence_sys(true);
     EPX__PROBE(0, EPX__PS_FENCE);
     /* Blocks decide `live` each on its own (one's wait may time out while another's is
      * met): the rows and routing are all there only if every block was. */
     bool all;
     if (!epx__ll_last_block_all(&d, EPX__LL_DISPATCH_SENT, live, &all)) return;
-    if (X && threadIdx.x == 0) { /* my rail block's header: FINE only if every block wrote its share */
+    /* Across hosts, my rail block's header: FINE only if every block wrote its share and my
+     * device has not failed. */
+    if (X && threadIdx.x == 0) {
         *a.rail.live = all;
         ((int *)rail)[0] = a.num_tokens;
         epx__ll_tag(&d, (int *)rail, n, 0, all);
@@ -471,10 +473,10 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
     int most = epx__ll_resident(EPX__LL_PICK(X, epx__k_ll_send), 512, X ? 4 : 0), threads = 512;
     if (blocks > most) blocks = most;
     /* A small vectorised send on more SMs, in narrower blocks (down to 128 threads): its
-     * time is the instructions each SM issues (T = 1: 2 blocks of 512 -> 8 of 128). The
+     * time is the instructions each SM issues (T = 1, H = 7168: 2 blocks of 512 -> 8 of 128). The
      * kernel takes any multiple of 32 threads >= nranks. */
     while (a->vec && threads > 128 && 2 * blocks <= most) threads /= 2, blocks *= 2;
-    if (a->vec) { /* no block without items (T = 1: 7 of 128, not 8) */
+    if (a->vec) { /* then no block without items (T = 1, H = 7168: 7 of 128) */
         long long items = (long long)a->num_tokens * ((a->hidden / 8 + 15) / 16 * 16), need = (items + threads - 1) / threads;
         if (need < blocks) blocks = need > 1 ? (int)need : 1;
     }
@@ -705,6 +707,7 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
                 }
             }
             __syncthreads();
+            if (e == (int)blockIdx.x && j0 == 0) EPX__PROBE(1, EPX__PR_SCAN);
             for (int i = warp; mine && i < total; i += nwarps) {
                 long long at = (long long)l * a.slots + base + i;
                 const char *src = epx__ll_row(&a, a.stage[me], par, list_p[i], list_t[i]);
@@ -1221,9 +1224,8 @@ static __global__ void __launch_bounds__(256, 2)
     if ((int)threadIdx.x < c.nranks) ptok[threadIdx.x] = bad ? 0 : c.h_ptok[threadIdx.x];
     if (send_too && blockIdx.x == 0) epx__llc_publish(&d, c, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n); /* syncs the block: ptok is set */
-    /* Each thread's pushes, system-wide, before its block is counted (a thread that pushed
-     * nothing skips the fence). */
-    if (live && !bad && epx__llc_send_home<KM, V>(c, par, ptok)) __threadfence_system();
+    /* The block's pushes, system-wide, before it is counted (no fence when none pushed). */
+    epx__block_fence_sys(live && !bad && epx__llc_send_home<KM, V>(c, par, ptok));
     /* All or nothing: when a block's wait failed, no LLC_PART goes out (the peers then time
      * out, rather than sum rows that were not pushed). */
     bool all;

@@ -24,7 +24,8 @@ enum {
     EPX__PR_SENT,      /* the send's grid done (griddepcontrol.wait) */
     EPX__PR_VERDICT,   /* headers, staged routing, verdict */
     EPX__PR_HANDLE,    /* the handle's routing arrays */
-    EPX__PR_ROWS,      /* slot scan and row copies */
+    EPX__PR_SCAN,      /* the first expert's slot scan (its rows' copies not begun) */
+    EPX__PR_ROWS,      /* slot scans and row copies */
     EPX__PR_DONE       /* the last block: completion */
 };
 
@@ -63,7 +64,7 @@ static void epx__probe_dump(void *stream)
         cudaMemcpyFromSymbol(t, epx__probe_t, sizeof t) != cudaSuccess)
         return;
     static const char *names[2][EPX__PROBE_POINTS] = {{"start", "free half", "routing", "rows", "fence", "done"},
-                                                      {"start", "flags", "send done", "verdict", "handle", "rows", "done"}};
+                                                      {"start", "flags", "send done", "verdict", "handle", "scan", "rows", "done"}};
     int grid[2] = {epx__probe_grid[0] < EPX__PROBE_BLOCKS ? epx__probe_grid[0] : EPX__PROBE_BLOCKS,
                    epx__probe_grid[1] < EPX__PROBE_BLOCKS ? epx__probe_grid[1] : EPX__PROBE_BLOCKS};
     unsigned long long t0 = ~0ull;
