@@ -167,10 +167,12 @@ static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cud
 }
 
 /* Every thread of the block calls it, with `any`: did this thread store anything that a
- * peer must see? When some thread did, thread 0 fences at system scope after the barrier:
- * the barrier orders every thread's stores (NVLink pushes included) before thread 0's
- * later operations, and the fence makes them precede, at system scope, whatever thread 0
- * releases next (the grid's count, then a flag). One fence a block, not one a thread: a
+ * peer must see? When some thread did, thread 0 fences at system scope after the barrier.
+ * The barrier orders every thread's stores (NVLink pushes included) before thread 0's
+ * later operations: the grid's count, whose last block's threads then release the flags
+ * at system scope. That chain alone orders the stores before a peer's acquire of a flag
+ * in the PTX model (causality order is transitive); the fence keeps the order explicit at
+ * system scope, as the fence in every writer did. One fence a block, not one a thread: a
  * fence in every thread cost the dispatch send 1.6-1.8 us at T >= 128 (one H100). */
 static __device__ __forceinline__ void epx__block_fence_sys(bool any)
 {

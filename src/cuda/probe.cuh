@@ -24,7 +24,7 @@ enum {
     EPX__PR_SENT,      /* the send's grid done (griddepcontrol.wait) */
     EPX__PR_VERDICT,   /* headers, staged routing, verdict */
     EPX__PR_HANDLE,    /* the handle's routing arrays */
-    EPX__PR_SCAN,      /* the first expert's slot scan (its rows' copies not begun) */
+    EPX__PR_SCAN,      /* the first expert's first group's slot scan (no row copied yet) */
     EPX__PR_ROWS,      /* slot scans and row copies */
     EPX__PR_DONE       /* the last block: completion */
 };
