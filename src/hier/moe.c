@@ -12,7 +12,10 @@
  *            record each, to my gateway on each other host that holds one of their experts
  *            (MPI); then every rank of this host gets, from each local rank acting as
  *            forwarder, the records of the tokens it needs, ordered by (source rank, token)
- *            (shared memory). A cached dispatch sends the rows alone along the handle.
+ *            (shared memory). To a gateway alone on its host, rows of at least 512 bytes
+ *            go in a message of their own, received in place in its output (every such
+ *            record is its own row, already in output order): no copy out of the
+ *            records. A cached dispatch sends the rows alone along the handle.
  * A forwarder's *entries* are its own tokens and the tokens its sources sent it, ordered by
  * (source rank, token): each receiver merges the streams of its local forwarders into that
  * order, which is the output row order of the single-host backend, and copies each row
@@ -428,40 +431,65 @@ typedef struct {
 } epx__rowsrc_t;
 
 /* Where entry e's payload lies (*scl: its scales, NULL without): in the record its source
- * sent me (fwd, records of `rec` bytes, the payload at `mrec`), or my token's row. */
+ * sent me (fwd, records of `rec` bytes, the payload at `mrec`; with `direct` the record
+ * holds the scales alone, there, and the row is already in the caller's output: NULL), or
+ * my token's row. */
 static const char *epx__ent_src(const epx__hier_moe_handle_t *hd, const epx__payload_t *pl, const char *fwd, size_t rec,
-                                size_t mrec, int64_t e, const char **scl)
+                                size_t mrec, bool direct, int64_t e, const char **scl)
 {
     if (hd->ent_fidx[e] >= 0) {
         const char *pay = fwd + (size_t)hd->ent_fidx[e] * rec + mrec;
-        *scl = pl->sb ? pay + pl->pb : NULL;
-        return pay;
+        *scl = pl->sb ? pay + (direct ? 0 : pl->pb) : NULL;
+        return direct ? NULL : pay;
     }
     *scl = pl->sb ? pl->xs + (size_t)hd->ent_tok[e] * pl->sb : NULL;
     return pl->x + (size_t)hd->ent_tok[e] * pl->pb;
 }
 
+/* Rows of at least this many bytes go straight into the output of a gateway alone on its
+ * host (epx__route): below it the second message's round costs more than the copy saves. */
+#define EPX__DIRECT_MIN 512
+
+/* Does a high-throughput dispatch's rows go straight to rank p (alone on its host)? The
+ * same answer on every rank: from the shape and the topology. */
+static bool epx__direct_to(const epx__hier_moe_t *m, const epx__payload_t *pl, bool ht, int p)
+{
+    const epx__topo_t *t = epx__t(m);
+    return ht && pl->pb >= EPX__DIRECT_MIN && t->host_size[t->host_of[p]] == 1;
+}
+
 /* Send my routing and rows to my gateways, build the entries, fan both out to the other
  * local ranks and merge what arrives, with my entries for me, into (source, token) order:
  * two steps (MPI, then shared memory), sized by what the verdict told (f).
- * Fills the handle; writes nothing of the caller's. `w` = my weights [T, K] when
- * hd->has_w; then *row_w gets the weights of every merged row. On success *rs says where
- * each merged row's payload lies (pay[r] NULL without payload); with payload some of it
- * lies in other local ranks' memory: the exchange stays open, and the caller, once it has
- * read the rows, calls epx__route_end (also when it fails meanwhile). */
+ * Fills the handle; writes nothing of the caller's but, with xout (a high-throughput
+ * dispatch: the caller's recv_x, its capacity checked), the rows that reach me straight:
+ * when I am alone on my host, every record a source sends me is a row of mine, and they
+ * lie in my output in the order they come (sources ascending, then tokens). Their rows
+ * then travel in a message of their own, received in place (epx__direct_to), and the
+ * records keep the routing and scales. `w` = my weights [T, K] when hd->has_w; then *row_w
+ * gets the weights of every merged row. On success *rs says where each merged row's
+ * payload lies (pay[r] NULL without payload, or when the row is in place); with payload
+ * some of it lies in other local ranks' memory: the exchange stays open, and the caller,
+ * once it has read the rows, calls epx__route_end (also when it fails meanwhile). */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
-                               const epx__payload_t *pl, const epx__flows_t *f, uint32_t seq, uint64_t deadline,
-                               float **row_w, epx__rowsrc_t *rs, epx__errbuf_t *err)
+                               const epx__payload_t *pl, bool ht, char *xout, const epx__flows_t *f, uint32_t seq,
+                               uint64_t deadline, float **row_w, epx__rowsrc_t *rs, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, me = t->rank, LS = t->local_size, ml = t->local_rank, L = m->s.local_experts, K = hd->K;
     int T = hd->T, W = hd->has_w ? K : 0;
     size_t mrec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights; then the payload */
     size_t rec = EPX__ALIGN_UP(mrec + pl->pb + pl->sb, sizeof(int64_t)); /* records stay aligned */
+    size_t drec = EPX__ALIGN_UP(mrec + pl->sb, sizeof(int64_t));          /* a record whose row goes straight */
+    bool din = epx__direct_to(m, pl, ht, me);                              /* rows reach me straight */
+    size_t rin = din ? drec : rec;                                         /* the records I get */
     rs->pay = rs->scl = NULL;
     epx_status_t st = EPX_SUCCESS;
     int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
     int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
+    int64_t *xsb = epx__alloc((size_t)R, 8, &st, err), *xrb = epx__alloc((size_t)R, 8, &st, err);
+    const void **xsp = epx__alloc((size_t)R, sizeof *xsp, &st, err);
+    void **xrp = epx__alloc((size_t)R, sizeof *xrp, &st, err);
     epx__arena_t *hm = &hd->plan->mem, *tmp = &m->tmp; /* the handle's arrays; this call's */
     hd->fwd_count = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
     hd->fwd_first = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
@@ -474,20 +502,34 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         if (k != t->host) sc[epx__gw(t, me, k)] = f->per_host[k];
     memcpy(hd->fwd_count, f->fwd_count, sizeof(int64_t) * (size_t)R);
     memcpy(hd->src_tokens, f->tokens, sizeof(int64_t) * (size_t)R);
-    /* Routing records to the gateways, in token order. */
-    int64_t stot = 0, rtot = 0;
+    /* Routing records to the gateways, in token order; rows that go straight, in the same
+     * order, after every record (xsp[p]: those to p). Rows that reach me straight: source
+     * p's right after the rows of the sources below it (mine: my tokens for me). */
+    int64_t stot = 0, rtot = 0, xtot = 0, at = 0;
     for (int p = 0; p < R; p++) {
-        sb[p] = sc[p] * (int64_t)rec, stot += sb[p];
-        rb[p] = hd->fwd_count[p] * (int64_t)rec, rtot += rb[p];
+        bool dout = epx__direct_to(m, pl, ht, p);
+        sb[p] = sc[p] * (int64_t)(dout ? drec : rec), stot += sb[p];
+        xsb[p] = dout ? sc[p] * (int64_t)pl->pb : 0, xtot += xsb[p];
+        rb[p] = hd->fwd_count[p] * (int64_t)rin, rtot += rb[p];
+        xrb[p] = din ? hd->fwd_count[p] * (int64_t)pl->pb : 0;
         hd->fwd_first[p] = hd->nfwd;
         hd->nfwd += hd->fwd_count[p];
     }
-    sbuf = epx__buf(m, EPX__B_SEND, (size_t)stot, &st, err);
+    for (int p = 0; din && p < R; p++) {
+        int64_t n = hd->fwd_count[p];
+        if (p == me)
+            for (int64_t i = 0; i < T; i++) n += epx__to_rank(hd->topk + i * K, K, L, me);
+        xrp[p] = n && p != me ? xout + (size_t)at * pl->pb : NULL;
+        at += n;
+    }
+    sbuf = epx__buf(m, EPX__B_SEND, (size_t)(stot + xtot), &st, err);
     rbuf = epx__buf(m, EPX__B_FWD, (size_t)rtot, &st, err);
     if (st != EPX_SUCCESS) goto done;
     {
-        char *o = sbuf;
+        char *o = sbuf, *xo = sbuf + stot;
         for (int p = 0; p < R; p++) {
+            bool dout = epx__direct_to(m, pl, ht, p);
+            xsp[p] = xo;
             if (!sc[p]) continue;
             for (int64_t i = 0; i < T; i++) {
                 if (!epx__to_host(m, hd->topk + i * K, K, t->host_of[p])) continue;
@@ -495,13 +537,17 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 r[0] = me, r[1] = (int32_t)i;
                 memcpy(r + 2, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
                 if (W) memcpy(r + 2 + K, w + i * K, sizeof(float) * (size_t)K);
-                if (pl->pb) memcpy(o + mrec, pl->x + (size_t)i * pl->pb, pl->pb);
-                if (pl->sb) memcpy(o + mrec + pl->pb, pl->xs + (size_t)i * pl->sb, pl->sb);
-                o += rec;
+                char *row = dout ? xo : o + mrec, *scales = o + mrec + (dout ? 0 : pl->pb);
+                if (pl->pb) memcpy(row, pl->x + (size_t)i * pl->pb, pl->pb);
+                if (pl->sb) memcpy(scales, pl->xs + (size_t)i * pl->sb, pl->sb);
+                o += dout ? drec : rec, xo += dout ? pl->pb : 0;
             }
         }
     }
     EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_TOKENS), sbuf, sb, rbuf, rb, deadline, err), st, done);
+    if (ht && pl->pb >= EPX__DIRECT_MIN) /* every rank takes part, with nothing to move when no host has one rank */
+        EPX__CHECK_GOTO(epx__hier_net_xchg(m->h, epx__hier_tag(seq, EPX__ST_ROWS), xsp, xsb, xrp, xrb, deadline, err),
+                        st, done);
 
     /* Entries: my tokens and the forwarded ones, by (source, token). Records keep their
      * weights (own tokens: w) in `ew`. */
@@ -524,7 +570,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                     memcpy(hd->ent_topk + e * K, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
                     if (W) memcpy(ew + e * W, w + i * K, sizeof(float) * (size_t)K);
                 } else {
-                    const int32_t *r = (const int32_t *)(rbuf + (size_t)f * rec);
+                    const int32_t *r = (const int32_t *)(rbuf + (size_t)f * rin);
                     hd->ent_src[e] = r[0], hd->ent_tok[e] = r[1], hd->ent_fidx[e] = f++;
                     memcpy(hd->ent_topk + e * K, r + 2, sizeof(int32_t) * (size_t)K);
                     if (W) memcpy(ew + e * W, r + 2 + K, sizeof(float) * (size_t)K);
@@ -591,8 +637,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 r[0] = hd->ent_src[e], r[1] = hd->ent_tok[e];
                 memcpy(r + 2, hd->ent_topk + e * K, sizeof(int32_t) * (size_t)K);
                 if (W) memcpy(r + 2 + K, ew + e * W, sizeof(float) * (size_t)K);
-                if (pl->pb) { /* the row, then its scales */
-                    const char *scl, *pay = epx__ent_src(hd, pl, rbuf, rec, mrec, e, &scl);
+                if (pl->pb) { /* the row, then its scales (din: no other local rank) */
+                    const char *scl, *pay = epx__ent_src(hd, pl, rbuf, rin, mrec, din, e, &scl);
                     memcpy((char *)r + mrec, pay, pl->pb);
                     if (scl) memcpy((char *)r + mrec + pl->pb, scl, pl->sb);
                 }
@@ -617,7 +663,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                     if (hd->ent_src[e] != p) break;
                     tok = hd->ent_tok[e], tk = hd->ent_topk + e * K;
                     if (W) memcpy(*row_w + row * K, ew + e * W, sizeof(float) * (size_t)K);
-                    if (pl->pb) pay = epx__ent_src(hd, pl, rbuf, rec, mrec, e, &scl);
+                    if (pl->pb) pay = epx__ent_src(hd, pl, rbuf, rin, mrec, din, e, &scl);
                 } else {
                     const int32_t *r = (const int32_t *)(lseg[l] + (size_t)(a - hd->from_first[l]) * rec);
                     if (r[0] != p) break;
@@ -639,7 +685,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     }
     free(lsb), free(lrb), free(lcnt), free(lrc);
 done:
-    free(sc), free(rc), free(sb), free(rb);
+    free(sc), free(rc), free(sb), free(rb), free(xsb), free(xrb), free((void *)xsp), free(xrp);
     if (st != EPX_SUCCESS || !pl->pb) st = epx__route_end(m, st, err); /* nothing more is read */
     if (st != EPX_SUCCESS) rs->pay = rs->scl = NULL;
     return st;
@@ -731,7 +777,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
     epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
     if (!payload) pl = (epx__payload_t){NULL, NULL, 0, 0};
     if (st == EPX_SUCCESS)
-        st = epx__route(m, hd, in->topk_weights, &pl, &f, seq, deadline, &row_w, &rs, err);
+        st = epx__route(m, hd, in->topk_weights, &pl, true, out->recv_x, &f, seq, deadline, &row_w, &rs, err);
     epx__flows_free(&f);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
@@ -745,7 +791,8 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
         const int32_t *rt = hd->row_topk; /* [N, K]; my local expert e - lo when in [0, L) */
         int lo = me * L;
         char *ox = out->recv_x;
-        for (int64_t r = 0; r < N && payload; r++) memcpy(ox + (size_t)r * s->row_bytes, rs.pay[r], s->row_bytes);
+        for (int64_t r = 0; r < N && payload; r++) /* (NULL: the row came straight into place) */
+            if (rs.pay[r]) memcpy(ox + (size_t)r * s->row_bytes, rs.pay[r], s->row_bytes);
         for (int64_t r = 0; r < N && payload && fp8 && out->recv_x_scales; r++)
             memcpy(out->recv_x_scales + (size_t)r * s->scale_cols, rs.scl[r], sb);
         if (N && out->recv_src_rank) memcpy(out->recv_src_rank, hd->row_src, sizeof(int32_t) * (size_t)N);
@@ -1076,7 +1123,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     }
     epx__rowsrc_t rs = {NULL, NULL};
     epx__payload_t pl = payload ? (epx__payload_t){x, xs, rb, sb} : (epx__payload_t){NULL, NULL, 0, 0};
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, &f, seq, deadline, NULL, &rs, err);
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, false, NULL, &f, seq, deadline, NULL, &rs, err);
     epx__flows_free(&f);
     const epx__hier_xplan_t *xp = NULL; /* the handle's: its combine runs along it */
     if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, &xp, err);
