@@ -12,10 +12,11 @@
  *            record each, to my gateway on each other host that holds one of their experts
  *            (MPI); then every rank of this host gets, from each local rank acting as
  *            forwarder, the records of the tokens it needs, ordered by (source rank, token)
- *            (shared memory). To a gateway alone on its host, rows of at least 512 bytes
- *            go in a message of their own, received in place in its output (every such
- *            record is its own row, already in output order): no copy out of the
- *            records. A cached dispatch sends the rows alone along the handle.
+ *            (shared memory). In a high-throughput dispatch, to a gateway alone on its
+ *            host, rows of at least 512 bytes go in a message of their own, received in
+ *            place in its output (every such record is its own row, already in output
+ *            order): no copy out of the records. A cached dispatch sends the rows alone
+ *            along the handle.
  * A forwarder's *entries* are its own tokens and the tokens its sources sent it, ordered by
  * (source rank, token): each receiver merges the streams of its local forwarders into that
  * order, which is the output row order of the single-host backend, and copies each row
@@ -425,7 +426,8 @@ typedef struct {
  * scl[r] when the payload has them (else scl is NULL): a record another local rank packed
  * for me (in its memory: valid until epx__route_end), a record a source sent me as its
  * gateway, or my own token's row (valid until the context's next call, as both arrays,
- * which lie in its scratch). */
+ * which lie in its scratch); pay[r] NULL for a row received in place in the caller's
+ * output (its scales then lie in the short record its source sent me). */
 typedef struct {
     const char **pay, **scl;
 } epx__rowsrc_t;
@@ -545,7 +547,9 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         }
     }
     EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_TOKENS), sbuf, sb, rbuf, rb, deadline, err), st, done);
-    if (ht && pl->pb >= EPX__DIRECT_MIN) /* every rank takes part, with nothing to move when no host has one rank */
+    /* Point to point: a pair with nothing to move posts nothing. A failed wait leaves rows
+     * of the caller's output written (outputs are undefined after such a status). */
+    if (ht && pl->pb >= EPX__DIRECT_MIN)
         EPX__CHECK_GOTO(epx__hier_net_xchg(m->h, epx__hier_tag(seq, EPX__ST_ROWS), xsp, xsb, xrp, xrb, deadline, err),
                         st, done);
 
