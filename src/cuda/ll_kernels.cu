@@ -477,7 +477,8 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
      * kernel takes any multiple of 32 threads >= nranks. */
     while (a->vec && threads > 128 && 2 * blocks <= most) threads /= 2, blocks *= 2;
     if (a->vec) { /* then no block without items (T = 1, H = 7168: 7 of 128) */
-        long long items = (long long)a->num_tokens * ((a->hidden / 8 + 15) / 16 * 16), need = (items + threads - 1) / threads;
+        long long items = (long long)a->num_tokens * ((a->hidden / 8 + 15) / 16 * 16);
+        long long need = (items + threads - 1) / threads;
         if (need < blocks) blocks = need > 1 ? (int)need : 1;
     }
 #ifdef EPX_LL_PROBE
