@@ -13,10 +13,11 @@
  *            (MPI); then every rank of this host gets, from each local rank acting as
  *            forwarder, the records of the tokens it needs, ordered by (source rank, token)
  *            (shared memory). In a high-throughput dispatch, to a gateway alone on its
- *            host, rows of at least 512 bytes go in a message of their own, received in
+ *            host, rows of at least 512 bytes go in messages of their own, received in
  *            place in its output (every such record is its own row, already in output
- *            order): no copy out of the records. A cached dispatch sends the rows alone
- *            along the handle.
+ *            order): no copy out of the records; runs of consecutive tokens are sent from
+ *            x where they lie, one message each (up to 32 runs a pair; else packed). A
+ *            cached dispatch sends the rows alone along the handle.
  * A forwarder's *entries* are its own tokens and the tokens its sources sent it, ordered by
  * (source rank, token): each receiver merges the streams of its local forwarders into that
  * order, which is the output row order of the single-host backend, and copies each row
@@ -452,6 +453,32 @@ static const char *epx__ent_src(const epx__hier_moe_handle_t *hd, const epx__pay
  * host (epx__route): below it the second message's round costs more than the copy saves. */
 #define EPX__DIRECT_MIN 512
 
+/* Rows that go straight to a rank travel as runs of consecutive tokens, one message each,
+ * sent from the caller's x where they lie (no packing), when a pair has at most this many
+ * runs; else packed into one message. */
+#define EPX__DIRECT_RUNS 32
+
+/* The runs of consecutive token ids among those added (ascending), at most
+ * EPX__DIRECT_RUNS: first token and length of each; n = -1 when there are more. */
+typedef struct {
+    int n;
+    int32_t first[EPX__DIRECT_RUNS], len[EPX__DIRECT_RUNS];
+} epx__runs_t;
+
+static void epx__runs_add(epx__runs_t *r, int32_t tok)
+{
+    if (r->n < 0) return;
+    if (r->n > 0 && r->first[r->n - 1] + r->len[r->n - 1] == tok) {
+        r->len[r->n - 1]++;
+        return;
+    }
+    if (r->n == EPX__DIRECT_RUNS) {
+        r->n = -1;
+        return;
+    }
+    r->first[r->n] = tok, r->len[r->n] = 1, r->n++;
+}
+
 /* Does a high-throughput dispatch's rows go straight to rank p (alone on its host)? The
  * same answer on every rank: from the shape and the topology. */
 static bool epx__direct_to(const epx__hier_moe_t *m, const epx__payload_t *pl, bool ht, int p)
@@ -492,6 +519,12 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     int64_t *xsb = epx__alloc((size_t)R, 8, &st, err), *xrb = epx__alloc((size_t)R, 8, &st, err);
     const void **xsp = epx__alloc((size_t)R, sizeof *xsp, &st, err);
     void **xrp = epx__alloc((size_t)R, sizeof *xrp, &st, err);
+    /* Per rank, rows that go straight: the runs of my tokens to it, of its tokens to me;
+     * where my packed rows to it lie, where its rows start in my output. */
+    epx__runs_t *srun = epx__alloc((size_t)R, sizeof *srun, &st, err);
+    epx__runs_t *rrun = epx__alloc((size_t)R, sizeof *rrun, &st, err);
+    const char **xpack = epx__alloc((size_t)R, sizeof *xpack, &st, err);
+    int64_t *xoff = epx__alloc((size_t)R, 8, &st, err);
     epx__arena_t *hm = &hd->plan->mem, *tmp = &m->tmp; /* the handle's arrays; this call's */
     hd->fwd_count = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
     hd->fwd_first = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
@@ -504,16 +537,19 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         if (k != t->host) sc[epx__gw(t, me, k)] = f->per_host[k];
     memcpy(hd->fwd_count, f->fwd_count, sizeof(int64_t) * (size_t)R);
     memcpy(hd->src_tokens, f->tokens, sizeof(int64_t) * (size_t)R);
-    /* Routing records to the gateways, in token order; rows that go straight, in the same
-     * order, after every record (xsp[p]: those to p). Rows that reach me straight: source
-     * p's right after the rows of the sources below it (mine: my tokens for me). */
+    /* Routing records to the gateways, in token order; rows that go straight either as
+     * runs of my tokens, read from x where they lie, or (more runs than
+     * EPX__DIRECT_RUNS) packed in the same order after every record. Rows that reach me
+     * straight: source p's right after the rows of the sources below it (mine: my tokens
+     * for me). */
     int64_t stot = 0, rtot = 0, xtot = 0, at = 0;
     for (int p = 0; p < R; p++) {
         bool dout = epx__direct_to(m, pl, ht, p);
+        for (int64_t i = 0; dout && sc[p] && i < T; i++)
+            if (epx__to_host(m, hd->topk + i * K, K, t->host_of[p])) epx__runs_add(&srun[p], (int32_t)i);
         sb[p] = sc[p] * (int64_t)(dout ? drec : rec), stot += sb[p];
-        xsb[p] = dout ? sc[p] * (int64_t)pl->pb : 0, xtot += xsb[p];
+        if (dout && srun[p].n < 0) xtot += sc[p] * (int64_t)pl->pb;
         rb[p] = hd->fwd_count[p] * (int64_t)rin, rtot += rb[p];
-        xrb[p] = din ? hd->fwd_count[p] * (int64_t)pl->pb : 0;
         hd->fwd_first[p] = hd->nfwd;
         hd->nfwd += hd->fwd_count[p];
     }
@@ -521,7 +557,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         int64_t n = hd->fwd_count[p];
         if (p == me)
             for (int64_t i = 0; i < T; i++) n += epx__to_rank(hd->topk + i * K, K, L, me);
-        xrp[p] = n && p != me ? xout + (size_t)at * pl->pb : NULL;
+        xoff[p] = at;
         at += n;
     }
     sbuf = epx__buf(m, EPX__B_SEND, (size_t)(stot + xtot), &st, err);
@@ -530,8 +566,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     {
         char *o = sbuf, *xo = sbuf + stot;
         for (int p = 0; p < R; p++) {
-            bool dout = epx__direct_to(m, pl, ht, p);
-            xsp[p] = xo;
+            bool dout = epx__direct_to(m, pl, ht, p), pack = dout && srun[p].n < 0;
+            xpack[p] = xo;
             if (!sc[p]) continue;
             for (int64_t i = 0; i < T; i++) {
                 if (!epx__to_host(m, hd->topk + i * K, K, t->host_of[p])) continue;
@@ -539,19 +575,49 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 r[0] = me, r[1] = (int32_t)i;
                 memcpy(r + 2, hd->topk + i * K, sizeof(int32_t) * (size_t)K);
                 if (W) memcpy(r + 2 + K, w + i * K, sizeof(float) * (size_t)K);
-                char *row = dout ? xo : o + mrec, *scales = o + mrec + (dout ? 0 : pl->pb);
-                if (pl->pb) memcpy(row, pl->x + (size_t)i * pl->pb, pl->pb);
+                char *row = pack ? xo : dout ? NULL : o + mrec, *scales = o + mrec + (dout ? 0 : pl->pb);
+                if (pl->pb && row) memcpy(row, pl->x + (size_t)i * pl->pb, pl->pb);
                 if (pl->sb) memcpy(scales, pl->xs + (size_t)i * pl->sb, pl->sb);
-                o += dout ? drec : rec, xo += dout ? pl->pb : 0;
+                o += dout ? drec : rec, xo += pack ? pl->pb : 0;
             }
         }
     }
     EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_TOKENS), sbuf, sb, rbuf, rb, deadline, err), st, done);
-    /* Point to point: a pair with nothing to move posts nothing. A failed wait leaves rows
-     * of the caller's output written (outputs are undefined after such a status). */
-    if (ht && pl->pb >= EPX__DIRECT_MIN)
-        EPX__CHECK_GOTO(epx__hier_net_xchg(m->h, epx__hier_tag(seq, EPX__ST_ROWS), xsp, xsb, xrp, xrb, deadline, err),
-                        st, done);
+    /* The rows that go straight: exchange j moves each pair's run j (a packed pair: all in
+     * exchange 0), so that both ends of a pair see its messages in one order. The runs of
+     * what a source sends me come from its records (their token ids), as it found them.
+     * Point to point: a pair with nothing to move posts nothing, and a rank stops after its
+     * own last message. A failed wait leaves rows of the caller's output written (outputs
+     * are undefined after such a status). */
+    if (ht && pl->pb >= EPX__DIRECT_MIN) {
+        int calls = 0;
+        for (int p = 0; p < R; p++) {
+            for (int64_t j = 0; din && j < hd->fwd_count[p]; j++)
+                epx__runs_add(&rrun[p], ((const int32_t *)(rbuf + (size_t)(hd->fwd_first[p] + j) * rin))[1]);
+            bool dout = epx__direct_to(m, pl, ht, p);
+            int sm = !dout || !sc[p] ? 0 : srun[p].n < 0 ? 1 : srun[p].n;
+            int rm = !din || !hd->fwd_count[p] ? 0 : rrun[p].n < 0 ? 1 : rrun[p].n;
+            calls = EPX__MAX(calls, EPX__MAX(sm, rm));
+        }
+        for (int j = 0; j < calls && st == EPX_SUCCESS; j++) {
+            for (int p = 0; p < R; p++) {
+                bool dout = epx__direct_to(m, pl, ht, p);
+                xsb[p] = xrb[p] = 0;
+                if (dout && sc[p] && srun[p].n < 0 && j == 0)
+                    xsp[p] = xpack[p], xsb[p] = sc[p] * (int64_t)pl->pb;
+                else if (dout && sc[p] && j < srun[p].n)
+                    xsp[p] = pl->x + (size_t)srun[p].first[j] * pl->pb, xsb[p] = srun[p].len[j] * (int64_t)pl->pb;
+                if (din && hd->fwd_count[p] && rrun[p].n < 0 && j == 0)
+                    xrp[p] = xout + (size_t)xoff[p] * pl->pb, xrb[p] = hd->fwd_count[p] * (int64_t)pl->pb;
+                else if (din && hd->fwd_count[p] && j < rrun[p].n) {
+                    xrp[p] = xout + (size_t)xoff[p] * pl->pb, xrb[p] = rrun[p].len[j] * (int64_t)pl->pb;
+                    xoff[p] += rrun[p].len[j];
+                }
+            }
+            st = epx__hier_net_xchg(m->h, epx__hier_tag(seq, EPX__ST_ROWS), xsp, xsb, xrp, xrb, deadline, err);
+        }
+        if (st != EPX_SUCCESS) goto done;
+    }
 
     /* Entries: my tokens and the forwarded ones, by (source, token). Records keep their
      * weights (own tokens: w) in `ew`. */
@@ -690,6 +756,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     free(lsb), free(lrb), free(lcnt), free(lrc);
 done:
     free(sc), free(rc), free(sb), free(rb), free(xsb), free(xrb), free((void *)xsp), free(xrp);
+    free(srun), free(rrun), free((void *)xpack), free(xoff);
     if (st != EPX_SUCCESS || !pl->pb) st = epx__route_end(m, st, err); /* nothing more is read */
     if (st != EPX_SUCCESS) rs->pay = rs->scl = NULL;
     return st;
