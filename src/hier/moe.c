@@ -450,7 +450,8 @@ static const char *epx__ent_src(const epx__hier_moe_handle_t *hd, const epx__pay
 }
 
 /* Rows of at least this many bytes go straight into the output of a gateway alone on its
- * host (epx__route): below it the second message's round costs more than the copy saves. */
+ * host (epx__route): below it the extra rounds (one per run, up to EPX__DIRECT_RUNS) cost
+ * more than the copies they save. */
 #define EPX__DIRECT_MIN 512
 
 /* Rows that go straight to a rank travel as runs of consecutive tokens, one message each,
@@ -494,7 +495,7 @@ static bool epx__direct_to(const epx__hier_moe_t *m, const epx__payload_t *pl, b
  * dispatch: the caller's recv_x, its capacity checked), the rows that reach me straight:
  * when I am alone on my host, every record a source sends me is a row of mine, and they
  * lie in my output in the order they come (sources ascending, then tokens). Their rows
- * then travel in a message of their own, received in place (epx__direct_to), and the
+ * then travel in messages of their own, received in place (epx__direct_to), and the
  * records keep the routing and scales. `w` = my weights [T, K] when hd->has_w; then *row_w
  * gets the weights of every merged row. On success *rs says where each merged row's
  * payload lies (pay[r] NULL without payload, or when the row is in place); with payload
@@ -520,7 +521,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     const void **xsp = epx__alloc((size_t)R, sizeof *xsp, &st, err);
     void **xrp = epx__alloc((size_t)R, sizeof *xrp, &st, err);
     /* Per rank, rows that go straight: the runs of my tokens to it, of its tokens to me;
-     * where my packed rows to it lie, where its rows start in my output. */
+     * where my packed rows to it lie; where its next rows go in my output. */
     epx__runs_t *srun = epx__alloc((size_t)R, sizeof *srun, &st, err);
     epx__runs_t *rrun = epx__alloc((size_t)R, sizeof *rrun, &st, err);
     const char **xpack = epx__alloc((size_t)R, sizeof *xpack, &st, err);
