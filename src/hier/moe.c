@@ -554,13 +554,8 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         hd->fwd_first[p] = hd->nfwd;
         hd->nfwd += hd->fwd_count[p];
     }
-    for (int p = 0; din && p < R; p++) {
-        int64_t n = hd->fwd_count[p];
-        if (p == me)
-            for (int64_t i = 0; i < T; i++) n += epx__to_rank(hd->topk + i * K, K, L, me);
-        xoff[p] = at;
-        at += n;
-    }
+    for (int p = 0; din && p < R; p++) /* (fwd_count[me] is 0; per_rank[me]: my tokens for me) */
+        xoff[p] = at, at += p == me ? f->per_rank[me] : hd->fwd_count[p];
     sbuf = epx__buf(m, EPX__B_SEND, (size_t)(stot + xtot), &st, err);
     rbuf = epx__buf(m, EPX__B_FWD, (size_t)rtot, &st, err);
     if (st != EPX_SUCCESS) goto done;
