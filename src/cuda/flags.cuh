@@ -169,11 +169,11 @@ static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cud
 /* Every thread of the block calls it, with `any`: did this thread store anything that a
  * peer must see? When some thread did, thread 0 fences at system scope after the barrier.
  * The barrier orders every thread's stores (NVLink pushes included) before thread 0's
- * later operations: the grid's count, whose last block's threads then release the flags
- * at system scope. That chain alone orders the stores before a peer's acquire of a flag
- * in the PTX model (causality order is transitive); the fence keeps the order explicit at
- * system scope, as the fence in every writer did. One fence a block, not one a thread: a
- * fence in every thread cost the dispatch send 1.6-1.8 us at T >= 128 (one H100). */
+ * fence and what thread 0 writes after it (a flag, a count): a fence then a write, the
+ * release pattern at system scope. A thread other than 0 that then writes a relaxed flag
+ * must wait for a barrier after this; a release store needs none (it is cumulative). One
+ * fence a block, not one a thread: a fence in every thread cost the low-latency dispatch
+ * send 1.6-1.8 us at T >= 128 (one H100). */
 static __device__ __forceinline__ void epx__block_fence_sys(bool any)
 {
     if (__syncthreads_or(any) && threadIdx.x == 0) asm volatile("fence.acq_rel.sys;" ::: "memory");
@@ -183,13 +183,17 @@ static __device__ __forceinline__ void epx__block_fence_sys(bool any)
  * under a kind of its own (once per kind and kernel), with `ok` the same in the whole
  * block: true in the one block that gets here last (all other blocks of the grid have
  * finished, or finished that step), whose counter is then reset; *all (when not NULL):
- * every block came with ok. Grids of fewer than 65 536 blocks (a failed block counts in
- * the upper half of the word). */
-static __device__ bool epx__ll_last_block_all(const epx__cuda_dev_t *d, int kind, bool ok, bool *all)
+ * every block came with ok. `pushed`: did this thread store anything a peer must see? When
+ * some thread did, thread 0 fences at system scope after the barrier, before the count
+ * (as epx__block_fence_sys, without a barrier of its own). Grids of fewer than 65 536 blocks
+ * (a failed block counts in the upper half of the word). */
+static __device__ bool epx__ll_last_block_all(const epx__cuda_dev_t *d, int kind, bool ok, bool *all,
+                                              bool pushed = false)
 {
     __shared__ int last, fine;
-    __syncthreads();
+    int sys = __syncthreads_or(pushed);
     if (threadIdx.x == 0) {
+        if (sys) asm volatile("fence.acq_rel.sys;" ::: "memory");
         /* acq_rel: this block's work (ordered by the barrier) before the count, and the
          * last block sees every other block's. One trip, not a fence and then an atomic. */
         unsigned prev, add = ok ? 1u : 0x10001u;

@@ -167,8 +167,7 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
             epx__lines_put((uint4 *)(s + EPX__SLOT_HDR), a.send + a.send_displ[p], a.send_bytes[p], (unsigned)n);
         } else {
             epx__block_copy(s + EPX__SLOT_HDR, a.send + a.send_displ[p], a.send_bytes[p]);
-            __threadfence_system(); /* every writer fences: its stores reach the peer before the flag */
-            __syncthreads();
+            epx__block_fence_sys(true); /* the block's stores reach the peer before the flag */
             if (threadIdx.x == 0) epx__st_release_sys((unsigned long long *)s, n);
         }
         if (a.recv_bytes[p] <= line_max) {
@@ -267,11 +266,10 @@ static __global__ void epx__k_direct_alltoallv(epx__cuda_dev_t d, epx__cuda_dire
         }
     }
     if ((int)threadIdx.x < R) epx__relay_out(&d, (int)threadIdx.x, n); /* also for segments this block skipped */
-    __threadfence_system(); /* every writer fences: its stores reach the peer before the count */
-    __syncthreads();
-    if ((int)threadIdx.x < R && (int)threadIdx.x != me) {
-        atomicAdd_system(d.peer_flags[threadIdx.x] + ((size_t)EPX__FLAG_WRITTEN * R + me) * EPX__FLAG_STRIDE, 1ull);
-    }
+    epx__block_fence_sys(true); /* the block's stores reach the peers before the counts */
+    if (threadIdx.x == 0)
+        for (int p = 0; p < R; p++)
+            if (p != me) atomicAdd_system(d.peer_flags[p] + ((size_t)EPX__FLAG_WRITTEN * R + me) * EPX__FLAG_STRIDE, 1ull);
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();

@@ -350,12 +350,11 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
     /* The last block to finish tells every rank that my rows and routing are there (across
      * hosts the forward kernel does, after the rail peers' blocks). */
     EPX__PROBE(0, EPX__PS_ROWS);
-    epx__block_fence_sys(true);
-    EPX__PROBE(0, EPX__PS_FENCE);
     /* Blocks decide `live` each on its own (one's wait may time out while another's is
-     * met): the rows and routing are all there only if every block was. */
+     * met): the rows and routing are all there only if every block was. My stores, system-
+     * wide, before the block is counted. */
     bool all;
-    if (!epx__ll_last_block_all(&d, EPX__LL_DISPATCH_SENT, live, &all)) return;
+    if (!epx__ll_last_block_all(&d, EPX__LL_DISPATCH_SENT, live, &all, true)) return;
     /* Across hosts, my rail block's header: FINE only if every block wrote its share and my
      * device has not failed. */
     if (X && threadIdx.x == 0) {
@@ -413,8 +412,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_forward(epx__cuda_dev_t 
         for (int k = 0; k < K; k++) to_q = to_q || epx__ll_holder<true>(&a, id[k]) == q;
         if (to_q) epx__warp_copy(epx__ll_row(&a, a.stage[q], par, hp * R + a.rank, t), epx__ll_blk_row(&a, blk, t), a.srow);
     }
-    __threadfence_system();
-    if (!epx__ll_last_block(&d, EPX__LL_FORWARD)) return;
+    if (!epx__ll_last_block_all(&d, EPX__LL_FORWARD, true, (bool *)0, true)) return; /* my rows, system-wide */
     if (live)
         epx__ll_signal<true>(&d, n);
     else /* my send failed: the peers stop waiting for my flag */
@@ -1042,8 +1040,7 @@ static __device__ void epx__llc_publish(const epx__cuda_dev_t *d, const epx__ll_
         float *dst = epx__llc_wts(c, c.cstage[q], par, c.rank);
         for (long long i = threadIdx.x; i < cnt; i += blockDim.x) dst[i] = c.w[i];
     }
-    if (c.nranks > 1 && threadIdx.x < cnt) __threadfence_system(); /* the threads that stored */
-    __syncthreads();
+    epx__block_fence_sys(c.nranks > 1 && threadIdx.x < cnt); /* the threads that stored */
     epx__signal_peers(d, EPX__FLAG_LLC_ARRIVE, n);
 }
 
@@ -1225,12 +1222,13 @@ static __global__ void __launch_bounds__(256, 2)
     if ((int)threadIdx.x < c.nranks) ptok[threadIdx.x] = bad ? 0 : c.h_ptok[threadIdx.x];
     if (send_too && blockIdx.x == 0) epx__llc_publish(&d, c, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n); /* syncs the block: ptok is set */
-    /* The block's pushes, system-wide, before it is counted (no fence when none pushed). */
-    epx__block_fence_sys(live && !bad && epx__llc_send_home<KM, V>(c, par, ptok));
+    bool pushed = live && !bad && epx__llc_send_home<KM, V>(c, par, ptok);
     /* All or nothing: when a block's wait failed, no LLC_PART goes out (the peers then time
-     * out, rather than sum rows that were not pushed). */
+     * out, rather than sum rows that were not pushed). The block's pushes, system-wide,
+     * before it is counted (no fence when none pushed). */
     bool all;
-    if (epx__ll_last_block_all(&d, EPX__LL_PART, live, &all) && all) epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
+    if (epx__ll_last_block_all(&d, EPX__LL_PART, live, &all, pushed) && all)
+        epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
     bool home = live && epx__wait_peers(&d, EPX__FLAG_LLC_PART, n);
     if (home && !bad && !failed) epx__llc_sum_home<KM, V>(c, par);
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;

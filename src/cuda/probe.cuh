@@ -17,8 +17,7 @@ enum {
     EPX__PS_FREE,  /* its sequence and the free-half check */
     EPX__PS_ROUTE, /* my routing written */
     EPX__PS_ROWS,  /* my rows written */
-    EPX__PS_FENCE, /* its system fence */
-    EPX__PS_DONE,  /* the last block: flags and completion */
+    EPX__PS_DONE,  /* the last block: fence, count, flags and completion */
     EPX__PR_START = 0, /* receive: entered */
     EPX__PR_FLAGS,     /* its sequence and the peers' flags */
     EPX__PR_SENT,      /* the send's grid done (griddepcontrol.wait) */
@@ -63,7 +62,7 @@ static void epx__probe_dump(void *stream)
     if (cudaStreamSynchronize((cudaStream_t)stream) != cudaSuccess ||
         cudaMemcpyFromSymbol(t, epx__probe_t, sizeof t) != cudaSuccess)
         return;
-    static const char *names[2][EPX__PROBE_POINTS] = {{"start", "free half", "routing", "rows", "fence", "done"},
+    static const char *names[2][EPX__PROBE_POINTS] = {{"start", "free half", "routing", "rows", "done"},
                                                       {"start", "flags", "send done", "verdict", "handle", "scan", "rows", "done"}};
     int grid[2] = {epx__probe_grid[0] < EPX__PROBE_BLOCKS ? epx__probe_grid[0] : EPX__PROBE_BLOCKS,
                    epx__probe_grid[1] < EPX__PROBE_BLOCKS ? epx__probe_grid[1] : EPX__PROBE_BLOCKS};
