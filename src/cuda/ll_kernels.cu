@@ -1220,9 +1220,12 @@ static __global__ void __launch_bounds__(256, 2)
      * peers still get their rows (the handle and y are sound), my outputs nothing. */
     int bad = *c.h_bad, failed = (int)*(volatile const unsigned int *)d.failed;
     if ((int)threadIdx.x < c.nranks) ptok[threadIdx.x] = bad ? 0 : c.h_ptok[threadIdx.x];
+    EPX__PROBE(2, EPX__PC_START);
     if (send_too && blockIdx.x == 0) epx__llc_publish(&d, c, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n); /* syncs the block: ptok is set */
+    EPX__PROBE(2, EPX__PC_ARRIVE);
     bool pushed = live && !bad && epx__llc_send_home<KM, V>(c, par, ptok);
+    EPX__PROBE(2, EPX__PC_PUSHED);
     /* All or nothing: when a block's wait failed, no LLC_PART goes out (the peers then time
      * out, rather than sum rows that were not pushed). The block's pushes, system-wide,
      * before it is counted (no fence when none pushed). */
@@ -1230,10 +1233,13 @@ static __global__ void __launch_bounds__(256, 2)
     if (epx__ll_last_block_all(&d, EPX__LL_PART, live, &all, pushed) && all)
         epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
     bool home = live && epx__wait_peers(&d, EPX__FLAG_LLC_PART, n);
+    EPX__PROBE(2, EPX__PC_PART);
     if (home && !bad && !failed) epx__llc_sum_home<KM, V>(c, par);
+    EPX__PROBE(2, EPX__PC_SUM);
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
     epx__ll_complete(&d, EPX__LL_COMBINE_RECVD, n);
+    EPX__PROBE(2, EPX__PC_DONE);
 }
 
 /* Combine send on one host: one block pushes my weights. */
@@ -1284,6 +1290,9 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
     int resident = epx__ll_resident((const void *)kernel, 256, 9 + (c->vec ? 0 : 1) + (k8 ? 0 : 2));
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
+#ifdef EPX_LL_PROBE
+    epx__probe_grid[2] = (int)(b < 1 ? 1 : b < resident ? b : resident);
+#endif
     attr[0].id = cudaLaunchAttributeCooperative;
     attr[0].val.cooperative = 1;
     cfg.gridDim = dim3((unsigned)(b < 1 ? 1 : b < resident ? b : resident));
