@@ -1074,14 +1074,15 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
     int K = c.topk, M = c.max_tokens, me = c.rank, dtype = c.dtype;
     int lo = me * c.local_experts, hi = lo + c.local_experts;
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
-    long long n_items = (long long)c.nranks * c.most_tokens * chunks;
+    long long n_items = (long long)(c.nranks - 1) * c.most_tokens * chunks; /* the peers' rows, not mine */
     long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
-    epx__ll_walk_t w = epx__ll_walk(i0, stride, chunks); /* row: p's token t, p * most_tokens + t */
+    epx__ll_walk_t w = epx__ll_walk(i0, stride, chunks); /* row j * most_tokens + t: peer j's token t */
 #pragma unroll 1
     for (long long i = i0; i < n_items; i += stride, epx__ll_step(&w)) {
         int p = (int)w.row / c.most_tokens, t = (int)w.row % c.most_tokens; /* < 2^30 (epx__moe_shape) */
+        p += p >= me; /* peer j is rank j, or j + 1 from mine on */
         long long ch = w.col;
-        if (p == me || t >= ptok[p]) continue;
+        if (t >= ptok[p]) continue;
         long long at = ((long long)p * M + t) * K;
         int e[KM];
         unsigned mask = 0;
@@ -1283,7 +1284,7 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
     }
     /* One host: a thread per (token, V channels) on the larger side (the peers' tokens here,
      * or mine), as many as are resident at once (a cooperative launch). */
-    long long chunks = c->hidden / (c->vec ? 8 : 1), most = (long long)c->nranks * c->most_tokens;
+    long long chunks = c->hidden / (c->vec ? 8 : 1), most = (long long)(c->nranks - 1) * c->most_tokens;
     long long b = ((most > c->num_tokens ? most : c->num_tokens) * chunks + 255) / 256;
     kernel = c->vec ? (k8 ? epx__k_llc_combine<8, 8> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 8>)
                     : (k8 ? epx__k_llc_combine<8, 1> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 1>);
