@@ -72,7 +72,8 @@ static __device__ __forceinline__ unsigned long long *epx__flag(const epx__cuda_
 }
 
 /* One thread per peer p, before the store that tells p my segments of operation n are
- * written (a release store, or a system fence then a store): when the relay is on and my
+ * written (a release store, or a system fence then a store; by this thread, or by another
+ * after a barrier and its fence): when the relay is on and my
  * device has recorded an error other than a count mismatch (even one being written:
  * d->failed), FAILED from me = n at p first. */
 static __device__ __forceinline__ void epx__relay_out(const epx__cuda_dev_t *d, int p, unsigned long long n)
@@ -170,8 +171,9 @@ static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cud
  * peer must see? When some thread did, thread 0 fences at system scope after the barrier.
  * The barrier orders every thread's stores (NVLink pushes included) before thread 0's
  * fence and what thread 0 writes after it (a flag, a count): a fence then a write, the
- * release pattern at system scope. A thread other than 0 that then writes a relaxed flag
- * must wait for a barrier after this; a release store needs none (it is cumulative). One
+ * release pattern at system scope. A thread other than 0 that writes a flag after this must
+ * make it a release store (cumulative: it orders what the barrier ordered before it), or
+ * fence itself; a relaxed store of its own is not ordered by thread 0's fence. One
  * fence a block, not one a thread: a fence in every thread cost the low-latency dispatch
  * send 1.6-1.8 us at T >= 128 (one H100). */
 static __device__ __forceinline__ void epx__block_fence_sys(bool any)
@@ -185,7 +187,7 @@ static __device__ __forceinline__ void epx__block_fence_sys(bool any)
  * finished, or finished that step), whose counter is then reset; *all (when not NULL):
  * every block came with ok. `pushed`: did this thread store anything a peer must see? When
  * some thread did, thread 0 fences at system scope after the barrier, before the count
- * (as epx__block_fence_sys, without a barrier of its own). Grids of fewer than 65 536 blocks
+ * (as epx__block_fence_sys, sharing the count's barrier). Grids of fewer than 65 536 blocks
  * (a failed block counts in the upper half of the word). */
 static __device__ bool epx__ll_last_block_all(const epx__cuda_dev_t *d, int kind, bool ok, bool *all,
                                               bool pushed = false)

@@ -1,11 +1,13 @@
 /*
- * An opt-in timing probe of the low-latency kernels on one host (cmake -DEPX_LL_PROBE=ON; a
- * measuring build, never a release one). At each named point thread 0 of every block
+ * An opt-in timing probe of the low-latency kernels (cmake -DEPX_LL_PROBE=ON; a measuring
+ * build, never a release one): the dispatch send and receive, and the combine on one host. At each named point thread 0 of every block
  * writes %globaltimer after a block barrier; the host prints, for call EPX_PROBE_AT of the
  * dispatch send launcher (the stamps of the dispatch and the combine before it), every
  * point's spread over the blocks in us from the first send block's start (the combine's:
  * from its first block's), to EPX_PROBE_FILE (appended, one write per report, so ranks'
- * reports do not interleave) or stderr.
+ * reports do not interleave) or stderr. Only the send's stream is synchronised: the
+ * combine's stamps are those of the last combine that finished (one on the same stream, as
+ * in epx-bench, or none: its lines are then missing or from an older call).
  * EPX_PROBE_AT must name a call made outside stream capture (it synchronises the stream).
  * Without EPX_LL_PROBE, EPX__PROBE is nothing: no barrier, no code.
  */
@@ -28,7 +30,7 @@ enum {
     EPX__PR_ROWS,      /* slot scans and row copies */
     EPX__PR_DONE,      /* the last block: completion */
     EPX__PC_START = 0, /* combine: entered, ptok staged */
-    EPX__PC_ARRIVE,    /* the weights published and the peers' waited for */
+    EPX__PC_ARRIVE,    /* my weights published (with the send step) and the peers' waited for */
     EPX__PC_PUSHED,    /* the peers' rows sent home */
     EPX__PC_PART,      /* counted, and the peers' LLC_PART waited for */
     EPX__PC_SUM,       /* my tokens summed */
@@ -59,7 +61,7 @@ static __device__ __forceinline__ void epx__probe(int k, int i)
 static int epx__probe_grid[3]; /* the last launches' grids */
 
 /* Called by the send launcher before it launches: at call EPX_PROBE_AT, waits for the
- * stream and prints the dispatch before. */
+ * stream and prints the dispatch (and the combine) before. */
 static void epx__probe_dump(void *stream)
 {
     static int calls;
