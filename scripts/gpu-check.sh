@@ -33,7 +33,7 @@
 #             not NCCL's times (the fake moves bytes through host memory on one thread)
 #   ce        high-throughput MoE on copy engines: the cuda_ce tests (also part of cuda), then
 #             bf16 and fp8 benchmarks with EPX_CUDA_SMS=0, and bf16 with 132 pack/reduce blocks
-#   probe     per-block timestamps of the low-latency dispatch kernels (a measuring build in
+#   probe     per-block timestamps of the low-latency kernels (a measuring build in
 #             build-gpu-probe, cmake -DEPX_LL_PROBE=ON; src/cuda/probe.cuh) at T = 1 and 128, every
 #             rank on its GPU: probe.txt (each step's spread over the blocks, per rank)
 #   targets   the targets of issues 4 and 5 against the JSON that `bench` and `ll` wrote in
@@ -219,7 +219,8 @@ if has ll; then
 fi
 if has probe; then
     # A measuring build of its own (cmake -DEPX_LL_PROBE=ON, src/cuda/probe.cuh): each rank's
-    # per-block timestamps of its dispatch kernels at T = 1 and 128, every rank on its GPU.
+    # per-block timestamps of its dispatch kernels and (one host) its combine at T = 1 and 128,
+    # every rank on its GPU.
     cmake -S . -B build-gpu-probe -DCMAKE_BUILD_TYPE=Release -DEPX_LL_PROBE=ON ${NCCL_HOME:+-DNCCL_HOME=$NCCL_HOME} \
         >"$OUT/probe_build.log" 2>&1 && cmake --build build-gpu-probe -j "$(nproc)" --target epx-bench \
         >>"$OUT/probe_build.log" 2>&1 || { tail -20 "$OUT/probe_build.log"; rc=1; }
