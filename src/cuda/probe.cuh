@@ -1,13 +1,14 @@
 /*
  * An opt-in timing probe of the low-latency kernels (cmake -DEPX_LL_PROBE=ON; a measuring
- * build, never a release one): the dispatch send and receive, and the combine on one host. At each named point thread 0 of every block
- * writes %globaltimer after a block barrier; the host prints, for call EPX_PROBE_AT of the
- * dispatch send launcher (the stamps of the dispatch and the combine before it), every
- * point's spread over the blocks in us from the first send block's start (the combine's:
- * from its first block's), to EPX_PROBE_FILE (appended, one write per report, so ranks'
- * reports do not interleave) or stderr. Only the send's stream is synchronised: the
- * combine's stamps are those of the last combine that finished (one on the same stream, as
- * in epx-bench, or none: its lines are then missing or from an older call).
+ * build, never a release one): the dispatch send and receive, and the combine on one host.
+ * At each named point thread 0 of every block writes %globaltimer after a block barrier;
+ * the host prints, for call EPX_PROBE_AT of the dispatch send launcher (the stamps of the
+ * dispatch and the combine before it), every point's spread over the blocks in us from the
+ * first send block's start (the combine's: from its first block's), to EPX_PROBE_FILE
+ * (appended, one write per report, so ranks' reports do not interleave) or stderr. Only the
+ * send's stream is synchronised: the combine's stamps are those of the last combine that
+ * finished (one on the same stream, as in epx-bench, or none: its lines are then missing or
+ * from an older call).
  * EPX_PROBE_AT must name a call made outside stream capture (it synchronises the stream).
  * Without EPX_LL_PROBE, EPX__PROBE is nothing: no barrier, no code.
  */
