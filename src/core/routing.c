@@ -109,9 +109,13 @@ epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_toke
                          int nranks, int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank)
 {
     int L = num_experts / nranks;
-    /* last_r, last_e, rank_of, then the counts when the caller wants none of them. */
-    int32_t *last_r = calloc(2 * (size_t)nranks + 3 * (size_t)num_experts, sizeof(int32_t));
+    /* last_r, last_e (zeroed), rank_of, then the counts when the caller wants none of them;
+     * on the stack when small (a small layout's time was mostly this memory's calloc). */
+    int32_t small[1024];
+    size_t words = 2 * (size_t)nranks + 3 * (size_t)num_experts;
+    int32_t *last_r = words <= sizeof small / sizeof small[0] ? small : malloc(sizeof(int32_t) * words);
     if (!last_r) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    memset(last_r, 0, sizeof(int32_t) * ((size_t)nranks + (size_t)num_experts));
     int32_t *last_e = last_r + nranks, *rank_of = last_e + num_experts, *scratch = rank_of + num_experts;
     int32_t *per_r = per_rank ? per_rank : scratch, *per_e = per_expert ? per_expert : scratch + nranks;
     for (int r = 0, e = 0; r < nranks; r++) /* no division per expert: it was most of a small layout */
@@ -123,7 +127,7 @@ epx_status_t epx__layout(const void *topk, epx_dtype_t index_dtype, int num_toke
         EPX__LAYOUT_LOOP(int32_t);
     else if (num_tokens > 0)
         EPX__LAYOUT_LOOP(int64_t);
-    free(last_r);
+    if (last_r != small) free(last_r);
     return EPX_SUCCESS;
 }
 
