@@ -176,9 +176,10 @@ static __device__ __forceinline__ unsigned long long epx__ll_next(const epx__cud
  * fence itself; a relaxed store of its own is not ordered by thread 0's fence. One
  * fence a block, not one a thread: a fence in every thread cost the low-latency dispatch
  * send 1.6-1.8 us at T >= 128 (one H100). */
+static __device__ __forceinline__ void epx__fence_sys(void) { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 static __device__ __forceinline__ void epx__block_fence_sys(bool any)
 {
-    if (__syncthreads_or(any) && threadIdx.x == 0) asm volatile("fence.acq_rel.sys;" ::: "memory");
+    if (__syncthreads_or(any) && threadIdx.x == 0) epx__fence_sys();
 }
 
 /* Every thread of every block calls this at its end, or at the end of a step counted
@@ -195,7 +196,7 @@ static __device__ bool epx__ll_last_block_all(const epx__cuda_dev_t *d, int kind
     __shared__ int last, fine;
     int sys = __syncthreads_or(pushed);
     if (threadIdx.x == 0) {
-        if (sys) asm volatile("fence.acq_rel.sys;" ::: "memory");
+        if (sys) epx__fence_sys();
         /* acq_rel: this block's work (ordered by the barrier) before the count, and the
          * last block sees every other block's. One trip, not a fence and then an atomic. */
         unsigned prev, add = ok ? 1u : 0x10001u;
