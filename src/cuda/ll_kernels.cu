@@ -710,8 +710,11 @@ template <bool X> static __device__ bool epx__ll_receive_body(const epx__ll_args
             for (int i = warp; mine && i < total; i += nwarps) {
                 long long at = (long long)l * a.slots + base + i;
                 const char *src = epx__ll_row(&a, a.stage[me], par, list_p[i], list_t[i]);
-                epx__warp_copy(a.recv_x + at * a.row_bytes, src, a.row_bytes);
-                if (a.fp8) epx__warp_copy(a.recv_scales + at * a.scale_bytes, src + a.scale_off, a.scale_bytes);
+                if (a.fp8)
+                    epx__warp_copy2(a.recv_x + at * a.row_bytes, src, a.row_bytes, a.recv_scales + at * a.scale_bytes,
+                                    src + a.scale_off, a.scale_bytes);
+                else
+                    epx__warp_copy(a.recv_x + at * a.row_bytes, src, a.row_bytes);
             }
             base += total;
             __syncthreads();

@@ -71,6 +71,25 @@ static __device__ void epx__warp_copy(char *dst, const char *src, long long byte
     for (long long i = done + lane; i < bytes; i += 32) dst[i] = src[i];
 }
 
+/* epx__warp_copy of a row and then of a short second block (an FP8 row's scales): when the
+ * block is at most one 16-byte word a lane, that word is loaded before the row and stored
+ * after it, so the two copies share their trips to memory. */
+static __device__ void epx__warp_copy2(char *dst, const char *src, long long bytes, char *dst2, const char *src2,
+                                       long long bytes2)
+{
+    int lane = threadIdx.x & 31;
+    if (bytes2 > 32 * 16 || (bytes2 & 15) || (((unsigned long long)dst2 | (unsigned long long)src2) & 15ull)) {
+        epx__warp_copy(dst, src, bytes);
+        epx__warp_copy(dst2, src2, bytes2);
+        return;
+    }
+    bool mine = lane * 16 < bytes2;
+    uint4 w;
+    if (mine) w = ((const uint4 *)src2)[lane];
+    epx__warp_copy(dst, src, bytes);
+    if (mine) ((uint4 *)dst2)[lane] = w;
+}
+
 /* One element of a row of dtype bf16, f16 or f32, as float32 / stored from float32. */
 static __device__ __forceinline__ float epx__load_elem(const char *row, int dtype, long long h)
 {
