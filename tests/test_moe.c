@@ -2180,6 +2180,9 @@ static const mcase_t ll_cases[] = {
     /* Combine dtypes other than bf16 (H = 130: off the GPU's 8-channel vector path too). */
     {"ll f32 out h=130",     -3,   8,  130,  9,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
     {"ll f16 out k=12",      -4,   12, 64,   7,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
+    /* Many tokens of tiny rows: 128 tokens in each 256-thread pass of a CUDA combine
+     * block (two 8-channel items a row), max_tokens above a block's threads. */
+    {"ll m=700 h=16",        -4,   8,  16,   700, EPX_BF16,    U,        EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {
