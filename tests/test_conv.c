@@ -5,12 +5,16 @@
  * ties, values a float-ulp either side of ties, overflow, subnormals and NaNs equals a
  * nearest-value search (e4m3: brute force over all 254 finite codes; bf16/f16: rounding in
  * double arithmetic), ties to an even fraction. The double-arithmetic reference of
- * moe_ref.c, used by test_moe, is checked against the brute force too.
+ * moe_ref.c, used by test_moe, is checked against the brute force too. The library's FP8
+ * quantisation of a row (src/core, vectorised) equals moe_ref's on rows of every kind of
+ * finite value and NaN: random bits, ordinary values, tiny ones, blocks of NaN only, and
+ * row lengths that are not a multiple of the 128-channel block.
  */
 #include <float.h>
 #include <math.h>
 #include <string.h>
 
+#include "core/core.h"
 #include "moe_ref.h"
 #include "testlib.h"
 
@@ -313,11 +317,47 @@ static int test_fmt16(const fmt16_t *F)
     return 1;
 }
 
+/* ---- FP8 quantisation of a row ---------------------------------------------------------- */
+
+static int test_quant_rows(void)
+{
+    static const int lens[] = {1, 77, 127, 128, 129, 300, 7168};
+    uint64_t s = 99;
+    uint16_t x[7168];
+    uint8_t q[7168], rq[7168];
+    uint32_t sc[64], rsc[64];
+    for (int it = 0; it < 600; it++) {
+        int n = lens[it % 7], kind = it / 7 % 5;
+        for (int h = 0; h < n; h++) {
+            uint64_t r = test_rand(&s);
+            uint16_t v = (uint16_t)r;
+            if (kind == 1) v = (uint16_t)((r & 0x807f) | (0x3c00 + (r >> 16) % 0x600)); /* about 2^-7 .. 2^5 */
+            if (kind == 2) v = (uint16_t)(r & 0x80ff);                                  /* zeros, subnormals */
+            if (kind == 3 && (r >> 20) % 16 == 0) v = (uint16_t)(0x7f80 | (r & 0x807f)); /* some NaN */
+            if (kind == 3 && (r >> 20) % 16 != 0) v = (uint16_t)(0x3f00 | (r & 0x80ff));
+            if (kind == 4) v = (uint16_t)(0x7fc0 | (r & 0x8001)) | (h % 128 == 127 && it % 2 ? 0x3f80 : 0); /* NaN */
+            x[h] = (v & 0x7fff) == 0x7f80 ? v | 1 : v; /* no infinity (moe_ref takes frexpf of it) */
+        }
+        for (int fmt = 0; fmt < 2; fmt++) {
+            int f = fmt ? EPX_SCALE_UE8M0 : EPX_SCALE_F32;
+            memset(sc, 0, sizeof sc), memset(rsc, 0, sizeof rsc);
+            epx__fp8_quantize_row(x, n, f, q, sc);
+            moe_ref_quant_row(x, n, f, rq, rsc);
+            for (int h = 0; h < n; h++) /* (a NaN's sign: the library writes 0x7f, moe_ref keeps it) */
+                if (q[h] != rq[h] && !(e4m3_is_nan_code(q[h]) && e4m3_is_nan_code(rq[h]))) TEST_FAIL_("quantised row (n %d, kind %d, format %d) channel %d: 0x%02x, want 0x%02x", n,
+                                        kind, f, h, q[h], rq[h]);
+            if (memcmp(sc, rsc, sizeof sc) != 0) TEST_FAIL_("quantised row (n %d, kind %d, format %d): scales differ", n, kind, f);
+        }
+    }
+    return 1;
+}
+
 int main(void)
 {
     test_rank = 0;
     int passed = 0;
     passed += test_e4m3();
+    passed += test_quant_rows();
     fmt16_t bf16 = {"bf16", 8, 7, epx_bf16_to_float, epx_float_to_bf16, moe_ref_float_to_bf16};
     fmt16_t f16 = {"f16", 5, 10, epx_f16_to_float, epx_float_to_f16, moe_ref_float_to_f16};
     passed += test_fmt16(&bf16);

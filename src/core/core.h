@@ -20,11 +20,19 @@
 #define EPX__ALIGN_UP(x, a) (((x) + ((a)-1)) / (a) * (a))
 #define EPX__CACHELINE 64
 
-/* Hot loops get an AVX2 clone next to the baseline one, picked at load time. */
+/* Hot loops get an AVX2 clone next to the baseline one, picked at load time; loops of
+ * integer work on every element (FP8 quantisation) an AVX-512 one too (x86-64-v4, GCC 11
+ * and later). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
 #define EPX__MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#if __GNUC__ >= 11
+#define EPX__MULTIVERSION_V4 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define EPX__MULTIVERSION_V4 EPX__MULTIVERSION
+#endif
 #else
 #define EPX__MULTIVERSION
+#define EPX__MULTIVERSION_V4
 #endif
 
 /* ---- Errors: a message buffer per communicator plus one per thread ---------------- */
@@ -189,8 +197,10 @@ void epx__store_float(void *row, epx_dtype_t dtype, size_t i, float v);
  * amax = max |x| over the block (at least 1e-4); EPX_SCALE_F32: scale = amax / 448,
  * q = e4m3(x * (448 / amax)); EPX_SCALE_UE8M0: scale = the smallest power of two
  * >= amax / 448, stored as its biased exponent byte, q = e4m3(x / scale).
- * Every operation is a single IEEE float32 operation, so other backends can match bits. */
-void epx__fp8_quantize_row(const uint16_t *x, int hidden, int scale_format, uint8_t *q, void *scales);
+ * Every operation is a single IEEE float32 operation, so other backends can match bits.
+ * x and q do not overlap. */
+void epx__fp8_quantize_row(const uint16_t *restrict x, int hidden, int scale_format, uint8_t *restrict q,
+                           void *scales);
 
 /* ---- Routing (routing.c) ------------------------------------------------------------- */
 

@@ -64,25 +64,27 @@ void epx__store_float(void *row, epx_dtype_t dtype, size_t i, float v)
     }
 }
 
-EPX__MULTIVERSION
-void epx__fp8_quantize_row(const uint16_t *x, int hidden, int scale_format, uint8_t *q, void *scales)
+/* Vectorised (each loop one pass of independent lanes): the block's largest |x| as the
+ * largest magnitude bits (bf16 magnitudes order as their bits; NaN bits, above
+ * infinity's, count as 0: NaN never wins, as with fmaxf), then the formula per element. */
+EPX__MULTIVERSION_V4
+void epx__fp8_quantize_row(const uint16_t *restrict x, int hidden, int scale_format, uint8_t *restrict q,
+                           void *scales)
 {
     for (int b = 0; b * EPX__FP8_BLOCK < hidden; b++) {
         int lo = b * EPX__FP8_BLOCK, hi = EPX__MIN(hidden, lo + EPX__FP8_BLOCK);
-        float amax = 0.0f;
+        uint32_t mag = 0;
         for (int h = lo; h < hi; h++) {
-            float a = fabsf(epx__bf16_to_f32(x[h]));
-            amax = a > amax ? a : amax; /* NaN never wins, as with fmaxf */
+            uint32_t a = x[h] & 0x7fffu;
+            a &= -(uint32_t)(a <= 0x7f80u); /* a mask, not a select: the max stays a reduction */
+            mag = a > mag ? a : mag;
         }
         uint32_t bits;
-        float inv = epx__fp8_block_scale(amax, scale_format, &bits);
+        float inv = epx__fp8_block_scale(epx__bf16_to_f32((uint16_t)mag), scale_format, &bits);
         if (scale_format == EPX_SCALE_UE8M0)
             ((uint8_t *)scales)[b] = (uint8_t)bits;
         else
             ((uint32_t *)scales)[b] = bits;
-        for (int h = lo; h < hi; h++) {
-            float prod = epx__bf16_to_f32(x[h]) * inv;
-            q[h] = epx__fp8_from_f32(prod);
-        }
+        for (int h = lo; h < hi; h++) q[h] = epx__fp8_from_f32_formula(epx__bf16_to_f32(x[h]) * inv);
     }
 }
