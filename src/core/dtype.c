@@ -85,6 +85,6 @@ void epx__fp8_quantize_row(const uint16_t *restrict x, int hidden, int scale_for
             ((uint8_t *)scales)[b] = (uint8_t)bits;
         else
             ((uint32_t *)scales)[b] = bits;
-        for (int h = lo; h < hi; h++) q[h] = epx__fp8_from_f32_formula(epx__bf16_to_f32(x[h]) * inv);
+        for (int h = lo; h < hi; h++) q[h] = epx__fp8_from_f32(epx__bf16_to_f32(x[h]) * inv);
     }
 }
