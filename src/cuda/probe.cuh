@@ -110,6 +110,14 @@ static void epx__probe_dump(void *stream)
             fprintf(o, "  %s %-9s blocks %4d  min %7.2f  median %7.2f  p90 %7.2f  max %7.2f (block %d)\n",
                     kname[k], names[k][i], n, v[0], v[n / 2], v[n * 9 / 10], v[n - 1], last);
         }
+    /* EPX_PROBE_RAW=k: every block of kernel k, its points in us (0 when not reached). */
+    const char *raw = getenv("EPX_PROBE_RAW");
+    for (int k = raw ? atoi(raw) : 3, b = 0; k >= 0 && k < 3 && b < grid[k]; b++) {
+        fprintf(o, "  raw %d %4d", k, b);
+        for (int i = 0; i < EPX__PROBE_POINTS; i++)
+            fprintf(o, " %7.2f", t[k][b][i] >= t0[k] ? (double)(t[k][b][i] - t0[k]) / 1000.0 : 0.0);
+        fputc('\n', o);
+    }
     if (path) fclose(o);
 }
 #else
