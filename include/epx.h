@@ -353,7 +353,10 @@ typedef struct epx_moe_handle *epx_moe_handle_t;
 /* Collective: create the MoE context. Fails on every rank with EPX_ERR_MISMATCH when the
  * ranks' configurations differ, EPX_ERR_INVALID_ARGUMENT when this one is invalid. */
 EPX_API epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_moe_t *moe);
-/* Local; handles must be freed first. NULL is accepted. May come before or after the
+/* Local. NULL is accepted. Handles of the context still alive are released with it: they
+ * then hold nothing, and only epx_moe_handle_destroy accepts them (free them as usual).
+ * EPX_ERR_INVALID_USAGE, and nothing destroyed, while one of them has a low-latency send
+ * pending (unless the communicator is broken or gone). May come before or after the
  * communicator is destroyed or aborted; after that, every call on the context returns
  * EPX_ERR_ABORTED (destroying the communicator releases what the context held in it). */
 EPX_API epx_status_t epx_moe_destroy(epx_moe_t moe);
@@ -527,7 +530,8 @@ EPX_API epx_status_t epx_moe_ll_combine_recv(epx_moe_t moe, epx_moe_handle_t han
 EPX_API epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle);
 
 /* Rows received by the dispatch that made `handle` (host value; -1 when that dispatch ran
- * without host synchronisation). */
+ * without host synchronisation, and for a low-latency handle: its counts are recv_count).
+ * EPX_ERR_INVALID_USAGE once the handle's MoE context was destroyed. */
 EPX_API epx_status_t epx_moe_handle_num_recv_tokens(epx_moe_handle_t handle, int64_t *rows);
 
 /* ---- Element conversions (round to nearest even; FP8 saturates to +-448) ------------ */

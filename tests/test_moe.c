@@ -1403,6 +1403,7 @@ static int run_ll_split(void)
             epx_moe_ll_combine_in_t cin = {b[0].B.drx, NULL};
             expect_usage(epx_moe_ll_combine_send(moe, b[0].h, &cin, b[0].dout, st_), "combining a pending dispatch");
             expect_usage(epx_moe_handle_destroy(b[0].h), "destroying a handle with a pending send");
+            expect_usage(epx_moe_destroy(moe), "destroying the context of a handle with a pending send");
         }
         for (int i = 0; i < 2; i++) {
             ASSERT_OK(epx_moe_ll_dispatch_recv(moe, b[i].h, st_));
@@ -1518,14 +1519,20 @@ static int run_two_handles(void)
         check_dispatch(&W[i], &ref[i], &B[i], 1, false, true, cs);
         combine_checked(moe, h[i], &W[i], &C[i], true, cs);
     }
+    /* The context may go before a handle: the handle then holds nothing (ASan and valgrind
+     * see a use of freed memory otherwise), and only epx_moe_handle_destroy takes it. */
+    ASSERT_OK(epx_moe_handle_destroy(h[0]));
+    ASSERT_OK(epx_moe_destroy(moe));
+    int64_t rows = -5;
+    ASSERT_STATUS(epx_moe_handle_num_recv_tokens(h[1], &rows), EPX_ERR_INVALID_USAGE);
+    ASSERT_EQ(rows, -5);
+    ASSERT_OK(epx_moe_handle_destroy(h[1]));
     for (int i = 0; i < 2; i++) {
-        ASSERT_OK(epx_moe_handle_destroy(h[i]));
         comb_free(&C[i]);
         ht_free(&B[i]);
         moe_ref_recv_free(&ref[i]);
         world_free(&W[i]);
     }
-    ASSERT_OK(epx_moe_destroy(moe));
     return 1;
 }
 
@@ -2064,6 +2071,21 @@ static int run_bad_create(void)
             if (st != EPX_ERR_MISMATCH)
                 TEST_FAIL_("create with a different %s on one rank: got %s, expected EPX_ERR_MISMATCH (%s)", what,
                            epx_status_name(st), epx_get_last_error());
+            ASSERT(moe == NULL);
+            passed++;
+        }
+    /* A NULL cfg, or a NULL output, on one rank only: that rank fails with
+     * EPX_ERR_INVALID_ARGUMENT, the others with EPX_ERR_REMOTE_INVALID (none waits for it until
+     * the timeout), and the communicator still works (below). */
+    if (R > 1)
+        for (int k = 0; k < 2; k++) {
+            bool bad = me == (k == 0 ? 0 : R - 1);
+            epx_moe_t moe = NULL;
+            epx_status_t st = epx_moe_create(comm, bad && k == 0 ? NULL : &base, bad && k == 1 ? NULL : &moe);
+            epx_status_t want = bad ? EPX_ERR_INVALID_ARGUMENT : EPX_ERR_REMOTE_INVALID;
+            if (st != want)
+                TEST_FAIL_("create with a NULL %s on rank %d: got %s, expected %s (%s)", k == 0 ? "cfg" : "output",
+                           k == 0 ? 0 : R - 1, epx_status_name(st), epx_status_name(want), epx_get_last_error());
             ASSERT(moe == NULL);
             passed++;
         }

@@ -12,6 +12,9 @@
 #include "../hier/hier.h"
 #include "../xhost/xhost.h"
 
+/* int64 words of epx_comm's scratch per rank (coll.c). */
+#define EPX__SCRATCH_PER_RANK 6
+
 struct epx_comm {
     int rank, nranks;
     int local_rank, local_size, host, num_hosts;
@@ -27,7 +30,8 @@ struct epx_comm {
     epx__boot_t *host_boot; /* the bootstrap of this host's ranks (CUDA across hosts) */
     epx_status_t async_error; /* set once a timeout or peer failure broke the comm */
     char async_msg[EPX__ERRMSG_LEN]; /* and the message that said why */
-    int64_t *scratch;         /* 4 * nranks, byte counts for the backend */
+    int64_t *scratch;         /* EPX__SCRATCH_PER_RANK * nranks: byte counts for the backend, then
+                                 alltoall's element counts (coll.c) */
     struct epx_moe *moes;     /* live MoE contexts, detached when the comm goes */
     /* Low-latency sends not yet received, oldest first: [0] dispatches, [1] combines. */
     struct epx_moe_handle *ll_pending[2][2];

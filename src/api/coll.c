@@ -126,14 +126,9 @@ epx_status_t epx_alltoall(epx_comm_t comm, const void *send, void *recv, size_t 
 {
     EPX__CHECK(epx__comm_check(comm));
     int n = comm->nranks;
-    /* Counts and displacements in elements, after the byte arrays in scratch. */
-    int64_t counts[64], displs[64];
-    int64_t *cnt = counts, *dsp = displs;
-    if (n > 64) {
-        cnt = malloc(2 * sizeof(int64_t) * (size_t)n);
-        if (!cnt) return epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
-        dsp = cnt + n;
-    }
+    /* Counts and displacements in elements, after the byte arrays in scratch (nothing
+     * allocated here: a failure before the exchange would leave the peers waiting). */
+    int64_t *cnt = comm->scratch + 4 * (size_t)n, *dsp = cnt + n;
     epx_status_t local = EPX_SUCCESS;
     if (count > (size_t)INT64_MAX / (size_t)n)
         local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "count = %zu overflows", count);
@@ -143,9 +138,7 @@ epx_status_t epx_alltoall(epx_comm_t comm, const void *send, void *recv, size_t 
     }
     epx__cpu_xfer_t x;
     if (local == EPX_SUCCESS) local = epx__check_xfer(comm, send, cnt, dsp, recv, cnt, dsp, dtype, stream, &x);
-    epx_status_t st = epx__exchange(comm, local == EPX_SUCCESS ? &x : NULL, local, stream);
-    if (cnt != counts) free(cnt);
-    return epx__comm_result(comm, st);
+    return epx__comm_result(comm, epx__exchange(comm, local == EPX_SUCCESS ? &x : NULL, local, stream));
 }
 
 epx_status_t epx_barrier(epx_comm_t comm, void *stream)

@@ -227,7 +227,7 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
     mine.version = EPX_VERSION_CODE;
     mine.config_hash = epx__hash64(&mine.backend, 2 * sizeof(int32_t), 0);
     all = calloc((size_t)nranks, sizeof *all);
-    c->scratch = calloc(4 * (size_t)nranks, sizeof(int64_t));
+    c->scratch = calloc(EPX__SCRATCH_PER_RANK * (size_t)nranks, sizeof(int64_t));
     if (!all || !c->scratch) {
         st = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
         goto fail;
@@ -343,7 +343,7 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     c->timeout_ms = timeout_ms;
     epx__log_set_rank(c->rank);
     int *host_of = calloc(2 * (size_t)R, sizeof(int)), *lrank_of = host_of ? host_of + R : NULL;
-    c->scratch = calloc(4 * (size_t)R, sizeof(int64_t));
+    c->scratch = calloc(EPX__SCRATCH_PER_RANK * (size_t)R, sizeof(int64_t));
     epx__fault_t fault;
     epx_status_t local = epx__fault_parse(epx__param_str(EPX__P_FAULT), c->rank, &fault, &c->err);
     if (local == EPX_SUCCESS && (!host_of || !c->scratch)) local = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");

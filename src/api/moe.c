@@ -12,6 +12,7 @@ struct epx_moe {
     epx__cuda_moe_t *cuda;
     epx__hier_moe_t *hier;
     epx__xhost_moe_t *xh; /* CUDA across hosts */
+    struct epx_moe_handle *handles; /* live handles (released when the context goes first) */
 };
 
 /* A low-latency handle's state: ready (its dispatch received, no combine pending), or a
@@ -22,7 +23,8 @@ enum { EPX__LL_KIND_DISPATCH = 0, EPX__LL_KIND_COMBINE = 1 };
 static const char *const epx__ll_kind_names[] = {"dispatch", "combine"};
 
 struct epx_moe_handle {
-    epx_moe_t moe;
+    epx_moe_t moe; /* NULL once the context was destroyed: the handle then holds nothing */
+    struct epx_moe_handle *prev, *next; /* in moe->handles */
     int mode;
     int ll_state;
     epx__cpu_moe_handle_t *cpu;
@@ -45,6 +47,38 @@ static int epx__handle_tokens(epx_moe_handle_t h)
            : h->cuda ? epx__cuda_moe_handle_tokens(h->cuda)
            : h->hier ? epx__hier_moe_handle_tokens(h->hier)
                      : epx__cpu_moe_handle_tokens(h->cpu);
+}
+
+/* Does handle h have a low-latency send pending on a healthy communicator (then neither it
+ * nor its context may go)? */
+static bool epx__handle_busy(epx_moe_handle_t h)
+{
+    epx_comm_t c = h->moe->comm;
+    return h->ll_state != EPX__LL_READY && c && c->async_error == EPX_SUCCESS;
+}
+
+/* Release what handle h holds in its context and backends (its context still alive, no
+ * send of it pending unless the communicator is broken: it is then forgotten); h itself
+ * stays, holding nothing. */
+static void epx__handle_release(epx_moe_handle_t h)
+{
+    epx_moe_t moe = h->moe;
+    epx_comm_t c = moe->comm;
+    for (int kind = 0; c && h->ll_state != EPX__LL_READY && kind < 2; kind++)
+        for (int i = c->ll_npending[kind] - 1; i >= 0; i--)
+            if (c->ll_pending[kind][i] == h) {
+                for (int j = i; j + 1 < c->ll_npending[kind]; j++) c->ll_pending[kind][j] = c->ll_pending[kind][j + 1];
+                c->ll_pending[kind][--c->ll_npending[kind]] = NULL;
+            }
+    if (h->prev) h->prev->next = h->next;
+    else moe->handles = h->next;
+    if (h->next) h->next->prev = h->prev;
+    epx__cpu_moe_handle_free(h->cpu);
+    epx__cuda_moe_handle_free(h->cuda);
+    epx__hier_moe_handle_free(moe->hier, h->hier); /* hier, xh: NULL once the comm is gone */
+    epx__xhost_moe_handle_free(moe->xh, h->xh);
+    h->moe = NULL, h->prev = h->next = NULL;
+    h->cpu = NULL, h->cuda = NULL, h->hier = NULL, h->xh = NULL;
 }
 
 /* Is the context on the GPU (routing and buffers in device memory)? */
@@ -123,12 +157,22 @@ static epx_status_t epx__moe_shape(int nranks, int rank, const epx_moe_config_t 
 epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_moe_t *out)
 {
     EPX__CHECK(epx__comm_check(comm));
-    if (!out) return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
-    *out = NULL;
+    /* Whatever fails here, this rank still takes part in the creation's vote (else its
+     * peers would wait for it until their timeout): with a stand-in context when the
+     * allocation fails. */
+    epx_status_t local = EPX_SUCCESS;
+    struct epx_moe stand_in = {0};
     epx_moe_t m = calloc(1, sizeof *m);
-    if (!m) return epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!out)
+        local = epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "moe is NULL");
+    else
+        *out = NULL;
+    if (!m) {
+        m = &stand_in;
+        if (local == EPX_SUCCESS) local = epx__fail(&comm->err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
     m->comm = comm;
-    epx_status_t local = epx__moe_shape(comm->nranks, comm->rank, cfg, &m->shape, &comm->err);
+    if (local == EPX_SUCCESS) local = epx__moe_shape(comm->nranks, comm->rank, cfg, &m->shape, &comm->err);
     uint64_t hash = epx__hash64(&m->shape.hidden, offsetof(epx__moe_shape_t, num_sms) - offsetof(epx__moe_shape_t, hidden), 0);
     if (comm->hier || comm->xh) epx__comm_fault_begin(comm, local, false); /* EPX_FAULT across hosts: a step */
     epx_status_t st = comm->xh     ? epx__xhost_moe_create(comm->xh, &m->shape, hash, local, &m->xh, &comm->err)
@@ -138,7 +182,7 @@ epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_mo
     if (st == EPX_ERR_REMOTE_INVALID && local != EPX_SUCCESS) st = local;
     st = epx__comm_result(comm, st);
     if (st != EPX_SUCCESS) {
-        free(m);
+        if (m != &stand_in) free(m);
         return st;
     }
     m->next = comm->moes;
@@ -162,6 +206,12 @@ epx_status_t epx_moe_device_memory(const epx_moe_config_t *cfg, int nranks, int6
 epx_status_t epx_moe_destroy(epx_moe_t moe)
 {
     if (!moe) return EPX_SUCCESS;
+    for (epx_moe_handle_t h = moe->handles; h; h = h->next)
+        if (epx__handle_busy(h))
+            return epx__fail(&moe->comm->err, EPX_ERR_INVALID_USAGE,
+                             "a handle of this context has a pending low-latency send: receive it before destroying "
+                             "the context");
+    while (moe->handles) epx__handle_release(moe->handles); /* they stay, holding nothing */
     if (moe->comm) {
         epx_moe_t *p = &moe->comm->moes;
         while (*p && *p != moe) p = &(*p)->next;
@@ -333,6 +383,10 @@ static void epx__handle_fill(epx_moe_handle_t h, epx_moe_t moe, int mode, epx__c
     h->cpu = cpu;
     h->cuda = cuda;
     h->hier = hier;
+    h->prev = NULL;
+    h->next = moe->handles;
+    if (h->next) h->next->prev = h;
+    moe->handles = h;
 }
 
 #define EPX__STREAM_CHECK(moe, err, stream)                                                                       \
@@ -581,22 +635,12 @@ epx_status_t epx_moe_ll_combine_recv(epx_moe_t moe, epx_moe_handle_t handle, voi
 epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
 {
     if (!handle) return EPX_SUCCESS;
-    epx_comm_t c = handle->moe->comm;
-    if (handle->ll_state != EPX__LL_READY && c) {
-        if (c->async_error == EPX_SUCCESS)
-            return epx__fail(&c->err, EPX_ERR_INVALID_USAGE,
+    if (handle->moe) {
+        if (epx__handle_busy(handle))
+            return epx__fail(&handle->moe->comm->err, EPX_ERR_INVALID_USAGE,
                              "the handle has a pending low-latency send: receive it before destroying the handle");
-        for (int kind = 0; kind < 2; kind++) /* a broken communicator: forget the pending send */
-            for (int i = c->ll_npending[kind] - 1; i >= 0; i--)
-                if (c->ll_pending[kind][i] == handle) {
-                    for (int j = i; j + 1 < c->ll_npending[kind]; j++) c->ll_pending[kind][j] = c->ll_pending[kind][j + 1];
-                    c->ll_pending[kind][--c->ll_npending[kind]] = NULL;
-                }
+        epx__handle_release(handle);
     }
-    epx__cpu_moe_handle_free(handle->cpu);
-    epx__cuda_moe_handle_free(handle->cuda);
-    epx__hier_moe_handle_free(handle->moe->hier, handle->hier); /* hier, xh: NULL once the comm is gone */
-    epx__xhost_moe_handle_free(handle->moe->xh, handle->xh);
     free(handle);
     return EPX_SUCCESS;
 }
@@ -604,6 +648,7 @@ epx_status_t epx_moe_handle_destroy(epx_moe_handle_t handle)
 epx_status_t epx_moe_handle_num_recv_tokens(epx_moe_handle_t handle, int64_t *rows)
 {
     if (!handle || !rows) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "handle or rows is NULL");
-    *rows = handle->mode == EPX_MOE_HIGH_THROUGHPUT ? epx__handle_rows(handle) : 0;
+    if (!handle->moe) return epx__fail(NULL, EPX_ERR_INVALID_USAGE, "the handle's MoE context was destroyed");
+    *rows = handle->mode == EPX_MOE_HIGH_THROUGHPUT ? epx__handle_rows(handle) : -1; /* low latency: recv_count */
     return EPX_SUCCESS;
 }
