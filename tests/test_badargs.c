@@ -138,6 +138,14 @@ int main(int argc, char **argv)
     ASSERT_STATUS(epx_alltoall(NULL, send_buf, recv_buf, 1, EPX_I32, NULL), EPX_ERR_INVALID_ARGUMENT);
     ASSERT_STATUS(epx_mem_free(comm, send_buf), EPX_ERR_INVALID_ARGUMENT);
     ASSERT_STATUS(epx_mem_alloc(comm, 16, NULL), EPX_ERR_INVALID_ARGUMENT);
+    void *big = (void *)&big;
+    ASSERT_STATUS(epx_mem_alloc(comm, SIZE_MAX, &big), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT(big == NULL);
+    if (!test_on_cuda()) { /* more than /dev/shm holds: a status now, not SIGBUS at first touch */
+        big = (void *)&big;
+        ASSERT_STATUS(epx_mem_alloc(comm, (size_t)1 << 50, &big), EPX_ERR_NO_MEMORY);
+        ASSERT(big == NULL);
+    }
     ASSERT_STATUS(epx_comm_rank(comm, NULL), EPX_ERR_INVALID_ARGUMENT);
     valid_exchange();
     passed++;

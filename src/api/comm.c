@@ -1,5 +1,6 @@
 /* Communicator creation, topology, teardown, registered memory. */
 #include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -567,6 +568,8 @@ epx_status_t epx_mem_alloc(epx_comm_t comm, size_t bytes, void **ptr)
     EPX__CHECK(epx__comm_check(comm));
     if (!ptr) return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "ptr is NULL");
     *ptr = NULL;
+    if (bytes > (size_t)PTRDIFF_MAX)
+        return epx__fail(&comm->err, EPX_ERR_INVALID_ARGUMENT, "bytes = %zu is larger than any allocation can be", bytes);
     if (comm->cuda) return epx__cuda_mem_alloc(comm->cuda, bytes, ptr, &comm->err);
     return epx__cpu_mem_alloc(comm->cpu, bytes, ptr, &comm->err);
 }

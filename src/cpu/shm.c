@@ -206,14 +206,17 @@ static epx_status_t epx__map_shm(const char *name, size_t bytes, bool create, in
     int fd = shm_open(name, create ? (O_CREAT | O_EXCL | O_RDWR) : (prot & PROT_WRITE ? O_RDWR : O_RDONLY),
                       0600);
     if (fd < 0) return epx__fail(err, EPX_ERR_SYSTEM, "shm_open %s: %s", name, strerror(errno));
-    if (create && ftruncate(fd, (off_t)bytes) != 0) {
-        int e = errno;
+    /* The pages reserved now (tmpfs allocates them), not at first touch: a /dev/shm too
+     * small for them fails here with a status, not later with SIGBUS. */
+    int e = create ? posix_fallocate(fd, 0, (off_t)bytes) : 0;
+    if (e != 0) {
         close(fd);
         shm_unlink(name);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "ftruncate %s to %zu bytes: %s", name, bytes, strerror(e));
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "reserving %zu bytes of shared memory for %s: %s (is /dev/shm large enough?)",
+                         bytes, name, strerror(e));
     }
     void *p = mmap(NULL, bytes, prot, MAP_SHARED, fd, 0);
-    int e = errno;
+    e = errno;
     close(fd);
     if (p == MAP_FAILED) {
         if (create) shm_unlink(name);
@@ -360,12 +363,28 @@ void epx__cpu_fault_kill_next(epx__cpu_t *c, const epx__fault_spec_t *spec)
     c->fault.spec[0].at = EPX__FAULT_AT_HOST;
 }
 
+/* The region names of a peer whose process is gone: it could not remove them, and they
+ * would hold their memory in /dev/shm until the machine restarts. (A live peer removes its
+ * own; its ids are never touched here.) */
+static void epx__unlink_dead_peer_regions(epx__cpu_t *c, int p)
+{
+    const epx__seg_hdr_t *h = c->peers[p].hdr;
+    if (p == c->rank || !h || !epx__pid_dead(h->pid)) return;
+    uint32_t n = atomic_load_explicit(&h->regions_named, memory_order_relaxed);
+    char name[96];
+    for (uint32_t id = 1; id <= n; id++) {
+        epx__region_name(name, sizeof name, c->nonce, p, id);
+        shm_unlink(name); /* ENOENT for those it had removed */
+    }
+}
+
 void epx__cpu_destroy(epx__cpu_t *c, bool abort)
 {
     if (!c) return;
     if (c->seg && abort) epx__seg_give_up(c, EPX__ABORTED);
     if (c->peers) {
         for (int p = 0; p < c->nranks; p++) {
+            epx__unlink_dead_peer_regions(c, p);
             for (int i = 0; i < EPX__MAX_PEER_REGIONS; i++)
                 if (c->peers[p].regions[i].base) munmap(c->peers[p].regions[i].base, c->peers[p].regions[i].size);
             if (p != c->rank && c->peers[p].hdr) munmap(c->peers[p].hdr, c->seg_bytes);
@@ -398,6 +417,7 @@ epx_status_t epx__cpu_mem_alloc(epx__cpu_t *c, size_t bytes, void **ptr, epx__er
     }
     size_t size = EPX__ALIGN_UP(EPX__MAX(bytes, (size_t)1), 4096);
     uint32_t id = c->next_region_id++;
+    atomic_store_explicit(&((epx__seg_hdr_t *)c->seg)->regions_named, id, memory_order_relaxed); /* before the name */
     char name[96];
     epx__region_name(name, sizeof name, c->nonce, c->rank, id);
     void *base = NULL;

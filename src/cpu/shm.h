@@ -53,6 +53,9 @@ typedef struct {
     uint64_t nonce;
     uint64_t cma_probe_addr; /* address of a known word, to test process_vm_readv */
     uint64_t eager_bytes;
+    /* Region ids 1 .. this were (or were about to be) created: the names a survivor removes
+     * when my process died without removing them (epx__cpu_destroy). */
+    _Atomic uint32_t regions_named;
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
 } epx__seg_hdr_t;
