@@ -238,9 +238,9 @@ static int launch_self(bench_opts_t *o, int argc, char **argv)
 #endif
         args[k++] = self;
         for (int i = 1; i < argc; i++) args[k++] = argv[i];
-        fflush(stdout);
-        execv(EPX_MPIEXEC, args);
-        fprintf(stderr, "epx-bench: cannot run %s (%s); launching without MPI\n", EPX_MPIEXEC, strerror(errno));
+        int rc = epx_run_timed(o->timeout_s, args); /* --timeout bounds the whole run here too */
+        free(args);
+        return rc;
     }
 #endif
     if ((!strcmp(o->baseline, "mpi") && !strcmp(o->backend, "cpu")) || !strcmp(o->init, "mpi")) {

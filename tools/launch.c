@@ -250,3 +250,41 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
     epx_launch_cleanup_shm(id_text);
     return result;
 }
+
+int epx_run_timed(double timeout_s, char *const argv[])
+{
+    char no_exec[512]; /* made before the fork */
+    snprintf(no_exec, sizeof no_exec, "epx-run: cannot run %s: not found or not executable\n", argv[0]);
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("epx-run: fork");
+        return 127;
+    }
+    if (pid == 0) {
+        setpgid(0, 0);
+        execv(argv[0], argv);
+        if (write(2, no_exec, strlen(no_exec)) < 0) _exit(127);
+        _exit(127);
+    }
+    setpgid(pid, pid);
+    double deadline = timeout_s > 0 ? epx__now_s() + timeout_s : 0, kill_time = 0;
+    for (;;) {
+        int status;
+        pid_t w = waitpid(pid, &status, WNOHANG);
+        if (w == pid) {
+            if (kill_time > 0) return 124;
+            return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+        }
+        if (w < 0 && errno != EINTR) return 127;
+        double now = epx__now_s();
+        if (kill_time == 0 && deadline > 0 && now > deadline) {
+            fprintf(stderr, "epx-run: timeout after %.0f s; killing %s\n", timeout_s, argv[0]);
+            kill(-pid, SIGTERM);
+            kill_time = now;
+        }
+        if (kill_time > 0 && now - kill_time > 2.0) kill(-pid, SIGKILL);
+        usleep(20000);
+    }
+}

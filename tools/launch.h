@@ -11,6 +11,11 @@
  * exit code (128 + signal for a signal), or 1. */
 int epx_launch(int nranks, double timeout_s, char *const argv[]);
 
+/* Run argv[0] (a path) with argv as one process group, for at most timeout_s (<= 0:
+ * none): on timeout the group gets SIGTERM, then SIGKILL 2 s later. Returns its exit code
+ * (128 + signal for a signal), 124 on timeout, 127 when it could not be started. */
+int epx_run_timed(double timeout_s, char *const argv[]);
+
 /* Remove the shared-memory names that ranks of the communicator with this unique id (text
  * form) left behind when they were killed: /dev/shm/epx-<nonce>-*. */
 void epx_launch_cleanup_shm(const char *id_text);
