@@ -1,18 +1,31 @@
 #!/bin/sh
-# cmake --install into a scratch prefix, then build and run a program against it twice:
-# through find_package(epx) and through pkg-config.   usage: test_install.sh BUILD_DIR SRC_DIR
+# cmake --install into a scratch prefix, then build and run a program against it: through
+# find_package(epx) (the shared and the static library, and the shared one with MPI and
+# CUDA out of reach), and through pkg-config (shared, and static with --static).
+#   usage: test_install.sh BUILD_DIR SRC_DIR
 set -eu
 BUILD=$1 SRC=$2 PREFIX=$1/install-test
-rm -rf "$PREFIX" "$BUILD/consumer-build"
+rm -rf "$PREFIX" "$BUILD/consumer-build" "$BUILD/consumer-static" "$BUILD/consumer-nodeps"
 cmake --install "$BUILD" --prefix "$PREFIX" >/dev/null
 cmake -S "$SRC/tests/consumer" -B "$BUILD/consumer-build" -DCMAKE_PREFIX_PATH="$PREFIX" >/dev/null
 cmake --build "$BUILD/consumer-build" >/dev/null
 "$BUILD/consumer-build/consumer"
+cmake -S "$SRC/tests/consumer" -B "$BUILD/consumer-static" -DCMAKE_PREFIX_PATH="$PREFIX" -DEPX_TARGET=epx::epx_static \
+    >/dev/null
+cmake --build "$BUILD/consumer-static" >/dev/null
+"$BUILD/consumer-static/consumer"
+cmake -S "$SRC/tests/consumer" -B "$BUILD/consumer-nodeps" -DCMAKE_PREFIX_PATH="$PREFIX" \
+    -DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON -DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON >/dev/null
+cmake --build "$BUILD/consumer-nodeps" >/dev/null
+"$BUILD/consumer-nodeps/consumer"
 LIBDIR=$(ls -d "$PREFIX"/lib*/pkgconfig | head -1)
 export PKG_CONFIG_PATH="$LIBDIR"
 if command -v pkg-config >/dev/null 2>&1; then
     cc "$SRC/tests/consumer/main.c" -o "$BUILD/consumer-build/consumer-pc" $(pkg-config --cflags --libs epx) \
         -Wl,-rpath,"$(pkg-config --variable=libdir epx)"
     "$BUILD/consumer-build/consumer-pc"
+    cc "$SRC/tests/consumer/main.c" -o "$BUILD/consumer-build/consumer-pc-static" $(pkg-config --cflags epx) \
+        "$(pkg-config --variable=libdir epx)/libepx.a" $(pkg-config --static --libs-only-other --libs-only-l epx | sed 's/-lepx//')
+    "$BUILD/consumer-build/consumer-pc-static"
 fi
 echo "1 passed, 0 failed"
