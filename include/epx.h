@@ -318,8 +318,9 @@ typedef struct {
     int expert_alignment;     /* num_recv_tokens_per_expert rounded up to it (>= 1) */
     int ll_fp8;               /* low-latency: quantise bf16 input to FP8 during dispatch */
     int scale_format;         /* epx_scale_format_t for ll_fp8 */
-    int num_sms;              /* GPU: SM budget of the high-throughput kernels (EPX_UNSET or <= 0:
-                                 EPX_CUDA_SMS), or EPX_MOE_COPY_ENGINES */
+    int num_sms;              /* GPU: SM budget of the high-throughput kernels (> 0); EPX_UNSET
+                                 or 0: EPX_CUDA_SMS (whose 0 means copy engines); or
+                                 EPX_MOE_COPY_ENGINES (-1): copy engines */
 } epx_moe_config_t;
 
 /* num_sms value: the CUDA backend (one host) moves the high-throughput payload with copy

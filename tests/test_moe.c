@@ -2044,6 +2044,7 @@ static int run_bad_create(void)
         case 10: cfg.mode = 7, what = "mode 7"; break;
         case 11: cfg.num_experts = 2 * R + 1, what = "E % R != 0"; break;
         case 12: cfg.max_tokens_per_rank = -1, what = "max_tokens -1"; break;
+        case 13: cfg.num_sms = -2, what = "num_sms -2"; break;
         default: what = NULL; break;
         }
         if (!what) break;

@@ -19,6 +19,9 @@ _SCALES = {"f32": _lib.SCALE_F32, "float32": _lib.SCALE_F32, "ue8m0": _lib.SCALE
 # num_sms value: on the CUDA backend of one host, the high-throughput payload moves with copy
 # engines (EPX_MOE_COPY_ENGINES in epx.h; EPX_CUDA_SMS=0 does the same).
 MOE_COPY_ENGINES = -1
+# numpy has no bf16: what to pass instead, said when a bf16 input has another dtype.
+_BF16_HINT = (" (numpy has no bf16: pass the raw bits as uint16, e.g. from ml_dtypes' bfloat16 array .view(np.uint16),"
+              " or an ml_dtypes.bfloat16 array; torch: torch.bfloat16)")
 
 
 class Handle:
@@ -128,7 +131,8 @@ class Moe:
             dt = A.dtype_of(a)
             return [(tuple(A.shape(a)) == tuple(shape), "%s has shape %s, expected %s" % (name, tuple(A.shape(a)),
                                                                                             tuple(shape))),
-                    (dt == code, "%s has dtype %s, expected %s" % (name, a.dtype, _lib.DTYPE_NAMES[code])),
+                    (dt == code, "%s has dtype %s, expected %s%s" % (name, a.dtype, _lib.DTYPE_NAMES[code],
+                                                                   _BF16_HINT if code == _lib.BF16 else "")),
                     (A.contiguous(a), "%s must be contiguous" % name),
                     (A.is_torch(a) == A.is_torch(like) and
                      getattr(a, "device", None) == getattr(like, "device", None),

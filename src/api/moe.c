@@ -117,6 +117,10 @@ static epx_status_t epx__moe_shape(int nranks, int rank, const epx_moe_config_t 
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.index_dtype = %d: use EPX_I32 or EPX_I64", cfg.index_dtype);
     if (cfg.mode != EPX_MOE_HIGH_THROUGHPUT && cfg.mode != EPX_MOE_LOW_LATENCY)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.mode = %d is not an epx_moe_mode_t", cfg.mode);
+    if (cfg.num_sms < 0 && cfg.num_sms != EPX_UNSET && cfg.num_sms != EPX_MOE_COPY_ENGINES)
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "cfg.num_sms = %d: use a count > 0, 0 or EPX_UNSET (EPX_CUDA_SMS), or EPX_MOE_COPY_ENGINES",
+                         cfg.num_sms);
     if (cfg.expert_alignment < 1)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "cfg.expert_alignment = %d must be >= 1", cfg.expert_alignment);
     if (cfg.ll_fp8 && (cfg.mode != EPX_MOE_LOW_LATENCY || cfg.dtype != EPX_BF16))

@@ -106,7 +106,8 @@ static bool cfg_valid(const epx_moe_config_t *c, int *cdtype)
            (c->mode == EPX_MOE_HIGH_THROUGHPUT || c->mode == EPX_MOE_LOW_LATENCY) && c->expert_alignment >= 1 &&
            (!c->ll_fp8 || (c->mode == EPX_MOE_LOW_LATENCY && c->dtype == EPX_BF16)) &&
            (c->scale_format == EPX_SCALE_F32 || c->scale_format == EPX_SCALE_UE8M0) &&
-           !(c->mode == EPX_MOE_LOW_LATENCY && c->dtype == EPX_FP8_E4M3);
+           !(c->mode == EPX_MOE_LOW_LATENCY && c->dtype == EPX_FP8_E4M3) &&
+           (c->num_sms >= 0 || c->num_sms == EPX_UNSET || c->num_sms == EPX_MOE_COPY_ENGINES);
 }
 
 static size_t dsize(int d)
