@@ -88,14 +88,14 @@ void bench_barrier(bench_ctx_t *b)
     if (st != EPX_SUCCESS) bench_die(b, "barrier", st);
 }
 
-static int usage(void)
+static int usage_to(FILE *f, int status)
 {
-    fprintf(stderr,
+    fprintf(f,
             "usage: epx-bench alltoall|moe [options]\n"
             "  alltoall: epx_alltoall vs MPI_Alltoall over a range of sizes\n"
             "  moe:      epx MoE layout, dispatch, combine vs the same routing with MPI_Alltoallv\n"
             "common options:\n"
-            "  --ranks N          ranks to launch (default 2; ignored under epx-run/mpiexec)\n"
+            "  -r, --ranks N      ranks to launch (default 2; ignored under epx-run/mpiexec)\n"
             "  --backend B        cpu, or cuda (one rank per GPU; baselines: ncclAlltoAll, and for moe\n"
             "                     the same routing with NCCL send/recv)\n"
             "  -n, --iters N      timed iterations per size / op (default 20)\n"
@@ -125,8 +125,11 @@ static int usage(void)
             "                     device, no host synchronisation) or host (the count read back)\n"
             "  (the CUDA SM budget is EPX_CUDA_SMS, default 24; EPX_CUDA_SMS=0 moves the ht payload\n"
             "  with copy engines, its pack/reduce kernels on EPX_CUDA_CE_SMS blocks, default 32)\n");
-    return 2;
+    return status;
 }
+static int usage(void) { return usage_to(stderr, 2); }
+
+static bool is_help(const char *a) { return !strcmp(a, "-h") || !strcmp(a, "--help"); }
 
 static bool parse_size(const char *s, int64_t *out)
 {
@@ -151,6 +154,8 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
                         .unregistered = false, .timeout_s = 1800, .tokens = 4096, .hidden = 7168, .topk = 8,
                         .experts = 256, .dtype = "bf16", .mode = "ht", .skew = 0, .count = "device"};
     if (argc < 2) return usage();
+    for (int i = 1; i < argc; i++)
+        if (is_help(argv[i])) return usage_to(stdout, 0), -1; /* -1: done, main exits 0 */
     o->op = argv[1];
     if (strcmp(o->op, "alltoall") != 0 && strcmp(o->op, "moe") != 0) {
         fprintf(stderr, "epx-bench: unknown benchmark '%s'\n", o->op);
@@ -259,7 +264,7 @@ int main(int argc, char **argv)
 {
     bench_ctx_t b = {0};
     int rc = parse_args(argc, argv, &b.opt);
-    if (rc) return rc;
+    if (rc) return rc < 0 ? 0 : rc;
     bool in_epx_run = getenv("EPX_RANK") != NULL;
     if (!in_epx_run && !under_mpi()) return launch_self(&b.opt, argc, argv);
 

@@ -113,7 +113,8 @@ static epx_status_t epx__config_resolve(const epx_config_t *user_cfg, epx_config
     EPX__CHECK(epx__resolve_backend(cfg, backend));
     *timeout_ms = cfg->timeout_ms == EPX_UNSET ? epx__param_int(EPX__P_TIMEOUT_MS) : cfg->timeout_ms;
     if (*timeout_ms <= 0)
-        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "timeout_ms = %lld must be > 0", (long long)*timeout_ms);
+        return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "%s = %lld must be > 0",
+                         cfg->timeout_ms == EPX_UNSET ? "EPX_TIMEOUT_MS" : "cfg.timeout_ms", (long long)*timeout_ms);
     return EPX_SUCCESS;
 }
 
@@ -528,21 +529,21 @@ epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)
 
 epx_status_t epx_comm_rank(epx_comm_t comm, int *rank)
 {
-    if (!comm || !rank) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or rank is NULL");
+    if (!comm || !rank) return epx__fail(comm ? &comm->err : NULL, EPX_ERR_INVALID_ARGUMENT, "comm or rank is NULL");
     *rank = comm->rank;
     return EPX_SUCCESS;
 }
 
 epx_status_t epx_comm_size(epx_comm_t comm, int *nranks)
 {
-    if (!comm || !nranks) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or nranks is NULL");
+    if (!comm || !nranks) return epx__fail(comm ? &comm->err : NULL, EPX_ERR_INVALID_ARGUMENT, "comm or nranks is NULL");
     *nranks = comm->nranks;
     return EPX_SUCCESS;
 }
 
 epx_status_t epx_comm_info(epx_comm_t comm, epx_comm_info_t *info)
 {
-    if (!comm || !info) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or info is NULL");
+    if (!comm || !info) return epx__fail(comm ? &comm->err : NULL, EPX_ERR_INVALID_ARGUMENT, "comm or info is NULL");
     info->rank = comm->rank;
     info->nranks = comm->nranks;
     info->local_rank = comm->local_rank;
@@ -557,7 +558,7 @@ const char *epx_comm_get_last_error(epx_comm_t comm) { return comm ? comm->err.m
 
 epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *async_error)
 {
-    if (!comm || !async_error) return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "comm or async_error is NULL");
+    if (!comm || !async_error) return epx__fail(comm ? &comm->err : NULL, EPX_ERR_INVALID_ARGUMENT, "comm or async_error is NULL");
     epx__comm_poll(comm);
     *async_error = comm->async_error;
     return EPX_SUCCESS;

@@ -37,6 +37,9 @@ static void epx__log_init(void)
         epx__log_level = EPX__LOG_TRACE;
     else
         epx__log_level = EPX__LOG_WARN;
+    if (lvl[0] && strcasecmp(lvl, "NONE") && strcmp(lvl, "0") && strcasecmp(lvl, "WARN") && strcasecmp(lvl, "INFO") &&
+        strcasecmp(lvl, "TRACE"))
+        fprintf(stderr, "epx: EPX_DEBUG=%s is not NONE, WARN, INFO or TRACE; logging at WARN\n", lvl);
 
     /* "ALL", "INIT,COLL", "^SHM" (everything but SHM). */
     const char *s = epx__param_str(EPX__P_DEBUG_SUBSYS);
@@ -45,10 +48,13 @@ static void epx__log_init(void)
     for (const char *p = s + negate; *p;) {
         const char *comma = strchr(p, ',');
         size_t len = comma ? (size_t)(comma - p) : strlen(p);
-        mask |= epx__subsys_bit(p, len);
+        unsigned bit = epx__subsys_bit(p, len);
+        if (len && !bit) fprintf(stderr, "epx: EPX_DEBUG_SUBSYS: no subsystem '%.*s' (ignored)\n", (int)len, p);
+        mask |= bit;
         p += len + (comma != NULL);
     }
-    epx__log_mask = negate ? ~mask : mask;
+    /* Nothing known named (an empty value, or only unknown names): every subsystem. */
+    epx__log_mask = negate ? ~mask : mask ? mask : ~0u;
 
     epx__log_file = stderr;
     const char *path = epx__param_str(EPX__P_DEBUG_FILE);

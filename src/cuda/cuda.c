@@ -106,7 +106,9 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
         if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&c->fork, cudaEventDisableTiming);
         if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&c->join, cudaEventDisableTiming);
         if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
-        if (ce != cudaSuccess)
+        if (ce != cudaSuccess && device < 0) /* no device to speak of (none, or no driver) */
+            local = epx__fail(err, EPX_ERR_CUDA, "CUDA setup: %s", cudaGetErrorString(ce));
+        else if (ce != cudaSuccess)
             local = epx__fail(err, EPX_ERR_CUDA, "CUDA setup on device %d: %s", device, cudaGetErrorString(ce));
     }
     c->device = device;
