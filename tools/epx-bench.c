@@ -147,6 +147,11 @@ static bool parse_size(const char *s, int64_t *out)
     return true;
 }
 
+static bool under_mpi(void)
+{
+    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
+}
+
 static int parse_args(int argc, char **argv, bench_opts_t *o)
 {
     *o = (bench_opts_t){.op = NULL, .ranks = 2, .backend = "cpu", .min_bytes = 1024, .max_bytes = 64 << 20,
@@ -206,12 +211,14 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
         }
     }
     if (o->max_bytes < o->min_bytes) o->max_bytes = o->min_bytes;
+    /* Checked again by each rank (the rank count may come from the launcher); said here
+     * before any rank starts when the launch is ours. */
+    if (!strcmp(o->op, "moe") && !getenv("EPX_RANK") && !under_mpi() && (o->experts % o->ranks != 0 || o->topk > o->experts)) {
+        fprintf(stderr, "epx-bench moe: need experts (%d) a multiple of ranks (%d) and topk (%d) <= experts\n",
+                o->experts, o->ranks, o->topk);
+        return 2;
+    }
     return 0;
-}
-
-static bool under_mpi(void)
-{
-    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK");
 }
 
 /* Re-run this command as N ranks: under mpiexec when MPI baselines are wanted, else with
