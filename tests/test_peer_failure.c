@@ -4,7 +4,9 @@
  * reports the error, and a new communicator works. Forks its own ranks (epx-run would stop
  * the survivors as soon as one rank dies).
  */
+#include <dirent.h>
 #include <poll.h>
+#include <stdio.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,7 +87,7 @@ static int rank_main(scenario_t sc, int rank)
         case KILLED_DURING:
             if (write(ready_fd, "r", 1) != 1) _exit(9);
             for (;;) epx_alltoall(comm, send, recv, count, EPX_U8, NULL); /* parent kills us */
-        case STALL: sleep(3 * timeout_ms / 1000 + 2); _exit(0);
+        case STALL: sleep(3 * timeout_ms / 1000 + 2); exit(0); /* without destroying: its names go at exit */
         case ABORT: usleep(100000); epx_comm_abort(comm); _exit(0);
         }
     }
@@ -158,10 +160,20 @@ static void run_scenario(scenario_t sc)
             TEST_FAIL_("scenario '%s': rank %d failed (status 0x%x)", names[sc], r, status);
         }
     }
-    char text[EPX_UNIQUE_ID_STRLEN];
+    /* No shared-memory name of the scenario's communicator is left: the survivors removed
+     * the dead rank's (killed, or gone with _exit), the others removed their own (at abort,
+     * or at exit without destroying anything). */
+    char text[EPX_UNIQUE_ID_STRLEN], prefix[64];
     ASSERT(sh->id_ready);
     ASSERT_OK(epx_unique_id_to_string(&sh->id, text, sizeof text));
-    epx_launch_cleanup_shm(text); /* the dead rank's registered region */
+    snprintf(prefix, sizeof prefix, "epx-%s-", strrchr(text, ':') + 1);
+    DIR *d = opendir("/dev/shm");
+    int left = 0;
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) printf("left in /dev/shm: %s\n", e->d_name), left++;
+    if (d) closedir(d);
+    epx_launch_cleanup_shm(text);
+    if (left) TEST_FAIL_("scenario '%s': %d shared-memory names left behind", names[sc], left);
 }
 
 int main(void)

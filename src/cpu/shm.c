@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -226,6 +227,63 @@ static epx_status_t epx__map_shm(const char *name, size_t bytes, bool create, in
     return EPX_SUCCESS;
 }
 
+/* Remove the names of regions 1 .. hdr->regions_named of `rank` (ENOENT for those already
+ * gone). Region names left behind would hold their memory in /dev/shm until the machine
+ * restarts. */
+static void epx__unlink_region_names(uint64_t nonce, int rank, const epx__seg_hdr_t *hdr)
+{
+    uint32_t n = atomic_load_explicit(&hdr->regions_named, memory_order_relaxed);
+    char name[96];
+    for (uint32_t id = 1; id <= n; id++) {
+        epx__region_name(name, sizeof name, nonce, rank, id);
+        shm_unlink(name);
+    }
+}
+
+/* The region names of a peer whose process is gone: it could not remove them. (A live
+ * peer removes its own; its ids are never touched here.) */
+static void epx__unlink_dead_peer_regions(epx__cpu_t *c, int p)
+{
+    const epx__seg_hdr_t *h = c->peers[p].hdr;
+    if (p != c->rank && h && epx__pid_dead(h->pid)) epx__unlink_region_names(c->nonce, p, h);
+}
+
+/* This process's live instances: a process that exits without destroying its
+ * communicators (or that returns from main meanwhile) still removes its region names, at
+ * exit. (One killed by a signal cannot: its peers remove them, epx__cpu_destroy.) */
+static pthread_mutex_t epx__live_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t epx__live_once = PTHREAD_ONCE_INIT;
+static epx__cpu_t *epx__live;
+
+static void epx__live_at_exit(void)
+{
+    pthread_mutex_lock(&epx__live_lock);
+    for (epx__cpu_t *c = epx__live; c; c = c->live_next) /* not in a forked child: the names are its parent's */
+        if (((const epx__seg_hdr_t *)c->seg)->pid == (int32_t)getpid()) epx__unlink_region_names(c->nonce, c->rank, c->seg);
+    pthread_mutex_unlock(&epx__live_lock);
+}
+static void epx__live_setup(void) { atexit(epx__live_at_exit); }
+
+static void epx__live_add(epx__cpu_t *c)
+{
+    pthread_once(&epx__live_once, epx__live_setup);
+    pthread_mutex_lock(&epx__live_lock);
+    c->live_prev = NULL, c->live_next = epx__live;
+    if (epx__live) epx__live->live_prev = c;
+    epx__live = c;
+    pthread_mutex_unlock(&epx__live_lock);
+}
+
+static void epx__live_remove(epx__cpu_t *c)
+{
+    pthread_mutex_lock(&epx__live_lock);
+    if (c->live_prev) c->live_prev->live_next = c->live_next;
+    else if (epx__live == c) epx__live = c->live_next;
+    if (c->live_next) c->live_next->live_prev = c->live_prev;
+    c->live_prev = c->live_next = NULL;
+    pthread_mutex_unlock(&epx__live_lock);
+}
+
 static bool epx__cma_probe(const epx__seg_hdr_t *peer_hdr, uint64_t expect)
 {
     uint64_t v = 0;
@@ -318,6 +376,7 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     free(cma_all);
     EPX_INFO(SHM, "rank %d: %d ranks mapped, segment %zu bytes, eager %zu bytes/peer, cma %s", rank, nranks,
              c->seg_bytes, c->eager_bytes, c->cma_ok ? "on" : "off");
+    epx__live_add(c);
     *out = c;
     return EPX_SUCCESS;
 
@@ -363,24 +422,10 @@ void epx__cpu_fault_kill_next(epx__cpu_t *c, const epx__fault_spec_t *spec)
     c->fault.spec[0].at = EPX__FAULT_AT_HOST;
 }
 
-/* The region names of a peer whose process is gone: it could not remove them, and they
- * would hold their memory in /dev/shm until the machine restarts. (A live peer removes its
- * own; its ids are never touched here.) */
-static void epx__unlink_dead_peer_regions(epx__cpu_t *c, int p)
-{
-    const epx__seg_hdr_t *h = c->peers[p].hdr;
-    if (p == c->rank || !h || !epx__pid_dead(h->pid)) return;
-    uint32_t n = atomic_load_explicit(&h->regions_named, memory_order_relaxed);
-    char name[96];
-    for (uint32_t id = 1; id <= n; id++) {
-        epx__region_name(name, sizeof name, c->nonce, p, id);
-        shm_unlink(name); /* ENOENT for those it had removed */
-    }
-}
-
 void epx__cpu_destroy(epx__cpu_t *c, bool abort)
 {
     if (!c) return;
+    epx__live_remove(c);
     if (c->seg && abort) epx__seg_give_up(c, EPX__ABORTED);
     if (c->peers) {
         for (int p = 0; p < c->nranks; p++) {

@@ -113,6 +113,7 @@ struct epx__cpu {
     size_t staging_bytes;
     uint64_t use_clock;
     epx__xop_t open; /* the exchange epx__cpu_exchange_begin left open */
+    struct epx__cpu *live_prev, *live_next; /* the process's live instances (shm.c) */
 };
 
 /* Segment layout. */
