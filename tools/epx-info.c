@@ -2,28 +2,31 @@
  *   epx-info [--moe RANKS TOKENS HIDDEN EXPERTS TOPK [bf16|fp8]]
  * With --moe, also the device memory the CUDA backend allocates per rank for that
  * high-throughput configuration. */
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "epx.h"
 
+/* Are --moe's arguments well formed (their values are the library's to check)? */
+static bool moe_args_ok(char **a, int n)
+{
+    if (n < 5 || n > 6 || (n == 6 && strcmp(a[5], "fp8") != 0 && strcmp(a[5], "bf16") != 0)) {
+        fprintf(stderr, "usage: epx-info --moe RANKS TOKENS HIDDEN EXPERTS TOPK [bf16|fp8]\n");
+        return false;
+    }
+    return true;
+}
+
 static int moe_memory(char **a, int n)
 {
-    if (n < 5) {
-        fprintf(stderr, "usage: epx-info --moe RANKS TOKENS HIDDEN EXPERTS TOPK [bf16|fp8]\n");
-        return 2;
-    }
     epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
     int ranks = atoi(a[0]);
     cfg.max_tokens_per_rank = atoi(a[1]);
     cfg.hidden = atoi(a[2]);
     cfg.num_experts = atoi(a[3]);
     cfg.max_topk = atoi(a[4]);
-    if (n > 6 || (n == 6 && strcmp(a[5], "fp8") != 0 && strcmp(a[5], "bf16") != 0)) {
-        fprintf(stderr, "usage: epx-info --moe RANKS TOKENS HIDDEN EXPERTS TOPK [bf16|fp8]\n");
-        return 2;
-    }
     if (n == 6 && !strcmp(a[5], "fp8")) cfg.dtype = EPX_FP8_E4M3;
     int64_t bytes;
     epx_status_t st = epx_moe_device_memory(&cfg, ranks, &bytes);
@@ -54,6 +57,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "epx-info: unknown argument %s\n", argv[1]);
         return usage(stderr, 2);
     }
+    if (argc > 1 && !moe_args_ok(argv + 2, argc - 2)) return 2;
     int v = epx_get_version();
     printf("epx %d.%d.%d (header %d.%d.%d)\n", v / 10000, v / 100 % 100, v % 100, EPX_VERSION_MAJOR,
            EPX_VERSION_MINOR, EPX_VERSION_PATCH);

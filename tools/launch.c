@@ -263,12 +263,10 @@ int epx_run_timed(double timeout_s, char *const argv[])
         return 127;
     }
     if (pid == 0) {
-        setpgid(0, 0);
         execv(argv[0], argv);
         if (write(2, no_exec, strlen(no_exec)) < 0) _exit(127);
         _exit(127);
     }
-    setpgid(pid, pid);
     double deadline = timeout_s > 0 ? epx__now_s() + timeout_s : 0, kill_time = 0;
     for (;;) {
         int status;
@@ -281,10 +279,10 @@ int epx_run_timed(double timeout_s, char *const argv[])
         double now = epx__now_s();
         if (kill_time == 0 && deadline > 0 && now > deadline) {
             fprintf(stderr, "epx-run: timeout after %.0f s; killing %s\n", timeout_s, argv[0]);
-            kill(-pid, SIGTERM);
+            kill(pid, SIGTERM);
             kill_time = now;
         }
-        if (kill_time > 0 && now - kill_time > 2.0) kill(-pid, SIGKILL);
+        if (kill_time > 0 && now - kill_time > 2.0) kill(pid, SIGKILL);
         usleep(20000);
     }
 }

@@ -11,9 +11,10 @@
  * exit code (128 + signal for a signal), or 1. */
 int epx_launch(int nranks, double timeout_s, char *const argv[]);
 
-/* Run argv[0] (a path) with argv as one process group, for at most timeout_s (<= 0:
- * none): on timeout the group gets SIGTERM, then SIGKILL 2 s later. Returns its exit code
- * (128 + signal for a signal), 124 on timeout, 127 when it could not be started. */
+/* Run argv[0] (a path) with argv as a child in this process's group (a Ctrl-C reaches it
+ * too), for at most timeout_s (<= 0: none): on timeout it gets SIGTERM, then SIGKILL 2 s
+ * later (mpiexec passes them to its ranks). Returns its exit code (128 + signal for a
+ * signal), 124 on timeout, 127 when it could not be started or waited for. */
 int epx_run_timed(double timeout_s, char *const argv[]);
 
 /* Remove the shared-memory names that ranks of the communicator with this unique id (text

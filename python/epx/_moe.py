@@ -38,8 +38,10 @@ class Handle:
         moe._handles.add(self)
 
     def close(self):
+        """Free the handle. Raises (and keeps it) while a low-latency send on it is pending: receive it
+        first."""
         if self._h:
-            L.epx_moe_handle_destroy(self._h)
+            check(L.epx_moe_handle_destroy(self._h), self.moe.comm._h if self.moe.comm._h else None)
             self._h = c_void_p()
 
     def __del__(self):
@@ -91,7 +93,8 @@ class Moe:
 
     def destroy(self):
         """Release the context and its live handles (local). The context itself is released after the
-        communicator's next collective (see Comm._defer), when no peer can still be reading it."""
+        communicator's next collective (see Comm._defer), when no peer can still be reading it. Raises,
+        and keeps the context, while a low-latency send on one of its handles is pending."""
         for h in list(self._handles):
             h.close()
         if self._h:

@@ -338,6 +338,7 @@ static epx_status_t epx__check_handle(epx_moe_t moe, epx_moe_handle_t h, int mod
 {
     epx__errbuf_t *err = &moe->comm->err;
     EPX__REQUIRE(h, "handle is NULL");
+    if (!h->moe) return epx__fail(err, EPX_ERR_INVALID_USAGE, "the handle's MoE context was destroyed");
     EPX__REQUIRE(h->moe == moe && h->mode == mode, "handle was made by another MoE context or mode");
     return EPX_SUCCESS;
 }

@@ -243,7 +243,7 @@ typedef struct {
     size_t scale_cols;        /* ceil(hidden / 128) */
     size_t combine_row_bytes; /* hidden * size(combine_dtype) */
     size_t ll_slots;          /* nranks * max_tokens: slots per local expert (low latency) */
-    int num_sms;              /* GPU SM budget; <= 0: EPX_CUDA_SMS */
+    int num_sms;              /* GPU SM budget (> 0); 0: EPX_CUDA_SMS; EPX_MOE_COPY_ENGINES */
 } epx__moe_shape_t;
 
 /* ---- Bootstrap: rendezvous over TCP, then a star of sockets around rank 0 ------------ */

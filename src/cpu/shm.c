@@ -250,7 +250,8 @@ static void epx__unlink_dead_peer_regions(epx__cpu_t *c, int p)
 
 /* This process's live instances: a process that exits without destroying its
  * communicators (or that returns from main meanwhile) still removes its region names, at
- * exit. (One killed by a signal cannot: its peers remove them, epx__cpu_destroy.) */
+ * exit. (One killed by a signal cannot: a surviving peer removes them when it destroys or
+ * aborts its communicator; when every rank is killed they stay.) */
 static pthread_mutex_t epx__live_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t epx__live_once = PTHREAD_ONCE_INIT;
 static epx__cpu_t *epx__live;
@@ -262,7 +263,14 @@ static void epx__live_at_exit(void)
         if (((const epx__seg_hdr_t *)c->seg)->pid == (int32_t)getpid()) epx__unlink_region_names(c->nonce, c->rank, c->seg);
     pthread_mutex_unlock(&epx__live_lock);
 }
-static void epx__live_setup(void) { atexit(epx__live_at_exit); }
+/* A child forked while another thread held the lock gets it free (its registry is its
+ * parent's, which the pid check in epx__live_at_exit leaves alone). */
+static void epx__live_after_fork(void) { pthread_mutex_init(&epx__live_lock, NULL); }
+static void epx__live_setup(void)
+{
+    atexit(epx__live_at_exit);
+    pthread_atfork(NULL, NULL, epx__live_after_fork);
+}
 
 static void epx__live_add(epx__cpu_t *c)
 {
