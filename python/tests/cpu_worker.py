@@ -272,6 +272,11 @@ def test_moe_ll():
                 acc = acc + part
             want[t] = acc if f32 else f32_to_bf16(acc)
         same(out.view(np.uint32) if f32 else out, want.view(np.uint32) if f32 else want, "ll combine case %d" % case)
+        if case == 0:  # a pending split send: the context refuses to go, and keeps everything, until it is received
+            r2 = moe.ll_dispatch(x, W.idx[me], split=True)
+            raises(epx.InvalidUsageError, moe.destroy, "destroying a context with a send pending")
+            moe.ll_recv(r2.handle)
+            same(r2.recv_count, want_cnt, "ll recv_count after the refused destroy")
         moe.destroy()
 
 
