@@ -24,8 +24,9 @@
 static int timeout_ms = 1500;
 #define PARENT_WAIT_MS 90000 /* the parent's bound on any rank (ctest's is 120 s): it names it */
 
-typedef enum { DIE_BETWEEN, KILLED_DURING, STALL, ABORT } scenario_t;
-static const char *names[] = {"dies between calls", "killed during a large exchange", "stalls", "aborts"};
+typedef enum { DIE_BETWEEN, KILLED_DURING, STALL, ABORT, ALL_KILLED } scenario_t;
+static const char *names[] = {"dies between calls", "killed during a large exchange", "stalls", "aborts",
+                              "every rank killed"};
 
 static double now_ms(void)
 {
@@ -73,6 +74,7 @@ static int rank_main(scenario_t sc, int rank)
     ASSERT_OK(epx_mem_alloc(comm, count * NR, (void **)&send));
     memset(send, rank, count * NR);
     for (int i = 0; i < 2; i++) ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_U8, NULL));
+    if (sc == ALL_KILLED) raise(SIGKILL); /* nobody removes anything: the next process here does */
     bool bad = rank == NR - 1;
     if (!bad) {
         __atomic_add_fetch(&sh->healthy_done, 1, __ATOMIC_SEQ_CST);
@@ -89,6 +91,7 @@ static int rank_main(scenario_t sc, int rank)
             for (;;) epx_alltoall(comm, send, recv, count, EPX_U8, NULL); /* parent kills us */
         case STALL: sleep(3 * timeout_ms / 1000 + 2); exit(0); /* without destroying: its names go at exit */
         case ABORT: usleep(100000); epx_comm_abort(comm); _exit(0);
+        case ALL_KILLED: _exit(9); /* (killed above) */
         }
     }
     double t0 = now_ms();
@@ -116,6 +119,20 @@ static int rank_main(scenario_t sc, int rank)
     free(recv);
     fflush(stdout);
     return 0;
+}
+
+/* How many /dev/shm names start with prefix (printed when `say`). */
+static int shm_names(const char *prefix, bool say)
+{
+    DIR *d = opendir("/dev/shm");
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) {
+            if (say) printf("left in /dev/shm: %s\n", e->d_name);
+            n++;
+        }
+    if (d) closedir(d);
+    return n;
 }
 
 static void run_scenario(scenario_t sc)
@@ -154,7 +171,9 @@ static void run_scenario(scenario_t sc)
             }
             usleep(10000);
         }
-        bool ok = r == NR - 1 ? true : WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        bool ok = sc == ALL_KILLED ? WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL
+                  : r == NR - 1    ? true
+                                   : WIFEXITED(status) && WEXITSTATUS(status) == 0;
         if (!ok) { /* the others go too: a child left running would hold ctest's output open */
             for (int q = 0; q < NR; q++) kill(pids[q], SIGKILL);
             TEST_FAIL_("scenario '%s': rank %d failed (status 0x%x)", names[sc], r, status);
@@ -162,18 +181,24 @@ static void run_scenario(scenario_t sc)
     }
     /* No shared-memory name of the scenario's communicator is left: the survivors removed
      * the dead rank's (killed, or gone with _exit), the others removed their own (at abort,
-     * or at exit without destroying anything). */
+     * or at exit without destroying anything). When every rank was killed, their names stay
+     * until the next epx process here starts (the next scenario's ranks: checked there). */
+    static char killed_all[64]; /* the names' prefix of an ALL_KILLED scenario, checked next */
     char text[EPX_UNIQUE_ID_STRLEN], prefix[64];
     ASSERT(sh->id_ready);
     ASSERT_OK(epx_unique_id_to_string(&sh->id, text, sizeof text));
     snprintf(prefix, sizeof prefix, "epx-%s-", strrchr(text, ':') + 1);
-    DIR *d = opendir("/dev/shm");
-    int left = 0;
-    for (struct dirent *e; d && (e = readdir(d));)
-        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) printf("left in /dev/shm: %s\n", e->d_name), left++;
-    if (d) closedir(d);
+    int left = shm_names(prefix, sc != ALL_KILLED);
+    if (sc == ALL_KILLED) {
+        if (left < NR) TEST_FAIL_("scenario '%s': %d names left, expected each rank's", names[sc], left);
+        snprintf(killed_all, sizeof killed_all, "%s", prefix);
+        return;
+    }
     epx_launch_cleanup_shm(text);
     if (left) TEST_FAIL_("scenario '%s': %d shared-memory names left behind", names[sc], left);
+    if (killed_all[0] && (left = shm_names(killed_all, true)) != 0)
+        TEST_FAIL_("%d names of the scenario where every rank was killed are still there", left);
+    killed_all[0] = '\0';
 }
 
 int main(void)
@@ -184,8 +209,10 @@ int main(void)
     sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     ASSERT(sh != MAP_FAILED);
     for (int sc = DIE_BETWEEN; sc <= ABORT; sc++) run_scenario((scenario_t)sc);
-    /* After all that, a fresh communicator works. */
+    /* Every rank killed (their names stay), then a fresh communicator works, and its ranks
+     * remove the names the killed ones left. */
+    run_scenario(ALL_KILLED);
     run_scenario(ABORT);
-    test_done(5);
+    test_done(6);
     return 0;
 }

@@ -1,6 +1,7 @@
 /*
  * CPU backend: segments, flags and waits, registered regions, reads of peer memory.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -8,6 +9,7 @@
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,9 +52,43 @@ static void epx__seg_name(char *buf, size_t len, uint64_t nonce, int rank)
     snprintf(buf, len, "/epx-%016" PRIx64 "-%d-seg", nonce, rank);
 }
 
-static void epx__region_name(char *buf, size_t len, uint64_t nonce, int rank, uint32_t id)
+/* Region `id` of `rank`, whose segment header is `owner`: the name carries its creator's pid
+ * and pid namespace, so that once the creator is gone any epx process there can tell
+ * (epx__sweep_dead_names). */
+static void epx__region_name(char *buf, size_t len, uint64_t nonce, int rank, const epx__seg_hdr_t *owner, uint32_t id)
 {
-    snprintf(buf, len, "/epx-%016" PRIx64 "-%d-m%u", nonce, rank, id);
+    snprintf(buf, len, "/epx-%016" PRIx64 "-%d-m%u-%d.%" PRIu64, nonce, rank, id, (int)owner->pid, owner->pidns);
+}
+
+/* This process's pid namespace (the inode of /proc/self/ns/pid), or 0 when unknown. */
+static uint64_t epx__pidns(void)
+{
+    struct stat st;
+    return stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+/* Once a process: remove the region names whose creator, a process of this pid namespace,
+ * is gone (every rank of its communicator was killed, so none could). Names of other
+ * namespaces, of live processes, and names of another form are left alone. */
+static void epx__sweep_dead_names(void)
+{
+    uint64_t ns = epx__pidns();
+    DIR *d = ns ? opendir("/dev/shm") : NULL;
+    if (!d) return;
+    for (struct dirent *e; (e = readdir(d));) {
+        unsigned long long nonce, their_ns;
+        int rank, pid, used = 0;
+        unsigned id;
+        if (strncmp(e->d_name, "epx-", 4) != 0 ||
+            sscanf(e->d_name, "epx-%16llx-%d-m%u-%d.%llu%n", &nonce, &rank, &id, &pid, &their_ns, &used) != 5 ||
+            e->d_name[used] != '\0' || their_ns != ns || pid <= 0 || pid == (int)getpid())
+            continue;
+        if (kill(pid, 0) == 0 || errno != ESRCH) continue; /* alive (or not ours to ask: alive) */
+        char name[300];
+        snprintf(name, sizeof name, "/%s", e->d_name);
+        shm_unlink(name);
+    }
+    closedir(d);
 }
 
 /* ---- Flags ------------------------------------------------------------------------ */
@@ -170,7 +206,7 @@ static void epx__unlink_retired(epx__cpu_t *c, uint32_t seq, bool all)
     char name[96];
     for (int i = 0; i < c->num_retired;) {
         if (all || !epx__seq_geq(c->retired[i].seq, seq)) {
-            epx__region_name(name, sizeof name, c->nonce, c->rank, c->retired[i].id);
+            epx__region_name(name, sizeof name, c->nonce, c->rank, c->seg, c->retired[i].id);
             shm_unlink(name);
             c->retired[i] = c->retired[--c->num_retired];
         } else {
@@ -235,7 +271,7 @@ static void epx__unlink_region_names(uint64_t nonce, int rank, const epx__seg_hd
     uint32_t n = atomic_load_explicit(&hdr->regions_named, memory_order_relaxed);
     char name[96];
     for (uint32_t id = 1; id <= n; id++) {
-        epx__region_name(name, sizeof name, nonce, rank, id);
+        epx__region_name(name, sizeof name, nonce, rank, hdr, id);
         shm_unlink(name);
     }
 }
@@ -251,7 +287,7 @@ static void epx__unlink_dead_peer_regions(epx__cpu_t *c, int p)
 /* This process's live instances: a process that exits without destroying its
  * communicators (or that returns from main meanwhile) still removes its region names, at
  * exit. (One killed by a signal cannot: a surviving peer removes them when it destroys or
- * aborts its communicator; when every rank is killed they stay.) */
+ * aborts its communicator; when every rank is killed, the next process's sweep does.) */
 static pthread_mutex_t epx__live_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t epx__live_once = PTHREAD_ONCE_INIT;
 static epx__cpu_t *epx__live;
@@ -270,6 +306,7 @@ static void epx__live_setup(void)
 {
     atexit(epx__live_at_exit);
     pthread_atfork(NULL, NULL, epx__live_after_fork);
+    epx__sweep_dead_names();
 }
 
 static void epx__live_add(epx__cpu_t *c)
@@ -335,6 +372,7 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     h->rank = rank;
     h->nranks = nranks;
     h->pid = (int32_t)getpid();
+    h->pidns = epx__pidns();
     h->nonce = nonce;
     h->cma_probe_addr = (uint64_t)(uintptr_t)&epx__cma_probe_word;
     h->eager_bytes = c->eager_bytes;
@@ -445,7 +483,7 @@ void epx__cpu_destroy(epx__cpu_t *c, bool abort)
     }
     char name[96];
     for (int i = 0; i < c->num_regions; i++) {
-        epx__region_name(name, sizeof name, c->nonce, c->rank, c->regions[i].id);
+        epx__region_name(name, sizeof name, c->nonce, c->rank, c->seg, c->regions[i].id);
         shm_unlink(name);
         munmap(c->regions[i].base, c->regions[i].size);
     }
@@ -472,7 +510,7 @@ epx_status_t epx__cpu_mem_alloc(epx__cpu_t *c, size_t bytes, void **ptr, epx__er
     uint32_t id = c->next_region_id++;
     atomic_store_explicit(&((epx__seg_hdr_t *)c->seg)->regions_named, id, memory_order_relaxed); /* before the name */
     char name[96];
-    epx__region_name(name, sizeof name, c->nonce, c->rank, id);
+    epx__region_name(name, sizeof name, c->nonce, c->rank, c->seg, id);
     void *base = NULL;
     EPX__CHECK(epx__map_shm(name, size, true, PROT_READ | PROT_WRITE, &base, err));
     c->regions[c->num_regions++] = (epx__region_t){id, base, size, 0};
@@ -554,7 +592,7 @@ static epx_status_t epx__peer_region(epx__cpu_t *c, int peer, const epx__loc_t *
     if (victim->base) munmap(victim->base, victim->size);
     victim->base = NULL;
     char name[96];
-    epx__region_name(name, sizeof name, c->nonce, peer, loc->region_id);
+    epx__region_name(name, sizeof name, c->nonce, peer, c->peers[peer].hdr, loc->region_id);
     void *m = NULL;
     EPX__CHECK(epx__map_shm(name, loc->region_size, false, PROT_READ, &m, err));
     *victim = (epx__region_t){loc->region_id, m, loc->region_size, ++c->use_clock};

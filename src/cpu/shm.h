@@ -56,6 +56,7 @@ typedef struct {
     /* Region ids 1 .. this were (or were about to be) created: the names a survivor removes
      * when my process died without removing them (epx__cpu_destroy). */
     _Atomic uint32_t regions_named;
+    uint64_t pidns; /* my pid namespace (0: unknown); my region names carry it with my pid */
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
 } epx__seg_hdr_t;
