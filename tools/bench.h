@@ -70,6 +70,9 @@ int bench_cuda_alltoall(bench_ctx_t *b);
 void bench_a2a_fill(uint32_t *send, int me, int nranks, int64_t count);
 int64_t bench_a2a_verify(const uint32_t *recv, int me, int nranks, int64_t count);
 int bench_moe(bench_ctx_t *b);
+/* Can `ranks` ranks run the MoE benchmark with these experts and top-k? If not, says why
+ * on stderr (when `say`). */
+bool bench_moe_shape_ok(int experts, int ranks, int topk, bool say);
 /* The CUDA backend's high-throughput MoE (layout, dispatch, combine) against the same
  * routing done with NCCL send/recv (bench_cuda_moe.cu; built only with CUDA). */
 int bench_cuda_moe(bench_ctx_t *b);

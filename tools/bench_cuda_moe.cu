@@ -949,12 +949,9 @@ int bench_cuda_moe(bench_ctx_t *b)
     m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
     m->d.fp8 = !strcmp(o->dtype, "fp8");
     m->ll = !strcmp(o->mode, "ll");
-    if (m->d.E % m->d.R != 0 || m->d.K > m->d.E || m->d.K > EPX_MOE_MAX_TOPK || m->d.R > MAX_RANKS) {
-        if (b->rank == 0)
-            fprintf(stderr,
-                    "epx-bench moe --backend cuda: need experts (%d) a multiple of ranks (%d), topk (%d) <= min(experts, "
-                    "%d), and at most %d ranks\n",
-                    m->d.E, m->d.R, m->d.K, EPX_MOE_MAX_TOPK, MAX_RANKS);
+    if (!bench_moe_shape_ok(m->d.E, m->d.R, m->d.K, b->rank == 0)) return 2;
+    if (m->d.R > MAX_RANKS) {
+        if (b->rank == 0) fprintf(stderr, "epx-bench moe --backend cuda: at most %d ranks (%d)\n", MAX_RANKS, m->d.R);
         return 2;
     }
     int R = m->d.R, T = m->d.T, K = m->d.K;

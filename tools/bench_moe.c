@@ -592,6 +592,15 @@ static void mpi_barrier(void) { MPI_Barrier(MPI_COMM_WORLD); }
 
 /* ---- The run ------------------------------------------------------------------------------ */
 
+bool bench_moe_shape_ok(int experts, int ranks, int topk, bool say)
+{
+    bool ok = experts % ranks == 0 && topk <= experts && topk <= EPX_MOE_MAX_TOPK;
+    if (!ok && say)
+        fprintf(stderr, "epx-bench moe: need experts (%d) a multiple of ranks (%d) and topk (%d) <= min(experts, %d)\n",
+                experts, ranks, topk, EPX_MOE_MAX_TOPK);
+    return ok;
+}
+
 int bench_moe(bench_ctx_t *b)
 {
     const bench_opts_t *o = &b->opt;
@@ -602,12 +611,7 @@ int bench_moe(bench_ctx_t *b)
     m->d.ll = !strcmp(o->mode, "ll");
     m->d.fp8 = !strcmp(o->dtype, "fp8");
     m->reg = !o->unregistered;
-    if (m->d.E % m->d.R != 0 || m->d.K > m->d.E || m->d.K > EPX_MOE_MAX_TOPK) {
-        if (b->rank == 0)
-            fprintf(stderr, "epx-bench moe: need experts (%d) a multiple of ranks (%d) and topk (%d) <= min(experts, %d)\n",
-                    m->d.E, m->d.R, m->d.K, EPX_MOE_MAX_TOPK);
-        return 2;
-    }
+    if (!bench_moe_shape_ok(m->d.E, m->d.R, m->d.K, b->rank == 0)) return 2;
     m->d.L = m->d.E / m->d.R;
     m->d.S = (m->d.H + SCALE_BLOCK - 1) / SCALE_BLOCK;
     m->in_row = (size_t)m->d.H * (m->d.fp8 && !m->d.ll ? 1 : 2);

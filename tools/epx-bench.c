@@ -213,11 +213,9 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
     if (o->max_bytes < o->min_bytes) o->max_bytes = o->min_bytes;
     /* Checked again by each rank (the rank count may come from the launcher); said here
      * before any rank starts when the launch is ours. */
-    if (!strcmp(o->op, "moe") && !getenv("EPX_RANK") && !under_mpi() && (o->experts % o->ranks != 0 || o->topk > o->experts)) {
-        fprintf(stderr, "epx-bench moe: need experts (%d) a multiple of ranks (%d) and topk (%d) <= experts\n",
-                o->experts, o->ranks, o->topk);
+    if (!strcmp(o->op, "moe") && !getenv("EPX_RANK") && !under_mpi() &&
+        !bench_moe_shape_ok(o->experts, o->ranks, o->topk, true))
         return 2;
-    }
     return 0;
 }
 

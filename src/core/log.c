@@ -35,11 +35,11 @@ static void epx__log_init(void)
         epx__log_level = EPX__LOG_INFO;
     else if (!strcasecmp(lvl, "TRACE"))
         epx__log_level = EPX__LOG_TRACE;
-    else
+    else {
         epx__log_level = EPX__LOG_WARN;
-    if (lvl[0] && strcasecmp(lvl, "NONE") && strcmp(lvl, "0") && strcasecmp(lvl, "WARN") && strcasecmp(lvl, "INFO") &&
-        strcasecmp(lvl, "TRACE"))
-        fprintf(stderr, "epx: EPX_DEBUG=%s is not NONE, WARN, INFO or TRACE; logging at WARN\n", lvl);
+        if (lvl[0] && strcasecmp(lvl, "WARN"))
+            fprintf(stderr, "epx: EPX_DEBUG=%s is not NONE, WARN, INFO or TRACE; logging at WARN\n", lvl);
+    }
 
     /* "ALL", "INIT,COLL", "^SHM" (everything but SHM). */
     const char *s = epx__param_str(EPX__P_DEBUG_SUBSYS);

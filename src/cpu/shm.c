@@ -9,7 +9,6 @@
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,30 +66,6 @@ static uint64_t epx__pidns(void)
     return stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
 }
 
-/* Once a process: remove the region names whose creator, a process of this pid namespace,
- * is gone (every rank of its communicator was killed, so none could). Names of other
- * namespaces, of live processes, and names of another form are left alone. */
-static void epx__sweep_dead_names(void)
-{
-    uint64_t ns = epx__pidns();
-    DIR *d = ns ? opendir("/dev/shm") : NULL;
-    if (!d) return;
-    for (struct dirent *e; (e = readdir(d));) {
-        unsigned long long nonce, their_ns;
-        int rank, pid, used = 0;
-        unsigned id;
-        if (strncmp(e->d_name, "epx-", 4) != 0 ||
-            sscanf(e->d_name, "epx-%16llx-%d-m%u-%d.%llu%n", &nonce, &rank, &id, &pid, &their_ns, &used) != 5 ||
-            e->d_name[used] != '\0' || their_ns != ns || pid <= 0 || pid == (int)getpid())
-            continue;
-        if (kill(pid, 0) == 0 || errno != ESRCH) continue; /* alive (or not ours to ask: alive) */
-        char name[300];
-        snprintf(name, sizeof name, "/%s", e->d_name);
-        shm_unlink(name);
-    }
-    closedir(d);
-}
-
 /* ---- Flags ------------------------------------------------------------------------ */
 
 static long epx__futex(_Atomic uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
@@ -120,6 +95,30 @@ static bool epx__pid_dead(int pid)
     char *paren = strrchr(buf, ')');
     if (!paren || paren[1] != ' ') return false;
     return paren[2] == 'Z' || paren[2] == 'X';
+}
+
+/* Once a process: remove the region names whose creator, a process of this pid namespace,
+ * is gone (every rank of its communicator was killed, so none could). Names of other
+ * namespaces, of live processes, and names of another form are left alone. */
+static void epx__sweep_dead_names(void)
+{
+    uint64_t ns = epx__pidns();
+    DIR *d = ns ? opendir("/dev/shm") : NULL;
+    if (!d) return;
+    for (struct dirent *e; (e = readdir(d));) {
+        unsigned long long nonce, their_ns;
+        int rank, pid, used = 0;
+        unsigned id;
+        if (strncmp(e->d_name, "epx-", 4) != 0 ||
+            sscanf(e->d_name, "epx-%16llx-%d-m%u-%d.%llu%n", &nonce, &rank, &id, &pid, &their_ns, &used) != 5 ||
+            e->d_name[used] != '\0' || their_ns != ns || pid <= 0 || pid == (int)getpid())
+            continue;
+        if (!epx__pid_dead(pid)) continue;
+        char name[300];
+        snprintf(name, sizeof name, "/%s", e->d_name);
+        shm_unlink(name);
+    }
+    closedir(d);
 }
 
 /* Has `peer` failed (aborted, or its process is gone)? Checked while waiting on it, the
