@@ -452,6 +452,9 @@ static void test_fault_parse(void)
     ASSERT(!epx__fault_due(&f, EPX__FAULT_DELAY, 2, EPX__FAULT_AT_HOST, &s)); /* aimed at rank 1 */
     ASSERT_OK(epx__fault_parse("fail:rank=2,step=1,at=enqueue;kill:rank=2,step=4,at=launched", 2, &f, &err));
     ASSERT(epx__fault_due(&f, EPX__FAULT_KILL, 4, EPX__FAULT_AT_LAUNCHED, &s));
+    ASSERT_OK(epx__fault_parse("kill:rank=1,step=0", 1, &f, &err)); /* the creation */
+    ASSERT(epx__fault_due(&f, EPX__FAULT_KILL, 0, EPX__FAULT_AT_HOST, &s));
+    ASSERT(!epx__fault_due(&f, EPX__FAULT_KILL, 1, EPX__FAULT_AT_HOST, &s));
     static const struct {
         const char *text, *says;
     } bad[] = {
@@ -461,7 +464,10 @@ static void test_fault_parse(void)
         {"count:rank=0,step=1,at=enqueue", "unknown key"},
         {"crash:rank=0,step=1", "delay, kill, count or fail"},
         {"fail:rank=0", "needs rank=R and step=N"},
-        {"fail:rank=0,step=0", "out of range"},
+        {"kill:rank=0", "needs rank=R and step=N"},
+        {"fail:rank=0,step=0", "takes only kill at host"},
+        {"kill:rank=0,step=0,at=enqueue", "takes only kill at host"},
+        {"kill:rank=0,step=-1", "out of range"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         ASSERT_STATUS(epx__fault_parse(bad[i].text, 0, &f, &err), EPX_ERR_INVALID_ARGUMENT);

@@ -19,14 +19,15 @@
 #include "testlib.h"
 
 #define NR 3
+#define FAULT_EXIT 86 /* EPX__FAULT_EXIT_CODE */
 /* The communicators' timeout: 1.5 s, or EPX_TEST_PEER_TIMEOUT_MS (sanitizer builds set 4 s:
  * there three forked ranks may take longer than 1.5 s to meet on a loaded 2-core machine). */
 static int timeout_ms = 1500;
 #define PARENT_WAIT_MS 90000 /* the parent's bound on any rank (ctest's is 120 s): it names it */
 
-typedef enum { DIE_BETWEEN, KILLED_DURING, STALL, ABORT, ALL_KILLED } scenario_t;
+typedef enum { DIE_BETWEEN, KILLED_DURING, STALL, ABORT, ALL_KILLED, DIES_CREATING } scenario_t;
 static const char *names[] = {"dies between calls", "killed during a large exchange", "stalls", "aborts",
-                              "every rank killed"};
+                              "every rank killed", "dies while the communicator is created"};
 
 static double now_ms(void)
 {
@@ -68,6 +69,24 @@ static int rank_main(scenario_t sc, int rank)
     epx_config_t cfg = EPX_CONFIG_INITIALIZER;
     cfg.timeout_ms = timeout_ms;
     epx_comm_t comm;
+    if (sc == DIES_CREATING) {
+        /* Rank NR-1 ends its process once its shared segment exists, before the others have
+         * mapped it (EPX_FAULT step 0; read at this process's first epx call, here). */
+        char fault[64];
+        snprintf(fault, sizeof fault, "kill:rank=%d,step=0", NR - 1);
+        if (rank == NR - 1) setenv("EPX_FAULT", fault, 1);
+        double t0 = now_ms();
+        epx_status_t st = epx_comm_init_rank(&comm, NR, rank, &sh->id, &cfg);
+        double waited = now_ms() - t0;
+        if (rank == NR - 1) TEST_FAIL_("%s: the fault did not fire (%s)", names[sc], epx_status_name(st));
+        if (st != EPX_ERR_PEER_FAILURE && st != EPX_ERR_TIMEOUT)
+            TEST_FAIL_("%s: creation returned %s, expected a peer failure or a timeout", names[sc], epx_status_name(st));
+        if (waited > timeout_ms + 1000) TEST_FAIL_("%s: took %.0f ms, timeout is %d ms", names[sc], waited, timeout_ms);
+        printf("rank %d, peer %s: %s after %.0f ms: %s\n", rank, names[sc], epx_status_name(st), waited,
+               epx_get_last_error());
+        fflush(stdout);
+        return 0;
+    }
     ASSERT_OK(epx_comm_init_rank(&comm, NR, rank, &sh->id, &cfg));
     size_t count = sc == KILLED_DURING ? (16u << 20) : 64;
     uint8_t *send, *recv = malloc(count * NR);
@@ -91,7 +110,8 @@ static int rank_main(scenario_t sc, int rank)
             for (;;) epx_alltoall(comm, send, recv, count, EPX_U8, NULL); /* parent kills us */
         case STALL: sleep(3 * timeout_ms / 1000 + 2); exit(0); /* without destroying: its names go at exit */
         case ABORT: usleep(100000); epx_comm_abort(comm); _exit(0);
-        case ALL_KILLED: _exit(9); /* (killed above) */
+        case ALL_KILLED:
+        case DIES_CREATING: _exit(9); /* (gone above) */
         }
     }
     double t0 = now_ms();
@@ -171,9 +191,10 @@ static void run_scenario(scenario_t sc)
             }
             usleep(10000);
         }
-        bool ok = sc == ALL_KILLED ? WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL
-                  : r == NR - 1    ? true
-                                   : WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        bool ok = sc == ALL_KILLED                    ? WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL
+                  : sc == DIES_CREATING && r == NR - 1 ? WIFEXITED(status) && WEXITSTATUS(status) == FAULT_EXIT
+                  : r == NR - 1                        ? true
+                                                       : WIFEXITED(status) && WEXITSTATUS(status) == 0;
         if (!ok) { /* the others go too: a child left running would hold ctest's output open */
             for (int q = 0; q < NR; q++) kill(pids[q], SIGKILL);
             TEST_FAIL_("scenario '%s': rank %d failed (status 0x%x)", names[sc], r, status);
@@ -213,6 +234,9 @@ int main(void)
      * remove the names the killed ones left. */
     run_scenario(ALL_KILLED);
     run_scenario(ABORT);
-    test_done(6);
+    /* A rank gone while the communicator is made: the others fail in time and remove its
+     * segment's name. */
+    run_scenario(DIES_CREATING);
+    test_done(7);
     return 0;
 }

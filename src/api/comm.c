@@ -171,7 +171,8 @@ static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *a
                                         sizeof pid, pids, c->timeout_ms, &c->err);
     free(pids);
     if (local == EPX_SUCCESS)
-        local = epx__cpu_create(&c->cpu, c->host_boot, c->local_rank, c->local_size, c->nonce, c->timeout_ms, &c->err);
+        local = epx__cpu_create(&c->cpu, c->host_boot, c->local_rank, c->local_size, c->nonce, c->timeout_ms, fault,
+                                &c->err);
     if (local == EPX_SUCCESS)
         local = epx__cuda_create(&c->cuda, c->cpu, c->local_rank, c->local_size, device, c->timeout_ms, &c->err);
     /* xhost agrees on every step; it runs even after a local failure so that no rank waits. */
@@ -263,7 +264,7 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
             goto fail;
         }
     }
-    EPX__CHECK_GOTO(epx__cpu_create(&c->cpu, c->boot, rank, nranks, c->nonce, timeout_ms, &c->err), st, fail);
+    EPX__CHECK_GOTO(epx__cpu_create(&c->cpu, c->boot, rank, nranks, c->nonce, timeout_ms, &fault, &c->err), st, fail);
     /* On CUDA the faults aim at the CUDA operations (each makes several host exchanges). */
     epx__fault_t host_fault = fault;
     if (backend == EPX_BACKEND_CUDA) memset(&host_fault, 0, sizeof host_fault);
@@ -394,7 +395,7 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
                  : epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
     free(pids);
     if (local == EPX_SUCCESS)
-        local = epx__cpu_create(&c->cpu, c->boot, c->local_rank, c->local_size, c->nonce, timeout_ms, &c->err);
+        local = epx__cpu_create(&c->cpu, c->boot, c->local_rank, c->local_size, c->nonce, timeout_ms, &fault, &c->err);
     if (local == EPX_SUCCESS && c->num_hosts > 1)
         local = epx__hier_create(&c->hier, c->cpu, c->net, host_of, lrank_of, timeout_ms, &c->err);
     /* EPX_FAULT: on one host the shared-memory backend counts its operations (local rank =

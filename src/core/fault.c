@@ -49,7 +49,7 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
                          "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count or fail)", index + 1, kind);
     if (s->kind == EPX__FAULT_FAIL) s->at = EPX__FAULT_AT_ENQUEUE;
-    long long step = 0;
+    long long step = -1; /* none given */
     char *save = NULL;
     for (char *kv = strtok_r(colon + 1, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
         char *eq = strchr(kv, '=');
@@ -62,7 +62,7 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
         if (!strcmp(key, "rank"))
             ok = epx__fault_number(val, 0, 1 << 20, &v), s->rank = (int)v;
         else if (!strcmp(key, "step"))
-            ok = epx__fault_number(val, 1, UINT32_MAX, &v), step = v;
+            ok = epx__fault_number(val, 0, UINT32_MAX, &v), step = v;
         else if (!strcmp(key, "ms") && s->kind == EPX__FAULT_DELAY)
             ok = epx__fault_number(val, 0, 24 * 3600 * 1000, &v), s->ms = (int)v;
         else if (!strcmp(key, "at") && s->kind != EPX__FAULT_COUNT) {
@@ -85,9 +85,13 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
             return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): %s=%s is out of range", index + 1,
                              kind, key, val);
     }
-    if (s->rank < 0 || step < 1 || (s->kind == EPX__FAULT_DELAY && s->ms < 0))
+    if (s->rank < 0 || step < 0 || (s->kind == EPX__FAULT_DELAY && s->ms < 0))
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): needs rank=R and step=N%s", index + 1,
                          kind, s->kind == EPX__FAULT_DELAY ? " and ms=M" : "");
+    if (step == 0 && (s->kind != EPX__FAULT_KILL || s->at != EPX__FAULT_AT_HOST))
+        return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
+                         "EPX_FAULT entry %d (%s): step=0 (the communicator's creation) takes only kill at host", index + 1,
+                         kind);
     s->step = (uint32_t)step;
     return EPX_SUCCESS;
 }
@@ -165,6 +169,16 @@ void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at)
     struct timespec ts = {s.ms / 1000, (long)(s.ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
+}
+
+void epx__fault_creation(const epx__fault_t *f)
+{
+    epx__fault_spec_t s;
+    if (!f || !f->armed || !epx__fault_take(f, EPX__FAULT_KILL, 0, &s)) return;
+    EPX_WARN(INIT, "fault: rank %d ends its process while its communicator is being created (exit %d)", s.rank,
+             EPX__FAULT_EXIT_CODE);
+    fflush(NULL);
+    _exit(EPX__FAULT_EXIT_CODE);
 }
 
 _Noreturn void epx__fault_exit(const epx__fault_spec_t *spec, int posted, int peers)

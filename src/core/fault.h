@@ -36,7 +36,9 @@
  *
  * Steps count the operations of a communicator from 1: every collective call (barrier,
  * alltoall, alltoallv, alltoallv_device, epx_moe_create, each MoE call) is one step, on
- * every backend. Each entry fires once
+ * every backend. Step 0 is the communicator's creation, and takes only `kill` (at host):
+ * the rank ends its process once its shared memory on its host exists, before its peers
+ * there have mapped it (epx__fault_creation). Each entry fires once
  * per process, on the first communicator that reaches its step, so that a test can build
  * a healthy communicator after the fault.
  *
@@ -61,7 +63,7 @@ typedef struct {
     int kind;      /* epx__fault_kind_t */
     int index;     /* position in EPX_FAULT (fires once per process) */
     int rank;      /* the rank it aims at */
-    uint32_t step; /* the operation it aims at, from 1 */
+    uint32_t step; /* the operation it aims at, from 1 (0: the creation) */
     int ms;        /* delay */
     int at;        /* epx__fault_at_t */
 } epx__fault_spec_t;
@@ -87,6 +89,10 @@ bool epx__fault_due(const epx__fault_t *f, int kind, uint32_t step, int at, epx_
 /* A `delay` at the start of operation `step` (at host) or at `at`: sleeps when one is due. */
 void epx__fault_delay(const epx__fault_t *f, uint32_t step);
 void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at);
+
+/* A `kill` aimed at step 0 (the communicator's creation): ends the process. src/cpu calls
+ * it once its shared segment exists, before the peers have mapped it. f may be NULL. */
+void epx__fault_creation(const epx__fault_t *f);
 
 /* End the process as a `kill` fault does. */
 _Noreturn void epx__fault_exit(const epx__fault_spec_t *spec, int posted, int peers);

@@ -28,9 +28,10 @@
 typedef struct epx__cpu epx__cpu_t;
 
 /* Collective over `boot`: create, map and cross-check the segments of all ranks. All ranks
- * must be on this host. */
+ * must be on this host. `fault` (may be NULL): a `kill` at step 0 fires here. A failed
+ * creation leaves no name of its own in /dev/shm, nor one of a peer that died in it. */
 epx_status_t epx__cpu_create(epx__cpu_t **cpu, epx__boot_t *boot, int rank, int nranks,
-                             uint64_t nonce, int64_t timeout_ms, epx__errbuf_t *err);
+                             uint64_t nonce, int64_t timeout_ms, const epx__fault_t *fault, epx__errbuf_t *err);
 /* Local. With `abort`, peers waiting on this rank fail promptly with EPX_ERR_PEER_FAILURE. */
 void epx__cpu_destroy(epx__cpu_t *cpu, bool abort);
 /* This rank gives up on the communicator (an operation timed out or failed): peers waiting

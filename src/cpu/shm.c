@@ -46,9 +46,11 @@ static size_t epx__seg_size(int nranks, size_t eager_bytes)
     return EPX__ALIGN_UP(b, 4096);
 }
 
-static void epx__seg_name(char *buf, size_t len, uint64_t nonce, int rank)
+/* The segment of `rank`, made by process `pid` of pid namespace `pidns`: like a region's
+ * name, it says whose it is, for epx__sweep_dead_names. */
+static void epx__seg_name(char *buf, size_t len, uint64_t nonce, int rank, int32_t pid, uint64_t pidns)
 {
-    snprintf(buf, len, "/epx-%016" PRIx64 "-%d-seg", nonce, rank);
+    snprintf(buf, len, "/epx-%016" PRIx64 "-%d-seg-%d.%" PRIu64, nonce, rank, (int)pid, pidns);
 }
 
 /* Region `id` of `rank`, whose segment header is `owner`: the name carries its creator's pid
@@ -97,21 +99,32 @@ static bool epx__pid_dead(int pid)
     return paren[2] == 'Z' || paren[2] == 'X';
 }
 
-/* Once a process: remove the region names whose creator, a process of this pid namespace,
- * is gone (every rank of its communicator was killed, so none could). Names of other
- * namespaces, of live processes, and names of another form are left alone. */
+/* The creator's pid and pid namespace of an epx segment or region name (without the
+ * leading '/'); false for any other name. */
+static bool epx__name_owner(const char *name, int *pid, unsigned long long *pidns)
+{
+    unsigned long long nonce;
+    int rank, used = 0;
+    unsigned id;
+    if (strncmp(name, "epx-", 4) != 0) return false;
+    if (sscanf(name, "epx-%16llx-%d-m%u-%d.%llu%n", &nonce, &rank, &id, pid, pidns, &used) == 5 && name[used] == '\0')
+        return true;
+    used = 0;
+    return sscanf(name, "epx-%16llx-%d-seg-%d.%llu%n", &nonce, &rank, pid, pidns, &used) == 4 && name[used] == '\0';
+}
+
+/* Once a process: remove the segment and region names whose creator, a process of this pid
+ * namespace, is gone (every rank of its communicator was killed, so none could). Names of
+ * other namespaces, of live processes, and names of another form are left alone. */
 static void epx__sweep_dead_names(void)
 {
     uint64_t ns = epx__pidns();
     DIR *d = ns ? opendir("/dev/shm") : NULL;
     if (!d) return;
     for (struct dirent *e; (e = readdir(d));) {
-        unsigned long long nonce, their_ns;
-        int rank, pid, used = 0;
-        unsigned id;
-        if (strncmp(e->d_name, "epx-", 4) != 0 ||
-            sscanf(e->d_name, "epx-%16llx-%d-m%u-%d.%llu%n", &nonce, &rank, &id, &pid, &their_ns, &used) != 5 ||
-            e->d_name[used] != '\0' || their_ns != ns || pid <= 0 || pid == (int)getpid())
+        unsigned long long their_ns;
+        int pid;
+        if (!epx__name_owner(e->d_name, &pid, &their_ns) || their_ns != ns || pid <= 0 || pid == (int)getpid())
             continue;
         if (!epx__pid_dead(pid)) continue;
         char name[300];
@@ -336,13 +349,54 @@ static bool epx__cma_probe(const epx__seg_hdr_t *peer_hdr, uint64_t expect)
     return n == (ssize_t)sizeof v && v == expect;
 }
 
+/* Who made a segment: what its name says besides the communicator and the rank. */
+typedef struct {
+    int32_t pid;
+    int32_t pad;
+    uint64_t pidns;
+} epx__owner_t;
+
+/* A failed creation: remove the segment names of communicator `nonce` whose creator is gone
+ * (a peer that died after making its segment, before the names could go). Live ranks'
+ * names are theirs to remove; as a peer's death may reach us (its sockets closed) before
+ * its process is gone, a creator still alive gets up to 200 ms to end. */
+static void epx__unlink_dead_segs(uint64_t nonce)
+{
+    char prefix[40];
+    snprintf(prefix, sizeof prefix, "epx-%016" PRIx64 "-", nonce);
+    uint64_t ns = epx__pidns();
+    for (int round = 0; round < 40; round++) {
+        DIR *d = opendir("/dev/shm");
+        if (!d) return;
+        int alive = 0;
+        for (struct dirent *e; (e = readdir(d));) {
+            unsigned long long their_ns;
+            int pid;
+            if (strncmp(e->d_name, prefix, strlen(prefix)) != 0 || !strstr(e->d_name, "-seg-") ||
+                !epx__name_owner(e->d_name, &pid, &their_ns) || their_ns != ns || pid == (int)getpid())
+                continue;
+            if (!epx__pid_dead(pid)) {
+                alive++;
+                continue;
+            }
+            char name[300];
+            snprintf(name, sizeof name, "/%s", e->d_name);
+            shm_unlink(name);
+        }
+        closedir(d);
+        if (!alive) return;
+        usleep(5000);
+    }
+}
+
 epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int nranks, uint64_t nonce,
-                             int64_t timeout_ms, epx__errbuf_t *err)
+                             int64_t timeout_ms, const epx__fault_t *fault, epx__errbuf_t *err)
 {
     epx_status_t st = EPX_SUCCESS;
     char name[96];
     bool created = false;
     uint8_t *cma_all = NULL;
+    epx__owner_t me = {0, 0, 0}, *owners = NULL;
     epx__cpu_t *c = calloc(1, sizeof *c);
     if (!c) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     c->rank = rank;
@@ -363,15 +417,21 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
         goto fail;
     }
 
-    epx__seg_name(name, sizeof name, nonce, rank);
+    me = (epx__owner_t){(int32_t)getpid(), 0, epx__pidns()};
+    owners = malloc(sizeof *owners * (size_t)nranks);
+    if (!owners) {
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        goto fail;
+    }
+    epx__seg_name(name, sizeof name, nonce, rank, me.pid, me.pidns);
     EPX__CHECK_GOTO(epx__map_shm(name, c->seg_bytes, true, PROT_READ | PROT_WRITE, &c->seg, err), st, fail);
     created = true;
     epx__seg_hdr_t *h = c->seg;
     epx__cma_probe_word = nonce ^ 0x5a5a5a5a5a5a5a5aull;
     h->rank = rank;
     h->nranks = nranks;
-    h->pid = (int32_t)getpid();
-    h->pidns = epx__pidns();
+    h->pid = me.pid;
+    h->pidns = me.pidns;
     h->nonce = nonce;
     h->cma_probe_addr = (uint64_t)(uintptr_t)&epx__cma_probe_word;
     h->eager_bytes = c->eager_bytes;
@@ -379,15 +439,17 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     atomic_store_explicit(&h->aborted.value, 0, memory_order_relaxed);
     atomic_thread_fence(memory_order_seq_cst);
     h->magic = EPX__SEG_MAGIC;
+    epx__fault_creation(fault);
 
-    EPX__CHECK_GOTO(epx__boot_barrier(boot, err), st, fail);
+    /* Every segment exists once this returns; its owner names it. */
+    EPX__CHECK_GOTO(epx__boot_allgather(boot, &me, owners, sizeof me, err), st, fail);
     for (int p = 0; p < nranks; p++) {
         if (p == rank) {
             c->peers[p].hdr = c->seg;
             continue;
         }
         void *m;
-        epx__seg_name(name, sizeof name, nonce, p);
+        epx__seg_name(name, sizeof name, nonce, p, owners[p].pid, owners[p].pidns);
         EPX__CHECK_GOTO(epx__map_shm(name, c->seg_bytes, false, PROT_READ | PROT_WRITE, &m, err), st, fail);
         c->peers[p].hdr = m;
         const epx__seg_hdr_t *ph = m;
@@ -415,10 +477,10 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
 
     /* Everyone has mapped everyone: the names can go. */
     EPX__CHECK_GOTO(epx__boot_barrier(boot, err), st, fail);
-    epx__seg_name(name, sizeof name, nonce, rank);
+    epx__seg_name(name, sizeof name, nonce, rank, me.pid, me.pidns);
     shm_unlink(name);
-    created = false;
     free(cma_all);
+    free(owners);
     EPX_INFO(SHM, "rank %d: %d ranks mapped, segment %zu bytes, eager %zu bytes/peer, cma %s", rank, nranks,
              c->seg_bytes, c->eager_bytes, c->cma_ok ? "on" : "off");
     epx__live_add(c);
@@ -427,10 +489,12 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
 
 fail:
     free(cma_all);
+    free(owners);
     if (created) {
-        epx__seg_name(name, sizeof name, nonce, rank);
+        epx__seg_name(name, sizeof name, nonce, rank, me.pid, me.pidns);
         shm_unlink(name);
     }
+    epx__unlink_dead_segs(nonce);
     epx__cpu_destroy(c, true);
     *out = NULL;
     return st;
