@@ -177,6 +177,42 @@ static int stress(epx_comm_t comm, int me, int R, int rounds)
     return rounds;
 }
 
+/* A slot that carried a large eager segment and then, two operations later, a small one:
+ * the small one's reader must wait for its data, not take what the large one left there.
+ * Word 1 and word 3 of the large segment's 16-byte unit k hold k + 1, so that for any
+ * operation number up to 1250 some stale unit looks like one of the small segment's lines
+ * (with the default EPX_CUDA_EAGER_BYTES the large segment goes as raw bytes, the small
+ * one as lines with the operation number in those words); rank 0 sends the small one
+ * 200 ms late, so the others read their slots first. Run first: operation numbers small. */
+static int stale_slot(epx_comm_t comm, int me, int R)
+{
+    const size_t big = 20000, small = 8192; /* bytes per pair */
+    uint32_t *send = test_buf_alloc(big * (size_t)R), *recv = test_buf_alloc(big * (size_t)R);
+    uint32_t *host = malloc(big * (size_t)R);
+    for (int op = 0; op < 3; op++) {
+        size_t bytes = op == 0 ? big : small, n = bytes / 4;
+        for (int q = 0; q < R; q++)
+            for (size_t w = 0; w < n; w++)
+                host[(size_t)q * n + w] = op == 0 && w % 2 == 1 ? (uint32_t)(w / 4 + 1)
+                                                                : (uint32_t)test_mix(7000u + (uint64_t)op, (uint64_t)me, (uint64_t)q, w);
+        test_buf_put(send, host, bytes * (size_t)R);
+        test_buf_poison(recv, POISON, bytes * (size_t)R);
+        if (op == 2 && me == 0) test_stream_hold(200);
+        ASSERT_OK(epx_alltoall(comm, send, recv, bytes, EPX_U8, test_stream()));
+        test_buf_get(host, recv, bytes * (size_t)R);
+        for (int q = 0; q < R; q++)
+            for (size_t w = 0; w < n; w++) {
+                uint32_t want = op == 0 && w % 2 == 1 ? (uint32_t)(w / 4 + 1)
+                                                      : (uint32_t)test_mix(7000u + (uint64_t)op, (uint64_t)q, (uint64_t)me, w);
+                if (host[(size_t)q * n + w] != want)
+                    TEST_FAIL_("stale slot, operation %d: word %zu from rank %d is 0x%08x, expected 0x%08x", op, w, q,
+                               host[(size_t)q * n + w], want);
+            }
+    }
+    test_buf_free(send), test_buf_free(recv), free(host);
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     bool large = false;
@@ -189,6 +225,7 @@ int main(int argc, char **argv)
     epx_comm_t comm = test_comm_from_env(&me, &R);
     ASSERT(R <= 64);
 
+    passed += stale_slot(comm, me, R);
     static const epx_dtype_t dtypes[] = {EPX_U8, EPX_I32, EPX_I64, EPX_F16, EPX_BF16, EPX_F32, EPX_FP8_E4M3};
     int round = 0;
     for (int rep = 0; rep < 3; rep++)

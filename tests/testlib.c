@@ -1,6 +1,7 @@
 #include "testlib.h"
 
 #include <string.h>
+#include <unistd.h>
 #ifdef EPX_HAVE_MPI
 #include "epx_mpi.h"
 #endif
@@ -175,6 +176,24 @@ void *test_stream(void)
     if (test_cuda) return test_cuda_stream;
 #endif
     return NULL;
+}
+
+#ifdef EPX_HAVE_CUDA
+static void CUDART_CB test_sleep_ms(void *ms)
+{
+    usleep((useconds_t)(uintptr_t)ms * 1000u);
+}
+#endif
+
+void test_stream_hold(int ms)
+{
+#ifdef EPX_HAVE_CUDA
+    if (test_cuda) {
+        CUDA_OK(cudaLaunchHostFunc(test_cuda_stream, test_sleep_ms, (void *)(uintptr_t)ms));
+        return;
+    }
+#endif
+    usleep((useconds_t)ms * 1000u);
 }
 
 void test_sync(void)

@@ -89,6 +89,9 @@ void test_buf_poison(void *p, int byte, size_t bytes);
 /* The stream calls are enqueued on (NULL on the CPU), and a wait for it. */
 void *test_stream(void);
 void test_sync(void);
+/* What this rank enqueues next starts `ms` later: a host function that sleeps on the
+ * stream (CUDA), or a sleep now (CPU). */
+void test_stream_hold(int ms);
 
 /* Every test prints one closing line through this: "N passed, 0 failed". */
 void test_done(int passed);

@@ -65,8 +65,16 @@ static __device__ void epx__block_copy(char *dst, const char *src, long long byt
 
 /* A line is {lo, f, hi, f}. Each 8-byte half is stored and loaded in one piece, so a reader
  * that sees flag f in both halves holds both data words of operation f: no fence before a
- * flag, no flag round trip after the data. f is the low 32 bits of the operation number,
- * which grows by one per operation (a slot's stale lines carry an older number). */
+ * flag, no flag round trip after the data (this relies on an aligned 8-byte half of a
+ * 16-byte store arriving whole, over NVLink too, as NCCL's LL protocol does). f is the
+ * operation number n mapped to [1, 2^32 - 1] (epx__line_flag): never 0, the value of a
+ * fresh slot and of a slot's words a raw segment left (the reader clears them after its
+ * copy), and never the number of the slot's previous operation n - 2. */
+static __device__ __forceinline__ unsigned epx__line_flag(unsigned long long n)
+{
+    return (unsigned)(n % 0xffffffffull) + 1u;
+}
+
 static __device__ __forceinline__ void epx__st_line(uint4 *p, uint4 v)
 {
     asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -119,14 +127,16 @@ static __device__ void epx__lines_put(uint4 *slot, const char *src, long long by
 
 /* Block-wide: the peer's segment from my slot into dst[0, bytes), each line as soon as it
  * carries flag f (bounded waits). 0 when a wait failed: the lines that had arrived are
- * written, the others not. */
+ * written, the others not. With `relay` every thread fences after its loads, before the
+ * block's barrier: what the peer wrote before its lines (a relayed failure) is then
+ * visible to the thread that looks after it. */
 static __device__ int epx__lines_get(const epx__cuda_dev_t *d, char *dst, const uint4 *slot, long long bytes,
-                                     unsigned long long n, int peer)
+                                     unsigned long long n, int peer, bool relay)
 {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
-    unsigned f = (unsigned)n;
+    unsigned f = epx__line_flag(n);
     bool good = true;
     for (long long i = threadIdx.x; good && i < epx__lines(bytes); i += blockDim.x) {
         unsigned long long start = epx__globaltimer();
@@ -138,6 +148,7 @@ static __device__ int epx__lines_get(const epx__cuda_dev_t *d, char *dst, const 
         if (good) epx__store8(dst, bytes, i, make_uint2(v.x, v.z));
     }
     if (!good) ok = 0;
+    if (relay) __threadfence_system();
     __syncthreads();
     int r = ok;
     __syncthreads();
@@ -146,7 +157,10 @@ static __device__ int epx__lines_get(const epx__cuda_dev_t *d, char *dst, const 
 
 /* Block p sends my segment for rank p into p's slot, then receives p's segment for me.
  * Segments up to half a slot go as lines (the pair's count, agreed on the host, picks the
- * format on both sides); larger ones as data, a system fence, then the slot's flag. */
+ * format on both sides); larger ones as data, a system fence, then the slot's flag. A slot
+ * (one per parity) is written again two operations later: by then the peer has heard from
+ * me in the operation between (every operation waits on every pair), which my stream ran
+ * after this kernel, so my reads and clears of the slot are over. */
 static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_args_t a)
 {
     __shared__ int ok;
@@ -162,9 +176,10 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
         if (d.relay) { /* the same for the whole block: its barrier stays legal */
             if (threadIdx.x == 0) epx__relay_out(&d, p, n); /* before the lines, or the slot's flag */
             __syncthreads();
+            __threadfence_system(); /* in every thread: each line it stores follows a relayed failure */
         }
         if (a.send_bytes[p] <= line_max) {
-            epx__lines_put((uint4 *)(s + EPX__SLOT_HDR), a.send + a.send_displ[p], a.send_bytes[p], (unsigned)n);
+            epx__lines_put((uint4 *)(s + EPX__SLOT_HDR), a.send + a.send_displ[p], a.send_bytes[p], epx__line_flag(n));
         } else {
             epx__block_copy(s + EPX__SLOT_HDR, a.send + a.send_displ[p], a.send_bytes[p]);
             epx__block_fence_sys(true); /* the block's stores reach the peer before the flag */
@@ -172,16 +187,24 @@ static __global__ void epx__k_eager_alltoallv(epx__cuda_dev_t d, epx__cuda_a2a_a
         }
         if (a.recv_bytes[p] <= line_max) {
             if (epx__lines_get(&d, a.recv + a.recv_displ[p], (const uint4 *)(mine + EPX__SLOT_HDR), a.recv_bytes[p], n,
-                               p) &&
-                threadIdx.x == 0 && d.relay) {
-                __threadfence_system(); /* the lines were relaxed loads */
-                epx__relay_in(&d, p, n);
-            }
+                               p, d.relay) &&
+                threadIdx.x == 0 && d.relay)
+                epx__relay_in(&d, p, n); /* every thread fenced after its lines, then the barrier */
         } else {
             if (threadIdx.x == 0) ok = epx__wait_geq(&d, (const unsigned long long *)mine, n, p);
             if (threadIdx.x == 0 && ok) epx__relay_in(&d, p, n);
             __syncthreads();
-            if (ok) epx__block_copy(a.recv + a.recv_displ[p], mine + EPX__SLOT_HDR, a.recv_bytes[p]);
+            if (ok) {
+                epx__block_copy(a.recv + a.recv_displ[p], mine + EPX__SLOT_HDR, a.recv_bytes[p]);
+                /* Raw bytes left in the slot could look like a later operation's lines
+                 * (words 1 and 3 of a 16-byte unit equal to its flag): clear them. The
+                 * peer writes this slot again only after my next operation's signal,
+                 * which follows this kernel. */
+                __syncthreads();
+                uint4 *u = (uint4 *)(mine + EPX__SLOT_HDR);
+                for (long long i = threadIdx.x; i < (a.recv_bytes[p] + 15) / 16; i += blockDim.x)
+                    u[i] = make_uint4(0u, 0u, 0u, 0u);
+            }
         }
     }
     epx__finish_op(&d, n);

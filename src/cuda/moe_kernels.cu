@@ -469,7 +469,10 @@ extern "C" int epx__cuda_launch_moe_rows(const epx__moe_routing_t *r, const epx_
 /* ---- Gather --------------------------------------------------------------------------------- */
 
 /* Rows are grouped by source: odd warps walk them from the end, so that reads from the
- * last sources (over NVLink) and from the first ones (often local) are in flight together. */
+ * last sources (over NVLink) and from the first ones (often local) are in flight together.
+ * Without the ARRIVE step the peers' x is read with plain loads and no acquire here: the
+ * count kernel, earlier on this stream, acquired every source's ARRIVE of this operation
+ * (epx__arrive), and a peer writes its x again only after my DONE of it. */
 static __device__ void epx__gather_row(const epx__moe_gather_t *g, long long row)
 {
     int p = g->src_rank[row];
