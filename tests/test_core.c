@@ -14,6 +14,8 @@
 
 #include "core/core.h"
 #include "core/fault.h"
+#include "cpu/cpu.h"
+#include "cpu/shm.h"
 #include "testlib.h"
 
 static void test_status(void)
@@ -511,6 +513,39 @@ static void test_arena(void)
     ASSERT_EQ(epx__arena_capacity(&a), a.want);
 }
 
+/* Registered regions: an address is in a region only from its base up to, not including,
+ * its end: one past the end, even with length 0, is not (it may be the next region's start,
+ * and the staging copy was once found so in its neighbour). Regions of every size class,
+ * each looked up at its base, inside, at its last byte and one past its end. */
+static void test_region_find(void)
+{
+    epx_unique_id_t id;
+    epx__errbuf_t err;
+    epx__boot_t *boot;
+    int info = 0, all[1];
+    ASSERT_OK(epx__boot_create_id(&id, &err));
+    ASSERT_OK(epx__boot_init(&boot, 1, 0, &id, &info, sizeof info, all, 5000, &err));
+    epx__cpu_t *c;
+    ASSERT_OK(epx__cpu_create(&c, boot, 0, 1, 0x1234abcdull, 5000, NULL, &err));
+    char *r[6];
+    size_t size[6] = {4096, 4096, 8192, 65536, 4096, 12288};
+    for (int i = 0; i < 6; i++) ASSERT_OK(epx__cpu_mem_alloc(c, size[i], (void **)&r[i], &err));
+    for (int i = 0; i < 6; i++) {
+        epx__loc_t loc, base;
+        ASSERT(epx__region_find(c, r[i], size[i], &base));
+        ASSERT(base.kind == EPX__LOC_REGION && base.addr == 0 && base.region_size == size[i]);
+        ASSERT(epx__region_find(c, r[i] + 100, 0, &loc) && loc.region_id == base.region_id && loc.addr == 100);
+        ASSERT(epx__region_find(c, r[i] + size[i] - 1, 1, &loc) && loc.region_id == base.region_id);
+        ASSERT(!epx__region_find(c, r[i], size[i] + 1, &loc));
+        bool found = epx__region_find(c, r[i] + size[i], 0, &loc);
+        if (found && loc.region_id == base.region_id)
+            TEST_FAIL_("region %d: the address one past its end was found in it", i);
+        if (found && loc.addr >= loc.region_size) TEST_FAIL_("region %d's end found past another region's end", i);
+    }
+    epx__cpu_destroy(c, false);
+    epx__boot_close(boot);
+}
+
 int main(void)
 {
     test_rank = 0;
@@ -550,6 +585,7 @@ int main(void)
     ASSERT_STATUS(epx_alltoallv_device(comm, &x, c1, c1, &y, c1, c1, EPX_I32, NULL), EPX_ERR_UNSUPPORTED);
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
-    test_done(18);
+    test_region_find();
+    test_done(19);
     return 0;
 }

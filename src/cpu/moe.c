@@ -303,7 +303,7 @@ int epx__cpu_moe_handle_tokens(const epx__cpu_moe_handle_t *h) { return h->num_t
 typedef struct {
     uint32_t seq;
     uint64_t deadline;
-    bool exposed;        /* peers read memory the caller owns: wait for them at the end */
+    bool exposed;        /* peers read my memory (always my board, often the caller's): wait for them at the end */
     bool broken;         /* a peer never posted: the communicator is broken */
     epx__board_t mine;   /* my board section for this operation */
     epx__board_t *b;     /* every rank's, after epx__op_meet */
@@ -329,7 +329,7 @@ static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
 {
     op->seq = epx__op_begin(m->cpu);
     op->deadline = epx__deadline_after_ms(m->cpu->timeout_ms);
-    op->exposed = false;
+    op->exposed = true; /* peers read my board (opened by name on first use): wait for them */
     op->broken = false;
     op->mine = epx__board_at(m, m->board, op->seq);
     memset(op->mine.hdr, 0, sizeof *op->mine.hdr);
@@ -344,13 +344,13 @@ static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t 
 {
     if (local == EPX_SUCCESS && !op->b) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (__builtin_expect(m->cpu->fault.armed, 0) && local == EPX_SUCCESS) epx__fault_count(m, op);
-    epx__op_post(m->cpu, op->seq, local);
+    epx__op_post(m->cpu, op->seq, EPX__OP_MOE, local);
     epx_status_t st = epx__wait_posts(m->cpu, op->seq, op->deadline, err);
     if (st == EPX_SUCCESS) st = epx__peers_check(m->cpu, op->seq, err);
     op->broken = st != EPX_SUCCESS;
     if (st != EPX_SUCCESS) return st;
     if (local != EPX_SUCCESS) return local;
-    EPX__CHECK(epx__op_check_remote(m->cpu, op->seq, err));
+    EPX__CHECK(epx__op_check_remote(m->cpu, op->seq, EPX__OP_MOE, err));
     EPX__CHECK(epx__boards_read(m, op->seq, op->b, err));
     EPX__CHECK(epx__boards_agree(m, op->b, err));
     return epx__boards_check(m, op->b, err);

@@ -611,7 +611,7 @@ bool epx__region_find(epx__cpu_t *c, const void *p, size_t len, epx__loc_t *loc)
     uintptr_t a = (uintptr_t)p;
     for (int i = 0; i < c->num_regions; i++) {
         uintptr_t b = (uintptr_t)c->regions[i].base;
-        if (a >= b && a - b <= c->regions[i].size && len <= c->regions[i].size - (a - b)) {
+        if (a >= b && a - b < c->regions[i].size && len <= c->regions[i].size - (a - b)) {
             loc->kind = EPX__LOC_REGION;
             loc->region_id = c->regions[i].id;
             loc->region_size = c->regions[i].size;
@@ -631,7 +631,7 @@ epx_status_t epx__staging_get(epx__cpu_t *c, size_t bytes, void **base, epx__loc
         c->staging_bytes = EPX__ALIGN_UP(want, 4096);
     }
     *base = c->staging;
-    bool found = epx__region_find(c, c->staging, 0, loc);
+    bool found = epx__region_find(c, c->staging, c->staging_bytes, loc);
     (void)found;
     return EPX_SUCCESS;
 }
@@ -696,6 +696,9 @@ epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint3
         *base = epx__seg_eager(c->peers[peer].hdr, c->nranks, c->eager_bytes, seq, c->rank);
         return EPX_SUCCESS;
     case EPX__LOC_REGION:
+        if (loc->addr >= loc->region_size)
+            return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published an address past its region %u", peer,
+                             loc->region_id);
         EPX__CHECK(epx__peer_region(c, peer, loc, base, err));
         *base += loc->addr;
         return EPX_SUCCESS;
@@ -735,28 +738,30 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
 
 /* ---- One operation ---------------------------------------------------------------------- */
 
-static inline void epx__post_to(epx__cpu_t *c, uint32_t seq, int p, epx_status_t status)
+static inline void epx__post_to(epx__cpu_t *c, uint32_t seq, int p, epx__op_kind_t kind, epx_status_t status)
 {
     epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
     d->status = status;
+    d->kind = kind;
     epx__flag_post(&d->post, seq);
 }
 
 /* A `kill` fault: post to the first half of the peers (at least one), then exit. */
-static void epx__op_post_kill(epx__cpu_t *c, uint32_t seq, epx_status_t status)
+static void epx__op_post_kill(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx_status_t status)
 {
     epx__fault_spec_t f;
     if (!epx__fault_take(&c->fault, EPX__FAULT_KILL, seq, &f)) return;
     int peers = c->nranks - 1, half = EPX__MAX(1, (peers + 1) / 2), posted = 0;
-    for (int i = 1; i <= peers && posted < half; i++, posted++) epx__post_to(c, seq, (c->rank + i) % c->nranks, status);
+    for (int i = 1; i <= peers && posted < half; i++, posted++)
+        epx__post_to(c, seq, (c->rank + i) % c->nranks, kind, status);
     epx__fault_exit(&f, posted, peers);
 }
 
-void epx__op_post(epx__cpu_t *c, uint32_t seq, epx_status_t status)
+void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx_status_t status)
 {
-    if (__builtin_expect(c->fault.armed, 0)) epx__op_post_kill(c, seq, status);
+    if (__builtin_expect(c->fault.armed, 0)) epx__op_post_kill(c, seq, kind, status);
     for (int p = 0; p < c->nranks; p++)
-        if (p != c->rank) epx__post_to(c, seq, p, status);
+        if (p != c->rank) epx__post_to(c, seq, p, kind, status);
 }
 
 epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
@@ -771,8 +776,16 @@ epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
+epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx__errbuf_t *err)
 {
+    static const char *names[] = {"?", "an alltoall(v) or barrier", "a MoE call"};
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == c->rank) continue;
+        const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);
+        if (theirs->kind != (uint32_t)kind)
+            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d is in %s, this rank in %s (operation %u); nothing was written",
+                             p, names[theirs->kind <= EPX__OP_MOE ? theirs->kind : 0], names[kind], seq);
+    }
     for (int p = 0; p < c->nranks; p++) {
         if (p == c->rank) continue;
         const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);

@@ -226,6 +226,8 @@ static epx_status_t epx__net_reserve(epx__net_t *n, int want, epx__errbuf_t *err
     return EPX_SUCCESS;
 }
 
+static void epx__net_drop(epx__net_t *n);
+
 epx_status_t epx__net_start(epx__net_t *n, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
                             const int64_t *rbytes, epx__errbuf_t *err)
 {
@@ -243,7 +245,11 @@ epx_status_t epx__net_start(epx__net_t *n, int tag, const void *const *sbuf, con
                 int piece = (int)EPX__MIN(EPX__NET_CHUNK, len - off);
                 int rc = side ? MPI_Isend((const char *)sbuf[p] + off, piece, MPI_BYTE, p, tag, n->comm, &n->reqs[n->nreqs])
                               : MPI_Irecv((char *)rbuf[p] + off, piece, MPI_BYTE, p, tag, n->comm, &n->reqs[n->nreqs]);
-                if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, side ? "MPI_Isend" : "MPI_Irecv");
+                if (rc != MPI_SUCCESS) { /* what was posted must not land later in memory taken back */
+                    epx_status_t st = epx__mpi_fail(err, rc, side ? "MPI_Isend" : "MPI_Irecv");
+                    epx__net_drop(n);
+                    return st;
+                }
                 n->nreqs++;
                 n->nrecv += !side;
             }
