@@ -526,7 +526,7 @@ static void test_region_find(void)
     ASSERT_OK(epx__boot_create_id(&id, &err));
     ASSERT_OK(epx__boot_init(&boot, 1, 0, &id, &info, sizeof info, all, 5000, &err));
     epx__cpu_t *c;
-    ASSERT_OK(epx__cpu_create(&c, boot, 0, 1, 0x1234abcdull, 5000, NULL, &err));
+    ASSERT_OK(epx__cpu_create(&c, boot, 0, 1, epx__id_nonce(&id), 5000, NULL, &err));
     char *r[6];
     size_t size[6] = {4096, 4096, 8192, 65536, 4096, 12288};
     for (int i = 0; i < 6; i++) ASSERT_OK(epx__cpu_mem_alloc(c, size[i], (void **)&r[i], &err));

@@ -59,7 +59,7 @@ static void epx__fault_count(epx__cpu_t *c, uint32_t seq)
 static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
 {
     int me = c->rank;
-    EPX__CHECK(epx__op_check_remote(c, seq, EPX__OP_EXCHANGE, err));
+    EPX__CHECK(epx__op_check_remote(c, seq, EPX__CALL_EXCHANGE, err));
     for (int p = 0; p < c->nranks; p++) {
         if (p == me) continue;
         const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, me);
@@ -91,7 +91,7 @@ static epx_status_t epx__xop_open(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_s
     op->exposed = false;
     if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, op->seq, &op->exposed, err);
     if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, op->seq);
-    epx__op_post(c, op->seq, EPX__OP_EXCHANGE, local_status);
+    epx__op_post(c, op->seq, EPX__CALL_EXCHANGE, local_status);
     epx_status_t st = epx__wait_posts(c, op->seq, op->deadline, err);
     if (st == EPX_SUCCESS) st = epx__peers_check(c, op->seq, err);
     *broken = st != EPX_SUCCESS;

@@ -344,13 +344,13 @@ static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t 
 {
     if (local == EPX_SUCCESS && !op->b) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (__builtin_expect(m->cpu->fault.armed, 0) && local == EPX_SUCCESS) epx__fault_count(m, op);
-    epx__op_post(m->cpu, op->seq, EPX__OP_MOE, local);
+    epx__op_post(m->cpu, op->seq, EPX__CALL_MOE, local);
     epx_status_t st = epx__wait_posts(m->cpu, op->seq, op->deadline, err);
     if (st == EPX_SUCCESS) st = epx__peers_check(m->cpu, op->seq, err);
     op->broken = st != EPX_SUCCESS;
     if (st != EPX_SUCCESS) return st;
     if (local != EPX_SUCCESS) return local;
-    EPX__CHECK(epx__op_check_remote(m->cpu, op->seq, EPX__OP_MOE, err));
+    EPX__CHECK(epx__op_check_remote(m->cpu, op->seq, EPX__CALL_MOE, err));
     EPX__CHECK(epx__boards_read(m, op->seq, op->b, err));
     EPX__CHECK(epx__boards_agree(m, op->b, err));
     return epx__boards_check(m, op->b, err);

@@ -358,14 +358,16 @@ typedef struct {
 
 /* A failed creation: remove the segment names of communicator `nonce` whose creator is gone
  * (a peer that died after making its segment, before the names could go). Live ranks'
- * names are theirs to remove; as a peer's death may reach us (its sockets closed) before
- * its process is gone, a creator still alive gets up to 200 ms to end. */
-static void epx__unlink_dead_segs(uint64_t nonce)
+ * names are theirs to remove. After a peer failure (`wait`), as the death may reach us (its
+ * sockets closed) before its process is gone, a creator still alive gets up to 200 ms to
+ * end; otherwise one look. Nothing without /proc (no way to tell the dead). */
+static void epx__unlink_dead_segs(uint64_t nonce, bool wait)
 {
     char prefix[40];
     snprintf(prefix, sizeof prefix, "epx-%016" PRIx64 "-", nonce);
     uint64_t ns = epx__pidns();
-    for (int round = 0; round < 40; round++) {
+    if (!ns) return;
+    for (int round = 0; round < (wait ? 40 : 1); round++) {
         DIR *d = opendir("/dev/shm");
         if (!d) return;
         int alive = 0;
@@ -384,7 +386,7 @@ static void epx__unlink_dead_segs(uint64_t nonce)
             shm_unlink(name);
         }
         closedir(d);
-        if (!alive) return;
+        if (!alive || !wait) return;
         usleep(5000);
     }
 }
@@ -450,7 +452,11 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
         }
         void *m;
         epx__seg_name(name, sizeof name, nonce, p, owners[p].pid, owners[p].pidns);
-        EPX__CHECK_GOTO(epx__map_shm(name, c->seg_bytes, false, PROT_READ | PROT_WRITE, &m, err), st, fail);
+        st = epx__map_shm(name, c->seg_bytes, false, PROT_READ | PROT_WRITE, &m, err);
+        if (st != EPX_SUCCESS && owners[p].pidns == me.pidns && epx__pid_dead(owners[p].pid))
+            st = epx__fail(err, EPX_ERR_PEER_FAILURE, "rank %d (pid %d) died while the communicator was being created",
+                           p, (int)owners[p].pid);
+        if (st != EPX_SUCCESS) goto fail;
         c->peers[p].hdr = m;
         const epx__seg_hdr_t *ph = m;
         if (ph->magic != EPX__SEG_MAGIC || ph->nonce != nonce || ph->rank != p || ph->nranks != nranks ||
@@ -494,7 +500,7 @@ fail:
         epx__seg_name(name, sizeof name, nonce, rank, me.pid, me.pidns);
         shm_unlink(name);
     }
-    epx__unlink_dead_segs(nonce);
+    epx__unlink_dead_segs(nonce, st == EPX_ERR_PEER_FAILURE);
     epx__cpu_destroy(c, true);
     *out = NULL;
     return st;
@@ -631,8 +637,9 @@ epx_status_t epx__staging_get(epx__cpu_t *c, size_t bytes, void **base, epx__loc
         c->staging_bytes = EPX__ALIGN_UP(want, 4096);
     }
     *base = c->staging;
-    bool found = epx__region_find(c, c->staging, c->staging_bytes, loc);
-    (void)found;
+    if (!epx__region_find(c, c->staging, c->staging_bytes, loc))
+        return epx__fail(err, EPX_ERR_INTERNAL, "the staging region (%zu bytes) is not among the registered ones",
+                         c->staging_bytes);
     return EPX_SUCCESS;
 }
 
@@ -738,7 +745,7 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
 
 /* ---- One operation ---------------------------------------------------------------------- */
 
-static inline void epx__post_to(epx__cpu_t *c, uint32_t seq, int p, epx__op_kind_t kind, epx_status_t status)
+static inline void epx__post_to(epx__cpu_t *c, uint32_t seq, int p, epx__call_kind_t kind, epx_status_t status)
 {
     epx__desc_t *d = epx__seg_desc(c->seg, c->nranks, seq, p);
     d->status = status;
@@ -747,7 +754,7 @@ static inline void epx__post_to(epx__cpu_t *c, uint32_t seq, int p, epx__op_kind
 }
 
 /* A `kill` fault: post to the first half of the peers (at least one), then exit. */
-static void epx__op_post_kill(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx_status_t status)
+static void epx__op_post_kill(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx_status_t status)
 {
     epx__fault_spec_t f;
     if (!epx__fault_take(&c->fault, EPX__FAULT_KILL, seq, &f)) return;
@@ -757,7 +764,7 @@ static void epx__op_post_kill(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, 
     epx__fault_exit(&f, posted, peers);
 }
 
-void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx_status_t status)
+void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx_status_t status)
 {
     if (__builtin_expect(c->fault.armed, 0)) epx__op_post_kill(c, seq, kind, status);
     for (int p = 0; p < c->nranks; p++)
@@ -776,7 +783,7 @@ epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx__errbuf_t *err)
+epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx__errbuf_t *err)
 {
     static const char *names[] = {"?", "an alltoall(v) or barrier", "a MoE call"};
     for (int p = 0; p < c->nranks; p++) {
@@ -784,7 +791,7 @@ epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__op_kind_t ki
         const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);
         if (theirs->kind != (uint32_t)kind)
             return epx__fail(err, EPX_ERR_MISMATCH, "rank %d is in %s, this rank in %s (operation %u); nothing was written",
-                             p, names[theirs->kind <= EPX__OP_MOE ? theirs->kind : 0], names[kind], seq);
+                             p, names[theirs->kind <= EPX__CALL_MOE ? theirs->kind : 0], names[kind], seq);
     }
     for (int p = 0; p < c->nranks; p++) {
         if (p == c->rank) continue;

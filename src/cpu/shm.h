@@ -39,7 +39,7 @@ typedef struct {
 typedef struct {
     _Alignas(EPX__CACHELINE) epx__flag_t post;
     int32_t status;
-    uint32_t kind; /* epx__op_kind_t: a peer in another kind of call is a mismatch */
+    uint32_t kind; /* epx__call_kind_t: a peer in another kind of call is a mismatch */
     int64_t send_bytes;
     int64_t recv_bytes;
     epx__loc_t loc;
@@ -153,14 +153,14 @@ epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err);
 
 /* The kinds of operations: every rank must be in the same kind (the descriptors of the
  * others are laid out differently, and an older operation's may still be there). */
-typedef enum { EPX__OP_EXCHANGE = 1, EPX__OP_MOE = 2 } epx__op_kind_t;
+typedef enum { EPX__CALL_EXCHANGE = 1, EPX__CALL_MOE = 2 } epx__call_kind_t;
 
 /* Post operation `seq` of `kind` to every peer with my verdict on my arguments (descriptor
  * fields other than the flag, status and kind must already be written). */
-void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx_status_t status);
+void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx_status_t status);
 /* After epx__wait_posts: EPX_ERR_MISMATCH if a peer is in another kind of operation, else
  * EPX_ERR_REMOTE_INVALID if any peer rejected its arguments. */
-epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__op_kind_t kind, epx__errbuf_t *err);
+epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx__errbuf_t *err);
 /* Publish done = seq and, when peers read memory the caller owns (`exposed`), wait until
  * they all finished. Returns `st`, or the wait's error when st was a success. */
 epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, uint64_t deadline,
