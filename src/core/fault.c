@@ -174,17 +174,17 @@ void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at)
 void epx__fault_creation(const epx__fault_t *f)
 {
     epx__fault_spec_t s;
-    if (!f || !f->armed || !epx__fault_take(f, EPX__FAULT_KILL, 0, &s)) return;
-    EPX_WARN(INIT, "fault: rank %d ends its process while its communicator is being created (exit %d)", s.rank,
-             EPX__FAULT_EXIT_CODE);
-    fflush(NULL);
-    _exit(EPX__FAULT_EXIT_CODE);
+    if (f && f->armed && epx__fault_take(f, EPX__FAULT_KILL, 0, &s)) epx__fault_exit(&s, 0, 0);
 }
 
 _Noreturn void epx__fault_exit(const epx__fault_spec_t *spec, int posted, int peers)
 {
-    EPX_WARN(COLL, "fault: rank %d ends its process in operation %u after posting to %d of %d peers (exit %d)",
-             spec->rank, spec->step, posted, peers, EPX__FAULT_EXIT_CODE);
+    if (spec->step == 0)
+        EPX_WARN(INIT, "fault: rank %d ends its process while its communicator is being created (exit %d)", spec->rank,
+                 EPX__FAULT_EXIT_CODE);
+    else
+        EPX_WARN(COLL, "fault: rank %d ends its process in operation %u after posting to %d of %d peers (exit %d)",
+                 spec->rank, spec->step, posted, peers, EPX__FAULT_EXIT_CODE);
     fflush(NULL);
     _exit(EPX__FAULT_EXIT_CODE);
 }

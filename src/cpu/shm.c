@@ -113,26 +113,37 @@ static bool epx__name_owner(const char *name, int *pid, unsigned long long *pidn
     return sscanf(name, "epx-%16llx-%d-seg-%d.%llu%n", &nonce, &rank, pid, pidns, &used) == 4 && name[used] == '\0';
 }
 
-/* Once a process: remove the segment and region names whose creator, a process of this pid
- * namespace, is gone (every rank of its communicator was killed, so none could). Names of
- * other namespaces, of live processes, and names of another form are left alone. */
-static void epx__sweep_dead_names(void)
+/* Remove the names starting with `prefix` (only segments' with `segs_only`) whose creator,
+ * a process of this pid namespace other than this one, is gone. Returns how many such names
+ * have a live creator (left alone); -1 when dead processes cannot be told (no /proc). */
+static int epx__unlink_dead_names(const char *prefix, bool segs_only)
 {
     uint64_t ns = epx__pidns();
     DIR *d = ns ? opendir("/dev/shm") : NULL;
-    if (!d) return;
+    if (!d) return -1;
+    int alive = 0;
     for (struct dirent *e; (e = readdir(d));) {
         unsigned long long their_ns;
         int pid;
-        if (!epx__name_owner(e->d_name, &pid, &their_ns) || their_ns != ns || pid <= 0 || pid == (int)getpid())
+        if (strncmp(e->d_name, prefix, strlen(prefix)) != 0 || (segs_only && !strstr(e->d_name, "-seg-")) ||
+            !epx__name_owner(e->d_name, &pid, &their_ns) || their_ns != ns || pid <= 0 || pid == (int)getpid())
             continue;
-        if (!epx__pid_dead(pid)) continue;
+        if (!epx__pid_dead(pid)) {
+            alive++;
+            continue;
+        }
         char name[300];
         snprintf(name, sizeof name, "/%s", e->d_name);
         shm_unlink(name);
     }
     closedir(d);
+    return alive;
 }
+
+/* Once a process: remove the segment and region names whose creator is gone (every rank of
+ * its communicator was killed, so none could). Names of other namespaces, of live
+ * processes, and names of another form are left alone. */
+static void epx__sweep_dead_names(void) { (void)epx__unlink_dead_names("epx-", false); }
 
 /* Has `peer` failed (aborted, or its process is gone)? Checked while waiting on it, the
  * process at most every 2 ms. Returns the status and says why in `why`; logs nothing. */
@@ -360,35 +371,12 @@ typedef struct {
  * (a peer that died after making its segment, before the names could go). Live ranks'
  * names are theirs to remove. After a peer failure (`wait`), as the death may reach us (its
  * sockets closed) before its process is gone, a creator still alive gets up to 200 ms to
- * end; otherwise one look. Nothing without /proc (no way to tell the dead). */
+ * end; otherwise one look. */
 static void epx__unlink_dead_segs(uint64_t nonce, bool wait)
 {
     char prefix[40];
     snprintf(prefix, sizeof prefix, "epx-%016" PRIx64 "-", nonce);
-    uint64_t ns = epx__pidns();
-    if (!ns) return;
-    for (int round = 0; round < (wait ? 40 : 1); round++) {
-        DIR *d = opendir("/dev/shm");
-        if (!d) return;
-        int alive = 0;
-        for (struct dirent *e; (e = readdir(d));) {
-            unsigned long long their_ns;
-            int pid;
-            if (strncmp(e->d_name, prefix, strlen(prefix)) != 0 || !strstr(e->d_name, "-seg-") ||
-                !epx__name_owner(e->d_name, &pid, &their_ns) || their_ns != ns || pid == (int)getpid())
-                continue;
-            if (!epx__pid_dead(pid)) {
-                alive++;
-                continue;
-            }
-            char name[300];
-            snprintf(name, sizeof name, "/%s", e->d_name);
-            shm_unlink(name);
-        }
-        closedir(d);
-        if (!alive || !wait) return;
-        usleep(5000);
-    }
+    for (int round = 0; epx__unlink_dead_names(prefix, true) > 0 && wait && round < 40; round++) usleep(5000);
 }
 
 epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int nranks, uint64_t nonce,
