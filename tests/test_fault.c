@@ -534,7 +534,11 @@ static int scenario(op_t op, fault_t f, int R)
  *   setup + 3  count: the pair (alltoall(v): the last rank and rank 0) or every rank (MoE)
  *              returns EPX_ERR_MISMATCH without writing, the others succeed, data exact;
  *   setup + 4  healthy, checked: the communicator is still usable;
- *   setup + 5  delay 3 x timeout: the others return EPX_ERR_TIMEOUT (or PEER_FAILURE) within
+ *   setup + 5  nomem: MoE: the last rank returns EPX_ERR_NO_MEMORY, the others
+ *              EPX_ERR_REMOTE_INVALID, at once, nothing written (alltoall(v): no effect, every
+ *              rank succeeds, data exact);
+ *   setup + 6  healthy, checked: still usable;
+ *   setup + 7  delay 3 x timeout: the others return EPX_ERR_TIMEOUT (or PEER_FAILURE) within
  *              the timeout, writing nothing, the late rank fails when it wakes (nobody
  *              answers it any more); the communicator is broken: later calls fail at once;
  * then a new communicator over MPI_COMM_WORLD runs a checked call. With `kill` (run under
@@ -672,8 +676,23 @@ static int mpi_main(op_t op, bool kill)
     ctx_check(&c, EXACT, what);
 
     MPI_Barrier(MPI_COMM_WORLD);
-    snprintf(what, sizeof what, "mpi %s np%d rank %d delay_long", op_names[op], R, me);
+    snprintf(what, sizeof what, "mpi %s np%d rank %d nomem", op_names[op], R, me);
     st = mpi_call(&c, what, &dt); /* step s0 + 5 */
+    if (op <= OP_ALLTOALLV) {
+        ASSERT_OK(st);
+        ctx_check(&c, EXACT, what);
+    } else {
+        ASSERT_STATUS(st, late ? EPX_ERR_NO_MEMORY : EPX_ERR_REMOTE_INVALID);
+        ctx_check(&c, UNTOUCHED, what);
+    }
+    if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+    snprintf(what, sizeof what, "mpi %s np%d rank %d after nomem", op_names[op], R, me);
+    ASSERT_OK(mpi_call(&c, what, &dt)); /* step s0 + 6: still usable */
+    ctx_check(&c, EXACT, what);
+
+    MPI_Barrier(MPI_COMM_WORLD);
+    snprintf(what, sizeof what, "mpi %s np%d rank %d delay_long", op_names[op], R, me);
+    st = mpi_call(&c, what, &dt); /* step s0 + 7 */
     if (!is_failure(st)) TEST_FAIL_("%s: got %s, expected a timeout or peer failure", what, epx_status_name(st));
     double bound = (late ? 4 * MPI_TIMEOUT_MS : MPI_TIMEOUT_MS) + SLACK_MS;
     if (dt > bound) TEST_FAIL_("%s: took %.0f ms, at most %.0f expected", what, dt, bound);
@@ -684,7 +703,9 @@ static int mpi_main(op_t op, bool kill)
     snprintf(what, sizeof what, "mpi %s np%d rank %d new communicator", op_names[op], R, me);
     mpi_recover(op, MPI_COMM_WORLD, &c, what);
     ctx_free(&c);
-    if (me == 0) printf("mpi_fault %s np%d: passed (faults at steps %d, %d and %d)\n", op_names[op], R, s0 + 2, s0 + 3, s0 + 5);
+    if (me == 0)
+        printf("mpi_fault %s np%d: passed (faults at steps %d, %d, %d and %d)\n", op_names[op], R, s0 + 2, s0 + 3,
+               s0 + 5, s0 + 7);
     return 0;
 }
 #endif
@@ -711,8 +732,9 @@ int main(int argc, char **argv)
         if (kill)
             snprintf(text, sizeof text, "kill:rank=%d,step=%d", world - 1, s0 + 2);
         else
-            snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=100;count:rank=%d,step=%d;delay:rank=%d,step=%d,ms=%d",
-                     world - 1, s0 + 2, world - 1, s0 + 3, world - 1, s0 + 5, 3 * MPI_TIMEOUT_MS);
+            snprintf(text, sizeof text,
+                     "delay:rank=%d,step=%d,ms=100;count:rank=%d,step=%d;nomem:rank=%d,step=%d;delay:rank=%d,step=%d,ms=%d",
+                     world - 1, s0 + 2, world - 1, s0 + 3, world - 1, s0 + 5, world - 1, s0 + 7, 3 * MPI_TIMEOUT_MS);
         setenv("EPX_FAULT", text, 1);
         return mpi_main(op, kill);
     }

@@ -134,7 +134,7 @@ void epx__log_set_rank(int rank);
       "-1 = on the device up to 4 hosts; the same on every rank")                          \
     X(FAULT, "EPX_FAULT", STR, "",                                                         \
       "tests: inject faults, KIND:rank=R,step=N[,ms=M][,at=WHEN];... with KIND delay, kill, " \
-      "count or fail (src/core/fault.h)")                                                 \
+      "count, fail or nomem (src/core/fault.h)")                                                 \
     X(RANK, "EPX_RANK", INT, "-1", "this process's rank (set by epx-run)")                 \
     X(NRANKS, "EPX_NRANKS", INT, "0", "number of ranks (set by epx-run)")                  \
     X(UNIQUE_ID, "EPX_UNIQUE_ID", STR, "", "rendezvous id, text form (set by epx-run)")

@@ -12,7 +12,7 @@
 /* Entries that fired in this process (bit = index in EPX_FAULT). */
 static _Atomic unsigned epx__fault_fired;
 
-static const char *const epx__fault_names[] = {"?", "delay", "kill", "count", "fail"};
+static const char *const epx__fault_names[] = {"?", "delay", "kill", "count", "fail", "nomem"};
 static const char *const epx__fault_at_names[] = {"host", "enqueue", "launched"};
 
 static bool epx__fault_number(const char *v, long long lo, long long hi, long long *out)
@@ -43,11 +43,11 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
     *colon = '\0';
     char *kind = epx__trim(text);
     *s = (epx__fault_spec_t){0, index, -1, 0, -1, EPX__FAULT_AT_HOST};
-    for (int k = 1; k <= EPX__FAULT_FAIL; k++)
+    for (int k = 1; k <= EPX__FAULT_NOMEM; k++)
         if (!strcmp(kind, epx__fault_names[k])) s->kind = k;
     if (!s->kind)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
-                         "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count or fail)", index + 1, kind);
+                         "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count, fail or nomem)", index + 1, kind);
     if (s->kind == EPX__FAULT_FAIL) s->at = EPX__FAULT_AT_ENQUEUE;
     long long step = -1; /* none given */
     char *save = NULL;
@@ -65,7 +65,7 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
             ok = epx__fault_number(val, 0, UINT32_MAX, &v), step = v;
         else if (!strcmp(key, "ms") && s->kind == EPX__FAULT_DELAY)
             ok = epx__fault_number(val, 0, 24 * 3600 * 1000, &v), s->ms = (int)v;
-        else if (!strcmp(key, "at") && s->kind != EPX__FAULT_COUNT) {
+        else if (!strcmp(key, "at") && s->kind != EPX__FAULT_COUNT && s->kind != EPX__FAULT_NOMEM) {
             int first = s->kind == EPX__FAULT_FAIL ? EPX__FAULT_AT_ENQUEUE : EPX__FAULT_AT_HOST;
             int last = s->kind == EPX__FAULT_KILL ? EPX__FAULT_AT_LAUNCHED : EPX__FAULT_AT_ENQUEUE;
             ok = false;

@@ -15,7 +15,11 @@
  *          device wait that timed out would), after its host rounds: a kernel on the call's
  *          stream ahead of everything the call enqueues (at=enqueue, the only place it
  *          fires); it still moves everything, so only the failure relay tells its peers.
- *          CUDA across hosts only (src/xhost).
+ *          CUDA across hosts only (src/xhost);
+ *   nomem  rank R's N-th operation fails as if out of memory (EPX_ERR_NO_MEMORY) where it
+ *          first allocates what the call needs, before it meets its peers: a MoE call's
+ *          handle or row plan and work buffers. CPU across hosts only (src/hier, whose
+ *          alltoall(v) allocates nothing there: no effect).
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues
@@ -51,7 +55,13 @@
 
 #include "core.h"
 
-typedef enum { EPX__FAULT_DELAY = 1, EPX__FAULT_KILL = 2, EPX__FAULT_COUNT = 3, EPX__FAULT_FAIL = 4 } epx__fault_kind_t;
+typedef enum {
+    EPX__FAULT_DELAY = 1,
+    EPX__FAULT_KILL = 2,
+    EPX__FAULT_COUNT = 3,
+    EPX__FAULT_FAIL = 4,
+    EPX__FAULT_NOMEM = 5
+} epx__fault_kind_t;
 /* Where in an operation a fault fires (`at`). */
 typedef enum { EPX__FAULT_AT_HOST = 0, EPX__FAULT_AT_ENQUEUE = 1, EPX__FAULT_AT_LAUNCHED = 2 } epx__fault_at_t;
 

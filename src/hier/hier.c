@@ -4,6 +4,13 @@
 
 #include "internal.h"
 
+/* What each side of a pair tells the other before an exchange. */
+typedef struct epx__card {
+    int64_t status;
+    int64_t send_bytes; /* to the receiver of the card */
+    int64_t recv_bytes; /* from it */
+} epx__card_t;
+
 epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t *err)
 {
     if (*cap >= bytes && *buf) return EPX_SUCCESS;
@@ -79,6 +86,16 @@ epx_status_t epx__hier_create_link(epx__hier_t **out, epx__cpu_t *cpu, const epx
     t->host = host_of[me];
     t->local_rank = lrank_of[me];
     t->local_size = t->host_size[t->host];
+    h->cards = malloc(sizeof *h->cards * 2 * (size_t)R);
+    h->sp = malloc(sizeof *h->sp * (size_t)R);
+    h->rp = malloc(sizeof *h->rp * (size_t)R);
+    h->sb = malloc(sizeof *h->sb * 2 * (size_t)R);
+    h->lx = malloc(sizeof *h->lx * 4 * (size_t)t->local_size);
+    h->bad = malloc(sizeof *h->bad * (size_t)R);
+    if (!h->cards || !h->sp || !h->rp || !h->sb || !h->lx || !h->bad) {
+        epx__hier_destroy(h);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
     h->cpu = cpu;
     h->link = *link;
     h->timeout_ms = timeout_ms;
@@ -95,19 +112,14 @@ void epx__hier_destroy(epx__hier_t *h)
     free(h->t.host_size);
     free(h->t.host_first);
     free(h->scratch);
+    free(h->cards), free((void *)h->sp), free(h->rp), free(h->sb), free(h->lx), free(h->bad);
     free(h);
 }
 
 const epx__topo_t *epx__hier_topo(const epx__hier_t *h) { return &h->t; }
 
 void epx__hier_fault_count(epx__hier_t *h) { h->fault_count = true; }
-
-/* What each side of a pair tells the other before an exchange. */
-typedef struct {
-    int64_t status;
-    int64_t send_bytes; /* to the receiver of the card */
-    int64_t recv_bytes; /* from it */
-} epx__card_t;
+void epx__hier_fault_nomem(epx__hier_t *h) { h->fault_nomem = true; }
 
 epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_status_t local, epx__errbuf_t *err)
 {
@@ -117,19 +129,13 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     const uint32_t seq = ++h->seq;
     const uint64_t deadline = epx__deadline_after_ms(h->timeout_ms);
     const bool fault = h->fault_count; /* EPX_FAULT count: announce a byte more to rank + 1 */
-    h->fault_count = false;
+    h->fault_count = h->fault_nomem = false; /* (nomem: nothing to allocate before the cards) */
     epx_status_t st = EPX_SUCCESS;
-    /* Arrays: cards out/in [R], net pointers/sizes [R] x 4, local xfer [LS] x 4. */
-    epx__card_t *cards = malloc(sizeof *cards * 2 * (size_t)R);
-    const void **sp = malloc(sizeof *sp * (size_t)R);
-    void **rp = malloc(sizeof *rp * (size_t)R);
-    int64_t *sb = malloc(sizeof *sb * 2 * (size_t)R), *rb = sb ? sb + R : NULL;
-    int64_t *lx = malloc(sizeof *lx * 4 * (size_t)LS);
-    if (!cards || !sp || !rp || !sb || !lx) {
-        free(cards), free(sp), free(rp), free(sb), free(lx);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    }
-    epx__card_t *out = cards, *in = cards + R;
+    epx__card_t *out = h->cards, *in = h->cards + R;
+    const void **sp = h->sp;
+    void **rp = h->rp;
+    int64_t *sb = h->sb, *rb = h->sb + R, *lx = h->lx;
+    bool *bad = h->bad;
 
     /* 1. Cards, to every other rank. */
     for (int p = 0; p < R; p++) {
@@ -140,39 +146,25 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     }
     in[me] = out[me];
     if (fault && local == EPX_SUCCESS && R > 1) out[(me + 1) % R].send_bytes += 1;
-    st = epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, deadline, err);
-    if (st != EPX_SUCCESS) goto done;
+    EPX__CHECK(epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, deadline, err));
 
     /* 2. Verdicts: everyone saw every card, so everyone agrees. */
-    if (local != EPX_SUCCESS) {
-        st = local;
-        goto done;
-    }
+    if (local != EPX_SUCCESS) return local;
     for (int p = 0; p < R; p++)
-        if (in[p].status != EPX_SUCCESS) {
-            st = epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
-                           epx_status_name((epx_status_t)in[p].status));
-            goto done;
-        }
-    bool *bad = calloc((size_t)R, sizeof *bad);
-    if (!bad) {
-        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-        goto done;
-    }
+        if (in[p].status != EPX_SUCCESS)
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed",
+                             p, epx_status_name((epx_status_t)in[p].status));
     /* Card against card: both sides of a pair see the same two cards, so a pair that
      * disagrees is bad on both sides (and moves nothing, inside the host too). */
     epx_status_t verdict = EPX_SUCCESS;
     for (int p = 0; p < R; p++) {
-        if (in[p].send_bytes != out[p].recv_bytes || in[p].recv_bytes != out[p].send_bytes) {
-            bad[p] = true;
-            if (verdict == EPX_SUCCESS) {
-                bool into_me = in[p].send_bytes != out[p].recv_bytes;
-                verdict = epx__fail(err, EPX_ERR_MISMATCH,
-                                    "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
-                                    into_me ? p : me, (long long)(into_me ? in[p].send_bytes : out[p].send_bytes),
-                                    into_me ? me : p, (long long)(into_me ? out[p].recv_bytes : in[p].recv_bytes));
-            }
-        }
+        bad[p] = in[p].send_bytes != out[p].recv_bytes || in[p].recv_bytes != out[p].send_bytes;
+        if (!bad[p] || verdict != EPX_SUCCESS) continue;
+        bool into_me = in[p].send_bytes != out[p].recv_bytes;
+        verdict = epx__fail(err, EPX_ERR_MISMATCH,
+                            "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
+                            into_me ? p : me, (long long)(into_me ? in[p].send_bytes : out[p].send_bytes),
+                            into_me ? me : p, (long long)(into_me ? out[p].recv_bytes : in[p].recv_bytes));
     }
 
     /* 3. Data. A rank of a disagreeing pair still serves its other peers, but receives into
@@ -198,17 +190,12 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
             lrb[l] = bad[p] ? 0 : x->recv_bytes[p], lrd[l] = rdisp;
         }
     }
-    free(bad);
-    if (st != EPX_SUCCESS) goto done;
-    st = epx__net_start(h->net, epx__hier_tag(seq, 1), sp, sb, (void *const *)rp, rb, err);
-    if (st != EPX_SUCCESS) goto done;
+    EPX__CHECK(st);
+    EPX__CHECK(epx__net_start(h->net, epx__hier_tag(seq, 1), sp, sb, (void *const *)rp, rb, err));
     /* Inside the host, while the messages fly (a pair that disagrees moves nothing). */
     epx__cpu_xfer_t lxf = {x->send, lsb, lsd, verdict != EPX_SUCCESS ? h->scratch : x->recv, lrb, lrd};
     epx_status_t cst = epx__cpu_alltoallv(h->cpu, &lxf, EPX_SUCCESS, err);
     st = epx__net_wait(h->net, deadline, err);
     if (st == EPX_SUCCESS && cst != EPX_SUCCESS && cst != EPX_ERR_MISMATCH) st = cst;
-    if (st == EPX_SUCCESS) st = verdict;
-done:
-    free(cards), free(sp), free(rp), free(sb), free(lx);
-    return st;
+    return st == EPX_SUCCESS ? verdict : st;
 }

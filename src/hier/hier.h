@@ -75,6 +75,11 @@ const epx__topo_t *epx__hier_topo(const epx__hier_t *hier);
  * (the pair returns EPX_ERR_MISMATCH, the others succeed); a MoE call: a top-k one larger
  * than its own in the verdict (every rank returns EPX_ERR_MISMATCH). Nothing is written. */
 void epx__hier_fault_count(epx__hier_t *hier);
+/* EPX_FAULT `nomem`: the next MoE call fails as if out of memory where it first allocates
+ * what it needs, before its verdict (a dispatch: its handle; a call along a handle: its row
+ * plan and work buffers): that rank returns EPX_ERR_NO_MEMORY, the others
+ * EPX_ERR_REMOTE_INVALID, nothing is written. alltoall(v) allocates nothing there: no effect. */
+void epx__hier_fault_nomem(epx__hier_t *hier);
 
 /* Same contract as epx__cpu_alltoallv, over every rank (arrays indexed by rank). */
 epx_status_t epx__hier_alltoallv(epx__hier_t *hier, const epx__cpu_xfer_t *x, epx_status_t local_status,

@@ -12,8 +12,18 @@ struct epx__hier {
     int64_t timeout_ms;
     uint32_t seq; /* operations so far (the same on every rank): tags of their messages */
     bool fault_count; /* EPX_FAULT count in the next operation (epx__hier_fault_count) */
+    bool fault_nomem; /* EPX_FAULT nomem in the next operation (epx__hier_fault_nomem) */
     char *scratch;
     size_t scratch_bytes;
+    /* Arrays of a call (one at a time), made at creation so that a call allocates nothing
+     * once its peers expect it (a rank that failed there would leave them waiting):
+     * alltoallv's cards out and in [2 R], net pointers [R] x 2 and sizes [2 R], local
+     * transfer [4 LS] and bad pairs [R]; MoE's exchanges use sp, rp and lx too (moe.c). */
+    struct epx__card *cards;
+    const void **sp;
+    void **rp;
+    int64_t *sb, *lx;
+    bool *bad;
 };
 
 /* Work buffers of a context, kept across calls: once warm, the data path neither allocates

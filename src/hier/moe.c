@@ -125,6 +125,15 @@ static void *epx__aalloc(epx__arena_t *a, size_t n, size_t size, bool zero, epx_
     return p;
 }
 
+/* EPX_FAULT nomem (epx__hier_fault_nomem): true once, where the call first allocates what it
+ * needs; the verdict clears what no allocation took. */
+static bool epx__fault_nomem(epx__hier_moe_t *m)
+{
+    bool f = m->h->fault_nomem;
+    m->h->fault_nomem = false;
+    return f;
+}
+
 /* v when in [0, L) (a local expert id), else -1; without a branch. */
 static inline int32_t epx__lid_or_none(int32_t v, int L)
 {
@@ -160,9 +169,7 @@ static epx_status_t epx__local_exchange(epx__hier_moe_t *m, const void *send, co
                                         const int64_t *rbytes, const char **seg, epx__errbuf_t *err)
 {
     int LS = epx__t(m)->local_size;
-    int64_t *d = malloc(sizeof *d * 2 * (size_t)LS);
-    if (!d) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    int64_t so = 0, ro = 0;
+    int64_t *d = m->h->lx, so = 0, ro = 0; /* [2 LS] of it: nothing to allocate mid-call */
     for (int l = 0; l < LS; l++) {
         d[l] = so, d[LS + l] = ro;
         so += sbytes[l], ro += rbytes[l];
@@ -170,7 +177,6 @@ static epx_status_t epx__local_exchange(epx__hier_moe_t *m, const void *send, co
     epx__cpu_xfer_t x = {send, sbytes, d, recv, rbytes, d + LS};
     epx_status_t st = seg ? epx__cpu_exchange_begin(m->h->cpu, &x, seg, EPX_SUCCESS, err)
                           : epx__cpu_alltoallv(m->h->cpu, &x, EPX_SUCCESS, err);
-    free(d);
     if (seg) m->fan_open = st == EPX_SUCCESS;
     return st;
 }
@@ -196,20 +202,14 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
                                   const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
 {
     int R = epx__t(m)->nranks;
-    const void **sp = malloc(sizeof *sp * (size_t)R);
-    void **rp = malloc(sizeof *rp * (size_t)R);
-    if (!sp || !rp) {
-        free(sp), free(rp);
-        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    }
+    const void **sp = m->h->sp; /* nothing to allocate mid-call */
+    void **rp = m->h->rp;
     int64_t so = 0, ro = 0;
     for (int p = 0; p < R; p++) {
         sp[p] = send + so, rp[p] = recv + ro;
         so += sbytes[p], ro += rbytes[p];
     }
-    epx_status_t st = epx__hier_net_xchg(m->h, tag, sp, sbytes, rp, rbytes, deadline, err);
-    free(sp), free(rp);
-    return st;
+    return epx__hier_net_xchg(m->h, tag, sp, sbytes, rp, rbytes, deadline, err);
 }
 
 /* ---- Verdict --------------------------------------------------------------------------------- */
@@ -253,7 +253,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
     int R = t->nranks, me = t->rank, W = EPX__V_FLOWS;
     int64_t *out = m->verdict, *in = out + (size_t)R * W; /* allocated at creation: every rank joins */
     int64_t fault = m->h->fault_count; /* EPX_FAULT count: announce a top-k one larger */
-    m->h->fault_count = false;
+    m->h->fault_count = m->h->fault_nomem = false;
     memset(out, 0, sizeof *out * (size_t)R * W);
     for (int q = 0; q < R; q++) {
         int64_t *b = out + (size_t)q * W;
@@ -827,7 +827,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
     epx__hier_moe_handle_t *hd = NULL;
     int K = local == EPX_SUCCESS ? in->topk : 0, has_w = local == EPX_SUCCESS && in->topk_weights;
     if (local == EPX_SUCCESS) {
-        hd = epx__handle_new(m, seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, K, has_w);
+        hd = epx__fault_nomem(m) ? NULL : epx__handle_new(m, seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, K, has_w);
         if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
     if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
@@ -959,6 +959,43 @@ static epx_status_t epx__handle_plan(epx__hier_moe_t *m, const epx__hier_moe_han
     return EPX_SUCCESS;
 }
 
+/* What a call along a handle works with. */
+typedef struct {
+    const epx__hier_xplan_t *x; /* the handle's row plan */
+    int64_t *nb;                /* room for 2 R + 2 LS byte counts */
+    char *send, *recv;          /* across hosts */
+    char *lsend, *lrecv;        /* inside the host */
+} epx__work_t;
+
+/* The work of a call along hd, made before its verdict so that what fails here (memory)
+ * reaches every rank through it: after the verdict only the exchanges can fail. `home`: a
+ * combine's buffers (rows back home), else a cached dispatch's; records of `rec` bytes.
+ * Local; `local` (this rank's verdict on its arguments) when that failed, hd unread. */
+static epx_status_t epx__work(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool home, size_t rec,
+                              epx_status_t local, epx__work_t *w, epx__errbuf_t *err)
+{
+    memset(w, 0, sizeof *w);
+    if (local != EPX_SUCCESS) return local;
+    if (epx__fault_nomem(m)) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory (EPX_FAULT nomem)");
+    const epx__topo_t *t = epx__t(m);
+    EPX__CHECK(epx__handle_plan(m, hd, &w->x, err));
+    const epx__hier_xplan_t *x = w->x;
+    epx_status_t st = EPX_SUCCESS;
+    w->nb = epx__aalloc(&m->tmp, 2 * (size_t)t->nranks + 2 * (size_t)t->local_size, 8, false, &st, err);
+    if (home) {
+        w->lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x->n_back_send, x->parts) * rec, &st, err);
+        w->lrecv = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x->n_back_recv, x->parts) * rec, &st, err);
+        w->send = epx__buf(m, EPX__B_SEND, (size_t)x->n_home_send * rec, &st, err);
+        w->recv = epx__buf(m, EPX__B_HOME, (size_t)x->n_home_recv * rec, &st, err);
+    } else {
+        w->send = epx__buf(m, EPX__B_SEND, (size_t)x->n_gw * rec, &st, err);
+        w->recv = epx__buf(m, EPX__B_FWD, (size_t)x->n_fwd * rec, &st, err);
+        w->lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x->n_fan, x->parts) * rec, &st, err);
+        w->lrecv = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x->n_lrecv, x->parts) * rec, &st, err);
+    }
+    return st;
+}
+
 /* Where references point (kinds EPX__HIER_*): rows and their auxiliary parts (FP8 scales or
  * top-k weights; aux NULL: none). */
 typedef struct {
@@ -1043,24 +1080,22 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
 {
     const epx__moe_shape_t *s = &m->s;
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, LS = t->local_size;
+    int R = t->nranks;
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
-                                   deadline, err);
-    if (st != EPX_SUCCESS) return st;
-    const epx__hier_xplan_t *x;
-    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
-    int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
-    char *send = epx__buf(m, EPX__B_SEND, (size_t)x->n_gw * rec, &st, err);
-    char *fwd = epx__buf(m, EPX__B_FWD, (size_t)x->n_fwd * rec, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x->n_fan, x->parts) * rec, &st, err);
-    char *lrecv = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x->n_lrecv, x->parts) * rec, &st, err);
-    if (st == EPX_SUCCESS) {
+    epx__work_t w;
+    local = epx__work(m, hd, false, rec, local, &w, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
+                                   deadline, err);
+    if (st != EPX_SUCCESS) return st;
+    const epx__hier_xplan_t *x = w.x;
+    int64_t *nb = w.nb;
+    char *send = w.send, *fwd = w.recv, *lsend = w.lsend, *lrecv = w.lrecv;
+    {
         int64_t *lb = nb + 2 * R;
         /* Scales travel whenever the dtype has them: a rank without tokens may pass no
          * x_scales and still forward and receive other ranks' rows (and their scales). */
@@ -1081,28 +1116,31 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
         if (st == EPX_SUCCESS)
             epx__gather(&src, x->out, x->rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
     }
-    free(nb);
     return st;
 }
 
-/* Steps 1 and 2 of a combine along x: my rows back to the local ranks that forwarded them
- * (shared memory, both parts at once), then, as gateway, my sources' rows home as they are
- * (MPI). y holds the expert outputs (crow bytes a row), w (NULL: none travel)
- * their top-k weights [rows, K]. On success *src says where every row of step 3 lies. */
-static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *x, const void *y, const float *w,
+/* The record of a combine's rows: the row, then (with weights) its top-k weights. */
+static size_t epx__home_rec(const epx__hier_moe_t *m, int K, bool has_w)
+{
+    return EPX__ALIGN_UP(m->s.combine_row_bytes, 16) + (has_w ? EPX__ALIGN_UP(sizeof(float) * (size_t)K, 16) : 0);
+}
+
+/* Steps 1 and 2 of a combine along wk (epx__work, home): my rows back to the local ranks
+ * that forwarded them (shared memory, both parts at once), then, as gateway, my sources' rows
+ * home as they are (MPI). y holds the expert outputs (crow bytes a row), w (NULL: none
+ * travel) their top-k weights [rows, K]. On success *src says where every row of step 3 lies. */
+static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__work_t *wk, const void *y, const float *w,
                                    uint32_t seq, uint64_t deadline, epx__srcs_t *src, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
-    int R = t->nranks, LS = t->local_size;
+    const epx__hier_xplan_t *x = wk->x;
+    int R = t->nranks;
     size_t crow = m->s.combine_row_bytes, wb = sizeof(float) * (size_t)x->K, ao = EPX__ALIGN_UP(crow, 16);
-    size_t rec = ao + (w ? EPX__ALIGN_UP(wb, 16) : 0);
+    size_t rec = epx__home_rec(m, x->K, w != NULL);
     epx_status_t st = EPX_SUCCESS;
-    int64_t *nb = epx__alloc(2 * (size_t)R + 2 * (size_t)LS, 8, &st, err);
-    char *lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x->n_back_send, x->parts) * rec, &st, err);
-    char *c1 = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x->n_back_recv, x->parts) * rec, &st, err);
-    char *send = epx__buf(m, EPX__B_SEND, (size_t)x->n_home_send * rec, &st, err);
-    char *home = epx__buf(m, EPX__B_HOME, (size_t)x->n_home_recv * rec, &st, err);
-    if (st == EPX_SUCCESS) {
+    int64_t *nb = wk->nb;
+    char *lsend = wk->lsend, *c1 = wk->lrecv, *send = wk->send, *home = wk->recv;
+    {
         int64_t *lb = nb + 2 * R;
         memset(src, 0, sizeof *src);
         epx__src_set(src, EPX__HIER_Y, y, crow, w, wb);
@@ -1116,7 +1154,6 @@ static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__hier_xplan_t *
                                  x->home_recv_chunk, rec, nb, deadline, err);
         }
     }
-    free(nb);
     return st;
 }
 
@@ -1129,15 +1166,16 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
     int has_w = ok && in->topk_weights;
+    epx__work_t wk;
+    local = epx__work(m, hd, true, ok ? epx__home_rec(m, hd->K, has_w) : 0, local, &wk, err);
     epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    const epx__hier_xplan_t *x;
-    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
+    const epx__hier_xplan_t *x = wk.x;
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
-    st = epx__rows_home(m, x, in->y, has_w ? in->topk_weights : NULL, seq, deadline, &src, err);
+    st = epx__rows_home(m, &wk, in->y, has_w ? in->topk_weights : NULL, seq, deadline, &src, err);
     /* At home: each token's rows in ascending rank order, summed from +0; the weights likewise. */
     for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
         const char *rows[EPX_MOE_MAX_TOPK];
@@ -1170,7 +1208,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     epx__hier_moe_handle_t *hd = NULL;
     int K = local == EPX_SUCCESS ? in->topk : 0;
     if (local == EPX_SUCCESS) {
-        hd = epx__handle_new(m, seq, EPX_MOE_LOW_LATENCY, in->num_tokens, K, 0);
+        hd = epx__fault_nomem(m) ? NULL : epx__handle_new(m, seq, EPX_MOE_LOW_LATENCY, in->num_tokens, K, 0);
         if (!hd) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the handle");
     }
     if (local == EPX_SUCCESS) epx__topk_to_i32(in->topk_idx, s->index_dtype, in->num_tokens, K, hd->topk);
@@ -1239,15 +1277,16 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     uint64_t deadline;
     uint32_t seq = epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
+    epx__work_t wk;
+    local = epx__work(m, hd, true, ok ? epx__home_rec(m, hd->K, false) : 0, local, &wk, err);
     epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
                                    deadline, err);
     if (st != EPX_SUCCESS) return st;
-    const epx__hier_xplan_t *x;
-    EPX__CHECK(epx__handle_plan(m, hd, &x, err));
+    const epx__hier_xplan_t *x = wk.x;
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
-    st = epx__rows_home(m, x, in->y, NULL, seq, deadline, &src, err);
+    st = epx__rows_home(m, &wk, in->y, NULL, seq, deadline, &src, err);
     /* At home: out[t] = over the ranks ascending, the sum of each rank's w[t, k] * the row
      * of expert k, the valid k ascending (as on one host: epx__cpu_reduce_ll). */
     for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
