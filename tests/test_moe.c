@@ -2031,6 +2031,32 @@ static int run_bad_ll(void)
     return passed;
 }
 
+/* --ll-host-differs: EPX_MOE_LL_HOST is 1 on the odd ranks, 0 on the others (set in main,
+ * before the library reads it). Across GPU hosts the low-latency path then differs between
+ * ranks: creation fails with EPX_ERR_MISMATCH on every rank (before the check the ranks
+ * met in different collectives and timed out); elsewhere the variable means nothing and
+ * creation succeeds. A high-throughput context works either way. */
+static int run_ll_host_differs(const epx_comm_info_t *info)
+{
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = 64;
+    cfg.max_tokens_per_rank = 4;
+    cfg.num_experts = 2 * R;
+    cfg.max_topk = 2;
+    cfg.mode = EPX_MOE_LOW_LATENCY;
+    bool differs = R > 1 && test_on_cuda() && info->num_hosts > 1;
+    epx_moe_t moe = NULL;
+    epx_status_t st = epx_moe_create(comm, &cfg, &moe);
+    if (st != (differs ? EPX_ERR_MISMATCH : EPX_SUCCESS))
+        TEST_FAIL_("low-latency create with EPX_MOE_LL_HOST=%d here: got %s, expected %s (%s)", me % 2,
+                   epx_status_name(st), differs ? "EPX_ERR_MISMATCH" : "EPX_SUCCESS", epx_get_last_error());
+    ASSERT_OK(epx_moe_destroy(moe));
+    cfg.mode = EPX_MOE_HIGH_THROUGHPUT;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
+    ASSERT_OK(epx_moe_destroy(moe));
+    return 2;
+}
+
 static int run_bad_create(void)
 {
     int passed = 0;
@@ -2073,14 +2099,15 @@ static int run_bad_create(void)
     }
     /* Valid configurations that differ between ranks. */
     if (R > 1)
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < 5; k++) {
             epx_moe_config_t cfg = base;
-            const char *what = "";
+            static const char *const whats[] = {"hidden", "dtype", "num_experts", "index dtype", "mode"};
             if (k == 0 && me == R - 1) cfg.hidden = 65;
             if (k == 1 && me == 0) cfg.dtype = EPX_F16;
             if (k == 2 && me == R / 2) cfg.num_experts = 4 * R;
             if (k == 3 && me == R - 1) cfg.index_dtype = EPX_I32;
-            what = k == 0 ? "hidden" : k == 1 ? "dtype" : k == 2 ? "num_experts" : "index dtype";
+            if (k == 4 && me == R - 1) cfg.mode = EPX_MOE_LOW_LATENCY; /* across GPU hosts: another path */
+            const char *what = whats[k];
             epx_moe_t moe = NULL;
             epx_status_t st = epx_moe_create(comm, &cfg, &moe);
             if (st != EPX_ERR_MISMATCH)
@@ -2260,6 +2287,7 @@ int main(int argc, char **argv)
     bool ll_only = false;    /* --ll: only the low-latency cases (fixed, split, pipeline, random, bad) */
     uint64_t seed = 1;
     int nrandom = 100;
+    bool ll_host_differs = false;
     test_init(argc, argv);
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--large")) large = true;
@@ -2269,6 +2297,11 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "--case") && i + 1 < argc) only = argv[++i];
         if (!strcmp(argv[i], "--ll")) ll_only = true;
         if (!strcmp(argv[i], "--copy-engines")) num_sms = EPX_MOE_COPY_ENGINES;
+        if (!strcmp(argv[i], "--ll-host-differs")) ll_host_differs = true;
+    }
+    if (ll_host_differs) { /* before the library reads its variables */
+        const char *rank = getenv("EPX_RANK");
+        setenv("EPX_MOE_LL_HOST", rank && atoi(rank) % 2 ? "1" : "0", 1);
     }
     comm = test_comm_from_env(&me, &R);
     ASSERT(R <= MAXR);
@@ -2279,7 +2312,9 @@ int main(int argc, char **argv)
     bool ll = true;
     if (test_on_cuda()) probe_cuda_moe();
 
-    if (only) {
+    if (ll_host_differs) {
+        passed += run_ll_host_differs(&info);
+    } else if (only) {
         for (size_t i = 0; i < sizeof ht_cases / sizeof ht_cases[0]; i++)
             if (strstr(ht_cases[i].name, only)) passed += run_ht_case(&ht_cases[i], seed * 1000 + i);
     } else if (large || chunks) {

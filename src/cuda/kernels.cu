@@ -142,7 +142,8 @@ static __device__ int epx__lines_get(const epx__cuda_dev_t *d, char *dst, const 
         unsigned long long start = epx__globaltimer();
         uint4 v = epx__ld_line(slot + i);
         for (unsigned iter = 1; good && !(v.y == f && v.w == f); iter++) {
-            if ((iter & 255u) == 0) good = epx__keep_waiting(d, start, peer, v.y, n);
+            if ((iter & 255u) == 0) /* (the flag read back as an operation number: 0 for none) */
+                good = epx__keep_waiting(d, start, peer, v.y ? v.y - 1u : 0u, n);
             v = epx__ld_line(slot + i);
         }
         if (good) epx__store8(dst, bytes, i, make_uint2(v.x, v.z));

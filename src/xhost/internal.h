@@ -62,6 +62,9 @@ epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, si
  * broke the round. During creation the others see st in my part (an int64 first); after
  * it, their round fails (EPX_ERR_REMOTE_INVALID naming a rank that failed). */
 epx_status_t epx__xh_allgather_fail(epx__xhost_t *xh, epx_status_t st, size_t len, epx__errbuf_t *err);
+/* v[0..n) summed over every rank (wrapping int64), in place: over the bootstrap, or inside
+ * the host and along the rail. Every rank must call it; fails only when the round broke. */
+epx_status_t epx__xh_allreduce(epx__xhost_t *xh, int64_t *v, int n, epx__errbuf_t *err);
 /* One round of every rank's status: `local` when it failed, EPX_ERR_REMOTE_INVALID ("rank p
  * <what> (status)") when another rank's did, else what broke the round. */
 epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what, epx__errbuf_t *err);

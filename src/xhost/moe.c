@@ -287,14 +287,27 @@ static bool epx__ll_on_device(const epx__moe_shape_t *s, int nhosts)
     return s->mode == EPX_MOE_LOW_LATENCY && s->nranks <= EPX__LL_MAX_SRCS && (p == 0 || (p < 0 && nhosts <= 4));
 }
 
+/* The events a context makes: done, fork, join, then one per chunk. */
+enum { EPX__XH_NEV = 3 + EPX__HIER_MAX_CHUNKS };
+
+/* A failed creation's undoing: the first `made` of the events ev, the side stream and the
+ * statuses, in that order; then m. */
+static void epx__xhost_moe_create_undo(epx__xhost_moe_t *m, cudaEvent_t *const *ev, int made)
+{
+    for (int i = 0; i < made && i < EPX__XH_NEV; i++) cudaEventDestroy(*ev[i]);
+    if (made > EPX__XH_NEV) cudaStreamDestroy(m->side);
+    if (made > EPX__XH_NEV + 1) cudaFree(m->stat);
+    if (m) free(m->lx);
+    free(m);
+}
+
 epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
                                    epx__xhost_moe_t **out, epx__errbuf_t *err)
 {
     epx__xhost_moe_t *m = calloc(1, sizeof *m);
     if (!m && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    enum { NEV = 3 + EPX__HIER_MAX_CHUNKS };
-    int made = 0; /* of the NEV events, side, stat, in that order */
-    cudaEvent_t *ev[NEV];
+    int made = 0; /* of the EPX__XH_NEV events, side, stat, in that order */
+    cudaEvent_t *ev[EPX__XH_NEV];
     if (m && local == EPX_SUCCESS) {
         m->xh = xh;
         m->lx = calloc(EPX__HIER_MAX_PARTS * 4 * (size_t)xh->ls, sizeof *m->lx);
@@ -304,7 +317,7 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
         if (ce == cudaSuccess) ce = cudaDeviceGetAttribute(&m->sms, cudaDevAttrMultiProcessorCount, dev);
         ev[0] = &m->done, ev[1] = &m->fork, ev[2] = &m->join;
         for (int c = 0; c < EPX__HIER_MAX_CHUNKS; c++) ev[3 + c] = &m->ev[c];
-        while (ce == cudaSuccess && made < NEV)
+        while (ce == cudaSuccess && made < EPX__XH_NEV)
             if ((ce = cudaEventCreateWithFlags(ev[made], cudaEventDisableTiming)) == cudaSuccess) made++;
         if (ce == cudaSuccess && (ce = cudaStreamCreateWithFlags(&m->side, cudaStreamNonBlocking)) == cudaSuccess) made++;
         size_t sb = EPX__CUDA_STATUS_BYTES * EPX__HIER_MAX_CHUNKS * (1 + (size_t)epx__nccl_size(xh->nccl));
@@ -313,25 +326,33 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
             local = epx__fail(err, EPX_ERR_CUDA, "MoE across hosts: %s", cudaGetErrorString(ce));
     }
     /* Low-latency on the device: this host's ranks make their part (a collective among
-     * them); src/hier's creation below makes every rank's verdict on it. */
+     * them); src/hier's creation below makes every rank's verdict on it. Every rank must
+     * take that path or none (the mode and EPX_MOE_LL_HOST decide it): one round first
+     * counts the ranks that would, and those that failed already. */
+    int64_t v[2] = {local == EPX_SUCCESS && epx__ll_on_device(shape, xh->num_hosts), local != EPX_SUCCESS};
+    epx_status_t st = epx__xh_allreduce(xh, v, 2, err);
+    if (st != EPX_SUCCESS) {
+        epx__xhost_moe_create_undo(m, ev, made);
+        return st;
+    }
+    if (local == EPX_SUCCESS && v[1] == 0 && v[0] != 0 && v[0] != xh->nranks)
+        local = epx__fail(err, EPX_ERR_MISMATCH,
+                          "%lld of %d ranks would run low latency on the device, the others on the host "
+                          "(their mode or EPX_MOE_LL_HOST differs)",
+                          (long long)v[0], xh->nranks);
     epx__cuda_moe_t *ll = NULL;
     epx__ll_rail_t rails;
     memset(&rails, 0, sizeof rails);
-    if (epx__ll_on_device(shape, xh->num_hosts)) {
+    if (v[1] == 0 && v[0] == xh->nranks) {
         epx_status_t c = epx__cuda_moe_create(xh->cuda, shape, hash, local, &ll, err);
         if (c == EPX_SUCCESS) c = epx__cuda_moe_ll_rails(ll, xh->num_hosts, xh->host, &rails, err);
         if (local == EPX_SUCCESS) local = c;
     }
     epx__hier_moe_t *hm = NULL;
-    /* The path is part of the configuration (EPX_MOE_LL_HOST must agree). */
-    epx_status_t st = epx__hier_moe_create(xh->hier, shape, ll ? hash ^ 0x6c6c646576696365ull : hash, local, &hm, err);
+    st = epx__hier_moe_create(xh->hier, shape, hash, local, &hm, err);
     if (st != EPX_SUCCESS) {
         epx__cuda_moe_destroy(ll);
-        for (int i = 0; i < made && i < NEV; i++) cudaEventDestroy(*ev[i]);
-        if (made > NEV) cudaStreamDestroy(m->side);
-        if (made > NEV + 1) cudaFree(m->stat);
-        if (m) free(m->lx);
-        free(m);
+        epx__xhost_moe_create_undo(m, ev, made);
         return st;
     }
     m->xh = xh, m->s = *shape, m->hm = hm;

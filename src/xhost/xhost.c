@@ -109,8 +109,7 @@ static epx_status_t epx__xh_alltoall_fail(epx__xhost_t *xh, epx_status_t st, siz
     return r != EPX_SUCCESS ? r : st;
 }
 
-/* v[0..n) summed over every rank (wrapping int64), in place. */
-static epx_status_t epx__xh_allreduce(epx__xhost_t *xh, int64_t *v, int n, epx__errbuf_t *err)
+epx_status_t epx__xh_allreduce(epx__xhost_t *xh, int64_t *v, int n, epx__errbuf_t *err)
 {
     if (!xh->links) return epx__boot_allreduce_sum(xh->boot, v, (size_t)n, err);
     int LS = xh->ls, NH = xh->num_hosts, m = NH - 1;

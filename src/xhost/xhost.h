@@ -47,7 +47,8 @@
  * (by default up to 4 hosts: the combine's blocks hold N times the rows needed)
  * between their steps (moe.c, "Low-latency on the device"); they wait for nothing on the
  * host, but a capturing stream is refused all the same (not yet tested with NCCL's capture).
- * The low-latency path is part of a context's configuration: EPX_MOE_LL_HOST must agree.
+ * The low-latency path is part of a context's configuration: ranks whose EPX_MOE_LL_HOST
+ * (or mode) would take different paths fail its creation with EPX_ERR_MISMATCH.
  */
 #ifndef EPX_XHOST_H
 #define EPX_XHOST_H
