@@ -57,6 +57,11 @@ double bench_median(double *v, int n);
 /* Max / sum of `v` over all ranks (collective). */
 double bench_max(bench_ctx_t *b, double v);
 double bench_sum(bench_ctx_t *b, double v);
+/* The element counts per peer of an alltoall sweep from min_bytes to max_bytes (bytes sent
+ * per rank) by `factor`: each size rounded down to a multiple of 4 * nranks, duplicates
+ * dropped, a size of 0 followed by the smallest non-zero one. Returns how many (malloc'd
+ * in *counts). */
+int bench_a2a_counts(const bench_opts_t *o, int nranks, int64_t **counts);
 /* Barrier through epx (collective). */
 void bench_barrier(bench_ctx_t *b);
 /* Abort the whole run with a message (all ranks die; the launcher reports it). */

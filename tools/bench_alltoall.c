@@ -140,12 +140,12 @@ int bench_alltoall(bench_ctx_t *b)
         if (o->json && !(json = fopen(o->json, "w"))) perror(o->json);
         if (json) fprintf(json, "[");
     }
-    int nsizes = 0;
-    for (double s = (double)o->min_bytes; s <= (double)o->max_bytes * 1.0000001; s *= o->factor) nsizes++;
+    int64_t *counts;
+    int nsizes = bench_a2a_counts(o, R, &counts);
     int idx = 0, any_wrong = 0;
     double sweep_start = bench_now_us();
-    for (double s = (double)o->min_bytes; idx < nsizes; s *= o->factor, idx++) {
-        int64_t count = (int64_t)s / (4 * R);
+    for (; idx < nsizes; idx++) {
+        int64_t count = counts[idx];
         int64_t bytes = count * 4 * R;
         bench_a2a_fill(send, b->rank, R, count);
         contender_t cs[2] = {{"epx_alltoall", run_epx, bench_barrier, 0, 0}};
@@ -186,6 +186,7 @@ int bench_alltoall(bench_ctx_t *b)
         fprintf(json, "\n]\n");
         fclose(json);
     }
+    free(counts);
     if (b->rank == 0 && any_wrong) printf("# FAILED: wrong values found\n");
     if (o->unregistered)
         free(send);

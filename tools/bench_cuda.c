@@ -200,8 +200,10 @@ int bench_cuda_alltoall(bench_ctx_t *b)
     if (b->rank == 0 && o->json && !(json = fopen(o->json, "w"))) perror(o->json);
     if (json) fprintf(json, "[");
     int any_wrong = 0, idx = 0;
-    for (double s = (double)o->min_bytes; s <= (double)o->max_bytes * 1.0000001; s *= o->factor, idx++) {
-        size_t count = (size_t)((int64_t)s / (4 * R));
+    int64_t *counts;
+    int nsizes = bench_a2a_counts(o, R, &counts);
+    for (; idx < nsizes; idx++) {
+        size_t count = (size_t)counts[idx];
         int64_t bytes = (int64_t)count * 4 * R;
         bench_a2a_fill(host, b->rank, R, (int64_t)count);
         CUDA_CHECK(b, cudaMemcpyAsync(send, host, (size_t)bytes, cudaMemcpyHostToDevice, g.stream));
@@ -257,6 +259,7 @@ int bench_cuda_alltoall(bench_ctx_t *b)
         fprintf(json, "\n]\n");
         fclose(json);
     }
+    free(counts);
     if (b->rank == 0 && any_wrong) printf("# FAILED: wrong values found\n");
     epx_mem_free(g.gpu, send);
     epx_mem_free(g.gpu, recv);

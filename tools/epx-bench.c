@@ -82,6 +82,22 @@ double bench_sum(bench_ctx_t *b, double v)
     return s;
 }
 
+int bench_a2a_counts(const bench_opts_t *o, int nranks, int64_t **counts)
+{
+    int n = 0, cap = 16;
+    int64_t *c = malloc(sizeof(int64_t) * (size_t)cap), unit = 4 * (int64_t)nranks;
+    for (double s = (double)o->min_bytes; s <= (double)o->max_bytes * 1.0000001; s *= o->factor) {
+        int64_t cnt = (int64_t)s / unit;
+        if (n == 0 || cnt != c[n - 1]) {
+            if (n == cap) c = realloc(c, sizeof(int64_t) * (size_t)(cap *= 2));
+            c[n++] = cnt;
+        }
+        if (s < (double)unit) s = (double)unit / o->factor; /* 0 (or below one element a peer): next the smallest */
+    }
+    *counts = c;
+    return n;
+}
+
 void bench_barrier(bench_ctx_t *b)
 {
     epx_status_t st = epx_barrier(b->comm, NULL);
@@ -136,13 +152,13 @@ static bool parse_size(const char *s, int64_t *out)
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || end == s || v < 0) return false;
+    if (errno || end == s || !(v >= 0)) return false;
     double m = 1;
     if (*end == 'K' || *end == 'k') m = 1024.0, end++;
     else if (*end == 'M' || *end == 'm') m = 1048576.0, end++;
     else if (*end == 'G' || *end == 'g') m = 1073741824.0, end++;
     if (*end == 'B') end++;
-    if (*end) return false;
+    if (*end || !(v * m < 9.2e18)) return false; /* past INT64_MAX (or NaN): refused, not wrapped */
     *out = (int64_t)(v * m);
     return true;
 }
