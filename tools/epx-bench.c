@@ -329,6 +329,11 @@ int main(int argc, char **argv)
     else
         rc = !strcmp(b.opt.op, "moe") ? bench_moe(&b) : bench_alltoall(&b);
 
+    /* Rank 0 prints the results after the last gather; a rank that returned non-zero (wrong
+     * values) and exited before it had printed them made the launcher stop rank 0 midway
+     * (the table and the FAILED line lost). Every rank waits here for rank 0's output. */
+    fflush(stdout);
+    bench_barrier(&b);
     epx_comm_destroy(b.comm);
 #ifdef EPX_HAVE_MPI
     if (!in_epx_run) MPI_Finalize();
