@@ -60,22 +60,26 @@ typedef struct {
     int64_t wrong;
 } contender_t;
 
+/* A checked run of contender k on poisoned output: adds its wrong elements. */
+static void checked_run(bench_ctx_t *b, contender_t *c, const uint32_t *send, uint32_t *recv, int64_t count)
+{
+    memset(recv, 0xA5, (size_t)count * (size_t)b->nranks * 4);
+    epx_status_t st = c->fn(b, send, recv, count);
+    if (st != EPX_SUCCESS) bench_die(b, c->name, st);
+    c->wrong += bench_a2a_verify(recv, b->rank, b->nranks, count);
+}
+
 /* One size: a checked run of each contender on poisoned output, warm-up, then timed
  * iterations, each after a barrier, alternating between the contenders so that the
- * machine's noise falls on all of them alike. */
+ * machine's noise falls on all of them alike; then each contender checked again, so that
+ * a call that goes wrong (or does nothing) only after its first is caught too. */
 static void measure(bench_ctx_t *b, contender_t *cs, int ncs, const uint32_t *send, uint32_t *recv, int64_t count)
 {
-    size_t bytes = (size_t)count * (size_t)b->nranks * 4;
     int iters = b->opt.iters;
     double *t = malloc(sizeof(double) * (size_t)(iters * ncs));
     for (int k = 0; k < ncs; k++) {
         cs[k].wrong = 0;
-        if (b->opt.check) {
-            memset(recv, 0xA5, bytes);
-            epx_status_t st = cs[k].fn(b, send, recv, count);
-            if (st != EPX_SUCCESS) bench_die(b, cs[k].name, st);
-            cs[k].wrong = bench_a2a_verify(recv, b->rank, b->nranks, count);
-        }
+        if (b->opt.check) checked_run(b, &cs[k], send, recv, count);
         for (int i = 0; i < b->opt.warmup; i++) {
             epx_status_t st = cs[k].fn(b, send, recv, count);
             if (st != EPX_SUCCESS) bench_die(b, cs[k].name, st);
@@ -91,6 +95,7 @@ static void measure(bench_ctx_t *b, contender_t *cs, int ncs, const uint32_t *se
         }
     for (int k = 0; k < ncs; k++) cs[k].median_us = bench_median(t + k * iters, iters);
     free(t);
+    for (int k = 0; k < ncs && b->opt.check; k++) checked_run(b, &cs[k], send, recv, count);
 }
 
 /* Median time of one memcpy of `bytes` on rank 0 while the others wait (the floor a

@@ -6,6 +6,8 @@
  * (a 512 MiB memset) before every timed iteration; median over iterations, max over ranks.
  * graph_us: the same epx call captured once in a CUDA graph and replayed (no host work);
  * burst_us: 20 calls back to back between one pair of events, per call (as nccl-tests).
+ * With -c 1 every contender's output is checked on poisoned buffers before the warm-up and
+ * again after the timed calls (epx's graph replay too).
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -236,6 +238,15 @@ int bench_cuda_alltoall(bench_ctx_t *b)
 #ifdef EPX_HAVE_NCCL
         if (nccl) bt_nccl = bench_max(b, time_burst(&g, op_nccl, send, recv, count, 20));
 #endif
+        /* Checked again after the timed calls (a call that goes wrong, or does nothing, only
+         * after its first would pass the first check): the eager call, a graph replay, NCCL. */
+        if (o->check) {
+            wrong += checked_run(&g, op_epx, send, recv, host, count);
+            wrong += checked_run(&g, op_epx_graph, send, recv, host, count);
+#ifdef EPX_HAVE_NCCL
+            if (nccl) nwrong += checked_run(&g, op_nccl, send, recv, host, count);
+#endif
+        }
         double w = bench_sum(b, (double)wrong), nw = bench_sum(b, (double)nwrong);
         free(te), free(tn), free(tg);
         CUDA_CHECK(b, cudaGraphExecDestroy(epx_graph));

@@ -936,6 +936,58 @@ static void free_dispatch(ht_out_t *h)
     free(h->per_expert);
 }
 
+/* One checked round of each op and contender on poisoned outputs: adds the wrong values and
+ * the differences between the contenders. */
+static void checked_round(gm_t *m, int ncs, int64_t wrong[2][NOPS], int64_t diff[NOPS])
+{
+    int R = m->d.R, T = m->d.T;
+    layout_out_t ref, got[2];
+    ref.per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)R);
+    ref.per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->d.E);
+    ref.in_rank = (uint8_t *)xmalloc(m, (size_t)T * R);
+    bench_moe_ref_layout(&m->d, m->h_idx, &ref);
+    for (int c = 0; c < ncs; c++) {
+        poison(m, c, OP_LAYOUT);
+        run_op(m, c, OP_LAYOUT);
+        wait_for(m, NULL, c == 0 ? "the checked epx layout" : "the checked NCCL baseline layout");
+        fetch_layout(m, c, &got[c]);
+    }
+    wrong[0][OP_LAYOUT] += bench_moe_check_layout(&m->d, &got[0], &ref, ncs > 1 ? &got[1] : NULL, &diff[OP_LAYOUT]);
+    if (ncs > 1) wrong[1][OP_LAYOUT] += bench_moe_check_layout(&m->d, &got[1], &ref, NULL, NULL);
+    for (int c = 0; c < ncs; c++) free_layout(&got[c]);
+    free_layout(&ref);
+
+    ht_out_t hd[2];
+    for (int c = 0; c < ncs; c++) {
+        poison(m, c, OP_DISPATCH);
+        run_op(m, c, OP_DISPATCH);
+        wait_for(m, NULL, c == 0 ? "the checked epx dispatch" : "the checked NCCL baseline dispatch");
+        if (c == 0) epx_retire_handle(m);
+        fetch_dispatch(m, c, &hd[c]);
+    }
+    wrong[0][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &hd[0], ncs > 1 ? &hd[1] : NULL, &diff[OP_DISPATCH],
+                                                        m->n_exp, m->cap);
+    if (ncs > 1) wrong[1][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &hd[1], NULL, NULL, m->n_exp, m->cap);
+    for (int c = 0; c < ncs; c++) free_dispatch(&hd[c]);
+
+    uint16_t *want = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
+    uint16_t *got_c[2] = {NULL, NULL};
+    bench_moe_expected_combine(&m->d, want);
+    for (int c = 0; c < ncs; c++) {
+        poison(m, c, OP_COMBINE);
+        run_op(m, c, OP_COMBINE);
+        wait_for(m, NULL, c == 0 ? "the checked epx combine" : "the checked NCCL baseline combine");
+        got_c[c] = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
+        CK(m, cudaMemcpy(got_c[c], m->d_cout[c], (size_t)T * m->y_row, cudaMemcpyDeviceToHost));
+    }
+    size_t n = (size_t)T * m->d.H;
+    wrong[0][OP_COMBINE] += bench_moe_cmp_elems(got_c[0], want, ncs > 1 ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
+    if (ncs > 1) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(got_c[1], want, NULL, n, 2, NULL);
+    free(want);
+    free(got_c[0]);
+    free(got_c[1]);
+}
+
 /* ---- The run --------------------------------------------------------------------------- */
 
 int bench_cuda_moe(bench_ctx_t *b)
@@ -1128,53 +1180,9 @@ int bench_cuda_moe(bench_ctx_t *b)
     memset(wrong, 0, sizeof wrong);
     memset(diff, 0, sizeof diff);
     bool check = o->check && !m->ll;
-    if (check) {
-        layout_out_t ref, got[2];
-        ref.per_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)R);
-        ref.per_expert = (int32_t *)xmalloc(m, sizeof(int32_t) * (size_t)m->d.E);
-        ref.in_rank = (uint8_t *)xmalloc(m, (size_t)T * R);
-        bench_moe_ref_layout(&m->d, m->h_idx, &ref);
-        for (int c = 0; c < ncs; c++) {
-            poison(m, c, OP_LAYOUT);
-            run_op(m, c, OP_LAYOUT);
-            wait_for(m, NULL, c == 0 ? "the checked epx layout" : "the checked NCCL baseline layout");
-            fetch_layout(m, c, &got[c]);
-        }
-        wrong[0][OP_LAYOUT] = bench_moe_check_layout(&m->d, &got[0], &ref, ncs > 1 ? &got[1] : NULL, &diff[OP_LAYOUT]);
-        if (ncs > 1) wrong[1][OP_LAYOUT] = bench_moe_check_layout(&m->d, &got[1], &ref, NULL, NULL);
-        for (int c = 0; c < ncs; c++) free_layout(&got[c]);
-        free_layout(&ref);
-
-        ht_out_t hd[2];
-        for (int c = 0; c < ncs; c++) {
-            poison(m, c, OP_DISPATCH);
-            run_op(m, c, OP_DISPATCH);
-            wait_for(m, NULL, c == 0 ? "the checked epx dispatch" : "the checked NCCL baseline dispatch");
-            if (c == 0) epx_retire_handle(m);
-            fetch_dispatch(m, c, &hd[c]);
-        }
-        wrong[0][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &hd[0], ncs > 1 ? &hd[1] : NULL, &diff[OP_DISPATCH],
-                                                            m->n_exp, m->cap);
-        if (ncs > 1) wrong[1][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &hd[1], NULL, NULL, m->n_exp, m->cap);
-        for (int c = 0; c < ncs; c++) free_dispatch(&hd[c]);
-
-        uint16_t *want = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
-        uint16_t *got_c[2] = {NULL, NULL};
-        bench_moe_expected_combine(&m->d, want);
-        for (int c = 0; c < ncs; c++) {
-            poison(m, c, OP_COMBINE);
-            run_op(m, c, OP_COMBINE);
-            wait_for(m, NULL, c == 0 ? "the checked epx combine" : "the checked NCCL baseline combine");
-            got_c[c] = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
-            CK(m, cudaMemcpy(got_c[c], m->d_cout[c], (size_t)T * m->y_row, cudaMemcpyDeviceToHost));
-        }
-        size_t n = (size_t)T * m->d.H;
-        wrong[0][OP_COMBINE] = bench_moe_cmp_elems(got_c[0], want, ncs > 1 ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
-        if (ncs > 1) wrong[1][OP_COMBINE] = bench_moe_cmp_elems(got_c[1], want, NULL, n, 2, NULL);
-        free(want);
-        free(got_c[0]);
-        free(got_c[1]);
-    }
+    /* Checked before the timed iterations and again after them (a call that goes wrong, or
+     * does nothing, only after its first would pass the first check). */
+    if (check) checked_round(m, ncs, wrong, diff);
 
     /* Warm-up and timed iterations, alternating epx and the baseline. */
     int iters = o->iters;
@@ -1194,6 +1202,7 @@ int bench_cuda_moe(bench_ctx_t *b)
 #undef TM
     free(tm);
     CK(m, cudaStreamSynchronize(m->stream));
+    if (check) checked_round(m, ncs, wrong, diff);
     /* Dispatch, combine and layout, each alone, captured in CUDA graphs and timed like the ops
      * (device barrier, L2 flush, events around one replay: no host work inside, so the
      * difference to the ops' times is the host's share: the argument round and the launches);

@@ -590,6 +590,59 @@ static void poison(bm_t *m, int c, int op)
 static void mpi_barrier(void) { MPI_Barrier(MPI_COMM_WORLD); }
 #endif
 
+/* One round of each op and contender on poisoned outputs, checked (with -c 1; without,
+ * the round still runs: the baseline's combine needs its dispatch, y epx's): adds the wrong
+ * values and the differences between the contenders. */
+static void checked_round(bm_t *m, int64_t wrong[2][NOPS], int64_t diff[NOPS])
+{
+    bench_ctx_t *b = m->b;
+    const bench_opts_t *o = &b->opt;
+    int T = m->d.T;
+    layout_out_t *ref = &m->lay[1];
+    bench_moe_ref_layout(&m->d, m->idx, ref); /* the reference the epx layout is checked with */
+    if (o->check) {
+        poison(m, 0, OP_LAYOUT);
+        epx_layout(m, &m->lay[0]);
+        wrong[0][OP_LAYOUT] += bench_moe_check_layout(&m->d, &m->lay[0], ref, NULL, NULL);
+    }
+    if (o->check) poison(m, 0, OP_DISPATCH);
+    epx_moe_handle_t h = epx_dispatch(m);
+#ifdef EPX_HAVE_MPI
+    if (b->mpi) {
+        if (o->check) poison(m, 1, OP_DISPATCH);
+        bl_dispatch(m);
+    }
+#endif
+    if (o->check) {
+        if (m->d.ll) {
+            wrong[0][OP_DISPATCH] += check_ll_dispatch(m, &m->llo[0], b->mpi ? &m->llo[1] : NULL, &diff[OP_DISPATCH]);
+            if (b->mpi) wrong[1][OP_DISPATCH] += check_ll_dispatch(m, &m->llo[1], NULL, NULL);
+        } else {
+            wrong[0][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &m->ht[0], b->mpi ? &m->ht[1] : NULL,
+                                                                 &diff[OP_DISPATCH], m->n_exp, m->cap);
+            if (b->mpi) wrong[1][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &m->ht[1], NULL, NULL, m->n_exp, m->cap);
+        }
+    }
+    make_y(m);
+    if (o->check) poison(m, 0, OP_COMBINE);
+    epx_combine(m, h);
+    epx_moe_handle_destroy(h);
+#ifdef EPX_HAVE_MPI
+    if (b->mpi) {
+        if (o->check) poison(m, 1, OP_COMBINE);
+        bl_combine(m);
+    }
+#endif
+    if (o->check) {
+        uint16_t *want = xmalloc(m, (size_t)T * m->y_row);
+        bench_moe_expected_combine(&m->d, want);
+        size_t n = (size_t)T * m->d.H;
+        wrong[0][OP_COMBINE] += bench_moe_cmp_elems(m->cout[0], want, b->mpi ? m->cout[1] : NULL, n, 2, &diff[OP_COMBINE]);
+        if (b->mpi) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(m->cout[1], want, NULL, n, 2, NULL);
+        free(want);
+    }
+}
+
 /* ---- The run ------------------------------------------------------------------------------ */
 
 bool bench_moe_shape_ok(int experts, int ranks, int topk, bool say)
@@ -684,51 +737,11 @@ int bench_moe(bench_ctx_t *b)
         fflush(stdout);
     }
 
-    /* Checked runs on poisoned outputs. */
+    /* Checked runs on poisoned outputs, before the timed iterations and after them (a call
+     * that goes wrong, or does nothing, only after its first would pass the first). */
     int64_t wrong[2][NOPS] = {{0}}, diff[NOPS] = {0};
-    layout_out_t *ref = &m->lay[1];
-    bench_moe_ref_layout(&m->d, m->idx, ref); /* the reference the epx layout is checked with */
-    if (o->check) {
-        poison(m, 0, OP_LAYOUT);
-        epx_layout(m, &m->lay[0]);
-        wrong[0][OP_LAYOUT] = bench_moe_check_layout(&m->d, &m->lay[0], ref, NULL, NULL);
-    }
-    if (o->check) poison(m, 0, OP_DISPATCH);
-    epx_moe_handle_t h = epx_dispatch(m);
-#ifdef EPX_HAVE_MPI
-    if (b->mpi) {
-        if (o->check) poison(m, 1, OP_DISPATCH);
-        bl_dispatch(m);
-    }
-#endif
-    if (o->check) {
-        if (m->d.ll) {
-            wrong[0][OP_DISPATCH] = check_ll_dispatch(m, &m->llo[0], b->mpi ? &m->llo[1] : NULL, &diff[OP_DISPATCH]);
-            if (b->mpi) wrong[1][OP_DISPATCH] = check_ll_dispatch(m, &m->llo[1], NULL, NULL);
-        } else {
-            wrong[0][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &m->ht[0], b->mpi ? &m->ht[1] : NULL,
-                                                                 &diff[OP_DISPATCH], m->n_exp, m->cap);
-            if (b->mpi) wrong[1][OP_DISPATCH] = bench_moe_check_ht_dispatch(&m->d, &m->ht[1], NULL, NULL, m->n_exp, m->cap);
-        }
-    }
-    make_y(m);
-    if (o->check) poison(m, 0, OP_COMBINE);
-    epx_combine(m, h);
-    epx_moe_handle_destroy(h);
-#ifdef EPX_HAVE_MPI
-    if (b->mpi) {
-        if (o->check) poison(m, 1, OP_COMBINE);
-        bl_combine(m);
-    }
-#endif
-    if (o->check) {
-        uint16_t *want = xmalloc(m, (size_t)T * m->y_row);
-        bench_moe_expected_combine(&m->d, want);
-        size_t n = (size_t)T * m->d.H;
-        wrong[0][OP_COMBINE] = bench_moe_cmp_elems(m->cout[0], want, b->mpi ? m->cout[1] : NULL, n, 2, &diff[OP_COMBINE]);
-        if (b->mpi) wrong[1][OP_COMBINE] = bench_moe_cmp_elems(m->cout[1], want, NULL, n, 2, NULL);
-        free(want);
-    }
+    checked_round(m, wrong, diff);
+    epx_moe_handle_t h;
 
     /* Warm-up and timed iterations, alternating epx and the baseline. */
     int iters = o->iters;
@@ -783,6 +796,7 @@ int bench_moe(bench_ctx_t *b)
         for (int op = 0; op < NOPS; op++) med[c][op] = bench_median(&TM(c, op, 0), iters);
 #undef TM
     free(tm);
+    if (o->check) checked_round(m, wrong, diff);
 
     /* Results: max over ranks of the medians; bytes as the mean per rank. */
     bench_moe_report_t rep = {0};
