@@ -4,8 +4,8 @@
  * device inputs, iterations alternating between the two.
  *
  * One rank per GPU (device = EPX_LOCAL_RANK % number of GPUs). Times come from CUDA events
- * on the caller's stream around the call, after a device-side barrier (epx_barrier) and a
- * 512 MiB memset that flushes L2; median over iterations, max over ranks (through the host
+ * on the caller's stream around the call, after a 512 MiB memset that flushes L2 and then a
+ * device-side barrier (epx_barrier); median over iterations, max over ranks (through the host
  * communicator). epx's dispatch reads a count matrix back once (a stream synchronisation),
  * and so does the baseline's: both event times include it.
  *
@@ -559,6 +559,15 @@ static void epx_combine_op(gm_t *m)
     epx_ok(m, epx_moe_combine(m->moe, m->h, &in, &out, m->stream), "epx_moe_combine");
 }
 
+/* L2 flush, then the device barrier: the ranks' streams leave the barrier together, so that
+ * the start events are lined up (flushing after the barrier let a rank whose flush ended
+ * first start its clock and then wait, inside the timed region, for a peer still flushing). */
+static void flush_then_barrier(gm_t *m)
+{
+    CK(m, cudaMemsetAsync(m->flush, 0x5a, FLUSH_BYTES, m->stream));
+    epx_ok(m, epx_barrier(m->gpu, m->stream), "epx_barrier (device barrier before a timed run)");
+}
+
 /* Stand-in for the work a caller runs between a send half and its receive: spins `ns`. */
 static __global__ void bench_spin(unsigned long long ns)
 {
@@ -569,7 +578,7 @@ static __global__ void bench_spin(unsigned long long ns)
 
 /* Low-latency through the halves, in one graph: dispatch send, SPIN_US of other work,
  * dispatch receive, combine send, SPIN_US, combine receive, with an event around each half.
- * The median over `iters` replays (device barrier, L2 flush before each) of each half's
+ * The median over `iters` replays (L2 flush, device barrier before each) of each half's
  * time, in us (med[4]: the other work, SPIN_US, timed the same way): what the halves
  * cost on the critical path when the other work hides the transfer. */
 #define SPIN_US 30
@@ -602,8 +611,7 @@ static void bench_ll_split(gm_t *m, int iters, int warmup, double med[5])
     double *t = (double *)xmalloc(m, sizeof(double) * 5 * (size_t)iters);
     static const int from[5] = {0, 2, 3, 5, 1}; /* the last: the other work itself, as a check of the timing */
     for (int i = -warmup; i < iters; i++) {
-        epx_ok(m, epx_barrier(m->gpu, m->stream), "epx_barrier");
-        CK(m, cudaMemsetAsync(m->flush, 0x5a, FLUSH_BYTES, m->stream));
+        flush_then_barrier(m);
         CK(m, cudaGraphLaunch(exec, m->stream));
         CK(m, cudaEventRecord(ev[7], m->stream));
         wait_for(m, ev[7], "a split graph replay");
@@ -803,11 +811,10 @@ static void run_op(gm_t *m, int c, int op)
 #endif
 }
 
-/* One timed run: device barrier, L2 flush, events around the call (us). */
+/* One timed run: L2 flush, device barrier, events around the call (us). */
 static double time_op(gm_t *m, int c, int op)
 {
-    epx_ok(m, epx_barrier(m->gpu, m->stream), "epx_barrier (device barrier before a timed run)");
-    CK(m, cudaMemsetAsync(m->flush, 0x5a, FLUSH_BYTES, m->stream));
+    flush_then_barrier(m);
     CK(m, cudaEventRecord(m->ev0, m->stream));
     run_op(m, c, op);
     CK(m, cudaEventRecord(m->ev1, m->stream));
@@ -1226,8 +1233,7 @@ int bench_cuda_moe(bench_ctx_t *b)
             CK(m, cudaGraphInstantiate(&exec, graph, 0));
             double *tg = (double *)xmalloc(m, sizeof(double) * (size_t)iters);
             for (int i = -o->warmup; i < iters; i++) {
-                epx_ok(m, epx_barrier(m->gpu, m->stream), "epx_barrier");
-                CK(m, cudaMemsetAsync(m->flush, 0x5a, FLUSH_BYTES, m->stream));
+                flush_then_barrier(m);
                 CK(m, cudaEventRecord(m->ev0, m->stream));
                 CK(m, cudaGraphLaunch(exec, m->stream));
                 CK(m, cudaEventRecord(m->ev1, m->stream));
