@@ -1097,6 +1097,11 @@ int bench_cuda_moe(bench_ctx_t *b)
     int64_t rows, link_rows;
     bench_moe_count_rows(&m->d, m->d.me, &rows, &link_rows);
     m->n_exp = rows;
+    if (m->ll) { /* the bytes reported: ll receives one row per (token, expert), as the CPU bench counts */
+        m->d.ll = true;
+        bench_moe_count_rows(&m->d, m->d.me, &rows, &link_rows);
+        m->d.ll = false;
+    }
     uint8_t *hx = (uint8_t *)xmalloc(m, (size_t)T * m->row);
     float *hxs = (float *)xmalloc(m, sizeof(float) * (size_t)T * m->d.S);
     m->h_idx = (int64_t *)xmalloc(m, sizeof(int64_t) * (size_t)T * K);
