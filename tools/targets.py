@@ -8,7 +8,9 @@
   python3 tools/targets.py selftest         # the table from made-up files (ctest)
 
 Prints one line per target: epx's time, the baseline of the same run, the target, and
-"met" / "NOT met" — or "not comparable" when the record is of another shape than the
+"met" / "NOT met" — or "WRONG VALUES" when the record counts wrong outputs (or outputs that
+differ from the baseline's), "(outputs not checked by the bench)" after the verdict when the
+record says checked: false, or "not comparable" when the record is of another shape than the
 target's (backend, mode, dtype, T, H, K, E: named) or the run was not 2 ranks on 2 GPUs
 (the targets' setup: ../shared/DEVICE.md's 2 x H200), or "missing" when no file had the case. Times are
 the bench's: CUDA events around the call, L2 flushed, median, max over ranks; from a CUDA
@@ -70,12 +72,18 @@ def table(d, gpus):
         b = r.get("baseline_time_us") if not mem and r.get("baseline", "none") != "none" else None
         ranks, ngpu = r.get("ranks", 0), r.get("gpus", gpus)
         other = ["%s %s" % (k, r.get(k)) for k, want in shape.items() if r.get(k) != want]
-        if other:
+        if r.get("wrong", 0) or r.get("diff_vs_baseline", 0):
+            # a time of wrong outputs meets nothing
+            verdict = "WRONG VALUES (%s wrong, %s differ from the baseline)" % (
+                "%.0f" % r.get("wrong", 0), "%.0f" % r.get("diff_vs_baseline", 0))
+        elif other:
             verdict = "not comparable (%s)" % ", ".join(other)
         elif ranks == 2 and ngpu == 2 and gpus >= 2:
             verdict = "met" if v <= target else "NOT met"
         else:
             verdict = "not comparable (%s ranks, %s GPUs)" % (ranks, ngpu)
+        if r.get("checked") is False and not mem:
+            verdict += " (outputs not checked by the bench)"
         lines.append("%d | %s | %.2f%s | %s | %s | %g%s | %s" % (
             issue, what, v, unit, "%.2f us" % g if g and not mem else "-",
             "%.2f us (%s)" % (b, r.get("baseline")) if b else "-", target, unit, verdict))
@@ -98,14 +106,17 @@ def selftest():
                                       epx_device_mem_bytes=4 << 20),
                                  dict(ht, op="combine", time_us=200.0, baseline_time_us=280.0)])
         put("moe_ht_fp8.json", [dict(ht, op="dispatch", dtype="fp8", tokens=256, time_us=50.0)])
-        put("moe_ll_fp8_t128.json", [dict(ll, op="dispatch", time_us=11.0, graph_time_us=10.0),
+        put("moe_ll_fp8_t128.json", [dict(ll, op="dispatch", time_us=11.0, graph_time_us=10.0, checked=False),
                                      dict(ll, op="combine", time_us=16.0, pair_graph_time_us=25.0)])
         put("alltoall_cuda.json", [{"op": "alltoall", "backend": "cuda", "ranks": 2, "bytes": 1024, "time_us": 7.0,
-                                    "baseline": "ncclAlltoAll", "baseline_time_us": 12.0}])
+                                    "baseline": "ncclAlltoAll", "baseline_time_us": 12.0},
+                                   {"op": "alltoall", "backend": "cuda", "ranks": 2, "bytes": GIB, "time_us": 1000.0,
+                                    "wrong": 3, "baseline": "ncclAlltoAll", "baseline_time_us": 1600.0}])
         got = table(d, 2)
         want = {"layout": "met", "dispatch bf16": "NOT met", "dispatch fp8": "not comparable (tokens 256)",
                 "combine bf16": "met",
-                "1 GiB": "missing", "1 KiB": "NOT met", "memory": "met", "low-latency dispatch": "met",
+                "1 GiB": "WRONG VALUES", "1 KiB": "NOT met", "memory": "met",
+                "low-latency dispatch": "met (outputs not checked by the bench)",
                 "low-latency combine": "NOT met"}
         bad = [k for k, v in want.items() if not any(k in l and l.split(" | ")[-1].startswith(v) for l in got)]
         if not any("25.00 us per pair" in l for l in got):
