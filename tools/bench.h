@@ -57,6 +57,9 @@ double bench_median(double *v, int n);
 /* Max / sum of `v` over all ranks (collective). */
 double bench_max(bench_ctx_t *b, double v);
 double bench_sum(bench_ctx_t *b, double v);
+/* Median over the iterations of the max over the ranks of t[0..n) (collective; every rank
+ * gives its n per-iteration times, in iteration order): the time the collective took. */
+double bench_median_of_max(bench_ctx_t *b, const double *t, int n);
 /* The element counts per peer of an alltoall sweep from min_bytes to max_bytes (bytes sent
  * per rank) by `factor`: each size rounded down to a multiple of 4 * nranks, duplicates
  * dropped, a size of 0 followed by the smallest non-zero one. Returns how many (malloc'd

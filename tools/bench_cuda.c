@@ -3,7 +3,8 @@
  * ncclAlltoAll on the same device buffers, in the same processes, iterations alternating.
  * Each rank drives the GPU (local rank) % (number of GPUs). Times come from CUDA events
  * around the call on the caller's stream, after a device-side barrier and with L2 flushed
- * (a 512 MiB memset) before every timed iteration; median over iterations, max over ranks.
+ * (a 512 MiB memset) before every timed iteration; median over the iterations of the max over
+ * the ranks.
  * graph_us: the same epx call captured once in a CUDA graph and replayed (no host work);
  * burst_us: 20 calls back to back between one pair of events, per call (as nccl-tests).
  * With -c 1 every contender's output is checked on poisoned buffers before the warm-up and
@@ -190,8 +191,8 @@ int bench_cuda_alltoall(bench_ctx_t *b)
     uint32_t *host = malloc(max_bytes);
 
     if (b->rank == 0) {
-        printf("# epx-bench alltoall: backend cuda, %d ranks on %d GPU(s), f32, %d iterations (CUDA events, median, max "
-               "over ranks), %d warm-up, L2 flushed; baseline %s\n",
+        printf("# epx-bench alltoall: backend cuda, %d ranks on %d GPU(s), f32, %d iterations (CUDA events, median of the "
+               "max over ranks), %d warm-up, L2 flushed; baseline %s\n",
                R, ndev, o->iters, o->warmup, nccl ? "ncclAlltoAll" : "none");
         printf("# %12s %10s %10s %10s %7s %9s %9s", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s", "#wrong", "graph_us",
                "burst_us");
@@ -232,8 +233,8 @@ int bench_cuda_alltoall(bench_ctx_t *b)
             tn[i] = 0;
 #endif
         }
-        double t = bench_max(b, bench_median(te, o->iters)), nt = bench_max(b, bench_median(tn, o->iters));
-        double gt = bench_max(b, bench_median(tg, o->iters));
+        double t = bench_median_of_max(b, te, o->iters), nt = bench_median_of_max(b, tn, o->iters);
+        double gt = bench_median_of_max(b, tg, o->iters);
         double bt_epx = bench_max(b, time_burst(&g, op_epx, send, recv, count, 20)), bt_nccl = 0;
 #ifdef EPX_HAVE_NCCL
         if (nccl) bt_nccl = bench_max(b, time_burst(&g, op_nccl, send, recv, count, 20));

@@ -5,7 +5,7 @@
  *
  * One rank per GPU (device = EPX_LOCAL_RANK % number of GPUs). Times come from CUDA events
  * on the caller's stream around the call, after a 512 MiB memset that flushes L2 and then a
- * device-side barrier (epx_barrier); median over iterations, max over ranks (through the host
+ * device-side barrier (epx_barrier); median over the iterations of the max over ranks (through the host
  * communicator). epx's dispatch reads a count matrix back once (a stream synchronisation),
  * and so does the baseline's: both event times include it.
  *
@@ -621,7 +621,7 @@ static void bench_ll_split(gm_t *m, int iters, int warmup, double med[5])
             t[k * iters + i] = 1000.0 * (double)ms;
         }
     }
-    for (int k = 0; k < 5; k++) med[k] = bench_max(m->b, bench_median(t + k * iters, iters));
+    for (int k = 0; k < 5; k++) med[k] = bench_median_of_max(m->b, t + k * iters, iters);
     free(t);
     CK(m, cudaGraphExecDestroy(exec));
     CK(m, cudaGraphDestroy(graph));
@@ -1156,8 +1156,8 @@ int bench_cuda_moe(bench_ctx_t *b)
                    "(test_moe, test_cuda_graph), not here\n",
                    m->d.fp8 ? " quantised to FP8 by the dispatch" : "");
         printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode %s, %s tokens (combine "
-               "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median, max over "
-               "ranks), %d warm-up, L2 flushed; baseline %s\n",
+               "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median of the max "
+               "over ranks), %d warm-up, L2 flushed; baseline %s\n",
                R, ndev_min < R ? ndev_min : R, m->ll ? "ll (low-latency)" : "ht (high-throughput)",
                m->d.fp8 ? (m->ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16", T,
                m->d.H, K, m->d.E, m->d.L,
@@ -1210,7 +1210,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     double med[2][NOPS];
     memset(med, 0, sizeof med);
     for (int c = 0; c < ncs; c++)
-        for (int op = 0; op < NOPS; op++) med[c][op] = bench_median(&TM(c, op, 0), iters);
+        for (int op = 0; op < NOPS; op++) med[c][op] = bench_median_of_max(b, &TM(c, op, 0), iters);
 #undef TM
     free(tm);
     CK(m, cudaStreamSynchronize(m->stream));
@@ -1247,7 +1247,7 @@ int bench_cuda_moe(bench_ctx_t *b)
                 CK(m, cudaEventElapsedTime(&ms, m->ev0, m->ev1));
                 if (i >= 0) tg[i] = 1000.0 * (double)ms;
             }
-            graph_op[g] = bench_max(b, bench_median(tg, iters));
+            graph_op[g] = bench_median_of_max(b, tg, iters);
             free(tg);
             CK(m, cudaGraphExecDestroy(exec));
             CK(m, cudaGraphDestroy(graph));
@@ -1282,7 +1282,7 @@ int bench_cuda_moe(bench_ctx_t *b)
         gm_fail(m, "the CUDA communicator reports an asynchronous error: %s (%s)", epx_status_name(async),
                 epx_comm_get_last_error(m->gpu));
 
-    /* Results: max over ranks of the medians; bytes as the mean per rank. */
+    /* Results: median over the iterations of the max over ranks; bytes as the mean per rank. */
     bench_moe_report_t rep;
     memset(&rep, 0, sizeof rep);
     int any_wrong = bench_moe_gather(b, &rep, med, wrong, diff, 2, rows_mean, link_mean, m->wire_row, m->y_row);

@@ -187,10 +187,12 @@ typedef struct {
     bool baseline;      /* a baseline ran: its columns and fields */
     const char *baseline_layout, *baseline_moe; /* its names for the layout and the other ops */
     double device_mem; /* < 0 = none written */
-    /* epx's op captured in a CUDA graph and replayed (median, max over ranks), and (ll) one
+    /* epx's op captured in a CUDA graph and replayed (median of the max over ranks), and (ll) one
      * graph of dispatch + combine replayed back to back, per pair; 0 = none written */
     double graph_us[NOPS], pair_graph_us;
-    /* the results (all ranks): max over ranks of the medians, sums of the wrong counts */
+    /* the results (all ranks): max over ranks of the times given (the benches give the
+     * median over the iterations of the max over ranks, the same on every rank), sums of the
+     * wrong counts */
     double time_us[2][NOPS], wrong[2][NOPS], diff[NOPS];
     double logical[NOPS], link[NOPS]; /* mean bytes per rank */
 } bench_moe_report_t;

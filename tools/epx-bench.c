@@ -73,6 +73,23 @@ double bench_max(bench_ctx_t *b, double v)
     return m;
 }
 
+double bench_median_of_max(bench_ctx_t *b, const double *t, int n)
+{
+    int R = b->nranks;
+    double *send = malloc(sizeof(double) * (size_t)n * (size_t)R), *all = malloc(sizeof(double) * (size_t)n * (size_t)R);
+    double *mx = malloc(sizeof(double) * (size_t)(n > 0 ? n : 1));
+    for (int p = 0; p < R; p++) memcpy(send + (size_t)p * (size_t)n, t, sizeof(double) * (size_t)n);
+    epx_status_t st = epx_alltoall(b->comm, send, all, (size_t)n, EPX_I64, NULL);
+    if (st != EPX_SUCCESS) bench_die(b, "gather of results", st);
+    for (int i = 0; i < n; i++) {
+        mx[i] = -INFINITY;
+        for (int p = 0; p < R; p++) mx[i] = all[(size_t)p * (size_t)n + (size_t)i] > mx[i] ? all[(size_t)p * (size_t)n + (size_t)i] : mx[i];
+    }
+    double med = bench_median(mx, n);
+    free(send), free(all), free(mx);
+    return med;
+}
+
 double bench_sum(bench_ctx_t *b, double v)
 {
     double *all = malloc(sizeof(double) * (size_t)b->nranks), s = 0;
