@@ -56,6 +56,27 @@ static void test_params(void)
     ASSERT_STATUS(epx_param_get(epx_param_count(), &p), EPX_ERR_INVALID_ARGUMENT);
 }
 
+/* Deadlines: a timeout too large to count in nanoseconds (EPX_TIMEOUT_MS=INT64_MAX, meant as
+ * "never") is a deadline that never passes, not one that wrapped around into the past: a
+ * bootstrap with it completes. */
+static void test_deadlines(void)
+{
+    uint64_t now = epx__now_ns();
+    ASSERT(epx__deadline_after_ms(0) <= epx__now_ns());
+    ASSERT(epx__deadline_after_ms(1000) >= now + 1000000000ull);
+    ASSERT(epx__deadline_after_ms(INT64_MAX) > now + (uint64_t)1e18);
+    ASSERT(epx__deadline_after_ms(INT64_MAX / 1000000) > now + (uint64_t)1e18);
+    epx_unique_id_t id;
+    epx__errbuf_t err;
+    epx__boot_t *boot;
+    int info = 7, all[1];
+    ASSERT_OK(epx__boot_create_id(&id, &err));
+    ASSERT_OK(epx__boot_init(&boot, 1, 0, &id, &info, sizeof info, all, INT64_MAX, &err));
+    ASSERT_EQ(all[0], 7);
+    ASSERT_OK(epx__boot_barrier(boot, &err));
+    epx__boot_close(boot);
+}
+
 static void test_ids(void)
 {
     epx_unique_id_t id, back;
@@ -553,6 +574,7 @@ int main(void)
     test_status();
     test_arena();
     test_params();
+    test_deadlines();
     test_ids();
     test_fault_parse();
     int four[] = {4, 4, 4, 4};
@@ -587,6 +609,6 @@ int main(void)
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
     test_region_find();
-    test_done(19);
+    test_done(20);
     return 0;
 }

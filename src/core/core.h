@@ -154,7 +154,7 @@ bool epx__parse_size(const char *text, int64_t *out);
 /* ---- Time -------------------------------------------------------------------------- */
 
 uint64_t epx__now_ns(void);
-/* Deadline `ms` from now (ms <= 0: already passed). */
+/* Deadline `ms` from now (ms <= 0: already passed; too far to count in ns: UINT64_MAX). */
 uint64_t epx__deadline_after_ms(int64_t ms);
 
 /* ---- Arenas (arena.c) ---------------------------------------------------------------- */

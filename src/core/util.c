@@ -17,6 +17,9 @@ uint64_t epx__deadline_after_ms(int64_t ms)
 {
     uint64_t now = epx__now_ns();
     if (ms <= 0) return now;
+    /* A huge timeout (EPX_TIMEOUT_MS=9223372036854775807 for "never") must not wrap around
+     * to a deadline in the past: saturate, so that it reads as no deadline at all. */
+    if ((uint64_t)ms > (UINT64_MAX - now) / 1000000ull) return UINT64_MAX;
     return now + (uint64_t)ms * 1000000ull;
 }
 
