@@ -8,9 +8,14 @@
  * EPX_FAULT's text (every kind, where each fires, what a bad entry says), and arenas
  * (alignment, zeroing, growth into a chain, one block after a reset, overflow).
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/core.h"
 #include "core/fault.h"
@@ -162,6 +167,42 @@ static void run_boot(int nranks, const int *claimed, epx_status_t expect)
     }
     for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
     for (int r = 0; r < nranks; r++) ASSERT_STATUS(args[r].status, expect);
+}
+
+static double mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+/* The rendezvous address takes no connection (its accept queue is full, as at a host that
+ * drops SYNs): creation ends at its timeout, not after the kernel's SYN retries (~2 min). */
+static void test_connect_bounded(void)
+{
+    int l = socket(AF_INET, SOCK_STREAM, 0), s[2];
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    socklen_t alen = sizeof a;
+    ASSERT(bind(l, (struct sockaddr *)&a, sizeof a) == 0 && listen(l, 0) == 0);
+    ASSERT(getsockname(l, (struct sockaddr *)&a, &alen) == 0);
+    for (int i = 0; i < 2; i++) { /* fill the queue; nobody accepts */
+        s[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        connect(s[i], (struct sockaddr *)&a, sizeof a);
+    }
+    usleep(100 * 1000);
+    char text[EPX_UNIQUE_ID_STRLEN];
+    snprintf(text, sizeof text, "epx1:127.0.0.1:%u:0123456789abcdef", (unsigned)ntohs(a.sin_port));
+    epx_unique_id_t id;
+    ASSERT_OK(epx_unique_id_from_string(text, &id));
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.timeout_ms = 1000;
+    epx_comm_t comm;
+    double t0 = mono_ms();
+    ASSERT_STATUS(epx_comm_init_rank(&comm, 2, 1, &id, &cfg), EPX_ERR_TIMEOUT);
+    double ms = mono_ms() - t0;
+    if (ms > 5000) TEST_FAIL_("creation with a 1 s timeout took %.0f ms (connect not bounded)", ms);
+    close(s[0]), close(s[1]), close(l);
 }
 
 /* A rank (`gone`) that closes its bootstrap instead of taking part in the next round (an
@@ -576,6 +617,7 @@ int main(void)
     test_params();
     test_deadlines();
     test_ids();
+    test_connect_bounded();
     test_fault_parse();
     int four[] = {4, 4, 4, 4};
     run_boot(4, four, EPX_SUCCESS);
@@ -609,6 +651,6 @@ int main(void)
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
     test_region_find();
-    test_done(20);
+    test_done(21);
     return 0;
 }

@@ -12,6 +12,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ifaddrs.h>
 #include <inttypes.h>
 #include <net/if.h>
@@ -182,28 +183,44 @@ static epx_status_t epx__listen(int *lfd_out, struct sockaddr_storage *ss, epx__
     return EPX_SUCCESS;
 }
 
+/* Connect before the deadline, retrying while nobody listens yet. The connect itself is
+ * bounded too: to an address that drops SYNs (a host down or firewalled, a full accept
+ * queue) a blocking connect would wait out the kernel's SYN retries, about 2 minutes,
+ * whatever the deadline. The socket returned is blocking, as accepted ones are. */
 static epx_status_t epx__connect_until(const struct sockaddr_storage *ss, uint64_t deadline,
                                        int *fd_out, epx__errbuf_t *err, const char *what)
 {
     socklen_t len = ss->ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
     int delay_ms = 1;
     for (;;) {
-        int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0) return epx__fail(err, EPX_ERR_SYSTEM, "socket: %s", strerror(errno));
-        if (connect(fd, (const struct sockaddr *)ss, len) == 0) {
+        int e = connect(fd, (const struct sockaddr *)ss, len) == 0 ? 0 : errno;
+        while (e == EINPROGRESS || e == EINTR || e == EALREADY) {
+            int left = epx__ms_left(deadline);
+            if (left == 0) {
+                e = ETIMEDOUT;
+                break;
+            }
+            struct pollfd pfd = {fd, POLLOUT, 0};
+            if (poll(&pfd, 1, left) <= 0) continue; /* EINTR, or check the deadline again */
+            socklen_t elen = sizeof e;
+            if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &elen) != 0) e = errno;
+        }
+        if (e == 0) {
             int one = 1;
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
             *fd_out = fd;
             return EPX_SUCCESS;
         }
-        int e = errno;
         close(fd);
-        if (e != ECONNREFUSED && e != EINTR && e != ETIMEDOUT && e != EAGAIN)
+        if (e != ECONNREFUSED && e != ETIMEDOUT && e != EAGAIN)
             return epx__fail(err, EPX_ERR_SYSTEM, "bootstrap: connect to %s: %s", what, strerror(e));
         if (epx__ms_left(deadline) == 0)
             return epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap: connect to %s: %s (timed out)", what,
                              strerror(e));
-        usleep((useconds_t)delay_ms * 1000);
+        usleep((useconds_t)EPX__MIN(delay_ms, epx__ms_left(deadline)) * 1000);
         if (delay_ms < 100) delay_ms *= 2;
     }
 }
