@@ -119,6 +119,7 @@ typedef struct {
     epx_unique_id_t id;
     int rank, nranks_claimed;
     epx_status_t status;
+    int64_t timeout_ms;
 } boot_arg_t;
 
 static void *boot_thread(void *argp)
@@ -127,7 +128,7 @@ static void *boot_thread(void *argp)
     int info = 1000 + a->rank, all[8];
     epx__boot_t *boot;
     epx__errbuf_t err;
-    a->status = epx__boot_init(&boot, a->nranks_claimed, a->rank, &a->id, &info, sizeof info, all, 5000, &err);
+    a->status = epx__boot_init(&boot, a->nranks_claimed, a->rank, &a->id, &info, sizeof info, all, a->timeout_ms, &err);
     if (a->status != EPX_SUCCESS) return NULL;
     for (int r = 0; r < a->nranks_claimed; r++) ASSERT_EQ(all[r], 1000 + r);
     int mine = a->rank * 7, got[8];
@@ -155,18 +156,25 @@ static void *boot_thread(void *argp)
     return NULL;
 }
 
-static void run_boot(int nranks, const int *claimed, epx_status_t expect)
+static void run_boot_id(const epx_unique_id_t *idp, int nranks, const int *claimed, epx_status_t expect,
+                        int64_t timeout_ms)
 {
-    epx_unique_id_t id;
-    ASSERT_OK(epx_get_unique_id(&id));
+    epx_unique_id_t id = *idp;
     pthread_t th[8];
     boot_arg_t args[8];
     for (int r = 0; r < nranks; r++) {
-        args[r] = (boot_arg_t){id, r, claimed[r], EPX_SUCCESS};
+        args[r] = (boot_arg_t){id, r, claimed[r], EPX_SUCCESS, timeout_ms};
         pthread_create(&th[r], NULL, boot_thread, &args[r]);
     }
     for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
     for (int r = 0; r < nranks; r++) ASSERT_STATUS(args[r].status, expect);
+}
+
+static void run_boot(int nranks, const int *claimed, epx_status_t expect)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    run_boot_id(&id, nranks, claimed, expect, 5000);
 }
 
 static double mono_ms(void)
@@ -203,6 +211,34 @@ static void test_connect_bounded(void)
     double ms = mono_ms() - t0;
     if (ms > 5000) TEST_FAIL_("creation with a 1 s timeout took %.0f ms (connect not bounded)", ms);
     close(s[0]), close(s[1]), close(l);
+}
+
+/* Connections to the rendezvous port that are not ranks (a port scanner that connects and
+ * waits, a client that sends a few bytes of something else): the ranks behind them meet at
+ * once, not after the listener gave up on the strays (10 s), nor at their timeout (3 s). */
+static void test_stray_connections(void)
+{
+    epx_unique_id_t id;
+    char text[EPX_UNIQUE_ID_STRLEN];
+    ASSERT_OK(epx_get_unique_id(&id));
+    ASSERT_OK(epx_unique_id_to_string(&id, text, sizeof text));
+    unsigned port = 0;
+    ASSERT(sscanf(text, "epx1:127.0.0.1:%u:", &port) == 1);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    int s[3];
+    for (int i = 0; i < 3; i++) {
+        s[i] = socket(AF_INET, SOCK_STREAM, 0);
+        ASSERT(connect(s[i], (struct sockaddr *)&a, sizeof a) == 0);
+        if (i == 1) ASSERT(write(s[i], "GET / HTTP/1.0\r\n", 16) == 16);
+    }
+    usleep(100 * 1000); /* the listener has them before the ranks come */
+    int two[] = {2, 2};
+    double t0 = mono_ms();
+    run_boot_id(&id, 2, two, EPX_SUCCESS, 3000);
+    double ms = mono_ms() - t0;
+    if (ms > 2000) TEST_FAIL_("2 ranks took %.0f ms to meet behind stray connections", ms);
+    for (int i = 0; i < 3; i++) close(s[i]);
 }
 
 /* A rank (`gone`) that closes its bootstrap instead of taking part in the next round (an
@@ -623,6 +659,7 @@ int main(void)
     run_boot(4, four, EPX_SUCCESS);
     int one[] = {1};
     run_boot(1, one, EPX_SUCCESS);
+    test_stray_connections();
     /* Rank 1 claims 3 ranks while the others claim 2: every rank fails, none hangs. */
     int sizes[] = {1, 2, 3, 5};
     for (int k = 0; k < 4; k++) run_alltoall(sizes[k]);
@@ -651,6 +688,6 @@ int main(void)
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
     test_region_find();
-    test_done(21);
+    test_done(22);
     return 0;
 }

@@ -117,23 +117,92 @@ static epx_status_t epx__recv_all(int fd, void *buf, size_t len, uint64_t deadli
     return epx__sock_io(fd, buf, len, false, deadline, err, what);
 }
 
-/* Accept one connection before the deadline; -1 on timeout or error. */
-static int epx__accept_until(int lfd, uint64_t deadline)
+/* A listener and the connections it accepted whose hello is not all in yet. Hellos are
+ * read from all of them at once, so a connection that sends nothing or half a hello (a port
+ * scanner, a client of another program, a rank of another job) is dropped at its own
+ * deadline and never holds up the ranks that connect after it. */
+#define EPX__PENDING_MAX 64
+#define EPX__HELLO_MAX 32
+
+typedef struct {
+    int fd;
+    size_t got;
+    uint64_t until; /* dropped then, hello or not */
+    char buf[EPX__HELLO_MAX];
+} epx__pending_t;
+
+typedef struct {
+    int lfd;
+    int n;
+    epx__pending_t p[EPX__PENDING_MAX];
+} epx__acceptor_t;
+
+/* Does a complete hello come from a connection we wait for? */
+typedef bool (*epx__hello_ok_t)(const void *hello, void *ctx);
+
+static void epx__acceptor_init(epx__acceptor_t *a, int lfd)
 {
+    a->lfd = lfd;
+    a->n = 0;
+}
+
+/* Close the connections still pending (not the listener). */
+static void epx__acceptor_close(epx__acceptor_t *a)
+{
+    for (int i = 0; i < a->n; i++) close(a->p[i].fd);
+    a->n = 0;
+}
+
+/* The next connection whose `len`-byte hello (len <= EPX__HELLO_MAX) `ok` accepts, before
+ * the deadline: its fd, the hello copied to `hello`; -1 at the deadline or when the listener
+ * fails. Connections whose hello does not come within `stray_ms`, is cut short or is
+ * refused by `ok` are closed. Connections that arrived meanwhile stay pending for the next
+ * call. */
+static int epx__accept_hello(epx__acceptor_t *a, void *hello, size_t len, uint64_t deadline, int64_t stray_ms,
+                             epx__hello_ok_t ok, void *ctx)
+{
+    struct pollfd pfd[1 + EPX__PENDING_MAX];
     for (;;) {
+        uint64_t now = epx__now_ns(), wake = deadline;
+        for (int i = 0; i < a->n;) {
+            epx__pending_t *p = &a->p[i];
+            ssize_t r = recv(p->fd, p->buf + p->got, len - p->got, MSG_DONTWAIT);
+            if (r > 0) p->got += (size_t)r;
+            bool drop = r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) ||
+                        (p->got < len && now >= p->until);
+            if (!drop && p->got == len) {
+                if (ok(p->buf, ctx)) {
+                    int fd = p->fd;
+                    memcpy(hello, p->buf, len);
+                    *p = a->p[--a->n];
+                    return fd;
+                }
+                drop = true;
+            }
+            if (drop) {
+                close(p->fd);
+                *p = a->p[--a->n];
+                continue;
+            }
+            wake = EPX__MIN(wake, p->until);
+            i++;
+        }
         int left = epx__ms_left(deadline);
         if (left == 0) return -1;
-        struct pollfd pfd = {lfd, POLLIN, 0};
-        int r = poll(&pfd, 1, left);
+        int to = epx__ms_left(wake);
+        pfd[0] = (struct pollfd){a->lfd, (short)(a->n < EPX__PENDING_MAX ? POLLIN : 0), 0};
+        for (int i = 0; i < a->n; i++) pfd[1 + i] = (struct pollfd){a->p[i].fd, POLLIN, 0};
+        int r = poll(pfd, (nfds_t)(1 + a->n), EPX__MAX(to, 1));
         if (r < 0 && errno != EINTR) return -1;
-        if (r <= 0) continue;
-        int fd = accept(lfd, NULL, NULL);
-        if (fd >= 0) {
-            int one = 1;
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-            return fd;
+        if (r <= 0 || !(pfd[0].revents & POLLIN)) continue;
+        int fd = accept4(a->lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) return -1;
+            continue;
         }
-        if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) return -1;
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        a->p[a->n++] = (epx__pending_t){fd, 0, stray_ms > 0 ? epx__deadline_after_ms(stray_ms) : deadline, {0}};
     }
 }
 
@@ -337,6 +406,13 @@ typedef struct {
     int rank;
 } epx__root_conn_t;
 
+static bool epx__root_hello_ok(const void *hello, void *ctx)
+{
+    epx__hello_t h;
+    memcpy(&h, hello, sizeof h);
+    return h.magic == EPX__HELLO_MAGIC && h.nonce == *(const uint64_t *)ctx;
+}
+
 static void epx__root_reply_all(epx__root_conn_t *c, int n, epx_status_t st, int nranks,
                                 const char *table, size_t table_len, uint64_t deadline)
 {
@@ -361,19 +437,18 @@ static void *epx__root_main(void *argp)
     uint32_t info_len = 0;
     epx_status_t st = EPX_SUCCESS;
 
-    while (nranks < 0 || arrived < nranks) {
-        int fd = epx__accept_until(args.lfd, deadline);
+    epx__acceptor_t *acc = malloc(sizeof *acc);
+    if (!acc) st = EPX_ERR_NO_MEMORY;
+    else epx__acceptor_init(acc, args.lfd);
+    while (acc && (nranks < 0 || arrived < nranks)) {
+        /* A stray or stale connection (no hello within 10 s, or not ours) is dropped. */
+        epx__hello_t h;
+        int fd = epx__accept_hello(acc, &h, sizeof h, deadline, 10000, epx__root_hello_ok, &args.nonce);
         if (fd < 0) {
             st = EPX_ERR_TIMEOUT;
             break;
         }
-        epx__hello_t h;
         uint64_t hello_deadline = epx__deadline_after_ms(10000);
-        if (epx__recv_all(fd, &h, sizeof h, hello_deadline, NULL, "hello") != EPX_SUCCESS ||
-            h.magic != EPX__HELLO_MAGIC || h.nonce != args.nonce) {
-            close(fd); /* a stray or stale connection: ignore it */
-            continue;
-        }
         if (nranks < 0) {
             if (h.nranks < 1 || h.nranks > EPX__MAX_RANKS || h.info_len > EPX__MAX_INFO) {
                 close(fd);
@@ -407,6 +482,8 @@ static void *epx__root_main(void *argp)
         conns[h.rank].rank = h.rank;
         arrived++;
     }
+    if (acc) epx__acceptor_close(acc);
+    free(acc);
     if (conns)
         epx__root_reply_all(conns, nranks, st, nranks, table, (size_t)nranks * info_len,
                             epx__deadline_after_ms(10000));
@@ -461,6 +538,29 @@ epx_status_t epx__boot_create_id(epx_unique_id_t *uid, epx__errbuf_t *err)
 }
 
 /* ---- Rank side -------------------------------------------------------------------- */
+
+/* What a rank sends first on the star and on a direct link. */
+typedef struct {
+    uint64_t nonce;
+    int32_t rank;
+    int32_t pad;
+} epx__link_hello_t;
+_Static_assert(sizeof(epx__link_hello_t) <= EPX__HELLO_MAX, "hello too large");
+
+/* Rank 0's star: a rank of this communicator, not yet connected. */
+typedef struct {
+    uint64_t nonce;
+    int nranks;
+    const int *fds;
+} epx__star_ctx_t;
+
+static bool epx__star_hello_ok(const void *hello, void *ctxp)
+{
+    const epx__star_ctx_t *ctx = ctxp;
+    epx__link_hello_t h;
+    memcpy(&h, hello, sizeof h);
+    return h.nonce == ctx->nonce && h.rank > 0 && h.rank < ctx->nranks && ctx->fds[h.rank] < 0;
+}
 
 static void epx__boot_free(epx__boot_t *b)
 {
@@ -544,29 +644,26 @@ epx_status_t epx__boot_init(epx__boot_t **boot_out, int nranks, int rank, const 
     EPX__CHECK_GOTO(epx__boot_rendezvous(&id, nranks, rank, blob, blob_len, table, deadline, err), st, out);
 
     /* Build the star around rank 0. */
-    struct {
-        uint64_t nonce;
-        int32_t rank;
-        int32_t pad;
-    } star_hello = {id.nonce, rank, 0};
+    epx__link_hello_t star_hello = {id.nonce, rank, 0};
     if (rank == 0) {
-        for (int got = 0; got < nranks - 1;) {
-            int fd = epx__accept_until(lfd, deadline);
-            if (fd < 0) {
-                st = epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap: only %d of %d ranks connected to rank 0",
-                               got + 1, nranks);
-                goto out;
-            }
-            if (epx__recv_all(fd, &star_hello, sizeof star_hello, deadline, NULL, "star hello") !=
-                    EPX_SUCCESS ||
-                star_hello.nonce != id.nonce || star_hello.rank <= 0 || star_hello.rank >= nranks ||
-                b->fds[star_hello.rank] >= 0) {
-                close(fd);
-                continue;
-            }
-            b->fds[star_hello.rank] = fd;
-            got++;
+        epx__acceptor_t *acc = malloc(sizeof *acc);
+        if (!acc) {
+            st = epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap: out of memory");
+            goto out;
         }
+        epx__acceptor_init(acc, lfd);
+        epx__star_ctx_t ctx = {id.nonce, nranks, b->fds};
+        for (int got = 0; got < nranks - 1 && st == EPX_SUCCESS; got++) {
+            int fd = epx__accept_hello(acc, &star_hello, sizeof star_hello, deadline, 0, epx__star_hello_ok, &ctx);
+            if (fd < 0)
+                st = epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap: only %d of %d ranks connected to rank 0", got + 1,
+                               nranks);
+            else
+                b->fds[star_hello.rank] = fd;
+        }
+        epx__acceptor_close(acc);
+        free(acc);
+        if (st != EPX_SUCCESS) goto out;
     } else {
         const epx__boot_info_t *r0 = (const epx__boot_info_t *)table;
         EPX__CHECK_GOTO(epx__connect_until(&r0->listen_addr, deadline, &b->fds[0], err, "rank 0"), st, out);
@@ -848,15 +945,33 @@ void epx__boot_links_close(epx__boot_links_t *l)
     free(l);
 }
 
+/* A link from a lower peer of this rank, not yet connected. */
+typedef struct {
+    uint64_t nonce;
+    const epx__boot_links_t *l;
+} epx__links_ctx_t;
+
+static int epx__links_slot(const epx__boot_links_t *l, int rank)
+{
+    for (int i = 0; i < l->n; i++)
+        if (l->peer[i] == rank && rank < l->rank && l->fds[i] < 0) return i;
+    return -1;
+}
+
+static bool epx__links_hello_ok(const void *hello, void *ctxp)
+{
+    const epx__links_ctx_t *ctx = ctxp;
+    epx__link_hello_t h;
+    memcpy(&h, hello, sizeof h);
+    return h.nonce == ctx->nonce && epx__links_slot(ctx->l, h.rank) >= 0;
+}
+
 /* Connect to the peers above me, accept those below (the listen backlog holds the
  * connections made before their accept). Each link starts with a hello naming its rank. */
 static epx_status_t epx__links_connect(epx__boot_links_t *l, int lfd, const struct sockaddr_storage *addr,
                                        uint64_t nonce, uint64_t deadline, epx__errbuf_t *err)
 {
-    struct {
-        uint64_t nonce;
-        int32_t rank, pad;
-    } hello = {nonce, l->rank, 0};
+    epx__link_hello_t hello = {nonce, l->rank, 0};
     int below = 0;
     for (int i = 0; i < l->n; i++) {
         if (l->peer[i] < l->rank) {
@@ -868,24 +983,23 @@ static epx_status_t epx__links_connect(epx__boot_links_t *l, int lfd, const stru
         EPX__CHECK(epx__connect_until(&addr[l->peer[i]], deadline, &l->fds[i], err, what));
         EPX__CHECK(epx__send_all(l->fds[i], &hello, sizeof hello, deadline, err, "link hello"));
     }
-    for (int got = 0; got < below;) {
-        int fd = epx__accept_until(lfd, deadline);
+    if (below == 0) return EPX_SUCCESS;
+    epx__acceptor_t *acc = malloc(sizeof *acc);
+    if (!acc) return epx__fail(err, EPX_ERR_NO_MEMORY, "bootstrap links: out of memory");
+    epx__acceptor_init(acc, lfd);
+    epx__links_ctx_t ctx = {nonce, l};
+    epx_status_t st = EPX_SUCCESS;
+    for (int got = 0; got < below && st == EPX_SUCCESS; got++) {
+        int fd = epx__accept_hello(acc, &hello, sizeof hello, deadline, 0, epx__links_hello_ok, &ctx);
         if (fd < 0)
-            return epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap links: %d of %d lower ranks connected to rank %d", got,
-                             below, l->rank);
-        int slot = -1;
-        if (epx__recv_all(fd, &hello, sizeof hello, deadline, NULL, "link hello") == EPX_SUCCESS &&
-            hello.nonce == nonce)
-            for (int i = 0; i < l->n; i++)
-                if (l->peer[i] == hello.rank && hello.rank < l->rank && l->fds[i] < 0) slot = i;
-        if (slot < 0) {
-            close(fd);
-            continue;
-        }
-        l->fds[slot] = fd;
-        got++;
+            st = epx__fail(err, EPX_ERR_TIMEOUT, "bootstrap links: %d of %d lower ranks connected to rank %d", got,
+                           below, l->rank);
+        else
+            l->fds[epx__links_slot(l, hello.rank)] = fd;
     }
-    return EPX_SUCCESS;
+    epx__acceptor_close(acc);
+    free(acc);
+    return st;
 }
 
 epx_status_t epx__boot_links_create(epx__boot_t *b, const int *peers, int n, epx__boot_links_t **out,
