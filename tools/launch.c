@@ -65,6 +65,13 @@ static void epx__emit(epx__rank_proc_t *r, int rank, int s, int flush)
     r->len[s] -= start;
 }
 
+/* The signal that asked the launcher to stop (SIGINT, SIGTERM, SIGHUP), or 0. The ranks run
+ * in process groups of their own, so a Ctrl-C at the terminal or a scheduler's SIGTERM
+ * reaches only the launcher: it passes them on (epx_launch's loop). */
+static volatile sig_atomic_t epx__stop_signal;
+
+static void epx__on_stop_signal(int sig) { epx__stop_signal = sig; }
+
 static void epx__kill_all(epx__rank_proc_t *ranks, int n, int sig)
 {
     for (int i = 0; i < n; i++)
@@ -136,10 +143,25 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
     fflush(stdout);
     fflush(stderr);
     int started = 0, result = 0;
-    for (int r = 0; r < nranks; r++) {
+    static const int stop_sigs[3] = {SIGINT, SIGTERM, SIGHUP};
+    struct sigaction stop_sa, old_sa[3];
+    memset(&stop_sa, 0, sizeof stop_sa);
+    stop_sa.sa_handler = epx__on_stop_signal;
+    sigemptyset(&stop_sa.sa_mask);
+    epx__stop_signal = 0;
+    for (int i = 0; i < 3; i++) sigaction(stop_sigs[i], &stop_sa, &old_sa[i]);
+    for (int r = 0; r < nranks && !epx__stop_signal; r++) {
+        /* Close-on-exec: rank r must not hold the read ends of ranks 0..r-1 (fds it does not
+         * know of, and pipes that then stay open when the launcher is gone). */
         int out[2], err[2];
-        if (pipe(out) != 0 || pipe(err) != 0) {
+        if (pipe2(out, O_CLOEXEC) != 0) {
             perror("epx-run: pipe");
+            result = 1;
+            break;
+        }
+        if (pipe2(err, O_CLOEXEC) != 0) {
+            perror("epx-run: pipe");
+            close(out[0]), close(out[1]);
             result = 1;
             break;
         }
@@ -156,6 +178,7 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
             break;
         }
         if (pid == 0) { /* async-signal-safe calls only: the id's listener thread may hold a lock */
+            for (int i = 0; i < 3; i++) sigaction(stop_sigs[i], &old_sa[i], NULL);
             setpgid(0, 0);
             dup2(out[1], 1);
             dup2(err[1], 2);
@@ -230,6 +253,13 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
                 }
             }
         }
+        if (!killed && epx__stop_signal) {
+            fprintf(stderr, "epx-run: got signal %d; stopping all ranks\n", (int)epx__stop_signal);
+            result = 128 + epx__stop_signal;
+            killed = 1;
+            kill_time = epx__now_s();
+            epx__kill_all(ranks, started, SIGTERM);
+        }
         if (!killed && deadline > 0 && epx__now_s() > deadline) {
             fprintf(stderr, "epx-run: timeout after %.0f s; killing all ranks\n", timeout_s);
             result = 124;
@@ -248,6 +278,7 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
     }
     free(ranks);
     epx_launch_cleanup_shm(id_text);
+    for (int i = 0; i < 3; i++) sigaction(stop_sigs[i], &old_sa[i], NULL);
     return result;
 }
 
