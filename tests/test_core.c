@@ -120,6 +120,8 @@ typedef struct {
     int rank, nranks_claimed;
     epx_status_t status;
     int64_t timeout_ms;
+    int delay_ms; /* before it starts */
+    double ms;    /* how long its creation took */
 } boot_arg_t;
 
 static void *boot_thread(void *argp)
@@ -128,7 +130,12 @@ static void *boot_thread(void *argp)
     int info = 1000 + a->rank, all[8];
     epx__boot_t *boot;
     epx__errbuf_t err;
+    usleep((useconds_t)a->delay_ms * 1000);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     a->status = epx__boot_init(&boot, a->nranks_claimed, a->rank, &a->id, &info, sizeof info, all, a->timeout_ms, &err);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    a->ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
     if (a->status != EPX_SUCCESS) return NULL;
     for (int r = 0; r < a->nranks_claimed; r++) ASSERT_EQ(all[r], 1000 + r);
     int mine = a->rank * 7, got[8];
@@ -156,25 +163,29 @@ static void *boot_thread(void *argp)
     return NULL;
 }
 
+/* Ranks from `late` on start 300 ms after the others; every rank must be done in 2 s. */
 static void run_boot_id(const epx_unique_id_t *idp, int nranks, const int *claimed, epx_status_t expect,
-                        int64_t timeout_ms)
+                        int64_t timeout_ms, int late)
 {
     epx_unique_id_t id = *idp;
     pthread_t th[8];
     boot_arg_t args[8];
     for (int r = 0; r < nranks; r++) {
-        args[r] = (boot_arg_t){id, r, claimed[r], EPX_SUCCESS, timeout_ms};
+        args[r] = (boot_arg_t){id, r, claimed[r], EPX_SUCCESS, timeout_ms, r >= late ? 300 : 0, 0};
         pthread_create(&th[r], NULL, boot_thread, &args[r]);
     }
     for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
-    for (int r = 0; r < nranks; r++) ASSERT_STATUS(args[r].status, expect);
+    for (int r = 0; r < nranks; r++) {
+        ASSERT_STATUS(args[r].status, expect);
+        if (args[r].ms > 2000) TEST_FAIL_("rank %d of %d took %.0f ms to get %s", r, nranks, args[r].ms, epx_status_name(expect));
+    }
 }
 
 static void run_boot(int nranks, const int *claimed, epx_status_t expect)
 {
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
-    run_boot_id(&id, nranks, claimed, expect, 5000);
+    run_boot_id(&id, nranks, claimed, expect, 5000, nranks);
 }
 
 static double mono_ms(void)
@@ -235,7 +246,7 @@ static void test_stray_connections(void)
     usleep(100 * 1000); /* the listener has them before the ranks come */
     int two[] = {2, 2};
     double t0 = mono_ms();
-    run_boot_id(&id, 2, two, EPX_SUCCESS, 3000);
+    run_boot_id(&id, 2, two, EPX_SUCCESS, 3000, 2);
     double ms = mono_ms() - t0;
     if (ms > 2000) TEST_FAIL_("2 ranks took %.0f ms to meet behind stray connections", ms);
     for (int i = 0; i < 3; i++) close(s[i]);
@@ -665,6 +676,12 @@ int main(void)
     for (int k = 0; k < 4; k++) run_alltoall(sizes[k]);
     int differ[] = {2, 3};
     run_boot(2, differ, EPX_ERR_MISMATCH);
+    /* Rank 1 claims 3 of 4 ranks, and ranks 2 and 3 come after the rendezvous failed: they
+     * get EPX_ERR_MISMATCH at once too, not EPX_ERR_TIMEOUT at their timeout (5 s). */
+    int differ_late[] = {4, 3, 4, 4};
+    epx_unique_id_t late_id;
+    ASSERT_OK(epx_get_unique_id(&late_id));
+    run_boot_id(&late_id, 4, differ_late, EPX_ERR_MISMATCH, 5000, 2);
     run_boot_leave(4, 3, false); /* rank 0 sees it; ranks 1 and 2 wait on rank 0 */
     run_boot_leave(3, 1, true);
     run_boot_leave(3, 0, false); /* the root itself */

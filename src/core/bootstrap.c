@@ -426,6 +426,30 @@ static void epx__root_reply_all(epx__root_conn_t *c, int n, epx_status_t st, int
     }
 }
 
+/* After a rendezvous that failed because the ranks disagree, the ranks still to come get the
+ * verdict (EPX_ERR_MISMATCH) at once too, instead of a refused connection and, at their
+ * timeout, EPX_ERR_TIMEOUT. Answers until every rank below the largest rank count any rank
+ * claimed has been told (those that arrived, whose fds in `conns` are closed but not reset,
+ * and `bad_rank`, the one that broke it, were), or the deadline. */
+static void epx__root_tell_late(epx__acceptor_t *acc, const epx__root_conn_t *conns, int nranks, int max_claimed,
+                                int bad_rank, uint64_t nonce, uint64_t deadline)
+{
+    int n = EPX__MAX(nranks, max_claimed), untold = 0;
+    bool *told = calloc((size_t)EPX__MAX(n, 1), sizeof *told);
+    if (!told) return;
+    for (int r = 0; r < n; r++) untold += !(told[r] = (r < nranks && conns[r].fd >= 0) || r == bad_rank);
+    while (untold > 0) {
+        epx__hello_t h;
+        int fd = epx__accept_hello(acc, &h, sizeof h, deadline, 10000, epx__root_hello_ok, &nonce);
+        if (fd < 0) break;
+        epx__reply_t reply = {EPX_ERR_MISMATCH, nranks};
+        epx__send_all(fd, &reply, sizeof reply, epx__deadline_after_ms(10000), NULL, "reply");
+        close(fd);
+        if (h.rank >= 0 && h.rank < n && !told[h.rank]) told[h.rank] = true, untold--;
+    }
+    free(told);
+}
+
 static void *epx__root_main(void *argp)
 {
     epx__root_args_t args = *(epx__root_args_t *)argp;
@@ -433,7 +457,7 @@ static void *epx__root_main(void *argp)
     uint64_t deadline = epx__deadline_after_ms(EPX__MAX(epx__param_int(EPX__P_TIMEOUT_MS), 1000));
     epx__root_conn_t *conns = NULL;
     char *table = NULL;
-    int nranks = -1, arrived = 0;
+    int nranks = -1, arrived = 0, max_claimed = 0, bad_rank = -1;
     uint32_t info_len = 0;
     epx_status_t st = EPX_SUCCESS;
 
@@ -465,6 +489,7 @@ static void *epx__root_main(void *argp)
             }
             for (int i = 0; i < nranks; i++) conns[i].fd = -1;
         }
+        max_claimed = EPX__MAX(max_claimed, h.nranks < 1 || h.nranks > EPX__MAX_RANKS ? 0 : h.nranks);
         bool ok = h.nranks == nranks && h.info_len == info_len && h.rank >= 0 && h.rank < nranks &&
                   conns[h.rank].fd < 0;
         if (ok)
@@ -476,17 +501,20 @@ static void *epx__root_main(void *argp)
             epx__send_all(fd, &reply, sizeof reply, hello_deadline, NULL, "reply");
             close(fd);
             st = EPX_ERR_MISMATCH;
+            bad_rank = h.rank;
             break;
         }
         conns[h.rank].fd = fd;
         conns[h.rank].rank = h.rank;
         arrived++;
     }
-    if (acc) epx__acceptor_close(acc);
-    free(acc);
     if (conns)
         epx__root_reply_all(conns, nranks, st, nranks, table, (size_t)nranks * info_len,
                             epx__deadline_after_ms(10000));
+    if (st == EPX_ERR_MISMATCH)
+        epx__root_tell_late(acc, conns, nranks, max_claimed, bad_rank, args.nonce, deadline);
+    if (acc) epx__acceptor_close(acc);
+    free(acc);
     free(conns);
     free(table);
     close(args.lfd);
