@@ -195,6 +195,50 @@ static double mono_ms(void)
     return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
 }
 
+typedef struct {
+    epx_unique_id_t id;
+    int rank;
+    epx_status_t st;
+    double ms;
+    char msg[512];
+} missing_arg_t;
+
+static void *missing_thread(void *p)
+{
+    missing_arg_t *a = p;
+    int info = 1, all[4];
+    epx__boot_t *boot = NULL;
+    epx__errbuf_t err;
+    memset(&err, 0, sizeof err);
+    double t0 = mono_ms();
+    a->st = epx__boot_init(&boot, 4, a->rank, &a->id, &info, sizeof info, all, 800, &err);
+    a->ms = mono_ms() - t0;
+    snprintf(a->msg, sizeof a->msg, "%s", err.msg);
+    if (a->st == EPX_SUCCESS) epx__boot_close(boot);
+    return NULL;
+}
+
+/* Ranks 0 and 1 of 4 come, 2 and 3 never: both fail with EPX_ERR_TIMEOUT about their
+ * timeout (800 ms), and the message says how many ranks never came and names the first. */
+static void test_missing_rank(void)
+{
+    missing_arg_t a[2];
+    pthread_t th[2];
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    for (int r = 0; r < 2; r++) {
+        a[r] = (missing_arg_t){id, r, EPX_SUCCESS, 0, ""};
+        pthread_create(&th[r], NULL, missing_thread, &a[r]);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    for (int r = 0; r < 2; r++) {
+        ASSERT_STATUS(a[r].st, EPX_ERR_TIMEOUT);
+        if (!strstr(a[r].msg, "2 of 4 ranks never reached the rendezvous") || !strstr(a[r].msg, "(rank 2 and others)"))
+            TEST_FAIL_("rank %d: the timeout does not name the missing ranks: %s", r, a[r].msg);
+        if (a[r].ms > 2000) TEST_FAIL_("rank %d: timed out after %.0f ms (timeout 800 ms)", r, a[r].ms);
+    }
+}
+
 /* The rendezvous address takes no connection (its accept queue is full, as at a host that
  * drops SYNs): creation ends at its timeout, not after the kernel's SYN retries (~2 min). */
 static void test_connect_bounded(void)
@@ -671,6 +715,7 @@ int main(void)
     int one[] = {1};
     run_boot(1, one, EPX_SUCCESS);
     test_stray_connections();
+    test_missing_rank();
     /* Rank 1 claims 3 ranks while the others claim 2: every rank fails, none hangs. */
     int sizes[] = {1, 2, 3, 5};
     for (int k = 0; k < 4; k++) run_alltoall(sizes[k]);

@@ -49,11 +49,13 @@ typedef struct {
     uint64_t nonce;
     int32_t nranks;
     int32_t rank;
+    int64_t ms_left; /* until the rank's own deadline */
 } epx__hello_t;
 
 typedef struct {
     int32_t status; /* epx_status_t */
     int32_t nranks;
+    int32_t missing, first_missing; /* EPX_ERR_TIMEOUT: the ranks that never came */
 } epx__reply_t;
 
 /* What the bootstrap itself prepends to every rank's info blob. */
@@ -416,7 +418,9 @@ static bool epx__root_hello_ok(const void *hello, void *ctx)
 static void epx__root_reply_all(epx__root_conn_t *c, int n, epx_status_t st, int nranks,
                                 const char *table, size_t table_len, uint64_t deadline)
 {
-    epx__reply_t reply = {st, nranks};
+    epx__reply_t reply = {st, nranks, 0, -1};
+    for (int i = 0; i < n; i++)
+        if (c[i].fd < 0 && reply.missing++ == 0) reply.first_missing = i;
     for (int i = 0; i < n; i++) {
         if (c[i].fd < 0) continue;
         if (epx__send_all(c[i].fd, &reply, sizeof reply, deadline, NULL, "reply") == EPX_SUCCESS &&
@@ -442,7 +446,7 @@ static void epx__root_tell_late(epx__acceptor_t *acc, const epx__root_conn_t *co
         epx__hello_t h;
         int fd = epx__accept_hello(acc, &h, sizeof h, deadline, 10000, epx__root_hello_ok, &nonce);
         if (fd < 0) break;
-        epx__reply_t reply = {EPX_ERR_MISMATCH, nranks};
+        epx__reply_t reply = {EPX_ERR_MISMATCH, nranks, 0, -1};
         epx__send_all(fd, &reply, sizeof reply, epx__deadline_after_ms(10000), NULL, "reply");
         close(fd);
         if (h.rank >= 0 && h.rank < n && !told[h.rank]) told[h.rank] = true, untold--;
@@ -465,7 +469,9 @@ static void *epx__root_main(void *argp)
     if (!acc) st = EPX_ERR_NO_MEMORY;
     else epx__acceptor_init(acc, args.lfd);
     while (acc && (nranks < 0 || arrived < nranks)) {
-        /* A stray or stale connection (no hello within 10 s, or not ours) is dropped. */
+        /* A stray or stale connection (no hello within 10 s, or not ours) is dropped. The
+         * ranks that came are answered before the first of them gives up (its deadline, less
+         * a margin for the reply), so that each learns which ranks never came. */
         epx__hello_t h;
         int fd = epx__accept_hello(acc, &h, sizeof h, deadline, 10000, epx__root_hello_ok, &args.nonce);
         if (fd < 0) {
@@ -497,7 +503,7 @@ static void *epx__root_main(void *argp)
                                "info") == EPX_SUCCESS;
         if (!ok) {
             /* Ranks disagree (nranks, info size) or a rank appears twice: fail everyone. */
-            epx__reply_t reply = {EPX_ERR_MISMATCH, nranks};
+            epx__reply_t reply = {EPX_ERR_MISMATCH, nranks, 0, -1};
             epx__send_all(fd, &reply, sizeof reply, hello_deadline, NULL, "reply");
             close(fd);
             st = EPX_ERR_MISMATCH;
@@ -507,6 +513,7 @@ static void *epx__root_main(void *argp)
         conns[h.rank].fd = fd;
         conns[h.rank].rank = h.rank;
         arrived++;
+        if (h.ms_left > 0) deadline = EPX__MIN(deadline, epx__deadline_after_ms(h.ms_left - EPX__MIN(h.ms_left / 10, 200)));
     }
     if (conns)
         epx__root_reply_all(conns, nranks, st, nranks, table, (size_t)nranks * info_len,
@@ -574,6 +581,7 @@ typedef struct {
     int32_t pad;
 } epx__link_hello_t;
 _Static_assert(sizeof(epx__link_hello_t) <= EPX__HELLO_MAX, "hello too large");
+_Static_assert(sizeof(epx__hello_t) <= EPX__HELLO_MAX, "hello too large");
 
 /* Rank 0's star: a rank of this communicator, not yet connected. */
 typedef struct {
@@ -613,12 +621,21 @@ static epx_status_t epx__boot_rendezvous(const epx__id_t *id, int nranks, int ra
     epx__id_to_sockaddr(id, &root);
     int fd;
     EPX__CHECK(epx__connect_until(&root, deadline, &fd, err, "the rendezvous listener"));
-    epx__hello_t h = {EPX__HELLO_MAGIC, (uint32_t)blob_len, id->nonce, nranks, rank};
+    uint64_t now = epx__now_ns(); /* (my deadline as time left: the root's clock may be another host's) */
+    int64_t left = deadline <= now ? 0 : (int64_t)EPX__MIN((deadline - now) / 1000000ull, (uint64_t)INT64_MAX);
+    epx__hello_t h = {EPX__HELLO_MAGIC, (uint32_t)blob_len, id->nonce, nranks, rank, left};
     epx_status_t st;
     epx__reply_t reply;
     EPX__CHECK_GOTO(epx__send_all(fd, &h, sizeof h, deadline, err, "hello"), st, out);
     EPX__CHECK_GOTO(epx__send_all(fd, blob, blob_len, deadline, err, "hello"), st, out);
     EPX__CHECK_GOTO(epx__recv_all(fd, &reply, sizeof reply, deadline, err, "rendezvous reply"), st, out);
+    if (reply.status == EPX_ERR_TIMEOUT && reply.missing > 0) {
+        st = epx__fail(err, EPX_ERR_TIMEOUT,
+                       "bootstrap: %d of %d ranks never reached the rendezvous in time (rank %d%s); were they "
+                       "started, with this unique id?",
+                       reply.missing, nranks, reply.first_missing, reply.missing > 1 ? " and others" : "");
+        goto out;
+    }
     if (reply.status != EPX_SUCCESS) {
         st = epx__fail(err, (epx_status_t)reply.status,
                        "bootstrap: rendezvous failed (%s): do all ranks pass the same nranks (%d here) "
