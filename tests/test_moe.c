@@ -913,6 +913,25 @@ static void combine_checked(epx_moe_t moe, epx_moe_handle_t h, const world_t *W,
     expect_poison(C->out_w, weights ? C->outw_b : 0, C->outw_b + GUARD, cs, "combine out_topk_weights");
 }
 
+/* A combine without topk_weights (on any rank) that still asks for out_topk_weights: the
+ * rows as combine_checked checks them, and out_topk_weights all zeros (epx.h). */
+static void combine_checked_zero_w(epx_moe_t moe, epx_moe_handle_t h, const world_t *W, comb_bufs_t *C, const char *cs)
+{
+    comb_poison(C);
+    epx_moe_combine_in_t in = {C->dy, NULL};
+    epx_moe_combine_out_t out = {C->dout, C->doutw};
+    epx_status_t st = epx_moe_combine(moe, h, &in, &out, test_stream());
+    if (st != EPX_SUCCESS) TEST_FAIL_("case %s: combine -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
+    comb_fetch(C);
+    check_combine_out(W, C->out, NULL, cs);
+    for (int64_t i = 0; i < (int64_t)W->T[me] * W->K; i++)
+        if (C->out_w[i] != 0.0f)
+            TEST_FAIL_("case %s: combine without topk_weights: out_topk_weights[t=%lld][k=%lld] = %.9g, expected 0", cs,
+                       (long long)(i / W->K), (long long)(i % W->K), (double)C->out_w[i]);
+    expect_poison(C->out, C->out_b, C->out_b + GUARD, cs, "combine out guard");
+    expect_poison(C->out_w, C->outw_b, C->outw_b + GUARD, cs, "combine out_topk_weights guard");
+}
+
 /* A valid dispatch along W and a combine along its handle, both checked, the handle freed:
  * what every failure case runs right after it (nothing may be left broken). */
 static void round_checked(epx_moe_t moe, const world_t *W, const moe_ref_recv_t *ref, ht_bufs_t *B, const char *cs)
@@ -1030,6 +1049,7 @@ static int run_ht_case(const mcase_t *c, uint64_t seed)
             TEST_FAIL_("case %s: repeat %d: combine output differs from the first run", cs, rep);
         }
         combine_checked(moe, h, &W, &C, false, cs);
+        combine_checked_zero_w(moe, h, &W, &C, cs);
         ASSERT_OK(epx_moe_handle_destroy(h));
     }
     free(first_rx), free(first_out);
