@@ -700,6 +700,112 @@ static void test_region_find(void)
     epx__boot_close(boot);
 }
 
+/* Routing helpers of src/core against definitions written out here: the layout (tokens
+ * per rank counted once per rank, per expert once per expert, the token-rank mask) and a
+ * token's ranks (distinct, ascending), for rank counts on both sides of the 64-rank bit
+ * set, both index dtypes, -1 entries and repeated ids; the id check at its edges; the
+ * low-latency slots past the filled ones set to -1, and only those. */
+static void test_routing(void)
+{
+    static const int rank_counts[] = {1, 2, 3, 63, 64, 65, 100, 130};
+    uint64_t seed = 4242;
+    for (size_t ri = 0; ri < sizeof rank_counts / sizeof rank_counts[0]; ri++)
+        for (int L = 1; L <= 3; L += 2)
+            for (int it = 0; it < 12; it++) {
+                int R = rank_counts[ri], E = R * L, K = 1 + (int)(test_rand(&seed) % EPX_MOE_MAX_TOPK);
+                int T = (int)(test_rand(&seed) % 40);
+                bool i64 = it % 2;
+                int32_t *ids = malloc(sizeof(int32_t) * (size_t)(T * K + 1));
+                int64_t *ids64 = malloc(sizeof(int64_t) * (size_t)(T * K + 1));
+                int32_t *rank_of = malloc(sizeof(int32_t) * (size_t)E);
+                for (int e = 0; e < E; e++) rank_of[e] = e / L;
+                for (int i = 0; i < T * K; i++) {
+                    uint64_t r = test_rand(&seed);
+                    /* -1, a repeat of the token's previous id, or any expert (often a high rank) */
+                    int32_t e = (int32_t)(r % (uint64_t)E);
+                    if (r >> 60 == 0) e = -1;
+                    else if (r >> 60 == 1 && i % K) e = ids[i - 1];
+                    else if (r >> 60 == 2) e = E - 1 - (int32_t)((r >> 8) % (uint64_t)L); /* the last rank's */
+                    ids[i] = e, ids64[i] = e;
+                }
+                int32_t *pr = malloc(sizeof(int32_t) * (size_t)R), *pe = malloc(sizeof(int32_t) * (size_t)E);
+                int32_t *wr = calloc((size_t)R, sizeof(int32_t)), *we = calloc((size_t)E, sizeof(int32_t));
+                uint8_t *ir = malloc((size_t)(T * R + 1)), *wir = calloc((size_t)(T * R + 1), 1);
+                for (int t = 0; t < T; t++) {
+                    for (int q = 0; q < R; q++)
+                        for (int k = 0; k < K; k++)
+                            if (ids[t * K + k] >= 0 && ids[t * K + k] / L == q) wir[t * R + q] = 1;
+                    for (int q = 0; q < R; q++) wr[q] += wir[t * R + q];
+                    for (int e = 0; e < E; e++) {
+                        int has = 0;
+                        for (int k = 0; k < K; k++) has |= ids[t * K + k] == e;
+                        we[e] += has;
+                    }
+                    /* A token's ranks: distinct, ascending. */
+                    int ranks[EPX_MOE_MAX_TOPK], n = epx__topk_ranks(ids + t * K, K, rank_of, R, ranks), j = 0;
+                    for (int q = 0; q < R; q++) {
+                        if (!wir[t * R + q]) continue;
+                        if (j >= n || ranks[j] != q)
+                            TEST_FAIL_("R %d L %d token %d: epx__topk_ranks entry %d = %d, expected rank %d (n %d)", R, L,
+                                       t, j, j < n ? ranks[j] : -1, q, n);
+                        j++;
+                    }
+                    if (j != n) TEST_FAIL_("R %d L %d token %d: epx__topk_ranks gave %d ranks, expected %d", R, L, t, n, j);
+                }
+                memset(pr, 0x5a, sizeof(int32_t) * (size_t)R), memset(pe, 0x5a, sizeof(int32_t) * (size_t)E);
+                memset(ir, 0x5a, (size_t)(T * R + 1));
+                ASSERT_OK(epx__layout(i64 ? (const void *)ids64 : (const void *)ids, i64 ? EPX_I64 : EPX_I32, T, K, E, R,
+                                      pr, pe, ir));
+                for (int q = 0; q < R; q++)
+                    if (pr[q] != wr[q]) TEST_FAIL_("R %d L %d: layout per_rank[%d] = %d, expected %d", R, L, q, pr[q], wr[q]);
+                for (int e = 0; e < E; e++)
+                    if (pe[e] != we[e]) TEST_FAIL_("R %d L %d: layout per_expert[%d] = %d, expected %d", R, L, e, pe[e], we[e]);
+                for (int i = 0; i < T * R; i++)
+                    if (ir[i] != wir[i])
+                        TEST_FAIL_("R %d L %d: layout in_rank[t %d, r %d] = %d, expected %d", R, L, i / R, i % R, ir[i], wir[i]);
+                ASSERT_EQ(ir[T * R], 0x5a);
+                free(ids), free(ids64), free(rank_of), free(pr), free(pe), free(wr), free(we), free(ir), free(wir);
+            }
+
+    /* The id check: [-1, E) passes, E and -2 (and an int64 id past int32) do not. */
+    for (int E = 1; E <= 300; E += 37) {
+        int32_t ok32[3] = {-1, 0, E - 1};
+        int64_t ok64[3] = {-1, 0, E - 1};
+        ASSERT_OK(epx__topk_validate(ok32, EPX_I32, 1, 3, E, NULL));
+        ASSERT_OK(epx__topk_validate(ok64, EPX_I64, 1, 3, E, NULL));
+        int64_t bad[] = {E, -2, E + 1, INT32_MIN, INT32_MAX, (int64_t)1 << 32, ((int64_t)1 << 32) - 1};
+        for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++)
+            for (int at = 0; at < 3; at++) {
+                int32_t v32[3] = {0, -1, E - 1};
+                int64_t v64[3] = {0, -1, E - 1};
+                v64[at] = bad[b];
+                ASSERT_STATUS(epx__topk_validate(v64, EPX_I64, 1, 3, E, NULL), EPX_ERR_INVALID_ARGUMENT);
+                ASSERT_STATUS(epx__topk_validate(v64, EPX_I64, 3, 1, E, NULL), EPX_ERR_INVALID_ARGUMENT);
+                if (bad[b] < INT32_MIN || bad[b] > INT32_MAX) continue;
+                v32[at] = (int32_t)bad[b];
+                ASSERT_STATUS(epx__topk_validate(v32, EPX_I32, 1, 3, E, NULL), EPX_ERR_INVALID_ARGUMENT);
+                ASSERT_STATUS(epx__topk_validate(v32, EPX_I32, 3, 1, E, NULL), EPX_ERR_INVALID_ARGUMENT);
+            }
+    }
+
+    /* Low-latency slots of local expert l past the `filled` ones: -1, nothing else written. */
+    enum { SLOTS = 7, NL = 3 };
+    for (int l = 0; l < NL; l++)
+        for (int filled = 0; filled <= SLOTS; filled++) {
+            int32_t sr[SLOTS * NL], st[SLOTS * NL];
+            for (int i = 0; i < SLOTS * NL; i++) sr[i] = st[i] = 1000 + i;
+            epx__ll_slots_unfilled(sr, st, SLOTS, l, (size_t)filled);
+            for (int i = 0; i < SLOTS * NL; i++) {
+                bool unfilled = i / SLOTS == l && i % SLOTS >= filled;
+                int32_t want = unfilled ? -1 : 1000 + i;
+                if (sr[i] != want || st[i] != want)
+                    TEST_FAIL_("ll_slots_unfilled(l %d, filled %d): slot %d = %d/%d, expected %d", l, filled, i, sr[i],
+                               st[i], want);
+            }
+            epx__ll_slots_unfilled(NULL, st, SLOTS, l, (size_t)filled); /* either output may be NULL */
+        }
+}
+
 int main(void)
 {
     test_rank = 0;
@@ -750,6 +856,7 @@ int main(void)
     ASSERT_OK(epx_comm_destroy(comm));
     test_moe_memory();
     test_region_find();
-    test_done(22);
+    test_routing();
+    test_done(23);
     return 0;
 }
