@@ -355,12 +355,82 @@ static int test_quant_rows(void)
     return 1;
 }
 
+/* Blocks with an infinity (which test_quant_rows leaves out: moe_ref takes frexpf of the
+ * scale). Infinity is a magnitude like any other (only NaN never wins, as on the GPU), so
+ * the block's amax is infinite: its F32 scale is +inf and UE8M0's the largest, 2^127
+ * (254); the multiplier 448 / amax is 0, so every finite channel quantises to a zero and
+ * the infinite one to a NaN code or, saturated, +-448. The other blocks are quantised as
+ * if alone (moe_ref on the block). */
+static int test_quant_inf(void)
+{
+    static const int lens[] = {1, 128, 300, 7168};
+    uint64_t s = 2024;
+    uint16_t x[7168];
+    uint8_t q[7168], rq[128];
+    uint32_t sc[64], rsc[2];
+    for (int it = 0; it < 200; it++) {
+        int n = lens[it % 4], nb = (n + 127) / 128;
+        for (int h = 0; h < n; h++) {
+            uint64_t r = test_rand(&s);
+            uint16_t v = (uint16_t)((r & 0x8000) | (0x3c00 + (r >> 16) % 0x600) | (r & 0x7f)); /* 2^-7 .. 2^5 */
+            if ((r >> 40) % 32 == 0) v = (uint16_t)((r & 0x8000) | 0x7fc0 | ((r >> 20) & 0x3f)); /* a NaN */
+            x[h] = v;
+        }
+        bool *inf_block = calloc((size_t)nb, sizeof *inf_block);
+        for (int b = 0; b < nb; b++) {
+            uint64_t r = test_rand(&s);
+            if (b > 0 && r % 3) continue; /* block 0 always, others one in three */
+            int lo = b * 128, len = n - lo < 128 ? n - lo : 128, at = lo + (int)((r >> 8) % (uint64_t)len);
+            x[at] = (uint16_t)(((r >> 20) & 1) << 15 | 0x7f80);
+            inf_block[b] = true;
+        }
+        for (int fmt = 0; fmt < 2; fmt++) {
+            int f = fmt ? EPX_SCALE_UE8M0 : EPX_SCALE_F32;
+            memset(sc, 0, sizeof sc);
+            epx__fp8_quantize_row(x, n, f, q, sc);
+            for (int b = 0; b < nb; b++) {
+                int lo = b * 128, hi = lo + 128 < n ? lo + 128 : n;
+                uint32_t got_scale = f == EPX_SCALE_UE8M0 ? ((const uint8_t *)sc)[b] : sc[b];
+                if (!inf_block[b]) {
+                    memset(rsc, 0, sizeof rsc);
+                    moe_ref_quant_row(x + lo, hi - lo, f, rq, rsc);
+                    uint32_t want_scale = f == EPX_SCALE_UE8M0 ? ((const uint8_t *)rsc)[0] : rsc[0];
+                    if (got_scale != want_scale)
+                        TEST_FAIL_("row with infinities (n %d, format %d): block %d scale 0x%x, want 0x%x", n, f, b,
+                                   got_scale, want_scale);
+                    for (int h = lo; h < hi; h++)
+                        if (q[h] != rq[h - lo] && !(e4m3_is_nan_code(q[h]) && e4m3_is_nan_code(rq[h - lo])))
+                            TEST_FAIL_("row with infinities (n %d, format %d): channel %d = 0x%02x, want 0x%02x", n, f,
+                                       h, q[h], rq[h - lo]);
+                    continue;
+                }
+                uint32_t want_scale = f == EPX_SCALE_UE8M0 ? 254u : 0x7f800000u;
+                if (got_scale != want_scale)
+                    TEST_FAIL_("row with infinities (n %d, format %d): infinite block %d scale 0x%x, want 0x%x", n, f, b,
+                               got_scale, want_scale);
+                for (int h = lo; h < hi; h++) {
+                    bool is_inf = (x[h] & 0x7fff) == 0x7f80, is_nan = (x[h] & 0x7fff) > 0x7f80;
+                    bool ok = is_nan   ? e4m3_is_nan_code(q[h])
+                              : is_inf ? e4m3_is_nan_code(q[h]) || q[h] == ((x[h] >> 8 & 0x80) | 0x7e)
+                                       : (q[h] & 0x7f) == 0;
+                    if (!ok)
+                        TEST_FAIL_("row with infinities (n %d, format %d): block %d channel %d (bf16 0x%04x) = 0x%02x", n,
+                                   f, b, h, x[h], q[h]);
+                }
+            }
+        }
+        free(inf_block);
+    }
+    return 1;
+}
+
 int main(void)
 {
     test_rank = 0;
     int passed = 0;
     passed += test_e4m3();
     passed += test_quant_rows();
+    passed += test_quant_inf();
     fmt16_t bf16 = {"bf16", 8, 7, epx_bf16_to_float, epx_float_to_bf16, moe_ref_float_to_bf16};
     fmt16_t f16 = {"f16", 5, 10, epx_f16_to_float, epx_float_to_f16, moe_ref_float_to_f16};
     passed += test_fmt16(&bf16);
