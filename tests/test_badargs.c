@@ -41,11 +41,11 @@ static void valid_exchange(void)
 
 typedef enum {
     NULL_SEND, NULL_RECV, NULL_COUNTS, NULL_DISPLS, NEG_COUNT, NEG_DISPL, HUGE_COUNT, BAD_DTYPE, STREAM,
-    OVERLAP, MISALIGNED, NCASES
+    OVERLAP, MISALIGNED, NEG_DISPL1, NCASES
 } bad_case_t;
 static const char *names[] = {"NULL send", "NULL recv", "NULL counts", "NULL displs", "negative count",
                               "negative displacement", "overflowing count", "unknown dtype", "non-NULL stream",
-                              "overlapping buffers", "misaligned buffer"};
+                              "overlapping buffers", "misaligned buffer", "displacement -1"};
 
 static epx_status_t call_case(bad_case_t k, bool bad)
 {
@@ -69,6 +69,9 @@ static epx_status_t call_case(bad_case_t k, bool bad)
         case STREAM: stream = (void *)0x1; break;
         case OVERLAP: r = (void *)(send_buf + 4); break;
         case MISALIGNED: s = (const char *)send_buf + 1; break;
+        case NEG_DISPL1: /* one element before send, still inside send_buf: no overlap with recv */
+            s = send_buf + COUNT, memcpy(mod, displs, sizeof mod), mod[R - 1] = -1, sd = mod;
+            break;
         default: break;
         }
     }
@@ -120,6 +123,28 @@ int main(int argc, char **argv)
         epx_status_t st = epx_alltoallv(comm, send_buf, counts, displs, recv_buf, rc, displs, EPX_I32, NULL);
         ASSERT(st == EPX_ERR_MISMATCH || (R > 1 && st == EPX_ERR_REMOTE_INVALID));
         expect_untouched("self mismatch");
+        valid_exchange();
+        passed++;
+    }
+    /* Send and recv that touch but do not overlap (one allocation, either first) are valid. */
+    for (int order = 0; order < 2; order++) {
+        reset();
+        static int32_t both[2 * NMAX * COUNT];
+        int32_t *snd = both + (order ? R * COUNT : 0), *rcv = both + (order ? 0 : R * COUNT);
+        for (int i = 0; i < R * COUNT; i++) snd[i] = me * 100000 + i, rcv[i] = -1;
+        epx_status_t st = epx_alltoallv(comm, snd, counts, displs, rcv, counts, displs, EPX_I32, NULL);
+        if (st != EPX_SUCCESS)
+            TEST_FAIL_("adjacent buffers (%s first): %s (%s)", order ? "recv" : "send", epx_status_name(st),
+                       epx_comm_get_last_error(comm));
+        for (int p = 0; p < R; p++)
+            for (int i = 0; i < COUNT; i++) ASSERT_EQ(rcv[p * COUNT + i], p * 100000 + me * COUNT + i);
+        valid_exchange();
+    }
+    passed++;
+    /* Zero counts everywhere: no buffer is touched, whatever the displacements say (NULL). */
+    {
+        int64_t zero[NMAX] = {0};
+        ASSERT_OK(epx_alltoallv(comm, NULL, zero, displs, NULL, zero, displs, EPX_I32, NULL));
         valid_exchange();
         passed++;
     }
