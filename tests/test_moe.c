@@ -1610,13 +1610,16 @@ static void expect_status(epx_status_t st, int bad_rank, const char *what)
 }
 
 typedef enum {
-    B_ID_HIGH, B_ID_LOW, B_T_BIG, B_T_NEG, B_K_BIG, B_X_NULL, B_X_MISALIGNED, B_IDX_NULL, B_IDX_MISALIGNED, B_CAP_SMALL,
-    B_CACHED_NULL_HANDLE, B_CACHED_X_NULL, B_COMBINE_Y_NULL, B_COMBINE_OUT_NULL, NBAD
+    B_ID_HIGH, B_ID_LOW, B_T_BIG, B_T_NEG, B_K_BIG, B_X_NULL, B_X_MISALIGNED, B_IDX_NULL, B_IDX_MISALIGNED,
+    B_RIDX_MISALIGNED, B_CAP_SMALL, B_CACHED_NULL_HANDLE, B_CACHED_X_NULL, B_CACHED_T_OTHER, B_CACHED_CAP_SMALL,
+    B_COMBINE_Y_NULL, B_COMBINE_OUT_NULL, NBAD
 } bad_t;
 static const char *bad_names[] = {"expert id >= E", "expert id < -1", "T > max_tokens", "T < 0", "K > max_topk",
                                   "NULL x", "misaligned x", "NULL topk_idx", "misaligned topk_idx",
-                                  "capacity too small", "dispatch_cached with a NULL handle",
-                                  "dispatch_cached with NULL x", "combine with NULL y", "combine with NULL out"};
+                                  "misaligned recv_topk_idx", "capacity too small", "dispatch_cached with a NULL handle",
+                                  "dispatch_cached with NULL x", "dispatch_cached with another num_tokens",
+                                  "dispatch_cached with capacity too small", "combine with NULL y",
+                                  "combine with NULL out"};
 
 /* Bad routing on one rank of a dispatch without host synchronisation (CUDA): the call
  * succeeds everywhere (nothing waited for the device), every rank's count says -1, no
@@ -1736,6 +1739,7 @@ static int run_bad_ht(void)
             case B_X_MISALIGNED: in.x = dmis_x + 1; break;
             case B_IDX_NULL: in.topk_idx = NULL; break;
             case B_IDX_MISALIGNED: in.topk_idx = dmis_idx + 4; break;
+            case B_RIDX_MISALIGNED: out.recv_topk_idx = (char *)B.dridx + 4; break; /* i64: 8-byte elements */
             case B_CAP_SMALL: out.capacity = ref.n - 1; break;
             default: break;
             }
@@ -1761,10 +1765,13 @@ static int run_bad_ht(void)
             ht_poison(&B);
             comb_poison(&C);
             epx_status_t st;
-            if (k == B_CACHED_NULL_HANDLE || k == B_CACHED_X_NULL) {
+            if (k == B_CACHED_NULL_HANDLE || k == B_CACHED_X_NULL || k == B_CACHED_T_OTHER || k == B_CACHED_CAP_SMALL) {
                 epx_moe_dispatch_in_t cin = ht_in(&W, &B, true);
+                epx_moe_dispatch_out_t cout = ht_out(&B);
                 if (is_bad && k == B_CACHED_X_NULL) cin.x = NULL;
-                st = epx_moe_dispatch_cached(moe, is_bad && k == B_CACHED_NULL_HANDLE ? NULL : h, &cin, &out,
+                if (is_bad && k == B_CACHED_T_OTHER) cin.num_tokens = T - 1; /* T = max_tokens >= 1 */
+                if (is_bad && k == B_CACHED_CAP_SMALL) cout.capacity = ref.n - 1; /* ref.n >= R >= 1 */
+                st = epx_moe_dispatch_cached(moe, is_bad && k == B_CACHED_NULL_HANDLE ? NULL : h, &cin, &cout,
                                              test_stream());
             } else {
                 epx_moe_combine_in_t ci = {C.dy, C.dyw};
@@ -1936,9 +1943,10 @@ static int run_mismatch(void)
 static int run_bad_ll(void)
 {
     int passed = 0;
-    enum { LB_ID_HIGH, LB_ID_LOW, LB_T_BIG, LB_X_NULL, LB_COMBINE_OUT_NULL, LB_COMBINE_Y_NULL, NLB };
+    enum { LB_ID_HIGH, LB_ID_LOW, LB_T_BIG, LB_X_NULL, LB_COMBINE_OUT_NULL, LB_COMBINE_Y_NULL, LB_COMBINE_W_NULL, NLB };
     static const char *names[] = {"ll expert id >= E", "ll expert id < -1", "ll T > max_tokens", "ll NULL x",
-                                  "ll combine with NULL out", "ll combine with NULL y"};
+                                  "ll combine with NULL out", "ll combine with NULL y",
+                                  "ll combine with NULL topk_weights"};
     for (int k = 0; k < NLB; k++) {
         int bad = (k + 1) % R;
         mcase_t c = {"bad ll", -2, 3, 130, 6, EPX_BF16, EPX_UNSET, EPX_I32, 1, ROUTE_UNIFORM, 10, F_T_FULL, 0,
@@ -2019,12 +2027,13 @@ static int run_bad_ll(void)
             void *out = palloc(out_b), *dout = dev_out(out_b);
             epx_moe_ll_combine_in_t cin = {dy, dw};
             if (is_bad && k == LB_COMBINE_Y_NULL) cin.y = NULL;
+            if (is_bad && k == LB_COMBINE_W_NULL) cin.topk_weights = NULL;
             epx_status_t st =
                 epx_moe_ll_combine(moe, h, &cin, is_bad && k == LB_COMBINE_OUT_NULL ? NULL : dout, test_stream());
             expect_status(st, bad, names[k]);
             fetch(out, dout, out_b + GUARD);
             expect_poison(out, 0, out_b + GUARD, cs, "ll combine out");
-            cin.y = dy;
+            cin.y = dy, cin.topk_weights = dw;
             ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, dout, test_stream()));
             fetch(out, dout, out_b + GUARD);
             check_ll_combine(&W, out, cs);
@@ -2105,6 +2114,7 @@ static int run_bad_create(void)
         case 11: cfg.num_experts = 2 * R + 1, what = "E % R != 0"; break;
         case 12: cfg.max_tokens_per_rank = -1, what = "max_tokens -1"; break;
         case 13: cfg.num_sms = -2, what = "num_sms -2"; break;
+        case 14: cfg.mode = EPX_MOE_LOW_LATENCY, cfg.dtype = EPX_FP8_E4M3, what = "low-latency with fp8 tokens"; break;
         default: what = NULL; break;
         }
         if (!what) break;
