@@ -2060,6 +2060,58 @@ static int run_bad_ll(void)
     return passed;
 }
 
+/* FP8 tokens without their scales: the last rank passes x_scales = NULL with tokens to send.
+ * It returns EPX_ERR_INVALID_ARGUMENT, the others EPX_ERR_REMOTE_INVALID; no output byte
+ * is written anywhere, and the same call with the scales then works. */
+static int run_bad_fp8_scales(void)
+{
+    enum { T = 3, K = 2, H = 256, S = H / 128 };
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = H;
+    cfg.max_tokens_per_rank = T;
+    cfg.num_experts = 2 * R;
+    cfg.max_topk = K;
+    cfg.dtype = EPX_FP8_E4M3;
+    cfg.num_sms = num_sms;
+    epx_moe_t moe = NULL;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
+    uint8_t x[T * H];
+    float xs[T * S];
+    int64_t idx[T * K];
+    for (int i = 0; i < T * H; i++) x[i] = (uint8_t)(0x30 + (i * 7 + me) % 64); /* finite e4m3 codes */
+    for (int i = 0; i < T * S; i++) xs[i] = 0.5f + (float)i;
+    for (int t = 0; t < T; t++) idx[t * K] = (t + me) % cfg.num_experts, idx[t * K + 1] = -1;
+    int64_t cap = (int64_t)R * T;
+    void *dx = dev_in(x, sizeof x, sizeof x), *dxs = dev_in(xs, sizeof xs, sizeof xs), *didx = dev_in(idx, sizeof idx, sizeof idx);
+    size_t rx_b = (size_t)cap * H, rs_b = (size_t)cap * S * sizeof(float);
+    void *rx = dev_out(rx_b), *rs = dev_out(rs_b);
+    int passed = 0;
+    for (int round = 0; round < 2; round++) {
+        bool bad = round == 0 && me == R - 1;
+        epx_moe_dispatch_in_t in = {dx, bad ? NULL : dxs, didx, NULL, T, K};
+        epx_moe_dispatch_out_t out = {rx, rs, NULL, NULL, NULL, NULL, NULL, cap, 0, NULL};
+        epx_moe_handle_t h = NULL;
+        epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
+        epx_status_t want = round == 1 ? EPX_SUCCESS : bad ? EPX_ERR_INVALID_ARGUMENT : EPX_ERR_REMOTE_INVALID;
+        if (st != want)
+            TEST_FAIL_("fp8 dispatch %s x_scales on rank %d: got %s, expected %s (%s)", round ? "with" : "without",
+                       R - 1, epx_status_name(st), epx_status_name(want), epx_get_last_error());
+        if (round == 0) {
+            uint8_t *hx = palloc(rx_b), *hs = palloc(rs_b);
+            fetch(hx, rx, rx_b + GUARD), fetch(hs, rs, rs_b + GUARD);
+            expect_poison(hx, 0, rx_b + GUARD, "fp8 without scales", "recv_x");
+            expect_poison(hs, 0, rs_b + GUARD, "fp8 without scales", "recv_x_scales");
+            free(hx), free(hs);
+        }
+        ASSERT_OK(epx_moe_handle_destroy(h));
+        passed++;
+    }
+    test_sync();
+    dev_free(dx), dev_free(dxs), dev_free(didx), dev_free(rx), dev_free(rs);
+    ASSERT_OK(epx_moe_destroy(moe));
+    return passed;
+}
+
 /* --ll-host-differs: EPX_MOE_LL_HOST is 1 on the odd ranks, 0 on the others (set in main,
  * before the library reads it). Across GPU hosts the low-latency path then differs between
  * ranks: creation fails with EPX_ERR_MISMATCH on every rank (before the check the ranks
@@ -2373,6 +2425,7 @@ int main(int argc, char **argv)
             passed += run_bad_ht();
             passed += run_bad_capacity();
             passed += run_mismatch();
+            if (R > 1) passed += run_bad_fp8_scales();
             passed += run_bad_ht_no_sync();
         }
         if (ll) passed += run_bad_ll();
