@@ -128,7 +128,7 @@ EPX__HD float epx__fp8_block_scale(float amax, int ue8m0, uint32_t *bits)
         if (u & 0x7fffffu) exp++; /* round up to the next power of two */
         if (exp > 254u) exp = 254u;
         *bits = exp;
-        return epx__bits_f32((254u - exp) << 23); /* 2^(127 - exp): exact */
+        return epx__bits_f32((254u - exp) << 23); /* 2^(127 - exp), exact; 0 at exp 254 (amax inf) */
     }
     *bits = epx__f32_bits(s);
     return 448.0f / amax;
