@@ -862,6 +862,34 @@ static void free_outputs(gm_t *m)
     }
 }
 
+/* Bytes of one low-latency slot of recv_x: FP8 when the dispatch quantises, else bf16. */
+static size_t ll_row(const gm_t *m) { return (size_t)m->d.H * (m->d.fp8 ? 1 : 2); }
+
+/* Host copies of epx's low-latency dispatch outputs (freed by free_ll). */
+static void fetch_ll(gm_t *m, ll_out_t *h)
+{
+    size_t L = (size_t)m->d.L, n = L * m->ll_slots, S = (size_t)m->d.S;
+    h->x = (uint8_t *)xmalloc(m, n * ll_row(m));
+    h->xs = m->ll_scales ? (float *)xmalloc(m, sizeof(float) * n * S) : NULL;
+    h->count = (int32_t *)xmalloc(m, sizeof(int32_t) * L);
+    h->src_rank = (int32_t *)xmalloc(m, sizeof(int32_t) * n);
+    h->src_token = (int32_t *)xmalloc(m, sizeof(int32_t) * n);
+    CK(m, cudaMemcpy(h->x, m->ll_recv, n * ll_row(m), cudaMemcpyDeviceToHost));
+    if (h->xs) CK(m, cudaMemcpy(h->xs, m->ll_scales, sizeof(float) * n * S, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->count, m->ll_count, sizeof(int32_t) * L, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->src_rank, m->ll_src_rank, sizeof(int32_t) * n, cudaMemcpyDeviceToHost));
+    CK(m, cudaMemcpy(h->src_token, m->ll_src_token, sizeof(int32_t) * n, cudaMemcpyDeviceToHost));
+}
+
+static void free_ll(ll_out_t *h)
+{
+    free(h->x);
+    free(h->xs);
+    free(h->count);
+    free(h->src_rank);
+    free(h->src_token);
+}
+
 /* Poison contender c's outputs of one op, in stream order. */
 static void poison(gm_t *m, int c, int op)
 {
@@ -873,6 +901,13 @@ static void poison(gm_t *m, int c, int op)
         CK(m, cudaMemsetAsync(lo->in_rank, 0xA5, (size_t)m->d.T * m->d.R, st));
     } else if (op == OP_COMBINE) {
         CK(m, cudaMemsetAsync(m->d_cout[c], 0xA5, (size_t)m->d.T * m->y_row, st));
+    } else if (c == 0 && m->ll) {
+        size_t L = (size_t)m->d.L, n = L * m->ll_slots;
+        CK(m, cudaMemsetAsync(m->ll_recv, 0xA5, n * ll_row(m), st));
+        if (m->ll_scales) CK(m, cudaMemsetAsync(m->ll_scales, 0xA5, sizeof(float) * n * m->d.S, st));
+        CK(m, cudaMemsetAsync(m->ll_count, 0xA5, sizeof(int32_t) * L, st));
+        CK(m, cudaMemsetAsync(m->ll_src_rank, 0xA5, sizeof(int32_t) * n, st));
+        CK(m, cudaMemsetAsync(m->ll_src_token, 0xA5, sizeof(int32_t) * n, st));
     } else {
         ht_out_t *o = &m->d_out[c];
         CK(m, cudaMemsetAsync(o->x, 0xA5, (size_t)m->cap * m->row, st));
@@ -964,22 +999,47 @@ static void checked_round(gm_t *m, int ncs, int64_t wrong[2][NOPS], int64_t diff
     for (int c = 0; c < ncs; c++) free_layout(&got[c]);
     free_layout(&ref);
 
+    /* Dispatch and combine. In ll mode epx's outputs are the low-latency ones (checked with
+     * d.ll set; the expert side's y is made from what arrived), the baseline's the
+     * high-throughput ones, and the two are not compared with each other. */
     ht_out_t hd[2];
+    ll_out_t lo;
     for (int c = 0; c < ncs; c++) {
         poison(m, c, OP_DISPATCH);
         run_op(m, c, OP_DISPATCH);
         wait_for(m, NULL, c == 0 ? "the checked epx dispatch" : "the checked NCCL baseline dispatch");
         if (c == 0) epx_retire_handle(m);
-        fetch_dispatch(m, c, &hd[c]);
+        if (c == 0 && m->ll)
+            fetch_ll(m, &lo);
+        else
+            fetch_dispatch(m, c, &hd[c]);
     }
-    wrong[0][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &hd[0], ncs > 1 ? &hd[1] : NULL, &diff[OP_DISPATCH],
-                                                        m->n_exp, m->cap);
+    int64_t RT = (int64_t)m->ll_slots;
+    if (m->ll) {
+        m->d.ll = true;
+        wrong[0][OP_DISPATCH] += bench_moe_check_ll_dispatch(&m->d, &lo, NULL, NULL, RT, ll_row(m));
+        size_t ybytes = (size_t)m->d.L * m->ll_slots * m->y_row;
+        uint8_t *hy = (uint8_t *)xmalloc(m, ybytes);
+        memset(hy, 0x3c, ybytes); /* slots past each expert's count: never read */
+        bench_moe_ll_make_y(&m->d, &lo, RT, ll_row(m), hy, m->y_row);
+        m->d.ll = false;
+        CK(m, cudaMemcpy(m->ll_y, hy, ybytes, cudaMemcpyHostToDevice));
+        free(hy);
+        free_ll(&lo);
+    } else {
+        wrong[0][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &hd[0], ncs > 1 ? &hd[1] : NULL,
+                                                            &diff[OP_DISPATCH], m->n_exp, m->cap);
+    }
     if (ncs > 1) wrong[1][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &hd[1], NULL, NULL, m->n_exp, m->cap);
-    for (int c = 0; c < ncs; c++) free_dispatch(&hd[c]);
+    for (int c = m->ll ? 1 : 0; c < ncs; c++) free_dispatch(&hd[c]);
 
-    uint16_t *want = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
+    uint16_t *want[2] = {(uint16_t *)xmalloc(m, (size_t)T * m->y_row), NULL};
     uint16_t *got_c[2] = {NULL, NULL};
-    bench_moe_expected_combine(&m->d, want);
+    m->d.ll = m->ll;
+    bench_moe_expected_combine(&m->d, want[0]);
+    m->d.ll = false;
+    want[1] = m->ll ? (uint16_t *)xmalloc(m, (size_t)T * m->y_row) : want[0];
+    if (m->ll) bench_moe_expected_combine(&m->d, want[1]);
     for (int c = 0; c < ncs; c++) {
         poison(m, c, OP_COMBINE);
         run_op(m, c, OP_COMBINE);
@@ -988,9 +1048,11 @@ static void checked_round(gm_t *m, int ncs, int64_t wrong[2][NOPS], int64_t diff
         CK(m, cudaMemcpy(got_c[c], m->d_cout[c], (size_t)T * m->y_row, cudaMemcpyDeviceToHost));
     }
     size_t n = (size_t)T * m->d.H;
-    wrong[0][OP_COMBINE] += bench_moe_cmp_elems(got_c[0], want, ncs > 1 ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
-    if (ncs > 1) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(got_c[1], want, NULL, n, 2, NULL);
-    free(want);
+    bool same = ncs > 1 && !m->ll; /* compared with each other */
+    wrong[0][OP_COMBINE] += bench_moe_cmp_elems(got_c[0], want[0], same ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
+    if (ncs > 1) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(got_c[1], want[1], NULL, n, 2, NULL);
+    if (want[1] != want[0]) free(want[1]);
+    free(want[0]);
     free(got_c[0]);
     free(got_c[1]);
 }
@@ -1123,7 +1185,9 @@ int bench_cuda_moe(bench_ctx_t *b)
         size_t L = (size_t)m->d.L, H = (size_t)m->d.H, S = (size_t)m->d.S;
         m->ll_slots = (size_t)R * (size_t)T;
         uint16_t *hb = (uint16_t *)xmalloc(m, sizeof(uint16_t) * (size_t)T * H);
-        for (size_t i = 0; i < (size_t)T * H; i++) hb[i] = (uint16_t)(0x3c00u + (mix64(i * 131 + (uint64_t)m->d.me) & 0x3ffu));
+        m->d.ll = true; /* bf16 rows from the seeds, as the checks expect them */
+        for (int t = 0; t < T; t++) bench_moe_gen_row(&m->d, m->d.me, t, (uint8_t *)(hb + (size_t)t * H), NULL);
+        m->d.ll = false;
         m->ll_x = (uint8_t *)dmalloc(m, sizeof(uint16_t) * (size_t)T * H, "ll x (bf16)");
         CK(m, cudaMemcpy(m->ll_x, hb, sizeof(uint16_t) * (size_t)T * H, cudaMemcpyHostToDevice));
         free(hb);
@@ -1152,8 +1216,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     if (b->rank == 0) {
         if (m->ll)
             printf("# mode ll: epx runs low-latency dispatch (bf16 tokens%s, expert-major slots) and combine (weighted); "
-                   "the baseline moves the same routing as in ht mode; epx's ll outputs are checked by the tests "
-                   "(test_moe, test_cuda_graph), not here\n",
+                   "the baseline moves the same routing as in ht mode (its outputs checked as in ht mode)\n",
                    m->d.fp8 ? " quantised to FP8 by the dispatch" : "");
         printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode %s, %s tokens (combine "
                "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median of the max "
@@ -1191,7 +1254,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     int64_t wrong[2][NOPS], diff[NOPS];
     memset(wrong, 0, sizeof wrong);
     memset(diff, 0, sizeof diff);
-    bool check = o->check && !m->ll;
+    bool check = o->check;
     /* Checked before the timed iterations and again after them (a call that goes wrong, or
      * does nothing, only after its first would pass the first check). */
     if (check) checked_round(m, ncs, wrong, diff);
@@ -1304,7 +1367,7 @@ int bench_cuda_moe(bench_ctx_t *b)
             printf("# epx and the baseline differ in %.0f layout, %.0f dispatch and %.0f combine values (counted in "
                    "epx's #wrong)\n",
                    rep.diff[OP_LAYOUT], rep.diff[OP_DISPATCH], rep.diff[OP_COMBINE]);
-        if (!check) printf("# not checked%s\n", m->ll ? " (mode ll)" : " (-c 0)");
+        if (!check) printf("# not checked (-c 0)\n");
         if (any_wrong) printf("# FAILED: wrong values found\n");
         if (graphs && !m->ll)
             printf("# epx from CUDA graphs (no host work; median, L2 flushed): layout %.2f us, dispatch %.2f us, combine "

@@ -22,12 +22,6 @@
 
 /* ---- The benchmark's state ------------------------------------------------------------- */
 
-typedef struct { /* low-latency dispatch outputs */
-    uint8_t *x;
-    float *xs;
-    int32_t *count, *src_rank, *src_token;
-} ll_out_t;
-
 #ifdef EPX_HAVE_MPI
 typedef struct { /* the MPI_Alltoallv baseline: its buffers and the routing of its last dispatch */
     MPI_Datatype row_t, scale_t, meta_t, y_t;
@@ -98,67 +92,11 @@ static void buf_free(bm_t *m, void *p)
 
 /* ---- Checking ----------------------------------------------------------------------------- */
 
-static int64_t check_ll_dispatch(bm_t *m, const ll_out_t *a, const ll_out_t *o, int64_t *diff)
-{
-    int K = m->d.K, L = m->d.L, q = m->d.me;
-    int64_t wrong = 0, RT = m->RT;
-    uint16_t *x = xmalloc(m, m->in_row);
-    uint8_t *qx = xmalloc(m, (size_t)m->d.H);
-    float *qs = xmalloc(m, sizeof(float) * (size_t)m->d.S);
-    int32_t minus1[1] = {-1};
-    for (int l = 0; l < L; l++) {
-        int e = q * L + l;
-        int64_t i = 0;
-        for (int s = 0; s < m->d.R; s++)
-            for (int t = 0; t < m->d.T; t++) {
-                bool hit = false;
-                for (int k = 0; k < K; k++) hit |= m->d.topk[tk(&m->d, s, t) + k] == e;
-                if (!hit) continue;
-                int64_t slot = (int64_t)l * RT + i++;
-                bench_moe_gen_row(&m->d, s, t, (uint8_t *)x, NULL);
-                const void *want = x;
-#define OTHER(f, off) (o ? (const void *)(o->f + (off)) : NULL)
-                if (m->d.fp8) {
-                    bench_moe_quantize_row(&m->d, x, qx, qs);
-                    want = qx;
-                    wrong += bench_moe_cmp_elems(a->xs + slot * m->d.S, qs, OTHER(xs, slot * m->d.S), (size_t)m->d.S, 4, diff);
-                }
-                wrong += bench_moe_cmp_elems(a->x + slot * (int64_t)m->row, want, OTHER(x, slot * (int64_t)m->row),
-                                   (size_t)m->d.H, m->d.fp8 ? 1 : 2, diff);
-                int32_t v[2] = {s, t};
-                wrong += bench_moe_cmp_elems(a->src_rank + slot, &v[0], OTHER(src_rank, slot), 1, 4, diff);
-                wrong += bench_moe_cmp_elems(a->src_token + slot, &v[1], OTHER(src_token, slot), 1, 4, diff);
-            }
-        int32_t cnt = (int32_t)i;
-        wrong += bench_moe_cmp_elems(a->count + l, &cnt, OTHER(count, l), 1, 4, diff);
-        for (int64_t j = i; j < RT; j++) { /* past the count: -1 */
-            int64_t slot = (int64_t)l * RT + j;
-            wrong += bench_moe_cmp_elems(a->src_rank + slot, minus1, OTHER(src_rank, slot), 1, 4, diff);
-            wrong += bench_moe_cmp_elems(a->src_token + slot, minus1, OTHER(src_token, slot), 1, 4, diff);
-        }
-#undef OTHER
-    }
-    free(x);
-    free(qx);
-    free(qs);
-    return wrong;
-}
 static void make_y(bm_t *m)
 {
     int H = m->d.H;
     if (m->d.ll) {
-        const ll_out_t *a = &m->llo[0];
-        for (int l = 0; l < m->d.L; l++) {
-            int64_t c = a->count[l] < 0 ? 0 : a->count[l] > m->RT ? m->RT : a->count[l];
-            float mu = mult_of(m->d.me * m->d.L + l);
-            for (int64_t i = 0; i < c; i++) {
-                int64_t slot = (int64_t)l * m->RT + i;
-                const uint8_t *r = a->x + slot * (int64_t)m->row;
-                const float *sc = m->d.fp8 ? a->xs + slot * m->d.S : NULL;
-                uint16_t *y = (uint16_t *)(m->y + slot * (int64_t)m->y_row);
-                for (int h = 0; h < H; h++) y[h] = f2bf(row_val(&m->d, r, sc, h) * mu);
-            }
-        }
+        bench_moe_ll_make_y(&m->d, &m->llo[0], m->RT, m->row, m->y, m->y_row);
     } else {
         const ht_out_t *a = &m->ht[0];
         int64_t n = a->n < 0 ? 0 : a->n > m->cap ? m->cap : a->n;
@@ -615,8 +553,8 @@ static void checked_round(bm_t *m, int64_t wrong[2][NOPS], int64_t diff[NOPS])
 #endif
     if (o->check) {
         if (m->d.ll) {
-            wrong[0][OP_DISPATCH] += check_ll_dispatch(m, &m->llo[0], b->mpi ? &m->llo[1] : NULL, &diff[OP_DISPATCH]);
-            if (b->mpi) wrong[1][OP_DISPATCH] += check_ll_dispatch(m, &m->llo[1], NULL, NULL);
+            wrong[0][OP_DISPATCH] += bench_moe_check_ll_dispatch(&m->d, &m->llo[0], b->mpi ? &m->llo[1] : NULL, &diff[OP_DISPATCH], m->RT, m->row);
+            if (b->mpi) wrong[1][OP_DISPATCH] += bench_moe_check_ll_dispatch(&m->d, &m->llo[1], NULL, NULL, m->RT, m->row);
         } else {
             wrong[0][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &m->ht[0], b->mpi ? &m->ht[1] : NULL,
                                                                  &diff[OP_DISPATCH], m->n_exp, m->cap);

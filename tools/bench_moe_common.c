@@ -245,6 +245,69 @@ int64_t bench_moe_check_layout(const bench_moe_data_t *d, const layout_out_t *a,
            bench_moe_cmp_elems(a->in_rank, e->in_rank, o ? o->in_rank : NULL, (size_t)d->T * d->R, 1, diff);
 }
 
+int64_t bench_moe_check_ll_dispatch(const bench_moe_data_t *d, const ll_out_t *a, const ll_out_t *o, int64_t *diff,
+                                    int64_t RT, size_t row)
+{
+    int K = d->K, L = d->L, q = d->me;
+    int64_t wrong = 0;
+    uint16_t *x = (uint16_t *)xmalloc(d, sizeof(uint16_t) * (size_t)d->H); /* ll: bf16 tokens in */
+    uint8_t *qx = (uint8_t *)xmalloc(d, (size_t)d->H);
+    float *qs = (float *)xmalloc(d, sizeof(float) * (size_t)(d->S ? d->S : 1));
+    int32_t minus1[1] = {-1};
+    for (int l = 0; l < L; l++) {
+        int e = q * L + l;
+        int64_t i = 0;
+        for (int s = 0; s < d->R; s++)
+            for (int t = 0; t < d->T; t++) {
+                bool hit = false;
+                for (int k = 0; k < K; k++) hit |= d->topk[tk(d, s, t) + k] == e;
+                if (!hit) continue;
+                int64_t slot = (int64_t)l * RT + i++;
+                bench_moe_gen_row(d, s, t, (uint8_t *)x, NULL);
+                const void *want = x;
+#define OTHER(f, off) (o ? (const void *)(o->f + (off)) : NULL)
+                if (d->fp8) {
+                    bench_moe_quantize_row(d, x, qx, qs);
+                    want = qx;
+                    wrong += bench_moe_cmp_elems(a->xs + slot * d->S, qs, OTHER(xs, slot * d->S), (size_t)d->S, 4, diff);
+                }
+                wrong += bench_moe_cmp_elems(a->x + slot * (int64_t)row, want, OTHER(x, slot * (int64_t)row),
+                                             (size_t)d->H, d->fp8 ? 1 : 2, diff);
+                int32_t v[2] = {s, t};
+                wrong += bench_moe_cmp_elems(a->src_rank + slot, &v[0], OTHER(src_rank, slot), 1, 4, diff);
+                wrong += bench_moe_cmp_elems(a->src_token + slot, &v[1], OTHER(src_token, slot), 1, 4, diff);
+            }
+        int32_t cnt = (int32_t)i;
+        wrong += bench_moe_cmp_elems(a->count + l, &cnt, OTHER(count, l), 1, 4, diff);
+        for (int64_t j = i; j < RT; j++) { /* past the count: -1 */
+            int64_t slot = (int64_t)l * RT + j;
+            wrong += bench_moe_cmp_elems(a->src_rank + slot, minus1, OTHER(src_rank, slot), 1, 4, diff);
+            wrong += bench_moe_cmp_elems(a->src_token + slot, minus1, OTHER(src_token, slot), 1, 4, diff);
+        }
+#undef OTHER
+    }
+    free(x);
+    free(qx);
+    free(qs);
+    return wrong;
+}
+
+void bench_moe_ll_make_y(const bench_moe_data_t *d, const ll_out_t *a, int64_t RT, size_t row, uint8_t *y,
+                         size_t y_row)
+{
+    for (int l = 0; l < d->L; l++) {
+        int64_t c = a->count[l] < 0 ? 0 : a->count[l] > RT ? RT : a->count[l];
+        float mu = mult_of(d->me * d->L + l);
+        for (int64_t i = 0; i < c; i++) {
+            int64_t slot = (int64_t)l * RT + i;
+            const uint8_t *r = a->x + slot * (int64_t)row;
+            const float *sc = d->fp8 ? a->xs + slot * d->S : NULL;
+            uint16_t *yr = (uint16_t *)(y + slot * (int64_t)y_row);
+            for (int h = 0; h < d->H; h++) yr[h] = f2bf(row_val(d, r, sc, h) * mu);
+        }
+    }
+}
+
 int64_t bench_moe_check_ht_dispatch(const bench_moe_data_t *d, const ht_out_t *a, const ht_out_t *o, int64_t *diff,
                                     int64_t n_exp, int64_t cap)
 {

@@ -99,7 +99,7 @@ static inline double rng_unit(rng_t *r) /* [0, 1) */
 
 typedef struct {
     int R, me, T, H, K, E, L, S; /* ranks, this rank, tokens, hidden, top-k, experts, per rank, scales */
-    bool ll;  /* low-latency mode (CPU only; the CUDA bench is high-throughput) */
+    bool ll;  /* low-latency mode (the CUDA bench sets it around what concerns its ll outputs) */
     bool fp8; /* FP8 rows: given to dispatch (high-throughput) or sent (low-latency ll_fp8) */
     float fp8_tab[256]; /* FP8 E4M3 -> float, the library's */
 
@@ -120,6 +120,12 @@ typedef struct { /* high-throughput dispatch outputs (host, or device pointers i
     int32_t *src_rank, *src_token, *per_expert;
     int64_t n; /* rows received (host value) */
 } ht_out_t;
+
+typedef struct { /* low-latency dispatch outputs: [L, RT] slots (host copies) */
+    uint8_t *x;
+    float *xs;
+    int32_t *count, *src_rank, *src_token;
+} ll_out_t;
 
 typedef struct { /* layout outputs */
     int32_t *per_rank, *per_expert;
@@ -160,6 +166,16 @@ int64_t bench_moe_check_conversions(bench_moe_data_t *d, int samples, bool fp8);
  * contender's o (when given); *diff counts those differing from o. */
 int64_t bench_moe_cmp_elems(const void *a, const void *e, const void *o, size_t n, size_t es, int64_t *diff);
 /* The reference layout of this rank's topk_idx [T, K] (ids < 0 skipped): a plain C loop. */
+/* Wrong values in a low-latency dispatch's outputs a (slots of `row` bytes, RT per local
+ * expert; ll_fp8: quantised rows and their scales) against the expected ones, recomputed
+ * from the seeds; with o, the elements where a and o differ are added to *diff. d->ll. */
+int64_t bench_moe_check_ll_dispatch(const bench_moe_data_t *d, const ll_out_t *a, const ll_out_t *o, int64_t *diff,
+                                    int64_t RT, size_t row);
+/* The expert side of low latency: y (bf16, y_row bytes a slot, the slots of a) = each
+ * received row's value times mult_of(its global expert), for the first count[l] slots of
+ * each local expert (the others are left alone). */
+void bench_moe_ll_make_y(const bench_moe_data_t *d, const ll_out_t *a, int64_t RT, size_t row, uint8_t *y,
+                         size_t y_row);
 void bench_moe_ref_layout(const bench_moe_data_t *d, const int64_t *idx, layout_out_t *o);
 /* Layout outputs a against the expected e (and the other contender's o, when given). */
 int64_t bench_moe_check_layout(const bench_moe_data_t *d, const layout_out_t *a, const layout_out_t *e,
