@@ -2060,6 +2060,18 @@ static int run_bad_ll(void)
     return passed;
 }
 
+/* A small valid configuration (high-throughput, bf16) for the creation tests. */
+static epx_moe_config_t small_config(void)
+{
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = 64;
+    cfg.max_tokens_per_rank = 4;
+    cfg.num_experts = 2 * R;
+    cfg.max_topk = 2;
+    cfg.num_sms = num_sms;
+    return cfg;
+}
+
 /* FP8 tokens without their scales: the last rank passes x_scales = NULL with tokens to send.
  * It returns EPX_ERR_INVALID_ARGUMENT, the others EPX_ERR_REMOTE_INVALID; no output byte
  * is written anywhere, and the same call with the scales then works. */
@@ -2119,11 +2131,7 @@ static int run_bad_fp8_scales(void)
  * creation succeeds. A high-throughput context works either way. */
 static int run_ll_host_differs(const epx_comm_info_t *info)
 {
-    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
-    cfg.hidden = 64;
-    cfg.max_tokens_per_rank = 4;
-    cfg.num_experts = 2 * R;
-    cfg.max_topk = 2;
+    epx_moe_config_t cfg = small_config();
     cfg.mode = EPX_MOE_LOW_LATENCY;
     bool differs = R > 1 && test_on_cuda() && info->num_hosts > 1;
     epx_moe_t moe = NULL;
@@ -2141,12 +2149,7 @@ static int run_ll_host_differs(const epx_comm_info_t *info)
 static int run_bad_create(void)
 {
     int passed = 0;
-    epx_moe_config_t base = EPX_MOE_CONFIG_INITIALIZER;
-    base.hidden = 64;
-    base.max_tokens_per_rank = 4;
-    base.num_experts = 2 * R;
-    base.max_topk = 2;
-    base.num_sms = num_sms;
+    epx_moe_config_t base = small_config();
     /* The same invalid configuration on every rank. */
     for (int k = 0;; k++) {
         epx_moe_config_t cfg = base;
