@@ -71,6 +71,11 @@ static void test_deadlines(void)
     ASSERT(epx__deadline_after_ms(1000) >= now + 1000000000ull);
     ASSERT(epx__deadline_after_ms(INT64_MAX) > now + (uint64_t)1e18);
     ASSERT(epx__deadline_after_ms(INT64_MAX / 1000000) > now + (uint64_t)1e18);
+    ASSERT_EQ(epx__ms_to_ns(-5), 0);
+    ASSERT_EQ(epx__ms_to_ns(0), 0);
+    ASSERT_EQ(epx__ms_to_ns(1500), 1500000000ull);
+    ASSERT_EQ(epx__ms_to_ns(INT64_MAX), UINT64_MAX);
+    ASSERT_EQ(epx__ms_to_ns((int64_t)(UINT64_MAX / 1000000ull) + 1), UINT64_MAX);
     epx_unique_id_t id;
     epx__errbuf_t err;
     epx__boot_t *boot;

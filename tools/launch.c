@@ -272,6 +272,7 @@ int epx_launch(int nranks, double timeout_s, char *const argv[])
         if (alive == 0 && open_fds > 0 && killed && epx__now_s() - kill_time > 5.0) break;
     }
     free(pfd);
+    if (epx__stop_signal && result == 0) result = 128 + epx__stop_signal; /* before any rank started */
     for (int r = 0; r < started; r++) {
         free(ranks[r].line[0]);
         free(ranks[r].line[1]);

@@ -29,7 +29,7 @@
 #include "core.h"
 
 #define EPX__ID_MAGIC 0x31585045u /* "EPX1" */
-#define EPX__HELLO_MAGIC 0x4f4c4548u
+#define EPX__HELLO_MAGIC 0x324c4548u /* "HEL2": the hello with ms_left (another build's is a stray) */
 #define EPX__MAX_INFO (64u << 10)
 #define EPX__MAX_RANKS (1 << 20)
 

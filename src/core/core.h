@@ -156,6 +156,8 @@ bool epx__parse_size(const char *text, int64_t *out);
 uint64_t epx__now_ns(void);
 /* Deadline `ms` from now (ms <= 0: already passed; too far to count in ns: UINT64_MAX). */
 uint64_t epx__deadline_after_ms(int64_t ms);
+/* ms in ns: 0 for ms <= 0, UINT64_MAX when it does not fit (a huge EPX_TIMEOUT_MS: never). */
+uint64_t epx__ms_to_ns(int64_t ms);
 
 /* ---- Arenas (arena.c) ---------------------------------------------------------------- */
 

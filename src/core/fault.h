@@ -18,8 +18,9 @@
  *          CUDA across hosts only (src/xhost);
  *   nomem  rank R's N-th operation fails as if out of memory (EPX_ERR_NO_MEMORY) where it
  *          first allocates what the call needs, before it meets its peers: a MoE call's
- *          handle or row plan and work buffers. CPU across hosts only (src/hier, whose
- *          alltoall(v) allocates nothing there: no effect).
+ *          handle or row plan and work buffers; an alltoall(v)'s scratch for a disagreeing
+ *          pair (the rank then receives its good peers' segments in place). CPU across
+ *          hosts only (src/hier).
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues

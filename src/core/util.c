@@ -13,6 +13,12 @@ uint64_t epx__now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+uint64_t epx__ms_to_ns(int64_t ms)
+{
+    if (ms <= 0) return 0;
+    return (uint64_t)ms > UINT64_MAX / 1000000ull ? UINT64_MAX : (uint64_t)ms * 1000000ull;
+}
+
 uint64_t epx__deadline_after_ms(int64_t ms)
 {
     uint64_t now = epx__now_ns();

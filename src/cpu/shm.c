@@ -396,7 +396,7 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     c->next_region_id = 1;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     c->spin_ns = (uint64_t)EPX__MAX(epx__param_int(EPX__P_CPU_SPIN_US), 0) * 1000u;
-    c->yield_ns = (uint64_t)EPX__MAX(epx__param_int(EPX__P_CPU_YIELD_MS), 0) * 1000000u;
+    c->yield_ns = epx__ms_to_ns(epx__param_int(EPX__P_CPU_YIELD_MS));
     if (ncpu > 0 && nranks > ncpu) c->spin_ns = EPX__MIN(c->spin_ns, 2000u); /* oversubscribed: yield early */
     int64_t eager = epx__param_int(EPX__P_CPU_EAGER_BYTES);
     c->eager_bytes = (size_t)EPX__ALIGN_UP(EPX__MIN(EPX__MAX(eager, 0), (int64_t)(1 << 20)), EPX__CACHELINE);

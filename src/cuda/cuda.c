@@ -153,7 +153,7 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     d->ll_blocks = (unsigned int *)((char *)c->ctrl + epoch_off + 320);
     d->failed = (unsigned int *)((char *)c->ctrl + epoch_off + 384);
     d->eager_bytes = eager_bytes;
-    d->timeout_ns = (unsigned long long)timeout_ms * 1000000ull;
+    d->timeout_ns = epx__ms_to_ns(timeout_ms);
     for (int p = 0; p < nranks; p++) {
         d->peer_flags[p] = (unsigned long long *)c->peer_ctrl[p];
         d->peer_eager[p] = (char *)c->peer_ctrl[p] + eager_off;

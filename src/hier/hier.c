@@ -17,7 +17,7 @@ epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t
     size_t want = EPX__MAX(bytes, 2 * *cap);
     want = EPX__MAX(want, (size_t)64);
     char *p = realloc(*buf, want);
-    if (!p) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory (%zu bytes)", want);
+    if (!p) return err ? epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory (%zu bytes)", want) : EPX_ERR_NO_MEMORY;
     *buf = p;
     *cap = want;
     return EPX_SUCCESS;
@@ -129,7 +129,8 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     const uint32_t seq = ++h->seq;
     const uint64_t deadline = epx__deadline_after_ms(h->timeout_ms);
     const bool fault = h->fault_count; /* EPX_FAULT count: announce a byte more to rank + 1 */
-    h->fault_count = h->fault_nomem = false; /* (nomem: nothing to allocate before the cards) */
+    const bool nomem = h->fault_nomem; /* EPX_FAULT nomem: no scratch for a disagreeing pair */
+    h->fault_count = h->fault_nomem = false;
     epx_status_t st = EPX_SUCCESS;
     epx__card_t *out = h->cards, *in = h->cards + R;
     const void **sp = h->sp;
@@ -168,18 +169,23 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     }
 
     /* 3. Data. A rank of a disagreeing pair still serves its other peers, but receives into
-     * scratch: its own buffer stays untouched. */
+     * scratch: its own buffer stays untouched. Without memory for the scratch it receives
+     * them in place (their segments of its output written, the pair's not): leaving the
+     * exchange would leave its good peers waiting. */
     size_t scratch_need = 0;
     if (verdict != EPX_SUCCESS)
         for (int p = 0; p < R; p++) scratch_need += bad[p] ? 0 : (size_t)x->recv_bytes[p];
-    st = epx__hier_grow(&h->scratch, &h->scratch_bytes, scratch_need, err);
+    char *sink = verdict != EPX_SUCCESS && !nomem &&
+                         epx__hier_grow(&h->scratch, &h->scratch_bytes, scratch_need, NULL) == EPX_SUCCESS
+                     ? h->scratch
+                     : NULL;
     size_t off = 0;
     int64_t *lsb = lx, *lsd = lx + LS, *lrb = lx + 2 * LS, *lrd = lx + 3 * LS;
-    for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
+    for (int p = 0; p < R; p++) {
         bool inter = t->host_of[p] != t->host;
         int64_t rdisp = x->recv_displ[p];
-        if (verdict != EPX_SUCCESS && !bad[p]) rdisp = (int64_t)off, off += (size_t)x->recv_bytes[p];
-        char *rbase = verdict != EPX_SUCCESS ? h->scratch : (char *)x->recv;
+        if (sink && !bad[p]) rdisp = (int64_t)off, off += (size_t)x->recv_bytes[p];
+        char *rbase = sink ? sink : (char *)x->recv;
         sp[p] = (const char *)x->send + x->send_displ[p];
         rp[p] = rbase + rdisp;
         sb[p] = inter && !bad[p] ? x->send_bytes[p] : 0;
@@ -190,10 +196,9 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
             lrb[l] = bad[p] ? 0 : x->recv_bytes[p], lrd[l] = rdisp;
         }
     }
-    EPX__CHECK(st);
     EPX__CHECK(epx__net_start(h->net, epx__hier_tag(seq, 1), sp, sb, (void *const *)rp, rb, err));
     /* Inside the host, while the messages fly (a pair that disagrees moves nothing). */
-    epx__cpu_xfer_t lxf = {x->send, lsb, lsd, verdict != EPX_SUCCESS ? h->scratch : x->recv, lrb, lrd};
+    epx__cpu_xfer_t lxf = {x->send, lsb, lsd, sink ? sink : x->recv, lrb, lrd};
     epx_status_t cst = epx__cpu_alltoallv(h->cpu, &lxf, EPX_SUCCESS, err);
     st = epx__net_wait(h->net, deadline, err);
     if (st == EPX_SUCCESS && cst != EPX_SUCCESS && cst != EPX_ERR_MISMATCH) st = cst;

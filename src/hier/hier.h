@@ -78,7 +78,9 @@ void epx__hier_fault_count(epx__hier_t *hier);
 /* EPX_FAULT `nomem`: the next MoE call fails as if out of memory where it first allocates
  * what it needs, before its verdict (a dispatch: its handle; a call along a handle: its row
  * plan and work buffers): that rank returns EPX_ERR_NO_MEMORY, the others
- * EPX_ERR_REMOTE_INVALID, nothing is written. alltoall(v) allocates nothing there: no effect. */
+ * EPX_ERR_REMOTE_INVALID, nothing is written. alltoall(v): a rank of a disagreeing pair gets
+ * no scratch for its good peers' segments, and receives them in place (the pair still
+ * fails with EPX_ERR_MISMATCH, the others succeed; nothing else changes). */
 void epx__hier_fault_nomem(epx__hier_t *hier);
 
 /* Same contract as epx__cpu_alltoallv, over every rank (arrays indexed by rank). */

@@ -52,7 +52,7 @@ epx__arena_t *epx__hier_moe_handle_mem(const epx__hier_moe_handle_t *h);
 /* Tag of step `step` (< 64) of operation `seq`. */
 static inline int epx__hier_tag(uint32_t seq, int step) { return (int)((seq & 63u) << 6) | (step & 63); }
 
-/* Grow a malloc'd buffer to at least `bytes`. */
+/* Grow a malloc'd buffer to at least `bytes` (err NULL: fail without a message). */
 epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t *err);
 
 /* Point-to-point batch over the net: start and wait. */

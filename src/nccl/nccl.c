@@ -287,7 +287,7 @@ static void epx__nc_dog_look(epx__nccl_t *n)
             n->watch_failed = st;
         }
     }
-    uint64_t now = epx__now_ns(), limit = (uint64_t)n->timeout_ms * 1000000u;
+    uint64_t now = epx__now_ns(), limit = epx__ms_to_ns(n->timeout_ms);
     if (n->watch_failed != EPX_SUCCESS) limit /= 4;
     bool head = true; /* no older group is still in flight */
     for (int k = 0; k < EPX__NC_RING; k++) { /* oldest first */
@@ -331,7 +331,7 @@ static void *epx__nc_dog_main(void *arg)
     /* Its queries never invalidate another thread's graph capture. */
     enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     cudaThreadExchangeStreamCaptureMode(&mode);
-    int64_t period_ns = EPX__MIN(EPX__MAX(n->timeout_ms * 1000000 / 16, (int64_t)1000000), (int64_t)100000000);
+    int64_t period_ns = (int64_t)EPX__MIN(EPX__MAX(epx__ms_to_ns(n->timeout_ms) / 16, (uint64_t)1000000), (uint64_t)100000000);
     pthread_mutex_lock(&n->mu);
     while (!n->dog_stop && n->comm) {
         struct timespec ts;
