@@ -198,6 +198,7 @@ class Comm:
         check(L.epx_mem_alloc(self._ptr(), max(nbytes, 1), byref(p)), self._h)
         self._registered[p.value] = nbytes
         buf = (ctypes.c_char * max(nbytes, 1)).from_address(p.value)
+        buf._epx_comm = self  # the array keeps the communicator (and so its memory) alive
         return np.frombuffer(buf, dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
 
     def free(self, array):

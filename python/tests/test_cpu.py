@@ -77,6 +77,23 @@ class CpuTests(unittest.TestCase):
         with self.assertRaises(epx.InvalidArgumentError):
             epx.Comm(1, 0, "not-an-id")
 
+    def _script(self, code):
+        env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    def test_registered_array_outlives_comm(self):
+        # the communicator going out of scope must not unmap the memory of an array it made
+        p = self._script("import gc, numpy as np, epx\n"
+                         "def make():\n"
+                         "    c = epx.Comm(1, 0, epx.get_unique_id(), backend='cpu')\n"
+                         "    a = c.empty((256, 1024), np.float32)\n"
+                         "    a[:] = 1\n"
+                         "    return a\n"
+                         "a = make()\n"
+                         "gc.collect()\n"
+                         "print(int(a.sum()))\n")
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, str(256 * 1024)), p.stderr[-2000:])
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
