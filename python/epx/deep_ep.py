@@ -147,13 +147,16 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *, comm=None,
                  timeout_ms=None):
+        self._owns_comm = False  # destroy() releases only a communicator made here
         if comm is None:
             if isinstance(group, Comm):
                 comm = group
             elif group is None:
                 comm = Comm(timeout_ms=timeout_ms)
+                self._owns_comm = True
             else:
                 comm = Comm.from_torch(group, timeout_ms=timeout_ms)
+                self._owns_comm = True
         self.comm = comm
         self.group = group
         self.rank, self.group_size = comm.rank, comm.size
@@ -171,7 +174,7 @@ class Buffer:
             m.destroy()
         self._moes.clear()
         self._ll_combine_buffers.clear()
-        if self.comm is not self.group:
+        if self._owns_comm:
             self.comm.destroy()
 
     def is_available(self):

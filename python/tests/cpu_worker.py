@@ -396,6 +396,14 @@ def test_deep_ep():
     buf.destroy()
 
 
+def test_deep_ep_borrowed_comm():
+    # a Buffer over a communicator it was given (group or comm=) leaves it alive on destroy()
+    for kw in ({"group": comm}, {"comm": comm}):
+        deep_ep.Buffer(**kw).destroy()
+        ok(bool(comm._h), "Buffer(%s).destroy() destroyed the caller's communicator" % list(kw)[0])
+    comm.barrier()
+
+
 def test_errors():
     ok(issubclass(epx.InvalidArgumentError, ValueError) and issubclass(epx.PeerTimeoutError, TimeoutError),
        "exception bases")
