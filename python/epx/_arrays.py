@@ -76,6 +76,11 @@ def contiguous(a):
     return a.is_contiguous() if is_torch(a) else a.flags.c_contiguous
 
 
+def writable(a):
+    """False for a read-only numpy array (e.g. over a bytes object), which epx must not write."""
+    return True if is_torch(a) else bool(a.flags.writeable)
+
+
 def is_cuda(a):
     return is_torch(a) and a.is_cuda
 

@@ -242,6 +242,8 @@ class Comm:
             problem = "send's elements are %d bytes: give dtype" % A.itemsize(send)
         elif not A.contiguous(send) or not A.contiguous(recv):
             problem = "send and recv must be contiguous"
+        elif not A.writable(recv):
+            problem = "recv is read-only"
         elif A.numel(recv) * A.itemsize(recv) != n:
             problem = "recv has %d bytes, send %d" % (A.numel(recv) * A.itemsize(recv), n)
         elif n % (es * self.size):
@@ -269,6 +271,9 @@ class Comm:
             for buf, cnt, dsp, name in ((send, sendcounts, sdispls, "send"), (recv, recvcounts, rdispls, "recv")):
                 if not A.contiguous(buf):
                     problem = "%s must be contiguous" % name
+                    break
+                if buf is recv and not A.writable(buf):
+                    problem = "recv is read-only"
                     break
                 have = A.numel(buf) * A.itemsize(buf)
                 need = max([(int(d) + int(c)) * es for c, d in zip(cnt, dsp) if int(c) > 0] or [0])

@@ -324,6 +324,7 @@ class Moe:
             checks += self._arr(topk_weights, "topk_weights", (handle.num_tokens, handle.topk), _lib.F32, y)
             if out is not None:
                 checks += self._arr(out, "out", (handle.num_tokens, self.hidden), self.combine_dtype, y)
+                checks.append((A.writable(out), "out is read-only"))
         problem = self._check(checks)
         cin = _lib.LLCombineIn()
         if problem:

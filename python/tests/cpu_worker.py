@@ -396,6 +396,27 @@ def test_deep_ep():
     buf.destroy()
 
 
+def test_read_only_outputs():
+    # epx must not write into a read-only array (here: over an immutable bytes object)
+    bad = R - 1
+    exc = epx.InvalidArgumentError if me == bad or R == 1 else epx.RemoteInvalidError
+    data = bytes(4 * R)
+    recv = np.frombuffer(data, np.int32) if me == bad else np.zeros(R, np.int32)
+    raises(exc, lambda: comm.alltoall(np.full(R, 7, np.int32), recv), "alltoall into a read-only recv")
+    one = np.ones(R, np.int64)
+    raises(exc, lambda: comm.alltoallv(np.full(R, 7, np.int32), one, np.arange(R), recv, one, np.arange(R)),
+           "alltoallv into a read-only recv")
+    ok(data == bytes(4 * R), "a read-only recv was written")
+    moe = epx.Moe(comm, 8, R, 4, 1, dtype="f32", mode="ll")
+    r = moe.ll_dispatch(np.ones((2, 8), np.float32), np.zeros((2, 1), np.int64))
+    y = np.ones((moe.num_local_experts, moe.ll_slots, 8), np.float32)
+    odata = bytes(2 * 8 * 4)
+    out = np.frombuffer(odata, np.float32).reshape(2, 8) if me == bad else np.zeros((2, 8), np.float32)
+    raises(exc, lambda: moe.ll_combine(r.handle, y, np.ones((2, 1), np.float32), out), "ll_combine into read-only out")
+    ok(odata == bytes(2 * 8 * 4), "a read-only out was written")
+    moe.destroy()
+
+
 def test_deep_ep_borrowed_comm():
     # a Buffer over a communicator it was given (group or comm=) leaves it alive on destroy()
     for kw in ({"group": comm}, {"comm": comm}):
