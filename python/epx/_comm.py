@@ -162,13 +162,21 @@ class Comm:
 
     def abort(self):
         """Mark the communicator aborted (waiting peers fail promptly) and release it."""
+        from ._errors import EpxError
+        refused = []  # contexts with a low-latency send pending on a healthy communicator
         for m in list(getattr(self, "_children", ())):
-            m.destroy()
+            try:
+                m.destroy()
+            except EpxError:
+                refused.append(m)
         self._bury(len(getattr(self, "_graveyard", ())))
         if self._h:
             self._registered.clear()
             L.epx_comm_abort(self._h)
             self._h = c_void_p()
+        for m in refused:  # with the communicator gone their handles and the contexts can go
+            m.destroy()
+            self._bury(len(self._graveyard))
 
     def __enter__(self):
         return self

@@ -94,6 +94,16 @@ class CpuTests(unittest.TestCase):
                          "print(int(a.sum()))\n")
         self.assertEqual((p.returncode, p.stdout.strip()), (0, str(256 * 1024)), p.stderr[-2000:])
 
+    def test_abort_with_pending_ll_send(self):
+        # abort() must abort even while a split low-latency send is pending on a healthy communicator
+        p = self._script("import numpy as np, epx\n"
+                         "c = epx.Comm(1, 0, epx.get_unique_id(), backend='cpu')\n"
+                         "m = epx.Moe(c, 16, 2, 4, 2, dtype='f32', mode='ll')\n"
+                         "r = m.ll_dispatch(np.ones((2, 16), np.float32), np.zeros((2, 2), np.int64), split=True)\n"
+                         "c.abort()\n"
+                         "print(bool(c._h), bool(m._h), bool(r.handle._h))\n")
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, "False False False"), p.stderr[-2000:])
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
