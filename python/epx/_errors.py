@@ -27,6 +27,9 @@ class EpxError(RuntimeError):
         self.recoverable = self.status in _RECOVERABLE
         super().__init__("%s: %s" % (self.name, self.message))
 
+    def __reduce__(self):  # pickling (multiprocessing, concurrent.futures): rebuild from status and message
+        return self.__class__, (self.status, self.message)
+
 
 class InvalidArgumentError(EpxError, ValueError):
     status = ERR_INVALID_ARGUMENT

@@ -77,6 +77,16 @@ class CpuTests(unittest.TestCase):
         with self.assertRaises(epx.InvalidArgumentError):
             epx.Comm(1, 0, "not-an-id")
 
+    def test_errors_pickle(self):
+        # exceptions cross process boundaries (multiprocessing, concurrent.futures) by pickling
+        import pickle
+        import epx
+        for st in range(-14, 0):
+            e = epx._errors.error(st, "detail")
+            e2 = pickle.loads(pickle.dumps(e))
+            self.assertIs(type(e2), type(e))
+            self.assertEqual((e2.status, e2.message, str(e2), e2.recoverable), (e.status, "detail", str(e), e.recoverable))
+
     def _script(self, code):
         env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
