@@ -332,11 +332,18 @@ class Buffer:
         order). Returns (combined_x[T, H], combined_topk_weights[T, K] or None, event)."""
         _wait(previous_event)
         out, out_w = handle.moe.combine(handle.epx_handle, x, topk_weights)
-        if bias is not None:
-            for b in (bias if isinstance(bias, tuple) else (bias,)):
-                if b is not None:
-                    out = (out.float() + b.float()).to(out.dtype) if A.is_torch(out) else \
-                        (out.astype(A.np.float32) + b.astype(A.np.float32)).astype(out.dtype)
+        biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
+        if biases:  # in float32, the biases summed first (as DeepEP does), then one rounding
+            if A.is_torch(out):
+                s = biases[0].float()
+                for b in biases[1:]:
+                    s = s + b.float()
+                out = (out.float() + s).to(out.dtype)
+            else:
+                s = _np_float32(biases[0])
+                for b in biases[1:]:
+                    s = s + _np_float32(b)
+                out = _np_cast(_np_float32(out) + s, out.dtype)
         return out, out_w, _finish(async_finish, x)
 
     internode_dispatch = dispatch
@@ -423,6 +430,24 @@ class Buffer:
             buf = A.zeros(like, (moe.num_local_experts, moe.ll_slots, moe.hidden), moe.combine_dtype)
             self._ll_combine_buffers[id(moe)] = buf
         return buf
+
+
+def _np_float32(a):
+    """numpy values as float32; uint16 arrays are raw bf16 bits (numpy has no bf16)."""
+    np = A.np
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+def _np_cast(f, dtype):
+    """float32 values to `dtype`; uint16: bf16 bits, rounded to nearest even (NaN stays NaN)."""
+    np = A.np
+    if np.dtype(dtype) == np.uint16:
+        u = np.ascontiguousarray(f, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.where(np.isnan(f), np.uint16(0x7FC0), b)
+    return f.astype(dtype)
 
 
 def _assign(dst, src):

@@ -417,6 +417,27 @@ def test_read_only_outputs():
     moe.destroy()
 
 
+def test_deep_ep_combine_bias():
+    # bias (one tensor or a pair) is added in float32 to the combined rows, then rounded once; with numpy,
+    # bf16 travels as uint16 bits
+    buf = deep_ep.Buffer(comm)
+    E, K, H, T = R * 2, 2, 32, 5
+    g = rng(30, me)
+    idx = g.integers(-1, E, (T, K)).astype(np.int64)
+    x = f32_to_bf16(g.standard_normal((T, H)).astype(np.float32))
+    b0 = f32_to_bf16(g.standard_normal((T, H)).astype(np.float32))
+    b1 = f32_to_bf16(g.standard_normal((T, H)).astype(np.float32))
+    pr, _, pe, ir, _ = buf.get_dispatch_layout(idx, E)
+    rx, _, _, _, h, _ = buf.dispatch(x, topk_idx=idx, num_tokens_per_rank=pr, is_token_in_rank=ir,
+                                     num_tokens_per_expert=pe)
+    y = np.ascontiguousarray(np.asarray(rx).view(np.uint16))
+    plain = np.asarray(buf.combine(y, h)[0]).view(np.uint16)
+    for bias, add in ((b0, bf16_to_f32(b0)), ((b0, b1), bf16_to_f32(b0) + bf16_to_f32(b1)), ((None, b1), bf16_to_f32(b1))):
+        out = np.asarray(buf.combine(y, h, bias=bias)[0])
+        same(out.view(np.uint16), f32_to_bf16(bf16_to_f32(plain) + add), "combine with bias")
+    buf.destroy()
+
+
 def test_deep_ep_borrowed_comm():
     # a Buffer over a communicator it was given (group or comm=) leaves it alive on destroy()
     for kw in ({"group": comm}, {"comm": comm}):
