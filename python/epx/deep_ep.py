@@ -145,8 +145,8 @@ class Buffer:
     num_sms = 20
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
-                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, *, comm=None,
-                 timeout_ms=None):
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False, explicitly_destroy=False,
+                 enable_shrink=False, comm=None, *, timeout_ms=None):
         self._owns_comm = False  # destroy() releases only a communicator made here
         if comm is None:
             if isinstance(group, Comm):
@@ -408,8 +408,8 @@ class Buffer:
             recv_x = (recv_x, scales)
         return recv_x, r.recv_count, h, _finish(async_finish, x), hook
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy=False, async_finish=False,
-                            return_recv_hook=False, out=None, use_logfmt=False, combine_wait_recv_cost_stats=None):
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
+                            async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
         """Weighted combine of the expert outputs x[L, R*M, H] (the dispatch's slot layout): out[t] =
         sum over k of topk_weights[t, k] * x[expert][slot]. With zero_copy, the data is taken from
         get_next_low_latency_combine_buffer(handle). Returns (combined_x[T, H], event, hook)."""

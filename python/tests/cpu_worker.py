@@ -438,6 +438,24 @@ def test_deep_ep_combine_bias():
     buf.destroy()
 
 
+def test_deep_ep_signatures():
+    # DeepEP's parameter order (callers pass some positionally): Buffer(group, num_nvl_bytes, num_rdma_bytes,
+    # low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric,
+    # explicitly_destroy, enable_shrink, comm) and low_latency_combine(x, topk_idx, topk_weights, handle,
+    # use_logfmt, zero_copy, async_finish, return_recv_hook, out, combine_wait_recv_cost_stats)
+    import inspect
+    names = list(inspect.signature(deep_ep.Buffer.__init__).parameters)[1:12]
+    ok(names == ["group", "num_nvl_bytes", "num_rdma_bytes", "low_latency_mode", "num_qps_per_rank",
+                 "allow_nvlink_for_low_latency_mode", "allow_mnnvl", "use_fabric", "explicitly_destroy",
+                 "enable_shrink", "comm"], "Buffer parameters %s" % names)
+    names = list(inspect.signature(deep_ep.Buffer.low_latency_combine).parameters)[1:11]
+    ok(names == ["x", "topk_idx", "topk_weights", "handle", "use_logfmt", "zero_copy", "async_finish",
+                 "return_recv_hook", "out", "combine_wait_recv_cost_stats"], "low_latency_combine parameters %s" % names)
+    buf = deep_ep.Buffer(comm, 0, 0, True, 24, True, False, False, True, False)
+    ok(buf.explicitly_destroy, "explicitly_destroy by position")
+    buf.destroy()
+
+
 def test_deep_ep_borrowed_comm():
     # a Buffer over a communicator it was given (group or comm=) leaves it alive on destroy()
     for kw in ({"group": comm}, {"comm": comm}):
