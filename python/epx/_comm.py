@@ -47,7 +47,9 @@ def _config(backend, device, timeout_ms):
     if backend is not None:
         cfg.backend = _BACKENDS[backend] if isinstance(backend, str) else int(backend)
     if device is not None:
-        cfg.device = int(getattr(device, "index", device) or 0)
+        index = getattr(device, "index", device)  # torch.device("cuda") has index None: the current device
+        if index is not None:
+            cfg.device = int(index)
     if timeout_ms is not None:
         cfg.timeout_ms = int(timeout_ms)
     return cfg

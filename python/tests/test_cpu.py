@@ -87,6 +87,17 @@ class CpuTests(unittest.TestCase):
             self.assertIs(type(e2), type(e))
             self.assertEqual((e2.status, e2.message, str(e2), e2.recoverable), (e.status, "detail", str(e), e.recoverable))
 
+    def test_config_device(self):
+        # a torch.device without an index ("cuda") means the current device, not device 0
+        from epx import _comm, _lib
+
+        class Dev:
+            def __init__(self, index):
+                self.type, self.index = "cuda", index
+        self.assertEqual(_comm._config(None, Dev(None), None).device, _lib.EPX_UNSET)
+        self.assertEqual(_comm._config(None, Dev(3), None).device, 3)
+        self.assertEqual(_comm._config(None, 2, None).device, 2)
+
     def _script(self, code):
         env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
