@@ -134,8 +134,9 @@ class Moe:
             dt = A.dtype_of(a)
             return [(tuple(A.shape(a)) == tuple(shape), "%s has shape %s, expected %s" % (name, tuple(A.shape(a)),
                                                                                             tuple(shape))),
-                    (dt == code, "%s has dtype %s, expected %s%s" % (name, a.dtype, _lib.DTYPE_NAMES[code],
-                                                                   _BF16_HINT if code == _lib.BF16 else "")),
+                    (dt == code or (code == _lib.FP8_E4M3 and dt == _lib.U8 and not A.is_torch(a)),  # raw fp8 bits
+                     "%s has dtype %s, expected %s%s" % (name, a.dtype, _lib.DTYPE_NAMES[code],
+                                                         _BF16_HINT if code == _lib.BF16 else "")),
                     (A.contiguous(a), "%s must be contiguous" % name),
                     (A.is_torch(a) == A.is_torch(like) and
                      getattr(a, "device", None) == getattr(like, "device", None),

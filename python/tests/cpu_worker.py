@@ -456,6 +456,27 @@ def test_deep_ep_signatures():
     buf.destroy()
 
 
+def test_moe_fp8_numpy_bits():
+    # numpy has no fp8: uint8 arrays carry its bits (the outputs come back that way without ml_dtypes)
+    E, K, M, H = R * 2, 2, 6, 200
+    moe = epx.Moe(comm, H, E, M, K, dtype="fp8_e4m3")
+    T = 1 + me % M
+    g = rng(40, me)
+    x = g.integers(0, 0x7F, (T, H)).astype(np.uint8)
+    s = g.random((T, moe.scale_cols)).astype(np.float32)
+    idx = g.integers(0, E, (T, K)).astype(np.int64)
+    r = moe.dispatch(x, idx, x_scales=s)
+    for i, (p, t) in enumerate(zip(r.recv_src_rank, r.recv_src_token)):
+        gp = rng(40, p)
+        xp = gp.integers(0, 0x7F, (1 + p % M, H)).astype(np.uint8)
+        sp = gp.random((1 + p % M, moe.scale_cols)).astype(np.float32)
+        same(np.asarray(r.recv_x[i]).view(np.uint8), xp[t], "fp8 row")
+        same(r.recv_x_scales[i], sp[t], "fp8 scales")
+    rx, rs = moe.dispatch_cached(r.handle, x, s)
+    same(np.asarray(rx).view(np.uint8), np.asarray(r.recv_x).view(np.uint8), "cached fp8 dispatch")
+    moe.destroy()
+
+
 def test_deep_ep_borrowed_comm():
     # a Buffer over a communicator it was given (group or comm=) leaves it alive on destroy()
     for kw in ({"group": comm}, {"comm": comm}):
