@@ -312,6 +312,8 @@ class Moe:
               self.comm._h)
         handle = Handle(self, h, "ll", T, K, 0)
         handle._like = x
+        if split:  # written by the receive: kept alive until then, even if the caller drops them
+            handle._keep = (recv_x, recv_s, count, src_r, src_t)
         return LLDispatchResult(recv_x, recv_s, count, src_r, src_t, handle)
 
     def ll_combine(self, handle, y, topk_weights, out=None, *, stream=None, split=False):
@@ -348,5 +350,4 @@ class Moe:
         fn = L.epx_moe_ll_combine_recv if combine else L.epx_moe_ll_dispatch_recv
         like = getattr(handle, "_like", None)
         check(fn(self._ptr(), handle._h, self._stream(stream, like) if like is not None else None), self.comm._h)
-        if combine:
-            handle._keep = None
+        handle._keep = None

@@ -4,6 +4,9 @@ reference computed here (not by epx). Exits non-zero on the first failure."""
 import os
 import sys
 
+import gc
+import weakref
+
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -277,6 +280,18 @@ def test_moe_ll():
             raises(epx.InvalidUsageError, moe.destroy, "destroying a context with a send pending")
             moe.ll_recv(r2.handle)
             same(r2.recv_count, want_cnt, "ll recv_count after the refused destroy")
+            # outputs of a split send dropped by the caller live until the receive has written them
+            r3 = moe.ll_dispatch(x, W.idx[me], split=True)
+            h3, alive = r3.handle, weakref.ref(r3.recv_count)
+            del r3
+            gc.collect()
+            if alive() is None:
+                raise AssertionError("a split dispatch's outputs were freed before its receive")
+            moe.ll_recv(h3)
+            gc.collect()
+            if alive() is not None:
+                raise AssertionError("a split dispatch's outputs were kept after its receive")
+            h3.close()
         moe.destroy()
 
 
