@@ -6,7 +6,7 @@ from ctypes import byref, c_int, c_int64, c_void_p
 
 from . import _arrays as A
 from . import _lib
-from ._errors import _RECOVERABLE, check, InvalidArgumentError, SUCCESS
+from ._errors import _RECOVERABLE, check, EpxError, InvalidArgumentError, SUCCESS
 
 L = _lib.lib
 
@@ -164,7 +164,6 @@ class Comm:
 
     def abort(self):
         """Mark the communicator aborted (waiting peers fail promptly) and release it."""
-        from ._errors import EpxError
         refused = []  # contexts with a low-latency send pending on a healthy communicator
         for m in list(getattr(self, "_children", ())):
             try:
@@ -238,26 +237,43 @@ class Comm:
         self._run(lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
         raise InvalidArgumentError(-1, message)
 
+    def _prepared(self, prepare):
+        """prepare() (this rank's checks and conversions of a collective call's arguments): what it
+        returns; when it raises (not an array, an unknown dtype), the collective call still fails on
+        every rank, so that none waits for this one, and the exception goes on here."""
+        try:
+            return prepare()
+        except EpxError:
+            raise
+        except Exception:
+            self._run(lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
+            raise
+
     def alltoall(self, send, recv=None, *, dtype=None, stream=None):
         """MPI_Alltoall: send holds size equal blocks (its first axis, or its elements, splits into size
         parts); block p goes to rank p, which stores it as block `rank` of recv. recv (same shape and
         dtype as send) is made when not given. Returns recv."""
-        if recv is None:
-            recv = send.new_empty(send.shape) if A.is_torch(send) else A.np.empty_like(send)
-        code = _move_dtype(send, dtype)
-        es = _lib.DTYPE_SIZES.get(code, 1)
-        n = A.numel(send) * A.itemsize(send)
-        problem = None
-        if code is None:
-            problem = "send's elements are %d bytes: give dtype" % A.itemsize(send)
-        elif not A.contiguous(send) or not A.contiguous(recv):
-            problem = "send and recv must be contiguous"
-        elif not A.writable(recv):
-            problem = "recv is read-only"
-        elif A.numel(recv) * A.itemsize(recv) != n:
-            problem = "recv has %d bytes, send %d" % (A.numel(recv) * A.itemsize(recv), n)
-        elif n % (es * self.size):
-            problem = "send has %d bytes: not %d blocks of %d-byte elements" % (n, self.size, es)
+        def prepare():
+            r = recv
+            if r is None:
+                r = send.new_empty(send.shape) if A.is_torch(send) else A.np.empty_like(send)
+            code = _move_dtype(send, dtype)
+            es = _lib.DTYPE_SIZES.get(code, 1)
+            n = A.numel(send) * A.itemsize(send)
+            problem = None
+            if code is None:
+                problem = "send's elements are %d bytes: give dtype" % A.itemsize(send)
+            elif not A.contiguous(send) or not A.contiguous(r):
+                problem = "send and recv must be contiguous"
+            elif not A.writable(r):
+                problem = "recv is read-only"
+            elif A.numel(r) * A.itemsize(r) != n:
+                problem = "recv has %d bytes, send %d" % (A.numel(r) * A.itemsize(r), n)
+            elif n % (es * self.size):
+                problem = "send has %d bytes: not %d blocks of %d-byte elements" % (n, self.size, es)
+            return r, code, es, n, problem
+
+        recv, code, es, n, problem = self._prepared(prepare)
         if problem:
             self._fail_together(problem)
         count = n // es // self.size
@@ -267,6 +283,17 @@ class Comm:
 
     def alltoallv(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, *, dtype=None, stream=None):
         """MPI_Alltoallv; counts and displacements in elements (sequences of `size` ints). Returns recv."""
+        code, es, arrs, problem = self._prepared(
+            lambda: self._alltoallv_args(send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype))
+        if problem:
+            self._fail_together(problem)
+        check(self._run(lambda: L.epx_alltoallv(self._ptr(), A.ptr(send), arrs[0], arrs[1], A.ptr(recv), arrs[2],
+                                                arrs[3], code, self._stream(stream, send))), self._h)
+        return recv
+
+    def _alltoallv_args(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype):
+        """alltoallv's checks and conversions (local): dtype code, element size, the four int64
+        arrays, and what is wrong (None: nothing)."""
         code = _move_dtype(send, dtype)
         es = _lib.DTYPE_SIZES.get(code, 1)
         arrs = []
@@ -290,11 +317,7 @@ class Comm:
                 if need > have:
                     problem = "%s has %d bytes; its counts and displacements reach byte %d" % (name, have, need)
                     break
-        if problem:
-            self._fail_together(problem)
-        check(self._run(lambda: L.epx_alltoallv(self._ptr(), A.ptr(send), arrs[0], arrs[1], A.ptr(recv), arrs[2],
-                                                arrs[3], code, self._stream(stream, send))), self._h)
-        return recv
+        return code, es, arrs, problem
 
 
 def _move_dtype(a, dtype):

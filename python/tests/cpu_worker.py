@@ -5,6 +5,7 @@ import os
 import sys
 
 import gc
+import time
 import weakref
 
 import numpy as np
@@ -123,6 +124,24 @@ def test_bad_collectives():
         except (epx.MismatchError, epx.RemoteInvalidError) as e:
             ok(e.recoverable, "mismatch recoverable")
             ok(isinstance(e, epx.MismatchError) == (me in (0, 1)), "mismatch on ranks 0 and 1 only: %r" % e)
+    # an exception in one rank's own checks (an unknown dtype; not an array): it propagates
+    # there, and the others fail with RemoteInvalid at once instead of waiting for the timeout
+    for what, call in (("alltoall with dtype 'nope'",
+                        lambda: comm.alltoall(np.zeros(R, np.float32), dtype="nope" if me == bad else None)),
+                       ("alltoallv of a list", lambda: comm.alltoallv([0.0] * R if me == bad else np.zeros(R, np.float32),
+                                                                   [1] * R, list(range(R)), np.zeros(R, np.float32),
+                                                                   [1] * R, list(range(R))))):
+        t0 = time.monotonic()
+        try:
+            call()
+            raise AssertionError("rank %d: %s did not raise" % (me, what))
+        except epx.RemoteInvalidError:
+            ok(me != bad, "%s: rank %d got RemoteInvalid" % (what, me))
+        except epx.EpxError as e:
+            raise AssertionError("rank %d: %s raised %r" % (me, what, e))
+        except Exception:  # noqa: BLE001  (the bad rank's own: KeyError, TypeError, ...)
+            ok(me == bad, "%s: rank %d raised its own exception" % (what, me))
+        ok(time.monotonic() - t0 < 10, "%s took %.1f s" % (what, time.monotonic() - t0))
     # still usable
     same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after errors")
 
