@@ -527,6 +527,10 @@ epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)
 {
     if (__builtin_expect(comm->fault_launched, 0)) epx__comm_fault_launched(comm, st);
     if (epx__status_breaks(st)) epx__comm_break(comm, st);
+    /* Across CPU hosts a MoE call that failed after its verdict (epx__hier_take_left) left
+     * its peers in the call: whatever its status, the communicator cannot go on. */
+    epx_status_t left = comm->hier ? epx__hier_take_left(comm->hier) : EPX_SUCCESS;
+    if (left != EPX_SUCCESS) epx__comm_break(comm, st != EPX_SUCCESS ? st : left);
     return st;
 }
 

@@ -121,6 +121,13 @@ const epx__topo_t *epx__hier_topo(const epx__hier_t *h) { return &h->t; }
 void epx__hier_fault_count(epx__hier_t *h) { h->fault_count = true; }
 void epx__hier_fault_nomem(epx__hier_t *h) { h->fault_nomem = true; }
 
+epx_status_t epx__hier_take_left(epx__hier_t *h)
+{
+    epx_status_t st = h ? h->left : EPX_SUCCESS;
+    if (h) h->left = EPX_SUCCESS;
+    return st;
+}
+
 epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_status_t local, epx__errbuf_t *err)
 {
     const epx__topo_t *t = &h->t;

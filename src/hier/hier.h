@@ -82,6 +82,12 @@ void epx__hier_fault_count(epx__hier_t *hier);
  * no scratch for its good peers' segments, and receives them in place (the pair still
  * fails with EPX_ERR_MISMATCH, the others succeed; nothing else changes). */
 void epx__hier_fault_nomem(epx__hier_t *hier);
+/* The status of a MoE call that failed on this rank after its verdict, before it had done
+ * its part of the call's exchanges (an allocation of the routing step): its peers are still
+ * in the call, so the communicator cannot go on. Its local ranks were told at once (shared
+ * memory: EPX_ERR_PEER_FAILURE there); src/api breaks the communicator with it. Cleared
+ * by the call; EPX_SUCCESS when none. */
+epx_status_t epx__hier_take_left(epx__hier_t *hier);
 
 /* Same contract as epx__cpu_alltoallv, over every rank (arrays indexed by rank). */
 epx_status_t epx__hier_alltoallv(epx__hier_t *hier, const epx__cpu_xfer_t *x, epx_status_t local_status,

@@ -13,6 +13,7 @@ struct epx__hier {
     uint32_t seq; /* operations so far (the same on every rank): tags of their messages */
     bool fault_count; /* EPX_FAULT count in the next operation (epx__hier_fault_count) */
     bool fault_nomem; /* EPX_FAULT nomem in the next operation (epx__hier_fault_nomem) */
+    epx_status_t left; /* a MoE call failed after its verdict, its peers still in it (epx__hier_take_left) */
     char *scratch;
     size_t scratch_bytes;
     /* Arrays of a call (one at a time), made at creation so that a call allocates nothing

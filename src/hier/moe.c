@@ -515,6 +515,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
     size_t rin = din ? drec : rec;                                         /* the records I get */
     rs->pay = rs->scl = NULL;
     epx_status_t st = EPX_SUCCESS;
+    bool met = false; /* reached the local exchange: from there src/cpu tells the local ranks */
     int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
     int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
     int64_t *xsb = epx__alloc((size_t)R, 8, &st, err), *xrb = epx__alloc((size_t)R, 8, &st, err);
@@ -710,6 +711,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                 }
             }
         }
+        met = true;
         st = epx__local_exchange(m, lsend, lsb, NULL, lrb, lseg, err);
     }
     if (st == EPX_SUCCESS && W) *row_w = epx__aalloc(tmp, (size_t)hd->rows * (size_t)K, 4, false, &st, err);
@@ -755,6 +757,13 @@ done:
     free(srun), free(rrun), free((void *)xpack), free(xoff);
     if (st != EPX_SUCCESS || !pl->pb) st = epx__route_end(m, st, err); /* nothing more is read */
     if (st != EPX_SUCCESS) rs->pay = rs->scl = NULL;
+    /* Failed before my part of the exchanges was done (an allocation, after the verdict): my
+     * peers wait in them for me. Tell my local ranks now (they fail at once instead of at
+     * their timeout) and break the communicator (src/api), not leave it looking usable. */
+    if (st != EPX_SUCCESS && !met) {
+        m->h->left = st;
+        epx__cpu_mark_broken(m->h->cpu);
+    }
     return st;
 }
 
