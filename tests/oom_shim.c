@@ -1,7 +1,8 @@
 /*
  * LD_PRELOAD shim for test_oom: once armed (epx_test_oom_arm(n)), the n-th allocation that
- * libepx.so itself makes (malloc, calloc, realloc, posix_memalign, aligned_alloc; callers
- * elsewhere, MPI's included, are not counted) fails with ENOMEM. glibc only (__libc_*).
+ * libepx.so itself makes (malloc, calloc, realloc, posix_memalign, aligned_alloc, and mmap
+ * of shared memory; callers elsewhere, MPI's included, are not counted) fails with ENOMEM.
+ * glibc only (__libc_*).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -12,6 +13,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/types.h>
 
 extern void *__libc_malloc(size_t);
 extern void *__libc_calloc(size_t, size_t);
@@ -65,4 +68,12 @@ int posix_memalign(void **p, size_t a, size_t s)
     if (!q) return ENOMEM;
     *p = q;
     return 0;
+}
+
+void *mmap(void *a, size_t l, int prot, int flags, int fd, off_t o)
+{
+    static void *(*real)(void *, size_t, int, int, int, off_t);
+    if (!real) real = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
+    if ((flags & MAP_SHARED) && oom_fail(CALLER)) return MAP_FAILED;
+    return real(a, l, prot, flags, fd, o);
 }

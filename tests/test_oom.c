@@ -1,13 +1,15 @@
 /*
- * Out of memory in a MoE dispatch across CPU hosts, at every allocation libepx makes in it:
+ * Out of memory in a MoE call across CPU hosts, at every allocation libepx makes in it:
  * run under mpiexec as 4 ranks in hosts of 2 (EPX_LOCAL_SIZE=2) with LD_PRELOAD=oom_shim,
- * which fails the N-th allocation of rank 0's dispatch, for N = 1, 2, ... until the call
- * makes fewer. For each N, on a new communicator: the dispatch on rank 0 returns success
+ * which fails the N-th allocation (or shared mmap) of the call on rank R, for N = 1, 2, ...
+ * until the call makes fewer. `test_oom dispatch`: rank 0's second dispatch;
+ * `test_oom combine`: rank 1's first combine (its first: it grows buffers and maps its
+ * local peer's). For each N, on a new communicator: the call on rank R returns success
  * (right row count) or EPX_ERR_NO_MEMORY / EPX_ERR_SYSTEM; when that failure left its peers
  * in the call (some of them time out or see a peer failure), rank 0 broke its communicator
- * (its next call fails at once) and told its host (rank 1 fails at once, not at its
- * timeout); otherwise the peers got success or EPX_ERR_REMOTE_INVALID and every rank's next
- * dispatch succeeds. Exits 77 (skipped) without the shim.
+ * (its next call fails at once) and told its host (its local peer fails at once, or
+ * succeeded); otherwise the peers got success or EPX_ERR_REMOTE_INVALID and every rank's
+ * next call succeeds. Exits 77 (skipped) without the shim.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -23,7 +25,7 @@
 #include "epx.h"
 #include "epx_mpi.h"
 
-enum { H = 64, T = 12, K = 2, MAXT = 16, TIMEOUT_MS = 1000 };
+enum { H = 256, T = 16, K = 3, MAXT = 32, TIMEOUT_MS = 1000 };
 
 static int me;
 #define CHECK(cond, ...)                                                                      \
@@ -52,6 +54,8 @@ int main(int argc, char **argv)
     MPI_Comm_rank(MPI_COMM_WORLD, &me);
     MPI_Comm_size(MPI_COMM_WORLD, &R);
     int (*arm)(long) = (int (*)(long))dlsym(RTLD_DEFAULT, "epx_test_oom_arm");
+    const int combine = argc > 1 && !strcmp(argv[1], "combine"), tgt = combine ? 1 : 0, buddy = tgt ^ 1;
+    static float out_c[T * H], out_w[T * K], y[4 * MAXT * H];
     if (!arm || R != 4) {
         if (me == 0) printf("test_oom: skipped (needs LD_PRELOAD=oom_shim and 4 ranks)\n");
         MPI_Finalize();
@@ -77,54 +81,59 @@ int main(int argc, char **argv)
         epx_moe_handle_t h = NULL;
         CHECK(epx_moe_dispatch(moe, &in, &out, &h, NULL) == EPX_SUCCESS, "%s", epx_get_last_error());
         int64_t rows = out.num_recv_tokens;
-        epx_moe_handle_destroy(h), h = NULL;
+        if (!combine) epx_moe_handle_destroy(h), h = NULL;
+        for (int64_t i = 0; i < rows * H; i++) y[i] = rx[i];
+        epx_moe_combine_in_t cin = {y, rw};
+        epx_moe_combine_out_t cout = {out_c, out_w};
         MPI_Barrier(MPI_COMM_WORLD);
-        if (me == 0) arm(n);
+        if (me == tgt) arm(n);
         double t0 = now_ms();
         out.num_recv_tokens = -1;
-        int st = epx_moe_dispatch(moe, &in, &out, &h, NULL);
+        epx_moe_handle_t h2 = NULL;
+        int st = combine ? epx_moe_combine(moe, h, &cin, &cout, NULL) : epx_moe_dispatch(moe, &in, &out, &h2, NULL);
         double dt = now_ms() - t0;
-        int fired = me == 0 ? arm(0) : 0;
-        int64_t got = out.num_recv_tokens;
-        epx_moe_handle_destroy(h), h = NULL;
+        int fired = me == tgt ? arm(0) : 0;
+        int64_t got = combine ? rows : out.num_recv_tokens;
+        epx_moe_handle_destroy(h2), h2 = NULL;
         t0 = now_ms();
-        int st2 = epx_moe_dispatch(moe, &in, &out, &h, NULL);
+        int st2 = combine ? epx_moe_combine(moe, h, &cin, &cout, NULL) : epx_moe_dispatch(moe, &in, &out, &h2, NULL);
         double dt2 = now_ms() - t0;
+        epx_moe_handle_destroy(h2);
         epx_moe_handle_destroy(h);
         int mine[3] = {st, (int)dt, fired}, all[4][3];
         MPI_Allgather(mine, 3, MPI_INT, all, 3, MPI_INT, MPI_COMM_WORLD);
-        if (!all[0][2]) { /* rank 0's dispatch made fewer than n allocations */
+        if (!all[tgt][2]) { /* the call made fewer than n allocations */
             epx_moe_destroy(moe), epx_comm_destroy(comm);
             break;
         }
         cases++;
-        CHECK(all[0][0] == EPX_SUCCESS || all[0][0] == EPX_ERR_NO_MEMORY || all[0][0] == EPX_ERR_SYSTEM,
-              "n=%ld: rank 0's dispatch returned %s", n, epx_status_name(all[0][0]));
+        CHECK(all[tgt][0] == EPX_SUCCESS || all[tgt][0] == EPX_ERR_NO_MEMORY || all[tgt][0] == EPX_ERR_SYSTEM,
+              "n=%ld: rank %d's call returned %s", n, tgt, epx_status_name(all[tgt][0]));
         if (st == EPX_SUCCESS) CHECK(got == rows, "n=%ld: %lld rows, expected %lld", n, (long long)got, (long long)rows);
         int stuck = 0;
-        for (int p = 1; p < 4; p++) stuck |= broken_peer(all[p][0]);
+        for (int p = 0; p < 4; p++) stuck |= p != tgt && broken_peer(all[p][0]);
         if (stuck) {
             left++;
-            /* Rank 0 left its peers in the call: it must not look usable, and its host must know. */
-            if (me == 0)
+            /* Rank tgt left its peers in the call: it must not look usable, and its host must know. */
+            if (me == tgt)
                 CHECK(st2 != EPX_SUCCESS && dt2 < TIMEOUT_MS / 2,
-                      "n=%ld: after a failure that left the peers in the call, the next dispatch returned %s after %.0f ms",
+                      "n=%ld: after a failure that left the peers in the call, the next call returned %s after %.0f ms",
                       n, epx_status_name(st2), dt2);
-            if (me == 1)
+            if (me == buddy)
                 CHECK(dt < TIMEOUT_MS / 2 || st == EPX_SUCCESS,
-                      "n=%ld: rank 0 failed (%s) and rank 1 (its host) returned %s after %.0f ms, not at once", n,
-                      epx_status_name(all[0][0]), epx_status_name(st), dt);
+                      "n=%ld: rank %d failed (%s) and rank %d (its host) returned %s after %.0f ms, not at once", n, tgt,
+                      epx_status_name(all[tgt][0]), me, epx_status_name(st), dt);
         } else {
-            for (int p = 1; p < 4; p++)
-                CHECK(all[p][0] == EPX_SUCCESS || all[p][0] == EPX_ERR_REMOTE_INVALID, "n=%ld: rank %d returned %s", n, p,
+            for (int p = 0; p < 4; p++)
+                CHECK(p == tgt || all[p][0] == EPX_SUCCESS || all[p][0] == EPX_ERR_REMOTE_INVALID, "n=%ld: rank %d returned %s", n, p,
                       epx_status_name(all[p][0]));
             CHECK(st2 == EPX_SUCCESS, "n=%ld: the communicator is not usable after %s: %s", n,
-                  epx_status_name(all[0][0]), epx_get_last_error());
+                  epx_status_name(all[tgt][0]), epx_get_last_error());
         }
         epx_moe_destroy(moe);
         epx_comm_destroy(comm);
     }
-    if (me == 0) printf("test_oom: passed (%d allocations failed in turn, %d left the peers in the call)\n", cases, left);
+    if (me == 0) printf("test_oom %s: passed (%d allocations failed in turn, %d left the peers in the call)\n", combine ? "combine" : "dispatch", cases, left);
     MPI_Finalize();
     return 0;
 }

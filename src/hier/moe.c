@@ -187,6 +187,16 @@ static epx_status_t epx__local_xchg(epx__hier_moe_t *m, const void *send, const 
     return epx__local_exchange(m, send, sbytes, recv, rbytes, NULL, err);
 }
 
+/* A failure after the verdict, before this rank did its part of the call's exchanges: its
+ * peers wait in them for it. Tell the local ranks now (shared memory: they fail at once
+ * instead of at their timeout) and have src/api break the communicator (epx__hier_take_left)
+ * rather than leave it looking usable. */
+static void epx__left_peers(epx__hier_moe_t *m, epx_status_t st)
+{
+    m->h->left = st;
+    epx__cpu_mark_broken(m->h->cpu);
+}
+
 /* Close what epx__route left open, with the status of what came after it: returns after
  * the local ranks finished reading my records (then they may be rewritten). */
 static epx_status_t epx__route_end(epx__hier_moe_t *m, epx_status_t st, epx__errbuf_t *err)
@@ -760,10 +770,7 @@ done:
     /* Failed before my part of the exchanges was done (an allocation, after the verdict): my
      * peers wait in them for me. Tell my local ranks now (they fail at once instead of at
      * their timeout) and break the communicator (src/api), not leave it looking usable. */
-    if (st != EPX_SUCCESS && !met) {
-        m->h->left = st;
-        epx__cpu_mark_broken(m->h->cpu);
-    }
+    if (st != EPX_SUCCESS && !met) epx__left_peers(m, st);
     return st;
 }
 
@@ -1125,6 +1132,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
         if (st == EPX_SUCCESS)
             epx__gather(&src, x->out, x->rows, out->recv_x, rb, rb, fp8 ? (char *)out->recv_x_scales : NULL, sb, sb);
     }
+    if (st != EPX_SUCCESS) epx__left_peers(m, st); /* (e.g. mapping a local rank's buffer failed) */
     return st;
 }
 
@@ -1185,6 +1193,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
     st = epx__rows_home(m, &wk, in->y, has_w ? in->topk_weights : NULL, seq, deadline, &src, err);
+    if (st != EPX_SUCCESS) epx__left_peers(m, st); /* (e.g. mapping a local rank's buffer failed) */
     /* At home: each token's rows in ascending rank order, summed from +0; the weights likewise. */
     for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
         const char *rows[EPX_MOE_MAX_TOPK];
@@ -1296,6 +1305,7 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
     st = epx__rows_home(m, &wk, in->y, NULL, seq, deadline, &src, err);
+    if (st != EPX_SUCCESS) epx__left_peers(m, st);
     /* At home: out[t] = over the ranks ascending, the sum of each rank's w[t, k] * the row
      * of expert k, the valid k ascending (as on one host: epx__cpu_reduce_ll). */
     for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
