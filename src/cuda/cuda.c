@@ -113,6 +113,7 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
     }
     c->device = device;
     epx_status_t st = epx__host_allgather(host, nranks, &mine, all, sizeof mine, local, err);
+    const bool met = st == EPX_SUCCESS; /* the same on every rank */
     for (int p = 0; p < nranks && st == EPX_SUCCESS; p++) {
         if (p == rank) {
             c->peer_ctrl[p] = c->ctrl;
@@ -129,9 +130,12 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
      * that shape the control memory and the path choice must agree. */
     c->ce_bytes = epx__param_int(EPX__P_CUDA_COPY_ENGINE_BYTES);
     int64_t sizes[2] = {(int64_t)eager_bytes, c->ce_bytes}, *allsz = calloc(2 * (size_t)nranks, sizeof *allsz);
-    if (st == EPX_SUCCESS)
-        st = allsz ? epx__host_allgather(host, nranks, sizes, allsz, sizeof sizes, EPX_SUCCESS, err)
-                   : epx__host_fail(host, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
+    /* Every rank that made the first round makes this one, whatever failed since (an IPC
+     * open fails on one rank only): the others then fail at once instead of waiting for it. */
+    if (!allsz && st == EPX_SUCCESS) st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (met)
+        st = st == EPX_SUCCESS ? epx__host_allgather(host, nranks, sizes, allsz, sizeof sizes, EPX_SUCCESS, err)
+                               : epx__host_fail(host, st, err);
     for (int p = 0; p < nranks && st == EPX_SUCCESS; p++)
         if (allsz[2 * p] != sizes[0] || allsz[2 * p + 1] != sizes[1])
             st = epx__fail(err, EPX_ERR_MISMATCH,
