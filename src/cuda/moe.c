@@ -1071,7 +1071,8 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     int R = c->nranks;
     epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards) /* still the meet's round, so that the others fail at once */
+        return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_LL_DISPATCH;
     if (local == EPX_SUCCESS) mine.num_tokens = in->num_tokens, mine.topk = in->topk;
@@ -1140,7 +1141,8 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     int R = c->nranks;
     epx__cuda_fault_begin(c);
     epx__moe_card_t mine, *cards = calloc((size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards) /* still the meet's round, so that the others fail at once */
+        return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_LL_COMBINE;
     bool across = m->rails.nhosts > 0; /* else nobody reads a peer's y: it is not exported */
