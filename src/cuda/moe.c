@@ -238,10 +238,15 @@ static epx_status_t epx__map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
     epx__cuda_t *c = m->c;
     int R = c->nranks;
     epx__ipc_card_t mine, *cards = calloc(2 * (size_t)R, sizeof *cards);
-    if (!cards) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    if (!cards) /* still the swap's round (the others then skip the vote, as this rank does) */
+        return epx__host_fail(c->host, epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     epx_status_t local = epx__ipc_export(c, m->stage, &mine, err);
     for (int p = 0; p < R; p++) cards[p] = mine;
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
+    if (st != EPX_SUCCESS) { /* on every rank: nobody maps, nobody votes */
+        free(cards);
+        return st;
+    }
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
         if (p == c->rank) {
             m->peer_stage[p] = m->stage;
@@ -253,13 +258,12 @@ static epx_status_t epx__map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
         if (st == EPX_SUCCESS) m->peer_stage[p] = base + cards[R + p].base_offset;
     }
     free(cards);
-    if (st == EPX_ERR_CUDA || st == EPX_ERR_NO_MEMORY || st == EPX_SUCCESS) { /* agree on the outcome */
-        int32_t v = st, *all = calloc((size_t)R, sizeof *all);
-        epx_status_t agreed = all ? epx__host_allgather(c->host, R, &v, all, sizeof v, st, err) : EPX_ERR_NO_MEMORY;
-        free(all);
-        if (st == EPX_SUCCESS) st = agreed;
-    }
-    return st;
+    /* Agree on the outcome: every rank that made the swap votes, whatever its mapping did
+     * (deciding by this rank's status alone, a rank whose swap failed locally with one of
+     * the mapping's statuses would wait in a vote the others skip). */
+    int32_t v = st, all[EPX__CUDA_MAX_RANKS];
+    epx_status_t agreed = epx__host_allgather(c->host, R, &v, all, sizeof v, st, err);
+    return st != EPX_SUCCESS ? st : agreed;
 }
 
 epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
