@@ -50,6 +50,13 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
     return st;
 }
 
+epx_status_t epx__host_agree(epx__cuda_t *c, epx_status_t st, epx__errbuf_t *err)
+{
+    int32_t v = st, all[EPX__CUDA_MAX_RANKS];
+    epx_status_t agreed = epx__host_allgather(c->host, c->nranks, &v, all, sizeof v, st, err);
+    return st != EPX_SUCCESS ? st : agreed;
+}
+
 /* Control memory of a communicator: flags, eager slots (two parities), then 512 bytes of
  * words from epoch_off, each word (or array) on a 64-byte line of its own: +0 epoch, +64
  * direct_ops, +128 blocks_left, +256 ll_seq[4] (the peers read it), +320 ll_blocks[7], +384
@@ -643,8 +650,11 @@ static epx_status_t epx__a2a_plan_op(epx__cuda_t *c, epx__a2a_op_t *op, epx_stat
     return st;
 }
 
-epx_status_t epx__cuda_a2a_prepare(epx__cuda_t *c, const epx__cpu_xfer_t *const *x, int n, epx_status_t local,
-                                   void *stream, epx__cuda_a2a_t **out, epx__errbuf_t *err)
+/* epx__cuda_a2a_prepare; with `vote`, the mappings (which fail on one rank only) are
+ * agreed on by one more host round when an exchange needs them (the path, and whether the
+ * host rounds succeeded, are the same on every rank). */
+static epx_status_t epx__a2a_prepare(epx__cuda_t *c, const epx__cpu_xfer_t *const *x, int n, epx_status_t local,
+                                     void *stream, bool vote, epx__cuda_a2a_t **out, epx__errbuf_t *err)
 {
     *out = NULL;
     epx__cuda_a2a_t *plan = calloc(1, sizeof *plan);
@@ -663,13 +673,22 @@ epx_status_t epx__cuda_a2a_prepare(epx__cuda_t *c, const epx__cpu_xfer_t *const 
     }
     if (!plan) return local;
     plan->n = n;
+    bool maps = false;
+    for (int i = 0; i < n && local == EPX_SUCCESS; i++) maps = maps || plan->op[i].path != EPX__PATH_EAGER;
     if (local == EPX_SUCCESS) local = epx__a2a_map(c, plan, stream, err);
+    if (vote && maps) local = epx__host_agree(c, local, err);
     if (local != EPX_SUCCESS) {
         free(plan);
         return local;
     }
     *out = plan;
     return EPX_SUCCESS;
+}
+
+epx_status_t epx__cuda_a2a_prepare(epx__cuda_t *c, const epx__cpu_xfer_t *const *x, int n, epx_status_t local,
+                                   void *stream, epx__cuda_a2a_t **out, epx__errbuf_t *err)
+{
+    return epx__a2a_prepare(c, x, n, local, stream, false, out, err); /* the caller votes (src/xhost) */
 }
 
 epx_status_t epx__cuda_a2a_enqueue(epx__cuda_t *c, const epx__cuda_a2a_t *plan, int i, void *stream,
@@ -692,7 +711,7 @@ epx_status_t epx__cuda_alltoallv(epx__cuda_t *c, const epx__cpu_xfer_t *x, epx_s
 {
     epx__cuda_fault_begin(c);
     epx__cuda_a2a_t *plan;
-    epx_status_t st = epx__cuda_a2a_prepare(c, &x, 1, local, stream, &plan, err);
+    epx_status_t st = epx__a2a_prepare(c, &x, 1, local, stream, true, &plan, err);
     if (st == EPX_SUCCESS) st = epx__cuda_a2a_enqueue(c, plan, 0, stream, err);
     epx__cuda_a2a_free(plan);
     return st;
@@ -719,6 +738,7 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t
     if (local == EPX_SUCCESS) local = epx__ipc_export(c, k->recv_displs, &mine.displs, err);
     for (int p = 0; p < R; p++) cards[p] = mine;
     epx_status_t st = epx__swap_cards(c, cards, sizeof mine, local, err);
+    const bool met = st == EPX_SUCCESS; /* the same on every rank */
     const card_t *in = cards + R;
     epx__cuda_direct_args_t a;
     memset(&a, 0, sizeof a);
@@ -748,6 +768,7 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
+    if (met) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) return st;
     if (epx__cuda_fault_count(c)) a.fault_to = (me + 1) % R + 1; /* one element more to the next rank */
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);

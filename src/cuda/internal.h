@@ -104,6 +104,11 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
 /* Take part in one host exchange with the local failure `st` (the others get
  * EPX_ERR_REMOTE_INVALID at once instead of timing out); returns st, or what broke. */
 epx_status_t epx__host_fail(epx__cpu_t *host, epx_status_t st, epx__errbuf_t *err);
+/* Every rank's verdict on a step that may fail on one rank only (mapping the peers'
+ * buffers), before anything is enqueued: every rank of the host calls it with its status
+ * (one host round); returns st, or EPX_ERR_REMOTE_INVALID when another rank failed, or
+ * what broke the round. */
+epx_status_t epx__host_agree(epx__cuda_t *c, epx_status_t st, epx__errbuf_t *err);
 /* Send each peer its card (cards[p], `bytes` each) and get theirs (into cards + R * bytes). */
 epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err);
 /* The IPC handle of the allocation holding p, and p's offset in it. */
