@@ -785,6 +785,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) mine.num_tokens = s->max_tokens + 1;
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    const bool met = st == EPX_SUCCESS; /* the same on every rank */
     epx__moe_routing_t rt;
     memset(&rt, 0, sizeof rt);
     epx__moe_gather_t g;
@@ -814,6 +815,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
+    if (met) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) {
         free(cards);
         epx__cuda_moe_handle_free(h);
@@ -912,6 +914,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
         }
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    const bool met = st == EPX_SUCCESS; /* the same on every rank */
     epx__moe_gather_t g;
     memset(&g, 0, sizeof g);
     char *dx[EPX__CUDA_MAX_RANKS] = {0}, *ds[EPX__CUDA_MAX_RANKS] = {0};
@@ -922,6 +925,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
+    if (met) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) return st;
     /* The streams meet (ARRIVE): in the gather kernel, or before the copies. */
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
@@ -1004,6 +1008,7 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
         }
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
+    const bool met = st == EPX_SUCCESS; /* the same on every rank */
     epx__moe_combine_t k;
     memset(&k, 0, sizeof k);
     for (int pass = 0; st == EPX_SUCCESS && !m->ce; pass++) { /* see epx__cuda_moe_dispatch */
@@ -1018,6 +1023,7 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
+    if (met && !m->ce) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) return st;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     k.send_row = h->d_send_row;
