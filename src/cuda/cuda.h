@@ -179,6 +179,10 @@ epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h
  * Local; a failure leaves the context as it was. */
 epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, epx__ll_rail_t *rails,
                                     epx__errbuf_t *err);
+/* Make sure the next low-latency dispatch on m allocates nothing for its handle (a spare,
+ * device arrays included, is kept ready), so that a caller that agrees with other hosts
+ * before that dispatch (src/xhost) can make running out of memory part of its verdict. Local. */
+epx_status_t epx__cuda_moe_reserve(epx__cuda_moe_t *m, epx__errbuf_t *err);
 /* The forward step of h's dispatch (after the NCCL step, on its stream). Local. */
 epx_status_t epx__cuda_moe_ll_forward(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, void *stream,
                                       epx__errbuf_t *err);

@@ -1253,6 +1253,15 @@ epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, ep
     return EPX_SUCCESS;
 }
 
+epx_status_t epx__cuda_moe_reserve(epx__cuda_moe_t *m, epx__errbuf_t *err)
+{
+    if (m->spare) return EPX_SUCCESS;
+    epx__cuda_moe_handle_t *h = epx__handle_get(m);
+    if (!h) return epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory for the handle");
+    epx__cuda_moe_handle_free(h); /* the next epx__handle_get takes it */
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx__cuda_moe_ll_forward(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h, void *stream, epx__errbuf_t *err)
 {
     epx_status_t st = EPX_SUCCESS;

@@ -1206,6 +1206,9 @@ static epx_status_t epx__ll_dispatch_dev(epx__xhost_moe_t *m, const epx_moe_ll_d
 {
     if (local == EPX_SUCCESS) local = epx__xh_usable(m->xh, stream, err);
     if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
+    /* The src/cuda handle's device memory now: its lack is this rank's verdict in the round
+     * (after it, a failure aborts the NCCL link and breaks every host). */
+    if (local == EPX_SUCCESS) local = epx__cuda_moe_reserve(m->ll, err);
     epx__xhost_moe_handle_t *h = epx__handle_new(local == EPX_SUCCESS ? in->num_tokens : 0, &local, err);
     uint32_t id = ++m->ll_calls;
     epx_status_t st = epx__ll_round(m, EPX__LLOP_DISPATCH, split, local == EPX_SUCCESS ? in->topk : 0, id, local, err);
