@@ -24,6 +24,11 @@
  *     communicator usable. alltoallv_device (counts on the device): the sender's
  *     asynchronous error is EPX_ERR_MISMATCH and that pair moved nothing, every other pair
  *     exact;
+ *   - nomem (one host only): the faulty rank's first mapping of a peer's buffer in the call
+ *     fails (as when every CUDA IPC slot is held): in calls that map (direct alltoall,
+ *     alltoallv_device, dispatch, the SM combine) it returns EPX_ERR_NO_MEMORY and the
+ *     others EPX_ERR_REMOTE_INVALID at once, nothing written, the communicator usable; the
+ *     other calls succeed, data exact;
  *   - a broken communicator answers every later call at once with its error; a new one (a
  *     new unique id) over the ranks still alive works, data checked.
  *
@@ -118,10 +123,10 @@ static const char *op_names[] = {"a2a_eager", "a2a_direct", "alltoallv", "a2av_d
                                  "dispatch_nosync", "combine", "ll_dispatch", "ll_combine"};
 typedef enum {
     F_DELAY_SHORT, F_DELAY_ENQUEUE, F_DELAY_LONG, F_KILL_HOST, F_KILL_ENQUEUE, F_KILL_LAUNCHED, F_COUNT, F_FAIL_ENQUEUE,
-    F_NUM
+    F_NOMEM, F_NUM
 } fault_t;
-static const char *fault_names[] = {"delay_short",   "delay_enqueue", "delay_long", "kill_host",
-                                    "kill_enqueue",  "kill_launched", "count",      "fail_enqueue"};
+static const char *fault_names[] = {"delay_short",  "delay_enqueue", "delay_long",   "kill_host", "kill_enqueue",
+                                    "kill_launched", "count",        "fail_enqueue", "nomem"};
 
 static bool is_kill(fault_t f) { return f == F_KILL_HOST || f == F_KILL_ENQUEUE || f == F_KILL_LAUNCHED; }
 static bool is_moe(op_t op) { return op >= OP_DISPATCH; }
@@ -711,6 +716,28 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         printf("%s: stream drained %.0f ms after the failure\n", what, now_ms() - t0);
         if (f == F_KILL_HOST) ctx_check(&c, UNTOUCHED, what);
         break;
+    case F_NOMEM: {
+        /* One host only (main). Calls that map peers' buffers: the faulty rank's first
+         * mapping fails after the host rounds, and every rank still agrees before anything is
+         * enqueued (the faulty rank EPX_ERR_NO_MEMORY, the others EPX_ERR_REMOTE_INVALID, at
+         * once, nothing written, usable). The others (eager alltoall(v), low latency, the
+         * copy-engine combine) map nothing in the call: it succeeds. */
+        const char *sms = getenv("EPX_CUDA_SMS");
+        bool ce = sms && atoi(sms) <= 0;
+        bool maps = op == OP_A2A_DIRECT || op == OP_A2AV_DEVICE || op == OP_DISPATCH || op == OP_DISPATCH_NOSYNC ||
+                    (op == OP_COMBINE && !ce);
+        epx_status_t want = !maps ? EPX_SUCCESS : bad ? EPX_ERR_NO_MEMORY : EPX_ERR_REMOTE_INVALID;
+        if (res != want)
+            TEST_FAIL_("%s: got %s, expected %s (%s)", what, sname(res), epx_status_name(want),
+                       res ? epx_comm_get_last_error(comm) : "");
+        ctx_check(&c, maps ? UNTOUCHED : EXACT, what);
+        if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms (nothing should wait for a timeout)", what, dt);
+        ctx_poison(&c); /* still usable: the next call is healthy (the fault fires once) */
+        ASSERT_OK(ctx_run(&c));
+        ctx_check(&c, EXACT, what);
+        ASSERT_EQ(settle(&c, EPX_SUCCESS), EPX_SUCCESS);
+        break;
+    }
     case F_COUNT:
         if (op == OP_A2AV_DEVICE && !hosts_ls) {
             /* Only the sender sees it, on the device; its pair moved nothing. */
@@ -827,6 +854,7 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
     case F_KILL_LAUNCHED: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=launched", bad, step); break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", bad, step); break;
     case F_FAIL_ENQUEUE: snprintf(text, sizeof text, "fail:rank=%d,step=%d,at=enqueue", bad, step); break;
+    case F_NOMEM: snprintf(text, sizeof text, "nomem:rank=%d,step=%d", bad, step); break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
@@ -953,6 +981,11 @@ int main(int argc, char **argv)
         if (f == F_FAIL_ENQUEUE && !hosts_ls) {
             printf("scenario %s/%s np%d: not run (EPX_FAULT fail fires across hosts only)\n", op_names[op],
                    fault_names[f], R);
+            continue;
+        }
+        if (f == F_NOMEM && hosts_ls) {
+            printf("scenario %s/%s np%d hosts: not run (EPX_FAULT nomem on CUDA is tested on one host)\n",
+                   op_names[op], fault_names[f], R);
             continue;
         }
         fflush(stdout);

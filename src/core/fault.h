@@ -20,7 +20,10 @@
  *          first allocates what the call needs, before it meets its peers: a MoE call's
  *          handle or row plan and work buffers; an alltoall(v)'s scratch for a disagreeing
  *          pair (the rank then receives its good peers' segments in place). CPU across
- *          hosts only (src/hier).
+ *          hosts (src/hier), and CUDA on one host: the rank's first mapping of a peer's
+ *          buffer in the call (CUDA IPC) fails as when every mapping slot is held; calls
+ *          that map nothing (eager alltoall(v), low latency, the copy-engine combine)
+ *          take no effect.
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues

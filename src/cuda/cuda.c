@@ -363,6 +363,9 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
 static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, int pin,
                                 epx__errbuf_t *err)
 {
+    epx__fault_spec_t f; /* EPX_FAULT nomem: as when every slot is held */
+    if (__builtin_expect(c->fault.armed, 0) && epx__fault_take(&c->fault, EPX__FAULT_NOMEM, c->fault_step, &f))
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "every CUDA IPC mapping slot is held (EPX_FAULT nomem)");
     epx__ipc_entry_t *victim = NULL;
     for (int i = 0; i < EPX__IPC_CACHE; i++) {
         epx__ipc_entry_t *e = &c->ipc[i];
