@@ -77,8 +77,12 @@ def contiguous(a):
 
 
 def writable(a):
-    """False for a read-only numpy array (e.g. over a bytes object), which epx must not write."""
-    return True if is_torch(a) else bool(a.flags.writeable)
+    """False for a read-only numpy array (e.g. over a bytes object), which epx must not write. Never
+    raises: what is not an array at all is reported by the other checks (a collective call's checks
+    must not raise before it fails on every rank)."""
+    if is_torch(a):
+        return True
+    return bool(getattr(getattr(a, "flags", None), "writeable", True))
 
 
 def is_cuda(a):

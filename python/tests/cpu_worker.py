@@ -448,6 +448,12 @@ def test_read_only_outputs():
     out = np.frombuffer(odata, np.float32).reshape(2, 8) if me == bad else np.zeros((2, 8), np.float32)
     raises(exc, lambda: moe.ll_combine(r.handle, y, np.ones((2, 1), np.float32), out), "ll_combine into read-only out")
     ok(odata == bytes(2 * 8 * 4), "a read-only out was written")
+    # an out that is not an array at all on one rank: the call fails on every rank at once
+    # (checking it must not raise there before the collective call)
+    t0 = time.monotonic()
+    out = [[0.0] * 8] * 2 if me == bad else np.zeros((2, 8), np.float32)
+    raises(exc, lambda: moe.ll_combine(r.handle, y, np.ones((2, 1), np.float32), out), "ll_combine into a list")
+    ok(time.monotonic() - t0 < 10, "ll_combine into a list took %.1f s" % (time.monotonic() - t0))
     moe.destroy()
 
 
