@@ -3,8 +3,10 @@
  * run under mpiexec as 4 ranks in hosts of 2 (EPX_LOCAL_SIZE=2) with LD_PRELOAD=oom_shim,
  * which fails the N-th allocation (or shared mmap) of the call on rank R, for N = 1, 2, ...
  * until the call makes fewer. `test_oom dispatch`: rank 0's second dispatch;
- * `test_oom combine`: rank 1's first combine (its first: it grows buffers and maps its
- * local peer's). For each N, on a new communicator: the call on rank R returns success
+ * `test_oom combine`: rank 1's first combine (its work buffers grow before the verdict; its
+ * local peer's buffers were mapped by the dispatch already, so the mapping failure after
+ * the verdict that epx__left_peers covers there is not reached: that path is checked by the
+ * dispatch case). For each N, on a new communicator: the call on rank R returns success
  * (right row count) or EPX_ERR_NO_MEMORY / EPX_ERR_SYSTEM; when that failure left its peers
  * in the call (some of them time out or see a peer failure), rank 0 broke its communicator
  * (its next call fails at once) and told its host (its local peer fails at once, or

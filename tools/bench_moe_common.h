@@ -165,7 +165,6 @@ int64_t bench_moe_check_conversions(bench_moe_data_t *d, int samples, bool fp8);
 /* Elements of size es (n of them) where a differs from the expected e, or from the other
  * contender's o (when given); *diff counts those differing from o. */
 int64_t bench_moe_cmp_elems(const void *a, const void *e, const void *o, size_t n, size_t es, int64_t *diff);
-/* The reference layout of this rank's topk_idx [T, K] (ids < 0 skipped): a plain C loop. */
 /* Wrong values in a low-latency dispatch's outputs a (slots of `row` bytes, RT per local
  * expert; ll_fp8: quantised rows and their scales) against the expected ones, recomputed
  * from the seeds; with o, the elements where a and o differ are added to *diff. d->ll. */
@@ -176,6 +175,7 @@ int64_t bench_moe_check_ll_dispatch(const bench_moe_data_t *d, const ll_out_t *a
  * each local expert (the others are left alone). */
 void bench_moe_ll_make_y(const bench_moe_data_t *d, const ll_out_t *a, int64_t RT, size_t row, uint8_t *y,
                          size_t y_row);
+/* The reference layout of this rank's topk_idx [T, K] (ids < 0 skipped): a plain C loop. */
 void bench_moe_ref_layout(const bench_moe_data_t *d, const int64_t *idx, layout_out_t *o);
 /* Layout outputs a against the expected e (and the other contender's o, when given). */
 int64_t bench_moe_check_layout(const bench_moe_data_t *d, const layout_out_t *a, const layout_out_t *e,

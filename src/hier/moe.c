@@ -851,6 +851,13 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
     epx__flows_t f;
     if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL) != EPX_SUCCESS && local == EPX_SUCCESS)
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    /* The counts of the outputs, made before the verdict (after the exchanges a failure
+     * here would be this rank's alone): [L] not mine, and 1 + the last row counted. */
+    int64_t *per_expert = NULL, *last = NULL;
+    if (local == EPX_SUCCESS) {
+        per_expert = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *per_expert, true, &local, err);
+        last = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *last, true, &local, err);
+    }
     epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
                                    &f, &n, deadline, err);
     float *row_w = NULL;
@@ -868,9 +875,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
         /* The caller's outputs, now that every rank agreed (what still fails, a local rank
          * that gave up while I read its records, breaks the communicator). Branch-free:
          * about half the entries are mine, in no order a predictor could learn. */
-        int64_t *per_expert = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *per_expert, true, &st, err); /* [L]: not mine */
-        int64_t *last = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *last, true, &st, err); /* 1 + last row counted */
-        int64_t N = st == EPX_SUCCESS ? hd->rows : 0, NK = N * K;
+        int64_t N = hd->rows, NK = N * K;
         const int32_t *rt = hd->row_topk; /* [N, K]; my local expert e - lo when in [0, L) */
         int lo = me * L;
         char *ox = out->recv_x;
