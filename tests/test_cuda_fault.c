@@ -610,6 +610,16 @@ static bool is_failure(epx_status_t st)
     return st == EPX_ERR_TIMEOUT || st == EPX_ERR_PEER_FAILURE || (hosts_ls && st == EPX_ERR_NCCL);
 }
 
+/* After a fault the communicator must survive: the next call (healthy: a fault fires once)
+ * succeeds with exact data and no asynchronous error. */
+static void expect_usable(ctx_t *c, const char *what)
+{
+    ctx_poison(c);
+    ASSERT_OK(ctx_run(c));
+    ctx_check(c, EXACT, what);
+    ASSERT_EQ(settle(c, EPX_SUCCESS), EPX_SUCCESS);
+}
+
 static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_unique_id_t *id,
                      const epx_unique_id_t *id2)
 {
@@ -732,10 +742,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
                        res ? epx_comm_get_last_error(comm) : "");
         ctx_check(&c, maps ? UNTOUCHED : EXACT, what);
         if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms (nothing should wait for a timeout)", what, dt);
-        ctx_poison(&c); /* still usable: the next call is healthy (the fault fires once) */
-        ASSERT_OK(ctx_run(&c));
-        ctx_check(&c, EXACT, what);
-        ASSERT_EQ(settle(&c, EPX_SUCCESS), EPX_SUCCESS);
+        expect_usable(&c, what);
         break;
     }
     case F_COUNT:
@@ -760,10 +767,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         }
         ctx_check(&c, UNTOUCHED, what);
         if (dt > SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
-        ctx_poison(&c); /* still usable: the next call is healthy (the fault fires once) */
-        ASSERT_OK(ctx_run(&c));
-        ctx_check(&c, EXACT, what);
-        ASSERT_EQ(settle(&c, EPX_SUCCESS), EPX_SUCCESS);
+        expect_usable(&c, what);
         break;
     case F_FAIL_ENQUEUE:
         /* Across hosts only (main): the faulty rank's device fails ahead of everything its call

@@ -231,10 +231,14 @@ class Comm:
         s = A.stream_handle(stream) if stream is not None else st
         check(self._run(lambda: L.epx_barrier(self._ptr(), s)), self._h)
 
-    def _fail_together(self, message):
-        """Make a collective call fail on every rank (this one invalid, the others remote-invalid), so
-        that an argument only Python can check leaves no rank waiting; then raise here."""
+    def _join_failure(self):
+        """Take part in a collective call with invalid arguments: it fails on every rank (this one
+        invalid, the others remote-invalid), so that a problem only Python sees leaves no rank waiting."""
         self._run(lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
+
+    def _fail_together(self, message):
+        """_join_failure, then raise here."""
+        self._join_failure()
         raise InvalidArgumentError(-1, message)
 
     def _prepared(self, prepare):
@@ -246,7 +250,7 @@ class Comm:
         except EpxError:
             raise
         except Exception:
-            self._run(lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
+            self._join_failure()
             raise
 
     def alltoall(self, send, recv=None, *, dtype=None, stream=None):
