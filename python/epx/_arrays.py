@@ -135,7 +135,9 @@ def current_stream(like):
 
 
 def stream_handle(s):
-    """A stream argument as an address: None, an int, or a torch.cuda.Stream."""
-    if s is None or isinstance(s, int):
-        return s or None
-    return getattr(s, "cuda_stream", s) or None
+    """A stream argument as an address: None, an int, or a torch.cuda.Stream. TypeError for anything
+    else (before any collective call starts, so the caller can make every rank fail together)."""
+    h = getattr(s, "cuda_stream", s)
+    if h is not None and (isinstance(h, bool) or not isinstance(h, int)):
+        raise TypeError("stream must be None, an int (a cudaStream_t) or a torch.cuda.Stream, not %r" % (s,))
+    return h or None

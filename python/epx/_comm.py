@@ -223,12 +223,16 @@ class Comm:
         return A.stream_handle(stream) if stream is not None else A.current_stream(like)
 
     def barrier(self, stream=None):
-        """Returns (CPU) or completes in stream order (CUDA) after every rank has entered it."""
-        st = None
-        if stream is None and self.backend == "cuda":
-            import torch
-            st = torch.cuda.current_stream().cuda_stream or None
-        s = A.stream_handle(stream) if stream is not None else st
+        """Returns (CPU) or completes in stream order (CUDA) after every rank has entered it. When
+        stream is not a stream, the barrier still runs (on the default stream), then this raises."""
+        try:
+            s = A.stream_handle(stream) if stream is not None else None
+            if stream is None and self.backend == "cuda":
+                import torch
+                s = torch.cuda.current_stream().cuda_stream or None
+        except BaseException:
+            self._run(lambda: L.epx_barrier(self._ptr(), None))  # no rank waits for this one
+            raise
         check(self._run(lambda: L.epx_barrier(self._ptr(), s)), self._h)
 
     def _join_failure(self):
@@ -275,24 +279,26 @@ class Comm:
                 problem = "recv has %d bytes, send %d" % (A.numel(r) * A.itemsize(r), n)
             elif n % (es * self.size):
                 problem = "send has %d bytes: not %d blocks of %d-byte elements" % (n, self.size, es)
-            return r, code, es, n, problem
+            return r, code, es, n, problem, None if problem else self._stream(stream, send)
 
-        recv, code, es, n, problem = self._prepared(prepare)
+        recv, code, es, n, problem, s = self._prepared(prepare)
         if problem:
             self._fail_together(problem)
         count = n // es // self.size
-        check(self._run(lambda: L.epx_alltoall(self._ptr(), A.ptr(send), A.ptr(recv), count, code,
-                                               self._stream(stream, send))), self._h)
+        check(self._run(lambda: L.epx_alltoall(self._ptr(), A.ptr(send), A.ptr(recv), count, code, s)), self._h)
         return recv
 
     def alltoallv(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, *, dtype=None, stream=None):
         """MPI_Alltoallv; counts and displacements in elements (sequences of `size` ints). Returns recv."""
-        code, es, arrs, problem = self._prepared(
-            lambda: self._alltoallv_args(send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype))
+        def prepare():
+            args = self._alltoallv_args(send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype)
+            return args + (None if args[3] else self._stream(stream, send),)
+
+        code, es, arrs, problem, s = self._prepared(prepare)
         if problem:
             self._fail_together(problem)
         check(self._run(lambda: L.epx_alltoallv(self._ptr(), A.ptr(send), arrs[0], arrs[1], A.ptr(recv), arrs[2],
-                                                arrs[3], code, self._stream(stream, send))), self._h)
+                                                arrs[3], code, s)), self._h)
         return recv
 
     def _alltoallv_args(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype):

@@ -126,6 +126,21 @@ class Moe:
                 return msg
         return None
 
+    def _call(self, problem, fail, prepare):
+        """The local steps before a collective call. problem (a failed check's message), or an
+        exception of prepare() (an allocation's MemoryError, a stream that is not one): fail(),
+        the call with invalid arguments, runs first, so that it fails on every rank (the others
+        with RemoteInvalid) and none waits for this one; then the error goes on here. Else
+        prepare()'s result."""
+        if not problem:
+            try:
+                return prepare()
+            except BaseException:
+                self.comm._run(fail)
+                raise
+        self.comm._run(fail)
+        raise InvalidArgumentError(-1, problem)
+
     def _arr(self, a, name, shape, code, like):
         """Checks for one input array: shape, dtype, contiguity, same kind and device as `like`."""
         if a is None:
@@ -202,27 +217,31 @@ class Moe:
         elif x_scales is not None:
             checks.append((False, "x_scales is only for FP8 tokens"))
         problem = self._check(checks)
-        cap = self.max_recv_tokens()
         din = _lib.DispatchIn()
         dout = _lib.DispatchOut()
         h = c_void_p()
-        if problem:
-            din.num_tokens = -1  # fails on every rank, nothing written
-            self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None))
-            raise InvalidArgumentError(-1, problem)
-        recv_x = A.empty(x, (cap, self.hidden), self.dtype)
-        recv_s = A.empty(x, (cap, self.scale_cols), _lib.F32) if fp8 else None
-        recv_i = A.empty(x, (cap, K), self.index_dtype)
-        recv_w = A.empty(x, (cap, K), _lib.F32) if topk_weights is not None else None
-        src_r = A.empty(x, (cap,), _lib.I32)
-        src_t = A.empty(x, (cap,), _lib.I32)
-        per_e = A.empty(x, (self.num_local_experts,), _lib.I32)
-        din.x, din.x_scales, din.topk_idx = A.ptr(x), A.ptr(x_scales), A.ptr(topk_idx)
-        din.topk_weights, din.num_tokens, din.topk = A.ptr(topk_weights), T, K
-        dout.recv_x, dout.recv_x_scales, dout.recv_topk_idx = A.ptr(recv_x), A.ptr(recv_s), A.ptr(recv_i)
-        dout.recv_topk_weights, dout.recv_src_rank, dout.recv_src_token = A.ptr(recv_w), A.ptr(src_r), A.ptr(src_t)
-        dout.num_recv_tokens_per_expert, dout.capacity = A.ptr(per_e), cap
-        check(self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
+
+        def prepare():
+            cap = self.max_recv_tokens()
+            outs = (A.empty(x, (cap, self.hidden), self.dtype),
+                    A.empty(x, (cap, self.scale_cols), _lib.F32) if fp8 else None,
+                    A.empty(x, (cap, K), self.index_dtype),
+                    A.empty(x, (cap, K), _lib.F32) if topk_weights is not None else None,
+                    A.empty(x, (cap,), _lib.I32), A.empty(x, (cap,), _lib.I32),
+                    A.empty(x, (self.num_local_experts,), _lib.I32))
+            din.x, din.x_scales, din.topk_idx = A.ptr(x), A.ptr(x_scales), A.ptr(topk_idx)
+            din.topk_weights, din.num_tokens, din.topk = A.ptr(topk_weights), T, K
+            (dout.recv_x, dout.recv_x_scales, dout.recv_topk_idx, dout.recv_topk_weights, dout.recv_src_rank,
+             dout.recv_src_token, dout.num_recv_tokens_per_expert) = (A.ptr(a) for a in outs)
+            dout.capacity = cap
+            return outs, self._stream(stream, x)
+
+        din_bad = _lib.DispatchIn()
+        din_bad.num_tokens = -1  # fails on every rank, nothing written
+        outs, s = self._call(problem, lambda: L.epx_moe_dispatch(self._ptr(), byref(din_bad),
+                                                                 byref(_lib.DispatchOut()), byref(h), None), prepare)
+        recv_x, recv_s, recv_i, recv_w, src_r, src_t, per_e = outs
+        check(self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), s)),
               self.comm._h)
         n = dout.num_recv_tokens
         handle = Handle(self, h, "ht", T, K, n)
@@ -247,15 +266,18 @@ class Moe:
                 checks += self._arr(x_scales, "x_scales", (handle.num_tokens, self.scale_cols), _lib.F32, x)
             problem = self._check(checks)
         din, dout = _lib.DispatchIn(), _lib.DispatchOut()
-        if problem:
-            self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), None, byref(din), byref(dout), None))
-            raise InvalidArgumentError(-1, problem)
-        n = handle.num_recv_tokens
-        recv_x = A.empty(x, (n, self.hidden), self.dtype)
-        recv_s = A.empty(x, (n, self.scale_cols), _lib.F32) if fp8 else None
-        din.x, din.x_scales, din.num_tokens = A.ptr(x), A.ptr(x_scales), handle.num_tokens
-        dout.recv_x, dout.recv_x_scales, dout.capacity = A.ptr(recv_x), A.ptr(recv_s), n
-        check(self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), handle._h, byref(din), byref(dout), self._stream(stream, x))),
+
+        def prepare():
+            n = handle.num_recv_tokens
+            recv_x = A.empty(x, (n, self.hidden), self.dtype)
+            recv_s = A.empty(x, (n, self.scale_cols), _lib.F32) if fp8 else None
+            din.x, din.x_scales, din.num_tokens = A.ptr(x), A.ptr(x_scales), handle.num_tokens
+            dout.recv_x, dout.recv_x_scales, dout.capacity = A.ptr(recv_x), A.ptr(recv_s), n
+            return recv_x, recv_s, self._stream(stream, x)
+
+        recv_x, recv_s, s = self._call(problem, lambda: L.epx_moe_dispatch_cached(
+            self._ptr(), None, byref(_lib.DispatchIn()), byref(_lib.DispatchOut()), None), prepare)
+        check(self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), handle._h, byref(din), byref(dout), s)),
               self.comm._h)
         return (recv_x, recv_s) if fp8 else recv_x
 
@@ -270,14 +292,17 @@ class Moe:
                 checks += self._arr(topk_weights, "topk_weights", (handle.num_recv_tokens, handle.topk), _lib.F32, y)
         problem = self._check(checks)
         cin, cout = _lib.CombineIn(), _lib.CombineOut()
-        if problem:
-            self.comm._run(lambda: L.epx_moe_combine(self._ptr(), None, byref(cin), byref(cout), None))
-            raise InvalidArgumentError(-1, problem)
-        out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
-        out_w = A.empty(y, (handle.num_tokens, handle.topk), _lib.F32) if topk_weights is not None else None
-        cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
-        cout.out, cout.out_topk_weights = A.ptr(out), A.ptr(out_w)
-        check(self.comm._run(lambda: L.epx_moe_combine(self._ptr(), handle._h, byref(cin), byref(cout), self._stream(stream, y))),
+
+        def prepare():
+            out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
+            out_w = A.empty(y, (handle.num_tokens, handle.topk), _lib.F32) if topk_weights is not None else None
+            cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
+            cout.out, cout.out_topk_weights = A.ptr(out), A.ptr(out_w)
+            return out, out_w, self._stream(stream, y)
+
+        out, out_w, s = self._call(problem, lambda: L.epx_moe_combine(
+            self._ptr(), None, byref(_lib.CombineIn()), byref(_lib.CombineOut()), None), prepare)
+        check(self.comm._run(lambda: L.epx_moe_combine(self._ptr(), handle._h, byref(cin), byref(cout), s)),
               self.comm._h)
         return out, out_w
 
@@ -291,25 +316,26 @@ class Moe:
         problem = self._check(self._arr(x, "x", (T, self.hidden), self.dtype, x) +
                               self._arr(topk_idx, "topk_idx", (T, K), self.index_dtype, x))
         din, dout, h = _lib.LLDispatchIn(), _lib.LLDispatchOut(), c_void_p()
-        if problem:
-            din.num_tokens = -1
-            self.comm._run(lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din), byref(dout), byref(h), None))
-            raise InvalidArgumentError(-1, problem)
         Lx, S = self.num_local_experts, self.ll_slots
-        recv_x = A.empty(x, (Lx, S, self.hidden), _lib.FP8_E4M3 if self.ll_fp8 else self.dtype)
-        recv_s = None
-        if self.ll_fp8:
-            recv_s = A.empty(x, (Lx, S, self.scale_cols), _lib.U8 if self.scale_format == _lib.SCALE_UE8M0
-                             else _lib.F32)
-        count = A.empty(x, (Lx,), _lib.I32)
-        src_r = A.empty(x, (Lx, S), _lib.I32)
-        src_t = A.empty(x, (Lx, S), _lib.I32)
-        din.x, din.topk_idx, din.num_tokens, din.topk = A.ptr(x), A.ptr(topk_idx), T, K
-        dout.recv_x, dout.recv_x_scales, dout.recv_count = A.ptr(recv_x), A.ptr(recv_s), A.ptr(count)
-        dout.recv_src_rank, dout.recv_src_token = A.ptr(src_r), A.ptr(src_t)
+
+        def prepare():
+            outs = (A.empty(x, (Lx, S, self.hidden), _lib.FP8_E4M3 if self.ll_fp8 else self.dtype),
+                    A.empty(x, (Lx, S, self.scale_cols), _lib.U8 if self.scale_format == _lib.SCALE_UE8M0
+                            else _lib.F32) if self.ll_fp8 else None,
+                    A.empty(x, (Lx,), _lib.I32), A.empty(x, (Lx, S), _lib.I32), A.empty(x, (Lx, S), _lib.I32))
+            din.x, din.topk_idx, din.num_tokens, din.topk = A.ptr(x), A.ptr(topk_idx), T, K
+            (dout.recv_x, dout.recv_x_scales, dout.recv_count, dout.recv_src_rank,
+             dout.recv_src_token) = (A.ptr(a) for a in outs)
+            return outs, self._stream(stream, x)
+
+        din_bad = _lib.LLDispatchIn()
+        din_bad.num_tokens = -1
+        outs, s = self._call(problem, lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din_bad),
+                                                                    byref(_lib.LLDispatchOut()), byref(h), None),
+                             prepare)
+        recv_x, recv_s, count, src_r, src_t = outs
         fn = L.epx_moe_ll_dispatch_send if split else L.epx_moe_ll_dispatch
-        check(self.comm._run(lambda: fn(self._ptr(), byref(din), byref(dout), byref(h), self._stream(stream, x))),
-              self.comm._h)
+        check(self.comm._run(lambda: fn(self._ptr(), byref(din), byref(dout), byref(h), s)), self.comm._h)
         handle = Handle(self, h, "ll", T, K, 0)
         handle._like = x
         if split:  # written by the receive: kept alive until then, even if the caller drops them
@@ -330,15 +356,16 @@ class Moe:
                 checks.append((A.writable(out), "out is read-only"))
         problem = self._check(checks)
         cin = _lib.LLCombineIn()
-        if problem:
-            self.comm._run(lambda: L.epx_moe_ll_combine(self._ptr(), None, byref(cin), None, None))
-            raise InvalidArgumentError(-1, problem)
-        if out is None:
-            out = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype)
-        cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
+
+        def prepare():
+            o = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype) if out is None else out
+            cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
+            return o, A.ptr(o), self._stream(stream, y)
+
+        out, out_p, s = self._call(problem, lambda: L.epx_moe_ll_combine(self._ptr(), None, byref(_lib.LLCombineIn()),
+                                                                        None, None), prepare)
         fn = L.epx_moe_ll_combine_send if split else L.epx_moe_ll_combine
-        check(self.comm._run(lambda: fn(self._ptr(), handle._h, byref(cin), A.ptr(out), self._stream(stream, y))),
-              self.comm._h)
+        check(self.comm._run(lambda: fn(self._ptr(), handle._h, byref(cin), out_p, s)), self.comm._h)
         if split:  # read and written by the receive: kept alive until then
             handle._keep = (y, topk_weights, out)
         return out

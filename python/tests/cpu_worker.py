@@ -348,6 +348,68 @@ def test_moe_bad_input():
     moe.destroy()
 
 
+def test_failures_between_checks_and_call():
+    # after one rank's checks passed, its output allocation fails (MemoryError) or its stream is not
+    # a stream (TypeError): that rank raises its own exception, the others RemoteInvalid at once
+    # (not at their timeout), and everything stays usable
+    bad = R - 1
+    E, K, M, H = R * 2, 2, 6, 24
+    W = World(70, E, K, M, H)
+    ht = epx.Moe(comm, H, E, M, K, dtype="f32")
+    ll = epx.Moe(comm, H, E, M, K, dtype="bf16", mode="ll")
+    x = x_of(70, me, W.T[me], H, np.float32)
+    xb = x_of(70, me, W.T[me], H, "bf16")
+    r = ht.dispatch(x, W.idx[me], W.w[me])
+    lr = ll.ll_dispatch(xb, W.idx[me])
+    y = np.zeros((W.L, R * M, H), np.uint16)
+    stream = "not a stream" if me == bad else None
+    calls = [("alltoall", lambda: comm.alltoall(np.zeros(R, np.float32), stream=stream)),
+             ("alltoallv", lambda: comm.alltoallv(np.zeros(R, np.float32), [1] * R, list(range(R)),
+                                                  np.zeros(R, np.float32), [1] * R, list(range(R)), stream=stream)),
+             ("dispatch", lambda: ht.dispatch(x, W.idx[me], W.w[me])),
+             ("dispatch_cached", lambda: ht.dispatch_cached(r.handle, x)),
+             ("combine", lambda: ht.combine(r.handle, r.recv_x)),
+             ("ll_dispatch", lambda: ll.ll_dispatch(xb, W.idx[me])),
+             ("ll_combine", lambda: ll.ll_combine(lr.handle, y, W.w[me])),
+             ("dispatch with a bad stream", lambda: ht.dispatch(x, W.idx[me], stream=stream)),
+             ("ll_combine with a bad stream", lambda: ll.ll_combine(lr.handle, y, W.w[me], stream=stream))]
+    real_empty = epx._arrays.empty
+
+    def no_memory(*a):
+        raise MemoryError("test: no memory for the outputs")
+
+    for what, call in calls:
+        oom = me == bad and "stream" not in what and not what.startswith("alltoall")
+        epx._arrays.empty = no_memory if oom else real_empty
+        t0 = time.monotonic()
+        try:
+            call()
+            raise AssertionError("rank %d: %s did not raise" % (me, what))
+        except epx.RemoteInvalidError:
+            ok(me != bad, "%s: rank %d got RemoteInvalid" % (what, me))
+        except epx.EpxError as e:
+            raise AssertionError("rank %d: %s raised %r" % (me, what, e))
+        except (MemoryError, TypeError) as e:
+            ok(me == bad and isinstance(e, MemoryError) == oom, "%s: rank %d raised %r" % (what, me, e))
+        finally:
+            epx._arrays.empty = real_empty
+        ok(time.monotonic() - t0 < 10, "%s took %.1f s" % (what, time.monotonic() - t0))
+    # a barrier with a bad stream still meets the others'
+    try:
+        comm.barrier(stream=stream)
+        ok(me != bad, "barrier with a bad stream did not raise")
+    except TypeError:
+        ok(me == bad, "barrier raised TypeError on rank %d" % me)
+    # still usable
+    out, _ = ht.combine(r.handle, r.recv_x)
+    ok(out.shape == (W.T[me], H), "combine after the failures")
+    same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after the failures")
+    r.handle.close()
+    lr.handle.close()
+    ht.destroy()
+    ll.destroy()
+
+
 def test_deep_ep():
     buf = deep_ep.Buffer(comm)
     ok(buf.rank == me and buf.group_size == R, "Buffer rank/size")
