@@ -5,6 +5,9 @@
     PYTHONPATH=python python3 python/tests/test_gpu_torch.py --device cpu                  # torch, CPU
     NCCL_NVLS_ENABLE=0 PYTHONPATH=python python3 -m pytest -q python/tests/test_gpu_torch.py
 
+EPX_TORCH_RANKS=N runs N processes instead of 2 (one GPU each: 1 on a machine with one GPU, where
+NCCL refuses two ranks on the same device; any N with --device cpu).
+
 Checks: alltoall of CUDA tensors against torch.distributed; DeepEP-style layout, dispatch, cached
 dispatch and combine against a reference built from every rank's data (bit-exact for bf16); a small
 MoE layer (router, dispatch, two experts per rank as matmuls, combine) forward and backward against
@@ -24,7 +27,7 @@ try:
 except ImportError:  # CI has no torch
     torch = None
 
-NRANKS = 2
+NRANKS = int(os.environ.get("EPX_TORCH_RANKS", "2"))
 
 
 def _seeded(seed, *shape, device, dtype=None, scale=1.0):
@@ -42,6 +45,23 @@ def check_alltoall(rank, R, dev, comm):
     want = torch.empty_like(x)
     dist.all_to_all_single(want, x)
     assert torch.equal(got, want), (got, want)
+    # on a stream given as a torch stream object, then as its address; a stream that is not
+    # one is refused on this rank before the call, and the call fails on the others
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    for s in ((side, side.cuda_stream) if side is not None else (None,)):
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(dev))
+        got = comm.alltoall(x, stream=s)
+        if side is not None:
+            side.synchronize()
+        assert torch.equal(got, want), (s, got, want)
+    try:
+        comm.alltoall(x, stream="not a stream" if rank == R - 1 else None)
+        raise AssertionError("alltoall with a bad stream did not raise")
+    except TypeError:
+        assert rank == R - 1
+    except Exception as e:  # noqa: BLE001
+        assert rank != R - 1 and type(e).__name__ == "RemoteInvalidError", repr(e)
 
 
 def check_ht(rank, R, dev, buf):
