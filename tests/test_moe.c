@@ -1645,7 +1645,7 @@ static int run_bad_ht_no_sync(void)
     int T = W.T[me], K = W.K;
     int32_t *ib = (int32_t *)B.idx;
     if (me == bad) {
-        ib[(int64_t)T * K - 1] = W.E + 5;
+        ib[(int64_t)T * K - 1] = W.E;
         put(B.didx, B.idx, B.idx_b);
     }
     ht_poison(&B);
@@ -1970,8 +1970,8 @@ static int run_bad_ll(void)
         int32_t *ib = (int32_t *)B.idx; /* the host copy: put after every change */
         if (k <= LB_X_NULL) {
             if (is_bad) {
-                if (k == LB_ID_HIGH) ib[0] = W.E + 3;
-                if (k == LB_ID_LOW) ib[K - 1] = -7;
+                if (k == LB_ID_HIGH) ib[0] = W.E; /* the boundaries: E and -2 */
+                if (k == LB_ID_LOW) ib[K - 1] = -2;
                 if (k == LB_T_BIG) in.x = dbigx, in.topk_idx = dbi, in.num_tokens = bigT;
                 if (k == LB_X_NULL) in.x = NULL;
                 put(B.didx, B.idx, B.idx_b);
