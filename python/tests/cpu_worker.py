@@ -57,6 +57,14 @@ def bf16_to_f32(b):
     return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def fp8_to_f32(b):
+    # e4m3fn bits (no NaN among the tests' values)
+    b = np.asarray(b).view(np.uint8).astype(np.int32)
+    e, m = (b >> 3) & 15, (b & 7) / 8.0
+    v = np.where(e == 0, m * 2.0 ** -6, (1 + m) * 2.0 ** (e - 7))
+    return np.where(b & 0x80, -v, v).astype(np.float32)
+
+
 # ---- generic collectives ----------------------------------------------------------------------
 
 def test_alltoall():
@@ -75,6 +83,7 @@ def test_alltoall():
     for p in range(R):
         same(recv[p], rng(2, p).standard_normal((R, 64)).astype(np.float32)[me], "registered alltoall from %d" % p)
     comm.free(src)
+    raises(epx.InvalidArgumentError, lambda: comm.free(src), "free of a freed array")
     comm.barrier()
 
 
@@ -101,6 +110,11 @@ def test_alltoallv():
             ps, psd = send_of(p)
             same(recv[rd[p]:rd[p] + rc[p]], ps[psd[me]:psd[me] + c[p][me]], "alltoallv case %d from %d" % (case, p))
         ok(not recv[[int(rd[p] - 1) for p in range(1, R)]].any(), "alltoallv holes untouched")
+    # a zero count may come with any displacement (MPI): nothing is read or written there
+    z, far = np.zeros(R, np.int64), np.full(R, 1 << 30, np.int64)
+    recv = np.full(1, 7, np.float32)
+    comm.alltoallv(np.zeros(1, np.float32), z, far, recv, z, far)
+    ok(recv[0] == 7, "alltoallv of zero counts far out")
 
 
 def test_bad_collectives():
@@ -245,6 +259,36 @@ def test_moe_ht():
         moe.destroy()
 
 
+def test_moe_full_capacity():
+    # every rank sends max_tokens tokens to every expert: max_recv_tokens() rows arrive, all of them used;
+    # top-k below the context's max_topk (topk_idx rows are K long)
+    E, M, H = R * 2, 3, 16
+    K = E
+    moe = epx.Moe(comm, H, E, M, K + 1, dtype="f32")
+
+    def data(p):
+        g = rng(60, p)
+        return (g.standard_normal((M, H)).astype(np.float32), np.stack([g.permutation(E) for _ in range(M)]),
+                g.standard_normal((M, K)).astype(np.float32))
+    x, idx, w = data(me)
+    r = moe.dispatch(x, idx, w)
+    ok(r.handle.num_recv_tokens == R * M == moe.max_recv_tokens(), "rows at full capacity")
+    L = E // R
+    for i, (p, t) in enumerate((p, t) for p in range(R) for t in range(M)):
+        xp, ip, wp = data(p)
+        lidx = np.where(ip[t] // L == me, ip[t] - me * L, -1)
+        same(r.recv_x[i], xp[t], "full-capacity row")
+        same(r.recv_topk_idx[i], lidx, "full-capacity topk_idx")
+        same(r.recv_topk_weights[i], np.where(lidx >= 0, wp[t], np.float32(0)), "full-capacity weights")
+    out, out_w = moe.combine(r.handle, r.recv_x, r.recv_topk_weights)
+    want = np.zeros((M, H), np.float32)
+    for q in range(R):
+        want = want + x
+    same(out, want, "full-capacity combine")
+    same(out_w, w, "full-capacity combined weights")
+    moe.destroy()
+
+
 def test_moe_ll():
     # the third: several of a token's experts on each rank and float32 outputs, so that the
     # combine's order of sums shows in the bits (a bf16 output rounds most of it away)
@@ -294,7 +338,19 @@ def test_moe_ll():
                 acc = acc + part
             want[t] = acc if f32 else f32_to_bf16(acc)
         same(out.view(np.uint32) if f32 else out, want.view(np.uint32) if f32 else want, "ll combine case %d" % case)
+        o = np.empty_like(out)
+        ok(moe.ll_combine(r.handle, y, W.w[me], o) is o, "ll_combine returns the given out")
+        same(o, out, "ll_combine into a given out")
         if case == 0:  # a pending split send: the context refuses to go, and keeps everything, until it is received
+            # a split combine's y, weights and out, dropped by the caller, live until its receive
+            yy, ww = y.copy(), W.w[me].copy()
+            refs = [weakref.ref(a) for a in (yy, ww, moe.ll_combine(r.handle, yy, ww, split=True))]
+            del yy, ww
+            gc.collect()
+            ok(all(a() is not None for a in refs), "a split combine's arrays were freed before its receive")
+            moe.ll_recv(r.handle, combine=True)
+            gc.collect()
+            ok(all(a() is None for a in refs), "a split combine's arrays were kept after its receive")
             r2 = moe.ll_dispatch(x, W.idx[me], split=True)
             raises(epx.InvalidUsageError, moe.destroy, "destroying a context with a send pending")
             moe.ll_recv(r2.handle)
@@ -327,11 +383,14 @@ def test_moe_bad_input():
     e = raises(exc, lambda: moe.dispatch(x, bidx), "expert id >= E")
     if me == bad:
         ok("token 2" in e.message, "message names the token: %s" % e.message)
+        ok(e.message.startswith("topk_idx[token 2, k 1] = %d " % E) and str(e) == "EPX_ERR_INVALID_ARGUMENT: " +
+           e.message, "message without the status name: %r" % e.message)
     too_many = np.zeros((M + 1 if me == bad else 4, K), np.int64)
     raises(exc, lambda: moe.dispatch(np.ones((len(too_many), H), np.float32), too_many), "T > max_tokens")
     # Python-side: wrong dtype / shape on one rank
     raises(exc, lambda: moe.dispatch(x.astype(np.float64) if me == bad else x, idx), "x of float64")
     raises(exc, lambda: moe.dispatch(x[:, :H - 1].copy() if me == bad else x, idx), "x of the wrong width")
+    raises(exc, lambda: moe.dispatch(np.asfortranarray(x) if me == bad else x, idx), "x in Fortran order")
     raises(exc, lambda: moe.dispatch(x, idx, np.ones((4, K + 1) if me == bad else (4, K), np.float32)),
            "weights of the wrong shape")
     r = moe.dispatch(x, idx)  # still usable
@@ -346,6 +405,11 @@ def test_moe_bad_input():
     raises(epx.InvalidArgumentError, lambda: epx.Moe(comm, H, E + 1, M, K) if R > 1 else epx.Moe(comm, 0, E, M, K),
            "experts not a multiple of the ranks")
     moe.destroy()
+    # the context is released after the next collective, a failed one too (every rank reached it)
+    ok(comm._graveyard, "the context's release is deferred")
+    raises(exc, lambda: comm.alltoall(np.zeros(R * (3 if me == bad else 4), np.float32), np.zeros(R * 4, np.float32)),
+           "alltoall with a short send")
+    ok(not comm._graveyard, "the context was not released after a failed collective")
 
 
 def test_failures_between_checks_and_call():
@@ -372,7 +436,9 @@ def test_failures_between_checks_and_call():
              ("ll_dispatch", lambda: ll.ll_dispatch(xb, W.idx[me])),
              ("ll_combine", lambda: ll.ll_combine(lr.handle, y, W.w[me])),
              ("dispatch with a bad stream", lambda: ht.dispatch(x, W.idx[me], stream=stream)),
-             ("ll_combine with a bad stream", lambda: ll.ll_combine(lr.handle, y, W.w[me], stream=stream))]
+             ("ll_combine with a bad stream", lambda: ll.ll_combine(lr.handle, y, W.w[me], stream=stream)),
+             ("alltoall with stream=True", lambda: comm.alltoall(np.zeros(R, np.float32),  # a bool is not an address
+                                                                stream=True if me == bad else None))]
     real_empty = epx._arrays.empty
 
     def no_memory(*a):
@@ -452,13 +518,16 @@ def test_deep_ep():
     idx = rng(23, me).integers(-1, E, (T, K)).astype(np.int64)
     x = f32_to_bf16(rng(24, me).standard_normal((T, H)).astype(np.float32))
     w = rng(25, me).random((T, K)).astype(np.float32)
+    stats = np.ones(E // R, np.int32)  # DeepEP's cumulative_local_expert_recv_stats: added to in place
     recv_x, recv_count, handle, ev, hook = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False,
+                                                                    cumulative_local_expert_recv_stats=stats,
                                                                     return_recv_hook=True)
     hook()
+    same(stats, 1 + np.asarray(recv_count), "recv stats after the hook")
     ok(recv_x.shape == (E // R, R * M, H), "ll recv_x shape")
     ybuf = buf.get_next_low_latency_combine_buffer(handle)
     ybuf[:] = recv_x  # identity experts, zero copy
-    out, ev, hook = buf.low_latency_combine(recv_x, idx, w, handle, zero_copy=True)
+    out, ev, hook = buf.low_latency_combine(np.zeros_like(recv_x), idx, w, handle, zero_copy=True)  # x unused
     want = np.zeros((T, H), np.uint16)
     for t in range(T):
         acc = np.zeros(H, np.float32)
@@ -467,10 +536,31 @@ def test_deep_ep():
                 acc = acc + (w[t, k] * bf16_to_f32(x[t])).astype(np.float32)
         want[t] = f32_to_bf16(acc)
     same(out, want, "deep_ep low_latency_combine")
-    (q, s), recv_count, handle, ev, hook = buf.low_latency_dispatch(x, idx, M, E, use_fp8=True, round_scale=True)
+    (q, s), recv_count, handle, ev, hook = buf.low_latency_dispatch(x, idx, M, E, use_fp8=True, round_scale=True,
+                                                                    cumulative_local_expert_recv_stats=stats)
+    same(stats, 1 + 2 * np.asarray(recv_count), "recv stats without the hook")
     ok(q.shape == (E // R, R * M, H) and s.shape == (E // R, R * M, 1) and s.dtype == np.float32, "fp8 ll shapes")
     live = s[:, :, 0][np.arange(R * M)[None, :] < np.asarray(recv_count)[:, None]]
     ok(np.all(np.log2(live) == np.round(np.log2(live))), "round_scale gives powers of two")
+    # UE8M0, five 128-channel blocks of different magnitudes: the float32 powers of two (round_scale)
+    # dequantise every block to within e4m3's precision of its largest value; use_ue8m0 packs the same
+    # exponent bytes four to an int32, the first in the low byte (the last word padded with zeros)
+
+    def x5(p):
+        f = rng(27, p).standard_normal((int(rng(22, p).integers(0, M + 1)), 640))
+        f *= 2.0 ** np.repeat([-6, -3, 0, 3, 6], 128)
+        return f32_to_bf16(f.astype(np.float32))
+    (qa, sa), ca, ha, _, _ = buf.low_latency_dispatch(x5(me), idx, M, E, use_fp8=True, round_scale=True)
+    (qb, sb), cb, hb, _, _ = buf.low_latency_dispatch(x5(me), idx, M, E, use_fp8=True, use_ue8m0=True)
+    ok(sa.shape == (E // R, R * M, 5) and sb.dtype == np.int32 and sb.shape == (E // R, R * M, 2), "UE8M0 shapes")
+    live = np.arange(R * M)[None, :] < np.asarray(ca)[:, None]
+    for l, i in zip(*np.nonzero(live)):
+        xr = bf16_to_f32(x5(ha.recv_src_rank[l, i])[ha.recv_src_token[l, i]]).reshape(5, 128)
+        err = np.abs(fp8_to_f32(qa[l, i]).reshape(5, 128) * sa[l, i][:, None] - xr)
+        ok((err <= np.abs(xr).max(1, keepdims=True) / 16).all(), "UE8M0 dequantisation")
+    e = np.zeros((int(live.sum()), 8), np.uint32)
+    e[:, :5] = np.log2(sa[live]) + 127
+    same(sb[live].view(np.uint32), e[:, 0::4] | e[:, 1::4] << 8 | e[:, 2::4] << 16 | e[:, 3::4] << 24, "packed UE8M0")
     # the halves (return_recv_hook), two batches in flight: the same results as whole calls
     x2 = f32_to_bf16(rng(26, me).standard_normal((T, H)).astype(np.float32))
     got = []
@@ -537,6 +627,12 @@ def test_deep_ep_combine_bias():
     for bias, add in ((b0, bf16_to_f32(b0)), ((b0, b1), bf16_to_f32(b0) + bf16_to_f32(b1)), ((None, b1), bf16_to_f32(b1))):
         out = np.asarray(buf.combine(y, h, bias=bias)[0])
         same(out.view(np.uint16), f32_to_bf16(bf16_to_f32(plain) + add), "combine with bias")
+    # a float32 bias with NaNs whose low bits would carry into the exponent when rounded: bf16 NaN
+    bn = np.zeros((T, H), np.float32)
+    bn.view(np.uint32)[0, :2] = (0x7FFFFFFF, 0xFFFFFFFF)
+    out = np.asarray(buf.combine(y, h, bias=bn)[0]).view(np.uint16)
+    ok(np.isnan(bf16_to_f32(out[0, :2])).all(), "NaN bias gives NaN: %s" % out[0, :2])
+    same(out[1:], plain[1:], "zero bias")
     buf.destroy()
 
 
@@ -560,23 +656,36 @@ def test_deep_ep_signatures():
 
 def test_moe_fp8_numpy_bits():
     # numpy has no fp8: uint8 arrays carry its bits (the outputs come back that way without ml_dtypes)
-    E, K, M, H = R * 2, 2, 6, 200
-    moe = epx.Moe(comm, H, E, M, K, dtype="fp8_e4m3")
-    T = 1 + me % M
-    g = rng(40, me)
-    x = g.integers(0, 0x7F, (T, H)).astype(np.uint8)
-    s = g.random((T, moe.scale_cols)).astype(np.float32)
-    idx = g.integers(0, E, (T, K)).astype(np.int64)
-    r = moe.dispatch(x, idx, x_scales=s)
-    for i, (p, t) in enumerate(zip(r.recv_src_rank, r.recv_src_token)):
-        gp = rng(40, p)
-        xp = gp.integers(0, 0x7F, (1 + p % M, H)).astype(np.uint8)
-        sp = gp.random((1 + p % M, moe.scale_cols)).astype(np.float32)
-        same(np.asarray(r.recv_x[i]).view(np.uint8), xp[t], "fp8 row")
-        same(r.recv_x_scales[i], sp[t], "fp8 scales")
-    rx, rs = moe.dispatch_cached(r.handle, x, s)
-    same(np.asarray(rx).view(np.uint8), np.asarray(r.recv_x).view(np.uint8), "cached fp8 dispatch")
-    moe.destroy()
+    E, K, M = R * 2, 2, 6
+    for H in (200, 256):  # ceil(H / 128) scales a row
+        moe = epx.Moe(comm, H, E, M, K, dtype="fp8_e4m3")
+        T, C = 1 + me % M, (H + 127) // 128
+
+        def data(p):
+            g = rng(40, p, H)
+            return (g.integers(0, 0x7F, (1 + p % M, H)).astype(np.uint8), g.random((1 + p % M, C)).astype(np.float32),
+                    g.integers(0, E, (1 + p % M, K)).astype(np.int64))
+        x, s, idx = data(me)
+        r = moe.dispatch(x, idx, x_scales=s)
+        for i, (p, t) in enumerate(zip(r.recv_src_rank, r.recv_src_token)):
+            same(np.asarray(r.recv_x[i]).view(np.uint8), data(p)[0][t], "fp8 row")
+            same(r.recv_x_scales[i], data(p)[1][t], "fp8 scales")
+        rx, rs = moe.dispatch_cached(r.handle, x, s)
+        same(np.asarray(rx).view(np.uint8), np.asarray(r.recv_x).view(np.uint8), "cached fp8 dispatch")
+        # combine of an FP8 dispatch takes and returns bf16 (raw bits here): y of rank q for token (p, t)
+
+        def y_row(q, p, t):
+            return f32_to_bf16(rng(41, q, p, t).standard_normal(H).astype(np.float32))
+        y = np.array([y_row(me, p, t) for p, t in zip(r.recv_src_rank, r.recv_src_token)], np.uint16).reshape(-1, H)
+        out, _ = moe.combine(r.handle, y)
+        want = np.zeros((T, H), np.uint16)
+        for t in range(T):
+            acc = np.zeros(H, np.float32)
+            for q in sorted({int(e) // (E // R) for e in idx[t]}):
+                acc = acc + bf16_to_f32(y_row(q, me, t))
+            want[t] = f32_to_bf16(acc)
+        same(np.asarray(out).view(np.uint16), want, "fp8 context's bf16 combine H=%d" % H)
+        moe.destroy()
 
 
 def test_deep_ep_borrowed_comm():
