@@ -61,21 +61,27 @@ class Moe:
                  combine_dtype=None, index_dtype="int64", mode="ht", expert_alignment=1, ll_fp8=False,
                  scale_format="f32", num_sms=None):
         self.comm = comm
-        cfg = _lib.MoeConfig.initializer()
-        cfg.hidden, cfg.num_experts = int(hidden), int(num_experts)
-        cfg.max_tokens_per_rank, cfg.max_topk = int(max_tokens_per_rank), int(max_topk)
-        cfg.dtype = A.epx_dtype(dtype)
-        if combine_dtype is not None:
-            cfg.combine_dtype = A.epx_dtype(combine_dtype)
-        cfg.index_dtype = A.epx_dtype(index_dtype)
-        cfg.mode = _MODES[mode] if isinstance(mode, str) else int(mode)
-        cfg.expert_alignment = int(expert_alignment)
-        cfg.ll_fp8 = int(bool(ll_fp8))
-        cfg.scale_format = _SCALES[scale_format] if isinstance(scale_format, str) else int(scale_format)
-        if num_sms is not None:
-            cfg.num_sms = int(num_sms)
         self._h = c_void_p()
         self._handles = weakref.WeakSet()
+        try:
+            cfg = _lib.MoeConfig.initializer()
+            cfg.hidden, cfg.num_experts = int(hidden), int(num_experts)
+            cfg.max_tokens_per_rank, cfg.max_topk = int(max_tokens_per_rank), int(max_topk)
+            cfg.dtype = A.epx_dtype(dtype)
+            if combine_dtype is not None:
+                cfg.combine_dtype = A.epx_dtype(combine_dtype)
+            cfg.index_dtype = A.epx_dtype(index_dtype)
+            cfg.mode = _MODES[mode] if isinstance(mode, str) else int(mode)
+            cfg.expert_alignment = int(expert_alignment)
+            cfg.ll_fp8 = int(bool(ll_fp8))
+            cfg.scale_format = _SCALES[scale_format] if isinstance(scale_format, str) else int(scale_format)
+            if num_sms is not None:
+                cfg.num_sms = int(num_sms)
+        except Exception:
+            # An argument only Python rejects: the creation (collective) still fails on every rank, this
+            # one invalid (no output), the others remote-invalid, so that none waits for this one.
+            comm._run(lambda: L.epx_moe_create(comm._ptr(), byref(_lib.MoeConfig.initializer()), None))
+            raise
         check(comm._run(lambda: L.epx_moe_create(comm._ptr(), byref(cfg), byref(self._h))), comm._h)
         comm._children = getattr(comm, "_children", weakref.WeakSet())
         comm._children.add(self)

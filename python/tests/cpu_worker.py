@@ -412,6 +412,25 @@ def test_moe_bad_input():
     ok(not comm._graveyard, "the context was not released after a failed collective")
 
 
+def test_moe_bad_arguments_one_rank():
+    # Moe() is collective: an argument only Python rejects (an unknown dtype, mode or scale format name) on
+    # one rank raises there, and the creation fails on the others at once (RemoteInvalid), not out of step
+    bad = R - 1
+    for kw in ({"dtype": "nope"}, {"mode": "nope"}, {"scale_format": "nope"}):
+        t0 = time.monotonic()
+        try:
+            epx.Moe(comm, 16, 2 * R, 4, 2, **(kw if me == bad else {}))
+            raise AssertionError("rank %d: Moe(%s) did not raise" % (me, kw))
+        except epx.RemoteInvalidError:
+            ok(me != bad, "Moe(%s): rank %d got RemoteInvalid" % (kw, me))
+        except epx.EpxError as e:
+            raise AssertionError("rank %d: Moe(%s) raised %r" % (me, kw, e))
+        except (ValueError, KeyError):
+            ok(me == bad, "Moe(%s): rank %d raised its own exception" % (kw, me))
+        ok(time.monotonic() - t0 < 10, "Moe(%s) took %.1f s" % (kw, time.monotonic() - t0))
+    same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after a bad Moe()")
+
+
 def test_failures_between_checks_and_call():
     # after one rank's checks passed, its output allocation fails (MemoryError) or its stream is not
     # a stream (TypeError): that rank raises its own exception, the others RemoteInvalid at once
