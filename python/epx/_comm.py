@@ -306,16 +306,17 @@ class Comm:
         arrays, and what is wrong (None: nothing)."""
         code = _move_dtype(send, dtype)
         es = _lib.DTYPE_SIZES.get(code, 1)
-        arrs = []
+        arrs, vals = [], []
         problem = None if code is not None else "send's elements are %d bytes: give dtype" % A.itemsize(send)
         for name, v in (("sendcounts", sendcounts), ("sdispls", sdispls), ("recvcounts", recvcounts),
                         ("rdispls", rdispls)):
-            v = [int(e) for e in v]
+            v = [int(e) for e in v]  # once: an iterator is consumed here
             if len(v) != self.size:
                 problem = problem or "%s has %d entries, not %d" % (name, len(v), self.size)
+            vals.append(v)
             arrs.append((c_int64 * self.size)(*v[:self.size]))
         if problem is None:
-            for buf, cnt, dsp, name in ((send, sendcounts, sdispls, "send"), (recv, recvcounts, rdispls, "recv")):
+            for buf, cnt, dsp, name in ((send, vals[0], vals[1], "send"), (recv, vals[2], vals[3], "recv")):
                 if not A.contiguous(buf):
                     problem = "%s must be contiguous" % name
                     break
@@ -323,7 +324,7 @@ class Comm:
                     problem = "recv is read-only"
                     break
                 have = A.numel(buf) * A.itemsize(buf)
-                need = max([(int(d) + int(c)) * es for c, d in zip(cnt, dsp) if int(c) > 0] or [0])
+                need = max([(d + c) * es for c, d in zip(cnt, dsp) if c > 0] or [0])
                 if need > have:
                     problem = "%s has %d bytes; its counts and displacements reach byte %d" % (name, have, need)
                     break
