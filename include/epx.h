@@ -162,7 +162,10 @@ EPX_API epx_status_t epx_unique_id_to_string(const epx_unique_id_t *id, char *bu
 EPX_API epx_status_t epx_unique_id_from_string(const char *text, epx_unique_id_t *id);
 
 /* Collective over nranks processes: create a communicator. Fails on every rank with
- * EPX_ERR_MISMATCH when the ranks' configurations differ. cfg may be NULL (defaults). */
+ * EPX_ERR_MISMATCH when the ranks' configurations differ; a rank that rejects its own (cfg,
+ * or an EPX_* variable) gets EPX_ERR_INVALID_ARGUMENT and the others, at once,
+ * EPX_ERR_REMOTE_INVALID (a bad rank, nranks or id cannot reach them: they time out).
+ * cfg may be NULL (defaults). */
 EPX_API epx_status_t epx_comm_init_rank(epx_comm_t *comm, int nranks, int rank, const epx_unique_id_t *id,
                                 const epx_config_t *cfg);
 

@@ -174,6 +174,35 @@ int main(int argc, char **argv)
     ASSERT_STATUS(epx_comm_rank(comm, NULL), EPX_ERR_INVALID_ARGUMENT);
     valid_exchange();
     passed++;
+    /* A configuration only one rank rejects (each case on another rank): that rank gets
+     * EPX_ERR_INVALID_ARGUMENT and its own message, the others EPX_ERR_REMOTE_INVALID at once
+     * (their timeout is a minute; over MPI they used to wait forever), and the first
+     * communicator still works. */
+    if (!test_on_cuda()) {
+        const char *names[] = {"cfg.size", "cfg.backend", "cfg.timeout_ms"};
+        for (int k = 0; k < 3; k++) {
+            int bad = k % R;
+            epx_config_t good = EPX_CONFIG_INITIALIZER, wrong = EPX_CONFIG_INITIALIZER;
+            good.timeout_ms = wrong.timeout_ms = 60000;
+            if (k == 0) wrong.size = 3;
+            if (k == 1) wrong.backend = 42;
+            if (k == 2) wrong.timeout_ms = -5;
+            double t0 = test_seconds();
+            epx_comm_t c = NULL;
+            epx_status_t st = test_comm_again(comm, me == bad ? &wrong : &good, &c);
+            epx_status_t want = me == bad ? EPX_ERR_INVALID_ARGUMENT : EPX_ERR_REMOTE_INVALID;
+            if (st != want)
+                TEST_FAIL_("creation with a bad %s on rank %d: got %s, expected %s (%s)", names[k], bad,
+                           epx_status_name(st), epx_status_name(want), epx_get_last_error());
+            if (me == bad && !strstr(epx_get_last_error(), names[k]))
+                TEST_FAIL_("creation with a bad %s: the message does not name it: %s", names[k], epx_get_last_error());
+            ASSERT(c == NULL);
+            if (test_seconds() - t0 > 20)
+                TEST_FAIL_("creation with a bad %s on rank %d took %.1f s", names[k], bad, test_seconds() - t0);
+            valid_exchange();
+            passed++;
+        }
+    }
     /* EPX_TEST_MOE_MISMATCH (the ranks started with different EPX_MOE_CHUNKS, across hosts):
      * creating a MoE context fails on every rank with EPX_ERR_MISMATCH, and the communicator
      * still works. */

@@ -1,6 +1,7 @@
 #include "testlib.h"
 
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #ifdef EPX_HAVE_MPI
 #include "epx_mpi.h"
@@ -224,6 +225,33 @@ epx_comm_t test_comm_from_env(int *rank, int *nranks)
     ASSERT_OK(epx_comm_size(comm, nranks));
     test_rank = *rank;
     return comm;
+}
+
+epx_status_t test_comm_again(epx_comm_t comm, const epx_config_t *cfg, epx_comm_t *out)
+{
+#ifdef EPX_HAVE_MPI
+    if (test_mpi) return epx_comm_init_mpi(out, MPI_COMM_WORLD, cfg);
+#endif
+    int me, R;
+    ASSERT_OK(epx_comm_rank(comm, &me));
+    ASSERT_OK(epx_comm_size(comm, &R));
+    epx_unique_id_t *ids = calloc((size_t)R, sizeof *ids), *got = calloc((size_t)R, sizeof *got);
+    ASSERT(ids && got);
+    if (me == 0) {
+        ASSERT_OK(epx_get_unique_id(&ids[0]));
+        for (int p = 1; p < R; p++) ids[p] = ids[0];
+    }
+    ASSERT_OK(epx_alltoall(comm, ids, got, sizeof *ids, EPX_U8, NULL));
+    epx_status_t st = epx_comm_init_rank(out, R, me, &got[0], cfg);
+    free(ids), free(got);
+    return st;
+}
+
+double test_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 void test_finish(epx_comm_t comm, int passed)

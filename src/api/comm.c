@@ -16,7 +16,7 @@ typedef struct {
     int32_t pid;
     int32_t backend;
     int32_t version;
-    int32_t pad;
+    int32_t status; /* this rank's verdict on its own configuration (EPX_SUCCESS: valid) */
 } epx__rank_info_t;
 
 static uint64_t epx__host_hash(char *hostname, size_t len)
@@ -118,6 +118,34 @@ static epx_status_t epx__config_resolve(const epx_config_t *user_cfg, epx_config
     return EPX_SUCCESS;
 }
 
+/* A rank that rejects its own configuration still meets the others in the creation's first
+ * exchange, so that they fail at once (EPX_ERR_REMOTE_INVALID) instead of waiting for it
+ * until their timeout (or, over MPI, forever). What it needs for that: a timeout to meet
+ * them with (the valid one of cfg.timeout_ms, EPX_TIMEOUT_MS, the table's default) and its
+ * own message, kept to be returned at the end. */
+typedef struct {
+    epx_status_t status;
+    char why[EPX__ERRMSG_LEN];
+} epx__rejected_t;
+
+static void epx__reject(epx__rejected_t *rj, epx_status_t st, const epx_config_t *user_cfg, int *backend,
+                        int64_t *timeout_ms)
+{
+    rj->status = st;
+    const char *msg = epx_get_last_error(), *colon = strstr(msg, ": ");
+    snprintf(rj->why, sizeof rj->why, "%s", colon ? colon + 2 : msg);
+    *backend = -1;
+    int64_t t = user_cfg && user_cfg->size >= offsetof(epx_config_t, timeout_ms) + sizeof user_cfg->timeout_ms &&
+                        user_cfg->timeout_ms != EPX_UNSET
+                    ? user_cfg->timeout_ms
+                    : 0;
+    if (t <= 0) t = epx__param_int(EPX__P_TIMEOUT_MS);
+    *timeout_ms = t > 0 ? t : 300000;
+}
+
+/* The rejecting rank's return, whatever happened after its rejection. */
+static epx_status_t epx__rejected(const epx__rejected_t *rj) { return epx__fail(NULL, rj->status, "%s", rj->why); }
+
 /* A CUDA communicator whose ranks are on several hosts: this host's ranks get their own
  * bootstrap, shared memory and CUDA backend; NCCL joins the hosts (src/xhost). */
 static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *all, int device, epx__nccl_t *nccl,
@@ -209,9 +237,15 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
     epx_status_t st = epx__config_resolve(user_cfg, &cfg, &backend, &timeout_ms);
     epx__log_set_rank(rank);
     if (st == EPX_SUCCESS) st = epx__fault_parse(epx__param_str(EPX__P_FAULT), rank, &fault, NULL);
+    epx__rejected_t rj = {EPX_SUCCESS, ""};
+    if (st != EPX_SUCCESS) {
+        epx__reject(&rj, st, user_cfg, &backend, &timeout_ms);
+        memset(&fault, 0, sizeof fault);
+        st = EPX_SUCCESS;
+    }
     epx__rank_info_t mine, *all = NULL;
-    epx_comm_t c = st == EPX_SUCCESS ? calloc(1, sizeof *c) : NULL;
-    if (st == EPX_SUCCESS && !c) st = epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_comm_t c = calloc(1, sizeof *c);
+    if (!c) st = epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
     if (st != EPX_SUCCESS) {
         epx__nccl_destroy(nccl, false); /* an adopted NCCL communicator's wrapper (the comm stays the caller's) */
         return st;
@@ -228,6 +262,7 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
     mine.pid = (int32_t)getpid();
     mine.backend = backend;
     mine.version = EPX_VERSION_CODE;
+    mine.status = rj.status;
     mine.config_hash = epx__hash64(&mine.backend, 2 * sizeof(int32_t), 0);
     all = calloc((size_t)nranks, sizeof *all);
     c->scratch = calloc(EPX__SCRATCH_PER_RANK * (size_t)nranks, sizeof(int64_t));
@@ -236,6 +271,14 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
         goto fail;
     }
     EPX__CHECK_GOTO(epx__boot_init(&c->boot, nranks, rank, id, &mine, sizeof mine, all, timeout_ms, &c->err), st, fail);
+    if (rj.status != EPX_SUCCESS) goto fail;
+    for (int r = 0; r < nranks; r++) {
+        if (all[r].status != EPX_SUCCESS) {
+            st = epx__fail(&c->err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its own configuration (%s)", r,
+                           epx_status_name((epx_status_t)all[r].status));
+            goto fail;
+        }
+    }
     for (int r = 0; r < nranks; r++) {
         if (all[r].config_hash != mine.config_hash) {
             st = epx__fail(&c->err, EPX_ERR_MISMATCH,
@@ -291,7 +334,7 @@ fail:
     epx__boot_close(c->boot);
     free(c->scratch);
     free(c);
-    return st;
+    return rj.status != EPX_SUCCESS ? epx__rejected(&rj) : st;
 }
 
 epx_status_t epx_comm_init_from_env(epx_comm_t *comm, const epx_config_t *cfg)
@@ -332,13 +375,15 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     epx_config_t cfg;
     int backend;
     int64_t timeout_ms;
-    EPX__CHECK(epx__config_resolve(user_cfg, &cfg, &backend, &timeout_ms));
+    epx__rejected_t rj = {EPX_SUCCESS, ""};
+    epx_status_t st = epx__config_resolve(user_cfg, &cfg, &backend, &timeout_ms);
+    if (st != EPX_SUCCESS) epx__reject(&rj, st, user_cfg, &backend, &timeout_ms);
     epx_comm_t c = calloc(1, sizeof *c);
     if (!c) return epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
-    epx_status_t st = epx__net_create(&c->net, mpi_comm, timeout_ms, &c->err);
+    st = epx__net_create(&c->net, mpi_comm, timeout_ms, &c->err);
     if (st != EPX_SUCCESS) {
         free(c);
-        return st;
+        return rj.status != EPX_SUCCESS ? epx__rejected(&rj) : st;
     }
     int R = c->nranks = epx__net_size(c->net);
     c->rank = epx__net_rank(c->net);
@@ -348,7 +393,8 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     int *host_of = calloc(2 * (size_t)R, sizeof(int)), *lrank_of = host_of ? host_of + R : NULL;
     c->scratch = calloc(EPX__SCRATCH_PER_RANK * (size_t)R, sizeof(int64_t));
     epx__fault_t fault;
-    epx_status_t local = epx__fault_parse(epx__param_str(EPX__P_FAULT), c->rank, &fault, &c->err);
+    epx_status_t local = rj.status;
+    if (local == EPX_SUCCESS) local = epx__fault_parse(epx__param_str(EPX__P_FAULT), c->rank, &fault, &c->err);
     if (local == EPX_SUCCESS && (!host_of || !c->scratch)) local = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
     if (local == EPX_SUCCESS && backend != EPX_BACKEND_CPU)
         local = epx__fail(&c->err, EPX_ERR_UNSUPPORTED, "communicators made from MPI run the CPU backend only");
@@ -416,7 +462,7 @@ fail:
     epx__net_destroy(c->net, false);
     free(c->scratch);
     free(c);
-    return st;
+    return rj.status != EPX_SUCCESS ? epx__rejected(&rj) : st;
 }
 
 static void epx__comm_free(epx_comm_t c, bool abort)
