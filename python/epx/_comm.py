@@ -45,6 +45,8 @@ def params():
 def _config(backend, device, timeout_ms):
     cfg = _lib.Config.initializer()
     if backend is not None:
+        if isinstance(backend, str) and backend not in _BACKENDS:
+            raise InvalidArgumentError(-1, "backend %r: expected auto, cpu or cuda" % backend)
         cfg.backend = _BACKENDS[backend] if isinstance(backend, str) else int(backend)
     if device is not None:
         index = getattr(device, "index", device)  # torch.device("cuda") has index None: the current device
@@ -68,13 +70,20 @@ class Comm:
 
     def __init__(self, nranks=None, rank=None, unique_id=None, *, backend=None, device=None, timeout_ms=None):
         self._h = c_void_p()
-        cfg = _config(backend, device, timeout_ms)
+        try:
+            cfg, bad = _config(backend, device, timeout_ms), None
+        except Exception as e:  # an argument only Python rejects: this rank still meets the others
+            cfg, bad = _lib.Config.initializer(), e  # at the creation, with a backend the library rejects,
+            cfg.backend = 0x7FFF  # so that they fail at once (RemoteInvalid) instead of waiting for it
         if nranks is None:
-            check(L.epx_comm_init_from_env(byref(self._h), byref(cfg)))
+            st = L.epx_comm_init_from_env(byref(self._h), byref(cfg))
         else:
             uid = _lib.UniqueId()
             check(L.epx_unique_id_from_string(str(unique_id).encode(), byref(uid)))
-            check(L.epx_comm_init_rank(byref(self._h), int(nranks), int(rank), byref(uid), byref(cfg)))
+            st = L.epx_comm_init_rank(byref(self._h), int(nranks), int(rank), byref(uid), byref(cfg))
+        if bad is not None:
+            raise bad
+        check(st)
         info = self.info()
         self.rank, self.size = info.rank, info.nranks
         self.backend = _BACKEND_NAMES.get(info.backend, str(info.backend))

@@ -98,6 +98,29 @@ class CpuTests(unittest.TestCase):
         self.assertEqual(_comm._config(None, Dev(3), None).device, 3)
         self.assertEqual(_comm._config(None, 2, None).device, 2)
 
+    def test_bad_backend_on_one_rank(self):
+        # Comm() with a backend name only Python rejects, on rank 1 of 2: it raises there, and rank 0's
+        # creation fails at once with RemoteInvalid (not at its timeout, a minute)
+        run = _launcher()
+        if run is None:
+            self.skipTest("epx-run not built (cmake --build build)")
+        code = ("import os, time, epx\n"
+                "r = int(os.environ['EPX_RANK'])\n"
+                "t0 = time.monotonic()\n"
+                "try:\n"
+                "    epx.Comm(backend='nope' if r == 1 else 'cpu', timeout_ms=60000)\n"
+                "    raise SystemExit('rank %d: no error' % r)\n"
+                "except epx.RemoteInvalidError:\n"
+                "    assert r == 0\n"
+                "except epx.InvalidArgumentError as e:\n"
+                "    assert r == 1 and 'nope' in e.message, e\n"
+                "assert time.monotonic() - t0 < 20, time.monotonic() - t0\n"
+                "print('rank %d ok' % r)\n")
+        env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.run([run, "-n", "2", "--timeout", "100", "--", sys.executable, "-c", code], env=env,
+                           capture_output=True, text=True, timeout=150)
+        self.assertEqual((p.returncode, p.stdout.count(" ok")), (0, 2), p.stdout[-2000:] + p.stderr[-4000:])
+
     def _script(self, code):
         env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
