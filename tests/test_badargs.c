@@ -2,7 +2,7 @@
  * Bad arguments: each case is passed by one rank while the others pass valid arguments.
  * The bad rank gets a specific status, the others EPX_ERR_REMOTE_INVALID (or MISMATCH for
  * the pair whose counts disagree), nobody's output changes, and a valid exchange works
- * right after every case.
+ * right after every case. Buffers on the backend under test (--cuda: device memory).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -12,31 +12,37 @@
 #define NMAX 16
 #define COUNT 8
 
+#define ELEMS (NMAX * COUNT + 8)
+
 static int me, R;
 static epx_comm_t comm;
-static int32_t send_buf[NMAX * COUNT + 8], recv_buf[NMAX * COUNT + 8];
+static int32_t *send_buf, *recv_buf; /* on the backend under test */
+static int32_t send_host[ELEMS], recv_host[ELEMS];
 static int64_t counts[NMAX], displs[NMAX];
 
 static void reset(void)
 {
-    for (int i = 0; i < NMAX * COUNT + 8; i++) send_buf[i] = me * 100000 + i;
-    memset(recv_buf, 0xA5, sizeof recv_buf);
+    for (int i = 0; i < ELEMS; i++) send_host[i] = me * 100000 + i;
+    test_buf_put(send_buf, send_host, sizeof send_host);
+    test_buf_poison(recv_buf, 0xA5, sizeof recv_host);
     for (int p = 0; p < R; p++) counts[p] = COUNT, displs[p] = (int64_t)p * COUNT;
 }
 
 static void expect_untouched(const char *what)
 {
-    const uint8_t *b = (const uint8_t *)recv_buf;
-    for (size_t i = 0; i < sizeof recv_buf; i++)
+    test_buf_get(recv_host, recv_buf, sizeof recv_host);
+    const uint8_t *b = (const uint8_t *)recv_host;
+    for (size_t i = 0; i < sizeof recv_host; i++)
         if (b[i] != 0xA5) TEST_FAIL_("case %s: recv byte %zu changed after a failed call", what, i);
 }
 
 static void valid_exchange(void)
 {
     reset();
-    ASSERT_OK(epx_alltoallv(comm, send_buf, counts, displs, recv_buf, counts, displs, EPX_I32, NULL));
+    ASSERT_OK(epx_alltoallv(comm, send_buf, counts, displs, recv_buf, counts, displs, EPX_I32, test_stream()));
+    test_buf_get(recv_host, recv_buf, sizeof recv_host);
     for (int p = 0; p < R; p++)
-        for (int i = 0; i < COUNT; i++) ASSERT_EQ(recv_buf[p * COUNT + i], p * 100000 + me * COUNT + i);
+        for (int i = 0; i < COUNT; i++) ASSERT_EQ(recv_host[p * COUNT + i], p * 100000 + me * COUNT + i);
 }
 
 typedef enum {
@@ -55,7 +61,7 @@ static epx_status_t call_case(bad_case_t k, bool bad)
     int64_t mod[NMAX];
     memcpy(mod, counts, sizeof mod);
     epx_dtype_t dt = EPX_I32;
-    void *stream = NULL;
+    void *stream = test_stream();
     if (bad) {
         switch (k) {
         case NULL_SEND: s = NULL; break;
@@ -66,7 +72,7 @@ static epx_status_t call_case(bad_case_t k, bool bad)
         case NEG_DISPL: mod[0] = -4, sd = mod; break;
         case HUGE_COUNT: mod[(me + 1) % R] = INT64_MAX / 2, sc = mod; break;
         case BAD_DTYPE: dt = (epx_dtype_t)42; break;
-        case STREAM: stream = (void *)0x1; break;
+        case STREAM: stream = (void *)0x1; break; /* CPU only (on CUDA, cudaStreamLegacy) */
         case OVERLAP: r = (void *)(send_buf + 4); break;
         case MISALIGNED: s = (const char *)send_buf + 1; break;
         case NEG_DISPL1: /* one element before send, still inside send_buf: no overlap with recv */
@@ -83,8 +89,11 @@ int main(int argc, char **argv)
     test_init(argc, argv);
     comm = test_comm_from_env(&me, &R);
     ASSERT(R <= NMAX);
+    send_buf = test_buf_alloc(sizeof send_host);
+    recv_buf = test_buf_alloc(sizeof recv_host);
     int passed = 0;
     for (int k = 0; k < NCASES; k++) {
+        if (k == STREAM && test_on_cuda()) continue;
         int bad_rank = k % R;
         reset();
         epx_status_t st = call_case((bad_case_t)k, me == bad_rank);
@@ -104,12 +113,15 @@ int main(int argc, char **argv)
         int64_t sc[NMAX];
         memcpy(sc, counts, sizeof sc);
         if (me == a) sc[bb] = 3;
-        epx_status_t st = epx_alltoallv(comm, send_buf, sc, displs, recv_buf, counts, displs, EPX_I32, NULL);
+        epx_status_t st = epx_alltoallv(comm, send_buf, sc, displs, recv_buf, counts, displs, EPX_I32, test_stream());
         if (me == a || me == bb) {
             ASSERT_STATUS(st, EPX_ERR_MISMATCH);
             expect_untouched("mismatch");
+        } else if (test_on_cuda()) { /* the others: told by the host round (README) */
+            ASSERT_STATUS(st, EPX_ERR_REMOTE_INVALID);
+            expect_untouched("mismatch elsewhere");
         } else {
-            ASSERT_OK(st);
+            ASSERT_OK(st); /* the others complete */
         }
         valid_exchange();
         passed++;
@@ -120,42 +132,48 @@ int main(int argc, char **argv)
         int64_t rc[NMAX];
         memcpy(rc, counts, sizeof rc);
         rc[me] = COUNT - 1;
-        epx_status_t st = epx_alltoallv(comm, send_buf, counts, displs, recv_buf, rc, displs, EPX_I32, NULL);
+        epx_status_t st = epx_alltoallv(comm, send_buf, counts, displs, recv_buf, rc, displs, EPX_I32, test_stream());
         ASSERT(st == EPX_ERR_MISMATCH || (R > 1 && st == EPX_ERR_REMOTE_INVALID));
         expect_untouched("self mismatch");
         valid_exchange();
         passed++;
     }
     /* Send and recv that touch but do not overlap (one allocation, either first) are valid. */
+    int32_t *both = test_buf_alloc(sizeof(int32_t) * 2 * NMAX * COUNT);
     for (int order = 0; order < 2; order++) {
         reset();
-        static int32_t both[2 * NMAX * COUNT];
-        int32_t *snd = both + (order ? R * COUNT : 0), *rcv = both + (order ? 0 : R * COUNT);
-        for (int i = 0; i < R * COUNT; i++) snd[i] = me * 100000 + i, rcv[i] = -1;
-        epx_status_t st = epx_alltoallv(comm, snd, counts, displs, rcv, counts, displs, EPX_I32, NULL);
+        static int32_t host[2 * NMAX * COUNT];
+        int sat = order ? R * COUNT : 0, rat = order ? 0 : R * COUNT;
+        for (int i = 0; i < R * COUNT; i++) host[sat + i] = me * 100000 + i, host[rat + i] = -1;
+        test_buf_put(both, host, sizeof host);
+        epx_status_t st =
+            epx_alltoallv(comm, both + sat, counts, displs, both + rat, counts, displs, EPX_I32, test_stream());
         if (st != EPX_SUCCESS)
             TEST_FAIL_("adjacent buffers (%s first): %s (%s)", order ? "recv" : "send", epx_status_name(st),
                        epx_comm_get_last_error(comm));
+        test_buf_get(host, both, sizeof host);
         for (int p = 0; p < R; p++)
-            for (int i = 0; i < COUNT; i++) ASSERT_EQ(rcv[p * COUNT + i], p * 100000 + me * COUNT + i);
+            for (int i = 0; i < COUNT; i++) ASSERT_EQ(host[rat + p * COUNT + i], p * 100000 + me * COUNT + i);
         valid_exchange();
     }
+    test_buf_free(both);
     passed++;
     /* Zero counts everywhere: no buffer is touched, whatever the displacements say (NULL). */
     {
         int64_t zero[NMAX] = {0};
-        ASSERT_OK(epx_alltoallv(comm, NULL, zero, displs, NULL, zero, displs, EPX_I32, NULL));
+        ASSERT_OK(epx_alltoallv(comm, NULL, zero, displs, NULL, zero, displs, EPX_I32, test_stream()));
         valid_exchange();
         passed++;
     }
     /* alltoall and barrier with bad arguments on every rank at once. */
     reset();
-    ASSERT_STATUS(epx_alltoall(comm, send_buf, recv_buf, 1, (epx_dtype_t)-1, NULL), EPX_ERR_INVALID_ARGUMENT);
-    ASSERT_STATUS(epx_alltoall(comm, NULL, recv_buf, 1, EPX_I32, NULL), EPX_ERR_INVALID_ARGUMENT);
-    ASSERT_STATUS(epx_alltoall(comm, send_buf, recv_buf, SIZE_MAX / 2, EPX_I32, NULL), EPX_ERR_INVALID_ARGUMENT);
-    ASSERT_STATUS(epx_barrier(comm, (void *)0x1), EPX_ERR_INVALID_ARGUMENT);
+    void *stream = test_stream();
+    ASSERT_STATUS(epx_alltoall(comm, send_buf, recv_buf, 1, (epx_dtype_t)-1, stream), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_alltoall(comm, NULL, recv_buf, 1, EPX_I32, stream), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_alltoall(comm, send_buf, recv_buf, SIZE_MAX / 2, EPX_I32, stream), EPX_ERR_INVALID_ARGUMENT);
+    if (!test_on_cuda()) ASSERT_STATUS(epx_barrier(comm, (void *)0x1), EPX_ERR_INVALID_ARGUMENT);
     expect_untouched("alltoall");
-    ASSERT_OK(epx_alltoall(comm, send_buf, recv_buf, 0, EPX_I32, NULL));
+    ASSERT_OK(epx_alltoall(comm, send_buf, recv_buf, 0, EPX_I32, stream));
     expect_untouched("alltoall of 0");
     valid_exchange();
     passed++;
@@ -215,6 +233,8 @@ int main(int argc, char **argv)
         valid_exchange();
         passed++;
     }
+    test_buf_free(send_buf);
+    test_buf_free(recv_buf);
     test_finish(comm, passed);
     return 0;
 }
