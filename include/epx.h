@@ -214,6 +214,9 @@ EPX_API epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *asy
  * into the receivers' buffers; other buffers go through a staging copy. Local call.
  * Aligned to 4096 bytes. */
 EPX_API epx_status_t epx_mem_alloc(epx_comm_t comm, size_t bytes, void **ptr);
+/* Local. ptr must come from epx_mem_alloc on this communicator (NULL: nothing to do); any
+ * other pointer gets EPX_ERR_INVALID_ARGUMENT and is not freed. What is still allocated is
+ * released with the communicator. */
 EPX_API epx_status_t epx_mem_free(epx_comm_t comm, void *ptr);
 
 /* ---- Collectives ----------------------------------------------------------------- */

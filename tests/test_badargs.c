@@ -179,7 +179,12 @@ int main(int argc, char **argv)
     passed++;
     /* Local calls. */
     ASSERT_STATUS(epx_alltoall(NULL, send_buf, recv_buf, 1, EPX_I32, NULL), EPX_ERR_INVALID_ARGUMENT);
-    ASSERT_STATUS(epx_mem_free(comm, send_buf), EPX_ERR_INVALID_ARGUMENT);
+    ASSERT_STATUS(epx_mem_free(comm, send_buf), EPX_ERR_INVALID_ARGUMENT); /* not epx's: refused, not freed */
+    void *mine = NULL, *kept = NULL;
+    ASSERT_OK(epx_mem_alloc(comm, 64, &mine));
+    ASSERT_OK(epx_mem_alloc(comm, 64, &kept)); /* released with the communicator */
+    ASSERT_OK(epx_mem_free(comm, mine));
+    ASSERT_STATUS(epx_mem_free(comm, mine), EPX_ERR_INVALID_ARGUMENT); /* twice */
     ASSERT_STATUS(epx_mem_alloc(comm, 16, NULL), EPX_ERR_INVALID_ARGUMENT);
     void *big = (void *)&big;
     ASSERT_STATUS(epx_mem_alloc(comm, SIZE_MAX, &big), EPX_ERR_INVALID_ARGUMENT);

@@ -213,6 +213,8 @@ void epx__cuda_destroy(epx__cuda_t *c)
     if (c->side) cudaStreamDestroy(c->side);
     if (c->fork) cudaEventDestroy(c->fork);
     if (c->join) cudaEventDestroy(c->join);
+    for (int i = 0; i < c->num_mem; i++) cudaFree(c->mem[i]);
+    free(c->mem);
     cudaGetLastError();
     free(c);
 }
@@ -286,16 +288,29 @@ epx_status_t epx__cuda_status_check(epx__cuda_t *c, const void *in, const epx__c
 
 epx_status_t epx__cuda_mem_alloc(epx__cuda_t *c, size_t bytes, void **ptr, epx__errbuf_t *err)
 {
-    (void)c;
+    if (c->num_mem == c->cap_mem) {
+        int cap = c->cap_mem ? 2 * c->cap_mem : 8;
+        void **m = realloc(c->mem, sizeof *m * (size_t)cap);
+        if (!m) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        c->mem = m, c->cap_mem = cap;
+    }
     EPX__CUDA_TRY(cudaMalloc(ptr, EPX__MAX(bytes, (size_t)1)), err, "epx_mem_alloc");
+    c->mem[c->num_mem++] = *ptr;
     return EPX_SUCCESS;
 }
 
+/* Only what epx_mem_alloc returned on this communicator: anything else (a caller's own
+ * cudaMalloc, a framework's pool) is refused, not freed. */
 epx_status_t epx__cuda_mem_free(epx__cuda_t *c, void *ptr, epx__errbuf_t *err)
 {
-    (void)c;
-    EPX__CUDA_TRY(cudaFree(ptr), err, "epx_mem_free");
-    return EPX_SUCCESS;
+    for (int i = 0; i < c->num_mem; i++) {
+        if (c->mem[i] != ptr) continue;
+        c->mem[i] = c->mem[--c->num_mem];
+        EPX__CUDA_TRY(cudaFree(ptr), err, "epx_mem_free");
+        return EPX_SUCCESS;
+    }
+    return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "epx_mem_free: %p was not returned by epx_mem_alloc on this communicator",
+                     ptr);
 }
 
 /* ---- IPC of callers' buffers ------------------------------------------------------------ */

@@ -58,6 +58,8 @@ struct epx__cuda {
     uint64_t ipc_closed;  /* mappings closed so far (a call re-reads the ones it took when this moves) */
     epx__fault_t fault;   /* EPX_FAULT (core/fault.h) */
     uint32_t fault_step;  /* CUDA operations started (collective calls), for EPX_FAULT */
+    void **mem;           /* epx_mem_alloc's allocations, freed at the latest with the communicator */
+    int num_mem, cap_mem;
 };
 
 /* ---- Fault injection (EPX_FAULT): one predictable branch per hook when unarmed ---- */
