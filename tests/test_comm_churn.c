@@ -1,9 +1,10 @@
 /*
  * Communicators made and ended in quick succession, each after one MoE call in which no
  * rank has a token. epx_comm_destroy is local, so a rank that had nothing to send may end
- * its communicator (and remove the names of its shared memory) while a slower peer is
- * still in the call, about to read that rank's part of it: the peer must still complete.
- * Each round's unique id comes from rank 0 over the first communicator. CPU backend.
+ * its communicator (and remove the names of its shared memory, or free its device memory)
+ * while a slower peer is still in the call, about to read that rank's part of it: the peer
+ * must still complete. Each round's communicator comes from the first one
+ * (test_comm_again). Both backends (--cuda: buffers in device memory).
  */
 #include <string.h>
 
@@ -14,20 +15,14 @@ int main(int argc, char **argv)
     test_init(argc, argv);
     int me, R, passed = 0;
     epx_comm_t comm = test_comm_from_env(&me, &R);
-    epx_unique_id_t *ids = malloc(sizeof *ids * (size_t)R), *got = malloc(sizeof *got * (size_t)R);
-    ASSERT(ids && got);
-    memset(ids, 0, sizeof *ids * (size_t)R);
     const int H = 8;
-    uint16_t x[8] = {0}, rx[4 * 8];
-    int32_t idx[1] = {0};
+    void *x = test_buf_alloc(sizeof(uint16_t) * 8), *rx = test_buf_alloc(sizeof(uint16_t) * 4 * 8);
+    void *idx = test_buf_alloc(sizeof(int32_t));
+    test_buf_poison(x, 0, sizeof(uint16_t) * 8);
+    test_buf_poison(idx, 0, sizeof(int32_t));
     for (int round = 0; round < 30; round++) {
-        if (me == 0) {
-            ASSERT_OK(epx_get_unique_id(&ids[0]));
-            for (int p = 1; p < R; p++) ids[p] = ids[0];
-        }
-        ASSERT_OK(epx_alltoall(comm, ids, got, sizeof *ids, EPX_U8, NULL));
         epx_comm_t c;
-        ASSERT_OK(epx_comm_init_rank(&c, R, me, &got[0], NULL));
+        ASSERT_OK(test_comm_again(comm, NULL, &c));
         epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
         cfg.hidden = H, cfg.max_tokens_per_rank = 1, cfg.num_experts = R, cfg.max_topk = 1;
         cfg.index_dtype = EPX_I32;
@@ -38,17 +33,18 @@ int main(int argc, char **argv)
         memset(&out, 0, sizeof out);
         out.recv_x = rx, out.capacity = 4;
         epx_moe_handle_t h = NULL;
-        epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, NULL);
+        epx_status_t st = epx_moe_dispatch(moe, &in, &out, &h, test_stream());
         if (st != EPX_SUCCESS)
             TEST_FAIL_("round %d: a dispatch of no token returned %s (%s)", round, epx_status_name(st),
                        epx_comm_get_last_error(c));
         ASSERT_EQ(out.num_recv_tokens, 0);
+        test_sync();
         ASSERT_OK(epx_moe_handle_destroy(h));
         ASSERT_OK(epx_moe_destroy(moe));
         ASSERT_OK(epx_comm_destroy(c)); /* no barrier: a peer may still be in the dispatch */
         passed++;
     }
-    free(ids), free(got);
+    test_buf_free(x), test_buf_free(rx), test_buf_free(idx);
     test_finish(comm, passed);
     return 0;
 }

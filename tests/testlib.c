@@ -229,21 +229,32 @@ epx_comm_t test_comm_from_env(int *rank, int *nranks)
 
 epx_status_t test_comm_again(epx_comm_t comm, const epx_config_t *cfg, epx_comm_t *out)
 {
+    epx_config_t mine = EPX_CONFIG_INITIALIZER;
+    if (!cfg && test_cuda) {
+        mine.backend = EPX_BACKEND_CUDA;
+        mine.device = test_device;
+        cfg = &mine;
+    }
 #ifdef EPX_HAVE_MPI
     if (test_mpi) return epx_comm_init_mpi(out, MPI_COMM_WORLD, cfg);
 #endif
     int me, R;
     ASSERT_OK(epx_comm_rank(comm, &me));
     ASSERT_OK(epx_comm_size(comm, &R));
-    epx_unique_id_t *ids = calloc((size_t)R, sizeof *ids), *got = calloc((size_t)R, sizeof *got);
-    ASSERT(ids && got);
+    size_t bytes = sizeof(epx_unique_id_t) * (size_t)R;
+    epx_unique_id_t *ids = calloc((size_t)R, sizeof *ids);
+    void *dsend = test_buf_alloc(bytes), *drecv = test_buf_alloc(bytes);
+    ASSERT(ids);
     if (me == 0) {
         ASSERT_OK(epx_get_unique_id(&ids[0]));
         for (int p = 1; p < R; p++) ids[p] = ids[0];
     }
-    ASSERT_OK(epx_alltoall(comm, ids, got, sizeof *ids, EPX_U8, NULL));
-    epx_status_t st = epx_comm_init_rank(out, R, me, &got[0], cfg);
-    free(ids), free(got);
+    test_buf_put(dsend, ids, bytes);
+    ASSERT_OK(epx_alltoall(comm, dsend, drecv, sizeof *ids, EPX_U8, test_stream()));
+    test_buf_get(ids, drecv, bytes);
+    epx_status_t st = epx_comm_init_rank(out, R, me, &ids[0], cfg);
+    free(ids);
+    test_buf_free(dsend), test_buf_free(drecv);
     return st;
 }
 

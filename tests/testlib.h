@@ -79,8 +79,8 @@ void test_init_cuda_only(int argc, char **argv);
  * (sets test_rank). */
 epx_comm_t test_comm_from_env(int *rank, int *nranks);
 /* Another communicator over the same ranks, made as the first was (from MPI_COMM_WORLD with
- * --mpi, else from an id rank 0 makes and sends through `comm`; CPU backend only), with cfg:
- * what the creation returned, *out on success. Collective. */
+ * --mpi, else from an id rank 0 makes and sends through `comm`), with cfg (NULL: the backend
+ * under test): what the creation returned, *out on success. Collective. */
 epx_status_t test_comm_again(epx_comm_t comm, const epx_config_t *cfg, epx_comm_t *out);
 /* A monotonic clock, in seconds. */
 double test_seconds(void);
