@@ -401,8 +401,8 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     /* Every rank must run the same version and backend. */
     uint64_t mine[2] = {(uint64_t)backend, EPX_VERSION_CODE}, *all = malloc(sizeof mine * (size_t)R);
     if (!all) local = epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
-    EPX__CHECK_GOTO(epx__net_agree(c, local), st, fail);
-    st = epx__net_allgather(c->net, mine, all, sizeof mine, &c->err);
+    st = epx__net_agree(c, local); /* on failure too, `all` is freed below */
+    if (st == EPX_SUCCESS) st = epx__net_allgather(c->net, mine, all, sizeof mine, &c->err);
     for (int r = 0; r < R && st == EPX_SUCCESS; r++)
         if (all[2 * r] != mine[0] || all[2 * r + 1] != mine[1])
             st = epx__fail(&c->err, EPX_ERR_MISMATCH,
