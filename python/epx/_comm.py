@@ -288,26 +288,30 @@ class Comm:
                 problem = "recv has %d bytes, send %d" % (A.numel(r) * A.itemsize(r), n)
             elif n % (es * self.size):
                 problem = "send has %d bytes: not %d blocks of %d-byte elements" % (n, self.size, es)
-            return r, code, es, n, problem, None if problem else self._stream(stream, send)
+            # the addresses and the stream too: nothing left to raise between here and the call
+            return r, code, es, n, problem, None if problem else (A.ptr(send), A.ptr(r), self._stream(stream, send))
 
-        recv, code, es, n, problem, s = self._prepared(prepare)
+        recv, code, es, n, problem, call_args = self._prepared(prepare)
         if problem:
             self._fail_together(problem)
         count = n // es // self.size
-        check(self._run(lambda: L.epx_alltoall(self._ptr(), A.ptr(send), A.ptr(recv), count, code, s)), self._h)
+        ps, pr, s = call_args
+        check(self._run(lambda: L.epx_alltoall(self._ptr(), ps, pr, count, code, s)), self._h)
         return recv
 
     def alltoallv(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, *, dtype=None, stream=None):
         """MPI_Alltoallv; counts and displacements in elements (sequences of `size` ints). Returns recv."""
         def prepare():
             args = self._alltoallv_args(send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype)
-            return args + (None if args[3] else self._stream(stream, send),)
+            # the addresses and the stream too: nothing left to raise between here and the call
+            return args + (None if args[3] else (A.ptr(send), A.ptr(recv), self._stream(stream, send)),)
 
-        code, es, arrs, problem, s = self._prepared(prepare)
+        code, es, arrs, problem, call_args = self._prepared(prepare)
         if problem:
             self._fail_together(problem)
-        check(self._run(lambda: L.epx_alltoallv(self._ptr(), A.ptr(send), arrs[0], arrs[1], A.ptr(recv), arrs[2],
-                                                arrs[3], code, s)), self._h)
+        ps, pr, s = call_args
+        check(self._run(lambda: L.epx_alltoallv(self._ptr(), ps, arrs[0], arrs[1], pr, arrs[2], arrs[3], code, s)),
+              self._h)
         return recv
 
     def _alltoallv_args(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype):

@@ -485,6 +485,26 @@ def test_failures_between_checks_and_call():
         finally:
             epx._arrays.empty = real_empty
         ok(time.monotonic() - t0 < 10, "%s took %.1f s" % (what, time.monotonic() - t0))
+    # an array-like that passes the checks (size, itemsize, flags) but has no address numpy's way (no
+    # __array_interface__, as a cupy array): its AttributeError comes before the call on that rank, which
+    # still fails on every rank (the address used to be taken in the call's lambda: the others then paired
+    # their call with that rank's next one)
+
+    class Opaque:
+        size, itemsize = R, 4
+        flags = type("Flags", (), {"c_contiguous": True, "writeable": True})()
+    for what, call in (("alltoall", lambda a, b: comm.alltoall(a, b)),
+                       ("alltoallv", lambda a, b: comm.alltoallv(a, [1] * R, range(R), b, [1] * R, range(R)))):
+        t0 = time.monotonic()
+        try:
+            call(*((Opaque(), Opaque()) if me == bad else (np.zeros(R, np.float32), np.zeros(R, np.float32))))
+            raise AssertionError("rank %d: %s of an opaque array did not raise" % (me, what))
+        except epx.RemoteInvalidError:
+            ok(me != bad, "%s of an opaque array: rank %d got RemoteInvalid" % (what, me))
+        except AttributeError:
+            ok(me == bad, "%s of an opaque array: rank %d raised AttributeError" % (what, me))
+        ok(time.monotonic() - t0 < 10, "%s of an opaque array took %.1f s" % (what, time.monotonic() - t0))
+        same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after " + what)
     # a barrier with a bad stream still meets the others'
     try:
         comm.barrier(stream=stream)
