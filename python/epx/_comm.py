@@ -326,6 +326,9 @@ class Comm:
             v = [int(e) for e in v]  # once: an iterator is consumed here
             if len(v) != self.size:
                 problem = problem or "%s has %d entries, not %d" % (name, len(v), self.size)
+            wide = [e for e in v if not -2**63 <= e < 2**63]  # ctypes would wrap them (past the bounds check)
+            if wide:
+                problem = problem or "%s holds %d, outside int64" % (name, wide[0])
             vals.append(v)
             arrs.append((c_int64 * self.size)(*v[:self.size]))
         if problem is None:

@@ -162,6 +162,15 @@ def test_bad_collectives():
     send = big[:R - 1] if me == bad else big
     raises(exc, lambda: comm.alltoallv(send, iter([1] * R), iter(range(R)), np.zeros(R, np.float32), [1] * R, range(R)),
            "alltoallv with iterator counts past the send buffer")
+    # counts and displacements outside int64 (ctypes would wrap them: -2**64 + 16 became 16, which the
+    # bounds check, seeing a negative number, let through): refused on that rank, nothing written past recv
+    for name, cnt, dsp in (("rdispls", [1] * R, [-2**64 + 16 + p for p in range(R)]),
+                           ("recvcounts", [-2**64 + 16] + [1] * (R - 1), range(R))):
+        big = np.zeros(64, np.float32)
+        raises(exc, lambda: comm.alltoallv(np.ones(R, np.float32), [1] * R, range(R), big[:R],
+                                           *((cnt, dsp) if me == bad else ([1] * R, range(R)))),
+               "alltoallv with %s outside int64" % name)
+        ok(not big[R:].any(), "alltoallv with %s outside int64 wrote past recv" % name)
     # still usable
     same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after errors")
 
