@@ -138,6 +138,6 @@ def stream_handle(s):
     """A stream argument as an address: None, an int, or a torch.cuda.Stream. TypeError for anything
     else (before any collective call starts, so the caller can make every rank fail together)."""
     h = getattr(s, "cuda_stream", s)
-    if h is not None and (isinstance(h, bool) or not isinstance(h, int)):
+    if h is not None and (isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < 2**64):
         raise TypeError("stream must be None, an int (a cudaStream_t) or a torch.cuda.Stream, not %r" % (s,))
     return h or None

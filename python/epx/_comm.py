@@ -45,9 +45,9 @@ def params():
 def _config(backend, device, timeout_ms):
     cfg = _lib.Config.initializer()
     if backend is not None:
-        if isinstance(backend, str) and backend not in _BACKENDS:
+        if isinstance(backend, str) and backend.lower() not in _BACKENDS:
             raise InvalidArgumentError(-1, "backend %r: expected auto, cpu or cuda" % backend)
-        cfg.backend = _BACKENDS[backend] if isinstance(backend, str) else int(backend)
+        cfg.backend = _BACKENDS[backend.lower()] if isinstance(backend, str) else int(backend)
     if device is not None:
         index = getattr(device, "index", device)  # torch.device("cuda") has index None: the current device
         if index is not None:

@@ -472,7 +472,9 @@ def test_failures_between_checks_and_call():
              ("dispatch with a bad stream", lambda: ht.dispatch(x, W.idx[me], stream=stream)),
              ("ll_combine with a bad stream", lambda: ll.ll_combine(lr.handle, y, W.w[me], stream=stream)),
              ("alltoall with stream=True", lambda: comm.alltoall(np.zeros(R, np.float32),  # a bool is not an address
-                                                                stream=True if me == bad else None))]
+                                                                stream=True if me == bad else None)),
+             ("alltoall with stream=2**64", lambda: comm.alltoall(np.zeros(R, np.float32),  # ctypes would wrap it
+                                                                 stream=2**64 if me == bad else None))]
     real_empty = epx._arrays.empty
 
     def no_memory(*a):

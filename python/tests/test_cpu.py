@@ -108,7 +108,7 @@ class CpuTests(unittest.TestCase):
                 "r = int(os.environ['EPX_RANK'])\n"
                 "t0 = time.monotonic()\n"
                 "try:\n"
-                "    epx.Comm(backend='nope' if r == 1 else 'cpu', timeout_ms=60000)\n"
+                "    epx.Comm(backend='nope' if r == 1 else 'CPU', timeout_ms=60000)\n"
                 "    raise SystemExit('rank %d: no error' % r)\n"
                 "except epx.RemoteInvalidError:\n"
                 "    assert r == 0\n"

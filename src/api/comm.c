@@ -135,12 +135,16 @@ static void epx__reject(epx__rejected_t *rj, epx_status_t st, const epx_config_t
     const char *msg = epx_get_last_error(), *colon = strstr(msg, ": ");
     snprintf(rj->why, sizeof rj->why, "%s", colon ? colon + 2 : msg);
     *backend = -1;
-    int64_t t = user_cfg && user_cfg->size >= offsetof(epx_config_t, timeout_ms) + sizeof user_cfg->timeout_ms &&
-                        user_cfg->timeout_ms != EPX_UNSET
-                    ? user_cfg->timeout_ms
-                    : 0;
-    if (t <= 0) t = epx__param_int(EPX__P_TIMEOUT_MS);
-    *timeout_ms = t > 0 ? t : 300000;
+    bool has = user_cfg && user_cfg->size >= offsetof(epx_config_t, timeout_ms) + sizeof user_cfg->timeout_ms &&
+               user_cfg->size <= sizeof *user_cfg;
+    *timeout_ms = epx__timeout_fallback(has ? user_cfg->timeout_ms : EPX_UNSET);
+}
+
+int64_t epx__timeout_fallback(int64_t cfg_timeout_ms)
+{
+    if (cfg_timeout_ms > 0) return cfg_timeout_ms; /* EPX_UNSET is negative */
+    int64_t t = epx__param_int(EPX__P_TIMEOUT_MS);
+    return t > 0 ? t : 300000; /* EPX_TIMEOUT_MS's default (core.h) */
 }
 
 /* The rejecting rank's return, whatever happened after its rejection. */

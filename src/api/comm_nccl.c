@@ -87,7 +87,7 @@ epx_status_t epx_comm_init_nccl(epx_comm_t *comm, void *nccl_comm, const epx_con
     if (timeout_ms <= 0) {
         if (local == EPX_SUCCESS)
             local = epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "timeout_ms = %lld must be > 0", (long long)timeout_ms);
-        timeout_ms = epx__param_int(EPX__P_TIMEOUT_MS);
+        timeout_ms = epx__timeout_fallback(EPX_UNSET); /* to meet the others with */
     }
     epx__nccl_t *n = NULL;
     EPX__CHECK(epx__nccl_adopt(&n, nccl_comm, timeout_ms, NULL)); /* without it, no way to tell the others */
