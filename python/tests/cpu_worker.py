@@ -48,6 +48,26 @@ def raises(exc, fn, what):
     raise AssertionError("rank %d: %s did not raise %s" % (me, what, exc.__name__))
 
 
+def fails_together(what, call, bad, own=Exception):
+    """call(), a collective, fails on every rank within 10 s: rank `bad` with its own exception (an
+    `own` that is not an EpxError: it never reached the library), the others with RemoteInvalidError.
+    Returns the bad rank's exception (None elsewhere)."""
+    t0, got = time.monotonic(), None
+    try:
+        call()
+    except epx.RemoteInvalidError:
+        ok(me != bad, "%s: rank %d got RemoteInvalid" % (what, me))
+    except epx.EpxError as e:
+        raise AssertionError("rank %d: %s raised %r" % (me, what, e))
+    except own as e:
+        ok(me == bad, "%s: rank %d raised %r" % (what, me, e))
+        got = e
+    else:
+        raise AssertionError("rank %d: %s did not raise" % (me, what))
+    ok(time.monotonic() - t0 < 10, "%s took %.1f s" % (what, time.monotonic() - t0))
+    return got
+
+
 def f32_to_bf16(f):
     u = np.asarray(f, dtype=np.float32).view(np.uint32).astype(np.uint64)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
@@ -145,17 +165,7 @@ def test_bad_collectives():
                        ("alltoallv of a list", lambda: comm.alltoallv([0.0] * R if me == bad else np.zeros(R, np.float32),
                                                                    [1] * R, list(range(R)), np.zeros(R, np.float32),
                                                                    [1] * R, list(range(R))))):
-        t0 = time.monotonic()
-        try:
-            call()
-            raise AssertionError("rank %d: %s did not raise" % (me, what))
-        except epx.RemoteInvalidError:
-            ok(me != bad, "%s: rank %d got RemoteInvalid" % (what, me))
-        except epx.EpxError as e:
-            raise AssertionError("rank %d: %s raised %r" % (me, what, e))
-        except Exception:  # noqa: BLE001  (the bad rank's own: KeyError, TypeError, ...)
-            ok(me == bad, "%s: rank %d raised its own exception" % (what, me))
-        ok(time.monotonic() - t0 < 10, "%s took %.1f s" % (what, time.monotonic() - t0))
+        fails_together(what, call, bad)  # the bad rank's own: KeyError, TypeError, ...
     # counts and displacements given as iterators are checked against the buffers as lists are
     # (send is a view: what a missed check let the library read past it is still big's)
     big = np.zeros(R, np.float32)
@@ -432,17 +442,8 @@ def test_moe_bad_arguments_one_rank():
     # one rank raises there, and the creation fails on the others at once (RemoteInvalid), not out of step
     bad = R - 1
     for kw in ({"dtype": "nope"}, {"mode": "nope"}, {"scale_format": "nope"}):
-        t0 = time.monotonic()
-        try:
-            epx.Moe(comm, 16, 2 * R, 4, 2, **(kw if me == bad else {}))
-            raise AssertionError("rank %d: Moe(%s) did not raise" % (me, kw))
-        except epx.RemoteInvalidError:
-            ok(me != bad, "Moe(%s): rank %d got RemoteInvalid" % (kw, me))
-        except epx.EpxError as e:
-            raise AssertionError("rank %d: Moe(%s) raised %r" % (me, kw, e))
-        except (ValueError, KeyError):
-            ok(me == bad, "Moe(%s): rank %d raised its own exception" % (kw, me))
-        ok(time.monotonic() - t0 < 10, "Moe(%s) took %.1f s" % (kw, time.monotonic() - t0))
+        fails_together("Moe(%s)" % kw, lambda: epx.Moe(comm, 16, 2 * R, 4, 2, **(kw if me == bad else {})), bad,
+                       (ValueError, KeyError))
     same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after a bad Moe()")
 
 
@@ -483,19 +484,11 @@ def test_failures_between_checks_and_call():
     for what, call in calls:
         oom = me == bad and "stream" not in what and not what.startswith("alltoall")
         epx._arrays.empty = no_memory if oom else real_empty
-        t0 = time.monotonic()
         try:
-            call()
-            raise AssertionError("rank %d: %s did not raise" % (me, what))
-        except epx.RemoteInvalidError:
-            ok(me != bad, "%s: rank %d got RemoteInvalid" % (what, me))
-        except epx.EpxError as e:
-            raise AssertionError("rank %d: %s raised %r" % (me, what, e))
-        except (MemoryError, TypeError) as e:
-            ok(me == bad and isinstance(e, MemoryError) == oom, "%s: rank %d raised %r" % (what, me, e))
+            e = fails_together(what, call, bad, (MemoryError, TypeError))
         finally:
             epx._arrays.empty = real_empty
-        ok(time.monotonic() - t0 < 10, "%s took %.1f s" % (what, time.monotonic() - t0))
+        ok(me != bad or isinstance(e, MemoryError) == oom, "%s: rank %d raised %r" % (what, me, e))
     # an array-like that passes the checks (size, itemsize, flags) but has no address numpy's way (no
     # __array_interface__, as a cupy array): its AttributeError comes before the call on that rank, which
     # still fails on every rank (the address used to be taken in the call's lambda: the others then paired
@@ -506,15 +499,8 @@ def test_failures_between_checks_and_call():
         flags = type("Flags", (), {"c_contiguous": True, "writeable": True})()
     for what, call in (("alltoall", lambda a, b: comm.alltoall(a, b)),
                        ("alltoallv", lambda a, b: comm.alltoallv(a, [1] * R, range(R), b, [1] * R, range(R)))):
-        t0 = time.monotonic()
-        try:
-            call(*((Opaque(), Opaque()) if me == bad else (np.zeros(R, np.float32), np.zeros(R, np.float32))))
-            raise AssertionError("rank %d: %s of an opaque array did not raise" % (me, what))
-        except epx.RemoteInvalidError:
-            ok(me != bad, "%s of an opaque array: rank %d got RemoteInvalid" % (what, me))
-        except AttributeError:
-            ok(me == bad, "%s of an opaque array: rank %d raised AttributeError" % (what, me))
-        ok(time.monotonic() - t0 < 10, "%s of an opaque array took %.1f s" % (what, time.monotonic() - t0))
+        args = (Opaque(), Opaque()) if me == bad else (np.zeros(R, np.float32), np.zeros(R, np.float32))
+        fails_together(what + " of an opaque array", lambda: call(*args), bad, AttributeError)
         same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after " + what)
     # a barrier with a bad stream still meets the others'
     try:
