@@ -51,11 +51,11 @@ void epx__moe_detach_all(epx_comm_t comm);
 /* epx_comm_init_mpi's work, with `mpi_comm` pointing to the MPI_Comm (comm.c). */
 epx_status_t epx__comm_init_net(epx_comm_t *comm, const void *mpi_comm, const epx_config_t *cfg);
 
-/* epx_comm_init_rank's work; `nccl` (an epx__nccl_t *, or NULL) is an adopted NCCL
- * communicator that a CUDA communicator across hosts uses instead of making its own. */
 /* A timeout a rank can meet the others with when its own is invalid: cfg_timeout_ms when
  * valid (> 0, not EPX_UNSET), else EPX_TIMEOUT_MS when valid, else its default. */
 int64_t epx__timeout_fallback(int64_t cfg_timeout_ms);
+/* epx_comm_init_rank's work; `nccl` (an epx__nccl_t *, or NULL) is an adopted NCCL
+ * communicator that a CUDA communicator across hosts uses instead of making its own. */
 epx_status_t epx__comm_init(epx_comm_t *comm, int nranks, int rank, const epx_unique_id_t *id, const epx_config_t *cfg,
                             void *nccl);
 
