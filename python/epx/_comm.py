@@ -42,18 +42,26 @@ def params():
     return out
 
 
+def _c_int(name, v):
+    """v as a C int, refused (not wrapped, as ctypes would) when it does not fit."""
+    v = int(v)
+    if not -2**31 <= v < 2**31:
+        raise InvalidArgumentError(-1, "%s = %d does not fit in a C int" % (name, v))
+    return v
+
+
 def _config(backend, device, timeout_ms):
     cfg = _lib.Config.initializer()
     if backend is not None:
         if isinstance(backend, str) and backend.lower() not in _BACKENDS:
             raise InvalidArgumentError(-1, "backend %r: expected auto, cpu or cuda" % backend)
-        cfg.backend = _BACKENDS[backend.lower()] if isinstance(backend, str) else int(backend)
+        cfg.backend = _BACKENDS[backend.lower()] if isinstance(backend, str) else _c_int("backend", backend)
     if device is not None:
         index = getattr(device, "index", device)  # torch.device("cuda") has index None: the current device
         if index is not None:
-            cfg.device = int(index)
+            cfg.device = _c_int("device", index)
     if timeout_ms is not None:
-        cfg.timeout_ms = int(timeout_ms)
+        cfg.timeout_ms = _c_int("timeout_ms", timeout_ms)
     return cfg
 
 

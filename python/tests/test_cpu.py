@@ -89,6 +89,7 @@ class CpuTests(unittest.TestCase):
 
     def test_config_device(self):
         # a torch.device without an index ("cuda") means the current device, not device 0
+        import epx
         from epx import _comm, _lib
 
         class Dev:
@@ -97,6 +98,9 @@ class CpuTests(unittest.TestCase):
         self.assertEqual(_comm._config(None, Dev(None), None).device, _lib.EPX_UNSET)
         self.assertEqual(_comm._config(None, Dev(3), None).device, 3)
         self.assertEqual(_comm._config(None, 2, None).device, 2)
+        for kw in ({"timeout_ms": 2**32 + 5}, {"device": -2**31 - 1}, {"backend": 2**40}):  # ctypes would wrap them
+            with self.assertRaises(epx.InvalidArgumentError, msg=str(kw)):
+                _comm._config(kw.get("backend"), kw.get("device"), kw.get("timeout_ms"))
 
     def test_bad_backend_on_one_rank(self):
         # Comm() with a backend name only Python rejects, on rank 1 of 2: it raises there, and rank 0's
