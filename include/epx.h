@@ -162,10 +162,11 @@ EPX_API epx_status_t epx_unique_id_to_string(const epx_unique_id_t *id, char *bu
 EPX_API epx_status_t epx_unique_id_from_string(const char *text, epx_unique_id_t *id);
 
 /* Collective over nranks processes: create a communicator. Fails on every rank with
- * EPX_ERR_MISMATCH when the ranks' configurations differ; a rank that rejects its own (cfg,
- * or an EPX_* variable) gets EPX_ERR_INVALID_ARGUMENT and the others, at once,
- * EPX_ERR_REMOTE_INVALID (a bad rank, nranks or id cannot reach them: they time out).
- * cfg may be NULL (defaults). */
+ * EPX_ERR_MISMATCH when the ranks' configurations differ. A rank that rejects its own (cfg,
+ * or an EPX_* variable) still meets the others (waiting for them as a valid rank would),
+ * then gets EPX_ERR_INVALID_ARGUMENT and they EPX_ERR_REMOTE_INVALID; a bad rank, nranks or
+ * id cannot reach them (they time out). An id serves one creation, failed or not (with
+ * nranks 1, one that failed on its arguments leaves it unused). cfg may be NULL (defaults). */
 EPX_API epx_status_t epx_comm_init_rank(epx_comm_t *comm, int nranks, int rank, const epx_unique_id_t *id,
                                 const epx_config_t *cfg);
 

@@ -242,7 +242,7 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
     epx__log_set_rank(rank);
     if (st == EPX_SUCCESS) st = epx__fault_parse(epx__param_str(EPX__P_FAULT), rank, &fault, NULL);
     epx__rejected_t rj = {EPX_SUCCESS, ""};
-    if (st != EPX_SUCCESS) {
+    if (st != EPX_SUCCESS && nranks > 1) { /* alone, nobody to tell: the id stays unused */
         epx__reject(&rj, st, user_cfg, &backend, &timeout_ms);
         memset(&fault, 0, sizeof fault);
         st = EPX_SUCCESS;
