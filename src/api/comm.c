@@ -248,8 +248,8 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
         st = EPX_SUCCESS;
     }
     epx__rank_info_t mine, *all = NULL;
-    epx_comm_t c = calloc(1, sizeof *c);
-    if (!c) st = epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_comm_t c = st == EPX_SUCCESS ? calloc(1, sizeof *c) : NULL;
+    if (st == EPX_SUCCESS && !c) st = epx__fail(NULL, EPX_ERR_NO_MEMORY, "out of memory");
     if (st != EPX_SUCCESS) {
         epx__nccl_destroy(nccl, false); /* an adopted NCCL communicator's wrapper (the comm stays the caller's) */
         return st;
