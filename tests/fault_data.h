@@ -14,13 +14,6 @@
 
 #include "testlib.h"
 
-static inline double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 /* Byte i of what rank src sends rank dst; the alltoallv count from src to dst. */
 static inline uint8_t a2a_byte(int src, int dst, size_t i) { return (uint8_t)((src * 31 + dst * 7 + (int)(i % 1000)) % 200); }
 static inline int64_t v_count(int src, int dst) { return 100 + 37 * src + 13 * dst; }

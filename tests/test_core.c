@@ -136,11 +136,9 @@ static void *boot_thread(void *argp)
     epx__boot_t *boot;
     epx__errbuf_t err;
     usleep((useconds_t)a->delay_ms * 1000);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    double t0 = test_now_ms();
     a->status = epx__boot_init(&boot, a->nranks_claimed, a->rank, &a->id, &info, sizeof info, all, a->timeout_ms, &err);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    a->ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+    a->ms = test_now_ms() - t0;
     if (a->status != EPX_SUCCESS) return NULL;
     for (int r = 0; r < a->nranks_claimed; r++) ASSERT_EQ(all[r], 1000 + r);
     int mine = a->rank * 7, got[8];
@@ -193,13 +191,6 @@ static void run_boot(int nranks, const int *claimed, epx_status_t expect)
     run_boot_id(&id, nranks, claimed, expect, 5000, nranks);
 }
 
-static double mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 typedef struct {
     epx_unique_id_t id;
     int rank;
@@ -215,9 +206,9 @@ static void *missing_thread(void *p)
     epx__boot_t *boot = NULL;
     epx__errbuf_t err;
     memset(&err, 0, sizeof err);
-    double t0 = mono_ms();
+    double t0 = test_now_ms();
     a->st = epx__boot_init(&boot, 4, a->rank, &a->id, &info, sizeof info, all, 800, &err);
-    a->ms = mono_ms() - t0;
+    a->ms = test_now_ms() - t0;
     snprintf(a->msg, sizeof a->msg, "%s", err.msg);
     if (a->st == EPX_SUCCESS) epx__boot_close(boot);
     return NULL;
@@ -266,9 +257,9 @@ static void test_connect_bounded(void)
     epx_config_t cfg = EPX_CONFIG_INITIALIZER;
     cfg.timeout_ms = 1000;
     epx_comm_t comm;
-    double t0 = mono_ms();
+    double t0 = test_now_ms();
     ASSERT_STATUS(epx_comm_init_rank(&comm, 2, 1, &id, &cfg), EPX_ERR_TIMEOUT);
-    double ms = mono_ms() - t0;
+    double ms = test_now_ms() - t0;
     if (ms > 5000) TEST_FAIL_("creation with a 1 s timeout took %.0f ms (connect not bounded)", ms);
     close(s[0]), close(s[1]), close(l);
 }
@@ -294,9 +285,9 @@ static void test_stray_connections(void)
     }
     usleep(100 * 1000); /* the listener has them before the ranks come */
     int two[] = {2, 2};
-    double t0 = mono_ms();
+    double t0 = test_now_ms();
     run_boot_id(&id, 2, two, EPX_SUCCESS, 3000, 2);
-    double ms = mono_ms() - t0;
+    double ms = test_now_ms() - t0;
     if (ms > 2000) TEST_FAIL_("2 ranks took %.0f ms to meet behind stray connections", ms);
     for (int i = 0; i < 3; i++) close(s[i]);
 }
@@ -321,15 +312,13 @@ static void *leave_thread(void *argp)
     epx__errbuf_t err;
     ASSERT_OK(epx__boot_init(&boot, a->nranks, a->rank, &a->id, &info, sizeof info, all, 5000, &err));
     ASSERT_OK(epx__boot_barrier(boot, &err));
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    double t0 = test_now_ms();
     if (a->rank != a->gone) {
         int64_t v[4] = {1, 2, 3, 4}, got[8 * 4];
         a->status =
             a->sum ? epx__boot_allreduce_sum(boot, v, 4, &err) : epx__boot_allgather(boot, v, got, sizeof v, &err);
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    a->ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+    a->ms = test_now_ms() - t0;
     if (a->rank != a->gone) pthread_barrier_wait(a->stay); /* no close tells anyone */
     epx__boot_close(boot);
     return NULL;
@@ -521,15 +510,13 @@ static void *links_thread(void *argp)
     if (me == a->bad) {
         epx__boot_links_close(links);
     } else {
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+        double t0 = test_now_ms();
         /* Its peers' watch sees it go, polled every millisecond as a wait would. */
         double ms = 0;
         for (st = EPX_SUCCESS; linked_to_bad && st == EPX_SUCCESS && ms < 2000;) {
             st = epx__boot_links_watch(links, &err);
             nanosleep(&(struct timespec){0, 1000000}, NULL);
-            clock_gettime(CLOCK_MONOTONIC, &t1);
-            ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+            ms = test_now_ms() - t0;
         }
         if (linked_to_bad) {
             ASSERT_STATUS(st, EPX_ERR_PEER_FAILURE);
@@ -538,10 +525,9 @@ static void *links_thread(void *argp)
         } else {
             ASSERT_OK(epx__boot_links_watch(links, &err));
         }
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+        t0 = test_now_ms();
         st = epx__boot_links_xchg(links, EPX_SUCCESS, sp, rp, 64, &err);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        ms = 1e3 * (double)(t1.tv_sec - t0.tv_sec) + 1e-6 * (double)(t1.tv_nsec - t0.tv_nsec);
+        ms = test_now_ms() - t0;
         ASSERT_STATUS(st, linked_to_bad ? EPX_ERR_PEER_FAILURE : EPX_SUCCESS);
         if (ms > 2000) TEST_FAIL_("rank %d failed its round after %.0f ms (rank %d left)", me, ms, a->bad);
         pthread_barrier_wait(a->stay);

@@ -184,13 +184,13 @@ static void put(cudaStream_t s, void *d, const void *h, size_t n)
 /* Wait at most `ms` for the stream; true when it ran everything (a device fault fails). */
 static bool drain(cudaStream_t s, double ms)
 {
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     for (;;) {
         cudaError_t ce = cudaStreamQuery(s);
         if (ce == cudaSuccess) return true;
         if (ce != cudaErrorNotReady)
             TEST_FAIL_("the stream failed (%s): a device fault, not a clean timeout", cudaGetErrorString(ce));
-        if (now_ms() - t0 > ms) return false;
+        if (test_now_ms() - t0 > ms) return false;
         usleep(1000);
     }
 }
@@ -642,11 +642,11 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
     bool bad = rank == R - 1;
 
     ctx_poison(&c);
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     epx_status_t st = ctx_run(&c); /* the faulty rank's step: a kill ends its process here */
-    double t_call = now_ms() - t0;
+    double t_call = test_now_ms() - t0;
     epx_status_t res = settle(&c, st);
-    double dt = now_ms() - t0;
+    double dt = test_now_ms() - t0;
     printf("%s: call %s after %.0f ms, then %s after %.0f ms%s%s\n", what, epx_status_name(st), t_call, sname(res), dt,
            res ? ": " : "", res ? epx_comm_get_last_error(comm) : "");
     fflush(stdout);
@@ -701,13 +701,13 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
              * and the next call fails. */
             if (f == F_KILL_ENQUEUE) TEST_FAIL_("%s: succeeded although the dead rank enqueued nothing", what);
             ctx_check(&c, EXACT, what);
-            t0 = now_ms();
+            t0 = test_now_ms();
             epx_status_t next = ctx_run(&c);
             res = hosts_ls ? next : settle(&c, next);
-            printf("%s: next call %s after %.0f ms%s%s\n", what, epx_status_name(res), now_ms() - t0,
+            printf("%s: next call %s after %.0f ms%s%s\n", what, epx_status_name(res), test_now_ms() - t0,
                    res ? ": " : "", res ? epx_comm_get_last_error(comm) : "");
-            if (now_ms() - t0 > timeout_ms + SLACK_MS)
-                TEST_FAIL_("%s: the next call took %.0f ms", what, now_ms() - t0);
+            if (test_now_ms() - t0 > timeout_ms + SLACK_MS)
+                TEST_FAIL_("%s: the next call took %.0f ms", what, test_now_ms() - t0);
             failed = is_failure(res);
         }
         if (!failed) TEST_FAIL_("%s: got %s, expected a timeout or peer failure", what, sname(res));
@@ -719,11 +719,11 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
          * ends at once. A kill at the call's start stopped every rank before anything moved;
          * after the agreement, outputs are undefined (kernels behind aborted NCCL work read
          * staging that never filled). */
-        t0 = now_ms();
+        t0 = test_now_ms();
         if (!drain(s, SLACK_MS))
             TEST_FAIL_("%s: the stream still waits %d ms after the communicator broke (NCCL work not aborted)", what,
                        SLACK_MS);
-        printf("%s: stream drained %.0f ms after the failure\n", what, now_ms() - t0);
+        printf("%s: stream drained %.0f ms after the failure\n", what, test_now_ms() - t0);
         if (f == F_KILL_HOST) ctx_check(&c, UNTOUCHED, what);
         break;
     case F_NOMEM: {
@@ -817,9 +817,9 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         epx_status_t async = EPX_SUCCESS;
         ASSERT_OK(epx_comm_get_async_error(comm, &async));
         ASSERT(async != EPX_SUCCESS);
-        t0 = now_ms();
+        t0 = test_now_ms();
         ASSERT_STATUS(ctx_run(&c), async);
-        if (now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, now_ms() - t0);
+        if (test_now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, test_now_ms() - t0);
     }
     ctx_free(&c);
     ASSERT_OK(epx_comm_abort(comm));
@@ -993,7 +993,7 @@ int main(int argc, char **argv)
             continue;
         }
         fflush(stdout);
-        double t0 = now_ms();
+        double t0 = test_now_ms();
         pid_t pid = fork();
         ASSERT(pid >= 0);
         if (pid == 0) _exit(scenario(op, (fault_t)f, R, ndev));
@@ -1008,7 +1008,7 @@ int main(int argc, char **argv)
             TEST_FAIL_("scenario %s/%s np%d%s failed (status 0x%x)", op_names[op], fault_names[f], R,
                        hosts_ls ? " hosts" : "", status);
         printf("scenario %s/%s np%d%s passed in %.0f ms\n", op_names[op], fault_names[f], R, hosts_ls ? " hosts" : "",
-               now_ms() - t0);
+               test_now_ms() - t0);
         passed++;
     }
     test_done(passed);

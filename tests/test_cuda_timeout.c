@@ -31,13 +31,6 @@ static void CUDART_CB hold_stream(void *arg)
     }
 }
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 #define LL_H 256
 #define LL_T 8
 #define LL_K 2
@@ -118,11 +111,11 @@ int main(int argc, char **argv)
     ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_F32, test_stream())); /* healthy first */
     test_sync();
     if (me == 1) ASSERT(cudaLaunchHostFunc(test_stream(), hold_stream, NULL) == cudaSuccess);
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_F32, test_stream())); /* enqueued: no error yet */
     if (me == 0) {
         test_sync();
-        double waited = now_ms() - t0;
+        double waited = test_now_ms() - t0;
         epx_status_t async = EPX_SUCCESS;
         ASSERT_OK(epx_comm_get_async_error(comm, &async));
         /* get_async_error reports what the comm knows; the next call reads the device record. */

@@ -388,9 +388,9 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         return 0;
     }
     ctx_poison(&c);
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     epx_status_t st = ctx_run(&c); /* the faulty rank's step: a kill ends its process here */
-    double dt = now_ms() - t0;
+    double dt = test_now_ms() - t0;
     printf("%s: %s after %.0f ms%s%s\n", what, epx_status_name(st), dt, st ? ": " : "",
            st ? epx_comm_get_last_error(comm) : "");
     fflush(stdout);
@@ -419,9 +419,9 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms, timeout %d ms", what, dt, TIMEOUT_MS);
         if (st == EPX_SUCCESS && op == OP_ALLTOALLV) {
             ctx_check(&c, EXACT, what);
-            t0 = now_ms();
+            t0 = test_now_ms();
             st = ctx_run(&c); /* the next call must see the death */
-            dt = now_ms() - t0;
+            dt = test_now_ms() - t0;
             printf("%s: next call %s after %.0f ms\n", what, epx_status_name(st), dt);
             if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: next call took %.0f ms", what, dt);
         }
@@ -454,9 +454,9 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         return 0;
     }
     ASSERT(async == st);
-    t0 = now_ms();
+    t0 = test_now_ms();
     ASSERT_STATUS(ctx_run(&c), async); /* stays broken, answers at once */
-    if (now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, now_ms() - t0);
+    if (test_now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, test_now_ms() - t0);
     if (c.moe) {
         /* A MoE context outlives its communicator: calls on it return EPX_ERR_ABORTED. */
         ASSERT_OK(epx_comm_abort(comm));
@@ -565,9 +565,9 @@ static epx_comm_t mpi_comm(MPI_Comm world, int timeout_ms)
 static epx_status_t mpi_call(ctx_t *c, const char *what, double *dt)
 {
     ctx_poison(c);
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     epx_status_t st = ctx_run(c);
-    *dt = now_ms() - t0;
+    *dt = test_now_ms() - t0;
     printf("%s: %s after %.0f ms%s%s\n", what, epx_status_name(st), *dt, st ? ": " : "",
            st ? epx_comm_get_last_error(c->comm) : "");
     fflush(stdout);
@@ -583,9 +583,9 @@ static void mpi_broken(ctx_t *c, epx_status_t st, const char *what)
     epx_status_t async;
     ASSERT_OK(epx_comm_get_async_error(c->comm, &async));
     ASSERT(async == st);
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     ASSERT_STATUS(ctx_run(c), async);
-    if (now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, now_ms() - t0);
+    if (test_now_ms() - t0 > 200) TEST_FAIL_("%s: a call on the broken communicator took %.0f ms", what, test_now_ms() - t0);
     ASSERT_OK(epx_comm_abort(c->comm));
     if (c->moe) {
         c->x = NULL; /* registered memory went with the communicator */
@@ -769,7 +769,7 @@ int main(int argc, char **argv)
     for (int f = 0; f < F_NUM; f++) {
         if (nwant && !want[f]) continue;
         fflush(stdout);
-        double t0 = now_ms();
+        double t0 = test_now_ms();
         pid_t pid = fork();
         ASSERT(pid >= 0);
         if (pid == 0) _exit(scenario(op, (fault_t)f, R));
@@ -777,7 +777,7 @@ int main(int argc, char **argv)
         ASSERT(waitpid(pid, &status, 0) == pid);
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
             TEST_FAIL_("scenario %s/%s np%d failed (status 0x%x)", op_names[op], fault_names[f], R, status);
-        printf("scenario %s/%s np%d passed in %.0f ms\n", op_names[op], fault_names[f], R, now_ms() - t0);
+        printf("scenario %s/%s np%d passed in %.0f ms\n", op_names[op], fault_names[f], R, test_now_ms() - t0);
         passed++;
     }
     test_done(passed);

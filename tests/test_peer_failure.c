@@ -29,13 +29,6 @@ typedef enum { DIE_BETWEEN, KILLED_DURING, STALL, ABORT, ALL_KILLED, DIES_CREATI
 static const char *names[] = {"dies between calls", "killed during a large exchange", "stalls", "aborts",
                               "every rank killed", "dies while the communicator is created"};
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
 /* Rank NR-1 writes here once its healthy exchanges are done (then the parent may kill it). */
 static int ready_fd = -1;
 /* Shared by the forked ranks (and the parent):
@@ -62,8 +55,8 @@ static int rank_main(scenario_t sc, int rank)
         ASSERT_OK(epx_get_unique_id(&sh->id));
         __atomic_store_n(&sh->id_ready, 1, __ATOMIC_RELEASE);
     }
-    for (double t = now_ms(); !__atomic_load_n(&sh->id_ready, __ATOMIC_ACQUIRE);) {
-        if (now_ms() - t > 30000) TEST_FAIL_("rank 0 made no unique id in 30 s");
+    for (double t = test_now_ms(); !__atomic_load_n(&sh->id_ready, __ATOMIC_ACQUIRE);) {
+        if (test_now_ms() - t > 30000) TEST_FAIL_("rank 0 made no unique id in 30 s");
         usleep(1000);
     }
     epx_config_t cfg = EPX_CONFIG_INITIALIZER;
@@ -75,9 +68,9 @@ static int rank_main(scenario_t sc, int rank)
         char fault[64];
         snprintf(fault, sizeof fault, "kill:rank=%d,step=0", NR - 1);
         if (rank == NR - 1) setenv("EPX_FAULT", fault, 1);
-        double t0 = now_ms();
+        double t0 = test_now_ms();
         epx_status_t st = epx_comm_init_rank(&comm, NR, rank, &sh->id, &cfg);
-        double waited = now_ms() - t0;
+        double waited = test_now_ms() - t0;
         if (rank == NR - 1) TEST_FAIL_("%s: the fault did not fire (%s)", names[sc], epx_status_name(st));
         if (st != EPX_ERR_PEER_FAILURE && st != EPX_ERR_TIMEOUT)
             TEST_FAIL_("%s: creation returned %s, expected a peer failure or a timeout", names[sc], epx_status_name(st));
@@ -97,8 +90,8 @@ static int rank_main(scenario_t sc, int rank)
     bool bad = rank == NR - 1;
     if (!bad) {
         __atomic_add_fetch(&sh->healthy_done, 1, __ATOMIC_SEQ_CST);
-        for (double t = now_ms(); __atomic_load_n(&sh->healthy_done, __ATOMIC_SEQ_CST) < NR - 1;) {
-            if (now_ms() - t > 30000) TEST_FAIL_("the other survivors' healthy exchanges did not end");
+        for (double t = test_now_ms(); __atomic_load_n(&sh->healthy_done, __ATOMIC_SEQ_CST) < NR - 1;) {
+            if (test_now_ms() - t > 30000) TEST_FAIL_("the other survivors' healthy exchanges did not end");
             usleep(1000);
         }
     }
@@ -114,13 +107,13 @@ static int rank_main(scenario_t sc, int rank)
         case DIES_CREATING: _exit(9); /* (gone above) */
         }
     }
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     epx_status_t st = EPX_SUCCESS;
     for (int i = 0; i < 1000 && st == EPX_SUCCESS; i++) {
-        t0 = now_ms();
+        t0 = test_now_ms();
         st = epx_alltoall(comm, send, recv, count, EPX_U8, NULL);
     }
-    double waited = now_ms() - t0;
+    double waited = test_now_ms() - t0;
     epx_status_t want = sc == STALL ? EPX_ERR_TIMEOUT : EPX_ERR_PEER_FAILURE;
     /* A survivor may also see the other survivor's failure first (it stopped answering). */
     if (st != want && !(st == EPX_ERR_TIMEOUT || st == EPX_ERR_PEER_FAILURE))
@@ -181,11 +174,11 @@ static void run_scenario(scenario_t sc)
         kill(pids[NR - 1], SIGKILL);
     }
     close(ready[0]);
-    double t0 = now_ms();
+    double t0 = test_now_ms();
     for (int r = 0; r < NR; r++) {
         int status = 0;
         while (waitpid(pids[r], &status, WNOHANG) == 0) { /* bounded: a hung rank is named, not waited for */
-            if (now_ms() - t0 > PARENT_WAIT_MS) {
+            if (test_now_ms() - t0 > PARENT_WAIT_MS) {
                 for (int q = 0; q < NR; q++) kill(pids[q], SIGKILL);
                 TEST_FAIL_("scenario '%s': rank %d still running after %d s", names[sc], r, PARENT_WAIT_MS / 1000);
             }

@@ -82,8 +82,8 @@ epx_comm_t test_comm_from_env(int *rank, int *nranks);
  * --mpi, else from an id rank 0 makes and sends through `comm`), with cfg (NULL: the backend
  * under test): what the creation returned, *out on success. Collective. */
 epx_status_t test_comm_again(epx_comm_t comm, const epx_config_t *cfg, epx_comm_t *out);
-/* A monotonic clock, in seconds. */
-double test_seconds(void);
+/* A monotonic clock, in milliseconds. */
+double test_now_ms(void);
 
 /* Buffers on the backend under test (device memory on CUDA), and copies to/from the host. */
 void *test_buf_alloc(size_t bytes);

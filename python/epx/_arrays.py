@@ -134,6 +134,12 @@ def current_stream(like):
     return None
 
 
+def stream_of(stream, like):
+    """The stream a call on `like` is enqueued on: `stream` (stream_handle), else the current torch
+    stream of like's device (None on the CPU)."""
+    return stream_handle(stream) if stream is not None else current_stream(like)
+
+
 def stream_handle(s):
     """A stream argument as an address: None, an int, or a torch.cuda.Stream. TypeError for anything
     else (before any collective call starts, so the caller can make every rank fail together)."""

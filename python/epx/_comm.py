@@ -236,43 +236,41 @@ class Comm:
 
     # ---- collectives -------------------------------------------------------------------------
 
-    def _stream(self, stream, like):
-        return A.stream_handle(stream) if stream is not None else A.current_stream(like)
-
     def barrier(self, stream=None):
         """Returns (CPU) or completes in stream order (CUDA) after every rank has entered it. When
         stream is not a stream, the barrier still runs (on the default stream), then this raises."""
-        try:
-            s = A.stream_handle(stream) if stream is not None else None
+        def prepare():
             if stream is None and self.backend == "cuda":
                 import torch
-                s = torch.cuda.current_stream().cuda_stream or None
-        except BaseException:
-            self._run(lambda: L.epx_barrier(self._ptr(), None))  # no rank waits for this one
-            raise
+                return None, torch.cuda.current_stream().cuda_stream or None
+            return None, A.stream_handle(stream) if stream is not None else None
+
+        s = self._collective(prepare, lambda: L.epx_barrier(self._ptr(), None))
         check(self._run(lambda: L.epx_barrier(self._ptr(), s)), self._h)
 
-    def _join_failure(self):
-        """Take part in a collective call with invalid arguments: it fails on every rank (this one
-        invalid, the others remote-invalid), so that a problem only Python sees leaves no rank waiting."""
-        self._run(lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
+    def _collective(self, prepare, fail=None):
+        """The local steps before a collective call. prepare() -> (problem, result): this rank's checks
+        and conversions (allocations, addresses, the stream). When problem (a message) is set, or
+        prepare() raises (not an array, an unknown dtype, a MemoryError, a stream that is not one),
+        fail() runs first: the same collective with invalid arguments (default: an alltoallv), so that
+        it fails on every rank (the others with RemoteInvalidError) and none waits for this one; then
+        InvalidArgumentError(problem), or the exception, is raised here. Else result."""
+        fail = fail or (lambda: L.epx_alltoallv(self._ptr(), None, None, None, None, None, None, 99, None))
 
-    def _fail_together(self, message):
-        """_join_failure, then raise here."""
-        self._join_failure()
-        raise InvalidArgumentError(-1, message)
-
-    def _prepared(self, prepare):
-        """prepare() (this rank's checks and conversions of a collective call's arguments): what it
-        returns; when it raises (not an array, an unknown dtype), the collective call still fails on
-        every rank, so that none waits for this one, and the exception goes on here."""
+        def join():
+            try:
+                self._run(fail)
+            except EpxError:  # a destroyed communicator or context: nothing to join
+                pass
         try:
-            return prepare()
-        except EpxError:
+            problem, result = prepare()
+        except BaseException:
+            join()
             raise
-        except Exception:
-            self._join_failure()
-            raise
+        if problem:
+            join()
+            raise InvalidArgumentError(-1, problem)
+        return result
 
     def alltoall(self, send, recv=None, *, dtype=None, stream=None):
         """MPI_Alltoall: send holds size equal blocks (its first axis, or its elements, splits into size
@@ -296,35 +294,32 @@ class Comm:
                 problem = "recv has %d bytes, send %d" % (A.numel(r) * A.itemsize(r), n)
             elif n % (es * self.size):
                 problem = "send has %d bytes: not %d blocks of %d-byte elements" % (n, self.size, es)
+            if problem:
+                return problem, None
             # the addresses and the stream too: nothing left to raise between here and the call
-            return r, code, es, n, problem, None if problem else (A.ptr(send), A.ptr(r), self._stream(stream, send))
+            return None, (r, n // es // self.size, code, A.ptr(send), A.ptr(r), A.stream_of(stream, send))
 
-        recv, code, es, n, problem, call_args = self._prepared(prepare)
-        if problem:
-            self._fail_together(problem)
-        count = n // es // self.size
-        ps, pr, s = call_args
+        recv, count, code, ps, pr, s = self._collective(prepare)
         check(self._run(lambda: L.epx_alltoall(self._ptr(), ps, pr, count, code, s)), self._h)
         return recv
 
     def alltoallv(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, *, dtype=None, stream=None):
         """MPI_Alltoallv; counts and displacements in elements (sequences of `size` ints). Returns recv."""
         def prepare():
-            args = self._alltoallv_args(send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype)
+            code, arrs, problem = self._alltoallv_args(send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype)
+            if problem:
+                return problem, None
             # the addresses and the stream too: nothing left to raise between here and the call
-            return args + (None if args[3] else (A.ptr(send), A.ptr(recv), self._stream(stream, send)),)
+            return None, (code, arrs, A.ptr(send), A.ptr(recv), A.stream_of(stream, send))
 
-        code, es, arrs, problem, call_args = self._prepared(prepare)
-        if problem:
-            self._fail_together(problem)
-        ps, pr, s = call_args
+        code, arrs, ps, pr, s = self._collective(prepare)
         check(self._run(lambda: L.epx_alltoallv(self._ptr(), ps, arrs[0], arrs[1], pr, arrs[2], arrs[3], code, s)),
               self._h)
         return recv
 
     def _alltoallv_args(self, send, sendcounts, sdispls, recv, recvcounts, rdispls, dtype):
-        """alltoallv's checks and conversions (local): dtype code, element size, the four int64
-        arrays, and what is wrong (None: nothing)."""
+        """alltoallv's checks and conversions (local): dtype code, the four int64 arrays, and what is
+        wrong (None: nothing)."""
         code = _move_dtype(send, dtype)
         es = _lib.DTYPE_SIZES.get(code, 1)
         arrs, vals = [], []
@@ -352,7 +347,7 @@ class Comm:
                 if need > have:
                     problem = "%s has %d bytes; its counts and displacements reach byte %d" % (name, have, need)
                     break
-        return code, es, arrs, problem
+        return code, arrs, problem
 
 
 def _move_dtype(a, dtype):

@@ -63,7 +63,8 @@ class Moe:
         self.comm = comm
         self._h = c_void_p()
         self._handles = weakref.WeakSet()
-        try:
+
+        def config():
             cfg = _lib.MoeConfig.initializer()
             cfg.hidden, cfg.num_experts = int(hidden), int(num_experts)
             cfg.max_tokens_per_rank, cfg.max_topk = int(max_tokens_per_rank), int(max_topk)
@@ -77,11 +78,11 @@ class Moe:
             cfg.scale_format = _SCALES[scale_format] if isinstance(scale_format, str) else int(scale_format)
             if num_sms is not None:
                 cfg.num_sms = int(num_sms)
-        except Exception:
-            # An argument only Python rejects: the creation (collective) still fails on every rank, this
-            # one invalid (no output), the others remote-invalid, so that none waits for this one.
-            comm._run(lambda: L.epx_moe_create(comm._ptr(), byref(_lib.MoeConfig.initializer()), None))
-            raise
+            return None, cfg
+
+        # an argument only Python rejects: the creation fails on every rank (this one with no output)
+        cfg = comm._collective(config, lambda: L.epx_moe_create(comm._ptr(), byref(_lib.MoeConfig.initializer()),
+                                                                None))
         check(comm._run(lambda: L.epx_moe_create(comm._ptr(), byref(cfg), byref(self._h))), comm._h)
         comm._children = getattr(comm, "_children", weakref.WeakSet())
         comm._children.add(self)
@@ -133,19 +134,9 @@ class Moe:
         return None
 
     def _call(self, problem, fail, prepare):
-        """The local steps before a collective call. problem (a failed check's message), or an
-        exception of prepare() (an allocation's MemoryError, a stream that is not one): fail(),
-        the call with invalid arguments, runs first, so that it fails on every rank (the others
-        with RemoteInvalid) and none waits for this one; then the error goes on here. Else
-        prepare()'s result."""
-        if not problem:
-            try:
-                return prepare()
-            except BaseException:
-                self.comm._run(fail)
-                raise
-        self.comm._run(fail)
-        raise InvalidArgumentError(-1, problem)
+        """Comm._collective for a call whose checks found `problem` (None: prepare() runs; fail() is
+        the call with invalid arguments)."""
+        return self.comm._collective(lambda: (problem, None if problem else prepare()), fail)
 
     def _arr(self, a, name, shape, code, like):
         """Checks for one input array: shape, dtype, contiguity, same kind and device as `like`."""
@@ -182,9 +173,6 @@ class Moe:
             return -1
         return s[1] if len(s) == 2 else -1
 
-    def _stream(self, stream, like):
-        return A.stream_handle(stream) if stream is not None else A.current_stream(like)
-
     # ---- calls -----------------------------------------------------------------------------------
 
     def layout(self, topk_idx, stream=None):
@@ -197,7 +185,7 @@ class Moe:
         per_expert = A.empty(topk_idx, (self.num_experts,), _lib.I32)
         in_rank = A.empty(topk_idx, (s[0], self.nranks), _lib.U8)
         check(L.epx_moe_layout(self._ptr(), A.ptr(topk_idx), s[0], s[1], A.ptr(per_rank), A.ptr(per_expert),
-                               A.ptr(in_rank), self._stream(stream, topk_idx)), self.comm._h)
+                               A.ptr(in_rank), A.stream_of(stream, topk_idx)), self.comm._h)
         if A.is_torch(in_rank):
             import torch
             in_rank = in_rank.view(torch.bool)
@@ -240,7 +228,7 @@ class Moe:
             (dout.recv_x, dout.recv_x_scales, dout.recv_topk_idx, dout.recv_topk_weights, dout.recv_src_rank,
              dout.recv_src_token, dout.num_recv_tokens_per_expert) = (A.ptr(a) for a in outs)
             dout.capacity = cap
-            return outs, self._stream(stream, x)
+            return outs, A.stream_of(stream, x)
 
         din_bad = _lib.DispatchIn()
         din_bad.num_tokens = -1  # fails on every rank, nothing written
@@ -279,7 +267,7 @@ class Moe:
             recv_s = A.empty(x, (n, self.scale_cols), _lib.F32) if fp8 else None
             din.x, din.x_scales, din.num_tokens = A.ptr(x), A.ptr(x_scales), handle.num_tokens
             dout.recv_x, dout.recv_x_scales, dout.capacity = A.ptr(recv_x), A.ptr(recv_s), n
-            return recv_x, recv_s, self._stream(stream, x)
+            return recv_x, recv_s, A.stream_of(stream, x)
 
         recv_x, recv_s, s = self._call(problem, lambda: L.epx_moe_dispatch_cached(
             self._ptr(), None, byref(_lib.DispatchIn()), byref(_lib.DispatchOut()), None), prepare)
@@ -304,7 +292,7 @@ class Moe:
             out_w = A.empty(y, (handle.num_tokens, handle.topk), _lib.F32) if topk_weights is not None else None
             cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
             cout.out, cout.out_topk_weights = A.ptr(out), A.ptr(out_w)
-            return out, out_w, self._stream(stream, y)
+            return out, out_w, A.stream_of(stream, y)
 
         out, out_w, s = self._call(problem, lambda: L.epx_moe_combine(
             self._ptr(), None, byref(_lib.CombineIn()), byref(_lib.CombineOut()), None), prepare)
@@ -332,7 +320,7 @@ class Moe:
             din.x, din.topk_idx, din.num_tokens, din.topk = A.ptr(x), A.ptr(topk_idx), T, K
             (dout.recv_x, dout.recv_x_scales, dout.recv_count, dout.recv_src_rank,
              dout.recv_src_token) = (A.ptr(a) for a in outs)
-            return outs, self._stream(stream, x)
+            return outs, A.stream_of(stream, x)
 
         din_bad = _lib.LLDispatchIn()
         din_bad.num_tokens = -1
@@ -366,7 +354,7 @@ class Moe:
         def prepare():
             o = A.empty(y, (handle.num_tokens, self.hidden), self.combine_dtype) if out is None else out
             cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
-            return o, A.ptr(o), self._stream(stream, y)
+            return o, A.ptr(o), A.stream_of(stream, y)
 
         out, out_p, s = self._call(problem, lambda: L.epx_moe_ll_combine(self._ptr(), None, byref(_lib.LLCombineIn()),
                                                                         None, None), prepare)
@@ -382,5 +370,5 @@ class Moe:
         two sends of each kind are pending (include/epx.h)."""
         fn = L.epx_moe_ll_combine_recv if combine else L.epx_moe_ll_dispatch_recv
         like = getattr(handle, "_like", None)
-        check(fn(self._ptr(), handle._h, self._stream(stream, like) if like is not None else None), self.comm._h)
+        check(fn(self._ptr(), handle._h, A.stream_of(stream, like) if like is not None else None), self.comm._h)
         handle._keep = None

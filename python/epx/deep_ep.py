@@ -334,16 +334,11 @@ class Buffer:
         out, out_w = handle.moe.combine(handle.epx_handle, x, topk_weights)
         biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
         if biases:  # in float32, the biases summed first (as DeepEP does), then one rounding
-            if A.is_torch(out):
-                s = biases[0].float()
-                for b in biases[1:]:
-                    s = s + b.float()
-                out = (out.float() + s).to(out.dtype)
-            else:
-                s = _np_float32(biases[0])
-                for b in biases[1:]:
-                    s = s + _np_float32(b)
-                out = _np_cast(_np_float32(out) + s, out.dtype)
+            f32 = (lambda a: a.float()) if A.is_torch(out) else _np_float32
+            s = f32(biases[0])
+            for b in biases[1:]:
+                s = s + f32(b)
+            out = (out.float() + s).to(out.dtype) if A.is_torch(out) else _np_cast(_np_float32(out) + s, out.dtype)
         return out, out_w, _finish(async_finish, x)
 
     internode_dispatch = dispatch

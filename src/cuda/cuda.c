@@ -651,12 +651,7 @@ static epx_status_t epx__a2a_plan_op(epx__cuda_t *c, epx__a2a_op_t *op, epx_stat
     /* A disagreement is seen only by the two ranks of the pair: agree on the verdict, so
      * that no rank enqueues an operation the others skip. Every rank gets here or none
      * does (the swap fails on all ranks alike). */
-    if (st == EPX_SUCCESS) {
-        st = epx__check_cards(c, in, cards, err);
-        int32_t v = st, all[EPX__CUDA_MAX_RANKS];
-        epx_status_t agreed = epx__host_allgather(c->host, R, &v, all, sizeof v, st, err);
-        if (st == EPX_SUCCESS) st = agreed;
-    }
+    if (st == EPX_SUCCESS) st = epx__host_agree(c, epx__check_cards(c, in, cards, err), err);
     int64_t global_max = 0;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) global_max = EPX__MAX(global_max, in[p].max_pair_bytes);
     op->path = global_max <= (int64_t)c->dev.eager_bytes ? EPX__PATH_EAGER

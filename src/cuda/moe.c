@@ -261,9 +261,7 @@ static epx_status_t epx__map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
     /* Agree on the outcome: every rank that made the swap votes, whatever its mapping did
      * (deciding by this rank's status alone, a rank whose swap failed locally with one of
      * the mapping's statuses would wait in a vote the others skip). */
-    int32_t v = st, all[EPX__CUDA_MAX_RANKS];
-    epx_status_t agreed = epx__host_allgather(c->host, R, &v, all, sizeof v, st, err);
-    return st != EPX_SUCCESS ? st : agreed;
+    return epx__host_agree(c, st, err);
 }
 
 epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
