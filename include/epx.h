@@ -103,7 +103,8 @@ EPX_API const char *epx_dtype_name(epx_dtype_t dtype);
 #define EPX_UNSET (-0x7fffffff)
 
 typedef enum {
-    EPX_BACKEND_AUTO = 0, /* CUDA when the comm is given a device and CUDA is built, else CPU */
+    EPX_BACKEND_AUTO = 0, /* CUDA when cfg.device is set (EPX_ERR_UNSUPPORTED in a build
+                             without CUDA), else CPU */
     EPX_BACKEND_CPU = 1,
     EPX_BACKEND_CUDA = 2
 } epx_backend_t;
@@ -211,9 +212,11 @@ EPX_API epx_status_t epx_comm_get_async_error(epx_comm_t comm, epx_status_t *asy
 /* ---- Registered memory ----------------------------------------------------------- */
 
 /* Allocate memory that peers of this host can read directly (POSIX shared memory on the
- * CPU backend). Buffers passed as `send` that lie in such memory are copied once, straight
- * into the receivers' buffers; other buffers go through a staging copy. Local call.
- * Aligned to 4096 bytes. */
+ * CPU backend, cudaMalloc memory on CUDA). On the CPU backend, buffers passed as `send` that
+ * lie in such memory are copied once, straight into the receivers' buffers; other buffers
+ * are read with process_vm_readv (also one copy) or, where that is unavailable or
+ * EPX_CPU_CMA=0, staged (one more copy). Local call. Aligned to 4096 bytes on the CPU
+ * backend (cudaMalloc's alignment on CUDA). */
 EPX_API epx_status_t epx_mem_alloc(epx_comm_t comm, size_t bytes, void **ptr);
 /* Local. ptr must come from epx_mem_alloc on this communicator (NULL: nothing to do); any
  * other pointer gets EPX_ERR_INVALID_ARGUMENT and is not freed. What is still allocated is
@@ -333,20 +336,21 @@ typedef struct {
 /* num_sms value: the CUDA backend (one host) moves the high-throughput payload with copy
  * engines instead of SM stores and loads (EPX_CUDA_SMS=0 asks for the same when num_sms is
  * unset). Dispatch packs the rows per destination into epx's staging memory with a local
- * kernel, then one cudaMemcpyAsync per destination writes them into the peer's recv_x;
- * combine copies each source's expert outputs back the same way and the token's rank
- * reduces them with a local kernel. Semantics and output bits are those of the SM path.
- * Differences: recv_x and recv_x_scales must be cudaMalloc'd or epx_mem_alloc memory (peers
- * write them); every dispatch reads the row counts back to the host (a stream
- * synchronisation; num_recv_tokens is always filled), so a dispatch cannot be captured in
- * a CUDA graph: called while its stream is capturing it fails with EPX_ERR_INVALID_USAGE
- * (the other ranks with EPX_ERR_REMOTE_INVALID) and enqueues nothing anywhere. Cached
- * dispatches and combines never wait for the device and can be captured. Since each rank
- * writes into its peers' buffers, a rank whose copy or launch fails after the ranks agreed
- * (an EPX_ERR_CUDA of its own) does not tell them it finished: their waits time out
- * (EPX_TIMEOUT_MS) and report it, instead of their outputs silently missing its rows. The context holds a staging buffer of (R - 1) *
- * max_tokens_per_rank rows (epx_moe_device_memory counts it). Low-latency mode and the
- * backends across hosts ignore it. */
+ * kernel, in up to four stages, each copied with cudaMemcpyAsync into the peers' recv_x as
+ * it is packed; combine copies each source's expert outputs back the same way and the
+ * token's rank reduces them with a local kernel. Semantics and output bits are those of the
+ * SM path. Differences: recv_x and recv_x_scales must be cudaMalloc'd or epx_mem_alloc
+ * memory (peers write them); every dispatch reads the row counts back to the host (a stream
+ * synchronisation; num_recv_tokens is always filled), so a dispatch cannot be captured in a
+ * CUDA graph: called while its stream is capturing it fails with EPX_ERR_INVALID_USAGE (the
+ * other ranks with EPX_ERR_REMOTE_INVALID) and enqueues nothing anywhere. Cached dispatches
+ * and combines never wait for the device and can be captured. Since each rank writes into
+ * its peers' buffers, a rank whose copy or launch fails after the ranks agreed (an
+ * EPX_ERR_CUDA of its own) does not tell them it finished: their waits time out
+ * (EPX_TIMEOUT_MS) and report it, instead of their outputs silently missing its rows. The
+ * context holds a staging buffer of (R - 1) * max_tokens_per_rank rows
+ * (epx_moe_device_memory counts it). Low-latency mode and the backends across hosts ignore
+ * it. */
 #define EPX_MOE_COPY_ENGINES (-1)
 
 #define EPX_MOE_MAX_TOPK 16
@@ -359,7 +363,8 @@ typedef struct epx_moe *epx_moe_t;
 typedef struct epx_moe_handle *epx_moe_handle_t;
 
 /* Collective: create the MoE context. Fails on every rank with EPX_ERR_MISMATCH when the
- * ranks' configurations differ, EPX_ERR_INVALID_ARGUMENT when this one is invalid. */
+ * ranks' configurations differ; a rank whose own is invalid gets EPX_ERR_INVALID_ARGUMENT,
+ * the others EPX_ERR_REMOTE_INVALID. */
 EPX_API epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg, epx_moe_t *moe);
 /* Local. NULL is accepted. Handles of the context still alive are released with it: they
  * then hold nothing, and only epx_moe_handle_destroy accepts them (free them as usual).
@@ -432,7 +437,9 @@ EPX_API epx_status_t epx_moe_dispatch(epx_moe_t moe, const epx_moe_dispatch_in_t
                                       epx_moe_dispatch_out_t *out, epx_moe_handle_t *handle, void *stream);
 
 /* Dispatch new token data along the routing of `handle` (e.g. the backward pass of a
- * combine): in->x (and x_scales) only; topk fields are ignored. Writes recv_x (and
+ * combine): in->x (and x_scales) only; topk fields are ignored, but in->num_tokens must be
+ * the handle's T and out->capacity at least its row count (R * max_tokens_per_rank when
+ * that count stayed on the device), else EPX_ERR_INVALID_ARGUMENT. Writes recv_x (and
  * recv_x_scales) in the same row order; other outputs (num_recv_tokens too) are left as
  * they are. */
 EPX_API epx_status_t epx_moe_dispatch_cached(epx_moe_t moe, epx_moe_handle_t handle, const epx_moe_dispatch_in_t *in,

@@ -20,9 +20,10 @@ extern "C" {
  * set, to simulate several hosts. Inside a host ranks exchange through shared memory;
  * between hosts through MPI on a duplicate of mpi_comm, made here. A communicator that
  * spans several hosts runs every operation of the CPU backend with the same results, bit
- * for bit, as the ranks on one host would get. The CPU backend only (cfg may be NULL;
- * cfg.backend CUDA gives EPX_ERR_UNSUPPORTED on every rank). Fails on every rank alike.
- * Destroy the communicator before MPI_Finalize. */
+ * for bit, as the ranks on one host would get. The CPU backend only (cfg may be NULL; a
+ * rank that asks for cfg.backend CUDA gets EPX_ERR_UNSUPPORTED, the others
+ * EPX_ERR_REMOTE_INVALID). Fails on every rank alike. Destroy the communicator before
+ * MPI_Finalize. */
 EPX_API epx_status_t epx_comm_init_mpi(epx_comm_t *comm, MPI_Comm mpi_comm, const epx_config_t *cfg);
 
 #ifdef __cplusplus
