@@ -72,7 +72,8 @@ class Comm:
     Comm(nranks, rank, unique_id)          unique_id from get_unique_id() on one process
     Comm.from_torch(group)                 over a torch.distributed ProcessGroup
 
-    backend: "auto" (default: CUDA when given a device and built with CUDA), "cpu" or "cuda";
+    backend: "auto" (default: CUDA when given a device, UnsupportedError in a build without CUDA;
+    else CPU), "cpu" or "cuda";
     device: CUDA device ordinal (or torch.device); timeout_ms: bound on every wait for a peer.
     Every collective is called by every rank in the same order, by one thread at a time."""
 
@@ -123,8 +124,8 @@ class Comm:
     @classmethod
     def from_torch(cls, group=None, *, backend=None, device=None, timeout_ms=None):
         """Collective over a torch.distributed ProcessGroup (default: the world): its rank 0 makes the id
-        and every rank receives it through the group. With CUDA available and no backend given, the
-        communicator uses the CUDA backend on the current device."""
+        and every rank receives it through the group. With neither backend nor device given, an NCCL
+        group (and CUDA available) gives the CUDA backend on the current device, any other the CPU."""
         import torch
         import torch.distributed as dist
         if group is None:
@@ -214,8 +215,9 @@ class Comm:
     # ---- registered memory -------------------------------------------------------------------
 
     def empty(self, shape, dtype="float32"):
-        """A numpy array in registered memory (peers read it directly: one copy instead of two on the CPU
-        backend). It lives until free() or the communicator's destruction."""
+        """A numpy array in registered memory (peers copy from it directly, without process_vm_readv or,
+        where that is unavailable, a staging copy). It lives until free() or the communicator's
+        destruction."""
         import numpy as np
         dt = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)

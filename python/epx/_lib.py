@@ -140,9 +140,10 @@ _LIB_NAMES = ("libepx.so", "libepx.so.0")
 
 
 def candidate_paths():
-    """Where libepx is looked for, in order: $EPX_LIBRARY (a file, or a folder holding it), next to this
-    package (a wheel or `pip install` that bundled it), the build tree of a source checkout
-    (build/lib beside python/), then the system's loader path."""
+    """Where libepx is looked for, in order: $EPX_LIBRARY (a file, or a folder holding it; when set, _load
+    looks nowhere else), next to this package (a wheel or `pip install` that bundled it),
+    $EPX_BUILD_DIR/lib, the build tree of a source checkout (build/lib beside python/), then the
+    system's loader path."""
     paths = []
     env = os.environ.get("EPX_LIBRARY")
     if env:

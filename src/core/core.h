@@ -105,7 +105,8 @@ void epx__log_set_rank(int rank);
     X(SOCKET_IFNAME, "EPX_SOCKET_IFNAME", STR, "lo",                                       \
       "network interface the bootstrap listens on (set it for several hosts)")             \
     X(LOCAL_SIZE, "EPX_LOCAL_SIZE", INT, "0",                                              \
-      "ranks per host; 0 = group ranks by hostname; >0 simulates hosts of that many ranks") \
+      "ranks per host; 0 = group ranks by host (hostname and boot id); >0 simulates hosts "  \
+      "of that many ranks")                                                                 \
     X(BACKEND, "EPX_BACKEND", STR, "auto", "backend: auto, cpu or cuda")                   \
     X(CPU_EAGER_BYTES, "EPX_CPU_EAGER_BYTES", SIZE, "16K",                                 \
       "CPU: messages up to this size per peer are copied through a preallocated slot")     \
