@@ -738,6 +738,131 @@ def test_deep_ep_borrowed_comm():
     comm.barrier()
 
 
+# ---- DeepEP users' call sequences, replayed through the name `deep_ep` --------------------------
+# Each replays one user's calls (keywords, positional arguments, tuple shapes, event handling) as
+# that user makes them, on numpy arrays, and checks every output against a reference computed here.
+
+class Routes:
+    """Every rank's tokens for the replays: T[p] <= M tokens of hidden H (bf16 bits), topk_idx[p]
+    [T, K] of distinct experts (some -1), weights[p] [T, K] float32."""
+
+    def __init__(self, case, M, E, K, H):
+        self.E, self.K, self.H, self.L = E, K, H, E // R
+        self.T, self.idx, self.w, self.x = [], [], [], []
+        for p in range(R):
+            g = rng(70, case, p)
+            T = int(g.integers(0, M + 1)) if p != R - 1 else M  # one rank at M
+            idx = np.stack([g.permutation(E)[:K] for _ in range(T)]).reshape(T, K).astype(np.int64)
+            idx[g.random((T, K)) < 0.15] = -1
+            self.T.append(T)
+            self.idx.append(idx)
+            self.w.append(g.random((T, K)).astype(np.float32))
+            self.x.append(f32_to_bf16(g.standard_normal((T, H)).astype(np.float32)))
+
+    def ranks(self, p, t):
+        return sorted({int(e) // self.L for e in self.idx[p][t] if e >= 0})
+
+    def rows(self, q):  # high-throughput rows on rank q, in (source rank, source token) order
+        return [(p, t) for p in range(R) for t in range(self.T[p]) if q in self.ranks(p, t)]
+
+    def slots(self, e):  # low-latency rows of expert e (CPU backend: ascending source rank, token)
+        return [(p, t) for p in range(R) for t in range(self.T[p]) if e in self.idx[p][t]]
+
+    def local_idx(self, q, rows):
+        return np.array([[e - q * self.L if e >= 0 and e // self.L == q else -1 for e in self.idx[p][t]]
+                         for p, t in rows], np.int64).reshape(len(rows), self.K)
+
+
+def bf16_rows(rows, H):
+    return np.stack(rows).astype(np.uint16) if rows else np.zeros((0, H), np.uint16)
+
+
+def test_deep_ep_megatron():
+    # Megatron-LM's fused_a2a: get_buffer sizing, FusedDispatch forward (layout -> dispatch with
+    # async events) and backward (combine with topk_weights), FusedCombine forward (combine with
+    # handle=) and backward (cached dispatch)
+    deep_ep.register_as_deep_ep()
+    from deep_ep import Buffer
+    from deep_ep.utils import EventHandle, EventOverlap
+    group = comm
+    E, K, H = 4 * R, min(3, 4 * R), 64
+    for case, M in enumerate((9, 300)):  # 300 > the initial capacity: regrows
+        W = Routes(case, M, E, K, H)
+        x, idx, probs = W.x[me], W.idx[me], W.w[me]
+        hidden_bytes = x.shape[1] * max(x.itemsize, 2)
+        num_nvl_bytes = num_rdma_bytes = 0
+        for config in (Buffer.get_dispatch_config(group.size), Buffer.get_combine_config(group.size)):
+            num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, group.size), num_nvl_bytes)
+            num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, group.size), num_rdma_bytes)
+        buf = Buffer(group, num_nvl_bytes, num_rdma_bytes)
+        ok(not (buf.group != group or buf.num_nvl_bytes < num_nvl_bytes or buf.num_rdma_bytes < num_rdma_bytes),
+           "Megatron's buffer reuse test")
+        Buffer.set_num_sms(24)
+        # FusedDispatch.forward, async_finish=True
+        (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
+         event) = buf.get_dispatch_layout(idx, E, previous_event=EventOverlap(EventHandle()), async_finish=True,
+                                          allocate_on_comm_stream=False)
+        (recv_x, recv_idx, recv_probs, counts, handle, after) = buf.dispatch(
+            x, topk_idx=idx, topk_weights=probs, num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert, previous_event=event, async_finish=True,
+            allocate_on_comm_stream=False)
+        after.current_stream_wait()
+        tokens_per_expert = np.array(counts)
+        rows = W.rows(me)
+        lidx = W.local_idx(me, rows)
+        same(recv_x, bf16_rows([W.x[p][t] for p, t in rows], H), "Megatron recv_x case %d" % case)
+        same(recv_idx, lidx, "Megatron recv token indices")
+        want_p = np.array([W.w[p][t] for p, t in rows], np.float32).reshape(len(rows), K)
+        same(recv_probs, np.where(lidx >= 0, want_p, np.float32(0)), "Megatron recv token probs")
+        same(tokens_per_expert, np.array([int((lidx == l).any(1).sum()) for l in range(W.L)]), "Megatron counts")
+        # the experts: rank q scales its rows by q + 1 (bf16)
+        y = f32_to_bf16(bf16_to_f32(recv_x) * np.float32(me + 1)).reshape(len(rows), H)
+        # FusedCombine.forward
+        combined, _, after = buf.combine(y, handle=handle, async_finish=True,
+                                         previous_event=EventOverlap(EventHandle()), allocate_on_comm_stream=False)
+        after.current_stream_wait()
+        want = np.zeros((W.T[me], H), np.uint16)
+        for t in range(W.T[me]):
+            acc = np.zeros(H, np.float32)
+            for q in W.ranks(me, t):
+                acc = acc + bf16_to_f32(f32_to_bf16(bf16_to_f32(x[t]) * np.float32(q + 1)))
+            want[t] = f32_to_bf16(acc)
+        same(combined, want, "Megatron combine case %d" % case)
+        # FusedCombine.backward: the cached dispatch of the output gradient
+        def grad_out(p):
+            return f32_to_bf16(rng(71, case, p).standard_normal((W.T[p], H)).astype(np.float32))
+        grad_x, n1, n2, n3, n4, after = buf.dispatch(np.ascontiguousarray(grad_out(me)), handle=handle,
+                                                    previous_event=EventOverlap(EventHandle()), async_finish=True,
+                                                    allocate_on_comm_stream=False)
+        after.current_stream_wait()
+        ok((n1, n2, n3, n4) == (None,) * 4, "cached dispatch returns four Nones")
+        same(grad_x, bf16_rows([grad_out(p)[t] for p, t in rows], H), "Megatron cached dispatch")
+        # FusedDispatch.backward: combine of the received rows' gradients with their probs' gradients
+        # (nonzero everywhere: they are summed as they are)
+        def grads(q, p, t):
+            g = rng(72, case, q, p, t)
+            return f32_to_bf16(g.standard_normal(H).astype(np.float32)), g.standard_normal(K).astype(np.float32)
+        gx = bf16_rows([grads(me, p, t)[0] for p, t in rows], H)
+        gp = np.array([grads(me, p, t)[1] for p, t in rows], np.float32).reshape(len(rows), K)
+        grad_x, grad_probs, after = buf.combine(gx, handle, topk_weights=gp.astype(np.float32),
+                                                previous_event=EventOverlap(EventHandle()), async_finish=True,
+                                                allocate_on_comm_stream=False)
+        after.current_stream_wait()
+        want_x = np.zeros((W.T[me], H), np.uint16)
+        want_p = np.zeros((W.T[me], K), np.float32)
+        for t in range(W.T[me]):
+            acc, accp = np.zeros(H, np.float32), np.zeros(K, np.float32)
+            for q in W.ranks(me, t):
+                gq, gpq = grads(q, me, t)
+                acc, accp = acc + bf16_to_f32(gq), accp + gpq
+            want_x[t], want_p[t] = f32_to_bf16(acc), accp
+        same(grad_x, want_x, "Megatron backward combine")
+        same(grad_probs, want_p, "Megatron backward combined probs")
+        Buffer.set_num_sms(20)
+        buf.destroy()
+
+
 def test_errors():
     ok(issubclass(epx.InvalidArgumentError, ValueError) and issubclass(epx.PeerTimeoutError, TimeoutError),
        "exception bases")

@@ -142,6 +142,41 @@ class CpuTests(unittest.TestCase):
                          "print(int(a.sum()))\n")
         self.assertEqual((p.returncode, p.stdout.strip()), (0, str(256 * 1024)), p.stderr[-2000:])
 
+    def test_deep_ep_module_names(self):
+        # DeepEP's import paths: epx.deep_ep.utils / .buffer, and after register_as_deep_ep() the name
+        # deep_ep itself (import, from-import, submodules, find_spec); what epx lacks stays absent;
+        # a deep_ep imported before is not replaced
+        p = self._script("import importlib.util, sys, types\n"
+                         "from epx.deep_ep.utils import EventHandle, EventOverlap\n"
+                         "from epx.deep_ep.buffer import Buffer, Config\n"
+                         "import epx, epx.deep_ep as front\n"
+                         "assert importlib.util.find_spec('deep_ep') is None\n"
+                         "assert front.register_as_deep_ep() is front and front.register_as_deep_ep() is front\n"
+                         "import deep_ep\n"
+                         "from deep_ep import Buffer as B2, Config as C2, EventOverlap as O2\n"
+                         "from deep_ep.utils import EventHandle as H3, EventOverlap as O3\n"
+                         "import deep_ep.buffer, deep_ep.utils\n"
+                         "assert deep_ep is front and (B2, C2, O2, H3, O3) == (Buffer, Config, EventOverlap,\n"
+                         "    EventHandle, EventOverlap) and deep_ep.buffer.Buffer is Buffer\n"
+                         "assert importlib.util.find_spec('deep_ep') is not None\n"
+                         "assert not hasattr(deep_ep, 'ElasticBuffer')\n"
+                         "try:\n"
+                         "    from deep_ep import HybridEPBuffer\n"
+                         "    raise SystemExit('HybridEPBuffer imported')\n"
+                         "except ImportError:\n"
+                         "    pass\n"
+                         "for n in ('deep_ep', 'deep_ep.utils', 'deep_ep.buffer'):\n"
+                         "    del sys.modules[n]\n"
+                         "sys.modules['deep_ep'] = other = types.ModuleType('deep_ep')\n"
+                         "try:\n"
+                         "    front.register_as_deep_ep()\n"
+                         "    raise SystemExit('registered over another deep_ep')\n"
+                         "except epx.InvalidUsageError as e:\n"
+                         "    assert 'already imported' in e.message, e\n"
+                         "assert sys.modules['deep_ep'] is other and 'deep_ep.utils' not in sys.modules\n"
+                         "print('ok')\n")
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, "ok"), p.stderr[-3000:])
+
     def test_abort_with_pending_ll_send(self):
         # abort() must abort even while a split low-latency send is pending on a healthy communicator
         p = self._script("import numpy as np, epx\n"

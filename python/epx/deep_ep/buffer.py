@@ -1,41 +1,13 @@
-"""A DeepEP-compatible front over epx: `from epx import deep_ep` (or `import epx.deep_ep as deep_ep`)
-instead of `import deep_ep`, and code written for DeepEP's `Buffer` runs on epx.
-
-What maps onto what:
-- Buffer(group, ...)                 a communicator bootstrapped from the torch ProcessGroup (CUDA
-                                     backend on the current device with an NCCL group, else CPU);
-                                     num_nvl_bytes / num_rdma_bytes / num_qps_per_rank are accepted
-                                     and not needed (epx sizes its own buffers).
-- get_dispatch_layout                computed locally with tensor ops (no synchronisation).
-- dispatch / combine                 epx high-throughput dispatch / combine (rows ordered by source
-                                     rank then source token; deterministic float32 reduction);
-                                     dispatch(handle=...) is epx's cached dispatch.
-- low_latency_dispatch / _combine    epx low-latency dispatch / combine (static expert-major shapes,
-                                     FP8 with float32 or UE8M0 scales).
-- events                             work runs on the current torch stream; previous_event makes it
-                                     wait first; async_finish returns an event recorded after it.
-- return_recv_hook                   the call only sends (epx_moe_ll_dispatch_send / _combine_send)
-                                     and the returned hook receives: the outputs are complete after
-                                     hook() (on the CUDA backend, in stream order); at most two
-                                     batches in flight, hooks called in the order of the calls.
-                                     Without it, the hook does nothing.
-
-Contexts (one per hidden size, dtype, expert count, top-k and alignment) are created lazily and
-collectively on first use. High-throughput contexts size themselves to the largest token count
-seen: a dispatch with more tokens than any before fails on every rank, the ranks agree on the
-largest count, and the call is retried once on a larger context — nothing is lost.
-
-Also accepted instead of a ProcessGroup: an `epx.Comm` (or None: a communicator from epx-run's
-environment). Then numpy arrays work too (CPU backend); that is how CI tests this module without
-torch. bf16 numpy data needs ml_dtypes; other dtypes epx supports (f16, f32) work as well.
-"""
+"""`deep_ep.buffer` of the DeepEP front: Buffer and Config (the package docstring says what maps
+onto what)."""
 import os
 
-from . import _arrays as A
-from . import _lib
-from ._comm import Comm
-from ._errors import InvalidArgumentError, RemoteInvalidError, UnsupportedError
-from ._moe import Moe
+from .. import _arrays as A
+from .. import _lib
+from .._comm import Comm
+from .._errors import InvalidArgumentError, RemoteInvalidError, UnsupportedError
+from .._moe import Moe
+from .utils import EventHandle, EventOverlap
 
 _INITIAL_MAX_TOKENS = 128
 
@@ -43,41 +15,6 @@ _INITIAL_MAX_TOKENS = 128
 def _torch():
     import torch
     return torch
-
-
-class EventHandle:
-    """A CUDA event recorded on the current torch stream at creation (nothing on the CPU)."""
-
-    def __init__(self, device=None):
-        self.event = None
-        t = A._torch()
-        if t is not None and t.cuda.is_available() and (device is None or getattr(device, "type", "cpu") == "cuda"):
-            self.event = t.cuda.Event()
-            self.event.record(t.cuda.current_stream(device))
-
-    def current_stream_wait(self):
-        if self.event is not None:
-            _torch().cuda.current_stream().wait_event(self.event)
-
-
-class EventOverlap:
-    """DeepEP's event wrapper: current_stream_wait(), and `with event:` makes the current stream wait on
-    exit. extra_tensors are kept alive until the event is dropped."""
-
-    def __init__(self, event=None, extra_tensors=None):
-        self.event = event
-        self.extra_tensors = extra_tensors
-
-    def current_stream_wait(self):
-        if self.event is not None:
-            self.event.current_stream_wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc_val, exc_tb):
-        if self.event is not None:
-            self.event.current_stream_wait()
 
 
 class Config:
@@ -477,4 +414,4 @@ def _pack_ue8m0(s):
     return np.ascontiguousarray(s).view(np.int32)
 
 
-__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle"]
+__all__ = ["Buffer", "Config"]
