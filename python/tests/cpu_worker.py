@@ -863,6 +863,225 @@ def test_deep_ep_megatron():
         buf.destroy()
 
 
+def test_deep_ep_sglang():
+    # SGLang's DeepEPDispatcher: Config(**json), the buffer sized for both modes, normal mode (capture
+    # -> layout -> dispatch with expert_alignment=128 and a config -> combine), FP8 normal dispatch with
+    # DeepGEMM's column-major scales (float32, and UE8M0 packed in int32), then low-latency mode
+    # (clean_low_latency_buffer, dispatch and combine by keyword, with and without the receive hook)
+    deep_ep.register_as_deep_ep()
+    from deep_ep import Buffer, Config
+    cfg = {"num_sms": 24, "num_max_nvl_chunked_send_tokens": 16, "num_max_nvl_chunked_recv_tokens": 256,
+           "num_max_rdma_chunked_send_tokens": 6, "num_max_rdma_chunked_recv_tokens": 128}
+    normal_dispatch_config, normal_combine_config = Config(**cfg), Config(**cfg)
+    group, E, K, H, M = comm, 2 * R, min(3, 2 * R), 640, 6
+    hidden_bytes = H * 2
+    num_nvl_bytes = num_rdma_bytes = 0
+    for config in (normal_dispatch_config, normal_combine_config):
+        num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, group.size), num_nvl_bytes)
+        num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, group.size), num_rdma_bytes)
+    num_rdma_bytes = max(Buffer.get_low_latency_rdma_size_hint(M, H, group.size, E), num_rdma_bytes)
+    buf = Buffer(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True,
+                 num_qps_per_rank=max(cfg["num_sms"], E // group.size), allow_mnnvl=True)
+    W = Routes(10, M, E, K, H)
+    rows = W.rows(me)
+    lidx = W.local_idx(me, rows)
+    # normal mode, bf16
+    previous_event = Buffer.capture()
+    (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
+     previous_event) = buf.get_dispatch_layout(W.idx[me], E, previous_event=previous_event, async_finish=True,
+                                               allocate_on_comm_stream=previous_event is not None)
+    recv_x, recv_topk_ids, recv_topk_weights, num_recv_tokens_per_expert, handle, event = buf.dispatch(
+        W.x[me], topk_idx=W.idx[me], topk_weights=W.w[me], num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+        allocate_on_comm_stream=True, expert_alignment=128, config=normal_dispatch_config)
+    event.current_stream_wait()
+    same(recv_x, bf16_rows([W.x[p][t] for p, t in rows], H), "SGLang normal recv_x")
+    same(recv_topk_ids, lidx, "SGLang normal recv topk_ids")
+    cnt = [int((lidx == l).any(1).sum()) for l in range(W.L)]
+    ok(num_recv_tokens_per_expert == [(c + 127) // 128 * 128 for c in cnt], "SGLang counts aligned to 128")
+    combined, _, event = buf.combine(recv_x, handle, async_finish=True, previous_event=Buffer.capture(),
+                                     allocate_on_comm_stream=True, config=normal_combine_config)
+    event.current_stream_wait()
+    want = np.stack([f32_to_bf16(bf16_to_f32(W.x[me][t]) * np.float32(len(W.ranks(me, t))))
+                     for t in range(W.T[me])]).reshape(W.T[me], H) if W.T[me] else np.zeros((0, H), np.uint16)
+    same(combined, want, "SGLang normal combine (each rank returns the row it got)")
+    # normal mode, FP8 with column-major scales: float32 [T, H/128], and UE8M0 packed [T, H/512] int32
+    def fp8(p):
+        g = rng(73, p)
+        q = g.integers(0, 0x7F, (W.T[p], H)).astype(np.uint8)
+        return (q, np.asfortranarray(g.random((W.T[p], H // 128)).astype(np.float32)),
+                np.asfortranarray(g.integers(0, 2**31, (W.T[p], H // 512)).astype(np.int32)))
+    for which in (1, 2):
+        xq = fp8(me)
+        (rq, rs), _, _, _, h, event = buf.dispatch(
+            (xq[0], xq[which]), topk_idx=W.idx[me], topk_weights=W.w[me], num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=None, is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert, previous_event=Buffer.capture(), async_finish=True,
+            allocate_on_comm_stream=True, expert_alignment=128, config=normal_dispatch_config)
+        event.current_stream_wait()
+        same(np.asarray(rq).view(np.uint8), np.stack([fp8(p)[0][t] for p, t in rows]).reshape(len(rows), H),
+             "SGLang FP8 rows")
+        want_s = np.stack([fp8(p)[which][t] for p, t in rows]).reshape(len(rows), -1)
+        same(rs, want_s, "SGLang FP8 scales (%s)" % want_s.dtype)
+        ok(rs.flags.c_contiguous, "received scales are row-major")
+        rq2, rs2 = buf.dispatch((xq[0], xq[which]), handle=h)[0]
+        same(rs2, want_s, "SGLang FP8 scales, cached dispatch")
+        y = f32_to_bf16(fp8_to_f32(rq)).reshape(len(rows), H)
+        out, _, _ = buf.combine(y, h, config=normal_combine_config)
+        same(out, f32_to_bf16(np.stack([fp8_to_f32(xq[0][t]) * np.float32(len(W.ranks(me, t)))
+                                        for t in range(W.T[me])]).reshape(W.T[me], H)), "SGLang FP8 combine")
+    # low-latency mode
+    if buf.low_latency_mode:
+        buf.clean_low_latency_buffer(M, H, E)
+    for return_recv_hook in (False, True):
+        topk_ids = W.idx[me]
+        expected_m = (W.T[me] * buf.group_size * topk_ids.shape[1] + E) // E
+        ok(expected_m >= 0, "expected_m")
+        packed_recv_hidden, packed_recv_count, ll_handle, event, hook = buf.low_latency_dispatch(
+            W.x[me], topk_ids, M, E, use_fp8=False, async_finish=not return_recv_hook,
+            return_recv_hook=return_recv_hook)
+        hook() if return_recv_hook else event.current_stream_wait()
+        ok(packed_recv_hidden.shape == (W.L, R * M, H), "SGLang LL shape")
+        for l in range(W.L):
+            slots = W.slots(me * W.L + l)
+            ok(int(packed_recv_count[l]) == len(slots), "SGLang LL masked_m")
+            same(packed_recv_hidden[l, :len(slots)], bf16_rows([W.x[p][t] for p, t in slots], H), "SGLang LL rows")
+        # the experts: expert e scales its rows by e + 1 (bf16)
+        y = np.zeros_like(packed_recv_hidden)
+        for l in range(W.L):
+            n = int(packed_recv_count[l])
+            y[l, :n] = f32_to_bf16(bf16_to_f32(packed_recv_hidden[l, :n]) * np.float32(me * W.L + l + 1))
+        combined_hidden_states, event, hook = buf.low_latency_combine(
+            x=y, topk_idx=topk_ids, topk_weights=W.w[me], handle=ll_handle, async_finish=not return_recv_hook,
+            return_recv_hook=return_recv_hook)
+        hook() if return_recv_hook else event.current_stream_wait()
+        same(combined_hidden_states, ll_combined(W, me), "SGLang LL combine (hook %s)" % return_recv_hook)
+    # FP8 low-latency dispatch as on Blackwell with DeepGEMM: round_scale and use_ue8m0
+    (q, s), cnt, _, event, hook = buf.low_latency_dispatch(W.x[me], W.idx[me], M, E, use_fp8=True, round_scale=True,
+                                                           use_ue8m0=True, async_finish=True, return_recv_hook=False)
+    event.current_stream_wait()
+    ok(q.shape == (W.L, R * M, H) and s.shape == (W.L, R * M, (H // 128 + 3) // 4) and s.dtype == np.int32,
+       "SGLang LL FP8 UE8M0 shapes")
+    buf.destroy()
+
+
+def ll_combined(W, q):
+    """DeepEP's low-latency combine of rank q's tokens when expert e returns its rows times e + 1:
+    per expert rank, the weighted rows in k order, then the ranks in order (float32, then bf16)."""
+    out = np.zeros((W.T[q], W.H), np.uint16)
+    for t in range(W.T[q]):
+        acc = np.zeros(W.H, np.float32)
+        for r in W.ranks(q, t):
+            part = np.zeros(W.H, np.float32)
+            for k, e in enumerate(W.idx[q][t]):
+                if e >= 0 and e // W.L == r:
+                    yv = bf16_to_f32(f32_to_bf16(bf16_to_f32(W.x[q][t]) * np.float32(e + 1)))
+                    part = part + W.w[q][t, k] * yv
+            acc = acc + part
+        out[t] = f32_to_bf16(acc)
+    return out
+
+
+def test_deep_ep_vllm():
+    # vLLM's DeepEP prepare/finalize: the high-throughput manager's Buffer kwargs and set_num_sms,
+    # dispatch by keyword with FP8 block scales (and the per-token [T, 1] scales of earlier
+    # versions), the receiver's event.event test, topk id remapping, combine by keyword; the
+    # low-latency manager's size hint by keyword, dispatch with the receive hook, dequantisation
+    # of the FP8 rows, combine into out= through the hook; destroy()
+    deep_ep.register_as_deep_ep()
+    import deep_ep as DE
+    group, E, K, H, M = comm, 2 * R, min(2, 2 * R), 256, 5
+    available_rank_configs = [2, 4, 8, 16, 24, 32, 64, 128, 144, 160]
+    buf = DE.Buffer(group=group, num_nvl_bytes=1 << 20, num_rdma_bytes=0, low_latency_mode=False,
+                    num_qps_per_rank=1, explicitly_destroy=True)
+    DE.Buffer.set_num_sms(20)
+    dispatch_config = DE.Buffer.get_dispatch_config(R) if R in available_rank_configs else None
+    combine_config = DE.Buffer.get_combine_config(R) if R in available_rank_configs else None
+    ok(dispatch_config is None or isinstance(dispatch_config, DE.Config), "deep_ep.Config")
+    W = Routes(20, M, E, K, H)
+    rows = W.rows(me)
+    lidx = W.local_idx(me, rows)
+    rank_expert_offset = me * W.L
+
+    def scales(p, cols):
+        return rng(74, p, cols).random((W.T[p], cols)).astype(np.float32)
+    for cols in (H // 128, 1):  # block scales; per-token scales [T, 1]
+        q8 = rng(75, me).integers(0, 0x7F, (W.T[me], H)).astype(np.uint8)
+        previous_event = buf.capture()
+        (num_tokens_per_rank, num_tokens_per_rdma_rank, dispatch_expert_num_tokens, is_token_in_rank,
+         event) = buf.get_dispatch_layout(topk_idx=W.idx[me], num_experts=E, previous_event=previous_event,
+                                          async_finish=False, allocate_on_comm_stream=False)
+        (token_data, expert_topk_ids, expert_topk_weights, expert_num_tokens_per_expert_list, handle,
+         event) = buf.dispatch(x=(q8, scales(me, cols)), handle=None, num_tokens_per_rank=num_tokens_per_rank,
+                               num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+                               num_tokens_per_expert=dispatch_expert_num_tokens, topk_idx=W.idx[me],
+                               topk_weights=W.w[me], expert_alignment=1, config=dispatch_config,
+                               previous_event=previous_event, async_finish=True, allocate_on_comm_stream=False)
+        if event.event is not None:
+            event.current_stream_wait()
+        expert_x, expert_x_scale = token_data
+        same(expert_x_scale, np.stack([scales(p, cols)[t] for p, t in rows]).reshape(len(rows), cols),
+             "vLLM HT scales, %d columns" % cols)
+        expert_topk_ids = np.where(expert_topk_ids == -1, E - 1 if rank_expert_offset == 0 else 0,
+                                   expert_topk_ids + rank_expert_offset)
+        same(expert_topk_ids, np.where(lidx == -1, E - 1 if me == 0 else 0, lidx + rank_expert_offset),
+             "vLLM HT global topk ids")
+        ok(expert_num_tokens_per_expert_list == [int((lidx == l).any(1).sum()) for l in range(W.L)], "vLLM counts")
+        # finalize: the weighted, reduced expert output (bf16) combined without weights
+        fused = f32_to_bf16(fp8_to_f32(expert_x)).reshape(len(rows), H)
+        combined_x, _, event = buf.combine(x=fused, handle=handle, topk_weights=None, config=combine_config,
+                                           previous_event=buf.capture(), async_finish=True,
+                                           allocate_on_comm_stream=False)
+        output = np.zeros((W.T[me], H), np.uint16)
+        if event.event is not None:
+            event.current_stream_wait()
+        output[...] = combined_x
+        same(output, f32_to_bf16(np.stack([fp8_to_f32(q8[t]) * np.float32(len(W.ranks(me, t)))
+                                           for t in range(W.T[me])]).reshape(W.T[me], H)), "vLLM HT combine")
+    buf.destroy()
+    # low latency
+    num_rdma_bytes = DE.Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank=M, hidden=H,
+                                                              num_ranks=R, num_experts=E)
+    kwargs = dict(group=group, num_nvl_bytes=1 << 20, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
+                  num_qps_per_rank=W.L, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
+                  explicitly_destroy=True, enable_shrink=False)
+    buf = DE.Buffer(**kwargs)
+    for use_fp8_dispatch, do_recv_hook in ((False, False), (True, True), (False, True)):
+        expert_x, expert_num_tokens, handle, _, hook = buf.low_latency_dispatch(
+            W.x[me], W.idx[me], M, E, use_fp8=use_fp8_dispatch, round_scale=False, use_ue8m0=False,
+            async_finish=False, return_recv_hook=True)
+        hook()
+        for l in range(W.L):
+            ok(int(expert_num_tokens[l]) == len(W.slots(me * W.L + l)), "vLLM LL expert_num_tokens")
+        if use_fp8_dispatch:  # vLLM's dequant_fp8: scales [L, S, H/128], blocks of 128
+            x_fp8, x_scales = expert_x
+            f = fp8_to_f32(x_fp8).reshape(W.L, -1, 128) * np.ascontiguousarray(x_scales).reshape(W.L, -1, 1)
+            f = f.reshape(x_fp8.shape)
+            for l in range(W.L):
+                for i, (p, t) in enumerate(W.slots(me * W.L + l)):
+                    xr = bf16_to_f32(W.x[p][t]).reshape(-1, 128)
+                    err = np.abs(f[l, i].reshape(-1, 128) - xr)
+                    ok((err <= np.abs(xr).max(1, keepdims=True) / 16).all(), "vLLM LL dequantised rows")
+            continue
+        fused_expert_output = np.zeros_like(expert_x)
+        for l in range(W.L):
+            n = int(expert_num_tokens[l])
+            fused_expert_output[l, :n] = f32_to_bf16(bf16_to_f32(expert_x[l, :n]) * np.float32(me * W.L + l + 1))
+        output = np.zeros((W.T[me], H), np.uint16)
+        _, _, recv_hook = buf.low_latency_combine(fused_expert_output, W.idx[me], W.w[me], handle, async_finish=False,
+                                                  zero_copy=False, return_recv_hook=do_recv_hook, out=output)
+        recv_hook()
+        same(output, ll_combined(W, me), "vLLM LL combine into out (hook %s)" % do_recv_hook)
+    # the handle is DeepEP's 5-tuple where its meaning is the same
+    ok(len(handle) == 5 and tuple(handle[2:]) == (M, H, E) and list(handle)[2:] == [M, H, E], "LL handle items")
+    for call in (lambda: buf.low_latency_query_mask_buffer(np.zeros(R, np.int32)),
+                 lambda: buf.low_latency_update_mask_buffer(0, True), buf.low_latency_clean_mask_buffer):
+        raises(epx.UnsupportedError, call, "rank masking")
+    buf.destroy()
+    raises(epx.UnsupportedError, lambda: DE.Buffer(**dict(kwargs, enable_shrink=True)), "enable_shrink=True")
+
+
 def test_errors():
     ok(issubclass(epx.InvalidArgumentError, ValueError) and issubclass(epx.PeerTimeoutError, TimeoutError),
        "exception bases")

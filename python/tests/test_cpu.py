@@ -177,6 +177,26 @@ class CpuTests(unittest.TestCase):
                          "print('ok')\n")
         self.assertEqual((p.returncode, p.stdout.strip()), (0, "ok"), p.stderr[-3000:])
 
+    def test_deep_ep_group_backend(self):
+        # Buffer(group) with a torch ProcessGroup works on the current CUDA device whenever CUDA is
+        # available, whatever the group's backend (vLLM passes its gloo CPU group, as DeepEP allows),
+        # and on the CPU backend without CUDA; a fake torch and Comm.from_torch show what is asked for
+        p = self._script("import sys, types, epx\n"
+                         "from epx import deep_ep\n"
+                         "asked = []\n"
+                         "class Fake:\n"
+                         "    rank, size, backend = 0, 1, 'cpu'\n"
+                         "epx.Comm.from_torch = classmethod(lambda cls, group, **kw: asked.append(kw) or Fake())\n"
+                         "for cuda in (True, False):\n"
+                         "    t = types.ModuleType('torch')\n"
+                         "    t.cuda = types.SimpleNamespace(is_available=lambda: cuda, current_device=lambda: 3)\n"
+                         "    sys.modules['torch'] = t\n"
+                         "    deep_ep.Buffer(object(), 0, 0, timeout_ms=5000)\n"
+                         "print(asked)\n")
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        self.assertEqual(p.stdout.strip(), str([{"backend": "cuda", "device": 3, "timeout_ms": 5000},
+                                                {"timeout_ms": 5000}]))
+
     def test_abort_with_pending_ll_send(self):
         # abort() must abort even while a split low-latency send is pending on a healthy communicator
         p = self._script("import numpy as np, epx\n"

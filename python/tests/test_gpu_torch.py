@@ -232,6 +232,7 @@ def check_ll(rank, R, dev, buf):
 
 
 def _worker(rank, R, port, device):
+    import epx
     from epx import deep_ep
     cuda = device == "cuda"
     if cuda:
@@ -239,7 +240,10 @@ def _worker(rank, R, port, device):
     dist.init_process_group("nccl" if cuda else "gloo", init_method="tcp://127.0.0.1:%d" % port, world_size=R,
                             rank=rank)
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    buf = deep_ep.Buffer(dist.group.WORLD, int(1e8), 0)
+    # Buffer(group) works on the current GPU whenever CUDA is available, as DeepEP; torch CPU tensors
+    # on a machine with GPUs need a CPU-backend communicator given explicitly
+    comm = None if cuda else epx.Comm.from_torch(dist.group.WORLD, backend="cpu")
+    buf = deep_ep.Buffer(dist.group.WORLD, int(1e8), 0, comm=comm)
     assert buf.comm.backend == ("cuda" if cuda else "cpu"), buf.comm.backend
     check_alltoall(rank, R, dev, buf.comm)
     check_ht(rank, R, dev, buf)
@@ -249,6 +253,8 @@ def _worker(rank, R, port, device):
         torch.cuda.synchronize()
     dist.barrier()
     buf.destroy()
+    if comm is not None:
+        comm.destroy()
     print("rank %d (%s): alltoall, dispatch/combine, MoE layer forward+backward ok; low-latency %s"
           % (rank, device, ll), flush=True)
     dist.destroy_process_group()

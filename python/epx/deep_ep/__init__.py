@@ -6,16 +6,20 @@ that says `import deep_ep` / `from deep_ep.utils import ...` unmodified, call
 `epx.deep_ep.register_as_deep_ep()` first (below).
 
 What maps onto what:
-- Buffer(group, ...)                 a communicator bootstrapped from the torch ProcessGroup (CUDA
-                                     backend on the current device with an NCCL group, else CPU);
-                                     num_nvl_bytes / num_rdma_bytes / num_qps_per_rank are accepted
-                                     and not needed (epx sizes its own buffers).
+- Buffer(group, ...)                 a communicator bootstrapped from the torch ProcessGroup, on the
+                                     current CUDA device whenever CUDA is available (whatever the
+                                     group's backend: gloo groups too, as DeepEP), else on the CPU
+                                     backend; num_nvl_bytes / num_rdma_bytes / num_qps_per_rank are
+                                     accepted and not needed (epx sizes its own buffers);
+                                     enable_shrink=True (rank masking) raises UnsupportedError.
 - get_dispatch_layout                computed locally with tensor ops (no synchronisation).
 - dispatch / combine                 epx high-throughput dispatch / combine (rows ordered by source
                                      rank then source token; deterministic float32 reduction);
-                                     dispatch(handle=...) is epx's cached dispatch.
+                                     dispatch(handle=...) is epx's cached dispatch. FP8 scales may be
+                                     [T] or [T, C <= ceil(H/128)], float32 or int32, any layout.
 - low_latency_dispatch / _combine    epx low-latency dispatch / combine (static expert-major shapes,
-                                     FP8 with float32 or UE8M0 scales).
+                                     FP8 with float32 or UE8M0 scales). The handle is a 5-sequence
+                                     like DeepEP's tuple (items 2-4: max tokens, hidden, experts).
 - events                             work runs on the current torch stream; previous_event makes it
                                      wait first; async_finish returns an event recorded after it.
 - return_recv_hook                   the call only sends (epx_moe_ll_dispatch_send / _combine_send)

@@ -59,9 +59,20 @@ class _LLHandle:
         self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts = (
             num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
-    def __iter__(self):  # DeepEP code unpacks the last three
-        return iter((self.recv_src_rank, self.recv_src_token, self.num_max_dispatch_tokens_per_rank, self.hidden,
-                     self.num_experts))
+    def _items(self):
+        return (self.recv_src_rank, self.recv_src_token, self.num_max_dispatch_tokens_per_rank, self.hidden,
+                self.num_experts)
+
+    # DeepEP's handle is the tuple (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
+    # num_experts): items 2-4 mean the same here; 0 and 1 are epx's slot sources instead.
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return self._items()[i]
 
 
 def _wait(previous_event):
@@ -84,6 +95,9 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False, explicitly_destroy=False,
                  enable_shrink=False, comm=None, *, timeout_ms=None):
+        if enable_shrink:
+            raise UnsupportedError(-5, "enable_shrink (DeepEP's rank masking) is not supported by epx: a failed "
+                                       "peer breaks the communicator (abort and recreate it)")
         self._owns_comm = False  # destroy() releases only a communicator made here
         if comm is None:
             if isinstance(group, Comm):
@@ -92,7 +106,7 @@ class Buffer:
                 comm = Comm(timeout_ms=timeout_ms)
                 self._owns_comm = True
             else:
-                comm = Comm.from_torch(group, timeout_ms=timeout_ms)
+                comm = _comm_of_group(group, timeout_ms)
                 self._owns_comm = True
         self.comm = comm
         self.group = group
@@ -153,6 +167,15 @@ class Buffer:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """Nothing to clean: epx's low-latency buffers need no zeroing."""
+
+    def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+        raise UnsupportedError(-5, "rank masking (DeepEP's enable_shrink) is not supported by epx")
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        raise UnsupportedError(-5, "rank masking (DeepEP's enable_shrink) is not supported by epx")
+
+    def low_latency_clean_mask_buffer(self):
+        raise UnsupportedError(-5, "rank masking (DeepEP's enable_shrink) is not supported by epx")
 
     # ---- contexts ------------------------------------------------------------------------------
 
@@ -231,19 +254,24 @@ class Buffer:
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False,
                  allocate_on_comm_stream=False):
-        """Send each token to the ranks of its experts. x: [T, H] tensor, or (fp8 [T, H], scales [T, H/128]).
-        Returns (recv_x or (recv_x, recv_x_scales), recv_topk_idx, recv_topk_weights,
-        num_recv_tokens_per_expert_list, handle, event); with `handle` given (cached: same routing, new data)
-        (recv_x, None, None, None, None, event). Received rows are ordered by (source rank, source token)."""
+        """Send each token to the ranks of its experts. x: [T, H] tensor, or (fp8 [T, H], scales): scales
+        [T, C] or [T] (C <= ceil(H/128); float32, or int32 UE8M0 words; any layout), received as [N, C] or
+        [N] of their dtype, row-major, as DeepEP does. Returns (recv_x or (recv_x, recv_x_scales),
+        recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event); with `handle`
+        given (cached: same routing, new data) (recv_x, None, None, None, None, event). Received rows are
+        ordered by (source rank, source token)."""
         if num_worst_tokens:
             raise UnsupportedError(-5, "num_worst_tokens is not supported by epx")
-        xs = None
+        xs, scales_out = None, _same
         if isinstance(x, tuple):
             x, xs = x
+            xs, scales_out = _scales_in(xs, x)
         _wait(previous_event)
         if handle is not None:
             moe = handle.moe
             recv_x = moe.dispatch_cached(handle.epx_handle, x, xs)  # (recv_x, scales) for FP8
+            if xs is not None:
+                recv_x = (recv_x[0], scales_out(recv_x[1]))
             return recv_x, None, None, None, None, _finish(async_finish, x)
         if topk_idx is None or num_tokens_per_expert is None:
             raise ValueError("dispatch needs topk_idx and num_tokens_per_expert (from get_dispatch_layout) "
@@ -259,7 +287,7 @@ class Buffer:
 
         moe, r = self._with_capacity(T, x, call)
         h = _HTHandle(moe, r.handle, is_token_in_rank, r.recv_src_rank, r.recv_src_token)
-        recv_x = (r.recv_x, r.recv_x_scales) if xs is not None else r.recv_x
+        recv_x = (r.recv_x, scales_out(r.recv_x_scales)) if xs is not None else r.recv_x
         counts = r.num_recv_tokens_per_expert.tolist()
         return recv_x, r.recv_topk_idx, r.recv_topk_weights, counts, h, _finish(async_finish, x)
 
@@ -362,6 +390,61 @@ class Buffer:
             buf = A.zeros(like, (moe.num_local_experts, moe.ll_slots, moe.hidden), moe.combine_dtype)
             self._ll_combine_buffers[id(moe)] = buf
         return buf
+
+
+def _comm_of_group(group, timeout_ms):
+    """A communicator over a torch ProcessGroup, on the current CUDA device whenever CUDA is available
+    (as DeepEP: the group only bootstraps, so a gloo group, e.g. vLLM's CPU group, gives the CUDA
+    backend too), else on the CPU backend. For torch CPU tensors on a machine with a GPU, pass
+    comm=Comm.from_torch(group, backend="cpu") instead."""
+    t = _torch()
+    if t.cuda.is_available():
+        return Comm.from_torch(group, backend="cuda", device=t.cuda.current_device(), timeout_ms=timeout_ms)
+    return Comm.from_torch(group, timeout_ms=timeout_ms)
+
+
+def _same(r):
+    return r
+
+
+def _scales_in(s, x):
+    """DeepEP's x_scales, [T] or [T, C] float32 or int32 (UE8M0 packed) in any layout, as epx's
+    contiguous float32 [T, cols] (the scales travel as raw 4-byte words, zero-padded to cols), and the
+    function that turns the received [N, cols] back into DeepEP's form ([N] or [N, C], row-major,
+    the input's dtype). What cannot be adapted (C > cols, another dtype) is passed on for epx to
+    reject on every rank."""
+    try:
+        shape, code, cols = A.shape(s), A.dtype_of(s), (A.shape(x)[-1] + 127) // 128
+    except Exception:  # not arrays: epx rejects them on every rank
+        return s, _same
+    if len(shape) not in (1, 2) or code not in (_lib.F32, _lib.I32) or (len(shape) == 2 and shape[1] > cols):
+        return s, _same
+    C = shape[1] if len(shape) == 2 else 1
+    if len(shape) == 2 and C == cols and code == _lib.F32 and A.contiguous(s):
+        return s, _same
+    if A.is_torch(s):
+        t = _torch()
+        w = s.reshape(shape[0], C).contiguous()
+        w = w.view(t.float32) if code == _lib.I32 else w
+        if C < cols:
+            w = t.cat([w, w.new_zeros((shape[0], cols - C))], 1)
+
+        def out(r):
+            r = r[:, :C].contiguous()
+            r = r.view(t.int32) if code == _lib.I32 else r
+            return r.reshape(-1) if len(shape) == 1 else r
+        return w, out
+    np = A.np
+    w = np.ascontiguousarray(np.asarray(s).reshape(shape[0], C))
+    w = w.view(np.float32) if code == _lib.I32 else w
+    if C < cols:
+        w = np.concatenate([w, np.zeros((shape[0], cols - C), np.float32)], 1)
+
+    def out(r):
+        r = np.ascontiguousarray(r[:, :C])
+        r = r.view(np.int32) if code == _lib.I32 else r
+        return r.reshape(-1) if len(shape) == 1 else r
+    return w, out
 
 
 def _np_float32(a):
