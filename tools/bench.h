@@ -67,6 +67,9 @@ double bench_median_of_max(bench_ctx_t *b, const double *t, int n);
 int bench_a2a_counts(const bench_opts_t *o, int nranks, int64_t **counts);
 /* Barrier through epx (collective). */
 void bench_barrier(bench_ctx_t *b);
+/* What to print for a failed status: msg (epx's last-error text, which starts with the
+ * status's name) when it is set, else the status's name. */
+const char *bench_status_text(epx_status_t st, const char *msg);
 /* Abort the whole run with a message (all ranks die; the launcher reports it). */
 void bench_die(bench_ctx_t *b, const char *what, epx_status_t st);
 

@@ -143,7 +143,7 @@ static void epx_ok(gm_t *m, epx_status_t st, const char *what)
     if (st == EPX_SUCCESS) return;
     const char *msg = m->gpu ? epx_comm_get_last_error(m->gpu) : "";
     if (!msg || !*msg) msg = epx_get_last_error();
-    gm_fail(m, "%s failed: %s (%s)", what, epx_status_name(st), msg && *msg ? msg : epx_status_string(st));
+    gm_fail(m, "%s failed: %s", what, bench_status_text(st, msg));
 }
 
 #ifdef EPX_HAVE_NCCL
@@ -212,7 +212,7 @@ static void host_bcast(gm_t *m, void *buf, size_t bytes)
     for (int p = 0; p < R; p++) memcpy(send + (size_t)p * bytes, buf, bytes);
     epx_status_t st = epx_alltoall(m->b->comm, send, recv, bytes, EPX_U8, NULL);
     if (st != EPX_SUCCESS)
-        gm_fail(m, "host broadcast failed: %s (%s)", epx_status_name(st), epx_comm_get_last_error(m->b->comm));
+        gm_fail(m, "host broadcast failed: %s", bench_status_text(st, epx_comm_get_last_error(m->b->comm)));
     memcpy(buf, recv, bytes); /* what rank 0 sent me */
     free(send);
     free(recv);
@@ -1105,7 +1105,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     memset(&id, 0, sizeof id);
     if (b->rank == 0) {
         epx_status_t st = epx_get_unique_id(&id);
-        if (st != EPX_SUCCESS) gm_fail(m, "epx_get_unique_id failed: %s (%s)", epx_status_name(st), epx_get_last_error());
+        if (st != EPX_SUCCESS) gm_fail(m, "epx_get_unique_id failed: %s", bench_status_text(st, epx_get_last_error()));
     }
     host_bcast(m, &id, sizeof id);
     epx_config_t ccfg = EPX_CONFIG_INITIALIZER;
@@ -1342,8 +1342,8 @@ int bench_cuda_moe(bench_ctx_t *b)
     }
     epx_status_t async = EPX_SUCCESS;
     if (epx_comm_get_async_error(m->gpu, &async) == EPX_SUCCESS && async != EPX_SUCCESS)
-        gm_fail(m, "the CUDA communicator reports an asynchronous error: %s (%s)", epx_status_name(async),
-                epx_comm_get_last_error(m->gpu));
+        gm_fail(m, "the CUDA communicator reports an asynchronous error: %s",
+                bench_status_text(async, epx_comm_get_last_error(m->gpu)));
 
     /* Results: median over the iterations of the max over ranks; bytes as the mean per rank. */
     bench_moe_report_t rep;

@@ -46,10 +46,15 @@ double bench_median(double *v, int n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+const char *bench_status_text(epx_status_t st, const char *msg)
+{
+    return msg && *msg ? msg : epx_status_name(st);
+}
+
 void bench_die(bench_ctx_t *b, const char *what, epx_status_t st)
 {
-    fprintf(stderr, "epx-bench: rank %d: %s failed: %s (%s)\n", b->rank, what, epx_status_name(st),
-            b->comm ? epx_comm_get_last_error(b->comm) : epx_get_last_error());
+    fprintf(stderr, "epx-bench: rank %d: %s failed: %s\n", b->rank, what,
+            bench_status_text(st, b->comm ? epx_comm_get_last_error(b->comm) : epx_get_last_error()));
     fflush(stderr);
     if (b->comm) epx_comm_abort(b->comm);
     _exit(3);

@@ -31,7 +31,8 @@ static int moe_memory(char **a, int n)
     int64_t bytes;
     epx_status_t st = epx_moe_device_memory(&cfg, ranks, &bytes);
     if (st != EPX_SUCCESS) {
-        fprintf(stderr, "epx-info: %s: %s\n", epx_status_name(st), epx_get_last_error());
+        const char *msg = epx_get_last_error(); /* starts with the status's name */
+        fprintf(stderr, "epx-info: %s\n", *msg ? msg : epx_status_name(st));
         return 1;
     }
     printf("\nCUDA device memory per rank (communicator + MoE context + one dispatch handle), %d ranks, T=%d H=%d "
