@@ -1,5 +1,5 @@
 #!/bin/sh
-# cmake --install into a scratch prefix, then build and run a program against it: through
+# cmake --install into a scratch prefix, check what the shared library exports, then build and run a program against it: through
 # find_package(epx) (the shared and the static library, and the shared one with MPI and
 # CUDA out of reach), and through pkg-config (shared, and static with --static).
 #   usage: test_install.sh BUILD_DIR SRC_DIR
@@ -7,6 +7,13 @@ set -eu
 BUILD=$1 SRC=$2 PREFIX=$1/install-test
 rm -rf "$PREFIX" "$BUILD/consumer-build" "$BUILD/consumer-static" "$BUILD/consumer-nodeps"
 cmake --install "$BUILD" --prefix "$PREFIX" >/dev/null
+# The shared library exports the API only: every symbol it defines is epx_*, none epx__*
+# (internal, STYLE.md), from the C and the CUDA objects alike.
+if command -v nm >/dev/null 2>&1; then
+    LIB=$(ls "$PREFIX"/lib*/libepx.so | head -1)
+    BAD=$(nm -D --defined-only "$LIB" | awk 'NF == 3 && ($3 !~ /^epx_/ || $3 ~ /^epx__/) {print $2, $3}')
+    if [ -n "$BAD" ]; then echo "libepx.so exports non-API symbols:"; echo "$BAD"; exit 1; fi
+fi
 cmake -S "$SRC/tests/consumer" -B "$BUILD/consumer-build" -DCMAKE_PREFIX_PATH="$PREFIX" >/dev/null
 cmake --build "$BUILD/consumer-build" >/dev/null
 "$BUILD/consumer-build/consumer"

@@ -68,8 +68,8 @@ void epx__store_float(void *row, epx_dtype_t dtype, size_t i, float v)
  * largest magnitude bits (bf16 magnitudes order as their bits; NaN bits, above
  * infinity's, count as 0: NaN never wins, as with fmaxf), then the formula per element. */
 EPX__MULTIVERSION_V4
-void epx__fp8_quantize_row(const uint16_t *restrict x, int hidden, int scale_format, uint8_t *restrict q,
-                           void *scales)
+static void fp8_quantize_row(const uint16_t *restrict x, int hidden, int scale_format, uint8_t *restrict q,
+                             void *scales)
 {
     for (int b = 0; b * EPX__FP8_BLOCK < hidden; b++) {
         int lo = b * EPX__FP8_BLOCK, hi = EPX__MIN(hidden, lo + EPX__FP8_BLOCK);
@@ -87,4 +87,12 @@ void epx__fp8_quantize_row(const uint16_t *restrict x, int hidden, int scale_for
             ((uint32_t *)scales)[b] = bits;
         for (int h = lo; h < hi; h++) q[h] = epx__fp8_from_f32(epx__bf16_to_f32(x[h]) * inv);
     }
+}
+
+/* The clones' dispatcher stays inside libepx only when the multiversioned function is static
+ * (GCC exports a global one's resolver in spite of -fvisibility=hidden). */
+void epx__fp8_quantize_row(const uint16_t *restrict x, int hidden, int scale_format, uint8_t *restrict q,
+                           void *scales)
+{
+    fp8_quantize_row(x, hidden, scale_format, q, scales);
 }
