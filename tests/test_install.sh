@@ -32,7 +32,7 @@ if command -v pkg-config >/dev/null 2>&1; then
         -Wl,-rpath,"$(pkg-config --variable=libdir epx)"
     "$BUILD/consumer-build/consumer-pc"
     cc "$SRC/tests/consumer/main.c" -o "$BUILD/consumer-build/consumer-pc-static" $(pkg-config --cflags epx) \
-        "$(pkg-config --variable=libdir epx)/libepx.a" $(pkg-config --static --libs-only-other --libs-only-l epx | sed 's/-lepx//')
+        "$(pkg-config --variable=libdir epx)/libepx.a" $(pkg-config --static --libs epx | sed 's/-lepx//')
     "$BUILD/consumer-build/consumer-pc-static"
 fi
 echo "1 passed, 0 failed"

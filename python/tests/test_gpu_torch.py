@@ -9,7 +9,8 @@ EPX_TORCH_RANKS=N runs N processes instead of 2 (one GPU each: 1 on a machine wi
 NCCL refuses two ranks on the same device; any N with --device cpu).
 
 Checks: alltoall of CUDA tensors against torch.distributed; DeepEP-style layout, dispatch, cached
-dispatch and combine against a reference built from every rank's data (bit-exact for bf16); a small
+dispatch and combine against a reference built from every rank's data (bit-exact for bf16); on CUDA,
+FP8 dispatch with DeepEP users' scale layouts, and a Buffer over a gloo group (vLLM's); a small
 MoE layer (router, dispatch, two experts per rank as matmuls, combine) forward and backward against
 a single-process torch reference, gradients included; low-latency dispatch/combine where the backend
 has it (both backends do)."""
@@ -109,6 +110,54 @@ def check_ht(rank, R, dev, buf):
     assert torch.equal(out_w, torch.where(topk >= 0, w, 0.0)), "combined weights"
     again, *_ = buf.dispatch(x * 2, handle=handle)
     assert torch.equal(again, want_x * 2), "cached dispatch"
+
+
+def check_ht_fp8_scales(rank, R, dev, buf):
+    """FP8 dispatch with the scale layouts DeepEP users pass (SGLang, vLLM, DeepGEMM): [T, C] float32
+    row-major and column-major, [T, 1], int32 UE8M0 words [T, ceil(C/4)] column-major; received row-major
+    in the input's dtype and shape, plain and cached."""
+    E, K, H = 4 * R, 2, 640  # C = 5 scale blocks
+    C = (H + 127) // 128
+    L = E // R
+    idx = [torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(40 + 97 * p + t))[:K]
+                        for t in range(_tokens(p))]).to(dev) for p in range(R)]
+    q = [_seeded(50 + p, _tokens(p), H, device=dev).clamp(-400, 400).to(torch.float8_e4m3fn) for p in range(R)]
+    rows = [(p, t) for p in range(R) for t in range(_tokens(p)) if (idx[p][t] // L == rank).any()]
+    forms = {
+        "row-major": lambda p: _seeded(60 + p, _tokens(p), C, device=dev).abs() + 0.5,
+        "column-major": lambda p: (_seeded(70 + p, C, _tokens(p), device=dev).abs() + 0.5).t(),
+        "[T, 1]": lambda p: _seeded(80 + p, _tokens(p), 1, device=dev).abs() + 0.5,
+        "ue8m0 words": lambda p: torch.randint(0, 2 ** 31 - 1, ((C + 3) // 4, _tokens(p)),
+                                               generator=torch.Generator().manual_seed(90 + p),
+                                               dtype=torch.int32).to(dev).t(),
+    }
+    for name, make in forms.items():
+        scales = [make(p) for p in range(R)]
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx[rank], E)
+        (rq, rs), _, _, _, handle, _ = buf.dispatch((q[rank], scales[rank]), topk_idx=idx[rank],
+                                                   num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                   num_tokens_per_expert=per_expert)
+        want_q = torch.stack([q[p][t] for p, t in rows])
+        want_s = torch.stack([scales[p][t] for p, t in rows])
+        assert torch.equal(rq.view(torch.uint8), want_q.view(torch.uint8)), name + ": fp8 rows"
+        assert rs.dtype == want_s.dtype and rs.is_contiguous() and torch.equal(rs, want_s), name + ": scales"
+        (cq, cs), *_ = buf.dispatch((q[rank], scales[rank]), handle=handle)
+        assert torch.equal(cq.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(cs, want_s), \
+            name + ": cached"
+
+
+def check_gloo_group(rank, R, dev):
+    """vLLM's way: Buffer over a gloo group on a GPU machine works on the current GPU (as DeepEP)."""
+    from epx import deep_ep
+    g = dist.new_group(backend="gloo")
+    buf = deep_ep.Buffer(g)
+    try:
+        assert buf.comm.backend == "cuda", buf.comm.backend
+        x = torch.arange(R * 3, device=dev, dtype=torch.float32) + 100 * rank
+        want = torch.cat([torch.arange(3, device=dev, dtype=torch.float32) + 3 * rank + 100 * p for p in range(R)])
+        assert torch.equal(buf.comm.alltoall(x), want)
+    finally:
+        buf.destroy()
 
 
 class _Dispatch(torch.autograd.Function if torch else object):
@@ -247,6 +296,9 @@ def _worker(rank, R, port, device):
     assert buf.comm.backend == ("cuda" if cuda else "cpu"), buf.comm.backend
     check_alltoall(rank, R, dev, buf.comm)
     check_ht(rank, R, dev, buf)
+    if cuda:
+        check_ht_fp8_scales(rank, R, dev, buf)
+        check_gloo_group(rank, R, dev)
     check_moe_layer(rank, R, dev, buf)
     ll = check_ll(rank, R, dev, buf)
     if cuda:
