@@ -656,6 +656,29 @@ static void test_arena(void)
     ASSERT(epx__arena_alloc(&a, 3, SIZE_MAX / 2, false) == NULL);
     epx__arena_free(&a);
     ASSERT_EQ(epx__arena_capacity(&a), a.want);
+    /* A reservation: the allocations it covers follow one another in one block (none of them
+     * allocates), whatever the arena held before; one past it may take a new block. */
+    for (int round = 0; round < 3; round++) {
+        epx__arena_t r = {NULL, 0};
+        size_t m[6] = {0, 1, 64, 65, 100000, 3}, need = 0;
+        for (int i = 0; i < round; i++)
+            ASSERT(epx__arena_alloc(&r, 60000, 1, false) != NULL);
+        for (int i = 0; i < 6; i++)
+            need += epx__arena_need(m[i], 8);
+        ASSERT_EQ(epx__arena_need(0, 8), 64);
+        ASSERT_EQ(epx__arena_need(9, 8), 128);
+        ASSERT(epx__arena_reserve(&r, need));
+        char *q = epx__arena_alloc(&r, m[0], 8, false), *next = q + epx__arena_need(m[0], 8);
+        for (int i = 1; i < 6; i++) {
+            q = epx__arena_alloc(&r, m[i], 8, true);
+            if (q != next)
+                TEST_FAIL_("round %d: reserved allocation %d at %p, expected %p", round, i, (void *)q, (void *)next);
+            next = q + epx__arena_need(m[i], 8);
+        }
+        epx__arena_free(&r);
+    }
+    ASSERT(!epx__arena_reserve(&a, SIZE_MAX - 8));
+    ASSERT_EQ(epx__arena_need(3, SIZE_MAX / 2), SIZE_MAX);
 }
 
 /* Registered regions: an address is in a region only from its base up to, not including,

@@ -63,3 +63,18 @@ size_t epx__arena_capacity(const epx__arena_t *a)
     if (!a->blk) return a->want;
     return a->blk->next ? a->want : a->blk->cap;
 }
+
+size_t epx__arena_need(size_t n, size_t size)
+{
+    if (size && n > (SIZE_MAX - 2 * EPX__ARENA_ALIGN) / size / 2) return SIZE_MAX;
+    return EPX__ALIGN_UP(EPX__MAX(n * size, (size_t)1), (size_t)EPX__ARENA_ALIGN);
+}
+
+bool epx__arena_reserve(epx__arena_t *a, size_t bytes)
+{
+    epx__arena_blk_t *b = a->blk;
+    size_t used = b ? b->used : 0;
+    if (!epx__arena_alloc(a, bytes, 1, false)) return false; /* in the newest block, or a new one */
+    a->blk->used = a->blk == b ? used : 0;
+    return true;
+}
