@@ -12,9 +12,10 @@
 
 Model of epx's hierarchical scheme (src/hier/hier.h, src/hier/moe.c):
   verdict   every dispatch and combine starts with one alltoall of small blocks: to every
-            rank 5 int64 (verdict, call, handle, and in a dispatch the flows to that rank
-            and its host, so that no count step follows); a high-throughput dispatch then
-            allreduces 4 int64 (the ranks whose output capacity is short);
+            rank 6 int64 (verdict, call, handle, and in a dispatch the flows to that rank,
+            its host and, to a gateway, the ranks of its host, so that no count step
+            follows); a high-throughput dispatch then allreduces 7 int64 (the ranks whose
+            output capacity is short, and those that could not make their part);
   dispatch  a token crosses to each destination host other than its own once, to the gateway
             (the GPU with the source's local index), as one record: routing (source, token,
             top-k, weights) and row (FP8: and scales), padded to 8 bytes; the gateway fans it
@@ -178,13 +179,13 @@ def verdict_alpha(N, p):
 
 def verdict_bytes(R, dispatch):
     """Bytes each rank sends (and receives) in the verdict's alltoall (src/hier/moe.c,
-    epx__verdict): R blocks of 5 int64 in every call (the flows are zero outside a
+    epx__verdict): R blocks of 6 int64 in every call (the flows are zero outside a
     dispatch; one size, so that ranks that made different calls still meet)."""
     del dispatch
-    return 8 * R * 5
+    return 8 * R * 6
 
 
-CAPACITY_BYTES = 8 * 4  # the capacity allreduce of a high-throughput dispatch (epx__verdict's round 2)
+CAPACITY_BYTES = 8 * 7  # the second round of a high-throughput dispatch (src/hier/moe.c, epx__verdict_rows)
 
 
 LINK_HEAD = 16  # each message of a round along a rail: status and length (src/core/bootstrap.c)

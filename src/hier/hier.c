@@ -55,7 +55,13 @@ epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *ne
     EPX__CHECK(epx__hier_create_link(out, cpu, &link, epx__net_rank(net), epx__net_size(net), host_of, lrank_of,
                                      timeout_ms, err));
     (*out)->net = net;
-    return EPX_SUCCESS;
+    /* A message to and from every rank in a batch, taken now: calls do not allocate them. */
+    epx_status_t st = epx__net_room(net, 0, 2 * epx__net_size(net), err);
+    if (st != EPX_SUCCESS) {
+        epx__hier_destroy(*out);
+        *out = NULL;
+    }
+    return st;
 }
 
 epx_status_t epx__hier_create_link(epx__hier_t **out, epx__cpu_t *cpu, const epx__hier_link_t *link, int me, int R,

@@ -83,7 +83,9 @@ void epx__hier_fault_count(epx__hier_t *hier);
  * fails with EPX_ERR_MISMATCH, the others succeed; nothing else changes). */
 void epx__hier_fault_nomem(epx__hier_t *hier);
 /* The status of a MoE call that failed on this rank after its verdict, before it had done
- * its part of the call's exchanges (an allocation of the routing step): its peers are still
+ * its part of the call's exchanges (an exchange inside the host, such as mapping a local
+ * rank's buffer that grew in the call; every allocation comes before the verdict and is
+ * part of it): its peers are still
  * in the call, so the communicator cannot go on. Its local ranks were told at once (shared
  * memory: EPX_ERR_PEER_FAILURE there); src/api breaks the communicator with it. Cleared
  * by the call; EPX_SUCCESS when none. */
@@ -249,6 +251,14 @@ typedef struct {
  * (memory, or EPX_ERR_INTERNAL when the plan does not add up) *x holds nothing. */
 epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, int chunks,
                                    epx__hier_xplan_t *x, epx__errbuf_t *err);
+/* Bounds of the memory epx__hier_xplan_build takes (by peer or not, any chunks) for a
+ * handle of a low-latency (ll) or high-throughput dispatch of T tokens of top-k K, with at
+ * most nent entries of which nfwd forwarded, rows rows and fan records to the other local
+ * ranks: *plan bytes of the handle's arena, *scratch of the context's scratch (as
+ * epx__arena_need counts them), so that a caller that reserved them (epx__arena_reserve)
+ * before its verdict builds the plan after it without allocating. Local. */
+void epx__hier_xplan_need(const epx__hier_moe_t *m, bool ll, int T, int K, int64_t nent, int64_t nfwd, int64_t rows,
+                          int64_t fan, size_t *plan, size_t *scratch);
 /* The chunks of the network step of a MoE dispatch of shape s and of every call along its
  * handle, from src_tokens[R] (every rank's batch in the dispatch, the plan's src_tokens:
  * every rank gets the same): EPX_MOE_CHUNKS when set; else, where the forwarding can

@@ -3,11 +3,14 @@
  *
  * Dispatch, on every rank:
  *   verdict  one alltoall of small fixed blocks: to every rank, my verdict on my arguments,
- *            my call (kind, top-k, handle) and the tokens I send it and its host — so that
- *            all ranks reach the same verdict before anything is written, and every gateway
- *            and receiver knows what it gets from whom (O(R) bytes per rank); then, as only
- *            a receiver knows its rows, one allreduce of a few values tells every rank
- *            whose output capacity is short;
+ *            my call (kind, top-k, handle) and the tokens I send it, its host and, as its
+ *            gateway, its host's ranks — so that all ranks reach the same verdict before
+ *            anything is written, and every gateway and receiver knows what it gets from
+ *            whom (O(R) bytes per rank); then, as only a receiver knows its rows (and the
+ *            memory of the steps below is sized by them), one allreduce of a few values
+ *            tells every rank whose output capacity is short or who could not make that
+ *            memory (a low-latency dispatch makes it for the most its static shapes allow
+ *            before its verdict, and has no second round);
  *   tokens   my tokens' routing (token id, top-k, weights) and rows (and FP8 scales), one
  *            record each, to my gateway on each other host that holds one of their experts
  *            (MPI); then every rank of this host gets, from each local rank acting as
@@ -38,6 +41,12 @@
  * Buffers that outlive a call (work buffers of the context) are reused; a handle's arrays
  * lie in an arena that a freed handle hands back to its context, and a call's own arrays in
  * the context's scratch arena: a warm call allocates only small index arrays.
+ *
+ * Every call allocates what it needs (buffers grown, room reserved in the arenas, a handle's
+ * row plan built) before the ranks agree, and its outcome is part of the agreement: a rank
+ * out of memory returns EPX_ERR_NO_MEMORY and the others EPX_ERR_REMOTE_INVALID at once,
+ * nothing written. After it only the exchanges can fail, among them src/cpu's mapping of a
+ * local rank's buffer that grew in the same call (epx__left_peers covers that).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -106,14 +115,6 @@ static bool epx__to_host(const epx__hier_moe_t *m, const int32_t *topk, int K, i
     for (int k = 0; k < K; k++)
         if (topk[k] >= 0 && m->host_of_expert[topk[k]] == host) return true;
     return false;
-}
-
-static void *epx__alloc(size_t n, size_t size, epx_status_t *st, epx__errbuf_t *err)
-{
-    if (*st != EPX_SUCCESS) return NULL;
-    void *p = calloc(EPX__MAX(n, (size_t)1), size);
-    if (!p) *st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    return p;
 }
 
 /* n elements from arena a (zeroed with `zero`); NULL once *st fails. */
@@ -187,10 +188,11 @@ static epx_status_t epx__local_xchg(epx__hier_moe_t *m, const void *send, const 
     return epx__local_exchange(m, send, sbytes, recv, rbytes, NULL, err);
 }
 
-/* A failure after the verdict, before this rank did its part of the call's exchanges: its
- * peers wait in them for it. Tell the local ranks now (shared memory: they fail at once
- * instead of at their timeout) and have src/api break the communicator (epx__hier_take_left)
- * rather than leave it looking usable. */
+/* A failure after the verdict, before this rank did its part of the call's exchanges (an
+ * exchange inside the host, e.g. mapping a local rank's buffer: what the call allocates
+ * comes before the verdict): its peers wait in them for it. Tell the local ranks now (shared
+ * memory: they fail at once instead of at their timeout) and have src/api break the
+ * communicator (epx__hier_take_left) rather than leave it looking usable. */
 static void epx__left_peers(epx__hier_moe_t *m, epx_status_t st)
 {
     m->h->left = st;
@@ -226,41 +228,44 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
 
 /* What a dispatch learns from the verdict: from my per_rank[R] (tokens I send each rank)
  * and per_host[hosts] (tokens I send each host), read when local is a success, every rank
- * gets lanes[l], the rows local rank l forwards it, fwd_count[R], the tokens each source
- * sends it as their gateway (0 for the others), and tokens[R], every rank's token count
- * (mine is T). */
+ * gets lanes[l], the rows local rank l forwards it (rows in all), fwd_count[R], the tokens
+ * each source sends it as their gateway (0 for the others), tokens[R], every rank's token
+ * count (mine is T), and fan, the records it fans out inside its host (one per entry, its
+ * own tokens and its sources', and rank of its host the entry has an expert on; self of
+ * them to itself): what the routing step's buffers hold. */
 typedef struct {
     const int32_t *per_rank, *per_host;
     int T;
     int64_t *lanes, *fwd_count, *tokens;
+    int64_t rows, fan, self;
 } epx__flows_t;
 
 /* The block rank p sends rank q in the verdict's alltoall: p's card (its verdict on its own
  * arguments and, when that is a success, its call: operation, top-k, weights and, in a
  * dispatch, p's token count in the upper 32 bits) and, in a dispatch, the flows from p to q
- * (the tokens p sends q, and q's host; zero in other calls). Blocks have one size in every
- * call, so that ranks that made different calls still complete the round and learn it. */
-enum { EPX__V_STATUS, EPX__V_CALL, EPX__V_ROUTING, EPX__V_CARD };    /* every call */
-enum { EPX__V_TO_RANK = EPX__V_CARD, EPX__V_TO_HOST, EPX__V_FLOWS }; /* a dispatch */
-/* The capacity round: ranks whose output is short, and the sums of their rank, capacity and rows. */
-enum { EPX__C_SHORT, EPX__C_RANK, EPX__C_CAPACITY, EPX__C_ROWS, EPX__C_N };
+ * (the tokens p sends q, and q's host; when q is p's gateway on another host, the sum over
+ * that host's ranks of the tokens p sends each: the records q fans out for p; zero in other
+ * calls). Blocks have one size in every call, so that ranks that made different calls
+ * still complete the round and learn it. */
+enum { EPX__V_STATUS, EPX__V_CALL, EPX__V_ROUTING, EPX__V_CARD };                   /* every call */
+enum { EPX__V_TO_RANK = EPX__V_CARD, EPX__V_TO_HOST, EPX__V_TO_FAN, EPX__V_FLOWS }; /* a dispatch */
+/* The second round of a high-throughput dispatch: ranks whose output is short, and the sums
+ * of their rank, capacity and rows; ranks that could not make their routing step's arrays,
+ * and the sums of their rank and status. */
+enum { EPX__C_SHORT, EPX__C_RANK, EPX__C_CAPACITY, EPX__C_ROWS, EPX__C_FAILED, EPX__C_FRANK, EPX__C_FSTATUS, EPX__C_N };
 
 /* Every call starts here: all ranks learn every rank's verdict on its arguments and its call
  * (kind, top-k, handle, weights) and reach the same verdict before anything is written.
- * Round 1, one alltoall of small fixed blocks (every rank sees every card, so the verdict is
- * the same on every rank); with f (a dispatch), f->lanes and f->fwd_count get what arrives.
- * Round 2, with n_me (a high-throughput dispatch, which checks every receiver's capacity),
- * only after round 1 succeeded (then on every rank): *n_me gets the rows I receive, and one
- * allreduce of the ranks whose capacity is below their rows makes every rank fail alike: a
- * short rank with EPX_ERR_INVALID_ARGUMENT, the others with EPX_ERR_REMOTE_INVALID. */
+ * One alltoall of small fixed blocks (every rank sees every card, so the verdict is the same
+ * on every rank); with f (a dispatch), f->lanes, rows, fwd_count, tokens and fan get what
+ * arrives (a high-throughput dispatch then meets again: epx__verdict_rows). */
 static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
-                                 int64_t capacity, const epx__flows_t *f, int64_t *n_me, uint64_t deadline,
-                                 epx__errbuf_t *err)
+                                 epx__flows_t *f, uint64_t deadline, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     /* One block size for every operation: ranks that called different operations must
      * still complete the same alltoall to learn that they did. */
-    int R = t->nranks, me = t->rank, W = EPX__V_FLOWS;
+    int R = t->nranks, me = t->rank, W = EPX__V_FLOWS, LS = t->local_size;
     int64_t *out = m->verdict, *in = out + (size_t)R * W; /* allocated at creation: every rank joins */
     int64_t fault = m->h->fault_count; /* EPX_FAULT count: announce a top-k one larger */
     m->h->fault_count = m->h->fault_nomem = false;
@@ -271,7 +276,11 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         if (local != EPX_SUCCESS) continue;
         b[EPX__V_CALL] = op | (int64_t)(K + fault) << 8 | (int64_t)has_w << 16 | (int64_t)(f ? f->T : 0) << 32;
         b[EPX__V_ROUTING] = routing;
-        if (f) b[EPX__V_TO_RANK] = f->per_rank[q], b[EPX__V_TO_HOST] = f->per_host[t->host_of[q]];
+        if (!f) continue;
+        int k = t->host_of[q];
+        b[EPX__V_TO_RANK] = f->per_rank[q], b[EPX__V_TO_HOST] = f->per_host[k];
+        for (int l = 0; k != t->host && epx__gw(t, me, k) == q && l < t->host_size[k]; l++)
+            b[EPX__V_TO_FAN] += f->per_rank[t->host_ranks[t->host_first[k] + l]];
     }
     epx_status_t st = m->h->link.alltoall(m->h->link.ctx, out, in, W, deadline, err);
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
@@ -299,22 +308,40 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
     if (st != EPX_SUCCESS || !f) return st;
 
     /* Source p's tokens for me pass through local rank lrank(p) % LS of my host; as p's
-     * gateway on my host I forward the tokens p sends my host. */
-    int64_t n = 0;
-    memset(f->lanes, 0, sizeof *f->lanes * (size_t)t->local_size);
+     * gateway on my host I forward the tokens p sends my host, to each local rank those it
+     * sends that rank (to me: those it sends me). */
+    f->rows = 0, f->fan = f->self = f->per_rank[me];
+    memset(f->lanes, 0, sizeof *f->lanes * (size_t)LS);
+    for (int l = 0; l < LS; l++)
+        if (l != t->local_rank) f->fan += f->per_rank[t->host_ranks[t->host_first[t->host] + l]];
     for (int p = 0; p < R; p++) {
         const int64_t *b = in + (size_t)p * W;
-        f->lanes[t->lrank_of[p] % t->local_size] += b[EPX__V_TO_RANK];
-        f->fwd_count[p] = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me ? b[EPX__V_TO_HOST] : 0;
+        bool src = t->host_of[p] != t->host && epx__gw(t, p, t->host) == me;
+        f->lanes[t->lrank_of[p] % LS] += b[EPX__V_TO_RANK];
+        f->fwd_count[p] = src ? b[EPX__V_TO_HOST] : 0;
         f->tokens[p] = b[EPX__V_CALL] >> 32;
-        n += b[EPX__V_TO_RANK];
+        f->rows += b[EPX__V_TO_RANK];
+        if (src) f->fan += b[EPX__V_TO_FAN], f->self += b[EPX__V_TO_RANK];
     }
-    if (!n_me) return EPX_SUCCESS;
-    *n_me = n;
-    bool short_me = n > capacity;
-    int64_t c[EPX__C_N] = {short_me, short_me ? me : 0, short_me ? capacity : 0, short_me ? n : 0};
+    return EPX_SUCCESS;
+}
+
+/* The second round of a high-throughput dispatch, after a verdict that succeeded (then on
+ * every rank): one allreduce of the ranks whose capacity is below the rows they receive and
+ * of those whose routing step's arrays could not be made (`local`: this rank's outcome;
+ * the rows are what the verdict told), so that every rank fails alike: a rank that failed
+ * with its own status (a short one EPX_ERR_INVALID_ARGUMENT), the others with
+ * EPX_ERR_REMOTE_INVALID; nothing is written. */
+static epx_status_t epx__verdict_rows(epx__hier_moe_t *m, epx_status_t local, int64_t capacity, int64_t n,
+                                      uint64_t deadline, epx__errbuf_t *err)
+{
+    int me = epx__t(m)->rank;
+    bool short_me = n > capacity, fail_me = local != EPX_SUCCESS;
+    int64_t c[EPX__C_N] = {short_me, short_me ? me : 0, short_me ? capacity : 0, short_me ? n : 0,
+                           fail_me,  fail_me ? me : 0,  fail_me ? local : 0};
     EPX__CHECK(m->h->link.allreduce_sum(m->h->link.ctx, c, EPX__C_N, deadline, err));
-    if (c[EPX__C_SHORT] == 0) return EPX_SUCCESS;
+    if (fail_me) return local; /* (its message is in err) */
+    if (c[EPX__C_SHORT] == 0 && c[EPX__C_FAILED] == 0) return EPX_SUCCESS;
     if (short_me && c[EPX__C_SHORT] == 1)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
                          "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells)",
@@ -324,6 +351,14 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
                          "out.capacity = %lld rows, but this rank receives %lld (num_recv_tokens tells); "
                          "%lld other ranks' out.capacity is short too",
                          (long long)capacity, (long long)n, (long long)c[EPX__C_SHORT] - 1);
+    if (c[EPX__C_FAILED] == 1)
+        return epx__fail(err, EPX_ERR_REMOTE_INVALID,
+                         "rank %d could not make its part of the dispatch (%s); nothing was changed",
+                         (int)c[EPX__C_FRANK], epx_status_name((epx_status_t)c[EPX__C_FSTATUS]));
+    if (c[EPX__C_FAILED] > 1)
+        return epx__fail(err, EPX_ERR_REMOTE_INVALID,
+                         "%lld ranks could not make their part of the dispatch; nothing was changed",
+                         (long long)c[EPX__C_FAILED]);
     if (c[EPX__C_SHORT] == 1)
         return epx__fail(err, EPX_ERR_REMOTE_INVALID,
                          "rank %d's out.capacity (%lld rows) is below the %lld it receives", (int)c[EPX__C_RANK],
@@ -354,6 +389,10 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
         m->rank_of_expert = malloc(2 * sizeof *m->rank_of_expert * (size_t)EPX__MAX(shape->num_experts, 1));
     if ((!m->verdict || !m->rank_of_expert) && local == EPX_SUCCESS)
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    /* The MPI link's collectives work in a buffer of the net's: room for the verdict's now
+     * (a call that grew it would leave its peers in the verdict when that failed). */
+    if (local == EPX_SUCCESS && h->net)
+        local = epx__net_room(h->net, 2 * (size_t)R * (size_t)EPX__MAX((int)EPX__V_FLOWS, (int)EPX__C_N), 2 * R, err);
     if (local == EPX_SUCCESS) m->host_of_expert = m->rank_of_expert + shape->num_experts;
     for (int e = 0; local == EPX_SUCCESS && e < shape->num_experts; e++) {
         m->rank_of_expert[e] = e / shape->local_experts;
@@ -498,9 +537,121 @@ static bool epx__direct_to(const epx__hier_moe_t *m, const epx__payload_t *pl, b
     return ht && pl->pb >= EPX__DIRECT_MIN && t->host_size[t->host_of[p]] == 1;
 }
 
+/* What a dispatch's routing step (epx__route) works with, made before the ranks agree
+ * (epx__route_prep, epx__route_room) so that once they did the step allocates nothing: a
+ * rank out of memory then fails in the vote with every rank, instead of leaving its peers in
+ * the step's exchanges. Sizes of a record (src, token, top-k, weights; then the payload):
+ * its routing, the whole record (aligned), one whose row goes straight, those I get. Per
+ * rank and per local rank, in the call's scratch: the arrays of the exchanges below. */
+typedef struct {
+    size_t mrec, rec, drec, rin;
+    bool din;                                 /* rows reach me straight */
+    int64_t *sc, *sb, *rb, *xsb, *xrb, *xoff; /* [R]; xoff: where p's next rows go in my output */
+    const void **xsp;                         /* [R] */
+    void **xrp;                               /* [R] */
+    const char **xpack;                       /* [R]: where my packed rows to p lie */
+    epx__runs_t *srun, *rrun;                 /* [R]: runs of my tokens to p, of p's to me (straight) */
+    int64_t *lsb, *lrb, *lcnt, *lrc;          /* [LS] */
+    const char **lseg;                        /* [LS] */
+    int64_t stot, xtot;                       /* bytes to my gateways: records, then rows packed */
+} epx__rt_t;
+
+/* Before the verdict (my arguments passed): the routing step's arrays, the handle's [R]
+ * ones, and the send buffer to my gateways, which my own routing sizes (f's per_host): my
+ * tokens' records for each other host and, to a gateway alone on its host that more than
+ * EPX__DIRECT_RUNS runs of my tokens reach straight, their rows packed. Local. */
+static epx_status_t epx__route_prep(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const epx__payload_t *pl, bool ht,
+                                    const epx__flows_t *f, epx__rt_t *rt, epx__errbuf_t *err)
+{
+    const epx__topo_t *t = epx__t(m);
+    int R = t->nranks, me = t->rank, LS = t->local_size, K = hd->K, T = hd->T, W = hd->has_w ? K : 0;
+    epx__arena_t *hm = &hd->plan->mem, *tmp = &m->tmp;
+    epx_status_t st = EPX_SUCCESS;
+    memset(rt, 0, sizeof *rt);
+    rt->mrec = sizeof(int32_t) * (size_t)(2 + K + W);
+    rt->rec = EPX__ALIGN_UP(rt->mrec + pl->pb + pl->sb, sizeof(int64_t)); /* records stay aligned */
+    rt->drec = EPX__ALIGN_UP(rt->mrec + pl->sb, sizeof(int64_t));
+    rt->din = epx__direct_to(m, pl, ht, me);
+    rt->rin = rt->din ? rt->drec : rt->rec;
+    int64_t **r64[] = {&rt->sc, &rt->sb, &rt->rb, &rt->xsb, &rt->xrb, &rt->xoff};
+    for (size_t i = 0; i < sizeof r64 / sizeof *r64; i++)
+        *r64[i] = epx__aalloc(tmp, (size_t)R, 8, true, &st, err);
+    int64_t **l64[] = {&rt->lsb, &rt->lrb, &rt->lcnt, &rt->lrc};
+    for (size_t i = 0; i < sizeof l64 / sizeof *l64; i++)
+        *l64[i] = epx__aalloc(tmp, (size_t)LS, 8, true, &st, err);
+    rt->xsp = epx__aalloc(tmp, (size_t)R, sizeof *rt->xsp, true, &st, err);
+    rt->xrp = epx__aalloc(tmp, (size_t)R, sizeof *rt->xrp, true, &st, err);
+    rt->xpack = epx__aalloc(tmp, (size_t)R, sizeof *rt->xpack, true, &st, err);
+    rt->srun = epx__aalloc(tmp, (size_t)R, sizeof *rt->srun, true, &st, err);
+    rt->rrun = epx__aalloc(tmp, (size_t)R, sizeof *rt->rrun, true, &st, err);
+    rt->lseg = epx__aalloc(tmp, (size_t)LS, sizeof *rt->lseg, true, &st, err);
+    hd->fwd_count = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
+    hd->fwd_first = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
+    hd->src_tokens = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
+    if (st != EPX_SUCCESS) return st;
+    /* Counts: my tokens per other host, to my gateway there. Rows that go straight travel
+     * either as runs of my tokens, read from x where they lie, or (more runs than
+     * EPX__DIRECT_RUNS) packed in the same order after every record. */
+    for (int k = 0; k < t->num_hosts; k++)
+        if (k != t->host) rt->sc[epx__gw(t, me, k)] = f->per_host[k];
+    for (int p = 0; p < R; p++) {
+        bool dout = epx__direct_to(m, pl, ht, p);
+        for (int64_t i = 0; dout && rt->sc[p] && i < T; i++)
+            if (epx__to_host(m, hd->topk + i * K, K, t->host_of[p])) epx__runs_add(&rt->srun[p], (int32_t)i);
+        rt->sb[p] = rt->sc[p] * (int64_t)(dout ? rt->drec : rt->rec), rt->stot += rt->sb[p];
+        if (dout && rt->srun[p].n < 0) rt->xtot += rt->sc[p] * (int64_t)pl->pb;
+    }
+    (void)epx__buf(m, EPX__B_SEND, (size_t)(rt->stot + rt->xtot), &st, err);
+    return st;
+}
+
+/* The sizes the rest of a routing step takes: tokens my sources forward me, rows I receive,
+ * entries I fan out to the local ranks (self of them to myself). */
+typedef struct {
+    int64_t nfwd, rows, fan, self;
+} epx__rt_size_t;
+
+static void epx__room_add(size_t *bytes, size_t n, size_t size)
+{
+    size_t b = epx__arena_need(n, size);
+    *bytes = b > SIZE_MAX - *bytes ? SIZE_MAX : *bytes + b;
+}
+
+/* The rest of a routing step's memory for sizes n, exact (what the verdict told) or bounds
+ * (a low-latency dispatch, before its verdict; with `plan`, room for the row plan the
+ * dispatch then builds): the buffers of the records forwarded to me (FWD) and of those to
+ * the local ranks (LSEND), and room in the handle's memory and the call's scratch for every
+ * array epx__route (and epx__hier_xplan_build) makes there. Local. */
+static epx_status_t epx__route_room(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const epx__rt_t *rt,
+                                    const epx__payload_t *pl, const epx__rt_size_t *n, bool plan, epx__errbuf_t *err)
+{
+    int LS = epx__t(m)->local_size, K = hd->K, W = hd->has_w ? K : 0;
+    size_t nent = (size_t)hd->T + (size_t)n->nfwd, rows = (size_t)n->rows, hb = 0, tb = 0;
+    epx__room_add(&hb, nent, 4), epx__room_add(&hb, nent, 4), epx__room_add(&hb, nent * (size_t)K, 4);
+    epx__room_add(&hb, nent, 8), epx__room_add(&hb, (size_t)LS + 1, 8), epx__room_add(&hb, (size_t)LS + 1, 8);
+    epx__room_add(&hb, (size_t)n->fan, 8), epx__room_add(&hb, rows, 8), epx__room_add(&hb, rows, 8);
+    epx__room_add(&hb, rows * (size_t)K, 4), epx__room_add(&hb, rows, 4), epx__room_add(&hb, rows, 4);
+    epx__room_add(&tb, nent * (size_t)W, 4), epx__room_add(&tb, rows, sizeof(char *));
+    if (pl->sb) epx__room_add(&tb, rows, sizeof(char *));
+    if (W) epx__room_add(&tb, rows * (size_t)K, 4);
+    if (plan) {
+        size_t pa, pz;
+        epx__hier_xplan_need(m, hd->mode == EPX_MOE_LOW_LATENCY, hd->T, K, (int64_t)nent, n->nfwd, n->rows,
+                             n->fan - n->self, &pa, &pz);
+        hb = pa > SIZE_MAX - hb ? SIZE_MAX : hb + pa, tb = pz > SIZE_MAX - tb ? SIZE_MAX : tb + pz;
+    }
+    epx_status_t st = EPX_SUCCESS;
+    (void)epx__buf(m, EPX__B_FWD, (size_t)n->nfwd * rt->rin, &st, err);
+    (void)epx__buf(m, EPX__B_LSEND, (size_t)(n->fan - n->self) * rt->rec, &st, err);
+    if (st == EPX_SUCCESS && (!epx__arena_reserve(&hd->plan->mem, hb) || !epx__arena_reserve(&m->tmp, tb)))
+        st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the routing step (%zu and %zu bytes)", hb, tb);
+    return st;
+}
+
 /* Send my routing and rows to my gateways, build the entries, fan both out to the other
  * local ranks and merge what arrives, with my entries for me, into (source, token) order:
- * two steps (MPI, then shared memory), sized by what the verdict told (f).
+ * two steps (MPI, then shared memory), sized by what the verdict told (f), with what
+ * epx__route_prep and epx__route_room made (rt; the arrays below take the room reserved).
  * Fills the handle; writes nothing of the caller's but, with xout (a high-throughput
  * dispatch: the caller's recv_x, its capacity checked), the rows that reach me straight:
  * when I am alone on my host, every record a source sends me is a row of mine, and they
@@ -511,63 +662,41 @@ static bool epx__direct_to(const epx__hier_moe_t *m, const epx__payload_t *pl, b
  * payload lies (pay[r] NULL without payload, or when the row is in place); with payload
  * some of it lies in other local ranks' memory: the exchange stays open, and the caller,
  * once it has read the rows, calls epx__route_end (also when it fails meanwhile). */
-static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w,
-                               const epx__payload_t *pl, bool ht, char *xout, const epx__flows_t *f, uint32_t seq,
+static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w, const epx__payload_t *pl,
+                               bool ht, char *xout, const epx__flows_t *f, const epx__rt_t *rt, uint32_t seq,
                                uint64_t deadline, float **row_w, epx__rowsrc_t *rs, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, me = t->rank, LS = t->local_size, ml = t->local_rank, L = m->s.local_experts, K = hd->K;
     int T = hd->T, W = hd->has_w ? K : 0;
-    size_t mrec = sizeof(int32_t) * (size_t)(2 + K + W); /* src, token, top-k, weights; then the payload */
-    size_t rec = EPX__ALIGN_UP(mrec + pl->pb + pl->sb, sizeof(int64_t)); /* records stay aligned */
-    size_t drec = EPX__ALIGN_UP(mrec + pl->sb, sizeof(int64_t));          /* a record whose row goes straight */
-    bool din = epx__direct_to(m, pl, ht, me);                              /* rows reach me straight */
-    size_t rin = din ? drec : rec;                                         /* the records I get */
+    size_t mrec = rt->mrec, rec = rt->rec, drec = rt->drec, rin = rt->rin;
+    bool din = rt->din;
     rs->pay = rs->scl = NULL;
     epx_status_t st = EPX_SUCCESS;
     bool met = false; /* reached the local exchange: from there src/cpu tells the local ranks */
-    int64_t *sc = epx__alloc((size_t)R, 8, &st, err), *rc = epx__alloc((size_t)R, 8, &st, err);
-    int64_t *sb = epx__alloc((size_t)R, 8, &st, err), *rb = epx__alloc((size_t)R, 8, &st, err);
-    int64_t *xsb = epx__alloc((size_t)R, 8, &st, err), *xrb = epx__alloc((size_t)R, 8, &st, err);
-    const void **xsp = epx__alloc((size_t)R, sizeof *xsp, &st, err);
-    void **xrp = epx__alloc((size_t)R, sizeof *xrp, &st, err);
-    /* Per rank, rows that go straight: the runs of my tokens to it, of its tokens to me;
-     * where my packed rows to it lie; where its next rows go in my output. */
-    epx__runs_t *srun = epx__alloc((size_t)R, sizeof *srun, &st, err);
-    epx__runs_t *rrun = epx__alloc((size_t)R, sizeof *rrun, &st, err);
-    const char **xpack = epx__alloc((size_t)R, sizeof *xpack, &st, err);
-    int64_t *xoff = epx__alloc((size_t)R, 8, &st, err);
+    int64_t *sc = rt->sc, *sb = rt->sb, *rb = rt->rb, *xsb = rt->xsb, *xrb = rt->xrb, *xoff = rt->xoff;
+    const void **xsp = rt->xsp;
+    void **xrp = rt->xrp;
+    const char **xpack = rt->xpack;
+    epx__runs_t *srun = rt->srun, *rrun = rt->rrun;
+    int64_t *lsb = rt->lsb, *lrb = rt->lrb, *lcnt = rt->lcnt, *lrc = rt->lrc;
+    const char **lseg = rt->lseg;                      /* [LS]: what each local rank sends me, where it lies */
     epx__arena_t *hm = &hd->plan->mem, *tmp = &m->tmp; /* the handle's arrays; this call's */
-    hd->fwd_count = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
-    hd->fwd_first = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
-    hd->src_tokens = epx__aalloc(hm, (size_t)R, 8, false, &st, err);
     char *sbuf = NULL, *rbuf = NULL;
-    if (st != EPX_SUCCESS) goto done;
-
-    /* Counts: my tokens per other host, to my gateway there; from each source I serve. */
-    for (int k = 0; k < t->num_hosts; k++)
-        if (k != t->host) sc[epx__gw(t, me, k)] = f->per_host[k];
     memcpy(hd->fwd_count, f->fwd_count, sizeof(int64_t) * (size_t)R);
     memcpy(hd->src_tokens, f->tokens, sizeof(int64_t) * (size_t)R);
-    /* Routing records to the gateways, in token order; rows that go straight either as
-     * runs of my tokens, read from x where they lie, or (more runs than
-     * EPX__DIRECT_RUNS) packed in the same order after every record. Rows that reach me
-     * straight: source p's right after the rows of the sources below it (mine: my tokens
-     * for me). */
-    int64_t stot = 0, rtot = 0, xtot = 0, at = 0;
+    /* Routing records to the gateways, in token order (the rows that go straight after
+     * them, epx__route_prep). Rows that reach me straight: source p's right after the rows
+     * of the sources below it (mine: my tokens for me). */
+    int64_t stot = rt->stot, rtot = 0, at = 0;
     for (int p = 0; p < R; p++) {
-        bool dout = epx__direct_to(m, pl, ht, p);
-        for (int64_t i = 0; dout && sc[p] && i < T; i++)
-            if (epx__to_host(m, hd->topk + i * K, K, t->host_of[p])) epx__runs_add(&srun[p], (int32_t)i);
-        sb[p] = sc[p] * (int64_t)(dout ? drec : rec), stot += sb[p];
-        if (dout && srun[p].n < 0) xtot += sc[p] * (int64_t)pl->pb;
         rb[p] = hd->fwd_count[p] * (int64_t)rin, rtot += rb[p];
         hd->fwd_first[p] = hd->nfwd;
         hd->nfwd += hd->fwd_count[p];
     }
     for (int p = 0; din && p < R; p++) /* (fwd_count[me] is 0; per_rank[me]: my tokens for me) */
         xoff[p] = at, at += p == me ? f->per_rank[me] : hd->fwd_count[p];
-    sbuf = epx__buf(m, EPX__B_SEND, (size_t)(stot + xtot), &st, err);
+    sbuf = epx__buf(m, EPX__B_SEND, (size_t)(stot + rt->xtot), &st, err);
     rbuf = epx__buf(m, EPX__B_FWD, (size_t)rtot, &st, err);
     if (st != EPX_SUCCESS) goto done;
     {
@@ -655,14 +784,15 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             }
         }
     }
-    /* Fan-out lists: the entries each local rank needs. */
-    int64_t *lsb = epx__alloc((size_t)LS, 8, &st, err), *lrb = epx__alloc((size_t)LS, 8, &st, err);
-    int64_t *lcnt = epx__alloc((size_t)LS, 8, &st, err), *lrc = epx__alloc((size_t)LS, 8, &st, err);
+    /* Fan-out lists: the entries each local rank needs (as many as the verdict said). */
     if (st == EPX_SUCCESS) {
         for (int64_t e = 0; e < hd->nent; e++)
             for (int l = 0; l < LS; l++) lcnt[l] += epx__to_rank(hd->ent_topk + e * K, K, L, t->host_ranks[t->host_first[t->host] + l]);
         for (int l = 0; l < LS; l++) hd->to_first[l + 1] = hd->to_first[l] + lcnt[l];
-        hd->to_ent = epx__aalloc(hm, (size_t)hd->to_first[LS], 8, false, &st, err);
+        if (hd->to_first[LS] != f->fan)
+            st = epx__fail(err, EPX_ERR_INTERNAL, "the verdict gives me %lld records to fan out, I have %lld",
+                           (long long)f->fan, (long long)hd->to_first[LS]);
+        if (st == EPX_SUCCESS) hd->to_ent = epx__aalloc(hm, (size_t)hd->to_first[LS], 8, false, &st, err);
     }
     if (st == EPX_SUCCESS) {
         for (int l = 0; l < LS; l++) {
@@ -680,7 +810,6 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
      * me). In lsend, local rank l's segment starts at its records' index, less mine when l
      * is above me. */
     char *lsend = NULL;
-    const char **lseg = NULL; /* [LS]: what each local rank sends me, where it lies */
     int64_t self = 0;
     if (st == EPX_SUCCESS) {
         self = lcnt[ml];
@@ -695,7 +824,6 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             hd->from_first[l + 1] = hd->from_first[l] + lrc[l];
         }
         lsend = epx__buf(m, EPX__B_LSEND, (size_t)(hd->to_first[LS] - self) * rec, &st, err);
-        lseg = epx__aalloc(tmp, (size_t)LS, sizeof *lseg, false, &st, err);
         hd->rows = hd->from_first[LS];
         hd->from_row = epx__aalloc(hm, (size_t)hd->rows, 8, false, &st, err);
         hd->row_rec = epx__aalloc(hm, (size_t)hd->rows, 8, false, &st, err);
@@ -761,15 +889,13 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
         if (row != hd->rows)
             st = epx__fail(err, EPX_ERR_INTERNAL, "merged %lld of %lld rows", (long long)row, (long long)hd->rows);
     }
-    free(lsb), free(lrb), free(lcnt), free(lrc);
 done:
-    free(sc), free(rc), free(sb), free(rb), free(xsb), free(xrb), free((void *)xsp), free(xrp);
-    free(srun), free(rrun), free((void *)xpack), free(xoff);
     if (st != EPX_SUCCESS || !pl->pb) st = epx__route_end(m, st, err); /* nothing more is read */
     if (st != EPX_SUCCESS) rs->pay = rs->scl = NULL;
-    /* Failed before my part of the exchanges was done (an allocation, after the verdict): my
-     * peers wait in them for me. Tell my local ranks now (they fail at once instead of at
-     * their timeout) and break the communicator (src/api), not leave it looking usable. */
+    /* Failed before my part of the exchanges was done (an exchange; or an allocation the
+     * room made before the verdict missed, a bug): my peers wait in them for me. Tell my
+     * local ranks now (they fail at once instead of at their timeout) and break the
+     * communicator (src/api), not leave it looking usable. */
     if (st != EPX_SUCCESS && !met) epx__left_peers(m, st);
     return st;
 }
@@ -806,6 +932,7 @@ static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, co
     int64_t *c = calloc(2 * (size_t)R + (size_t)t->local_size, sizeof *c);
     f->per_rank = pr, f->per_host = pr ? pr + R : NULL, f->T = hd ? hd->T : 0;
     f->fwd_count = c, f->tokens = c ? c + R : NULL, f->lanes = c ? c + 2 * R : NULL;
+    f->rows = f->fan = f->self = 0;
     if (!pr || !c) return EPX_ERR_NO_MEMORY;
     int32_t *rank_seen = pr + R + NH, *host_seen = rank_seen + R; /* 1 + the last token counted */
     for (int i = 0; hd && i < hd->T; i++) {
@@ -858,16 +985,27 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
         per_expert = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *per_expert, true, &local, err);
         last = epx__aalloc(&m->tmp, (size_t)L + 1, sizeof *last, true, &local, err);
     }
-    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, local == EPX_SUCCESS ? out->capacity : 0,
-                                   &f, &n, deadline, err);
-    float *row_w = NULL;
-    epx__rowsrc_t rs = {NULL, NULL};
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t sb = fp8 ? s->scale_cols * sizeof(float) : 0;
     epx__payload_t pl = {in ? in->x : NULL, fp8 && in ? (const char *)in->x_scales : NULL, s->row_bytes, sb};
     if (!payload) pl = (epx__payload_t){NULL, NULL, 0, 0};
+    epx__rt_t rt;
+    if (local == EPX_SUCCESS) local = epx__route_prep(m, hd, &pl, true, &f, &rt, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, &f, deadline, err);
+    if (st == EPX_SUCCESS) {
+        /* Sized by the verdict, the routing step's memory; then every rank learns whether
+         * every rank has it and room for its rows (nothing is allocated after this). */
+        n = f.rows;
+        epx__rt_size_t z = {0, n, f.fan, f.self};
+        for (int p = 0; p < epx__t(m)->nranks; p++)
+            z.nfwd += f.fwd_count[p];
+        epx_status_t mine = epx__route_room(m, hd, &rt, &pl, &z, false, err);
+        st = epx__verdict_rows(m, mine, out->capacity, n, deadline, err);
+    }
+    float *row_w = NULL;
+    epx__rowsrc_t rs = {NULL, NULL};
     if (st == EPX_SUCCESS)
-        st = epx__route(m, hd, in->topk_weights, &pl, true, out->recv_x, &f, seq, deadline, &row_w, &rs, err);
+        st = epx__route(m, hd, in->topk_weights, &pl, true, out->recv_x, &f, &rt, seq, deadline, &row_w, &rs, err);
     epx__flows_free(&f);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
@@ -942,8 +1080,7 @@ epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_
     (void)epx__op_begin(m, &deadline);
     bool ok = local == EPX_SUCCESS;
     int op = !combine ? EPX__H_CACHED : m->s.mode == EPX_MOE_LOW_LATENCY ? EPX__H_LL_COMBINE : EPX__H_COMBINE;
-    return epx__verdict(m, local, op, ok ? hd->K : 0, ok && combine && has_w, ok ? hd->id : 0, 0, NULL, NULL, deadline,
-                        err);
+    return epx__verdict(m, local, op, ok ? hd->K : 0, ok && combine && has_w, ok ? hd->id : 0, NULL, deadline, err);
 }
 
 void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *p)
@@ -1110,8 +1247,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
     epx__work_t w;
     local = epx__work(m, hd, false, rec, local, &w, err);
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
-                                   deadline, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, NULL, deadline, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x = w.x;
     int64_t *nb = w.nb;
@@ -1190,8 +1326,8 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
     int has_w = ok && in->topk_weights;
     epx__work_t wk;
     local = epx__work(m, hd, true, ok ? epx__home_rec(m, hd->K, has_w) : 0, local, &wk, err);
-    epx_status_t st = epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, 0, NULL, NULL,
-                                   deadline, err);
+    epx_status_t st =
+        epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, NULL, deadline, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x = wk.x;
     int K = hd->K;
@@ -1238,20 +1374,40 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
     epx__flows_t f;
     if (epx__flows_new(m, &f, local == EPX_SUCCESS ? hd : NULL) != EPX_SUCCESS && local == EPX_SUCCESS)
         local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, 0, &f, NULL, deadline, err);
     size_t sbytes = s->scale_format == EPX_SCALE_UE8M0 ? 1 : 4;
     size_t rb = s->ll_fp8 ? (size_t)H : s->row_bytes, sb = s->ll_fp8 ? s->scale_cols * sbytes : 0;
-    const char *x = in ? in->x : NULL, *xs = NULL;
+    epx__payload_t pl =
+        payload ? (epx__payload_t){in ? in->x : NULL, NULL, rb, sb} : (epx__payload_t){NULL, NULL, 0, 0};
+    epx__rt_t rt;
+    if (local == EPX_SUCCESS) local = epx__route_prep(m, hd, &pl, false, &f, &rt, err);
+    if (local == EPX_SUCCESS) {
+        /* The shapes are static: every rank sends at most max_tokens, so the routing step's
+         * memory (and the row plan's) can be made for the most it may take before the
+         * verdict, which then tells every rank whether every rank has it (nothing is
+         * allocated after it): as sources I forward for a gateway, each rank's batch as
+         * rows, all of them to every local rank they may reach. */
+        const epx__topo_t *t = epx__t(m);
+        int LS = t->local_size, me = t->rank;
+        int64_t mine = 0, cap = s->max_tokens;
+        for (int l = 0; l < LS; l++)
+            mine += f.per_rank[t->host_ranks[t->host_first[t->host] + l]];
+        epx__rt_size_t z = {0, hd->T + (int64_t)(t->nranks - 1) * cap, 0, 0};
+        for (int p = 0; p < t->nranks; p++)
+            z.nfwd += t->host_of[p] != t->host && epx__gw(t, p, t->host) == me ? cap : 0;
+        z.fan = mine + z.nfwd * EPX__MIN(LS, K);
+        z.self = z.fan - (mine - f.per_rank[me] + z.nfwd * EPX__MIN(LS - 1, K));
+        local = epx__route_room(m, hd, &rt, &pl, &z, payload, err);
+    }
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, &f, deadline, err);
     if (st == EPX_SUCCESS && payload && s->ll_fp8) {
         /* Quantise each token once, here. */
         for (int t = 0; t < hd->T; t++)
             epx__fp8_quantize_row((const uint16_t *)in->x + (size_t)t * (size_t)H, H, s->scale_format,
                                   m->ll_q + (size_t)t * (size_t)H, m->ll_scales + (size_t)t * sb);
-        x = (const char *)m->ll_q, xs = m->ll_scales;
+        pl.x = (const char *)m->ll_q, pl.xs = m->ll_scales;
     }
     epx__rowsrc_t rs = {NULL, NULL};
-    epx__payload_t pl = payload ? (epx__payload_t){x, xs, rb, sb} : (epx__payload_t){NULL, NULL, 0, 0};
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, false, NULL, &f, seq, deadline, NULL, &rs, err);
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, false, NULL, &f, &rt, seq, deadline, NULL, &rs, err);
     epx__flows_free(&f);
     const epx__hier_xplan_t *xp = NULL; /* the handle's: its combine runs along it */
     if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, &xp, err);
@@ -1302,8 +1458,8 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
     bool ok = local == EPX_SUCCESS;
     epx__work_t wk;
     local = epx__work(m, hd, true, ok ? epx__home_rec(m, hd->K, false) : 0, local, &wk, err);
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, 0, NULL, NULL,
-                                   deadline, err);
+    epx_status_t st =
+        epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, NULL, deadline, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x = wk.x;
     int K = hd->K;

@@ -208,6 +208,40 @@ static int64_t epx__rec_row(const epx__pb_t *b, int64_t ref, int j)
 
 void epx__hier_xplan_free(epx__hier_xplan_t *x) { memset(x, 0, sizeof *x); } /* its memory is the handle's */
 
+static void epx__need_add(size_t *bytes, int64_t n, size_t size)
+{
+    size_t b = epx__arena_need((size_t)EPX__MAX(n, (int64_t)0), size);
+    *bytes = b > SIZE_MAX - *bytes ? SIZE_MAX : *bytes + b;
+}
+
+void epx__hier_xplan_need(const epx__hier_moe_t *m, bool ll, int T, int K, int64_t nent, int64_t nfwd, int64_t rows,
+                          int64_t fan, size_t *plan, size_t *scratch)
+{
+    const epx__topo_t *t = epx__hier_topo(m->h);
+    int64_t R = t->nranks, LS = t->local_size, NH = t->num_hosts, L = m->s.local_experts;
+    int64_t C = EPX__HIER_MAX_CHUNKS, NP = 1 + C, KL = EPX__MIN((int64_t)K, L);
+    /* The references (epx__hier_xplan_build: nref), each section at its most: gw (a token
+     * per other host), fan, out, c1 (a row per distinct expert of mine), home (a forwarded
+     * token's rows: at most one per expert), first, tok (one per valid k), then low latency
+     * tk, rk, prow, pslot, psrc (a row per distinct expert of mine) and count. */
+    int64_t nref = T * (NH - 1) + fan + rows + rows * (ll ? KL : 1) + nfwd * K + T + 1 + (int64_t)T * K;
+    if (ll) nref += 2 * (int64_t)T * K + 3 * rows * KL + L;
+    size_t a = 0, z = 0;
+    epx__need_add(&a, 4 * R * C + 4 * NP * LS, 8);
+    epx__need_add(&a, nref, 8);
+    epx__need_add(&z, 2 * NP * LS, 8);                              /* lfirst */
+    epx__need_add(&z, nent * LS, 8);                                /* ent_ref */
+    epx__need_add(&z, C * NH, 8);                                   /* cur */
+    epx__need_add(&z, C * R, 8);                                    /* fcur */
+    epx__need_add(&z, nent, 8);                                     /* efidx */
+    epx__need_add(&z, L, 8);                                        /* cnt */
+    epx__need_add(&z, L + 1, 8);                                    /* pfirst */
+    epx__need_add(&z, ll ? rows * K : 0, 8);                        /* rslot */
+    epx__need_add(&z, ll ? rows * K : 0, 8);                        /* yslot */
+    if (R <= 64) epx__need_add(&z, 2 * (int64_t)EPX__MAX(T, 1), 8); /* rset */
+    *plan = a, *scratch = z;
+}
+
 epx_status_t epx__hier_xplan_build(epx__hier_moe_t *m, const epx__hier_moe_handle_t *h, bool by_peer, int chunks,
                                    epx__hier_xplan_t *x, epx__errbuf_t *err)
 {

@@ -228,6 +228,13 @@ static epx_status_t epx__net_reserve(epx__net_t *n, int want, epx__errbuf_t *err
 
 static void epx__net_drop(epx__net_t *n);
 
+epx_status_t epx__net_room(epx__net_t *n, size_t coll, int reqs, epx__errbuf_t *err)
+{
+    int64_t *b = NULL;
+    if (coll) EPX__CHECK(epx__net_coll_buf(n, coll, &b, err));
+    return epx__net_reserve(n, reqs, err);
+}
+
 epx_status_t epx__net_start(epx__net_t *n, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
                             const int64_t *rbytes, epx__errbuf_t *err)
 {
