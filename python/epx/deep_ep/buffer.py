@@ -5,7 +5,7 @@ import os
 from .. import _arrays as A
 from .. import _lib
 from .._comm import Comm
-from .._errors import InvalidArgumentError, RemoteInvalidError, UnsupportedError
+from .._errors import UnsupportedError
 from .._moe import Moe
 from .utils import EventHandle, EventOverlap
 
@@ -205,11 +205,17 @@ class Buffer:
 
     def _with_capacity(self, T, like, call):
         """Run call() on a context large enough for this rank's T tokens; when some rank had more tokens
-        than the context holds, every rank fails, they agree on the largest T and retry once."""
+        than the context holds, every rank fails, they agree on the largest T and retry once. Every rank
+        whose call raised, for whatever reason (out of memory on one rank and RemoteInvalidError on the
+        others, too), joins that agreement, so none waits in it for a rank that gave up; a rank whose
+        communicator is broken raises its call's error."""
         try:
             return call()
-        except (InvalidArgumentError, RemoteInvalidError) as e:
-            need = self._max_over_ranks(T, like)
+        except Exception as e:
+            try:
+                need = self._max_over_ranks(T, like)
+            except Exception:
+                raise e
             if need <= self._ht_max_tokens:
                 raise e
             cap = self._ht_max_tokens
