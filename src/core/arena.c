@@ -70,6 +70,12 @@ size_t epx__arena_need(size_t n, size_t size)
     return EPX__ALIGN_UP(EPX__MAX(n * size, (size_t)1), (size_t)EPX__ARENA_ALIGN);
 }
 
+void epx__arena_need_add(size_t *bytes, size_t n, size_t size)
+{
+    size_t b = epx__arena_need(n, size);
+    *bytes = b > SIZE_MAX - *bytes ? SIZE_MAX : *bytes + b;
+}
+
 bool epx__arena_reserve(epx__arena_t *a, size_t bytes)
 {
     epx__arena_blk_t *b = a->blk;

@@ -183,6 +183,8 @@ void epx__arena_free(epx__arena_t *a);
 size_t epx__arena_capacity(const epx__arena_t *a);
 /* The bytes epx__arena_alloc(a, n, size, ...) takes (SIZE_MAX when that overflows). */
 size_t epx__arena_need(size_t n, size_t size);
+/* *bytes += epx__arena_need(n, size), saturating at SIZE_MAX. */
+void epx__arena_need_add(size_t *bytes, size_t n, size_t size);
 /* Room for allocations that take `bytes` in all (the sum of their epx__arena_need): true
  * when the next ones, up to that sum, will not allocate (they cannot fail); false when out
  * of memory. What the arena holds is unchanged. */

@@ -611,12 +611,6 @@ typedef struct {
     int64_t nfwd, rows, fan, self;
 } epx__rt_size_t;
 
-static void epx__room_add(size_t *bytes, size_t n, size_t size)
-{
-    size_t b = epx__arena_need(n, size);
-    *bytes = b > SIZE_MAX - *bytes ? SIZE_MAX : *bytes + b;
-}
-
 /* The rest of a routing step's memory for sizes n, exact (what the verdict told) or bounds
  * (a low-latency dispatch, before its verdict; with `plan`, room for the row plan the
  * dispatch then builds): the buffers of the records forwarded to me (FWD) and of those to
@@ -627,18 +621,18 @@ static epx_status_t epx__route_room(epx__hier_moe_t *m, epx__hier_moe_handle_t *
 {
     int LS = epx__t(m)->local_size, K = hd->K, W = hd->has_w ? K : 0;
     size_t nent = (size_t)hd->T + (size_t)n->nfwd, rows = (size_t)n->rows, hb = 0, tb = 0;
-    epx__room_add(&hb, nent, 4), epx__room_add(&hb, nent, 4), epx__room_add(&hb, nent * (size_t)K, 4);
-    epx__room_add(&hb, nent, 8), epx__room_add(&hb, (size_t)LS + 1, 8), epx__room_add(&hb, (size_t)LS + 1, 8);
-    epx__room_add(&hb, (size_t)n->fan, 8), epx__room_add(&hb, rows, 8), epx__room_add(&hb, rows, 8);
-    epx__room_add(&hb, rows * (size_t)K, 4), epx__room_add(&hb, rows, 4), epx__room_add(&hb, rows, 4);
-    epx__room_add(&tb, nent * (size_t)W, 4), epx__room_add(&tb, rows, sizeof(char *));
-    if (pl->sb) epx__room_add(&tb, rows, sizeof(char *));
-    if (W) epx__room_add(&tb, rows * (size_t)K, 4);
+    epx__arena_need_add(&hb, nent, 4), epx__arena_need_add(&hb, nent, 4), epx__arena_need_add(&hb, nent * (size_t)K, 4);
+    epx__arena_need_add(&hb, nent, 8), epx__arena_need_add(&hb, (size_t)LS + 1, 8), epx__arena_need_add(&hb, (size_t)LS + 1, 8);
+    epx__arena_need_add(&hb, (size_t)n->fan, 8), epx__arena_need_add(&hb, rows, 8), epx__arena_need_add(&hb, rows, 8);
+    epx__arena_need_add(&hb, rows * (size_t)K, 4), epx__arena_need_add(&hb, rows, 4), epx__arena_need_add(&hb, rows, 4);
+    epx__arena_need_add(&tb, nent * (size_t)W, 4), epx__arena_need_add(&tb, rows, sizeof(char *));
+    if (pl->sb) epx__arena_need_add(&tb, rows, sizeof(char *));
+    if (W) epx__arena_need_add(&tb, rows * (size_t)K, 4);
     if (plan) {
         size_t pa, pz;
         epx__hier_xplan_need(m, hd->mode == EPX_MOE_LOW_LATENCY, hd->T, K, (int64_t)nent, n->nfwd, n->rows,
                              n->fan - n->self, &pa, &pz);
-        hb = pa > SIZE_MAX - hb ? SIZE_MAX : hb + pa, tb = pz > SIZE_MAX - tb ? SIZE_MAX : tb + pz;
+        epx__arena_need_add(&hb, pa, 1), epx__arena_need_add(&tb, pz, 1);
     }
     epx_status_t st = EPX_SUCCESS;
     (void)epx__buf(m, EPX__B_FWD, (size_t)n->nfwd * rt->rin, &st, err);

@@ -210,8 +210,7 @@ void epx__hier_xplan_free(epx__hier_xplan_t *x) { memset(x, 0, sizeof *x); } /* 
 
 static void epx__need_add(size_t *bytes, int64_t n, size_t size)
 {
-    size_t b = epx__arena_need((size_t)EPX__MAX(n, (int64_t)0), size);
-    *bytes = b > SIZE_MAX - *bytes ? SIZE_MAX : *bytes + b;
+    epx__arena_need_add(bytes, (size_t)EPX__MAX(n, (int64_t)0), size);
 }
 
 void epx__hier_xplan_need(const epx__hier_moe_t *m, bool ll, int T, int K, int64_t nent, int64_t nfwd, int64_t rows,
