@@ -28,8 +28,27 @@
  * NCCL), and later groups are refused. ncclCommAbort gives up the groups in flight at once;
  * ncclCommDestroy lets them finish (bounded by the same timeout). Not kept: NCCL's own
  * failure handling (what a kernel does when a peer goes, error codes beyond the above, the
- * in-progress states of a non-blocking communicator, but for the one below) and graph
- * capture (a group on a capturing stream is refused).
+ * in-progress states of a non-blocking communicator, but for the one below).
+ *
+ * Graph capture: a group whose operations are all on one stream being captured becomes, per
+ * communicator, a template: a copy of its operations, a pinned buffer for each, and a mapped
+ * host word `done`. What the stream captures: the sends' copies into those buffers, a host
+ * function (fake_replay_post), a wait until done is 1, the receives' copies out of them. At
+ * each replay CUDA runs the host function once the sends are copied; it posts the group to
+ * the worker as the communicator's next batch, numbering its messages then, and the worker
+ * sets done once through with it (the stream has reached it: the worker waits for no stream).
+ * So a graph's groups get their message numbers when a replay reaches them, eager groups
+ * when posted: a test that mixes eager groups and replays on one communicator must keep them
+ * in the same order on every rank, e.g. synchronise the stream between a replay and the next
+ * eager call (also, an eager group posted while a replay is on its way to its group, on a
+ * stream that runs it after the replay, would hold the worker for good: the worker takes
+ * batches in number order). A captured group on several streams, or on captured and
+ * uncaptured ones, is refused (ncclInvalidUsage). A template is never freed, as a graph may
+ * be replayed at any time: a replay on a communicator destroyed or aborted, or one that
+ * failed, posts nothing and lets its stream go on at once (unspecified bytes in the receive
+ * buffers). A template runs one replay at a time: a replay that finds the last one still in
+ * flight (one graph instantiated twice, run at once) fails the communicator, ncclInvalidUsage.
+ * FAKE_NCCL_SYNC does not apply to captured groups.
  *
  * Initialisation, for epx's failure paths in it: FAKE_NCCL_INIT_JOIN=1 makes it wait for the
  * peers as NCCL's does: ncclCommInitRankConfig answers ncclInProgress, and the communicator
@@ -41,7 +60,8 @@
  * A message from rank s to rank d, the n-th between them on a communicator, is one shared
  * memory object named after the communicator, s, d and n: the sender writes the bytes, then
  * a ready word; the receiver waits for it, copies, and unlinks the object. The numbers are
- * given when a group is posted, so groups in flight keep their order.
+ * given when a group is posted (a captured one: when a replay reaches it), so groups in
+ * flight keep their order.
  */
 #include <cuda.h>
 #include <cuda_runtime_api.h>
@@ -85,10 +105,24 @@ typedef struct {
     int peer;
     ncclComm_t comm;
     cudaStream_t stream;
-    uint64_t n; /* the message's number between me and peer, given when the group is posted */
+    uint64_t n; /* the message's number between me and peer, given when the group is posted (or replayed) */
     char *pin;  /* its bytes in pinned host memory (NULL for none) */
-    int slot;   /* its stream's slot in the communicator */
+    int slot;   /* its stream's slot in the communicator (eager groups) */
 } fake_op_t;
+
+/* A captured group's part on one communicator (module comment), for every replay of its
+ * graph. Never freed: a graph may be replayed at any time, even after the communicator is
+ * gone (then `dead`), and its pinned memory cannot be given back (cudaFreeHost may wait for
+ * a held stream); nor is one whose capture failed. */
+typedef struct fake_tmpl {
+    struct fake_tmpl *next; /* the communicator's templates */
+    ncclComm_t comm;
+    int dead; /* the communicator is destroyed or aborted (by fake_post_mu) */
+    int nops;
+    fake_op_t *ops;          /* with their own pinned buffers (pin) */
+    volatile uint32_t *done; /* mapped host word: 0 while a replay's batch is in flight, else 1 */
+    CUdeviceptr ddone;       /* its device address */
+} fake_tmpl_t;
 
 /* One communicator's part of a posted group, as its worker runs it (the worker frees it). */
 typedef struct fake_batch {
@@ -97,24 +131,26 @@ typedef struct fake_batch {
     uint32_t q;  /* its number on the communicator, from 1 */
     int failed;  /* posting failed half way: the worker only releases the streams */
     int nops, nslots;
-    fake_op_t *ops; /* a copy of the group's operations on comm */
-    int *slots;     /* the slots of their distinct streams */
+    fake_op_t *ops;    /* a copy of the group's operations on comm */
+    int *slots;        /* the slots of their distinct streams (none for a replay's) */
+    fake_tmpl_t *tmpl; /* a replay's template: the worker sets its done word when through */
 } fake_batch_t;
 
 struct fake_comm {
     char name[64]; /* from the unique id */
     int nranks, rank, device, sync;
     long long timeout_us, delay_us; /* FAKE_NCCL_TIMEOUT_MS, FAKE_NCCL_DELAY_US */
-    uint64_t *sent, *received;      /* [nranks]: messages posted so far, per peer (by the posting thread) */
+    uint64_t *sent, *received;      /* [nranks]: messages posted so far, per peer (by fake_post_mu) */
     /* Mapped host words (never freed: a stream stuck for good may still wait on them):
      * word[0] the last batch done (the streams wait for it), word[1 + i] the last batch the
      * stream of slot i reached (it writes it). dword: their device address. */
     volatile uint32_t *word;
     CUdeviceptr dword;
-    cudaStream_t slot[FAKE_MAX_STREAMS]; /* by the posting thread; a slot is taken over by */
+    cudaStream_t slot[FAKE_MAX_STREAMS]; /* by fake_post_mu; a slot is taken over by */
     uint32_t slot_q[FAKE_MAX_STREAMS];   /* another stream once its last batch, slot_q, is done */
     int nslot;
-    uint32_t q; /* batches posted */
+    uint32_t q;         /* batches posted (by fake_post_mu) */
+    fake_tmpl_t *tmpls; /* captured groups (by fake_post_mu) */
     pthread_t worker;
     int abort;          /* atomic: the worker gives up what it waits for */
     pthread_mutex_t mu; /* guards what follows */
@@ -139,6 +175,12 @@ static __thread int depth;
 static __thread int nops;
 static __thread fake_op_t ops[FAKE_MAX_OPS];
 
+/* Held while batches are numbered and queued, by ncclGroupEnd's thread and by CUDA's
+ * host-function thread (replays), so that each communicator's batches reach its worker in
+ * number order (its streams wait for word[0] to reach their number); held by nothing that
+ * waits for a stream or the worker. */
+static pthread_mutex_t fake_post_mu = PTHREAD_MUTEX_INITIALIZER;
+
 /* cuStreamWaitValue32 / cuStreamWriteValue32, from the driver (fake_driver). */
 typedef CUresult (*fake_memop_fn)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 static fake_memop_fn fake_wait32, fake_write32;
@@ -161,6 +203,17 @@ static int fake_driver(void)
 {
     pthread_once(&fake_driver_once, fake_driver_load);
     return fake_wait32 && fake_write32;
+}
+
+/* cudaHostAlloc, also while a stream is being captured (a capture in global mode, this
+ * thread's or another's, would refuse it, and be invalidated). */
+static cudaError_t fake_host_alloc(void **p, size_t bytes, unsigned flags)
+{
+    enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    cudaError_t ce = cudaHostAlloc(p, bytes, flags);
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    return ce;
 }
 
 /* Pinned host buffers, for every communicator of the process (posting threads only): one is
@@ -194,7 +247,7 @@ static int fake_pin_take(size_t bytes)
     if (got < 0 && fake_npins < fake_cap_pins) {
         fake_pin_t b = {NULL, 4096, NULL, 0, 0};
         while (b.cap < bytes) b.cap *= 2;
-        if (cudaHostAlloc((void **)&b.p, b.cap, cudaHostAllocPortable) == cudaSuccess) {
+        if (fake_host_alloc((void **)&b.p, b.cap, cudaHostAllocPortable) == cudaSuccess) {
             if (cudaEventCreateWithFlags(&b.ev, cudaEventDisableTiming) == cudaSuccess)
                 fake_pins[got = fake_npins++] = b;
             else
@@ -371,10 +424,11 @@ static ncclResult_t fake_recv(const fake_op_t *o)
     return r;
 }
 
-/* One batch: its streams reach it, then the sends, the delay, the receives; then, whatever
- * happened, its streams are released. Stops at the first error or an abort, and moves
- * nothing on a communicator that failed before. Sends wait for nothing but their own
- * streams, so no order of batches across ranks deadlocks. */
+/* One batch: its streams reach it (a replay's has), then the sends, the delay, the receives;
+ * then, whatever happened, its streams are released (a replay's through its done word).
+ * Stops at the first error or an abort, and moves nothing on a communicator that failed
+ * before. Sends wait for nothing but their own streams, so no order of batches across ranks
+ * deadlocks. */
 static void fake_batch_run(fake_batch_t *b)
 {
     ncclComm_t c = b->comm;
@@ -386,6 +440,7 @@ static void fake_batch_run(fake_batch_t *b)
     for (int i = 0; i < b->nops && r == ncclSuccess; i++)
         if (!b->ops[i].send) r = fake_recv(&b->ops[i]);
     __atomic_store_n(&c->word[0], b->q, __ATOMIC_RELEASE);
+    if (b->tmpl) __atomic_store_n(b->tmpl->done, 1u, __ATOMIC_RELEASE);
 }
 
 /* The communicator's batches, in posting order, until it stops and none is left. */
@@ -492,8 +547,8 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t *out, int nranks, ncclUniqueId id
     if (!c->sent || !c->received)
         r = ncclSystemError;
     else if (!fake_driver() || cudaGetDevice(&c->device) != cudaSuccess ||
-             cudaHostAlloc(&w, sizeof(uint32_t) * (1 + FAKE_MAX_STREAMS), cudaHostAllocMapped | cudaHostAllocPortable) !=
-                 cudaSuccess)
+             fake_host_alloc(&w, sizeof(uint32_t) * (1 + FAKE_MAX_STREAMS),
+                             cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess)
         w = NULL, r = ncclUnhandledCudaError;
     else if (cudaHostGetDevicePointer(&dw, w, 0) != cudaSuccess)
         r = ncclUnhandledCudaError;
@@ -566,11 +621,14 @@ static void fake_unread(ncclComm_t c, int wait)
 
 /* End the worker, then free. With `clean`, the batches posted finish first (bounded by
  * FAKE_NCCL_TIMEOUT_MS, after which they are given up); else they are given up at once.
- * Either way every stream held is released, and nothing the worker uses is freed before it
- * has ended. */
+ * Either way every stream held is released (replays' too), later replays of c's captured
+ * groups post nothing, and nothing the worker uses is freed before it has ended. */
 static ncclResult_t fake_free(ncclComm_t c, int clean)
 {
     if (!c) return ncclInvalidArgument;
+    pthread_mutex_lock(&fake_post_mu); /* from here no replay posts to c (fake_replay_post) */
+    for (fake_tmpl_t *t = c->tmpls; t; t = t->next) t->dead = 1;
+    pthread_mutex_unlock(&fake_post_mu);
     if (!clean) __atomic_store_n(&c->abort, 1, __ATOMIC_RELEASE);
     pthread_mutex_lock(&c->mu);
     c->stop = 1;
@@ -680,9 +738,6 @@ static int fake_enqueue(fake_batch_t *b, ncclResult_t *r)
     for (int s = 0; s < b->nslots && *r == ncclSuccess; s++) {
         int slot = b->slots[s];
         cudaStream_t st = c->slot[slot];
-        enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-        if (cudaStreamIsCapturing(st, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone)
-            *r = fake_fail(c, ncclInvalidUsage, "a group on a capturing stream (not supported)");
         for (int i = 0; i < b->nops && *r == ncclSuccess; i++) {
             fake_op_t *o = &b->ops[i];
             if (o->slot == slot && o->send && o->bytes &&
@@ -718,21 +773,156 @@ static int fake_enqueue(fake_batch_t *b, ncclResult_t *r)
     return waits > 0;
 }
 
+/* b, numbered c->q + 1, to its communicator's worker: its messages numbered, then queued
+ * behind the batches before it (by fake_post_mu's holder). */
+static void fake_post(fake_batch_t *b)
+{
+    ncclComm_t c = b->comm;
+    c->q = b->q;
+    for (int i = 0; i < b->nops; i++) {
+        fake_op_t *o = &b->ops[i];
+        o->n = o->send ? c->sent[o->peer]++ : c->received[o->peer]++;
+    }
+    pthread_mutex_lock(&c->mu);
+    if (c->tail)
+        c->tail->next = b;
+    else
+        c->head = b;
+    c->tail = b;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Is the group ops[0, n) being captured? Either none of its streams is, or all its operations
+ * are on one stream that is; anything else (a captured group on several streams, or on
+ * captured and uncaptured ones, a capture already invalidated, a failed query) is recorded
+ * on each of its communicators, and returned in *r. */
+static int fake_capturing(int n, ncclResult_t *r)
+{
+    int capturing = 0, several = 0;
+    ncclResult_t e = ncclSuccess;
+    const char *why = NULL;
+    for (int i = 0; i < n && !why; i++) {
+        enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        if (cudaStreamIsCapturing(ops[i].stream, &cs) != cudaSuccess)
+            e = ncclUnhandledCudaError, why = "cudaStreamIsCapturing";
+        else if (cs == cudaStreamCaptureStatusInvalidated)
+            e = ncclUnhandledCudaError, why = "a group on a stream whose capture was invalidated";
+        capturing |= cs == cudaStreamCaptureStatusActive;
+        several |= ops[i].stream != ops[0].stream;
+    }
+    if (!why && capturing && several)
+        e = ncclInvalidUsage, why = "a captured group on several streams, or on captured and uncaptured ones (not "
+                                    "supported)";
+    for (int i = 0; i < n && why; i++) *r = fake_fail(ops[i].comm, e, why);
+    return capturing && !why;
+}
+
+/* At each replay of template t's graph, on CUDA's host-function thread once the stream has
+ * copied the sends: t's operations to the worker as the communicator's next batch, numbered
+ * as an eager group is when posted; the worker sets done when through. Where the
+ * communicator is gone or failed before, or memory is short, nothing is posted (no message
+ * numbers taken) and the stream goes on at once. Makes no CUDA call and waits for nothing
+ * but fake_post_mu. */
+static void CUDART_CB fake_replay_post(void *arg)
+{
+    fake_tmpl_t *t = arg;
+    pthread_mutex_lock(&fake_post_mu);
+    ncclComm_t c = t->dead ? NULL : t->comm; /* (fake_free sets dead before it stops c) */
+    int again = c && __atomic_exchange_n(t->done, 0u, __ATOMIC_ACQ_REL) == 0; /* the last one in flight */
+    fake_batch_t *b = NULL;
+    if (again)
+        fake_fail(c, ncclInvalidUsage, "a captured group replayed while its last replay is in flight (one graph run "
+                                       "twice at once?)");
+    else if (c && fake_err(c) == ncclSuccess) {
+        b = calloc(1, sizeof *b);
+        if (b && !(b->ops = malloc((size_t)t->nops * sizeof *b->ops))) free(b), b = NULL;
+        if (!b) fake_fail(c, ncclSystemError, "out of memory (a captured group's replay)");
+    }
+    if (b) {
+        b->comm = c, b->tmpl = t, b->q = c->q + 1, b->nops = t->nops;
+        memcpy(b->ops, t->ops, (size_t)t->nops * sizeof *b->ops);
+        fake_post(b); /* the worker's from here on */
+    }
+    pthread_mutex_unlock(&fake_post_mu);
+    if (!b && !again) __atomic_store_n(t->done, 1u, __ATOMIC_RELEASE); /* (again: that replay's batch will) */
+}
+
+/* c's operations among ops[from, to), all on one capturing stream, as a template captured
+ * there (module comment): the sends' copies into its buffers, fake_replay_post, the wait for
+ * its done word, the receives' copies out of them. */
+static ncclResult_t fake_capture_comm(ncclComm_t c, int from, int to)
+{
+    cudaStream_t st = ops[from].stream;
+    int n = 0;
+    for (int i = from; i < to; i++) n += ops[i].comm == c;
+    fake_tmpl_t *t = calloc(1, sizeof *t);
+    if (t && !(t->ops = malloc((size_t)n * sizeof *t->ops))) free(t), t = NULL;
+    if (!t) return fake_fail(c, ncclSystemError, "out of memory");
+    t->comm = c;
+    ncclResult_t r = ncclSuccess;
+    void *done = NULL, *ddone = NULL;
+    if (fake_host_alloc(&done, sizeof(uint32_t), cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess ||
+        cudaHostGetDevicePointer(&ddone, done, 0) != cudaSuccess)
+        r = fake_fail(c, ncclUnhandledCudaError, "cudaHostAlloc (a captured group's done word)");
+    for (int i = from; i < to && r == ncclSuccess; i++) {
+        if (ops[i].comm != c) continue;
+        fake_op_t *o = &t->ops[t->nops++];
+        *o = ops[i];
+        if (o->bytes && fake_host_alloc((void **)&o->pin, o->bytes, cudaHostAllocPortable) != cudaSuccess)
+            r = fake_fail(c, ncclUnhandledCudaError, "cudaHostAlloc (a captured group's pinned buffer)");
+    }
+    if (r != ncclSuccess) return r; /* nothing captured: t is left as it is */
+    t->done = done, t->ddone = (CUdeviceptr)(uintptr_t)ddone;
+    *t->done = 1;
+    pthread_mutex_lock(&fake_post_mu);
+    t->next = c->tmpls, c->tmpls = t;
+    pthread_mutex_unlock(&fake_post_mu);
+    for (int i = 0; i < t->nops && r == ncclSuccess; i++) {
+        fake_op_t *o = &t->ops[i];
+        if (o->send && o->bytes &&
+            cudaMemcpyAsync(o->pin, o->buf, o->bytes, cudaMemcpyDeviceToHost, st) != cudaSuccess)
+            r = fake_fail(c, ncclUnhandledCudaError, "cudaMemcpyAsync (a captured send)");
+    }
+    if (r == ncclSuccess && cudaLaunchHostFunc(st, fake_replay_post, t) != cudaSuccess)
+        r = fake_fail(c, ncclUnhandledCudaError, "cudaLaunchHostFunc (a captured group's post)");
+    if (r == ncclSuccess && fake_wait32((CUstream)st, t->ddone, 1, CU_STREAM_WAIT_VALUE_EQ) != CUDA_SUCCESS)
+        r = fake_fail(c, ncclUnhandledCudaError, "cuStreamWaitValue32 under capture (a captured group's done)");
+    for (int i = 0; i < t->nops && r == ncclSuccess; i++) {
+        fake_op_t *o = &t->ops[i];
+        if (!o->send && o->bytes &&
+            cudaMemcpyAsync(o->buf, o->pin, o->bytes, cudaMemcpyHostToDevice, st) != cudaSuccess)
+            r = fake_fail(c, ncclUnhandledCudaError, "cudaMemcpyAsync (a captured receive)");
+    }
+    return r;
+}
+
 /* The group posted: one batch per communicator, enqueued on its streams and queued for its
- * worker. Returns without waiting for the device (FAKE_NCCL_SYNC: once its receives are in).
- * On an error the communicator takes no more groups; a batch some stream already waits for
- * still goes to the worker, which then only releases it. */
+ * worker (a captured group: one template per communicator, captured on its stream, in the
+ * order of the communicators' first operations). Returns without waiting for the device
+ * (FAKE_NCCL_SYNC, eager groups only: once its receives are in). On an error the
+ * communicator takes no more groups; a batch some stream already waits for still goes to
+ * the worker, which then only releases it. */
 static ncclResult_t fake_run(void)
 {
     int n = nops;
     nops = 0;
     ncclResult_t r = ncclSuccess;
     for (int i = 0; i < n && r == ncclSuccess; i++) r = fake_err(ops[i].comm); /* a broken one takes no more */
+    if (r == ncclSuccess && fake_capturing(n, &r)) {
+        for (int i = 0; i < n && r == ncclSuccess; i++) {
+            int k = 0;
+            while (k < i && ops[k].comm != ops[i].comm) k++;
+            if (k == i) r = fake_capture_comm(ops[i].comm, i, n);
+        }
+        return r;
+    }
     fake_batch_t **bs = r == ncclSuccess ? calloc((size_t)n, sizeof *bs) : NULL;
     uint32_t *wait_q = r == ncclSuccess ? calloc((size_t)n, sizeof *wait_q) : NULL; /* FAKE_NCCL_SYNC */
     ncclComm_t *wait_c = r == ncclSuccess ? calloc((size_t)n, sizeof *wait_c) : NULL;
     if (r == ncclSuccess && (!bs || !wait_q || !wait_c)) r = ncclSystemError;
     int nb = 0;
+    pthread_mutex_lock(&fake_post_mu);
     for (int i = 0; i < n && r == ncclSuccess; i++) {
         int k = 0;
         while (k < nb && bs[k]->comm != ops[i].comm) k++;
@@ -746,22 +936,11 @@ static ncclResult_t fake_run(void)
             bs[k] = NULL;
             continue;
         }
-        c->q = b->q;
-        for (int i = 0; i < b->nops; i++) {
-            fake_op_t *o = &b->ops[i];
-            o->n = o->send ? c->sent[o->peer]++ : c->received[o->peer]++;
-        }
         if (c->sync) wait_c[k] = c, wait_q[k] = b->q;
         bs[k] = NULL; /* the worker's from here on (it frees it): not read again */
-        pthread_mutex_lock(&c->mu);
-        if (c->tail)
-            c->tail->next = b;
-        else
-            c->head = b;
-        c->tail = b;
-        pthread_cond_broadcast(&c->cv);
-        pthread_mutex_unlock(&c->mu);
+        fake_post(b);
     }
+    pthread_mutex_unlock(&fake_post_mu);
     /* FAKE_NCCL_SYNC: until the worker is done with each batch and its streams have run the
      * receives' copies. */
     for (int k = 0; k < nb && r == ncclSuccess; k++) {
