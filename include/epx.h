@@ -229,8 +229,8 @@ EPX_API epx_status_t epx_mem_free(epx_comm_t comm, void *ptr);
  * collectives of one communicator run one after the other on the device: enqueue them on
  * one stream, or each on a stream ordered after the previous call's (their device state,
  * flags and staging, is reused from call to call). What this header calls capturable in a
- * CUDA graph is so on one host; a CUDA communicator across hosts refuses a capturing stream
- * with EPX_ERR_INVALID_USAGE (epx_cuda.h). */
+ * CUDA graph is so on one host; across hosts only the low-latency MoE calls are, and the
+ * others refuse a capturing stream with EPX_ERR_INVALID_USAGE (epx_cuda.h). */
 
 /* Returns after every rank has entered the barrier. */
 EPX_API epx_status_t epx_barrier(epx_comm_t comm, void *stream);

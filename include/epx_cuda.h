@@ -8,10 +8,19 @@
  * communicators itself, from epx's bootstrap. epx_comm_init_nccl adopts the caller's
  * instead. Either way hosts must hold the same number of ranks, numbered consecutively.
  *
- * CUDA graphs across hosts: every collective call (barrier, alltoall, alltoallv,
- * alltoallv_device, each MoE call) and epx_moe_layout waits on the host, for its stream and
- * for the other hosts, so none can be captured. Given a stream that is being captured, a
- * call fails before any collective step and leaves the capture valid: with
+ * CUDA graphs across hosts: the low-latency MoE calls (epx_moe_ll_*) can be captured, as
+ * on one host, where they run on the device (the default up to 4 hosts; not with
+ * EPX_MOE_LL_HOST=1): the ranks agree on each call at capture time, and a replay moves
+ * everything with kernels and NCCL transfers on the stream. Every rank must capture the
+ * same calls and replay them in the same order. A replay that waits on NCCL transfers
+ * longer than EPX_TIMEOUT_MS (a rank on another host late or gone) makes epx's watchdog
+ * abort the NCCL communicators epx made, so the stream ends; the communicator then reports
+ * the error (epx_comm_get_async_error): destroy the graph, then abort the communicator.
+ * With an adopted NCCL communicator nothing aborts it: that is the caller's to do. Every
+ * other collective call (barrier, alltoall, alltoallv, alltoallv_device, high-throughput
+ * MoE, and low-latency on the host) and epx_moe_layout waits on the host, for its stream
+ * and for the other hosts, so none can be captured. Given a stream that is being captured,
+ * such a call fails before any collective step and leaves the capture valid: with
  * EPX_ERR_INVALID_USAGE on the capturing ranks, EPX_ERR_REMOTE_INVALID on the others
  * (epx_moe_layout, a local call, on the calling rank only); nothing is changed and the
  * communicator stays usable. The single-host rules of epx.h apply on one host.

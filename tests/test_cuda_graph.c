@@ -16,8 +16,13 @@
  * EPX_ERR_INVALID_USAGE on every rank, leave the capture intact and the communicator
  * healthy. The MoE part then dispatches outside the graph and captures a cached dispatch +
  * identity expert + combine along that handle, replayed with new tokens every time.
+ *
+ * Across hosts (EPX_LOCAL_SIZE; the fake NCCL of the fake_nccl_* tests replays captured
+ * groups) only the low-latency calls can be captured: --ll-only runs those two parts alone;
+ * --ll-stall runs stall_ll (a rank that stalls while its peers replay: nothing may hang).
  */
 #include <string.h>
+#include <unistd.h>
 
 #include "testlib.h"
 
@@ -499,18 +504,116 @@ static int replay_ll(epx_comm_t comm, int me, int R, int rounds, bool split)
     return rounds;
 }
 
+/* ---- Low-latency across hosts: a rank gone while a replay waits ----------------------- */
+
+/* Across hosts (EPX_LOCAL_SIZE): a low-latency dispatch + combine captured and replayed;
+ * then the last rank sleeps 3 x EPX_TIMEOUT_MS before its next replay while the others
+ * replay at once. No call of epx's times those replays; still nothing may hang: every
+ * rank's stream finishes (epx's NCCL watchdog aborts the link under a replay that waits on
+ * the transfers longer than EPX_TIMEOUT_MS, and device waits are bounded), and every rank's
+ * communicator then reports an error. Leaves the communicator broken. */
+static int stall_ll(epx_comm_t comm, int me, int R)
+{
+    const char *tms = getenv("EPX_TIMEOUT_MS");
+    double timeout_ms = tms ? atof(tms) : 0;
+    if (timeout_ms <= 0 || timeout_ms > 10000) TEST_FAIL_("--ll-stall needs EPX_TIMEOUT_MS set, at most 10000");
+    cudaStream_t s = test_stream();
+    int E = 4 * R;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.mode = EPX_MOE_LOW_LATENCY;
+    epx_moe_t moe;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
+    size_t xb = (size_t)GT * GH * 2, rb = (size_t)4 * R * GT * GH * 2;
+    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
+    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
+    float *w = test_buf_alloc(sizeof(float) * GT * GK);
+    int32_t *count = test_buf_alloc(sizeof(int32_t) * 4);
+    uint16_t *hx = malloc(xb);
+    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
+    float *hw = malloc(sizeof(float) * GT * GK);
+    for (int t = 0; t < GT; t++) {
+        for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(0, me, t, h);
+        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E), hw[t * GK + k] = g_weight(0, me, t, k);
+    }
+    test_buf_put(x, hx, xb);
+    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
+    test_buf_put(w, hw, sizeof(float) * GT * GK);
+    epx_moe_ll_dispatch_in_t in = {x, idx, GT, GK};
+    epx_moe_ll_dispatch_out_t dout = {recv, NULL, count, NULL, NULL};
+    epx_moe_ll_combine_in_t cin = {recv, w};
+    epx_moe_handle_t h = NULL;
+    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s)); /* maps the peers' buffers outside the capture */
+    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    test_sync();
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s));
+    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
+    CU(cudaStreamEndCapture(s, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    epx_status_t async = EPX_ERR_INTERNAL;
+    for (int it = 0; it < 3; it++) {
+        CU(cudaGraphLaunch(exec, s));
+        CU(cudaStreamSynchronize(s));
+    }
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+    ASSERT_OK(epx_barrier(comm, s)); /* every rank is here: the next replay starts together */
+    test_sync();
+    if (me == R - 1) usleep((useconds_t)(3000.0 * timeout_ms));
+    double t0 = test_now_ms();
+    CU(cudaGraphLaunch(exec, s));
+    CU(cudaStreamSynchronize(s));
+    double waited = test_now_ms() - t0, bound = 6 * timeout_ms + 10000;
+    if (waited > bound) TEST_FAIL_("the stalled replay held the stream %.0f ms (more than %.0f)", waited, bound);
+    /* The verdict may come a watchdog period after the stream ran (a device-side error on a
+     * rank that NCCL did not hold). */
+    for (double t1 = test_now_ms(); test_now_ms() - t1 < 2 * timeout_ms; usleep(10000)) {
+        ASSERT_OK(epx_comm_get_async_error(comm, &async));
+        if (async != EPX_SUCCESS) break;
+    }
+    if (async == EPX_SUCCESS) TEST_FAIL_("the stalled replay left the communicator healthy");
+    printf("rank %d: stalled replay ended after %.0f ms, communicator reports %s\n", me, waited, epx_status_name(async));
+    CU(cudaGraphExecDestroy(exec));
+    CU(cudaGraphDestroy(graph));
+    epx_moe_handle_destroy(h); /* the communicator is broken: statuses are not the point */
+    epx_moe_destroy(moe);
+    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(w);
+    test_buf_free(count);
+    free(hx), free(hidx), free(hw);
+    return 1;
+}
+
 #endif
 
 int main(int argc, char **argv)
 {
     test_init_cuda_only(argc, argv);
 #ifdef EPX_HAVE_CUDA
-    for (int i = 1; i < argc; i++)
+    bool ll_only = false, ll_stall = false;
+    for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--copy-engines")) copy_engines = true, num_sms = EPX_MOE_COPY_ENGINES;
+        ll_only = ll_only || !strcmp(argv[i], "--ll-only");
+        ll_stall = ll_stall || !strcmp(argv[i], "--ll-stall");
+    }
     const char *env_sms = getenv("EPX_CUDA_SMS");
     if (env_sms && atoi(env_sms) <= 0) copy_engines = true;
     int me, R, passed = 0;
     epx_comm_t comm = test_comm_from_env(&me, &R);
+    if (ll_only || ll_stall) { /* across hosts only the low-latency calls can be captured (epx_cuda.h) */
+        if (ll_only) {
+            passed += replay_ll(comm, me, R, 200, false);
+            passed += replay_ll(comm, me, R, 100, true);
+        }
+        if (ll_stall)
+            passed += stall_ll(comm, me, R), epx_comm_abort(comm);
+        else
+            ASSERT_OK(epx_comm_destroy(comm));
+        test_done(passed);
+        return 0;
+    }
     passed += replay(comm, me, R, 100, 200);    /* eager slots */
     passed += replay(comm, me, R, 100000, 200); /* direct kernel */
     passed += replay_moe(comm, me, R, 200);

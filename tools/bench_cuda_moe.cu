@@ -1285,11 +1285,15 @@ int bench_cuda_moe(bench_ctx_t *b)
      * dispatch can be captured only on the SM path with the count on the device. */
     double graph_us = 0, graph_op[3] = {0, 0, 0}, split_us[5] = {0, 0, 0, 0, 0};
     epx_comm_info_t ci;
-    /* Across hosts (NCCL) the calls wait on the host: they cannot be captured. */
-    bool graphs = epx_comm_info(m->gpu, &ci) == EPX_SUCCESS && ci.num_hosts == 1 &&
-                  (m->ll || (m->d_count && !epx_on_copy_engines(m)));
+    /* Across hosts (NCCL) only low-latency on the device can be captured: not the layout, nor
+     * high-throughput or the host path (EPX_MOE_LL_HOST=1, by default beyond 4 hosts), which
+     * wait on the host (epx_cuda.h). */
+    const char *llh = getenv("EPX_MOE_LL_HOST");
+    bool info = epx_comm_info(m->gpu, &ci) == EPX_SUCCESS, one = info && ci.num_hosts == 1;
+    bool ll_dev = m->ll && !(llh && atoi(llh) == 1) && (ci.num_hosts <= 4 || (llh && atoi(llh) == 0));
+    bool graphs = info && (one ? m->ll || (m->d_count && !epx_on_copy_engines(m)) : ll_dev);
     if (graphs) {
-        for (int g = 0; g < 3; g++) { /* dispatch, combine, layout */
+        for (int g = 0; g < (one ? 3 : 2); g++) { /* dispatch, combine, layout (one host) */
             cudaGraph_t graph;
             cudaGraphExec_t exec;
             epx_retire_handle(m);
@@ -1373,10 +1377,13 @@ int bench_cuda_moe(bench_ctx_t *b)
             printf("# epx from CUDA graphs (no host work; median, L2 flushed): layout %.2f us, dispatch %.2f us, combine "
                    "%.2f us\n",
                    graph_op[2], graph_op[0], graph_op[1]);
-        if (graphs && m->ll)
-            printf("# epx ll from CUDA graphs (no host work; median, L2 flushed): layout %.2f us, dispatch %.2f us, "
-                   "combine %.2f us; dispatch + combine in one graph replayed back to back: %.2f us per pair\n",
-                   graph_op[2], graph_op[0], graph_op[1], graph_us);
+        if (graphs && m->ll) {
+            printf("# epx ll from CUDA graphs (no host work; median, L2 flushed): ");
+            if (one) printf("layout %.2f us, ", graph_op[2]); /* across hosts the layout cannot be captured */
+            printf("dispatch %.2f us, combine %.2f us; dispatch + combine in one graph replayed back to back: %.2f us "
+                   "per pair\n",
+                   graph_op[0], graph_op[1], graph_us);
+        }
         if (graphs && m->ll)
             printf("# epx ll halves in one graph, %d us of other work between send and receive (median, L2 flushed): "
                    "dispatch send %.2f us + receive %.2f us; combine send %.2f us + receive %.2f us (the other work "

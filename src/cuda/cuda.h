@@ -175,10 +175,11 @@ epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h
  * theirs into rails.y_in likewise), then epx__cuda_moe_ll_recv. Every rank must make the
  * same calls in the same order; the steps of one call run on one stream. */
 /* Make the rail buffers (device memory of the context) for `nhosts` hosts, this one
- * `host`, and describe them in *rails (the handle's arrays unset). Before any dispatch.
- * Local; a failure leaves the context as it was. */
-epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, epx__ll_rail_t *rails,
-                                    epx__errbuf_t *err);
+ * `host`, and describe them in *rails (the handle's arrays unset). `mark` (NULL: none):
+ * four host-mapped words the kernels keep up to date around the NCCL steps (epx__ll_rail_t).
+ * Before any dispatch. Local; a failure leaves the context as it was. */
+epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, unsigned long long *mark,
+                                    epx__ll_rail_t *rails, epx__errbuf_t *err);
 /* Make sure the next low-latency dispatch on m allocates nothing for its handle (a spare,
  * device arrays included, is kept ready), so that a caller that agrees with other hosts
  * before that dispatch (src/xhost) can make running out of memory part of its verdict. Local. */

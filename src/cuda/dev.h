@@ -207,6 +207,12 @@ typedef struct {
     char *y_out;          /* [nhosts] y blocks for my rail peers (mine unused) */
     const char *y_in;     /* [nhosts] y blocks they sent me (mine unused) */
     long long yblk;
+    /* Host-mapped, or NULL: how far my steps around the NCCL transfers got, for src/xhost's
+     * watch (a graph replay has no host call to time them): [0] the sequence of my last
+     * dispatch send done before its rail transfers, [1] of my last forward after them; [2]
+     * and [3] the same around a combine receive's (gather, then sum). Unequal pairs: a
+     * transfer in flight. */
+    unsigned long long *mark;
 } epx__ll_rail_t;
 
 /* One low-latency dispatch. Every rank owns a staging area that peers push into, two of

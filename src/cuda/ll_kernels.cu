@@ -255,6 +255,12 @@ static __device__ __forceinline__ unsigned epx__ll_token_mask(const epx__ll_args
     return bit;
 }
 
+/* Across hosts: step i of sequence n reached (epx__ll_rail_t.mark; one thread writes it). */
+static __device__ __forceinline__ void epx__ll_mark(const epx__ll_rail_t &r, int i, unsigned long long n)
+{
+    if (r.mark) *(volatile unsigned long long *)(r.mark + i) = n;
+}
+
 /* A thread takes 8 channels of a token (vectorised bf16 rows), else warp w takes (token,
  * destination) pairs; the grid also writes my routing to every rank. X (across hosts): my
  * whole block also goes to a.rail.out (its header tagged), and the flags are left to the
@@ -361,6 +367,7 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         *a.rail.live = all;
         ((int *)rail)[0] = a.num_tokens;
         epx__ll_tag(&d, (int *)rail, n, 0, all);
+        epx__ll_mark(a.rail, 0, n); /* the rail transfers come next */
     }
     if (!X && all) epx__ll_signal<false>(&d, n);
     epx__ll_complete(&d, EPX__LL_DISPATCH_SENT, n);
@@ -375,6 +382,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_forward(epx__cuda_dev_t 
     unsigned long long n = *(volatile unsigned long long *)(d.ll_seq + EPX__LL_DISPATCH_SENT); /* my send's */
     int par = (int)(n & 1ull), R = a.nranks, K = a.topk, M = a.max_tokens, NH = a.rail.nhosts;
     bool live = *(volatile int *)a.rail.live != 0;
+    if (blockIdx.x == 0 && threadIdx.x == 0) epx__ll_mark(a.rail, 1, n); /* the rail transfers are done */
     for (int hp = threadIdx.x; hp < NH; hp += blockDim.x) {
         const int *h = (const int *)(a.rail.in + (long long)hp * a.rail.blk);
         int v = -1;
@@ -841,6 +849,7 @@ template <int KM>
 static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
+    if (blockIdx.x == 0 && threadIdx.x == 0) epx__ll_mark(c.rail, 3, n); /* the rail transfers are done */
     /* Mine, loaded before the waits (a chain of round trips otherwise): whether the routing
      * was bad at dispatch or my device has failed since (its receive may not have written the
      * handle), and my first vectorised item's meta. */
@@ -970,6 +979,7 @@ static __global__ void __launch_bounds__(512) epx__k_ll_gather(epx__cuda_dev_t d
         h[0] = 0;
         epx__ll_tag(&d, h, n, 1, true);
     }
+    if (threadIdx.x == 0) epx__ll_mark(c.rail, 2, n); /* the rail transfers come next */
 }
 
 extern "C" int epx__cuda_launch_ll_gather(const epx__cuda_dev_t *d, const epx__ll_combine_t *c, void *stream)

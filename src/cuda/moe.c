@@ -1217,8 +1217,8 @@ epx_status_t epx__cuda_moe_ll_recv(epx__cuda_moe_t *m, epx__cuda_moe_handle_t *h
 
 /* ---- Low-latency across hosts ------------------------------------------------------------------ */
 
-epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, epx__ll_rail_t *rails,
-                                    epx__errbuf_t *err)
+epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, unsigned long long *mark,
+                                    epx__ll_rail_t *rails, epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
     if (s->mode != EPX_MOE_LOW_LATENCY || m->spare || m->rails.nhosts || nhosts < 1 || host < 0 || host >= nhosts ||
@@ -1227,7 +1227,7 @@ epx_status_t epx__cuda_moe_ll_rails(epx__cuda_moe_t *m, int nhosts, int host, ep
                          nhosts);
     epx__ll_rail_t r;
     memset(&r, 0, sizeof r);
-    r.nhosts = nhosts, r.host = host;
+    r.nhosts = nhosts, r.host = host, r.mark = mark;
     r.blk = EPX__ALIGN_UP(m->ll_hdr + (long long)EPX__MAX(s->max_tokens, 1) * m->ll_srow, 256);
     r.yblk = EPX__ALIGN_UP(128 + (long long)EPX__MAX(s->max_tokens, 1) * s->max_topk * (long long)s->combine_row_bytes, 256);
     size_t bytes = (size_t)r.blk * (size_t)(1 + nhosts) + 2 * (size_t)r.yblk * (size_t)nhosts + 256;

@@ -115,7 +115,7 @@ struct epx__nccl {
     pthread_cond_t dog_cv; /* CLOCK_MONOTONIC; signalled to stop */
     epx__nc_watched_t ring[EPX__NC_RING];
     int ring_next;
-    epx__nccl_watch_t dog_watch; /* epx__nccl_watch_between; check NULL: none */
+    epx__nccl_watch_t dog_watch, dog_stall; /* epx__nccl_watch_between's failed, stalled; check NULL: none */
     epx_status_t watch_failed;   /* what dog_watch said once it failed (not asked again) */
     char watch_msg[EPX__ERRMSG_LEN];
     epx_status_t dog_status;
@@ -276,9 +276,18 @@ static void epx__nc_dog_abort(epx__nccl_t *n, epx_status_t st, const char *msg)
  * communicator's queue (NCCL runs a communicator's groups in the order they were posted,
  * whatever their streams): when it has been there EPX_TIMEOUT_MS without finishing, or NCCL
  * reports an error, the communicator is aborted. Work queued before a group (the caller's on
- * its stream, earlier groups) does not count against it. */
+ * its stream, earlier groups) does not count against it. So it is when the stalled watch
+ * fails (first). */
 static void epx__nc_dog_look(epx__nccl_t *n)
 {
+    if (n->dog_stall.check) {
+        epx__errbuf_t why = {{0}};
+        epx_status_t st = n->dog_stall.check(n->dog_stall.ctx, &why);
+        if (st != EPX_SUCCESS) {
+            epx__nc_dog_abort(n, st, epx__nc_text(st, &why));
+            return;
+        }
+    }
     if (n->dog_watch.check && n->watch_failed == EPX_SUCCESS) {
         epx__errbuf_t why = {{0}};
         epx_status_t st = n->dog_watch.check(n->dog_watch.ctx, &why);
@@ -516,10 +525,11 @@ void epx__nccl_abort(epx__nccl_t *n)
     pthread_mutex_unlock(&n->mu);
 }
 
-void epx__nccl_watch_between(epx__nccl_t *n, const epx__nccl_watch_t *watch)
+void epx__nccl_watch_between(epx__nccl_t *n, const epx__nccl_watch_t *failed, const epx__nccl_watch_t *stalled)
 {
     pthread_mutex_lock(&n->mu);
-    n->dog_watch = *watch;
+    if (failed) n->dog_watch = *failed;
+    if (stalled) n->dog_stall = *stalled;
     pthread_mutex_unlock(&n->mu);
 }
 

@@ -13,6 +13,8 @@
  * reached EPX_TIMEOUT_MS ago and that has not finished (a peer that died or stalled after
  * the call returned), or an error NCCL reports, aborts it, so work left on the caller's
  * streams ends; every later call then returns that verdict (epx__nccl_check_async too).
+ * Groups enqueued on a capturing stream are not followed (a graph's replays are its
+ * caller's: the layer above may watch them, epx__nccl_watch_between).
  * Entry points may be called from any thread; they take turns on a communicator.
  */
 #ifndef EPX_NCCL_H
@@ -46,13 +48,15 @@ epx_status_t epx__nccl_create(epx__nccl_t **nccl, int nranks, int rank, const vo
 /* Wrap the caller's ncclComm_t (not owned: never destroyed or aborted here). */
 epx_status_t epx__nccl_adopt(epx__nccl_t **nccl, void *nccl_comm, int64_t timeout_ms, epx__errbuf_t *err);
 /* What the watchdog also looks at (owned communicators; set once, before any work): when
- * `watch` fails (this rank's device recorded an error: its results are void), a group left
+ * `failed` fails (this rank's device recorded an error: its results are void), a group left
  * waiting is given a quarter of EPX_TIMEOUT_MS, not all of it (long enough for the groups
  * that carry this rank's failure to its peers), and the communicator is then aborted with
- * the watch's status. `check` runs on the watchdog's thread, with the communicator held:
- * cheap, thread-safe, and never calling into src/nccl; once it failed it is not called
- * again. */
-void epx__nccl_watch_between(epx__nccl_t *nccl, const epx__nccl_watch_t *watch);
+ * its status. When `stalled` fails (work on the device has waited on NCCL transfers for
+ * EPX_TIMEOUT_MS where the watchdog follows no group: a CUDA graph's replay), the
+ * communicator is aborted at once with its status. Either may be NULL. Checks run on the
+ * watchdog's thread, with the communicator held: cheap, thread-safe, and never calling into
+ * src/nccl; once one failed it is not called again. */
+void epx__nccl_watch_between(epx__nccl_t *nccl, const epx__nccl_watch_t *failed, const epx__nccl_watch_t *stalled);
 /* Local. `abort`: ncclCommAbort instead of a clean destroy (owned communicators only). */
 void epx__nccl_destroy(epx__nccl_t *nccl, bool abort);
 /* After a failure that left some peers' operations unmatched: an owned communicator is

@@ -24,7 +24,10 @@ epx_status_t epx__nccl_adopt(epx__nccl_t **nccl, void *nccl_comm, int64_t timeou
 }
 void epx__nccl_destroy(epx__nccl_t *nccl, bool abort) { (void)nccl, (void)abort; }
 void epx__nccl_abort(epx__nccl_t *nccl) { (void)nccl; }
-void epx__nccl_watch_between(epx__nccl_t *nccl, const epx__nccl_watch_t *watch) { (void)nccl, (void)watch; }
+void epx__nccl_watch_between(epx__nccl_t *nccl, const epx__nccl_watch_t *failed, const epx__nccl_watch_t *stalled)
+{
+    (void)nccl, (void)failed, (void)stalled;
+}
 bool epx__nccl_aborted(epx__nccl_t *nccl) { return (void)nccl, true; }
 epx_status_t epx__nccl_check_async(epx__nccl_t *nccl, epx__errbuf_t *err) { return (void)nccl, (void)err, EPX_SUCCESS; }
 int epx__nccl_rank(const epx__nccl_t *nccl) { return (void)nccl, 0; }

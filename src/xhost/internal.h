@@ -30,6 +30,13 @@ struct epx__xhost {
     const void **rs;
     void **rr;
     int64_t *rx;
+    /* How far the low-latency kernels got around their NCCL steps (epx__ll_rail_t.mark; the
+     * calls of a communicator run one after another, so one set serves all its contexts):
+     * host-mapped [4], and its device address. The watchdog's look at them (its thread only):
+     * the pairs last seen unequal, and since when (0: not stalled). */
+    unsigned long long *marks, *marks_dev;
+    unsigned long long stall_seen[4];
+    uint64_t stall_since_ns;
     /* EPX_FAULT for the call in progress (epx__xhost_fault_set; cleared by the next call). */
     const epx__fault_t *fault;
     uint32_t fault_step;
@@ -68,9 +75,11 @@ epx_status_t epx__xh_allreduce(epx__xhost_t *xh, int64_t *v, int n, epx__errbuf_
 /* One round of every rank's status: `local` when it failed, EPX_ERR_REMOTE_INVALID ("rank p
  * <what> (status)") when another rank's did, else what broke the round. */
 epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what, epx__errbuf_t *err);
-/* Can a call on `stream` run here? Calls across hosts wait on the host: not while the
- * stream is being captured into a CUDA graph (EPX_ERR_INVALID_USAGE), nor after the NCCL
- * link was aborted (EPX_ERR_ABORTED). Local; waits for nothing. */
+/* Can a call run here? Not after the NCCL link was aborted (EPX_ERR_ABORTED, or the
+ * watchdog's verdict). Local; waits for nothing. */
+epx_status_t epx__xh_live(epx__xhost_t *xh, epx__errbuf_t *err);
+/* The same for a call that waits on the host: also not while `stream` is being captured
+ * into a CUDA graph (EPX_ERR_INVALID_USAGE). */
 epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err);
 /* EPX_FAULT `count` for this call: true once (the caller announces the wrong size). */
 static inline bool epx__xh_take_count(epx__xhost_t *xh)

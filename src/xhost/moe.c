@@ -250,9 +250,12 @@ static void epx__fault_count(epx__xhost_moe_t *m)
 }
 
 /* Make `stream` wait for the last call's device work, whatever stream that ran on (it may
- * still use the staging; a wait for `stream` then covers both). */
+ * still use the staging; a wait for `stream` then covers both). In a CUDA graph (only the
+ * low-latency calls on the device get there) the order is the graph's and its stream's:
+ * epx.h's rule that a communicator's calls run one after another. */
 static epx_status_t epx__after_last(epx__xhost_moe_t *m, void *stream, epx__errbuf_t *err)
 {
+    if (epx__cuda_capturing(stream)) return EPX_SUCCESS;
     cudaError_t ce = cudaStreamWaitEvent((cudaStream_t)stream, m->done, 0);
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "ordering after the last MoE call: %s", cudaGetErrorString(ce));
     return EPX_SUCCESS;
@@ -345,7 +348,7 @@ epx_status_t epx__xhost_moe_create(epx__xhost_t *xh, const epx__moe_shape_t *sha
     memset(&rails, 0, sizeof rails);
     if (v[1] == 0 && v[0] == xh->nranks) {
         epx_status_t c = epx__cuda_moe_create(xh->cuda, shape, hash, local, &ll, err);
-        if (c == EPX_SUCCESS) c = epx__cuda_moe_ll_rails(ll, xh->num_hosts, xh->host, &rails, err);
+        if (c == EPX_SUCCESS) c = epx__cuda_moe_ll_rails(ll, xh->num_hosts, xh->host, xh->marks_dev, &rails, err);
         if (local == EPX_SUCCESS) local = c;
     }
     epx__hier_moe_t *hm = NULL;
@@ -1112,6 +1115,11 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
  * fails the receiving rank's device, which relays it inside its host, as statuses do on the
  * host path.
  *
+ * So a call can be captured in a CUDA graph: its rounds run at capture time, and its
+ * kernels number their steps on the device. A replay is timed by no call: the kernels on
+ * either side of each NCCL step write their sequence into host-mapped marks (xh->marks),
+ * which the NCCL watchdog reads (epx__xh_watch_stall).
+ *
  * Bytes per GPU and direction, M = max_tokens: a dispatch sends its whole block (header,
  * M records) to every rail peer, needed or not (a token reaches a given other host with
  * p = 0.9965 at 2 hosts, K = 8: almost always; 1/p more than needed: 1.5x at 8 hosts); a
@@ -1179,11 +1187,11 @@ static long long epx__ll_ybytes(const epx__xhost_moe_t *m, int K)
     return 128 + (long long)EPX__MAX(m->s.max_tokens, 1) * K * (long long)m->s.combine_row_bytes;
 }
 
-/* The end of a call that may have enqueued work: later calls wait for it (m->done); on
- * failure after the round the NCCL link is aborted. */
+/* The end of a call that may have enqueued work: later calls wait for it (m->done; not
+ * in a CUDA graph, epx__after_last); on failure after the round the NCCL link is aborted. */
 static epx_status_t epx__ll_end(epx__xhost_moe_t *m, epx_status_t st, void *stream, epx__errbuf_t *err)
 {
-    cudaError_t ce = cudaEventRecord(m->done, (cudaStream_t)stream);
+    cudaError_t ce = epx__cuda_capturing(stream) ? cudaSuccess : cudaEventRecord(m->done, (cudaStream_t)stream);
     if (st == EPX_SUCCESS && ce != cudaSuccess)
         st = epx__fail(err, EPX_ERR_CUDA, "recording the MoE call's end: %s", cudaGetErrorString(ce));
     if (st != EPX_SUCCESS) epx__nccl_abort(m->xh->nccl);
@@ -1204,7 +1212,7 @@ static epx_status_t epx__ll_dispatch_dev(epx__xhost_moe_t *m, const epx_moe_ll_d
                                          epx_moe_ll_dispatch_out_t *out, epx_status_t local, bool split,
                                          epx__xhost_moe_handle_t **handle, void *stream, epx__errbuf_t *err)
 {
-    if (local == EPX_SUCCESS) local = epx__xh_usable(m->xh, stream, err);
+    if (local == EPX_SUCCESS) local = epx__xh_live(m->xh, err);
     if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
     /* The src/cuda handle's device memory now: its lack is this rank's verdict in the round
      * (after it, a failure aborts the NCCL link and breaks every host). */
@@ -1237,7 +1245,7 @@ static epx_status_t epx__ll_combine_dev(epx__xhost_moe_t *m, epx__xhost_moe_hand
                                         const epx_moe_ll_combine_in_t *in, void *out, epx_status_t local, bool split,
                                         void *stream, epx__errbuf_t *err)
 {
-    if (local == EPX_SUCCESS) local = epx__xh_usable(m->xh, stream, err);
+    if (local == EPX_SUCCESS) local = epx__xh_live(m->xh, err);
     if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
     bool ok = local == EPX_SUCCESS;
     EPX__CHECK(epx__ll_round(m, EPX__LLOP_COMBINE, split, ok ? epx__cuda_moe_handle_topk(h->ch) : 0, ok ? h->ll_id : 0,
@@ -1252,7 +1260,7 @@ epx_status_t epx__xhost_moe_ll_recv(epx__xhost_moe_t *m, epx__xhost_moe_handle_t
                                     epx__errbuf_t *err)
 {
     if (!m->ll) return EPX_SUCCESS; /* the host path moved everything in the send */
-    epx_status_t st = epx__xh_usable(m->xh, stream, err);
+    epx_status_t st = epx__xh_live(m->xh, err);
     if (st == EPX_SUCCESS) st = epx__after_last(m, stream, err);
     if (st != EPX_SUCCESS) { /* nothing enqueued, but the peers' steps would wait for this one's */
         epx__nccl_abort(m->xh->nccl);

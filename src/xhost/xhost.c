@@ -148,12 +148,18 @@ epx_status_t epx__xh_vote(epx__xhost_t *xh, epx_status_t local, const char *what
     return st;
 }
 
-epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
+epx_status_t epx__xh_live(epx__xhost_t *xh, epx__errbuf_t *err)
 {
     EPX__CHECK(epx__nccl_check_async(xh->nccl, err)); /* the watchdog's verdict, if it just gave one */
     if (epx__nccl_aborted(xh->nccl))
         return epx__fail(err, EPX_ERR_ABORTED, "the NCCL link between hosts was aborted after an earlier failure: "
                                                "abort the communicator and create a new one");
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__xh_usable(epx__xhost_t *xh, void *stream, epx__errbuf_t *err)
+{
+    EPX__CHECK(epx__xh_live(xh, err));
     return epx__cuda_refuse_capture(stream,
                                     "this call across hosts waits on the host (for the stream and for the other "
                                     "hosts): make it outside the capture",
@@ -273,6 +279,31 @@ static epx_status_t epx__xh_watch_device(void *cuda, epx__errbuf_t *err)
     return epx__cuda_has_failed(cuda) ? epx__cuda_check_async(cuda, err) : EPX_SUCCESS;
 }
 
+/* The NCCL watchdog's look at the low-latency kernels' marks (epx__nccl_watch_between): a
+ * step around NCCL transfers that has not moved for EPX_TIMEOUT_MS (the transfers wait for
+ * a rank on another host that is late or gone). Calls wait for their own groups; this one
+ * is for what runs with no call to watch it: a CUDA graph's replays. */
+static epx_status_t epx__xh_watch_stall(void *arg, epx__errbuf_t *err)
+{
+    epx__xhost_t *xh = arg;
+    unsigned long long v[4];
+    for (int i = 0; i < 4; i++) v[i] = __atomic_load_n(&xh->marks[i], __ATOMIC_ACQUIRE);
+    bool stuck = v[0] != v[1] || v[2] != v[3];
+    uint64_t now = epx__now_ns();
+    if (!stuck || memcmp(v, xh->stall_seen, sizeof v) != 0) {
+        memcpy(xh->stall_seen, v, sizeof v);
+        xh->stall_since_ns = stuck ? now : 0;
+        return EPX_SUCCESS;
+    }
+    if (now - xh->stall_since_ns < epx__ms_to_ns(xh->timeout_ms)) return EPX_SUCCESS;
+    bool dispatch = v[0] != v[1];
+    return epx__fail(err, EPX_ERR_TIMEOUT,
+                     "the NCCL transfers of this rank's low-latency %s %llu have waited %.0f ms (EPX_TIMEOUT_MS "
+                     "%lld: a rank on another host is late or gone)",
+                     dispatch ? "dispatch" : "combine", dispatch ? v[0] : v[2],
+                     (double)(now - xh->stall_since_ns) / 1e6, (long long)xh->timeout_ms);
+}
+
 /* What every rank tells the others first: its verdict and, on host 0, its rail's NCCL id. */
 typedef struct {
     int64_t status;
@@ -310,6 +341,15 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
     const char *why;
     if (local == EPX_SUCCESS && !epx__nccl_available(&why))
         local = epx__fail(err, EPX_ERR_UNSUPPORTED, "NCCL: %s", why);
+    if (local == EPX_SUCCESS) {
+        cudaError_t ce = cudaHostAlloc((void **)&xh->marks, 4 * sizeof *xh->marks, cudaHostAllocMapped);
+        if (ce == cudaSuccess) ce = cudaHostGetDevicePointer((void **)&xh->marks_dev, xh->marks, 0);
+        if (ce == cudaSuccess) memset(xh->marks, 0, 4 * sizeof *xh->marks);
+        if (ce != cudaSuccess) {
+            cudaGetLastError();
+            local = epx__fail(err, EPX_ERR_CUDA, "mapped host memory: %s", cudaGetErrorString(ce));
+        }
+    }
     epx__rail_card_t card, *cards = calloc((size_t)nranks, sizeof card);
     memset(&card, 0, sizeof card);
     if (!cards && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
@@ -362,8 +402,8 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
     }
     epx__cuda_relay_failures(cuda); /* gateways send on what they received (every rank of the host) */
     if (!adopted) {
-        epx__nccl_watch_t device = {epx__xh_watch_device, cuda};
-        epx__nccl_watch_between(xh->nccl, &device);
+        epx__nccl_watch_t device = {epx__xh_watch_device, cuda}, stall = {epx__xh_watch_stall, xh};
+        epx__nccl_watch_between(xh->nccl, &device, &stall);
     }
     EPX_INFO(NET, "rank %d: CUDA across %d hosts of %d ranks, NCCL %s", rank, xh->num_hosts, xh->ls,
              adopted ? "adopted" : "rails");
@@ -380,6 +420,7 @@ void epx__xhost_destroy(epx__xhost_t *xh, bool abort)
     if (xh->gw) cudaFree(xh->gw);
     if (xh->fwd) cudaFree(xh->fwd);
     if (xh->stat) cudaFree(xh->stat);
+    if (xh->marks) cudaFreeHost(xh->marks);
     cudaGetLastError();
     epx__boot_links_close(xh->links);
     free(xh->sp), free(xh->rp), free(xh->sb), free(xh->lx), free(xh->rail);

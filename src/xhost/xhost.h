@@ -29,9 +29,9 @@
  * every rank here) carries a failure with the segments, so no rank succeeds on what a failed
  * gateway sent on.
  *
- * Every call waits on the host, so none can be captured in a CUDA graph: a capturing
- * stream is refused (EPX_ERR_INVALID_USAGE) before any collective step, as is any call
- * once the NCCL link was aborted (EPX_ERR_ABORTED).
+ * Every call but the low-latency ones on the device waits on the host, so it cannot be
+ * captured in a CUDA graph: a capturing stream is refused (EPX_ERR_INVALID_USAGE) before any
+ * collective step, as is any call once the NCCL link was aborted (EPX_ERR_ABORTED).
  *
  * MoE (moe.c), high-throughput and low-latency, keeps the rows on the device: the host
  * reads back the routing only, plans with src/hier's algorithm (a token crosses to each
@@ -46,7 +46,10 @@
  * this host's ranks with every rank a source, fixed-size blocks along the rails over NCCL
  * (by default up to 4 hosts: the combine's blocks hold N times the rows needed)
  * between their steps (moe.c, "Low-latency on the device"); they wait for nothing on the
- * host, but a capturing stream is refused all the same (not yet tested with NCCL's capture).
+ * host and can be captured (the round agreeing on the call runs at capture time). In a
+ * replay no call watches the NCCL steps: the kernels around them keep host-mapped marks
+ * (xh->marks), and the NCCL watchdog aborts the link when one has not moved for
+ * EPX_TIMEOUT_MS.
  * The low-latency path is part of a context's configuration: ranks whose EPX_MOE_LL_HOST
  * (or mode) would take different paths fail its creation with EPX_ERR_MISMATCH.
  */
