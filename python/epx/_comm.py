@@ -1,12 +1,13 @@
 """Communicators, rendezvous ids, registered memory and the generic collectives."""
 import ctypes
+import functools
 import os
 from collections import namedtuple
 from ctypes import byref, c_int, c_int64, c_void_p
 
 from . import _arrays as A
 from . import _lib
-from ._errors import _RECOVERABLE, check, EpxError, InvalidArgumentError, SUCCESS
+from ._errors import _RECOVERABLE, check, EpxError, ERR_UNSUPPORTED, InvalidArgumentError, SUCCESS
 
 L = _lib.lib
 
@@ -19,6 +20,20 @@ def version():
     """The loaded library's version as (major, minor, patch)."""
     v = L.epx_get_version()
     return v // 10000, v // 100 % 100, v % 100
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_built():
+    """Whether the loaded libepx has a CUDA backend (local, needs no GPU): epx_moe_device_memory, which
+    needs no communicator, answers EPX_ERR_UNSUPPORTED exactly in a build without one (and libepx
+    logs that answer as a warning, once per process)."""
+    cfg = _lib.MoeConfig.initializer()
+    cfg.hidden = cfg.max_tokens_per_rank = cfg.num_experts = cfg.max_topk = 1
+    st = L.epx_moe_device_memory(byref(cfg), 1, byref(c_int64()))
+    if st == ERR_UNSUPPORTED:
+        return False
+    check(st)
+    return True
 
 
 def get_unique_id():

@@ -115,6 +115,7 @@ _PROTOTYPES = {
     "epx_alltoallv": (_S, [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int, c_void_p]),
     "epx_moe_create": (_S, [c_void_p, POINTER(MoeConfig), POINTER(c_void_p)]),
     "epx_moe_destroy": (_S, [c_void_p]),
+    "epx_moe_device_memory": (_S, [POINTER(MoeConfig), c_int, POINTER(c_int64)]),
     "epx_moe_max_recv_tokens": (_S, [c_void_p, POINTER(c_int64)]),
     "epx_moe_layout": (_S, [c_void_p, c_void_p, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p]),
     "epx_moe_dispatch": (_S, [c_void_p, POINTER(DispatchIn), POINTER(DispatchOut), POINTER(c_void_p), c_void_p]),

@@ -5,6 +5,7 @@ from ctypes import byref, c_int64, c_void_p
 
 from . import _arrays as A
 from . import _lib
+from ._comm import cuda_built
 from ._errors import check, InvalidArgumentError
 
 L = _lib.lib
@@ -153,11 +154,17 @@ class Moe:
                     (A.is_torch(a) == A.is_torch(like) and
                      getattr(a, "device", None) == getattr(like, "device", None),
                      "%s is not on the same device as the other arguments" % name),
-                    (A.is_cuda(a) == (self.comm.backend == "cuda"),
-                     "%s must be %s memory on the %s backend" % (
-                         name, "device" if self.comm.backend == "cuda" else "host", self.comm.backend))]
+                    (A.is_cuda(a) == (self.comm.backend == "cuda"), self._memory_problem(a, name))]
         except Exception as e:  # not an array, or a dtype epx does not know
             return [(False, "%s: %s" % (name, e))]
+
+    def _memory_problem(self, a, name):
+        """What to say when `a` lives in the wrong memory for the backend."""
+        if A.is_cuda(a) and not cuda_built():
+            return "%s is on %s, but this epx build has no CUDA backend (%s): pass CPU tensors" % (
+                name, a.device, _lib.path)
+        return "%s must be %s memory on the %s backend" % (
+            name, "device" if self.comm.backend == "cuda" else "host", self.comm.backend)
 
     def _rows(self, x):
         try:

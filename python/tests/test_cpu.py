@@ -178,16 +178,19 @@ class CpuTests(unittest.TestCase):
         self.assertEqual((p.returncode, p.stdout.strip()), (0, "ok"), p.stderr[-3000:])
 
     def test_deep_ep_group_backend(self):
-        # Buffer(group) with a torch ProcessGroup works on the current CUDA device whenever CUDA is
-        # available, whatever the group's backend (vLLM passes its gloo CPU group, as DeepEP allows),
-        # and on the CPU backend without CUDA; a fake torch and Comm.from_torch show what is asked for
+        # Buffer(group) with a torch ProcessGroup works on the current CUDA device whenever torch has CUDA
+        # and libepx a CUDA backend, whatever the group's backend (vLLM passes its gloo CPU group, as
+        # DeepEP allows), else on the CPU backend; a fake torch, a fake answer of libepx's query and
+        # Comm.from_torch show what is asked for
         p = self._script("import sys, types, epx\n"
                          "from epx import deep_ep\n"
                          "asked = []\n"
                          "class Fake:\n"
                          "    rank, size, backend = 0, 1, 'cpu'\n"
                          "epx.Comm.from_torch = classmethod(lambda cls, group, **kw: asked.append(kw) or Fake())\n"
-                         "for cuda in (True, False):\n"
+                         "for cuda, built in ((True, True), (False, True), (True, False)):\n"
+                         "    epx._lib.lib.epx_moe_device_memory = lambda *a, st=0 if built else -5: st\n"
+                         "    epx._comm.cuda_built.cache_clear()\n"
                          "    t = types.ModuleType('torch')\n"
                          "    t.cuda = types.SimpleNamespace(is_available=lambda: cuda, current_device=lambda: 3)\n"
                          "    sys.modules['torch'] = t\n"
@@ -195,7 +198,60 @@ class CpuTests(unittest.TestCase):
                          "print(asked)\n")
         self.assertEqual(p.returncode, 0, p.stderr[-3000:])
         self.assertEqual(p.stdout.strip(), str([{"backend": "cuda", "device": 3, "timeout_ms": 5000},
-                                                {"timeout_ms": 5000}]))
+                                                {"backend": "cpu", "timeout_ms": 5000},
+                                                {"backend": "cpu", "timeout_ms": 5000}]))
+
+    def test_deep_ep_cuda_tensors_without_cuda_build(self):
+        # an epx built without CUDA, torch with CUDA: Buffer(group) makes a CPU communicator (before, the
+        # CUDA backend: UnsupportedError at creation), and a dispatch of CUDA tensors raises
+        # InvalidArgumentError saying that this build has no CUDA backend; a fake torch (CUDA tensors
+        # that only describe themselves) and a fake answer of libepx's query stand in
+        p = self._script("import sys, types, numpy as np, epx\n"
+                         "from epx import deep_ep\n"
+                         "epx._lib.lib.epx_moe_device_memory = lambda *a: -5\n"
+                         "epx.Comm.from_torch = classmethod(lambda cls, group, **kw: epx.Comm(1, 0,\n"
+                         "    epx.get_unique_id(), **kw))\n"
+                         "class dtype:\n"
+                         "    def __init__(self, name):\n"
+                         "        self.name = name\n"
+                         "    def __str__(self):\n"
+                         "        return 'torch.' + self.name\n"
+                         "class Tensor:\n"
+                         "    is_cuda, device = True, 'cuda:0'\n"
+                         "    def __init__(self, shape, name):\n"
+                         "        self.shape, self.dtype = shape, dtype(name)\n"
+                         "    def is_contiguous(self):\n"
+                         "        return True\n"
+                         "t = types.ModuleType('torch')\n"
+                         "t.Tensor, t.dtype, t.int64 = Tensor, dtype, None\n"
+                         "t.cuda = types.SimpleNamespace(is_available=lambda: True, current_device=lambda: 0)\n"
+                         "t.full = lambda shape, v, dtype, device: np.full(shape, v, np.int64)\n"
+                         "sys.modules['torch'] = t\n"
+                         "b = deep_ep.Buffer(object(), 0, 0, timeout_ms=5000)\n"
+                         "assert b.comm.backend == 'cpu', b.comm.backend\n"
+                         "try:\n"
+                         "    b.dispatch(Tensor((4, 64), 'bfloat16'), topk_idx=Tensor((4, 2), 'int64'),\n"
+                         "               num_tokens_per_expert=np.zeros(2, np.int32))\n"
+                         "    raise SystemExit('CUDA tensors accepted')\n"
+                         "except epx.InvalidArgumentError as e:\n"
+                         "    print(e.message)\n")
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        self.assertIn("x is on cuda:0, but this epx build has no CUDA backend", p.stdout)
+
+    def test_cuda_built_query(self):
+        # the package's answer to "has this libepx a CUDA backend?" agrees with epx-info's, for the
+        # library of the same build
+        run = _launcher()
+        info = run and os.path.join(os.path.dirname(run), "epx-info")
+        if not info or not os.path.exists(info):
+            self.skipTest("epx-info not built (cmake --build build)")
+        p = subprocess.run([info], capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+        env = dict(os.environ, PYTHONPATH=PKG, EPX_LIBRARY=os.path.join(os.path.dirname(os.path.dirname(run)), "lib"))
+        q = subprocess.run([sys.executable, "-c", "import epx; print(epx._comm.cuda_built())"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual((q.returncode, q.stdout.strip()), (0, str("cuda not built" not in p.stdout)),
+                         q.stderr[-2000:])
 
     def test_abort_with_pending_ll_send(self):
         # abort() must abort even while a split low-latency send is pending on a healthy communicator

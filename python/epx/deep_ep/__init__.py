@@ -8,9 +8,10 @@ that says `import deep_ep` / `from deep_ep.utils import ...` unmodified, call
 What maps onto what:
 - Buffer(group, ...)                 a communicator bootstrapped from the torch ProcessGroup, on the
                                      current CUDA device whenever CUDA is available (whatever the
-                                     group's backend: gloo groups too, as DeepEP), else on the CPU
-                                     backend; num_nvl_bytes / num_rdma_bytes / num_qps_per_rank are
-                                     accepted and not needed (epx sizes its own buffers);
+                                     group's backend: gloo groups too, as DeepEP) and epx was built
+                                     with CUDA, else on the CPU backend; num_nvl_bytes /
+                                     num_rdma_bytes / num_qps_per_rank are accepted and not needed
+                                     (epx sizes its own buffers);
                                      enable_shrink=True (rank masking) raises UnsupportedError.
 - get_dispatch_layout                computed locally with tensor ops (no synchronisation).
 - dispatch / combine                 epx high-throughput dispatch / combine (rows ordered by source

@@ -4,7 +4,7 @@ import os
 
 from .. import _arrays as A
 from .. import _lib
-from .._comm import Comm
+from .._comm import Comm, cuda_built
 from .._errors import UnsupportedError
 from .._moe import Moe
 from .utils import EventHandle, EventOverlap
@@ -399,14 +399,15 @@ class Buffer:
 
 
 def _comm_of_group(group, timeout_ms):
-    """A communicator over a torch ProcessGroup, on the current CUDA device whenever CUDA is available
-    (as DeepEP: the group only bootstraps, so a gloo group, e.g. vLLM's CPU group, gives the CUDA
-    backend too), else on the CPU backend. For torch CPU tensors on a machine with a GPU, pass
+    """A communicator over a torch ProcessGroup, on the current CUDA device whenever torch has CUDA and
+    libepx a CUDA backend (as DeepEP: the group only bootstraps, so a gloo group, e.g. vLLM's CPU
+    group, gives the CUDA backend too), else on the CPU backend (in an epx built without CUDA, CUDA
+    tensors are then refused, saying so). For torch CPU tensors on a machine with a GPU, pass
     comm=Comm.from_torch(group, backend="cpu") instead."""
     t = _torch()
-    if t.cuda.is_available():
+    if t.cuda.is_available() and cuda_built():
         return Comm.from_torch(group, backend="cuda", device=t.cuda.current_device(), timeout_ms=timeout_ms)
-    return Comm.from_torch(group, timeout_ms=timeout_ms)
+    return Comm.from_torch(group, backend="cpu", timeout_ms=timeout_ms)
 
 
 def _same(r):
