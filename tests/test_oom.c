@@ -16,6 +16,13 @@
  * again succeeds on every rank, promptly, with those outputs (the communicator is usable
  * and the ranks agree). TEST_OOM_VERBOSE=1 prints every rank's outcome of every N. Exits 77
  * (skipped) without the shim.
+ *
+ * `test_oom alltoallv`: an alltoallv across hosts whose messages between rank 0 and rank 2
+ * (on another host in either grouping) are 4 GiB and 8 bytes each way, more MPI requests than
+ * the batch of a message per rank the communicator holds, with rank 0's first allocation in
+ * the call failing (the room for those requests). The same prompt, clean outcome; then a
+ * small alltoallv succeeds on every rank. Its big buffers are address space only, never
+ * touched (the receive buffers are not even accessible): nothing of them may move.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -26,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "epx.h"
@@ -128,6 +136,53 @@ static epx_status_t context(int ll, epx_comm_t *comm, epx_moe_t *moe)
     return epx_moe_create(*comm, &mc, moe);
 }
 
+/* test_oom alltoallv (above). */
+static int big_alltoallv(int (*arm)(long))
+{
+    const int64_t big = ((int64_t)4 << 30) + 8;
+    const int tgt = 0, peer = me == 0 ? 2 : me == 2 ? 0 : -1;
+    char *sbuf = mmap(NULL, (size_t)big, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    char *rbuf = mmap(NULL, (size_t)big, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    CHECK(sbuf != MAP_FAILED && rbuf != MAP_FAILED, "no address space for 2 x %lld bytes", (long long)big);
+    int64_t cnt[R] = {0}, dsp[R] = {0};
+    if (peer >= 0) cnt[peer] = big;
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.backend = EPX_BACKEND_CPU, cfg.timeout_ms = TIMEOUT_MS;
+    epx_comm_t comm;
+    OK(epx_comm_init_mpi(&comm, MPI_COMM_WORLD, &cfg));
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == tgt) arm(1);
+    double t0 = now_ms();
+    int st = epx_alltoallv(comm, sbuf, cnt, dsp, rbuf, cnt, dsp, EPX_U8, NULL);
+    double dt = now_ms() - t0;
+    int fired = me == tgt ? arm(0) : 0;
+    snprintf(said[0], sizeof said[0], "%s", st == EPX_SUCCESS ? "" : epx_get_last_error());
+    /* Then usable: one element to every rank. */
+    int64_t s[R], r[R], one[R], at[R];
+    for (int p = 0; p < R; p++)
+        s[p] = me * 10 + p, r[p] = -1, one[p] = 1, at[p] = p;
+    int st2 = epx_alltoallv(comm, s, one, at, r, one, at, EPX_I64, NULL);
+    snprintf(said[1], sizeof said[1], "%s", st2 == EPX_SUCCESS ? "" : epx_get_last_error());
+    int got = 1;
+    for (int p = 0; p < R; p++)
+        got &= r[p] == p * 10 + me;
+    int mine[5] = {st, (int)dt, fired, st2, got}, all[R][5];
+    MPI_Allgather(mine, 5, MPI_INT, all, 5, MPI_INT, MPI_COMM_WORLD);
+    CHECK(all[tgt][2], "rank %d's call made no allocation to fail", tgt);
+    for (int p = 0; p < R; p++)
+        CHECK(all[p][0] == (p == tgt ? EPX_ERR_NO_MEMORY : EPX_ERR_REMOTE_INVALID) && all[p][1] < TIMEOUT_MS / 2,
+              "rank %d's call returned %s after %d ms (rank %d: %s)", p, epx_status_name(all[p][0]), all[p][1], tgt,
+              epx_status_name(all[tgt][0]));
+    for (int p = 0; p < R; p++)
+        CHECK(all[p][3] == EPX_SUCCESS && all[p][4], "rank %d's next alltoallv returned %s%s", p,
+              epx_status_name(all[p][3]), all[p][4] ? "" : " (wrong data)");
+    epx_comm_destroy(comm);
+    munmap(sbuf, (size_t)big), munmap(rbuf, (size_t)big);
+    if (me == 0) printf("test_oom alltoallv: passed (4 GiB each way between ranks 0 and 2, rank 0 out of memory)\n");
+    MPI_Finalize();
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
@@ -135,10 +190,11 @@ int main(int argc, char **argv)
     MPI_Comm_rank(MPI_COMM_WORLD, &me);
     MPI_Comm_size(MPI_COMM_WORLD, &np);
     int (*arm)(long) = (int (*)(long))dlsym(RTLD_DEFAULT, "epx_test_oom_arm");
+    if (arm && np == R && argc > 1 && !strcmp(argv[1], "alltoallv")) return big_alltoallv(arm);
     int op = NOPS;
     for (int i = 0; argc > 1 && i < NOPS; i++)
         if (!strcmp(argv[1], op_names[i])) op = i;
-    CHECK(op < NOPS, "usage: test_oom dispatch|cached|combine|ll_dispatch|ll_combine [cold]");
+    CHECK(op < NOPS, "usage: test_oom dispatch|cached|combine|ll_dispatch|ll_combine [cold] | alltoallv");
     /* cold: the call is the first of its kind on its context. */
     const int cold = argc > 2 && !strcmp(argv[2], "cold");
     if (!arm || np != R) {

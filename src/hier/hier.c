@@ -56,7 +56,7 @@ epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *ne
                                      timeout_ms, err));
     (*out)->net = net;
     /* A message to and from every rank in a batch, taken now: calls do not allocate them. */
-    epx_status_t st = epx__net_room(net, 0, 2 * epx__net_size(net), err);
+    epx_status_t st = epx__net_room(net, 0, 0, err);
     if (st != EPX_SUCCESS) {
         epx__hier_destroy(*out);
         *out = NULL;
@@ -150,6 +150,16 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     void **rp = h->rp;
     int64_t *sb = h->sb, *rb = h->sb + R, *lx = h->lx;
     bool *bad = h->bad;
+
+    /* 0. Room for my messages to and from the other hosts (over 1 GiB a message takes more
+     * MPI requests than the batch of a message per rank made at creation), before the cards:
+     * a rank out of memory says so in them, and nothing is allocated after them. */
+    if (local == EPX_SUCCESS) {
+        int64_t bytes = 0;
+        for (int p = 0; p < R; p++)
+            if (t->host_of[p] != t->host) bytes += x->send_bytes[p] + x->recv_bytes[p];
+        local = epx__net_room(h->net, 0, bytes, err);
+    }
 
     /* 1. Cards, to every other rank. */
     for (int p = 0; p < R; p++) {

@@ -42,11 +42,12 @@
  * lie in an arena that a freed handle hands back to its context, and a call's own arrays in
  * the context's scratch arena: a warm call allocates only small index arrays.
  *
- * Every call allocates what it needs (buffers grown, room reserved in the arenas, a handle's
- * row plan built) before the ranks agree, and its outcome is part of the agreement: a rank
- * out of memory returns EPX_ERR_NO_MEMORY and the others EPX_ERR_REMOTE_INVALID at once,
- * nothing written. After it only the exchanges can fail, among them src/cpu's mapping of a
- * local rank's buffer that grew in the same call (epx__left_peers covers that).
+ * Every call allocates what it needs (buffers grown, room reserved in the arenas and in the
+ * MPI link's requests, a handle's row plan built) before the ranks agree, and its outcome is
+ * part of the agreement: a rank out of memory returns EPX_ERR_NO_MEMORY and the others
+ * EPX_ERR_REMOTE_INVALID at once, nothing written. After it only the exchanges can fail,
+ * among them src/cpu's mapping of a local rank's buffer that grew in the same call
+ * (epx__left_peers covers that).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -392,7 +393,7 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
     /* The MPI link's collectives work in a buffer of the net's: room for the verdict's now
      * (a call that grew it would leave its peers in the verdict when that failed). */
     if (local == EPX_SUCCESS && h->net)
-        local = epx__net_room(h->net, 2 * (size_t)R * (size_t)EPX__MAX((int)EPX__V_FLOWS, (int)EPX__C_N), 2 * R, err);
+        local = epx__net_room(h->net, 2 * (size_t)R * (size_t)EPX__MAX((int)EPX__V_FLOWS, (int)EPX__C_N), 0, err);
     if (local == EPX_SUCCESS) m->host_of_expert = m->rank_of_expert + shape->num_experts;
     for (int e = 0; local == EPX_SUCCESS && e < shape->num_experts; e++) {
         m->rank_of_expert[e] = e / shape->local_experts;
@@ -554,6 +555,7 @@ typedef struct {
     int64_t *lsb, *lrb, *lcnt, *lrc;          /* [LS] */
     const char **lseg;                        /* [LS] */
     int64_t stot, xtot;                       /* bytes to my gateways: records, then rows packed */
+    int64_t dtot;                             /* bytes of my rows that go straight (packed or not) */
 } epx__rt_t;
 
 /* Before the verdict (my arguments passed): the routing step's arrays, the handle's [R]
@@ -600,6 +602,7 @@ static epx_status_t epx__route_prep(epx__hier_moe_t *m, epx__hier_moe_handle_t *
             if (epx__to_host(m, hd->topk + i * K, K, t->host_of[p])) epx__runs_add(&rt->srun[p], (int32_t)i);
         rt->sb[p] = rt->sc[p] * (int64_t)(dout ? rt->drec : rt->rec), rt->stot += rt->sb[p];
         if (dout && rt->srun[p].n < 0) rt->xtot += rt->sc[p] * (int64_t)pl->pb;
+        if (dout) rt->dtot += rt->sc[p] * (int64_t)pl->pb;
     }
     (void)epx__buf(m, EPX__B_SEND, (size_t)(rt->stot + rt->xtot), &st, err);
     return st;
@@ -614,8 +617,10 @@ typedef struct {
 /* The rest of a routing step's memory for sizes n, exact (what the verdict told) or bounds
  * (a low-latency dispatch, before its verdict; with `plan`, room for the row plan the
  * dispatch then builds): the buffers of the records forwarded to me (FWD) and of those to
- * the local ranks (LSEND), and room in the handle's memory and the call's scratch for every
- * array epx__route (and epx__hier_xplan_build) makes there. Local. */
+ * the local ranks (LSEND), room in the handle's memory and the call's scratch for every
+ * array epx__route (and epx__hier_xplan_build) makes there, and the MPI link's room for the
+ * step's batches (the records; the rows that go straight, each exchange of them at most all
+ * of them). Local. */
 static epx_status_t epx__route_room(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const epx__rt_t *rt,
                                     const epx__payload_t *pl, const epx__rt_size_t *n, bool plan, epx__errbuf_t *err)
 {
@@ -639,6 +644,8 @@ static epx_status_t epx__route_room(epx__hier_moe_t *m, epx__hier_moe_handle_t *
     (void)epx__buf(m, EPX__B_LSEND, (size_t)(n->fan - n->self) * rt->rec, &st, err);
     if (st == EPX_SUCCESS && (!epx__arena_reserve(&hd->plan->mem, hb) || !epx__arena_reserve(&m->tmp, tb)))
         st = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory for the routing step (%zu and %zu bytes)", hb, tb);
+    int64_t net = EPX__MAX(rt->stot + n->nfwd * (int64_t)rt->rin, rt->dtot + (rt->din ? n->nfwd * (int64_t)pl->pb : 0));
+    if (st == EPX_SUCCESS && m->h->net) st = epx__net_room(m->h->net, 0, net, err);
     return st;
 }
 
@@ -1121,7 +1128,8 @@ typedef struct {
 
 /* The work of a call along hd, made before its verdict so that what fails here (memory)
  * reaches every rank through it: after the verdict only the exchanges can fail. `home`: a
- * combine's buffers (rows back home), else a cached dispatch's; records of `rec` bytes.
+ * combine's buffers (rows back home), else a cached dispatch's; records of `rec` bytes; and
+ * the MPI link's room for the network step (each chunk's batch at most all of it).
  * Local; `local` (this rank's verdict on its arguments) when that failed, hd unread. */
 static epx_status_t epx__work(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool home, size_t rec,
                               epx_status_t local, epx__work_t *w, epx__errbuf_t *err)
@@ -1145,6 +1153,8 @@ static epx_status_t epx__work(epx__hier_moe_t *m, const epx__hier_moe_handle_t *
         w->lsend = epx__buf(m, EPX__B_LSEND, (size_t)epx__hier_part_at(x->n_fan, x->parts) * rec, &st, err);
         w->lrecv = epx__buf(m, EPX__B_RECV, (size_t)epx__hier_part_at(x->n_lrecv, x->parts) * rec, &st, err);
     }
+    int64_t net = (home ? x->n_home_send + x->n_home_recv : x->n_gw + x->n_fwd) * (int64_t)rec;
+    if (st == EPX_SUCCESS && m->h->net) st = epx__net_room(m->h->net, 0, net, err);
     return st;
 }
 

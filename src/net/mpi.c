@@ -1,4 +1,5 @@
 /* src/net over MPI: a duplicated communicator, host grouping, bounded nonblocking waits. */
+#include <limits.h>
 #include <mpi.h>
 #include <pthread.h>
 #include <sched.h>
@@ -216,32 +217,35 @@ epx_status_t epx__net_alltoall(epx__net_t *n, const int64_t *send, int64_t *recv
     return st;
 }
 
-static epx_status_t epx__net_reserve(epx__net_t *n, int want, epx__errbuf_t *err)
+static epx_status_t epx__net_reserve(epx__net_t *n, int64_t want, epx__errbuf_t *err)
 {
     if (want <= n->cap_reqs) return EPX_SUCCESS;
+    if (want > INT_MAX) return epx__fail(err, EPX_ERR_NO_MEMORY, "a batch of %lld MPI requests", (long long)want);
     MPI_Request *r = realloc(n->reqs, sizeof *r * (size_t)want);
     if (!r) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     n->reqs = r;
-    n->cap_reqs = want;
+    n->cap_reqs = (int)want;
     return EPX_SUCCESS;
 }
 
 static void epx__net_drop(epx__net_t *n);
 
-epx_status_t epx__net_room(epx__net_t *n, size_t coll, int reqs, epx__errbuf_t *err)
+epx_status_t epx__net_room(epx__net_t *n, size_t coll, int64_t bytes, epx__errbuf_t *err)
 {
     int64_t *b = NULL;
     if (coll) EPX__CHECK(epx__net_coll_buf(n, coll, &b, err));
-    return epx__net_reserve(n, reqs, err);
+    /* A message of len > 0 bytes takes ceil(len / CHUNK) <= 1 + floor(len / CHUNK) requests,
+     * and the floors of a batch's messages add up to at most floor(bytes / CHUNK). */
+    return epx__net_reserve(n, 2 * (int64_t)n->nranks + EPX__MAX(bytes, (int64_t)0) / EPX__NET_CHUNK, err);
 }
 
 epx_status_t epx__net_start(epx__net_t *n, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
                             const int64_t *rbytes, epx__errbuf_t *err)
 {
-    int pieces = 0;
+    int64_t pieces = 0;
     for (int p = 0; p < n->nranks; p++)
-        pieces += (int)((sbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK + (rbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK);
-    EPX__CHECK(epx__net_reserve(n, pieces, err));
+        pieces += (sbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK + (rbytes[p] + EPX__NET_CHUNK - 1) / EPX__NET_CHUNK;
+    EPX__CHECK(epx__net_reserve(n, pieces, err)); /* grows only past the room callers made (epx__net_room) */
     n->nreqs = n->nrecv = 0;
     /* Receives first, so that eager sends find them posted. */
     for (int side = 0; side < 2; side++)

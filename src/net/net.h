@@ -44,10 +44,11 @@ epx_status_t epx__net_alltoall(epx__net_t *net, const int64_t *send, int64_t *re
                                epx__errbuf_t *err);
 
 /* Local: room for the collectives above up to `coll` int64 (an alltoall's send and receive:
- * 2 R words) and for batches of up to `reqs` messages (each message of up to 1 GiB is one),
- * so that a call within them allocates nothing once its peers expect it (a rank out of
- * memory there would leave them waiting). */
-epx_status_t epx__net_room(epx__net_t *net, size_t coll, int reqs, epx__errbuf_t *err);
+ * 2 R words) and for batches that move up to `bytes` in all, sent and received (a message
+ * to and from every rank, and the further MPI requests of messages over 1 GiB), so that a
+ * call within them allocates nothing once its peers expect it (a rank out of memory there
+ * would leave them waiting). */
+epx_status_t epx__net_room(epx__net_t *net, size_t coll, int64_t bytes, epx__errbuf_t *err);
 /* Start one batch of point-to-point messages: sbytes[p] bytes from sbuf[p] to rank p and
  * rbytes[p] bytes from rank p into rbuf[p] (0 = no message), all with `tag` (0..4095:
  * batches in flight together need distinct tags). The sizes must match the peers'. One

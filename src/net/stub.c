@@ -38,9 +38,9 @@ epx_status_t epx__net_alltoall(epx__net_t *net, const int64_t *send, int64_t *re
     (void)net, (void)send, (void)recv, (void)words, (void)deadline;
     return EPX__NO_MPI(err);
 }
-epx_status_t epx__net_room(epx__net_t *net, size_t coll, int reqs, epx__errbuf_t *err)
+epx_status_t epx__net_room(epx__net_t *net, size_t coll, int64_t bytes, epx__errbuf_t *err)
 {
-    (void)net, (void)coll, (void)reqs;
+    (void)net, (void)coll, (void)bytes;
     return EPX__NO_MPI(err);
 }
 epx_status_t epx__net_start(epx__net_t *net, int tag, const void *const *sbuf, const int64_t *sbytes,
