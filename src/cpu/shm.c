@@ -499,6 +499,7 @@ static void epx__seg_give_up(epx__cpu_t *c, uint32_t value)
 {
     epx__seg_hdr_t *h = c->seg;
     if (!h) return;
+    h->gave_up_in = c->seq;
     epx__flag_post(&h->aborted, value);
     epx__futex(&h->done.value, FUTEX_WAKE, INT_MAX, NULL);
     for (uint32_t par = 0; par < 2; par++)
@@ -762,11 +763,13 @@ void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx_status
 epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
 {
     for (int p = 0; p < c->nranks; p++) {
-        if (p == c->rank || !atomic_load_explicit(&c->peers[p].hdr->aborted.value, memory_order_acquire)) continue;
+        const epx__seg_hdr_t *h = c->peers[p].hdr;
+        if (p == c->rank || !atomic_load_explicit(&h->aborted.value, memory_order_acquire)) continue;
+        if (!epx__seq_geq(seq, h->gave_up_in)) continue; /* it returned from `seq` first */
         char why[128];
         epx__peer_state(c, p, why, sizeof why);
-        return epx__fail(err, EPX_ERR_PEER_FAILURE, "%s during operation %u; this rank's outputs are not valid", why,
-                         seq);
+        return epx__fail(err, EPX_ERR_PEER_FAILURE, "%s in its operation %u, during operation %u; this rank's outputs are not valid",
+                         why, h->gave_up_in, seq);
     }
     return EPX_SUCCESS;
 }

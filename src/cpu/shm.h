@@ -57,6 +57,7 @@ typedef struct {
      * when my process died without removing them (epx__cpu_destroy). */
     _Atomic uint32_t regions_named;
     uint64_t pidns; /* my pid namespace (0: unknown); my region names carry it with my pid */
+    uint32_t gave_up_in; /* the operation I was in (my seq) when I set `aborted`; written before it */
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
 } epx__seg_hdr_t;
@@ -144,11 +145,14 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
     return seq;
 }
 
-/* Has any peer aborted or given up on the communicator? Then what it posted (buffers the
- * caller owns) may be gone: EPX_ERR_PEER_FAILURE. Flags only, no system call. Checked
- * once the posts are acquired, before anything is written, and again after the reads,
- * before a success is returned: a peer gives up before it returns to its caller, so a
- * read that started before that check saw the peer's buffers intact. */
+/* Has any peer aborted or given up on the communicator in operation `seq` or before? Then
+ * what it posted (buffers the caller owns) may be gone: EPX_ERR_PEER_FAILURE. Flags only,
+ * no system call. Checked once the posts are acquired, before anything is written, and
+ * again after the reads, before a success is returned: a peer gives up before it returns
+ * to its caller, so a read that started before that check saw the peer's buffers intact.
+ * A peer that gave up in a later operation returned from `seq` first, after the readers
+ * of the memory it exposed were done (and eager data stays until seq + 2): not a failure
+ * of `seq`. */
 epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err);
 
 /* The kinds of operations: every rank must be in the same kind (the descriptors of the
