@@ -48,7 +48,10 @@
  * failed, posts nothing and lets its stream go on at once (unspecified bytes in the receive
  * buffers). A template runs one replay at a time: a replay that finds the last one still in
  * flight (one graph instantiated twice, run at once) fails the communicator, ncclInvalidUsage.
- * FAKE_NCCL_SYNC does not apply to captured groups.
+ * FAKE_NCCL_SYNC does not apply to captured groups. As with NCCL, ncclCommAbort and
+ * ncclCommDestroy release the streams at once but return only once every graph holding a
+ * template of the communicator (and its instances) is destroyed (a CUDA user object counts
+ * them).
  *
  * Initialisation, for epx's failure paths in it: FAKE_NCCL_INIT_JOIN=1 makes it wait for the
  * peers as NCCL's does: ncclCommInitRankConfig answers ncclInProgress, and the communicator
@@ -151,6 +154,7 @@ struct fake_comm {
     int nslot;
     uint32_t q;         /* batches posted (by fake_post_mu) */
     fake_tmpl_t *tmpls; /* captured groups (by fake_post_mu) */
+    int graphs;         /* atomic: CUDA graphs (and their instances) holding a template of c */
     pthread_t worker;
     int abort;          /* atomic: the worker gives up what it waits for */
     pthread_mutex_t mu; /* guards what follows */
@@ -640,6 +644,9 @@ static ncclResult_t fake_free(ncclComm_t c, int clean)
     __atomic_store_n(&c->word[0], c->q, __ATOMIC_RELEASE); /* (the worker released them all already) */
     fake_unread(c, clean);
     fake_leave(c);
+    /* As NCCL's: the communicator goes only once every graph that captured work on it is
+     * destroyed (its streams were released above, so that the graphs' replays end). */
+    while (__atomic_load_n(&c->graphs, __ATOMIC_ACQUIRE) > 0) usleep(1000);
     fake_comm_free(c);
     return ncclSuccess;
 }
@@ -848,6 +855,29 @@ static void CUDART_CB fake_replay_post(void *arg)
     if (!b && !again) __atomic_store_n(t->done, 1u, __ATOMIC_RELEASE); /* (again: that replay's batch will) */
 }
 
+/* The last graph (or instance) holding a template of c is gone (a CUDA user object's
+ * destructor: no CUDA call). */
+static void CUDART_CB fake_graph_gone(void *arg) { __atomic_sub_fetch(&((ncclComm_t)arg)->graphs, 1, __ATOMIC_ACQ_REL); }
+
+/* The graph being captured on `st` holds c until it and its instances are destroyed. */
+static cudaError_t fake_graph_holds(ncclComm_t c, cudaStream_t st)
+{
+    enum cudaStreamCaptureStatus cs;
+    cudaGraph_t g = NULL;
+#if CUDART_VERSION >= 13000
+    cudaError_t ce = cudaStreamGetCaptureInfo(st, &cs, NULL, &g, NULL, NULL, NULL);
+#else
+    cudaError_t ce = cudaStreamGetCaptureInfo_v2(st, &cs, NULL, &g, NULL, NULL);
+#endif
+    cudaUserObject_t o;
+    if (ce == cudaSuccess) ce = cudaUserObjectCreate(&o, c, fake_graph_gone, 1, cudaUserObjectNoDestructorSync);
+    if (ce != cudaSuccess) return ce;
+    __atomic_add_fetch(&c->graphs, 1, __ATOMIC_ACQ_REL);
+    ce = cudaGraphRetainUserObject(g, o, 1, cudaGraphUserObjectMove);
+    if (ce != cudaSuccess) cudaUserObjectRelease(o, 1); /* (its destructor then counts it out) */
+    return ce;
+}
+
 /* c's operations among ops[from, to), all on one capturing stream, as a template captured
  * there (module comment): the sends' copies into its buffers, fake_replay_post, the wait for
  * its done word, the receives' copies out of them. */
@@ -872,6 +902,8 @@ static ncclResult_t fake_capture_comm(ncclComm_t c, int from, int to)
         if (o->bytes && fake_host_alloc((void **)&o->pin, o->bytes, cudaHostAllocPortable) != cudaSuccess)
             r = fake_fail(c, ncclUnhandledCudaError, "cudaHostAlloc (a captured group's pinned buffer)");
     }
+    if (r == ncclSuccess && fake_graph_holds(c, st) != cudaSuccess)
+        r = fake_fail(c, ncclUnhandledCudaError, "a CUDA user object (the graph's hold on the communicator)");
     if (r != ncclSuccess) return r; /* nothing captured: t is left as it is */
     t->done = done, t->ddone = (CUdeviceptr)(uintptr_t)ddone;
     *t->done = 1;

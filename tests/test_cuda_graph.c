@@ -506,12 +506,14 @@ static int replay_ll(epx_comm_t comm, int me, int R, int rounds, bool split)
 
 /* ---- Low-latency across hosts: a rank gone while a replay waits ----------------------- */
 
-/* Across hosts (EPX_LOCAL_SIZE): a low-latency dispatch + combine captured and replayed;
- * then the last rank sleeps 3 x EPX_TIMEOUT_MS before its next replay while the others
+/* Across hosts (EPX_LOCAL_SIZE): a low-latency dispatch + combine captured and replayed
+ * (once after every rank idled 1.5 x EPX_TIMEOUT_MS: no error); then the last rank sleeps
+ * 8 x EPX_TIMEOUT_MS before its next replay while the others
  * replay at once. No call of epx's times those replays; still nothing may hang: every
  * rank's stream finishes (epx's NCCL watchdog aborts the link under a replay that waits on
  * the transfers longer than EPX_TIMEOUT_MS, and device waits are bounded), and every rank's
- * communicator then reports an error. Leaves the communicator broken. */
+ * communicator then reports an error. The graph is destroyed before the communicator (NCCL's
+ * abort waits for the graphs that captured its work). Leaves the communicator broken. */
 static int stall_ll(epx_comm_t comm, int me, int R)
 {
     const char *tms = getenv("EPX_TIMEOUT_MS");
@@ -558,15 +560,20 @@ static int stall_ll(epx_comm_t comm, int me, int R)
         CU(cudaGraphLaunch(exec, s));
         CU(cudaStreamSynchronize(s));
     }
+    /* Idle longer than the timeout between replays is no stall. */
+    usleep((useconds_t)(1500.0 * timeout_ms));
+    CU(cudaGraphLaunch(exec, s));
+    CU(cudaStreamSynchronize(s));
     ASSERT_OK(epx_comm_get_async_error(comm, &async));
     ASSERT_EQ(async, EPX_SUCCESS);
     ASSERT_OK(epx_barrier(comm, s)); /* every rank is here: the next replay starts together */
     test_sync();
-    if (me == R - 1) usleep((useconds_t)(3000.0 * timeout_ms));
+    if (me == R - 1) usleep((useconds_t)(8000.0 * timeout_ms));
     double t0 = test_now_ms();
     CU(cudaGraphLaunch(exec, s));
     CU(cudaStreamSynchronize(s));
-    double waited = test_now_ms() - t0, bound = 6 * timeout_ms + 10000;
+    /* Without the watch the others would wait for the sleeper: 8 timeouts. */
+    double waited = test_now_ms() - t0, bound = 4 * timeout_ms + 3000;
     if (waited > bound) TEST_FAIL_("the stalled replay held the stream %.0f ms (more than %.0f)", waited, bound);
     /* The verdict may come a watchdog period after the stream ran (a device-side error on a
      * rank that NCCL did not hold). */

@@ -120,6 +120,11 @@ struct epx__nccl {
     char watch_msg[EPX__ERRMSG_LEN];
     epx_status_t dog_status;
     char dog_msg[EPX__ERRMSG_LEN];
+    /* ncclCommAbort on a thread of its own (epx__nc_abort_now): the communicator it ends,
+     * joined by epx__nccl_destroy. */
+    ncclComm_t aborting;
+    pthread_t aborter;
+    bool aborter_on;
 };
 
 static void epx__nc_staging_free(epx__nccl_t *n)
@@ -192,12 +197,39 @@ static const char *epx__nc_text(epx_status_t st, const epx__errbuf_t *e)
     return strncmp(msg, name, k) == 0 && msg[k] == ':' && msg[k + 1] == ' ' ? msg + k + 2 : msg;
 }
 
-/* Wait for a non-blocking call on *comm to finish (its state leaves ncclInProgress), running
+static void *epx__nc_aborter(void *arg)
+{
+    epx__nccl_t *n = arg;
+    cudaSetDevice(n->device);
+    epx__nc.abort(n->aborting);
+    return NULL;
+}
+
+/* End n's communicator now (mu held, or no other thread on n): n->comm becomes NULL.
+ * ncclCommAbort first raises NCCL's abort flags, so that its kernels, running or queued on
+ * any stream, end; but it returns only once every CUDA graph that captured work on the
+ * communicator is destroyed. So it runs on a thread of its own (joined by
+ * epx__nccl_destroy), and no caller, watchdog or call, waits for the application's graphs;
+ * where no thread can be made, here. */
+static void epx__nc_abort_now(epx__nccl_t *n)
+{
+    ncclComm_t c = n->comm;
+    n->comm = NULL;
+    if (!c) return;
+    n->aborting = c;
+    if (!n->aborter_on && pthread_create(&n->aborter, NULL, epx__nc_aborter, n) == 0)
+        n->aborter_on = true;
+    else
+        epx__nc.abort(c); /* (one communicator, one abort: aborter_on cannot be set here) */
+}
+
+/* Wait for a non-blocking call on n->comm to finish (its state leaves ncclInProgress), running
  * `watch` (may be NULL) about every millisecond. At the deadline, or when the watch fails, an
  * owned communicator is aborted and *comm becomes NULL (never aborted twice). */
-static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadline, const epx__nccl_watch_t *watch,
+static epx_status_t epx__nc_settle(epx__nccl_t *n, bool owned, uint64_t deadline, const epx__nccl_watch_t *watch,
                                    epx__errbuf_t *err, const char *what)
 {
+    ncclComm_t *comm = &n->comm;
     uint64_t next_watch = epx__now_ns() + EPX__NC_WATCH_NS;
     for (;;) {
         ncclResult_t state = ncclSuccess;
@@ -207,7 +239,7 @@ static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadli
         if (state != ncclInProgress) return epx__nc_fail(*comm, state, err, what);
         uint64_t now = epx__now_ns();
         if (now >= deadline) {
-            if (owned) epx__nc.abort(*comm), *comm = NULL;
+            if (owned) epx__nc_abort_now(n);
             return epx__fail(err, EPX_ERR_TIMEOUT, "%s: NCCL did not finish within EPX_TIMEOUT_MS%s", what,
                              owned ? " (communicator aborted)" : "");
         }
@@ -215,7 +247,7 @@ static epx_status_t epx__nc_settle(ncclComm_t *comm, bool owned, uint64_t deadli
             epx__errbuf_t why = {{0}};
             epx_status_t w = watch->check(watch->ctx, &why);
             if (w != EPX_SUCCESS) {
-                if (owned) epx__nc.abort(*comm), *comm = NULL;
+                if (owned) epx__nc_abort_now(n);
                 return epx__fail(err, w, "%s abandoned%s: %s", what, owned ? " (communicator aborted)" : "",
                                  epx__nc_text(w, &why));
             }
@@ -266,8 +298,7 @@ static void epx__nc_dog_abort(epx__nccl_t *n, epx_status_t st, const char *msg)
     snprintf(n->dog_msg, sizeof n->dog_msg, "%s", msg);
     n->dog_status = st;
     EPX_WARN(NET, "NCCL communicator (rank %d of %d) aborted by the watchdog: %s", n->rank, n->nranks, msg);
-    epx__nc.abort(n->comm);
-    n->comm = NULL;
+    epx__nc_abort_now(n);
     n->dead = true;
 }
 
@@ -442,6 +473,7 @@ epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const voi
     pthread_mutex_init(&n->mu, NULL);
     n->owned = true;
     n->timeout_ms = timeout_ms;
+    if (cudaGetDevice(&n->device) != cudaSuccess) cudaGetLastError(); /* NCCL's, until epx__nc_finish asks it */
     ncclUniqueId u;
     memcpy(&u, id, sizeof u);
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
@@ -451,7 +483,7 @@ epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const voi
     if (r != ncclSuccess && r != ncclInProgress)
         st = epx__nc_fail(n->comm, r, err, "ncclCommInitRankConfig");
     if (st == EPX_SUCCESS)
-        st = epx__nc_settle(&n->comm, true, epx__deadline_after_ms(timeout_ms), watch, err,
+        st = epx__nc_settle(n, true, epx__deadline_after_ms(timeout_ms), watch, err,
                             "NCCL init (ncclCommInitRankConfig)");
     if (st == EPX_SUCCESS) st = epx__nc_finish(n, err);
     if (st != EPX_SUCCESS) {
@@ -492,13 +524,14 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
          * non-blocking communicator it normally answers ncclInProgress. */
         ncclResult_t f = abort ? ncclInternalError : epx__nc.finalize(n->comm);
         bool clean = (f == ncclSuccess || f == ncclInProgress) &&
-                     epx__nc_settle(&n->comm, true, epx__deadline_after_ms(EPX__MIN(n->timeout_ms, (int64_t)10000)),
+                     epx__nc_settle(n, true, epx__deadline_after_ms(EPX__MIN(n->timeout_ms, (int64_t)10000)),
                                     NULL, NULL, "ncclCommFinalize") == EPX_SUCCESS;
         if (clean)
             epx__nc.destroy(n->comm);
         else if (n->comm) /* not already aborted by the settle */
             epx__nc.abort(n->comm);
     }
+    if (n->aborter_on) pthread_join(n->aborter, NULL); /* returns once the graphs on it are gone */
     /* Stream-ordered (where CUDA can): a kernel of an adopted communicator that was not
      * aborted may spin on the stream forever, and neither call waits for it. */
     epx__nc_staging_free(n);
@@ -518,8 +551,7 @@ void epx__nccl_abort(epx__nccl_t *n)
         n->dead = true;
         if (n->owned && n->comm) {
             EPX_WARN(NET, "NCCL communicator (rank %d of %d) aborted after a failure", n->rank, n->nranks);
-            epx__nc.abort(n->comm);
-            n->comm = NULL;
+            epx__nc_abort_now(n);
         }
     }
     pthread_mutex_unlock(&n->mu);
@@ -583,7 +615,7 @@ static epx_status_t epx__nc_post(epx__nccl_t *n, const void *const *sbuf, const 
     ncclResult_t e = epx__nc.group_end(); /* always closes the group */
     if (r == ncclSuccess) r = e;
     if (r != ncclSuccess && r != ncclInProgress) return epx__nc_fail(n->comm, r, err, "ncclSend/ncclRecv group");
-    EPX__CHECK(epx__nc_settle(&n->comm, n->owned, deadline, NULL, err, "ncclSend/ncclRecv group"));
+    EPX__CHECK(epx__nc_settle(n, n->owned, deadline, NULL, err, "ncclSend/ncclRecv group"));
     epx__nc_followed(n, w, (cudaStream_t)stream);
     return EPX_SUCCESS;
 }
@@ -611,7 +643,7 @@ static epx_status_t epx__nc_wait(epx__nccl_t *n, void *stream, uint64_t deadline
         EPX__CHECK(epx__nc_async(n->comm, err, "NCCL exchange"));
         if (ce == cudaSuccess) return EPX_SUCCESS;
         if (epx__now_ns() >= deadline) {
-            if (n->owned) epx__nc.abort(n->comm), n->comm = NULL;
+            if (n->owned) epx__nc_abort_now(n);
             return epx__fail(err, EPX_ERR_TIMEOUT,
                              "an NCCL exchange did not finish within EPX_TIMEOUT_MS (a peer is late or gone)%s",
                              n->owned ? "; NCCL communicator aborted" : "; abort the NCCL communicator");

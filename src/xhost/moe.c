@@ -1133,16 +1133,17 @@ epx_status_t epx__xhost_moe_combine(epx__xhost_moe_t *m, const epx__xhost_moe_ha
 
 enum { EPX__LLOP_DISPATCH = 1, EPX__LLOP_COMBINE = 2 };
 
-/* The call's round: every rank's status, kind (split or whole), top-k and dispatch number. A
+/* The call's round: every rank's status, kind (split or whole, captured or not), top-k and dispatch number. A
  * rank that failed makes the others fail with EPX_ERR_REMOTE_INVALID (itself: its own
  * error); a call that differs, EPX_ERR_MISMATCH everywhere (a split combine moves its rows
  * in its receive, a whole one at once: their NCCL steps would not meet). */
 static epx_status_t epx__ll_round(epx__xhost_moe_t *m, int op, bool split, int topk, uint32_t id, epx_status_t local,
-                                  epx__errbuf_t *err)
+                                  void *stream, epx__errbuf_t *err)
 {
     epx__xhost_t *xh = m->xh;
     if (epx__xh_take_count(xh)) topk++; /* EPX_FAULT count */
     if (split) op |= 4;
+    if (epx__cuda_capturing(stream)) op |= 8; /* NCCL's transfers are captured on every rank or none */
     int64_t mine[4] = {local, op, topk, id}, *all = malloc(sizeof mine * (size_t)xh->nranks);
     if (!all && local == EPX_SUCCESS) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (!all) return epx__xh_allgather_fail(xh, local, sizeof mine, err);
@@ -1155,8 +1156,8 @@ static epx_status_t epx__ll_round(epx__xhost_moe_t *m, int op, bool split, int t
     for (int p = 0; p < xh->nranks && st == EPX_SUCCESS; p++)
         if (all[4 * p + 1] != op || all[4 * p + 2] != topk || all[4 * p + 3] != (int64_t)id)
             st = epx__fail(err, EPX_ERR_MISMATCH,
-                           "rank %d made another low-latency call (split or whole, top-k, or combined another "
-                           "dispatch) than rank %d",
+                           "rank %d made another low-latency call (split or whole, top-k, captured in a CUDA "
+                           "graph or not, or combined another dispatch) than rank %d",
                            p, xh->rank);
     free(all);
     return st;
@@ -1219,7 +1220,8 @@ static epx_status_t epx__ll_dispatch_dev(epx__xhost_moe_t *m, const epx_moe_ll_d
     if (local == EPX_SUCCESS) local = epx__cuda_moe_reserve(m->ll, err);
     epx__xhost_moe_handle_t *h = epx__handle_new(local == EPX_SUCCESS ? in->num_tokens : 0, &local, err);
     uint32_t id = ++m->ll_calls;
-    epx_status_t st = epx__ll_round(m, EPX__LLOP_DISPATCH, split, local == EPX_SUCCESS ? in->topk : 0, id, local, err);
+    epx_status_t st =
+        epx__ll_round(m, EPX__LLOP_DISPATCH, split, local == EPX_SUCCESS ? in->topk : 0, id, local, stream, err);
     if (st != EPX_SUCCESS) {
         epx__xhost_moe_handle_free(m, h);
         return st;
@@ -1249,7 +1251,7 @@ static epx_status_t epx__ll_combine_dev(epx__xhost_moe_t *m, epx__xhost_moe_hand
     if (local == EPX_SUCCESS) local = epx__after_last(m, stream, err);
     bool ok = local == EPX_SUCCESS;
     EPX__CHECK(epx__ll_round(m, EPX__LLOP_COMBINE, split, ok ? epx__cuda_moe_handle_topk(h->ch) : 0, ok ? h->ll_id : 0,
-                             local, err));
+                             local, stream, err));
     epx_status_t st = epx__xh_fault_enqueue(m->xh, stream, err);
     st = epx__cuda_moe_ll_combine(m->ll, ok ? h->ch : NULL, in, out, st, true, stream, err);
     if (st == EPX_SUCCESS && !split) st = epx__ll_combine_recv(m, h, stream, err);
