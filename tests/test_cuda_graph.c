@@ -2,7 +2,8 @@
  * CUDA graphs: an alltoall captured once per path (eager slots, direct kernel) and replayed
  * 200 times, each replay with new data and a poisoned output, every element checked. The
  * host agrees on the arguments at capture time; replays need no host work (epx keeps the
- * operation number on the device). Then a MoE dispatch (worst-case capacity, count on the
+ * operation number on the device); the direct one survives, halfway, 300 eager calls that
+ * map new peer buffers (more than the mapping cache holds). Then a MoE dispatch (worst-case capacity, count on the
  * device: no host synchronisation) + an identity expert + combine, captured once and
  * replayed with new tokens AND new routing every time: rows, sources, count and combined
  * output all checked; the same for low-latency dispatch + combine, 1000 replays, and for two
@@ -34,7 +35,27 @@
         if (e_ != cudaSuccess) TEST_FAIL_("%s: %s", #x, cudaGetErrorString(e_));              \
     } while (0)
 
-static int replay(epx_comm_t comm, int me, int R, size_t count, int rounds)
+/* Eager alltoalls of `count` elements, each into new receive buffers (all kept until the end):
+ * every rank maps R - 1 new peer buffers per call, more than its mapping cache holds, so
+ * that every mapping not held by a context or a graph is closed. */
+static void churn_mappings(epx_comm_t comm, int R, size_t count, const uint32_t *send, cudaStream_t s)
+{
+    enum { CALLS = 300 }; /* > EPX__IPC_CACHE (src/cuda/internal.h) */
+    void **bufs = malloc(CALLS * sizeof *bufs);
+    ASSERT(bufs);
+    for (int i = 0; i < CALLS; i++) {
+        bufs[i] = test_buf_alloc(count * (size_t)R * 4);
+        ASSERT_OK(epx_alltoall(comm, send, bufs[i], count, EPX_F32, s));
+    }
+    test_sync();
+    ASSERT_OK(epx_barrier(comm, s)); /* nobody frees a buffer a peer still writes */
+    for (int i = 0; i < CALLS; i++) test_buf_free(bufs[i]);
+    free(bufs);
+}
+
+/* `churn`: halfway, the mapping cache is churned (churn_mappings): the graph's mappings of
+ * the peers' buffers must survive it. */
+static int replay(epx_comm_t comm, int me, int R, size_t count, int rounds, bool churn)
 {
     cudaStream_t s = test_stream();
     size_t bytes = count * (size_t)R * 4;
@@ -49,6 +70,7 @@ static int replay(epx_comm_t comm, int me, int R, size_t count, int rounds)
     CU(cudaStreamEndCapture(s, &graph));
     CU(cudaGraphInstantiate(&exec, graph, 0));
     for (int it = 0; it < rounds; it++) {
+        if (churn && it == rounds / 2) churn_mappings(comm, R, count, send, s);
         for (int q = 0; q < R; q++)
             for (size_t i = 0; i < count; i++)
                 host[(size_t)q * count + i] = (uint32_t)test_mix((uint64_t)it + 1000, (uint64_t)me, (uint64_t)q, i);
@@ -621,8 +643,8 @@ int main(int argc, char **argv)
         test_done(passed);
         return 0;
     }
-    passed += replay(comm, me, R, 100, 200);    /* eager slots */
-    passed += replay(comm, me, R, 100000, 200); /* direct kernel */
+    passed += replay(comm, me, R, 100, 200, false);   /* eager slots */
+    passed += replay(comm, me, R, 100000, 200, true); /* direct kernel; the peers' buffers mapped in the graph */
     passed += replay_moe(comm, me, R, 200);
     passed += replay_ll(comm, me, R, 1000, false);
     passed += replay_ll(comm, me, R, 500, true); /* two batches in flight, send/receive halves */

@@ -91,6 +91,12 @@ epx_status_t epx__cuda_create(epx__cuda_t **out, epx__cpu_t *host, int rank, int
         return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     }
     memset(&mine, 0, sizeof mine);
+    c->graph_holds = calloc(1, sizeof *c->graph_holds);
+    if (!c->graph_holds) {
+        free(c), free(all);
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    }
+    c->graph_holds->refs = 1;
     c->host = host;
     c->rank = rank;
     c->nranks = nranks;
@@ -201,6 +207,67 @@ bool epx__cuda_fault_count_slow(epx__cuda_t *c)
     return c->nranks > 1 && epx__fault_take(&c->fault, EPX__FAULT_COUNT, c->fault_step, &f);
 }
 
+/* ---- Graph holds on IPC mappings (internal.h) ---------------------------------------- */
+
+static void epx__ipc_graph_holds_release(epx__ipc_graph_holds_t *h)
+{
+    if (h && __atomic_sub_fetch(&h->refs, 1, __ATOMIC_ACQ_REL) == 0) free(h);
+}
+
+typedef struct {
+    epx__ipc_graph_holds_t *holds;
+    int slot;
+} epx__ipc_graph_hold_t;
+
+/* A graph holding a slot is gone (a CUDA user object's destructor: no CUDA call). */
+static void CUDART_CB epx__ipc_graph_gone(void *arg)
+{
+    epx__ipc_graph_hold_t *g = arg;
+    __atomic_sub_fetch(&g->holds->held[g->slot], 1, __ATOMIC_ACQ_REL);
+    epx__ipc_graph_holds_release(g->holds);
+    free(g);
+}
+
+/* The graph being captured on `stream` holds mapping slot `slot` until it and its
+ * instances are destroyed. */
+static epx_status_t epx__ipc_graph_hold(epx__cuda_t *c, int slot, cudaStream_t stream, epx__errbuf_t *err)
+{
+    enum cudaStreamCaptureStatus cs;
+    cudaGraph_t graph = NULL;
+#if CUDART_VERSION >= 13000
+    cudaError_t ce = cudaStreamGetCaptureInfo(stream, &cs, NULL, &graph, NULL, NULL, NULL);
+#else
+    cudaError_t ce = cudaStreamGetCaptureInfo_v2(stream, &cs, NULL, &graph, NULL, NULL);
+#endif
+    if (ce == cudaSuccess && (cs != cudaStreamCaptureStatusActive || !graph)) ce = cudaErrorStreamCaptureInvalidated;
+    epx__ipc_graph_hold_t *g = ce == cudaSuccess ? malloc(sizeof *g) : NULL;
+    if (ce == cudaSuccess && !g) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    cudaUserObject_t o;
+    if (ce == cudaSuccess) {
+        *g = (epx__ipc_graph_hold_t){c->graph_holds, slot};
+        __atomic_add_fetch(&c->graph_holds->refs, 1, __ATOMIC_ACQ_REL);
+        __atomic_add_fetch(&c->graph_holds->held[slot], 1, __ATOMIC_ACQ_REL);
+        ce = cudaUserObjectCreate(&o, g, epx__ipc_graph_gone, 1, cudaUserObjectNoDestructorSync);
+        if (ce != cudaSuccess) {
+            epx__ipc_graph_gone(g);
+        } else {
+            ce = cudaGraphRetainUserObject(graph, o, 1, cudaGraphUserObjectMove);
+            if (ce != cudaSuccess) cudaUserObjectRelease(o, 1); /* (its destructor drops the hold) */
+        }
+    }
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        return epx__fail(err, EPX_ERR_CUDA, "holding a peer's buffer mapping for the CUDA graph being captured: %s",
+                         cudaGetErrorString(ce));
+    }
+    return EPX_SUCCESS;
+}
+
+static bool epx__ipc_graph_held(const epx__cuda_t *c, int slot)
+{
+    return __atomic_load_n(&c->graph_holds->held[slot], __ATOMIC_ACQUIRE) > 0;
+}
+
 void epx__cuda_destroy(epx__cuda_t *c)
 {
     if (!c) return;
@@ -215,6 +282,7 @@ void epx__cuda_destroy(epx__cuda_t *c)
     if (c->join) cudaEventDestroy(c->join);
     for (int i = 0; i < c->num_mem; i++) cudaFree(c->mem[i]);
     free(c->mem);
+    epx__ipc_graph_holds_release(c->graph_holds);
     cudaGetLastError();
     free(c);
 }
@@ -376,7 +444,7 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
  * stale mappings of that peer are then dropped (after this stream's work, which may still
  * use the others) and the open retried. */
 static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, int pin,
-                                epx__errbuf_t *err)
+                                int *slot, epx__errbuf_t *err)
 {
     epx__fault_spec_t f; /* EPX_FAULT nomem: as when every slot is held */
     if (__builtin_expect(c->fault.armed, 0) && epx__fault_take(&c->fault, EPX__FAULT_NOMEM, c->fault_step, &f))
@@ -389,12 +457,14 @@ static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t
             e->last_use = ++c->use_clock;
             e->pins += pin;
             *base = e->ptr;
+            *slot = i;
             return EPX_SUCCESS;
         }
-        if (e->pins) continue; /* held by a context for its life: never evicted */
+        if (e->pins || epx__ipc_graph_held(c, i)) continue; /* held by a context or a graph: never evicted */
         if (!victim || !e->ptr || (victim->ptr && e->last_use < victim->last_use)) victim = e;
     }
-    if (!victim) return epx__fail(err, EPX_ERR_NO_MEMORY, "every CUDA IPC mapping slot is held by a MoE context");
+    if (!victim)
+        return epx__fail(err, EPX_ERR_NO_MEMORY, "every CUDA IPC mapping slot is held by a MoE context or a CUDA graph");
     if (victim->ptr) {
         /* Work already enqueued may still use the mapping: let the device finish first. */
         cudaDeviceSynchronize();
@@ -411,7 +481,7 @@ static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t
         cudaDeviceSynchronize();
         int dropped = 0;
         for (int i = 0; i < EPX__IPC_CACHE; i++)
-            if (c->ipc[i].ptr && c->ipc[i].peer == peer && !c->ipc[i].pins) {
+            if (c->ipc[i].ptr && c->ipc[i].peer == peer && !c->ipc[i].pins && !epx__ipc_graph_held(c, i)) {
                 cudaIpcCloseMemHandle(c->ipc[i].ptr);
                 c->ipc[i].ptr = NULL;
                 dropped++;
@@ -425,19 +495,22 @@ static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t
         return epx__fail(err, EPX_ERR_CUDA, "opening rank %d's buffer (CUDA IPC): %s", peer, cudaGetErrorString(ce));
     *victim = (epx__ipc_entry_t){peer, card->buffer_id, card->handle, p, ++c->use_clock, pin};
     *base = p;
+    *slot = (int)(victim - c->ipc);
     return EPX_SUCCESS;
 }
 
 epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
                            epx__errbuf_t *err)
 {
-    (void)stream;
-    return epx__ipc_get(c, peer, card, base, 0, err);
+    int slot;
+    EPX__CHECK(epx__ipc_get(c, peer, card, base, 0, &slot, err));
+    return epx__cuda_capturing(stream) ? epx__ipc_graph_hold(c, slot, (cudaStream_t)stream, err) : EPX_SUCCESS;
 }
 
 epx_status_t epx__ipc_pin(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, epx__errbuf_t *err)
 {
-    return epx__ipc_get(c, peer, card, base, 1, err);
+    int slot;
+    return epx__ipc_get(c, peer, card, base, 1, &slot, err);
 }
 
 void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base)

@@ -29,6 +29,15 @@ typedef struct {
             return epx__fail(err, EPX_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(e_), #call);  \
     } while (0)
 
+/* Per mapping slot, the CUDA graphs alive (with their instances) whose captured work uses
+ * it: a slot held by one is never evicted. Shared with the graphs' user objects, whose
+ * destructors run on a CUDA thread, perhaps after the communicator is gone: atomics, and
+ * freed by whoever drops the last reference. */
+typedef struct {
+    int refs;                  /* the communicator's, and one per hold */
+    int held[EPX__IPC_CACHE];  /* holds per slot */
+} epx__ipc_graph_holds_t;
+
 /* A peer allocation opened here. */
 typedef struct {
     int peer;
@@ -50,6 +59,7 @@ struct epx__cuda {
     cudaStream_t side;     /* the self copy runs beside the peers' */
     cudaEvent_t fork, join;
     epx__ipc_entry_t ipc[EPX__IPC_CACHE];
+    epx__ipc_graph_holds_t *graph_holds;
     uint64_t use_clock;
     epx__export_t exports[EPX__EXPORT_CACHE]; /* my allocations exported lately */
     int next_export;
@@ -118,7 +128,9 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
 /* The same, held until epx__ipc_unpin (kernels and captured graphs keep the pointer). */
 epx_status_t epx__ipc_pin(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, epx__errbuf_t *err);
 void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base);
-/* A peer's allocation mapped here (cached); *base is the allocation's base. */
+/* A peer's allocation mapped here (cached); *base is the allocation's base. When `stream`
+ * is being captured, the graph holds the mapping (never evicted) until it and its
+ * instances are destroyed. */
 epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
                            epx__errbuf_t *err);
 
