@@ -230,7 +230,14 @@ EPX_API epx_status_t epx_mem_free(epx_comm_t comm, void *ptr);
  * one stream, or each on a stream ordered after the previous call's (their device state,
  * flags and staging, is reused from call to call). What this header calls capturable in a
  * CUDA graph is so on one host; across hosts only the low-latency MoE calls are, and the
- * others refuse a capturing stream with EPX_ERR_INVALID_USAGE (epx_cuda.h). */
+ * others refuse a capturing stream with EPX_ERR_INVALID_USAGE (epx_cuda.h). A replay counts
+ * as the calls it captured: order it with the communicator's other calls as you would
+ * them (one stream, or events), since epx cannot order a replay with calls on other
+ * streams. A graph keeps what the captured calls mapped of the peers' buffers (those
+ * buffers must stay allocated while it may be replayed) and needs the communicator:
+ * destroy every graph that captured calls on it (and their instances) before
+ * epx_comm_destroy or epx_comm_abort; across hosts NCCL releases the communicators epx
+ * made only once those graphs are gone. */
 
 /* Returns after every rank has entered the barrier. */
 EPX_API epx_status_t epx_barrier(epx_comm_t comm, void *stream);

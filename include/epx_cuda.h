@@ -15,8 +15,11 @@
  * same calls and replay them in the same order. A replay that waits on NCCL transfers
  * longer than EPX_TIMEOUT_MS (a rank on another host late or gone) makes epx's watchdog
  * abort the NCCL communicators epx made, so the stream ends; the communicator then reports
- * the error (epx_comm_get_async_error): destroy the graph, then abort the communicator.
- * With an adopted NCCL communicator nothing aborts it: that is the caller's to do. Every
+ * the error (epx_comm_get_async_error): destroy the graph, then abort the communicator
+ * (NCCL's abort completes only once the graphs holding its work are gone; epx's runs on a
+ * thread of its own and epx_comm_destroy / epx_comm_abort wait for it). With an adopted
+ * NCCL communicator nothing aborts it and no watchdog times a replay: a replay whose peer
+ * is gone waits until the caller aborts the NCCL communicator. Every
  * other collective call (barrier, alltoall, alltoallv, alltoallv_device, high-throughput
  * MoE, and low-latency on the host) and epx_moe_layout waits on the host, for its stream
  * and for the other hosts, so none can be captured. Given a stream that is being captured,

@@ -120,9 +120,8 @@ struct epx__nccl {
     char watch_msg[EPX__ERRMSG_LEN];
     epx_status_t dog_status;
     char dog_msg[EPX__ERRMSG_LEN];
-    /* ncclCommAbort on a thread of its own (epx__nc_abort_now): the communicator it ends,
-     * joined by epx__nccl_destroy. */
-    ncclComm_t aborting;
+    /* ncclCommAbort on a thread of its own (epx__nc_abort_now), joined or let go by
+     * epx__nccl_destroy. */
     pthread_t aborter;
     bool aborter_on;
 };
@@ -197,30 +196,39 @@ static const char *epx__nc_text(epx_status_t st, const epx__errbuf_t *e)
     return strncmp(msg, name, k) == 0 && msg[k] == ':' && msg[k + 1] == ' ' ? msg + k + 2 : msg;
 }
 
+typedef struct {
+    ncclComm_t comm;
+    int device;
+} epx__nc_abort_job_t;
+
 static void *epx__nc_aborter(void *arg)
 {
-    epx__nccl_t *n = arg;
-    cudaSetDevice(n->device);
-    epx__nc.abort(n->aborting);
+    epx__nc_abort_job_t *job = arg;
+    cudaSetDevice(job->device);
+    epx__nc.abort(job->comm);
+    free(job);
     return NULL;
 }
 
 /* End n's communicator now (mu held, or no other thread on n): n->comm becomes NULL.
  * ncclCommAbort first raises NCCL's abort flags, so that its kernels, running or queued on
  * any stream, end; but it returns only once every CUDA graph that captured work on the
- * communicator is destroyed. So it runs on a thread of its own (joined by
- * epx__nccl_destroy), and no caller, watchdog or call, waits for the application's graphs;
- * where no thread can be made, here. */
+ * communicator is destroyed. So it runs on a thread of its own (epx__nccl_destroy waits
+ * for it, within a bound), and no caller, watchdog or call, waits for the application's
+ * graphs; where no thread can be made, here. */
 static void epx__nc_abort_now(epx__nccl_t *n)
 {
     ncclComm_t c = n->comm;
     n->comm = NULL;
     if (!c) return;
-    n->aborting = c;
-    if (!n->aborter_on && pthread_create(&n->aborter, NULL, epx__nc_aborter, n) == 0)
+    epx__nc_abort_job_t *job = n->aborter_on ? NULL : malloc(sizeof *job);
+    if (job) *job = (epx__nc_abort_job_t){c, n->device};
+    if (job && pthread_create(&n->aborter, NULL, epx__nc_aborter, job) == 0) {
         n->aborter_on = true;
-    else
-        epx__nc.abort(c); /* (one communicator, one abort: aborter_on cannot be set here) */
+        return;
+    }
+    free(job);
+    epx__nc.abort(c); /* (one communicator, one abort: aborter_on cannot be set here) */
 }
 
 /* Wait for a non-blocking call on n->comm to finish (its state leaves ncclInProgress), running
@@ -515,6 +523,25 @@ epx_status_t epx__nccl_adopt(epx__nccl_t **out, void *comm, int64_t timeout_ms, 
     return EPX_SUCCESS;
 }
 
+/* Wait for the abort thread: it ends once the CUDA graphs that captured work on the
+ * communicator are destroyed. Past a bound it is let go (it frees what it holds), so that
+ * a graph the application keeps does not hold up the destruction of the communicator. */
+static void epx__nc_abort_join(epx__nccl_t *n)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    int64_t ms = EPX__MIN(n->timeout_ms, (int64_t)10000);
+    until.tv_sec += (time_t)(ms / 1000);
+    until.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+    if (pthread_timedjoin_np(n->aborter, NULL, &until) == 0) return;
+    EPX_WARN(NET, "ncclCommAbort (rank %d of %d) has not returned after %lld ms: CUDA graphs that captured epx calls "
+                  "on this communicator are still alive (destroy them before the communicator); it completes when "
+                  "they are destroyed",
+             n->rank, n->nranks, (long long)ms);
+    pthread_detach(n->aborter);
+}
+
 void epx__nccl_destroy(epx__nccl_t *n, bool abort)
 {
     if (!n) return;
@@ -528,10 +555,10 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
                                     NULL, NULL, "ncclCommFinalize") == EPX_SUCCESS;
         if (clean)
             epx__nc.destroy(n->comm);
-        else if (n->comm) /* not already aborted by the settle */
-            epx__nc.abort(n->comm);
+        else /* (a no-op when the settle aborted it) */
+            epx__nc_abort_now(n);
     }
-    if (n->aborter_on) pthread_join(n->aborter, NULL); /* returns once the graphs on it are gone */
+    if (n->aborter_on) epx__nc_abort_join(n);
     /* Stream-ordered (where CUDA can): a kernel of an adopted communicator that was not
      * aborted may spin on the stream forever, and neither call waits for it. */
     epx__nc_staging_free(n);
