@@ -20,12 +20,18 @@
  *     writing anything, and the communicator stays usable;
  *   - an abort: the others return EPX_ERR_PEER_FAILURE well before the timeout without
  *     writing anything;
+ *   - kill_slow_reader: the kill, while rank 0 is still in the healthy operation before it
+ *     (a delay once it holds every post, before it reads: EPX_FAULT at=enqueue). Ranks that
+ *     exposed nothing to it finish that operation, and the survivors give up on the dead
+ *     rank in the next one; rank 0's healthy operation must still succeed, as must
+ *     everything else a kill allows;
  *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
  *     call returns it at once; a new communicator (a new unique id) over the ranks still
  *     alive then works, data checked.
  *
  * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch or combine
- * and FAULT delay_short, delay_long, kill, count or abort (default: all of them). Forks
+ * and FAULT delay_short, delay_long, kill, count, abort or kill_slow_reader (default: all of
+ * them). Forks
  * its own ranks: epx-run would stop the others as soon as one rank dies.
  */
 #include <signal.h>
@@ -46,10 +52,10 @@
 #define MAXR 8
 
 typedef enum { OP_ALLTOALL, OP_ALLTOALLV, OP_DISPATCH, OP_COMBINE, OP_LL_DISPATCH, OP_LL_COMBINE, OP_COUNT } op_t;
-typedef enum { F_DELAY_SHORT, F_DELAY_LONG, F_KILL, F_COUNT, F_ABORT, F_NUM } fault_t;
+typedef enum { F_DELAY_SHORT, F_DELAY_LONG, F_KILL, F_COUNT, F_ABORT, F_KILL_SLOW_READER, F_NUM } fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
-static const char *fault_names[] = {"delay_short", "delay_long", "kill", "count", "abort"};
+static const char *fault_names[] = {"delay_short", "delay_long", "kill", "count", "abort", "kill_slow_reader"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -416,6 +422,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         broken = true;
         break;
     case F_KILL:
+    case F_KILL_SLOW_READER:
         if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms, timeout %d ms", what, dt, TIMEOUT_MS);
         if (st == EPX_SUCCESS && op == OP_ALLTOALLV) {
             ctx_check(&c, EXACT, what);
@@ -468,7 +475,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         ASSERT_OK(epx_comm_abort(comm));
     }
     /* A new communicator over the ranks still alive (the killed one was the last). */
-    recover(op, f == F_KILL ? R - 1 : R, rank, id2);
+    recover(op, f == F_KILL || f == F_KILL_SLOW_READER ? R - 1 : R, rank, id2);
     fflush(stdout);
     return 0;
 }
@@ -482,6 +489,10 @@ static int scenario(op_t op, fault_t f, int R)
     case F_DELAY_SHORT: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS / 4); break;
     case F_DELAY_LONG: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, 3 * TIMEOUT_MS); break;
     case F_KILL: snprintf(text, sizeof text, "kill:rank=%d,step=%d", R - 1, step); break;
+    case F_KILL_SLOW_READER:
+        snprintf(text, sizeof text, "delay:rank=0,step=%d,ms=%d,at=enqueue;kill:rank=%d,step=%d", step - 1,
+                 TIMEOUT_MS / 2, R - 1, step);
+        break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
     default: break;
     }
@@ -509,7 +520,7 @@ static int scenario(op_t op, fault_t f, int R)
     for (int r = 0; r < R; r++) {
         int status;
         ASSERT(waitpid(pids[r], &status, 0) == pids[r]);
-        int want = f == F_KILL && r == R - 1 ? FAULT_EXIT : 0;
+        int want = (f == F_KILL || f == F_KILL_SLOW_READER) && r == R - 1 ? FAULT_EXIT : 0;
         if (!WIFEXITED(status) || WEXITSTATUS(status) != want) {
             fprintf(stderr, "FAIL %s/%s np%d: rank %d ended with status 0x%x (expected exit %d)\n", op_names[op],
                     fault_names[f], R, r, status, want);

@@ -28,7 +28,9 @@
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues
  * any kernel: the peers' device waits find nothing) or, for kill, `launched` (after it
- * enqueued its kernels, without waiting for them). The CPU backend fires only `host`.
+ * enqueued its kernels, without waiting for them). The CPU backend on one host fires
+ * `host`, and a `delay` at `enqueue` once the rank holds every peer's post of the
+ * operation, before it reads anything (a slow reader: its peers may finish first).
  *
  * On communicators across hosts, CPU (MPI, src/hier) and CUDA (NCCL, src/xhost), src/api
  * counts the steps and fires `host` entries where the call starts (epx__comm_fault_begin):

@@ -246,6 +246,7 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
         EPX__CHECK(epx__flag_wait(c, peer, &d->post, seq, deadline, "arrival", err));
     }
     if (c->num_retired) epx__unlink_retired(c, seq, false);
+    if (__builtin_expect(c->fault.armed, 0)) epx__fault_delay_at(&c->fault, seq, EPX__FAULT_AT_ENQUEUE);
     return EPX_SUCCESS;
 }
 
