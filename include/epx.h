@@ -234,7 +234,9 @@ EPX_API epx_status_t epx_mem_free(epx_comm_t comm, void *ptr);
  * as the calls it captured: order it with the communicator's other calls as you would
  * them (one stream, or events), since epx cannot order a replay with calls on other
  * streams. A graph keeps what the captured calls mapped of the peers' buffers (those
- * buffers must stay allocated while it may be replayed) and needs the communicator:
+ * buffers must stay allocated while the graph exists: a peer that frees one and gets a new
+ * allocation at the same address makes the next call that maps it fail with EPX_ERR_CUDA)
+ * and needs the communicator:
  * destroy every graph that captured calls on it (and their instances) before
  * epx_comm_destroy or epx_comm_abort; across hosts NCCL releases the communicators epx
  * made only once those graphs are gone. */
@@ -378,7 +380,9 @@ EPX_API epx_status_t epx_moe_create(epx_comm_t comm, const epx_moe_config_t *cfg
  * EPX_ERR_INVALID_USAGE, and nothing destroyed, while one of them has a low-latency send
  * pending (unless the communicator is broken or gone). May come before or after the
  * communicator is destroyed or aborted; after that, every call on the context returns
- * EPX_ERR_ABORTED (destroying the communicator releases what the context held in it). */
+ * EPX_ERR_ABORTED (destroying the communicator releases what the context held in it).
+ * CUDA graphs that captured calls on the context use its device buffers: destroy them
+ * first. */
 EPX_API epx_status_t epx_moe_destroy(epx_moe_t moe);
 /* Device memory the CUDA backend allocates per rank for a communicator of `nranks` and a
  * MoE context of `cfg` with one live dispatch handle, before the driver's rounding (each

@@ -17,7 +17,9 @@
  * abort the NCCL communicators epx made, so the stream ends; the communicator then reports
  * the error (epx_comm_get_async_error): destroy the graph, then abort the communicator
  * (NCCL's abort completes only once the graphs holding its work are gone; epx's runs on a
- * thread of its own and epx_comm_destroy / epx_comm_abort wait for it). With an adopted
+ * thread of its own, which epx_comm_destroy / epx_comm_abort wait for up to
+ * min(EPX_TIMEOUT_MS, 10 s) and then leave running, with a warning; a destroy also waits
+ * that long for NCCL's own finalisation first). With an adopted
  * NCCL communicator nothing aborts it and no watchdog times a replay: a replay whose peer
  * is gone waits until the caller aborts the NCCL communicator. Every
  * other collective call (barrier, alltoall, alltoallv, alltoallv_device, high-throughput

@@ -25,13 +25,20 @@
  *     exposed nothing to it finish that operation, and the survivors give up on the dead
  *     rank in the next one; rank 0's healthy operation must still succeed, as must
  *     everything else a kill allows;
+ *   - count_slow_reader (alltoall(v), 3+ ranks): a wrong size between the last rank and rank
+ *     0 while rank 1, outside that pair, sleeps 1.6 x the timeout before it reads. The pair
+ *     returns EPX_ERR_MISMATCH, or EPX_ERR_TIMEOUT when it exposed its send buffer to rank 1
+ *     and waited for it in vain (then it has given up: rank 1 must not trust that buffer),
+ *     writing nothing, and rewrites its send buffer. Rank 1 succeeds with exact data or
+ *     fails with each output byte old or exact; never a success with what the pair wrote
+ *     afterwards;
  *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
  *     call returns it at once; a new communicator (a new unique id) over the ranks still
  *     alive then works, data checked.
  *
  * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch or combine
- * and FAULT delay_short, delay_long, kill, count, abort or kill_slow_reader (default: all of
- * them). Forks
+ * and FAULT delay_short, delay_long, kill, count, abort, kill_slow_reader or
+ * count_slow_reader (default: all of them). Forks
  * its own ranks: epx-run would stop the others as soon as one rank dies.
  */
 #include <signal.h>
@@ -52,10 +59,21 @@
 #define MAXR 8
 
 typedef enum { OP_ALLTOALL, OP_ALLTOALLV, OP_DISPATCH, OP_COMBINE, OP_LL_DISPATCH, OP_LL_COMBINE, OP_COUNT } op_t;
-typedef enum { F_DELAY_SHORT, F_DELAY_LONG, F_KILL, F_COUNT, F_ABORT, F_KILL_SLOW_READER, F_NUM } fault_t;
+typedef enum {
+    F_DELAY_SHORT,
+    F_DELAY_LONG,
+    F_KILL,
+    F_COUNT,
+    F_ABORT,
+    F_KILL_SLOW_READER,
+    F_COUNT_SLOW_READER,
+    F_NUM
+} fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
-static const char *fault_names[] = {"delay_short", "delay_long", "kill", "count", "abort", "kill_slow_reader"};
+static const char *fault_names[] = {"delay_short", "delay_long",       "kill",
+                                    "count",       "abort",            "kill_slow_reader",
+                                    "count_slow_reader"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -369,6 +387,33 @@ static int fault_step(op_t op)
     return (op >= OP_DISPATCH ? 1 : 0) + (op == OP_COMBINE || op == OP_LL_COMBINE ? 1 : 0) + 2;
 }
 
+/* count_slow_reader after the faulty call (module comment); every rank then starts over
+ * on a new communicator, whatever its outcome. */
+static int slow_reader_after_count(ctx_t *c, epx_status_t st, const char *what, const epx_unique_id_t *id2)
+{
+    int rank = c->me, R = c->R;
+    if (rank == 0 || rank == R - 1) {
+        if (st != EPX_ERR_MISMATCH && st != EPX_ERR_TIMEOUT)
+            TEST_FAIL_("%s: got %s, expected a mismatch (or a timeout waiting for the slow reader)", what,
+                       epx_status_name(st));
+        ctx_check(c, UNTOUCHED, what);
+        size_t bytes = c->op == OP_ALLTOALL ? c->count * (size_t)R : (size_t)(c->sd[R - 1] + c->sc[R - 1]);
+        for (size_t i = 0; i < bytes; i++) c->send[i] = (uint8_t)~c->send[i]; /* the call returned: mine again */
+        usleep(2 * TIMEOUT_MS * 1000); /* alive while the slow reader reads */
+    } else if (st == EPX_SUCCESS) {
+        ctx_check(c, EXACT, what);
+    } else {
+        if (st != EPX_ERR_PEER_FAILURE && st != EPX_ERR_TIMEOUT)
+            TEST_FAIL_("%s: got %s, expected success or a peer failure", what, epx_status_name(st));
+        ctx_check(c, OLD_OR_NEW, what);
+    }
+    epx_comm_t comm = c->comm;
+    ctx_free(c);
+    ASSERT_OK(epx_comm_abort(comm));
+    recover(c->op, R, rank, id2);
+    return 0;
+}
+
 static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t *id, const epx_unique_id_t *id2)
 {
     test_rank = rank;
@@ -401,6 +446,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
            st ? epx_comm_get_last_error(comm) : "");
     fflush(stdout);
 
+    if (f == F_COUNT_SLOW_READER) return slow_reader_after_count(&c, st, what, id2);
     bool pair = op <= OP_ALLTOALLV ? (bad || rank == 0) : true; /* who sees a wrong size */
     bool broken = false;
     switch (f) {
@@ -492,6 +538,10 @@ static int scenario(op_t op, fault_t f, int R)
     case F_KILL_SLOW_READER:
         snprintf(text, sizeof text, "delay:rank=0,step=%d,ms=%d,at=enqueue;kill:rank=%d,step=%d", step - 1,
                  TIMEOUT_MS / 2, R - 1, step);
+        break;
+    case F_COUNT_SLOW_READER:
+        snprintf(text, sizeof text, "count:rank=%d,step=%d;delay:rank=1,step=%d,ms=%d,at=enqueue", R - 1, step, step,
+                 TIMEOUT_MS * 8 / 5);
         break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
     default: break;
@@ -779,6 +829,11 @@ int main(int argc, char **argv)
     int passed = 0;
     for (int f = 0; f < F_NUM; f++) {
         if (nwant && !want[f]) continue;
+        if (f == F_COUNT_SLOW_READER && (R < 3 || op > OP_ALLTOALLV)) {
+            printf("scenario %s/%s np%d not run: it needs alltoall(v) and 3 or more ranks\n", op_names[op],
+                   fault_names[f], R);
+            continue;
+        }
         fflush(stdout);
         double t0 = test_now_ms();
         pid_t pid = fork();

@@ -500,7 +500,6 @@ static void epx__seg_give_up(epx__cpu_t *c, uint32_t value)
 {
     epx__seg_hdr_t *h = c->seg;
     if (!h) return;
-    h->gave_up_in = c->seq;
     epx__flag_post(&h->aborted, value);
     epx__futex(&h->done.value, FUTEX_WAKE, INT_MAX, NULL);
     for (uint32_t par = 0; par < 2; par++)
@@ -764,13 +763,14 @@ void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx_status
 epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
 {
     for (int p = 0; p < c->nranks; p++) {
-        const epx__seg_hdr_t *h = c->peers[p].hdr;
+        epx__seg_hdr_t *h = c->peers[p].hdr;
         if (p == c->rank || !atomic_load_explicit(&h->aborted.value, memory_order_acquire)) continue;
-        if (!epx__seq_geq(seq, h->gave_up_in)) continue; /* it returned from `seq` first */
+        if (epx__seq_geq(atomic_load_explicit(&h->released_through, memory_order_relaxed), seq))
+            continue; /* it released what it posted for `seq` before it gave up */
         char why[128];
         epx__peer_state(c, p, why, sizeof why);
-        return epx__fail(err, EPX_ERR_PEER_FAILURE, "%s in its operation %u, during operation %u; this rank's outputs are not valid",
-                         why, h->gave_up_in, seq);
+        return epx__fail(err, EPX_ERR_PEER_FAILURE, "%s during operation %u; this rank's outputs are not valid", why,
+                         seq);
     }
     return EPX_SUCCESS;
 }
@@ -798,11 +798,17 @@ epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t 
 epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, uint64_t deadline,
                             epx__errbuf_t *err)
 {
-    epx__flag_post(&((epx__seg_hdr_t *)c->seg)->done, seq);
+    epx__seg_hdr_t *h = c->seg;
+    epx__flag_post(&h->done, seq);
     if (exposed) {
         epx_status_t w = epx__wait_dones(c, seq, deadline, err);
-        if (st == EPX_SUCCESS) st = w;
+        if (w != EPX_SUCCESS) {
+            epx__cpu_mark_broken(c);
+            return w;
+        }
     }
+    if (!atomic_load_explicit(&h->aborted.value, memory_order_relaxed))
+        atomic_store_explicit(&h->released_through, seq, memory_order_relaxed); /* (the flag post publishes it) */
     return st;
 }
 

@@ -57,7 +57,10 @@ typedef struct {
      * when my process died without removing them (epx__cpu_destroy). */
     _Atomic uint32_t regions_named;
     uint64_t pidns; /* my pid namespace (0: unknown); my region names carry it with my pid */
-    uint32_t gave_up_in; /* the operation I was in (my seq) when I set `aborted`; written before it */
+    /* The last operation whose posted data my readers may still use safely: its exposed
+     * memory's readers were done (or it exposed none; its eager data stays until two
+     * operations later). Never moves once `aborted` is set. */
+    _Atomic uint32_t released_through;
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
 } epx__seg_hdr_t;
@@ -145,14 +148,12 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
     return seq;
 }
 
-/* Has any peer aborted or given up on the communicator in operation `seq` or before? Then
- * what it posted (buffers the caller owns) may be gone: EPX_ERR_PEER_FAILURE. Flags only,
- * no system call. Checked once the posts are acquired, before anything is written, and
- * again after the reads, before a success is returned: a peer gives up before it returns
- * to its caller, so a read that started before that check saw the peer's buffers intact.
- * A peer that gave up in a later operation returned from `seq` first, after the readers
- * of the memory it exposed were done (and eager data stays until seq + 2): not a failure
- * of `seq`. */
+/* Has any peer aborted or given up on the communicator without having released what it
+ * posted for operation `seq` (released_through)? Then what it posted (buffers the caller
+ * owns) may be gone: EPX_ERR_PEER_FAILURE. Flags only, no system call. Checked once the
+ * posts are acquired, before anything is written, and again after the reads, before a
+ * success is returned: a peer gives up before it returns to its caller, so a read that
+ * started before that check saw the peer's buffers intact. */
 epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err);
 
 /* The kinds of operations: every rank must be in the same kind (the descriptors of the
@@ -166,7 +167,9 @@ void epx__op_post(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx_status
  * EPX_ERR_REMOTE_INVALID if any peer rejected its arguments. */
 epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t kind, epx__errbuf_t *err);
 /* Publish done = seq and, when peers read memory the caller owns (`exposed`), wait until
- * they all finished. Returns `st`, or the wait's error when st was a success. */
+ * they all finished; then the operation is released (released_through). Returns `st`; when
+ * that wait fails, its error whatever st was, and this rank gives up on the communicator
+ * first (a reader may still be in memory its caller is about to take back). */
 epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, uint64_t deadline,
                             epx__errbuf_t *err);
 
