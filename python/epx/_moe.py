@@ -63,6 +63,7 @@ class Moe:
                  scale_format="f32", num_sms=None):
         self.comm = comm
         self._h = c_void_p()
+        self._dead = []  # after destroy(): the C context until its deferred release (see _fail)
         self._handles = weakref.WeakSet()
 
         def config():
@@ -82,8 +83,7 @@ class Moe:
             return None, cfg
 
         # an argument only Python rejects: the creation fails on every rank (this one with no output)
-        cfg = comm._collective(config, lambda: L.epx_moe_create(comm._ptr(), byref(_lib.MoeConfig.initializer()),
-                                                                None))
+        cfg = comm._collective(config, Moe._create_fail(comm))
         check(comm._run(lambda: L.epx_moe_create(comm._ptr(), byref(cfg), byref(self._h))), comm._h)
         comm._children = getattr(comm, "_children", weakref.WeakSet())
         comm._children.add(self)
@@ -102,11 +102,19 @@ class Moe:
     def destroy(self):
         """Release the context and its live handles (local). The context itself is released after the
         communicator's next collective (see Comm._defer), when no peer can still be reading it. Raises,
-        and keeps the context, while a low-latency send on one of its handles is pending."""
+        and keeps the context, while a low-latency send on one of its handles is pending.
+
+        A collective call on a destroyed context (made by its peers, where it was destroyed on one rank
+        only) raises InvalidArgumentError. Until that release the call still meets the peers' and fails
+        there too, at once (RemoteInvalidError; the call releases the context). After it, this rank has
+        nothing left to join their call with: the error is unrecoverable (with peers), since any peer
+        that makes the call waits for this rank until its timeout; abort the communicator (leaving a
+        `with comm` block with the error does) and they fail at once (PeerFailureError)."""
         for h in list(self._handles):
             h.close()
         if self._h:
-            self.comm._defer(L.epx_moe_destroy, self._h)
+            self._dead = [self._h]
+            self.comm._defer(_release, self._dead)
             self._h = c_void_p()
 
     def __del__(self):
@@ -134,10 +142,45 @@ class Moe:
                 return msg
         return None
 
-    def _call(self, problem, fail, prepare):
-        """Comm._collective for a call whose checks found `problem` (None: prepare() runs; fail() is
-        the call with invalid arguments)."""
-        return self.comm._collective(lambda: (problem, None if problem else prepare()), fail)
+    def _call(self, problem, op, prepare):
+        """Comm._collective for the call `op` (see _fail) whose checks found `problem` (None: prepare()
+        runs), on a destroyed context too (see destroy)."""
+        if not self._h:
+            if not self._dead:
+                e = InvalidArgumentError(-1, "the MoE context was destroyed and, by a later collective, released: "
+                                             "this rank cannot join the call, and peers that make it wait for it "
+                                             "until their timeout (abort the communicator)")
+                e.recoverable = self.comm.size == 1
+                raise e
+            problem = "the MoE context was destroyed"
+        return self.comm._collective(lambda: (problem, None if problem else prepare()), self._fail(op))
+
+    def _fail(self, op):
+        """Comm._collective's fail() for the collective `op` ("dispatch", "dispatch_cached", "combine",
+        "ll_dispatch" or "ll_combine", a method of this mode): the call with arguments the library
+        rejects, so that it fails on every rank and writes nothing. It runs on the live context or on
+        a destroyed one until its deferred release; after that it raises (nothing to join)."""
+        def call():  # a dispatch of -1 tokens; the other calls along a NULL handle
+            m = self._h or (self._dead[0] if self._dead else self._ptr())
+            if op == "dispatch":
+                din = _lib.DispatchIn()
+                din.num_tokens = -1
+                return L.epx_moe_dispatch(m, byref(din), byref(_lib.DispatchOut()), byref(c_void_p()), None)
+            if op == "ll_dispatch":
+                din = _lib.LLDispatchIn()
+                din.num_tokens = -1
+                return L.epx_moe_ll_dispatch(m, byref(din), byref(_lib.LLDispatchOut()), byref(c_void_p()), None)
+            if op == "dispatch_cached":
+                return L.epx_moe_dispatch_cached(m, None, byref(_lib.DispatchIn()), byref(_lib.DispatchOut()), None)
+            if op == "combine":
+                return L.epx_moe_combine(m, None, byref(_lib.CombineIn()), byref(_lib.CombineOut()), None)
+            return L.epx_moe_ll_combine(m, None, byref(_lib.LLCombineIn()), None, None)
+        return call
+
+    @staticmethod
+    def _create_fail(comm):
+        """Comm._collective's fail() for a creation: one with a configuration the library rejects."""
+        return lambda: L.epx_moe_create(comm._ptr(), byref(_lib.MoeConfig.initializer()), None)
 
     def _arr(self, a, name, shape, code, like):
         """Checks for one input array: shape, dtype, contiguity, same kind and device as `like`."""
@@ -237,10 +280,7 @@ class Moe:
             dout.capacity = cap
             return outs, A.stream_of(stream, x)
 
-        din_bad = _lib.DispatchIn()
-        din_bad.num_tokens = -1  # fails on every rank, nothing written
-        outs, s = self._call(problem, lambda: L.epx_moe_dispatch(self._ptr(), byref(din_bad),
-                                                                 byref(_lib.DispatchOut()), byref(h), None), prepare)
+        outs, s = self._call(problem, "dispatch", prepare)
         recv_x, recv_s, recv_i, recv_w, src_r, src_t, per_e = outs
         check(self.comm._run(lambda: L.epx_moe_dispatch(self._ptr(), byref(din), byref(dout), byref(h), s)),
               self.comm._h)
@@ -276,8 +316,7 @@ class Moe:
             dout.recv_x, dout.recv_x_scales, dout.capacity = A.ptr(recv_x), A.ptr(recv_s), n
             return recv_x, recv_s, A.stream_of(stream, x)
 
-        recv_x, recv_s, s = self._call(problem, lambda: L.epx_moe_dispatch_cached(
-            self._ptr(), None, byref(_lib.DispatchIn()), byref(_lib.DispatchOut()), None), prepare)
+        recv_x, recv_s, s = self._call(problem, "dispatch_cached", prepare)
         check(self.comm._run(lambda: L.epx_moe_dispatch_cached(self._ptr(), handle._h, byref(din), byref(dout), s)),
               self.comm._h)
         return (recv_x, recv_s) if fp8 else recv_x
@@ -301,8 +340,7 @@ class Moe:
             cout.out, cout.out_topk_weights = A.ptr(out), A.ptr(out_w)
             return out, out_w, A.stream_of(stream, y)
 
-        out, out_w, s = self._call(problem, lambda: L.epx_moe_combine(
-            self._ptr(), None, byref(_lib.CombineIn()), byref(_lib.CombineOut()), None), prepare)
+        out, out_w, s = self._call(problem, "combine", prepare)
         check(self.comm._run(lambda: L.epx_moe_combine(self._ptr(), handle._h, byref(cin), byref(cout), s)),
               self.comm._h)
         return out, out_w
@@ -329,11 +367,7 @@ class Moe:
              dout.recv_src_token) = (A.ptr(a) for a in outs)
             return outs, A.stream_of(stream, x)
 
-        din_bad = _lib.LLDispatchIn()
-        din_bad.num_tokens = -1
-        outs, s = self._call(problem, lambda: L.epx_moe_ll_dispatch(self._ptr(), byref(din_bad),
-                                                                    byref(_lib.LLDispatchOut()), byref(h), None),
-                             prepare)
+        outs, s = self._call(problem, "ll_dispatch", prepare)
         recv_x, recv_s, count, src_r, src_t = outs
         fn = L.epx_moe_ll_dispatch_send if split else L.epx_moe_ll_dispatch
         check(self.comm._run(lambda: fn(self._ptr(), byref(din), byref(dout), byref(h), s)), self.comm._h)
@@ -363,8 +397,7 @@ class Moe:
             cin.y, cin.topk_weights = A.ptr(y), A.ptr(topk_weights)
             return o, A.ptr(o), A.stream_of(stream, y)
 
-        out, out_p, s = self._call(problem, lambda: L.epx_moe_ll_combine(self._ptr(), None, byref(_lib.LLCombineIn()),
-                                                                        None, None), prepare)
+        out, out_p, s = self._call(problem, "ll_combine", prepare)
         fn = L.epx_moe_ll_combine_send if split else L.epx_moe_ll_combine
         check(self.comm._run(lambda: fn(self._ptr(), handle._h, byref(cin), out_p, s)), self.comm._h)
         if split:  # read and written by the receive: kept alive until then
@@ -379,3 +412,9 @@ class Moe:
         like = getattr(handle, "_like", None)
         check(fn(self._ptr(), handle._h, A.stream_of(stream, like) if like is not None else None), self.comm._h)
         handle._keep = None
+
+
+def _release(dead):
+    """Moe.destroy's deferred release: the C context in `dead`, which it empties (Moe._fail then has
+    nothing to join with)."""
+    L.epx_moe_destroy(dead.pop())

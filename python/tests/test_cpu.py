@@ -125,6 +125,37 @@ class CpuTests(unittest.TestCase):
                            capture_output=True, text=True, timeout=150)
         self.assertEqual((p.returncode, p.stdout.count(" ok")), (0, 2), p.stdout[-2000:] + p.stderr[-4000:])
 
+    def test_released_moe_one_rank(self):
+        # a collective on a Moe destroyed on rank 1 and released there by a later collective: rank 1 has no
+        # context left to join it with, and says so with an unrecoverable InvalidArgumentError, so that
+        # leaving `with comm` aborts the communicator and rank 0's call fails at once (PeerFailure) instead
+        # of at its timeout (a minute); rank 1 stays alive meanwhile (its exit would end rank 0's wait too)
+        run = _launcher()
+        if run is None:
+            self.skipTest("epx-run not built (cmake --build build)")
+        code = ("import os, time, numpy as np, epx\n"
+                "r = int(os.environ['EPX_RANK'])\n"
+                "c = epx.Comm(timeout_ms=60000)\n"
+                "m = epx.Moe(c, 16, 4, 4, 2, dtype='f32')\n"
+                "if r == 1:\n"
+                "    m.destroy()\n"
+                "c.alltoall(np.zeros(1 << 20, np.float32))  # 2 MiB read from each other: past the eager\n"
+                "t0 = time.monotonic()  # slots, so rank 1 returns (then aborts) only once rank 0 read it\n"
+                "try:\n"
+                "    with c:\n"
+                "        m.dispatch(np.ones((2, 16), np.float32), np.zeros((2, 2), np.int64))\n"
+                "    raise SystemExit('rank %d: no error' % r)\n"
+                "except epx.InvalidArgumentError as e:\n"
+                "    assert r == 1 and not e.recoverable and 'released' in e.message, repr(e)\n"
+                "    time.sleep(3)\n"
+                "except epx.PeerFailureError:\n"
+                "    assert r == 0 and time.monotonic() - t0 < 2, time.monotonic() - t0\n"
+                "print('rank %d ok' % r)\n")
+        env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.run([run, "-n", "2", "--timeout", "100", "--", sys.executable, "-c", code], env=env,
+                           capture_output=True, text=True, timeout=150)
+        self.assertEqual((p.returncode, p.stdout.count(" ok")), (0, 2), p.stdout[-2000:] + p.stderr[-4000:])
+
     def _script(self, code):
         env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
