@@ -772,6 +772,85 @@ def test_deep_ep_borrowed_comm():
     comm.barrier()
 
 
+def test_deep_ep_bad_arguments_one_rank():
+    # an exception while one rank's Buffer reads its arguments, before any collective (a dtype epx lacks,
+    # what is not an array, a handle or an event): it propagates there, after that rank failed the
+    # collective its peers make first (the context's creation on first use, else the call), which they
+    # leave at once with RemoteInvalid (they used to wait for it, or pair their call with its next one)
+    bad = R - 1
+    E, K, H, M, T = R * 2, 2, 32, 4, 3
+    g = rng(80, me)
+    idx = g.integers(-1, E, (T, K)).astype(np.int64)
+    x = g.standard_normal((T, H)).astype(np.float32)
+    xb, w = f32_to_bf16(x), g.random((T, K)).astype(np.float32)
+    buf = deep_ep.Buffer(comm)
+    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+
+    def on_bad(v, good):
+        return v if me == bad else good
+
+    def dispatch(**kw):
+        args = dict(x=x, topk_idx=idx, topk_weights=w, num_tokens_per_expert=per_expert, is_token_in_rank=in_rank)
+        args.update(kw)
+        return buf.dispatch(**args)
+
+    def ll_dispatch(xx=xb, ii=idx, n=E):
+        return buf.low_latency_dispatch(xx, ii, M, n, use_fp8=False)
+
+    def usable(what):
+        same(comm.alltoall(np.full(R, me, np.int32)), np.arange(R, dtype=np.int32), "alltoall after " + what)
+    # first use: the others create the contexts
+    for what, call, exc in (("first dispatch of float64 x", lambda: dispatch(x=on_bad(x.astype(np.float64), x)),
+                             ValueError),
+                            ("first low_latency_dispatch of a bad expert count",
+                             lambda: ll_dispatch(n=on_bad("eight", E)), ValueError)):
+        fails_together(what, call, bad, exc)
+        usable(what)
+    recv_x, _, _, _, handle, _ = dispatch()
+    lx, _, lh, _, _ = ll_dispatch()
+    y = np.zeros_like(lx)
+    x48 = np.ones((T, 48), np.float32)
+    for what, call, exc in (
+            ("dispatch of float64 x", lambda: dispatch(x=on_bad(x.astype(np.float64), x)), ValueError),
+            ("dispatch of a 3-tuple x", lambda: dispatch(x=on_bad((x, x, x), x)), ValueError),
+            ("dispatch without topk_idx", lambda: dispatch(topk_idx=on_bad(None, idx)), ValueError),
+            ("dispatch of an object as num_tokens_per_expert",
+             lambda: dispatch(num_tokens_per_expert=on_bad(object(), per_expert)), AttributeError),
+            ("dispatch with an object as previous_event", lambda: dispatch(previous_event=on_bad(object(), None)),
+             AttributeError),
+            ("dispatch of a new hidden size with an object as previous_event",  # the others create its context
+             lambda: dispatch(x=x48, previous_event=on_bad(object(), None)), AttributeError),
+            ("cached dispatch along an object", lambda: buf.dispatch(x, handle=on_bad(object(), handle)),
+             AttributeError),
+            ("combine along None", lambda: buf.combine(recv_x, on_bad(None, handle)), AttributeError),
+            ("combine with an object as previous_event",
+             lambda: buf.combine(recv_x, handle, previous_event=on_bad(object(), None)), AttributeError),
+            ("low_latency_dispatch of float64 x", lambda: ll_dispatch(xx=on_bad(x.astype(np.float64), xb)),
+             ValueError),
+            ("low_latency_dispatch without topk_idx", lambda: ll_dispatch(ii=on_bad(None, idx)), AttributeError),
+            ("low_latency_combine along None", lambda: buf.low_latency_combine(y, idx, w, on_bad(None, lh)),
+             AttributeError)):
+        fails_together(what, call, bad, exc)
+        usable(what)
+    # a rank that cannot read the key guesses the context of the Buffer's latest call: where the others
+    # need another one (a new hidden size), their creation meets its failing dispatch, and on the CPU
+    # backend every rank fails with MismatchError instead (still at once)
+    t0 = time.monotonic()
+    try:
+        dispatch(x=on_bad(x.astype(np.float64), np.ones((T, 64), np.float32)))
+        ok(False, "a new hidden size with float64 x on rank %d did not raise" % bad)
+    except (epx.MismatchError, epx.RemoteInvalidError) as e:
+        ok(me != bad, "rank %d raised %r" % (me, e))
+    except ValueError as e:
+        ok(me == bad, "rank %d raised %r" % (me, e))
+    ok(time.monotonic() - t0 < 10, "a new hidden size with float64 x took %.1f s" % (time.monotonic() - t0))
+    usable("a new hidden size with float64 x")
+    # still usable
+    out, _, _ = buf.combine(recv_x, handle)
+    ok(out.shape == (T, H), "combine after the failures")
+    buf.destroy()
+
+
 # ---- DeepEP users' call sequences, replayed through the name `deep_ep` --------------------------
 # Each replays one user's calls (keywords, positional arguments, tuple shapes, event handling) as
 # that user makes them, on numpy arrays, and checks every output against a reference computed here.

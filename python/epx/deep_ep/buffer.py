@@ -88,7 +88,9 @@ def _finish(async_finish, like, extra=None):
 
 class Buffer:
     """DeepEP's communication buffer, over an epx communicator. Collective calls (dispatch, combine,
-    the low-latency pair) are made by every rank in the same order, as with DeepEP."""
+    the low-latency pair) are made by every rank in the same order, as with DeepEP. An argument that
+    raises on one rank while the call reads it (a dtype epx lacks, an object that is not an array, a
+    handle or an event) fails the call on every rank, the others with RemoteInvalidError."""
 
     num_sms = 20
 
@@ -116,6 +118,7 @@ class Buffer:
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
         self._moes = {}
+        self._latest = {}  # "ht" / "ll": the context of the latest call of that mode (see _prepared)
         self._ht_max_tokens = int(os.environ.get("EPX_DEEP_EP_MAX_TOKENS", _INITIAL_MAX_TOKENS))
         self._ll_combine_buffers = {}
 
@@ -124,6 +127,7 @@ class Buffer:
         for m in self._moes.values():
             m.destroy()
         self._moes.clear()
+        self._latest.clear()
         self._ll_combine_buffers.clear()
         if self._owns_comm:
             self.comm.destroy()
@@ -181,16 +185,40 @@ class Buffer:
 
     def _num_sms(self, config):
         n = config.num_sms if config is not None else Buffer.num_sms
-        return n if self.comm.backend == "cuda" else None
+        return int(n) if self.comm.backend == "cuda" else None
 
-    def _ht_moe(self, hidden, dtype, index_dtype, num_experts, topk, alignment, num_sms):
-        key = ("ht", hidden, dtype, index_dtype, num_experts, topk, alignment, num_sms)
+    def _ht_moe(self, key):
+        """The context of key ("ht", hidden, dtype, index dtype, experts, top-k, alignment, num_sms), made
+        (collectively) when missing or smaller than the agreed capacity."""
         m = self._moes.get(key)
         if m is None or m.max_tokens_per_rank < self._ht_max_tokens:
+            _, hidden, dtype, index_dtype, num_experts, topk, alignment, num_sms = key
             m = Moe(self.comm, hidden, num_experts, self._ht_max_tokens, topk, dtype=dtype, index_dtype=index_dtype,
                     mode="ht", expert_alignment=alignment, num_sms=num_sms)
             self._moes[key] = m
+        self._latest["ht"] = m
         return m
+
+    def _prepared(self, mode, op, prepare, at):
+        """prepare() -> its result: this rank's reading of a call's arguments, which may raise. Where it
+        raises, this rank makes, failing, the collective its peers make first, so that they fail at once
+        (RemoteInvalidError) instead of waiting for it (Comm._collective), and then raises. That
+        collective is `op` (a Moe method) on the call's context: at["moe"] (a handle's) or that of
+        at["key"] where prepare() read that far, else that of the latest `mode` call (the same on every
+        rank while they call in step); or, where that context is missing or outgrown, its creation (the
+        peers make it first). Where the peers need another context than the one guessed, the calls
+        differ: on the CPU backend every rank then fails with MismatchError, also at once."""
+        return self.comm._collective(lambda: (None, prepare()), lambda: self._fail(mode, op, at)())
+
+    def _fail(self, mode, op, at):
+        """The failing collective of _prepared, as a fail() for Comm._collective."""
+        moe = at.get("moe")
+        if not (isinstance(moe, Moe) and moe.mode == (_lib.MOE_HIGH_THROUGHPUT if mode == "ht"
+                                                      else _lib.MOE_LOW_LATENCY)):
+            moe = self._moes.get(at["key"]) if "key" in at else self._latest.get(mode)
+            if moe is not None and mode == "ht" and moe.max_tokens_per_rank < self._ht_max_tokens:
+                moe = None
+        return moe._fail(op) if moe is not None else Moe._create_fail(self.comm)
 
     def _max_over_ranks(self, value, like):
         """Collective: the largest `value` over the ranks (after a failure every rank saw)."""
@@ -203,17 +231,18 @@ class Buffer:
         np = A.np
         return int(self.comm.alltoall(np.full(R, int(value), dtype=np.int64)).max())
 
-    def _with_capacity(self, T, like, call):
-        """Run call() on a context large enough for this rank's T tokens; when some rank had more tokens
-        than the context holds, every rank fails, they agree on the largest T and retry once. Every rank
-        whose call raised, for whatever reason (out of memory on one rank and RemoteInvalidError on the
-        others, too), joins that agreement, so none waits in it for a rank that gave up; a rank whose
-        communicator is broken raises its call's error."""
+    def _with_capacity(self, at, call):
+        """Run call() on a context large enough for this rank's at["T"] tokens, set by call() (0 where it
+        raised before reading them; at["like"]: the tokens); when some rank had more tokens than the
+        context holds, every rank fails, they agree on the largest T and retry once. Every rank whose
+        call raised, for whatever reason (out of memory or a bad argument on one rank and
+        RemoteInvalidError on the others, too), joins that agreement, so none waits in it for a rank that
+        gave up; a rank whose communicator is broken raises its call's error."""
         try:
             return call()
         except Exception as e:
             try:
-                need = self._max_over_ranks(T, like)
+                need = self._max_over_ranks(at.get("T", 0), at.get("like"))
             except Exception:
                 raise e
             if need <= self._ht_max_tokens:
@@ -266,43 +295,60 @@ class Buffer:
         recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event); with `handle`
         given (cached: same routing, new data) (recv_x, None, None, None, None, event). Received rows are
         ordered by (source rank, source token)."""
-        if num_worst_tokens:
-            raise UnsupportedError(-5, "num_worst_tokens is not supported by epx")
-        xs, scales_out = None, _same
-        if isinstance(x, tuple):
-            x, xs = x
-            xs, scales_out = _scales_in(xs, x)
-        _wait(previous_event)
+        at = {}  # what the preparation learnt before it raised (see _prepared, _with_capacity)
         if handle is not None:
-            moe = handle.moe
-            recv_x = moe.dispatch_cached(handle.epx_handle, x, xs)  # (recv_x, scales) for FP8
+            def prepare_cached():
+                at["moe"] = handle.moe
+                _wait(previous_event)
+                return (handle.moe, handle.epx_handle) + _tokens(x)
+
+            moe, h, xx, xs, scales_out = self._prepared("ht", "dispatch_cached", prepare_cached, at)
+            recv_x = moe.dispatch_cached(h, xx, xs)  # (recv_x, scales) for FP8
             if xs is not None:
                 recv_x = (recv_x[0], scales_out(recv_x[1]))
-            return recv_x, None, None, None, None, _finish(async_finish, x)
-        if topk_idx is None or num_tokens_per_expert is None:
-            raise ValueError("dispatch needs topk_idx and num_tokens_per_expert (from get_dispatch_layout) "
-                             "or a handle")
-        E = A.shape(num_tokens_per_expert)[0]
-        T, H = A.shape(x)[0], A.shape(x)[-1]
-        K = A.shape(topk_idx)[1] if len(A.shape(topk_idx)) == 2 else 1
-        dtype = _lib.FP8_E4M3 if xs is not None else A.dtype_of(x)
+            return recv_x, None, None, None, None, _finish(async_finish, xx)
 
-        def call():
-            moe = self._ht_moe(H, dtype, A.dtype_of(topk_idx), E, K, expert_alignment, self._num_sms(config))
-            return moe, moe.dispatch(x, topk_idx, topk_weights, xs)
+        def prepare():
+            xx, xs, scales_out = _tokens(x)
+            at["like"] = xx
+            if topk_idx is None or num_tokens_per_expert is None:
+                raise ValueError("dispatch needs topk_idx and num_tokens_per_expert (from get_dispatch_layout) "
+                                 "or a handle")
+            at["T"] = int(A.shape(xx)[0])
+            K = A.shape(topk_idx)[1] if len(A.shape(topk_idx)) == 2 else 1
+            dtype = _lib.FP8_E4M3 if xs is not None else A.dtype_of(xx)
+            key = ("ht", A.shape(xx)[-1], dtype, A.dtype_of(topk_idx), A.shape(num_tokens_per_expert)[0], K,
+                   int(expert_alignment), self._num_sms(config))
+            at["key"] = key
+            if num_worst_tokens:
+                raise UnsupportedError(-5, "num_worst_tokens is not supported by epx")
+            _wait(previous_event)
+            return key, xx, xs, scales_out
 
-        moe, r = self._with_capacity(T, x, call)
+        def call():  # the preparation too: a rank whose preparation raised joins the agreement
+            key, xx, xs, scales_out = self._prepared("ht", "dispatch", prepare, at)
+            moe = self._ht_moe(key)
+            return moe, moe.dispatch(xx, topk_idx, topk_weights, xs), xx, xs, scales_out
+
+        moe, r, xx, xs, scales_out = self._with_capacity(at, call)
         h = _HTHandle(moe, r.handle, is_token_in_rank, r.recv_src_rank, r.recv_src_token)
         recv_x = (r.recv_x, scales_out(r.recv_x_scales)) if xs is not None else r.recv_x
         counts = r.num_recv_tokens_per_expert.tolist()
-        return recv_x, r.recv_topk_idx, r.recv_topk_weights, counts, h, _finish(async_finish, x)
+        return recv_x, r.recv_topk_idx, r.recv_topk_weights, counts, h, _finish(async_finish, xx)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
                 async_finish=False, allocate_on_comm_stream=False):
         """Sum each token's rows back on its home rank (no weights applied; float32 in ascending rank
         order). Returns (combined_x[T, H], combined_topk_weights[T, K] or None, event)."""
-        _wait(previous_event)
-        out, out_w = handle.moe.combine(handle.epx_handle, x, topk_weights)
+        at = {}
+
+        def prepare():
+            at["moe"] = handle.moe
+            _wait(previous_event)
+            return handle.moe, handle.epx_handle
+
+        moe, h = self._prepared("ht", "combine", prepare, at)
+        out, out_w = moe.combine(h, x, topk_weights)
         biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
         if biases:  # in float32, the biases summed first (as DeepEP does), then one rounding
             f32 = (lambda a: a.float()) if A.is_torch(out) else _np_float32
@@ -319,14 +365,17 @@ class Buffer:
 
     # ---- low-latency -----------------------------------------------------------------------------
 
-    def _ll_moe(self, hidden, dtype, index_dtype, num_experts, topk, max_tokens, use_fp8, ue8m0):
-        key = ("ll", hidden, dtype, index_dtype, num_experts, topk, max_tokens, use_fp8, ue8m0)
+    def _ll_moe(self, key):
+        """The context of key ("ll", hidden, dtype, index dtype, experts, top-k, max tokens, use_fp8,
+        ue8m0), made (collectively) when missing."""
         m = self._moes.get(key)
         if m is None:
+            _, hidden, dtype, index_dtype, num_experts, topk, max_tokens, use_fp8, ue8m0 = key
             m = Moe(self.comm, hidden, num_experts, max_tokens, topk, dtype=dtype, index_dtype=index_dtype, mode="ll",
                     ll_fp8=use_fp8, scale_format="ue8m0" if ue8m0 else "f32",
                     combine_dtype=_lib.BF16 if use_fp8 else None)
             self._moes[key] = m
+        self._latest["ll"] = m
         return m
 
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
@@ -337,14 +386,20 @@ class Buffer:
         hook): recv_x is [L, R*M, H] (bf16), or with use_fp8 (fp8 [L, R*M, H], scales [L, R*M, H/128]) —
         float32 scales (powers of two with round_scale), or UE8M0 exponent bytes packed four to an int32
         with use_ue8m0. Rows of expert l are recv_x[l, :recv_count[l]]."""
-        H = A.shape(x)[-1]
-        K = A.shape(topk_idx)[1] if len(A.shape(topk_idx)) == 2 else 1
-        ue8m0 = bool(use_fp8 and (round_scale or use_ue8m0))
-        moe = self._ll_moe(H, A.dtype_of(x), A.dtype_of(topk_idx), int(num_experts), K,
-                           int(num_max_dispatch_tokens_per_rank), bool(use_fp8), ue8m0)
-        r = moe.ll_dispatch(x, topk_idx, split=bool(return_recv_hook))
-        h = _LLHandle(moe, r.handle, r.recv_src_rank, r.recv_src_token, int(num_max_dispatch_tokens_per_rank), H,
-                      int(num_experts))
+        at = {}
+
+        def prepare():
+            K = A.shape(topk_idx)[1] if len(A.shape(topk_idx)) == 2 else 1
+            key = ("ll", A.shape(x)[-1], A.dtype_of(x), A.dtype_of(topk_idx), int(num_experts), K,
+                   int(num_max_dispatch_tokens_per_rank), bool(use_fp8), bool(use_fp8 and (round_scale or use_ue8m0)))
+            at["key"] = key
+            return key, bool(return_recv_hook)
+
+        key, split = self._prepared("ll", "ll_dispatch", prepare, at)
+        _, H, _, _, E, _, M, _, ue8m0 = key
+        moe = self._ll_moe(key)
+        r = moe.ll_dispatch(x, topk_idx, split=split)
+        h = _LLHandle(moe, r.handle, r.recv_src_rank, r.recv_src_token, M, H, E)
 
         def scales_of(raw):
             if ue8m0 and not use_ue8m0:  # float32 powers of two
@@ -362,7 +417,7 @@ class Buffer:
 
         recv_x, hook = r.recv_x, (lambda: None)
         scales = scales_of(r.recv_x_scales) if use_fp8 else None
-        if return_recv_hook:
+        if split:
             def hook():
                 moe.ll_recv(r.handle)
                 if use_fp8:  # the returned scales, rewritten in place from what arrived
@@ -379,12 +434,16 @@ class Buffer:
         """Weighted combine of the expert outputs x[L, R*M, H] (the dispatch's slot layout): out[t] =
         sum over k of topk_weights[t, k] * x[expert][slot]. With zero_copy, the data is taken from
         get_next_low_latency_combine_buffer(handle). Returns (combined_x[T, H], event, hook)."""
-        moe = handle.moe
-        y = self._ll_combine_buffers.get(id(moe)) if zero_copy else x
-        if y is None:
-            y = x
-        res = moe.ll_combine(handle.epx_handle, y, topk_weights, out, split=bool(return_recv_hook))
-        hook = (lambda: moe.ll_recv(handle.epx_handle, combine=True)) if return_recv_hook else (lambda: None)
+        at = {}
+
+        def prepare():
+            at["moe"] = moe = handle.moe
+            y = self._ll_combine_buffers.get(id(moe)) if zero_copy else x
+            return moe, handle.epx_handle, x if y is None else y, bool(return_recv_hook)
+
+        moe, h, y, split = self._prepared("ll", "ll_combine", prepare, at)
+        res = moe.ll_combine(h, y, topk_weights, out, split=split)
+        hook = (lambda: moe.ll_recv(h, combine=True)) if split else (lambda: None)
         return res, _finish(async_finish, y), hook
 
     def get_next_low_latency_combine_buffer(self, handle):
@@ -412,6 +471,15 @@ def _comm_of_group(group, timeout_ms):
 
 def _same(r):
     return r
+
+
+def _tokens(x):
+    """dispatch's x, or DeepEP's (x, x_scales), as (x, epx's scales or None, the function that gives the
+    received scales DeepEP's form)."""
+    if not isinstance(x, tuple):
+        return x, None, _same
+    x, s = x
+    return (x,) + _scales_in(s, x)
 
 
 def _scales_in(s, x):
