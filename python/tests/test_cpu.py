@@ -102,12 +102,19 @@ class CpuTests(unittest.TestCase):
             with self.assertRaises(epx.InvalidArgumentError, msg=str(kw)):
                 _comm._config(kw.get("backend"), kw.get("device"), kw.get("timeout_ms"))
 
-    def test_bad_backend_on_one_rank(self):
-        # Comm() with a backend name only Python rejects, on rank 1 of 2: it raises there, and rank 0's
-        # creation fails at once with RemoteInvalid (not at its timeout, a minute)
+    def _ranks(self, n, code):
+        # `code` run by n ranks under epx-run: each must exit 0 and print "rank R ok"
         run = _launcher()
         if run is None:
             self.skipTest("epx-run not built (cmake --build build)")
+        env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.run([run, "-n", str(n), "--timeout", "100", "--", sys.executable, "-c", code], env=env,
+                           capture_output=True, text=True, timeout=150)
+        self.assertEqual((p.returncode, p.stdout.count(" ok")), (0, n), p.stdout[-2000:] + p.stderr[-4000:])
+
+    def test_bad_backend_on_one_rank(self):
+        # Comm() with a backend name only Python rejects, on rank 1 of 2: it raises there, and rank 0's
+        # creation fails at once with RemoteInvalid (not at its timeout, a minute)
         code = ("import os, time, epx\n"
                 "r = int(os.environ['EPX_RANK'])\n"
                 "t0 = time.monotonic()\n"
@@ -120,19 +127,13 @@ class CpuTests(unittest.TestCase):
                 "    assert r == 1 and 'nope' in e.message, e\n"
                 "assert time.monotonic() - t0 < 20, time.monotonic() - t0\n"
                 "print('rank %d ok' % r)\n")
-        env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p = subprocess.run([run, "-n", "2", "--timeout", "100", "--", sys.executable, "-c", code], env=env,
-                           capture_output=True, text=True, timeout=150)
-        self.assertEqual((p.returncode, p.stdout.count(" ok")), (0, 2), p.stdout[-2000:] + p.stderr[-4000:])
+        self._ranks(2, code)
 
     def test_released_moe_one_rank(self):
         # a collective on a Moe destroyed on rank 1 and released there by a later collective: rank 1 has no
         # context left to join it with, and says so with an unrecoverable InvalidArgumentError, so that
         # leaving `with comm` aborts the communicator and rank 0's call fails at once (PeerFailure) instead
         # of at its timeout (a minute); rank 1 stays alive meanwhile (its exit would end rank 0's wait too)
-        run = _launcher()
-        if run is None:
-            self.skipTest("epx-run not built (cmake --build build)")
         code = ("import os, time, numpy as np, epx\n"
                 "r = int(os.environ['EPX_RANK'])\n"
                 "c = epx.Comm(timeout_ms=60000)\n"
@@ -151,10 +152,7 @@ class CpuTests(unittest.TestCase):
                 "except epx.PeerFailureError:\n"
                 "    assert r == 0 and time.monotonic() - t0 < 2, time.monotonic() - t0\n"
                 "print('rank %d ok' % r)\n")
-        env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p = subprocess.run([run, "-n", "2", "--timeout", "100", "--", sys.executable, "-c", code], env=env,
-                           capture_output=True, text=True, timeout=150)
-        self.assertEqual((p.returncode, p.stdout.count(" ok")), (0, 2), p.stdout[-2000:] + p.stderr[-4000:])
+        self._ranks(2, code)
 
     def _script(self, code):
         env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
