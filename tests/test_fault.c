@@ -32,13 +32,16 @@
  *     writing nothing, and rewrites its send buffer. Rank 1 succeeds with exact data or
  *     fails with each output byte old or exact; never a success with what the pair wrote
  *     afterwards;
+ *   - kill_reading: the last rank dies once it holds every post of the operation, its own
+ *     all made, before it reads: the others read what it posted (its memory may be gone,
+ *     its shared memory is not) and must end as after a kill;
  *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
  *     call returns it at once; a new communicator (a new unique id) over the ranks still
  *     alive then works, data checked.
  *
  * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch or combine
- * and FAULT delay_short, delay_long, kill, count, abort, kill_slow_reader or
- * count_slow_reader (default: all of them). Forks
+ * and FAULT delay_short, delay_long, kill, count, abort, kill_slow_reader, count_slow_reader
+ * or kill_reading (default: all of them). Forks
  * its own ranks: epx-run would stop the others as soon as one rank dies.
  */
 #include <signal.h>
@@ -67,13 +70,14 @@ typedef enum {
     F_ABORT,
     F_KILL_SLOW_READER,
     F_COUNT_SLOW_READER,
+    F_KILL_READING,
     F_NUM
 } fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
 static const char *fault_names[] = {"delay_short", "delay_long",       "kill",
                                     "count",       "abort",            "kill_slow_reader",
-                                    "count_slow_reader"};
+                                    "count_slow_reader", "kill_reading"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -387,6 +391,9 @@ static int fault_step(op_t op)
     return (op >= OP_DISPATCH ? 1 : 0) + (op == OP_COMBINE || op == OP_LL_COMBINE ? 1 : 0) + 2;
 }
 
+/* Scenarios in which the last rank's process ends. */
+static bool killed(fault_t f) { return f == F_KILL || f == F_KILL_SLOW_READER || f == F_KILL_READING; }
+
 /* count_slow_reader after the faulty call (module comment); every rank then starts over
  * on a new communicator, whatever its outcome. */
 static int slow_reader_after_count(ctx_t *c, epx_status_t st, const char *what, const epx_unique_id_t *id2)
@@ -469,6 +476,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         break;
     case F_KILL:
     case F_KILL_SLOW_READER:
+    case F_KILL_READING:
         if (dt > TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms, timeout %d ms", what, dt, TIMEOUT_MS);
         if (st == EPX_SUCCESS && op == OP_ALLTOALLV) {
             ctx_check(&c, EXACT, what);
@@ -521,7 +529,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         ASSERT_OK(epx_comm_abort(comm));
     }
     /* A new communicator over the ranks still alive (the killed one was the last). */
-    recover(op, f == F_KILL || f == F_KILL_SLOW_READER ? R - 1 : R, rank, id2);
+    recover(op, killed(f) ? R - 1 : R, rank, id2);
     fflush(stdout);
     return 0;
 }
@@ -543,6 +551,7 @@ static int scenario(op_t op, fault_t f, int R)
         snprintf(text, sizeof text, "count:rank=%d,step=%d;delay:rank=1,step=%d,ms=%d,at=enqueue", R - 1, step, step,
                  TIMEOUT_MS * 8 / 5);
         break;
+    case F_KILL_READING: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=enqueue", R - 1, step); break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
     default: break;
     }
@@ -570,7 +579,7 @@ static int scenario(op_t op, fault_t f, int R)
     for (int r = 0; r < R; r++) {
         int status;
         ASSERT(waitpid(pids[r], &status, 0) == pids[r]);
-        int want = (f == F_KILL || f == F_KILL_SLOW_READER) && r == R - 1 ? FAULT_EXIT : 0;
+        int want = killed(f) && r == R - 1 ? FAULT_EXIT : 0;
         if (!WIFEXITED(status) || WEXITSTATUS(status) != want) {
             fprintf(stderr, "FAIL %s/%s np%d: rank %d ended with status 0x%x (expected exit %d)\n", op_names[op],
                     fault_names[f], R, r, status, want);

@@ -29,8 +29,9 @@
  * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues
  * any kernel: the peers' device waits find nothing) or, for kill, `launched` (after it
  * enqueued its kernels, without waiting for them). The CPU backend on one host fires
- * `host`, and a `delay` at `enqueue` once the rank holds every peer's post of the
- * operation, before it reads anything (a slow reader: its peers may finish first).
+ * `host`, and `delay` and `kill` at `enqueue` once the rank holds every peer's post of the
+ * operation (its own all made), before it reads anything: a slow reader (its peers may
+ * finish first), or a rank gone while its peers read what it posted.
  *
  * On communicators across hosts, CPU (MPI, src/hier) and CUDA (NCCL, src/xhost), src/api
  * counts the steps and fires `host` entries where the call starts (epx__comm_fault_begin):

@@ -238,6 +238,16 @@ static void epx__unlink_retired(epx__cpu_t *c, uint32_t seq, bool all)
     }
 }
 
+/* EPX_FAULT at=enqueue, once every post of operation `seq` is here and nothing is read:
+ * a delay (a slow reader), or a kill (a rank gone with everything posted). */
+static void epx__fault_before_reads(epx__cpu_t *c, uint32_t seq)
+{
+    epx__fault_delay_at(&c->fault, seq, EPX__FAULT_AT_ENQUEUE);
+    epx__fault_spec_t f;
+    if (epx__fault_take_at(&c->fault, EPX__FAULT_KILL, seq, EPX__FAULT_AT_ENQUEUE, &f))
+        epx__fault_exit(&f, c->nranks - 1, c->nranks - 1);
+}
+
 epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
 {
     for (int i = 1; i < c->nranks; i++) {
@@ -246,7 +256,7 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
         EPX__CHECK(epx__flag_wait(c, peer, &d->post, seq, deadline, "arrival", err));
     }
     if (c->num_retired) epx__unlink_retired(c, seq, false);
-    if (__builtin_expect(c->fault.armed, 0)) epx__fault_delay_at(&c->fault, seq, EPX__FAULT_AT_ENQUEUE);
+    if (__builtin_expect(c->fault.armed, 0)) epx__fault_before_reads(c, seq);
     return EPX_SUCCESS;
 }
 
