@@ -75,9 +75,8 @@ typedef enum {
 } fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
-static const char *fault_names[] = {"delay_short", "delay_long",       "kill",
-                                    "count",       "abort",            "kill_slow_reader",
-                                    "count_slow_reader", "kill_reading"};
+static const char *fault_names[] = {"delay_short",      "delay_long",        "kill",        "count", "abort",
+                                    "kill_slow_reader", "count_slow_reader", "kill_reading"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -399,12 +398,13 @@ static bool killed(fault_t f) { return f == F_KILL || f == F_KILL_SLOW_READER ||
 static int slow_reader_after_count(ctx_t *c, epx_status_t st, const char *what, const epx_unique_id_t *id2)
 {
     int rank = c->me, R = c->R;
+    op_t op = c->op;
     if (rank == 0 || rank == R - 1) {
         if (st != EPX_ERR_MISMATCH && st != EPX_ERR_TIMEOUT)
             TEST_FAIL_("%s: got %s, expected a mismatch (or a timeout waiting for the slow reader)", what,
                        epx_status_name(st));
         ctx_check(c, UNTOUCHED, what);
-        size_t bytes = c->op == OP_ALLTOALL ? c->count * (size_t)R : (size_t)(c->sd[R - 1] + c->sc[R - 1]);
+        size_t bytes = op == OP_ALLTOALL ? c->count * (size_t)R : (size_t)(c->sd[R - 1] + c->sc[R - 1]);
         for (size_t i = 0; i < bytes; i++) c->send[i] = (uint8_t)~c->send[i]; /* the call returned: mine again */
         usleep(2 * TIMEOUT_MS * 1000); /* alive while the slow reader reads */
     } else if (st == EPX_SUCCESS) {
@@ -417,7 +417,7 @@ static int slow_reader_after_count(ctx_t *c, epx_status_t st, const char *what, 
     epx_comm_t comm = c->comm;
     ctx_free(c);
     ASSERT_OK(epx_comm_abort(comm));
-    recover(c->op, R, rank, id2);
+    recover(op, R, rank, id2);
     return 0;
 }
 
