@@ -549,12 +549,15 @@ def _assign(dst, src):
 
 
 def _ue8m0_to_float(s):
-    """UE8M0 exponent bytes -> the float32 powers of two they encode."""
+    """UE8M0 exponent bytes -> the float32 powers of two they encode (0xFF: inf, as torch's ldexp
+    gives; without numpy's overflow warning, which the bytes of receive slots no token filled
+    would raise)."""
     if A.is_torch(s):
         t = _torch()
         return t.ldexp(t.ones_like(s, dtype=t.float32), s.to(t.int32) - 127)
     np = A.np
-    return np.ldexp(np.float32(1), s.astype(np.int32) - 127).astype(np.float32)
+    with np.errstate(over="ignore"):
+        return np.ldexp(np.float32(1), s.astype(np.int32) - 127).astype(np.float32)
 
 
 def _pack_ue8m0(s):
