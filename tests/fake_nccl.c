@@ -51,7 +51,8 @@
  * FAKE_NCCL_SYNC does not apply to captured groups. As with NCCL, ncclCommAbort and
  * ncclCommDestroy release the streams at once but return only once every graph holding a
  * template of the communicator (and its instances) is destroyed (a CUDA user object counts
- * them).
+ * them); ncclCommFinalize answers ncclInProgress, and ncclCommGetAsyncError stays so, while
+ * such a graph lives.
  *
  * Initialisation, for epx's failure paths in it: FAKE_NCCL_INIT_JOIN=1 makes it wait for the
  * peers as NCCL's does: ncclCommInitRankConfig answers ncclInProgress, and the communicator
@@ -155,6 +156,7 @@ struct fake_comm {
     uint32_t q;         /* batches posted (by fake_post_mu) */
     fake_tmpl_t *tmpls; /* captured groups (by fake_post_mu) */
     int graphs;         /* atomic: CUDA graphs (and their instances) holding a template of c */
+    int finalizing;     /* atomic: ncclCommFinalize was called */
     pthread_t worker;
     int abort;          /* atomic: the worker gives up what it waits for */
     pthread_mutex_t mu; /* guards what follows */
@@ -583,9 +585,17 @@ ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId id, int 
     return ncclCommInitRankConfig(out, nranks, id, rank, NULL);
 }
 
+/* A finalize stays in progress while a graph holds c (as NCCL's, which waits for them). */
+static int fake_finalizing(ncclComm_t c)
+{
+    return __atomic_load_n(&c->finalizing, __ATOMIC_ACQUIRE) && __atomic_load_n(&c->graphs, __ATOMIC_ACQUIRE) > 0;
+}
+
 ncclResult_t ncclCommGetAsyncError(ncclComm_t c, ncclResult_t *r)
 {
-    *r = !c ? ncclInvalidArgument : c->join && !fake_joined(c) ? ncclInProgress : fake_err(c);
+    *r = !c ? ncclInvalidArgument
+         : (c->join && !fake_joined(c)) || fake_finalizing(c) ? ncclInProgress
+                                                                : fake_err(c);
     return ncclSuccess;
 }
 
@@ -653,7 +663,12 @@ static ncclResult_t fake_free(ncclComm_t c, int clean)
 
 ncclResult_t ncclCommAbort(ncclComm_t c) { return fake_free(c, 0); }
 ncclResult_t ncclCommDestroy(ncclComm_t c) { return fake_free(c, 1); }
-ncclResult_t ncclCommFinalize(ncclComm_t c) { return c ? ncclSuccess : ncclInvalidArgument; }
+ncclResult_t ncclCommFinalize(ncclComm_t c)
+{
+    if (!c) return ncclInvalidArgument;
+    __atomic_store_n(&c->finalizing, 1, __ATOMIC_RELEASE);
+    return fake_finalizing(c) ? ncclInProgress : ncclSuccess;
+}
 ncclResult_t ncclCommCount(const ncclComm_t c, int *n) { return *n = c->nranks, ncclSuccess; }
 ncclResult_t ncclCommUserRank(const ncclComm_t c, int *r) { return *r = c->rank, ncclSuccess; }
 ncclResult_t ncclCommCuDevice(const ncclComm_t c, int *d) { return *d = c->device, ncclSuccess; }

@@ -615,22 +615,87 @@ static int stall_ll(epx_comm_t comm, int me, int R)
     return 1;
 }
 
+/* ---- Low-latency across hosts: the communicator destroyed before a graph ------------- */
+
+/* Across hosts: epx_comm_destroy while a graph that captured low-latency calls still lives
+ * (against epx.h's advice: NCCL's finalize, then its abort, wait for such graphs). It must
+ * return within its bound: the clean finalize waits at most min(EPX_TIMEOUT_MS, 10 s), then
+ * the abort thread is waited for as long and let go, with a warning. The graph is destroyed
+ * afterwards, which lets that thread end. Consumes the communicator. */
+static int destroy_before_graph(epx_comm_t comm, int me, int R)
+{
+    const char *tms = getenv("EPX_TIMEOUT_MS");
+    double timeout_ms = tms ? atof(tms) : 0;
+    if (timeout_ms <= 0 || timeout_ms > 10000) TEST_FAIL_("--ll-destroy-first needs EPX_TIMEOUT_MS set, at most 10000");
+    cudaStream_t s = test_stream();
+    int E = 4 * R;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.mode = EPX_MOE_LOW_LATENCY;
+    epx_moe_t moe;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
+    size_t xb = (size_t)GT * GH * 2, rb = (size_t)4 * R * GT * GH * 2;
+    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
+    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
+    float *w = test_buf_alloc(sizeof(float) * GT * GK);
+    int32_t *count = test_buf_alloc(sizeof(int32_t) * 4);
+    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
+    float *hw = malloc(sizeof(float) * GT * GK);
+    for (int t = 0; t < GT; t++)
+        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E), hw[t * GK + k] = g_weight(0, me, t, k);
+    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
+    test_buf_put(w, hw, sizeof(float) * GT * GK);
+    epx_moe_ll_dispatch_in_t in = {x, idx, GT, GK};
+    epx_moe_ll_dispatch_out_t dout = {recv, NULL, count, NULL, NULL};
+    epx_moe_ll_combine_in_t cin = {recv, w};
+    epx_moe_handle_t h = NULL;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s));
+    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
+    CU(cudaStreamEndCapture(s, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    CU(cudaGraphLaunch(exec, s));
+    CU(cudaStreamSynchronize(s));
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    ASSERT_OK(epx_moe_destroy(moe));
+    ASSERT_OK(epx_barrier(comm, s));
+    test_sync();
+    double t0 = test_now_ms();
+    ASSERT_OK(epx_comm_destroy(comm));
+    double waited = test_now_ms() - t0, bound = 2 * timeout_ms + 3000;
+    if (waited > bound) TEST_FAIL_("epx_comm_destroy with a live graph took %.0f ms (more than %.0f)", waited, bound);
+    printf("rank %d: epx_comm_destroy with a live graph returned after %.0f ms\n", me, waited);
+    CU(cudaGraphExecDestroy(exec));
+    CU(cudaGraphDestroy(graph));
+    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(w);
+    test_buf_free(count);
+    free(hidx), free(hw);
+    return 1;
+}
+
 #endif
 
 int main(int argc, char **argv)
 {
     test_init_cuda_only(argc, argv);
 #ifdef EPX_HAVE_CUDA
-    bool ll_only = false, ll_stall = false;
+    bool ll_only = false, ll_stall = false, ll_destroy_first = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--copy-engines")) copy_engines = true, num_sms = EPX_MOE_COPY_ENGINES;
         ll_only = ll_only || !strcmp(argv[i], "--ll-only");
         ll_stall = ll_stall || !strcmp(argv[i], "--ll-stall");
+        ll_destroy_first = ll_destroy_first || !strcmp(argv[i], "--ll-destroy-first");
     }
     const char *env_sms = getenv("EPX_CUDA_SMS");
     if (env_sms && atoi(env_sms) <= 0) copy_engines = true;
     int me, R, passed = 0;
     epx_comm_t comm = test_comm_from_env(&me, &R);
+    if (ll_destroy_first) {
+        passed += destroy_before_graph(comm, me, R);
+        test_done(passed);
+        return 0;
+    }
     if (ll_only || ll_stall) { /* across hosts only the low-latency calls can be captured (epx_cuda.h) */
         if (ll_only) {
             passed += replay_ll(comm, me, R, 200, false);

@@ -228,32 +228,43 @@ static void CUDART_CB epx__ipc_graph_gone(void *arg)
     free(g);
 }
 
-/* The graph being captured on `stream` holds mapping slot `slot` until it and its
- * instances are destroyed. */
-static epx_status_t epx__ipc_graph_hold(epx__cuda_t *c, int slot, cudaStream_t stream, epx__errbuf_t *err)
+epx_status_t epx__cuda_capture_graph(void *stream, cudaGraph_t *graph, epx__errbuf_t *err)
 {
-    enum cudaStreamCaptureStatus cs;
-    cudaGraph_t graph = NULL;
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    cudaGraph_t g = NULL;
 #if CUDART_VERSION >= 13000
-    cudaError_t ce = cudaStreamGetCaptureInfo(stream, &cs, NULL, &graph, NULL, NULL, NULL);
+    cudaError_t ce = cudaStreamGetCaptureInfo((cudaStream_t)stream, &cs, NULL, &g, NULL, NULL, NULL);
 #else
-    cudaError_t ce = cudaStreamGetCaptureInfo_v2(stream, &cs, NULL, &graph, NULL, NULL);
+    cudaError_t ce = cudaStreamGetCaptureInfo_v2((cudaStream_t)stream, &cs, NULL, &g, NULL, NULL);
 #endif
-    if (ce == cudaSuccess && (cs != cudaStreamCaptureStatusActive || !graph)) ce = cudaErrorStreamCaptureInvalidated;
-    epx__ipc_graph_hold_t *g = ce == cudaSuccess ? malloc(sizeof *g) : NULL;
-    if (ce == cudaSuccess && !g) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    *graph = NULL;
+    if (ce == cudaSuccess && cs == cudaStreamCaptureStatusNone) return EPX_SUCCESS;
+    if (ce == cudaSuccess && (cs != cudaStreamCaptureStatusActive || !g)) ce = cudaErrorStreamCaptureInvalidated;
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        return epx__fail(err, EPX_ERR_CUDA, "the CUDA graph being captured on stream %p: %s", stream,
+                         cudaGetErrorString(ce));
+    }
+    *graph = g;
+    return EPX_SUCCESS;
+}
+
+/* `graph` (being captured) holds mapping slot `slot` until it and its instances are
+ * destroyed. */
+static epx_status_t epx__ipc_graph_hold(epx__cuda_t *c, int slot, cudaGraph_t graph, epx__errbuf_t *err)
+{
+    epx__ipc_graph_hold_t *g = malloc(sizeof *g);
+    if (!g) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    *g = (epx__ipc_graph_hold_t){c->graph_holds, slot};
+    __atomic_add_fetch(&c->graph_holds->refs, 1, __ATOMIC_ACQ_REL);
+    __atomic_add_fetch(&c->graph_holds->held[slot], 1, __ATOMIC_ACQ_REL);
     cudaUserObject_t o;
-    if (ce == cudaSuccess) {
-        *g = (epx__ipc_graph_hold_t){c->graph_holds, slot};
-        __atomic_add_fetch(&c->graph_holds->refs, 1, __ATOMIC_ACQ_REL);
-        __atomic_add_fetch(&c->graph_holds->held[slot], 1, __ATOMIC_ACQ_REL);
-        ce = cudaUserObjectCreate(&o, g, epx__ipc_graph_gone, 1, cudaUserObjectNoDestructorSync);
-        if (ce != cudaSuccess) {
-            epx__ipc_graph_gone(g);
-        } else {
-            ce = cudaGraphRetainUserObject(graph, o, 1, cudaGraphUserObjectMove);
-            if (ce != cudaSuccess) cudaUserObjectRelease(o, 1); /* (its destructor drops the hold) */
-        }
+    cudaError_t ce = cudaUserObjectCreate(&o, g, epx__ipc_graph_gone, 1, cudaUserObjectNoDestructorSync);
+    if (ce != cudaSuccess) {
+        epx__ipc_graph_gone(g);
+    } else {
+        ce = cudaGraphRetainUserObject(graph, o, 1, cudaGraphUserObjectMove);
+        if (ce != cudaSuccess) cudaUserObjectRelease(o, 1); /* (its destructor drops the hold) */
     }
     if (ce != cudaSuccess) {
         cudaGetLastError();
@@ -499,12 +510,12 @@ static epx_status_t epx__ipc_get(epx__cuda_t *c, int peer, const epx__ipc_card_t
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
+epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, cudaGraph_t graph,
                            epx__errbuf_t *err)
 {
     int slot;
     EPX__CHECK(epx__ipc_get(c, peer, card, base, 0, &slot, err));
-    return epx__cuda_capturing(stream) ? epx__ipc_graph_hold(c, slot, (cudaStream_t)stream, err) : EPX_SUCCESS;
+    return graph ? epx__ipc_graph_hold(c, slot, graph, err) : EPX_SUCCESS;
 }
 
 epx_status_t epx__ipc_pin(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, epx__errbuf_t *err)
@@ -677,6 +688,8 @@ static epx_status_t epx__swap_destinations(epx__cuda_t *c, epx__a2a_op_t *op, ep
 static epx_status_t epx__a2a_map(epx__cuda_t *c, epx__cuda_a2a_t *plan, void *stream, epx__errbuf_t *err)
 {
     int R = c->nranks, me = c->rank;
+    cudaGraph_t graph;
+    EPX__CHECK(epx__cuda_capture_graph(stream, &graph, err));
     for (int pass = 0;; pass++) {
         uint64_t closed = c->ipc_closed;
         epx_status_t st = EPX_SUCCESS;
@@ -686,7 +699,7 @@ static epx_status_t epx__a2a_map(epx__cuda_t *c, epx__cuda_a2a_t *plan, void *st
             op->dst[me] = (char *)op->x->recv + op->x->recv_displ[me];
             for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
                 if (p == me || op->x->send_bytes[p] == 0) continue;
-                st = epx__ipc_open(c, p, &op->in[p], &op->dst[p], stream, err);
+                st = epx__ipc_open(c, p, &op->in[p], &op->dst[p], graph, err);
                 if (st == EPX_SUCCESS) op->dst[p] += op->in[p].base_offset + op->in[p].recv_displ;
             }
         }
@@ -831,6 +844,8 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t
     a.elem = k->elem_bytes;
     a.send_counts = (const long long *)k->send_counts;
     a.send_displs = (const long long *)k->send_displs;
+    cudaGraph_t graph = NULL;
+    if (st == EPX_SUCCESS) st = epx__cuda_capture_graph(stream, &graph, err);
     /* Mapped again when an open in this call closed mappings it took before (ipc_get). */
     for (int pass = 0; st == EPX_SUCCESS; pass++) {
         uint64_t closed = c->ipc_closed;
@@ -843,11 +858,11 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t
                 continue;
             }
             char *base;
-            st = epx__ipc_open(c, p, &in[p].recv, &base, stream, err);
+            st = epx__ipc_open(c, p, &in[p].recv, &base, graph, err);
             a.dst[p] = base + in[p].recv.base_offset;
-            if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].counts, &base, stream, err);
+            if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].counts, &base, graph, err);
             a.recv_counts[p] = (const long long *)(base + in[p].counts.base_offset);
-            if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].displs, &base, stream, err);
+            if (st == EPX_SUCCESS) st = epx__ipc_open(c, p, &in[p].displs, &base, graph, err);
             a.recv_displs[p] = (const long long *)(base + in[p].displs.base_offset);
         }
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;

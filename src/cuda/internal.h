@@ -128,10 +128,13 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
 /* The same, held until epx__ipc_unpin (kernels and captured graphs keep the pointer). */
 epx_status_t epx__ipc_pin(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, epx__errbuf_t *err);
 void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base);
-/* A peer's allocation mapped here (cached); *base is the allocation's base. When `stream`
- * is being captured, the graph holds the mapping (never evicted) until it and its
- * instances are destroyed. */
-epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, void *stream,
+/* A peer's allocation mapped here (cached); *base is the allocation's base. With a `graph`
+ * (being captured: epx__cuda_capture_graph), the graph holds the mapping (never evicted)
+ * until it and its instances are destroyed. */
+epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, cudaGraph_t graph,
                            epx__errbuf_t *err);
+/* The graph being captured on `stream` (*graph), NULL when none; EPX_ERR_CUDA when CUDA
+ * cannot tell or the capture was invalidated. Asked once per call. */
+epx_status_t epx__cuda_capture_graph(void *stream, cudaGraph_t *graph, epx__errbuf_t *err);
 
 #endif

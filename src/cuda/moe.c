@@ -445,7 +445,7 @@ static epx_status_t epx__card_export(epx__cuda_t *c, epx__ipc_card_t *card, cons
 
 /* A peer's buffer mapped here (mine as is), or NULL when it exported none. */
 static epx_status_t epx__card_map(epx__cuda_t *c, int p, const epx__ipc_card_t *card, const void *own,
-                                  const char **out, void *stream, epx__errbuf_t *err)
+                                  const char **out, cudaGraph_t graph, epx__errbuf_t *err)
 {
     *out = NULL;
     if (p == c->rank) {
@@ -455,7 +455,7 @@ static epx_status_t epx__card_map(epx__cuda_t *c, int p, const epx__ipc_card_t *
     if (card->buffer_id == 0 && card->base_offset == 0 && memcmp(&card->handle, &(cudaIpcMemHandle_t){0}, sizeof card->handle) == 0)
         return EPX_SUCCESS;
     char *base;
-    EPX__CHECK(epx__ipc_open(c, p, card, &base, stream, err));
+    EPX__CHECK(epx__ipc_open(c, p, card, &base, graph, err));
     *out = base + card->base_offset;
     return EPX_SUCCESS;
 }
@@ -537,18 +537,18 @@ static int64_t epx__ce_stage_row(const int *cnt, int R, int p, int r)
 
 /* Every peer's recv_x (and FP8 recv_x_scales), as mapped here, into dx and ds. */
 static epx_status_t epx__map_recv(epx__cuda_moe_t *m, const epx__moe_card_t *cards, const epx_moe_dispatch_out_t *out,
-                                  char **dx, char **ds, void *stream, epx__errbuf_t *err)
+                                  char **dx, char **ds, cudaGraph_t graph, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
     for (int p = 0; p < c->nranks; p++) {
         bool own = p == c->rank;
         const char *ptr;
-        EPX__CHECK(epx__card_map(c, p, &cards[p].recv_x, own ? out->recv_x : NULL, &ptr, stream, err));
+        EPX__CHECK(epx__card_map(c, p, &cards[p].recv_x, own ? out->recv_x : NULL, &ptr, graph, err));
         dx[p] = (char *)(uintptr_t)ptr;
         ds[p] = NULL;
         if (m->s.dtype == EPX_FP8_E4M3) {
             EPX__CHECK(epx__card_map(c, p, &cards[p].recv_scales, own ? (const void *)out->recv_x_scales : NULL, &ptr,
-                                     stream, err));
+                                     graph, err));
             ds[p] = (char *)(uintptr_t)ptr;
         }
     }
@@ -639,15 +639,15 @@ static epx_status_t epx__ce_dispatch_rows(epx__cuda_moe_t *m, const epx__cuda_mo
 
 /* Every rank's token rows (and FP8 scales), as mapped here, into g->x and g->scales. */
 static epx_status_t epx__map_tokens(epx__cuda_moe_t *m, const epx__moe_card_t *cards, const epx_moe_dispatch_in_t *in,
-                                    epx__moe_gather_t *g, void *stream, epx__errbuf_t *err)
+                                    epx__moe_gather_t *g, cudaGraph_t graph, epx__errbuf_t *err)
 {
     epx__cuda_t *c = m->c;
     for (int p = 0; p < c->nranks; p++) {
         bool own = p == c->rank;
-        EPX__CHECK(epx__card_map(c, p, &cards[p].x, own ? in->x : NULL, &g->x[p], stream, err));
+        EPX__CHECK(epx__card_map(c, p, &cards[p].x, own ? in->x : NULL, &g->x[p], graph, err));
         if (m->s.dtype == EPX_FP8_E4M3)
             EPX__CHECK(epx__card_map(c, p, &cards[p].scales, own ? (const void *)in->x_scales : NULL, &g->scales[p],
-                                     stream, err));
+                                     graph, err));
     }
     return EPX_SUCCESS;
 }
@@ -784,6 +784,8 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     const bool met = st == EPX_SUCCESS; /* the same on every rank */
+    cudaGraph_t graph = NULL; /* the graph being captured, if any, holds the mappings */
+    if (st == EPX_SUCCESS) st = epx__cuda_capture_graph(stream, &graph, err);
     epx__moe_routing_t rt;
     memset(&rt, 0, sizeof rt);
     epx__moe_gather_t g;
@@ -803,13 +805,13 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
             rt.num_tokens[p] = cards[p].num_tokens;
             const char *ptr;
-            st = epx__card_map(c, p, &cards[p].topk_idx, p == me ? in->topk_idx : NULL, &ptr, stream, err);
+            st = epx__card_map(c, p, &cards[p].topk_idx, p == me ? in->topk_idx : NULL, &ptr, graph, err);
             rt.topk_idx[p] = ptr;
-            if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
+            if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, graph, err);
             rt.weights[p] = (const float *)ptr;
         }
         if (st == EPX_SUCCESS)
-            st = m->ce ? epx__map_recv(m, cards, out, dx, ds, stream, err) : epx__map_tokens(m, cards, in, &g, stream, err);
+            st = m->ce ? epx__map_recv(m, cards, out, dx, ds, graph, err) : epx__map_tokens(m, cards, in, &g, graph, err);
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
@@ -913,12 +915,14 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     const bool met = st == EPX_SUCCESS; /* the same on every rank */
+    cudaGraph_t graph = NULL; /* the graph being captured, if any, holds the mappings */
+    if (st == EPX_SUCCESS) st = epx__cuda_capture_graph(stream, &graph, err);
     epx__moe_gather_t g;
     memset(&g, 0, sizeof g);
     char *dx[EPX__CUDA_MAX_RANKS] = {0}, *ds[EPX__CUDA_MAX_RANKS] = {0};
     for (int pass = 0; st == EPX_SUCCESS; pass++) { /* see epx__cuda_moe_dispatch */
         uint64_t closed = c->ipc_closed;
-        st = m->ce ? epx__map_recv(m, cards, out, dx, ds, stream, err) : epx__map_tokens(m, cards, in, &g, stream, err);
+        st = m->ce ? epx__map_recv(m, cards, out, dx, ds, graph, err) : epx__map_tokens(m, cards, in, &g, graph, err);
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
@@ -1007,14 +1011,16 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
     }
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     const bool met = st == EPX_SUCCESS; /* the same on every rank */
+    cudaGraph_t graph = NULL; /* the graph being captured, if any, holds the mappings */
+    if (st == EPX_SUCCESS && !m->ce) st = epx__cuda_capture_graph(stream, &graph, err);
     epx__moe_combine_t k;
     memset(&k, 0, sizeof k);
     for (int pass = 0; st == EPX_SUCCESS && !m->ce; pass++) { /* see epx__cuda_moe_dispatch */
         uint64_t closed = c->ipc_closed;
         for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
             const char *ptr = NULL;
-            st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], stream, err);
-            if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, stream, err);
+            st = epx__card_map(c, p, &cards[p].x, p == me ? in->y : NULL, &k.y[p], graph, err);
+            if (st == EPX_SUCCESS) st = epx__card_map(c, p, &cards[p].weights, p == me ? in->topk_weights : NULL, &ptr, graph, err);
             k.w[p] = (const float *)ptr;
         }
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
@@ -1058,10 +1064,12 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
 static epx_status_t epx__ll_map_y(epx__cuda_t *c, epx__cuda_moe_handle_t *h, const void *own, epx__ll_combine_t *k,
                                   void *stream, epx__errbuf_t *err)
 {
+    cudaGraph_t graph;
+    EPX__CHECK(epx__cuda_capture_graph(stream, &graph, err));
     for (int pass = 0;; pass++) {
         uint64_t closed = c->ipc_closed;
         for (int p = 0; p < c->nranks; p++)
-            EPX__CHECK(epx__card_map(c, p, &h->ll_ycards[p], p == c->rank ? own : NULL, &k->y[p], stream, err));
+            EPX__CHECK(epx__card_map(c, p, &h->ll_ycards[p], p == c->rank ? own : NULL, &k->y[p], graph, err));
         if (c->ipc_closed == closed) return EPX_SUCCESS;
         if (pass == 2) return epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }

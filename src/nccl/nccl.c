@@ -120,10 +120,17 @@ struct epx__nccl {
     char watch_msg[EPX__ERRMSG_LEN];
     epx_status_t dog_status;
     char dog_msg[EPX__ERRMSG_LEN];
-    /* ncclCommAbort on a thread of its own (epx__nc_abort_now), joined or let go by
-     * epx__nccl_destroy. */
+    /* ncclCommAbort's thread (owned communicators; started before NCCL's init, so that no
+     * abort runs on a caller's thread): it waits for abort_comm under abort_mu, takes it
+     * (abort_taken: it no longer touches n), aborts it and ends. epx__nccl_destroy joins
+     * it within a bound, or lets it go. Lock order: mu, then abort_mu. */
     pthread_t aborter;
     bool aborter_on;
+    pthread_mutex_t abort_mu;
+    pthread_cond_t abort_cv;
+    ncclComm_t abort_comm;
+    int abort_device;
+    bool abort_quit, abort_taken;
 };
 
 static void epx__nc_staging_free(epx__nccl_t *n)
@@ -196,39 +203,62 @@ static const char *epx__nc_text(epx_status_t st, const epx__errbuf_t *e)
     return strncmp(msg, name, k) == 0 && msg[k] == ':' && msg[k + 1] == ' ' ? msg + k + 2 : msg;
 }
 
-typedef struct {
-    ncclComm_t comm;
-    int device;
-} epx__nc_abort_job_t;
-
+/* The abort thread: waits for a communicator to abort (or to be told to quit), aborts it. In
+ * relaxed capture mode, so that ncclCommAbort never invalidates another thread's capture. */
 static void *epx__nc_aborter(void *arg)
 {
-    epx__nc_abort_job_t *job = arg;
-    cudaSetDevice(job->device);
-    epx__nc.abort(job->comm);
-    free(job);
+    epx__nccl_t *n = arg;
+    enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    pthread_mutex_lock(&n->abort_mu);
+    while (!n->abort_comm && !n->abort_quit) pthread_cond_wait(&n->abort_cv, &n->abort_mu);
+    ncclComm_t c = n->abort_comm;
+    int device = n->abort_device;
+    n->abort_taken = true;
+    pthread_cond_broadcast(&n->abort_cv);
+    pthread_mutex_unlock(&n->abort_mu); /* n is not touched from here: destroy may free it */
+    if (c) {
+        cudaSetDevice(device);
+        epx__nc.abort(c);
+    }
     return NULL;
 }
 
-/* End n's communicator now (mu held, or no other thread on n): n->comm becomes NULL.
+static bool epx__nc_aborter_start(epx__nccl_t *n)
+{
+    if (pthread_mutex_init(&n->abort_mu, NULL) != 0) return false;
+    if (pthread_cond_init(&n->abort_cv, NULL) != 0) {
+        pthread_mutex_destroy(&n->abort_mu);
+        return false;
+    }
+    if (pthread_create(&n->aborter, NULL, epx__nc_aborter, n) != 0) {
+        pthread_cond_destroy(&n->abort_cv);
+        pthread_mutex_destroy(&n->abort_mu);
+        return false;
+    }
+    n->aborter_on = true;
+    return true;
+}
+
+/* End n's communicator now (mu held, or no other epx thread on n): n->comm becomes NULL.
  * ncclCommAbort first raises NCCL's abort flags, so that its kernels, running or queued on
  * any stream, end; but it returns only once every CUDA graph that captured work on the
- * communicator is destroyed. So it runs on a thread of its own (epx__nccl_destroy waits
- * for it, within a bound), and no caller, watchdog or call, waits for the application's
- * graphs; where no thread can be made, here. */
+ * communicator is destroyed. So the abort thread runs it, and no caller, watchdog or call,
+ * waits for the application's graphs. */
 static void epx__nc_abort_now(epx__nccl_t *n)
 {
     ncclComm_t c = n->comm;
     n->comm = NULL;
     if (!c) return;
-    epx__nc_abort_job_t *job = n->aborter_on ? NULL : malloc(sizeof *job);
-    if (job) *job = (epx__nc_abort_job_t){c, n->device};
-    if (job && pthread_create(&n->aborter, NULL, epx__nc_aborter, job) == 0) {
-        n->aborter_on = true;
+    if (!n->aborter_on) { /* (an owned communicator always has the thread) */
+        epx__nc.abort(c);
         return;
     }
-    free(job);
-    epx__nc.abort(c); /* (one communicator, one abort: aborter_on cannot be set here) */
+    pthread_mutex_lock(&n->abort_mu);
+    n->abort_comm = c; /* (one communicator, aborted once: n->comm is NULL from here) */
+    n->abort_device = n->device;
+    pthread_cond_signal(&n->abort_cv);
+    pthread_mutex_unlock(&n->abort_mu);
 }
 
 /* Wait for a non-blocking call on n->comm to finish (its state leaves ncclInProgress), running
@@ -481,6 +511,10 @@ epx_status_t epx__nccl_create(epx__nccl_t **out, int nranks, int rank, const voi
     pthread_mutex_init(&n->mu, NULL);
     n->owned = true;
     n->timeout_ms = timeout_ms;
+    if (!epx__nc_aborter_start(n)) {
+        epx__nccl_destroy(n, true);
+        return epx__fail(err, EPX_ERR_SYSTEM, "no thread for the NCCL communicator's abort (pthread_create)");
+    }
     if (cudaGetDevice(&n->device) != cudaSuccess) cudaGetLastError(); /* NCCL's, until epx__nc_finish asks it */
     ncclUniqueId u;
     memcpy(&u, id, sizeof u);
@@ -523,23 +557,39 @@ epx_status_t epx__nccl_adopt(epx__nccl_t **out, void *comm, int64_t timeout_ms, 
     return EPX_SUCCESS;
 }
 
-/* Wait for the abort thread: it ends once the CUDA graphs that captured work on the
- * communicator are destroyed. Past a bound it is let go (it frees what it holds), so that
- * a graph the application keeps does not hold up the destruction of the communicator. */
-static void epx__nc_abort_join(epx__nccl_t *n)
+/* End the abort thread: told to quit when it has nothing to abort, else waited for — an
+ * abort ends once the CUDA graphs that captured work on the communicator are destroyed, so
+ * past a bound it is let go (it no longer touches n), and a graph the application keeps
+ * does not hold up the destruction of the communicator. */
+static void epx__nc_aborter_end(epx__nccl_t *n)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
+    pthread_mutex_lock(&n->abort_mu);
+    bool aborting = n->abort_comm != NULL;
+    n->abort_quit = true;
+    pthread_cond_broadcast(&n->abort_cv);
+    while (!n->abort_taken) pthread_cond_wait(&n->abort_cv, &n->abort_mu);
+    pthread_mutex_unlock(&n->abort_mu);
     int64_t ms = EPX__MIN(n->timeout_ms, (int64_t)10000);
-    until.tv_sec += (time_t)(ms / 1000);
-    until.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
-    if (pthread_timedjoin_np(n->aborter, NULL, &until) == 0) return;
-    EPX_WARN(NET, "ncclCommAbort (rank %d of %d) has not returned after %lld ms: CUDA graphs that captured epx calls "
-                  "on this communicator are still alive (destroy them before the communicator); it completes when "
-                  "they are destroyed",
-             n->rank, n->nranks, (long long)ms);
-    pthread_detach(n->aborter);
+    if (aborting) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)(ms / 1000);
+        until.tv_nsec += (long)(ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+        aborting = pthread_timedjoin_np(n->aborter, NULL, &until) != 0;
+    } else {
+        pthread_join(n->aborter, NULL);
+    }
+    if (aborting) {
+        EPX_WARN(NET, "ncclCommAbort (rank %d of %d) has not returned after %lld ms: CUDA graphs that captured epx "
+                      "calls on this communicator are still alive (destroy them before the communicator); it "
+                      "completes when they are destroyed",
+                 n->rank, n->nranks, (long long)ms);
+        pthread_detach(n->aborter);
+    }
+    pthread_cond_destroy(&n->abort_cv);
+    pthread_mutex_destroy(&n->abort_mu);
+    n->aborter_on = false;
 }
 
 void epx__nccl_destroy(epx__nccl_t *n, bool abort)
@@ -558,7 +608,7 @@ void epx__nccl_destroy(epx__nccl_t *n, bool abort)
         else /* (a no-op when the settle aborted it) */
             epx__nc_abort_now(n);
     }
-    if (n->aborter_on) epx__nc_abort_join(n);
+    if (n->aborter_on) epx__nc_aborter_end(n);
     /* Stream-ordered (where CUDA can): a kernel of an adopted communicator that was not
      * aborted may spin on the stream forever, and neither call waits for it. */
     epx__nc_staging_free(n);

@@ -281,8 +281,9 @@ static epx_status_t epx__xh_watch_device(void *cuda, epx__errbuf_t *err)
 
 /* The NCCL watchdog's look at the low-latency kernels' marks (epx__nccl_watch_between): a
  * step around NCCL transfers that has not moved for EPX_TIMEOUT_MS (the transfers wait for
- * a rank on another host that is late or gone). Calls wait for their own groups; this one
- * is for what runs with no call to watch it: a CUDA graph's replays. */
+ * a rank on another host that is late or gone), or a quarter of it once this rank's device
+ * has failed (as the watchdog's own rule for its groups). Calls wait for their own groups;
+ * this one is for what runs with no call to watch it: a CUDA graph's replays. */
 static epx_status_t epx__xh_watch_stall(void *arg, epx__errbuf_t *err)
 {
     epx__xhost_t *xh = arg;
@@ -295,13 +296,15 @@ static epx_status_t epx__xh_watch_stall(void *arg, epx__errbuf_t *err)
         xh->stall_since_ns = stuck ? now : 0;
         return EPX_SUCCESS;
     }
-    if (now - xh->stall_since_ns < epx__ms_to_ns(xh->timeout_ms)) return EPX_SUCCESS;
+    bool failed = epx__cuda_has_failed(xh->cuda);
+    if (now - xh->stall_since_ns < epx__ms_to_ns(xh->timeout_ms) / (failed ? 4 : 1)) return EPX_SUCCESS;
     bool dispatch = v[0] != v[1];
     return epx__fail(err, EPX_ERR_TIMEOUT,
                      "the NCCL transfers of this rank's low-latency %s %llu have waited %.0f ms (EPX_TIMEOUT_MS "
-                     "%lld: a rank on another host is late or gone)",
+                     "%lld%s: a rank on another host is late or gone)",
                      dispatch ? "dispatch" : "combine", dispatch ? v[0] : v[2],
-                     (double)(now - xh->stall_since_ns) / 1e6, (long long)xh->timeout_ms);
+                     (double)(now - xh->stall_since_ns) / 1e6, (long long)xh->timeout_ms,
+                     failed ? ", a quarter of it after this rank's device failed" : "");
 }
 
 /* What every rank tells the others first: its verdict and, on host 0, its rail's NCCL id. */
