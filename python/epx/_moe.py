@@ -6,7 +6,7 @@ from ctypes import byref, c_int64, c_void_p
 from . import _arrays as A
 from . import _lib
 from ._comm import cuda_built
-from ._errors import check, InvalidArgumentError
+from ._errors import check, InvalidArgumentError, InvalidUsageError
 
 L = _lib.lib
 
@@ -17,6 +17,10 @@ LLDispatchResult = namedtuple("LLDispatchResult", "recv_x recv_x_scales recv_cou
 _MODES = {"ht": _lib.MOE_HIGH_THROUGHPUT, "high_throughput": _lib.MOE_HIGH_THROUGHPUT,
           "ll": _lib.MOE_LOW_LATENCY, "low_latency": _lib.MOE_LOW_LATENCY}
 _SCALES = {"f32": _lib.SCALE_F32, "float32": _lib.SCALE_F32, "ue8m0": _lib.SCALE_UE8M0}
+# Each collective and the one of the other mode that stands in for it (see Moe._fail).
+_STAND_IN = {"dispatch": "ll_dispatch", "dispatch_cached": "ll_dispatch", "combine": "ll_combine",
+             "ll_dispatch": "dispatch", "ll_combine": "combine"}
+_MODE_NAMES = {_lib.MOE_HIGH_THROUGHPUT: "high-throughput", _lib.MOE_LOW_LATENCY: "low-latency"}
 # num_sms value: on the CUDA backend of one host, the high-throughput payload moves with copy
 # engines (EPX_MOE_COPY_ENGINES in epx.h; EPX_CUDA_SMS=0 does the same).
 MOE_COPY_ENGINES = -1
@@ -54,7 +58,9 @@ class Handle:
 
 class Moe:
     """A MoE context (collective to create): one configuration of hidden size, experts, top-k, dtypes
-    and mode. mode "ht" (high-throughput, rank-major) or "ll" (low-latency, expert-major, static shapes).
+    and mode. mode "ht" (high-throughput, rank-major: dispatch, dispatch_cached, combine) or "ll"
+    (low-latency, expert-major, static shapes: ll_dispatch, ll_combine); a call of the other mode raises
+    InvalidUsageError, on one rank only too, where it fails the peers' call (RemoteInvalidError).
     dtype / combine_dtype / index_dtype take epx names ("bf16", "f16", "f32", "fp8_e4m3", "i32", "i64"),
     numpy or torch dtypes."""
 
@@ -144,7 +150,9 @@ class Moe:
 
     def _call(self, problem, op, prepare):
         """Comm._collective for the call `op` (see _fail) whose checks found `problem` (None: prepare()
-        runs), on a destroyed context too (see destroy)."""
+        runs), on a destroyed context too (see destroy). A call of the other mode than the context's
+        raises InvalidUsageError, after failing the call of this mode that stands in for it (see _fail),
+        which peers that make a valid call in step with it make too."""
         if not self._h:
             if not self._dead:
                 e = InvalidArgumentError(-1, "the MoE context was destroyed and, by a later collective, released: "
@@ -153,13 +161,24 @@ class Moe:
                 e.recoverable = self.comm.size == 1
                 raise e
             problem = "the MoE context was destroyed"
-        return self.comm._collective(lambda: (problem, None if problem else prepare()), self._fail(op))
+        mode = _lib.MOE_LOW_LATENCY if op.startswith("ll_") else _lib.MOE_HIGH_THROUGHPUT
+
+        def checked():
+            if mode != self.mode:  # first: the other checks assume this mode
+                raise InvalidUsageError(-2, "%s is a %s call, but this MoE context was created for %s mode" % (
+                    op, _MODE_NAMES[mode], _MODE_NAMES.get(self.mode, self.mode)))
+            return problem, None if problem else prepare()
+        return self.comm._collective(checked, self._fail(op))
 
     def _fail(self, op):
         """Comm._collective's fail() for the collective `op` ("dispatch", "dispatch_cached", "combine",
-        "ll_dispatch" or "ll_combine", a method of this mode): the call with arguments the library
-        rejects, so that it fails on every rank and writes nothing. It runs on the live context or on
-        a destroyed one until its deferred release; after that it raises (nothing to join)."""
+        "ll_dispatch" or "ll_combine"; one of the other mode stands for this mode's call of the same
+        kind, a dispatch or a combine): the call with arguments the library rejects, so that it fails
+        on every rank and writes nothing. It runs on the live context or on a destroyed one until its
+        deferred release; after that it raises (nothing to join)."""
+        if op.startswith("ll_") != (self.mode == _lib.MOE_LOW_LATENCY):
+            op = _STAND_IN[op]
+
         def call():  # a dispatch of -1 tokens; the other calls along a NULL handle
             m = self._h or (self._dead[0] if self._dead else self._ptr())
             if op == "dispatch":

@@ -154,6 +154,65 @@ class CpuTests(unittest.TestCase):
                 "print('rank %d ok' % r)\n")
         self._ranks(2, code)
 
+    # Prologue of the one-rank-refuses scripts: rank r of R, the last one `bad`; together(what, call, own,
+    # text) checks that call(), a collective, fails on every rank well within the 8 s timeout the scripts
+    # give their communicators: rank `bad` with its own exception `own` (its text holding `text`), the
+    # others with RemoteInvalidError (they used to wait for that rank until their timeout)
+    _TOGETHER = ("import os, time, numpy as np, epx\n"
+                 "from epx import deep_ep\n"
+                 "r, R = int(os.environ['EPX_RANK']), int(os.environ['EPX_NRANKS'])\n"
+                 "bad = R - 1\n"
+                 "def together(what, call, own, text):\n"
+                 "    t0 = time.monotonic()\n"
+                 "    try:\n"
+                 "        call()\n"
+                 "        raise SystemExit('rank %d: %s did not raise' % (r, what))\n"
+                 "    except epx.RemoteInvalidError as e:\n"
+                 "        assert r != bad, (what, e)\n"
+                 "    except own as e:\n"
+                 "        assert r == bad and text in str(e), (what, e)\n"
+                 "    assert time.monotonic() - t0 < 2, (what, r, time.monotonic() - t0)\n")
+
+    def test_moe_wrong_mode_one_rank(self):
+        # a call of the other mode than its Moe's on one rank (a high-throughput call on a low-latency
+        # context, or the reverse), a valid call on the others: that rank raises InvalidUsageError once it
+        # failed the call of its context's mode that stands in for it (dispatch / ll_dispatch, combine /
+        # ll_combine), and the others fail at once; before, it raised alone and they waited
+        code = self._TOGETHER + (
+            "c = epx.Comm(timeout_ms=8000)\n"
+            "E, K, M, H = 2 * R, 2, 4, 16\n"
+            "ht = epx.Moe(c, H, E, M, K, dtype='bf16')  # the same arrays fit either context\n"
+            "ll = epx.Moe(c, H, E, M, K, dtype='bf16', mode='ll')\n"
+            "x = np.full((2, H), 0x3F80, np.uint16)  # bf16 ones\n"
+            "idx, w = np.array([[0, E - 1], [1, -1]], np.int64), np.ones((2, K), np.float32)\n"
+            "y = np.zeros((E // R, R * M, H), np.uint16)\n"
+            "hr, lr = ht.dispatch(x, idx, w), ll.ll_dispatch(x, idx)\n"
+            "valid = {'dispatch': lambda: ht.dispatch(x, idx, w),\n"
+            "         'dispatch_cached': lambda: ht.dispatch_cached(hr.handle, x),\n"
+            "         'combine': lambda: ht.combine(hr.handle, hr.recv_x),\n"
+            "         'll_dispatch': lambda: ll.ll_dispatch(x, idx),\n"
+            "         'split ll_dispatch': lambda: ll.ll_dispatch(x, idx, split=True),\n"
+            "         'll_combine': lambda: ll.ll_combine(lr.handle, y, w)}\n"
+            "wrong = {'dispatch': lambda: ll.dispatch(x, idx, w),\n"
+            "         'dispatch_cached': lambda: ll.dispatch_cached(hr.handle, x),\n"
+            "         'combine': lambda: ll.combine(hr.handle, hr.recv_x),\n"
+            "         'll_dispatch': lambda: ht.ll_dispatch(x, idx),\n"
+            "         'split ll_dispatch': lambda: ht.ll_dispatch(x, idx, split=True),\n"
+            "         'll_combine': lambda: ht.ll_combine(lr.handle, y, w)}\n"
+            "for b, g in (('dispatch', 'll_dispatch'), ('dispatch_cached', 'll_dispatch'), ('combine', 'll_combine'),\n"
+            "             ('dispatch', 'll_combine'), ('combine', 'split ll_dispatch'), ('ll_dispatch', 'dispatch'),\n"
+            "             ('split ll_dispatch', 'combine'), ('ll_combine', 'combine'), ('ll_combine', 'dispatch_cached')):\n"
+            "    mode = 'low-latency' if 'll_' in b else 'high-throughput'\n"
+            "    together('%s on one rank, %s on the others' % (b, g), wrong[b] if r == bad else valid[g],\n"
+            "             epx.InvalidUsageError, 'is a %s call, but this MoE context was created for' % mode)\n"
+            "assert c.alltoall(np.full(R, r, np.int32)).tolist() == list(range(R))\n"
+            "assert ht.combine(hr.handle, hr.recv_x)[0].shape == (2, H)  # still usable\n"
+            "assert ll.ll_combine(lr.handle, y, w).shape == (2, H)\n"
+            "print('rank %d ok' % r)\n")
+        for n in (2, 3):
+            with self.subTest(nranks=n):
+                self._ranks(n, code)
+
     def _script(self, code):
         env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
