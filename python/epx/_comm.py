@@ -256,14 +256,16 @@ class Comm:
     def barrier(self, stream=None):
         """Returns (CPU) or completes in stream order (CUDA) after every rank has entered it. When
         stream is not a stream, the barrier still runs (on the default stream), then this raises."""
-        def prepare():
-            if stream is None and self.backend == "cuda":
-                import torch
-                return None, torch.cuda.current_stream().cuda_stream or None
-            return None, A.stream_handle(stream) if stream is not None else None
-
-        s = self._collective(prepare, lambda: L.epx_barrier(self._ptr(), None))
+        s = self._collective(lambda: (None, self._stream(stream)), lambda: L.epx_barrier(self._ptr(), None))
         check(self._run(lambda: L.epx_barrier(self._ptr(), s)), self._h)
+
+    def _stream(self, stream):
+        """The address of the stream a collective that takes no array runs on: `stream`'s, else torch's
+        current stream on the CUDA backend, else none."""
+        if stream is None and self.backend == "cuda":
+            import torch
+            return torch.cuda.current_stream().cuda_stream or None
+        return A.stream_handle(stream) if stream is not None else None
 
     def _collective(self, prepare, fail=None):
         """The local steps before a collective call. prepare() -> (problem, result): this rank's checks
@@ -287,6 +289,21 @@ class Comm:
         if problem:
             join()
             raise InvalidArgumentError(-1, problem)
+        return result
+
+    def _agree(self, prepare):
+        """A collective of this rank's local steps alone (no data moves): prepare() -> (problem, result)
+        as for _collective, then an empty exchange (on barrier()'s stream). Where prepare() fails on some
+        rank, that rank fails the exchange and raises (see _collective), and the others raise
+        RemoteInvalidError at once instead of meeting it in a later collective. Else result, once every
+        rank's prepare() passed."""
+        def prepare_all():
+            problem, result = prepare()
+            return problem, None if problem else (result, self._stream(None))
+
+        result, s = self._collective(prepare_all)
+        z = (c_int64 * self.size)()
+        check(self._run(lambda: L.epx_alltoallv(self._ptr(), None, z, z, None, z, z, _lib.U8, s)), self._h)
         return result
 
     def alltoall(self, send, recv=None, *, dtype=None, stream=None):

@@ -213,6 +213,31 @@ class CpuTests(unittest.TestCase):
             with self.subTest(nranks=n):
                 self._ranks(n, code)
 
+    def test_deep_ep_buffer_refused_on_one_rank(self):
+        # deep_ep.Buffer's constructor is collective (as DeepEP's): what it refuses on one rank only
+        # (enable_shrink=True, an EPX_DEEP_EP_MAX_TOKENS that is not a positive integer) raises there, and
+        # the others' constructors fail at once, over a communicator they were given or one of their own
+        code = self._TOGETHER + (
+            "c = epx.Comm(timeout_ms=8000)\n"
+            "together('Buffer(enable_shrink=True)', lambda: deep_ep.Buffer(c, enable_shrink=r == bad),\n"
+            "         epx.UnsupportedError, 'enable_shrink')\n"
+            "for v, exc in (('0', epx.InvalidArgumentError), ('many', ValueError)):\n"
+            "    os.environ['EPX_DEEP_EP_MAX_TOKENS'] = v if r == bad else '64'\n"
+            "    together('Buffer with EPX_DEEP_EP_MAX_TOKENS=' + v, lambda: deep_ep.Buffer(c), exc, v)\n"
+            "del os.environ['EPX_DEEP_EP_MAX_TOKENS']\n"
+            "buf = deep_ep.Buffer(c)  # still usable\n"
+            "buf.destroy()\n"
+            "print('rank %d ok' % r)\n")
+        own = self._TOGETHER + (  # the Buffer's own communicator, from epx-run's environment
+            "together('Buffer(enable_shrink=True) over a communicator of its own',\n"
+            "         lambda: deep_ep.Buffer(timeout_ms=8000, enable_shrink=r == bad), epx.UnsupportedError,\n"
+            "         'enable_shrink')\n"
+            "print('rank %d ok' % r)\n")
+        for n in (2, 3):
+            with self.subTest(nranks=n):
+                self._ranks(n, code)
+                self._ranks(n, own)
+
     def _script(self, code):
         env = dict(os.environ, PYTHONPATH=PKG + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -275,6 +300,8 @@ class CpuTests(unittest.TestCase):
                          "asked = []\n"
                          "class Fake:\n"
                          "    rank, size, backend = 0, 1, 'cpu'\n"
+                         "    def _agree(self, prepare):  # Buffer's agreement on its arguments\n"
+                         "        return prepare()[1]\n"
                          "epx.Comm.from_torch = classmethod(lambda cls, group, **kw: asked.append(kw) or Fake())\n"
                          "for cuda, built in ((True, True), (False, True), (True, False)):\n"
                          "    epx._lib.lib.epx_moe_device_memory = lambda *a, st=0 if built else -5: st\n"

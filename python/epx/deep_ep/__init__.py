@@ -13,6 +13,8 @@ What maps onto what:
                                      num_rdma_bytes / num_qps_per_rank are accepted and not needed
                                      (epx sizes its own buffers);
                                      enable_shrink=True (rank masking) raises UnsupportedError.
+                                     Collective, as DeepEP's: what one rank refuses fails it on
+                                     every rank (the others: RemoteInvalidError).
 - get_dispatch_layout                computed locally with tensor ops (no synchronisation).
 - dispatch / combine                 epx high-throughput dispatch / combine (rows ordered by source
                                      rank then source token; deterministic float32 reduction);

@@ -5,7 +5,7 @@ import os
 from .. import _arrays as A
 from .. import _lib
 from .._comm import Comm, cuda_built
-from .._errors import UnsupportedError
+from .._errors import InvalidArgumentError, UnsupportedError
 from .._moe import Moe
 from .utils import EventHandle, EventOverlap
 
@@ -90,16 +90,27 @@ class Buffer:
     """DeepEP's communication buffer, over an epx communicator. Collective calls (dispatch, combine,
     the low-latency pair) are made by every rank in the same order, as with DeepEP. An argument that
     raises on one rank while the call reads it (a dtype epx lacks, an object that is not an array, a
-    handle or an event) fails the call on every rank, the others with RemoteInvalidError."""
+    handle or an event) fails the call on every rank, the others with RemoteInvalidError. The
+    constructor is collective too (see __init__)."""
 
     num_sms = 20
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False, explicitly_destroy=False,
                  enable_shrink=False, comm=None, *, timeout_ms=None):
-        if enable_shrink:
-            raise UnsupportedError(-5, "enable_shrink (DeepEP's rank masking) is not supported by epx: a failed "
-                                       "peer breaks the communicator (abort and recreate it)")
+        """Collective, as DeepEP's: every rank of the group (or communicator) makes it. What it refuses
+        on one rank (enable_shrink=True: UnsupportedError; an EPX_DEEP_EP_MAX_TOKENS that is not a
+        positive integer) raises there once it has met the others, who raise RemoteInvalidError at
+        once instead of waiting for it in their first call."""
+        def prepare():
+            if enable_shrink:
+                raise UnsupportedError(-5, "enable_shrink (DeepEP's rank masking) is not supported by epx: a failed "
+                                           "peer breaks the communicator (abort and recreate it)")
+            n = int(os.environ.get("EPX_DEEP_EP_MAX_TOKENS", _INITIAL_MAX_TOKENS))
+            if n < 1:
+                raise InvalidArgumentError(-1, "EPX_DEEP_EP_MAX_TOKENS = %d: expected at least 1" % n)
+            return None, n
+
         self._owns_comm = False  # destroy() releases only a communicator made here
         if comm is None:
             if isinstance(group, Comm):
@@ -110,6 +121,12 @@ class Buffer:
             else:
                 comm = _comm_of_group(group, timeout_ms)
                 self._owns_comm = True
+        try:
+            self._ht_max_tokens = comm._agree(prepare)
+        except BaseException:
+            if self._owns_comm:
+                comm.destroy()
+            raise
         self.comm = comm
         self.group = group
         self.rank, self.group_size = comm.rank, comm.size
@@ -119,7 +136,6 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self._moes = {}
         self._latest = {}  # "ht" / "ll": the context of the latest call of that mode (see _prepared)
-        self._ht_max_tokens = int(os.environ.get("EPX_DEEP_EP_MAX_TOKENS", _INITIAL_MAX_TOKENS))
         self._ll_combine_buffers = {}
 
     def destroy(self):
