@@ -216,7 +216,8 @@ class CpuTests(unittest.TestCase):
     def test_deep_ep_buffer_refused_on_one_rank(self):
         # deep_ep.Buffer's constructor is collective (as DeepEP's): what it refuses on one rank only
         # (enable_shrink=True, an EPX_DEEP_EP_MAX_TOKENS that is not a positive integer) raises there, and
-        # the others' constructors fail at once, over a communicator they were given or one of their own
+        # the others' constructors fail at once, over a communicator they were given or one of their own;
+        # so do their calls along the handle of the other mode's dispatch on one rank
         code = self._TOGETHER + (
             "c = epx.Comm(timeout_ms=8000)\n"
             "together('Buffer(enable_shrink=True)', lambda: deep_ep.Buffer(c, enable_shrink=r == bad),\n"
@@ -225,7 +226,21 @@ class CpuTests(unittest.TestCase):
             "    os.environ['EPX_DEEP_EP_MAX_TOKENS'] = v if r == bad else '64'\n"
             "    together('Buffer with EPX_DEEP_EP_MAX_TOKENS=' + v, lambda: deep_ep.Buffer(c), exc, v)\n"
             "del os.environ['EPX_DEEP_EP_MAX_TOKENS']\n"
-            "buf = deep_ep.Buffer(c)  # still usable\n"
+            "buf = deep_ep.Buffer(c)\n"
+            "E, K, H, M, T = 2 * R, 2, 32, 4, 3\n"
+            "x, xb = np.ones((T, H), np.float32), np.zeros((T, H), np.uint16)\n"
+            "idx, w = np.tile(np.array([0, E - 1], np.int64), (T, 1)), np.ones((T, K), np.float32)\n"
+            "_, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)\n"
+            "recv_x, _, _, _, h, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_expert=per_expert,\n"
+            "                                     is_token_in_rank=in_rank)\n"
+            "lx, _, lh, _, _ = buf.low_latency_dispatch(xb, idx, M, E, use_fp8=False)\n"
+            "together('combine along a low-latency handle', lambda: buf.combine(recv_x, lh if r == bad else h),\n"
+            "         epx.InvalidArgumentError, 'not of a low_latency_dispatch')\n"
+            "together('cached dispatch along a low-latency handle', lambda: buf.dispatch(x, handle=lh if r == bad\n"
+            "         else h), epx.InvalidArgumentError, 'not of a low_latency_dispatch')\n"
+            "together('low_latency_combine along a high-throughput handle', lambda: buf.low_latency_combine(\n"
+            "         np.zeros_like(lx), idx, w, h if r == bad else lh), epx.InvalidArgumentError, 'not of a dispatch')\n"
+            "assert buf.combine(recv_x, h)[0].shape == (T, H)  # still usable\n"
             "buf.destroy()\n"
             "print('rank %d ok' % r)\n")
         own = self._TOGETHER + (  # the Buffer's own communicator, from epx-run's environment

@@ -75,6 +75,14 @@ class _LLHandle:
         return self._items()[i]
 
 
+def _same_mode(handle, cls, op):
+    """Refuses (InvalidArgumentError) the handle of the other mode's dispatch than `cls`, which `op`
+    takes; then the call's failure is that of the context of its mode (see Buffer._prepared)."""
+    names = ("dispatch", "low_latency_dispatch") if cls is _HTHandle else ("low_latency_dispatch", "dispatch")
+    if isinstance(handle, _LLHandle if cls is _HTHandle else _HTHandle):
+        raise InvalidArgumentError(-1, "%s takes the handle of a %s, not of a %s" % ((op,) + names))
+
+
 def _wait(previous_event):
     if previous_event is not None:
         previous_event.current_stream_wait()
@@ -90,8 +98,8 @@ class Buffer:
     """DeepEP's communication buffer, over an epx communicator. Collective calls (dispatch, combine,
     the low-latency pair) are made by every rank in the same order, as with DeepEP. An argument that
     raises on one rank while the call reads it (a dtype epx lacks, an object that is not an array, a
-    handle or an event) fails the call on every rank, the others with RemoteInvalidError. The
-    constructor is collective too (see __init__)."""
+    handle or an event, the handle of the other mode's dispatch) fails the call on every rank, the
+    others with RemoteInvalidError. The constructor is collective too (see __init__)."""
 
     num_sms = 20
 
@@ -314,6 +322,7 @@ class Buffer:
         at = {}  # what the preparation learnt before it raised (see _prepared, _with_capacity)
         if handle is not None:
             def prepare_cached():
+                _same_mode(handle, _HTHandle, "dispatch(handle=...)")
                 at["moe"] = handle.moe
                 _wait(previous_event)
                 return (handle.moe, handle.epx_handle) + _tokens(x)
@@ -359,6 +368,7 @@ class Buffer:
         at = {}
 
         def prepare():
+            _same_mode(handle, _HTHandle, "combine")
             at["moe"] = handle.moe
             _wait(previous_event)
             return handle.moe, handle.epx_handle
@@ -453,6 +463,7 @@ class Buffer:
         at = {}
 
         def prepare():
+            _same_mode(handle, _LLHandle, "low_latency_combine")
             at["moe"] = moe = handle.moe
             y = self._ll_combine_buffers.get(id(moe)) if zero_copy else x
             return moe, handle.epx_handle, x if y is None else y, bool(return_recv_hook)
