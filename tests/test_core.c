@@ -714,6 +714,82 @@ static void test_region_find(void)
     epx__boot_close(boot);
 }
 
+/* src/cpu: a rank whose wait for a peer failed gives up on the communicator at once. Its
+ * next operation fails at once with the same status and message instead of waiting one
+ * more timeout (a CUDA call makes several host rounds), and the late peer, when it comes,
+ * fails at once with EPX_ERR_PEER_FAILURE instead of reading what the others posted. The
+ * last rank starts its first exchange GIVEUP_LATE_MS after the others (timeout 300 ms). */
+#define GIVEUP_TIMEOUT_MS 300
+#define GIVEUP_LATE_MS 1000
+typedef struct {
+    epx_unique_id_t id;
+    int rank, nranks;
+    pthread_barrier_t *done;
+    epx_status_t st[2];
+    double ms[2];
+    char msg[2][EPX__ERRMSG_LEN];
+} giveup_arg_t;
+
+static void *giveup_thread(void *argp)
+{
+    giveup_arg_t *a = argp;
+    int R = a->nranks, me = a->rank, info = me, all[8];
+    epx__boot_t *boot;
+    epx__cpu_t *c;
+    epx__errbuf_t err;
+    ASSERT_OK(epx__boot_init(&boot, R, me, &a->id, &info, sizeof info, all, 10000, &err));
+    ASSERT_OK(epx__cpu_create(&c, boot, me, R, epx__id_nonce(&a->id), GIVEUP_TIMEOUT_MS, NULL, &err));
+    bool late = me == R - 1;
+    if (late) usleep(GIVEUP_LATE_MS * 1000);
+    int64_t bytes[8], displ[8];
+    int32_t send[8], recv[8];
+    for (int p = 0; p < R; p++) bytes[p] = 4, displ[p] = 4 * p, send[p] = me * 100 + p;
+    epx__cpu_xfer_t x = {send, bytes, displ, recv, bytes, displ};
+    for (int k = 0; k < (late ? 1 : 2); k++) {
+        double t0 = test_now_ms();
+        a->st[k] = epx__cpu_alltoallv(c, &x, EPX_SUCCESS, &err);
+        a->ms[k] = test_now_ms() - t0;
+        memcpy(a->msg[k], err.msg, sizeof err.msg);
+    }
+    pthread_barrier_wait(a->done);
+    epx__cpu_destroy(c, false);
+    epx__boot_close(boot);
+    return NULL;
+}
+
+static void run_give_up(int R)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    pthread_t th[8];
+    giveup_arg_t args[8];
+    pthread_barrier_t done;
+    pthread_barrier_init(&done, NULL, (unsigned)R);
+    for (int r = 0; r < R; r++) {
+        memset(&args[r], 0, sizeof args[r]);
+        args[r].id = id, args[r].rank = r, args[r].nranks = R, args[r].done = &done;
+        pthread_create(&th[r], NULL, giveup_thread, &args[r]);
+    }
+    for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&done);
+    for (int r = 0; r < R - 1; r++) {
+        giveup_arg_t *a = &args[r];
+        printf("give up, %d ranks: rank %d: %s after %.0f ms, then %s after %.0f ms\n", R, r, epx_status_name(a->st[0]),
+               a->ms[0], epx_status_name(a->st[1]), a->ms[1]);
+        if (a->st[0] != EPX_ERR_TIMEOUT && a->st[0] != EPX_ERR_PEER_FAILURE)
+            TEST_FAIL_("rank %d: the exchange the last rank missed returned %s", r, epx_status_name(a->st[0]));
+        ASSERT_STATUS(a->st[1], a->st[0]);
+        if (a->ms[1] > 100) TEST_FAIL_("rank %d: the exchange after a failed one took %.0f ms", r, a->ms[1]);
+        const char *first = strstr(a->msg[0], ": ");
+        if (!first || !strstr(a->msg[1], first + 2))
+            TEST_FAIL_("rank %d: the second failure says \"%s\", the first \"%s\"", r, a->msg[1], a->msg[0]);
+    }
+    giveup_arg_t *late = &args[R - 1];
+    printf("give up, %d ranks: the late rank: %s after %.0f ms\n", R, epx_status_name(late->st[0]), late->ms[0]);
+    ASSERT_STATUS(late->st[0], EPX_ERR_PEER_FAILURE);
+    if (late->ms[0] > 200) TEST_FAIL_("the late rank took %.0f ms to fail", late->ms[0]);
+}
+
 /* Routing helpers of src/core against definitions written out here: the layout (tokens
  * per rank counted once per rank, per expert once per expert, the token-rank mask) and a
  * token's ranks (distinct, ascending), for rank counts on both sides of the 64-rank bit
@@ -853,6 +929,8 @@ int main(void)
     run_links(3, 2, 3);
     run_links(4, 1, 0);
     run_links(2, 3, 2);
+    run_give_up(2);
+    run_give_up(3);
     /* A single-rank communicator works end to end. */
     epx_unique_id_t id;
     epx_comm_t comm;

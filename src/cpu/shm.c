@@ -248,12 +248,17 @@ static void epx__fault_before_reads(epx__cpu_t *c, uint32_t seq)
         epx__fault_exit(&f, c->nranks - 1, c->nranks - 1);
 }
 
+static epx_status_t epx__cpu_give_up(epx__cpu_t *c, epx_status_t st);
+
 epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
 {
+    if (c->gave_up != EPX_SUCCESS)
+        return epx__fail(err, c->gave_up, "%s (this rank then gave up on the communicator)", c->gave_up_why);
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
         epx__desc_t *d = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq, c->rank);
-        EPX__CHECK(epx__flag_wait(c, peer, &d->post, seq, deadline, "arrival", err));
+        epx_status_t st = epx__flag_wait(c, peer, &d->post, seq, deadline, "arrival", err);
+        if (st != EPX_SUCCESS) return epx__cpu_give_up(c, st);
     }
     if (c->num_retired) epx__unlink_retired(c, seq, false);
     if (__builtin_expect(c->fault.armed, 0)) epx__fault_before_reads(c, seq);
@@ -521,6 +526,22 @@ void epx__cpu_mark_broken(epx__cpu_t *c)
 {
     if (c && c->seg && !atomic_load_explicit(&((epx__seg_hdr_t *)c->seg)->aborted.value, memory_order_relaxed))
         epx__seg_give_up(c, EPX__BROKEN);
+}
+
+/* A wait for peers failed (its message is the thread's last error): the operation is out of
+ * step on this rank, so is every later one. Give up on the communicator now, so that the
+ * peers still in the operation, or about to read what I posted, fail at once, and this
+ * rank's later operations too, with this status (a call with several host rounds returns
+ * within one timeout, not one per round). Returns st. */
+static epx_status_t epx__cpu_give_up(epx__cpu_t *c, epx_status_t st)
+{
+    if (c->gave_up == EPX_SUCCESS) {
+        const char *why = epx_get_last_error(), *sep = strstr(why, ": ");
+        snprintf(c->gave_up_why, sizeof c->gave_up_why, "%s", sep ? sep + 2 : why);
+        c->gave_up = st;
+    }
+    epx__cpu_mark_broken(c);
+    return st;
 }
 
 void epx__cpu_set_fault(epx__cpu_t *c, const epx__fault_t *fault) { c->fault = *fault; }
@@ -812,10 +833,7 @@ epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_statu
     epx__flag_post(&h->done, seq);
     if (exposed) {
         epx_status_t w = epx__wait_dones(c, seq, deadline, err);
-        if (w != EPX_SUCCESS) {
-            epx__cpu_mark_broken(c);
-            return w;
-        }
+        if (w != EPX_SUCCESS) return epx__cpu_give_up(c, w);
     }
     if (!atomic_load_explicit(&h->aborted.value, memory_order_relaxed))
         atomic_store_explicit(&h->released_through, seq, memory_order_relaxed); /* (the flag post publishes it) */
