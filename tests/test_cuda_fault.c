@@ -15,6 +15,9 @@
  *     asynchronous error says EPX_ERR_TIMEOUT (or EPX_ERR_PEER_FAILURE); each output byte
  *     holds its poison or the exact value; the late rank ends too (its next call at the
  *     latest fails);
+ *   - delay_host (one host): the same delay at the call's start, before its first host
+ *     round: as above, and the others' call itself returns within the timeout plus 1 s
+ *     (they gave up in that round, so the call's later host rounds fail at once);
  *   - a rank killed in its host exchange or before its kernels: the call or the asynchronous
  *     error says EPX_ERR_TIMEOUT or EPX_ERR_PEER_FAILURE; poison or exact per byte;
  *   - killed after enqueuing its kernels: the same, or (its kernels ran before the process
@@ -96,6 +99,7 @@
 #define SHORT_MS 300
 #define RECOVERY_TIMEOUT_MS 20000
 #define SLACK_MS 3000
+#define HOST_ROUND_SLACK_MS 1000
 #define POISON 0xEE
 #define FAULT_EXIT 86 /* EPX__FAULT_EXIT_CODE */
 #define MAXR 8
@@ -123,10 +127,11 @@ static const char *op_names[] = {"a2a_eager", "a2a_direct", "alltoallv", "a2av_d
                                  "dispatch_nosync", "combine", "ll_dispatch", "ll_combine"};
 typedef enum {
     F_DELAY_SHORT, F_DELAY_ENQUEUE, F_DELAY_LONG, F_KILL_HOST, F_KILL_ENQUEUE, F_KILL_LAUNCHED, F_COUNT, F_FAIL_ENQUEUE,
-    F_NOMEM, F_NUM
+    F_NOMEM, F_DELAY_HOST, F_NUM
 } fault_t;
 static const char *fault_names[] = {"delay_short",  "delay_enqueue", "delay_long",   "kill_host", "kill_enqueue",
-                                    "kill_launched", "count",        "fail_enqueue", "nomem"};
+                                    "kill_launched", "count",        "fail_enqueue", "nomem",
+                                    "delay_host"};
 
 static bool is_kill(fault_t f) { return f == F_KILL_HOST || f == F_KILL_ENQUEUE || f == F_KILL_LAUNCHED; }
 static bool is_moe(op_t op) { return op >= OP_DISPATCH; }
@@ -661,7 +666,12 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         if (dt > SHORT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
         break;
     case F_DELAY_LONG:
+    case F_DELAY_HOST:
         broken = true;
+        /* delay_host (one host): the others give up in the call's first host round, so the
+         * call's later host rounds fail at once: the call returns within one timeout. */
+        if (f == F_DELAY_HOST && !bad && t_call > timeout_ms + HOST_ROUND_SLACK_MS)
+            TEST_FAIL_("%s: the call took %.0f ms, timeout %d ms (a timeout per host round?)", what, t_call, timeout_ms);
         if (hosts_ls) {
             /* At the call's start: every rank fails in the first bootstrap round, the others at
              * their timeout (or at once, as the round breaks), the late rank when it wakes. */
@@ -859,6 +869,7 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", bad, step); break;
     case F_FAIL_ENQUEUE: snprintf(text, sizeof text, "fail:rank=%d,step=%d,at=enqueue", bad, step); break;
     case F_NOMEM: snprintf(text, sizeof text, "nomem:rank=%d,step=%d", bad, step); break;
+    case F_DELAY_HOST: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d,at=host", bad, step, long_ms); break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
@@ -984,6 +995,11 @@ int main(int argc, char **argv)
         if (nwant && !want[f]) continue;
         if (f == F_FAIL_ENQUEUE && !hosts_ls) {
             printf("scenario %s/%s np%d: not run (EPX_FAULT fail fires across hosts only)\n", op_names[op],
+                   fault_names[f], R);
+            continue;
+        }
+        if (f == F_DELAY_HOST && hosts_ls) {
+            printf("scenario %s/%s np%d hosts: not run (across hosts delay_long is at=host)\n", op_names[op],
                    fault_names[f], R);
             continue;
         }

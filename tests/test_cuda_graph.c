@@ -526,7 +526,78 @@ static int replay_ll(epx_comm_t comm, int me, int R, int rounds, bool split)
     return rounds;
 }
 
-/* ---- Low-latency across hosts: a rank gone while a replay waits ----------------------- */
+/* ---- Low-latency across hosts: graphs that outlive a peer or the communicator ---------- */
+
+/* EPX_TIMEOUT_MS, which the test named `flag` needs set (at most 10 s). */
+static double env_timeout_ms(const char *flag)
+{
+    const char *tms = getenv("EPX_TIMEOUT_MS");
+    double timeout_ms = tms ? atof(tms) : 0;
+    if (timeout_ms <= 0 || timeout_ms > 10000) TEST_FAIL_("%s needs EPX_TIMEOUT_MS set, at most 10000", flag);
+    return timeout_ms;
+}
+
+/* A low-latency dispatch + combine captured in a graph (instantiated), with its context,
+ * buffers and inputs. */
+typedef struct {
+    epx_moe_t moe;
+    uint16_t *x, *recv, *out;
+    int64_t *idx;
+    float *w;
+    int32_t *count;
+    epx_moe_handle_t h; /* the captured dispatch's */
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+} ll_graph_t;
+
+/* With `warm`, one call outside the capture first (it maps the peers' buffers). */
+static void ll_graph_make(ll_graph_t *g, epx_comm_t comm, int me, int R, cudaStream_t s, bool warm)
+{
+    int E = 4 * R;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.mode = EPX_MOE_LOW_LATENCY;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &g->moe));
+    size_t xb = (size_t)GT * GH * 2, rb = (size_t)4 * R * GT * GH * 2;
+    g->x = test_buf_alloc(xb), g->recv = test_buf_alloc(rb), g->out = test_buf_alloc(xb);
+    g->idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
+    g->w = test_buf_alloc(sizeof(float) * GT * GK);
+    g->count = test_buf_alloc(sizeof(int32_t) * 4);
+    uint16_t *hx = malloc(xb);
+    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
+    float *hw = malloc(sizeof(float) * GT * GK);
+    for (int t = 0; t < GT; t++) {
+        for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(0, me, t, h);
+        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E), hw[t * GK + k] = g_weight(0, me, t, k);
+    }
+    test_buf_put(g->x, hx, xb);
+    test_buf_put(g->idx, hidx, sizeof(int64_t) * GT * GK);
+    test_buf_put(g->w, hw, sizeof(float) * GT * GK);
+    free(hx), free(hidx), free(hw);
+    epx_moe_ll_dispatch_in_t in = {g->x, g->idx, GT, GK};
+    epx_moe_ll_dispatch_out_t dout = {g->recv, NULL, g->count, NULL, NULL};
+    epx_moe_ll_combine_in_t cin = {g->recv, g->w};
+    if (warm) {
+        ASSERT_OK(epx_moe_ll_dispatch(g->moe, &in, &dout, &g->h, s));
+        ASSERT_OK(epx_moe_ll_combine(g->moe, g->h, &cin, g->out, s));
+        ASSERT_OK(epx_moe_handle_destroy(g->h));
+        test_sync();
+    }
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    ASSERT_OK(epx_moe_ll_dispatch(g->moe, &in, &dout, &g->h, s));
+    ASSERT_OK(epx_moe_ll_combine(g->moe, g->h, &cin, g->out, s));
+    CU(cudaStreamEndCapture(s, &g->graph));
+    CU(cudaGraphInstantiate(&g->exec, g->graph, 0));
+}
+
+/* The graph, then the buffers. The handle and the context are the caller's to release
+ * (in the order the test is about); so is the graph, before them (then set it NULL). */
+static void ll_graph_free(ll_graph_t *g)
+{
+    if (g->exec) CU(cudaGraphExecDestroy(g->exec));
+    if (g->graph) CU(cudaGraphDestroy(g->graph));
+    test_buf_free(g->x), test_buf_free(g->recv), test_buf_free(g->out), test_buf_free(g->idx), test_buf_free(g->w);
+    test_buf_free(g->count);
+}
 
 /* Across hosts (EPX_LOCAL_SIZE): a low-latency dispatch + combine captured and replayed
  * (once after every rank idled 1.5 x EPX_TIMEOUT_MS: no error); then the last rank sleeps
@@ -538,53 +609,18 @@ static int replay_ll(epx_comm_t comm, int me, int R, int rounds, bool split)
  * abort waits for the graphs that captured its work). Leaves the communicator broken. */
 static int stall_ll(epx_comm_t comm, int me, int R)
 {
-    const char *tms = getenv("EPX_TIMEOUT_MS");
-    double timeout_ms = tms ? atof(tms) : 0;
-    if (timeout_ms <= 0 || timeout_ms > 10000) TEST_FAIL_("--ll-stall needs EPX_TIMEOUT_MS set, at most 10000");
+    double timeout_ms = env_timeout_ms("--ll-stall");
     cudaStream_t s = test_stream();
-    int E = 4 * R;
-    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
-    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.mode = EPX_MOE_LOW_LATENCY;
-    epx_moe_t moe;
-    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
-    size_t xb = (size_t)GT * GH * 2, rb = (size_t)4 * R * GT * GH * 2;
-    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
-    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
-    float *w = test_buf_alloc(sizeof(float) * GT * GK);
-    int32_t *count = test_buf_alloc(sizeof(int32_t) * 4);
-    uint16_t *hx = malloc(xb);
-    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
-    float *hw = malloc(sizeof(float) * GT * GK);
-    for (int t = 0; t < GT; t++) {
-        for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(0, me, t, h);
-        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E), hw[t * GK + k] = g_weight(0, me, t, k);
-    }
-    test_buf_put(x, hx, xb);
-    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
-    test_buf_put(w, hw, sizeof(float) * GT * GK);
-    epx_moe_ll_dispatch_in_t in = {x, idx, GT, GK};
-    epx_moe_ll_dispatch_out_t dout = {recv, NULL, count, NULL, NULL};
-    epx_moe_ll_combine_in_t cin = {recv, w};
-    epx_moe_handle_t h = NULL;
-    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s)); /* maps the peers' buffers outside the capture */
-    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
-    ASSERT_OK(epx_moe_handle_destroy(h));
-    test_sync();
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
-    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s));
-    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
-    CU(cudaStreamEndCapture(s, &graph));
-    CU(cudaGraphInstantiate(&exec, graph, 0));
+    ll_graph_t g;
+    ll_graph_make(&g, comm, me, R, s, true);
     epx_status_t async = EPX_ERR_INTERNAL;
     for (int it = 0; it < 3; it++) {
-        CU(cudaGraphLaunch(exec, s));
+        CU(cudaGraphLaunch(g.exec, s));
         CU(cudaStreamSynchronize(s));
     }
     /* Idle longer than the timeout between replays is no stall. */
     usleep((useconds_t)(1500.0 * timeout_ms));
-    CU(cudaGraphLaunch(exec, s));
+    CU(cudaGraphLaunch(g.exec, s));
     CU(cudaStreamSynchronize(s));
     ASSERT_OK(epx_comm_get_async_error(comm, &async));
     ASSERT_EQ(async, EPX_SUCCESS);
@@ -592,7 +628,7 @@ static int stall_ll(epx_comm_t comm, int me, int R)
     test_sync();
     if (me == R - 1) usleep((useconds_t)(8000.0 * timeout_ms));
     double t0 = test_now_ms();
-    CU(cudaGraphLaunch(exec, s));
+    CU(cudaGraphLaunch(g.exec, s));
     CU(cudaStreamSynchronize(s));
     /* Without the watch the others would wait for the sleeper: 8 timeouts. */
     double waited = test_now_ms() - t0, bound = 4 * timeout_ms + 3000;
@@ -605,17 +641,14 @@ static int stall_ll(epx_comm_t comm, int me, int R)
     }
     if (async == EPX_SUCCESS) TEST_FAIL_("the stalled replay left the communicator healthy");
     printf("rank %d: stalled replay ended after %.0f ms, communicator reports %s\n", me, waited, epx_status_name(async));
-    CU(cudaGraphExecDestroy(exec));
-    CU(cudaGraphDestroy(graph));
-    epx_moe_handle_destroy(h); /* the communicator is broken: statuses are not the point */
-    epx_moe_destroy(moe);
-    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(w);
-    test_buf_free(count);
-    free(hx), free(hidx), free(hw);
+    CU(cudaGraphExecDestroy(g.exec));
+    CU(cudaGraphDestroy(g.graph));
+    g.exec = NULL, g.graph = NULL;
+    epx_moe_handle_destroy(g.h); /* the communicator is broken: statuses are not the point */
+    epx_moe_destroy(g.moe);
+    ll_graph_free(&g);
     return 1;
 }
-
-/* ---- Low-latency across hosts: the communicator destroyed before a graph ------------- */
 
 /* Across hosts: epx_comm_destroy while a graph that captured low-latency calls still lives
  * (against epx.h's advice: NCCL's finalize, then its abort, wait for such graphs). It must
@@ -624,41 +657,14 @@ static int stall_ll(epx_comm_t comm, int me, int R)
  * afterwards, which lets that thread end. Consumes the communicator. */
 static int destroy_before_graph(epx_comm_t comm, int me, int R)
 {
-    const char *tms = getenv("EPX_TIMEOUT_MS");
-    double timeout_ms = tms ? atof(tms) : 0;
-    if (timeout_ms <= 0 || timeout_ms > 10000) TEST_FAIL_("--ll-destroy-first needs EPX_TIMEOUT_MS set, at most 10000");
+    double timeout_ms = env_timeout_ms("--ll-destroy-first");
     cudaStream_t s = test_stream();
-    int E = 4 * R;
-    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
-    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK, cfg.mode = EPX_MOE_LOW_LATENCY;
-    epx_moe_t moe;
-    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
-    size_t xb = (size_t)GT * GH * 2, rb = (size_t)4 * R * GT * GH * 2;
-    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
-    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK);
-    float *w = test_buf_alloc(sizeof(float) * GT * GK);
-    int32_t *count = test_buf_alloc(sizeof(int32_t) * 4);
-    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
-    float *hw = malloc(sizeof(float) * GT * GK);
-    for (int t = 0; t < GT; t++)
-        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E), hw[t * GK + k] = g_weight(0, me, t, k);
-    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
-    test_buf_put(w, hw, sizeof(float) * GT * GK);
-    epx_moe_ll_dispatch_in_t in = {x, idx, GT, GK};
-    epx_moe_ll_dispatch_out_t dout = {recv, NULL, count, NULL, NULL};
-    epx_moe_ll_combine_in_t cin = {recv, w};
-    epx_moe_handle_t h = NULL;
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
-    ASSERT_OK(epx_moe_ll_dispatch(moe, &in, &dout, &h, s));
-    ASSERT_OK(epx_moe_ll_combine(moe, h, &cin, out, s));
-    CU(cudaStreamEndCapture(s, &graph));
-    CU(cudaGraphInstantiate(&exec, graph, 0));
-    CU(cudaGraphLaunch(exec, s));
+    ll_graph_t g;
+    ll_graph_make(&g, comm, me, R, s, false);
+    CU(cudaGraphLaunch(g.exec, s));
     CU(cudaStreamSynchronize(s));
-    ASSERT_OK(epx_moe_handle_destroy(h));
-    ASSERT_OK(epx_moe_destroy(moe));
+    ASSERT_OK(epx_moe_handle_destroy(g.h));
+    ASSERT_OK(epx_moe_destroy(g.moe));
     ASSERT_OK(epx_barrier(comm, s));
     test_sync();
     double t0 = test_now_ms();
@@ -666,11 +672,7 @@ static int destroy_before_graph(epx_comm_t comm, int me, int R)
     double waited = test_now_ms() - t0, bound = 2 * timeout_ms + 3000;
     if (waited > bound) TEST_FAIL_("epx_comm_destroy with a live graph took %.0f ms (more than %.0f)", waited, bound);
     printf("rank %d: epx_comm_destroy with a live graph returned after %.0f ms\n", me, waited);
-    CU(cudaGraphExecDestroy(exec));
-    CU(cudaGraphDestroy(graph));
-    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(w);
-    test_buf_free(count);
-    free(hidx), free(hw);
+    ll_graph_free(&g);
     return 1;
 }
 
