@@ -99,7 +99,8 @@ epx_status_t epx_unique_id_from_string(const char *text, epx_unique_id_t *id)
     return epx__id_parse(text, id);
 }
 
-/* The caller's configuration completed with defaults: backend and timeout. */
+/* The caller's configuration completed with defaults: backend and timeout; the EPX_*
+ * tunables checked (epx__params_check). */
 static epx_status_t epx__config_resolve(const epx_config_t *user_cfg, epx_config_t *cfg, int *backend,
                                         int64_t *timeout_ms)
 {
@@ -115,7 +116,7 @@ static epx_status_t epx__config_resolve(const epx_config_t *user_cfg, epx_config
     if (*timeout_ms <= 0)
         return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "%s = %lld must be > 0",
                          cfg->timeout_ms == EPX_UNSET ? "EPX_TIMEOUT_MS" : "cfg.timeout_ms", (long long)*timeout_ms);
-    return EPX_SUCCESS;
+    return epx__params_check();
 }
 
 /* A rank that rejects its own configuration still meets the others in the creation's first

@@ -149,6 +149,12 @@ typedef enum {
 
 int64_t epx__param_int(epx__param_id_t id);
 const char *epx__param_str(epx__param_id_t id);
+/* Every integer tunable a communicator reads lies in its range (param.c's table):
+ * EPX_ERR_INVALID_ARGUMENT naming the first that does not, and its range. (A value that
+ * does not parse was replaced by the default with a warning; EPX_TIMEOUT_MS, which
+ * cfg.timeout_ms overrides, and epx-run's EPX_RANK / EPX_NRANKS are checked where used.) */
+epx_status_t epx__params_check(void);
+#define EPX__MOE_MAX_CHUNKS 4 /* EPX_MOE_CHUNKS's largest value (src/hier: the network step's) */
 /* Parse "123", "64K", "1M", "2G" (binary multiples). false on garbage or overflow. */
 bool epx__parse_size(const char *text, int64_t *out);
 

@@ -104,6 +104,28 @@ const char *epx__param_str(epx__param_id_t id)
     return epx__param_values[id].text;
 }
 
+/* The integer tunables' ranges (inclusive). */
+static const struct {
+    epx__param_id_t id;
+    int64_t lo, hi;
+} epx__param_ranges[] = {
+    {EPX__P_LOCAL_SIZE, 0, INT32_MAX},  {EPX__P_CPU_SPIN_US, 0, INT32_MAX}, {EPX__P_CPU_YIELD_MS, 0, INT32_MAX},
+    {EPX__P_CPU_CMA, 0, 1},             {EPX__P_CUDA_SMS, 0, INT32_MAX},    {EPX__P_CUDA_CE_SMS, 1, INT32_MAX},
+    {EPX__P_MOE_CHUNKS, 0, EPX__MOE_MAX_CHUNKS}, {EPX__P_MOE_LL_HOST, -1, 1},
+};
+
+epx_status_t epx__params_check(void)
+{
+    for (size_t i = 0; i < sizeof epx__param_ranges / sizeof epx__param_ranges[0]; i++) {
+        int64_t v = epx__param_int(epx__param_ranges[i].id), lo = epx__param_ranges[i].lo,
+                hi = epx__param_ranges[i].hi;
+        if (v < lo || v > hi)
+            return epx__fail(NULL, EPX_ERR_INVALID_ARGUMENT, "%s = %lld: expected %lld to %lld",
+                             epx__params[epx__param_ranges[i].id].env, (long long)v, (long long)lo, (long long)hi);
+    }
+    return EPX_SUCCESS;
+}
+
 int epx_param_count(void) { return EPX__P_COUNT; }
 
 epx_status_t epx_param_get(int index, epx_param_info_t *info)

@@ -228,7 +228,7 @@ void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t
 #define EPX__HIER_REF_INDEX(ref) ((ref) & ((INT64_C(1) << 56) - 1))
 enum { EPX__HIER_X = 0, EPX__HIER_FWD = 1, EPX__HIER_LRECV = 2 }; /* dispatch sources */
 enum { EPX__HIER_Y = 0, EPX__HIER_C1 = 1, EPX__HIER_HOME = 2 };   /* combine sources */
-#define EPX__HIER_MAX_CHUNKS 4 /* of the network step */
+#define EPX__HIER_MAX_CHUNKS EPX__MOE_MAX_CHUNKS /* of the network step */
 enum { EPX__HIER_LOCAL = 0, EPX__HIER_REMOTE = 1, EPX__HIER_MAX_PARTS = 1 + EPX__HIER_MAX_CHUNKS };
 typedef struct {
     int chunks, parts;                                          /* parts = 1 + chunks */
