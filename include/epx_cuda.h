@@ -10,7 +10,7 @@
  *
  * CUDA graphs across hosts: the low-latency MoE calls (epx_moe_ll_*) can be captured, as
  * on one host, where they run on the device (the default up to 4 hosts; not with
- * EPX_MOE_LL_HOST=1): the ranks agree on each call at capture time, and a replay moves
+ * EPX_MOE_LL_HOST=1, nor beyond 256 ranks): the ranks agree on each call at capture time, and a replay moves
  * everything with kernels and NCCL transfers on the stream. Every rank must capture the
  * same calls and replay them in the same order. A replay that waits on NCCL transfers
  * longer than EPX_TIMEOUT_MS (a rank on another host late or gone) makes epx's watchdog

@@ -1286,11 +1286,12 @@ int bench_cuda_moe(bench_ctx_t *b)
     double graph_us = 0, graph_op[3] = {0, 0, 0}, split_us[5] = {0, 0, 0, 0, 0};
     epx_comm_info_t ci;
     /* Across hosts (NCCL) only low-latency on the device can be captured: not the layout, nor
-     * high-throughput or the host path (EPX_MOE_LL_HOST=1, by default beyond 4 hosts), which
-     * wait on the host (epx_cuda.h). */
+     * high-throughput or the host path (EPX_MOE_LL_HOST=1, by default beyond 4 hosts, always
+     * beyond 256 ranks), which wait on the host (epx_cuda.h; README, EPX_MOE_LL_HOST). */
     const char *llh = getenv("EPX_MOE_LL_HOST");
+    int ll_host = llh && *llh ? atoi(llh) : -1; /* -1, 0 or 1: creation refuses others */
     bool info = epx_comm_info(m->gpu, &ci) == EPX_SUCCESS, one = info && ci.num_hosts == 1;
-    bool ll_dev = m->ll && !(llh && atoi(llh) == 1) && (ci.num_hosts <= 4 || (llh && atoi(llh) == 0));
+    bool ll_dev = m->ll && ci.nranks <= 256 && (ll_host == 0 || (ll_host < 0 && ci.num_hosts <= 4));
     bool graphs = info && (one ? m->ll || (m->d_count && !epx_on_copy_engines(m)) : ll_dev);
     if (graphs) {
         for (int g = 0; g < (one ? 3 : 2); g++) { /* dispatch, combine, layout (one host) */
