@@ -7,7 +7,8 @@ from ctypes import byref, c_int, c_int64, c_void_p
 
 from . import _arrays as A
 from . import _lib
-from ._errors import _RECOVERABLE, check, EpxError, ERR_UNSUPPORTED, InvalidArgumentError, SUCCESS
+from ._errors import (_RECOVERABLE, check, EpxError, ERR_REMOTE_INVALID, ERR_UNSUPPORTED, InvalidArgumentError,
+                      RemoteInvalidError, SUCCESS)
 
 L = _lib.lib
 
@@ -140,20 +141,29 @@ class Comm:
     def from_torch(cls, group=None, *, backend=None, device=None, timeout_ms=None):
         """Collective over a torch.distributed ProcessGroup (default: the world): its rank 0 makes the id
         and every rank receives it through the group. With neither backend nor device given, an NCCL
-        group (and CUDA available) gives the CUDA backend on the current device, any other the CPU."""
+        group (and CUDA available) gives the CUDA backend on the current device, any other the CPU.
+        What fails on one rank before that exchange (rank 0's get_unique_id, e.g. a bootstrap that cannot
+        listen; torch.cuda.current_device()) raises there once that rank has taken part in it, and the
+        others raise RemoteInvalidError naming it and its message at once, not at torch's timeout."""
         import torch
         import torch.distributed as dist
         if group is None:
             group = dist.group.WORLD
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        ids = [None] * size
-        dist.all_gather_object(ids, get_unique_id() if rank == 0 else None, group=group)
-        if backend is None and device is None and torch.cuda.is_available() and \
-                dist.get_backend(group) in ("nccl", "cuda:nccl"):
-            device = torch.cuda.current_device()
+        rank = dist.get_rank(group)
+        step = "get its current CUDA device"
+        try:
+            if backend is None and device is None and torch.cuda.is_available() and \
+                    dist.get_backend(group) in ("nccl", "cuda:nccl"):
+                device = torch.cuda.current_device()
+            step = "make the communicator's id"
+            uid = get_unique_id() if rank == 0 else None
+        except BaseException as e:
+            _torch_exchange(group, failed=(step, e))
+            raise
+        ids = _torch_exchange(group, uid)
         if backend is None and device is not None:
             backend = "cuda"
-        return cls(size, rank, ids[0], backend=backend, device=device, timeout_ms=timeout_ms)
+        return cls(len(ids), rank, ids[0], backend=backend, device=device, timeout_ms=timeout_ms)
 
     @property
     def handle(self):
@@ -382,6 +392,29 @@ class Comm:
                     problem = "%s has %d bytes; its counts and displacements reach byte %d" % (name, have, need)
                     break
         return code, arrs, problem
+
+
+# What a rank sends in from_torch's exchange when one of its steps before it raised
+_TorchFailure = namedtuple("_TorchFailure", "rank step message")
+
+
+def _torch_exchange(group, mine=None, failed=None):
+    """from_torch's one exchange over the torch group, collective: every rank's `mine` (rank 0's: the
+    id, the others': None) goes to every rank. Returns the list of them; RemoteInvalidError, naming
+    the first rank that failed and why, when one did. failed: (step, exception) when this rank's
+    `step` before the exchange raised: it sends a _TorchFailure instead, so that the others fail at
+    once rather than wait for it until torch's timeout, and returns (its caller then raises)."""
+    import torch.distributed as dist
+    rank = dist.get_rank(group)
+    if failed is not None:
+        step, e = failed
+        mine = _TorchFailure(rank, step, str(e) if isinstance(e, EpxError) else "%s: %s" % (type(e).__name__, e))
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, mine, group=group)
+    bad = [p for p in parts if isinstance(p, _TorchFailure)]
+    if bad and failed is None:
+        raise RemoteInvalidError(ERR_REMOTE_INVALID, "rank %d could not %s (%s)" % bad[0])
+    return parts
 
 
 def _move_dtype(a, dtype):

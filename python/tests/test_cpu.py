@@ -6,6 +6,8 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import tempfile
+import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +32,55 @@ def _rank_main(nranks, rank, uid, q):
             q.put((rank, bool((got == want).all()), ""))
     except Exception as e:  # noqa: BLE001
         q.put((rank, False, repr(e)))
+
+
+# A stand-in for torch, for Comm.from_torch and deep_ep.Buffer(group) without torch: each process is
+# rank $FAKE_TORCH_RANK of $FAKE_TORCH_SIZE; CUDA is available only where $FAKE_TORCH_NO_DEVICE is
+# set, and torch.cuda.current_device() raises on the rank it names; the group's backend is
+# $FAKE_TORCH_BACKEND (default gloo); all_gather_object goes through files in $FAKE_TORCH_DIR and
+# gives up after $FAKE_TORCH_TIMEOUT seconds (torch's own timeout is minutes)
+_FAKE_TORCH = {
+    "torch/__init__.py": (
+        "import os\n"
+        "import types\n"
+        "from . import distributed\n"
+        "class Tensor:  # nothing here is one\n"
+        "    pass\n"
+        "class dtype:\n"
+        "    pass\n"
+        "def _current_device():\n"
+        "    if os.environ.get('FAKE_TORCH_NO_DEVICE') == os.environ['FAKE_TORCH_RANK']:\n"
+        "        raise RuntimeError('CUDA error: no CUDA-capable device is detected')\n"
+        "    return 0\n"
+        "cuda = types.SimpleNamespace(is_available=lambda: 'FAKE_TORCH_NO_DEVICE' in os.environ,\n"
+        "                             current_device=_current_device)\n"),
+    "torch/distributed/__init__.py": (
+        "import os, pickle, time, types\n"
+        "group = types.SimpleNamespace(WORLD='world')\n"
+        "_calls = [0]\n"
+        "def get_rank(group=None):\n"
+        "    return int(os.environ['FAKE_TORCH_RANK'])\n"
+        "def get_world_size(group=None):\n"
+        "    return int(os.environ['FAKE_TORCH_SIZE'])\n"
+        "def get_backend(group=None):\n"
+        "    return os.environ.get('FAKE_TORCH_BACKEND', 'gloo')\n"
+        "def all_gather_object(object_list, obj, group=None):\n"
+        "    # call n: this rank writes file n.rank whole (a rename), then reads every rank's\n"
+        "    d, n, me = os.environ['FAKE_TORCH_DIR'], _calls[0], get_rank()\n"
+        "    _calls[0] += 1\n"
+        "    with open(os.path.join(d, '%d.%d.tmp' % (n, me)), 'wb') as f:\n"
+        "        pickle.dump(obj, f)\n"
+        "    os.rename(os.path.join(d, '%d.%d.tmp' % (n, me)), os.path.join(d, '%d.%d' % (n, me)))\n"
+        "    deadline = time.monotonic() + float(os.environ.get('FAKE_TORCH_TIMEOUT', '60'))\n"
+        "    for r in range(len(object_list)):\n"
+        "        path = os.path.join(d, '%d.%d' % (n, r))\n"
+        "        while not os.path.exists(path):\n"
+        "            if time.monotonic() > deadline:\n"
+        "                raise RuntimeError('fake torch: all_gather_object %d: rank %d never came' % (n, r))\n"
+        "            time.sleep(0.005)\n"
+        "        with open(path, 'rb') as f:\n"
+        "            object_list[r] = pickle.load(f)\n"),
+}
 
 
 class CpuTests(unittest.TestCase):
@@ -67,6 +118,105 @@ class CpuTests(unittest.TestCase):
         for p in procs:
             p.join(30)
         self.assertEqual([r[:2] for r in res], [(0, True), (1, True)], res)
+
+    def _fake_torch_ranks(self, n, code, env=lambda r: {}, wait=20):
+        # `code` run by n processes under the fake torch (first on their PYTHONPATH) without a launcher,
+        # each with env(rank) added to its environment; each must exit 0 and print "rank R ok" within
+        # `wait` seconds of the start (a rank still running then is killed and fails the test)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in _FAKE_TORCH.items():
+                os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(text)
+            os.mkdir(os.path.join(tmp, "exchange"))
+            path = os.pathsep.join([tmp, PKG] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=dict(os.environ, PYTHONPATH=path, FAKE_TORCH_RANK=str(r),
+                                                          FAKE_TORCH_SIZE=str(n), FAKE_TORCH_DIR=os.path.join(
+                                                              tmp, "exchange"), **env(r)))
+                     for r in range(n)]
+            deadline, report, ok = time.monotonic() + wait, "", 0
+            for r, p in enumerate(procs):
+                try:
+                    out, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    out, err = p.communicate()
+                    err += "\n(still running after %d s: killed)" % wait
+                ok += p.returncode == 0 and "rank %d ok" % r in out
+                report += "--- rank %d (exit %s)\n%s%s\n" % (r, p.returncode, out[-1000:], err[-2000:])
+            self.assertEqual(ok, n, report)
+
+    def test_from_torch_unique_id_fails(self):
+        # rank 0's get_unique_id fails (here: its bootstrap cannot listen, on an interface that does not
+        # exist): Comm.from_torch and deep_ep.Buffer(group) raise that error on rank 0 and, at once,
+        # RemoteInvalidError with rank 0's message on the others (before, rank 0 raised before torch's
+        # all_gather_object and the others waited in it until torch's timeout)
+        code = ("import os, time, epx, torch.distributed as dist\n"
+                "from epx import deep_ep\n"
+                "r = dist.get_rank()\n"
+                "for what, make in (('Comm.from_torch', lambda: epx.Comm.from_torch(timeout_ms=8000)),\n"
+                "                   ('deep_ep.Buffer', lambda: deep_ep.Buffer(dist.group.WORLD, timeout_ms=8000))):\n"
+                "    t0 = time.monotonic()\n"
+                "    try:\n"
+                "        make()\n"
+                "        raise SystemExit('rank %d: %s did not raise' % (r, what))\n"
+                "    except epx.SystemCallError as e:\n"
+                "        assert r == 0 and 'EPX_SOCKET_IFNAME=nope0' in e.message, (what, e)\n"
+                "    except epx.RemoteInvalidError as e:\n"
+                "        want = \"rank 0 could not make the communicator's id (EPX_ERR_SYSTEM: EPX_SOCKET_IFNAME=\"\n"
+                "        assert r != 0 and e.message.startswith(want + 'nope0'), (what, e)\n"
+                "    assert time.monotonic() - t0 < 2, (what, time.monotonic() - t0)\n"
+                "print('rank %d ok' % r)\n")
+        for n in (2, 3):
+            with self.subTest(nranks=n):
+                self._fake_torch_ranks(n, code, lambda r: {"EPX_SOCKET_IFNAME": "nope0"} if r == 0 else {})
+
+    def test_from_torch_device_fails(self):
+        # torch.cuda.current_device() raises on the last rank only, where from_torch (an NCCL group) or
+        # deep_ep.Buffer(group) (any group, with CUDA in torch and libepx) asks for it before the
+        # exchange: that rank raises it, the others RemoteInvalidError naming it, at once
+        code = ("import os, time, epx, torch.distributed as dist\n"
+                "from epx import deep_ep\n"
+                "r, R = dist.get_rank(), dist.get_world_size()\n"
+                "deep_ep.buffer.cuda_built = lambda: True  # whether or not this libepx has CUDA\n"
+                "for what, make in (('Comm.from_torch', lambda: epx.Comm.from_torch(timeout_ms=8000)),\n"
+                "                   ('deep_ep.Buffer', lambda: deep_ep.Buffer(dist.group.WORLD, timeout_ms=8000))):\n"
+                "    t0 = time.monotonic()\n"
+                "    try:\n"
+                "        make()\n"
+                "        raise SystemExit('rank %d: %s did not raise' % (r, what))\n"
+                "    except epx.RemoteInvalidError as e:\n"
+                "        want = 'rank %d could not get its current CUDA device (RuntimeError: CUDA error: ' % (R - 1)\n"
+                "        assert r != R - 1 and e.message == want + 'no CUDA-capable device is detected)', (what, e)\n"
+                "    except RuntimeError as e:\n"
+                "        assert r == R - 1 and 'no CUDA-capable device' in str(e), (what, e)\n"
+                "    assert time.monotonic() - t0 < 2, (what, time.monotonic() - t0)\n"
+                "print('rank %d ok' % r)\n")
+        for n in (2, 3):
+            with self.subTest(nranks=n):
+                self._fake_torch_ranks(n, code, lambda r: {"FAKE_TORCH_NO_DEVICE": str(n - 1),
+                                                           "FAKE_TORCH_BACKEND": "nccl"})
+
+    def test_from_torch_fake_group(self):
+        # the normal path, over the fake torch: Comm.from_torch and deep_ep.Buffer(group) make a CPU
+        # communicator of the group's ranks, which moves data
+        code = ("import numpy as np, epx, torch.distributed as dist\n"
+                "from epx import deep_ep\n"
+                "r, R = dist.get_rank(), dist.get_world_size()\n"
+                "with epx.Comm.from_torch(timeout_ms=15000) as c:\n"
+                "    assert (c.rank, c.size, c.backend) == (r, R, 'cpu'), (c.rank, c.size, c.backend)\n"
+                "    got = c.alltoall(np.arange(R * 3, dtype=np.int64) + 100 * r)\n"
+                "    want = np.concatenate([np.arange(r * 3, r * 3 + 3) + 100 * p for p in range(R)])\n"
+                "    assert (got == want).all(), got\n"
+                "b = deep_ep.Buffer(dist.group.WORLD, timeout_ms=15000)\n"
+                "assert (b.rank, b.group_size, b.comm.backend) == (r, R, 'cpu')\n"
+                "assert (b.comm.alltoall(np.full(R, r, np.int32)) == np.arange(R)).all()\n"
+                "b.destroy()\n"
+                "print('rank %d ok' % r)\n")
+        for n in (1, 2, 3):
+            with self.subTest(nranks=n):
+                self._fake_torch_ranks(n, code)
 
     def test_library_errors(self):
         import epx

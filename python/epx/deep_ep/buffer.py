@@ -4,7 +4,7 @@ import os
 
 from .. import _arrays as A
 from .. import _lib
-from .._comm import Comm, cuda_built
+from .._comm import _torch_exchange, Comm, cuda_built
 from .._errors import InvalidArgumentError, UnsupportedError
 from .._moe import Moe
 from .utils import EventHandle, EventOverlap
@@ -489,10 +489,16 @@ def _comm_of_group(group, timeout_ms):
     libepx a CUDA backend (as DeepEP: the group only bootstraps, so a gloo group, e.g. vLLM's CPU
     group, gives the CUDA backend too), else on the CPU backend (in an epx built without CUDA, CUDA
     tensors are then refused, saying so). For torch CPU tensors on a machine with a GPU, pass
-    comm=Comm.from_torch(group, backend="cpu") instead."""
+    comm=Comm.from_torch(group, backend="cpu") instead. Collective, failing on every rank as
+    from_torch does, the current device's query included."""
     t = _torch()
-    if t.cuda.is_available() and cuda_built():
-        return Comm.from_torch(group, backend="cuda", device=t.cuda.current_device(), timeout_ms=timeout_ms)
+    try:
+        device = t.cuda.current_device() if t.cuda.is_available() and cuda_built() else None
+    except BaseException as e:  # as in from_torch: this rank fails its exchange, so the others fail at once
+        _torch_exchange(group, failed=("get its current CUDA device", e))
+        raise
+    if device is not None:
+        return Comm.from_torch(group, backend="cuda", device=device, timeout_ms=timeout_ms)
     return Comm.from_torch(group, backend="cpu", timeout_ms=timeout_ms)
 
 
