@@ -790,6 +790,67 @@ static void run_give_up(int R)
     if (late->ms[0] > 200) TEST_FAIL_("the late rank took %.0f ms to fail", late->ms[0]);
 }
 
+/* src/cpu: a rank that gave up writes nothing more. Rank 0 finishes exchange 1, times out in
+ * exchange 2 (rank 1 is still a slow reader of exchange 1: EPX_FAULT delay at=enqueue) and
+ * makes exchange 3, of the same parity as 1, with other data, as a caller with several
+ * rounds per call does. Exchange 3 must fail at once without writing, so that rank 1,
+ * reading exchange 1 late (rank 0 had released it), gets rank 0's exchange-1 bytes. */
+typedef struct {
+    epx_unique_id_t id;
+    int rank;
+    epx_status_t st[3];
+    int32_t got[3];
+} ahead_arg_t;
+
+static void *ahead_thread(void *argp)
+{
+    ahead_arg_t *a = argp;
+    int me = a->rank, info = me, all[2];
+    epx__boot_t *boot;
+    epx__cpu_t *c;
+    epx__errbuf_t err;
+    ASSERT_OK(epx__boot_init(&boot, 2, me, &a->id, &info, sizeof info, all, 10000, &err));
+    ASSERT_OK(epx__cpu_create(&c, boot, me, 2, epx__id_nonce(&a->id), GIVEUP_TIMEOUT_MS, NULL, &err));
+    epx__fault_t f;
+    ASSERT_OK(epx__fault_parse("delay:rank=1,step=1,ms=800,at=enqueue", me, &f, &err));
+    epx__cpu_set_fault(c, &f);
+    int64_t bytes[2] = {4, 4}, displ[2] = {0, 4};
+    int32_t send[2], recv[2];
+    epx__cpu_xfer_t x = {send, bytes, displ, recv, bytes, displ};
+    for (int k = 0; k < (me == 0 ? 3 : 1); k++) {
+        send[0] = send[1] = me * 1000 + k + 1, recv[0] = recv[1] = -1;
+        a->st[k] = epx__cpu_alltoallv(c, &x, EPX_SUCCESS, &err);
+        a->got[k] = recv[1 - me];
+    }
+    usleep(200 * 1000); /* both done before either unmaps */
+    epx__cpu_destroy(c, false);
+    epx__boot_close(boot);
+    return NULL;
+}
+
+static void test_give_up_writes_nothing(void)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    pthread_t th[2];
+    ahead_arg_t args[2];
+    for (int r = 0; r < 2; r++) {
+        memset(&args[r], 0, sizeof args[r]);
+        args[r].id = id, args[r].rank = r;
+        pthread_create(&th[r], NULL, ahead_thread, &args[r]);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    printf("give up, then write: rank 0: %s (got %d), %s, %s; the slow reader: %s, got %d\n",
+           epx_status_name(args[0].st[0]), args[0].got[0], epx_status_name(args[0].st[1]),
+           epx_status_name(args[0].st[2]), epx_status_name(args[1].st[0]), args[1].got[0]);
+    ASSERT_STATUS(args[0].st[0], EPX_SUCCESS);
+    ASSERT_EQ(args[0].got[0], 1001);
+    ASSERT_STATUS(args[0].st[1], EPX_ERR_TIMEOUT);
+    ASSERT_STATUS(args[0].st[2], EPX_ERR_TIMEOUT);
+    ASSERT_STATUS(args[1].st[0], EPX_SUCCESS); /* rank 0 released exchange 1 before it gave up */
+    ASSERT_EQ(args[1].got[0], 1);
+}
+
 /* Routing helpers of src/core against definitions written out here: the layout (tokens
  * per rank counted once per rank, per expert once per expert, the token-rank mask) and a
  * token's ranks (distinct, ascending), for rank counts on both sides of the 64-rank bit
@@ -931,6 +992,7 @@ int main(void)
     run_links(2, 3, 2);
     run_give_up(2);
     run_give_up(3);
+    test_give_up_writes_nothing();
     /* A single-rank communicator works end to end. */
     epx_unique_id_t id;
     epx_comm_t comm;

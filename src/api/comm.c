@@ -577,6 +577,13 @@ static void epx__comm_fault_launched(epx_comm_t c, epx_status_t st)
 epx_status_t epx__comm_result(epx_comm_t comm, epx_status_t st)
 {
     if (__builtin_expect(comm->fault_launched, 0)) epx__comm_fault_launched(comm, st);
+    /* A host round that failed (a peer late or gone: this rank's transport gave up) under a
+     * status of the call's own that does not break (a mismatch the rounds agreed on first):
+     * the communicator cannot go on, and the call says why. */
+    if (!epx__status_breaks(st) && comm->cpu) {
+        epx_status_t gone = epx__cpu_given_up(comm->cpu, &comm->err); /* (writes only a failure) */
+        if (gone != EPX_SUCCESS) st = gone;
+    }
     if (epx__status_breaks(st)) epx__comm_break(comm, st);
     /* Across CPU hosts a MoE call that failed after its verdict (epx__hier_take_left) left
      * its peers in the call: whatever its status, the communicator cannot go on. */

@@ -77,8 +77,9 @@ static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t 
 }
 
 /* Open the next operation: publish and post what I send (a failure here is local and is
- * posted as such) and acquire every peer's post. *broken when that failed: return the
- * status as it is, peers fail too. Else the verdict on every pair I am part of, checked
+ * posted as such) and acquire every peer's post. *broken when that failed, or when this
+ * rank had given up before (then nothing is written or posted): return the status as it
+ * is, peers fail too. Else the verdict on every pair I am part of, checked
  * before anything is read or written; the operation must then be finished
  * (epx__op_finish) whatever comes next. */
 static epx_status_t epx__xop_open(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_status_t local_status, epx__xop_t *op,
@@ -89,11 +90,13 @@ static epx_status_t epx__xop_open(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_s
     op->seq = epx__op_begin(c);
     op->deadline = epx__deadline_after_ms(c->timeout_ms);
     op->exposed = false;
+    epx_status_t gone = epx__cpu_given_up(c, err); /* then write and post nothing */
+    *broken = gone != EPX_SUCCESS;
+    if (*broken) return gone;
     if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, op->seq, &op->exposed, err);
     if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, op->seq);
     epx__op_post(c, op->seq, EPX__CALL_EXCHANGE, local_status);
     epx_status_t st = epx__wait_posts(c, op->seq, op->deadline, err);
-    if (st == EPX_SUCCESS) st = epx__peers_check(c, op->seq, err);
     *broken = st != EPX_SUCCESS;
     if (*broken) return st;
     return local_status != EPX_SUCCESS ? local_status : epx__check_peers(c, op->seq, err);

@@ -17,7 +17,11 @@
  * seeing every post of n+1: so the parity block of n is never rewritten while read.
  * Every wait polls briefly, then yields, then sleeps on a futex; it ends with
  * EPX_ERR_TIMEOUT at the deadline and EPX_ERR_PEER_FAILURE as soon as the peer's process
- * is gone or has aborted.
+ * is gone or has aborted or given up. A rank whose wait failed gives up on the
+ * communicator at once (its `aborted` flag says so): its later operations fail at once
+ * with that status, posting nothing (so the rule above holds for the blocks it posted).
+ * A peer that gave up after it released an operation (it finished it, and its readers of
+ * exposed memory finished) still lets a slow reader of that operation succeed.
  */
 #ifndef EPX_CPU_H
 #define EPX_CPU_H
@@ -37,6 +41,10 @@ void epx__cpu_destroy(epx__cpu_t *cpu, bool abort);
 /* This rank gives up on the communicator (an operation timed out or failed): peers waiting
  * on it, or about to read what it posted, fail promptly with EPX_ERR_PEER_FAILURE. */
 void epx__cpu_mark_broken(epx__cpu_t *cpu);
+/* EPX_SUCCESS; or, once this rank gave up on the communicator because a wait for its peers
+ * failed (a timeout, a peer gone), that failure's status, its message written again to err
+ * (may be NULL). Every operation then fails at once with it, writing nothing. */
+epx_status_t epx__cpu_given_up(epx__cpu_t *cpu, epx__errbuf_t *err);
 /* Arm the faults of EPX_FAULT for this rank (see core/fault.h). */
 void epx__cpu_set_fault(epx__cpu_t *cpu, const epx__fault_t *fault);
 /* The CUDA backend's `kill` at host: this entry (and no other) fires in the next host

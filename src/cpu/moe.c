@@ -304,7 +304,7 @@ typedef struct {
     uint32_t seq;
     uint64_t deadline;
     bool exposed;        /* peers read my memory (always my board, often the caller's): wait for them at the end */
-    bool broken;         /* a peer never posted: the communicator is broken */
+    bool broken;         /* a wait for posts failed, or this rank had given up: nothing to finish */
     epx__board_t mine;   /* my board section for this operation */
     epx__board_t *b;     /* every rank's, after epx__op_meet */
 } epx__op_t;
@@ -325,16 +325,23 @@ static void epx__fault_count(epx__cpu_moe_t *m, epx__op_t *op)
     }
 }
 
-static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
+/* Start an operation; returns `local`, or (this rank gave up on the communicator) the
+ * status it gave up with: then nothing is written to the board (the caller's writes are
+ * under local == EPX_SUCCESS) and epx__op_meet posts nothing. */
+static epx_status_t epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind, epx_status_t local, epx__errbuf_t *err)
 {
     op->seq = epx__op_begin(m->cpu);
     op->deadline = epx__deadline_after_ms(m->cpu->timeout_ms);
     op->exposed = true; /* peers read my board (opened by name on first use): wait for them */
-    op->broken = false;
+    op->b = NULL;
+    epx_status_t gone = epx__cpu_given_up(m->cpu, err);
+    op->broken = gone != EPX_SUCCESS;
+    if (op->broken) return gone;
     op->mine = epx__board_at(m, m->board, op->seq);
     memset(op->mine.hdr, 0, sizeof *op->mine.hdr);
     op->mine.hdr->op = kind;
     op->b = malloc(sizeof *op->b * (size_t)m->s.nranks);
+    return local;
 }
 
 /* Post, acquire every post, check everyone's verdict and that the calls agree, and read
@@ -342,11 +349,11 @@ static void epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind)
  * later ones are ordinary statuses. Either way the caller ends with epx__op_end. */
 static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t local, epx__errbuf_t *err)
 {
+    if (op->broken) return local; /* this rank gave up before (epx__op_start) */
     if (local == EPX_SUCCESS && !op->b) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (__builtin_expect(m->cpu->fault.armed, 0) && local == EPX_SUCCESS) epx__fault_count(m, op);
     epx__op_post(m->cpu, op->seq, EPX__CALL_MOE, local);
     epx_status_t st = epx__wait_posts(m->cpu, op->seq, op->deadline, err);
-    if (st == EPX_SUCCESS) st = epx__peers_check(m->cpu, op->seq, err);
     op->broken = st != EPX_SUCCESS;
     if (st != EPX_SUCCESS) return st;
     if (local != EPX_SUCCESS) return local;
@@ -687,7 +694,7 @@ epx_status_t epx__cpu_moe_dispatch(epx__cpu_moe_t *m, const epx_moe_dispatch_in_
                                    epx_status_t local, epx__cpu_moe_handle_t **handle, epx__errbuf_t *err)
 {
     epx__op_t op;
-    epx__op_start(m, &op, EPX__OP_DISPATCH);
+    local = epx__op_start(m, &op, EPX__OP_DISPATCH, local, err);
     epx__cpu_moe_handle_t *h = NULL;
     if (local == EPX_SUCCESS) {
         h = epx__handle_new(m, op.seq, EPX_MOE_HIGH_THROUGHPUT, in->num_tokens, in->topk);
@@ -715,7 +722,7 @@ epx_status_t epx__cpu_moe_dispatch_cached(epx__cpu_moe_t *m, const epx__cpu_moe_
 {
     const epx__moe_shape_t *s = &m->s;
     epx__op_t op;
-    epx__op_start(m, &op, EPX__OP_CACHED);
+    local = epx__op_start(m, &op, EPX__OP_CACHED, local, err);
     if (local == EPX_SUCCESS) {
         op.mine.hdr->num_tokens = h->num_tokens;
         op.mine.hdr->topk = h->topk;
@@ -743,7 +750,7 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
     const epx__moe_shape_t *s = &m->s;
     int R = s->nranks, H = s->hidden;
     epx__op_t op;
-    epx__op_start(m, &op, EPX__OP_COMBINE);
+    local = epx__op_start(m, &op, EPX__OP_COMBINE, local, err);
     if (local == EPX_SUCCESS) {
         op.mine.hdr->num_tokens = h->num_tokens;
         op.mine.hdr->topk = h->topk;
@@ -842,7 +849,7 @@ epx_status_t epx__cpu_moe_ll_dispatch(epx__cpu_moe_t *m, const epx_moe_ll_dispat
     const epx__moe_shape_t *s = &m->s;
     int R = s->nranks, L = s->local_experts, me = s->rank, H = s->hidden;
     epx__op_t op;
-    epx__op_start(m, &op, EPX__OP_LL_DISPATCH);
+    local = epx__op_start(m, &op, EPX__OP_LL_DISPATCH, local, err);
     epx__cpu_moe_handle_t *h = NULL;
     if (local == EPX_SUCCESS) {
         h = epx__handle_new(m, op.seq, EPX_MOE_LOW_LATENCY, in->num_tokens, in->topk);
@@ -957,7 +964,7 @@ epx_status_t epx__cpu_moe_ll_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handl
     const epx__moe_shape_t *s = &m->s;
     int R = s->nranks, L = s->local_experts, H = s->hidden;
     epx__op_t op;
-    epx__op_start(m, &op, EPX__OP_LL_COMBINE);
+    local = epx__op_start(m, &op, EPX__OP_LL_COMBINE, local, err);
     if (local == EPX_SUCCESS) {
         op.mine.hdr->num_tokens = h->num_tokens;
         op.mine.hdr->topk = h->topk;

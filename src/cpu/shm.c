@@ -250,10 +250,14 @@ static void epx__fault_before_reads(epx__cpu_t *c, uint32_t seq)
 
 static epx_status_t epx__cpu_give_up(epx__cpu_t *c, epx_status_t st);
 
+epx_status_t epx__cpu_given_up(epx__cpu_t *c, epx__errbuf_t *err)
+{
+    if (c->gave_up == EPX_SUCCESS) return EPX_SUCCESS;
+    return epx__fail(err, c->gave_up, "%s (this rank then gave up on the communicator)", c->gave_up_why);
+}
+
 epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
 {
-    if (c->gave_up != EPX_SUCCESS)
-        return epx__fail(err, c->gave_up, "%s (this rank then gave up on the communicator)", c->gave_up_why);
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
         epx__desc_t *d = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq, c->rank);
@@ -262,7 +266,8 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
     }
     if (c->num_retired) epx__unlink_retired(c, seq, false);
     if (__builtin_expect(c->fault.armed, 0)) epx__fault_before_reads(c, seq);
-    return EPX_SUCCESS;
+    epx_status_t st = epx__peers_check(c, seq, err);
+    return st == EPX_SUCCESS ? st : epx__cpu_give_up(c, st);
 }
 
 epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)

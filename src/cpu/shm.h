@@ -99,8 +99,10 @@ struct epx__cpu {
     size_t eager_bytes;
     bool cma_ok;
     uint32_t seq; /* last operation number */
-    /* Set when a wait of this rank failed (epx__cpu_give_up): from then on every operation
-     * fails at once with this status and message, without waiting for anyone. */
+    /* Set when a wait of this rank for its peers failed (epx__cpu_give_up): from then on
+     * every operation fails at once with this status and message, before it writes or posts
+     * anything (a slow reader may still read what this rank posted for an operation it had
+     * released, and the next operation of the same parity would overwrite that). */
     epx_status_t gave_up;
     char gave_up_why[EPX__ERRMSG_LEN];
     epx__fault_t fault; /* EPX_FAULT, parsed at creation (fault.h) */
@@ -137,8 +139,9 @@ void epx__flag_post(epx__flag_t *flag, uint32_t value);
 /* Wait until `flag` (in peer's segment) >= target. TIMEOUT / PEER_FAILURE on failure. */
 epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t target,
                             uint64_t deadline, const char *what, epx__errbuf_t *err);
-/* Wait for every peer's post of operation `seq` to me (descriptor lines). A failure gives
- * up on the communicator (epx__cpu_give_up); so does a rank that gave up before, at once. */
+/* Wait for every peer's post of operation `seq` to me (descriptor lines), then check that no
+ * peer gave up without releasing what it posted (epx__peers_check). A failure leaves the
+ * operation out of step: this rank gives up on the communicator (see gave_up). */
 epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
 /* Wait for every peer's done >= seq. */
 epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
