@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build epx and pass every test:
-#   1. Release build + the whole suite
+#   1. Release build + the whole suite, then the Python suite (again with ml_dtypes from pip
+#      when it can be fetched; EPX_TEST_ML_DTYPES=0 skips that run)
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer build + the suite (large cases left out)
 #   3. ThreadSanitizer build (clang when present) + the CPU suite (large and 8-rank cases
 #      left out)
@@ -47,6 +48,24 @@ python_tests() {
     echo "== Python tests skipped: no python3 with numpy (apt-get install python3-numpy python3-pytest)"
 }
 python_tests
+# Again where ml_dtypes is installed (epx's bf16 and fp8 numpy outputs then have its dtypes,
+# not raw bits), in a venv over the system's packages (pip may bring a newer numpy into it).
+# Skipped, saying so, when pip cannot fetch it (no network) or EPX_TEST_ML_DTYPES=0.
+python_tests_ml_dtypes() {
+    local venv=build/venv-ml-dtypes
+    if [ "${EPX_TEST_ML_DTYPES:-1}" = 0 ] || ! /usr/bin/python3 -c "import numpy, pytest" 2>/dev/null; then
+        echo "== Python tests with ml_dtypes skipped (EPX_TEST_ML_DTYPES=0, or no /usr/bin/python3 with numpy and pytest)"
+        return
+    fi
+    if ! { [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"; } >/dev/null 2>&1 ||
+        ! timeout 300 "$venv/bin/python" -m pip install -q ml_dtypes >/dev/null 2>&1; then
+        echo "== Python tests with ml_dtypes skipped: no venv (apt-get install python3-venv) or pip could not fetch ml_dtypes"
+        return
+    fi
+    echo "== Python tests with ml_dtypes ($("$venv/bin/python" -c 'import ml_dtypes, numpy; print("ml_dtypes", ml_dtypes.__version__, "numpy", numpy.__version__)'))"
+    EPX_BUILD_DIR=build PYTHONPATH=python "$venv/bin/python" -m pytest -q python/tests
+}
+python_tests_ml_dtypes
 if [ "${EPX_TEST_SANITIZERS:-1}" != 0 ]; then
     stage "build + tests (AddressSanitizer + UndefinedBehaviorSanitizer)"
     # With the low-latency kernels' timing probe (src/cuda/probe.cuh) compiled in, so that

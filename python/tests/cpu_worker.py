@@ -75,8 +75,15 @@ def f32_to_bf16(f):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def bf16_bits(b):
+    """bf16 data as its raw bits: epx returns bf16 outputs as uint16 bits, or as ml_dtypes.bfloat16
+    where ml_dtypes is installed (its values must not be converted to integers)."""
+    b = np.asarray(b)
+    return b.view(np.uint16) if b.dtype.name == "bfloat16" else np.asarray(b, dtype=np.uint16)
+
+
 def bf16_to_f32(b):
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return (bf16_bits(b).astype(np.uint32) << 16).view(np.float32)
 
 
 def fp8_to_f32(b):
@@ -1061,7 +1068,7 @@ def test_deep_ep_sglang():
             ok(int(packed_recv_count[l]) == len(slots), "SGLang LL masked_m")
             same(packed_recv_hidden[l, :len(slots)], bf16_rows([W.x[p][t] for p, t in slots], H), "SGLang LL rows")
         # the experts: expert e scales its rows by e + 1 (bf16)
-        y = np.zeros_like(packed_recv_hidden)
+        y = np.zeros(packed_recv_hidden.shape, np.uint16)  # bits (the output may be ml_dtypes' bfloat16)
         for l in range(W.L):
             n = int(packed_recv_count[l])
             y[l, :n] = f32_to_bf16(bf16_to_f32(packed_recv_hidden[l, :n]) * np.float32(me * W.L + l + 1))
@@ -1149,7 +1156,7 @@ def test_deep_ep_vllm():
         output = np.zeros((W.T[me], H), np.uint16)
         if event.event is not None:
             event.current_stream_wait()
-        output[...] = combined_x
+        output[...] = bf16_bits(combined_x)
         same(output, f32_to_bf16(np.stack([fp8_to_f32(q8[t]) * np.float32(len(W.ranks(me, t)))
                                            for t in range(W.T[me])]).reshape(W.T[me], H)), "vLLM HT combine")
     buf.destroy()
@@ -1177,7 +1184,7 @@ def test_deep_ep_vllm():
                     err = np.abs(f[l, i].reshape(-1, 128) - xr)
                     ok((err <= np.abs(xr).max(1, keepdims=True) / 16).all(), "vLLM LL dequantised rows")
             continue
-        fused_expert_output = np.zeros_like(expert_x)
+        fused_expert_output = np.zeros(expert_x.shape, np.uint16)  # bits, as above
         for l in range(W.L):
             n = int(expert_num_tokens[l])
             fused_expert_output[l, :n] = f32_to_bf16(bf16_to_f32(expert_x[l, :n]) * np.float32(me * W.L + l + 1))
