@@ -83,6 +83,23 @@ _FAKE_TORCH = {
 }
 
 
+def _both_raise_code(setup, handlers):
+    """A script for _fake_torch_ranks: after `setup`, Comm.from_torch and then deep_ep.Buffer(group) must
+    each raise within 2 s, into `handlers` (except clauses that check the exception); then it prints
+    "rank R ok"."""
+    return ("import os, time, epx, torch.distributed as dist\n"
+            "from epx import deep_ep\n"
+            "r, R = dist.get_rank(), dist.get_world_size()\n" + setup +
+            "for what, make in (('Comm.from_torch', lambda: epx.Comm.from_torch(timeout_ms=8000)),\n"
+            "                   ('deep_ep.Buffer', lambda: deep_ep.Buffer(dist.group.WORLD, timeout_ms=8000))):\n"
+            "    t0 = time.monotonic()\n"
+            "    try:\n"
+            "        make()\n"
+            "        raise SystemExit('rank %d: %s did not raise' % (r, what))\n" + handlers +
+            "    assert time.monotonic() - t0 < 2, (what, time.monotonic() - t0)\n"
+            "print('rank %d ok' % r)\n")
+
+
 class CpuTests(unittest.TestCase):
     def _run(self, n):
         run = _launcher()
@@ -152,22 +169,12 @@ class CpuTests(unittest.TestCase):
         # exist): Comm.from_torch and deep_ep.Buffer(group) raise that error on rank 0 and, at once,
         # RemoteInvalidError with rank 0's message on the others (before, rank 0 raised before torch's
         # all_gather_object and the others waited in it until torch's timeout)
-        code = ("import os, time, epx, torch.distributed as dist\n"
-                "from epx import deep_ep\n"
-                "r = dist.get_rank()\n"
-                "for what, make in (('Comm.from_torch', lambda: epx.Comm.from_torch(timeout_ms=8000)),\n"
-                "                   ('deep_ep.Buffer', lambda: deep_ep.Buffer(dist.group.WORLD, timeout_ms=8000))):\n"
-                "    t0 = time.monotonic()\n"
-                "    try:\n"
-                "        make()\n"
-                "        raise SystemExit('rank %d: %s did not raise' % (r, what))\n"
-                "    except epx.SystemCallError as e:\n"
-                "        assert r == 0 and 'EPX_SOCKET_IFNAME=nope0' in e.message, (what, e)\n"
-                "    except epx.RemoteInvalidError as e:\n"
-                "        want = \"rank 0 could not make the communicator's id (EPX_ERR_SYSTEM: EPX_SOCKET_IFNAME=\"\n"
-                "        assert r != 0 and e.message.startswith(want + 'nope0'), (what, e)\n"
-                "    assert time.monotonic() - t0 < 2, (what, time.monotonic() - t0)\n"
-                "print('rank %d ok' % r)\n")
+        code = _both_raise_code("", (
+            "    except epx.SystemCallError as e:\n"
+            "        assert r == 0 and 'EPX_SOCKET_IFNAME=nope0' in e.message, (what, e)\n"
+            "    except epx.RemoteInvalidError as e:\n"
+            "        want = \"rank 0 could not make the communicator's id (EPX_ERR_SYSTEM: EPX_SOCKET_IFNAME=\"\n"
+            "        assert r != 0 and e.message.startswith(want + 'nope0'), (what, e)\n"))
         for n in (2, 3):
             with self.subTest(nranks=n):
                 self._fake_torch_ranks(n, code, lambda r: {"EPX_SOCKET_IFNAME": "nope0"} if r == 0 else {})
@@ -176,23 +183,12 @@ class CpuTests(unittest.TestCase):
         # torch.cuda.current_device() raises on the last rank only, where from_torch (an NCCL group) or
         # deep_ep.Buffer(group) (any group, with CUDA in torch and libepx) asks for it before the
         # exchange: that rank raises it, the others RemoteInvalidError naming it, at once
-        code = ("import os, time, epx, torch.distributed as dist\n"
-                "from epx import deep_ep\n"
-                "r, R = dist.get_rank(), dist.get_world_size()\n"
-                "deep_ep.buffer.cuda_built = lambda: True  # whether or not this libepx has CUDA\n"
-                "for what, make in (('Comm.from_torch', lambda: epx.Comm.from_torch(timeout_ms=8000)),\n"
-                "                   ('deep_ep.Buffer', lambda: deep_ep.Buffer(dist.group.WORLD, timeout_ms=8000))):\n"
-                "    t0 = time.monotonic()\n"
-                "    try:\n"
-                "        make()\n"
-                "        raise SystemExit('rank %d: %s did not raise' % (r, what))\n"
-                "    except epx.RemoteInvalidError as e:\n"
-                "        want = 'rank %d could not get its current CUDA device (RuntimeError: CUDA error: ' % (R - 1)\n"
-                "        assert r != R - 1 and e.message == want + 'no CUDA-capable device is detected)', (what, e)\n"
-                "    except RuntimeError as e:\n"
-                "        assert r == R - 1 and 'no CUDA-capable device' in str(e), (what, e)\n"
-                "    assert time.monotonic() - t0 < 2, (what, time.monotonic() - t0)\n"
-                "print('rank %d ok' % r)\n")
+        code = _both_raise_code("deep_ep.buffer.cuda_built = lambda: True  # whether or not this libepx has CUDA\n", (
+            "    except epx.RemoteInvalidError as e:\n"
+            "        want = 'rank %d could not get its current CUDA device (RuntimeError: CUDA error: ' % (R - 1)\n"
+            "        assert r != R - 1 and e.message == want + 'no CUDA-capable device is detected)', (what, e)\n"
+            "    except RuntimeError as e:\n"
+            "        assert r == R - 1 and 'no CUDA-capable device' in str(e), (what, e)\n"))
         for n in (2, 3):
             with self.subTest(nranks=n):
                 self._fake_torch_ranks(n, code, lambda r: {"FAKE_TORCH_NO_DEVICE": str(n - 1),
