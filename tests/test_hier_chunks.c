@@ -4,8 +4,8 @@
  * 8 MiB of the rows as they cross (FP8: with their float32 scales; low-latency FP8: the
  * e4m3 row and its float32 or UE8M0 scales, whatever the dtype) of the dispatch's largest batch,
  * wherever it is (the largest T over every rank), at least 1 and at most
- * EPX__HIER_MAX_CHUNKS, whatever max_tokens; 1 where nothing overlaps; EPX_MOE_CHUNKS,
- * clamped, when set.
+ * EPX__HIER_MAX_CHUNKS, whatever max_tokens; 1 where nothing overlaps; EPX_MOE_CHUNKS when set
+ * (communicator creation refuses a value outside 0 to 4; this level still clamps).
  *   test_hier_chunks          the rule (EPX_MOE_CHUNKS is dropped from the environment first)
  *   test_hier_chunks --set N  run with EPX_MOE_CHUNKS=N (N > 0): every call gives min(N, max)
  * Also the ranks a token goes to (epx__topk_ranks, src/core/routing.c), against a plain

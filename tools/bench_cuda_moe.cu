@@ -1289,7 +1289,9 @@ int bench_cuda_moe(bench_ctx_t *b)
      * high-throughput or the host path (EPX_MOE_LL_HOST=1, by default beyond 4 hosts, always
      * beyond 256 ranks), which wait on the host (epx_cuda.h; README, EPX_MOE_LL_HOST). */
     const char *llh = getenv("EPX_MOE_LL_HOST");
-    int ll_host = llh && *llh ? atoi(llh) : -1; /* -1, 0 or 1: creation refuses others */
+    char *end = NULL;
+    long ll_host = llh && *llh ? strtol(llh, &end, 10) : -1; /* -1, 0 or 1: creation refuses others */
+    if (end && *end) ll_host = -1; /* not a number: the library takes the default, saying so */
     bool info = epx_comm_info(m->gpu, &ci) == EPX_SUCCESS, one = info && ci.num_hosts == 1;
     bool ll_dev = m->ll && ci.nranks <= 256 && (ll_host == 0 || (ll_host < 0 && ci.num_hosts <= 4));
     bool graphs = info && (one ? m->ll || (m->d_count && !epx_on_copy_engines(m)) : ll_dev);

@@ -143,8 +143,10 @@ class Comm:
         and every rank receives it through the group. With neither backend nor device given, an NCCL
         group (and CUDA available) gives the CUDA backend on the current device, any other the CPU.
         What fails on one rank before that exchange (rank 0's get_unique_id, e.g. a bootstrap that cannot
-        listen; torch.cuda.current_device()) raises there once that rank has taken part in it, and the
-        others raise RemoteInvalidError naming it and its message at once, not at torch's timeout."""
+        listen) raises there once that rank has taken part in it, and the others raise
+        RemoteInvalidError naming it and its message at once, not at torch's timeout. (A rank whose
+        torch.cuda.current_device() fails cannot take part in an NCCL group's exchange either: torch
+        moves it through the device; it raises, and the others wait for torch's timeout.)"""
         import torch
         import torch.distributed as dist
         if group is None:
@@ -410,7 +412,12 @@ def _torch_exchange(group, mine=None, failed=None):
         step, e = failed
         mine = _TorchFailure(rank, step, str(e) if isinstance(e, EpxError) else "%s: %s" % (type(e).__name__, e))
     parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, mine, group=group)
+    try:
+        dist.all_gather_object(parts, mine, group=group)
+    except BaseException:
+        if failed is None:
+            raise
+        return None  # the exchange failed too (an NCCL group without a device): the caller's error says why
     bad = [p for p in parts if isinstance(p, _TorchFailure)]
     if bad and failed is None:
         raise RemoteInvalidError(ERR_REMOTE_INVALID, "rank %d could not %s (%s)" % bad[0])

@@ -37,7 +37,8 @@ def _rank_main(nranks, rank, uid, q):
 # A stand-in for torch, for Comm.from_torch and deep_ep.Buffer(group) without torch: each process is
 # rank $FAKE_TORCH_RANK of $FAKE_TORCH_SIZE; CUDA is available only where $FAKE_TORCH_NO_DEVICE is
 # set, and torch.cuda.current_device() raises on the rank it names; the group's backend is
-# $FAKE_TORCH_BACKEND (default gloo); all_gather_object goes through files in $FAKE_TORCH_DIR and
+# $FAKE_TORCH_BACKEND (default gloo; nccl: all_gather_object asks for the current device first, as
+# torch's moves the objects through it); all_gather_object goes through files in $FAKE_TORCH_DIR and
 # gives up after $FAKE_TORCH_TIMEOUT seconds (torch's own timeout is minutes)
 _FAKE_TORCH = {
     "torch/__init__.py": (
@@ -65,6 +66,12 @@ _FAKE_TORCH = {
         "def get_backend(group=None):\n"
         "    return os.environ.get('FAKE_TORCH_BACKEND', 'gloo')\n"
         "def all_gather_object(object_list, obj, group=None):\n"
+        "    if get_backend() == 'nccl':  # torch moves the objects through the current device\n"
+        "        import torch\n"
+        "        try:\n"
+        "            torch.cuda.current_device()\n"
+        "        except RuntimeError as e:\n"
+        "            raise RuntimeError('fake torch: all_gather_object over nccl: %s' % e)\n"
         "    # call n: this rank writes file n.rank whole (a rename), then reads every rank's\n"
         "    d, n, me = os.environ['FAKE_TORCH_DIR'], _calls[0], get_rank()\n"
         "    _calls[0] += 1\n"
@@ -83,20 +90,24 @@ _FAKE_TORCH = {
 }
 
 
-def _both_raise_code(setup, handlers):
-    """A script for _fake_torch_ranks: after `setup`, Comm.from_torch and then deep_ep.Buffer(group) must
-    each raise within 2 s, into `handlers` (except clauses that check the exception); then it prints
-    "rank R ok"."""
+_MAKERS = {"Comm.from_torch": "lambda: epx.Comm.from_torch(timeout_ms=8000)",
+           "deep_ep.Buffer": "lambda: deep_ep.Buffer(dist.group.WORLD, timeout_ms=8000)"}
+
+
+def _raise_code(setup, handlers, makers=tuple(_MAKERS)):
+    """A script for _fake_torch_ranks: after `setup`, each of `makers` (names in _MAKERS) must raise within
+    5 s of a common start (the timeout a hang would meet is 8 s), into `handlers` (except clauses that
+    check the exception); then it prints "rank R ok"."""
     return ("import os, time, epx, torch.distributed as dist\n"
             "from epx import deep_ep\n"
             "r, R = dist.get_rank(), dist.get_world_size()\n" + setup +
-            "for what, make in (('Comm.from_torch', lambda: epx.Comm.from_torch(timeout_ms=8000)),\n"
-            "                   ('deep_ep.Buffer', lambda: deep_ep.Buffer(dist.group.WORLD, timeout_ms=8000))):\n"
+            "for what, make in ((%s)):\n" % "".join("(%r, %s), " % (m, _MAKERS[m]) for m in makers) +
+            "    dist.all_gather_object([None] * R, None)  # every rank here: the clocks start together\n"
             "    t0 = time.monotonic()\n"
             "    try:\n"
             "        make()\n"
             "        raise SystemExit('rank %d: %s did not raise' % (r, what))\n" + handlers +
-            "    assert time.monotonic() - t0 < 2, (what, time.monotonic() - t0)\n"
+            "    assert time.monotonic() - t0 < 5, (what, time.monotonic() - t0)\n"
             "print('rank %d ok' % r)\n")
 
 
@@ -169,7 +180,7 @@ class CpuTests(unittest.TestCase):
         # exist): Comm.from_torch and deep_ep.Buffer(group) raise that error on rank 0 and, at once,
         # RemoteInvalidError with rank 0's message on the others (before, rank 0 raised before torch's
         # all_gather_object and the others waited in it until torch's timeout)
-        code = _both_raise_code("", (
+        code = _raise_code("", (
             "    except epx.SystemCallError as e:\n"
             "        assert r == 0 and 'EPX_SOCKET_IFNAME=nope0' in e.message, (what, e)\n"
             "    except epx.RemoteInvalidError as e:\n"
@@ -180,19 +191,33 @@ class CpuTests(unittest.TestCase):
                 self._fake_torch_ranks(n, code, lambda r: {"EPX_SOCKET_IFNAME": "nope0"} if r == 0 else {})
 
     def test_from_torch_device_fails(self):
-        # torch.cuda.current_device() raises on the last rank only, where from_torch (an NCCL group) or
-        # deep_ep.Buffer(group) (any group, with CUDA in torch and libepx) asks for it before the
-        # exchange: that rank raises it, the others RemoteInvalidError naming it, at once
-        code = _both_raise_code("deep_ep.buffer.cuda_built = lambda: True  # whether or not this libepx has CUDA\n", (
+        # torch.cuda.current_device() raises on the last rank only, where deep_ep.Buffer(group) asks for
+        # it (CUDA in torch and libepx) before a gloo group's exchange: that rank raises it, the others
+        # RemoteInvalidError naming it, at once
+        code = _raise_code("deep_ep.buffer.cuda_built = lambda: True  # whether or not this libepx has CUDA\n", (
             "    except epx.RemoteInvalidError as e:\n"
             "        want = 'rank %d could not get its current CUDA device (RuntimeError: CUDA error: ' % (R - 1)\n"
             "        assert r != R - 1 and e.message == want + 'no CUDA-capable device is detected)', (what, e)\n"
             "    except RuntimeError as e:\n"
-            "        assert r == R - 1 and 'no CUDA-capable device' in str(e), (what, e)\n"))
+            "        assert r == R - 1 and 'no CUDA-capable device' in str(e), (what, e)\n"), ("deep_ep.Buffer",))
         for n in (2, 3):
             with self.subTest(nranks=n):
-                self._fake_torch_ranks(n, code, lambda r: {"FAKE_TORCH_NO_DEVICE": str(n - 1),
-                                                           "FAKE_TORCH_BACKEND": "nccl"})
+                self._fake_torch_ranks(n, code, lambda r: {"FAKE_TORCH_NO_DEVICE": str(n - 1)})
+
+    def test_from_torch_nccl_no_device(self):
+        # over an NCCL group torch moves the exchange's objects through the device, so a rank whose
+        # torch.cuda.current_device() fails cannot take part: it raises its own error (not the exchange's)
+        # and the others meet the group's timeout (1 s in the fake)
+        code = ("import epx, torch.distributed as dist\n"
+                "r, R = dist.get_rank(), dist.get_world_size()\n"
+                "try:\n"
+                "    epx.Comm.from_torch(timeout_ms=8000)\n"
+                "    raise SystemExit('rank %d: from_torch did not raise' % r)\n"
+                "except RuntimeError as e:\n"
+                "    assert str(e).startswith('CUDA error') if r == R - 1 else 'never came' in str(e), e\n"
+                "print('rank %d ok' % r)\n")
+        self._fake_torch_ranks(2, code, lambda r: {"FAKE_TORCH_NO_DEVICE": "1", "FAKE_TORCH_BACKEND": "nccl",
+                                                   "FAKE_TORCH_TIMEOUT": "1"})
 
     def test_from_torch_fake_group(self):
         # the normal path, over the fake torch: Comm.from_torch and deep_ep.Buffer(group) make a CPU

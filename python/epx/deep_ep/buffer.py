@@ -490,7 +490,8 @@ def _comm_of_group(group, timeout_ms):
     group, gives the CUDA backend too), else on the CPU backend (in an epx built without CUDA, CUDA
     tensors are then refused, saying so). For torch CPU tensors on a machine with a GPU, pass
     comm=Comm.from_torch(group, backend="cpu") instead. Collective, failing on every rank as
-    from_torch does, the current device's query included."""
+    from_torch does; so does the current device's query over a CPU (gloo) group (over an NCCL group
+    the rank whose query fails cannot take part in the group's exchange)."""
     t = _torch()
     try:
         device = t.cuda.current_device() if t.cuda.is_available() and cuda_built() else None
