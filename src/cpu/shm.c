@@ -21,9 +21,6 @@
 
 #include "shm.h"
 
-/* A word whose address and value every peer knows, to test process_vm_readv. */
-static volatile uint64_t epx__cma_probe_word;
-
 /* ---- Layout ----------------------------------------------------------------------- */
 
 static size_t epx__hdr_bytes(void) { return EPX__ALIGN_UP(sizeof(epx__seg_hdr_t), EPX__CACHELINE); }
@@ -438,13 +435,13 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     EPX__CHECK_GOTO(epx__map_shm(name, c->seg_bytes, true, PROT_READ | PROT_WRITE, &c->seg, err), st, fail);
     created = true;
     epx__seg_hdr_t *h = c->seg;
-    epx__cma_probe_word = nonce ^ 0x5a5a5a5a5a5a5a5aull;
+    c->cma_probe_word = nonce ^ 0x5a5a5a5a5a5a5a5aull;
     h->rank = rank;
     h->nranks = nranks;
     h->pid = me.pid;
     h->pidns = me.pidns;
     h->nonce = nonce;
-    h->cma_probe_addr = (uint64_t)(uintptr_t)&epx__cma_probe_word;
+    h->cma_probe_addr = (uint64_t)(uintptr_t)&c->cma_probe_word;
     h->eager_bytes = c->eager_bytes;
     atomic_store_explicit(&h->done.value, 0, memory_order_relaxed);
     atomic_store_explicit(&h->aborted.value, 0, memory_order_relaxed);

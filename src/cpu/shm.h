@@ -98,6 +98,9 @@ struct epx__cpu {
     uint64_t spin_ns, yield_ns; /* how long a wait polls, then yields, before sleeping */
     size_t eager_bytes;
     bool cma_ok;
+    /* A word whose address and value every peer knows, to test process_vm_readv (one per
+     * communicator: several may be made at once by threads of one process). */
+    volatile uint64_t cma_probe_word;
     uint32_t seq; /* last operation number */
     /* Set when a wait of this rank for its peers failed (epx__cpu_give_up): from then on
      * every operation fails at once with this status and message, before it writes or posts
