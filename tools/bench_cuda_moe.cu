@@ -1392,8 +1392,8 @@ int bench_cuda_moe(bench_ctx_t *b)
                    "dispatch send %.2f us + receive %.2f us; combine send %.2f us + receive %.2f us (the other work "
                    "measured the same way: %.2f us)%s\n",
                    SPIN_US, split_us[0], split_us[1], split_us[2], split_us[3], split_us[4],
-                   one ? "" : "; across hosts each send half carries its NCCL transfers on the stream, so the other "
-                              "work hides none of them");
+                   one ? "" : "; across hosts the NCCL transfers run on the stream inside the halves (the dispatch's "
+                              "in its send, the combine's in its receive), so the other work hides none of them");
         fflush(stdout);
     }
 
