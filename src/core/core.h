@@ -46,6 +46,9 @@ typedef struct {
  * (WARN for system/peer errors, INFO for argument errors), and return `status`. */
 epx_status_t epx__fail(epx__errbuf_t *buf, epx_status_t status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* epx__fail for a failure already reported (logged at INFO only). */
+epx_status_t epx__fail_again(epx__errbuf_t *buf, epx_status_t status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Propagate: evaluate an epx_status_t expression, jump to `label` on error. */
 #define EPX__CHECK_GOTO(expr, st, label)                                                   \

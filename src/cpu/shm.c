@@ -250,7 +250,7 @@ static epx_status_t epx__cpu_give_up(epx__cpu_t *c, epx_status_t st);
 epx_status_t epx__cpu_given_up(epx__cpu_t *c, epx__errbuf_t *err)
 {
     if (c->gave_up == EPX_SUCCESS) return EPX_SUCCESS;
-    return epx__fail(err, c->gave_up, "%s (this rank then gave up on the communicator)", c->gave_up_why);
+    return epx__fail_again(err, c->gave_up, "%s (this rank then gave up on the communicator)", c->gave_up_why);
 }
 
 epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
