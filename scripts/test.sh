@@ -58,7 +58,7 @@ python_tests_ml_dtypes() {
         return
     fi
     if ! { [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"; } >/dev/null 2>&1 ||
-        ! timeout 300 "$venv/bin/python" -m pip install -q ml_dtypes >/dev/null 2>&1; then
+        ! timeout 300 "$venv/bin/python" -m pip install -q --retries 1 --timeout 20 ml_dtypes >/dev/null 2>&1; then
         echo "== Python tests with ml_dtypes skipped: no venv (apt-get install python3-venv) or pip could not fetch ml_dtypes"
         return
     fi
