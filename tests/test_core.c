@@ -798,6 +798,7 @@ static void run_give_up(int R)
 typedef struct {
     epx_unique_id_t id;
     int rank;
+    pthread_barrier_t *done;
     epx_status_t st[3];
     int32_t got[3];
 } ahead_arg_t;
@@ -822,7 +823,7 @@ static void *ahead_thread(void *argp)
         a->st[k] = epx__cpu_alltoallv(c, &x, EPX_SUCCESS, &err);
         a->got[k] = recv[1 - me];
     }
-    usleep(200 * 1000); /* both done before either unmaps */
+    pthread_barrier_wait(a->done); /* both done before either unmaps */
     epx__cpu_destroy(c, false);
     epx__boot_close(boot);
     return NULL;
@@ -834,12 +835,15 @@ static void test_give_up_writes_nothing(void)
     ASSERT_OK(epx_get_unique_id(&id));
     pthread_t th[2];
     ahead_arg_t args[2];
+    pthread_barrier_t done;
+    pthread_barrier_init(&done, NULL, 2);
     for (int r = 0; r < 2; r++) {
         memset(&args[r], 0, sizeof args[r]);
-        args[r].id = id, args[r].rank = r;
+        args[r].id = id, args[r].rank = r, args[r].done = &done;
         pthread_create(&th[r], NULL, ahead_thread, &args[r]);
     }
     for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&done);
     printf("give up, then write: rank 0: %s (got %d), %s, %s; the slow reader: %s, got %d\n",
            epx_status_name(args[0].st[0]), args[0].got[0], epx_status_name(args[0].st[1]),
            epx_status_name(args[0].st[2]), epx_status_name(args[1].st[0]), args[1].got[0]);
