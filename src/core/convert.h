@@ -42,6 +42,23 @@ EPX__HD uint16_t epx__f32_to_bf16(float f)
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* Two float32 -> bf16 as epx__f32_to_bf16 gives them, lo in the low half. On compute
+ * capability 8.0 and up one instruction (cvt.rn.bf16x2.f32) when neither is NaN; a NaN keeps
+ * the formula's bits (the instruction's NaN is canonical). tests/test_cuda_convert.cu checks
+ * every float32 in both halves. The formula's bit arithmetic took most of the instructions
+ * of the combines' sums, which at 24 SMs it bounded. */
+EPX__HD uint32_t epx__bf16x2_from_f32(float lo, float hi)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (lo == lo && hi == hi) {
+        uint32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+#endif
+    return epx__f32_to_bf16(lo) | (uint32_t)epx__f32_to_bf16(hi) << 16;
+}
+
 /* v >> shift, rounded to nearest even (shift <= 31). */
 EPX__HD uint32_t epx__shift_rne(uint32_t v, unsigned shift)
 {
@@ -81,6 +98,20 @@ EPX__HD uint16_t epx__f32_to_f16(float f)
     return (uint16_t)(sign | r);
 }
 
+/* Two float32 -> f16 as epx__f32_to_f16 gives them, lo in the low half: on compute
+ * capability 8.0 and up cvt.rn.f16x2.f32 when neither is NaN, as epx__bf16x2_from_f32. */
+EPX__HD uint32_t epx__f16x2_from_f32(float lo, float hi)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (lo == lo && hi == hi) {
+        uint32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+#endif
+    return epx__f32_to_f16(lo) | (uint32_t)epx__f32_to_f16(hi) << 16;
+}
+
 /* float32 -> e4m3fn, round to nearest even, finite overflow and infinities saturate to
  * +-448, NaN -> 0x7f. Branch-free: quantisation runs it on every element. The formula,
  * for every target (epx__fp8_from_f32 is what callers use). */
@@ -102,7 +133,7 @@ EPX__HD uint8_t epx__fp8_from_f32_formula(float f)
 
 /* Two float32 -> e4m3fn as epx__fp8_from_f32_formula does (lo in the low byte). On a GPU
  * of compute capability 8.9 and up one instruction, cvt.rn.satfinite.e4m3x2.f32, whose
- * bits equal the formula's for every float32 (tests/test_cuda_fp8.cu checks all 2^32);
+ * bits equal the formula's for every float32 (tests/test_cuda_convert.cu checks all 2^32);
  * the formula took most of the low-latency dispatch's instructions per row chunk. */
 EPX__HD uint16_t epx__fp8x2_from_f32(float lo, float hi)
 {

@@ -103,8 +103,8 @@ static __device__ __forceinline__ float epx__load_elem(const char *row, int dtyp
 static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, long long h, float v)
 {
     switch (dtype) {
-    case EPX_BF16: ((uint16_t *)row)[h] = epx__f32_to_bf16(v); break;
-    case EPX_F16: ((uint16_t *)row)[h] = epx__f32_to_f16(v); break;
+    case EPX_BF16: ((uint16_t *)row)[h] = (uint16_t)epx__bf16x2_from_f32(v, 0.0f); break;
+    case EPX_F16: ((uint16_t *)row)[h] = (uint16_t)epx__f16x2_from_f32(v, 0.0f); break;
     default: ((float *)row)[h] = v; break;
     }
 }
@@ -112,12 +112,8 @@ static __device__ __forceinline__ void epx__store_elem(char *row, int dtype, lon
 /* Eight float32 values rounded to bf16 (the CPU backend's rounding), in one 16-byte word. */
 static __device__ __forceinline__ uint4 epx__pack_bf16x8(const float *a)
 {
-    uint4 o;
-    o.x = epx__f32_to_bf16(a[0]) | ((unsigned)epx__f32_to_bf16(a[1]) << 16);
-    o.y = epx__f32_to_bf16(a[2]) | ((unsigned)epx__f32_to_bf16(a[3]) << 16);
-    o.z = epx__f32_to_bf16(a[4]) | ((unsigned)epx__f32_to_bf16(a[5]) << 16);
-    o.w = epx__f32_to_bf16(a[6]) | ((unsigned)epx__f32_to_bf16(a[7]) << 16);
-    return o;
+    return make_uint4(epx__bf16x2_from_f32(a[0], a[1]), epx__bf16x2_from_f32(a[2], a[3]),
+                      epx__bf16x2_from_f32(a[4], a[5]), epx__bf16x2_from_f32(a[6], a[7]));
 }
 
 /* The eight bf16 values of a 16-byte word as float32 (exact), in order. */
