@@ -124,13 +124,50 @@ static __device__ __forceinline__ void epx__unpack_bf16x8(uint4 v, float *f)
     for (int j = 0; j < 4; j++) f[2 * j] = epx__bits_f32(u[j] << 16), f[2 * j + 1] = epx__bits_f32(u[j] & 0xffff0000u);
 }
 
-/* The bf16 sum of n <= NR 16-byte-aligned rows of `chunks` 16-byte chunks, by one warp
- * (see epx__moe_reduce_token): each lane loads U chunks of every row before it adds any,
- * so NR * U 16-byte loads are in flight per lane; each chunk's terms are then added in row
- * order from +0. */
-template <int NR, int U>
-static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *src, int n, char *out, int chunks)
+/* The float32 values of one 16-byte chunk of a row of dtype DT (bf16, f16: 8; f32: 4),
+ * exact for every value but NaN, and a chunk of float32 values rounded back as the CPU
+ * backend rounds. A NaN may come out of the unpacking with other payload bits than
+ * epx__load_elem gives it; the GPU's adds and products return the canonical NaN for any NaN
+ * operand, so no sum shows the difference. */
+template <int DT> struct epx__chunk {
+    static const int n = 8;
+};
+template <> struct epx__chunk<EPX_F32> {
+    static const int n = 4;
+};
+template <int DT> static __device__ __forceinline__ void epx__chunk_unpack(uint4 v, float *f)
 {
+    unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        if (DT == EPX_F32) {
+            f[j] = epx__bits_f32(u[j]);
+        } else if (DT == EPX_F16) {
+            asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.f32.f16 %0, lo;\n cvt.f32.f16 %1, hi;\n}"
+                : "=f"(f[2 * j]), "=f"(f[2 * j + 1])
+                : "r"(u[j]));
+        } else {
+            f[2 * j] = epx__bits_f32(u[j] << 16), f[2 * j + 1] = epx__bits_f32(u[j] & 0xffff0000u);
+        }
+    }
+}
+template <int DT> static __device__ __forceinline__ uint4 epx__chunk_pack(const float *a)
+{
+    if (DT == EPX_F32) return make_uint4(epx__f32_bits(a[0]), epx__f32_bits(a[1]), epx__f32_bits(a[2]), epx__f32_bits(a[3]));
+    if (DT == EPX_F16)
+        return make_uint4(epx__f16x2_from_f32(a[0], a[1]), epx__f16x2_from_f32(a[2], a[3]),
+                          epx__f16x2_from_f32(a[4], a[5]), epx__f16x2_from_f32(a[6], a[7]));
+    return epx__pack_bf16x8(a);
+}
+
+/* The sum of n <= NR 16-byte-aligned rows of dtype DT, `chunks` 16-byte chunks each, by one
+ * warp (see epx__moe_reduce_token): each lane loads U chunks of every row before it adds
+ * any, so NR * U 16-byte loads are in flight per lane; each chunk's terms are then added in
+ * row order from +0. */
+template <int DT, int NR, int U>
+static __device__ __forceinline__ void epx__reduce_rows(const char *const *src, int n, char *out, int chunks)
+{
+    const int E = epx__chunk<DT>::n;
     int lane = threadIdx.x & 31;
     for (int ch0 = lane; ch0 < chunks; ch0 += 32 * U) {
         uint4 v[NR][U];
@@ -145,78 +182,94 @@ static __device__ __forceinline__ void epx__reduce_bf16_rows(const char *const *
         for (int u = 0; u < U; u++) {
             int ch = ch0 + u * 32;
             if (ch >= chunks) break;
-            float acc[8];
+            float acc[E];
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+            for (int j = 0; j < E; j++) acc[j] = 0.0f;
 #pragma unroll
             for (int i = 0; i < NR; i++) {
                 if (i >= n) break;
-                unsigned b[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
+                float f[E];
+                epx__chunk_unpack<DT>(v[i][u], f);
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    acc[2 * j] = __fadd_rn(acc[2 * j], epx__bits_f32(b[j] << 16));
-                    acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], epx__bits_f32(b[j] & 0xffff0000u));
-                }
+                for (int j = 0; j < E; j++) acc[j] = __fadd_rn(acc[j], f[j]);
             }
-            ((uint4 *)out)[ch] = epx__pack_bf16x8(acc);
+            ((uint4 *)out)[ch] = epx__chunk_pack<DT>(acc);
         }
     }
 }
 
-/* One token of a high-throughput combine, by one warp: out = the n rows src[0..n) summed
- * in that order (float32 from +0, then cast to dtype); out_w[k] = the sum of the non-NULL
- * wsrc[i][k] (0 when none) unless out_w is NULL. `vec` (bf16, H % 8 == 0, out 16-byte
- * aligned) allows 16-byte accesses when every src is aligned too; either way the bits are
- * the same. Shared by the single-host combine (moe_kernels.cu) and the combine across hosts
- * (src/xhost), so that they reduce with the same arithmetic. (The low-latency combines sum
- * weighted terms by rank: epx__ll_sum_token.) */
-template <int MAXR = EPX__CUDA_MAX_RANKS>
-static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *src, const float *const *wsrc, int n,
-                                                             char *out, float *out_w, int H, int dtype, int topk,
-                                                             bool vec)
+/* As epx__reduce_rows for any n: four rows at a time, four chunks of each in flight per
+ * lane, the sums carried across the groups of rows. */
+template <int DT>
+static __device__ __forceinline__ void epx__reduce_rows_many(const char *const *src, int n, char *out, int chunks)
 {
+    const int E = epx__chunk<DT>::n;
     int lane = threadIdx.x & 31;
-    for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
-    if (vec && MAXR <= 2) {
-        epx__reduce_bf16_rows<2, 4>(src, n, out, H / 8);
-    } else if (vec) {
-        /* Four chunks of every row in flight per lane (up to 4 rows), then the sums. */
-        int chunks = H / 8;
-        for (int ch0 = lane; ch0 < chunks; ch0 += 32 * 4) {
-            float acc[4][8];
+    for (int ch0 = lane; ch0 < chunks; ch0 += 32 * 4) {
+        float acc[4][E];
 #pragma unroll
-            for (int u = 0; u < 4; u++)
+        for (int u = 0; u < 4; u++)
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[u][j] = 0.0f;
-            for (int i0 = 0; i0 < n; i0 += 4) {
-                uint4 v[4][4];
+            for (int j = 0; j < E; j++) acc[u][j] = 0.0f;
+        for (int i0 = 0; i0 < n; i0 += 4) {
+            uint4 v[4][4];
 #pragma unroll
-                for (int i = 0; i < 4; i++)
+            for (int i = 0; i < 4; i++)
 #pragma unroll
-                    for (int u = 0; u < 4; u++) {
-                        int ch = ch0 + u * 32;
-                        if (i0 + i < n && ch < chunks) v[i][u] = ((const uint4 *)src[i0 + i])[ch];
-                    }
+                for (int u = 0; u < 4; u++) {
+                    int ch = ch0 + u * 32;
+                    if (i0 + i < n && ch < chunks) v[i][u] = ((const uint4 *)src[i0 + i])[ch];
+                }
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    if (i0 + i >= n) break;
+            for (int i = 0; i < 4; i++) {
+                if (i0 + i >= n) break;
 #pragma unroll
-                    for (int u = 0; u < 4; u++) {
-                        unsigned b[4] = {v[i][u].x, v[i][u].y, v[i][u].z, v[i][u].w};
+                for (int u = 0; u < 4; u++) {
+                    float f[E];
+                    epx__chunk_unpack<DT>(v[i][u], f);
 #pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], epx__bits_f32(b[j] << 16));
-                            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], epx__bits_f32(b[j] & 0xffff0000u));
-                        }
-                    }
+                    for (int j = 0; j < E; j++) acc[u][j] = __fadd_rn(acc[u][j], f[j]);
                 }
             }
+        }
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                int ch = ch0 + u * 32;
-                if (ch >= chunks) break;
-                ((uint4 *)out)[ch] = epx__pack_bf16x8(acc[u]);
-            }
+        for (int u = 0; u < 4; u++) {
+            int ch = ch0 + u * 32;
+            if (ch >= chunks) break;
+            ((uint4 *)out)[ch] = epx__chunk_pack<DT>(acc[u]);
+        }
+    }
+}
+
+template <int DT, int MAXR>
+static __device__ __forceinline__ void epx__reduce_rows_any(const char *const *src, int n, char *out, int chunks)
+{
+    if (MAXR <= 2)
+        epx__reduce_rows<DT, 2, 4>(src, n, out, chunks);
+    else
+        epx__reduce_rows_many<DT>(src, n, out, chunks);
+}
+
+/* One token of a high-throughput combine, by one warp: out = the n rows src[0..n) summed
+ * in that order (float32 from +0, then cast to dtype); out_w[k] = the sum of the non-NULL
+ * wsrc[i][k] (0 when none) unless out_w is NULL. Rows whose length is a multiple of 16
+ * bytes go 16 bytes at a time when out and every src are 16-byte aligned, else element by
+ * element: the same bits either way. DT, unless -1, is dtype known when compiled. Shared by
+ * the single-host combine (moe_kernels.cu) and the combine across hosts (src/xhost), so
+ * that they reduce with the same arithmetic. (The low-latency combines sum weighted terms
+ * by rank: epx__ll_sum_token.) */
+template <int MAXR = EPX__CUDA_MAX_RANKS, int DT = -1>
+static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *src, const float *const *wsrc, int n,
+                                                             char *out, float *out_w, int H, int dtype, int topk)
+{
+    int lane = threadIdx.x & 31, per_chunk = dtype == EPX_F32 ? 4 : 8;
+    bool vec = H % per_chunk == 0 && ((unsigned long long)out & 15ull) == 0;
+    for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
+    if (vec) {
+        switch (DT >= 0 ? DT : dtype) { /* DT >= 0: dtype, known when compiled */
+        case EPX_BF16: epx__reduce_rows_any<EPX_BF16, MAXR>(src, n, out, H / 8); break;
+        case EPX_F16: epx__reduce_rows_any<EPX_F16, MAXR>(src, n, out, H / 8); break;
+        default: epx__reduce_rows_any<EPX_F32, MAXR>(src, n, out, H / 4); break;
         }
     } else {
         for (long long h = lane; h < H; h += 32) {

@@ -537,9 +537,10 @@ extern "C" int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, v
 
 /* ---- Combine -------------------------------------------------------------------------------- */
 
-/* One warp per token. bf16 rows of a multiple of 8 elements go 16 bytes at a time, four
- * chunks of every contributing rank in flight per lane; other shapes element by element. */
-template <int MAXR>
+/* One warp per token. Rows of a multiple of 16 bytes go 16 bytes at a time, four chunks of
+ * every contributing rank in flight per lane; other shapes element by element. DT is
+ * c.dtype: one instance per dtype keeps each in its register bound without spills. */
+template <int MAXR, int DT>
 static __global__ void __launch_bounds__(MAXR <= 2 ? 1024 : 512)
     epx__k_moe_combine(epx__moe_combine_t c, epx__cuda_dev_t d, int steps)
 {
@@ -547,7 +548,7 @@ static __global__ void __launch_bounds__(MAXR <= 2 ? 1024 : 512)
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
     int R = c.nranks, H = c.hidden, lane = threadIdx.x & 31;
-    long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
+    long long es = DT == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
     /* Nothing to combine when the dispatch found bad routing (rows < 0). Lane r reads where
      * the token's row at rank r lies (R <= 32): one load, not R in a row, issued a token ahead. */
     long long T = *c.rows < 0 ? 0 : c.num_tokens;
@@ -564,11 +565,20 @@ static __global__ void __launch_bounds__(MAXR <= 2 ? 1024 : 512)
             src[n] = c.y[r] + at * row_bytes;
             wsrc[n++] = c.w[r] ? c.w[r] + at * c.topk : (const float *)0;
         }
-        bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)c.out & 15ull) == 0;
-        epx__moe_reduce_token<MAXR>(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0, H,
-                              c.dtype, c.topk, vec);
+        epx__moe_reduce_token<MAXR, DT>(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0,
+                                        H, DT, c.topk);
     }
     if (steps & EPX__STEP_DONE) epx__done(&d);
+}
+
+template <int DT>
+static void epx__launch_moe_combine(const epx__moe_combine_t *c, const epx__cuda_dev_t *d, int steps, int blocks,
+                                    cudaStream_t stream)
+{
+    if (c->nranks <= 2) /* at most two rows a token: half the registers, twice the warps */
+        epx__k_moe_combine<2, DT><<<blocks, 1024, 0, stream>>>(*c, epx__dev_or_none(d), steps);
+    else
+        epx__k_moe_combine<EPX__CUDA_MAX_RANKS, DT><<<blocks, 512, 0, stream>>>(*c, epx__dev_or_none(d), steps);
 }
 
 extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, const epx__cuda_dev_t *d, int steps, int blocks,
@@ -577,9 +587,10 @@ extern "C" int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, const e
     if (!d) steps = 0;
     if (c->num_tokens == 0 && !steps) return (int)cudaSuccess;
     (void)cudaGetLastError(); /* what is returned below is this launch's */
-    if (c->nranks <= 2) /* at most two rows a token: half the registers, twice the warps */
-        epx__k_moe_combine<2><<<blocks, 1024, 0, (cudaStream_t)stream>>>(*c, epx__dev_or_none(d), steps);
-    else
-        epx__k_moe_combine<EPX__CUDA_MAX_RANKS><<<blocks, 512, 0, (cudaStream_t)stream>>>(*c, epx__dev_or_none(d), steps);
+    switch (c->dtype) {
+    case EPX_BF16: epx__launch_moe_combine<EPX_BF16>(c, d, steps, blocks, (cudaStream_t)stream); break;
+    case EPX_F16: epx__launch_moe_combine<EPX_F16>(c, d, steps, blocks, (cudaStream_t)stream); break;
+    default: epx__launch_moe_combine<EPX_F32>(c, d, steps, blocks, (cudaStream_t)stream); break;
+    }
     return (int)cudaGetLastError();
 }

@@ -108,13 +108,14 @@ extern "C" int epx__xh_launch_quantize(const epx__xh_quant_t *q, int blocks, voi
     return (int)cudaGetLastError();
 }
 
-/* One warp per token, as the single-host combine. */
-static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t c)
+/* One warp per token, as the single-host combine; DT is c.dtype (an instance per dtype, as
+ * there). */
+template <int DT> static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t c)
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
     int H = c.hidden, lane = (int)(threadIdx.x & 31);
-    long long row_bytes = (long long)H * (c.dtype == EPX_F32 ? 4 : 2);
+    long long row_bytes = (long long)H * (DT == EPX_F32 ? 4 : 2);
     for (long long t = warp; t < c.num_tokens && c.w; t += nwarps) { /* low latency: weighted, by rank */
         long long a = c.first[t];
         int n = (int)(c.first[t + 1] - a);
@@ -127,7 +128,7 @@ static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t 
         for (int i = 0; i < n; i++)
             epx__ll_add_term(&o, epx__xh_row(&c.src, __shfl_sync(0xffffffffu, my_ref, i)),
                              __shfl_sync(0xffffffffu, my_w, i), __shfl_sync(0xffffffffu, my_g, i));
-        epx__ll_sum_token(&o, c.out + t * row_bytes, H, c.dtype, lane, 32);
+        epx__ll_sum_token(&o, c.out + t * row_bytes, H, DT, lane, 32);
     }
     for (long long t = warp; t < c.num_tokens && !c.w; t += nwarps) { /* high throughput: in rank order */
         const char *src[EPX_MOE_MAX_TOPK];
@@ -144,14 +145,19 @@ static __global__ void __launch_bounds__(512) epx__k_xh_reduce(epx__xh_reduce_t 
         }
         char *out = c.out + t * row_bytes;
         float *out_w = c.out_w ? c.out_w + t * c.topk : (float *)0;
-        bool vec = c.dtype == EPX_BF16 && (H % 8) == 0 && ((unsigned long long)out & 15ull) == 0;
-        epx__moe_reduce_token(src, wsrc, n, out, out_w, H, c.dtype, c.topk, vec);
+        epx__moe_reduce_token<EPX__CUDA_MAX_RANKS, DT>(src, wsrc, n, out, out_w, H, DT, c.topk);
     }
 }
 
 extern "C" int epx__xh_launch_reduce(const epx__xh_reduce_t *r, int blocks, void *stream)
 {
     if (r->num_tokens <= 0) return (int)cudaSuccess;
-    epx__k_xh_reduce<<<epx__xh_grid((long long)r->num_tokens * 32, blocks), 512, 0, (cudaStream_t)stream>>>(*r);
+    int grid = epx__xh_grid((long long)r->num_tokens * 32, blocks);
+    cudaStream_t s = (cudaStream_t)stream;
+    switch (r->dtype) {
+    case EPX_BF16: epx__k_xh_reduce<EPX_BF16><<<grid, 512, 0, s>>>(*r); break;
+    case EPX_F16: epx__k_xh_reduce<EPX_F16><<<grid, 512, 0, s>>>(*r); break;
+    default: epx__k_xh_reduce<EPX_F32><<<grid, 512, 0, s>>>(*r); break;
+    }
     return (int)cudaGetLastError();
 }
