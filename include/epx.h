@@ -298,6 +298,10 @@ EPX_API epx_status_t epx_alltoallv_device(epx_comm_t comm, const void *send, con
  * recv_count is not rounded to expert_alignment; slots past recv_count[l] are not written
  * (their sources are set to -1).
  *
+ * Both combines (and the sum of out_topk_weights) store a NaN result as the canonical quiet
+ * NaN, whatever NaNs or infinities made it: float32 0x7fffffff, bf16 and f16 0x7fff (what
+ * GPU arithmetic gives; the CPU backend canonicalises its sums to match).
+ *
  * FP8 quantisation (low-latency ll_fp8), per row and per block of 128 channels (the last
  * block may be shorter): amax = max |x| over the block (NaN ignored), at least 1e-4;
  * EPX_SCALE_F32: scale = amax / 448 and q = e4m3(x * (448 / amax)); EPX_SCALE_UE8M0:

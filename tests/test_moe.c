@@ -96,6 +96,7 @@ enum {
     F_MAX_CAP = 128,   /* capacity = epx_moe_max_recv_tokens */
     F_T_WIDE = 256,    /* T in [M/8, M] (large case) */
     F_T_SMALL = 512,   /* T in [0, M/16] on every rank: a batch far below max_tokens */
+    F_SPECIAL = 1024,  /* combine inputs (y, and the weights summed) hold infinities and NaNs */
 };
 
 typedef struct {
@@ -199,6 +200,26 @@ static void x_scales_row(const world_t *W, int p, int t, int gen, float *dst)
     }
 }
 
+/* With F_SPECIAL, about one element in 12 of a combine input (dtype dt, random r) becomes
+ * +inf, -inf or a NaN of random sign and payload: sums then meet inf - inf and NaN
+ * operands, and a NaN result must come out as the canonical NaN on every backend. */
+static bool special_bits(const world_t *W, int dt, uint64_t r, uint32_t *bits)
+{
+    if (!(W->c->flags & F_SPECIAL) || r % 12 != 0) return false;
+    r /= 12;
+    int sbit = dt == EPX_F32 ? 31 : 15, mant = dt == EPX_F32 ? 23 : dt == EPX_F16 ? 10 : 7;
+    uint32_t exp = (dt == EPX_F32 ? 0xFFu : dt == EPX_F16 ? 0x1Fu : 0xFFu) << mant, mmask = (1u << mant) - 1u;
+    uint32_t payload = r % 3 == 0 ? (uint32_t)((r >> 8) & mmask) | 1u : 0; /* one in three a NaN */
+    *bits = (uint32_t)((r >> 2) & 1) << sbit | exp | payload;
+    return true;
+}
+
+/* A canonical NaN's bits in dtype dt: what the library stores for a NaN sum. */
+static uint32_t canon_nan_bits(int dt)
+{
+    return dt == EPX_F32 ? 0x7FFFFFFFu : 0x7FFFu;
+}
+
 /* Combine input of rank r for token (p, t): bits in the combine dtype. One token in three
  * gets "cancelling" rows: ranks 0, 3, 6.. send a large value and ranks 1, 4, 7.. its
  * negation, so the float32 sum depends on the order in which ranks are added. */
@@ -215,6 +236,7 @@ static void y_bits_row(const world_t *W, int r, int p, int t, int H, uint32_t *b
         } else {
             bits[h] = gen_bits(W->cdtype, elem_rand(s, h), 0, W->cdtype == EPX_F16 ? 6 : 8);
         }
+        special_bits(W, W->cdtype, elem_rand(s ^ 0x5bec1a1ull, h), &bits[h]);
     }
 }
 static float bits_to_float(int dt, uint32_t bits)
@@ -245,7 +267,13 @@ static void yw_row_cb(void *ctx, int r, int p, int t, int K, float *row)
 {
     const world_t *W = ctx;
     uint64_t s = row_seed(W, 400 + (uint64_t)r, p, t);
-    for (int k = 0; k < K; k++) row[k] = gen_weight(elem_rand(s, k));
+    for (int k = 0; k < K; k++) {
+        uint32_t b;
+        if (special_bits(W, EPX_F32, elem_rand(s ^ 0x5bec1a1ull, k), &b))
+            memcpy(&row[k], &b, 4);
+        else
+            row[k] = gen_weight(elem_rand(s, k));
+    }
 }
 /* Low-latency: does token (p, t) get "cancelling" rows? One in three: its weights are
  * powers of two (world_init) and each of its experts' rows is, by a coin, either a small
@@ -277,6 +305,7 @@ static void yll_bits_row(const world_t *W, int e, int p, int t, uint32_t *bits)
         moe_ref_store(W->cdtype, buf, 0, (e / W->L) % 2 ? -x / w : x / w); /* exact: w is a power of two */
         bits[h] = get_bits(W->cdtype, buf, 0);
     }
+    for (int h = 0; h < W->H; h++) special_bits(W, W->cdtype, elem_rand(s ^ 0x5bec1a1ull, h), &bits[h]);
 }
 static void yll_row_cb(void *ctx, int e, int p, int t, int H, float *row)
 {
@@ -823,10 +852,12 @@ static void check_combine_out(const world_t *W, const void *out, const float *ou
         for (int h = 0; h < H; h++) {
             moe_ref_store(W->cdtype, want, h, acc[h]);
             uint32_t g = get_bits(W->cdtype, out, (int64_t)t * H + h), e = get_bits(W->cdtype, want, h);
+            if (isnan(acc[h])) e = canon_nan_bits(W->cdtype);
             float gv = moe_ref_load(W->cdtype, out, (int64_t)t * H + h);
             if (g != e)
                 TEST_FAIL_("case %s: combine out[t=%d][h=%d] = 0x%x (%.9g), expected 0x%x (%.9g; float64 sum %.17g)", cs,
                            t, h, g, (double)gv, e, (double)acc[h], s64[h]);
+            if (!isfinite(acc[h])) continue; /* an infinity or a NaN: the bits said it */
             double tol = a64[h] * R * 0x1p-23 + fabs(s64[h]) * rel_tol(W->cdtype) + 0x1p-24;
             if (!(fabs((double)gv - s64[h]) <= tol))
                 TEST_FAIL_("case %s: combine out[t=%d][h=%d] = %.9g, float64 sum %.17g (tolerance %g)", cs, t, h,
@@ -836,10 +867,14 @@ static void check_combine_out(const world_t *W, const void *out, const float *ou
             moe_ref_combine_row(&W->rt, me, t, K, yw_row_cb, (void *)W, acc, s64, a64);
             for (int k = 0; k < K; k++) {
                 float g = out_w[(int64_t)t * K + k];
+                if (isnan(acc[k])) {
+                    uint32_t c = canon_nan_bits(EPX_F32);
+                    memcpy(&acc[k], &c, 4);
+                }
                 if (memcmp(&g, &acc[k], 4) != 0)
                     TEST_FAIL_("case %s: combine out_topk_weights[t=%d][k=%d] = %.9g, expected %.9g", cs, t, k, (double)g,
                                (double)acc[k]);
-                if (!(fabs((double)g - s64[k]) <= a64[k] * R * 0x1p-23 + 1e-30))
+                if (isfinite(acc[k]) && !(fabs((double)g - s64[k]) <= a64[k] * R * 0x1p-23 + 1e-30))
                     TEST_FAIL_("case %s: out_topk_weights[t=%d][k=%d] = %.9g, float64 sum %.17g", cs, t, k, (double)g, s64[k]);
             }
         }
@@ -1277,10 +1312,12 @@ static void check_ll_combine(const world_t *W, const void *out, const char *cs)
             int64_t i = (int64_t)t * H + h;
             moe_ref_store(W->cdtype, want, h, acc[h]);
             uint32_t g = get_bits(W->cdtype, out, i), e = get_bits(W->cdtype, want, h);
+            if (isnan(acc[h])) e = canon_nan_bits(W->cdtype);
             float gv = moe_ref_load(W->cdtype, out, i);
             if (g != e)
                 TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = 0x%x (%.9g), expected 0x%x (%.9g; float64 %.17g)", cs,
                            t, h, g, (double)gv, e, (double)acc[h], s64[h]);
+            if (!isfinite(acc[h])) continue; /* an infinity or a NaN: the bits said it */
             double tol = a64[h] * W->K * 0x1p-23 + fabs(s64[h]) * rel_tol(W->cdtype) + 0x1p-24;
             if (!(fabs((double)gv - s64[h]) <= tol))
                 TEST_FAIL_("case %s: ll combine out[t=%d][h=%d] = %.9g, float64 %.17g (tolerance %g)", cs, t, h,
@@ -2313,6 +2350,11 @@ static const mcase_t ht_cases[] = {
      * cluster), with -1 ids. */
     {"e=16384 k=8 h=16",     16384, 8, 16,   1100, EPX_BF16,   U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, HT, 0, 0},
     {"k=5 m=700 h=16",       -4,   5,  16,   700, EPX_BF16,    U,        EPX_I64, 1,  ROUTE_UNIFORM, 30, 0, 0, HT, 0, 0},
+    /* Infinities and NaNs in y and the weights (GPU: bf16 and f16 on the 16-byte path, f32
+     * at H = 77 element by element). */
+    {"inf nan bf16",         -3,   6,  128,  12, EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 10, F_SPECIAL, 0, HT, 0, 0},
+    {"inf nan f16 out",      -2,   8,  64,   10, EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_DUP,   0,  F_SPECIAL, 0, HT, 0, 0},
+    {"inf nan f32 h=77",     -4,   5,  77,   9,  EPX_F32,      U,        EPX_I64, 1,  ROUTE_ZIPF,  10, F_SPECIAL, 0, HT, 0, 0},
 };
 
 static const mcase_t ll_cases[] = {
@@ -2332,6 +2374,9 @@ static const mcase_t ll_cases[] = {
     /* Many tokens of tiny rows: 128 tokens in each 256-thread pass of a CUDA combine
      * block (two 8-channel items a row), max_tokens above a block's threads. */
     {"ll m=700 h=16",        -4,   8,  16,   700, EPX_BF16,    U,        EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
+    /* Infinities and NaNs in y (the 8-channel path, and f32 out element by element). */
+    {"ll inf nan",           -3,   8,  128,  9,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL, 0, LL, 1, EPX_SCALE_F32},
+    {"ll inf nan f32 out",   -2,   6,  130,  7,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, F_SPECIAL, 0, LL, 0, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {

@@ -42,6 +42,12 @@ EPX__HD uint16_t epx__f32_to_bf16(float f)
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* f, or the canonical NaN (bits 0x7fffffff) when f is NaN: what a GPU's float32 arithmetic
+ * returns for every NaN result, where x86's passes on an operand's payload or makes its own
+ * default NaN. The CPU backend's combine sums go through it, so that a NaN comes out with
+ * the same bits on every backend (bf16 and f16: 0x7fff, by the roundings below). */
+EPX__HD float epx__nan_canon(float f) { return f != f ? epx__bits_f32(0x7fffffffu) : f; }
+
 /* Two float32 -> bf16 as epx__f32_to_bf16 gives them, lo in the low half. On compute
  * capability 8.0 and up one instruction (cvt.rn.bf16x2.f32) when neither is NaN; a NaN keeps
  * the formula's bits (the instruction's NaN is canonical). tests/test_cuda_convert.cu checks

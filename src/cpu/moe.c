@@ -400,7 +400,8 @@ static inline int epx__run_end(const int32_t *grp, int i0, int n)
  * with w == NULL the terms are the rows themselves (no multiply). Two roundings per
  * weighted term (product, then sum): no FMA, so other backends can match the bits. With
  * grp, runs of equal grp[i] are summed first (each from +0), then the runs' sums in order
- * (a single run gives the same bits as no grp: a sum from +0 is never -0). */
+ * (a single run gives the same bits as no grp: a sum from +0 is never -0). A NaN sum is
+ * stored as the canonical NaN (epx__nan_canon), as a GPU's arithmetic makes it. */
 EPX__MULTIVERSION
 static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const float *w, const int32_t *grp, int n,
                                   int H)
@@ -428,7 +429,7 @@ static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const 
             }
             for (int j = 0; later && j < nb; j++) acc[j] += part[j];
         }
-        for (int j = 0; j < nb; j++) out[h0 + j] = epx__f32_to_bf16(acc[j]);
+        for (int j = 0; j < nb; j++) out[h0 + j] = epx__f32_to_bf16(epx__nan_canon(acc[j]));
     }
 }
 
@@ -460,7 +461,7 @@ static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *ro
                 }
             for (int j = 0; later && j < nb; j++) acc[j] += part[j];
         }
-        for (int j = 0; j < nb; j++) epx__store_float(out, dtype, (size_t)(h0 + j), acc[j]);
+        for (int j = 0; j < nb; j++) epx__store_float(out, dtype, (size_t)(h0 + j), epx__nan_canon(acc[j]));
     }
 }
 
@@ -805,6 +806,7 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
                 if (i >= 0)
                     for (int k = 0; k < K; k++) w[k] += ((const float *)ptrs[i])[k];
             }
+            for (int k = 0; k < K; k++) w[k] = epx__nan_canon(w[k]);
         }
     }
     if (st == EPX_SUCCESS && out->out_topk_weights && !op.mine.hdr->has_weights)

@@ -1352,6 +1352,7 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
             const float *rw = (const float *)epx__src_aux(&src, x->tok[x->first[i] + j]);
             for (int k = 0; k < K; k++) w[k] += rw[k];
         }
+        for (int k = 0; k < K; k++) w[k] = epx__nan_canon(w[k]);
     }
     return st;
 }
