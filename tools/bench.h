@@ -38,6 +38,7 @@ typedef struct {
     /* moe */
     int tokens, hidden, topk, experts;
     const char *dtype; /* bf16, fp8 */
+    epx_dtype_t combine_dtype; /* the combine's y and out: EPX_BF16, EPX_F16, EPX_F32 */
     const char *mode;  /* ht, ll */
     double skew;       /* Zipf exponent over experts; 0 = uniform */
     const char *count; /* CUDA ht dispatch: "device" (no host sync) or "host" (count read back) */

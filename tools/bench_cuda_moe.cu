@@ -17,8 +17,8 @@
  * kernel for the routing outputs; combine = grouped ncclSend / ncclRecv of the expert
  * outputs back to their tokens' ranks, then a reduce kernel summing each token's rows in
  * ascending rank order in float32 from +0.0f (no FMA: built with --fmad=false) and casting
- * to bf16 with round-to-nearest-even, the math of epx, so the outputs compare bitwise. Its
- * layout is one plain kernel.
+ * to the combine dtype (--combine-dtype: bf16, f16 or f32) with round-to-nearest-even, the
+ * math of epx, so the outputs compare bitwise. Its layout is one plain kernel.
  *
  * Data: the tokens, routing and weights are the CPU bench's (bench_moe.c): a pure function
  * of (seed, rank, token), so every rank regenerates every rank's data on the host and
@@ -38,6 +38,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #ifdef EPX_HAVE_NCCL
 #include <nccl.h>
@@ -76,7 +77,7 @@ typedef struct {
     bool nccl;
     size_t row;      /* bytes of one token row (fp8: H, bf16: 2H) */
     size_t wire_row; /* row + its scales */
-    size_t y_row;    /* one bf16 row of y / out: 2H */
+    size_t y_row;    /* one row of y / out in the combine dtype (d.cdt): H elements */
     int64_t cap;     /* rows of the dispatch outputs (epx_moe_max_recv_tokens) */
     int64_t n_exp;   /* rows this rank should receive */
     int64_t *h_idx;  /* [T, K] this rank's topk_idx (host copy) */
@@ -218,11 +219,11 @@ static void host_bcast(gm_t *m, void *buf, size_t bytes)
     free(recv);
 }
 
-/* Expert outputs y [cap, H] bf16 of the rows this rank should receive, in epx's row order
- * (source rank, then source token): bf16(value * mult_of(me)). */
-static void make_y(gm_t *m, uint16_t *y)
+/* Expert outputs y [cap, H] (d.cdt) of the rows this rank should receive, in epx's row order
+ * (source rank, then source token): cdt(value * mult_of(me)). */
+static void make_y(gm_t *m, uint8_t *y)
 {
-    int H = m->d.H, q = m->d.me;
+    int q = m->d.me;
     uint8_t *row = (uint8_t *)xmalloc(m, m->row);
     float *sc = (float *)xmalloc(m, sizeof(float) * (size_t)m->d.S);
     float mu = mult_of(q);
@@ -233,8 +234,7 @@ static void make_y(gm_t *m, uint16_t *y)
             if (!m->d.dest[((int64_t)s * m->d.T + t) * m->d.R + q]) continue;
             if (i >= m->cap) break;
             bench_moe_gen_row(&m->d, s, t, row, sc);
-            uint16_t *yr = y + i * H;
-            for (int h = 0; h < H; h++) yr[h] = f2bf(row_val(&m->d, row, sc, h) * mu);
+            bench_moe_make_y_row(&m->d, row, sc, mu, y + i * (int64_t)m->y_row);
             i++;
         }
     free(row);
@@ -264,6 +264,64 @@ static __device__ __forceinline__ unsigned short bl_f2bf(float f) /* round to ne
     unsigned u = __float_as_uint(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static __device__ __forceinline__ float bl_h2f(unsigned short v) { return __half2float(__ushort_as_half(v)); }
+
+/* Round to nearest even (subnormals too; never NaN here: the bench's data has none). */
+static __device__ __forceinline__ unsigned short bl_f2h(float f) { return __half_as_ushort(__float2half_rn(f)); }
+
+/* The combine dtype dt (EPX_BF16, EPX_F16, EPX_F32) of y and out: element i of p as float32
+ * (exact), and f rounded to dt (nearest even) into element i of p. */
+static __device__ __forceinline__ float bl_load(int dt, const uint8_t *p, long long i)
+{
+    if (dt == EPX_F32) return ((const float *)p)[i];
+    unsigned short v = ((const unsigned short *)p)[i];
+    return dt == EPX_F16 ? bl_h2f(v) : bl_bf2f(v);
+}
+
+static __device__ __forceinline__ void bl_store(int dt, uint8_t *p, long long i, float f)
+{
+    if (dt == EPX_F32)
+        ((float *)p)[i] = f;
+    else
+        ((unsigned short *)p)[i] = dt == EPX_F16 ? bl_f2h(f) : bl_f2bf(f);
+}
+
+/* acc[j] += element j of a 16-byte chunk of dt (8 of bf16 or f16, 4 of f32), each add rounded. */
+static __device__ __forceinline__ void bl_add_chunk(int dt, float acc[8], uint4 v)
+{
+    unsigned u[4] = {v.x, v.y, v.z, v.w};
+    if (dt == EPX_F32) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[j] = __fadd_rn(acc[j], __uint_as_float(u[j]));
+    } else if (dt == EPX_F16) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            acc[2 * j] = __fadd_rn(acc[2 * j], bl_h2f((unsigned short)(u[j] & 0xffffu)));
+            acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], bl_h2f((unsigned short)(u[j] >> 16)));
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            acc[2 * j] = __fadd_rn(acc[2 * j], __uint_as_float(u[j] << 16));
+            acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __uint_as_float(u[j] & 0xffff0000u));
+        }
+    }
+}
+
+/* The chunk of dt whose elements are acc's, rounded (bl_add_chunk's layout). */
+static __device__ __forceinline__ uint4 bl_pack_chunk(int dt, const float acc[8])
+{
+    if (dt == EPX_F32)
+        return make_uint4(__float_as_uint(acc[0]), __float_as_uint(acc[1]), __float_as_uint(acc[2]),
+                          __float_as_uint(acc[3]));
+    unsigned u[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        u[j] = dt == EPX_F16 ? (unsigned)bl_f2h(acc[2 * j]) | ((unsigned)bl_f2h(acc[2 * j + 1]) << 16)
+                             : (unsigned)bl_f2bf(acc[2 * j]) | ((unsigned)bl_f2bf(acc[2 * j + 1]) << 16);
+    return make_uint4(u[0], u[1], u[2], u[3]);
 }
 
 /* Warp-wide copy: 16-byte words (four in flight per lane) when both ends allow. */
@@ -427,21 +485,22 @@ static __global__ void bl_k_unpack(bl_unpack_t a)
 }
 
 typedef struct {
-    const uint8_t *crecv; /* [rows, H] bf16, segment of rank r at sdispl[r] */
+    const uint8_t *crecv; /* [rows, H] of dt, segment of rank r at sdispl[r] */
     const int *pos;       /* [T, R] */
     long long sdispl[MAX_RANKS];
     int T, R, H;
-    uint8_t *out; /* [T, H] bf16 */
+    int dt;       /* the combine dtype: EPX_BF16, EPX_F16 or EPX_F32 */
+    uint8_t *out; /* [T, H] of dt */
 } bl_reduce_t;
 
 /* One warp per token: sum its rows in ascending rank order in float32 from +0.0f (each add
- * rounded; no FMA), then round to bf16. 16-byte chunks when H % 8 == 0. */
+ * rounded; no FMA), then round to dt. 16-byte chunks when a row is whole ones. */
 static __global__ void bl_k_reduce(bl_reduce_t a)
 {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    int lane = threadIdx.x & 31, R = a.R, H = a.H;
-    long long row_bytes = 2LL * H;
+    int lane = threadIdx.x & 31, R = a.R, H = a.H, dt = a.dt;
+    long long row_bytes = (dt == EPX_F32 ? 4LL : 2LL) * H;
     for (long long t = warp; t < a.T; t += nwarps) {
         const uint8_t *src[MAX_RANKS];
         int n = 0;
@@ -450,33 +509,20 @@ static __global__ void bl_k_reduce(bl_reduce_t a)
             if (p >= 0) src[n++] = a.crecv + (a.sdispl[r] + p) * row_bytes;
         }
         uint8_t *out = a.out + t * row_bytes;
-        bool vec = (H % 8) == 0 && (((unsigned long long)a.out | (unsigned long long)a.crecv) & 15ull) == 0;
+        bool vec = (row_bytes % 16) == 0 && (((unsigned long long)a.out | (unsigned long long)a.crecv) & 15ull) == 0;
         if (vec) {
-            for (int ch = lane; ch < H / 8; ch += 32) {
+            for (int ch = lane; ch < (int)(row_bytes / 16); ch += 32) {
                 float acc[8];
 #pragma unroll
                 for (int j = 0; j < 8; j++) acc[j] = 0.0f;
-                for (int i = 0; i < n; i++) {
-                    uint4 v = ((const uint4 *)src[i])[ch];
-                    unsigned u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        acc[2 * j] = __fadd_rn(acc[2 * j], __uint_as_float(u[j] << 16));
-                        acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __uint_as_float(u[j] & 0xffff0000u));
-                    }
-                }
-                uint4 o;
-                o.x = (unsigned)bl_f2bf(acc[0]) | ((unsigned)bl_f2bf(acc[1]) << 16);
-                o.y = (unsigned)bl_f2bf(acc[2]) | ((unsigned)bl_f2bf(acc[3]) << 16);
-                o.z = (unsigned)bl_f2bf(acc[4]) | ((unsigned)bl_f2bf(acc[5]) << 16);
-                o.w = (unsigned)bl_f2bf(acc[6]) | ((unsigned)bl_f2bf(acc[7]) << 16);
-                ((uint4 *)out)[ch] = o;
+                for (int i = 0; i < n; i++) bl_add_chunk(dt, acc, ((const uint4 *)src[i])[ch]);
+                ((uint4 *)out)[ch] = bl_pack_chunk(dt, acc);
             }
         } else {
             for (int h = lane; h < H; h += 32) {
                 float acc = 0.0f;
-                for (int i = 0; i < n; i++) acc = __fadd_rn(acc, bl_bf2f(((const unsigned short *)src[i])[h]));
-                ((unsigned short *)out)[h] = bl_f2bf(acc);
+                for (int i = 0; i < n; i++) acc = __fadd_rn(acc, bl_load(dt, src[i], h));
+                bl_store(dt, out, h, acc);
             }
         }
     }
@@ -753,7 +799,7 @@ static void bl_combine_op(gm_t *m)
     rd.crecv = bl->d_crecv;
     rd.pos = bl->d_pos;
     for (int p = 0; p < R; p++) rd.sdispl[p] = bl->sdispl[p];
-    rd.T = m->d.T, rd.R = R, rd.H = m->d.H;
+    rd.T = m->d.T, rd.R = R, rd.H = m->d.H, rd.dt = (int)m->d.cdt;
     rd.out = m->d_cout[1];
     bl_k_reduce<<<grid_for(m, (long long)m->d.T * 32, 256), 256, 0, st>>>(rd);
     LAUNCHED(m, "bl_k_reduce");
@@ -1033,24 +1079,24 @@ static void checked_round(gm_t *m, int ncs, int64_t wrong[2][NOPS], int64_t diff
     if (ncs > 1) wrong[1][OP_DISPATCH] += bench_moe_check_ht_dispatch(&m->d, &hd[1], NULL, NULL, m->n_exp, m->cap);
     for (int c = m->ll ? 1 : 0; c < ncs; c++) free_dispatch(&hd[c]);
 
-    uint16_t *want[2] = {(uint16_t *)xmalloc(m, (size_t)T * m->y_row), NULL};
-    uint16_t *got_c[2] = {NULL, NULL};
+    uint8_t *want[2] = {(uint8_t *)xmalloc(m, (size_t)T * m->y_row), NULL};
+    uint8_t *got_c[2] = {NULL, NULL};
     m->d.ll = m->ll;
     bench_moe_expected_combine(&m->d, want[0]);
     m->d.ll = false;
-    want[1] = m->ll ? (uint16_t *)xmalloc(m, (size_t)T * m->y_row) : want[0];
+    want[1] = m->ll ? (uint8_t *)xmalloc(m, (size_t)T * m->y_row) : want[0];
     if (m->ll) bench_moe_expected_combine(&m->d, want[1]);
     for (int c = 0; c < ncs; c++) {
         poison(m, c, OP_COMBINE);
         run_op(m, c, OP_COMBINE);
         wait_for(m, NULL, c == 0 ? "the checked epx combine" : "the checked NCCL baseline combine");
-        got_c[c] = (uint16_t *)xmalloc(m, (size_t)T * m->y_row);
+        got_c[c] = (uint8_t *)xmalloc(m, (size_t)T * m->y_row);
         CK(m, cudaMemcpy(got_c[c], m->d_cout[c], (size_t)T * m->y_row, cudaMemcpyDeviceToHost));
     }
-    size_t n = (size_t)T * m->d.H;
+    size_t n = (size_t)T * m->d.H, es = epx_dtype_size(m->d.cdt);
     bool same = ncs > 1 && !m->ll; /* compared with each other */
-    wrong[0][OP_COMBINE] += bench_moe_cmp_elems(got_c[0], want[0], same ? got_c[1] : NULL, n, 2, &diff[OP_COMBINE]);
-    if (ncs > 1) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(got_c[1], want[1], NULL, n, 2, NULL);
+    wrong[0][OP_COMBINE] += bench_moe_cmp_elems(got_c[0], want[0], same ? got_c[1] : NULL, n, es, &diff[OP_COMBINE]);
+    if (ncs > 1) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(got_c[1], want[1], NULL, n, es, NULL);
     if (want[1] != want[0]) free(want[1]);
     free(want[0]);
     free(got_c[0]);
@@ -1069,6 +1115,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     m->d.alloc = xalloc, m->d.alloc_ctx = m;
     m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
     m->d.fp8 = !strcmp(o->dtype, "fp8");
+    m->d.cdt = o->combine_dtype;
     m->ll = !strcmp(o->mode, "ll");
     if (!bench_moe_shape_ok(m->d.E, m->d.R, m->d.K, b->rank == 0)) return 2;
     if (m->d.R > MAX_RANKS) {
@@ -1080,7 +1127,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     m->d.S = (m->d.H + SCALE_BLOCK - 1) / SCALE_BLOCK;
     m->row = (size_t)m->d.H * (m->d.fp8 ? 1 : 2);
     m->wire_row = m->row + (m->d.fp8 ? sizeof(float) * (size_t)m->d.S : 0);
-    m->y_row = (size_t)m->d.H * 2;
+    m->y_row = (size_t)m->d.H * epx_dtype_size(m->d.cdt);
 
     int64_t conv_bad = bench_moe_check_conversions(&m->d, 1 << 18, false);
     if (conv_bad) gm_fail(m, "%" PRId64 " host conversions differ from the library's (a build problem)", conv_bad);
@@ -1118,7 +1165,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     cfg.num_experts = m->d.E;
     cfg.max_topk = K;
     cfg.dtype = m->d.fp8 ? EPX_FP8_E4M3 : EPX_BF16;
-    cfg.combine_dtype = EPX_BF16;
+    cfg.combine_dtype = m->d.cdt;
     cfg.index_dtype = EPX_I64;
     cfg.mode = m->ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
     if (m->ll) cfg.dtype = EPX_BF16, cfg.ll_fp8 = m->d.fp8;
@@ -1169,7 +1216,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     m->h_idx = (int64_t *)xmalloc(m, sizeof(int64_t) * (size_t)T * K);
     for (int t = 0; t < T; t++) bench_moe_gen_row(&m->d, m->d.me, t, hx + (int64_t)t * m->row, hxs + (int64_t)t * m->d.S);
     for (int64_t i = 0; i < (int64_t)T * K; i++) m->h_idx[i] = m->d.topk[tk(&m->d, m->d.me, 0) + i];
-    uint16_t *hy = (uint16_t *)xmalloc(m, (size_t)m->cap * m->y_row);
+    uint8_t *hy = (uint8_t *)xmalloc(m, (size_t)m->cap * m->y_row);
     make_y(m, hy);
     m->d_x = (uint8_t *)dmalloc(m, (size_t)T * m->row, "x");
     m->d_xs = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)T * m->d.S, "x_scales") : NULL;
@@ -1219,11 +1266,11 @@ int bench_cuda_moe(bench_ctx_t *b)
                    "the baseline moves the same routing as in ht mode (its outputs checked as in ht mode)\n",
                    m->d.fp8 ? " quantised to FP8 by the dispatch" : "");
         printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode %s, %s tokens (combine "
-               "bf16), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median of the max "
+               "%s), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median of the max "
                "over ranks), %d warm-up, L2 flushed; baseline %s\n",
                R, ndev_min < R ? ndev_min : R, m->ll ? "ll (low-latency)" : "ht (high-throughput)",
-               m->d.fp8 ? (m->ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16", T,
-               m->d.H, K, m->d.E, m->d.L,
+               m->d.fp8 ? (m->ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16",
+               epx_dtype_name(m->d.cdt), T, m->d.H, K, m->d.E, m->d.L,
                o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
                m->nccl ? "NCCL (layout kernel; counts by ncclAllGather + read-back, pack kernel, grouped "
                          "ncclSend/ncclRecv, unpack; combine: ncclSend/ncclRecv back, reduce kernel)"
@@ -1359,6 +1406,7 @@ int bench_cuda_moe(bench_ctx_t *b)
 
     if (b->rank == 0) {
         rep.mode = m->ll ? "ll" : "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = "cuda";
+        rep.combine_dtype = epx_dtype_name(m->d.cdt);
         rep.ranks = R, rep.gpus = ndev_min < R ? ndev_min : R, rep.tokens = T, rep.hidden = m->d.H, rep.topk = K;
         rep.experts = m->d.E, rep.skew = o->skew, rep.registered = -1, rep.iters = iters, rep.warmup = o->warmup;
         rep.timing = "cuda_events_l2_flushed", rep.checked = check ? 1 : 0, rep.baseline = m->nccl;

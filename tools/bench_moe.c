@@ -43,7 +43,7 @@ typedef struct {
     size_t in_row;   /* bytes of one row of x as passed to dispatch */
     size_t row;      /* bytes of one received row's elements (fp8: H, bf16: 2H) */
     size_t wire_row; /* row + its scale bytes */
-    size_t y_row;    /* one row of the combine dtype (bf16): 2H */
+    size_t y_row;    /* one row of the combine dtype (d.cdt): H elements */
     int64_t cap;     /* ht: rows of the dispatch outputs; ll: L * R * T slots */
     int64_t RT;      /* ll: slots per local expert, R * T */
     int64_t n_exp;   /* rows this rank receives */
@@ -94,7 +94,6 @@ static void buf_free(bm_t *m, void *p)
 
 static void make_y(bm_t *m)
 {
-    int H = m->d.H;
     if (m->d.ll) {
         bench_moe_ll_make_y(&m->d, &m->llo[0], m->RT, m->row, m->y, m->y_row);
     } else {
@@ -102,10 +101,8 @@ static void make_y(bm_t *m)
         int64_t n = a->n < 0 ? 0 : a->n > m->cap ? m->cap : a->n;
         float mu = mult_of(m->d.me);
         for (int64_t i = 0; i < n; i++) {
-            const uint8_t *r = a->x + i * (int64_t)m->row;
             const float *sc = m->d.fp8 ? a->xs + i * m->d.S : NULL;
-            uint16_t *y = (uint16_t *)(m->y + i * (int64_t)m->y_row);
-            for (int h = 0; h < H; h++) y[h] = f2bf(row_val(&m->d, r, sc, h) * mu);
+            bench_moe_make_y_row(&m->d, a->x + i * (int64_t)m->row, sc, mu, m->y + i * (int64_t)m->y_row);
         }
     }
 }
@@ -296,7 +293,8 @@ static void bl_ht_dispatch(bm_t *m)
 }
 
 /* High-throughput combine: the y rows go back (they lie grouped by source rank already),
- * then each token's rows are summed in float32 in ascending rank order. */
+ * then each token's rows are summed in float32 in ascending rank order, rounded to the
+ * combine dtype. */
 static void bl_ht_combine(bm_t *m)
 {
     baseline_t *bl = &m->bl;
@@ -305,17 +303,15 @@ static void bl_ht_combine(bm_t *m)
                             MPI_COMM_WORLD), "MPI_Alltoallv");
     memcpy(bl->cur, bl->sdispl, sizeof(int) * (size_t)R);
     float *acc = bl->acc;
-    uint16_t *out = (uint16_t *)m->cout[1];
+    epx_dtype_t cdt = m->d.cdt;
     for (int t = 0; t < m->d.T; t++) {
         const uint8_t *f = bl->in + (int64_t)t * R;
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
         for (int r = 0; r < R; r++) {
             if (!f[r]) continue;
-            const uint16_t *y = (const uint16_t *)(bl->crecv + (int64_t)bl->cur[r]++ * m->y_row);
-            for (int h = 0; h < H; h++) acc[h] += bf2f(y[h]);
+            cdt_axpy_row(cdt, acc, 1.0f, bl->crecv + (int64_t)bl->cur[r]++ * m->y_row, H);
         }
-        uint16_t *dst = out + (int64_t)t * H;
-        for (int h = 0; h < H; h++) dst[h] = f2bf(acc[h]);
+        cdt_store_row(cdt, m->cout[1] + (int64_t)t * m->y_row, acc, H);
     }
 }
 
@@ -392,7 +388,8 @@ static void bl_ll_dispatch(bm_t *m)
 
 /* Low-latency combine: the y rows of every slot go back to their source, packed in the
  * order it sent them; there out[t] = over the ranks ascending, the sum of each rank's
- * w[t,k] * y over its k ascending (float32; the library's order, epx.h). */
+ * w[t,k] * y over its k ascending (float32; the library's order, epx.h), rounded to the
+ * combine dtype. */
 static void bl_ll_combine(bm_t *m)
 {
     baseline_t *bl = &m->bl;
@@ -409,7 +406,7 @@ static void bl_ll_combine(bm_t *m)
                             MPI_COMM_WORLD), "MPI_Alltoallv");
     float *acc = bl->acc;
     const float *w = m->d.w + tk(&m->d, m->d.me, 0);
-    uint16_t *out = (uint16_t *)m->cout[1];
+    epx_dtype_t cdt = m->d.cdt;
     float *part = acc + H;
     for (int t = 0; t < m->d.T; t++) {
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
@@ -421,14 +418,12 @@ static void bl_ll_combine(bm_t *m)
                 if (!any)
                     for (int h = 0; h < H; h++) part[h] = 0.0f;
                 any = true;
-                const uint16_t *y = (const uint16_t *)(bl->crecv + bl->pos[(int64_t)t * K + k] * (int64_t)m->y_row);
-                float wk = w[(int64_t)t * K + k];
-                for (int h = 0; h < H; h++) part[h] += wk * bf2f(y[h]);
+                const uint8_t *y = bl->crecv + bl->pos[(int64_t)t * K + k] * (int64_t)m->y_row;
+                cdt_axpy_row(cdt, part, w[(int64_t)t * K + k], y, H);
             }
             for (int h = 0; any && h < H; h++) acc[h] += part[h];
         }
-        uint16_t *dst = out + (int64_t)t * H;
-        for (int h = 0; h < H; h++) dst[h] = f2bf(acc[h]);
+        cdt_store_row(cdt, m->cout[1] + (int64_t)t * m->y_row, acc, H);
     }
 }
 
@@ -572,11 +567,12 @@ static void checked_round(bm_t *m, int64_t wrong[2][NOPS], int64_t diff[NOPS])
     }
 #endif
     if (o->check) {
-        uint16_t *want = xmalloc(m, (size_t)T * m->y_row);
+        uint8_t *want = xmalloc(m, (size_t)T * m->y_row);
         bench_moe_expected_combine(&m->d, want);
-        size_t n = (size_t)T * m->d.H;
-        wrong[0][OP_COMBINE] += bench_moe_cmp_elems(m->cout[0], want, b->mpi ? m->cout[1] : NULL, n, 2, &diff[OP_COMBINE]);
-        if (b->mpi) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(m->cout[1], want, NULL, n, 2, NULL);
+        size_t n = (size_t)T * m->d.H, es = epx_dtype_size(m->d.cdt);
+        wrong[0][OP_COMBINE] +=
+            bench_moe_cmp_elems(m->cout[0], want, b->mpi ? m->cout[1] : NULL, n, es, &diff[OP_COMBINE]);
+        if (b->mpi) wrong[1][OP_COMBINE] += bench_moe_cmp_elems(m->cout[1], want, NULL, n, es, NULL);
         free(want);
     }
 }
@@ -601,6 +597,7 @@ int bench_moe(bench_ctx_t *b)
     m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
     m->d.ll = !strcmp(o->mode, "ll");
     m->d.fp8 = !strcmp(o->dtype, "fp8");
+    m->d.cdt = o->combine_dtype;
     m->reg = !o->unregistered;
     if (!bench_moe_shape_ok(m->d.E, m->d.R, m->d.K, b->rank == 0)) return 2;
     m->d.L = m->d.E / m->d.R;
@@ -608,7 +605,7 @@ int bench_moe(bench_ctx_t *b)
     m->in_row = (size_t)m->d.H * (m->d.fp8 && !m->d.ll ? 1 : 2);
     m->row = (size_t)m->d.H * (m->d.fp8 ? 1 : 2);
     m->wire_row = m->row + (m->d.fp8 ? sizeof(float) * (size_t)m->d.S : 0);
-    m->y_row = (size_t)m->d.H * 2;
+    m->y_row = (size_t)m->d.H * epx_dtype_size(m->d.cdt);
     m->RT = (int64_t)m->d.R * m->d.T;
     int R = m->d.R, T = m->d.T, K = m->d.K;
 
@@ -624,7 +621,7 @@ int bench_moe(bench_ctx_t *b)
     cfg.num_experts = m->d.E;
     cfg.max_topk = K;
     cfg.dtype = m->d.fp8 && !m->d.ll ? EPX_FP8_E4M3 : EPX_BF16;
-    cfg.combine_dtype = EPX_BF16;
+    cfg.combine_dtype = m->d.cdt;
     cfg.index_dtype = EPX_I64;
     cfg.mode = m->d.ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
     cfg.ll_fp8 = m->d.ll && m->d.fp8;
@@ -660,12 +657,12 @@ int bench_moe(bench_ctx_t *b)
     double link_mean = bench_sum(b, (double)link_rows) / R;
 
     if (b->rank == 0) {
-        printf("# epx-bench moe: backend %s, %d ranks, mode %s, %s tokens (combine bf16), T=%d H=%d K=%d E=%d (%d per "
+        printf("# epx-bench moe: backend %s, %d ranks, mode %s, %s tokens (combine %s), T=%d H=%d K=%d E=%d (%d per "
                "rank), %s routing, %d iterations (median of the max over ranks), %d warm-up, %s x/y; baseline %s\n",
                o->backend, R, m->d.ll ? "ll (low-latency)" : "ht (high-throughput)",
-               m->d.fp8 ? (m->d.ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16", T, m->d.H,
-               K, m->d.E, m->d.L, o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
-               m->reg ? "registered" : "malloc",
+               m->d.fp8 ? (m->d.ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16",
+               epx_dtype_name(m->d.cdt), T, m->d.H, K, m->d.E, m->d.L, o->skew > 0 ? "zipf" : "uniform", o->iters,
+               o->warmup, m->reg ? "registered" : "malloc",
                b->mpi ? "MPI_Alltoallv (pack, MPI_Alltoall of counts, MPI_Alltoallv, unpack; layout: a C loop)"
                       : "none");
         if (o->skew > 0) printf("# zipf exponent %.3g over a fixed random permutation of the experts\n", o->skew);
@@ -742,6 +739,7 @@ int bench_moe(bench_ctx_t *b)
 
     if (b->rank == 0) {
         rep.mode = m->d.ll ? "ll" : "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = o->backend;
+        rep.combine_dtype = epx_dtype_name(m->d.cdt);
         rep.ranks = R, rep.gpus = -1, rep.tokens = T, rep.hidden = m->d.H, rep.topk = K, rep.experts = m->d.E;
         rep.skew = o->skew, rep.registered = m->reg, rep.iters = iters, rep.warmup = -1, rep.timing = NULL;
         rep.checked = -1, rep.baseline = b->mpi, rep.baseline_layout = "c_loop", rep.baseline_moe = "MPI_Alltoallv";

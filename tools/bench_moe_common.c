@@ -44,6 +44,11 @@ void bench_moe_gen_row(const bench_moe_data_t *d, int s, int t, uint8_t *row, fl
     }
 }
 
+void bench_moe_make_y_row(const bench_moe_data_t *d, const uint8_t *row, const float *scales, float mult, void *y)
+{
+    for (int h = 0; h < d->H; h++) cdt_store(d->cdt, y, (size_t)h, row_val(d, row, scales, h) * mult);
+}
+
 /* The header documents only the scale; q's formula (multiply by 448 / amax rather than
  * divide by the scale) is the library's, needed for equal bits. */
 void bench_moe_quantize_row(const bench_moe_data_t *d, const uint16_t *x, uint8_t *q, float *scales)
@@ -131,10 +136,10 @@ void bench_moe_count_rows(const bench_moe_data_t *d, int q, int64_t *rows, int64
         }
 }
 
-/* ht: for each rank r the token went to, in ascending order, + bf16(value * mult_of(r));
+/* ht: for each rank r the token went to, in ascending order, + cdt(value * mult_of(r));
  * ll: for each rank r ascending, + the sum (from 0) over the k ascending whose expert lives
- * on r of w[t, k] * bf16(value * mult_of(expert)). */
-void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out)
+ * on r of w[t, k] * cdt(value * mult_of(expert)). */
+void bench_moe_expected_combine(const bench_moe_data_t *d, void *out)
 {
     int H = d->H, K = d->K, q = d->me;
     uint8_t *row = (uint8_t *)xmalloc(d, (size_t)H * 2);
@@ -161,7 +166,7 @@ void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out)
                         for (int h = 0; h < H; h++) part[h] = 0.0f;
                     any = true;
                     float wk = d->w[tk(d, q, t) + k], mu = mult_of(e);
-                    for (int h = 0; h < H; h++) part[h] += wk * bf2f(f2bf(val[h] * mu));
+                    for (int h = 0; h < H; h++) part[h] += wk * cdt_round(d->cdt, val[h] * mu);
                 }
                 for (int h = 0; any && h < H; h++) acc[h] += part[h];
             }
@@ -169,10 +174,10 @@ void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out)
             for (int r = 0; r < d->R; r++) {
                 if (!d->dest[((int64_t)q * d->T + t) * d->R + r]) continue;
                 float mu = mult_of(r);
-                for (int h = 0; h < H; h++) acc[h] += bf2f(f2bf(val[h] * mu));
+                for (int h = 0; h < H; h++) acc[h] += cdt_round(d->cdt, val[h] * mu);
             }
         }
-        for (int h = 0; h < H; h++) out[(int64_t)t * H + h] = f2bf(acc[h]);
+        cdt_store_row(d->cdt, (uint8_t *)out + (size_t)t * H * epx_dtype_size(d->cdt), acc, H);
     }
     free(row);
     free(qx);
@@ -194,12 +199,23 @@ int64_t bench_moe_check_conversions(bench_moe_data_t *d, int samples, bool fp8)
         memcpy(&f, &u, 4);
         if (isnan(f)) continue;
         bad += f2bf(f) != epx_float_to_bf16(f);
+        bad += f2h(f) != epx_float_to_f16(f);
         if (fp8) bad += f2fp8(f) != epx_float_to_fp8_e4m3(f);
     }
     for (int i = 0; i < 65536; i++) {
         uint16_t v = (uint16_t)i;
         float a = bf2f(v), e = epx_bf16_to_float(v);
         bad += !isnan(a) && memcmp(&a, &e, 4) != 0;
+        a = h2f(v), e = epx_f16_to_float(v);
+        bad += !isnan(a) != !isnan(e) || (!isnan(a) && memcmp(&a, &e, 4) != 0);
+    }
+    for (uint16_t v = 0; v < 0x7c00; v++) { /* f16 ties: each midpoint (to 65536 last) and its neighbours */
+        float lo = h2f(v), hi = v == 0x7bff ? 65536.0f : h2f((uint16_t)(v + 1)), mid = lo + (hi - lo) * 0.5f;
+        float near[3] = {nextafterf(mid, 0.0f), mid, nextafterf(mid, INFINITY)};
+        for (int j = 0; j < 6; j++) {
+            float f = j < 3 ? near[j] : -near[j - 3];
+            bad += f2h(f) != epx_float_to_f16(f);
+        }
     }
     return bad;
 }
@@ -302,8 +318,7 @@ void bench_moe_ll_make_y(const bench_moe_data_t *d, const ll_out_t *a, int64_t R
             int64_t slot = (int64_t)l * RT + i;
             const uint8_t *r = a->x + slot * (int64_t)row;
             const float *sc = d->fp8 ? a->xs + slot * d->S : NULL;
-            uint16_t *yr = (uint16_t *)(y + slot * (int64_t)y_row);
-            for (int h = 0; h < d->H; h++) yr[h] = f2bf(row_val(d, r, sc, h) * mu);
+            bench_moe_make_y_row(d, r, sc, mu, y + slot * (int64_t)y_row);
         }
     }
 }
@@ -400,8 +415,10 @@ void bench_moe_print(const bench_moe_report_t *r, const char *json_path)
         if (r->baseline) printf(" | %11.2f %7.0f %7.2fx", bt, r->wrong[1][op], speedup);
         printf("\n");
         if (!json) continue;
-        fprintf(json, "%s\n  {\"op\": \"%s\", \"mode\": \"%s\", \"dtype\": \"%s\", \"backend\": \"%s\", \"ranks\": %d, ",
-                op ? "," : "", bench_moe_op_name[op], r->mode, r->dtype, r->backend, r->ranks);
+        fprintf(json,
+                "%s\n  {\"op\": \"%s\", \"mode\": \"%s\", \"dtype\": \"%s\", \"combine_dtype\": \"%s\", "
+                "\"backend\": \"%s\", \"ranks\": %d, ",
+                op ? "," : "", bench_moe_op_name[op], r->mode, r->dtype, r->combine_dtype, r->backend, r->ranks);
         if (r->gpus >= 0) fprintf(json, "\"gpus\": %d, ", r->gpus);
         fprintf(json, "\"tokens\": %d, \"hidden\": %d, \"topk\": %d, \"experts\": %d, \"skew\": %g, ", r->tokens,
                 r->hidden, r->topk, r->experts, r->skew);

@@ -41,6 +41,44 @@ static inline uint16_t f2bf(float f)
     return (uint16_t)(u >> 16);
 }
 
+/* f16 -> float (exact, subnormals too), like epx_f16_to_float (checked against it at start-up).
+ * Branch-free, so that the baseline's sums vectorise. */
+static inline float h2f(uint16_t v)
+{
+    uint32_t sign = (uint32_t)(v & 0x8000u) << 16, e = (v >> 10) & 0x1fu, mant = v & 0x3ffu;
+    uint32_t u = (e == 0x1f ? 0x7f800000u : (e + 112u) << 23) | mant << 13; /* normal, inf, NaN */
+    float sub = (float)mant * 5.9604644775390625e-8f;                        /* zero, subnormal: mant * 2^-24 */
+    uint32_t su;
+    memcpy(&su, &sub, 4);
+    u = sign | (e == 0 ? su : u);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* float -> f16, round to nearest even, subnormals too, overflow to infinity, like
+ * epx_float_to_f16 (checked against it at start-up). Branch-free, so that the baseline's
+ * rounding loop vectorises. */
+static inline uint16_t f2h(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    /* normal: rebias the exponent (127 -> 15), round the mantissa to 10 bits */
+    uint32_t r = a - (112u << 23);
+    uint32_t normal = (r + 0xfffu + ((r >> 13) & 1)) >> 13;
+    /* below 2^-14: multiples of 2^-24, rounded to nearest even by the float addition */
+    float af, mf;
+    memcpy(&af, &a, 4);
+    mf = af * 16777216.0f + 8388608.0f;
+    uint32_t mu;
+    memcpy(&mu, &mf, 4);
+    uint32_t v = a < 0x38800000u ? mu - 0x4b000000u : normal; /* 1024 -> 0x400 = 2^-14, the smallest normal */
+    v = a >= 0x477ff000u ? 0x7c00u : v;                        /* >= 65520 (and inf): infinity */
+    v = a > 0x7f800000u ? 0x7e00u | ((a >> 13) & 0x3ffu) : v;  /* NaN: quiet */
+    return (uint16_t)(sign | v);
+}
+
 /* float -> FP8 E4M3 (bias 7, max 448, no infinities), round to nearest even, saturating,
  * like epx_float_to_fp8_e4m3 (checked against it at start-up). Branch-free, so that the
  * baseline's quantisation loop vectorises. */
@@ -63,6 +101,53 @@ static inline uint8_t f2fp8(float f)
     v = a >= 0x43e00000u ? 0x7eu : v; /* >= 448 (and inf): saturate */
     v = a > 0x7f800000u ? 0x7fu : v;  /* NaN */
     return (uint8_t)(sign | v);
+}
+
+/* ---- The combine's dtype (y and out): EPX_BF16, EPX_F16 or EPX_F32 -------------------------- */
+
+/* f rounded to t (nearest even) into element i of p. */
+static inline void cdt_store(epx_dtype_t t, void *p, size_t i, float f)
+{
+    if (t == EPX_F32)
+        ((float *)p)[i] = f;
+    else
+        ((uint16_t *)p)[i] = t == EPX_F16 ? f2h(f) : f2bf(f);
+}
+
+/* f rounded to t and back: the float32 value of cdt_store's element. */
+static inline float cdt_round(epx_dtype_t t, float f)
+{
+    return t == EPX_F32 ? f : t == EPX_F16 ? h2f(f2h(f)) : bf2f(f2bf(f));
+}
+
+/* acc[h] += w * y[h] for h < n, in float32 (w == 1: the plain sum), y of dtype t. One loop per
+ * dtype, so that the baselines' sums stay plain loops. */
+static inline void cdt_axpy_row(epx_dtype_t t, float *acc, float w, const void *y, int n)
+{
+    if (t == EPX_F32) {
+        const float *v = (const float *)y;
+        for (int h = 0; h < n; h++) acc[h] += w * v[h];
+    } else if (t == EPX_F16) {
+        const uint16_t *v = (const uint16_t *)y;
+        for (int h = 0; h < n; h++) acc[h] += w * h2f(v[h]);
+    } else {
+        const uint16_t *v = (const uint16_t *)y;
+        for (int h = 0; h < n; h++) acc[h] += w * bf2f(v[h]);
+    }
+}
+
+/* dst[h] = src[h] rounded to t, for h < n. */
+static inline void cdt_store_row(epx_dtype_t t, void *dst, const float *src, int n)
+{
+    if (t == EPX_F32) {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+    } else if (t == EPX_F16) {
+        uint16_t *d = (uint16_t *)dst;
+        for (int h = 0; h < n; h++) d[h] = f2h(src[h]);
+    } else {
+        uint16_t *d = (uint16_t *)dst;
+        for (int h = 0; h < n; h++) d[h] = f2bf(src[h]);
+    }
 }
 
 /* ---- Deterministic data ----------------------------------------------------------------- */
@@ -101,6 +186,7 @@ typedef struct {
     int R, me, T, H, K, E, L, S; /* ranks, this rank, tokens, hidden, top-k, experts, per rank, scales */
     bool ll;  /* low-latency mode (the CUDA bench sets it around what concerns its ll outputs) */
     bool fp8; /* FP8 rows: given to dispatch (high-throughput) or sent (low-latency ll_fp8) */
+    epx_dtype_t cdt; /* the combine's y and out: EPX_BF16, EPX_F16 or EPX_F32 */
     float fp8_tab[256]; /* FP8 E4M3 -> float, the library's */
 
     int32_t *topk; /* [R, T, K] expert of every rank's tokens */
@@ -134,7 +220,7 @@ typedef struct { /* layout outputs */
 
 static inline int64_t tk(const bench_moe_data_t *d, int s, int t) { return ((int64_t)s * d->T + t) * d->K; }
 
-/* Multiplier applied by the expert side: y = bf16(value * mult). ht: by holding rank;
+/* Multiplier applied by the expert side: y = cdt(value * mult). ht: by holding rank;
  * ll: by global expert. */
 static inline float mult_of(int v) { return 1.0f + 0.25f * (float)(v % 5); }
 
@@ -145,6 +231,9 @@ static inline float row_val(const bench_moe_data_t *d, const uint8_t *row, const
     return bf2f(((const uint16_t *)row)[h]);
 }
 
+/* The expert side's output for one received row (scales: FP8 only): y[h] = row_val(h) * mult
+ * rounded to d->cdt, for h < H. */
+void bench_moe_make_y_row(const bench_moe_data_t *d, const uint8_t *row, const float *scales, float mult, void *y);
 /* Row t of rank s as given to dispatch: bf16 [H], or (high-throughput FP8) fp8 [H] with
  * float scales [S]. */
 void bench_moe_gen_row(const bench_moe_data_t *d, int s, int t, uint8_t *row, float *scales);
@@ -156,10 +245,12 @@ void bench_moe_quantize_row(const bench_moe_data_t *d, const uint16_t *x, uint8_
 void bench_moe_gen_routing(bench_moe_data_t *d, double skew);
 /* Rows rank q receives and the part of them that crossed from another rank. */
 void bench_moe_count_rows(const bench_moe_data_t *d, int q, int64_t *rows, int64_t *link);
-/* Expected combine output of this rank's tokens, [T, H] bf16 (float32 sums from +0.0f). */
-void bench_moe_expected_combine(const bench_moe_data_t *d, uint16_t *out);
+/* Expected combine output of this rank's tokens, [T, H] of d->cdt (float32 sums from +0.0f
+ * of the y elements' values, rounded to d->cdt). */
+void bench_moe_expected_combine(const bench_moe_data_t *d, void *out);
 /* Fills d->fp8_tab and counts the host conversions that differ from the library's over
- * `samples` floats (bf16 always, FP8 too when `fp8`) and every bf16. */
+ * `samples` floats (bf16 and f16 always, FP8 too when `fp8`), every bf16 and f16, and the
+ * floats at and next to each midpoint of two f16 (the rounding ties). */
 int64_t bench_moe_check_conversions(bench_moe_data_t *d, int samples, bool fp8);
 
 /* Elements of size es (n of them) where a differs from the expected e, or from the other
@@ -170,7 +261,7 @@ int64_t bench_moe_cmp_elems(const void *a, const void *e, const void *o, size_t 
  * from the seeds; with o, the elements where a and o differ are added to *diff. d->ll. */
 int64_t bench_moe_check_ll_dispatch(const bench_moe_data_t *d, const ll_out_t *a, const ll_out_t *o, int64_t *diff,
                                     int64_t RT, size_t row);
-/* The expert side of low latency: y (bf16, y_row bytes a slot, the slots of a) = each
+/* The expert side of low latency: y (d->cdt, y_row bytes a slot, the slots of a) = each
  * received row's value times mult_of(its global expert), for the first count[l] slots of
  * each local expert (the others are left alone). */
 void bench_moe_ll_make_y(const bench_moe_data_t *d, const ll_out_t *a, int64_t RT, size_t row, uint8_t *y,
@@ -192,7 +283,7 @@ extern const char *const bench_moe_op_name[NOPS];
 
 typedef struct {
     /* the run, as written in the JSON records; optional fields are left out when negative / NULL */
-    const char *mode, *dtype, *backend;
+    const char *mode, *dtype, *combine_dtype, *backend;
     int ranks, gpus; /* gpus: -1 = none written */
     int tokens, hidden, topk, experts;
     double skew;
