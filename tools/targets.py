@@ -11,7 +11,7 @@ Prints one line per target: epx's time, the baseline of the same run, the target
 "met" / "NOT met" — or "WRONG VALUES" when the record counts wrong outputs (or outputs that
 differ from the baseline's), "(outputs not checked by the bench)" after the verdict when the
 record says checked: false, or "not comparable" when the record is of another shape than the
-target's (backend, mode, dtype, T, H, K, E: named) or the run was not 2 ranks on 2 GPUs
+target's (backend, mode, dtype, combine dtype, T, H, K, E: named) or the run was not 2 ranks on 2 GPUs
 (the targets' setup: ../shared/DEVICE.md's 2 x H200), or "missing" when no file had the case. Times are
 the bench's: CUDA events around the call, L2 flushed, median, max over ranks; from a CUDA
 graph where the bench captured one (graph_time_us) it is shown too.
@@ -24,8 +24,12 @@ import tempfile
 GIB = 1 << 30
 
 # The shapes of the targets (issues 4 and 5): a record of another shape is not comparable.
-HT = {"backend": "cuda", "mode": "ht", "tokens": 4096, "hidden": 7168, "topk": 8, "experts": 256}
-LL = {"backend": "cuda", "mode": "ll", "dtype": "fp8", "tokens": 128, "hidden": 7168, "topk": 8, "experts": 288}
+# Records from before epx-bench's --combine-dtype have no combine_dtype: theirs was bf16.
+HT = {"backend": "cuda", "mode": "ht", "tokens": 4096, "hidden": 7168, "topk": 8, "experts": 256,
+      "combine_dtype": "bf16"}
+LL = {"backend": "cuda", "mode": "ll", "dtype": "fp8", "tokens": 128, "hidden": 7168, "topk": 8, "experts": 288,
+      "combine_dtype": "bf16"}
+DEFAULTS = {"combine_dtype": "bf16"}
 A2A = {"backend": "cuda"}
 # (issue, what, file, op or alltoall bytes, field, target, shape): field "time_us" or the memory
 TARGETS = [
@@ -71,7 +75,8 @@ def table(d, gpus):
         g = r.get("graph_time_us")
         b = r.get("baseline_time_us") if not mem and r.get("baseline", "none") != "none" else None
         ranks, ngpu = r.get("ranks", 0), r.get("gpus", gpus)
-        other = ["%s %s" % (k, r.get(k)) for k, want in shape.items() if r.get(k) != want]
+        other = ["%s %s" % (k, r.get(k, DEFAULTS.get(k))) for k, want in shape.items()
+                 if r.get(k, DEFAULTS.get(k)) != want]
         if r.get("wrong", 0) or r.get("diff_vs_baseline", 0):
             # a time of wrong outputs meets nothing
             verdict = "WRONG VALUES (%s wrong, %s differ from the baseline)" % (
@@ -100,14 +105,16 @@ def selftest():
             with open(os.path.join(d, name), "w") as f:
                 json.dump(recs, f)
         base = {"ranks": 2, "gpus": 2, "baseline": "nccl_send_recv"}
-        ht, ll = dict(base, dtype="bf16", **HT), dict(base, **LL)
+        old_ht = {k: v for k, v in HT.items() if k != "combine_dtype"}  # as written before --combine-dtype
+        ht, ll = dict(base, dtype="bf16", **old_ht), dict(base, **LL)
         put("moe_ht_bf16.json", [dict(ht, op="layout", time_us=9.5, baseline_time_us=18.0),
                                  dict(ht, op="dispatch", time_us=210.0, baseline_time_us=340.0,
                                       epx_device_mem_bytes=4 << 20),
                                  dict(ht, op="combine", time_us=200.0, baseline_time_us=280.0)])
         put("moe_ht_fp8.json", [dict(ht, op="dispatch", dtype="fp8", tokens=256, time_us=50.0)])
         put("moe_ll_fp8_t128.json", [dict(ll, op="dispatch", time_us=11.0, graph_time_us=10.0, checked=False),
-                                     dict(ll, op="combine", time_us=16.0, pair_graph_time_us=25.0)])
+                                     dict(ll, op="combine", time_us=16.0, pair_graph_time_us=25.0,
+                                          combine_dtype="f16")])
         put("alltoall_cuda.json", [{"op": "alltoall", "backend": "cuda", "ranks": 2, "bytes": 1024, "time_us": 7.0,
                                     "baseline": "ncclAlltoAll", "baseline_time_us": 12.0},
                                    {"op": "alltoall", "backend": "cuda", "ranks": 2, "bytes": GIB, "time_us": 1000.0,
@@ -117,7 +124,7 @@ def selftest():
                 "combine bf16": "met",
                 "1 GiB": "WRONG VALUES", "1 KiB": "NOT met", "memory": "met",
                 "low-latency dispatch": "met (outputs not checked by the bench)",
-                "low-latency combine": "NOT met"}
+                "low-latency combine": "not comparable (combine_dtype f16)"}
         bad = [k for k, v in want.items() if not any(k in l and l.split(" | ")[-1].startswith(v) for l in got)]
         if not any("25.00 us per pair" in l for l in got):
             bad.append("pair")
