@@ -96,7 +96,7 @@ enum {
     F_MAX_CAP = 128,   /* capacity = epx_moe_max_recv_tokens */
     F_T_WIDE = 256,    /* T in [M/8, M] (large case) */
     F_T_SMALL = 512,   /* T in [0, M/16] on every rank: a batch far below max_tokens */
-    F_SPECIAL = 1024,  /* combine inputs (y, and the weights summed) hold infinities and NaNs */
+    F_SPECIAL = 1024,  /* combine inputs (y, the weights summed or, low latency, applied) hold infinities and NaNs */
 };
 
 typedef struct {
@@ -404,8 +404,11 @@ static void world_init(world_t *W, const mcase_t *c, uint64_t seed)
                 if (c->neg_pct && (int)((r >> 33) % 100) < c->neg_pct && !(c->route == ROUTE_ONE && k == 0)) e = -1;
                 row[k] = e;
                 W->w[p][(int64_t)t * K + k] = gen_weight(test_rand(&s));
+                uint32_t b;
                 if (ll_cancels(W, p, t)) /* +-2^-j, j in 0 .. 3 (yll_bits_row) */
                     W->w[p][(int64_t)t * K + k] = ldexpf(r >> 62 ? 1.0f : -1.0f, -(int)((r >> 40) % 4));
+                else if (c->mode == EPX_MOE_LOW_LATENCY && special_bits(W, EPX_F32, test_mix(r, 91, 0, 0), &b))
+                    memcpy(&W->w[p][(int64_t)t * K + k], &b, 4); /* the combine's weights (F_SPECIAL) */
             }
         }
     }
@@ -2350,11 +2353,12 @@ static const mcase_t ht_cases[] = {
      * cluster), with -1 ids. */
     {"e=16384 k=8 h=16",     16384, 8, 16,   1100, EPX_BF16,   U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, HT, 0, 0},
     {"k=5 m=700 h=16",       -4,   5,  16,   700, EPX_BF16,    U,        EPX_I64, 1,  ROUTE_UNIFORM, 30, 0, 0, HT, 0, 0},
-    /* Infinities and NaNs in y and the weights (GPU: bf16 and f16 on the 16-byte path, f32
-     * at H = 77 element by element). */
-    {"inf nan bf16",         -3,   6,  128,  12, EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 10, F_SPECIAL, 0, HT, 0, 0},
-    {"inf nan f16 out",      -2,   8,  64,   10, EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_DUP,   0,  F_SPECIAL, 0, HT, 0, 0},
-    {"inf nan f32 h=77",     -4,   5,  77,   9,  EPX_F32,      U,        EPX_I64, 1,  ROUTE_ZIPF,  10, F_SPECIAL, 0, HT, 0, 0},
+    /* Infinities and NaNs in y and the weights, a token or more on every rank (GPU: bf16, f16
+     * and f32 on the 16-byte path, f32 at H = 77 element by element). */
+    {"inf nan bf16",         -3,   6,  128,  12, EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 10, F_SPECIAL | F_T_WIDE, 0, HT, 0, 0},
+    {"inf nan f16 out",      -2,   8,  64,   10, EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_DUP,   0,  F_SPECIAL | F_T_WIDE, 0, HT, 0, 0},
+    {"inf nan f32 h=128",    -2,   4,  128,  11, EPX_BF16,     EPX_F32,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, HT, 0, 0},
+    {"inf nan f32 h=77",     -4,   5,  77,   9,  EPX_F32,      U,        EPX_I64, 1,  ROUTE_ZIPF,  10, F_SPECIAL | F_T_WIDE, 0, HT, 0, 0},
 };
 
 static const mcase_t ll_cases[] = {
@@ -2374,9 +2378,11 @@ static const mcase_t ll_cases[] = {
     /* Many tokens of tiny rows: 128 tokens in each 256-thread pass of a CUDA combine
      * block (two 8-channel items a row), max_tokens above a block's threads. */
     {"ll m=700 h=16",        -4,   8,  16,   700, EPX_BF16,    U,        EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
-    /* Infinities and NaNs in y (the 8-channel path, and f32 out element by element). */
-    {"ll inf nan",           -3,   8,  128,  9,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL, 0, LL, 1, EPX_SCALE_F32},
-    {"ll inf nan f32 out",   -2,   6,  130,  7,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, F_SPECIAL, 0, LL, 0, EPX_SCALE_F32},
+    /* Infinities and NaNs in y and the weights, a token or more on every rank (the 8-channel
+     * path; f32 and f16 out element by element). */
+    {"ll inf nan",           -3,   8,  128,  9,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, LL, 1, EPX_SCALE_F32},
+    {"ll inf nan f32 out",   -2,   6,  130,  7,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
+    {"ll inf nan f16 out",   -2,   5,  64,   8,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {
