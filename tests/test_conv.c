@@ -424,10 +424,45 @@ static int test_quant_inf(void)
     return 1;
 }
 
+/* The CPU's vectorisable f16 conversions (convert.h, epx__f16_to_f32_sel / epx__f32_to_f16_sel)
+ * give the formulas' bits: every f16; and every float32 whose low 13 bits (the ones f16
+ * rounds off) are one of the patterns around a rounding boundary, for every sign, exponent
+ * and high fraction (2^19 of those), plus random floats. The canonical NaN of the combines'
+ * sums (epx__nan_canon): every NaN to 0x7fffffff, everything else unchanged. */
+static int test_f16_sel(void)
+{
+    for (uint32_t v = 0; v < 65536; v++) {
+        float a = epx__f16_to_f32_sel((uint16_t)v), b = epx__f16_to_f32((uint16_t)v);
+        if (fbits(a) != fbits(b)) TEST_FAIL_("f16 0x%04x: 0x%08x selected, 0x%08x by the formula", v, fbits(a), fbits(b));
+    }
+    static const uint32_t lows[] = {0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x0800, 0x17FF};
+    for (uint32_t hi = 0; hi < (1u << 19); hi++)
+        for (size_t k = 0; k < sizeof lows / sizeof lows[0]; k++) {
+            float f = bitsf(hi << 13 | lows[k]);
+            if (epx__f32_to_f16_sel(f) != epx__f32_to_f16(f))
+                TEST_FAIL_("float 0x%08x: f16 0x%04x selected, 0x%04x by the formula", fbits(f), epx__f32_to_f16_sel(f),
+                           epx__f32_to_f16(f));
+        }
+    uint64_t s = 99;
+    for (int i = 0; i < 1 << 22; i++) {
+        float f = bitsf((uint32_t)test_rand(&s));
+        if (epx__f32_to_f16_sel(f) != epx__f32_to_f16(f))
+            TEST_FAIL_("float 0x%08x: f16 0x%04x selected, 0x%04x by the formula", fbits(f), epx__f32_to_f16_sel(f),
+                       epx__f32_to_f16(f));
+        uint32_t c = fbits(epx__nan_canon(f));
+        if (isnan(f) ? c != 0x7FFFFFFFu : c != fbits(f))
+            TEST_FAIL_("epx__nan_canon(0x%08x) = 0x%08x", fbits(f), c);
+    }
+    ASSERT_EQ(fbits(epx__nan_canon(bitsf(0xFFC00000u))), 0x7FFFFFFF); /* x86's default NaN */
+    ASSERT_EQ(fbits(epx__nan_canon(bitsf(0x7F800000u))), 0x7F800000); /* infinity stays */
+    return 1;
+}
+
 int main(void)
 {
     test_rank = 0;
     int passed = 0;
+    passed += test_f16_sel();
     passed += test_e4m3();
     passed += test_quant_rows();
     passed += test_quant_inf();

@@ -46,7 +46,11 @@ EPX__HD uint16_t epx__f32_to_bf16(float f)
  * returns for every NaN result, where x86's passes on an operand's payload or makes its own
  * default NaN. The CPU backend's combine sums go through it, so that a NaN comes out with
  * the same bits on every backend (bf16 and f16: 0x7fff, by the roundings below). */
-EPX__HD float epx__nan_canon(float f) { return f != f ? epx__bits_f32(0x7fffffffu) : f; }
+EPX__HD float epx__nan_canon(float f)
+{
+    uint32_t u = epx__f32_bits(f), nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u); /* a mask: vectorises */
+    return epx__bits_f32((0x7fffffffu & nan) | (u & ~nan));
+}
 
 /* Two float32 -> bf16 as epx__f32_to_bf16 gives them, lo in the low half. On compute
  * capability 8.0 and up one instruction (cvt.rn.bf16x2.f32) when neither is NaN; a NaN keeps
@@ -102,6 +106,33 @@ EPX__HD uint16_t epx__f32_to_f16(float f)
     uint32_t r = epx__shift_rne(((uint32_t)e << 23) | mant, 13);
     if (r >= 0x7c00u) return (uint16_t)(sign | 0x7c00u);
     return (uint16_t)(sign | r);
+}
+
+/* epx__f16_to_f32 and epx__f32_to_f16 without branches (masks), the same bits for
+ * every input (tests/test_conv.c checks): for loops over rows that should vectorise (the
+ * CPU backend's f16 sums). Below 2^-14 the float additions round to multiples of 2^-24,
+ * to nearest even, as the formula's shift does. */
+EPX__HD float epx__f16_to_f32_sel(uint16_t v)
+{
+    uint32_t sign = (uint32_t)(v & 0x8000u) << 16, exp = (v >> 10) & 0x1fu, mant = v & 0x3ffu;
+    uint32_t normal = ((exp + 112u) << 23) | (mant << 13), special = 0x7f800000u | (mant << 13);
+    uint32_t sub = epx__f32_bits((float)(int32_t)mant * 5.9604644775390625e-8f); /* mant * 2^-24, exact */
+    uint32_t is_special = 0u - (uint32_t)(exp == 0x1fu), is_sub = 0u - (uint32_t)(exp == 0); /* masks */
+    return epx__bits_f32(sign | (special & is_special) | (sub & is_sub) | (normal & ~(is_special | is_sub)));
+}
+EPX__HD uint16_t epx__f32_to_f16_sel(float f)
+{
+    uint32_t u = epx__f32_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    uint32_t r = a - (112u << 23); /* the exponent rebiased (127 -> 15); 13 bits rounded off */
+    uint32_t normal = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;
+    uint32_t sub = epx__f32_bits(epx__bits_f32(a) * 16777216.0f + 8388608.0f) - 0x4b000000u; /* units of 2^-24 */
+    uint32_t low = 0u - (uint32_t)(a < 0x38800000u);  /* below 2^-14 */
+    uint32_t big = 0u - (uint32_t)(a >= 0x477ff000u); /* 65520 and up (and infinity): infinity */
+    uint32_t nan = 0u - (uint32_t)(a > 0x7f800000u);  /* NaN: quiet, the payload's top */
+    uint32_t v = (sub & low) | (normal & ~low);
+    v = (0x7c00u & big) | (v & ~big);
+    v = ((0x7e00u | ((a >> 13) & 0x3ffu)) & nan) | (v & ~nan);
+    return (uint16_t)(sign | v);
 }
 
 /* Two float32 -> f16 as epx__f32_to_f16 gives them, lo in the low half: on compute

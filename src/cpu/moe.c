@@ -396,16 +396,37 @@ static inline int epx__run_end(const int32_t *grp, int i0, int n)
     return i1;
 }
 
+/* Element j of a row of dtype dt as float32, and v rounded into it. */
+static inline __attribute__((always_inline)) float epx__row_elem(const char *row, epx_dtype_t dt, int j)
+{
+    switch (dt) {
+    case EPX_BF16: return epx__bf16_to_f32(((const uint16_t *)row)[j]);
+    case EPX_F16: return epx__f16_to_f32_sel(((const uint16_t *)row)[j]);
+    default: return ((const float *)row)[j];
+    }
+}
+static inline __attribute__((always_inline)) void epx__row_store(char *row, epx_dtype_t dt, int j, float v)
+{
+    switch (dt) {
+    case EPX_BF16: ((uint16_t *)row)[j] = epx__f32_to_bf16(v); break;
+    case EPX_F16: ((uint16_t *)row)[j] = epx__f32_to_f16_sel(v); break;
+    default: ((float *)row)[j] = v; break;
+    }
+}
+
 /* out[h] = cast(sum over i in order of w_i * rows[i][h]) in float32, starting from +0;
  * with w == NULL the terms are the rows themselves (no multiply). Two roundings per
  * weighted term (product, then sum): no FMA, so other backends can match the bits. With
  * grp, runs of equal grp[i] are summed first (each from +0), then the runs' sums in order
  * (a single run gives the same bits as no grp: a sum from +0 is never -0). A NaN sum is
- * stored as the canonical NaN (epx__nan_canon), as a GPU's arithmetic makes it. */
-EPX__MULTIVERSION
-static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const float *w, const int32_t *grp, int n,
-                                  int H)
+ * stored as the canonical NaN (epx__nan_canon), as a GPU's arithmetic makes it.
+ * dt (bf16, f16 or f32) is a constant where this is inlined (the three functions below):
+ * each inner loop is then one pass of independent lanes, which vectorises. */
+static inline __attribute__((always_inline)) void epx__reduce_rows_dt(char *out, epx_dtype_t dt,
+                                                                      const char *const *rows, const float *w,
+                                                                      const int32_t *grp, int n, int H)
 {
+    size_t es = dt == EPX_F32 ? 4 : 2;
     float acc[EPX__HBLOCK], part[EPX__HBLOCK];
     for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
         int nb = EPX__MIN(EPX__HBLOCK, H - h0);
@@ -416,53 +437,49 @@ static void epx__reduce_rows_bf16(uint16_t *out, const char *const *rows, const 
             float *sum = later ? part : acc;
             for (int j = 0; later && j < nb; j++) part[j] = 0.0f;
             for (int i = i0; i < i1; i++) {
-                const uint16_t *r = (const uint16_t *)rows[i] + h0;
+                const char *r = rows[i] + (size_t)h0 * es;
                 if (w) {
                     float wi = w[i];
                     for (int j = 0; j < nb; j++) {
-                        float prod = wi * epx__bf16_to_f32(r[j]);
+                        float prod = wi * epx__row_elem(r, dt, j);
                         sum[j] += prod;
                     }
                 } else {
-                    for (int j = 0; j < nb; j++) sum[j] += epx__bf16_to_f32(r[j]);
+                    for (int j = 0; j < nb; j++) sum[j] += epx__row_elem(r, dt, j);
                 }
             }
             for (int j = 0; later && j < nb; j++) acc[j] += part[j];
         }
-        for (int j = 0; j < nb; j++) out[h0 + j] = epx__f32_to_bf16(epx__nan_canon(acc[j]));
+        for (int j = 0; j < nb; j++) epx__row_store(out + (size_t)h0 * es, dt, j, epx__nan_canon(acc[j]));
     }
 }
 
+EPX__MULTIVERSION
+static void epx__reduce_rows_bf16(char *out, const char *const *rows, const float *w, const int32_t *grp, int n, int H)
+{
+    epx__reduce_rows_dt(out, EPX_BF16, rows, w, grp, n, H);
+}
+EPX__MULTIVERSION
+static void epx__reduce_rows_f16(char *out, const char *const *rows, const float *w, const int32_t *grp, int n, int H)
+{
+    epx__reduce_rows_dt(out, EPX_F16, rows, w, grp, n, H);
+}
+EPX__MULTIVERSION
+static void epx__reduce_rows_f32(char *out, const char *const *rows, const float *w, const int32_t *grp, int n, int H)
+{
+    epx__reduce_rows_dt(out, EPX_F32, rows, w, grp, n, H);
+}
+
+/* dtype: the combine's (bf16, f16 or f32: epx__is_combine_dtype). */
 static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, const int32_t *grp,
                              int n, int H)
 {
-    if (dtype == EPX_BF16) {
+    if (dtype == EPX_BF16)
         epx__reduce_rows_bf16(out, rows, w, grp, n, H);
-        return;
-    }
-    float acc[EPX__HBLOCK], part[EPX__HBLOCK];
-    for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
-        int nb = EPX__MIN(EPX__HBLOCK, H - h0);
-        for (int j = 0; j < nb; j++) acc[j] = 0.0f;
-        for (int i0 = 0, i1; i0 < n; i0 = i1) {
-            i1 = epx__run_end(grp, i0, n);
-            bool later = i0 > 0; /* the first run sums into acc itself: +0 + its sum is its sum */
-            float *sum = later ? part : acc;
-            for (int j = 0; later && j < nb; j++) part[j] = 0.0f;
-            for (int i = i0; i < i1; i++)
-                for (int j = 0; j < nb; j++) {
-                    float v = epx__load_float(rows[i], dtype, (size_t)(h0 + j));
-                    if (w) {
-                        float prod = w[i] * v;
-                        sum[j] += prod;
-                    } else {
-                        sum[j] += v;
-                    }
-                }
-            for (int j = 0; later && j < nb; j++) acc[j] += part[j];
-        }
-        for (int j = 0; j < nb; j++) epx__store_float(out, dtype, (size_t)(h0 + j), epx__nan_canon(acc[j]));
-    }
+    else if (dtype == EPX_F16)
+        epx__reduce_rows_f16(out, rows, w, grp, n, H);
+    else
+        epx__reduce_rows_f32(out, rows, w, grp, n, H);
 }
 
 void epx__cpu_reduce_rows(void *out, epx_dtype_t dtype, const char *const *rows, const float *w, int n, int H)
