@@ -762,6 +762,16 @@ epx_status_t epx__cpu_moe_dispatch_cached(epx__cpu_moe_t *m, const epx__cpu_moe_
 
 /* ---- High-throughput combine ------------------------------------------------------------------ */
 
+/* A token's rows in ascending rank order: rows[0..n) = ptrs[slot[r]] for the ranks r < R it
+ * went to (slot[r] >= 0); returns n. */
+static int epx__token_rows(const int32_t *slot, int R, const char *const *ptrs, const char **rows)
+{
+    int n = 0;
+    for (int r = 0; r < R; r++)
+        if (slot[r] >= 0) rows[n++] = ptrs[slot[r]];
+    return n;
+}
+
 epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t *h, const epx_moe_combine_in_t *in,
                                   epx_moe_combine_out_t *out, epx_status_t local, epx__errbuf_t *err)
 {
@@ -804,26 +814,16 @@ epx_status_t epx__cpu_moe_combine(epx__cpu_moe_t *m, const epx__cpu_moe_handle_t
             }
         st = epx__gather_ptrs(m, &g, op.seq, ylocs, ranks, offs, n, s->combine_row_bytes, ptrs, err);
         for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
-            int nr = 0;
-            for (int r = 0; r < R; r++) {
-                int32_t i = slot_of[(t - t0) * R + r];
-                if (i >= 0) rows[nr++] = ptrs[i];
-            }
+            int nr = epx__token_rows(slot_of + (t - t0) * R, R, ptrs, rows);
             epx__cpu_reduce_rows((char *)out->out + (size_t)t * s->combine_row_bytes, s->combine_dtype, rows, NULL, nr, H);
         }
         if (st != EPX_SUCCESS || !out->out_topk_weights || !op.mine.hdr->has_weights) continue;
         size_t wb = sizeof(float) * (size_t)K;
         for (int64_t i = 0; i < n; i++) offs[i] = offs[i] / (int64_t)s->combine_row_bytes * (int64_t)wb;
         st = epx__gather_ptrs(m, &g, op.seq, wlocs, ranks, offs, n, wb, ptrs, err);
-        for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) {
-            float *w = out->out_topk_weights + t * K;
-            for (int k = 0; k < K; k++) w[k] = 0.0f;
-            for (int r = 0; r < R; r++) {
-                int32_t i = slot_of[(t - t0) * R + r];
-                if (i >= 0)
-                    for (int k = 0; k < K; k++) w[k] += ((const float *)ptrs[i])[k];
-            }
-            for (int k = 0; k < K; k++) w[k] = epx__nan_canon(w[k]);
+        for (int64_t t = t0; t < t1 && st == EPX_SUCCESS; t++) { /* the weights: rows of K float32 */
+            int nr = epx__token_rows(slot_of + (t - t0) * R, R, ptrs, rows);
+            epx__cpu_reduce_rows(out->out_topk_weights + t * K, EPX_F32, rows, NULL, nr, K);
         }
     }
     if (st == EPX_SUCCESS && out->out_topk_weights && !op.mine.hdr->has_weights)

@@ -1346,13 +1346,8 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
         for (int j = 0; j < n; j++) rows[j] = epx__src_row(&src, x->tok[x->first[i] + j]);
         epx__cpu_reduce_rows((char *)out->out + (size_t)i * crow, s->combine_dtype, rows, NULL, n, s->hidden);
         if (!out->out_topk_weights) continue;
-        float *w = out->out_topk_weights + (size_t)i * K;
-        for (int k = 0; k < K; k++) w[k] = 0.0f;
-        for (int j = 0; j < n && has_w; j++) {
-            const float *rw = (const float *)epx__src_aux(&src, x->tok[x->first[i] + j]);
-            for (int k = 0; k < K; k++) w[k] += rw[k];
-        }
-        for (int k = 0; k < K; k++) w[k] = epx__nan_canon(w[k]);
+        for (int j = 0; j < n && has_w; j++) rows[j] = epx__src_aux(&src, x->tok[x->first[i] + j]);
+        epx__cpu_reduce_rows(out->out_topk_weights + (size_t)i * K, EPX_F32, rows, NULL, has_w ? n : 0, K);
     }
     return st;
 }
