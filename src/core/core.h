@@ -207,11 +207,6 @@ uint64_t epx__random64(void);
 
 /* ---- Element types and conversions (dtype.c) ------------------------------------------ */
 
-/* Float32 value of element i of a row of `dtype` (BF16, F16, F32, FP8_E4M3). */
-float epx__load_float(const void *row, epx_dtype_t dtype, size_t i);
-/* Store a float32 as element i of a row of `dtype` (round to nearest even). */
-void epx__store_float(void *row, epx_dtype_t dtype, size_t i, float v);
-
 #define EPX__FP8_BLOCK 128
 #define EPX__FP8_MAX 448.0f
 /* Quantise one bf16 row of H channels to FP8 e4m3 with one scale per 128 channels:

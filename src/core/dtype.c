@@ -42,28 +42,6 @@ float epx_fp8_e4m3_to_float(uint8_t v)
 
 uint8_t epx_float_to_fp8_e4m3(float f) { return epx__fp8_from_f32(f); }
 
-float epx__load_float(const void *row, epx_dtype_t dtype, size_t i)
-{
-    switch (dtype) {
-    case EPX_BF16: return epx_bf16_to_float(((const uint16_t *)row)[i]);
-    case EPX_F16: return epx_f16_to_float(((const uint16_t *)row)[i]);
-    case EPX_F32: return ((const float *)row)[i];
-    case EPX_FP8_E4M3: return epx_fp8_e4m3_to_float(((const uint8_t *)row)[i]);
-    default: return 0.0f;
-    }
-}
-
-void epx__store_float(void *row, epx_dtype_t dtype, size_t i, float v)
-{
-    switch (dtype) {
-    case EPX_BF16: ((uint16_t *)row)[i] = epx_float_to_bf16(v); break;
-    case EPX_F16: ((uint16_t *)row)[i] = epx_float_to_f16(v); break;
-    case EPX_F32: ((float *)row)[i] = v; break;
-    case EPX_FP8_E4M3: ((uint8_t *)row)[i] = epx_float_to_fp8_e4m3(v); break;
-    default: break;
-    }
-}
-
 /* Vectorised (each loop one pass of independent lanes): the block's largest |x| as the
  * largest magnitude bits (bf16 magnitudes order as their bits; NaN bits, above
  * infinity's, count as 0: NaN never wins, as with fmaxf), then the formula per element. */
