@@ -208,7 +208,7 @@ static bool special_bits(const world_t *W, int dt, uint64_t r, uint32_t *bits)
     if (!(W->c->flags & F_SPECIAL) || r % 12 != 0) return false;
     r /= 12;
     int sbit = dt == EPX_F32 ? 31 : 15, mant = dt == EPX_F32 ? 23 : dt == EPX_F16 ? 10 : 7;
-    uint32_t exp = (dt == EPX_F32 ? 0xFFu : dt == EPX_F16 ? 0x1Fu : 0xFFu) << mant, mmask = (1u << mant) - 1u;
+    uint32_t exp = (dt == EPX_F16 ? 0x1Fu : 0xFFu) << mant, mmask = (1u << mant) - 1u;
     uint32_t payload = r % 3 == 0 ? (uint32_t)((r >> 8) & mmask) | 1u : 0; /* one in three a NaN */
     *bits = (uint32_t)((r >> 2) & 1) << sbit | exp | payload;
     return true;
