@@ -2372,17 +2372,22 @@ static const mcase_t ll_cases[] = {
     {"ll fp8 k=5 h=300",     -3,   5,  300,  7,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 30, 0, 16, LL, 1, EPX_SCALE_UE8M0},
     {"ll T=0 everywhere",    -2,   2,  128,  5,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_T_ZERO, 0, LL, 1, EPX_SCALE_F32},
     {"ll fp8 e=288 m=64",    288,  8,  256,  64, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_UNIFORM, 10, 0, 0, LL, 1, EPX_SCALE_F32},
-    /* Combine dtypes other than bf16 (H = 130: off the GPU's 8-channel vector path too). */
+    /* Combine dtypes other than bf16: on the GPU's 16-byte path (f32: H % 4 == 0; f16:
+     * H % 8 == 0), with K <= 8 and above, and off it (H = 130). */
     {"ll f32 out h=130",     -3,   8,  130,  9,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f32 out h=132",     -3,   8,  132,  9,  EPX_BF16,     EPX_F32,  EPX_I64, 1,  ROUTE_ZIPF,  10, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f32 out k=16",      -2,   16, 64,   6,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_DUP,   20, 0, 0, LL, 0, EPX_SCALE_F32},
     {"ll f16 out k=12",      -4,   12, 64,   7,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f16 out h=136",     288,  5,  136,  10, EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
     /* Many tokens of tiny rows: 128 tokens in each 256-thread pass of a CUDA combine
      * block (two 8-channel items a row), max_tokens above a block's threads. */
     {"ll m=700 h=16",        -4,   8,  16,   700, EPX_BF16,    U,        EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
-    /* Infinities and NaNs in y and the weights, a token or more on every rank (the 8-channel
-     * path; f32 and f16 out element by element). */
+    /* Infinities and NaNs in y and the weights, a token or more on every rank (f32 out
+     * both on the GPU's 16-byte path and element by element). */
     {"ll inf nan",           -3,   8,  128,  9,  EPX_BF16,     U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, LL, 1, EPX_SCALE_F32},
     {"ll inf nan f32 out",   -2,   6,  130,  7,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
     {"ll inf nan f16 out",   -2,   5,  64,   8,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
+    {"ll inf nan f32 h=128", -3,   8,  128,  7,  EPX_BF16,     EPX_F32,  EPX_I64, 1,  ROUTE_DUP,   0,  F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {

@@ -447,7 +447,7 @@ extern "C" int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__
  * flag waits after others have finished. */
 static int epx__ll_resident(const void *kernel, int threads, int slot)
 {
-    static int cache[16][16];
+    static int cache[32][16];
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 16) dev = 0;
     if (cache[slot][dev] > 0) return cache[slot][dev];
@@ -786,6 +786,62 @@ extern "C" int epx__cuda_launch_ll_receive(const epx__cuda_dev_t *d, const epx__
 
 /* ---- Combine ------------------------------------------------------------------------------ */
 
+/* A thread's V channels (from ch * V; V: 1, 4 or 8) of a float32 row; and the store. */
+template <int V> static __device__ __forceinline__ void epx__llc_load_f32(const char *row, long long ch, float *f)
+{
+    if constexpr (V == 1) {
+        f[0] = ((const float *)row)[ch];
+    } else {
+#pragma unroll
+        for (int i = 0; i < V / 4; i++) {
+            float4 a = ((const float4 *)row)[ch * (V / 4) + i];
+            f[4 * i] = a.x, f[4 * i + 1] = a.y, f[4 * i + 2] = a.z, f[4 * i + 3] = a.w;
+        }
+    }
+}
+template <int V> static __device__ __forceinline__ void epx__llc_store_f32(char *row, long long ch, const float *f)
+{
+    if constexpr (V == 1) {
+        ((float *)row)[ch] = f[0];
+    } else {
+#pragma unroll
+        for (int i = 0; i < V / 4; i++)
+            ((float4 *)row)[ch * (V / 4) + i] = make_float4(f[4 * i], f[4 * i + 1], f[4 * i + 2], f[4 * i + 3]);
+    }
+}
+
+/* How a combine instance goes through rows of dtype DT: a thread takes V channels at a
+ * time, loaded as one `raw`: with DT a dtype, one 16-byte chunk (bf16, f16: 8 channels;
+ * f32: 4); with DT -1 (any dtype, c.dtype, for rows that do not allow 16-byte accesses),
+ * one channel, as float32. */
+template <int DT> struct epx__llc_vec {
+    static const int V = epx__chunk<DT>::n;
+    typedef uint4 raw;
+};
+template <> struct epx__llc_vec<-1> {
+    static const int V = 1;
+    typedef float raw;
+};
+
+/* The same channels of a row, copied as they are. */
+template <int DT>
+static __device__ __forceinline__ void epx__llc_copy(char *dst, const char *src, int dtype, long long ch)
+{
+    if constexpr (DT >= 0)
+        ((uint4 *)dst)[ch] = ((const uint4 *)src)[ch];
+    else if (dtype == EPX_F32)
+        ((uint32_t *)dst)[ch] = ((const uint32_t *)src)[ch];
+    else
+        ((uint16_t *)dst)[ch] = ((const uint16_t *)src)[ch];
+}
+
+/* part[j] += w * f[j] for each channel, the product rounded first (no FMA). */
+template <int V> static __device__ __forceinline__ void epx__llc_add(float *part, float w, const float *f)
+{
+#pragma unroll
+    for (int j = 0; j < V; j++) part[j] = __fadd_rn(part[j], __fmul_rn(w, f[j]));
+}
+
 /* What a thread of the vectorised sum needs of its token before any row: the token's K
  * experts, slots and weights (-1 / 0 past K). KM: the kernel instance's bound on K (8, or
  * EPX_MOE_MAX_TOPK): the arrays live in registers, twice as many at 16. */
@@ -810,7 +866,8 @@ static __device__ __forceinline__ void epx__llc_meta(const epx__ll_combine_t &c,
     }
 }
 
-template <int KM> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0);
+template <int KM, int DT>
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0);
 
 /* Across hosts: where the row of (token t, its k-th expert e, slot) lies: in the expert's
  * local rank's y, or in what its host's gateway sent home. */
@@ -845,9 +902,10 @@ static __device__ bool epx__llc_homes_ok(const epx__cuda_dev_t *d, const epx__ll
  * their expert outputs (with send_too, after publishing mine), sums its tokens' rows; the
  * last block to finish tells the peers it is done reading theirs and waits until they are
  * done with mine (my outputs may then be overwritten). */
-template <int KM>
+template <int KM, int DT>
 static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev_t d, epx__ll_combine_t c, int send_too)
 {
+    const long long chunks = c.hidden / epx__llc_vec<DT>::V;
     unsigned long long n = epx__ll_next(&d, EPX__LL_COMBINE_RECVD);
     if (blockIdx.x == 0 && threadIdx.x == 0) epx__ll_mark(c.rail, 3, n); /* the rail transfers are done */
     /* Mine, loaded before the waits (a chain of round trips otherwise): whether the routing
@@ -856,11 +914,11 @@ static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev
     int bad = *c.h_bad | (int)*(volatile const unsigned int *)d.failed;
     epx__llc_meta_t<KM> m0;
     long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c.vec && i0 < (long long)c.num_tokens * (c.hidden / 8)) epx__llc_meta(c, i0 / (c.hidden / 8), &m0);
+    if (DT >= 0 && i0 < (long long)c.num_tokens * chunks) epx__llc_meta(c, i0 / chunks, &m0);
     if (send_too) epx__ll_relay_out<true>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool homes = live && epx__llc_homes_ok(&d, c, n); /* every rail peer's rows came */
-    if (homes && epx__ll_sound<true>(&d) && !bad) epx__ll_combine_body<KM>(c, &m0); /* bad routing or failed: nothing */
+    if (homes && epx__ll_sound<true>(&d) && !bad) epx__ll_combine_body<KM, DT>(c, &m0); /* bad routing or failed: nothing */
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
         epx__ll_relay_out<true>(&d);
@@ -880,19 +938,22 @@ static __global__ void epx__k_ll_combine_send(epx__cuda_dev_t d)
     epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
 }
 
-/* One block per token; each thread owns channels h (strided), 8 at a time for bf16 rows
- * that allow 16-byte loads, and sums the token's rows as epx.h says: a partial sum per
- * expert rank (its rows in k order, from +0), then the partials over the ranks ascending
- * (from +0; a single partial gives the same bits as summing it directly). Vectorised, m0
- * holds the thread's first item's meta. */
-template <int KM> static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0)
+/* DT a dtype (rows that allow 16-byte accesses): each thread takes one 16-byte chunk of a
+ * token at a time (epx__llc_vec), m0 holding its first item's meta. DT -1: one block per
+ * token, each thread owning channels h (strided). Either way the token's rows are summed as
+ * epx.h says: a partial sum per expert rank (its rows in k order, from +0), then the
+ * partials over the ranks ascending (from +0; a single partial gives the same bits as
+ * summing it directly). */
+template <int KM, int DT>
+static __device__ void epx__ll_combine_body(const epx__ll_combine_t &c, epx__llc_meta_t<KM> *m0)
 {
     int K = c.topk, H = c.hidden;
     long long es = c.dtype == EPX_F32 ? 4 : 2, row_bytes = (long long)H * es;
-    if (c.vec) {
-        /* Each thread: 8 channels of one token, every contributing row's load in flight
-         * before the sums (rank by rank ascending, k ascending in each). */
-        long long chunks = H / 8, n_items = (long long)c.num_tokens * chunks;
+    if constexpr (DT >= 0) {
+        /* Every contributing row's load in flight before the sums (rank by rank ascending,
+         * k ascending in each). */
+        const int E = epx__llc_vec<DT>::V;
+        long long chunks = H / E, n_items = (long long)c.num_tokens * chunks;
         long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
         for (long long i = i0; i < n_items; i += (long long)gridDim.x * blockDim.x) {
             long long t = i / chunks, ch = i % chunks;
@@ -901,9 +962,9 @@ template <int KM> static __device__ void epx__ll_combine_body(const epx__ll_comb
 #pragma unroll
             for (int k = 0; k < KM; k++)
                 if (m0->e[k] >= 0) v[k] = ((const uint4 *)epx__llc_row(c, m0->e[k], t, k, m0->slot[k], row_bytes))[ch];
-            float acc[8];
+            float acc[E];
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+            for (int j = 0; j < E; j++) acc[j] = 0.0f;
             /* Rank by rank up: a rank's experts are the ids [q L, (q + 1) L); `lo`: the
              * first id not summed yet (the -1 ids never count). */
             for (int lo = 0;;) {
@@ -912,39 +973,35 @@ template <int KM> static __device__ void epx__ll_combine_body(const epx__ll_comb
                 for (int k = 0; k < KM; k++) first = m0->e[k] >= lo && m0->e[k] < first ? m0->e[k] : first;
                 if (first == INT_MAX) break;
                 int hi = (first / c.local_experts + 1) * c.local_experts;
-                float part[8];
+                float part[E];
 #pragma unroll
-                for (int j = 0; j < 8; j++) part[j] = 0.0f;
+                for (int j = 0; j < E; j++) part[j] = 0.0f;
 #pragma unroll
                 for (int k = 0; k < KM; k++) {
                     if (m0->e[k] < lo || m0->e[k] >= hi) continue;
                     /* At 16 the weights held too would spill (116 bytes): read again (L1). */
-                    float wk = KM <= 8 ? m0->w[k] : c.w[t * c.topk + k];
-                    unsigned u[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        part[2 * j] = __fadd_rn(part[2 * j], __fmul_rn(wk, epx__bits_f32(u[j] << 16)));
-                        part[2 * j + 1] = __fadd_rn(part[2 * j + 1], __fmul_rn(wk, epx__bits_f32(u[j] & 0xffff0000u)));
-                    }
+                    float wk = KM <= 8 ? m0->w[k] : c.w[t * c.topk + k], f[E];
+                    epx__chunk_unpack<DT>(v[k], f);
+                    epx__llc_add<E>(part, wk, f);
                 }
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[j] = __fadd_rn(acc[j], part[j]);
+                for (int j = 0; j < E; j++) acc[j] = __fadd_rn(acc[j], part[j]);
                 lo = hi;
             }
-            ((uint4 *)(c.out + t * row_bytes))[ch] = epx__pack_bf16x8(acc);
+            ((uint4 *)(c.out + t * row_bytes))[ch] = epx__chunk_pack<DT>(acc);
         }
-        return;
-    }
-    for (int t = blockIdx.x; t < c.num_tokens; t += gridDim.x) {
-        epx__ll_terms_t o;
-        o.n = 0;
-        for (int k = 0; k < K; k++) {
-            int e = c.h_topk[t * K + k];
-            if (e >= 0)
-                epx__ll_add_term(&o, epx__llc_row(c, e, t, k, c.h_slot[t * K + k], row_bytes),
-                                 c.w[(long long)t * K + k], e / c.local_experts);
+    } else {
+        for (int t = blockIdx.x; t < c.num_tokens; t += gridDim.x) {
+            epx__ll_terms_t o;
+            o.n = 0;
+            for (int k = 0; k < K; k++) {
+                int e = c.h_topk[t * K + k];
+                if (e >= 0)
+                    epx__ll_add_term(&o, epx__llc_row(c, e, t, k, c.h_slot[t * K + k], row_bytes),
+                                     c.w[(long long)t * K + k], e / c.local_experts);
+            }
+            epx__ll_sum_token(&o, c.out + (long long)t * row_bytes, H, c.dtype, threadIdx.x, blockDim.x);
         }
-        epx__ll_sum_token(&o, c.out + (long long)t * row_bytes, H, c.dtype, threadIdx.x, blockDim.x);
     }
 }
 
@@ -1004,44 +1061,6 @@ static __device__ __forceinline__ char *epx__llc_home(const epx__ll_combine_t &c
     return base + par * c.chalf + c.cp_off + ((long long)q * c.max_tokens + t) * c.prow;
 }
 
-/* A thread's V channels (from ch * V) of a float32 row; and the store. */
-template <int V> static __device__ __forceinline__ void epx__llc_load_f32(const char *row, long long ch, float *f)
-{
-    if (V == 8) {
-        float4 a = ((const float4 *)row)[2 * ch], b = ((const float4 *)row)[2 * ch + 1];
-        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-    } else {
-        f[0] = ((const float *)row)[ch];
-    }
-}
-template <int V> static __device__ __forceinline__ void epx__llc_store_f32(char *row, long long ch, const float *f)
-{
-    if (V == 8) {
-        ((float4 *)row)[2 * ch] = make_float4(f[0], f[1], f[2], f[3]);
-        ((float4 *)row)[2 * ch + 1] = make_float4(f[4], f[5], f[6], f[7]);
-    } else {
-        ((float *)row)[ch] = f[0];
-    }
-}
-/* The same channels of a row of `dtype`, copied as they are. */
-template <int V>
-static __device__ __forceinline__ void epx__llc_copy(char *dst, const char *src, int dtype, long long ch)
-{
-    if (V == 8)
-        ((uint4 *)dst)[ch] = ((const uint4 *)src)[ch];
-    else if (dtype == EPX_F32)
-        ((uint32_t *)dst)[ch] = ((const uint32_t *)src)[ch];
-    else
-        ((uint16_t *)dst)[ch] = ((const uint16_t *)src)[ch];
-}
-
-/* part[j] += w * f[j] for each channel, the product rounded first (no FMA). */
-template <int V> static __device__ __forceinline__ void epx__llc_add(float *part, float w, const float *f)
-{
-#pragma unroll
-    for (int j = 0; j < V; j++) part[j] = __fadd_rn(part[j], __fmul_rn(w, f[j]));
-}
-
 /* Block-wide: my weights [T, K] into every peer's combine staging (source me, half par),
  * then LLC_ARRIVE = n at each. */
 static __device__ void epx__llc_publish(const epx__cuda_dev_t *d, const epx__ll_combine_t &c, unsigned long long n)
@@ -1057,13 +1076,7 @@ static __device__ void epx__llc_publish(const epx__cuda_dev_t *d, const epx__ll_
     epx__signal_peers(d, EPX__FLAG_LLC_ARRIVE, n);
 }
 
-/* A thread's V channels of a row as loaded (V == 8: 8 bf16; V == 1: the value). */
-template <int V> struct epx__llc_raw {
-    typedef uint4 t;
-};
-template <> struct epx__llc_raw<1> {
-    typedef float t;
-};
+/* A thread's channels of a row: loaded (epx__llc_vec), and as float32 (exact). */
 static __device__ __forceinline__ void epx__llc_fetch(const char *row, int, long long ch, uint4 *r)
 {
     *r = ((const uint4 *)row)[ch];
@@ -1072,17 +1085,21 @@ static __device__ __forceinline__ void epx__llc_fetch(const char *row, int dtype
 {
     *r = epx__load_elem(row, dtype, ch);
 }
-static __device__ __forceinline__ void epx__llc_unpack(const uint4 &r, float *f) { epx__unpack_bf16x8(r, f); }
-static __device__ __forceinline__ void epx__llc_unpack(const float &r, float *f) { f[0] = r; }
+template <int DT> static __device__ __forceinline__ void epx__llc_unpack(const uint4 &r, float *f)
+{
+    epx__chunk_unpack<DT>(r, f);
+}
+template <int DT> static __device__ __forceinline__ void epx__llc_unpack(const float &r, float *f) { f[0] = r; }
 
 /* Every peer p's tokens with experts here (ptok[p]: p's T): into p's staging, for each, the
  * y row of its one expert here, or the partial over its experts here (k ascending, from
  * +0). A thread takes V channels of one token at a time; its loads go out in three waves
  * (the routing; the slots; the rows), each all at once. Returns whether the
  * thread wrote anything. */
-template <int KM, int V>
+template <int KM, int DT>
 static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &c, int par, const int *ptok)
 {
+    const int V = epx__llc_vec<DT>::V;
     bool pushed = false;
     int K = c.topk, M = c.max_tokens, me = c.rank, dtype = c.dtype;
     int lo = me * c.local_experts, hi = lo + c.local_experts;
@@ -1114,11 +1131,11 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
 #pragma unroll
             for (int k = 0; k < KM; k++)
                 if ((mask >> k) & 1u)
-                    epx__llc_copy<V>(dst, c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch);
+                    epx__llc_copy<DT>(dst, c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch);
             pushed = true;
             continue;
         }
-        typename epx__llc_raw<V>::t r[KM];
+        typename epx__llc_vec<DT>::raw r[KM];
 #pragma unroll
         for (int k = 0; k < KM; k++)
             if ((mask >> k) & 1u)
@@ -1130,7 +1147,7 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
         for (int k = 0; k < KM; k++) {
             if (!((mask >> k) & 1u)) continue;
             float f[V];
-            epx__llc_unpack(r[k], f);
+            epx__llc_unpack<DT>(r[k], f);
             epx__llc_add<V>(part, wts[k], f); /* staged here: a short trip, after the rows' */
         }
         epx__llc_store_f32<V>(dst, ch, part);
@@ -1143,8 +1160,9 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
  * from my y, a peer's as it sent it home (a y row to weigh here when the token has one
  * expert there). A thread's loads: the token's routing, slots and weights at once, then
  * its rows here at once, then each peer rank's row home. */
-template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(const epx__ll_combine_t &c, int par)
+template <int KM, int DT> static __device__ __noinline__ void epx__llc_sum_home(const epx__ll_combine_t &c, int par)
 {
+    const int V = epx__llc_vec<DT>::V;
     int K = c.topk, L = c.local_experts, me = c.rank, dtype = c.dtype;
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
     long long n_items = (long long)c.num_tokens * chunks;
@@ -1155,7 +1173,7 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
         long long t = it.row, ch = it.col;
         int e[KM];
         float w[KM];
-        typename epx__llc_raw<V>::t r[KM];
+        typename epx__llc_vec<DT>::raw r[KM];
 #pragma unroll
         for (int k = 0; k < KM; k++) {
             bool in = k < K;
@@ -1186,10 +1204,10 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
             if (q != me && (mask & (mask - 1)) != 0) {
                 epx__llc_load_f32<V>(home, ch, part);
             } else if (q != me) { /* one expert there: its y row */
-                typename epx__llc_raw<V>::t h;
+                typename epx__llc_vec<DT>::raw h;
                 epx__llc_fetch(home, dtype, ch, &h);
                 float f[V];
-                epx__llc_unpack(h, f);
+                epx__llc_unpack<DT>(h, f);
 #pragma unroll
                 for (int k = 0; k < KM; k++)
                     if ((mask >> k) & 1u) epx__llc_add<V>(part, w[k], f);
@@ -1198,7 +1216,7 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
                 for (int k = 0; k < KM; k++) {
                     if (!((mask >> k) & 1u)) continue;
                     float f[V];
-                    epx__llc_unpack(r[k], f);
+                    epx__llc_unpack<DT>(r[k], f);
                     epx__llc_add<V>(part, w[k], f);
                 }
             }
@@ -1206,8 +1224,8 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
             for (int j = 0; j < V; j++) acc[j] = __fadd_rn(acc[j], part[j]);
             lo = hi;
         }
-        if (V == 8)
-            ((uint4 *)(c.out + t * rb))[ch] = epx__pack_bf16x8(acc);
+        if constexpr (DT >= 0)
+            ((uint4 *)(c.out + t * rb))[ch] = epx__chunk_pack<DT>(acc);
         else
             epx__store_elem(c.out + t * rb, dtype, ch, acc[0]);
     }
@@ -1222,7 +1240,7 @@ template <int KM, int V> static __device__ __noinline__ void epx__llc_sum_home(c
  * where it lies (__grid_constant__): inlined into one kernel they spilled (248 bytes of
  * stores at K <= 8; each alone needs 105-114 registers), and one rank on an H200 took
  * 21.4-21.7 us at T = 128 against 15.7 as now. */
-template <int KM, int V>
+template <int KM, int DT>
 static __global__ void __launch_bounds__(256, 2)
     epx__k_llc_combine(epx__cuda_dev_t d, const __grid_constant__ epx__ll_combine_t c, int send_too)
 {
@@ -1238,7 +1256,7 @@ static __global__ void __launch_bounds__(256, 2)
     if (send_too && blockIdx.x == 0) epx__llc_publish(&d, c, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n); /* syncs the block: ptok is set */
     EPX__PROBE(2, EPX__PC_ARRIVE);
-    bool pushed = live && !bad && epx__llc_send_home<KM, V>(c, par, ptok);
+    bool pushed = live && !bad && epx__llc_send_home<KM, DT>(c, par, ptok);
     EPX__PROBE(2, EPX__PC_PUSHED);
     /* All or nothing: when a block's wait failed, no LLC_PART goes out (the peers then time
      * out, rather than sum rows that were not pushed). The block's pushes, system-wide,
@@ -1248,7 +1266,7 @@ static __global__ void __launch_bounds__(256, 2)
         epx__signal_peers(&d, EPX__FLAG_LLC_PART, n);
     bool home = live && epx__wait_peers(&d, EPX__FLAG_LLC_PART, n);
     EPX__PROBE(2, EPX__PC_PART);
-    if (home && !bad && !failed) epx__llc_sum_home<KM, V>(c, par);
+    if (home && !bad && !failed) epx__llc_sum_home<KM, DT>(c, par);
     EPX__PROBE(2, EPX__PC_SUM);
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (send_too) epx__ll_complete(&d, EPX__LL_COMBINE_SENT, n);
@@ -1283,25 +1301,38 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
     bool X = epx__ll_across(d, &c->rail, &bad);
     if (bad != cudaSuccess) return (int)bad;
     bool k8 = c->topk <= 8; /* the instance whose per-token arrays hold 8 (no spills) */
+    /* An instance per dtype when rows allow 16-byte accesses (the dtype known when
+     * compiled; a thread per (token, 16-byte chunk)), else one for any (di 0). */
+    int di = !c->vec ? 0 : c->dtype == EPX_BF16 ? 1 : c->dtype == EPX_F16 ? 2 : 3, ki = k8 ? 0 : 1;
+    long long chunks = c->hidden / (di == 0 ? 1 : di == 3 ? 4 : 8);
     void (*kernel)(epx__cuda_dev_t, epx__ll_combine_t, int);
     if (X) {
-        if (c->vec) { /* enough threads for every (token, 8 channels) at once, up to a bound */
-            long long b = ((long long)c->num_tokens * (c->hidden / 8) + 255) / 256;
+        static void (*const across[4][2])(epx__cuda_dev_t, epx__ll_combine_t, int) = {
+            {epx__k_ll_combine<8, -1>, epx__k_ll_combine<EPX_MOE_MAX_TOPK, -1>},
+            {epx__k_ll_combine<8, EPX_BF16>, epx__k_ll_combine<EPX_MOE_MAX_TOPK, EPX_BF16>},
+            {epx__k_ll_combine<8, EPX_F16>, epx__k_ll_combine<EPX_MOE_MAX_TOPK, EPX_F16>},
+            {epx__k_ll_combine<8, EPX_F32>, epx__k_ll_combine<EPX_MOE_MAX_TOPK, EPX_F32>}};
+        if (di) { /* enough threads for every item at once, up to a bound */
+            long long b = ((long long)c->num_tokens * chunks + 255) / 256;
             blocks = (int)(b < 2048 ? (b > 0 ? b : 1) : 2048);
         }
-        kernel = k8 ? epx__k_ll_combine<8> : epx__k_ll_combine<EPX_MOE_MAX_TOPK>;
-        int resident = epx__ll_resident((const void *)kernel, 256, k8 ? 6 : 8);
+        kernel = across[di][ki];
+        int resident = epx__ll_resident((const void *)kernel, 256, 17 + 2 * di + ki);
         if (blocks > resident) blocks = resident; /* blocks stride over the work; even with no tokens */
         kernel<<<blocks, 256, 0, (cudaStream_t)stream>>>(*d, *c, send_too);
         return (int)cudaGetLastError();
     }
-    /* One host: a thread per (token, V channels) on the larger side (the peers' tokens here,
+    /* One host: a thread per item (token, chunk) on the larger side (the peers' tokens here,
      * or mine), as many as are resident at once (a cooperative launch). */
-    long long chunks = c->hidden / (c->vec ? 8 : 1), most = (long long)(c->nranks - 1) * c->most_tokens;
+    static void (*const one_host[4][2])(epx__cuda_dev_t, epx__ll_combine_t, int) = {
+        {epx__k_llc_combine<8, -1>, epx__k_llc_combine<EPX_MOE_MAX_TOPK, -1>},
+        {epx__k_llc_combine<8, EPX_BF16>, epx__k_llc_combine<EPX_MOE_MAX_TOPK, EPX_BF16>},
+        {epx__k_llc_combine<8, EPX_F16>, epx__k_llc_combine<EPX_MOE_MAX_TOPK, EPX_F16>},
+        {epx__k_llc_combine<8, EPX_F32>, epx__k_llc_combine<EPX_MOE_MAX_TOPK, EPX_F32>}};
+    kernel = one_host[di][ki];
+    long long most = (long long)(c->nranks - 1) * c->most_tokens;
     long long b = ((most > c->num_tokens ? most : c->num_tokens) * chunks + 255) / 256;
-    kernel = c->vec ? (k8 ? epx__k_llc_combine<8, 8> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 8>)
-                    : (k8 ? epx__k_llc_combine<8, 1> : epx__k_llc_combine<EPX_MOE_MAX_TOPK, 1>);
-    int resident = epx__ll_resident((const void *)kernel, 256, 9 + (c->vec ? 0 : 1) + (k8 ? 0 : 2));
+    int resident = epx__ll_resident((const void *)kernel, 256, 9 + 2 * di + ki);
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
 #ifdef EPX_LL_PROBE

@@ -1182,7 +1182,7 @@ epx_status_t epx__cuda_moe_ll_combine(epx__cuda_moe_t *m, epx__cuda_moe_handle_t
     k.num_tokens = h->num_tokens, k.topk = h->topk, k.local_experts = s->local_experts, k.hidden = s->hidden;
     k.dtype = s->combine_dtype, k.slots = (long long)s->ll_slots;
     k.out = out;
-    k.vec = s->combine_dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)out & 15u) == 0;
+    k.vec = s->hidden % (s->combine_dtype == EPX_F32 ? 4 : 8) == 0 && ((uintptr_t)out & 15u) == 0;
     for (int p = 0; p < R; p++) /* a remap keeps the offsets; on one host only mine is read */
         k.vec = k.vec && ((!across && p != c->rank) || ((uintptr_t)k.y[p] & 15u) == 0);
     k.nranks = R, k.dest0 = m->rails.host * R, k.max_tokens = s->max_tokens;

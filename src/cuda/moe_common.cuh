@@ -339,33 +339,35 @@ static __device__ __forceinline__ void epx__ll_add_term(epx__ll_terms_t *o, cons
 
 /* out = cast to dtype of the float32 sum, from +0, over the ranks of o (ascending) of each
  * rank's partial sum (from +0) of its terms, each product rounded before it is added (no
- * FMA). Threads first, first + stride, ... own the channels (8 at a time when bf16 rows and
- * out allow 16-byte accesses: the same bits). */
+ * FMA). Threads first, first + stride, ... own the channels: one 16-byte chunk at a time when
+ * DT is dtype known when compiled and the rows and out allow 16-byte accesses, else one
+ * channel at a time (the same bits). */
+template <int DT = -1>
 static __device__ void epx__ll_sum_token(const epx__ll_terms_t *o, char *out, int H, int dtype, int first, int stride)
 {
     int n = o->n;
-    bool vec = dtype == EPX_BF16 && H % 8 == 0 && ((unsigned long long)out & 15ull) == 0;
-    for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)o->rows[i] & 15ull) == 0;
-    if (vec) {
-        for (int ch = first; ch < H / 8; ch += stride) {
-            float acc[8], part[8];
+    if constexpr (DT >= 0) {
+        const int E = epx__chunk<DT>::n;
+        bool vec = H % E == 0 && ((unsigned long long)out & 15ull) == 0;
+        for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)o->rows[i] & 15ull) == 0;
+        if (vec) {
+            for (int ch = first; ch < H / E; ch += stride) {
+                float acc[E], part[E];
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[j] = part[j] = 0.0f;
-            for (int i = 0; i < n; i++) {
-                uint4 v = ((const uint4 *)o->rows[i])[ch];
-                unsigned u[4] = {v.x, v.y, v.z, v.w};
+                for (int j = 0; j < E; j++) acc[j] = part[j] = 0.0f;
+                for (int i = 0; i < n; i++) {
+                    float f[E];
+                    epx__chunk_unpack<DT>(((const uint4 *)o->rows[i])[ch], f);
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    part[2 * j] = __fadd_rn(part[2 * j], __fmul_rn(o->w[i], epx__bits_f32(u[j] << 16)));
-                    part[2 * j + 1] = __fadd_rn(part[2 * j + 1], __fmul_rn(o->w[i], epx__bits_f32(u[j] & 0xffff0000u)));
+                    for (int j = 0; j < E; j++) part[j] = __fadd_rn(part[j], __fmul_rn(o->w[i], f[j]));
+                    if (i + 1 < n && o->g[i + 1] == o->g[i]) continue; /* the rank's partial goes on */
+#pragma unroll
+                    for (int j = 0; j < E; j++) acc[j] = __fadd_rn(acc[j], part[j]), part[j] = 0.0f;
                 }
-                if (i + 1 < n && o->g[i + 1] == o->g[i]) continue; /* the rank's partial goes on */
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[j] = __fadd_rn(acc[j], part[j]), part[j] = 0.0f;
+                ((uint4 *)out)[ch] = epx__chunk_pack<DT>(acc);
             }
-            ((uint4 *)out)[ch] = epx__pack_bf16x8(acc);
+            return;
         }
-        return;
     }
     for (long long h = first; h < H; h += stride) {
         float acc = 0.0f, part = 0.0f;

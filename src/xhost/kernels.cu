@@ -128,7 +128,7 @@ template <int DT> static __global__ void __launch_bounds__(512) epx__k_xh_reduce
         for (int i = 0; i < n; i++)
             epx__ll_add_term(&o, epx__xh_row(&c.src, __shfl_sync(0xffffffffu, my_ref, i)),
                              __shfl_sync(0xffffffffu, my_w, i), __shfl_sync(0xffffffffu, my_g, i));
-        epx__ll_sum_token(&o, c.out + t * row_bytes, H, DT, lane, 32);
+        epx__ll_sum_token<DT>(&o, c.out + t * row_bytes, H, DT, lane, 32);
     }
     for (long long t = warp; t < c.num_tokens && !c.w; t += nwarps) { /* high throughput: in rank order */
         const char *src[EPX_MOE_MAX_TOPK];
