@@ -1633,6 +1633,8 @@ static mcase_t random_case(uint64_t seed, bool ll)
     c.ll_fp8 = ll ? (int)(test_rand(&s) % 2) : 0;
     c.sfmt = test_rand(&s) % 2 ? EPX_SCALE_UE8M0 : EPX_SCALE_F32;
     if (ll) c.cdtype = PICK(cdts); /* drawn last: the other fields keep their draws */
+    static const int ll_dts[] = {EPX_BF16, EPX_BF16, EPX_F16, EPX_F32};
+    if (ll && !c.ll_fp8) c.dtype = PICK(ll_dts); /* FP8 quantises bf16 only */
 #undef PICK
     return c;
 }
@@ -2379,6 +2381,12 @@ static const mcase_t ll_cases[] = {
     {"ll f32 out k=16",      -2,   16, 64,   6,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_DUP,   20, 0, 0, LL, 0, EPX_SCALE_F32},
     {"ll f16 out k=12",      -4,   12, 64,   7,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
     {"ll f16 out h=136",     288,  5,  136,  10, EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
+    /* Dispatch dtypes other than bf16 (no FP8 then): rows of 16-byte chunks (f32: H % 4 ==
+     * 0) or not. */
+    {"ll f16 in",            -3,   6,  128,  9,  EPX_F16,      U,        EPX_I64, 1,  ROUTE_UNIFORM, 10, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f32 in h=132",      288,  8,  132,  8,  EPX_F32,      U,        EPX_I32, 1,  ROUTE_ZIPF,  0,  0, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f32 in h=77 k=16",  -2,   16, 77,   6,  EPX_F32,      EPX_BF16, EPX_I64, 1,  ROUTE_DUP,   20, 0, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f16 in h=129",      -4,   3,  129,  7,  EPX_F16,      U,        EPX_I32, 1,  ROUTE_UNIFORM, 0, 0, 0, LL, 0, EPX_SCALE_F32},
     /* Many tokens of tiny rows: 128 tokens in each 256-thread pass of a CUDA combine
      * block (two 8-channel items a row), max_tokens above a block's threads. */
     {"ll m=700 h=16",        -4,   8,  16,   700, EPX_BF16,    U,        EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},

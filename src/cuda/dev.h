@@ -224,8 +224,8 @@ typedef struct {
     int index_i64, fp8, ue8m0, in_bytes;       /* in_bytes: bytes per input element */
     long long srow, row_bytes, scale_bytes;    /* staged row, its payload, its scales */
     long long scale_off;                       /* where the scales start in a staged row */
-    int vec;                                   /* bf16 input, H % 8 == 0, 16-byte aligned x:
-                                                  one thread per 8 channels */
+    int vec;                                   /* rows of 16-byte chunks, 16-byte aligned x:
+                                                  one thread per chunk */
     long long hdr_bytes, half_bytes;           /* one source's header; one parity's area */
     long long slots;                           /* R * max_tokens slots per local expert */
     const void *x, *topk_idx;                  /* mine */

@@ -261,8 +261,8 @@ static __device__ __forceinline__ void epx__ll_mark(const epx__ll_rail_t &r, int
     if (r.mark) *(volatile unsigned long long *)(r.mark + i) = n;
 }
 
-/* A thread takes 8 channels of a token (vectorised bf16 rows), else warp w takes (token,
- * destination) pairs; the grid also writes my routing to every rank. X (across hosts): my
+/* A thread takes 16 bytes of a token's row (a.vec: rows of 16-byte chunks; FP8: 8 bf16
+ * channels), else warp w takes (token, destination) pairs; the grid also writes my routing to every rank. X (across hosts): my
  * whole block also goes to a.rail.out (its header tagged), and the flags are left to the
  * forward kernel. The single-host instance compiles without that code (it cost one host
  * 1.4-1.8 us a dispatch when it was only skipped at run time). */
@@ -291,9 +291,10 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
         for (int q = 0; q < R; q++) epx__ll_hdr(&a, a.stage[q], par, me)[0] = T;
     EPX__PROBE(0, EPX__PS_ROUTE);
     if (a.vec) {
-        /* Each thread: 8 channels of one token, loaded once, stored to every destination
+        /* Each thread: 16 bytes of one token's row, loaded once, stored to every destination
          * (FP8: a half warp is one 128-channel block, its amax by shuffles). */
-        long long chunks = a.hidden / 8, per_token = (chunks + 15) / 16 * 16; /* whole half warps */
+        long long row_in = (long long)a.hidden * a.in_bytes;
+        long long chunks = row_in / 16, per_token = (chunks + 15) / 16 * 16; /* whole half warps */
         long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x, nthreads = (long long)gridDim.x * blockDim.x;
         long long n_items = (long long)T * per_token;
         /* The loop bound is the warp's first item, so whole warps take part in the shuffles
@@ -303,7 +304,7 @@ template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_sen
             long long t = w.row, ch = w.col;
             bool has = i < n_items && ch < chunks; /* this thread has channels of a row */
             uint4 v = make_uint4(0, 0, 0, 0); /* loaded first: in flight during the mask's shuffles */
-            if (has) v = ((const uint4 *)((const char *)a.x + t * (long long)a.hidden * 2))[ch];
+            if (has) v = ((const uint4 *)((const char *)a.x + t * row_in))[ch];
             unsigned mask = epx__ll_token_mask<X>(a, t, i < n_items);
             if (!a.fp8) {
                 for (int q = 0; has && q < R; q++)
@@ -483,7 +484,7 @@ extern "C" int epx__cuda_launch_ll_send(const epx__cuda_dev_t *d, const epx__ll_
      * kernel takes any multiple of 32 threads >= nranks. */
     while (a->vec && threads > 128 && 2 * blocks <= most) threads /= 2, blocks *= 2;
     if (a->vec) { /* then no block without items (T = 1, H = 7168: 7 of 128) */
-        long long items = (long long)a->num_tokens * ((a->hidden / 8 + 15) / 16 * 16);
+        long long items = (long long)a->num_tokens * (((long long)a->hidden * a->in_bytes / 16 + 15) / 16 * 16);
         long long need = (items + threads - 1) / threads;
         if (need < blocks) blocks = need > 1 ? (int)need : 1;
     }

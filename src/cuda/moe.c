@@ -1114,7 +1114,7 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     a.row_bytes = s->ll_fp8 ? s->hidden : (long long)s->row_bytes;
     a.scale_bytes = s->ll_fp8 ? (long long)s->scale_cols * (a.ue8m0 ? 1 : 4) : 0;
     a.scale_off = EPX__ALIGN_UP(a.row_bytes, 16);
-    a.vec = s->dtype == EPX_BF16 && s->hidden % 8 == 0 && ((uintptr_t)in->x & 15u) == 0;
+    a.vec = (long long)s->hidden * a.in_bytes % 16 == 0 && ((uintptr_t)in->x & 15u) == 0; /* FP8: bf16 x */
     a.slots = (long long)s->ll_slots;
     a.x = in->x, a.topk_idx = in->topk_idx;
     for (int p = 0; p < R; p++) a.stage[p] = m->peer_stage[p];
@@ -1129,8 +1129,8 @@ epx_status_t epx__cuda_moe_ll_dispatch(epx__cuda_moe_t *m, const epx_moe_ll_disp
     h->num_tokens = in->num_tokens;
     h->topk = in->topk;
     h->rows = 0;
-    /* Latency-bound: a grid as large as the work (one thread per 8 channels of a token). */
-    long long items = (long long)in->num_tokens * ((s->hidden / 8 + 15) / 16 * 16);
+    /* Latency-bound: a grid as large as the work (one thread per 16 bytes of a token's row). */
+    long long items = (long long)in->num_tokens * (((long long)s->hidden * a.in_bytes / 16 + 15) / 16 * 16);
     int send_blocks = a.vec ? (int)EPX__MIN(EPX__MAX((items + 511) / 512, 1LL), 1024LL) : m->blocks;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     EPX__CUDA_CHECK((cudaError_t)epx__cuda_launch_ll_send(&c->dev, &a, send_blocks, stream), st, err);

@@ -140,9 +140,9 @@ template <int DT> static __device__ __forceinline__ void epx__chunk_unpack(uint4
     unsigned u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        if (DT == EPX_F32) {
+        if constexpr (DT == EPX_F32) {
             f[j] = epx__bits_f32(u[j]);
-        } else if (DT == EPX_F16) {
+        } else if constexpr (DT == EPX_F16) {
             asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.f32.f16 %0, lo;\n cvt.f32.f16 %1, hi;\n}"
                 : "=f"(f[2 * j]), "=f"(f[2 * j + 1])
                 : "r"(u[j]));
@@ -153,11 +153,13 @@ template <int DT> static __device__ __forceinline__ void epx__chunk_unpack(uint4
 }
 template <int DT> static __device__ __forceinline__ uint4 epx__chunk_pack(const float *a)
 {
-    if (DT == EPX_F32) return make_uint4(epx__f32_bits(a[0]), epx__f32_bits(a[1]), epx__f32_bits(a[2]), epx__f32_bits(a[3]));
-    if (DT == EPX_F16)
+    if constexpr (DT == EPX_F32)
+        return make_uint4(epx__f32_bits(a[0]), epx__f32_bits(a[1]), epx__f32_bits(a[2]), epx__f32_bits(a[3]));
+    else if constexpr (DT == EPX_F16)
         return make_uint4(epx__f16x2_from_f32(a[0], a[1]), epx__f16x2_from_f32(a[2], a[3]),
                           epx__f16x2_from_f32(a[4], a[5]), epx__f16x2_from_f32(a[6], a[7]));
-    return epx__pack_bf16x8(a);
+    else
+        return epx__pack_bf16x8(a);
 }
 
 /* The sum of n <= NR 16-byte-aligned rows of dtype DT, `chunks` 16-byte chunks each, by one
@@ -254,28 +256,25 @@ static __device__ __forceinline__ void epx__reduce_rows_any(const char *const *s
  * in that order (float32 from +0, then cast to dtype); out_w[k] = the sum of the non-NULL
  * wsrc[i][k] (0 when none) unless out_w is NULL. Rows whose length is a multiple of 16
  * bytes go 16 bytes at a time when out and every src are 16-byte aligned, else element by
- * element: the same bits either way. DT, unless -1, is dtype known when compiled. Shared by
- * the single-host combine (moe_kernels.cu) and the combine across hosts (src/xhost), so
- * that they reduce with the same arithmetic. (The low-latency combines sum weighted terms
- * by rank: epx__ll_sum_token.) */
-template <int MAXR = EPX__CUDA_MAX_RANKS, int DT = -1>
+ * element: the same bits either way. DT: the dtype (bf16, f16 or f32), known when
+ * compiled; MAXR bounds n. Shared by the single-host combine (moe_kernels.cu) and the
+ * combine across hosts (src/xhost), so that they reduce with the same arithmetic. (The
+ * low-latency combines sum weighted terms by rank: epx__ll_sum_token.) */
+template <int MAXR, int DT>
 static __device__ __forceinline__ void epx__moe_reduce_token(const char *const *src, const float *const *wsrc, int n,
-                                                             char *out, float *out_w, int H, int dtype, int topk)
+                                                             char *out, float *out_w, int H, int topk)
 {
-    int lane = threadIdx.x & 31, per_chunk = dtype == EPX_F32 ? 4 : 8;
-    bool vec = H % per_chunk == 0 && ((unsigned long long)out & 15ull) == 0;
+    const int E = epx__chunk<DT>::n;
+    int lane = threadIdx.x & 31;
+    bool vec = H % E == 0 && ((unsigned long long)out & 15ull) == 0;
     for (int i = 0; vec && i < n; i++) vec = ((unsigned long long)src[i] & 15ull) == 0;
     if (vec) {
-        switch (DT >= 0 ? DT : dtype) { /* DT >= 0: dtype, known when compiled */
-        case EPX_BF16: epx__reduce_rows_any<EPX_BF16, MAXR>(src, n, out, H / 8); break;
-        case EPX_F16: epx__reduce_rows_any<EPX_F16, MAXR>(src, n, out, H / 8); break;
-        default: epx__reduce_rows_any<EPX_F32, MAXR>(src, n, out, H / 4); break;
-        }
+        epx__reduce_rows_any<DT, MAXR>(src, n, out, H / E);
     } else {
         for (long long h = lane; h < H; h += 32) {
             float acc = 0.0f;
-            for (int i = 0; i < n; i++) acc = __fadd_rn(acc, epx__load_elem(src[i], dtype, h));
-            epx__store_elem(out, dtype, h, acc);
+            for (int i = 0; i < n; i++) acc = __fadd_rn(acc, epx__load_elem(src[i], DT, h));
+            epx__store_elem(out, DT, h, acc);
         }
     }
     if (out_w && lane < topk) {

@@ -566,7 +566,7 @@ static __global__ void __launch_bounds__(MAXR <= 2 ? 1024 : 512)
             wsrc[n++] = c.w[r] ? c.w[r] + at * c.topk : (const float *)0;
         }
         epx__moe_reduce_token<MAXR, DT>(src, wsrc, n, c.out + t * row_bytes, c.out_w ? c.out_w + t * c.topk : (float *)0,
-                                        H, DT, c.topk);
+                                        H, c.topk);
     }
     if (steps & EPX__STEP_DONE) epx__done(&d);
 }

@@ -145,7 +145,7 @@ template <int DT> static __global__ void __launch_bounds__(512) epx__k_xh_reduce
         }
         char *out = c.out + t * row_bytes;
         float *out_w = c.out_w ? c.out_w + t * c.topk : (float *)0;
-        epx__moe_reduce_token<EPX__CUDA_MAX_RANKS, DT>(src, wsrc, n, out, out_w, H, DT, c.topk);
+        epx__moe_reduce_token<EPX__CUDA_MAX_RANKS, DT>(src, wsrc, n, out, out_w, H, c.topk);
     }
 }
 
