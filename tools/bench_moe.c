@@ -309,9 +309,9 @@ static void bl_ht_combine(bm_t *m)
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
         for (int r = 0; r < R; r++) {
             if (!f[r]) continue;
-            cdt_axpy_row(cdt, acc, 1.0f, bl->crecv + (int64_t)bl->cur[r]++ * m->y_row, H);
+            dt_axpy_row(cdt, acc, 1.0f, bl->crecv + (int64_t)bl->cur[r]++ * m->y_row, H);
         }
-        cdt_store_row(cdt, m->cout[1] + (int64_t)t * m->y_row, acc, H);
+        dt_store_row(cdt, m->cout[1] + (int64_t)t * m->y_row, acc, H);
     }
 }
 
@@ -419,11 +419,11 @@ static void bl_ll_combine(bm_t *m)
                     for (int h = 0; h < H; h++) part[h] = 0.0f;
                 any = true;
                 const uint8_t *y = bl->crecv + bl->pos[(int64_t)t * K + k] * (int64_t)m->y_row;
-                cdt_axpy_row(cdt, part, w[(int64_t)t * K + k], y, H);
+                dt_axpy_row(cdt, part, w[(int64_t)t * K + k], y, H);
             }
             for (int h = 0; any && h < H; h++) acc[h] += part[h];
         }
-        cdt_store_row(cdt, m->cout[1] + (int64_t)t * m->y_row, acc, H);
+        dt_store_row(cdt, m->cout[1] + (int64_t)t * m->y_row, acc, H);
     }
 }
 

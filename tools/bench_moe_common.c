@@ -46,7 +46,7 @@ void bench_moe_gen_row(const bench_moe_data_t *d, int s, int t, uint8_t *row, fl
 
 void bench_moe_make_y_row(const bench_moe_data_t *d, const uint8_t *row, const float *scales, float mult, void *y)
 {
-    for (int h = 0; h < d->H; h++) cdt_store(d->cdt, y, (size_t)h, row_val(d, row, scales, h) * mult);
+    for (int h = 0; h < d->H; h++) dt_store(d->cdt, y, (size_t)h, row_val(d, row, scales, h) * mult);
 }
 
 /* The header documents only the scale; q's formula (multiply by 448 / amax rather than
@@ -166,7 +166,7 @@ void bench_moe_expected_combine(const bench_moe_data_t *d, void *out)
                         for (int h = 0; h < H; h++) part[h] = 0.0f;
                     any = true;
                     float wk = d->w[tk(d, q, t) + k], mu = mult_of(e);
-                    for (int h = 0; h < H; h++) part[h] += wk * cdt_round(d->cdt, val[h] * mu);
+                    for (int h = 0; h < H; h++) part[h] += wk * dt_round(d->cdt, val[h] * mu);
                 }
                 for (int h = 0; any && h < H; h++) acc[h] += part[h];
             }
@@ -174,10 +174,10 @@ void bench_moe_expected_combine(const bench_moe_data_t *d, void *out)
             for (int r = 0; r < d->R; r++) {
                 if (!d->dest[((int64_t)q * d->T + t) * d->R + r]) continue;
                 float mu = mult_of(r);
-                for (int h = 0; h < H; h++) acc[h] += cdt_round(d->cdt, val[h] * mu);
+                for (int h = 0; h < H; h++) acc[h] += dt_round(d->cdt, val[h] * mu);
             }
         }
-        cdt_store_row(d->cdt, (uint8_t *)out + (size_t)t * H * epx_dtype_size(d->cdt), acc, H);
+        dt_store_row(d->cdt, (uint8_t *)out + (size_t)t * H * epx_dtype_size(d->cdt), acc, H);
     }
     free(row);
     free(qx);

@@ -103,10 +103,10 @@ static inline uint8_t f2fp8(float f)
     return (uint8_t)(sign | v);
 }
 
-/* ---- The combine's dtype (y and out): EPX_BF16, EPX_F16 or EPX_F32 -------------------------- */
+/* ---- Rows of EPX_BF16, EPX_F16 or EPX_F32: the tokens (unless FP8), y and out ---------------- */
 
 /* f rounded to t (nearest even) into element i of p. */
-static inline void cdt_store(epx_dtype_t t, void *p, size_t i, float f)
+static inline void dt_store(epx_dtype_t t, void *p, size_t i, float f)
 {
     if (t == EPX_F32)
         ((float *)p)[i] = f;
@@ -114,15 +114,15 @@ static inline void cdt_store(epx_dtype_t t, void *p, size_t i, float f)
         ((uint16_t *)p)[i] = t == EPX_F16 ? f2h(f) : f2bf(f);
 }
 
-/* f rounded to t and back: the float32 value of cdt_store's element. */
-static inline float cdt_round(epx_dtype_t t, float f)
+/* f rounded to t and back: the float32 value of dt_store's element. */
+static inline float dt_round(epx_dtype_t t, float f)
 {
     return t == EPX_F32 ? f : t == EPX_F16 ? h2f(f2h(f)) : bf2f(f2bf(f));
 }
 
 /* acc[h] += w * y[h] for h < n, in float32 (w == 1: the plain sum), y of dtype t. One loop per
  * dtype, so that the baselines' sums stay plain loops. */
-static inline void cdt_axpy_row(epx_dtype_t t, float *acc, float w, const void *y, int n)
+static inline void dt_axpy_row(epx_dtype_t t, float *acc, float w, const void *y, int n)
 {
     if (t == EPX_F32) {
         const float *v = (const float *)y;
@@ -137,7 +137,7 @@ static inline void cdt_axpy_row(epx_dtype_t t, float *acc, float w, const void *
 }
 
 /* dst[h] = src[h] rounded to t, for h < n. */
-static inline void cdt_store_row(epx_dtype_t t, void *dst, const float *src, int n)
+static inline void dt_store_row(epx_dtype_t t, void *dst, const float *src, int n)
 {
     if (t == EPX_F32) {
         memcpy(dst, src, sizeof(float) * (size_t)n);
