@@ -37,8 +37,8 @@ typedef struct {
     double timeout_s;
     /* moe */
     int tokens, hidden, topk, experts;
-    const char *dtype; /* bf16, fp8 */
-    epx_dtype_t combine_dtype; /* the combine's y and out: EPX_BF16, EPX_F16, EPX_F32 */
+    int dtype;         /* the dispatch's tokens: EPX_BF16, EPX_F16, EPX_F32 or EPX_FP8_E4M3 (fp8) */
+    int combine_dtype; /* the combine's y and out: EPX_BF16, EPX_F16, EPX_F32, or EPX_UNSET (epx's default) */
     const char *mode;  /* ht, ll */
     double skew;       /* Zipf exponent over experts; 0 = uniform */
     const char *count; /* CUDA ht dispatch: "device" (no host sync) or "host" (count read back) */
@@ -66,6 +66,8 @@ double bench_median_of_max(bench_ctx_t *b, const double *t, int n);
  * dropped, a size of 0 followed by the smallest non-zero one. Returns how many (malloc'd
  * in *counts). */
 int bench_a2a_counts(const bench_opts_t *o, int nranks, int64_t **counts);
+/* The options' name of a dtype: epx_dtype_name's, "fp8" for EPX_FP8_E4M3. */
+const char *bench_dtype_name(int dtype);
 /* Barrier through epx (collective). */
 void bench_barrier(bench_ctx_t *b);
 /* What to print for a failed status: msg (epx's last-error text, which starts with the

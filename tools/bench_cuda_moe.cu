@@ -13,12 +13,13 @@
  * token's row in the packed send buffer, and the counts), ncclAllGather of the counts with a
  * host read-back to size the receives, a pack kernel copying every token once per
  * destination rank (rank-major, tokens ascending: epx's row order), grouped ncclSend /
- * ncclRecv of the rows, FP8 scales and [token, local ids, weights] records, and an unpack
- * kernel for the routing outputs; combine = grouped ncclSend / ncclRecv of the expert
- * outputs back to their tokens' ranks, then a reduce kernel summing each token's rows in
- * ascending rank order in float32 from +0.0f (no FMA: built with --fmad=false) and casting
- * to the combine dtype (--combine-dtype: bf16, f16 or f32) with round-to-nearest-even, the
- * math of epx, so the outputs compare bitwise. Its layout is one plain kernel.
+ * ncclRecv of the rows (as bytes: H elements of --dtype), FP8 scales and [token, local ids,
+ * weights] records, and an unpack kernel for the routing outputs; combine = grouped ncclSend
+ * / ncclRecv of the expert outputs back to their tokens' ranks, then a reduce kernel summing
+ * each token's rows in ascending rank order in float32 from +0.0f (no FMA: built with
+ * --fmad=false) and casting to the combine dtype (--combine-dtype: bf16, f16 or f32) with
+ * round-to-nearest-even, the math of epx, so the outputs compare bitwise. Its layout is one
+ * plain kernel.
  *
  * Data: the tokens, routing and weights are the CPU bench's (bench_moe.c): a pure function
  * of (seed, rank, token), so every rank regenerates every rank's data on the host and
@@ -75,7 +76,7 @@ typedef struct {
     bench_moe_data_t d; /* sizes, FP8 and every rank's routing (bench_moe_common.h; always ht) */
     int dev, ndev, sms;
     bool nccl;
-    size_t row;      /* bytes of one token row (fp8: H, bf16: 2H) */
+    size_t row;      /* bytes of one token row: H of FP8 or of the tokens' dtype (d.xdt) */
     size_t wire_row; /* row + its scales */
     size_t y_row;    /* one row of y / out in the combine dtype (d.cdt): H elements */
     int64_t cap;     /* rows of the dispatch outputs (epx_moe_max_recv_tokens) */
@@ -97,8 +98,8 @@ typedef struct {
     uint8_t *d_cout[2];
     epx_moe_handle_t h, h_new; /* the last epx dispatch's handle; the one being made */
     int64_t *d_count;          /* epx's num_recv_tokens_device, or NULL (--count host) */
-    /* --mode ll: epx runs low-latency dispatch/combine (bf16 input, quantised to FP8 by the
-     * dispatch with --dtype fp8); the baseline exchanges the same routing as in ht mode. */
+    /* --mode ll: epx runs low-latency dispatch/combine (d.xdt input; with --dtype fp8 bf16,
+     * quantised to FP8 by the dispatch); the baseline exchanges the same routing as in ht mode. */
     bool ll;
     uint8_t *ll_x, *ll_recv, *ll_y;
     float *ll_scales;
@@ -908,8 +909,8 @@ static void free_outputs(gm_t *m)
     }
 }
 
-/* Bytes of one low-latency slot of recv_x: FP8 when the dispatch quantises, else bf16. */
-static size_t ll_row(const gm_t *m) { return (size_t)m->d.H * (m->d.fp8 ? 1 : 2); }
+/* Bytes of one low-latency slot of recv_x: FP8 when the dispatch quantises, else the tokens'. */
+static size_t ll_row(const gm_t *m) { return (size_t)m->d.H * row_es(&m->d); }
 
 /* Host copies of epx's low-latency dispatch outputs (freed by free_ll). */
 static void fetch_ll(gm_t *m, ll_out_t *h)
@@ -1114,8 +1115,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     m->b = b;
     m->d.alloc = xalloc, m->d.alloc_ctx = m;
     m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
-    m->d.fp8 = !strcmp(o->dtype, "fp8");
-    m->d.cdt = o->combine_dtype;
+    bench_moe_set_dtypes(&m->d, o);
     m->ll = !strcmp(o->mode, "ll");
     if (!bench_moe_shape_ok(m->d.E, m->d.R, m->d.K, b->rank == 0)) return 2;
     if (m->d.R > MAX_RANKS) {
@@ -1125,7 +1125,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     int R = m->d.R, T = m->d.T, K = m->d.K;
     m->d.L = m->d.E / R;
     m->d.S = (m->d.H + SCALE_BLOCK - 1) / SCALE_BLOCK;
-    m->row = (size_t)m->d.H * (m->d.fp8 ? 1 : 2);
+    m->row = (size_t)m->d.H * row_es(&m->d);
     m->wire_row = m->row + (m->d.fp8 ? sizeof(float) * (size_t)m->d.S : 0);
     m->y_row = (size_t)m->d.H * epx_dtype_size(m->d.cdt);
 
@@ -1164,11 +1164,11 @@ int bench_cuda_moe(bench_ctx_t *b)
     cfg.max_tokens_per_rank = T;
     cfg.num_experts = m->d.E;
     cfg.max_topk = K;
-    cfg.dtype = m->d.fp8 ? EPX_FP8_E4M3 : EPX_BF16;
-    cfg.combine_dtype = m->d.cdt;
+    cfg.dtype = m->d.fp8 ? EPX_FP8_E4M3 : m->d.xdt;
+    cfg.combine_dtype = o->combine_dtype; /* EPX_UNSET: epx's default, which m->d.cdt is */
     cfg.index_dtype = EPX_I64;
     cfg.mode = m->ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
-    if (m->ll) cfg.dtype = EPX_BF16, cfg.ll_fp8 = m->d.fp8;
+    if (m->ll) cfg.dtype = m->d.xdt, cfg.ll_fp8 = m->d.fp8;
     epx_ok(m, epx_moe_create(m->gpu, &cfg, &m->moe), "epx_moe_create (CUDA)");
     epx_ok(m, epx_moe_max_recv_tokens(m->moe, &m->cap), "epx_moe_max_recv_tokens");
     if (strcmp(o->count, "host") != 0) m->d_count = (int64_t *)dmalloc(m, sizeof(int64_t), "num_recv_tokens_device");
@@ -1228,17 +1228,17 @@ int bench_cuda_moe(bench_ctx_t *b)
     CK(m, cudaMemcpy(m->d_idx, m->h_idx, sizeof(int64_t) * (size_t)T * K, cudaMemcpyHostToDevice));
     CK(m, cudaMemcpy(m->d_w, m->d.w + tk(&m->d, m->d.me, 0), sizeof(float) * (size_t)T * K, cudaMemcpyHostToDevice));
     CK(m, cudaMemcpy(m->d_y, hy, (size_t)m->cap * m->y_row, cudaMemcpyHostToDevice));
-    if (m->ll) { /* bf16 tokens in, expert-major outputs, and y in the same slot layout */
-        size_t L = (size_t)m->d.L, H = (size_t)m->d.H, S = (size_t)m->d.S;
+    if (m->ll) { /* d.xdt tokens in, expert-major outputs, and y in the same slot layout */
+        size_t L = (size_t)m->d.L, S = (size_t)m->d.S, xrow = (size_t)m->d.H * epx_dtype_size(m->d.xdt);
         m->ll_slots = (size_t)R * (size_t)T;
-        uint16_t *hb = (uint16_t *)xmalloc(m, sizeof(uint16_t) * (size_t)T * H);
-        m->d.ll = true; /* bf16 rows from the seeds, as the checks expect them */
-        for (int t = 0; t < T; t++) bench_moe_gen_row(&m->d, m->d.me, t, (uint8_t *)(hb + (size_t)t * H), NULL);
+        uint8_t *hb = (uint8_t *)xmalloc(m, xrow * (size_t)T);
+        m->d.ll = true; /* d.xdt rows (bf16 with FP8) from the seeds, as the checks expect them */
+        for (int t = 0; t < T; t++) bench_moe_gen_row(&m->d, m->d.me, t, hb + (size_t)t * xrow, NULL);
         m->d.ll = false;
-        m->ll_x = (uint8_t *)dmalloc(m, sizeof(uint16_t) * (size_t)T * H, "ll x (bf16)");
-        CK(m, cudaMemcpy(m->ll_x, hb, sizeof(uint16_t) * (size_t)T * H, cudaMemcpyHostToDevice));
+        m->ll_x = (uint8_t *)dmalloc(m, xrow * (size_t)T, "ll x");
+        CK(m, cudaMemcpy(m->ll_x, hb, xrow * (size_t)T, cudaMemcpyHostToDevice));
         free(hb);
-        m->ll_recv = (uint8_t *)dmalloc(m, L * m->ll_slots * H * (m->d.fp8 ? 1 : 2), "ll recv_x");
+        m->ll_recv = (uint8_t *)dmalloc(m, L * m->ll_slots * ll_row(m), "ll recv_x");
         m->ll_scales = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * L * m->ll_slots * S, "ll recv_x_scales") : NULL;
         m->ll_count = (int32_t *)dmalloc(m, sizeof(int32_t) * L, "ll recv_count");
         m->ll_src_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * L * m->ll_slots, "ll recv_src_rank");
@@ -1262,14 +1262,15 @@ int bench_cuda_moe(bench_ctx_t *b)
 
     if (b->rank == 0) {
         if (m->ll)
-            printf("# mode ll: epx runs low-latency dispatch (bf16 tokens%s, expert-major slots) and combine (weighted); "
+            printf("# mode ll: epx runs low-latency dispatch (%s tokens%s, expert-major slots) and combine (weighted); "
                    "the baseline moves the same routing as in ht mode (its outputs checked as in ht mode)\n",
-                   m->d.fp8 ? " quantised to FP8 by the dispatch" : "");
+                   epx_dtype_name(m->d.xdt), m->d.fp8 ? " quantised to FP8 by the dispatch" : "");
         printf("# epx-bench moe: backend cuda, %d ranks on %d GPU(s), mode %s, %s tokens (combine "
                "%s), T=%d H=%d K=%d E=%d (%d per rank), %s routing, %d iterations (CUDA events, median of the max "
                "over ranks), %d warm-up, L2 flushed; baseline %s\n",
                R, ndev_min < R ? ndev_min : R, m->ll ? "ll (low-latency)" : "ht (high-throughput)",
-               m->d.fp8 ? (m->ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16",
+               m->d.fp8 ? (m->ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales")
+                        : epx_dtype_name(m->d.xdt),
                epx_dtype_name(m->d.cdt), T, m->d.H, K, m->d.E, m->d.L,
                o->skew > 0 ? "zipf" : "uniform", o->iters, o->warmup,
                m->nccl ? "NCCL (layout kernel; counts by ncclAllGather + read-back, pack kernel, grouped "
@@ -1405,7 +1406,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     int any_wrong = bench_moe_gather(b, &rep, med, wrong, diff, 2, rows_mean, link_mean, m->wire_row, m->y_row);
 
     if (b->rank == 0) {
-        rep.mode = m->ll ? "ll" : "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = "cuda";
+        rep.mode = m->ll ? "ll" : "ht", rep.dtype = bench_dtype_name(o->dtype), rep.backend = "cuda";
         rep.combine_dtype = epx_dtype_name(m->d.cdt);
         rep.ranks = R, rep.gpus = ndev_min < R ? ndev_min : R, rep.tokens = T, rep.hidden = m->d.H, rep.topk = K;
         rep.experts = m->d.E, rep.skew = o->skew, rep.registered = -1, rep.iters = iters, rep.warmup = o->warmup;

@@ -41,7 +41,7 @@ typedef struct {
     bench_moe_data_t d; /* sizes, flags and every rank's routing (bench_moe_common.h) */
     bool reg;
     size_t in_row;   /* bytes of one row of x as passed to dispatch */
-    size_t row;      /* bytes of one received row's elements (fp8: H, bf16: 2H) */
+    size_t row;      /* bytes of one received row's elements: H of FP8 or of the tokens' dtype */
     size_t wire_row; /* row + its scale bytes */
     size_t y_row;    /* one row of the combine dtype (d.cdt): H elements */
     int64_t cap;     /* ht: rows of the dispatch outputs; ll: L * R * T slots */
@@ -596,14 +596,13 @@ int bench_moe(bench_ctx_t *b)
     m->d.alloc = xalloc, m->d.alloc_ctx = m;
     m->d.R = b->nranks, m->d.me = b->rank, m->d.T = o->tokens, m->d.H = o->hidden, m->d.K = o->topk, m->d.E = o->experts;
     m->d.ll = !strcmp(o->mode, "ll");
-    m->d.fp8 = !strcmp(o->dtype, "fp8");
-    m->d.cdt = o->combine_dtype;
+    bench_moe_set_dtypes(&m->d, o);
     m->reg = !o->unregistered;
     if (!bench_moe_shape_ok(m->d.E, m->d.R, m->d.K, b->rank == 0)) return 2;
     m->d.L = m->d.E / m->d.R;
     m->d.S = (m->d.H + SCALE_BLOCK - 1) / SCALE_BLOCK;
-    m->in_row = (size_t)m->d.H * (m->d.fp8 && !m->d.ll ? 1 : 2);
-    m->row = (size_t)m->d.H * (m->d.fp8 ? 1 : 2);
+    m->in_row = (size_t)m->d.H * (m->d.fp8 && !m->d.ll ? 1 : epx_dtype_size(m->d.xdt));
+    m->row = (size_t)m->d.H * row_es(&m->d);
     m->wire_row = m->row + (m->d.fp8 ? sizeof(float) * (size_t)m->d.S : 0);
     m->y_row = (size_t)m->d.H * epx_dtype_size(m->d.cdt);
     m->RT = (int64_t)m->d.R * m->d.T;
@@ -620,8 +619,8 @@ int bench_moe(bench_ctx_t *b)
     cfg.max_tokens_per_rank = T;
     cfg.num_experts = m->d.E;
     cfg.max_topk = K;
-    cfg.dtype = m->d.fp8 && !m->d.ll ? EPX_FP8_E4M3 : EPX_BF16;
-    cfg.combine_dtype = m->d.cdt;
+    cfg.dtype = m->d.fp8 && !m->d.ll ? EPX_FP8_E4M3 : m->d.xdt;
+    cfg.combine_dtype = o->combine_dtype; /* EPX_UNSET: epx's default, which m->d.cdt is */
     cfg.index_dtype = EPX_I64;
     cfg.mode = m->d.ll ? EPX_MOE_LOW_LATENCY : EPX_MOE_HIGH_THROUGHPUT;
     cfg.ll_fp8 = m->d.ll && m->d.fp8;
@@ -660,7 +659,8 @@ int bench_moe(bench_ctx_t *b)
         printf("# epx-bench moe: backend %s, %d ranks, mode %s, %s tokens (combine %s), T=%d H=%d K=%d E=%d (%d per "
                "rank), %s routing, %d iterations (median of the max over ranks), %d warm-up, %s x/y; baseline %s\n",
                o->backend, R, m->d.ll ? "ll (low-latency)" : "ht (high-throughput)",
-               m->d.fp8 ? (m->d.ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales") : "bf16",
+               m->d.fp8 ? (m->d.ll ? "bf16 -> fp8 e4m3 (ll_fp8, f32 scales)" : "fp8 e4m3 + f32 scales")
+                        : epx_dtype_name(m->d.xdt),
                epx_dtype_name(m->d.cdt), T, m->d.H, K, m->d.E, m->d.L, o->skew > 0 ? "zipf" : "uniform", o->iters,
                o->warmup, m->reg ? "registered" : "malloc",
                b->mpi ? "MPI_Alltoallv (pack, MPI_Alltoall of counts, MPI_Alltoallv, unpack; layout: a C loop)"
@@ -738,7 +738,7 @@ int bench_moe(bench_ctx_t *b)
     int any_wrong = bench_moe_gather(b, &rep, med, wrong, diff, ncs, rows_mean, link_mean, m->wire_row, m->y_row);
 
     if (b->rank == 0) {
-        rep.mode = m->d.ll ? "ll" : "ht", rep.dtype = m->d.fp8 ? "fp8" : "bf16", rep.backend = o->backend;
+        rep.mode = m->d.ll ? "ll" : "ht", rep.dtype = bench_dtype_name(o->dtype), rep.backend = o->backend;
         rep.combine_dtype = epx_dtype_name(m->d.cdt);
         rep.ranks = R, rep.gpus = -1, rep.tokens = T, rep.hidden = m->d.H, rep.topk = K, rep.experts = m->d.E;
         rep.skew = o->skew, rep.registered = m->reg, rep.iters = iters, rep.warmup = -1, rep.timing = NULL;

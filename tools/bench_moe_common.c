@@ -32,16 +32,27 @@ void bench_moe_gen_row(const bench_moe_data_t *d, int s, int t, uint8_t *row, fl
             scales[i] = (1.0f + (float)(r & 0xffff) / 65536.0f) * (1.0f / 64.0f);
         }
     } else {
-        uint16_t *v = (uint16_t *)row;
-        for (int h = 0; h < d->H; h += 4) {
+        int es = (int)epx_dtype_size(d->xdt), per = 8 / es; /* elements per 64 random bits */
+        for (int h = 0; h < d->H; h += per) {
             uint64_t r = mix64(base + (uint64_t)h);
-            for (int j = 0; j < 4 && h + j < d->H; j++, r >>= 16) {
-                /* sign, exponent 125..128 (0.25 .. 4), 7 mantissa bits: never zero */
-                uint16_t e = (uint16_t)(125 + ((r >> 7) & 3));
-                v[h + j] = (uint16_t)((r & 0x8000) | (e << 7) | (r & 0x7f));
+            for (int j = 0; j < per && h + j < d->H; j++, r >>= 8 * es) {
+                /* sign, exponent 2^-2 .. 2^1 (magnitude in [0.25, 4): never zero), the other bits random */
+                if (d->xdt == EPX_F32)
+                    ((uint32_t *)row)[h + j] = (uint32_t)((r & 0x807fffffu) | (125 + ((r >> 23) & 3)) << 23);
+                else if (d->xdt == EPX_F16)
+                    ((uint16_t *)row)[h + j] = (uint16_t)((r & 0x83ff) | (13 + ((r >> 10) & 3)) << 10);
+                else
+                    ((uint16_t *)row)[h + j] = (uint16_t)((r & 0x807f) | (125 + ((r >> 7) & 3)) << 7);
             }
         }
     }
+}
+
+void bench_moe_set_dtypes(bench_moe_data_t *d, const bench_opts_t *o)
+{
+    d->fp8 = o->dtype == EPX_FP8_E4M3;
+    d->xdt = d->fp8 ? EPX_BF16 : (epx_dtype_t)o->dtype;
+    d->cdt = o->combine_dtype != EPX_UNSET ? (epx_dtype_t)o->combine_dtype : d->fp8 ? EPX_BF16 : d->xdt;
 }
 
 void bench_moe_make_y_row(const bench_moe_data_t *d, const uint8_t *row, const float *scales, float mult, void *y)
@@ -142,7 +153,7 @@ void bench_moe_count_rows(const bench_moe_data_t *d, int q, int64_t *rows, int64
 void bench_moe_expected_combine(const bench_moe_data_t *d, void *out)
 {
     int H = d->H, K = d->K, q = d->me;
-    uint8_t *row = (uint8_t *)xmalloc(d, (size_t)H * 2);
+    uint8_t *row = (uint8_t *)xmalloc(d, (size_t)H * sizeof(float));
     uint8_t *qx = (uint8_t *)xmalloc(d, (size_t)H);
     float *sc = (float *)xmalloc(d, sizeof(float) * (size_t)(d->S ? d->S : 1));
     float *val = (float *)xmalloc(d, sizeof(float) * (size_t)H), *acc = (float *)xmalloc(d, sizeof(float) * (size_t)H);
@@ -266,7 +277,7 @@ int64_t bench_moe_check_ll_dispatch(const bench_moe_data_t *d, const ll_out_t *a
 {
     int K = d->K, L = d->L, q = d->me;
     int64_t wrong = 0;
-    uint16_t *x = (uint16_t *)xmalloc(d, sizeof(uint16_t) * (size_t)d->H); /* ll: bf16 tokens in */
+    uint8_t *x = (uint8_t *)xmalloc(d, sizeof(float) * (size_t)d->H); /* ll: d->xdt tokens in */
     uint8_t *qx = (uint8_t *)xmalloc(d, (size_t)d->H);
     float *qs = (float *)xmalloc(d, sizeof(float) * (size_t)(d->S ? d->S : 1));
     int32_t minus1[1] = {-1};
@@ -279,16 +290,16 @@ int64_t bench_moe_check_ll_dispatch(const bench_moe_data_t *d, const ll_out_t *a
                 for (int k = 0; k < K; k++) hit |= d->topk[tk(d, s, t) + k] == e;
                 if (!hit) continue;
                 int64_t slot = (int64_t)l * RT + i++;
-                bench_moe_gen_row(d, s, t, (uint8_t *)x, NULL);
+                bench_moe_gen_row(d, s, t, x, NULL);
                 const void *want = x;
 #define OTHER(f, off) (o ? (const void *)(o->f + (off)) : NULL)
                 if (d->fp8) {
-                    bench_moe_quantize_row(d, x, qx, qs);
+                    bench_moe_quantize_row(d, (const uint16_t *)x, qx, qs);
                     want = qx;
                     wrong += bench_moe_cmp_elems(a->xs + slot * d->S, qs, OTHER(xs, slot * d->S), (size_t)d->S, 4, diff);
                 }
                 wrong += bench_moe_cmp_elems(a->x + slot * (int64_t)row, want, OTHER(x, slot * (int64_t)row),
-                                             (size_t)d->H, d->fp8 ? 1 : 2, diff);
+                                             (size_t)d->H, row_es(d), diff);
                 int32_t v[2] = {s, t};
                 wrong += bench_moe_cmp_elems(a->src_rank + slot, &v[0], OTHER(src_rank, slot), 1, 4, diff);
                 wrong += bench_moe_cmp_elems(a->src_token + slot, &v[1], OTHER(src_token, slot), 1, 4, diff);
@@ -327,7 +338,7 @@ int64_t bench_moe_check_ht_dispatch(const bench_moe_data_t *d, const ht_out_t *a
                                     int64_t n_exp, int64_t cap)
 {
     int K = d->K, L = d->L, q = d->me;
-    size_t row_bytes = (size_t)d->H * (d->fp8 ? 1 : 2);
+    size_t row_bytes = (size_t)d->H * row_es(d);
     int64_t wrong = 0, n = a->n < 0 ? 0 : a->n > cap ? cap : a->n;
     if (a->n != n_exp) wrong += a->n > n_exp ? a->n - n_exp : n_exp - a->n;
     if (o && o->n != a->n && diff) ++*diff;
@@ -352,7 +363,7 @@ int64_t bench_moe_check_ht_dispatch(const bench_moe_data_t *d, const ht_out_t *a
                 bool oi = o && i < no; /* the other contender has this row too */
 #define OTHER(f, off) (oi ? (const void *)(o->f + (off)) : NULL)
                 wrong += bench_moe_cmp_elems(a->x + i * (int64_t)row_bytes, row, OTHER(x, i * (int64_t)row_bytes),
-                                             (size_t)d->H, d->fp8 ? 1 : 2, diff);
+                                             (size_t)d->H, row_es(d), diff);
                 if (d->fp8)
                     wrong += bench_moe_cmp_elems(a->xs + i * d->S, sc, OTHER(xs, i * d->S), (size_t)d->S, 4, diff);
                 wrong += bench_moe_cmp_elems(a->idx + i * K, eidx, OTHER(idx, i * K), (size_t)K, 8, diff);

@@ -105,6 +105,14 @@ static inline uint8_t f2fp8(float f)
 
 /* ---- Rows of EPX_BF16, EPX_F16 or EPX_F32: the tokens (unless FP8), y and out ---------------- */
 
+/* Element i of p, of dtype t, as float32 (exact). */
+static inline float dt_load(epx_dtype_t t, const void *p, size_t i)
+{
+    if (t == EPX_F32) return ((const float *)p)[i];
+    uint16_t v = ((const uint16_t *)p)[i];
+    return t == EPX_F16 ? h2f(v) : bf2f(v);
+}
+
 /* f rounded to t (nearest even) into element i of p. */
 static inline void dt_store(epx_dtype_t t, void *p, size_t i, float f)
 {
@@ -186,6 +194,7 @@ typedef struct {
     int R, me, T, H, K, E, L, S; /* ranks, this rank, tokens, hidden, top-k, experts, per rank, scales */
     bool ll;  /* low-latency mode (the CUDA bench sets it around what concerns its ll outputs) */
     bool fp8; /* FP8 rows: given to dispatch (high-throughput) or sent (low-latency ll_fp8) */
+    epx_dtype_t xdt; /* tokens not FP8: EPX_BF16 (with fp8: what ll_fp8 quantises), EPX_F16 or EPX_F32 */
     epx_dtype_t cdt; /* the combine's y and out: EPX_BF16, EPX_F16 or EPX_F32 */
     float fp8_tab[256]; /* FP8 E4M3 -> float, the library's */
 
@@ -224,18 +233,24 @@ static inline int64_t tk(const bench_moe_data_t *d, int s, int t) { return ((int
  * ll: by global expert. */
 static inline float mult_of(int v) { return 1.0f + 0.25f * (float)(v % 5); }
 
+/* Bytes of one element of a received row (recv_x): 1 (FP8) or the tokens' dtype's. */
+static inline size_t row_es(const bench_moe_data_t *d) { return d->fp8 ? 1 : epx_dtype_size(d->xdt); }
+
 /* Value of element h of a received row (as it lies in recv_x). */
 static inline float row_val(const bench_moe_data_t *d, const uint8_t *row, const float *scales, int h)
 {
     if (d->fp8) return d->fp8_tab[row[h]] * scales[h / BENCH_MOE_SCALE_BLOCK];
-    return bf2f(((const uint16_t *)row)[h]);
+    return dt_load(d->xdt, row, (size_t)h);
 }
 
+/* d->fp8, d->xdt and d->cdt from the options (o->combine_dtype EPX_UNSET: epx's default, the
+ * tokens' dtype, bf16 with FP8; epx.h, cfg.combine_dtype). */
+void bench_moe_set_dtypes(bench_moe_data_t *d, const bench_opts_t *o);
 /* The expert side's output for one received row (scales: FP8 only): y[h] = row_val(h) * mult
  * rounded to d->cdt, for h < H. */
 void bench_moe_make_y_row(const bench_moe_data_t *d, const uint8_t *row, const float *scales, float mult, void *y);
-/* Row t of rank s as given to dispatch: bf16 [H], or (high-throughput FP8) fp8 [H] with
- * float scales [S]. */
+/* Row t of rank s as given to dispatch: d->xdt [H] (sign, magnitude in [0.25, 4), every
+ * mantissa bit random), or (high-throughput FP8) fp8 [H] with float scales [S]. */
 void bench_moe_gen_row(const bench_moe_data_t *d, int s, int t, uint8_t *row, float *scales);
 /* Low-latency FP8: per 128 channels, scale = amax / 448 (float32) and q = fp8(x * (448 / amax)),
  * amax clamped to >= 1e-4. */

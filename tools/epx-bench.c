@@ -4,7 +4,7 @@
  *   epx-bench alltoall --ranks N --backend cpu -b MIN -e MAX -f FACTOR -n ITERS -w WARMUP
  *                      -c 1 [--json FILE] [--baseline auto|mpi|none] [--unregistered]
  *   epx-bench moe --ranks N --backend cpu --tokens T --hidden H --topk K --experts E
- *                 --dtype bf16|fp8 --mode ht|ll [--combine-dtype bf16|f16|f32] [--skew S]
+ *                 --dtype bf16|f16|f32|fp8 --mode ht|ll [--combine-dtype bf16|f16|f32] [--skew S]
  *                 -n ITERS -w WARMUP -c 1
  *                 [--json FILE] [--baseline auto|mpi|none] [--unregistered]
  *   epx-bench moe --backend cuda --ranks N ... --mode ht [--baseline auto|none]
@@ -156,9 +156,11 @@ static int usage_to(FILE *f, int status)
             "  --hidden H         hidden size (default 7168)\n"
             "  --topk K           experts per token, distinct (default 8, at most 16)\n"
             "  --experts E        experts in all, a multiple of the ranks (default 256)\n"
-            "  --dtype D          bf16, or fp8 (ht: e4m3 tokens with f32 scales per 128 channels;\n"
-            "                     ll: bf16 tokens quantised by the dispatch)\n"
-            "  --combine-dtype D  the combine's expert outputs y and output: bf16 (default), f16, f32\n"
+            "  --dtype D          the dispatch's tokens: bf16 (default), f16, f32, or fp8 (ht: e4m3\n"
+            "                     tokens with f32 scales per 128 channels; ll: bf16 tokens quantised by\n"
+            "                     the dispatch)\n"
+            "  --combine-dtype D  the combine's expert outputs y and output: bf16, f16, f32 (default:\n"
+            "                     epx's, the tokens' dtype, bf16 with fp8)\n"
             "  --mode M           ht (high-throughput, rank-major) or ll (low-latency, expert-major)\n"
             "  --skew S           Zipf exponent of the expert popularity (default 0: uniform)\n"
             "  --count C          CUDA ht dispatch: device (default; worst-case capacity, count on the\n"
@@ -187,13 +189,18 @@ static bool parse_size(const char *s, int64_t *out)
     return true;
 }
 
-/* A combine dtype by its name (epx_dtype_name): bf16, f16 or f32. */
-static bool parse_combine_dtype(const char *s, epx_dtype_t *out)
+const char *bench_dtype_name(int dtype)
 {
-    static const epx_dtype_t ok[] = {EPX_BF16, EPX_F16, EPX_F32};
-    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
-        if (!strcmp(s, epx_dtype_name(ok[i]))) return *out = ok[i], true;
-    return false;
+    return dtype == EPX_FP8_E4M3 ? "fp8" : epx_dtype_name((epx_dtype_t)dtype);
+}
+
+/* The dtype named s (bench_dtype_name): bf16, f16, f32 or, with fp8_ok, fp8; -1 for another name. */
+static int parse_dtype(const char *s, bool fp8_ok)
+{
+    static const epx_dtype_t ok[] = {EPX_BF16, EPX_F16, EPX_F32, EPX_FP8_E4M3};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0] - !fp8_ok; i++)
+        if (!strcmp(s, bench_dtype_name(ok[i]))) return ok[i];
+    return -1;
 }
 
 static bool under_mpi(void)
@@ -206,7 +213,7 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
     *o = (bench_opts_t){.op = NULL, .ranks = 2, .backend = "cpu", .min_bytes = 1024, .max_bytes = 64 << 20,
                         .factor = 4, .iters = 20, .warmup = 5, .check = 1, .json = NULL, .baseline = "auto", .init = "id",
                         .unregistered = false, .timeout_s = 1800, .tokens = 4096, .hidden = 7168, .topk = 8,
-                        .experts = 256, .dtype = "bf16", .combine_dtype = EPX_BF16, .mode = "ht", .skew = 0,
+                        .experts = 256, .dtype = EPX_BF16, .combine_dtype = EPX_UNSET, .mode = "ht", .skew = 0,
                         .count = "device"};
     if (argc < 2) return usage();
     for (int i = 1; i < argc; i++)
@@ -246,8 +253,8 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
         else if (!strcmp(a, "--hidden")) o->hidden = atoi(v), ok = o->hidden >= 1;
         else if (!strcmp(a, "--topk")) o->topk = atoi(v), ok = o->topk >= 1 && o->topk <= EPX_MOE_MAX_TOPK;
         else if (!strcmp(a, "--experts")) o->experts = atoi(v), ok = o->experts >= 1;
-        else if (!strcmp(a, "--dtype")) o->dtype = v, ok = !strcmp(v, "bf16") || !strcmp(v, "fp8");
-        else if (!strcmp(a, "--combine-dtype")) ok = parse_combine_dtype(v, &o->combine_dtype);
+        else if (!strcmp(a, "--dtype")) o->dtype = parse_dtype(v, true), ok = o->dtype >= 0;
+        else if (!strcmp(a, "--combine-dtype")) o->combine_dtype = parse_dtype(v, false), ok = o->combine_dtype >= 0;
         else if (!strcmp(a, "--mode")) o->mode = v, ok = !strcmp(v, "ht") || !strcmp(v, "ll");
         else if (!strcmp(a, "--skew")) o->skew = atof(v), ok = o->skew >= 0;
         else if (!strcmp(a, "--count")) o->count = v, ok = !strcmp(v, "device") || !strcmp(v, "host");
