@@ -97,6 +97,7 @@ enum {
     F_T_WIDE = 256,    /* T in [M/8, M] (large case) */
     F_T_SMALL = 512,   /* T in [0, M/16] on every rank: a batch far below max_tokens */
     F_SPECIAL = 1024,  /* combine inputs (y, the weights summed or, low latency, applied) hold infinities and NaNs */
+    F_SHIFT = 2048,    /* low latency: on odd ranks x, y and out lie one element past a 16-byte boundary */
 };
 
 typedef struct {
@@ -1104,6 +1105,7 @@ static int run_ht_case(const mcase_t *c, uint64_t seed)
 typedef struct {
     void *x, *idx;   /* host copies of the inputs */
     void *dx, *didx; /* on the backend */
+    void *dx_base;   /* dx's allocation (F_SHIFT: dx lies one element into it) */
     size_t idx_b;    /* bytes of topk_idx (T * K indices) */
     /* outputs: host copies, fetched before every check, and the backend buffers (d*) */
     void *rx, *rxs;
@@ -1116,6 +1118,20 @@ typedef struct {
     int ses; /* bytes per received scale (0: none) */
 } ll_bufs_t;
 
+/* Bytes by which a low-latency buffer of es-byte elements lies into its allocation: one
+ * element on odd ranks with F_SHIFT (so that ranks of one call differ in alignment), else 0. */
+static size_t ll_shift(const world_t *W, int es)
+{
+    return (W->c->flags & F_SHIFT) && me % 2 ? (size_t)es : 0;
+}
+/* An input on the backend as dev_in, `shift` bytes into its allocation *base. */
+static void *dev_in_shifted(const void *host, size_t alloc, size_t bytes, size_t shift, void **base)
+{
+    *base = test_buf_alloc(alloc + shift);
+    put((char *)*base + shift, host, bytes);
+    return (char *)*base + shift;
+}
+
 static void ll_alloc(const world_t *W, ll_bufs_t *B)
 {
     memset(B, 0, sizeof *B);
@@ -1124,7 +1140,7 @@ static void ll_alloc(const world_t *W, ll_bufs_t *B)
     size_t xb = (size_t)T * (size_t)H * (size_t)W->es;
     B->x = malloc(xb + 64);
     for (int t = 0; t < T; t++) x_row(W, me, t, 0, (char *)B->x + (size_t)t * (size_t)H * (size_t)W->es);
-    B->dx = dev_in(B->x, xb + 64, xb);
+    B->dx = dev_in_shifted(B->x, xb + 64, xb, ll_shift(W, W->es), &B->dx_base);
     B->idx = typed_idx(W, W->idx[me], (int64_t)T * W->K);
     B->idx_b = (size_t)T * (size_t)W->K * (size_t)W->isz;
     B->didx = dev_in(B->idx, (size_t)(T * W->K + 1) * 8, B->idx_b);
@@ -1176,7 +1192,7 @@ static void ll_expect_all_poison(ll_bufs_t *B, const char *cs)
 static void ll_free(ll_bufs_t *B)
 {
     free(B->x), free(B->idx), free(B->rx), free(B->rxs), free(B->rcount), free(B->rsr), free(B->rst);
-    dev_free(B->dx), dev_free(B->didx), dev_free(B->drx), dev_free(B->drxs), dev_free(B->drcount);
+    dev_free(B->dx_base), dev_free(B->didx), dev_free(B->drx), dev_free(B->drxs), dev_free(B->drcount);
     dev_free(B->drsr), dev_free(B->drst);
 }
 static epx_moe_ll_dispatch_in_t ll_in(const world_t *W, const ll_bufs_t *B)
@@ -1344,8 +1360,8 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
     ll_bufs_t B;
     ll_alloc(&W, &B);
     int T = W.T[me], H = W.H;
-    size_t out_b = (size_t)T * (size_t)H * (size_t)W.ces;
-    void *out = palloc(out_b), *dout = dev_out(out_b);
+    size_t out_b = (size_t)T * (size_t)H * (size_t)W.ces, ys = ll_shift(&W, W.ces);
+    void *out = palloc(out_b), *dout_base = dev_out(out_b + ys), *dout = (char *)dout_base + ys;
     uint8_t *first = malloc(out_b + 1);
     int reps = (c->flags & F_REPEAT) ? 3 : 1;
     for (int rep = 0; rep < reps; rep++) {
@@ -1358,8 +1374,8 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
             TEST_FAIL_("case %s: ll_dispatch -> %s: %s", cs, epx_status_name(st), epx_comm_get_last_error(comm));
         ASSERT(h != NULL);
         check_ll_dispatch(&W, &B, cs);
-        void *y = ll_make_y(&W, &B);
-        void *dy = dev_in(y, ll_y_bytes(&W, &B) + 64, ll_y_bytes(&W, &B));
+        void *y = ll_make_y(&W, &B), *dy_base;
+        void *dy = dev_in_shifted(y, ll_y_bytes(&W, &B) + 64, ll_y_bytes(&W, &B), ys, &dy_base);
         float *w = malloc(sizeof(float) * (size_t)(T * W.K + 1));
         memcpy(w, W.w[me], sizeof(float) * (size_t)(T * W.K));
         float *dw = dev_in(w, sizeof(float) * (size_t)(T * W.K + 1), sizeof(float) * (size_t)(T * W.K));
@@ -1376,11 +1392,11 @@ static int run_ll_case(const mcase_t *c, uint64_t seed)
         else if (memcmp(first, out, out_b) != 0)
             TEST_FAIL_("case %s: repeat %d: ll combine output differs from the first run", cs, rep);
         free(y), free(w);
-        dev_free(dy), dev_free(dw);
+        dev_free(dy_base), dev_free(dw);
         ASSERT_OK(epx_moe_handle_destroy(h));
     }
     free(out), free(first);
-    dev_free(dout);
+    dev_free(dout_base);
     ll_free(&B);
     ASSERT_OK(epx_moe_destroy(moe));
     world_free(&W);
@@ -1635,6 +1651,7 @@ static mcase_t random_case(uint64_t seed, bool ll)
     if (ll) c.cdtype = PICK(cdts); /* drawn last: the other fields keep their draws */
     static const int ll_dts[] = {EPX_BF16, EPX_BF16, EPX_F16, EPX_F32};
     if (ll && !c.ll_fp8) c.dtype = PICK(ll_dts); /* FP8 quantises bf16 only */
+    if (ll && test_rand(&s) % 4 == 0) c.flags |= F_SHIFT;
 #undef PICK
     return c;
 }
@@ -2387,6 +2404,11 @@ static const mcase_t ll_cases[] = {
     {"ll f32 in h=132",      288,  8,  132,  8,  EPX_F32,      U,        EPX_I32, 1,  ROUTE_ZIPF,  0,  0, 0, LL, 0, EPX_SCALE_F32},
     {"ll f32 in h=77 k=16",  -2,   16, 77,   6,  EPX_F32,      EPX_BF16, EPX_I64, 1,  ROUTE_DUP,   20, 0, 0, LL, 0, EPX_SCALE_F32},
     {"ll f16 in h=129",      -4,   3,  129,  7,  EPX_F16,      U,        EPX_I32, 1,  ROUTE_UNIFORM, 0, 0, 0, LL, 0, EPX_SCALE_F32},
+    /* F_SHIFT: ranks of one call on and off the GPU's 16-byte paths (x, y, out misaligned
+     * on odd ranks; across hosts a host's y decides for all its ranks). */
+    {"ll f32 shifted",       -3,   8,  132,  9,  EPX_F32,      U,        EPX_I32, 1,  ROUTE_ZIPF,  10, F_SHIFT, 0, LL, 0, EPX_SCALE_F32},
+    {"ll shifted k=12 f16",  -2,   12, 128,  8,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SHIFT | F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
+    {"ll fp8 shifted",       -4,   8,  256,  7,  EPX_BF16,     U,        EPX_I32, 1,  ROUTE_DUP,   10, F_SHIFT, 0, LL, 1, EPX_SCALE_UE8M0},
     /* Many tokens of tiny rows: 128 tokens in each 256-thread pass of a CUDA combine
      * block (two 8-channel items a row), max_tokens above a block's threads. */
     {"ll m=700 h=16",        -4,   8,  16,   700, EPX_BF16,    U,        EPX_I32, 1,  ROUTE_ZIPF,  10, 0, 0, LL, 0, EPX_SCALE_F32},
@@ -2396,6 +2418,8 @@ static const mcase_t ll_cases[] = {
     {"ll inf nan f32 out",   -2,   6,  130,  7,  EPX_BF16,     EPX_F32,  EPX_I32, 1,  ROUTE_ZIPF,  10, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
     {"ll inf nan f16 out",   -2,   5,  64,   8,  EPX_BF16,     EPX_F16,  EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
     {"ll inf nan f32 h=128", -3,   8,  128,  7,  EPX_BF16,     EPX_F32,  EPX_I64, 1,  ROUTE_DUP,   0,  F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
+    {"ll inf nan f16 k=16",  -2,   16, 64,   6,  EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_DUP,   0,  F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
+    {"ll inf nan f32 k=16",  -2,   16, 128,  6,  EPX_F32,      U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {

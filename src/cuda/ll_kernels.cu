@@ -262,10 +262,11 @@ static __device__ __forceinline__ void epx__ll_mark(const epx__ll_rail_t &r, int
 }
 
 /* A thread takes 16 bytes of a token's row (a.vec: rows of 16-byte chunks; FP8: 8 bf16
- * channels), else warp w takes (token, destination) pairs; the grid also writes my routing to every rank. X (across hosts): my
- * whole block also goes to a.rail.out (its header tagged), and the flags are left to the
- * forward kernel. The single-host instance compiles without that code (it cost one host
- * 1.4-1.8 us a dispatch when it was only skipped at run time). */
+ * channels), else warp w takes (token, destination) pairs; the grid also writes my routing
+ * to every rank. X (across hosts): my whole block also goes to a.rail.out (its header
+ * tagged), and the flags are left to the forward kernel. The single-host instance compiles
+ * without that code (it cost one host 1.4-1.8 us a dispatch when it was only skipped at run
+ * time). */
 template <bool X> static __global__ void __launch_bounds__(512, 1) epx__k_ll_send(epx__cuda_dev_t d, epx__ll_args_t a)
 {
     if (!X) epx__ll_let_receive_start();
@@ -919,7 +920,8 @@ static __global__ void __launch_bounds__(256, 2) epx__k_ll_combine(epx__cuda_dev
     if (send_too) epx__ll_relay_out<true>(&d), epx__signal_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool live = epx__wait_peers(&d, EPX__FLAG_LLC_ARRIVE, n);
     bool homes = live && epx__llc_homes_ok(&d, c, n); /* every rail peer's rows came */
-    if (homes && epx__ll_sound<true>(&d) && !bad) epx__ll_combine_body<KM, DT>(c, &m0); /* bad routing or failed: nothing */
+    if (homes && epx__ll_sound<true>(&d) && !bad) /* bad routing or failed: nothing */
+        epx__ll_combine_body<KM, DT>(c, &m0);
     if (!epx__ll_last_block(&d, EPX__LL_COMBINE_RECVD)) return;
     if (live) {
         epx__ll_relay_out<true>(&d);
@@ -1305,7 +1307,9 @@ extern "C" int epx__cuda_launch_ll_combine(const epx__cuda_dev_t *d, const epx__
     /* An instance per dtype when rows allow 16-byte accesses (the dtype known when
      * compiled; a thread per (token, 16-byte chunk)), else one for any (di 0). */
     int di = !c->vec ? 0 : c->dtype == EPX_BF16 ? 1 : c->dtype == EPX_F16 ? 2 : 3, ki = k8 ? 0 : 1;
-    long long chunks = c->hidden / (di == 0 ? 1 : di == 3 ? 4 : 8);
+    static const int per_item[4] = {epx__llc_vec<-1>::V, epx__llc_vec<EPX_BF16>::V, epx__llc_vec<EPX_F16>::V,
+                                    epx__llc_vec<EPX_F32>::V};
+    long long chunks = c->hidden / per_item[di];
     void (*kernel)(epx__cuda_dev_t, epx__ll_combine_t, int);
     if (X) {
         static void (*const across[4][2])(epx__cuda_dev_t, epx__ll_combine_t, int) = {

@@ -130,6 +130,7 @@ static __device__ __forceinline__ void epx__unpack_bf16x8(uint4 v, float *f)
  * epx__load_elem gives it; the GPU's adds and products return the canonical NaN for any NaN
  * operand, so no sum shows the difference. */
 template <int DT> struct epx__chunk {
+    static_assert(DT == EPX_BF16 || DT == EPX_F16, "a chunk's dtype: bf16, f16 or f32");
     static const int n = 8;
 };
 template <> struct epx__chunk<EPX_F32> {
@@ -319,8 +320,8 @@ static __device__ __forceinline__ void epx__ll_quantize_block(const uint16_t *x,
     }
 }
 
-/* The terms of one token's low-latency combine (epx.h), shared by the single-host kernel's
- * unvectorised path (ll_kernels.cu) and the path across hosts (src/xhost): term i is
+/* The terms of one token's low-latency combine (epx.h), shared by ll_kernels.cu's combine
+ * across hosts (its element-by-element instance) and src/xhost's: term i is
  * w[i] * rows[i], its expert on rank g[i]. epx__ll_add_term, called in ascending k, keeps
  * them by rank ascending, k ascending within a rank (a stable insertion); then
  * epx__ll_sum_token sums them. */
