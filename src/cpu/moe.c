@@ -12,6 +12,10 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define EPX__F16C 1 /* an F16C variant of the f16 sums, taken when the CPU has it */
+#endif
 
 #include "shm.h"
 
@@ -414,20 +418,45 @@ static inline __attribute__((always_inline)) void epx__row_store(char *row, epx_
     }
 }
 
+#if EPX__F16C
+/* n f16 values as float32 and n float32 rounded to f16 (to nearest even), by F16C: the bits
+ * of epx__f16_to_f32_sel / epx__f32_to_f16_sel for every value but a NaN, whose payload
+ * may differ (the sums store any NaN as the canonical NaN, whose f16 bits both give). */
+__attribute__((target("avx2,f16c"))) static inline void epx__f16c_load(float *dst, const uint16_t *src, int n)
+{
+    int j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+    for (; j < n; j++) dst[j] = _cvtsh_ss(src[j]);
+}
+__attribute__((target("avx2,f16c"))) static inline void epx__f16c_store(uint16_t *dst, const float *src, int n)
+{
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; j < n; j++) dst[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
 /* out[h] = cast(sum over i in order of w_i * rows[i][h]) in float32, starting from +0;
  * with w == NULL the terms are the rows themselves (no multiply). Two roundings per
  * weighted term (product, then sum): no FMA, so other backends can match the bits. With
  * grp, runs of equal grp[i] are summed first (each from +0), then the runs' sums in order
  * (a single run gives the same bits as no grp: a sum from +0 is never -0). A NaN sum is
  * stored as the canonical NaN (epx__nan_canon), as a GPU's arithmetic makes it.
- * dt (bf16, f16 or f32) is a constant where this is inlined (the three functions below):
- * each inner loop is then one pass of independent lanes, which vectorises. */
-static inline __attribute__((always_inline)) void epx__reduce_rows_dt(char *out, epx_dtype_t dt,
+ * dt (bf16, f16 or f32) and f16c are constants where this is inlined (the functions below):
+ * each inner loop is then one pass of independent lanes, which vectorises. f16c: f16 rows
+ * go through float32 blocks converted by F16C (the same bits). */
+static inline __attribute__((always_inline)) void epx__reduce_rows_dt(char *out, epx_dtype_t dt, bool f16c,
                                                                       const char *const *rows, const float *w,
                                                                       const int32_t *grp, int n, int H)
 {
     size_t es = dt == EPX_F32 ? 4 : 2;
     float acc[EPX__HBLOCK], part[EPX__HBLOCK];
+#if EPX__F16C
+    float conv[EPX__HBLOCK]; /* f16c: a row's block, or out's, as float32 */
+#endif
+    epx_dtype_t rdt = f16c ? EPX_F32 : dt; /* the dtype the sums read */
     for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
         int nb = EPX__MIN(EPX__HBLOCK, H - h0);
         for (int j = 0; j < nb; j++) acc[j] = 0.0f;
@@ -438,36 +467,54 @@ static inline __attribute__((always_inline)) void epx__reduce_rows_dt(char *out,
             for (int j = 0; later && j < nb; j++) part[j] = 0.0f;
             for (int i = i0; i < i1; i++) {
                 const char *r = rows[i] + (size_t)h0 * es;
+#if EPX__F16C
+                if (f16c) epx__f16c_load(conv, (const uint16_t *)r, nb), r = (const char *)conv;
+#endif
                 if (w) {
                     float wi = w[i];
                     for (int j = 0; j < nb; j++) {
-                        float prod = wi * epx__row_elem(r, dt, j);
+                        float prod = wi * epx__row_elem(r, rdt, j);
                         sum[j] += prod;
                     }
                 } else {
-                    for (int j = 0; j < nb; j++) sum[j] += epx__row_elem(r, dt, j);
+                    for (int j = 0; j < nb; j++) sum[j] += epx__row_elem(r, rdt, j);
                 }
             }
             for (int j = 0; later && j < nb; j++) acc[j] += part[j];
         }
-        for (int j = 0; j < nb; j++) epx__row_store(out + (size_t)h0 * es, dt, j, epx__nan_canon(acc[j]));
+        char *o = out + (size_t)h0 * es;
+        if (f16c) {
+#if EPX__F16C
+            for (int j = 0; j < nb; j++) conv[j] = epx__nan_canon(acc[j]);
+            epx__f16c_store((uint16_t *)o, conv, nb);
+#endif
+        } else {
+            for (int j = 0; j < nb; j++) epx__row_store(o, dt, j, epx__nan_canon(acc[j]));
+        }
     }
 }
 
 EPX__MULTIVERSION
 static void epx__reduce_rows_bf16(char *out, const char *const *rows, const float *w, const int32_t *grp, int n, int H)
 {
-    epx__reduce_rows_dt(out, EPX_BF16, rows, w, grp, n, H);
+    epx__reduce_rows_dt(out, EPX_BF16, false, rows, w, grp, n, H);
 }
 EPX__MULTIVERSION
 static void epx__reduce_rows_f16(char *out, const char *const *rows, const float *w, const int32_t *grp, int n, int H)
 {
-    epx__reduce_rows_dt(out, EPX_F16, rows, w, grp, n, H);
+    epx__reduce_rows_dt(out, EPX_F16, false, rows, w, grp, n, H);
 }
+#if EPX__F16C
+__attribute__((target("avx2,f16c"))) static void epx__reduce_rows_f16c(char *out, const char *const *rows,
+                                                                       const float *w, const int32_t *grp, int n, int H)
+{
+    epx__reduce_rows_dt(out, EPX_F16, true, rows, w, grp, n, H);
+}
+#endif
 EPX__MULTIVERSION
 static void epx__reduce_rows_f32(char *out, const char *const *rows, const float *w, const int32_t *grp, int n, int H)
 {
-    epx__reduce_rows_dt(out, EPX_F32, rows, w, grp, n, H);
+    epx__reduce_rows_dt(out, EPX_F32, false, rows, w, grp, n, H);
 }
 
 /* dtype: the combine's (bf16, f16 or f32: epx__is_combine_dtype). */
@@ -476,6 +523,10 @@ static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *ro
 {
     if (dtype == EPX_BF16)
         epx__reduce_rows_bf16(out, rows, w, grp, n, H);
+#if EPX__F16C
+    else if (dtype == EPX_F16 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        epx__reduce_rows_f16c(out, rows, w, grp, n, H);
+#endif
     else if (dtype == EPX_F16)
         epx__reduce_rows_f16(out, rows, w, grp, n, H);
     else
