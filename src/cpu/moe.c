@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define EPX__F16C 1 /* an F16C variant of the f16 sums, taken when the CPU has it */
 #endif
@@ -419,6 +420,15 @@ static inline __attribute__((always_inline)) void epx__row_store(char *row, epx_
 }
 
 #if EPX__F16C
+/* Whether this CPU has AVX2 and F16C: set once when the library loads. */
+static bool epx__have_f16c;
+__attribute__((constructor)) static void epx__detect_f16c(void)
+{
+    unsigned a, b, c, d;
+    __builtin_cpu_init();
+    epx__have_f16c = __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
 /* n f16 values as float32 and n float32 rounded to f16 (to nearest even), by F16C: the bits
  * of epx__f16_to_f32_sel / epx__f32_to_f16_sel for every value but a NaN, whose payload
  * may differ (the sums store any NaN as the canonical NaN, whose f16 bits both give). */
@@ -524,7 +534,7 @@ static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *ro
     if (dtype == EPX_BF16)
         epx__reduce_rows_bf16(out, rows, w, grp, n, H);
 #if EPX__F16C
-    else if (dtype == EPX_F16 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+    else if (dtype == EPX_F16 && epx__have_f16c)
         epx__reduce_rows_f16c(out, rows, w, grp, n, H);
 #endif
     else if (dtype == EPX_F16)
