@@ -116,14 +116,6 @@ static __device__ __forceinline__ uint4 epx__pack_bf16x8(const float *a)
                       epx__bf16x2_from_f32(a[4], a[5]), epx__bf16x2_from_f32(a[6], a[7]));
 }
 
-/* The eight bf16 values of a 16-byte word as float32 (exact), in order. */
-static __device__ __forceinline__ void epx__unpack_bf16x8(uint4 v, float *f)
-{
-    unsigned u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int j = 0; j < 4; j++) f[2 * j] = epx__bits_f32(u[j] << 16), f[2 * j + 1] = epx__bits_f32(u[j] & 0xffff0000u);
-}
-
 /* The float32 values of one 16-byte chunk of a row of dtype DT (bf16, f16: 8; f32: 4),
  * exact for every value but NaN, and a chunk of float32 values rounded back as the CPU
  * backend rounds. A NaN may come out of the unpacking with other payload bits than
