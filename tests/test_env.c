@@ -30,6 +30,7 @@ static const env_case_t cases[] = {
     {"EPX_CUDA_CE_SMS", "1", true},    {"EPX_CUDA_SMS", "-1", false},    {"EPX_CUDA_SMS", "0", true},
     {"EPX_CPU_SPIN_US", "-5", false},  {"EPX_CPU_SPIN_US", "0", true},   {"EPX_CPU_YIELD_MS", "-1", false},
     {"EPX_CPU_YIELD_MS", "0", true},   {"EPX_LOCAL_SIZE", "-1", false},  {"EPX_LOCAL_SIZE", "0", true},
+    {"EPX_CPU_F16C", "2", false},      {"EPX_CPU_F16C", "0", true},
     {"EPX_CPU_SPIN_US", "3000000000", false}, {"EPX_MOE_CHUNKS", "abc", true}, /* not a number: the default */
 };
 

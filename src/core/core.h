@@ -119,6 +119,8 @@ void epx__log_set_rank(int rank);
       "CPU: milliseconds a wait yields the core between polls before it sleeps on a futex") \
     X(CPU_CMA, "EPX_CPU_CMA", INT, "1",                                                    \
       "CPU: 1 = read unregistered send buffers with process_vm_readv; 0 = staging copy")   \
+    X(CPU_F16C, "EPX_CPU_F16C", INT, "1",                                                  \
+      "CPU: 1 = f16 sums convert with F16C where the CPU has it; 0 = portable code (same bits)") \
     X(CUDA_EAGER_BYTES, "EPX_CUDA_EAGER_BYTES", SIZE, "32K",                               \
       "CUDA: alltoallv with every pair at most this size runs as one kernel through slots") \
     X(CUDA_COPY_ENGINE_BYTES, "EPX_CUDA_COPY_ENGINE_BYTES", SIZE, "8M",                    \

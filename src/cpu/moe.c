@@ -15,6 +15,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 #include <immintrin.h>
+#include <pthread.h>
 #define EPX__F16C 1 /* an F16C variant of the f16 sums, taken when the CPU has it */
 #endif
 
@@ -420,13 +421,16 @@ static inline __attribute__((always_inline)) void epx__row_store(char *row, epx_
 }
 
 #if EPX__F16C
-/* Whether this CPU has AVX2 and F16C: set once when the library loads. */
-static bool epx__have_f16c;
-__attribute__((constructor)) static void epx__detect_f16c(void)
+/* Whether f16 sums use F16C: the CPU has AVX2 and F16C, and EPX_CPU_F16C is not 0. Decided
+ * once, at the first f16 sum. */
+static pthread_once_t epx__f16c_once = PTHREAD_ONCE_INIT;
+static bool epx__f16c_on;
+static void epx__f16c_decide(void)
 {
     unsigned a, b, c, d;
     __builtin_cpu_init();
-    epx__have_f16c = __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    epx__f16c_on = epx__param_int(EPX__P_CPU_F16C) != 0 && __builtin_cpu_supports("avx2") &&
+                   __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
 }
 
 /* n f16 values as float32 and n float32 rounded to f16 (to nearest even), by F16C: the bits
@@ -534,7 +538,7 @@ static void epx__reduce_rows(void *out, epx_dtype_t dtype, const char *const *ro
     if (dtype == EPX_BF16)
         epx__reduce_rows_bf16(out, rows, w, grp, n, H);
 #if EPX__F16C
-    else if (dtype == EPX_F16 && epx__have_f16c)
+    else if (dtype == EPX_F16 && (pthread_once(&epx__f16c_once, epx__f16c_decide), epx__f16c_on))
         epx__reduce_rows_f16c(out, rows, w, grp, n, H);
 #endif
     else if (dtype == EPX_F16)
