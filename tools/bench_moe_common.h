@@ -42,23 +42,25 @@ static inline uint16_t f2bf(float f)
 }
 
 /* f16 -> float (exact, subnormals too), like epx_f16_to_float (checked against it at start-up).
- * Branch-free, so that the baseline's sums vectorise. */
+ * Branch-free (masks, not selects the compiler may turn into branches), so that the
+ * baseline's sums vectorise. */
 static inline float h2f(uint16_t v)
 {
     uint32_t sign = (uint32_t)(v & 0x8000u) << 16, e = (v >> 10) & 0x1fu, mant = v & 0x3ffu;
-    uint32_t u = (e == 0x1f ? 0x7f800000u : (e + 112u) << 23) | mant << 13; /* normal, inf, NaN */
-    float sub = (float)mant * 5.9604644775390625e-8f;                        /* zero, subnormal: mant * 2^-24 */
+    uint32_t normal = (e + 112u) << 23 | mant << 13, special = 0x7f800000u | mant << 13; /* inf, NaN */
+    float sub = (float)(int32_t)mant * 5.9604644775390625e-8f; /* zero, subnormal: mant * 2^-24 */
     uint32_t su;
     memcpy(&su, &sub, 4);
-    u = sign | (e == 0 ? su : u);
+    uint32_t is_special = 0u - (uint32_t)(e == 0x1fu), is_sub = 0u - (uint32_t)(e == 0);
+    uint32_t u = sign | (special & is_special) | (su & is_sub) | (normal & ~(is_special | is_sub));
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
 /* float -> f16, round to nearest even, subnormals too, overflow to infinity, like
- * epx_float_to_f16 (checked against it at start-up). Branch-free, so that the baseline's
- * rounding loop vectorises. */
+ * epx_float_to_f16 (checked against it at start-up). Branch-free (masks), so that the
+ * baseline's rounding loop vectorises. */
 static inline uint16_t f2h(float f)
 {
     uint32_t u;
@@ -73,9 +75,12 @@ static inline uint16_t f2h(float f)
     mf = af * 16777216.0f + 8388608.0f;
     uint32_t mu;
     memcpy(&mu, &mf, 4);
-    uint32_t v = a < 0x38800000u ? mu - 0x4b000000u : normal; /* 1024 -> 0x400 = 2^-14, the smallest normal */
-    v = a >= 0x477ff000u ? 0x7c00u : v;                        /* >= 65520 (and inf): infinity */
-    v = a > 0x7f800000u ? 0x7e00u | ((a >> 13) & 0x3ffu) : v;  /* NaN: quiet */
+    uint32_t low = 0u - (uint32_t)(a < 0x38800000u);  /* 1024 -> 0x400 = 2^-14, the smallest normal */
+    uint32_t big = 0u - (uint32_t)(a >= 0x477ff000u); /* >= 65520 (and inf): infinity */
+    uint32_t nan = 0u - (uint32_t)(a > 0x7f800000u);  /* NaN: quiet */
+    uint32_t v = ((mu - 0x4b000000u) & low) | (normal & ~low);
+    v = (0x7c00u & big) | (v & ~big);
+    v = ((0x7e00u | ((a >> 13) & 0x3ffu)) & nan) | (v & ~nan);
     return (uint16_t)(sign | v);
 }
 
