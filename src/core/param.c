@@ -110,8 +110,8 @@ static const struct {
     int64_t lo, hi;
 } epx__param_ranges[] = {
     {EPX__P_LOCAL_SIZE, 0, INT32_MAX},  {EPX__P_CPU_SPIN_US, 0, INT32_MAX}, {EPX__P_CPU_YIELD_MS, 0, INT32_MAX},
-    {EPX__P_CPU_CMA, 0, 1},             {EPX__P_CPU_F16C, 0, 1},            {EPX__P_CUDA_SMS, 0, INT32_MAX},    {EPX__P_CUDA_CE_SMS, 1, INT32_MAX},
-    {EPX__P_MOE_CHUNKS, 0, EPX__MOE_MAX_CHUNKS}, {EPX__P_MOE_LL_HOST, -1, 1},
+    {EPX__P_CPU_CMA, 0, 1},             {EPX__P_CPU_F16C, 0, 1},            {EPX__P_CUDA_SMS, 0, INT32_MAX},
+    {EPX__P_CUDA_CE_SMS, 1, INT32_MAX}, {EPX__P_MOE_CHUNKS, 0, EPX__MOE_MAX_CHUNKS}, {EPX__P_MOE_LL_HOST, -1, 1},
 };
 
 epx_status_t epx__params_check(void)

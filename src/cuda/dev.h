@@ -249,7 +249,8 @@ typedef struct {
     const float *w;                     /* [T, K] */
     const int *h_slot, *h_topk, *h_bad;
     int num_tokens, topk, local_experts, hidden, dtype;
-    int vec;                            /* rows of 16-byte chunks: H % 8 == 0 (f32: 4), y and out 16-byte aligned */
+    int vec;                            /* rows of 16-byte chunks (H % 8 == 0, f32: H % 4), y and
+                                           out 16-byte aligned */
     long long slots;
     char *out;
     int nranks, dest0, max_tokens;      /* this host's ranks are dest0 .. dest0 + nranks - 1 */
