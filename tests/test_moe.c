@@ -493,12 +493,19 @@ static void poison(void *buf, size_t bytes)
 {
     if (buf && bytes) test_buf_poison(buf, POISON, bytes);
 }
-/* An input on the backend: `alloc` bytes, the first `bytes` from host. */
+/* An input on the backend (`alloc` bytes, the first `bytes` from host), `shift` bytes into
+ * its allocation *base. */
+static void *dev_in_shifted(const void *host, size_t alloc, size_t bytes, size_t shift, void **base)
+{
+    *base = test_buf_alloc(alloc + shift);
+    put((char *)*base + shift, host, bytes);
+    return (char *)*base + shift;
+}
+/* The same at the start of its allocation (freed by dev_free). */
 static void *dev_in(const void *host, size_t alloc, size_t bytes)
 {
-    void *d = test_buf_alloc(alloc);
-    put(d, host, bytes);
-    return d;
+    void *base;
+    return dev_in_shifted(host, alloc, bytes, 0, &base);
 }
 /* An output on the backend: bytes + GUARD, poisoned. */
 static void *dev_out(size_t bytes)
@@ -1123,13 +1130,6 @@ typedef struct {
 static size_t ll_shift(const world_t *W, int es)
 {
     return (W->c->flags & F_SHIFT) && me % 2 ? (size_t)es : 0;
-}
-/* An input on the backend as dev_in, `shift` bytes into its allocation *base. */
-static void *dev_in_shifted(const void *host, size_t alloc, size_t bytes, size_t shift, void **base)
-{
-    *base = test_buf_alloc(alloc + shift);
-    put((char *)*base + shift, host, bytes);
-    return (char *)*base + shift;
 }
 
 static void ll_alloc(const world_t *W, ll_bufs_t *B)

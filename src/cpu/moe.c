@@ -468,7 +468,7 @@ static inline __attribute__((always_inline)) void epx__reduce_rows_dt(char *out,
     size_t es = dt == EPX_F32 ? 4 : 2;
     float acc[EPX__HBLOCK], part[EPX__HBLOCK];
 #if EPX__F16C
-    float conv[EPX__HBLOCK]; /* f16c: a row's block, or out's, as float32 */
+    float conv[EPX__HBLOCK]; /* f16c: a row's block as float32 */
 #endif
     epx_dtype_t rdt = f16c ? EPX_F32 : dt; /* the dtype the sums read */
     for (int h0 = 0; h0 < H; h0 += EPX__HBLOCK) {
@@ -499,8 +499,8 @@ static inline __attribute__((always_inline)) void epx__reduce_rows_dt(char *out,
         char *o = out + (size_t)h0 * es;
         if (f16c) {
 #if EPX__F16C
-            for (int j = 0; j < nb; j++) conv[j] = epx__nan_canon(acc[j]);
-            epx__f16c_store((uint16_t *)o, conv, nb);
+            for (int j = 0; j < nb; j++) acc[j] = epx__nan_canon(acc[j]);
+            epx__f16c_store((uint16_t *)o, acc, nb);
 #endif
         } else {
             for (int j = 0; j < nb; j++) epx__row_store(o, dt, j, epx__nan_canon(acc[j]));
