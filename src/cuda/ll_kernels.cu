@@ -1094,15 +1094,22 @@ template <int DT> static __device__ __forceinline__ void epx__llc_unpack(const u
 }
 template <int DT> static __device__ __forceinline__ void epx__llc_unpack(const float &r, float *f) { f[0] = r; }
 
+/* The slot of a token's k-th expert: held for the first N, else read (`at`: the token's). */
+template <int N> static __device__ __forceinline__ int epx__llc_slot(const int *held, const int *at, int k)
+{
+    return k < N ? held[k] : at[k];
+}
+
 /* Every peer p's tokens with experts here (ptok[p]: p's T): into p's staging, for each, the
  * y row of its one expert here, or the partial over its experts here (k ascending, from
- * +0). A thread takes V channels of one token at a time; its loads go out in three waves
- * (the routing; the slots; the rows), each all at once. Returns whether the
- * thread wrote anything. */
+ * +0). A thread takes V channels of one token at a time; its loads go out in waves: the
+ * routing, all at once; then the rows 8 at once, each wave's slots first. Returns whether
+ * the thread wrote anything. */
 template <int KM, int DT>
 static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &c, int par, const int *ptok)
 {
-    const int V = epx__llc_vec<DT>::V;
+    static_assert(KM <= 8 || KM % 8 == 0, "rows are loaded 8 at once");
+    const int V = epx__llc_vec<DT>::V, K8 = KM < 8 ? KM : 8;
     bool pushed = false;
     int K = c.topk, M = c.max_tokens, me = c.rank, dtype = c.dtype;
     int lo = me * c.local_experts, hi = lo + c.local_experts;
@@ -1127,45 +1134,54 @@ static __device__ __noinline__ bool epx__llc_send_home(const epx__ll_combine_t &
         if (!mask) continue;
         char *dst = epx__llc_home(c, c.cstage[p], par, me, t);
         const float *wts = epx__llc_wts(c, c.cstage[me], par, p) + t * K;
-        int slot[KM];
+        int slot[K8]; /* the first 8 (the rest, at K > 8, with their rows) */
 #pragma unroll
-        for (int k = 0; k < KM; k++) slot[k] = (mask >> k) & 1u ? c.h_pslot[at + k] : 0;
+        for (int k = 0; k < K8; k++) slot[k] = (mask >> k) & 1u ? c.h_pslot[at + k] : 0;
+        pushed = true;
         if ((mask & (mask - 1)) == 0) { /* one expert here: its row as it is */
 #pragma unroll
             for (int k = 0; k < KM; k++)
-                if ((mask >> k) & 1u)
-                    epx__llc_copy<DT>(dst, c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch);
-            pushed = true;
+                if ((mask >> k) & 1u) {
+                    long long row = (long long)(e[k] - lo) * c.slots + epx__llc_slot<K8>(slot, c.h_pslot + at, k);
+                    epx__llc_copy<DT>(dst, c.y[me] + row * rb, dtype, ch);
+                }
             continue;
         }
-        typename epx__llc_vec<DT>::raw r[KM];
-#pragma unroll
-        for (int k = 0; k < KM; k++)
-            if ((mask >> k) & 1u)
-                epx__llc_fetch(c.y[me] + ((long long)(e[k] - lo) * c.slots + slot[k]) * rb, dtype, ch, &r[k]);
         float part[V];
 #pragma unroll
         for (int j = 0; j < V; j++) part[j] = 0.0f;
 #pragma unroll
-        for (int k = 0; k < KM; k++) {
-            if (!((mask >> k) & 1u)) continue;
-            float f[V];
-            epx__llc_unpack<DT>(r[k], f);
-            epx__llc_add<V>(part, wts[k], f); /* staged here: a short trip, after the rows' */
+        for (int k0 = 0; k0 < KM; k0 += 8) { /* the rows 8 at once (16 at once spilled) */
+            typename epx__llc_vec<DT>::raw r[8];
+#pragma unroll
+            for (int k = k0; k < k0 + 8; k++)
+                if ((mask >> k) & 1u) {
+                    long long row = (long long)(e[k] - lo) * c.slots + epx__llc_slot<K8>(slot, c.h_pslot + at, k);
+                    epx__llc_fetch(c.y[me] + row * rb, dtype, ch, &r[k - k0]);
+                }
+#pragma unroll
+            for (int k = k0; k < k0 + 8; k++) {
+                if (!((mask >> k) & 1u)) continue;
+                float f[V];
+                epx__llc_unpack<DT>(r[k - k0], f);
+                epx__llc_add<V>(part, wts[k], f); /* staged here: a short trip, after the rows' */
+            }
         }
         epx__llc_store_f32<V>(dst, ch, part);
-        pushed = true;
     }
     return pushed;
 }
 
 /* My tokens: out[t] = over the expert ranks ascending (from +0), each one's partial: mine
  * from my y, a peer's as it sent it home (a y row to weigh here when the token has one
- * expert there). A thread's loads: the token's routing, slots and weights at once, then
- * its rows here at once, then each peer rank's row home. */
+ * expert there). A thread's loads: the token's routing at once, with its rows here when K
+ * <= 8; then each peer rank's row home. At K > 8 my partial comes first, its rows 8 at
+ * once (16 rows' registers at once spilled 224-376 bytes; the K <= 8 instance keeps the
+ * one wave: summed before the ranks' loop it took 0.7-3.5 us longer at T = 128). */
 template <int KM, int DT> static __device__ __noinline__ void epx__llc_sum_home(const epx__ll_combine_t &c, int par)
 {
-    const int V = epx__llc_vec<DT>::V;
+    static_assert(KM <= 8 || KM % 8 == 0, "rows are loaded 8 at once");
+    const int V = epx__llc_vec<DT>::V, K8 = KM < 8 ? KM : 8;
     int K = c.topk, L = c.local_experts, me = c.rank, dtype = c.dtype;
     long long rb = (long long)c.hidden * (dtype == EPX_F32 ? 4 : 2), chunks = c.hidden / V;
     long long n_items = (long long)c.num_tokens * chunks;
@@ -1174,17 +1190,42 @@ template <int KM, int DT> static __device__ __noinline__ void epx__llc_sum_home(
 #pragma unroll 1
     for (long long i = i0; i < n_items; i += stride, epx__ll_step(&it)) {
         long long t = it.row, ch = it.col;
-        int e[KM];
-        float w[KM];
-        typename epx__llc_vec<DT>::raw r[KM];
+        /* Every expert id; the first 8 slots and weights (the rest, at K > 8, with their rows). */
+        int e[KM], slot[K8];
+        float w[K8];
+        typename epx__llc_vec<DT>::raw r[K8];
 #pragma unroll
         for (int k = 0; k < KM; k++) {
             bool in = k < K;
             e[k] = in ? c.h_topk[t * K + k] : -1;
-            int slot = in ? c.h_slot[t * K + k] : 0;
-            w[k] = in ? c.w[t * K + k] : 0.0f;
-            if (e[k] >= me * L && e[k] < (me + 1) * L)
-                epx__llc_fetch(c.y[me] + ((long long)(e[k] - me * L) * c.slots + slot) * rb, dtype, ch, &r[k]);
+            int s = in ? c.h_slot[t * K + k] : 0;
+            float wk = in ? c.w[t * K + k] : 0.0f;
+            if (k < K8) slot[k] = s, w[k] = wk; /* (past 8 the loads are dropped, unused) */
+            if constexpr (KM <= 8)
+                if (e[k] >= me * L && e[k] < (me + 1) * L)
+                    epx__llc_fetch(c.y[me] + ((long long)(e[k] - me * L) * c.slots + slot[k]) * rb, dtype, ch, &r[k]);
+        }
+        float mine[V]; /* K > 8: my partial (k ascending, from +0) */
+#pragma unroll
+        for (int j = 0; j < V; j++) mine[j] = 0.0f;
+        if constexpr (KM > 8) {
+#pragma unroll
+            for (int k0 = 0; k0 < KM; k0 += 8) {
+#pragma unroll
+                for (int k = k0; k < k0 + 8; k++)
+                    if (e[k] >= me * L && e[k] < (me + 1) * L) {
+                        int sk = epx__llc_slot<K8>(slot, c.h_slot + t * K, k);
+                        long long row = (long long)(e[k] - me * L) * c.slots + sk;
+                        epx__llc_fetch(c.y[me] + row * rb, dtype, ch, &r[k - k0]);
+                    }
+#pragma unroll
+                for (int k = k0; k < k0 + 8; k++) {
+                    if (!(e[k] >= me * L && e[k] < (me + 1) * L)) continue;
+                    float f[V];
+                    epx__llc_unpack<DT>(r[k - k0], f);
+                    epx__llc_add<V>(mine, k < K8 ? w[k] : c.w[t * K + k], f);
+                }
+            }
         }
         float acc[V];
 #pragma unroll
@@ -1206,14 +1247,21 @@ template <int KM, int DT> static __device__ __noinline__ void epx__llc_sum_home(
             const char *home = epx__llc_home(c, c.cstage[me], par, q, t);
             if (q != me && (mask & (mask - 1)) != 0) {
                 epx__llc_load_f32<V>(home, ch, part);
-            } else if (q != me) { /* one expert there: its y row */
+            } else if (q != me) { /* one expert there: its y row, weighed here */
                 typename epx__llc_vec<DT>::raw h;
                 epx__llc_fetch(home, dtype, ch, &h);
                 float f[V];
                 epx__llc_unpack<DT>(h, f);
+                if constexpr (KM > 8) { /* (the weights past the first wave are not held) */
+                    epx__llc_add<V>(part, c.w[t * K + __ffs(mask) - 1], f);
+                } else {
 #pragma unroll
-                for (int k = 0; k < KM; k++)
-                    if ((mask >> k) & 1u) epx__llc_add<V>(part, w[k], f);
+                    for (int k = 0; k < KM; k++)
+                        if ((mask >> k) & 1u) epx__llc_add<V>(part, w[k], f);
+                }
+            } else if constexpr (KM > 8) {
+#pragma unroll
+                for (int j = 0; j < V; j++) part[j] = mine[j];
             } else {
 #pragma unroll
                 for (int k = 0; k < KM; k++) {
