@@ -53,8 +53,9 @@ epx_status_t epx__host_allgather(epx__cpu_t *host, int nranks, const void *mine,
 epx_status_t epx__host_agree(epx__cuda_t *c, epx_status_t st, epx__errbuf_t *err)
 {
     int32_t v = st, all[EPX__CUDA_MAX_RANKS];
-    epx_status_t agreed = epx__host_allgather(c->host, c->nranks, &v, all, sizeof v, st, err);
-    return st != EPX_SUCCESS ? st : agreed;
+    /* With st a failure the round returns st, or what broke it (a late or dead peer: that
+     * status and message, not st's, since the communicator cannot go on). */
+    return epx__host_allgather(c->host, c->nranks, &v, all, sizeof v, st, err);
 }
 
 /* Control memory of a communicator: flags, eager slots (two parities), then 512 bytes of

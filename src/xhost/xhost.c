@@ -37,12 +37,14 @@ static epx_status_t epx__xh_host_step(epx__xhost_t *xh, epx_status_t st, const v
     return epx__cpu_alltoallv(xh->cpu, st == EPX_SUCCESS ? &x : NULL, st, err);
 }
 
-/* A round in which this rank takes part with its failure st and no data. */
+/* A round in which this rank takes part with its failure st (its message already in err)
+ * and no data. Returns st, or what broke the host step (its status and message: a late or
+ * dead local peer, after which this rank's transport has given up). */
 static epx_status_t epx__xh_round_fail(epx__xhost_t *xh, epx_status_t st, epx__errbuf_t *err)
 {
-    (void)err; /* st's message is already there */
-    epx__xh_rail_step(xh, epx__xh_host_step(xh, st, NULL, NULL, NULL, NULL, 0, NULL), NULL, NULL, 0, NULL);
-    return st;
+    epx_status_t a = epx__xh_host_step(xh, st, NULL, NULL, NULL, NULL, 0, err);
+    epx__xh_rail_step(xh, a, NULL, NULL, 0, NULL);
+    return a;
 }
 
 epx_status_t epx__xh_allgather(epx__xhost_t *xh, const void *mine, void *all, size_t len, epx__errbuf_t *err)
