@@ -1,8 +1,8 @@
 /*
  * Faults injected with EPX_FAULT (a delayed rank, a rank that dies in the middle of an
  * operation, a rank that announces a wrong size) and a rank that aborts while the others
- * are inside an operation, on alltoall, alltoallv, MoE dispatch and MoE combine (CPU
- * backend). The faulty rank is always the last one.
+ * are inside an operation, on alltoall, alltoallv, MoE dispatch and combine and their
+ * low-latency forms (CPU backend). The faulty rank is always the last one.
  *
  * What must hold (README, "Errors"):
  *   - every rank returns within the timeout (plus slack for a loaded machine), none hangs;
@@ -35,14 +35,18 @@
  *   - kill_reading: the last rank dies once it holds every post of the operation, its own
  *     all made, before it reads: the others read what it posted (its memory may be gone,
  *     its shared memory is not) and must end as after a kill;
+ *   - invalid_late: delay_long, with rank 0 passing a NULL input (send, x or y) in the same
+ *     call: its round breaks, so it too must return EPX_ERR_TIMEOUT (or PEER_FAILURE) and
+ *     its communicator is broken, not its own EPX_ERR_INVALID_ARGUMENT on a communicator
+ *     that looks usable;
  *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
  *     call returns it at once; a new communicator (a new unique id) over the ranks still
  *     alive then works, data checked.
  *
- * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch or combine
- * and FAULT delay_short, delay_long, kill, count, abort, kill_slow_reader, count_slow_reader
- * or kill_reading (default: all of them). Forks
- * its own ranks: epx-run would stop the others as soon as one rank dies.
+ * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch, combine,
+ * ll_dispatch or ll_combine and FAULT delay_short, delay_long, kill, count, abort,
+ * kill_slow_reader, count_slow_reader, kill_reading or invalid_late (default: all of them).
+ * Forks its own ranks: epx-run would stop the others as soon as one rank dies.
  */
 #include <signal.h>
 #include <stdlib.h>
@@ -71,12 +75,13 @@ typedef enum {
     F_KILL_SLOW_READER,
     F_COUNT_SLOW_READER,
     F_KILL_READING,
+    F_INVALID_LATE,
     F_NUM
 } fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
 static const char *fault_names[] = {"delay_short",      "delay_long",        "kill",        "count", "abort",
-                                    "kill_slow_reader", "count_slow_reader", "kill_reading"};
+                                    "kill_slow_reader", "count_slow_reader", "kill_reading", "invalid_late"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -115,6 +120,7 @@ typedef struct {
     int32_t *recv_count;
     float w[T * K];
     bool learn;
+    bool invalid; /* the next run passes a NULL input (a rejection of this rank's own) */
     out_t outs[4];
     int nouts;
 } ctx_t;
@@ -273,11 +279,12 @@ static void ctx_poison(ctx_t *c)
 
 static epx_status_t ctx_run(ctx_t *c)
 {
+    const void *send = c->invalid ? NULL : c->send, *x = c->invalid ? NULL : c->x, *y = c->invalid ? NULL : c->y;
     switch (c->op) {
-    case OP_ALLTOALL: return epx_alltoall(c->comm, c->send, c->recv, c->count, EPX_U8, NULL);
-    case OP_ALLTOALLV: return epx_alltoallv(c->comm, c->send, c->sc, c->sd, c->recv, c->rc, c->rd, EPX_U8, NULL);
+    case OP_ALLTOALL: return epx_alltoall(c->comm, send, c->recv, c->count, EPX_U8, NULL);
+    case OP_ALLTOALLV: return epx_alltoallv(c->comm, send, c->sc, c->sd, c->recv, c->rc, c->rd, EPX_U8, NULL);
     case OP_DISPATCH: {
-        epx_moe_dispatch_in_t in = {c->x, NULL, c->topk, NULL, T, K};
+        epx_moe_dispatch_in_t in = {x, NULL, c->topk, NULL, T, K};
         epx_moe_dispatch_out_t out = {c->recv_x, NULL, NULL, NULL, c->src_rank, c->src_token, NULL, c->cap, c->num_recv, NULL};
         epx_moe_handle_t h = NULL;
         epx_status_t st = epx_moe_dispatch(c->moe, &in, &out, &h, NULL);
@@ -291,12 +298,12 @@ static epx_status_t ctx_run(ctx_t *c)
         return st;
     }
     case OP_COMBINE: {
-        epx_moe_combine_in_t in = {c->y, NULL};
+        epx_moe_combine_in_t in = {y, NULL};
         epx_moe_combine_out_t out = {c->combined, NULL};
         return epx_moe_combine(c->moe, c->handle, &in, &out, NULL);
     }
     case OP_LL_DISPATCH: {
-        epx_moe_ll_dispatch_in_t in = {c->x, c->topk, T, K};
+        epx_moe_ll_dispatch_in_t in = {x, c->topk, T, K};
         epx_moe_ll_dispatch_out_t out = {c->recv_x, NULL, c->recv_count, c->src_rank, c->src_token};
         epx_moe_handle_t h = NULL;
         epx_status_t st = epx_moe_ll_dispatch(c->moe, &in, &out, &h, NULL);
@@ -305,7 +312,7 @@ static epx_status_t ctx_run(ctx_t *c)
         return st;
     }
     case OP_LL_COMBINE: {
-        epx_moe_ll_combine_in_t in = {c->y, c->w};
+        epx_moe_ll_combine_in_t in = {y, c->w};
         return epx_moe_ll_combine(c->moe, c->handle, &in, c->combined, NULL);
     }
     default: return EPX_ERR_INTERNAL;
@@ -446,9 +453,11 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         return 0;
     }
     ctx_poison(&c);
+    c.invalid = f == F_INVALID_LATE && rank == 0;
     double t0 = test_now_ms();
     epx_status_t st = ctx_run(&c); /* the faulty rank's step: a kill ends its process here */
     double dt = test_now_ms() - t0;
+    c.invalid = false;
     printf("%s: %s after %.0f ms%s%s\n", what, epx_status_name(st), dt, st ? ": " : "",
            st ? epx_comm_get_last_error(comm) : "");
     fflush(stdout);
@@ -463,6 +472,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         if (dt > TIMEOUT_MS / 4 + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
         break;
     case F_DELAY_LONG:
+    case F_INVALID_LATE: /* rank 0's rejection of its own input does not hide the broken round */
         if (bad) {
             ASSERT_STATUS(st, EPX_ERR_PEER_FAILURE); /* the others gave up on it */
             if (dt > 3 * TIMEOUT_MS + TIMEOUT_MS + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
@@ -552,6 +562,7 @@ static int scenario(op_t op, fault_t f, int R)
                  TIMEOUT_MS * 8 / 5);
         break;
     case F_KILL_READING: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=enqueue", R - 1, step); break;
+    case F_INVALID_LATE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, 3 * TIMEOUT_MS); break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
     default: break;
     }
@@ -819,7 +830,8 @@ int main(int argc, char **argv)
     }
 #endif
     if (argc < 3) {
-        fprintf(stderr, "usage: %s alltoall|alltoallv|dispatch|combine NRANKS [FAULT...]\n", argv[0]);
+        fprintf(stderr, "usage: %s alltoall|alltoallv|dispatch|combine|ll_dispatch|ll_combine NRANKS [FAULT...]\n",
+                argv[0]);
         return 2;
     }
     op_t op = OP_COUNT;
