@@ -2420,6 +2420,14 @@ static const mcase_t ll_cases[] = {
     {"ll inf nan f32 h=128", -3,   8,  128,  7,  EPX_BF16,     EPX_F32,  EPX_I64, 1,  ROUTE_DUP,   0,  F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
     {"ll inf nan f16 k=16",  -2,   16, 64,   6,  EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_DUP,   0,  F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
     {"ll inf nan f32 k=16",  -2,   16, 128,  6,  EPX_F32,      U,        EPX_I64, 1,  ROUTE_UNIFORM, 0, F_SPECIAL | F_T_WIDE, 0, LL, 0, EPX_SCALE_F32},
+    /* K > 8, where the GPU loads a token's rows 8 at once: a token's one expert on a peer at
+     * k >= 8 (weighed at home; many -1 ids make it common on 2 ranks) and a second wave cut
+     * short (K = 11, 13, 15), on the 16-byte path (f32 out holds no slot or weight with the
+     * routing) and off it. */
+    {"ll f32 out k=16 -1s",  -16,  16, 128,  24, EPX_BF16,     EPX_F32,  EPX_I64, 1,  ROUTE_ZIPF,  70, 0, 0, LL, 0, EPX_SCALE_F32},
+    {"ll fp8 k=13 -1s",      -12,  13, 256,  24, EPX_BF16,     U,        EPX_I32, 1,  ROUTE_UNIFORM, 70, 0, 0, LL, 1, EPX_SCALE_F32},
+    {"ll f32 in k=11",       -10,  11, 132,  7,  EPX_F32,      U,        EPX_I64, 1,  ROUTE_UNIFORM, 10, F_REPEAT, 0, LL, 0, EPX_SCALE_F32},
+    {"ll f16 out k=15 h=130",-8,   15, 130,  6,  EPX_BF16,     EPX_F16,  EPX_I32, 1,  ROUTE_ZIPF,  0,  0, 0, LL, 0, EPX_SCALE_F32},
 };
 
 static const mcase_t large_cases[] = {
