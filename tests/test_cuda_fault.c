@@ -18,6 +18,9 @@
  *   - delay_host (one host): the same delay at the call's start, before its first host
  *     round: as above, and the others' call itself returns within the timeout plus 1 s
  *     (they gave up in that round, so the call's later host rounds fail at once);
+ *   - invalid_late (one host): delay_host, with rank 0 passing a NULL input (send, x or y)
+ *     in the same call: its own rejection must not hide the broken round (it too returns
+ *     EPX_ERR_TIMEOUT or EPX_ERR_PEER_FAILURE, its communicator broken);
  *   - a rank killed in its host exchange or before its kernels: the call or the asynchronous
  *     error says EPX_ERR_TIMEOUT or EPX_ERR_PEER_FAILURE; poison or exact per byte;
  *   - killed after enqueuing its kernels: the same, or (its kernels ran before the process
@@ -127,11 +130,11 @@ static const char *op_names[] = {"a2a_eager", "a2a_direct", "alltoallv", "a2av_d
                                  "dispatch_nosync", "combine", "ll_dispatch", "ll_combine"};
 typedef enum {
     F_DELAY_SHORT, F_DELAY_ENQUEUE, F_DELAY_LONG, F_KILL_HOST, F_KILL_ENQUEUE, F_KILL_LAUNCHED, F_COUNT, F_FAIL_ENQUEUE,
-    F_NOMEM, F_DELAY_HOST, F_NUM
+    F_NOMEM, F_DELAY_HOST, F_INVALID_LATE, F_NUM
 } fault_t;
 static const char *fault_names[] = {"delay_short",  "delay_enqueue", "delay_long",   "kill_host", "kill_enqueue",
                                     "kill_launched", "count",        "fail_enqueue", "nomem",
-                                    "delay_host"};
+                                    "delay_host",   "invalid_late"};
 
 static bool is_kill(fault_t f) { return f == F_KILL_HOST || f == F_KILL_ENQUEUE || f == F_KILL_LAUNCHED; }
 static bool is_moe(op_t op) { return op >= OP_DISPATCH; }
@@ -171,6 +174,7 @@ typedef struct {
     int64_t cap, rows, num_recv;
     out_t outs[4];
     int nouts;
+    bool invalid; /* the next run passes a NULL input (a rejection of this rank's own) */
 } ctx_t;
 static void *dalloc(size_t n)
 {
@@ -446,16 +450,17 @@ static void ctx_poison(ctx_t *c)
 
 static epx_status_t ctx_run(ctx_t *c)
 {
+    const void *send = c->invalid ? NULL : c->send, *x = c->invalid ? NULL : c->x, *y = c->invalid ? NULL : c->y;
     switch (c->op) {
     case OP_A2A_EAGER:
-    case OP_A2A_DIRECT: return epx_alltoall(c->comm, c->send, c->recv, c->count, EPX_U8, c->s);
-    case OP_A2AV: return epx_alltoallv(c->comm, c->send, c->sc, c->sd, c->recv, c->rc, c->rd, EPX_U8, c->s);
+    case OP_A2A_DIRECT: return epx_alltoall(c->comm, send, c->recv, c->count, EPX_U8, c->s);
+    case OP_A2AV: return epx_alltoallv(c->comm, send, c->sc, c->sd, c->recv, c->rc, c->rd, EPX_U8, c->s);
     case OP_A2AV_DEVICE:
-        return epx_alltoallv_device(c->comm, c->send, c->dcounts, c->dcounts + MAXR, c->recv, c->dcounts + 2 * MAXR,
+        return epx_alltoallv_device(c->comm, send, c->dcounts, c->dcounts + MAXR, c->recv, c->dcounts + 2 * MAXR,
                                     c->dcounts + 3 * MAXR, EPX_U8, c->s);
     case OP_DISPATCH:
     case OP_DISPATCH_NOSYNC: {
-        epx_moe_dispatch_in_t in = {c->x, NULL, c->topk, NULL, T, K};
+        epx_moe_dispatch_in_t in = {x, NULL, c->topk, NULL, T, K};
         epx_moe_dispatch_out_t out = {c->recv_x, NULL, NULL, NULL, c->src_rank, c->src_token, NULL, c->cap, c->num_recv,
                                       (int64_t *)c->dnum};
         epx_moe_handle_t h = NULL;
@@ -470,12 +475,12 @@ static epx_status_t ctx_run(ctx_t *c)
         return st;
     }
     case OP_COMBINE: {
-        epx_moe_combine_in_t in = {c->y, NULL};
+        epx_moe_combine_in_t in = {y, NULL};
         epx_moe_combine_out_t out = {c->combined, NULL};
         return epx_moe_combine(c->moe, c->handle, &in, &out, c->s);
     }
     case OP_LL_DISPATCH: {
-        epx_moe_ll_dispatch_in_t in = {c->x, c->topk, T, K};
+        epx_moe_ll_dispatch_in_t in = {x, c->topk, T, K};
         epx_moe_ll_dispatch_out_t out = {c->recv_x, NULL, c->recv_count, c->src_rank, c->src_token};
         epx_moe_handle_t h = NULL;
         epx_status_t st = epx_moe_ll_dispatch(c->moe, &in, &out, &h, c->s);
@@ -483,7 +488,7 @@ static epx_status_t ctx_run(ctx_t *c)
         return st;
     }
     case OP_LL_COMBINE: {
-        epx_moe_ll_combine_in_t in = {c->y, c->weights};
+        epx_moe_ll_combine_in_t in = {y, c->weights};
         return epx_moe_ll_combine(c->moe, c->handle, &in, c->combined, c->s);
     }
     default: return EPX_ERR_INTERNAL;
@@ -647,9 +652,11 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
     bool bad = rank == R - 1;
 
     ctx_poison(&c);
+    c.invalid = f == F_INVALID_LATE && rank == 0;
     double t0 = test_now_ms();
     epx_status_t st = ctx_run(&c); /* the faulty rank's step: a kill ends its process here */
     double t_call = test_now_ms() - t0;
+    c.invalid = false;
     epx_status_t res = settle(&c, st);
     double dt = test_now_ms() - t0;
     printf("%s: call %s after %.0f ms, then %s after %.0f ms%s%s\n", what, epx_status_name(st), t_call, sname(res), dt,
@@ -667,10 +674,11 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         break;
     case F_DELAY_LONG:
     case F_DELAY_HOST:
+    case F_INVALID_LATE: /* delay_host, rank 0's own rejection in the call not hiding the broken round */
         broken = true;
         /* delay_host (one host): the others give up in the call's first host round, so the
          * call's later host rounds fail at once: the call returns within one timeout. */
-        if (f == F_DELAY_HOST && !bad && t_call > timeout_ms + HOST_ROUND_SLACK_MS)
+        if (f != F_DELAY_LONG && !bad && t_call > timeout_ms + HOST_ROUND_SLACK_MS)
             TEST_FAIL_("%s: the call took %.0f ms, timeout %d ms (a timeout per host round?)", what, t_call, timeout_ms);
         if (hosts_ls) {
             /* At the call's start: every rank fails in the first bootstrap round, the others at
@@ -869,7 +877,8 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", bad, step); break;
     case F_FAIL_ENQUEUE: snprintf(text, sizeof text, "fail:rank=%d,step=%d,at=enqueue", bad, step); break;
     case F_NOMEM: snprintf(text, sizeof text, "nomem:rank=%d,step=%d", bad, step); break;
-    case F_DELAY_HOST: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d,at=host", bad, step, long_ms); break;
+    case F_DELAY_HOST:
+    case F_INVALID_LATE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d,at=host", bad, step, long_ms); break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
@@ -998,7 +1007,7 @@ int main(int argc, char **argv)
                    fault_names[f], R);
             continue;
         }
-        if (f == F_DELAY_HOST && hosts_ls) {
+        if ((f == F_DELAY_HOST || f == F_INVALID_LATE) && hosts_ls) {
             printf("scenario %s/%s np%d hosts: not run (across hosts delay_long is at=host)\n", op_names[op],
                    fault_names[f], R);
             continue;
