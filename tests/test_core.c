@@ -598,6 +598,11 @@ static void test_fault_parse(void)
     ASSERT(!epx__fault_due(&f, EPX__FAULT_DELAY, 2, EPX__FAULT_AT_HOST, &s)); /* aimed at rank 1 */
     ASSERT_OK(epx__fault_parse("fail:rank=2,step=1,at=enqueue;kill:rank=2,step=4,at=launched", 2, &f, &err));
     ASSERT(epx__fault_due(&f, EPX__FAULT_KILL, 4, EPX__FAULT_AT_LAUNCHED, &s));
+    ASSERT_OK(epx__fault_parse("delay:rank=0,step=2,ms=7,at=mapped", 0, &f, &err));
+    ASSERT(epx__fault_due(&f, EPX__FAULT_DELAY, 2, EPX__FAULT_AT_MAPPED, &s));
+    ASSERT_EQ(s.ms, 7);
+    ASSERT(!epx__fault_due(&f, EPX__FAULT_DELAY, 2, EPX__FAULT_AT_HOST, &s));
+    ASSERT(!epx__fault_due(&f, EPX__FAULT_DELAY, 2, EPX__FAULT_AT_ENQUEUE, &s));
     ASSERT_OK(epx__fault_parse("kill:rank=1,step=0", 1, &f, &err)); /* the creation */
     ASSERT(epx__fault_due(&f, EPX__FAULT_KILL, 0, EPX__FAULT_AT_HOST, &s));
     ASSERT(!epx__fault_due(&f, EPX__FAULT_KILL, 1, EPX__FAULT_AT_HOST, &s));
@@ -605,8 +610,8 @@ static void test_fault_parse(void)
         const char *text, *says;
     } bad[] = {
         {"fail:rank=0,step=1,at=host", "only enqueue"},
-        {"delay:rank=0,step=1,ms=1,at=launched", "host or enqueue"},
-        {"kill:rank=0,step=1,at=later", "host, enqueue or launched"},
+        {"delay:rank=0,step=1,ms=1,at=launched", "host, mapped or enqueue"},
+        {"kill:rank=0,step=1,at=later", "host, mapped, enqueue or launched"},
         {"count:rank=0,step=1,at=enqueue", "unknown key"},
         {"crash:rank=0,step=1", "delay, kill, count, fail or nomem"},
         {"nomem:rank=0,step=1,at=host", "unknown key"},

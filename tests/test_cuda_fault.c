@@ -21,6 +21,12 @@
  *   - invalid_late (one host): delay_host, with rank 0 passing a NULL input (send, x or y)
  *     in the same call: its own rejection must not hide the broken round (it too returns
  *     EPX_ERR_TIMEOUT or EPX_ERR_PEER_FAILURE, its communicator broken);
+ *   - nomem_late (one host; calls that map peers' buffers, as nomem): rank 0's first
+ *     mapping fails (nomem) in the call where the last rank sleeps past the timeout before
+ *     the host round that agrees on the mappings (at=mapped): rank 0's own
+ *     EPX_ERR_NO_MEMORY must not hide that round's failure (every rank EPX_ERR_TIMEOUT or
+ *     EPX_ERR_PEER_FAILURE within the timeout, the late one when it wakes; communicator
+ *     broken; nothing written anywhere);
  *   - a rank killed in its host exchange or before its kernels: the call or the asynchronous
  *     error says EPX_ERR_TIMEOUT or EPX_ERR_PEER_FAILURE; poison or exact per byte;
  *   - killed after enqueuing its kernels: the same, or (its kernels ran before the process
@@ -130,14 +136,23 @@ static const char *op_names[] = {"a2a_eager", "a2a_direct", "alltoallv", "a2av_d
                                  "dispatch_nosync", "combine", "ll_dispatch", "ll_combine"};
 typedef enum {
     F_DELAY_SHORT, F_DELAY_ENQUEUE, F_DELAY_LONG, F_KILL_HOST, F_KILL_ENQUEUE, F_KILL_LAUNCHED, F_COUNT, F_FAIL_ENQUEUE,
-    F_NOMEM, F_DELAY_HOST, F_INVALID_LATE, F_NUM
+    F_NOMEM, F_DELAY_HOST, F_INVALID_LATE, F_NOMEM_LATE, F_NUM
 } fault_t;
 static const char *fault_names[] = {"delay_short",  "delay_enqueue", "delay_long",   "kill_host", "kill_enqueue",
                                     "kill_launched", "count",        "fail_enqueue", "nomem",
-                                    "delay_host",   "invalid_late"};
+                                    "delay_host",   "invalid_late", "nomem_late"};
 
 static bool is_kill(fault_t f) { return f == F_KILL_HOST || f == F_KILL_ENQUEUE || f == F_KILL_LAUNCHED; }
 static bool is_moe(op_t op) { return op >= OP_DISPATCH; }
+/* Does op map peers' buffers in each call (where EPX_FAULT nomem and at=mapped fire)? Not
+ * eager alltoall(v), low latency, or the combine on copy engines (EPX_CUDA_SMS=0). */
+static bool op_maps(op_t op)
+{
+    const char *sms = getenv("EPX_CUDA_SMS");
+    bool ce = sms && atoi(sms) <= 0;
+    return op == OP_A2A_DIRECT || op == OP_A2AV_DEVICE || op == OP_DISPATCH || op == OP_DISPATCH_NOSYNC ||
+           (op == OP_COMBINE && !ce);
+}
 static bool is_ll(op_t op) { return op >= OP_LL_DISPATCH; }
 
 #define H 64 /* MoE hidden */
@@ -750,10 +765,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
          * enqueued (the faulty rank EPX_ERR_NO_MEMORY, the others EPX_ERR_REMOTE_INVALID, at
          * once, nothing written, usable). The others (eager alltoall(v), low latency, the
          * copy-engine combine) map nothing in the call: it succeeds. */
-        const char *sms = getenv("EPX_CUDA_SMS");
-        bool ce = sms && atoi(sms) <= 0;
-        bool maps = op == OP_A2A_DIRECT || op == OP_A2AV_DEVICE || op == OP_DISPATCH || op == OP_DISPATCH_NOSYNC ||
-                    (op == OP_COMBINE && !ce);
+        bool maps = op_maps(op);
         epx_status_t want = !maps ? EPX_SUCCESS : bad ? EPX_ERR_NO_MEMORY : EPX_ERR_REMOTE_INVALID;
         if (res != want)
             TEST_FAIL_("%s: got %s, expected %s (%s)", what, sname(res), epx_status_name(want),
@@ -763,6 +775,14 @@ static int rank_main(op_t op, fault_t f, int rank, int R, int ndev, const epx_un
         expect_usable(&c, what);
         break;
     }
+    case F_NOMEM_LATE:
+        /* One host, calls that map (main): rank 0 enters the mappings' agreement with its own
+         * EPX_ERR_NO_MEMORY, the last rank stalls before it; nothing is enqueued anywhere. */
+        broken = true;
+        if (!failed) TEST_FAIL_("%s: got %s, expected a timeout or peer failure", what, sname(res));
+        if (dt > (bad ? long_ms : 0) + timeout_ms + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
+        ctx_check(&c, UNTOUCHED, what);
+        break;
     case F_COUNT:
         if (op == OP_A2AV_DEVICE && !hosts_ls) {
             /* Only the sender sees it, on the device; its pair moved nothing. */
@@ -879,6 +899,9 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
     case F_NOMEM: snprintf(text, sizeof text, "nomem:rank=%d,step=%d", bad, step); break;
     case F_DELAY_HOST:
     case F_INVALID_LATE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d,at=host", bad, step, long_ms); break;
+    case F_NOMEM_LATE:
+        snprintf(text, sizeof text, "nomem:rank=0,step=%d;delay:rank=%d,step=%d,ms=%d,at=mapped", step, bad, step, long_ms);
+        break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
@@ -1010,6 +1033,11 @@ int main(int argc, char **argv)
         if ((f == F_DELAY_HOST || f == F_INVALID_LATE) && hosts_ls) {
             printf("scenario %s/%s np%d hosts: not run (across hosts delay_long is at=host)\n", op_names[op],
                    fault_names[f], R);
+            continue;
+        }
+        if (f == F_NOMEM_LATE && (hosts_ls || !op_maps(op))) {
+            printf("scenario %s/%s np%d%s: not run (%s)\n", op_names[op], fault_names[f], R, hosts_ls ? " hosts" : "",
+                   hosts_ls ? "EPX_FAULT nomem on CUDA is tested on one host" : "the call maps no peer's buffer");
             continue;
         }
         if (f == F_NOMEM && hosts_ls) {

@@ -13,7 +13,7 @@
 static _Atomic unsigned epx__fault_fired;
 
 static const char *const epx__fault_names[] = {"?", "delay", "kill", "count", "fail", "nomem"};
-static const char *const epx__fault_at_names[] = {"host", "enqueue", "launched"};
+static const char *const epx__fault_at_names[] = {"host", "mapped", "enqueue", "launched"};
 
 static bool epx__fault_number(const char *v, long long lo, long long hi, long long *out)
 {
@@ -75,8 +75,8 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
                 return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): at=%s (%s)", index + 1, kind,
                                  val,
                                  s->kind == EPX__FAULT_FAIL   ? "only enqueue"
-                                 : s->kind == EPX__FAULT_KILL ? "host, enqueue or launched"
-                                                              : "host or enqueue");
+                                 : s->kind == EPX__FAULT_KILL ? "host, mapped, enqueue or launched"
+                                                              : "host, mapped or enqueue");
         }
         else
             return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): unknown key \"%s\"", index + 1,

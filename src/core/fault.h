@@ -26,9 +26,12 @@
  *          take no effect.
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
- * as above, in its host exchange), `enqueue` (after its host exchanges, before it enqueues
- * any kernel: the peers' device waits find nothing) or, for kill, `launched` (after it
- * enqueued its kernels, without waiting for them). The CPU backend on one host fires
+ * as above, in its host exchange), `mapped` (CUDA on one host: once the call has mapped its
+ * peers' buffers, before the host round that agrees on the mappings, which a mapping that
+ * failed on one rank only must reach; calls that map nothing never fire it), `enqueue`
+ * (after its host exchanges, before it enqueues any kernel: the peers' device waits find
+ * nothing) or, for kill, `launched` (after it enqueued its kernels, without waiting for
+ * them). The CPU backend on one host fires
  * `host`, and `delay` and `kill` at `enqueue` once the rank holds every peer's post of the
  * operation (its own all made), before it reads anything: a slow reader (its peers may
  * finish first), or a rank gone while its peers read what it posted.
@@ -70,7 +73,12 @@ typedef enum {
     EPX__FAULT_NOMEM = 5
 } epx__fault_kind_t;
 /* Where in an operation a fault fires (`at`). */
-typedef enum { EPX__FAULT_AT_HOST = 0, EPX__FAULT_AT_ENQUEUE = 1, EPX__FAULT_AT_LAUNCHED = 2 } epx__fault_at_t;
+typedef enum {
+    EPX__FAULT_AT_HOST = 0,
+    EPX__FAULT_AT_MAPPED = 1,
+    EPX__FAULT_AT_ENQUEUE = 2,
+    EPX__FAULT_AT_LAUNCHED = 3
+} epx__fault_at_t;
 
 #define EPX__FAULT_MAX 8
 /* Exit status of a process ended by a `kill` fault. */

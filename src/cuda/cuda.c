@@ -776,7 +776,7 @@ static epx_status_t epx__a2a_prepare(epx__cuda_t *c, const epx__cpu_xfer_t *cons
     bool maps = false;
     for (int i = 0; i < n && local == EPX_SUCCESS; i++) maps = maps || plan->op[i].path != EPX__PATH_EAGER;
     if (local == EPX_SUCCESS) local = epx__a2a_map(c, plan, stream, err);
-    if (vote && maps) local = epx__host_agree(c, local, err);
+    if (vote && maps) local = epx__host_agree_mapped(c, local, err);
     if (local != EPX_SUCCESS) {
         free(plan);
         return local;
@@ -870,7 +870,7 @@ epx_status_t epx__cuda_alltoallv_device(epx__cuda_t *c, const epx__cuda_counts_t
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
-    if (met) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
+    if (met) st = epx__host_agree_mapped(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) return st;
     if (epx__cuda_fault_count(c)) a.fault_to = (me + 1) % R + 1; /* one element more to the next rank */
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);

@@ -82,8 +82,9 @@ static inline void epx__cuda_fault_begin(epx__cuda_t *c)
     c->fault_step++;
     if (__builtin_expect(c->fault.armed, 0)) epx__cuda_fault_begin_slow(c);
 }
-/* After the host exchanges, before the first kernel (EPX__FAULT_AT_ENQUEUE), or after the
- * last one (EPX__FAULT_AT_LAUNCHED): a delay or a kill due there. */
+/* Before the host round on the call's mappings (EPX__FAULT_AT_MAPPED), after the host
+ * exchanges, before the first kernel (EPX__FAULT_AT_ENQUEUE), or after the last one
+ * (EPX__FAULT_AT_LAUNCHED): a delay or a kill due there. */
 static inline void epx__cuda_fault_at(epx__cuda_t *c, int at)
 {
     if (__builtin_expect(c->fault.armed, 0)) epx__cuda_fault_at_slow(c, at);
@@ -121,6 +122,13 @@ epx_status_t epx__host_fail(epx__cpu_t *host, epx_status_t st, epx__errbuf_t *er
  * (one host round); returns st, or EPX_ERR_REMOTE_INVALID when another rank failed, or
  * what broke the round. */
 epx_status_t epx__host_agree(epx__cuda_t *c, epx_status_t st, epx__errbuf_t *err);
+/* epx__host_agree on the mappings of the peers' buffers a call just made; a delay or a
+ * kill of EPX_FAULT at=mapped fires first. */
+static inline epx_status_t epx__host_agree_mapped(epx__cuda_t *c, epx_status_t st, epx__errbuf_t *err)
+{
+    epx__cuda_fault_at(c, EPX__FAULT_AT_MAPPED);
+    return epx__host_agree(c, st, err);
+}
 /* Send each peer its card (cards[p], `bytes` each) and get theirs (into cards + R * bytes). */
 epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err);
 /* The IPC handle of the allocation holding p, and p's offset in it. */

@@ -261,7 +261,7 @@ static epx_status_t epx__map_stages(epx__cuda_moe_t *m, epx__errbuf_t *err)
     /* Agree on the outcome: every rank that made the swap votes, whatever its mapping did
      * (deciding by this rank's status alone, a rank whose swap failed locally with one of
      * the mapping's statuses would wait in a vote the others skip). */
-    return epx__host_agree(c, st, err);
+    return epx__host_agree_mapped(c, st, err);
 }
 
 epx_status_t epx__cuda_moe_create(epx__cuda_t *c, const epx__moe_shape_t *shape, uint64_t hash, epx_status_t local,
@@ -815,7 +815,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         if (st != EPX_SUCCESS || c->ipc_closed == closed) break;
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
-    if (met) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
+    if (met) st = epx__host_agree_mapped(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) {
         free(cards);
         epx__cuda_moe_handle_free(h);
@@ -927,7 +927,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
-    if (met) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
+    if (met) st = epx__host_agree_mapped(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) return st;
     /* The streams meet (ARRIVE): in the gather kernel, or before the copies. */
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
@@ -1027,7 +1027,7 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
         if (pass == 2) st = epx__fail(err, EPX_ERR_CUDA, "CUDA IPC: the mappings of one call kept being replaced");
     }
     free(cards);
-    if (met && !m->ce) st = epx__host_agree(c, st, err); /* a mapping fails on one rank only */
+    if (met && !m->ce) st = epx__host_agree_mapped(c, st, err); /* a mapping fails on one rank only */
     if (st != EPX_SUCCESS) return st;
     epx__cuda_fault_at(c, EPX__FAULT_AT_ENQUEUE);
     k.send_row = h->d_send_row;
