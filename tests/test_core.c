@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "api/api.h"
 #include "core/core.h"
 #include "core/fault.h"
 #include "cpu/cpu.h"
@@ -865,6 +866,60 @@ static void test_give_up_writes_nothing(void)
  * token's ranks (distinct, ascending), for rank counts on both sides of the 64-rank bit
  * set, both index dtypes, -1 entries and repeated ids; the id check at its edges; the
  * low-latency slots past the filled ones set to -1, and only those. */
+/* src/api's net (epx__comm_result): a call whose own status does not break the
+ * communicator (here EPX_ERR_MISMATCH) while its transport gave up in one of the call's host
+ * rounds returns the round's failure and breaks the communicator. Every backend now returns
+ * the round's status at its source (3a8e8f4), so the net is reached here directly: rank 0's
+ * transport times out in an exchange rank 1 never makes. */
+#define NET_TIMEOUT_MS 300
+typedef struct {
+    epx_unique_id_t id;
+    int rank;
+    pthread_barrier_t *done;
+    epx_status_t st, next;
+} net_arg_t;
+
+static void *net_thread(void *argp)
+{
+    net_arg_t *a = argp;
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.backend = EPX_BACKEND_CPU;
+    cfg.timeout_ms = NET_TIMEOUT_MS;
+    epx_comm_t comm;
+    ASSERT_OK(epx_comm_init_rank(&comm, 2, a->rank, &a->id, &cfg));
+    if (a->rank == 0) {
+        int64_t bytes[2] = {4, 4}, displ[2] = {0, 4};
+        int32_t send[2] = {1, 2}, recv[2];
+        epx__cpu_xfer_t x = {send, bytes, displ, recv, bytes, displ};
+        epx__errbuf_t err;
+        ASSERT_STATUS(epx__cpu_alltoallv(comm->cpu, &x, EPX_SUCCESS, &err), EPX_ERR_TIMEOUT);
+        a->st = epx__comm_result(comm, EPX_ERR_MISMATCH);
+        a->next = epx_barrier(comm, NULL); /* broken: fails at once */
+    }
+    pthread_barrier_wait(a->done); /* rank 1 stays until rank 0 is done */
+    epx_comm_abort(comm);
+    return NULL;
+}
+
+static void test_result_net(void)
+{
+    epx_unique_id_t id;
+    ASSERT_OK(epx_get_unique_id(&id));
+    pthread_t th[2];
+    net_arg_t args[2];
+    pthread_barrier_t done;
+    pthread_barrier_init(&done, NULL, 2);
+    for (int r = 0; r < 2; r++) {
+        args[r] = (net_arg_t){id, r, &done, EPX_SUCCESS, EPX_SUCCESS};
+        pthread_create(&th[r], NULL, net_thread, &args[r]);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&done);
+    printf("result net: %s, then %s\n", epx_status_name(args[0].st), epx_status_name(args[0].next));
+    ASSERT_STATUS(args[0].st, EPX_ERR_TIMEOUT);
+    ASSERT_STATUS(args[0].next, EPX_ERR_TIMEOUT);
+}
+
 static void test_routing(void)
 {
     static const int rank_counts[] = {1, 2, 3, 63, 64, 65, 100, 130};
@@ -1002,6 +1057,7 @@ int main(void)
     run_give_up(2);
     run_give_up(3);
     test_give_up_writes_nothing();
+    test_result_net();
     /* A single-rank communicator works end to end. */
     epx_unique_id_t id;
     epx_comm_t comm;
@@ -1020,6 +1076,6 @@ int main(void)
     test_moe_memory();
     test_region_find();
     test_routing();
-    test_done(23);
+    test_done(24);
     return 0;
 }

@@ -1,5 +1,6 @@
 /* Logging: EPX_DEBUG level x EPX_DEBUG_SUBSYS mask, to stderr or EPX_DEBUG_FILE. */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,7 +14,9 @@ static pthread_once_t epx__log_once = PTHREAD_ONCE_INIT;
 static epx__log_level_t epx__log_level = EPX__LOG_WARN;
 static unsigned epx__log_mask = ~0u;
 static FILE *epx__log_file;
-static int epx__log_rank = -1;
+/* The rank the log lines name: the last communicator made in this process sets it (several,
+ * on threads of one process, may do so at once). */
+static _Atomic int epx__log_rank = -1;
 static pthread_mutex_t epx__log_mutex = PTHREAD_MUTEX_INITIALIZER;
 
 static unsigned epx__subsys_bit(const char *name, size_t len)
@@ -90,7 +93,7 @@ bool epx__log_enabled(epx__log_level_t level, epx__subsys_t subsys)
     return level <= epx__log_level && (epx__log_mask & (unsigned)subsys);
 }
 
-void epx__log_set_rank(int rank) { epx__log_rank = rank; }
+void epx__log_set_rank(int rank) { atomic_store_explicit(&epx__log_rank, rank, memory_order_relaxed); }
 
 static const char *epx__subsys_name(epx__subsys_t s)
 {
@@ -105,8 +108,8 @@ void epx__log(epx__log_level_t level, epx__subsys_t subsys, const char *fmt, ...
 {
     static const char *names[] = {"NONE", "WARN", "INFO", "TRACE"};
     char line[1024];
-    int n = snprintf(line, sizeof line, "epx %d:%d %s %s ", (int)getpid(), epx__log_rank,
-                     names[level], epx__subsys_name(subsys));
+    int rank = atomic_load_explicit(&epx__log_rank, memory_order_relaxed);
+    int n = snprintf(line, sizeof line, "epx %d:%d %s %s ", (int)getpid(), rank, names[level], epx__subsys_name(subsys));
     va_list ap;
     va_start(ap, fmt);
     if (n > 0 && (size_t)n < sizeof line) vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
