@@ -174,7 +174,7 @@ static inline void epx__cpu_relax(void)
 #endif
 }
 
-epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t target,
+epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
                             uint64_t deadline, const char *what, epx__errbuf_t *err)
 {
     /* Poll (fast path), then poll and yield the core, then sleep on the futex. */
@@ -200,10 +200,13 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t
             if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
             return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, c->rank, what, target);
         }
-        if (epx__now_ns() >= deadline)
+        if (epx__now_ns() >= deadline) {
+            uint32_t w = twin ? atomic_load_explicit(&twin->value, memory_order_acquire) : v;
             return epx__fail(err, EPX_ERR_TIMEOUT,
-                             "rank %d timed out after %" PRId64 " ms waiting for rank %d's %s of operation %u (it is at %u)",
-                             c->rank, c->timeout_ms, peer, what, target, v);
+                             "rank %d timed out after %" PRId64 " ms waiting for rank %d's %s of operation %u "
+                             "(its last: operation %u)",
+                             c->rank, c->timeout_ms, peer, what, target, epx__seq_geq(w, v) ? w : v);
+        }
         if (epx__now_ns() - start < c->spin_ns + c->yield_ns) {
             sched_yield();
             continue;
@@ -258,7 +261,8 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
         epx__desc_t *d = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq, c->rank);
-        epx_status_t st = epx__flag_wait(c, peer, &d->post, seq, deadline, "arrival", err);
+        const epx__desc_t *odd = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq + 1, c->rank); /* the other parity */
+        epx_status_t st = epx__flag_wait(c, peer, &d->post, &odd->post, seq, deadline, "arrival", err);
         if (st != EPX_SUCCESS) return epx__cpu_give_up(c, st);
     }
     if (c->num_retired) epx__unlink_retired(c, seq, false);
@@ -271,7 +275,7 @@ epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
 {
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
-        EPX__CHECK(epx__flag_wait(c, peer, &c->peers[peer].hdr->done, seq, deadline, "completion", err));
+        EPX__CHECK(epx__flag_wait(c, peer, &c->peers[peer].hdr->done, NULL, seq, deadline, "completion", err));
     }
     return EPX_SUCCESS;
 }

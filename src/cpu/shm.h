@@ -139,8 +139,10 @@ static inline bool epx__seq_geq(uint32_t a, uint32_t b) { return (int32_t)(a - b
 
 /* Publish `value` on a flag (release) and wake sleepers. */
 void epx__flag_post(epx__flag_t *flag, uint32_t value);
-/* Wait until `flag` (in peer's segment) >= target. TIMEOUT / PEER_FAILURE on failure. */
-epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, uint32_t target,
+/* Wait until `flag` (in peer's segment) >= target. TIMEOUT / PEER_FAILURE on failure; a
+ * timeout names the peer's last operation on flag or, when given, its twin (the same flag
+ * of the other parity: the peer may be one operation further than flag shows). */
+epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
                             uint64_t deadline, const char *what, epx__errbuf_t *err);
 /* Wait for every peer's post of operation `seq` to me (descriptor lines), then check that no
  * peer gave up without releasing what it posted (epx__peers_check). A failure leaves the
