@@ -261,8 +261,8 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
         epx__desc_t *d = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq, c->rank);
-        const epx__desc_t *odd = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq + 1, c->rank); /* the other parity */
-        epx_status_t st = epx__flag_wait(c, peer, &d->post, &odd->post, seq, deadline, "arrival", err);
+        const epx__desc_t *twin = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq + 1, c->rank); /* other parity */
+        epx_status_t st = epx__flag_wait(c, peer, &d->post, &twin->post, seq, deadline, "arrival", err);
         if (st != EPX_SUCCESS) return epx__cpu_give_up(c, st);
     }
     if (c->num_retired) epx__unlink_retired(c, seq, false);
