@@ -900,7 +900,8 @@ static int scenario(op_t op, fault_t f, int R, int ndev)
     case F_DELAY_HOST:
     case F_INVALID_LATE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d,at=host", bad, step, long_ms); break;
     case F_NOMEM_LATE:
-        snprintf(text, sizeof text, "nomem:rank=0,step=%d;delay:rank=%d,step=%d,ms=%d,at=mapped", step, bad, step, long_ms);
+        snprintf(text, sizeof text, "nomem:rank=0,step=%d;delay:rank=%d,step=%d,ms=%d,at=mapped", step, bad, step,
+                 long_ms);
         break;
     default: break;
     }

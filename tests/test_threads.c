@@ -12,10 +12,10 @@
 
 #include "testlib.h"
 
-#define TR 3  /* ranks */
+#define TR 3    /* ranks */
 #define TN 1000 /* alltoall elements per pair */
-#define TT 64  /* tokens per rank */
-#define TH 256 /* hidden */
+#define TT 64   /* tokens per rank */
+#define TH 256  /* hidden */
 #define TK 2
 
 typedef struct {
@@ -30,6 +30,7 @@ static void *rank_thread(void *p)
     int me = a->rank;
     epx_config_t cfg = EPX_CONFIG_INITIALIZER;
     cfg.backend = EPX_BACKEND_CPU;
+    cfg.timeout_ms = 30000; /* a hang fails in 30 s, not the default 300 */
     epx_comm_t comm;
     ASSERT_OK(epx_comm_init_rank(&comm, TR, me, &a->id, &cfg));
     int32_t *send = malloc(sizeof(int32_t) * TN * TR), *recv = malloc(sizeof(int32_t) * TN * TR);
@@ -49,7 +50,8 @@ static void *rank_thread(void *p)
     ASSERT_OK(epx_moe_create(comm, &mc, &moe));
     int cap = TT * TR;
     float *x = malloc(sizeof(float) * TT * TH), *rx = malloc(sizeof(float) * cap * TH);
-    float *out = malloc(sizeof(float) * TT * TH), *w = malloc(sizeof(float) * TT * TK), *rw = malloc(sizeof(float) * cap * TK);
+    float *out = malloc(sizeof(float) * TT * TH), *w = malloc(sizeof(float) * TT * TK);
+    float *rw = malloc(sizeof(float) * cap * TK);
     int32_t *idx = malloc(sizeof(int32_t) * TT * TK);
     for (int it = 0; it < 10; it++) {
         /* Two experts a token, on one rank or two: out = x times the ranks (the sum of the
@@ -95,7 +97,7 @@ int main(void)
         thread_arg_t args[TR];
         for (int r = 0; r < TR; r++) {
             args[r] = (thread_arg_t){id, r, 0};
-            pthread_create(&th[r], NULL, rank_thread, &args[r]);
+            ASSERT(pthread_create(&th[r], NULL, rank_thread, &args[r]) == 0);
         }
         for (int r = 0; r < TR; r++) {
             pthread_join(th[r], NULL);

@@ -26,9 +26,10 @@
  *          take no effect.
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
- * as above, in its host exchange), `mapped` (CUDA on one host: once the call has mapped its
- * peers' buffers, before the host round that agrees on the mappings, which a mapping that
- * failed on one rank only must reach; calls that map nothing never fire it), `enqueue`
+ * as above, in its host exchange), `mapped` (CUDA on one host: after the call's attempt to
+ * map its peers' buffers, before the host round that agrees on it, which a mapping that
+ * failed on one rank only must reach; epx_moe_create of a low-latency or copy-engine
+ * context maps too; calls that map nothing never fire it), `enqueue`
  * (after its host exchanges, before it enqueues any kernel: the peers' device waits find
  * nothing) or, for kill, `launched` (after it enqueued its kernels, without waiting for
  * them). The CPU backend on one host fires

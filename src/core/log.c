@@ -109,7 +109,8 @@ void epx__log(epx__log_level_t level, epx__subsys_t subsys, const char *fmt, ...
     static const char *names[] = {"NONE", "WARN", "INFO", "TRACE"};
     char line[1024];
     int rank = atomic_load_explicit(&epx__log_rank, memory_order_relaxed);
-    int n = snprintf(line, sizeof line, "epx %d:%d %s %s ", (int)getpid(), rank, names[level], epx__subsys_name(subsys));
+    int n =
+        snprintf(line, sizeof line, "epx %d:%d %s %s ", (int)getpid(), rank, names[level], epx__subsys_name(subsys));
     va_list ap;
     va_start(ap, fmt);
     if (n > 0 && (size_t)n < sizeof line) vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);

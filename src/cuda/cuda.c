@@ -197,8 +197,9 @@ void epx__cuda_fault_at_slow(epx__cuda_t *c, int at)
     epx__fault_delay_at(&c->fault, c->fault_step, at);
     epx__fault_spec_t f;
     if (!epx__fault_take_at(&c->fault, EPX__FAULT_KILL, c->fault_step, at, &f)) return;
-    /* Every peer got everything from the host exchanges; none of (enqueue) or all of
-     * (launched) this rank's kernels are on its stream, not waited for. */
+    /* The peers got this rank's host exchanges up to the agreement on the mappings
+     * (mapped), or all of them (enqueue, launched); none (mapped, enqueue) or all
+     * (launched) of its kernels are on its stream, not waited for. */
     epx__fault_exit(&f, at == EPX__FAULT_AT_LAUNCHED ? c->nranks - 1 : 0, c->nranks - 1);
 }
 
