@@ -24,6 +24,15 @@
 #include "cpu/shm.h"
 #include "testlib.h"
 
+/* Ranks as threads: fn(args + r * stride) for r < n at once; returns once all have. */
+static void run_threads(int n, void *(*fn)(void *), void *args, size_t stride)
+{
+    pthread_t th[16];
+    ASSERT(n <= 16);
+    for (int r = 0; r < n; r++) ASSERT(pthread_create(&th[r], NULL, fn, (char *)args + (size_t)r * stride) == 0);
+    for (int r = 0; r < n; r++) pthread_join(th[r], NULL);
+}
+
 static void test_status(void)
 {
     ASSERT(strcmp(epx_status_string(EPX_SUCCESS), "success") == 0);
@@ -172,13 +181,11 @@ static void run_boot_id(const epx_unique_id_t *idp, int nranks, const int *claim
                         int64_t timeout_ms, int late)
 {
     epx_unique_id_t id = *idp;
-    pthread_t th[8];
     boot_arg_t args[8];
     for (int r = 0; r < nranks; r++) {
         args[r] = (boot_arg_t){id, r, claimed[r], EPX_SUCCESS, timeout_ms, r >= late ? 300 : 0, 0};
-        pthread_create(&th[r], NULL, boot_thread, &args[r]);
     }
-    for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
+    run_threads(nranks, boot_thread, args, sizeof args[0]);
     for (int r = 0; r < nranks; r++) {
         ASSERT_STATUS(args[r].status, expect);
         if (args[r].ms > 2000) TEST_FAIL_("rank %d of %d took %.0f ms to get %s", r, nranks, args[r].ms, epx_status_name(expect));
@@ -220,14 +227,12 @@ static void *missing_thread(void *p)
 static void test_missing_rank(void)
 {
     missing_arg_t a[2];
-    pthread_t th[2];
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
     for (int r = 0; r < 2; r++) {
         a[r] = (missing_arg_t){id, r, EPX_SUCCESS, 0, ""};
-        pthread_create(&th[r], NULL, missing_thread, &a[r]);
     }
-    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    run_threads(2, missing_thread, a, sizeof a[0]);
     for (int r = 0; r < 2; r++) {
         ASSERT_STATUS(a[r].st, EPX_ERR_TIMEOUT);
         if (!strstr(a[r].msg, "2 of 4 ranks never reached the rendezvous") || !strstr(a[r].msg, "(rank 2 and others)"))
@@ -406,15 +411,13 @@ static void run_boot_leave(int nranks, int gone, bool sum)
 {
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
-    pthread_t th[8];
     leave_arg_t args[8];
     pthread_barrier_t stay;
     pthread_barrier_init(&stay, NULL, (unsigned)nranks - 1);
     for (int r = 0; r < nranks; r++) {
         args[r] = (leave_arg_t){id, r, nranks, gone, sum, &stay, EPX_SUCCESS, 0};
-        pthread_create(&th[r], NULL, leave_thread, &args[r]);
     }
-    for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
+    run_threads(nranks, leave_thread, args, sizeof args[0]);
     pthread_barrier_destroy(&stay);
     for (int r = 0; r < nranks; r++) {
         if (r == gone) continue;
@@ -427,13 +430,11 @@ static void run_alltoall(int nranks)
 {
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
-    pthread_t th[8];
     a2a_arg_t args[8];
     for (int r = 0; r < nranks; r++) {
         args[r] = (a2a_arg_t){id, r, nranks};
-        pthread_create(&th[r], NULL, a2a_thread, &args[r]);
     }
-    for (int r = 0; r < nranks; r++) pthread_join(th[r], NULL);
+    run_threads(nranks, a2a_thread, args, sizeof args[0]);
 }
 
 /* Direct links along rails: ranks as NH hosts of LS, rank h * LS + i linked with every
@@ -544,15 +545,13 @@ static void run_links(int NH, int LS, int bad)
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
     int R = NH * LS;
-    pthread_t th[16];
     links_arg_t args[16];
     pthread_barrier_t stay;
     pthread_barrier_init(&stay, NULL, (unsigned)R - 1);
     for (int r = 0; r < R; r++) {
         args[r] = (links_arg_t){id, r, NH, LS, bad, &stay};
-        pthread_create(&th[r], NULL, links_thread, &args[r]);
     }
-    for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+    run_threads(R, links_thread, args, sizeof args[0]);
     pthread_barrier_destroy(&stay);
 }
 
@@ -767,16 +766,14 @@ static void run_give_up(int R)
 {
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
-    pthread_t th[8];
     giveup_arg_t args[8];
     pthread_barrier_t done;
     pthread_barrier_init(&done, NULL, (unsigned)R);
     for (int r = 0; r < R; r++) {
         memset(&args[r], 0, sizeof args[r]);
         args[r].id = id, args[r].rank = r, args[r].nranks = R, args[r].done = &done;
-        pthread_create(&th[r], NULL, giveup_thread, &args[r]);
     }
-    for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+    run_threads(R, giveup_thread, args, sizeof args[0]);
     pthread_barrier_destroy(&done);
     for (int r = 0; r < R - 1; r++) {
         giveup_arg_t *a = &args[r];
@@ -839,16 +836,14 @@ static void test_give_up_writes_nothing(void)
 {
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
-    pthread_t th[2];
     ahead_arg_t args[2];
     pthread_barrier_t done;
     pthread_barrier_init(&done, NULL, 2);
     for (int r = 0; r < 2; r++) {
         memset(&args[r], 0, sizeof args[r]);
         args[r].id = id, args[r].rank = r, args[r].done = &done;
-        pthread_create(&th[r], NULL, ahead_thread, &args[r]);
     }
-    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    run_threads(2, ahead_thread, args, sizeof args[0]);
     pthread_barrier_destroy(&done);
     printf("give up, then write: rank 0: %s (got %d), %s, %s; the slow reader: %s, got %d\n",
            epx_status_name(args[0].st[0]), args[0].got[0], epx_status_name(args[0].st[1]),
@@ -900,15 +895,13 @@ static void test_result_net(void)
 {
     epx_unique_id_t id;
     ASSERT_OK(epx_get_unique_id(&id));
-    pthread_t th[2];
     net_arg_t args[2];
     pthread_barrier_t done;
     pthread_barrier_init(&done, NULL, 2);
     for (int r = 0; r < 2; r++) {
         args[r] = (net_arg_t){id, r, &done, EPX_SUCCESS, EPX_SUCCESS};
-        pthread_create(&th[r], NULL, net_thread, &args[r]);
     }
-    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    run_threads(2, net_thread, args, sizeof args[0]);
     pthread_barrier_destroy(&done);
     printf("result net: %s, then %s\n", epx_status_name(args[0].st), epx_status_name(args[0].next));
     ASSERT_STATUS(args[0].st, EPX_ERR_TIMEOUT);
