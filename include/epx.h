@@ -115,7 +115,8 @@ typedef struct {
     size_t size;          /* sizeof(epx_config_t), set by the initializer */
     int version;          /* EPX_VERSION_CODE, set by the initializer */
     int backend;          /* epx_backend_t, or EPX_UNSET (EPX_BACKEND) */
-    int timeout_ms;       /* bound on every wait for a peer, or EPX_UNSET (EPX_TIMEOUT_MS) */
+    int timeout_ms;       /* bound on every wait for a peer (README "Timeouts"), or EPX_UNSET
+                             (EPX_TIMEOUT_MS) */
     int device;           /* CUDA device ordinal, or EPX_UNSET (current device) */
 } epx_config_t;
 

@@ -606,6 +606,10 @@ static void test_fault_parse(void)
     ASSERT_OK(epx__fault_parse("kill:rank=1,step=0", 1, &f, &err)); /* the creation */
     ASSERT(epx__fault_due(&f, EPX__FAULT_KILL, 0, EPX__FAULT_AT_HOST, &s));
     ASSERT(!epx__fault_due(&f, EPX__FAULT_KILL, 1, EPX__FAULT_AT_HOST, &s));
+    ASSERT_OK(epx__fault_parse("slow:rank=0,step=3,ms=9", 0, &f, &err));
+    ASSERT(epx__fault_due(&f, EPX__FAULT_SLOW, 3, EPX__FAULT_AT_HOST, &s));
+    ASSERT_EQ(s.ms, 9);
+    ASSERT(!epx__fault_due(&f, EPX__FAULT_SLOW, 2, EPX__FAULT_AT_HOST, &s));
     static const struct {
         const char *text, *says;
     } bad[] = {
@@ -613,7 +617,9 @@ static void test_fault_parse(void)
         {"delay:rank=0,step=1,ms=1,at=launched", "host, mapped or enqueue"},
         {"kill:rank=0,step=1,at=later", "host, mapped, enqueue or launched"},
         {"count:rank=0,step=1,at=enqueue", "unknown key"},
-        {"crash:rank=0,step=1", "delay, kill, count, fail or nomem"},
+        {"crash:rank=0,step=1", "delay, kill, count, fail, nomem or slow"},
+        {"slow:rank=0,step=1,ms=1,at=enqueue", "unknown key"},
+        {"slow:rank=0,step=1", "and ms=M"},
         {"nomem:rank=0,step=1,at=host", "unknown key"},
         {"fail:rank=0", "needs rank=R and step=N"},
         {"kill:rank=0", "needs rank=R and step=N"},

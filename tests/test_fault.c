@@ -39,13 +39,19 @@
  *     call: its round breaks, so it too must return EPX_ERR_TIMEOUT (or PEER_FAILURE) and
  *     its communicator is broken, not its own EPX_ERR_INVALID_ARGUMENT on a communicator
  *     that looks usable;
+ *   - slow_reader: the last rank pauses a quarter of the timeout after each piece it copies
+ *     (EPX_FAULT slow), so that it reads for longer than the timeout (alltoall: 9 MiB per
+ *     peer, at least 6 pieces) while the others wait for it to finish reading their
+ *     buffers. It keeps moving, so nobody times out: every rank succeeds with exact data and
+ *     the communicator stays usable (alltoall: the slow rank took longer than the timeout);
  *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
  *     call returns it at once; a new communicator (a new unique id) over the ranks still
  *     alive then works, data checked.
  *
  * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch, combine,
  * ll_dispatch or ll_combine and FAULT delay_short, delay_long, kill, count, abort,
- * kill_slow_reader, count_slow_reader, kill_reading or invalid_late (default: all of them).
+ * kill_slow_reader, count_slow_reader, kill_reading, invalid_late or slow_reader (default: all
+ * of them).
  * Forks its own ranks: epx-run would stop the others as soon as one rank dies.
  */
 #include <signal.h>
@@ -76,12 +82,14 @@ typedef enum {
     F_COUNT_SLOW_READER,
     F_KILL_READING,
     F_INVALID_LATE,
+    F_SLOW_READER,
     F_NUM
 } fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
 static const char *fault_names[] = {"delay_short",      "delay_long",        "kill",        "count", "abort",
-                                    "kill_slow_reader", "count_slow_reader", "kill_reading", "invalid_late"};
+                                    "kill_slow_reader", "count_slow_reader", "kill_reading", "invalid_late",
+                                    "slow_reader"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -91,6 +99,9 @@ static const char *fault_names[] = {"delay_short",      "delay_long",        "ki
 #define LOCAL_EXPERTS 4
 
 #include "fault_data.h"
+
+/* alltoall's bytes per peer: 64 KiB, slow_reader 9 MiB (several pieces of src/cpu's copies). */
+static size_t a2a_count = 64 << 10;
 
 typedef struct {
     void *buf;
@@ -178,7 +189,7 @@ static void ctx_setup(ctx_t *c, op_t op, epx_comm_t comm)
     ASSERT_OK(epx_comm_size(comm, &c->R));
     int me = c->me, R = c->R;
     if (op == OP_ALLTOALL) {
-        c->count = 64 << 10; /* above the eager size: peers read the send buffer itself */
+        c->count = a2a_count; /* above the eager size: peers read the send buffer itself */
         c->send = xmalloc(c->count * (size_t)R);
         c->recv = xmalloc(c->count * (size_t)R);
         add_out(c, c->recv, c->count * (size_t)R);
@@ -471,6 +482,15 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
         ctx_check(&c, EXACT, what);
         if (dt > TIMEOUT_MS / 4 + SLACK_MS) TEST_FAIL_("%s: took %.0f ms", what, dt);
         break;
+    case F_SLOW_READER:
+        ASSERT_OK(st);
+        ctx_check(&c, EXACT, what);
+        if (bad && op == OP_ALLTOALL && dt <= TIMEOUT_MS)
+            TEST_FAIL_("%s: the slow reader took %.0f ms, not longer than the timeout (%d ms)", what, dt, TIMEOUT_MS);
+        ctx_poison(&c);
+        ASSERT_OK(ctx_run(&c)); /* still usable */
+        ctx_check(&c, EXACT, what);
+        break;
     case F_DELAY_LONG:
     case F_INVALID_LATE: /* rank 0's rejection of its own input does not hide the broken round */
         if (bad) {
@@ -564,6 +584,10 @@ static int scenario(op_t op, fault_t f, int R)
     case F_KILL_READING: snprintf(text, sizeof text, "kill:rank=%d,step=%d,at=enqueue", R - 1, step); break;
     case F_INVALID_LATE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, 3 * TIMEOUT_MS); break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
+    case F_SLOW_READER:
+        snprintf(text, sizeof text, "slow:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS / 4);
+        a2a_count = 9 << 20;
+        break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);

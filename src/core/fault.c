@@ -12,7 +12,7 @@
 /* Entries that fired in this process (bit = index in EPX_FAULT). */
 static _Atomic unsigned epx__fault_fired;
 
-static const char *const epx__fault_names[] = {"?", "delay", "kill", "count", "fail", "nomem"};
+static const char *const epx__fault_names[] = {"?", "delay", "kill", "count", "fail", "nomem", "slow"};
 static const char *const epx__fault_at_names[] = {"host", "mapped", "enqueue", "launched"};
 
 static bool epx__fault_number(const char *v, long long lo, long long hi, long long *out)
@@ -43,11 +43,11 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
     *colon = '\0';
     char *kind = epx__trim(text);
     *s = (epx__fault_spec_t){0, index, -1, 0, -1, EPX__FAULT_AT_HOST};
-    for (int k = 1; k <= EPX__FAULT_NOMEM; k++)
+    for (int k = 1; k <= EPX__FAULT_SLOW; k++)
         if (!strcmp(kind, epx__fault_names[k])) s->kind = k;
     if (!s->kind)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
-                         "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count, fail or nomem)", index + 1, kind);
+                         "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count, fail, nomem or slow)", index + 1, kind);
     if (s->kind == EPX__FAULT_FAIL) s->at = EPX__FAULT_AT_ENQUEUE;
     long long step = -1; /* none given */
     char *save = NULL;
@@ -63,9 +63,10 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
             ok = epx__fault_number(val, 0, 1 << 20, &v), s->rank = (int)v;
         else if (!strcmp(key, "step"))
             ok = epx__fault_number(val, 0, UINT32_MAX, &v), step = v;
-        else if (!strcmp(key, "ms") && s->kind == EPX__FAULT_DELAY)
+        else if (!strcmp(key, "ms") && (s->kind == EPX__FAULT_DELAY || s->kind == EPX__FAULT_SLOW))
             ok = epx__fault_number(val, 0, 24 * 3600 * 1000, &v), s->ms = (int)v;
-        else if (!strcmp(key, "at") && s->kind != EPX__FAULT_COUNT && s->kind != EPX__FAULT_NOMEM) {
+        else if (!strcmp(key, "at") && s->kind != EPX__FAULT_COUNT && s->kind != EPX__FAULT_NOMEM &&
+                 s->kind != EPX__FAULT_SLOW) {
             int first = s->kind == EPX__FAULT_FAIL ? EPX__FAULT_AT_ENQUEUE : EPX__FAULT_AT_HOST;
             int last = s->kind == EPX__FAULT_KILL ? EPX__FAULT_AT_LAUNCHED : EPX__FAULT_AT_ENQUEUE;
             ok = false;
@@ -85,9 +86,10 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
             return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): %s=%s is out of range", index + 1,
                              kind, key, val);
     }
-    if (s->rank < 0 || step < 0 || (s->kind == EPX__FAULT_DELAY && s->ms < 0))
+    bool timed = s->kind == EPX__FAULT_DELAY || s->kind == EPX__FAULT_SLOW;
+    if (s->rank < 0 || step < 0 || (timed && s->ms < 0))
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "EPX_FAULT entry %d (%s): needs rank=R and step=N%s", index + 1,
-                         kind, s->kind == EPX__FAULT_DELAY ? " and ms=M" : "");
+                         kind, timed ? " and ms=M" : "");
     if (step == 0 && (s->kind != EPX__FAULT_KILL || s->at != EPX__FAULT_AT_HOST))
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
                          "EPX_FAULT entry %d (%s): step=0 (the communicator's creation) takes only kill at host", index + 1,
@@ -167,6 +169,16 @@ void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at)
     epx__fault_spec_t s;
     if (!epx__fault_take_at(f, EPX__FAULT_DELAY, step, at, &s)) return;
     struct timespec ts = {s.ms / 1000, (long)(s.ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+void epx__fault_slow(epx__fault_t *f, uint32_t step)
+{
+    epx__fault_spec_t s;
+    if (epx__fault_take(f, EPX__FAULT_SLOW, step, &s)) f->slow_step = step, f->slow_ms = s.ms;
+    if (f->slow_ms <= 0 || f->slow_step != step) return;
+    struct timespec ts = {f->slow_ms / 1000, (long)(f->slow_ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }

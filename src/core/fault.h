@@ -23,7 +23,11 @@
  *          hosts (src/hier), and CUDA on one host: the rank's first mapping of a peer's
  *          buffer in the call (CUDA IPC) fails as when every mapping slot is held; calls
  *          that map nothing (eager alltoall(v), low latency, the copy-engine combine)
- *          take no effect.
+ *          take no effect;
+ *   slow   rank R pauses M ms after each piece (4 MiB at most, src/cpu's EPX__PIECE, or a batch of
+ *          rows) it copies from a peer in its N-th operation: a slow reader that keeps
+ *          moving, which its peers must wait for past their timeout (a wait's timeout
+ *          restarts while the peer copies). CPU backend on one host (src/cpu) only.
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `mapped` (CUDA on one host: after the call's attempt to
@@ -71,7 +75,8 @@ typedef enum {
     EPX__FAULT_KILL = 2,
     EPX__FAULT_COUNT = 3,
     EPX__FAULT_FAIL = 4,
-    EPX__FAULT_NOMEM = 5
+    EPX__FAULT_NOMEM = 5,
+    EPX__FAULT_SLOW = 6
 } epx__fault_kind_t;
 /* Where in an operation a fault fires (`at`). */
 typedef enum {
@@ -99,6 +104,8 @@ typedef struct {
     int rank;
     int n;
     epx__fault_spec_t spec[EPX__FAULT_MAX];
+    uint32_t slow_step; /* the operation a `slow` entry slows (once it fired), and by how much */
+    int slow_ms;
 } epx__fault_t;
 
 /* Parse EPX_FAULT text ("" = no fault) for rank `rank`. EPX_ERR_INVALID_ARGUMENT, naming
@@ -115,6 +122,10 @@ bool epx__fault_due(const epx__fault_t *f, int kind, uint32_t step, int at, epx_
 /* A `delay` at the start of operation `step` (at host) or at `at`: sleeps when one is due. */
 void epx__fault_delay(const epx__fault_t *f, uint32_t step);
 void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at);
+
+/* A `slow` entry: sleeps its ms when it aims at operation `step` (the first time marks it
+ * fired; every later piece of the same operation sleeps too). */
+void epx__fault_slow(epx__fault_t *f, uint32_t step);
 
 /* A `kill` aimed at step 0 (the communicator's creation): ends the process. src/cpu calls
  * it once its shared segment exists, before the peers have mapped it. f may be NULL. */

@@ -88,7 +88,6 @@ static epx_status_t epx__xop_open(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_s
     /* Peers finished their reads of operation seq-2 (same parity) before they posted
      * seq-1, which this rank saw before it returned from seq-1: the block is free. */
     op->seq = epx__op_begin(c);
-    op->deadline = epx__deadline_after_ms(c->timeout_ms);
     op->exposed = false;
     epx_status_t gone = epx__cpu_given_up(c, err); /* then write and post nothing */
     *broken = gone != EPX_SUCCESS;
@@ -96,7 +95,7 @@ static epx_status_t epx__xop_open(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_s
     if (local_status == EPX_SUCCESS) local_status = epx__publish_sends(c, x, op->seq, &op->exposed, err);
     if (__builtin_expect(c->fault.armed, 0) && local_status == EPX_SUCCESS) epx__fault_count(c, op->seq);
     epx__op_post(c, op->seq, EPX__CALL_EXCHANGE, local_status);
-    epx_status_t st = epx__wait_posts(c, op->seq, op->deadline, err);
+    epx_status_t st = epx__wait_posts(c, op->seq, err);
     *broken = st != EPX_SUCCESS;
     if (*broken) return st;
     return local_status != EPX_SUCCESS ? local_status : epx__check_peers(c, op->seq, err);
@@ -124,8 +123,8 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
     if (broken) return st;
     /* Pull. */
     if (st == EPX_SUCCESS && x->send_bytes[me] > 0)
-        memcpy((char *)x->recv + x->recv_displ[me], (const char *)x->send + x->send_displ[me],
-               (size_t)x->send_bytes[me]);
+        epx__copy_moving(c, op.seq, (char *)x->recv + x->recv_displ[me], (const char *)x->send + x->send_displ[me],
+                         (size_t)x->send_bytes[me]);
     for (int i = 1; i < c->nranks && st == EPX_SUCCESS; i++) {
         int p = (me + i) % c->nranks;
         const epx__desc_t *d;
@@ -137,7 +136,7 @@ epx_status_t epx__cpu_alltoallv(epx__cpu_t *c, const epx__cpu_xfer_t *x, epx_sta
     /* Nobody gave up while I read; then done: if peers read memory the caller owns, it
      * must stay put until they finish. */
     if (st == EPX_SUCCESS) st = epx__peers_check(c, op.seq, err);
-    return epx__op_finish(c, op.seq, op.exposed, st, op.deadline, err);
+    return epx__op_finish(c, op.seq, op.exposed, st, err);
 }
 
 epx_status_t epx__cpu_exchange_begin(epx__cpu_t *c, const epx__cpu_xfer_t *x, const char **seg,
@@ -162,7 +161,7 @@ epx_status_t epx__cpu_exchange_begin(epx__cpu_t *c, const epx__cpu_xfer_t *x, co
         else
             st = epx__peer_map(c, p, &d->loc, op.seq, &seg[p], err);
     }
-    if (st != EPX_SUCCESS) return epx__op_finish(c, op.seq, op.exposed, st, op.deadline, err);
+    if (st != EPX_SUCCESS) return epx__op_finish(c, op.seq, op.exposed, st, err);
     c->open = op;
     return EPX_SUCCESS;
 }
@@ -172,5 +171,5 @@ epx_status_t epx__cpu_exchange_end(epx__cpu_t *c, epx_status_t st, epx__errbuf_t
     /* Nobody gave up while I read what they exposed; then done, waiting for the readers of
      * mine when it is memory that outlives the operation. */
     if (st == EPX_SUCCESS) st = epx__peers_check(c, c->open.seq, err);
-    return epx__op_finish(c, c->open.seq, c->open.exposed, st, c->open.deadline, err);
+    return epx__op_finish(c, c->open.seq, c->open.exposed, st, err);
 }

@@ -308,7 +308,6 @@ int epx__cpu_moe_handle_tokens(const epx__cpu_moe_handle_t *h) { return h->num_t
 
 typedef struct {
     uint32_t seq;
-    uint64_t deadline;
     bool exposed;        /* peers read my memory (always my board, often the caller's): wait for them at the end */
     bool broken;         /* a wait for posts failed, or this rank had given up: nothing to finish */
     epx__board_t mine;   /* my board section for this operation */
@@ -337,7 +336,6 @@ static void epx__fault_count(epx__cpu_moe_t *m, epx__op_t *op)
 static epx_status_t epx__op_start(epx__cpu_moe_t *m, epx__op_t *op, int kind, epx_status_t local, epx__errbuf_t *err)
 {
     op->seq = epx__op_begin(m->cpu);
-    op->deadline = epx__deadline_after_ms(m->cpu->timeout_ms);
     op->exposed = true; /* peers read my board (opened by name on first use): wait for them */
     op->b = NULL;
     epx_status_t gone = epx__cpu_given_up(m->cpu, err);
@@ -359,7 +357,7 @@ static epx_status_t epx__op_meet(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t 
     if (local == EPX_SUCCESS && !op->b) local = epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (__builtin_expect(m->cpu->fault.armed, 0) && local == EPX_SUCCESS) epx__fault_count(m, op);
     epx__op_post(m->cpu, op->seq, EPX__CALL_MOE, local);
-    epx_status_t st = epx__wait_posts(m->cpu, op->seq, op->deadline, err);
+    epx_status_t st = epx__wait_posts(m->cpu, op->seq, err);
     op->broken = st != EPX_SUCCESS;
     if (st != EPX_SUCCESS) return st;
     if (local != EPX_SUCCESS) return local;
@@ -375,7 +373,7 @@ static epx_status_t epx__op_end(epx__cpu_moe_t *m, epx__op_t *op, epx_status_t s
     free(op->b);
     if (op->broken) return st;
     if (st == EPX_SUCCESS) st = epx__peers_check(m->cpu, op->seq, err); /* nobody gave up while I read */
-    return epx__op_finish(m->cpu, op->seq, op->exposed, st, op->deadline, err);
+    return epx__op_finish(m->cpu, op->seq, op->exposed, st, err);
 }
 
 /* Hand a new handle out on success, free it otherwise. */

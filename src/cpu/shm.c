@@ -175,7 +175,7 @@ static inline void epx__cpu_relax(void)
 }
 
 epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
-                            uint64_t deadline, const char *what, epx__errbuf_t *err)
+                            const char *what, epx__errbuf_t *err)
 {
     /* Poll (fast path), then poll and yield the core, then sleep on the futex. */
     for (int i = 0; i < 64; i++) {
@@ -184,12 +184,17 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const ep
         epx__cpu_relax();
     }
     uint64_t start = epx__now_ns();
+    const uint64_t window = (uint64_t)c->timeout_ms * 1000000ull;
+    uint64_t deadline = start + window;
     for (unsigned i = 0;; i++) {
         if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
             return EPX_SUCCESS;
         epx__cpu_relax();
         if ((i & 63) == 0 && epx__now_ns() - start >= c->spin_ns) break;
     }
+    /* Read only now: the spin above stays off the peer's progress line (which it writes). */
+    const _Atomic uint32_t *moved = &c->peers[peer].hdr->progress;
+    uint32_t seen = atomic_load_explicit(moved, memory_order_relaxed);
     for (;;) {
         uint32_t v = atomic_load_explicit(&flag->value, memory_order_acquire);
         if (epx__seq_geq(v, target)) return EPX_SUCCESS;
@@ -200,14 +205,19 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const ep
             if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
             return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, c->rank, what, target);
         }
-        if (epx__now_ns() >= deadline) {
+        uint64_t now = epx__now_ns();
+        uint32_t p = atomic_load_explicit(moved, memory_order_relaxed);
+        if (p != seen) { /* it copied data since: alive, maybe slow; the clock starts again */
+            seen = p;
+            deadline = now + window;
+        } else if (now >= deadline) {
             uint32_t w = twin ? atomic_load_explicit(&twin->value, memory_order_acquire) : v;
             return epx__fail(err, EPX_ERR_TIMEOUT,
-                             "rank %d timed out after %" PRId64 " ms waiting for rank %d's %s of operation %u "
-                             "(its last: operation %u)",
-                             c->rank, c->timeout_ms, peer, what, target, epx__seq_geq(w, v) ? w : v);
+                             "rank %d timed out waiting for rank %d's %s of operation %u: no progress from it for "
+                             "%" PRId64 " ms (its last: operation %u)",
+                             c->rank, peer, what, target, c->timeout_ms, epx__seq_geq(w, v) ? w : v);
         }
-        if (epx__now_ns() - start < c->spin_ns + c->yield_ns) {
+        if (now - start < c->spin_ns + c->yield_ns) {
             sched_yield();
             continue;
         }
@@ -256,13 +266,13 @@ epx_status_t epx__cpu_given_up(epx__cpu_t *c, epx__errbuf_t *err)
     return epx__fail_again(err, c->gave_up, "%s (this rank then gave up on the communicator)", c->gave_up_why);
 }
 
-epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
 {
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
         epx__desc_t *d = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq, c->rank);
         const epx__desc_t *twin = epx__seg_desc(c->peers[peer].hdr, c->nranks, seq + 1, c->rank); /* other parity */
-        epx_status_t st = epx__flag_wait(c, peer, &d->post, &twin->post, seq, deadline, "arrival", err);
+        epx_status_t st = epx__flag_wait(c, peer, &d->post, &twin->post, seq, "arrival", err);
         if (st != EPX_SUCCESS) return epx__cpu_give_up(c, st);
     }
     if (c->num_retired) epx__unlink_retired(c, seq, false);
@@ -271,11 +281,11 @@ epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx
     return st == EPX_SUCCESS ? st : epx__cpu_give_up(c, st);
 }
 
-epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
 {
     for (int i = 1; i < c->nranks; i++) {
         int peer = (c->rank + i) % c->nranks;
-        EPX__CHECK(epx__flag_wait(c, peer, &c->peers[peer].hdr->done, NULL, seq, deadline, "completion", err));
+        EPX__CHECK(epx__flag_wait(c, peer, &c->peers[peer].hdr->done, NULL, seq, "completion", err));
     }
     return EPX_SUCCESS;
 }
@@ -741,6 +751,16 @@ epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint3
     }
 }
 
+void epx__copy_moving(epx__cpu_t *c, uint32_t seq, void *dst, const void *src, size_t len)
+{
+    for (size_t done = 0; done < len;) {
+        size_t piece = EPX__MIN(len - done, EPX__PIECE);
+        memcpy((char *)dst + done, (const char *)src + done, piece);
+        done += piece;
+        epx__moved(c, seq);
+    }
+}
+
 epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, uint64_t off, void *dst,
                             size_t len, epx__errbuf_t *err)
 {
@@ -749,7 +769,8 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
         char *d = dst;
         uint64_t src = loc->addr + off;
         while (len > 0) {
-            struct iovec l = {d, len}, r = {(void *)(uintptr_t)src, len};
+            size_t piece = EPX__MIN(len, EPX__PIECE);
+            struct iovec l = {d, piece}, r = {(void *)(uintptr_t)src, piece};
             ssize_t n = process_vm_readv(c->peers[peer].hdr->pid, &l, 1, &r, 1, 0);
             if (n <= 0) {
                 if (n < 0 && errno == EINTR) continue;
@@ -759,13 +780,14 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
             d += n;
             src += (uint64_t)n;
             len -= (size_t)n;
+            epx__moved(c, seq);
         }
         return EPX_SUCCESS;
     }
     const char *base;
     EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
     if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published nothing to read", peer);
-    memcpy(dst, base + off, len);
+    epx__copy_moving(c, seq, dst, base + off, len);
     return EPX_SUCCESS;
 }
 
@@ -832,13 +854,12 @@ epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t 
     return EPX_SUCCESS;
 }
 
-epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, uint64_t deadline,
-                            epx__errbuf_t *err)
+epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, epx__errbuf_t *err)
 {
     epx__seg_hdr_t *h = c->seg;
     epx__flag_post(&h->done, seq);
     if (exposed) {
-        epx_status_t w = epx__wait_dones(c, seq, deadline, err);
+        epx_status_t w = epx__wait_dones(c, seq, err);
         if (w != EPX_SUCCESS) return epx__cpu_give_up(c, w);
     }
     if (!atomic_load_explicit(&h->aborted.value, memory_order_relaxed))
@@ -885,7 +906,15 @@ epx_status_t epx__peer_rows_copy(epx__cpu_t *c, int peer, const epx__loc_t *loc,
         const char *base;
         EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
         if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from", peer);
-        for (int64_t i = 0; i < n; i++) memcpy(dst + (size_t)i * dst_stride, base + offsets[i], row_bytes);
+        const int64_t per_piece = (int64_t)EPX__MAX(EPX__PIECE / row_bytes, (size_t)1);
+        for (int64_t i = 0, left = per_piece; i < n; i++) {
+            memcpy(dst + (size_t)i * dst_stride, base + offsets[i], row_bytes);
+            if (--left == 0) {
+                epx__moved(c, seq);
+                left = per_piece;
+            }
+        }
+        epx__moved(c, seq);
         return EPX_SUCCESS;
     }
     /* process_vm_readv in batches of up to IOV_MAX rows. */
@@ -907,6 +936,7 @@ epx_status_t epx__peer_rows_copy(epx__cpu_t *c, int peer, const epx__loc_t *loc,
                                           row_bytes, err));
         }
         i += k;
+        epx__moved(c, seq);
     }
     return EPX_SUCCESS;
 }
@@ -923,5 +953,6 @@ epx_status_t epx__peer_rows_ptrs(epx__cpu_t *c, int peer, const epx__loc_t *loc,
     EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
     if (!base && n > 0) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from", peer);
     for (int64_t i = 0; i < n; i++) ptrs[i] = base + offsets[i];
+    epx__moved(c, seq); /* the caller is done with the rows it asked for before */
     return EPX_SUCCESS;
 }

@@ -12,6 +12,8 @@
 
 #define EPX__SEG_MAGIC 0x47455358u
 #define EPX__MAX_PEER_REGIONS 32
+/* Copies from peers go in pieces of at most this many bytes, each one a sign of progress. */
+#define EPX__PIECE ((size_t)4 << 20)
 
 /* Where a peer can read bytes of mine. */
 typedef enum {
@@ -63,6 +65,9 @@ typedef struct {
     _Atomic uint32_t released_through;
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
+    /* Bumped each time I copied a piece (at most EPX__PIECE bytes) of a peer's data: a peer
+     * waiting for me restarts its timeout while this moves (see epx__flag_wait). */
+    _Alignas(EPX__CACHELINE) _Atomic uint32_t progress;
 } epx__seg_hdr_t;
 
 /* Values of the `aborted` flag: the rank aborted its communicator, or gave up on it (a
@@ -87,7 +92,6 @@ typedef struct {
 /* An alltoallv-like operation's state between its opening and its end (alltoall.c). */
 typedef struct {
     uint32_t seq;
-    uint64_t deadline;
     bool exposed; /* peers read memory of mine that outlives the operation */
 } epx__xop_t;
 
@@ -139,17 +143,21 @@ static inline bool epx__seq_geq(uint32_t a, uint32_t b) { return (int32_t)(a - b
 
 /* Publish `value` on a flag (release) and wake sleepers. */
 void epx__flag_post(epx__flag_t *flag, uint32_t value);
-/* Wait until `flag` (in peer's segment) >= target. TIMEOUT / PEER_FAILURE on failure; a
- * timeout names the peer's last operation on flag or, when given, its twin (the same flag
- * of the other parity: the peer may be one operation further than flag shows). */
+/* Wait until `flag` (in peer's segment) >= target. PEER_FAILURE as soon as the peer is
+ * gone, aborted or gave up; TIMEOUT once the peer showed no progress for the
+ * communicator's timeout: counted from the wait's start, and again from each piece of data
+ * the peer copied meanwhile (its `progress`, read at every poll after the first spin, at
+ * least every 5 ms), so a slow peer that moves is not a stalled one. A timeout names the peer's last operation on flag or, when given, its twin
+ * (the same flag of the other parity: the peer may be one operation further than flag
+ * shows). */
 epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
-                            uint64_t deadline, const char *what, epx__errbuf_t *err);
+                            const char *what, epx__errbuf_t *err);
 /* Wait for every peer's post of operation `seq` to me (descriptor lines), then check that no
  * peer gave up without releasing what it posted (epx__peers_check). A failure leaves the
  * operation out of step: this rank gives up on the communicator (see gave_up). */
-epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
+epx_status_t epx__wait_posts(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err);
 /* Wait for every peer's done >= seq. */
-epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, uint64_t deadline, epx__errbuf_t *err);
+epx_status_t epx__wait_dones(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err);
 
 /* ---- One collective operation (see the protocol in cpu.h) ---- */
 
@@ -159,6 +167,16 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
     uint32_t seq = ++c->seq;
     if (__builtin_expect(c->fault.armed, 0)) epx__fault_delay(&c->fault, seq);
     return seq;
+}
+
+/* I copied another piece of a peer's data in operation `seq`: tell the peers waiting for
+ * me (progress), and pause when a `slow` fault aims at the operation. */
+static inline void epx__moved(epx__cpu_t *c, uint32_t seq)
+{
+    epx__seg_hdr_t *h = c->seg;
+    atomic_store_explicit(&h->progress, atomic_load_explicit(&h->progress, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    if (__builtin_expect(c->fault.armed, 0)) epx__fault_slow(&c->fault, seq);
 }
 
 /* Has any peer aborted or given up on the communicator without having released what it
@@ -183,8 +201,7 @@ epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t 
  * they all finished; then the operation is released (released_through). Returns `st`; when
  * that wait fails, its error whatever st was, and this rank gives up on the communicator
  * first (a reader may still be in memory its caller is about to take back). */
-epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, uint64_t deadline,
-                            epx__errbuf_t *err);
+epx_status_t epx__op_finish(epx__cpu_t *c, uint32_t seq, bool exposed, epx_status_t st, epx__errbuf_t *err);
 
 /* Buffers of mine that peers will read during one operation. */
 typedef struct {
@@ -214,6 +231,8 @@ bool epx__region_find(epx__cpu_t *c, const void *p, size_t len, epx__loc_t *loc)
 epx_status_t epx__staging_get(epx__cpu_t *c, size_t bytes, void **base, epx__loc_t *loc,
                               epx__errbuf_t *err);
 
+/* memcpy in pieces, each one a sign of progress (epx__moved) in operation `seq`. */
+void epx__copy_moving(epx__cpu_t *c, uint32_t seq, void *dst, const void *src, size_t len);
 /* Copy `len` bytes at offset `off` of what `peer` published in `loc` into `dst`. */
 epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint32_t seq, uint64_t off,
                             void *dst, size_t len, epx__errbuf_t *err);
