@@ -449,15 +449,16 @@ extern "C" int epx__cuda_launch_ll_forward(const epx__cuda_dev_t *d, const epx__
  * flag waits after others have finished. */
 static int epx__ll_resident(const void *kernel, int threads, int slot)
 {
-    static int cache[32][16];
+    static int cache[32][16]; /* threads of a process may fill it at once: the same answer */
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 16) dev = 0;
-    if (cache[slot][dev] > 0) return cache[slot][dev];
+    int n = __atomic_load_n(&cache[slot][dev], __ATOMIC_RELAXED);
+    if (n > 0) return n;
     int sms = 0, per_sm = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
-    int n = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
-    cache[slot][dev] = n;
+    n = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+    __atomic_store_n(&cache[slot][dev], n, __ATOMIC_RELAXED);
     return n;
 }
 
