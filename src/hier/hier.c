@@ -24,28 +24,27 @@ epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t
 }
 
 epx_status_t epx__hier_net_xchg(epx__hier_t *h, int tag, const void *const *sbuf, const int64_t *sbytes,
-                                void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+                                void *const *rbuf, const int64_t *rbytes, epx__errbuf_t *err)
 {
-    return h->link.xchg(h->link.ctx, tag, sbuf, sbytes, rbuf, rbytes, deadline, err);
+    return h->link.xchg(h->link.ctx, tag, sbuf, sbytes, rbuf, rbytes, err);
 }
 
 /* The MPI link. */
-static epx_status_t epx__mpi_allreduce(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)
+static epx_status_t epx__mpi_allreduce(void *ctx, int64_t *v, int n, epx__errbuf_t *err)
 {
-    return epx__net_allreduce_sum(ctx, v, n, deadline, err);
+    return epx__net_allreduce_sum(ctx, v, n, err);
 }
 
-static epx_status_t epx__mpi_alltoall(void *ctx, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
-                                      epx__errbuf_t *err)
+static epx_status_t epx__mpi_alltoall(void *ctx, const int64_t *send, int64_t *recv, int words, epx__errbuf_t *err)
 {
-    return epx__net_alltoall(ctx, send, recv, words, deadline, err);
+    return epx__net_alltoall(ctx, send, recv, words, err);
 }
 
 static epx_status_t epx__mpi_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
-                                  const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+                                  const int64_t *rbytes, epx__errbuf_t *err)
 {
     EPX__CHECK(epx__net_start(ctx, tag, sbuf, sbytes, rbuf, rbytes, err));
-    return epx__net_wait(ctx, deadline, err);
+    return epx__net_wait(ctx, err);
 }
 
 epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
@@ -140,7 +139,6 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     int R = t->nranks, me = t->rank, LS = t->local_size;
     if (!h->net) return epx__fail(err, EPX_ERR_INTERNAL, "hierarchical alltoallv needs the MPI engine");
     const uint32_t seq = ++h->seq;
-    const uint64_t deadline = epx__deadline_after_ms(h->timeout_ms);
     const bool fault = h->fault_count; /* EPX_FAULT count: announce a byte more to rank + 1 */
     const bool nomem = h->fault_nomem; /* EPX_FAULT nomem: no scratch for a disagreeing pair */
     h->fault_count = h->fault_nomem = false;
@@ -170,7 +168,7 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     }
     in[me] = out[me];
     if (fault && local == EPX_SUCCESS && R > 1) out[(me + 1) % R].send_bytes += 1;
-    EPX__CHECK(epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, deadline, err));
+    EPX__CHECK(epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, err));
 
     /* 2. Verdicts: everyone saw every card, so everyone agrees. */
     if (local != EPX_SUCCESS) return local;
@@ -223,7 +221,7 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     /* Inside the host, while the messages fly (a pair that disagrees moves nothing). */
     epx__cpu_xfer_t lxf = {x->send, lsb, lsd, sink ? sink : x->recv, lrb, lrd};
     epx_status_t cst = epx__cpu_alltoallv(h->cpu, &lxf, EPX_SUCCESS, err);
-    st = epx__net_wait(h->net, deadline, err);
+    st = epx__net_wait(h->net, err);
     if (st == EPX_SUCCESS && cst != EPX_SUCCESS && cst != EPX_ERR_MISMATCH) st = cst;
     return st == EPX_SUCCESS ? verdict : st;
 }

@@ -41,8 +41,9 @@ typedef struct epx__hier epx__hier_t;
 
 /* The transport between hosts that MoE runs on: MPI (src/net), or NCCL for GPU ranks (the
  * link src/xhost builds: host buffers staged through device memory; its collectives run
- * over the bootstrap). Every call is collective in the sense of the MPI one it stands for
- * and bounded by `deadline`:
+ * over the bootstrap). Every call is collective in the sense of the MPI one it stands for,
+ * and its wait for the peers is bounded by the communicator's timeout from its own start
+ * (EPX_ERR_TIMEOUT past it):
  *   allreduce_sum  v[0..n) summed over all ranks, in place;
  *   alltoall       block q (`words` int64) of send[R * words] arrives as block `rank` of
  *                  rank q's recv[R * words] (not overlapping send);
@@ -50,11 +51,10 @@ typedef struct epx__hier epx__hier_t;
  *                  (0 = none), complete on return; `tag` tells concurrent batches apart. */
 typedef struct {
     void *ctx;
-    epx_status_t (*allreduce_sum)(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err);
-    epx_status_t (*alltoall)(void *ctx, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
-                             epx__errbuf_t *err);
+    epx_status_t (*allreduce_sum)(void *ctx, int64_t *v, int n, epx__errbuf_t *err);
+    epx_status_t (*alltoall)(void *ctx, const int64_t *send, int64_t *recv, int words, epx__errbuf_t *err);
     epx_status_t (*xchg)(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes, void *const *rbuf,
-                         const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err);
+                         const int64_t *rbytes, epx__errbuf_t *err);
 } epx__hier_link_t;
 
 /* Local: build the backend over this host's `cpu` (local ranks) and `net` (all ranks).

@@ -58,6 +58,6 @@ epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t
 
 /* Point-to-point batch over the net: start and wait. */
 epx_status_t epx__hier_net_xchg(epx__hier_t *h, int tag, const void *const *sbuf, const int64_t *sbytes,
-                                void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err);
+                                void *const *rbuf, const int64_t *rbytes, epx__errbuf_t *err);
 
 #endif

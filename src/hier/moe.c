@@ -212,7 +212,7 @@ static epx_status_t epx__route_end(epx__hier_moe_t *m, epx_status_t st, epx__err
 /* Exchange packed segments with other ranks over MPI (byte counts per rank, 0 = none);
  * segments lie back to back in rank order. */
 static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send, const int64_t *sbytes, char *recv,
-                                  const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+                                  const int64_t *rbytes, epx__errbuf_t *err)
 {
     int R = epx__t(m)->nranks;
     const void **sp = m->h->sp; /* nothing to allocate mid-call */
@@ -222,7 +222,7 @@ static epx_status_t epx__net_xchg(epx__hier_moe_t *m, int tag, const char *send,
         sp[p] = send + so, rp[p] = recv + ro;
         so += sbytes[p], ro += rbytes[p];
     }
-    return epx__hier_net_xchg(m->h, tag, sp, sbytes, rp, rbytes, deadline, err);
+    return epx__hier_net_xchg(m->h, tag, sp, sbytes, rp, rbytes, err);
 }
 
 /* ---- Verdict --------------------------------------------------------------------------------- */
@@ -261,7 +261,7 @@ enum { EPX__C_SHORT, EPX__C_RANK, EPX__C_CAPACITY, EPX__C_ROWS, EPX__C_FAILED, E
  * on every rank); with f (a dispatch), f->lanes, rows, fwd_count, tokens and fan get what
  * arrives (a high-throughput dispatch then meets again: epx__verdict_rows). */
 static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op, int K, int has_w, uint32_t routing,
-                                 epx__flows_t *f, uint64_t deadline, epx__errbuf_t *err)
+                                 epx__flows_t *f, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     /* One block size for every operation: ranks that called different operations must
@@ -283,7 +283,7 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
         for (int l = 0; k != t->host && epx__gw(t, me, k) == q && l < t->host_size[k]; l++)
             b[EPX__V_TO_FAN] += f->per_rank[t->host_ranks[t->host_first[k] + l]];
     }
-    epx_status_t st = m->h->link.alltoall(m->h->link.ctx, out, in, W, deadline, err);
+    epx_status_t st = m->h->link.alltoall(m->h->link.ctx, out, in, W, err);
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++)
         if (in[(size_t)p * W + EPX__V_STATUS] != EPX_SUCCESS)
@@ -334,13 +334,13 @@ static epx_status_t epx__verdict(epx__hier_moe_t *m, epx_status_t local, int op,
  * with its own status (a short one EPX_ERR_INVALID_ARGUMENT), the others with
  * EPX_ERR_REMOTE_INVALID; nothing is written. */
 static epx_status_t epx__verdict_rows(epx__hier_moe_t *m, epx_status_t local, int64_t capacity, int64_t n,
-                                      uint64_t deadline, epx__errbuf_t *err)
+                                      epx__errbuf_t *err)
 {
     int me = epx__t(m)->rank;
     bool short_me = n > capacity, fail_me = local != EPX_SUCCESS;
     int64_t c[EPX__C_N] = {short_me, short_me ? me : 0, short_me ? capacity : 0, short_me ? n : 0,
                            fail_me,  fail_me ? me : 0,  fail_me ? local : 0};
-    EPX__CHECK(m->h->link.allreduce_sum(m->h->link.ctx, c, EPX__C_N, deadline, err));
+    EPX__CHECK(m->h->link.allreduce_sum(m->h->link.ctx, c, EPX__C_N, err));
     if (fail_me) return local; /* (its message is in err) */
     if (c[EPX__C_SHORT] == 0 && c[EPX__C_FAILED] == 0) return EPX_SUCCESS;
     if (short_me && c[EPX__C_SHORT] == 1)
@@ -406,7 +406,7 @@ epx_status_t epx__hier_moe_create(epx__hier_t *h, const epx__moe_shape_t *shape,
         /* EPX_MOE_CHUNKS shapes every call's plan: a rank with another fails here. */
         uint64_t chunks = (uint64_t)epx__param_int(EPX__P_MOE_CHUNKS);
         v[R + t->rank] = (int64_t)(config_hash ^ (chunks * 0x9E3779B97F4A7C15ull));
-        st = h->link.allreduce_sum(h->link.ctx, v, 2 * R, epx__deadline_after_ms(h->timeout_ms), err);
+        st = h->link.allreduce_sum(h->link.ctx, v, 2 * R, err);
     }
     if (st == EPX_SUCCESS && local != EPX_SUCCESS) st = local;
     for (int p = 0; p < R && st == EPX_SUCCESS; p++) {
@@ -665,7 +665,7 @@ static epx_status_t epx__route_room(epx__hier_moe_t *m, epx__hier_moe_handle_t *
  * once it has read the rows, calls epx__route_end (also when it fails meanwhile). */
 static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, const float *w, const epx__payload_t *pl,
                                bool ht, char *xout, const epx__flows_t *f, const epx__rt_t *rt, uint32_t seq,
-                               uint64_t deadline, float **row_w, epx__rowsrc_t *rs, epx__errbuf_t *err)
+                               float **row_w, epx__rowsrc_t *rs, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks, me = t->rank, LS = t->local_size, ml = t->local_rank, L = m->s.local_experts, K = hd->K;
@@ -719,7 +719,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
             }
         }
     }
-    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_TOKENS), sbuf, sb, rbuf, rb, deadline, err), st, done);
+    EPX__CHECK_GOTO(epx__net_xchg(m, epx__hier_tag(seq, EPX__ST_TOKENS), sbuf, sb, rbuf, rb, err), st, done);
     /* The rows that go straight: exchange j moves each pair's run j (a packed pair: all in
      * exchange 0), so that both ends of a pair see its messages in one order. The runs of
      * what a source sends me come from its records (their token ids), as it found them.
@@ -751,7 +751,7 @@ static epx_status_t epx__route(epx__hier_moe_t *m, epx__hier_moe_handle_t *hd, c
                     xoff[p] += rrun[p].len[j];
                 }
             }
-            st = epx__hier_net_xchg(m->h, epx__hier_tag(seq, EPX__ST_ROWS), xsp, xsb, xrp, xrb, deadline, err);
+            st = epx__hier_net_xchg(m->h, epx__hier_tag(seq, EPX__ST_ROWS), xsp, xsb, xrp, xrb, err);
         }
         if (st != EPX_SUCCESS) goto done;
     }
@@ -951,11 +951,10 @@ static epx_status_t epx__flows_new(const epx__hier_moe_t *m, epx__flows_t *f, co
 
 static void epx__flows_free(epx__flows_t *f) { free((void *)f->per_rank), free(f->fwd_count); }
 
-/* The start of an operation: its number and deadline. */
-static uint32_t epx__op_begin(epx__hier_moe_t *m, uint64_t *deadline)
+/* The start of an operation: its number. */
+static uint32_t epx__op_begin(epx__hier_moe_t *m)
 {
     epx__arena_reset(&m->tmp);
-    *deadline = epx__deadline_after_ms(m->h->timeout_ms);
     return ++m->h->seq;
 }
 
@@ -966,8 +965,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
 {
     const epx__moe_shape_t *s = &m->s;
     int L = s->local_experts, me = s->rank;
-    uint64_t deadline;
-    uint32_t seq = epx__op_begin(m, &deadline);
+    uint32_t seq = epx__op_begin(m);
     epx__hier_moe_handle_t *hd = NULL;
     int K = local == EPX_SUCCESS ? in->topk : 0, has_w = local == EPX_SUCCESS && in->topk_weights;
     if (local == EPX_SUCCESS) {
@@ -992,7 +990,7 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
     if (!payload) pl = (epx__payload_t){NULL, NULL, 0, 0};
     epx__rt_t rt;
     if (local == EPX_SUCCESS) local = epx__route_prep(m, hd, &pl, true, &f, &rt, err);
-    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, &f, deadline, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_DISPATCH, K, has_w, 0, &f, err);
     if (st == EPX_SUCCESS) {
         /* Sized by the verdict, the routing step's memory; then every rank learns whether
          * every rank has it and room for its rows (nothing is allocated after this). */
@@ -1001,12 +999,12 @@ static epx_status_t epx__dispatch(epx__hier_moe_t *m, const epx_moe_dispatch_in_
         for (int p = 0; p < epx__t(m)->nranks; p++)
             z.nfwd += f.fwd_count[p];
         epx_status_t mine = epx__route_room(m, hd, &rt, &pl, &z, false, err);
-        st = epx__verdict_rows(m, mine, out->capacity, n, deadline, err);
+        st = epx__verdict_rows(m, mine, out->capacity, n, err);
     }
     float *row_w = NULL;
     epx__rowsrc_t rs = {NULL, NULL};
     if (st == EPX_SUCCESS)
-        st = epx__route(m, hd, in->topk_weights, &pl, true, out->recv_x, &f, &rt, seq, deadline, &row_w, &rs, err);
+        st = epx__route(m, hd, in->topk_weights, &pl, true, out->recv_x, &f, &rt, seq, &row_w, &rs, err);
     epx__flows_free(&f);
     if (st == EPX_SUCCESS && hd->rows != n)
         st = epx__fail(err, EPX_ERR_INTERNAL, "received %lld rows, expected %lld", (long long)hd->rows, (long long)n);
@@ -1077,11 +1075,10 @@ epx_status_t epx__hier_moe_dispatch_plan(epx__hier_moe_t *m, const epx_moe_dispa
 epx_status_t epx__hier_moe_agree(epx__hier_moe_t *m, const epx__hier_moe_handle_t *hd, bool combine, bool has_w,
                                  epx_status_t local, epx__errbuf_t *err)
 {
-    uint64_t deadline;
-    (void)epx__op_begin(m, &deadline);
+    (void)epx__op_begin(m);
     bool ok = local == EPX_SUCCESS;
     int op = !combine ? EPX__H_CACHED : m->s.mode == EPX_MOE_LOW_LATENCY ? EPX__H_LL_COMBINE : EPX__H_COMBINE;
-    return epx__verdict(m, local, op, ok ? hd->K : 0, ok && combine && has_w, ok ? hd->id : 0, NULL, deadline, err);
+    return epx__verdict(m, local, op, ok ? hd->K : 0, ok && combine && has_w, ok ? hd->id : 0, NULL, err);
 }
 
 void epx__hier_moe_handle_plan(const epx__hier_moe_handle_t *h, epx__hier_plan_t *p)
@@ -1204,13 +1201,12 @@ static void epx__bytes(int64_t *out, const int64_t *cnt, int n, size_t rec)
  * records of `rec` bytes from send to rank p, rcnt[c * R + p] from p into recv. nb is room
  * for 2 * R byte counts. */
 static epx_status_t epx__net_chunks(epx__hier_moe_t *m, int tag, int chunks, const char *send, const int64_t *scnt,
-                                    char *recv, const int64_t *rcnt, size_t rec, int64_t *nb, uint64_t deadline,
-                                    epx__errbuf_t *err)
+                                    char *recv, const int64_t *rcnt, size_t rec, int64_t *nb, epx__errbuf_t *err)
 {
     int R = epx__t(m)->nranks;
     for (int c = 0; c < chunks; c++) {
         epx__bytes(nb, scnt + (size_t)c * R, R, rec), epx__bytes(nb + R, rcnt + (size_t)c * R, R, rec);
-        EPX__CHECK(epx__net_xchg(m, tag, send, nb, recv, nb + R, deadline, err));
+        EPX__CHECK(epx__net_xchg(m, tag, send, nb, recv, nb + R, err));
         for (int p = 0; p < R; p++) send += nb[p], recv += nb[R + p];
     }
     return EPX_SUCCESS;
@@ -1243,15 +1239,14 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
     const epx__moe_shape_t *s = &m->s;
     const epx__topo_t *t = epx__t(m);
     int R = t->nranks;
-    uint64_t deadline;
-    uint32_t seq = epx__op_begin(m, &deadline);
+    uint32_t seq = epx__op_begin(m);
     bool ok = local == EPX_SUCCESS;
     bool fp8 = s->dtype == EPX_FP8_E4M3;
     size_t rb = s->row_bytes, sb = fp8 ? s->scale_cols * sizeof(float) : 0, ao = EPX__ALIGN_UP(rb, 16);
     size_t rec = ao + EPX__ALIGN_UP(sb, 16);
     epx__work_t w;
     local = epx__work(m, hd, false, rec, local, &w, err);
-    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, NULL, deadline, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_CACHED, ok ? hd->K : 0, 0, ok ? hd->id : 0, NULL, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x = w.x;
     int64_t *nb = w.nb;
@@ -1270,7 +1265,7 @@ epx_status_t epx__hier_moe_dispatch_cached(epx__hier_moe_t *m, const epx__hier_m
          * for both parts: no overlap here), then into place. */
         epx__gather(&src, x->gw, x->n_gw, send, rec, rb, fp8 ? send + ao : NULL, rec, sb);
         st = epx__net_chunks(m, epx__hier_tag(seq, EPX__ST_ROWS), x->chunks, send, x->gw_chunk, fwd, x->fwd_chunk, rec,
-                             nb, deadline, err);
+                             nb, err);
         if (st == EPX_SUCCESS)
             st = epx__local_both(m, x->parts, &src, x->fan, x->fan_send, x->n_fan, x->fan_recv, lsend, lrecv, rec, rb, fp8, ao, sb,
                                  lb, err);
@@ -1292,7 +1287,7 @@ static size_t epx__home_rec(const epx__hier_moe_t *m, int K, bool has_w)
  * home as they are (MPI). y holds the expert outputs (crow bytes a row), w (NULL: none
  * travel) their top-k weights [rows, K]. On success *src says where every row of step 3 lies. */
 static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__work_t *wk, const void *y, const float *w,
-                                   uint32_t seq, uint64_t deadline, epx__srcs_t *src, epx__errbuf_t *err)
+                                   uint32_t seq, epx__srcs_t *src, epx__errbuf_t *err)
 {
     const epx__topo_t *t = epx__t(m);
     const epx__hier_xplan_t *x = wk->x;
@@ -1313,7 +1308,7 @@ static epx_status_t epx__rows_home(epx__hier_moe_t *m, const epx__work_t *wk, co
         if (st == EPX_SUCCESS) {
             epx__gather(src, x->home, x->n_home_send, send, rec, crow, w ? send + ao : NULL, rec, wb);
             st = epx__net_chunks(m, epx__hier_tag(seq, EPX__ST_HOME), x->chunks, send, x->home_send_chunk, home,
-                                 x->home_recv_chunk, rec, nb, deadline, err);
+                                 x->home_recv_chunk, rec, nb, err);
         }
     }
     return st;
@@ -1324,20 +1319,19 @@ epx_status_t epx__hier_moe_combine(epx__hier_moe_t *m, const epx__hier_moe_handl
                                    epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    uint64_t deadline;
-    uint32_t seq = epx__op_begin(m, &deadline);
+    uint32_t seq = epx__op_begin(m);
     bool ok = local == EPX_SUCCESS;
     int has_w = ok && in->topk_weights;
     epx__work_t wk;
     local = epx__work(m, hd, true, ok ? epx__home_rec(m, hd->K, has_w) : 0, local, &wk, err);
     epx_status_t st =
-        epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, NULL, deadline, err);
+        epx__verdict(m, local, EPX__H_COMBINE, ok ? hd->K : 0, has_w, ok ? hd->id : 0, NULL, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x = wk.x;
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
-    st = epx__rows_home(m, &wk, in->y, has_w ? in->topk_weights : NULL, seq, deadline, &src, err);
+    st = epx__rows_home(m, &wk, in->y, has_w ? in->topk_weights : NULL, seq, &src, err);
     if (st != EPX_SUCCESS) epx__left_peers(m, st); /* (e.g. mapping a local rank's buffer failed) */
     /* At home: each token's rows in ascending rank order, summed from +0; the weights likewise. */
     for (int i = 0; i < x->T && st == EPX_SUCCESS; i++) {
@@ -1362,8 +1356,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
 {
     const epx__moe_shape_t *s = &m->s;
     int H = s->hidden;
-    uint64_t deadline;
-    uint32_t seq = epx__op_begin(m, &deadline);
+    uint32_t seq = epx__op_begin(m);
     epx__hier_moe_handle_t *hd = NULL;
     int K = local == EPX_SUCCESS ? in->topk : 0;
     if (local == EPX_SUCCESS) {
@@ -1398,7 +1391,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
         z.self = z.fan - (mine - f.per_rank[me] + z.nfwd * EPX__MIN(LS - 1, K));
         local = epx__route_room(m, hd, &rt, &pl, &z, payload, err);
     }
-    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, &f, deadline, err);
+    epx_status_t st = epx__verdict(m, local, EPX__H_LL_DISPATCH, K, 0, 0, &f, err);
     if (st == EPX_SUCCESS && payload && s->ll_fp8) {
         /* Quantise each token once, here. */
         for (int t = 0; t < hd->T; t++)
@@ -1407,7 +1400,7 @@ static epx_status_t epx__ll_dispatch(epx__hier_moe_t *m, const epx_moe_ll_dispat
         pl.x = (const char *)m->ll_q, pl.xs = m->ll_scales;
     }
     epx__rowsrc_t rs = {NULL, NULL};
-    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, false, NULL, &f, &rt, seq, deadline, NULL, &rs, err);
+    if (st == EPX_SUCCESS) st = epx__route(m, hd, NULL, &pl, false, NULL, &f, &rt, seq, NULL, &rs, err);
     epx__flows_free(&f);
     const epx__hier_xplan_t *xp = NULL; /* the handle's: its combine runs along it */
     if (st == EPX_SUCCESS && payload) st = epx__handle_plan(m, hd, &xp, err);
@@ -1453,19 +1446,18 @@ epx_status_t epx__hier_moe_ll_combine(epx__hier_moe_t *m, const epx__hier_moe_ha
                                       epx__errbuf_t *err)
 {
     const epx__moe_shape_t *s = &m->s;
-    uint64_t deadline;
-    uint32_t seq = epx__op_begin(m, &deadline);
+    uint32_t seq = epx__op_begin(m);
     bool ok = local == EPX_SUCCESS;
     epx__work_t wk;
     local = epx__work(m, hd, true, ok ? epx__home_rec(m, hd->K, false) : 0, local, &wk, err);
     epx_status_t st =
-        epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, NULL, deadline, err);
+        epx__verdict(m, local, EPX__H_LL_COMBINE, ok ? hd->K : 0, 0, ok ? hd->id : 0, NULL, err);
     if (st != EPX_SUCCESS) return st;
     const epx__hier_xplan_t *x = wk.x;
     int K = hd->K;
     size_t crow = s->combine_row_bytes;
     epx__srcs_t src;
-    st = epx__rows_home(m, &wk, in->y, NULL, seq, deadline, &src, err);
+    st = epx__rows_home(m, &wk, in->y, NULL, seq, &src, err);
     if (st != EPX_SUCCESS) epx__left_peers(m, st);
     /* At home: out[t] = over the ranks ascending, the sum of each rank's w[t, k] * the row
      * of expert k, the valid k ascending (as on one host: epx__cpu_reduce_ll). */

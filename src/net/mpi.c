@@ -16,6 +16,7 @@ struct epx__net {
     int rank, nranks;
     int64_t timeout_ms;
     MPI_Request *reqs; /* of the batch in flight: its receives first */
+    int *done;         /* room for cap_reqs indices (MPI_Testsome's) */
     int nreqs, nrecv, cap_reqs;
     int64_t *coll; /* the buffer of the collectives (abandoned when one fails) */
     size_t cap_coll;
@@ -83,6 +84,7 @@ void epx__net_destroy(epx__net_t *n, bool broken)
         MPI_Comm_free(&n->comm);
     }
     free(n->reqs);
+    free(n->done);
     free(n->coll);
     free(n);
 }
@@ -144,19 +146,25 @@ epx_status_t epx__net_allgather(epx__net_t *n, const void *mine, void *all, size
     return EPX_SUCCESS;
 }
 
-/* Poll `reqs` to completion or the deadline, yielding the core between polls. */
-static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, uint64_t deadline, const char *what,
+/* Poll `reqs` to completion, yielding the core between polls; `done` has room for count
+ * indices. EPX_ERR_TIMEOUT once none of them completed for the net's timeout (counted from
+ * the start, and again from each completion: a large batch that moves is not a stall). */
+static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, int *done, const char *what,
                                   epx__errbuf_t *err)
 {
+    const uint64_t window = (uint64_t)n->timeout_ms * 1000000ull;
+    uint64_t deadline = epx__now_ns() + window;
     for (unsigned i = 0;; i++) {
-        int done = 0;
-        int rc = MPI_Testall(count, reqs, &done, MPI_STATUSES_IGNORE);
+        int got = 0;
+        int rc = MPI_Testsome(count, reqs, &got, done, MPI_STATUSES_IGNORE);
         if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, what);
-        if (done) return EPX_SUCCESS;
-        if (i >= 64) {
+        if (got == MPI_UNDEFINED) return EPX_SUCCESS; /* none left active (count 0 included) */
+        if (got > 0) {
+            deadline = epx__now_ns() + window;
+        } else if (i >= 64) {
             if (epx__now_ns() >= deadline)
-                return epx__fail(err, EPX_ERR_TIMEOUT, "rank %d timed out after %lld ms in %s", n->rank,
-                                 (long long)n->timeout_ms, what);
+                return epx__fail(err, EPX_ERR_TIMEOUT, "rank %d timed out in %s: nothing arrived or left for %lld ms",
+                                 n->rank, what, (long long)n->timeout_ms);
             sched_yield();
         }
     }
@@ -178,11 +186,11 @@ static epx_status_t epx__net_coll_buf(epx__net_t *n, size_t count, int64_t **buf
     return EPX_SUCCESS;
 }
 
-/* Wait for the collective `req` started on n->coll; past the deadline the buffer is MPI's. */
-static epx_status_t epx__net_coll_wait(epx__net_t *n, MPI_Request *req, uint64_t deadline, const char *what,
-                                       epx__errbuf_t *err)
+/* Wait for the collective `req` started on n->coll; past the timeout the buffer is MPI's. */
+static epx_status_t epx__net_coll_wait(epx__net_t *n, MPI_Request *req, const char *what, epx__errbuf_t *err)
 {
-    epx_status_t st = epx__net_poll(n, req, 1, deadline, what, err);
+    int done;
+    epx_status_t st = epx__net_poll(n, req, 1, &done, what, err);
     if (st != EPX_SUCCESS) {
         epx__net_abandon(n->coll); /* still MPI's */
         n->coll = NULL;
@@ -191,20 +199,19 @@ static epx_status_t epx__net_coll_wait(epx__net_t *n, MPI_Request *req, uint64_t
     return st;
 }
 
-epx_status_t epx__net_allreduce_sum(epx__net_t *n, int64_t *v, int count, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__net_allreduce_sum(epx__net_t *n, int64_t *v, int count, epx__errbuf_t *err)
 {
     int64_t *b = NULL;
     EPX__CHECK(epx__net_coll_buf(n, (size_t)count, &b, err));
     memcpy(b, v, sizeof *v * (size_t)count);
     MPI_Request req;
     EPX__MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, b, count, MPI_INT64_T, MPI_SUM, n->comm, &req), "MPI_Iallreduce");
-    epx_status_t st = epx__net_coll_wait(n, &req, deadline, "MPI_Iallreduce", err);
+    epx_status_t st = epx__net_coll_wait(n, &req, "MPI_Iallreduce", err);
     if (st == EPX_SUCCESS) memcpy(v, b, sizeof *v * (size_t)count);
     return st;
 }
 
-epx_status_t epx__net_alltoall(epx__net_t *n, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
-                               epx__errbuf_t *err)
+epx_status_t epx__net_alltoall(epx__net_t *n, const int64_t *send, int64_t *recv, int words, epx__errbuf_t *err)
 {
     size_t all = (size_t)n->nranks * (size_t)words; /* send, then recv, in the net's buffer */
     int64_t *b = NULL;
@@ -212,7 +219,7 @@ epx_status_t epx__net_alltoall(epx__net_t *n, const int64_t *send, int64_t *recv
     memcpy(b, send, sizeof *send * all);
     MPI_Request req;
     EPX__MPI_CHECK(MPI_Ialltoall(b, words, MPI_INT64_T, b + all, words, MPI_INT64_T, n->comm, &req), "MPI_Ialltoall");
-    epx_status_t st = epx__net_coll_wait(n, &req, deadline, "MPI_Ialltoall", err);
+    epx_status_t st = epx__net_coll_wait(n, &req, "MPI_Ialltoall", err);
     if (st == EPX_SUCCESS) memcpy(recv, b + all, sizeof *recv * all);
     return st;
 }
@@ -222,8 +229,10 @@ static epx_status_t epx__net_reserve(epx__net_t *n, int64_t want, epx__errbuf_t 
     if (want <= n->cap_reqs) return EPX_SUCCESS;
     if (want > INT_MAX) return epx__fail(err, EPX_ERR_NO_MEMORY, "a batch of %lld MPI requests", (long long)want);
     MPI_Request *r = realloc(n->reqs, sizeof *r * (size_t)want);
-    if (!r) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    n->reqs = r;
+    if (r) n->reqs = r;
+    int *d = r ? realloc(n->done, sizeof *d * (size_t)want) : NULL;
+    if (!d) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    n->done = d;
     n->cap_reqs = (int)want;
     return EPX_SUCCESS;
 }
@@ -291,9 +300,9 @@ static void epx__net_drop(epx__net_t *n)
     n->nreqs = n->nrecv = 0;
 }
 
-epx_status_t epx__net_wait(epx__net_t *n, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__net_wait(epx__net_t *n, epx__errbuf_t *err)
 {
-    epx_status_t st = epx__net_poll(n, n->reqs, n->nreqs, deadline, "a point-to-point exchange", err);
+    epx_status_t st = epx__net_poll(n, n->reqs, n->nreqs, n->done, "a point-to-point exchange", err);
     if (st == EPX_SUCCESS) n->nreqs = n->nrecv = 0;
     else epx__net_drop(n);
     return st;

@@ -3,8 +3,10 @@
  * type appears here, so the layers above compile without mpi.h. Built from mpi.c when MPI
  * is found, else from stub.c (every entry point says so).
  *
- * Point-to-point exchanges are nonblocking underneath and every wait polls with a deadline
- * (EPX_ERR_TIMEOUT past it, never a hang), yielding the core between polls.
+ * Point-to-point exchanges are nonblocking underneath and every wait polls, yielding the
+ * core between polls, bounded by the timeout the net was made with, counted from the
+ * wait's start and again from each of its requests that completes (EPX_ERR_TIMEOUT past
+ * it, never a hang).
  */
 #ifndef EPX_NET_H
 #define EPX_NET_H
@@ -35,13 +37,12 @@ epx_status_t epx__net_host_bcast(epx__net_t *net, void *buf, size_t len, epx__er
 /* Collective: everyone's `len` bytes, rank-major. */
 epx_status_t epx__net_allgather(epx__net_t *net, const void *mine, void *all, size_t len, epx__errbuf_t *err);
 /* Collective: v[0..n) summed over all ranks, in place. */
-epx_status_t epx__net_allreduce_sum(epx__net_t *net, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err);
+epx_status_t epx__net_allreduce_sum(epx__net_t *net, int64_t *v, int n, epx__errbuf_t *err);
 /* Collective: block q (`words` int64) of send[R * words] arrives as block `rank` of rank q's
  * recv[R * words]. Moves R * words * 8 bytes each way per rank.
  * Both collectives work in a buffer of the net's (the caller's arrays are free on return,
- * whatever the outcome) and end at the deadline with EPX_ERR_TIMEOUT (the net is then broken). */
-epx_status_t epx__net_alltoall(epx__net_t *net, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
-                               epx__errbuf_t *err);
+ * whatever the outcome) and end at the timeout with EPX_ERR_TIMEOUT (the net is then broken). */
+epx_status_t epx__net_alltoall(epx__net_t *net, const int64_t *send, int64_t *recv, int words, epx__errbuf_t *err);
 
 /* Local: room for the collectives above up to `coll` int64 (an alltoall's send and receive:
  * 2 R words) and for batches that move up to `bytes` in all, sent and received (a message
@@ -55,8 +56,8 @@ epx_status_t epx__net_room(epx__net_t *net, size_t coll, int64_t bytes, epx__err
  * batch at a time per net: epx__net_wait ends it. */
 epx_status_t epx__net_start(epx__net_t *net, int tag, const void *const *sbuf, const int64_t *sbytes,
                             void *const *rbuf, const int64_t *rbytes, epx__errbuf_t *err);
-/* Wait for the batch started last. EPX_ERR_TIMEOUT at the deadline (the net is then
- * broken). */
-epx_status_t epx__net_wait(epx__net_t *net, uint64_t deadline, epx__errbuf_t *err);
+/* Wait for the batch started last. EPX_ERR_TIMEOUT once none of its messages completed
+ * for the timeout (the net is then broken). */
+epx_status_t epx__net_wait(epx__net_t *net, epx__errbuf_t *err);
 
 #endif /* EPX_NET_H */

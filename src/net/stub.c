@@ -27,15 +27,14 @@ epx_status_t epx__net_allgather(epx__net_t *net, const void *mine, void *all, si
     (void)net, (void)mine, (void)all, (void)len;
     return EPX__NO_MPI(err);
 }
-epx_status_t epx__net_allreduce_sum(epx__net_t *net, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__net_allreduce_sum(epx__net_t *net, int64_t *v, int n, epx__errbuf_t *err)
 {
-    (void)net, (void)v, (void)n, (void)deadline;
+    (void)net, (void)v, (void)n;
     return EPX__NO_MPI(err);
 }
-epx_status_t epx__net_alltoall(epx__net_t *net, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
-                               epx__errbuf_t *err)
+epx_status_t epx__net_alltoall(epx__net_t *net, const int64_t *send, int64_t *recv, int words, epx__errbuf_t *err)
 {
-    (void)net, (void)send, (void)recv, (void)words, (void)deadline;
+    (void)net, (void)send, (void)recv, (void)words;
     return EPX__NO_MPI(err);
 }
 epx_status_t epx__net_room(epx__net_t *net, size_t coll, int64_t bytes, epx__errbuf_t *err)
@@ -49,8 +48,8 @@ epx_status_t epx__net_start(epx__net_t *net, int tag, const void *const *sbuf, c
     (void)net, (void)tag, (void)sbuf, (void)sbytes, (void)rbuf, (void)rbytes;
     return EPX__NO_MPI(err);
 }
-epx_status_t epx__net_wait(epx__net_t *net, uint64_t deadline, epx__errbuf_t *err)
+epx_status_t epx__net_wait(epx__net_t *net, epx__errbuf_t *err)
 {
-    (void)net, (void)deadline;
+    (void)net;
     return EPX__NO_MPI(err);
 }

@@ -206,21 +206,19 @@ epx_status_t epx__xh_fault_enqueue(epx__xhost_t *xh, void *stream, epx__errbuf_t
 
 /* ---- The link src/hier's MoE runs on ----------------------------------------------------- */
 
-static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, uint64_t deadline, epx__errbuf_t *err)
+/* Every round is bounded by EPX_TIMEOUT_MS from its own start (hier.h). */
+static epx_status_t epx__link_allreduce(void *ctx, int64_t *v, int n, epx__errbuf_t *err)
 {
-    (void)deadline; /* every round is bounded by EPX_TIMEOUT_MS */
     return epx__xh_allreduce(ctx, v, n, err);
 }
 
-static epx_status_t epx__link_alltoall(void *ctx, const int64_t *send, int64_t *recv, int words, uint64_t deadline,
-                                       epx__errbuf_t *err)
+static epx_status_t epx__link_alltoall(void *ctx, const int64_t *send, int64_t *recv, int words, epx__errbuf_t *err)
 {
-    (void)deadline; /* likewise */
     return epx__xh_alltoall(ctx, send, recv, sizeof *send * (size_t)words, err);
 }
 
 static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, const int64_t *sbytes,
-                                   void *const *rbuf, const int64_t *rbytes, uint64_t deadline, epx__errbuf_t *err)
+                                   void *const *rbuf, const int64_t *rbytes, epx__errbuf_t *err)
 {
     epx__xhost_t *xh = ctx;
     (void)tag; /* one batch at a time, matched in order */
@@ -241,7 +239,8 @@ static epx_status_t epx__link_xchg(void *ctx, int tag, const void *const *sbuf, 
         sp[q] = sbuf[p], sb[q] = sbytes[p];
         rp[q] = rbuf[p], rb[q] = rbytes[p];
     }
-    if (st == EPX_SUCCESS) st = epx__nccl_host_xchg(xh->nccl, sp, sb, rp, rb, deadline, err);
+    if (st == EPX_SUCCESS)
+        st = epx__nccl_host_xchg(xh->nccl, sp, sb, rp, rb, epx__deadline_after_ms(xh->timeout_ms), err);
     return st;
 }
 
