@@ -24,9 +24,9 @@
  *          buffer in the call (CUDA IPC) fails as when every mapping slot is held; calls
  *          that map nothing (eager alltoall(v), low latency, the copy-engine combine)
  *          take no effect;
- *   slow   rank R pauses M ms after each piece (4 MiB at most, src/cpu's EPX__PIECE, or a batch of
- *          rows) it copies from a peer in its N-th operation: a slow reader that keeps
- *          moving, which its peers must wait for past their timeout (a wait's timeout
+ *   slow   rank R pauses M ms after each piece of data it copies in its N-th operation
+ *          (4 MiB at most, src/cpu's EPX__PIECE, or a batch of rows): a slow reader that
+ *          keeps moving, which its peers must wait for past their timeout (a wait's clock
  *          restarts while the peer copies). CPU backend on one host (src/cpu) only.
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:

@@ -65,8 +65,8 @@ typedef struct {
     _Atomic uint32_t released_through;
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
-    /* Bumped each time I copied a piece (at most EPX__PIECE bytes) of a peer's data: a peer
-     * waiting for me restarts its timeout while this moves (see epx__flag_wait). */
+    /* Bumped each time I copied a piece (at most EPX__PIECE bytes) of an operation's data:
+     * a peer waiting for me restarts its timeout while this moves (see epx__flag_wait). */
     _Alignas(EPX__CACHELINE) _Atomic uint32_t progress;
 } epx__seg_hdr_t;
 
