@@ -39,19 +39,24 @@
  *     call: its round breaks, so it too must return EPX_ERR_TIMEOUT (or PEER_FAILURE) and
  *     its communicator is broken, not its own EPX_ERR_INVALID_ARGUMENT on a communicator
  *     that looks usable;
- *   - slow_reader: the last rank pauses a quarter of the timeout after each piece it copies
- *     (EPX_FAULT slow), so that it reads for longer than the timeout (alltoall: 9 MiB per
- *     peer, at least 6 pieces) while the others wait for it to finish reading their
- *     buffers. It keeps moving, so nobody times out: every rank succeeds with exact data and
- *     the communicator stays usable (alltoall: the slow rank took longer than the timeout);
+ *   - slow_reader: the last rank pauses half the timeout after each piece it copies
+ *     (EPX_FAULT slow; at least two pieces in every op, alltoall 9 MiB per peer), so that it
+ *     reads for longer than the timeout (checked) while the others wait for it, to finish
+ *     reading their buffers or to arrive in the next call. It keeps moving, so nobody times
+ *     out: every rank succeeds with exact data and the communicator stays usable;
+ *   - slow_relay (alltoallv, 3+ ranks): the same slow last rank reads 12 MiB from rank 1,
+ *     which waits for it to finish; rank 0 sends only eager messages, is done at once, and in
+ *     the next call waits for rank 1, which is still waiting on the slow rank. Rank 1 passes
+ *     the slow rank's progress on, so rank 0 must not time out either: both calls succeed
+ *     with exact data everywhere;
  *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
  *     call returns it at once; a new communicator (a new unique id) over the ranks still
  *     alive then works, data checked.
  *
  * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch, combine,
  * ll_dispatch or ll_combine and FAULT delay_short, delay_long, kill, count, abort,
- * kill_slow_reader, count_slow_reader, kill_reading, invalid_late or slow_reader (default: all
- * of them).
+ * kill_slow_reader, count_slow_reader, kill_reading, invalid_late, slow_reader or slow_relay
+ * (default: all of them).
  * Forks its own ranks: epx-run would stop the others as soon as one rank dies.
  */
 #include <signal.h>
@@ -83,13 +88,14 @@ typedef enum {
     F_KILL_READING,
     F_INVALID_LATE,
     F_SLOW_READER,
+    F_SLOW_RELAY,
     F_NUM
 } fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
 static const char *fault_names[] = {"delay_short",      "delay_long",        "kill",        "count", "abort",
                                     "kill_slow_reader", "count_slow_reader", "kill_reading", "invalid_late",
-                                    "slow_reader"};
+                                    "slow_reader",      "slow_relay"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -439,8 +445,46 @@ static int slow_reader_after_count(ctx_t *c, epx_status_t st, const char *what, 
     return 0;
 }
 
+/* slow_relay (module comment): two alltoallv calls, the first (step 1) with the slow rank. */
+static int slow_relay_main(int rank, int R, const epx_unique_id_t *id)
+{
+    epx_config_t cfg = EPX_CONFIG_INITIALIZER;
+    cfg.timeout_ms = TIMEOUT_MS;
+    epx_comm_t comm;
+    ASSERT_OK(epx_comm_init_rank(&comm, R, rank, id, &cfg));
+    const int64_t big = 12 << 20, small = 16; /* small: eager, nothing exposed */
+    int64_t sc[MAXR], sd[MAXR], rc[MAXR], rd[MAXR], s = 0, r = 0;
+    for (int p = 0; p < R; p++) {
+        sc[p] = rank == 1 && p == R - 1 ? big : small, sd[p] = s, s += sc[p];
+        rc[p] = p == 1 && rank == R - 1 ? big : small, rd[p] = r, r += rc[p];
+    }
+    uint8_t *send = xmalloc((size_t)s), *recv = xmalloc((size_t)r);
+    for (int p = 0; p < R; p++)
+        for (int64_t i = 0; i < sc[p]; i++) send[sd[p] + i] = a2a_byte(rank, p, (size_t)i);
+    for (int call = 1; call <= 2; call++) {
+        memset(recv, POISON, (size_t)r);
+        double t0 = test_now_ms();
+        epx_status_t st = epx_alltoallv(comm, send, sc, sd, recv, rc, rd, EPX_U8, NULL);
+        double dt = test_now_ms() - t0;
+        printf("alltoallv/slow_relay np%d rank %d call %d: %s after %.0f ms%s%s\n", R, rank, call, epx_status_name(st),
+               dt, st ? ": " : "", st ? epx_comm_get_last_error(comm) : "");
+        fflush(stdout);
+        ASSERT_OK(st);
+        for (int p = 0; p < R; p++)
+            for (int64_t i = 0; i < rc[p]; i++)
+                if (recv[rd[p] + i] != a2a_byte(p, rank, (size_t)i))
+                    TEST_FAIL_("slow_relay rank %d call %d: byte %lld from rank %d wrong", rank, call, (long long)i, p);
+        if (call == 1 && rank == R - 1 && dt <= 2 * TIMEOUT_MS)
+            TEST_FAIL_("slow_relay: the slow reader took %.0f ms, not over twice the timeout (%d ms)", dt, TIMEOUT_MS);
+    }
+    free(send), free(recv);
+    ASSERT_OK(epx_comm_destroy(comm));
+    return 0;
+}
+
 static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t *id, const epx_unique_id_t *id2)
 {
+    if (f == F_SLOW_RELAY) return slow_relay_main(rank, R, id);
     test_rank = rank;
     char what[96];
     snprintf(what, sizeof what, "%s/%s np%d rank %d", op_names[op], fault_names[f], R, rank);
@@ -485,7 +529,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
     case F_SLOW_READER:
         ASSERT_OK(st);
         ctx_check(&c, EXACT, what);
-        if (bad && op == OP_ALLTOALL && dt <= TIMEOUT_MS)
+        if (bad && dt <= TIMEOUT_MS)
             TEST_FAIL_("%s: the slow reader took %.0f ms, not longer than the timeout (%d ms)", what, dt, TIMEOUT_MS);
         ctx_poison(&c);
         ASSERT_OK(ctx_run(&c)); /* still usable */
@@ -569,6 +613,7 @@ static int scenario(op_t op, fault_t f, int R)
 {
     int step = fault_step(op);
     char text[128] = "";
+    a2a_count = 64 << 10;
     switch (f) {
     case F_DELAY_SHORT: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS / 4); break;
     case F_DELAY_LONG: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, 3 * TIMEOUT_MS); break;
@@ -585,9 +630,10 @@ static int scenario(op_t op, fault_t f, int R)
     case F_INVALID_LATE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, 3 * TIMEOUT_MS); break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
     case F_SLOW_READER:
-        snprintf(text, sizeof text, "slow:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS / 4);
+        snprintf(text, sizeof text, "slow:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS / 2);
         a2a_count = 9 << 20;
         break;
+    case F_SLOW_RELAY: snprintf(text, sizeof text, "slow:rank=%d,step=1,ms=%d", R - 1, TIMEOUT_MS / 2); break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
@@ -874,9 +920,10 @@ int main(int argc, char **argv)
     int passed = 0;
     for (int f = 0; f < F_NUM; f++) {
         if (nwant && !want[f]) continue;
-        if (f == F_COUNT_SLOW_READER && (R < 3 || op > OP_ALLTOALLV)) {
-            printf("scenario %s/%s np%d not run: it needs alltoall(v) and 3 or more ranks\n", op_names[op],
-                   fault_names[f], R);
+        bool needs_v = f == F_SLOW_RELAY, needs_3 = f == F_COUNT_SLOW_READER || f == F_SLOW_RELAY;
+        if (needs_3 && (R < 3 || op > OP_ALLTOALLV || (needs_v && op != OP_ALLTOALLV))) {
+            printf("scenario %s/%s np%d not run: it needs %s and 3 or more ranks\n", op_names[op], fault_names[f], R,
+                   needs_v ? "alltoallv" : "alltoall(v)");
             continue;
         }
         fflush(stdout);

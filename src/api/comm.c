@@ -448,7 +448,7 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     if (local == EPX_SUCCESS)
         local = epx__cpu_create(&c->cpu, c->boot, c->local_rank, c->local_size, c->nonce, timeout_ms, &fault, &c->err);
     if (local == EPX_SUCCESS && c->num_hosts > 1)
-        local = epx__hier_create(&c->hier, c->cpu, c->net, host_of, lrank_of, timeout_ms, &c->err);
+        local = epx__hier_create(&c->hier, c->cpu, c->net, host_of, lrank_of, &c->err);
     /* EPX_FAULT: on one host the shared-memory backend counts its operations (local rank =
      * rank there); across hosts src/api counts the collective calls (epx__comm_fault_begin). */
     if (local == EPX_SUCCESS && c->hier) c->fault = fault;

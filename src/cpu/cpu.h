@@ -16,8 +16,9 @@
  * A rank posts n+1 only after finishing its reads of n, and a rank starts n+2 only after
  * seeing every post of n+1: so the parity block of n is never rewritten while read.
  * Every wait polls briefly, then yields, then sleeps on a futex; it ends with
- * EPX_ERR_TIMEOUT once the peer showed no progress for the timeout (every piece of data a
- * rank copies from its peers bumps its `progress`) and EPX_ERR_PEER_FAILURE as soon as the
+ * EPX_ERR_TIMEOUT once the peer showed no progress for the timeout (a rank stamps its
+ * `alive_ns` after every piece of data it copies, and relays a later stamp of a peer it
+ * waits for) and EPX_ERR_PEER_FAILURE as soon as the
  * peer's process is gone or has aborted or given up. A rank whose wait failed gives up on the
  * communicator at once (its `aborted` flag says so): its later operations fail at once
  * with that status, posting nothing (so the rule above holds for the blocks it posted).

@@ -183,18 +183,17 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const ep
             return EPX_SUCCESS;
         epx__cpu_relax();
     }
-    uint64_t start = epx__now_ns();
-    const uint64_t window = (uint64_t)c->timeout_ms * 1000000ull;
-    uint64_t deadline = start + window;
+    const uint64_t start = epx__now_ns(), window = epx__ms_to_ns(c->timeout_ms);
     for (unsigned i = 0;; i++) {
         if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
             return EPX_SUCCESS;
         epx__cpu_relax();
         if ((i & 63) == 0 && epx__now_ns() - start >= c->spin_ns) break;
     }
-    /* Read only now: the spin above stays off the peer's progress line (which it writes). */
-    const _Atomic uint32_t *moved = &c->peers[peer].hdr->progress;
-    uint32_t seen = atomic_load_explicit(moved, memory_order_relaxed);
+    /* Read only from here: the spin above stays off the peer's alive_ns line (it writes it). */
+    const _Atomic uint64_t *theirs = &c->peers[peer].hdr->alive_ns;
+    _Atomic uint64_t *mine = &((epx__seg_hdr_t *)c->seg)->alive_ns;
+    uint64_t last = start; /* the latest sign of progress from the peer */
     for (;;) {
         uint32_t v = atomic_load_explicit(&flag->value, memory_order_acquire);
         if (epx__seq_geq(v, target)) return EPX_SUCCESS;
@@ -205,12 +204,15 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const ep
             if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
             return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, c->rank, what, target);
         }
-        uint64_t now = epx__now_ns();
-        uint32_t p = atomic_load_explicit(moved, memory_order_relaxed);
-        if (p != seen) { /* it copied data since: alive, maybe slow; the clock starts again */
-            seen = p;
-            deadline = now + window;
-        } else if (now >= deadline) {
+        uint64_t alive = atomic_load_explicit(theirs, memory_order_relaxed);
+        uint64_t now = epx__now_ns(); /* read after alive, so normally alive <= now */
+        /* A time past now + window (a peer in another time namespace) is no sign of progress:
+         * whatever the peer writes, this wait stays bounded. */
+        if (alive > last && (alive <= now || alive - now <= window)) {
+            last = alive; /* it moved since: maybe slow, not stalled; and so am I to those waiting on me */
+            if (alive > atomic_load_explicit(mine, memory_order_relaxed))
+                atomic_store_explicit(mine, alive, memory_order_relaxed);
+        } else if (now > last && now - last >= window) {
             uint32_t w = twin ? atomic_load_explicit(&twin->value, memory_order_acquire) : v;
             return epx__fail(err, EPX_ERR_TIMEOUT,
                              "rank %d timed out waiting for rank %d's %s of operation %u: no progress from it for "
@@ -907,14 +909,15 @@ epx_status_t epx__peer_rows_copy(epx__cpu_t *c, int peer, const epx__loc_t *loc,
         EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
         if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from", peer);
         const int64_t per_piece = (int64_t)EPX__MAX(EPX__PIECE / row_bytes, (size_t)1);
-        for (int64_t i = 0, left = per_piece; i < n; i++) {
+        int64_t left = per_piece;
+        for (int64_t i = 0; i < n; i++) {
             memcpy(dst + (size_t)i * dst_stride, base + offsets[i], row_bytes);
             if (--left == 0) {
                 epx__moved(c, seq);
                 left = per_piece;
             }
         }
-        epx__moved(c, seq);
+        if (left != per_piece) epx__moved(c, seq); /* the last, partial piece */
         return EPX_SUCCESS;
     }
     /* process_vm_readv in batches of up to IOV_MAX rows. */

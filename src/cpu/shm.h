@@ -10,9 +10,9 @@
 
 #include "cpu.h"
 
-#define EPX__SEG_MAGIC 0x47455358u
+#define EPX__SEG_MAGIC 0x47455359u
 #define EPX__MAX_PEER_REGIONS 32
-/* Copies from peers go in pieces of at most this many bytes, each one a sign of progress. */
+/* Copies go in pieces of at most this many bytes, each one a sign of progress (epx__moved). */
 #define EPX__PIECE ((size_t)4 << 20)
 
 /* Where a peer can read bytes of mine. */
@@ -65,9 +65,11 @@ typedef struct {
     _Atomic uint32_t released_through;
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
-    /* Bumped each time I copied a piece (at most EPX__PIECE bytes) of an operation's data:
-     * a peer waiting for me restarts its timeout while this moves (see epx__flag_wait). */
-    _Alignas(EPX__CACHELINE) _Atomic uint32_t progress;
+    /* When I last showed progress (epx__now_ns, the host's monotonic clock): I copied a
+     * piece (at most EPX__PIECE bytes) of an operation's data, or a peer I was waiting for
+     * showed progress (relayed, so that a rank waiting on me then waits on). A peer waiting
+     * for me counts its timeout from this when it is later than its wait's start. */
+    _Alignas(EPX__CACHELINE) _Atomic uint64_t alive_ns;
 } epx__seg_hdr_t;
 
 /* Values of the `aborted` flag: the rank aborted its communicator, or gave up on it (a
@@ -145,11 +147,12 @@ static inline bool epx__seq_geq(uint32_t a, uint32_t b) { return (int32_t)(a - b
 void epx__flag_post(epx__flag_t *flag, uint32_t value);
 /* Wait until `flag` (in peer's segment) >= target. PEER_FAILURE as soon as the peer is
  * gone, aborted or gave up; TIMEOUT once the peer showed no progress for the
- * communicator's timeout: counted from the wait's start, and again from each piece of data
- * the peer copied meanwhile (its `progress`, read at every poll after the first spin, at
- * least every 5 ms), so a slow peer that moves is not a stalled one. A timeout names the peer's last operation on flag or, when given, its twin
- * (the same flag of the other parity: the peer may be one operation further than flag
- * shows). */
+ * communicator's timeout: counted from the wait's start, or from the peer's `alive_ns` when
+ * that is later (read at every poll after the first spin, at least every 5 ms), so a slow
+ * peer that moves, or one that waits for such a peer, is not a stalled one. A later
+ * `alive_ns` seen is relayed into this rank's own. A timeout names the peer's last
+ * operation on flag or, when given, its twin (the same flag of the other parity: the peer
+ * may be one operation further than flag shows). */
 epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
                             const char *what, epx__errbuf_t *err);
 /* Wait for every peer's post of operation `seq` to me (descriptor lines), then check that no
@@ -169,13 +172,11 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
     return seq;
 }
 
-/* I copied another piece of a peer's data in operation `seq`: tell the peers waiting for
- * me (progress), and pause when a `slow` fault aims at the operation. */
+/* I copied another piece of data in operation `seq`: tell the peers waiting for me
+ * (alive_ns), and pause when a `slow` fault aims at the operation. */
 static inline void epx__moved(epx__cpu_t *c, uint32_t seq)
 {
-    epx__seg_hdr_t *h = c->seg;
-    atomic_store_explicit(&h->progress, atomic_load_explicit(&h->progress, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
+    atomic_store_explicit(&((epx__seg_hdr_t *)c->seg)->alive_ns, epx__now_ns(), memory_order_relaxed);
     if (__builtin_expect(c->fault.armed, 0)) epx__fault_slow(&c->fault, seq);
 }
 

@@ -48,11 +48,10 @@ static epx_status_t epx__mpi_xchg(void *ctx, int tag, const void *const *sbuf, c
 }
 
 epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
-                              const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err)
+                              const int *lrank_of, epx__errbuf_t *err)
 {
     epx__hier_link_t link = {net, epx__mpi_allreduce, epx__mpi_alltoall, epx__mpi_xchg};
-    EPX__CHECK(epx__hier_create_link(out, cpu, &link, epx__net_rank(net), epx__net_size(net), host_of, lrank_of,
-                                     timeout_ms, err));
+    EPX__CHECK(epx__hier_create_link(out, cpu, &link, epx__net_rank(net), epx__net_size(net), host_of, lrank_of, err));
     (*out)->net = net;
     /* A message to and from every rank in a batch, taken now: calls do not allocate them. */
     epx_status_t st = epx__net_room(net, 0, 0, err);
@@ -64,7 +63,7 @@ epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *ne
 }
 
 epx_status_t epx__hier_create_link(epx__hier_t **out, epx__cpu_t *cpu, const epx__hier_link_t *link, int me, int R,
-                                   const int *host_of, const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err)
+                                   const int *host_of, const int *lrank_of, epx__errbuf_t *err)
 {
     epx__hier_t *h = calloc(1, sizeof *h);
     if (!h) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
@@ -103,7 +102,6 @@ epx_status_t epx__hier_create_link(epx__hier_t **out, epx__cpu_t *cpu, const epx
     }
     h->cpu = cpu;
     h->link = *link;
-    h->timeout_ms = timeout_ms;
     *out = h;
     return EPX_SUCCESS;
 }

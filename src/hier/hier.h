@@ -43,7 +43,7 @@ typedef struct epx__hier epx__hier_t;
  * link src/xhost builds: host buffers staged through device memory; its collectives run
  * over the bootstrap). Every call is collective in the sense of the MPI one it stands for,
  * and its wait for the peers is bounded by the communicator's timeout from its own start
- * (EPX_ERR_TIMEOUT past it):
+ * (MPI: and again from each message of an xchg that completes; EPX_ERR_TIMEOUT past it):
  *   allreduce_sum  v[0..n) summed over all ranks, in place;
  *   alltoall       block q (`words` int64) of send[R * words] arrives as block `rank` of
  *                  rank q's recv[R * words] (not overlapping send);
@@ -60,13 +60,12 @@ typedef struct {
 /* Local: build the backend over this host's `cpu` (local ranks) and `net` (all ranks).
  * host_of / lrank_of are copied. Owns neither cpu nor net. */
 epx_status_t epx__hier_create(epx__hier_t **hier, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
-                              const int *lrank_of, int64_t timeout_ms, epx__errbuf_t *err);
+                              const int *lrank_of, epx__errbuf_t *err);
 /* The same over another link (MoE only: epx__hier_alltoallv needs an MPI net). The link's
  * point-to-point pairs are those of MoE: a rank and the rank of the same local index on
  * another host (hosts of equal size). */
 epx_status_t epx__hier_create_link(epx__hier_t **hier, epx__cpu_t *cpu, const epx__hier_link_t *link, int rank,
-                                   int nranks, const int *host_of, const int *lrank_of, int64_t timeout_ms,
-                                   epx__errbuf_t *err);
+                                   int nranks, const int *host_of, const int *lrank_of, epx__errbuf_t *err);
 void epx__hier_destroy(epx__hier_t *hier);
 const epx__topo_t *epx__hier_topo(const epx__hier_t *hier);
 

@@ -9,7 +9,6 @@ struct epx__hier {
     epx__cpu_t *cpu;
     epx__net_t *net;       /* MPI, or NULL on a link of another kind */
     epx__hier_link_t link; /* what MoE calls */
-    int64_t timeout_ms;
     uint32_t seq; /* operations so far (the same on every rank): tags of their messages */
     bool fault_count; /* EPX_FAULT count in the next operation (epx__hier_fault_count) */
     bool fault_nomem; /* EPX_FAULT nomem in the next operation (epx__hier_fault_nomem) */

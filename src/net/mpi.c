@@ -152,17 +152,17 @@ epx_status_t epx__net_allgather(epx__net_t *n, const void *mine, void *all, size
 static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, int *done, const char *what,
                                   epx__errbuf_t *err)
 {
-    const uint64_t window = (uint64_t)n->timeout_ms * 1000000ull;
-    uint64_t deadline = epx__now_ns() + window;
+    const uint64_t window = epx__ms_to_ns(n->timeout_ms); /* saturates: a huge timeout never ends */
+    uint64_t last = epx__now_ns(); /* the start, or the last completion */
     for (unsigned i = 0;; i++) {
         int got = 0;
         int rc = MPI_Testsome(count, reqs, &got, done, MPI_STATUSES_IGNORE);
         if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, what);
         if (got == MPI_UNDEFINED) return EPX_SUCCESS; /* none left active (count 0 included) */
         if (got > 0) {
-            deadline = epx__now_ns() + window;
+            last = epx__now_ns();
         } else if (i >= 64) {
-            if (epx__now_ns() >= deadline)
+            if (epx__now_ns() - last >= window)
                 return epx__fail(err, EPX_ERR_TIMEOUT, "rank %d timed out in %s: nothing arrived or left for %lld ms",
                                  n->rank, what, (long long)n->timeout_ms);
             sched_yield();

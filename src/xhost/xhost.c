@@ -397,7 +397,7 @@ epx_status_t epx__xhost_create(epx__xhost_t **out, epx__boot_t *boot, epx__cpu_t
     free(cards);
     if (st == EPX_SUCCESS) {
         epx__hier_link_t link = {xh, epx__link_allreduce, epx__link_alltoall, epx__link_xchg};
-        st = epx__xh_vote(xh, epx__hier_create_link(&xh->hier, cpu, &link, rank, nranks, host_of, lrank_of, timeout_ms, err),
+        st = epx__xh_vote(xh, epx__hier_create_link(&xh->hier, cpu, &link, rank, nranks, host_of, lrank_of, err),
                           epx__xh_create_what, err);
     }
     if (st != EPX_SUCCESS) {
