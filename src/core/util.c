@@ -13,6 +13,17 @@ uint64_t epx__now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+uint64_t epx__now_coarse_ns(void)
+{
+#ifdef CLOCK_MONOTONIC_COARSE
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+#else
+    return epx__now_ns();
+#endif
+}
+
 uint64_t epx__ms_to_ns(int64_t ms)
 {
     if (ms <= 0) return 0;

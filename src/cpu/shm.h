@@ -65,10 +65,11 @@ typedef struct {
     _Atomic uint32_t released_through;
     _Alignas(EPX__CACHELINE) epx__flag_t done; /* last operation whose reads I finished */
     _Alignas(EPX__CACHELINE) epx__flag_t aborted; /* EPX__ABORTED or EPX__BROKEN once set */
-    /* When I last showed progress (epx__now_ns, the host's monotonic clock): I copied a
-     * piece (at most EPX__PIECE bytes) of an operation's data, or a peer I was waiting for
-     * showed progress (relayed, so that a rank waiting on me then waits on). A peer waiting
-     * for me counts its timeout from this when it is later than its wait's start. */
+    /* When I last showed progress (the host's monotonic clock, read coarsely: up to a tick
+     * late): I copied a piece (at most EPX__PIECE bytes) of an operation's data, or a peer I
+     * was waiting for showed progress (relayed, so that a rank waiting on me then waits on).
+     * A peer waiting for me counts its timeout from this when it is later than its wait's
+     * start. */
     _Alignas(EPX__CACHELINE) _Atomic uint64_t alive_ns;
 } epx__seg_hdr_t;
 
@@ -176,7 +177,7 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
  * (alive_ns), and pause when a `slow` fault aims at the operation. */
 static inline void epx__moved(epx__cpu_t *c, uint32_t seq)
 {
-    atomic_store_explicit(&((epx__seg_hdr_t *)c->seg)->alive_ns, epx__now_ns(), memory_order_relaxed);
+    atomic_store_explicit(&((epx__seg_hdr_t *)c->seg)->alive_ns, epx__now_coarse_ns(), memory_order_relaxed);
     if (__builtin_expect(c->fault.armed, 0)) epx__fault_slow(&c->fault, seq);
 }
 
