@@ -19,8 +19,9 @@
  * EPX_ERR_TIMEOUT once the peer showed no progress for the timeout (a rank stamps its
  * `alive_ns` after every piece of data it copies, and relays a later stamp of a peer it
  * waits for) and EPX_ERR_PEER_FAILURE as soon as the peer's process is gone or has aborted
- * or given up. A rank whose wait failed gives up on the communicator at once (its `aborted` flag says so): its later operations fail at once
- * with that status, posting nothing (so the rule above holds for the blocks it posted).
+ * or given up. A rank whose wait failed gives up on the communicator at once (its
+ * `aborted` flag says so): its later operations fail at once with that status, posting
+ * nothing (so the rule above holds for the blocks it posted).
  * A peer that gave up after it released an operation (it finished it, and its readers of
  * exposed memory finished) still lets a slow reader of that operation succeed.
  */
