@@ -47,8 +47,8 @@ static epx_status_t epx__fault_entry(char *text, int index, epx__fault_spec_t *s
         if (!strcmp(kind, epx__fault_names[k])) s->kind = k;
     if (!s->kind)
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT,
-                         "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count, fail, nomem or slow)", index + 1,
-                         kind);
+                         "EPX_FAULT entry %d: unknown fault \"%s\" (delay, kill, count, fail, nomem or slow)",
+                         index + 1, kind);
     if (s->kind == EPX__FAULT_FAIL) s->at = EPX__FAULT_AT_ENQUEUE;
     long long step = -1; /* none given */
     char *save = NULL;
