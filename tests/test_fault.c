@@ -39,24 +39,29 @@
  *     call: its round breaks, so it too must return EPX_ERR_TIMEOUT (or PEER_FAILURE) and
  *     its communicator is broken, not its own EPX_ERR_INVALID_ARGUMENT on a communicator
  *     that looks usable;
- *   - slow_reader: the last rank pauses half the timeout after each piece it copies
+ *   - slow_reader: the last rank pauses 0.6 x the timeout after each piece it copies
  *     (EPX_FAULT slow; at least two pieces in every op, alltoall 9 MiB per peer), so that it
  *     reads for longer than the timeout (checked) while the others wait for it, to finish
- *     reading their buffers or to arrive in the next call. It keeps moving, so nobody times
- *     out: every rank succeeds with exact data and the communicator stays usable;
+ *     reading their buffers or to arrive in the next call: without the restart of their
+ *     clocks every op fails. It keeps moving, so nobody times out: every rank succeeds with
+ *     exact data and the communicator stays usable;
  *   - slow_relay (alltoallv, 3+ ranks): the same slow last rank reads 12 MiB from rank 1,
  *     which waits for it to finish; rank 0 sends only eager messages, is done at once, and in
  *     the next call waits for rank 1, which is still waiting on the slow rank. Rank 1 passes
  *     the slow rank's progress on, so rank 0 must not time out either: both calls succeed
  *     with exact data everywhere;
+ *   - stall_chain: slow_relay with pauses of 1.5 x the timeout: the slow rank has stalled.
+ *     Rank 1 must time out naming it, and rank 0, whose last sign of progress from rank 1
+ *     was relayed (its clock runs out with rank 1's), must not blame rank 1 but learn that it
+ *     gave up: EPX_ERR_PEER_FAILURE. Nobody hangs; the slow rank fails when it wakes;
  *   - a broken communicator reports its error (epx_comm_get_async_error) and every later
  *     call returns it at once; a new communicator (a new unique id) over the ranks still
  *     alive then works, data checked.
  *
  * Usage: test_fault OP NRANKS [FAULT...] with OP alltoall, alltoallv, dispatch, combine,
  * ll_dispatch or ll_combine and FAULT delay_short, delay_long, kill, count, abort,
- * kill_slow_reader, count_slow_reader, kill_reading, invalid_late, slow_reader or slow_relay
- * (default: all of them).
+ * kill_slow_reader, count_slow_reader, kill_reading, invalid_late, slow_reader, slow_relay or
+ * stall_chain (default: all of them).
  * Forks its own ranks: epx-run would stop the others as soon as one rank dies.
  */
 #include <signal.h>
@@ -89,13 +94,14 @@ typedef enum {
     F_INVALID_LATE,
     F_SLOW_READER,
     F_SLOW_RELAY,
+    F_STALL_CHAIN,
     F_NUM
 } fault_t;
 static const char *op_names[] = {"alltoall", "alltoallv", "dispatch", "combine", "ll_dispatch", "ll_combine"};
 #define IS_LL(op) ((op) == OP_LL_DISPATCH || (op) == OP_LL_COMBINE)
 static const char *fault_names[] = {"delay_short",      "delay_long",        "kill",        "count", "abort",
                                     "kill_slow_reader", "count_slow_reader", "kill_reading", "invalid_late",
-                                    "slow_reader",      "slow_relay"};
+                                    "slow_reader",      "slow_relay",        "stall_chain"};
 
 /* ---- One operation with its inputs, outputs and the image a success leaves ---------- */
 
@@ -445,8 +451,9 @@ static int slow_reader_after_count(ctx_t *c, epx_status_t st, const char *what, 
     return 0;
 }
 
-/* slow_relay (module comment): two alltoallv calls, the first (step 1) with the slow rank. */
-static int slow_relay_main(int rank, int R, const epx_unique_id_t *id)
+/* slow_relay and stall_chain (module comment): two alltoallv calls, the first (step 1) with
+ * the slow rank. */
+static int slow_relay_main(int rank, int R, const epx_unique_id_t *id, bool stall)
 {
     epx_config_t cfg = EPX_CONFIG_INITIALIZER;
     cfg.timeout_ms = TIMEOUT_MS;
@@ -466,9 +473,22 @@ static int slow_relay_main(int rank, int R, const epx_unique_id_t *id)
         double t0 = test_now_ms();
         epx_status_t st = epx_alltoallv(comm, send, sc, sd, recv, rc, rd, EPX_U8, NULL);
         double dt = test_now_ms() - t0;
-        printf("alltoallv/slow_relay np%d rank %d call %d: %s after %.0f ms%s%s\n", R, rank, call, epx_status_name(st),
-               dt, st ? ": " : "", st ? epx_comm_get_last_error(comm) : "");
+        printf("alltoallv/%s np%d rank %d call %d: %s after %.0f ms%s%s\n", stall ? "stall_chain" : "slow_relay", R,
+               rank, call, epx_status_name(st), dt, st ? ": " : "", st ? epx_comm_get_last_error(comm) : "");
         fflush(stdout);
+        if (stall && (rank == 1 || rank == R - 1 || call == 2)) {
+            const char *msg = epx_comm_get_last_error(comm);
+            if (rank == 1 && (st != EPX_ERR_TIMEOUT || !strstr(msg, "rank 1 timed out waiting for rank")))
+                TEST_FAIL_("stall_chain rank 1: %s (%s), expected its timeout on the slow rank", epx_status_name(st),
+                           msg);
+            if (rank == 0 && (st != EPX_ERR_PEER_FAILURE || !strstr(msg, "rank 1 gave up")))
+                TEST_FAIL_("stall_chain rank 0: %s (%s), expected rank 1's giving up", epx_status_name(st), msg);
+            if (rank == 1) usleep(TIMEOUT_MS * 1000); /* gave up, not yet aborted, while rank 0 looks */
+            if (st != EPX_ERR_TIMEOUT && st != EPX_ERR_PEER_FAILURE)
+                TEST_FAIL_("stall_chain rank %d call %d: %s (%s)", rank, call, epx_status_name(st), msg);
+            if (dt > 3 * TIMEOUT_MS + SLACK_MS) TEST_FAIL_("stall_chain rank %d call %d took %.0f ms", rank, call, dt);
+            break;
+        }
         ASSERT_OK(st);
         for (int p = 0; p < R; p++)
             for (int64_t i = 0; i < rc[p]; i++)
@@ -478,13 +498,14 @@ static int slow_relay_main(int rank, int R, const epx_unique_id_t *id)
             TEST_FAIL_("slow_relay: the slow reader took %.0f ms, not over twice the timeout (%d ms)", dt, TIMEOUT_MS);
     }
     free(send), free(recv);
-    ASSERT_OK(epx_comm_destroy(comm));
+    if (stall) ASSERT_OK(epx_comm_abort(comm));
+    else ASSERT_OK(epx_comm_destroy(comm));
     return 0;
 }
 
 static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t *id, const epx_unique_id_t *id2)
 {
-    if (f == F_SLOW_RELAY) return slow_relay_main(rank, R, id);
+    if (f == F_SLOW_RELAY || f == F_STALL_CHAIN) return slow_relay_main(rank, R, id, f == F_STALL_CHAIN);
     test_rank = rank;
     char what[96];
     snprintf(what, sizeof what, "%s/%s np%d rank %d", op_names[op], fault_names[f], R, rank);
@@ -630,10 +651,11 @@ static int scenario(op_t op, fault_t f, int R)
     case F_INVALID_LATE: snprintf(text, sizeof text, "delay:rank=%d,step=%d,ms=%d", R - 1, step, 3 * TIMEOUT_MS); break;
     case F_COUNT: snprintf(text, sizeof text, "count:rank=%d,step=%d", R - 1, step); break;
     case F_SLOW_READER:
-        snprintf(text, sizeof text, "slow:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS / 2);
+        snprintf(text, sizeof text, "slow:rank=%d,step=%d,ms=%d", R - 1, step, TIMEOUT_MS * 3 / 5);
         a2a_count = 9 << 20;
         break;
     case F_SLOW_RELAY: snprintf(text, sizeof text, "slow:rank=%d,step=1,ms=%d", R - 1, TIMEOUT_MS / 2); break;
+    case F_STALL_CHAIN: snprintf(text, sizeof text, "slow:rank=%d,step=1,ms=%d", R - 1, 3 * TIMEOUT_MS / 2); break;
     default: break;
     }
     setenv("EPX_FAULT", text, 1);
@@ -920,7 +942,8 @@ int main(int argc, char **argv)
     int passed = 0;
     for (int f = 0; f < F_NUM; f++) {
         if (nwant && !want[f]) continue;
-        bool needs_v = f == F_SLOW_RELAY, needs_3 = f == F_COUNT_SLOW_READER || f == F_SLOW_RELAY;
+        bool needs_v = f == F_SLOW_RELAY || f == F_STALL_CHAIN;
+        bool needs_3 = f == F_COUNT_SLOW_READER || needs_v;
         if (needs_3 && (R < 3 || op > OP_ALLTOALLV || (needs_v && op != OP_ALLTOALLV))) {
             printf("scenario %s/%s np%d not run: it needs %s and 3 or more ranks\n", op_names[op], fault_names[f], R,
                    needs_v ? "alltoallv" : "alltoall(v)");

@@ -169,6 +169,8 @@ uint64_t epx__now_ns(void);
 /* The same clock read cheaply (a few ns): it lags epx__now_ns by up to one tick, a few ms
  * (CLOCK_MONOTONIC_COARSE), and never runs ahead of it. */
 uint64_t epx__now_coarse_ns(void);
+/* The coarse clock's tick (its resolution), read once per process. */
+uint64_t epx__coarse_tick_ns(void);
 /* Deadline `ms` from now (ms <= 0: already passed; too far to count in ns: UINT64_MAX). */
 uint64_t epx__deadline_after_ms(int64_t ms);
 /* ms in ns: 0 for ms <= 0, UINT64_MAX when it does not fit (a huge EPX_TIMEOUT_MS: never). */

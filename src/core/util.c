@@ -1,5 +1,6 @@
 /* Clocks, deadlines, hashing, OS randomness. */
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,6 +23,21 @@ uint64_t epx__now_coarse_ns(void)
 #else
     return epx__now_ns();
 #endif
+}
+
+uint64_t epx__coarse_tick_ns(void)
+{
+    static _Atomic uint64_t tick; /* 0 until read; every thread reads the same value */
+    uint64_t t = atomic_load_explicit(&tick, memory_order_relaxed);
+    if (t) return t;
+    struct timespec res = {0, 0};
+#ifdef CLOCK_MONOTONIC_COARSE
+    if (clock_getres(CLOCK_MONOTONIC_COARSE, &res) != 0) res = (struct timespec){0, 0};
+#endif
+    t = (uint64_t)res.tv_sec * 1000000000ull + (uint64_t)res.tv_nsec;
+    t = t ? t : 1; /* the precise clock (or no answer): nothing to allow for */
+    atomic_store_explicit(&tick, t, memory_order_relaxed);
+    return t;
 }
 
 uint64_t epx__ms_to_ns(int64_t ms)

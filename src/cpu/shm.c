@@ -174,26 +174,23 @@ static inline void epx__cpu_relax(void)
 #endif
 }
 
-epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
-                            const char *what, epx__errbuf_t *err)
+/* How long a wait that would time out on a peer that is itself waiting (waiting_on) gives
+ * it first: both clocks may end at once when this rank's last sign of progress from it was
+ * relayed, and then its own verdict (it gives up, naming the rank it waited for) should
+ * reach this rank before this rank blames it. Ten polls. */
+#define EPX__WAITING_GRACE_NS 50000000ull
+
+/* epx__flag_wait past its spin, from `start` (see there). */
+static epx_status_t epx__flag_wait_slow(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin,
+                                        uint32_t target, uint64_t start, const char *what, epx__errbuf_t *err)
 {
-    /* Poll (fast path), then poll and yield the core, then sleep on the futex. */
-    for (int i = 0; i < 64; i++) {
-        if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
-            return EPX_SUCCESS;
-        epx__cpu_relax();
-    }
-    const uint64_t start = epx__now_ns(), window = epx__ms_to_ns(c->timeout_ms);
-    for (unsigned i = 0;; i++) {
-        if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
-            return EPX_SUCCESS;
-        epx__cpu_relax();
-        if ((i & 63) == 0 && epx__now_ns() - start >= c->spin_ns) break;
-    }
-    /* Read only from here: the spin above stays off the peer's alive_ns line (it writes it). */
-    const _Atomic uint64_t *theirs = &c->peers[peer].hdr->alive_ns;
+    const epx__seg_hdr_t *ph = c->peers[peer].hdr;
     _Atomic uint64_t *mine = &((epx__seg_hdr_t *)c->seg)->alive_ns;
+    /* A stamp may be up to one tick of the coarse clock late. */
+    const uint64_t timeout = epx__ms_to_ns(c->timeout_ms), tick = epx__coarse_tick_ns();
+    const uint64_t window = timeout > UINT64_MAX - tick ? UINT64_MAX : timeout + tick;
     uint64_t last = start; /* the latest sign of progress from the peer */
+    bool graced = false;
     for (;;) {
         uint32_t v = atomic_load_explicit(&flag->value, memory_order_acquire);
         if (epx__seq_geq(v, target)) return EPX_SUCCESS;
@@ -204,7 +201,7 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const ep
             if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
             return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, c->rank, what, target);
         }
-        uint64_t alive = atomic_load_explicit(theirs, memory_order_relaxed);
+        uint64_t alive = atomic_load_explicit(&ph->alive_ns, memory_order_relaxed);
         uint64_t now = epx__now_ns(); /* read after alive, so normally alive <= now */
         /* A time past now + window (a peer in another time namespace) is no sign of progress:
          * whatever the peer writes, this wait stays bounded. */
@@ -213,11 +210,19 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const ep
             if (alive > atomic_load_explicit(mine, memory_order_relaxed))
                 atomic_store_explicit(mine, alive, memory_order_relaxed);
         } else if (now > last && now - last >= window) {
+            int32_t on = atomic_load_explicit(&ph->waiting_on, memory_order_relaxed) - 1;
+            if (on >= 0 && !graced) { /* it may be about to give up on the rank it waits for */
+                graced = true;
+                last = now - window + EPX__WAITING_GRACE_NS; /* (fires EPX__WAITING_GRACE_NS from now) */
+                continue;
+            }
+            char also[48] = "";
+            if (on >= 0) snprintf(also, sizeof also, "; it was waiting for rank %d", on);
             uint32_t w = twin ? atomic_load_explicit(&twin->value, memory_order_acquire) : v;
             return epx__fail(err, EPX_ERR_TIMEOUT,
                              "rank %d timed out waiting for rank %d's %s of operation %u: no progress from it for "
-                             "%" PRId64 " ms (its last: operation %u)",
-                             c->rank, peer, what, target, c->timeout_ms, epx__seq_geq(w, v) ? w : v);
+                             "%" PRId64 " ms (its last: operation %u%s)",
+                             c->rank, peer, what, target, c->timeout_ms, epx__seq_geq(w, v) ? w : v, also);
         }
         if (now - start < c->spin_ns + c->yield_ns) {
             sched_yield();
@@ -232,6 +237,31 @@ epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const ep
         }
         atomic_fetch_sub_explicit(&flag->waiters, 1, memory_order_relaxed);
     }
+}
+
+epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
+                            const char *what, epx__errbuf_t *err)
+{
+    /* Poll (fast path), then poll and yield the core, then sleep on the futex. */
+    for (int i = 0; i < 64; i++) {
+        if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
+            return EPX_SUCCESS;
+        epx__cpu_relax();
+    }
+    const uint64_t start = epx__now_ns();
+    for (unsigned i = 0;; i++) {
+        if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target))
+            return EPX_SUCCESS;
+        epx__cpu_relax();
+        if ((i & 63) == 0 && epx__now_ns() - start >= c->spin_ns) break;
+    }
+    /* Only from here on the header lines the peers read while they wait (the spin above
+     * stays off them). */
+    _Atomic int32_t *on = &((epx__seg_hdr_t *)c->seg)->waiting_on;
+    atomic_store_explicit(on, peer + 1, memory_order_relaxed);
+    epx_status_t st = epx__flag_wait_slow(c, peer, flag, twin, target, start, what, err);
+    atomic_store_explicit(on, 0, memory_order_relaxed);
+    return st;
 }
 
 /* Remove the names of freed regions that no peer can still be about to open: every peer

@@ -71,6 +71,7 @@ typedef struct {
      * A peer waiting for me counts its timeout from this when it is later than its wait's
      * start. */
     _Alignas(EPX__CACHELINE) _Atomic uint64_t alive_ns;
+    _Atomic int32_t waiting_on; /* the peer I wait for past the spin, plus 1 (0: none) */
 } epx__seg_hdr_t;
 
 /* Values of the `aborted` flag: the rank aborted its communicator, or gave up on it (a
@@ -151,9 +152,13 @@ void epx__flag_post(epx__flag_t *flag, uint32_t value);
  * communicator's timeout: counted from the wait's start, or from the peer's `alive_ns` when
  * that is later (read at every poll after the first spin, at least every 5 ms), so a slow
  * peer that moves, or one that waits for such a peer, is not a stalled one. A later
- * `alive_ns` seen is relayed into this rank's own. A timeout names the peer's last
- * operation on flag or, when given, its twin (the same flag of the other parity: the peer
- * may be one operation further than flag shows). */
+ * `alive_ns` seen is relayed into this rank's own (stamps are read with up to a tick of the
+ * coarse clock's lateness allowed for). When the clock runs out on a peer that is itself
+ * waiting (its `waiting_on`), it gets 50 ms more, so that its own verdict on the rank it
+ * waits for (it gives up, naming that rank) comes first; else the timeout says whom it was
+ * waiting for. A timeout names the peer's last operation on flag or, when given, its twin
+ * (the same flag of the other parity: the peer may be one operation further than flag
+ * shows). */
 epx_status_t epx__flag_wait(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin, uint32_t target,
                             const char *what, epx__errbuf_t *err);
 /* Wait for every peer's post of operation `seq` to me (descriptor lines), then check that no
