@@ -177,8 +177,21 @@ static inline void epx__cpu_relax(void)
 /* How long a wait that would time out on a peer that is itself waiting (waiting_on) gives
  * it first: both clocks may end at once when this rank's last sign of progress from it was
  * relayed, and then its own verdict (it gives up, naming the rank it waited for) should
- * reach this rank before this rank blames it. Ten polls. */
-#define EPX__WAITING_GRACE_NS 50000000ull
+ * reach this rank before this rank blames it. Twenty polls (room for a loaded machine). */
+#define EPX__WAITING_GRACE_NS 100000000ull
+
+/* The timeout of a wait for `peer`'s `what` of operation `target`: its last operation was
+ * `theirs`; `on` >= 0: it was itself waiting for that rank. */
+static epx_status_t epx__wait_timed_out(const epx__cpu_t *c, int peer, const char *what, uint32_t target,
+                                        uint32_t theirs, int on, epx__errbuf_t *err)
+{
+    char also[48] = "";
+    if (on >= 0) snprintf(also, sizeof also, "; it was waiting for rank %d", on);
+    return epx__fail(err, EPX_ERR_TIMEOUT,
+                     "rank %d timed out waiting for rank %d's %s of operation %u: no progress from it for %" PRId64
+                     " ms (its last: operation %u%s)",
+                     c->rank, peer, what, target, c->timeout_ms, theirs, also);
+}
 
 /* epx__flag_wait past its spin, from `start` (see there). */
 static epx_status_t epx__flag_wait_slow(epx__cpu_t *c, int peer, epx__flag_t *flag, const epx__flag_t *twin,
@@ -190,7 +203,7 @@ static epx_status_t epx__flag_wait_slow(epx__cpu_t *c, int peer, epx__flag_t *fl
     const uint64_t timeout = epx__ms_to_ns(c->timeout_ms), tick = epx__coarse_tick_ns();
     const uint64_t window = timeout > UINT64_MAX - tick ? UINT64_MAX : timeout + tick;
     uint64_t last = start; /* the latest sign of progress from the peer */
-    bool graced = false;
+    uint64_t grace_end = 0; /* set once: when the peer, itself waiting, has had its grace */
     for (;;) {
         uint32_t v = atomic_load_explicit(&flag->value, memory_order_acquire);
         if (epx__seq_geq(v, target)) return EPX_SUCCESS;
@@ -211,18 +224,11 @@ static epx_status_t epx__flag_wait_slow(epx__cpu_t *c, int peer, epx__flag_t *fl
                 atomic_store_explicit(mine, alive, memory_order_relaxed);
         } else if (now > last && now - last >= window) {
             int32_t on = atomic_load_explicit(&ph->waiting_on, memory_order_relaxed) - 1;
-            if (on >= 0 && !graced) { /* it may be about to give up on the rank it waits for */
-                graced = true;
-                last = now - window + EPX__WAITING_GRACE_NS; /* (fires EPX__WAITING_GRACE_NS from now) */
-                continue;
+            if (on >= 0 && !grace_end) grace_end = now + EPX__WAITING_GRACE_NS; /* it may be about to give up */
+            if (on < 0 || now >= grace_end) {
+                uint32_t w = twin ? atomic_load_explicit(&twin->value, memory_order_acquire) : v;
+                return epx__wait_timed_out(c, peer, what, target, epx__seq_geq(w, v) ? w : v, on, err);
             }
-            char also[48] = "";
-            if (on >= 0) snprintf(also, sizeof also, "; it was waiting for rank %d", on);
-            uint32_t w = twin ? atomic_load_explicit(&twin->value, memory_order_acquire) : v;
-            return epx__fail(err, EPX_ERR_TIMEOUT,
-                             "rank %d timed out waiting for rank %d's %s of operation %u: no progress from it for "
-                             "%" PRId64 " ms (its last: operation %u%s)",
-                             c->rank, peer, what, target, c->timeout_ms, epx__seq_geq(w, v) ? w : v, also);
         }
         if (now - start < c->spin_ns + c->yield_ns) {
             sched_yield();

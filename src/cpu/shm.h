@@ -154,7 +154,7 @@ void epx__flag_post(epx__flag_t *flag, uint32_t value);
  * peer that moves, or one that waits for such a peer, is not a stalled one. A later
  * `alive_ns` seen is relayed into this rank's own (stamps are read with up to a tick of the
  * coarse clock's lateness allowed for). When the clock runs out on a peer that is itself
- * waiting (its `waiting_on`), it gets 50 ms more, so that its own verdict on the rank it
+ * waiting (its `waiting_on`), it gets 100 ms more, so that its own verdict on the rank it
  * waits for (it gives up, naming that rank) comes first; else the timeout says whom it was
  * waiting for. A timeout names the peer's last operation on flag or, when given, its twin
  * (the same flag of the other parity: the peer may be one operation further than flag
