@@ -165,23 +165,25 @@ bool epx__fault_due(const epx__fault_t *f, int kind, uint32_t step, int at, epx_
 
 void epx__fault_delay(const epx__fault_t *f, uint32_t step) { epx__fault_delay_at(f, step, EPX__FAULT_AT_HOST); }
 
+/* Sleep `ms` milliseconds, signals or not. */
+static void epx__fault_sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
 void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at)
 {
     epx__fault_spec_t s;
-    if (!epx__fault_take_at(f, EPX__FAULT_DELAY, step, at, &s)) return;
-    struct timespec ts = {s.ms / 1000, (long)(s.ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
+    if (epx__fault_take_at(f, EPX__FAULT_DELAY, step, at, &s)) epx__fault_sleep_ms(s.ms);
 }
 
 void epx__fault_slow(epx__fault_t *f, uint32_t step)
 {
     epx__fault_spec_t s;
     if (epx__fault_take(f, EPX__FAULT_SLOW, step, &s)) f->slow_step = step, f->slow_ms = s.ms;
-    if (f->slow_ms <= 0 || f->slow_step != step) return;
-    struct timespec ts = {f->slow_ms / 1000, (long)(f->slow_ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
+    if (f->slow_ms > 0 && f->slow_step == step) epx__fault_sleep_ms(f->slow_ms);
 }
 
 void epx__fault_creation(const epx__fault_t *f)
