@@ -889,6 +889,58 @@ static int mpi_main(op_t op, bool kill)
                s0 + 5, s0 + 7);
     return 0;
 }
+
+/* `slow` (test_fault --mpi alltoallv slow; hosts of 2+ ranks): alltoallv calls in which each
+ * rank exchanges 1 MiB with every rank of its own host (shared memory) and nothing with the
+ * other hosts, so that only the calls' small cards cross over MPI. At step 2 the last rank
+ * pauses 0.6 x the timeout after each of its MPI messages that completes (EPX_FAULT slow):
+ * its local peers then wait for it in shared memory for as long as its cards take (over
+ * twice the timeout, checked), while it shows progress only in MPI. It passes that on to
+ * them (src/hier -> src/cpu), so nobody times out: every rank succeeds with exact data,
+ * at steps 1 (healthy), 2 and 3 (healthy: the communicator is still usable). */
+static int mpi_slow_main(void)
+{
+    int me, R;
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    MPI_Comm_size(MPI_COMM_WORLD, &R);
+    test_rank = me;
+    epx_comm_t comm = mpi_comm(MPI_COMM_WORLD, MPI_TIMEOUT_MS);
+    epx_comm_info_t info;
+    ASSERT_OK(epx_comm_info(comm, &info));
+    ASSERT(info.num_hosts > 1 && info.local_size > 1 && info.host == me / info.local_size); /* EPX_LOCAL_SIZE blocks */
+    const int64_t n = 1 << 20;
+    int64_t sc[MAXR], sd[MAXR], rc[MAXR], rd[MAXR], tot = 0;
+    ASSERT(R <= MAXR);
+    for (int p = 0; p < R; p++) {
+        sc[p] = rc[p] = p / info.local_size == info.host ? n : 0;
+        sd[p] = rd[p] = tot, tot += sc[p];
+    }
+    uint8_t *send = xmalloc((size_t)tot), *recv = xmalloc((size_t)tot);
+    for (int p = 0; p < R; p++)
+        for (int64_t i = 0; i < sc[p]; i++) send[sd[p] + i] = a2a_byte(me, p, (size_t)i);
+    for (int step = 1; step <= 3; step++) {
+        MPI_Barrier(MPI_COMM_WORLD); /* each call on its own: nobody waits in the next one */
+        memset(recv, POISON, (size_t)tot);
+        double t0 = test_now_ms();
+        epx_status_t st = epx_alltoallv(comm, send, sc, sd, recv, rc, rd, EPX_U8, NULL);
+        double dt = test_now_ms() - t0;
+        printf("mpi alltoallv np%d rank %d slow step %d: %s after %.0f ms%s%s\n", R, me, step, epx_status_name(st), dt,
+               st ? ": " : "", st ? epx_comm_get_last_error(comm) : "");
+        fflush(stdout);
+        ASSERT_OK(st);
+        for (int p = 0; p < R; p++)
+            for (int64_t i = 0; i < rc[p]; i++)
+                if (recv[rd[p] + i] != a2a_byte(p, me, (size_t)i))
+                    TEST_FAIL_("slow step %d rank %d: byte %lld from rank %d wrong", step, me, (long long)i, p);
+        if (step == 2 && me == R - 1 && dt <= 2 * MPI_TIMEOUT_MS)
+            TEST_FAIL_("slow: the slow rank took %.0f ms, not over twice the timeout (%d ms)", dt, MPI_TIMEOUT_MS);
+    }
+    free(send), free(recv);
+    ASSERT_OK(epx_comm_destroy(comm));
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (me == 0) printf("mpi_fault alltoallv slow np%d: passed\n", R);
+    return 0;
+}
 #endif
 
 int main(int argc, char **argv)
@@ -900,9 +952,9 @@ int main(int argc, char **argv)
         op_t op = OP_COUNT;
         for (int i = 0; i < OP_COUNT; i++)
             if (!strcmp(argv[2], op_names[i])) op = (op_t)i;
-        bool kill = argc >= 4 && !strcmp(argv[3], "kill");
-        if (op == OP_COUNT) {
-            fprintf(stderr, "usage: %s --mpi OP [kill]\n", argv[0]);
+        bool kill = argc >= 4 && !strcmp(argv[3], "kill"), slow = argc >= 4 && !strcmp(argv[3], "slow");
+        if (op == OP_COUNT || (slow && op != OP_ALLTOALLV)) {
+            fprintf(stderr, "usage: %s --mpi OP [kill] | --mpi alltoallv slow\n", argv[0]);
             return 2;
         }
         /* Before the library reads its variables (at the first communicator). */
@@ -912,13 +964,15 @@ int main(int argc, char **argv)
         MPI_Comm_size(MPI_COMM_WORLD, &world);
         if (kill)
             snprintf(text, sizeof text, "kill:rank=%d,step=%d", world - 1, s0 + 2);
+        else if (slow)
+            snprintf(text, sizeof text, "slow:rank=%d,step=2,ms=%d", world - 1, MPI_TIMEOUT_MS * 3 / 5);
         else
             snprintf(text, sizeof text,
                      "delay:rank=%d,step=%d,ms=100;count:rank=%d,step=%d;nomem:rank=%d,step=%d;delay:rank=%d,step=%d,ms=%d",
                      world - 1, s0 + 2, world - 1, s0 + 3, world - 1, op <= OP_ALLTOALLV ? s0 + 3 : s0 + 5, world - 1,
                      s0 + 7, 3 * MPI_TIMEOUT_MS);
         setenv("EPX_FAULT", text, 1);
-        return mpi_main(op, kill);
+        return slow ? mpi_slow_main() : mpi_main(op, kill);
     }
 #endif
     if (argc < 3) {

@@ -555,6 +555,7 @@ void epx__comm_fault_slow(epx_comm_t c, epx_status_t local, bool sized)
     if (count && c->hier) epx__hier_fault_count(c->hier);
     if (c->hier && local == EPX_SUCCESS && epx__fault_take(&c->fault, EPX__FAULT_NOMEM, step, &f))
         epx__hier_fault_nomem(c->hier);
+    if (c->hier) epx__hier_fault_slow(c->hier, epx__fault_take(&c->fault, EPX__FAULT_SLOW, step, &f) ? f.ms : 0);
     if (c->xh) {
         bool enq = epx__fault_due(&c->fault, EPX__FAULT_DELAY, step, EPX__FAULT_AT_ENQUEUE, &f) ||
                    epx__fault_due(&c->fault, EPX__FAULT_KILL, step, EPX__FAULT_AT_ENQUEUE, &f) ||

@@ -165,8 +165,7 @@ bool epx__fault_due(const epx__fault_t *f, int kind, uint32_t step, int at, epx_
 
 void epx__fault_delay(const epx__fault_t *f, uint32_t step) { epx__fault_delay_at(f, step, EPX__FAULT_AT_HOST); }
 
-/* Sleep `ms` milliseconds, signals or not. */
-static void epx__fault_sleep_ms(int ms)
+void epx__fault_sleep_ms(int ms)
 {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {

@@ -27,7 +27,9 @@
  *   slow   rank R pauses M ms after each piece of data it copies in its N-th operation
  *          (4 MiB at most, src/cpu's EPX__PIECE, or a batch of rows): a slow reader that
  *          keeps moving, which its peers must wait for past their timeout (a wait's clock
- *          restarts while the peer copies). CPU backend on one host (src/cpu) only.
+ *          restarts while the peer copies). CPU backend: on one host (src/cpu) as said;
+ *          across hosts (src/hier, its steps counted by src/api) after each of its MPI
+ *          messages (requests) that completes, not after its copies inside the host.
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `mapped` (CUDA on one host: after the call's attempt to
@@ -126,6 +128,9 @@ void epx__fault_delay_at(const epx__fault_t *f, uint32_t step, int at);
 /* A `slow` entry: sleeps its ms when it aims at operation `step` (the first time marks it
  * fired; every later piece of the same operation sleeps too). */
 void epx__fault_slow(epx__fault_t *f, uint32_t step);
+
+/* Sleep ms milliseconds (a delay or a slow fault's pause), signals or not. */
+void epx__fault_sleep_ms(int ms);
 
 /* A `kill` aimed at step 0 (the communicator's creation): ends the process. src/cpu calls
  * it once its shared segment exists, before the peers have mapped it. f may be NULL. */

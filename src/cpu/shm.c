@@ -598,6 +598,8 @@ static epx_status_t epx__cpu_give_up(epx__cpu_t *c, epx_status_t st)
     return st;
 }
 
+void epx__cpu_progress(epx__cpu_t *c) { epx__stamp_alive(c); }
+
 void epx__cpu_set_fault(epx__cpu_t *c, const epx__fault_t *fault) { c->fault = *fault; }
 
 void epx__cpu_fault_kill_next(epx__cpu_t *c, const epx__fault_spec_t *spec)

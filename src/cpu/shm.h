@@ -178,11 +178,17 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
     return seq;
 }
 
+/* A sign of progress for the peers waiting for me: alive_ns is now. */
+static inline void epx__stamp_alive(epx__cpu_t *c)
+{
+    atomic_store_explicit(&((epx__seg_hdr_t *)c->seg)->alive_ns, epx__now_coarse_ns(), memory_order_relaxed);
+}
+
 /* I copied another piece of data in operation `seq`: tell the peers waiting for me
  * (alive_ns), and pause when a `slow` fault aims at the operation. */
 static inline void epx__moved(epx__cpu_t *c, uint32_t seq)
 {
-    atomic_store_explicit(&((epx__seg_hdr_t *)c->seg)->alive_ns, epx__now_coarse_ns(), memory_order_relaxed);
+    epx__stamp_alive(c);
     if (__builtin_expect(c->fault.armed, 0)) epx__fault_slow(&c->fault, seq);
 }
 

@@ -47,12 +47,22 @@ static epx_status_t epx__mpi_xchg(void *ctx, int tag, const void *const *sbuf, c
     return epx__net_wait(ctx, err);
 }
 
+/* An MPI message of mine completed: my local ranks waiting for me in shared memory see me
+ * move (epx__cpu_progress), and an EPX_FAULT `slow` pauses here. */
+static void epx__mpi_progress(void *ctx)
+{
+    epx__hier_t *h = ctx;
+    epx__cpu_progress(h->cpu);
+    if (__builtin_expect(h->slow_ms > 0, 0)) epx__fault_sleep_ms(h->slow_ms);
+}
+
 epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *net, const int *host_of,
                               const int *lrank_of, epx__errbuf_t *err)
 {
     epx__hier_link_t link = {net, epx__mpi_allreduce, epx__mpi_alltoall, epx__mpi_xchg};
     EPX__CHECK(epx__hier_create_link(out, cpu, &link, epx__net_rank(net), epx__net_size(net), host_of, lrank_of, err));
     (*out)->net = net;
+    epx__net_on_progress(net, epx__mpi_progress, *out);
     /* A message to and from every rank in a batch, taken now: calls do not allocate them. */
     epx_status_t st = epx__net_room(net, 0, 0, err);
     if (st != EPX_SUCCESS) {
@@ -109,6 +119,7 @@ epx_status_t epx__hier_create_link(epx__hier_t **out, epx__cpu_t *cpu, const epx
 void epx__hier_destroy(epx__hier_t *h)
 {
     if (!h) return;
+    if (h->net) epx__net_on_progress(h->net, NULL, NULL);
     free(h->t.host_of);
     free(h->t.lrank_of);
     free(h->t.host_ranks);
@@ -123,6 +134,7 @@ const epx__topo_t *epx__hier_topo(const epx__hier_t *h) { return &h->t; }
 
 void epx__hier_fault_count(epx__hier_t *h) { h->fault_count = true; }
 void epx__hier_fault_nomem(epx__hier_t *h) { h->fault_nomem = true; }
+void epx__hier_fault_slow(epx__hier_t *h, int ms) { h->slow_ms = ms; }
 
 epx_status_t epx__hier_take_left(epx__hier_t *h)
 {

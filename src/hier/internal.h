@@ -12,6 +12,7 @@ struct epx__hier {
     uint32_t seq; /* operations so far (the same on every rank): tags of their messages */
     bool fault_count; /* EPX_FAULT count in the next operation (epx__hier_fault_count) */
     bool fault_nomem; /* EPX_FAULT nomem in the next operation (epx__hier_fault_nomem) */
+    int slow_ms;      /* EPX_FAULT slow in this operation (epx__hier_fault_slow) */
     epx_status_t left; /* a MoE call failed after its verdict, its peers still in it (epx__hier_take_left) */
     char *scratch;
     size_t scratch_bytes;

@@ -20,6 +20,8 @@ struct epx__net {
     int nreqs, nrecv, cap_reqs;
     int64_t *coll; /* the buffer of the collectives (abandoned when one fails) */
     size_t cap_coll;
+    void (*progress)(void *ctx); /* epx__net_on_progress */
+    void *progress_ctx;
 };
 
 /* Buffers of collectives that timed out: a late peer may still complete the collective and
@@ -161,6 +163,7 @@ static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, i
         if (got == MPI_UNDEFINED) return EPX_SUCCESS; /* none left active (count 0 included) */
         if (got > 0) {
             last = epx__now_ns();
+            for (int k = 0; k < got && n->progress; k++) n->progress(n->progress_ctx);
         } else if (i >= 64) {
             if (epx__now_ns() - last >= window)
                 return epx__fail(err, EPX_ERR_TIMEOUT, "rank %d timed out in %s: nothing arrived or left for %lld ms",
@@ -168,6 +171,12 @@ static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, i
             sched_yield();
         }
     }
+}
+
+void epx__net_on_progress(epx__net_t *n, void (*fn)(void *ctx), void *ctx)
+{
+    n->progress = fn;
+    n->progress_ctx = ctx;
 }
 
 /* The collectives work in a buffer of the net's own: one that timed out stays in flight (a

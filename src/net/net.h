@@ -25,6 +25,11 @@ void epx__net_destroy(epx__net_t *net, bool broken);
 int epx__net_rank(const epx__net_t *net);
 int epx__net_size(const epx__net_t *net);
 
+/* Local: call fn(ctx) once for every MPI request of this net that completes, as its wait
+ * sees it (a sign of this rank's progress for those who wait for it by other means; NULL:
+ * none). The wait's own clock restarts there too (see above). */
+void epx__net_on_progress(epx__net_t *net, void (*fn)(void *ctx), void *ctx);
+
 /* Collective: group the ranks into hosts — blocks of `local_size` consecutive ranks when
  * > 0 (simulated hosts), else the ranks that share memory (MPI_COMM_TYPE_SHARED). Fills,
  * for every rank r, host_of[r] (hosts numbered by their lowest rank) and lrank_of[r] (its
