@@ -897,8 +897,11 @@ static int mpi_main(op_t op, bool kill)
  * its local peers then wait for it in shared memory for as long as its cards take (over
  * twice the timeout, checked), while it shows progress only in MPI. It passes that on to
  * them (src/hier -> src/cpu), so nobody times out: every rank succeeds with exact data,
- * at steps 1 (healthy), 2 and 3 (healthy: the communicator is still usable). */
-static int mpi_slow_main(void)
+ * at steps 1 (healthy), 2 and 3 (healthy: the communicator is still usable).
+ * `stall`: pauses of 1.5 x the timeout at step 2. Its local peers must time out naming it
+ * by its rank in the communicator, the other hosts' ranks (done with it once its cards
+ * left) succeed, and the slow rank learns that its peers gave up; nobody hangs. */
+static int mpi_slow_main(bool stall)
 {
     int me, R;
     MPI_Comm_rank(MPI_COMM_WORLD, &me);
@@ -918,15 +921,33 @@ static int mpi_slow_main(void)
     uint8_t *send = xmalloc((size_t)tot), *recv = xmalloc((size_t)tot);
     for (int p = 0; p < R; p++)
         for (int64_t i = 0; i < sc[p]; i++) send[sd[p] + i] = a2a_byte(me, p, (size_t)i);
+    const bool local_of_slow = me != R - 1 && me / info.local_size == (R - 1) / info.local_size;
     for (int step = 1; step <= 3; step++) {
         MPI_Barrier(MPI_COMM_WORLD); /* each call on its own: nobody waits in the next one */
         memset(recv, POISON, (size_t)tot);
         double t0 = test_now_ms();
         epx_status_t st = epx_alltoallv(comm, send, sc, sd, recv, rc, rd, EPX_U8, NULL);
         double dt = test_now_ms() - t0;
-        printf("mpi alltoallv np%d rank %d slow step %d: %s after %.0f ms%s%s\n", R, me, step, epx_status_name(st), dt,
-               st ? ": " : "", st ? epx_comm_get_last_error(comm) : "");
+        const char *msg = epx_comm_get_last_error(comm);
+        printf("mpi alltoallv np%d rank %d %s step %d: %s after %.0f ms%s%s\n", R, me, stall ? "stall" : "slow", step,
+               epx_status_name(st), dt, st ? ": " : "", st ? msg : "");
         fflush(stdout);
+        if (stall && step == 2 && (local_of_slow || me == R - 1)) { /* (the others succeed) */
+            char want[64];
+            snprintf(want, sizeof want, "timed out waiting for rank %d's", R - 1);
+            if (local_of_slow && (st != EPX_ERR_TIMEOUT || !strstr(msg, want)))
+                TEST_FAIL_("stall rank %d: %s (%s), expected a timeout naming rank %d", me, epx_status_name(st), msg,
+                           R - 1);
+            if (me == R - 1 && st != EPX_ERR_PEER_FAILURE)
+                TEST_FAIL_("stall: the slow rank got %s (%s), expected a peer failure", epx_status_name(st), msg);
+            double bound = (me == R - 1 ? 2 * (R - 1) * 1.5 * MPI_TIMEOUT_MS : MPI_TIMEOUT_MS) + SLACK_MS;
+            if (dt > bound) TEST_FAIL_("stall rank %d took %.0f ms (at most %.0f expected)", me, dt, bound);
+            for (int p = 0; p < R; p++) /* a failed call: each byte old or exact */
+                for (int64_t i = 0; i < rc[p]; i++)
+                    if (recv[rd[p] + i] != POISON && recv[rd[p] + i] != a2a_byte(p, me, (size_t)i))
+                        TEST_FAIL_("stall rank %d: byte %lld from rank %d neither old nor exact", me, (long long)i, p);
+            break;
+        }
         ASSERT_OK(st);
         for (int p = 0; p < R; p++)
             for (int64_t i = 0; i < rc[p]; i++)
@@ -934,11 +955,15 @@ static int mpi_slow_main(void)
                     TEST_FAIL_("slow step %d rank %d: byte %lld from rank %d wrong", step, me, (long long)i, p);
         if (step == 2 && me == R - 1 && dt <= 2 * MPI_TIMEOUT_MS)
             TEST_FAIL_("slow: the slow rank took %.0f ms, not over twice the timeout (%d ms)", dt, MPI_TIMEOUT_MS);
+        if (stall && step == 2) break; /* its host's ranks gave up */
     }
     free(send), free(recv);
-    ASSERT_OK(epx_comm_destroy(comm));
+    epx_status_t async;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    if (async != EPX_SUCCESS) ASSERT_OK(epx_comm_abort(comm));
+    else ASSERT_OK(epx_comm_destroy(comm));
     MPI_Barrier(MPI_COMM_WORLD);
-    if (me == 0) printf("mpi_fault alltoallv slow np%d: passed\n", R);
+    if (me == 0) printf("mpi_fault alltoallv %s np%d: passed\n", stall ? "stall" : "slow", R);
     return 0;
 }
 #endif
@@ -952,9 +977,10 @@ int main(int argc, char **argv)
         op_t op = OP_COUNT;
         for (int i = 0; i < OP_COUNT; i++)
             if (!strcmp(argv[2], op_names[i])) op = (op_t)i;
-        bool kill = argc >= 4 && !strcmp(argv[3], "kill"), slow = argc >= 4 && !strcmp(argv[3], "slow");
+        bool kill = argc >= 4 && !strcmp(argv[3], "kill"), stall = argc >= 4 && !strcmp(argv[3], "stall");
+        bool slow = stall || (argc >= 4 && !strcmp(argv[3], "slow"));
         if (op == OP_COUNT || (slow && op != OP_ALLTOALLV)) {
-            fprintf(stderr, "usage: %s --mpi OP [kill] | --mpi alltoallv slow\n", argv[0]);
+            fprintf(stderr, "usage: %s --mpi OP [kill] | --mpi alltoallv slow|stall\n", argv[0]);
             return 2;
         }
         /* Before the library reads its variables (at the first communicator). */
@@ -965,14 +991,14 @@ int main(int argc, char **argv)
         if (kill)
             snprintf(text, sizeof text, "kill:rank=%d,step=%d", world - 1, s0 + 2);
         else if (slow)
-            snprintf(text, sizeof text, "slow:rank=%d,step=2,ms=%d", world - 1, MPI_TIMEOUT_MS * 3 / 5);
+            snprintf(text, sizeof text, "slow:rank=%d,step=2,ms=%d", world - 1, MPI_TIMEOUT_MS * (stall ? 15 : 6) / 10);
         else
             snprintf(text, sizeof text,
                      "delay:rank=%d,step=%d,ms=100;count:rank=%d,step=%d;nomem:rank=%d,step=%d;delay:rank=%d,step=%d,ms=%d",
                      world - 1, s0 + 2, world - 1, s0 + 3, world - 1, op <= OP_ALLTOALLV ? s0 + 3 : s0 + 5, world - 1,
                      s0 + 7, 3 * MPI_TIMEOUT_MS);
         setenv("EPX_FAULT", text, 1);
-        return slow ? mpi_slow_main() : mpi_main(op, kill);
+        return slow ? mpi_slow_main(stall) : mpi_main(op, kill);
     }
 #endif
     if (argc < 3) {

@@ -153,6 +153,19 @@ static epx_status_t epx__rejected(const epx__rejected_t *rj) { return epx__fail(
 
 /* A CUDA communicator whose ranks are on several hosts: this host's ranks get their own
  * bootstrap, shared memory and CUDA backend; NCCL joins the hosts (src/xhost). */
+/* Have this host's shared memory (local ranks) name its ranks by their ranks in the
+ * communicator in its messages. */
+static epx_status_t epx__comm_name_local_ranks(epx_comm_t c, const int *host_of, const int *lrank_of)
+{
+    int *names = malloc(sizeof *names * (size_t)c->local_size);
+    if (!names) return epx__fail(&c->err, EPX_ERR_NO_MEMORY, "out of memory");
+    for (int r = 0; r < c->nranks; r++)
+        if (host_of[r] == c->host) names[lrank_of[r]] = r;
+    epx_status_t st = epx__cpu_name_ranks(c->cpu, names, &c->err);
+    free(names);
+    return st;
+}
+
 static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *all, int device, epx__nccl_t *nccl,
                                          const epx__fault_t *fault)
 {
@@ -206,6 +219,7 @@ static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *a
     if (local == EPX_SUCCESS)
         local = epx__cpu_create(&c->cpu, c->host_boot, c->local_rank, c->local_size, c->nonce, c->timeout_ms, fault,
                                 &c->err);
+    if (local == EPX_SUCCESS) local = epx__comm_name_local_ranks(c, host_of, lrank_of);
     if (local == EPX_SUCCESS)
         local = epx__cuda_create(&c->cuda, c->cpu, c->local_rank, c->local_size, device, c->timeout_ms, &c->err);
     /* xhost agrees on every step; it runs even after a local failure so that no rank waits. */
@@ -447,6 +461,7 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     free(pids);
     if (local == EPX_SUCCESS)
         local = epx__cpu_create(&c->cpu, c->boot, c->local_rank, c->local_size, c->nonce, timeout_ms, &fault, &c->err);
+    if (local == EPX_SUCCESS && c->num_hosts > 1) local = epx__comm_name_local_ranks(c, host_of, lrank_of);
     if (local == EPX_SUCCESS && c->num_hosts > 1)
         local = epx__hier_create(&c->hier, c->cpu, c->net, host_of, lrank_of, &c->err);
     /* EPX_FAULT: on one host the shared-memory backend counts its operations (local rank =

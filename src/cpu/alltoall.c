@@ -67,11 +67,13 @@ static epx_status_t epx__check_peers(epx__cpu_t *c, uint32_t seq, epx__errbuf_t 
         if (theirs->send_bytes != mine->recv_bytes)
             return epx__fail(err, EPX_ERR_MISMATCH,
                              "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
-                             p, (long long)theirs->send_bytes, me, (long long)mine->recv_bytes);
+                             epx__rank_name(c, p), (long long)theirs->send_bytes, epx__rank_name(c, me),
+                             (long long)mine->recv_bytes);
         if (theirs->recv_bytes != mine->send_bytes)
             return epx__fail(err, EPX_ERR_MISMATCH,
                              "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
-                             me, (long long)mine->send_bytes, p, (long long)theirs->recv_bytes);
+                             epx__rank_name(c, me), (long long)mine->send_bytes, epx__rank_name(c, p),
+                             (long long)theirs->recv_bytes);
     }
     return EPX_SUCCESS;
 }
@@ -109,7 +111,7 @@ static epx_status_t epx__peer_send(epx__cpu_t *c, int p, uint32_t seq, const epx
     const epx__loc_t *l = &(*d)->loc;
     if ((*d)->send_bytes > 0 && l->kind == EPX__LOC_REGION &&
         (l->addr > l->region_size || (uint64_t)(*d)->send_bytes > l->region_size - l->addr))
-        return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published a region range out of bounds", p);
+        return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published a region range out of bounds", epx__rank_name(c, p));
     return EPX_SUCCESS;
 }
 
@@ -157,7 +159,8 @@ epx_status_t epx__cpu_exchange_begin(epx__cpu_t *c, const epx__cpu_xfer_t *x, co
         st = epx__peer_send(c, p, op.seq, &d, err);
         if (st != EPX_SUCCESS || d->send_bytes == 0) continue;
         if (d->loc.kind != EPX__LOC_REGION && d->loc.kind != EPX__LOC_EAGER)
-            st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d's segment is not in memory that can be mapped here", p);
+            st = epx__fail(err, EPX_ERR_INTERNAL, "rank %d's segment is not in memory that can be mapped here",
+                           epx__rank_name(c, p));
         else
             st = epx__peer_map(c, p, &d->loc, op.seq, &seg[p], err);
     }

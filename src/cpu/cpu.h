@@ -47,6 +47,9 @@ void epx__cpu_mark_broken(epx__cpu_t *cpu);
  * failed (a timeout, a peer gone), that failure's status, its message written again to err
  * (may be NULL). Every operation then fails at once with it, writing nothing. */
 epx_status_t epx__cpu_given_up(epx__cpu_t *cpu, epx__errbuf_t *err);
+/* Local: name the local ranks in messages by their ranks in a communicator across hosts
+ * (names[l]: local rank l's; copied). */
+epx_status_t epx__cpu_name_ranks(epx__cpu_t *cpu, const int *names, epx__errbuf_t *err);
 /* This rank made progress outside shared memory (a message of another transport moved):
  * its local peers waiting for it restart their clocks, as after a piece it copies. */
 void epx__cpu_progress(epx__cpu_t *cpu);

@@ -151,14 +151,14 @@ static epx_status_t epx__peer_state(epx__cpu_t *c, int peer, char *why, size_t l
     if (a) {
         snprintf(why, len, a == EPX__BROKEN ? "rank %d gave up on the communicator (a failure or timeout there)"
                                             : "rank %d aborted its communicator",
-                 peer);
+                 epx__rank_name(c, peer));
         return EPX_ERR_PEER_FAILURE;
     }
     uint64_t now = epx__now_ns();
     if (now - p->liveness_check_ns > 2000000ull) {
         p->liveness_check_ns = now;
         if (epx__pid_dead(p->hdr->pid)) {
-            snprintf(why, len, "rank %d (pid %d) died", peer, p->hdr->pid);
+            snprintf(why, len, "rank %d (pid %d) died", epx__rank_name(c, peer), p->hdr->pid);
             return EPX_ERR_PEER_FAILURE;
         }
     }
@@ -186,11 +186,11 @@ static epx_status_t epx__wait_timed_out(const epx__cpu_t *c, int peer, const cha
                                         uint32_t theirs, int on, epx__errbuf_t *err)
 {
     char also[48] = "";
-    if (on >= 0) snprintf(also, sizeof also, "; it was waiting for rank %d", on);
+    if (on >= 0) snprintf(also, sizeof also, "; it was waiting for rank %d", epx__rank_name(c, on));
     return epx__fail(err, EPX_ERR_TIMEOUT,
                      "rank %d timed out waiting for rank %d's %s of operation %u: no progress from it for %" PRId64
                      " ms (its last: operation %u%s)",
-                     c->rank, peer, what, target, c->timeout_ms, theirs, also);
+                     epx__rank_name(c, c->rank), epx__rank_name(c, peer), what, target, c->timeout_ms, theirs, also);
 }
 
 /* epx__flag_wait past its spin, from `start` (see there). */
@@ -212,7 +212,8 @@ static epx_status_t epx__flag_wait_slow(epx__cpu_t *c, int peer, epx__flag_t *fl
         if (ps != EPX_SUCCESS) {
             /* It may have posted just before it went away. */
             if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
-            return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, c->rank, what, target);
+            return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, epx__rank_name(c, c->rank),
+                             what, target);
         }
         uint64_t alive = atomic_load_explicit(&ph->alive_ns, memory_order_relaxed);
         uint64_t now = epx__now_ns(); /* read after alive, so normally alive <= now */
@@ -598,6 +599,16 @@ static epx_status_t epx__cpu_give_up(epx__cpu_t *c, epx_status_t st)
     return st;
 }
 
+epx_status_t epx__cpu_name_ranks(epx__cpu_t *c, const int *names, epx__errbuf_t *err)
+{
+    int *n = malloc(sizeof *n * (size_t)c->nranks);
+    if (!n) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    memcpy(n, names, sizeof *n * (size_t)c->nranks);
+    free(c->names);
+    c->names = n;
+    return EPX_SUCCESS;
+}
+
 void epx__cpu_progress(epx__cpu_t *c) { epx__stamp_alive(c); }
 
 void epx__cpu_set_fault(epx__cpu_t *c, const epx__fault_t *fault) { c->fault = *fault; }
@@ -637,6 +648,7 @@ void epx__cpu_destroy(epx__cpu_t *c, bool abort)
     if (c->seg) munmap(c->seg, c->seg_bytes);
     free(c->regions);
     free(c->peers);
+    free(c->names);
     free(c);
 }
 
@@ -780,7 +792,7 @@ epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint3
         return EPX_SUCCESS;
     case EPX__LOC_REGION:
         if (loc->addr >= loc->region_size)
-            return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published an address past its region %u", peer,
+            return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published an address past its region %u", epx__rank_name(c, peer),
                              loc->region_id);
         EPX__CHECK(epx__peer_region(c, peer, loc, base, err));
         *base += loc->addr;
@@ -814,7 +826,7 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
             ssize_t n = process_vm_readv(c->peers[peer].hdr->pid, &l, 1, &r, 1, 0);
             if (n <= 0) {
                 if (n < 0 && errno == EINTR) continue;
-                return epx__fail(err, EPX_ERR_PEER_FAILURE, "process_vm_readv from rank %d: %s", peer,
+                return epx__fail(err, EPX_ERR_PEER_FAILURE, "process_vm_readv from rank %d: %s", epx__rank_name(c, peer),
                                  n < 0 ? strerror(errno) : "no progress");
             }
             d += n;
@@ -826,7 +838,7 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
     }
     const char *base;
     EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
-    if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published nothing to read", peer);
+    if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published nothing to read", epx__rank_name(c, peer));
     epx__copy_moving(c, seq, dst, base + off, len);
     return EPX_SUCCESS;
 }
@@ -882,13 +894,15 @@ epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t 
         const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);
         if (theirs->kind != (uint32_t)kind)
             return epx__fail(err, EPX_ERR_MISMATCH, "rank %d is in %s, this rank in %s (operation %u); nothing was written",
-                             p, names[theirs->kind <= EPX__CALL_MOE ? theirs->kind : 0], names[kind], seq);
+                             epx__rank_name(c, p), names[theirs->kind <= EPX__CALL_MOE ? theirs->kind : 0], names[kind],
+                             seq);
     }
     for (int p = 0; p < c->nranks; p++) {
         if (p == c->rank) continue;
         const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);
         if (theirs->status != EPX_SUCCESS)
-            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed", p,
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed",
+                             epx__rank_name(c, p),
                              epx_status_name((epx_status_t)theirs->status));
     }
     return EPX_SUCCESS;
@@ -945,7 +959,8 @@ epx_status_t epx__peer_rows_copy(epx__cpu_t *c, int peer, const epx__loc_t *loc,
     if (loc->kind != EPX__LOC_CMA || peer == c->rank) {
         const char *base;
         EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
-        if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from", peer);
+        if (!base) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from",
+                                    epx__rank_name(c, peer));
         const int64_t per_piece = (int64_t)EPX__MAX(EPX__PIECE / row_bytes, (size_t)1);
         int64_t left = per_piece;
         for (int64_t i = 0; i < n; i++) {
@@ -992,7 +1007,8 @@ epx_status_t epx__peer_rows_ptrs(epx__cpu_t *c, int peer, const epx__loc_t *loc,
     }
     const char *base;
     EPX__CHECK(epx__peer_map(c, peer, loc, seq, &base, err));
-    if (!base && n > 0) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from", peer);
+    if (!base && n > 0) return epx__fail(err, EPX_ERR_INTERNAL, "rank %d exposed no buffer to read rows from",
+                                    epx__rank_name(c, peer));
     for (int64_t i = 0; i < n; i++) ptrs[i] = base + offsets[i];
     epx__moved(c, seq); /* the caller is done with the rows it asked for before */
     return EPX_SUCCESS;

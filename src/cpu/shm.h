@@ -101,6 +101,7 @@ typedef struct {
 
 struct epx__cpu {
     int rank, nranks;
+    int *names; /* the communicator's rank of each local rank, for messages (NULL: the same) */
     uint64_t nonce;
     int64_t timeout_ms;
     uint64_t spin_ns, yield_ns; /* how long a wait polls, then yields, before sleeping */
@@ -177,6 +178,9 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
     if (__builtin_expect(c->fault.armed, 0)) epx__fault_delay(&c->fault, seq);
     return seq;
 }
+
+/* Local rank r as messages name it: its rank in the communicator. */
+static inline int epx__rank_name(const epx__cpu_t *c, int r) { return c->names ? c->names[r] : r; }
 
 /* A sign of progress for the peers waiting for me: alive_ns is now. */
 static inline void epx__stamp_alive(epx__cpu_t *c)
