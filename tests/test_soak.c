@@ -20,6 +20,7 @@
  *   --seed S     seed (default 1); a failure prints the round and its seed
  *   --cuda       on the CUDA backend (every library buffer in device memory; exit 77
  *                without a GPU)
+ *   --mpi        under mpirun, over epx_comm_init_mpi (EPX_LOCAL_SIZE simulates hosts)
  */
 #include <math.h>
 #include <string.h>
