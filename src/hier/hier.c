@@ -9,7 +9,20 @@ typedef struct epx__card {
     int64_t status;
     int64_t send_bytes; /* to the receiver of the card */
     int64_t recv_bytes; /* from it */
+    int64_t inlined;    /* bytes of the data to the receiver that follow the card */
 } epx__card_t;
+
+/* alltoallv: data of at most this many bytes to a rank on another host follows its card in
+ * one message (a round fewer; copied into place after the verdict, like a message). */
+#define EPX__HIER_INLINE 4096
+/* A card and the room for its data: a letter. */
+#define EPX__LETTER (sizeof(epx__card_t) + EPX__HIER_INLINE)
+
+/* Letter p of my outbox (box 0) or inbox (box 1). */
+static epx__card_t *epx__letter(const epx__hier_t *h, int box, int p)
+{
+    return (epx__card_t *)(h->letters + ((size_t)box * (size_t)h->t.nranks + (size_t)p) * EPX__LETTER);
+}
 
 epx_status_t epx__hier_grow(char **buf, size_t *cap, size_t bytes, epx__errbuf_t *err)
 {
@@ -63,8 +76,10 @@ epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *ne
     EPX__CHECK(epx__hier_create_link(out, cpu, &link, epx__net_rank(net), epx__net_size(net), host_of, lrank_of, err));
     (*out)->net = net;
     epx__net_on_progress(net, epx__mpi_progress, *out);
-    /* A message to and from every rank in a batch, taken now: calls do not allocate them. */
-    epx_status_t st = epx__net_room(net, 0, 0, err);
+    /* alltoallv's letters, and a message to and from every rank in a batch, taken now:
+     * calls do not allocate them. */
+    (*out)->letters = malloc(EPX__LETTER * 2 * (size_t)epx__net_size(net));
+    epx_status_t st = (*out)->letters ? epx__net_room(net, 0, 0, err) : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st != EPX_SUCCESS) {
         epx__hier_destroy(*out);
         *out = NULL;
@@ -100,13 +115,12 @@ epx_status_t epx__hier_create_link(epx__hier_t **out, epx__cpu_t *cpu, const epx
     t->host = host_of[me];
     t->local_rank = lrank_of[me];
     t->local_size = t->host_size[t->host];
-    h->cards = malloc(sizeof *h->cards * 2 * (size_t)R);
     h->sp = malloc(sizeof *h->sp * (size_t)R);
     h->rp = malloc(sizeof *h->rp * (size_t)R);
     h->sb = malloc(sizeof *h->sb * 2 * (size_t)R);
     h->lx = malloc(sizeof *h->lx * 4 * (size_t)t->local_size);
     h->bad = malloc(sizeof *h->bad * (size_t)R);
-    if (!h->cards || !h->sp || !h->rp || !h->sb || !h->lx || !h->bad) {
+    if (!h->sp || !h->rp || !h->sb || !h->lx || !h->bad) {
         epx__hier_destroy(h);
         return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     }
@@ -126,7 +140,7 @@ void epx__hier_destroy(epx__hier_t *h)
     free(h->t.host_size);
     free(h->t.host_first);
     free(h->scratch);
-    free(h->cards), free((void *)h->sp), free(h->rp), free(h->sb), free(h->lx), free(h->bad);
+    free(h->letters), free((void *)h->sp), free(h->rp), free(h->sb), free(h->lx), free(h->bad);
     free(h);
 }
 
@@ -153,7 +167,6 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     const bool nomem = h->fault_nomem; /* EPX_FAULT nomem: no scratch for a disagreeing pair */
     h->fault_count = h->fault_nomem = false;
     epx_status_t st = EPX_SUCCESS;
-    epx__card_t *out = h->cards, *in = h->cards + R;
     const void **sp = h->sp;
     void **rp = h->rp;
     int64_t *sb = h->sb, *rb = h->sb + R, *lx = h->lx;
@@ -169,34 +182,40 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
         local = epx__net_room(h->net, 0, bytes, err);
     }
 
-    /* 1. Cards, to every other rank. */
+    /* 1. Cards, to every other rank; to another host's, small data after the card (an
+     * inbox letter has room for it: a shorter message fits the receive). */
     for (int p = 0; p < R; p++) {
-        bool ok = local == EPX_SUCCESS;
-        out[p] = (epx__card_t){local, ok ? x->send_bytes[p] : 0, ok ? x->recv_bytes[p] : 0};
-        sp[p] = &out[p], rp[p] = &in[p];
-        sb[p] = rb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t);
+        bool ok = local == EPX_SUCCESS, inter = t->host_of[p] != t->host;
+        int64_t il = ok && inter && x->send_bytes[p] <= EPX__HIER_INLINE ? x->send_bytes[p] : 0;
+        epx__card_t *o = epx__letter(h, 0, p);
+        *o = (epx__card_t){local, ok ? x->send_bytes[p] : 0, ok ? x->recv_bytes[p] : 0, il};
+        if (il) memcpy(o + 1, (const char *)x->send + x->send_displ[p], (size_t)il);
+        sp[p] = o, rp[p] = epx__letter(h, 1, p);
+        sb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t) + il;
+        rb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t) + (inter ? EPX__HIER_INLINE : 0);
     }
-    in[me] = out[me];
-    if (fault && local == EPX_SUCCESS && R > 1) out[(me + 1) % R].send_bytes += 1;
+    *epx__letter(h, 1, me) = *epx__letter(h, 0, me);
+    if (fault && local == EPX_SUCCESS && R > 1) epx__letter(h, 0, (me + 1) % R)->send_bytes += 1;
     EPX__CHECK(epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, err));
 
     /* 2. Verdicts: everyone saw every card, so everyone agrees. */
     if (local != EPX_SUCCESS) return local;
     for (int p = 0; p < R; p++)
-        if (in[p].status != EPX_SUCCESS)
+        if (epx__letter(h, 1, p)->status != EPX_SUCCESS)
             return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed",
-                             p, epx_status_name((epx_status_t)in[p].status));
+                             p, epx_status_name((epx_status_t)epx__letter(h, 1, p)->status));
     /* Card against card: both sides of a pair see the same two cards, so a pair that
      * disagrees is bad on both sides (and moves nothing, inside the host too). */
     epx_status_t verdict = EPX_SUCCESS;
     for (int p = 0; p < R; p++) {
-        bad[p] = in[p].send_bytes != out[p].recv_bytes || in[p].recv_bytes != out[p].send_bytes;
+        const epx__card_t *in = epx__letter(h, 1, p), *out = epx__letter(h, 0, p);
+        bad[p] = in->send_bytes != out->recv_bytes || in->recv_bytes != out->send_bytes;
         if (!bad[p] || verdict != EPX_SUCCESS) continue;
-        bool into_me = in[p].send_bytes != out[p].recv_bytes;
+        bool into_me = in->send_bytes != out->recv_bytes;
         verdict = epx__fail(err, EPX_ERR_MISMATCH,
                             "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
-                            into_me ? p : me, (long long)(into_me ? in[p].send_bytes : out[p].send_bytes),
-                            into_me ? me : p, (long long)(into_me ? out[p].recv_bytes : in[p].recv_bytes));
+                            into_me ? p : me, (long long)(into_me ? in->send_bytes : out->send_bytes),
+                            into_me ? me : p, (long long)(into_me ? out->recv_bytes : in->recv_bytes));
     }
 
     /* 3. Data. A rank of a disagreeing pair still serves its other peers, but receives into
@@ -217,10 +236,15 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
         int64_t rdisp = x->recv_displ[p];
         if (sink && !bad[p]) rdisp = (int64_t)off, off += (size_t)x->recv_bytes[p];
         char *rbase = sink ? sink : (char *)x->recv;
+        /* What came with the card (a good pair: all of it) is placed now; either side of a
+         * pair knows from the sender's card whether a message follows. */
+        const epx__card_t *in = epx__letter(h, 1, p);
+        bool came = inter && !bad[p] && in->inlined > 0;
+        if (came) memcpy(rbase + rdisp, in + 1, (size_t)x->recv_bytes[p]);
         sp[p] = (const char *)x->send + x->send_displ[p];
         rp[p] = rbase + rdisp;
-        sb[p] = inter && !bad[p] ? x->send_bytes[p] : 0;
-        rb[p] = inter && !bad[p] ? x->recv_bytes[p] : 0;
+        sb[p] = inter && !bad[p] && !epx__letter(h, 0, p)->inlined ? x->send_bytes[p] : 0;
+        rb[p] = inter && !bad[p] && !came ? x->recv_bytes[p] : 0;
         if (!inter) {
             int l = t->lrank_of[p];
             lsb[l] = bad[p] ? 0 : x->send_bytes[p], lsd[l] = x->send_displ[p];

@@ -18,9 +18,10 @@ struct epx__hier {
     size_t scratch_bytes;
     /* Arrays of a call (one at a time), made at creation so that a call allocates nothing
      * once its peers expect it (a rank that failed there would leave them waiting):
-     * alltoallv's cards out and in [2 R], net pointers [R] x 2 and sizes [2 R], local
-     * transfer [4 LS] and bad pairs [R]; MoE's exchanges use sp, rp and lx too (moe.c). */
-    struct epx__card *cards;
+     * alltoallv's letters out and in [2 R] (MPI only: a card and room for small data),
+     * net pointers [R] x 2 and sizes [2 R], local transfer [4 LS] and bad pairs [R];
+     * MoE's exchanges use sp, rp and lx too (moe.c). */
+    char *letters;
     const void **sp;
     void **rp;
     int64_t *sb, *lx;
