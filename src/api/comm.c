@@ -432,8 +432,10 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
 
     /* Hosts, then this host's shared memory: a rendezvous id made by its local rank 0. */
     int64_t ls = epx__param_int(EPX__P_LOCAL_SIZE);
-    EPX__CHECK_GOTO(epx__net_topology(c->net, (int)EPX__MAX(EPX__MIN(ls, (int64_t)R), 0), host_of, lrank_of, &c->err),
-                    st, fail);
+    int machine = 0; /* ranks sharing this machine's cores */
+    EPX__CHECK_GOTO(
+        epx__net_topology(c->net, (int)EPX__MAX(EPX__MIN(ls, (int64_t)R), 0), host_of, lrank_of, &machine, &c->err),
+        st, fail);
     c->host = host_of[c->rank];
     c->local_rank = lrank_of[c->rank];
     c->num_hosts = c->local_size = 0;
@@ -461,6 +463,7 @@ epx_status_t epx__comm_init_net(epx_comm_t *out, const void *mpi_comm, const epx
     free(pids);
     if (local == EPX_SUCCESS)
         local = epx__cpu_create(&c->cpu, c->boot, c->local_rank, c->local_size, c->nonce, timeout_ms, &fault, &c->err);
+    if (local == EPX_SUCCESS) epx__cpu_share_cores(c->cpu, machine);
     if (local == EPX_SUCCESS && c->num_hosts > 1) local = epx__comm_name_local_ranks(c, host_of, lrank_of);
     if (local == EPX_SUCCESS && c->num_hosts > 1)
         local = epx__hier_create(&c->hier, c->cpu, c->net, host_of, lrank_of, &c->err);

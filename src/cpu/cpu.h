@@ -50,6 +50,10 @@ epx_status_t epx__cpu_given_up(epx__cpu_t *cpu, epx__errbuf_t *err);
 /* Local: name the local ranks in messages by their ranks in a communicator across hosts
  * (names[l]: local rank l's; copied). */
 epx_status_t epx__cpu_name_ranks(epx__cpu_t *cpu, const int *names, epx__errbuf_t *err);
+/* Local: `ranks` processes of the communicator share this machine's cores (more than the
+ * local ranks when hosts are simulated). Past the cores online, a wait spins at most 2 µs
+ * before it yields (set at creation for the local ranks alone). */
+void epx__cpu_share_cores(epx__cpu_t *cpu, int ranks);
 /* This rank made progress outside shared memory (a message of another transport moved):
  * its local peers waiting for it restart their clocks, as after a piece it copies. */
 void epx__cpu_progress(epx__cpu_t *cpu);

@@ -465,10 +465,9 @@ epx_status_t epx__cpu_create(epx__cpu_t **out, epx__boot_t *boot, int rank, int 
     c->nonce = nonce;
     c->timeout_ms = timeout_ms;
     c->next_region_id = 1;
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     c->spin_ns = (uint64_t)EPX__MAX(epx__param_int(EPX__P_CPU_SPIN_US), 0) * 1000u;
     c->yield_ns = epx__ms_to_ns(epx__param_int(EPX__P_CPU_YIELD_MS));
-    if (ncpu > 0 && nranks > ncpu) c->spin_ns = EPX__MIN(c->spin_ns, 2000u); /* oversubscribed: yield early */
+    epx__cpu_share_cores(c, nranks);
     int64_t eager = epx__param_int(EPX__P_CPU_EAGER_BYTES);
     c->eager_bytes = (size_t)EPX__ALIGN_UP(EPX__MIN(EPX__MAX(eager, 0), (int64_t)(1 << 20)), EPX__CACHELINE);
     c->seg_bytes = epx__seg_size(nranks, c->eager_bytes);
@@ -610,6 +609,12 @@ epx_status_t epx__cpu_name_ranks(epx__cpu_t *c, const int *names, epx__errbuf_t 
 }
 
 void epx__cpu_progress(epx__cpu_t *c) { epx__stamp_alive(c); }
+
+void epx__cpu_share_cores(epx__cpu_t *c, int ranks)
+{
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    if (ncpu > 0 && ranks > ncpu) c->spin_ns = EPX__MIN(c->spin_ns, 2000u); /* oversubscribed: yield early */
+}
 
 void epx__cpu_set_fault(epx__cpu_t *c, const epx__fault_t *fault) { c->fault = *fault; }
 

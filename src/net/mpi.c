@@ -94,23 +94,22 @@ void epx__net_destroy(epx__net_t *n, bool broken)
 int epx__net_rank(const epx__net_t *n) { return n->rank; }
 int epx__net_size(const epx__net_t *n) { return n->nranks; }
 
-epx_status_t epx__net_topology(epx__net_t *n, int local_size, int *host_of, int *lrank_of, epx__errbuf_t *err)
+epx_status_t epx__net_topology(epx__net_t *n, int local_size, int *host_of, int *lrank_of, int *machine_ranks,
+                               epx__errbuf_t *err)
 {
     int R = n->nranks;
     int leader = 0; /* lowest rank of my host */
-    if (local_size > 0) {
-        leader = n->rank / local_size * local_size;
-    } else {
-        MPI_Comm shared;
-        EPX__MPI_CHECK(MPI_Comm_split_type(n->comm, MPI_COMM_TYPE_SHARED, n->rank, MPI_INFO_NULL, &shared),
-                       "MPI_Comm_split_type");
-        int rc = MPI_Allreduce(&n->rank, &leader, 1, MPI_INT, MPI_MIN, shared);
-        MPI_Comm_free(&shared);
-        if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, "MPI_Allreduce");
-    }
+    MPI_Comm shared;
+    EPX__MPI_CHECK(MPI_Comm_split_type(n->comm, MPI_COMM_TYPE_SHARED, n->rank, MPI_INFO_NULL, &shared),
+                   "MPI_Comm_split_type");
+    int rc = MPI_Comm_size(shared, machine_ranks);
+    if (rc == MPI_SUCCESS && local_size > 0) leader = n->rank / local_size * local_size;
+    else if (rc == MPI_SUCCESS) rc = MPI_Allreduce(&n->rank, &leader, 1, MPI_INT, MPI_MIN, shared);
+    MPI_Comm_free(&shared);
+    if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, "MPI_Allreduce");
     int *leaders = malloc(sizeof(int) * (size_t)R);
     if (!leaders) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-    int rc = MPI_Allgather(&leader, 1, MPI_INT, leaders, 1, MPI_INT, n->comm);
+    rc = MPI_Allgather(&leader, 1, MPI_INT, leaders, 1, MPI_INT, n->comm);
     if (rc != MPI_SUCCESS) {
         free(leaders);
         return epx__mpi_fail(err, rc, "MPI_Allgather");

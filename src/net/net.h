@@ -33,9 +33,11 @@ void epx__net_on_progress(epx__net_t *net, void (*fn)(void *ctx), void *ctx);
 /* Collective: group the ranks into hosts — blocks of `local_size` consecutive ranks when
  * > 0 (simulated hosts), else the ranks that share memory (MPI_COMM_TYPE_SHARED). Fills,
  * for every rank r, host_of[r] (hosts numbered by their lowest rank) and lrank_of[r] (its
- * index among its host's ranks, ascending rank order), and keeps a communicator of this
- * rank's host for epx__net_host_bcast. */
-epx_status_t epx__net_topology(epx__net_t *net, int local_size, int *host_of, int *lrank_of, epx__errbuf_t *err);
+ * index among its host's ranks, ascending rank order), and *machine_ranks (the ranks that
+ * share memory with this one: more than its host's when hosts are simulated), and keeps a
+ * communicator of this rank's host for epx__net_host_bcast. */
+epx_status_t epx__net_topology(epx__net_t *net, int local_size, int *host_of, int *lrank_of, int *machine_ranks,
+                               epx__errbuf_t *err);
 /* Collective over this rank's host: `len` bytes from its local rank 0 to the others. */
 epx_status_t epx__net_host_bcast(epx__net_t *net, void *buf, size_t len, epx__errbuf_t *err);
 

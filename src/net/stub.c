@@ -13,9 +13,10 @@ void epx__net_destroy(epx__net_t *net, bool broken) { (void)net, (void)broken; }
 void epx__net_on_progress(epx__net_t *net, void (*fn)(void *ctx), void *ctx) { (void)net, (void)fn, (void)ctx; }
 int epx__net_rank(const epx__net_t *net) { return (void)net, 0; }
 int epx__net_size(const epx__net_t *net) { return (void)net, 1; }
-epx_status_t epx__net_topology(epx__net_t *net, int local_size, int *host_of, int *lrank_of, epx__errbuf_t *err)
+epx_status_t epx__net_topology(epx__net_t *net, int local_size, int *host_of, int *lrank_of, int *machine_ranks,
+                               epx__errbuf_t *err)
 {
-    (void)net, (void)local_size, (void)host_of, (void)lrank_of;
+    (void)net, (void)local_size, (void)host_of, (void)lrank_of, (void)machine_ranks;
     return EPX__NO_MPI(err);
 }
 epx_status_t epx__net_host_bcast(epx__net_t *net, void *buf, size_t len, epx__errbuf_t *err)
