@@ -4,6 +4,7 @@
  */
 #include <cuda.h>
 #include <cuda_runtime_api.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -401,22 +402,35 @@ epx_status_t epx__cuda_mem_free(epx__cuda_t *c, void *ptr, epx__errbuf_t *err)
 typedef CUresult (*epx__pfn_range_t)(CUdeviceptr *base, size_t *size, CUdeviceptr p);
 typedef CUresult (*epx__pfn_attr_t)(void *data, CUpointer_attribute attr, CUdeviceptr p);
 
+static epx__pfn_range_t epx__get_range;
+static epx__pfn_attr_t epx__get_attr;
+static pthread_once_t epx__driver_once = PTHREAD_ONCE_INIT;
+
+/* Once per process (communicators may be made and used on several threads at once): both
+ * entry points, or neither. */
+static void epx__driver_lookup(void)
+{
+    enum cudaDriverEntryPointQueryResult q1, q2;
+    epx__pfn_range_t r = NULL;
+    epx__pfn_attr_t a = NULL;
+    cudaError_t e1 = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&r, 12000, cudaEnableDefault, &q1);
+    cudaError_t e2 = cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", (void **)&a, 12000, cudaEnableDefault, &q2);
+    if (e1 != cudaSuccess || e2 != cudaSuccess || q1 != cudaDriverEntryPointSuccess ||
+        q2 != cudaDriverEntryPointSuccess || !r || !a) {
+        cudaGetLastError();
+        return;
+    }
+    epx__get_range = r;
+    epx__get_attr = a;
+}
+
 static epx_status_t epx__driver_calls(epx__pfn_range_t *range, epx__pfn_attr_t *attr, epx__errbuf_t *err)
 {
-    static epx__pfn_range_t r;
-    static epx__pfn_attr_t a;
-    if (!r || !a) {
-        enum cudaDriverEntryPointQueryResult q1, q2;
-        cudaError_t e1 = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&r, 12000, cudaEnableDefault, &q1);
-        cudaError_t e2 = cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", (void **)&a, 12000, cudaEnableDefault, &q2);
-        if (e1 != cudaSuccess || e2 != cudaSuccess || q1 != cudaDriverEntryPointSuccess ||
-            q2 != cudaDriverEntryPointSuccess || !r || !a) {
-            r = NULL, a = NULL;
-            return epx__fail(err, EPX_ERR_CUDA, "cannot reach the CUDA driver's cuMemGetAddressRange/cuPointerGetAttribute");
-        }
-    }
-    *range = r;
-    *attr = a;
+    pthread_once(&epx__driver_once, epx__driver_lookup);
+    if (!epx__get_range || !epx__get_attr)
+        return epx__fail(err, EPX_ERR_CUDA, "cannot reach the CUDA driver's cuMemGetAddressRange/cuPointerGetAttribute");
+    *range = epx__get_range;
+    *attr = epx__get_attr;
     return EPX_SUCCESS;
 }
 
