@@ -434,9 +434,32 @@ static epx_status_t epx__driver_calls(epx__pfn_range_t *range, epx__pfn_attr_t *
     return EPX_SUCCESS;
 }
 
-/* The IPC handle of the allocation holding `p`, and p's offset in it (handles cached by
- * CUDA's unique buffer id, so a freed and reallocated address is never confused). */
-epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err)
+/* Does the driver say that `p` lies in memory cudaIpcGetMemHandle cannot take (a
+ * stream-ordered pool, cuMemCreate)? (It writes a boolean: whatever its width, a word that
+ * starts at 1 reads 0 only when it wrote false.) */
+static bool epx__ipc_incapable(epx__pfn_attr_t get_attr, const void *p)
+{
+    unsigned long long capable = 1;
+    CUresult r = get_attr(&capable, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, (CUdeviceptr)(uintptr_t)p);
+    return r == CUDA_SUCCESS && capable == 0;
+}
+
+static bool epx__unshareable_known(const epx__cuda_t *c, unsigned long long id)
+{
+    for (int i = 0; i < EPX__EXPORT_CACHE && id != 0; i++)
+        if (c->unshareable[i] == id) return true;
+    return false;
+}
+
+static void epx__unshareable_add(epx__cuda_t *c, unsigned long long id)
+{
+    if (id == 0) return;
+    c->unshareable[c->next_unshareable] = id;
+    c->next_unshareable = (c->next_unshareable + 1) % EPX__EXPORT_CACHE;
+}
+
+epx_status_t epx__ipc_export_if(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, bool *shareable,
+                                epx__errbuf_t *err)
 {
     epx__pfn_range_t get_range = NULL;
     epx__pfn_attr_t get_attr = NULL;
@@ -449,20 +472,47 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
                          (int)r);
     unsigned long long id = 0;
     get_attr(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID, (CUdeviceptr)(uintptr_t)p);
+    *shareable = false;
+    memset(card, 0, sizeof *card);
+    if (epx__unshareable_known(c, id)) return EPX_SUCCESS; /* (no CUDA call for it again) */
     card->buffer_id = id;
     card->base_offset = (int64_t)((uintptr_t)p - (uintptr_t)base);
+    *shareable = true;
     for (int i = 0; i < EPX__EXPORT_CACHE && id != 0; i++)
         if (c->exports[i].id == id) {
             card->handle = c->exports[i].handle;
             return EPX_SUCCESS;
         }
     cudaError_t ce = cudaIpcGetMemHandle(&card->handle, (void *)(uintptr_t)base);
-    if (ce != cudaSuccess)
-        return epx__fail(err, EPX_ERR_UNSUPPORTED,
-                         "buffer %p cannot be shared through CUDA IPC (%s): allocate it with cudaMalloc or epx_mem_alloc",
-                         p, cudaGetErrorString(ce));
+    if (ce != cudaSuccess) {
+        cudaGetLastError(); /* a later launch check must not take this failure for its own */
+        if (!epx__ipc_incapable(get_attr, p)) /* some other failure: as before */
+            return epx__fail(err, EPX_ERR_UNSUPPORTED,
+                             "buffer %p cannot be shared through CUDA IPC (%s): allocate it with cudaMalloc or "
+                             "epx_mem_alloc",
+                             p, cudaGetErrorString(ce));
+        EPX_INFO(CUDA, "rank %d: buffer %p cannot be shared through CUDA IPC (a stream-ordered pool, or cuMemCreate)",
+                 c->rank, p);
+        epx__unshareable_add(c, id);
+        *shareable = false;
+        memset(card, 0, sizeof *card);
+        return EPX_SUCCESS;
+    }
     c->exports[c->next_export] = (epx__export_t){id, card->handle};
     c->next_export = (c->next_export + 1) % EPX__EXPORT_CACHE;
+    return EPX_SUCCESS;
+}
+
+epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err)
+{
+    bool shareable = true;
+    EPX__CHECK(epx__ipc_export_if(c, p, card, &shareable, err));
+    if (!shareable)
+        return epx__fail(err, EPX_ERR_UNSUPPORTED,
+                         "buffer %p lies in memory CUDA IPC cannot share (a stream-ordered pool such as cudaMallocAsync's, "
+                         "or cuMemCreate's as in PyTorch's expandable segments), which this call cannot stage: allocate "
+                         "it with cudaMalloc or epx_mem_alloc",
+                         p);
     return EPX_SUCCESS;
 }
 

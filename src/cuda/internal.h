@@ -63,6 +63,8 @@ struct epx__cuda {
     uint64_t use_clock;
     epx__export_t exports[EPX__EXPORT_CACHE]; /* my allocations exported lately */
     int next_export;
+    unsigned long long unshareable[EPX__EXPORT_CACHE]; /* buffer ids CUDA IPC cannot share, seen lately */
+    int next_unshareable;
     uint64_t ops_started; /* MoE operations, the same count on every rank (names handles) */
     int64_t ce_bytes;     /* EPX_CUDA_COPY_ENGINE_BYTES, agreed at creation */
     uint64_t ipc_closed;  /* mappings closed so far (a call re-reads the ones it took when this moves) */
@@ -131,8 +133,18 @@ static inline epx_status_t epx__host_agree_mapped(epx__cuda_t *c, epx_status_t s
 }
 /* Send each peer its card (cards[p], `bytes` each) and get theirs (into cards + R * bytes). */
 epx_status_t epx__swap_cards(epx__cuda_t *c, void *cards, size_t bytes, epx_status_t local, epx__errbuf_t *err);
-/* The IPC handle of the allocation holding p, and p's offset in it. */
+/* The IPC handle of the allocation holding p, and p's offset in it (handles cached by CUDA's
+ * unique buffer id, so a freed and reallocated address is never confused). Memory CUDA IPC
+ * cannot share (a stream-ordered pool, cuMemCreate) is EPX_ERR_UNSUPPORTED; memory that is
+ * not device memory, EPX_ERR_INVALID_ARGUMENT. */
 epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, epx__errbuf_t *err);
+/* The same, but memory CUDA IPC cannot share is no error: *shareable is then false and the
+ * card zero (the caller stages p's data in memory of its own). That is known from the failure
+ * of cudaIpcGetMemHandle, confirmed by the driver (not IPC-capable), and remembered by buffer
+ * id, so that no call fails again for it; shareable memory takes the very calls
+ * epx__ipc_export always made. */
+epx_status_t epx__ipc_export_if(epx__cuda_t *c, const void *p, epx__ipc_card_t *card, bool *shareable,
+                                epx__errbuf_t *err);
 /* The same, held until epx__ipc_unpin (kernels and captured graphs keep the pointer). */
 epx_status_t epx__ipc_pin(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, epx__errbuf_t *err);
 void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base);
