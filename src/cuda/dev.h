@@ -333,6 +333,10 @@ int epx__cuda_launch_moe_combine(const epx__moe_combine_t *c, const epx__cuda_de
                                  void *stream);
 /* Copy-engine dispatch: pack my rows of tokens [t0, t1) into their destinations (local). */
 int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, void *stream);
+/* Copy rows [0, n) of `row_bytes` each from src to dst (local), n = *rows read on the device
+ * in stream order, taken as 0 when negative and as max_rows above it. */
+int epx__cuda_launch_copy_rows(void *dst, const void *src, const long long *rows, long long max_rows,
+                               long long row_bytes, int blocks, void *stream);
 
 /* Signal `kind` to every peer and wait for theirs (bounded); with `finish`, the operation
  * is complete afterwards (epoch advances). Returns a cudaError_t as int. */

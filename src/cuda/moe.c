@@ -56,6 +56,14 @@ struct epx__cuda_moe {
     cudaStream_t ce_stream;          /* the dispatch's copies, beside its packs */
     cudaEvent_t ce_ev[4], ce_join;   /* stage i packed; every copy done */
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
+    /* High-throughput inputs peers read that CUDA IPC cannot share, copied here per call
+     * (epx__stage_inputs); grown outside captures. A buffer a capture used may be in a graph:
+     * when it is outgrown it is kept (in_kept) until the context is destroyed. */
+    char *in_stage;
+    size_t in_stage_bytes;
+    bool in_stage_captured;
+    void **in_kept;
+    int num_in_kept;
 };
 
 struct epx__cuda_moe_handle {
@@ -374,6 +382,9 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_layout_scratch);
     cudaFree(m->stage);
     cudaFree(m->rails.out);
+    cudaFree(m->in_stage);
+    for (int i = 0; i < m->num_in_kept; i++) cudaFree(m->in_kept[i]);
+    free(m->in_kept);
     if (m->ce_stream) cudaStreamDestroy(m->ce_stream);
     for (int i = 0; i < 4; i++)
         if (m->ce_ev[i]) cudaEventDestroy(m->ce_ev[i]);
@@ -441,6 +452,139 @@ static epx_status_t epx__card_export(epx__cuda_t *c, epx__ipc_card_t *card, cons
     memset(card, 0, sizeof *card);
     if (!p || bytes == 0) return EPX_SUCCESS;
     return epx__ipc_export(c, p, card, err);
+}
+
+/* ---- Inputs CUDA IPC cannot share ------------------------------------------------------------
+ *
+ * A buffer peers read (x, x_scales, topk_idx, topk_weights of a dispatch; x, x_scales of a
+ * cached dispatch; y, topk_weights of a combine) may lie in memory CUDA IPC cannot share (a
+ * stream-ordered pool, cuMemCreate). Such a buffer is copied, on the call's stream, into the
+ * context's in_stage, and my card shows the peers that copy; this rank's own kernels still
+ * read the caller's buffer (the same bytes). A peer needs to know nothing of it: it maps
+ * whatever card it gets. The copies are enqueued before the host round, and a failure to
+ * allocate or enqueue them is the call's `local` status there, so every rank fails the call
+ * together and no peer reads a copy that was not made.
+ *
+ * Why the copies are ordered with the peers' reads. A peer reads my inputs of operation n
+ * only after it acquired my ARRIVE n, and my ARRIVE n is released (at system scope, after
+ * everything before it on my stream: flags.cuh) by the first kernel of the operation that
+ * takes that step (dispatch: the count kernel; cached dispatch: the gather kernel; combine:
+ * the combine kernel), which comes after the copies on the same stream. A peer is done
+ * reading before it signals DONE n, which my stream waits for in the operation's DONE step
+ * (flags.cuh: epx__done; epx__moe_finish) before anything enqueued later on it, such as the
+ * next call's copies into in_stage (the calls of a context run in order, on one stream or on
+ * streams the caller orders, as its other buffers require). A call that fails after its
+ * copies were enqueued (another rank's verdict) signals no ARRIVE: nobody reads what they
+ * wrote, and the next call writes in_stage again before its own ARRIVE. */
+
+/* An input to stage: copied into in_stage at `off`, its card then pointed there. */
+typedef struct {
+    const void *src;
+    size_t off;
+    long long rows, row_bytes; /* rows at most (all copied when dev_rows is NULL) */
+    const long long *dev_rows; /* else the row count, on the device (a combine without host
+                                  synchronisation: epx__cuda_launch_copy_rows) */
+    epx__ipc_card_t *card;
+} epx__stage_in_t;
+
+/* A call's inputs to stage. */
+#define EPX__STAGE_MAX 4
+typedef struct {
+    int n;
+    size_t need; /* bytes of in_stage their copies take */
+    epx__stage_in_t in[EPX__STAGE_MAX];
+} epx__stage_t;
+
+/* epx__card_export of an input peers read: `rows` rows of `row_bytes` at most, their number
+ * in `dev_rows` on the device when not NULL. Memory CUDA IPC cannot share is added to stg
+ * (its card left zero until epx__stage_inputs), unless no peer reads it (one rank). */
+static epx_status_t epx__input_export(epx__cuda_moe_t *m, epx__stage_t *stg, epx__ipc_card_t *card, const void *p,
+                                      size_t rows, size_t row_bytes, const long long *dev_rows, epx__errbuf_t *err)
+{
+    memset(card, 0, sizeof *card);
+    if (!p || rows * row_bytes == 0) return EPX_SUCCESS;
+    bool shareable;
+    EPX__CHECK(epx__ipc_export_if(m->c, p, card, &shareable, err));
+    if (shareable || m->c->nranks == 1) return EPX_SUCCESS;
+    if (stg->n == EPX__STAGE_MAX) return epx__fail(err, EPX_ERR_INTERNAL, "more than %d MoE inputs to stage", stg->n);
+    size_t off = EPX__ALIGN_UP(stg->need, (size_t)256);
+    stg->in[stg->n++] = (epx__stage_in_t){p, off, (long long)rows, (long long)row_bytes, dev_rows, card};
+    stg->need = off + rows * row_bytes;
+    return EPX_SUCCESS;
+}
+
+/* Make in_stage hold `need` bytes: only outside a capture (cudaMalloc is not allowed in
+ * every capture mode). The buffer it replaces is freed once the device is idle (every call
+ * that used it complete, their DONE steps past, so no peer reads it), or kept until destroy
+ * when a capture used it (a graph may still copy into it, and the peers' graphs read it). */
+static epx_status_t epx__stage_reserve(epx__cuda_moe_t *m, size_t need, bool capturing, void *stream,
+                                       epx__errbuf_t *err)
+{
+    if (need <= m->in_stage_bytes) return EPX_SUCCESS;
+    if (capturing)
+        return epx__fail(err, EPX_ERR_INVALID_USAGE,
+                         "stream %p is being captured into a CUDA graph, but the call must stage %zu bytes of inputs in "
+                         "memory CUDA IPC cannot share (a stream-ordered pool, cuMemCreate), more than the MoE context "
+                         "holds (%zu), and cannot allocate during a capture: make a call as large before the capture, or "
+                         "allocate those inputs with cudaMalloc or epx_mem_alloc",
+                         stream, need, m->in_stage_bytes);
+    if (m->in_stage_captured) {
+        void **kept = realloc(m->in_kept, sizeof *kept * (size_t)(m->num_in_kept + 1));
+        if (!kept) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        m->in_kept = kept;
+    }
+    size_t bytes = EPX__ALIGN_UP(EPX__MAX(need, m->in_stage_bytes + m->in_stage_bytes / 2), (size_t)1 << 16);
+    char *fresh = NULL;
+    if (cudaMalloc((void **)&fresh, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return epx__fail(err, EPX_ERR_NO_MEMORY,
+                         "no device memory to stage %zu bytes of MoE inputs in memory CUDA IPC cannot share", bytes);
+    }
+    if (m->in_stage_captured) {
+        m->in_kept[m->num_in_kept++] = m->in_stage;
+    } else if (m->in_stage) {
+        cudaDeviceSynchronize();
+        cudaFree(m->in_stage);
+        cudaGetLastError();
+    }
+    EPX_INFO(CUDA, "rank %d: %zu bytes to stage MoE inputs CUDA IPC cannot share", m->c->rank, bytes);
+    m->in_stage = fresh, m->in_stage_bytes = bytes, m->in_stage_captured = false;
+    return EPX_SUCCESS;
+}
+
+/* One staging copy, on `stream`. */
+static cudaError_t epx__stage_copy(const epx__cuda_moe_t *m, const epx__stage_in_t *in, void *stream)
+{
+    char *dst = m->in_stage + in->off;
+    if (in->dev_rows)
+        return (cudaError_t)epx__cuda_launch_copy_rows(dst, in->src, in->dev_rows, in->rows, in->row_bytes, m->blocks,
+                                                       stream);
+    return cudaMemcpyAsync(dst, in->src, (size_t)(in->rows * in->row_bytes), cudaMemcpyDeviceToDevice,
+                           (cudaStream_t)stream);
+}
+
+/* Stage the inputs in stg (when there are any; see the top of this section): in_stage made
+ * large enough, each input copied into it on `stream`, its card pointed at its copy. Before
+ * the host round; a failure is the call's `local` status there. */
+static epx_status_t epx__stage_inputs(epx__cuda_moe_t *m, epx__stage_t *stg, void *stream, epx__errbuf_t *err)
+{
+    if (stg->n == 0) return EPX_SUCCESS;
+    bool capturing = epx__cuda_capturing(stream);
+    EPX__CHECK(epx__stage_reserve(m, stg->need, capturing, stream, err));
+    epx__ipc_card_t card;
+    EPX__CHECK(epx__ipc_export(m->c, m->in_stage, &card, err)); /* cudaMalloc'd: shareable */
+    m->in_stage_captured = m->in_stage_captured || capturing; /* before any copy joins the graph */
+    for (int i = 0; i < stg->n; i++) {
+        cudaError_t ce = epx__stage_copy(m, &stg->in[i], stream);
+        if (ce != cudaSuccess) {
+            cudaGetLastError();
+            return epx__fail(err, EPX_ERR_CUDA, "copying a MoE input that CUDA IPC cannot share: %s",
+                             cudaGetErrorString(ce));
+        }
+        *stg->in[i].card = card;
+        stg->in[i].card->base_offset += (int64_t)stg->in[i].off;
+    }
+    return EPX_SUCCESS;
 }
 
 /* A peer's buffer mapped here (mine as is), or NULL when it exported none. */
@@ -748,6 +892,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_DISPATCH;
+    epx__stage_t stg = {0};
     /* The handle before the host round: running out of device memory is this rank's
      * verdict (on copy engines the peers' outputs depend on my copies). */
     epx__cuda_moe_handle_t *h = NULL;
@@ -773,15 +918,17 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
             if (local == EPX_SUCCESS && fp8)
                 local = epx__card_export(c, &mine.recv_scales, out->recv_x_scales, cap * s->scale_cols * 4, err);
         } else {
-            local = epx__card_export(c, &mine.x, in->x, T * s->row_bytes, err);
+            local = epx__input_export(m, &stg, &mine.x, in->x, T, s->row_bytes, NULL, err);
             if (local == EPX_SUCCESS && fp8)
-                local = epx__card_export(c, &mine.scales, in->x_scales, T * s->scale_cols * 4, err);
+                local = epx__input_export(m, &stg, &mine.scales, in->x_scales, T, s->scale_cols * 4, NULL, err);
         }
         if (local == EPX_SUCCESS)
-            local = epx__card_export(c, &mine.topk_idx, in->topk_idx, T * K * epx_dtype_size(s->index_dtype), err);
-        if (local == EPX_SUCCESS) local = epx__card_export(c, &mine.weights, in->topk_weights, T * K * 4, err);
+            local = epx__input_export(m, &stg, &mine.topk_idx, in->topk_idx, T, K * epx_dtype_size(s->index_dtype),
+                                      NULL, err);
+        if (local == EPX_SUCCESS) local = epx__input_export(m, &stg, &mine.weights, in->topk_weights, T, K * 4, NULL, err);
         if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) mine.num_tokens = s->max_tokens + 1;
     }
+    if (local == EPX_SUCCESS) local = epx__stage_inputs(m, &stg, stream, err);
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     const bool met = st == EPX_SUCCESS; /* the same on every rank */
     cudaGraph_t graph = NULL; /* the graph being captured, if any, holds the mappings */
@@ -900,6 +1047,7 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
         return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_CACHED;
+    epx__stage_t stg = {0};
     if (local == EPX_SUCCESS) {
         mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0);
         mine.routing_id = h->id;
@@ -908,11 +1056,13 @@ epx_status_t epx__cuda_moe_dispatch_cached(epx__cuda_moe_t *m, const epx__cuda_m
             if (local == EPX_SUCCESS && fp8)
                 local = epx__card_export(c, &mine.recv_scales, out->recv_x_scales, (size_t)h->rows * s->scale_cols * 4, err);
         } else {
-            local = epx__card_export(c, &mine.x, in->x, (size_t)h->num_tokens * s->row_bytes, err);
+            size_t T = (size_t)h->num_tokens;
+            local = epx__input_export(m, &stg, &mine.x, in->x, T, s->row_bytes, NULL, err);
             if (local == EPX_SUCCESS && fp8)
-                local = epx__card_export(c, &mine.scales, in->x_scales, (size_t)h->num_tokens * s->scale_cols * 4, err);
+                local = epx__input_export(m, &stg, &mine.scales, in->x_scales, T, s->scale_cols * 4, NULL, err);
         }
     }
+    if (local == EPX_SUCCESS) local = epx__stage_inputs(m, &stg, stream, err);
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     const bool met = st == EPX_SUCCESS; /* the same on every rank */
     cudaGraph_t graph = NULL; /* the graph being captured, if any, holds the mappings */
@@ -998,17 +1148,23 @@ epx_status_t epx__cuda_moe_combine(epx__cuda_moe_t *m, const epx__cuda_moe_handl
         return epx__host_fail(c->host, local != EPX_SUCCESS ? local : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory"), err);
     memset(&mine, 0, sizeof mine);
     mine.op = EPX__COP_COMBINE;
+    epx__stage_t stg = {0};
     if (local == EPX_SUCCESS) {
         mine.topk = h->topk + (epx__cuda_fault_count(c) ? 1 : 0);
         mine.routing_id = h->id;
         mine.has_weights = in->topk_weights != NULL;
-        size_t rows = h->rows < 0 ? 1 : (size_t)h->rows; /* unknown on the host: export whatever was given */
+        /* Unknown on the host: at most R * max_tokens rows (at least one: y is exported whatever
+         * was given), the count on the device for a staging copy. */
+        size_t rows = h->rows >= 0 ? (size_t)h->rows : (size_t)EPX__MAX((int64_t)R * s->max_tokens, (int64_t)1);
+        const long long *dev_rows = h->rows >= 0 ? NULL : h->d_rows;
         if (!m->ce) { /* copy engines: y and the weights are only read here */
-            local = epx__card_export(c, &mine.x, in->y, rows * s->combine_row_bytes, err);
+            local = epx__input_export(m, &stg, &mine.x, in->y, rows, s->combine_row_bytes, dev_rows, err);
             if (local == EPX_SUCCESS)
-                local = epx__card_export(c, &mine.weights, in->topk_weights, rows * (size_t)h->topk * 4, err);
+                local = epx__input_export(m, &stg, &mine.weights, in->topk_weights, rows, (size_t)h->topk * 4, dev_rows,
+                                          err);
         }
     }
+    if (local == EPX_SUCCESS) local = epx__stage_inputs(m, &stg, stream, err);
     epx_status_t st = epx__moe_meet(m, &mine, cards, local, err);
     const bool met = st == EPX_SUCCESS; /* the same on every rank */
     cudaGraph_t graph = NULL; /* the graph being captured, if any, holds the mappings */

@@ -535,6 +535,28 @@ extern "C" int epx__cuda_launch_moe_pack(const epx__moe_pack_t *k, int blocks, v
     return (int)cudaGetLastError();
 }
 
+/* ---- Staging copy (an input CUDA IPC cannot share, its row count on the device) --------------- */
+
+/* One warp per row. */
+static __global__ void __launch_bounds__(512)
+    epx__k_copy_rows(char *dst, const char *src, const long long *rows, long long max_rows, long long row_bytes)
+{
+    long long n = *rows < 0 ? 0 : *rows < max_rows ? *rows : max_rows;
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long r = warp; r < n; r += nwarps) epx__warp_copy(dst + r * row_bytes, src + r * row_bytes, row_bytes);
+}
+
+extern "C" int epx__cuda_launch_copy_rows(void *dst, const void *src, const long long *rows, long long max_rows,
+                                          long long row_bytes, int blocks, void *stream)
+{
+    if (max_rows <= 0 || row_bytes <= 0) return (int)cudaSuccess;
+    (void)cudaGetLastError(); /* what is returned below is this launch's */
+    epx__k_copy_rows<<<blocks, 512, 0, (cudaStream_t)stream>>>((char *)dst, (const char *)src, rows, max_rows,
+                                                                row_bytes);
+    return (int)cudaGetLastError();
+}
+
 /* ---- Combine -------------------------------------------------------------------------------- */
 
 /* One warp per token. Rows of a multiple of 16 bytes go 16 bytes at a time, four chunks of
