@@ -18,6 +18,12 @@
  * healthy. The MoE part then dispatches outside the graph and captures a cached dispatch +
  * identity expert + combine along that handle, replayed with new tokens every time.
  *
+ * With --pool every buffer comes from the stream-ordered pool (memory CUDA IPC cannot share):
+ * the MoE parts then run on the inputs epx stages (copies made inside the captures), a
+ * captured call that would have to grow the staging buffer is refused (replay_pool_growth,
+ * which also replays a graph whose staging buffer was outgrown since), and alltoallv_device
+ * is refused (EPX_ERR_UNSUPPORTED: its buffers cannot be staged) instead of run.
+ *
  * Across hosts (EPX_LOCAL_SIZE; the fake NCCL of the fake_nccl_* tests replays captured
  * groups) only the low-latency calls can be captured: --ll-only runs those two parts alone;
  * --ll-stall runs stall_ll (a rank that stalls while its peers replay: nothing may hang).
@@ -155,6 +161,30 @@ static int alltoallv_device(epx_comm_t comm, int me, int R, int rounds)
     return rounds + 1;
 }
 
+/* --pool: alltoallv_device's peers write its receive buffer and read its counts, which the
+ * library cannot stage: every rank refuses the call (EPX_ERR_UNSUPPORTED, naming the memory),
+ * nothing written, the communicator usable. */
+static int alltoallv_device_refused(epx_comm_t comm, int R)
+{
+    cudaStream_t s = test_stream();
+    uint32_t *send = test_buf_alloc(64 * 4), *recv = test_buf_alloc(64 * 4), hr[64];
+    int64_t h[4 * 32], *d = test_buf_alloc(sizeof h);
+    for (int q = 0; q < R; q++) h[q] = 2, h[R + q] = 2 * q, h[2 * R + q] = 2, h[3 * R + q] = 2 * q;
+    test_buf_put(d, h, sizeof h);
+    test_buf_poison(recv, 0xA5, 64 * 4);
+    epx_status_t st = epx_alltoallv_device(comm, send, d, d + R, recv, d + 2 * R, d + 3 * R, EPX_F32, s);
+    if (st != EPX_ERR_UNSUPPORTED || !strstr(epx_comm_get_last_error(comm), "cannot share"))
+        TEST_FAIL_("--pool: alltoallv_device -> %s (%s), expected EPX_ERR_UNSUPPORTED (memory CUDA IPC cannot share)",
+                   epx_status_name(st), epx_comm_get_last_error(comm));
+    test_buf_get(hr, recv, 64 * 4);
+    for (int i = 0; i < 64; i++)
+        if (hr[i] != 0xA5A5A5A5u) TEST_FAIL_("--pool: a refused alltoallv_device wrote element %d", i);
+    ASSERT_OK(epx_barrier(comm, s));
+    test_sync();
+    test_buf_free(send), test_buf_free(recv), test_buf_free(d);
+    return 1;
+}
+
 /* Last: rank 0 sends rank 1 one element more than rank 1 expects. Rank 0's communicator
  * reports EPX_ERR_MISMATCH, nothing of that pair is written, and no rank hangs. */
 static void alltoallv_device_mismatch(epx_comm_t comm, int me, int R)
@@ -209,14 +239,14 @@ static unsigned g_mask(int it, int p, int t, int E, int R)
 static bool copy_engines; /* high-throughput MoE on copy engines (--copy-engines or EPX_CUDA_SMS=0) */
 static int num_sms = EPX_UNSET;
 
-/* Rows of replay `it` in recv (n of them; routing of replay `route`) and the combine of the
- * identity expert in out, checked against what every rank sent. */
-static void check_moe(int it, int route, int me, int R, int E, int64_t n, const uint16_t *hrecv, const int32_t *hsr,
-                      const int32_t *hst, const uint16_t *hout)
+/* Rows of replay `it` in recv (n of them; the first T tokens of every rank, routing of
+ * replay `route`), checked against what every rank sent. */
+static void check_moe_rows(int it, int route, int me, int R, int E, int T, int64_t n, const uint16_t *hrecv,
+                           const int32_t *hsr, const int32_t *hst)
 {
     int64_t row = 0;
     for (int p = 0; p < R; p++)
-        for (int t = 0; t < GT; t++) {
+        for (int t = 0; t < T; t++) {
             if (!((g_mask(route, p, t, E, R) >> me) & 1u)) continue;
             if (hsr && row < n && (hsr[row] != p || hst[row] != t))
                 TEST_FAIL_("replay %d: row %lld from (%d, %d), expected (%d, %d)", it, (long long)row, hsr[row],
@@ -227,6 +257,13 @@ static void check_moe(int it, int route, int me, int R, int E, int64_t n, const 
             row++;
         }
     if (n != row) TEST_FAIL_("replay %d: num_recv_tokens_device = %lld, expected %lld", it, (long long)n, (long long)row);
+}
+
+/* check_moe_rows of every token, and the combine of the identity expert in out. */
+static void check_moe(int it, int route, int me, int R, int E, int64_t n, const uint16_t *hrecv, const int32_t *hsr,
+                      const int32_t *hst, const uint16_t *hout)
+{
+    check_moe_rows(it, route, me, R, E, GT, n, hrecv, hsr, hst);
     /* Combine of the identity: each token's row summed once per rank it went to. */
     for (int t = 0; t < GT; t++) {
         int copies = __builtin_popcount(g_mask(route, me, t, E, R));
@@ -393,6 +430,86 @@ static int replay_moe(epx_comm_t comm, int me, int R, int rounds)
     free(hx), free(hrecv), free(hout), free(hidx), free(hsr), free(hst);
     return rounds;
 }
+/* --pool: a MoE context stages the inputs peers read (memory CUDA IPC cannot share) in a
+ * buffer of its own, which cannot grow during a capture: a captured dispatch that needs it
+ * fails on every rank with EPX_ERR_INVALID_USAGE, the capture intact, nothing enqueued. And a
+ * buffer a graph captured outlives its growth: a cached dispatch of one token per rank,
+ * captured on the first buffer (64 KiB), replayed after an ordinary dispatch and combine (with
+ * weights) of every token outgrew it (R x 33 KiB). */
+static int replay_pool_growth(epx_comm_t comm, int me, int R, int rounds)
+{
+    cudaStream_t s = test_stream();
+    int E = 4 * R;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = GH, cfg.max_tokens_per_rank = GT, cfg.num_experts = E, cfg.max_topk = GK;
+    epx_moe_t moe;
+    ASSERT_OK(epx_moe_create(comm, &cfg, &moe));
+    int64_t cap, n;
+    ASSERT_OK(epx_moe_max_recv_tokens(moe, &cap));
+    size_t xb = (size_t)GT * GH * 2, rb = (size_t)cap * GH * 2, wb = (size_t)cap * GK * 4;
+    uint16_t *x = test_buf_alloc(xb), *recv = test_buf_alloc(rb), *out = test_buf_alloc(xb);
+    int64_t *idx = test_buf_alloc(sizeof(int64_t) * GT * GK), *count = test_buf_alloc(sizeof(int64_t));
+    float *w = test_buf_alloc(wb);
+    uint16_t *hx = malloc(xb), *hrecv = malloc(rb);
+    int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
+    for (int t = 0; t < GT; t++)
+        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E);
+    for (int t = 0; t < GT; t++)
+        for (int hh = 0; hh < GH; hh++) hx[t * GH + hh] = g_x(0, me, t, hh);
+    test_buf_put(x, hx, xb);
+    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
+    test_buf_poison(w, 0, wb);
+    epx_moe_dispatch_in_t one = {x, NULL, idx, NULL, 1, GK}, all = {x, NULL, idx, NULL, GT, GK};
+    epx_moe_dispatch_out_t dout = {recv, NULL, NULL, NULL, NULL, NULL, NULL, cap, 0, count};
+    epx_moe_handle_t h = NULL, h2;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    epx_status_t st = epx_moe_dispatch(moe, &one, &dout, &h, s);
+    CU(cudaStreamEndCapture(s, &graph));
+    if (st != EPX_ERR_INVALID_USAGE || !strstr(epx_comm_get_last_error(comm), "CUDA graph"))
+        TEST_FAIL_("--pool: a captured dispatch that must grow the staging buffer: got %s (%s), expected "
+                   "EPX_ERR_INVALID_USAGE naming CUDA graphs",
+                   epx_status_name(st), epx_comm_get_last_error(comm));
+    ASSERT(h == NULL);
+    CU(cudaGraphDestroy(graph));
+    epx_status_t async = EPX_ERR_INTERNAL;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+
+    dout.num_recv_tokens_device = NULL; /* the row count read back: the handle's for the check */
+    ASSERT_OK(epx_moe_dispatch(moe, &one, &dout, &h, s));
+    n = dout.num_recv_tokens;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    ASSERT_OK(epx_moe_dispatch_cached(moe, h, &one, &dout, s));
+    CU(cudaStreamEndCapture(s, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    dout.num_recv_tokens_device = count;
+    ASSERT_OK(epx_moe_dispatch(moe, &all, &dout, &h2, s));
+    epx_moe_combine_in_t cin = {recv, w};
+    epx_moe_combine_out_t cout = {out, NULL};
+    ASSERT_OK(epx_moe_combine(moe, h2, &cin, &cout, s));
+    ASSERT_OK(epx_moe_handle_destroy(h2));
+    test_sync();
+    for (int it = 1; it <= rounds; it++) {
+        for (int t = 0; t < GT; t++)
+            for (int hh = 0; hh < GH; hh++) hx[t * GH + hh] = g_x(it, me, t, hh);
+        test_buf_put(x, hx, xb);
+        test_buf_poison(recv, 0xA5, rb);
+        CU(cudaGraphLaunch(exec, s));
+        test_buf_get(hrecv, recv, rb);
+        check_moe_rows(it, 0, me, R, E, 1, n, hrecv, NULL, NULL);
+    }
+    CU(cudaGraphExecDestroy(exec));
+    CU(cudaGraphDestroy(graph));
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    test_sync();
+    ASSERT_OK(epx_moe_destroy(moe));
+    test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(count);
+    test_buf_free(w), free(hx), free(hrecv), free(hidx);
+    return rounds + 1;
+}
+
 /* ---- Low-latency: dispatch + identity expert + combine, 1000 replays ------------------------ */
 
 static float g_weight(int it, int p, int t, int k)
@@ -710,11 +827,23 @@ int main(int argc, char **argv)
         test_done(passed);
         return 0;
     }
-    passed += replay(comm, me, R, 100, 200, false);   /* eager slots */
-    passed += replay(comm, me, R, 100000, 200, true); /* direct kernel; the peers' buffers mapped in the graph */
+    if (test_on_pool() && copy_engines) {
+        fprintf(stderr, "--pool with copy engines: peers write recv_x there, which must be memory CUDA IPC can share\n");
+        return 2;
+    }
+    if (!test_on_pool()) { /* alltoall receive buffers in the pool: not yet */
+        passed += replay(comm, me, R, 100, 200, false);   /* eager slots */
+        passed += replay(comm, me, R, 100000, 200, true); /* direct kernel; the peers' buffers mapped in the graph */
+    }
     passed += replay_moe(comm, me, R, 200);
+    if (test_on_pool()) passed += replay_pool_growth(comm, me, R, 50);
     passed += replay_ll(comm, me, R, 1000, false);
     passed += replay_ll(comm, me, R, 500, true); /* two batches in flight, send/receive halves */
+    if (test_on_pool()) { /* its buffers cannot be staged */
+        passed += alltoallv_device_refused(comm, R);
+        test_finish(comm, passed);
+        return 0;
+    }
     passed += alltoallv_device(comm, me, R, 100);
     alltoallv_device_mismatch(comm, me, R); /* breaks rank 0's communicator: last */
     epx_comm_destroy(comm); /* rank 0's is broken: its status is not the point here */

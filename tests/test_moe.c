@@ -42,6 +42,12 @@
  *                   stream; exit 77 when the backend has no MoE (EPX_ERR_UNSUPPORTED).
  *                   Bad expert ids in low-latency dispatch are caught on the device there
  *                   (the call succeeds, every recv_count is -1, nothing else is written).
+ *   --pool          with --cuda: every device buffer of the test from the stream-ordered pool
+ *                   (cudaMallocAsync: memory CUDA IPC cannot share, as PyTorch's expandable
+ *                   segments), so the library stages every input peers read; plus calls
+ *                   back to back with one rank's stream held (staged copies must not overtake
+ *                   the peers' reads), and a copy-engine dispatch, whose recv_x peers write,
+ *                   refused with EPX_ERR_UNSUPPORTED. Not with --copy-engines.
  *
  * EPX_TEST_LL_ANY_ORDER=1 accepts any order of low-latency slots within an (expert, source
  * rank) group (a backend may document arrival order; the CPU and CUDA ones give the exact
@@ -1612,6 +1618,150 @@ static int run_two_handles(void)
     return 1;
 }
 
+/* ---- --pool: inputs CUDA IPC cannot share, staged by the library ------------------------------- */
+
+enum { PT = 32, PH = 64 }; /* tokens per rank, hidden (float32); E = K = R: every token goes to every rank */
+
+/* Element e of rank p's token t in generation `gen`, and weight k of a combine input's row
+ * `row`: small integers (float32 sums of R of them are exact), different in every generation. */
+static float pool_x(int gen, int p, int t, int e) { return (float)(gen * 10000 + p * 300 + t * 8 + e % 8); }
+static float pool_w(int gen, int p, int row, int k) { return (float)(gen * 1000 + p * 40 + row % 8 * 4 + k % 4); }
+
+/* A backend buffer of rows x cols floats f(gen, me, row, col). */
+static float *pool_in(float (*f)(int, int, int, int), int gen, int rows, int cols)
+{
+    size_t n = (size_t)rows * (size_t)cols;
+    float *h = malloc(sizeof(float) * (n + 1));
+    ASSERT(h);
+    for (size_t i = 0; i < n; i++) h[i] = f(gen, me, (int)(i / (size_t)cols), (int)(i % (size_t)cols));
+    float *d = dev_in(h, sizeof(float) * (n + 1), sizeof(float) * n);
+    free(h);
+    return d;
+}
+
+/* Generation gen's dispatch rows (every rank's tokens, rank-major) and the identity
+ * expert's combine of them (out: R x my tokens; out_w: the weights summed over the ranks). */
+static void pool_check(int gen, const float *drecv, const float *dout, const float *dout_w)
+{
+    size_t rows = (size_t)R * PT;
+    float *recv = malloc(sizeof(float) * rows * PH), *out = malloc(sizeof(float) * PT * PH);
+    float *out_w = malloc(sizeof(float) * PT * (size_t)R);
+    ASSERT(recv && out && out_w);
+    fetch(recv, drecv, sizeof(float) * rows * PH);
+    fetch(out, dout, sizeof(float) * PT * PH);
+    fetch(out_w, dout_w, sizeof(float) * PT * (size_t)R);
+    for (int p = 0; p < R; p++)
+        for (int t = 0; t < PT; t++)
+            for (int e = 0; e < PH; e++)
+                if (recv[((size_t)p * PT + t) * PH + e] != pool_x(gen, p, t, e))
+                    TEST_FAIL_("--pool, generation %d: recv_x of rank %d's token %d [%d] = %g, expected %g", gen, p, t, e,
+                               recv[((size_t)p * PT + t) * PH + e], pool_x(gen, p, t, e));
+    for (int t = 0; t < PT; t++) {
+        for (int e = 0; e < PH; e++)
+            if (out[t * PH + e] != (float)R * pool_x(gen, me, t, e))
+                TEST_FAIL_("--pool, generation %d: combine out[%d][%d] = %g, expected %g", gen, t, e, out[t * PH + e],
+                           (float)R * pool_x(gen, me, t, e));
+        for (int k = 0; k < R; k++) {
+            float want = 0.0f;
+            for (int r = 0; r < R; r++) want += pool_w(gen, r, me * PT + t, k);
+            if (out_w[t * R + k] != want)
+                TEST_FAIL_("--pool, generation %d: out_topk_weights[%d][%d] = %g, expected %g", gen, t, k,
+                           out_w[t * R + k], want);
+        }
+    }
+    free(recv), free(out), free(out_w);
+}
+
+/* Calls back to back, nothing waited for between them, the last rank's stream held first
+ * (the others run ahead into their next call's staging copies, which must not overwrite
+ * what that rank still reads): a dispatch without host synchronisation (handle 0: its row
+ * count stays on the device) and one with it (handle 1), two cached dispatches along
+ * handle 0, then four combines of the identity expert with weights, alternately along
+ * handle 0 and 1. Every input lies in the pool (--pool), so on CUDA every one a peer
+ * reads is staged: by cudaMemcpyAsync, or a kernel when the rows are counted on the device. */
+static int run_pool_back_to_back(void)
+{
+    if (R > EPX_MOE_MAX_TOPK) return 0;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = PH, cfg.max_tokens_per_rank = PT, cfg.num_experts = R, cfg.max_topk = R, cfg.dtype = EPX_F32;
+    cfg.num_sms = num_sms;
+    epx_moe_t moe = NULL;
+    ASSERT_OK(moe_create(&cfg, &moe));
+    int64_t cap = (int64_t)R * PT, *hidx = malloc(sizeof(int64_t) * PT * (size_t)R);
+    ASSERT(hidx);
+    for (int i = 0; i < PT * R; i++) hidx[i] = i % R;
+    void *didx = dev_in(hidx, sizeof(int64_t) * (PT * (size_t)R + 1), sizeof(int64_t) * PT * (size_t)R);
+    float *x[4], *cw[4], *recv[4], *out[4], *out_w[4];
+    for (int g = 0; g < 4; g++) {
+        x[g] = pool_in(pool_x, g, PT, PH);
+        cw[g] = pool_in(pool_w, g, R * PT, R);
+        recv[g] = dev_out(sizeof(float) * (size_t)cap * PH);
+        out[g] = dev_out(sizeof(float) * PT * PH);
+        out_w[g] = dev_out(sizeof(float) * PT * (size_t)R);
+    }
+    int64_t *dcount = dev_out(sizeof(int64_t)), count = -1;
+    epx_moe_handle_t h[2];
+    void *s = test_stream();
+    if (me == R - 1) test_stream_hold(50);
+    for (int g = 0; g < 2; g++) {
+        epx_moe_dispatch_in_t in = {x[g], NULL, didx, cw[g], PT, R};
+        epx_moe_dispatch_out_t o = {recv[g], NULL, NULL, NULL, NULL, NULL, NULL, cap, 0, g == 0 ? dcount : NULL};
+        ASSERT_OK(epx_moe_dispatch(moe, &in, &o, &h[g], s));
+        ASSERT_EQ(o.num_recv_tokens, g == 0 ? -1 : cap);
+    }
+    if (me == R - 1) test_stream_hold(50);
+    for (int g = 2; g < 4; g++) {
+        epx_moe_dispatch_in_t in = {x[g], NULL, NULL, NULL, PT, R};
+        epx_moe_dispatch_out_t o = {recv[g], NULL, NULL, NULL, NULL, NULL, NULL, cap, 0, NULL};
+        ASSERT_OK(epx_moe_dispatch_cached(moe, h[0], &in, &o, s));
+    }
+    if (me == R - 1) test_stream_hold(50);
+    for (int g = 0; g < 4; g++) {
+        epx_moe_combine_in_t ci = {recv[g], cw[g]};
+        epx_moe_combine_out_t co = {out[g], out_w[g]};
+        ASSERT_OK(epx_moe_combine(moe, h[g % 2], &ci, &co, s));
+    }
+    fetch(&count, dcount, sizeof count);
+    ASSERT_EQ(count, cap);
+    for (int g = 0; g < 4; g++) pool_check(g, recv[g], out[g], out_w[g]);
+    for (int g = 0; g < 2; g++) ASSERT_OK(epx_moe_handle_destroy(h[g]));
+    ASSERT_OK(epx_moe_destroy(moe));
+    for (int g = 0; g < 4; g++) dev_free(x[g]), dev_free(cw[g]), dev_free(recv[g]), dev_free(out[g]), dev_free(out_w[g]);
+    dev_free(didx), dev_free(dcount), free(hidx);
+    return 1;
+}
+
+/* --pool on copy engines: peers write recv_x there, which the library cannot stage: every
+ * rank refuses the dispatch (EPX_ERR_UNSUPPORTED, naming the memory), nothing written, the
+ * communicator usable. */
+static int run_pool_ce_refused(void)
+{
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = PH, cfg.max_tokens_per_rank = PT, cfg.num_experts = R, cfg.max_topk = 1, cfg.dtype = EPX_F32;
+    cfg.num_sms = EPX_MOE_COPY_ENGINES;
+    epx_moe_t moe = NULL;
+    ASSERT_OK(moe_create(&cfg, &moe));
+    int64_t cap = (int64_t)R * PT, hidx[PT];
+    for (int t = 0; t < PT; t++) hidx[t] = t % R;
+    void *didx = dev_in(hidx, sizeof hidx + 8, sizeof hidx);
+    float *x = pool_in(pool_x, 0, PT, PH), *recv = dev_out(sizeof(float) * (size_t)cap * PH);
+    epx_moe_dispatch_in_t in = {x, NULL, didx, NULL, PT, 1};
+    epx_moe_dispatch_out_t o = {recv, NULL, NULL, NULL, NULL, NULL, NULL, cap, -77, NULL};
+    epx_moe_handle_t h = NULL;
+    epx_status_t st = epx_moe_dispatch(moe, &in, &o, &h, test_stream());
+    if (st != EPX_ERR_UNSUPPORTED || !strstr(epx_comm_get_last_error(comm), "cannot share"))
+        TEST_FAIL_("--pool, copy engines: dispatch -> %s (%s), expected EPX_ERR_UNSUPPORTED (memory CUDA IPC cannot "
+                   "share)", epx_status_name(st), epx_comm_get_last_error(comm));
+    expect_no_dispatch(h, &o, "--pool, copy engines");
+    float *back = palloc(sizeof(float) * (size_t)cap * PH);
+    fetch(back, recv, sizeof(float) * (size_t)cap * PH + GUARD);
+    expect_poison(back, 0, sizeof(float) * (size_t)cap * PH + GUARD, "--pool, copy engines", "recv_x");
+    ASSERT_OK(epx_barrier(comm, test_stream()));
+    ASSERT_OK(epx_moe_destroy(moe));
+    dev_free(x), dev_free(recv), dev_free(didx), free(back);
+    return 1;
+}
+
 /* A random small configuration (every field drawn from the seed, same on every rank). */
 static mcase_t random_case(uint64_t seed, bool ll)
 {
@@ -2480,6 +2630,11 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "--copy-engines")) num_sms = EPX_MOE_COPY_ENGINES;
         if (!strcmp(argv[i], "--ll-host-differs")) ll_host_differs = true;
     }
+    if (test_on_pool() && num_sms == EPX_MOE_COPY_ENGINES) {
+        fprintf(stderr, "--pool with --copy-engines: peers write recv_x on copy engines, which must be memory CUDA IPC "
+                        "can share (run_pool_ce_refused checks the refusal)\n");
+        return 2;
+    }
     if (ll_host_differs) { /* before the library reads its variables */
         const char *rank = getenv("EPX_RANK");
         setenv("EPX_MOE_LL_HOST", rank && atoi(rank) % 2 ? "1" : "0", 1);
@@ -2511,6 +2666,7 @@ int main(int argc, char **argv)
             for (size_t i = 0; i < sizeof ll_cases / sizeof ll_cases[0]; i++)
                 passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
         if (!ll_only) passed += run_two_handles();
+        if (!ll_only && test_on_pool()) passed += run_pool_back_to_back() + run_pool_ce_refused();
         if (ll) passed += run_ll_split();
         if (ll) passed += run_ll_pipeline(R - 1);
         if (ll) passed += run_ll_pipeline(0);

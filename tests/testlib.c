@@ -24,6 +24,7 @@ int dlclose(void *handle)
 
 int test_rank = -1;
 static bool test_cuda;
+static bool test_pool;
 static bool test_mpi;
 static int test_device = -1;
 #ifdef EPX_HAVE_CUDA
@@ -49,6 +50,11 @@ bool test_init(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--cuda")) test_cuda = true;
         if (!strcmp(argv[i], "--mpi")) test_mpi = true;
+        if (!strcmp(argv[i], "--pool")) test_pool = true;
+    }
+    if (test_pool && !test_cuda) {
+        fprintf(stderr, "--pool is for the CUDA backend (device buffers from a stream-ordered pool): add --cuda\n");
+        exit(2);
     }
     if (test_mpi) {
 #ifdef EPX_HAVE_MPI
@@ -86,6 +92,13 @@ bool test_init(int argc, char **argv)
         test_device = ((lr ? atoi(lr) : 0) / atoi(ls)) % n;
     }
     CUDA_OK(cudaSetDevice(test_device));
+    int pools = 0;
+    CUDA_OK(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, test_device));
+    if (test_pool && !pools) {
+        printf("SKIPPED: --pool: device %d has no stream-ordered memory pool\n", test_device);
+        fflush(stdout);
+        exit(TEST_SKIP);
+    }
     CUDA_OK(cudaStreamCreateWithFlags(&test_cuda_stream, cudaStreamNonBlocking));
     return true;
 #else
@@ -97,6 +110,7 @@ bool test_init(int argc, char **argv)
 }
 
 bool test_on_cuda(void) { return test_cuda; }
+bool test_on_pool(void) { return test_pool; }
 
 void test_init_cuda_only(int argc, char **argv)
 {
@@ -114,7 +128,12 @@ void *test_buf_alloc(size_t bytes)
         /* EPX_TEST_MIN_ALLOC=N: every device buffer at least N bytes (sanitizer experiments). */
         const char *min = getenv("EPX_TEST_MIN_ALLOC");
         size_t floor = min ? (size_t)strtoull(min, NULL, 0) : 1;
-        CUDA_OK(cudaMalloc(&p, bytes > floor ? bytes : floor));
+        if (!test_pool) {
+            CUDA_OK(cudaMalloc(&p, bytes > floor ? bytes : floor));
+            return p;
+        }
+        CUDA_OK(cudaMallocAsync(&p, bytes > floor ? bytes : floor, test_cuda_stream));
+        CUDA_OK(cudaStreamSynchronize(test_cuda_stream)); /* usable on any stream from here on */
         return p;
     }
 #endif
@@ -127,7 +146,8 @@ void test_buf_free(void *p)
 {
 #ifdef EPX_HAVE_CUDA
     if (test_cuda) {
-        CUDA_OK(cudaFree(p));
+        /* Pool memory: after the work on the test stream (the tests use no other). */
+        if (p) CUDA_OK(test_pool ? cudaFreeAsync(p, test_cuda_stream) : cudaFree(p));
         return;
     }
 #endif

@@ -66,11 +66,17 @@ static inline uint64_t test_mix(uint64_t a, uint64_t b, uint64_t c, uint64_t d)
 #define TEST_SKIP 77
 
 /* Parse the common flags (--cuda: run on the CUDA backend, one device per local rank,
- * round robin; --mpi: initialise MPI and make communicators with epx_comm_init_mpi on
- * MPI_COMM_WORLD — run under mpirun; exits with TEST_SKIP in a build without MPI). Exits with TEST_SKIP, saying why, when --cuda is given but this machine
- * or build has no CUDA device. Returns true when on CUDA. */
+ * round robin; --pool, with --cuda: every device buffer of test_buf_alloc comes from the
+ * device's stream-ordered pool (cudaMallocAsync), memory CUDA IPC cannot share, as PyTorch's
+ * expandable segments; --pool without --cuda fails: host buffers have no pool; --mpi:
+ * initialise MPI and make communicators with epx_comm_init_mpi on MPI_COMM_WORLD — run under
+ * mpirun; exits with TEST_SKIP in a build without MPI). Exits with TEST_SKIP, saying why,
+ * when --cuda is given but this machine or build has no CUDA device (or, with --pool, no
+ * stream-ordered pool). Returns true when on CUDA. */
 bool test_init(int argc, char **argv);
 bool test_on_cuda(void);
+/* --pool: the test's device buffers lie in a stream-ordered pool. */
+bool test_on_pool(void);
 /* test_init for tests that exist only for the CUDA backend: without --cuda they exit with
  * TEST_SKIP, saying so. */
 void test_init_cuda_only(int argc, char **argv);
@@ -85,7 +91,8 @@ epx_status_t test_comm_again(epx_comm_t comm, const epx_config_t *cfg, epx_comm_
 /* A monotonic clock, in milliseconds. */
 double test_now_ms(void);
 
-/* Buffers on the backend under test (device memory on CUDA), and copies to/from the host. */
+/* Buffers on the backend under test (device memory on CUDA: cudaMalloc, or the pool with
+ * --pool), and copies to/from the host. */
 void *test_buf_alloc(size_t bytes);
 void test_buf_free(void *p);
 void test_buf_put(void *dst, const void *host_src, size_t bytes);
