@@ -34,6 +34,7 @@ typedef struct {
     const char *baseline; /* auto, mpi, none */
     const char *init;     /* id, mpi: how the communicator is made */
     bool unregistered;
+    bool pool; /* CUDA moe: epx's device buffers from the stream-ordered pool (cudaMallocAsync) */
     double timeout_s;
     /* moe */
     int tokens, hidden, topk, experts;

@@ -180,6 +180,20 @@ static void *dmalloc(gm_t *m, size_t bytes, const char *what)
     return p;
 }
 
+/* A buffer given to epx: dmalloc's, or with --pool from the stream-ordered pool (memory CUDA
+ * IPC cannot share: epx stages the inputs the peers read), usable on any stream on return. */
+static void *emalloc(gm_t *m, size_t bytes, const char *what)
+{
+    if (!m->b->opt.pool) return dmalloc(m, bytes, what);
+    void *p = NULL;
+    cudaError_t e = cudaMallocAsync(&p, bytes ? bytes : 256, 0);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(0);
+    if (e != cudaSuccess)
+        gm_fail(m, "cudaMallocAsync of %s (%.1f MiB) on device %d failed: %s", what, (double)bytes / 1048576.0, m->dev,
+                cudaGetErrorString(e));
+    return p;
+}
+
 /* Wait for `ev` (or the whole stream when NULL) without hanging forever: spin for a second,
  * then poll; watch NCCL's asynchronous errors; give up with a message after WAIT_LIMIT_S. */
 static void wait_for(gm_t *m, cudaEvent_t ev, const char *what)
@@ -881,19 +895,19 @@ static void alloc_outputs(gm_t *m, int ncont)
     int K = m->d.K, L = m->d.L, S = m->d.S;
     for (int c = 0; c < ncont; c++) {
         layout_out_t *lo = &m->d_lay[c];
-        lo->per_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->d.R, "layout num_tokens_per_rank");
-        lo->per_expert = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->d.E, "layout num_tokens_per_expert");
-        lo->in_rank = (uint8_t *)dmalloc(m, (size_t)m->d.T * m->d.R, "layout is_token_in_rank");
+        lo->per_rank = (int32_t *)emalloc(m, sizeof(int32_t) * (size_t)m->d.R, "layout num_tokens_per_rank");
+        lo->per_expert = (int32_t *)emalloc(m, sizeof(int32_t) * (size_t)m->d.E, "layout num_tokens_per_expert");
+        lo->in_rank = (uint8_t *)emalloc(m, (size_t)m->d.T * m->d.R, "layout is_token_in_rank");
         ht_out_t *o = &m->d_out[c];
-        o->x = (uint8_t *)dmalloc(m, (size_t)m->cap * m->row, "recv_x");
-        o->xs = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)m->cap * S, "recv_x_scales") : NULL;
-        o->idx = (int64_t *)dmalloc(m, sizeof(int64_t) * (size_t)m->cap * K, "recv_topk_idx");
-        o->w = (float *)dmalloc(m, sizeof(float) * (size_t)m->cap * K, "recv_topk_weights");
-        o->src_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_rank");
-        o->src_token = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_token");
-        o->per_expert = (int32_t *)dmalloc(m, sizeof(int32_t) * (size_t)L, "num_recv_tokens_per_expert");
+        o->x = (uint8_t *)emalloc(m, (size_t)m->cap * m->row, "recv_x");
+        o->xs = m->d.fp8 ? (float *)emalloc(m, sizeof(float) * (size_t)m->cap * S, "recv_x_scales") : NULL;
+        o->idx = (int64_t *)emalloc(m, sizeof(int64_t) * (size_t)m->cap * K, "recv_topk_idx");
+        o->w = (float *)emalloc(m, sizeof(float) * (size_t)m->cap * K, "recv_topk_weights");
+        o->src_rank = (int32_t *)emalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_rank");
+        o->src_token = (int32_t *)emalloc(m, sizeof(int32_t) * (size_t)m->cap, "recv_src_token");
+        o->per_expert = (int32_t *)emalloc(m, sizeof(int32_t) * (size_t)L, "num_recv_tokens_per_expert");
         o->n = -1;
-        m->d_cout[c] = (uint8_t *)dmalloc(m, (size_t)m->d.T * m->y_row, "combine out");
+        m->d_cout[c] = (uint8_t *)emalloc(m, (size_t)m->d.T * m->y_row, "combine out");
     }
 }
 
@@ -1171,7 +1185,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     if (m->ll) cfg.dtype = m->d.xdt, cfg.ll_fp8 = m->d.fp8;
     epx_ok(m, epx_moe_create(m->gpu, &cfg, &m->moe), "epx_moe_create (CUDA)");
     epx_ok(m, epx_moe_max_recv_tokens(m->moe, &m->cap), "epx_moe_max_recv_tokens");
-    if (strcmp(o->count, "host") != 0) m->d_count = (int64_t *)dmalloc(m, sizeof(int64_t), "num_recv_tokens_device");
+    if (strcmp(o->count, "host") != 0) m->d_count = (int64_t *)emalloc(m, sizeof(int64_t), "num_recv_tokens_device");
     CK(m, cudaDeviceSynchronize());
     CK(m, cudaMemGetInfo(&free1, &total));
     m->epx_mem = free0 > free1 ? (double)(free0 - free1) : 0.0;
@@ -1218,11 +1232,11 @@ int bench_cuda_moe(bench_ctx_t *b)
     for (int64_t i = 0; i < (int64_t)T * K; i++) m->h_idx[i] = m->d.topk[tk(&m->d, m->d.me, 0) + i];
     uint8_t *hy = (uint8_t *)xmalloc(m, (size_t)m->cap * m->y_row);
     make_y(m, hy);
-    m->d_x = (uint8_t *)dmalloc(m, (size_t)T * m->row, "x");
-    m->d_xs = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * (size_t)T * m->d.S, "x_scales") : NULL;
-    m->d_idx = (int64_t *)dmalloc(m, sizeof(int64_t) * (size_t)T * K, "topk_idx");
-    m->d_w = (float *)dmalloc(m, sizeof(float) * (size_t)T * K, "topk_weights");
-    m->d_y = (uint8_t *)dmalloc(m, (size_t)m->cap * m->y_row, "y (expert outputs)");
+    m->d_x = (uint8_t *)emalloc(m, (size_t)T * m->row, "x");
+    m->d_xs = m->d.fp8 ? (float *)emalloc(m, sizeof(float) * (size_t)T * m->d.S, "x_scales") : NULL;
+    m->d_idx = (int64_t *)emalloc(m, sizeof(int64_t) * (size_t)T * K, "topk_idx");
+    m->d_w = (float *)emalloc(m, sizeof(float) * (size_t)T * K, "topk_weights");
+    m->d_y = (uint8_t *)emalloc(m, (size_t)m->cap * m->y_row, "y (expert outputs)");
     CK(m, cudaMemcpy(m->d_x, hx, (size_t)T * m->row, cudaMemcpyHostToDevice));
     if (m->d.fp8) CK(m, cudaMemcpy(m->d_xs, hxs, sizeof(float) * (size_t)T * m->d.S, cudaMemcpyHostToDevice));
     CK(m, cudaMemcpy(m->d_idx, m->h_idx, sizeof(int64_t) * (size_t)T * K, cudaMemcpyHostToDevice));
@@ -1235,15 +1249,15 @@ int bench_cuda_moe(bench_ctx_t *b)
         m->d.ll = true; /* d.xdt rows (bf16 with FP8) from the seeds, as the checks expect them */
         for (int t = 0; t < T; t++) bench_moe_gen_row(&m->d, m->d.me, t, hb + (size_t)t * xrow, NULL);
         m->d.ll = false;
-        m->ll_x = (uint8_t *)dmalloc(m, xrow * (size_t)T, "ll x");
+        m->ll_x = (uint8_t *)emalloc(m, xrow * (size_t)T, "ll x");
         CK(m, cudaMemcpy(m->ll_x, hb, xrow * (size_t)T, cudaMemcpyHostToDevice));
         free(hb);
-        m->ll_recv = (uint8_t *)dmalloc(m, L * m->ll_slots * ll_row(m), "ll recv_x");
-        m->ll_scales = m->d.fp8 ? (float *)dmalloc(m, sizeof(float) * L * m->ll_slots * S, "ll recv_x_scales") : NULL;
-        m->ll_count = (int32_t *)dmalloc(m, sizeof(int32_t) * L, "ll recv_count");
-        m->ll_src_rank = (int32_t *)dmalloc(m, sizeof(int32_t) * L * m->ll_slots, "ll recv_src_rank");
-        m->ll_src_token = (int32_t *)dmalloc(m, sizeof(int32_t) * L * m->ll_slots, "ll recv_src_token");
-        m->ll_y = (uint8_t *)dmalloc(m, L * m->ll_slots * m->y_row, "ll y");
+        m->ll_recv = (uint8_t *)emalloc(m, L * m->ll_slots * ll_row(m), "ll recv_x");
+        m->ll_scales = m->d.fp8 ? (float *)emalloc(m, sizeof(float) * L * m->ll_slots * S, "ll recv_x_scales") : NULL;
+        m->ll_count = (int32_t *)emalloc(m, sizeof(int32_t) * L, "ll recv_count");
+        m->ll_src_rank = (int32_t *)emalloc(m, sizeof(int32_t) * L * m->ll_slots, "ll recv_src_rank");
+        m->ll_src_token = (int32_t *)emalloc(m, sizeof(int32_t) * L * m->ll_slots, "ll recv_src_token");
+        m->ll_y = (uint8_t *)emalloc(m, L * m->ll_slots * m->y_row, "ll y");
         CK(m, cudaMemset(m->ll_y, 0x3c, L * m->ll_slots * m->y_row));
     }
     CK(m, cudaDeviceSynchronize()); /* pageable copies may return before they land */
@@ -1290,6 +1304,10 @@ int bench_cuda_moe(bench_ctx_t *b)
                               : "with the count read back to the host (one stream synchronisation)");
         if (ndev_min < R)
             printf("# note: %d ranks share %d GPU(s): times are not those of one rank per GPU\n", R, ndev_min);
+        if (o->pool)
+            printf("# --pool: every buffer given to epx (and the baseline's inputs) from the stream-ordered pool: "
+                   "memory CUDA IPC cannot share, so epx copies each input its peers read into a buffer of its own "
+                   "first (not counted below)\n");
         printf("# rows received per rank: mean %.1f, max %.0f (link: mean %.1f); bytes per row: dispatch %zu, "
                "combine %zu; GB/s = mean bytes per rank / time; setup %.1f s\n",
                rows_mean, rows_max, link_mean, m->wire_row, m->y_row, (bench_now_us() - t_setup) / 1e6);
@@ -1447,6 +1465,7 @@ int bench_cuda_moe(bench_ctx_t *b)
     }
 
     /* Teardown: every rank is past its last collective call here. */
+    if (o->pool) CK(m, cudaDeviceSynchronize()); /* cudaFree of pool memory does not wait for the device */
     if (m->h) epx_moe_handle_destroy(m->h);
     m->h = NULL;
 #ifdef EPX_HAVE_NCCL

@@ -146,6 +146,8 @@ static int usage_to(FILE *f, int status)
             "                     MPI_COMM_WORLD with epx_comm_init_mpi (hosts by shared memory,\n"
             "                     or simulated with EPX_LOCAL_SIZE); mpi needs mpiexec\n"
             "  --unregistered     send from malloc memory instead of epx_mem_alloc memory\n"
+            "  --pool             moe --backend cuda: every buffer given to epx from the stream-ordered pool\n"
+            "                     (cudaMallocAsync: memory CUDA IPC cannot share, so epx stages the inputs)\n"
             "  --timeout SEC      launcher timeout (default 1800)\n"
             "alltoall:\n"
             "  -b, --minbytes S   smallest size, bytes sent per rank (K/M/G suffixes; default 1K)\n"
@@ -231,6 +233,10 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
             o->unregistered = true;
             continue;
         }
+        if (!strcmp(a, "--pool")) {
+            o->pool = true;
+            continue;
+        }
         if (!v) {
             fprintf(stderr, "epx-bench: %s needs a value\n", a);
             return usage();
@@ -269,6 +275,10 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
         }
     }
     if (o->max_bytes < o->min_bytes) o->max_bytes = o->min_bytes;
+    if (o->pool && (strcmp(o->op, "moe") != 0 || strcmp(o->backend, "cuda") != 0)) {
+        fprintf(stderr, "epx-bench: --pool is for moe --backend cuda (device buffers from a pool)\n");
+        return usage();
+    }
     /* Checked again by each rank (the rank count may come from the launcher); said here
      * before any rank starts when the launch is ours. */
     if (!strcmp(o->op, "moe") && !getenv("EPX_RANK") && !under_mpi() &&
