@@ -296,6 +296,7 @@ void epx__cuda_destroy(epx__cuda_t *c)
     if (c->join) cudaEventDestroy(c->join);
     for (int i = 0; i < c->num_mem; i++) cudaFree(c->mem[i]);
     free(c->mem);
+    epx__stage_buf_free(&c->a2a_stage);
     epx__ipc_graph_holds_release(c->graph_holds);
     cudaGetLastError();
     free(c);
@@ -514,6 +515,56 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
                          "it with cudaMalloc or epx_mem_alloc",
                          p);
     return EPX_SUCCESS;
+}
+
+/* ---- Staging buffers (memory CUDA IPC cannot share) ------------------------------------------ */
+
+epx_status_t epx__stage_buf_reserve(epx__stage_buf_t *b, size_t need, bool keep, const char *what, void *stream,
+                                    epx__errbuf_t *err)
+{
+    bool capturing = epx__cuda_capturing(stream);
+    if (need > b->bytes && capturing)
+        return epx__fail(err, EPX_ERR_INVALID_USAGE,
+                         "stream %p is being captured into a CUDA graph, but the call needs %zu bytes of epx's staging "
+                         "for its %s in memory CUDA IPC cannot share (a stream-ordered pool, cuMemCreate), more than epx "
+                         "holds (%zu), and cannot grow it during a capture: make a call as large before the capture, or "
+                         "use cudaMalloc or epx_mem_alloc memory",
+                         stream, need, what, b->bytes);
+    keep = b->ptr && (keep || b->captured);
+    if (need > b->bytes && keep) {
+        void **kept = realloc(b->kept, sizeof *kept * (size_t)(b->num_kept + 1));
+        if (!kept) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+        b->kept = kept;
+    }
+    if (need > b->bytes) {
+        size_t bytes = EPX__ALIGN_UP(EPX__MAX(need, b->bytes + b->bytes / 2), (size_t)1 << 16);
+        char *fresh = NULL;
+        if (cudaMalloc((void **)&fresh, bytes) != cudaSuccess) {
+            cudaGetLastError();
+            return epx__fail(err, EPX_ERR_NO_MEMORY, "no device memory (%zu bytes) to stage the %s in memory CUDA IPC "
+                             "cannot share", bytes, what);
+        }
+        if (keep) {
+            b->kept[b->num_kept++] = b->ptr;
+        } else if (b->ptr) {
+            cudaDeviceSynchronize();
+            cudaFree(b->ptr);
+            cudaGetLastError();
+        }
+        EPX_INFO(CUDA, "%zu bytes of staging for %s in memory CUDA IPC cannot share", bytes, what);
+        *b = (epx__stage_buf_t){fresh, bytes, false, b->kept, b->num_kept};
+    }
+    b->captured = b->captured || capturing;
+    return EPX_SUCCESS;
+}
+
+void epx__stage_buf_free(epx__stage_buf_t *b)
+{
+    cudaFree(b->ptr);
+    for (int i = 0; i < b->num_kept; i++) cudaFree(b->kept[i]);
+    free(b->kept);
+    cudaGetLastError();
+    memset(b, 0, sizeof *b);
 }
 
 /* A peer's allocation, opened once and cached. A peer that freed an allocation we still

@@ -29,6 +29,16 @@ typedef struct {
             return epx__fail(err, EPX_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(e_), #call);  \
     } while (0)
 
+/* A buffer of epx's that the peers reach instead of a caller's buffer CUDA IPC cannot share
+ * (epx__ipc_export_if): the data is copied into it, or out of it, on the call's stream. */
+typedef struct {
+    char *ptr;
+    size_t bytes;
+    bool captured; /* a capture used it: a graph may still copy into or out of it */
+    void **kept;   /* buffers it replaced that a graph (or an exchange not yet enqueued) may use */
+    int num_kept;
+} epx__stage_buf_t;
+
 /* Per mapping slot, the CUDA graphs alive (with their instances) whose captured work uses
  * it: a slot held by one is never evicted. Shared with the graphs' user objects, whose
  * destructors run on a CUDA thread, perhaps after the communicator is gone: atomics, and
@@ -72,6 +82,7 @@ struct epx__cuda {
     uint32_t fault_step;  /* CUDA operations started (collective calls), for EPX_FAULT */
     void **mem;           /* epx_mem_alloc's allocations, freed at the latest with the communicator */
     int num_mem, cap_mem;
+    epx__stage_buf_t a2a_stage; /* alltoall(v) receive buffers CUDA IPC cannot share: the peers write here */
 };
 
 /* ---- Fault injection (EPX_FAULT): one predictable branch per hook when unarmed ---- */
@@ -153,6 +164,16 @@ void epx__ipc_unpin(epx__cuda_t *c, int peer, const void *base);
  * until it and its instances are destroyed. */
 epx_status_t epx__ipc_open(epx__cuda_t *c, int peer, const epx__ipc_card_t *card, char **base, cudaGraph_t graph,
                            epx__errbuf_t *err);
+/* Make b hold `need` bytes for a call on `stream` that stages `what` (for the messages), and
+ * note whether a capture uses it. It grows only outside a capture (cudaMalloc is not allowed
+ * in every capture mode): while capturing, a need above its size is EPX_ERR_INVALID_USAGE. The
+ * buffer it replaces is kept until epx__stage_buf_free when a capture used it or when `keep`
+ * (an exchange already promised it to the peers but is not enqueued yet); else freed once the
+ * device is idle: every call that used it is complete, and their last waits are past, so no
+ * peer reads or writes it any more. Growth is geometric (1.5x, 64 KiB granules). */
+epx_status_t epx__stage_buf_reserve(epx__stage_buf_t *b, size_t need, bool keep, const char *what, void *stream,
+                                    epx__errbuf_t *err);
+void epx__stage_buf_free(epx__stage_buf_t *b);
 /* The graph being captured on `stream` (*graph), NULL when none; EPX_ERR_CUDA when CUDA
  * cannot tell or the capture was invalidated. Asked once per call. */
 epx_status_t epx__cuda_capture_graph(void *stream, cudaGraph_t *graph, epx__errbuf_t *err);

@@ -56,14 +56,8 @@ struct epx__cuda_moe {
     cudaStream_t ce_stream;          /* the dispatch's copies, beside its packs */
     cudaEvent_t ce_ev[4], ce_join;   /* stage i packed; every copy done */
     epx__cuda_moe_handle_t *spare; /* freed handles, their device arrays kept (no cudaMalloc per call) */
-    /* High-throughput inputs peers read that CUDA IPC cannot share, copied here per call
-     * (epx__stage_inputs); grown outside captures. A buffer a capture used may be in a graph:
-     * when it is outgrown it is kept (in_kept) until the context is destroyed. */
-    char *in_stage;
-    size_t in_stage_bytes;
-    bool in_stage_captured;
-    void **in_kept;
-    int num_in_kept;
+    epx__stage_buf_t in_stage; /* high-throughput inputs peers read that CUDA IPC cannot share,
+                                  copied here per call (epx__stage_inputs) */
 };
 
 struct epx__cuda_moe_handle {
@@ -382,9 +376,7 @@ void epx__cuda_moe_destroy(epx__cuda_moe_t *m)
     cudaFree(m->d_layout_scratch);
     cudaFree(m->stage);
     cudaFree(m->rails.out);
-    cudaFree(m->in_stage);
-    for (int i = 0; i < m->num_in_kept; i++) cudaFree(m->in_kept[i]);
-    free(m->in_kept);
+    epx__stage_buf_free(&m->in_stage);
     if (m->ce_stream) cudaStreamDestroy(m->ce_stream);
     for (int i = 0; i < 4; i++)
         if (m->ce_ev[i]) cudaEventDestroy(m->ce_ev[i]);
@@ -513,49 +505,10 @@ static epx_status_t epx__input_export(epx__cuda_moe_t *m, epx__stage_t *stg, epx
     return EPX_SUCCESS;
 }
 
-/* Make in_stage hold `need` bytes: only outside a capture (cudaMalloc is not allowed in
- * every capture mode). The buffer it replaces is freed once the device is idle (every call
- * that used it complete, their DONE steps past, so no peer reads it), or kept until destroy
- * when a capture used it (a graph may still copy into it, and the peers' graphs read it). */
-static epx_status_t epx__stage_reserve(epx__cuda_moe_t *m, size_t need, bool capturing, void *stream,
-                                       epx__errbuf_t *err)
-{
-    if (need <= m->in_stage_bytes) return EPX_SUCCESS;
-    if (capturing)
-        return epx__fail(err, EPX_ERR_INVALID_USAGE,
-                         "stream %p is being captured into a CUDA graph, but the call must stage %zu bytes of inputs in "
-                         "memory CUDA IPC cannot share (a stream-ordered pool, cuMemCreate), more than the MoE context "
-                         "holds (%zu), and cannot allocate during a capture: make a call as large before the capture, or "
-                         "allocate those inputs with cudaMalloc or epx_mem_alloc",
-                         stream, need, m->in_stage_bytes);
-    if (m->in_stage_captured) {
-        void **kept = realloc(m->in_kept, sizeof *kept * (size_t)(m->num_in_kept + 1));
-        if (!kept) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
-        m->in_kept = kept;
-    }
-    size_t bytes = EPX__ALIGN_UP(EPX__MAX(need, m->in_stage_bytes + m->in_stage_bytes / 2), (size_t)1 << 16);
-    char *fresh = NULL;
-    if (cudaMalloc((void **)&fresh, bytes) != cudaSuccess) {
-        cudaGetLastError();
-        return epx__fail(err, EPX_ERR_NO_MEMORY,
-                         "no device memory to stage %zu bytes of MoE inputs in memory CUDA IPC cannot share", bytes);
-    }
-    if (m->in_stage_captured) {
-        m->in_kept[m->num_in_kept++] = m->in_stage;
-    } else if (m->in_stage) {
-        cudaDeviceSynchronize();
-        cudaFree(m->in_stage);
-        cudaGetLastError();
-    }
-    EPX_INFO(CUDA, "rank %d: %zu bytes to stage MoE inputs CUDA IPC cannot share", m->c->rank, bytes);
-    m->in_stage = fresh, m->in_stage_bytes = bytes, m->in_stage_captured = false;
-    return EPX_SUCCESS;
-}
-
 /* One staging copy, on `stream`. */
 static cudaError_t epx__stage_copy(const epx__cuda_moe_t *m, const epx__stage_in_t *in, void *stream)
 {
-    char *dst = m->in_stage + in->off;
+    char *dst = m->in_stage.ptr + in->off;
     if (in->dev_rows)
         return (cudaError_t)epx__cuda_launch_copy_rows(dst, in->src, in->dev_rows, in->rows, in->row_bytes, m->blocks,
                                                        stream);
@@ -569,11 +522,9 @@ static cudaError_t epx__stage_copy(const epx__cuda_moe_t *m, const epx__stage_in
 static epx_status_t epx__stage_inputs(epx__cuda_moe_t *m, epx__stage_t *stg, void *stream, epx__errbuf_t *err)
 {
     if (stg->n == 0) return EPX_SUCCESS;
-    bool capturing = epx__cuda_capturing(stream);
-    EPX__CHECK(epx__stage_reserve(m, stg->need, capturing, stream, err));
+    EPX__CHECK(epx__stage_buf_reserve(&m->in_stage, stg->need, false, "MoE inputs", stream, err));
     epx__ipc_card_t card;
-    EPX__CHECK(epx__ipc_export(m->c, m->in_stage, &card, err)); /* cudaMalloc'd: shareable */
-    m->in_stage_captured = m->in_stage_captured || capturing; /* before any copy joins the graph */
+    EPX__CHECK(epx__ipc_export(m->c, m->in_stage.ptr, &card, err)); /* cudaMalloc'd: shareable */
     for (int i = 0; i < stg->n; i++) {
         cudaError_t ce = epx__stage_copy(m, &stg->in[i], stream);
         if (ce != cudaSuccess) {
