@@ -765,12 +765,14 @@ bool epx__cuda_capturing(void *stream)
 }
 
 /* One exchange of a plan: its path, and for the peer-writing paths the peers' receive
- * buffers (their cards, then the mappings of them: dst[p] is where my segment for p goes). */
+ * buffers (their cards, then the mappings of them: dst[p] is where my segment for p goes),
+ * and where the peers write mine: into it, or (`stage`) into epx's buffer for it. */
 typedef struct {
     const epx__cpu_xfer_t *x;
     epx__path_t path;
     epx__ipc_card_t in[EPX__CUDA_MAX_RANKS];
     char *dst[EPX__CUDA_MAX_RANKS];
+    char *stage;
 } epx__a2a_op_t;
 
 struct epx__cuda_a2a {
@@ -778,9 +780,62 @@ struct epx__cuda_a2a {
     epx__a2a_op_t op[EPX__CUDA_A2A_MAX_OPS];
 };
 
+/* ---- Receive buffers CUDA IPC cannot share ---------------------------------------------------
+ *
+ * When my receive buffer of an exchange that peers write into (direct or copy-engine path)
+ * lies in memory CUDA IPC cannot share, my card shows the peers epx's buffer c->a2a_stage
+ * instead (op->stage): they write their segments there at the offsets they have in my
+ * receive buffer, and once the path's last wait is over (its kernels, earlier on my stream,
+ * saw every peer's writes complete: the direct kernel's WRITTEN counts, the copy-engine
+ * path's DONE) epx__a2a_copy_out copies them into place on my stream. My own segment goes
+ * straight into my buffer. The peers write into mine only after my ARRIVE of the operation
+ * (the direct kernel's first step, the copy-engine path's first signal), which comes after
+ * the previous operation's copy-out on my stream: so the buffer is free again by then, and
+ * the copy-out reads it before any later operation may write it. A peer needs to know
+ * nothing: it writes where my card says. A failure to make the buffer is this rank's
+ * verdict in the host round that swaps the cards. */
+
+/* Bytes of my receive buffer the peers write: up to the end of the last of their segments. */
+static size_t epx__recv_extent(const epx__cuda_t *c, const epx__cpu_xfer_t *x)
+{
+    int64_t end = 0;
+    for (int p = 0; p < c->nranks; p++)
+        if (p != c->rank && x->recv_bytes[p] > 0) end = EPX__MAX(end, x->recv_displ[p] + x->recv_bytes[p]);
+    return (size_t)end;
+}
+
+/* My card for op's receive buffer: its own, or epx's staging buffer (op->stage) when CUDA IPC
+ * cannot share it. `keep`: an earlier exchange of the plan promised the staging buffer to the
+ * peers already (a buffer it outgrows is kept). */
+static epx_status_t epx__recv_card(epx__cuda_t *c, epx__a2a_op_t *op, bool keep, void *stream, epx__ipc_card_t *mine,
+                                   epx__errbuf_t *err)
+{
+    bool shareable;
+    EPX__CHECK(epx__ipc_export_if(c, op->x->recv, mine, &shareable, err));
+    if (shareable) return EPX_SUCCESS;
+    EPX__CHECK(epx__stage_buf_reserve(&c->a2a_stage, epx__recv_extent(c, op->x), keep, "alltoall(v) receive buffer",
+                                      stream, err));
+    op->stage = c->a2a_stage.ptr;
+    return epx__ipc_export(c, op->stage, mine, err); /* cudaMalloc'd: shareable */
+}
+
+/* After the path of an exchange whose receive buffer is staged: the peers' segments into place. */
+static cudaError_t epx__a2a_copy_out(const epx__cuda_t *c, const epx__a2a_op_t *op, void *stream)
+{
+    const epx__cpu_xfer_t *x = op->x;
+    cudaError_t ce = cudaSuccess;
+    for (int p = 0; p < c->nranks && ce == cudaSuccess; p++)
+        if (p != c->rank && x->recv_bytes[p] > 0)
+            ce = cudaMemcpyAsync((char *)x->recv + x->recv_displ[p], op->stage + x->recv_displ[p],
+                                 (size_t)x->recv_bytes[p], cudaMemcpyDeviceToDevice, (cudaStream_t)stream);
+    return ce;
+}
+
 /* Swap receive-buffer cards for op (a second host exchange, made only by operations too
- * large for the eager slots); the mapping comes later (epx__a2a_map). */
-static epx_status_t epx__swap_destinations(epx__cuda_t *c, epx__a2a_op_t *op, epx__errbuf_t *err)
+ * large for the eager slots); the mapping comes later (epx__a2a_map). `keep`, `stream`: as
+ * epx__recv_card's. */
+static epx_status_t epx__swap_destinations(epx__cuda_t *c, epx__a2a_op_t *op, bool keep, void *stream,
+                                           epx__errbuf_t *err)
 {
     int R = c->nranks, me = c->rank;
     const epx__cpu_xfer_t *x = op->x;
@@ -789,7 +844,7 @@ static epx_status_t epx__swap_destinations(epx__cuda_t *c, epx__a2a_op_t *op, ep
     memset(&mine, 0, sizeof mine);
     bool receives = false;
     for (int p = 0; p < R; p++) receives = receives || (p != me && x->recv_bytes[p] > 0);
-    epx_status_t local = receives ? epx__ipc_export(c, x->recv, &mine, err) : EPX_SUCCESS;
+    epx_status_t local = receives ? epx__recv_card(c, op, keep, stream, &mine, err) : EPX_SUCCESS;
     for (int p = 0; p < R; p++) {
         cards[p] = mine;
         cards[p].recv_displ = x->recv_displ[p];
@@ -826,9 +881,10 @@ static epx_status_t epx__a2a_map(epx__cuda_t *c, epx__cuda_a2a_t *plan, void *st
 }
 
 /* The host exchanges of one exchange: counts agreed (a mismatch fails every rank), path
- * chosen, the peers' receive buffers' cards swapped when needed. Every rank makes the same
- * host exchanges whatever `local` says. */
-static epx_status_t epx__a2a_plan_op(epx__cuda_t *c, epx__a2a_op_t *op, epx_status_t local, epx__errbuf_t *err)
+ * chosen, the peers' receive buffers' cards swapped when needed (`keep`, `stream`: as
+ * epx__recv_card's). Every rank makes the same host exchanges whatever `local` says. */
+static epx_status_t epx__a2a_plan_op(epx__cuda_t *c, epx__a2a_op_t *op, epx_status_t local, bool keep, void *stream,
+                                     epx__errbuf_t *err)
 {
     int R = c->nranks;
     const epx__cpu_xfer_t *x = op->x;
@@ -861,7 +917,7 @@ static epx_status_t epx__a2a_plan_op(epx__cuda_t *c, epx__a2a_op_t *op, epx_stat
                : global_max <= c->ce_bytes               ? EPX__PATH_DIRECT
                                                          : EPX__PATH_COPY_ENGINE;
     /* Larger operations write straight into the peers' receive buffers. */
-    if (st == EPX_SUCCESS && op->path != EPX__PATH_EAGER) st = epx__swap_destinations(c, op, err);
+    if (st == EPX_SUCCESS && op->path != EPX__PATH_EAGER) st = epx__swap_destinations(c, op, keep, stream, err);
     free(cards);
     return st;
 }
@@ -879,13 +935,15 @@ static epx_status_t epx__a2a_prepare(epx__cuda_t *c, const epx__cpu_xfer_t *cons
         free(plan);
         return epx__fail(err, EPX_ERR_INTERNAL, "an alltoallv plan of %d exchanges", n);
     }
+    bool staged = false; /* an exchange so far writes into epx's staging buffer */
     for (int i = 0; i < n; i++) {
         if (!plan) {
             local = epx__host_fail(c->host, local, err); /* each exchange's first host round */
             continue;
         }
         plan->op[i].x = local == EPX_SUCCESS ? x[i] : NULL;
-        local = epx__a2a_plan_op(c, &plan->op[i], local, err);
+        local = epx__a2a_plan_op(c, &plan->op[i], local, staged, stream, err);
+        staged = staged || plan->op[i].stage;
     }
     if (!plan) return local;
     plan->n = n;
@@ -915,6 +973,7 @@ epx_status_t epx__cuda_a2a_enqueue(epx__cuda_t *c, const epx__cuda_a2a_t *plan, 
     cudaError_t ce = op->path == EPX__PATH_EAGER    ? epx__enqueue_eager(c, op->x, stream)
                      : op->path == EPX__PATH_DIRECT ? epx__enqueue_direct(c, op->x, op->dst, stream)
                                                     : epx__enqueue_copy_engine(c, op->x, op->dst, stream);
+    if (ce == cudaSuccess && op->stage) ce = epx__a2a_copy_out(c, op, stream);
     if (ce != cudaSuccess) return epx__fail(err, EPX_ERR_CUDA, "alltoallv enqueue: %s", cudaGetErrorString(ce));
     if (i == plan->n - 1) epx__cuda_fault_at(c, EPX__FAULT_AT_LAUNCHED);
     return EPX_SUCCESS;
