@@ -4,7 +4,10 @@
  * data, every dtype, registered and malloc'd send buffers, outputs poisoned before each
  * call and gaps checked to stay poisoned. --large adds a 256 MiB-per-rank alltoall;
  * --no-cma forces the staging path; --cuda runs it all on the CUDA backend (device buffers,
- * the caller's stream).
+ * the caller's stream); --pool with --cuda takes every test buffer but the registered ones
+ * from the stream-ordered pool (memory CUDA IPC cannot share: the peers then write into epx's
+ * staging buffer, and check_alltoall's back-to-back calls with rank 0 held check that the
+ * copy out of it is ordered with the next call's writes).
  */
 #include <stdlib.h>
 #include <string.h>

@@ -19,10 +19,12 @@
  * identity expert + combine along that handle, replayed with new tokens every time.
  *
  * With --pool every buffer comes from the stream-ordered pool (memory CUDA IPC cannot share):
- * the MoE parts then run on the inputs epx stages (copies made inside the captures), a
- * captured call that would have to grow the staging buffer is refused (replay_pool_growth,
- * which also replays a graph whose staging buffer was outgrown since), and alltoallv_device
- * is refused (EPX_ERR_UNSUPPORTED: its buffers cannot be staged) instead of run.
+ * the alltoalls then receive through epx's staging buffer (the copies out of it inside the
+ * captures; the mapping churn maps nothing new then: the peers keep writing into the same
+ * staging buffer), the MoE parts run on the inputs epx stages, a captured
+ * call that would have to grow a staging buffer is refused (pool_a2a_capture_refused,
+ * replay_pool_growth, which also replays a graph whose staging buffer was outgrown since),
+ * and alltoallv_device is refused (EPX_ERR_UNSUPPORTED: its buffers cannot be staged).
  *
  * Across hosts (EPX_LOCAL_SIZE; the fake NCCL of the fake_nccl_* tests replays captured
  * groups) only the low-latency calls can be captured: --ll-only runs those two parts alone;
@@ -96,6 +98,40 @@ static int replay(epx_comm_t comm, int me, int R, size_t count, int rounds, bool
     CU(cudaGraphDestroy(graph));
     test_buf_free(send), test_buf_free(recv), free(host);
     return rounds;
+}
+
+/* --pool: epx's staging buffer for receive buffers CUDA IPC cannot share cannot grow during a
+ * capture: a captured alltoall larger than any before fails on every rank with
+ * EPX_ERR_INVALID_USAGE, the capture intact, nothing written; the same call outside works. */
+static int pool_a2a_capture_refused(epx_comm_t comm, int me, int R)
+{
+    cudaStream_t s = test_stream();
+    size_t count = 1000000, bytes = count * (size_t)R * 4; /* direct kernel, 10 x replay's */
+    uint32_t *send = test_buf_alloc(bytes), *recv = test_buf_alloc(bytes), *host = malloc(bytes);
+    for (int q = 0; q < R; q++)
+        for (size_t i = 0; i < count; i++) host[(size_t)q * count + i] = (uint32_t)test_mix(4242, (uint64_t)me, (uint64_t)q, i);
+    test_buf_put(send, host, bytes);
+    test_buf_poison(recv, 0xA5, bytes);
+    cudaGraph_t graph;
+    CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    epx_status_t st = epx_alltoall(comm, send, recv, count, EPX_F32, s);
+    CU(cudaStreamEndCapture(s, &graph));
+    if (st != EPX_ERR_INVALID_USAGE || !strstr(epx_comm_get_last_error(comm), "CUDA graph"))
+        TEST_FAIL_("--pool: a captured alltoall that must grow the staging buffer: got %s (%s), expected "
+                   "EPX_ERR_INVALID_USAGE naming CUDA graphs",
+                   epx_status_name(st), epx_comm_get_last_error(comm));
+    CU(cudaGraphDestroy(graph));
+    epx_status_t async = EPX_ERR_INTERNAL;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+    ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_F32, s));
+    test_buf_get(host, recv, bytes);
+    for (int q = 0; q < R; q++)
+        for (size_t i = 0; i < count; i++)
+            if (host[(size_t)q * count + i] != (uint32_t)test_mix(4242, (uint64_t)q, (uint64_t)me, i))
+                TEST_FAIL_("--pool: alltoall after a refused capture: element %zu from rank %d wrong", i, q);
+    test_buf_free(send), test_buf_free(recv), free(host);
+    return 1;
 }
 
 /* ---- alltoallv with its counts on the device -------------------------------------------- */
@@ -831,10 +867,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "--pool with copy engines: peers write recv_x there, which must be memory CUDA IPC can share\n");
         return 2;
     }
-    if (!test_on_pool()) { /* alltoall receive buffers in the pool: not yet */
-        passed += replay(comm, me, R, 100, 200, false);   /* eager slots */
-        passed += replay(comm, me, R, 100000, 200, true); /* direct kernel; the peers' buffers mapped in the graph */
-    }
+    passed += replay(comm, me, R, 100, 200, false);   /* eager slots */
+    passed += replay(comm, me, R, 100000, 200, true); /* direct kernel; the peers' buffers mapped in the graph */
+    if (test_on_pool()) passed += pool_a2a_capture_refused(comm, me, R);
     passed += replay_moe(comm, me, R, 200);
     if (test_on_pool()) passed += replay_pool_growth(comm, me, R, 50);
     passed += replay_ll(comm, me, R, 1000, false);
