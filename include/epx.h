@@ -225,11 +225,10 @@ EPX_API epx_status_t epx_mem_alloc(epx_comm_t comm, size_t bytes, void **ptr);
 EPX_API epx_status_t epx_mem_free(epx_comm_t comm, void *ptr);
 /* On the CUDA backend the peers of a host reach a rank's buffers through CUDA IPC. Memory it
  * cannot share (a stream-ordered pool such as cudaMallocAsync's, cuMemCreate as PyTorch's
- * expandable segments use) is accepted where the peers only read a buffer: the
- * high-throughput MoE inputs, copied on the call's stream into memory of the MoE context (one
- * more device copy each per call). Where the peers write a buffer (alltoall(v) receive
- * buffers above the eager size, copy-engine recv_x) or read one that cannot be copied
- * (alltoallv_device's counts, a low-latency combine's y across hosts), such memory gets
+ * expandable segments use) is staged through memory of epx's, one more device copy per call:
+ * the high-throughput MoE inputs (copied there first) and the alltoall(v) receive buffers
+ * (the peers write there, the rank copies their segments out). Elsewhere (copy-engine recv_x,
+ * alltoallv_device's buffers, a low-latency combine's y across hosts) such memory gets
  * EPX_ERR_UNSUPPORTED before anything moves (README.md, "The CUDA backend"). */
 
 /* ---- Collectives ----------------------------------------------------------------- */
