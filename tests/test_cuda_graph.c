@@ -109,7 +109,8 @@ static int pool_a2a_capture_refused(epx_comm_t comm, int me, int R)
     size_t count = 1000000, bytes = count * (size_t)R * 4; /* direct kernel, 10 x replay's */
     uint32_t *send = test_buf_alloc(bytes), *recv = test_buf_alloc(bytes), *host = malloc(bytes);
     for (int q = 0; q < R; q++)
-        for (size_t i = 0; i < count; i++) host[(size_t)q * count + i] = (uint32_t)test_mix(4242, (uint64_t)me, (uint64_t)q, i);
+        for (size_t i = 0; i < count; i++)
+            host[(size_t)q * count + i] = (uint32_t)test_mix(4242, (uint64_t)me, (uint64_t)q, i);
     test_buf_put(send, host, bytes);
     test_buf_poison(recv, 0xA5, bytes);
     cudaGraph_t graph;
@@ -864,7 +865,8 @@ int main(int argc, char **argv)
         return 0;
     }
     if (test_on_pool() && copy_engines) {
-        fprintf(stderr, "--pool with copy engines: peers write recv_x there, which must be memory CUDA IPC can share\n");
+        fprintf(stderr, "--pool with copy engines: peers write recv_x there, which must be memory CUDA IPC can "
+                        "share\n");
         return 2;
     }
     passed += replay(comm, me, R, 100, 200, false);   /* eager slots */

@@ -1654,8 +1654,8 @@ static void pool_check(int gen, const float *drecv, const float *dout, const flo
         for (int t = 0; t < PT; t++)
             for (int e = 0; e < PH; e++)
                 if (recv[((size_t)p * PT + t) * PH + e] != pool_x(gen, p, t, e))
-                    TEST_FAIL_("--pool, generation %d: recv_x of rank %d's token %d [%d] = %g, expected %g", gen, p, t, e,
-                               recv[((size_t)p * PT + t) * PH + e], pool_x(gen, p, t, e));
+                    TEST_FAIL_("--pool, generation %d: recv_x of rank %d's token %d [%d] = %g, expected %g", gen, p,
+                               t, e, recv[((size_t)p * PT + t) * PH + e], pool_x(gen, p, t, e));
     for (int t = 0; t < PT; t++) {
         for (int e = 0; e < PH; e++)
             if (out[t * PH + e] != (float)R * pool_x(gen, me, t, e))
@@ -1726,7 +1726,8 @@ static int run_pool_back_to_back(void)
     for (int g = 0; g < 4; g++) pool_check(g, recv[g], out[g], out_w[g]);
     for (int g = 0; g < 2; g++) ASSERT_OK(epx_moe_handle_destroy(h[g]));
     ASSERT_OK(epx_moe_destroy(moe));
-    for (int g = 0; g < 4; g++) dev_free(x[g]), dev_free(cw[g]), dev_free(recv[g]), dev_free(out[g]), dev_free(out_w[g]);
+    for (int g = 0; g < 4; g++)
+        dev_free(x[g]), dev_free(cw[g]), dev_free(recv[g]), dev_free(out[g]), dev_free(out_w[g]);
     dev_free(didx), dev_free(dcount), free(hidx);
     return 1;
 }

@@ -414,8 +414,10 @@ static void epx__driver_lookup(void)
     enum cudaDriverEntryPointQueryResult q1, q2;
     epx__pfn_range_t r = NULL;
     epx__pfn_attr_t a = NULL;
-    cudaError_t e1 = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&r, 12000, cudaEnableDefault, &q1);
-    cudaError_t e2 = cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", (void **)&a, 12000, cudaEnableDefault, &q2);
+    cudaError_t e1 =
+        cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", (void **)&r, 12000, cudaEnableDefault, &q1);
+    cudaError_t e2 =
+        cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", (void **)&a, 12000, cudaEnableDefault, &q2);
     if (e1 != cudaSuccess || e2 != cudaSuccess || q1 != cudaDriverEntryPointSuccess ||
         q2 != cudaDriverEntryPointSuccess || !r || !a) {
         cudaGetLastError();
@@ -429,7 +431,8 @@ static epx_status_t epx__driver_calls(epx__pfn_range_t *range, epx__pfn_attr_t *
 {
     pthread_once(&epx__driver_once, epx__driver_lookup);
     if (!epx__get_range || !epx__get_attr)
-        return epx__fail(err, EPX_ERR_CUDA, "cannot reach the CUDA driver's cuMemGetAddressRange/cuPointerGetAttribute");
+        return epx__fail(err, EPX_ERR_CUDA,
+                         "cannot reach the CUDA driver's cuMemGetAddressRange/cuPointerGetAttribute");
     *range = epx__get_range;
     *attr = epx__get_attr;
     return EPX_SUCCESS;
@@ -510,9 +513,9 @@ epx_status_t epx__ipc_export(epx__cuda_t *c, const void *p, epx__ipc_card_t *car
     EPX__CHECK(epx__ipc_export_if(c, p, card, &shareable, err));
     if (!shareable)
         return epx__fail(err, EPX_ERR_UNSUPPORTED,
-                         "buffer %p lies in memory CUDA IPC cannot share (a stream-ordered pool such as cudaMallocAsync's, "
-                         "or cuMemCreate's as in PyTorch's expandable segments), which this call cannot stage: allocate "
-                         "it with cudaMalloc or epx_mem_alloc",
+                         "buffer %p lies in memory CUDA IPC cannot share (a stream-ordered pool such as "
+                         "cudaMallocAsync's, or cuMemCreate's as in PyTorch's expandable segments), which this call "
+                         "cannot stage: allocate it with cudaMalloc or epx_mem_alloc",
                          p);
     return EPX_SUCCESS;
 }
@@ -525,10 +528,10 @@ epx_status_t epx__stage_buf_reserve(epx__stage_buf_t *b, size_t need, bool keep,
     bool capturing = epx__cuda_capturing(stream);
     if (need > b->bytes && capturing)
         return epx__fail(err, EPX_ERR_INVALID_USAGE,
-                         "stream %p is being captured into a CUDA graph, but the call needs %zu bytes of epx's staging "
-                         "for its %s in memory CUDA IPC cannot share (a stream-ordered pool, cuMemCreate), more than epx "
-                         "holds (%zu), and cannot grow it during a capture: make a call as large before the capture, or "
-                         "use cudaMalloc or epx_mem_alloc memory",
+                         "stream %p is being captured into a CUDA graph, but the call needs %zu bytes of epx's "
+                         "staging for its %s in memory CUDA IPC cannot share (a stream-ordered pool, cuMemCreate), "
+                         "more than epx holds (%zu), and cannot grow it during a capture: make a call as large "
+                         "before the capture, or use cudaMalloc or epx_mem_alloc memory",
                          stream, need, what, b->bytes);
     keep = b->ptr && (keep || b->captured);
     if (need > b->bytes && keep) {

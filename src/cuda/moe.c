@@ -876,7 +876,8 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
         if (local == EPX_SUCCESS)
             local = epx__input_export(m, &stg, &mine.topk_idx, in->topk_idx, T, K * epx_dtype_size(s->index_dtype),
                                       NULL, err);
-        if (local == EPX_SUCCESS) local = epx__input_export(m, &stg, &mine.weights, in->topk_weights, T, K * 4, NULL, err);
+        if (local == EPX_SUCCESS)
+            local = epx__input_export(m, &stg, &mine.weights, in->topk_weights, T, K * 4, NULL, err);
         if (local == EPX_SUCCESS && epx__cuda_fault_count(c)) mine.num_tokens = s->max_tokens + 1;
     }
     if (local == EPX_SUCCESS) local = epx__stage_inputs(m, &stg, stream, err);
