@@ -151,8 +151,6 @@ int64_t epx__timeout_fallback(int64_t cfg_timeout_ms)
 /* The rejecting rank's return, whatever happened after its rejection. */
 static epx_status_t epx__rejected(const epx__rejected_t *rj) { return epx__fail(NULL, rj->status, "%s", rj->why); }
 
-/* A CUDA communicator whose ranks are on several hosts: this host's ranks get their own
- * bootstrap, shared memory and CUDA backend; NCCL joins the hosts (src/xhost). */
 /* Have this host's shared memory (local ranks) name its ranks by their ranks in the
  * communicator in its messages. */
 static epx_status_t epx__comm_name_local_ranks(epx_comm_t c, const int *host_of, const int *lrank_of)
@@ -166,6 +164,8 @@ static epx_status_t epx__comm_name_local_ranks(epx_comm_t c, const int *host_of,
     return st;
 }
 
+/* A CUDA communicator whose ranks are on several hosts: this host's ranks get their own
+ * bootstrap, shared memory and CUDA backend; NCCL joins the hosts (src/xhost). */
 static epx_status_t epx__comm_init_xhost(epx_comm_t c, const epx__rank_info_t *all, int device, epx__nccl_t *nccl,
                                          const epx__fault_t *fault)
 {

@@ -29,7 +29,7 @@
  *          keeps moving, which its peers must wait for past their timeout (a wait's clock
  *          restarts while the peer copies). CPU backend: on one host (src/cpu) as said;
  *          across hosts (src/hier, its steps counted by src/api) after each of its MPI
- *          messages (requests) that completes, not after its copies inside the host.
+ *          requests that completes (collectives' too), not after its copies in the host.
  *
  * `at` (delay and kill; CUDA backends) says where in the operation: `host` (the default:
  * as above, in its host exchange), `mapped` (CUDA on one host: after the call's attempt to

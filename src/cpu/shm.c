@@ -212,8 +212,8 @@ static epx_status_t epx__flag_wait_slow(epx__cpu_t *c, int peer, epx__flag_t *fl
         if (ps != EPX_SUCCESS) {
             /* It may have posted just before it went away. */
             if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
-            return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why, epx__rank_name(c, c->rank),
-                             what, target);
+            return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why,
+                             epx__rank_name(c, c->rank), what, target);
         }
         uint64_t alive = atomic_load_explicit(&ph->alive_ns, memory_order_relaxed);
         uint64_t now = epx__now_ns(); /* read after alive, so normally alive <= now */
@@ -797,7 +797,8 @@ epx_status_t epx__peer_map(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint3
         return EPX_SUCCESS;
     case EPX__LOC_REGION:
         if (loc->addr >= loc->region_size)
-            return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published an address past its region %u", epx__rank_name(c, peer),
+            return epx__fail(err, EPX_ERR_INTERNAL, "rank %d published an address past its region %u",
+                             epx__rank_name(c, peer),
                              loc->region_id);
         EPX__CHECK(epx__peer_region(c, peer, loc, base, err));
         *base += loc->addr;
@@ -831,7 +832,8 @@ epx_status_t epx__peer_read(epx__cpu_t *c, int peer, const epx__loc_t *loc, uint
             ssize_t n = process_vm_readv(c->peers[peer].hdr->pid, &l, 1, &r, 1, 0);
             if (n <= 0) {
                 if (n < 0 && errno == EINTR) continue;
-                return epx__fail(err, EPX_ERR_PEER_FAILURE, "process_vm_readv from rank %d: %s", epx__rank_name(c, peer),
+                return epx__fail(err, EPX_ERR_PEER_FAILURE, "process_vm_readv from rank %d: %s",
+                                 epx__rank_name(c, peer),
                                  n < 0 ? strerror(errno) : "no progress");
             }
             d += n;

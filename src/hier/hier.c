@@ -13,8 +13,11 @@ typedef struct epx__card {
 } epx__card_t;
 
 /* alltoallv: data of at most this many bytes to a rank on another host follows its card in
- * one message (a round fewer; copied into place after the verdict, like a message). */
-#define EPX__HIER_INLINE 4096
+ * one message (a round fewer; copied into place after the verdict, like a message). The
+ * whole letter, 4000 bytes, stays within what MPI libraries send at once without waiting
+ * for the receiver (Open MPI's shared-memory transport: about 4 KiB), for past that the
+ * message costs a round of its own. */
+#define EPX__HIER_INLINE 3968
 /* A card and the room for its data: a letter. */
 #define EPX__LETTER (sizeof(epx__card_t) + EPX__HIER_INLINE)
 
@@ -79,7 +82,8 @@ epx_status_t epx__hier_create(epx__hier_t **out, epx__cpu_t *cpu, epx__net_t *ne
     /* alltoallv's letters, and a message to and from every rank in a batch, taken now:
      * calls do not allocate them. */
     (*out)->letters = malloc(EPX__LETTER * 2 * (size_t)epx__net_size(net));
-    epx_status_t st = (*out)->letters ? epx__net_room(net, 0, 0, err) : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
+    epx_status_t st =
+        (*out)->letters ? epx__net_room(net, 0, 0, err) : epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     if (st != EPX_SUCCESS) {
         epx__hier_destroy(*out);
         *out = NULL;
@@ -162,6 +166,7 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     const epx__topo_t *t = &h->t;
     int R = t->nranks, me = t->rank, LS = t->local_size;
     if (!h->net) return epx__fail(err, EPX_ERR_INTERNAL, "hierarchical alltoallv needs the MPI engine");
+    if (!h->letters) return epx__fail(err, EPX_ERR_INTERNAL, "alltoallv after its exchange of cards failed");
     const uint32_t seq = ++h->seq;
     const bool fault = h->fault_count; /* EPX_FAULT count: announce a byte more to rank + 1 */
     const bool nomem = h->fault_nomem; /* EPX_FAULT nomem: no scratch for a disagreeing pair */
@@ -196,7 +201,14 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
     }
     *epx__letter(h, 1, me) = *epx__letter(h, 0, me);
     if (fault && local == EPX_SUCCESS && R > 1) epx__letter(h, 0, (me + 1) % R)->send_bytes += 1;
-    EPX__CHECK(epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, err));
+    st = epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, err);
+    if (st != EPX_SUCCESS) {
+        /* A late peer's MPI may still read my letters (sends are not taken back) or write
+         * its own into them: they are MPI's now (the communicator is broken by this). */
+        epx__net_abandon(h->letters);
+        h->letters = NULL;
+        return st;
+    }
 
     /* 2. Verdicts: everyone saw every card, so everyone agrees. */
     if (local != EPX_SUCCESS) return local;
@@ -239,7 +251,8 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
         /* What came with the card (a good pair: all of it) is placed now; either side of a
          * pair knows from the sender's card whether a message follows. */
         const epx__card_t *in = epx__letter(h, 1, p);
-        bool came = inter && !bad[p] && in->inlined > 0;
+        bool came = inter && !bad[p] && in->inlined > 0 && in->inlined == x->recv_bytes[p] &&
+                    in->inlined <= EPX__HIER_INLINE; /* (always both, from a sender of this code) */
         if (came) memcpy(rbase + rdisp, in + 1, (size_t)x->recv_bytes[p]);
         sp[p] = (const char *)x->send + x->send_displ[p];
         rp[p] = rbase + rdisp;

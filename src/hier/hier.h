@@ -7,7 +7,7 @@
  * inside the host, through MPI (point to point, one message per pair) to other hosts.
  * First one small message per pair carries each side's byte counts and its verdict on its
  * own arguments, so that every rank decides before anything is written, as on one host;
- * a segment of at most 4 KiB to another host rides in that message (placed after the
+ * a segment of at most 3968 bytes to another host rides in that message (placed after the
  * verdict), so small exchanges take one round.
  *
  * MoE (moe.c): a token crosses to each destination host once, to its *gateway* there —

@@ -24,15 +24,14 @@ struct epx__net {
     void *progress_ctx;
 };
 
-/* Buffers of collectives that timed out: a late peer may still complete the collective and
- * MPI then reads or writes them, so they are never freed, but kept reachable here for the
- * process's life (one per broken communicator, tens of bytes per rank). */
+/* Buffers MPI may still use after a wait gave up on them (epx__net_abandon), kept
+ * reachable here for the process's life. */
 #define EPX__NET_ABANDONED_MAX 64
-static int64_t *epx__net_abandoned[EPX__NET_ABANDONED_MAX];
+static void *epx__net_abandoned[EPX__NET_ABANDONED_MAX];
 static int epx__net_nabandoned;
 static pthread_mutex_t epx__net_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void epx__net_abandon(int64_t *buf)
+void epx__net_abandon(void *buf)
 {
     pthread_mutex_lock(&epx__net_abandoned_lock);
     if (epx__net_nabandoned < EPX__NET_ABANDONED_MAX) epx__net_abandoned[epx__net_nabandoned++] = buf;
@@ -103,10 +102,15 @@ epx_status_t epx__net_topology(epx__net_t *n, int local_size, int *host_of, int 
     EPX__MPI_CHECK(MPI_Comm_split_type(n->comm, MPI_COMM_TYPE_SHARED, n->rank, MPI_INFO_NULL, &shared),
                    "MPI_Comm_split_type");
     int rc = MPI_Comm_size(shared, machine_ranks);
-    if (rc == MPI_SUCCESS && local_size > 0) leader = n->rank / local_size * local_size;
-    else if (rc == MPI_SUCCESS) rc = MPI_Allreduce(&n->rank, &leader, 1, MPI_INT, MPI_MIN, shared);
+    const char *what = "MPI_Comm_size";
+    if (rc == MPI_SUCCESS && local_size > 0) {
+        leader = n->rank / local_size * local_size;
+    } else if (rc == MPI_SUCCESS) {
+        what = "MPI_Allreduce";
+        rc = MPI_Allreduce(&n->rank, &leader, 1, MPI_INT, MPI_MIN, shared);
+    }
     MPI_Comm_free(&shared);
-    if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, "MPI_Allreduce");
+    if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, what);
     int *leaders = malloc(sizeof(int) * (size_t)R);
     if (!leaders) return epx__fail(err, EPX_ERR_NO_MEMORY, "out of memory");
     rc = MPI_Allgather(&leader, 1, MPI_INT, leaders, 1, MPI_INT, n->comm);
@@ -161,8 +165,8 @@ static epx_status_t epx__net_poll(epx__net_t *n, MPI_Request *reqs, int count, i
         if (rc != MPI_SUCCESS) return epx__mpi_fail(err, rc, what);
         if (got == MPI_UNDEFINED) return EPX_SUCCESS; /* none left active (count 0 included) */
         if (got > 0) {
-            last = epx__now_ns();
             for (int k = 0; k < got && n->progress; k++) n->progress(n->progress_ctx);
+            last = epx__now_ns(); /* after the hooks: what they take is this rank's own time */
         } else if (i >= 64) {
             if (epx__now_ns() - last >= window)
                 return epx__fail(err, EPX_ERR_TIMEOUT, "rank %d timed out in %s: nothing arrived or left for %lld ms",

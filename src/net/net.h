@@ -26,9 +26,14 @@ int epx__net_rank(const epx__net_t *net);
 int epx__net_size(const epx__net_t *net);
 
 /* Local: call fn(ctx) once for every MPI request of this net that completes, as its wait
- * sees it (a sign of this rank's progress for those who wait for it by other means; NULL:
- * none). The wait's own clock restarts there too (see above). */
+ * sees it, collectives' too (a sign of this rank's progress for those who wait for it by
+ * other means; NULL: none). The wait's own clock restarts after the calls. */
 void epx__net_on_progress(epx__net_t *net, void (*fn)(void *ctx), void *ctx);
+
+/* A buffer that MPI may still read or write after a wait on it failed (a send it was not
+ * asked to take back, a receive it could not cancel): never freed, kept reachable for the
+ * process's life (at most 64 are remembered; past that they are just never freed). */
+void epx__net_abandon(void *buf);
 
 /* Collective: group the ranks into hosts — blocks of `local_size` consecutive ranks when
  * > 0 (simulated hosts), else the ranks that share memory (MPI_COMM_TYPE_SHARED). Fills,
