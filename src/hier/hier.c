@@ -161,10 +161,68 @@ epx_status_t epx__hier_take_left(epx__hier_t *h)
     return st;
 }
 
+/* alltoallv's cards (step 1): to every rank my verdict on my arguments and my counts for
+ * it, and to another host's rank small data after the card (an inbox letter has room for
+ * it: a shorter message fits the receive); theirs into my inbox. `fault`: EPX_FAULT count. */
+static epx_status_t epx__a2a_cards(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_status_t local, uint32_t seq,
+                                   bool fault, epx__errbuf_t *err)
+{
+    const epx__topo_t *t = &h->t;
+    int R = t->nranks, me = t->rank;
+    const void **sp = h->sp;
+    void **rp = h->rp;
+    int64_t *sb = h->sb, *rb = h->sb + R;
+    for (int p = 0; p < R; p++) {
+        bool ok = local == EPX_SUCCESS, inter = t->host_of[p] != t->host;
+        int64_t il = ok && inter && x->send_bytes[p] <= EPX__HIER_INLINE ? x->send_bytes[p] : 0;
+        epx__card_t *o = epx__letter(h, 0, p);
+        *o = (epx__card_t){local, ok ? x->send_bytes[p] : 0, ok ? x->recv_bytes[p] : 0, il};
+        if (il) memcpy(o + 1, (const char *)x->send + x->send_displ[p], (size_t)il);
+        sp[p] = o, rp[p] = epx__letter(h, 1, p);
+        sb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t) + il;
+        rb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t) + (inter ? EPX__HIER_INLINE : 0);
+    }
+    *epx__letter(h, 1, me) = *epx__letter(h, 0, me);
+    if (fault && local == EPX_SUCCESS && R > 1) epx__letter(h, 0, (me + 1) % R)->send_bytes += 1;
+    epx_status_t st = epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, err);
+    if (st != EPX_SUCCESS) {
+        /* A late peer's MPI may still read my letters (sends are not taken back) or write
+         * its own into them: they are MPI's now (the communicator is broken by this). */
+        epx__net_abandon(h->letters);
+        h->letters = NULL;
+    }
+    return st;
+}
+
+/* alltoallv's verdict (step 2), once every card arrived (so every rank reaches the same):
+ * EPX_ERR_REMOTE_INVALID when a rank rejected its arguments; else h->bad[p] tells the pairs
+ * whose counts disagree (bad on both sides: such a pair moves nothing, inside the host
+ * too), and *verdict is EPX_ERR_MISMATCH naming the first, or EPX_SUCCESS. */
+static epx_status_t epx__a2a_verdict(epx__hier_t *h, epx_status_t *verdict, epx__errbuf_t *err)
+{
+    int R = h->t.nranks, me = h->t.rank;
+    for (int p = 0; p < R; p++)
+        if (epx__letter(h, 1, p)->status != EPX_SUCCESS)
+            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed",
+                             p, epx_status_name((epx_status_t)epx__letter(h, 1, p)->status));
+    *verdict = EPX_SUCCESS;
+    for (int p = 0; p < R; p++) {
+        const epx__card_t *in = epx__letter(h, 1, p), *out = epx__letter(h, 0, p);
+        h->bad[p] = in->send_bytes != out->recv_bytes || in->recv_bytes != out->send_bytes;
+        if (!h->bad[p] || *verdict != EPX_SUCCESS) continue;
+        bool into_me = in->send_bytes != out->recv_bytes;
+        *verdict = epx__fail(err, EPX_ERR_MISMATCH,
+                             "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
+                             into_me ? p : me, (long long)(into_me ? in->send_bytes : out->send_bytes),
+                             into_me ? me : p, (long long)(into_me ? out->recv_bytes : in->recv_bytes));
+    }
+    return EPX_SUCCESS;
+}
+
 epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_status_t local, epx__errbuf_t *err)
 {
     const epx__topo_t *t = &h->t;
-    int R = t->nranks, me = t->rank, LS = t->local_size;
+    int R = t->nranks, LS = t->local_size;
     if (!h->net) return epx__fail(err, EPX_ERR_INTERNAL, "hierarchical alltoallv needs the MPI engine");
     if (!h->letters) return epx__fail(err, EPX_ERR_INTERNAL, "alltoallv after its exchange of cards failed");
     const uint32_t seq = ++h->seq;
@@ -187,48 +245,11 @@ epx_status_t epx__hier_alltoallv(epx__hier_t *h, const epx__cpu_xfer_t *x, epx_s
         local = epx__net_room(h->net, 0, bytes, err);
     }
 
-    /* 1. Cards, to every other rank; to another host's, small data after the card (an
-     * inbox letter has room for it: a shorter message fits the receive). */
-    for (int p = 0; p < R; p++) {
-        bool ok = local == EPX_SUCCESS, inter = t->host_of[p] != t->host;
-        int64_t il = ok && inter && x->send_bytes[p] <= EPX__HIER_INLINE ? x->send_bytes[p] : 0;
-        epx__card_t *o = epx__letter(h, 0, p);
-        *o = (epx__card_t){local, ok ? x->send_bytes[p] : 0, ok ? x->recv_bytes[p] : 0, il};
-        if (il) memcpy(o + 1, (const char *)x->send + x->send_displ[p], (size_t)il);
-        sp[p] = o, rp[p] = epx__letter(h, 1, p);
-        sb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t) + il;
-        rb[p] = p == me ? 0 : (int64_t)sizeof(epx__card_t) + (inter ? EPX__HIER_INLINE : 0);
-    }
-    *epx__letter(h, 1, me) = *epx__letter(h, 0, me);
-    if (fault && local == EPX_SUCCESS && R > 1) epx__letter(h, 0, (me + 1) % R)->send_bytes += 1;
-    st = epx__hier_net_xchg(h, epx__hier_tag(seq, 0), sp, sb, rp, rb, err);
-    if (st != EPX_SUCCESS) {
-        /* A late peer's MPI may still read my letters (sends are not taken back) or write
-         * its own into them: they are MPI's now (the communicator is broken by this). */
-        epx__net_abandon(h->letters);
-        h->letters = NULL;
-        return st;
-    }
-
-    /* 2. Verdicts: everyone saw every card, so everyone agrees. */
+    /* 1. Cards (and small data to other hosts); 2. the verdict. */
+    EPX__CHECK(epx__a2a_cards(h, x, local, seq, fault, err));
     if (local != EPX_SUCCESS) return local;
-    for (int p = 0; p < R; p++)
-        if (epx__letter(h, 1, p)->status != EPX_SUCCESS)
-            return epx__fail(err, EPX_ERR_REMOTE_INVALID, "rank %d rejected its arguments (%s); nothing was changed",
-                             p, epx_status_name((epx_status_t)epx__letter(h, 1, p)->status));
-    /* Card against card: both sides of a pair see the same two cards, so a pair that
-     * disagrees is bad on both sides (and moves nothing, inside the host too). */
     epx_status_t verdict = EPX_SUCCESS;
-    for (int p = 0; p < R; p++) {
-        const epx__card_t *in = epx__letter(h, 1, p), *out = epx__letter(h, 0, p);
-        bad[p] = in->send_bytes != out->recv_bytes || in->recv_bytes != out->send_bytes;
-        if (!bad[p] || verdict != EPX_SUCCESS) continue;
-        bool into_me = in->send_bytes != out->recv_bytes;
-        verdict = epx__fail(err, EPX_ERR_MISMATCH,
-                            "rank %d sends %lld bytes to rank %d, which expects %lld; nothing was written",
-                            into_me ? p : me, (long long)(into_me ? in->send_bytes : out->send_bytes),
-                            into_me ? me : p, (long long)(into_me ? out->recv_bytes : in->recv_bytes));
-    }
+    EPX__CHECK(epx__a2a_verdict(h, &verdict, err));
 
     /* 3. Data. A rank of a disagreeing pair still serves its other peers, but receives into
      * scratch: its own buffer stays untouched. Without memory for the scratch it receives
