@@ -64,8 +64,10 @@
  * stall_chain (default: all of them).
  * Forks its own ranks: epx-run would stop the others as soon as one rank dies.
  */
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -420,6 +422,13 @@ static int fault_step(op_t op)
     return (op >= OP_DISPATCH ? 1 : 0) + (op == OP_COMBINE || op == OP_LL_COMBINE ? 1 : 0) + 2;
 }
 
+/* The ranks (processes) of a scenario meet here once their buffers are filled, before their
+ * first call: filling tens of MiB may take one rank longer than the communicators'
+ * timeout after another (three ranks on two cores, sanitizers). */
+static pthread_barrier_t *start_line;
+
+static void start_together(void) { pthread_barrier_wait(start_line); }
+
 /* Scenarios in which the last rank's process ends. */
 static bool killed(fault_t f) { return f == F_KILL || f == F_KILL_SLOW_READER || f == F_KILL_READING; }
 
@@ -468,6 +477,7 @@ static int slow_relay_main(int rank, int R, const epx_unique_id_t *id, bool stal
     uint8_t *send = xmalloc((size_t)s), *recv = xmalloc((size_t)r);
     for (int p = 0; p < R; p++)
         for (int64_t i = 0; i < sc[p]; i++) send[sd[p] + i] = a2a_byte(rank, p, (size_t)i);
+    start_together();
     for (int call = 1; call <= 2; call++) {
         memset(recv, POISON, (size_t)r);
         double t0 = test_now_ms();
@@ -516,6 +526,7 @@ static int rank_main(op_t op, fault_t f, int rank, int R, const epx_unique_id_t 
     ctx_t c;
     ctx_setup(&c, op, comm);
     ctx_poison(&c);
+    start_together();
     ASSERT_OK(ctx_run(&c)); /* healthy first */
     ctx_check(&c, EXACT, what);
     bool bad = rank == R - 1;
@@ -664,6 +675,13 @@ static int scenario(op_t op, fault_t f, int R)
      * deadlock the child, in sanitizer builds especially). */
     int ids[2];
     ASSERT(pipe(ids) == 0);
+    start_line = mmap(NULL, sizeof *start_line, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ASSERT(start_line != MAP_FAILED);
+    pthread_barrierattr_t battr;
+    ASSERT(pthread_barrierattr_init(&battr) == 0);
+    ASSERT(pthread_barrierattr_setpshared(&battr, PTHREAD_PROCESS_SHARED) == 0);
+    ASSERT(pthread_barrier_init(start_line, &battr, (unsigned)R) == 0);
+    pthread_barrierattr_destroy(&battr);
     fault_ids_t both;
     const epx_unique_id_t *id = &both.id, *id2 = &both.id2;
     fflush(stdout);
@@ -689,6 +707,8 @@ static int scenario(op_t op, fault_t f, int R)
             failed = 1;
         }
     }
+    pthread_barrier_destroy(start_line);
+    munmap(start_line, sizeof *start_line);
     close(ids[1]);
     bool got = read(ids[0], &both, sizeof both) == sizeof both;
     close(ids[0]);
