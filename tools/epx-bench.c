@@ -147,7 +147,8 @@ static int usage_to(FILE *f, int status)
             "                     or simulated with EPX_LOCAL_SIZE); mpi needs mpiexec\n"
             "  --unregistered     send from malloc memory instead of epx_mem_alloc memory\n"
             "  --pool             moe --backend cuda: every buffer given to epx from the stream-ordered pool\n"
-            "                     (cudaMallocAsync: memory CUDA IPC cannot share, so epx stages the inputs)\n"
+            "                     (cudaMallocAsync: memory CUDA IPC cannot share, so epx stages the inputs;\n"
+            "                     not with EPX_CUDA_SMS=0, nor --mode ll across hosts)\n"
             "  --timeout SEC      launcher timeout (default 1800)\n"
             "alltoall:\n"
             "  -b, --minbytes S   smallest size, bytes sent per rank (K/M/G suffixes; default 1K)\n"
@@ -277,6 +278,11 @@ static int parse_args(int argc, char **argv, bench_opts_t *o)
     if (o->max_bytes < o->min_bytes) o->max_bytes = o->min_bytes;
     if (o->pool && (strcmp(o->op, "moe") != 0 || strcmp(o->backend, "cuda") != 0)) {
         fprintf(stderr, "epx-bench: --pool is for moe --backend cuda (device buffers from a pool)\n");
+        return usage();
+    }
+    const char *sms = getenv("EPX_CUDA_SMS");
+    if (o->pool && sms && atoi(sms) == 0) { /* the peers write recv_x: it must be shareable */
+        fprintf(stderr, "epx-bench: --pool does not work with the copy-engine path (EPX_CUDA_SMS=0)\n");
         return usage();
     }
     /* Checked again by each rank (the rank count may come from the launcher); said here

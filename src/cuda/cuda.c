@@ -471,9 +471,13 @@ epx_status_t epx__ipc_export_if(epx__cuda_t *c, const void *p, epx__ipc_card_t *
     CUdeviceptr base = 0;
     size_t size = 0;
     CUresult r = get_range(&base, &size, (CUdeviceptr)(uintptr_t)p);
-    if (r != CUDA_SUCCESS)
+    if (r != CUDA_SUCCESS) {
+        *shareable = false;
+        memset(card, 0, sizeof *card);
+        if (epx__ipc_incapable(get_attr, p)) return EPX_SUCCESS; /* in case a driver gives no range for such memory */
         return epx__fail(err, EPX_ERR_INVALID_ARGUMENT, "buffer %p is not device memory CUDA can share (error %d)", p,
                          (int)r);
+    }
     unsigned long long id = 0;
     get_attr(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID, (CUdeviceptr)(uintptr_t)p);
     *shareable = false;

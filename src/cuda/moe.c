@@ -918,7 +918,7 @@ epx_status_t epx__cuda_moe_dispatch(epx__cuda_moe_t *m, const epx_moe_dispatch_i
     if (st != EPX_SUCCESS) {
         free(cards);
         epx__cuda_moe_handle_free(h);
-        return st; /* nothing was enqueued anywhere for this call: every rank failed here */
+        return st; /* every rank failed here: nothing enqueued but its staging copies, if any */
     }
 
     /* Without host synchronisation only when every rank can take the worst case and reads
