@@ -46,8 +46,9 @@
  *                   (cudaMallocAsync: memory CUDA IPC cannot share, as PyTorch's expandable
  *                   segments), so the library stages every input peers read; plus calls
  *                   back to back with one rank's stream held (staged copies must not overtake
- *                   the peers' reads), and a copy-engine dispatch, whose recv_x peers write,
- *                   refused with EPX_ERR_UNSUPPORTED. Not with --copy-engines.
+ *                   the peers' reads), a copy-engine dispatch, whose recv_x peers write,
+ *                   refused with EPX_ERR_UNSUPPORTED, and one with recv_x from cudaMalloc
+ *                   (its routing inputs staged). Not with --copy-engines.
  *
  * EPX_TEST_LL_ANY_ORDER=1 accepts any order of low-latency slots within an (expert, source
  * rank) group (a backend may document arrival order; the CPU and CUDA ones give the exact
@@ -1763,6 +1764,44 @@ static int run_pool_ce_refused(void)
     return 1;
 }
 
+/* --pool on copy engines with recv_x from cudaMalloc (the peers write it; the combine then
+ * reads it only here): the routing inputs the peers read in the count and row kernels
+ * (topk_idx, topk_weights) lie in the pool and are staged, x is read by this rank's copies
+ * only. One dispatch and the identity expert's combine with weights, every value checked. */
+static int run_pool_ce_inputs(void)
+{
+    if (R > EPX_MOE_MAX_TOPK) return 0;
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = PH, cfg.max_tokens_per_rank = PT, cfg.num_experts = R, cfg.max_topk = R, cfg.dtype = EPX_F32;
+    cfg.num_sms = EPX_MOE_COPY_ENGINES;
+    epx_moe_t moe = NULL;
+    ASSERT_OK(moe_create(&cfg, &moe));
+    int64_t cap = (int64_t)R * PT, *hidx = malloc(sizeof(int64_t) * PT * (size_t)R);
+    ASSERT(hidx);
+    for (int i = 0; i < PT * R; i++) hidx[i] = i % R;
+    void *didx = dev_in(hidx, sizeof(int64_t) * (PT * (size_t)R + 1), sizeof(int64_t) * PT * (size_t)R);
+    float *x = pool_in(pool_x, 0, PT, PH), *cw = pool_in(pool_w, 0, R * PT, R);
+    size_t rb = sizeof(float) * (size_t)cap * PH;
+    float *recv = test_buf_alloc_ipc(rb + GUARD), *out = dev_out(sizeof(float) * PT * PH);
+    float *out_w = dev_out(sizeof(float) * PT * (size_t)R);
+    poison(recv, rb + GUARD);
+    epx_moe_dispatch_in_t in = {x, NULL, didx, cw, PT, R};
+    epx_moe_dispatch_out_t o = {recv, NULL, NULL, NULL, NULL, NULL, NULL, cap, 0, NULL};
+    epx_moe_handle_t h = NULL;
+    ASSERT_OK(epx_moe_dispatch(moe, &in, &o, &h, test_stream()));
+    ASSERT_EQ(o.num_recv_tokens, cap);
+    epx_moe_combine_in_t ci = {recv, cw};
+    epx_moe_combine_out_t co = {out, out_w};
+    ASSERT_OK(epx_moe_combine(moe, h, &ci, &co, test_stream()));
+    pool_check(0, recv, out, out_w);
+    ASSERT_OK(epx_moe_handle_destroy(h));
+    ASSERT_OK(epx_moe_destroy(moe));
+    test_sync();
+    test_buf_free_ipc(recv);
+    dev_free(x), dev_free(cw), dev_free(out), dev_free(out_w), dev_free(didx), free(hidx);
+    return 1;
+}
+
 /* A random small configuration (every field drawn from the seed, same on every rank). */
 static mcase_t random_case(uint64_t seed, bool ll)
 {
@@ -2667,7 +2706,8 @@ int main(int argc, char **argv)
             for (size_t i = 0; i < sizeof ll_cases / sizeof ll_cases[0]; i++)
                 passed += run_ll_case(&ll_cases[i], seed * 1000 + 500 + i);
         if (!ll_only) passed += run_two_handles();
-        if (!ll_only && test_on_pool()) passed += run_pool_back_to_back() + run_pool_ce_refused();
+        if (!ll_only && test_on_pool())
+            passed += run_pool_back_to_back() + run_pool_ce_refused() + run_pool_ce_inputs();
         if (ll) passed += run_ll_split();
         if (ll) passed += run_ll_pipeline(R - 1);
         if (ll) passed += run_ll_pipeline(0);

@@ -154,6 +154,23 @@ void test_buf_free(void *p)
     free(p);
 }
 
+void *test_buf_alloc_ipc(size_t bytes)
+{
+    bool pool = test_pool;
+    test_pool = false;
+    void *p = test_buf_alloc(bytes);
+    test_pool = pool;
+    return p;
+}
+
+void test_buf_free_ipc(void *p)
+{
+    bool pool = test_pool;
+    test_pool = false;
+    test_buf_free(p);
+    test_pool = pool;
+}
+
 void test_buf_put(void *dst, const void *src, size_t bytes)
 {
 #ifdef EPX_HAVE_CUDA

@@ -95,6 +95,10 @@ double test_now_ms(void);
  * --pool), and copies to/from the host. */
 void *test_buf_alloc(size_t bytes);
 void test_buf_free(void *p);
+/* The same, from cudaMalloc even with --pool (memory CUDA IPC can share); on the CPU as
+ * above. Free it with test_buf_free_ipc. */
+void *test_buf_alloc_ipc(size_t bytes);
+void test_buf_free_ipc(void *p);
 void test_buf_put(void *dst, const void *host_src, size_t bytes);
 void test_buf_get(void *host_dst, const void *src, size_t bytes);
 /* Fill with `byte`, in stream order (asynchronous on CUDA). */
