@@ -84,8 +84,8 @@ void epx__hier_fault_count(epx__hier_t *hier);
  * fails with EPX_ERR_MISMATCH, the others succeed; nothing else changes). */
 void epx__hier_fault_nomem(epx__hier_t *hier);
 /* EPX_FAULT `slow` (ms > 0; 0 ends it): the operation that starts pauses ms after each of
- * its MPI messages (requests) that completes. src/api sets it before every operation while
- * a fault aims at this rank. */
+ * its MPI requests that completes (collectives' too). src/api sets it before every
+ * operation while a fault aims at this rank. */
 void epx__hier_fault_slow(epx__hier_t *hier, int ms);
 /* The status of a MoE call that failed on this rank after its verdict, before it had done
  * its part of the call's exchanges (an exchange inside the host, such as mapping a local
