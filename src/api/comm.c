@@ -152,7 +152,7 @@ int64_t epx__timeout_fallback(int64_t cfg_timeout_ms)
 static epx_status_t epx__rejected(const epx__rejected_t *rj) { return epx__fail(NULL, rj->status, "%s", rj->why); }
 
 /* Have this host's shared memory (local ranks) name its ranks by their ranks in the
- * communicator in its messages. */
+ * communicator in its messages, and count host exchanges there (several a call). */
 static epx_status_t epx__comm_name_local_ranks(epx_comm_t c, const int *host_of, const int *lrank_of)
 {
     int *names = malloc(sizeof *names * (size_t)c->local_size);
@@ -161,6 +161,7 @@ static epx_status_t epx__comm_name_local_ranks(epx_comm_t c, const int *host_of,
         if (host_of[r] == c->host) names[lrank_of[r]] = r;
     epx_status_t st = epx__cpu_name_ranks(c->cpu, names, &c->err);
     free(names);
+    epx__cpu_serve_rounds(c->cpu);
     return st;
 }
 
@@ -331,6 +332,7 @@ epx_status_t epx__comm_init(epx_comm_t *out, int nranks, int rank, const epx_uni
     epx__fault_t host_fault = fault;
     if (backend == EPX_BACKEND_CUDA) memset(&host_fault, 0, sizeof host_fault);
     epx__cpu_set_fault(c->cpu, &host_fault);
+    if (backend == EPX_BACKEND_CUDA) epx__cpu_serve_rounds(c->cpu);
     if (backend == EPX_BACKEND_CUDA) {
         EPX__CHECK_GOTO(epx__cuda_create(&c->cuda, c->cpu, rank, nranks, cfg.device == EPX_UNSET ? -1 : cfg.device,
                                          timeout_ms, &c->err),

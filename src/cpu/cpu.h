@@ -50,6 +50,9 @@ epx_status_t epx__cpu_given_up(epx__cpu_t *cpu, epx__errbuf_t *err);
 /* Local: name the local ranks in messages by their ranks in a communicator across hosts
  * (names[l]: local rank l's; copied). */
 epx_status_t epx__cpu_name_ranks(epx__cpu_t *cpu, const int *names, epx__errbuf_t *err);
+/* Local: this shared memory carries the host exchanges of another layer's calls (CUDA,
+ * across hosts), several a call: its messages count "host exchanges", not operations. */
+void epx__cpu_serve_rounds(epx__cpu_t *cpu);
 /* Local: `ranks` processes of the communicator share this machine's cores (more than the
  * local ranks when hosts are simulated). Past the cores online, a wait spins at most 2 µs
  * before it yields (set at creation for the local ranks alone). */

@@ -187,10 +187,12 @@ static epx_status_t epx__wait_timed_out(const epx__cpu_t *c, int peer, const cha
 {
     char also[48] = "";
     if (on >= 0) snprintf(also, sizeof also, "; it was waiting for rank %d", epx__rank_name(c, on));
+    const char *op = epx__op_word(c);
     return epx__fail(err, EPX_ERR_TIMEOUT,
-                     "rank %d timed out waiting for rank %d's %s of operation %u: no progress from it for %" PRId64
-                     " ms (its last: operation %u%s)",
-                     epx__rank_name(c, c->rank), epx__rank_name(c, peer), what, target, c->timeout_ms, theirs, also);
+                     "rank %d timed out waiting for rank %d's %s of %s %u: no progress from it for %" PRId64
+                     " ms (its last: %s %u%s)",
+                     epx__rank_name(c, c->rank), epx__rank_name(c, peer), what, op, target, c->timeout_ms, op, theirs,
+                     also);
 }
 
 /* epx__flag_wait past its spin, from `start` (see there). */
@@ -212,8 +214,8 @@ static epx_status_t epx__flag_wait_slow(epx__cpu_t *c, int peer, epx__flag_t *fl
         if (ps != EPX_SUCCESS) {
             /* It may have posted just before it went away. */
             if (epx__seq_geq(atomic_load_explicit(&flag->value, memory_order_acquire), target)) return EPX_SUCCESS;
-            return epx__fail(err, ps, "%s while rank %d waited for its %s of operation %u", why,
-                             epx__rank_name(c, c->rank), what, target);
+            return epx__fail(err, ps, "%s while rank %d waited for its %s of %s %u", why, epx__rank_name(c, c->rank),
+                             what, epx__op_word(c), target);
         }
         uint64_t alive = atomic_load_explicit(&ph->alive_ns, memory_order_relaxed);
         uint64_t now = epx__now_ns(); /* read after alive, so normally alive <= now */
@@ -610,6 +612,8 @@ epx_status_t epx__cpu_name_ranks(epx__cpu_t *c, const int *names, epx__errbuf_t 
 
 void epx__cpu_progress(epx__cpu_t *c) { epx__stamp_alive(c); }
 
+void epx__cpu_serve_rounds(epx__cpu_t *c) { c->rounds = true; }
+
 void epx__cpu_share_cores(epx__cpu_t *c, int ranks)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -887,8 +891,8 @@ epx_status_t epx__peers_check(epx__cpu_t *c, uint32_t seq, epx__errbuf_t *err)
             continue; /* it released what it posted for `seq` before it gave up */
         char why[128];
         epx__peer_state(c, p, why, sizeof why);
-        return epx__fail(err, EPX_ERR_PEER_FAILURE, "%s during operation %u; this rank's outputs are not valid", why,
-                         seq);
+        return epx__fail(err, EPX_ERR_PEER_FAILURE, "%s during %s %u; this rank's outputs are not valid", why,
+                         epx__op_word(c), seq);
     }
     return EPX_SUCCESS;
 }
@@ -900,9 +904,9 @@ epx_status_t epx__op_check_remote(epx__cpu_t *c, uint32_t seq, epx__call_kind_t 
         if (p == c->rank) continue;
         const epx__desc_t *theirs = epx__seg_desc(c->peers[p].hdr, c->nranks, seq, c->rank);
         if (theirs->kind != (uint32_t)kind)
-            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d is in %s, this rank in %s (operation %u); nothing was written",
+            return epx__fail(err, EPX_ERR_MISMATCH, "rank %d is in %s, this rank in %s (%s %u); nothing was written",
                              epx__rank_name(c, p), names[theirs->kind <= EPX__CALL_MOE ? theirs->kind : 0], names[kind],
-                             seq);
+                             epx__op_word(c), seq);
     }
     for (int p = 0; p < c->nranks; p++) {
         if (p == c->rank) continue;

@@ -102,6 +102,7 @@ typedef struct {
 struct epx__cpu {
     int rank, nranks;
     int *names; /* the communicator's rank of each local rank, for messages (NULL: the same) */
+    bool rounds; /* its operations are host exchanges of another layer's calls (messages say so) */
     uint64_t nonce;
     int64_t timeout_ms;
     uint64_t spin_ns, yield_ns; /* how long a wait polls, then yields, before sleeping */
@@ -181,6 +182,9 @@ static inline uint32_t epx__op_begin(epx__cpu_t *c)
 
 /* Local rank r as messages name it: its rank in the communicator. */
 static inline int epx__rank_name(const epx__cpu_t *c, int r) { return c->names ? c->names[r] : r; }
+
+/* What messages call an operation of this shared memory. */
+static inline const char *epx__op_word(const epx__cpu_t *c) { return c->rounds ? "host exchange" : "operation"; }
 
 /* A sign of progress for the peers waiting for me: alive_ns is now. */
 static inline void epx__stamp_alive(epx__cpu_t *c)
