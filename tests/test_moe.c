@@ -1673,6 +1673,28 @@ static void pool_check(int gen, const float *drecv, const float *dout, const flo
     free(recv), free(out), free(out_w);
 }
 
+/* The pool cases' MoE context: E = K = R, float32 tokens of PH, PT tokens a rank. */
+static epx_moe_t pool_moe(int sms)
+{
+    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
+    cfg.hidden = PH, cfg.max_tokens_per_rank = PT, cfg.num_experts = R, cfg.max_topk = R, cfg.dtype = EPX_F32;
+    cfg.num_sms = sms;
+    epx_moe_t moe = NULL;
+    ASSERT_OK(moe_create(&cfg, &moe));
+    return moe;
+}
+
+/* Their routing on the backend: every token to every rank, expert k of a token is k. */
+static void *pool_routing(void)
+{
+    int64_t *hidx = malloc(sizeof(int64_t) * PT * (size_t)R);
+    ASSERT(hidx);
+    for (int i = 0; i < PT * R; i++) hidx[i] = i % R;
+    void *didx = dev_in(hidx, sizeof(int64_t) * (PT * (size_t)R + 1), sizeof(int64_t) * PT * (size_t)R);
+    free(hidx);
+    return didx;
+}
+
 /* Calls back to back, nothing waited for between them, the last rank's stream held first
  * (the others run ahead into their next call's staging copies, which must not overwrite
  * what that rank still reads): a dispatch without host synchronisation (handle 0: its row
@@ -1683,15 +1705,9 @@ static void pool_check(int gen, const float *drecv, const float *dout, const flo
 static int run_pool_back_to_back(void)
 {
     if (R > EPX_MOE_MAX_TOPK) return 0;
-    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
-    cfg.hidden = PH, cfg.max_tokens_per_rank = PT, cfg.num_experts = R, cfg.max_topk = R, cfg.dtype = EPX_F32;
-    cfg.num_sms = num_sms;
-    epx_moe_t moe = NULL;
-    ASSERT_OK(moe_create(&cfg, &moe));
-    int64_t cap = (int64_t)R * PT, *hidx = malloc(sizeof(int64_t) * PT * (size_t)R);
-    ASSERT(hidx);
-    for (int i = 0; i < PT * R; i++) hidx[i] = i % R;
-    void *didx = dev_in(hidx, sizeof(int64_t) * (PT * (size_t)R + 1), sizeof(int64_t) * PT * (size_t)R);
+    epx_moe_t moe = pool_moe(num_sms);
+    int64_t cap = (int64_t)R * PT;
+    void *didx = pool_routing();
     float *x[4], *cw[4], *recv[4], *out[4], *out_w[4];
     for (int g = 0; g < 4; g++) {
         x[g] = pool_in(pool_x, g, PT, PH);
@@ -1729,7 +1745,7 @@ static int run_pool_back_to_back(void)
     ASSERT_OK(epx_moe_destroy(moe));
     for (int g = 0; g < 4; g++)
         dev_free(x[g]), dev_free(cw[g]), dev_free(recv[g]), dev_free(out[g]), dev_free(out_w[g]);
-    dev_free(didx), dev_free(dcount), free(hidx);
+    dev_free(didx), dev_free(dcount);
     return 1;
 }
 
@@ -1771,15 +1787,9 @@ static int run_pool_ce_refused(void)
 static int run_pool_ce_inputs(void)
 {
     if (R > EPX_MOE_MAX_TOPK) return 0;
-    epx_moe_config_t cfg = EPX_MOE_CONFIG_INITIALIZER;
-    cfg.hidden = PH, cfg.max_tokens_per_rank = PT, cfg.num_experts = R, cfg.max_topk = R, cfg.dtype = EPX_F32;
-    cfg.num_sms = EPX_MOE_COPY_ENGINES;
-    epx_moe_t moe = NULL;
-    ASSERT_OK(moe_create(&cfg, &moe));
-    int64_t cap = (int64_t)R * PT, *hidx = malloc(sizeof(int64_t) * PT * (size_t)R);
-    ASSERT(hidx);
-    for (int i = 0; i < PT * R; i++) hidx[i] = i % R;
-    void *didx = dev_in(hidx, sizeof(int64_t) * (PT * (size_t)R + 1), sizeof(int64_t) * PT * (size_t)R);
+    epx_moe_t moe = pool_moe(EPX_MOE_COPY_ENGINES);
+    int64_t cap = (int64_t)R * PT;
+    void *didx = pool_routing();
     float *x = pool_in(pool_x, 0, PT, PH), *cw = pool_in(pool_w, 0, R * PT, R);
     size_t rb = sizeof(float) * (size_t)cap * PH;
     float *recv = test_buf_alloc_ipc(rb + GUARD), *out = dev_out(sizeof(float) * PT * PH);
@@ -1798,7 +1808,7 @@ static int run_pool_ce_inputs(void)
     ASSERT_OK(epx_moe_destroy(moe));
     test_sync();
     test_buf_free_ipc(recv);
-    dev_free(x), dev_free(cw), dev_free(out), dev_free(out_w), dev_free(didx), free(hidx);
+    dev_free(x), dev_free(cw), dev_free(out), dev_free(out_w), dev_free(didx);
     return 1;
 }
 
