@@ -100,6 +100,20 @@ static int replay(epx_comm_t comm, int me, int R, size_t count, int rounds, bool
     return rounds;
 }
 
+/* A call captured into `graph` that the library had to refuse (status st): every rank gets
+ * EPX_ERR_INVALID_USAGE naming CUDA graphs, `what` says which call; the graph is dropped and
+ * the communicator is still healthy. */
+static void expect_capture_refused(epx_comm_t comm, epx_status_t st, cudaGraph_t graph, const char *what)
+{
+    if (st != EPX_ERR_INVALID_USAGE || !strstr(epx_comm_get_last_error(comm), "CUDA graph"))
+        TEST_FAIL_("%s: got %s (%s), expected EPX_ERR_INVALID_USAGE naming CUDA graphs", what, epx_status_name(st),
+                   epx_comm_get_last_error(comm));
+    CU(cudaGraphDestroy(graph));
+    epx_status_t async = EPX_ERR_INTERNAL;
+    ASSERT_OK(epx_comm_get_async_error(comm, &async));
+    ASSERT_EQ(async, EPX_SUCCESS);
+}
+
 /* --pool: epx's staging buffer for receive buffers CUDA IPC cannot share cannot grow during a
  * capture: a captured alltoall larger than any before fails on every rank with
  * EPX_ERR_INVALID_USAGE, the capture intact, nothing written; the same call outside works. */
@@ -117,14 +131,7 @@ static int pool_a2a_capture_refused(epx_comm_t comm, int me, int R)
     CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
     epx_status_t st = epx_alltoall(comm, send, recv, count, EPX_F32, s);
     CU(cudaStreamEndCapture(s, &graph));
-    if (st != EPX_ERR_INVALID_USAGE || !strstr(epx_comm_get_last_error(comm), "CUDA graph"))
-        TEST_FAIL_("--pool: a captured alltoall that must grow the staging buffer: got %s (%s), expected "
-                   "EPX_ERR_INVALID_USAGE naming CUDA graphs",
-                   epx_status_name(st), epx_comm_get_last_error(comm));
-    CU(cudaGraphDestroy(graph));
-    epx_status_t async = EPX_ERR_INTERNAL;
-    ASSERT_OK(epx_comm_get_async_error(comm, &async));
-    ASSERT_EQ(async, EPX_SUCCESS);
+    expect_capture_refused(comm, st, graph, "--pool: a captured alltoall that must grow the staging buffer");
     ASSERT_OK(epx_alltoall(comm, send, recv, count, EPX_F32, s));
     test_buf_get(host, recv, bytes);
     for (int q = 0; q < R; q++)
@@ -314,6 +321,22 @@ static void check_moe(int it, int route, int me, int R, int E, int64_t n, const 
     }
 }
 
+/* Tokens of replay `it` (hx, then x on the device), and the routing of replay `route`
+ * (hidx, then idx). */
+static void put_tokens(int it, int me, uint16_t *hx, uint16_t *x)
+{
+    for (int t = 0; t < GT; t++)
+        for (int hh = 0; hh < GH; hh++) hx[t * GH + hh] = g_x(it, me, t, hh);
+    test_buf_put(x, hx, (size_t)GT * GH * 2);
+}
+
+static void put_routing(int route, int me, int E, int64_t *hidx, int64_t *idx)
+{
+    for (int t = 0; t < GT; t++)
+        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(route, me, t, k, E);
+    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
+}
+
 /* Copy engines: a captured dispatch fails cleanly; a dispatch outside the graph, then a
  * cached dispatch + identity expert + combine along its handle, captured and replayed
  * with new tokens every time. */
@@ -336,12 +359,8 @@ static int replay_moe_ce(epx_comm_t comm, int me, int R, int rounds)
     epx_moe_dispatch_out_t dout = {recv, NULL, NULL, NULL, NULL, NULL, NULL, cap, 0, count};
     epx_moe_combine_in_t cin = {recv, NULL};
     epx_moe_combine_out_t cout = {out, NULL};
-    for (int t = 0; t < GT; t++) {
-        for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(0, me, t, h);
-        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E);
-    }
-    test_buf_put(x, hx, xb);
-    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
+    put_tokens(0, me, hx, x);
+    put_routing(0, me, E, hidx, idx);
 
     /* A dispatch cannot be captured: every rank refuses it, nothing is enqueued. */
     cudaGraph_t graph;
@@ -350,14 +369,8 @@ static int replay_moe_ce(epx_comm_t comm, int me, int R, int rounds)
     CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
     epx_status_t st = epx_moe_dispatch(moe, &in, &dout, &h, s);
     CU(cudaStreamEndCapture(s, &graph));
-    if (st != EPX_ERR_INVALID_USAGE || !strstr(epx_comm_get_last_error(comm), "CUDA graph"))
-        TEST_FAIL_("captured dispatch on copy engines: got %s (%s), expected EPX_ERR_INVALID_USAGE naming CUDA graphs",
-                   epx_status_name(st), epx_comm_get_last_error(comm));
     ASSERT(h == NULL);
-    CU(cudaGraphDestroy(graph));
-    epx_status_t async = EPX_ERR_INTERNAL;
-    ASSERT_OK(epx_comm_get_async_error(comm, &async));
-    ASSERT_EQ(async, EPX_SUCCESS);
+    expect_capture_refused(comm, st, graph, "captured dispatch on copy engines");
 
     /* Outside the graph: the count comes back to the host too. */
     ASSERT_OK(epx_moe_dispatch(moe, &in, &dout, &h, s));
@@ -369,9 +382,7 @@ static int replay_moe_ce(epx_comm_t comm, int me, int R, int rounds)
     CU(cudaStreamEndCapture(s, &graph));
     CU(cudaGraphInstantiate(&exec, graph, 0));
     for (int it = 1; it <= rounds; it++) {
-        for (int t = 0; t < GT; t++)
-            for (int hh = 0; hh < GH; hh++) hx[t * GH + hh] = g_x(it, me, t, hh);
-        test_buf_put(x, hx, xb);
+        put_tokens(it, me, hx, x);
         test_buf_poison(recv, 0xA5, rb);
         test_buf_poison(out, 0xA5, xb);
         CU(cudaGraphLaunch(exec, s));
@@ -411,18 +422,9 @@ static int replay_moe(epx_comm_t comm, int me, int R, int rounds)
     epx_moe_dispatch_out_t dout = {recv, NULL, NULL, NULL, src_rank, src_token, NULL, cap, 0, count};
     epx_moe_combine_in_t cin = {recv, NULL}; /* the identity expert: y = recv_x */
     epx_moe_combine_out_t cout = {out, NULL};
-    /* Inputs of replay `it` onto the device. */
-#define G_PUT(it)                                                                                  \
-    do {                                                                                           \
-        for (int t = 0; t < GT; t++) {                                                             \
-            for (int h = 0; h < GH; h++) hx[t * GH + h] = g_x(it, me, t, h);                       \
-            for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(it, me, t, k, E);             \
-        }                                                                                          \
-        test_buf_put(x, hx, xb);                                                                   \
-        test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);                                        \
-    } while (0)
     /* One ordinary round first: maps the peers' buffers outside the capture. */
-    G_PUT(-1);
+    put_tokens(-1, me, hx, x);
+    put_routing(-1, me, E, hidx, idx);
     epx_moe_handle_t h;
     ASSERT_OK(epx_moe_dispatch(moe, &in, &dout, &h, s));
     ASSERT_EQ(dout.num_recv_tokens, -1);
@@ -438,7 +440,8 @@ static int replay_moe(epx_comm_t comm, int me, int R, int rounds)
     CU(cudaStreamEndCapture(s, &graph));
     CU(cudaGraphInstantiate(&exec, graph, 0));
     for (int it = 0; it < rounds; it++) {
-        G_PUT(it);
+        put_tokens(it, me, hx, x);
+        put_routing(it, me, E, hidx, idx);
         test_buf_poison(recv, 0xA5, rb);
         test_buf_poison(out, 0xA5, xb);
         test_buf_poison(src_rank, 0xA5, sizeof(int32_t) * (size_t)cap);
@@ -461,7 +464,6 @@ static int replay_moe(epx_comm_t comm, int me, int R, int rounds)
     ASSERT_OK(epx_moe_handle_destroy(h));
     test_sync();
     ASSERT_OK(epx_moe_destroy(moe));
-#undef G_PUT
     test_buf_free(x), test_buf_free(recv), test_buf_free(out), test_buf_free(idx), test_buf_free(count);
     test_buf_free(src_rank), test_buf_free(src_token);
     free(hx), free(hrecv), free(hout), free(hidx), free(hsr), free(hst);
@@ -489,12 +491,8 @@ static int replay_pool_growth(epx_comm_t comm, int me, int R, int rounds)
     float *w = test_buf_alloc(wb);
     uint16_t *hx = malloc(xb), *hrecv = malloc(rb);
     int64_t *hidx = malloc(sizeof(int64_t) * GT * GK);
-    for (int t = 0; t < GT; t++)
-        for (int k = 0; k < GK; k++) hidx[t * GK + k] = g_expert(0, me, t, k, E);
-    for (int t = 0; t < GT; t++)
-        for (int hh = 0; hh < GH; hh++) hx[t * GH + hh] = g_x(0, me, t, hh);
-    test_buf_put(x, hx, xb);
-    test_buf_put(idx, hidx, sizeof(int64_t) * GT * GK);
+    put_tokens(0, me, hx, x);
+    put_routing(0, me, E, hidx, idx);
     test_buf_poison(w, 0, wb);
     epx_moe_dispatch_in_t one = {x, NULL, idx, NULL, 1, GK}, all = {x, NULL, idx, NULL, GT, GK};
     epx_moe_dispatch_out_t dout = {recv, NULL, NULL, NULL, NULL, NULL, NULL, cap, 0, count};
@@ -504,15 +502,8 @@ static int replay_pool_growth(epx_comm_t comm, int me, int R, int rounds)
     CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
     epx_status_t st = epx_moe_dispatch(moe, &one, &dout, &h, s);
     CU(cudaStreamEndCapture(s, &graph));
-    if (st != EPX_ERR_INVALID_USAGE || !strstr(epx_comm_get_last_error(comm), "CUDA graph"))
-        TEST_FAIL_("--pool: a captured dispatch that must grow the staging buffer: got %s (%s), expected "
-                   "EPX_ERR_INVALID_USAGE naming CUDA graphs",
-                   epx_status_name(st), epx_comm_get_last_error(comm));
     ASSERT(h == NULL);
-    CU(cudaGraphDestroy(graph));
-    epx_status_t async = EPX_ERR_INTERNAL;
-    ASSERT_OK(epx_comm_get_async_error(comm, &async));
-    ASSERT_EQ(async, EPX_SUCCESS);
+    expect_capture_refused(comm, st, graph, "--pool: a captured dispatch that must grow the staging buffer");
 
     dout.num_recv_tokens_device = NULL; /* the row count read back: the handle's for the check */
     ASSERT_OK(epx_moe_dispatch(moe, &one, &dout, &h, s));
@@ -529,9 +520,7 @@ static int replay_pool_growth(epx_comm_t comm, int me, int R, int rounds)
     ASSERT_OK(epx_moe_handle_destroy(h2));
     test_sync();
     for (int it = 1; it <= rounds; it++) {
-        for (int t = 0; t < GT; t++)
-            for (int hh = 0; hh < GH; hh++) hx[t * GH + hh] = g_x(it, me, t, hh);
-        test_buf_put(x, hx, xb);
+        put_tokens(it, me, hx, x);
         test_buf_poison(recv, 0xA5, rb);
         CU(cudaGraphLaunch(exec, s));
         test_buf_get(hrecv, recv, rb);

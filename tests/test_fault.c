@@ -461,6 +461,27 @@ static int slow_reader_after_count(ctx_t *c, epx_status_t st, const char *what, 
     return 0;
 }
 
+/* An alltoallv of bytes (a2a_byte) between hand-made counts: rank me's send buffer for
+ * sc / sd, and the check of what it received through rc / rd (old_ok: a failed call, each
+ * byte still POISON or exact); `what` names the call in a failure. */
+static void v_fill(uint8_t *send, const int64_t *sc, const int64_t *sd, int R, int me)
+{
+    for (int p = 0; p < R; p++)
+        for (int64_t i = 0; i < sc[p]; i++) send[sd[p] + i] = a2a_byte(me, p, (size_t)i);
+}
+
+static void v_check(const uint8_t *recv, const int64_t *rc, const int64_t *rd, int R, int me, bool old_ok,
+                    const char *what)
+{
+    for (int p = 0; p < R; p++)
+        for (int64_t i = 0; i < rc[p]; i++) {
+            uint8_t b = recv[rd[p] + i];
+            if (b != a2a_byte(p, me, (size_t)i) && !(old_ok && b == POISON))
+                TEST_FAIL_("%s: byte %lld from rank %d %s", what, (long long)i, p,
+                           old_ok ? "neither old nor exact" : "wrong");
+        }
+}
+
 /* slow_relay and stall_chain (module comment): two alltoallv calls, the first (step 1) with
  * the slow rank. */
 static int slow_relay_main(int rank, int R, const epx_unique_id_t *id, bool stall)
@@ -476,8 +497,7 @@ static int slow_relay_main(int rank, int R, const epx_unique_id_t *id, bool stal
         rc[p] = p == 1 && rank == R - 1 ? big : small, rd[p] = r, r += rc[p];
     }
     uint8_t *send = xmalloc((size_t)s), *recv = xmalloc((size_t)r);
-    for (int p = 0; p < R; p++)
-        for (int64_t i = 0; i < sc[p]; i++) send[sd[p] + i] = a2a_byte(rank, p, (size_t)i);
+    v_fill(send, sc, sd, R, rank);
     start_together();
     for (int call = 1; call <= 2; call++) {
         memset(recv, POISON, (size_t)r);
@@ -501,10 +521,9 @@ static int slow_relay_main(int rank, int R, const epx_unique_id_t *id, bool stal
             break;
         }
         ASSERT_OK(st);
-        for (int p = 0; p < R; p++)
-            for (int64_t i = 0; i < rc[p]; i++)
-                if (recv[rd[p] + i] != a2a_byte(p, rank, (size_t)i))
-                    TEST_FAIL_("slow_relay rank %d call %d: byte %lld from rank %d wrong", rank, call, (long long)i, p);
+        char what[64];
+        snprintf(what, sizeof what, "slow_relay rank %d call %d", rank, call);
+        v_check(recv, rc, rd, R, rank, false, what);
         if (call == 1 && rank == R - 1 && dt <= 2 * TIMEOUT_MS)
             TEST_FAIL_("slow_relay: the slow reader took %.0f ms, not over twice the timeout (%d ms)", dt, TIMEOUT_MS);
     }
@@ -952,8 +971,7 @@ static int mpi_slow_main(bool stall)
         sd[p] = rd[p] = tot, tot += sc[p];
     }
     uint8_t *send = xmalloc((size_t)tot), *recv = xmalloc((size_t)tot);
-    for (int p = 0; p < R; p++)
-        for (int64_t i = 0; i < sc[p]; i++) send[sd[p] + i] = a2a_byte(me, p, (size_t)i);
+    v_fill(send, sc, sd, R, me);
     const bool local_of_slow = me != R - 1 && me / info.local_size == (R - 1) / info.local_size;
     for (int step = 1; step <= 3; step++) {
         MPI_Barrier(MPI_COMM_WORLD); /* each call on its own: nobody waits in the next one */
@@ -965,6 +983,8 @@ static int mpi_slow_main(bool stall)
         printf("mpi alltoallv np%d rank %d %s step %d: %s after %.0f ms%s%s\n", R, me, stall ? "stall" : "slow", step,
                epx_status_name(st), dt, st ? ": " : "", st ? msg : "");
         fflush(stdout);
+        char what[64];
+        snprintf(what, sizeof what, "%s step %d rank %d", stall ? "stall" : "slow", step, me);
         if (stall && step == 2 && (local_of_slow || me == R - 1)) { /* (the others succeed) */
             char want[64];
             snprintf(want, sizeof want, "timed out waiting for rank %d's", R - 1);
@@ -975,17 +995,11 @@ static int mpi_slow_main(bool stall)
                 TEST_FAIL_("stall: the slow rank got %s (%s), expected a peer failure", epx_status_name(st), msg);
             double bound = (me == R - 1 ? 2 * (R - 1) * 1.5 * MPI_TIMEOUT_MS : MPI_TIMEOUT_MS) + SLACK_MS;
             if (dt > bound) TEST_FAIL_("stall rank %d took %.0f ms (at most %.0f expected)", me, dt, bound);
-            for (int p = 0; p < R; p++) /* a failed call: each byte old or exact */
-                for (int64_t i = 0; i < rc[p]; i++)
-                    if (recv[rd[p] + i] != POISON && recv[rd[p] + i] != a2a_byte(p, me, (size_t)i))
-                        TEST_FAIL_("stall rank %d: byte %lld from rank %d neither old nor exact", me, (long long)i, p);
+            v_check(recv, rc, rd, R, me, true, what); /* a failed call */
             break;
         }
         ASSERT_OK(st);
-        for (int p = 0; p < R; p++)
-            for (int64_t i = 0; i < rc[p]; i++)
-                if (recv[rd[p] + i] != a2a_byte(p, me, (size_t)i))
-                    TEST_FAIL_("slow step %d rank %d: byte %lld from rank %d wrong", step, me, (long long)i, p);
+        v_check(recv, rc, rd, R, me, false, what);
         if (step == 2 && me == R - 1 && dt <= 2 * MPI_TIMEOUT_MS)
             TEST_FAIL_("slow: the slow rank took %.0f ms, not over twice the timeout (%d ms)", dt, MPI_TIMEOUT_MS);
         if (stall && step == 2) break; /* its host's ranks gave up */
